@@ -1,0 +1,1 @@
+//! The MicroMsg client library.

@@ -1,0 +1,1 @@
+//! The pure cryptographic core of MicroMsg.

@@ -1,0 +1,1 @@
+//! Sans-IO framing and typed messages of the MicroMsg client-broker protocol.
