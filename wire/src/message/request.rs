@@ -1,0 +1,446 @@
+//! Requests (client to broker): one [`Request`] variant per request name,
+//! each with a struct of its `Args`.
+
+use crate::codec::{Fields, Path, WireValue, bad_value, wire_enum, wire_struct};
+use crate::error::DecodeError;
+use crate::value::{Address, Blob, DeviceId, DeviceName, Hex16, Hex32, Number};
+use crate::yaml::Node;
+
+wire_enum! {
+    /// The name of a request, as written after `Request:` (and after
+    /// `Response:` in its answer).
+    pub enum RequestKind {
+        /// Public.
+        BrokerInfo = "BROKER-INFO",
+        /// Public.
+        Register = "REGISTER",
+        /// Public.
+        DeviceJoin = "DEVICE-JOIN",
+        /// Public.
+        Login = "LOGIN",
+        /// Public (also the keep-alive after login).
+        Ping = "PING",
+        /// Authenticated.
+        Logout = "LOGOUT",
+        /// Authenticated.
+        AddDevice = "ADD-DEVICE",
+        /// Authenticated.
+        DeviceList = "DEVICE-LIST",
+        /// Authenticated.
+        DeviceRevoke = "DEVICE-REVOKE",
+        /// Authenticated.
+        IsNetworked = "IS-NETWORKED",
+        /// Authenticated.
+        InitiateNew = "INITIATE-NEW",
+        /// Authenticated.
+        InitiateExisting = "INITIATE-EXISTING",
+        /// Authenticated.
+        InitiateNewNetworked = "INITIATE-NEW-NETWORKED",
+        /// Authenticated.
+        InitiateExistingNetworked = "INITIATE-EXISTING-NETWORKED",
+        /// Authenticated.
+        ContactAnswer = "CONTACT-ANSWER",
+        /// Authenticated.
+        ContactPolicy = "CONTACT-POLICY",
+        /// Authenticated.
+        Block = "BLOCK",
+        /// Authenticated.
+        Unblock = "UNBLOCK",
+        /// Authenticated.
+        BlockList = "BLOCK-LIST",
+        /// Authenticated.
+        Deposit = "DEPOSIT",
+        /// Authenticated.
+        InboxFetch = "INBOX-FETCH",
+        /// Authenticated.
+        InboxAck = "INBOX-ACK",
+        /// Authenticated.
+        BackupPut = "BACKUP-PUT",
+        /// Authenticated.
+        BackupGet = "BACKUP-GET",
+        /// Authenticated.
+        SyncCopy = "SYNC-COPY",
+    }
+}
+
+impl RequestKind {
+    /// Whether the request needs a logged-in connection (else the broker
+    /// answers `NOT-LOGGED-IN`).
+    pub const fn requires_login(self) -> bool {
+        !matches!(
+            self,
+            RequestKind::BrokerInfo
+                | RequestKind::Register
+                | RequestKind::DeviceJoin
+                | RequestKind::Login
+                | RequestKind::Ping
+        )
+    }
+}
+
+/// A request and its arguments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `BROKER-INFO`: no args.
+    BrokerInfo,
+    /// `REGISTER`.
+    Register(RegisterArgs),
+    /// `DEVICE-JOIN`.
+    DeviceJoin(DeviceJoinArgs),
+    /// `LOGIN`.
+    Login(LoginArgs),
+    /// `PING`: no args.
+    Ping,
+    /// `LOGOUT`: no args.
+    Logout,
+    /// `ADD-DEVICE`.
+    AddDevice(AddDeviceArgs),
+    /// `DEVICE-LIST`: no args.
+    DeviceList,
+    /// `DEVICE-REVOKE`.
+    DeviceRevoke(DeviceRevokeArgs),
+    /// `IS-NETWORKED`.
+    IsNetworked(TargetArgs),
+    /// `INITIATE-NEW`.
+    InitiateNew(InitiateNewArgs),
+    /// `INITIATE-EXISTING`.
+    InitiateExisting(TargetArgs),
+    /// `INITIATE-NEW-NETWORKED`.
+    InitiateNewNetworked(InitiateNetworkedArgs),
+    /// `INITIATE-EXISTING-NETWORKED`.
+    InitiateExistingNetworked(InitiateNetworkedArgs),
+    /// `CONTACT-ANSWER`.
+    ContactAnswer(ContactAnswerArgs),
+    /// `CONTACT-POLICY`.
+    ContactPolicy(ContactPolicyArgs),
+    /// `BLOCK`.
+    Block(TargetArgs),
+    /// `UNBLOCK`.
+    Unblock(TargetArgs),
+    /// `BLOCK-LIST`: no args.
+    BlockList,
+    /// `DEPOSIT`.
+    Deposit(DepositArgs),
+    /// `INBOX-FETCH`.
+    InboxFetch(InboxFetchArgs),
+    /// `INBOX-ACK`.
+    InboxAck(InboxAckArgs),
+    /// `BACKUP-PUT`.
+    BackupPut(BackupPutArgs),
+    /// `BACKUP-GET`: no args.
+    BackupGet,
+    /// `SYNC-COPY`.
+    SyncCopy(SyncCopyArgs),
+}
+
+impl Request {
+    /// The request's name.
+    pub fn kind(&self) -> RequestKind {
+        match self {
+            Request::BrokerInfo => RequestKind::BrokerInfo,
+            Request::Register(_) => RequestKind::Register,
+            Request::DeviceJoin(_) => RequestKind::DeviceJoin,
+            Request::Login(_) => RequestKind::Login,
+            Request::Ping => RequestKind::Ping,
+            Request::Logout => RequestKind::Logout,
+            Request::AddDevice(_) => RequestKind::AddDevice,
+            Request::DeviceList => RequestKind::DeviceList,
+            Request::DeviceRevoke(_) => RequestKind::DeviceRevoke,
+            Request::IsNetworked(_) => RequestKind::IsNetworked,
+            Request::InitiateNew(_) => RequestKind::InitiateNew,
+            Request::InitiateExisting(_) => RequestKind::InitiateExisting,
+            Request::InitiateNewNetworked(_) => RequestKind::InitiateNewNetworked,
+            Request::InitiateExistingNetworked(_) => RequestKind::InitiateExistingNetworked,
+            Request::ContactAnswer(_) => RequestKind::ContactAnswer,
+            Request::ContactPolicy(_) => RequestKind::ContactPolicy,
+            Request::Block(_) => RequestKind::Block,
+            Request::Unblock(_) => RequestKind::Unblock,
+            Request::BlockList => RequestKind::BlockList,
+            Request::Deposit(_) => RequestKind::Deposit,
+            Request::InboxFetch(_) => RequestKind::InboxFetch,
+            Request::InboxAck(_) => RequestKind::InboxAck,
+            Request::BackupPut(_) => RequestKind::BackupPut,
+            Request::BackupGet => RequestKind::BackupGet,
+            Request::SyncCopy(_) => RequestKind::SyncCopy,
+        }
+    }
+
+    /// Decode `Args` (absent is passed as `Node::Null`) for `kind`.
+    pub(crate) fn decode_args(
+        kind: RequestKind,
+        args: Node,
+        path: &Path<'_>,
+    ) -> Result<Request, DecodeError> {
+        use RequestKind as K;
+        let none = |args: Node| -> Result<(), DecodeError> {
+            let fields = Fields::new(args, path, true)?;
+            fields.deny_unknown(&[])
+        };
+        // `Args: null` and an absent `Args` read as `{}`.
+        let args = match args {
+            Node::Null => Node::Map(Vec::new()),
+            other => other,
+        };
+        Ok(match kind {
+            K::BrokerInfo => none(args).map(|()| Request::BrokerInfo)?,
+            K::Register => Request::Register(WireValue::decode(args, path)?),
+            K::DeviceJoin => Request::DeviceJoin(WireValue::decode(args, path)?),
+            K::Login => Request::Login(WireValue::decode(args, path)?),
+            K::Ping => none(args).map(|()| Request::Ping)?,
+            K::Logout => none(args).map(|()| Request::Logout)?,
+            K::AddDevice => Request::AddDevice(WireValue::decode(args, path)?),
+            K::DeviceList => none(args).map(|()| Request::DeviceList)?,
+            K::DeviceRevoke => Request::DeviceRevoke(WireValue::decode(args, path)?),
+            K::IsNetworked => Request::IsNetworked(WireValue::decode(args, path)?),
+            K::InitiateNew => Request::InitiateNew(WireValue::decode(args, path)?),
+            K::InitiateExisting => Request::InitiateExisting(WireValue::decode(args, path)?),
+            K::InitiateNewNetworked => {
+                Request::InitiateNewNetworked(WireValue::decode(args, path)?)
+            }
+            K::InitiateExistingNetworked => {
+                Request::InitiateExistingNetworked(WireValue::decode(args, path)?)
+            }
+            K::ContactAnswer => Request::ContactAnswer(WireValue::decode(args, path)?),
+            K::ContactPolicy => Request::ContactPolicy(WireValue::decode(args, path)?),
+            K::Block => Request::Block(WireValue::decode(args, path)?),
+            K::Unblock => Request::Unblock(WireValue::decode(args, path)?),
+            K::BlockList => none(args).map(|()| Request::BlockList)?,
+            K::Deposit => Request::Deposit(WireValue::decode(args, path)?),
+            K::InboxFetch => Request::InboxFetch(WireValue::decode(args, path)?),
+            K::InboxAck => Request::InboxAck(WireValue::decode(args, path)?),
+            K::BackupPut => Request::BackupPut(WireValue::decode(args, path)?),
+            K::BackupGet => none(args).map(|()| Request::BackupGet)?,
+            K::SyncCopy => Request::SyncCopy(WireValue::decode(args, path)?),
+        })
+    }
+
+    /// The `Args` mapping (empty for requests without args).
+    pub(crate) fn encode_args(&self) -> Node {
+        match self {
+            Request::BrokerInfo
+            | Request::Ping
+            | Request::Logout
+            | Request::DeviceList
+            | Request::BlockList
+            | Request::BackupGet => Node::Map(Vec::new()),
+            Request::Register(args) => args.encode(),
+            Request::DeviceJoin(args) => args.encode(),
+            Request::Login(args) => args.encode(),
+            Request::AddDevice(args) => args.encode(),
+            Request::DeviceRevoke(args) => args.encode(),
+            Request::IsNetworked(args)
+            | Request::InitiateExisting(args)
+            | Request::Block(args)
+            | Request::Unblock(args) => args.encode(),
+            Request::InitiateNew(args) => args.encode(),
+            Request::InitiateNewNetworked(args) | Request::InitiateExistingNetworked(args) => {
+                args.encode()
+            }
+            Request::ContactAnswer(args) => args.encode(),
+            Request::ContactPolicy(args) => args.encode(),
+            Request::Deposit(args) => args.encode(),
+            Request::InboxFetch(args) => args.encode(),
+            Request::InboxAck(args) => args.encode(),
+            Request::BackupPut(args) => args.encode(),
+            Request::SyncCopy(args) => args.encode(),
+        }
+    }
+}
+
+wire_struct! {
+    /// Args of `REGISTER`.
+    pub struct RegisterArgs {
+        /// Registration token, when the broker's registration is `TOKEN`.
+        opt "TOKEN" token: Option<String>,
+        /// The client's secret that the broker must later prove knowledge
+        /// of; sent here so registration is one atomic write.
+        req "SERVER-SECRET" server_secret: Hex32,
+    }
+}
+
+wire_struct! {
+    /// Args of `DEVICE-JOIN`.
+    pub struct DeviceJoinArgs {
+        /// The entity to join.
+        req "ENTITY" entity: Number,
+        /// The registration secret from `ADD-DEVICE`.
+        req "SECRET" secret: Hex32,
+        /// The new device's server secret.
+        req "SERVER-SECRET" server_secret: Hex32,
+    }
+}
+
+wire_struct! {
+    /// Args of `LOGIN`.
+    pub struct LoginArgs {
+        /// The entity logging in.
+        req "ENTITY" entity: Number,
+        /// The device logging in.
+        req "DEVICE" device: DeviceId,
+        /// The client nonce (MM-NONCE-1, direction 0x01).
+        req "SECRET" secret: Hex32,
+    }
+}
+
+wire_struct! {
+    /// Args of `ADD-DEVICE`.
+    pub struct AddDeviceArgs {
+        /// A name for the new device.
+        opt "NAME" name: Option<DeviceName>,
+    }
+}
+
+wire_struct! {
+    /// Args of `DEVICE-REVOKE`.
+    pub struct DeviceRevokeArgs {
+        /// The device to revoke (not the current one).
+        req "DEVICE" device: DeviceId,
+    }
+}
+
+wire_struct! {
+    /// Args naming one other entity: `IS-NETWORKED`, `INITIATE-EXISTING`,
+    /// `BLOCK`, `UNBLOCK`.
+    pub struct TargetArgs {
+        /// The other entity.
+        req "TARGET" target: Number,
+    }
+}
+
+wire_struct! {
+    /// Args of `INITIATE-NEW`.
+    pub struct InitiateNewArgs {
+        /// The entity to contact.
+        req "TARGET" target: Number,
+        /// Where the caller listens.
+        opt "ADDRESS" address: Option<Address>,
+    }
+}
+
+wire_struct! {
+    /// Args of `INITIATE-NEW-NETWORKED` and `INITIATE-EXISTING-NETWORKED`.
+    pub struct InitiateNetworkedArgs {
+        /// The entity to contact.
+        req "TARGET" target: Number,
+        /// The caller's X25519 public key for the sealed address handoff.
+        req "PUBKEY" pubkey: Hex32,
+    }
+}
+
+wire_struct! {
+    /// Args of `CONTACT-ANSWER`.
+    ///
+    /// Rule checked when decoding: `ACCEPT: true` needs `ADDRESS` or
+    /// `SEALED-ADDRESS`.
+    pub struct ContactAnswerArgs {
+        /// The contact request being answered.
+        req "REQUEST" request: Hex16,
+        /// Whether the target accepts.
+        req "ACCEPT" accept: bool,
+        /// Where the target listens (same broker).
+        opt "ADDRESS" address: Option<Address>,
+        /// The target's public key (networked).
+        opt "PUBKEY" pubkey: Option<Hex32>,
+        /// The target's address sealed to the caller's key (networked).
+        opt "SEALED-ADDRESS" sealed_address: Option<Blob>,
+    }
+    validate(args, path) {
+        if args.accept && args.address.is_none() && args.sealed_address.is_none() {
+            Err(bad_value(
+                &path.key("ACCEPT"),
+                "ACCEPT: true needs ADDRESS or SEALED-ADDRESS",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+wire_struct! {
+    /// Args of `CONTACT-POLICY`.
+    pub struct ContactPolicyArgs {
+        /// Hand my address to existing contacts without asking.
+        req "AUTO-EXISTING" auto_existing: bool,
+    }
+}
+
+wire_struct! {
+    /// Args of `DEPOSIT`.
+    pub struct DepositArgs {
+        /// Recipient.
+        req "TARGET" target: Number,
+        /// Client-chosen message id (idempotency key).
+        req "ID" id: Hex16,
+        /// Ciphertext.
+        req "BODY" body: Blob,
+    }
+}
+
+/// Default of `INBOX-FETCH` `LIMIT`.
+pub const INBOX_FETCH_DEFAULT_LIMIT: u32 = 100;
+/// Largest `INBOX-FETCH` `LIMIT`.
+pub const INBOX_FETCH_MAX_LIMIT: u32 = 1000;
+/// Most ids in one `INBOX-ACK`.
+pub const INBOX_ACK_MAX_IDS: usize = 1000;
+
+wire_struct! {
+    /// Args of `INBOX-FETCH`. `LIMIT` is 1 to 1000 when present.
+    pub struct InboxFetchArgs {
+        /// Most messages to return (default 100).
+        opt "LIMIT" limit: Option<u32>,
+        /// Return messages after this cursor.
+        opt "AFTER" after: Option<Hex16>,
+    }
+    validate(args, path) {
+        match args.limit {
+            Some(limit) if !(1..=INBOX_FETCH_MAX_LIMIT).contains(&limit) => {
+                Err(bad_value(&path.key("LIMIT"), "LIMIT must be 1 to 1000"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl InboxFetchArgs {
+    /// `LIMIT`, or its default.
+    pub fn limit_or_default(&self) -> u32 {
+        self.limit.unwrap_or(INBOX_FETCH_DEFAULT_LIMIT)
+    }
+}
+
+wire_struct! {
+    /// Args of `INBOX-ACK`: at most 1000 ids.
+    pub struct InboxAckArgs {
+        /// Messages to remove.
+        req "IDS" ids: Vec<Hex16>,
+    }
+    validate(args, path) {
+        if args.ids.len() > INBOX_ACK_MAX_IDS {
+            Err(bad_value(&path.key("IDS"), "at most 1000 ids"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+wire_struct! {
+    /// Args of `BACKUP-PUT`.
+    pub struct BackupPutArgs {
+        /// The encrypted key backup.
+        req "BLOB" blob: Blob,
+        /// Must be the stored version + 1 (else `CONFLICT`).
+        req "VERSION" version: u64,
+    }
+}
+
+wire_struct! {
+    /// Args of `SYNC-COPY`.
+    pub struct SyncCopyArgs {
+        /// Id of the message this device sent.
+        req "ID" id: Hex16,
+        /// Its ciphertext, for the entity's other devices.
+        req "BODY" body: Blob,
+        /// The entity the message was sent to.
+        req "PEER" peer: Number,
+    }
+}

@@ -1,0 +1,271 @@
+//! The exact bytes the encoder writes for representative frames. These are
+//! part of the protocol's look (and `Info`'s are signed): change them only
+//! on purpose.
+
+use micromsg_wire::message::event::*;
+use micromsg_wire::message::request::*;
+use micromsg_wire::message::response::*;
+use micromsg_wire::*;
+
+fn counting<const N: usize>(start: u8) -> [u8; N] {
+    std::array::from_fn(|i| start.wrapping_add(i as u8))
+}
+
+fn assert_encodes(message: Message, expected: &str) {
+    assert_eq!(String::from_utf8(message.encode()).unwrap(), expected);
+    assert_eq!(
+        Message::decode(expected.as_bytes(), &Limits::default()),
+        Ok(message)
+    );
+}
+
+#[test]
+fn login_request() {
+    assert_encodes(
+        Message::request(
+            7,
+            Request::Login(LoginArgs {
+                entity: Number::new("5550001234").unwrap(),
+                device: DeviceId::FIRST,
+                secret: Hex32::from_bytes(counting(0x10)),
+            }),
+        ),
+        "Request: LOGIN
+Id: 7
+Args:
+  ENTITY: \"5550001234\"
+  DEVICE: 1
+  SECRET: \"101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f\"
+",
+    );
+}
+
+#[test]
+fn request_without_args_omits_args() {
+    assert_encodes(Message::request(8, Request::Ping), "Request: PING\nId: 8\n");
+    assert_encodes(
+        Message::request(9, Request::AddDevice(AddDeviceArgs { name: None })),
+        "Request: ADD-DEVICE\nId: 9\n",
+    );
+}
+
+#[test]
+fn login_ok_response() {
+    assert_encodes(
+        Message::Response(Response::ok(
+            7,
+            ResponseData::Login(LoginData {
+                proof: Hex32::from_bytes(counting(0xa0)),
+                step: 56_666_666,
+                session: SessionCounts { inbox: 3 },
+            }),
+        )),
+        "Response: LOGIN
+Id: 7
+Status: OK
+Data:
+  PROOF: \"a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf\"
+  STEP: 56666666
+  SESSION:
+    INBOX: 3
+",
+    );
+}
+
+#[test]
+fn error_responses() {
+    assert_encodes(
+        Message::Response(Response::error(
+            7,
+            Some(RequestKind::Login),
+            ErrorBody::new(ErrorCode::AuthFailed, "login failed"),
+        )),
+        "Response: LOGIN
+Id: 7
+Status: ERROR
+Error:
+  Code: AUTH-FAILED
+  Message: \"login failed\"
+",
+    );
+    assert_encodes(
+        Message::Response(Response::error(
+            0,
+            None,
+            ErrorBody::new(ErrorCode::RateLimited, "slow \"down\"\n").retry_after(6),
+        )),
+        "Response: ERROR
+Id: 0
+Status: ERROR
+Error:
+  Code: RATE-LIMITED
+  Message: \"slow \\\"down\\\"\\n\"
+  RetryAfter: 6
+",
+    );
+}
+
+#[test]
+fn empty_data_is_written_as_empty_mapping() {
+    assert_encodes(
+        Message::Response(Response::ok(3, ResponseData::Logout)),
+        "Response: LOGOUT\nId: 3\nStatus: OK\nData: {}\n",
+    );
+}
+
+#[test]
+fn contact_request_event() {
+    assert_encodes(
+        Message::Event(Event::ContactRequest(ContactRequest {
+            request: Hex16::from_bytes(counting(1)),
+            from: Number::new("5550009999").unwrap(),
+            kind: ContactKind::New,
+            networked: false,
+            pubkey: None,
+        })),
+        "Event: CONTACT-REQUEST
+Data:
+  REQUEST: \"0102030405060708090a0b0c0d0e0f10\"
+  FROM: \"5550009999\"
+  KIND: NEW
+  NETWORKED: false
+",
+    );
+}
+
+#[test]
+fn lists_of_mappings_and_nulls() {
+    assert_encodes(
+        Message::Response(Response::ok(
+            4,
+            ResponseData::DeviceList(DeviceListData {
+                devices: vec![
+                    DeviceInfo {
+                        id: DeviceId::FIRST,
+                        name: Some(DeviceName::new("phone").unwrap()),
+                        created: 1_700_000_000,
+                        last_seen: None,
+                        current: true,
+                    },
+                    DeviceInfo {
+                        id: DeviceId::new(2).unwrap(),
+                        name: None,
+                        created: 1_700_000_100,
+                        last_seen: Some(1_700_000_200),
+                        current: false,
+                    },
+                ],
+            }),
+        )),
+        "Response: DEVICE-LIST
+Id: 4
+Status: OK
+Data:
+  DEVICES:
+    - ID: 1
+      NAME: \"phone\"
+      CREATED: 1700000000
+      LAST-SEEN: null
+      CURRENT: true
+    - ID: 2
+      NAME: null
+      CREATED: 1700000100
+      LAST-SEEN: 1700000200
+      CURRENT: false
+",
+    );
+}
+
+pub(crate) fn sample_info() -> Info {
+    Info {
+        protocol: 1,
+        broker_id: "mm1.example".into(),
+        inbox_mode: InboxMode::Entity,
+        registration: Registration::Open,
+        nonce_step: 30,
+        nonce_skew: 1,
+        nonce_algorithm: NonceAlgorithm::MmNonce1,
+        key_storage: vec![KeyStorage::BrokerBackup, KeyStorage::DeviceToDevice],
+        network: Network {
+            name: None,
+            peers: vec![Peer {
+                id: "mm2.example".into(),
+                prefixes: vec![NumberPrefix::new("556").unwrap()],
+            }],
+        },
+        prefixes: vec![NumberPrefix::new("555").unwrap()],
+        limits: InfoLimits {
+            max_frame: 65536,
+            max_devices: 8,
+            inbox_quota: 10_000,
+            message_max: 32_768,
+            message_ttl: 1_209_600,
+        },
+        time: 1_700_000_000,
+    }
+}
+
+#[test]
+fn canonical_info() {
+    let expected = "PROTOCOL: 1
+BROKER-ID: \"mm1.example\"
+INBOX-MODE: ENTITY
+REGISTRATION: OPEN
+NONCE-STEP: 30
+NONCE-SKEW: 1
+NONCE-ALGORITHM: MM-NONCE-1
+KEY-STORAGE:
+  - BROKER-BACKUP
+  - DEVICE-TO-DEVICE
+NETWORK:
+  NAME: null
+  PEERS:
+    - ID: \"mm2.example\"
+      PREFIXES:
+        - \"556\"
+PREFIXES:
+  - \"555\"
+LIMITS:
+  MAX-FRAME: 65536
+  MAX-DEVICES: 8
+  INBOX-QUOTA: 10000
+  MESSAGE-MAX: 32768
+  MESSAGE-TTL: 1209600
+TIME: 1700000000
+";
+    assert_eq!(
+        String::from_utf8(encode_info_canonical(&sample_info())).unwrap(),
+        expected
+    );
+    // Embedded in BROKER-INFO it is the same text, indented.
+    let response = Response::ok(
+        1,
+        ResponseData::BrokerInfo(BrokerInfoData {
+            info: sample_info(),
+            signature: Hex64::from_bytes([0xab; 64]),
+            identity_key: Hex32::from_bytes([0xcd; 32]),
+        }),
+    );
+    let body = String::from_utf8(response.encode()).unwrap();
+    let indented: String = expected.lines().map(|l| format!("    {l}\n")).collect();
+    assert!(body.contains(&indented), "{body}");
+    assert!(body.starts_with("Response: BROKER-INFO\nId: 1\nStatus: OK\nData:\n  Info:\n"));
+}
+
+#[test]
+fn hand_written_yaml_in_other_styles_decodes() {
+    // Flow style, comments, a leading `---`, keys in any order, optional
+    // quoting of words, `Args: {}` and `Args: null` for no-arg requests.
+    let limits = Limits::default();
+    for text in [
+        "---\n# keep-alive\nId: 3\nRequest: PING\n",
+        "{Request: PING, Id: 3, Args: {}}",
+        "Request: \"PING\"\nId: 3\nArgs:\n",
+    ] {
+        assert_eq!(
+            Message::decode(text.as_bytes(), &limits),
+            Ok(Message::request(3, Request::Ping)),
+            "{text}"
+        );
+    }
+}

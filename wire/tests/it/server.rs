@@ -1,0 +1,106 @@
+//! The broker's path: a bad request is answered at its Id and name when
+//! those were readable, with the right code.
+
+use micromsg_wire::*;
+
+fn answer(text: &str) -> (RequestError, String) {
+    let error = decode_request(text.as_bytes(), &Limits::default()).unwrap_err();
+    let reply = String::from_utf8(error.to_response().encode()).unwrap();
+    (error, reply)
+}
+
+#[test]
+fn bad_args_are_answered_at_the_request() {
+    let (error, reply) =
+        answer("Request: LOGIN\nId: 7\nArgs:\n  ENTITY: \"5550001234\"\n  DEVICE: 1\n");
+    assert_eq!(error.id, 7);
+    assert_eq!(error.request, Some(RequestKind::Login));
+    assert_eq!(error.error.error_code(), ErrorCode::BadArgs);
+    assert!(!error.closes_connection());
+    assert_eq!(
+        reply,
+        "Response: LOGIN\nId: 7\nStatus: ERROR\nError:\n  Code: BAD-ARGS\n  Message: \"missing field Args.SECRET\"\n"
+    );
+}
+
+#[test]
+fn unknown_request_is_answered_as_error_with_the_id() {
+    let (error, reply) = answer("Request: LOGON\nId: 9\n");
+    assert_eq!((error.id, error.request), (9, None));
+    assert_eq!(error.error, DecodeError::UnknownRequest("LOGON".into()));
+    assert!(
+        reply.starts_with(
+            "Response: ERROR\nId: 9\nStatus: ERROR\nError:\n  Code: UNKNOWN-REQUEST\n"
+        )
+    );
+}
+
+#[test]
+fn unparseable_frames_are_answered_at_id_zero() {
+    let (error, reply) = answer("Request: [unclosed\n");
+    assert_eq!((error.id, error.request), (0, None));
+    assert_eq!(error.error.error_code(), ErrorCode::BadYaml);
+    assert!(reply.starts_with("Response: ERROR\nId: 0\nStatus: ERROR\nError:\n  Code: BAD-YAML\n"));
+}
+
+#[test]
+fn envelope_errors_keep_what_was_readable() {
+    let (error, _) = answer("Request: PING\nId: 4\nColor: blue\n");
+    assert_eq!((error.id, error.request), (4, Some(RequestKind::Ping)));
+    assert_eq!(error.error.kind(), "UnknownField");
+    assert_eq!(error.error.error_code(), ErrorCode::BadYaml);
+}
+
+#[test]
+fn frames_of_the_wrong_kind_are_refused() {
+    let (error, _) = answer("Event: INBOX\nData: {COUNT: 1}\n");
+    assert_eq!(
+        error.error,
+        DecodeError::UnexpectedKind {
+            expected: "Request",
+            found: "Event"
+        }
+    );
+}
+
+#[test]
+fn framing_errors_close_the_connection() {
+    let error = RequestError::from_frame_error(FrameError::TooLarge {
+        len: 70000,
+        max: 65536,
+    });
+    assert!(error.closes_connection());
+    let reply = String::from_utf8(error.to_response().encode()).unwrap();
+    assert!(
+        reply.starts_with(
+            "Response: ERROR\nId: 0\nStatus: ERROR\nError:\n  Code: FRAME-TOO-LARGE\n"
+        )
+    );
+    assert!(RequestError::from_frame_error(FrameError::Empty).closes_connection());
+}
+
+#[test]
+fn login_requirement_is_known_per_request() {
+    let public: Vec<_> = RequestKind::ALL
+        .iter()
+        .filter(|k| !k.requires_login())
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        public,
+        ["BROKER-INFO", "REGISTER", "DEVICE-JOIN", "LOGIN", "PING"]
+    );
+}
+
+#[test]
+fn secrets_are_redacted_in_debug_output() {
+    use micromsg_wire::message::request::LoginArgs;
+    let request = Request::Login(LoginArgs {
+        entity: Number::new("5550001234").unwrap(),
+        device: DeviceId::FIRST,
+        secret: Hex32::from_bytes([0x5a; 32]),
+    });
+    let debug = format!("{request:?}");
+    assert!(debug.contains("Hex32(<redacted>)"), "{debug}");
+    assert!(!debug.contains("5a5a"), "{debug}");
+}
