@@ -1,0 +1,253 @@
+//! ChaCha20-Poly1305 (RFC 8439) and XChaCha20-Poly1305 seal/open wrappers.
+//!
+//! Keys and nonces are fixed-size arrays, so a wrong-sized nonce cannot be expressed. The
+//! `*_into` functions append to a caller's `Vec` so a long-lived buffer can be reused for every
+//! message; the `*_in_place_detached` functions work on a slice with a separate tag.
+
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::consts::U16;
+use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag, XChaCha20Poly1305, XNonce};
+use thiserror::Error;
+
+/// Key length of both AEADs.
+pub const KEY_LEN: usize = 32;
+/// Nonce length of ChaCha20-Poly1305.
+pub const NONCE_LEN: usize = 12;
+/// Nonce length of XChaCha20-Poly1305.
+pub const XNONCE_LEN: usize = 24;
+/// Length of the Poly1305 tag appended to every ciphertext.
+pub const TAG_LEN: usize = 16;
+
+/// Errors of the AEAD wrappers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum AeadError {
+    /// The ciphertext, the tag or the associated data were altered, or the key is wrong.
+    #[error("authentication failed")]
+    Authentication,
+    /// The sealed input is shorter than a tag.
+    #[error("ciphertext shorter than the {TAG_LEN}-byte tag")]
+    TooShort,
+    /// The plaintext exceeds the cipher's limit (about 256 GiB).
+    #[error("plaintext too long for the cipher")]
+    TooLong,
+}
+
+fn seal_detached<C: AeadInPlace<TagSize = U16>>(
+    cipher: &C,
+    nonce: &chacha20poly1305::aead::Nonce<C>,
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Result<[u8; TAG_LEN], AeadError> {
+    let tag = cipher
+        .encrypt_in_place_detached(nonce, aad, buf)
+        .map_err(|_| AeadError::TooLong)?;
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(&tag);
+    Ok(out)
+}
+
+fn open_detached<C: AeadInPlace<TagSize = U16>>(
+    cipher: &C,
+    nonce: &chacha20poly1305::aead::Nonce<C>,
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), AeadError> {
+    cipher
+        .decrypt_in_place_detached(nonce, aad, buf, Tag::from_slice(tag))
+        .map_err(|_| AeadError::Authentication)
+}
+
+fn seal_append<C: AeadInPlace<TagSize = U16>>(
+    cipher: &C,
+    nonce: &chacha20poly1305::aead::Nonce<C>,
+    aad: &[u8],
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), AeadError> {
+    let start = out.len();
+    out.reserve(plaintext.len() + TAG_LEN);
+    out.extend_from_slice(plaintext);
+    match seal_detached(cipher, nonce, aad, &mut out[start..]) {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
+}
+
+fn open_append<C: AeadInPlace<TagSize = U16>>(
+    cipher: &C,
+    nonce: &chacha20poly1305::aead::Nonce<C>,
+    aad: &[u8],
+    sealed: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), AeadError> {
+    let Some(ct_len) = sealed.len().checked_sub(TAG_LEN) else {
+        return Err(AeadError::TooShort);
+    };
+    let (ct, tag) = sealed.split_at(ct_len);
+    let mut tag_arr = [0u8; TAG_LEN];
+    tag_arr.copy_from_slice(tag);
+    let start = out.len();
+    out.extend_from_slice(ct);
+    let result = open_detached(cipher, nonce, aad, &mut out[start..], &tag_arr);
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
+}
+
+/// ChaCha20-Poly1305: appends `ciphertext || tag` to `out`. `out` is left as it was on error.
+pub fn seal_into(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), AeadError> {
+    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
+    seal_append(&cipher, Nonce::from_slice(nonce), aad, plaintext, out)
+}
+
+/// ChaCha20-Poly1305: returns `ciphertext || tag`.
+pub fn seal(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, AeadError> {
+    let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    seal_into(key, nonce, aad, plaintext, &mut out)?;
+    Ok(out)
+}
+
+/// ChaCha20-Poly1305: checks `sealed = ciphertext || tag` and appends the plaintext to `out`.
+/// Nothing is appended on error.
+pub fn open_into(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), AeadError> {
+    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
+    open_append(&cipher, Nonce::from_slice(nonce), aad, sealed, out)
+}
+
+/// ChaCha20-Poly1305: checks `sealed = ciphertext || tag` and returns the plaintext.
+pub fn open(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, AeadError> {
+    let mut out = Vec::with_capacity(sealed.len().saturating_sub(TAG_LEN));
+    open_into(key, nonce, aad, sealed, &mut out)?;
+    Ok(out)
+}
+
+/// ChaCha20-Poly1305: encrypts `buf` in place and returns the tag.
+pub fn seal_in_place_detached(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Result<[u8; TAG_LEN], AeadError> {
+    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
+    seal_detached(&cipher, Nonce::from_slice(nonce), aad, buf)
+}
+
+/// ChaCha20-Poly1305: checks `tag` and decrypts `buf` in place. `buf` is unchanged on error.
+pub fn open_in_place_detached(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), AeadError> {
+    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
+    open_detached(&cipher, Nonce::from_slice(nonce), aad, buf, tag)
+}
+
+/// XChaCha20-Poly1305: appends `ciphertext || tag` to `out`. The 24-byte nonce is long enough to
+/// be drawn at random.
+pub fn xseal_into(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; XNONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), AeadError> {
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(key));
+    seal_append(&cipher, XNonce::from_slice(nonce), aad, plaintext, out)
+}
+
+/// XChaCha20-Poly1305: returns `ciphertext || tag`.
+pub fn xseal(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; XNONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, AeadError> {
+    let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    xseal_into(key, nonce, aad, plaintext, &mut out)?;
+    Ok(out)
+}
+
+/// XChaCha20-Poly1305: checks `sealed` and appends the plaintext to `out` (nothing on error).
+pub fn xopen_into(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; XNONCE_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), AeadError> {
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(key));
+    open_append(&cipher, XNonce::from_slice(nonce), aad, sealed, out)
+}
+
+/// XChaCha20-Poly1305: checks `sealed` and returns the plaintext.
+pub fn xopen(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; XNONCE_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, AeadError> {
+    let mut out = Vec::with_capacity(sealed.len().saturating_sub(TAG_LEN));
+    xopen_into(key, nonce, aad, sealed, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_failure_leaves_buffer() {
+        let key = [1u8; KEY_LEN];
+        let nonce = [2u8; NONCE_LEN];
+        let sealed = seal(&key, &nonce, b"aad", b"hello").unwrap_or_default();
+        assert_eq!(sealed.len(), 5 + TAG_LEN);
+        assert_eq!(open(&key, &nonce, b"aad", &sealed), Ok(b"hello".to_vec()));
+        let mut out = b"keep".to_vec();
+        assert_eq!(
+            open_into(&key, &nonce, b"other", &sealed, &mut out),
+            Err(AeadError::Authentication)
+        );
+        assert_eq!(out, b"keep");
+        assert_eq!(
+            open(&key, &nonce, b"", &[0u8; 15]),
+            Err(AeadError::TooShort)
+        );
+
+        let xnonce = [3u8; XNONCE_LEN];
+        let xs = xseal(&key, &xnonce, b"", b"x").unwrap_or_default();
+        assert_eq!(xopen(&key, &xnonce, b"", &xs), Ok(b"x".to_vec()));
+    }
+}
