@@ -1,1 +1,26 @@
 //! The MicroMsg broker.
+//!
+//! Layout:
+//! - [`run`]: start and stop a whole broker (what the binary and the tests call).
+//! - [`config`]: the typed configuration (TOML file, `MICROMSG_*` overrides, flags).
+//! - [`server`]: accept loop, connection limits, graceful shutdown.
+//! - `connection`: one client connection: frame loop and request handlers.
+//! - [`broker`]: the state shared by all connections.
+//! - [`online`]: logged-in devices and their bounded event queues.
+//! - [`store`]: entities, devices, inboxes on SQLite or Postgres.
+//! - [`tls`], [`identity`]: certificates (a private CA on first start) and the signing key.
+//! - [`limits`], [`numbers`]: rate limiters, number allocation.
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod config;
+mod connection;
+pub mod contacts;
+pub mod identity;
+pub mod limits;
+pub mod numbers;
+pub mod online;
+pub mod run;
+pub mod server;
+pub mod store;
+pub mod tls;

@@ -1,1 +1,13 @@
 //! The MicroMsg client library.
+//!
+//! Layout:
+//! - [`profile`]: the profile directory of one device (public info, CA, secrets at 0600).
+//! - [`tls`]: TLS 1.3 client configuration trusting the profile's CA.
+//! - [`link`]: the broker link: requests, answers, events, the mutual LOGIN.
+//! - [`account`]: register, join as a device, log in, verify BROKER-INFO.
+#![forbid(unsafe_code)]
+
+pub mod account;
+pub mod link;
+pub mod profile;
+pub mod tls;

@@ -76,6 +76,8 @@ mod codec;
 mod error;
 mod error_code;
 pub mod frame;
+#[cfg(feature = "tokio")]
+pub mod io;
 mod limits;
 pub mod message;
 pub mod value;

@@ -361,6 +361,7 @@ wire_struct! {
     pub struct ContactPolicyArgs {
         /// Hand my address to existing contacts without asking.
         req "AUTO-EXISTING" auto_existing: bool,
+        opt "ADDRESS" address: Option<Address>,
     }
 }
 

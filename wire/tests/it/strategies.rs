@@ -196,9 +196,12 @@ pub(crate) fn requests() -> Vec<(RequestKind, BoxedStrategy<Request>)> {
         ),
         (
             K::ContactPolicy,
-            any::<bool>()
-                .prop_map(|auto_existing| {
-                    Request::ContactPolicy(ContactPolicyArgs { auto_existing })
+            (any::<bool>(), proptest::option::of(address()))
+                .prop_map(|(auto_existing, address)| {
+                    Request::ContactPolicy(ContactPolicyArgs {
+                        auto_existing,
+                        address,
+                    })
                 })
                 .boxed(),
         ),

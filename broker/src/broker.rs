@@ -1,0 +1,154 @@
+//! [`Broker`]: the state every connection shares.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use micromsg_crypto::identity::IdentityKey;
+use micromsg_wire::message::response::{
+    BrokerInfoData, InboxMode as WireInboxMode, Info, InfoLimits, KeyStorage, Network,
+    NonceAlgorithm, Registration,
+};
+use micromsg_wire::{Hex32, Hex64, Limits, NumberPrefix, encode_info_canonical};
+
+use crate::config::{Config, InboxMode, RegistrationPolicy};
+use crate::contacts::PendingRequests;
+use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
+use crate::numbers::NumberAllocator;
+use crate::online::Online;
+use crate::store::Store;
+
+/// Version of the client↔broker protocol this broker speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Shared broker state.
+#[derive(Debug)]
+pub struct Broker {
+    /// The effective configuration.
+    pub config: Config,
+    /// Entities, devices, inboxes.
+    pub store: Store,
+    /// Signs BROKER-INFO.
+    pub identity: IdentityKey,
+    /// TLS for the client listener.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Draws new numbers.
+    pub numbers: NumberAllocator,
+    /// Logged-in devices and their event queues.
+    pub online: Online,
+    /// Registrations (and device joins) per client IP per hour.
+    pub registrations: WindowLimiter<IpAddr>,
+    /// INITIATE requests per entity per minute.
+    pub initiates: WindowLimiter<String>,
+    /// Contact requests waiting for the target's answer.
+    pub contacts: PendingRequests,
+    /// Login failures per entity.
+    pub login_failures: FailureLock,
+    /// Accepted login nonces, refused a second time.
+    pub replay: ReplayCache,
+    /// Decoder limits derived from the configuration.
+    pub wire_limits: Limits,
+    /// When the broker started.
+    pub started: Instant,
+}
+
+impl Broker {
+    /// Assembles the shared state.
+    pub fn new(
+        config: Config,
+        store: Store,
+        identity: IdentityKey,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Self {
+        let numbers = NumberAllocator::new(config.numbers.prefixes.clone(), config.numbers.length);
+        let registrations = WindowLimiter::new(
+            config.registration.per_ip_per_hour,
+            Duration::from_secs(3600),
+        );
+        let initiates = WindowLimiter::new(
+            config.contacts.initiates_per_minute,
+            Duration::from_secs(60),
+        );
+        let login_failures = FailureLock::new(
+            config.auth.max_login_failures,
+            Duration::from_secs(config.auth.lock_secs),
+        );
+        // A nonce verifies for (2 * skew + 1) steps; remember it a little longer than that.
+        let window = u64::from(config.auth.nonce_step_secs)
+            * (2 * u64::from(config.auth.nonce_skew_steps) + 2);
+        let replay = ReplayCache::new(Duration::from_secs(window));
+        let wire_limits = Limits {
+            max_frame_len: config.limits.max_frame_len,
+            ..Limits::default()
+        };
+        Self {
+            config,
+            store,
+            identity,
+            tls,
+            numbers,
+            online: Online::default(),
+            registrations,
+            initiates,
+            contacts: PendingRequests::default(),
+            login_failures,
+            replay,
+            wire_limits,
+            started: Instant::now(),
+        }
+    }
+
+    /// BROKER-INFO: what this broker does, signed with its identity key.
+    pub fn info(&self, now: u64) -> BrokerInfoData {
+        let c = &self.config;
+        let prefixes = c
+            .numbers
+            .prefixes
+            .iter()
+            .filter_map(|p| NumberPrefix::new(p.clone()).ok())
+            .collect();
+        let info = Info {
+            protocol: PROTOCOL_VERSION,
+            broker_id: c.server.broker_id.clone(),
+            inbox_mode: match c.inbox.mode {
+                InboxMode::Entity => WireInboxMode::Entity,
+                InboxMode::Number => WireInboxMode::Number,
+            },
+            registration: match c.registration.policy {
+                RegistrationPolicy::Open => Registration::Open,
+                RegistrationPolicy::Token => Registration::Token,
+                RegistrationPolicy::Closed => Registration::Closed,
+            },
+            nonce_step: c.auth.nonce_step_secs,
+            nonce_skew: c.auth.nonce_skew_steps,
+            nonce_algorithm: NonceAlgorithm::MmNonce1,
+            key_storage: vec![KeyStorage::BrokerBackup, KeyStorage::DeviceToDevice],
+            network: Network {
+                name: None,
+                peers: Vec::new(),
+            },
+            prefixes,
+            limits: InfoLimits {
+                max_frame: c.limits.max_frame_len,
+                max_devices: c.limits.max_devices,
+                inbox_quota: c.inbox.quota_per_device,
+                message_max: c.inbox.max_message_bytes,
+                message_ttl: c.inbox.ttl_secs,
+            },
+            time: now,
+        };
+        let signature = self.identity.sign(&encode_info_canonical(&info));
+        BrokerInfoData {
+            info,
+            signature: Hex64::from_bytes(signature),
+            identity_key: Hex32::from_bytes(*self.identity.public_key().as_bytes()),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

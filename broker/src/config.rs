@@ -1,0 +1,473 @@
+//! The broker's configuration: one typed [`Config`], read from an optional TOML file, then
+//! overridden by `MICROMSG_<SECTION>_<KEY>` environment variables, then by command-line flags.
+//!
+//! Every limit lives here with its default and unit, so an operator can see and change it; the
+//! full reference is in `docs/operations.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file or an override is not valid TOML or does not fit the schema.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole broker configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listener, identity and logging.
+    pub server: ServerConfig,
+    /// TLS certificate for the client listener.
+    pub tls: TlsConfig,
+    /// Where entities, devices and inboxes are stored.
+    pub database: DatabaseConfig,
+    /// The number space this broker allocates from.
+    pub numbers: NumbersConfig,
+    /// Who may register.
+    pub registration: RegistrationConfig,
+    /// Login nonce parameters.
+    pub auth: AuthConfig,
+    /// Offline inboxes.
+    pub inbox: InboxConfig,
+    /// Contact setup.
+    pub contacts: ContactsConfig,
+    /// Resource limits.
+    pub limits: LimitsConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the client listener (YAML over TLS). Default `0.0.0.0:7400`.
+    pub listen: SocketAddr,
+    /// Data directory: SQLite store, TLS files, identity key. Default `./micromsg-data`.
+    pub data_dir: PathBuf,
+    /// This broker's name, shown in BROKER-INFO and used as its id in a network. Default `broker`.
+    pub broker_id: String,
+    /// Log format: `text` or `json`. Default `text`.
+    pub log_format: LogFormat,
+    /// Seconds that in-flight requests get to finish on shutdown. Default 10.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            data_dir: PathBuf::from("./micromsg-data"),
+            broker_id: "broker".to_owned(),
+            log_format: LogFormat::Text,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Operator certificate chain (PEM). When unset, the broker makes a private CA and a server
+    /// certificate in `DATA_DIR/tls/` on first start.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of the operator certificate.
+    pub key: Option<PathBuf>,
+    /// Extra DNS names or IP addresses for the generated certificate (it always covers
+    /// `localhost` and `127.0.0.1`). Default empty.
+    pub names: Vec<String>,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://…` for Postgres; unset means the embedded SQLite file `DATA_DIR/micromsg.db`.
+    pub url: Option<String>,
+    /// Connection pool size. Default 16.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 16,
+        }
+    }
+}
+
+/// `[numbers]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NumbersConfig {
+    /// Digit prefixes this broker allocates numbers under. Default `["555"]`.
+    pub prefixes: Vec<String>,
+    /// Total digits of a number, prefix included (4..=15). Default 10.
+    pub length: usize,
+}
+
+impl Default for NumbersConfig {
+    fn default() -> Self {
+        Self {
+            prefixes: vec!["555".to_owned()],
+            length: 10,
+        }
+    }
+}
+
+/// `[registration]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrationConfig {
+    /// `open`, `token` (REGISTER must carry one of `tokens`) or `closed`. Default `open`.
+    pub policy: RegistrationPolicy,
+    /// Accepted registration tokens when the policy is `token`. Default empty.
+    pub tokens: Vec<String>,
+    /// Registrations allowed per client IP per hour. Default 30.
+    pub per_ip_per_hour: u32,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            policy: RegistrationPolicy::Open,
+            tokens: Vec::new(),
+            per_ip_per_hour: 30,
+        }
+    }
+}
+
+/// Who may register.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationPolicy {
+    /// Anyone.
+    Open,
+    /// Only with a configured token.
+    Token,
+    /// Nobody.
+    Closed,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Seconds per login-nonce step. Default 6 (the seed's value).
+    pub nonce_step_secs: u32,
+    /// Steps of clock skew accepted either side. Default 1.
+    pub nonce_skew_steps: u32,
+    /// Failed logins per entity before it is locked. Default 10.
+    pub max_login_failures: u32,
+    /// Seconds an entity stays locked after too many failures. Default 300.
+    pub lock_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            nonce_step_secs: 6,
+            nonce_skew_steps: 1,
+            max_login_failures: 10,
+            lock_secs: 300,
+        }
+    }
+}
+
+/// `[inbox]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxConfig {
+    /// `entity` (a copy per device) or `number` (one shared inbox). Default `entity`.
+    pub mode: InboxMode,
+    /// Seconds a held message lives. Default 2,592,000 (30 days).
+    pub ttl_secs: u64,
+    /// Messages held per device. Default 10,000.
+    pub quota_per_device: u32,
+    /// Largest deposited ciphertext in bytes. Default 48,000: its base64 plus the YAML around it
+    /// fits a 64 KiB frame (protocol.md: MESSAGE-MAX ≤ 3·floor((MAX-FRAME−512)/4)).
+    pub max_message_bytes: u32,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self {
+            mode: InboxMode::Entity,
+            ttl_secs: 30 * 24 * 3600,
+            quota_per_device: 10_000,
+            max_message_bytes: 48_000,
+        }
+    }
+}
+
+/// How offline messages for several devices are held.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InboxMode {
+    /// The broker copies each message into every device's inbox.
+    Entity,
+    /// One inbox per number, kept until every device has acknowledged.
+    Number,
+}
+
+/// `[contacts]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContactsConfig {
+    /// Remember INITIATEs to numbers that do not exist, so that if the number is handed out
+    /// later the caller cannot reach it (the seed's option). Default true.
+    pub remember_unknown_targets: bool,
+    /// INITIATE requests per entity per minute. Default 30.
+    pub initiates_per_minute: u32,
+    /// Seconds a target has to answer a contact request, and a connect token lives. Default 120.
+    pub request_ttl_secs: u64,
+}
+
+impl Default for ContactsConfig {
+    fn default() -> Self {
+        Self {
+            remember_unknown_targets: true,
+            initiates_per_minute: 30,
+            request_ttl_secs: 120,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame in bytes, checked before parsing. Default 65,536.
+    pub max_frame_len: u32,
+    /// Open client connections in total. Default 20,000.
+    pub max_connections: u32,
+    /// Open client connections per IP address. Default 256.
+    pub max_connections_per_ip: u32,
+    /// Seconds a client has to finish the TLS handshake. Default 10.
+    pub handshake_timeout_secs: u64,
+    /// Seconds without a frame before a connection is closed. Default 120 (send PING to stay).
+    pub idle_timeout_secs: u64,
+    /// Requests per second per connection (token bucket rate). Default 200.
+    pub requests_per_sec: u32,
+    /// Token bucket burst for requests per connection. Default 400.
+    pub requests_burst: u32,
+    /// Devices per entity. Default 8.
+    pub max_devices: u32,
+    /// Seconds a device registration secret lives. Default 600.
+    pub device_secret_ttl_secs: u64,
+    /// Events queued for one connection before it is dropped as too slow. Default 256.
+    pub event_queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_len: 65_536,
+            max_connections: 20_000,
+            max_connections_per_ip: 256,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 120,
+            requests_per_sec: 200,
+            requests_burst: 400,
+            max_devices: 8,
+            device_secret_ttl_secs: 600,
+            event_queue: 256,
+        }
+    }
+}
+
+const ENV_PREFIX: &str = "MICROMSG_";
+
+impl Config {
+    /// Loads the file (if any) and applies `MICROMSG_<SECTION>_<KEY>` overrides from `env`.
+    ///
+    /// An override's value is read as a TOML value when it parses as one (`true`, `42`,
+    /// `["a","b"]`), otherwise as a string, so `MICROMSG_SERVER_LISTEN=0.0.0.0:7400` just works.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once('_') else {
+                continue;
+            };
+            let section = section.to_ascii_lowercase();
+            if !SECTIONS.contains(&section.as_str()) {
+                continue;
+            }
+            let value = parse_override(&value);
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(section_table) = entry else {
+                return Err(ConfigError::Invalid(format!("[{section}] is not a table")));
+            };
+            section_table.insert(key.to_ascii_lowercase(), value);
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let n = &self.numbers;
+        if !(4..=15).contains(&n.length) {
+            return invalid(format!("numbers.length must be 4..=15, got {}", n.length));
+        }
+        if n.prefixes.is_empty() {
+            return invalid("numbers.prefixes must not be empty".into());
+        }
+        for p in &n.prefixes {
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.len() + 3 > n.length {
+                return invalid(format!(
+                    "numbers.prefixes: {p:?} must be digits, leaving at least 3 random digits of numbers.length {}",
+                    n.length
+                ));
+            }
+        }
+        if self.auth.nonce_step_secs == 0 {
+            return invalid("auth.nonce_step_secs must be at least 1".into());
+        }
+        if self.limits.max_frame_len < 1024 {
+            return invalid("limits.max_frame_len must be at least 1024".into());
+        }
+        if self.limits.max_devices == 0 {
+            return invalid("limits.max_devices must be at least 1".into());
+        }
+        if self.registration.policy == RegistrationPolicy::Token
+            && self.registration.tokens.is_empty()
+        {
+            return invalid("registration.policy = \"token\" needs registration.tokens".into());
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return invalid("tls.cert and tls.key must be set together".into());
+        }
+        if self.server.broker_id.is_empty()
+            || !self
+                .server
+                .broker_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return invalid("server.broker_id must be non-empty [A-Za-z0-9._-]".into());
+        }
+        Ok(())
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "server",
+    "tls",
+    "database",
+    "numbers",
+    "registration",
+    "auth",
+    "inbox",
+    "contacts",
+    "limits",
+];
+
+fn parse_override(raw: &str) -> toml::Value {
+    // Parse as the right-hand side of a TOML assignment; fall back to a plain string.
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_default() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn env_overrides_win_over_the_file() {
+        let dir = std::env::temp_dir().join(format!("mm-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("broker.toml");
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:1\"\n[inbox]\nmode = \"number\"\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("MICROMSG_SERVER_LISTEN".into(), "127.0.0.1:9".into()),
+            ("MICROMSG_LIMITS_MAX_DEVICES".into(), "3".into()),
+            (
+                "MICROMSG_NUMBERS_PREFIXES".into(),
+                "[\"777\", \"778\"]".into(),
+            ),
+            ("UNRELATED".into(), "x".into()),
+        ];
+        let c = Config::load(Some(&file), env).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:9".parse().unwrap());
+        assert_eq!(c.inbox.mode, InboxMode::Number);
+        assert_eq!(c.limits.max_devices, 3);
+        assert_eq!(c.numbers.prefixes, vec!["777", "778"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let env = vec![("MICROMSG_LIMITS_NO_SUCH_LIMIT".to_owned(), "1".to_owned())];
+        assert!(matches!(
+            Config::load(None, env),
+            Err(ConfigError::Invalid(_))
+        ));
+        let env = vec![("MICROMSG_NUMBERS_LENGTH".to_owned(), "3".to_owned())];
+        assert!(matches!(
+            Config::load(None, env),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+}

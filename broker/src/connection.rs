@@ -1,0 +1,737 @@
+//! One client connection after the TLS handshake: the frame loop and the request handlers.
+//!
+//! The loop owns the socket, one read buffer and a bounded event queue; it answers each
+//! request before reading the next (a client pipelines by sending several; answers come in
+//! order). A malformed request gets a typed error frame and the connection goes on; a framing
+//! violation gets an error frame and closes this connection only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use micromsg_crypto::nonce::{self, Direction, NonceContext, NoncePolicy};
+use micromsg_crypto::{Secret32, kdf};
+use micromsg_wire::message::event::{DeviceRevoked, Shutdown};
+use micromsg_wire::message::request::{
+    AddDeviceArgs, ContactAnswerArgs, ContactPolicyArgs, DeviceJoinArgs, DeviceRevokeArgs,
+    LoginArgs, RegisterArgs,
+};
+use micromsg_wire::message::response::{
+    AddDeviceData, BlockListData, DeviceInfo, DeviceJoinData, DeviceListData, Home, InitiateData,
+    IsNetworkedData, LoginData, NonceAlgorithm, PingData, RegisterData, SessionCounts,
+};
+use micromsg_wire::{
+    Address, DeviceId, DeviceName, ErrorBody, ErrorCode, Event, Hex16, Hex32, Number, Request,
+    Response, ResponseData, decode_request,
+};
+use rand_core::OsRng;
+use subtle::ConstantTimeEq;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+use crate::broker::{Broker, unix_now};
+use crate::config::RegistrationPolicy;
+use crate::contacts::{
+    Initiate, InitiateKind, hand_out, new_request_id, resolve_address, route_initiate,
+};
+use crate::limits::TokenBucket;
+use crate::online::Push;
+use crate::store::{NewDevice, StoreError};
+use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
+
+type Stream = TlsStream<TcpStream>;
+
+/// Who is logged in on this connection.
+#[derive(Debug, Clone)]
+struct LoggedIn {
+    number: String,
+    device: u32,
+}
+
+/// Per-connection state.
+#[derive(Debug)]
+struct Conn {
+    broker: Arc<Broker>,
+    peer: SocketAddr,
+    conn_id: u64,
+    /// TLS exporter value binding login nonces to this connection.
+    binding: [u8; 32],
+    login: Option<LoggedIn>,
+    queue: mpsc::Sender<Push>,
+    requests: TokenBucket,
+    close_after_reply: bool,
+}
+
+/// Why a request failed: the code and message sent to the client.
+#[derive(Debug)]
+struct Refusal(ErrorBody);
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self(ErrorBody::new(code, message))
+    }
+
+    fn retry(code: ErrorCode, message: impl Into<String>, after: Duration) -> Self {
+        let secs = u32::try_from(after.as_secs().max(1)).unwrap_or(u32::MAX);
+        Self(ErrorBody::new(code, message).retry_after(secs))
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        // The database error stays in the log; the peer learns only that it failed.
+        warn!(error = %e, "store error while handling a request");
+        Refusal::new(ErrorCode::Internal, "internal error; try again")
+    }
+}
+
+type Handled = Result<ResponseData, Refusal>;
+
+/// Runs the connection until the client leaves, misbehaves, idles out or the broker stops.
+pub(crate) async fn run(
+    broker: Arc<Broker>,
+    tls: Stream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut binding = [0u8; 32];
+    if let Err(e) =
+        tls.get_ref()
+            .1
+            .export_keying_material(&mut binding, nonce::TLS_EXPORTER_LABEL, None)
+    {
+        warn!(error = %e, "TLS exporter unavailable; closing");
+        return;
+    }
+    let limits = broker.config.limits.clone();
+    let (read, mut write): (ReadHalf<Stream>, WriteHalf<Stream>) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(read, limits.max_frame_len);
+    let (queue, mut events) = mpsc::channel(limits.event_queue.max(1));
+    let conn_id = broker.online.next_conn_id();
+    let mut conn = Conn {
+        requests: TokenBucket::new(
+            limits.requests_per_sec,
+            limits.requests_burst,
+            Instant::now(),
+        ),
+        broker: Arc::clone(&broker),
+        peer,
+        conn_id,
+        binding,
+        login: None,
+        queue,
+        close_after_reply: false,
+    };
+    let idle = Duration::from_secs(limits.idle_timeout_secs.max(1));
+    let write_timeout = idle;
+    debug!(conn = conn_id, "connection open");
+
+    loop {
+        tokio::select! {
+            biased;
+            () = crate::server::stopped(&mut shutdown) => {
+                let event = Event::Shutdown(Shutdown { reconnect_after: 5 });
+                let _ = send(&mut write, &broker, &event.encode(), write_timeout).await;
+                break;
+            }
+            push = events.recv() => {
+                let Some(push) = push else { break };
+                let (event, close) = match push {
+                    Push::Event(e) => (e, false),
+                    Push::Close(e) => (e, true),
+                };
+                if send(&mut write, &broker, &event.encode(), write_timeout).await.is_err() || close {
+                    break;
+                }
+            }
+            frame = tokio::time::timeout(idle, reader.next_frame()) => {
+                let body = match frame {
+                    Err(_) => {
+                        debug!(conn = conn_id, "idle timeout");
+                        break;
+                    }
+                    Ok(Ok(Some(body))) => body,
+                    Ok(Ok(None)) => break,
+                    Ok(Err(FrameReadError::BadLength { len, max })) => {
+                        let reply = Response::error(0, None, ErrorBody::new(
+                            if len == 0 { ErrorCode::BadFrame } else { ErrorCode::FrameTooLarge },
+                            format!("frame length {len} outside 1..={max}; closing"),
+                        ));
+                        let _ = send(&mut write, &broker, &reply.encode(), write_timeout).await;
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        debug!(conn = conn_id, error = %e, "read failed");
+                        break;
+                    }
+                };
+                let reply = conn.handle_frame(&body).await;
+                if send(&mut write, &broker, &reply.encode(), write_timeout).await.is_err() {
+                    break;
+                }
+                if conn.close_after_reply {
+                    break;
+                }
+            }
+        }
+    }
+
+    if let Some(login) = &conn.login {
+        broker.online.remove(&login.number, conn_id);
+    }
+    debug!(conn = conn_id, "connection closed");
+}
+
+async fn send(
+    write: &mut WriteHalf<Stream>,
+    _broker: &Broker,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(), ()> {
+    match tokio::time::timeout(timeout, write_frame(write, body)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+impl Conn {
+    async fn handle_frame(&mut self, body: &[u8]) -> Response {
+        let (id, request) = match decode_request(body, &self.broker.wire_limits) {
+            Ok(decoded) => decoded,
+            Err(bad) => {
+                debug!(
+                    conn = self.conn_id,
+                    kind = bad.error.kind(),
+                    "malformed request"
+                );
+                if bad.closes_connection() {
+                    self.close_after_reply = true;
+                }
+                return bad.to_response();
+            }
+        };
+        let kind = request.kind();
+        if let Err(wait) = self.requests.take(Instant::now()) {
+            return Response::error(
+                id,
+                Some(kind),
+                Refusal::retry(ErrorCode::RateLimited, "too many requests", wait).0,
+            );
+        }
+        let result = if kind.requires_login() && self.login.is_none() {
+            Err(Refusal::new(
+                ErrorCode::NotLoggedIn,
+                format!(
+                    "{} needs a logged-in connection; send LOGIN first",
+                    kind.as_str()
+                ),
+            ))
+        } else {
+            if let Some(login) = &self.login {
+                self.broker
+                    .online
+                    .touch(&login.number, self.conn_id, Instant::now());
+            }
+            self.dispatch(request).await
+        };
+        match result {
+            Ok(data) => Response::ok(id, data),
+            Err(Refusal(error)) => Response::error(id, Some(kind), error),
+        }
+    }
+
+    async fn dispatch(&mut self, request: Request) -> Handled {
+        match request {
+            Request::BrokerInfo => Ok(ResponseData::BrokerInfo(self.broker.info(unix_now()))),
+            Request::Ping => Ok(ResponseData::Ping(PingData { time: unix_now() })),
+            Request::Register(args) => self.register(args).await,
+            Request::DeviceJoin(args) => self.device_join(args).await,
+            Request::Login(args) => self.login(args).await,
+            Request::Logout => {
+                self.close_after_reply = true;
+                Ok(ResponseData::Logout)
+            }
+            Request::AddDevice(args) => self.add_device(args).await,
+            Request::DeviceList => self.device_list().await,
+            Request::DeviceRevoke(args) => self.device_revoke(args).await,
+            Request::IsNetworked(args) => self.is_networked(&args.target),
+            Request::InitiateNew(args) => {
+                if let Some(address) = &args.address {
+                    self.announce(address);
+                }
+                self.initiate(args.target, InitiateKind::New)
+            }
+            Request::InitiateExisting(args) => self.initiate(args.target, InitiateKind::Existing),
+            Request::ContactAnswer(args) => self.contact_answer(args).await,
+            Request::ContactPolicy(args) => self.contact_policy(args).await,
+            Request::Block(args) => {
+                let login = self.logged_in()?.clone();
+                self.broker
+                    .store
+                    .block(&login.number, args.target.as_str(), unix_now() as i64)
+                    .await?;
+                Ok(ResponseData::Block)
+            }
+            Request::Unblock(args) => {
+                let login = self.logged_in()?.clone();
+                self.broker
+                    .store
+                    .unblock(&login.number, args.target.as_str())
+                    .await?;
+                Ok(ResponseData::Unblock)
+            }
+            Request::BlockList => {
+                let login = self.logged_in()?.clone();
+                let numbers = self
+                    .broker
+                    .store
+                    .blocked_by(&login.number)
+                    .await?
+                    .into_iter()
+                    .filter_map(|n| Number::new(n).ok())
+                    .collect();
+                Ok(ResponseData::BlockList(BlockListData { numbers }))
+            }
+            other => Err(Refusal::new(
+                ErrorCode::UnknownRequest,
+                format!(
+                    "{} is not supported by this broker yet",
+                    other.kind().as_str()
+                ),
+            )),
+        }
+    }
+
+    fn logged_in(&self) -> Result<&LoggedIn, Refusal> {
+        self.login
+            .as_ref()
+            .ok_or_else(|| Refusal::new(ErrorCode::NotLoggedIn, "send LOGIN first"))
+    }
+
+    fn check_registration_rate(&self) -> Result<(), Refusal> {
+        self.broker
+            .registrations
+            .hit(&self.peer.ip(), Instant::now())
+            .map_err(|wait| {
+                Refusal::retry(
+                    ErrorCode::RateLimited,
+                    "too many registrations from this address",
+                    wait,
+                )
+            })
+    }
+
+    async fn register(&mut self, args: RegisterArgs) -> Handled {
+        let config = &self.broker.config;
+        match config.registration.policy {
+            RegistrationPolicy::Closed => {
+                return Err(Refusal::new(
+                    ErrorCode::RegistrationClosed,
+                    "this broker does not accept registrations",
+                ));
+            }
+            RegistrationPolicy::Token => {
+                let offered = args.token.as_deref().unwrap_or("").as_bytes();
+                let mut ok = subtle::Choice::from(0);
+                for token in &config.registration.tokens {
+                    ok |= token.as_bytes().ct_eq(offered);
+                }
+                if !bool::from(ok) {
+                    return Err(Refusal::new(
+                        ErrorCode::BadToken,
+                        "a valid registration TOKEN is required",
+                    ));
+                }
+            }
+            RegistrationPolicy::Open => {}
+        }
+        self.check_registration_rate()?;
+        let client_secret = Secret32::generate(&mut OsRng);
+        let device = NewDevice {
+            client_secret: *client_secret.expose(),
+            server_secret: *args.server_secret.as_bytes(),
+            name: None,
+        };
+        let now = unix_now() as i64;
+        // A collision is unlikely (random numbers in a large space); a few draws make it
+        // vanishingly so, and the unique key keeps it correct either way.
+        for _ in 0..16 {
+            let number = self.broker.numbers.draw(&mut OsRng);
+            match self.broker.store.create_entity(&number, &device, now).await {
+                Ok(device_id) => {
+                    info!(conn = self.conn_id, "entity registered");
+                    return Ok(ResponseData::Register(RegisterData {
+                        entity: wire_number(&number)?,
+                        device: wire_device(device_id)?,
+                        client_secret: Hex32::from_bytes(*client_secret.expose()),
+                        nonce_step: config.auth.nonce_step_secs,
+                        nonce_algorithm: NonceAlgorithm::MmNonce1,
+                    }));
+                }
+                Err(StoreError::NumberTaken) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        warn!("number space crowded: 16 random draws collided");
+        Err(Refusal::new(
+            ErrorCode::Internal,
+            "could not allocate a number; try again",
+        ))
+    }
+
+    async fn device_join(&mut self, args: DeviceJoinArgs) -> Handled {
+        self.check_registration_rate()?;
+        let hash = kdf::sha256(&[args.secret.as_bytes()]);
+        let client_secret = Secret32::generate(&mut OsRng);
+        let device = NewDevice {
+            client_secret: *client_secret.expose(),
+            server_secret: *args.server_secret.as_bytes(),
+            name: None,
+        };
+        let number = args.entity.as_str();
+        let result = self
+            .broker
+            .store
+            .redeem_registration_secret(
+                number,
+                &hash,
+                &device,
+                unix_now() as i64,
+                self.broker.config.limits.max_devices,
+            )
+            .await;
+        match result {
+            Ok(device_id) => {
+                info!(conn = self.conn_id, device = device_id, "device joined");
+                Ok(ResponseData::DeviceJoin(DeviceJoinData {
+                    device: wire_device(device_id)?,
+                    client_secret: Hex32::from_bytes(*client_secret.expose()),
+                    nonce_step: self.broker.config.auth.nonce_step_secs,
+                    nonce_algorithm: NonceAlgorithm::MmNonce1,
+                }))
+            }
+            Err(StoreError::BadSecret) => Err(Refusal::new(
+                ErrorCode::BadSecret,
+                "registration secret unknown, expired or already used",
+            )),
+            Err(StoreError::DeviceLimit) => Err(Refusal::new(
+                ErrorCode::DeviceLimit,
+                "the entity has reached its device limit",
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn login(&mut self, args: LoginArgs) -> Handled {
+        if self.login.is_some() {
+            return Err(Refusal::new(
+                ErrorCode::AlreadyLoggedIn,
+                "this connection is already logged in",
+            ));
+        }
+        let number = args.entity.as_str().to_owned();
+        let device_id = args.device.get();
+        let now_instant = Instant::now();
+        if let Err(wait) = self.broker.login_failures.check(&number, now_instant) {
+            return Err(Refusal::retry(
+                ErrorCode::Locked,
+                "too many failed logins; the entity is locked for a while",
+                wait,
+            ));
+        }
+        let record = self.broker.store.device(&number, device_id).await?;
+        let auth = &self.broker.config.auth;
+        let policy = NoncePolicy {
+            step_secs: u64::from(auth.nonce_step_secs),
+            skew_steps: u64::from(auth.nonce_skew_steps),
+        };
+        let ctx = NonceContext {
+            entity: &number,
+            device: device_id,
+            binding: &self.binding,
+        };
+        let now = unix_now();
+        // Unknown and revoked devices run the same verification against a throwaway secret,
+        // so the answer and its timing do not tell which numbers and devices exist.
+        let (client_secret, server_secret, usable) = match &record {
+            Some(r) if !r.is_revoked() => (
+                Secret32::from_bytes(r.client_secret),
+                Secret32::from_bytes(r.server_secret),
+                true,
+            ),
+            _ => (
+                Secret32::generate(&mut OsRng),
+                Secret32::generate(&mut OsRng),
+                false,
+            ),
+        };
+        let verified = nonce::verify(
+            &client_secret,
+            Direction::ClientToBroker,
+            &ctx,
+            &policy,
+            now,
+            args.secret.as_bytes(),
+        );
+        let step = match verified {
+            Ok(step)
+                if usable
+                    && self
+                        .broker
+                        .replay
+                        .first_use(*args.secret.as_bytes(), now_instant) =>
+            {
+                step
+            }
+            _ => {
+                if self.broker.login_failures.fail(&number, now_instant) {
+                    warn!(
+                        conn = self.conn_id,
+                        "entity locked after repeated login failures"
+                    );
+                }
+                debug!(conn = self.conn_id, "login refused");
+                return Err(Refusal::new(
+                    ErrorCode::AuthFailed,
+                    "login failed: unknown entity or device, or the nonce did not verify",
+                ));
+            }
+        };
+        let proof = nonce::compute(&server_secret, Direction::BrokerToClient, &ctx, step)
+            .map_err(|_| Refusal::new(ErrorCode::Internal, "internal error"))?;
+        self.broker.login_failures.succeed(&number);
+        self.broker
+            .store
+            .touch_device(&number, device_id, now as i64)
+            .await?;
+        let inbox = self
+            .broker
+            .store
+            .inbox_count(&number, device_id, now as i64)
+            .await
+            .unwrap_or(0);
+        self.broker.online.insert(
+            &number,
+            device_id,
+            self.conn_id,
+            self.queue.clone(),
+            now_instant,
+        );
+        info!(conn = self.conn_id, device = device_id, "logged in");
+        self.login = Some(LoggedIn {
+            number,
+            device: device_id,
+        });
+        Ok(ResponseData::Login(LoginData {
+            proof: Hex32::from_bytes(proof),
+            step,
+            session: SessionCounts {
+                inbox: u32::try_from(inbox).unwrap_or(u32::MAX),
+            },
+        }))
+    }
+
+    async fn add_device(&mut self, args: AddDeviceArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        let secret = Secret32::generate(&mut OsRng);
+        let hash = kdf::sha256(&[secret.expose()]);
+        let now = unix_now();
+        let expires = now + self.broker.config.limits.device_secret_ttl_secs;
+        let name = args.name.as_ref().map(DeviceName::as_str);
+        match self
+            .broker
+            .store
+            .create_registration_secret(
+                &login.number,
+                &hash,
+                name,
+                now as i64,
+                expires as i64,
+                self.broker.config.limits.max_devices,
+            )
+            .await
+        {
+            Ok(()) => Ok(ResponseData::AddDevice(AddDeviceData {
+                secret: Hex32::from_bytes(*secret.expose()),
+                expires,
+            })),
+            Err(StoreError::DeviceLimit) => Err(Refusal::new(
+                ErrorCode::DeviceLimit,
+                "the entity has reached its device limit (pending registrations count)",
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn device_list(&mut self) -> Handled {
+        let login = self.logged_in()?.clone();
+        let devices = self.broker.store.list_devices(&login.number).await?;
+        let devices = devices
+            .into_iter()
+            .filter(|d| d.revoked_at.is_none())
+            .map(|d| {
+                Ok(DeviceInfo {
+                    id: wire_device(d.device_id)?,
+                    name: d.name.and_then(|n| DeviceName::new(n).ok()),
+                    created: d.created_at.max(0) as u64,
+                    last_seen: d.last_seen.map(|t| t.max(0) as u64),
+                    current: d.device_id == login.device,
+                })
+            })
+            .collect::<Result<Vec<_>, Refusal>>()?;
+        Ok(ResponseData::DeviceList(DeviceListData { devices }))
+    }
+
+    async fn device_revoke(&mut self, args: DeviceRevokeArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        let target = args.device.get();
+        if target == login.device {
+            return Err(Refusal::new(
+                ErrorCode::BadArgs,
+                "a device cannot revoke itself; revoke it from another device",
+            ));
+        }
+        let revoked = self
+            .broker
+            .store
+            .revoke_device(&login.number, target, unix_now() as i64)
+            .await?;
+        if !revoked {
+            return Err(Refusal::new(ErrorCode::NotFound, "no such active device"));
+        }
+        let event_device = args.device;
+        self.broker
+            .online
+            .push_all(&login.number, Some(target), || {
+                Push::Close(Event::DeviceRevoked(DeviceRevoked {
+                    device: event_device,
+                }))
+            });
+        info!(conn = self.conn_id, device = target, "device revoked");
+        Ok(ResponseData::DeviceRevoke)
+    }
+}
+
+impl Conn {
+    fn announce(&self, address: &Address) {
+        if let Some(login) = &self.login {
+            let resolved = resolve_address(address, self.peer.ip());
+            self.broker
+                .online
+                .set_address(&login.number, self.conn_id, resolved);
+        }
+    }
+
+    fn is_networked(&self, target: &Number) -> Handled {
+        // A standalone broker: its own prefixes are OWN, everything else NONE.
+        let own = self.broker.numbers.owns(target.as_str());
+        Ok(ResponseData::IsNetworked(IsNetworkedData {
+            networked: false,
+            home: if own { Home::Own } else { Home::None },
+            broker: own.then(|| self.broker.config.server.broker_id.clone()),
+        }))
+    }
+
+    fn initiate(&mut self, target: Number, kind: InitiateKind) -> Handled {
+        let login = self.logged_in()?.clone();
+        if let Err(wait) = self.broker.initiates.hit(&login.number, Instant::now()) {
+            return Err(Refusal::retry(
+                ErrorCode::RateLimited,
+                "too many contact requests; slow down",
+                wait,
+            ));
+        }
+        let request = new_request_id();
+        // The ack is decided here, before anything about the target is looked up; the lookup
+        // runs as its own task so its cost cannot show in the ack's timing.
+        tokio::spawn(route_initiate(
+            Arc::clone(&self.broker),
+            Initiate {
+                request,
+                caller: login.number,
+                caller_conn: self.conn_id,
+                target: target.as_str().to_owned(),
+                kind,
+            },
+        ));
+        let data = InitiateData {
+            request: Hex16::from_bytes(request),
+        };
+        Ok(match kind {
+            InitiateKind::New => ResponseData::InitiateNew(data),
+            InitiateKind::Existing => ResponseData::InitiateExisting(data),
+        })
+    }
+
+    async fn contact_answer(&mut self, args: ContactAnswerArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        let Some(pending) =
+            self.broker
+                .contacts
+                .take(args.request.as_bytes(), &login.number, Instant::now())
+        else {
+            return Err(Refusal::new(
+                ErrorCode::NotFound,
+                "no such contact request (unknown, expired or already answered)",
+            ));
+        };
+        let now = unix_now() as i64;
+        if !args.accept {
+            // The seed: a rejection puts the caller on the target's blacklist.
+            self.broker
+                .store
+                .block(&login.number, &pending.caller, now)
+                .await?;
+            return Ok(ResponseData::ContactAnswer);
+        }
+        let Some(address) = &args.address else {
+            return Err(Refusal::new(
+                ErrorCode::BadArgs,
+                "ACCEPT: true on this broker needs ADDRESS",
+            ));
+        };
+        self.announce(address);
+        let address = resolve_address(address, self.peer.ip());
+        self.broker
+            .store
+            .add_contact(&login.number, &pending.caller, now)
+            .await?;
+        self.broker
+            .store
+            .add_contact(&pending.caller, &login.number, now)
+            .await?;
+        hand_out(
+            &self.broker,
+            args.request.as_bytes(),
+            &pending.caller,
+            pending.caller_conn,
+            &login.number,
+            self.conn_id,
+            &address,
+        );
+        Ok(ResponseData::ContactAnswer)
+    }
+
+    async fn contact_policy(&mut self, args: ContactPolicyArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        self.broker
+            .store
+            .set_auto_existing(&login.number, args.auto_existing)
+            .await?;
+        if let Some(address) = &args.address {
+            self.announce(address);
+        }
+        Ok(ResponseData::ContactPolicy)
+    }
+}
+
+fn wire_number(number: &str) -> Result<Number, Refusal> {
+    Number::new(number).map_err(|_| Refusal::new(ErrorCode::Internal, "internal error"))
+}
+
+fn wire_device(id: u32) -> Result<DeviceId, Refusal> {
+    DeviceId::new(id).map_err(|_| Refusal::new(ErrorCode::Internal, "internal error"))
+}

@@ -1,0 +1,143 @@
+//! Federation state: broker-held pubkeys of peer brokers' clients, and the durable outbox of
+//! cross-broker deliveries.
+
+use super::{OutboxItem, Store, StoreError, array, on_pool};
+
+impl Store {
+    /// Holds the pubkey of `peer_number` (a client at a peer broker) until `expires_at`,
+    /// replacing any previous one.
+    pub async fn put_peer_pubkey(
+        &self,
+        peer_number: &str,
+        pubkey: &[u8; 32],
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO broker_pubkeys (peer_number, pubkey, expires_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (peer_number) DO UPDATE \
+                 SET pubkey = excluded.pubkey, expires_at = excluded.expires_at",
+            )
+            .bind(peer_number)
+            .bind(&pubkey[..])
+            .bind(expires_at)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// The unexpired pubkey held for `peer_number`.
+    pub async fn peer_pubkey(
+        &self,
+        peer_number: &str,
+        now: i64,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        let key: Option<Vec<u8>> = on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT pubkey FROM broker_pubkeys WHERE peer_number = $1 AND expires_at > $2",
+            )
+            .bind(peer_number)
+            .bind(now)
+            .fetch_optional(pool)
+            .await?
+        });
+        key.map(|k| array(&k, "pubkey length")).transpose()
+    }
+
+    /// Enqueues a delivery to `peer_broker`, due at once. Returns `false` if the key is
+    /// already queued (idempotent).
+    pub async fn enqueue_outbox(
+        &self,
+        idempotency_key: &[u8; 16],
+        peer_broker: &str,
+        payload: &[u8],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let n = on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO outbox \
+                 (idempotency_key, peer_broker, payload, attempts, next_attempt_at, created_at) \
+                 VALUES ($1, $2, $3, 0, $4, $4) ON CONFLICT (idempotency_key) DO NOTHING",
+            )
+            .bind(&idempotency_key[..])
+            .bind(peer_broker)
+            .bind(payload)
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Up to `limit` deliveries due at `now`, earliest first.
+    pub async fn due_outbox(&self, now: i64, limit: u32) -> Result<Vec<OutboxItem>, StoreError> {
+        type Row = (Vec<u8>, String, Vec<u8>, i64, i64, i64);
+        let rows: Vec<Row> = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT idempotency_key, peer_broker, payload, attempts, next_attempt_at, \
+                 created_at FROM outbox WHERE next_attempt_at <= $1 \
+                 ORDER BY next_attempt_at, created_at LIMIT $2",
+            )
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter()
+            .map(
+                |(key, peer_broker, payload, attempts, next_attempt_at, created_at)| {
+                    Ok(OutboxItem {
+                        idempotency_key: array(&key, "idempotency key length")?,
+                        peer_broker,
+                        payload,
+                        attempts,
+                        next_attempt_at,
+                        created_at,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Records a failed attempt and schedules the next one. Returns whether the item exists.
+    pub async fn retry_outbox(
+        &self,
+        idempotency_key: &[u8; 16],
+        next_attempt_at: i64,
+    ) -> Result<bool, StoreError> {
+        let n = on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2 \
+                 WHERE idempotency_key = $1",
+            )
+            .bind(&idempotency_key[..])
+            .bind(next_attempt_at)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Removes a delivered item. Returns whether it was there.
+    pub async fn complete_outbox(&self, idempotency_key: &[u8; 16]) -> Result<bool, StoreError> {
+        let n = on_pool!(self, pool => {
+            sqlx::query("DELETE FROM outbox WHERE idempotency_key = $1")
+                .bind(&idempotency_key[..])
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Number of queued deliveries.
+    pub async fn outbox_depth(&self) -> Result<i64, StoreError> {
+        let n: i64 = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox").fetch_one(pool).await?
+        });
+        Ok(n)
+    }
+}

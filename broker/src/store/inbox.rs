@@ -1,0 +1,591 @@
+//! Offline inboxes: batched deposit (group commit), fetch, acknowledge, counts.
+//!
+//! Storage: one `inbox_items` row per (recipient number, recipient device, message id);
+//! `recipient_device = 0` is a number-mode item shared by all devices of the number (device
+//! ids start at 1). `seq` is assigned at insert and strictly increases, so ordering by it keeps
+//! each sender's order; it is the paging key. Number-mode acknowledgements are rows in
+//! `inbox_acks`; the item goes once every active device has acknowledged it.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{PgConnection, SqliteConnection};
+
+use super::{
+    Backend, DepositOutcome, DeviceId, InboxItem, MessageId, NewInboxItem, PoolExt, Store,
+    StoreError,
+};
+use super::{array, device_id, on_pool, placeholders};
+
+/// (recipient number, stored recipient device (0 = number mode), message id).
+type Key = (String, i64, MessageId);
+/// A recipient inbox: (recipient number, stored recipient device).
+type Inbox = (String, i64);
+/// Per-item result of a deposit.
+type Outcome = Result<DepositOutcome, StoreError>;
+
+/// Items per statement on SQLite (8 parameters each; well under SQLite's 32766).
+const SQLITE_CHUNK: usize = 256;
+
+/// Deletes number-mode items of `$1` that every active device has acknowledged.
+pub(super) const DELETE_FULLY_ACKED_ALL: &str = "DELETE FROM inbox_items AS i \
+     WHERE i.recipient_number = $1 AND i.recipient_device = 0 \
+     AND NOT EXISTS (SELECT 1 FROM devices AS d \
+         WHERE d.number = $1 AND d.revoked_at IS NULL \
+         AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
+             WHERE a.item_seq = i.seq AND a.device_id = d.device_id))";
+
+/// The stored form of a recipient device.
+fn stored_device(d: Option<DeviceId>) -> Result<i64, StoreError> {
+    match d {
+        None => Ok(0),
+        Some(0) => Err(StoreError::InvalidArgument("device ids start at 1")),
+        Some(d) => Ok(i64::from(d)),
+    }
+}
+
+fn same_sender(item: &NewInboxItem, number: &str, device: i64) -> Outcome {
+    if item.sender_number == number && i64::from(item.sender_device) == device {
+        Ok(DepositOutcome::AlreadyStored)
+    } else {
+        Err(StoreError::DuplicateId)
+    }
+}
+
+/// The backend-specific statements of a batched deposit, run inside one transaction.
+trait DepositIo {
+    /// Stored rows among `keys`: key -> (sender number, sender device).
+    fn lookup(
+        &mut self,
+        keys: &[Key],
+    ) -> impl Future<Output = Result<HashMap<Key, (String, i64)>, StoreError>> + Send;
+    /// Stored item counts of `inboxes` (absent = 0).
+    fn counts(
+        &mut self,
+        inboxes: &[Inbox],
+    ) -> impl Future<Output = Result<HashMap<Inbox, i64>, StoreError>> + Send;
+    /// Inserts `rows` (item, stored device) in order, skipping keys that exist; returns the
+    /// keys actually inserted.
+    fn insert(
+        &mut self,
+        rows: &[(&NewInboxItem, i64)],
+    ) -> impl Future<Output = Result<HashSet<Key>, StoreError>> + Send;
+}
+
+impl DepositIo for SqliteConnection {
+    async fn lookup(&mut self, keys: &[Key]) -> Result<HashMap<Key, (String, i64)>, StoreError> {
+        let mut out = HashMap::new();
+        for chunk in keys.chunks(SQLITE_CHUNK) {
+            let values = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT recipient_number, recipient_device, id, sender_number, sender_device \
+                 FROM inbox_items WHERE (recipient_number, recipient_device, id) IN \
+                 (VALUES {values})"
+            );
+            let mut q =
+                sqlx::query_as::<_, (String, i64, Vec<u8>, String, i64)>(&sql).persistent(false);
+            for k in chunk {
+                q = q.bind(k.0.as_str()).bind(k.1).bind(&k.2[..]);
+            }
+            for (n, d, id, sn, sd) in q.fetch_all(&mut *self).await? {
+                out.insert((n, d, array(&id, "message id length")?), (sn, sd));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn counts(&mut self, inboxes: &[Inbox]) -> Result<HashMap<Inbox, i64>, StoreError> {
+        let mut out = HashMap::new();
+        for chunk in inboxes.chunks(SQLITE_CHUNK) {
+            let values = (0..chunk.len())
+                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT recipient_number, recipient_device, COUNT(*) FROM inbox_items \
+                 WHERE (recipient_number, recipient_device) IN (VALUES {values}) \
+                 GROUP BY recipient_number, recipient_device"
+            );
+            let mut q = sqlx::query_as::<_, (String, i64, i64)>(&sql).persistent(false);
+            for (n, d) in chunk {
+                q = q.bind(n.as_str()).bind(*d);
+            }
+            for (n, d, c) in q.fetch_all(&mut *self).await? {
+                out.insert((n, d), c);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn insert(&mut self, rows: &[(&NewInboxItem, i64)]) -> Result<HashSet<Key>, StoreError> {
+        let mut out = HashSet::new();
+        for chunk in rows.chunks(SQLITE_CHUNK) {
+            let values = (0..chunk.len())
+                .map(|i| format!("({})", placeholders(8 * i + 1, 8)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO inbox_items (id, recipient_number, recipient_device, sender_number, \
+                 sender_device, created_at, expires_at, body) VALUES {values} \
+                 ON CONFLICT (recipient_number, recipient_device, id) DO NOTHING \
+                 RETURNING recipient_number, recipient_device, id"
+            );
+            let mut q = sqlx::query_as::<_, (String, i64, Vec<u8>)>(&sql).persistent(false);
+            for (item, device) in chunk {
+                q = q
+                    .bind(&item.id[..])
+                    .bind(item.recipient_number.as_str())
+                    .bind(*device)
+                    .bind(item.sender_number.as_str())
+                    .bind(i64::from(item.sender_device))
+                    .bind(item.created_at)
+                    .bind(item.expires_at)
+                    .bind(item.body.as_slice());
+            }
+            for (n, d, id) in q.fetch_all(&mut *self).await? {
+                out.insert((n, d, array(&id, "message id length")?));
+            }
+        }
+        Ok(out)
+    }
+}
+
+const PG_LOOKUP: &str = "SELECT i.recipient_number, i.recipient_device, i.id, \
+     i.sender_number, i.sender_device \
+     FROM inbox_items AS i \
+     JOIN UNNEST($1::text[], $2::bigint[], $3::bytea[]) AS k (n, d, id) \
+     ON i.recipient_number = k.n AND i.recipient_device = k.d AND i.id = k.id";
+
+const PG_COUNTS: &str = "SELECT i.recipient_number, i.recipient_device, COUNT(*) \
+     FROM inbox_items AS i \
+     JOIN (SELECT DISTINCT n, d FROM UNNEST($1::text[], $2::bigint[]) AS u (n, d)) AS k \
+     ON i.recipient_number = k.n AND i.recipient_device = k.d \
+     GROUP BY i.recipient_number, i.recipient_device";
+
+/// One statement for the whole batch; `WITH ORDINALITY … ORDER BY` keeps `seq` in slice order.
+const PG_INSERT: &str = "INSERT INTO inbox_items (id, recipient_number, recipient_device, \
+     sender_number, sender_device, created_at, expires_at, body) \
+     SELECT id, rn, rd, sn, sd, ca, ea, b \
+     FROM UNNEST($1::bytea[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], \
+                 $6::bigint[], $7::bigint[], $8::bytea[]) \
+          WITH ORDINALITY AS u (id, rn, rd, sn, sd, ca, ea, b, ord) \
+     ORDER BY ord \
+     ON CONFLICT (recipient_number, recipient_device, id) DO NOTHING \
+     RETURNING recipient_number, recipient_device, id";
+
+impl DepositIo for PgConnection {
+    async fn lookup(&mut self, keys: &[Key]) -> Result<HashMap<Key, (String, i64)>, StoreError> {
+        let numbers: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let devices: Vec<i64> = keys.iter().map(|k| k.1).collect();
+        let ids: Vec<&[u8]> = keys.iter().map(|k| &k.2[..]).collect();
+        let rows: Vec<(String, i64, Vec<u8>, String, i64)> = sqlx::query_as(PG_LOOKUP)
+            .bind(numbers)
+            .bind(devices)
+            .bind(ids)
+            .fetch_all(&mut *self)
+            .await?;
+        rows.into_iter()
+            .map(|(n, d, id, sn, sd)| Ok(((n, d, array(&id, "message id length")?), (sn, sd))))
+            .collect()
+    }
+
+    async fn counts(&mut self, inboxes: &[Inbox]) -> Result<HashMap<Inbox, i64>, StoreError> {
+        let numbers: Vec<&str> = inboxes.iter().map(|k| k.0.as_str()).collect();
+        let devices: Vec<i64> = inboxes.iter().map(|k| k.1).collect();
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(PG_COUNTS)
+            .bind(numbers)
+            .bind(devices)
+            .fetch_all(&mut *self)
+            .await?;
+        Ok(rows.into_iter().map(|(n, d, c)| ((n, d), c)).collect())
+    }
+
+    async fn insert(&mut self, rows: &[(&NewInboxItem, i64)]) -> Result<HashSet<Key>, StoreError> {
+        let ids: Vec<&[u8]> = rows.iter().map(|(i, _)| &i.id[..]).collect();
+        let rn: Vec<&str> = rows
+            .iter()
+            .map(|(i, _)| i.recipient_number.as_str())
+            .collect();
+        let rd: Vec<i64> = rows.iter().map(|(_, d)| *d).collect();
+        let sn: Vec<&str> = rows.iter().map(|(i, _)| i.sender_number.as_str()).collect();
+        let sd: Vec<i64> = rows
+            .iter()
+            .map(|(i, _)| i64::from(i.sender_device))
+            .collect();
+        let ca: Vec<i64> = rows.iter().map(|(i, _)| i.created_at).collect();
+        let ea: Vec<i64> = rows.iter().map(|(i, _)| i.expires_at).collect();
+        let body: Vec<&[u8]> = rows.iter().map(|(i, _)| i.body.as_slice()).collect();
+        let inserted: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(PG_INSERT)
+            .bind(ids)
+            .bind(rn)
+            .bind(rd)
+            .bind(sn)
+            .bind(sd)
+            .bind(ca)
+            .bind(ea)
+            .bind(body)
+            .fetch_all(&mut *self)
+            .await?;
+        inserted
+            .into_iter()
+            .map(|(n, d, id)| Ok((n, d, array(&id, "message id length")?)))
+            .collect()
+    }
+}
+
+/// The deposit logic shared by both backends (the caller owns the transaction).
+async fn deposit_in<C: DepositIo + Send>(
+    conn: &mut C,
+    items: &[NewInboxItem],
+    quota_per_device: u32,
+) -> Result<Vec<Outcome>, StoreError> {
+    let quota = i64::from(quota_per_device);
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(items.len());
+    let mut keys: Vec<Option<Key>> = Vec::with_capacity(items.len());
+    let mut unique: Vec<Key> = Vec::new();
+    let mut seen: HashSet<&Key> = HashSet::new();
+    for item in items {
+        match stored_device(item.recipient_device) {
+            Ok(d) => {
+                keys.push(Some((item.recipient_number.clone(), d, item.id)));
+                outcomes.push(None);
+            }
+            Err(e) => {
+                keys.push(None);
+                outcomes.push(Some(Err(e)));
+            }
+        }
+    }
+    for key in keys.iter().flatten() {
+        if seen.insert(key) {
+            unique.push(key.clone());
+        }
+    }
+    let existing = conn.lookup(&unique).await?;
+    let mut inboxes: Vec<Inbox> = Vec::new();
+    let mut seen_inboxes: HashSet<(&str, i64)> = HashSet::new();
+    for key in unique.iter().filter(|k| !existing.contains_key(*k)) {
+        if seen_inboxes.insert((key.0.as_str(), key.1)) {
+            inboxes.push((key.0.clone(), key.1));
+        }
+    }
+    let mut counts = if inboxes.is_empty() {
+        HashMap::new()
+    } else {
+        conn.counts(&inboxes).await?
+    };
+
+    // Decide each item in order; `pending` holds keys this batch will insert.
+    let mut pending: HashMap<&Key, usize> = HashMap::new();
+    let mut to_insert: Vec<(usize, i64)> = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let Some(key) = key else { continue };
+        let item = &items[i];
+        let outcome = if let Some((sn, sd)) = existing.get(key) {
+            same_sender(item, sn, *sd)
+        } else if let Some(&j) = pending.get(key) {
+            same_sender(
+                item,
+                &items[j].sender_number,
+                i64::from(items[j].sender_device),
+            )
+        } else {
+            let count = counts.entry((key.0.clone(), key.1)).or_insert(0);
+            if *count >= quota {
+                Err(StoreError::QuotaExceeded)
+            } else {
+                *count += 1;
+                pending.insert(key, i);
+                to_insert.push((i, key.1));
+                Ok(DepositOutcome::Stored)
+            }
+        };
+        outcomes[i] = Some(outcome);
+    }
+
+    if !to_insert.is_empty() {
+        let rows: Vec<(&NewInboxItem, i64)> =
+            to_insert.iter().map(|&(i, d)| (&items[i], d)).collect();
+        let inserted = conn.insert(&rows).await?;
+        // A key we meant to insert but did not: a concurrent transaction stored it first
+        // (Postgres waits for it on the unique index). Classify against what is stored now.
+        let lost: HashSet<Key> = pending
+            .keys()
+            .filter(|k| !inserted.contains(**k))
+            .map(|k| (*k).clone())
+            .collect();
+        if !lost.is_empty() {
+            let lost_keys: Vec<Key> = lost.iter().cloned().collect();
+            let now_stored = conn.lookup(&lost_keys).await?;
+            for (i, key) in keys.iter().enumerate() {
+                let Some(key) = key else { continue };
+                if lost.contains(key) {
+                    outcomes[i] = Some(match now_stored.get(key) {
+                        Some((sn, sd)) => same_sender(&items[i], sn, *sd),
+                        None => Err(StoreError::Conflict),
+                    });
+                }
+            }
+        }
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Err(StoreError::Conflict)))
+        .collect())
+}
+
+/// Columns of a fetched item, in [`inbox_item`] order.
+type ItemRow = (i64, Vec<u8>, i64, String, i64, i64, i64, Vec<u8>);
+
+fn inbox_item(row: ItemRow) -> Result<InboxItem, StoreError> {
+    let (seq, id, rd, sender_number, sd, created_at, expires_at, body) = row;
+    Ok(InboxItem {
+        seq,
+        id: array(&id, "message id length")?,
+        recipient_device: if rd == 0 { None } else { Some(device_id(rd)?) },
+        sender_number,
+        sender_device: device_id(sd)?,
+        created_at,
+        expires_at,
+        body,
+    })
+}
+
+/// Items for device `$2` of `$1`: its own plus number-mode items it has not acknowledged;
+/// unexpired at `$4`, after `seq` `$3`, at most `$5`. Each arm is ordered and limited on its
+/// own index range, then merged.
+const FETCH: &str = "SELECT seq, id, recipient_device, sender_number, sender_device, \
+     created_at, expires_at, body FROM ( \
+       SELECT * FROM (SELECT seq, id, recipient_device, sender_number, sender_device, \
+              created_at, expires_at, body FROM inbox_items \
+         WHERE recipient_number = $1 AND recipient_device = $2 AND seq > $3 AND expires_at > $4 \
+         ORDER BY seq LIMIT $5) AS d \
+       UNION ALL \
+       SELECT * FROM (SELECT i.seq, i.id, i.recipient_device, i.sender_number, \
+              i.sender_device, i.created_at, i.expires_at, i.body FROM inbox_items AS i \
+         WHERE i.recipient_number = $1 AND i.recipient_device = 0 AND i.seq > $3 \
+           AND i.expires_at > $4 \
+           AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
+                           WHERE a.item_seq = i.seq AND a.device_id = $2) \
+         ORDER BY i.seq LIMIT $5) AS n \
+     ) AS u ORDER BY seq LIMIT $5";
+
+/// The number of items [`FETCH`] would return with no cursor and no limit.
+const COUNT_PENDING: &str = "SELECT \
+       (SELECT COUNT(*) FROM inbox_items \
+         WHERE recipient_number = $1 AND recipient_device = $2 AND expires_at > $3) \
+     + (SELECT COUNT(*) FROM inbox_items AS i \
+         WHERE i.recipient_number = $1 AND i.recipient_device = 0 AND i.expires_at > $3 \
+           AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
+                           WHERE a.item_seq = i.seq AND a.device_id = $2))";
+
+impl Store {
+    /// Stores a batch of offline messages in ONE transaction (group commit: the caller
+    /// gathers deposits from many connections and acknowledges each after this returns).
+    ///
+    /// Returns one outcome per item, in order. Per item: a new id is
+    /// [`DepositOutcome::Stored`]; an id already stored in that inbox from the same sender
+    /// (number and device) is [`DepositOutcome::AlreadyStored`] and changes nothing; from
+    /// another sender it is [`StoreError::DuplicateId`]; an inbox already holding
+    /// `quota_per_device` items (stored ones, expired-but-unswept included, plus this batch's)
+    /// gives [`StoreError::QuotaExceeded`] for that item only. The outer `Err` means the
+    /// transaction failed and nothing was stored (retry if [`StoreError::is_retryable`]).
+    ///
+    /// Items are inserted in slice order, so `seq` (the fetch order) follows it. The quota is
+    /// exact on SQLite; on Postgres two batches committing at the same moment for the same
+    /// inbox may together overshoot it by the size of the smaller one.
+    pub async fn deposit_batch(
+        &self,
+        items: &[NewInboxItem],
+        quota_per_device: u32,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let outcomes = deposit_in(&mut *tx, items, quota_per_device).await?;
+            tx.commit().await?;
+            Ok(outcomes)
+        })
+    }
+
+    /// One deposit in its own transaction (see [`Store::deposit_batch`]).
+    pub async fn deposit(
+        &self,
+        item: &NewInboxItem,
+        quota_per_device: u32,
+    ) -> Result<DepositOutcome, StoreError> {
+        self.deposit_batch(std::slice::from_ref(item), quota_per_device)
+            .await?
+            .pop()
+            .unwrap_or(Err(StoreError::Conflict))
+    }
+
+    /// Up to `limit` unexpired items for `(number, device_id)`: the device's own items and
+    /// number-mode items it has not acknowledged, in deposit (`seq`) order; `more` tells
+    /// whether further items follow.
+    ///
+    /// `after` is the id of the last item of the previous page: the page continues after that
+    /// item's `seq`. If that item is gone (acknowledged and deleted, or swept), the page starts
+    /// from the beginning, which is correct because everything before it that is still here
+    /// is still unacknowledged (at-least-once delivery; the client de-duplicates by id).
+    pub async fn fetch_inbox(
+        &self,
+        number: &str,
+        device_id: DeviceId,
+        after: Option<MessageId>,
+        limit: u32,
+        now: i64,
+    ) -> Result<(Vec<InboxItem>, bool), StoreError> {
+        let device = stored_device(Some(device_id))?;
+        let limit = i64::from(limit.max(1));
+        let rows: Vec<ItemRow> = on_pool!(self, pool => {
+            let after_seq: Option<i64> = match after {
+                None => None,
+                Some(id) => sqlx::query_scalar(
+                    "SELECT seq FROM inbox_items \
+                     WHERE recipient_number = $1 AND recipient_device IN ($2, 0) AND id = $3 \
+                     ORDER BY seq LIMIT 1",
+                )
+                .bind(number)
+                .bind(device)
+                .bind(&id[..])
+                .fetch_optional(pool)
+                .await?,
+            };
+            sqlx::query_as(FETCH)
+                .bind(number)
+                .bind(device)
+                .bind(after_seq.unwrap_or(0))
+                .bind(now)
+                .bind(limit + 1)
+                .fetch_all(pool)
+                .await?
+        });
+        let more = rows.len() as i64 > limit;
+        let items = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(inbox_item)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((items, more))
+    }
+
+    /// Acknowledges items for `(number, device_id)`: the device's own items are deleted;
+    /// number-mode items get an acknowledgement and are deleted once every active device of
+    /// the number has acknowledged them. Returns how many of `ids` this call deleted or newly
+    /// marked (unknown ids and repeats count 0).
+    pub async fn ack_inbox(
+        &self,
+        number: &str,
+        device_id: DeviceId,
+        ids: &[MessageId],
+        _now: i64,
+    ) -> Result<u32, StoreError> {
+        let device = stored_device(Some(device_id))?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut done: u64 = 0;
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                let mut tx = pool.begin_write().await?;
+                for chunk in ids.chunks(SQLITE_CHUNK) {
+                    let list = placeholders(3, chunk.len());
+                    let del = format!(
+                        "DELETE FROM inbox_items WHERE recipient_number = $1 \
+                         AND recipient_device = $2 AND id IN ({list})"
+                    );
+                    let mark = format!(
+                        "INSERT INTO inbox_acks (item_seq, device_id) \
+                         SELECT seq, $2 FROM inbox_items WHERE recipient_number = $1 \
+                         AND recipient_device = 0 AND id IN ({list}) \
+                         ON CONFLICT (item_seq, device_id) DO NOTHING"
+                    );
+                    let cleanup = format!(
+                        "{DELETE_FULLY_ACKED_ALL} AND i.id IN ({})",
+                        placeholders(2, chunk.len())
+                    );
+                    for (sql, with_device) in [(&del, true), (&mark, true), (&cleanup, false)] {
+                        let mut q = sqlx::query(sql).persistent(false).bind(number);
+                        if with_device {
+                            q = q.bind(device);
+                        }
+                        for id in chunk {
+                            q = q.bind(&id[..]);
+                        }
+                        let n = q.execute(&mut *tx).await?.rows_affected();
+                        if with_device {
+                            done += n;
+                        }
+                    }
+                }
+                tx.commit().await?;
+            }
+            Backend::Postgres(pool) => {
+                let list: Vec<&[u8]> = ids.iter().map(|id| &id[..]).collect();
+                let mut tx = pool.begin_write().await?;
+                done += sqlx::query(
+                    "DELETE FROM inbox_items WHERE recipient_number = $1 \
+                     AND recipient_device = $2 AND id = ANY($3)",
+                )
+                .bind(number)
+                .bind(device)
+                .bind(&list)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                done += sqlx::query(
+                    "INSERT INTO inbox_acks (item_seq, device_id) \
+                     SELECT seq, $2 FROM inbox_items WHERE recipient_number = $1 \
+                     AND recipient_device = 0 AND id = ANY($3) \
+                     ON CONFLICT (item_seq, device_id) DO NOTHING",
+                )
+                .bind(number)
+                .bind(device)
+                .bind(&list)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                sqlx::query(&format!("{DELETE_FULLY_ACKED_ALL} AND i.id = ANY($2)"))
+                    .bind(number)
+                    .bind(&list)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(u32::try_from(done).unwrap_or(u32::MAX))
+    }
+
+    /// Total stored inbox items (all recipients, expired-but-unswept included).
+    pub async fn inbox_depth(&self) -> Result<i64, StoreError> {
+        let n: i64 = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM inbox_items").fetch_one(pool).await?
+        });
+        Ok(n)
+    }
+
+    /// How many unexpired items [`Store::fetch_inbox`] would return for `(number, device_id)`
+    /// (for LOGIN's pending count and INBOX events).
+    pub async fn inbox_count(
+        &self,
+        number: &str,
+        device_id: DeviceId,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let device = stored_device(Some(device_id))?;
+        let n: i64 = on_pool!(self, pool => {
+            sqlx::query_scalar(COUNT_PENDING)
+                .bind(number)
+                .bind(device)
+                .bind(now)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(n)
+    }
+}

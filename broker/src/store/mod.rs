@@ -1,0 +1,245 @@
+//! The broker's storage layer: one [`Store`] over two sqlx backends.
+//!
+//! * **SQLite** (the default): one file in the data directory, so a broker runs with no setup
+//!   ([`Store::open_sqlite`]). WAL journal, `synchronous=FULL`, foreign keys on, a busy
+//!   timeout. `FULL` (not `NORMAL`) because a deposit is acknowledged only after its commit and
+//!   must then survive a SIGKILL *and* a power loss; in WAL mode `NORMAL` only survives the
+//!   former. Every write transaction starts with `BEGIN IMMEDIATE`, so it takes the single
+//!   writer lock up front (waiting up to the busy timeout) instead of failing when a deferred
+//!   reader upgrades.
+//! * **Postgres** (production): [`Store::connect_postgres`]. Write transactions run at READ
+//!   COMMITTED; single-use and counter updates are conditional `UPDATE`s whose row locks
+//!   serialise racing transactions.
+//!
+//! [`Store::connect`] picks the backend from a `postgres://` / `postgresql://` URL, a
+//! `sqlite:` URL or a plain path. The schema lives in `migrations/sqlite` and
+//! `migrations/postgres` at the workspace root (the same tables in each dialect) and is applied
+//! at connect. All SQL is run with `sqlx::query` + `bind`; most statements are one text for both
+//! backends (`$n` parameters work in SQLite too); where the dialects differ (bulk deposit and
+//! id lists: `UNNEST`/`ANY` on Postgres, `VALUES`/`IN` lists on SQLite) both texts sit side by
+//! side.
+//!
+//! Conventions: times are unix seconds (`i64`) passed in by the caller (the store never reads
+//! the clock, so tests are deterministic); numbers are strings of digits; device ids are
+//! `u32 >= 1`; secrets are 32 bytes, message ids 16 bytes. Domain failures come back as
+//! [`StoreError`] variants; [`StoreError::Database`] wraps the driver error, which callers log
+//! but never show to a peer. Secrets and message bodies never appear in `Debug` output.
+//!
+//! Offline deposits are designed for group commit: [`Store::deposit_batch`] takes the deposits
+//! of many connections and stores them in one transaction with a handful of statements, with a
+//! separate outcome per item; [`DepositBatcher`] is a ready-made task that gathers single
+//! deposits into such batches.
+
+mod backup;
+mod batcher;
+mod entities;
+mod error;
+mod federation;
+mod inbox;
+mod social;
+mod sweep;
+mod types;
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Postgres, Sqlite, Transaction};
+
+pub use batcher::{BatcherConfig, DepositBatcher};
+pub use error::StoreError;
+pub use types::{
+    Backup, ContactRecord, DepositOutcome, DeviceId, DeviceInfo, DeviceRecord, InboxItem,
+    MessageId, NewDevice, NewInboxItem, OutboxItem, SweepReport,
+};
+
+/// Default pool size for a SQLite store (SQLite has one writer at a time; the rest read).
+pub const DEFAULT_SQLITE_CONNECTIONS: u32 = 8;
+/// Default pool size for a Postgres store.
+pub const DEFAULT_POSTGRES_CONNECTIONS: u32 = 16;
+/// How long a SQLite statement waits for the writer lock before failing with `SQLITE_BUSY`.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `$body` with `$pool` bound to the concrete pool of the store's backend. The body is
+/// compiled once per backend, so it may use any sqlx API that both backends support.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            $crate::store::Backend::Sqlite($pool) => $body,
+            $crate::store::Backend::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// The broker's persistent state. Cheap to clone (the pool is shared).
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl fmt::Debug for Store {
+    /// Never prints connection options (a Postgres URL may carry a password).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (size, idle) = on_pool!(self, pool => (pool.size(), pool.num_idle()));
+        f.debug_struct("Store")
+            .field("backend", &self.backend_name())
+            .field("connections", &size)
+            .field("idle", &idle)
+            .finish()
+    }
+}
+
+/// Backend-specific bits used inside [`on_pool!`] bodies.
+trait PoolExt {
+    type Db: sqlx::Database;
+    /// Begins a transaction that will write. On SQLite this is `BEGIN IMMEDIATE`.
+    fn begin_write(
+        &self,
+    ) -> impl Future<Output = Result<Transaction<'static, Self::Db>, sqlx::Error>> + Send;
+}
+
+impl PoolExt for SqlitePool {
+    type Db = Sqlite;
+    fn begin_write(
+        &self,
+    ) -> impl Future<Output = Result<Transaction<'static, Sqlite>, sqlx::Error>> + Send {
+        self.begin_with("BEGIN IMMEDIATE")
+    }
+}
+
+impl PoolExt for PgPool {
+    type Db = Postgres;
+    fn begin_write(
+        &self,
+    ) -> impl Future<Output = Result<Transaction<'static, Postgres>, sqlx::Error>> + Send {
+        self.begin()
+    }
+}
+
+impl Store {
+    /// Opens (creating if missing) the SQLite database file at `path` with
+    /// [`DEFAULT_SQLITE_CONNECTIONS`] connections, and applies the migrations.
+    pub async fn open_sqlite(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_sqlite_with(path, DEFAULT_SQLITE_CONNECTIONS).await
+    }
+
+    /// Like [`Store::open_sqlite`] with an explicit pool size (at least 1).
+    pub async fn open_sqlite_with(
+        path: impl AsRef<Path>,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // Durable on power loss, not only on process death: see the module docs.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
+        Ok(Self {
+            backend: Backend::Sqlite(pool),
+        })
+    }
+
+    /// Connects to Postgres at `url` with a pool of `max_connections`, and applies the
+    /// migrations (sqlx serialises concurrent migrators with an advisory lock).
+    pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?;
+        Self::connect_postgres_with(options, max_connections).await
+    }
+
+    /// Like [`Store::connect_postgres`] with parsed options (e.g. to pick another database).
+    pub async fn connect_postgres_with(
+        options: PgConnectOptions,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+        Ok(Self {
+            backend: Backend::Postgres(pool),
+        })
+    }
+
+    /// Opens a store from a URL or path: `postgres://…` / `postgresql://…` connect to Postgres
+    /// (with [`DEFAULT_POSTGRES_CONNECTIONS`]); `sqlite://PATH`, `sqlite:PATH` or a plain path
+    /// open a SQLite file.
+    pub async fn connect(url_or_path: &str) -> Result<Self, StoreError> {
+        if url_or_path.starts_with("postgres://") || url_or_path.starts_with("postgresql://") {
+            return Self::connect_postgres(url_or_path, DEFAULT_POSTGRES_CONNECTIONS).await;
+        }
+        let path = url_or_path
+            .strip_prefix("sqlite://")
+            .or_else(|| url_or_path.strip_prefix("sqlite:"))
+            .unwrap_or(url_or_path);
+        if path.is_empty() || path.starts_with(":memory:") {
+            return Err(StoreError::InvalidArgument(
+                "a SQLite store needs a file path (in-memory databases are not supported)",
+            ));
+        }
+        Self::open_sqlite(path).await
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Checks that the database answers (for health checks).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        on_pool!(self, pool => pool.close().await);
+    }
+}
+
+/// Converts a stored integer to a device id.
+fn device_id(v: i64) -> Result<DeviceId, StoreError> {
+    DeviceId::try_from(v).map_err(|_| StoreError::Corrupt("device id out of range"))
+}
+
+/// Converts stored bytes to a fixed-size array.
+fn array<const N: usize>(v: &[u8], what: &'static str) -> Result<[u8; N], StoreError> {
+    v.try_into().map_err(|_| StoreError::Corrupt(what))
+}
+
+/// `$start, $start+1, …` (n placeholders), for dynamic `IN (…)` lists on SQLite.
+fn placeholders(start: usize, n: usize) -> String {
+    let mut s = String::with_capacity(n * 5);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('$');
+        s.push_str(&(start + i).to_string());
+    }
+    s
+}

@@ -1,0 +1,211 @@
+//! Blocks, poisoned INITIATEs, contacts and the per-entity contact policy.
+
+use super::{ContactRecord, Store, StoreError, on_pool};
+
+impl Store {
+    /// `owner` blocks `target` (idempotent). Rejected contact requests feed this too.
+    pub async fn block(&self, owner: &str, target: &str, now: i64) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO blocks (owner, target, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (owner, target) DO NOTHING",
+            )
+            .bind(owner)
+            .bind(target)
+            .bind(now)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Lifts a block. Returns whether there was one.
+    pub async fn unblock(&self, owner: &str, target: &str) -> Result<bool, StoreError> {
+        let n = on_pool!(self, pool => {
+            sqlx::query("DELETE FROM blocks WHERE owner = $1 AND target = $2")
+                .bind(owner)
+                .bind(target)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Whether `owner` has blocked `target`.
+    pub async fn is_blocked(&self, owner: &str, target: &str) -> Result<bool, StoreError> {
+        let b: bool = on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM blocks WHERE owner = $1 AND target = $2)",
+            )
+            .bind(owner)
+            .bind(target)
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(b)
+    }
+
+    /// The numbers `owner` has blocked, sorted.
+    pub async fn blocked_by(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        let v: Vec<String> = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT target FROM blocks WHERE owner = $1 ORDER BY target")
+                .bind(owner)
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(v)
+    }
+
+    /// Remembers that `caller` sent an INITIATE to `target` while `target` did not exist
+    /// (idempotent): if the number is given out later, `caller` cannot reach it.
+    pub async fn remember_unknown_target(
+        &self,
+        caller: &str,
+        target: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO poisoned_initiates (caller, target, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (caller, target) DO NOTHING",
+            )
+            .bind(caller)
+            .bind(target)
+            .bind(now)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Whether `caller` once tried to reach `target` before it existed.
+    pub async fn is_poisoned(&self, caller: &str, target: &str) -> Result<bool, StoreError> {
+        let b: bool = on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM poisoned_initiates \
+                 WHERE caller = $1 AND target = $2)",
+            )
+            .bind(caller)
+            .bind(target)
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(b)
+    }
+
+    /// Adds `peer` to `owner`'s contacts with both flags off. Returns `false` if it already
+    /// was a contact (its flags are left as they are).
+    pub async fn add_contact(&self, owner: &str, peer: &str, now: i64) -> Result<bool, StoreError> {
+        let n = on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO contacts (owner, peer, auto_existing, brokered, created_at) \
+                 VALUES ($1, $2, FALSE, FALSE, $3) ON CONFLICT (owner, peer) DO NOTHING",
+            )
+            .bind(owner)
+            .bind(peer)
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Whether `peer` is one of `owner`'s contacts.
+    pub async fn is_contact(&self, owner: &str, peer: &str) -> Result<bool, StoreError> {
+        let b: bool = on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND peer = $2)",
+            )
+            .bind(owner)
+            .bind(peer)
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(b)
+    }
+
+    /// `owner`'s contact record for `peer`, if any.
+    pub async fn contact(
+        &self,
+        owner: &str,
+        peer: &str,
+    ) -> Result<Option<ContactRecord>, StoreError> {
+        let row: Option<(String, String, bool, bool, i64)> = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT owner, peer, auto_existing, brokered, created_at FROM contacts \
+                 WHERE owner = $1 AND peer = $2",
+            )
+            .bind(owner)
+            .bind(peer)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(row.map(
+            |(owner, peer, auto_existing, brokered, created_at)| ContactRecord {
+                owner,
+                peer,
+                auto_existing,
+                brokered,
+                created_at,
+            },
+        ))
+    }
+
+    /// Sets the flags of an existing contact: `auto_existing` (hand `owner`'s address to
+    /// `peer` without asking) and `brokered` (`owner` agrees to offline messages via the
+    /// broker; a brokered pair needs both sides to agree). [`StoreError::NotFound`] if `peer`
+    /// is not a contact.
+    pub async fn set_contact_flags(
+        &self,
+        owner: &str,
+        peer: &str,
+        auto_existing: bool,
+        brokered: bool,
+    ) -> Result<(), StoreError> {
+        let n = on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE contacts SET auto_existing = $3, brokered = $4 \
+                 WHERE owner = $1 AND peer = $2",
+            )
+            .bind(owner)
+            .bind(peer)
+            .bind(auto_existing)
+            .bind(brokered)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Sets `number`'s CONTACT-POLICY: hand its address to existing contacts without asking.
+    pub async fn set_auto_existing(&self, number: &str, on: bool) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO entity_settings (number, auto_existing) VALUES ($1, $2) \
+                 ON CONFLICT (number) DO UPDATE SET auto_existing = excluded.auto_existing",
+            )
+            .bind(number)
+            .bind(on)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// `number`'s CONTACT-POLICY (off unless set).
+    pub async fn auto_existing(&self, number: &str) -> Result<bool, StoreError> {
+        let v: Option<bool> = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT auto_existing FROM entity_settings WHERE number = $1")
+                .bind(number)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(v.unwrap_or(false))
+    }
+}

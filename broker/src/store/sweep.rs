@@ -1,0 +1,64 @@
+//! Periodic clean-up of expired and spent rows, in bounded batches.
+
+use super::{Store, StoreError, SweepReport, on_pool};
+
+/// Rows deleted per statement (each statement is its own short transaction).
+const SWEEP_BATCH: i64 = 1000;
+/// Statements per table per [`Store::sweep`] call, so one call stays short.
+const SWEEP_ROUNDS: u32 = 50;
+/// Used or expired registration secrets are kept this long (seconds), then removed.
+const SECRET_RETENTION: i64 = 86_400;
+
+const SWEEP_INBOX: &str = "DELETE FROM inbox_items WHERE seq IN \
+     (SELECT seq FROM inbox_items WHERE expires_at <= $1 LIMIT $2)";
+
+const SWEEP_SECRETS: &str = "DELETE FROM registration_secrets \
+     WHERE (number, secret_hash) IN (SELECT number, secret_hash FROM registration_secrets \
+       WHERE expires_at <= $1 OR used_at <= $1 LIMIT $2)";
+
+const SWEEP_PUBKEYS: &str = "DELETE FROM broker_pubkeys WHERE peer_number IN \
+     (SELECT peer_number FROM broker_pubkeys WHERE expires_at <= $1 LIMIT $2)";
+
+impl Store {
+    /// Deletes expired inbox items (with their acknowledgements), registration secrets used or
+    /// expired more than a day before `now`, and expired broker-held pubkeys. Works in batches
+    /// of short transactions; if a bound is hit the report says `more` and the caller calls
+    /// again (soon).
+    pub async fn sweep(&self, now: i64) -> Result<SweepReport, StoreError> {
+        let mut report = SweepReport::default();
+        let jobs: [(&str, i64); 3] = [
+            (SWEEP_INBOX, now),
+            (SWEEP_SECRETS, now.saturating_sub(SECRET_RETENTION)),
+            (SWEEP_PUBKEYS, now),
+        ];
+        for (job, (sql, cutoff)) in jobs.into_iter().enumerate() {
+            let mut total = 0u64;
+            let mut rounds = 0;
+            loop {
+                let n = on_pool!(self, pool => {
+                    sqlx::query(sql)
+                        .bind(cutoff)
+                        .bind(SWEEP_BATCH)
+                        .execute(pool)
+                        .await?
+                        .rows_affected()
+                });
+                total += n;
+                rounds += 1;
+                if n < SWEEP_BATCH as u64 {
+                    break;
+                }
+                if rounds >= SWEEP_ROUNDS {
+                    report.more = true;
+                    break;
+                }
+            }
+            match job {
+                0 => report.inbox_items = total,
+                1 => report.registration_secrets = total,
+                _ => report.peer_pubkeys = total,
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,1497 @@
+//! Store conformance suite: every case is written once as `async fn case_xxx(store: Store)`
+//! and run against both backends, each run in its own fresh database:
+//!
+//! * `sqlite::case_xxx`: a new SQLite file in a temporary directory;
+//! * `postgres::case_xxx`: a new database `mm_test_<random>` created on the server named by
+//!   `DATABASE_URL`, dropped afterwards. Without `DATABASE_URL` these tests FAIL (they never
+//!   skip): run `scripts/test`, which provides Postgres, or start one with
+//!   `scripts/postgres start` and export the `DATABASE_URL` it prints.
+
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use micromsg_broker::store::{
+    BatcherConfig, DepositBatcher, DepositOutcome, DeviceId, MessageId, NewDevice, NewInboxItem,
+    Store, StoreError,
+};
+use rand_core::{OsRng, RngCore};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+
+const NOW: i64 = 1_700_000_000;
+const DAY: i64 = 86_400;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+async fn run_sqlite<F, Fut>(case: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(dir.path().join("broker.sqlite3"))
+        .await
+        .unwrap();
+    assert_eq!(store.backend_name(), "sqlite");
+    let outcome = tokio::spawn(case(store.clone())).await;
+    store.close().await;
+    drop(dir);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+fn database_url() -> String {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "DATABASE_URL is not set: the Postgres half of the store conformance suite needs a \
+             real server. Run `scripts/test` (it starts one), or `scripts/postgres start` and \
+             export the DATABASE_URL it prints (postgres://postgres@127.0.0.1:54329/postgres). \
+             These tests fail rather than skip so that Postgres is never silently untested."
+        ),
+    }
+}
+
+async fn run_postgres<F, Fut>(case: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let base = PgConnectOptions::from_str(&database_url())
+        .unwrap_or_else(|e| panic!("DATABASE_URL is not a valid Postgres URL: {e}"));
+    let mut admin = PgConnection::connect_with(&base).await.unwrap_or_else(|e| {
+        panic!(
+            "cannot connect to Postgres at DATABASE_URL ({e}); is it running? \
+             `scripts/postgres start` starts a local one"
+        )
+    });
+    let mut random = [0u8; 8];
+    OsRng.fill_bytes(&mut random);
+    let name: String = std::iter::once("mm_test_".to_owned())
+        .chain(random.iter().map(|b| format!("{b:02x}")))
+        .collect();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let store = Store::connect_postgres_with(base.clone().database(&name), 16)
+        .await
+        .unwrap();
+    assert_eq!(store.backend_name(), "postgres");
+    let outcome = tokio::spawn(case(store.clone())).await;
+    store.close().await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.ok();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    crate::run_sqlite(crate::$case).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    crate::run_postgres(crate::$case).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    case_create_entity,
+    case_duplicate_number,
+    case_invalid_number,
+    case_registration_secret_single_use,
+    case_registration_secret_expired,
+    case_concurrent_redeem,
+    case_device_cap,
+    case_revoke_and_ids_not_reused,
+    case_nonce_step_replay,
+    case_blocks,
+    case_poisoned_initiates,
+    case_contacts_and_policy,
+    case_deposit_idempotent,
+    case_quota_exceeded_keeps_stored,
+    case_fetch_order_and_paging,
+    case_fetch_skips_expired,
+    case_ack_entity_mode,
+    case_ack_number_mode,
+    case_revoke_releases_number_mode_items,
+    case_sweep,
+    case_sweep_batches,
+    case_backup_versions,
+    case_concurrent_batch_deposit,
+    case_batcher_group_commit,
+    case_federation_tables,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn device(seed: u8, name: Option<&str>) -> NewDevice {
+    NewDevice {
+        client_secret: [seed; 32],
+        server_secret: [seed.wrapping_add(1); 32],
+        name: name.map(str::to_owned),
+    }
+}
+
+fn hash(seed: u8) -> [u8; 32] {
+    [seed; 32]
+}
+
+fn id(n: u32) -> MessageId {
+    let mut id = [0x5a; 16];
+    id[..4].copy_from_slice(&n.to_be_bytes());
+    id
+}
+
+fn item(n: u32, to: &str, to_device: Option<DeviceId>, from: &str) -> NewInboxItem {
+    NewInboxItem {
+        id: id(n),
+        recipient_number: to.to_owned(),
+        recipient_device: to_device,
+        sender_number: from.to_owned(),
+        sender_device: 1,
+        created_at: NOW,
+        expires_at: NOW + 7 * DAY,
+        body: format!("body {n}").into_bytes(),
+    }
+}
+
+async fn entity(store: &Store, number: &str) {
+    store
+        .create_entity(number, &device(1, Some("first")), NOW)
+        .await
+        .unwrap();
+}
+
+/// Adds devices to `number` until it has `n` active ones (via registration secrets).
+async fn add_devices(store: &Store, number: &str, n: u32) -> Vec<DeviceId> {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let mut ids = Vec::new();
+    while store.active_device_count(number).await.unwrap() < i64::from(n) {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut h = [0xee; 32];
+        h[..4].copy_from_slice(&k.to_be_bytes());
+        store
+            .create_registration_secret(number, &h, None, NOW, NOW + 600, 100)
+            .await
+            .unwrap();
+        ids.push(
+            store
+                .redeem_registration_secret(number, &h, &device(k as u8, None), NOW, 100)
+                .await
+                .unwrap(),
+        );
+    }
+    ids
+}
+
+async fn fetch_all(store: &Store, number: &str, dev: DeviceId, now: i64) -> Vec<MessageId> {
+    let (items, more) = store
+        .fetch_inbox(number, dev, None, 1000, now)
+        .await
+        .unwrap();
+    assert!(!more);
+    items.into_iter().map(|i| i.id).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entities and devices
+
+async fn case_create_entity(store: Store) {
+    assert!(!store.entity_exists("5550001").await.unwrap());
+    let d = NewDevice {
+        client_secret: [0xab; 32],
+        server_secret: [0xcd; 32],
+        name: Some("laptop".into()),
+    };
+    assert_eq!(store.create_entity("5550001", &d, NOW).await.unwrap(), 1);
+    assert!(store.entity_exists("5550001").await.unwrap());
+    assert_eq!(store.entity_count().await.unwrap(), 1);
+    assert_eq!(store.device_count().await.unwrap(), 1);
+    assert_eq!(store.active_device_count("5550001").await.unwrap(), 1);
+
+    let rec = store.device("5550001", 1).await.unwrap().unwrap();
+    assert_eq!(rec.number, "5550001");
+    assert_eq!(rec.device_id, 1);
+    assert_eq!(rec.name.as_deref(), Some("laptop"));
+    assert_eq!(rec.client_secret, [0xab; 32]);
+    assert_eq!(rec.server_secret, [0xcd; 32]);
+    assert_eq!(rec.created_at, NOW);
+    assert_eq!(rec.last_seen, None);
+    assert!(!rec.is_revoked());
+    assert!(store.device("5550001", 2).await.unwrap().is_none());
+    assert!(store.device("5550002", 1).await.unwrap().is_none());
+
+    // Secrets never show in Debug output.
+    for shown in [format!("{rec:?}"), format!("{d:?}")] {
+        assert!(shown.contains("redacted"), "{shown}");
+        assert!(!shown.contains("171") && !shown.contains("205"), "{shown}");
+        assert!(!shown.to_lowercase().contains("abab"), "{shown}");
+    }
+    let shown = format!("{store:?}");
+    assert!(!shown.contains("postgres://"), "{shown}");
+
+    assert!(store.touch_device("5550001", 1, NOW + 5).await.unwrap());
+    assert!(!store.touch_device("5550001", 9, NOW + 5).await.unwrap());
+    let list = store.list_devices("5550001").await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].device_id, 1);
+    assert_eq!(list[0].last_seen, Some(NOW + 5));
+    assert_eq!(list[0].created_at, NOW);
+    assert!(store.list_devices("5550009").await.unwrap().is_empty());
+    store.ping().await.unwrap();
+}
+
+async fn case_duplicate_number(store: Store) {
+    store
+        .create_entity("5550001", &device(1, None), NOW)
+        .await
+        .unwrap();
+    let err = store
+        .create_entity("5550001", &device(9, None), NOW + 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NumberTaken), "{err:?}");
+    // The first registration is untouched.
+    let rec = store.device("5550001", 1).await.unwrap().unwrap();
+    assert_eq!(rec.client_secret, [1; 32]);
+    assert_eq!(rec.created_at, NOW);
+    assert_eq!(store.entity_count().await.unwrap(), 1);
+    assert_eq!(store.device_count().await.unwrap(), 1);
+    // Another number is fine.
+    assert_eq!(
+        store
+            .create_entity("5550002", &device(2, None), NOW)
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+async fn case_invalid_number(store: Store) {
+    for bad in ["", "55a0001", "+5550001", &"5".repeat(33)] {
+        let err = store
+            .create_entity(bad, &device(1, None), NOW)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidArgument(_)),
+            "{bad}: {err:?}"
+        );
+    }
+    assert_eq!(store.entity_count().await.unwrap(), 0);
+}
+
+async fn case_registration_secret_single_use(store: Store) {
+    entity(&store, "5550001").await;
+    entity(&store, "5550002").await;
+    store
+        .create_registration_secret("5550001", &hash(7), Some("phone"), NOW, NOW + 600, 5)
+        .await
+        .unwrap();
+    // Unknown entity.
+    let err = store
+        .create_registration_secret("5559999", &hash(8), None, NOW, NOW + 600, 5)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+    // Wrong number, wrong secret: BadSecret, and the secret stays usable.
+    for (number, h) in [
+        ("5550002", hash(7)),
+        ("5550001", hash(6)),
+        ("5559999", hash(7)),
+    ] {
+        let err = store
+            .redeem_registration_secret(number, &h, &device(2, None), NOW + 1, 5)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::BadSecret), "{err:?}");
+    }
+    let id = store
+        .redeem_registration_secret("5550001", &hash(7), &device(2, None), NOW + 1, 5)
+        .await
+        .unwrap();
+    assert_eq!(id, 2);
+    let rec = store.device("5550001", 2).await.unwrap().unwrap();
+    assert_eq!(
+        rec.name.as_deref(),
+        Some("phone"),
+        "name comes from the secret"
+    );
+    assert_eq!(rec.client_secret, [2; 32]);
+    assert_eq!(rec.server_secret, [3; 32]);
+    assert_eq!(rec.created_at, NOW + 1);
+
+    // Used: BadSecret, no new device.
+    let err = store
+        .redeem_registration_secret("5550001", &hash(7), &device(3, None), NOW + 2, 5)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::BadSecret), "{err:?}");
+    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+
+    // A name given at redeem wins over the secret's.
+    store
+        .create_registration_secret("5550001", &hash(9), Some("old"), NOW, NOW + 600, 5)
+        .await
+        .unwrap();
+    let id = store
+        .redeem_registration_secret("5550001", &hash(9), &device(4, Some("new")), NOW + 3, 5)
+        .await
+        .unwrap();
+    assert_eq!(id, 3);
+    let rec = store.device("5550001", 3).await.unwrap().unwrap();
+    assert_eq!(rec.name.as_deref(), Some("new"));
+}
+
+async fn case_registration_secret_expired(store: Store) {
+    entity(&store, "5550001").await;
+    store
+        .create_registration_secret("5550001", &hash(7), None, NOW, NOW + 600, 5)
+        .await
+        .unwrap();
+    for at in [NOW + 600, NOW + 601, NOW + DAY] {
+        let err = store
+            .redeem_registration_secret("5550001", &hash(7), &device(2, None), at, 5)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::BadSecret), "{err:?}");
+    }
+    assert_eq!(store.active_device_count("5550001").await.unwrap(), 1);
+    // Just before expiry it works.
+    store
+        .create_registration_secret("5550001", &hash(8), None, NOW, NOW + 600, 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .redeem_registration_secret("5550001", &hash(8), &device(2, None), NOW + 599, 5)
+            .await
+            .unwrap(),
+        2
+    );
+}
+
+async fn case_concurrent_redeem(store: Store) {
+    entity(&store, "5550001").await;
+    store
+        .create_registration_secret("5550001", &hash(7), None, NOW, NOW + 600, 10)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..8u8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .redeem_registration_secret("5550001", &hash(7), &device(10 + i, None), NOW, 10)
+                    .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(id) => {
+                assert_eq!(id, 2);
+                won += 1;
+            }
+            Err(StoreError::BadSecret) => {}
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one concurrent redeem wins");
+    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+
+    // Concurrent redeems of DIFFERENT secrets get distinct ids.
+    for s in 20..26u8 {
+        store
+            .create_registration_secret("5550001", &hash(s), None, NOW, NOW + 600, 10)
+            .await
+            .unwrap();
+    }
+    let tasks: Vec<_> = (20..26u8)
+        .map(|s| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .redeem_registration_secret("5550001", &hash(s), &device(s, None), NOW, 10)
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().unwrap());
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, vec![3, 4, 5, 6, 7, 8]);
+}
+
+async fn case_device_cap(store: Store) {
+    entity(&store, "5550001").await;
+    let max = 3;
+    // 1 device + 2 pending secrets = 3: the third secret is refused.
+    for s in [1, 2] {
+        store
+            .create_registration_secret("5550001", &hash(s), None, NOW, NOW + 600, max)
+            .await
+            .unwrap();
+    }
+    let err = store
+        .create_registration_secret("5550001", &hash(3), None, NOW, NOW + 600, max)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DeviceLimit), "{err:?}");
+
+    // Redeeming turns a pending secret into a device: still 3.
+    store
+        .redeem_registration_secret("5550001", &hash(1), &device(1, None), NOW, max)
+        .await
+        .unwrap();
+    let err = store
+        .create_registration_secret("5550001", &hash(3), None, NOW, NOW + 600, max)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DeviceLimit), "{err:?}");
+
+    // An expired unused secret no longer counts.
+    store
+        .create_registration_secret("5550001", &hash(3), None, NOW + 700, NOW + 1300, max)
+        .await
+        .unwrap();
+
+    // The redeem-time check: with 2 active devices and max 2, redeeming fails and the secret
+    // stays usable.
+    let err = store
+        .redeem_registration_secret("5550001", &hash(3), &device(3, None), NOW + 701, 2)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DeviceLimit), "{err:?}");
+    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+    // Revoking a device makes room.
+    assert!(store.revoke_device("5550001", 2, NOW + 702).await.unwrap());
+    let id = store
+        .redeem_registration_secret("5550001", &hash(3), &device(3, None), NOW + 703, 2)
+        .await
+        .unwrap();
+    assert_eq!(id, 3, "ids are never reused");
+    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+}
+
+async fn case_revoke_and_ids_not_reused(store: Store) {
+    entity(&store, "5550001").await;
+    assert_eq!(add_devices(&store, "5550001", 3).await, vec![2, 3]);
+    assert!(store.revoke_device("5550001", 3, NOW + 10).await.unwrap());
+    assert!(
+        !store.revoke_device("5550001", 3, NOW + 11).await.unwrap(),
+        "already revoked"
+    );
+    assert!(
+        !store.revoke_device("5550001", 9, NOW + 11).await.unwrap(),
+        "unknown"
+    );
+    assert!(
+        !store.revoke_device("5559999", 1, NOW + 11).await.unwrap(),
+        "unknown entity"
+    );
+    let rec = store.device("5550001", 3).await.unwrap().unwrap();
+    assert!(rec.is_revoked());
+    assert_eq!(rec.revoked_at, Some(NOW + 10));
+    assert!(!store.touch_device("5550001", 3, NOW + 12).await.unwrap());
+    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+    assert_eq!(store.device_count().await.unwrap(), 2);
+
+    // The next device gets 4, not 3.
+    assert_eq!(add_devices(&store, "5550001", 3).await, vec![4]);
+    // Even after revoking the highest id.
+    assert!(store.revoke_device("5550001", 4, NOW + 20).await.unwrap());
+    assert_eq!(add_devices(&store, "5550001", 3).await, vec![5]);
+
+    let list = store.list_devices("5550001").await.unwrap();
+    let ids: Vec<_> = list
+        .iter()
+        .map(|d| (d.device_id, d.revoked_at.is_some()))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![(1, false), (2, false), (3, true), (4, true), (5, false)]
+    );
+}
+
+async fn case_nonce_step_replay(store: Store) {
+    entity(&store, "5550001").await;
+    assert!(store.accept_nonce_step("5550001", 1, 100).await.unwrap());
+    assert!(
+        !store.accept_nonce_step("5550001", 1, 100).await.unwrap(),
+        "replay"
+    );
+    assert!(
+        !store.accept_nonce_step("5550001", 1, 99).await.unwrap(),
+        "older step"
+    );
+    assert!(store.accept_nonce_step("5550001", 1, 101).await.unwrap());
+    assert_eq!(
+        store
+            .device("5550001", 1)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_nonce_step,
+        Some(101)
+    );
+    assert!(
+        !store.accept_nonce_step("5550001", 2, 200).await.unwrap(),
+        "unknown device"
+    );
+    add_devices(&store, "5550001", 2).await;
+    assert!(
+        store.accept_nonce_step("5550001", 2, 50).await.unwrap(),
+        "steps are per device"
+    );
+    store.revoke_device("5550001", 2, NOW).await.unwrap();
+    assert!(
+        !store.accept_nonce_step("5550001", 2, 60).await.unwrap(),
+        "revoked"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocks, poisoned initiates, contacts
+
+async fn case_blocks(store: Store) {
+    entity(&store, "5550001").await;
+    assert!(!store.is_blocked("5550001", "5550002").await.unwrap());
+    store.block("5550001", "5550003", NOW).await.unwrap();
+    store.block("5550001", "5550002", NOW).await.unwrap();
+    store.block("5550001", "5550002", NOW + 1).await.unwrap(); // idempotent
+    assert!(store.is_blocked("5550001", "5550002").await.unwrap());
+    assert!(
+        !store.is_blocked("5550002", "5550001").await.unwrap(),
+        "directional"
+    );
+    assert_eq!(
+        store.blocked_by("5550001").await.unwrap(),
+        vec!["5550002".to_owned(), "5550003".to_owned()]
+    );
+    assert!(store.unblock("5550001", "5550002").await.unwrap());
+    assert!(!store.unblock("5550001", "5550002").await.unwrap());
+    assert!(!store.is_blocked("5550001", "5550002").await.unwrap());
+    assert_eq!(
+        store.blocked_by("5550001").await.unwrap(),
+        vec!["5550003".to_owned()]
+    );
+    assert!(store.blocked_by("5550002").await.unwrap().is_empty());
+    // A block by a number that is not an entity here.
+    let err = store.block("5559999", "5550001", NOW).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+}
+
+async fn case_poisoned_initiates(store: Store) {
+    entity(&store, "5550001").await;
+    assert!(!store.is_poisoned("5550001", "5550777").await.unwrap());
+    store
+        .remember_unknown_target("5550001", "5550777", NOW)
+        .await
+        .unwrap();
+    store
+        .remember_unknown_target("5550001", "5550777", NOW + 1)
+        .await
+        .unwrap();
+    // Later the number is given out: the caller stays poisoned for it, nobody else is.
+    entity(&store, "5550777").await;
+    assert!(store.is_poisoned("5550001", "5550777").await.unwrap());
+    assert!(!store.is_poisoned("5550777", "5550001").await.unwrap());
+    assert!(!store.is_poisoned("5550002", "5550777").await.unwrap());
+}
+
+async fn case_contacts_and_policy(store: Store) {
+    entity(&store, "5550001").await;
+    assert!(!store.is_contact("5550001", "5550002").await.unwrap());
+    assert!(store.add_contact("5550001", "5550002", NOW).await.unwrap());
+    assert!(
+        !store
+            .add_contact("5550001", "5550002", NOW + 1)
+            .await
+            .unwrap()
+    );
+    assert!(store.is_contact("5550001", "5550002").await.unwrap());
+    assert!(!store.is_contact("5550002", "5550001").await.unwrap());
+    let c = store.contact("5550001", "5550002").await.unwrap().unwrap();
+    assert!(!c.auto_existing && !c.brokered);
+    assert_eq!(c.created_at, NOW);
+    store
+        .set_contact_flags("5550001", "5550002", true, false)
+        .await
+        .unwrap();
+    let c = store.contact("5550001", "5550002").await.unwrap().unwrap();
+    assert!(c.auto_existing && !c.brokered);
+    store
+        .set_contact_flags("5550001", "5550002", false, true)
+        .await
+        .unwrap();
+    let c = store.contact("5550001", "5550002").await.unwrap().unwrap();
+    assert!(!c.auto_existing && c.brokered);
+    // add_contact again keeps the flags.
+    store
+        .add_contact("5550001", "5550002", NOW + 2)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .contact("5550001", "5550002")
+            .await
+            .unwrap()
+            .unwrap()
+            .brokered
+    );
+    let err = store
+        .set_contact_flags("5550001", "5550003", true, true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    assert!(store.contact("5550001", "5550003").await.unwrap().is_none());
+
+    assert!(!store.auto_existing("5550001").await.unwrap());
+    store.set_auto_existing("5550001", true).await.unwrap();
+    assert!(store.auto_existing("5550001").await.unwrap());
+    store.set_auto_existing("5550001", false).await.unwrap();
+    assert!(!store.auto_existing("5550001").await.unwrap());
+    let err = store.set_auto_existing("5559999", true).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inboxes
+
+async fn case_deposit_idempotent(store: Store) {
+    entity(&store, "5550001").await;
+    add_devices(&store, "5550001", 2).await;
+    let a = item(1, "5550001", Some(1), "5550002");
+    assert_eq!(
+        store.deposit(&a, 100).await.unwrap(),
+        DepositOutcome::Stored
+    );
+    assert_eq!(
+        store.deposit(&a, 100).await.unwrap(),
+        DepositOutcome::AlreadyStored
+    );
+    // A different body under the same id and sender is still the same message.
+    let mut a2 = a.clone();
+    a2.body = b"other".to_vec();
+    assert_eq!(
+        store.deposit(&a2, 100).await.unwrap(),
+        DepositOutcome::AlreadyStored
+    );
+    // Same id, another sender (or sender device): refused.
+    let mut other = a.clone();
+    other.sender_number = "5550003".into();
+    assert!(matches!(
+        store.deposit(&other, 100).await,
+        Err(StoreError::DuplicateId)
+    ));
+    let mut other_dev = a.clone();
+    other_dev.sender_device = 2;
+    assert!(matches!(
+        store.deposit(&other_dev, 100).await,
+        Err(StoreError::DuplicateId)
+    ));
+    // Same id to the other device (entity-mode fan-out) and to the number inbox: new rows.
+    let to2 = item(1, "5550001", Some(2), "5550002");
+    let to_number = item(1, "5550001", None, "5550002");
+    assert_eq!(
+        store.deposit(&to2, 100).await.unwrap(),
+        DepositOutcome::Stored
+    );
+    assert_eq!(
+        store.deposit(&to_number, 100).await.unwrap(),
+        DepositOutcome::Stored
+    );
+    assert_eq!(store.inbox_depth().await.unwrap(), 3);
+
+    // Duplicates inside one batch, and a bad device id that fails alone.
+    let b = item(2, "5550001", Some(1), "5550002");
+    let mut b_other = b.clone();
+    b_other.sender_number = "5550004".into();
+    let bad = item(3, "5550001", Some(0), "5550002");
+    let c = item(4, "5550001", Some(1), "5550002");
+    let out = store
+        .deposit_batch(&[b.clone(), b.clone(), b_other, bad, a.clone(), c], 100)
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 6);
+    assert!(matches!(out[0], Ok(DepositOutcome::Stored)));
+    assert!(matches!(out[1], Ok(DepositOutcome::AlreadyStored)));
+    assert!(matches!(out[2], Err(StoreError::DuplicateId)));
+    assert!(matches!(out[3], Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(out[4], Ok(DepositOutcome::AlreadyStored)));
+    assert!(matches!(out[5], Ok(DepositOutcome::Stored)));
+    assert_eq!(store.inbox_depth().await.unwrap(), 5);
+    assert!(store.deposit_batch(&[], 100).await.unwrap().is_empty());
+
+    // The stored copy is the first one.
+    let (items, _) = store
+        .fetch_inbox("5550001", 1, None, 10, NOW)
+        .await
+        .unwrap();
+    let first = items
+        .iter()
+        .find(|i| i.id == id(1) && i.recipient_device == Some(1))
+        .unwrap();
+    assert_eq!(first.body, b"body 1");
+    assert_eq!(first.sender_number, "5550002");
+    assert_eq!(first.sender_device, 1);
+}
+
+async fn case_quota_exceeded_keeps_stored(store: Store) {
+    entity(&store, "5550001").await;
+    add_devices(&store, "5550001", 2).await;
+    let batch: Vec<_> = (1..=5)
+        .map(|n| item(n, "5550001", Some(1), "5550002"))
+        .collect();
+    let out = store.deposit_batch(&batch, 3).await.unwrap();
+    let kinds: Vec<_> = out
+        .iter()
+        .map(|r| match r {
+            Ok(DepositOutcome::Stored) => "stored",
+            Err(StoreError::QuotaExceeded) => "quota",
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, ["stored", "stored", "stored", "quota", "quota"]);
+
+    // A full inbox refuses new items, accepts re-deposits of stored ones, and other inboxes
+    // in the same batch are unaffected.
+    let out = store
+        .deposit_batch(
+            &[
+                item(6, "5550001", Some(1), "5550002"),
+                item(2, "5550001", Some(1), "5550002"),
+                item(6, "5550001", Some(2), "5550002"),
+                item(7, "5550001", None, "5550002"),
+            ],
+            3,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Err(StoreError::QuotaExceeded)));
+    assert!(matches!(out[1], Ok(DepositOutcome::AlreadyStored)));
+    assert!(matches!(out[2], Ok(DepositOutcome::Stored)));
+    assert!(matches!(out[3], Ok(DepositOutcome::Stored)));
+    assert!(matches!(
+        store
+            .deposit(&item(8, "5550001", Some(1), "5550002"), 3)
+            .await,
+        Err(StoreError::QuotaExceeded)
+    ));
+
+    // What was stored is intact.
+    let (items, more) = store
+        .fetch_inbox("5550001", 1, None, 100, NOW)
+        .await
+        .unwrap();
+    assert!(!more);
+    let got: Vec<_> = items.iter().map(|i| (i.id, i.body.clone())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (id(1), b"body 1".to_vec()),
+            (id(2), b"body 2".to_vec()),
+            (id(3), b"body 3".to_vec()),
+            (id(7), b"body 7".to_vec()),
+        ]
+    );
+
+    // Acknowledging frees room.
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .deposit(&item(8, "5550001", Some(1), "5550002"), 3)
+            .await
+            .unwrap(),
+        DepositOutcome::Stored
+    );
+    assert_eq!(store.inbox_count("5550001", 1, NOW).await.unwrap(), 4); // 2, 3, 8 + number 7
+}
+
+async fn case_fetch_order_and_paging(store: Store) {
+    entity(&store, "5550001").await;
+    // 25 items from two senders, interleaved, over several batches (same created_at).
+    let mut all = Vec::new();
+    for n in 1..=25u32 {
+        let from = if n % 2 == 0 { "5550002" } else { "5550003" };
+        all.push(item(n, "5550001", Some(1), from));
+    }
+    for chunk in all.chunks(7) {
+        for r in store.deposit_batch(chunk, 100).await.unwrap() {
+            assert_eq!(r.unwrap(), DepositOutcome::Stored);
+        }
+    }
+    let (p1, more) = store
+        .fetch_inbox("5550001", 1, None, 10, NOW)
+        .await
+        .unwrap();
+    assert!(more);
+    assert_eq!(p1.len(), 10);
+    let (p2, more) = store
+        .fetch_inbox("5550001", 1, Some(p1[9].id), 10, NOW)
+        .await
+        .unwrap();
+    assert!(more);
+    let (p3, more) = store
+        .fetch_inbox("5550001", 1, Some(p2[9].id), 10, NOW)
+        .await
+        .unwrap();
+    assert!(!more);
+    assert_eq!(p3.len(), 5);
+    let ids: Vec<_> = p1.iter().chain(&p2).chain(&p3).map(|i| i.id).collect();
+    assert_eq!(ids, (1..=25).map(id).collect::<Vec<_>>(), "deposit order");
+    let seqs: Vec<_> = p1.iter().chain(&p2).chain(&p3).map(|i| i.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    let x = &p1[0];
+    assert_eq!(x.sender_number, "5550003");
+    assert_eq!(x.created_at, NOW);
+    assert_eq!(x.expires_at, NOW + 7 * DAY);
+    assert_eq!(x.recipient_device, Some(1));
+    // Exactly `limit` left: more = false.
+    let (p, more) = store
+        .fetch_inbox("5550001", 1, Some(p2[4].id), 10, NOW)
+        .await
+        .unwrap();
+    assert_eq!(p.len(), 10);
+    assert!(!more);
+
+    // Ack the first page, then continue after its (now deleted) last id: starts over from
+    // what is left, which is exactly the rest.
+    let first: Vec<_> = p1.iter().map(|i| i.id).collect();
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &first, NOW).await.unwrap(),
+        10
+    );
+    let (rest, more) = store
+        .fetch_inbox("5550001", 1, Some(p1[9].id), 100, NOW)
+        .await
+        .unwrap();
+    assert!(!more);
+    assert_eq!(
+        rest.iter().map(|i| i.id).collect::<Vec<_>>(),
+        (11..=25).map(id).collect::<Vec<_>>()
+    );
+
+    // Another device sees none of them.
+    assert!(fetch_all(&store, "5550001", 2, NOW).await.is_empty());
+    // Number-mode items are merged in seq order.
+    store
+        .deposit(&item(100, "5550001", None, "5550002"), 100)
+        .await
+        .unwrap();
+    store
+        .deposit(&item(101, "5550001", Some(1), "5550002"), 100)
+        .await
+        .unwrap();
+    let ids = fetch_all(&store, "5550001", 1, NOW).await;
+    assert_eq!(&ids[ids.len() - 2..], &[id(100), id(101)]);
+    assert_eq!(fetch_all(&store, "5550001", 2, NOW).await, vec![id(100)]);
+}
+
+async fn case_fetch_skips_expired(store: Store) {
+    entity(&store, "5550001").await;
+    let mut short = item(1, "5550001", Some(1), "5550002");
+    short.expires_at = NOW + 5;
+    let mut short_number = item(2, "5550001", None, "5550002");
+    short_number.expires_at = NOW + 5;
+    let long = item(3, "5550001", Some(1), "5550002");
+    store
+        .deposit_batch(&[short, short_number, long], 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        fetch_all(&store, "5550001", 1, NOW + 4).await,
+        vec![id(1), id(2), id(3)]
+    );
+    assert_eq!(store.inbox_count("5550001", 1, NOW + 4).await.unwrap(), 3);
+    assert_eq!(fetch_all(&store, "5550001", 1, NOW + 5).await, vec![id(3)]);
+    assert_eq!(store.inbox_count("5550001", 1, NOW + 5).await.unwrap(), 1);
+    assert_eq!(store.inbox_depth().await.unwrap(), 3, "not yet swept");
+}
+
+async fn case_ack_entity_mode(store: Store) {
+    entity(&store, "5550001").await;
+    add_devices(&store, "5550001", 2).await;
+    // Entity mode: one copy per device.
+    let out = store
+        .deposit_batch(
+            &[
+                item(1, "5550001", Some(1), "5550002"),
+                item(1, "5550001", Some(2), "5550002"),
+                item(2, "5550001", Some(1), "5550002"),
+                item(2, "5550001", Some(2), "5550002"),
+            ],
+            100,
+        )
+        .await
+        .unwrap();
+    assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(fetch_all(&store, "5550001", 1, NOW).await, vec![id(2)]);
+    assert_eq!(
+        fetch_all(&store, "5550001", 2, NOW).await,
+        vec![id(1), id(2)]
+    );
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        0,
+        "repeat"
+    );
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(9)], NOW).await.unwrap(),
+        0,
+        "unknown"
+    );
+    assert_eq!(store.ack_inbox("5550001", 1, &[], NOW).await.unwrap(), 0);
+    // Acking another entity's ids does nothing.
+    assert_eq!(
+        store.ack_inbox("5550002", 1, &[id(2)], NOW).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .ack_inbox("5550001", 2, &[id(1), id(2), id(9)], NOW)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(2)], NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(store.inbox_depth().await.unwrap(), 0);
+    assert_eq!(store.inbox_count("5550001", 1, NOW).await.unwrap(), 0);
+}
+
+async fn case_ack_number_mode(store: Store) {
+    entity(&store, "5550001").await;
+    add_devices(&store, "5550001", 3).await;
+    store.revoke_device("5550001", 3, NOW).await.unwrap(); // active: 1 and 2
+    let out = store
+        .deposit_batch(
+            &[
+                item(1, "5550001", None, "5550002"),
+                item(2, "5550001", None, "5550002"),
+            ],
+            100,
+        )
+        .await
+        .unwrap();
+    assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
+    let (items, _) = store
+        .fetch_inbox("5550001", 1, None, 10, NOW)
+        .await
+        .unwrap();
+    assert!(items.iter().all(|i| i.recipient_device.is_none()));
+
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(fetch_all(&store, "5550001", 1, NOW).await, vec![id(2)]);
+    assert_eq!(
+        fetch_all(&store, "5550001", 2, NOW).await,
+        vec![id(1), id(2)]
+    );
+    assert_eq!(
+        store.inbox_depth().await.unwrap(),
+        2,
+        "kept until every device acked"
+    );
+    assert_eq!(store.inbox_count("5550001", 1, NOW).await.unwrap(), 1);
+    assert_eq!(store.inbox_count("5550001", 2, NOW).await.unwrap(), 2);
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        0,
+        "repeat"
+    );
+    assert_eq!(store.inbox_depth().await.unwrap(), 2);
+
+    // The last active device acks: gone (the revoked device 3 is not waited for).
+    assert_eq!(
+        store.ack_inbox("5550001", 2, &[id(1)], NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(store.inbox_depth().await.unwrap(), 1);
+    assert_eq!(fetch_all(&store, "5550001", 1, NOW).await, vec![id(2)]);
+    assert_eq!(fetch_all(&store, "5550001", 2, NOW).await, vec![id(2)]);
+
+    // A device added later must acknowledge too.
+    add_devices(&store, "5550001", 3).await; // device 4
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(2)], NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.ack_inbox("5550001", 2, &[id(2)], NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(store.inbox_depth().await.unwrap(), 1);
+    assert_eq!(fetch_all(&store, "5550001", 4, NOW).await, vec![id(2)]);
+    assert_eq!(
+        store.ack_inbox("5550001", 4, &[id(2)], NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(store.inbox_depth().await.unwrap(), 0);
+}
+
+async fn case_revoke_releases_number_mode_items(store: Store) {
+    entity(&store, "5550001").await;
+    add_devices(&store, "5550001", 2).await;
+    store
+        .deposit_batch(
+            &[
+                item(1, "5550001", None, "5550002"),
+                item(2, "5550001", None, "5550002"),
+                item(3, "5550001", Some(2), "5550002"),
+            ],
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(store.inbox_depth().await.unwrap(), 3);
+    // Revoking device 2: its own item goes, and item 1 (acked by every remaining device) too.
+    assert!(store.revoke_device("5550001", 2, NOW).await.unwrap());
+    assert_eq!(store.inbox_depth().await.unwrap(), 1);
+    assert_eq!(fetch_all(&store, "5550001", 1, NOW).await, vec![id(2)]);
+}
+
+async fn case_sweep(store: Store) {
+    entity(&store, "5550001").await;
+    add_devices(&store, "5550001", 2).await;
+    let mut items = Vec::new();
+    for (n, dev, ttl) in [
+        (1, Some(1), 10),
+        (2, None, 10),
+        (3, Some(1), 100),
+        (4, None, 100),
+    ] {
+        let mut it = item(n, "5550001", dev, "5550002");
+        it.expires_at = NOW + ttl;
+        items.push(it);
+    }
+    store.deposit_batch(&items, 100).await.unwrap();
+    // Device 1 acked the expiring number-mode item: the ack goes with it.
+    assert_eq!(
+        store.ack_inbox("5550001", 1, &[id(2)], NOW).await.unwrap(),
+        1
+    );
+    // Registration secrets: one used, one left to expire, one still valid.
+    for s in [1, 2, 3] {
+        store
+            .create_registration_secret("5550001", &hash(s), None, NOW, NOW + 600, 10)
+            .await
+            .unwrap();
+    }
+    store
+        .redeem_registration_secret("5550001", &hash(1), &device(1, None), NOW + 1, 10)
+        .await
+        .unwrap();
+    store
+        .put_peer_pubkey("7770001", &[7; 32], NOW + 10)
+        .await
+        .unwrap();
+    store
+        .put_peer_pubkey("7770002", &[8; 32], NOW + 10 * DAY)
+        .await
+        .unwrap();
+
+    let r = store.sweep(NOW + 50).await.unwrap();
+    assert_eq!(r.inbox_items, 2);
+    assert_eq!(r.registration_secrets, 0, "kept for a day");
+    assert_eq!(r.peer_pubkeys, 1);
+    assert!(!r.more);
+    assert_eq!(store.inbox_depth().await.unwrap(), 2);
+    assert_eq!(
+        fetch_all(&store, "5550001", 1, NOW + 50).await,
+        vec![id(3), id(4)]
+    );
+    assert!(
+        store.peer_pubkey("7770001", NOW).await.unwrap().is_none(),
+        "swept"
+    );
+    assert_eq!(
+        store.peer_pubkey("7770002", NOW + 50).await.unwrap(),
+        Some([8; 32])
+    );
+
+    // A day after expiry every secret goes: the three above (all expired at NOW + 600, one
+    // used) and the one `add_devices` used.
+    let r = store.sweep(NOW + 600 + DAY).await.unwrap();
+    assert_eq!(r.registration_secrets, 4);
+    assert_eq!(r.inbox_items, 2);
+    assert_eq!(store.inbox_depth().await.unwrap(), 0);
+    let r = store.sweep(NOW + 600 + DAY).await.unwrap();
+    assert_eq!(r, Default::default());
+    // Swept secrets cannot be redeemed (they were unusable anyway).
+    let err = store
+        .redeem_registration_secret("5550001", &hash(2), &device(2, None), NOW + 2, 10)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::BadSecret), "{err:?}");
+}
+
+async fn case_sweep_batches(store: Store) {
+    entity(&store, "5550001").await;
+    let items: Vec<_> = (0..2500u32)
+        .map(|n| {
+            let mut it = item(
+                n,
+                "5550001",
+                if n % 2 == 0 { Some(1) } else { None },
+                "5550002",
+            );
+            it.expires_at = NOW + 1;
+            it
+        })
+        .collect();
+    for chunk in items.chunks(500) {
+        let out = store.deposit_batch(chunk, 10_000).await.unwrap();
+        assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
+    }
+    store
+        .deposit(&item(9999, "5550001", Some(1), "5550002"), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(store.inbox_depth().await.unwrap(), 2501);
+    let r = store.sweep(NOW + 1).await.unwrap();
+    assert_eq!(r.inbox_items, 2500);
+    assert!(!r.more);
+    assert_eq!(store.inbox_depth().await.unwrap(), 1);
+}
+
+async fn case_backup_versions(store: Store) {
+    entity(&store, "5550001").await;
+    assert!(store.get_backup("5550001").await.unwrap().is_none());
+    store.put_backup("5550001", 0, 1, b"v1", NOW).await.unwrap();
+    let err = store
+        .put_backup("5550001", 0, 1, b"again", NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict), "{err:?}");
+    store
+        .put_backup("5550001", 1, 2, b"v2", NOW + 1)
+        .await
+        .unwrap();
+    // A second device that read version 1 loses.
+    let err = store
+        .put_backup("5550001", 1, 2, b"stale", NOW + 2)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict), "{err:?}");
+    let err = store
+        .put_backup("5550001", 5, 6, b"future", NOW + 2)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict), "{err:?}");
+    let b = store.get_backup("5550001").await.unwrap().unwrap();
+    assert_eq!(
+        (b.version, b.blob.as_slice(), b.updated_at),
+        (2, &b"v2"[..], NOW + 1)
+    );
+    assert!(!format!("{b:?}").contains("118"), "blob not in Debug");
+    let err = store
+        .put_backup("5550001", 2, 2, b"same", NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
+    let err = store
+        .put_backup("5559999", 0, 1, b"x", NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+}
+
+async fn case_concurrent_batch_deposit(store: Store) {
+    entity(&store, "5550001").await;
+    add_devices(&store, "5550001", 2).await;
+    const TASKS: u32 = 20;
+    const PER_TASK: u32 = 50;
+    const BATCH: u32 = 10;
+    let make = |t: u32, k: u32| {
+        // Entity mode to device 1 and 2 alternately per task, number mode for every 5th.
+        let dev = match t % 5 {
+            0 => None,
+            x if x % 2 == 0 => Some(2),
+            _ => Some(1),
+        };
+        let mut it = item(t * 1000 + k, "5550001", dev, &format!("60000{t:02}"));
+        it.body = format!("{t}:{k}").into_bytes();
+        it
+    };
+    let run = |expect: DepositOutcome| {
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for b in 0..PER_TASK / BATCH {
+                        let batch: Vec<_> = (0..BATCH).map(|i| make(t, b * BATCH + i)).collect();
+                        let out = store.deposit_batch(&batch, 10_000).await.unwrap();
+                        for r in out {
+                            assert_eq!(r.unwrap(), expect);
+                        }
+                    }
+                })
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    };
+    run(DepositOutcome::Stored).await;
+    assert_eq!(
+        store.inbox_depth().await.unwrap(),
+        i64::from(TASKS * PER_TASK)
+    );
+    // Everything again, concurrently: all idempotent, nothing added.
+    run(DepositOutcome::AlreadyStored).await;
+    assert_eq!(
+        store.inbox_depth().await.unwrap(),
+        i64::from(TASKS * PER_TASK)
+    );
+
+    // Each sender's items come out in the order it sent them, on every device.
+    let mut seen = 0;
+    for dev in [1, 2] {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, more) = store
+                .fetch_inbox("5550001", dev, after, 97, NOW)
+                .await
+                .unwrap();
+            after = page.last().map(|i| i.id);
+            all.extend(page);
+            if !more {
+                break;
+            }
+        }
+        let mut last: std::collections::HashMap<String, u32> = Default::default();
+        for it in &all {
+            let body = String::from_utf8(it.body.clone()).unwrap();
+            let (t, k) = body.split_once(':').unwrap();
+            let k: u32 = k.parse().unwrap();
+            if let Some(prev) = last.insert(t.to_owned(), k) {
+                assert!(prev < k, "sender {t}: {prev} then {k}");
+            }
+            if it.recipient_device.is_some() {
+                seen += 1;
+            }
+        }
+        assert_eq!(all.len() as u32, count_for(dev, TASKS, PER_TASK));
+    }
+    assert_eq!(seen + 4 * PER_TASK, TASKS * PER_TASK);
+
+    fn count_for(dev: u32, tasks: u32, per: u32) -> u32 {
+        let number_mode = (0..tasks).filter(|t| t % 5 == 0).count() as u32;
+        let own = (0..tasks)
+            .filter(|t| t % 5 != 0 && ((t % 5) % 2 == 0) == (dev == 2))
+            .count() as u32;
+        (number_mode + own) * per
+    }
+}
+
+async fn case_batcher_group_commit(store: Store) {
+    entity(&store, "5550001").await;
+    let config = BatcherConfig {
+        quota_per_device: 900,
+        ..BatcherConfig::default()
+    };
+    let batcher = DepositBatcher::spawn(store.clone(), config);
+    // 50 senders, each depositing 20 items one after another (awaiting each, as a connection
+    // handler does); many are pending at once, so they share transactions.
+    let tasks: Vec<_> = (0..50u32)
+        .map(|t| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for k in 0..20 {
+                    let mut it = item(t * 100 + k, "5550001", Some(1), &format!("60000{t:02}"));
+                    it.body = format!("{t}:{k}").into_bytes();
+                    outcomes.push(batcher.deposit(it).await);
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    let mut quota = 0;
+    for t in tasks {
+        for r in t.await.unwrap() {
+            match r {
+                Ok(DepositOutcome::Stored) => stored += 1,
+                Err(StoreError::QuotaExceeded) => quota += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!((stored, quota), (900, 100));
+    assert_eq!(store.inbox_depth().await.unwrap(), 900);
+    // Per-sender order holds.
+    let (items, more) = store
+        .fetch_inbox("5550001", 1, None, 1000, NOW)
+        .await
+        .unwrap();
+    assert!(!more);
+    let mut last: std::collections::HashMap<String, u32> = Default::default();
+    for it in &items {
+        let body = String::from_utf8(it.body.clone()).unwrap();
+        let (t, k) = body.split_once(':').unwrap();
+        let k: u32 = k.parse().unwrap();
+        if let Some(prev) = last.insert(t.to_owned(), k) {
+            assert!(prev < k, "sender {t}: {prev} then {k}");
+        }
+    }
+    // Idempotent through the batcher too.
+    let again = batcher
+        .deposit(item(0, "5550001", Some(1), "6000000"))
+        .await
+        .unwrap();
+    assert_eq!(again, DepositOutcome::AlreadyStored);
+    // Per-item errors stay per item.
+    let bad = batcher
+        .deposit(item(1, "5550001", Some(0), "6000000"))
+        .await
+        .unwrap_err();
+    assert!(matches!(bad, StoreError::InvalidArgument(_)), "{bad:?}");
+}
+
+async fn case_federation_tables(store: Store) {
+    // Broker-held pubkeys.
+    assert!(store.peer_pubkey("7770001", NOW).await.unwrap().is_none());
+    store
+        .put_peer_pubkey("7770001", &[1; 32], NOW + 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.peer_pubkey("7770001", NOW).await.unwrap(),
+        Some([1; 32])
+    );
+    store
+        .put_peer_pubkey("7770001", &[2; 32], NOW + 200)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.peer_pubkey("7770001", NOW + 150).await.unwrap(),
+        Some([2; 32])
+    );
+    assert!(
+        store
+            .peer_pubkey("7770001", NOW + 200)
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
+
+    // Outbox.
+    assert_eq!(store.outbox_depth().await.unwrap(), 0);
+    assert!(
+        store
+            .enqueue_outbox(&[1; 16], "broker-b", b"one", NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .enqueue_outbox(&[1; 16], "broker-b", b"dup", NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .enqueue_outbox(&[2; 16], "broker-c", b"two", NOW + 1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.outbox_depth().await.unwrap(), 2);
+    let due = store.due_outbox(NOW + 1, 10).await.unwrap();
+    assert_eq!(due.len(), 2);
+    assert_eq!(due[0].idempotency_key, [1; 16]);
+    assert_eq!(due[0].payload, b"one");
+    assert_eq!(due[0].peer_broker, "broker-b");
+    assert_eq!(due[0].attempts, 0);
+    assert_eq!(store.due_outbox(NOW, 10).await.unwrap().len(), 1);
+    assert!(store.retry_outbox(&[1; 16], NOW + 60).await.unwrap());
+    let due = store.due_outbox(NOW + 1, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].idempotency_key, [2; 16]);
+    let due = store.due_outbox(NOW + 60, 1).await.unwrap();
+    assert_eq!(due.len(), 1, "limit");
+    let due = store.due_outbox(NOW + 60, 10).await.unwrap();
+    let retried = due.iter().find(|o| o.idempotency_key == [1; 16]).unwrap();
+    assert_eq!((retried.attempts, retried.next_attempt_at), (1, NOW + 60));
+    assert!(store.complete_outbox(&[1; 16]).await.unwrap());
+    assert!(!store.complete_outbox(&[1; 16]).await.unwrap());
+    assert!(!store.retry_outbox(&[1; 16], NOW).await.unwrap());
+    assert_eq!(store.outbox_depth().await.unwrap(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend selection (not a conformance case: it is about SQLite paths and URL schemes).
+
+#[tokio::test]
+async fn connect_picks_backend_from_url_or_path() {
+    let dir = tempfile::tempdir().unwrap();
+    for spec in [
+        dir.path().join("plain.db").display().to_string(),
+        format!("sqlite:{}", dir.path().join("url.db").display()),
+        format!("sqlite://{}", dir.path().join("url2.db").display()),
+    ] {
+        let store = Store::connect(&spec).await.unwrap();
+        assert_eq!(store.backend_name(), "sqlite", "{spec}");
+        store
+            .create_entity("5550001", &device(1, None), NOW)
+            .await
+            .unwrap();
+        store.close().await;
+        // Reopening keeps the data (and re-running migrations is a no-op).
+        let store = Store::connect(&spec).await.unwrap();
+        assert!(store.entity_exists("5550001").await.unwrap());
+        store.close().await;
+    }
+    assert!(matches!(
+        Store::connect("sqlite::memory:").await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+}

@@ -1,0 +1,250 @@
+//! Account operations that combine the profile and the broker link: register, join as a new
+//! device, log in, read and verify BROKER-INFO.
+
+use std::path::Path;
+
+use micromsg_crypto::Secret32;
+use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
+use micromsg_wire::message::request::{DeviceJoinArgs, RegisterArgs};
+use micromsg_wire::message::response::BrokerInfoData;
+use micromsg_wire::{Hex32, Number, Request, ResponseData, encode_info_canonical};
+use rand_core::OsRng;
+
+use crate::link::{BrokerLink, LinkError};
+use crate::profile::{Profile, ProfileError, ProfileInfo, Secrets};
+use crate::tls::{TlsSetupError, client_config};
+
+/// Why an account operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccountError {
+    /// The profile could not be read or written.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    /// The broker link failed or the broker refused.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// BROKER-INFO's signature does not verify, or the broker's identity changed.
+    #[error("BROKER-INFO: {0}")]
+    BrokerInfo(String),
+    /// A command-line value is malformed.
+    #[error("{0}")]
+    BadInput(String),
+}
+
+/// A logged-in link and the profile it belongs to.
+#[derive(Debug)]
+pub struct Session {
+    /// The link, logged in.
+    pub link: BrokerLink,
+    /// The profile's public part.
+    pub info: ProfileInfo,
+    /// The inbox count the broker reported at login.
+    pub inbox: u32,
+}
+
+/// The host part of `HOST:PORT` (or `[V6]:PORT`), which the certificate must name.
+pub fn tls_name_of(broker: &str) -> Result<String, AccountError> {
+    let bad = || AccountError::BadInput(format!("--broker must be HOST:PORT, got {broker:?}"));
+    let (host, port) = broker.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(host.to_owned())
+}
+
+/// Current Unix time in seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn open_link(broker: &str, ca: &Path) -> Result<(BrokerLink, String), AccountError> {
+    let tls_name = tls_name_of(broker)?;
+    let config = client_config(ca)?;
+    let link = BrokerLink::connect(broker, &tls_name, config).await?;
+    Ok((link, tls_name))
+}
+
+/// Fetches BROKER-INFO and checks its signature against the identity key it carries.
+pub async fn fetch_broker_info(link: &mut BrokerLink) -> Result<BrokerInfoData, AccountError> {
+    let data = match link.call(Request::BrokerInfo).await? {
+        ResponseData::BrokerInfo(data) => data,
+        other => {
+            return Err(AccountError::BrokerInfo(format!(
+                "answered with {}",
+                other.kind().as_str()
+            )));
+        }
+    };
+    let key = IdentityPublicKey::from_bytes(data.identity_key.as_bytes())
+        .map_err(|e| AccountError::BrokerInfo(format!("identity key: {e}")))?;
+    let signature = data.signature.as_bytes();
+    key.verify(&encode_info_canonical(&data.info), signature)
+        .map_err(|_| AccountError::BrokerInfo("signature does not verify".into()))?;
+    Ok(data)
+}
+
+/// Registers a new entity with `broker` and writes the profile. The CA file is copied into
+/// the profile so later commands need only `--profile`.
+pub async fn register(
+    profile: &Profile,
+    broker: &str,
+    ca: &Path,
+    token: Option<String>,
+) -> Result<Session, AccountError> {
+    profile.ensure_unregistered()?;
+    let (mut link, tls_name) = open_link(broker, ca).await?;
+    let info = fetch_broker_info(&mut link).await?;
+    let server_secret = Secret32::generate(&mut OsRng);
+    let request = Request::Register(RegisterArgs {
+        token,
+        server_secret: Hex32::from_bytes(*server_secret.expose()),
+    });
+    let data = match link.call(request).await? {
+        ResponseData::Register(data) => data,
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "REGISTER answered with {}",
+                other.kind().as_str()
+            ))
+            .into());
+        }
+    };
+    let secrets = Secrets {
+        client_secret: Secret32::from_bytes(*data.client_secret.as_bytes()),
+        server_secret,
+        identity_seed: IdentityKey::generate(&mut OsRng).seed(),
+    };
+    let profile_info = ProfileInfo {
+        broker: broker.to_owned(),
+        tls_name,
+        number: data.entity.as_str().to_owned(),
+        device: data.device.get(),
+        nonce_step: data.nonce_step,
+        broker_identity: Some(info.identity_key.to_hex()),
+    };
+    save(profile, ca, &secrets, &profile_info)?;
+    login_on(link, profile_info, &secrets).await
+}
+
+/// Joins an existing entity as a new device with a registration secret from `device add`.
+pub async fn join(
+    profile: &Profile,
+    broker: &str,
+    ca: &Path,
+    number: &str,
+    registration_secret: &str,
+) -> Result<Session, AccountError> {
+    profile.ensure_unregistered()?;
+    let entity = Number::new(number)
+        .map_err(|e| AccountError::BadInput(format!("--number {number:?}: {e}")))?;
+    let secret = Secret32::from_hex(registration_secret.trim())
+        .map_err(|e| AccountError::BadInput(format!("--secret: {e}")))?;
+    let (mut link, tls_name) = open_link(broker, ca).await?;
+    let info = fetch_broker_info(&mut link).await?;
+    let server_secret = Secret32::generate(&mut OsRng);
+    let request = Request::DeviceJoin(DeviceJoinArgs {
+        entity: entity.clone(),
+        secret: Hex32::from_bytes(*secret.expose()),
+        server_secret: Hex32::from_bytes(*server_secret.expose()),
+    });
+    let data = match link.call(request).await? {
+        ResponseData::DeviceJoin(data) => data,
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "DEVICE-JOIN answered with {}",
+                other.kind().as_str()
+            ))
+            .into());
+        }
+    };
+    let secrets = Secrets {
+        client_secret: Secret32::from_bytes(*data.client_secret.as_bytes()),
+        server_secret,
+        identity_seed: IdentityKey::generate(&mut OsRng).seed(),
+    };
+    let profile_info = ProfileInfo {
+        broker: broker.to_owned(),
+        tls_name,
+        number: entity.as_str().to_owned(),
+        device: data.device.get(),
+        nonce_step: data.nonce_step,
+        broker_identity: Some(info.identity_key.to_hex()),
+    };
+    save(profile, ca, &secrets, &profile_info)?;
+    login_on(link, profile_info, &secrets).await
+}
+
+fn save(
+    profile: &Profile,
+    ca: &Path,
+    secrets: &Secrets,
+    info: &ProfileInfo,
+) -> Result<(), AccountError> {
+    let ca_pem = std::fs::read(ca).map_err(|source| ProfileError::Io {
+        path: ca.to_owned(),
+        source,
+    })?;
+    profile.write_atomic("ca.pem", &ca_pem, false)?;
+    // Secrets first: profile.toml is what marks the profile complete.
+    profile.write_secrets(secrets)?;
+    profile.write_info(info)?;
+    Ok(())
+}
+
+async fn login_on(
+    mut link: BrokerLink,
+    info: ProfileInfo,
+    secrets: &Secrets,
+) -> Result<Session, AccountError> {
+    let data = link
+        .login(
+            &info.number,
+            info.device,
+            &secrets.client_secret,
+            &secrets.server_secret,
+            info.nonce_step,
+            unix_now(),
+        )
+        .await?;
+    Ok(Session {
+        link,
+        info,
+        inbox: data.session.inbox,
+    })
+}
+
+/// Connects with the profile's broker, CA and secrets, and logs in (mutually).
+pub async fn connect(profile: &Profile) -> Result<Session, AccountError> {
+    let info = profile.info()?;
+    let secrets = profile.secrets()?;
+    let config = client_config(&profile.path("ca.pem"))?;
+    let link = BrokerLink::connect(&info.broker, &info.tls_name, config).await?;
+    login_on(link, info, &secrets).await
+}
+
+/// Reads BROKER-INFO for a registered profile and checks the broker's identity key against the
+/// one pinned at registration.
+pub async fn broker_info(profile: &Profile) -> Result<BrokerInfoData, AccountError> {
+    let info = profile.info()?;
+    let config = client_config(&profile.path("ca.pem"))?;
+    let mut link = BrokerLink::connect(&info.broker, &info.tls_name, config).await?;
+    let data = fetch_broker_info(&mut link).await?;
+    if let Some(pinned) = &info.broker_identity
+        && *pinned != data.identity_key.to_hex()
+    {
+        return Err(AccountError::BrokerInfo(format!(
+            "the broker's identity key changed since registration (pinned {pinned}, now {}); \
+             this may be a different broker",
+            data.identity_key.to_hex()
+        )));
+    }
+    Ok(data)
+}

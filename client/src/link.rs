@@ -1,0 +1,286 @@
+//! The broker link: one TLS 1.3 connection to the home broker, requests with correlated
+//! answers, pushed events, and the mutual LOGIN.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use micromsg_crypto::Secret32;
+use micromsg_crypto::nonce::{self, Direction, NonceContext};
+use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
+use micromsg_wire::message::request::LoginArgs;
+use micromsg_wire::message::response::LoginData;
+use micromsg_wire::{
+    DeviceId, ErrorCode, Event, Hex32, Limits, Message, Number, Request, ResponseData,
+};
+use subtle::ConstantTimeEq;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+type Stream = TlsStream<TcpStream>;
+
+/// Why a broker request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The TCP connection could not be made.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The broker address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (wrong CA, wrong name, not TLS 1.3, ...).
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        /// The broker address.
+        addr: String,
+        /// The I/O error carrying the TLS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The broker answered with an error.
+    #[error("broker refused: {code}: {message}")]
+    Refused {
+        /// The stable error code.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+        /// Seconds to wait before retrying, when given.
+        retry_after: Option<u32>,
+    },
+    /// The broker could not prove it knows this device's server secret.
+    #[error(
+        "the broker failed the mutual login check: it could not prove it knows this device's \
+         server secret (an impostor, or a broker that lost its data); refusing to continue"
+    )]
+    BrokerNotVerified,
+    /// The broker sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The connection failed or closed.
+    #[error("connection to the broker lost: {0}")]
+    Io(#[from] std::io::Error),
+    /// The broker closed the connection.
+    #[error("the broker closed the connection")]
+    Closed,
+    /// No answer in time.
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl LinkError {
+    /// The broker's error code, when the broker refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            LinkError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to the home broker.
+pub struct BrokerLink {
+    reader: FrameReader<ReadHalf<Stream>>,
+    writer: WriteHalf<Stream>,
+    binding: [u8; 32],
+    limits: Limits,
+    next_id: u32,
+    events: VecDeque<Event>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for BrokerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerLink")
+            .field("next_id", &self.next_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a request waits for its answer by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl BrokerLink {
+    /// Connects to `addr` (`HOST:PORT`) and checks its certificate for `tls_name`.
+    pub async fn connect(
+        addr: &str,
+        tls_name: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, LinkError> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| LinkError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(tls_name.to_owned()).map_err(|e| {
+            LinkError::Tls {
+                addr: addr.to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            }
+        })?;
+        let stream = TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| LinkError::Tls {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let mut binding = [0u8; 32];
+        stream
+            .get_ref()
+            .1
+            .export_keying_material(&mut binding, nonce::TLS_EXPORTER_LABEL, None)
+            .map_err(|e| LinkError::Protocol(format!("TLS exporter: {e}")))?;
+        let limits = Limits::default();
+        let (read, writer) = tokio::io::split(stream);
+        Ok(Self {
+            reader: FrameReader::new(read, limits.max_frame_len),
+            writer,
+            binding,
+            limits,
+            next_id: 1,
+            events: VecDeque::new(),
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// The TLS exporter value of this connection (what login nonces are bound to).
+    pub fn binding(&self) -> &[u8; 32] {
+        &self.binding
+    }
+
+    /// Sends `request` and waits for its answer; events that arrive meanwhile are queued
+    /// for [`BrokerLink::next_event`].
+    pub async fn call(&mut self, request: Request) -> Result<ResponseData, LinkError> {
+        let id = self.send(&request).await?;
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.wait_response(id))
+            .await
+            .map_err(|_| LinkError::Timeout(timeout))?
+    }
+
+    /// Sends a request without waiting; returns its id.
+    pub async fn send(&mut self, request: &Request) -> Result<u32, LinkError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        write_frame(&mut self.writer, &request.encode(id)).await?;
+        Ok(id)
+    }
+
+    async fn wait_response(&mut self, id: u32) -> Result<ResponseData, LinkError> {
+        loop {
+            match self.next_message().await? {
+                Message::Event(event) => self.events.push_back(event),
+                Message::Response(response) => {
+                    if response.id != id && response.id != 0 {
+                        return Err(LinkError::Protocol(format!(
+                            "answer for request {} while waiting for {id}",
+                            response.id
+                        )));
+                    }
+                    return match response.result {
+                        Ok(data) => Ok(data),
+                        Err(e) => Err(LinkError::Refused {
+                            code: e.error.code,
+                            message: e.error.message,
+                            retry_after: e.error.retry_after,
+                        }),
+                    };
+                }
+                Message::Request { .. } => {
+                    return Err(LinkError::Protocol("the broker sent a request".into()));
+                }
+            }
+        }
+    }
+
+    /// The next frame from the broker, decoded. Cancel-safe.
+    pub async fn next_message(&mut self) -> Result<Message, LinkError> {
+        let body = match self.reader.next_frame().await {
+            Ok(Some(body)) => body,
+            Ok(None) => return Err(LinkError::Closed),
+            Err(FrameReadError::Io(e)) => return Err(LinkError::Io(e)),
+            Err(e) => return Err(LinkError::Protocol(e.to_string())),
+        };
+        Message::decode(&body, &self.limits).map_err(|e| LinkError::Protocol(e.to_string()))
+    }
+
+    /// The next pushed event (queued ones first). Cancel-safe.
+    pub async fn next_event(&mut self) -> Result<Event, LinkError> {
+        if let Some(event) = self.events.pop_front() {
+            return Ok(event);
+        }
+        match self.next_message().await? {
+            Message::Event(event) => Ok(event),
+            Message::Response(r) => Err(LinkError::Protocol(format!(
+                "unexpected answer to request {}",
+                r.id
+            ))),
+            Message::Request { .. } => Err(LinkError::Protocol("the broker sent a request".into())),
+        }
+    }
+
+    /// Events already received and queued.
+    pub fn take_queued_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+
+    /// The mutual LOGIN: proves the client secret for the current nonce step, and checks that
+    /// the broker's answer proves the server secret for the same step on this connection.
+    pub async fn login(
+        &mut self,
+        number: &str,
+        device: u32,
+        client_secret: &Secret32,
+        server_secret: &Secret32,
+        step_secs: u32,
+        now_unix: u64,
+    ) -> Result<LoginData, LinkError> {
+        let binding = self.binding;
+        let ctx = NonceContext {
+            entity: number,
+            device,
+            binding: &binding,
+        };
+        let (step, client_nonce) = nonce::compute_now(
+            client_secret,
+            Direction::ClientToBroker,
+            &ctx,
+            now_unix,
+            u64::from(step_secs.max(1)),
+        )
+        .map_err(|e| LinkError::Protocol(format!("computing the login nonce: {e}")))?;
+        let request = Request::Login(LoginArgs {
+            entity: Number::new(number)
+                .map_err(|e| LinkError::Protocol(format!("profile number: {e}")))?,
+            device: DeviceId::new(device)
+                .map_err(|e| LinkError::Protocol(format!("profile device: {e}")))?,
+            secret: Hex32::from_bytes(client_nonce),
+        });
+        let data = match self.call(request).await? {
+            ResponseData::Login(data) => data,
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "LOGIN answered with {}",
+                    other.kind().as_str()
+                )));
+            }
+        };
+        // The broker matched our nonce, so it must answer for our step; anything else is
+        // either a bug or an attempt to make us accept a proof for another moment.
+        let expected = nonce::compute(server_secret, Direction::BrokerToClient, &ctx, step)
+            .map_err(|e| LinkError::Protocol(format!("computing the broker proof: {e}")))?;
+        let proof_ok = expected.ct_eq(data.proof.as_bytes());
+        if data.step != step || !bool::from(proof_ok) {
+            return Err(LinkError::BrokerNotVerified);
+        }
+        Ok(data)
+    }
+}

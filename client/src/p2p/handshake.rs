@@ -1,0 +1,198 @@
+//! The handshake pump: INIT / ACCEPT / FINISH through the crypto crate's state machines, ABORT
+//! on refusal, all under [`SessionConfig::handshake_timeout`].
+
+use micromsg_crypto::handshake::{AbortReason, HandshakeError, Initiator, Responder, Role};
+use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
+use micromsg_crypto::{Secret32, handshake::TOKEN_ID_LEN};
+use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
+use rand_core::OsRng;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::time::timeout;
+
+use super::{Established, P2pError, SessionConfig, Transport};
+
+/// Connects to `addr` and runs the handshake as initiator with the connect `token`, accepting
+/// whatever identity the peer proves (check [`Established::peer_identity`] against the pin).
+pub async fn connect(
+    addr: impl ToSocketAddrs,
+    token: &Secret32,
+    identity: &IdentityKey,
+    cfg: SessionConfig,
+) -> Result<Established, P2pError> {
+    cfg.validate()?;
+    let limit = cfg.handshake_timeout;
+    let stream = timeout(limit, TcpStream::connect(addr))
+        .await
+        .map_err(|_| P2pError::Timeout(limit))?
+        .map_err(P2pError::Connect)?;
+    initiate(stream, token, identity, cfg, |_| true).await
+}
+
+/// Runs the handshake as responder on an accepted connection. `lookup` maps the INIT's token
+/// id to the pending connect token, if any (see [`respond`] for when to forget the token).
+pub async fn accept<L>(
+    stream: TcpStream,
+    lookup: L,
+    identity: &IdentityKey,
+    cfg: SessionConfig,
+) -> Result<Established, P2pError>
+where
+    L: FnOnce(&[u8; TOKEN_ID_LEN]) -> Option<Secret32>,
+{
+    respond(stream, lookup, identity, cfg, |_, _| true).await
+}
+
+/// The initiator's handshake on a connected stream. `check` sees the responder's
+/// (authenticated) identity key before FINISH is sent; `false` sends ABORT 2 and fails with
+/// [`P2pError::PeerRefused`].
+pub async fn initiate<C>(
+    stream: TcpStream,
+    token: &Secret32,
+    identity: &IdentityKey,
+    cfg: SessionConfig,
+    check: C,
+) -> Result<Established, P2pError>
+where
+    C: FnOnce(&IdentityPublicKey) -> bool,
+{
+    cfg.validate()?;
+    let (mut reader, mut writer, peer_addr) = split(stream, &cfg);
+    let limit = cfg.handshake_timeout;
+    let outcome = timeout(limit, async {
+        let (state, init) = Initiator::new(&mut OsRng, identity, token);
+        write_frame(&mut writer, &init).await?;
+        let accept = read_frame(&mut reader, &mut writer).await?;
+        let outcome = match state.handle_accept(&accept) {
+            Ok(outcome) => outcome,
+            Err(e) => return Err(refuse(&mut writer, e).await),
+        };
+        if !check(&outcome.peer_identity) {
+            send_abort(&mut writer, AbortReason::BadSignature).await;
+            return Err(P2pError::PeerRefused);
+        }
+        write_frame(&mut writer, &outcome.finish).await?;
+        Ok(outcome)
+    })
+    .await
+    .map_err(|_| P2pError::Timeout(limit))??;
+    Ok(Established {
+        peer_identity: outcome.peer_identity,
+        token_id: micromsg_crypto::handshake::token_id(token),
+        keys: outcome.keys,
+        role: Role::Initiator,
+        transport: Transport {
+            reader,
+            writer,
+            peer_addr,
+            cfg,
+        },
+    })
+}
+
+/// The responder's handshake on an accepted stream.
+///
+/// `lookup` is called once, with the INIT's token id, before the token proof is checked.
+/// Protocol 12.3 says a *verified* INIT spends the token: forget it when this returns `Ok`, or
+/// an error other than [`HandshakeError::UnknownToken`] / [`HandshakeError::BadProof`] (a
+/// listener that simply takes the token out in `lookup` is stricter, and also fine).
+///
+/// `check` sees the token id and the initiator's identity key before ACCEPT is sent; `false`
+/// sends ABORT 2 and fails with [`P2pError::PeerRefused`].
+pub async fn respond<L, C>(
+    stream: TcpStream,
+    lookup: L,
+    identity: &IdentityKey,
+    cfg: SessionConfig,
+    check: C,
+) -> Result<Established, P2pError>
+where
+    L: FnOnce(&[u8; TOKEN_ID_LEN]) -> Option<Secret32>,
+    C: FnOnce(&[u8; TOKEN_ID_LEN], &IdentityPublicKey) -> bool,
+{
+    cfg.validate()?;
+    let (mut reader, mut writer, peer_addr) = split(stream, &cfg);
+    let limit = cfg.handshake_timeout;
+    let (keys, peer_identity, token_id) = timeout(limit, async {
+        let init = read_frame(&mut reader, &mut writer).await?;
+        let mut token_id = [0u8; TOKEN_ID_LEN];
+        let answered = Responder::handle_init(&mut OsRng, identity, &init, |id| {
+            token_id = *id;
+            lookup(id)
+        });
+        let (state, accept) = match answered {
+            Ok(answer) => answer,
+            Err(e) => return Err(refuse(&mut writer, e).await),
+        };
+        let peer_identity = *state.peer_identity();
+        if !check(&token_id, &peer_identity) {
+            send_abort(&mut writer, AbortReason::BadSignature).await;
+            return Err(P2pError::PeerRefused);
+        }
+        write_frame(&mut writer, &accept).await?;
+        let finish = read_frame(&mut reader, &mut writer).await?;
+        match state.handle_finish(&finish) {
+            Ok(keys) => Ok((keys, peer_identity, token_id)),
+            Err(e) => Err(refuse(&mut writer, e).await),
+        }
+    })
+    .await
+    .map_err(|_| P2pError::Timeout(limit))??;
+    Ok(Established {
+        peer_identity,
+        keys,
+        token_id,
+        role: Role::Responder,
+        transport: Transport {
+            reader,
+            writer,
+            peer_addr,
+            cfg,
+        },
+    })
+}
+
+fn split(
+    stream: TcpStream,
+    cfg: &SessionConfig,
+) -> (
+    FrameReader<OwnedReadHalf>,
+    OwnedWriteHalf,
+    Option<std::net::SocketAddr>,
+) {
+    let peer_addr = stream.peer_addr().ok();
+    // Messages are small and interactive; the session batches writes itself.
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    (FrameReader::new(read, cfg.max_frame_len), write, peer_addr)
+}
+
+/// The next handshake frame; a bad length is answered with ABORT 4.
+async fn read_frame(
+    reader: &mut FrameReader<OwnedReadHalf>,
+    writer: &mut OwnedWriteHalf,
+) -> Result<Vec<u8>, P2pError> {
+    match reader.next_frame().await {
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => Err(P2pError::Closed),
+        Err(e @ FrameReadError::BadLength { .. }) => {
+            send_abort(writer, AbortReason::ProtocolError).await;
+            Err(P2pError::Frame(e))
+        }
+        Err(FrameReadError::Io(e)) => Err(P2pError::Io(e)),
+        Err(e) => Err(P2pError::Frame(e)),
+    }
+}
+
+/// Sends the ABORT the error calls for (none when the peer aborted) and returns the error.
+async fn refuse(writer: &mut OwnedWriteHalf, e: HandshakeError) -> P2pError {
+    if let Some(reason) = e.abort_reason() {
+        send_abort(writer, reason).await;
+    }
+    P2pError::Handshake(e)
+}
+
+/// Best effort: the connection is closed right after, whether or not the ABORT got out.
+async fn send_abort(writer: &mut OwnedWriteHalf, reason: AbortReason) {
+    let _ = write_frame(writer, &reason.encode()).await;
+}

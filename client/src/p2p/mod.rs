@@ -1,0 +1,232 @@
+//! The client-to-client session (protocol section 12): a thin tokio pump around the crypto
+//! crate's sans-IO handshake and DATA frames, over plain TCP.
+//!
+//! ```text
+//! connect / accept          handshake: INIT, ACCEPT, FINISH (or ABORT), under a timeout
+//!   -> Established          peer identity, session keys, token id; nothing sent yet
+//!        .start(persist)    spawns the session task
+//!   -> SessionHandle        bounded queue in (TEXT, close), bounded queue out (PeerEvent)
+//! ```
+//!
+//! Layout:
+//! - [`handshake`](self::initiate): the handshake pump (`initiate`, `respond`, and the
+//!   `connect` / `accept` conveniences).
+//! - `session`: the live session task, [`SessionHandle`], [`PeerEvent`], [`EndReason`].
+//! - `stored`: [`StoredSession`], what is kept for offline use after the session ends.
+//!
+//! The handshake does not pin identities: [`Established`] hands the peer's identity key to the
+//! caller, which checks it against its pins ([`crate::store::Store::pin_identity`]) before it
+//! shows or sends anything. `initiate` and `respond` also take a check that runs *before* the
+//! last handshake frame is sent, for callers that want to refuse a peer with ABORT 2.
+//!
+//! Nothing here logs keys, tokens or message bodies.
+
+mod handshake;
+mod session;
+mod stored;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use micromsg_crypto::handshake::{
+    ACCEPT_LEN, HandshakeError, Role, SESSION_ID_LEN, TOKEN_ID_LEN,
+};
+use micromsg_crypto::hex;
+use micromsg_crypto::identity::IdentityPublicKey;
+use micromsg_crypto::{SessionKeys, aead::TAG_LEN};
+use micromsg_crypto::message::{MAX_HEADER_STRING_LEN, PREFIX_LEN};
+use micromsg_wire::io::{FrameReadError, FrameReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+pub use handshake::{accept, connect, initiate, respond};
+pub use session::{
+    CounterPersist, EndReason, PeerEvent, Sealed, SendError, SessionEnd, SessionHandle,
+    SessionSender,
+};
+pub use stored::StoredSession;
+
+/// Default largest frame body: 1 MiB + 128 bytes (protocol 12.2, `max_p2p_frame`).
+pub const DEFAULT_MAX_FRAME_LEN: u32 = 1_048_704;
+
+/// Limits and timers of one session. Every field has a protocol default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// A HEARTBEAT is sent when nothing was sent for this long. Default 10 s (12.9).
+    pub heartbeat_interval: Duration,
+    /// The session is dead when no valid DATA frame arrived for this many intervals.
+    /// Default 3 (30 s with the default interval).
+    pub missed_heartbeats: u32,
+    /// Largest frame body accepted or sent, in bytes; at least 193 (an ACCEPT). Default
+    /// [`DEFAULT_MAX_FRAME_LEN`]. One frame buffer of this size may be held per session.
+    pub max_frame_len: u32,
+    /// The whole handshake (including the TCP connect for [`connect`]) must finish within
+    /// this. Default 10 s (12.1).
+    pub handshake_timeout: Duration,
+    /// How long a local close may take to flush DISCONNECT and wait for the peer to close
+    /// the connection. Default 2 s.
+    pub close_timeout: Duration,
+    /// Capacity of the outgoing queue, in messages. When full, [`SessionSender::send_text`]
+    /// waits and [`SessionSender::try_send_text`] fails with [`SendError::Full`]. Default 1024.
+    pub outgoing_queue: usize,
+    /// Capacity of the event queue, in events. When full, the session stops reading from the
+    /// socket (TCP flow control pushes back on the peer) but keeps sending. Default 1024.
+    pub event_queue: usize,
+    /// With a [`CounterPersist`], send counters are reserved on disk this many at a time, so
+    /// a crash can never reuse one and the disk is touched once per block. Default 65 536.
+    pub counter_reservation: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(10),
+            missed_heartbeats: 3,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+            outgoing_queue: 1024,
+            event_queue: 1024,
+            counter_reservation: 65_536,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Checks the values that would make a session unusable.
+    pub fn validate(&self) -> Result<(), P2pError> {
+        let bad = |what| Err(P2pError::Config(what));
+        if self.heartbeat_interval.is_zero() {
+            return bad("heartbeat_interval must be positive");
+        }
+        if self.missed_heartbeats == 0 {
+            return bad("missed_heartbeats must be at least 1");
+        }
+        if (self.max_frame_len as usize) < ACCEPT_LEN {
+            return bad("max_frame_len must be at least 193 (an ACCEPT frame)");
+        }
+        if self.outgoing_queue == 0 || self.event_queue == 0 {
+            return bad("queue capacities must be at least 1");
+        }
+        if self.counter_reservation == 0 {
+            return bad("counter_reservation must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The longest TEXT (in bytes) that fits one frame whatever the counter and clock.
+    pub fn max_text_len(&self) -> usize {
+        // prefix, the longest header string and its tag, the kind byte, the body tag.
+        (self.max_frame_len as usize)
+            .saturating_sub(PREFIX_LEN + MAX_HEADER_STRING_LEN + TAG_LEN + 1 + TAG_LEN)
+    }
+
+    /// No valid DATA frame for this long ends the session.
+    pub fn liveness_timeout(&self) -> Duration {
+        self.heartbeat_interval.saturating_mul(self.missed_heartbeats)
+    }
+}
+
+/// Why a handshake failed. The ABORT (if any) has already been sent and the connection closed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum P2pError {
+    /// The [`SessionConfig`] is unusable.
+    #[error("invalid session config: {0}")]
+    Config(&'static str),
+    /// The TCP connection could not be made.
+    #[error("cannot connect: {0}")]
+    Connect(#[source] io::Error),
+    /// The connection failed during the handshake.
+    #[error("connection failed during the handshake: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the connection during the handshake.
+    #[error("the peer closed the connection during the handshake")]
+    Closed,
+    /// A frame could not be read (bad length, truncated).
+    #[error("bad handshake frame: {0}")]
+    Frame(#[source] FrameReadError),
+    /// The handshake did not complete in time.
+    #[error("the handshake did not complete within {0:?}")]
+    Timeout(Duration),
+    /// The peer's handshake frame was refused (we sent ABORT), or the peer aborted.
+    #[error("handshake refused: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// Our own check refused the peer's identity key (we sent ABORT 2).
+    #[error("the peer's identity key was refused")]
+    PeerRefused,
+}
+
+impl P2pError {
+    /// True when the peer sent ABORT (rather than us refusing it or the network failing).
+    pub fn peer_aborted(&self) -> bool {
+        matches!(self, Self::Handshake(HandshakeError::PeerAborted(_)))
+    }
+}
+
+/// The socket halves and settings, carried from the handshake to the session task.
+struct Transport {
+    /// Still holds any DATA the initiator sent right after FINISH.
+    reader: FrameReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    peer_addr: Option<SocketAddr>,
+    cfg: SessionConfig,
+}
+
+/// A completed handshake. Nothing has been sent on the session yet; call
+/// [`Established::start`] (after checking [`Established::peer_identity`] against the pins and
+/// saving [`Established::stored_session`]) to run it. Dropping it closes the connection
+/// without DISCONNECT.
+pub struct Established {
+    /// The peer's long-term identity key, authenticated by its transcript signature.
+    pub peer_identity: IdentityPublicKey,
+    /// This side's keys; `keys.session_id` names the session.
+    pub keys: SessionKeys,
+    /// The id of the connect token used (the responder finds the peer's number by it).
+    pub token_id: [u8; TOKEN_ID_LEN],
+    /// Which end of the handshake we were.
+    pub role: Role,
+    transport: Transport,
+}
+
+impl fmt::Debug for Established {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Established")
+            .field("peer_identity", &self.peer_identity)
+            .field("session_id", &hex::encode(&self.keys.session_id))
+            .field("role", &self.role)
+            .field("peer_addr", &self.transport.peer_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Established {
+    /// The session id (not secret; offline envelopes carry it in clear).
+    pub fn session_id(&self) -> [u8; SESSION_ID_LEN] {
+        self.keys.session_id
+    }
+
+    /// The peer's TCP address, when known.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.transport.peer_addr
+    }
+
+    /// The session's durable record at its start (next send counter 0, nothing received);
+    /// save it before [`Established::start`] so a [`CounterPersist`] has something to raise.
+    pub fn stored_session(&self, now_unix: u64) -> StoredSession {
+        StoredSession::new(&self.keys, self.role, self.peer_identity, now_unix)
+    }
+
+    /// Spawns the session task (on the current tokio runtime) and returns its handle.
+    ///
+    /// With `persist`, send counters are reserved on disk in blocks of
+    /// [`SessionConfig::counter_reservation`] before they are used (protocol 12.7: a crash must
+    /// not reuse a counter). Without it nothing is written: the caller must persist
+    /// [`SessionEnd::next_send_counter`] when the session ends, and a crash before that could
+    /// reuse counters if the keys are used again.
+    pub fn start(self, persist: Option<Arc<dyn CounterPersist>>) -> SessionHandle {
+        session::spawn(self.transport, self.keys, persist)
+    }
+}

@@ -1,0 +1,240 @@
+//! The profile directory of one device: who it is, which broker it uses, and its secrets.
+//!
+//! ```text
+//! DIR/profile.toml   broker address, TLS name, number, device id, nonce step   (0644)
+//! DIR/ca.pem         the CA this device trusts for its broker                   (0644)
+//! DIR/secrets.toml   client secret, server secret, identity key seed            (0600)
+//! ```
+//!
+//! Files are replaced atomically (write to a temporary file, fsync, rename), so a crash never
+//! leaves a half-written profile; secret files are created 0600 before a byte is written.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use micromsg_crypto::Secret32;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// Why a profile could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProfileError {
+    /// The directory holds no profile yet.
+    #[error("no profile in {0} (run `micromsg --profile {0} register …` or `device join …` first)")]
+    Missing(PathBuf),
+    /// The directory already holds a registered profile.
+    #[error("{0} already holds a registered profile; use another --profile directory")]
+    Exists(PathBuf),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not in the expected format.
+    #[error("{path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The public part of a profile (`profile.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileInfo {
+    /// The broker's `HOST:PORT`.
+    pub broker: String,
+    /// The name checked against the broker's certificate (the host part of `broker`).
+    pub tls_name: String,
+    /// This entity's number.
+    pub number: String,
+    /// This device's id within the entity.
+    pub device: u32,
+    /// The broker's nonce step in seconds.
+    pub nonce_step: u32,
+    /// The broker's Ed25519 identity key (hex), pinned from BROKER-INFO at registration.
+    #[serde(default)]
+    pub broker_identity: Option<String>,
+}
+
+/// The secrets of a device (`secrets.toml`). Zeroized on drop.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    /// Proves this device to the broker.
+    pub client_secret: Secret32,
+    /// The broker proves it knows this.
+    pub server_secret: Secret32,
+    /// Seed of the device's long-term Ed25519 identity key.
+    pub identity_seed: Secret32,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretsFile {
+    client_secret: String,
+    server_secret: String,
+    identity_seed: String,
+}
+
+/// A profile directory.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    dir: PathBuf,
+}
+
+impl Profile {
+    /// The profile in `dir` (which need not exist yet).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a file inside the profile.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// True when the profile is registered (has `profile.toml`).
+    pub fn exists(&self) -> bool {
+        self.path("profile.toml").exists()
+    }
+
+    /// Fails with [`ProfileError::Exists`] when the profile is already registered.
+    pub fn ensure_unregistered(&self) -> Result<(), ProfileError> {
+        if self.exists() {
+            Err(ProfileError::Exists(self.dir.clone()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Reads `profile.toml`.
+    pub fn info(&self) -> Result<ProfileInfo, ProfileError> {
+        let path = self.path("profile.toml");
+        if !path.exists() {
+            return Err(ProfileError::Missing(self.dir.clone()));
+        }
+        let text = read(&path)?;
+        toml::from_str(&text).map_err(|e| ProfileError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Reads `secrets.toml`.
+    pub fn secrets(&self) -> Result<Secrets, ProfileError> {
+        let path = self.path("secrets.toml");
+        if !path.exists() {
+            return Err(ProfileError::Missing(self.dir.clone()));
+        }
+        let text = Zeroizing::new(read(&path)?);
+        let file: SecretsFile = toml::from_str(&text).map_err(|e| ProfileError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let parse = |name: &str, hex: &str| {
+            Secret32::from_hex(hex).map_err(|e| ProfileError::Corrupt {
+                path: path.clone(),
+                reason: format!("{name}: {e}"),
+            })
+        };
+        Ok(Secrets {
+            client_secret: parse("client_secret", &file.client_secret)?,
+            server_secret: parse("server_secret", &file.server_secret)?,
+            identity_seed: parse("identity_seed", &file.identity_seed)?,
+        })
+    }
+
+    /// Writes the secrets (0600). Done before `profile.toml`, which marks the profile complete.
+    pub fn write_secrets(&self, secrets: &Secrets) -> Result<(), ProfileError> {
+        let file = SecretsFile {
+            client_secret: secrets.client_secret.to_hex().to_string(),
+            server_secret: secrets.server_secret.to_hex().to_string(),
+            identity_seed: secrets.identity_seed.to_hex().to_string(),
+        };
+        let text = Zeroizing::new(toml::to_string(&file).map_err(|e| ProfileError::Corrupt {
+            path: self.path("secrets.toml"),
+            reason: e.to_string(),
+        })?);
+        self.write_atomic("secrets.toml", text.as_bytes(), true)
+    }
+
+    /// Writes `profile.toml`.
+    pub fn write_info(&self, info: &ProfileInfo) -> Result<(), ProfileError> {
+        let text = toml::to_string(info).map_err(|e| ProfileError::Corrupt {
+            path: self.path("profile.toml"),
+            reason: e.to_string(),
+        })?;
+        self.write_atomic("profile.toml", text.as_bytes(), false)
+    }
+
+    /// Writes any file of the profile atomically.
+    pub fn write_atomic(
+        &self,
+        name: &str,
+        contents: &[u8],
+        secret: bool,
+    ) -> Result<(), ProfileError> {
+        create_dir(&self.dir)?;
+        let path = self.path(name);
+        let tmp = self.path(&format!(".{name}.tmp"));
+        let io = |source| ProfileError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(if secret { 0o600 } else { 0o644 });
+        }
+        let mut file = options.open(&tmp).map_err(io)?;
+        file.write_all(contents).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        fs::rename(&tmp, &path).map_err(io)?;
+        Ok(())
+    }
+}
+
+impl Drop for SecretsFile {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.client_secret.zeroize();
+        self.server_secret.zeroize();
+        self.identity_seed.zeroize();
+    }
+}
+
+fn read(path: &Path) -> Result<String, ProfileError> {
+    fs::read_to_string(path).map_err(|source| ProfileError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn create_dir(dir: &Path) -> Result<(), ProfileError> {
+    let io = |source| ProfileError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}

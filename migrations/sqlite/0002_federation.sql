@@ -1,0 +1,20 @@
+-- Federation tables (SQLite). Keep in step with ../postgres/0002_federation.sql.
+
+-- Pubkeys of clients at peer brokers, held for the sealed address handoff; they expire.
+CREATE TABLE broker_pubkeys (
+    peer_number TEXT    NOT NULL PRIMARY KEY,
+    pubkey      BLOB    NOT NULL,
+    expires_at  INTEGER NOT NULL
+);
+CREATE INDEX broker_pubkeys_expiry ON broker_pubkeys (expires_at);
+
+-- Durable outbox for cross-broker deliveries, retried until the peer confirms.
+CREATE TABLE outbox (
+    idempotency_key BLOB    NOT NULL PRIMARY KEY,
+    peer_broker     TEXT    NOT NULL,
+    payload         BLOB    NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL
+);
+CREATE INDEX outbox_due ON outbox (next_attempt_at);

@@ -1,0 +1,376 @@
+//! The single-broker core: registration, devices, mutual login, bad input, shutdown.
+//! Every scenario runs on both store backends.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use micromsg_broker::config::RegistrationPolicy;
+use micromsg_client::account::{self, AccountError};
+use micromsg_client::link::{BrokerLink, LinkError};
+use micromsg_client::profile::Profile;
+use micromsg_client::tls::client_config;
+use micromsg_crypto::Secret32;
+use micromsg_tests::{Backend, TestBroker};
+use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs, RegisterArgs};
+use micromsg_wire::{DeviceId, ErrorCode, Event, Hex32, Message, Request, ResponseData};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(micromsg_tests::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(micromsg_tests::Backend::Postgres).await })*
+        }
+    };
+}
+
+both_backends!(
+    register_login_add_join_list_revoke,
+    replayed_login_is_refused,
+    broker_with_wrong_server_secret_is_refused,
+    thousand_concurrent_registrations_get_distinct_numbers,
+    malformed_frames_get_errors_while_another_client_works,
+    registration_token_policy,
+    shutdown_tells_connected_clients,
+);
+
+async fn register_login_add_join_list_revoke(backend: Backend) {
+    let broker = TestBroker::start(backend, |_| {}).await;
+    let alice = Profile::new(broker.profile_dir("alice"));
+    let mut session = account::register(&alice, &broker.addr, &broker.ca, None)
+        .await
+        .unwrap();
+    let number = session.info.number.clone();
+    assert_eq!(session.info.device, 1);
+    assert!(number.starts_with("555") && number.len() == 10);
+
+    // Secrets are private to the user.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(alice.path("secrets.toml"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // A second device joins with a one-time secret.
+    let secret = match session
+        .link
+        .call(Request::AddDevice(AddDeviceArgs { name: None }))
+        .await
+        .unwrap()
+    {
+        ResponseData::AddDevice(d) => d.secret.to_hex(),
+        other => panic!("{other:?}"),
+    };
+    let phone = Profile::new(broker.profile_dir("alice-phone"));
+    let phone_session = account::join(&phone, &broker.addr, &broker.ca, &number, &secret)
+        .await
+        .unwrap();
+    assert_eq!(phone_session.info.device, 2);
+    assert_eq!(phone_session.info.number, number);
+
+    // The secret is single use.
+    let again = Profile::new(broker.profile_dir("alice-tablet"));
+    let err = account::join(&again, &broker.addr, &broker.ca, &number, &secret)
+        .await
+        .unwrap_err();
+    assert_eq!(link_code(&err), Some(ErrorCode::BadSecret), "{err}");
+
+    // Both devices are listed; the current one is marked.
+    let devices = match session.link.call(Request::DeviceList).await.unwrap() {
+        ResponseData::DeviceList(d) => d.devices,
+        other => panic!("{other:?}"),
+    };
+    let ids: Vec<u32> = devices.iter().map(|d| d.id.get()).collect();
+    assert_eq!(ids, vec![1, 2]);
+    assert!(devices[0].current && !devices[1].current);
+
+    // A fresh login of the phone works; revoking it pushes DEVICE-REVOKED and closes it.
+    let mut phone_live = account::connect(&phone).await.unwrap();
+    session
+        .link
+        .call(Request::DeviceRevoke(DeviceRevokeArgs {
+            device: DeviceId::new(2).unwrap(),
+        }))
+        .await
+        .unwrap();
+    match phone_live.link.next_event().await.unwrap() {
+        Event::DeviceRevoked(e) => assert_eq!(e.device.get(), 2),
+        other => panic!("{other:?}"),
+    }
+    let err = account::connect(&phone).await.unwrap_err();
+    assert_eq!(link_code(&err), Some(ErrorCode::AuthFailed), "{err}");
+
+    // Revoking yourself is refused with a clear error.
+    let err = session
+        .link
+        .call(Request::DeviceRevoke(DeviceRevokeArgs {
+            device: DeviceId::new(1).unwrap(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadArgs));
+
+    // Requests before login are refused.
+    let mut anon = raw_link(&broker).await;
+    let err = anon.call(Request::DeviceList).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotLoggedIn));
+    broker.stop().await;
+}
+
+async fn replayed_login_is_refused(backend: Backend) {
+    let broker = TestBroker::start(backend, |_| {}).await;
+    let alice = Profile::new(broker.profile_dir("alice"));
+    drop(
+        account::register(&alice, &broker.addr, &broker.ca, None)
+            .await
+            .unwrap(),
+    );
+    let info = alice.info().unwrap();
+    let secrets = alice.secrets().unwrap();
+
+    // Capture the LOGIN frame a client sends on connection A …
+    let mut a = raw_link(&broker).await;
+    let now = account::unix_now();
+    let (_, nonce) = micromsg_crypto::nonce::compute_now(
+        &secrets.client_secret,
+        micromsg_crypto::nonce::Direction::ClientToBroker,
+        &micromsg_crypto::nonce::NonceContext {
+            entity: &info.number,
+            device: info.device,
+            binding: a.binding(),
+        },
+        now,
+        u64::from(info.nonce_step),
+    )
+    .unwrap();
+    let login = Request::Login(micromsg_wire::message::request::LoginArgs {
+        entity: micromsg_wire::Number::new(info.number.clone()).unwrap(),
+        device: DeviceId::new(info.device).unwrap(),
+        secret: Hex32::from_bytes(nonce),
+    });
+    // … an attacker replays it on connection B: the nonce is bound to A's TLS session.
+    let mut b = raw_link(&broker).await;
+    let err = b.call(login.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AuthFailed));
+    // The genuine client on A still logs in once …
+    assert!(matches!(
+        a.call(login.clone()).await.unwrap(),
+        ResponseData::Login(_)
+    ));
+    // … and the same frame a second time on A is refused too.
+    let err = a.call(login).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn));
+    broker.stop().await;
+}
+
+async fn broker_with_wrong_server_secret_is_refused(backend: Backend) {
+    let broker = TestBroker::start(backend, |_| {}).await;
+    let alice = Profile::new(broker.profile_dir("alice"));
+    drop(
+        account::register(&alice, &broker.addr, &broker.ca, None)
+            .await
+            .unwrap(),
+    );
+    // The broker knows a different server secret than the one in this profile now: exactly
+    // what an impostor holding a stolen client secret would look like.
+    let mut secrets = alice.secrets().unwrap();
+    secrets.server_secret = Secret32::from_bytes([9; 32]);
+    alice.write_secrets(&secrets).unwrap();
+    let err = account::connect(&alice).await.unwrap_err();
+    assert!(
+        matches!(err, AccountError::Link(LinkError::BrokerNotVerified)),
+        "{err}"
+    );
+    broker.stop().await;
+}
+
+async fn thousand_concurrent_registrations_get_distinct_numbers(backend: Backend) {
+    let broker = TestBroker::start(backend, |c| {
+        c.limits.max_connections_per_ip = 2_000;
+    })
+    .await;
+    let tls = client_config(&broker.ca).unwrap();
+    let addr = Arc::new(broker.addr.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    // 1,000 clients connect and register at the same time, each on its own connection.
+    let start = Arc::new(tokio::sync::Barrier::new(1000));
+    for _ in 0..1000 {
+        let tls = Arc::clone(&tls);
+        let addr = Arc::clone(&addr);
+        let start = Arc::clone(&start);
+        tasks.spawn(async move {
+            let mut link = BrokerLink::connect(&addr, "127.0.0.1", tls).await.unwrap();
+            start.wait().await;
+            let data = link
+                .call(Request::Register(RegisterArgs {
+                    token: None,
+                    server_secret: Hex32::from_bytes([7; 32]),
+                }))
+                .await
+                .unwrap();
+            match data {
+                ResponseData::Register(d) => d.entity.as_str().to_owned(),
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(number) = tasks.join_next().await {
+        all.push(number.unwrap());
+    }
+    assert_eq!(all.len(), 1000);
+    let distinct: HashSet<_> = all.iter().collect();
+    assert_eq!(distinct.len(), 1000, "numbers must be unique");
+    assert_eq!(
+        broker.running.broker.store.entity_count().await.unwrap(),
+        1000
+    );
+    broker.stop().await;
+}
+
+async fn malformed_frames_get_errors_while_another_client_works(backend: Backend) {
+    let broker = TestBroker::start(backend, |_| {}).await;
+    let alice = Profile::new(broker.profile_dir("alice"));
+    let mut good = account::register(&alice, &broker.addr, &broker.ca, None)
+        .await
+        .unwrap();
+
+    let mut bad = raw_tls(&broker).await;
+    // Each malformed request gets a typed error frame and the connection stays usable.
+    let cases: &[(&[u8], ErrorCode)] = &[
+        (b"Request: NO-SUCH-THING\nId: 1\n", ErrorCode::UnknownRequest),
+        (b"Request: LOGIN\nId: 2\nArgs:\n  ENTITY: \"12\"\n", ErrorCode::BadArgs),
+        (b"a: &x [1]\nb: *x\n", ErrorCode::BadYaml),
+        (b"\xff\xfe not utf-8", ErrorCode::BadYaml),
+        (b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]", ErrorCode::BadYaml),
+    ];
+    for (body, code) in cases {
+        write_raw(&mut bad, body).await;
+        let reply = read_raw(&mut bad).await;
+        match reply {
+            Message::Response(r) => {
+                let e = r.result.unwrap_err();
+                assert_eq!(
+                    e.error.code,
+                    *code,
+                    "for {:?}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Meanwhile the good client is not disturbed.
+        assert!(matches!(
+            good.link.call(Request::Ping).await.unwrap(),
+            ResponseData::Ping(_)
+        ));
+    }
+    // A framing violation (oversize length) is answered and closes that connection only.
+    bad.write_all(&(10_000_000u32).to_be_bytes()).await.unwrap();
+    match read_raw(&mut bad).await {
+        Message::Response(r) => {
+            assert_eq!(r.result.unwrap_err().error.code, ErrorCode::FrameTooLarge)
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut rest = Vec::new();
+    let n = bad.read_to_end(&mut rest).await.unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "the connection must be closed after a framing violation"
+    );
+    assert!(matches!(
+        good.link.call(Request::DeviceList).await.unwrap(),
+        ResponseData::DeviceList(_)
+    ));
+    broker.stop().await;
+}
+
+async fn registration_token_policy(backend: Backend) {
+    let broker = TestBroker::start(backend, |c| {
+        c.registration.policy = RegistrationPolicy::Token;
+        c.registration.tokens = vec!["let-me-in".into()];
+    })
+    .await;
+    let p = Profile::new(broker.profile_dir("nobody"));
+    let err = account::register(&p, &broker.addr, &broker.ca, Some("wrong".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(link_code(&err), Some(ErrorCode::BadToken));
+    assert!(
+        !p.exists(),
+        "a refused registration must not leave a profile"
+    );
+    let session = account::register(&p, &broker.addr, &broker.ca, Some("let-me-in".into()))
+        .await
+        .unwrap();
+    assert_eq!(session.info.device, 1);
+    broker.stop().await;
+}
+
+async fn shutdown_tells_connected_clients(backend: Backend) {
+    let broker = TestBroker::start(backend, |_| {}).await;
+    let alice = Profile::new(broker.profile_dir("alice"));
+    let mut session = account::register(&alice, &broker.addr, &broker.ca, None)
+        .await
+        .unwrap();
+    let stop = tokio::spawn(broker.stop());
+    match session.link.next_event().await.unwrap() {
+        Event::Shutdown(s) => assert!(s.reconnect_after > 0),
+        other => panic!("{other:?}"),
+    }
+    stop.await.unwrap();
+}
+
+fn link_code(err: &AccountError) -> Option<ErrorCode> {
+    match err {
+        AccountError::Link(l) => l.code(),
+        _ => None,
+    }
+}
+
+async fn raw_link(broker: &TestBroker) -> BrokerLink {
+    BrokerLink::connect(
+        &broker.addr,
+        "127.0.0.1",
+        client_config(&broker.ca).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+type RawTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+async fn raw_tls(broker: &TestBroker) -> RawTls {
+    let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(client_config(&broker.ca).unwrap())
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+async fn write_raw(stream: &mut RawTls, body: &[u8]) {
+    stream
+        .write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    stream.write_all(body).await.unwrap();
+    stream.flush().await.unwrap();
+}
+
+async fn read_raw(stream: &mut RawTls) -> Message {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).await.unwrap();
+    Message::decode(&body, &micromsg_wire::Limits::default()).unwrap()
+}

@@ -1,0 +1,175 @@
+//! Reading and writing length-prefixed frames on a tokio stream (feature `tokio`).
+//!
+//! The one piece of this crate that does I/O, kept behind a feature so the protocol core stays
+//! sans-IO; the broker and the client both pump their sockets with it.
+//!
+//! The reader keeps one buffer per connection and reads into it with `read_buf`, which is
+//! cancel-safe: a `select!` that drops a pending read loses no bytes. The length prefix is
+//! checked against the configured maximum before the body is waited for, so an oversize frame
+//! costs four bytes of reading, not a megabyte of memory.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Why no frame could be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameReadError {
+    /// The length prefix exceeds the maximum (or is zero).
+    #[error("frame length {len} outside 1..={max}")]
+    BadLength {
+        /// The announced length.
+        len: u32,
+        /// The configured maximum.
+        max: u32,
+    },
+    /// The peer closed the stream in the middle of a frame.
+    #[error("connection closed inside a frame")]
+    Truncated,
+    /// The stream failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Buffers bytes from `R` and yields whole frame bodies.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already handed out as frames; compacted lazily.
+    start: usize,
+    max_len: u32,
+}
+
+/// Buffers above this size are released after use, so one large frame does not pin memory
+/// for the life of an idle connection.
+const KEEP_CAPACITY: usize = 4096;
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader that refuses frames longer than `max_len` bytes.
+    pub fn new(inner: R, max_len: u32) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            start: 0,
+            max_len,
+        }
+    }
+
+    /// The next frame body, or `None` on a clean end of stream between frames.
+    /// Cancel-safe.
+    pub async fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameReadError> {
+        loop {
+            if let Some(frame) = self.take_frame()? {
+                return Ok(Some(frame));
+            }
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            if self.buf.capacity() > KEEP_CAPACITY && self.buf.len() < KEEP_CAPACITY {
+                self.buf.shrink_to(KEEP_CAPACITY);
+            }
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(1024);
+            }
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return if self.buf.len() == self.start {
+                    Ok(None)
+                } else {
+                    Err(FrameReadError::Truncated)
+                };
+            }
+        }
+    }
+
+    fn take_frame(&mut self) -> Result<Option<Vec<u8>>, FrameReadError> {
+        let pending = &self.buf[self.start..];
+        let Some(prefix) = pending.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*prefix);
+        if len == 0 || len > self.max_len {
+            return Err(FrameReadError::BadLength {
+                len,
+                max: self.max_len,
+            });
+        }
+        let total = 4 + len as usize;
+        if pending.len() < total {
+            // Reserve once for the whole frame instead of growing in steps.
+            self.buf.reserve(total - pending.len());
+            return Ok(None);
+        }
+        let frame = pending[4..total].to_vec();
+        self.start += total;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        Ok(Some(frame))
+    }
+}
+
+/// Writes one frame (length prefix and body) and flushes.
+pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, body: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(body.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    let mut framed = Vec::with_capacity(4 + body.len());
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(body);
+    out.write_all(&framed).await?;
+    out.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_split_across_reads_are_reassembled() {
+        let (mut a, b) = tokio::io::duplex(8);
+        let mut reader = FrameReader::new(b, 64);
+        let writer = tokio::spawn(async move {
+            write_frame(&mut a, b"hello").await.unwrap();
+            write_frame(&mut a, b"second frame").await.unwrap();
+        });
+        assert_eq!(reader.next_frame().await.unwrap().unwrap(), b"hello");
+        assert_eq!(reader.next_frame().await.unwrap().unwrap(), b"second frame");
+        writer.await.unwrap();
+        assert!(reader.next_frame().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn oversize_and_empty_lengths_are_refused_before_the_body() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(b, 16);
+        a.write_all(&17u32.to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            reader.next_frame().await,
+            Err(FrameReadError::BadLength { len: 17, max: 16 })
+        ));
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(b, 16);
+        a.write_all(&0u32.to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            reader.next_frame().await,
+            Err(FrameReadError::BadLength { len: 0, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_frame_is_truncated() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(b, 16);
+        a.write_all(&[0, 0, 0, 5, b'a']).await.unwrap();
+        drop(a);
+        assert!(matches!(
+            reader.next_frame().await,
+            Err(FrameReadError::Truncated)
+        ));
+    }
+}
