@@ -9,8 +9,8 @@
 //! ```
 //!
 //! Layout:
-//! - [`handshake`](self::initiate): the handshake pump (`initiate`, `respond`, and the
-//!   `connect` / `accept` conveniences).
+//! - `handshake`: the handshake pump ([`initiate`], [`respond`], and the [`connect`] /
+//!   [`accept`] conveniences).
 //! - `session`: the live session task, [`SessionHandle`], [`PeerEvent`], [`EndReason`].
 //! - `stored`: [`StoredSession`], what is kept for offline use after the session ends.
 //!
@@ -20,6 +20,28 @@
 //! last handshake frame is sent, for callers that want to refuse a peer with ABORT 2.
 //!
 //! Nothing here logs keys, tokens or message bodies.
+//!
+//! A responder's listen loop, in outline (`pending` maps token ids to the tokens and peer
+//! numbers that CONTACT-CONNECTING delivered):
+//!
+//! ```ignore
+//! let (stream, _) = listener.accept().await?;
+//! let est = p2p::accept(stream, |id| pending.take(id).map(|p| p.token), &identity, cfg).await?;
+//! let peer = number_for(est.token_id);
+//! match store.pin_identity(&peer, &est.peer_identity, now)? {
+//!     PinResult::Changed { old } => { /* warn loudly; show and send nothing until repin */ }
+//!     _ => {}
+//! }
+//! store.save_session(&peer, &est.stored_session(now))?;          // before any counter is used
+//! let mut session = est.start(Some(store.counter_persister(&peer)?));
+//! while let Some(event) = session.next_event().await {
+//!     match event {
+//!         PeerEvent::Text { counter, unix, text } => { /* store.append_history(...) */ }
+//!         PeerEvent::Ended(end) => { /* load, record_end(&end), save_session */ }
+//!         _ => {}
+//!     }
+//! }
+//! ```
 
 mod handshake;
 mod session;
@@ -31,13 +53,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use micromsg_crypto::handshake::{
-    ACCEPT_LEN, HandshakeError, Role, SESSION_ID_LEN, TOKEN_ID_LEN,
-};
+use micromsg_crypto::handshake::{ACCEPT_LEN, HandshakeError, Role, SESSION_ID_LEN, TOKEN_ID_LEN};
 use micromsg_crypto::hex;
 use micromsg_crypto::identity::IdentityPublicKey;
-use micromsg_crypto::{SessionKeys, aead::TAG_LEN};
 use micromsg_crypto::message::{MAX_HEADER_STRING_LEN, PREFIX_LEN};
+use micromsg_crypto::{SessionKeys, aead::TAG_LEN};
 use micromsg_wire::io::{FrameReadError, FrameReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -125,7 +145,8 @@ impl SessionConfig {
 
     /// No valid DATA frame for this long ends the session.
     pub fn liveness_timeout(&self) -> Duration {
-        self.heartbeat_interval.saturating_mul(self.missed_heartbeats)
+        self.heartbeat_interval
+            .saturating_mul(self.missed_heartbeats)
     }
 }
 

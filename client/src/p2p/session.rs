@@ -1,0 +1,783 @@
+//! The live session: one task per connection that seals what the application queues, opens
+//! what the peer sends, keeps the session alive with heartbeats and ends it cleanly.
+//!
+//! The task `select!`s over: delivering a waiting event, the next frame, the outgoing queue,
+//! writing buffered bytes, the heartbeat timer and the liveness deadline. Reading and writing
+//! are independent branches, so two peers that both send faster than they read cannot
+//! deadlock: a full event queue pauses only reading, a slow socket pauses only sending.
+//!
+//! Hot path: queued messages are drained in batches and sealed into one reused write buffer
+//! (length prefix included), written with a non-blocking `try_write` first; frames already
+//! buffered by the reader are opened without another trip through `select!`; timers are reset
+//! lazily (checked when they fire) instead of per message; the send counter is published with
+//! a relaxed atomic store. No locks.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use micromsg_crypto::SessionKeys;
+use micromsg_crypto::handshake::{AbortReason, SESSION_ID_LEN, TYPE_ABORT};
+use micromsg_crypto::message::{DirectionKeys, Kind, MessageError, ReplayGuard, Sender, TYPE_DATA};
+use micromsg_wire::io::{FrameReadError, FrameReader};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+
+use super::{SessionConfig, Transport};
+
+/// Messages taken from the outgoing queue per wake-up.
+const SEND_BATCH: usize = 64;
+/// Frames opened per wake-up without going back through `select!`.
+const READ_BATCH: usize = 64;
+/// Above this many unwritten bytes the outgoing queue is not read (backpressure).
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Written bytes at the front of the write buffer are dropped once there are this many.
+const WRITE_COMPACT: usize = 64 * 1024;
+
+/// Durable storage of a session's next send counter (protocol 12.7: the next counter is
+/// persisted before a frame with the current one leaves the device).
+///
+/// Called from a blocking thread (`spawn_blocking`), at most once per
+/// [`SessionConfig::counter_reservation`] frames; the session sends nothing with a counter at
+/// or above the last persisted value until the call returns `Ok`. An error ends the session
+/// with [`EndReason::CounterPersistFailed`].
+pub trait CounterPersist: Send + Sync + fmt::Debug + 'static {
+    /// Records durably that session `session_id` may have used every counter below
+    /// `next_send_counter`. Must not lower a value already stored.
+    fn persist_next_send_counter(
+        &self,
+        session_id: &[u8; SESSION_ID_LEN],
+        next_send_counter: u64,
+    ) -> io::Result<()>;
+}
+
+/// What the session reports to the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerEvent {
+    /// A TEXT message, in order.
+    Text {
+        /// The peer's counter for it.
+        counter: u64,
+        /// The peer's clock when it sealed it (Unix seconds; informational).
+        unix: u64,
+        /// The message.
+        text: String,
+    },
+    /// The session is over; always the last event.
+    Ended(SessionEnd),
+}
+
+/// How a session ended, and the counters to persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// Why it ended.
+    pub reason: EndReason,
+    /// The first send counter never used with these keys ([`u64::MAX`] once they are
+    /// exhausted). Offline sealing with the same keys continues from here.
+    pub next_send_counter: u64,
+    /// The last counter received live, if any.
+    pub last_recv_counter: Option<u64>,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// We closed it (DISCONNECT sent): [`SessionSender::close`], or every [`SessionSender`]
+    /// was dropped, or the event receiver was dropped and an event could not be delivered.
+    #[error("closed locally")]
+    LocalClose,
+    /// The peer sent DISCONNECT with this reason (possibly empty).
+    #[error("the peer disconnected ({0:?})")]
+    PeerDisconnected(String),
+    /// No valid DATA frame for [`SessionConfig::missed_heartbeats`] intervals.
+    #[error("the peer stopped sending (heartbeat timeout)")]
+    HeartbeatTimeout,
+    /// The TCP connection closed or failed without DISCONNECT.
+    #[error("the connection was lost")]
+    ConnectionLost,
+    /// A frame was authentic but not the next in sequence (replayed, dropped or reordered).
+    /// The frame was not delivered.
+    #[error("replayed or out-of-order frame: counter {counter}, expected {expected}")]
+    Replay {
+        /// The counter presented.
+        counter: u64,
+        /// The counter due.
+        expected: u64,
+    },
+    /// A frame failed authentication. It was not delivered.
+    #[error("a frame failed authentication")]
+    Tampered,
+    /// The peer broke the protocol otherwise (bad frame type or length, unknown kind, invalid
+    /// payload).
+    #[error("protocol violation: {0}")]
+    ProtocolViolation(String),
+    /// The peer sent ABORT after the handshake (it refused our FINISH).
+    #[error("the peer aborted the handshake: {0:?}")]
+    PeerAborted(AbortReason),
+    /// The next send counter could not be persisted; nothing more was sent.
+    #[error("cannot persist the send counter: {0}")]
+    CounterPersistFailed(String),
+    /// The send counter reached its end; these keys must not be used again.
+    #[error("send counter exhausted")]
+    CounterExhausted,
+}
+
+/// The counter and time a queued TEXT was sealed with (see
+/// [`SessionSender::send_text_tracked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    /// Our counter for it.
+    pub counter: u64,
+    /// Our clock when sealing it (Unix seconds).
+    pub unix: u64,
+}
+
+/// Why a message could not be queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The session has ended.
+    #[error("the session has ended")]
+    Closed,
+    /// The outgoing queue is full ([`SessionSender::try_send_text`] only).
+    #[error("the outgoing queue is full")]
+    Full,
+    /// The text does not fit one frame.
+    #[error("text of {len} bytes exceeds the {max}-byte limit")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit, [`SessionConfig::max_text_len`].
+        max: usize,
+    },
+}
+
+enum Outgoing {
+    Text {
+        text: String,
+        sealed: Option<oneshot::Sender<Sealed>>,
+    },
+    Close(String),
+}
+
+/// State shared between the task and its handles: one atomic, no lock.
+#[derive(Debug)]
+struct Shared {
+    next_send_counter: AtomicU64,
+}
+
+/// The sending side of a session; cheap to clone. The session closes (with DISCONNECT and an
+/// empty reason) once every sender is dropped.
+#[derive(Debug, Clone)]
+pub struct SessionSender {
+    tx: mpsc::Sender<Outgoing>,
+    max_text_len: usize,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never show message bodies.
+        match self {
+            Self::Text { text, .. } => write!(f, "Text({} bytes)", text.len()),
+            Self::Close(_) => f.write_str("Close"),
+        }
+    }
+}
+
+impl SessionSender {
+    fn check(&self, text: &str) -> Result<(), SendError> {
+        if text.len() > self.max_text_len {
+            return Err(SendError::TooLong {
+                len: text.len(),
+                max: self.max_text_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a TEXT message, waiting while the queue is full.
+    pub async fn send_text(&self, text: impl Into<String>) -> Result<(), SendError> {
+        let text = text.into();
+        self.check(&text)?;
+        self.tx
+            .send(Outgoing::Text { text, sealed: None })
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+
+    /// Queues a TEXT message if there is room now.
+    pub fn try_send_text(&self, text: impl Into<String>) -> Result<(), SendError> {
+        let text = text.into();
+        self.check(&text)?;
+        self.tx
+            .try_send(Outgoing::Text { text, sealed: None })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SendError::Full,
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            })
+    }
+
+    /// Queues a TEXT message; the receiver yields the counter and time it was sealed with (for
+    /// the history), or an error if the session ended before it was sealed.
+    pub async fn send_text_tracked(
+        &self,
+        text: impl Into<String>,
+    ) -> Result<oneshot::Receiver<Sealed>, SendError> {
+        let text = text.into();
+        self.check(&text)?;
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Outgoing::Text {
+                text,
+                sealed: Some(tx),
+            })
+            .await
+            .map_err(|_| SendError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Ends the session after the messages queued before: sends DISCONNECT with `reason`
+    /// (cut to fit one frame), flushes and closes. Watch for [`PeerEvent::Ended`].
+    pub async fn close(&self, reason: impl Into<String>) -> Result<(), SendError> {
+        self.tx
+            .send(Outgoing::Close(reason.into()))
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+
+    /// The longest TEXT accepted, in bytes.
+    pub fn max_text_len(&self) -> usize {
+        self.max_text_len
+    }
+
+    /// The first send counter not yet used (updated as the session seals frames).
+    pub fn next_send_counter(&self) -> u64 {
+        self.shared.next_send_counter.load(Ordering::Relaxed)
+    }
+
+    /// True once the session task has stopped taking messages.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// A running session: a [`SessionSender`] and the event queue.
+#[derive(Debug)]
+pub struct SessionHandle {
+    sender: SessionSender,
+    events: mpsc::Receiver<PeerEvent>,
+    session_id: [u8; SESSION_ID_LEN],
+}
+
+impl SessionHandle {
+    /// A sender for this session (clone it freely).
+    pub fn sender(&self) -> SessionSender {
+        self.sender.clone()
+    }
+
+    /// See [`SessionSender::send_text`].
+    pub async fn send_text(&self, text: impl Into<String>) -> Result<(), SendError> {
+        self.sender.send_text(text).await
+    }
+
+    /// See [`SessionSender::close`].
+    pub async fn close(&self, reason: impl Into<String>) -> Result<(), SendError> {
+        self.sender.close(reason).await
+    }
+
+    /// The next event; `None` after [`PeerEvent::Ended`] has been taken.
+    pub async fn next_event(&mut self) -> Option<PeerEvent> {
+        self.events.recv().await
+    }
+
+    /// The session id.
+    pub fn session_id(&self) -> [u8; SESSION_ID_LEN] {
+        self.session_id
+    }
+
+    /// See [`SessionSender::next_send_counter`].
+    pub fn next_send_counter(&self) -> u64 {
+        self.sender.next_send_counter()
+    }
+
+    /// Splits the handle, for example to send and receive from different tasks.
+    pub fn into_parts(self) -> (SessionSender, mpsc::Receiver<PeerEvent>) {
+        (self.sender, self.events)
+    }
+}
+
+pub(super) fn spawn(
+    transport: Transport,
+    keys: SessionKeys,
+    persist: Option<Arc<dyn CounterPersist>>,
+) -> SessionHandle {
+    let Transport {
+        reader,
+        writer,
+        cfg,
+        ..
+    } = transport;
+    let (out_tx, out_rx) = mpsc::channel(cfg.outgoing_queue);
+    let (ev_tx, ev_rx) = mpsc::channel(cfg.event_queue);
+    let shared = Arc::new(Shared {
+        next_send_counter: AtomicU64::new(0),
+    });
+    let now = Instant::now();
+    let SessionKeys {
+        session_id,
+        send,
+        recv,
+    } = keys;
+    let task = Task {
+        reader,
+        writer,
+        session_id,
+        sender: Sender::new(send, 0),
+        recv,
+        guard: ReplayGuard::new(),
+        scratch: Vec::new(),
+        out_rx,
+        batch: Vec::with_capacity(SEND_BATCH),
+        events: ev_tx,
+        pending: None,
+        app_gone: false,
+        wbuf: Vec::new(),
+        wpos: 0,
+        last_sent: now,
+        last_recv: now,
+        reserved: if persist.is_some() { 0 } else { u64::MAX },
+        persist,
+        shared: Arc::clone(&shared),
+        max_text_len: cfg.max_text_len(),
+        cfg,
+    };
+    let sender = SessionSender {
+        tx: out_tx,
+        max_text_len: task.max_text_len,
+        shared,
+    };
+    tokio::spawn(task.run());
+    SessionHandle {
+        sender,
+        events: ev_rx,
+        session_id,
+    }
+}
+
+struct Task {
+    reader: FrameReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    cfg: SessionConfig,
+    session_id: [u8; SESSION_ID_LEN],
+    /// Our send keys and next counter.
+    sender: Sender,
+    recv: DirectionKeys,
+    /// Live rule: every frame's counter is exactly the last plus one.
+    guard: ReplayGuard,
+    /// Reused plaintext buffer for opened frames.
+    scratch: Vec<u8>,
+    out_rx: mpsc::Receiver<Outgoing>,
+    /// Reused buffer for messages taken from `out_rx`.
+    batch: Vec<Outgoing>,
+    events: mpsc::Sender<PeerEvent>,
+    /// An event the full queue could not take yet; reading pauses until it is delivered.
+    pending: Option<PeerEvent>,
+    /// The event receiver was dropped: nobody would see what arrives.
+    app_gone: bool,
+    /// Sealed frames with their length prefixes; `wbuf[..wpos]` is already written.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// When the last frame was sealed (heartbeat timer).
+    last_sent: Instant,
+    /// When the last valid frame arrived (liveness deadline).
+    last_recv: Instant,
+    /// Counters below this are durably reserved.
+    reserved: u64,
+    persist: Option<Arc<dyn CounterPersist>>,
+    shared: Arc<Shared>,
+    max_text_len: usize,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Task {
+    async fn run(mut self) {
+        let reason = self.pump().await;
+        let end = SessionEnd {
+            reason,
+            next_send_counter: self.next_send_counter(),
+            last_recv_counter: self.guard.last(),
+        };
+        let Self {
+            reader,
+            writer,
+            events,
+            pending,
+            ..
+        } = self;
+        // Close the connection before telling the application.
+        drop(reader);
+        drop(writer);
+        if let Some(event) = pending {
+            let _ = events.send(event).await;
+        }
+        let _ = events.send(PeerEvent::Ended(end)).await;
+    }
+
+    fn next_send_counter(&self) -> u64 {
+        self.sender.next_counter().unwrap_or(u64::MAX)
+    }
+
+    async fn pump(&mut self) -> EndReason {
+        let interval = self.cfg.heartbeat_interval;
+        let dead_after = self.cfg.liveness_timeout();
+        let mut heartbeat = pin!(sleep_until(self.last_sent + interval));
+        let mut liveness = pin!(sleep_until(self.last_recv + dead_after));
+        loop {
+            let unwritten = self.wbuf.len() - self.wpos;
+            let step = tokio::select! {
+                // Owned, so the permit does not borrow `self` into the other handlers; this
+                // branch runs only when the application is behind.
+                permit = self.events.clone().reserve_owned(), if self.pending.is_some() => {
+                    match permit {
+                        Ok(permit) => {
+                            if let Some(event) = self.pending.take() {
+                                permit.send(event);
+                            }
+                        }
+                        Err(_) => self.app_gone = true,
+                    }
+                    Ok(())
+                }
+                frame = self.reader.next_frame(), if self.pending.is_none() => {
+                    self.handle_read(frame)
+                }
+                n = self.out_rx.recv_many(&mut self.batch, SEND_BATCH),
+                    if unwritten < WRITE_HIGH_WATER =>
+                {
+                    if n == 0 {
+                        // Every sender is gone: end the session in order.
+                        return self.close_locally(String::new()).await;
+                    }
+                    match self.handle_outgoing().await {
+                        Ok(Some(reason)) => return self.close_locally(reason).await,
+                        Ok(None) => self.flush_now(),
+                        Err(reason) => Err(reason),
+                    }
+                }
+                written = self.writer.write(&self.wbuf[self.wpos..]), if unwritten > 0 => {
+                    match written {
+                        Ok(n) if n > 0 => {
+                            self.advance(n);
+                            Ok(())
+                        }
+                        _ => Err(EndReason::ConnectionLost),
+                    }
+                }
+                () = &mut heartbeat => {
+                    let due = self.last_sent + interval;
+                    let step = if Instant::now() >= due {
+                        self.send_heartbeat().await
+                    } else {
+                        Ok(())
+                    };
+                    heartbeat.as_mut().reset(self.last_sent + interval);
+                    step
+                }
+                () = &mut liveness => {
+                    if self.pending.is_some() {
+                        // We stopped reading ourselves (the application is slow): not the
+                        // peer's fault.
+                        self.last_recv = Instant::now();
+                    }
+                    let due = self.last_recv + dead_after;
+                    if Instant::now() >= due {
+                        return EndReason::HeartbeatTimeout;
+                    }
+                    liveness.as_mut().reset(due);
+                    Ok(())
+                }
+            };
+            if let Err(reason) = step {
+                return reason;
+            }
+            if self.app_gone {
+                return self.close_locally(String::new()).await;
+            }
+        }
+    }
+
+    /// Handles one read result, then opens the frames the reader already holds.
+    fn handle_read(
+        &mut self,
+        frame: Result<Option<Vec<u8>>, FrameReadError>,
+    ) -> Result<(), EndReason> {
+        self.handle_frame(frame)?;
+        // `next_frame` returns at once when a whole frame is buffered; polling it with a no-op
+        // waker takes those without a trip through `select!`. When it is pending, the next
+        // `select!` polls it again with the task's waker, so no wake-up is lost.
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..READ_BATCH {
+            if self.pending.is_some() || self.app_gone {
+                break;
+            }
+            let next = pin!(self.reader.next_frame()).poll(&mut cx);
+            match next {
+                Poll::Ready(frame) => self.handle_frame(frame)?,
+                Poll::Pending => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_frame(
+        &mut self,
+        frame: Result<Option<Vec<u8>>, FrameReadError>,
+    ) -> Result<(), EndReason> {
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Err(EndReason::ConnectionLost),
+            Err(FrameReadError::BadLength { len, max }) => {
+                return Err(EndReason::ProtocolViolation(format!(
+                    "frame length {len} outside 1..={max}"
+                )));
+            }
+            Err(_) => return Err(EndReason::ConnectionLost),
+        };
+        match frame.as_slice() {
+            [TYPE_DATA, ..] => {}
+            [TYPE_ABORT, reason] => {
+                return Err(EndReason::PeerAborted(AbortReason::from_byte(*reason)));
+            }
+            [t, ..] => {
+                return Err(EndReason::ProtocolViolation(format!(
+                    "unexpected frame type {t:#04x}"
+                )));
+            }
+            [] => return Err(EndReason::ProtocolViolation("empty frame".into())),
+        }
+        self.scratch.clear();
+        let header = self
+            .recv
+            .open_into(&frame, &mut self.scratch)
+            .map_err(|e| match e {
+                MessageError::Tampered => EndReason::Tampered,
+                other => EndReason::ProtocolViolation(other.to_string()),
+            })?;
+        self.guard
+            .accept_next(header.counter)
+            .map_err(|e| match e {
+                MessageError::OutOfOrder { counter, expected } => {
+                    EndReason::Replay { counter, expected }
+                }
+                other => EndReason::ProtocolViolation(other.to_string()),
+            })?;
+        self.last_recv = Instant::now();
+        match header.kind {
+            Kind::Text => {
+                // The crypto crate has checked the UTF-8 already; this moves the buffer.
+                let text = String::from_utf8(std::mem::take(&mut self.scratch))
+                    .map_err(|_| EndReason::ProtocolViolation("TEXT is not UTF-8".into()))?;
+                self.deliver(PeerEvent::Text {
+                    counter: header.counter,
+                    unix: header.unix_secs,
+                    text,
+                });
+            }
+            Kind::Disconnect => {
+                let reason = String::from_utf8_lossy(&self.scratch).into_owned();
+                return Err(EndReason::PeerDisconnected(reason));
+            }
+            // HEARTBEAT only proves liveness; GROUP and SYNC are reserved and ignored (12.8).
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, event: PeerEvent) {
+        match self.events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => self.pending = Some(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.app_gone = true,
+        }
+    }
+
+    /// Seals the batch taken from the queue. Returns the close reason if it holds a close
+    /// (messages after it are dropped).
+    async fn handle_outgoing(&mut self) -> Result<Option<String>, EndReason> {
+        let mut batch = std::mem::take(&mut self.batch);
+        let result = self.seal_batch(&mut batch).await;
+        batch.clear();
+        self.batch = batch;
+        result
+    }
+
+    async fn seal_batch(&mut self, batch: &mut Vec<Outgoing>) -> Result<Option<String>, EndReason> {
+        self.reserve(batch.len() as u64).await?;
+        let unix = unix_now();
+        for item in batch.drain(..) {
+            match item {
+                Outgoing::Text { text, sealed } => {
+                    let counter = self.seal(unix, Kind::Text, text.as_bytes())?;
+                    if let Some(sealed) = sealed {
+                        let _ = sealed.send(Sealed { counter, unix });
+                    }
+                }
+                Outgoing::Close(reason) => return Ok(Some(reason)),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn send_heartbeat(&mut self) -> Result<(), EndReason> {
+        self.reserve(1).await?;
+        self.seal(unix_now(), Kind::Heartbeat, b"")?;
+        self.flush_now()
+    }
+
+    /// Makes sure the next `count` counters are durably reserved.
+    async fn reserve(&mut self, count: u64) -> Result<(), EndReason> {
+        let next = self
+            .sender
+            .next_counter()
+            .ok_or(EndReason::CounterExhausted)?;
+        let needed = next.saturating_add(count);
+        if needed <= self.reserved {
+            return Ok(());
+        }
+        let Some(persist) = self.persist.clone() else {
+            return Ok(());
+        };
+        let bound = needed.saturating_add(self.cfg.counter_reservation);
+        let session_id = self.session_id;
+        let done = tokio::task::spawn_blocking(move || {
+            persist.persist_next_send_counter(&session_id, bound)
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {
+                self.reserved = bound;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(EndReason::CounterPersistFailed(e.to_string())),
+            Err(e) => Err(EndReason::CounterPersistFailed(e.to_string())),
+        }
+    }
+
+    /// Seals one frame, with its length prefix, onto the write buffer. The counter must have
+    /// been reserved.
+    fn seal(&mut self, unix: u64, kind: Kind, payload: &[u8]) -> Result<u64, EndReason> {
+        let start = self.wbuf.len();
+        self.wbuf.extend_from_slice(&[0; 4]);
+        match self.sender.seal_into(unix, kind, payload, &mut self.wbuf) {
+            Ok(counter) => {
+                let len = (self.wbuf.len() - start - 4) as u32; // <= max_frame_len (checked)
+                self.wbuf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+                self.shared
+                    .next_send_counter
+                    .store(self.next_send_counter(), Ordering::Relaxed);
+                self.last_sent = Instant::now();
+                Ok(counter)
+            }
+            Err(e) => {
+                self.wbuf.truncate(start);
+                Err(match e {
+                    MessageError::CounterExhausted => EndReason::CounterExhausted,
+                    other => EndReason::ProtocolViolation(other.to_string()),
+                })
+            }
+        }
+    }
+
+    /// Writes what the socket takes without waiting; the rest goes in the write branch.
+    fn flush_now(&mut self) -> Result<(), EndReason> {
+        while self.wpos < self.wbuf.len() {
+            match self.writer.try_write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(EndReason::ConnectionLost),
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(EndReason::ConnectionLost),
+            }
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.wpos += n;
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        } else if self.wpos >= WRITE_COMPACT {
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
+    }
+
+    /// Sends DISCONNECT after everything queued, half-closes, and waits (bounded) for the
+    /// peer to close, so our last bytes are not lost to a reset.
+    async fn close_locally(&mut self, reason: String) -> EndReason {
+        if let Err(end) = self.reserve(1).await {
+            return end;
+        }
+        let reason = truncate_utf8(&reason, self.max_text_len);
+        if let Err(end) = self.seal(unix_now(), Kind::Disconnect, reason.as_bytes()) {
+            return end;
+        }
+        let limit = self.cfg.close_timeout;
+        let Self {
+            reader,
+            writer,
+            wbuf,
+            wpos,
+            ..
+        } = self;
+        let send = async {
+            writer.write_all(&wbuf[*wpos..]).await?;
+            writer.shutdown().await
+        };
+        // Whatever the peer still sends after our DISCONNECT is discarded.
+        let drain = async { while let Ok(Some(_)) = reader.next_frame().await {} };
+        let _ = timeout(limit, async {
+            let (_, ()) = tokio::join!(send, drain);
+        })
+        .await;
+        EndReason::LocalClose
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate_utf8;
+
+    #[test]
+    fn truncation_keeps_char_boundaries() {
+        assert_eq!(truncate_utf8("héllo", 2), "h");
+        assert_eq!(truncate_utf8("héllo", 3), "hé");
+        assert_eq!(truncate_utf8("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,595 @@
+//! The client's local store, in the profile directory: contacts with their pinned identity
+//! keys, message history, and the latest session keys per contact.
+//!
+//! ```text
+//! DIR/contacts.json               number -> pinned identity, added_at, blocked, address  (0600)
+//! DIR/history/<number>.jsonl      one JSON object per message, append-only               (0600)
+//! DIR/sessions/<number>.json      the latest StoredSession with that contact              (0600)
+//! ```
+//!
+//! Whole files are replaced atomically ([`Profile::write_atomic`]); history lines are appended
+//! with one write each and synced. Numbers are validated (4 to 15 ASCII digits) before they
+//! become file names. Calls block on file I/O: from async code, use `spawn_blocking` where it
+//! matters. One [`Store`] (clone it freely) serialises its own read-modify-write cycles;
+//! two processes writing the same profile at once are not coordinated.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use micromsg_crypto::handshake::SESSION_ID_LEN;
+use micromsg_crypto::identity::IdentityPublicKey;
+use micromsg_crypto::safety::{self, Party, SafetyError};
+use micromsg_wire::Number;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::p2p::{CounterPersist, StoredSession};
+use crate::profile::{Profile, ProfileError};
+
+const CONTACTS: &str = "contacts.json";
+const HISTORY_DIR: &str = "history";
+const SESSIONS_DIR: &str = "sessions";
+
+/// Why the store could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Not a valid number (4 to 15 ASCII digits).
+    #[error("invalid number {0:?}")]
+    InvalidNumber(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file is not in the expected format.
+    #[error("{path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An atomic write failed.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    /// The safety number could not be computed.
+    #[error("safety number: {0}")]
+    Safety(#[from] SafetyError),
+}
+
+/// What the store knows about one contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contact {
+    /// The identity key pinned at the first handshake (trust on first use).
+    #[serde(default, with = "opt_identity_hex")]
+    pub identity: Option<IdentityPublicKey>,
+    /// When the contact was added (Unix seconds).
+    pub added_at: u64,
+    /// Whether messages from this contact are refused.
+    #[serde(default)]
+    pub blocked: bool,
+    /// The last address the contact was reached at (`HOST:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+impl Contact {
+    fn new(now_unix: u64) -> Self {
+        Self {
+            identity: None,
+            added_at: now_unix,
+            blocked: false,
+            address: None,
+        }
+    }
+}
+
+/// The outcome of comparing a handshake's identity key with the pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PinResult {
+    /// No key was pinned; this one now is.
+    FirstUse,
+    /// The pinned key.
+    Same,
+    /// A different key than the pinned one, which stays pinned until [`Store::repin`]. Warn
+    /// loudly; show and send nothing on the session until the user accepts the new key.
+    Changed {
+        /// The pinned key.
+        old: IdentityPublicKey,
+    },
+}
+
+/// Which way a message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// From the contact.
+    In,
+    /// To the contact.
+    Out,
+}
+
+/// One history line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Which way it went.
+    pub direction: Direction,
+    /// The sender's clock when sealing (Unix seconds).
+    pub time: u64,
+    /// The message.
+    pub text: String,
+    /// The session whose keys carried it.
+    #[serde(with = "session_hex")]
+    pub session: [u8; SESSION_ID_LEN],
+    /// The sender's counter in that session (with `session` and `direction`, unique).
+    pub counter: u64,
+}
+
+/// The local store of one profile.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    profile: Profile,
+    /// Serialises read-modify-write of contacts and session files.
+    lock: Mutex<()>,
+}
+
+impl Store {
+    /// The store in `profile`'s directory (created on first write).
+    pub fn new(profile: &Profile) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                profile: profile.clone(),
+                lock: Mutex::new(()),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        // The guarded data is on disk; a panic elsewhere leaves nothing half-updated here.
+        self.inner
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn dir(&self) -> &Path {
+        self.inner.profile.dir()
+    }
+
+    // ---- contacts ----
+
+    /// Every contact, by number.
+    pub fn contacts(&self) -> Result<BTreeMap<String, Contact>, StoreError> {
+        let _guard = self.lock();
+        self.read_contacts()
+    }
+
+    /// One contact.
+    pub fn contact(&self, number: &str) -> Result<Option<Contact>, StoreError> {
+        let number = valid(number)?;
+        let _guard = self.lock();
+        Ok(self.read_contacts()?.remove(number))
+    }
+
+    /// Adds a contact (no key pinned yet) unless it exists; returns it.
+    pub fn add_contact(&self, number: &str, now_unix: u64) -> Result<Contact, StoreError> {
+        self.update_contact(number, now_unix, |_| ())
+    }
+
+    /// Compares `key` with the identity pinned for `number`, pinning it on first use (and
+    /// adding the contact if needed). A [`PinResult::Changed`] key is not stored.
+    pub fn pin_identity(
+        &self,
+        number: &str,
+        key: &IdentityPublicKey,
+        now_unix: u64,
+    ) -> Result<PinResult, StoreError> {
+        let number = valid(number)?;
+        let _guard = self.lock();
+        let mut contacts = self.read_contacts()?;
+        let contact = contacts
+            .entry(number.to_owned())
+            .or_insert_with(|| Contact::new(now_unix));
+        match contact.identity {
+            Some(old) if old == *key => Ok(PinResult::Same),
+            Some(old) => Ok(PinResult::Changed { old }),
+            None => {
+                contact.identity = Some(*key);
+                self.write_contacts(&contacts)?;
+                Ok(PinResult::FirstUse)
+            }
+        }
+    }
+
+    /// Pins `key` for `number`, replacing any pinned key. Only after the user accepted a
+    /// [`PinResult::Changed`] key (or verified the safety number).
+    pub fn repin(
+        &self,
+        number: &str,
+        key: &IdentityPublicKey,
+        now_unix: u64,
+    ) -> Result<(), StoreError> {
+        self.update_contact(number, now_unix, |c| c.identity = Some(*key))
+            .map(drop)
+    }
+
+    /// Blocks or unblocks a contact.
+    pub fn set_blocked(
+        &self,
+        number: &str,
+        blocked: bool,
+        now_unix: u64,
+    ) -> Result<(), StoreError> {
+        self.update_contact(number, now_unix, |c| c.blocked = blocked)
+            .map(drop)
+    }
+
+    /// Records the last address a contact was reached at.
+    pub fn set_address(
+        &self,
+        number: &str,
+        address: Option<String>,
+        now_unix: u64,
+    ) -> Result<(), StoreError> {
+        self.update_contact(number, now_unix, |c| c.address = address)
+            .map(drop)
+    }
+
+    fn update_contact(
+        &self,
+        number: &str,
+        now_unix: u64,
+        change: impl FnOnce(&mut Contact),
+    ) -> Result<Contact, StoreError> {
+        let number = valid(number)?;
+        let _guard = self.lock();
+        let mut contacts = self.read_contacts()?;
+        let contact = contacts
+            .entry(number.to_owned())
+            .or_insert_with(|| Contact::new(now_unix));
+        let before = contact.clone();
+        change(contact);
+        let after = contact.clone();
+        if after != before || !self.dir().join(CONTACTS).exists() {
+            self.write_contacts(&contacts)?;
+        }
+        Ok(after)
+    }
+
+    fn read_contacts(&self) -> Result<BTreeMap<String, Contact>, StoreError> {
+        let path = self.dir().join(CONTACTS);
+        match read_optional(&path)? {
+            None => Ok(BTreeMap::new()),
+            Some(text) => serde_json::from_str(&text).map_err(|e| corrupt(&path, e)),
+        }
+    }
+
+    fn write_contacts(&self, contacts: &BTreeMap<String, Contact>) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(contacts)
+            .map_err(|e| corrupt(&self.dir().join(CONTACTS), e))?;
+        self.inner.profile.write_atomic(CONTACTS, &json, true)?;
+        Ok(())
+    }
+
+    // ---- history ----
+
+    /// Appends one message to the history with `number`.
+    pub fn append_history(&self, number: &str, entry: &Entry) -> Result<(), StoreError> {
+        self.append_history_all(number, std::slice::from_ref(entry))
+    }
+
+    /// Appends several messages with one write and one sync.
+    pub fn append_history_all(&self, number: &str, entries: &[Entry]) -> Result<(), StoreError> {
+        let number = valid(number)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let dir = self.dir().join(HISTORY_DIR);
+        let path = dir.join(format!("{number}.jsonl"));
+        let io_err = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        create_private_dir(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut lines = Vec::with_capacity(entries.len() * 128);
+        for entry in entries {
+            serde_json::to_writer(&mut lines, entry).map_err(|e| corrupt(&path, e))?;
+            lines.push(b'\n');
+        }
+        let mut options = fs::OpenOptions::new();
+        options.read(true).append(true).create(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let _guard = self.lock();
+        let mut file = options.open(&path).map_err(io_err)?;
+        // A crash may have left a torn last line; start on a fresh line so only that one
+        // line is lost.
+        if file.metadata().map_err(io_err)?.len() > 0 {
+            let mut last = [0u8; 1];
+            file.seek(SeekFrom::End(-1)).map_err(io_err)?;
+            file.read_exact(&mut last).map_err(io_err)?;
+            if last[0] != b'\n' {
+                lines.insert(0, b'\n');
+            }
+        }
+        file.write_all(&lines).map_err(io_err)?;
+        file.sync_data().map_err(io_err)?;
+        Ok(())
+    }
+
+    /// The history with `number`, oldest first (empty if none). Lines torn by a crash are
+    /// skipped.
+    pub fn read_history(&self, number: &str) -> Result<Vec<Entry>, StoreError> {
+        let number = valid(number)?;
+        let path = self.dir().join(HISTORY_DIR).join(format!("{number}.jsonl"));
+        let Some(text) = read_optional(&path)? else {
+            return Ok(Vec::new());
+        };
+        Ok(text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+
+    // ---- sessions ----
+
+    /// Saves `session` as the latest session with `number`. Saving the same session again
+    /// never lowers its stored send counter or receive state (a reservation made by the live
+    /// session stays in force).
+    pub fn save_session(&self, number: &str, session: &StoredSession) -> Result<(), StoreError> {
+        let number = valid(number)?;
+        let _guard = self.lock();
+        match self.read_session(number)? {
+            Some(mut stored) if stored.session_id == session.session_id => {
+                let next = stored.next_send_counter.max(session.next_send_counter);
+                let last_live = stored.recv_last_live.max(session.recv_last_live);
+                let mut seen = std::mem::take(&mut stored.recv_offline_seen);
+                seen.extend(session.recv_offline_seen.iter().copied());
+                seen.retain(|&c| Some(c) > last_live);
+                let mut merged = session.clone();
+                merged.next_send_counter = next;
+                merged.recv_last_live = last_live;
+                merged.recv_offline_seen = seen;
+                self.write_session(number, &merged)
+            }
+            _ => self.write_session(number, session),
+        }
+    }
+
+    /// The latest session with `number`, if any.
+    pub fn load_session(&self, number: &str) -> Result<Option<StoredSession>, StoreError> {
+        let number = valid(number)?;
+        let _guard = self.lock();
+        self.read_session(number)
+    }
+
+    /// A [`CounterPersist`] for live sessions with `number`: it raises the stored
+    /// `next_send_counter` of the saved session with the same id. Save the session
+    /// ([`Store::save_session`]) before starting it.
+    pub fn counter_persister(&self, number: &str) -> Result<Arc<dyn CounterPersist>, StoreError> {
+        let number = valid(number)?;
+        Ok(Arc::new(SessionCounterPersister {
+            store: self.clone(),
+            number: number.to_owned(),
+        }))
+    }
+
+    fn session_path(&self, number: &str) -> PathBuf {
+        self.dir().join(SESSIONS_DIR).join(format!("{number}.json"))
+    }
+
+    fn read_session(&self, number: &str) -> Result<Option<StoredSession>, StoreError> {
+        let path = self.session_path(number);
+        let Some(text) = read_optional(&path)? else {
+            return Ok(None);
+        };
+        let text = Zeroizing::new(text);
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| corrupt(&path, e))
+    }
+
+    fn write_session(&self, number: &str, session: &StoredSession) -> Result<(), StoreError> {
+        let json = Zeroizing::new(
+            serde_json::to_vec_pretty(session)
+                .map_err(|e| corrupt(&self.session_path(number), e))?,
+        );
+        Profile::new(self.dir().join(SESSIONS_DIR)).write_atomic(
+            &format!("{number}.json"),
+            &json,
+            true,
+        )?;
+        Ok(())
+    }
+}
+
+/// Raises a saved session's next send counter for a live session (see
+/// [`Store::counter_persister`]).
+#[derive(Debug)]
+struct SessionCounterPersister {
+    store: Store,
+    number: String,
+}
+
+impl CounterPersist for SessionCounterPersister {
+    fn persist_next_send_counter(
+        &self,
+        session_id: &[u8; SESSION_ID_LEN],
+        next_send_counter: u64,
+    ) -> io::Result<()> {
+        let _guard = self.store.lock();
+        let stored = self
+            .store
+            .read_session(&self.number)
+            .map_err(io::Error::other)?;
+        match stored {
+            Some(mut s) if s.session_id == *session_id => {
+                if s.next_send_counter < next_send_counter {
+                    s.next_send_counter = next_send_counter;
+                    self.store
+                        .write_session(&self.number, &s)
+                        .map_err(io::Error::other)?;
+                }
+                Ok(())
+            }
+            // No record of these keys on disk (never saved, or replaced by a newer session):
+            // nothing could reuse their counters after a crash.
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The safety number of two parties (protocol 12.10), to compare out of band.
+pub fn safety_number(
+    own_number: &str,
+    own_identity: &IdentityPublicKey,
+    peer_number: &str,
+    peer_identity: &IdentityPublicKey,
+) -> Result<String, StoreError> {
+    Ok(safety::safety_number(
+        Party {
+            number: own_number,
+            identity: own_identity,
+        },
+        Party {
+            number: peer_number,
+            identity: peer_identity,
+        },
+    )?)
+}
+
+/// Checks that `number` is a valid number, hence a safe file name.
+fn valid(number: &str) -> Result<&str, StoreError> {
+    Number::new(number).map_err(|_| StoreError::InvalidNumber(number.to_owned()))?;
+    Ok(number)
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, StoreError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+mod opt_identity_hex {
+    use micromsg_crypto::identity::IdentityPublicKey;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        key: &Option<IdentityPublicKey>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match key {
+            Some(key) => s.serialize_some(&key.to_hex()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<IdentityPublicKey>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|h| IdentityPublicKey::from_hex(&h).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+mod session_hex {
+    use micromsg_crypto::handshake::SESSION_ID_LEN;
+    use micromsg_crypto::hex;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        id: &[u8; SESSION_ID_LEN],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(id))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<[u8; SESSION_ID_LEN], D::Error> {
+        let h = String::deserialize(d)?;
+        hex::decode_array(&h).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn numbers_are_checked_before_they_become_paths() {
+        assert!(valid("5550001").is_ok());
+        for bad in ["", "12", "../../etc", "555 0001", "1234567890123456"] {
+            assert!(
+                matches!(valid(bad), Err(StoreError::InvalidNumber(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn entry_json_shape() {
+        let e = Entry {
+            direction: Direction::Out,
+            time: 5,
+            text: "hi".into(),
+            session: [0xab; 16],
+            counter: 3,
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"direction":"out","time":5,"text":"hi","session":"{}","counter":3}}"#,
+                "ab".repeat(16)
+            )
+        );
+        assert_eq!(serde_json::from_str::<Entry>(&json).unwrap(), e);
+    }
+}
