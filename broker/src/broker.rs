@@ -16,7 +16,7 @@ use crate::contacts::PendingRequests;
 use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
 use crate::numbers::NumberAllocator;
 use crate::online::Online;
-use crate::store::Store;
+use crate::store::{BatcherConfig, DepositBatcher, Store};
 
 /// Version of the client↔broker protocol this broker speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -46,6 +46,8 @@ pub struct Broker {
     pub login_failures: FailureLock,
     /// Accepted login nonces, refused a second time.
     pub replay: ReplayCache,
+    /// Group commit of offline deposits.
+    pub deposits: DepositBatcher,
     /// Decoder limits derived from the configuration.
     pub wire_limits: Limits,
     /// When the broker started.
@@ -81,7 +83,15 @@ impl Broker {
             max_frame_len: config.limits.max_frame_len,
             ..Limits::default()
         };
+        let deposits = DepositBatcher::spawn(
+            store.clone(),
+            BatcherConfig {
+                quota_per_device: config.inbox.quota_per_device,
+                ..BatcherConfig::default()
+            },
+        );
         Self {
+            deposits,
             config,
             store,
             identity,

@@ -11,18 +11,21 @@ use std::time::{Duration, Instant};
 
 use micromsg_crypto::nonce::{self, Direction, NonceContext, NoncePolicy};
 use micromsg_crypto::{Secret32, kdf};
-use micromsg_wire::message::event::{DeviceRevoked, Shutdown};
+use micromsg_wire::message::event::{DeviceRevoked, InboxNotice, Shutdown};
 use micromsg_wire::message::request::{
-    AddDeviceArgs, ContactAnswerArgs, ContactPolicyArgs, DeviceJoinArgs, DeviceRevokeArgs,
-    LoginArgs, RegisterArgs,
+    AddDeviceArgs, BackupPutArgs, ContactAnswerArgs, ContactPolicyArgs, DepositArgs,
+    DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs, LoginArgs, RegisterArgs,
+    SyncCopyArgs,
 };
 use micromsg_wire::message::response::{
-    AddDeviceData, BlockListData, DeviceInfo, DeviceJoinData, DeviceListData, Home, InitiateData,
+    AddDeviceData, BackupGetData, BlockListData, DepositData, DeviceInfo, DeviceJoinData,
+    DeviceListData, Home, InboxAckData, InboxFetchData, InboxMessage, InitiateData,
     IsNetworkedData, LoginData, NonceAlgorithm, PingData, RegisterData, SessionCounts,
+    SyncCopyData,
 };
 use micromsg_wire::{
-    Address, DeviceId, DeviceName, ErrorBody, ErrorCode, Event, Hex16, Hex32, Number, Request,
-    Response, ResponseData, decode_request,
+    Address, Blob, DeviceId, DeviceName, ErrorBody, ErrorCode, Event, Hex16, Hex32, Number,
+    Request, Response, ResponseData, decode_request,
 };
 use rand_core::OsRng;
 use subtle::ConstantTimeEq;
@@ -33,13 +36,13 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use crate::broker::{Broker, unix_now};
-use crate::config::RegistrationPolicy;
+use crate::config::{InboxMode, RegistrationPolicy};
 use crate::contacts::{
     Initiate, InitiateKind, hand_out, new_request_id, resolve_address, route_initiate,
 };
 use crate::limits::TokenBucket;
 use crate::online::Push;
-use crate::store::{NewDevice, StoreError};
+use crate::store::{NewDevice, NewInboxItem, StoreError};
 use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
 
 type Stream = TlsStream<TcpStream>;
@@ -283,6 +286,12 @@ impl Conn {
                     .await?;
                 Ok(ResponseData::Unblock)
             }
+            Request::Deposit(args) => self.deposit(args).await,
+            Request::SyncCopy(args) => self.sync_copy(args).await,
+            Request::InboxFetch(args) => self.inbox_fetch(args).await,
+            Request::InboxAck(args) => self.inbox_ack(args).await,
+            Request::BackupPut(args) => self.backup_put(args).await,
+            Request::BackupGet => self.backup_get().await,
             Request::BlockList => {
                 let login = self.logged_in()?.clone();
                 let numbers = self
@@ -725,6 +734,255 @@ impl Conn {
             self.announce(address);
         }
         Ok(ResponseData::ContactPolicy)
+    }
+}
+
+/// Room left in a response frame for YAML around the inbox messages.
+const FETCH_FRAME_SLACK: usize = 2048;
+/// Messages per INBOX-FETCH answer at most (the YAML event budget fits about 290).
+const FETCH_MAX_MESSAGES: usize = 250;
+
+impl Conn {
+    /// The devices a message to `number` is stored for: every active device in entity mode,
+    /// one shared inbox (`None`) in number mode.
+    async fn recipients(
+        &self,
+        number: &str,
+        except: Option<u32>,
+    ) -> Result<Vec<Option<u32>>, Refusal> {
+        Ok(match self.broker.config.inbox.mode {
+            InboxMode::Number => vec![None],
+            InboxMode::Entity => self
+                .broker
+                .store
+                .list_devices(number)
+                .await?
+                .into_iter()
+                .filter(|d| d.revoked_at.is_none() && Some(d.device_id) != except)
+                .map(|d| Some(d.device_id))
+                .collect(),
+        })
+    }
+
+    /// Stores one message for each recipient device through the group commit; answers only
+    /// once every copy is committed.
+    async fn store_copies(
+        &self,
+        login: &LoggedIn,
+        recipient: &str,
+        devices: Vec<Option<u32>>,
+        id: [u8; 16],
+        body: Vec<u8>,
+        now: u64,
+    ) -> Result<u64, Refusal> {
+        let expires = now + self.broker.config.inbox.ttl_secs;
+        let mut pending = Vec::with_capacity(devices.len());
+        for device in devices {
+            let item = NewInboxItem {
+                id,
+                recipient_number: recipient.to_owned(),
+                recipient_device: device,
+                sender_number: login.number.clone(),
+                sender_device: login.device,
+                created_at: now as i64,
+                expires_at: expires as i64,
+                body: body.clone(),
+            };
+            let batcher = self.broker.deposits.clone();
+            pending.push(tokio::spawn(async move { batcher.deposit(item).await }));
+        }
+        let mut quota = false;
+        for task in pending {
+            match task.await {
+                Ok(Ok(_stored_or_already)) => {}
+                Ok(Err(StoreError::QuotaExceeded)) => quota = true,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(Refusal::new(ErrorCode::Internal, "internal error")),
+            }
+        }
+        if quota {
+            return Err(Refusal::new(
+                ErrorCode::QuotaExceeded,
+                "the recipient's inbox is full; nothing already stored was touched, try later",
+            ));
+        }
+        let count = 1;
+        self.broker.online.push_all(recipient, None, || {
+            Push::Event(Event::Inbox(InboxNotice { count }))
+        });
+        Ok(expires)
+    }
+
+    async fn deposit(&mut self, args: DepositArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        let max = self.broker.config.inbox.max_message_bytes as usize;
+        if args.body.len() > max {
+            return Err(Refusal::new(
+                ErrorCode::BadArgs,
+                format!(
+                    "BODY is {} bytes; this broker holds at most {max}",
+                    args.body.len()
+                ),
+            ));
+        }
+        let target = args.target.as_str();
+        let store = &self.broker.store;
+        if !store.is_contact(&login.number, target).await? {
+            return Err(Refusal::new(
+                ErrorCode::NotFound,
+                "no contact pair with TARGET; set one up with INITIATE-NEW first",
+            ));
+        }
+        let now = unix_now();
+        if store.is_blocked(target, &login.number).await? {
+            // Acknowledged and discarded: the blocked sender cannot tell.
+            return Ok(ResponseData::Deposit(DepositData {
+                id: args.id,
+                expires: now + self.broker.config.inbox.ttl_secs,
+            }));
+        }
+        let devices = self.recipients(target, None).await?;
+        let expires = self
+            .store_copies(
+                &login,
+                target,
+                devices,
+                *args.id.as_bytes(),
+                args.body.into_vec(),
+                now,
+            )
+            .await?;
+        Ok(ResponseData::Deposit(DepositData {
+            id: args.id,
+            expires,
+        }))
+    }
+
+    async fn sync_copy(&mut self, args: SyncCopyArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        let max = self.broker.config.inbox.max_message_bytes as usize;
+        if args.body.len() > max {
+            return Err(Refusal::new(
+                ErrorCode::BadArgs,
+                format!(
+                    "BODY is {} bytes; this broker holds at most {max}",
+                    args.body.len()
+                ),
+            ));
+        }
+        let devices = self.recipients(&login.number, Some(login.device)).await?;
+        if !devices.is_empty() {
+            self.store_copies(
+                &login,
+                &login.number.clone(),
+                devices,
+                *args.id.as_bytes(),
+                args.body.into_vec(),
+                unix_now(),
+            )
+            .await?;
+        }
+        Ok(ResponseData::SyncCopy(SyncCopyData { id: args.id }))
+    }
+
+    async fn inbox_fetch(&mut self, args: InboxFetchArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        let limit = args.limit_or_default().min(FETCH_MAX_MESSAGES as u32);
+        let after = args.after.map(|a| *a.as_bytes());
+        let (items, mut more) = self
+            .broker
+            .store
+            .fetch_inbox(&login.number, login.device, after, limit, unix_now() as i64)
+            .await?;
+        let budget =
+            (self.broker.config.limits.max_frame_len as usize).saturating_sub(FETCH_FRAME_SLACK);
+        let mut used = 0;
+        let mut messages = Vec::with_capacity(items.len());
+        for item in items {
+            // base64 grows 4/3; the per-message YAML keys take about 200 bytes.
+            let size = item.body.len().div_ceil(3) * 4 + 200;
+            if used + size > budget && !messages.is_empty() {
+                more = true;
+                break;
+            }
+            used += size;
+            let (Ok(from), Ok(from_device)) = (
+                Number::new(item.sender_number.clone()),
+                DeviceId::new(item.sender_device),
+            ) else {
+                continue;
+            };
+            messages.push(InboxMessage {
+                id: Hex16::from_bytes(item.id),
+                from,
+                from_device,
+                time: item.created_at.max(0) as u64,
+                expires: item.expires_at.max(0) as u64,
+                body: Blob::new(item.body),
+            });
+        }
+        Ok(ResponseData::InboxFetch(InboxFetchData { messages, more }))
+    }
+
+    async fn inbox_ack(&mut self, args: InboxAckArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        let ids: Vec<[u8; 16]> = args.ids.iter().map(|i| *i.as_bytes()).collect();
+        let removed = self
+            .broker
+            .store
+            .ack_inbox(&login.number, login.device, &ids, unix_now() as i64)
+            .await?;
+        Ok(ResponseData::InboxAck(InboxAckData { removed }))
+    }
+
+    async fn backup_put(&mut self, args: BackupPutArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        let max = self.broker.config.inbox.max_message_bytes as usize;
+        if args.blob.len() > max {
+            return Err(Refusal::new(
+                ErrorCode::BadArgs,
+                format!(
+                    "BLOB is {} bytes; this broker holds at most {max}",
+                    args.blob.len()
+                ),
+            ));
+        }
+        let version = i64::try_from(args.version)
+            .map_err(|_| Refusal::new(ErrorCode::BadArgs, "VERSION too large"))?;
+        match self
+            .broker
+            .store
+            .put_backup(
+                &login.number,
+                version - 1,
+                version,
+                args.blob.as_bytes(),
+                unix_now() as i64,
+            )
+            .await
+        {
+            Ok(()) => Ok(ResponseData::BackupPut),
+            Err(StoreError::Conflict | StoreError::InvalidArgument(_)) => Err(Refusal::new(
+                ErrorCode::Conflict,
+                "VERSION must be the stored version + 1 (another device updated the backup?)",
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn backup_get(&mut self) -> Handled {
+        let login = self.logged_in()?.clone();
+        let backup = self.broker.store.get_backup(&login.number).await?;
+        Ok(ResponseData::BackupGet(match backup {
+            Some(b) => BackupGetData {
+                blob: Some(Blob::new(b.blob)),
+                version: b.version.max(0) as u64,
+            },
+            None => BackupGetData {
+                blob: None,
+                version: 0,
+            },
+        }))
     }
 }
 

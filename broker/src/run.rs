@@ -101,6 +101,7 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
         info!(ca = %ca.display(), "clients trust this CA file");
     }
     let (shutdown, rx) = watch::channel(false);
+    tokio::spawn(sweep_forever(Arc::clone(&broker), rx.clone()));
     let task = tokio::spawn(server.run(rx));
     Ok(RunningBroker {
         addr,
@@ -109,6 +110,29 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
         shutdown,
         task,
     })
+}
+
+/// How often expired inbox items, spent registration secrets and expired pubkeys are removed.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn sweep_forever(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SWEEP_EVERY) => {}
+            () = crate::server::stopped(&mut shutdown) => return,
+        }
+        // Each call removes a bounded batch; keep going while it says there is more.
+        loop {
+            match broker.store.sweep(crate::broker::unix_now() as i64).await {
+                Ok(report) if report.more => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweep failed; will retry");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Runs a broker until SIGINT or SIGTERM, then shuts down gracefully.

@@ -5,11 +5,13 @@
 //! - [`tls`]: TLS 1.3 client configuration trusting the profile's CA.
 //! - [`link`]: the broker link: requests, answers, events, the mutual LOGIN.
 //! - [`account`]: register, join as a device, log in, verify BROKER-INFO.
+//! - [`agent`]: one device online: broker link, peer listener, sessions, control socket.
 //! - [`p2p`]: the client-to-client session over TCP: handshake, DATA frames, heartbeats.
 //! - [`store`]: the local store: contacts and pinned identities, history, session keys.
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod agent;
 pub mod link;
 pub mod p2p;
 pub mod profile;

@@ -7,11 +7,16 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use micromsg_client::account::{self, AccountError};
+use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, Command as AgentCommand, Notice};
 use micromsg_client::link::LinkError;
+use micromsg_client::p2p::SessionConfig;
 use micromsg_client::profile::Profile;
+use micromsg_client::store::{Direction, Store, safety_number};
+use micromsg_crypto::identity::IdentityKey;
 use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs};
 use micromsg_wire::{DeviceId, DeviceName, Request, ResponseData};
 use serde_json::json;
+use tokio::sync::mpsc;
 
 /// The MicroMsg client: register with a broker, add devices, find contacts by number and
 /// talk end to end.
@@ -58,6 +63,86 @@ enum Command {
     /// Manage this entity's devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Stay online: keep the broker link, accept peers, print requests and messages as they
+    /// arrive (one JSON object per line with --json). Stop with Ctrl-C.
+    Listen {
+        /// Who may set up a session: any (not blocked), contacts (only known numbers), ask
+        /// (print the request; answer with `contact accept|reject`).
+        #[arg(long, value_enum, default_value = "ask")]
+        accept: AcceptArg,
+        /// Where to listen for peers.
+        #[arg(long, default_value = "0.0.0.0:0", value_name = "ADDR")]
+        peer_listen: std::net::SocketAddr,
+        /// The HOST:PORT peers are told to connect to (default: the address the broker sees
+        /// for this device, with the listening port).
+        #[arg(long, value_name = "HOST:PORT")]
+        advertise: Option<String>,
+        /// Ask every time, also for existing contacts (default: the broker reconnects existing
+        /// contacts without asking).
+        #[arg(long)]
+        ask_existing: bool,
+        /// Seconds between heartbeats on a session (it ends after 3 missed).
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        heartbeat: u64,
+    },
+    /// Contacts: add, list, block, unblock, answer requests.
+    #[command(subcommand)]
+    Contact(ContactCommand),
+    /// Send a message to a contact (through the running `listen`, or on its own).
+    Send {
+        /// The contact's number.
+        number: String,
+        /// The message.
+        text: String,
+    },
+    /// Show the conversation with a contact from the local history.
+    History {
+        /// The contact's number.
+        number: String,
+    },
+    /// Show the safety number for a contact, to compare out of band (in person, by phone).
+    SafetyNumber {
+        /// The contact's number.
+        number: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AcceptArg {
+    Any,
+    Contacts,
+    Ask,
+}
+
+#[derive(Debug, Subcommand)]
+enum ContactCommand {
+    /// Ask a number to become a contact; returns once the end-to-end session is up.
+    Add {
+        /// The number.
+        number: String,
+    },
+    /// List contacts with their pinned identity keys.
+    List,
+    /// Block a number (its requests are dropped silently).
+    Block {
+        /// The number.
+        number: String,
+    },
+    /// Unblock a number.
+    Unblock {
+        /// The number.
+        number: String,
+    },
+    /// Accept a pending contact request (listen --accept ask).
+    Accept {
+        /// The request id from the notice.
+        request: String,
+    },
+    /// Reject a pending contact request; the caller is blocked.
+    Reject {
+        /// The request id from the notice.
+        request: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +177,14 @@ enum DeviceCommand {
     },
 }
 
+/// Like `println!`, but a closed stdout (a reader such as `head` went away) is not a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
@@ -116,7 +209,7 @@ fn main() -> ExitCode {
                         _ => None,
                     })
                     .or_else(|| e.downcast_ref::<LinkError>().and_then(LinkError::code));
-                println!(
+                outln!(
                     "{}",
                     json!({"error": format!("{e:#}"), "code": code.map(|c| c.as_str())})
                 );
@@ -136,12 +229,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let session = account::register(&profile, &broker, &ca, token).await?;
             let i = &session.info;
             if json {
-                println!(
+                outln!(
                     "{}",
                     json!({"number": i.number, "device": i.device, "broker": i.broker})
                 );
             } else {
-                println!("{}", i.number);
+                outln!("{}", i.number);
                 eprintln!(
                     "registered: number {} (device {}) at {}; profile in {}",
                     i.number,
@@ -154,17 +247,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Whoami => {
             let i = profile.info()?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     json!({"number": i.number, "device": i.device, "broker": i.broker,
                            "broker_identity": i.broker_identity})
                 );
             } else {
-                println!("number:  {}", i.number);
-                println!("device:  {}", i.device);
-                println!("broker:  {}", i.broker);
+                outln!("number:  {}", i.number);
+                outln!("device:  {}", i.device);
+                outln!("broker:  {}", i.broker);
                 if let Some(id) = &i.broker_identity {
-                    println!("broker identity key: {id}");
+                    outln!("broker identity key: {id}");
                 }
             }
         }
@@ -173,7 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let i = &data.info;
             let prefixes: Vec<&str> = i.prefixes.iter().map(|p| p.as_str()).collect();
             if json {
-                println!(
+                outln!(
                     "{}",
                     json!({
                         "protocol": i.protocol,
@@ -200,20 +293,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                 );
             } else {
-                println!("broker:         {} (protocol {})", i.broker_id, i.protocol);
-                println!("inbox mode:     {}", i.inbox_mode.as_str());
-                println!("registration:   {}", i.registration.as_str());
-                println!(
+                outln!("broker:         {} (protocol {})", i.broker_id, i.protocol);
+                outln!("inbox mode:     {}", i.inbox_mode.as_str());
+                outln!("registration:   {}", i.registration.as_str());
+                outln!(
                     "login nonce:    {} every {} s, ±{} step(s)",
                     i.nonce_algorithm.as_str(),
                     i.nonce_step,
                     i.nonce_skew
                 );
                 let storage: Vec<&str> = i.key_storage.iter().map(|k| k.as_str()).collect();
-                println!("key storage:    {}", storage.join(", "));
-                println!("number prefixes: {}", prefixes.join(", "));
+                outln!("key storage:    {}", storage.join(", "));
+                outln!("number prefixes: {}", prefixes.join(", "));
                 match &i.network.name {
-                    Some(name) => println!(
+                    Some(name) => outln!(
                         "network:        {name} (peers: {})",
                         i.network
                             .peers
@@ -222,9 +315,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
-                    None => println!("network:        none (standalone broker)"),
+                    None => outln!("network:        none (standalone broker)"),
                 }
-                println!(
+                outln!(
                     "limits:         frame {} B, {} devices, inbox {} messages of ≤ {} B kept {} s",
                     i.limits.max_frame,
                     i.limits.max_devices,
@@ -232,7 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     i.limits.message_max,
                     i.limits.message_ttl
                 );
-                println!(
+                outln!(
                     "identity key:   {} (signature verified)",
                     data.identity_key.to_hex()
                 );
@@ -247,9 +340,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let session = account::join(&profile, &broker, &ca, &number, &secret).await?;
             let i = &session.info;
             if json {
-                println!("{}", json!({"number": i.number, "device": i.device}));
+                outln!("{}", json!({"number": i.number, "device": i.device}));
             } else {
-                println!("joined {} as device {}", i.number, i.device);
+                outln!("joined {} as device {}", i.number, i.device);
             }
         }
         Command::Device(DeviceCommand::Add { name }) => {
@@ -267,13 +360,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 other => anyhow::bail!("unexpected answer {}", other.kind().as_str()),
             };
             if json {
-                println!(
+                outln!(
                     "{}",
                     json!({"secret": data.secret.to_hex(), "expires": data.expires,
                            "number": session.info.number})
                 );
             } else {
-                println!("{}", data.secret.to_hex());
+                outln!("{}", data.secret.to_hex());
                 eprintln!(
                     "on the new device, within 10 minutes, run:\n  micromsg --profile NEW_DIR device join --broker {} --ca CA_FILE --number {} --secret {}",
                     session.info.broker,
@@ -297,10 +390,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                "created": d.created, "last_seen": d.last_seen, "current": d.current})
                     })
                     .collect();
-                println!("{}", json!({ "devices": devices }));
+                outln!("{}", json!({ "devices": devices }));
             } else {
                 for d in &data.devices {
-                    println!(
+                    outln!(
                         "{:>3}  {:<20} created {}  last seen {}{}",
                         d.id.get(),
                         d.name.as_ref().map_or("-", |n| n.as_str()),
@@ -309,6 +402,104 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         if d.current { "  (this device)" } else { "" }
                     );
                 }
+            }
+        }
+        Command::Listen {
+            accept,
+            peer_listen,
+            advertise,
+            ask_existing,
+            heartbeat,
+        } => {
+            listen(
+                profile,
+                json,
+                accept,
+                peer_listen,
+                advertise,
+                ask_existing,
+                heartbeat,
+            )
+            .await?;
+        }
+        Command::Contact(ContactCommand::Add { number }) => {
+            via_agent(&profile, AgentCommand::ContactAdd { number }, json).await?;
+        }
+        Command::Contact(ContactCommand::Block { number }) => {
+            via_agent(&profile, AgentCommand::Block { number }, json).await?;
+        }
+        Command::Contact(ContactCommand::Unblock { number }) => {
+            via_agent(&profile, AgentCommand::Unblock { number }, json).await?;
+        }
+        Command::Contact(ContactCommand::Accept { request }) => {
+            answer(&profile, request, true, json).await?;
+        }
+        Command::Contact(ContactCommand::Reject { request }) => {
+            answer(&profile, request, false, json).await?;
+        }
+        Command::Contact(ContactCommand::List) => {
+            profile.info()?;
+            let contacts = Store::new(&profile).contacts()?;
+            if json {
+                let list: Vec<_> = contacts
+                    .iter()
+                    .map(|(n, c)| {
+                        json!({"number": n, "identity": c.identity.map(|k| k.to_hex()),
+                                         "blocked": c.blocked, "added": c.added_at})
+                    })
+                    .collect();
+                outln!("{}", json!({ "contacts": list }));
+            } else if contacts.is_empty() {
+                outln!("no contacts yet (add one with `micromsg contact add NUMBER`)");
+            } else {
+                for (n, c) in &contacts {
+                    outln!(
+                        "{n}  {}{}",
+                        c.identity
+                            .map_or("(identity not yet seen)".to_owned(), |k| k.to_hex()),
+                        if c.blocked { "  BLOCKED" } else { "" }
+                    );
+                }
+            }
+        }
+        Command::Send { number, text } => {
+            via_agent(&profile, AgentCommand::Send { number, text }, json).await?;
+        }
+        Command::History { number } => {
+            profile.info()?;
+            let entries = Store::new(&profile).read_history(&number)?;
+            if json {
+                for e in &entries {
+                    outln!("{}", serde_json::to_string(e)?);
+                }
+            } else if entries.is_empty() {
+                outln!("no messages with {number}");
+            } else {
+                for e in &entries {
+                    let who = match e.direction {
+                        Direction::In => number.as_str(),
+                        Direction::Out => "me",
+                    };
+                    outln!("{}  [{who}] {}", e.time, e.text);
+                }
+            }
+        }
+        Command::SafetyNumber { number } => {
+            let info = profile.info()?;
+            let secrets = profile.secrets()?;
+            let own = IdentityKey::from_seed(&secrets.identity_seed).public_key();
+            let contact = Store::new(&profile).contact(&number)?;
+            let Some(peer) = contact.and_then(|c| c.identity) else {
+                anyhow::bail!("no identity key pinned for {number} yet: set up a session first");
+            };
+            let value = safety_number(&info.number, &own, &number, &peer)?;
+            if json {
+                outln!("{}", json!({"number": number, "safety_number": value}));
+            } else {
+                outln!("{value}");
+                eprintln!(
+                    "compare these digits with {number} in person or by phone; they match only if no one is in the middle"
+                );
             }
         }
         Command::Device(DeviceCommand::Revoke { id }) => {
@@ -320,11 +511,192 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("revoking the device")?;
             if json {
-                println!("{}", json!({"revoked": id}));
+                outln!("{}", json!({"revoked": id}));
             } else {
-                println!("device {id} revoked");
+                outln!("device {id} revoked");
             }
         }
     }
     Ok(())
+}
+
+async fn listen(
+    profile: Profile,
+    json: bool,
+    accept: AcceptArg,
+    peer_listen: std::net::SocketAddr,
+    advertise: Option<String>,
+    ask_existing: bool,
+    heartbeat: u64,
+) -> anyhow::Result<()> {
+    let config = AgentConfig {
+        accept: match accept {
+            AcceptArg::Any => AcceptPolicy::Any,
+            AcceptArg::Contacts => AcceptPolicy::Contacts,
+            AcceptArg::Ask => AcceptPolicy::Ask,
+        },
+        peer_listen,
+        advertise,
+        auto_existing: !ask_existing,
+        session: SessionConfig {
+            heartbeat_interval: std::time::Duration::from_secs(heartbeat.max(1)),
+            ..SessionConfig::default()
+        },
+        ..AgentConfig::default()
+    };
+    let (tx, mut rx) = mpsc::channel(256);
+    let agent = agent::start(profile, config, tx).await?;
+    let printer = tokio::spawn(async move {
+        while let Some(notice) = rx.recv().await {
+            print_notice(&notice, json);
+        }
+    });
+    tokio::select! {
+        () = wait_for_signal() => {}
+        _ = printer_done(&printer) => {}
+    }
+    let result = agent.stop().await;
+    let _ = printer.await;
+    result.map_err(Into::into)
+}
+
+async fn printer_done(printer: &tokio::task::JoinHandle<()>) {
+    while !printer.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn print_notice(notice: &Notice, json: bool) {
+    use std::io::Write;
+    let line = if json {
+        serde_json::to_string(notice).unwrap_or_default()
+    } else {
+        match notice {
+            Notice::Listening {
+                number,
+                device,
+                peer_address,
+            } => {
+                format!("listening as {number} (device {device}); peers connect to {peer_address}")
+            }
+            Notice::ContactRequest {
+                from,
+                request,
+                kind,
+            } => format!(
+                "contact request ({kind}) from {from}: answer with `micromsg contact accept {request}` or `micromsg contact reject {request}`"
+            ),
+            Notice::ContactRefused { from } => format!("refused a contact request from {from}"),
+            Notice::SessionStarted {
+                peer,
+                first_contact,
+                safety_number,
+            } => {
+                if *first_contact {
+                    format!(
+                        "session with {peer} started (new contact; identity key pinned; safety number {safety_number})"
+                    )
+                } else {
+                    format!("session with {peer} started")
+                }
+            }
+            Notice::IdentityChanged {
+                peer,
+                pinned,
+                presented,
+            } => format!(
+                "WARNING: the identity key of {peer} CHANGED (pinned {pinned}, presented {presented}). \
+                 The session was refused. Verify the safety number with {peer} out of band."
+            ),
+            Notice::Message { from, text, .. } => format!("[{from}] {text}"),
+            Notice::SessionEnded { peer, reason } => format!("session with {peer} ended: {reason}"),
+            Notice::Warning { message } => format!("warning: {message}"),
+            other => format!("{other:?}"),
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn answer(
+    profile: &Profile,
+    request: String,
+    accept: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let command = AgentCommand::Answer { request, accept };
+    let Some(reply) = agent::send_to_running(profile, &command).await else {
+        anyhow::bail!(
+            "no `micromsg listen` is running for this profile; requests are answered by it"
+        );
+    };
+    if json {
+        outln!("{}", serde_json::to_string(&reply)?);
+    } else {
+        outln!("{}", reply.message);
+    }
+    if reply.ok {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{}", reply.message))
+    }
+}
+
+/// Runs `command` in the agent of this profile: the running `listen` when there is one,
+/// otherwise a short-lived agent of its own.
+async fn via_agent(profile: &Profile, command: AgentCommand, json: bool) -> anyhow::Result<()> {
+    let reply = match agent::send_to_running(profile, &command).await {
+        Some(reply) => reply,
+        None => {
+            let config = AgentConfig {
+                accept: AcceptPolicy::Contacts,
+                control: false,
+                announce: false,
+                ..AgentConfig::default()
+            };
+            let (tx, mut rx) = mpsc::channel(64);
+            let agent = agent::start(profile.clone(), config, tx).await?;
+            let printer = tokio::spawn(async move {
+                while let Some(notice) = rx.recv().await {
+                    if matches!(
+                        notice,
+                        Notice::Warning { .. } | Notice::IdentityChanged { .. }
+                    ) || json
+                    {
+                        print_notice(&notice, json);
+                    }
+                }
+            });
+            let reply = agent.command(command).await;
+            agent.stop().await?;
+            let _ = printer.await;
+            reply
+        }
+    };
+    if json {
+        outln!("{}", serde_json::to_string(&reply)?);
+    } else {
+        outln!("{}", reply.message);
+    }
+    if reply.ok {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{}", reply.message))
+    }
 }

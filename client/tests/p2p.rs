@@ -730,31 +730,3 @@ async fn texts_over_the_frame_limit_are_refused_locally() {
     a.send_text("y".repeat(max)).await.unwrap();
     assert_eq!(text(&mut b).await, (0, "y".repeat(max)));
 }
-
-/// Throughput of one direction, 256-byte texts. Not a pass/fail check (it depends on the
-/// machine and the build profile): `cargo test --release -p micromsg-client --test p2p --
-/// --ignored --nocapture throughput`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement, run on demand"]
-async fn throughput_one_way_256_byte_texts() {
-    let (i, r) = pair(SessionConfig::default(), SessionConfig::default()).await;
-    let a = i.start(None);
-    let mut b = r.start(None);
-    const N: u64 = 200_000;
-    let payload = "x".repeat(256);
-    let started = Instant::now();
-    let sender = a.sender();
-    tokio::spawn(async move {
-        for _ in 0..N {
-            sender.send_text(payload.clone()).await.unwrap();
-        }
-    });
-    for n in 0..N {
-        assert_eq!(text(&mut b).await.0, n);
-    }
-    let elapsed = started.elapsed();
-    println!(
-        "{N} messages in {elapsed:?}: {:.0} msgs/s",
-        N as f64 / elapsed.as_secs_f64()
-    );
-}

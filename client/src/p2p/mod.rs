@@ -24,7 +24,7 @@
 //! A responder's listen loop, in outline (`pending` maps token ids to the tokens and peer
 //! numbers that CONTACT-CONNECTING delivered):
 //!
-//! ```ignore
+//! ```text
 //! let (stream, _) = listener.accept().await?;
 //! let est = p2p::accept(stream, |id| pending.take(id).map(|p| p.token), &identity, cfg).await?;
 //! let peer = number_for(est.token_id);

@@ -4,3 +4,4 @@
 
 mod broker_core;
 mod contacts;
+mod inbox;

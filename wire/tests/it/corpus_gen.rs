@@ -6,7 +6,7 @@
 //! written here from the protocol rules, not recorded from the decoder.
 //!
 //! Regenerate the committed files after changing this file with
-//! `cargo test -p micromsg-wire --test it -- --ignored regenerate_corpus`;
+//! `MICROMSG_REGENERATE_CORPUS=1 cargo test -p micromsg-wire --test it corpus_files_match`;
 //! `corpus_files_match_the_generator` fails until you do.
 
 use micromsg_wire::ErrorCode;

@@ -1,0 +1,1031 @@
+//! The agent: one device online. It keeps the broker link logged in, listens for peers, sets up
+//! contacts, runs end-to-end sessions, and takes commands from the CLI over a local socket.
+//!
+//! ```text
+//!  broker link (events, requests) ─┐
+//!  peer listener (TCP accept)      ├─► one loop (select!) ─► notices (printed by the CLI)
+//!  handshakes (spawned tasks)      │      owns: sessions, pending tokens, pending requests
+//!  session events (per session)    │
+//!  control socket (CLI commands)  ─┘
+//! ```
+//!
+//! Everything that touches the link or the tables runs in the one loop, so there are no locks
+//! except the token table, which the handshake tasks read.
+//! `micromsg listen` runs an agent until stopped; a one-shot command with no agent running
+//! starts a short-lived one, runs the command through it, and stops it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use micromsg_crypto::Secret32;
+use micromsg_crypto::identity::IdentityKey;
+use micromsg_wire::message::event::{ContactAccepted, ContactConnecting, ContactRequest};
+use micromsg_wire::message::request::{
+    ContactAnswerArgs, ContactPolicyArgs, InitiateNewArgs, TargetArgs,
+};
+use micromsg_wire::{Address, Event, Hex16, Message, Number, Request, ResponseData};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::account::{self, AccountError, Session, unix_now};
+use crate::link::{BrokerLink, LinkError};
+use crate::p2p::{self, Established, P2pError, PeerEvent, SessionConfig, SessionSender};
+use crate::profile::{Profile, ProfileInfo};
+use crate::store::{Direction, Entry, PinResult, Store};
+
+/// Who may set up a session with this device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptPolicy {
+    /// Everyone who is not blocked.
+    Any,
+    /// Only numbers already in the contact list; others are rejected (and so blocked).
+    Contacts,
+    /// Print the request and wait for `micromsg contact accept|reject`.
+    Ask,
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Who may connect.
+    pub accept: AcceptPolicy,
+    /// Where to listen for peers. Default `0.0.0.0:0` (any interface, a free port).
+    pub peer_listen: SocketAddr,
+    /// The `HOST:PORT` peers are told to connect to. Default: `0.0.0.0:<port>`, which the
+    /// broker replaces with the address it sees for this device (protocol 10.7).
+    pub advertise: Option<String>,
+    /// Session timers and limits.
+    pub session: SessionConfig,
+    /// Serve the control socket (`DIR/control.sock`) for one-shot commands.
+    pub control: bool,
+    /// Let existing contacts reconnect without asking (CONTACT-POLICY AUTO-EXISTING).
+    pub auto_existing: bool,
+    /// How long a contact request or a reconnect waits for the other side.
+    pub answer_timeout: Duration,
+    /// Announce the listening address and contact policy to the broker (off for the short-lived
+    /// agent of a one-shot command, which nobody should connect to).
+    pub announce: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            accept: AcceptPolicy::Ask,
+            peer_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            advertise: None,
+            session: SessionConfig::default(),
+            control: true,
+            auto_existing: true,
+            answer_timeout: Duration::from_secs(60),
+            announce: true,
+        }
+    }
+}
+
+/// Something the user should see; printed as a line of text or one JSON object.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Notice {
+    /// The agent is up.
+    Listening {
+        /// This entity's number.
+        number: String,
+        /// This device.
+        device: u32,
+        /// Where peers connect.
+        peer_address: String,
+    },
+    /// Someone asks to become a contact (ask mode).
+    ContactRequest {
+        /// The caller's number.
+        from: String,
+        /// Answer with `micromsg contact accept|reject <request>`.
+        request: String,
+        /// `NEW` or `EXISTING`.
+        kind: String,
+    },
+    /// A contact request was refused by the accept policy.
+    ContactRefused {
+        /// The caller's number.
+        from: String,
+    },
+    /// An end-to-end session is up.
+    SessionStarted {
+        /// The other side.
+        peer: String,
+        /// True the first time this contact's identity key was seen (it is now pinned).
+        first_contact: bool,
+        /// The safety number to compare out of band.
+        safety_number: String,
+    },
+    /// The peer's identity key differs from the pinned one: the session was refused.
+    IdentityChanged {
+        /// The other side.
+        peer: String,
+        /// The pinned key.
+        pinned: String,
+        /// The key it presented.
+        presented: String,
+    },
+    /// A message arrived.
+    Message {
+        /// The sender.
+        from: String,
+        /// The text.
+        text: String,
+        /// The sender's clock (Unix seconds).
+        time: u64,
+    },
+    /// A session is over.
+    SessionEnded {
+        /// The other side.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// Something failed (the agent goes on).
+    Warning {
+        /// What.
+        message: String,
+    },
+}
+
+/// A command for a running agent (one JSON object per line on the control socket).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Command {
+    /// Ask `number` to become a contact; answers once the session is up.
+    ContactAdd {
+        /// The number.
+        number: String,
+    },
+    /// Send `text` to `number` (setting up a session first if needed).
+    Send {
+        /// The contact.
+        number: String,
+        /// The message.
+        text: String,
+    },
+    /// Block `number` at the broker and locally.
+    Block {
+        /// The number.
+        number: String,
+    },
+    /// Unblock `number`.
+    Unblock {
+        /// The number.
+        number: String,
+    },
+    /// Answer a pending contact request (ask mode).
+    Answer {
+        /// The request id from the notice.
+        request: String,
+        /// Accept or reject.
+        accept: bool,
+    },
+}
+
+/// The agent's answer to a [`Command`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reply {
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl Reply {
+    fn ok(message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            message: message.into(),
+        }
+    }
+
+    fn err(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why the agent stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Logging in or the profile failed.
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    /// The broker link failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// A socket could not be opened.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another agent already serves this profile.
+    #[error("an agent (`micromsg listen`) is already running for this profile ({0})")]
+    AlreadyRunning(PathBuf),
+}
+
+/// The control socket of a profile.
+pub fn control_path(profile: &Profile) -> PathBuf {
+    profile.path("control.sock")
+}
+
+/// Sends `command` to the agent running for `profile`; `None` when no agent runs.
+pub async fn send_to_running(profile: &Profile, command: &Command) -> Option<Reply> {
+    let stream = UnixStream::connect(control_path(profile)).await.ok()?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(command).ok()?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.ok()?;
+    let mut lines = BufReader::new(read).lines();
+    match lines.next_line().await {
+        Ok(Some(line)) => serde_json::from_str(&line).ok(),
+        _ => Some(Reply::err(
+            "the running agent closed the control connection",
+        )),
+    }
+}
+
+/// A command with its reply channel.
+#[derive(Debug)]
+pub struct ControlRequest {
+    command: Command,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// A handle to a running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    commands: mpsc::Sender<ControlRequest>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+}
+
+impl AgentHandle {
+    /// Runs a command in the agent and waits for its answer.
+    pub async fn command(&self, command: Command) -> Reply {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(ControlRequest { command, reply })
+            .await
+            .is_err()
+        {
+            return Reply::err("the agent has stopped");
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Reply::err("the agent stopped before answering"))
+    }
+
+    /// Stops the agent: sessions get a DISCONNECT notice, then the link closes.
+    pub async fn stop(mut self) -> Result<(), AgentError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Waits until the agent ends by itself (broker gone, fatal error).
+    pub async fn wait(mut self) -> Result<(), AgentError> {
+        let _keep = self.stop.take();
+        self.task.await.unwrap_or(Ok(()))
+    }
+}
+
+/// Logs in, opens the listeners and starts the agent in the background. Notices go to
+/// `notices`.
+pub async fn start(
+    profile: Profile,
+    config: AgentConfig,
+    notices: mpsc::Sender<Notice>,
+) -> Result<AgentHandle, AgentError> {
+    let control = if config.control {
+        Some(bind_control(&profile).await?)
+    } else {
+        None
+    };
+    let session = account::connect(&profile).await?;
+    let secrets = profile.secrets().map_err(AccountError::from)?;
+    let identity = IdentityKey::from_seed(&secrets.identity_seed);
+    let peers = TcpListener::bind(config.peer_listen)
+        .await
+        .map_err(|source| AgentError::Io {
+            what: format!("listening for peers on {}", config.peer_listen),
+            source,
+        })?;
+    let port = peers
+        .local_addr()
+        .map_err(|source| AgentError::Io {
+            what: "reading the peer listener address".into(),
+            source,
+        })?
+        .port();
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("0.0.0.0:{port}"));
+    let (commands_tx, commands_rx) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let mut agent = Agent::new(profile, session, identity, config, advertise, notices)?;
+    if agent.config.announce {
+        agent.announce().await?;
+        agent
+            .notify(Notice::Listening {
+                number: agent.info.number.clone(),
+                device: agent.info.device,
+                peer_address: agent.advertise.clone(),
+            })
+            .await;
+    }
+    if let Some(listener) = control {
+        tokio::spawn(serve_control(listener, commands_tx.clone()));
+    }
+    let task = tokio::spawn(agent.run(peers, commands_rx, stop_rx));
+    Ok(AgentHandle {
+        commands: commands_tx,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+async fn bind_control(profile: &Profile) -> Result<UnixListener, AgentError> {
+    let path = control_path(profile);
+    if UnixStream::connect(&path).await.is_ok() {
+        return Err(AgentError::AlreadyRunning(path));
+    }
+    // A socket file with nobody behind it is left over from an agent that died.
+    let _ = std::fs::remove_file(&path);
+    if !profile.exists() {
+        return Err(AccountError::Profile(crate::profile::ProfileError::Missing(
+            profile.dir().to_owned(),
+        ))
+        .into());
+    }
+    UnixListener::bind(&path).map_err(|source| AgentError::Io {
+        what: format!("opening the control socket {}", path.display()),
+        source,
+    })
+}
+
+/// A contact request or reconnect we started and are waiting on.
+struct Outgoing {
+    target: String,
+    deadline: Instant,
+    /// Who to tell once the session is up (or the wait fails).
+    waiters: Vec<oneshot::Sender<Reply>>,
+    /// Messages to send once the session is up.
+    queued: Vec<(String, oneshot::Sender<Reply>)>,
+}
+
+/// Connect tokens we were given as the target, by token id.
+type TokenTable = Arc<Mutex<HashMap<[u8; 16], (Secret32, String, Instant)>>>;
+
+/// What a handshake task reports.
+struct HandshakeDone {
+    peer: Option<String>,
+    request: Option<[u8; 16]>,
+    result: Result<Established, P2pError>,
+}
+
+/// What a session-forwarding task reports.
+struct SessionEvent {
+    peer: String,
+    session_id: [u8; 16],
+    event: PeerEvent,
+}
+
+struct Agent {
+    profile: Profile,
+    store: Store,
+    info: ProfileInfo,
+    identity: Arc<IdentityKey>,
+    link: BrokerLink,
+    config: AgentConfig,
+    advertise: String,
+    notices: mpsc::Sender<Notice>,
+    tokens: TokenTable,
+    outgoing: HashMap<[u8; 16], Outgoing>,
+    sessions: HashMap<String, (SessionSender, [u8; 16])>,
+    asked: HashMap<[u8; 16], String>,
+    handshakes_tx: mpsc::Sender<HandshakeDone>,
+    handshakes_rx: mpsc::Receiver<HandshakeDone>,
+    events_tx: mpsc::Sender<SessionEvent>,
+    events_rx: mpsc::Receiver<SessionEvent>,
+}
+
+impl Agent {
+    fn new(
+        profile: Profile,
+        session: Session,
+        identity: IdentityKey,
+        config: AgentConfig,
+        advertise: String,
+        notices: mpsc::Sender<Notice>,
+    ) -> Result<Self, AgentError> {
+        let (handshakes_tx, handshakes_rx) = mpsc::channel(64);
+        let (events_tx, events_rx) = mpsc::channel(1024);
+        Ok(Self {
+            store: Store::new(&profile),
+            profile,
+            info: session.info,
+            identity: Arc::new(identity),
+            link: session.link,
+            config,
+            advertise,
+            notices,
+            tokens: Arc::new(Mutex::new(HashMap::new())),
+            outgoing: HashMap::new(),
+            sessions: HashMap::new(),
+            asked: HashMap::new(),
+            handshakes_tx,
+            handshakes_rx,
+            events_tx,
+            events_rx,
+        })
+    }
+
+    async fn notify(&self, notice: Notice) {
+        let _ = self.notices.send(notice).await;
+    }
+
+    async fn warn(&self, message: impl Into<String>) {
+        self.notify(Notice::Warning {
+            message: message.into(),
+        })
+        .await;
+    }
+
+    fn address(&self) -> Result<Address, LinkError> {
+        Address::new(self.advertise.clone())
+            .map_err(|e| LinkError::Protocol(format!("advertised address {}: {e}", self.advertise)))
+    }
+
+    /// Tells the broker where this device listens, and whether contacts may reconnect
+    /// without asking.
+    async fn announce(&mut self) -> Result<(), LinkError> {
+        let address = self.address()?;
+        self.link
+            .call(Request::ContactPolicy(ContactPolicyArgs {
+                auto_existing: self.config.auto_existing,
+                address: Some(address),
+            }))
+            .await?;
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        peers: TcpListener,
+        mut control_rx: mpsc::Receiver<ControlRequest>,
+        mut stop: oneshot::Receiver<()>,
+    ) -> Result<(), AgentError> {
+        let mut keepalive = tokio::time::interval(Duration::from_secs(30));
+        keepalive.tick().await;
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let result = loop {
+            tokio::select! {
+                _ = &mut stop => break Ok(()),
+                message = self.link.next_message() => match message {
+                    Ok(Message::Event(event)) => self.on_broker_event(event).await,
+                    Ok(other) => self.warn(format!("unexpected frame from the broker: {other:?}")).await,
+                    Err(e) => break Err(AgentError::Link(e)),
+                },
+                accepted = peers.accept() => match accepted {
+                    Ok((stream, _addr)) => self.spawn_respond(stream),
+                    Err(e) => self.warn(format!("accepting a peer failed: {e}")).await,
+                },
+                Some(done) = self.handshakes_rx.recv() => self.on_handshake(done).await,
+                Some(event) = self.events_rx.recv() => self.on_session_event(event).await,
+                Some(request) = control_rx.recv() => self.on_command(request.command, request.reply).await,
+                _ = keepalive.tick() => {
+                    if let Err(e) = self.link.call(Request::Ping).await {
+                        break Err(AgentError::Link(e));
+                    }
+                    self.drain_queued_events().await;
+                }
+                _ = sweep.tick() => self.expire(),
+            }
+        };
+        // Say goodbye to every peer, then give the sessions a moment to flush.
+        for (sender, _) in self.sessions.values() {
+            let _ = sender.close("going offline").await;
+        }
+        let deadline = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(deadline);
+        while !self.sessions.is_empty() {
+            tokio::select! {
+                () = &mut deadline => break,
+                Some(event) = self.events_rx.recv() => self.on_session_event(event).await,
+            }
+        }
+        let _ = std::fs::remove_file(control_path(&self.profile));
+        result
+    }
+
+    /// Events that arrived while a request waited for its answer.
+    async fn drain_queued_events(&mut self) {
+        for event in self.link.take_queued_events() {
+            Box::pin(self.on_broker_event(event)).await;
+        }
+    }
+
+    async fn call(&mut self, request: Request) -> Result<ResponseData, LinkError> {
+        let result = self.link.call(request).await;
+        self.drain_queued_events().await;
+        result
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<[u8; 16]> = self
+            .outgoing
+            .iter()
+            .filter(|(_, o)| o.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(o) = self.outgoing.remove(&id) {
+                let message = format!(
+                    "no answer from {} (it may not exist, be offline, or have declined)",
+                    o.target
+                );
+                for waiter in o.waiters {
+                    let _ = waiter.send(Reply::err(message.clone()));
+                }
+                for (_, waiter) in o.queued {
+                    let _ = waiter.send(Reply::err(message.clone()));
+                }
+            }
+        }
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        tokens.retain(|_, (_, _, expires)| *expires > now);
+    }
+
+    async fn on_broker_event(&mut self, event: Event) {
+        match event {
+            Event::ContactRequest(r) => self.on_contact_request(r).await,
+            Event::ContactAccepted(a) => self.on_contact_accepted(a).await,
+            Event::ContactConnecting(c) => self.on_contact_connecting(c),
+            Event::Shutdown(_) => self.warn("the broker is shutting down").await,
+            Event::DeviceRevoked(_) => self.warn("this device was revoked").await,
+            Event::Inbox(_) | Event::PubkeyRequest(_) => {}
+        }
+    }
+
+    async fn on_contact_request(&mut self, r: ContactRequest) {
+        let from = r.from.as_str().to_owned();
+        let known = matches!(self.store.contact(&from), Ok(Some(c)) if !c.blocked);
+        let decision = match self.config.accept {
+            AcceptPolicy::Any => Some(true),
+            AcceptPolicy::Contacts => Some(known),
+            AcceptPolicy::Ask => None,
+        };
+        match decision {
+            Some(accept) => {
+                if let Err(e) = self.answer(r.request, accept).await {
+                    self.warn(format!("answering {from}: {e}")).await;
+                } else if !accept {
+                    self.notify(Notice::ContactRefused { from }).await;
+                }
+            }
+            None => {
+                self.asked.insert(*r.request.as_bytes(), from.clone());
+                self.notify(Notice::ContactRequest {
+                    from,
+                    request: r.request.to_hex(),
+                    kind: r.kind.as_str().to_owned(),
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn answer(&mut self, request: Hex16, accept: bool) -> Result<(), LinkError> {
+        let address = if accept { Some(self.address()?) } else { None };
+        self.call(Request::ContactAnswer(ContactAnswerArgs {
+            request,
+            accept,
+            address,
+            pubkey: None,
+            sealed_address: None,
+        }))
+        .await
+        .map(drop)
+    }
+
+    fn on_contact_connecting(&mut self, c: ContactConnecting) {
+        let token = Secret32::from_bytes(*c.token.as_bytes());
+        let id = micromsg_crypto::handshake::token_id(&token);
+        let expires = Instant::now() + self.config.answer_timeout;
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        tokens.insert(id, (token, c.from.as_str().to_owned(), expires));
+    }
+
+    async fn on_contact_accepted(&mut self, a: ContactAccepted) {
+        let request = *a.request.as_bytes();
+        let peer = a.target.as_str().to_owned();
+        let Some(address) = a.address else {
+            self.warn(format!("{peer} accepted without an address"))
+                .await;
+            return;
+        };
+        let token = Secret32::from_bytes(*a.token.as_bytes());
+        let identity = Arc::clone(&self.identity);
+        let cfg = self.config.session.clone();
+        let done = self.handshakes_tx.clone();
+        let _ = self
+            .store
+            .set_address(&peer, Some(address.as_str().to_owned()), unix_now());
+        tokio::spawn(async move {
+            let result = p2p::connect(address.as_str(), &token, &identity, cfg).await;
+            let _ = done
+                .send(HandshakeDone {
+                    peer: Some(peer),
+                    request: Some(request),
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn spawn_respond(&self, stream: tokio::net::TcpStream) {
+        let tokens = Arc::clone(&self.tokens);
+        let identity = Arc::clone(&self.identity);
+        let cfg = self.config.session.clone();
+        let done = self.handshakes_tx.clone();
+        tokio::spawn(async move {
+            let peer_slot: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+            let slot = Arc::clone(&peer_slot);
+            let lookup = move |id: &[u8; 16]| {
+                // A connect token is good for one connection.
+                let mut tokens = tokens.lock().unwrap_or_else(|e| e.into_inner());
+                tokens.remove(id).map(|(token, peer, _)| {
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+                    token
+                })
+            };
+            let result = p2p::accept(stream, lookup, &identity, cfg).await;
+            let peer = peer_slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let _ = done
+                .send(HandshakeDone {
+                    peer,
+                    request: None,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    async fn on_handshake(&mut self, done: HandshakeDone) {
+        let waiting = done.request.and_then(|r| self.outgoing.remove(&r));
+        let fail = |waiting: Option<Outgoing>, message: String| {
+            if let Some(o) = waiting {
+                for w in o.waiters {
+                    let _ = w.send(Reply::err(message.clone()));
+                }
+                for (_, w) in o.queued {
+                    let _ = w.send(Reply::err(message.clone()));
+                }
+            }
+        };
+        let (peer, established) = match (done.peer, done.result) {
+            (Some(peer), Ok(established)) => (peer, established),
+            (peer, Err(e)) => {
+                let who = peer.unwrap_or_else(|| "an unknown peer".into());
+                let message = format!("session setup with {who} failed: {e}");
+                self.warn(message.clone()).await;
+                fail(waiting, message);
+                return;
+            }
+            (None, Ok(_)) => return,
+        };
+        let now = unix_now();
+        let pinned = match self
+            .store
+            .pin_identity(&peer, &established.peer_identity, now)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let message = format!("pinning {peer}'s identity failed: {e}");
+                self.warn(message.clone()).await;
+                fail(waiting, message);
+                return;
+            }
+        };
+        if let PinResult::Changed { old } = pinned {
+            let message = format!(
+                "{peer}'s identity key CHANGED: refusing the session. Compare safety numbers \
+                 out of band before trusting the new key."
+            );
+            self.notify(Notice::IdentityChanged {
+                peer: peer.clone(),
+                pinned: old.to_hex(),
+                presented: established.peer_identity.to_hex(),
+            })
+            .await;
+            fail(waiting, message);
+            return;
+        }
+        let safety_number = crate::store::safety_number(
+            &self.info.number,
+            &self.identity.public_key(),
+            &peer,
+            &established.peer_identity,
+        )
+        .unwrap_or_default();
+        let stored = established.stored_session(now);
+        if let Err(e) = self.store.save_session(&peer, &stored) {
+            let message = format!("saving the session keys for {peer} failed: {e}");
+            self.warn(message.clone()).await;
+            fail(waiting, message);
+            return;
+        }
+        let persist = self.store.counter_persister(&peer).ok();
+        let session_id = established.session_id();
+        let handle = established.start(persist);
+        let (sender, mut events) = handle.into_parts();
+        // A newer session with the same peer replaces the old one.
+        if let Some((old, _)) = self
+            .sessions
+            .insert(peer.clone(), (sender.clone(), session_id))
+        {
+            let _ = old.close("replaced by a new session").await;
+        }
+        let forward = self.events_tx.clone();
+        let tag = peer.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if forward
+                    .send(SessionEvent {
+                        peer: tag.clone(),
+                        session_id,
+                        event,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        self.notify(Notice::SessionStarted {
+            peer: peer.clone(),
+            first_contact: pinned == PinResult::FirstUse,
+            safety_number,
+        })
+        .await;
+        if let Some(o) = waiting {
+            for w in o.waiters {
+                let _ = w.send(Reply::ok(format!("session with {peer} is up")));
+            }
+            for (text, w) in o.queued {
+                let reply = self.send_on(&peer, &sender, session_id, text).await;
+                let _ = w.send(reply);
+            }
+        }
+    }
+
+    async fn send_on(
+        &self,
+        peer: &str,
+        sender: &SessionSender,
+        session_id: [u8; 16],
+        text: String,
+    ) -> Reply {
+        match sender.send_text_tracked(text.clone()).await {
+            Ok(sealed) => match sealed.await {
+                Ok(sealed) => {
+                    let entry = Entry {
+                        direction: Direction::Out,
+                        time: sealed.unix,
+                        text,
+                        session: session_id,
+                        counter: sealed.counter,
+                    };
+                    if let Err(e) = self.store.append_history(peer, &entry) {
+                        self.warn(format!("saving history failed: {e}")).await;
+                    }
+                    Reply::ok(format!("sent to {peer}"))
+                }
+                Err(_) => Reply::err(format!("the session with {peer} ended before sending")),
+            },
+            Err(e) => Reply::err(format!("sending to {peer}: {e}")),
+        }
+    }
+
+    async fn on_session_event(&mut self, event: SessionEvent) {
+        let SessionEvent {
+            peer,
+            session_id,
+            event,
+        } = event;
+        match event {
+            PeerEvent::Text {
+                counter,
+                unix,
+                text,
+            } => {
+                let entry = Entry {
+                    direction: Direction::In,
+                    time: unix,
+                    text: text.clone(),
+                    session: session_id,
+                    counter,
+                };
+                if let Err(e) = self.store.append_history(&peer, &entry) {
+                    self.warn(format!("saving history failed: {e}")).await;
+                }
+                self.notify(Notice::Message {
+                    from: peer,
+                    text,
+                    time: unix,
+                })
+                .await;
+            }
+            PeerEvent::Ended(end) => {
+                if self
+                    .sessions
+                    .get(&peer)
+                    .is_some_and(|(_, id)| *id == session_id)
+                {
+                    self.sessions.remove(&peer);
+                }
+                if let Ok(Some(mut stored)) = self.store.load_session(&peer)
+                    && stored.session_id == session_id
+                {
+                    stored.record_end(&end, unix_now());
+                    if let Err(e) = self.store.save_session(&peer, &stored) {
+                        self.warn(format!("saving the session end failed: {e}"))
+                            .await;
+                    }
+                }
+                self.notify(Notice::SessionEnded {
+                    peer,
+                    reason: end.reason.to_string(),
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
+        match command {
+            Command::ContactAdd { number } => self.initiate(number, None, reply, false).await,
+            Command::Send { number, text } => {
+                if let Some((sender, id)) = self.sessions.get(&number).cloned() {
+                    let r = self.send_on(&number, &sender, id, text).await;
+                    let _ = reply.send(r);
+                } else {
+                    self.initiate(number, Some(text), reply, true).await;
+                }
+            }
+            Command::Block { number } => {
+                let r = self.block(&number, true).await;
+                let _ = reply.send(r);
+            }
+            Command::Unblock { number } => {
+                let r = self.block(&number, false).await;
+                let _ = reply.send(r);
+            }
+            Command::Answer { request, accept } => {
+                let r = match micromsg_crypto::hex::decode_array::<16>(&request) {
+                    Ok(id) if self.asked.remove(&id).is_some() => {
+                        match self.answer(Hex16::from_bytes(id), accept).await {
+                            Ok(()) if accept => {
+                                Reply::ok("accepted; the session starts when they connect")
+                            }
+                            Ok(()) => Reply::ok("rejected (and blocked)"),
+                            Err(e) => Reply::err(e.to_string()),
+                        }
+                    }
+                    _ => Reply::err("no such pending contact request"),
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn block(&mut self, number: &str, block: bool) -> Reply {
+        let Ok(target) = Number::new(number.to_owned()) else {
+            return Reply::err(format!("{number:?} is not a number"));
+        };
+        let request = if block {
+            Request::Block(TargetArgs { target })
+        } else {
+            Request::Unblock(TargetArgs { target })
+        };
+        if let Err(e) = self.call(request).await {
+            return Reply::err(e.to_string());
+        }
+        if let Err(e) = self.store.set_blocked(number, block, unix_now()) {
+            return Reply::err(e.to_string());
+        }
+        if block && let Some((sender, _)) = self.sessions.get(number) {
+            let _ = sender.close("blocked").await;
+        }
+        Reply::ok(if block { "blocked" } else { "unblocked" })
+    }
+
+    async fn initiate(
+        &mut self,
+        number: String,
+        text: Option<String>,
+        reply: oneshot::Sender<Reply>,
+        existing: bool,
+    ) {
+        let Ok(target) = Number::new(number.clone()) else {
+            let _ = reply.send(Reply::err(format!("{number:?} is not a number")));
+            return;
+        };
+        if number == self.info.number {
+            let _ = reply.send(Reply::err("that is your own number"));
+            return;
+        }
+        let request = if existing {
+            Request::InitiateExisting(TargetArgs { target })
+        } else {
+            Request::InitiateNew(InitiateNewArgs {
+                target,
+                address: None,
+            })
+        };
+        let id = match self.call(request).await {
+            Ok(ResponseData::InitiateNew(d) | ResponseData::InitiateExisting(d)) => {
+                *d.request.as_bytes()
+            }
+            Ok(other) => {
+                let _ = reply.send(Reply::err(format!(
+                    "unexpected answer {}",
+                    other.kind().as_str()
+                )));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Reply::err(e.to_string()));
+                return;
+            }
+        };
+        let mut waiting = Outgoing {
+            target: number,
+            deadline: Instant::now() + self.config.answer_timeout,
+            waiters: Vec::new(),
+            queued: Vec::new(),
+        };
+        match text {
+            Some(text) => waiting.queued.push((text, reply)),
+            None => waiting.waiters.push(reply),
+        }
+        self.outgoing.insert(id, waiting);
+    }
+}
+
+async fn serve_control(listener: UnixListener, control: mpsc::Sender<ControlRequest>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let control = control.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = match serde_json::from_str::<Command>(&line) {
+                    Ok(command) => {
+                        let (tx, rx) = oneshot::channel();
+                        if control
+                            .send(ControlRequest { command, reply: tx })
+                            .await
+                            .is_err()
+                        {
+                            Reply::err("the agent is stopping")
+                        } else {
+                            rx.await.unwrap_or_else(|_| {
+                                Reply::err("the agent stopped before answering")
+                            })
+                        }
+                    }
+                    Err(e) => Reply::err(format!("bad command: {e}")),
+                };
+                let mut out = serde_json::to_string(&reply).unwrap_or_default();
+                out.push('\n');
+                if write.write_all(out.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}

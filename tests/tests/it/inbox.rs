@@ -1,0 +1,242 @@
+//! Offline inboxes at the broker: deposits acknowledged after commit, delivery by fetch and
+//! ack, both multi-device modes, quota, and copies of sent messages to the sender's devices.
+//! Bodies here are opaque bytes; end-to-end sealing is the client's (see the client tests).
+
+use std::time::Duration;
+
+use micromsg_broker::config::InboxMode;
+use micromsg_client::account::{self, Session};
+use micromsg_client::profile::Profile;
+use micromsg_tests::{Backend, TestBroker};
+use micromsg_wire::message::request::{
+    AddDeviceArgs, ContactAnswerArgs, DepositArgs, InboxAckArgs, InboxFetchArgs, InitiateNewArgs,
+    SyncCopyArgs,
+};
+use micromsg_wire::message::response::InboxMessage;
+use micromsg_wire::{Address, Blob, ErrorCode, Event, Hex16, Number, Request, ResponseData};
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(micromsg_tests::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(micromsg_tests::Backend::Postgres).await })*
+        }
+    };
+}
+
+both_backends!(
+    entity_mode_copies_to_every_device,
+    number_mode_keeps_until_every_device_acked,
+    quota_exceeded_keeps_what_is_stored,
+    deposits_need_a_contact_pair,
+);
+
+async fn user(broker: &TestBroker, name: &str) -> Session {
+    let p = Profile::new(broker.profile_dir(name));
+    account::register(&p, &broker.addr, &broker.ca, None)
+        .await
+        .unwrap()
+}
+
+fn number(s: &Session) -> Number {
+    Number::new(s.info.number.clone()).unwrap()
+}
+
+/// Makes `a` and `b` a contact pair through INITIATE-NEW and an accepting answer.
+async fn pair(a: &mut Session, b: &mut Session) {
+    a.link
+        .call(Request::InitiateNew(InitiateNewArgs {
+            target: number(b),
+            address: None,
+        }))
+        .await
+        .unwrap();
+    let Event::ContactRequest(r) = b.link.next_event().await.unwrap() else {
+        panic!("expected a contact request")
+    };
+    b.link
+        .call(Request::ContactAnswer(ContactAnswerArgs {
+            request: r.request,
+            accept: true,
+            address: Some(Address::new("127.0.0.1:9").unwrap()),
+            pubkey: None,
+            sealed_address: None,
+        }))
+        .await
+        .unwrap();
+    // Drain the CONTACT-CONNECTING / CONTACT-ACCEPTED events.
+    let _ = b.link.next_event().await.unwrap();
+    let _ = a.link.next_event().await.unwrap();
+}
+
+/// A second device for `s`, logged in.
+async fn second_device(broker: &TestBroker, s: &mut Session, name: &str) -> Session {
+    let secret = match s
+        .link
+        .call(Request::AddDevice(AddDeviceArgs { name: None }))
+        .await
+        .unwrap()
+    {
+        ResponseData::AddDevice(d) => d.secret.to_hex(),
+        other => panic!("{other:?}"),
+    };
+    let p = Profile::new(broker.profile_dir(name));
+    account::join(&p, &broker.addr, &broker.ca, &s.info.number, &secret)
+        .await
+        .unwrap()
+}
+
+async fn deposit(
+    s: &mut Session,
+    to: &Number,
+    id: u8,
+    body: &[u8],
+) -> Result<ResponseData, micromsg_client::link::LinkError> {
+    s.link
+        .call(Request::Deposit(DepositArgs {
+            target: to.clone(),
+            id: Hex16::from_bytes([id; 16]),
+            body: Blob::new(body.to_vec()),
+        }))
+        .await
+}
+
+async fn fetch(s: &mut Session) -> Vec<InboxMessage> {
+    match s
+        .link
+        .call(Request::InboxFetch(InboxFetchArgs {
+            limit: None,
+            after: None,
+        }))
+        .await
+        .unwrap()
+    {
+        ResponseData::InboxFetch(d) => d.messages,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn ack(s: &mut Session, ids: &[u8]) -> u32 {
+    match s
+        .link
+        .call(Request::InboxAck(InboxAckArgs {
+            ids: ids.iter().map(|i| Hex16::from_bytes([*i; 16])).collect(),
+        }))
+        .await
+        .unwrap()
+    {
+        ResponseData::InboxAck(d) => d.removed,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn entity_mode_copies_to_every_device(backend: Backend) {
+    let broker = TestBroker::start(backend, |c| c.inbox.mode = InboxMode::Entity).await;
+    let mut a = user(&broker, "a").await;
+    let mut b = user(&broker, "b").await;
+    pair(&mut a, &mut b).await;
+    let mut b2 = second_device(&broker, &mut b, "b2").await;
+    let mut a2 = second_device(&broker, &mut a, "a2").await;
+    deposit(&mut a, &number(&b), 1, b"first").await.unwrap();
+    deposit(&mut a, &number(&b), 2, b"second").await.unwrap();
+    // Re-depositing the same id is idempotent (a retry after a lost ack).
+    deposit(&mut a, &number(&b), 2, b"second").await.unwrap();
+    // The sender copies what it sent to its other devices.
+    a.link
+        .call(Request::SyncCopy(SyncCopyArgs {
+            id: Hex16::from_bytes([1; 16]),
+            body: Blob::new(b"copy of first".to_vec()),
+            peer: number(&b),
+        }))
+        .await
+        .unwrap();
+    // Online devices are told something is waiting.
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(5), b2.link.next_event())
+            .await
+            .unwrap()
+            .unwrap(),
+        Event::Inbox(_)
+    ));
+    for device in [&mut b, &mut b2] {
+        let got = fetch(device).await;
+        let bodies: Vec<&[u8]> = got.iter().map(|m| m.body.as_bytes()).collect();
+        assert_eq!(
+            bodies,
+            vec![&b"first"[..], &b"second"[..]],
+            "each device has its own copy, in order"
+        );
+        assert!(got.iter().all(|m| m.from.as_str() == a.info.number));
+        assert_eq!(ack(device, &[1, 2]).await, 2);
+        assert!(fetch(device).await.is_empty());
+    }
+    let copies = fetch(&mut a2).await;
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].body.as_bytes(), b"copy of first");
+    assert!(
+        fetch(&mut a).await.is_empty(),
+        "the sending device gets no copy of its own"
+    );
+    broker.stop().await;
+}
+
+async fn number_mode_keeps_until_every_device_acked(backend: Backend) {
+    let broker = TestBroker::start(backend, |c| c.inbox.mode = InboxMode::Number).await;
+    let mut a = user(&broker, "a").await;
+    let mut b = user(&broker, "b").await;
+    pair(&mut a, &mut b).await;
+    let mut b2 = second_device(&broker, &mut b, "b2").await;
+    deposit(&mut a, &number(&b), 7, b"shared").await.unwrap();
+    assert_eq!(fetch(&mut b).await.len(), 1);
+    assert_eq!(ack(&mut b, &[7]).await, 1);
+    assert!(
+        fetch(&mut b).await.is_empty(),
+        "acknowledged by this device"
+    );
+    let still = fetch(&mut b2).await;
+    assert_eq!(
+        still.len(),
+        1,
+        "kept for the device that has not acknowledged"
+    );
+    assert_eq!(ack(&mut b2, &[7]).await, 1);
+    assert!(fetch(&mut b2).await.is_empty());
+    assert_eq!(
+        broker.running.broker.store.inbox_depth().await.unwrap(),
+        0,
+        "deleted once all acked"
+    );
+    broker.stop().await;
+}
+
+async fn quota_exceeded_keeps_what_is_stored(backend: Backend) {
+    let broker = TestBroker::start(backend, |c| c.inbox.quota_per_device = 3).await;
+    let mut a = user(&broker, "a").await;
+    let mut b = user(&broker, "b").await;
+    pair(&mut a, &mut b).await;
+    for id in 1..=3 {
+        deposit(&mut a, &number(&b), id, &[id; 32]).await.unwrap();
+    }
+    let err = deposit(&mut a, &number(&b), 4, &[4; 32]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
+    let got = fetch(&mut b).await;
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[2].body.as_bytes(), &[3; 32]);
+    broker.stop().await;
+}
+
+async fn deposits_need_a_contact_pair(backend: Backend) {
+    let broker = TestBroker::start(backend, |_| {}).await;
+    let mut a = user(&broker, "a").await;
+    let b = user(&broker, "b").await;
+    let err = deposit(&mut a, &number(&b), 1, b"x").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let big = vec![0u8; 48_001];
+    let err = deposit(&mut a, &number(&b), 1, &big).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadArgs));
+    broker.stop().await;
+}
