@@ -5,3 +5,4 @@
 mod broker_core;
 mod contacts;
 mod inbox;
+mod sessions;

@@ -1,0 +1,253 @@
+//! End-to-end sessions through the client agent (what `micromsg listen` runs): contact setup,
+//! messages both ways, the disconnect notice, accept policies, and identity key changes.
+//! Wire-level session properties (heartbeat timeout, replay and tamper refusal) are tested
+//! against real sockets in `client/tests/p2p.rs`.
+
+use std::time::Duration;
+
+use micromsg_client::account::{self, Session};
+use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
+use micromsg_client::profile::Profile;
+use micromsg_crypto::Secret32;
+use micromsg_tests::{Backend, TestBroker};
+use tokio::sync::mpsc;
+
+struct Device {
+    profile: Profile,
+    number: String,
+}
+
+async fn register(broker: &TestBroker, name: &str) -> Device {
+    let profile = Profile::new(broker.profile_dir(name));
+    let session: Session = account::register(&profile, &broker.addr, &broker.ca, None)
+        .await
+        .unwrap();
+    Device {
+        profile,
+        number: session.info.number,
+    }
+}
+
+fn config(accept: AcceptPolicy) -> AgentConfig {
+    AgentConfig {
+        accept,
+        peer_listen: "127.0.0.1:0".parse().unwrap(),
+        control: false,
+        answer_timeout: Duration::from_secs(2),
+        ..AgentConfig::default()
+    }
+}
+
+async fn online(device: &Device, accept: AcceptPolicy) -> (AgentHandle, mpsc::Receiver<Notice>) {
+    let (tx, rx) = mpsc::channel(256);
+    let handle = agent::start(device.profile.clone(), config(accept), tx)
+        .await
+        .unwrap();
+    (handle, rx)
+}
+
+/// The next notice matching `pick`, skipping others; fails after 10 s.
+async fn expect<T>(
+    rx: &mut mpsc::Receiver<Notice>,
+    mut pick: impl FnMut(&Notice) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let notice = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("timed out waiting for a notice")
+            .expect("the agent stopped");
+        if let Some(t) = pick(&notice) {
+            return t;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contact_setup_messages_both_ways_and_disconnect_notice() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (b_agent, mut b_rx) = online(&b, AcceptPolicy::Any).await;
+    let (a_agent, mut a_rx) = online(&a, AcceptPolicy::Any).await;
+
+    let reply = a_agent
+        .command(Command::ContactAdd {
+            number: b.number.clone(),
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let a_safety = expect(&mut a_rx, |n| match n {
+        Notice::SessionStarted {
+            peer,
+            first_contact: true,
+            safety_number,
+        } if *peer == b.number => Some(safety_number.clone()),
+        _ => None,
+    })
+    .await;
+    let b_safety = expect(&mut b_rx, |n| match n {
+        Notice::SessionStarted {
+            peer,
+            safety_number,
+            ..
+        } if *peer == a.number => Some(safety_number.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        a_safety, b_safety,
+        "both sides compute the same safety number"
+    );
+
+    for text in ["hello", "second", "third"] {
+        let reply = a_agent
+            .command(Command::Send {
+                number: b.number.clone(),
+                text: text.into(),
+            })
+            .await;
+        assert!(reply.ok, "{reply:?}");
+    }
+    for want in ["hello", "second", "third"] {
+        let got = expect(&mut b_rx, |n| match n {
+            Notice::Message { from, text, .. } if *from == a.number => Some(text.clone()),
+            _ => None,
+        })
+        .await;
+        assert_eq!(got, want, "messages arrive in order");
+    }
+    let reply = b_agent
+        .command(Command::Send {
+            number: a.number.clone(),
+            text: "hi back".into(),
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let got = expect(&mut a_rx, |n| match n {
+        Notice::Message { from, text, .. } if *from == b.number => Some(text.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, "hi back");
+
+    // B goes offline: A is told, with B's reason.
+    b_agent.stop().await.unwrap();
+    let reason = expect(&mut a_rx, |n| match n {
+        Notice::SessionEnded { peer, reason } if *peer == b.number => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(reason.contains("going offline"), "{reason}");
+
+    // Both histories hold the conversation.
+    let history = micromsg_client::store::Store::new(&a.profile)
+        .read_history(&b.number)
+        .unwrap();
+    let texts: Vec<&str> = history.iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(texts, vec!["hello", "second", "third", "hi back"]);
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_policy_waits_for_an_answer_and_contacts_policy_refuses_strangers() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let c = register(&broker, "c").await;
+    let (b_agent, mut b_rx) = online(&b, AcceptPolicy::Ask).await;
+    let (a_agent, mut a_rx) = online(&a, AcceptPolicy::Any).await;
+
+    let adding = tokio::spawn(async move {
+        let reply = a_agent
+            .command(Command::ContactAdd {
+                number: b.number.clone(),
+            })
+            .await;
+        (a_agent, reply)
+    });
+    let request = expect(&mut b_rx, |n| match n {
+        Notice::ContactRequest { from, request, .. } if *from == a.number => Some(request.clone()),
+        _ => None,
+    })
+    .await;
+    let reply = b_agent
+        .command(Command::Answer {
+            request,
+            accept: true,
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let (a_agent, reply) = adding.await.unwrap();
+    assert!(reply.ok, "{reply:?}");
+    expect(&mut a_rx, |n| {
+        matches!(n, Notice::SessionStarted { .. }).then_some(())
+    })
+    .await;
+    b_agent.stop().await.unwrap();
+    a_agent.stop().await.unwrap();
+
+    // With the contacts policy, a stranger is refused and hears nothing back.
+    let (c_agent, mut c_rx) = online(&c, AcceptPolicy::Contacts).await;
+    let (a_agent, _a_rx) = online(&a, AcceptPolicy::Any).await;
+    let reply = a_agent
+        .command(Command::ContactAdd {
+            number: c.number.clone(),
+        })
+        .await;
+    assert!(!reply.ok, "{reply:?}");
+    assert!(reply.message.contains("no answer"), "{}", reply.message);
+    expect(&mut c_rx, |n| match n {
+        Notice::ContactRefused { from } if *from == a.number => Some(()),
+        _ => None,
+    })
+    .await;
+    c_agent.stop().await.unwrap();
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_identity_key_is_detected_and_refused() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (b_agent, _b_rx) = online(&b, AcceptPolicy::Any).await;
+    let (a_agent, mut a_rx) = online(&a, AcceptPolicy::Any).await;
+    let reply = a_agent
+        .command(Command::ContactAdd {
+            number: b.number.clone(),
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    b_agent.stop().await.unwrap();
+
+    // B comes back with a different identity key (a reinstall — or an impostor holding B's
+    // broker secrets).
+    let mut secrets = b.profile.secrets().unwrap();
+    secrets.identity_seed = Secret32::from_bytes([0x42; 32]);
+    b.profile.write_secrets(&secrets).unwrap();
+    let (b_agent, _b_rx) = online(&b, AcceptPolicy::Any).await;
+
+    let reply = a_agent
+        .command(Command::Send {
+            number: b.number.clone(),
+            text: "are you still you?".into(),
+        })
+        .await;
+    assert!(!reply.ok, "nothing may be sent to a changed key: {reply:?}");
+    let (pinned, presented) = expect(&mut a_rx, |n| match n {
+        Notice::IdentityChanged {
+            peer,
+            pinned,
+            presented,
+        } if *peer == b.number => Some((pinned.clone(), presented.clone())),
+        _ => None,
+    })
+    .await;
+    assert_ne!(pinned, presented);
+    b_agent.stop().await.unwrap();
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
