@@ -144,9 +144,11 @@ impl Server {
             let broker = Arc::clone(&self.broker);
             let acceptor = self.acceptor.clone();
             let shutdown = shutdown.clone();
-            let span = info_span!("conn", peer = %peer);
+            // Client addresses are personal data: they appear in logs only at debug level.
+            let span = info_span!("conn");
             tasks.spawn(
                 async move {
+                    debug!(%peer, "accepted");
                     serve(broker, acceptor, tcp, peer, shutdown).await;
                     drop(ip_slot);
                     drop(permit);

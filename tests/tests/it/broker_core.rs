@@ -374,3 +374,139 @@ async fn read_raw(stream: &mut RawTls) -> Message {
     stream.read_exact(&mut body).await.unwrap();
     Message::decode(&body, &micromsg_wire::Limits::default()).unwrap()
 }
+
+/// Server hygiene does not depend on the store, so these run on SQLite only.
+mod hygiene {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Reads until the peer closes; returns how long that took.
+    async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+        stream: &mut S,
+        limit: Duration,
+    ) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("the broker did not close the connection within {limit:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_ip_connection_limit_closes_extra_connections() {
+        let broker =
+            TestBroker::start(Backend::Sqlite, |c| c.limits.max_connections_per_ip = 2).await;
+        let mut first = raw_link(&broker).await;
+        let mut second = raw_link(&broker).await;
+        // The third TCP connection from the same address is closed before TLS.
+        let mut third = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+        closed_within(&mut third, Duration::from_secs(5)).await;
+        // The first two keep working.
+        assert!(matches!(
+            first.call(Request::Ping).await.unwrap(),
+            ResponseData::Ping(_)
+        ));
+        assert!(matches!(
+            second.call(Request::Ping).await.unwrap(),
+            ResponseData::Ping(_)
+        ));
+        // A slot frees up when one leaves.
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut again = raw_link(&broker).await;
+        assert!(matches!(
+            again.call(Request::Ping).await.unwrap(),
+            ResponseData::Ping(_)
+        ));
+        broker.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_connections_are_closed_by_the_handshake_and_idle_timeouts() {
+        let broker = TestBroker::start(Backend::Sqlite, |c| {
+            c.limits.handshake_timeout_secs = 1;
+            c.limits.idle_timeout_secs = 1;
+        })
+        .await;
+        // No TLS ClientHello at all: closed after the handshake timeout.
+        let mut mute = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+        let took = closed_within(&mut mute, Duration::from_secs(5)).await;
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+        // TLS done, then silence: closed after the idle timeout; a PING keeps it alive.
+        let mut tls = raw_tls(&broker).await;
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            write_raw(&mut tls, b"Request: PING\nId: 1\n").await;
+            assert!(matches!(read_raw(&mut tls).await, Message::Response(_)));
+        }
+        let took = closed_within(&mut tls, Duration::from_secs(5)).await;
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+        broker.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registrations_per_ip_and_login_failures_are_limited() {
+        let broker = TestBroker::start(Backend::Sqlite, |c| {
+            c.registration.per_ip_per_hour = 2;
+            c.auth.max_login_failures = 3;
+        })
+        .await;
+        let mut link = raw_link(&broker).await;
+        let register = || {
+            Request::Register(RegisterArgs {
+                token: None,
+                server_secret: Hex32::from_bytes([1; 32]),
+            })
+        };
+        let first = match link.call(register()).await.unwrap() {
+            ResponseData::Register(d) => d,
+            other => panic!("{other:?}"),
+        };
+        link.call(register()).await.unwrap();
+        let err = link.call(register()).await.unwrap_err();
+        match err {
+            LinkError::Refused {
+                code, retry_after, ..
+            } => {
+                assert_eq!(code, ErrorCode::RateLimited);
+                assert!(retry_after.is_some_and(|s| s > 0));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Three wrong nonces lock the entity; then even the right one is refused for a while.
+        let bad = |n: u8| {
+            Request::Login(micromsg_wire::message::request::LoginArgs {
+                entity: first.entity.clone(),
+                device: first.device,
+                secret: Hex32::from_bytes([n; 32]),
+            })
+        };
+        for n in 0..3 {
+            let mut l = raw_link(&broker).await;
+            assert_eq!(
+                l.call(bad(n)).await.unwrap_err().code(),
+                Some(ErrorCode::AuthFailed)
+            );
+        }
+        let mut l = raw_link(&broker).await;
+        let secret = Secret32::from_bytes(*first.client_secret.as_bytes());
+        let err = l
+            .login(
+                first.entity.as_str(),
+                first.device.get(),
+                &secret,
+                &Secret32::from_bytes([1; 32]),
+                6,
+                account::unix_now(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Locked), "{err}");
+        broker.stop().await;
+    }
+}
