@@ -11,6 +11,15 @@
 //!
 //! Everything that touches the link or the tables runs in the one loop, so there are no locks
 //! except the token table, which the handshake tasks read.
+//!
+//! Offline and multi-device (protocol 12.11, 13): the agent fetches its inbox at start and on
+//! every INBOX event ([`crate::inbox`]). `send` to a contact with no live session first asks
+//! for one (INITIATE-EXISTING) and, when none is up within [`AgentConfig::offline_after`],
+//! seals the message with this device's latest session with the contact (never one that is
+//! live) and DEPOSITs it. Every message this device sends is also copied to the entity's
+//! other devices (SYNC-COPY), every live message is also deposited for the contact's other
+//! devices, and every new session's keys go to the entity's other devices (`MMK1`), so each
+//! device can read the whole conversation.
 //! `micromsg listen` runs an agent until stopped; a one-shot command with no agent running
 //! starts a short-lived one, runs the command through it, and stops it.
 
@@ -22,17 +31,22 @@ use std::time::{Duration, Instant};
 
 use micromsg_crypto::Secret32;
 use micromsg_crypto::identity::IdentityKey;
+use micromsg_crypto::message::OfflineEnvelope;
 use micromsg_wire::message::event::{ContactAccepted, ContactConnecting, ContactRequest};
 use micromsg_wire::message::request::{
-    ContactAnswerArgs, ContactPolicyArgs, InitiateNewArgs, TargetArgs,
+    ContactAnswerArgs, ContactPolicyArgs, DepositArgs, InitiateNewArgs, SyncCopyArgs, TargetArgs,
 };
-use micromsg_wire::{Address, Event, Hex16, Message, Number, Request, ResponseData};
+use micromsg_wire::{
+    Address, Blob, ErrorCode, Event, Hex16, Message, Number, Request, ResponseData,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::account::{self, AccountError, Session, unix_now};
+use crate::inbox::{Arrived, Delivery, InboxError, LiveRecv, LiveTable, new_message_id};
+use crate::keys::{self, SharedSession};
 use crate::link::{BrokerLink, LinkError};
 use crate::p2p::{self, Established, P2pError, PeerEvent, SessionConfig, SessionSender};
 use crate::profile::{Profile, ProfileInfo};
@@ -71,6 +85,16 @@ pub struct AgentConfig {
     /// Announce the listening address and contact policy to the broker (off for the short-lived
     /// agent of a one-shot command, which nobody should connect to).
     pub announce: bool,
+    /// How long `send` waits for a contact without a live session to come online before it
+    /// deposits the message at the broker instead. Default 10 s.
+    pub offline_after: Duration,
+    /// Fetch the inbox at start and on every INBOX event. Default true (off for the
+    /// short-lived agent of a one-shot command other than `inbox`).
+    pub inbox: bool,
+    /// Copy what this device sends to the entity's other devices (SYNC-COPY), deposit a copy
+    /// of each live message for the contact's other devices, and share new sessions' keys with
+    /// the entity's other devices. Default true.
+    pub copies: bool,
 }
 
 impl Default for AgentConfig {
@@ -84,6 +108,9 @@ impl Default for AgentConfig {
             auto_existing: true,
             answer_timeout: Duration::from_secs(60),
             announce: true,
+            offline_after: Duration::from_secs(10),
+            inbox: true,
+            copies: true,
         }
     }
 }
@@ -142,6 +169,28 @@ pub enum Notice {
         text: String,
         /// The sender's clock (Unix seconds).
         time: u64,
+        /// True when it came through the broker's inbox (deposited while this device was
+        /// offline, or a copy), false when it came over a live session.
+        offline: bool,
+    },
+    /// A copy of a message another device of this entity sent.
+    SentElsewhere {
+        /// The contact it went to.
+        to: String,
+        /// The device of this entity that sent it.
+        device: u32,
+        /// The text.
+        text: String,
+        /// The sending device's clock (Unix seconds).
+        time: u64,
+    },
+    /// Another device of this entity shared the keys of a session with `peer`, so this device
+    /// can read that conversation.
+    KeysSynced {
+        /// The contact.
+        peer: String,
+        /// The device that set the session up.
+        device: u32,
     },
     /// A session is over.
     SessionEnded {
@@ -190,6 +239,8 @@ pub enum Command {
         /// Accept or reject.
         accept: bool,
     },
+    /// Fetch the inbox now; the reply's `data.messages` lists what arrived.
+    Inbox,
 }
 
 /// The agent's answer to a [`Command`].
@@ -199,6 +250,9 @@ pub struct Reply {
     pub ok: bool,
     /// What happened, for people.
     pub message: String,
+    /// Details for programs (`send`: how it was delivered; `inbox`: the messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 impl Reply {
@@ -206,6 +260,7 @@ impl Reply {
         Self {
             ok: true,
             message: message.into(),
+            data: None,
         }
     }
 
@@ -213,7 +268,13 @@ impl Reply {
         Self {
             ok: false,
             message: message.into(),
+            data: None,
         }
+    }
+
+    fn with(mut self, data: serde_json::Value) -> Self {
+        self.data = Some(data);
+        self
     }
 }
 
@@ -392,6 +453,8 @@ struct Outgoing {
     waiters: Vec<oneshot::Sender<Reply>>,
     /// Messages to send once the session is up.
     queued: Vec<(String, oneshot::Sender<Reply>)>,
+    /// Deposit the queued messages at the broker if no session is up by the deadline.
+    deposit_on_timeout: bool,
 }
 
 /// Connect tokens we were given as the target, by token id.
@@ -428,6 +491,12 @@ struct Agent {
     handshakes_rx: mpsc::Receiver<HandshakeDone>,
     events_tx: mpsc::Sender<SessionEvent>,
     events_rx: mpsc::Receiver<SessionEvent>,
+    /// Offline delivery state (ids taken, envelopes waiting for keys).
+    delivery: Delivery,
+    /// What live sessions received, so the inbox copy of a live message is not shown twice.
+    live: LiveTable,
+    /// An INBOX event came: fetch once the current step is done.
+    inbox_due: bool,
 }
 
 impl Agent {
@@ -441,8 +510,20 @@ impl Agent {
     ) -> Result<Self, AgentError> {
         let (handshakes_tx, handshakes_rx) = mpsc::channel(64);
         let (events_tx, events_rx) = mpsc::channel(1024);
+        let store = Store::new(&profile);
+        let delivery = Delivery::new(
+            store.clone(),
+            &session.info.number,
+            session.info.device,
+            identity.seed(),
+        )
+        .map_err(|e| AgentError::Io {
+            what: "reading the inbox state".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let inbox_due = config.inbox;
         Ok(Self {
-            store: Store::new(&profile),
+            store,
             profile,
             info: session.info,
             identity: Arc::new(identity),
@@ -458,6 +539,9 @@ impl Agent {
             handshakes_rx,
             events_tx,
             events_rx,
+            delivery,
+            live: LiveTable::new(),
+            inbox_due,
         })
     }
 
@@ -500,6 +584,10 @@ impl Agent {
         keepalive.tick().await;
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
+            if self.inbox_due {
+                self.inbox_due = false;
+                self.fetch_inbox().await;
+            }
             tokio::select! {
                 _ = &mut stop => break Ok(()),
                 message = self.link.next_message() => match message {
@@ -520,7 +608,7 @@ impl Agent {
                     }
                     self.drain_queued_events().await;
                 }
-                _ = sweep.tick() => self.expire(),
+                _ = sweep.tick() => self.expire().await,
             }
         };
         // Say goodbye to every peer, then give the sessions a moment to flush.
@@ -552,7 +640,7 @@ impl Agent {
         result
     }
 
-    fn expire(&mut self) {
+    async fn expire(&mut self) {
         let now = Instant::now();
         let expired: Vec<[u8; 16]> = self
             .outgoing
@@ -562,6 +650,13 @@ impl Agent {
             .collect();
         for id in expired {
             if let Some(o) = self.outgoing.remove(&id) {
+                if o.deposit_on_timeout {
+                    for (text, waiter) in o.queued {
+                        let reply = self.send_offline(&o.target, &text).await;
+                        let _ = waiter.send(reply);
+                    }
+                    continue;
+                }
                 let message = format!(
                     "no answer from {} (it may not exist, be offline, or have declined)",
                     o.target
@@ -578,6 +673,202 @@ impl Agent {
         tokens.retain(|_, (_, _, expires)| *expires > now);
     }
 
+    /// Fetches the inbox and reports what arrived (errors become warnings).
+    async fn fetch_inbox(&mut self) -> Vec<Arrived> {
+        let result = self
+            .delivery
+            .fetch_all(&mut self.link, &mut self.live, unix_now())
+            .await;
+        match result {
+            Ok(arrived) => {
+                for a in &arrived {
+                    self.report(a).await;
+                }
+                arrived
+            }
+            Err(InboxError::Link(e)) => {
+                self.warn(format!("fetching the inbox failed: {e}")).await;
+                Vec::new()
+            }
+            Err(InboxError::Store(e)) => {
+                self.warn(format!(
+                    "storing inbox messages failed (they stay at the broker): {e}"
+                ))
+                .await;
+                Vec::new()
+            }
+        }
+    }
+
+    async fn report(&self, arrived: &Arrived) {
+        match arrived {
+            Arrived::Message {
+                peer,
+                direction: Direction::In,
+                text,
+                time,
+                ..
+            } => {
+                self.notify(Notice::Message {
+                    from: peer.clone(),
+                    text: text.clone(),
+                    time: *time,
+                    offline: true,
+                })
+                .await;
+            }
+            Arrived::Message {
+                peer,
+                direction: Direction::Out,
+                from_device,
+                text,
+                time,
+            } => {
+                self.notify(Notice::SentElsewhere {
+                    to: peer.clone(),
+                    device: *from_device,
+                    text: text.clone(),
+                    time: *time,
+                })
+                .await;
+            }
+            Arrived::KeysSynced { peer, device } => {
+                self.notify(Notice::KeysSynced {
+                    peer: peer.clone(),
+                    device: *device,
+                })
+                .await;
+            }
+            Arrived::Dropped { reason } => self.warn(format!("inbox: dropped {reason}")).await,
+            Arrived::Linked(_) => {}
+        }
+    }
+
+    /// Seals `text` with this device's latest session with `peer` (never a live one) and
+    /// deposits it; the history gets it once the broker has committed it.
+    async fn send_offline(&mut self, peer: &str, text: &str) -> Reply {
+        let Ok(target) = Number::new(peer.to_owned()) else {
+            return Reply::err(format!("{peer:?} is not a number"));
+        };
+        if self.sessions.contains_key(peer) {
+            return Reply::err(format!(
+                "{peer} has a live session; refusing to seal an offline message with live keys"
+            ));
+        }
+        let mut stored = match self.store.load_session(peer) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return Reply::err(format!(
+                    "{peer} did not come online, and this device has no earlier session with                      {peer} to seal an offline message with (a device sends offline only with                      sessions it set up itself); try again when {peer} is online"
+                ));
+            }
+            Err(e) => return Reply::err(format!("reading the session with {peer}: {e}")),
+        };
+        let now = unix_now();
+        let envelope = match stored.seal_offline_text(now, text) {
+            Ok(e) => e,
+            Err(e) => return Reply::err(format!("sealing for {peer}: {e}")),
+        };
+        let counter = stored.next_send_counter.saturating_sub(1);
+        // The counter is on disk before the envelope leaves the device (12.7).
+        if let Err(e) = self.store.save_session(peer, &stored) {
+            return Reply::err(format!("saving the send counter: {e}"));
+        }
+        let id = new_message_id();
+        let deposit = Request::Deposit(DepositArgs {
+            target,
+            id,
+            body: Blob::new(envelope.clone()),
+        });
+        let expires = match self.call(deposit).await {
+            Ok(ResponseData::Deposit(d)) => d.expires,
+            Ok(other) => {
+                return Reply::err(format!("unexpected answer {}", other.kind().as_str()));
+            }
+            Err(e) => return Reply::err(deposit_error(peer, &e)),
+        };
+        let entry = Entry {
+            direction: Direction::Out,
+            time: now,
+            text: text.to_owned(),
+            session: stored.session_id,
+            counter,
+            offline: true,
+        };
+        if let Err(e) = self.store.append_history(peer, &entry) {
+            self.warn(format!("saving history failed: {e}")).await;
+        }
+        self.sync_copy(peer, envelope).await;
+        Reply::ok(format!(
+            "{peer} is offline; message deposited at the broker (expires {})",
+            describe_expiry(expires, now)
+        ))
+        .with(serde_json::json!({
+            "delivered": "deposited",
+            "id": id.to_hex(),
+            "expires": expires,
+        }))
+    }
+
+    /// Copies what this device sent to the entity's other devices (13.3). Failures are only
+    /// warnings: the message itself went out.
+    async fn sync_copy(&mut self, peer: &str, body: Vec<u8>) {
+        if !self.config.copies {
+            return;
+        }
+        let Ok(peer_number) = Number::new(peer.to_owned()) else {
+            return;
+        };
+        let request = Request::SyncCopy(SyncCopyArgs {
+            id: new_message_id(),
+            body: Blob::new(body),
+            peer: peer_number,
+        });
+        if let Err(e) = self.call(request).await {
+            self.warn(format!(
+                "copying to this entity's other devices failed: {e}"
+            ))
+            .await;
+        }
+    }
+
+    /// Deposits the envelope of a message sent live for the contact's other devices (13: the
+    /// device with the live session gets it live; the broker's copy reaches the others, and
+    /// the live device drops it as a repeat). Failures are only warnings.
+    async fn deposit_copy(&mut self, peer: &str, body: Vec<u8>) {
+        let Ok(target) = Number::new(peer.to_owned()) else {
+            return;
+        };
+        let request = Request::Deposit(DepositArgs {
+            target,
+            id: new_message_id(),
+            body: Blob::new(body),
+        });
+        if let Err(e) = self.call(request).await {
+            self.warn(format!(
+                "leaving a copy for {peer}'s other devices failed: {}",
+                deposit_error(peer, &e)
+            ))
+            .await;
+        }
+    }
+
+    /// Shares a new session's keys with the entity's other devices (`MMK1`, 13.4).
+    async fn share_session(&mut self, peer: &str, session: &crate::p2p::StoredSession) {
+        if !self.config.copies {
+            return;
+        }
+        let shared = SharedSession {
+            peer: peer.to_owned(),
+            device: self.info.device,
+            session: session.clone(),
+        };
+        match keys::seal_session_sync(&self.identity.seed(), &shared) {
+            Ok(blob) => self.sync_copy(peer, blob).await,
+            Err(e) => self.warn(format!("sharing session keys failed: {e}")).await,
+        }
+    }
+
     async fn on_broker_event(&mut self, event: Event) {
         match event {
             Event::ContactRequest(r) => self.on_contact_request(r).await,
@@ -585,7 +876,12 @@ impl Agent {
             Event::ContactConnecting(c) => self.on_contact_connecting(c),
             Event::Shutdown(_) => self.warn("the broker is shutting down").await,
             Event::DeviceRevoked(_) => self.warn("this device was revoked").await,
-            Event::Inbox(_) | Event::PubkeyRequest(_) => {}
+            Event::Inbox(_) => {
+                if self.config.inbox {
+                    self.inbox_due = true;
+                }
+            }
+            Event::PubkeyRequest(_) => {}
         }
     }
 
@@ -759,6 +1055,7 @@ impl Agent {
         }
         let persist = self.store.counter_persister(&peer).ok();
         let session_id = established.session_id();
+        self.live.insert(session_id, LiveRecv::default());
         let handle = established.start(persist);
         let (sender, mut events) = handle.into_parts();
         // A newer session with the same peer replaces the old one.
@@ -791,6 +1088,7 @@ impl Agent {
             safety_number,
         })
         .await;
+        self.share_session(&peer, &stored).await;
         if let Some(o) = waiting {
             for w in o.waiters {
                 let _ = w.send(Reply::ok(format!("session with {peer} is up")));
@@ -803,7 +1101,7 @@ impl Agent {
     }
 
     async fn send_on(
-        &self,
+        &mut self,
         peer: &str,
         sender: &SessionSender,
         session_id: [u8; 16],
@@ -812,17 +1110,28 @@ impl Agent {
         match sender.send_text_tracked(text.clone()).await {
             Ok(sealed) => match sealed.await {
                 Ok(sealed) => {
+                    let envelope = OfflineEnvelope {
+                        session_id,
+                        frame: &sealed.frame,
+                    }
+                    .encode();
                     let entry = Entry {
                         direction: Direction::Out,
                         time: sealed.unix,
                         text,
                         session: session_id,
                         counter: sealed.counter,
+                        offline: false,
                     };
                     if let Err(e) = self.store.append_history(peer, &entry) {
                         self.warn(format!("saving history failed: {e}")).await;
                     }
+                    if self.config.copies {
+                        self.deposit_copy(peer, envelope.clone()).await;
+                        self.sync_copy(peer, envelope).await;
+                    }
                     Reply::ok(format!("sent to {peer}"))
+                        .with(serde_json::json!({"delivered": "live"}))
                 }
                 Err(_) => Reply::err(format!("the session with {peer} ended before sending")),
             },
@@ -842,12 +1151,19 @@ impl Agent {
                 unix,
                 text,
             } => {
+                let live = self.live.entry(session_id).or_default();
+                live.last = Some(counter);
+                if live.offline.remove(&counter) {
+                    // Its broker copy arrived first and is already stored and shown.
+                    return;
+                }
                 let entry = Entry {
                     direction: Direction::In,
                     time: unix,
                     text: text.clone(),
                     session: session_id,
                     counter,
+                    offline: false,
                 };
                 if let Err(e) = self.store.append_history(&peer, &entry) {
                     self.warn(format!("saving history failed: {e}")).await;
@@ -856,6 +1172,7 @@ impl Agent {
                     from: peer,
                     text,
                     time: unix,
+                    offline: false,
                 })
                 .await;
             }
@@ -892,9 +1209,49 @@ impl Agent {
                 if let Some((sender, id)) = self.sessions.get(&number).cloned() {
                     let r = self.send_on(&number, &sender, id, text).await;
                     let _ = reply.send(r);
+                } else if self.config.offline_after.is_zero() {
+                    let r = self.send_offline(&number, &text).await;
+                    let _ = reply.send(r);
                 } else {
                     self.initiate(number, Some(text), reply, true).await;
                 }
+            }
+            Command::Inbox => {
+                let arrived = self.fetch_inbox().await;
+                let messages: Vec<serde_json::Value> = arrived
+                    .iter()
+                    .filter_map(|a| match a {
+                        Arrived::Message {
+                            peer,
+                            direction,
+                            from_device,
+                            text,
+                            time,
+                        } => Some(serde_json::json!({
+                            "peer": peer,
+                            "direction": direction,
+                            "device": from_device,
+                            "text": text,
+                            "time": time,
+                        })),
+                        _ => None,
+                    })
+                    .collect();
+                let message = match messages.len() {
+                    0 => "no new messages".to_owned(),
+                    1 => "1 new message".to_owned(),
+                    n => format!("{n} new messages"),
+                };
+                let pending = self.delivery.pending();
+                let message = if pending > 0 {
+                    format!("{message} ({pending} waiting for session keys from another device)")
+                } else {
+                    message
+                };
+                let _ = reply.send(
+                    Reply::ok(message)
+                        .with(serde_json::json!({"messages": messages, "pending": pending})),
+                );
             }
             Command::Block { number } => {
                 let r = self.block(&number, true).await;
@@ -982,11 +1339,18 @@ impl Agent {
                 return;
             }
         };
+        let deposit_on_timeout = text.is_some();
+        let wait = if deposit_on_timeout {
+            self.config.offline_after
+        } else {
+            self.config.answer_timeout
+        };
         let mut waiting = Outgoing {
             target: number,
-            deadline: Instant::now() + self.config.answer_timeout,
+            deadline: Instant::now() + wait,
             waiters: Vec::new(),
             queued: Vec::new(),
+            deposit_on_timeout,
         };
         match text {
             Some(text) => waiting.queued.push((text, reply)),
@@ -1028,4 +1392,31 @@ async fn serve_control(listener: UnixListener, control: mpsc::Sender<ControlRequ
             }
         });
     }
+}
+
+/// A DEPOSIT refusal, for people.
+fn deposit_error(peer: &str, e: &LinkError) -> String {
+    match e.code() {
+        Some(ErrorCode::QuotaExceeded) => format!(
+            "{peer}'s inbox at the broker is full (QUOTA-EXCEEDED): the message was not \
+             deposited; nothing already held there was lost; try again later"
+        ),
+        Some(ErrorCode::NotFound) => format!(
+            "the broker holds no contact pair with {peer} (NOT-FOUND): messages can be left \
+             only for contacts set up with `contact add`"
+        ),
+        _ => format!("depositing the message for {peer} failed: {e}"),
+    }
+}
+
+/// "in 30 days", "in 5 hours", … for an expiry time.
+fn describe_expiry(expires: u64, now: u64) -> String {
+    let secs = expires.saturating_sub(now);
+    let (n, unit) = match secs {
+        s if s >= 2 * 86_400 => (s / 86_400, "days"),
+        s if s >= 2 * 3_600 => (s / 3_600, "hours"),
+        s if s >= 120 => (s / 60, "minutes"),
+        s => (s, "seconds"),
+    };
+    format!("in {n} {unit}, at unix time {expires}")
 }

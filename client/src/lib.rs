@@ -7,11 +7,19 @@
 //! - [`account`]: register, join as a device, log in, verify BROKER-INFO.
 //! - [`agent`]: one device online: broker link, peer listener, sessions, control socket.
 //! - [`p2p`]: the client-to-client session over TCP: handshake, DATA frames, heartbeats.
-//! - [`store`]: the local store: contacts and pinned identities, history, session keys.
+//! - [`store`]: the local store: contacts and pinned identities, history, session keys, the
+//!   inbox state (ids already taken, envelopes waiting for their keys).
+//! - [`keys`]: key sync between the entity's devices: backup (`MMB1`), link transfer
+//!   (`MML1`), session sync (`MMK1`).
+//! - [`devices`]: key backup and restore, and the key transfer when a device is linked.
+//! - [`inbox`]: offline delivery: fetch, open, store, then acknowledge.
 #![forbid(unsafe_code)]
 
 pub mod account;
 pub mod agent;
+pub mod devices;
+pub mod inbox;
+pub mod keys;
 pub mod link;
 pub mod p2p;
 pub mod profile;

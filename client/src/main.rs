@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use micromsg_client::account::{self, AccountError};
 use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, Command as AgentCommand, Notice};
+use micromsg_client::devices;
 use micromsg_client::link::LinkError;
 use micromsg_client::p2p::SessionConfig;
 use micromsg_client::profile::Profile;
@@ -84,17 +85,34 @@ enum Command {
         /// Seconds between heartbeats on a session (it ends after 3 missed).
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         heartbeat: u64,
+        /// Seconds `send` waits for a contact to come online before depositing the message
+        /// at the broker (0: deposit at once when no session is live).
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        offline_after: u64,
     },
     /// Contacts: add, list, block, unblock, answer requests.
     #[command(subcommand)]
     Contact(ContactCommand),
-    /// Send a message to a contact (through the running `listen`, or on its own).
+    /// Send a message to a contact (through the running `listen`, or on its own). With no
+    /// live session it asks the contact to connect; if it does not within --wait seconds, the
+    /// message is sealed with the last session's keys and deposited at the broker, and this
+    /// says so.
     Send {
         /// The contact's number.
         number: String,
         /// The message.
         text: String,
+        /// Seconds to wait for the contact before depositing (when no `listen` runs; a running
+        /// `listen` uses its own --offline-after). 0: deposit at once.
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        wait: u64,
     },
+    /// Fetch offline messages now (through the running `listen`, or on its own) and print
+    /// what arrived; they are stored in the history, then removed from the broker.
+    Inbox,
+    /// Key backup at the broker, encrypted with a recovery secret only you hold.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Show the conversation with a contact from the local history.
     History {
         /// The contact's number.
@@ -146,12 +164,40 @@ enum ContactCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Encrypt this device's keys (identity, contacts with pins, session keys) with the
+    /// recovery secret and store them at the broker. The first backup creates the recovery
+    /// secret and prints it once: write it down.
+    Backup {
+        /// Use this recovery secret (and keep it for later backups) instead of the saved or a
+        /// new one.
+        #[arg(long, value_name = "SECRET")]
+        recovery: Option<String>,
+    },
+    /// On a newly joined device: read the backup from the broker and install its keys, so
+    /// this device reads the entity's messages and keeps its contacts.
+    Restore {
+        /// The recovery secret printed by `keys backup`.
+        #[arg(long, value_name = "SECRET")]
+        recovery: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DeviceCommand {
-    /// Create a one-time registration secret (valid 10 minutes) for a new device.
+    /// Create a one-time registration secret (valid 10 minutes) for a new device, then wait
+    /// for it to join and send it this device's keys (sealed with a transfer key that is
+    /// printed here and never sent to the broker).
     Add {
         /// A label for the new device.
         #[arg(long)]
         name: Option<String>,
+        /// Only print the secret; send no keys (use `keys backup` / `keys restore`).
+        #[arg(long)]
+        no_transfer: bool,
+        /// Seconds to wait for the new device to join.
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
+        wait: u64,
     },
     /// Join an existing entity as a new device, using a secret from `device add`.
     Join {
@@ -167,6 +213,12 @@ enum DeviceCommand {
         /// The registration secret printed by `device add`.
         #[arg(long)]
         secret: String,
+        /// The transfer key printed by `device add`: receive the old device's keys.
+        #[arg(long, value_name = "KEY")]
+        transfer_key: Option<String>,
+        /// Seconds to wait for the old device's keys.
+        #[arg(long, default_value_t = 120, value_name = "SECS")]
+        wait: u64,
     },
     /// List the entity's active devices.
     List,
@@ -336,21 +388,66 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ca,
             number,
             secret,
+            transfer_key,
+            wait,
         }) => {
-            let session = account::join(&profile, &broker, &ca, &number, &secret).await?;
-            let i = &session.info;
+            let transfer_key = transfer_key
+                .map(|k| micromsg_crypto::Secret32::from_hex(k.trim()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--transfer-key: {e}"))?;
+            let mut session = account::join(&profile, &broker, &ca, &number, &secret).await?;
+            let (number, device) = (session.info.number.clone(), session.info.device);
+            if !json {
+                outln!("joined {number} as device {device}");
+            }
+            let installed = match &transfer_key {
+                Some(key) => {
+                    if !json {
+                        eprintln!("waiting for the old device's keys…");
+                    }
+                    Some(
+                        devices::receive_link_transfer(
+                            &mut session,
+                            &profile,
+                            key,
+                            std::time::Duration::from_secs(wait),
+                        )
+                        .await
+                        .context("receiving the keys from the old device")?,
+                    )
+                }
+                None => None,
+            };
             if json {
-                outln!("{}", json!({"number": i.number, "device": i.device}));
+                outln!(
+                    "{}",
+                    json!({"number": number, "device": device,
+                           "keys": installed.as_ref().map(|i| json!({
+                               "contacts": i.contacts, "sessions": i.sessions}))})
+                );
+            } else if let Some(i) = installed {
+                outln!(
+                    "received the keys from the old device: identity, {} contact(s), {} session(s)",
+                    i.contacts,
+                    i.sessions
+                );
             } else {
-                outln!("joined {} as device {}", i.number, i.device);
+                eprintln!(
+                    "this device has its own identity key until it gets the entity's: run                      `micromsg keys restore --recovery SECRET`, or join with --transfer-key"
+                );
             }
         }
-        Command::Device(DeviceCommand::Add { name }) => {
+        Command::Device(DeviceCommand::Add {
+            name,
+            no_transfer,
+            wait,
+        }) => {
             let name = name
                 .map(DeviceName::new)
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--name: {e}"))?;
             let mut session = account::connect(&profile).await?;
+            let known_highest = devices::highest_device(&mut session).await?;
             let data = match session
                 .link
                 .call(Request::AddDevice(AddDeviceArgs { name }))
@@ -359,20 +456,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ResponseData::AddDevice(d) => d,
                 other => anyhow::bail!("unexpected answer {}", other.kind().as_str()),
             };
+            let transfer = (!no_transfer).then(devices::new_transfer_key);
+            let transfer_hex = transfer.as_ref().map(|t| t.to_hex().to_string());
             if json {
                 outln!(
                     "{}",
                     json!({"secret": data.secret.to_hex(), "expires": data.expires,
-                           "number": session.info.number})
+                           "number": session.info.number, "transfer_key": transfer_hex})
                 );
             } else {
                 outln!("{}", data.secret.to_hex());
+                if let Some(t) = &transfer_hex {
+                    outln!("{t}");
+                }
                 eprintln!(
-                    "on the new device, within 10 minutes, run:\n  micromsg --profile NEW_DIR device join --broker {} --ca CA_FILE --number {} --secret {}",
+                    "on the new device, within 10 minutes, run:\n  micromsg --profile NEW_DIR device join --broker {} --ca CA_FILE --number {} --secret {}{}",
                     session.info.broker,
                     session.info.number,
-                    data.secret.to_hex()
+                    data.secret.to_hex(),
+                    transfer_hex
+                        .as_ref()
+                        .map(|t| format!(" --transfer-key {t}"))
+                        .unwrap_or_default()
                 );
+            }
+            if let Some(transfer) = transfer {
+                if !json {
+                    eprintln!("waiting for the new device to join, to send it this device's keys…");
+                }
+                let device = devices::send_link_transfer(
+                    &mut session,
+                    &profile,
+                    &transfer,
+                    known_highest,
+                    std::time::Duration::from_secs(wait),
+                )
+                .await
+                .context("sending the keys to the new device")?;
+                if json {
+                    outln!("{}", json!({"keys_sent_to": device}));
+                } else {
+                    eprintln!("sent the keys to device {device}");
+                }
             }
         }
         Command::Device(DeviceCommand::List) => {
@@ -410,26 +535,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             advertise,
             ask_existing,
             heartbeat,
+            offline_after,
         } => {
-            listen(
-                profile,
-                json,
-                accept,
+            let config = AgentConfig {
+                accept: match accept {
+                    AcceptArg::Any => AcceptPolicy::Any,
+                    AcceptArg::Contacts => AcceptPolicy::Contacts,
+                    AcceptArg::Ask => AcceptPolicy::Ask,
+                },
                 peer_listen,
                 advertise,
-                ask_existing,
-                heartbeat,
+                auto_existing: !ask_existing,
+                offline_after: std::time::Duration::from_secs(offline_after),
+                session: SessionConfig {
+                    heartbeat_interval: std::time::Duration::from_secs(heartbeat.max(1)),
+                    ..SessionConfig::default()
+                },
+                ..AgentConfig::default()
+            };
+            listen(profile, json, config).await?;
+        }
+        Command::Contact(ContactCommand::Add { number }) => {
+            let command = AgentCommand::ContactAdd { number };
+            via_agent(&profile, command, json, one_shot_config()).await?;
+        }
+        Command::Contact(ContactCommand::Block { number }) => {
+            via_agent(
+                &profile,
+                AgentCommand::Block { number },
+                json,
+                one_shot_config(),
             )
             .await?;
         }
-        Command::Contact(ContactCommand::Add { number }) => {
-            via_agent(&profile, AgentCommand::ContactAdd { number }, json).await?;
-        }
-        Command::Contact(ContactCommand::Block { number }) => {
-            via_agent(&profile, AgentCommand::Block { number }, json).await?;
-        }
         Command::Contact(ContactCommand::Unblock { number }) => {
-            via_agent(&profile, AgentCommand::Unblock { number }, json).await?;
+            let command = AgentCommand::Unblock { number };
+            via_agent(&profile, command, json, one_shot_config()).await?;
         }
         Command::Contact(ContactCommand::Accept { request }) => {
             answer(&profile, request, true, json).await?;
@@ -462,8 +603,100 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Send { number, text } => {
-            via_agent(&profile, AgentCommand::Send { number, text }, json).await?;
+        Command::Send { number, text, wait } => {
+            let config = AgentConfig {
+                offline_after: std::time::Duration::from_secs(wait),
+                ..one_shot_config()
+            };
+            via_agent(&profile, AgentCommand::Send { number, text }, json, config).await?;
+        }
+        Command::Inbox => {
+            let reply = run_in_agent(&profile, AgentCommand::Inbox, one_shot_config()).await?;
+            let messages = reply
+                .data
+                .as_ref()
+                .and_then(|d| d.get("messages"))
+                .and_then(|m| m.as_array())
+                .cloned()
+                .unwrap_or_default();
+            if json {
+                outln!("{}", serde_json::to_string(&reply)?);
+            } else {
+                for m in &messages {
+                    let peer = m.get("peer").and_then(|v| v.as_str()).unwrap_or("?");
+                    let text = m.get("text").and_then(|v| v.as_str()).unwrap_or("");
+                    if m.get("direction").and_then(|v| v.as_str()) == Some("out") {
+                        let device = m.get("device").and_then(serde_json::Value::as_u64);
+                        outln!(
+                            "[me → {peer}, from device {}] {text}",
+                            device.unwrap_or_default()
+                        );
+                    } else {
+                        outln!("[{peer}] {text} (offline)");
+                    }
+                }
+                outln!("{}", reply.message);
+            }
+            if !reply.ok {
+                anyhow::bail!("{}", reply.message);
+            }
+        }
+        Command::Keys(KeysCommand::Backup { recovery }) => {
+            let mut session = account::connect(&profile).await?;
+            let done = devices::backup(&mut session, &profile, recovery.as_deref())
+                .await
+                .context("key backup")?;
+            if json {
+                outln!(
+                    "{}",
+                    json!({"version": done.version, "contacts": done.contacts,
+                           "sessions": done.sessions, "left_out": done.left_out,
+                           "recovery_secret": done.new_recovery.as_ref().map(|r| r.as_str())})
+                );
+            } else {
+                if let Some(secret) = &done.new_recovery {
+                    outln!("{}", secret.as_str());
+                    eprintln!(
+                        "this is your NEW RECOVERY SECRET: write it down and keep it safe. It is \
+                         the only way to open the backup; the broker never sees it."
+                    );
+                }
+                eprintln!(
+                    "key backup version {} stored at the broker ({} contact(s), {} session(s){})",
+                    done.version,
+                    done.contacts,
+                    done.sessions,
+                    if done.left_out > 0 {
+                        format!(", {} older session(s) left out for size", done.left_out)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        Command::Keys(KeysCommand::Restore { recovery }) => {
+            let mut session = account::connect(&profile).await?;
+            let installed = devices::restore(&mut session, &profile, &recovery)
+                .await
+                .context("restoring the key backup")?;
+            if json {
+                outln!(
+                    "{}",
+                    json!({"contacts": installed.contacts, "sessions": installed.sessions,
+                           "pin_conflicts": installed.conflicts})
+                );
+            } else {
+                outln!(
+                    "restored: the entity's identity key, {} contact(s), {} session(s)",
+                    installed.contacts,
+                    installed.sessions
+                );
+                for c in &installed.conflicts {
+                    eprintln!(
+                        "warning: {c}'s key in the backup differs from the one pinned here; kept this one"
+                    );
+                }
+            }
         }
         Command::History { number } => {
             profile.info()?;
@@ -480,7 +713,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         Direction::In => number.as_str(),
                         Direction::Out => "me",
                     };
-                    outln!("{}  [{who}] {}", e.time, e.text);
+                    let how = if e.offline { "  (offline)" } else { "" };
+                    outln!("{}  [{who}] {}{how}", e.time, e.text);
                 }
             }
         }
@@ -520,30 +754,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn listen(
-    profile: Profile,
-    json: bool,
-    accept: AcceptArg,
-    peer_listen: std::net::SocketAddr,
-    advertise: Option<String>,
-    ask_existing: bool,
-    heartbeat: u64,
-) -> anyhow::Result<()> {
-    let config = AgentConfig {
-        accept: match accept {
-            AcceptArg::Any => AcceptPolicy::Any,
-            AcceptArg::Contacts => AcceptPolicy::Contacts,
-            AcceptArg::Ask => AcceptPolicy::Ask,
-        },
-        peer_listen,
-        advertise,
-        auto_existing: !ask_existing,
-        session: SessionConfig {
-            heartbeat_interval: std::time::Duration::from_secs(heartbeat.max(1)),
-            ..SessionConfig::default()
-        },
-        ..AgentConfig::default()
-    };
+async fn listen(profile: Profile, json: bool, config: AgentConfig) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel(256);
     let agent = agent::start(profile, config, tx).await?;
     let printer = tokio::spawn(async move {
@@ -623,7 +834,19 @@ fn print_notice(notice: &Notice, json: bool) {
                 "WARNING: the identity key of {peer} CHANGED (pinned {pinned}, presented {presented}). \
                  The session was refused. Verify the safety number with {peer} out of band."
             ),
+            Notice::Message {
+                from,
+                text,
+                offline: true,
+                ..
+            } => format!("[{from}] {text} (offline)"),
             Notice::Message { from, text, .. } => format!("[{from}] {text}"),
+            Notice::SentElsewhere {
+                to, device, text, ..
+            } => format!("[me → {to}, from device {device}] {text}"),
+            Notice::KeysSynced { peer, device } => {
+                format!("device {device} shared its session keys with {peer}")
+            }
             Notice::SessionEnded { peer, reason } => format!("session with {peer} ended: {reason}"),
             Notice::Warning { message } => format!("warning: {message}"),
             other => format!("{other:?}"),
@@ -658,37 +881,26 @@ async fn answer(
     }
 }
 
-/// Runs `command` in the agent of this profile: the running `listen` when there is one,
-/// otherwise a short-lived agent of its own.
-async fn via_agent(profile: &Profile, command: AgentCommand, json: bool) -> anyhow::Result<()> {
-    let reply = match agent::send_to_running(profile, &command).await {
-        Some(reply) => reply,
-        None => {
-            let config = AgentConfig {
-                accept: AcceptPolicy::Contacts,
-                control: false,
-                announce: false,
-                ..AgentConfig::default()
-            };
-            let (tx, mut rx) = mpsc::channel(64);
-            let agent = agent::start(profile.clone(), config, tx).await?;
-            let printer = tokio::spawn(async move {
-                while let Some(notice) = rx.recv().await {
-                    if matches!(
-                        notice,
-                        Notice::Warning { .. } | Notice::IdentityChanged { .. }
-                    ) || json
-                    {
-                        print_notice(&notice, json);
-                    }
-                }
-            });
-            let reply = agent.command(command).await;
-            agent.stop().await?;
-            let _ = printer.await;
-            reply
-        }
-    };
+/// The short-lived agent of a one-shot command: nobody connects to it, and it leaves the
+/// inbox to `listen` and `inbox`.
+fn one_shot_config() -> AgentConfig {
+    AgentConfig {
+        accept: AcceptPolicy::Contacts,
+        control: false,
+        announce: false,
+        inbox: false,
+        ..AgentConfig::default()
+    }
+}
+
+/// Runs `command` in the agent of this profile and prints the reply.
+async fn via_agent(
+    profile: &Profile,
+    command: AgentCommand,
+    json: bool,
+    config: AgentConfig,
+) -> anyhow::Result<()> {
+    let reply = run_in_agent(profile, command, config).await?;
     if json {
         outln!("{}", serde_json::to_string(&reply)?);
     } else {
@@ -699,4 +911,38 @@ async fn via_agent(profile: &Profile, command: AgentCommand, json: bool) -> anyh
     } else {
         Err(anyhow::anyhow!("{}", reply.message))
     }
+}
+
+/// Runs `command` in the agent of this profile: the running `listen` when there is one,
+/// otherwise a short-lived agent with `config`.
+async fn run_in_agent(
+    profile: &Profile,
+    command: AgentCommand,
+    config: AgentConfig,
+) -> anyhow::Result<agent::Reply> {
+    let reply = match agent::send_to_running(profile, &command).await {
+        Some(reply) => reply,
+        None => {
+            let (tx, mut rx) = mpsc::channel(64);
+            let agent = agent::start(profile.clone(), config, tx).await?;
+            let printer = tokio::spawn(async move {
+                // Only what needs attention, on stderr: stdout carries the reply.
+                while let Some(notice) = rx.recv().await {
+                    match &notice {
+                        Notice::Warning { message } => eprintln!("warning: {message}"),
+                        Notice::IdentityChanged { peer, .. } => eprintln!(
+                            "WARNING: the identity key of {peer} CHANGED; the session was \
+                             refused. Verify the safety number with {peer} out of band."
+                        ),
+                        _ => {}
+                    }
+                }
+            });
+            let reply = agent.command(command).await;
+            agent.stop().await?;
+            let _ = printer.await;
+            reply
+        }
+    };
+    Ok(reply)
 }

@@ -4,7 +4,12 @@
 //! ```text
 //! DIR/contacts.json               number -> pinned identity, added_at, blocked, address  (0600)
 //! DIR/history/<number>.jsonl      one JSON object per message, append-only               (0600)
-//! DIR/sessions/<number>.json      the latest StoredSession with that contact              (0600)
+//! DIR/sessions/<number>.json      the latest session THIS device set up with that contact:
+//!                                 the only keys it may send with                          (0600)
+//! DIR/keys/<session id>.json      SharedSession: keys it may only open with (another device's
+//!                                 sessions, synced or restored, and its own older ones)   (0600)
+//! DIR/inbox.json                  InboxState: inbox ids already stored (until they expire)
+//!                                 and envelopes waiting for their session keys            (0600)
 //! ```
 //!
 //! Whole files are replaced atomically ([`Profile::write_atomic`]); history lines are appended
@@ -26,12 +31,15 @@ use micromsg_wire::Number;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::keys::SharedSession;
 use crate::p2p::{CounterPersist, StoredSession};
 use crate::profile::{Profile, ProfileError};
 
 const CONTACTS: &str = "contacts.json";
 const HISTORY_DIR: &str = "history";
 const SESSIONS_DIR: &str = "sessions";
+const KEYS_DIR: &str = "keys";
+const INBOX_STATE: &str = "inbox.json";
 
 /// Why the store could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +141,81 @@ pub struct Entry {
     pub session: [u8; SESSION_ID_LEN],
     /// The sender's counter in that session (with `session` and `direction`, unique).
     pub counter: u64,
+    /// True when it came through the broker (an offline deposit or a copy from another
+    /// device) rather than a live session.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub offline: bool,
+}
+
+/// Where [`Store::find_session`] found a session's keys.
+#[derive(Debug, Clone)]
+pub enum FoundSession {
+    /// This device's latest session with `peer`: it may send with it.
+    Own {
+        /// The contact.
+        peer: String,
+        /// The session.
+        session: StoredSession,
+    },
+    /// Keys for opening only.
+    Shared(SharedSession),
+}
+
+impl FoundSession {
+    /// The contact.
+    pub fn peer(&self) -> &str {
+        match self {
+            Self::Own { peer, .. } => peer,
+            Self::Shared(s) => &s.peer,
+        }
+    }
+
+    /// The session record.
+    pub fn session(&self) -> &StoredSession {
+        match self {
+            Self::Own { session, .. } => session,
+            Self::Shared(s) => &s.session,
+        }
+    }
+
+    /// The session record, to open with.
+    pub fn session_mut(&mut self) -> &mut StoredSession {
+        match self {
+            Self::Own { session, .. } => session,
+            Self::Shared(s) => &mut s.session,
+        }
+    }
+}
+
+/// An inbox item kept unopened until its session keys arrive (protocol 12.11).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingItem {
+    /// The message id, hex.
+    pub id: String,
+    /// The sender's number.
+    pub from: String,
+    /// The sender's device.
+    pub from_device: u32,
+    /// Deposit time at the broker.
+    pub time: u64,
+    /// When the broker would have dropped it; it is dropped here then too.
+    pub expires: u64,
+    /// The envelope, base64.
+    pub body: String,
+}
+
+/// What the inbox delivery keeps between runs: ids already stored (kept until the item's
+/// expiry, so a repeat is recognised) and items waiting for keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxState {
+    /// Message id (hex) -> expiry.
+    #[serde(default)]
+    pub seen: BTreeMap<String, u64>,
+    /// Envelopes that could not be opened yet.
+    #[serde(default)]
+    pub pending: Vec<PendingItem>,
 }
 
 /// The local store of one profile.
@@ -374,8 +457,186 @@ impl Store {
                 merged.recv_offline_seen = seen;
                 self.write_session(number, &merged)
             }
-            _ => self.write_session(number, session),
+            Some(old) => {
+                // A newer session replaces this one for sending; its keys stay for opening
+                // deposits sealed with them that are still on their way.
+                let archived = SharedSession {
+                    peer: number.to_owned(),
+                    device: self.own_device(),
+                    session: old,
+                };
+                self.write_shared(&archived)?;
+                self.write_session(number, session)
+            }
+            None => self.write_session(number, session),
         }
+    }
+
+    /// Every contact's latest own session (the ones this device may send with).
+    pub fn own_sessions(&self) -> Result<Vec<(String, StoredSession)>, StoreError> {
+        let _guard = self.lock();
+        let dir = self.dir().join(SESSIONS_DIR);
+        let mut out = Vec::new();
+        for name in list_dir(&dir)? {
+            let Some(number) = name.strip_suffix(".json") else {
+                continue;
+            };
+            if valid(number).is_err() {
+                continue;
+            }
+            if let Some(s) = self.read_session(number)? {
+                out.push((number.to_owned(), s));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores keys for opening only (a [`SharedSession`] from another device, a backup or a
+    /// link transfer). Counters and seen sets never move back when it is stored again.
+    pub fn save_shared(&self, shared: &SharedSession) -> Result<(), StoreError> {
+        valid(&shared.peer)?;
+        let _guard = self.lock();
+        let merged = match self.read_shared(&shared.session.session_id)? {
+            Some(old) => merge_shared(old, shared),
+            None => shared.clone(),
+        };
+        self.write_shared(&merged)
+    }
+
+    /// Every stored [`SharedSession`].
+    pub fn shared_sessions(&self) -> Result<Vec<SharedSession>, StoreError> {
+        let _guard = self.lock();
+        let dir = self.dir().join(KEYS_DIR);
+        let mut out = Vec::new();
+        for name in list_dir(&dir)? {
+            let Some(hex_id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let Ok(id) = micromsg_crypto::hex::decode_array::<SESSION_ID_LEN>(hex_id) else {
+                continue;
+            };
+            if let Some(s) = self.read_shared(&id)? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The keys of session `id`, wherever they are: this device's latest session with some
+    /// contact ([`FoundSession::Own`]), or keys for opening only.
+    pub fn find_session(
+        &self,
+        id: &[u8; SESSION_ID_LEN],
+    ) -> Result<Option<FoundSession>, StoreError> {
+        for (peer, session) in self.own_sessions()? {
+            if session.session_id == *id {
+                return Ok(Some(FoundSession::Own { peer, session }));
+            }
+        }
+        let _guard = self.lock();
+        Ok(self.read_shared(id)?.map(FoundSession::Shared))
+    }
+
+    /// Saves a session found with [`Store::find_session`] after opening with it.
+    pub fn save_found(&self, found: &FoundSession) -> Result<(), StoreError> {
+        match found {
+            FoundSession::Own { peer, session } => self.save_session(peer, session),
+            FoundSession::Shared(shared) => self.save_shared(shared),
+        }
+    }
+
+    fn own_device(&self) -> u32 {
+        self.inner.profile.info().map_or(0, |i| i.device)
+    }
+
+    fn shared_path(&self, id: &[u8; SESSION_ID_LEN]) -> PathBuf {
+        self.dir()
+            .join(KEYS_DIR)
+            .join(format!("{}.json", micromsg_crypto::hex::encode(id)))
+    }
+
+    fn read_shared(&self, id: &[u8; SESSION_ID_LEN]) -> Result<Option<SharedSession>, StoreError> {
+        let path = self.shared_path(id);
+        let Some(text) = read_optional(&path)? else {
+            return Ok(None);
+        };
+        let text = Zeroizing::new(text);
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| corrupt(&path, e))
+    }
+
+    fn write_shared(&self, shared: &SharedSession) -> Result<(), StoreError> {
+        let path = self.shared_path(&shared.session.session_id);
+        let json =
+            Zeroizing::new(serde_json::to_vec_pretty(shared).map_err(|e| corrupt(&path, e))?);
+        Profile::new(self.dir().join(KEYS_DIR)).write_atomic(
+            &format!(
+                "{}.json",
+                micromsg_crypto::hex::encode(&shared.session.session_id)
+            ),
+            &json,
+            true,
+        )?;
+        Ok(())
+    }
+
+    // ---- contacts from another device ----
+
+    /// Takes in contacts from a backup or link transfer: unknown ones are added, a missing pin
+    /// is filled in; an existing different pin is kept (and reported in the result).
+    pub fn merge_contacts(
+        &self,
+        incoming: &BTreeMap<String, Contact>,
+    ) -> Result<Vec<String>, StoreError> {
+        let _guard = self.lock();
+        let mut contacts = self.read_contacts()?;
+        let mut conflicts = Vec::new();
+        for (number, theirs) in incoming {
+            if valid(number).is_err() {
+                continue;
+            }
+            match contacts.get_mut(number) {
+                None => {
+                    contacts.insert(number.clone(), theirs.clone());
+                }
+                Some(ours) => match (ours.identity, theirs.identity) {
+                    (None, Some(key)) => ours.identity = Some(key),
+                    (Some(a), Some(b)) if a != b => conflicts.push(number.clone()),
+                    _ => {}
+                },
+            }
+        }
+        self.write_contacts(&contacts)?;
+        Ok(conflicts)
+    }
+
+    // ---- inbox state ----
+
+    /// The inbox state (empty when none was saved).
+    pub fn inbox_state(&self) -> Result<InboxState, StoreError> {
+        let _guard = self.lock();
+        let path = self.dir().join(INBOX_STATE);
+        match read_optional(&path)? {
+            None => Ok(InboxState::default()),
+            Some(text) => serde_json::from_str(&text).map_err(|e| corrupt(&path, e)),
+        }
+    }
+
+    /// Replaces the inbox state (atomically, synced), forgetting ids that expired before
+    /// `now_unix` (the broker has deleted them; they cannot come back).
+    pub fn save_inbox_state(
+        &self,
+        state: &mut InboxState,
+        now_unix: u64,
+    ) -> Result<(), StoreError> {
+        state.seen.retain(|_, expires| *expires >= now_unix);
+        state.pending.retain(|p| p.expires >= now_unix);
+        let path = self.dir().join(INBOX_STATE);
+        let json = serde_json::to_vec(state).map_err(|e| corrupt(&path, e))?;
+        let _guard = self.lock();
+        self.inner.profile.write_atomic(INBOX_STATE, &json, true)?;
+        Ok(())
     }
 
     /// The latest session with `number`, if any.
@@ -504,6 +765,40 @@ fn read_optional(path: &Path) -> Result<Option<String>, StoreError> {
     }
 }
 
+fn list_dir(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Combines two records of the same shared session: counters and seen sets only grow.
+fn merge_shared(old: SharedSession, new: &SharedSession) -> SharedSession {
+    let mut merged = new.clone();
+    let s = &mut merged.session;
+    s.next_send_counter = s.next_send_counter.max(old.session.next_send_counter);
+    s.recv_last_live = s.recv_last_live.max(old.session.recv_last_live);
+    s.recv_offline_seen
+        .extend(old.session.recv_offline_seen.iter().copied());
+    let last = s.recv_last_live;
+    s.recv_offline_seen.retain(|&c| Some(c) > last);
+    s.last_used = s.last_used.max(old.session.last_used);
+    merged
+}
+
 fn create_private_dir(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     #[cfg(unix)]
@@ -581,6 +876,7 @@ mod tests {
             text: "hi".into(),
             session: [0xab; 16],
             counter: 3,
+            offline: false,
         };
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(

@@ -523,6 +523,7 @@ async fn history_is_append_only_json_lines() {
         text: format!("message {counter}\nwith a newline"),
         session: [5; 16],
         counter,
+        offline: false,
     };
     assert!(store.read_history("5550002").unwrap().is_empty());
     store

@@ -131,14 +131,27 @@ pub enum EndReason {
     CounterExhausted,
 }
 
-/// The counter and time a queued TEXT was sealed with (see
+/// The counter and time a queued TEXT was sealed with, and the DATA frame itself (see
 /// [`SessionSender::send_text_tracked`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Sealed {
     /// Our counter for it.
     pub counter: u64,
     /// Our clock when sealing it (Unix seconds).
     pub unix: u64,
+    /// The DATA frame as sent (from its `0x10` byte, without the length prefix): wrapped in an
+    /// offline envelope it is the copy for other devices (protocol 13.3).
+    pub frame: Vec<u8>,
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealed")
+            .field("counter", &self.counter)
+            .field("unix", &self.unix)
+            .field("frame_len", &self.frame.len())
+            .finish()
+    }
 }
 
 /// Why a message could not be queued.
@@ -632,9 +645,16 @@ impl Task {
         for item in batch.drain(..) {
             match item {
                 Outgoing::Text { text, sealed } => {
+                    let start = self.wbuf.len();
                     let counter = self.seal(unix, Kind::Text, text.as_bytes())?;
                     if let Some(sealed) = sealed {
-                        let _ = sealed.send(Sealed { counter, unix });
+                        // Only tracked sends pay for the copy of the frame.
+                        let frame = self.wbuf.get(start + 4..).unwrap_or_default().to_vec();
+                        let _ = sealed.send(Sealed {
+                            counter,
+                            unix,
+                            frame,
+                        });
                     }
                 }
                 Outgoing::Close(reason) => return Ok(Some(reason)),

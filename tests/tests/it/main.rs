@@ -5,4 +5,5 @@
 mod broker_core;
 mod contacts;
 mod inbox;
+mod offline;
 mod sessions;

@@ -1,0 +1,449 @@
+//! Offline delivery (protocol 13.2): fetch the inbox page by page, open each item, store it,
+//! and only then acknowledge it.
+//!
+//! ```text
+//! INBOX-FETCH {AFTER}  ->  items  ->  Delivery::take (open, de-duplicate)
+//!                                        -> history (synced), session seen-sets, inbox.json
+//!                      ->  INBOX-ACK (only what is now stored)  -> repeat while MORE
+//! ```
+//!
+//! What an item can be, by its `FROM` and its magic:
+//!
+//! | from | magic | what |
+//! |---|---|---|
+//! | a contact | `MMO1` | an offline message (or the copy of a live one for this device) |
+//! | own number, other device | `MMO1` | a copy of a message that device sent (13.3) |
+//! | own number, other device | `MMK1` | session keys that device set up (13.4) |
+//! | own number, other device | `MML1` | a link transfer for a new device (13.4) |
+//! | own number, this device | any | its own SYNC-COPY in NUMBER mode: nothing to do |
+//!
+//! De-duplication: by message id (kept until the item's expiry), then by (session, counter)
+//! for messages from a contact (12.7), including counters already received live. An envelope
+//! whose session is unknown is kept in `inbox.json` and opened when the keys arrive.
+
+use std::collections::{BTreeSet, HashMap};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use micromsg_crypto::handshake::SESSION_ID_LEN;
+use micromsg_crypto::message::{Kind, OFFLINE_MAGIC, OfflineEnvelope};
+use micromsg_crypto::{Secret32, hex};
+use micromsg_wire::message::request::{InboxAckArgs, InboxFetchArgs};
+use micromsg_wire::message::response::InboxMessage;
+use micromsg_wire::{ErrorCode, Hex16, Request, ResponseData};
+
+use crate::keys::{self, KeyBundle, LINK_MAGIC, SYNC_MAGIC};
+use crate::link::{BrokerLink, LinkError};
+use crate::store::{Direction, Entry, FoundSession, InboxState, PendingItem, Store, StoreError};
+
+/// Messages asked for per INBOX-FETCH (the broker may return fewer).
+pub const FETCH_LIMIT: u32 = 250;
+
+/// Why delivery stopped. Whatever was acknowledged before is stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboxError {
+    /// The broker link failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The local store failed; nothing of the current page was acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the device does with messages it received live, so the broker's copy of the same
+/// message is not shown twice (and the reverse).
+#[derive(Debug, Clone, Default)]
+pub struct LiveRecv {
+    /// The last counter received live in this session.
+    pub last: Option<u64>,
+    /// Counters above `last` that arrived through the inbox first.
+    pub offline: BTreeSet<u64>,
+}
+
+/// Live receive state per session id.
+pub type LiveTable = HashMap<[u8; SESSION_ID_LEN], LiveRecv>;
+
+/// Something delivery produced, in inbox order.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Arrived {
+    /// A message was opened and stored in the history with `peer`.
+    Message {
+        /// The contact of the conversation.
+        peer: String,
+        /// `In` from the contact; `Out` a copy of what another device of this entity sent.
+        direction: Direction,
+        /// The sending device (of the contact, or of this entity).
+        from_device: u32,
+        /// The text.
+        text: String,
+        /// The sender's clock when sealing.
+        time: u64,
+    },
+    /// Another device of this entity shared a session's keys.
+    KeysSynced {
+        /// The contact of that session.
+        peer: String,
+        /// The device that set it up.
+        device: u32,
+    },
+    /// A link transfer for this device was opened (see [`Delivery::with_link_key`]).
+    Linked(Box<KeyBundle>),
+    /// An item was dropped (unreadable, not for us, or the contact's key changed).
+    Dropped {
+        /// Why, for people (no secret, no body).
+        reason: String,
+    },
+}
+
+/// Delivery for one device: who it is, its keys, and its store.
+#[derive(Debug)]
+pub struct Delivery {
+    store: Store,
+    number: String,
+    device: u32,
+    identity_seed: Secret32,
+    link_key: Option<Secret32>,
+    state: InboxState,
+}
+
+impl Delivery {
+    /// Delivery for device `device` of `number`, with the entity's identity seed.
+    pub fn new(
+        store: Store,
+        number: &str,
+        device: u32,
+        identity_seed: Secret32,
+    ) -> Result<Self, StoreError> {
+        let state = store.inbox_state()?;
+        Ok(Self {
+            store,
+            number: number.to_owned(),
+            device,
+            identity_seed,
+            link_key: None,
+            state,
+        })
+    }
+
+    /// Also open a link transfer (`MML1`) sealed with this transfer key.
+    pub fn with_link_key(mut self, transfer_key: Secret32) -> Self {
+        self.link_key = Some(transfer_key);
+        self
+    }
+
+    /// Replaces the identity seed (after a link transfer or restore).
+    pub fn set_identity_seed(&mut self, seed: Secret32) {
+        self.identity_seed = seed;
+    }
+
+    /// Envelopes still waiting for their keys.
+    pub fn pending(&self) -> usize {
+        self.state.pending.len()
+    }
+
+    /// Fetches and stores everything in the inbox, acknowledging page by page.
+    pub async fn fetch_all(
+        &mut self,
+        link: &mut BrokerLink,
+        live: &mut LiveTable,
+        now_unix: u64,
+    ) -> Result<Vec<Arrived>, InboxError> {
+        let mut arrived = Vec::new();
+        let mut after: Option<Hex16> = None;
+        loop {
+            let request = Request::InboxFetch(InboxFetchArgs {
+                limit: Some(FETCH_LIMIT),
+                after,
+            });
+            let page = match link.call(request).await {
+                Ok(ResponseData::InboxFetch(page)) => page,
+                Ok(other) => {
+                    return Err(LinkError::Protocol(format!(
+                        "INBOX-FETCH answered with {}",
+                        other.kind().as_str()
+                    ))
+                    .into());
+                }
+                // The cursor was acknowledged and removed meanwhile: start over.
+                Err(LinkError::Refused {
+                    code: ErrorCode::NotFound,
+                    ..
+                }) if after.is_some() => {
+                    after = None;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let last = page.messages.last().map(|m| m.id);
+            let (mut got, acks) = self.take(page.messages, live, now_unix)?;
+            arrived.append(&mut got);
+            for chunk in acks.chunks(1000) {
+                link.call(Request::InboxAck(InboxAckArgs {
+                    ids: chunk.to_vec(),
+                }))
+                .await?;
+            }
+            match (page.more, last) {
+                (true, Some(last)) => after = Some(last),
+                _ => break,
+            }
+        }
+        Ok(arrived)
+    }
+
+    /// Opens and stores one page of items; returns what arrived and the ids that may now be
+    /// acknowledged (everything taken: stored, recognised as a repeat, kept pending, or
+    /// dropped as unreadable). On error nothing may be acknowledged.
+    pub fn take(
+        &mut self,
+        items: Vec<InboxMessage>,
+        live: &mut LiveTable,
+        now_unix: u64,
+    ) -> Result<(Vec<Arrived>, Vec<Hex16>), StoreError> {
+        let mut batch = Batch::default();
+        let mut acks = Vec::with_capacity(items.len());
+        let mut keys_arrived = false;
+        for item in items {
+            acks.push(item.id);
+            let id = item.id.to_hex();
+            if self.state.seen.contains_key(&id) {
+                continue;
+            }
+            self.state.seen.insert(id.clone(), item.expires);
+            let from = item.from.as_str().to_owned();
+            let from_device = item.from_device.get();
+            if from == self.number && from_device == self.device {
+                continue;
+            }
+            let body = item.body.into_vec();
+            let pending = PendingItem {
+                id,
+                from,
+                from_device,
+                time: item.time,
+                expires: item.expires,
+                body: String::new(),
+            };
+            if self.take_one(&pending, &body, &mut batch, live)? {
+                keys_arrived = true;
+            }
+        }
+        if keys_arrived {
+            self.retry_pending(&mut batch, live)?;
+        }
+        self.commit(batch, now_unix).map(|arrived| (arrived, acks))
+    }
+
+    /// Takes one item; true when it brought session keys (pending items may now open).
+    fn take_one(
+        &mut self,
+        item: &PendingItem,
+        body: &[u8],
+        batch: &mut Batch,
+        live: &mut LiveTable,
+    ) -> Result<bool, StoreError> {
+        let own = item.from == self.number;
+        let drop = |batch: &mut Batch, reason: String| {
+            batch.arrived.push(Arrived::Dropped { reason });
+            Ok(false)
+        };
+        if body.starts_with(SYNC_MAGIC) {
+            if !own {
+                return drop(batch, format!("session keys from {}, not ours", item.from));
+            }
+            let Ok(shared) = keys::open_session_sync(&self.identity_seed, body) else {
+                return drop(
+                    batch,
+                    "session keys that do not open with our identity".into(),
+                );
+            };
+            if shared.device == self.device {
+                return Ok(false);
+            }
+            let now = shared.session.last_used;
+            let pin = self
+                .store
+                .pin_identity(&shared.peer, &shared.session.peer_identity, now)?;
+            if let crate::store::PinResult::Changed { .. } = pin {
+                return drop(
+                    batch,
+                    format!(
+                        "another device shared keys for {} with an identity key that differs \
+                         from the pinned one; ignored",
+                        shared.peer
+                    ),
+                );
+            }
+            self.store.save_shared(&shared)?;
+            batch.arrived.push(Arrived::KeysSynced {
+                peer: shared.peer.clone(),
+                device: shared.device,
+            });
+            return Ok(true);
+        }
+        if body.starts_with(LINK_MAGIC) {
+            let opened = self
+                .link_key
+                .as_ref()
+                .filter(|_| own)
+                .and_then(|k| keys::open_link(k, self.device, body).ok());
+            return match opened {
+                Some(bundle) => {
+                    batch.arrived.push(Arrived::Linked(Box::new(bundle)));
+                    Ok(true)
+                }
+                // A transfer for another new device of this entity: not ours to read.
+                None => Ok(false),
+            };
+        }
+        if !body.starts_with(OFFLINE_MAGIC) {
+            return drop(batch, format!("an unreadable item from {}", item.from));
+        }
+        let Ok(envelope) = OfflineEnvelope::decode(body) else {
+            return drop(batch, format!("a malformed envelope from {}", item.from));
+        };
+        let sid = envelope.session_id;
+        let found = match batch.sessions.entry(sid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => match self.store.find_session(&sid)? {
+                Some(found) => e.insert(found),
+                None => {
+                    // Keys not here (yet): keep it until they come or it expires (12.11).
+                    let mut kept = item.clone();
+                    kept.body = BASE64.encode(body);
+                    if !self.state.pending.iter().any(|p| p.id == kept.id) {
+                        self.state.pending.push(kept);
+                    }
+                    return Ok(false);
+                }
+            },
+        };
+        let peer = found.peer().to_owned();
+        if own {
+            // A copy of what another device of ours sent: open with the send keys (13.3).
+            let Ok(opened) = found.session().send.open(envelope.frame) else {
+                return drop(batch, format!("a copy for {peer} that does not open"));
+            };
+            if opened.kind != Kind::Text {
+                return Ok(false);
+            }
+            let text = String::from_utf8_lossy(&opened.payload).into_owned();
+            batch.push_message(&peer, Direction::Out, item.from_device, sid, opened, text);
+            return Ok(false);
+        }
+        if item.from != peer {
+            return drop(
+                batch,
+                format!("an item from {} sealed with a session of {peer}", item.from),
+            );
+        }
+        let counter = match micromsg_crypto::message::frame_counter(envelope.frame) {
+            Ok(c) => c,
+            Err(_) => return drop(batch, format!("a malformed envelope from {peer}")),
+        };
+        if let Some(l) = live.get(&sid)
+            && (Some(counter) <= l.last || l.offline.contains(&counter))
+        {
+            // Already received live: this is the broker's copy of the same message.
+            return Ok(false);
+        }
+        let opened = match found.session_mut().open_offline(envelope.frame) {
+            Ok(Some(opened)) => opened,
+            Ok(None) => return Ok(false),
+            Err(_) => return drop(batch, format!("a message from {peer} that does not open")),
+        };
+        batch.dirty.insert(sid);
+        if opened.kind != Kind::Text {
+            return Ok(false);
+        }
+        if let Some(l) = live.get_mut(&sid) {
+            l.offline.insert(opened.counter);
+        }
+        let text = String::from_utf8_lossy(&opened.payload).into_owned();
+        batch.push_message(&peer, Direction::In, item.from_device, sid, opened, text);
+        Ok(false)
+    }
+
+    /// Tries the pending envelopes again (keys arrived).
+    fn retry_pending(&mut self, batch: &mut Batch, live: &mut LiveTable) -> Result<(), StoreError> {
+        let pending = std::mem::take(&mut self.state.pending);
+        for item in pending {
+            let Ok(body) = BASE64.decode(&item.body) else {
+                continue;
+            };
+            // `take_one` puts it back when its keys are still missing.
+            self.take_one(&item, &body, batch, live)?;
+        }
+        Ok(())
+    }
+
+    /// Stores what the batch opened: history first, then session state, then the inbox state.
+    fn commit(&mut self, batch: Batch, now_unix: u64) -> Result<Vec<Arrived>, StoreError> {
+        for (peer, entries) in &batch.history {
+            self.store.append_history_all(peer, entries)?;
+        }
+        for sid in &batch.dirty {
+            if let Some(found) = batch.sessions.get(sid) {
+                self.store.save_found(found)?;
+            }
+        }
+        self.store.save_inbox_state(&mut self.state, now_unix)?;
+        Ok(batch.arrived)
+    }
+}
+
+/// What one page produced, stored together at the end.
+#[derive(Default)]
+struct Batch {
+    arrived: Vec<Arrived>,
+    history: Vec<(String, Vec<Entry>)>,
+    sessions: HashMap<[u8; SESSION_ID_LEN], FoundSession>,
+    dirty: BTreeSet<[u8; SESSION_ID_LEN]>,
+}
+
+impl Batch {
+    fn push_message(
+        &mut self,
+        peer: &str,
+        direction: Direction,
+        from_device: u32,
+        session: [u8; SESSION_ID_LEN],
+        opened: micromsg_crypto::message::Opened,
+        text: String,
+    ) {
+        let entry = Entry {
+            direction,
+            time: opened.unix_secs,
+            text: text.clone(),
+            session,
+            counter: opened.counter,
+            offline: true,
+        };
+        match self.history.iter_mut().find(|(p, _)| p == peer) {
+            Some((_, entries)) => entries.push(entry),
+            None => self.history.push((peer.to_owned(), vec![entry])),
+        }
+        self.arrived.push(Arrived::Message {
+            peer: peer.to_owned(),
+            direction,
+            from_device,
+            text,
+            time: opened.unix_secs,
+        });
+    }
+}
+
+/// A new random message id for DEPOSIT / SYNC-COPY.
+pub fn new_message_id() -> Hex16 {
+    use rand_core::RngCore;
+    let mut id = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut id);
+    Hex16::from_bytes(id)
+}
+
+/// The session id of an offline envelope, hex (for messages to people).
+pub fn session_hex(id: &[u8; SESSION_ID_LEN]) -> String {
+    hex::encode(id)
+}

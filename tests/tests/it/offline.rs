@@ -1,0 +1,830 @@
+//! Offline messages and several devices, end to end through the client agent: deposit when
+//! the contact is offline and delivery when it comes back (both stores), both multi-device
+//! modes, copies of sent messages on the sender's other devices, expiry, the inbox quota, key
+//! transfer at linking and the key backup. The durability test (real broker binary, SIGKILL in
+//! a burst of 10,000 deposits) is at the end.
+
+use std::time::Duration;
+
+use micromsg_broker::config::{Config, InboxMode};
+use micromsg_client::account::{self, Session};
+use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
+use micromsg_client::devices;
+use micromsg_client::profile::Profile;
+use micromsg_client::store::{Direction, Store};
+use micromsg_tests::{Backend, TestBroker};
+use micromsg_wire::message::request::AddDeviceArgs;
+use micromsg_wire::{Request, ResponseData};
+use tokio::sync::mpsc;
+
+struct Device {
+    profile: Profile,
+    number: String,
+}
+
+async fn register(broker: &TestBroker, name: &str) -> Device {
+    let profile = Profile::new(broker.profile_dir(name));
+    let session: Session = account::register(&profile, &broker.addr, &broker.ca, None)
+        .await
+        .unwrap();
+    Device {
+        profile,
+        number: session.info.number,
+    }
+}
+
+/// Links a new device `name` to `old`'s entity, with the key transfer of `device add`.
+async fn link_device(broker: &TestBroker, old: &Device, name: &str) -> Device {
+    let mut session = account::connect(&old.profile).await.unwrap();
+    let known = devices::highest_device(&mut session).await.unwrap();
+    let secret = match session
+        .link
+        .call(Request::AddDevice(AddDeviceArgs { name: None }))
+        .await
+        .unwrap()
+    {
+        ResponseData::AddDevice(d) => d.secret.to_hex(),
+        other => panic!("{other:?}"),
+    };
+    let transfer = devices::new_transfer_key();
+    let key = transfer.clone();
+    let old_profile = old.profile.clone();
+    let sender = tokio::spawn(async move {
+        devices::send_link_transfer(
+            &mut session,
+            &old_profile,
+            &key,
+            known,
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap()
+    });
+    let profile = Profile::new(broker.profile_dir(name));
+    let mut new = account::join(&profile, &broker.addr, &broker.ca, &old.number, &secret)
+        .await
+        .unwrap();
+    let installed =
+        devices::receive_link_transfer(&mut new, &profile, &transfer, Duration::from_secs(20))
+            .await
+            .unwrap();
+    assert_eq!(sender.await.unwrap(), new.info.device);
+    assert!(installed.contacts >= Store::new(&old.profile).contacts().unwrap().len());
+    assert_eq!(
+        profile.secrets().unwrap().identity_seed,
+        old.profile.secrets().unwrap().identity_seed,
+        "the new device has the entity's identity key"
+    );
+    Device {
+        profile,
+        number: old.number.clone(),
+    }
+}
+
+fn config() -> AgentConfig {
+    AgentConfig {
+        accept: AcceptPolicy::Any,
+        peer_listen: "127.0.0.1:0".parse().unwrap(),
+        control: false,
+        answer_timeout: Duration::from_secs(3),
+        offline_after: Duration::from_secs(1),
+        ..AgentConfig::default()
+    }
+}
+
+async fn online(device: &Device) -> (AgentHandle, mpsc::Receiver<Notice>) {
+    let (tx, rx) = mpsc::channel(256);
+    let handle = agent::start(device.profile.clone(), config(), tx)
+        .await
+        .unwrap();
+    (handle, rx)
+}
+
+/// The next notice matching `pick`, skipping others; fails after 15 s.
+async fn expect<T>(
+    rx: &mut mpsc::Receiver<Notice>,
+    mut pick: impl FnMut(&Notice) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let notice = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("timed out waiting for a notice")
+            .expect("the agent stopped");
+        if let Some(t) = pick(&notice) {
+            return t;
+        }
+    }
+}
+
+/// No notice matching `pick` within `within`.
+async fn expect_none(
+    rx: &mut mpsc::Receiver<Notice>,
+    within: Duration,
+    mut pick: impl FnMut(&Notice) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(notice)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        assert!(!pick(&notice), "unexpected {notice:?}");
+    }
+}
+
+async fn message_from(rx: &mut mpsc::Receiver<Notice>, from: &str) -> (String, bool) {
+    expect(rx, |n| match n {
+        Notice::Message {
+            from: f,
+            text,
+            offline,
+            ..
+        } if f == from => Some((text.clone(), *offline)),
+        _ => None,
+    })
+    .await
+}
+
+async fn send(agent: &AgentHandle, to: &str, text: &str) -> agent::Reply {
+    agent
+        .command(Command::Send {
+            number: to.to_owned(),
+            text: text.to_owned(),
+        })
+        .await
+}
+
+/// `a` and `b` become contacts (both online), then `b` goes offline.
+async fn contacts_then_offline(a: &Device, b: &Device) -> (AgentHandle, mpsc::Receiver<Notice>) {
+    let (b_agent, mut b_rx) = online(b).await;
+    let (a_agent, mut a_rx) = online(a).await;
+    let reply = a_agent
+        .command(Command::ContactAdd {
+            number: b.number.clone(),
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    expect(&mut b_rx, |n| {
+        matches!(n, Notice::SessionStarted { peer, .. } if *peer == a.number).then_some(())
+    })
+    .await;
+    b_agent.stop().await.unwrap();
+    expect(&mut a_rx, |n| {
+        matches!(n, Notice::SessionEnded { peer, .. } if *peer == b.number).then_some(())
+    })
+    .await;
+    (a_agent, a_rx)
+}
+
+async fn offline_deposit_and_later_delivery(backend: Backend) {
+    let broker = TestBroker::start(backend, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (a_agent, _a_rx) = contacts_then_offline(&a, &b).await;
+
+    let reply = send(&a_agent, &b.number, "while you were away").await;
+    assert!(reply.ok, "{reply:?}");
+    assert!(
+        reply
+            .message
+            .starts_with(&format!("{} is offline; message deposited", b.number)),
+        "{reply:?}"
+    );
+    let data = reply.data.unwrap();
+    assert_eq!(data["delivered"], "deposited");
+    let reply = send(&a_agent, &b.number, "and this too").await;
+    assert!(reply.ok, "{reply:?}");
+    let a_history = Store::new(&a.profile).read_history(&b.number).unwrap();
+    let sent: Vec<_> = a_history
+        .iter()
+        .filter(|e| e.offline)
+        .map(|e| e.text.as_str())
+        .collect();
+    assert_eq!(sent, ["while you were away", "and this too"]);
+
+    // B comes back: the agent fetches at start and shows them, marked offline, in order.
+    let (b_agent, mut b_rx) = online(&b).await;
+    assert_eq!(
+        message_from(&mut b_rx, &a.number).await,
+        ("while you were away".into(), true)
+    );
+    assert_eq!(
+        message_from(&mut b_rx, &a.number).await,
+        ("and this too".into(), true)
+    );
+    let history = Store::new(&b.profile).read_history(&a.number).unwrap();
+    let got: Vec<_> = history
+        .iter()
+        .map(|e| (e.text.as_str(), e.offline))
+        .collect();
+    assert_eq!(got, [("while you were away", true), ("and this too", true)]);
+    let store = &broker.running.broker.store;
+    assert_eq!(
+        store.inbox_depth().await.unwrap(),
+        0,
+        "acknowledged items are deleted at the broker"
+    );
+    b_agent.stop().await.unwrap();
+
+    // A second start delivers nothing twice.
+    let (b_agent, mut b_rx) = online(&b).await;
+    expect_none(&mut b_rx, Duration::from_secs(1), |n| {
+        matches!(n, Notice::Message { .. })
+    })
+    .await;
+    b_agent.stop().await.unwrap();
+    assert_eq!(
+        Store::new(&b.profile)
+            .read_history(&a.number)
+            .unwrap()
+            .len(),
+        2
+    );
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_deposit_and_later_delivery_sqlite() {
+    offline_deposit_and_later_delivery(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_deposit_and_later_delivery_postgres() {
+    offline_deposit_and_later_delivery(Backend::Postgres).await;
+}
+
+/// B has two devices. A message to B sent live reaches the live device, and the other device
+/// through the broker; B1's reply shows on B2 as sent by B; an offline message reaches both.
+async fn two_devices(mode: InboxMode) {
+    let broker = TestBroker::start(Backend::Sqlite, |c: &mut Config| c.inbox.mode = mode).await;
+    let a = register(&broker, "a").await;
+    let b1 = register(&broker, "b1").await;
+    let b2 = link_device(&broker, &b1, "b2").await;
+
+    // B1 alone online: the contact's live session is with B1.
+    let (b1_agent, mut b1_rx) = online(&b1).await;
+    let (a_agent, mut a_rx) = online(&a).await;
+    let reply = a_agent
+        .command(Command::ContactAdd {
+            number: b1.number.clone(),
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let (b2_agent, mut b2_rx) = online(&b2).await;
+    // B2 gets the session keys B1 set up.
+    expect(&mut b2_rx, |n| {
+        matches!(n, Notice::KeysSynced { peer, .. } if *peer == a.number).then_some(())
+    })
+    .await;
+
+    let reply = send(&a_agent, &b1.number, "live hello").await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(reply.data.unwrap()["delivered"], "live");
+    assert_eq!(
+        message_from(&mut b1_rx, &a.number).await,
+        ("live hello".into(), false)
+    );
+    assert_eq!(
+        message_from(&mut b2_rx, &a.number).await,
+        ("live hello".into(), true),
+        "the other device reads the sender's copy"
+    );
+    // B1 does not show the broker's copy of what it got live.
+    expect_none(&mut b1_rx, Duration::from_millis(800), |n| {
+        matches!(n, Notice::Message { .. })
+    })
+    .await;
+
+    // B1's reply: A gets it live, B2 sees it as sent by B.
+    let reply = send(&b1_agent, &a.number, "reply from b1").await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        message_from(&mut a_rx, &b1.number).await,
+        ("reply from b1".into(), false)
+    );
+    let copy = expect(&mut b2_rx, |n| match n {
+        Notice::SentElsewhere {
+            to, text, device, ..
+        } if *to == a.number => Some((text.clone(), *device)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(copy, ("reply from b1".into(), 1));
+    let b2_history = Store::new(&b2.profile).read_history(&a.number).unwrap();
+    let seen: Vec<_> = b2_history
+        .iter()
+        .map(|e| (e.direction, e.text.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Direction::In, "live hello"),
+            (Direction::Out, "reply from b1")
+        ],
+        "B2 shows the whole conversation"
+    );
+
+    // Both of B's devices go offline; A deposits; each device gets it when it comes back.
+    b1_agent.stop().await.unwrap();
+    b2_agent.stop().await.unwrap();
+    expect(&mut a_rx, |n| {
+        matches!(n, Notice::SessionEnded { peer, .. } if *peer == b1.number).then_some(())
+    })
+    .await;
+    let reply = send(&a_agent, &b1.number, "for all of B").await;
+    assert!(reply.message.contains("deposited"), "{reply:?}");
+    let (b2_agent, mut b2_rx) = online(&b2).await;
+    assert_eq!(
+        message_from(&mut b2_rx, &a.number).await,
+        ("for all of B".into(), true)
+    );
+    let store = &broker.running.broker.store;
+    if mode == InboxMode::Number {
+        assert!(
+            store.inbox_depth().await.unwrap() >= 1,
+            "number mode keeps the item until every device acknowledged it"
+        );
+    }
+    let (b1_agent, mut b1_rx) = online(&b1).await;
+    assert_eq!(
+        message_from(&mut b1_rx, &a.number).await,
+        ("for all of B".into(), true)
+    );
+    b1_agent.stop().await.unwrap();
+    b2_agent.stop().await.unwrap();
+    assert_eq!(store.inbox_depth().await.unwrap(), 0, "all acknowledged");
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_entity_mode() {
+    two_devices(InboxMode::Entity).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_number_mode() {
+    two_devices(InboxMode::Number).await;
+}
+
+/// What A1 deposits while B is offline shows on A2 as sent by A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_message_sent_shows_on_the_senders_other_device() {
+    let broker = TestBroker::start(Backend::Postgres, |_| {}).await;
+    let a1 = register(&broker, "a1").await;
+    let b = register(&broker, "b").await;
+    let a2 = link_device(&broker, &a1, "a2").await;
+    let (a1_agent, _a1_rx) = contacts_then_offline(&a1, &b).await;
+    let reply = send(&a1_agent, &b.number, "sent from a1").await;
+    assert!(reply.message.contains("deposited"), "{reply:?}");
+    let (a2_agent, mut a2_rx) = online(&a2).await;
+    let copy = expect(&mut a2_rx, |n| match n {
+        Notice::SentElsewhere { to, text, .. } if *to == b.number => Some(text.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(copy, "sent from a1");
+    a2_agent.stop().await.unwrap();
+    a1_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+/// Items past their lifetime are never delivered and the sweep removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_items_are_swept_not_delivered() {
+    let broker = TestBroker::start(Backend::Sqlite, |c: &mut Config| c.inbox.ttl_secs = 1).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (a_agent, _a_rx) = contacts_then_offline(&a, &b).await;
+    let reply = send(&a_agent, &b.number, "short-lived").await;
+    assert!(reply.message.contains("deposited"), "{reply:?}");
+    let store = &broker.running.broker.store;
+    assert_eq!(store.inbox_depth().await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let now = micromsg_broker::broker::unix_now() as i64;
+    let report = store.sweep(now).await.unwrap();
+    assert_eq!(report.inbox_items, 1);
+    assert_eq!(store.inbox_depth().await.unwrap(), 0);
+    let (b_agent, mut b_rx) = online(&b).await;
+    expect_none(&mut b_rx, Duration::from_secs(1), |n| {
+        matches!(n, Notice::Message { .. })
+    })
+    .await;
+    b_agent.stop().await.unwrap();
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+/// A full inbox refuses the next deposit with a clear error and keeps what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exceeded_is_clear_and_loses_nothing() {
+    let broker = TestBroker::start(Backend::Sqlite, |c: &mut Config| {
+        c.inbox.quota_per_device = 2
+    })
+    .await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (a_agent, _a_rx) = contacts_then_offline(&a, &b).await;
+    for text in ["one", "two"] {
+        let reply = send(&a_agent, &b.number, text).await;
+        assert!(reply.ok, "{reply:?}");
+    }
+    let reply = send(&a_agent, &b.number, "three").await;
+    assert!(!reply.ok, "{reply:?}");
+    assert!(reply.message.contains("QUOTA-EXCEEDED"), "{reply:?}");
+    assert!(reply.message.contains("not deposited"), "{reply:?}");
+    let (b_agent, mut b_rx) = online(&b).await;
+    for want in ["one", "two"] {
+        assert_eq!(
+            message_from(&mut b_rx, &a.number).await,
+            (want.into(), true)
+        );
+    }
+    let texts: Vec<String> = Store::new(&b.profile)
+        .read_history(&a.number)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(texts, ["one", "two"]);
+    b_agent.stop().await.unwrap();
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+/// A device that joined without a transfer restores the backup: it reads new messages to the
+/// entity, and continues the contact (INITIATE-EXISTING, same identity key, no warning).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_device_reads_new_messages_and_continues_the_contact() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b1 = register(&broker, "b1").await;
+    let (a_agent, mut a_rx) = contacts_then_offline(&a, &b1).await;
+
+    let mut s = account::connect(&b1.profile).await.unwrap();
+    let done = devices::backup(&mut s, &b1.profile, None).await.unwrap();
+    assert_eq!(done.version, 1);
+    assert!(done.sessions >= 1);
+    let recovery = done
+        .new_recovery
+        .expect("the first backup makes the secret");
+    let again = devices::backup(&mut s, &b1.profile, None).await.unwrap();
+    assert_eq!(again.version, 2, "the next backup reuses the secret");
+    assert!(again.new_recovery.is_none());
+    let secret = match s
+        .link
+        .call(Request::AddDevice(AddDeviceArgs { name: None }))
+        .await
+        .unwrap()
+    {
+        ResponseData::AddDevice(d) => d.secret.to_hex(),
+        other => panic!("{other:?}"),
+    };
+    let p2 = Profile::new(broker.profile_dir("b2"));
+    let mut s2 = account::join(&p2, &broker.addr, &broker.ca, &b1.number, &secret)
+        .await
+        .unwrap();
+    assert!(
+        devices::restore(&mut s2, &p2, "not the secret")
+            .await
+            .is_err(),
+        "a wrong recovery secret is refused"
+    );
+    let installed = devices::restore(&mut s2, &p2, &recovery).await.unwrap();
+    assert_eq!(installed.contacts, 1);
+    assert!(installed.sessions >= 1);
+    let b2 = Device {
+        profile: p2,
+        number: b1.number.clone(),
+    };
+
+    let reply = send(&a_agent, &b1.number, "after the restore").await;
+    assert!(reply.message.contains("deposited"), "{reply:?}");
+    let (b2_agent, mut b2_rx) = online(&b2).await;
+    assert_eq!(
+        message_from(&mut b2_rx, &a.number).await,
+        ("after the restore".into(), true)
+    );
+    let reply = send(&b2_agent, &a.number, "hello from the new device").await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(reply.data.unwrap()["delivered"], "live");
+    assert_eq!(
+        message_from(&mut a_rx, &b1.number).await,
+        ("hello from the new device".into(), false)
+    );
+    b2_agent.stop().await.unwrap();
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durability: the real broker binary, killed with SIGKILL in the middle of a burst.
+
+mod durability {
+    use std::collections::{HashMap, HashSet};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Stdio};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use micromsg_client::account::{self, Session};
+    use micromsg_client::inbox::new_message_id;
+    use micromsg_client::profile::Profile;
+    use micromsg_wire::message::request::{
+        ContactAnswerArgs, DepositArgs, InboxFetchArgs, InitiateNewArgs,
+    };
+    use micromsg_wire::{Address, Blob, Event, Hex16, Number, Request, ResponseData};
+    use tokio::sync::Mutex;
+
+    const SENDERS: usize = 8;
+    const PER_SENDER: usize = 1250; // 10,000 in all
+    const KILL_AFTER: usize = 3000;
+
+    /// `target/debug/micromsg-broker`, built (or found up to date) with the test's cargo.
+    fn broker_binary() -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        // target/debug/deps/it-HASH -> target/debug
+        let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+        let bin = dir.join("micromsg-broker");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let built = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "micromsg-broker",
+                "--bin",
+                "micromsg-broker",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status();
+        assert!(
+            bin.exists(),
+            "{} missing (cargo build: {built:?})",
+            bin.display()
+        );
+        bin
+    }
+
+    struct Broker {
+        bin: PathBuf,
+        config: PathBuf,
+        log: PathBuf,
+        child: Option<Child>,
+    }
+
+    impl Broker {
+        fn start(&mut self) {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .unwrap();
+            let child = std::process::Command::new(&self.bin)
+                .args(["serve", "--config"])
+                .arg(&self.config)
+                .env("MICROMSG_LOG", "warn")
+                // Brokers that have an admin listener get a free port (others ignore this).
+                .env("MICROMSG_ADMIN_LISTEN", "127.0.0.1:0")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            self.child = Some(child);
+        }
+
+        /// SIGKILL: no shutdown, no flush, no goodbye.
+        fn kill(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                child.kill().unwrap();
+                child.wait().unwrap();
+            }
+        }
+    }
+
+    impl Drop for Broker {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+
+    async fn wait_until_up(addr: &str, ca: &Path, log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if ca.exists() && tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        panic!("the broker did not come up at {addr}; its log:\n{log}");
+    }
+
+    async fn connect_retrying(profile: &Profile) -> Session {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            match account::connect(profile).await {
+                Ok(s) => return s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot reconnect: {e}"),
+            }
+        }
+    }
+
+    async fn pair(a: &mut Session, b: &mut Session) {
+        let target = Number::new(b.info.number.clone()).unwrap();
+        a.link
+            .call(Request::InitiateNew(InitiateNewArgs {
+                target,
+                address: None,
+            }))
+            .await
+            .unwrap();
+        let request = loop {
+            if let Event::ContactRequest(r) = b.link.next_event().await.unwrap() {
+                break r.request;
+            }
+        };
+        b.link
+            .call(Request::ContactAnswer(ContactAnswerArgs {
+                request,
+                accept: true,
+                address: Some(Address::new("127.0.0.1:9").unwrap()),
+                pubkey: None,
+                sealed_address: None,
+            }))
+            .await
+            .unwrap();
+        loop {
+            if let Event::ContactAccepted(_) = a.link.next_event().await.unwrap() {
+                break;
+            }
+        }
+    }
+
+    /// Every acknowledged deposit of a burst interrupted by SIGKILL is delivered, exactly once
+    /// after de-duplication by id, in order per sender.
+    async fn sigkill_during_a_burst(database_url: Option<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let data = dir.path().join("data");
+        let mut config = format!(
+            "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\
+             [registration]\nper_ip_per_hour = 100000\n\
+             [limits]\nrequests_per_sec = 1000000\nrequests_burst = 1000000\n\
+             [inbox]\nquota_per_device = 1000000\n",
+            data.display()
+        );
+        if let Some(url) = &database_url {
+            config.push_str(&format!("[database]\nurl = \"{url}\"\n"));
+        }
+        let config_path = dir.path().join("broker.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut broker = Broker {
+            bin: broker_binary(),
+            config: config_path,
+            log: dir.path().join("broker.log"),
+            child: None,
+        };
+        broker.start();
+        let ca = data.join("tls").join("ca.pem");
+        wait_until_up(&addr, &ca, &broker.log).await;
+
+        let recipient = Profile::new(dir.path().join("r"));
+        let mut r = account::register(&recipient, &addr, &ca, None)
+            .await
+            .unwrap();
+        let mut senders = Vec::new();
+        for i in 0..SENDERS {
+            let p = Profile::new(dir.path().join(format!("s{i}")));
+            let mut s = account::register(&p, &addr, &ca, None).await.unwrap();
+            pair(&mut s, &mut r).await;
+            senders.push((p, s));
+        }
+        drop(r);
+        let target = Number::new(recipient.info().unwrap().number).unwrap();
+
+        // Each sender deposits its messages one after another, retrying the same id and body
+        // after a failure (DEPOSIT is idempotent by id), and records what was acknowledged.
+        let acked_total = Arc::new(AtomicUsize::new(0));
+        let acked: Arc<Mutex<Vec<(usize, usize, Hex16)>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, (profile, mut session)) in senders.into_iter().enumerate() {
+            let (target, acked, acked_total) =
+                (target.clone(), Arc::clone(&acked), Arc::clone(&acked_total));
+            tasks.push(tokio::spawn(async move {
+                let mut failures = 0;
+                for seq in 0..PER_SENDER {
+                    let id = new_message_id();
+                    let body = format!("{i}:{seq}").into_bytes();
+                    loop {
+                        let request = Request::Deposit(DepositArgs {
+                            target: target.clone(),
+                            id,
+                            body: Blob::new(body.clone()),
+                        });
+                        match session.link.call(request).await {
+                            Ok(ResponseData::Deposit(_)) => break,
+                            Ok(other) => panic!("{other:?}"),
+                            Err(_) => {
+                                failures += 1;
+                                session = connect_retrying(&profile).await;
+                            }
+                        }
+                    }
+                    acked.lock().await.push((i, seq, id));
+                    acked_total.fetch_add(1, Ordering::SeqCst);
+                }
+                failures
+            }));
+        }
+        // Kill the broker mid-burst, then start it again on the same data.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while acked_total.load(Ordering::SeqCst) < KILL_AFTER {
+            assert!(Instant::now() < deadline, "the burst is too slow");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        broker.kill();
+        let at_kill = acked_total.load(Ordering::SeqCst);
+        assert!(
+            at_kill < SENDERS * PER_SENDER,
+            "killed before the end of the burst"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        broker.start();
+        wait_until_up(&addr, &ca, &broker.log).await;
+        let mut failures = 0;
+        for t in tasks {
+            failures += t.await.unwrap();
+        }
+        assert!(failures > 0, "the kill interrupted the senders");
+        let acked = acked.lock().await.clone();
+        assert_eq!(acked.len(), SENDERS * PER_SENDER);
+
+        // The recipient reads everything (paged), de-duplicating by id.
+        let mut r = connect_retrying(&recipient).await;
+        let mut seen: HashSet<Hex16> = HashSet::new();
+        let mut order: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut after = None;
+        loop {
+            let page = match r
+                .link
+                .call(Request::InboxFetch(InboxFetchArgs {
+                    limit: Some(250),
+                    after,
+                }))
+                .await
+                .unwrap()
+            {
+                ResponseData::InboxFetch(p) => p,
+                other => panic!("{other:?}"),
+            };
+            for m in &page.messages {
+                if !seen.insert(m.id) {
+                    continue;
+                }
+                let text = String::from_utf8(m.body.as_bytes().to_vec()).unwrap();
+                let (i, seq) = text.split_once(':').unwrap();
+                order
+                    .entry(i.parse().unwrap())
+                    .or_default()
+                    .push(seq.parse().unwrap());
+            }
+            match (page.more, page.messages.last()) {
+                (true, Some(last)) => after = Some(last.id),
+                _ => break,
+            }
+        }
+        for (i, seq, id) in &acked {
+            assert!(seen.contains(id), "acknowledged deposit {i}:{seq} was lost");
+        }
+        for i in 0..SENDERS {
+            let got = order.remove(&i).unwrap_or_default();
+            assert_eq!(
+                got,
+                (0..PER_SENDER).collect::<Vec<_>>(),
+                "sender {i}: every message exactly once, in order"
+            );
+        }
+        broker.kill();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigkill_during_a_burst_of_deposits_sqlite() {
+        sigkill_during_a_burst(None).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigkill_during_a_burst_of_deposits_postgres() {
+        let (admin, name, url) = micromsg_tests::fresh_postgres_database().await;
+        sigkill_during_a_burst(Some(url)).await;
+        micromsg_tests::drop_postgres_database(&admin, &name).await;
+    }
+}
