@@ -151,6 +151,12 @@ impl Delivery {
         now_unix: u64,
     ) -> Result<Vec<Arrived>, InboxError> {
         let mut arrived = Vec::new();
+        if !self.state.pending.is_empty() {
+            // Keys may have come another way since (a restore, a link transfer).
+            let mut batch = Batch::default();
+            self.retry_pending(&mut batch, live)?;
+            arrived.append(&mut self.commit(batch, now_unix)?);
+        }
         let mut after: Option<Hex16> = None;
         loop {
             let request = Request::InboxFetch(InboxFetchArgs {
