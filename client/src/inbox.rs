@@ -81,6 +81,17 @@ pub enum Arrived {
         /// The sender's clock when sealing.
         time: u64,
     },
+    /// A GROUP frame (docs/groups.md), not stored here: the agent hands it to the group layer.
+    Group {
+        /// The contact whose session carried it.
+        peer: String,
+        /// `In` from the contact; `Out` a copy of what another device of this entity sent.
+        direction: Direction,
+        /// The JSON payload.
+        payload: Vec<u8>,
+        /// The sender's clock when sealing.
+        time: u64,
+    },
     /// Another device of this entity shared a session's keys.
     KeysSynced {
         /// The contact of that session.
@@ -332,6 +343,10 @@ impl Delivery {
             let Ok(opened) = found.session().send.open(envelope.frame) else {
                 return drop(batch, format!("a copy for {peer} that does not open"));
             };
+            if opened.kind == Kind::Group {
+                batch.push_group(&peer, Direction::Out, opened);
+                return Ok(false);
+            }
             if opened.kind != Kind::Text {
                 return Ok(false);
             }
@@ -361,11 +376,15 @@ impl Delivery {
             Err(_) => return drop(batch, format!("a message from {peer} that does not open")),
         };
         batch.dirty.insert(sid);
-        if opened.kind != Kind::Text {
+        if opened.kind != Kind::Text && opened.kind != Kind::Group {
             return Ok(false);
         }
         if let Some(l) = live.get_mut(&sid) {
             l.offline.insert(opened.counter);
+        }
+        if opened.kind == Kind::Group {
+            batch.push_group(&peer, Direction::In, opened);
+            return Ok(false);
         }
         let text = String::from_utf8_lossy(&opened.payload).into_owned();
         batch.push_message(&peer, Direction::In, item.from_device, sid, opened, text);
@@ -410,6 +429,20 @@ struct Batch {
 }
 
 impl Batch {
+    fn push_group(
+        &mut self,
+        peer: &str,
+        direction: Direction,
+        opened: micromsg_crypto::message::Opened,
+    ) {
+        self.arrived.push(Arrived::Group {
+            peer: peer.to_owned(),
+            direction,
+            time: opened.unix_secs,
+            payload: opened.payload,
+        });
+    }
+
     fn push_message(
         &mut self,
         peer: &str,

@@ -18,6 +18,7 @@
 pub mod account;
 pub mod agent;
 pub mod devices;
+pub mod groups;
 pub mod inbox;
 pub mod keys;
 pub mod link;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use micromsg_client::account::{self, AccountError};
 use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, Command as AgentCommand, Notice};
 use micromsg_client::devices;
+use micromsg_client::groups;
 use micromsg_client::link::LinkError;
 use micromsg_client::p2p::SessionConfig;
 use micromsg_client::profile::Profile;
@@ -122,6 +123,62 @@ enum Command {
     SafetyNumber {
         /// The contact's number.
         number: String,
+    },
+    /// Group chats, kept by the members' clients (the broker knows nothing of them). GROUP
+    /// is a group id or an unambiguous prefix of one (see `group list`).
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a group with these members (they must be contacts already).
+    Create {
+        /// The group's name.
+        name: String,
+        /// The other members' numbers.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Add a member (a contact).
+    Add {
+        /// The group.
+        group: String,
+        /// The new member's number.
+        number: String,
+    },
+    /// Remove a member.
+    Remove {
+        /// The group.
+        group: String,
+        /// The member's number.
+        number: String,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        group: String,
+    },
+    /// Rename a group.
+    Rename {
+        /// The group.
+        group: String,
+        /// The new name.
+        name: String,
+    },
+    /// Send a message to every member.
+    Send {
+        /// The group.
+        group: String,
+        /// The message.
+        text: String,
+    },
+    /// List the groups this device knows.
+    List,
+    /// Show a group's messages from the local history.
+    History {
+        /// The group.
+        group: String,
     },
 }
 
@@ -610,6 +667,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             via_agent(&profile, AgentCommand::Send { number, text }, json, config).await?;
         }
+        Command::Group(command) => group_command(&profile, command, json).await?,
         Command::Inbox => {
             let reply = run_in_agent(&profile, AgentCommand::Inbox, one_shot_config()).await?;
             let messages = reply
@@ -848,6 +906,29 @@ fn print_notice(notice: &Notice, json: bool) {
                 format!("device {device} shared its session keys with {peer}")
             }
             Notice::SessionEnded { peer, reason } => format!("session with {peer} ended: {reason}"),
+            Notice::GroupMessage {
+                group,
+                name,
+                from,
+                text,
+                offline,
+                ..
+            } => {
+                let how = if *offline { " (offline)" } else { "" };
+                format!("[group {name} {}] [{from}] {text}{how}", short_id(group))
+            }
+            Notice::GroupChanged {
+                group,
+                name,
+                by,
+                change,
+                members,
+                version,
+            } => format!(
+                "[group {name} {}] {by} {change}; members {} (version {version})",
+                short_id(group),
+                members.join(", ")
+            ),
             Notice::Warning { message } => format!("warning: {message}"),
             other => format!("{other:?}"),
         }
@@ -855,6 +936,71 @@ fn print_notice(notice: &Notice, json: bool) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// The first 8 digits of a group id.
+fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> anyhow::Result<()> {
+    let agent_command = match command {
+        GroupCommand::Create { name, members } => AgentCommand::GroupCreate { name, members },
+        GroupCommand::Add { group, number } => AgentCommand::GroupAdd { group, number },
+        GroupCommand::Remove { group, number } => AgentCommand::GroupRemove { group, number },
+        GroupCommand::Leave { group } => AgentCommand::GroupLeave { group },
+        GroupCommand::Rename { group, name } => AgentCommand::GroupRename { group, name },
+        GroupCommand::Send { group, text } => AgentCommand::GroupSend { group, text },
+        GroupCommand::List => {
+            profile.info()?;
+            let store = Store::new(profile);
+            for id in store.group_ids()? {
+                let Some(g) = store.load_group(&id)? else {
+                    continue;
+                };
+                if json {
+                    outln!(
+                        "{}",
+                        json!({"group": g.id, "name": g.state.name, "members": g.state.members,
+                               "version": g.state.version})
+                    );
+                } else {
+                    outln!(
+                        "{}  {}  members {} (version {})",
+                        g.id,
+                        g.state.name,
+                        g.state.members.join(", "),
+                        g.state.version
+                    );
+                }
+            }
+            return Ok(());
+        }
+        GroupCommand::History { group } => {
+            profile.info()?;
+            let store = Store::new(profile);
+            let ids = store.group_ids()?;
+            let id = groups::resolve(&ids, &group).map_err(|e| anyhow::anyhow!(e))?;
+            let entries = store.read_group_history(id)?;
+            if json {
+                for e in &entries {
+                    outln!("{}", serde_json::to_string(e)?);
+                }
+            } else if entries.is_empty() {
+                outln!("no messages in group {id}");
+            } else {
+                for e in &entries {
+                    outln!("{}  [{}] {}", e.sent, e.from, e.text);
+                }
+            }
+            return Ok(());
+        }
+    };
+    let config = AgentConfig {
+        offline_after: std::time::Duration::ZERO,
+        ..one_shot_config()
+    };
+    via_agent(profile, agent_command, json, config).await
 }
 
 async fn answer(

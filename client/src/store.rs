@@ -31,6 +31,7 @@ use micromsg_wire::Number;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::groups::{Group, GroupEntry};
 use crate::keys::SharedSession;
 use crate::p2p::{CounterPersist, StoredSession};
 use crate::profile::{Profile, ProfileError};
@@ -40,6 +41,7 @@ const HISTORY_DIR: &str = "history";
 const SESSIONS_DIR: &str = "sessions";
 const KEYS_DIR: &str = "keys";
 const INBOX_STATE: &str = "inbox.json";
+const GROUPS_DIR: &str = "groups";
 
 /// Why the store could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,9 @@ pub enum StoreError {
     /// Not a valid number (4 to 15 ASCII digits).
     #[error("invalid number {0:?}")]
     InvalidNumber(String),
+    /// Not a group id (32 lowercase hex digits).
+    #[error("invalid group id {0:?}")]
+    InvalidGroup(String),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -436,6 +441,96 @@ impl Store {
             .collect())
     }
 
+    // ---- groups (docs/groups.md section 4) ----
+
+    /// The ids of the groups this device knows, sorted.
+    pub fn group_ids(&self) -> Result<Vec<String>, StoreError> {
+        Ok(list_dir(&self.dir().join(GROUPS_DIR))?
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
+            .filter(|n| valid_group(n).is_ok())
+            .collect())
+    }
+
+    /// The group `id`, if known.
+    pub fn load_group(&self, id: &str) -> Result<Option<Group>, StoreError> {
+        let id = valid_group(id)?;
+        let path = self.dir().join(GROUPS_DIR).join(format!("{id}.json"));
+        let Some(text) = read_optional(&path)? else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| corrupt(&path, e))
+    }
+
+    /// Saves a group (atomically).
+    pub fn save_group(&self, group: &Group) -> Result<(), StoreError> {
+        let id = valid_group(&group.id)?;
+        let dir = self.dir().join(GROUPS_DIR);
+        let json = serde_json::to_vec_pretty(group).map_err(|e| corrupt(&dir, e))?;
+        Profile::new(dir).write_atomic(&format!("{id}.json"), &json, true)?;
+        Ok(())
+    }
+
+    /// Appends a message to the group's history unless its id is already there; true when
+    /// it was new.
+    pub fn append_group_message(
+        &self,
+        group: &str,
+        entry: &GroupEntry,
+    ) -> Result<bool, StoreError> {
+        let group = valid_group(group)?;
+        if self
+            .read_group_history(group)?
+            .iter()
+            .any(|e| e.id == entry.id)
+        {
+            return Ok(false);
+        }
+        let dir = self.dir().join(HISTORY_DIR).join(GROUPS_DIR);
+        let path = dir.join(format!("{group}.jsonl"));
+        let io_err = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut line = serde_json::to_vec(entry).map_err(|e| corrupt(&path, e))?;
+        line.push(b'\n');
+        let mut options = fs::OpenOptions::new();
+        options.append(true).create(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let _guard = self.lock();
+        let mut file = options.open(&path).map_err(io_err)?;
+        file.write_all(&line).map_err(io_err)?;
+        file.sync_data().map_err(io_err)?;
+        Ok(true)
+    }
+
+    /// The group's history, oldest first (lines torn by a crash are skipped).
+    pub fn read_group_history(&self, group: &str) -> Result<Vec<GroupEntry>, StoreError> {
+        let group = valid_group(group)?;
+        let path = self
+            .dir()
+            .join(HISTORY_DIR)
+            .join(GROUPS_DIR)
+            .join(format!("{group}.jsonl"));
+        let Some(text) = read_optional(&path)? else {
+            return Ok(Vec::new());
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+
     // ---- sessions ----
 
     /// Saves `session` as the latest session with `number`. Saving the same session again
@@ -739,6 +834,15 @@ pub fn safety_number(
             identity: peer_identity,
         },
     )?)
+}
+
+/// Checks that `id` is a group id (32 lowercase hex), hence a safe file name.
+fn valid_group(id: &str) -> Result<&str, StoreError> {
+    if id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(id)
+    } else {
+        Err(StoreError::InvalidGroup(id.to_owned()))
+    }
 }
 
 /// Checks that `number` is a valid number, hence a safe file name.

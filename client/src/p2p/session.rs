@@ -71,6 +71,15 @@ pub enum PeerEvent {
         /// The message.
         text: String,
     },
+    /// A GROUP frame (docs/groups.md): an opaque payload for the group layer, in order.
+    Group {
+        /// The peer's counter for it.
+        counter: u64,
+        /// The peer's clock when it sealed it (Unix seconds; informational).
+        unix: u64,
+        /// The payload (a JSON object for [`crate::groups`]).
+        payload: Vec<u8>,
+    },
     /// The session is over; always the last event.
     Ended(SessionEnd),
 }
@@ -179,6 +188,10 @@ enum Outgoing {
         text: String,
         sealed: Option<oneshot::Sender<Sealed>>,
     },
+    Group {
+        payload: Vec<u8>,
+        sealed: oneshot::Sender<Sealed>,
+    },
     Close(String),
 }
 
@@ -202,6 +215,7 @@ impl fmt::Debug for Outgoing {
         // Never show message bodies.
         match self {
             Self::Text { text, .. } => write!(f, "Text({} bytes)", text.len()),
+            Self::Group { payload, .. } => write!(f, "Group({} bytes)", payload.len()),
             Self::Close(_) => f.write_str("Close"),
         }
     }
@@ -253,6 +267,29 @@ impl SessionSender {
             .send(Outgoing::Text {
                 text,
                 sealed: Some(tx),
+            })
+            .await
+            .map_err(|_| SendError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Queues a GROUP frame (docs/groups.md), waiting while the queue is full; like
+    /// [`SessionSender::send_text_tracked`], the receiver yields how it was sealed.
+    pub async fn send_group(
+        &self,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Sealed>, SendError> {
+        if payload.len() > self.max_text_len {
+            return Err(SendError::TooLong {
+                len: payload.len(),
+                max: self.max_text_len,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Outgoing::Group {
+                payload,
+                sealed: tx,
             })
             .await
             .map_err(|_| SendError::Closed)?;
@@ -611,11 +648,19 @@ impl Task {
                     text,
                 });
             }
+            Kind::Group => {
+                let payload = std::mem::take(&mut self.scratch);
+                self.deliver(PeerEvent::Group {
+                    counter: header.counter,
+                    unix: header.unix_secs,
+                    payload,
+                });
+            }
             Kind::Disconnect => {
                 let reason = String::from_utf8_lossy(&self.scratch).into_owned();
                 return Err(EndReason::PeerDisconnected(reason));
             }
-            // HEARTBEAT only proves liveness; GROUP and SYNC are reserved and ignored (12.8).
+            // HEARTBEAT only proves liveness; SYNC is reserved and ignored (12.8).
             _ => {}
         }
         Ok(())
@@ -656,6 +701,16 @@ impl Task {
                             frame,
                         });
                     }
+                }
+                Outgoing::Group { payload, sealed } => {
+                    let start = self.wbuf.len();
+                    let counter = self.seal(unix, Kind::Group, &payload)?;
+                    let frame = self.wbuf.get(start + 4..).unwrap_or_default().to_vec();
+                    let _ = sealed.send(Sealed {
+                        counter,
+                        unix,
+                        frame,
+                    });
                 }
                 Outgoing::Close(reason) => return Ok(Some(reason)),
             }

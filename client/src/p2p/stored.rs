@@ -98,13 +98,23 @@ impl StoredSession {
     /// Seals a TEXT for offline delivery with the send keys and the next counter, and returns
     /// the `MMO1` envelope (12.11). Save this record before the envelope leaves the device.
     pub fn seal_offline_text(&mut self, unix: u64, text: &str) -> Result<Vec<u8>, MessageError> {
+        self.seal_offline(unix, Kind::Text, text.as_bytes())
+    }
+
+    /// Like [`StoredSession::seal_offline_text`] for any content kind (GROUP: docs/groups.md).
+    pub fn seal_offline(
+        &mut self,
+        unix: u64,
+        kind: Kind,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, MessageError> {
         let counter = self.next_send_counter;
         let next = counter
             .checked_add(1)
             .ok_or(MessageError::CounterExhausted)?;
-        let mut frame = Vec::with_capacity(text.len() + 128);
+        let mut frame = Vec::with_capacity(payload.len() + 128);
         self.send
-            .seal_into(counter, unix, Kind::Text, text.as_bytes(), &mut frame)?;
+            .seal_into(counter, unix, kind, payload, &mut frame)?;
         self.next_send_counter = next;
         self.last_used = self.last_used.max(unix);
         Ok(OfflineEnvelope {

@@ -4,6 +4,7 @@
 
 mod broker_core;
 mod contacts;
+mod groups;
 mod inbox;
 mod offline;
 mod sessions;

@@ -1,0 +1,503 @@
+//! Group chat through the client agents (docs/groups.md): five members, one offline during the
+//! first messages; removal and leave; concurrent changes converge; two devices of one member
+//! show the same history. One broker (SQLite).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use micromsg_client::account::{self, Session};
+use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
+use micromsg_client::devices;
+use micromsg_client::groups::GroupState;
+use micromsg_client::profile::Profile;
+use micromsg_client::store::Store;
+use micromsg_tests::{Backend, TestBroker};
+use micromsg_wire::message::request::AddDeviceArgs;
+use micromsg_wire::{Request, ResponseData};
+use tokio::sync::mpsc;
+
+struct Member {
+    profile: Profile,
+    number: String,
+}
+
+struct Online {
+    agent: AgentHandle,
+    rx: mpsc::Receiver<Notice>,
+}
+
+async fn register(broker: &TestBroker, name: &str) -> Member {
+    let profile = Profile::new(broker.profile_dir(name));
+    let session: Session = account::register(&profile, &broker.addr, &broker.ca, None)
+        .await
+        .unwrap();
+    Member {
+        profile,
+        number: session.info.number,
+    }
+}
+
+async fn link_device(broker: &TestBroker, old: &Member, name: &str) -> Member {
+    let mut session = account::connect(&old.profile).await.unwrap();
+    let known = devices::highest_device(&mut session).await.unwrap();
+    let secret = match session
+        .link
+        .call(Request::AddDevice(AddDeviceArgs { name: None }))
+        .await
+        .unwrap()
+    {
+        ResponseData::AddDevice(d) => d.secret.to_hex(),
+        other => panic!("{other:?}"),
+    };
+    let transfer = devices::new_transfer_key();
+    let key = transfer.clone();
+    let old_profile = old.profile.clone();
+    let sender = tokio::spawn(async move {
+        devices::send_link_transfer(
+            &mut session,
+            &old_profile,
+            &key,
+            known,
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap()
+    });
+    let profile = Profile::new(broker.profile_dir(name));
+    let mut new = account::join(&profile, &broker.addr, &broker.ca, &old.number, &secret)
+        .await
+        .unwrap();
+    devices::receive_link_transfer(&mut new, &profile, &transfer, Duration::from_secs(20))
+        .await
+        .unwrap();
+    sender.await.unwrap();
+    Member {
+        profile,
+        number: old.number.clone(),
+    }
+}
+
+fn config() -> AgentConfig {
+    AgentConfig {
+        accept: AcceptPolicy::Any,
+        peer_listen: "127.0.0.1:0".parse().unwrap(),
+        control: false,
+        answer_timeout: Duration::from_secs(5),
+        offline_after: Duration::from_secs(1),
+        ..AgentConfig::default()
+    }
+}
+
+async fn online(m: &Member) -> Online {
+    let (tx, rx) = mpsc::channel(1024);
+    let agent = agent::start(m.profile.clone(), config(), tx).await.unwrap();
+    Online { agent, rx }
+}
+
+async fn expect<T>(
+    rx: &mut mpsc::Receiver<Notice>,
+    mut pick: impl FnMut(&Notice) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let notice = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("timed out waiting for a notice")
+            .expect("the agent stopped");
+        if let Some(t) = pick(&notice) {
+            return t;
+        }
+    }
+}
+
+async fn group_message(o: &mut Online, from: &str) -> String {
+    expect(&mut o.rx, |n| match n {
+        Notice::GroupMessage { from: f, text, .. } if f == from => Some(text.clone()),
+        _ => None,
+    })
+    .await
+}
+
+async fn contact(a: &Online, b: &Member) {
+    let reply = a
+        .agent
+        .command(Command::ContactAdd {
+            number: b.number.clone(),
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+}
+
+async fn run(o: &Online, command: Command) -> agent::Reply {
+    let reply = o.agent.command(command).await;
+    assert!(reply.ok, "{reply:?}");
+    reply
+}
+
+async fn send(o: &Online, group: &str, text: &str) {
+    run(
+        o,
+        Command::GroupSend {
+            group: group.into(),
+            text: text.into(),
+        },
+    )
+    .await;
+}
+
+fn state(m: &Member, group: &str) -> Option<GroupState> {
+    Store::new(&m.profile)
+        .load_group(group)
+        .unwrap()
+        .map(|g| g.state)
+}
+
+/// Waits until `m`'s state of the group satisfies `ok`.
+async fn wait_state(m: &Member, group: &str, ok: impl Fn(&GroupState) -> bool) -> GroupState {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = state(m, group)
+            && ok(&s)
+        {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "group state of {} stuck at {:?}",
+            m.number,
+            state(m, group)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The texts of `m`'s group history, in order.
+fn texts(m: &Member, group: &str) -> Vec<String> {
+    Store::new(&m.profile)
+        .read_group_history(group)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.text)
+        .collect()
+}
+
+fn sorted(v: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = v.iter().map(|s| (*s).to_owned()).collect();
+    v.sort();
+    v
+}
+
+fn sorted_texts(m: &Member, group: &str) -> Vec<String> {
+    let mut t = texts(m, group);
+    t.sort();
+    t
+}
+
+/// Every pair of `online` becomes contacts.
+async fn all_contacts(online: &[&Online], members: &[&Member]) {
+    for (i, o) in online.iter().enumerate() {
+        for m in members.iter().skip(i + 1) {
+            contact(o, m).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_one_offline_removal_and_leave() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let c = register(&broker, "c").await;
+    let d = register(&broker, "d").await;
+    let e = register(&broker, "e").await;
+    let mut oa = online(&a).await;
+    let mut ob = online(&b).await;
+    let mut oc = online(&c).await;
+    let mut od = online(&d).await;
+    let oe = online(&e).await;
+    all_contacts(&[&oa, &ob, &oc, &od, &oe], &[&a, &b, &c, &d, &e]).await;
+    // E goes offline before the group exists.
+    oe.agent.stop().await.unwrap();
+
+    // A stranger cannot be a member.
+    let reply = oa
+        .agent
+        .command(Command::GroupCreate {
+            name: "friends".into(),
+            members: vec![b.number.clone(), "5550000".into()],
+        })
+        .await;
+    assert!(
+        !reply.ok && reply.message.contains("not contacts"),
+        "{reply:?}"
+    );
+
+    let data = run(
+        &oa,
+        Command::GroupCreate {
+            name: "friends".into(),
+            members: vec![
+                b.number.clone(),
+                c.number.clone(),
+                d.number.clone(),
+                e.number.clone(),
+            ],
+        },
+    )
+    .await;
+    let data = data.data.unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    assert_eq!(data["delivered"][&e.number], "deposited");
+    let all = [&a, &b, &c, &d, &e].map(|m| m.number.clone());
+    for m in [&b, &c, &d] {
+        let s = wait_state(m, &group, |s| s.version == 1).await;
+        assert_eq!(s.members, all);
+        assert_eq!(s.name, "friends");
+    }
+
+    // First messages while E is offline; a prefix of the id names the group.
+    send(&oa, &group[..6], "hello from a").await;
+    send(&ob, &group, "hello from b").await;
+    send(&oc, &group, "hello from c").await;
+    assert_eq!(group_message(&mut ob, &a.number).await, "hello from a");
+    assert_eq!(group_message(&mut oc, &b.number).await, "hello from b");
+    assert_eq!(group_message(&mut od, &c.number).await, "hello from c");
+    assert_eq!(group_message(&mut oa, &c.number).await, "hello from c");
+
+    // E comes back and gets the group and every message once.
+    let oe = online(&e).await;
+    wait_state(&e, &group, |s| s.version == 1).await;
+    let first = sorted(&["hello from a", "hello from b", "hello from c"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while sorted_texts(&e, &group) != first {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            texts(&e, &group)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for m in [&a, &b, &c, &d] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while sorted_texts(m, &group) != first {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                texts(m, &group)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // A removes D: D learns of it and gets nothing after.
+    run(
+        &oa,
+        Command::GroupRemove {
+            group: group.clone(),
+            number: d.number.clone(),
+        },
+    )
+    .await;
+    for m in [&a, &b, &c, &d, &e] {
+        wait_state(m, &group, |s| !s.is_member(&d.number)).await;
+    }
+    send(&ob, &group, "after d left").await;
+    assert_eq!(group_message(&mut oa, &b.number).await, "after d left");
+
+    // C leaves.
+    run(
+        &oc,
+        Command::GroupLeave {
+            group: group.clone(),
+        },
+    )
+    .await;
+    for m in [&a, &b, &c, &e] {
+        wait_state(m, &group, |s| !s.is_member(&c.number)).await;
+    }
+    let reply = oc
+        .agent
+        .command(Command::GroupSend {
+            group: group.clone(),
+            text: "not a member".into(),
+        })
+        .await;
+    assert!(!reply.ok, "{reply:?}");
+    send(&oe, &group, "last from e").await;
+    assert_eq!(group_message(&mut oa, &e.number).await, "last from e");
+    assert_eq!(group_message(&mut ob, &e.number).await, "last from e");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut rest = first.clone();
+    rest.extend(["after d left".to_owned(), "last from e".to_owned()]);
+    rest.sort();
+    for m in [&a, &b, &e] {
+        assert_eq!(sorted_texts(m, &group), rest, "{}", m.number);
+    }
+    let mut c_sees = first.clone();
+    c_sees.push("after d left".to_owned());
+    c_sees.sort();
+    assert_eq!(
+        sorted_texts(&c, &group),
+        c_sees,
+        "C sees nothing after leaving"
+    );
+    assert_eq!(
+        sorted_texts(&d, &group),
+        first,
+        "D sees nothing after its removal"
+    );
+    let final_state = state(&a, &group).unwrap();
+    assert_eq!(final_state.members, [&a, &b, &e].map(|m| m.number.clone()));
+    assert_eq!(final_state.version, 3);
+    for m in [&b, &e] {
+        assert_eq!(state(m, &group).unwrap(), final_state);
+    }
+
+    for o in [oa, ob, oc, od, oe] {
+        o.agent.stop().await.unwrap();
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_converge() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let c = register(&broker, "c").await;
+    let d = register(&broker, "d").await;
+    let oa = online(&a).await;
+    let ob = online(&b).await;
+    let oc = online(&c).await;
+    let od = online(&d).await;
+    all_contacts(&[&oa, &ob, &oc, &od], &[&a, &b, &c, &d]).await;
+    let data = run(
+        &oa,
+        Command::GroupCreate {
+            name: "g".into(),
+            members: vec![b.number.clone(), c.number.clone()],
+        },
+    )
+    .await;
+    let data = data.data.unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    for m in [&b, &c] {
+        wait_state(m, &group, |s| s.version == 1).await;
+    }
+    // At the same time: A adds D, B removes C, C renames the group.
+    let add = Command::GroupAdd {
+        group: group.clone(),
+        number: d.number.clone(),
+    };
+    let remove = Command::GroupRemove {
+        group: group.clone(),
+        number: c.number.clone(),
+    };
+    let rename = Command::GroupRename {
+        group: group.clone(),
+        name: "renamed".into(),
+    };
+    let (r1, r2, r3) = tokio::join!(
+        oa.agent.command(add),
+        ob.agent.command(remove),
+        oc.agent.command(rename)
+    );
+    // C's rename may come after B's removal reached C: then C is told it is not a member.
+    assert!(r1.ok && r2.ok, "{r1:?} {r2:?}");
+    assert!(r3.ok || r3.message.contains("not a member"), "{r3:?}");
+    // Everyone still in the group ends with the same state, D included (it learns of B's
+    // change through the members that relay it).
+    let target = wait_state(&a, &group, |s| {
+        !s.is_member(&c.number) && s.is_member(&d.number)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let target = state(&a, &group).unwrap_or(target);
+    for m in [&b, &d] {
+        let s = wait_state(m, &group, |s| *s == target).await;
+        assert_eq!(s, target);
+    }
+    let logs: Vec<BTreeSet<String>> = [&a, &b, &d]
+        .iter()
+        .map(|m| {
+            Store::new(&m.profile)
+                .load_group(&group)
+                .unwrap()
+                .unwrap()
+                .log
+                .into_iter()
+                .map(|o| o.id)
+                .collect()
+        })
+        .collect();
+    assert_eq!(logs[0], logs[1]);
+    assert_eq!(logs[0], logs[2]);
+    assert!(target.is_member(&d.number) && !target.is_member(&c.number));
+    for o in [oa, ob, oc, od] {
+        o.agent.stop().await.unwrap();
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_of_one_member_show_the_same_history() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a1 = register(&broker, "a1").await;
+    let b = register(&broker, "b").await;
+    let c = register(&broker, "c").await;
+    let a2 = link_device(&broker, &a1, "a2").await;
+    let oa1 = online(&a1).await;
+    let ob = online(&b).await;
+    let oc = online(&c).await;
+    let mut oa2 = online(&a2).await;
+    all_contacts(&[&oa1, &ob, &oc], &[&a1, &b, &c]).await;
+    for _ in 0..2 {
+        expect(&mut oa2.rx, |n| {
+            matches!(n, Notice::KeysSynced { .. }).then_some(())
+        })
+        .await;
+    }
+    let data = run(
+        &ob,
+        Command::GroupCreate {
+            name: "devices".into(),
+            members: vec![a1.number.clone(), c.number.clone()],
+        },
+    )
+    .await;
+    let data = data.data.unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    wait_state(&a1, &group, |s| s.version == 1).await;
+    wait_state(&a2, &group, |s| s.version == 1).await;
+    send(&ob, &group, "from b").await;
+    send(&oc, &group, "from c").await;
+    send(&oa1, &group, "from a1").await;
+    let want = sorted(&["from a1", "from b", "from c"]);
+    for m in [&a1, &a2, &b, &c] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while sorted_texts(m, &group) != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: {:?}",
+                m.profile.dir().display(),
+                texts(m, &group)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let ids = |m: &Member| -> BTreeSet<(String, String)> {
+        Store::new(&m.profile)
+            .read_group_history(&group)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.from))
+            .collect()
+    };
+    assert_eq!(ids(&a1), ids(&a2), "both devices hold the same messages");
+    assert_eq!(state(&a1, &group), state(&a2, &group));
+    for o in [oa1, ob, oc, oa2] {
+        o.agent.stop().await.unwrap();
+    }
+    broker.stop().await;
+}
