@@ -7,12 +7,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use micromsg_crypto::identity::IdentityKey;
 use micromsg_wire::message::response::{
     BrokerInfoData, InboxMode as WireInboxMode, Info, InfoLimits, KeyStorage, Network,
-    NonceAlgorithm, Registration,
+    NonceAlgorithm, Peer, Registration,
 };
 use micromsg_wire::{Hex32, Hex64, Limits, NumberPrefix, encode_info_canonical};
 
 use crate::config::{Config, InboxMode, RegistrationPolicy};
 use crate::contacts::PendingRequests;
+use crate::federation::Federation;
 use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
 use crate::numbers::NumberAllocator;
 use crate::online::Online;
@@ -52,15 +53,29 @@ pub struct Broker {
     pub wire_limits: Limits,
     /// When the broker started.
     pub started: Instant,
+    /// Network membership, peers and the outbox; `None` for a standalone broker.
+    pub federation: Option<Federation>,
 }
 
 impl Broker {
-    /// Assembles the shared state.
+    /// Assembles the shared state of a standalone broker.
     pub fn new(
         config: Config,
         store: Store,
         identity: IdentityKey,
         tls: Arc<rustls::ServerConfig>,
+    ) -> Self {
+        Self::with_federation(config, store, identity, tls, None)
+    }
+
+    /// Assembles the shared state; `federation` makes it a member of a network (its prefixes
+    /// must already be in `config.numbers.prefixes`).
+    pub fn with_federation(
+        config: Config,
+        store: Store,
+        identity: IdentityKey,
+        tls: Arc<rustls::ServerConfig>,
+        federation: Option<Federation>,
     ) -> Self {
         let numbers = NumberAllocator::new(config.numbers.prefixes.clone(), config.numbers.length);
         let registrations = WindowLimiter::new(
@@ -105,6 +120,7 @@ impl Broker {
             replay,
             wire_limits,
             started: Instant::now(),
+            federation,
         }
     }
 
@@ -133,9 +149,26 @@ impl Broker {
             nonce_skew: c.auth.nonce_skew_steps,
             nonce_algorithm: NonceAlgorithm::MmNonce1,
             key_storage: vec![KeyStorage::BrokerBackup, KeyStorage::DeviceToDevice],
-            network: Network {
-                name: None,
-                peers: Vec::new(),
+            network: match &self.federation {
+                None => Network {
+                    name: None,
+                    peers: Vec::new(),
+                },
+                Some(f) => Network {
+                    name: Some(f.network.name.clone()),
+                    peers: f
+                        .network
+                        .peers(&f.me.id)
+                        .map(|p| Peer {
+                            id: p.id.clone(),
+                            prefixes: p
+                                .prefixes
+                                .iter()
+                                .filter_map(|x| NumberPrefix::new(x.clone()).ok())
+                                .collect(),
+                        })
+                        .collect(),
+                },
             },
             prefixes,
             limits: InfoLimits {

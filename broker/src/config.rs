@@ -49,6 +49,10 @@ pub struct Config {
     pub contacts: ContactsConfig,
     /// Resource limits.
     pub limits: LimitsConfig,
+    /// Membership of a broker network (gRPC over mutual TLS with peer brokers).
+    pub federation: FederationConfig,
+    /// The operator's gRPC service (status, health, reflection).
+    pub admin: AdminConfig,
 }
 
 /// `[server]`
@@ -302,6 +306,142 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[federation]`: this broker's place in a network made with `micromsg-broker network init`.
+///
+/// With `network_file` unset the broker is standalone: no federation listener, IS-NETWORKED
+/// answers `OWN` or `NONE`, and the `-NETWORKED` requests get NOT-NETWORKED.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// The network file (TOML: name, brokers with id, endpoint, prefixes). Default unset.
+    /// When set, `server.broker_id` must be one of its brokers, and numbers are allocated from
+    /// that broker's prefixes there (`numbers.prefixes` is then ignored).
+    pub network_file: Option<PathBuf>,
+    /// This broker's certificate (PEM) issued by the network CA. Default: `ID.pem` beside the
+    /// network file, where `ID` is `server.broker_id`.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM). Default: `ID.key` beside the network file.
+    pub key: Option<PathBuf>,
+    /// The network CA certificate (PEM) that every peer's certificate must chain to. Default:
+    /// `ca.pem` beside the network file.
+    pub ca: Option<PathBuf>,
+    /// Address of the federation gRPC listener. Default: `0.0.0.0` and the port of this
+    /// broker's endpoint in the network file (7401 when the endpoint has none).
+    pub listen: Option<SocketAddr>,
+    /// Milliseconds to open a TCP + TLS connection to a peer. Default 3,000.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds a call to a peer may take. Default 5,000.
+    pub request_timeout_ms: u64,
+    /// Seconds between link checks (Ping) of each peer; also how soon a peer marked
+    /// unreachable is tried again. Default 5.
+    pub probe_interval_secs: u64,
+    /// Seconds a peer has to finish the TLS handshake on the federation listener. Default 10.
+    pub handshake_timeout_secs: u64,
+    /// Peer connections the federation listener keeps open at once. Default 256.
+    pub max_connections: u32,
+    /// Largest gRPC message accepted or sent, bytes. Default 4,194,304 (4 MiB).
+    pub max_message_bytes: usize,
+    /// Networked contact requests forwarded at once (calls in flight to peers); more are
+    /// dropped silently (and counted). Default 1,024.
+    pub max_forwards_in_flight: usize,
+    /// Most deliveries in one Deliver call. Default 256.
+    pub outbox_batch: usize,
+    /// Most message bytes in one Deliver call (a single larger message still goes alone).
+    /// Default 1,048,576.
+    pub outbox_batch_bytes: usize,
+    /// `Deliver` calls in flight to one peer at once. Default 2.
+    pub outbox_batches_in_flight: usize,
+    /// Milliseconds between outbox polls when nothing wakes the worker earlier. Default 1,000.
+    pub outbox_poll_ms: u64,
+    /// Seconds before the first retry of a failed delivery; doubled per attempt. Default 1.
+    pub retry_initial_secs: u64,
+    /// Largest delay between retries, seconds. Default 300.
+    pub retry_max_secs: u64,
+    /// Seconds a broker holds the pubkey of a peer broker's client (swept after). Default
+    /// 86,400 (one day).
+    pub pubkey_ttl_secs: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            network_file: None,
+            cert: None,
+            key: None,
+            ca: None,
+            listen: None,
+            connect_timeout_ms: 3_000,
+            request_timeout_ms: 5_000,
+            probe_interval_secs: 5,
+            handshake_timeout_secs: 10,
+            max_connections: 256,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_forwards_in_flight: 1_024,
+            outbox_batch: 256,
+            outbox_batch_bytes: 1024 * 1024,
+            outbox_batches_in_flight: 2,
+            outbox_poll_ms: 1_000,
+            retry_initial_secs: 1,
+            retry_max_secs: 300,
+            pubkey_ttl_secs: 86_400,
+        }
+    }
+}
+
+impl FederationConfig {
+    /// The certificate, key and CA paths, with the defaults beside the network file filled in.
+    /// `None` when the broker is in no network.
+    pub fn files(&self, broker_id: &str) -> Option<FederationFiles> {
+        let network = self.network_file.as_ref()?;
+        let dir = network.parent().unwrap_or_else(|| Path::new("."));
+        Some(FederationFiles {
+            network: network.clone(),
+            cert: self
+                .cert
+                .clone()
+                .unwrap_or_else(|| dir.join(format!("{broker_id}.pem"))),
+            key: self
+                .key
+                .clone()
+                .unwrap_or_else(|| dir.join(format!("{broker_id}.key"))),
+            ca: self.ca.clone().unwrap_or_else(|| dir.join("ca.pem")),
+        })
+    }
+}
+
+/// The files of a networked broker, defaults resolved (see [`FederationConfig::files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationFiles {
+    /// The network file.
+    pub network: PathBuf,
+    /// This broker's certificate.
+    pub cert: PathBuf,
+    /// This broker's key.
+    pub key: PathBuf,
+    /// The network CA.
+    pub ca: PathBuf,
+}
+
+/// `[admin]`: the operator's gRPC service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the admin service at all. Default true.
+    pub enabled: bool,
+    /// Address of the admin listener (plain gRPC, no TLS: keep it local). Default
+    /// `127.0.0.1:7402`. If it cannot be bound the broker logs an error and runs without it.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
+        }
+    }
+}
+
 const ENV_PREFIX: &str = "MICROMSG_";
 
 impl Config {
@@ -395,6 +535,34 @@ impl Config {
         {
             return invalid("server.broker_id must be non-empty [A-Za-z0-9._-]".into());
         }
+        let f = &self.federation;
+        if f.network_file.is_some() && !crate::federation::network::valid_id(&self.server.broker_id)
+        {
+            return invalid(
+                "in a network, server.broker_id must be 1..63 lowercase letters, digits and '-' \
+                 (it is a DNS name in the broker's certificate)"
+                    .into(),
+            );
+        }
+        if f.outbox_batch == 0
+            || f.outbox_batches_in_flight == 0
+            || f.max_forwards_in_flight == 0
+            || f.max_connections == 0
+        {
+            return invalid(
+                "federation.outbox_batch, outbox_batches_in_flight, max_forwards_in_flight and \
+                 max_connections must be at least 1"
+                    .into(),
+            );
+        }
+        if f.retry_initial_secs == 0 || f.retry_max_secs < f.retry_initial_secs {
+            return invalid(
+                "federation.retry_initial_secs must be >= 1 and <= retry_max_secs".into(),
+            );
+        }
+        if f.max_message_bytes < 64 * 1024 {
+            return invalid("federation.max_message_bytes must be at least 65536".into());
+        }
         Ok(())
     }
 }
@@ -409,6 +577,8 @@ const SECTIONS: &[&str] = &[
     "inbox",
     "contacts",
     "limits",
+    "federation",
+    "admin",
 ];
 
 fn parse_override(raw: &str) -> toml::Value {

@@ -14,8 +14,8 @@ use micromsg_crypto::{Secret32, kdf};
 use micromsg_wire::message::event::{DeviceRevoked, InboxNotice, Shutdown};
 use micromsg_wire::message::request::{
     AddDeviceArgs, BackupPutArgs, ContactAnswerArgs, ContactPolicyArgs, DepositArgs,
-    DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs, LoginArgs, RegisterArgs,
-    SyncCopyArgs,
+    DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs, InitiateNetworkedArgs,
+    LoginArgs, RegisterArgs, SyncCopyArgs,
 };
 use micromsg_wire::message::response::{
     AddDeviceData, BackupGetData, BlockListData, DepositData, DeviceInfo, DeviceJoinData,
@@ -33,13 +33,15 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::broker::{Broker, unix_now};
 use crate::config::{InboxMode, RegistrationPolicy};
 use crate::contacts::{
-    Initiate, InitiateKind, hand_out, new_request_id, resolve_address, route_initiate,
+    Initiate, InitiateKind, Origin, hand_out, new_request_id, resolve_address, route_initiate,
 };
+use crate::federation::contact::{Acceptance, ForwardRefusal, SEALED_MAX, SEALED_MIN};
+use crate::federation::outbox::PeerDeposit;
 use crate::limits::TokenBucket;
 use crate::online::Push;
 use crate::store::{NewDevice, NewInboxItem, StoreError};
@@ -268,6 +270,10 @@ impl Conn {
                 self.initiate(args.target, InitiateKind::New)
             }
             Request::InitiateExisting(args) => self.initiate(args.target, InitiateKind::Existing),
+            Request::InitiateNewNetworked(args) => self.initiate_networked(args, InitiateKind::New),
+            Request::InitiateExistingNetworked(args) => {
+                self.initiate_networked(args, InitiateKind::Existing)
+            }
             Request::ContactAnswer(args) => self.contact_answer(args).await,
             Request::ContactPolicy(args) => self.contact_policy(args).await,
             Request::Block(args) => {
@@ -304,13 +310,6 @@ impl Conn {
                     .collect();
                 Ok(ResponseData::BlockList(BlockListData { numbers }))
             }
-            other => Err(Refusal::new(
-                ErrorCode::UnknownRequest,
-                format!(
-                    "{} is not supported by this broker yet",
-                    other.kind().as_str()
-                ),
-            )),
         }
     }
 
@@ -635,13 +634,76 @@ impl Conn {
     }
 
     fn is_networked(&self, target: &Number) -> Handled {
-        // A standalone broker: its own prefixes are OWN, everything else NONE.
-        let own = self.broker.numbers.owns(target.as_str());
-        Ok(ResponseData::IsNetworked(IsNetworkedData {
-            networked: false,
-            home: if own { Home::Own } else { Home::None },
-            broker: own.then(|| self.broker.config.server.broker_id.clone()),
-        }))
+        // From configuration only, never a lookup (protocol.md 6.10).
+        let data = match self.broker.federation.as_ref() {
+            // A standalone broker: its own prefixes are OWN, everything else NONE.
+            None => {
+                let own = self.broker.numbers.owns(target.as_str());
+                IsNetworkedData {
+                    networked: false,
+                    home: if own { Home::Own } else { Home::None },
+                    broker: own.then(|| self.broker.config.server.broker_id.clone()),
+                }
+            }
+            Some(f) => match f.home_of(target.as_str()) {
+                crate::federation::Home::Own => IsNetworkedData {
+                    networked: false,
+                    home: Home::Own,
+                    broker: Some(f.me.id.clone()),
+                },
+                crate::federation::Home::Peer(peer) => IsNetworkedData {
+                    networked: true,
+                    home: Home::Peer,
+                    broker: Some(peer.id.clone()),
+                },
+                crate::federation::Home::None => IsNetworkedData {
+                    networked: false,
+                    home: Home::None,
+                    broker: None,
+                },
+            },
+        };
+        Ok(ResponseData::IsNetworked(data))
+    }
+
+    /// INITIATE-*-NETWORKED: NOT-NETWORKED and PEER-UNAVAILABLE come from configuration and
+    /// local link state; otherwise the ack goes out and the request is forwarded in the
+    /// background (silent from then on, as INITIATE-NEW).
+    fn initiate_networked(&mut self, args: InitiateNetworkedArgs, kind: InitiateKind) -> Handled {
+        let login = self.logged_in()?.clone();
+        if let Err(wait) = self.broker.initiates.hit(&login.number, Instant::now()) {
+            return Err(Refusal::retry(
+                ErrorCode::RateLimited,
+                "too many contact requests; slow down",
+                wait,
+            ));
+        }
+        let request = crate::federation::contact::forward_initiate(
+            &self.broker,
+            &login.number,
+            self.conn_id,
+            args.target.as_str(),
+            kind,
+            *args.pubkey.as_bytes(),
+        )
+        .map_err(|refusal| match refusal {
+            ForwardRefusal::NotNetworked => Refusal::new(
+                ErrorCode::NotNetworked,
+                "number is not in a peer broker's share",
+            ),
+            ForwardRefusal::PeerUnavailable(secs) => Refusal::retry(
+                ErrorCode::PeerUnavailable,
+                "the broker serving this number cannot be reached now",
+                Duration::from_secs(secs),
+            ),
+        })?;
+        let data = InitiateData {
+            request: Hex16::from_bytes(request),
+        };
+        Ok(match kind {
+            InitiateKind::New => ResponseData::InitiateNewNetworked(data),
+            InitiateKind::Existing => ResponseData::InitiateExistingNetworked(data),
+        })
     }
 
     fn initiate(&mut self, target: Number, kind: InitiateKind) -> Handled {
@@ -661,7 +723,9 @@ impl Conn {
             Initiate {
                 request,
                 caller: login.number,
-                caller_conn: self.conn_id,
+                origin: Origin::Local {
+                    caller_conn: self.conn_id,
+                },
                 target: target.as_str().to_owned(),
                 kind,
             },
@@ -677,15 +741,77 @@ impl Conn {
 
     async fn contact_answer(&mut self, args: ContactAnswerArgs) -> Handled {
         let login = self.logged_in()?.clone();
-        let Some(pending) =
-            self.broker
-                .contacts
-                .take(args.request.as_bytes(), &login.number, Instant::now())
-        else {
-            return Err(Refusal::new(
+        let request = *args.request.as_bytes();
+        let not_found = || {
+            Refusal::new(
                 ErrorCode::NotFound,
                 "no such contact request (unknown, expired or already answered)",
+            )
+        };
+        // Check the answer against the request before consuming it: an error has no effects.
+        let peeked = self
+            .broker
+            .contacts
+            .peek(&request, &login.number, Instant::now())
+            .ok_or_else(not_found)?;
+        let networked = matches!(peeked.origin, Origin::Networked(_));
+        if args.accept {
+            if networked {
+                if args.address.is_some() {
+                    return Err(Refusal::new(
+                        ErrorCode::BadArgs,
+                        "a networked request is accepted with PUBKEY and SEALED-ADDRESS, never \
+                         ADDRESS (the plain address must not reach the caller's broker)",
+                    ));
+                }
+                let Some(sealed) = &args.sealed_address else {
+                    return Err(Refusal::new(
+                        ErrorCode::BadArgs,
+                        "ACCEPT: true for a networked request needs SEALED-ADDRESS and PUBKEY",
+                    ));
+                };
+                if args.pubkey.is_none() {
+                    return Err(Refusal::new(
+                        ErrorCode::BadArgs,
+                        "ACCEPT: true for a networked request needs PUBKEY",
+                    ));
+                }
+                if !(SEALED_MIN..=SEALED_MAX).contains(&sealed.len()) {
+                    return Err(Refusal::new(
+                        ErrorCode::BadArgs,
+                        format!(
+                            "SEALED-ADDRESS must decode to {SEALED_MIN}..={SEALED_MAX} bytes \
+                             (nonce, sealed Address, tag)"
+                        ),
+                    ));
+                }
+            } else {
+                if args.pubkey.is_some() || args.sealed_address.is_some() {
+                    return Err(Refusal::new(
+                        ErrorCode::BadArgs,
+                        "a request from this broker is accepted with ADDRESS only",
+                    ));
+                }
+                if args.address.is_none() {
+                    return Err(Refusal::new(
+                        ErrorCode::BadArgs,
+                        "ACCEPT: true on this broker needs ADDRESS",
+                    ));
+                }
+            }
+        } else if args.address.is_some() || args.pubkey.is_some() || args.sealed_address.is_some() {
+            return Err(Refusal::new(
+                ErrorCode::BadArgs,
+                "a declining answer carries no ADDRESS, PUBKEY or SEALED-ADDRESS",
             ));
+        }
+        let Some(pending) = self
+            .broker
+            .contacts
+            .take(&request, &login.number, Instant::now())
+        else {
+            // Another device of the entity answered in the meantime.
+            return Err(not_found());
         };
         let now = unix_now() as i64;
         if !args.accept {
@@ -696,31 +822,52 @@ impl Conn {
                 .await?;
             return Ok(ResponseData::ContactAnswer);
         }
-        let Some(address) = &args.address else {
-            return Err(Refusal::new(
-                ErrorCode::BadArgs,
-                "ACCEPT: true on this broker needs ADDRESS",
-            ));
-        };
-        self.announce(address);
-        let address = resolve_address(address, self.peer.ip());
-        self.broker
-            .store
-            .add_contact(&login.number, &pending.caller, now)
-            .await?;
-        self.broker
-            .store
-            .add_contact(&pending.caller, &login.number, now)
-            .await?;
-        hand_out(
-            &self.broker,
-            args.request.as_bytes(),
-            &pending.caller,
-            pending.caller_conn,
-            &login.number,
-            self.conn_id,
-            &address,
-        );
+        match &pending.origin {
+            Origin::Networked(origin) => {
+                let (Some(pubkey), Some(sealed)) = (args.pubkey, args.sealed_address) else {
+                    return Err(Refusal::new(ErrorCode::Internal, "internal error"));
+                };
+                let span = tracing::info_span!(parent: &origin.span, "contact.answer.networked");
+                crate::federation::contact::accept_networked(
+                    &self.broker,
+                    origin,
+                    Acceptance {
+                        local_request: request,
+                        caller: pending.caller.clone(),
+                        target: login.number.clone(),
+                        target_conn: self.conn_id,
+                        target_pubkey: *pubkey.as_bytes(),
+                        sealed_address: sealed.into_vec(),
+                    },
+                )
+                .instrument(span)
+                .await?;
+            }
+            Origin::Local { caller_conn } => {
+                let Some(address) = &args.address else {
+                    return Err(Refusal::new(ErrorCode::Internal, "internal error"));
+                };
+                self.announce(address);
+                let address = resolve_address(address, self.peer.ip());
+                self.broker
+                    .store
+                    .add_contact(&login.number, &pending.caller, now)
+                    .await?;
+                self.broker
+                    .store
+                    .add_contact(&pending.caller, &login.number, now)
+                    .await?;
+                hand_out(
+                    &self.broker,
+                    &request,
+                    &pending.caller,
+                    *caller_conn,
+                    &login.number,
+                    self.conn_id,
+                    &address,
+                );
+            }
+        }
         Ok(ResponseData::ContactAnswer)
     }
 
@@ -834,6 +981,31 @@ impl Conn {
             ));
         }
         let now = unix_now();
+        if let Some(f) = self.broker.federation.as_ref()
+            && let crate::federation::Home::Peer(peer) = f.home_of(target)
+        {
+            // The target's home broker applies its block list; here the message goes into the
+            // durable outbox, and the ack means "durably accepted by the home broker".
+            let expires = now + self.broker.config.inbox.ttl_secs;
+            crate::federation::outbox::enqueue_deposit(
+                &self.broker,
+                PeerDeposit {
+                    sender: login.number.clone(),
+                    sender_device: login.device,
+                    recipient: target.to_owned(),
+                    peer: peer.id.clone(),
+                    message_id: *args.id.as_bytes(),
+                    created_at: now,
+                    expires_at: expires,
+                    body: args.body.into_vec(),
+                },
+            )
+            .await?;
+            return Ok(ResponseData::Deposit(DepositData {
+                id: args.id,
+                expires,
+            }));
+        }
         if store.is_blocked(target, &login.number).await? {
             // Acknowledged and discarded: the blocked sender cannot tell.
             return Ok(ResponseData::Deposit(DepositData {

@@ -26,12 +26,37 @@ use crate::online::{Delivery, Push};
 pub struct Pending {
     /// The caller's number.
     pub caller: String,
-    /// The caller's connection (the accepted event goes there).
-    pub caller_conn: u64,
+    /// Where the caller is: a connection of this broker, or a peer broker.
+    pub origin: Origin,
     /// The target's number.
     pub target: String,
     /// When the request lapses.
     pub expires: Instant,
+}
+
+/// Where a contact request came from.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// A client of this broker.
+    Local {
+        /// The caller's connection (the accepted event goes there).
+        caller_conn: u64,
+    },
+    /// A client of a peer broker (INITIATE-*-NETWORKED, forwarded over federation).
+    Networked(NetworkOrigin),
+}
+
+/// The caller's side of a networked contact request.
+#[derive(Debug, Clone)]
+pub struct NetworkOrigin {
+    /// The caller's home broker (from its certificate).
+    pub broker: String,
+    /// The caller broker's request id, quoted back in `Accepted`.
+    pub request: [u8; 16],
+    /// The caller's broker-keypair public key.
+    pub caller_pubkey: [u8; 32],
+    /// The span of the incoming call, so the answer continues the same trace.
+    pub span: tracing::Span,
 }
 
 /// Contact requests waiting for an answer, by request id.
@@ -41,12 +66,24 @@ pub struct PendingRequests {
 }
 
 impl PendingRequests {
-    fn insert(&self, id: [u8; 16], pending: Pending, now: Instant) {
+    /// Holds a request until it is answered or `pending.expires`; prunes expired ones when the
+    /// table is large.
+    pub fn insert(&self, id: [u8; 16], pending: Pending, now: Instant) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         if table.len() > 10_000 {
             table.retain(|_, p| p.expires > now);
         }
         table.insert(id, pending);
+    }
+
+    /// A copy of the request `id` if it is addressed to `target` and still live (to check an
+    /// answer before [`PendingRequests::take`] consumes it).
+    pub fn peek(&self, id: &[u8; 16], target: &str, now: Instant) -> Option<Pending> {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table
+            .get(id)
+            .filter(|p| p.target == target && p.expires > now)
+            .cloned()
     }
 
     /// Takes the request `id` if it is addressed to `target` and still live.
@@ -100,8 +137,8 @@ pub struct Initiate {
     pub request: [u8; 16],
     /// The caller's number.
     pub caller: String,
-    /// The caller's connection.
-    pub caller_conn: u64,
+    /// Where the caller is.
+    pub origin: Origin,
     /// The target number.
     pub target: String,
     /// New or existing.
@@ -110,6 +147,11 @@ pub struct Initiate {
 
 /// Routes an INITIATE after its ack: drops it silently, answers it (AUTO-EXISTING) or asks the
 /// target's most recently active device.
+///
+/// A networked request (from a peer broker) follows the same rules, with two differences: an
+/// INITIATE-EXISTING-NETWORKED from a number that is not a contact pair is dropped, and
+/// AUTO-EXISTING does not answer for the target (only the target's client can seal its
+/// address), so the target is always asked (protocol.md 11.3).
 pub async fn route_initiate(broker: Arc<Broker>, req: Initiate) {
     if let Err(e) = try_route(&broker, &req).await {
         warn!(error = %e, "routing a contact request failed; dropped");
@@ -136,21 +178,33 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), crate::store::
         debug!("contact request dropped");
         return Ok(());
     }
-    if req.kind == InitiateKind::Existing
-        && store.is_contact(&req.target, &req.caller).await?
-        && store.auto_existing(&req.target).await?
-        && let Some((_device, conn, address)) = broker.online.top_announced(&req.target)
-    {
-        hand_out(
-            broker,
-            &req.request,
-            &req.caller,
-            req.caller_conn,
-            &req.target,
-            conn,
-            &address,
-        );
-        return Ok(());
+    match &req.origin {
+        Origin::Local { caller_conn } => {
+            if req.kind == InitiateKind::Existing
+                && store.is_contact(&req.target, &req.caller).await?
+                && store.auto_existing(&req.target).await?
+                && let Some((_device, conn, address)) = broker.online.top_announced(&req.target)
+            {
+                hand_out(
+                    broker,
+                    &req.request,
+                    &req.caller,
+                    *caller_conn,
+                    &req.target,
+                    conn,
+                    &address,
+                );
+                return Ok(());
+            }
+        }
+        Origin::Networked(_) => {
+            if req.kind == InitiateKind::Existing
+                && !store.is_contact(&req.target, &req.caller).await?
+            {
+                debug!("contact request dropped");
+                return Ok(());
+            }
+        }
     }
     let Some((_device, target_conn)) = broker.online.top_device(&req.target) else {
         debug!("contact request dropped");
@@ -162,12 +216,27 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), crate::store::
         req.request,
         Pending {
             caller: req.caller.clone(),
-            caller_conn: req.caller_conn,
+            origin: req.origin.clone(),
             target: req.target.clone(),
             expires: now + ttl,
         },
         now,
     );
+    let pubkey = match &req.origin {
+        Origin::Local { .. } => None,
+        Origin::Networked(origin) => {
+            // The seed: brokers hold the pubkeys of contacted clients, with an expiry.
+            let expires = unix_now()
+                + broker
+                    .federation
+                    .as_ref()
+                    .map_or(0, |f| f.config.pubkey_ttl_secs);
+            store
+                .put_peer_pubkey(&req.caller, &origin.caller_pubkey, expires as i64)
+                .await?;
+            Some(Hex32::from_bytes(origin.caller_pubkey))
+        }
+    };
     let (Ok(from), request) = (
         Number::new(req.caller.clone()),
         Hex16::from_bytes(req.request),
@@ -181,8 +250,8 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), crate::store::
             InitiateKind::New => ContactKind::New,
             InitiateKind::Existing => ContactKind::Existing,
         },
-        networked: false,
-        pubkey: None,
+        networked: pubkey.is_some(),
+        pubkey,
     });
     if broker
         .online

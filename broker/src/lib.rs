@@ -10,12 +10,18 @@
 //! - [`store`]: entities, devices, inboxes on SQLite or Postgres.
 //! - [`tls`], [`identity`]: certificates (a private CA on first start) and the signing key.
 //! - [`limits`], [`numbers`]: rate limiters, number allocation.
+//! - [`federation`]: the broker network: network file, mutual TLS, the gRPC federation
+//!   service, networked contact setup, the cross-broker outbox.
+//! - [`admin`]: the operator's gRPC service (status, health, reflection).
+//! - [`telemetry`]: logs, OpenTelemetry export, trace context across brokers.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 mod connection;
 pub mod contacts;
+pub mod federation;
 pub mod identity;
 pub mod limits;
 pub mod numbers;
@@ -23,4 +29,5 @@ pub mod online;
 pub mod run;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tls;

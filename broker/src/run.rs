@@ -1,4 +1,6 @@
-//! Starting and stopping a whole broker: data directory, store, TLS, identity, listener.
+//! Starting and stopping a whole broker: data directory, store, TLS, identity, the client
+//! listener and, when configured, the federation listener, the outbox worker, the peer prober
+//! and the admin listener.
 //!
 //! [`start`] is what the binary and the in-process integration tests share, so the tests run
 //! the same code a user runs.
@@ -8,11 +10,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tracing::info;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{info, warn};
 
+use crate::admin::AdminListener;
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::federation::mtls::MtlsCounters;
+use crate::federation::service::FederationServerHandle;
+use crate::federation::{Federation, FederationError};
 use crate::server::Server;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
@@ -36,6 +42,12 @@ pub enum StartError {
     /// The store could not be opened or migrated.
     #[error("opening the store: {0}")]
     Store(#[from] StoreError),
+    /// The network file or the federation certificates are unusable.
+    #[error("federation: {0}")]
+    Federation(#[from] FederationError),
+    /// The configuration does not fit the network file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// A broker running in this process.
@@ -47,15 +59,38 @@ pub struct RunningBroker {
     pub ca_file: Option<PathBuf>,
     /// The shared state, for tests and the admin service.
     pub broker: Arc<Broker>,
+    /// Where the federation listener is bound (networked brokers only).
+    pub federation_addr: Option<SocketAddr>,
+    /// Refusals counted by the federation listener (networked brokers only).
+    pub federation_refusals: Option<Arc<MtlsCounters>>,
+    /// Where the admin listener is bound (unless disabled).
+    pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    background: JoinSet<()>,
 }
 
 impl RunningBroker {
-    /// Stops accepting, lets in-flight requests finish, and waits for the server to end.
-    pub async fn stop(self) {
+    /// Stops accepting, lets in-flight requests finish, and waits for the server, the
+    /// federation and admin listeners and the background tasks to end.
+    pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        let grace = std::time::Duration::from_secs(
+            self.broker
+                .config
+                .server
+                .shutdown_grace_secs
+                .saturating_add(1),
+        );
+        let drained = tokio::time::timeout(grace, async {
+            while self.background.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("background tasks still running after the grace period; stopping them");
+            self.background.shutdown().await;
+        }
     }
 }
 
@@ -80,7 +115,16 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
             .await?
         }
     };
-    let broker = Arc::new(Broker::new(config, store, identity, server_tls));
+    let mut config = config;
+    let federation = Federation::load(&config.federation, &config.server.broker_id)?;
+    if let Some(f) = &federation {
+        // A networked broker allocates from its prefixes in the network file.
+        config.numbers.prefixes.clone_from(&f.me.prefixes);
+        config.validate()?;
+    }
+    let broker = Arc::new(Broker::with_federation(
+        config, store, identity, server_tls, federation,
+    ));
     let server = Server::bind(Arc::clone(&broker), broker.config.server.listen)
         .await
         .map_err(|source| StartError::Io {
@@ -101,14 +145,83 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
         info!(ca = %ca.display(), "clients trust this CA file");
     }
     let (shutdown, rx) = watch::channel(false);
-    tokio::spawn(sweep_forever(Arc::clone(&broker), rx.clone()));
+    let mut background = JoinSet::new();
+    let mut federation_addr = None;
+    let mut federation_refusals = None;
+    if let Some(f) = broker.federation.as_ref() {
+        let listen = f.config.listen.unwrap_or_else(|| {
+            let port = if f.me.port() == 0 { 7401 } else { f.me.port() };
+            SocketAddr::from(([0, 0, 0, 0], port))
+        });
+        let listener = FederationServerHandle::bind(Arc::clone(&broker), listen)
+            .await
+            .map_err(|source| StartError::Io {
+                what: format!("binding the federation listener {listen}"),
+                source,
+            })?;
+        if let Some(listener) = listener {
+            let bound = listener.local_addr().map_err(|source| StartError::Io {
+                what: "reading the federation address".into(),
+                source,
+            })?;
+            info!(
+                addr = %bound,
+                network = %f.network.name,
+                peers = f.links.len(),
+                "listening for peer brokers (gRPC, mutual TLS 1.3)"
+            );
+            federation_addr = Some(bound);
+            federation_refusals = Some(listener.counters());
+            background.spawn(listener.run(rx.clone()));
+        }
+        background.spawn(crate::federation::outbox::run_outbox(
+            Arc::clone(&broker),
+            rx.clone(),
+        ));
+        background.spawn(crate::federation::peers::probe_forever(
+            Arc::clone(&broker),
+            rx.clone(),
+        ));
+    }
+    let mut admin_addr = None;
+    if broker.config.admin.enabled {
+        // The admin listener serves operators, not clients: if its address is taken the broker
+        // still serves its clients, and says loudly that status and health are unavailable
+        // (a health check against the address then fails, which is how it gets noticed).
+        match AdminListener::bind(Arc::clone(&broker), broker.config.admin.listen).await {
+            Err(e) => tracing::error!(
+                error = %e,
+                "admin service NOT started: no status, health or reflection on this broker"
+            ),
+            Ok(admin) => {
+                let bound = admin.local_addr().map_err(|source| StartError::Io {
+                    what: "reading the admin address".into(),
+                    source,
+                })?;
+                info!(addr = %bound, "admin service listening (gRPC: Status, health, reflection)");
+                admin_addr = Some(bound);
+                let rx = rx.clone();
+                background.spawn(async move {
+                    if let Err(e) = admin.run(rx).await {
+                        warn!(error = %e, "admin service failed");
+                    }
+                });
+            }
+        }
+    }
+    crate::telemetry::register_metrics(&broker);
+    background.spawn(sweep_forever(Arc::clone(&broker), rx.clone()));
     let task = tokio::spawn(server.run(rx));
     Ok(RunningBroker {
         addr,
         ca_file: files.ca,
         broker,
+        federation_addr,
+        federation_refusals,
+        admin_addr,
         shutdown,
         task,
+        background,
     })
 }
 

@@ -41,6 +41,8 @@ impl TestBroker {
         config.server.shutdown_grace_secs = 5;
         // Tests register many entities from one address.
         config.registration.per_ip_per_hour = 100_000;
+        // Many brokers run at once: no fixed admin port.
+        config.admin.listen = "127.0.0.1:0".parse().unwrap();
         let database = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => {
@@ -118,4 +120,281 @@ pub async fn drop_postgres_database(admin_url: &str, name: &str) {
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .execute(&mut conn)
         .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broker networks (federation)
+
+/// A network of brokers running in this process on loopback, made with the broker's own
+/// `network init` code: each broker has its own data directory and (for Postgres) its own fresh
+/// database, a fixed federation port (so it can be stopped and started again at the same
+/// endpoint), and test-friendly timings (1 s probes and retries).
+#[derive(Debug)]
+pub struct TestNetwork {
+    /// The backend of every broker.
+    pub backend: Backend,
+    /// Network directory (CA, certificates, network file) and every broker's data.
+    pub dir: tempfile::TempDir,
+    /// The network file.
+    pub network_file: PathBuf,
+    /// The network CA, to issue more certificates in tests.
+    pub ca: micromsg_broker::tls::Authority,
+    /// Broker ids, in the order given.
+    pub ids: Vec<String>,
+    /// Federation endpoints (`127.0.0.1:PORT`), by broker.
+    pub endpoints: Vec<String>,
+    brokers: Vec<Option<TestBroker>>,
+    configs: Vec<Config>,
+    databases: Vec<Option<(String, String)>>,
+    data_dirs: Vec<Option<tempfile::TempDir>>,
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl TestNetwork {
+    /// Makes a network of `brokers` (id, prefixes) and starts every broker; `tweak` adjusts
+    /// each broker's configuration (by index) before it starts.
+    pub async fn start(
+        backend: Backend,
+        brokers: &[(&str, &[&str])],
+        tweak: impl Fn(usize, &mut Config),
+    ) -> Self {
+        use micromsg_broker::federation::network::{InitBroker, init_keeping_ca};
+        let dir = tempfile::tempdir().unwrap();
+        let endpoints: Vec<String> = brokers
+            .iter()
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let specs: Vec<InitBroker> = brokers
+            .iter()
+            .zip(&endpoints)
+            .map(|((id, prefixes), endpoint)| InitBroker {
+                id: (*id).to_owned(),
+                prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
+                endpoint: endpoint.clone(),
+            })
+            .collect();
+        let net_dir = dir.path().join("network");
+        let (report, ca) = init_keeping_ca(&net_dir, "test-net", &specs).unwrap();
+        let mut net = Self {
+            backend,
+            network_file: report.network_file.clone(),
+            ca,
+            ids: brokers.iter().map(|(id, _)| (*id).to_owned()).collect(),
+            endpoints,
+            brokers: Vec::new(),
+            configs: Vec::new(),
+            databases: Vec::new(),
+            data_dirs: Vec::new(),
+            dir,
+        };
+        for i in 0..brokers.len() {
+            let mut config = Config::default();
+            // Fixed ports, so a restarted broker is where its clients' profiles say.
+            config.server.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            config.server.broker_id = net.ids[i].clone();
+            config.server.shutdown_grace_secs = 5;
+            config.registration.per_ip_per_hour = 100_000;
+            config.admin.listen = "127.0.0.1:0".parse().unwrap();
+            config.federation.network_file = Some(report.network_file.clone());
+            config.federation.listen = Some(net.endpoints[i].parse().unwrap());
+            config.federation.probe_interval_secs = 1;
+            config.federation.retry_initial_secs = 1;
+            config.federation.retry_max_secs = 2;
+            config.federation.outbox_poll_ms = 200;
+            config.federation.request_timeout_ms = 3_000;
+            config.federation.connect_timeout_ms = 1_000;
+            let database = match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => {
+                    let (admin_url, name, url) = fresh_postgres_database().await;
+                    config.database.url = Some(url);
+                    Some((admin_url, name))
+                }
+            };
+            tweak(i, &mut config);
+            net.configs.push(config);
+            net.databases.push(database);
+            net.data_dirs.push(Some(tempfile::tempdir().unwrap()));
+            net.brokers.push(None);
+        }
+        for i in 0..brokers.len() {
+            net.start_broker(i).await;
+        }
+        net
+    }
+
+    /// Broker `i` (panics when it is stopped).
+    pub fn broker(&self, i: usize) -> &TestBroker {
+        self.brokers[i].as_ref().unwrap()
+    }
+
+    /// The configuration broker `i` runs (or will run) with.
+    pub fn config(&self, i: usize) -> &Config {
+        &self.configs[i]
+    }
+
+    /// Starts broker `i` again (same data, database and federation endpoint).
+    pub async fn start_broker(&mut self, i: usize) {
+        assert!(self.brokers[i].is_none(), "broker {i} is running");
+        let data = self.data_dirs[i].take().unwrap();
+        let mut config = self.configs[i].clone();
+        config.server.data_dir = data.path().join("data");
+        // The federation port was just released by a stopped broker: retry briefly.
+        let mut tries = 0;
+        let running = loop {
+            match start(config.clone()).await {
+                Ok(r) => break r,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("broker {i} did not start: {e}"),
+            }
+        };
+        let addr = format!("127.0.0.1:{}", running.addr.port());
+        let ca = running.ca_file.clone().unwrap();
+        self.brokers[i] = Some(TestBroker {
+            running,
+            addr,
+            ca,
+            dir: data,
+            database: None,
+        });
+    }
+
+    /// Stops broker `i`, keeping its data and database for [`TestNetwork::start_broker`].
+    pub async fn stop_broker(&mut self, i: usize) {
+        let broker = self.brokers[i].take().unwrap();
+        let TestBroker { running, dir, .. } = broker;
+        running.stop().await;
+        self.data_dirs[i] = Some(dir);
+    }
+
+    /// Waits (up to 30 s) until every running broker sees every running peer as reachable.
+    pub async fn wait_linked(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let running: Vec<&TestBroker> = self.brokers.iter().flatten().collect();
+            let ids: Vec<String> = running
+                .iter()
+                .map(|b| b.running.broker.config.server.broker_id.clone())
+                .collect();
+            let linked = running.iter().all(|b| {
+                let f = b.running.broker.federation.as_ref().unwrap();
+                f.links
+                    .values()
+                    .filter(|l| ids.contains(&l.entry.id))
+                    .all(|l| l.state().reachable == Some(true))
+            });
+            if linked {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "brokers did not link within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops every broker and drops their databases.
+    pub async fn stop(mut self) {
+        for i in 0..self.brokers.len() {
+            if self.brokers[i].is_some() {
+                self.stop_broker(i).await;
+            }
+        }
+        for (admin_url, name) in self.databases.iter().flatten() {
+            drop_postgres_database(admin_url, name).await;
+        }
+    }
+
+    /// Issues a broker certificate from the network CA for `id` with endpoint host 127.0.0.1,
+    /// valid `days` (negative: already expired), and writes `NAME.pem` / `NAME.key`.
+    pub fn issue_cert(&self, name: &str, id: &str, days: i64) -> (PathBuf, PathBuf) {
+        issue_cert_with(&self.ca, &self.dir.path().join("extra"), name, id, days)
+    }
+}
+
+/// Issues a broker-style certificate for `id` from `ca` into `dir` (`NAME.pem`, `NAME.key`).
+pub fn issue_cert_with(
+    ca: &micromsg_broker::tls::Authority,
+    dir: &std::path::Path,
+    name: &str,
+    id: &str,
+    days: i64,
+) -> (PathBuf, PathBuf) {
+    use micromsg_broker::federation::network::{BrokerEntry, issue_broker_cert};
+    std::fs::create_dir_all(dir).unwrap();
+    let entry = BrokerEntry {
+        id: id.to_owned(),
+        endpoint: "127.0.0.1:1".to_owned(),
+        prefixes: vec!["0".to_owned()],
+    };
+    let (cert, key) = issue_broker_cert(ca, &entry, days).unwrap();
+    let cert_file = dir.join(format!("{name}.pem"));
+    let key_file = dir.join(format!("{name}.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    (cert_file, key_file)
+}
+
+/// The sealed address of protocol.md 11.4, as a client computes it: `SEALED-ADDRESS` bytes
+/// (nonce || ciphertext || tag) of `address`, sealed with the sender's broker-keypair secret to
+/// the recipient's public key.
+pub fn seal_address(
+    sk_sender: &micromsg_crypto::Secret32,
+    pk_recipient: &[u8; 32],
+    nonce: &[u8; 24],
+    address: &str,
+) -> Vec<u8> {
+    use micromsg_crypto::{aead, agreement};
+    let pk_sender = agreement::EphemeralSecret::from_secret(sk_sender).public_key();
+    let shared = agreement::x25519(sk_sender, pk_recipient).unwrap();
+    let key = sealed_address_key(&shared, &pk_sender, pk_recipient);
+    let mut out = nonce.to_vec();
+    out.extend(aead::xseal(&key, nonce, b"", address.as_bytes()).unwrap());
+    out
+}
+
+/// Opens a sealed address (protocol.md 11.4) with the recipient's secret and the sender's
+/// public key; `None` when it does not open.
+pub fn open_address(
+    sk_recipient: &micromsg_crypto::Secret32,
+    pk_sender: &[u8; 32],
+    sealed: &[u8],
+) -> Option<String> {
+    use micromsg_crypto::{aead, agreement};
+    let pk_recipient = agreement::EphemeralSecret::from_secret(sk_recipient).public_key();
+    let shared = agreement::x25519(sk_recipient, pk_sender).ok()?;
+    let key = sealed_address_key(&shared, pk_sender, &pk_recipient);
+    if sealed.len() < 24 {
+        return None;
+    }
+    let (nonce, ct) = sealed.split_at(24);
+    let nonce: [u8; 24] = nonce.try_into().ok()?;
+    let plain = aead::xopen(&key, &nonce, b"", ct).ok()?;
+    String::from_utf8(plain).ok()
+}
+
+fn sealed_address_key(
+    shared: &micromsg_crypto::Secret32,
+    pk_sender: &[u8; 32],
+    pk_recipient: &[u8; 32],
+) -> [u8; 32] {
+    let mut info = b"micromsg/sealed-address/v1".to_vec();
+    info.extend_from_slice(pk_sender);
+    info.extend_from_slice(pk_recipient);
+    let mut key = [0u8; 32];
+    micromsg_crypto::kdf::hkdf(b"", shared.expose(), &info, &mut key).unwrap();
+    key
 }

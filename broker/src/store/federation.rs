@@ -1,7 +1,7 @@
 //! Federation state: broker-held pubkeys of peer brokers' clients, and the durable outbox of
 //! cross-broker deliveries.
 
-use super::{OutboxItem, Store, StoreError, array, on_pool};
+use super::{OutboxItem, PoolExt, Store, StoreError, array, on_pool};
 
 impl Store {
     /// Holds the pubkey of `peer_number` (a client at a peer broker) until `expires_at`,
@@ -139,5 +139,35 @@ impl Store {
             sqlx::query_scalar("SELECT COUNT(*) FROM outbox").fetch_one(pool).await?
         });
         Ok(n)
+    }
+
+    /// Removes many delivered items in one transaction. Returns how many were there.
+    pub async fn complete_outbox_many(&self, keys: &[[u8; 16]]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let mut n = 0;
+            for key in keys {
+                n += sqlx::query("DELETE FROM outbox WHERE idempotency_key = $1")
+                    .bind(&key[..])
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+            Ok(n)
+        })
+    }
+
+    /// Queued deliveries per peer broker.
+    pub async fn outbox_depth_by_peer(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows: Vec<(String, i64)> = on_pool!(self, pool => {
+            sqlx::query_as("SELECT peer_broker, COUNT(*) FROM outbox GROUP BY peer_broker")
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows)
     }
 }

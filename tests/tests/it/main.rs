@@ -4,6 +4,7 @@
 
 mod broker_core;
 mod contacts;
+mod federation;
 mod groups;
 mod inbox;
 mod offline;

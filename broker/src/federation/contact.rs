@@ -1,0 +1,425 @@
+//! Networked contact setup (protocol.md section 11, from the brokers' side).
+//!
+//! Caller A on broker X, target B on broker Y:
+//!
+//! 1. X answers A's INITIATE-*-NETWORKED with `REQUEST: r` at once (only configuration and
+//!    local link state decide NOT-NETWORKED / PEER-UNAVAILABLE), remembers r in [`Outgoing`]
+//!    and forwards `Initiate(r, A, B, kind, pk_A)` to Y ([`forward_initiate`]).
+//! 2. Y acknowledges the call before it looks at B ([`receive_initiate`]), then applies the
+//!    silent-drop rules of a local INITIATE (`contacts::route_initiate`): unknown, offline,
+//!    blocked, probed-before-allocation, not a contact pair for EXISTING: nothing, ever. Else
+//!    B's device gets CONTACT-REQUEST `{REQUEST: r', NETWORKED: true, PUBKEY: pk_A}`, and Y
+//!    holds pk_A with an expiry.
+//! 3. B answers with `PUBKEY: pk_B` and `SEALED-ADDRESS: s` (its address sealed to pk_A). Y
+//!    records the pair {B, A}, makes the connect token t, sends B CONTACT-CONNECTING and calls
+//!    `Accepted(r, A, B, pk_B, s, t)` on X ([`send_accepted`]).
+//! 4. X checks that the call comes from the broker it forwarded r to and names the same
+//!    numbers ([`receive_accepted`]), records the pair {A, B}, holds pk_B with an expiry, and
+//!    sends A CONTACT-ACCEPTED `{REQUEST: r, TARGET: B, SEALED-ADDRESS: s, TOKEN: t,
+//!    PUBKEY: pk_B}`.
+//!
+//! Neither broker ever has B's address in clear: B seals it before it leaves B. A decline, a
+//! timeout or any drop at Y produces no call at all, so X (and A) learn nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use micromsg_wire::message::event::{ContactAccepted, ContactConnecting};
+use micromsg_wire::{Blob, Event, Hex16, Hex32, Number};
+use tracing::{Instrument, Span, debug, info_span, warn};
+
+use super::proto::{AcceptedRequest, InitiateKind as WireKind, InitiateRequest};
+use super::{Counters, Home};
+use crate::broker::{Broker, unix_now};
+use crate::contacts::{Initiate, InitiateKind, NetworkOrigin, Origin, new_request_id};
+use crate::online::Push;
+
+/// Requests kept at most in [`Outgoing`] before expired ones are pruned.
+const OUTGOING_PRUNE_AT: usize = 10_000;
+/// Tries of an `Accepted` call (the connect token lives for the request lifetime anyway).
+const ACCEPTED_TRIES: u32 = 3;
+
+/// Smallest and largest SEALED-ADDRESS: nonce (24) + tag (16) + an Address of 1..=255 bytes.
+pub const SEALED_MIN: usize = 24 + 16 + 1;
+/// See [`SEALED_MIN`].
+pub const SEALED_MAX: usize = 24 + 16 + 255;
+
+/// A networked contact request a client of this broker made.
+#[derive(Debug, Clone)]
+pub struct OutgoingRequest {
+    /// The caller's number.
+    pub caller: String,
+    /// The caller's connection (CONTACT-ACCEPTED goes there).
+    pub caller_conn: u64,
+    /// The target's number.
+    pub target: String,
+    /// The peer broker the request went to.
+    pub peer: String,
+    /// When it lapses.
+    pub expires: Instant,
+}
+
+/// Networked requests waiting for `Accepted`, by request id.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    table: Mutex<HashMap<[u8; 16], OutgoingRequest>>,
+}
+
+impl Outgoing {
+    fn insert(&self, id: [u8; 16], request: OutgoingRequest, now: Instant) {
+        let mut table = self.lock();
+        if table.len() >= OUTGOING_PRUNE_AT {
+            table.retain(|_, r| r.expires > now);
+        }
+        table.insert(id, request);
+    }
+
+    /// Takes request `id` if `peer` is where it went and it names `caller` and `target`.
+    fn take_matching(
+        &self,
+        id: &[u8; 16],
+        peer: &str,
+        caller: &str,
+        target: &str,
+        now: Instant,
+    ) -> Option<OutgoingRequest> {
+        let mut table = self.lock();
+        let r = table.get(id)?;
+        if r.expires <= now {
+            table.remove(id);
+            return None;
+        }
+        if r.peer != peer || r.caller != caller || r.target != target {
+            return None;
+        }
+        table.remove(id)
+    }
+
+    /// Requests waiting.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], OutgoingRequest>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why a networked INITIATE is refused before its acknowledgement (decided from configuration
+/// and local link state only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardRefusal {
+    /// The target is not in a peer's share, or this broker is in no network.
+    NotNetworked,
+    /// The peer owning the target is unreachable right now; try after this many seconds.
+    PeerUnavailable(u64),
+}
+
+/// Step 1: checks what may be checked before the ack, then forwards in the background and
+/// returns the request id to acknowledge.
+pub fn forward_initiate(
+    broker: &Arc<Broker>,
+    caller: &str,
+    caller_conn: u64,
+    target: &str,
+    kind: InitiateKind,
+    caller_pubkey: [u8; 32],
+) -> Result<[u8; 16], ForwardRefusal> {
+    let Some(federation) = broker.federation.as_ref() else {
+        return Err(ForwardRefusal::NotNetworked);
+    };
+    let Home::Peer(peer) = federation.home_of(target) else {
+        return Err(ForwardRefusal::NotNetworked);
+    };
+    let Some(link) = federation.link(&peer.id) else {
+        return Err(ForwardRefusal::NotNetworked);
+    };
+    if !link.is_available() {
+        return Err(ForwardRefusal::PeerUnavailable(
+            federation.config.probe_interval_secs.max(1),
+        ));
+    }
+    let request = new_request_id();
+    let now = Instant::now();
+    let ttl = Duration::from_secs(broker.config.contacts.request_ttl_secs);
+    federation.outgoing.insert(
+        request,
+        OutgoingRequest {
+            caller: caller.to_owned(),
+            caller_conn,
+            target: target.to_owned(),
+            peer: peer.id.clone(),
+            expires: now + ttl,
+        },
+        now,
+    );
+    // Bounded: beyond max_forwards_in_flight the request is dropped, which the caller cannot
+    // tell from any other silent outcome.
+    let Ok(permit) = Arc::clone(&federation.forwards).try_acquire_owned() else {
+        Counters::bump(&federation.counters.initiates_overflow);
+        warn!(peer = %peer.id, "too many networked contact requests in flight; one dropped");
+        return Ok(request);
+    };
+    let call = InitiateRequest {
+        request: request.to_vec(),
+        caller: caller.to_owned(),
+        target: target.to_owned(),
+        kind: match kind {
+            InitiateKind::New => WireKind::New,
+            InitiateKind::Existing => WireKind::Existing,
+        } as i32,
+        caller_pubkey: caller_pubkey.to_vec(),
+    };
+    let link = Arc::clone(link);
+    let timeout = federation.request_timeout();
+    let broker = Arc::clone(broker);
+    let span = info_span!("federation.initiate", peer = %peer.id);
+    tokio::spawn(
+        async move {
+            let mut client = link.client();
+            let result = match tokio::time::timeout(timeout, client.initiate(call)).await {
+                Ok(r) => r.map(|_| ()),
+                Err(_) => Err(tonic::Status::deadline_exceeded("initiate timed out")),
+            };
+            if let Some(f) = broker.federation.as_ref() {
+                match link.record(result) {
+                    Ok(()) => Counters::bump(&f.counters.initiates_forwarded),
+                    Err(_) => Counters::bump(&f.counters.initiates_failed),
+                }
+            }
+            drop(permit);
+        }
+        .instrument(span),
+    );
+    Ok(request)
+}
+
+/// Why a peer's call was refused (malformed, or about numbers the calling peer does not
+/// serve). Says nothing about whether a target exists.
+fn invalid(what: &str) -> tonic::Status {
+    tonic::Status::invalid_argument(what.to_owned())
+}
+
+/// Step 2: a peer forwards a networked INITIATE. Validates what does not depend on the
+/// target, then routes in the background; the acknowledgement is the same in every case.
+pub fn receive_initiate(
+    broker: &Arc<Broker>,
+    peer: &str,
+    call: InitiateRequest,
+) -> Result<(), tonic::Status> {
+    let Some(federation) = broker.federation.as_ref() else {
+        return Err(tonic::Status::failed_precondition("not networked"));
+    };
+    let request: [u8; 16] = call
+        .request
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid("request must be 16 bytes"))?;
+    let caller_pubkey: [u8; 32] = call
+        .caller_pubkey
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid("caller_pubkey must be 32 bytes"))?;
+    let caller = Number::new(call.caller).map_err(|_| invalid("caller is not a number"))?;
+    let target = Number::new(call.target).map_err(|_| invalid("target is not a number"))?;
+    if !matches!(federation.home_of(caller.as_str()), Home::Peer(p) if p.id == peer) {
+        return Err(tonic::Status::permission_denied(
+            "caller is not in the calling broker's prefixes",
+        ));
+    }
+    if federation.home_of(target.as_str()) != Home::Own {
+        return Err(invalid("target is not in this broker's prefixes"));
+    }
+    let kind = match WireKind::try_from(call.kind) {
+        Ok(WireKind::New) => InitiateKind::New,
+        Ok(WireKind::Existing) => InitiateKind::Existing,
+        _ => return Err(invalid("kind must be NEW or EXISTING")),
+    };
+    Counters::bump(&federation.counters.initiates_received);
+    let initiate = Initiate {
+        // The target sees a fresh id: ids chosen by a peer must not collide with local ones.
+        request: new_request_id(),
+        caller: caller.as_str().to_owned(),
+        origin: Origin::Networked(NetworkOrigin {
+            broker: peer.to_owned(),
+            request,
+            caller_pubkey,
+            span: Span::current(),
+        }),
+        target: target.as_str().to_owned(),
+        kind,
+    };
+    tokio::spawn(crate::contacts::route_initiate(Arc::clone(broker), initiate).in_current_span());
+    Ok(())
+}
+
+/// What the target's accepting CONTACT-ANSWER carried, for [`send_accepted`].
+#[derive(Debug, Clone)]
+pub struct Acceptance {
+    /// The local request id (r').
+    pub local_request: [u8; 16],
+    /// The caller.
+    pub caller: String,
+    /// The accepting target (a local entity).
+    pub target: String,
+    /// The target's connection that answered.
+    pub target_conn: u64,
+    /// The target's broker-keypair public key.
+    pub target_pubkey: [u8; 32],
+    /// The target's sealed address.
+    pub sealed_address: Vec<u8>,
+}
+
+/// Step 3 (at the target's broker): the target accepted. Records the pair, makes the token,
+/// tells the target, and hands pk_B, the sealed address and the token to the caller's broker.
+pub async fn accept_networked(
+    broker: &Arc<Broker>,
+    origin: &NetworkOrigin,
+    acceptance: Acceptance,
+) -> Result<(), crate::store::StoreError> {
+    let now = unix_now() as i64;
+    broker
+        .store
+        .add_contact(&acceptance.target, &acceptance.caller, now)
+        .await?;
+    let token = micromsg_crypto::Secret32::generate(&mut rand_core::OsRng);
+    if let Ok(from) = Number::new(acceptance.caller.clone()) {
+        let connecting = Event::ContactConnecting(ContactConnecting {
+            request: Hex16::from_bytes(acceptance.local_request),
+            from,
+            token: Hex32::from_bytes(*token.expose()),
+        });
+        broker.online.push_conn(
+            &acceptance.target,
+            acceptance.target_conn,
+            Push::Event(connecting),
+        );
+    }
+    let call = AcceptedRequest {
+        request: origin.request.to_vec(),
+        caller: acceptance.caller,
+        target: acceptance.target,
+        target_pubkey: acceptance.target_pubkey.to_vec(),
+        sealed_address: acceptance.sealed_address,
+        token: token.expose().to_vec(),
+    };
+    send_accepted(broker, &origin.broker, call);
+    Ok(())
+}
+
+/// Calls `Accepted` on the caller's broker in the background, a few times if the link fails.
+fn send_accepted(broker: &Arc<Broker>, peer: &str, call: AcceptedRequest) {
+    let Some(federation) = broker.federation.as_ref() else {
+        return;
+    };
+    let Some(link) = federation.link(peer).cloned() else {
+        return;
+    };
+    let timeout = federation.request_timeout();
+    let retry_gap = Duration::from_secs(federation.config.retry_initial_secs.max(1));
+    tokio::spawn(
+        async move {
+            for attempt in 1..=ACCEPTED_TRIES {
+                let mut client = link.client();
+                let result =
+                    match tokio::time::timeout(timeout, client.accepted(call.clone())).await {
+                        Ok(r) => r.map(|_| ()),
+                        Err(_) => Err(tonic::Status::deadline_exceeded("accepted timed out")),
+                    };
+                match link.record(result) {
+                    Ok(()) => return,
+                    Err(status) if attempt < ACCEPTED_TRIES => {
+                        debug!(attempt, error = %super::peers::describe(&status), "accepted call failed; retrying");
+                        tokio::time::sleep(retry_gap).await;
+                    }
+                    Err(_) => warn!("could not hand a contact acceptance to the caller's broker"),
+                }
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+/// Step 4 (at the caller's broker): the peer says the target accepted.
+pub async fn receive_accepted(
+    broker: &Arc<Broker>,
+    peer: &str,
+    call: AcceptedRequest,
+) -> Result<(), tonic::Status> {
+    let Some(federation) = broker.federation.as_ref() else {
+        return Err(tonic::Status::failed_precondition("not networked"));
+    };
+    let request: [u8; 16] = call
+        .request
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid("request must be 16 bytes"))?;
+    let target_pubkey: [u8; 32] = call
+        .target_pubkey
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid("target_pubkey must be 32 bytes"))?;
+    let token: [u8; 32] = call
+        .token
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid("token must be 32 bytes"))?;
+    if !(SEALED_MIN..=SEALED_MAX).contains(&call.sealed_address.len()) {
+        return Err(invalid("sealed_address has an impossible length"));
+    }
+    let (Ok(target), Ok(_caller)) = (
+        Number::new(call.target.clone()),
+        Number::new(call.caller.clone()),
+    ) else {
+        return Err(invalid("caller and target must be numbers"));
+    };
+    let Some(waiting) = federation.outgoing.take_matching(
+        &request,
+        peer,
+        &call.caller,
+        &call.target,
+        Instant::now(),
+    ) else {
+        // Unknown, expired, or not this peer's to answer: ignored, like a late answer.
+        debug!("acceptance for no waiting request ignored");
+        return Ok(());
+    };
+    let now = unix_now();
+    let store = &broker.store;
+    store
+        .add_contact(&waiting.caller, &waiting.target, now as i64)
+        .await
+        .map_err(internal)?;
+    store
+        .put_peer_pubkey(
+            &waiting.target,
+            &target_pubkey,
+            (now + federation.config.pubkey_ttl_secs) as i64,
+        )
+        .await
+        .map_err(internal)?;
+    let accepted = Event::ContactAccepted(ContactAccepted {
+        request: Hex16::from_bytes(request),
+        target,
+        address: None,
+        sealed_address: Some(Blob::new(call.sealed_address)),
+        token: Hex32::from_bytes(token),
+        pubkey: Some(Hex32::from_bytes(target_pubkey)),
+    });
+    broker
+        .online
+        .push_conn(&waiting.caller, waiting.caller_conn, Push::Event(accepted));
+    Counters::bump(&federation.counters.accepted_relayed);
+    Ok(())
+}
+
+fn internal(e: crate::store::StoreError) -> tonic::Status {
+    warn!(error = %e, "store error in a federation call");
+    tonic::Status::internal("internal error")
+}

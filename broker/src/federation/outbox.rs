@@ -1,0 +1,489 @@
+//! Cross-broker offline delivery.
+//!
+//! **Sending** ([`enqueue_deposit`], [`run_outbox`]). A DEPOSIT whose target is homed at a peer
+//! is written to the durable `outbox` table (with the encoded [`Delivery`] as payload) and
+//! acknowledged to the client once that write committed. The outbox worker takes due items,
+//! groups them per peer into `Deliver` batches (bounded in count and bytes, a bounded number in
+//! flight per peer), and removes what
+//! the peer confirmed; a failed call or a RETRY answer reschedules the item with exponential
+//! backoff (`retry_initial_secs` doubling up to `retry_max_secs`, plus up to a quarter of
+//! jitter). Items older than the message lifetime are dropped (they would have expired in the
+//! inbox). The outbox survives restarts of either broker: nothing is lost.
+//!
+//! **Idempotency.** The outbox key is `SHA-256("micromsg/outbox/v1" || sender || 0 ||
+//! recipient || 0 || message id)[0..16]`, so a client's retried DEPOSIT does not queue twice;
+//! the receiver stores under the inbox's own key (recipient, device, message id, same sender),
+//! so a batch re-sent after a lost answer changes nothing: nothing twice.
+//!
+//! **Receiving** ([`receive`]). The whole batch is stored in one transaction (group commit)
+//! and answered only after the commit. Per item the answer is DONE or RETRY only: a block, a
+//! missing contact pair or an unknown recipient are DONE as well, so the sending broker cannot
+//! learn them (as a blocked DEPOSIT on one broker is acknowledged and discarded).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use micromsg_wire::Event;
+use micromsg_wire::message::event::InboxNotice;
+use prost::Message as _;
+use rand_core::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::proto::{DeliverRequest, Delivery, DeliveryResult, DeliveryStatus};
+use super::{Counters, Home};
+use crate::broker::{Broker, unix_now};
+use crate::config::InboxMode;
+use crate::online::Push;
+use crate::store::{DepositOutcome, NewInboxItem, OutboxItem, StoreError};
+
+/// Rough protobuf overhead of one item besides its body, for batch sizing.
+const ITEM_OVERHEAD: usize = 128;
+
+/// The outbox key of a message (see the module docs).
+pub fn idempotency_key(sender: &str, recipient: &str, message_id: &[u8; 16]) -> [u8; 16] {
+    let digest = Sha256::new()
+        .chain_update(b"micromsg/outbox/v1")
+        .chain_update(sender.as_bytes())
+        .chain_update([0])
+        .chain_update(recipient.as_bytes())
+        .chain_update([0])
+        .chain_update(message_id)
+        .finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
+/// A deposit for a peer's number, as the DEPOSIT handler hands it over.
+#[derive(Debug, Clone)]
+pub struct PeerDeposit {
+    /// The depositing entity.
+    pub sender: String,
+    /// Its device.
+    pub sender_device: u32,
+    /// The recipient (homed at `peer`).
+    pub recipient: String,
+    /// The peer broker's id.
+    pub peer: String,
+    /// The client's message id.
+    pub message_id: [u8; 16],
+    /// Deposit time.
+    pub created_at: u64,
+    /// Expiry.
+    pub expires_at: u64,
+    /// Opaque ciphertext.
+    pub body: Vec<u8>,
+}
+
+/// Writes a deposit for a peer into the outbox (committed when this returns) and wakes the
+/// worker. A repeat of the same message is a no-op.
+pub async fn enqueue_deposit(broker: &Broker, deposit: PeerDeposit) -> Result<(), StoreError> {
+    let key = idempotency_key(&deposit.sender, &deposit.recipient, &deposit.message_id);
+    let payload = Delivery {
+        idempotency_key: key.to_vec(),
+        message_id: deposit.message_id.to_vec(),
+        sender: deposit.sender,
+        sender_device: deposit.sender_device,
+        recipient: deposit.recipient,
+        created_at: deposit.created_at,
+        expires_at: deposit.expires_at,
+        body: deposit.body,
+    }
+    .encode_to_vec();
+    let fresh = broker
+        .store
+        .enqueue_outbox(&key, &deposit.peer, &payload, deposit.created_at as i64)
+        .await?;
+    if fresh && let Some(f) = broker.federation.as_ref() {
+        f.outbox_wake.notify_one();
+    }
+    Ok(())
+}
+
+/// The delay before attempt `attempts + 1`: initial · 2^attempts, capped, plus jitter.
+pub fn backoff(initial: u64, max: u64, attempts: i64) -> u64 {
+    let exp = u32::try_from(attempts.clamp(0, 32)).unwrap_or(32);
+    let base = initial.saturating_mul(1u64 << exp.min(40)).min(max).max(1);
+    let jitter = rand_core::OsRng.next_u64() % (base / 4 + 1);
+    base + jitter
+}
+
+/// Keys handed to a delivery task and not yet settled, so a poll does not send them twice.
+type InFlight = Arc<Mutex<HashSet<[u8; 16]>>>;
+
+/// The outbox worker: runs until shutdown (items in flight then are simply retried after the
+/// next start: the peer stores idempotently).
+pub async fn run_outbox(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+    let Some(federation) = broker.federation.as_ref() else {
+        return;
+    };
+    let poll = Duration::from_millis(federation.config.outbox_poll_ms.max(10));
+    let batch = federation.config.outbox_batch.max(1);
+    // Enough to see past the in-flight items of every peer and still find work for the others.
+    let per_peer = federation.config.outbox_batches_in_flight.max(1);
+    let fetch =
+        u32::try_from(batch * (per_peer * federation.links.len().max(1) + 1)).unwrap_or(u32::MAX);
+    let in_flight: InFlight = Arc::default();
+    let busy: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let mut tasks = JoinSet::new();
+    loop {
+        let now = unix_now() as i64;
+        match broker.store.due_outbox(now, fetch).await {
+            Ok(items) => dispatch(&broker, items, &in_flight, &busy, &mut tasks),
+            Err(e) => warn!(error = %e, "reading the outbox failed; will retry"),
+        }
+        // Reap finished deliveries so the set stays small.
+        while tasks.try_join_next().is_some() {}
+        tokio::select! {
+            () = federation.outbox_wake.notified() => {}
+            () = tokio::time::sleep(poll) => {}
+            () = crate::server::stopped(&mut shutdown) => break,
+        }
+    }
+    // Calls in flight finish (or time out) so their outcome is recorded; anything unsettled is
+    // simply due again after the next start.
+    let wait = federation.request_timeout() + Duration::from_secs(1);
+    if tokio::time::timeout(wait, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tasks.shutdown().await;
+    }
+}
+
+/// Groups due items per peer and starts a delivery task for each batch a peer can take.
+fn dispatch(
+    broker: &Arc<Broker>,
+    items: Vec<OutboxItem>,
+    in_flight: &InFlight,
+    busy: &Arc<Mutex<HashMap<String, usize>>>,
+    tasks: &mut JoinSet<()>,
+) {
+    let Some(federation) = broker.federation.as_ref() else {
+        return;
+    };
+    let cfg = &federation.config;
+    let mut per_peer: HashMap<String, Vec<OutboxItem>> = HashMap::new();
+    {
+        let mut flying = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        for item in items {
+            if flying.insert(item.idempotency_key) {
+                per_peer
+                    .entry(item.peer_broker.clone())
+                    .or_default()
+                    .push(item);
+            }
+        }
+    }
+    for (peer, items) in per_peer {
+        let mut batches: Vec<Vec<OutboxItem>> = Vec::new();
+        let mut bytes = 0;
+        for item in items {
+            let size = item.payload.len() + ITEM_OVERHEAD;
+            let start_new = match batches.last() {
+                None => true,
+                Some(b) => b.len() >= cfg.outbox_batch || bytes + size > cfg.outbox_batch_bytes,
+            };
+            if start_new {
+                batches.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += size;
+            if let Some(b) = batches.last_mut() {
+                b.push(item);
+            }
+        }
+        for batch in batches {
+            let admitted = {
+                let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+                let n = busy.entry(peer.clone()).or_insert(0);
+                if *n >= cfg.outbox_batches_in_flight.max(1) {
+                    false
+                } else {
+                    *n += 1;
+                    true
+                }
+            };
+            if !admitted {
+                // The peer has as many batches in flight as allowed; these wait for the next
+                // poll.
+                let mut flying = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                for item in &batch {
+                    flying.remove(&item.idempotency_key);
+                }
+                continue;
+            }
+            let broker = Arc::clone(broker);
+            let in_flight = Arc::clone(in_flight);
+            let busy = Arc::clone(busy);
+            let peer = peer.clone();
+            let span = info_span!("federation.deliver", peer = %peer, items = batch.len());
+            tasks.spawn(
+                async move {
+                    let keys: Vec<[u8; 16]> = batch.iter().map(|i| i.idempotency_key).collect();
+                    deliver_batch(&broker, &peer, batch).await;
+                    {
+                        let mut flying = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                        for key in &keys {
+                            flying.remove(key);
+                        }
+                    }
+                    if let Some(n) = busy
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_mut(&peer)
+                    {
+                        *n = n.saturating_sub(1);
+                    }
+                    if let Some(f) = broker.federation.as_ref() {
+                        // More may be due (this batch was capped); look again at once.
+                        f.outbox_wake.notify_one();
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+/// Sends one batch and settles every item: removed when the peer is done with it,
+/// rescheduled otherwise.
+async fn deliver_batch(broker: &Broker, peer: &str, batch: Vec<OutboxItem>) {
+    let Some(federation) = broker.federation.as_ref() else {
+        return;
+    };
+    let cfg = &federation.config;
+    let now = unix_now();
+    let mut done: Vec<[u8; 16]> = Vec::new();
+    let mut retry: Vec<&OutboxItem> = Vec::new();
+    let mut request = DeliverRequest { items: Vec::new() };
+    let mut sent: Vec<&OutboxItem> = Vec::new();
+    for item in &batch {
+        match Delivery::decode(item.payload.as_slice()) {
+            Ok(d) if d.expires_at <= now => {
+                Counters::bump(&federation.counters.delivery_expired);
+                done.push(item.idempotency_key);
+            }
+            Ok(d) => {
+                request.items.push(d);
+                sent.push(item);
+            }
+            Err(_) => {
+                warn!("undecodable outbox item dropped");
+                done.push(item.idempotency_key);
+            }
+        }
+    }
+    if !request.items.is_empty() {
+        match federation.link(peer) {
+            None => {
+                // The peer left the network file: nobody can take these any more.
+                warn!(
+                    peer,
+                    items = sent.len(),
+                    "outbox items for a broker not in the network; dropped"
+                );
+                done.extend(sent.iter().map(|i| i.idempotency_key));
+            }
+            Some(link) => {
+                let mut client = link.client();
+                let call =
+                    tokio::time::timeout(federation.request_timeout(), client.deliver(request));
+                let result = match call.await {
+                    Ok(r) => r.map(tonic::Response::into_inner),
+                    Err(_) => Err(tonic::Status::deadline_exceeded("deliver timed out")),
+                };
+                match link.record(result) {
+                    Ok(answer) => {
+                        let statuses: HashMap<Vec<u8>, i32> = answer
+                            .results
+                            .into_iter()
+                            .map(|r| (r.idempotency_key, r.status))
+                            .collect();
+                        for item in sent {
+                            match statuses
+                                .get(item.idempotency_key.as_slice())
+                                .and_then(|s| DeliveryStatus::try_from(*s).ok())
+                            {
+                                Some(DeliveryStatus::Done) => {
+                                    Counters::bump(&federation.counters.delivered);
+                                    done.push(item.idempotency_key);
+                                }
+                                _ => retry.push(item),
+                            }
+                        }
+                    }
+                    Err(status) => {
+                        debug!(peer, error = %super::peers::describe(&status), "deliver failed; rescheduled");
+                        retry.extend(sent);
+                    }
+                }
+            }
+        }
+    }
+    if !done.is_empty()
+        && let Err(e) = broker.store.complete_outbox_many(&done).await
+    {
+        // They stay due and go again; the peer de-duplicates.
+        warn!(error = %e, "removing delivered outbox items failed");
+    }
+    for item in retry {
+        Counters::bump(&federation.counters.delivery_retries);
+        let delay = backoff(cfg.retry_initial_secs, cfg.retry_max_secs, item.attempts);
+        if let Err(e) = broker
+            .store
+            .retry_outbox(&item.idempotency_key, now as i64 + delay as i64)
+            .await
+        {
+            warn!(error = %e, "rescheduling an outbox item failed");
+        }
+    }
+}
+
+/// The receiving end of `Deliver`: stores the batch in one transaction and answers per item.
+pub async fn receive(
+    broker: &Broker,
+    peer: &str,
+    request: DeliverRequest,
+) -> Result<Vec<DeliveryResult>, tonic::Status> {
+    let Some(federation) = broker.federation.as_ref() else {
+        return Err(tonic::Status::failed_precondition("not networked"));
+    };
+    let now = unix_now();
+    let ttl = broker.config.inbox.ttl_secs;
+    let max_body = broker.config.inbox.max_message_bytes as usize;
+    let store = &broker.store;
+    let mut results: Vec<DeliveryResult> = Vec::with_capacity(request.items.len());
+    let mut items: Vec<NewInboxItem> = Vec::new();
+    // For each stored row: the index of its delivery in `results`.
+    let mut owner: Vec<usize> = Vec::new();
+    let mut devices_of: HashMap<String, Vec<Option<u32>>> = HashMap::new();
+    let mut allowed: HashMap<(String, String), bool> = HashMap::new();
+    for d in request.items {
+        let index = results.len();
+        results.push(DeliveryResult {
+            idempotency_key: d.idempotency_key.clone(),
+            status: DeliveryStatus::Done as i32,
+        });
+        let Ok(id) = <[u8; 16]>::try_from(d.message_id.as_slice()) else {
+            continue;
+        };
+        // A peer may only deliver for its own numbers, to this broker's numbers.
+        if !matches!(federation.home_of(&d.sender), Home::Peer(p) if p.id == peer)
+            || federation.home_of(&d.recipient) != Home::Own
+            || d.body.len() > max_body
+            || d.sender_device == 0
+            || d.expires_at <= now
+        {
+            debug!("delivery outside the rules discarded");
+            continue;
+        }
+        // A batch usually holds many messages of few conversations: check each pair once.
+        let pair = (d.recipient.clone(), d.sender.clone());
+        let accepted = match allowed.get(&pair) {
+            Some(known) => Ok(*known),
+            None => {
+                let checked = async {
+                    Ok::<bool, StoreError>(
+                        store.entity_exists(&d.recipient).await?
+                            && store.is_contact(&d.recipient, &d.sender).await?
+                            && !store.is_blocked(&d.recipient, &d.sender).await?,
+                    )
+                }
+                .await;
+                if let Ok(known) = checked {
+                    allowed.insert(pair, known);
+                }
+                checked
+            }
+        };
+        match accepted {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                warn!(error = %e, "store error checking a delivery");
+                results[index].status = DeliveryStatus::Retry as i32;
+                continue;
+            }
+        }
+        let devices = match devices_of.get(&d.recipient) {
+            Some(list) => list.clone(),
+            None => {
+                let list = match broker.config.inbox.mode {
+                    InboxMode::Number => vec![None],
+                    InboxMode::Entity => match store.list_devices(&d.recipient).await {
+                        Ok(list) => list
+                            .into_iter()
+                            .filter(|dev| dev.revoked_at.is_none())
+                            .map(|dev| Some(dev.device_id))
+                            .collect(),
+                        Err(e) => {
+                            warn!(error = %e, "store error listing devices");
+                            results[index].status = DeliveryStatus::Retry as i32;
+                            continue;
+                        }
+                    },
+                };
+                devices_of.insert(d.recipient.clone(), list.clone());
+                list
+            }
+        };
+        let expires = d.expires_at.min(now + ttl);
+        for device in devices {
+            items.push(NewInboxItem {
+                id,
+                recipient_number: d.recipient.clone(),
+                recipient_device: device,
+                sender_number: d.sender.clone(),
+                sender_device: d.sender_device,
+                created_at: d.created_at.min(now) as i64,
+                expires_at: expires as i64,
+                body: d.body.clone(),
+            });
+            owner.push(index);
+        }
+    }
+    if items.is_empty() {
+        return Ok(results);
+    }
+    let quota = broker.config.inbox.quota_per_device;
+    let mut attempt = 0;
+    let outcomes = loop {
+        match store.deposit_batch(&items, quota).await {
+            Err(e) if e.is_retryable() && attempt < 3 => attempt += 1,
+            Err(e) => {
+                warn!(error = %e, "storing a delivery batch failed; the peer will retry");
+                return Err(tonic::Status::unavailable("store unavailable; retry"));
+            }
+            Ok(outcomes) => break outcomes,
+        }
+    };
+    let mut notify: HashSet<String> = HashSet::new();
+    for ((outcome, index), item) in outcomes.into_iter().zip(owner).zip(&items) {
+        match outcome {
+            Ok(DepositOutcome::Stored) => {
+                notify.insert(item.recipient_number.clone());
+            }
+            Ok(DepositOutcome::AlreadyStored) | Err(StoreError::DuplicateId) => {}
+            Err(_) => results[index].status = DeliveryStatus::Retry as i32,
+        }
+    }
+    let done = results
+        .iter()
+        .filter(|r| r.status == DeliveryStatus::Done as i32)
+        .count();
+    federation
+        .counters
+        .received
+        .fetch_add(done as u64, std::sync::atomic::Ordering::Relaxed);
+    for number in notify {
+        broker.online.push_all(&number, None, || {
+            Push::Event(Event::Inbox(InboxNotice { count: 1 }))
+        });
+    }
+    Ok(results)
+}

@@ -1,0 +1,322 @@
+//! Logs, traces and metrics.
+//!
+//! * **Logs**: `tracing` with an `EnvFilter` from `MICROMSG_LOG` (default `info`), as text or
+//!   JSON lines on stderr.
+//! * **OpenTelemetry**: when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (for example
+//!   `http://127.0.0.1:4317`), spans are exported over OTLP/gRPC through a batch processor,
+//!   and metrics (connected clients and entities, federation counters) through a periodic
+//!   reader. The standard `OTEL_*` variables apply (`OTEL_SERVICE_NAME`, default
+//!   `micromsg-broker`; `OTEL_EXPORTER_OTLP_TIMEOUT`, …). With the variable unset nothing is
+//!   exported and the OpenTelemetry layer is not even installed.
+//! * **Trace context across brokers**: every federation call carries the W3C `traceparent`
+//!   (and `tracestate`) of the calling span in its gRPC metadata ([`TraceContext`]); the
+//!   receiving broker makes it the parent of its handler span ([`set_parent`]). A networked
+//!   contact setup is therefore one trace: the caller's broker forwarding, the target's broker
+//!   asking its client, and, later, the `Accepted` call back, which continues the span of the
+//!   original request.
+//!
+//! What is never logged: secrets, nonces, keys, message bodies; client addresses only at
+//! `debug` and below.
+
+use std::sync::{Arc, OnceLock, Weak};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::broker::Broker;
+use crate::config::LogFormat;
+
+/// The variable that switches OTLP export on.
+pub const OTLP_ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built.
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+    /// A global subscriber was already installed.
+    #[error("logging already initialised: {0}")]
+    AlreadyInitialised(String),
+}
+
+/// Keeps the exporters alive; [`Telemetry::shutdown`] flushes them.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+}
+
+static OTEL_ON: OnceLock<bool> = OnceLock::new();
+
+/// Whether OTLP export was switched on in this process.
+pub fn otel_enabled() -> bool {
+    OTEL_ON.get().copied().unwrap_or(false)
+}
+
+impl Telemetry {
+    /// Flushes and stops the exporters (spans and metrics still buffered are sent).
+    pub fn shutdown(self) {
+        if let Some(t) = self.tracer {
+            let _ = t.shutdown();
+        }
+        if let Some(m) = self.meter {
+            let _ = m.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber: the log format on stderr with the `MICROMSG_LOG` filter
+/// (default `info`), and OpenTelemetry export when [`OTLP_ENDPOINT_VAR`] is set. Must run
+/// inside the tokio runtime (the gRPC exporter needs it).
+pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
+    use std::io::IsTerminal;
+    let filter = std::env::var("MICROMSG_LOG").unwrap_or_else(|_| "info".to_owned());
+    init_with_writer(
+        format,
+        &filter,
+        std::io::stderr().is_terminal(),
+        std::io::stderr,
+    )
+}
+
+/// [`init`] with an explicit filter (`EnvFilter` syntax) and log destination: `make_writer` is
+/// called for each record (a closure returning an `io::Write` will do), so logs can go to a
+/// file or, in tests, to memory.
+pub fn init_with_writer<W>(
+    format: LogFormat,
+    filter: &str,
+    ansi: bool,
+    make_writer: W,
+) -> Result<Telemetry, TelemetryError>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (text, json) = match format {
+        LogFormat::Text => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(make_writer),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(make_writer),
+            ),
+        ),
+    };
+    let endpoint = std::env::var(OTLP_ENDPOINT_VAR)
+        .ok()
+        .filter(|v| !v.is_empty());
+    let mut telemetry = Telemetry::default();
+    let otel_layer = match endpoint {
+        None => None,
+        Some(_) => {
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name(
+                    std::env::var("OTEL_SERVICE_NAME")
+                        .unwrap_or_else(|_| "micromsg-broker".to_owned()),
+                )
+                .build();
+            let spans = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            let tracer = SdkTracerProvider::builder()
+                .with_batch_exporter(spans)
+                .with_resource(resource.clone())
+                .build();
+            let metrics = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            let meter = SdkMeterProvider::builder()
+                .with_periodic_exporter(metrics)
+                .with_resource(resource)
+                .build();
+            opentelemetry::global::set_meter_provider(meter.clone());
+            let layer =
+                tracing_opentelemetry::layer().with_tracer(tracer.tracer("micromsg-broker"));
+            telemetry.tracer = Some(tracer);
+            telemetry.meter = Some(meter);
+            let _ = OTEL_ON.set(true);
+            Some(layer)
+        }
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .with(otel_layer)
+        .try_init()
+        .map_err(|e| TelemetryError::AlreadyInitialised(e.to_string()))?;
+    Ok(telemetry)
+}
+
+/// Registers the broker's observable metrics (when OTLP export is on): connected clients and
+/// entities, and the federation counters. Callbacks hold a weak reference, so a stopped
+/// broker reports nothing.
+pub fn register_metrics(broker: &Arc<Broker>) {
+    if !otel_enabled() {
+        return;
+    }
+    let meter = opentelemetry::global::meter("micromsg-broker");
+    let weak: Weak<Broker> = Arc::downgrade(broker);
+    let w = weak.clone();
+    let _ = meter
+        .u64_observable_gauge("micromsg.clients.connected")
+        .with_description("logged-in client connections")
+        .with_callback(move |o| {
+            if let Some(b) = w.upgrade() {
+                o.observe(b.online.connection_count() as u64, &[]);
+            }
+        })
+        .build();
+    let w = weak.clone();
+    let _ = meter
+        .u64_observable_gauge("micromsg.entities.online")
+        .with_description("entities with a logged-in connection")
+        .with_callback(move |o| {
+            if let Some(b) = w.upgrade() {
+                o.observe(b.online.entity_count() as u64, &[]);
+            }
+        })
+        .build();
+    let w = weak;
+    let _ = meter
+        .u64_observable_counter("micromsg.federation.events")
+        .with_description("federation events by kind")
+        .with_callback(move |o| {
+            let Some(b) = w.upgrade() else { return };
+            let Some(f) = b.federation.as_ref() else {
+                return;
+            };
+            let c = &f.counters;
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            for (kind, value) in [
+                ("initiates_forwarded", load(&c.initiates_forwarded)),
+                ("initiates_overflow", load(&c.initiates_overflow)),
+                ("initiates_failed", load(&c.initiates_failed)),
+                ("initiates_received", load(&c.initiates_received)),
+                ("accepted_relayed", load(&c.accepted_relayed)),
+                ("delivered", load(&c.delivered)),
+                ("delivery_retries", load(&c.delivery_retries)),
+                ("delivery_expired", load(&c.delivery_expired)),
+                ("received", load(&c.received)),
+            ] {
+                o.observe(value, &[opentelemetry::KeyValue::new("kind", kind)]);
+            }
+        })
+        .build();
+}
+
+/// A tonic interceptor that writes the current span's W3C trace context into the call's
+/// metadata (nothing when no OpenTelemetry layer is installed).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceContext;
+
+impl tonic::service::Interceptor for TraceContext {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        inject(&tracing::Span::current(), request.metadata_mut());
+        Ok(request)
+    }
+}
+
+/// Writes `span`'s trace context into `metadata`.
+pub fn inject(span: &tracing::Span, metadata: &mut MetadataMap) {
+    let cx = span.context();
+    TraceContextPropagator::new().inject_context(&cx, &mut MetadataCarrier(metadata));
+}
+
+/// Makes the trace context found in `metadata` (if any) the parent of `span`.
+pub fn set_parent(span: &tracing::Span, metadata: &MetadataMap) {
+    let cx = TraceContextPropagator::new().extract(&MetadataReader(metadata));
+    let _ = span.set_parent(cx);
+}
+
+struct MetadataCarrier<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataCarrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct MetadataReader<'a>(&'a MetadataMap);
+
+impl Extractor for MetadataReader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use opentelemetry::trace::TraceContextExt as _;
+
+    /// A span on one "broker" and its child on the other share the trace id, carried only by
+    /// the gRPC metadata.
+    #[test]
+    fn trace_context_travels_in_metadata() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let caller = tracing::info_span!("caller");
+            let mut metadata = MetadataMap::new();
+            inject(&caller, &mut metadata);
+            let header = metadata
+                .get("traceparent")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let sent = caller.context().span().span_context().trace_id();
+            assert!(header.contains(&sent.to_string()), "{header}");
+
+            let handler = tracing::info_span!("handler");
+            set_parent(&handler, &metadata);
+            let received = handler.context().span().span_context().trace_id();
+            assert_eq!(sent, received);
+
+            let unrelated = tracing::info_span!("unrelated");
+            assert_ne!(unrelated.context().span().span_context().trace_id(), sent);
+        });
+    }
+}
