@@ -1,4 +1,6 @@
-//! Contact setup on one broker: routing INITIATE requests, pending requests, answers, tokens.
+//! Contact setup: routing INITIATE requests, pending requests, answers, tokens. A request from
+//! a peer broker's client (`Origin::Networked`, see `federation::contact`) goes through the
+//! same routing, so the silent-drop rules are one piece of code for both.
 //!
 //! The silent-drop rule: the caller's acknowledgement is produced before any lookup that
 //! depends on the target (the connection writes it while [`route_initiate`] runs as its own
@@ -178,33 +180,26 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), crate::store::
         debug!("contact request dropped");
         return Ok(());
     }
-    match &req.origin {
-        Origin::Local { caller_conn } => {
-            if req.kind == InitiateKind::Existing
-                && store.is_contact(&req.target, &req.caller).await?
-                && store.auto_existing(&req.target).await?
-                && let Some((_device, conn, address)) = broker.online.top_announced(&req.target)
-            {
-                hand_out(
-                    broker,
-                    &req.request,
-                    &req.caller,
-                    *caller_conn,
-                    &req.target,
-                    conn,
-                    &address,
-                );
-                return Ok(());
-            }
-        }
-        Origin::Networked(_) => {
-            if req.kind == InitiateKind::Existing
-                && !store.is_contact(&req.target, &req.caller).await?
-            {
-                debug!("contact request dropped");
-                return Ok(());
-            }
-        }
+    // INITIATE-EXISTING is only for a contact pair (protocol.md 10.2); anything else is dropped.
+    if req.kind == InitiateKind::Existing && !store.is_contact(&req.target, &req.caller).await? {
+        debug!("contact request dropped");
+        return Ok(());
+    }
+    if let Origin::Local { caller_conn } = &req.origin
+        && req.kind == InitiateKind::Existing
+        && store.auto_existing(&req.target).await?
+        && let Some((_device, conn, address)) = broker.online.top_announced(&req.target)
+    {
+        hand_out(
+            broker,
+            &req.request,
+            &req.caller,
+            *caller_conn,
+            &req.target,
+            conn,
+            &address,
+        );
+        return Ok(());
     }
     let Some((_device, target_conn)) = broker.online.top_device(&req.target) else {
         debug!("contact request dropped");

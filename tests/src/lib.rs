@@ -8,6 +8,23 @@ use std::path::PathBuf;
 use micromsg_broker::config::Config;
 use micromsg_broker::run::{RunningBroker, start};
 
+/// Declares `mod sqlite` and `mod postgres`, each with one `#[tokio::test]` per listed
+/// scenario `async fn name(backend: Backend)` of the calling module, so every scenario runs on
+/// both stores.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::Backend::Postgres).await })*
+        }
+    };
+}
+
 /// Which store a test broker uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -15,20 +15,7 @@ use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs, RegisterA
 use micromsg_wire::{DeviceId, ErrorCode, Event, Hex32, Message, Request, ResponseData};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(micromsg_tests::Backend::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(micromsg_tests::Backend::Postgres).await })*
-        }
-    };
-}
-
-both_backends!(
+micromsg_tests::both_backends!(
     register_login_add_join_list_revoke,
     replayed_login_is_refused,
     broker_with_wrong_server_secret_is_refused,

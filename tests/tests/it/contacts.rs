@@ -9,23 +9,11 @@ use micromsg_tests::{Backend, TestBroker};
 use micromsg_wire::message::request::{ContactAnswerArgs, InitiateNewArgs, TargetArgs};
 use micromsg_wire::{Address, Event, Number, Request, ResponseData};
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(micromsg_tests::Backend::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(micromsg_tests::Backend::Postgres).await })*
-        }
-    };
-}
-
-both_backends!(
+micromsg_tests::both_backends!(
     accept_hands_out_address_and_one_token_to_both,
     rejection_blacklists_the_caller,
     unknown_offline_and_blocking_numbers_look_the_same,
+    a_probed_number_stays_unreachable_for_the_prober_once_given_out,
 );
 
 async fn user(broker: &TestBroker, name: &str) -> Session {
@@ -253,4 +241,72 @@ async fn unknown_offline_and_blocking_numbers_look_the_same(backend: Backend) {
 fn rand_u32() -> u32 {
     use rand_core::RngCore;
     rand_core::OsRng.next_u32()
+}
+
+/// The seed's option (on by default): an INITIATE to a number that does not exist is
+/// remembered, and if that number is handed out later, the prober cannot reach it — while
+/// everybody else can.
+async fn a_probed_number_stays_unreachable_for_the_prober_once_given_out(backend: Backend) {
+    use micromsg_broker::store::NewDevice;
+    use micromsg_client::link::BrokerLink;
+    use micromsg_crypto::Secret32;
+
+    let broker = TestBroker::start(backend, |_| {}).await;
+    let mut prober = user(&broker, "prober").await;
+    let mut other = user(&broker, "other").await;
+    let future = loop {
+        let candidate = format!("555{:07}", rand_u32() % 10_000_000);
+        if !broker
+            .running
+            .broker
+            .store
+            .entity_exists(&candidate)
+            .await
+            .unwrap()
+        {
+            break candidate;
+        }
+    };
+    initiate(&mut prober, &Number::new(future.clone()).unwrap()).await;
+    // Let the routing task record the probe.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The number is given out later (as the allocator would, had it drawn it).
+    let device = NewDevice {
+        client_secret: [3; 32],
+        server_secret: [4; 32],
+        name: None,
+    };
+    let store = &broker.running.broker.store;
+    store
+        .create_entity(&future, &device, account::unix_now() as i64)
+        .await
+        .unwrap();
+    let tls = micromsg_client::tls::client_config(&broker.ca).unwrap();
+    let mut target = BrokerLink::connect(&broker.addr, "127.0.0.1", tls)
+        .await
+        .unwrap();
+    target
+        .login(
+            &future,
+            1,
+            &Secret32::from_bytes([3; 32]),
+            &Secret32::from_bytes([4; 32]),
+            6,
+            account::unix_now(),
+        )
+        .await
+        .unwrap();
+
+    // The prober is silently dropped; anyone else gets through.
+    initiate(&mut prober, &Number::new(future.clone()).unwrap()).await;
+    if let Ok(event) = tokio::time::timeout(Duration::from_millis(300), target.next_event()).await {
+        panic!("the prober must not reach the number: {event:?}");
+    }
+    initiate(&mut other, &Number::new(future).unwrap()).await;
+    match tokio::time::timeout(Duration::from_secs(5), target.next_event()).await {
+        Ok(Ok(Event::ContactRequest(r))) => assert_eq!(r.from.as_str(), other.info.number),
+        other => panic!("{other:?}"),
+    }
+    broker.stop().await;
 }

@@ -15,20 +15,7 @@ use micromsg_wire::message::request::{
 use micromsg_wire::message::response::InboxMessage;
 use micromsg_wire::{Address, Blob, ErrorCode, Event, Hex16, Number, Request, ResponseData};
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(micromsg_tests::Backend::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(micromsg_tests::Backend::Postgres).await })*
-        }
-    };
-}
-
-both_backends!(
+micromsg_tests::both_backends!(
     entity_mode_copies_to_every_device,
     number_mode_keeps_until_every_device_acked,
     quota_exceeded_keeps_what_is_stored,
