@@ -888,3 +888,158 @@ fn sealed_address_matches_the_protocol_vector() {
     tampered[30] ^= 1;
     assert_eq!(open_address(&sk_r, &pk_s, &tampered), None);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real binary: `network init`, two `serve` processes, `status` (text and JSON).
+
+/// `target/debug/micromsg-broker`, built (or found up to date) with the test's cargo.
+fn broker_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/it-HASH -> target/debug
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .to_owned();
+    let bin = dir.join("micromsg-broker");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "micromsg-broker",
+            "--bin",
+            "micromsg-broker",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status();
+    assert!(
+        bin.exists(),
+        "{} missing (cargo build: {built:?})",
+        bin.display()
+    );
+    bin
+}
+
+/// Kills the child when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_network_init_serve_and_status() {
+    use std::process::{Command, Stdio};
+    let bin = broker_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net");
+    let (fx, fy, ax, ay) = (
+        micromsg_tests::free_port(),
+        micromsg_tests::free_port(),
+        micromsg_tests::free_port(),
+        micromsg_tests::free_port(),
+    );
+    let init = Command::new(&bin)
+        .arg("network")
+        .arg("init")
+        .arg("--out")
+        .arg(&net)
+        .args([
+            "--broker",
+            "x=555",
+            "--broker",
+            "y=556,557",
+            "--name",
+            "cli-net",
+        ])
+        .args(["--endpoint", &format!("x=127.0.0.1:{fx}")])
+        .args(["--endpoint", &format!("y=127.0.0.1:{fy}")])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "x.pem",
+        "x.key",
+        "y.pem",
+        "y.key",
+        "network.toml",
+    ] {
+        assert!(net.join(f).exists(), "{f}");
+    }
+    let network =
+        micromsg_broker::federation::network::Network::load(&net.join("network.toml")).unwrap();
+    assert_eq!(network.name, "cli-net");
+    assert_eq!(network.broker("y").unwrap().prefixes, vec!["556", "557"]);
+
+    let serve = |id: &str, admin: u16| {
+        Command::new(&bin)
+            .args(["serve", "--broker-id", id, "--network"])
+            .arg(net.join("network.toml"))
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("data-{id}")))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .env("MICROMSG_FEDERATION_PROBE_INTERVAL_SECS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Child)
+            .unwrap()
+    };
+    let _x = serve("x", ax);
+    let _y = serve("y", ay);
+
+    let status = |json: bool| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["status", "--admin", &format!("127.0.0.1:{ax}")]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let json = loop {
+        let out = status(true);
+        if out.status.success() {
+            let text = String::from_utf8(out.stdout.clone()).unwrap();
+            if text.contains("\"reachable\": true") {
+                break text;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "x never saw y reachable: {out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    for field in [
+        "\"broker_id\": \"x\"",
+        "\"network\": \"cli-net\"",
+        "\"store_backend\": \"sqlite\"",
+        "\"broker_id\": \"y\"",
+        &format!("\"endpoint\": \"127.0.0.1:{fy}\""),
+        "\"outbox_depth\": 0",
+    ] {
+        assert!(json.contains(field), "{field} in {json}");
+    }
+    let text = String::from_utf8(status(false).stdout).unwrap();
+    assert!(text.contains("network   cli-net"), "{text}");
+    assert!(text.contains("reachable"), "{text}");
+    // A wrong address is an error, not a hang.
+    let down = Command::new(&bin)
+        .args([
+            "status",
+            "--admin",
+            &format!("127.0.0.1:{}", micromsg_tests::free_port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+}
