@@ -960,18 +960,21 @@ impl Conn {
         Ok(expires)
     }
 
-    async fn deposit(&mut self, args: DepositArgs) -> Handled {
-        let login = self.logged_in()?.clone();
+    /// Refuses a ciphertext or backup larger than the broker holds (`inbox.max_message_bytes`).
+    fn check_size(&self, field: &str, len: usize) -> Result<(), Refusal> {
         let max = self.broker.config.inbox.max_message_bytes as usize;
-        if args.body.len() > max {
+        if len > max {
             return Err(Refusal::new(
                 ErrorCode::BadArgs,
-                format!(
-                    "BODY is {} bytes; this broker holds at most {max}",
-                    args.body.len()
-                ),
+                format!("{field} is {len} bytes; this broker holds at most {max}"),
             ));
         }
+        Ok(())
+    }
+
+    async fn deposit(&mut self, args: DepositArgs) -> Handled {
+        let login = self.logged_in()?.clone();
+        self.check_size("BODY", args.body.len())?;
         let target = args.target.as_str();
         let store = &self.broker.store;
         if !store.is_contact(&login.number, target).await? {
@@ -1032,16 +1035,7 @@ impl Conn {
 
     async fn sync_copy(&mut self, args: SyncCopyArgs) -> Handled {
         let login = self.logged_in()?.clone();
-        let max = self.broker.config.inbox.max_message_bytes as usize;
-        if args.body.len() > max {
-            return Err(Refusal::new(
-                ErrorCode::BadArgs,
-                format!(
-                    "BODY is {} bytes; this broker holds at most {max}",
-                    args.body.len()
-                ),
-            ));
-        }
+        self.check_size("BODY", args.body.len())?;
         let devices = self.recipients(&login.number, Some(login.device)).await?;
         if !devices.is_empty() {
             self.store_copies(
@@ -1109,16 +1103,7 @@ impl Conn {
 
     async fn backup_put(&mut self, args: BackupPutArgs) -> Handled {
         let login = self.logged_in()?.clone();
-        let max = self.broker.config.inbox.max_message_bytes as usize;
-        if args.blob.len() > max {
-            return Err(Refusal::new(
-                ErrorCode::BadArgs,
-                format!(
-                    "BLOB is {} bytes; this broker holds at most {max}",
-                    args.blob.len()
-                ),
-            ));
-        }
+        self.check_size("BLOB", args.blob.len())?;
         let version = i64::try_from(args.version)
             .map_err(|_| Refusal::new(ErrorCode::BadArgs, "VERSION too large"))?;
         match self
