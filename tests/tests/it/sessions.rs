@@ -222,6 +222,12 @@ async fn a_changed_identity_key_is_detected_and_refused() {
         .await;
     assert!(reply.ok, "{reply:?}");
     b_agent.stop().await.unwrap();
+    // Until A has seen the session end, a send would go to the dead session and fail for
+    // that reason instead of reaching the identity check.
+    expect(&mut a_rx, |n| {
+        matches!(n, Notice::SessionEnded { peer, .. } if *peer == b.number).then_some(())
+    })
+    .await;
 
     // B comes back with a different identity key (a reinstall — or an impostor holding B's
     // broker secrets).
@@ -237,6 +243,7 @@ async fn a_changed_identity_key_is_detected_and_refused() {
         })
         .await;
     assert!(!reply.ok, "nothing may be sent to a changed key: {reply:?}");
+    assert!(reply.message.contains("CHANGED"), "{}", reply.message);
     let (pinned, presented) = expect(&mut a_rx, |n| match n {
         Notice::IdentityChanged {
             peer,
