@@ -30,15 +30,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use micromsg_crypto::Secret32;
+use micromsg_crypto::agreement::EphemeralSecret;
 use micromsg_crypto::identity::IdentityKey;
 use micromsg_crypto::message::{Kind, OfflineEnvelope};
+use micromsg_crypto::sealed;
 use micromsg_wire::message::event::{ContactAccepted, ContactConnecting, ContactRequest};
 use micromsg_wire::message::request::{
-    ContactAnswerArgs, ContactPolicyArgs, DepositArgs, InitiateNewArgs, SyncCopyArgs, TargetArgs,
+    ContactAnswerArgs, ContactPolicyArgs, DepositArgs, InitiateNetworkedArgs, InitiateNewArgs,
+    SyncCopyArgs, TargetArgs,
 };
+use micromsg_wire::message::response::Home;
 use micromsg_wire::{
-    Address, Blob, ErrorCode, Event, Hex16, Message, Number, Request, ResponseData,
+    Address, Blob, ErrorCode, Event, Hex16, Hex32, Message, Number, Request, ResponseData,
 };
+use rand_core::OsRng;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -73,7 +78,8 @@ pub struct AgentConfig {
     /// Where to listen for peers. Default `0.0.0.0:0` (any interface, a free port).
     pub peer_listen: SocketAddr,
     /// The `HOST:PORT` peers are told to connect to. Default: `0.0.0.0:<port>`, which the
-    /// broker replaces with the address it sees for this device (protocol 10.7).
+    /// broker replaces with the address it sees for this device (protocol 10.7); a sealed
+    /// address for a peer broker's caller uses the local address of the broker link instead.
     pub advertise: Option<String>,
     /// Session timers and limits.
     pub session: SessionConfig,
@@ -527,7 +533,19 @@ struct Outgoing {
     queued: Vec<(String, oneshot::Sender<Reply>)>,
     /// Deposit the queued messages at the broker if no session is up by the deadline.
     deposit_on_timeout: bool,
+    /// Networked request: the broker-keypair secret that opens the target's sealed address
+    /// (protocol 11.2); dropped, and so erased, once used or when the wait ends.
+    broker_key: Option<EphemeralSecret>,
 }
+
+/// A contact request waiting for the user's answer (ask policy).
+struct Asked {
+    /// Networked request: the caller's broker-keypair public key to seal our address to.
+    caller_key: Option<[u8; 32]>,
+}
+
+/// How long an incoming handshake waits for its connect token to be announced by the broker.
+const TOKEN_GRACE: Duration = Duration::from_secs(2);
 
 /// Connect tokens we were given as the target, by token id.
 type TokenTable = Arc<Mutex<HashMap<[u8; 16], (Secret32, String, Instant)>>>;
@@ -558,7 +576,10 @@ struct Agent {
     tokens: TokenTable,
     outgoing: HashMap<[u8; 16], Outgoing>,
     sessions: HashMap<String, (SessionSender, [u8; 16])>,
-    asked: HashMap<[u8; 16], String>,
+    asked: HashMap<[u8; 16], Asked>,
+    /// IS-NETWORKED answers by number: computed from broker configuration, so stable for the
+    /// life of the link.
+    networked: HashMap<String, bool>,
     handshakes_tx: mpsc::Sender<HandshakeDone>,
     handshakes_rx: mpsc::Receiver<HandshakeDone>,
     events_tx: mpsc::Sender<SessionEvent>,
@@ -607,6 +628,7 @@ impl Agent {
             outgoing: HashMap::new(),
             sessions: HashMap::new(),
             asked: HashMap::new(),
+            networked: HashMap::new(),
             handshakes_tx,
             handshakes_rx,
             events_tx,
@@ -660,6 +682,9 @@ impl Agent {
                 self.inbox_due = false;
                 self.fetch_inbox().await;
             }
+            // Events that came while a request waited for its answer (`next_message` below
+            // only reads new frames).
+            self.drain_queued_events().await;
             tokio::select! {
                 _ = &mut stop => break Ok(()),
                 message = self.link.next_message() => match message {
@@ -972,21 +997,46 @@ impl Agent {
     async fn on_contact_request(&mut self, r: ContactRequest) {
         let from = r.from.as_str().to_owned();
         let known = matches!(self.store.contact(&from), Ok(Some(c)) if !c.blocked);
+        let caller_key = if r.networked {
+            match r.pubkey {
+                Some(pk) => Some(*pk.as_bytes()),
+                None => {
+                    self.warn(format!(
+                        "networked contact request from {from} without a public key: ignored"
+                    ))
+                    .await;
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let decision = match self.config.accept {
             AcceptPolicy::Any => Some(true),
             AcceptPolicy::Contacts => Some(known),
+            // On one broker the broker answers for us (AUTO-EXISTING); for a peer broker's
+            // caller only this device can seal its address, so it answers itself (11.3).
+            AcceptPolicy::Ask
+                if r.networked
+                    && known
+                    && self.config.auto_existing
+                    && r.kind.as_str() == "EXISTING" =>
+            {
+                Some(true)
+            }
             AcceptPolicy::Ask => None,
         };
         match decision {
             Some(accept) => {
-                if let Err(e) = self.answer(r.request, accept).await {
+                if let Err(e) = self.answer(r.request, accept, caller_key).await {
                     self.warn(format!("answering {from}: {e}")).await;
                 } else if !accept {
                     self.notify(Notice::ContactRefused { from }).await;
                 }
             }
             None => {
-                self.asked.insert(*r.request.as_bytes(), from.clone());
+                self.asked
+                    .insert(*r.request.as_bytes(), Asked { caller_key });
                 self.notify(Notice::ContactRequest {
                     from,
                     request: r.request.to_hex(),
@@ -997,17 +1047,55 @@ impl Agent {
         }
     }
 
-    async fn answer(&mut self, request: Hex16, accept: bool) -> Result<(), LinkError> {
-        let address = if accept { Some(self.address()?) } else { None };
-        self.call(Request::ContactAnswer(ContactAnswerArgs {
+    /// Answers a contact request. Accepting a networked one seals this device's address to
+    /// the caller's broker-keypair public key with a fresh pair of our own (protocol 11.4), so
+    /// neither broker learns it.
+    async fn answer(
+        &mut self,
+        request: Hex16,
+        accept: bool,
+        caller_key: Option<[u8; 32]>,
+    ) -> Result<(), LinkError> {
+        let mut args = ContactAnswerArgs {
             request,
             accept,
-            address,
+            address: None,
             pubkey: None,
             sealed_address: None,
-        }))
-        .await
-        .map(drop)
+        };
+        if accept {
+            match caller_key {
+                None => args.address = Some(self.address()?),
+                Some(caller_key) => {
+                    let address = self.reachable_address()?;
+                    let ours = EphemeralSecret::generate(&mut OsRng);
+                    let sealed =
+                        sealed::seal(&ours, &caller_key, address.as_str().as_bytes(), &mut OsRng)
+                            .map_err(|e| LinkError::Protocol(format!("sealing the address: {e}")))?;
+                    args.pubkey = Some(Hex32::from_bytes(ours.public_key()));
+                    args.sealed_address = Some(Blob::new(sealed));
+                }
+            }
+        }
+        self.call(Request::ContactAnswer(args)).await.map(drop)
+    }
+
+    /// The address a peer on another broker can connect to. The broker cannot fill in an
+    /// unspecified host for us (it only sees the sealed form), so `0.0.0.0`/`[::]` becomes the
+    /// local address of the broker connection: the interface that reaches the network.
+    fn reachable_address(&self) -> Result<Address, LinkError> {
+        let address = self.address()?;
+        if !matches!(address.host(), "0.0.0.0" | "[::]") {
+            return Ok(address);
+        }
+        let ip = self.link.local_ip().ok_or_else(|| {
+            LinkError::Protocol("the broker connection has no local address".into())
+        })?;
+        let text = match ip {
+            std::net::IpAddr::V4(v4) => format!("{v4}:{}", address.port()),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", address.port()),
+        };
+        Address::new(text).map_err(|e| LinkError::Protocol(format!("local address: {e}")))
     }
 
     fn on_contact_connecting(&mut self, c: ContactConnecting) {
@@ -1021,10 +1109,50 @@ impl Agent {
     async fn on_contact_accepted(&mut self, a: ContactAccepted) {
         let request = *a.request.as_bytes();
         let peer = a.target.as_str().to_owned();
-        let Some(address) = a.address else {
-            self.warn(format!("{peer} accepted without an address"))
-                .await;
-            return;
+        let address = match (a.address, a.sealed_address, a.pubkey) {
+            (Some(address), None, _) => address,
+            (None, Some(sealed), Some(theirs)) => {
+                let opened = self
+                    .outgoing
+                    .get_mut(&request)
+                    .and_then(|o| o.broker_key.take())
+                    .ok_or("no networked request of ours has this id")
+                    .and_then(|ours| {
+                        sealed::open(&ours, theirs.as_bytes(), sealed.as_bytes())
+                            .map_err(|_| "it does not open with our key")
+                    })
+                    .and_then(|plain| {
+                        String::from_utf8(plain)
+                            .ok()
+                            .and_then(|text| Address::new(text).ok())
+                            .ok_or("it is not an address")
+                    });
+                match opened {
+                    Ok(address) => address,
+                    Err(why) => {
+                        // Protocol 11.4: abandon the request; the waiters hear it.
+                        let message = format!(
+                            "{peer} accepted, but the sealed address is unusable ({why}): the \
+                             brokers may be misbehaving"
+                        );
+                        self.warn(message.clone()).await;
+                        if let Some(o) = self.outgoing.remove(&request) {
+                            for w in o.waiters {
+                                let _ = w.send(Reply::err(message.clone()));
+                            }
+                            for (_, w) in o.queued {
+                                let _ = w.send(Reply::err(message.clone()));
+                            }
+                        }
+                        return;
+                    }
+                }
+            }
+            _ => {
+                self.warn(format!("{peer} accepted without a usable address"))
+                    .await;
+                return;
+            }
         };
         let token = Secret32::from_bytes(*a.token.as_bytes());
         let identity = Arc::clone(&self.identity);
@@ -1053,13 +1181,22 @@ impl Agent {
         tokio::spawn(async move {
             let peer_slot: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
             let slot = Arc::clone(&peer_slot);
-            let lookup = move |id: &[u8; 16]| {
-                // A connect token is good for one connection.
-                let mut tokens = tokens.lock().unwrap_or_else(|e| e.into_inner());
-                tokens.remove(id).map(|(token, peer, _)| {
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
-                    token
-                })
+            let lookup = async move |id: [u8; 16]| {
+                // The broker's CONTACT-CONNECTING may still be on its way (or waiting while
+                // this agent finishes a request): give it a moment before refusing.
+                let deadline = Instant::now() + TOKEN_GRACE;
+                loop {
+                    // A connect token is good for one connection.
+                    let taken = tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    if let Some((token, peer, _)) = taken {
+                        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+                        return Some(token);
+                    }
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             };
             let result = p2p::accept(stream, lookup, &identity, cfg).await;
             let peer = peer_slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -1383,9 +1520,13 @@ impl Agent {
                 let _ = reply.send(r);
             }
             Command::Answer { request, accept } => {
-                let r = match micromsg_crypto::hex::decode_array::<16>(&request) {
-                    Ok(id) if self.asked.remove(&id).is_some() => {
-                        match self.answer(Hex16::from_bytes(id), accept).await {
+                let asked = micromsg_crypto::hex::decode_array::<16>(&request)
+                    .ok()
+                    .and_then(|id| Some((id, self.asked.remove(&id)?)));
+                let r = match asked {
+                    Some((id, asked)) => {
+                        let request = Hex16::from_bytes(id);
+                        match self.answer(request, accept, asked.caller_key).await {
                             Ok(()) if accept => {
                                 Reply::ok("accepted; the session starts when they connect")
                             }
@@ -1393,7 +1534,7 @@ impl Agent {
                             Err(e) => Reply::err(e.to_string()),
                         }
                     }
-                    _ => Reply::err("no such pending contact request"),
+                    None => Reply::err("no such pending contact request"),
                 };
                 let _ = reply.send(r);
             }
@@ -1797,6 +1938,32 @@ impl Agent {
         Reply::ok(if block { "blocked" } else { "unblocked" })
     }
 
+    /// Whether `target` lives on a peer broker (IS-NETWORKED, protocol 11.1); an error when no
+    /// broker of the network serves it.
+    async fn is_networked(&mut self, target: &Number) -> Result<bool, String> {
+        if let Some(&networked) = self.networked.get(target.as_str()) {
+            return Ok(networked);
+        }
+        let data = match self
+            .call(Request::IsNetworked(TargetArgs {
+                target: target.clone(),
+            }))
+            .await
+        {
+            Ok(ResponseData::IsNetworked(data)) => data,
+            Ok(other) => return Err(format!("unexpected answer {}", other.kind().as_str())),
+            Err(e) => return Err(e.to_string()),
+        };
+        if data.home == Home::None {
+            return Err(format!(
+                "{target} is outside the number space of this broker and its network"
+            ));
+        }
+        self.networked
+            .insert(target.as_str().to_owned(), data.networked);
+        Ok(data.networked)
+    }
+
     async fn initiate(
         &mut self,
         number: String,
@@ -1812,18 +1979,40 @@ impl Agent {
             let _ = reply.send(Reply::err("that is your own number"));
             return;
         }
-        let request = if existing {
-            Request::InitiateExisting(TargetArgs { target })
-        } else {
-            Request::InitiateNew(InitiateNewArgs {
+        let networked = match self.is_networked(&target).await {
+            Ok(networked) => networked,
+            Err(message) => {
+                let _ = reply.send(Reply::err(message));
+                return;
+            }
+        };
+        // A fresh broker keypair per networked request (protocol 11.2).
+        let broker_key = networked.then(|| EphemeralSecret::generate(&mut OsRng));
+        let request = match (&broker_key, existing) {
+            (None, true) => Request::InitiateExisting(TargetArgs { target }),
+            (None, false) => Request::InitiateNew(InitiateNewArgs {
                 target,
                 address: None,
-            })
+            }),
+            (Some(key), existing) => {
+                let args = InitiateNetworkedArgs {
+                    target,
+                    pubkey: Hex32::from_bytes(key.public_key()),
+                };
+                if existing {
+                    Request::InitiateExistingNetworked(args)
+                } else {
+                    Request::InitiateNewNetworked(args)
+                }
+            }
         };
         let id = match self.call(request).await {
-            Ok(ResponseData::InitiateNew(d) | ResponseData::InitiateExisting(d)) => {
-                *d.request.as_bytes()
-            }
+            Ok(
+                ResponseData::InitiateNew(d)
+                | ResponseData::InitiateExisting(d)
+                | ResponseData::InitiateNewNetworked(d)
+                | ResponseData::InitiateExistingNetworked(d),
+            ) => *d.request.as_bytes(),
             Ok(other) => {
                 let _ = reply.send(Reply::err(format!(
                     "unexpected answer {}",
@@ -1848,6 +2037,7 @@ impl Agent {
             waiters: Vec::new(),
             queued: Vec::new(),
             deposit_on_timeout,
+            broker_key,
         };
         match text {
             Some(text) => waiting.queued.push((text, reply)),

@@ -92,6 +92,7 @@ pub struct BrokerLink {
     next_id: u32,
     events: VecDeque<Event>,
     timeout: Duration,
+    local_ip: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for BrokerLink {
@@ -119,6 +120,7 @@ impl BrokerLink {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        let local_ip = tcp.local_addr().ok().map(|a| a.ip());
         let name = rustls::pki_types::ServerName::try_from(tls_name.to_owned()).map_err(|e| {
             LinkError::Tls {
                 addr: addr.to_owned(),
@@ -148,7 +150,13 @@ impl BrokerLink {
             next_id: 1,
             events: VecDeque::new(),
             timeout: DEFAULT_TIMEOUT,
+            local_ip,
         })
+    }
+
+    /// This end's IP address on the connection: the interface that reaches the broker.
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.local_ip
     }
 
     /// The TLS exporter value of this connection (what login nonces are bound to).

@@ -75,8 +75,9 @@ enum Command {
         /// Where to listen for peers.
         #[arg(long, default_value = "0.0.0.0:0", value_name = "ADDR")]
         peer_listen: std::net::SocketAddr,
-        /// The HOST:PORT peers are told to connect to (default: the address the broker sees
-        /// for this device, with the listening port).
+        /// The HOST:PORT peers are told to connect to (default: the listening port at the
+        /// address the broker sees for this device; for a contact on another broker, which
+        /// gets the address sealed, the local address of the broker connection).
         #[arg(long, value_name = "HOST:PORT")]
         advertise: Option<String>,
         /// Ask every time, also for existing contacts (default: the broker reconnects existing

@@ -58,7 +58,7 @@ async fn listen(
         let known_id = token_id(&known);
         p2p::accept(
             stream,
-            |tid| (*tid == known_id).then(|| known.clone()),
+            async |tid| (tid == known_id).then(|| known.clone()),
             &id,
             cfg,
         )
@@ -230,7 +230,7 @@ async fn wrong_token_for_a_known_id_is_refused_with_abort_on_both_sides() {
         let (stream, _) = listener.accept().await.unwrap();
         p2p::accept(
             stream,
-            |_| Some(token(7)),
+            async |_| Some(token(7)),
             &identity(2),
             SessionConfig::default(),
         )
@@ -261,7 +261,7 @@ async fn a_refused_identity_gets_abort_2() {
         let (stream, _) = listener.accept().await.unwrap();
         p2p::respond(
             stream,
-            |_| Some(token(9)),
+            async |_| Some(token(9)),
             &identity(2),
             SessionConfig::default(),
             |_, _| false,

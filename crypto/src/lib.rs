@@ -24,6 +24,7 @@
 //! - [`message`]: DATA frames, the header string, [`message::ReplayGuard`] and the offline
 //!   envelope.
 //! - [`safety`]: the safety number two people compare out of band.
+//! - [`sealed`]: the address a networked target seals to the caller's broker keypair.
 //!
 //! Each module has its own error enum.
 
@@ -38,6 +39,7 @@ pub mod kdf;
 pub mod message;
 pub mod nonce;
 pub mod safety;
+pub mod sealed;
 pub mod secret;
 pub mod totp;
 

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use micromsg_broker::config::Config;
 use micromsg_broker::run::{RunningBroker, start};
 
+pub mod agents;
+
 /// Declares `mod sqlite` and `mod postgres`, each with one `#[tokio::test]` per listed
 /// scenario `async fn name(backend: Backend)` of the calling module, so every scenario runs on
 /// both stores.
@@ -365,22 +367,17 @@ pub fn issue_cert_with(
     (cert_file, key_file)
 }
 
-/// The sealed address of protocol.md 11.4, as a client computes it: `SEALED-ADDRESS` bytes
-/// (nonce || ciphertext || tag) of `address`, sealed with the sender's broker-keypair secret to
-/// the recipient's public key.
+/// The sealed address of protocol.md 11.4 (`micromsg_crypto::sealed`) with fixed secret bytes,
+/// for tests that play a client by hand.
 pub fn seal_address(
     sk_sender: &micromsg_crypto::Secret32,
     pk_recipient: &[u8; 32],
     nonce: &[u8; 24],
     address: &str,
 ) -> Vec<u8> {
-    use micromsg_crypto::{aead, agreement};
-    let pk_sender = agreement::EphemeralSecret::from_secret(sk_sender).public_key();
-    let shared = agreement::x25519(sk_sender, pk_recipient).unwrap();
-    let key = sealed_address_key(&shared, &pk_sender, pk_recipient);
-    let mut out = nonce.to_vec();
-    out.extend(aead::xseal(&key, nonce, b"", address.as_bytes()).unwrap());
-    out
+    let sender = micromsg_crypto::agreement::EphemeralSecret::from_secret(sk_sender);
+    micromsg_crypto::sealed::seal_with_nonce(&sender, pk_recipient, nonce, address.as_bytes())
+        .unwrap()
 }
 
 /// Opens a sealed address (protocol.md 11.4) with the recipient's secret and the sender's
@@ -390,28 +387,7 @@ pub fn open_address(
     pk_sender: &[u8; 32],
     sealed: &[u8],
 ) -> Option<String> {
-    use micromsg_crypto::{aead, agreement};
-    let pk_recipient = agreement::EphemeralSecret::from_secret(sk_recipient).public_key();
-    let shared = agreement::x25519(sk_recipient, pk_sender).ok()?;
-    let key = sealed_address_key(&shared, pk_sender, &pk_recipient);
-    if sealed.len() < 24 {
-        return None;
-    }
-    let (nonce, ct) = sealed.split_at(24);
-    let nonce: [u8; 24] = nonce.try_into().ok()?;
-    let plain = aead::xopen(&key, &nonce, b"", ct).ok()?;
+    let recipient = micromsg_crypto::agreement::EphemeralSecret::from_secret(sk_recipient);
+    let plain = micromsg_crypto::sealed::open(&recipient, pk_sender, sealed).ok()?;
     String::from_utf8(plain).ok()
-}
-
-fn sealed_address_key(
-    shared: &micromsg_crypto::Secret32,
-    pk_sender: &[u8; 32],
-    pk_recipient: &[u8; 32],
-) -> [u8; 32] {
-    let mut info = b"micromsg/sealed-address/v1".to_vec();
-    info.extend_from_slice(pk_sender);
-    info.extend_from_slice(pk_recipient);
-    let mut key = [0u8; 32];
-    micromsg_crypto::kdf::hkdf(b"", shared.expose(), &info, &mut key).unwrap();
-    key
 }

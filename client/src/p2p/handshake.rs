@@ -1,7 +1,7 @@
 //! The handshake pump: INIT / ACCEPT / FINISH through the crypto crate's state machines, ABORT
 //! on refusal, all under [`SessionConfig::handshake_timeout`].
 
-use micromsg_crypto::handshake::{AbortReason, HandshakeError, Initiator, Responder, Role};
+use micromsg_crypto::handshake::{AbortReason, HandshakeError, Init, Initiator, Responder, Role};
 use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
 use micromsg_crypto::{Secret32, handshake::TOKEN_ID_LEN};
 use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
@@ -38,7 +38,7 @@ pub async fn accept<L>(
     cfg: SessionConfig,
 ) -> Result<Established, P2pError>
 where
-    L: FnOnce(&[u8; TOKEN_ID_LEN]) -> Option<Secret32>,
+    L: AsyncFnOnce([u8; TOKEN_ID_LEN]) -> Option<Secret32>,
 {
     respond(stream, lookup, identity, cfg, |_, _| true).await
 }
@@ -92,7 +92,9 @@ where
 
 /// The responder's handshake on an accepted stream.
 ///
-/// `lookup` is called once, with the INIT's token id, before the token proof is checked.
+/// `lookup` is called once, with the INIT's token id, before the token proof is checked. It is
+/// async so that a listener can wait a moment for a token it has not been told yet: the
+/// broker's CONTACT-CONNECTING event races the initiator's connection (protocol 7.3).
 /// Protocol 12.3 says a *verified* INIT spends the token: forget it when this returns `Ok`, or
 /// an error other than [`HandshakeError::UnknownToken`] / [`HandshakeError::BadProof`] (a
 /// listener that simply takes the token out in `lookup` is stricter, and also fine).
@@ -107,7 +109,7 @@ pub async fn respond<L, C>(
     check: C,
 ) -> Result<Established, P2pError>
 where
-    L: FnOnce(&[u8; TOKEN_ID_LEN]) -> Option<Secret32>,
+    L: AsyncFnOnce([u8; TOKEN_ID_LEN]) -> Option<Secret32>,
     C: FnOnce(&[u8; TOKEN_ID_LEN], &IdentityPublicKey) -> bool,
 {
     cfg.validate()?;
@@ -115,10 +117,15 @@ where
     let limit = cfg.handshake_timeout;
     let (keys, peer_identity, token_id) = timeout(limit, async {
         let init = read_frame(&mut reader, &mut writer).await?;
+        // A malformed INIT is refused by `handle_init` itself, without a lookup.
+        let token = match Init::decode(&init) {
+            Ok(parsed) => lookup(parsed.token_id).await,
+            Err(_) => None,
+        };
         let mut token_id = [0u8; TOKEN_ID_LEN];
         let answered = Responder::handle_init(&mut OsRng, identity, &init, |id| {
             token_id = *id;
-            lookup(id)
+            token
         });
         let (state, accept) = match answered {
             Ok(answer) => answer,

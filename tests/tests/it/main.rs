@@ -7,5 +7,6 @@ mod contacts;
 mod federation;
 mod groups;
 mod inbox;
+mod networked_sessions;
 mod offline;
 mod sessions;

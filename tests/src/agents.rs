@@ -1,0 +1,137 @@
+//! Client agents (what `micromsg listen` runs) for end-to-end tests: a registered device, an
+//! agent started for it with test timings, and waiting for its notices.
+
+use std::time::Duration;
+
+use micromsg_client::account;
+use micromsg_client::agent::{
+    self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice, Reply,
+};
+use micromsg_client::profile::Profile;
+use tokio::sync::mpsc;
+
+use crate::TestBroker;
+
+/// How long [`expect`] waits for a notice.
+pub const NOTICE_WAIT: Duration = Duration::from_secs(15);
+
+/// A registered device: its profile directory and its entity's number.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// The device's profile.
+    pub profile: Profile,
+    /// The entity's number.
+    pub number: String,
+}
+
+/// Registers a new entity at `broker`, with its profile under the broker's directory.
+pub async fn register(broker: &TestBroker, name: &str) -> Device {
+    let profile = Profile::new(broker.profile_dir(name));
+    let session = account::register(&profile, &broker.addr, &broker.ca, None)
+        .await
+        .unwrap();
+    Device {
+        profile,
+        number: session.info.number,
+    }
+}
+
+/// Agent settings for tests: peers on loopback, no control socket, short waits.
+pub fn config(accept: AcceptPolicy) -> AgentConfig {
+    AgentConfig {
+        accept,
+        peer_listen: "127.0.0.1:0".parse().unwrap(),
+        control: false,
+        answer_timeout: Duration::from_secs(5),
+        offline_after: Duration::from_secs(2),
+        ..AgentConfig::default()
+    }
+}
+
+/// Starts an agent for `device`; its notices arrive on the receiver.
+pub async fn online(device: &Device, config: AgentConfig) -> (AgentHandle, mpsc::Receiver<Notice>) {
+    let (tx, rx) = mpsc::channel(256);
+    let handle = agent::start(device.profile.clone(), config, tx)
+        .await
+        .unwrap();
+    (handle, rx)
+}
+
+/// The next notice for which `pick` returns something, skipping others; panics after
+/// [`NOTICE_WAIT`].
+pub async fn expect<T>(
+    rx: &mut mpsc::Receiver<Notice>,
+    mut pick: impl FnMut(&Notice) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + NOTICE_WAIT;
+    loop {
+        let notice = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("timed out waiting for a notice")
+            .expect("the agent stopped");
+        if let Some(t) = pick(&notice) {
+            return t;
+        }
+    }
+}
+
+/// Asserts that no notice matching `pick` arrives within `within`.
+pub async fn expect_none(
+    rx: &mut mpsc::Receiver<Notice>,
+    within: Duration,
+    mut pick: impl FnMut(&Notice) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(notice)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        assert!(!pick(&notice), "unexpected {notice:?}");
+    }
+}
+
+/// The next message from `from`: its text and whether it came through the inbox.
+pub async fn message_from(rx: &mut mpsc::Receiver<Notice>, from: &str) -> (String, bool) {
+    expect(rx, |n| match n {
+        Notice::Message {
+            from: f,
+            text,
+            offline,
+            ..
+        } if f == from => Some((text.clone(), *offline)),
+        _ => None,
+    })
+    .await
+}
+
+/// Waits for a session with `peer` to start.
+pub async fn session_started(rx: &mut mpsc::Receiver<Notice>, peer: &str) {
+    expect(rx, |n| {
+        matches!(n, Notice::SessionStarted { peer: p, .. } if p == peer).then_some(())
+    })
+    .await;
+}
+
+/// Waits for the session with `peer` to end.
+pub async fn session_ended(rx: &mut mpsc::Receiver<Notice>, peer: &str) {
+    expect(rx, |n| {
+        matches!(n, Notice::SessionEnded { peer: p, .. } if p == peer).then_some(())
+    })
+    .await;
+}
+
+/// `send TEXT` to `to`.
+pub async fn send(agent: &AgentHandle, to: &str, text: &str) -> Reply {
+    agent
+        .command(Command::Send {
+            number: to.to_owned(),
+            text: text.to_owned(),
+        })
+        .await
+}
+
+/// `contact add NUMBER`.
+pub async fn contact_add(agent: &AgentHandle, number: &str) -> Reply {
+    agent
+        .command(Command::ContactAdd {
+            number: number.to_owned(),
+        })
+        .await
+}

@@ -1,0 +1,94 @@
+//! The client side of federation (protocol.md section 11), end to end through the client agent:
+//! two users on two brokers add each other with the same `contact add NUMBER` as on one broker
+//! (the agent asks IS-NETWORKED, sends INITIATE-*-NETWORKED with a fresh broker keypair, seals
+//! and opens the address), chat directly both ways, deposit across brokers while the other is
+//! offline, and reconnect as existing contacts.
+
+use micromsg_client::agent::{AcceptPolicy, Command, Notice};
+use micromsg_tests::agents::{
+    config, contact_add, expect, message_from, online, register, send, session_ended,
+    session_started,
+};
+use micromsg_tests::{Backend, TestNetwork};
+
+micromsg_tests::both_backends!(users_on_two_brokers_chat_deposit_and_reconnect);
+
+const X: usize = 0;
+const Y: usize = 1;
+
+async fn users_on_two_brokers_chat_deposit_and_reconnect(backend: Backend) {
+    let net = TestNetwork::start(backend, &[("x", &["555"]), ("y", &["556"])], |_, _| {}).await;
+    net.wait_linked().await;
+    let a = register(net.broker(X), "a").await;
+    let b = register(net.broker(Y), "b").await;
+    assert!(a.number.starts_with("555") && b.number.starts_with("556"));
+
+    // B asks before accepting, so the request is seen as a networked NEW request.
+    let (b_agent, mut b_rx) = online(&b, config(AcceptPolicy::Ask)).await;
+    let (a_agent, mut a_rx) = online(&a, config(AcceptPolicy::Ask)).await;
+    let adding = {
+        let number = b.number.clone();
+        tokio::spawn(async move {
+            let reply = contact_add(&a_agent, &number).await;
+            (a_agent, reply)
+        })
+    };
+    let request = expect(&mut b_rx, |n| match n {
+        Notice::ContactRequest {
+            from,
+            request,
+            kind,
+        } if *from == a.number => Some((request.clone(), kind.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(request.1, "NEW");
+    let reply = b_agent
+        .command(Command::Answer {
+            request: request.0,
+            accept: true,
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let (a_agent, reply) = adding.await.unwrap();
+    assert!(reply.ok, "contact add across brokers: {reply:?}");
+    session_started(&mut a_rx, &b.number).await;
+    session_started(&mut b_rx, &a.number).await;
+
+    // Directly, both ways.
+    assert!(send(&a_agent, &b.number, "hello from x").await.ok);
+    assert_eq!(
+        message_from(&mut b_rx, &a.number).await,
+        ("hello from x".to_owned(), false)
+    );
+    assert!(send(&b_agent, &a.number, "hello from y").await.ok);
+    assert_eq!(
+        message_from(&mut a_rx, &b.number).await,
+        ("hello from y".to_owned(), false)
+    );
+
+    // B goes offline: A's message is deposited at A's broker and forwarded to B's.
+    b_agent.stop().await.unwrap();
+    session_ended(&mut a_rx, &b.number).await;
+    let reply = send(&a_agent, &b.number, "while you were away").await;
+    assert!(reply.ok, "{reply:?}");
+    assert!(reply.message.contains("deposited"), "{reply:?}");
+    let (b_agent, mut b_rx) = online(&b, config(AcceptPolicy::Ask)).await;
+    assert_eq!(
+        message_from(&mut b_rx, &a.number).await,
+        ("while you were away".to_owned(), true)
+    );
+
+    // Now existing contacts: A's next message sets up a new session with
+    // INITIATE-EXISTING-NETWORKED, which B's agent answers without asking (AUTO-EXISTING).
+    let reply = send(&a_agent, &b.number, "live again").await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        message_from(&mut b_rx, &a.number).await,
+        ("live again".to_owned(), false)
+    );
+
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+    net.stop().await;
+}
