@@ -1,6 +1,6 @@
 //! Group chat through the client agents (docs/groups.md): five members, one offline during the
 //! first messages; removal and leave; concurrent changes converge; two devices of one member
-//! show the same history. One broker (SQLite).
+//! show the same history (one broker, SQLite); and a group across two brokers (both stores).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -500,4 +500,76 @@ async fn two_devices_of_one_member_show_the_same_history() {
         o.agent.stop().await.unwrap();
     }
     broker.stop().await;
+}
+
+micromsg_tests::both_backends!(a_group_across_two_brokers);
+
+/// A group whose members live on two brokers of a network (x: 555, y: 556), on both stores:
+/// the create, messages from members on either side (live, and deposited across brokers for a
+/// member who is offline), and a removal reach everyone.
+async fn a_group_across_two_brokers(backend: Backend) {
+    let net =
+        micromsg_tests::TestNetwork::start(backend, &[("x", &["555"]), ("y", &["556"])], |_, _| {})
+            .await;
+    net.wait_linked().await;
+    let a = register(net.broker(0), "a").await;
+    let b = register(net.broker(0), "b").await;
+    let c = register(net.broker(1), "c").await;
+    let d = register(net.broker(1), "d").await;
+    let mut oa = online(&a).await;
+    let mut ob = online(&b).await;
+    let mut oc = online(&c).await;
+    let od = online(&d).await;
+    all_contacts(&[&oa, &ob, &oc, &od], &[&a, &b, &c, &d]).await;
+    // D (on y) is offline while the group starts.
+    od.agent.stop().await.unwrap();
+
+    let data = run(
+        &oa,
+        Command::GroupCreate {
+            name: "across".into(),
+            members: vec![b.number.clone(), c.number.clone(), d.number.clone()],
+        },
+    )
+    .await
+    .data
+    .unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    assert_eq!(data["delivered"][&d.number], "deposited");
+    for m in [&b, &c] {
+        wait_state(m, &group, |s| s.version == 1).await;
+    }
+    send(&oa, &group, "from x").await;
+    send(&oc, &group, "from y").await;
+    assert_eq!(group_message(&mut oc, &a.number).await, "from x");
+    assert_eq!(group_message(&mut ob, &c.number).await, "from y");
+    assert_eq!(group_message(&mut oa, &c.number).await, "from y");
+
+    // D comes back: the group and both messages came through x's outbox (and y's own inbox).
+    let _od = online(&d).await;
+    wait_state(&d, &group, |s| s.version == 1).await;
+    let both = sorted(&["from x", "from y"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while sorted_texts(&d, &group) != both {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            texts(&d, &group)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // C (on y) removes B (on x); everyone on both brokers applies it.
+    run(
+        &oc,
+        Command::GroupRemove {
+            group: group.clone(),
+            number: b.number.clone(),
+        },
+    )
+    .await;
+    for m in [&a, &b, &c, &d] {
+        wait_state(m, &group, |s| !s.is_member(&b.number)).await;
+    }
+    net.stop().await;
 }
