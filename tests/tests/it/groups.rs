@@ -504,9 +504,10 @@ async fn two_devices_of_one_member_show_the_same_history() {
 
 micromsg_tests::both_backends!(a_group_across_two_brokers);
 
-/// A group whose members live on two brokers of a network (x: 555, y: 556), on both stores:
-/// the create, messages from members on either side (live, and deposited across brokers for a
-/// member who is offline), and a removal reach everyone.
+/// Five members on two brokers of a network (x: 555 has A, B, E; y: 556 has C, D), on both
+/// stores: the create, messages from members on either side (live, and deposited across brokers
+/// for D, offline during the first messages) reach every member exactly once, and a removal
+/// reaches everyone.
 async fn a_group_across_two_brokers(backend: Backend) {
     let net =
         micromsg_tests::TestNetwork::start(backend, &[("x", &["555"]), ("y", &["556"])], |_, _| {})
@@ -516,11 +517,13 @@ async fn a_group_across_two_brokers(backend: Backend) {
     let b = register(net.broker(0), "b").await;
     let c = register(net.broker(1), "c").await;
     let d = register(net.broker(1), "d").await;
+    let e = register(net.broker(0), "e").await;
     let mut oa = online(&a).await;
     let mut ob = online(&b).await;
     let mut oc = online(&c).await;
     let od = online(&d).await;
-    all_contacts(&[&oa, &ob, &oc, &od], &[&a, &b, &c, &d]).await;
+    let oe = online(&e).await;
+    all_contacts(&[&oa, &ob, &oc, &od, &oe], &[&a, &b, &c, &d, &e]).await;
     // D (on y) is offline while the group starts.
     od.agent.stop().await.unwrap();
 
@@ -528,7 +531,12 @@ async fn a_group_across_two_brokers(backend: Backend) {
         &oa,
         Command::GroupCreate {
             name: "across".into(),
-            members: vec![b.number.clone(), c.number.clone(), d.number.clone()],
+            members: vec![
+                b.number.clone(),
+                c.number.clone(),
+                d.number.clone(),
+                e.number.clone(),
+            ],
         },
     )
     .await
@@ -536,7 +544,7 @@ async fn a_group_across_two_brokers(backend: Backend) {
     .unwrap();
     let group = data["group"].as_str().unwrap().to_owned();
     assert_eq!(data["delivered"][&d.number], "deposited");
-    for m in [&b, &c] {
+    for m in [&b, &c, &e] {
         wait_state(m, &group, |s| s.version == 1).await;
     }
     send(&oa, &group, "from x").await;
@@ -549,14 +557,17 @@ async fn a_group_across_two_brokers(backend: Backend) {
     let _od = online(&d).await;
     wait_state(&d, &group, |s| s.version == 1).await;
     let both = sorted(&["from x", "from y"]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while sorted_texts(&d, &group) != both {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            texts(&d, &group)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for m in [&a, &b, &c, &d, &e] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while sorted_texts(m, &group) != both {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: {:?}",
+                m.number,
+                texts(m, &group)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     // C (on y) removes B (on x); everyone on both brokers applies it.
@@ -568,7 +579,7 @@ async fn a_group_across_two_brokers(backend: Backend) {
         },
     )
     .await;
-    for m in [&a, &b, &c, &d] {
+    for m in [&a, &b, &c, &d, &e] {
         wait_state(m, &group, |s| !s.is_member(&b.number)).await;
     }
     net.stop().await;
