@@ -50,7 +50,7 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::account::{self, AccountError, Session, unix_now};
-use crate::groups::{self, Change, Frame, Group, GroupEntry, Payload};
+use crate::groups::{self, Change, Early, EarlyMessages, Frame, Group, GroupEntry, Payload};
 use crate::inbox::{Arrived, Delivery, InboxError, LiveRecv, LiveTable, new_message_id};
 use crate::keys::{self, SharedSession};
 use crate::link::{BrokerLink, LinkError};
@@ -102,6 +102,11 @@ pub struct AgentConfig {
     /// of each live message for the contact's other devices, and share new sessions' keys with
     /// the entity's other devices. Default true.
     pub copies: bool,
+    /// How many group messages to hold that arrived before the ops that make them acceptable
+    /// (across brokers a message can overtake the group's create or an add). Default 256.
+    pub early_group_messages: usize,
+    /// How long such a message is held. Default 1 hour.
+    pub early_group_ttl: Duration,
 }
 
 impl Default for AgentConfig {
@@ -118,6 +123,8 @@ impl Default for AgentConfig {
             offline_after: Duration::from_secs(10),
             inbox: true,
             copies: true,
+            early_group_messages: 256,
+            early_group_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -590,6 +597,8 @@ struct Agent {
     live: LiveTable,
     /// An INBOX event came: fetch once the current step is done.
     inbox_due: bool,
+    /// Group messages that came before the ops that make them acceptable.
+    early: EarlyMessages,
 }
 
 impl Agent {
@@ -615,6 +624,10 @@ impl Agent {
             source: std::io::Error::other(e),
         })?;
         let inbox_due = config.inbox;
+        let early = EarlyMessages::new(
+            config.early_group_messages,
+            config.early_group_ttl.as_secs(),
+        );
         Ok(Self {
             store,
             profile,
@@ -636,6 +649,7 @@ impl Agent {
             delivery,
             live: LiveTable::new(),
             inbox_due,
+            early,
         })
     }
 
@@ -1830,37 +1844,64 @@ impl Agent {
                     Direction::In => peer.to_owned(),
                     Direction::Out => me.clone(),
                 };
-                if direction == Direction::In && !groups::accepts_message(&group.state, peer, &me) {
-                    return;
-                }
                 let entry = GroupEntry {
                     id,
                     from: from.clone(),
-                    text: text.clone(),
-                    sent,
+                    text,
+                    sent: if sent == 0 { time } else { sent },
                     received: unix_now(),
                 };
-                match self.store.append_group_message(&group.id, &entry) {
-                    Ok(true) => {
-                        self.notify(Notice::GroupMessage {
+                if direction == Direction::In && !groups::accepts_message(&group.state, peer, &me) {
+                    if group.may_be_early(peer, &me) {
+                        let early = Early {
                             group: group.id.clone(),
-                            name: group.state.name.clone(),
                             from,
-                            text,
-                            time: if sent == 0 { time } else { sent },
+                            entry,
+                            held_at: unix_now(),
                             offline,
-                        })
-                        .await;
+                        };
+                        self.hold_early(early).await;
                     }
-                    Ok(false) => {}
-                    Err(e) => self.warn(format!("saving the group history: {e}")).await,
+                    return;
                 }
+                self.show_group_message(&group, entry, offline).await;
             }
             Payload::Op(op) => {
                 self.on_group_ops(peer, direction, &mut group, vec![op])
                     .await
             }
             Payload::State(ops) => self.on_group_ops(peer, direction, &mut group, ops).await,
+        }
+    }
+
+    /// Stores a group message in the history and shows it (once: duplicates are skipped).
+    async fn show_group_message(&mut self, group: &Group, entry: GroupEntry, offline: bool) {
+        match self.store.append_group_message(&group.id, &entry) {
+            Ok(true) => {
+                self.notify(Notice::GroupMessage {
+                    group: group.id.clone(),
+                    name: group.state.name.clone(),
+                    from: entry.from,
+                    text: entry.text,
+                    time: entry.sent,
+                    offline,
+                })
+                .await;
+            }
+            Ok(false) => {}
+            Err(e) => self.warn(format!("saving the group history: {e}")).await,
+        }
+    }
+
+    async fn hold_early(&mut self, early: Early) {
+        for gone in self.early.hold(early, unix_now()) {
+            self.warn(format!(
+                "dropped a message from {} for group {}: it came before the change that \
+                 made it acceptable, and that change did not come in time",
+                gone.from,
+                short(&gone.group)
+            ))
+            .await;
         }
     }
 
@@ -1903,6 +1944,15 @@ impl Agent {
                 version: group.state.version,
             })
             .await;
+        }
+        // Messages that overtook these ops may be acceptable now.
+        for early in self.early.take(&group.id, unix_now()) {
+            if groups::accepts_message(&group.state, &early.from, &me) {
+                self.show_group_message(group, early.entry, early.offline)
+                    .await;
+            } else if group.may_be_early(&early.from, &me) {
+                self.hold_early(early).await;
+            }
         }
         // Relay what was new to the members this device knows (docs/groups.md section 3):
         // a member the author did not know of yet still hears of it. A device that just

@@ -425,6 +425,93 @@ impl Group {
         all.extend(ops.iter().cloned());
         fold(&all).1.contains(peer)
     }
+
+    /// Whether a `message` from `from` that [`accepts_message`] refuses may only be early: this
+    /// device knows nothing of the group yet, or is a member and has seen no op ever making
+    /// `from` one. (Across brokers a message can overtake the create or add before it.) A
+    /// message from a removed member is not early: it is refused.
+    pub fn may_be_early(&self, from: &str, me: &str) -> bool {
+        self.log.is_empty() || (self.state.is_member(me) && !fold(&self.log).1.contains(from))
+    }
+}
+
+/// A group message held until the ops that make it acceptable arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Early {
+    /// The group.
+    pub group: String,
+    /// The member it came from.
+    pub from: String,
+    /// The message.
+    pub entry: GroupEntry,
+    /// When it arrived (Unix seconds).
+    pub held_at: u64,
+    /// Whether it came through the inbox.
+    pub offline: bool,
+}
+
+/// Early group messages (docs/groups.md section 3), bounded in count and age: the oldest goes
+/// first when full, and none is kept longer than the time to live.
+#[derive(Debug)]
+pub struct EarlyMessages {
+    held: std::collections::VecDeque<Early>,
+    max: usize,
+    ttl_secs: u64,
+}
+
+impl EarlyMessages {
+    /// At most `max` messages, each for at most `ttl_secs`.
+    pub fn new(max: usize, ttl_secs: u64) -> Self {
+        Self {
+            held: std::collections::VecDeque::new(),
+            max,
+            ttl_secs,
+        }
+    }
+
+    /// Holds `early`; returns what had to be dropped for it (expired or, when full, the
+    /// oldest), so the caller can say so.
+    pub fn hold(&mut self, early: Early, now: u64) -> Vec<Early> {
+        let mut dropped = self.expire(now);
+        if self.max == 0 {
+            dropped.push(early);
+            return dropped;
+        }
+        while self.held.len() >= self.max {
+            dropped.extend(self.held.pop_front());
+        }
+        self.held.push_back(early);
+        dropped
+    }
+
+    /// Takes the unexpired messages held for `group`, in arrival order.
+    pub fn take(&mut self, group: &str, now: u64) -> Vec<Early> {
+        self.expire(now);
+        let (taken, kept): (Vec<Early>, Vec<Early>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|e| e.group == group);
+        self.held = kept.into();
+        taken
+    }
+
+    /// How many are held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// True when none is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    fn expire(&mut self, now: u64) -> Vec<Early> {
+        let ttl = self.ttl_secs;
+        let (gone, kept): (Vec<Early>, Vec<Early>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|e| now.saturating_sub(e.held_at) > ttl);
+        self.held = kept.into();
+        gone
+    }
 }
 
 /// Frames to send after a change: for every member of the state before or after it other
@@ -543,6 +630,62 @@ mod tests {
                 members: vec![A.into(), B.into(), C.into()],
             },
         )
+    }
+
+    fn early(group: &str, from: &str, text: &str, held_at: u64) -> Early {
+        Early {
+            group: group.into(),
+            from: from.into(),
+            entry: GroupEntry {
+                id: new_id(),
+                from: from.into(),
+                text: text.into(),
+                sent: held_at,
+                received: held_at,
+            },
+            held_at,
+            offline: true,
+        }
+    }
+
+    #[test]
+    fn early_messages_are_only_those_that_can_become_acceptable() {
+        let mut g = Group::new("g1");
+        // Nothing known of the group: anything may be early.
+        assert!(g.may_be_early(B, C));
+        g.merge(vec![create()]);
+        // D was never added (as far as C knows): early. A member's message is not refused.
+        assert!(g.may_be_early(D, C));
+        assert!(accepts_message(&g.state, B, C));
+        // B is removed: its later messages are refused, not held.
+        g.merge(vec![op(2, A, Change::Remove(B.into()))]);
+        assert!(!accepts_message(&g.state, B, C));
+        assert!(!g.may_be_early(B, C));
+        // C itself removed: nothing is early any more.
+        g.merge(vec![op(3, A, Change::Remove(C.into()))]);
+        assert!(!g.may_be_early(D, C));
+    }
+
+    #[test]
+    fn early_messages_are_bounded_in_count_and_age() {
+        let mut held = EarlyMessages::new(2, 60);
+        assert!(held.hold(early("g1", A, "one", 100), 100).is_empty());
+        assert!(held.hold(early("g2", A, "two", 101), 101).is_empty());
+        // Full: the oldest goes.
+        let dropped = held.hold(early("g1", B, "three", 102), 102);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].entry.text, "one");
+        let g1 = held.take("g1", 103);
+        assert_eq!(g1.len(), 1);
+        assert_eq!(g1[0].entry.text, "three");
+        assert_eq!(held.len(), 1);
+        // Too old: gone, not taken.
+        assert!(held.take("g2", 101 + 61).is_empty());
+        assert!(held.is_empty());
+        // A limit of 0 holds nothing.
+        let mut none = EarlyMessages::new(0, 60);
+        assert_eq!(none.hold(early("g1", A, "x", 1), 1).len(), 1);
+        assert!(none.is_empty());
     }
 
     #[test]
