@@ -1020,3 +1020,219 @@ async fn cli_network_init_serve_and_status() {
         .unwrap();
     assert!(!down.status.success());
 }
+
+// ---------------------------------------------------------------------------------------------
+// OpenTelemetry: two broker processes export to a stand-in OTLP collector.
+
+mod collector {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+
+    /// A received span: service name, trace id, span name.
+    pub(super) type Span = (String, Vec<u8>, String);
+
+    /// What the collector received: spans as (service name, trace id, span name), and the
+    /// names of the services that exported metrics.
+    #[derive(Default, Clone)]
+    pub(super) struct Received {
+        pub(super) spans: Arc<Mutex<Vec<Span>>>,
+        pub(super) metric_services: Arc<Mutex<Vec<String>>>,
+    }
+
+    fn service_name(
+        resource: Option<&opentelemetry_proto::tonic::resource::v1::Resource>,
+    ) -> String {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        resource
+            .into_iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+            .map(|v| match v {
+                Value::StringValue(s) => s.clone(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default()
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Received {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut spans = self.spans.lock().unwrap();
+            for rs in request.into_inner().resource_spans {
+                let service = service_name(rs.resource.as_ref());
+                for ss in rs.scope_spans {
+                    for span in ss.spans {
+                        spans.push((service.clone(), span.trace_id, span.name));
+                    }
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl MetricsService for Received {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportMetricsServiceRequest>,
+        ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            let mut services = self.metric_services.lock().unwrap();
+            for rm in request.into_inner().resource_metrics {
+                services.push(service_name(rm.resource.as_ref()));
+            }
+            Ok(tonic::Response::new(ExportMetricsServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    /// Serves OTLP/gRPC on a loopback port; returns its `http://` endpoint.
+    pub(super) async fn start(received: Received) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(received.clone()))
+                .add_service(MetricsServiceServer::new(received))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+}
+
+/// Two `micromsg-broker serve` processes with `OTEL_EXPORTER_OTLP_ENDPOINT` set: a networked
+/// contact setup between their users is one trace, with spans from both brokers, and both
+/// export metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_export_one_trace_across_brokers() {
+    use std::process::{Command, Stdio};
+
+    use micromsg_client::agent::AcceptPolicy;
+    use micromsg_tests::agents;
+
+    let received = collector::Received::default();
+    let endpoint = collector::start(received.clone()).await;
+    let bin = broker_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net");
+    let (fx, fy) = (micromsg_tests::free_port(), micromsg_tests::free_port());
+    let (cx, cy) = (micromsg_tests::free_port(), micromsg_tests::free_port());
+    let init = Command::new(&bin)
+        .args(["network", "init", "--out"])
+        .arg(&net)
+        .args(["--broker", "x=555", "--broker", "y=556"])
+        .args(["--endpoint", &format!("x=127.0.0.1:{fx}")])
+        .args(["--endpoint", &format!("y=127.0.0.1:{fy}")])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let serve = |id: &str, client_port: u16| {
+        Command::new(&bin)
+            .args(["serve", "--broker-id", id, "--network"])
+            .arg(net.join("network.toml"))
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("data-{id}")))
+            .args(["--listen", &format!("127.0.0.1:{client_port}")])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .env("MICROMSG_FEDERATION_PROBE_INTERVAL_SECS", "1")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_SERVICE_NAME", format!("broker-{id}"))
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+            .env("OTEL_METRIC_EXPORT_INTERVAL", "500")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Child)
+            .unwrap()
+    };
+    let _x = serve("x", cx);
+    let _y = serve("y", cy);
+    let (ca_x, ca_y) = (
+        dir.path().join("data-x/tls/ca.pem"),
+        dir.path().join("data-y/tls/ca.pem"),
+    );
+    let register = |port: u16, ca: std::path::PathBuf, name: &'static str| {
+        let profile = Profile::new(dir.path().join(name));
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match account::register(&profile, &format!("127.0.0.1:{port}"), &ca, None).await {
+                    Ok(s) => {
+                        break agents::Device {
+                            profile,
+                            number: s.info.number,
+                        };
+                    }
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "broker on {port}: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+    };
+    let a = register(cx, ca_x, "a").await;
+    let b = register(cy, ca_y, "b").await;
+    let (b_agent, _b_rx) = agents::online(&b, agents::config(AcceptPolicy::Any)).await;
+    let (a_agent, _a_rx) = agents::online(&a, agents::config(AcceptPolicy::Any)).await;
+    // The brokers probe each other every second; retry until they are linked.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = agents::contact_add(&a_agent, &b.number).await;
+        if reply.ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{reply:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Some trace holds spans of both brokers: the networked setup crossed the link in one trace.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let shared = {
+            let spans = received.spans.lock().unwrap();
+            spans.iter().any(|(service, trace, _)| {
+                service == "broker-x" && spans.iter().any(|(s, t, _)| s == "broker-y" && t == trace)
+            })
+        };
+        let metrics = {
+            let m = received.metric_services.lock().unwrap();
+            m.iter().any(|s| s == "broker-x") && m.iter().any(|s| s == "broker-y")
+        };
+        if shared && metrics {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no trace spans both brokers (metrics from both: {metrics}); spans: {:?}",
+            received
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(s, _, n)| format!("{s}:{n}"))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+}
