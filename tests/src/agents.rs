@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::TestBroker;
 
 /// How long [`expect`] waits for a notice.
-pub const NOTICE_WAIT: Duration = Duration::from_secs(15);
+pub const NOTICE_WAIT: Duration = Duration::from_secs(20);
 
 /// A registered device: its profile directory and its entity's number.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ pub fn config(accept: AcceptPolicy) -> AgentConfig {
 
 /// Starts an agent for `device`; its notices arrive on the receiver.
 pub async fn online(device: &Device, config: AgentConfig) -> (AgentHandle, mpsc::Receiver<Notice>) {
-    let (tx, rx) = mpsc::channel(256);
+    let (tx, rx) = mpsc::channel(1024);
     let handle = agent::start(device.profile.clone(), config, tx)
         .await
         .unwrap();

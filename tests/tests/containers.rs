@@ -1,6 +1,8 @@
 //! Container tests: the images of `scripts/images` (the broker of `deploy/Dockerfile` and
 //! Postgres) started with testcontainers on a private Docker network, driven from this process
-//! through the client library, as a user on the host would.
+//! through the client library, as a user on the host would. Two brokers federate over mutual
+//! TLS on that network; faults are a broker container stopped and started again, and cut off
+//! the network and connected again.
 //!
 //! A test binary of its own, so it can be run alone:
 //!
@@ -24,15 +26,23 @@
 //! this process cannot be changed safely, and testcontainers reads only the environment).
 #![allow(clippy::unwrap_used)]
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use micromsg_client::account;
+use micromsg_client::account::{self, Session};
+use micromsg_client::agent::AcceptPolicy;
 use micromsg_client::profile::Profile;
+use micromsg_tests::agents::{self, Device};
+use micromsg_wire::message::request::{DepositArgs, InboxAckArgs, InboxFetchArgs};
+use micromsg_wire::message::response::InboxMessage;
+use micromsg_wire::{Blob, Hex16, Number, Request, ResponseData};
 use testcontainers::core::logs::LogFrame;
 use testcontainers::core::{ExecCommand, IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
-use testcontainers::{ContainerAsync, GenericImage, Healthcheck, ImageExt};
+use testcontainers::{ContainerAsync, CopyTargetOptions, GenericImage, Healthcheck, ImageExt};
 
 // ---------------------------------------------------------------------------------------------
 // Tests
@@ -105,6 +115,446 @@ async fn broker_container_on_postgres_serves_a_client() {
     );
 }
 
+/// Two broker containers, x (numbers `100…`) and y (`200…`), each on a Postgres container of
+/// its own, federated over mutual TLS with network files made in this process by `network
+/// init`'s code, endpoints `CONTAINER-NAME:7401` on the private Docker network. Clients on the
+/// host, through the published client ports:
+///
+/// 1. A on x adds B on y with the client agent (the brokers relay the request and the sealed
+///    addresses), and they talk directly both ways.
+/// 2. A deposits for B at x without pause (raw DEPOSIT requests, for exact accounting) while
+///    y's container is stopped and started again: every deposit x acknowledged is in B's inbox
+///    at y exactly once, nothing missing, nothing twice.
+/// 3. The same while y's container is cut off the Docker network and connected again (under
+///    the same name, so x's endpoint resolves again).
+/// 4. `micromsg-broker status --json` inside x's container shows peer y reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_containers_federate_and_deliver_exactly_once_across_faults() {
+    const TEST: &str = "broker_containers_federate_and_deliver_exactly_once_across_faults";
+    let Some(docker) = Docker::ready(TEST).await else {
+        return;
+    };
+    let t0 = Instant::now();
+    let work = tempfile::tempdir().unwrap();
+    let network = docker.make_network(&work.path().join("network"), &[("x", "100"), ("y", "200")]);
+    let (pg_x, pg_y) = tokio::join!(docker.start_postgres("pg-x"), docker.start_postgres("pg-y"));
+    let (x, y) = tokio::join!(
+        docker.start_networked_broker("x", "100", &pg_x, &network),
+        docker.start_networked_broker("y", "200", &pg_y, &network),
+    );
+    docker.wait_peer(&x, "y", true).await;
+    docker.wait_peer(&y, "x", true).await;
+    eprintln!("[{:.1?}] two brokers linked", t0.elapsed());
+
+    // 1. A on x adds B on y through the agents; then they talk directly (both agents run in
+    //    this process and seal their 127.0.0.1 address, so the P2P connection is on the host).
+    let a = register(&x, work.path(), "a").await;
+    let b = register(&y, work.path(), "b").await;
+    assert!(a.number.starts_with("100"), "a number of x: {}", a.number);
+    assert!(b.number.starts_with("200"), "a number of y: {}", b.number);
+    let (b_agent, mut b_rx) = agents::online(&b, agents::config(AcceptPolicy::Any)).await;
+    let (a_agent, mut a_rx) = agents::online(&a, agents::config(AcceptPolicy::Any)).await;
+    let reply = agents::contact_add(&a_agent, &b.number).await;
+    assert!(reply.ok, "contact add across broker containers: {reply:?}");
+    agents::session_started(&mut a_rx, &b.number).await;
+    agents::session_started(&mut b_rx, &a.number).await;
+    // Each side's send goes over the P2P session ("live"). The receiver may still show it as
+    // arriving from the inbox: the sender also deposits a copy for the receiver's other
+    // devices (protocol.md 13), and under load that copy can get through the two brokers
+    // before the live frame is handled (the agent then drops the live one as a repeat).
+    for (agent, rx, from, to, text) in [
+        (&a_agent, &mut b_rx, &a.number, &b.number, "hello from x"),
+        (&b_agent, &mut a_rx, &b.number, &a.number, "hello from y"),
+    ] {
+        let reply = agents::send(agent, to, text).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(
+            reply.data.as_ref().map(|d| &d["delivered"]),
+            Some(&serde_json::json!("live")),
+            "sent directly: {reply:?}"
+        );
+        let (got, offline) = agents::message_from(rx, from).await;
+        assert_eq!(got, text);
+        if offline {
+            eprintln!("({text:?} was shown from the inbox copy: it beat the live frame)");
+        }
+    }
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+    eprintln!("[{:.1?}] A and B talked directly", t0.elapsed());
+
+    // From here on A and B are driven with raw requests, B offline. B's inbox may hold the
+    // copy of A's live message that A's agent deposited for B's other devices (protocol.md 13;
+    // B's agent drops it as a repeat if it is still online when it arrives): clear it.
+    let from_a = Number::new(a.number.clone()).unwrap();
+    let to_b = Number::new(b.number.clone()).unwrap();
+    docker.wait_outbox(&x, "y", "drained", |n| n == 0).await;
+    let mut b_session = account::connect(&b.profile).await.unwrap();
+    let copies = fetch_all(&mut b_session).await;
+    assert!(copies.len() <= 1, "one live message from A: {copies:?}");
+    assert!(copies.iter().all(|m| m.from == from_a), "{copies:?}");
+    ack(&mut b_session, &copies).await;
+    eprintln!(
+        "cleared {} copies of live messages from B's inbox",
+        copies.len()
+    );
+    drop(b_session);
+    let a_session = account::connect(&a.profile).await.unwrap();
+
+    // 2. y's container stops (SIGTERM) and starts again while A deposits for B at x.
+    let depositing = Depositor::start(a_session, to_b.clone(), TAG_STOP);
+    depositing.wait_acked(DEPOSITS_PER_STEP).await;
+    eprintln!("[{:.1?}] stopping y", t0.elapsed());
+    y.container.stop().await.unwrap();
+    docker.wait_peer(&x, "y", false).await;
+    depositing
+        .wait_acked(depositing.acked() + DEPOSITS_PER_STEP)
+        .await;
+    docker
+        .wait_outbox(&x, "y", "queued while y is down", |n| n > 0)
+        .await;
+    eprintln!("[{:.1?}] starting y", t0.elapsed());
+    y.start_again().await;
+    docker.wait_peer(&x, "y", true).await;
+    depositing
+        .wait_acked(depositing.acked() + DEPOSITS_PER_STEP)
+        .await;
+    let (a_session, acked) = depositing.finish().await;
+    docker.wait_outbox(&x, "y", "drained", |n| n == 0).await;
+    let mut b_session = y.connect_when_up(&b.profile).await;
+    expect_inbox_exactly(&mut b_session, &from_a, &acked).await;
+    drop(b_session);
+    eprintln!(
+        "[{:.1?}] y stopped and started: {} deposits, each delivered once",
+        t0.elapsed(),
+        acked.len()
+    );
+
+    // 3. y is cut off the Docker network and connected again while A deposits for B at x.
+    let depositing = Depositor::start(a_session, to_b.clone(), TAG_PARTITION);
+    depositing.wait_acked(DEPOSITS_PER_STEP).await;
+    eprintln!(
+        "[{:.1?}] disconnecting y from {}",
+        t0.elapsed(),
+        docker.network
+    );
+    docker.disconnect(&y).await;
+    docker.wait_peer(&x, "y", false).await;
+    depositing
+        .wait_acked(depositing.acked() + DEPOSITS_PER_STEP)
+        .await;
+    docker
+        .wait_outbox(&x, "y", "queued while y is cut off", |n| n > 0)
+        .await;
+    eprintln!(
+        "[{:.1?}] connecting y to {} again",
+        t0.elapsed(),
+        docker.network
+    );
+    docker.connect(&y).await;
+    let lookup = ["getent", "hosts", y.name.as_str()];
+    let resolved = wait_until(
+        "x to resolve y's endpoint host again",
+        Duration::from_secs(30),
+        async || docker.try_exec(&x.container, &lookup).await,
+    )
+    .await;
+    eprintln!("  {}", resolved.trim());
+    docker.wait_peer(&x, "y", true).await;
+    depositing
+        .wait_acked(depositing.acked() + DEPOSITS_PER_STEP)
+        .await;
+    let (a_session, acked) = depositing.finish().await;
+    docker.wait_outbox(&x, "y", "drained", |n| n == 0).await;
+    let mut b_session = y.connect_when_up(&b.profile).await;
+    // Exactly this step's deposits: nothing of step 2 comes back after B's acknowledgement.
+    expect_inbox_exactly(&mut b_session, &from_a, &acked).await;
+    eprintln!(
+        "[{:.1?}] y cut off and reconnected: {} deposits, each delivered once",
+        t0.elapsed(),
+        acked.len()
+    );
+    drop((a_session, b_session));
+
+    // 4. The operator's view from inside x's container: peer y, reachable, nothing waiting.
+    let text = docker
+        .exec(
+            &x.container,
+            &[
+                "micromsg-broker",
+                "status",
+                "--admin",
+                ADMIN_IN_CONTAINER,
+                "--json",
+            ],
+        )
+        .await;
+    assert!(text.contains("\"broker_id\": \"y\""), "{text}");
+    assert!(text.contains("\"reachable\": true"), "{text}");
+    let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status["broker_id"], "x", "{text}");
+    assert_eq!(status["network"], NETWORK_NAME, "{text}");
+    assert_eq!(status["store_backend"], "postgres", "{text}");
+    assert_eq!(status["prefixes"], serde_json::json!(["100"]), "{text}");
+    let peers = status["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 1, "{text}");
+    assert_eq!(peers[0]["broker_id"], "y", "{text}");
+    assert_eq!(peers[0]["reachable"], true, "{text}");
+    assert_eq!(
+        peers[0]["endpoint"],
+        format!("{}:{FEDERATION_PORT}", y.name),
+        "{text}"
+    );
+    assert_eq!(peers[0]["outbox_depth"], 0, "{text}");
+    assert_eq!(status["outbox_depth"], 0, "{text}");
+    let text = docker
+        .exec(
+            &x.container,
+            &["micromsg-broker", "status", "--admin", ADMIN_IN_CONTAINER],
+        )
+        .await;
+    assert!(text.contains("reachable"), "{text}");
+    docker.wait_peer(&y, "x", true).await;
+    eprintln!("[{:.1?}] done", t0.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Support: clients and deposits
+// ---------------------------------------------------------------------------------------------
+
+/// Message id tags of the deposits of the two fault steps.
+const TAG_STOP: u8 = 0xa1;
+const TAG_PARTITION: u8 = 0xb2;
+/// Deposits acknowledged before, during and after each fault.
+const DEPOSITS_PER_STEP: usize = 25;
+/// Pause between two deposits of a [`Depositor`].
+const DEPOSIT_PACE: Duration = Duration::from_millis(20);
+
+/// Registers `name` at `broker` with a profile in `dir`.
+async fn register(broker: &Broker, dir: &Path, name: &str) -> Device {
+    let ca = broker.copy_ca(dir).await;
+    let profile = Profile::new(dir.join(name));
+    let session = account::register(&profile, &broker.addr, &ca, None)
+        .await
+        .unwrap();
+    Device {
+        profile,
+        number: session.info.number,
+    }
+}
+
+/// Message `i` of the step tagged `tag`: a unique 16-byte id, and a body that names it.
+fn message_id(tag: u8, i: u32) -> [u8; 16] {
+    let mut id = [tag; 16];
+    id[12..].copy_from_slice(&i.to_be_bytes());
+    id
+}
+
+fn message_body(id: &[u8; 16]) -> Vec<u8> {
+    let i = u32::from_be_bytes(id[12..].try_into().unwrap());
+    format!("step {:02x} message {i}", id[0]).into_bytes()
+}
+
+/// `tag:index` of message ids, for failure messages.
+fn describe_ids<'a>(ids: impl IntoIterator<Item = &'a [u8; 16]>) -> String {
+    let mut names: Vec<String> = ids
+        .into_iter()
+        .map(|id| {
+            let i = u32::from_be_bytes(id[12..].try_into().unwrap());
+            format!("{:02x}:{i}", id[0])
+        })
+        .collect();
+    names.sort();
+    format!("[{}]", names.join(", "))
+}
+
+/// A's deposits for B in a task of its own, without pause until [`Depositor::finish`]; keeps
+/// every id x acknowledged. x stays up throughout, so any refusal fails the test.
+struct Depositor {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<(Session, Vec<[u8; 16]>)>,
+}
+
+impl Depositor {
+    fn start(mut session: Session, to: Number, tag: u8) -> Depositor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let (stop, acked) = (Arc::clone(&stop), Arc::clone(&acked));
+            async move {
+                let mut ids = Vec::new();
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let id = message_id(tag, i);
+                    let answer = session
+                        .link
+                        .call(Request::Deposit(DepositArgs {
+                            target: to.clone(),
+                            id: Hex16::from_bytes(id),
+                            body: Blob::new(message_body(&id)),
+                        }))
+                        .await
+                        .unwrap_or_else(|e| panic!("x refused deposit {tag:02x}:{i}: {e}"));
+                    match answer {
+                        ResponseData::Deposit(d) => assert_eq!(d.id.as_bytes(), &id),
+                        other => panic!("DEPOSIT {tag:02x}:{i}: {other:?}"),
+                    }
+                    ids.push(id);
+                    acked.store(ids.len(), Ordering::Relaxed);
+                    tokio::time::sleep(DEPOSIT_PACE).await;
+                }
+                (session, ids)
+            }
+        });
+        Depositor { stop, acked, task }
+    }
+
+    /// Deposits acknowledged so far.
+    fn acked(&self) -> usize {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` deposits are acknowledged in all.
+    async fn wait_acked(&self, n: usize) {
+        wait_until(
+            &format!("{n} deposits acknowledged by x"),
+            Duration::from_secs(60),
+            async || {
+                assert!(!self.task.is_finished(), "the depositing task ended");
+                let acked = self.acked();
+                if acked >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{acked} so far"))
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Stops depositing; the session and every acknowledged id.
+    async fn finish(self) -> (Session, Vec<[u8; 16]>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// Fetches B's whole inbox (INBOX-FETCH, page by page).
+async fn fetch_all(s: &mut Session) -> Vec<InboxMessage> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = match s
+            .link
+            .call(Request::InboxFetch(InboxFetchArgs {
+                limit: Some(250),
+                after,
+            }))
+            .await
+            .unwrap()
+        {
+            ResponseData::InboxFetch(d) => d,
+            other => panic!("INBOX-FETCH: {other:?}"),
+        };
+        after = page.messages.last().map(|m| m.id);
+        all.extend(page.messages);
+        if !page.more {
+            return all;
+        }
+    }
+}
+
+/// Acknowledges `messages` (INBOX-ACK).
+async fn ack(s: &mut Session, messages: &[InboxMessage]) {
+    for chunk in messages.chunks(1000) {
+        let answer = s
+            .link
+            .call(Request::InboxAck(InboxAckArgs {
+                ids: chunk.iter().map(|m| m.id).collect(),
+            }))
+            .await
+            .unwrap();
+        assert!(matches!(answer, ResponseData::InboxAck(_)), "{answer:?}");
+    }
+}
+
+/// B's inbox holds each of `acked` exactly once, from `from` with its body, and nothing else;
+/// then B acknowledges them (INBOX-ACK) and the inbox is empty.
+async fn expect_inbox_exactly(b: &mut Session, from: &Number, acked: &[[u8; 16]]) {
+    let got = wait_until(
+        &format!("{} messages in B's inbox at y", acked.len()),
+        Duration::from_secs(30),
+        async || {
+            let got = fetch_all(b).await;
+            if got.len() >= acked.len() {
+                Ok(got)
+            } else {
+                Err(format!("{} so far", got.len()))
+            }
+        },
+    )
+    .await;
+    let mut seen: HashMap<[u8; 16], usize> = HashMap::new();
+    for m in &got {
+        *seen.entry(*m.id.as_bytes()).or_default() += 1;
+    }
+    let expected: HashSet<[u8; 16]> = acked.iter().copied().collect();
+    assert_eq!(expected.len(), acked.len(), "ids are unique");
+    let twice = seen.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id);
+    let missing = expected.iter().filter(|id| !seen.contains_key(*id));
+    let unexpected = seen.keys().filter(|id| !expected.contains(*id));
+    let (twice, missing, unexpected) = (
+        describe_ids(twice),
+        describe_ids(missing),
+        describe_ids(unexpected),
+    );
+    assert!(
+        got.len() == acked.len() && twice == "[]" && missing == "[]" && unexpected == "[]",
+        "{} deposits acknowledged by x, {} messages fetched at y; more than once: {twice}; \
+         missing: {missing}; never acknowledged: {unexpected}",
+        acked.len(),
+        got.len()
+    );
+    for m in &got {
+        assert_eq!(&m.from, from);
+        assert_eq!(m.body.as_bytes(), message_body(m.id.as_bytes()).as_slice());
+    }
+    ack(b, &got).await;
+    let left = fetch_all(b).await;
+    assert!(
+        left.is_empty(),
+        "B's inbox after INBOX-ACK: {}",
+        describe_ids(left.iter().map(|m| m.id.as_bytes()))
+    );
+}
+
+/// Polls `check` until it returns `Ok`, saying what it waits for and how long it took; panics
+/// with the last `Err` (why not yet) after `limit`.
+async fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    eprintln!("waiting for {what} (at most {limit:?})");
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(t) => {
+                eprintln!("  {what}: after {:.1?}", start.elapsed());
+                return t;
+            }
+            Err(why) if start.elapsed() < limit => {
+                let _ = why;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(why) => panic!("{what}: not within {limit:?}: {why}"),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Support: Docker, images, containers
 // ---------------------------------------------------------------------------------------------
@@ -120,6 +570,15 @@ const STARTED_VAR: &str = "MICROMSG_DOCKER_RELAY_STARTED";
 const PG_USER: &str = "micromsg";
 const PG_PASSWORD: &str = "micromsg-test";
 const PG_DB: &str = "micromsg";
+
+/// The name of the test broker network (in its network file).
+const NETWORK_NAME: &str = "container-net";
+/// The federation port inside a broker container (each container has its own address).
+const FEDERATION_PORT: u16 = 7401;
+/// Where a broker container gets the network files (the image's `/network`).
+const NETWORK_DIR_IN_CONTAINER: &str = "/network";
+/// The admin listener inside a broker container (the default `admin.listen`).
+const ADMIN_IN_CONTAINER: &str = "127.0.0.1:7402";
 
 /// A test's view of Docker: the images and a private network of its own.
 #[derive(Debug)]
@@ -140,8 +599,14 @@ struct Postgres {
 /// A started broker container.
 struct Broker {
     container: ContainerAsync<GenericImage>,
+    /// Its container name: its host name on the private network.
+    name: String,
     /// `127.0.0.1:PORT`, the client port published on the host (fixed across restarts).
     addr: String,
+    /// The prefix of its log lines in the test output.
+    label: String,
+    /// Log lines printed so far (see [`Broker::start_again`]).
+    log_lines: Arc<AtomicUsize>,
 }
 
 impl Docker {
@@ -239,7 +704,7 @@ impl Docker {
                 .with_timeout(Duration::from_secs(5))
                 .with_retries(240),
             )
-            .with_log_consumer(log_printer(name.to_owned()))
+            .with_log_consumer(log_printer(name.to_owned(), Arc::default()))
             .with_startup_timeout(Duration::from_secs(120))
             .start()
             .await
@@ -250,10 +715,57 @@ impl Docker {
     /// Starts broker `id` with number prefix `prefix` on `pg`, its client port published on a
     /// fixed free host port, and waits until it listens and its health check passes.
     async fn start_broker(&self, id: &str, prefix: &str, pg: &Postgres) -> Broker {
-        let name = format!("{}-broker-{id}", self.network);
+        self.start_broker_in(id, prefix, pg, None).await
+    }
+
+    /// The container name (and so the host name on the private network) of broker `id`.
+    fn broker_name(&self, id: &str) -> String {
+        format!("{}-broker-{id}", self.network)
+    }
+
+    /// Makes a broker network in `dir` with the code of `micromsg-broker network init`: the
+    /// network CA, a certificate and key per broker (id, prefix) and `network.toml`, each
+    /// broker's endpoint its container name and the federation port.
+    fn make_network(&self, dir: &Path, brokers: &[(&str, &str)]) -> PathBuf {
+        use micromsg_broker::federation::network::{InitBroker, init_keeping_ca};
+        let specs: Vec<InitBroker> = brokers
+            .iter()
+            .map(|(id, prefix)| InitBroker {
+                id: (*id).to_owned(),
+                prefixes: vec![(*prefix).to_owned()],
+                endpoint: format!("{}:{FEDERATION_PORT}", self.broker_name(id)),
+            })
+            .collect();
+        init_keeping_ca(dir, NETWORK_NAME, &specs).unwrap();
+        dir.to_owned()
+    }
+
+    /// Starts broker `id` of the network made in `network` by [`Docker::make_network`]: its
+    /// network file, the network CA and its own certificate and key are copied into the
+    /// container's `/network`, and its federation timings are short (1 s probes and retries).
+    async fn start_networked_broker(
+        &self,
+        id: &str,
+        prefix: &str,
+        pg: &Postgres,
+        network: &Path,
+    ) -> Broker {
+        self.start_broker_in(id, prefix, pg, Some(network)).await
+    }
+
+    async fn start_broker_in(
+        &self,
+        id: &str,
+        prefix: &str,
+        pg: &Postgres,
+        network: Option<&Path>,
+    ) -> Broker {
+        let name = self.broker_name(id);
+        let label = format!("broker-{id}");
+        let log_lines = Arc::new(AtomicUsize::new(0));
         let port = free_port();
         let (image, tag) = &self.broker_image;
-        let container = GenericImage::new(image, tag)
+        let mut request = GenericImage::new(image, tag)
             .with_wait_for(WaitFor::message_on_stderr("listening for clients"))
             .with_wait_for(WaitFor::healthcheck())
             .with_network(&self.network)
@@ -276,37 +788,204 @@ impl Docker {
                     .with_timeout(Duration::from_secs(5))
                     .with_retries(120),
             )
-            .with_log_consumer(log_printer(format!("broker-{id}")))
-            .with_startup_timeout(Duration::from_secs(120))
+            .with_log_consumer(log_printer(label.clone(), Arc::clone(&log_lines)))
+            .with_startup_timeout(Duration::from_secs(120));
+        if let Some(dir) = network {
+            // The copies are owned by root in the container (testcontainers writes tar entries
+            // with uid 0), so they must be readable by all for the broker's user (7400); the
+            // key, 0600 on the host, is readable only inside this throwaway container.
+            for file in [
+                "network.toml".to_owned(),
+                "ca.pem".to_owned(),
+                format!("{id}.pem"),
+                format!("{id}.key"),
+            ] {
+                request = request.with_copy_to(
+                    CopyTargetOptions::new(format!("{NETWORK_DIR_IN_CONTAINER}/{file}"))
+                        .with_mode(0o644),
+                    dir.join(&file),
+                );
+            }
+            for (key, value) in [
+                (
+                    "NETWORK_FILE",
+                    format!("{NETWORK_DIR_IN_CONTAINER}/network.toml"),
+                ),
+                ("LISTEN", format!("0.0.0.0:{FEDERATION_PORT}")),
+                ("PROBE_INTERVAL_SECS", "1".to_owned()),
+                ("RETRY_INITIAL_SECS", "1".to_owned()),
+                ("RETRY_MAX_SECS", "2".to_owned()),
+                ("OUTBOX_POLL_MS", "200".to_owned()),
+                ("CONNECT_TIMEOUT_MS", "1000".to_owned()),
+                ("REQUEST_TIMEOUT_MS", "3000".to_owned()),
+            ] {
+                request = request.with_env_var(format!("MICROMSG_FEDERATION_{key}"), value);
+            }
+        }
+        let container = request
             .start()
             .await
             .unwrap_or_else(|e| panic!("starting {image}:{tag}: {e}"));
         Broker {
             container,
+            name,
             addr: format!("127.0.0.1:{port}"),
+            label,
+            log_lines,
         }
     }
 
     /// Runs `cmd` in `container` and returns its standard output; panics when it fails.
     async fn exec(&self, container: &ContainerAsync<GenericImage>, cmd: &[&str]) -> String {
+        self.try_exec(container, cmd)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs `cmd` in `container`: its standard output, or why it failed.
+    async fn try_exec(
+        &self,
+        container: &ContainerAsync<GenericImage>,
+        cmd: &[&str],
+    ) -> Result<String, String> {
         let mut result = container
             .exec(ExecCommand::new(cmd.iter().copied()))
             .await
-            .unwrap_or_else(|e| panic!("exec {cmd:?}: {e}"));
+            .map_err(|e| format!("exec {cmd:?}: {e}"))?;
         let stdout = result.stdout_to_vec().await.unwrap();
         let stderr = result.stderr_to_vec().await.unwrap();
         let code = result.exit_code().await.unwrap();
-        assert_eq!(
-            code,
-            Some(0),
-            "exec {cmd:?}: {}",
-            String::from_utf8_lossy(&stderr)
+        if code != Some(0) {
+            return Err(format!(
+                "exec {cmd:?}: exit code {code:?}: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8(stdout).unwrap())
+    }
+
+    /// `micromsg-broker status --json` run inside `broker`'s container: `peer`'s
+    /// (reachable, outbox depth).
+    async fn peer_state(&self, broker: &Broker, peer: &str) -> Result<(bool, u64), String> {
+        let cmd = [
+            "micromsg-broker",
+            "status",
+            "--admin",
+            ADMIN_IN_CONTAINER,
+            "--json",
+        ];
+        let text = self.try_exec(&broker.container, &cmd).await?;
+        let status: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("status --json: {e}: {text}"))?;
+        let entry = status["peers"]
+            .as_array()
+            .and_then(|peers| peers.iter().find(|p| p["broker_id"] == peer))
+            .ok_or_else(|| format!("no peer {peer} in {text}"))?;
+        match (entry["reachable"].as_bool(), entry["outbox_depth"].as_u64()) {
+            (Some(reachable), Some(depth)) => Ok((reachable, depth)),
+            _ => Err(format!(
+                "peer {peer} without reachable/outbox_depth: {text}"
+            )),
+        }
+    }
+
+    /// Waits until `broker`'s status shows `peer` reachable (or not).
+    async fn wait_peer(&self, broker: &Broker, peer: &str, reachable: bool) {
+        let what = format!(
+            "{} to see {peer} {}",
+            broker.name,
+            if reachable {
+                "reachable"
+            } else {
+                "unreachable"
+            }
         );
-        String::from_utf8(stdout).unwrap()
+        wait_until(&what, Duration::from_secs(60), async || {
+            match self.peer_state(broker, peer).await? {
+                (r, _) if r == reachable => Ok(()),
+                (r, depth) => Err(format!("reachable {r}, outbox {depth}")),
+            }
+        })
+        .await;
+    }
+
+    /// Waits until `broker`'s outbox for `peer` (its status) has a depth for which `ok` holds.
+    async fn wait_outbox(&self, broker: &Broker, peer: &str, what: &str, ok: impl Fn(u64) -> bool) {
+        let what = format!("{}'s outbox for {peer}: {what}", broker.name);
+        wait_until(&what, Duration::from_secs(60), async || {
+            match self.peer_state(broker, peer).await? {
+                (_, depth) if ok(depth) => Ok(()),
+                (r, depth) => Err(format!("reachable {r}, outbox {depth}")),
+            }
+        })
+        .await;
+    }
+
+    /// Cuts `broker` off the private network (`docker network disconnect`).
+    async fn disconnect(&self, broker: &Broker) {
+        use testcontainers::bollard::models::NetworkDisconnectRequest;
+        let client = testcontainers::core::client::docker_client_instance()
+            .await
+            .unwrap();
+        client
+            .disconnect_network(
+                &self.network,
+                NetworkDisconnectRequest {
+                    container: broker.name.clone(),
+                    force: Some(true),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("disconnecting {} from {}: {e}", broker.name, self.network));
+    }
+
+    /// Connects `broker` to the private network again (`docker network connect`), with its
+    /// container name as an alias too, so peers resolve its endpoint as before.
+    async fn connect(&self, broker: &Broker) {
+        use testcontainers::bollard::models::{EndpointSettings, NetworkConnectRequest};
+        let client = testcontainers::core::client::docker_client_instance()
+            .await
+            .unwrap();
+        client
+            .connect_network(
+                &self.network,
+                NetworkConnectRequest {
+                    container: broker.name.clone(),
+                    endpoint_config: Some(EndpointSettings {
+                        aliases: Some(vec![broker.name.clone()]),
+                        ..EndpointSettings::default()
+                    }),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("connecting {} to {}: {e}", broker.name, self.network));
     }
 }
 
 impl Broker {
+    /// Starts the stopped container again and prints its new log lines: the log consumer
+    /// given at creation follows the logs only until the container first stops. (Docker's log
+    /// stream starts from the beginning, so the lines already printed are skipped; at worst a
+    /// few of the last ones are printed twice.)
+    async fn start_again(&self) {
+        use tokio::io::AsyncBufReadExt;
+        let printed = self.log_lines.load(Ordering::Relaxed);
+        self.container.start().await.unwrap();
+        let mut logs = self.container.stderr(true);
+        let label = format!("{} again", self.label);
+        tokio::spawn(async move {
+            let mut line = String::new();
+            let mut n = 0;
+            while matches!(logs.read_line(&mut line).await, Ok(1..)) {
+                n += 1;
+                if n > printed {
+                    eprintln!("[{label}] {}", line.trim_end());
+                }
+                line.clear();
+            }
+        });
+    }
+
     /// Copies the broker's private CA (made on first start in /data/tls/) to `dir`.
     async fn copy_ca(&self, dir: &Path) -> PathBuf {
         let path = dir.join(format!("ca-{}.pem", self.container.id()));
@@ -334,10 +1013,17 @@ impl Broker {
     }
 }
 
-/// Prints a container's log lines to this test's stderr (shown when a test fails).
-fn log_printer(name: String) -> impl Fn(&LogFrame) + Send + Sync + 'static {
+/// Prints a container's log lines to this test's stderr (shown when a test fails), counting
+/// the lines of its standard error in `stderr_lines`.
+fn log_printer(
+    name: String,
+    stderr_lines: Arc<AtomicUsize>,
+) -> impl Fn(&LogFrame) + Send + Sync + 'static {
     move |frame: &LogFrame| {
         for line in String::from_utf8_lossy(frame.bytes()).lines() {
+            if matches!(frame, LogFrame::StdErr(_)) {
+                stderr_lines.fetch_add(1, Ordering::Relaxed);
+            }
             eprintln!("[{name}] {line}");
         }
     }

@@ -5,36 +5,21 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use micromsg_client::account::{self, Session};
+use micromsg_client::account;
 use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
 use micromsg_client::devices;
 use micromsg_client::groups::GroupState;
 use micromsg_client::profile::Profile;
 use micromsg_client::store::Store;
+use micromsg_tests::agents::{self, Device as Member, expect, register};
 use micromsg_tests::{Backend, TestBroker};
 use micromsg_wire::message::request::AddDeviceArgs;
 use micromsg_wire::{Request, ResponseData};
 use tokio::sync::mpsc;
 
-struct Member {
-    profile: Profile,
-    number: String,
-}
-
 struct Online {
     agent: AgentHandle,
     rx: mpsc::Receiver<Notice>,
-}
-
-async fn register(broker: &TestBroker, name: &str) -> Member {
-    let profile = Profile::new(broker.profile_dir(name));
-    let session: Session = account::register(&profile, &broker.addr, &broker.ca, None)
-        .await
-        .unwrap();
-    Member {
-        profile,
-        number: session.info.number,
-    }
 }
 
 async fn link_device(broker: &TestBroker, old: &Member, name: &str) -> Member {
@@ -77,37 +62,13 @@ async fn link_device(broker: &TestBroker, old: &Member, name: &str) -> Member {
     }
 }
 
-fn config() -> AgentConfig {
-    AgentConfig {
-        accept: AcceptPolicy::Any,
-        peer_listen: "127.0.0.1:0".parse().unwrap(),
-        control: false,
-        answer_timeout: Duration::from_secs(5),
-        offline_after: Duration::from_secs(1),
-        ..AgentConfig::default()
-    }
-}
-
 async fn online(m: &Member) -> Online {
-    let (tx, rx) = mpsc::channel(1024);
-    let agent = agent::start(m.profile.clone(), config(), tx).await.unwrap();
+    let config = AgentConfig {
+        offline_after: Duration::from_secs(1),
+        ..agents::config(AcceptPolicy::Any)
+    };
+    let (agent, rx) = agents::online(m, config).await;
     Online { agent, rx }
-}
-
-async fn expect<T>(
-    rx: &mut mpsc::Receiver<Notice>,
-    mut pick: impl FnMut(&Notice) -> Option<T>,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let notice = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .expect("timed out waiting for a notice")
-            .expect("the agent stopped");
-        if let Some(t) = pick(&notice) {
-            return t;
-        }
-    }
 }
 
 async fn group_message(o: &mut Online, from: &str) -> String {

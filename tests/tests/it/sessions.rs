@@ -5,62 +5,19 @@
 
 use std::time::Duration;
 
-use micromsg_client::account::{self, Session};
-use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
-use micromsg_client::profile::Profile;
+use micromsg_client::agent::{AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
 use micromsg_crypto::Secret32;
+use micromsg_tests::agents::{self, Device, expect, register};
 use micromsg_tests::{Backend, TestBroker};
 use tokio::sync::mpsc;
 
-struct Device {
-    profile: Profile,
-    number: String,
-}
-
-async fn register(broker: &TestBroker, name: &str) -> Device {
-    let profile = Profile::new(broker.profile_dir(name));
-    let session: Session = account::register(&profile, &broker.addr, &broker.ca, None)
-        .await
-        .unwrap();
-    Device {
-        profile,
-        number: session.info.number,
-    }
-}
-
-fn config(accept: AcceptPolicy) -> AgentConfig {
-    AgentConfig {
-        accept,
-        peer_listen: "127.0.0.1:0".parse().unwrap(),
-        control: false,
-        answer_timeout: Duration::from_secs(2),
-        ..AgentConfig::default()
-    }
-}
-
+/// Agents with a short answer timeout: the "no answer" cases below wait for it.
 async fn online(device: &Device, accept: AcceptPolicy) -> (AgentHandle, mpsc::Receiver<Notice>) {
-    let (tx, rx) = mpsc::channel(256);
-    let handle = agent::start(device.profile.clone(), config(accept), tx)
-        .await
-        .unwrap();
-    (handle, rx)
-}
-
-/// The next notice matching `pick`, skipping others; fails after 10 s.
-async fn expect<T>(
-    rx: &mut mpsc::Receiver<Notice>,
-    mut pick: impl FnMut(&Notice) -> Option<T>,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let notice = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .expect("timed out waiting for a notice")
-            .expect("the agent stopped");
-        if let Some(t) = pick(&notice) {
-            return t;
-        }
-    }
+    let config = AgentConfig {
+        answer_timeout: Duration::from_secs(2),
+        ..agents::config(accept)
+    };
+    agents::online(device, config).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
