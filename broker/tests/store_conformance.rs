@@ -142,6 +142,7 @@ conformance!(
     case_concurrent_batch_deposit,
     case_batcher_group_commit,
     case_federation_tables,
+    case_received_deliveries_once,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1494,4 +1495,74 @@ async fn connect_picks_backend_from_url_or_path() {
         Store::connect("sqlite::memory:").await,
         Err(StoreError::InvalidArgument(_))
     ));
+}
+
+/// Deliveries from a peer broker are stored once over their lifetime: re-sent after the
+/// recipient acknowledged (deleted) them, they store nothing; a delivery refused for the quota
+/// is not remembered (it may come again); expired keys are swept.
+async fn case_received_deliveries_once(store: Store) {
+    entity(&store, "5550001").await;
+    add_devices(&store, "5550001", 1).await;
+    let key = |n: u8| [n; 16];
+    let items = vec![
+        item(1, "5550001", Some(1), "6660002"),
+        item(2, "5550001", Some(1), "6660002"),
+    ];
+    let deliveries = [(key(1), NOW + 100), (key(2), NOW + 100)];
+    let outcomes = store
+        .receive_deliveries(&deliveries, &items, &[0, 1], 100)
+        .await
+        .unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(DepositOutcome::Stored))),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        fetch_all(&store, "5550001", 1, NOW).await,
+        vec![id(1), id(2)]
+    );
+    assert_eq!(
+        store
+            .ack_inbox("5550001", 1, &[id(1), id(2)], NOW)
+            .await
+            .unwrap(),
+        2
+    );
+
+    // The same batch again (a lost answer): nothing is stored twice.
+    let again = store
+        .receive_deliveries(&deliveries, &items, &[0, 1], 100)
+        .await
+        .unwrap();
+    assert!(
+        again
+            .iter()
+            .all(|o| matches!(o, Ok(DepositOutcome::AlreadyStored))),
+        "{again:?}"
+    );
+    assert!(fetch_all(&store, "5550001", 1, NOW).await.is_empty());
+
+    // Refused for the quota: not remembered, so the retry is stored once there is room.
+    let third = vec![item(3, "5550001", Some(1), "6660002")];
+    let full = store
+        .receive_deliveries(&[(key(3), NOW + 100)], &third, &[0], 0)
+        .await
+        .unwrap();
+    assert!(
+        matches!(full[0], Err(StoreError::QuotaExceeded)),
+        "{full:?}"
+    );
+    let retried = store
+        .receive_deliveries(&[(key(3), NOW + 100)], &third, &[0], 100)
+        .await
+        .unwrap();
+    assert!(
+        matches!(retried[..], [Ok(DepositOutcome::Stored)]),
+        "{retried:?}"
+    );
+
+    let swept = store.sweep(NOW + 101).await.unwrap();
+    assert_eq!(swept.received_deliveries, 3);
 }

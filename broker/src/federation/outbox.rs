@@ -359,7 +359,10 @@ pub async fn receive(
     let store = &broker.store;
     let mut results: Vec<DeliveryResult> = Vec::with_capacity(request.items.len());
     let mut items: Vec<NewInboxItem> = Vec::new();
-    // For each stored row: the index of its delivery in `results`.
+    // Deliveries with rows to store: (idempotency key, expiry), and their index in `results`.
+    let mut claims: Vec<([u8; 16], i64)> = Vec::new();
+    let mut claim_result: Vec<usize> = Vec::new();
+    // For each stored row: the index of its delivery in `claims`.
     let mut owner: Vec<usize> = Vec::new();
     let mut devices_of: HashMap<String, Vec<Option<u32>>> = HashMap::new();
     let mut allowed: HashMap<(String, String), bool> = HashMap::new();
@@ -369,7 +372,10 @@ pub async fn receive(
             idempotency_key: d.idempotency_key.clone(),
             status: DeliveryStatus::Done as i32,
         });
-        let Ok(id) = <[u8; 16]>::try_from(d.message_id.as_slice()) else {
+        let (Ok(id), Ok(key)) = (
+            <[u8; 16]>::try_from(d.message_id.as_slice()),
+            <[u8; 16]>::try_from(d.idempotency_key.as_slice()),
+        ) else {
             continue;
         };
         // A peer may only deliver for its own numbers, to this broker's numbers.
@@ -433,6 +439,10 @@ pub async fn receive(
             }
         };
         let expires = d.expires_at.min(now + ttl);
+        let claim = claims.len();
+        // Kept as long as the sender may still re-send it (its own expiry).
+        claims.push((key, d.expires_at as i64));
+        claim_result.push(index);
         for device in devices {
             items.push(NewInboxItem {
                 id,
@@ -444,7 +454,7 @@ pub async fn receive(
                 expires_at: expires as i64,
                 body: d.body.clone(),
             });
-            owner.push(index);
+            owner.push(claim);
         }
     }
     if items.is_empty() {
@@ -453,7 +463,10 @@ pub async fn receive(
     let quota = broker.config.inbox.quota_per_device;
     let mut attempt = 0;
     let outcomes = loop {
-        match store.deposit_batch(&items, quota).await {
+        match store
+            .receive_deliveries(&claims, &items, &owner, quota)
+            .await
+        {
             Err(e) if e.is_retryable() && attempt < 3 => attempt += 1,
             Err(e) => {
                 warn!(error = %e, "storing a delivery batch failed; the peer will retry");
@@ -463,7 +476,8 @@ pub async fn receive(
         }
     };
     let mut notify: HashSet<String> = HashSet::new();
-    for ((outcome, index), item) in outcomes.into_iter().zip(owner).zip(&items) {
+    for ((outcome, claim), item) in outcomes.into_iter().zip(owner).zip(&items) {
+        let index = claim_result[claim];
         match outcome {
             Ok(DepositOutcome::Stored) => {
                 notify.insert(item.recipient_number.clone());

@@ -412,6 +412,83 @@ impl Store {
         })
     }
 
+    /// Stores deliveries received from a peer broker, exactly once over their lifetime, in ONE
+    /// transaction. `deliveries` are (idempotency key, expiry); each item of `items` belongs to
+    /// the delivery at the index `owner` gives. A delivery whose key was kept before (a batch
+    /// re-sent after a lost answer, even once the recipient has acknowledged and deleted the
+    /// message) stores nothing and its items get `Ok(AlreadyStored)`. The others are stored as
+    /// by [`Store::deposit_batch`], one outcome per item, and their keys are kept until the
+    /// expiry — except for a delivery with an item refused (quota, duplicate id), which the
+    /// sender may send again.
+    pub async fn receive_deliveries(
+        &self,
+        deliveries: &[([u8; 16], i64)],
+        items: &[NewInboxItem],
+        owner: &[usize],
+        quota_per_device: u32,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let mut fresh = vec![false; deliveries.len()];
+            for (chunk_no, chunk) in deliveries.chunks(SQLITE_CHUNK).enumerate() {
+                let values = (0..chunk.len())
+                    .map(|i| format!("({})", placeholders(2 * i + 1, 2)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let sql = format!(
+                    "INSERT INTO received_deliveries (idempotency_key, expires_at) \
+                     VALUES {values} ON CONFLICT (idempotency_key) DO NOTHING \
+                     RETURNING idempotency_key"
+                );
+                let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql).persistent(false);
+                for (key, expires) in chunk {
+                    q = q.bind(&key[..]).bind(*expires);
+                }
+                let new: HashSet<Vec<u8>> = q.fetch_all(&mut *tx).await?.into_iter().collect();
+                for (i, (key, _)) in chunk.iter().enumerate() {
+                    fresh[chunk_no * SQLITE_CHUNK + i] = new.contains(&key[..]);
+                }
+            }
+            let is_fresh = |d: usize| fresh.get(d).copied().unwrap_or(false);
+            let store: Vec<NewInboxItem> = items
+                .iter()
+                .zip(owner)
+                .filter(|&(_, &d)| is_fresh(d))
+                .map(|(item, _)| item.clone())
+                .collect();
+            let mut stored = deposit_in(&mut *tx, &store, quota_per_device)
+                .await?
+                .into_iter();
+            let outcomes: Vec<Outcome> = owner
+                .iter()
+                .map(|&d| {
+                    if is_fresh(d) {
+                        stored.next().unwrap_or(Err(StoreError::Conflict))
+                    } else {
+                        Ok(DepositOutcome::AlreadyStored)
+                    }
+                })
+                .collect();
+            // A refused item is not received: its delivery may come again.
+            let refused: HashSet<usize> = owner
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| o.is_err())
+                .map(|(&d, _)| d)
+                .collect();
+            for d in refused {
+                if let Some((key, _)) = deliveries.get(d) {
+                    sqlx::query("DELETE FROM received_deliveries WHERE idempotency_key = $1")
+                        .bind(&key[..])
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(outcomes)
+        })
+    }
+
     /// One deposit in its own transaction (see [`Store::deposit_batch`]).
     pub async fn deposit(
         &self,

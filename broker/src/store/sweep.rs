@@ -19,17 +19,22 @@ const SWEEP_SECRETS: &str = "DELETE FROM registration_secrets \
 const SWEEP_PUBKEYS: &str = "DELETE FROM broker_pubkeys WHERE peer_number IN \
      (SELECT peer_number FROM broker_pubkeys WHERE expires_at <= $1 LIMIT $2)";
 
+const SWEEP_RECEIVED: &str = "DELETE FROM received_deliveries WHERE idempotency_key IN \
+     (SELECT idempotency_key FROM received_deliveries WHERE expires_at <= $1 LIMIT $2)";
+
 impl Store {
     /// Deletes expired inbox items (with their acknowledgements), registration secrets used or
-    /// expired more than a day before `now`, and expired broker-held pubkeys. Works in batches
+    /// expired more than a day before `now`, expired broker-held pubkeys and the kept keys of
+    /// expired deliveries from peer brokers. Works in batches
     /// of short transactions; if a bound is hit the report says `more` and the caller calls
     /// again (soon).
     pub async fn sweep(&self, now: i64) -> Result<SweepReport, StoreError> {
         let mut report = SweepReport::default();
-        let jobs: [(&str, i64); 3] = [
+        let jobs: [(&str, i64); 4] = [
             (SWEEP_INBOX, now),
             (SWEEP_SECRETS, now.saturating_sub(SECRET_RETENTION)),
             (SWEEP_PUBKEYS, now),
+            (SWEEP_RECEIVED, now),
         ];
         for (job, (sql, cutoff)) in jobs.into_iter().enumerate() {
             let mut total = 0u64;
@@ -56,7 +61,8 @@ impl Store {
             match job {
                 0 => report.inbox_items = total,
                 1 => report.registration_secrets = total,
-                _ => report.peer_pubkeys = total,
+                2 => report.peer_pubkeys = total,
+                _ => report.received_deliveries = total,
             }
         }
         Ok(report)

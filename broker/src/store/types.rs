@@ -267,6 +267,8 @@ pub struct SweepReport {
     pub registration_secrets: u64,
     /// Expired broker-held client pubkeys.
     pub peer_pubkeys: u64,
+    /// Kept idempotency keys of expired deliveries from peer brokers.
+    pub received_deliveries: u64,
     /// `true` when a bound was hit and more may be left: call again.
     pub more: bool,
 }
