@@ -1,0 +1,137 @@
+//! `micromsg-bench`: how fast MicroMsg is, measured side by side with a ceiling in the same run.
+//!
+//! Each subcommand is one scenario of issue 9. It starts what it needs (brokers in child
+//! processes of this same binary, Postgres databases on `DATABASE_URL`), drives many clients from
+//! this process over loopback, prints progress to stderr while it runs, and ends with one table
+//! on stdout (or JSON with `--json`): count, errors, throughput, latency p50/p99/p99.9, the
+//! broker's peak memory, and the ceiling measured in the same run with the ratio to it.
+//! Every run is bounded in count and in time (`--max-secs` per measured phase).
+//!
+//! Layout:
+//! - `report`: samples, percentiles, rows, the table and the JSON.
+//! - `child`: servers in child processes (a real broker; a bare tokio-rustls server) and their
+//!   memory from `/proc`.
+//! - `common`: load-friendly broker config, users and contact pairs, work tickets, progress,
+//!   Postgres databases.
+//! - `logins`, `deposits`, `p2p`, `federation`, `idle`: the scenarios.
+//!
+//! `docs/performance.md` has the results and the exact commands.
+
+mod child;
+mod common;
+mod deposits;
+mod federation;
+mod idle;
+mod logins;
+mod p2p;
+mod report;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Benchmarks and load for MicroMsg, each scenario beside its ceiling in the same run.
+///
+/// Every scenario starts its own brokers (child processes of this binary, so their memory is
+/// measured alone), drives clients over loopback (127.0.0.0/8), shows progress on stderr and
+/// prints one results table on stdout (JSON with --json). Counts and time are bounded by flags.
+/// Postgres runs need DATABASE_URL (a server where databases may be created and dropped).
+#[derive(Debug, Parser)]
+#[command(name = "micromsg-bench", version, about, long_about)]
+struct Cli {
+    /// Print the results as JSON on stdout instead of the table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// New connections, each a full TLS 1.3 handshake plus the mutual LOGIN, C at a time.
+    ///
+    /// Ceiling: a bare tokio-rustls server (child process) with the broker's own certificate
+    /// (ECDSA P-256) and TLS configuration that only handshakes and sends one byte, driven the
+    /// same way. Client session resumption is off for both (full handshakes); --resumption adds
+    /// the same two runs with resumption on. Target: ≥ 70% of the ceiling.
+    Logins(logins::Args),
+    /// Offline DEPOSITs acknowledged after commit from many concurrent senders, then the
+    /// recipient drains its inbox (INBOX-FETCH + INBOX-ACK).
+    ///
+    /// Ceiling: concurrent single-row durable INSERTs of the same payload into the same store
+    /// (for Postgres, the same server, after the broker stopped). Targets on Postgres:
+    /// ≥ 10,000 deposits/s, p99 ≤ 20 ms, ≥ 50% of the ceiling; drain ≥ 30,000/s.
+    Deposits(deposits::Args),
+    /// One end-to-end session between two clients on loopback (the client's p2p module):
+    /// messages/s at 256 bytes, MB/s at 64 KiB, and round-trip latency.
+    ///
+    /// Ceiling: sealing and opening the same frames in a loop on one core (the crypto crate,
+    /// no I/O). Targets: ≥ 200,000 msg/s, ≥ 1 GB/s. Runs in this process (memory is the
+    /// process's).
+    P2p(p2p::Args),
+    /// Two brokers in a network (child processes, mutual-TLS gRPC between them): networked
+    /// INITIATE latency beside local INITIATE, and deposits across brokers.
+    ///
+    /// Latency is from sending INITIATE-EXISTING(-NETWORKED) to the target's CONTACT-REQUEST.
+    /// Targets: ≤ 2 ms added at p99; ≥ 5,000 cross-broker deposits/s.
+    Federation(federation::Args),
+    /// Many logged-in connections held open with keep-alive PINGs; broker memory per
+    /// connection at each count.
+    ///
+    /// The broker is a separate process; client source addresses are spread over several
+    /// 127.0.0.x. Ceiling: the same number of bare TLS 1.3 connections held by the bare
+    /// tokio-rustls server. Target: ≤ 16 KiB of broker memory per connection.
+    Idle(idle::Args),
+    /// (internal) Run a broker from a JSON config; used by the scenarios.
+    #[command(name = "__broker", hide = true)]
+    ChildBroker {
+        /// The configuration (JSON of the broker's Config).
+        config: PathBuf,
+    },
+    /// (internal) Run the bare TLS ceiling server; used by the scenarios.
+    #[command(name = "__tls-ceiling", hide = true)]
+    ChildTlsCeiling {
+        /// Certificate chain (PEM).
+        cert: PathBuf,
+        /// Private key (PEM).
+        key: PathBuf,
+        /// `hold` keeps connections open.
+        mode: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let scenario = match cli.command {
+        Command::ChildBroker { config } => return child::run_broker(&config),
+        Command::ChildTlsCeiling { cert, key, mode } => {
+            return child::run_tls_ceiling(&cert, &key, mode.as_deref() == Some("hold"));
+        }
+        other => other,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(async {
+        match scenario {
+            Command::Logins(args) => logins::run(args).await,
+            Command::Deposits(args) => deposits::run(args).await,
+            Command::P2p(args) => p2p::run(args).await,
+            Command::Federation(args) => federation::run(args).await,
+            Command::Idle(args) => idle::run(args).await,
+            Command::ChildBroker { .. } | Command::ChildTlsCeiling { .. } => {
+                unreachable!("handled above")
+            }
+        }
+    })?;
+    // Let stragglers (closing connections) go without waiting for them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}

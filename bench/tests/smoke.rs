@@ -1,0 +1,228 @@
+//! Smoke runs of every scenario with tiny counts, so the tool never rots: each run must exit
+//! 0, print well-formed JSON, and its counts must add up. SQLite wherever a store is needed;
+//! the Postgres deposits run only when DATABASE_URL is set (and says loudly when it is not).
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_micromsg-bench"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "micromsg-bench {args:?} failed: {}\n{stderr}",
+        out.status
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}):\n{}\nstderr:\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The rows of a report, each checked for the fields every row has.
+fn rows(report: &Value, scenario: &str) -> Vec<Value> {
+    let rows = report["rows"].as_array().expect("rows").clone();
+    assert!(!rows.is_empty(), "no rows: {report}");
+    for r in &rows {
+        assert_eq!(r["scenario"], scenario, "{r}");
+        assert!(r["name"].is_string(), "{r}");
+        assert!(r["count"].is_u64(), "{r}");
+        assert!(r["errors"].is_u64(), "{r}");
+        let rate = r["rate"].as_f64().expect("rate");
+        assert!(rate.is_finite() && rate >= 0.0, "{r}");
+        assert!(r["unit"].is_string(), "{r}");
+        if let Some(l) = r["latency"].as_object() {
+            let (p50, p99, p999) = (
+                l["p50_ms"].as_f64().unwrap(),
+                l["p99_ms"].as_f64().unwrap(),
+                l["p999_ms"].as_f64().unwrap(),
+            );
+            assert!(p50 <= p99 && p99 <= p999, "{r}");
+        }
+        if let Some(ratio) = r["ratio"].as_f64() {
+            let ceiling = r["ceiling"].as_f64().unwrap();
+            assert!(
+                (ratio * ceiling - rate).abs() <= 1e-6 * rate.max(1.0),
+                "{r}"
+            );
+        }
+    }
+    rows
+}
+
+fn row<'a>(rows: &'a [Value], name_starts: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["name"].as_str().unwrap().starts_with(name_starts))
+        .unwrap_or_else(|| panic!("no row {name_starts:?} in {rows:?}"))
+}
+
+fn count(r: &Value) -> u64 {
+    r["count"].as_u64().unwrap()
+}
+
+fn errors(r: &Value) -> u64 {
+    r["errors"].as_u64().unwrap()
+}
+
+#[test]
+fn logins() {
+    let report = bench(&[
+        "logins",
+        "--count",
+        "40",
+        "--concurrency",
+        "4",
+        "--users",
+        "2",
+    ]);
+    let rows = rows(&report, "logins");
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(count(r) + errors(r), 40, "{r}");
+        assert_eq!(errors(r), 0, "{r}");
+        assert!(r["latency"].is_object(), "{r}");
+    }
+    let micromsg = row(&rows, "TLS 1.3 + mutual LOGIN");
+    assert!(micromsg["ratio"].is_f64() && micromsg["target"].is_object());
+}
+
+#[test]
+fn deposits_sqlite() {
+    deposits("sqlite");
+}
+
+#[test]
+fn deposits_postgres() {
+    if std::env::var("DATABASE_URL").is_err() {
+        eprintln!(
+            "\n!!! DATABASE_URL is not set: the Postgres deposits smoke run is SKIPPED. \
+             `scripts/postgres start` prints one. !!!\n"
+        );
+        return;
+    }
+    deposits("postgres");
+}
+
+fn deposits(store: &str) {
+    let report = bench(&[
+        "deposits",
+        "--store",
+        store,
+        "--count",
+        "300",
+        "--senders",
+        "5",
+        "--ceiling-clients",
+        "5",
+        "--ceiling-count",
+        "100",
+    ]);
+    let rows = rows(&report, "deposits");
+    assert_eq!(rows.len(), 3);
+    let deposits = row(&rows, "DEPOSIT");
+    assert_eq!((count(deposits), errors(deposits)), (300, 0), "{deposits}");
+    assert!(deposits["peak_memory_kib"].as_u64().unwrap() > 0);
+    let drain = row(&rows, "drain");
+    assert_eq!(
+        count(drain),
+        300,
+        "every acknowledged deposit is drained: {drain}"
+    );
+    let ceiling = row(&rows, "ceiling");
+    assert_eq!((count(ceiling), errors(ceiling)), (100, 0), "{ceiling}");
+}
+
+#[test]
+fn p2p() {
+    let report = bench(&[
+        "p2p",
+        "--small-count",
+        "500",
+        "--large-count",
+        "20",
+        "--round-trips",
+        "20",
+    ]);
+    let rows = rows(&report, "p2p");
+    assert_eq!(rows.len(), 5);
+    assert_eq!(count(row(&rows, "session, 256 B")), 500);
+    assert_eq!(count(row(&rows, "session, 65536 B")), 20);
+    assert_eq!(count(row(&rows, "ceiling: seal+open 256 B")), 500);
+    let rt = row(&rows, "round trip");
+    assert_eq!(count(rt), 20);
+    assert!(rt["latency"].is_object());
+    assert!(rows.iter().all(|r| errors(r) == 0), "{rows:?}");
+}
+
+#[test]
+fn federation() {
+    let report = bench(&[
+        "federation",
+        "--initiates",
+        "10",
+        "--deposits",
+        "200",
+        "--senders",
+        "4",
+    ]);
+    let rows = rows(&report, "federation");
+    assert_eq!(rows.len(), 4);
+    assert_eq!(count(row(&rows, "local INITIATE")), 10);
+    assert_eq!(count(row(&rows, "networked INITIATE")), 10);
+    let acked = row(&rows, "cross-broker DEPOSIT ack");
+    assert_eq!((count(acked), errors(acked)), (200, 0), "{acked}");
+    let delivered = row(&rows, "cross-broker deposits delivered");
+    assert_eq!(
+        count(delivered),
+        200,
+        "every acked deposit arrives: {delivered}"
+    );
+}
+
+#[test]
+fn idle() {
+    let report = bench(&[
+        "idle",
+        "--counts",
+        "20,60",
+        "--users",
+        "3",
+        "--source-addrs",
+        "3",
+        "--settle-secs",
+        "1",
+    ]);
+    let rows = rows(&report, "idle");
+    assert_eq!(rows.len(), 4, "two counts, broker and bare TLS");
+    for (r, want) in rows.iter().zip([20, 60, 20, 60]) {
+        assert_eq!((count(r), errors(r)), (want, 0), "{r}");
+        assert_eq!(r["unit"], "KiB/conn");
+    }
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_micromsg-bench"))
+        .args(["idle", "--counts", "500,100"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ascending"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_micromsg-bench"))
+        .args(["deposits", "--store", "postgres"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+}
