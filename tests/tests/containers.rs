@@ -318,6 +318,90 @@ async fn broker_containers_federate_and_deliver_exactly_once_across_faults() {
     eprintln!("[{:.1?}] done", t0.elapsed());
 }
 
+/// A delivery whose answer is lost after the receiving broker committed it is stored once,
+/// even when the recipient fetches and acknowledges it before the sender's retry: y's
+/// database is paused so a Deliver stalls, then x is paused and y's database resumed, so y
+/// commits and answers a frozen x; B fetches and acknowledges; x resumes, its call times out
+/// and it re-sends the batch. B must not get anything twice (twice per round before
+/// `received_deliveries`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_resent_after_a_lost_answer_is_not_stored_twice() {
+    const TEST: &str = "a_delivery_resent_after_a_lost_answer_is_not_stored_twice";
+    let Some(docker) = Docker::ready(TEST).await else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let network = docker.make_network(&work.path().join("network"), &[("x", "100"), ("y", "200")]);
+    let (pg_x, pg_y) = tokio::join!(docker.start_postgres("pg-x"), docker.start_postgres("pg-y"));
+    let (x, y) = tokio::join!(
+        docker.start_networked_broker("x", "100", &pg_x, &network),
+        docker.start_networked_broker("y", "200", &pg_y, &network),
+    );
+    docker.wait_peer(&x, "y", true).await;
+    let a = register(&x, work.path(), "a").await;
+    let b = register(&y, work.path(), "b").await;
+    let (b_agent, _b_rx) = agents::online(&b, agents::config(AcceptPolicy::Any)).await;
+    let (a_agent, _a_rx) = agents::online(&a, agents::config(AcceptPolicy::Any)).await;
+    assert!(agents::contact_add(&a_agent, &b.number).await.ok);
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+    let to_b = Number::new(b.number.clone()).unwrap();
+    docker.wait_outbox(&x, "y", "drained", |n| n == 0).await;
+    let mut a_session = account::connect(&a.profile).await.unwrap();
+    let mut seen: HashSet<[u8; 16]> = HashSet::new();
+    {
+        let mut bs = account::connect(&b.profile).await.unwrap();
+        let m = fetch_all(&mut bs).await;
+        ack(&mut bs, &m).await;
+    }
+    for round in 0..2u8 {
+        let depositing = Depositor::start(a_session, to_b.clone(), 0x10 + round);
+        depositing.wait_acked(25).await;
+        pg_y.container.pause().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        x.container.pause().await.unwrap();
+        pg_y.container.unpause().await.unwrap();
+        eprintln!("round {round}: x paused while y commits");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        {
+            let mut bs = account::connect(&b.profile).await.unwrap();
+            let m = fetch_all(&mut bs).await;
+            for msg in &m {
+                assert!(
+                    seen.insert(*msg.id.as_bytes()),
+                    "a duplicate while x is paused"
+                );
+            }
+            ack(&mut bs, &m).await;
+        }
+        x.container.unpause().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (session, acked) = depositing.finish().await;
+        a_session = session;
+        docker.wait_outbox(&x, "y", "drained", |n| n == 0).await;
+        let mut bs = account::connect(&b.profile).await.unwrap();
+        let m = fetch_all(&mut bs).await;
+        let dups: Vec<[u8; 16]> = m
+            .iter()
+            .map(|msg| *msg.id.as_bytes())
+            .filter(|id| !seen.insert(*id))
+            .collect();
+        ack(&mut bs, &m).await;
+        assert!(
+            dups.is_empty(),
+            "round {round}: delivered twice: {}",
+            describe_ids(dups.iter())
+        );
+        let missing: Vec<&[u8; 16]> = acked.iter().filter(|id| !seen.contains(*id)).collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: acknowledged but never delivered: {}",
+            describe_ids(missing)
+        );
+    }
+    drop(y);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Support: clients and deposits
 // ---------------------------------------------------------------------------------------------
