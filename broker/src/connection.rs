@@ -49,6 +49,9 @@ use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
 
 type Stream = TlsStream<TcpStream>;
 
+/// How stale a device's `last_seen` may get before a login writes it again.
+const LAST_SEEN_GRANULARITY_SECS: i64 = 60;
+
 /// Who is logged in on this connection.
 #[derive(Debug, Clone)]
 struct LoggedIn {
@@ -145,8 +148,8 @@ pub(crate) async fn run(
             push = events.recv() => {
                 let Some(push) = push else { break };
                 let (event, close) = match push {
-                    Push::Event(e) => (e, false),
-                    Push::Close(e) => (e, true),
+                    Push::Event(e) => (*e, false),
+                    Push::Close(e) => (*e, true),
                 };
                 if send(&mut write, &broker, &event.encode(), write_timeout).await.is_err() || close {
                     break;
@@ -511,10 +514,15 @@ impl Conn {
         let proof = nonce::compute(&server_secret, Direction::BrokerToClient, &ctx, step)
             .map_err(|_| Refusal::new(ErrorCode::Internal, "internal error"))?;
         self.broker.login_failures.succeed(&number);
-        self.broker
-            .store
-            .touch_device(&number, device_id, now as i64)
-            .await?;
+        // `last_seen` is for people (DEVICE-LIST), so minute precision will do: a device that
+        // logs in again and again (one-shot commands, reconnects) costs no write each time.
+        let last_seen = record.as_ref().and_then(|r| r.last_seen).unwrap_or(0);
+        if (now as i64).saturating_sub(last_seen) >= LAST_SEEN_GRANULARITY_SECS {
+            self.broker
+                .store
+                .touch_device(&number, device_id, now as i64)
+                .await?;
+        }
         let inbox = self
             .broker
             .store
@@ -614,7 +622,7 @@ impl Conn {
         self.broker
             .online
             .push_all(&login.number, Some(target), || {
-                Push::Close(Event::DeviceRevoked(DeviceRevoked {
+                Push::close(Event::DeviceRevoked(DeviceRevoked {
                     device: event_device,
                 }))
             });
@@ -955,7 +963,7 @@ impl Conn {
         }
         let count = 1;
         self.broker.online.push_all(recipient, None, || {
-            Push::Event(Event::Inbox(InboxNotice { count }))
+            Push::event(Event::Inbox(InboxNotice { count }))
         });
         Ok(expires)
     }

@@ -250,7 +250,7 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), crate::store::
     });
     if broker
         .online
-        .push_conn(&req.target, target_conn, Push::Event(event))
+        .push_conn(&req.target, target_conn, Push::event(event))
         != Delivery::Queued
     {
         debug!("target's event queue unavailable; contact request dropped");
@@ -294,8 +294,8 @@ pub fn hand_out(
     // The target hears first, so it knows the token before the caller can connect.
     broker
         .online
-        .push_conn(target, target_conn, Push::Event(connecting));
+        .push_conn(target, target_conn, Push::event(connecting));
     broker
         .online
-        .push_conn(caller, caller_conn, Push::Event(accepted));
+        .push_conn(caller, caller_conn, Push::event(accepted));
 }

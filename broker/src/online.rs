@@ -13,12 +13,27 @@ use micromsg_wire::Event;
 use tokio::sync::mpsc;
 
 /// What a connection task receives besides frames.
+///
+/// Events are boxed: every connection's queue allocates its first block of slots when it is
+/// made, so a small slot keeps an idle connection small (docs/performance.md).
 #[derive(Debug)]
 pub enum Push {
     /// Send this event to the client.
-    Event(Event),
+    Event(Box<Event>),
     /// Close the connection after sending this event (e.g. the device was revoked).
-    Close(Event),
+    Close(Box<Event>),
+}
+
+impl Push {
+    /// Send `event`.
+    pub fn event(event: Event) -> Self {
+        Self::Event(Box::new(event))
+    }
+
+    /// Send `event`, then close the connection.
+    pub fn close(event: Event) -> Self {
+        Self::Close(Box::new(event))
+    }
 }
 
 /// One logged-in connection.

@@ -298,7 +298,7 @@ pub async fn accept_networked(
         broker.online.push_conn(
             &acceptance.target,
             acceptance.target_conn,
-            Push::Event(connecting),
+            Push::event(connecting),
         );
     }
     let call = AcceptedRequest {
@@ -414,7 +414,7 @@ pub async fn receive_accepted(
     });
     broker
         .online
-        .push_conn(&waiting.caller, waiting.caller_conn, Push::Event(accepted));
+        .push_conn(&waiting.caller, waiting.caller_conn, Push::event(accepted));
     Counters::bump(&federation.counters.accepted_relayed);
     Ok(())
 }

@@ -496,7 +496,7 @@ pub async fn receive(
         .fetch_add(done as u64, std::sync::atomic::Ordering::Relaxed);
     for number in notify {
         broker.online.push_all(&number, None, || {
-            Push::Event(Event::Inbox(InboxNotice { count: 1 }))
+            Push::event(Event::Inbox(InboxNotice { count: 1 }))
         });
     }
     Ok(results)
