@@ -984,8 +984,12 @@ impl Conn {
         let login = self.logged_in()?.clone();
         self.check_size("BODY", args.body.len())?;
         let target = args.target.as_str();
-        let store = &self.broker.store;
-        if !store.is_contact(&login.number, target).await? {
+        let route = self
+            .broker
+            .store
+            .deposit_route(&login.number, target)
+            .await?;
+        if !route.contact {
             return Err(Refusal::new(
                 ErrorCode::NotFound,
                 "no contact pair with TARGET; set one up with INITIATE-NEW first",
@@ -1017,14 +1021,17 @@ impl Conn {
                 expires,
             }));
         }
-        if store.is_blocked(target, &login.number).await? {
+        if route.blocked {
             // Acknowledged and discarded: the blocked sender cannot tell.
             return Ok(ResponseData::Deposit(DepositData {
                 id: args.id,
                 expires: now + self.broker.config.inbox.ttl_secs,
             }));
         }
-        let devices = self.recipients(target, None).await?;
+        let devices = match self.broker.config.inbox.mode {
+            InboxMode::Number => vec![None],
+            InboxMode::Entity => route.devices.into_iter().map(Some).collect(),
+        };
         let expires = self
             .store_copies(
                 &login,

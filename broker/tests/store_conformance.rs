@@ -143,6 +143,7 @@ conformance!(
     case_batcher_group_commit,
     case_federation_tables,
     case_received_deliveries_once,
+    case_deposit_route,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1565,4 +1566,28 @@ async fn case_received_deliveries_once(store: Store) {
 
     let swept = store.sweep(NOW + 101).await.unwrap();
     assert_eq!(swept.received_deliveries, 3);
+}
+
+/// One query tells a DEPOSIT the contact pair, the block and the active devices.
+async fn case_deposit_route(store: Store) {
+    entity(&store, "5550001").await;
+    entity(&store, "5550002").await;
+    add_devices(&store, "5550002", 3).await;
+    let route = store.deposit_route("5550001", "5550002").await.unwrap();
+    assert!(!route.contact && !route.blocked);
+    assert_eq!(route.devices, vec![1, 2, 3]);
+    assert!(store.revoke_device("5550002", 2, NOW).await.unwrap());
+    store.add_contact("5550001", "5550002", NOW).await.unwrap();
+    store.block("5550002", "5550001", NOW).await.unwrap();
+    let route = store.deposit_route("5550001", "5550002").await.unwrap();
+    assert!(route.contact && route.blocked);
+    assert_eq!(route.devices, vec![1, 3]);
+    // The other direction: 5550002 has no pair with 5550001 and is not blocked by it.
+    let back = store.deposit_route("5550002", "5550001").await.unwrap();
+    assert!(!back.contact && !back.blocked);
+    // An unknown number: no devices, nothing else.
+    assert_eq!(
+        store.deposit_route("5550001", "5559999").await.unwrap(),
+        micromsg_broker::store::DepositRoute::default()
+    );
 }

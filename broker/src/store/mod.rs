@@ -54,8 +54,8 @@ use sqlx::{Postgres, Sqlite, Transaction};
 pub use batcher::{BatcherConfig, DepositBatcher};
 pub use error::StoreError;
 pub use types::{
-    Backup, ContactRecord, DepositOutcome, DeviceId, DeviceInfo, DeviceRecord, InboxItem,
-    MessageId, NewDevice, NewInboxItem, OutboxItem, SweepReport,
+    Backup, ContactRecord, DepositOutcome, DepositRoute, DeviceId, DeviceInfo, DeviceRecord,
+    InboxItem, MessageId, NewDevice, NewInboxItem, OutboxItem, SweepReport,
 };
 
 /// Default pool size for a SQLite store (SQLite has one writer at a time; the rest read).

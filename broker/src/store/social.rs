@@ -1,6 +1,6 @@
 //! Blocks, poisoned INITIATEs, contacts and the per-entity contact policy.
 
-use super::{ContactRecord, Store, StoreError, on_pool};
+use super::{ContactRecord, DepositRoute, Store, StoreError, device_id, on_pool};
 
 impl Store {
     /// `owner` blocks `target` (idempotent). Rejected contact requests feed this too.
@@ -30,6 +30,39 @@ impl Store {
                 .rows_affected()
         });
         Ok(n > 0)
+    }
+
+    /// Whether `sender` may deposit for `target`, and for which devices: the contact pair,
+    /// `target`'s block of `sender` and `target`'s active devices, in one round trip (a
+    /// DEPOSIT is on the hot path).
+    pub async fn deposit_route(
+        &self,
+        sender: &str,
+        target: &str,
+    ) -> Result<DepositRoute, StoreError> {
+        let rows: Vec<(bool, bool, Option<i64>)> = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND peer = $2), \
+                        EXISTS (SELECT 1 FROM blocks WHERE owner = $2 AND target = $1), \
+                        d.device_id \
+                 FROM (SELECT 1 AS one) AS one \
+                 LEFT JOIN devices AS d ON d.number = $2 AND d.revoked_at IS NULL \
+                 ORDER BY d.device_id",
+            )
+            .bind(sender)
+            .bind(target)
+            .fetch_all(pool)
+            .await?
+        });
+        let mut route = DepositRoute::default();
+        for (contact, blocked, device) in rows {
+            route.contact = contact;
+            route.blocked = blocked;
+            if let Some(d) = device {
+                route.devices.push(device_id(d)?);
+            }
+        }
+        Ok(route)
     }
 
     /// Whether `owner` has blocked `target`.

@@ -108,6 +108,18 @@ pub struct DeviceInfo {
     pub revoked_at: Option<i64>,
 }
 
+/// What a DEPOSIT from `sender` to `target` needs to know, read in one query
+/// ([`super::Store::deposit_route`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DepositRoute {
+    /// `sender` has a contact pair with `target`.
+    pub contact: bool,
+    /// `target` has blocked `sender`.
+    pub blocked: bool,
+    /// `target`'s active devices on this broker, ascending.
+    pub devices: Vec<DeviceId>,
+}
+
 /// The relationship `owner` keeps with `peer`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContactRecord {
