@@ -116,7 +116,8 @@ pub(crate) async fn run(
     }
     let limits = broker.config.limits.clone();
     let (read, mut write): (ReadHalf<Stream>, WriteHalf<Stream>) = tokio::io::split(tls);
-    let mut reader = FrameReader::new(read, limits.max_frame_len);
+    // Most connections are idle most of the time: keep a small read buffer between frames.
+    let mut reader = FrameReader::new(read, limits.max_frame_len).idle_capacity(256);
     let (queue, mut events) = mpsc::channel(limits.event_queue.max(1));
     let conn_id = broker.online.next_conn_id();
     let mut conn = Conn {

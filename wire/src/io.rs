@@ -40,6 +40,8 @@ pub struct FrameReader<R> {
     /// Bytes of `buf` already handed out as frames; compacted lazily.
     start: usize,
     max_len: u32,
+    /// Capacity kept while no frame is pending.
+    idle_capacity: usize,
 }
 
 /// Buffers above this size are released after use, so one large frame does not pin memory
@@ -54,7 +56,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: Vec::new(),
             start: 0,
             max_len,
+            idle_capacity: KEEP_CAPACITY,
         }
+    }
+
+    /// Keeps at most `bytes` of buffer while no frame is pending (default 4096), releasing
+    /// the rest: for a server holding many mostly idle connections, where memory per
+    /// connection matters more than an allocation per burst of frames.
+    pub fn idle_capacity(mut self, bytes: usize) -> Self {
+        self.idle_capacity = bytes.max(16);
+        self
     }
 
     /// The next frame body, or `None` on a clean end of stream between frames.
@@ -68,11 +79,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            if self.buf.capacity() > KEEP_CAPACITY && self.buf.len() < KEEP_CAPACITY {
+            if self.buf.is_empty() && self.buf.capacity() > self.idle_capacity {
+                self.buf = Vec::new();
+            } else if self.buf.capacity() > KEEP_CAPACITY && self.buf.len() < KEEP_CAPACITY {
                 self.buf.shrink_to(KEEP_CAPACITY);
             }
             if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(1024);
+                self.buf.reserve(self.idle_capacity.min(1024));
             }
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
@@ -171,5 +184,24 @@ mod tests {
             reader.next_frame().await,
             Err(FrameReadError::Truncated)
         ));
+    }
+
+    /// After a large frame, an idle reader keeps no more than its idle capacity (it holds that
+    /// much while it waits for the next frame).
+    #[tokio::test]
+    async fn an_idle_reader_releases_its_buffer() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(b, 1 << 16).idle_capacity(256);
+        write_frame(&mut a, &[7u8; 10_000]).await.unwrap();
+        assert_eq!(reader.next_frame().await.unwrap().unwrap().len(), 10_000);
+        let waiting = tokio::spawn(async move {
+            let frame = reader.next_frame().await.unwrap().unwrap();
+            (reader, frame)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        write_frame(&mut a, b"ping").await.unwrap();
+        let (reader, frame) = waiting.await.unwrap();
+        assert_eq!(frame, b"ping");
+        assert!(reader.buf.capacity() <= 256, "{}", reader.buf.capacity());
     }
 }
