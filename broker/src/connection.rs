@@ -962,9 +962,9 @@ impl Conn {
                 "the recipient's inbox is full; nothing already stored was touched, try later",
             ));
         }
-        let count = 1;
+        // One new message (protocol 7.5: COUNT is an increment).
         self.broker.online.push_all(recipient, None, || {
-            Push::event(Event::Inbox(InboxNotice { count }))
+            Push::event(Event::Inbox(InboxNotice { count: 1 }))
         });
         Ok(expires)
     }

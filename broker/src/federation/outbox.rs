@@ -475,12 +475,16 @@ pub async fn receive(
             Ok(outcomes) => break outcomes,
         }
     };
-    let mut notify: HashSet<String> = HashSet::new();
+    // New messages per recipient (an item per device in ENTITY mode counts once).
+    let mut notify: HashMap<String, HashSet<[u8; 16]>> = HashMap::new();
     for ((outcome, claim), item) in outcomes.into_iter().zip(owner).zip(&items) {
         let index = claim_result[claim];
         match outcome {
             Ok(DepositOutcome::Stored) => {
-                notify.insert(item.recipient_number.clone());
+                notify
+                    .entry(item.recipient_number.clone())
+                    .or_default()
+                    .insert(item.id);
             }
             Ok(DepositOutcome::AlreadyStored) | Err(StoreError::DuplicateId) => {}
             Err(_) => results[index].status = DeliveryStatus::Retry as i32,
@@ -494,9 +498,10 @@ pub async fn receive(
         .counters
         .received
         .fetch_add(done as u64, std::sync::atomic::Ordering::Relaxed);
-    for number in notify {
+    for (number, ids) in notify {
+        let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
         broker.online.push_all(&number, None, || {
-            Push::event(Event::Inbox(InboxNotice { count: 1 }))
+            Push::event(Event::Inbox(InboxNotice { count }))
         });
     }
     Ok(results)
