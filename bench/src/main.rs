@@ -13,7 +13,9 @@
 //!   memory from `/proc`.
 //! - `common`: load-friendly broker config, users and contact pairs, work tickets, progress,
 //!   Postgres databases.
-//! - `logins`, `deposits`, `p2p`, `federation`, `idle`: the scenarios.
+//! - `logins`, `deposits`, `p2p`, `federation`, `idle`, `soak`: the scenarios.
+//! - `peers` (feature `peers`): deposits beside RabbitMQ and NATS JetStream servers started as
+//!   child processes.
 //!
 //! `docs/performance.md` has the results and the exact commands.
 
@@ -24,7 +26,10 @@ mod federation;
 mod idle;
 mod logins;
 mod p2p;
+#[cfg(feature = "peers")]
+mod peers;
 mod report;
+mod soak;
 
 use std::path::PathBuf;
 
@@ -83,6 +88,25 @@ enum Command {
     /// 127.0.0.x. Ceiling: the same number of bare TLS 1.3 connections held by the bare
     /// tokio-rustls server. Target: ≤ 16 KiB of broker memory per connection.
     Idle(idle::Args),
+    /// A mixed load for a set time (logins, registrations, contacts, end-to-end sessions through
+    /// client agents, offline deposits and drains) against one broker: errors must be 0 and
+    /// the broker's memory must stay flat.
+    ///
+    /// Broker RSS is read every second; after warm-up, the mean of the last 20% of the samples
+    /// may exceed the mean of the first 20% by at most --memory-tolerance percent (10).
+    /// Exits non-zero after the report when either check fails.
+    Soak(soak::Args),
+    /// MicroMsg's deposits beside peers a user would pick for durable store-and-forward:
+    /// RabbitMQ (durable queue, persistent messages, publisher confirms) and NATS JetStream 2.9
+    /// (file stream, publish with ack; less durable: no per-write fsync).
+    ///
+    /// Same payloads and concurrency as `deposits` (100 publishers, 256 bytes, one in flight
+    /// each); the peer servers are started here as child processes on loopback with temporary
+    /// data directories (`apt-get install -y rabbitmq-server nats-server`). MicroMsg's deposits
+    /// (Postgres: DATABASE_URL) run in the same invocation; the ratio is MicroMsg ÷ peer.
+    /// Built with `--features peers`.
+    #[cfg(feature = "peers")]
+    Peers(peers::Args),
     /// (internal) Run a broker from a JSON config; used by the scenarios.
     #[command(name = "__broker", hide = true)]
     ChildBroker {
@@ -121,6 +145,9 @@ fn main() -> anyhow::Result<()> {
             Command::P2p(args) => p2p::run(args).await,
             Command::Federation(args) => federation::run(args).await,
             Command::Idle(args) => idle::run(args).await,
+            Command::Soak(args) => soak::run(args).await,
+            #[cfg(feature = "peers")]
+            Command::Peers(args) => peers::run(args).await,
             Command::ChildBroker { .. } | Command::ChildTlsCeiling { .. } => {
                 unreachable!("handled above")
             }
@@ -132,6 +159,9 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
+    }
+    if !report.failures.is_empty() {
+        anyhow::bail!("{}", report.failures.join("; "));
     }
     Ok(())
 }

@@ -185,6 +185,12 @@ pub(crate) struct Report {
     pub(crate) rows: Vec<Row>,
     /// Remarks (setup facts, caveats) printed under the table.
     pub(crate) notes: Vec<String>,
+    /// Scenario-specific data for the JSON (the soak's memory over time and verdict).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) details: Option<serde_json::Value>,
+    /// Checks that failed; the process prints the report, then exits non-zero with these.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) failures: Vec<String>,
 }
 
 impl Report {
@@ -271,6 +277,9 @@ impl Report {
         }
         for n in &self.notes {
             let _ = writeln!(out, "note: {n}");
+        }
+        for f in &self.failures {
+            let _ = writeln!(out, "FAILED: {f}");
         }
         out
     }

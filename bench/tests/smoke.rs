@@ -226,3 +226,70 @@ fn bad_input_is_refused_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("DATABASE_URL"), "{stderr}");
 }
+
+#[test]
+fn soak() {
+    let report = bench(&[
+        "soak",
+        "--secs",
+        "4",
+        "--workers",
+        "3",
+        "--users",
+        "3",
+        "--deposits",
+        "5",
+        "--logins",
+        "2",
+        "--messages",
+        "2",
+    ]);
+    let rows = rows(&report, "soak");
+    assert_eq!(rows.len(), 8, "seven kinds and the total");
+    let kinds = &rows[..7];
+    let total = row(&rows, "all operations");
+    // Every kind ran (each worker finishes the round it is in), without errors, and the
+    // counts add up.
+    for r in kinds {
+        assert!(count(r) > 0, "{r}");
+        assert_eq!(errors(r), 0, "{r}");
+        assert!(r["latency"].is_object(), "{r}");
+    }
+    assert_eq!(count(total), kinds.iter().map(count).sum::<u64>());
+    assert_eq!(errors(total), 0, "{total}");
+    assert!(total["target"]["met"].as_bool().unwrap(), "{total}");
+    assert!(total["peak_memory_kib"].as_u64().unwrap() > 0);
+    let n = |name: &str| count(row(&rows, name));
+    assert_eq!(
+        n("register"),
+        2 * (n("contact") + n("session")),
+        "two new users per contact and per session"
+    );
+    assert_eq!(n("message"), 2 * n("session"), "two messages per session");
+    let details = &report["details"];
+    assert_eq!(details["passed"], true, "{details}");
+    assert_eq!(details["errors"], 0);
+    let acked = details["acked_deposits"].as_u64().unwrap();
+    assert_eq!(acked, n("deposit"));
+    assert_eq!(
+        details["drained_messages"].as_u64().unwrap(),
+        acked,
+        "every acknowledged deposit is drained"
+    );
+    let samples = details["memory_samples"].as_array().unwrap();
+    assert!(samples.len() >= 3, "one sample a second: {details}");
+    let rss: Vec<u64> = samples
+        .iter()
+        .map(|s| s["broker_rss_kib"].as_u64().unwrap())
+        .collect();
+    let memory = &details["memory"];
+    assert!(rss.iter().all(|r| *r > 0));
+    assert_eq!(memory["first_kib"].as_u64().unwrap(), rss[0]);
+    assert_eq!(memory["last_kib"].as_u64().unwrap(), *rss.last().unwrap());
+    assert_eq!(
+        memory["max_kib"].as_u64().unwrap(),
+        *rss.iter().max().unwrap()
+    );
+    assert_eq!(memory["judged"], false, "a 4 s run is too short to judge");
+    assert!(report.get("failures").is_none(), "{report}");
+}
