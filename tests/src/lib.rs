@@ -391,3 +391,33 @@ pub fn open_address(
     let plain = micromsg_crypto::sealed::open(&recipient, pk_sender, sealed).ok()?;
     String::from_utf8(plain).ok()
 }
+
+/// The whole inbox of `session`'s device: INBOX-FETCH page by page until `MORE` is false
+/// (nothing is acknowledged).
+pub async fn fetch_whole_inbox(
+    session: &mut micromsg_client::account::Session,
+) -> Vec<micromsg_wire::message::response::InboxMessage> {
+    use micromsg_wire::message::request::InboxFetchArgs;
+    use micromsg_wire::{Request, ResponseData};
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = match session
+            .link
+            .call(Request::InboxFetch(InboxFetchArgs {
+                limit: Some(250),
+                after,
+            }))
+            .await
+            .unwrap()
+        {
+            ResponseData::InboxFetch(d) => d,
+            other => panic!("INBOX-FETCH: {other:?}"),
+        };
+        after = page.messages.last().map(|m| m.id);
+        all.extend(page.messages);
+        if !page.more {
+            return all;
+        }
+    }
+}

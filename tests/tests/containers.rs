@@ -36,7 +36,7 @@ use micromsg_client::account::{self, Session};
 use micromsg_client::agent::AcceptPolicy;
 use micromsg_client::profile::Profile;
 use micromsg_tests::agents::{self, Device};
-use micromsg_wire::message::request::{DepositArgs, InboxAckArgs, InboxFetchArgs};
+use micromsg_wire::message::request::{DepositArgs, InboxAckArgs};
 use micromsg_wire::message::response::InboxMessage;
 use micromsg_wire::{Blob, Hex16, Number, Request, ResponseData};
 use testcontainers::core::logs::LogFrame;
@@ -526,29 +526,8 @@ impl Depositor {
     }
 }
 
-/// Fetches B's whole inbox (INBOX-FETCH, page by page).
 async fn fetch_all(s: &mut Session) -> Vec<InboxMessage> {
-    let mut all = Vec::new();
-    let mut after = None;
-    loop {
-        let page = match s
-            .link
-            .call(Request::InboxFetch(InboxFetchArgs {
-                limit: Some(250),
-                after,
-            }))
-            .await
-            .unwrap()
-        {
-            ResponseData::InboxFetch(d) => d,
-            other => panic!("INBOX-FETCH: {other:?}"),
-        };
-        after = page.messages.last().map(|m| m.id);
-        all.extend(page.messages);
-        if !page.more {
-            return all;
-        }
-    }
+    micromsg_tests::fetch_whole_inbox(s).await
 }
 
 /// Acknowledges `messages` (INBOX-ACK).

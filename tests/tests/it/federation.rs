@@ -21,7 +21,7 @@ use micromsg_crypto::agreement::EphemeralSecret;
 use micromsg_tests::{Backend, TestNetwork, open_address, seal_address};
 use micromsg_wire::message::event::{ContactAccepted, ContactKind, ContactRequest};
 use micromsg_wire::message::request::{
-    ContactAnswerArgs, DepositArgs, InboxFetchArgs, InitiateNetworkedArgs, TargetArgs,
+    ContactAnswerArgs, DepositArgs, InitiateNetworkedArgs, TargetArgs,
 };
 use micromsg_wire::message::response::{Home, InboxMessage};
 use micromsg_wire::{Blob, ErrorCode, Event, Hex16, Hex32, Number, Request, ResponseData};
@@ -214,27 +214,7 @@ async fn deposit(s: &mut Session, to: &Number, id: [u8; 16], body: &[u8]) -> Res
 }
 
 async fn fetch_all(s: &mut Session) -> Vec<InboxMessage> {
-    let mut all = Vec::new();
-    let mut after = None;
-    loop {
-        let page = match s
-            .link
-            .call(Request::InboxFetch(InboxFetchArgs {
-                limit: Some(250),
-                after,
-            }))
-            .await
-            .unwrap()
-        {
-            ResponseData::InboxFetch(d) => d,
-            other => panic!("{other:?}"),
-        };
-        after = page.messages.last().map(|m| m.id);
-        all.extend(page.messages);
-        if !page.more {
-            return all;
-        }
-    }
+    micromsg_tests::fetch_whole_inbox(s).await
 }
 
 /// Fetches until `want` messages are there (or panics after `wait`).
