@@ -17,7 +17,7 @@ use crate::federation::Federation;
 use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
 use crate::numbers::NumberAllocator;
 use crate::online::Online;
-use crate::store::{BatcherConfig, DepositBatcher, Store};
+use crate::store::{BatcherConfig, DepositBatcher, OutboxBatcher, Store};
 
 /// Version of the client↔broker protocol this broker speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -49,6 +49,8 @@ pub struct Broker {
     pub replay: ReplayCache,
     /// Group commit of offline deposits.
     pub deposits: DepositBatcher,
+    /// Group commit of cross-broker deposits into the federation outbox.
+    pub outbox: OutboxBatcher,
     /// Decoder limits derived from the configuration.
     pub wire_limits: Limits,
     /// When the broker started.
@@ -105,8 +107,17 @@ impl Broker {
                 ..BatcherConfig::default()
             },
         );
+        // Deliveries across brokers are not ordered, so outbox batches may commit side by side.
+        let outbox = OutboxBatcher::spawn(
+            store.clone(),
+            BatcherConfig {
+                max_in_flight: 4,
+                ..BatcherConfig::default()
+            },
+        );
         Self {
             deposits,
+            outbox,
             config,
             store,
             identity,

@@ -144,6 +144,7 @@ conformance!(
     case_federation_tables,
     case_received_deliveries_once,
     case_deposit_route,
+    case_outbox_group_commit,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1590,4 +1591,47 @@ async fn case_deposit_route(store: Store) {
         store.deposit_route("5550001", "5559999").await.unwrap(),
         micromsg_broker::store::DepositRoute::default()
     );
+}
+
+/// Cross-broker deposits enter the outbox through group commit: one transaction per batch,
+/// each key once (within a batch and across batches), due at once.
+async fn case_outbox_group_commit(store: Store) {
+    use micromsg_broker::store::{OutboxBatcher, OutboxEntry};
+    let entry = |k: u8| OutboxEntry {
+        idempotency_key: [k; 16],
+        peer_broker: "y".into(),
+        payload: vec![k; 8],
+        now: NOW,
+    };
+    let fresh = store
+        .enqueue_outbox_batch(&[entry(1), entry(2), entry(1)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(fresh[..], [Ok(true), Ok(true), Ok(false)]),
+        "{fresh:?}"
+    );
+    let again = store
+        .enqueue_outbox_batch(&[entry(2), entry(3)])
+        .await
+        .unwrap();
+    assert!(matches!(again[..], [Ok(false), Ok(true)]), "{again:?}");
+    let due = store.due_outbox(NOW, 10).await.unwrap();
+    let mut keys: Vec<u8> = due.iter().map(|i| i.idempotency_key[0]).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, vec![1, 2, 3]);
+    assert_eq!(due[0].peer_broker, "y");
+
+    // Through the batcher, from many tasks at once: every enqueue answered, each key once.
+    let batcher = OutboxBatcher::spawn(store.clone(), BatcherConfig::default());
+    let tasks: Vec<_> = (10..60u8)
+        .map(|k| {
+            let b = batcher.clone();
+            tokio::spawn(async move { b.enqueue(entry(k)).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap());
+    }
+    assert_eq!(store.due_outbox(NOW, 100).await.unwrap().len(), 53);
 }

@@ -38,7 +38,7 @@ use super::{Counters, Home};
 use crate::broker::{Broker, unix_now};
 use crate::config::InboxMode;
 use crate::online::Push;
-use crate::store::{DepositOutcome, NewInboxItem, OutboxItem, StoreError};
+use crate::store::{DepositOutcome, NewInboxItem, OutboxEntry, OutboxItem, StoreError};
 
 /// Rough protobuf overhead of one item besides its body, for batch sizing.
 const ITEM_OVERHEAD: usize = 128;
@@ -95,8 +95,13 @@ pub async fn enqueue_deposit(broker: &Broker, deposit: PeerDeposit) -> Result<()
     }
     .encode_to_vec();
     let fresh = broker
-        .store
-        .enqueue_outbox(&key, &deposit.peer, &payload, deposit.created_at as i64)
+        .outbox
+        .enqueue(OutboxEntry {
+            idempotency_key: key,
+            peer_broker: deposit.peer,
+            payload,
+            now: deposit.created_at as i64,
+        })
         .await?;
     if fresh && let Some(f) = broker.federation.as_ref() {
         f.outbox_wake.notify_one();

@@ -1,17 +1,20 @@
-//! Group commit for offline deposits: [`DepositBatcher`] gathers single deposits from many
-//! connections and stores them with [`Store::deposit_batch`], one transaction per batch.
+//! Group commit: [`GroupCommit`] gathers single writes from many connections and stores them
+//! one transaction per batch. [`DepositBatcher`] does it for offline deposits
+//! ([`Store::deposit_batch`]), [`OutboxBatcher`] for cross-broker deposits entering the
+//! federation outbox ([`Store::enqueue_outbox_batch`]).
 //!
-//! There is no timer: the first deposit starts a batch at once, and whatever arrives while
+//! There is no timer: the first write starts a batch at once, and whatever arrives while
 //! batches are committing (up to `max_in_flight` at a time) forms the next one. Idle load gives
 //! one-item batches with no added latency; heavy load gives large batches and few commits.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{DepositOutcome, NewInboxItem, Store, StoreError};
 
-/// Tuning of a [`DepositBatcher`].
+/// Tuning of a [`DepositBatcher`] (and, but for the quota, of an [`OutboxBatcher`]).
 #[derive(Debug, Clone, Copy)]
 pub struct BatcherConfig {
     /// Most items in one transaction.
@@ -41,25 +44,39 @@ impl Default for BatcherConfig {
     }
 }
 
-type Reply = oneshot::Sender<Result<DepositOutcome, StoreError>>;
+type Reply<O> = oneshot::Sender<Result<O, StoreError>>;
 
-/// A handle to a group-commit task. Cheap to clone; the task ends when every handle is dropped
-/// (after finishing what it has).
-#[derive(Debug, Clone)]
-pub struct DepositBatcher {
-    tx: mpsc::Sender<(NewInboxItem, Reply)>,
+/// A handle to a group-commit task for items `T` with per-item outcomes `O`. Cheap to clone;
+/// the task ends when every handle is dropped (after finishing what it has).
+#[derive(Debug)]
+pub struct GroupCommit<T, O> {
+    tx: mpsc::Sender<(T, Reply<O>)>,
 }
 
-impl DepositBatcher {
-    /// Starts the batching task on the current tokio runtime.
-    pub fn spawn(store: Store, config: BatcherConfig) -> Self {
+impl<T, O> Clone for GroupCommit<T, O> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
+    /// Starts the batching task on the current tokio runtime. `commit` stores one batch in one
+    /// transaction and returns one outcome per item, in order; a whole-batch error that is
+    /// retryable is retried `config.retries` times.
+    pub fn spawn<F, Fut>(config: BatcherConfig, commit: F) -> Self
+    where
+        F: Fn(Arc<Vec<T>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        tokio::spawn(run(store, config, rx));
+        tokio::spawn(run(config, Arc::new(commit), rx));
         Self { tx }
     }
 
-    /// Deposits one item; resolves once its batch has committed (or failed).
-    pub async fn deposit(&self, item: NewInboxItem) -> Result<DepositOutcome, StoreError> {
+    /// Submits one item; resolves once its batch has committed (or failed).
+    pub async fn submit(&self, item: T) -> Result<O, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((item, reply))
@@ -69,11 +86,20 @@ impl DepositBatcher {
     }
 }
 
-async fn run(store: Store, config: BatcherConfig, mut rx: mpsc::Receiver<(NewInboxItem, Reply)>) {
+async fn run<T, O, F, Fut>(
+    config: BatcherConfig,
+    commit: Arc<F>,
+    mut rx: mpsc::Receiver<(T, Reply<O>)>,
+) where
+    T: Send + Sync + 'static,
+    O: Send + 'static,
+    F: Fn(Arc<Vec<T>>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
+{
     let max_batch = config.max_batch.max(1);
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     while let Some(first) = rx.recv().await {
-        // Wait for a commit slot first: deposits arriving meanwhile join this batch.
+        // Wait for a commit slot first: items arriving meanwhile join this batch.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
@@ -85,34 +111,92 @@ async fn run(store: Store, config: BatcherConfig, mut rx: mpsc::Receiver<(NewInb
                 Err(_) => break,
             }
         }
-        let store = store.clone();
+        let commit = Arc::clone(&commit);
+        let retries = config.retries;
         tokio::spawn(async move {
-            commit(&store, &config, batch).await;
+            let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let items = Arc::new(items);
+            let mut attempt = 0;
+            let result = loop {
+                match commit(Arc::clone(&items)).await {
+                    Err(e) if e.is_retryable() && attempt < retries => attempt += 1,
+                    other => break other,
+                }
+            };
+            match result {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(outcome);
+                    }
+                }
+                Err(e) => {
+                    let e = Arc::new(e);
+                    for reply in replies {
+                        let _ = reply.send(Err(StoreError::BatchFailed(e.clone())));
+                    }
+                }
+            }
             drop(permit);
         });
     }
 }
 
-async fn commit(store: &Store, config: &BatcherConfig, batch: Vec<(NewInboxItem, Reply)>) {
-    let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    let mut attempt = 0;
-    let result = loop {
-        match store.deposit_batch(&items, config.quota_per_device).await {
-            Err(e) if e.is_retryable() && attempt < config.retries => attempt += 1,
-            other => break other,
-        }
-    };
-    match result {
-        Ok(outcomes) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(outcome);
-            }
-        }
-        Err(e) => {
-            let e = Arc::new(e);
-            for reply in replies {
-                let _ = reply.send(Err(StoreError::BatchFailed(e.clone())));
-            }
-        }
+/// Group commit of offline deposits into the inbox.
+#[derive(Debug, Clone)]
+pub struct DepositBatcher(GroupCommit<NewInboxItem, DepositOutcome>);
+
+impl DepositBatcher {
+    /// Starts the batching task on the current tokio runtime.
+    pub fn spawn(store: Store, config: BatcherConfig) -> Self {
+        let quota = config.quota_per_device;
+        Self(GroupCommit::spawn(
+            config,
+            move |items: Arc<Vec<NewInboxItem>>| {
+                let store = store.clone();
+                async move { store.deposit_batch(&items, quota).await }
+            },
+        ))
+    }
+
+    /// Deposits one item; resolves once its batch has committed (or failed).
+    pub async fn deposit(&self, item: NewInboxItem) -> Result<DepositOutcome, StoreError> {
+        self.0.submit(item).await
+    }
+}
+
+/// One delivery entering the federation outbox (see [`Store::enqueue_outbox`]).
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    /// The delivery's idempotency key.
+    pub idempotency_key: [u8; 16],
+    /// The peer broker it goes to.
+    pub peer_broker: String,
+    /// The encoded delivery.
+    pub payload: Vec<u8>,
+    /// When it was queued (Unix seconds); it is due at once.
+    pub now: i64,
+}
+
+/// Group commit of cross-broker deposits into the outbox. The outbox has no order to keep
+/// (deliveries are not ordered across brokers), so several batches may commit at once.
+#[derive(Debug, Clone)]
+pub struct OutboxBatcher(GroupCommit<OutboxEntry, bool>);
+
+impl OutboxBatcher {
+    /// Starts the batching task on the current tokio runtime.
+    pub fn spawn(store: Store, config: BatcherConfig) -> Self {
+        Self(GroupCommit::spawn(
+            config,
+            move |items: Arc<Vec<OutboxEntry>>| {
+                let store = store.clone();
+                async move { store.enqueue_outbox_batch(&items).await }
+            },
+        ))
+    }
+
+    /// Queues one delivery; resolves once its batch has committed. `true` when it was new
+    /// (`false`: the key was already queued).
+    pub async fn enqueue(&self, entry: OutboxEntry) -> Result<bool, StoreError> {
+        self.0.submit(entry).await
     }
 }

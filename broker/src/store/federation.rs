@@ -3,6 +3,9 @@
 
 use super::{OutboxItem, PoolExt, Store, StoreError, array, on_pool};
 
+/// Outbox rows per INSERT statement (4 parameters each; SQLite allows 32,766).
+const OUTBOX_CHUNK: usize = 256;
+
 impl Store {
     /// Holds the pubkey of `peer_number` (a client at a peer broker) until `expires_at`,
     /// replacing any previous one.
@@ -69,6 +72,49 @@ impl Store {
             .rows_affected()
         });
         Ok(n > 0)
+    }
+
+    /// Enqueues many deliveries in ONE transaction (see [`Store::enqueue_outbox`]); one
+    /// result per entry, in order: `true` when it was new.
+    pub async fn enqueue_outbox_batch(
+        &self,
+        entries: &[super::OutboxEntry],
+    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+        let mut fresh: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            for chunk in entries.chunks(OUTBOX_CHUNK) {
+                let values = (0..chunk.len())
+                    .map(|i| {
+                        let b = 4 * i;
+                        format!("(${}, ${}, ${}, 0, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 4)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let sql = format!(
+                    "INSERT INTO outbox \
+                     (idempotency_key, peer_broker, payload, attempts, next_attempt_at, \
+                      created_at) VALUES {values} \
+                     ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key"
+                );
+                let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql).persistent(false);
+                for e in chunk {
+                    q = q
+                        .bind(&e.idempotency_key[..])
+                        .bind(e.peer_broker.as_str())
+                        .bind(e.payload.as_slice())
+                        .bind(e.now);
+                }
+                fresh.extend(q.fetch_all(&mut *tx).await?);
+            }
+            tx.commit().await?;
+        });
+        // A key twice in one batch: the first is new, the second is not.
+        let mut seen = std::collections::HashSet::new();
+        Ok(entries
+            .iter()
+            .map(|e| Ok(fresh.contains(&e.idempotency_key[..]) && seen.insert(e.idempotency_key)))
+            .collect())
     }
 
     /// Up to `limit` deliveries due at `now`, earliest first.

@@ -51,7 +51,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Postgres, Sqlite, Transaction};
 
-pub use batcher::{BatcherConfig, DepositBatcher};
+pub use batcher::{BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry};
 pub use error::StoreError;
 pub use types::{
     Backup, ContactRecord, DepositOutcome, DepositRoute, DeviceId, DeviceInfo, DeviceRecord,
