@@ -135,3 +135,66 @@ pub async fn contact_add(agent: &AgentHandle, number: &str) -> Reply {
         })
         .await
 }
+
+/// What [`link_device`] did.
+#[derive(Debug)]
+pub struct Linked {
+    /// The new device of `old`'s entity.
+    pub device: Device,
+    /// The device id the old device sent its keys to.
+    pub sent_to: u32,
+    /// The device id the new device got at DEVICE-JOIN.
+    pub joined_as: u32,
+    /// What the new device installed from the transfer.
+    pub installed: micromsg_client::devices::Installed,
+}
+
+/// Links a new device `name` to `old`'s entity as `device add` / `device join --transfer-key`
+/// do: a one-time secret, the join, and the key transfer from the old device.
+pub async fn link_device(broker: &TestBroker, old: &Device, name: &str) -> Linked {
+    use micromsg_client::devices;
+    use micromsg_wire::message::request::AddDeviceArgs;
+    use micromsg_wire::{Request, ResponseData};
+    let mut session = account::connect(&old.profile).await.unwrap();
+    let known = devices::highest_device(&mut session).await.unwrap();
+    let secret = match session
+        .link
+        .call(Request::AddDevice(AddDeviceArgs { name: None }))
+        .await
+        .unwrap()
+    {
+        ResponseData::AddDevice(d) => d.secret.to_hex(),
+        other => panic!("{other:?}"),
+    };
+    let transfer = devices::new_transfer_key();
+    let key = transfer.clone();
+    let old_profile = old.profile.clone();
+    let sender = tokio::spawn(async move {
+        devices::send_link_transfer(
+            &mut session,
+            &old_profile,
+            &key,
+            known,
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap()
+    });
+    let profile = Profile::new(broker.profile_dir(name));
+    let mut new = account::join(&profile, &broker.addr, &broker.ca, &old.number, &secret)
+        .await
+        .unwrap();
+    let installed =
+        devices::receive_link_transfer(&mut new, &profile, &transfer, Duration::from_secs(20))
+            .await
+            .unwrap();
+    Linked {
+        sent_to: sender.await.unwrap(),
+        joined_as: new.info.device,
+        installed,
+        device: Device {
+            profile,
+            number: old.number.clone(),
+        },
+    }
+}

@@ -421,3 +421,34 @@ pub async fn fetch_whole_inbox(
         }
     }
 }
+
+/// `target/debug/micromsg-broker` (beside the running test binary), built (or found up to
+/// date) with the test's cargo.
+pub fn broker_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/it-HASH -> target/debug
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .to_owned();
+    let bin = dir.join("micromsg-broker");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "micromsg-broker",
+            "--bin",
+            "micromsg-broker",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status();
+    assert!(
+        bin.exists(),
+        "{} missing (cargo build: {built:?})",
+        bin.display()
+    );
+    bin
+}

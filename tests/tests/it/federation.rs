@@ -849,35 +849,7 @@ async fn mtls_refuses_unknown_ca_expired_and_wrong_id() {
 // ---------------------------------------------------------------------------------------------
 // The real binary: `network init`, two `serve` processes, `status` (text and JSON).
 
-/// `target/debug/micromsg-broker`, built (or found up to date) with the test's cargo.
-fn broker_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/it-HASH -> target/debug
-    let dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .unwrap()
-        .to_owned();
-    let bin = dir.join("micromsg-broker");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "micromsg-broker",
-            "--bin",
-            "micromsg-broker",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status();
-    assert!(
-        bin.exists(),
-        "{} missing (cargo build: {built:?})",
-        bin.display()
-    );
-    bin
-}
+use micromsg_tests::broker_binary;
 
 /// Kills the child when the test ends, however it ends.
 struct Child(std::process::Child);

@@ -5,16 +5,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use micromsg_client::account;
 use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
-use micromsg_client::devices;
 use micromsg_client::groups::GroupState;
-use micromsg_client::profile::Profile;
 use micromsg_client::store::Store;
 use micromsg_tests::agents::{self, Device as Member, expect, register};
 use micromsg_tests::{Backend, TestBroker};
-use micromsg_wire::message::request::AddDeviceArgs;
-use micromsg_wire::{Request, ResponseData};
 use tokio::sync::mpsc;
 
 struct Online {
@@ -23,43 +18,7 @@ struct Online {
 }
 
 async fn link_device(broker: &TestBroker, old: &Member, name: &str) -> Member {
-    let mut session = account::connect(&old.profile).await.unwrap();
-    let known = devices::highest_device(&mut session).await.unwrap();
-    let secret = match session
-        .link
-        .call(Request::AddDevice(AddDeviceArgs { name: None }))
-        .await
-        .unwrap()
-    {
-        ResponseData::AddDevice(d) => d.secret.to_hex(),
-        other => panic!("{other:?}"),
-    };
-    let transfer = devices::new_transfer_key();
-    let key = transfer.clone();
-    let old_profile = old.profile.clone();
-    let sender = tokio::spawn(async move {
-        devices::send_link_transfer(
-            &mut session,
-            &old_profile,
-            &key,
-            known,
-            Duration::from_secs(20),
-        )
-        .await
-        .unwrap()
-    });
-    let profile = Profile::new(broker.profile_dir(name));
-    let mut new = account::join(&profile, &broker.addr, &broker.ca, &old.number, &secret)
-        .await
-        .unwrap();
-    devices::receive_link_transfer(&mut new, &profile, &transfer, Duration::from_secs(20))
-        .await
-        .unwrap();
-    sender.await.unwrap();
-    Member {
-        profile,
-        number: old.number.clone(),
-    }
+    agents::link_device(broker, old, name).await.device
 }
 
 async fn online(m: &Member) -> Online {

@@ -20,50 +20,15 @@ use tokio::sync::mpsc;
 
 /// Links a new device `name` to `old`'s entity, with the key transfer of `device add`.
 async fn link_device(broker: &TestBroker, old: &Device, name: &str) -> Device {
-    let mut session = account::connect(&old.profile).await.unwrap();
-    let known = devices::highest_device(&mut session).await.unwrap();
-    let secret = match session
-        .link
-        .call(Request::AddDevice(AddDeviceArgs { name: None }))
-        .await
-        .unwrap()
-    {
-        ResponseData::AddDevice(d) => d.secret.to_hex(),
-        other => panic!("{other:?}"),
-    };
-    let transfer = devices::new_transfer_key();
-    let key = transfer.clone();
-    let old_profile = old.profile.clone();
-    let sender = tokio::spawn(async move {
-        devices::send_link_transfer(
-            &mut session,
-            &old_profile,
-            &key,
-            known,
-            Duration::from_secs(20),
-        )
-        .await
-        .unwrap()
-    });
-    let profile = Profile::new(broker.profile_dir(name));
-    let mut new = account::join(&profile, &broker.addr, &broker.ca, &old.number, &secret)
-        .await
-        .unwrap();
-    let installed =
-        devices::receive_link_transfer(&mut new, &profile, &transfer, Duration::from_secs(20))
-            .await
-            .unwrap();
-    assert_eq!(sender.await.unwrap(), new.info.device);
-    assert!(installed.contacts >= Store::new(&old.profile).contacts().unwrap().len());
+    let linked = agents::link_device(broker, old, name).await;
+    assert_eq!(linked.sent_to, linked.joined_as);
+    assert!(linked.installed.contacts >= Store::new(&old.profile).contacts().unwrap().len());
     assert_eq!(
-        profile.secrets().unwrap().identity_seed,
+        linked.device.profile.secrets().unwrap().identity_seed,
         old.profile.secrets().unwrap().identity_seed,
         "the new device has the entity's identity key"
     );
-    Device {
-        profile,
-        number: old.number.clone(),
-    }
+    linked.device
 }
 
 /// Agents that deposit after 1 s without a session.
@@ -464,31 +429,7 @@ mod durability {
     const PER_SENDER: usize = 1250; // 10,000 in all
     const KILL_AFTER: usize = 3000;
 
-    /// `target/debug/micromsg-broker`, built (or found up to date) with the test's cargo.
-    fn broker_binary() -> PathBuf {
-        let exe = std::env::current_exe().unwrap();
-        // target/debug/deps/it-HASH -> target/debug
-        let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
-        let bin = dir.join("micromsg-broker");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let built = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "micromsg-broker",
-                "--bin",
-                "micromsg-broker",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status();
-        assert!(
-            bin.exists(),
-            "{} missing (cargo build: {built:?})",
-            bin.display()
-        );
-        bin
-    }
+    use micromsg_tests::broker_binary;
 
     struct Broker {
         bin: PathBuf,
