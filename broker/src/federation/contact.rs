@@ -200,6 +200,13 @@ pub fn forward_initiate(
     Ok(request)
 }
 
+/// A fixed-length field of a peer's call, or INVALID_ARGUMENT naming it.
+fn fixed<const N: usize>(bytes: &[u8], field: &str) -> Result<[u8; N], tonic::Status> {
+    bytes
+        .try_into()
+        .map_err(|_| invalid(&format!("{field} must be {N} bytes")))
+}
+
 /// Why a peer's call was refused (malformed, or about numbers the calling peer does not
 /// serve). Says nothing about whether a target exists.
 fn invalid(what: &str) -> tonic::Status {
@@ -216,16 +223,8 @@ pub fn receive_initiate(
     let Some(federation) = broker.federation.as_ref() else {
         return Err(tonic::Status::failed_precondition("not networked"));
     };
-    let request: [u8; 16] = call
-        .request
-        .as_slice()
-        .try_into()
-        .map_err(|_| invalid("request must be 16 bytes"))?;
-    let caller_pubkey: [u8; 32] = call
-        .caller_pubkey
-        .as_slice()
-        .try_into()
-        .map_err(|_| invalid("caller_pubkey must be 32 bytes"))?;
+    let request: [u8; 16] = fixed(&call.request, "request")?;
+    let caller_pubkey: [u8; 32] = fixed(&call.caller_pubkey, "caller_pubkey")?;
     let caller = Number::new(call.caller).map_err(|_| invalid("caller is not a number"))?;
     let target = Number::new(call.target).map_err(|_| invalid("target is not a number"))?;
     if !matches!(federation.home_of(caller.as_str()), Home::Peer(p) if p.id == peer) {
@@ -355,21 +354,9 @@ pub async fn receive_accepted(
     let Some(federation) = broker.federation.as_ref() else {
         return Err(tonic::Status::failed_precondition("not networked"));
     };
-    let request: [u8; 16] = call
-        .request
-        .as_slice()
-        .try_into()
-        .map_err(|_| invalid("request must be 16 bytes"))?;
-    let target_pubkey: [u8; 32] = call
-        .target_pubkey
-        .as_slice()
-        .try_into()
-        .map_err(|_| invalid("target_pubkey must be 32 bytes"))?;
-    let token: [u8; 32] = call
-        .token
-        .as_slice()
-        .try_into()
-        .map_err(|_| invalid("token must be 32 bytes"))?;
+    let request: [u8; 16] = fixed(&call.request, "request")?;
+    let target_pubkey: [u8; 32] = fixed(&call.target_pubkey, "target_pubkey")?;
+    let token: [u8; 32] = fixed(&call.token, "token")?;
     if !(SEALED_MIN..=SEALED_MAX).contains(&call.sealed_address.len()) {
         return Err(invalid("sealed_address has an impossible length"));
     }
