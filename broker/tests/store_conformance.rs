@@ -145,6 +145,7 @@ conformance!(
     case_received_deliveries_once,
     case_deposit_route,
     case_outbox_group_commit,
+    case_quota_counter_bound,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1634,4 +1635,91 @@ async fn case_outbox_group_commit(store: Store) {
         assert!(t.await.unwrap().unwrap());
     }
     assert_eq!(store.due_outbox(NOW, 100).await.unwrap().len(), 53);
+}
+
+/// The quota is checked against a per-inbox upper bound (`inbox_counters`) that deletions leave
+/// alone: room freed by an acknowledgement or a sweep must still be found (by an exact recount
+/// once the bound reaches the quota), and concurrent batches at the limit must never store more
+/// than the quota, on either backend.
+async fn case_quota_counter_bound(store: Store) {
+    entity(&store, "5550001").await;
+    let quota = 40;
+    // Concurrent batches of 7 into one inbox, 98 items for 40 places: exactly 40 stored.
+    let tasks: Vec<_> = (0..14u32)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let batch: Vec<_> = (0..7)
+                    .map(|k| item(t * 10 + k, "5550001", Some(1), "5550002"))
+                    .collect();
+                store.deposit_batch(&batch, quota).await
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in tasks {
+        for r in t.await.unwrap().unwrap() {
+            match r {
+                Ok(DepositOutcome::Stored) => stored += 1,
+                Err(StoreError::QuotaExceeded) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(stored, 40);
+    assert_eq!(store.inbox_depth().await.unwrap(), 40);
+
+    // Drain 30 of them: the bound still says 40, yet 30 new items fit and the 31st does not.
+    let (items, _) = store
+        .fetch_inbox("5550001", 1, None, 30, NOW)
+        .await
+        .unwrap();
+    let ids: Vec<_> = items.iter().map(|i| i.id).collect();
+    assert_eq!(store.ack_inbox("5550001", 1, &ids, NOW).await.unwrap(), 30);
+    for round in 0..3u32 {
+        let batch: Vec<_> = (0..10)
+            .map(|k| item(1000 + round * 10 + k, "5550001", Some(1), "5550002"))
+            .collect();
+        let out = store.deposit_batch(&batch, quota).await.unwrap();
+        assert!(
+            out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))),
+            "{out:?}"
+        );
+    }
+    assert!(matches!(
+        store
+            .deposit(&item(2000, "5550001", Some(1), "5550002"), quota)
+            .await,
+        Err(StoreError::QuotaExceeded)
+    ));
+    // A repeat of a stored item is still AlreadyStored at the limit, not refused.
+    assert!(matches!(
+        store
+            .deposit(&item(1000, "5550001", Some(1), "5550002"), quota)
+            .await,
+        Ok(DepositOutcome::AlreadyStored)
+    ));
+
+    // Room freed by the sweep is found too.
+    let mut old = item(3000, "5550003", Some(1), "5550002");
+    old.expires_at = NOW + 1;
+    entity(&store, "5550003").await;
+    let out = store
+        .deposit_batch(&[old.clone(), item(3001, "5550003", Some(1), "5550002")], 2)
+        .await
+        .unwrap();
+    assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
+    store.sweep(NOW + 2).await.unwrap();
+    assert!(matches!(
+        store
+            .deposit(&item(3002, "5550003", Some(1), "5550002"), 2)
+            .await,
+        Ok(DepositOutcome::Stored)
+    ));
+    assert!(matches!(
+        store
+            .deposit(&item(3003, "5550003", Some(1), "5550002"), 2)
+            .await,
+        Err(StoreError::QuotaExceeded)
+    ));
 }

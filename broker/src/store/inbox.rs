@@ -26,6 +26,31 @@ type Outcome = Result<DepositOutcome, StoreError>;
 /// Items per statement on SQLite (8 parameters each; well under SQLite's 32766).
 const SQLITE_CHUNK: usize = 256;
 
+/// How [`DepositIo::counters`] changes a quota counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counter {
+    /// `items = items + n`.
+    Add,
+    /// `items = n`.
+    Set,
+}
+
+impl Counter {
+    fn assignment(self) -> &'static str {
+        match self {
+            Self::Add => "items = inbox_counters.items + excluded.items",
+            Self::Set => "items = excluded.items",
+        }
+    }
+}
+
+/// Sorted, so that every transaction locks counter rows in the same order.
+fn sorted(inboxes: &[(Inbox, i64)]) -> Vec<&(Inbox, i64)> {
+    let mut rows: Vec<&(Inbox, i64)> = inboxes.iter().collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
 /// Deletes number-mode items of `$1` that every active device has acknowledged.
 pub(super) const DELETE_FULLY_ACKED_ALL: &str = "DELETE FROM inbox_items AS i \
      WHERE i.recipient_number = $1 AND i.recipient_device = 0 \
@@ -62,6 +87,14 @@ trait DepositIo {
     fn counts(
         &mut self,
         inboxes: &[Inbox],
+    ) -> impl Future<Output = Result<HashMap<Inbox, i64>, StoreError>> + Send;
+    /// Adds (`Counter::Add`) or writes (`Counter::Set`) the quota counters of `inboxes`
+    /// (`inbox_counters`, a row made where missing) and returns their new values. Rows are
+    /// locked in a fixed order, so concurrent batches cannot deadlock on them.
+    fn counters(
+        &mut self,
+        op: Counter,
+        inboxes: &[(Inbox, i64)],
     ) -> impl Future<Output = Result<HashMap<Inbox, i64>, StoreError>> + Send;
     /// Inserts `rows` (item, stored device) in order, skipping keys that exist; returns the
     /// keys actually inserted.
@@ -111,6 +144,35 @@ impl DepositIo for SqliteConnection {
             let mut q = sqlx::query_as::<_, (String, i64, i64)>(&sql).persistent(false);
             for (n, d) in chunk {
                 q = q.bind(n.as_str()).bind(*d);
+            }
+            for (n, d, c) in q.fetch_all(&mut *self).await? {
+                out.insert((n, d), c);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn counters(
+        &mut self,
+        op: Counter,
+        inboxes: &[(Inbox, i64)],
+    ) -> Result<HashMap<Inbox, i64>, StoreError> {
+        let rows = sorted(inboxes);
+        let mut out = HashMap::with_capacity(rows.len());
+        for chunk in rows.chunks(SQLITE_CHUNK) {
+            let values = (0..chunk.len())
+                .map(|i| format!("({})", placeholders(3 * i + 1, 3)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO inbox_counters (recipient_number, recipient_device, items) \
+                 VALUES {values} ON CONFLICT (recipient_number, recipient_device) \
+                 DO UPDATE SET {} RETURNING recipient_number, recipient_device, items",
+                op.assignment()
+            );
+            let mut q = sqlx::query_as::<_, (String, i64, i64)>(&sql).persistent(false);
+            for ((n, d), c) in chunk {
+                q = q.bind(n.as_str()).bind(*d).bind(*c);
             }
             for (n, d, c) in q.fetch_all(&mut *self).await? {
                 out.insert((n, d), c);
@@ -202,6 +264,32 @@ impl DepositIo for PgConnection {
         Ok(rows.into_iter().map(|(n, d, c)| ((n, d), c)).collect())
     }
 
+    async fn counters(
+        &mut self,
+        op: Counter,
+        inboxes: &[(Inbox, i64)],
+    ) -> Result<HashMap<Inbox, i64>, StoreError> {
+        let rows = sorted(inboxes);
+        let numbers: Vec<&str> = rows.iter().map(|((n, _), _)| n.as_str()).collect();
+        let devices: Vec<i64> = rows.iter().map(|((_, d), _)| *d).collect();
+        let values: Vec<i64> = rows.iter().map(|(_, c)| *c).collect();
+        let sql = format!(
+            "INSERT INTO inbox_counters (recipient_number, recipient_device, items) \
+             SELECT n, d, c FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) \
+                  WITH ORDINALITY AS u (n, d, c, ord) ORDER BY ord \
+             ON CONFLICT (recipient_number, recipient_device) DO UPDATE SET {} \
+             RETURNING recipient_number, recipient_device, items",
+            op.assignment()
+        );
+        let out: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
+            .bind(numbers)
+            .bind(devices)
+            .bind(values)
+            .fetch_all(&mut *self)
+            .await?;
+        Ok(out.into_iter().map(|(n, d, c)| ((n, d), c)).collect())
+    }
+
     async fn insert(&mut self, rows: &[(&NewInboxItem, i64)]) -> Result<HashSet<Key>, StoreError> {
         let ids: Vec<&[u8]> = rows.iter().map(|(i, _)| &i.id[..]).collect();
         let rn: Vec<&str> = rows
@@ -236,6 +324,11 @@ impl DepositIo for PgConnection {
 }
 
 /// The deposit logic shared by both backends (the caller owns the transaction).
+///
+/// The common case costs two statements: add the batch to the quota counters of its inboxes
+/// (an upper bound on what each holds, see `migrations/*/0004_inbox_counters.sql`), then
+/// insert with `ON CONFLICT DO NOTHING`. Only keys the insert skipped are looked up (to tell a
+/// repeat from a clash), and only inboxes whose bound passes the quota are counted exactly.
 async fn deposit_in<C: DepositIo + Send>(
     conn: &mut C,
     items: &[NewInboxItem],
@@ -244,8 +337,6 @@ async fn deposit_in<C: DepositIo + Send>(
     let quota = i64::from(quota_per_device);
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(items.len());
     let mut keys: Vec<Option<Key>> = Vec::with_capacity(items.len());
-    let mut unique: Vec<Key> = Vec::new();
-    let mut seen: HashSet<&Key> = HashSet::new();
     for item in items {
         match stored_device(item.recipient_device) {
             Ok(d) => {
@@ -258,23 +349,47 @@ async fn deposit_in<C: DepositIo + Send>(
             }
         }
     }
-    for key in keys.iter().flatten() {
-        if seen.insert(key) {
-            unique.push(key.clone());
+    // The first item of each key, and how many distinct keys each inbox may gain.
+    let mut first: HashMap<&Key, usize> = HashMap::with_capacity(items.len());
+    let mut need: HashMap<Inbox, i64> = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(key) = key
+            && !first.contains_key(key)
+        {
+            first.insert(key, i);
+            *need.entry((key.0.clone(), key.1)).or_insert(0) += 1;
         }
     }
-    let existing = conn.lookup(&unique).await?;
-    let mut inboxes: Vec<Inbox> = Vec::new();
-    let mut seen_inboxes: HashSet<(&str, i64)> = HashSet::new();
-    for key in unique.iter().filter(|k| !existing.contains_key(*k)) {
-        if seen_inboxes.insert((key.0.as_str(), key.1)) {
-            inboxes.push((key.0.clone(), key.1));
-        }
+    if first.is_empty() {
+        return Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Err(StoreError::Conflict)))
+            .collect());
     }
-    let mut counts = if inboxes.is_empty() {
-        HashMap::new()
+    let need: Vec<(Inbox, i64)> = need.into_iter().collect();
+    let bounds = conn.counters(Counter::Add, &need).await?;
+    // Inboxes that might pass the quota with this batch: count them exactly (their counter rows
+    // are locked by the update above, so no other batch changes them until this one commits).
+    let tight: Vec<Inbox> = bounds
+        .iter()
+        .filter(|(_, bound)| **bound > quota)
+        .map(|(inbox, _)| inbox.clone())
+        .collect();
+    let (existing, mut exact) = if tight.is_empty() {
+        (HashMap::new(), HashMap::new())
     } else {
-        conn.counts(&inboxes).await?
+        let tight_set: HashSet<(&str, i64)> = tight.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+        let tight_keys: Vec<Key> = first
+            .keys()
+            .filter(|k| tight_set.contains(&(k.0.as_str(), k.1)))
+            .map(|k| (*k).clone())
+            .collect();
+        let existing = conn.lookup(&tight_keys).await?;
+        let mut exact = conn.counts(&tight).await?;
+        for inbox in &tight {
+            exact.entry(inbox.clone()).or_insert(0);
+        }
+        (existing, exact)
     };
 
     // Decide each item in order; `pending` holds keys this batch will insert.
@@ -291,8 +406,7 @@ async fn deposit_in<C: DepositIo + Send>(
                 &items[j].sender_number,
                 i64::from(items[j].sender_device),
             )
-        } else {
-            let count = counts.entry((key.0.clone(), key.1)).or_insert(0);
+        } else if let Some(count) = exact.get_mut(&(key.0.clone(), key.1)) {
             if *count >= quota {
                 Err(StoreError::QuotaExceeded)
             } else {
@@ -301,6 +415,10 @@ async fn deposit_in<C: DepositIo + Send>(
                 to_insert.push((i, key.1));
                 Ok(DepositOutcome::Stored)
             }
+        } else {
+            pending.insert(key, i);
+            to_insert.push((i, key.1));
+            Ok(DepositOutcome::Stored)
         };
         outcomes[i] = Some(outcome);
     }
@@ -309,8 +427,10 @@ async fn deposit_in<C: DepositIo + Send>(
         let rows: Vec<(&NewInboxItem, i64)> =
             to_insert.iter().map(|&(i, d)| (&items[i], d)).collect();
         let inserted = conn.insert(&rows).await?;
-        // A key we meant to insert but did not: a concurrent transaction stored it first
-        // (Postgres waits for it on the unique index). Classify against what is stored now.
+        // A key we meant to insert but did not: stored before (a repeat or a clash), or by a
+        // concurrent transaction (Postgres waits for it on the unique index). Classify against
+        // what is stored now. (Not in a tight inbox, whose stored keys were looked up above
+        // and whose counter lock keeps other batches out, so `exact` stays exact.)
         let lost: HashSet<Key> = pending
             .keys()
             .filter(|k| !inserted.contains(**k))
@@ -329,6 +449,11 @@ async fn deposit_in<C: DepositIo + Send>(
                 }
             }
         }
+    }
+    if !exact.is_empty() {
+        // The exact figure (stored + inserted here) replaces the bound of each tight inbox.
+        let exact: Vec<(Inbox, i64)> = exact.into_iter().collect();
+        conn.counters(Counter::Set, &exact).await?;
     }
     Ok(outcomes
         .into_iter()
@@ -394,8 +519,8 @@ impl Store {
     /// transaction failed and nothing was stored (retry if [`StoreError::is_retryable`]).
     ///
     /// Items are inserted in slice order, so `seq` (the fetch order) follows it. The quota is
-    /// exact on SQLite; on Postgres two batches committing at the same moment for the same
-    /// inbox may together overshoot it by the size of the smaller one.
+    /// exact on both backends: batches for the same inbox take its counter row's lock first,
+    /// so on Postgres they commit one after the other.
     pub async fn deposit_batch(
         &self,
         items: &[NewInboxItem],
