@@ -214,11 +214,29 @@ impl DepositIo for SqliteConnection {
     }
 }
 
+/// Keyed lookups in Postgres are written as a LATERAL subquery with `LIMIT 1` per key, not as
+/// a join or `= ANY`: after an inbox grows fast (statistics from when it was small say it holds
+/// a row or two) the planner otherwise prefers reading the whole inbox through
+/// `inbox_items_order` and hashing it, which costs milliseconds per statement at 50,000 items.
+/// The LIMIT keeps the subquery from being flattened into such a join, and per key the unique
+/// `inbox_items_key` is the cheapest path whatever the statistics say.
 const PG_LOOKUP: &str = "SELECT i.recipient_number, i.recipient_device, i.id, \
      i.sender_number, i.sender_device \
-     FROM inbox_items AS i \
-     JOIN UNNEST($1::text[], $2::bigint[], $3::bytea[]) AS k (n, d, id) \
-     ON i.recipient_number = k.n AND i.recipient_device = k.d AND i.id = k.id";
+     FROM UNNEST($1::text[], $2::bigint[], $3::bytea[]) AS k (n, d, id) \
+     CROSS JOIN LATERAL (SELECT recipient_number, recipient_device, id, sender_number, \
+         sender_device FROM inbox_items \
+         WHERE recipient_number = k.n AND recipient_device = k.d AND id = k.id LIMIT 1) AS i";
+
+/// The seqs of the items with ids `$3` in the inbox of `$1` and stored device `device` (a
+/// parameter or a literal), one keyed probe per id (see [`PG_LOOKUP`]).
+fn pg_seqs_of(device: &str) -> String {
+    format!(
+        "SELECT x.seq FROM UNNEST($3::bytea[]) AS u (id) \
+         CROSS JOIN LATERAL (SELECT seq FROM inbox_items \
+             WHERE recipient_number = $1 AND recipient_device = {device} AND id = u.id \
+             LIMIT 1) AS x"
+    )
+}
 
 const PG_COUNTS: &str = "SELECT i.recipient_number, i.recipient_device, COUNT(*) \
      FROM inbox_items AS i \
@@ -647,16 +665,21 @@ impl Store {
         let rows: Vec<ItemRow> = on_pool!(self, pool => {
             let after_seq: Option<i64> = match after {
                 None => None,
-                Some(id) => sqlx::query_scalar(
+                // Two keyed probes, no ORDER BY: ordering by seq would invite a scan of the
+                // inbox in seq order (see PG_LOOKUP).
+                Some(id) => sqlx::query_scalar::<_, i64>(
                     "SELECT seq FROM inbox_items \
-                     WHERE recipient_number = $1 AND recipient_device IN ($2, 0) AND id = $3 \
-                     ORDER BY seq LIMIT 1",
+                     WHERE recipient_number = $1 AND recipient_device = $2 AND id = $3 \
+                     UNION ALL SELECT seq FROM inbox_items \
+                     WHERE recipient_number = $1 AND recipient_device = 0 AND id = $3",
                 )
                 .bind(number)
                 .bind(device)
                 .bind(&id[..])
-                .fetch_optional(pool)
-                .await?,
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .min(),
             };
             sqlx::query_as(FETCH)
                 .bind(number)
@@ -730,33 +753,49 @@ impl Store {
             Backend::Postgres(pool) => {
                 let list: Vec<&[u8]> = ids.iter().map(|id| &id[..]).collect();
                 let mut tx = pool.begin_write().await?;
-                done += sqlx::query(
-                    "DELETE FROM inbox_items WHERE recipient_number = $1 \
-                     AND recipient_device = $2 AND id = ANY($3)",
-                )
+                // Keys to seqs one by one (see PG_LOOKUP), then deleted by primary key; no
+                // recipient test outside the subquery, which a stale planner could use to scan
+                // the inbox.
+                done += sqlx::query(&format!(
+                    "DELETE FROM inbox_items WHERE seq = ANY(ARRAY({}))",
+                    pg_seqs_of("$2")
+                ))
                 .bind(number)
                 .bind(device)
                 .bind(&list)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                done += sqlx::query(
-                    "INSERT INTO inbox_acks (item_seq, device_id) \
-                     SELECT seq, $2 FROM inbox_items WHERE recipient_number = $1 \
-                     AND recipient_device = 0 AND id = ANY($3) \
-                     ON CONFLICT (item_seq, device_id) DO NOTHING",
-                )
+                // Number-mode items: the acknowledgement, then (by primary key) those now
+                // acknowledged by every active device.
+                let marked: Vec<i64> = sqlx::query_scalar(&format!(
+                    "INSERT INTO inbox_acks (item_seq, device_id) SELECT s, $2 \
+                         FROM ({}) AS x (s) \
+                         ON CONFLICT (item_seq, device_id) DO NOTHING RETURNING item_seq",
+                    pg_seqs_of("0")
+                ))
                 .bind(number)
                 .bind(device)
                 .bind(&list)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                sqlx::query(&format!("{DELETE_FULLY_ACKED_ALL} AND i.id = ANY($2)"))
+                .fetch_all(&mut *tx)
+                .await?;
+                done += marked.len() as u64;
+                if !marked.is_empty() {
+                    sqlx::query(
+                        // No recipient_number test on `i` (every seq here is one of $1's): it
+                        // would let a stale planner scan the inbox instead of the primary key.
+                        "DELETE FROM inbox_items AS i \
+                         WHERE i.seq = ANY($2) AND i.recipient_device = 0 \
+                         AND NOT EXISTS (SELECT 1 FROM devices AS d \
+                             WHERE d.number = $1 AND d.revoked_at IS NULL \
+                             AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
+                                 WHERE a.item_seq = i.seq AND a.device_id = d.device_id))",
+                    )
                     .bind(number)
-                    .bind(&list)
+                    .bind(&marked)
                     .execute(&mut *tx)
                     .await?;
+                }
                 tx.commit().await?;
             }
         }
