@@ -288,15 +288,18 @@ async fn drain(
     let mut removed = 0u64;
     let mut errors = 0u64;
     let mut lat = Samples::default();
+    // As the client's inbox fetch does: the ACK of page n and the FETCH of page n+1 go out
+    // together (the broker answers a connection's requests in order).
+    let fetch = |after: Option<Hex16>| {
+        Request::InboxFetch(InboxFetchArgs {
+            limit: Some(fetch_limit),
+            after,
+        })
+    };
+    let mut next = link.send(&fetch(None)).await?;
+    let mut t = Instant::now();
     while Instant::now() < deadline {
-        let t = Instant::now();
-        let page = match link
-            .call(Request::InboxFetch(InboxFetchArgs {
-                limit: Some(fetch_limit),
-                after: None,
-            }))
-            .await?
-        {
+        let page = match link.answer(next).await? {
             ResponseData::InboxFetch(page) => page,
             other => bail!("INBOX-FETCH answered with {}", other.kind().as_str()),
         };
@@ -304,7 +307,12 @@ async fn drain(
             break;
         }
         let ids: Vec<Hex16> = page.messages.iter().map(|m| m.id).collect();
-        match link.call(Request::InboxAck(InboxAckArgs { ids })).await? {
+        let last = ids.last().copied();
+        let ack = link.send(&Request::InboxAck(InboxAckArgs { ids })).await?;
+        if page.more {
+            next = link.send(&fetch(last)).await?;
+        }
+        match link.answer(ack).await? {
             ResponseData::InboxAck(d) => {
                 removed += u64::from(d.removed);
                 for _ in 0..d.removed {
@@ -316,7 +324,9 @@ async fn drain(
             }
             other => bail!("INBOX-ACK answered with {}", other.kind().as_str()),
         }
+        // Per page: from the FETCH's answer being waited for to the ACK's answer.
         lat.push(t.elapsed());
+        t = Instant::now();
         if !page.more {
             break;
         }

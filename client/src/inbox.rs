@@ -168,13 +168,22 @@ impl Delivery {
             self.retry_pending(&mut batch, live)?;
             arrived.append(&mut self.commit(batch, now_unix)?);
         }
+        // Page n+1 is asked for together with the acknowledgement of page n (pipelined: the
+        // broker answers in order, so the FETCH runs after the ACK).
         let mut after: Option<Hex16> = None;
+        let mut next: Option<u32> = None;
         loop {
-            let request = Request::InboxFetch(InboxFetchArgs {
-                limit: Some(FETCH_LIMIT),
-                after,
-            });
-            let page = match link.call(request).await {
+            let answer = match next.take() {
+                Some(id) => link.answer(id).await,
+                None => {
+                    link.call(Request::InboxFetch(InboxFetchArgs {
+                        limit: Some(FETCH_LIMIT),
+                        after,
+                    }))
+                    .await
+                }
+            };
+            let page = match answer {
                 Ok(ResponseData::InboxFetch(page)) => page,
                 Ok(other) => {
                     return Err(LinkError::Protocol(format!(
@@ -196,15 +205,44 @@ impl Delivery {
             let last = page.messages.last().map(|m| m.id);
             let (mut got, acks) = self.take(page.messages, live, now_unix)?;
             arrived.append(&mut got);
+            let mut ack_ids = Vec::new();
             for chunk in acks.chunks(1000) {
-                link.call(Request::InboxAck(InboxAckArgs {
-                    ids: chunk.to_vec(),
-                }))
-                .await?;
+                ack_ids.push(
+                    link.send(&Request::InboxAck(InboxAckArgs {
+                        ids: chunk.to_vec(),
+                    }))
+                    .await?,
+                );
             }
-            match (page.more, last) {
-                (true, Some(last)) => after = Some(last),
-                _ => break,
+            let more = page.more && last.is_some();
+            if more {
+                // The cursor is this page's last item. The ACK just sent (answered first)
+                // removes it, and the broker then starts from the beginning of what is left,
+                // which is the next page; should it stay, the page still moves on.
+                after = last;
+                next = Some(
+                    link.send(&Request::InboxFetch(InboxFetchArgs {
+                        limit: Some(FETCH_LIMIT),
+                        after,
+                    }))
+                    .await?,
+                );
+            }
+            let mut failed = None;
+            for id in ack_ids {
+                if let Err(e) = link.answer(id).await {
+                    failed.get_or_insert(e);
+                }
+            }
+            if let Some(e) = failed {
+                // Read the pipelined FETCH's answer too, so the link stays in step.
+                if let Some(id) = next {
+                    let _ = link.answer(id).await;
+                }
+                return Err(e.into());
+            }
+            if !more {
+                break;
             }
         }
         Ok(arrived)

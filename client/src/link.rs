@@ -168,6 +168,13 @@ impl BrokerLink {
     /// for [`BrokerLink::next_event`].
     pub async fn call(&mut self, request: Request) -> Result<ResponseData, LinkError> {
         let id = self.send(&request).await?;
+        self.answer(id).await
+    }
+
+    /// Waits for the answer to request `id`, sent with [`BrokerLink::send`]. The broker answers
+    /// a connection's requests one at a time and in order (protocol.md 2.4), so after pipelining
+    /// several requests, wait for their answers in the order they were sent.
+    pub async fn answer(&mut self, id: u32) -> Result<ResponseData, LinkError> {
         let timeout = self.timeout;
         tokio::time::timeout(timeout, self.wait_response(id))
             .await
