@@ -17,7 +17,7 @@ use crate::federation::Federation;
 use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
 use crate::numbers::NumberAllocator;
 use crate::online::Online;
-use crate::store::{BatcherConfig, DepositBatcher, OutboxBatcher, Store};
+use crate::store::{BatcherConfig, DepositBatcher, OutboxBatcher, RouteBatcher, Store};
 
 /// Version of the client↔broker protocol this broker speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -51,6 +51,8 @@ pub struct Broker {
     pub deposits: DepositBatcher,
     /// Group commit of cross-broker deposits into the federation outbox.
     pub outbox: OutboxBatcher,
+    /// Batched route checks of DEPOSITs (contact pair, block, devices).
+    pub routes: RouteBatcher,
     /// Decoder limits derived from the configuration.
     pub wire_limits: Limits,
     /// When the broker started.
@@ -115,9 +117,18 @@ impl Broker {
                 ..BatcherConfig::default()
             },
         );
+        // Reads: nothing to order, so batches run side by side (each holds a pooled connection).
+        let routes = RouteBatcher::spawn(
+            store.clone(),
+            BatcherConfig {
+                max_in_flight: 4,
+                ..BatcherConfig::default()
+            },
+        );
         Self {
             deposits,
             outbox,
+            routes,
             config,
             store,
             identity,

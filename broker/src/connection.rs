@@ -985,11 +985,7 @@ impl Conn {
         let login = self.logged_in()?.clone();
         self.check_size("BODY", args.body.len())?;
         let target = args.target.as_str();
-        let route = self
-            .broker
-            .store
-            .deposit_route(&login.number, target)
-            .await?;
+        let route = self.broker.routes.route(&login.number, target).await?;
         if !route.contact {
             return Err(Refusal::new(
                 ErrorCode::NotFound,

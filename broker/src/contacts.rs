@@ -7,7 +7,6 @@
 //! task), so unknown, offline, blocking and rejecting targets all look the same: the same
 //! frame at the same time, then nothing.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use rand_core::{OsRng, RngCore};
 use tracing::{debug, warn};
 
 use crate::broker::{Broker, unix_now};
+use crate::limits::Pruned;
 use crate::online::{Delivery, Push};
 
 /// A contact request waiting for the target's answer.
@@ -64,18 +64,19 @@ pub struct NetworkOrigin {
 /// Contact requests waiting for an answer, by request id.
 #[derive(Debug, Default)]
 pub struct PendingRequests {
-    table: Mutex<HashMap<[u8; 16], Pending>>,
+    table: Mutex<Pruned<[u8; 16], Pending>>,
 }
 
+/// How often expired contact requests are pruned from [`PendingRequests`].
+const PENDING_PRUNE_EVERY: Duration = Duration::from_secs(10);
+
 impl PendingRequests {
-    /// Holds a request until it is answered or `pending.expires`; prunes expired ones when the
-    /// table is large.
+    /// Holds a request until it is answered or `pending.expires`; prunes expired ones every
+    /// few seconds (and when the table is large).
     pub fn insert(&self, id: [u8; 16], pending: Pending, now: Instant) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if table.len() > 10_000 {
-            table.retain(|_, p| p.expires > now);
-        }
-        table.insert(id, pending);
+        table.prune(now, PENDING_PRUNE_EVERY, 10_000, |_, p| p.expires > now);
+        table.map.insert(id, pending);
     }
 
     /// A copy of the request `id` if it is addressed to `target` and still live (to check an
@@ -83,6 +84,7 @@ impl PendingRequests {
     pub fn peek(&self, id: &[u8; 16], target: &str, now: Instant) -> Option<Pending> {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         table
+            .map
             .get(id)
             .filter(|p| p.target == target && p.expires > now)
             .cloned()
@@ -91,10 +93,10 @@ impl PendingRequests {
     /// Takes the request `id` if it is addressed to `target` and still live.
     pub fn take(&self, id: &[u8; 16], target: &str, now: Instant) -> Option<Pending> {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        match table.get(id) {
-            Some(p) if p.target == target && p.expires > now => table.remove(id),
+        match table.map.get(id) {
+            Some(p) if p.target == target && p.expires > now => table.map.remove(id),
             Some(p) if p.expires <= now => {
-                table.remove(id);
+                table.map.remove(id);
                 None
             }
             _ => None,

@@ -8,6 +8,47 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// A table of entries that stop mattering after a while, pruned on access once per period (and
+/// whenever it passes `max_len`), so that it holds about one period's keys rather than every
+/// key seen until a size mark. Pruning walks the table once per period: amortised O(1) per
+/// access. Its capacity shrinks with it, so a burst of keys does not pin memory.
+#[derive(Debug)]
+pub(crate) struct Pruned<K, V> {
+    pub(crate) map: HashMap<K, V>,
+    next: Option<Instant>,
+}
+
+impl<K: Eq + Hash, V> Default for Pruned<K, V> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            next: None,
+        }
+    }
+}
+
+impl<K: Eq + Hash, V> Pruned<K, V> {
+    /// Keeps only the entries `keep` accepts, if a period has passed since the last pruning or
+    /// the table holds more than `max_len` entries.
+    pub(crate) fn prune(
+        &mut self,
+        now: Instant,
+        every: Duration,
+        max_len: usize,
+        keep: impl FnMut(&K, &mut V) -> bool,
+    ) {
+        let due = self.next.is_none_or(|next| now >= next);
+        if !due && self.map.len() <= max_len {
+            return;
+        }
+        self.next = Some(now + every);
+        self.map.retain(keep);
+        if self.map.capacity() > 4 * self.map.len() + 64 {
+            self.map.shrink_to(2 * self.map.len());
+        }
+    }
+}
+
 /// A token bucket: `rate` tokens per second up to `burst`.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -50,7 +91,7 @@ impl TokenBucket {
 pub struct WindowLimiter<K> {
     max: u32,
     window: Duration,
-    table: Mutex<HashMap<K, (Instant, u32)>>,
+    table: Mutex<Pruned<K, (Instant, u32)>>,
 }
 
 impl<K: Eq + Hash + Clone> WindowLimiter<K> {
@@ -59,18 +100,18 @@ impl<K: Eq + Hash + Clone> WindowLimiter<K> {
         Self {
             max,
             window,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Pruned::default()),
         }
     }
 
     /// Counts one event for `key`; `Err(retry_after)` when over the limit (not counted).
     pub fn hit(&self, key: &K, now: Instant) -> Result<(), Duration> {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if table.len() > 100_000 {
-            let window = self.window;
-            table.retain(|_, (start, _)| now.saturating_duration_since(*start) < window);
-        }
-        let entry = table.entry(key.clone()).or_insert((now, 0));
+        let window = self.window;
+        table.prune(now, window, 100_000, |_, (start, _)| {
+            now.saturating_duration_since(*start) < window
+        });
+        let entry = table.map.entry(key.clone()).or_insert((now, 0));
         if now.saturating_duration_since(entry.0) >= self.window {
             *entry = (now, 0);
         }
@@ -89,7 +130,7 @@ impl<K: Eq + Hash + Clone> WindowLimiter<K> {
 pub struct FailureLock {
     max_failures: u32,
     lock_for: Duration,
-    table: Mutex<HashMap<String, Failures>>,
+    table: Mutex<Pruned<String, Failures>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -105,14 +146,14 @@ impl FailureLock {
         Self {
             max_failures: max_failures.max(1),
             lock_for,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Pruned::default()),
         }
     }
 
     /// `Err(retry_after)` while `entity` is locked.
     pub fn check(&self, entity: &str, now: Instant) -> Result<(), Duration> {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        match table.get(entity).and_then(|f| f.locked_until) {
+        match table.map.get(entity).and_then(|f| f.locked_until) {
             Some(until) if until > now => Err(until - now),
             _ => Ok(()),
         }
@@ -121,11 +162,12 @@ impl FailureLock {
     /// Records a failure; returns true when this failure locked the entity.
     pub fn fail(&self, entity: &str, now: Instant) -> bool {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if table.len() > 100_000 {
-            let lock_for = self.lock_for;
-            table.retain(|_, f| now.saturating_duration_since(f.last) < lock_for);
-        }
-        let f = table.entry(entity.to_owned()).or_insert(Failures {
+        let lock_for = self.lock_for;
+        table.prune(now, lock_for, 100_000, |_, f| {
+            now.saturating_duration_since(f.last) < lock_for
+                || f.locked_until.is_some_and(|until| until > now)
+        });
+        let f = table.map.entry(entity.to_owned()).or_insert(Failures {
             count: 0,
             locked_until: None,
             last: now,
@@ -149,7 +191,7 @@ impl FailureLock {
     /// Clears the failures of `entity` after a successful login.
     pub fn succeed(&self, entity: &str) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.remove(entity);
+        table.map.remove(entity);
     }
 }
 
@@ -159,7 +201,7 @@ impl FailureLock {
 #[derive(Debug)]
 pub struct ReplayCache {
     keep: Duration,
-    seen: Mutex<HashMap<[u8; 32], Instant>>,
+    seen: Mutex<Pruned<[u8; 32], Instant>>,
 }
 
 impl ReplayCache {
@@ -167,21 +209,21 @@ impl ReplayCache {
     pub fn new(keep: Duration) -> Self {
         Self {
             keep,
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Pruned::default()),
         }
     }
 
     /// Records `nonce`; false if it was already accepted inside the window.
     pub fn first_use(&self, nonce: [u8; 32], now: Instant) -> bool {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.len() > 10_000 {
-            let keep = self.keep;
-            seen.retain(|_, at| now.saturating_duration_since(*at) < keep);
-        }
-        match seen.get(&nonce) {
+        let keep = self.keep;
+        seen.prune(now, keep, 10_000, |_, at| {
+            now.saturating_duration_since(*at) < keep
+        });
+        match seen.map.get(&nonce) {
             Some(at) if now.saturating_duration_since(*at) < self.keep => false,
             _ => {
-                seen.insert(nonce, now);
+                seen.map.insert(nonce, now);
                 true
             }
         }
@@ -192,6 +234,30 @@ impl ReplayCache {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn pruned_table_forgets_expired_keys_once_a_period() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(60);
+        let limiter = WindowLimiter::new(5, every);
+        for k in 0..5_000u32 {
+            assert!(limiter.hit(&k, t0).is_ok());
+        }
+        // Within the period nothing is pruned (the size mark is 100,000).
+        assert!(limiter.hit(&9_999_999, t0 + Duration::from_secs(30)).is_ok());
+        let len = || limiter.table.lock().unwrap().map.len();
+        assert_eq!(len(), 5_001);
+        // A period later, one hit prunes every entry whose window has ended.
+        assert!(limiter.hit(&7, t0 + every + Duration::from_secs(1)).is_ok());
+        assert_eq!(len(), 2, "the key hit at 30 s and the new entry for 7");
+        let capacity = limiter.table.lock().unwrap().map.capacity();
+        assert!(capacity < 1_000, "capacity {capacity} not shrunk");
+        // A key still inside its window keeps its count.
+        for _ in 0..4 {
+            assert!(limiter.hit(&7, t0 + every + Duration::from_secs(2)).is_ok());
+        }
+        assert!(limiter.hit(&7, t0 + every + Duration::from_secs(3)).is_err());
+    }
 
     #[test]
     fn bucket_refills_at_its_rate() {

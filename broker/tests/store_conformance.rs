@@ -1592,6 +1592,27 @@ async fn case_deposit_route(store: Store) {
         store.deposit_route("5550001", "5559999").await.unwrap(),
         micromsg_broker::store::DepositRoute::default()
     );
+    // Batched: the same answers per pair, in order, repeats included, across statement chunks.
+    let mut pairs = Vec::new();
+    for k in 0..300 {
+        let (s, t) = match k % 3 {
+            0 => ("5550001", "5550002"),
+            1 => ("5550002", "5550001"),
+            _ => ("5550001", "5559999"),
+        };
+        pairs.push((s.to_owned(), t.to_owned()));
+    }
+    let routes = store.deposit_routes(&pairs).await.unwrap();
+    assert_eq!(routes.len(), 300);
+    for (pair, route) in pairs.iter().zip(&routes) {
+        assert_eq!(route, &store.deposit_route(&pair.0, &pair.1).await.unwrap());
+    }
+    assert!(routes[0].contact && routes[0].blocked && routes[0].devices == vec![1, 3]);
+    // In the second chunk of 256 pairs.
+    assert!(routes[297].contact && routes[297].blocked && routes[297].devices == vec![1, 3]);
+    assert!(!routes[298].contact && !routes[298].blocked && routes[298].devices == vec![1]);
+    assert_eq!(routes[299], micromsg_broker::store::DepositRoute::default());
+    assert!(store.deposit_routes(&[]).await.unwrap().is_empty());
 }
 
 /// Cross-broker deposits enter the outbox through group commit: one transaction per batch,

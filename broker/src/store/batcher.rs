@@ -1,7 +1,8 @@
 //! Group commit: [`GroupCommit`] gathers single writes from many connections and stores them
 //! one transaction per batch. [`DepositBatcher`] does it for offline deposits
 //! ([`Store::deposit_batch`]), [`OutboxBatcher`] for cross-broker deposits entering the
-//! federation outbox ([`Store::enqueue_outbox_batch`]).
+//! federation outbox ([`Store::enqueue_outbox_batch`]), and [`RouteBatcher`] for the read each
+//! DEPOSIT starts with ([`Store::deposit_routes`]).
 //!
 //! There is no timer: the first write starts a batch at once, and whatever arrives while
 //! batches are committing (up to `max_in_flight` at a time) forms the next one. Idle load gives
@@ -12,7 +13,9 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{DepositOutcome, NewInboxItem, Store, StoreError};
+use std::collections::HashMap;
+
+use super::{DepositOutcome, DepositRoute, NewInboxItem, Store, StoreError};
 
 /// Tuning of a [`DepositBatcher`] (and, but for the quota, of an [`OutboxBatcher`]).
 #[derive(Debug, Clone, Copy)]
@@ -198,5 +201,49 @@ impl OutboxBatcher {
     /// (`false`: the key was already queued).
     pub async fn enqueue(&self, entry: OutboxEntry) -> Result<bool, StoreError> {
         self.0.submit(entry).await
+    }
+}
+
+/// Batched [`Store::deposit_route`]: the route checks of DEPOSITs from many connections are read
+/// in one statement per batch instead of one each (a read, so several batches run at once).
+#[derive(Debug, Clone)]
+pub struct RouteBatcher(GroupCommit<(String, String), DepositRoute>);
+
+impl RouteBatcher {
+    /// Starts the batching task on the current tokio runtime.
+    pub fn spawn(store: Store, config: BatcherConfig) -> Self {
+        Self(GroupCommit::spawn(
+            config,
+            move |pairs: Arc<Vec<(String, String)>>| {
+                let store = store.clone();
+                async move {
+                    // One lookup per distinct pair (a sender's deposits often repeat it).
+                    let mut index: HashMap<&(String, String), usize> = HashMap::new();
+                    let mut unique: Vec<(String, String)> = Vec::new();
+                    for pair in pairs.iter() {
+                        index.entry(pair).or_insert_with(|| {
+                            unique.push(pair.clone());
+                            unique.len() - 1
+                        });
+                    }
+                    let routes = store.deposit_routes(&unique).await?;
+                    Ok(pairs
+                        .iter()
+                        .map(|pair| {
+                            index
+                                .get(pair)
+                                .and_then(|&i| routes.get(i))
+                                .cloned()
+                                .ok_or(StoreError::Conflict)
+                        })
+                        .collect())
+                }
+            },
+        ))
+    }
+
+    /// The route of a DEPOSIT from `sender` to `target`, read in the next batch.
+    pub async fn route(&self, sender: &str, target: &str) -> Result<DepositRoute, StoreError> {
+        self.0.submit((sender.to_owned(), target.to_owned())).await
     }
 }

@@ -51,7 +51,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{Postgres, Sqlite, Transaction};
 
-pub use batcher::{BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry};
+pub use batcher::{
+    BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry, RouteBatcher,
+};
 pub use error::StoreError;
 pub use types::{
     Backup, ContactRecord, DepositOutcome, DepositRoute, DeviceId, DeviceInfo, DeviceRecord,

@@ -1,6 +1,6 @@
 //! Blocks, poisoned INITIATEs, contacts and the per-entity contact policy.
 
-use super::{ContactRecord, DepositRoute, Store, StoreError, device_id, on_pool};
+use super::{Backend, ContactRecord, DepositRoute, Store, StoreError, device_id, on_pool};
 
 impl Store {
     /// `owner` blocks `target` (idempotent). Rejected contact requests feed this too.
@@ -40,29 +40,75 @@ impl Store {
         sender: &str,
         target: &str,
     ) -> Result<DepositRoute, StoreError> {
-        let rows: Vec<(bool, bool, Option<i64>)> = on_pool!(self, pool => {
-            sqlx::query_as(
-                "SELECT EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND peer = $2), \
-                        EXISTS (SELECT 1 FROM blocks WHERE owner = $2 AND target = $1), \
-                        d.device_id \
-                 FROM (SELECT 1 AS one) AS one \
-                 LEFT JOIN devices AS d ON d.number = $2 AND d.revoked_at IS NULL \
-                 ORDER BY d.device_id",
-            )
-            .bind(sender)
-            .bind(target)
-            .fetch_all(pool)
+        self.deposit_routes(&[(sender.to_owned(), target.to_owned())])
             .await?
-        });
-        let mut route = DepositRoute::default();
-        for (contact, blocked, device) in rows {
+            .pop()
+            .ok_or(StoreError::Conflict)
+    }
+
+    /// [`Store::deposit_route`] for many `(sender, target)` pairs in one statement, one route
+    /// per pair, in order (for [`super::RouteBatcher`], which gathers the DEPOSITs of many
+    /// connections so that a deposit costs no statement of its own).
+    pub async fn deposit_routes(
+        &self,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<DepositRoute>, StoreError> {
+        let mut routes = vec![DepositRoute::default(); pairs.len()];
+        // (index into `pairs`, contact, blocked, device). Keyed probes only: contacts and blocks
+        // by primary key, devices by number.
+        let mut rows: Vec<(i64, bool, bool, Option<i64>)> = Vec::new();
+        const SELECT: &str = "SELECT k.ord, \
+             EXISTS (SELECT 1 FROM contacts AS c WHERE c.owner = k.s AND c.peer = k.t), \
+             EXISTS (SELECT 1 FROM blocks AS b WHERE b.owner = k.t AND b.target = k.s), \
+             d.device_id \
+             FROM k LEFT JOIN devices AS d ON d.number = k.t AND d.revoked_at IS NULL \
+             ORDER BY k.ord, d.device_id";
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                // One statement text whatever the batch size, so it stays prepared.
+                let senders: Vec<&str> = pairs.iter().map(|(s, _)| s.as_str()).collect();
+                let targets: Vec<&str> = pairs.iter().map(|(_, t)| t.as_str()).collect();
+                let sql = format!(
+                    "WITH k (s, t, ord) AS (SELECT s, t, ord - 1 FROM \
+                     UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u (s, t, ord)) {SELECT}"
+                );
+                rows = sqlx::query_as(&sql)
+                    .bind(senders)
+                    .bind(targets)
+                    .fetch_all(pool)
+                    .await?;
+            }
+            Backend::Sqlite(pool) => {
+                // Placeholders per pair (well under SQLite's 32766 parameters per statement).
+                const CHUNK: usize = 256;
+                for (chunk_no, chunk) in pairs.chunks(CHUNK).enumerate() {
+                    let values = (0..chunk.len())
+                        .map(|i| {
+                            format!("({}, ${}, ${})", chunk_no * CHUNK + i, 2 * i + 1, 2 * i + 2)
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!("WITH k (ord, s, t) AS (VALUES {values}) {SELECT}");
+                    let mut q =
+                        sqlx::query_as::<_, (i64, bool, bool, Option<i64>)>(&sql).persistent(false);
+                    for (sender, target) in chunk {
+                        q = q.bind(sender.as_str()).bind(target.as_str());
+                    }
+                    rows.extend(q.fetch_all(pool).await?);
+                }
+            }
+        }
+        for (ord, contact, blocked, device) in rows {
+            let Some(route) = usize::try_from(ord).ok().and_then(|i| routes.get_mut(i)) else {
+                return Err(StoreError::InvalidArgument("route row out of range"));
+            };
             route.contact = contact;
             route.blocked = blocked;
             if let Some(d) = device {
                 route.devices.push(device_id(d)?);
             }
         }
-        Ok(route)
+        Ok(routes)
     }
 
     /// Whether `owner` has blocked `target`.
