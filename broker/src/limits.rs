@@ -244,7 +244,11 @@ mod tests {
             assert!(limiter.hit(&k, t0).is_ok());
         }
         // Within the period nothing is pruned (the size mark is 100,000).
-        assert!(limiter.hit(&9_999_999, t0 + Duration::from_secs(30)).is_ok());
+        assert!(
+            limiter
+                .hit(&9_999_999, t0 + Duration::from_secs(30))
+                .is_ok()
+        );
         let len = || limiter.table.lock().unwrap().map.len();
         assert_eq!(len(), 5_001);
         // A period later, one hit prunes every entry whose window has ended.
@@ -256,7 +260,11 @@ mod tests {
         for _ in 0..4 {
             assert!(limiter.hit(&7, t0 + every + Duration::from_secs(2)).is_ok());
         }
-        assert!(limiter.hit(&7, t0 + every + Duration::from_secs(3)).is_err());
+        assert!(
+            limiter
+                .hit(&7, t0 + every + Duration::from_secs(3))
+                .is_err()
+        );
     }
 
     #[test]
