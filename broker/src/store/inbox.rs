@@ -51,13 +51,22 @@ fn sorted(inboxes: &[(Inbox, i64)]) -> Vec<&(Inbox, i64)> {
     rows
 }
 
+/// Item `i` (of number `$1`) is acknowledged by every active device of `$1`.
+macro_rules! fully_acked {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM devices AS d \
+             WHERE d.number = $1 AND d.revoked_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
+                 WHERE a.item_seq = i.seq AND a.device_id = d.device_id))"
+    };
+}
+
 /// Deletes number-mode items of `$1` that every active device has acknowledged.
-pub(super) const DELETE_FULLY_ACKED_ALL: &str = "DELETE FROM inbox_items AS i \
-     WHERE i.recipient_number = $1 AND i.recipient_device = 0 \
-     AND NOT EXISTS (SELECT 1 FROM devices AS d \
-         WHERE d.number = $1 AND d.revoked_at IS NULL \
-         AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
-             WHERE a.item_seq = i.seq AND a.device_id = d.device_id))";
+pub(super) const DELETE_FULLY_ACKED_ALL: &str = concat!(
+    "DELETE FROM inbox_items AS i \
+     WHERE i.recipient_number = $1 AND i.recipient_device = 0 AND ",
+    fully_acked!()
+);
 
 /// The stored form of a recipient device.
 fn stored_device(d: Option<DeviceId>) -> Result<i64, StoreError> {
@@ -424,7 +433,10 @@ async fn deposit_in<C: DepositIo + Send>(
                 &items[j].sender_number,
                 i64::from(items[j].sender_device),
             )
-        } else if let Some(count) = exact.get_mut(&(key.0.clone(), key.1)) {
+        } else if let Some(count) = match exact.is_empty() {
+            true => None, // the common case: no key to build
+            false => exact.get_mut(&(key.0.clone(), key.1)),
+        } {
             if *count >= quota {
                 Err(StoreError::QuotaExceeded)
             } else {
@@ -784,12 +796,11 @@ impl Store {
                     sqlx::query(
                         // No recipient_number test on `i` (every seq here is one of $1's): it
                         // would let a stale planner scan the inbox instead of the primary key.
-                        "DELETE FROM inbox_items AS i \
-                         WHERE i.seq = ANY($2) AND i.recipient_device = 0 \
-                         AND NOT EXISTS (SELECT 1 FROM devices AS d \
-                             WHERE d.number = $1 AND d.revoked_at IS NULL \
-                             AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
-                                 WHERE a.item_seq = i.seq AND a.device_id = d.device_id))",
+                        concat!(
+                            "DELETE FROM inbox_items AS i \
+                             WHERE i.seq = ANY($2) AND i.recipient_device = 0 AND ",
+                            fully_acked!()
+                        ),
                     )
                     .bind(number)
                     .bind(&marked)
