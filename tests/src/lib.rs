@@ -168,13 +168,35 @@ pub struct TestNetwork {
     data_dirs: Vec<Option<tempfile::TempDir>>,
 }
 
-/// A free loopback port (bound and released; good enough for tests).
+/// A loopback port that is free now, for a listener a test binds later (a broker's fixed
+/// client or federation port, a container's published port).
+///
+/// Not `bind(0)`: that hands out ports from the kernel's ephemeral range, which every outgoing
+/// connection of every concurrently running test draws from too, so such a port could be taken
+/// between this pick and the later bind ("Address already in use" on a broker restart was seen
+/// in a full run). Ports below the ephemeral range are only ever taken by explicit binds; the
+/// pick is random there, so concurrent test processes rarely try the same one, and checked with
+/// a bind.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // 10,000 ports just below the ephemeral range (22768..32767 with Linux's default range).
+    let high = ephemeral_port_low().max(12_000);
+    let low = high - 10_000;
+    for _ in 0..1_000 {
+        let draw = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+        let port = low + (draw % u64::from(high - low)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high} after 1,000 tries");
+}
+
+/// The first port of the kernel's ephemeral range (Linux's default where it cannot be read).
+fn ephemeral_port_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 impl TestNetwork {

@@ -826,7 +826,8 @@ impl Docker {
         let name = self.broker_name(id);
         let label = format!("broker-{id}");
         let log_lines = Arc::new(AtomicUsize::new(0));
-        let port = free_port();
+        // Docker binds it on every address.
+        let port = micromsg_tests::free_port();
         let (image, tag) = &self.broker_image;
         let mut request = GenericImage::new(image, tag)
             .with_wait_for(WaitFor::message_on_stderr("listening for clients"))
@@ -1090,15 +1091,6 @@ fn log_printer(
             eprintln!("[{name}] {line}");
         }
     }
-}
-
-/// A TCP port free on 127.0.0.1 right now (Docker binds it on every address).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `1.41` as (1, 41).
