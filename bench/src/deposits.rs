@@ -277,7 +277,7 @@ async fn deposit_load(
 }
 
 /// Fetches and acknowledges until the inbox is empty or time is up. Latency samples are per
-/// FETCH+ACK round.
+/// page: the time between two INBOX-ACK answers.
 async fn drain(
     mut link: BrokerLink,
     tickets: Arc<Tickets>,
@@ -288,50 +288,73 @@ async fn drain(
     let mut removed = 0u64;
     let mut errors = 0u64;
     let mut lat = Samples::default();
-    // As the client's inbox fetch does: the ACK of page n and the FETCH of page n+1 go out
-    // together (the broker answers a connection's requests in order).
+    // As the client's inbox fetch does: the FETCH of page n+1 goes out before the ACK of page
+    // n, and the ACK's answer is read after the next page's. The broker answers a connection's
+    // requests in order, so it commits ACK n while this end decodes page n+1.
     let fetch = |after: Option<Hex16>| {
         Request::InboxFetch(InboxFetchArgs {
             limit: Some(fetch_limit),
             after,
         })
     };
-    let mut next = link.send(&fetch(None)).await?;
+    let mut next = Some(link.send(&fetch(None)).await?);
+    let mut unanswered_ack: Option<(u32, usize)> = None;
     let mut t = Instant::now();
-    while Instant::now() < deadline {
-        let page = match link.answer(next).await? {
+    while let Some(fetch_id) = next.take() {
+        let page = match link.answer(fetch_id).await? {
             ResponseData::InboxFetch(page) => page,
             other => bail!("INBOX-FETCH answered with {}", other.kind().as_str()),
         };
-        if page.messages.is_empty() {
-            break;
-        }
         let ids: Vec<Hex16> = page.messages.iter().map(|m| m.id).collect();
-        let last = ids.last().copied();
-        let ack = link.send(&Request::InboxAck(InboxAckArgs { ids })).await?;
-        if page.more {
-            next = link.send(&fetch(last)).await?;
+        let more = page.more && !ids.is_empty() && Instant::now() < deadline;
+        if more {
+            next = Some(link.send(&fetch(ids.last().copied())).await?);
         }
-        match link.answer(ack).await? {
-            ResponseData::InboxAck(d) => {
-                removed += u64::from(d.removed);
-                for _ in 0..d.removed {
-                    tickets.finish();
-                }
-                if (d.removed as usize) < page.messages.len() {
-                    errors += (page.messages.len() - d.removed as usize) as u64;
-                }
-            }
-            other => bail!("INBOX-ACK answered with {}", other.kind().as_str()),
+        let ack = if ids.is_empty() {
+            None
+        } else {
+            let sent = ids.len();
+            Some((
+                link.send(&Request::InboxAck(InboxAckArgs { ids })).await?,
+                sent,
+            ))
+        };
+        if let Some((id, sent)) = unanswered_ack.take() {
+            let (n, e) = ack_answer(&mut link, id, sent, &tickets).await?;
+            removed += n;
+            errors += e;
+            // Per page: from one ACK's answer to the next.
+            lat.push(t.elapsed());
+            t = Instant::now();
         }
-        // Per page: from the FETCH's answer being waited for to the ACK's answer.
+        unanswered_ack = ack;
+    }
+    if let Some((id, sent)) = unanswered_ack {
+        let (n, e) = ack_answer(&mut link, id, sent, &tickets).await?;
+        removed += n;
+        errors += e;
         lat.push(t.elapsed());
-        t = Instant::now();
-        if !page.more {
-            break;
-        }
     }
     Ok((removed, errors, lat))
+}
+
+/// Reads the answer to the INBOX-ACK `id` of `sent` ids; returns (removed, not removed).
+async fn ack_answer(
+    link: &mut BrokerLink,
+    id: u32,
+    sent: usize,
+    tickets: &Tickets,
+) -> anyhow::Result<(u64, u64)> {
+    match link.answer(id).await? {
+        ResponseData::InboxAck(d) => {
+            for _ in 0..d.removed {
+                tickets.finish();
+            }
+            let removed = u64::from(d.removed);
+            Ok((removed, (sent as u64).saturating_sub(removed)))
+        }
+        other => bail!("INBOX-ACK answered with {}", other.kind().as_str()),
+    }
 }
 
 /// Runs `clients` tasks sharing `count` tickets; each calls `insert(i)`.

@@ -882,7 +882,9 @@ impl Agent {
             Ok(Some(s)) => s,
             Ok(None) => {
                 return Reply::err(format!(
-                    "{peer} did not come online, and this device has no earlier session with                      {peer} to seal an offline message with (a device sends offline only with                      sessions it set up itself); try again when {peer} is online"
+                    "{peer} did not come online, and this device has no earlier session with {peer} \
+                     to seal an offline message with (a device sends offline only with sessions \
+                     it set up itself); try again when {peer} is online"
                 ));
             }
             Err(e) => return Reply::err(format!("reading the session with {peer}: {e}")),

@@ -168,24 +168,24 @@ impl Delivery {
             self.retry_pending(&mut batch, live)?;
             arrived.append(&mut self.commit(batch, now_unix)?);
         }
-        // Page n+1 is asked for together with the acknowledgement of page n (pipelined: the
-        // broker answers in order, so the FETCH runs after the ACK).
+        // Pipelined: the FETCH of page n+1 goes out before page n is opened and stored, and
+        // the ACK of page n after that; the ACK's answer is read after page n+1's. The broker
+        // answers a connection's requests in order, so it reads page n+1 while this end stores
+        // page n, and commits ACK n while this end waits for page n+1.
+        let fetch = |after: Option<Hex16>| {
+            Request::InboxFetch(InboxFetchArgs {
+                limit: Some(FETCH_LIMIT),
+                after,
+            })
+        };
         let mut after: Option<Hex16> = None;
-        let mut next: Option<u32> = None;
+        let mut next = link.send(&fetch(after)).await?;
+        let mut unanswered_acks: Vec<u32> = Vec::new();
         loop {
-            let answer = match next.take() {
-                Some(id) => link.answer(id).await,
-                None => {
-                    link.call(Request::InboxFetch(InboxFetchArgs {
-                        limit: Some(FETCH_LIMIT),
-                        after,
-                    }))
-                    .await
-                }
-            };
-            let page = match answer {
+            let page = match link.answer(next).await {
                 Ok(ResponseData::InboxFetch(page)) => page,
                 Ok(other) => {
+                    let _ = answer_all(link, &mut unanswered_acks).await;
                     return Err(LinkError::Protocol(format!(
                         "INBOX-FETCH answered with {}",
                         other.kind().as_str()
@@ -197,54 +197,59 @@ impl Delivery {
                     code: ErrorCode::NotFound,
                     ..
                 }) if after.is_some() => {
+                    answer_all(link, &mut unanswered_acks).await?;
                     after = None;
+                    next = link.send(&fetch(after)).await?;
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    let _ = answer_all(link, &mut unanswered_acks).await;
+                    return Err(e.into());
+                }
             };
             let last = page.messages.last().map(|m| m.id);
-            let (mut got, acks) = self.take(page.messages, live, now_unix)?;
+            let more = page.more && last.is_some();
+            if more {
+                // The cursor is this page's last item, not yet acknowledged: the next page
+                // continues after it (and would start over, harmlessly, were it gone).
+                after = last;
+                next = link.send(&fetch(after)).await?;
+            }
+            let taken = self.take(page.messages, live, now_unix);
+            let (mut got, acks) = match taken {
+                Ok(taken) => taken,
+                Err(e) => {
+                    // Keep the link in step: read what is still owed on it.
+                    let _ = answer_all(link, &mut unanswered_acks).await;
+                    if more {
+                        let _ = link.answer(next).await;
+                    }
+                    return Err(e.into());
+                }
+            };
             arrived.append(&mut got);
-            let mut ack_ids = Vec::new();
+            let mut sent = Vec::new();
             for chunk in acks.chunks(1000) {
-                ack_ids.push(
+                sent.push(
                     link.send(&Request::InboxAck(InboxAckArgs {
                         ids: chunk.to_vec(),
                     }))
                     .await?,
                 );
             }
-            let more = page.more && last.is_some();
-            if more {
-                // The cursor is this page's last item. The ACK just sent (answered first)
-                // removes it, and the broker then starts from the beginning of what is left,
-                // which is the next page; should it stay, the page still moves on.
-                after = last;
-                next = Some(
-                    link.send(&Request::InboxFetch(InboxFetchArgs {
-                        limit: Some(FETCH_LIMIT),
-                        after,
-                    }))
-                    .await?,
-                );
-            }
-            let mut failed = None;
-            for id in ack_ids {
-                if let Err(e) = link.answer(id).await {
-                    failed.get_or_insert(e);
+            if let Err(e) = answer_all(link, &mut unanswered_acks).await {
+                if more {
+                    let _ = link.answer(next).await;
                 }
-            }
-            if let Some(e) = failed {
-                // Read the pipelined FETCH's answer too, so the link stays in step.
-                if let Some(id) = next {
-                    let _ = link.answer(id).await;
-                }
+                let _ = answer_all(link, &mut sent).await;
                 return Err(e.into());
             }
+            unanswered_acks = sent;
             if !more {
                 break;
             }
         }
+        answer_all(link, &mut unanswered_acks).await?;
         Ok(arrived)
     }
 
@@ -510,6 +515,23 @@ impl Batch {
             time: opened.unix_secs,
         });
     }
+}
+
+/// Reads the answers to `ids`, sent in this order, and empties it. A refusal does not stop
+/// the reading (the link stays in step); the first one is returned at the end. A failed link
+/// stops it.
+async fn answer_all(link: &mut BrokerLink, ids: &mut Vec<u32>) -> Result<(), LinkError> {
+    let mut refused = None;
+    for id in ids.drain(..) {
+        match link.answer(id).await {
+            Ok(_) => {}
+            Err(e @ LinkError::Refused { .. }) => {
+                refused.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    refused.map_or(Ok(()), Err)
 }
 
 /// A new random message id for DEPOSIT / SYNC-COPY.

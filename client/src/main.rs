@@ -491,7 +491,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 eprintln!(
-                    "this device has its own identity key until it gets the entity's: run                      `micromsg keys restore --recovery SECRET`, or join with --transfer-key"
+                    "this device has its own identity key until it gets the entity's: run \
+                     `micromsg keys restore --recovery SECRET`, or join with --transfer-key"
                 );
             }
         }

@@ -301,6 +301,33 @@ pub struct Opened {
     pub payload: Vec<u8>,
 }
 
+/// The payload of a frame opened by [`DirectionKeys::open_owned`], checked against its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// The payload of [`Kind::Text`] and [`Kind::Disconnect`].
+    Text(String),
+    /// Any other kind's payload (empty for [`Kind::Heartbeat`]).
+    Bytes(Vec<u8>),
+}
+
+/// What [`DirectionKeys::open_header`] learnt: the header fields and the body's keys.
+struct OpenedPrefix {
+    counter: u64,
+    unix_secs: u64,
+    body_start: usize,
+    mk: MessageKeyMaterial,
+}
+
+impl OpenedPrefix {
+    fn header(&self, kind: Kind) -> OpenedHeader {
+        OpenedHeader {
+            counter: self.counter,
+            unix_secs: self.unix_secs,
+            kind,
+        }
+    }
+}
+
 /// One direction's keys. Zeroized on drop, redacted in `Debug`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectionKeys {
@@ -382,13 +409,9 @@ impl DirectionKeys {
         Ok(out)
     }
 
-    /// Opens a DATA frame and appends its payload to `payload` (nothing on error). Replay
-    /// checks are the caller's, after this succeeds (see [`ReplayGuard`]).
-    pub fn open_into(
-        &self,
-        frame: &[u8],
-        payload: &mut Vec<u8>,
-    ) -> Result<OpenedHeader, MessageError> {
+    /// Checks a DATA frame's layout and opens its header: the counter, the sender's clock,
+    /// where the body starts and the body's key material.
+    fn open_header(&self, frame: &[u8]) -> Result<OpenedPrefix, MessageError> {
         let counter = frame_counter(frame)?;
         let Some(&hlen) = frame.get(PREFIX_LEN - 1) else {
             return Err(MessageError::Malformed);
@@ -400,7 +423,7 @@ impl DirectionKeys {
             return Err(MessageError::Malformed);
         }
         let (prefix, rest) = frame.split_at(PREFIX_LEN);
-        let (header_ct, body_ct) = rest.split_at(hlen);
+        let header_ct = &rest[..hlen];
 
         let mut hs = [0u8; MAX_HEADER_STRING_LEN];
         let hs_len = hlen - TAG_LEN;
@@ -421,14 +444,28 @@ impl DirectionKeys {
         if hs_counter != counter {
             return Err(MessageError::Tampered);
         }
+        Ok(OpenedPrefix {
+            counter,
+            unix_secs,
+            body_start: PREFIX_LEN + hlen,
+            mk: message_key_material(&self.seed, hs),
+        })
+    }
 
-        let mk = message_key_material(&self.seed, hs);
+    /// Opens a DATA frame and appends its payload to `payload` (nothing on error). Replay
+    /// checks are the caller's, after this succeeds (see [`ReplayGuard`]).
+    pub fn open_into(
+        &self,
+        frame: &[u8],
+        payload: &mut Vec<u8>,
+    ) -> Result<OpenedHeader, MessageError> {
+        let p = self.open_header(frame)?;
         let start = payload.len();
         if let Err(e) = aead::open_into(
-            mk.key(),
-            mk.nonce(),
-            &frame[..PREFIX_LEN + hlen],
-            body_ct,
+            p.mk.key(),
+            p.mk.nonce(),
+            &frame[..p.body_start],
+            &frame[p.body_start..],
             payload,
         ) {
             return Err(match e {
@@ -443,17 +480,40 @@ impl DirectionKeys {
         match checked {
             Ok(kind) => {
                 payload.remove(start);
-                Ok(OpenedHeader {
-                    counter,
-                    unix_secs,
-                    kind,
-                })
+                Ok(p.header(kind))
             }
             Err(e) => {
                 payload.truncate(start);
                 Err(e)
             }
         }
+    }
+
+    /// Opens a DATA frame in its own buffer, the receive path of a live session: the body is
+    /// decrypted where it lies and moved to the front once, and a text payload becomes a
+    /// `String` with one UTF-8 check. [`DirectionKeys::open_into`] copies instead.
+    pub fn open_owned(&self, mut frame: Vec<u8>) -> Result<(OpenedHeader, Body), MessageError> {
+        let p = self.open_header(&frame)?;
+        // `open_header` has checked that a kind byte and a tag follow the header.
+        let tag_start = frame.len() - TAG_LEN;
+        let tag: [u8; TAG_LEN] = core::array::from_fn(|i| frame[tag_start + i]);
+        let (aad, body) = frame[..tag_start].split_at_mut(p.body_start);
+        aead::open_in_place_detached(p.mk.key(), p.mk.nonce(), aad, body, &tag)
+            .map_err(|_| MessageError::Tampered)?;
+        let kind_byte = frame[p.body_start];
+        let kind = Kind::from_byte(kind_byte).ok_or(MessageError::UnknownKind(kind_byte))?;
+        frame.truncate(tag_start);
+        frame.drain(..=p.body_start);
+        let body = match kind {
+            Kind::Text | Kind::Disconnect => String::from_utf8(frame)
+                .map(Body::Text)
+                .map_err(|_| MessageError::InvalidPayload(kind))?,
+            _ => {
+                kind.check_payload(&frame)?;
+                Body::Bytes(frame)
+            }
+        };
+        Ok((p.header(kind), body))
     }
 
     /// [`DirectionKeys::open_into`] into a new buffer.

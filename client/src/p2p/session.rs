@@ -23,7 +23,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use micromsg_crypto::SessionKeys;
 use micromsg_crypto::handshake::{AbortReason, SESSION_ID_LEN, TYPE_ABORT};
-use micromsg_crypto::message::{DirectionKeys, Kind, MessageError, ReplayGuard, Sender, TYPE_DATA};
+use micromsg_crypto::message::{
+    Body, DirectionKeys, Kind, MessageError, ReplayGuard, Sender, TYPE_DATA,
+};
 use micromsg_wire::io::{FrameReadError, FrameReader};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -395,7 +397,6 @@ pub(super) fn spawn(
         sender: Sender::new(send, 0),
         recv,
         guard: ReplayGuard::new(),
-        scratch: Vec::new(),
         out_rx,
         batch: Vec::with_capacity(SEND_BATCH),
         events: ev_tx,
@@ -434,8 +435,6 @@ struct Task {
     recv: DirectionKeys,
     /// Live rule: every frame's counter is exactly the last plus one.
     guard: ReplayGuard,
-    /// Reused plaintext buffer for opened frames.
-    scratch: Vec<u8>,
     out_rx: mpsc::Receiver<Outgoing>,
     /// Reused buffer for messages taken from `out_rx`.
     batch: Vec<Outgoing>,
@@ -620,14 +619,10 @@ impl Task {
             }
             [] => return Err(EndReason::ProtocolViolation("empty frame".into())),
         }
-        self.scratch.clear();
-        let header = self
-            .recv
-            .open_into(&frame, &mut self.scratch)
-            .map_err(|e| match e {
-                MessageError::Tampered => EndReason::Tampered,
-                other => EndReason::ProtocolViolation(other.to_string()),
-            })?;
+        let (header, body) = self.recv.open_owned(frame).map_err(|e| match e {
+            MessageError::Tampered => EndReason::Tampered,
+            other => EndReason::ProtocolViolation(other.to_string()),
+        })?;
         self.guard
             .accept_next(header.counter)
             .map_err(|e| match e {
@@ -637,27 +632,22 @@ impl Task {
                 other => EndReason::ProtocolViolation(other.to_string()),
             })?;
         self.last_recv = Instant::now();
-        match header.kind {
-            Kind::Text => {
-                // The crypto crate has checked the UTF-8 already; this moves the buffer.
-                let text = String::from_utf8(std::mem::take(&mut self.scratch))
-                    .map_err(|_| EndReason::ProtocolViolation("TEXT is not UTF-8".into()))?;
+        match (header.kind, body) {
+            (Kind::Text, Body::Text(text)) => {
                 self.deliver(PeerEvent::Text {
                     counter: header.counter,
                     unix: header.unix_secs,
                     text,
                 });
             }
-            Kind::Group => {
-                let payload = std::mem::take(&mut self.scratch);
+            (Kind::Group, Body::Bytes(payload)) => {
                 self.deliver(PeerEvent::Group {
                     counter: header.counter,
                     unix: header.unix_secs,
                     payload,
                 });
             }
-            Kind::Disconnect => {
-                let reason = String::from_utf8_lossy(&self.scratch).into_owned();
+            (Kind::Disconnect, Body::Text(reason)) => {
                 return Err(EndReason::PeerDisconnected(reason));
             }
             // HEARTBEAT only proves liveness; SYNC is reserved and ignored (12.8).

@@ -2,8 +2,8 @@
 
 use micromsg_crypto::aead;
 use micromsg_crypto::message::{
-    self, HeaderString, Kind, MessageError, OfflineEnvelope, PREFIX_LEN, ReplayGuard, Sender,
-    TYPE_DATA,
+    self, Body, HeaderString, Kind, MessageError, OfflineEnvelope, Opened, PREFIX_LEN, ReplayGuard,
+    Sender, TYPE_DATA,
 };
 use micromsg_crypto::{DirectionKeys, Secret32};
 use proptest::prelude::*;
@@ -13,6 +13,26 @@ fn keys(a: u8, b: u8) -> DirectionKeys {
         ts_key: Secret32::from_bytes([a; 32]),
         seed: Secret32::from_bytes([b; 32]),
     }
+}
+
+/// Opens `frame` both ways, [`DirectionKeys::open`] (a copy) and [`DirectionKeys::open_owned`]
+/// (in place), and checks that they agree on the result, errors included.
+fn open(k: &DirectionKeys, frame: &[u8]) -> Result<Opened, MessageError> {
+    let copied = k.open(frame);
+    let owned = k.open_owned(frame.to_vec()).map(|(h, body)| Opened {
+        counter: h.counter,
+        unix_secs: h.unix_secs,
+        kind: h.kind,
+        payload: match body {
+            Body::Text(text) => {
+                assert!(matches!(h.kind, Kind::Text | Kind::Disconnect));
+                text.into_bytes()
+            }
+            Body::Bytes(bytes) => bytes,
+        },
+    });
+    assert_eq!(copied, owned, "open and open_owned disagree");
+    copied
 }
 
 fn kind_and_payload() -> impl Strategy<Value = (Kind, Vec<u8>)> {
@@ -71,8 +91,9 @@ proptest! {
         prop_assert_eq!((h.counter, h.unix_secs, h.kind), (counter, unix, kind));
         prop_assert_eq!(&out[..4], b"kept");
         prop_assert_eq!(&out[4..], payload.as_slice());
+        prop_assert_eq!(open(&k, frame).unwrap().payload, payload);
         // Another direction's keys refuse it.
-        prop_assert_eq!(keys(2, 1).open(frame), Err(MessageError::Tampered));
+        prop_assert_eq!(open(&keys(2, 1), frame), Err(MessageError::Tampered));
     }
 
     #[test]
@@ -90,6 +111,7 @@ proptest! {
         let mut out = Vec::new();
         prop_assert!(k.open_into(&frame, &mut out).is_err());
         prop_assert!(out.is_empty());
+        prop_assert!(open(&k, &frame).is_err());
     }
 
     #[test]
@@ -101,10 +123,10 @@ proptest! {
         let k = keys(5, 6);
         let frame = k.seal(7, 8, kind, &payload).unwrap();
         let n = cut.index(frame.len());
-        prop_assert!(k.open(&frame[..n]).is_err());
+        prop_assert!(open(&k, &frame[..n]).is_err());
         let mut longer = frame.clone();
         longer.extend(extra);
-        prop_assert!(k.open(&longer).is_err());
+        prop_assert!(open(&k, &longer).is_err());
     }
 
     #[test]
@@ -154,7 +176,7 @@ fn every_bit_of_one_frame_matters() {
         for bit in 0..8 {
             let mut bad = frame.clone();
             bad[i] ^= 1 << bit;
-            let err = k.open(&bad).unwrap_err();
+            let err = open(&k, &bad).unwrap_err();
             let expected = if i == 0 || i == PREFIX_LEN - 1 {
                 // The type byte and hlen are layout: a change there is malformed or, when the
                 // new hlen still fits, fails authentication.
@@ -168,6 +190,33 @@ fn every_bit_of_one_frame_matters() {
 }
 
 #[test]
+fn payloads_of_every_size_class_round_trip_both_ways() {
+    let k = keys(13, 14);
+    for len in [0usize, 1, 63, 64, 65, 4095, 4096, 4097, 65_536, 1 << 20] {
+        let text: String = (0..len)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let frame = k.seal(len as u64, 9, Kind::Text, text.as_bytes()).unwrap();
+        assert_eq!(
+            open(&k, &frame).unwrap().payload,
+            text.as_bytes(),
+            "text of {len}"
+        );
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+        let mut frame = k.seal(len as u64, 9, Kind::Group, &bytes).unwrap();
+        assert_eq!(open(&k, &frame).unwrap().payload, bytes, "group of {len}");
+        // The last ciphertext byte before the tag, which only the body's tag covers.
+        let last = frame.len() - 17;
+        frame[last] ^= 0x80;
+        assert_eq!(
+            open(&k, &frame),
+            Err(MessageError::Tampered),
+            "flip in {len}"
+        );
+    }
+}
+
+#[test]
 fn authentic_but_inconsistent_frames() {
     let k = keys(9, 10);
     // The hand-built frame matches the library's.
@@ -177,21 +226,21 @@ fn authentic_but_inconsistent_frames() {
     );
     // Unknown kind.
     let f = handmade_frame(&k, 5, "5-100", 0x05, b"x");
-    assert_eq!(k.open(&f), Err(MessageError::UnknownKind(0x05)));
+    assert_eq!(open(&k, &f), Err(MessageError::UnknownKind(0x05)));
     // Header counter differs from the prefix counter.
     let f = handmade_frame(&k, 5, "6-100", Kind::Text as u8, b"x");
-    assert_eq!(k.open(&f), Err(MessageError::Tampered));
+    assert_eq!(open(&k, &f), Err(MessageError::Tampered));
     // Non-canonical header string.
     let f = handmade_frame(&k, 5, "05-100", Kind::Text as u8, b"x");
-    assert_eq!(k.open(&f), Err(MessageError::Tampered));
+    assert_eq!(open(&k, &f), Err(MessageError::Tampered));
     // Payloads that do not fit their kind.
     let f = handmade_frame(&k, 5, "5-100", Kind::Heartbeat as u8, b"x");
     assert_eq!(
-        k.open(&f),
+        open(&k, &f),
         Err(MessageError::InvalidPayload(Kind::Heartbeat))
     );
     let f = handmade_frame(&k, 5, "5-100", Kind::Text as u8, &[0xc3]);
-    assert_eq!(k.open(&f), Err(MessageError::InvalidPayload(Kind::Text)));
+    assert_eq!(open(&k, &f), Err(MessageError::InvalidPayload(Kind::Text)));
     assert_eq!(Kind::from_byte(0x05), None);
 }
 
@@ -211,12 +260,12 @@ fn sender_counts_and_guard_refuses_replays() {
     }
     assert_eq!(sender.next_counter(), Some(5));
     for f in &frames {
-        let h = k.open(f).unwrap();
+        let h = open(&k, f).unwrap();
         guard.accept_next(h.counter).unwrap();
     }
     assert_eq!(guard.last(), Some(4));
     // Replaying any earlier frame: it opens, but the guard refuses it.
-    let h = k.open(&frames[2]).unwrap();
+    let h = open(&k, &frames[2]).unwrap();
     assert_eq!(
         guard.accept(h.counter),
         Err(MessageError::Replay {
@@ -256,7 +305,7 @@ fn offline_envelope() {
     assert_eq!(bytes.len(), 4 + 16 + frame.len());
     let back = OfflineEnvelope::decode(&bytes).unwrap();
     assert_eq!(back, env);
-    assert_eq!(k.open(back.frame).unwrap().payload, b"later");
+    assert_eq!(open(&k, back.frame).unwrap().payload, b"later");
 
     assert_eq!(
         OfflineEnvelope::decode(b"MMO2"),

@@ -141,6 +141,58 @@ async fn offline_deposit_and_later_delivery_postgres() {
     offline_deposit_and_later_delivery(Backend::Postgres).await;
 }
 
+/// More offline messages than one INBOX-FETCH page holds: the client pipelines the next page's
+/// FETCH before the ACK of the current one (protocol.md 13.2) and still stores every message
+/// once, in order, and leaves nothing at the broker.
+async fn offline_backlog_over_several_pages(backend: Backend) {
+    const COUNT: usize = 300; // about 100 per page with these bodies: at least three pages
+    let broker = TestBroker::start(backend, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (a_agent, _a_rx) = contacts_then_offline(&a, &b).await;
+    a_agent.stop().await.unwrap();
+    // Deposit at once, without first asking for a session.
+    let config = AgentConfig {
+        offline_after: Duration::ZERO,
+        ..agents::config(AcceptPolicy::Any)
+    };
+    let (a_agent, _a_rx) = agents::online(&a, config).await;
+    let texts: Vec<String> = (0..COUNT)
+        .map(|i| format!("{i:04} {}", "x".repeat(200)))
+        .collect();
+    for text in &texts {
+        let reply = send(&a_agent, &b.number, text).await;
+        assert!(reply.ok, "{reply:?}");
+    }
+    let store = &broker.running.broker.store;
+    assert_eq!(store.inbox_depth().await.unwrap(), COUNT as i64);
+
+    let (b_agent, mut b_rx) = online(&b).await;
+    for text in &texts {
+        assert_eq!(
+            message_from(&mut b_rx, &a.number).await,
+            (text.clone(), true)
+        );
+    }
+    b_agent.stop().await.unwrap();
+    let history = Store::new(&b.profile).read_history(&a.number).unwrap();
+    let got: Vec<&str> = history.iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(got, texts, "every message once, in order");
+    assert_eq!(store.inbox_depth().await.unwrap(), 0, "all acknowledged");
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_backlog_over_several_pages_sqlite() {
+    offline_backlog_over_several_pages(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_backlog_over_several_pages_postgres() {
+    offline_backlog_over_several_pages(Backend::Postgres).await;
+}
+
 /// B has two devices. A message to B sent live reaches the live device, and the other device
 /// through the broker; B1's reply shows on B2 as sent by B; an offline message reaches both.
 async fn two_devices(mode: InboxMode) {
