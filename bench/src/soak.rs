@@ -26,7 +26,7 @@
 //! not a failure). Errors or memory growth beyond the tolerance make the process exit non-zero
 //! after the report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -779,10 +779,10 @@ impl Worker {
     }
 
     async fn contact(&mut self) {
-        let Some((_, mut a)) = self.register("ca").await else {
+        let Some((a_profile, mut a)) = self.register("ca").await else {
             return;
         };
-        let Some((_, mut b)) = self.register("cb").await else {
+        let Some((b_profile, mut b)) = self.register("cb").await else {
             return;
         };
         let start = Instant::now();
@@ -791,7 +791,9 @@ impl Worker {
             common::pair_local(&mut a.link, &mut b.link, &b_number).await
         })
         .await;
-        let _ = self.record(Kind::Contact, start, outcome);
+        if self.record(Kind::Contact, start, outcome).is_some() {
+            forget(&[a_profile.dir(), b_profile.dir()]).await;
+        }
     }
 
     async fn session(&mut self) {
@@ -800,11 +802,13 @@ impl Worker {
         };
         let a_number = a_session.info.number.clone();
         drop(a_session);
+        let a_dir = a.dir().to_owned();
         let Some((b, b_session)) = self.register("sb").await else {
             return;
         };
         let b_number = b_session.info.number.clone();
         drop(b_session);
+        let b_dir = b.dir().to_owned();
         let messages = self.ctx.messages;
         let tag = self.next_seq();
         let start = Instant::now();
@@ -891,6 +895,7 @@ impl Worker {
         .await;
         let ok = self.record(Kind::Session, start, outcome).is_some();
         if ok {
+            forget(&[&a_dir, &b_dir]).await;
             let counters = &self.ctx.counters;
             counters
                 .messages_via_copy
@@ -900,6 +905,15 @@ impl Worker {
                 counters.ok[Kind::Message.index()].fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// Removes the profiles of users whose round succeeded (a failed round's stay for inspection
+/// until the run ends). A long soak registers tens of thousands of users; removing them all
+/// at the end took minutes, one directory at a time in a directory of that many.
+async fn forget(dirs: &[&Path]) {
+    for dir in dirs {
+        let _ = tokio::fs::remove_dir_all(dir).await;
     }
 }
 
