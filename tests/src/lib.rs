@@ -175,16 +175,38 @@ pub struct TestNetwork {
 /// connection of every concurrently running test draws from too, so such a port could be taken
 /// between this pick and the later bind ("Address already in use" on a broker restart was seen
 /// in a full run). Ports below the ephemeral range are only ever taken by explicit binds; the
-/// pick is random there, so concurrent test processes rarely try the same one, and checked with
-/// a bind.
+/// pick is random there and checked with a bind.
+///
+/// A check bind alone does not stop two picks made before either listener binds from getting
+/// the same port: two brokers of one test network, or two test processes at once (seen in a
+/// full run: a federation listener's "Address already in use"). So each port handed out is
+/// also held, for the life of the test process, by an exclusive lock on a file named after it
+/// in `$TMPDIR/micromsg-test-ports/`; the kernel drops the lock when the process ends.
 pub fn free_port() -> u16 {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let locks = std::env::temp_dir().join("micromsg-test-ports");
+    let _ = std::fs::create_dir_all(&locks);
     // 10,000 ports just below the ephemeral range (22768..32767 with Linux's default range).
     let high = ephemeral_port_low().max(12_000);
     let low = high - 10_000;
     for _ in 0..1_000 {
         let draw = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
         let port = low + (draw % u64::from(high - low)) as u16;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(locks.join(port.to_string()));
+        // Without a writable temporary directory, fall back to the bind check alone.
+        let lock = match lock {
+            Ok(file) if file.try_lock().is_err() => continue, // handed out already
+            Ok(file) => Some(file),
+            Err(_) => None,
+        };
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if let Some(file) = lock {
+                HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+            }
             return port;
         }
     }
