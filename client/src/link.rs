@@ -106,6 +106,12 @@ impl std::fmt::Debug for BrokerLink {
 /// How long a request waits for its answer by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The longest `RetryAfter` (seconds) that [`BrokerLink::call`] waits out by itself.
+pub const RATE_LIMIT_WAIT_MAX: u32 = 2;
+
+/// How many times [`BrokerLink::call`] retries one request after RATE-LIMITED.
+pub const RATE_LIMIT_RETRIES: u32 = 3;
+
 impl BrokerLink {
     /// Connects to `addr` (`HOST:PORT`) and checks its certificate for `tls_name`.
     pub async fn connect(
@@ -166,9 +172,28 @@ impl BrokerLink {
 
     /// Sends `request` and waits for its answer; events that arrive meanwhile are queued
     /// for [`BrokerLink::next_event`].
+    ///
+    /// A RATE-LIMITED answer whose `RetryAfter` is at most [`RATE_LIMIT_WAIT_MAX`] seconds
+    /// (the per-connection request bucket, protocol.md 2.4) is waited out and the request sent
+    /// again, up to [`RATE_LIMIT_RETRIES`] times: a refused request changed nothing, so this
+    /// is safe, and a burst of sends should slow down rather than fail. Longer waits (the
+    /// INITIATE and registration budgets) come back as the error.
     pub async fn call(&mut self, request: Request) -> Result<ResponseData, LinkError> {
-        let id = self.send(&request).await?;
-        self.answer(id).await
+        let mut retries = 0;
+        loop {
+            let id = self.send(&request).await?;
+            match self.answer(id).await {
+                Err(LinkError::Refused {
+                    code: ErrorCode::RateLimited,
+                    retry_after: Some(secs),
+                    ..
+                }) if secs <= RATE_LIMIT_WAIT_MAX && retries < RATE_LIMIT_RETRIES => {
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_secs(u64::from(secs.max(1)))).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Waits for the answer to request `id`, sent with [`BrokerLink::send`]. The broker answers

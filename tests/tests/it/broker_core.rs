@@ -435,6 +435,40 @@ mod hygiene {
         broker.stop().await;
     }
 
+    /// Past the per-connection burst the broker answers RATE-LIMITED with a short
+    /// `RetryAfter`; `BrokerLink::call` waits it out and the request goes through. Sending
+    /// past the wait instead (`send`/`answer`) shows the refusal itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_rate_limit_wait_is_waited_out_by_the_client() {
+        let broker = TestBroker::start(Backend::Sqlite, |c| {
+            c.limits.requests_per_sec = 2;
+            c.limits.requests_burst = 2;
+        })
+        .await;
+        let mut link = raw_link(&broker).await;
+        let started = Instant::now();
+        for _ in 0..4 {
+            let answer = link.call(Request::Ping).await.unwrap();
+            assert!(matches!(answer, ResponseData::Ping(_)), "{answer:?}");
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "the third PING had to wait for a token: {:?}",
+            started.elapsed()
+        );
+        let id = link.send(&Request::Ping).await.unwrap();
+        match link.answer(id).await.unwrap_err() {
+            LinkError::Refused {
+                code, retry_after, ..
+            } => {
+                assert_eq!(code, ErrorCode::RateLimited);
+                assert_eq!(retry_after, Some(1));
+            }
+            other => panic!("{other:?}"),
+        }
+        broker.stop().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn registrations_per_ip_and_login_failures_are_limited() {
         let broker = TestBroker::start(Backend::Sqlite, |c| {
