@@ -64,7 +64,17 @@ impl ChildServer {
         let config_file = dir.join(format!("{name}.json"));
         std::fs::write(&config_file, serde_json::to_vec_pretty(config)?)
             .with_context(|| format!("writing {}", config_file.display()))?;
-        let mut cmd = Command::new(self_exe()?);
+        // A profiling hook: the broker runs as `$MICROMSG_BENCH_BROKER_WRAPPER <this binary>
+        // __broker <config>`. The wrapper should `exec` its arguments, so the broker keeps the
+        // child's pid and its memory is still what the bench reads (performance.md, "Soak").
+        let mut cmd = match std::env::var_os(BROKER_WRAPPER) {
+            Some(wrapper) if !wrapper.is_empty() => {
+                let mut cmd = Command::new(wrapper);
+                cmd.arg(self_exe()?);
+                cmd
+            }
+            _ => Command::new(self_exe()?),
+        };
         cmd.arg("__broker").arg(&config_file);
         Self::spawn(cmd, &dir.join(format!("{name}.log")))
     }
@@ -174,6 +184,9 @@ impl Drop for ChildServer {
         }
     }
 }
+
+/// The environment variable naming a program the broker child is started through.
+const BROKER_WRAPPER: &str = "MICROMSG_BENCH_BROKER_WRAPPER";
 
 fn self_exe() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("locating this executable to start a child server")

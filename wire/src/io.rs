@@ -81,7 +81,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             if self.buf.is_empty() && self.buf.capacity() > self.idle_capacity {
                 self.buf = Vec::new();
-            } else if self.buf.capacity() > KEEP_CAPACITY && self.buf.len() < KEEP_CAPACITY {
+            } else if self.buf.capacity() > KEEP_CAPACITY
+                && self.buf.len() < KEEP_CAPACITY
+                && self.pending_total() <= KEEP_CAPACITY
+            {
+                // Not while a large frame is arriving: `take_frame` reserved its whole length,
+                // and shrinking here would reallocate on every partial read of it.
                 self.buf.shrink_to(KEEP_CAPACITY);
             }
             if self.buf.capacity() == self.buf.len() {
@@ -96,6 +101,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
         }
+    }
+
+    /// Prefix and body length of the frame at the front of the buffer, once its prefix is in
+    /// (0 before).
+    fn pending_total(&self) -> usize {
+        self.buf[self.start..]
+            .first_chunk::<4>()
+            .map_or(0, |prefix| 4 + u32::from_be_bytes(*prefix) as usize)
     }
 
     fn take_frame(&mut self) -> Result<Option<Vec<u8>>, FrameReadError> {
@@ -154,6 +167,58 @@ mod tests {
         assert_eq!(reader.next_frame().await.unwrap().unwrap(), b"second frame");
         writer.await.unwrap();
         assert!(reader.next_frame().await.unwrap().is_none());
+    }
+
+    /// Hands out at most `chunk` bytes per read and records the free space it was offered.
+    struct Chunked {
+        data: Vec<u8>,
+        at: usize,
+        chunk: usize,
+        offered: Vec<usize>,
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let this = &mut *self;
+            this.offered.push(buf.remaining());
+            let n = this
+                .chunk
+                .min(buf.remaining())
+                .min(this.data.len() - this.at);
+            buf.put_slice(&this.data[this.at..this.at + n]);
+            this.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_in_small_reads_is_read_into_one_reservation() {
+        const BODY: usize = 65_536;
+        let mut data = (BODY as u32).to_be_bytes().to_vec();
+        data.extend((0..BODY).map(|i| i as u8));
+        let chunked = Chunked {
+            data: data.clone(),
+            at: 0,
+            chunk: 1000,
+            offered: Vec::new(),
+        };
+        let mut reader = FrameReader::new(chunked, BODY as u32);
+        assert_eq!(reader.next_frame().await.unwrap().unwrap(), &data[4..]);
+        // After the first read has shown the prefix, every read is offered room for the whole
+        // rest of the frame: the buffer is not shrunk and regrown between reads.
+        let offered = &reader.inner.offered;
+        assert!(offered.len() > 60, "{} reads", offered.len());
+        for (i, room) in offered.iter().enumerate().skip(1) {
+            let rest = data.len() - 1000 * i;
+            assert!(
+                *room >= rest,
+                "read {i}: room {room} for {rest} bytes to come"
+            );
+        }
     }
 
     #[tokio::test]
