@@ -3,7 +3,7 @@
 //! They take `now` as an argument (sans-clock), so tests drive them deterministically. Tables
 //! keyed by IP or entity are bounded by pruning entries that no longer limit anything.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -212,50 +212,60 @@ impl FailureLock {
 /// accepted once. The TLS channel binding already makes a nonce useless on any other
 /// connection; this closes the remaining gap (the same connection, or a broken binding).
 ///
-/// It holds one entry per login in the last 1.25 windows, so its size follows the login rate:
-/// entries are kept small (20 bytes: the nonce's first 16 bytes and a second count). A
-/// 128-bit prefix of an HMAC output identifies the nonce as well as the whole does here: a
-/// replay has the same prefix, and a false match of two different nonces is a 2^-128 chance.
+/// Its size follows the login rate (one entry per login in the window), so it is kept compact
+/// and without large reallocations: nonces go into one set per quarter window, and a set is
+/// dropped whole once its newest entry is older than the window. A lookup checks the five live
+/// sets. Each entry is the nonce's first 16 bytes: a 128-bit prefix of an HMAC output
+/// identifies the nonce as well as the whole does here (a replay has the same prefix; two
+/// different nonces share it with probability 2^-128). One table of 32-byte nonces and their
+/// times, pruned once per window, doubled to 1.6 MiB under the soak's login rate and stepped
+/// the broker's RSS up for good (performance.md, "Soak").
 #[derive(Debug)]
 pub struct ReplayCache {
     keep: Duration,
-    /// Seconds in the table count from here.
-    epoch: Instant,
-    seen: Mutex<Pruned<[u8; 16], u32>>,
+    /// Sets of nonces by the start of their quarter window, oldest first.
+    sets: Mutex<VecDeque<(Instant, HashSet<[u8; 16]>)>>,
 }
 
 impl ReplayCache {
-    /// Keeps each nonce for `keep` (the width of the acceptance window).
+    /// Keeps each nonce for `keep` (the width of the acceptance window), and at most a quarter
+    /// of `keep` longer.
     pub fn new(keep: Duration) -> Self {
-        Self::with_epoch(keep, Instant::now())
-    }
-
-    fn with_epoch(keep: Duration, epoch: Instant) -> Self {
         Self {
             keep,
-            epoch,
-            seen: Mutex::new(Pruned::default()),
+            sets: Mutex::new(VecDeque::new()),
         }
     }
 
     /// Records `nonce`; false if it was already accepted inside the window.
     pub fn first_use(&self, nonce: [u8; 32], now: Instant) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        // Whole seconds, rounded up for the entry's time: an entry is kept up to a second
-        // longer than `keep`, never shorter.
-        let now_secs = now.saturating_duration_since(self.epoch).as_secs_f64();
-        let keep = self.keep.as_secs_f64();
-        let live = |at: u32| now_secs - f64::from(at) < keep;
-        seen.prune(now, self.keep, 10_000, |_, at| live(*at));
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        let width = self.keep / PRUNES_PER_PERIOD;
+        // A set's entries are at most `width` newer than its start.
+        while sets
+            .front()
+            .is_some_and(|(start, _)| now.saturating_duration_since(*start) >= self.keep + width)
+        {
+            sets.pop_front();
+        }
         let mut key = [0u8; 16];
         key.copy_from_slice(&nonce[..16]);
-        match seen.map.get(&key) {
-            Some(at) if live(*at) => false,
-            _ => {
-                seen.map.insert(key, now_secs.ceil() as u32);
-                true
-            }
+        if sets.iter().any(|(_, set)| set.contains(&key)) {
+            return false;
         }
+        match sets.back_mut() {
+            Some((start, set)) if now.saturating_duration_since(*start) < width => {
+                set.insert(key);
+            }
+            _ => sets.push_back((now, HashSet::from([key]))),
+        }
+        true
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        sets.iter().map(|(_, set)| set.len()).sum()
     }
 }
 
@@ -335,42 +345,40 @@ mod tests {
     #[test]
     fn replay_cache_accepts_once() {
         let t0 = Instant::now();
-        let c = ReplayCache::with_epoch(Duration::from_secs(18), t0);
+        let c = ReplayCache::new(Duration::from_secs(18));
         assert!(c.first_use([1; 32], t0 + Duration::from_millis(300)));
         assert!(!c.first_use([1; 32], t0 + Duration::from_secs(5)));
-        // Still refused at the end of the window: the entry's time is never rounded down.
-        assert!(!c.first_use([1; 32], t0 + Duration::from_millis(18_200)));
+        // Still refused at the end of the window.
+        assert!(!c.first_use([1; 32], t0 + Duration::from_millis(18_299)));
         assert!(
-            c.first_use([1; 32], t0 + Duration::from_secs(20)),
-            "window over"
+            c.first_use([1; 32], t0 + Duration::from_millis(18_300 + 4_500)),
+            "window and a quarter over"
         );
-        assert!(c.first_use([2; 32], t0));
+        assert!(c.first_use([2; 32], t0 + Duration::from_secs(23)));
         // Nonces that differ only past the first 16 bytes count as one (documented).
         let mut other = [2; 32];
         other[31] = 9;
-        assert!(!c.first_use(other, t0 + Duration::from_secs(1)));
+        assert!(!c.first_use(other, t0 + Duration::from_secs(24)));
     }
 
     #[test]
     fn replay_cache_holds_about_one_window_and_a_quarter_of_logins() {
         let t0 = Instant::now();
-        let keep = Duration::from_secs(24);
-        let c = ReplayCache::with_epoch(keep, t0);
+        let c = ReplayCache::new(Duration::from_secs(24));
         // 100 logins a second for four windows: never more than 1.25 windows' worth plus the
-        // current second.
+        // current step, and never less than one window's.
         let mut most = 0;
         for tick in 0..(96 * 100u32) {
             let now = t0 + Duration::from_millis(u64::from(tick) * 10);
             let mut nonce = [0u8; 32];
             nonce[..4].copy_from_slice(&tick.to_le_bytes());
             assert!(c.first_use(nonce, now));
-            most = most.max(c.seen.lock().unwrap().map.len());
+            if tick >= 2_400 {
+                assert!(c.len() >= 2_400, "forgot nonces inside the window");
+            }
+            most = most.max(c.len());
         }
-        assert!(most <= 3_000 + 100, "held {most} entries");
-        assert!(
-            most >= 2_400,
-            "held only {most}: forgot nonces inside the window"
-        );
+        assert!(most <= 3_000 + 1, "held {most} entries");
     }
 
     #[test]
