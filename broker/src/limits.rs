@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 /// A table of entries that stop mattering after a while, pruned on access four times per
 /// period (and whenever it passes `max_len`), so that it holds about 1.25 periods' keys rather
-/// than every key seen until a size mark. (Pruning once per period let it reach two periods'
-/// keys just before each pruning, and a steady load near a hash table's doubling point then
-/// doubled it for good: a 20-minute soak's RSS stepped up by 1.3 MiB that way.) Pruning walks
-/// the table a few times per period: amortised O(1) per access. Its capacity shrinks with it,
-/// so a burst of keys does not pin memory.
+/// than every key seen until a size mark, or the two periods' keys it reached just before each
+/// pruning when it was pruned once per period. Pruning walks the table a few times per period:
+/// amortised O(1) per access. Its capacity shrinks with it, so a burst of keys does not pin
+/// memory.
 #[derive(Debug)]
 pub(crate) struct Pruned<K, V> {
     pub(crate) map: HashMap<K, V>,
