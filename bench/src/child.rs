@@ -67,13 +67,14 @@ impl ChildServer {
         // A profiling hook: the broker runs as `$MICROMSG_BENCH_BROKER_WRAPPER <this binary>
         // __broker <config>`. The wrapper should `exec` its arguments, so the broker keeps the
         // child's pid and its memory is still what the bench reads (performance.md, "Soak").
-        let mut cmd = match std::env::var_os(BROKER_WRAPPER) {
-            Some(wrapper) if !wrapper.is_empty() => {
+        let exe = self_exe()?;
+        let mut cmd = match std::env::var_os(BROKER_WRAPPER).filter(|w| !w.is_empty()) {
+            Some(wrapper) => {
                 let mut cmd = Command::new(wrapper);
-                cmd.arg(self_exe()?);
+                cmd.arg(exe);
                 cmd
             }
-            _ => Command::new(self_exe()?),
+            None => Command::new(exe),
         };
         cmd.arg("__broker").arg(&config_file);
         Self::spawn(cmd, &dir.join(format!("{name}.log")))

@@ -213,8 +213,8 @@ impl FailureLock {
 ///
 /// Its size follows the login rate (one entry per login in the window), so it is kept compact
 /// and without large reallocations: nonces go into one set per quarter window, and a set is
-/// dropped whole once its newest entry is older than the window. A lookup checks the five live
-/// sets. Each entry is the nonce's first 16 bytes: a 128-bit prefix of an HMAC output
+/// dropped whole once its newest entry is older than the window. A lookup checks the live sets
+/// (five or six). Each entry is the nonce's first 16 bytes: a 128-bit prefix of an HMAC output
 /// identifies the nonce as well as the whole does here (a replay has the same prefix; two
 /// different nonces share it with probability 2^-128). One table of 32-byte nonces and their
 /// times, pruned once per window, doubled to 1.6 MiB under the soak's login rate and stepped

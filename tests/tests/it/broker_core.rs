@@ -435,6 +435,18 @@ mod hygiene {
         broker.stop().await;
     }
 
+    /// The `RetryAfter` of a RATE-LIMITED refusal; panics on any other error.
+    fn rate_limited_retry_after(err: LinkError) -> Option<u32> {
+        match err {
+            LinkError::Refused {
+                code: ErrorCode::RateLimited,
+                retry_after,
+                ..
+            } => retry_after,
+            other => panic!("expected RATE-LIMITED, got {other:?}"),
+        }
+    }
+
     /// Past the per-connection burst the broker answers RATE-LIMITED with a short
     /// `RetryAfter`; `BrokerLink::call` waits it out and the request goes through. Sending
     /// past the wait instead (`send`/`answer`) shows the refusal itself.
@@ -457,15 +469,10 @@ mod hygiene {
             started.elapsed()
         );
         let id = link.send(&Request::Ping).await.unwrap();
-        match link.answer(id).await.unwrap_err() {
-            LinkError::Refused {
-                code, retry_after, ..
-            } => {
-                assert_eq!(code, ErrorCode::RateLimited);
-                assert_eq!(retry_after, Some(1));
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            rate_limited_retry_after(link.answer(id).await.unwrap_err()),
+            Some(1)
+        );
         broker.stop().await;
     }
 
@@ -488,16 +495,8 @@ mod hygiene {
             other => panic!("{other:?}"),
         };
         link.call(register()).await.unwrap();
-        let err = link.call(register()).await.unwrap_err();
-        match err {
-            LinkError::Refused {
-                code, retry_after, ..
-            } => {
-                assert_eq!(code, ErrorCode::RateLimited);
-                assert!(retry_after.is_some_and(|s| s > 0));
-            }
-            other => panic!("{other:?}"),
-        }
+        let retry_after = rate_limited_retry_after(link.call(register()).await.unwrap_err());
+        assert!(retry_after.is_some_and(|s| s > 0));
 
         // Three wrong nonces lock the entity; then even the right one is refused for a while.
         let bad = |n: u8| {
