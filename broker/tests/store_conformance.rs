@@ -62,6 +62,16 @@ where
     F: FnOnce(Store) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    run_postgres_with(|store, _| case(store)).await;
+}
+
+/// [`run_postgres`], also giving the case the fresh database's connect options, for the few
+/// checks of rows the `Store` API does not show.
+async fn run_postgres_with<F, Fut>(case: F)
+where
+    F: FnOnce(Store, PgConnectOptions) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let base = PgConnectOptions::from_str(&database_url())
         .unwrap_or_else(|e| panic!("DATABASE_URL is not a valid Postgres URL: {e}"));
     let mut admin = PgConnection::connect_with(&base).await.unwrap_or_else(|e| {
@@ -83,7 +93,7 @@ where
         .await
         .unwrap();
     assert_eq!(store.backend_name(), "postgres");
-    let outcome = tokio::spawn(case(store.clone())).await;
+    let outcome = tokio::spawn(case(store.clone(), base.clone().database(&name))).await;
     store.close().await;
     sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .execute(&mut admin)
@@ -147,6 +157,57 @@ conformance!(
     case_outbox_group_commit,
     case_quota_counter_bound,
 );
+
+/// Postgres only (migration 0005): number-mode acknowledgements leave with their item, through
+/// the statement-level trigger that replaced the foreign key's cascade, on every path that
+/// deletes items: the last acknowledgement, a revocation that completes one, the sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_acks_leave_with_their_items() {
+    run_postgres_with(|store, db| async move {
+        let mut db = PgConnection::connect_with(&db).await.unwrap();
+        entity(&store, "5550001").await;
+        add_devices(&store, "5550001", 3).await;
+        let mut items = vec![
+            item(1, "5550001", None, "5550002"),
+            item(2, "5550001", None, "5550002"),
+            item(3, "5550001", None, "5550002"),
+            item(4, "5550001", Some(1), "5550002"),
+        ];
+        items[2].expires_at = NOW + 10;
+        store.deposit_batch(&items, 100).await.unwrap();
+        for (dev, ids) in [(1, vec![id(1), id(2), id(3), id(4)]), (2, vec![id(1)])] {
+            store.ack_inbox("5550001", dev, &ids, NOW).await.unwrap();
+        }
+        let mut acks = async || -> i64 {
+            sqlx::query_scalar("SELECT COUNT(*) FROM inbox_acks")
+                .fetch_one(&mut db)
+                .await
+                .unwrap()
+        };
+        assert_eq!(
+            acks().await,
+            4,
+            "items 1 (devices 1, 2), 2 and 3 (device 1)"
+        );
+        assert_eq!(
+            store.inbox_depth().await.unwrap(),
+            3,
+            "device 1's own item 4 went"
+        );
+
+        // Revoking device 3 completes item 1: it goes, and its two acknowledgements with it.
+        assert!(store.revoke_device("5550001", 3, NOW).await.unwrap());
+        assert_eq!(acks().await, 2);
+        // Device 2's acknowledgement completes item 2.
+        store.ack_inbox("5550001", 2, &[id(2)], NOW).await.unwrap();
+        assert_eq!(acks().await, 1);
+        // Item 3 expires with device 1's acknowledgement on it.
+        assert_eq!(store.sweep(NOW + 10).await.unwrap().inbox_items, 1);
+        assert_eq!(acks().await, 0);
+        assert_eq!(store.inbox_depth().await.unwrap(), 0);
+    })
+    .await;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

@@ -68,6 +68,45 @@ pub(super) const DELETE_FULLY_ACKED_ALL: &str = concat!(
     fully_acked!()
 );
 
+/// Postgres: acknowledges number-mode items `ids` of `number` for `device`, then deletes (by
+/// primary key) those now acknowledged by every active device. Returns how many were newly
+/// acknowledged. FOR KEY SHARE holds each item until commit and skips one deleted meanwhile, so
+/// no acknowledgement outlives its item (what a foreign key did before migration 0005).
+async fn ack_number_mode(
+    tx: &mut PgConnection,
+    number: &str,
+    device: i64,
+    ids: &[&[u8]],
+) -> Result<u64, StoreError> {
+    let marked: Vec<i64> = sqlx::query_scalar(&format!(
+        "INSERT INTO inbox_acks (item_seq, device_id) SELECT s, $2 \
+             FROM ({}) AS x (s) \
+             ON CONFLICT (item_seq, device_id) DO NOTHING RETURNING item_seq",
+        pg_seqs_of("0", "FOR KEY SHARE")
+    ))
+    .bind(number)
+    .bind(device)
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    if !marked.is_empty() {
+        sqlx::query(
+            // No recipient_number test on `i` (every seq here is one of $1's): it would let a
+            // stale planner scan the inbox instead of the primary key.
+            concat!(
+                "DELETE FROM inbox_items AS i \
+                 WHERE i.seq = ANY($2) AND i.recipient_device = 0 AND ",
+                fully_acked!()
+            ),
+        )
+        .bind(number)
+        .bind(&marked)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(marked.len() as u64)
+}
+
 /// The stored form of a recipient device.
 fn stored_device(d: Option<DeviceId>) -> Result<i64, StoreError> {
     match d {
@@ -237,13 +276,14 @@ const PG_LOOKUP: &str = "SELECT i.recipient_number, i.recipient_device, i.id, \
          WHERE recipient_number = k.n AND recipient_device = k.d AND id = k.id LIMIT 1) AS i";
 
 /// The seqs of the items with ids `$3` in the inbox of `$1` and stored device `device` (a
-/// parameter or a literal), one keyed probe per id (see [`PG_LOOKUP`]).
-fn pg_seqs_of(device: &str) -> String {
+/// parameter or a literal), one keyed probe per id (see [`PG_LOOKUP`]). `lock` is a locking
+/// clause for the items found, or empty.
+fn pg_seqs_of(device: &str, lock: &str) -> String {
     format!(
         "SELECT x.seq FROM UNNEST($3::bytea[]) AS u (id) \
          CROSS JOIN LATERAL (SELECT seq FROM inbox_items \
              WHERE recipient_number = $1 AND recipient_device = {device} AND id = u.id \
-             LIMIT 1) AS x"
+             LIMIT 1 {lock}) AS x"
     )
 }
 
@@ -768,44 +808,27 @@ impl Store {
                 // Keys to seqs one by one (see PG_LOOKUP), then deleted by primary key; no
                 // recipient test outside the subquery, which a stale planner could use to scan
                 // the inbox.
-                done += sqlx::query(&format!(
-                    "DELETE FROM inbox_items WHERE seq = ANY(ARRAY({}))",
-                    pg_seqs_of("$2")
-                ))
-                .bind(number)
-                .bind(device)
-                .bind(&list)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                // Number-mode items: the acknowledgement, then (by primary key) those now
-                // acknowledged by every active device.
-                let marked: Vec<i64> = sqlx::query_scalar(&format!(
-                    "INSERT INTO inbox_acks (item_seq, device_id) SELECT s, $2 \
-                         FROM ({}) AS x (s) \
-                         ON CONFLICT (item_seq, device_id) DO NOTHING RETURNING item_seq",
-                    pg_seqs_of("0")
+                let deleted: Vec<Vec<u8>> = sqlx::query_scalar(&format!(
+                    "DELETE FROM inbox_items WHERE seq = ANY(ARRAY({})) RETURNING id",
+                    pg_seqs_of("$2", "")
                 ))
                 .bind(number)
                 .bind(device)
                 .bind(&list)
                 .fetch_all(&mut *tx)
                 .await?;
-                done += marked.len() as u64;
-                if !marked.is_empty() {
-                    sqlx::query(
-                        // No recipient_number test on `i` (every seq here is one of $1's): it
-                        // would let a stale planner scan the inbox instead of the primary key.
-                        concat!(
-                            "DELETE FROM inbox_items AS i \
-                             WHERE i.seq = ANY($2) AND i.recipient_device = 0 AND ",
-                            fully_acked!()
-                        ),
-                    )
-                    .bind(number)
-                    .bind(&marked)
-                    .execute(&mut *tx)
-                    .await?;
+                done += deleted.len() as u64;
+                // Only the rest can be number-mode items. On an entity-mode broker the whole
+                // page was the device's own, so the number-mode probe is skipped. (An id held
+                // both ways, possible only across a mode change, comes back once more from the
+                // number-mode inbox, and its next acknowledgement takes it.)
+                let deleted: HashSet<&[u8]> = deleted.iter().map(Vec::as_slice).collect();
+                let rest: Vec<&[u8]> = list
+                    .into_iter()
+                    .filter(|id| !deleted.contains(id))
+                    .collect();
+                if !rest.is_empty() {
+                    done += ack_number_mode(&mut *tx, number, device, &rest).await?;
                 }
                 tx.commit().await?;
             }
