@@ -1,7 +1,7 @@
 //! Federation state: broker-held pubkeys of peer brokers' clients, and the durable outbox of
 //! cross-broker deliveries.
 
-use super::{OutboxItem, PoolExt, Store, StoreError, array, on_pool};
+use super::{Backend, OutboxItem, PoolExt, Store, StoreError, array, on_pool, sqlite_rows};
 
 /// Outbox rows per INSERT statement (4 parameters each; SQLite allows 32,766).
 const OUTBOX_CHUNK: usize = 256;
@@ -81,20 +81,27 @@ impl Store {
         entries: &[super::OutboxEntry],
     ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
         let mut fresh: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+        let sqlite = matches!(self.backend, Backend::Sqlite(_));
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for chunk in entries.chunks(OUTBOX_CHUNK) {
-                let values = (0..chunk.len())
-                    .map(|i| {
-                        let b = 4 * i;
-                        format!("(${}, ${}, ${}, 0, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 4)
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                // Five parameters a row: anonymous on SQLite (see `sqlite_rows`), numbered on
+                // Postgres, which has no `?`.
+                let values = if sqlite {
+                    sqlite_rows(chunk.len(), 5)
+                } else {
+                    (0..chunk.len())
+                        .map(|i| {
+                            let b = 5 * i;
+                            format!("(${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5)
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 let sql = format!(
                     "INSERT INTO outbox \
-                     (idempotency_key, peer_broker, payload, attempts, next_attempt_at, \
-                      created_at) VALUES {values} \
+                     (idempotency_key, peer_broker, payload, next_attempt_at, created_at) \
+                     VALUES {values} \
                      ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key"
                 );
                 let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql).persistent(false);
@@ -103,6 +110,7 @@ impl Store {
                         .bind(&e.idempotency_key[..])
                         .bind(e.peer_broker.as_str())
                         .bind(e.payload.as_slice())
+                        .bind(e.now)
                         .bind(e.now);
                 }
                 fresh.extend(q.fetch_all(&mut *tx).await?);

@@ -14,7 +14,7 @@ use super::{
     Backend, DepositOutcome, DeviceId, InboxItem, MessageId, NewInboxItem, PoolExt, Store,
     StoreError,
 };
-use super::{array, device_id, on_pool, placeholders};
+use super::{array, device_id, on_pool, sqlite_list, sqlite_rows};
 
 /// (recipient number, stored recipient device (0 = number mode), message id).
 type Key = (String, i64, MessageId);
@@ -51,13 +51,18 @@ fn sorted(inboxes: &[(Inbox, i64)]) -> Vec<&(Inbox, i64)> {
     rows
 }
 
-/// Item `i` (of number `$1`) is acknowledged by every active device of `$1`.
+/// Item `i` (of the number `$number`, an SQL expression) is acknowledged by every active device
+/// of that number.
 macro_rules! fully_acked {
-    () => {
-        "NOT EXISTS (SELECT 1 FROM devices AS d \
-             WHERE d.number = $1 AND d.revoked_at IS NULL \
+    ($number:literal) => {
+        concat!(
+            "NOT EXISTS (SELECT 1 FROM devices AS d \
+             WHERE d.number = ",
+            $number,
+            " AND d.revoked_at IS NULL \
              AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
                  WHERE a.item_seq = i.seq AND a.device_id = d.device_id))"
+        )
     };
 }
 
@@ -65,7 +70,7 @@ macro_rules! fully_acked {
 pub(super) const DELETE_FULLY_ACKED_ALL: &str = concat!(
     "DELETE FROM inbox_items AS i \
      WHERE i.recipient_number = $1 AND i.recipient_device = 0 AND ",
-    fully_acked!()
+    fully_acked!("$1")
 );
 
 /// Postgres: acknowledges number-mode items `ids` of `number` for `device`, then deletes (by
@@ -96,7 +101,7 @@ async fn ack_number_mode(
             concat!(
                 "DELETE FROM inbox_items AS i \
                  WHERE i.seq = ANY($2) AND i.recipient_device = 0 AND ",
-                fully_acked!()
+                fully_acked!("$1")
             ),
         )
         .bind(number)
@@ -156,10 +161,7 @@ impl DepositIo for SqliteConnection {
     async fn lookup(&mut self, keys: &[Key]) -> Result<HashMap<Key, (String, i64)>, StoreError> {
         let mut out = HashMap::new();
         for chunk in keys.chunks(SQLITE_CHUNK) {
-            let values = (0..chunk.len())
-                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let values = sqlite_rows(chunk.len(), 3);
             let sql = format!(
                 "SELECT recipient_number, recipient_device, id, sender_number, sender_device \
                  FROM inbox_items WHERE (recipient_number, recipient_device, id) IN \
@@ -180,10 +182,7 @@ impl DepositIo for SqliteConnection {
     async fn counts(&mut self, inboxes: &[Inbox]) -> Result<HashMap<Inbox, i64>, StoreError> {
         let mut out = HashMap::new();
         for chunk in inboxes.chunks(SQLITE_CHUNK) {
-            let values = (0..chunk.len())
-                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let values = sqlite_rows(chunk.len(), 2);
             let sql = format!(
                 "SELECT recipient_number, recipient_device, COUNT(*) FROM inbox_items \
                  WHERE (recipient_number, recipient_device) IN (VALUES {values}) \
@@ -208,10 +207,7 @@ impl DepositIo for SqliteConnection {
         let rows = sorted(inboxes);
         let mut out = HashMap::with_capacity(rows.len());
         for chunk in rows.chunks(SQLITE_CHUNK) {
-            let values = (0..chunk.len())
-                .map(|i| format!("({})", placeholders(3 * i + 1, 3)))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let values = sqlite_rows(chunk.len(), 3);
             let sql = format!(
                 "INSERT INTO inbox_counters (recipient_number, recipient_device, items) \
                  VALUES {values} ON CONFLICT (recipient_number, recipient_device) \
@@ -232,10 +228,7 @@ impl DepositIo for SqliteConnection {
     async fn insert(&mut self, rows: &[(&NewInboxItem, i64)]) -> Result<HashSet<Key>, StoreError> {
         let mut out = HashSet::new();
         for chunk in rows.chunks(SQLITE_CHUNK) {
-            let values = (0..chunk.len())
-                .map(|i| format!("({})", placeholders(8 * i + 1, 8)))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let values = sqlite_rows(chunk.len(), 8);
             let sql = format!(
                 "INSERT INTO inbox_items (id, recipient_number, recipient_device, sender_number, \
                  sender_device, created_at, expires_at, body) VALUES {values} \
@@ -626,10 +619,7 @@ impl Store {
             let mut tx = pool.begin_write().await?;
             let mut fresh = vec![false; deliveries.len()];
             for (chunk_no, chunk) in deliveries.chunks(SQLITE_CHUNK).enumerate() {
-                let values = (0..chunk.len())
-                    .map(|i| format!("({})", placeholders(2 * i + 1, 2)))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let values = sqlite_rows(chunk.len(), 2);
                 let sql = format!(
                     "INSERT INTO received_deliveries (idempotency_key, expires_at) \
                      VALUES {values} ON CONFLICT (idempotency_key) DO NOTHING \
@@ -771,34 +761,52 @@ impl Store {
             Backend::Sqlite(pool) => {
                 let mut tx = pool.begin_write().await?;
                 for chunk in ids.chunks(SQLITE_CHUNK) {
-                    let list = placeholders(3, chunk.len());
-                    let del = format!(
-                        "DELETE FROM inbox_items WHERE recipient_number = $1 \
-                         AND recipient_device = $2 AND id IN ({list})"
+                    let del_sql = format!(
+                        "DELETE FROM inbox_items WHERE recipient_number = ? \
+                         AND recipient_device = ? AND id IN ({}) RETURNING id",
+                        sqlite_list(chunk.len())
                     );
-                    let mark = format!(
+                    let mut del = sqlx::query_scalar::<_, Vec<u8>>(&del_sql)
+                        .persistent(false)
+                        .bind(number)
+                        .bind(device);
+                    for id in chunk {
+                        del = del.bind(&id[..]);
+                    }
+                    let deleted: HashSet<Vec<u8>> =
+                        del.fetch_all(&mut *tx).await?.into_iter().collect();
+                    done += deleted.len() as u64;
+                    // As on Postgres (below): only the rest can be number-mode items.
+                    let rest: Vec<&MessageId> = chunk
+                        .iter()
+                        .filter(|id| !deleted.contains(&id[..]))
+                        .collect();
+                    if rest.is_empty() {
+                        continue;
+                    }
+                    let list = sqlite_list(rest.len());
+                    let mark_sql = format!(
                         "INSERT INTO inbox_acks (item_seq, device_id) \
-                         SELECT seq, $2 FROM inbox_items WHERE recipient_number = $1 \
+                         SELECT seq, ? FROM inbox_items WHERE recipient_number = ? \
                          AND recipient_device = 0 AND id IN ({list}) \
                          ON CONFLICT (item_seq, device_id) DO NOTHING"
                     );
-                    let cleanup = format!(
-                        "{DELETE_FULLY_ACKED_ALL} AND i.id IN ({})",
-                        placeholders(2, chunk.len())
+                    let cleanup_sql = format!(
+                        "DELETE FROM inbox_items AS i WHERE i.recipient_number = ? \
+                         AND i.recipient_device = 0 AND i.id IN ({list}) AND {}",
+                        fully_acked!("i.recipient_number")
                     );
-                    for (sql, with_device) in [(&del, true), (&mark, true), (&cleanup, false)] {
-                        let mut q = sqlx::query(sql).persistent(false).bind(number);
-                        if with_device {
-                            q = q.bind(device);
-                        }
-                        for id in chunk {
-                            q = q.bind(&id[..]);
-                        }
-                        let n = q.execute(&mut *tx).await?.rows_affected();
-                        if with_device {
-                            done += n;
-                        }
+                    let mut mark = sqlx::query(&mark_sql)
+                        .persistent(false)
+                        .bind(device)
+                        .bind(number);
+                    let mut cleanup = sqlx::query(&cleanup_sql).persistent(false).bind(number);
+                    for id in &rest {
+                        mark = mark.bind(&id[..]);
+                        cleanup = cleanup.bind(&id[..]);
                     }
+                    done += mark.execute(&mut *tx).await?.rows_affected();
+                    cleanup.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
             }

@@ -233,15 +233,19 @@ fn array<const N: usize>(v: &[u8], what: &'static str) -> Result<[u8; N], StoreE
     v.try_into().map_err(|_| StoreError::Corrupt(what))
 }
 
-/// `$start, $start+1, …` (n placeholders), for dynamic `IN (…)` lists on SQLite.
-fn placeholders(start: usize, n: usize) -> String {
-    let mut s = String::with_capacity(n * 5);
-    for i in 0..n {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        s.push('$');
-        s.push_str(&(start + i).to_string());
-    }
-    s
+/// `rows` groups of `cols` anonymous parameters, `(?, ?), (?, ?)`, for the bulk statements on
+/// SQLite (with `rows` 1 and no parentheses around a single group, use [`sqlite_list`]).
+///
+/// Anonymous `?` parameters are bound in the order they appear. Numbered ones (`$7`, `?7`) cost
+/// a linear search of the statement's parameter names each, when SQLite parses the statement and
+/// again when sqlx binds it: a statement of 256 rows of 8 of them spent most of its time in
+/// `strncmp` (docs/performance.md, "SQLite parameters").
+fn sqlite_rows(rows: usize, cols: usize) -> String {
+    let group = format!("({})", sqlite_list(cols));
+    vec![group; rows].join(", ")
+}
+
+/// `n` anonymous parameters, `?, ?, ?`, for an `IN (…)` list on SQLite (see [`sqlite_rows`]).
+fn sqlite_list(n: usize) -> String {
+    vec!["?"; n].join(", ")
 }

@@ -82,10 +82,9 @@ impl Store {
                 // Placeholders per pair (well under SQLite's 32766 parameters per statement).
                 const CHUNK: usize = 256;
                 for (chunk_no, chunk) in pairs.chunks(CHUNK).enumerate() {
+                    // Anonymous parameters (see `sqlite_rows`), the row number inline.
                     let values = (0..chunk.len())
-                        .map(|i| {
-                            format!("({}, ${}, ${})", chunk_no * CHUNK + i, 2 * i + 1, 2 * i + 2)
-                        })
+                        .map(|i| format!("({}, ?, ?)", chunk_no * CHUNK + i))
                         .collect::<Vec<_>>()
                         .join(", ");
                     let sql = format!("WITH k (ord, s, t) AS (VALUES {values}) {SELECT}");

@@ -762,6 +762,19 @@ impl Write for Sink {
 // ---------------------------------------------------------------------------------------------
 // Mutual TLS refusals (SQLite only: the store plays no part).
 
+/// `counter` once it reaches `want`, or its value after 5 s. The server counts a refusal after
+/// its alert went out, so the refused client can see the refusal before the count moves.
+async fn counted(counter: &std::sync::atomic::AtomicU64, want: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = counter.load(std::sync::atomic::Ordering::Relaxed);
+        if n >= want || tokio::time::Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_refuses_unknown_ca_expired_and_wrong_id() {
     let net = TestNetwork::start(Backend::Sqlite, &BROKERS[..2], |_, _| {}).await;
@@ -809,7 +822,7 @@ async fn mtls_refuses_unknown_ca_expired_and_wrong_id() {
     let before = load(&refusals.handshake_failures);
     assert!(ping(rcert, rkey, ca.clone(), "y").await.is_err());
     assert_eq!(
-        load(&refusals.handshake_failures),
+        counted(&refusals.handshake_failures, before + 1).await,
         before + 1,
         "unknown CA refused"
     );
@@ -819,7 +832,7 @@ async fn mtls_refuses_unknown_ca_expired_and_wrong_id() {
     let before = load(&refusals.handshake_failures);
     assert!(ping(ecert, ekey, ca.clone(), "y").await.is_err());
     assert_eq!(
-        load(&refusals.handshake_failures),
+        counted(&refusals.handshake_failures, before + 1).await,
         before + 1,
         "expired refused"
     );
@@ -829,7 +842,7 @@ async fn mtls_refuses_unknown_ca_expired_and_wrong_id() {
     let before = load(&refusals.unknown_ids);
     assert!(ping(icert, ikey, ca.clone(), "y").await.is_err());
     assert_eq!(
-        load(&refusals.unknown_ids),
+        counted(&refusals.unknown_ids, before + 1).await,
         before + 1,
         "unknown id refused"
     );
