@@ -467,7 +467,9 @@ pub async fn fetch_whole_inbox(
 }
 
 /// `target/debug/micromsg-broker` (beside the running test binary), built (or found up to
-/// date) with the test's cargo.
+/// date) with the test's cargo. It builds every binary of the workspace, as `scripts/test`'s
+/// demo step does next: the same package selection resolves the same features, so that step
+/// finds them built (`-p micromsg-broker` alone would build the dependencies a third time).
 pub fn broker_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/debug/deps/it-HASH -> target/debug
@@ -479,14 +481,7 @@ pub fn broker_binary() -> PathBuf {
     let bin = dir.join("micromsg-broker");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "micromsg-broker",
-            "--bin",
-            "micromsg-broker",
-        ])
+        .args(["build", "-q", "--workspace", "--bins", "--locked"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status();
     assert!(
