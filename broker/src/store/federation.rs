@@ -3,7 +3,7 @@
 
 use super::{Backend, OutboxItem, PoolExt, Store, StoreError, array, on_pool, sqlite_rows};
 
-/// Outbox rows per INSERT statement (4 parameters each; SQLite allows 32,766).
+/// Outbox rows per INSERT statement (5 parameters each; SQLite allows 32,766).
 const OUTBOX_CHUNK: usize = 256;
 
 impl Store {
