@@ -1,7 +1,7 @@
 //! Federation state: broker-held pubkeys of peer brokers' clients, and the durable outbox of
 //! cross-broker deliveries.
 
-use super::{Backend, OutboxItem, PoolExt, Store, StoreError, array, on_pool, sqlite_rows};
+use super::{OutboxItem, PoolExt, Store, StoreError, array, bulk_rows, on_pool};
 
 /// Outbox rows per INSERT statement (5 parameters each; SQLite allows 32,766).
 const OUTBOX_CHUNK: usize = 256;
@@ -81,23 +81,10 @@ impl Store {
         entries: &[super::OutboxEntry],
     ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
         let mut fresh: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
-        let sqlite = matches!(self.backend, Backend::Sqlite(_));
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for chunk in entries.chunks(OUTBOX_CHUNK) {
-                // Five parameters a row: anonymous on SQLite (see `sqlite_rows`), numbered on
-                // Postgres, which has no `?`.
-                let values = if sqlite {
-                    sqlite_rows(chunk.len(), 5)
-                } else {
-                    (0..chunk.len())
-                        .map(|i| {
-                            let b = 5 * i;
-                            format!("(${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5)
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
+                let values = bulk_rows(&self.backend, chunk.len(), 5);
                 let sql = format!(
                     "INSERT INTO outbox \
                      (idempotency_key, peer_broker, payload, next_attempt_at, created_at) \

@@ -14,7 +14,7 @@ use super::{
     Backend, DepositOutcome, DeviceId, InboxItem, MessageId, NewInboxItem, PoolExt, Store,
     StoreError,
 };
-use super::{array, device_id, on_pool, sqlite_list, sqlite_rows};
+use super::{array, bulk_rows, device_id, on_pool, sqlite_list, sqlite_rows};
 
 /// (recipient number, stored recipient device (0 = number mode), message id).
 type Key = (String, i64, MessageId);
@@ -619,7 +619,7 @@ impl Store {
             let mut tx = pool.begin_write().await?;
             let mut fresh = vec![false; deliveries.len()];
             for (chunk_no, chunk) in deliveries.chunks(SQLITE_CHUNK).enumerate() {
-                let values = sqlite_rows(chunk.len(), 2);
+                let values = bulk_rows(&self.backend, chunk.len(), 2);
                 let sql = format!(
                     "INSERT INTO received_deliveries (idempotency_key, expires_at) \
                      VALUES {values} ON CONFLICT (idempotency_key) DO NOTHING \
@@ -836,7 +836,7 @@ impl Store {
                     .filter(|id| !deleted.contains(id))
                     .collect();
                 if !rest.is_empty() {
-                    done += ack_number_mode(&mut *tx, number, device, &rest).await?;
+                    done += ack_number_mode(&mut tx, number, device, &rest).await?;
                 }
                 tx.commit().await?;
             }

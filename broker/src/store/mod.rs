@@ -245,6 +245,22 @@ fn sqlite_rows(rows: usize, cols: usize) -> String {
     vec![group; rows].join(", ")
 }
 
+/// `rows` groups of `cols` parameters for a bulk `VALUES` list in a statement both backends
+/// run: anonymous on SQLite (see [`sqlite_rows`]), numbered `$1 …` on Postgres, which has no
+/// `?`. Either way they are bound in the order they appear.
+fn bulk_rows(backend: &Backend, rows: usize, cols: usize) -> String {
+    match backend {
+        Backend::Sqlite(_) => sqlite_rows(rows, cols),
+        Backend::Postgres(_) => (0..rows)
+            .map(|r| {
+                let group: Vec<String> = (1..=cols).map(|c| format!("${}", r * cols + c)).collect();
+                format!("({})", group.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
 /// `n` anonymous parameters, `?, ?, ?`, for an `IN (…)` list on SQLite (see [`sqlite_rows`]).
 fn sqlite_list(n: usize) -> String {
     vec!["?"; n].join(", ")
