@@ -109,11 +109,18 @@ impl Broker {
                 ..BatcherConfig::default()
             },
         );
-        // Deliveries across brokers are not ordered, so outbox batches may commit side by side.
+        // Deliveries across brokers are not ordered, so outbox batches may commit side by side
+        // on Postgres. SQLite has one writer at a time: a second batch would only wait for the
+        // write lock in SQLite's busy handler, which sleeps in steps of up to 100 ms, where
+        // waiting here for the batch before it wakes at once.
         let outbox = OutboxBatcher::spawn(
             store.clone(),
             BatcherConfig {
-                max_in_flight: 4,
+                max_in_flight: if store.backend_name() == "sqlite" {
+                    1
+                } else {
+                    4
+                },
                 ..BatcherConfig::default()
             },
         );

@@ -15,6 +15,7 @@ impl Store {
         blob: &[u8],
         now: i64,
     ) -> Result<(), StoreError> {
+        let _writing = self.writing().await;
         if new_version <= expected_prev_version {
             return Err(StoreError::InvalidArgument("backup version must increase"));
         }

@@ -62,6 +62,7 @@ impl Store {
         device: &NewDevice,
         now: i64,
     ) -> Result<DeviceId, StoreError> {
+        let _writing = self.writing().await;
         check_number(number)?;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
@@ -143,6 +144,7 @@ impl Store {
         device_id: DeviceId,
         now: i64,
     ) -> Result<bool, StoreError> {
+        let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query(
                 "UPDATE devices SET last_seen = $3 \
@@ -168,6 +170,7 @@ impl Store {
         device_id: DeviceId,
         step: i64,
     ) -> Result<bool, StoreError> {
+        let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query(
                 "UPDATE devices SET last_nonce_step = $3 \
@@ -227,6 +230,7 @@ impl Store {
         device_id: DeviceId,
         now: i64,
     ) -> Result<bool, StoreError> {
+        let _writing = self.writing().await;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let n = sqlx::query(
@@ -271,6 +275,7 @@ impl Store {
         expires_at: i64,
         max_devices: u32,
     ) -> Result<(), StoreError> {
+        let _writing = self.writing().await;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             // Lock the entity row (Postgres) so racing ADD-DEVICEs count each other.
@@ -332,6 +337,7 @@ impl Store {
         now: i64,
         max_devices: u32,
     ) -> Result<DeviceId, StoreError> {
+        let _writing = self.writing().await;
         let id = on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             // The conditional UPDATE is the single-use gate: on Postgres a racing redeem waits

@@ -15,6 +15,7 @@ impl Store {
         pubkey: &[u8; 32],
         expires_at: i64,
     ) -> Result<(), StoreError> {
+        let _writing = self.writing().await;
         on_pool!(self, pool => {
             sqlx::query(
                 "INSERT INTO broker_pubkeys (peer_number, pubkey, expires_at) VALUES ($1, $2, $3) \
@@ -57,6 +58,7 @@ impl Store {
         payload: &[u8],
         now: i64,
     ) -> Result<bool, StoreError> {
+        let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query(
                 "INSERT INTO outbox \
@@ -80,6 +82,7 @@ impl Store {
         &self,
         entries: &[super::OutboxEntry],
     ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+        let _writing = self.writing().await;
         let mut fresh: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
@@ -148,6 +151,7 @@ impl Store {
         idempotency_key: &[u8; 16],
         next_attempt_at: i64,
     ) -> Result<bool, StoreError> {
+        let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2 \
@@ -164,6 +168,7 @@ impl Store {
 
     /// Removes a delivered item. Returns whether it was there.
     pub async fn complete_outbox(&self, idempotency_key: &[u8; 16]) -> Result<bool, StoreError> {
+        let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query("DELETE FROM outbox WHERE idempotency_key = $1")
                 .bind(&idempotency_key[..])
@@ -184,6 +189,7 @@ impl Store {
 
     /// Removes many delivered items in one transaction. Returns how many were there.
     pub async fn complete_outbox_many(&self, keys: &[[u8; 16]]) -> Result<u64, StoreError> {
+        let _writing = self.writing().await;
         if keys.is_empty() {
             return Ok(0);
         }

@@ -589,6 +589,7 @@ impl Store {
         items: &[NewInboxItem],
         quota_per_device: u32,
     ) -> Result<Vec<Outcome>, StoreError> {
+        let _writing = self.writing().await;
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -615,6 +616,7 @@ impl Store {
         owner: &[usize],
         quota_per_device: u32,
     ) -> Result<Vec<Outcome>, StoreError> {
+        let _writing = self.writing().await;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let mut fresh = vec![false; deliveries.len()];
@@ -752,6 +754,7 @@ impl Store {
         ids: &[MessageId],
         _now: i64,
     ) -> Result<u32, StoreError> {
+        let _writing = self.writing().await;
         let device = stored_device(Some(device_id))?;
         if ids.is_empty() {
             return Ok(0);

@@ -5,6 +5,7 @@ use super::{Backend, ContactRecord, DepositRoute, Store, StoreError, device_id, 
 impl Store {
     /// `owner` blocks `target` (idempotent). Rejected contact requests feed this too.
     pub async fn block(&self, owner: &str, target: &str, now: i64) -> Result<(), StoreError> {
+        let _writing = self.writing().await;
         on_pool!(self, pool => {
             sqlx::query(
                 "INSERT INTO blocks (owner, target, created_at) VALUES ($1, $2, $3) \
@@ -21,6 +22,7 @@ impl Store {
 
     /// Lifts a block. Returns whether there was one.
     pub async fn unblock(&self, owner: &str, target: &str) -> Result<bool, StoreError> {
+        let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query("DELETE FROM blocks WHERE owner = $1 AND target = $2")
                 .bind(owner)
@@ -143,6 +145,7 @@ impl Store {
         target: &str,
         now: i64,
     ) -> Result<(), StoreError> {
+        let _writing = self.writing().await;
         on_pool!(self, pool => {
             sqlx::query(
                 "INSERT INTO poisoned_initiates (caller, target, created_at) VALUES ($1, $2, $3) \
@@ -175,6 +178,7 @@ impl Store {
     /// Adds `peer` to `owner`'s contacts with both flags off. Returns `false` if it already
     /// was a contact (its flags are left as they are).
     pub async fn add_contact(&self, owner: &str, peer: &str, now: i64) -> Result<bool, StoreError> {
+        let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query(
                 "INSERT INTO contacts (owner, peer, auto_existing, brokered, created_at) \
@@ -242,6 +246,7 @@ impl Store {
         auto_existing: bool,
         brokered: bool,
     ) -> Result<(), StoreError> {
+        let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query(
                 "UPDATE contacts SET auto_existing = $3, brokered = $4 \
@@ -263,6 +268,7 @@ impl Store {
 
     /// Sets `number`'s CONTACT-POLICY: hand its address to existing contacts without asking.
     pub async fn set_auto_existing(&self, number: &str, on: bool) -> Result<(), StoreError> {
+        let _writing = self.writing().await;
         on_pool!(self, pool => {
             sqlx::query(
                 "INSERT INTO entity_settings (number, auto_existing) VALUES ($1, $2) \

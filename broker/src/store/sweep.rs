@@ -40,6 +40,8 @@ impl Store {
             let mut total = 0u64;
             let mut rounds = 0;
             loop {
+                // The write gate per statement, so other writers go between the batches.
+                let writing = self.writing().await;
                 let n = on_pool!(self, pool => {
                     sqlx::query(sql)
                         .bind(cutoff)
@@ -48,6 +50,7 @@ impl Store {
                         .await?
                         .rows_affected()
                 });
+                drop(writing);
                 total += n;
                 rounds += 1;
                 if n < SWEEP_BATCH as u64 {
