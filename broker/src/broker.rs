@@ -17,7 +17,7 @@ use crate::federation::Federation;
 use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
 use crate::numbers::NumberAllocator;
 use crate::online::Online;
-use crate::store::{BatcherConfig, DepositBatcher, OutboxBatcher, RouteBatcher, Store};
+use micromsg_store::{BatcherConfig, DepositBatcher, OutboxBatcher, RouteBatcher, Store};
 
 /// Version of the client↔broker protocol this broker speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

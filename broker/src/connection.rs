@@ -44,7 +44,7 @@ use crate::federation::contact::{Acceptance, ForwardRefusal, SEALED_MAX, SEALED_
 use crate::federation::outbox::PeerDeposit;
 use crate::limits::TokenBucket;
 use crate::online::Push;
-use crate::store::{NewDevice, NewInboxItem, StoreError};
+use micromsg_store::{NewDevice, NewInboxItem, StoreError};
 use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
 
 type Stream = TlsStream<TcpStream>;

@@ -162,7 +162,7 @@ pub async fn route_initiate(broker: Arc<Broker>, req: Initiate) {
     }
 }
 
-async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), crate::store::StoreError> {
+async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store::StoreError> {
     let store = &broker.store;
     if req.caller == req.target {
         return Ok(());

@@ -7,7 +7,7 @@
 //! - `connection`: one client connection: frame loop and request handlers.
 //! - [`broker`]: the state shared by all connections.
 //! - [`online`]: logged-in devices and their bounded event queues.
-//! - [`store`]: entities, devices, inboxes on SQLite or Postgres.
+//! - storage is the `micromsg-store` crate: entities, devices, inboxes on SQLite or Postgres.
 //! - [`tls`], [`identity`]: certificates (a private CA on first start) and the signing key.
 //! - [`limits`], [`numbers`]: rate limiters, number allocation.
 //! - [`federation`]: the broker network: network file, mutual TLS, the gRPC federation
@@ -28,6 +28,5 @@ pub mod numbers;
 pub mod online;
 pub mod run;
 pub mod server;
-pub mod store;
 pub mod telemetry;
 pub mod tls;

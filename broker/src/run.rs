@@ -20,8 +20,8 @@ use crate::federation::mtls::MtlsCounters;
 use crate::federation::service::FederationServerHandle;
 use crate::federation::{Federation, FederationError};
 use crate::server::Server;
-use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
+use micromsg_store::{Store, StoreError};
 
 /// Why a broker could not start.
 #[derive(Debug, thiserror::Error)]

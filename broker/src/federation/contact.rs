@@ -281,7 +281,7 @@ pub async fn accept_networked(
     broker: &Arc<Broker>,
     origin: &NetworkOrigin,
     acceptance: Acceptance,
-) -> Result<(), crate::store::StoreError> {
+) -> Result<(), micromsg_store::StoreError> {
     let now = unix_now() as i64;
     broker
         .store
@@ -406,7 +406,7 @@ pub async fn receive_accepted(
     Ok(())
 }
 
-fn internal(e: crate::store::StoreError) -> tonic::Status {
+fn internal(e: micromsg_store::StoreError) -> tonic::Status {
     warn!(error = %e, "store error in a federation call");
     tonic::Status::internal("internal error")
 }

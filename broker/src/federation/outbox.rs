@@ -38,7 +38,7 @@ use super::{Counters, Home};
 use crate::broker::{Broker, unix_now};
 use crate::config::InboxMode;
 use crate::online::Push;
-use crate::store::{DepositOutcome, NewInboxItem, OutboxEntry, OutboxItem, StoreError};
+use micromsg_store::{DepositOutcome, NewInboxItem, OutboxEntry, OutboxItem, StoreError};
 
 /// Rough protobuf overhead of one item besides its body, for batch sizing.
 const ITEM_OVERHEAD: usize = 128;

@@ -247,9 +247,9 @@ fn rand_u32() -> u32 {
 /// remembered, and if that number is handed out later, the prober cannot reach it — while
 /// everybody else can.
 async fn a_probed_number_stays_unreachable_for_the_prober_once_given_out(backend: Backend) {
-    use micromsg_broker::store::NewDevice;
     use micromsg_client::link::BrokerLink;
     use micromsg_crypto::Secret32;
+    use micromsg_store::NewDevice;
 
     let broker = TestBroker::start(backend, |_| {}).await;
     let mut prober = user(&broker, "prober").await;

@@ -167,7 +167,7 @@ impl DepositBatcher {
     }
 }
 
-/// One delivery entering the federation outbox (see [`Store::enqueue_outbox`]).
+/// One delivery entering the federation outbox (see [`Store::enqueue_outbox_batch`]).
 #[derive(Debug, Clone)]
 pub struct OutboxEntry {
     /// The delivery's idempotency key.
@@ -204,7 +204,7 @@ impl OutboxBatcher {
     }
 }
 
-/// Batched [`Store::deposit_route`]: the route checks of DEPOSITs from many connections are read
+/// Batched [`Store::deposit_routes`]: the route checks of DEPOSITs from many connections are read
 /// in one statement per batch instead of one each (a read, so several batches run at once).
 #[derive(Debug, Clone)]
 pub struct RouteBatcher(GroupCommit<(String, String), DepositRoute>);
@@ -234,7 +234,7 @@ impl RouteBatcher {
                                 .get(pair)
                                 .and_then(|&i| routes.get(i))
                                 .cloned()
-                                .ok_or(StoreError::Conflict)
+                                .ok_or(StoreError::Invariant("a route per deposit pair"))
                         })
                         .collect())
                 }

@@ -423,7 +423,7 @@ async fn deposit_in<C: DepositIo + Send>(
     if first.is_empty() {
         return Ok(outcomes
             .into_iter()
-            .map(|o| o.unwrap_or(Err(StoreError::Conflict)))
+            .map(|o| o.unwrap_or(Err(StoreError::Invariant("an outcome per deposit"))))
             .collect());
     }
     let need: Vec<(Inbox, i64)> = need.into_iter().collect();
@@ -507,7 +507,9 @@ async fn deposit_in<C: DepositIo + Send>(
                 if lost.contains(key) {
                     outcomes[i] = Some(match now_stored.get(key) {
                         Some((sn, sd)) => same_sender(&items[i], sn, *sd),
-                        None => Err(StoreError::Conflict),
+                        None => Err(StoreError::Invariant(
+                            "the item that blocked a deposit's insert was gone",
+                        )),
                     });
                 }
             }
@@ -520,7 +522,7 @@ async fn deposit_in<C: DepositIo + Send>(
     }
     Ok(outcomes
         .into_iter()
-        .map(|o| o.unwrap_or(Err(StoreError::Conflict)))
+        .map(|o| o.unwrap_or(Err(StoreError::Invariant("an outcome per deposit"))))
         .collect())
 }
 
@@ -650,7 +652,9 @@ impl Store {
                 .iter()
                 .map(|&d| {
                     if is_fresh(d) {
-                        stored.next().unwrap_or(Err(StoreError::Conflict))
+                        stored.next().unwrap_or(Err(StoreError::Invariant(
+                            "an outcome per fresh delivery",
+                        )))
                     } else {
                         Ok(DepositOutcome::AlreadyStored)
                     }
@@ -674,18 +678,6 @@ impl Store {
             tx.commit().await?;
             Ok(outcomes)
         })
-    }
-
-    /// One deposit in its own transaction (see [`Store::deposit_batch`]).
-    pub async fn deposit(
-        &self,
-        item: &NewInboxItem,
-        quota_per_device: u32,
-    ) -> Result<DepositOutcome, StoreError> {
-        self.deposit_batch(std::slice::from_ref(item), quota_per_device)
-            .await?
-            .pop()
-            .unwrap_or(Err(StoreError::Conflict))
     }
 
     /// Up to `limit` unexpired items for `(number, device_id)`: the device's own items and

@@ -57,10 +57,6 @@ pub struct DeviceRecord {
     pub last_seen: Option<i64>,
     /// When the device was revoked; a revoked device cannot log in.
     pub revoked_at: Option<i64>,
-    /// The last login nonce time step accepted (see [`Store::accept_nonce_step`]).
-    ///
-    /// [`Store::accept_nonce_step`]: super::Store::accept_nonce_step
-    pub last_nonce_step: Option<i64>,
 }
 
 impl DeviceRecord {
@@ -81,7 +77,6 @@ impl fmt::Debug for DeviceRecord {
             .field("created_at", &self.created_at)
             .field("last_seen", &self.last_seen)
             .field("revoked_at", &self.revoked_at)
-            .field("last_nonce_step", &self.last_nonce_step)
             .finish()
     }
 }
@@ -109,7 +104,7 @@ pub struct DeviceInfo {
 }
 
 /// What a DEPOSIT from `sender` to `target` needs to know, read in one query
-/// ([`super::Store::deposit_route`]).
+/// ([`super::Store::deposit_routes`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DepositRoute {
     /// `sender` has a contact pair with `target`.

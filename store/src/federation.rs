@@ -49,35 +49,9 @@ impl Store {
         key.map(|k| array(&k, "pubkey length")).transpose()
     }
 
-    /// Enqueues a delivery to `peer_broker`, due at once. Returns `false` if the key is
-    /// already queued (idempotent).
-    pub async fn enqueue_outbox(
-        &self,
-        idempotency_key: &[u8; 16],
-        peer_broker: &str,
-        payload: &[u8],
-        now: i64,
-    ) -> Result<bool, StoreError> {
-        let _writing = self.writing().await;
-        let n = on_pool!(self, pool => {
-            sqlx::query(
-                "INSERT INTO outbox \
-                 (idempotency_key, peer_broker, payload, attempts, next_attempt_at, created_at) \
-                 VALUES ($1, $2, $3, 0, $4, $4) ON CONFLICT (idempotency_key) DO NOTHING",
-            )
-            .bind(&idempotency_key[..])
-            .bind(peer_broker)
-            .bind(payload)
-            .bind(now)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        Ok(n > 0)
-    }
-
-    /// Enqueues many deliveries in ONE transaction (see [`Store::enqueue_outbox`]); one
-    /// result per entry, in order: `true` when it was new.
+    /// Enqueues many deliveries to peer brokers in ONE transaction, each due at once; one
+    /// result per entry, in order: `true` when it was new, `false` when its idempotency key
+    /// was already queued.
     pub async fn enqueue_outbox_batch(
         &self,
         entries: &[super::OutboxEntry],

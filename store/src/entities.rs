@@ -13,15 +13,14 @@ type DeviceRow = (
     i64,
     Option<i64>,
     Option<i64>,
-    Option<i64>,
 );
 
 const SELECT_DEVICE: &str = "SELECT number, device_id, name, client_secret, server_secret, \
-     created_at, last_seen, revoked_at, last_nonce_step \
+     created_at, last_seen, revoked_at \
      FROM devices WHERE number = $1 AND device_id = $2";
 
 fn device_record(row: DeviceRow) -> Result<DeviceRecord, StoreError> {
-    let (number, id, name, client, server, created_at, last_seen, revoked_at, step) = row;
+    let (number, id, name, client, server, created_at, last_seen, revoked_at) = row;
     Ok(DeviceRecord {
         number,
         device_id: device_id(id)?,
@@ -31,7 +30,6 @@ fn device_record(row: DeviceRow) -> Result<DeviceRecord, StoreError> {
         created_at,
         last_seen,
         revoked_at,
-        last_nonce_step: step,
     })
 }
 
@@ -153,33 +151,6 @@ impl Store {
             .bind(number)
             .bind(i64::from(device_id))
             .bind(now)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        Ok(n == 1)
-    }
-
-    /// Accepts a login nonce time step for an active device at most once: returns `true` and
-    /// records `step` only if it is greater than every step accepted before (so a captured
-    /// nonce replayed inside the skew window is refused). `false` for a replay, an older step,
-    /// or an unknown or revoked device.
-    pub async fn accept_nonce_step(
-        &self,
-        number: &str,
-        device_id: DeviceId,
-        step: i64,
-    ) -> Result<bool, StoreError> {
-        let _writing = self.writing().await;
-        let n = on_pool!(self, pool => {
-            sqlx::query(
-                "UPDATE devices SET last_nonce_step = $3 \
-                 WHERE number = $1 AND device_id = $2 AND revoked_at IS NULL \
-                 AND (last_nonce_step IS NULL OR last_nonce_step < $3)",
-            )
-            .bind(number)
-            .bind(i64::from(device_id))
-            .bind(step)
             .execute(pool)
             .await?
             .rows_affected()
@@ -315,7 +286,8 @@ impl Store {
             .await?
             .rows_affected();
             if n == 0 {
-                return Err(StoreError::Conflict);
+                // The hash of a fresh random 256-bit secret.
+                return Err(StoreError::Invariant("registration secret hash collided"));
             }
             tx.commit().await?;
         });

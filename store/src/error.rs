@@ -31,6 +31,12 @@ pub enum StoreError {
     /// An optimistic version check failed (key backup).
     #[error("version conflict")]
     Conflict,
+    /// A condition the store itself guarantees did not hold: a batch statement answered for
+    /// fewer items than it was given, a random 256-bit key collided, or a row that blocked an
+    /// insert was gone when it was read back. A bug or a concurrent change under the store, not
+    /// a domain outcome; log it, a peer sees `INTERNAL`.
+    #[error("store invariant did not hold: {0}")]
+    Invariant(&'static str),
     /// The caller passed a value the store cannot hold.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),

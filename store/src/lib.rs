@@ -15,8 +15,7 @@
 //!   COMMITTED; single-use and counter updates are conditional `UPDATE`s whose row locks
 //!   serialise racing transactions.
 //!
-//! [`Store::connect`] picks the backend from a `postgres://` / `postgresql://` URL, a
-//! `sqlite:` URL or a plain path. The schema lives in `migrations/sqlite` and
+//! The schema lives in `migrations/sqlite` and
 //! `migrations/postgres` at the workspace root (the same tables in each dialect) and is applied
 //! at connect. All SQL is run with `sqlx::query` + `bind`; most statements are one text for both
 //! backends (`$n` parameters work in SQLite too); where the dialects differ (bulk deposit and
@@ -78,8 +77,8 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.backend {
-            $crate::store::Backend::Sqlite($pool) => $body,
-            $crate::store::Backend::Postgres($pool) => $body,
+            $crate::Backend::Sqlite($pool) => $body,
+            $crate::Backend::Postgres($pool) => $body,
         }
     };
 }
@@ -191,25 +190,6 @@ impl Store {
             backend: Backend::Postgres(pool),
             write_gate: None,
         })
-    }
-
-    /// Opens a store from a URL or path: `postgres://…` / `postgresql://…` connect to Postgres
-    /// (with [`DEFAULT_POSTGRES_CONNECTIONS`]); `sqlite://PATH`, `sqlite:PATH` or a plain path
-    /// open a SQLite file.
-    pub async fn connect(url_or_path: &str) -> Result<Self, StoreError> {
-        if url_or_path.starts_with("postgres://") || url_or_path.starts_with("postgresql://") {
-            return Self::connect_postgres(url_or_path, DEFAULT_POSTGRES_CONNECTIONS).await;
-        }
-        let path = url_or_path
-            .strip_prefix("sqlite://")
-            .or_else(|| url_or_path.strip_prefix("sqlite:"))
-            .unwrap_or(url_or_path);
-        if path.is_empty() || path.starts_with(":memory:") {
-            return Err(StoreError::InvalidArgument(
-                "a SQLite store needs a file path (in-memory databases are not supported)",
-            ));
-        }
-        Self::open_sqlite(path).await
     }
 
     /// `"sqlite"` or `"postgres"`.

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use micromsg_broker::store::{
+use micromsg_store::{
     BatcherConfig, DepositBatcher, DepositOutcome, DeviceId, MessageId, NewDevice, NewInboxItem,
     Store, StoreError,
 };
@@ -105,6 +105,45 @@ where
     }
 }
 
+/// One deposit through the production path, a batch of one ([`Store::deposit_batch`]).
+async fn deposit_one(
+    store: &Store,
+    item: &NewInboxItem,
+    quota_per_device: u32,
+) -> Result<DepositOutcome, StoreError> {
+    let mut outcomes = store
+        .deposit_batch(std::slice::from_ref(item), quota_per_device)
+        .await?;
+    assert_eq!(outcomes.len(), 1, "one outcome per deposit");
+    outcomes.pop().unwrap()
+}
+
+/// The route of one DEPOSIT, through the batched query ([`Store::deposit_routes`]).
+async fn route_of(store: &Store, sender: &str, target: &str) -> micromsg_store::DepositRoute {
+    let mut routes = store
+        .deposit_routes(&[(sender.to_owned(), target.to_owned())])
+        .await
+        .unwrap();
+    assert_eq!(routes.len(), 1, "one route per pair");
+    routes.pop().unwrap()
+}
+
+/// One outbox entry, through the batched insert ([`Store::enqueue_outbox_batch`]); `true` when
+/// it was new.
+async fn enqueue_one(store: &Store, key: &[u8; 16], peer: &str, payload: &[u8], now: i64) -> bool {
+    let mut results = store
+        .enqueue_outbox_batch(&[micromsg_store::OutboxEntry {
+            idempotency_key: *key,
+            peer_broker: peer.to_owned(),
+            payload: payload.to_vec(),
+            now,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 1, "one result per entry");
+    results.pop().unwrap().unwrap()
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -135,7 +174,6 @@ conformance!(
     case_concurrent_redeem,
     case_device_cap,
     case_revoke_and_ids_not_reused,
-    case_nonce_step_replay,
     case_blocks,
     case_poisoned_initiates,
     case_contacts_and_policy,
@@ -606,43 +644,6 @@ async fn case_revoke_and_ids_not_reused(store: Store) {
     );
 }
 
-async fn case_nonce_step_replay(store: Store) {
-    entity(&store, "5550001").await;
-    assert!(store.accept_nonce_step("5550001", 1, 100).await.unwrap());
-    assert!(
-        !store.accept_nonce_step("5550001", 1, 100).await.unwrap(),
-        "replay"
-    );
-    assert!(
-        !store.accept_nonce_step("5550001", 1, 99).await.unwrap(),
-        "older step"
-    );
-    assert!(store.accept_nonce_step("5550001", 1, 101).await.unwrap());
-    assert_eq!(
-        store
-            .device("5550001", 1)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_nonce_step,
-        Some(101)
-    );
-    assert!(
-        !store.accept_nonce_step("5550001", 2, 200).await.unwrap(),
-        "unknown device"
-    );
-    add_devices(&store, "5550001", 2).await;
-    assert!(
-        store.accept_nonce_step("5550001", 2, 50).await.unwrap(),
-        "steps are per device"
-    );
-    store.revoke_device("5550001", 2, NOW).await.unwrap();
-    assert!(
-        !store.accept_nonce_step("5550001", 2, 60).await.unwrap(),
-        "revoked"
-    );
-}
-
 // ---------------------------------------------------------------------------------------------
 // Blocks, poisoned initiates, contacts
 
@@ -756,42 +757,42 @@ async fn case_deposit_idempotent(store: Store) {
     add_devices(&store, "5550001", 2).await;
     let a = item(1, "5550001", Some(1), "5550002");
     assert_eq!(
-        store.deposit(&a, 100).await.unwrap(),
+        deposit_one(&store, &a, 100).await.unwrap(),
         DepositOutcome::Stored
     );
     assert_eq!(
-        store.deposit(&a, 100).await.unwrap(),
+        deposit_one(&store, &a, 100).await.unwrap(),
         DepositOutcome::AlreadyStored
     );
     // A different body under the same id and sender is still the same message.
     let mut a2 = a.clone();
     a2.body = b"other".to_vec();
     assert_eq!(
-        store.deposit(&a2, 100).await.unwrap(),
+        deposit_one(&store, &a2, 100).await.unwrap(),
         DepositOutcome::AlreadyStored
     );
     // Same id, another sender (or sender device): refused.
     let mut other = a.clone();
     other.sender_number = "5550003".into();
     assert!(matches!(
-        store.deposit(&other, 100).await,
+        deposit_one(&store, &other, 100).await,
         Err(StoreError::DuplicateId)
     ));
     let mut other_dev = a.clone();
     other_dev.sender_device = 2;
     assert!(matches!(
-        store.deposit(&other_dev, 100).await,
+        deposit_one(&store, &other_dev, 100).await,
         Err(StoreError::DuplicateId)
     ));
     // Same id to the other device (entity-mode fan-out) and to the number inbox: new rows.
     let to2 = item(1, "5550001", Some(2), "5550002");
     let to_number = item(1, "5550001", None, "5550002");
     assert_eq!(
-        store.deposit(&to2, 100).await.unwrap(),
+        deposit_one(&store, &to2, 100).await.unwrap(),
         DepositOutcome::Stored
     );
     assert_eq!(
-        store.deposit(&to_number, 100).await.unwrap(),
+        deposit_one(&store, &to_number, 100).await.unwrap(),
         DepositOutcome::Stored
     );
     assert_eq!(store.inbox_depth().await.unwrap(), 3);
@@ -866,9 +867,7 @@ async fn case_quota_exceeded_keeps_stored(store: Store) {
     assert!(matches!(out[2], Ok(DepositOutcome::Stored)));
     assert!(matches!(out[3], Ok(DepositOutcome::Stored)));
     assert!(matches!(
-        store
-            .deposit(&item(8, "5550001", Some(1), "5550002"), 3)
-            .await,
+        deposit_one(&store, &item(8, "5550001", Some(1), "5550002"), 3).await,
         Err(StoreError::QuotaExceeded)
     ));
 
@@ -895,8 +894,7 @@ async fn case_quota_exceeded_keeps_stored(store: Store) {
         1
     );
     assert_eq!(
-        store
-            .deposit(&item(8, "5550001", Some(1), "5550002"), 3)
+        deposit_one(&store, &item(8, "5550001", Some(1), "5550002"), 3)
             .await
             .unwrap(),
         DepositOutcome::Stored
@@ -971,12 +969,10 @@ async fn case_fetch_order_and_paging(store: Store) {
     // Another device sees none of them.
     assert!(fetch_all(&store, "5550001", 2, NOW).await.is_empty());
     // Number-mode items are merged in seq order.
-    store
-        .deposit(&item(100, "5550001", None, "5550002"), 100)
+    deposit_one(&store, &item(100, "5550001", None, "5550002"), 100)
         .await
         .unwrap();
-    store
-        .deposit(&item(101, "5550001", Some(1), "5550002"), 100)
+    deposit_one(&store, &item(101, "5550001", Some(1), "5550002"), 100)
         .await
         .unwrap();
     let ids = fetch_all(&store, "5550001", 1, NOW).await;
@@ -1252,8 +1248,7 @@ async fn case_sweep_batches(store: Store) {
         let out = store.deposit_batch(chunk, 10_000).await.unwrap();
         assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
     }
-    store
-        .deposit(&item(9999, "5550001", Some(1), "5550002"), 10_000)
+    deposit_one(&store, &item(9999, "5550001", Some(1), "5550002"), 10_000)
         .await
         .unwrap();
     assert_eq!(store.inbox_depth().await.unwrap(), 2501);
@@ -1491,24 +1486,9 @@ async fn case_federation_tables(store: Store) {
 
     // Outbox.
     assert_eq!(store.outbox_depth().await.unwrap(), 0);
-    assert!(
-        store
-            .enqueue_outbox(&[1; 16], "broker-b", b"one", NOW)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .enqueue_outbox(&[1; 16], "broker-b", b"dup", NOW)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .enqueue_outbox(&[2; 16], "broker-c", b"two", NOW + 1)
-            .await
-            .unwrap()
-    );
+    assert!(enqueue_one(&store, &[1; 16], "broker-b", b"one", NOW).await);
+    assert!(!enqueue_one(&store, &[1; 16], "broker-b", b"dup", NOW).await);
+    assert!(enqueue_one(&store, &[2; 16], "broker-c", b"two", NOW + 1).await);
     assert_eq!(store.outbox_depth().await.unwrap(), 2);
     let due = store.due_outbox(NOW + 1, 10).await.unwrap();
     assert_eq!(due.len(), 2);
@@ -1533,32 +1513,23 @@ async fn case_federation_tables(store: Store) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backend selection (not a conformance case: it is about SQLite paths and URL schemes).
+// Reopening (not a conformance case: it is about SQLite files).
 
 #[tokio::test]
-async fn connect_picks_backend_from_url_or_path() {
+async fn reopening_a_sqlite_store_keeps_its_data() {
     let dir = tempfile::tempdir().unwrap();
-    for spec in [
-        dir.path().join("plain.db").display().to_string(),
-        format!("sqlite:{}", dir.path().join("url.db").display()),
-        format!("sqlite://{}", dir.path().join("url2.db").display()),
-    ] {
-        let store = Store::connect(&spec).await.unwrap();
-        assert_eq!(store.backend_name(), "sqlite", "{spec}");
-        store
-            .create_entity("5550001", &device(1, None), NOW)
-            .await
-            .unwrap();
-        store.close().await;
-        // Reopening keeps the data (and re-running migrations is a no-op).
-        let store = Store::connect(&spec).await.unwrap();
-        assert!(store.entity_exists("5550001").await.unwrap());
-        store.close().await;
-    }
-    assert!(matches!(
-        Store::connect("sqlite::memory:").await,
-        Err(StoreError::InvalidArgument(_))
-    ));
+    let path = dir.path().join("broker.sqlite3");
+    let store = Store::open_sqlite(&path).await.unwrap();
+    assert_eq!(store.backend_name(), "sqlite");
+    store
+        .create_entity("5550001", &device(1, None), NOW)
+        .await
+        .unwrap();
+    store.close().await;
+    // Reopening keeps the data (and re-running migrations is a no-op).
+    let store = Store::open_sqlite(&path).await.unwrap();
+    assert!(store.entity_exists("5550001").await.unwrap());
+    store.close().await;
 }
 
 /// Deliveries from a peer broker are stored once over their lifetime: re-sent after the
@@ -1636,22 +1607,22 @@ async fn case_deposit_route(store: Store) {
     entity(&store, "5550001").await;
     entity(&store, "5550002").await;
     add_devices(&store, "5550002", 3).await;
-    let route = store.deposit_route("5550001", "5550002").await.unwrap();
+    let route = route_of(&store, "5550001", "5550002").await;
     assert!(!route.contact && !route.blocked);
     assert_eq!(route.devices, vec![1, 2, 3]);
     assert!(store.revoke_device("5550002", 2, NOW).await.unwrap());
     store.add_contact("5550001", "5550002", NOW).await.unwrap();
     store.block("5550002", "5550001", NOW).await.unwrap();
-    let route = store.deposit_route("5550001", "5550002").await.unwrap();
+    let route = route_of(&store, "5550001", "5550002").await;
     assert!(route.contact && route.blocked);
     assert_eq!(route.devices, vec![1, 3]);
     // The other direction: 5550002 has no pair with 5550001 and is not blocked by it.
-    let back = store.deposit_route("5550002", "5550001").await.unwrap();
+    let back = route_of(&store, "5550002", "5550001").await;
     assert!(!back.contact && !back.blocked);
     // An unknown number: no devices, nothing else.
     assert_eq!(
-        store.deposit_route("5550001", "5559999").await.unwrap(),
-        micromsg_broker::store::DepositRoute::default()
+        route_of(&store, "5550001", "5559999").await,
+        micromsg_store::DepositRoute::default()
     );
     // Batched: the same answers per pair, in order, repeats included, across statement chunks.
     let mut pairs = Vec::new();
@@ -1666,20 +1637,20 @@ async fn case_deposit_route(store: Store) {
     let routes = store.deposit_routes(&pairs).await.unwrap();
     assert_eq!(routes.len(), 300);
     for (pair, route) in pairs.iter().zip(&routes) {
-        assert_eq!(route, &store.deposit_route(&pair.0, &pair.1).await.unwrap());
+        assert_eq!(route, &route_of(&store, &pair.0, &pair.1).await);
     }
     assert!(routes[0].contact && routes[0].blocked && routes[0].devices == vec![1, 3]);
     // In the second chunk of 256 pairs.
     assert!(routes[297].contact && routes[297].blocked && routes[297].devices == vec![1, 3]);
     assert!(!routes[298].contact && !routes[298].blocked && routes[298].devices == vec![1]);
-    assert_eq!(routes[299], micromsg_broker::store::DepositRoute::default());
+    assert_eq!(routes[299], micromsg_store::DepositRoute::default());
     assert!(store.deposit_routes(&[]).await.unwrap().is_empty());
 }
 
 /// Cross-broker deposits enter the outbox through group commit: one transaction per batch,
 /// each key once (within a batch and across batches), due at once.
 async fn case_outbox_group_commit(store: Store) {
-    use micromsg_broker::store::{OutboxBatcher, OutboxEntry};
+    use micromsg_store::{OutboxBatcher, OutboxEntry};
     let entry = |k: u8| OutboxEntry {
         idempotency_key: [k; 16],
         peer_broker: "y".into(),
@@ -1769,16 +1740,12 @@ async fn case_quota_counter_bound(store: Store) {
         );
     }
     assert!(matches!(
-        store
-            .deposit(&item(2000, "5550001", Some(1), "5550002"), quota)
-            .await,
+        deposit_one(&store, &item(2000, "5550001", Some(1), "5550002"), quota).await,
         Err(StoreError::QuotaExceeded)
     ));
     // A repeat of a stored item is still AlreadyStored at the limit, not refused.
     assert!(matches!(
-        store
-            .deposit(&item(1000, "5550001", Some(1), "5550002"), quota)
-            .await,
+        deposit_one(&store, &item(1000, "5550001", Some(1), "5550002"), quota).await,
         Ok(DepositOutcome::AlreadyStored)
     ));
 
@@ -1793,15 +1760,11 @@ async fn case_quota_counter_bound(store: Store) {
     assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
     store.sweep(NOW + 2).await.unwrap();
     assert!(matches!(
-        store
-            .deposit(&item(3002, "5550003", Some(1), "5550002"), 2)
-            .await,
+        deposit_one(&store, &item(3002, "5550003", Some(1), "5550002"), 2).await,
         Ok(DepositOutcome::Stored)
     ));
     assert!(matches!(
-        store
-            .deposit(&item(3003, "5550003", Some(1), "5550002"), 2)
-            .await,
+        deposit_one(&store, &item(3003, "5550003", Some(1), "5550002"), 2).await,
         Err(StoreError::QuotaExceeded)
     ));
 }

@@ -34,22 +34,8 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Whether `sender` may deposit for `target`, and for which devices: the contact pair,
-    /// `target`'s block of `sender` and `target`'s active devices, in one round trip (a
-    /// DEPOSIT is on the hot path).
-    pub async fn deposit_route(
-        &self,
-        sender: &str,
-        target: &str,
-    ) -> Result<DepositRoute, StoreError> {
-        self.deposit_routes(&[(sender.to_owned(), target.to_owned())])
-            .await?
-            .pop()
-            .ok_or(StoreError::Conflict)
-    }
-
-    /// [`Store::deposit_route`] for many `(sender, target)` pairs in one statement, one route
-    /// per pair, in order (for [`super::RouteBatcher`], which gathers the DEPOSITs of many
+    /// What DEPOSITs need to know ([`DepositRoute`]) for many `(sender, target)` pairs, in one
+    /// statement, one route per pair, in order (for [`super::RouteBatcher`], which gathers the DEPOSITs of many
     /// connections so that a deposit costs no statement of its own).
     pub async fn deposit_routes(
         &self,
