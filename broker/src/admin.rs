@@ -14,7 +14,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::broker::{Broker, unix_now};
+use crate::broker::Broker;
+use crate::clock::unix_now;
 
 /// The generated gRPC code of `micromsg.admin.v1`.
 pub mod proto {
@@ -179,7 +180,7 @@ impl AdminListener {
         let service = AdminServer::new(AdminService::new(Arc::clone(&self.broker)));
         let incoming = TcpListenerStream::new(self.listener);
         let signal = async move {
-            crate::server::stopped(&mut shutdown).await;
+            crate::shutdown::stopped(&mut shutdown).await;
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use micromsg_crypto::identity::IdentityKey;
 use micromsg_wire::message::response::{
@@ -12,7 +12,7 @@ use micromsg_wire::message::response::{
 use micromsg_wire::{Hex32, Hex64, Limits, NumberPrefix, encode_info_canonical};
 
 use crate::config::{Config, InboxMode, RegistrationPolicy};
-use crate::contacts::PendingRequests;
+use crate::contacts::pending::PendingRequests;
 use crate::federation::Federation;
 use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
 use crate::numbers::NumberAllocator;
@@ -22,54 +22,49 @@ use micromsg_store::{BatcherConfig, DepositBatcher, OutboxBatcher, RouteBatcher,
 /// Version of the client↔broker protocol this broker speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Shared broker state.
+/// The state every connection, handler and background task of one broker shares. Its parts
+/// are crate-private: a handler reaches what it needs through the fields, the outside world
+/// through the few accessors below.
 #[derive(Debug)]
 pub struct Broker {
     /// The effective configuration.
-    pub config: Config,
+    pub(crate) config: Config,
     /// Entities, devices, inboxes.
-    pub store: Store,
+    pub(crate) store: Store,
     /// Signs BROKER-INFO.
-    pub identity: IdentityKey,
-    /// TLS for the client listener.
-    pub tls: Arc<rustls::ServerConfig>,
+    pub(crate) identity: IdentityKey,
     /// Draws new numbers.
-    pub numbers: NumberAllocator,
+    pub(crate) numbers: NumberAllocator,
     /// Logged-in devices and their event queues.
-    pub online: Online,
+    pub(crate) online: Arc<Online>,
     /// Registrations (and device joins) per client IP per hour.
-    pub registrations: WindowLimiter<IpAddr>,
+    pub(crate) registrations: WindowLimiter<IpAddr>,
     /// INITIATE requests per entity per minute.
-    pub initiates: WindowLimiter<String>,
+    pub(crate) initiates: WindowLimiter<String>,
     /// Contact requests waiting for the target's answer.
-    pub contacts: PendingRequests,
+    pub(crate) contacts: PendingRequests,
     /// Login failures per entity.
-    pub login_failures: FailureLock,
+    pub(crate) login_failures: FailureLock,
     /// Accepted login nonces, refused a second time.
-    pub replay: ReplayCache,
+    pub(crate) replay: ReplayCache,
     /// Group commit of offline deposits.
-    pub deposits: DepositBatcher,
+    pub(crate) deposits: DepositBatcher,
     /// Group commit of cross-broker deposits into the federation outbox.
-    pub outbox: OutboxBatcher,
+    pub(crate) outbox: OutboxBatcher,
     /// Batched route checks of DEPOSITs (contact pair, block, devices).
-    pub routes: RouteBatcher,
+    pub(crate) routes: RouteBatcher,
     /// Decoder limits derived from the configuration.
-    pub wire_limits: Limits,
+    pub(crate) wire_limits: Limits,
     /// When the broker started.
-    pub started: Instant,
+    pub(crate) started: Instant,
     /// Network membership, peers and the outbox; `None` for a standalone broker.
-    pub federation: Option<Federation>,
+    pub(crate) federation: Option<Arc<Federation>>,
 }
 
 impl Broker {
     /// Assembles the shared state of a standalone broker.
-    pub fn new(
-        config: Config,
-        store: Store,
-        identity: IdentityKey,
-        tls: Arc<rustls::ServerConfig>,
-    ) -> Self {
-        Self::with_federation(config, store, identity, tls, None)
+    pub fn new(config: Config, store: Store, identity: IdentityKey) -> Self {
+        Self::with_federation(config, store, identity, None)
     }
 
     /// Assembles the shared state; `federation` makes it a member of a network (its prefixes
@@ -78,7 +73,6 @@ impl Broker {
         config: Config,
         store: Store,
         identity: IdentityKey,
-        tls: Arc<rustls::ServerConfig>,
         federation: Option<Federation>,
     ) -> Self {
         let numbers = NumberAllocator::new(config.numbers.prefixes.clone(), config.numbers.length);
@@ -139,9 +133,8 @@ impl Broker {
             config,
             store,
             identity,
-            tls,
             numbers,
-            online: Online::default(),
+            online: Arc::default(),
             registrations,
             initiates,
             contacts: PendingRequests::default(),
@@ -149,8 +142,23 @@ impl Broker {
             replay,
             wire_limits,
             started: Instant::now(),
-            federation,
+            federation: federation.map(Arc::new),
         }
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The store (for tests and tools that inspect what the broker holds).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Network membership, peers and counters; `None` for a standalone broker.
+    pub fn federation(&self) -> Option<&Federation> {
+        self.federation.as_deref()
     }
 
     /// BROKER-INFO: what this broker does, signed with its identity key.
@@ -216,11 +224,4 @@ impl Broker {
             identity_key: Hex32::from_bytes(*self.identity.public_key().as_bytes()),
         }
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -18,15 +18,21 @@
 
 pub mod admin;
 pub mod broker;
+pub mod clock;
 pub mod config;
 mod connection;
 pub mod contacts;
 pub mod federation;
+pub mod handlers;
 pub mod identity;
 pub mod limits;
+pub mod listener;
+pub mod metrics;
 pub mod numbers;
 pub mod online;
 pub mod run;
 pub mod server;
+pub mod shutdown;
+pub mod signals;
 pub mod telemetry;
 pub mod tls;

@@ -122,10 +122,8 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
         config.numbers.prefixes.clone_from(&f.me.prefixes);
         config.validate()?;
     }
-    let broker = Arc::new(Broker::with_federation(
-        config, store, identity, server_tls, federation,
-    ));
-    let server = Server::bind(Arc::clone(&broker), broker.config.server.listen)
+    let broker = Arc::new(Broker::with_federation(config, store, identity, federation));
+    let server = Server::bind(Arc::clone(&broker), broker.config.server.listen, server_tls)
         .await
         .map_err(|source| StartError::Io {
             what: format!("binding {}", broker.config.server.listen),
@@ -178,8 +176,8 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
             Arc::clone(&broker),
             rx.clone(),
         ));
-        background.spawn(crate::federation::peers::probe_forever(
-            Arc::clone(&broker),
+        background.spawn(crate::federation::probe::probe_forever(
+            Arc::clone(f),
             rx.clone(),
         ));
     }
@@ -209,7 +207,7 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
             }
         }
     }
-    crate::telemetry::register_metrics(&broker);
+    crate::metrics::register(&broker.online, broker.federation.as_ref());
     background.spawn(sweep_forever(Arc::clone(&broker), rx.clone()));
     let task = tokio::spawn(server.run(rx));
     Ok(RunningBroker {
@@ -232,11 +230,11 @@ async fn sweep_forever(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>)
     loop {
         tokio::select! {
             () = tokio::time::sleep(SWEEP_EVERY) => {}
-            () = crate::server::stopped(&mut shutdown) => return,
+            () = crate::shutdown::stopped(&mut shutdown) => return,
         }
         // Each call removes a bounded batch; keep going while it says there is more.
         loop {
-            match broker.store.sweep(crate::broker::unix_now() as i64).await {
+            match broker.store.sweep(crate::clock::unix_now() as i64).await {
                 Ok(report) if report.more => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -251,31 +249,9 @@ async fn sweep_forever(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>)
 /// Runs a broker until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn serve(config: Config) -> Result<(), StartError> {
     let running = start(config).await?;
-    wait_for_signal().await;
+    crate::signals::wait_for_stop().await;
     info!("shutting down: finishing in-flight requests");
     running.stop().await;
     info!("stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

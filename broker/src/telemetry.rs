@@ -4,8 +4,8 @@
 //!   JSON lines on stderr.
 //! * **OpenTelemetry**: when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (for example
 //!   `http://127.0.0.1:4317`), spans are exported over OTLP/gRPC through a batch processor,
-//!   and metrics (connected clients and entities, federation counters) through a periodic
-//!   reader. The standard `OTEL_*` variables apply (`OTEL_SERVICE_NAME`, default
+//!   and metrics (connected clients and entities, federation counters: [`crate::metrics`])
+//!   through a periodic reader. The standard `OTEL_*` variables apply (`OTEL_SERVICE_NAME`, default
 //!   `micromsg-broker`; `OTEL_EXPORTER_OTLP_TIMEOUT`, …). With the variable unset nothing is
 //!   exported and the OpenTelemetry layer is not even installed.
 //! * **Trace context across brokers**: every federation call carries the W3C `traceparent`
@@ -18,7 +18,7 @@
 //! What is never logged: secrets, nonces, keys, message bodies; client addresses only at
 //! `debug` and below.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::OnceLock;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
@@ -30,7 +30,6 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::broker::Broker;
 use crate::config::LogFormat;
 
 /// The variable that switches OTLP export on.
@@ -166,64 +165,6 @@ where
         .try_init()
         .map_err(|e| TelemetryError::AlreadyInitialised(e.to_string()))?;
     Ok(telemetry)
-}
-
-/// Registers the broker's observable metrics (when OTLP export is on): connected clients and
-/// entities, and the federation counters. Callbacks hold a weak reference, so a stopped
-/// broker reports nothing.
-pub fn register_metrics(broker: &Arc<Broker>) {
-    if !otel_enabled() {
-        return;
-    }
-    let meter = opentelemetry::global::meter("micromsg-broker");
-    let weak: Weak<Broker> = Arc::downgrade(broker);
-    let w = weak.clone();
-    let _ = meter
-        .u64_observable_gauge("micromsg.clients.connected")
-        .with_description("logged-in client connections")
-        .with_callback(move |o| {
-            if let Some(b) = w.upgrade() {
-                o.observe(b.online.connection_count() as u64, &[]);
-            }
-        })
-        .build();
-    let w = weak.clone();
-    let _ = meter
-        .u64_observable_gauge("micromsg.entities.online")
-        .with_description("entities with a logged-in connection")
-        .with_callback(move |o| {
-            if let Some(b) = w.upgrade() {
-                o.observe(b.online.entity_count() as u64, &[]);
-            }
-        })
-        .build();
-    let w = weak;
-    let _ = meter
-        .u64_observable_counter("micromsg.federation.events")
-        .with_description("federation events by kind")
-        .with_callback(move |o| {
-            let Some(b) = w.upgrade() else { return };
-            let Some(f) = b.federation.as_ref() else {
-                return;
-            };
-            let c = &f.counters;
-            let load =
-                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            for (kind, value) in [
-                ("initiates_forwarded", load(&c.initiates_forwarded)),
-                ("initiates_overflow", load(&c.initiates_overflow)),
-                ("initiates_failed", load(&c.initiates_failed)),
-                ("initiates_received", load(&c.initiates_received)),
-                ("accepted_relayed", load(&c.accepted_relayed)),
-                ("delivered", load(&c.delivered)),
-                ("delivery_retries", load(&c.delivery_retries)),
-                ("delivery_expired", load(&c.delivery_expired)),
-                ("received", load(&c.received)),
-            ] {
-                o.observe(value, &[opentelemetry::KeyValue::new("kind", kind)]);
-            }
-        })
-        .build();
 }
 
 /// A tonic interceptor that writes the current span's W3C trace context into the call's

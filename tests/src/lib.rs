@@ -349,10 +349,10 @@ impl TestNetwork {
             let running: Vec<&TestBroker> = self.brokers.iter().flatten().collect();
             let ids: Vec<String> = running
                 .iter()
-                .map(|b| b.running.broker.config.server.broker_id.clone())
+                .map(|b| b.running.broker.config().server.broker_id.clone())
                 .collect();
             let linked = running.iter().all(|b| {
-                let f = b.running.broker.federation.as_ref().unwrap();
+                let f = b.running.broker.federation().unwrap();
                 f.links
                     .values()
                     .filter(|l| ids.contains(&l.entry.id))

@@ -3,7 +3,7 @@
 //! Caller A on broker X, target B on broker Y:
 //!
 //! 1. X answers A's INITIATE-*-NETWORKED with `REQUEST: r` at once (only configuration and
-//!    local link state decide NOT-NETWORKED / PEER-UNAVAILABLE), remembers r in [`Outgoing`]
+//!    local link state decide NOT-NETWORKED / PEER-UNAVAILABLE), remembers r in [`Outgoing`](super::outgoing::Outgoing)
 //!    and forwards `Initiate(r, A, B, kind, pk_A)` to Y ([`forward_initiate`]).
 //! 2. Y acknowledges the call before it looks at B ([`receive_initiate`]), then applies the
 //!    silent-drop rules of a local INITIATE (`contacts::route_initiate`): unknown, offline,
@@ -21,22 +21,21 @@
 //! Neither broker ever has B's address in clear: B seals it before it leaves B. A decline, a
 //! timeout or any drop at Y produces no call at all, so X (and A) learn nothing.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use micromsg_wire::message::event::{ContactAccepted, ContactConnecting};
 use micromsg_wire::{Blob, Event, Hex16, Hex32, Number};
 use tracing::{Instrument, Span, debug, info_span, warn};
 
+use super::outgoing::OutgoingRequest;
 use super::proto::{AcceptedRequest, InitiateKind as WireKind, InitiateRequest};
 use super::{Counters, Home};
-use crate::broker::{Broker, unix_now};
-use crate::contacts::{Initiate, InitiateKind, NetworkOrigin, Origin, new_request_id};
+use crate::broker::Broker;
+use crate::clock::unix_now;
+use crate::contacts::pending::{Initiate, InitiateKind, NetworkOrigin, Origin, new_request_id};
 use crate::online::Push;
 
-/// Requests kept at most in [`Outgoing`] before expired ones are pruned.
-const OUTGOING_PRUNE_AT: usize = 10_000;
 /// Tries of an `Accepted` call (the connect token lives for the request lifetime anyway).
 const ACCEPTED_TRIES: u32 = 3;
 
@@ -44,72 +43,6 @@ const ACCEPTED_TRIES: u32 = 3;
 pub const SEALED_MIN: usize = 24 + 16 + 1;
 /// See [`SEALED_MIN`].
 pub const SEALED_MAX: usize = 24 + 16 + 255;
-
-/// A networked contact request a client of this broker made.
-#[derive(Debug, Clone)]
-pub struct OutgoingRequest {
-    /// The caller's number.
-    pub caller: String,
-    /// The caller's connection (CONTACT-ACCEPTED goes there).
-    pub caller_conn: u64,
-    /// The target's number.
-    pub target: String,
-    /// The peer broker the request went to.
-    pub peer: String,
-    /// When it lapses.
-    pub expires: Instant,
-}
-
-/// Networked requests waiting for `Accepted`, by request id.
-#[derive(Debug, Default)]
-pub struct Outgoing {
-    table: Mutex<HashMap<[u8; 16], OutgoingRequest>>,
-}
-
-impl Outgoing {
-    fn insert(&self, id: [u8; 16], request: OutgoingRequest, now: Instant) {
-        let mut table = self.lock();
-        if table.len() >= OUTGOING_PRUNE_AT {
-            table.retain(|_, r| r.expires > now);
-        }
-        table.insert(id, request);
-    }
-
-    /// Takes request `id` if `peer` is where it went and it names `caller` and `target`.
-    fn take_matching(
-        &self,
-        id: &[u8; 16],
-        peer: &str,
-        caller: &str,
-        target: &str,
-        now: Instant,
-    ) -> Option<OutgoingRequest> {
-        let mut table = self.lock();
-        let r = table.get(id)?;
-        if r.expires <= now {
-            table.remove(id);
-            return None;
-        }
-        if r.peer != peer || r.caller != caller || r.target != target {
-            return None;
-        }
-        table.remove(id)
-    }
-
-    /// Requests waiting.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether none is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], OutgoingRequest>> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// Why a networked INITIATE is refused before its acknowledgement (decided from configuration
 /// and local link state only).
@@ -254,7 +187,9 @@ pub fn receive_initiate(
         target: target.as_str().to_owned(),
         kind,
     };
-    tokio::spawn(crate::contacts::route_initiate(Arc::clone(broker), initiate).in_current_span());
+    tokio::spawn(
+        crate::contacts::routing::route_initiate(Arc::clone(broker), initiate).in_current_span(),
+    );
     Ok(())
 }
 

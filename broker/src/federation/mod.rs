@@ -4,7 +4,10 @@
 //! Layout:
 //! - [`network`]: the network file (ids, endpoints, prefixes) and `network init`.
 //! - [`mtls`]: TLS 1.3 with client certificates; the peer's id comes from its certificate.
-//! - [`peers`]: one lazily connected gRPC channel per peer, its reachability, the link prober.
+//! - [`proto`]: the generated gRPC code.
+//! - [`peers`]: one lazily connected gRPC channel per peer and its reachability.
+//! - [`probe`]: the task that pings every peer now and then.
+//! - [`outgoing`]: networked contact requests of this broker's clients, waiting for an answer.
 //! - [`contact`]: networked contact setup (forwarding INITIATEs, answering, the sealed address
 //!   handoff).
 //! - [`outbox`]: cross-broker offline delivery through the durable outbox, and its receiving
@@ -18,20 +21,11 @@ pub mod contact;
 pub mod mtls;
 pub mod network;
 pub mod outbox;
+pub mod outgoing;
 pub mod peers;
+pub mod probe;
+pub mod proto;
 pub mod service;
-
-/// The generated gRPC code of `micromsg.federation.v1`.
-pub mod proto {
-    #![allow(
-        missing_docs,
-        unreachable_pub,
-        missing_debug_implementations,
-        clippy::all,
-        clippy::pedantic
-    )]
-    tonic::include_proto!("micromsg.federation.v1");
-}
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,9 +36,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::config::{FederationConfig, FederationFiles};
 use crate::tls::TlsError;
-use contact::Outgoing;
 use mtls::MtlsConfig;
 use network::{BrokerEntry, Network, NetworkError};
+use outgoing::Outgoing;
 use peers::PeerLink;
 
 /// Why federation could not be set up.

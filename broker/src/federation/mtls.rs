@@ -27,12 +27,13 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::server::Connected;
+use tracing::warn;
 
 use crate::config::FederationFiles;
 use crate::federation::network::Network;
+use crate::listener::{Handshake, Slot};
 use crate::tls::{TlsError, load_certs, load_key};
 
 /// ALPN of gRPC over HTTP/2.
@@ -135,13 +136,13 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
 }
 
-/// Server side of the federation listener's TLS.
+/// Server side of the federation listener's TLS: the handshake of the shared accept loop
+/// ([`crate::listener`]), which runs it under `handshake_timeout_secs`.
 #[derive(Clone)]
 pub struct Acceptor {
     tls: TlsAcceptor,
     network: Arc<Network>,
     me: String,
-    timeout: Duration,
     /// Refusal counters.
     pub counters: Arc<MtlsCounters>,
 }
@@ -150,50 +151,31 @@ impl std::fmt::Debug for Acceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Acceptor")
             .field("me", &self.me)
-            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl Acceptor {
     /// An acceptor for broker `me` of `network`.
-    pub fn new(
-        config: Arc<ServerConfig>,
-        network: Arc<Network>,
-        me: String,
-        timeout: Duration,
-    ) -> Self {
+    pub fn new(config: Arc<ServerConfig>, network: Arc<Network>, me: String) -> Self {
         Self {
             tls: TlsAcceptor::from(config),
             network,
             me,
-            timeout,
             counters: Arc::default(),
         }
     }
 
     /// Runs the handshake and establishes the peer's id.
-    pub async fn accept(
-        &self,
-        tcp: TcpStream,
-        addr: SocketAddr,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<PeerStream, PeerRefused> {
-        let result = tokio::time::timeout(self.timeout, self.tls.accept(tcp)).await;
-        let tls = match result {
-            Err(_) => {
-                self.counters
-                    .handshake_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(PeerRefused::Timeout);
-            }
-            Ok(Err(e)) => {
+    async fn accept(&self, tcp: TcpStream, addr: SocketAddr) -> Result<PeerHandshake, PeerRefused> {
+        let tls = match self.tls.accept(tcp).await {
+            Err(e) => {
                 self.counters
                     .handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
                 return Err(PeerRefused::Handshake(e));
             }
-            Ok(Ok(tls)) => tls,
+            Ok(tls) => tls,
         };
         let id = tls
             .get_ref()
@@ -206,11 +188,52 @@ impl Acceptor {
             return Err(PeerRefused::UnknownId);
         };
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        Ok(PeerStream {
-            inner: tls,
+        Ok(PeerHandshake {
+            tls,
             info: PeerInfo { id, addr },
-            _permit: permit,
         })
+    }
+}
+
+impl Handshake for Acceptor {
+    type Stream = PeerHandshake;
+    type Error = PeerRefused;
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> Result<PeerHandshake, PeerRefused> {
+        let result = self.accept(tcp, addr).await;
+        if let Err(e) = &result {
+            warn!(%addr, error = %e, "peer connection refused");
+        }
+        result
+    }
+
+    fn timed_out(&self) {
+        self.counters
+            .handshake_failures
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(error = %PeerRefused::Timeout, "peer connection refused");
+    }
+}
+
+/// A peer connection whose handshake succeeded, before it holds a listener slot.
+#[derive(Debug)]
+pub struct PeerHandshake {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl PeerHandshake {
+    /// The connection, holding its listener `slot` until it is dropped.
+    pub fn into_stream(self, slot: Slot) -> PeerStream {
+        PeerStream {
+            inner: self.tls,
+            info: self.info,
+            _slot: slot,
+        }
     }
 }
 
@@ -233,7 +256,7 @@ pub fn peer_id(cert: &CertificateDer<'_>, network: &Network, me: &str) -> Option
 pub struct PeerStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Connected for PeerStream {

@@ -35,7 +35,8 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::proto::{DeliverRequest, Delivery, DeliveryResult, DeliveryStatus};
 use super::{Counters, Home};
-use crate::broker::{Broker, unix_now};
+use crate::broker::Broker;
+use crate::clock::unix_now;
 use crate::config::InboxMode;
 use crate::online::Push;
 use micromsg_store::{DepositOutcome, NewInboxItem, OutboxEntry, OutboxItem, StoreError};
@@ -146,7 +147,7 @@ pub async fn run_outbox(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>
         tokio::select! {
             () = federation.outbox_wake.notified() => {}
             () = tokio::time::sleep(poll) => {}
-            () = crate::server::stopped(&mut shutdown) => break,
+            () = crate::shutdown::stopped(&mut shutdown) => break,
         }
     }
     // Calls in flight finish (or time out) so their outcome is recorded; anything unsettled is

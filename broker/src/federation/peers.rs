@@ -1,5 +1,5 @@
 //! Links to peer brokers: one gRPC channel per peer (connected lazily, reconnected by tonic
-//! after a failure), its reachability, and the prober that keeps the reachability fresh.
+//! after a failure) and its reachability ([`super::probe`] keeps it fresh).
 //!
 //! Reachability is local link state: the outcome of the last call or probe. A `-NETWORKED`
 //! request to a peer known to be unreachable gets PEER-UNAVAILABLE before anything is sent
@@ -9,14 +9,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::network::BrokerEntry;
-use super::proto::PingRequest;
 use super::proto::federation_client::FederationClient;
-use crate::broker::{Broker, unix_now};
+use crate::clock::unix_now;
 use crate::telemetry::TraceContext;
 
 /// A client of a peer's Federation service, with trace context injected into every call.
@@ -138,30 +136,4 @@ pub fn describe(status: &tonic::Status) -> String {
         source = e.source();
     }
     text
-}
-
-/// Pings every peer now and then, so reachability is known before a client needs it.
-pub async fn probe_forever(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
-    let Some(federation) = broker.federation.as_ref() else {
-        return;
-    };
-    let every = Duration::from_secs(federation.config.probe_interval_secs.max(1));
-    let timeout = federation.request_timeout();
-    loop {
-        for link in federation.links.values() {
-            let mut client = link.client();
-            let call = tokio::time::timeout(timeout, client.ping(PingRequest {}));
-            let result = match call.await {
-                Ok(r) => r.map(|_| ()),
-                Err(_) => Err(tonic::Status::deadline_exceeded("ping timed out")),
-            };
-            if let Err(status) = link.record(result) {
-                debug!(peer = %link.entry.id, error = %describe(&status), "probe failed");
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = crate::server::stopped(&mut shutdown) => return,
-        }
-    }
 }

@@ -1,9 +1,9 @@
 //! The federation listener and the `micromsg.federation.v1.Federation` service.
 //!
-//! Accept loop (as the client listener): a permit (`federation.max_connections`) before
-//! `accept`, then each connection's TLS handshake and peer-id check in its own task under
-//! `handshake_timeout_secs`; only authenticated connections reach tonic, through a bounded
-//! channel. Every call is attributed to the peer id in the connection's certificate
+//! The accept loop is the client listener's ([`crate::listener`]): a slot
+//! (`federation.max_connections`) before `accept`, then each connection's TLS handshake and
+//! peer-id check in its own task under `handshake_timeout_secs`; only authenticated
+//! connections reach tonic, through a bounded channel. Every call is attributed to the peer id in the connection's certificate
 //! ([`PeerInfo`]); a call arriving any other way is refused.
 
 use std::net::SocketAddr;
@@ -11,19 +11,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::mtls::{Acceptor, MtlsCounters, PeerInfo, PeerStream};
+use crate::listener::{AcceptLimits, Slot, accept_loop};
+
+use super::mtls::{Acceptor, MtlsCounters, PeerHandshake, PeerInfo, PeerStream};
 use super::proto::federation_server::{Federation as FederationApi, FederationServer};
 use super::proto::{
     AcceptedAck, AcceptedRequest, DeliverRequest, DeliverResponse, InitiateAck, InitiateRequest,
     IsNetworkedRequest, IsNetworkedResponse, PingRequest, PingResponse,
 };
 use super::{Home, contact, outbox};
-use crate::broker::{Broker, unix_now};
+use crate::broker::Broker;
+use crate::clock::unix_now;
 use crate::telemetry;
 
 /// Authenticated connections waiting for tonic to pick them up.
@@ -134,7 +138,6 @@ impl FederationServerHandle {
             Arc::clone(&f.mtls.server),
             Arc::clone(&f.network),
             f.me.id.clone(),
-            Duration::from_secs(f.config.handshake_timeout_secs.max(1)),
         );
         let listener = TcpListener::bind(addr).await?;
         Ok(Some(Self {
@@ -155,11 +158,10 @@ impl FederationServerHandle {
     }
 
     /// Serves until `shutdown`, then lets calls in progress finish within the grace period.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let Some(f) = self.broker.federation.as_ref() else {
             return;
         };
-        let permits = Arc::new(Semaphore::new(f.config.max_connections as usize));
         let (tx, rx) = mpsc::channel::<Result<PeerStream, std::io::Error>>(HANDOFF_QUEUE);
         let grace = Duration::from_secs(self.broker.config.server.shutdown_grace_secs);
         let service = FederationServer::new(FederationService {
@@ -172,46 +174,36 @@ impl FederationServerHandle {
             .timeout(Duration::from_millis(f.config.request_timeout_ms.max(1)) * 2)
             .add_service(service)
             .serve_with_incoming_shutdown(ReceiverStream::new(rx), async move {
-                crate::server::stopped(&mut stop).await;
+                crate::shutdown::stopped(&mut stop).await;
             });
         let mut server = tokio::spawn(server);
-        let acceptor = self.acceptor.clone();
-        loop {
-            let permit = tokio::select! {
-                p = Arc::clone(&permits).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                () = crate::server::stopped(&mut shutdown) => break,
-            };
-            let (tcp, addr) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        warn!(error = %e, "federation accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = crate::server::stopped(&mut shutdown) => break,
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+        let limits = AcceptLimits {
+            max_connections: f.config.max_connections as usize,
+            max_per_ip: None,
+            handshake_timeout: Duration::from_secs(f.config.handshake_timeout_secs.max(1)),
+        };
+        // Authenticated connections go to tonic through the channel, each holding its slot.
+        let serve = move |peer: PeerHandshake, _addr, slot: Slot| {
             let tx = tx.clone();
-            tokio::spawn(
-                async move {
-                    match acceptor.accept(tcp, addr, permit).await {
-                        Ok(stream) => {
-                            debug!(peer = %stream_peer(&stream), "peer connection authenticated");
-                            let _ = tx.send(Ok(stream)).await;
-                        }
-                        Err(e) => warn!(%addr, error = %e, "peer connection refused"),
-                    }
-                }
-                .instrument(info_span!("federation.conn")),
-            );
-        }
-        drop(tx);
+            async move {
+                let stream = peer.into_stream(slot);
+                debug!(peer = %stream_peer(&stream), "peer connection authenticated");
+                let _ = tx.send(Ok(stream)).await;
+            }
+        };
+        let mut handshakes = JoinSet::new();
+        accept_loop(
+            &self.listener,
+            limits,
+            self.acceptor.clone(),
+            serve,
+            || info_span!("federation.conn"),
+            &mut handshakes,
+            shutdown,
+        )
+        .await;
+        // The handshakes in flight hold the last senders; tonic's incoming stream ends with them.
+        handshakes.shutdown().await;
         info!("federation listener stopped accepting");
         if tokio::time::timeout(grace, &mut server).await.is_err() {
             warn!("federation calls still running after the grace period; closing");

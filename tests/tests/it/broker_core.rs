@@ -217,7 +217,7 @@ async fn thousand_concurrent_registrations_get_distinct_numbers(backend: Backend
     let distinct: HashSet<_> = all.iter().collect();
     assert_eq!(distinct.len(), 1000, "numbers must be unique");
     assert_eq!(
-        broker.running.broker.store.entity_count().await.unwrap(),
+        broker.running.broker.store().entity_count().await.unwrap(),
         1000
     );
     broker.stop().await;

@@ -175,7 +175,7 @@ async fn unknown_offline_and_blocking_numbers_look_the_same(backend: Backend) {
         if !broker
             .running
             .broker
-            .store
+            .store()
             .entity_exists(&candidate)
             .await
             .unwrap()
@@ -259,7 +259,7 @@ async fn a_probed_number_stays_unreachable_for_the_prober_once_given_out(backend
         if !broker
             .running
             .broker
-            .store
+            .store()
             .entity_exists(&candidate)
             .await
             .unwrap()
@@ -277,7 +277,7 @@ async fn a_probed_number_stays_unreachable_for_the_prober_once_given_out(backend
         server_secret: [4; 32],
         name: None,
     };
-    let store = &broker.running.broker.store;
+    let store = &broker.running.broker.store();
     store
         .create_entity(&future, &device, account::unix_now() as i64)
         .await

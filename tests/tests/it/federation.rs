@@ -358,9 +358,9 @@ async fn networked_contact_setup_hands_over_a_sealed_address(backend: Backend) {
     );
 
     // Both home brokers hold the other side's pubkey, with an expiry.
-    let now = micromsg_broker::broker::unix_now() as i64;
-    let x_store = &net.broker(X).running.broker.store;
-    let y_store = &net.broker(Y).running.broker.store;
+    let now = micromsg_broker::clock::unix_now() as i64;
+    let x_store = &net.broker(X).running.broker.store();
+    let y_store = &net.broker(Y).running.broker.store();
     assert_eq!(
         x_store.peer_pubkey(&b.info.number, now).await.unwrap(),
         Some(pk_b)
@@ -482,8 +482,7 @@ async fn silent_drop_holds_across_brokers(backend: Backend) {
         net.broker(i)
             .running
             .broker
-            .federation
-            .as_ref()
+            .federation()
             .unwrap()
             .counters
             .initiates_received
@@ -568,7 +567,7 @@ async fn outbox_loses_nothing_when_brokers_restart(backend: Backend) {
         assert!(matches!(answer, ResponseData::Deposit(_)), "{answer:?}");
     }
     let x = &net.broker(X).running.broker;
-    assert_eq!(x.store.outbox_depth().await.unwrap(), 40);
+    assert_eq!(x.store().outbox_depth().await.unwrap(), 40);
     let admin = net.broker(X).running.admin_addr.unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -676,7 +675,7 @@ async fn status_shows_the_peers(backend: Backend) {
 // ---------------------------------------------------------------------------------------------
 
 async fn wait_outbox_empty(net: &TestNetwork, i: usize) {
-    let store = &net.broker(i).running.broker.store;
+    let store = &net.broker(i).running.broker.store();
     let deadline = Instant::now() + Duration::from_secs(30);
     while store.outbox_depth().await.unwrap() > 0 {
         assert!(Instant::now() < deadline, "outbox did not drain");

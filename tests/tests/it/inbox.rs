@@ -193,7 +193,7 @@ async fn number_mode_keeps_until_every_device_acked(backend: Backend) {
     assert_eq!(ack(&mut b2, &[7]).await, 1);
     assert!(fetch(&mut b2).await.is_empty());
     assert_eq!(
-        broker.running.broker.store.inbox_depth().await.unwrap(),
+        broker.running.broker.store().inbox_depth().await.unwrap(),
         0,
         "deleted once all acked"
     );

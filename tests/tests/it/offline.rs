@@ -105,7 +105,7 @@ async fn offline_deposit_and_later_delivery(backend: Backend) {
         .map(|e| (e.text.as_str(), e.offline))
         .collect();
     assert_eq!(got, [("while you were away", true), ("and this too", true)]);
-    let store = &broker.running.broker.store;
+    let store = &broker.running.broker.store();
     assert_eq!(
         store.inbox_depth().await.unwrap(),
         0,
@@ -164,7 +164,7 @@ async fn offline_backlog_over_several_pages(backend: Backend) {
         let reply = send(&a_agent, &b.number, text).await;
         assert!(reply.ok, "{reply:?}");
     }
-    let store = &broker.running.broker.store;
+    let store = &broker.running.broker.store();
     assert_eq!(store.inbox_depth().await.unwrap(), COUNT as i64);
 
     let (b_agent, mut b_rx) = online(&b).await;
@@ -276,7 +276,7 @@ async fn two_devices(mode: InboxMode) {
         message_from(&mut b2_rx, &a.number).await,
         ("for all of B".into(), true)
     );
-    let store = &broker.running.broker.store;
+    let store = &broker.running.broker.store();
     if mode == InboxMode::Number {
         assert!(
             store.inbox_depth().await.unwrap() >= 1,
@@ -336,10 +336,10 @@ async fn expired_items_are_swept_not_delivered() {
     let (a_agent, _a_rx) = contacts_then_offline(&a, &b).await;
     let reply = send(&a_agent, &b.number, "short-lived").await;
     assert!(reply.message.contains("deposited"), "{reply:?}");
-    let store = &broker.running.broker.store;
+    let store = &broker.running.broker.store();
     assert_eq!(store.inbox_depth().await.unwrap(), 1);
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let now = micromsg_broker::broker::unix_now() as i64;
+    let now = micromsg_broker::clock::unix_now() as i64;
     let report = store.sweep(now).await.unwrap();
     assert_eq!(report.inbox_items, 1);
     assert_eq!(store.inbox_depth().await.unwrap(), 0);

@@ -1,0 +1,258 @@
+//! Accounts: REGISTER (a new entity and its first device), DEVICE-JOIN (a further device with
+//! a registration secret) and LOGIN (the mutually verified rotating nonce, protocol.md 9).
+
+use std::sync::Arc;
+
+use micromsg_crypto::nonce::{self, Direction, NonceContext, NoncePolicy};
+use micromsg_crypto::{Secret32, kdf};
+use micromsg_store::{NewDevice, StoreError};
+use micromsg_wire::message::request::{DeviceJoinArgs, LoginArgs, RegisterArgs};
+use micromsg_wire::message::response::{
+    DeviceJoinData, LoginData, NonceAlgorithm, RegisterData, SessionCounts,
+};
+use micromsg_wire::{ErrorCode, Hex32, ResponseData};
+use rand_core::OsRng;
+use subtle::ConstantTimeEq;
+use tracing::{debug, info, warn};
+
+use super::{Handled, Login, Refusal, Session, wire_device, wire_number};
+use crate::broker::Broker;
+use crate::clock::Now;
+use crate::config::RegistrationPolicy;
+
+/// How stale a device's `last_seen` may get before a login writes it again.
+const LAST_SEEN_GRANULARITY_SECS: i64 = 60;
+
+/// Registrations and device joins per client IP (`registration.per_ip_per_hour`).
+fn check_registration_rate(cx: &Broker, session: &Session, now: Now) -> Result<(), Refusal> {
+    cx.registrations
+        .hit(&session.peer.ip(), now.instant)
+        .map_err(|wait| {
+            Refusal::retry(
+                ErrorCode::RateLimited,
+                "too many registrations from this address",
+                wait,
+            )
+        })
+}
+
+/// REGISTER: a new entity with a random number of this broker's prefixes.
+pub async fn register(
+    cx: &Arc<Broker>,
+    session: &Session,
+    args: RegisterArgs,
+    now: Now,
+) -> Handled {
+    let config = &cx.config;
+    match config.registration.policy {
+        RegistrationPolicy::Closed => {
+            return Err(Refusal::new(
+                ErrorCode::RegistrationClosed,
+                "this broker does not accept registrations",
+            ));
+        }
+        RegistrationPolicy::Token => {
+            let offered = args.token.as_deref().unwrap_or("").as_bytes();
+            // Every configured token is compared, in constant time, whatever matched.
+            let mut ok = subtle::Choice::from(0);
+            for token in &config.registration.tokens {
+                ok |= token.as_bytes().ct_eq(offered);
+            }
+            if !bool::from(ok) {
+                return Err(Refusal::new(
+                    ErrorCode::BadToken,
+                    "a valid registration TOKEN is required",
+                ));
+            }
+        }
+        RegistrationPolicy::Open => {}
+    }
+    check_registration_rate(cx, session, now)?;
+    let client_secret = Secret32::generate(&mut OsRng);
+    let device = NewDevice {
+        client_secret: *client_secret.expose(),
+        server_secret: *args.server_secret.as_bytes(),
+        name: None,
+    };
+    // A collision is unlikely (random numbers in a large space); a few draws make it
+    // vanishingly so, and the unique key keeps it correct either way.
+    for _ in 0..16 {
+        let number = cx.numbers.draw(&mut OsRng);
+        match cx
+            .store
+            .create_entity(&number, &device, now.unix_i64())
+            .await
+        {
+            Ok(device_id) => {
+                info!(conn = session.conn_id, "entity registered");
+                return Ok(ResponseData::Register(RegisterData {
+                    entity: wire_number(&number)?,
+                    device: wire_device(device_id)?,
+                    client_secret: Hex32::from_bytes(*client_secret.expose()),
+                    nonce_step: config.auth.nonce_step_secs,
+                    nonce_algorithm: NonceAlgorithm::MmNonce1,
+                }));
+            }
+            Err(StoreError::NumberTaken) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    warn!("number space crowded: 16 random draws collided");
+    Err(Refusal::new(
+        ErrorCode::Internal,
+        "could not allocate a number; try again",
+    ))
+}
+
+/// DEVICE-JOIN: a new device of an entity, with a registration secret from ADD-DEVICE.
+pub async fn device_join(
+    cx: &Arc<Broker>,
+    session: &Session,
+    args: DeviceJoinArgs,
+    now: Now,
+) -> Handled {
+    check_registration_rate(cx, session, now)?;
+    let hash = kdf::sha256(&[args.secret.as_bytes()]);
+    let client_secret = Secret32::generate(&mut OsRng);
+    let device = NewDevice {
+        client_secret: *client_secret.expose(),
+        server_secret: *args.server_secret.as_bytes(),
+        name: None,
+    };
+    let result = cx
+        .store
+        .redeem_registration_secret(
+            args.entity.as_str(),
+            &hash,
+            &device,
+            now.unix_i64(),
+            cx.config.limits.max_devices,
+        )
+        .await;
+    match result {
+        Ok(device_id) => {
+            info!(conn = session.conn_id, device = device_id, "device joined");
+            Ok(ResponseData::DeviceJoin(DeviceJoinData {
+                device: wire_device(device_id)?,
+                client_secret: Hex32::from_bytes(*client_secret.expose()),
+                nonce_step: cx.config.auth.nonce_step_secs,
+                nonce_algorithm: NonceAlgorithm::MmNonce1,
+            }))
+        }
+        Err(StoreError::BadSecret) => Err(Refusal::new(
+            ErrorCode::BadSecret,
+            "registration secret unknown, expired or already used",
+        )),
+        Err(StoreError::DeviceLimit) => Err(Refusal::new(
+            ErrorCode::DeviceLimit,
+            "the entity has reached its device limit",
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// LOGIN: verifies the client's nonce, proves the broker's, and registers the device online
+/// (its events go to `session.queue`). The caller refuses LOGIN on a logged-in connection.
+pub async fn login(
+    cx: &Arc<Broker>,
+    session: &Session,
+    args: LoginArgs,
+    now: Now,
+) -> Result<(ResponseData, Login), Refusal> {
+    let number = args.entity.as_str().to_owned();
+    let device_id = args.device.get();
+    if let Err(wait) = cx.login_failures.check(&number, now.instant) {
+        return Err(Refusal::retry(
+            ErrorCode::Locked,
+            "too many failed logins; the entity is locked for a while",
+            wait,
+        ));
+    }
+    let record = cx.store.device(&number, device_id).await?;
+    let auth = &cx.config.auth;
+    let policy = NoncePolicy {
+        step_secs: u64::from(auth.nonce_step_secs),
+        skew_steps: u64::from(auth.nonce_skew_steps),
+    };
+    let ctx = NonceContext {
+        entity: &number,
+        device: device_id,
+        binding: &session.binding,
+    };
+    // Unknown and revoked devices run the same verification against a throwaway secret,
+    // so the answer and its timing do not tell which numbers and devices exist.
+    let (client_secret, server_secret, usable) = match &record {
+        Some(r) if !r.is_revoked() => (
+            Secret32::from_bytes(r.client_secret),
+            Secret32::from_bytes(r.server_secret),
+            true,
+        ),
+        _ => (
+            Secret32::generate(&mut OsRng),
+            Secret32::generate(&mut OsRng),
+            false,
+        ),
+    };
+    let verified = nonce::verify(
+        &client_secret,
+        Direction::ClientToBroker,
+        &ctx,
+        &policy,
+        now.unix,
+        args.secret.as_bytes(),
+    );
+    let step = match verified {
+        Ok(step) if usable && cx.replay.first_use(*args.secret.as_bytes(), now.instant) => step,
+        _ => {
+            if cx.login_failures.fail(&number, now.instant) {
+                warn!(
+                    conn = session.conn_id,
+                    "entity locked after repeated login failures"
+                );
+            }
+            debug!(conn = session.conn_id, "login refused");
+            return Err(Refusal::new(
+                ErrorCode::AuthFailed,
+                "login failed: unknown entity or device, or the nonce did not verify",
+            ));
+        }
+    };
+    let proof = nonce::compute(&server_secret, Direction::BrokerToClient, &ctx, step)
+        .map_err(|_| Refusal::internal())?;
+    cx.login_failures.succeed(&number);
+    // `last_seen` is for people (DEVICE-LIST), so minute precision will do: a device that
+    // logs in again and again (one-shot commands, reconnects) costs no write each time.
+    let last_seen = record.as_ref().and_then(|r| r.last_seen).unwrap_or(0);
+    if now.unix_i64().saturating_sub(last_seen) >= LAST_SEEN_GRANULARITY_SECS {
+        cx.store
+            .touch_device(&number, device_id, now.unix_i64())
+            .await?;
+    }
+    let inbox = cx
+        .store
+        .inbox_count(&number, device_id, now.unix_i64())
+        .await
+        .unwrap_or(0);
+    cx.online.insert(
+        &number,
+        device_id,
+        session.conn_id,
+        session.queue.clone(),
+        now.instant,
+    );
+    info!(conn = session.conn_id, device = device_id, "logged in");
+    let answer = ResponseData::Login(LoginData {
+        proof: Hex32::from_bytes(proof),
+        step,
+        session: SessionCounts {
+            inbox: u32::try_from(inbox).unwrap_or(u32::MAX),
+        },
+    });
+    Ok((
+        answer,
+        Login {
+            number: args.entity,
+            device: args.device,
+        },
+    ))
+}

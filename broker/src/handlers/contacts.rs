@@ -1,0 +1,316 @@
+//! Contacts: IS-NETWORKED, INITIATE-NEW / -EXISTING (and their -NETWORKED forms),
+//! CONTACT-ANSWER, CONTACT-POLICY, BLOCK, UNBLOCK and BLOCK-LIST.
+//!
+//! An INITIATE is acknowledged before anything about the target is looked up; the routing runs
+//! as its own task ([`crate::contacts::routing`]), so the acknowledgement's content and timing
+//! say nothing about the target (the silent-drop rule, protocol.md 10).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use micromsg_wire::message::request::{
+    ContactAnswerArgs, ContactPolicyArgs, InitiateNetworkedArgs,
+};
+use micromsg_wire::message::response::{BlockListData, Home, InitiateData, IsNetworkedData};
+use micromsg_wire::{Address, ErrorCode, Hex16, Number, ResponseData};
+use tracing::Instrument;
+
+use super::{Handled, Login, Refusal, Session};
+use crate::broker::Broker;
+use crate::clock::Now;
+use crate::contacts::pending::{Initiate, InitiateKind, Origin, new_request_id, resolve_address};
+use crate::contacts::routing::{hand_out, route_initiate};
+use crate::federation::contact::{Acceptance, ForwardRefusal, SEALED_MAX, SEALED_MIN};
+
+/// Records the address the device listens on (ADDRESS of INITIATE-NEW, CONTACT-ANSWER,
+/// CONTACT-POLICY), resolved against the connection's IP.
+pub fn announce(cx: &Broker, session: &Session, login: &Login, address: &Address) {
+    let resolved = resolve_address(address, session.peer.ip());
+    cx.online
+        .set_address(login.number(), session.conn_id, resolved);
+}
+
+/// IS-NETWORKED: from configuration only, never a lookup (protocol.md 6.10).
+pub fn is_networked(cx: &Broker, target: &Number) -> ResponseData {
+    let data = match cx.federation.as_ref() {
+        // A standalone broker: its own prefixes are OWN, everything else NONE.
+        None => {
+            let own = cx.numbers.owns(target.as_str());
+            IsNetworkedData {
+                networked: false,
+                home: if own { Home::Own } else { Home::None },
+                broker: own.then(|| cx.config.server.broker_id.clone()),
+            }
+        }
+        Some(f) => match f.home_of(target.as_str()) {
+            crate::federation::Home::Own => IsNetworkedData {
+                networked: false,
+                home: Home::Own,
+                broker: Some(f.me.id.clone()),
+            },
+            crate::federation::Home::Peer(peer) => IsNetworkedData {
+                networked: true,
+                home: Home::Peer,
+                broker: Some(peer.id.clone()),
+            },
+            crate::federation::Home::None => IsNetworkedData {
+                networked: false,
+                home: Home::None,
+                broker: None,
+            },
+        },
+    };
+    ResponseData::IsNetworked(data)
+}
+
+/// INITIATE requests per entity (`contacts.initiates_per_minute`).
+fn check_initiate_rate(cx: &Broker, login: &Login, now: Now) -> Result<(), Refusal> {
+    cx.initiates
+        .hit(&login.number().to_owned(), now.instant)
+        .map_err(|wait| {
+            Refusal::retry(
+                ErrorCode::RateLimited,
+                "too many contact requests; slow down",
+                wait,
+            )
+        })
+}
+
+/// INITIATE-NEW / INITIATE-EXISTING: the ack now, the routing in the background.
+pub fn initiate(
+    cx: &Arc<Broker>,
+    session: &Session,
+    login: &Login,
+    target: Number,
+    kind: InitiateKind,
+    now: Now,
+) -> Handled {
+    check_initiate_rate(cx, login, now)?;
+    let request = new_request_id();
+    // The ack is decided here, before anything about the target is looked up; the lookup
+    // runs as its own task so its cost cannot show in the ack's timing.
+    tokio::spawn(route_initiate(
+        Arc::clone(cx),
+        Initiate {
+            request,
+            caller: login.number().to_owned(),
+            origin: Origin::Local {
+                caller_conn: session.conn_id,
+            },
+            target: target.as_str().to_owned(),
+            kind,
+        },
+    ));
+    let data = InitiateData {
+        request: Hex16::from_bytes(request),
+    };
+    Ok(match kind {
+        InitiateKind::New => ResponseData::InitiateNew(data),
+        InitiateKind::Existing => ResponseData::InitiateExisting(data),
+    })
+}
+
+/// INITIATE-*-NETWORKED: NOT-NETWORKED and PEER-UNAVAILABLE come from configuration and
+/// local link state; otherwise the ack goes out and the request is forwarded in the
+/// background (silent from then on, as INITIATE-NEW).
+pub fn initiate_networked(
+    cx: &Arc<Broker>,
+    session: &Session,
+    login: &Login,
+    args: InitiateNetworkedArgs,
+    kind: InitiateKind,
+    now: Now,
+) -> Handled {
+    check_initiate_rate(cx, login, now)?;
+    let request = crate::federation::contact::forward_initiate(
+        cx,
+        login.number(),
+        session.conn_id,
+        args.target.as_str(),
+        kind,
+        *args.pubkey.as_bytes(),
+    )
+    .map_err(|refusal| match refusal {
+        ForwardRefusal::NotNetworked => Refusal::new(
+            ErrorCode::NotNetworked,
+            "number is not in a peer broker's share",
+        ),
+        ForwardRefusal::PeerUnavailable(secs) => Refusal::retry(
+            ErrorCode::PeerUnavailable,
+            "the broker serving this number cannot be reached now",
+            Duration::from_secs(secs),
+        ),
+    })?;
+    let data = InitiateData {
+        request: Hex16::from_bytes(request),
+    };
+    Ok(match kind {
+        InitiateKind::New => ResponseData::InitiateNewNetworked(data),
+        InitiateKind::Existing => ResponseData::InitiateExistingNetworked(data),
+    })
+}
+
+fn not_found() -> Refusal {
+    Refusal::new(
+        ErrorCode::NotFound,
+        "no such contact request (unknown, expired or already answered)",
+    )
+}
+
+/// Checks that an answer carries what its request's origin needs: a networked request is
+/// accepted with PUBKEY and SEALED-ADDRESS (the plain address must not reach the caller's
+/// broker), a local one with ADDRESS; a decline carries none of them.
+fn check_answer_shape(args: &ContactAnswerArgs, networked: bool) -> Result<(), Refusal> {
+    let bad = |message: String| Err(Refusal::new(ErrorCode::BadArgs, message));
+    if !args.accept {
+        if args.address.is_some() || args.pubkey.is_some() || args.sealed_address.is_some() {
+            return bad("a declining answer carries no ADDRESS, PUBKEY or SEALED-ADDRESS".into());
+        }
+        return Ok(());
+    }
+    if !networked {
+        if args.pubkey.is_some() || args.sealed_address.is_some() {
+            return bad("a request from this broker is accepted with ADDRESS only".into());
+        }
+        if args.address.is_none() {
+            return bad("ACCEPT: true on this broker needs ADDRESS".into());
+        }
+        return Ok(());
+    }
+    if args.address.is_some() {
+        return bad(
+            "a networked request is accepted with PUBKEY and SEALED-ADDRESS, never \
+                    ADDRESS (the plain address must not reach the caller's broker)"
+                .into(),
+        );
+    }
+    let Some(sealed) = &args.sealed_address else {
+        return bad("ACCEPT: true for a networked request needs SEALED-ADDRESS and PUBKEY".into());
+    };
+    if args.pubkey.is_none() {
+        return bad("ACCEPT: true for a networked request needs PUBKEY".into());
+    }
+    if !(SEALED_MIN..=SEALED_MAX).contains(&sealed.len()) {
+        return bad(format!(
+            "SEALED-ADDRESS must decode to {SEALED_MIN}..={SEALED_MAX} bytes \
+             (nonce, sealed Address, tag)"
+        ));
+    }
+    Ok(())
+}
+
+/// CONTACT-ANSWER: accept (the pair is recorded, both sides get the token) or decline (the
+/// caller goes on the target's block list, as the seed says).
+pub async fn answer(
+    cx: &Arc<Broker>,
+    session: &Session,
+    login: &Login,
+    args: ContactAnswerArgs,
+    now: Now,
+) -> Handled {
+    let request = *args.request.as_bytes();
+    // Check the answer against the request before consuming it: an error has no effects.
+    let peeked = cx
+        .contacts
+        .peek(&request, login.number(), now.instant)
+        .ok_or_else(not_found)?;
+    check_answer_shape(&args, matches!(peeked.origin, Origin::Networked(_)))?;
+    let Some(pending) = cx.contacts.take(&request, login.number(), now.instant) else {
+        // Another device of the entity answered in the meantime.
+        return Err(not_found());
+    };
+    if !args.accept {
+        // The seed: a rejection puts the caller on the target's blacklist.
+        cx.store
+            .block(login.number(), &pending.caller, now.unix_i64())
+            .await?;
+        return Ok(ResponseData::ContactAnswer);
+    }
+    match &pending.origin {
+        Origin::Networked(origin) => {
+            let (Some(pubkey), Some(sealed)) = (args.pubkey, args.sealed_address) else {
+                return Err(Refusal::internal());
+            };
+            let span = tracing::info_span!(parent: &origin.span, "contact.answer.networked");
+            crate::federation::contact::accept_networked(
+                cx,
+                origin,
+                Acceptance {
+                    local_request: request,
+                    caller: pending.caller.clone(),
+                    target: login.number().to_owned(),
+                    target_conn: session.conn_id,
+                    target_pubkey: *pubkey.as_bytes(),
+                    sealed_address: sealed.into_vec(),
+                },
+            )
+            .instrument(span)
+            .await?;
+        }
+        Origin::Local { caller_conn } => {
+            let Some(address) = &args.address else {
+                return Err(Refusal::internal());
+            };
+            announce(cx, session, login, address);
+            let address = resolve_address(address, session.peer.ip());
+            cx.store
+                .add_contact(login.number(), &pending.caller, now.unix_i64())
+                .await?;
+            cx.store
+                .add_contact(&pending.caller, login.number(), now.unix_i64())
+                .await?;
+            hand_out(
+                cx,
+                &request,
+                &pending.caller,
+                *caller_conn,
+                login.number(),
+                session.conn_id,
+                &address,
+            );
+        }
+    }
+    Ok(ResponseData::ContactAnswer)
+}
+
+/// CONTACT-POLICY: AUTO-EXISTING (and optionally the address to hand out with it).
+pub async fn policy(
+    cx: &Broker,
+    session: &Session,
+    login: &Login,
+    args: ContactPolicyArgs,
+) -> Handled {
+    cx.store
+        .set_auto_existing(login.number(), args.auto_existing)
+        .await?;
+    if let Some(address) = &args.address {
+        announce(cx, session, login, address);
+    }
+    Ok(ResponseData::ContactPolicy)
+}
+
+/// BLOCK: `target` can no longer reach the entity (silently).
+pub async fn block(cx: &Broker, login: &Login, target: &Number, now: Now) -> Handled {
+    cx.store
+        .block(login.number(), target.as_str(), now.unix_i64())
+        .await?;
+    Ok(ResponseData::Block)
+}
+
+/// UNBLOCK.
+pub async fn unblock(cx: &Broker, login: &Login, target: &Number) -> Handled {
+    cx.store.unblock(login.number(), target.as_str()).await?;
+    Ok(ResponseData::Unblock)
+}
+
+/// BLOCK-LIST: the numbers the entity blocked.
+pub async fn block_list(cx: &Broker, login: &Login) -> Handled {
+    let numbers = cx
+        .store
+        .blocked_by(login.number())
+        .await?
+        .into_iter()
+        .filter_map(|n| Number::new(n).ok())
+        .collect();
+    Ok(ResponseData::BlockList(BlockListData { numbers }))
+}

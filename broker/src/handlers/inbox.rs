@@ -1,0 +1,229 @@
+//! Offline messages: DEPOSIT (to a contact, here or through the federation outbox),
+//! SYNC-COPY (to the entity's other devices), INBOX-FETCH and INBOX-ACK.
+//!
+//! A deposit is answered only once every copy is committed (through the group commit,
+//! [`micromsg_store::DepositBatcher`]): the acknowledgement means durably stored.
+
+use micromsg_store::{NewInboxItem, StoreError};
+use micromsg_wire::message::event::InboxNotice;
+use micromsg_wire::message::request::{DepositArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs};
+use micromsg_wire::message::response::{
+    DepositData, InboxAckData, InboxFetchData, InboxMessage, SyncCopyData,
+};
+use micromsg_wire::{Blob, DeviceId, ErrorCode, Event, Hex16, Number, ResponseData};
+
+use super::{Handled, Login, Refusal, check_size};
+use crate::broker::Broker;
+use crate::clock::Now;
+use crate::config::InboxMode;
+use crate::federation::outbox::PeerDeposit;
+use crate::online::Push;
+
+/// Room left in a response frame for YAML around the inbox messages.
+const FETCH_FRAME_SLACK: usize = 2048;
+/// Messages per INBOX-FETCH answer at most (the YAML event budget fits about 290).
+const FETCH_MAX_MESSAGES: usize = 250;
+
+/// The devices a message to `number` is stored for: every active device in entity mode,
+/// one shared inbox (`None`) in number mode.
+async fn recipients(
+    cx: &Broker,
+    number: &str,
+    except: Option<u32>,
+) -> Result<Vec<Option<u32>>, Refusal> {
+    Ok(match cx.config.inbox.mode {
+        InboxMode::Number => vec![None],
+        InboxMode::Entity => cx
+            .store
+            .list_devices(number)
+            .await?
+            .into_iter()
+            .filter(|d| d.revoked_at.is_none() && Some(d.device_id) != except)
+            .map(|d| Some(d.device_id))
+            .collect(),
+    })
+}
+
+/// Stores one message for each recipient device through the group commit; answers only
+/// once every copy is committed, with the expiry.
+async fn store_copies(
+    cx: &Broker,
+    login: &Login,
+    recipient: &str,
+    devices: Vec<Option<u32>>,
+    id: [u8; 16],
+    body: Vec<u8>,
+    now: Now,
+) -> Result<u64, Refusal> {
+    let expires = now.unix + cx.config.inbox.ttl_secs;
+    let mut pending = Vec::with_capacity(devices.len());
+    for device in devices {
+        let item = NewInboxItem {
+            id,
+            recipient_number: recipient.to_owned(),
+            recipient_device: device,
+            sender_number: login.number().to_owned(),
+            sender_device: login.device.get(),
+            created_at: now.unix_i64(),
+            expires_at: expires as i64,
+            body: body.clone(),
+        };
+        let batcher = cx.deposits.clone();
+        pending.push(tokio::spawn(async move { batcher.deposit(item).await }));
+    }
+    let mut quota = false;
+    for task in pending {
+        match task.await {
+            Ok(Ok(_stored_or_already)) => {}
+            Ok(Err(StoreError::QuotaExceeded)) => quota = true,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(Refusal::internal()),
+        }
+    }
+    if quota {
+        return Err(Refusal::new(
+            ErrorCode::QuotaExceeded,
+            "the recipient's inbox is full; nothing already stored was touched, try later",
+        ));
+    }
+    // One new message (protocol 7.5: COUNT is an increment).
+    cx.online.push_all(recipient, None, || {
+        Push::event(Event::Inbox(InboxNotice { count: 1 }))
+    });
+    Ok(expires)
+}
+
+/// DEPOSIT: a message for a contact that is offline (or for its other devices).
+pub async fn deposit(cx: &Broker, login: &Login, args: DepositArgs, now: Now) -> Handled {
+    check_size(cx, "BODY", args.body.len())?;
+    let target = args.target.as_str();
+    let route = cx.routes.route(login.number(), target).await?;
+    if !route.contact {
+        return Err(Refusal::new(
+            ErrorCode::NotFound,
+            "no contact pair with TARGET; set one up with INITIATE-NEW first",
+        ));
+    }
+    if let Some(f) = cx.federation.as_ref()
+        && let crate::federation::Home::Peer(peer) = f.home_of(target)
+    {
+        // The target's home broker applies its block list; here the message goes into the
+        // durable outbox, and the ack means "durably accepted by the home broker".
+        let expires = now.unix + cx.config.inbox.ttl_secs;
+        crate::federation::outbox::enqueue_deposit(
+            cx,
+            PeerDeposit {
+                sender: login.number().to_owned(),
+                sender_device: login.device.get(),
+                recipient: target.to_owned(),
+                peer: peer.id.clone(),
+                message_id: *args.id.as_bytes(),
+                created_at: now.unix,
+                expires_at: expires,
+                body: args.body.into_vec(),
+            },
+        )
+        .await?;
+        return Ok(ResponseData::Deposit(DepositData {
+            id: args.id,
+            expires,
+        }));
+    }
+    if route.blocked {
+        // Acknowledged and discarded: the blocked sender cannot tell.
+        return Ok(ResponseData::Deposit(DepositData {
+            id: args.id,
+            expires: now.unix + cx.config.inbox.ttl_secs,
+        }));
+    }
+    let devices = match cx.config.inbox.mode {
+        InboxMode::Number => vec![None],
+        InboxMode::Entity => route.devices.into_iter().map(Some).collect(),
+    };
+    let expires = store_copies(
+        cx,
+        login,
+        target,
+        devices,
+        *args.id.as_bytes(),
+        args.body.into_vec(),
+        now,
+    )
+    .await?;
+    Ok(ResponseData::Deposit(DepositData {
+        id: args.id,
+        expires,
+    }))
+}
+
+/// SYNC-COPY: a copy of what this device sent or received, for the entity's other devices.
+pub async fn sync_copy(cx: &Broker, login: &Login, args: SyncCopyArgs, now: Now) -> Handled {
+    check_size(cx, "BODY", args.body.len())?;
+    let devices = recipients(cx, login.number(), Some(login.device.get())).await?;
+    if !devices.is_empty() {
+        store_copies(
+            cx,
+            login,
+            login.number(),
+            devices,
+            *args.id.as_bytes(),
+            args.body.into_vec(),
+            now,
+        )
+        .await?;
+    }
+    Ok(ResponseData::SyncCopy(SyncCopyData { id: args.id }))
+}
+
+/// INBOX-FETCH: a page of the device's inbox, within the frame limit.
+pub async fn fetch(cx: &Broker, login: &Login, args: InboxFetchArgs, now: Now) -> Handled {
+    let limit = args.limit_or_default().min(FETCH_MAX_MESSAGES as u32);
+    let after = args.after.map(|a| *a.as_bytes());
+    let (items, mut more) = cx
+        .store
+        .fetch_inbox(
+            login.number(),
+            login.device.get(),
+            after,
+            limit,
+            now.unix_i64(),
+        )
+        .await?;
+    let budget = (cx.config.limits.max_frame_len as usize).saturating_sub(FETCH_FRAME_SLACK);
+    let mut used = 0;
+    let mut messages = Vec::with_capacity(items.len());
+    for item in items {
+        // base64 grows 4/3; the per-message YAML keys take about 200 bytes.
+        let size = item.body.len().div_ceil(3) * 4 + 200;
+        if used + size > budget && !messages.is_empty() {
+            more = true;
+            break;
+        }
+        used += size;
+        let (Ok(from), Ok(from_device)) = (
+            Number::new(item.sender_number.clone()),
+            DeviceId::new(item.sender_device),
+        ) else {
+            continue;
+        };
+        messages.push(InboxMessage {
+            id: Hex16::from_bytes(item.id),
+            from,
+            from_device,
+            time: item.created_at.max(0) as u64,
+            expires: item.expires_at.max(0) as u64,
+            body: Blob::new(item.body),
+        });
+    }
+    Ok(ResponseData::InboxFetch(InboxFetchData { messages, more }))
+}
+
+/// INBOX-ACK: the device has stored these items; they leave its inbox.
+pub async fn ack(cx: &Broker, login: &Login, args: InboxAckArgs, now: Now) -> Handled {
+    let ids: Vec<[u8; 16]> = args.ids.iter().map(|i| *i.as_bytes()).collect();
+    let removed = cx
+        .store
+        .ack_inbox(login.number(), login.device.get(), &ids, now.unix_i64())
+        .await?;
+    Ok(ResponseData::InboxAck(InboxAckData { removed }))
+}
