@@ -5,6 +5,13 @@
 //! validated against `max_frame_len` from the four prefix bytes alone, so an
 //! oversize frame is refused before a single byte of its body is buffered.
 //!
+//! [`peek`] is that check with the incomplete case spelled out: whether the
+//! prefix is in yet and, once it is, the size of the whole frame, so a reader
+//! can make room for a frame before its body arrives. It is the one place in
+//! this crate that reads a length prefix: [`check`], [`FrameDecoder`] and the
+//! async `io::FrameReader` (feature `tokio`) all decide through it, and
+//! [`encode_frame`] is the one place that writes one (`io::write_frame` too).
+//!
 //! [`FrameDecoder`] owns the receive buffer of one connection; the I/O code
 //! pushes whatever the socket produced and pulls complete frame bodies out.
 
@@ -29,16 +36,63 @@ pub enum FrameError {
     },
 }
 
-/// Check whether `buf` starts with a complete frame.
+/// How much of the frame at the front of a buffer has arrived (see [`peek`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peek {
+    /// Fewer than [`PREFIX_LEN`] bytes: the frame's length is not known yet.
+    NeedPrefix,
+    /// The prefix is in and valid, but not all of the body is.
+    NeedBody {
+        /// Length of the whole frame, prefix included.
+        total: usize,
+    },
+    /// A complete frame: its body is `buf[PREFIX_LEN..total]`.
+    Complete {
+        /// Length of the whole frame, prefix included.
+        total: usize,
+    },
+}
+
+impl Peek {
+    /// Length of the whole frame, prefix included, once its prefix is in.
+    pub fn total(self) -> Option<usize> {
+        match self {
+            Peek::NeedPrefix => None,
+            Peek::NeedBody { total } | Peek::Complete { total } => Some(total),
+        }
+    }
+}
+
+/// Look at the frame at the front of `buf` without consuming anything.
 ///
-/// Returns `Ok(Some(total))` with the length of the whole frame, prefix
-/// included; `Ok(None)` if more bytes are needed; an error as soon as the
-/// prefix is readable and invalid (`0` or `> max_len`).
-pub fn check(buf: &[u8], max_len: u32) -> Result<Option<usize>, FrameError> {
+/// An error as soon as the prefix is readable and invalid (`0` or
+/// `> max_len`), whatever follows it. The verdict only moves forward as bytes
+/// are appended: `NeedPrefix`, then `NeedBody` and `Complete` with the same
+/// `total`, or the error.
+///
+/// ```
+/// use micromsg_wire::frame::{Peek, peek};
+///
+/// assert_eq!(peek(&[0, 0], 10), Ok(Peek::NeedPrefix));
+/// assert_eq!(peek(&[0, 0, 0, 2, b'a'], 10), Ok(Peek::NeedBody { total: 6 }));
+/// assert_eq!(peek(&[0, 0, 0, 2, b'a', b'b'], 10), Ok(Peek::Complete { total: 6 }));
+/// assert!(peek(&[0, 0, 0, 11], 10).is_err());
+/// ```
+pub fn peek(buf: &[u8], max_len: u32) -> Result<Peek, FrameError> {
     let Some(prefix) = buf.first_chunk::<PREFIX_LEN>() else {
-        return Ok(None);
+        return Ok(Peek::NeedPrefix);
     };
-    let len = u32::from_be_bytes(*prefix);
+    let total = PREFIX_LEN + body_len(*prefix, max_len)?;
+    Ok(if buf.len() >= total {
+        Peek::Complete { total }
+    } else {
+        Peek::NeedBody { total }
+    })
+}
+
+/// The body length a prefix announces, if it is within `1..=max_len`.
+fn body_len(prefix: [u8; PREFIX_LEN], max_len: u32) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix);
     if len == 0 {
         return Err(FrameError::Empty);
     }
@@ -48,8 +102,19 @@ pub fn check(buf: &[u8], max_len: u32) -> Result<Option<usize>, FrameError> {
             max: max_len,
         });
     }
-    let total = PREFIX_LEN + len as usize;
-    Ok((buf.len() >= total).then_some(total))
+    Ok(len as usize)
+}
+
+/// Check whether `buf` starts with a complete frame.
+///
+/// Returns `Ok(Some(total))` with the length of the whole frame, prefix
+/// included; `Ok(None)` if more bytes are needed; an error as soon as the
+/// prefix is readable and invalid (`0` or `> max_len`).
+pub fn check(buf: &[u8], max_len: u32) -> Result<Option<usize>, FrameError> {
+    match peek(buf, max_len)? {
+        Peek::Complete { total } => Ok(Some(total)),
+        Peek::NeedPrefix | Peek::NeedBody { .. } => Ok(None),
+    }
 }
 
 /// Remove the first complete frame from the front of `buf` and return its

@@ -3,6 +3,11 @@
 //! The one piece of this crate that does I/O, kept behind a feature so the protocol core stays
 //! sans-IO; the broker and the client both pump their sockets with it.
 //!
+//! This module owns the buffer and the reads, not the framing rules: every decision about a
+//! length prefix is [`frame::peek`]'s and every prefix written is [`frame::encode_frame`]'s,
+//! the same code the fuzz target and the property tests drive, so production runs no framing
+//! logic of its own.
+//!
 //! The reader keeps one buffer per connection and reads into it with `read_buf`, which is
 //! cancel-safe: a `select!` that drops a pending read loses no bytes. The length prefix is
 //! checked against the configured maximum before the body is waited for, so an oversize frame
@@ -11,6 +16,8 @@
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{self, FrameError, Peek};
 
 /// Why no frame could be read.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +37,18 @@ pub enum FrameReadError {
     /// The stream failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+impl FrameReadError {
+    /// The reader's form of a framing error: both cases are a prefix outside `1..=max`.
+    fn bad_length(error: FrameError, max: u32) -> Self {
+        let len = match error {
+            FrameError::Empty => 0,
+            // `peek` read this length from a u32 prefix, so it always fits.
+            FrameError::TooLarge { len, .. } => u32::try_from(len).unwrap_or(u32::MAX),
+        };
+        FrameReadError::BadLength { len, max }
+    }
 }
 
 /// Buffers bytes from `R` and yields whole frame bodies.
@@ -75,23 +94,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(frame) = self.take_frame()? {
                 return Ok(Some(frame));
             }
-            if self.start > 0 {
-                self.buf.drain(..self.start);
-                self.start = 0;
-            }
-            if self.buf.is_empty() && self.buf.capacity() > self.idle_capacity {
-                self.buf = Vec::new();
-            } else if self.buf.capacity() > KEEP_CAPACITY
-                && self.buf.len() < KEEP_CAPACITY
-                && self.pending_total() <= KEEP_CAPACITY
-            {
-                // Not while a large frame is arriving: `take_frame` reserved its whole length,
-                // and shrinking here would reallocate on every partial read of it.
-                self.buf.shrink_to(KEEP_CAPACITY);
-            }
-            if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(self.idle_capacity.min(1024));
-            }
+            self.make_room();
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return if self.buf.len() == self.start {
@@ -103,49 +106,79 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Prefix and body length of the frame at the front of the buffer, once its prefix is in
-    /// (0 before).
-    fn pending_total(&self) -> usize {
-        self.buf[self.start..]
-            .first_chunk::<4>()
-            .map_or(0, |prefix| 4 + u32::from_be_bytes(*prefix) as usize)
-    }
-
+    /// Hands out the frame at the front of the buffer if it is complete. If only its prefix
+    /// is in, reserves room for the rest of it.
     fn take_frame(&mut self) -> Result<Option<Vec<u8>>, FrameReadError> {
         let pending = &self.buf[self.start..];
-        let Some(prefix) = pending.first_chunk::<4>() else {
-            return Ok(None);
-        };
-        let len = u32::from_be_bytes(*prefix);
-        if len == 0 || len > self.max_len {
-            return Err(FrameReadError::BadLength {
-                len,
-                max: self.max_len,
-            });
+        let peeked = frame::peek(pending, self.max_len)
+            .map_err(|error| FrameReadError::bad_length(error, self.max_len))?;
+        match peeked {
+            Peek::NeedPrefix => Ok(None),
+            Peek::NeedBody { total } => {
+                // Reserve once for the whole frame instead of growing in steps.
+                let missing = total - pending.len();
+                self.buf.reserve(missing);
+                Ok(None)
+            }
+            Peek::Complete { total } => Ok(Some(self.consume(total))),
         }
-        let total = 4 + len as usize;
-        if pending.len() < total {
-            // Reserve once for the whole frame instead of growing in steps.
-            self.buf.reserve(total - pending.len());
-            return Ok(None);
-        }
-        let frame = pending[4..total].to_vec();
+    }
+
+    /// Takes the complete frame of `total` bytes off the front of the buffer and returns its
+    /// body.
+    fn consume(&mut self, total: usize) -> Vec<u8> {
+        let at = self.start;
+        let frame = self.buf[at + frame::PREFIX_LEN..at + total].to_vec();
         self.start += total;
         if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
         }
-        Ok(Some(frame))
+        frame
+    }
+
+    /// Before a read: drops the consumed bytes, applies the capacity policy and makes sure the
+    /// read has somewhere to go.
+    fn make_room(&mut self) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        if self.buf.is_empty() && self.buf.capacity() > self.idle_capacity {
+            self.buf = Vec::new();
+        } else if self.buf.capacity() > KEEP_CAPACITY
+            && self.buf.len() < KEEP_CAPACITY
+            && self.pending_total() <= KEEP_CAPACITY
+        {
+            // Not while a large frame is arriving: `take_frame` reserved its whole length,
+            // and shrinking here would reallocate on every partial read of it.
+            self.buf.shrink_to(KEEP_CAPACITY);
+        }
+        if self.buf.capacity() == self.buf.len() {
+            self.buf.reserve(self.idle_capacity.min(1024));
+        }
+    }
+
+    /// Prefix and body length of the frame at the front of the buffer, once its prefix is in
+    /// (0 before). Only asked after `take_frame` accepted that prefix.
+    fn pending_total(&self) -> usize {
+        frame::peek(&self.buf[self.start..], self.max_len)
+            .ok()
+            .and_then(Peek::total)
+            .unwrap_or(0)
     }
 }
 
 /// Writes one frame (length prefix and body) and flushes.
+///
+/// The frame is built by [`frame::encode_frame`] and handed to one `write_all`, not as a
+/// prefix and then a body, so a small frame leaves in one write. An empty body or one longer
+/// than `u32::MAX` is refused with [`io::ErrorKind::InvalidInput`] (wrapping the
+/// [`FrameError`]) and nothing is written: no reader would accept that frame.
 pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, body: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(body.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
-    let mut framed = Vec::with_capacity(4 + body.len());
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(body);
+    let mut framed = Vec::new();
+    frame::encode_frame(body, &mut framed)
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
     out.write_all(&framed).await?;
     out.flush().await
 }
@@ -237,6 +270,16 @@ mod tests {
             reader.next_frame().await,
             Err(FrameReadError::BadLength { len: 0, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn write_frame_refuses_an_empty_body_and_writes_nothing() {
+        let mut out = Vec::new();
+        let error = write_frame(&mut out, b"").await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        assert!(out.is_empty(), "{out:?}");
+        write_frame(&mut out, b"x").await.unwrap();
+        assert_eq!(out, [0, 0, 0, 1, b'x']);
     }
 
     #[tokio::test]

@@ -9,7 +9,11 @@
 //!
 //! - [`frame`]: the u32be length prefix; `check` before parse, incomplete is
 //!   `Ok(None)`, the length is refused against `max_frame_len` before the body
-//!   is read.
+//!   is read. `frame::peek` is the crate's only code that judges a prefix,
+//!   `frame::encode_frame` its only code that writes one.
+//! - `io` (feature `tokio`): `FrameReader` and `write_frame` for tokio
+//!   streams, a buffer and reads around `frame::peek` and
+//!   `frame::encode_frame`, with no framing rules of their own.
 //! - `yaml` (private): the only module that touches the YAML library. It
 //!   parses under hard [`Limits`] (depth, no anchors or aliases, scalar length,
 //!   events, one document) into a small owned tree, and emits the canonical

@@ -2,7 +2,9 @@
 //! judged from the prefix alone, the limit is inclusive.
 
 use crate::strategies;
-use micromsg_wire::frame::{self, FrameDecoder, FrameError, check, decode_frame, encode_frame};
+use micromsg_wire::frame::{
+    self, FrameDecoder, FrameError, PREFIX_LEN, Peek, check, decode_frame, encode_frame, peek,
+};
 use micromsg_wire::*;
 use proptest::prelude::*;
 
@@ -26,6 +28,29 @@ fn every_incomplete_prefix_is_ok_none() {
         );
     }
     assert_eq!(check(&frame, 65536), Ok(Some(frame.len())));
+}
+
+#[test]
+fn peek_knows_the_frame_size_from_the_prefix() {
+    let frame = framed(b"Request: PING\nId: 1\n");
+    let total = frame.len();
+    for cut in 0..PREFIX_LEN {
+        assert_eq!(
+            peek(&frame[..cut], 65536),
+            Ok(Peek::NeedPrefix),
+            "cut at {cut}"
+        );
+    }
+    for cut in PREFIX_LEN..total {
+        assert_eq!(peek(&frame[..cut], 65536), Ok(Peek::NeedBody { total }));
+    }
+    assert_eq!(peek(&frame, 65536), Ok(Peek::Complete { total }));
+    // Bytes of the next frame do not change the verdict on this one.
+    let mut two = frame.clone();
+    two.extend_from_slice(&framed(b"x"));
+    assert_eq!(peek(&two, 65536), Ok(Peek::Complete { total }));
+    assert_eq!(Peek::NeedPrefix.total(), None);
+    assert_eq!(Peek::NeedBody { total: 9 }.total(), Some(9));
 }
 
 #[test]
@@ -152,8 +177,68 @@ fn encoder_checks_the_peers_limits() {
     assert!(request.encode_frame(1, &Limits::default()).is_ok());
 }
 
+/// A buffer that starts with a length prefix which is often valid for `max`, sometimes zero
+/// or too large, and a few bytes after it.
+fn prefixed_bytes(max: u32) -> impl Strategy<Value = Vec<u8>> {
+    let len = prop_oneof![
+        4 => 1..=max,
+        1 => Just(0),
+        1 => max..=max.saturating_add(2),
+        1 => any::<u32>(),
+    ];
+    let rest = proptest::collection::vec(any::<u8>(), 0..80);
+    (len, rest).prop_map(|(len, rest)| {
+        let mut buf = len.to_be_bytes().to_vec();
+        buf.extend(rest);
+        buf
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// What an incremental reader relies on: on any prefix of a stream, `peek` gives the
+    /// verdict it gives on the whole stream, or the one before it (prefix not in yet, body not
+    /// in yet with the same total). So the size it reserves for, and any error it reports,
+    /// cannot change as more bytes arrive. `check` says the same.
+    #[test]
+    fn peek_verdicts_only_move_forward(
+        (max, buf) in (1u32..100).prop_flat_map(|max| (Just(max), prefixed_bytes(max))),
+        cut in any::<proptest::sample::Index>(),
+    ) {
+        let announced = u32::from_be_bytes(buf[..PREFIX_LEN].try_into().unwrap());
+        let whole = peek(&buf, max);
+        let expected_whole = if announced == 0 {
+            Err(FrameError::Empty)
+        } else if announced > max {
+            Err(FrameError::TooLarge { len: announced as usize, max })
+        } else if buf.len() >= PREFIX_LEN + announced as usize {
+            Ok(Peek::Complete { total: PREFIX_LEN + announced as usize })
+        } else {
+            Ok(Peek::NeedBody { total: PREFIX_LEN + announced as usize })
+        };
+        prop_assert_eq!(whole, expected_whole);
+
+        let part = &buf[..cut.index(buf.len() + 1)];
+        let expected_part = match whole {
+            _ if part.len() < PREFIX_LEN => Ok(Peek::NeedPrefix),
+            Err(error) => Err(error),
+            Ok(peeked) => {
+                let total = peeked.total().unwrap();
+                Ok(if part.len() >= total {
+                    Peek::Complete { total }
+                } else {
+                    Peek::NeedBody { total }
+                })
+            }
+        };
+        prop_assert_eq!(peek(part, max), expected_part);
+        let expected_check = expected_part.map(|peeked| match peeked {
+            Peek::Complete { total } => Some(total),
+            Peek::NeedPrefix | Peek::NeedBody { .. } => None,
+        });
+        prop_assert_eq!(check(part, max), expected_check);
+    }
 
     /// However the byte stream is split into reads, the same frames come out.
     #[test]
