@@ -134,7 +134,7 @@ pub(crate) async fn run(
     }
 
     if let Some(login) = &conn.login {
-        broker.online.remove(login.number(), conn_id);
+        broker.online.remove(login.number().as_str(), conn_id);
     }
     debug!(conn = conn_id, "connection closed");
 }
@@ -179,7 +179,7 @@ impl Conn {
         if let Some(login) = &self.login {
             self.broker
                 .online
-                .touch(login.number(), self.session.conn_id, now.instant);
+                .touch(login.number().as_str(), self.session.conn_id, now.instant);
         }
         match self.dispatch(Routed::from(request), kind, now).await {
             Ok(data) => Response::ok(id, data),

@@ -1,6 +1,6 @@
 //! Client-encrypted key backups: one opaque blob per entity with an optimistic version.
 
-use super::{Backup, Store, StoreError, on_pool};
+use super::{Backup, Number, Store, StoreError, on_pool};
 
 impl Store {
     /// Writes `number`'s backup if its stored version is `expected_prev_version` (0 = there
@@ -9,12 +9,13 @@ impl Store {
     /// "VERSION must be previous + 1" is the caller passing `new_version - 1` as expected.
     pub async fn put_backup(
         &self,
-        number: &str,
+        number: &Number,
         expected_prev_version: i64,
         new_version: i64,
         blob: &[u8],
         now: i64,
     ) -> Result<(), StoreError> {
+        let number = number.as_str();
         let _writing = self.writing().await;
         if new_version <= expected_prev_version {
             return Err(StoreError::InvalidArgument("backup version must increase"));
@@ -54,7 +55,8 @@ impl Store {
     }
 
     /// `number`'s backup, if it has one.
-    pub async fn get_backup(&self, number: &str) -> Result<Option<Backup>, StoreError> {
+    pub async fn get_backup(&self, number: &Number) -> Result<Option<Backup>, StoreError> {
+        let number = number.as_str();
         let row: Option<(i64, Vec<u8>, i64)> = on_pool!(self, pool => {
             sqlx::query_as("SELECT version, blob, updated_at FROM key_backups WHERE number = $1")
                 .bind(number)

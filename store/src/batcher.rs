@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use std::collections::HashMap;
 
-use super::{DepositOutcome, DepositRoute, NewInboxItem, Store, StoreError};
+use super::{DepositOutcome, DepositRoute, NewInboxItem, Number, Store, StoreError};
 
 /// Tuning of a [`DepositBatcher`] (and, but for the quota, of an [`OutboxBatcher`]).
 #[derive(Debug, Clone, Copy)]
@@ -207,19 +207,19 @@ impl OutboxBatcher {
 /// Batched [`Store::deposit_routes`]: the route checks of DEPOSITs from many connections are read
 /// in one statement per batch instead of one each (a read, so several batches run at once).
 #[derive(Debug, Clone)]
-pub struct RouteBatcher(GroupCommit<(String, String), DepositRoute>);
+pub struct RouteBatcher(GroupCommit<(Number, Number), DepositRoute>);
 
 impl RouteBatcher {
     /// Starts the batching task on the current tokio runtime.
     pub fn spawn(store: Store, config: BatcherConfig) -> Self {
         Self(GroupCommit::spawn(
             config,
-            move |pairs: Arc<Vec<(String, String)>>| {
+            move |pairs: Arc<Vec<(Number, Number)>>| {
                 let store = store.clone();
                 async move {
                     // One lookup per distinct pair (a sender's deposits often repeat it).
-                    let mut index: HashMap<&(String, String), usize> = HashMap::new();
-                    let mut unique: Vec<(String, String)> = Vec::new();
+                    let mut index: HashMap<&(Number, Number), usize> = HashMap::new();
+                    let mut unique: Vec<(Number, Number)> = Vec::new();
                     for pair in pairs.iter() {
                         index.entry(pair).or_insert_with(|| {
                             unique.push(pair.clone());
@@ -243,7 +243,11 @@ impl RouteBatcher {
     }
 
     /// The route of a DEPOSIT from `sender` to `target`, read in the next batch.
-    pub async fn route(&self, sender: &str, target: &str) -> Result<DepositRoute, StoreError> {
-        self.0.submit((sender.to_owned(), target.to_owned())).await
+    pub async fn route(
+        &self,
+        sender: &Number,
+        target: &Number,
+    ) -> Result<DepositRoute, StoreError> {
+        self.0.submit((sender.clone(), target.clone())).await
     }
 }

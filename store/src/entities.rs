@@ -1,7 +1,7 @@
 //! Entities, devices, registration secrets and login replay steps.
 
-use super::{DeviceId, DeviceInfo, DeviceRecord, NewDevice, PoolExt, Store, StoreError};
-use super::{array, device_id, on_pool};
+use super::{DeviceId, DeviceInfo, DeviceRecord, NewDevice, Number, PoolExt, Store, StoreError};
+use super::{array, device_id, number as to_number, on_pool};
 
 /// Columns of `devices` in the order [`device_record`] reads them.
 type DeviceRow = (
@@ -22,7 +22,7 @@ const SELECT_DEVICE: &str = "SELECT number, device_id, name, client_secret, serv
 fn device_record(row: DeviceRow) -> Result<DeviceRecord, StoreError> {
     let (number, id, name, client, server, created_at, last_seen, revoked_at) = row;
     Ok(DeviceRecord {
-        number,
+        number: to_number(number)?,
         device_id: device_id(id)?,
         name,
         client_secret: array(&client, "client secret length")?,
@@ -31,16 +31,6 @@ fn device_record(row: DeviceRow) -> Result<DeviceRecord, StoreError> {
         last_seen,
         revoked_at,
     })
-}
-
-/// A number is stored as given; reject what can never be one (empty, non-digits, absurd length).
-fn check_number(number: &str) -> Result<(), StoreError> {
-    if number.is_empty() || number.len() > 32 || !number.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(StoreError::InvalidArgument(
-            "entity number must be 1 to 32 ASCII digits",
-        ));
-    }
-    Ok(())
 }
 
 const INSERT_DEVICE: &str = "INSERT INTO devices \
@@ -56,12 +46,12 @@ impl Store {
     /// random number and retries.
     pub async fn create_entity(
         &self,
-        number: &str,
+        number: &Number,
         device: &NewDevice,
         now: i64,
     ) -> Result<DeviceId, StoreError> {
+        let number = number.as_str();
         let _writing = self.writing().await;
-        check_number(number)?;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let inserted = sqlx::query(
@@ -87,11 +77,12 @@ impl Store {
                 .await?;
             tx.commit().await?;
         });
-        Ok(1)
+        Ok(DeviceId::FIRST)
     }
 
     /// Whether `number` is a registered entity.
-    pub async fn entity_exists(&self, number: &str) -> Result<bool, StoreError> {
+    pub async fn entity_exists(&self, number: &Number) -> Result<bool, StoreError> {
+        let number = number.as_str();
         let exists: bool = on_pool!(self, pool => {
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM entities WHERE number = $1)")
                 .bind(number)
@@ -122,9 +113,11 @@ impl Store {
     /// The device `(number, device_id)` with its secrets, revoked or not.
     pub async fn device(
         &self,
-        number: &str,
+        number: &Number,
         device_id: DeviceId,
     ) -> Result<Option<DeviceRecord>, StoreError> {
+        let number = number.as_str();
+        let device_id = device_id.get();
         let row: Option<DeviceRow> = on_pool!(self, pool => {
             sqlx::query_as(SELECT_DEVICE)
                 .bind(number)
@@ -138,10 +131,12 @@ impl Store {
     /// Records activity of an active device. Returns `false` if it is unknown or revoked.
     pub async fn touch_device(
         &self,
-        number: &str,
+        number: &Number,
         device_id: DeviceId,
         now: i64,
     ) -> Result<bool, StoreError> {
+        let number = number.as_str();
+        let device_id = device_id.get();
         let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query(
@@ -159,7 +154,8 @@ impl Store {
     }
 
     /// All devices of `number` (revoked ones included, with `revoked_at`), by id.
-    pub async fn list_devices(&self, number: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+    pub async fn list_devices(&self, number: &Number) -> Result<Vec<DeviceInfo>, StoreError> {
+        let number = number.as_str();
         type Row = (i64, Option<String>, i64, Option<i64>, Option<i64>);
         let rows: Vec<Row> = on_pool!(self, pool => {
             sqlx::query_as(
@@ -184,7 +180,8 @@ impl Store {
     }
 
     /// Number of active devices of `number`.
-    pub async fn active_device_count(&self, number: &str) -> Result<i64, StoreError> {
+    pub async fn active_device_count(&self, number: &Number) -> Result<i64, StoreError> {
+        let number = number.as_str();
         let n: i64 = on_pool!(self, pool => {
             sqlx::query_scalar(COUNT_ACTIVE).bind(number).fetch_one(pool).await?
         });
@@ -197,10 +194,12 @@ impl Store {
     /// items that every remaining active device has acknowledged are deleted too.
     pub async fn revoke_device(
         &self,
-        number: &str,
+        number: &Number,
         device_id: DeviceId,
         now: i64,
     ) -> Result<bool, StoreError> {
+        let number = number.as_str();
+        let device_id = device_id.get();
         let _writing = self.writing().await;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
@@ -239,13 +238,14 @@ impl Store {
     /// secrets already reach `max_devices`, and [`StoreError::NotFound`] for an unknown entity.
     pub async fn create_registration_secret(
         &self,
-        number: &str,
+        number: &Number,
         secret_hash: &[u8; 32],
         name: Option<&str>,
         now: i64,
         expires_at: i64,
         max_devices: u32,
     ) -> Result<(), StoreError> {
+        let number = number.as_str();
         let _writing = self.writing().await;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
@@ -303,12 +303,13 @@ impl Store {
     /// secret exactly one succeeds.
     pub async fn redeem_registration_secret(
         &self,
-        number: &str,
+        number: &Number,
         secret_hash: &[u8; 32],
         device: &NewDevice,
         now: i64,
         max_devices: u32,
     ) -> Result<DeviceId, StoreError> {
+        let number = number.as_str();
         let _writing = self.writing().await;
         let id = on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;

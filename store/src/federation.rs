@@ -1,7 +1,7 @@
 //! Federation state: broker-held pubkeys of peer brokers' clients, and the durable outbox of
 //! cross-broker deliveries.
 
-use super::{OutboxItem, PoolExt, Store, StoreError, array, bulk_rows, on_pool};
+use super::{Number, OutboxItem, PoolExt, Store, StoreError, array, bulk_rows, on_pool};
 
 /// Outbox rows per INSERT statement (5 parameters each; SQLite allows 32,766).
 const OUTBOX_CHUNK: usize = 256;
@@ -11,10 +11,11 @@ impl Store {
     /// replacing any previous one.
     pub async fn put_peer_pubkey(
         &self,
-        peer_number: &str,
+        peer_number: &Number,
         pubkey: &[u8; 32],
         expires_at: i64,
     ) -> Result<(), StoreError> {
+        let peer_number = peer_number.as_str();
         let _writing = self.writing().await;
         on_pool!(self, pool => {
             sqlx::query(
@@ -34,9 +35,10 @@ impl Store {
     /// The unexpired pubkey held for `peer_number`.
     pub async fn peer_pubkey(
         &self,
-        peer_number: &str,
+        peer_number: &Number,
         now: i64,
     ) -> Result<Option<[u8; 32]>, StoreError> {
+        let peer_number = peer_number.as_str();
         let key: Option<Vec<u8>> = on_pool!(self, pool => {
             sqlx::query_scalar(
                 "SELECT pubkey FROM broker_pubkeys WHERE peer_number = $1 AND expires_at > $2",

@@ -11,10 +11,10 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{PgConnection, SqliteConnection};
 
 use super::{
-    Backend, DepositOutcome, DeviceId, InboxItem, MessageId, NewInboxItem, PoolExt, Store,
+    Backend, DepositOutcome, DeviceId, InboxItem, MessageId, NewInboxItem, Number, PoolExt, Store,
     StoreError,
 };
-use super::{array, bulk_rows, device_id, on_pool, sqlite_list, sqlite_rows};
+use super::{array, bulk_rows, device_id, number as to_number, on_pool, sqlite_list, sqlite_rows};
 
 /// (recipient number, stored recipient device (0 = number mode), message id).
 type Key = (String, i64, MessageId);
@@ -112,17 +112,14 @@ async fn ack_number_mode(
     Ok(marked.len() as u64)
 }
 
-/// The stored form of a recipient device.
+/// The stored form of a recipient device: its id, or 0 for a number-mode item (ids start at
+/// 1, so 0 is never a device).
 fn stored_device(d: Option<DeviceId>) -> Result<i64, StoreError> {
-    match d {
-        None => Ok(0),
-        Some(0) => Err(StoreError::InvalidArgument("device ids start at 1")),
-        Some(d) => Ok(i64::from(d)),
-    }
+    Ok(d.map_or(0, |d| i64::from(d.get())))
 }
 
 fn same_sender(item: &NewInboxItem, number: &str, device: i64) -> Outcome {
-    if item.sender_number == number && i64::from(item.sender_device) == device {
+    if item.sender_number.as_str() == number && i64::from(item.sender_device.get()) == device {
         Ok(DepositOutcome::AlreadyStored)
     } else {
         Err(StoreError::DuplicateId)
@@ -242,7 +239,7 @@ impl DepositIo for SqliteConnection {
                     .bind(item.recipient_number.as_str())
                     .bind(*device)
                     .bind(item.sender_number.as_str())
-                    .bind(i64::from(item.sender_device))
+                    .bind(i64::from(item.sender_device.get()))
                     .bind(item.created_at)
                     .bind(item.expires_at)
                     .bind(item.body.as_slice());
@@ -360,7 +357,7 @@ impl DepositIo for PgConnection {
         let sn: Vec<&str> = rows.iter().map(|(i, _)| i.sender_number.as_str()).collect();
         let sd: Vec<i64> = rows
             .iter()
-            .map(|(i, _)| i64::from(i.sender_device))
+            .map(|(i, _)| i64::from(i.sender_device.get()))
             .collect();
         let ca: Vec<i64> = rows.iter().map(|(i, _)| i.created_at).collect();
         let ea: Vec<i64> = rows.iter().map(|(i, _)| i.expires_at).collect();
@@ -400,7 +397,11 @@ async fn deposit_in<C: DepositIo + Send>(
     for item in items {
         match stored_device(item.recipient_device) {
             Ok(d) => {
-                keys.push(Some((item.recipient_number.clone(), d, item.id)));
+                keys.push(Some((
+                    item.recipient_number.as_str().to_owned(),
+                    d,
+                    item.id,
+                )));
                 outcomes.push(None);
             }
             Err(e) => {
@@ -463,8 +464,8 @@ async fn deposit_in<C: DepositIo + Send>(
         } else if let Some(&j) = pending.get(key) {
             same_sender(
                 item,
-                &items[j].sender_number,
-                i64::from(items[j].sender_device),
+                items[j].sender_number.as_str(),
+                i64::from(items[j].sender_device.get()),
             )
         } else if let Some(count) = match exact.is_empty() {
             true => None, // the common case: no key to build
@@ -535,7 +536,7 @@ fn inbox_item(row: ItemRow) -> Result<InboxItem, StoreError> {
         seq,
         id: array(&id, "message id length")?,
         recipient_device: if rd == 0 { None } else { Some(device_id(rd)?) },
-        sender_number,
+        sender_number: to_number(sender_number)?,
         sender_device: device_id(sd)?,
         created_at,
         expires_at,
@@ -690,12 +691,13 @@ impl Store {
     /// is still unacknowledged (at-least-once delivery; the client de-duplicates by id).
     pub async fn fetch_inbox(
         &self,
-        number: &str,
+        number: &Number,
         device_id: DeviceId,
         after: Option<MessageId>,
         limit: u32,
         now: i64,
     ) -> Result<(Vec<InboxItem>, bool), StoreError> {
+        let number = number.as_str();
         let device = stored_device(Some(device_id))?;
         let limit = i64::from(limit.max(1));
         let rows: Vec<ItemRow> = on_pool!(self, pool => {
@@ -741,11 +743,12 @@ impl Store {
     /// marked (unknown ids and repeats count 0).
     pub async fn ack_inbox(
         &self,
-        number: &str,
+        number: &Number,
         device_id: DeviceId,
         ids: &[MessageId],
         _now: i64,
     ) -> Result<u32, StoreError> {
+        let number = number.as_str();
         let _writing = self.writing().await;
         let device = stored_device(Some(device_id))?;
         if ids.is_empty() {
@@ -851,10 +854,11 @@ impl Store {
     /// (for LOGIN's pending count and INBOX events).
     pub async fn inbox_count(
         &self,
-        number: &str,
+        number: &Number,
         device_id: DeviceId,
         now: i64,
     ) -> Result<i64, StoreError> {
+        let number = number.as_str();
         let device = stored_device(Some(device_id))?;
         let n: i64 = on_pool!(self, pool => {
             sqlx::query_scalar(COUNT_PENDING)

@@ -23,8 +23,9 @@
 //! side.
 //!
 //! Conventions: times are unix seconds (`i64`) passed in by the caller (the store never reads
-//! the clock, so tests are deterministic); numbers are strings of digits; device ids are
-//! `u32 >= 1`; secrets are 32 bytes, message ids 16 bytes. Domain failures come back as
+//! the clock, so tests are deterministic); numbers and device ids are the wire's validated
+//! types ([`Number`], [`DeviceId`]: 4 to 15 digits, ids from 1), in and out, so a value that
+//! could never be one cannot reach a statement; secrets are 32 bytes, message ids 16 bytes. Domain failures come back as
 //! [`StoreError`] variants; [`StoreError::Database`] wraps the driver error, which callers log
 //! but never show to a peer. Secrets and message bodies never appear in `Debug` output.
 //!
@@ -62,7 +63,7 @@ pub use batcher::{
 pub use error::StoreError;
 pub use types::{
     Backup, ContactRecord, DepositOutcome, DepositRoute, DeviceId, DeviceInfo, DeviceRecord,
-    InboxItem, MessageId, NewDevice, NewInboxItem, OutboxItem, SweepReport,
+    InboxItem, MessageId, NewDevice, NewInboxItem, Number, OutboxItem, SweepReport,
 };
 
 /// Default pool size for a SQLite store (SQLite has one writer at a time; the rest read).
@@ -227,7 +228,15 @@ impl Store {
 
 /// Converts a stored integer to a device id.
 fn device_id(v: i64) -> Result<DeviceId, StoreError> {
-    DeviceId::try_from(v).map_err(|_| StoreError::Corrupt("device id out of range"))
+    u32::try_from(v)
+        .ok()
+        .and_then(|v| DeviceId::new(v).ok())
+        .ok_or(StoreError::Corrupt("device id out of range"))
+}
+
+/// Converts a stored text to a number.
+fn number(v: String) -> Result<Number, StoreError> {
+    Number::new(v).map_err(|_| StoreError::Corrupt("not an entity number"))
 }
 
 /// Converts stored bytes to a fixed-size array.

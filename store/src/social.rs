@@ -1,10 +1,15 @@
 //! Blocks, poisoned INITIATEs, contacts and the per-entity contact policy.
 
-use super::{Backend, ContactRecord, DepositRoute, Store, StoreError, device_id, on_pool};
+use super::{
+    Backend, ContactRecord, DepositRoute, Number, Store, StoreError, device_id,
+    number as to_number, on_pool,
+};
 
 impl Store {
     /// `owner` blocks `target` (idempotent). Rejected contact requests feed this too.
-    pub async fn block(&self, owner: &str, target: &str, now: i64) -> Result<(), StoreError> {
+    pub async fn block(&self, owner: &Number, target: &Number, now: i64) -> Result<(), StoreError> {
+        let owner = owner.as_str();
+        let target = target.as_str();
         let _writing = self.writing().await;
         on_pool!(self, pool => {
             sqlx::query(
@@ -21,7 +26,9 @@ impl Store {
     }
 
     /// Lifts a block. Returns whether there was one.
-    pub async fn unblock(&self, owner: &str, target: &str) -> Result<bool, StoreError> {
+    pub async fn unblock(&self, owner: &Number, target: &Number) -> Result<bool, StoreError> {
+        let owner = owner.as_str();
+        let target = target.as_str();
         let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query("DELETE FROM blocks WHERE owner = $1 AND target = $2")
@@ -39,7 +46,7 @@ impl Store {
     /// connections so that a deposit costs no statement of its own).
     pub async fn deposit_routes(
         &self,
-        pairs: &[(String, String)],
+        pairs: &[(Number, Number)],
     ) -> Result<Vec<DepositRoute>, StoreError> {
         let mut routes = vec![DepositRoute::default(); pairs.len()];
         // (index into `pairs`, contact, blocked, device). Keyed probes only: contacts and blocks
@@ -99,7 +106,9 @@ impl Store {
     }
 
     /// Whether `owner` has blocked `target`.
-    pub async fn is_blocked(&self, owner: &str, target: &str) -> Result<bool, StoreError> {
+    pub async fn is_blocked(&self, owner: &Number, target: &Number) -> Result<bool, StoreError> {
+        let owner = owner.as_str();
+        let target = target.as_str();
         let b: bool = on_pool!(self, pool => {
             sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM blocks WHERE owner = $1 AND target = $2)",
@@ -113,24 +122,27 @@ impl Store {
     }
 
     /// The numbers `owner` has blocked, sorted.
-    pub async fn blocked_by(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+    pub async fn blocked_by(&self, owner: &Number) -> Result<Vec<Number>, StoreError> {
+        let owner = owner.as_str();
         let v: Vec<String> = on_pool!(self, pool => {
             sqlx::query_scalar("SELECT target FROM blocks WHERE owner = $1 ORDER BY target")
                 .bind(owner)
                 .fetch_all(pool)
                 .await?
         });
-        Ok(v)
+        v.into_iter().map(to_number).collect()
     }
 
     /// Remembers that `caller` sent an INITIATE to `target` while `target` did not exist
     /// (idempotent): if the number is given out later, `caller` cannot reach it.
     pub async fn remember_unknown_target(
         &self,
-        caller: &str,
-        target: &str,
+        caller: &Number,
+        target: &Number,
         now: i64,
     ) -> Result<(), StoreError> {
+        let target = target.as_str();
+        let caller = caller.as_str();
         let _writing = self.writing().await;
         on_pool!(self, pool => {
             sqlx::query(
@@ -147,7 +159,9 @@ impl Store {
     }
 
     /// Whether `caller` once tried to reach `target` before it existed.
-    pub async fn is_poisoned(&self, caller: &str, target: &str) -> Result<bool, StoreError> {
+    pub async fn is_poisoned(&self, caller: &Number, target: &Number) -> Result<bool, StoreError> {
+        let target = target.as_str();
+        let caller = caller.as_str();
         let b: bool = on_pool!(self, pool => {
             sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM poisoned_initiates \
@@ -163,7 +177,14 @@ impl Store {
 
     /// Adds `peer` to `owner`'s contacts with both flags off. Returns `false` if it already
     /// was a contact (its flags are left as they are).
-    pub async fn add_contact(&self, owner: &str, peer: &str, now: i64) -> Result<bool, StoreError> {
+    pub async fn add_contact(
+        &self,
+        owner: &Number,
+        peer: &Number,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let owner = owner.as_str();
+        let peer = peer.as_str();
         let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query(
@@ -181,7 +202,9 @@ impl Store {
     }
 
     /// Whether `peer` is one of `owner`'s contacts.
-    pub async fn is_contact(&self, owner: &str, peer: &str) -> Result<bool, StoreError> {
+    pub async fn is_contact(&self, owner: &Number, peer: &Number) -> Result<bool, StoreError> {
+        let owner = owner.as_str();
+        let peer = peer.as_str();
         let b: bool = on_pool!(self, pool => {
             sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND peer = $2)",
@@ -197,9 +220,11 @@ impl Store {
     /// `owner`'s contact record for `peer`, if any.
     pub async fn contact(
         &self,
-        owner: &str,
-        peer: &str,
+        owner: &Number,
+        peer: &Number,
     ) -> Result<Option<ContactRecord>, StoreError> {
+        let owner = owner.as_str();
+        let peer = peer.as_str();
         let row: Option<(String, String, bool, bool, i64)> = on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT owner, peer, auto_existing, brokered, created_at FROM contacts \
@@ -210,15 +235,16 @@ impl Store {
             .fetch_optional(pool)
             .await?
         });
-        Ok(row.map(
-            |(owner, peer, auto_existing, brokered, created_at)| ContactRecord {
-                owner,
-                peer,
+        row.map(|(owner, peer, auto_existing, brokered, created_at)| {
+            Ok(ContactRecord {
+                owner: to_number(owner)?,
+                peer: to_number(peer)?,
                 auto_existing,
                 brokered,
                 created_at,
-            },
-        ))
+            })
+        })
+        .transpose()
     }
 
     /// Sets the flags of an existing contact: `auto_existing` (hand `owner`'s address to
@@ -227,11 +253,13 @@ impl Store {
     /// is not a contact.
     pub async fn set_contact_flags(
         &self,
-        owner: &str,
-        peer: &str,
+        owner: &Number,
+        peer: &Number,
         auto_existing: bool,
         brokered: bool,
     ) -> Result<(), StoreError> {
+        let owner = owner.as_str();
+        let peer = peer.as_str();
         let _writing = self.writing().await;
         let n = on_pool!(self, pool => {
             sqlx::query(
@@ -253,7 +281,8 @@ impl Store {
     }
 
     /// Sets `number`'s CONTACT-POLICY: hand its address to existing contacts without asking.
-    pub async fn set_auto_existing(&self, number: &str, on: bool) -> Result<(), StoreError> {
+    pub async fn set_auto_existing(&self, number: &Number, on: bool) -> Result<(), StoreError> {
+        let number = number.as_str();
         let _writing = self.writing().await;
         on_pool!(self, pool => {
             sqlx::query(
@@ -269,7 +298,8 @@ impl Store {
     }
 
     /// `number`'s CONTACT-POLICY (off unless set).
-    pub async fn auto_existing(&self, number: &str) -> Result<bool, StoreError> {
+    pub async fn auto_existing(&self, number: &Number) -> Result<bool, StoreError> {
+        let number = number.as_str();
         let v: Option<bool> = on_pool!(self, pool => {
             sqlx::query_scalar("SELECT auto_existing FROM entity_settings WHERE number = $1")
                 .bind(number)

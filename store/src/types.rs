@@ -4,8 +4,7 @@ use std::fmt;
 
 use zeroize::Zeroize;
 
-/// A device id within an entity: `>= 1`, never reused after a revoke.
-pub type DeviceId = u32;
+pub use micromsg_wire::{DeviceId, Number};
 
 /// A client-chosen 128-bit message id (the idempotency key of a deposit).
 pub type MessageId = [u8; 16];
@@ -42,7 +41,7 @@ impl Drop for NewDevice {
 /// `Debug`.
 pub struct DeviceRecord {
     /// The entity number.
-    pub number: String,
+    pub number: Number,
     /// The device id.
     pub device_id: DeviceId,
     /// Human label.
@@ -119,9 +118,9 @@ pub struct DepositRoute {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContactRecord {
     /// The owning entity.
-    pub owner: String,
+    pub owner: Number,
     /// The contact's number (possibly at another broker).
-    pub peer: String,
+    pub peer: Number,
     /// Hand the owner's address to this contact without asking.
     pub auto_existing: bool,
     /// The owner agrees to the broker holding offline messages between the two.
@@ -139,11 +138,11 @@ pub struct NewInboxItem {
     /// Client-chosen message id: the idempotency key (per recipient inbox).
     pub id: MessageId,
     /// The recipient entity.
-    pub recipient_number: String,
+    pub recipient_number: Number,
     /// The recipient device, or `None` for the number's shared inbox.
     pub recipient_device: Option<DeviceId>,
     /// The sending entity (possibly at another broker).
-    pub sender_number: String,
+    pub sender_number: Number,
     /// The sending device.
     pub sender_device: DeviceId,
     /// Deposit time.
@@ -188,7 +187,7 @@ pub struct InboxItem {
     /// The device it was addressed to, or `None` for a number-mode item.
     pub recipient_device: Option<DeviceId>,
     /// The sending entity.
-    pub sender_number: String,
+    pub sender_number: Number,
     /// The sending device.
     pub sender_device: DeviceId,
     /// Deposit time.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use micromsg_store::{
     BatcherConfig, DepositBatcher, DepositOutcome, DeviceId, MessageId, NewDevice, NewInboxItem,
-    Store, StoreError,
+    Number, Store, StoreError,
 };
 use rand_core::{OsRng, RngCore};
 use sqlx::Connection;
@@ -105,6 +105,21 @@ where
     }
 }
 
+/// A number, for brevity (the store takes validated numbers).
+fn num(digits: &str) -> Number {
+    Number::new(digits).unwrap()
+}
+
+/// A device id, for brevity.
+fn dev(id: u32) -> DeviceId {
+    DeviceId::new(id).unwrap()
+}
+
+/// Device ids, for brevity.
+fn devs(ids: &[u32]) -> Vec<DeviceId> {
+    ids.iter().copied().map(dev).collect()
+}
+
 /// One deposit through the production path, a batch of one ([`Store::deposit_batch`]).
 async fn deposit_one(
     store: &Store,
@@ -119,9 +134,9 @@ async fn deposit_one(
 }
 
 /// The route of one DEPOSIT, through the batched query ([`Store::deposit_routes`]).
-async fn route_of(store: &Store, sender: &str, target: &str) -> micromsg_store::DepositRoute {
+async fn route_of(store: &Store, sender: &Number, target: &Number) -> micromsg_store::DepositRoute {
     let mut routes = store
-        .deposit_routes(&[(sender.to_owned(), target.to_owned())])
+        .deposit_routes(&[(sender.clone(), target.clone())])
         .await
         .unwrap();
     assert_eq!(routes.len(), 1, "one route per pair");
@@ -168,7 +183,6 @@ macro_rules! conformance {
 conformance!(
     case_create_entity,
     case_duplicate_number,
-    case_invalid_number,
     case_registration_secret_single_use,
     case_registration_secret_expired,
     case_concurrent_redeem,
@@ -203,18 +217,21 @@ conformance!(
 async fn postgres_acks_leave_with_their_items() {
     run_postgres_with(|store, db| async move {
         let mut db = PgConnection::connect_with(&db).await.unwrap();
-        entity(&store, "5550001").await;
-        add_devices(&store, "5550001", 3).await;
+        entity(&store, &num("5550001")).await;
+        add_devices(&store, &num("5550001"), 3).await;
         let mut items = vec![
-            item(1, "5550001", None, "5550002"),
-            item(2, "5550001", None, "5550002"),
-            item(3, "5550001", None, "5550002"),
-            item(4, "5550001", Some(1), "5550002"),
+            item(1, &num("5550001"), None, &num("5550002")),
+            item(2, &num("5550001"), None, &num("5550002")),
+            item(3, &num("5550001"), None, &num("5550002")),
+            item(4, &num("5550001"), Some(1), &num("5550002")),
         ];
         items[2].expires_at = NOW + 10;
         store.deposit_batch(&items, 100).await.unwrap();
         for (dev, ids) in [(1, vec![id(1), id(2), id(3), id(4)]), (2, vec![id(1)])] {
-            store.ack_inbox("5550001", dev, &ids, NOW).await.unwrap();
+            store
+                .ack_inbox(&num("5550001"), crate::dev(dev), &ids, NOW)
+                .await
+                .unwrap();
         }
         let mut acks = async || -> i64 {
             sqlx::query_scalar("SELECT COUNT(*) FROM inbox_acks")
@@ -234,10 +251,18 @@ async fn postgres_acks_leave_with_their_items() {
         );
 
         // Revoking device 3 completes item 1: it goes, and its two acknowledgements with it.
-        assert!(store.revoke_device("5550001", 3, NOW).await.unwrap());
+        assert!(
+            store
+                .revoke_device(&num("5550001"), dev(3), NOW)
+                .await
+                .unwrap()
+        );
         assert_eq!(acks().await, 2);
         // Device 2's acknowledgement completes item 2.
-        store.ack_inbox("5550001", 2, &[id(2)], NOW).await.unwrap();
+        store
+            .ack_inbox(&num("5550001"), dev(2), &[id(2)], NOW)
+            .await
+            .unwrap();
         assert_eq!(acks().await, 1);
         // Item 3 expires with device 1's acknowledgement on it.
         assert_eq!(store.sweep(NOW + 10).await.unwrap().inbox_items, 1);
@@ -268,20 +293,20 @@ fn id(n: u32) -> MessageId {
     id
 }
 
-fn item(n: u32, to: &str, to_device: Option<DeviceId>, from: &str) -> NewInboxItem {
+fn item(n: u32, to: &Number, to_device: Option<u32>, from: &Number) -> NewInboxItem {
     NewInboxItem {
         id: id(n),
-        recipient_number: to.to_owned(),
-        recipient_device: to_device,
-        sender_number: from.to_owned(),
-        sender_device: 1,
+        recipient_number: to.clone(),
+        recipient_device: to_device.map(dev),
+        sender_number: from.clone(),
+        sender_device: DeviceId::FIRST,
         created_at: NOW,
         expires_at: NOW + 7 * DAY,
         body: format!("body {n}").into_bytes(),
     }
 }
 
-async fn entity(store: &Store, number: &str) {
+async fn entity(store: &Store, number: &Number) {
     store
         .create_entity(number, &device(1, Some("first")), NOW)
         .await
@@ -289,7 +314,7 @@ async fn entity(store: &Store, number: &str) {
 }
 
 /// Adds devices to `number` until it has `n` active ones (via registration secrets).
-async fn add_devices(store: &Store, number: &str, n: u32) -> Vec<DeviceId> {
+async fn add_devices(store: &Store, number: &Number, n: u32) -> Vec<DeviceId> {
     static NEXT: AtomicU32 = AtomicU32::new(1);
     let mut ids = Vec::new();
     while store.active_device_count(number).await.unwrap() < i64::from(n) {
@@ -310,9 +335,9 @@ async fn add_devices(store: &Store, number: &str, n: u32) -> Vec<DeviceId> {
     ids
 }
 
-async fn fetch_all(store: &Store, number: &str, dev: DeviceId, now: i64) -> Vec<MessageId> {
+async fn fetch_all(store: &Store, number: &Number, device: u32, now: i64) -> Vec<MessageId> {
     let (items, more) = store
-        .fetch_inbox(number, dev, None, 1000, now)
+        .fetch_inbox(number, dev(device), None, 1000, now)
         .await
         .unwrap();
     assert!(!more);
@@ -323,29 +348,48 @@ async fn fetch_all(store: &Store, number: &str, dev: DeviceId, now: i64) -> Vec<
 // Entities and devices
 
 async fn case_create_entity(store: Store) {
-    assert!(!store.entity_exists("5550001").await.unwrap());
+    assert!(!store.entity_exists(&num("5550001")).await.unwrap());
     let d = NewDevice {
         client_secret: [0xab; 32],
         server_secret: [0xcd; 32],
         name: Some("laptop".into()),
     };
-    assert_eq!(store.create_entity("5550001", &d, NOW).await.unwrap(), 1);
-    assert!(store.entity_exists("5550001").await.unwrap());
+    assert_eq!(
+        store.create_entity(&num("5550001"), &d, NOW).await.unwrap(),
+        dev(1)
+    );
+    assert!(store.entity_exists(&num("5550001")).await.unwrap());
     assert_eq!(store.entity_count().await.unwrap(), 1);
     assert_eq!(store.device_count().await.unwrap(), 1);
-    assert_eq!(store.active_device_count("5550001").await.unwrap(), 1);
+    assert_eq!(store.active_device_count(&num("5550001")).await.unwrap(), 1);
 
-    let rec = store.device("5550001", 1).await.unwrap().unwrap();
-    assert_eq!(rec.number, "5550001");
-    assert_eq!(rec.device_id, 1);
+    let rec = store
+        .device(&num("5550001"), dev(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.number, num("5550001"));
+    assert_eq!(rec.device_id, dev(1));
     assert_eq!(rec.name.as_deref(), Some("laptop"));
     assert_eq!(rec.client_secret, [0xab; 32]);
     assert_eq!(rec.server_secret, [0xcd; 32]);
     assert_eq!(rec.created_at, NOW);
     assert_eq!(rec.last_seen, None);
     assert!(!rec.is_revoked());
-    assert!(store.device("5550001", 2).await.unwrap().is_none());
-    assert!(store.device("5550002", 1).await.unwrap().is_none());
+    assert!(
+        store
+            .device(&num("5550001"), dev(2))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .device(&num("5550002"), dev(1))
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // Secrets never show in Debug output.
     for shown in [format!("{rec:?}"), format!("{d:?}")] {
@@ -356,29 +400,49 @@ async fn case_create_entity(store: Store) {
     let shown = format!("{store:?}");
     assert!(!shown.contains("postgres://"), "{shown}");
 
-    assert!(store.touch_device("5550001", 1, NOW + 5).await.unwrap());
-    assert!(!store.touch_device("5550001", 9, NOW + 5).await.unwrap());
-    let list = store.list_devices("5550001").await.unwrap();
+    assert!(
+        store
+            .touch_device(&num("5550001"), dev(1), NOW + 5)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .touch_device(&num("5550001"), dev(9), NOW + 5)
+            .await
+            .unwrap()
+    );
+    let list = store.list_devices(&num("5550001")).await.unwrap();
     assert_eq!(list.len(), 1);
-    assert_eq!(list[0].device_id, 1);
+    assert_eq!(list[0].device_id, dev(1));
     assert_eq!(list[0].last_seen, Some(NOW + 5));
     assert_eq!(list[0].created_at, NOW);
-    assert!(store.list_devices("5550009").await.unwrap().is_empty());
+    assert!(
+        store
+            .list_devices(&num("5550009"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     store.ping().await.unwrap();
 }
 
 async fn case_duplicate_number(store: Store) {
     store
-        .create_entity("5550001", &device(1, None), NOW)
+        .create_entity(&num("5550001"), &device(1, None), NOW)
         .await
         .unwrap();
     let err = store
-        .create_entity("5550001", &device(9, None), NOW + 1)
+        .create_entity(&num("5550001"), &device(9, None), NOW + 1)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NumberTaken), "{err:?}");
     // The first registration is untouched.
-    let rec = store.device("5550001", 1).await.unwrap().unwrap();
+    let rec = store
+        .device(&num("5550001"), dev(1))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.client_secret, [1; 32]);
     assert_eq!(rec.created_at, NOW);
     assert_eq!(store.entity_count().await.unwrap(), 1);
@@ -386,46 +450,32 @@ async fn case_duplicate_number(store: Store) {
     // Another number is fine.
     assert_eq!(
         store
-            .create_entity("5550002", &device(2, None), NOW)
+            .create_entity(&num("5550002"), &device(2, None), NOW)
             .await
             .unwrap(),
-        1
+        dev(1)
     );
 }
 
-async fn case_invalid_number(store: Store) {
-    for bad in ["", "55a0001", "+5550001", &"5".repeat(33)] {
-        let err = store
-            .create_entity(bad, &device(1, None), NOW)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, StoreError::InvalidArgument(_)),
-            "{bad}: {err:?}"
-        );
-    }
-    assert_eq!(store.entity_count().await.unwrap(), 0);
-}
-
 async fn case_registration_secret_single_use(store: Store) {
-    entity(&store, "5550001").await;
-    entity(&store, "5550002").await;
+    entity(&store, &num("5550001")).await;
+    entity(&store, &num("5550002")).await;
     store
-        .create_registration_secret("5550001", &hash(7), Some("phone"), NOW, NOW + 600, 5)
+        .create_registration_secret(&num("5550001"), &hash(7), Some("phone"), NOW, NOW + 600, 5)
         .await
         .unwrap();
     // Unknown entity.
     let err = store
-        .create_registration_secret("5559999", &hash(8), None, NOW, NOW + 600, 5)
+        .create_registration_secret(&num("5559999"), &hash(8), None, NOW, NOW + 600, 5)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
 
     // Wrong number, wrong secret: BadSecret, and the secret stays usable.
     for (number, h) in [
-        ("5550002", hash(7)),
-        ("5550001", hash(6)),
-        ("5559999", hash(7)),
+        (&num("5550002"), hash(7)),
+        (&num("5550001"), hash(6)),
+        (&num("5559999"), hash(7)),
     ] {
         let err = store
             .redeem_registration_secret(number, &h, &device(2, None), NOW + 1, 5)
@@ -434,11 +484,15 @@ async fn case_registration_secret_single_use(store: Store) {
         assert!(matches!(err, StoreError::BadSecret), "{err:?}");
     }
     let id = store
-        .redeem_registration_secret("5550001", &hash(7), &device(2, None), NOW + 1, 5)
+        .redeem_registration_secret(&num("5550001"), &hash(7), &device(2, None), NOW + 1, 5)
         .await
         .unwrap();
-    assert_eq!(id, 2);
-    let rec = store.device("5550001", 2).await.unwrap().unwrap();
+    assert_eq!(id, dev(2));
+    let rec = store
+        .device(&num("5550001"), dev(2))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         rec.name.as_deref(),
         Some("phone"),
@@ -450,58 +504,68 @@ async fn case_registration_secret_single_use(store: Store) {
 
     // Used: BadSecret, no new device.
     let err = store
-        .redeem_registration_secret("5550001", &hash(7), &device(3, None), NOW + 2, 5)
+        .redeem_registration_secret(&num("5550001"), &hash(7), &device(3, None), NOW + 2, 5)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::BadSecret), "{err:?}");
-    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+    assert_eq!(store.active_device_count(&num("5550001")).await.unwrap(), 2);
 
     // A name given at redeem wins over the secret's.
     store
-        .create_registration_secret("5550001", &hash(9), Some("old"), NOW, NOW + 600, 5)
+        .create_registration_secret(&num("5550001"), &hash(9), Some("old"), NOW, NOW + 600, 5)
         .await
         .unwrap();
     let id = store
-        .redeem_registration_secret("5550001", &hash(9), &device(4, Some("new")), NOW + 3, 5)
+        .redeem_registration_secret(
+            &num("5550001"),
+            &hash(9),
+            &device(4, Some("new")),
+            NOW + 3,
+            5,
+        )
         .await
         .unwrap();
-    assert_eq!(id, 3);
-    let rec = store.device("5550001", 3).await.unwrap().unwrap();
+    assert_eq!(id, dev(3));
+    let rec = store
+        .device(&num("5550001"), dev(3))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.name.as_deref(), Some("new"));
 }
 
 async fn case_registration_secret_expired(store: Store) {
-    entity(&store, "5550001").await;
+    entity(&store, &num("5550001")).await;
     store
-        .create_registration_secret("5550001", &hash(7), None, NOW, NOW + 600, 5)
+        .create_registration_secret(&num("5550001"), &hash(7), None, NOW, NOW + 600, 5)
         .await
         .unwrap();
     for at in [NOW + 600, NOW + 601, NOW + DAY] {
         let err = store
-            .redeem_registration_secret("5550001", &hash(7), &device(2, None), at, 5)
+            .redeem_registration_secret(&num("5550001"), &hash(7), &device(2, None), at, 5)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::BadSecret), "{err:?}");
     }
-    assert_eq!(store.active_device_count("5550001").await.unwrap(), 1);
+    assert_eq!(store.active_device_count(&num("5550001")).await.unwrap(), 1);
     // Just before expiry it works.
     store
-        .create_registration_secret("5550001", &hash(8), None, NOW, NOW + 600, 5)
+        .create_registration_secret(&num("5550001"), &hash(8), None, NOW, NOW + 600, 5)
         .await
         .unwrap();
     assert_eq!(
         store
-            .redeem_registration_secret("5550001", &hash(8), &device(2, None), NOW + 599, 5)
+            .redeem_registration_secret(&num("5550001"), &hash(8), &device(2, None), NOW + 599, 5)
             .await
             .unwrap(),
-        2
+        dev(2)
     );
 }
 
 async fn case_concurrent_redeem(store: Store) {
-    entity(&store, "5550001").await;
+    entity(&store, &num("5550001")).await;
     store
-        .create_registration_secret("5550001", &hash(7), None, NOW, NOW + 600, 10)
+        .create_registration_secret(&num("5550001"), &hash(7), None, NOW, NOW + 600, 10)
         .await
         .unwrap();
     let tasks: Vec<_> = (0..8u8)
@@ -509,7 +573,13 @@ async fn case_concurrent_redeem(store: Store) {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .redeem_registration_secret("5550001", &hash(7), &device(10 + i, None), NOW, 10)
+                    .redeem_registration_secret(
+                        &num("5550001"),
+                        &hash(7),
+                        &device(10 + i, None),
+                        NOW,
+                        10,
+                    )
                     .await
             })
         })
@@ -518,7 +588,7 @@ async fn case_concurrent_redeem(store: Store) {
     for t in tasks {
         match t.await.unwrap() {
             Ok(id) => {
-                assert_eq!(id, 2);
+                assert_eq!(id, dev(2));
                 won += 1;
             }
             Err(StoreError::BadSecret) => {}
@@ -526,12 +596,12 @@ async fn case_concurrent_redeem(store: Store) {
         }
     }
     assert_eq!(won, 1, "exactly one concurrent redeem wins");
-    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+    assert_eq!(store.active_device_count(&num("5550001")).await.unwrap(), 2);
 
     // Concurrent redeems of DIFFERENT secrets get distinct ids.
     for s in 20..26u8 {
         store
-            .create_registration_secret("5550001", &hash(s), None, NOW, NOW + 600, 10)
+            .create_registration_secret(&num("5550001"), &hash(s), None, NOW, NOW + 600, 10)
             .await
             .unwrap();
     }
@@ -540,7 +610,13 @@ async fn case_concurrent_redeem(store: Store) {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .redeem_registration_secret("5550001", &hash(s), &device(s, None), NOW, 10)
+                    .redeem_registration_secret(
+                        &num("5550001"),
+                        &hash(s),
+                        &device(s, None),
+                        NOW,
+                        10,
+                    )
                     .await
             })
         })
@@ -550,97 +626,136 @@ async fn case_concurrent_redeem(store: Store) {
         ids.push(t.await.unwrap().unwrap());
     }
     ids.sort_unstable();
-    assert_eq!(ids, vec![3, 4, 5, 6, 7, 8]);
+    assert_eq!(ids, devs(&[3, 4, 5, 6, 7, 8]));
 }
 
 async fn case_device_cap(store: Store) {
-    entity(&store, "5550001").await;
+    entity(&store, &num("5550001")).await;
     let max = 3;
     // 1 device + 2 pending secrets = 3: the third secret is refused.
     for s in [1, 2] {
         store
-            .create_registration_secret("5550001", &hash(s), None, NOW, NOW + 600, max)
+            .create_registration_secret(&num("5550001"), &hash(s), None, NOW, NOW + 600, max)
             .await
             .unwrap();
     }
     let err = store
-        .create_registration_secret("5550001", &hash(3), None, NOW, NOW + 600, max)
+        .create_registration_secret(&num("5550001"), &hash(3), None, NOW, NOW + 600, max)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::DeviceLimit), "{err:?}");
 
     // Redeeming turns a pending secret into a device: still 3.
     store
-        .redeem_registration_secret("5550001", &hash(1), &device(1, None), NOW, max)
+        .redeem_registration_secret(&num("5550001"), &hash(1), &device(1, None), NOW, max)
         .await
         .unwrap();
     let err = store
-        .create_registration_secret("5550001", &hash(3), None, NOW, NOW + 600, max)
+        .create_registration_secret(&num("5550001"), &hash(3), None, NOW, NOW + 600, max)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::DeviceLimit), "{err:?}");
 
     // An expired unused secret no longer counts.
     store
-        .create_registration_secret("5550001", &hash(3), None, NOW + 700, NOW + 1300, max)
+        .create_registration_secret(&num("5550001"), &hash(3), None, NOW + 700, NOW + 1300, max)
         .await
         .unwrap();
 
     // The redeem-time check: with 2 active devices and max 2, redeeming fails and the secret
     // stays usable.
     let err = store
-        .redeem_registration_secret("5550001", &hash(3), &device(3, None), NOW + 701, 2)
+        .redeem_registration_secret(&num("5550001"), &hash(3), &device(3, None), NOW + 701, 2)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::DeviceLimit), "{err:?}");
-    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+    assert_eq!(store.active_device_count(&num("5550001")).await.unwrap(), 2);
     // Revoking a device makes room.
-    assert!(store.revoke_device("5550001", 2, NOW + 702).await.unwrap());
+    assert!(
+        store
+            .revoke_device(&num("5550001"), dev(2), NOW + 702)
+            .await
+            .unwrap()
+    );
     let id = store
-        .redeem_registration_secret("5550001", &hash(3), &device(3, None), NOW + 703, 2)
+        .redeem_registration_secret(&num("5550001"), &hash(3), &device(3, None), NOW + 703, 2)
         .await
         .unwrap();
-    assert_eq!(id, 3, "ids are never reused");
-    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+    assert_eq!(id, dev(3), "ids are never reused");
+    assert_eq!(store.active_device_count(&num("5550001")).await.unwrap(), 2);
 }
 
 async fn case_revoke_and_ids_not_reused(store: Store) {
-    entity(&store, "5550001").await;
-    assert_eq!(add_devices(&store, "5550001", 3).await, vec![2, 3]);
-    assert!(store.revoke_device("5550001", 3, NOW + 10).await.unwrap());
+    entity(&store, &num("5550001")).await;
+    assert_eq!(add_devices(&store, &num("5550001"), 3).await, devs(&[2, 3]));
     assert!(
-        !store.revoke_device("5550001", 3, NOW + 11).await.unwrap(),
+        store
+            .revoke_device(&num("5550001"), dev(3), NOW + 10)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .revoke_device(&num("5550001"), dev(3), NOW + 11)
+            .await
+            .unwrap(),
         "already revoked"
     );
     assert!(
-        !store.revoke_device("5550001", 9, NOW + 11).await.unwrap(),
+        !store
+            .revoke_device(&num("5550001"), dev(9), NOW + 11)
+            .await
+            .unwrap(),
         "unknown"
     );
     assert!(
-        !store.revoke_device("5559999", 1, NOW + 11).await.unwrap(),
+        !store
+            .revoke_device(&num("5559999"), dev(1), NOW + 11)
+            .await
+            .unwrap(),
         "unknown entity"
     );
-    let rec = store.device("5550001", 3).await.unwrap().unwrap();
+    let rec = store
+        .device(&num("5550001"), dev(3))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(rec.is_revoked());
     assert_eq!(rec.revoked_at, Some(NOW + 10));
-    assert!(!store.touch_device("5550001", 3, NOW + 12).await.unwrap());
-    assert_eq!(store.active_device_count("5550001").await.unwrap(), 2);
+    assert!(
+        !store
+            .touch_device(&num("5550001"), dev(3), NOW + 12)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.active_device_count(&num("5550001")).await.unwrap(), 2);
     assert_eq!(store.device_count().await.unwrap(), 2);
 
     // The next device gets 4, not 3.
-    assert_eq!(add_devices(&store, "5550001", 3).await, vec![4]);
+    assert_eq!(add_devices(&store, &num("5550001"), 3).await, devs(&[4]));
     // Even after revoking the highest id.
-    assert!(store.revoke_device("5550001", 4, NOW + 20).await.unwrap());
-    assert_eq!(add_devices(&store, "5550001", 3).await, vec![5]);
+    assert!(
+        store
+            .revoke_device(&num("5550001"), dev(4), NOW + 20)
+            .await
+            .unwrap()
+    );
+    assert_eq!(add_devices(&store, &num("5550001"), 3).await, devs(&[5]));
 
-    let list = store.list_devices("5550001").await.unwrap();
+    let list = store.list_devices(&num("5550001")).await.unwrap();
     let ids: Vec<_> = list
         .iter()
         .map(|d| (d.device_id, d.revoked_at.is_some()))
         .collect();
     assert_eq!(
         ids,
-        vec![(1, false), (2, false), (3, true), (4, true), (5, false)]
+        vec![
+            (dev(1), false),
+            (dev(2), false),
+            (dev(3), true),
+            (dev(4), true),
+            (dev(5), false)
+        ]
     );
 }
 
@@ -648,104 +763,211 @@ async fn case_revoke_and_ids_not_reused(store: Store) {
 // Blocks, poisoned initiates, contacts
 
 async fn case_blocks(store: Store) {
-    entity(&store, "5550001").await;
-    assert!(!store.is_blocked("5550001", "5550002").await.unwrap());
-    store.block("5550001", "5550003", NOW).await.unwrap();
-    store.block("5550001", "5550002", NOW).await.unwrap();
-    store.block("5550001", "5550002", NOW + 1).await.unwrap(); // idempotent
-    assert!(store.is_blocked("5550001", "5550002").await.unwrap());
+    entity(&store, &num("5550001")).await;
     assert!(
-        !store.is_blocked("5550002", "5550001").await.unwrap(),
+        !store
+            .is_blocked(&num("5550001"), &num("5550002"))
+            .await
+            .unwrap()
+    );
+    store
+        .block(&num("5550001"), &num("5550003"), NOW)
+        .await
+        .unwrap();
+    store
+        .block(&num("5550001"), &num("5550002"), NOW)
+        .await
+        .unwrap();
+    store
+        .block(&num("5550001"), &num("5550002"), NOW + 1)
+        .await
+        .unwrap(); // idempotent
+    assert!(
+        store
+            .is_blocked(&num("5550001"), &num("5550002"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .is_blocked(&num("5550002"), &num("5550001"))
+            .await
+            .unwrap(),
         "directional"
     );
     assert_eq!(
-        store.blocked_by("5550001").await.unwrap(),
-        vec!["5550002".to_owned(), "5550003".to_owned()]
+        store.blocked_by(&num("5550001")).await.unwrap(),
+        vec![num("5550002"), num("5550003")]
     );
-    assert!(store.unblock("5550001", "5550002").await.unwrap());
-    assert!(!store.unblock("5550001", "5550002").await.unwrap());
-    assert!(!store.is_blocked("5550001", "5550002").await.unwrap());
+    assert!(
+        store
+            .unblock(&num("5550001"), &num("5550002"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .unblock(&num("5550001"), &num("5550002"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .is_blocked(&num("5550001"), &num("5550002"))
+            .await
+            .unwrap()
+    );
     assert_eq!(
-        store.blocked_by("5550001").await.unwrap(),
-        vec!["5550003".to_owned()]
+        store.blocked_by(&num("5550001")).await.unwrap(),
+        vec![num("5550003")]
     );
-    assert!(store.blocked_by("5550002").await.unwrap().is_empty());
+    assert!(store.blocked_by(&num("5550002")).await.unwrap().is_empty());
     // A block by a number that is not an entity here.
-    let err = store.block("5559999", "5550001", NOW).await.unwrap_err();
+    let err = store
+        .block(&num("5559999"), &num("5550001"), NOW)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
 }
 
 async fn case_poisoned_initiates(store: Store) {
-    entity(&store, "5550001").await;
-    assert!(!store.is_poisoned("5550001", "5550777").await.unwrap());
-    store
-        .remember_unknown_target("5550001", "5550777", NOW)
-        .await
-        .unwrap();
-    store
-        .remember_unknown_target("5550001", "5550777", NOW + 1)
-        .await
-        .unwrap();
-    // Later the number is given out: the caller stays poisoned for it, nobody else is.
-    entity(&store, "5550777").await;
-    assert!(store.is_poisoned("5550001", "5550777").await.unwrap());
-    assert!(!store.is_poisoned("5550777", "5550001").await.unwrap());
-    assert!(!store.is_poisoned("5550002", "5550777").await.unwrap());
-}
-
-async fn case_contacts_and_policy(store: Store) {
-    entity(&store, "5550001").await;
-    assert!(!store.is_contact("5550001", "5550002").await.unwrap());
-    assert!(store.add_contact("5550001", "5550002", NOW).await.unwrap());
+    entity(&store, &num("5550001")).await;
     assert!(
         !store
-            .add_contact("5550001", "5550002", NOW + 1)
+            .is_poisoned(&num("5550001"), &num("5550777"))
             .await
             .unwrap()
     );
-    assert!(store.is_contact("5550001", "5550002").await.unwrap());
-    assert!(!store.is_contact("5550002", "5550001").await.unwrap());
-    let c = store.contact("5550001", "5550002").await.unwrap().unwrap();
+    store
+        .remember_unknown_target(&num("5550001"), &num("5550777"), NOW)
+        .await
+        .unwrap();
+    store
+        .remember_unknown_target(&num("5550001"), &num("5550777"), NOW + 1)
+        .await
+        .unwrap();
+    // Later the number is given out: the caller stays poisoned for it, nobody else is.
+    entity(&store, &num("5550777")).await;
+    assert!(
+        store
+            .is_poisoned(&num("5550001"), &num("5550777"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .is_poisoned(&num("5550777"), &num("5550001"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .is_poisoned(&num("5550002"), &num("5550777"))
+            .await
+            .unwrap()
+    );
+}
+
+async fn case_contacts_and_policy(store: Store) {
+    entity(&store, &num("5550001")).await;
+    assert!(
+        !store
+            .is_contact(&num("5550001"), &num("5550002"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .add_contact(&num("5550001"), &num("5550002"), NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .add_contact(&num("5550001"), &num("5550002"), NOW + 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .is_contact(&num("5550001"), &num("5550002"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .is_contact(&num("5550002"), &num("5550001"))
+            .await
+            .unwrap()
+    );
+    let c = store
+        .contact(&num("5550001"), &num("5550002"))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!c.auto_existing && !c.brokered);
     assert_eq!(c.created_at, NOW);
     store
-        .set_contact_flags("5550001", "5550002", true, false)
+        .set_contact_flags(&num("5550001"), &num("5550002"), true, false)
         .await
         .unwrap();
-    let c = store.contact("5550001", "5550002").await.unwrap().unwrap();
+    let c = store
+        .contact(&num("5550001"), &num("5550002"))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(c.auto_existing && !c.brokered);
     store
-        .set_contact_flags("5550001", "5550002", false, true)
+        .set_contact_flags(&num("5550001"), &num("5550002"), false, true)
         .await
         .unwrap();
-    let c = store.contact("5550001", "5550002").await.unwrap().unwrap();
+    let c = store
+        .contact(&num("5550001"), &num("5550002"))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!c.auto_existing && c.brokered);
     // add_contact again keeps the flags.
     store
-        .add_contact("5550001", "5550002", NOW + 2)
+        .add_contact(&num("5550001"), &num("5550002"), NOW + 2)
         .await
         .unwrap();
     assert!(
         store
-            .contact("5550001", "5550002")
+            .contact(&num("5550001"), &num("5550002"))
             .await
             .unwrap()
             .unwrap()
             .brokered
     );
     let err = store
-        .set_contact_flags("5550001", "5550003", true, true)
+        .set_contact_flags(&num("5550001"), &num("5550003"), true, true)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
-    assert!(store.contact("5550001", "5550003").await.unwrap().is_none());
+    assert!(
+        store
+            .contact(&num("5550001"), &num("5550003"))
+            .await
+            .unwrap()
+            .is_none()
+    );
 
-    assert!(!store.auto_existing("5550001").await.unwrap());
-    store.set_auto_existing("5550001", true).await.unwrap();
-    assert!(store.auto_existing("5550001").await.unwrap());
-    store.set_auto_existing("5550001", false).await.unwrap();
-    assert!(!store.auto_existing("5550001").await.unwrap());
-    let err = store.set_auto_existing("5559999", true).await.unwrap_err();
+    assert!(!store.auto_existing(&num("5550001")).await.unwrap());
+    store
+        .set_auto_existing(&num("5550001"), true)
+        .await
+        .unwrap();
+    assert!(store.auto_existing(&num("5550001")).await.unwrap());
+    store
+        .set_auto_existing(&num("5550001"), false)
+        .await
+        .unwrap();
+    assert!(!store.auto_existing(&num("5550001")).await.unwrap());
+    let err = store
+        .set_auto_existing(&num("5559999"), true)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
 }
 
@@ -753,9 +975,9 @@ async fn case_contacts_and_policy(store: Store) {
 // Inboxes
 
 async fn case_deposit_idempotent(store: Store) {
-    entity(&store, "5550001").await;
-    add_devices(&store, "5550001", 2).await;
-    let a = item(1, "5550001", Some(1), "5550002");
+    entity(&store, &num("5550001")).await;
+    add_devices(&store, &num("5550001"), 2).await;
+    let a = item(1, &num("5550001"), Some(1), &num("5550002"));
     assert_eq!(
         deposit_one(&store, &a, 100).await.unwrap(),
         DepositOutcome::Stored
@@ -773,20 +995,20 @@ async fn case_deposit_idempotent(store: Store) {
     );
     // Same id, another sender (or sender device): refused.
     let mut other = a.clone();
-    other.sender_number = "5550003".into();
+    other.sender_number = num("5550003");
     assert!(matches!(
         deposit_one(&store, &other, 100).await,
         Err(StoreError::DuplicateId)
     ));
     let mut other_dev = a.clone();
-    other_dev.sender_device = 2;
+    other_dev.sender_device = dev(2);
     assert!(matches!(
         deposit_one(&store, &other_dev, 100).await,
         Err(StoreError::DuplicateId)
     ));
     // Same id to the other device (entity-mode fan-out) and to the number inbox: new rows.
-    let to2 = item(1, "5550001", Some(2), "5550002");
-    let to_number = item(1, "5550001", None, "5550002");
+    let to2 = item(1, &num("5550001"), Some(2), &num("5550002"));
+    let to_number = item(1, &num("5550001"), None, &num("5550002"));
     assert_eq!(
         deposit_one(&store, &to2, 100).await.unwrap(),
         DepositOutcome::Stored
@@ -797,12 +1019,15 @@ async fn case_deposit_idempotent(store: Store) {
     );
     assert_eq!(store.inbox_depth().await.unwrap(), 3);
 
-    // Duplicates inside one batch, and a bad device id that fails alone.
-    let b = item(2, "5550001", Some(1), "5550002");
+    // Duplicates inside one batch, and an item that fails alone (an id already stored from
+    // another sender; device ids below 1 cannot even be expressed since the store takes
+    // `DeviceId`).
+    let b = item(2, &num("5550001"), Some(1), &num("5550002"));
     let mut b_other = b.clone();
-    b_other.sender_number = "5550004".into();
-    let bad = item(3, "5550001", Some(0), "5550002");
-    let c = item(4, "5550001", Some(1), "5550002");
+    b_other.sender_number = num("5550004");
+    let mut bad = a.clone();
+    bad.sender_number = num("5550009");
+    let c = item(4, &num("5550001"), Some(1), &num("5550002"));
     let out = store
         .deposit_batch(&[b.clone(), b.clone(), b_other, bad, a.clone(), c], 100)
         .await
@@ -811,7 +1036,7 @@ async fn case_deposit_idempotent(store: Store) {
     assert!(matches!(out[0], Ok(DepositOutcome::Stored)));
     assert!(matches!(out[1], Ok(DepositOutcome::AlreadyStored)));
     assert!(matches!(out[2], Err(StoreError::DuplicateId)));
-    assert!(matches!(out[3], Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(out[3], Err(StoreError::DuplicateId)));
     assert!(matches!(out[4], Ok(DepositOutcome::AlreadyStored)));
     assert!(matches!(out[5], Ok(DepositOutcome::Stored)));
     assert_eq!(store.inbox_depth().await.unwrap(), 5);
@@ -819,23 +1044,23 @@ async fn case_deposit_idempotent(store: Store) {
 
     // The stored copy is the first one.
     let (items, _) = store
-        .fetch_inbox("5550001", 1, None, 10, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), None, 10, NOW)
         .await
         .unwrap();
     let first = items
         .iter()
-        .find(|i| i.id == id(1) && i.recipient_device == Some(1))
+        .find(|i| i.id == id(1) && i.recipient_device == Some(dev(1)))
         .unwrap();
     assert_eq!(first.body, b"body 1");
-    assert_eq!(first.sender_number, "5550002");
-    assert_eq!(first.sender_device, 1);
+    assert_eq!(first.sender_number, num("5550002"));
+    assert_eq!(first.sender_device, dev(1));
 }
 
 async fn case_quota_exceeded_keeps_stored(store: Store) {
-    entity(&store, "5550001").await;
-    add_devices(&store, "5550001", 2).await;
+    entity(&store, &num("5550001")).await;
+    add_devices(&store, &num("5550001"), 2).await;
     let batch: Vec<_> = (1..=5)
-        .map(|n| item(n, "5550001", Some(1), "5550002"))
+        .map(|n| item(n, &num("5550001"), Some(1), &num("5550002")))
         .collect();
     let out = store.deposit_batch(&batch, 3).await.unwrap();
     let kinds: Vec<_> = out
@@ -853,10 +1078,10 @@ async fn case_quota_exceeded_keeps_stored(store: Store) {
     let out = store
         .deposit_batch(
             &[
-                item(6, "5550001", Some(1), "5550002"),
-                item(2, "5550001", Some(1), "5550002"),
-                item(6, "5550001", Some(2), "5550002"),
-                item(7, "5550001", None, "5550002"),
+                item(6, &num("5550001"), Some(1), &num("5550002")),
+                item(2, &num("5550001"), Some(1), &num("5550002")),
+                item(6, &num("5550001"), Some(2), &num("5550002")),
+                item(7, &num("5550001"), None, &num("5550002")),
             ],
             3,
         )
@@ -867,13 +1092,18 @@ async fn case_quota_exceeded_keeps_stored(store: Store) {
     assert!(matches!(out[2], Ok(DepositOutcome::Stored)));
     assert!(matches!(out[3], Ok(DepositOutcome::Stored)));
     assert!(matches!(
-        deposit_one(&store, &item(8, "5550001", Some(1), "5550002"), 3).await,
+        deposit_one(
+            &store,
+            &item(8, &num("5550001"), Some(1), &num("5550002")),
+            3
+        )
+        .await,
         Err(StoreError::QuotaExceeded)
     ));
 
     // What was stored is intact.
     let (items, more) = store
-        .fetch_inbox("5550001", 1, None, 100, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), None, 100, NOW)
         .await
         .unwrap();
     assert!(!more);
@@ -890,25 +1120,42 @@ async fn case_quota_exceeded_keeps_stored(store: Store) {
 
     // Acknowledging frees room.
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(1)], NOW)
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(
-        deposit_one(&store, &item(8, "5550001", Some(1), "5550002"), 3)
-            .await
-            .unwrap(),
+        deposit_one(
+            &store,
+            &item(8, &num("5550001"), Some(1), &num("5550002")),
+            3
+        )
+        .await
+        .unwrap(),
         DepositOutcome::Stored
     );
-    assert_eq!(store.inbox_count("5550001", 1, NOW).await.unwrap(), 4); // 2, 3, 8 + number 7
+    assert_eq!(
+        store
+            .inbox_count(&num("5550001"), dev(1), NOW)
+            .await
+            .unwrap(),
+        4
+    ); // 2, 3, 8 + number 7
 }
 
 async fn case_fetch_order_and_paging(store: Store) {
-    entity(&store, "5550001").await;
+    entity(&store, &num("5550001")).await;
     // 25 items from two senders, interleaved, over several batches (same created_at).
     let mut all = Vec::new();
     for n in 1..=25u32 {
-        let from = if n % 2 == 0 { "5550002" } else { "5550003" };
-        all.push(item(n, "5550001", Some(1), from));
+        let from = if n % 2 == 0 {
+            &num("5550002")
+        } else {
+            &num("5550003")
+        };
+        all.push(item(n, &num("5550001"), Some(1), from));
     }
     for chunk in all.chunks(7) {
         for r in store.deposit_batch(chunk, 100).await.unwrap() {
@@ -916,18 +1163,18 @@ async fn case_fetch_order_and_paging(store: Store) {
         }
     }
     let (p1, more) = store
-        .fetch_inbox("5550001", 1, None, 10, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), None, 10, NOW)
         .await
         .unwrap();
     assert!(more);
     assert_eq!(p1.len(), 10);
     let (p2, more) = store
-        .fetch_inbox("5550001", 1, Some(p1[9].id), 10, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), Some(p1[9].id), 10, NOW)
         .await
         .unwrap();
     assert!(more);
     let (p3, more) = store
-        .fetch_inbox("5550001", 1, Some(p2[9].id), 10, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), Some(p2[9].id), 10, NOW)
         .await
         .unwrap();
     assert!(!more);
@@ -937,13 +1184,13 @@ async fn case_fetch_order_and_paging(store: Store) {
     let seqs: Vec<_> = p1.iter().chain(&p2).chain(&p3).map(|i| i.seq).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
     let x = &p1[0];
-    assert_eq!(x.sender_number, "5550003");
+    assert_eq!(x.sender_number, num("5550003"));
     assert_eq!(x.created_at, NOW);
     assert_eq!(x.expires_at, NOW + 7 * DAY);
-    assert_eq!(x.recipient_device, Some(1));
+    assert_eq!(x.recipient_device, Some(dev(1)));
     // Exactly `limit` left: more = false.
     let (p, more) = store
-        .fetch_inbox("5550001", 1, Some(p2[4].id), 10, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), Some(p2[4].id), 10, NOW)
         .await
         .unwrap();
     assert_eq!(p.len(), 10);
@@ -953,11 +1200,14 @@ async fn case_fetch_order_and_paging(store: Store) {
     // what is left, which is exactly the rest.
     let first: Vec<_> = p1.iter().map(|i| i.id).collect();
     assert_eq!(
-        store.ack_inbox("5550001", 1, &first, NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &first, NOW)
+            .await
+            .unwrap(),
         10
     );
     let (rest, more) = store
-        .fetch_inbox("5550001", 1, Some(p1[9].id), 100, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), Some(p1[9].id), 100, NOW)
         .await
         .unwrap();
     assert!(!more);
@@ -967,51 +1217,77 @@ async fn case_fetch_order_and_paging(store: Store) {
     );
 
     // Another device sees none of them.
-    assert!(fetch_all(&store, "5550001", 2, NOW).await.is_empty());
+    assert!(fetch_all(&store, &num("5550001"), 2, NOW).await.is_empty());
     // Number-mode items are merged in seq order.
-    deposit_one(&store, &item(100, "5550001", None, "5550002"), 100)
-        .await
-        .unwrap();
-    deposit_one(&store, &item(101, "5550001", Some(1), "5550002"), 100)
-        .await
-        .unwrap();
-    let ids = fetch_all(&store, "5550001", 1, NOW).await;
+    deposit_one(
+        &store,
+        &item(100, &num("5550001"), None, &num("5550002")),
+        100,
+    )
+    .await
+    .unwrap();
+    deposit_one(
+        &store,
+        &item(101, &num("5550001"), Some(1), &num("5550002")),
+        100,
+    )
+    .await
+    .unwrap();
+    let ids = fetch_all(&store, &num("5550001"), 1, NOW).await;
     assert_eq!(&ids[ids.len() - 2..], &[id(100), id(101)]);
-    assert_eq!(fetch_all(&store, "5550001", 2, NOW).await, vec![id(100)]);
+    assert_eq!(
+        fetch_all(&store, &num("5550001"), 2, NOW).await,
+        vec![id(100)]
+    );
 }
 
 async fn case_fetch_skips_expired(store: Store) {
-    entity(&store, "5550001").await;
-    let mut short = item(1, "5550001", Some(1), "5550002");
+    entity(&store, &num("5550001")).await;
+    let mut short = item(1, &num("5550001"), Some(1), &num("5550002"));
     short.expires_at = NOW + 5;
-    let mut short_number = item(2, "5550001", None, "5550002");
+    let mut short_number = item(2, &num("5550001"), None, &num("5550002"));
     short_number.expires_at = NOW + 5;
-    let long = item(3, "5550001", Some(1), "5550002");
+    let long = item(3, &num("5550001"), Some(1), &num("5550002"));
     store
         .deposit_batch(&[short, short_number, long], 100)
         .await
         .unwrap();
     assert_eq!(
-        fetch_all(&store, "5550001", 1, NOW + 4).await,
+        fetch_all(&store, &num("5550001"), 1, NOW + 4).await,
         vec![id(1), id(2), id(3)]
     );
-    assert_eq!(store.inbox_count("5550001", 1, NOW + 4).await.unwrap(), 3);
-    assert_eq!(fetch_all(&store, "5550001", 1, NOW + 5).await, vec![id(3)]);
-    assert_eq!(store.inbox_count("5550001", 1, NOW + 5).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .inbox_count(&num("5550001"), dev(1), NOW + 4)
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        fetch_all(&store, &num("5550001"), 1, NOW + 5).await,
+        vec![id(3)]
+    );
+    assert_eq!(
+        store
+            .inbox_count(&num("5550001"), dev(1), NOW + 5)
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(store.inbox_depth().await.unwrap(), 3, "not yet swept");
 }
 
 async fn case_ack_entity_mode(store: Store) {
-    entity(&store, "5550001").await;
-    add_devices(&store, "5550001", 2).await;
+    entity(&store, &num("5550001")).await;
+    add_devices(&store, &num("5550001"), 2).await;
     // Entity mode: one copy per device.
     let out = store
         .deposit_batch(
             &[
-                item(1, "5550001", Some(1), "5550002"),
-                item(1, "5550001", Some(2), "5550002"),
-                item(2, "5550001", Some(1), "5550002"),
-                item(2, "5550001", Some(2), "5550002"),
+                item(1, &num("5550001"), Some(1), &num("5550002")),
+                item(1, &num("5550001"), Some(2), &num("5550002")),
+                item(2, &num("5550001"), Some(1), &num("5550002")),
+                item(2, &num("5550001"), Some(2), &num("5550002")),
             ],
             100,
         )
@@ -1019,54 +1295,87 @@ async fn case_ack_entity_mode(store: Store) {
         .unwrap();
     assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(1)], NOW)
+            .await
+            .unwrap(),
         1
     );
-    assert_eq!(fetch_all(&store, "5550001", 1, NOW).await, vec![id(2)]);
     assert_eq!(
-        fetch_all(&store, "5550001", 2, NOW).await,
+        fetch_all(&store, &num("5550001"), 1, NOW).await,
+        vec![id(2)]
+    );
+    assert_eq!(
+        fetch_all(&store, &num("5550001"), 2, NOW).await,
         vec![id(1), id(2)]
     );
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(1)], NOW)
+            .await
+            .unwrap(),
         0,
         "repeat"
     );
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(9)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(9)], NOW)
+            .await
+            .unwrap(),
         0,
         "unknown"
     );
-    assert_eq!(store.ack_inbox("5550001", 1, &[], NOW).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[], NOW)
+            .await
+            .unwrap(),
+        0
+    );
     // Acking another entity's ids does nothing.
     assert_eq!(
-        store.ack_inbox("5550002", 1, &[id(2)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550002"), dev(1), &[id(2)], NOW)
+            .await
+            .unwrap(),
         0
     );
     assert_eq!(
         store
-            .ack_inbox("5550001", 2, &[id(1), id(2), id(9)], NOW)
+            .ack_inbox(&num("5550001"), dev(2), &[id(1), id(2), id(9)], NOW)
             .await
             .unwrap(),
         2
     );
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(2)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(2)], NOW)
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(store.inbox_depth().await.unwrap(), 0);
-    assert_eq!(store.inbox_count("5550001", 1, NOW).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .inbox_count(&num("5550001"), dev(1), NOW)
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 async fn case_ack_number_mode(store: Store) {
-    entity(&store, "5550001").await;
-    add_devices(&store, "5550001", 3).await;
-    store.revoke_device("5550001", 3, NOW).await.unwrap(); // active: 1 and 2
+    entity(&store, &num("5550001")).await;
+    add_devices(&store, &num("5550001"), 3).await;
+    store
+        .revoke_device(&num("5550001"), dev(3), NOW)
+        .await
+        .unwrap(); // active: 1 and 2
     let out = store
         .deposit_batch(
             &[
-                item(1, "5550001", None, "5550002"),
-                item(2, "5550001", None, "5550002"),
+                item(1, &num("5550001"), None, &num("5550002")),
+                item(2, &num("5550001"), None, &num("5550002")),
             ],
             100,
         )
@@ -1074,18 +1383,24 @@ async fn case_ack_number_mode(store: Store) {
         .unwrap();
     assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
     let (items, _) = store
-        .fetch_inbox("5550001", 1, None, 10, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), None, 10, NOW)
         .await
         .unwrap();
     assert!(items.iter().all(|i| i.recipient_device.is_none()));
 
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(1)], NOW)
+            .await
+            .unwrap(),
         1
     );
-    assert_eq!(fetch_all(&store, "5550001", 1, NOW).await, vec![id(2)]);
     assert_eq!(
-        fetch_all(&store, "5550001", 2, NOW).await,
+        fetch_all(&store, &num("5550001"), 1, NOW).await,
+        vec![id(2)]
+    );
+    assert_eq!(
+        fetch_all(&store, &num("5550001"), 2, NOW).await,
         vec![id(1), id(2)]
     );
     assert_eq!(
@@ -1093,10 +1408,25 @@ async fn case_ack_number_mode(store: Store) {
         2,
         "kept until every device acked"
     );
-    assert_eq!(store.inbox_count("5550001", 1, NOW).await.unwrap(), 1);
-    assert_eq!(store.inbox_count("5550001", 2, NOW).await.unwrap(), 2);
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        store
+            .inbox_count(&num("5550001"), dev(1), NOW)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .inbox_count(&num("5550001"), dev(2), NOW)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(1)], NOW)
+            .await
+            .unwrap(),
         0,
         "repeat"
     );
@@ -1104,60 +1434,92 @@ async fn case_ack_number_mode(store: Store) {
 
     // The last active device acks: gone (the revoked device 3 is not waited for).
     assert_eq!(
-        store.ack_inbox("5550001", 2, &[id(1)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(2), &[id(1)], NOW)
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(store.inbox_depth().await.unwrap(), 1);
-    assert_eq!(fetch_all(&store, "5550001", 1, NOW).await, vec![id(2)]);
-    assert_eq!(fetch_all(&store, "5550001", 2, NOW).await, vec![id(2)]);
+    assert_eq!(
+        fetch_all(&store, &num("5550001"), 1, NOW).await,
+        vec![id(2)]
+    );
+    assert_eq!(
+        fetch_all(&store, &num("5550001"), 2, NOW).await,
+        vec![id(2)]
+    );
 
     // A device added later must acknowledge too.
-    add_devices(&store, "5550001", 3).await; // device 4
+    add_devices(&store, &num("5550001"), 3).await; // device 4
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(2)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(2)], NOW)
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(
-        store.ack_inbox("5550001", 2, &[id(2)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(2), &[id(2)], NOW)
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(store.inbox_depth().await.unwrap(), 1);
-    assert_eq!(fetch_all(&store, "5550001", 4, NOW).await, vec![id(2)]);
     assert_eq!(
-        store.ack_inbox("5550001", 4, &[id(2)], NOW).await.unwrap(),
+        fetch_all(&store, &num("5550001"), 4, NOW).await,
+        vec![id(2)]
+    );
+    assert_eq!(
+        store
+            .ack_inbox(&num("5550001"), dev(4), &[id(2)], NOW)
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(store.inbox_depth().await.unwrap(), 0);
 }
 
 async fn case_revoke_releases_number_mode_items(store: Store) {
-    entity(&store, "5550001").await;
-    add_devices(&store, "5550001", 2).await;
+    entity(&store, &num("5550001")).await;
+    add_devices(&store, &num("5550001"), 2).await;
     store
         .deposit_batch(
             &[
-                item(1, "5550001", None, "5550002"),
-                item(2, "5550001", None, "5550002"),
-                item(3, "5550001", Some(2), "5550002"),
+                item(1, &num("5550001"), None, &num("5550002")),
+                item(2, &num("5550001"), None, &num("5550002")),
+                item(3, &num("5550001"), Some(2), &num("5550002")),
             ],
             100,
         )
         .await
         .unwrap();
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(1)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(1)], NOW)
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(store.inbox_depth().await.unwrap(), 3);
     // Revoking device 2: its own item goes, and item 1 (acked by every remaining device) too.
-    assert!(store.revoke_device("5550001", 2, NOW).await.unwrap());
+    assert!(
+        store
+            .revoke_device(&num("5550001"), dev(2), NOW)
+            .await
+            .unwrap()
+    );
     assert_eq!(store.inbox_depth().await.unwrap(), 1);
-    assert_eq!(fetch_all(&store, "5550001", 1, NOW).await, vec![id(2)]);
+    assert_eq!(
+        fetch_all(&store, &num("5550001"), 1, NOW).await,
+        vec![id(2)]
+    );
 }
 
 async fn case_sweep(store: Store) {
-    entity(&store, "5550001").await;
-    add_devices(&store, "5550001", 2).await;
+    entity(&store, &num("5550001")).await;
+    add_devices(&store, &num("5550001"), 2).await;
     let mut items = Vec::new();
     for (n, dev, ttl) in [
         (1, Some(1), 10),
@@ -1165,33 +1527,36 @@ async fn case_sweep(store: Store) {
         (3, Some(1), 100),
         (4, None, 100),
     ] {
-        let mut it = item(n, "5550001", dev, "5550002");
+        let mut it = item(n, &num("5550001"), dev, &num("5550002"));
         it.expires_at = NOW + ttl;
         items.push(it);
     }
     store.deposit_batch(&items, 100).await.unwrap();
     // Device 1 acked the expiring number-mode item: the ack goes with it.
     assert_eq!(
-        store.ack_inbox("5550001", 1, &[id(2)], NOW).await.unwrap(),
+        store
+            .ack_inbox(&num("5550001"), dev(1), &[id(2)], NOW)
+            .await
+            .unwrap(),
         1
     );
     // Registration secrets: one used, one left to expire, one still valid.
     for s in [1, 2, 3] {
         store
-            .create_registration_secret("5550001", &hash(s), None, NOW, NOW + 600, 10)
+            .create_registration_secret(&num("5550001"), &hash(s), None, NOW, NOW + 600, 10)
             .await
             .unwrap();
     }
     store
-        .redeem_registration_secret("5550001", &hash(1), &device(1, None), NOW + 1, 10)
+        .redeem_registration_secret(&num("5550001"), &hash(1), &device(1, None), NOW + 1, 10)
         .await
         .unwrap();
     store
-        .put_peer_pubkey("7770001", &[7; 32], NOW + 10)
+        .put_peer_pubkey(&num("7770001"), &[7; 32], NOW + 10)
         .await
         .unwrap();
     store
-        .put_peer_pubkey("7770002", &[8; 32], NOW + 10 * DAY)
+        .put_peer_pubkey(&num("7770002"), &[8; 32], NOW + 10 * DAY)
         .await
         .unwrap();
 
@@ -1202,15 +1567,19 @@ async fn case_sweep(store: Store) {
     assert!(!r.more);
     assert_eq!(store.inbox_depth().await.unwrap(), 2);
     assert_eq!(
-        fetch_all(&store, "5550001", 1, NOW + 50).await,
+        fetch_all(&store, &num("5550001"), 1, NOW + 50).await,
         vec![id(3), id(4)]
     );
     assert!(
-        store.peer_pubkey("7770001", NOW).await.unwrap().is_none(),
+        store
+            .peer_pubkey(&num("7770001"), NOW)
+            .await
+            .unwrap()
+            .is_none(),
         "swept"
     );
     assert_eq!(
-        store.peer_pubkey("7770002", NOW + 50).await.unwrap(),
+        store.peer_pubkey(&num("7770002"), NOW + 50).await.unwrap(),
         Some([8; 32])
     );
 
@@ -1224,21 +1593,21 @@ async fn case_sweep(store: Store) {
     assert_eq!(r, Default::default());
     // Swept secrets cannot be redeemed (they were unusable anyway).
     let err = store
-        .redeem_registration_secret("5550001", &hash(2), &device(2, None), NOW + 2, 10)
+        .redeem_registration_secret(&num("5550001"), &hash(2), &device(2, None), NOW + 2, 10)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::BadSecret), "{err:?}");
 }
 
 async fn case_sweep_batches(store: Store) {
-    entity(&store, "5550001").await;
+    entity(&store, &num("5550001")).await;
     let items: Vec<_> = (0..2500u32)
         .map(|n| {
             let mut it = item(
                 n,
-                "5550001",
+                &num("5550001"),
                 if n % 2 == 0 { Some(1) } else { None },
-                "5550002",
+                &num("5550002"),
             );
             it.expires_at = NOW + 1;
             it
@@ -1248,9 +1617,13 @@ async fn case_sweep_batches(store: Store) {
         let out = store.deposit_batch(chunk, 10_000).await.unwrap();
         assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
     }
-    deposit_one(&store, &item(9999, "5550001", Some(1), "5550002"), 10_000)
-        .await
-        .unwrap();
+    deposit_one(
+        &store,
+        &item(9999, &num("5550001"), Some(1), &num("5550002")),
+        10_000,
+    )
+    .await
+    .unwrap();
     assert_eq!(store.inbox_depth().await.unwrap(), 2501);
     let r = store.sweep(NOW + 1).await.unwrap();
     assert_eq!(r.inbox_items, 2500);
@@ -1259,50 +1632,53 @@ async fn case_sweep_batches(store: Store) {
 }
 
 async fn case_backup_versions(store: Store) {
-    entity(&store, "5550001").await;
-    assert!(store.get_backup("5550001").await.unwrap().is_none());
-    store.put_backup("5550001", 0, 1, b"v1", NOW).await.unwrap();
+    entity(&store, &num("5550001")).await;
+    assert!(store.get_backup(&num("5550001")).await.unwrap().is_none());
+    store
+        .put_backup(&num("5550001"), 0, 1, b"v1", NOW)
+        .await
+        .unwrap();
     let err = store
-        .put_backup("5550001", 0, 1, b"again", NOW)
+        .put_backup(&num("5550001"), 0, 1, b"again", NOW)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict), "{err:?}");
     store
-        .put_backup("5550001", 1, 2, b"v2", NOW + 1)
+        .put_backup(&num("5550001"), 1, 2, b"v2", NOW + 1)
         .await
         .unwrap();
     // A second device that read version 1 loses.
     let err = store
-        .put_backup("5550001", 1, 2, b"stale", NOW + 2)
+        .put_backup(&num("5550001"), 1, 2, b"stale", NOW + 2)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict), "{err:?}");
     let err = store
-        .put_backup("5550001", 5, 6, b"future", NOW + 2)
+        .put_backup(&num("5550001"), 5, 6, b"future", NOW + 2)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict), "{err:?}");
-    let b = store.get_backup("5550001").await.unwrap().unwrap();
+    let b = store.get_backup(&num("5550001")).await.unwrap().unwrap();
     assert_eq!(
         (b.version, b.blob.as_slice(), b.updated_at),
         (2, &b"v2"[..], NOW + 1)
     );
     assert!(!format!("{b:?}").contains("118"), "blob not in Debug");
     let err = store
-        .put_backup("5550001", 2, 2, b"same", NOW)
+        .put_backup(&num("5550001"), 2, 2, b"same", NOW)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
     let err = store
-        .put_backup("5559999", 0, 1, b"x", NOW)
+        .put_backup(&num("5559999"), 0, 1, b"x", NOW)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
 }
 
 async fn case_concurrent_batch_deposit(store: Store) {
-    entity(&store, "5550001").await;
-    add_devices(&store, "5550001", 2).await;
+    entity(&store, &num("5550001")).await;
+    add_devices(&store, &num("5550001"), 2).await;
     const TASKS: u32 = 20;
     const PER_TASK: u32 = 50;
     const BATCH: u32 = 10;
@@ -1313,7 +1689,12 @@ async fn case_concurrent_batch_deposit(store: Store) {
             x if x % 2 == 0 => Some(2),
             _ => Some(1),
         };
-        let mut it = item(t * 1000 + k, "5550001", dev, &format!("60000{t:02}"));
+        let mut it = item(
+            t * 1000 + k,
+            &num("5550001"),
+            dev,
+            &num(&format!("60000{t:02}")),
+        );
         it.body = format!("{t}:{k}").into_bytes();
         it
     };
@@ -1357,7 +1738,7 @@ async fn case_concurrent_batch_deposit(store: Store) {
         let mut after = None;
         loop {
             let (page, more) = store
-                .fetch_inbox("5550001", dev, after, 97, NOW)
+                .fetch_inbox(&num("5550001"), crate::dev(dev), after, 97, NOW)
                 .await
                 .unwrap();
             after = page.last().map(|i| i.id);
@@ -1392,7 +1773,7 @@ async fn case_concurrent_batch_deposit(store: Store) {
 }
 
 async fn case_batcher_group_commit(store: Store) {
-    entity(&store, "5550001").await;
+    entity(&store, &num("5550001")).await;
     let config = BatcherConfig {
         quota_per_device: 900,
         ..BatcherConfig::default()
@@ -1406,7 +1787,12 @@ async fn case_batcher_group_commit(store: Store) {
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
                 for k in 0..20 {
-                    let mut it = item(t * 100 + k, "5550001", Some(1), &format!("60000{t:02}"));
+                    let mut it = item(
+                        t * 100 + k,
+                        &num("5550001"),
+                        Some(1),
+                        &num(&format!("60000{t:02}")),
+                    );
                     it.body = format!("{t}:{k}").into_bytes();
                     outcomes.push(batcher.deposit(it).await);
                 }
@@ -1429,7 +1815,7 @@ async fn case_batcher_group_commit(store: Store) {
     assert_eq!(store.inbox_depth().await.unwrap(), 900);
     // Per-sender order holds.
     let (items, more) = store
-        .fetch_inbox("5550001", 1, None, 1000, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), None, 1000, NOW)
         .await
         .unwrap();
     assert!(!more);
@@ -1444,40 +1830,46 @@ async fn case_batcher_group_commit(store: Store) {
     }
     // Idempotent through the batcher too.
     let again = batcher
-        .deposit(item(0, "5550001", Some(1), "6000000"))
+        .deposit(item(0, &num("5550001"), Some(1), &num("6000000")))
         .await
         .unwrap();
     assert_eq!(again, DepositOutcome::AlreadyStored);
     // Per-item errors stay per item.
     let bad = batcher
-        .deposit(item(1, "5550001", Some(0), "6000000"))
+        .deposit(item(0, &num("5550001"), Some(1), &num("6000099")))
         .await
         .unwrap_err();
-    assert!(matches!(bad, StoreError::InvalidArgument(_)), "{bad:?}");
+    assert!(matches!(bad, StoreError::DuplicateId), "{bad:?}");
 }
 
 async fn case_federation_tables(store: Store) {
     // Broker-held pubkeys.
-    assert!(store.peer_pubkey("7770001", NOW).await.unwrap().is_none());
+    assert!(
+        store
+            .peer_pubkey(&num("7770001"), NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
     store
-        .put_peer_pubkey("7770001", &[1; 32], NOW + 100)
+        .put_peer_pubkey(&num("7770001"), &[1; 32], NOW + 100)
         .await
         .unwrap();
     assert_eq!(
-        store.peer_pubkey("7770001", NOW).await.unwrap(),
+        store.peer_pubkey(&num("7770001"), NOW).await.unwrap(),
         Some([1; 32])
     );
     store
-        .put_peer_pubkey("7770001", &[2; 32], NOW + 200)
+        .put_peer_pubkey(&num("7770001"), &[2; 32], NOW + 200)
         .await
         .unwrap();
     assert_eq!(
-        store.peer_pubkey("7770001", NOW + 150).await.unwrap(),
+        store.peer_pubkey(&num("7770001"), NOW + 150).await.unwrap(),
         Some([2; 32])
     );
     assert!(
         store
-            .peer_pubkey("7770001", NOW + 200)
+            .peer_pubkey(&num("7770001"), NOW + 200)
             .await
             .unwrap()
             .is_none(),
@@ -1522,13 +1914,13 @@ async fn reopening_a_sqlite_store_keeps_its_data() {
     let store = Store::open_sqlite(&path).await.unwrap();
     assert_eq!(store.backend_name(), "sqlite");
     store
-        .create_entity("5550001", &device(1, None), NOW)
+        .create_entity(&num("5550001"), &device(1, None), NOW)
         .await
         .unwrap();
     store.close().await;
     // Reopening keeps the data (and re-running migrations is a no-op).
     let store = Store::open_sqlite(&path).await.unwrap();
-    assert!(store.entity_exists("5550001").await.unwrap());
+    assert!(store.entity_exists(&num("5550001")).await.unwrap());
     store.close().await;
 }
 
@@ -1536,12 +1928,12 @@ async fn reopening_a_sqlite_store_keeps_its_data() {
 /// recipient acknowledged (deleted) them, they store nothing; a delivery refused for the quota
 /// is not remembered (it may come again); expired keys are swept.
 async fn case_received_deliveries_once(store: Store) {
-    entity(&store, "5550001").await;
-    add_devices(&store, "5550001", 1).await;
+    entity(&store, &num("5550001")).await;
+    add_devices(&store, &num("5550001"), 1).await;
     let key = |n: u8| [n; 16];
     let items = vec![
-        item(1, "5550001", Some(1), "6660002"),
-        item(2, "5550001", Some(1), "6660002"),
+        item(1, &num("5550001"), Some(1), &num("6660002")),
+        item(2, &num("5550001"), Some(1), &num("6660002")),
     ];
     let deliveries = [(key(1), NOW + 100), (key(2), NOW + 100)];
     let outcomes = store
@@ -1555,12 +1947,12 @@ async fn case_received_deliveries_once(store: Store) {
         "{outcomes:?}"
     );
     assert_eq!(
-        fetch_all(&store, "5550001", 1, NOW).await,
+        fetch_all(&store, &num("5550001"), 1, NOW).await,
         vec![id(1), id(2)]
     );
     assert_eq!(
         store
-            .ack_inbox("5550001", 1, &[id(1), id(2)], NOW)
+            .ack_inbox(&num("5550001"), dev(1), &[id(1), id(2)], NOW)
             .await
             .unwrap(),
         2
@@ -1577,10 +1969,10 @@ async fn case_received_deliveries_once(store: Store) {
             .all(|o| matches!(o, Ok(DepositOutcome::AlreadyStored))),
         "{again:?}"
     );
-    assert!(fetch_all(&store, "5550001", 1, NOW).await.is_empty());
+    assert!(fetch_all(&store, &num("5550001"), 1, NOW).await.is_empty());
 
     // Refused for the quota: not remembered, so the retry is stored once there is room.
-    let third = vec![item(3, "5550001", Some(1), "6660002")];
+    let third = vec![item(3, &num("5550001"), Some(1), &num("6660002"))];
     let full = store
         .receive_deliveries(&[(key(3), NOW + 100)], &third, &[0], 0)
         .await
@@ -1604,33 +1996,44 @@ async fn case_received_deliveries_once(store: Store) {
 
 /// One query tells a DEPOSIT the contact pair, the block and the active devices.
 async fn case_deposit_route(store: Store) {
-    entity(&store, "5550001").await;
-    entity(&store, "5550002").await;
-    add_devices(&store, "5550002", 3).await;
-    let route = route_of(&store, "5550001", "5550002").await;
+    entity(&store, &num("5550001")).await;
+    entity(&store, &num("5550002")).await;
+    add_devices(&store, &num("5550002"), 3).await;
+    let route = route_of(&store, &num("5550001"), &num("5550002")).await;
     assert!(!route.contact && !route.blocked);
-    assert_eq!(route.devices, vec![1, 2, 3]);
-    assert!(store.revoke_device("5550002", 2, NOW).await.unwrap());
-    store.add_contact("5550001", "5550002", NOW).await.unwrap();
-    store.block("5550002", "5550001", NOW).await.unwrap();
-    let route = route_of(&store, "5550001", "5550002").await;
+    assert_eq!(route.devices, devs(&[1, 2, 3]));
+    assert!(
+        store
+            .revoke_device(&num("5550002"), dev(2), NOW)
+            .await
+            .unwrap()
+    );
+    store
+        .add_contact(&num("5550001"), &num("5550002"), NOW)
+        .await
+        .unwrap();
+    store
+        .block(&num("5550002"), &num("5550001"), NOW)
+        .await
+        .unwrap();
+    let route = route_of(&store, &num("5550001"), &num("5550002")).await;
     assert!(route.contact && route.blocked);
-    assert_eq!(route.devices, vec![1, 3]);
+    assert_eq!(route.devices, devs(&[1, 3]));
     // The other direction: 5550002 has no pair with 5550001 and is not blocked by it.
-    let back = route_of(&store, "5550002", "5550001").await;
+    let back = route_of(&store, &num("5550002"), &num("5550001")).await;
     assert!(!back.contact && !back.blocked);
     // An unknown number: no devices, nothing else.
     assert_eq!(
-        route_of(&store, "5550001", "5559999").await,
+        route_of(&store, &num("5550001"), &num("5559999")).await,
         micromsg_store::DepositRoute::default()
     );
     // Batched: the same answers per pair, in order, repeats included, across statement chunks.
     let mut pairs = Vec::new();
     for k in 0..300 {
         let (s, t) = match k % 3 {
-            0 => ("5550001", "5550002"),
-            1 => ("5550002", "5550001"),
-            _ => ("5550001", "5559999"),
+            0 => (&num("5550001"), &num("5550002")),
+            1 => (&num("5550002"), &num("5550001")),
+            _ => (&num("5550001"), &num("5559999")),
         };
         pairs.push((s.to_owned(), t.to_owned()));
     }
@@ -1639,10 +2042,10 @@ async fn case_deposit_route(store: Store) {
     for (pair, route) in pairs.iter().zip(&routes) {
         assert_eq!(route, &route_of(&store, &pair.0, &pair.1).await);
     }
-    assert!(routes[0].contact && routes[0].blocked && routes[0].devices == vec![1, 3]);
+    assert!(routes[0].contact && routes[0].blocked && routes[0].devices == devs(&[1, 3]));
     // In the second chunk of 256 pairs.
-    assert!(routes[297].contact && routes[297].blocked && routes[297].devices == vec![1, 3]);
-    assert!(!routes[298].contact && !routes[298].blocked && routes[298].devices == vec![1]);
+    assert!(routes[297].contact && routes[297].blocked && routes[297].devices == devs(&[1, 3]));
+    assert!(!routes[298].contact && !routes[298].blocked && routes[298].devices == devs(&[1]));
     assert_eq!(routes[299], micromsg_store::DepositRoute::default());
     assert!(store.deposit_routes(&[]).await.unwrap().is_empty());
 }
@@ -1695,7 +2098,7 @@ async fn case_outbox_group_commit(store: Store) {
 /// once the bound reaches the quota), and concurrent batches at the limit must never store more
 /// than the quota, on either backend.
 async fn case_quota_counter_bound(store: Store) {
-    entity(&store, "5550001").await;
+    entity(&store, &num("5550001")).await;
     let quota = 40;
     // Concurrent batches of 7 into one inbox, 98 items for 40 places: exactly 40 stored.
     let tasks: Vec<_> = (0..14u32)
@@ -1703,7 +2106,7 @@ async fn case_quota_counter_bound(store: Store) {
             let store = store.clone();
             tokio::spawn(async move {
                 let batch: Vec<_> = (0..7)
-                    .map(|k| item(t * 10 + k, "5550001", Some(1), "5550002"))
+                    .map(|k| item(t * 10 + k, &num("5550001"), Some(1), &num("5550002")))
                     .collect();
                 store.deposit_batch(&batch, quota).await
             })
@@ -1724,14 +2127,27 @@ async fn case_quota_counter_bound(store: Store) {
 
     // Drain 30 of them: the bound still says 40, yet 30 new items fit and the 31st does not.
     let (items, _) = store
-        .fetch_inbox("5550001", 1, None, 30, NOW)
+        .fetch_inbox(&num("5550001"), dev(1), None, 30, NOW)
         .await
         .unwrap();
     let ids: Vec<_> = items.iter().map(|i| i.id).collect();
-    assert_eq!(store.ack_inbox("5550001", 1, &ids, NOW).await.unwrap(), 30);
+    assert_eq!(
+        store
+            .ack_inbox(&num("5550001"), dev(1), &ids, NOW)
+            .await
+            .unwrap(),
+        30
+    );
     for round in 0..3u32 {
         let batch: Vec<_> = (0..10)
-            .map(|k| item(1000 + round * 10 + k, "5550001", Some(1), "5550002"))
+            .map(|k| {
+                item(
+                    1000 + round * 10 + k,
+                    &num("5550001"),
+                    Some(1),
+                    &num("5550002"),
+                )
+            })
             .collect();
         let out = store.deposit_batch(&batch, quota).await.unwrap();
         assert!(
@@ -1740,31 +2156,57 @@ async fn case_quota_counter_bound(store: Store) {
         );
     }
     assert!(matches!(
-        deposit_one(&store, &item(2000, "5550001", Some(1), "5550002"), quota).await,
+        deposit_one(
+            &store,
+            &item(2000, &num("5550001"), Some(1), &num("5550002")),
+            quota
+        )
+        .await,
         Err(StoreError::QuotaExceeded)
     ));
     // A repeat of a stored item is still AlreadyStored at the limit, not refused.
     assert!(matches!(
-        deposit_one(&store, &item(1000, "5550001", Some(1), "5550002"), quota).await,
+        deposit_one(
+            &store,
+            &item(1000, &num("5550001"), Some(1), &num("5550002")),
+            quota
+        )
+        .await,
         Ok(DepositOutcome::AlreadyStored)
     ));
 
     // Room freed by the sweep is found too.
-    let mut old = item(3000, "5550003", Some(1), "5550002");
+    let mut old = item(3000, &num("5550003"), Some(1), &num("5550002"));
     old.expires_at = NOW + 1;
-    entity(&store, "5550003").await;
+    entity(&store, &num("5550003")).await;
     let out = store
-        .deposit_batch(&[old.clone(), item(3001, "5550003", Some(1), "5550002")], 2)
+        .deposit_batch(
+            &[
+                old.clone(),
+                item(3001, &num("5550003"), Some(1), &num("5550002")),
+            ],
+            2,
+        )
         .await
         .unwrap();
     assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
     store.sweep(NOW + 2).await.unwrap();
     assert!(matches!(
-        deposit_one(&store, &item(3002, "5550003", Some(1), "5550002"), 2).await,
+        deposit_one(
+            &store,
+            &item(3002, &num("5550003"), Some(1), &num("5550002")),
+            2
+        )
+        .await,
         Ok(DepositOutcome::Stored)
     ));
     assert!(matches!(
-        deposit_one(&store, &item(3003, "5550003", Some(1), "5550002"), 2).await,
+        deposit_one(
+            &store,
+            &item(3003, &num("5550003"), Some(1), &num("5550002")),
+            2
+        )
+        .await,
         Err(StoreError::QuotaExceeded)
     ));
 }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use micromsg_wire::Address;
+use micromsg_wire::{Address, Number};
 use rand_core::{OsRng, RngCore};
 
 use crate::limits::Pruned;
@@ -14,11 +14,11 @@ use crate::limits::Pruned;
 #[derive(Debug, Clone)]
 pub struct Pending {
     /// The caller's number.
-    pub caller: String,
+    pub caller: Number,
     /// Where the caller is: a connection of this broker, or a peer broker.
     pub origin: Origin,
     /// The target's number.
-    pub target: String,
+    pub target: Number,
     /// When the request lapses.
     pub expires: Instant,
 }
@@ -68,20 +68,20 @@ impl PendingRequests {
 
     /// A copy of the request `id` if it is addressed to `target` and still live (to check an
     /// answer before [`PendingRequests::take`] consumes it).
-    pub fn peek(&self, id: &[u8; 16], target: &str, now: Instant) -> Option<Pending> {
+    pub fn peek(&self, id: &[u8; 16], target: &Number, now: Instant) -> Option<Pending> {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         table
             .map
             .get(id)
-            .filter(|p| p.target == target && p.expires > now)
+            .filter(|p| &p.target == target && p.expires > now)
             .cloned()
     }
 
     /// Takes the request `id` if it is addressed to `target` and still live.
-    pub fn take(&self, id: &[u8; 16], target: &str, now: Instant) -> Option<Pending> {
+    pub fn take(&self, id: &[u8; 16], target: &Number, now: Instant) -> Option<Pending> {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         match table.map.get(id) {
-            Some(p) if p.target == target && p.expires > now => table.map.remove(id),
+            Some(p) if &p.target == target && p.expires > now => table.map.remove(id),
             Some(p) if p.expires <= now => {
                 table.map.remove(id);
                 None
@@ -127,11 +127,11 @@ pub struct Initiate {
     /// The request id already acknowledged to the caller.
     pub request: [u8; 16],
     /// The caller's number.
-    pub caller: String,
+    pub caller: Number,
     /// Where the caller is.
     pub origin: Origin,
     /// The target number.
-    pub target: String,
+    pub target: Number,
     /// New or existing.
     pub kind: InitiateKind,
 }

@@ -43,7 +43,9 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store
         return Ok(());
     }
     if !store.entity_exists(&req.target).await? {
-        if broker.config.contacts.remember_unknown_targets && broker.numbers.owns(&req.target) {
+        if broker.config.contacts.remember_unknown_targets
+            && broker.numbers.owns(req.target.as_str())
+        {
             store
                 .remember_unknown_target(&req.caller, &req.target, unix_now() as i64)
                 .await?;
@@ -65,7 +67,7 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store
     if let Origin::Local { caller_conn } = &req.origin
         && req.kind == InitiateKind::Existing
         && store.auto_existing(&req.target).await?
-        && let Some((_device, conn, address)) = broker.online.top_announced(&req.target)
+        && let Some((_device, conn, address)) = broker.online.top_announced(req.target.as_str())
     {
         hand_out(
             broker,
@@ -78,7 +80,7 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store
         );
         return Ok(());
     }
-    let Some((_device, target_conn)) = broker.online.top_device(&req.target) else {
+    let Some((_device, target_conn)) = broker.online.top_device(req.target.as_str()) else {
         debug!("contact request dropped");
         return Ok(());
     };
@@ -109,15 +111,9 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store
             Some(Hex32::from_bytes(origin.caller_pubkey))
         }
     };
-    let (Ok(from), request) = (
-        Number::new(req.caller.clone()),
-        Hex16::from_bytes(req.request),
-    ) else {
-        return Ok(());
-    };
     let event = Event::ContactRequest(ContactRequest {
-        request,
-        from,
+        request: Hex16::from_bytes(req.request),
+        from: req.caller.clone(),
         kind: match req.kind {
             InitiateKind::New => ContactKind::New,
             InitiateKind::Existing => ContactKind::Existing,
@@ -127,7 +123,7 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store
     });
     if broker
         .online
-        .push_conn(&req.target, target_conn, Push::event(event))
+        .push_conn(req.target.as_str(), target_conn, Push::event(event))
         != Delivery::Queued
     {
         debug!("target's event queue unavailable; contact request dropped");
@@ -140,24 +136,20 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store
 pub fn hand_out(
     broker: &Broker,
     request: &[u8; 16],
-    caller: &str,
+    caller: &Number,
     caller_conn: u64,
-    target: &str,
+    target: &Number,
     target_conn: u64,
     address: &str,
 ) {
     let token = Secret32::generate(&mut OsRng);
-    let (Ok(caller_number), Ok(target_number), Ok(address)) = (
-        Number::new(caller.to_owned()),
-        Number::new(target.to_owned()),
-        Address::new(address.to_owned()),
-    ) else {
+    let Ok(address) = Address::new(address.to_owned()) else {
         return;
     };
     let request = Hex16::from_bytes(*request);
     let accepted = Event::ContactAccepted(ContactAccepted {
         request,
-        target: target_number,
+        target: target.clone(),
         address: Some(address),
         sealed_address: None,
         token: Hex32::from_bytes(*token.expose()),
@@ -165,14 +157,14 @@ pub fn hand_out(
     });
     let connecting = Event::ContactConnecting(ContactConnecting {
         request,
-        from: caller_number,
+        from: caller.clone(),
         token: Hex32::from_bytes(*token.expose()),
     });
     // The target hears first, so it knows the token before the caller can connect.
     broker
         .online
-        .push_conn(target, target_conn, Push::event(connecting));
+        .push_conn(target.as_str(), target_conn, Push::event(connecting));
     broker
         .online
-        .push_conn(caller, caller_conn, Push::event(accepted));
+        .push_conn(caller.as_str(), caller_conn, Push::event(accepted));
 }

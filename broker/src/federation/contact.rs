@@ -58,16 +58,16 @@ pub enum ForwardRefusal {
 /// returns the request id to acknowledge.
 pub fn forward_initiate(
     broker: &Arc<Broker>,
-    caller: &str,
+    caller: &Number,
     caller_conn: u64,
-    target: &str,
+    target: &Number,
     kind: InitiateKind,
     caller_pubkey: [u8; 32],
 ) -> Result<[u8; 16], ForwardRefusal> {
     let Some(federation) = broker.federation.as_ref() else {
         return Err(ForwardRefusal::NotNetworked);
     };
-    let Home::Peer(peer) = federation.home_of(target) else {
+    let Home::Peer(peer) = federation.home_of(target.as_str()) else {
         return Err(ForwardRefusal::NotNetworked);
     };
     let Some(link) = federation.link(&peer.id) else {
@@ -84,9 +84,9 @@ pub fn forward_initiate(
     federation.outgoing.insert(
         request,
         OutgoingRequest {
-            caller: caller.to_owned(),
+            caller: caller.clone(),
             caller_conn,
-            target: target.to_owned(),
+            target: target.clone(),
             peer: peer.id.clone(),
             expires: now + ttl,
         },
@@ -101,8 +101,8 @@ pub fn forward_initiate(
     };
     let call = InitiateRequest {
         request: request.to_vec(),
-        caller: caller.to_owned(),
-        target: target.to_owned(),
+        caller: caller.as_str().to_owned(),
+        target: target.as_str().to_owned(),
         kind: match kind {
             InitiateKind::New => WireKind::New,
             InitiateKind::Existing => WireKind::Existing,
@@ -177,14 +177,14 @@ pub fn receive_initiate(
     let initiate = Initiate {
         // The target sees a fresh id: ids chosen by a peer must not collide with local ones.
         request: new_request_id(),
-        caller: caller.as_str().to_owned(),
+        caller,
         origin: Origin::Networked(NetworkOrigin {
             broker: peer.to_owned(),
             request,
             caller_pubkey,
             span: Span::current(),
         }),
-        target: target.as_str().to_owned(),
+        target,
         kind,
     };
     tokio::spawn(
@@ -199,9 +199,9 @@ pub struct Acceptance {
     /// The local request id (r').
     pub local_request: [u8; 16],
     /// The caller.
-    pub caller: String,
+    pub caller: Number,
     /// The accepting target (a local entity).
-    pub target: String,
+    pub target: Number,
     /// The target's connection that answered.
     pub target_conn: u64,
     /// The target's broker-keypair public key.
@@ -223,22 +223,20 @@ pub async fn accept_networked(
         .add_contact(&acceptance.target, &acceptance.caller, now)
         .await?;
     let token = micromsg_crypto::Secret32::generate(&mut rand_core::OsRng);
-    if let Ok(from) = Number::new(acceptance.caller.clone()) {
-        let connecting = Event::ContactConnecting(ContactConnecting {
-            request: Hex16::from_bytes(acceptance.local_request),
-            from,
-            token: Hex32::from_bytes(*token.expose()),
-        });
-        broker.online.push_conn(
-            &acceptance.target,
-            acceptance.target_conn,
-            Push::event(connecting),
-        );
-    }
+    let connecting = Event::ContactConnecting(ContactConnecting {
+        request: Hex16::from_bytes(acceptance.local_request),
+        from: acceptance.caller.clone(),
+        token: Hex32::from_bytes(*token.expose()),
+    });
+    broker.online.push_conn(
+        acceptance.target.as_str(),
+        acceptance.target_conn,
+        Push::event(connecting),
+    );
     let call = AcceptedRequest {
         request: origin.request.to_vec(),
-        caller: acceptance.caller,
-        target: acceptance.target,
+        caller: acceptance.caller.as_str().to_owned(),
+        target: acceptance.target.as_str().to_owned(),
         target_pubkey: acceptance.target_pubkey.to_vec(),
         sealed_address: acceptance.sealed_address,
         token: token.expose().to_vec(),
@@ -295,19 +293,17 @@ pub async fn receive_accepted(
     if !(SEALED_MIN..=SEALED_MAX).contains(&call.sealed_address.len()) {
         return Err(invalid("sealed_address has an impossible length"));
     }
-    let (Ok(target), Ok(_caller)) = (
+    let (Ok(target), Ok(caller)) = (
         Number::new(call.target.clone()),
         Number::new(call.caller.clone()),
     ) else {
         return Err(invalid("caller and target must be numbers"));
     };
-    let Some(waiting) = federation.outgoing.take_matching(
-        &request,
-        peer,
-        &call.caller,
-        &call.target,
-        Instant::now(),
-    ) else {
+    let Some(waiting) =
+        federation
+            .outgoing
+            .take_matching(&request, peer, &caller, &target, Instant::now())
+    else {
         // Unknown, expired, or not this peer's to answer: ignored, like a late answer.
         debug!("acceptance for no waiting request ignored");
         return Ok(());
@@ -334,9 +330,11 @@ pub async fn receive_accepted(
         token: Hex32::from_bytes(token),
         pubkey: Some(Hex32::from_bytes(target_pubkey)),
     });
-    broker
-        .online
-        .push_conn(&waiting.caller, waiting.caller_conn, Push::event(accepted));
+    broker.online.push_conn(
+        waiting.caller.as_str(),
+        waiting.caller_conn,
+        Push::event(accepted),
+    );
     Counters::bump(&federation.counters.accepted_relayed);
     Ok(())
 }

@@ -24,8 +24,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use micromsg_wire::Event;
 use micromsg_wire::message::event::InboxNotice;
+use micromsg_wire::{DeviceId, Event, Number};
 use prost::Message as _;
 use rand_core::RngCore;
 use sha2::{Digest, Sha256};
@@ -370,40 +370,43 @@ pub async fn receive(
     let mut claim_result: Vec<usize> = Vec::new();
     // For each stored row: the index of its delivery in `claims`.
     let mut owner: Vec<usize> = Vec::new();
-    let mut devices_of: HashMap<String, Vec<Option<u32>>> = HashMap::new();
-    let mut allowed: HashMap<(String, String), bool> = HashMap::new();
+    let mut devices_of: HashMap<Number, Vec<Option<DeviceId>>> = HashMap::new();
+    let mut allowed: HashMap<(Number, Number), bool> = HashMap::new();
     for d in request.items {
         let index = results.len();
         results.push(DeliveryResult {
             idempotency_key: d.idempotency_key.clone(),
             status: DeliveryStatus::Done as i32,
         });
-        let (Ok(id), Ok(key)) = (
+        let (Ok(id), Ok(key), Ok(sender), Ok(recipient), Ok(sender_device)) = (
             <[u8; 16]>::try_from(d.message_id.as_slice()),
             <[u8; 16]>::try_from(d.idempotency_key.as_slice()),
+            Number::new(d.sender.clone()),
+            Number::new(d.recipient.clone()),
+            DeviceId::new(d.sender_device),
         ) else {
+            debug!("malformed delivery discarded");
             continue;
         };
         // A peer may only deliver for its own numbers, to this broker's numbers.
-        if !matches!(federation.home_of(&d.sender), Home::Peer(p) if p.id == peer)
-            || federation.home_of(&d.recipient) != Home::Own
+        if !matches!(federation.home_of(sender.as_str()), Home::Peer(p) if p.id == peer)
+            || federation.home_of(recipient.as_str()) != Home::Own
             || d.body.len() > max_body
-            || d.sender_device == 0
             || d.expires_at <= now
         {
             debug!("delivery outside the rules discarded");
             continue;
         }
         // A batch usually holds many messages of few conversations: check each pair once.
-        let pair = (d.recipient.clone(), d.sender.clone());
+        let pair = (recipient.clone(), sender.clone());
         let accepted = match allowed.get(&pair) {
             Some(known) => Ok(*known),
             None => {
                 let checked = async {
                     Ok::<bool, StoreError>(
-                        store.entity_exists(&d.recipient).await?
-                            && store.is_contact(&d.recipient, &d.sender).await?
-                            && !store.is_blocked(&d.recipient, &d.sender).await?,
+                        store.entity_exists(&recipient).await?
+                            && store.is_contact(&recipient, &sender).await?
+                            && !store.is_blocked(&recipient, &sender).await?,
                     )
                 }
                 .await;
@@ -422,12 +425,12 @@ pub async fn receive(
                 continue;
             }
         }
-        let devices = match devices_of.get(&d.recipient) {
+        let devices = match devices_of.get(&recipient) {
             Some(list) => list.clone(),
             None => {
                 let list = match broker.config.inbox.mode {
                     InboxMode::Number => vec![None],
-                    InboxMode::Entity => match store.list_devices(&d.recipient).await {
+                    InboxMode::Entity => match store.list_devices(&recipient).await {
                         Ok(list) => list
                             .into_iter()
                             .filter(|dev| dev.revoked_at.is_none())
@@ -440,7 +443,7 @@ pub async fn receive(
                         }
                     },
                 };
-                devices_of.insert(d.recipient.clone(), list.clone());
+                devices_of.insert(recipient.clone(), list.clone());
                 list
             }
         };
@@ -452,10 +455,10 @@ pub async fn receive(
         for device in devices {
             items.push(NewInboxItem {
                 id,
-                recipient_number: d.recipient.clone(),
+                recipient_number: recipient.clone(),
                 recipient_device: device,
-                sender_number: d.sender.clone(),
-                sender_device: d.sender_device,
+                sender_number: sender.clone(),
+                sender_device,
                 created_at: d.created_at.min(now) as i64,
                 expires_at: expires as i64,
                 body: d.body.clone(),
@@ -482,7 +485,7 @@ pub async fn receive(
         }
     };
     // New messages per recipient (an item per device in ENTITY mode counts once).
-    let mut notify: HashMap<String, HashSet<[u8; 16]>> = HashMap::new();
+    let mut notify: HashMap<Number, HashSet<[u8; 16]>> = HashMap::new();
     for ((outcome, claim), item) in outcomes.into_iter().zip(owner).zip(&items) {
         let index = claim_result[claim];
         match outcome {
@@ -506,7 +509,7 @@ pub async fn receive(
         .fetch_add(done as u64, std::sync::atomic::Ordering::Relaxed);
     for (number, ids) in notify {
         let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
-        broker.online.push_all(&number, None, || {
+        broker.online.push_all(number.as_str(), None, || {
             Push::event(Event::Inbox(InboxNotice { count }))
         });
     }

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use micromsg_wire::Number;
+
 /// Requests kept at most in [`Outgoing`] before expired ones are pruned.
 const OUTGOING_PRUNE_AT: usize = 10_000;
 
@@ -12,11 +14,11 @@ const OUTGOING_PRUNE_AT: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct OutgoingRequest {
     /// The caller's number.
-    pub caller: String,
+    pub caller: Number,
     /// The caller's connection (CONTACT-ACCEPTED goes there).
     pub caller_conn: u64,
     /// The target's number.
-    pub target: String,
+    pub target: Number,
     /// The peer broker the request went to.
     pub peer: String,
     /// When it lapses.
@@ -43,8 +45,8 @@ impl Outgoing {
         &self,
         id: &[u8; 16],
         peer: &str,
-        caller: &str,
-        target: &str,
+        caller: &Number,
+        target: &Number,
         now: Instant,
     ) -> Option<OutgoingRequest> {
         let mut table = self.lock();
@@ -53,7 +55,7 @@ impl Outgoing {
             table.remove(id);
             return None;
         }
-        if r.peer != peer || r.caller != caller || r.target != target {
+        if r.peer != peer || &r.caller != caller || &r.target != target {
             return None;
         }
         table.remove(id)

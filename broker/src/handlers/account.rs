@@ -15,7 +15,7 @@ use rand_core::OsRng;
 use subtle::ConstantTimeEq;
 use tracing::{debug, info, warn};
 
-use super::{Handled, Login, Refusal, Session, wire_device, wire_number};
+use super::{Handled, Login, Refusal, Session, wire_number};
 use crate::broker::Broker;
 use crate::clock::Now;
 use crate::config::RegistrationPolicy;
@@ -77,7 +77,7 @@ pub async fn register(
     // A collision is unlikely (random numbers in a large space); a few draws make it
     // vanishingly so, and the unique key keeps it correct either way.
     for _ in 0..16 {
-        let number = cx.numbers.draw(&mut OsRng);
+        let number = wire_number(&cx.numbers.draw(&mut OsRng))?;
         match cx
             .store
             .create_entity(&number, &device, now.unix_i64())
@@ -86,8 +86,8 @@ pub async fn register(
             Ok(device_id) => {
                 info!(conn = session.conn_id, "entity registered");
                 return Ok(ResponseData::Register(RegisterData {
-                    entity: wire_number(&number)?,
-                    device: wire_device(device_id)?,
+                    entity: number,
+                    device: device_id,
                     client_secret: Hex32::from_bytes(*client_secret.expose()),
                     nonce_step: config.auth.nonce_step_secs,
                     nonce_algorithm: NonceAlgorithm::MmNonce1,
@@ -122,7 +122,7 @@ pub async fn device_join(
     let result = cx
         .store
         .redeem_registration_secret(
-            args.entity.as_str(),
+            &args.entity,
             &hash,
             &device,
             now.unix_i64(),
@@ -131,9 +131,13 @@ pub async fn device_join(
         .await;
     match result {
         Ok(device_id) => {
-            info!(conn = session.conn_id, device = device_id, "device joined");
+            info!(
+                conn = session.conn_id,
+                device = device_id.get(),
+                "device joined"
+            );
             Ok(ResponseData::DeviceJoin(DeviceJoinData {
-                device: wire_device(device_id)?,
+                device: device_id,
                 client_secret: Hex32::from_bytes(*client_secret.expose()),
                 nonce_step: cx.config.auth.nonce_step_secs,
                 nonce_algorithm: NonceAlgorithm::MmNonce1,
@@ -168,7 +172,7 @@ pub async fn login(
             wait,
         ));
     }
-    let record = cx.store.device(&number, device_id).await?;
+    let record = cx.store.device(&args.entity, args.device).await?;
     let auth = &cx.config.auth;
     let policy = NoncePolicy {
         step_secs: u64::from(auth.nonce_step_secs),
@@ -225,12 +229,12 @@ pub async fn login(
     let last_seen = record.as_ref().and_then(|r| r.last_seen).unwrap_or(0);
     if now.unix_i64().saturating_sub(last_seen) >= LAST_SEEN_GRANULARITY_SECS {
         cx.store
-            .touch_device(&number, device_id, now.unix_i64())
+            .touch_device(&args.entity, args.device, now.unix_i64())
             .await?;
     }
     let inbox = cx
         .store
-        .inbox_count(&number, device_id, now.unix_i64())
+        .inbox_count(&args.entity, args.device, now.unix_i64())
         .await
         .unwrap_or(0);
     cx.online.insert(

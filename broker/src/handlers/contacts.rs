@@ -27,7 +27,7 @@ use crate::federation::contact::{Acceptance, ForwardRefusal, SEALED_MAX, SEALED_
 pub fn announce(cx: &Broker, session: &Session, login: &Login, address: &Address) {
     let resolved = resolve_address(address, session.peer.ip());
     cx.online
-        .set_address(login.number(), session.conn_id, resolved);
+        .set_address(login.number().as_str(), session.conn_id, resolved);
 }
 
 /// IS-NETWORKED: from configuration only, never a lookup (protocol.md 6.10).
@@ -66,7 +66,7 @@ pub fn is_networked(cx: &Broker, target: &Number) -> ResponseData {
 /// INITIATE requests per entity (`contacts.initiates_per_minute`).
 fn check_initiate_rate(cx: &Broker, login: &Login, now: Now) -> Result<(), Refusal> {
     cx.initiates
-        .hit(&login.number().to_owned(), now.instant)
+        .hit(&login.number().as_str().to_owned(), now.instant)
         .map_err(|wait| {
             Refusal::retry(
                 ErrorCode::RateLimited,
@@ -93,11 +93,11 @@ pub fn initiate(
         Arc::clone(cx),
         Initiate {
             request,
-            caller: login.number().to_owned(),
+            caller: login.number().clone(),
             origin: Origin::Local {
                 caller_conn: session.conn_id,
             },
-            target: target.as_str().to_owned(),
+            target,
             kind,
         },
     ));
@@ -126,7 +126,7 @@ pub fn initiate_networked(
         cx,
         login.number(),
         session.conn_id,
-        args.target.as_str(),
+        &args.target,
         kind,
         *args.pubkey.as_bytes(),
     )
@@ -238,7 +238,7 @@ pub async fn answer(
                 Acceptance {
                     local_request: request,
                     caller: pending.caller.clone(),
-                    target: login.number().to_owned(),
+                    target: login.number().clone(),
                     target_conn: session.conn_id,
                     target_pubkey: *pubkey.as_bytes(),
                     sealed_address: sealed.into_vec(),
@@ -292,25 +292,19 @@ pub async fn policy(
 /// BLOCK: `target` can no longer reach the entity (silently).
 pub async fn block(cx: &Broker, login: &Login, target: &Number, now: Now) -> Handled {
     cx.store
-        .block(login.number(), target.as_str(), now.unix_i64())
+        .block(login.number(), target, now.unix_i64())
         .await?;
     Ok(ResponseData::Block)
 }
 
 /// UNBLOCK.
 pub async fn unblock(cx: &Broker, login: &Login, target: &Number) -> Handled {
-    cx.store.unblock(login.number(), target.as_str()).await?;
+    cx.store.unblock(login.number(), target).await?;
     Ok(ResponseData::Unblock)
 }
 
 /// BLOCK-LIST: the numbers the entity blocked.
 pub async fn block_list(cx: &Broker, login: &Login) -> Handled {
-    let numbers = cx
-        .store
-        .blocked_by(login.number())
-        .await?
-        .into_iter()
-        .filter_map(|n| Number::new(n).ok())
-        .collect();
+    let numbers = cx.store.blocked_by(login.number()).await?;
     Ok(ResponseData::BlockList(BlockListData { numbers }))
 }

@@ -10,7 +10,7 @@ use micromsg_wire::{DeviceName, ErrorCode, Event, Hex32, ResponseData};
 use rand_core::OsRng;
 use tracing::info;
 
-use super::{Handled, Login, Refusal, Session, wire_device};
+use super::{Handled, Login, Refusal, Session};
 use crate::broker::Broker;
 use crate::clock::Now;
 use crate::online::Push;
@@ -52,16 +52,14 @@ pub async fn list(cx: &Broker, login: &Login) -> Handled {
     let devices = devices
         .into_iter()
         .filter(|d| d.revoked_at.is_none())
-        .map(|d| {
-            Ok(DeviceInfo {
-                id: wire_device(d.device_id)?,
-                name: d.name.and_then(|n| DeviceName::new(n).ok()),
-                created: d.created_at.max(0) as u64,
-                last_seen: d.last_seen.map(|t| t.max(0) as u64),
-                current: d.device_id == login.device.get(),
-            })
+        .map(|d| DeviceInfo {
+            id: d.device_id,
+            name: d.name.and_then(|n| DeviceName::new(n).ok()),
+            created: d.created_at.max(0) as u64,
+            last_seen: d.last_seen.map(|t| t.max(0) as u64),
+            current: d.device_id == login.device,
         })
-        .collect::<Result<Vec<_>, Refusal>>()?;
+        .collect();
     Ok(ResponseData::DeviceList(DeviceListData { devices }))
 }
 
@@ -83,17 +81,18 @@ pub async fn revoke(
     }
     let revoked = cx
         .store
-        .revoke_device(login.number(), target, now.unix_i64())
+        .revoke_device(login.number(), args.device, now.unix_i64())
         .await?;
     if !revoked {
         return Err(Refusal::new(ErrorCode::NotFound, "no such active device"));
     }
     let event_device = args.device;
-    cx.online.push_all(login.number(), Some(target), || {
-        Push::close(Event::DeviceRevoked(DeviceRevoked {
-            device: event_device,
-        }))
-    });
+    cx.online
+        .push_all(login.number().as_str(), Some(target), || {
+            Push::close(Event::DeviceRevoked(DeviceRevoked {
+                device: event_device,
+            }))
+        });
     info!(conn = session.conn_id, device = target, "device revoked");
     Ok(ResponseData::DeviceRevoke)
 }

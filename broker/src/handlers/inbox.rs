@@ -28,9 +28,9 @@ const FETCH_MAX_MESSAGES: usize = 250;
 /// one shared inbox (`None`) in number mode.
 async fn recipients(
     cx: &Broker,
-    number: &str,
-    except: Option<u32>,
-) -> Result<Vec<Option<u32>>, Refusal> {
+    number: &Number,
+    except: Option<DeviceId>,
+) -> Result<Vec<Option<DeviceId>>, Refusal> {
     Ok(match cx.config.inbox.mode {
         InboxMode::Number => vec![None],
         InboxMode::Entity => cx
@@ -49,8 +49,8 @@ async fn recipients(
 async fn store_copies(
     cx: &Broker,
     login: &Login,
-    recipient: &str,
-    devices: Vec<Option<u32>>,
+    recipient: &Number,
+    devices: Vec<Option<DeviceId>>,
     id: [u8; 16],
     body: Vec<u8>,
     now: Now,
@@ -60,10 +60,10 @@ async fn store_copies(
     for device in devices {
         let item = NewInboxItem {
             id,
-            recipient_number: recipient.to_owned(),
+            recipient_number: recipient.clone(),
             recipient_device: device,
-            sender_number: login.number().to_owned(),
-            sender_device: login.device.get(),
+            sender_number: login.number().clone(),
+            sender_device: login.device,
             created_at: now.unix_i64(),
             expires_at: expires as i64,
             body: body.clone(),
@@ -87,7 +87,7 @@ async fn store_copies(
         ));
     }
     // One new message (protocol 7.5: COUNT is an increment).
-    cx.online.push_all(recipient, None, || {
+    cx.online.push_all(recipient.as_str(), None, || {
         Push::event(Event::Inbox(InboxNotice { count: 1 }))
     });
     Ok(expires)
@@ -96,7 +96,7 @@ async fn store_copies(
 /// DEPOSIT: a message for a contact that is offline (or for its other devices).
 pub async fn deposit(cx: &Broker, login: &Login, args: DepositArgs, now: Now) -> Handled {
     check_size(cx, "BODY", args.body.len())?;
-    let target = args.target.as_str();
+    let target = &args.target;
     let route = cx.routes.route(login.number(), target).await?;
     if !route.contact {
         return Err(Refusal::new(
@@ -105,7 +105,7 @@ pub async fn deposit(cx: &Broker, login: &Login, args: DepositArgs, now: Now) ->
         ));
     }
     if let Some(f) = cx.federation.as_ref()
-        && let crate::federation::Home::Peer(peer) = f.home_of(target)
+        && let crate::federation::Home::Peer(peer) = f.home_of(target.as_str())
     {
         // The target's home broker applies its block list; here the message goes into the
         // durable outbox, and the ack means "durably accepted by the home broker".
@@ -113,9 +113,9 @@ pub async fn deposit(cx: &Broker, login: &Login, args: DepositArgs, now: Now) ->
         crate::federation::outbox::enqueue_deposit(
             cx,
             PeerDeposit {
-                sender: login.number().to_owned(),
+                sender: login.number().as_str().to_owned(),
                 sender_device: login.device.get(),
-                recipient: target.to_owned(),
+                recipient: target.as_str().to_owned(),
                 peer: peer.id.clone(),
                 message_id: *args.id.as_bytes(),
                 created_at: now.unix,
@@ -159,7 +159,7 @@ pub async fn deposit(cx: &Broker, login: &Login, args: DepositArgs, now: Now) ->
 /// SYNC-COPY: a copy of what this device sent or received, for the entity's other devices.
 pub async fn sync_copy(cx: &Broker, login: &Login, args: SyncCopyArgs, now: Now) -> Handled {
     check_size(cx, "BODY", args.body.len())?;
-    let devices = recipients(cx, login.number(), Some(login.device.get())).await?;
+    let devices = recipients(cx, login.number(), Some(login.device)).await?;
     if !devices.is_empty() {
         store_copies(
             cx,
@@ -181,13 +181,7 @@ pub async fn fetch(cx: &Broker, login: &Login, args: InboxFetchArgs, now: Now) -
     let after = args.after.map(|a| *a.as_bytes());
     let (items, mut more) = cx
         .store
-        .fetch_inbox(
-            login.number(),
-            login.device.get(),
-            after,
-            limit,
-            now.unix_i64(),
-        )
+        .fetch_inbox(login.number(), login.device, after, limit, now.unix_i64())
         .await?;
     let budget = (cx.config.limits.max_frame_len as usize).saturating_sub(FETCH_FRAME_SLACK);
     let mut used = 0;
@@ -200,16 +194,10 @@ pub async fn fetch(cx: &Broker, login: &Login, args: InboxFetchArgs, now: Now) -
             break;
         }
         used += size;
-        let (Ok(from), Ok(from_device)) = (
-            Number::new(item.sender_number.clone()),
-            DeviceId::new(item.sender_device),
-        ) else {
-            continue;
-        };
         messages.push(InboxMessage {
             id: Hex16::from_bytes(item.id),
-            from,
-            from_device,
+            from: item.sender_number,
+            from_device: item.sender_device,
             time: item.created_at.max(0) as u64,
             expires: item.expires_at.max(0) as u64,
             body: Blob::new(item.body),
@@ -223,7 +211,7 @@ pub async fn ack(cx: &Broker, login: &Login, args: InboxAckArgs, now: Now) -> Ha
     let ids: Vec<[u8; 16]> = args.ids.iter().map(|i| *i.as_bytes()).collect();
     let removed = cx
         .store
-        .ack_inbox(login.number(), login.device.get(), &ids, now.unix_i64())
+        .ack_inbox(login.number(), login.device, &ids, now.unix_i64())
         .await?;
     Ok(ResponseData::InboxAck(InboxAckData { removed }))
 }

@@ -101,9 +101,9 @@ pub struct Login {
 }
 
 impl Login {
-    /// The number as the store keys it.
-    pub fn number(&self) -> &str {
-        self.number.as_str()
+    /// The entity's number.
+    pub fn number(&self) -> &Number {
+        &self.number
     }
 }
 
@@ -296,9 +296,4 @@ fn check_size(cx: &Broker, field: &str, len: usize) -> Result<(), Refusal> {
 /// A stored number as a wire value (the store only holds valid ones).
 fn wire_number(number: &str) -> Result<Number, Refusal> {
     Number::new(number).map_err(|_| Refusal::internal())
-}
-
-/// A stored device id as a wire value (the store only holds ids from 1).
-fn wire_device(id: u32) -> Result<DeviceId, Refusal> {
-    DeviceId::new(id).map_err(|_| Refusal::internal())
 }

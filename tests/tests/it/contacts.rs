@@ -176,7 +176,7 @@ async fn unknown_offline_and_blocking_numbers_look_the_same(backend: Backend) {
             .running
             .broker
             .store()
-            .entity_exists(&candidate)
+            .entity_exists(&Number::new(candidate.clone()).unwrap())
             .await
             .unwrap()
         {
@@ -260,7 +260,7 @@ async fn a_probed_number_stays_unreachable_for_the_prober_once_given_out(backend
             .running
             .broker
             .store()
-            .entity_exists(&candidate)
+            .entity_exists(&Number::new(candidate.clone()).unwrap())
             .await
             .unwrap()
         {
@@ -279,7 +279,11 @@ async fn a_probed_number_stays_unreachable_for_the_prober_once_given_out(backend
     };
     let store = &broker.running.broker.store();
     store
-        .create_entity(&future, &device, account::unix_now() as i64)
+        .create_entity(
+            &Number::new(future.clone()).unwrap(),
+            &device,
+            account::unix_now() as i64,
+        )
         .await
         .unwrap();
     let tls = micromsg_client::tls::client_config(&broker.ca).unwrap();

@@ -362,17 +362,23 @@ async fn networked_contact_setup_hands_over_a_sealed_address(backend: Backend) {
     let x_store = &net.broker(X).running.broker.store();
     let y_store = &net.broker(Y).running.broker.store();
     assert_eq!(
-        x_store.peer_pubkey(&b.info.number, now).await.unwrap(),
+        x_store
+            .peer_pubkey(&Number::new(b.info.number.clone()).unwrap(), now)
+            .await
+            .unwrap(),
         Some(pk_b)
     );
     assert_eq!(
-        y_store.peer_pubkey(&a.info.number, now).await.unwrap(),
+        y_store
+            .peer_pubkey(&Number::new(a.info.number.clone()).unwrap(), now)
+            .await
+            .unwrap(),
         Some(pk_a)
     );
     let ttl = net.config(X).federation.pubkey_ttl_secs as i64;
     assert_eq!(
         x_store
-            .peer_pubkey(&b.info.number, now + ttl + 1)
+            .peer_pubkey(&Number::new(b.info.number.clone()).unwrap(), now + ttl + 1)
             .await
             .unwrap(),
         None,
@@ -384,13 +390,19 @@ async fn networked_contact_setup_hands_over_a_sealed_address(backend: Backend) {
     // The pair is recorded on both brokers.
     assert!(
         x_store
-            .is_contact(&a.info.number, &b.info.number)
+            .is_contact(
+                &Number::new(a.info.number.clone()).unwrap(),
+                &Number::new(b.info.number.clone()).unwrap(),
+            )
             .await
             .unwrap()
     );
     assert!(
         y_store
-            .is_contact(&b.info.number, &a.info.number)
+            .is_contact(
+                &Number::new(b.info.number.clone()).unwrap(),
+                &Number::new(a.info.number.clone()).unwrap(),
+            )
             .await
             .unwrap()
     );
