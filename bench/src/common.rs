@@ -11,7 +11,7 @@ use micromsg_broker::config::Config;
 use micromsg_client::account::{self, Session};
 use micromsg_client::link::BrokerLink;
 use micromsg_client::profile::{Profile, ProfileInfo, Secrets};
-use micromsg_wire::message::request::{ContactAnswerArgs, InitiateNewArgs};
+use micromsg_wire::message::request::{Answer, ContactAnswerArgs, InitiateNewArgs};
 use micromsg_wire::{Address, Event, Number, Request, ResponseData};
 
 /// Which store the broker uses.
@@ -161,10 +161,9 @@ pub(crate) async fn pair_local(
     let answer = target
         .call(Request::ContactAnswer(ContactAnswerArgs {
             request: request.request,
-            accept: true,
-            address: Some(Address::new("127.0.0.1:9").context("address")?),
-            pubkey: None,
-            sealed_address: None,
+            answer: Answer::Accept {
+                address: Address::new("127.0.0.1:9").context("address")?,
+            },
         }))
         .await
         .context("CONTACT-ANSWER")?;

@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 use micromsg_broker::federation::network::{InitBroker, init};
 use micromsg_client::link::BrokerLink;
 use micromsg_wire::message::request::{
-    ContactAnswerArgs, DepositArgs, InboxAckArgs, InboxFetchArgs, InitiateNetworkedArgs, TargetArgs,
+    Answer, ContactAnswerArgs, DepositArgs, InboxAckArgs, InboxFetchArgs, InitiateNetworkedArgs,
+    TargetArgs,
 };
 use micromsg_wire::{Address, Blob, ErrorCode, Event, Hex16, Hex32, Number, Request, ResponseData};
 
@@ -277,10 +278,10 @@ async fn pair_networked(
     target
         .call(Request::ContactAnswer(ContactAnswerArgs {
             request: request.request,
-            accept: true,
-            address: None,
-            pubkey: Some(Hex32::from_bytes(common::random_bytes())),
-            sealed_address: Some(Blob::new(sealed.to_vec())),
+            answer: Answer::AcceptNetworked {
+                pubkey: Hex32::from_bytes(common::random_bytes()),
+                sealed_address: Blob::new(sealed.to_vec()),
+            },
         }))
         .await
         .context("CONTACT-ANSWER (networked)")?;
@@ -329,18 +330,17 @@ async fn initiate_once(
         let sealed: [u8; SEALED_LEN] = common::random_bytes();
         ContactAnswerArgs {
             request: r.request,
-            accept: true,
-            address: None,
-            pubkey: Some(Hex32::from_bytes(common::random_bytes())),
-            sealed_address: Some(Blob::new(sealed.to_vec())),
+            answer: Answer::AcceptNetworked {
+                pubkey: Hex32::from_bytes(common::random_bytes()),
+                sealed_address: Blob::new(sealed.to_vec()),
+            },
         }
     } else {
         ContactAnswerArgs {
             request: r.request,
-            accept: true,
-            address: Some(Address::new("127.0.0.1:9").context("address")?),
-            pubkey: None,
-            sealed_address: None,
+            answer: Answer::Accept {
+                address: Address::new("127.0.0.1:9").context("address")?,
+            },
         }
     };
     target

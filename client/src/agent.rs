@@ -36,8 +36,8 @@ use micromsg_crypto::message::{Kind, OfflineEnvelope};
 use micromsg_crypto::sealed;
 use micromsg_wire::message::event::{ContactAccepted, ContactConnecting, ContactRequest};
 use micromsg_wire::message::request::{
-    ContactAnswerArgs, ContactPolicyArgs, DepositArgs, InitiateNetworkedArgs, InitiateNewArgs,
-    SyncCopyArgs, TargetArgs,
+    Answer, ContactAnswerArgs, ContactPolicyArgs, DepositArgs, InitiateNetworkedArgs,
+    InitiateNewArgs, SyncCopyArgs, TargetArgs,
 };
 use micromsg_wire::message::response::Home;
 use micromsg_wire::{
@@ -1072,28 +1072,29 @@ impl Agent {
         accept: bool,
         caller_key: Option<[u8; 32]>,
     ) -> Result<(), LinkError> {
-        let mut args = ContactAnswerArgs {
-            request,
-            accept,
-            address: None,
-            pubkey: None,
-            sealed_address: None,
-        };
-        if accept {
-            match caller_key {
-                None => args.address = Some(self.address()?),
-                Some(caller_key) => {
-                    let address = self.reachable_address()?;
-                    let ours = EphemeralSecret::generate(&mut OsRng);
-                    let sealed =
-                        sealed::seal(&ours, &caller_key, address.as_str().as_bytes(), &mut OsRng)
-                            .map_err(|e| LinkError::Protocol(format!("sealing the address: {e}")))?;
-                    args.pubkey = Some(Hex32::from_bytes(ours.public_key()));
-                    args.sealed_address = Some(Blob::new(sealed));
+        let answer = match (accept, caller_key) {
+            (false, _) => Answer::Decline,
+            (true, None) => Answer::Accept {
+                address: self.address()?,
+            },
+            (true, Some(caller_key)) => {
+                let address = self.reachable_address()?;
+                let ours = EphemeralSecret::generate(&mut OsRng);
+                let sealed =
+                    sealed::seal(&ours, &caller_key, address.as_str().as_bytes(), &mut OsRng)
+                        .map_err(|e| LinkError::Protocol(format!("sealing the address: {e}")))?;
+                Answer::AcceptNetworked {
+                    pubkey: Hex32::from_bytes(ours.public_key()),
+                    sealed_address: Blob::new(sealed),
                 }
             }
-        }
-        self.call(Request::ContactAnswer(args)).await.map(drop)
+        };
+        self.call(Request::ContactAnswer(ContactAnswerArgs {
+            request,
+            answer,
+        }))
+        .await
+        .map(drop)
     }
 
     /// The address a peer on another broker can connect to. The broker cannot fill in an

@@ -9,16 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use micromsg_wire::message::request::{
-    ContactAnswerArgs, ContactPolicyArgs, InitiateNetworkedArgs,
+    Answer, ContactAnswerArgs, ContactPolicyArgs, InitiateNetworkedArgs, SEALED_ADDRESS_MAX,
+    SEALED_ADDRESS_MIN,
 };
 use micromsg_wire::message::response::{BlockListData, Home, InitiateData, IsNetworkedData};
-use micromsg_wire::{Address, ErrorCode, Hex16, Number, ResponseData};
+use micromsg_wire::{Address, Blob, ErrorCode, Hex16, Hex32, Number, ResponseData};
 use tracing::Instrument;
 
 use super::{Handled, Login, Refusal, Session};
 use crate::broker::Broker;
 use crate::clock::Now;
-use crate::contacts::pending::{Initiate, InitiateKind, Origin, new_request_id, resolve_address};
+use crate::contacts::pending::{
+    Initiate, InitiateKind, NetworkOrigin, Origin, new_request_id, resolve_address,
+};
 use crate::contacts::routing::{hand_out, route_initiate};
 use crate::federation::contact::{Acceptance, ForwardRefusal, SEALED_MAX, SEALED_MIN};
 
@@ -157,46 +160,54 @@ fn not_found() -> Refusal {
     )
 }
 
-/// Checks that an answer carries what its request's origin needs: a networked request is
-/// accepted with PUBKEY and SEALED-ADDRESS (the plain address must not reach the caller's
-/// broker), a local one with ADDRESS; a decline carries none of them.
-fn check_answer_shape(args: &ContactAnswerArgs, networked: bool) -> Result<(), Refusal> {
-    let bad = |message: String| Err(Refusal::new(ErrorCode::BadArgs, message));
-    if !args.accept {
-        if args.address.is_some() || args.pubkey.is_some() || args.sealed_address.is_some() {
-            return bad("a declining answer carries no ADDRESS, PUBKEY or SEALED-ADDRESS".into());
+// The codec refuses a SEALED-ADDRESS outside the bounds a peer broker's `Accepted` is held to.
+const _: () = assert!(SEALED_MIN == SEALED_ADDRESS_MIN && SEALED_MAX == SEALED_ADDRESS_MAX);
+
+/// What an answer does, once its shape is checked against its request's origin.
+enum Outcome {
+    /// A decline, whatever the origin.
+    Decline,
+    /// A request from a client of this broker, accepted with ADDRESS.
+    Local { caller_conn: u64, address: Address },
+    /// A request from a peer broker's client, accepted with PUBKEY and SEALED-ADDRESS.
+    Networked {
+        origin: NetworkOrigin,
+        pubkey: Hex32,
+        sealed_address: Blob,
+    },
+}
+
+/// Checks that an answer has the shape its request's origin needs (the codec has checked that
+/// it is one of the shapes): a networked request is accepted with PUBKEY and SEALED-ADDRESS
+/// (the plain address must not reach the caller's broker), a local one with ADDRESS; a decline
+/// fits either.
+fn check_answer_shape(answer: Answer, origin: Origin) -> Result<Outcome, Refusal> {
+    let bad = |message: &str| Err(Refusal::new(ErrorCode::BadArgs, message));
+    match (answer, origin) {
+        (Answer::Decline, _) => Ok(Outcome::Decline),
+        (Answer::Accept { address }, Origin::Local { caller_conn }) => Ok(Outcome::Local {
+            caller_conn,
+            address,
+        }),
+        (
+            Answer::AcceptNetworked {
+                pubkey,
+                sealed_address,
+            },
+            Origin::Networked(origin),
+        ) => Ok(Outcome::Networked {
+            origin,
+            pubkey,
+            sealed_address,
+        }),
+        (Answer::AcceptNetworked { .. }, Origin::Local { .. }) => {
+            bad("a request from this broker is accepted with ADDRESS only")
         }
-        return Ok(());
+        (Answer::Accept { .. }, Origin::Networked(_)) => bad(
+            "a networked request is accepted with PUBKEY and SEALED-ADDRESS, never ADDRESS \
+             (the plain address must not reach the caller's broker)",
+        ),
     }
-    if !networked {
-        if args.pubkey.is_some() || args.sealed_address.is_some() {
-            return bad("a request from this broker is accepted with ADDRESS only".into());
-        }
-        if args.address.is_none() {
-            return bad("ACCEPT: true on this broker needs ADDRESS".into());
-        }
-        return Ok(());
-    }
-    if args.address.is_some() {
-        return bad(
-            "a networked request is accepted with PUBKEY and SEALED-ADDRESS, never \
-                    ADDRESS (the plain address must not reach the caller's broker)"
-                .into(),
-        );
-    }
-    let Some(sealed) = &args.sealed_address else {
-        return bad("ACCEPT: true for a networked request needs SEALED-ADDRESS and PUBKEY".into());
-    };
-    if args.pubkey.is_none() {
-        return bad("ACCEPT: true for a networked request needs PUBKEY".into());
-    }
-    if !(SEALED_MIN..=SEALED_MAX).contains(&sealed.len()) {
-        return bad(format!(
-            "SEALED-ADDRESS must decode to {SEALED_MIN}..={SEALED_MAX} bytes \
-             (nonce, sealed Address, tag)"
-        ));
-    }
-    Ok(())
 }
 
 /// CONTACT-ANSWER: accept (the pair is recorded, both sides get the token) or decline (the
@@ -214,45 +225,47 @@ pub async fn answer(
         .contacts
         .peek(&request, login.number(), now.instant)
         .ok_or_else(not_found)?;
-    check_answer_shape(&args, matches!(peeked.origin, Origin::Networked(_)))?;
+    // `take` removes the entry `peek` copied (request ids are random and never reused), so
+    // the origin checked here is the one consumed.
+    let outcome = check_answer_shape(args.answer, peeked.origin)?;
     let Some(pending) = cx.contacts.take(&request, login.number(), now.instant) else {
         // Another device of the entity answered in the meantime.
         return Err(not_found());
     };
-    if !args.accept {
-        // The seed: a rejection puts the caller on the target's blacklist.
-        cx.store
-            .block(login.number(), &pending.caller, now.unix_i64())
-            .await?;
-        return Ok(ResponseData::ContactAnswer);
-    }
-    match &pending.origin {
-        Origin::Networked(origin) => {
-            let (Some(pubkey), Some(sealed)) = (args.pubkey, args.sealed_address) else {
-                return Err(Refusal::internal());
-            };
+    match outcome {
+        Outcome::Decline => {
+            // The seed: a rejection puts the caller on the target's blacklist.
+            cx.store
+                .block(login.number(), &pending.caller, now.unix_i64())
+                .await?;
+        }
+        Outcome::Networked {
+            origin,
+            pubkey,
+            sealed_address,
+        } => {
             let span = tracing::info_span!(parent: &origin.span, "contact.answer.networked");
             crate::federation::contact::accept_networked(
                 cx,
-                origin,
+                &origin,
                 Acceptance {
                     local_request: request,
                     caller: pending.caller.clone(),
                     target: login.number().clone(),
                     target_conn: session.conn_id,
                     target_pubkey: *pubkey.as_bytes(),
-                    sealed_address: sealed.into_vec(),
+                    sealed_address: sealed_address.into_vec(),
                 },
             )
             .instrument(span)
             .await?;
         }
-        Origin::Local { caller_conn } => {
-            let Some(address) = &args.address else {
-                return Err(Refusal::internal());
-            };
-            announce(cx, session, login, address);
-            let address = resolve_address(address, session.peer.ip());
+        Outcome::Local {
+            caller_conn,
+            address,
+        } => {
+            announce(cx, session, login, &address);
+            let address = resolve_address(&address, session.peer.ip());
             cx.store
                 .add_contact(login.number(), &pending.caller, now.unix_i64())
                 .await?;
@@ -263,7 +276,7 @@ pub async fn answer(
                 cx,
                 &request,
                 &pending.caller,
-                *caller_conn,
+                caller_conn,
                 login.number(),
                 session.conn_id,
                 &address,

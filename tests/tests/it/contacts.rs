@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use micromsg_client::account::{self, Session};
 use micromsg_client::profile::Profile;
 use micromsg_tests::{Backend, TestBroker};
-use micromsg_wire::message::request::{ContactAnswerArgs, InitiateNewArgs, TargetArgs};
+use micromsg_wire::message::request::{Answer, ContactAnswerArgs, InitiateNewArgs, TargetArgs};
 use micromsg_wire::{Address, Event, Number, Request, ResponseData};
 
 micromsg_tests::both_backends!(
@@ -62,10 +62,9 @@ async fn accept_hands_out_address_and_one_token_to_both(backend: Backend) {
     b.link
         .call(Request::ContactAnswer(ContactAnswerArgs {
             request: asked.request,
-            accept: true,
-            address: Some(Address::new("0.0.0.0:45678").unwrap()),
-            pubkey: None,
-            sealed_address: None,
+            answer: Answer::Accept {
+                address: Address::new("0.0.0.0:45678").unwrap(),
+            },
         }))
         .await
         .unwrap();
@@ -87,10 +86,9 @@ async fn accept_hands_out_address_and_one_token_to_both(backend: Backend) {
         .link
         .call(Request::ContactAnswer(ContactAnswerArgs {
             request: asked.request,
-            accept: true,
-            address: Some(Address::new("127.0.0.1:1").unwrap()),
-            pubkey: None,
-            sealed_address: None,
+            answer: Answer::Accept {
+                address: Address::new("127.0.0.1:1").unwrap(),
+            },
         }))
         .await
         .unwrap_err();
@@ -110,10 +108,7 @@ async fn rejection_blacklists_the_caller(backend: Backend) {
     b.link
         .call(Request::ContactAnswer(ContactAnswerArgs {
             request: asked.request,
-            accept: false,
-            address: None,
-            pubkey: None,
-            sealed_address: None,
+            answer: Answer::Decline,
         }))
         .await
         .unwrap();

@@ -21,7 +21,7 @@ use micromsg_crypto::agreement::EphemeralSecret;
 use micromsg_tests::{Backend, TestNetwork, open_address, seal_address};
 use micromsg_wire::message::event::{ContactAccepted, ContactKind, ContactRequest};
 use micromsg_wire::message::request::{
-    ContactAnswerArgs, DepositArgs, InitiateNetworkedArgs, TargetArgs,
+    Answer, ContactAnswerArgs, DepositArgs, InitiateNetworkedArgs, TargetArgs,
 };
 use micromsg_wire::message::response::{Home, InboxMessage};
 use micromsg_wire::{Blob, ErrorCode, Event, Hex16, Hex32, Number, Request, ResponseData};
@@ -165,10 +165,10 @@ async fn accept_networked(
         .link
         .call(Request::ContactAnswer(ContactAnswerArgs {
             request: request.request,
-            accept: true,
-            address: None,
-            pubkey: Some(Hex32::from_bytes(pk)),
-            sealed_address: Some(Blob::new(sealed)),
+            answer: Answer::AcceptNetworked {
+                pubkey: Hex32::from_bytes(pk),
+                sealed_address: Blob::new(sealed),
+            },
         }))
         .await
         .unwrap();
@@ -327,10 +327,9 @@ async fn networked_contact_setup_hands_over_a_sealed_address(backend: Backend) {
         .link
         .call(Request::ContactAnswer(ContactAnswerArgs {
             request: asked.request,
-            accept: true,
-            address: Some(micromsg_wire::Address::new(B_ADDRESS).unwrap()),
-            pubkey: None,
-            sealed_address: None,
+            answer: Answer::Accept {
+                address: micromsg_wire::Address::new(B_ADDRESS).unwrap(),
+            },
         }))
         .await
         .unwrap_err();
@@ -470,10 +469,7 @@ async fn silent_drop_holds_across_brokers(backend: Backend) {
         .link
         .call(Request::ContactAnswer(ContactAnswerArgs {
             request: asked.request,
-            accept: false,
-            address: None,
-            pubkey: None,
-            sealed_address: None,
+            answer: Answer::Decline,
         }))
         .await
         .unwrap();

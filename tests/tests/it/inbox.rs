@@ -9,8 +9,8 @@ use micromsg_client::account::{self, Session};
 use micromsg_client::profile::Profile;
 use micromsg_tests::{Backend, TestBroker};
 use micromsg_wire::message::request::{
-    AddDeviceArgs, ContactAnswerArgs, DepositArgs, InboxAckArgs, InboxFetchArgs, InitiateNewArgs,
-    SyncCopyArgs,
+    AddDeviceArgs, Answer, ContactAnswerArgs, DepositArgs, InboxAckArgs, InboxFetchArgs,
+    InitiateNewArgs, SyncCopyArgs,
 };
 use micromsg_wire::message::response::InboxMessage;
 use micromsg_wire::{Address, Blob, ErrorCode, Event, Hex16, Number, Request, ResponseData};
@@ -48,10 +48,9 @@ async fn pair(a: &mut Session, b: &mut Session) {
     b.link
         .call(Request::ContactAnswer(ContactAnswerArgs {
             request: r.request,
-            accept: true,
-            address: Some(Address::new("127.0.0.1:9").unwrap()),
-            pubkey: None,
-            sealed_address: None,
+            answer: Answer::Accept {
+                address: Address::new("127.0.0.1:9").unwrap(),
+            },
         }))
         .await
         .unwrap();

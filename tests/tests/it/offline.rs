@@ -472,7 +472,7 @@ mod durability {
     use micromsg_client::inbox::new_message_id;
     use micromsg_client::profile::Profile;
     use micromsg_wire::message::request::{
-        ContactAnswerArgs, DepositArgs, InboxFetchArgs, InitiateNewArgs,
+        Answer, ContactAnswerArgs, DepositArgs, InboxFetchArgs, InitiateNewArgs,
     };
     use micromsg_wire::{Address, Blob, Event, Hex16, Number, Request, ResponseData};
     use tokio::sync::Mutex;
@@ -568,10 +568,9 @@ mod durability {
         b.link
             .call(Request::ContactAnswer(ContactAnswerArgs {
                 request,
-                accept: true,
-                address: Some(Address::new("127.0.0.1:9").unwrap()),
-                pubkey: None,
-                sealed_address: None,
+                answer: Answer::Accept {
+                    address: Address::new("127.0.0.1:9").unwrap(),
+                },
             }))
             .await
             .unwrap();

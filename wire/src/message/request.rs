@@ -1,7 +1,7 @@
 //! Requests (client to broker): one [`Request`] variant per request name,
 //! each with a struct of its `Args`.
 
-use crate::codec::{Fields, Path, WireValue, bad_value, wire_enum, wire_struct};
+use crate::codec::{Fields, MapBuilder, Path, WireValue, bad_value, wire_enum, wire_struct};
 use crate::error::DecodeError;
 use crate::value::{Address, Blob, DeviceId, DeviceName, Hex16, Hex32, Number};
 use crate::yaml::Node;
@@ -327,32 +327,169 @@ wire_struct! {
     }
 }
 
-wire_struct! {
-    /// Args of `CONTACT-ANSWER`.
+/// Smallest `SEALED-ADDRESS` of an accepting networked `CONTACT-ANSWER`, in bytes: the 24-byte
+/// nonce, an [`Address`] of at least one byte and the 16-byte tag (protocol.md 11.4).
+pub const SEALED_ADDRESS_MIN: usize = 24 + 1 + 16;
+/// Largest `SEALED-ADDRESS`: the nonce, an [`Address`] of [`Address::MAX_LEN`] bytes, the tag.
+pub const SEALED_ADDRESS_MAX: usize = 24 + Address::MAX_LEN + 16;
+
+/// The text of the length rule below; it names the bounds, so they must not drift.
+const SEALED_ADDRESS_LEN_RULE: &str = "must decode to 41..=295 bytes (nonce, sealed Address, tag)";
+const _: () = assert!(SEALED_ADDRESS_MIN == 41 && SEALED_ADDRESS_MAX == 295);
+
+/// Args of `CONTACT-ANSWER`: the contact request answered, and the answer.
+///
+/// On the wire the answer is `ACCEPT` and the fields that go with it. Decoding refuses, with a
+/// field error under `Args` (`BAD-ARGS`), every combination that is not one of the three
+/// shapes of [`Answer`], and a `SEALED-ADDRESS` outside
+/// [`SEALED_ADDRESS_MIN`]`..=`[`SEALED_ADDRESS_MAX`] bytes. Whether the shape fits the request
+/// (same broker or networked) is the broker's to check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContactAnswerArgs {
+    /// The contact request being answered.
     ///
-    /// Rule checked when decoding: `ACCEPT: true` needs `ADDRESS` or
-    /// `SEALED-ADDRESS`.
-    pub struct ContactAnswerArgs {
-        /// The contact request being answered.
-        req "REQUEST" request: Hex16,
-        /// Whether the target accepts.
-        req "ACCEPT" accept: bool,
-        /// Where the target listens (same broker).
-        opt "ADDRESS" address: Option<Address>,
-        /// The target's public key (networked).
-        opt "PUBKEY" pubkey: Option<Hex32>,
-        /// The target's address sealed to the caller's key (networked).
-        opt "SEALED-ADDRESS" sealed_address: Option<Blob>,
+    /// Wire key: `REQUEST`.
+    pub request: Hex16,
+    /// Decline, or accept with what the request's origin needs.
+    ///
+    /// Wire keys: `ACCEPT`, `ADDRESS`, `PUBKEY`, `SEALED-ADDRESS`.
+    pub answer: Answer,
+}
+
+/// The answer of a `CONTACT-ANSWER`: exactly the field combinations protocol.md 6.15 allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// `ACCEPT: false`, with none of `ADDRESS`, `PUBKEY`, `SEALED-ADDRESS`.
+    Decline,
+    /// `ACCEPT: true` with `ADDRESS` only: the answer to a request from the same broker
+    /// (`NETWORKED: false`).
+    Accept {
+        /// Where the target listens for the caller's connection.
+        ///
+        /// Wire key: `ADDRESS`.
+        address: Address,
+    },
+    /// `ACCEPT: true` with `PUBKEY` and `SEALED-ADDRESS` only: the answer to a networked
+    /// request (`NETWORKED: true`); the plain address must not reach the caller's broker.
+    AcceptNetworked {
+        /// The target's X25519 public key for this request.
+        ///
+        /// Wire key: `PUBKEY`.
+        pubkey: Hex32,
+        /// The target's address sealed to the caller's key (protocol.md 11.4),
+        /// [`SEALED_ADDRESS_MIN`]`..=`[`SEALED_ADDRESS_MAX`] bytes when decoded.
+        ///
+        /// Wire key: `SEALED-ADDRESS`.
+        sealed_address: Blob,
+    },
+}
+
+impl Answer {
+    /// `ACCEPT`: whether this answer accepts the request.
+    pub fn accepts(&self) -> bool {
+        !matches!(self, Answer::Decline)
     }
-    validate(args, path) {
-        if args.accept && args.address.is_none() && args.sealed_address.is_none() {
-            Err(bad_value(
+
+    /// The answer the decoded fields spell, or the field error of a combination that is not
+    /// one of the three shapes. Every check is on the fields' presence, in a fixed order, so
+    /// the error reported is deterministic.
+    fn from_fields(
+        accept: bool,
+        address: Option<Address>,
+        pubkey: Option<Hex32>,
+        sealed_address: Option<Blob>,
+        path: &Path<'_>,
+    ) -> Result<Answer, DecodeError> {
+        match (accept, address, pubkey, sealed_address) {
+            (false, None, None, None) => Ok(Answer::Decline),
+            (true, Some(address), None, None) => Ok(Answer::Accept { address }),
+            (true, None, Some(pubkey), Some(sealed_address)) => {
+                if (SEALED_ADDRESS_MIN..=SEALED_ADDRESS_MAX).contains(&sealed_address.len()) {
+                    Ok(Answer::AcceptNetworked {
+                        pubkey,
+                        sealed_address,
+                    })
+                } else {
+                    Err(bad_value(
+                        &path.key("SEALED-ADDRESS"),
+                        SEALED_ADDRESS_LEN_RULE,
+                    ))
+                }
+            }
+            (false, address, pubkey, _) => {
+                let key = if address.is_some() {
+                    "ADDRESS"
+                } else if pubkey.is_some() {
+                    "PUBKEY"
+                } else {
+                    "SEALED-ADDRESS"
+                };
+                Err(bad_value(
+                    &path.key(key),
+                    "a declining answer (ACCEPT: false) carries no ADDRESS, PUBKEY or \
+                     SEALED-ADDRESS",
+                ))
+            }
+            (true, None, None, None) => Err(bad_value(
                 &path.key("ACCEPT"),
-                "ACCEPT: true needs ADDRESS or SEALED-ADDRESS",
-            ))
-        } else {
-            Ok(())
+                "ACCEPT: true needs ADDRESS, or PUBKEY and SEALED-ADDRESS",
+            )),
+            (true, Some(_), pubkey, _) => Err(bad_value(
+                &path.key(if pubkey.is_some() {
+                    "PUBKEY"
+                } else {
+                    "SEALED-ADDRESS"
+                }),
+                "an accepting answer carries ADDRESS (same broker) or PUBKEY and \
+                 SEALED-ADDRESS (networked), not both",
+            )),
+            (true, None, Some(_), None) => Err(DecodeError::MissingField(
+                path.key("SEALED-ADDRESS").render(),
+            )),
+            (true, None, None, Some(_)) => {
+                Err(DecodeError::MissingField(path.key("PUBKEY").render()))
+            }
         }
+    }
+}
+
+impl ContactAnswerArgs {
+    /// Wire keys, in encoding order.
+    const KEYS: &'static [&'static str] =
+        &["REQUEST", "ACCEPT", "ADDRESS", "PUBKEY", "SEALED-ADDRESS"];
+}
+
+impl WireValue for ContactAnswerArgs {
+    fn decode(node: Node, path: &Path<'_>) -> Result<Self, DecodeError> {
+        let mut fields = Fields::new(node, path, false)?;
+        fields.deny_unknown(Self::KEYS)?;
+        // Each field is decoded first, in key order (as `wire_struct!` does), so a field's own
+        // error comes before the combination is judged.
+        let request = fields.required("REQUEST")?;
+        let accept = fields.required("ACCEPT")?;
+        let address = fields.optional("ADDRESS")?;
+        let pubkey = fields.optional("PUBKEY")?;
+        let sealed_address = fields.optional("SEALED-ADDRESS")?;
+        let answer = Answer::from_fields(accept, address, pubkey, sealed_address, path)?;
+        Ok(Self { request, answer })
+    }
+
+    fn encode(&self) -> Node {
+        let mut map = MapBuilder::default();
+        map.field("REQUEST", &self.request);
+        map.field("ACCEPT", &self.answer.accepts());
+        match &self.answer {
+            Answer::Decline => {}
+            Answer::Accept { address } => map.field("ADDRESS", address),
+            Answer::AcceptNetworked {
+                pubkey,
+                sealed_address,
+            } => {
+                map.field("PUBKEY", pubkey);
+                map.field("SEALED-ADDRESS", sealed_address);
+            }
+        }
+        map.finish()
     }
 }
 

@@ -9,7 +9,8 @@
 //! `MICROMSG_REGENERATE_CORPUS=1 cargo test -p micromsg-wire --test it corpus_files_match`;
 //! `corpus_files_match_the_generator` fails until you do.
 
-use micromsg_wire::ErrorCode;
+use micromsg_wire::message::request::{SEALED_ADDRESS_MAX, SEALED_ADDRESS_MIN};
+use micromsg_wire::{Blob, ErrorCode};
 
 /// One malformed input.
 pub(crate) struct Case {
@@ -252,6 +253,8 @@ fn request_table() -> Vec<(&'static str, Vec<Field>)> {
             "INITIATE-EXISTING-NETWORKED",
             vec![req("TARGET", Ty::Number), req("PUBKEY", Ty::Hex32)],
         ),
+        // All five fields together are no valid answer, but each field's own error is
+        // reported before the combination is judged (see `contact_answer_shape_cases`).
         (
             "CONTACT-ANSWER",
             vec![
@@ -434,12 +437,143 @@ fn args_cases(cases: &mut Cases) {
         "BadValue",
         BadArgs,
     );
+    contact_answer_shape_cases(cases);
     cases.body(
         "args-duplicate-key",
         "Request: BLOCK\nId: 1\nArgs:\n  TARGET: \"5550001234\"\n  TARGET: \"5550001235\"\n",
         "DuplicateKey",
         BadYaml,
     );
+}
+
+/// CONTACT-ANSWER's combinations that are none of its three shapes (decline with nothing,
+/// accept with ADDRESS, accept with PUBKEY and SEALED-ADDRESS; protocol.md 6.15), and
+/// SEALED-ADDRESS lengths outside 41..=295 bytes. Every field on its own is valid.
+fn contact_answer_shape_cases(cases: &mut Cases) {
+    let sealed = |len: usize| format!("\"{}\"", Blob::new(vec![0xa5; len]).to_base64());
+    let address = Ty::Address.valid();
+    let pubkey = Ty::Hex32.valid();
+    let good_sealed = sealed(SEALED_ADDRESS_MIN);
+    // (label, ACCEPT, the other fields, expected kind)
+    type Shape = (
+        &'static str,
+        &'static str,
+        Vec<(&'static str, String)>,
+        &'static str,
+    );
+    let list: Vec<Shape> = vec![
+        (
+            "decline-with-address",
+            "false",
+            vec![("ADDRESS", address.clone())],
+            "BadValue",
+        ),
+        (
+            "decline-with-pubkey",
+            "false",
+            vec![("PUBKEY", pubkey.clone())],
+            "BadValue",
+        ),
+        (
+            "decline-with-sealed-address",
+            "false",
+            vec![("SEALED-ADDRESS", good_sealed.clone())],
+            "BadValue",
+        ),
+        (
+            "decline-with-networked-fields",
+            "false",
+            vec![
+                ("PUBKEY", pubkey.clone()),
+                ("SEALED-ADDRESS", good_sealed.clone()),
+            ],
+            "BadValue",
+        ),
+        (
+            "decline-with-all-fields",
+            "false",
+            vec![
+                ("ADDRESS", address.clone()),
+                ("PUBKEY", pubkey.clone()),
+                ("SEALED-ADDRESS", good_sealed.clone()),
+            ],
+            "BadValue",
+        ),
+        (
+            "accept-address-and-pubkey",
+            "true",
+            vec![("ADDRESS", address.clone()), ("PUBKEY", pubkey.clone())],
+            "BadValue",
+        ),
+        (
+            "accept-address-and-sealed-address",
+            "true",
+            vec![
+                ("ADDRESS", address.clone()),
+                ("SEALED-ADDRESS", good_sealed.clone()),
+            ],
+            "BadValue",
+        ),
+        (
+            "accept-address-and-networked-fields",
+            "true",
+            vec![
+                ("ADDRESS", address.clone()),
+                ("PUBKEY", pubkey.clone()),
+                ("SEALED-ADDRESS", good_sealed.clone()),
+            ],
+            "BadValue",
+        ),
+        (
+            "accept-pubkey-without-sealed-address",
+            "true",
+            vec![("PUBKEY", pubkey.clone())],
+            "MissingField",
+        ),
+        (
+            "accept-sealed-address-without-pubkey",
+            "true",
+            vec![("SEALED-ADDRESS", good_sealed.clone())],
+            "MissingField",
+        ),
+        (
+            "accept-sealed-address-empty",
+            "true",
+            vec![("PUBKEY", pubkey.clone()), ("SEALED-ADDRESS", sealed(0))],
+            "BadValue",
+        ),
+        (
+            "accept-sealed-address-too-short",
+            "true",
+            vec![
+                ("PUBKEY", pubkey.clone()),
+                ("SEALED-ADDRESS", sealed(SEALED_ADDRESS_MIN - 1)),
+            ],
+            "BadValue",
+        ),
+        (
+            "accept-sealed-address-too-long",
+            "true",
+            vec![
+                ("PUBKEY", pubkey.clone()),
+                ("SEALED-ADDRESS", sealed(SEALED_ADDRESS_MAX + 1)),
+            ],
+            "BadValue",
+        ),
+    ];
+    for (label, accept, fields, kind) in list {
+        let mut args = vec![
+            ("REQUEST".to_owned(), Ty::Hex16.valid()),
+            ("ACCEPT".to_owned(), accept.to_owned()),
+        ];
+        args.extend(fields.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        cases.body(
+            format!("args-contact-answer-{label}"),
+            request("CONTACT-ANSWER", &args),
+            kind,
+            BadArgs,
+        );
+    }
 }
 
 fn framing_cases(cases: &mut Cases) {

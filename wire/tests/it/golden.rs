@@ -49,6 +49,70 @@ fn request_without_args_omits_args() {
     );
 }
 
+/// The three shapes of CONTACT-ANSWER, as protocol.md 6.15 spells them.
+#[test]
+fn contact_answer_requests() {
+    let request: Hex16 = "1f58b9145b24d108d7ac38887338b3ea".parse().unwrap();
+    assert_encodes(
+        Message::request(
+            13,
+            Request::ContactAnswer(ContactAnswerArgs {
+                request,
+                answer: Answer::Accept {
+                    address: Address::new("203.0.113.7:7001").unwrap(),
+                },
+            }),
+        ),
+        "Request: CONTACT-ANSWER
+Id: 13
+Args:
+  REQUEST: \"1f58b9145b24d108d7ac38887338b3ea\"
+  ACCEPT: true
+  ADDRESS: \"203.0.113.7:7001\"
+",
+    );
+    assert_encodes(
+        Message::request(
+            13,
+            Request::ContactAnswer(ContactAnswerArgs {
+                request: "2acb6cabafe2f9237ab835b382057c9b".parse().unwrap(),
+                answer: Answer::AcceptNetworked {
+                    pubkey: "f5b2d6e60f9477e310c2982daaa6c9136c108a1777c5947e448fa37d68174557"
+                        .parse()
+                        .unwrap(),
+                    sealed_address:
+                        "wMHCw8TFxsfIycrLzM3Oz9DR0tPU1dbXaOSP1yXcX3vU1jK/FK27dyoMLCSLp+by59Fq/WdsFoI="
+                            .parse()
+                            .unwrap(),
+                },
+            }),
+        ),
+        "Request: CONTACT-ANSWER
+Id: 13
+Args:
+  REQUEST: \"2acb6cabafe2f9237ab835b382057c9b\"
+  ACCEPT: true
+  PUBKEY: \"f5b2d6e60f9477e310c2982daaa6c9136c108a1777c5947e448fa37d68174557\"
+  SEALED-ADDRESS: \"wMHCw8TFxsfIycrLzM3Oz9DR0tPU1dbXaOSP1yXcX3vU1jK/FK27dyoMLCSLp+by59Fq/WdsFoI=\"
+",
+    );
+    assert_encodes(
+        Message::request(
+            13,
+            Request::ContactAnswer(ContactAnswerArgs {
+                request,
+                answer: Answer::Decline,
+            }),
+        ),
+        "Request: CONTACT-ANSWER
+Id: 13
+Args:
+  REQUEST: \"1f58b9145b24d108d7ac38887338b3ea\"
+  ACCEPT: false
+",
+    );
+}
+
 #[test]
 fn login_ok_response() {
     assert_encodes(

@@ -24,6 +24,45 @@ fn bad_args_are_answered_at_the_request() {
 }
 
 #[test]
+fn contact_answer_of_no_valid_shape_is_answered_at_the_request() {
+    let (error, reply) = answer(
+        "Request: CONTACT-ANSWER\nId: 5\nArgs:\n  REQUEST: \"00112233445566778899aabbccddeeff\"\n  ACCEPT: false\n  ADDRESS: \"127.0.0.1:7000\"\n",
+    );
+    assert_eq!(
+        (error.id, error.request),
+        (5, Some(RequestKind::ContactAnswer))
+    );
+    assert_eq!(error.error.kind(), "BadValue");
+    assert_eq!(error.error.error_code(), ErrorCode::BadArgs);
+    assert!(!error.closes_connection());
+    assert_eq!(
+        reply,
+        "Response: CONTACT-ANSWER\nId: 5\nStatus: ERROR\nError:\n  Code: BAD-ARGS\n  Message: \"field Args.ADDRESS: a declining answer (ACCEPT: false) carries no ADDRESS, PUBKEY or SEALED-ADDRESS\"\n"
+    );
+    let (error, _) = answer(
+        "Request: CONTACT-ANSWER\nId: 6\nArgs:\n  REQUEST: \"00112233445566778899aabbccddeeff\"\n  ACCEPT: true\n  PUBKEY: \"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"\n",
+    );
+    assert_eq!(error.error.to_string(), "missing field Args.SEALED-ADDRESS");
+    assert_eq!(error.error.error_code(), ErrorCode::BadArgs);
+}
+
+#[test]
+fn contact_answer_reads_null_fields_as_absent() {
+    use micromsg_wire::message::request::{Answer, ContactAnswerArgs};
+    let text = "Request: CONTACT-ANSWER\nId: 5\nArgs:\n  REQUEST: \"00112233445566778899aabbccddeeff\"\n  ACCEPT: false\n  ADDRESS: null\n  PUBKEY: null\n  SEALED-ADDRESS: null\n";
+    assert_eq!(
+        decode_request(text.as_bytes(), &Limits::default()),
+        Ok((
+            5,
+            Request::ContactAnswer(ContactAnswerArgs {
+                request: "00112233445566778899aabbccddeeff".parse().unwrap(),
+                answer: Answer::Decline,
+            })
+        ))
+    );
+}
+
+#[test]
 fn unknown_request_is_answered_as_error_with_the_id() {
     let (error, reply) = answer("Request: LOGON\nId: 9\n");
     assert_eq!((error.id, error.request), (9, None));

@@ -85,6 +85,31 @@ pub(crate) fn initiate_networked_args() -> impl Strategy<Value = InitiateNetwork
     (number(), hex32()).prop_map(|(target, pubkey)| InitiateNetworkedArgs { target, pubkey })
 }
 
+/// A sealed address of every length the codec accepts.
+pub(crate) fn sealed_address() -> impl Strategy<Value = Blob> {
+    prop_oneof![
+        Just(SEALED_ADDRESS_MIN),
+        Just(SEALED_ADDRESS_MAX),
+        SEALED_ADDRESS_MIN..=SEALED_ADDRESS_MAX,
+    ]
+    .prop_flat_map(|len| vec(any::<u8>(), len))
+    .prop_map(Blob::new)
+}
+
+/// Every shape of a CONTACT-ANSWER.
+pub(crate) fn answer() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        Just(Answer::Decline),
+        address().prop_map(|address| Answer::Accept { address }),
+        (hex32(), sealed_address()).prop_map(|(pubkey, sealed_address)| {
+            Answer::AcceptNetworked {
+                pubkey,
+                sealed_address,
+            }
+        }),
+    ]
+}
+
 /// One strategy per request name, so every variant is exercised.
 pub(crate) fn requests() -> Vec<(RequestKind, BoxedStrategy<Request>)> {
     use RequestKind as K;
@@ -170,27 +195,9 @@ pub(crate) fn requests() -> Vec<(RequestKind, BoxedStrategy<Request>)> {
         ),
         (
             K::ContactAnswer,
-            (
-                hex16(),
-                any::<bool>(),
-                option::of(address()),
-                option::of(hex32()),
-                option::of(blob()),
-            )
-                .prop_filter(
-                    "ACCEPT needs an address",
-                    |(_, accept, address, _, sealed)| {
-                        !*accept || address.is_some() || sealed.is_some()
-                    },
-                )
-                .prop_map(|(request, accept, address, pubkey, sealed_address)| {
-                    Request::ContactAnswer(ContactAnswerArgs {
-                        request,
-                        accept,
-                        address,
-                        pubkey,
-                        sealed_address,
-                    })
+            (hex16(), answer())
+                .prop_map(|(request, answer)| {
+                    Request::ContactAnswer(ContactAnswerArgs { request, answer })
                 })
                 .boxed(),
         ),
