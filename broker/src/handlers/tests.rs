@@ -345,7 +345,7 @@ impl Fixture {
                 origin: Origin::Local {
                     caller_conn: caller.conn.session.conn_id,
                 },
-                target: target.as_str().to_owned(),
+                target: target.clone(),
                 kind: InitiateKind::New,
             },
         )
@@ -378,18 +378,8 @@ impl Fixture {
     async fn pair(&self, a: &Number, b: &Number) {
         let store = &self.broker.store;
         let now = self.now.unix_i64();
-        assert!(
-            store
-                .add_contact(a.as_str(), b.as_str(), now)
-                .await
-                .unwrap()
-        );
-        assert!(
-            store
-                .add_contact(b.as_str(), a.as_str(), now)
-                .await
-                .unwrap()
-        );
+        assert!(store.add_contact(a, b, now).await.unwrap());
+        assert!(store.add_contact(b, a, now).await.unwrap());
     }
 }
 
@@ -511,13 +501,7 @@ async fn initiate_answers_alike_and_only_an_online_willing_target_is_asked() {
     let rejecter = fx.register().await;
     let willing = fx.register().await;
     let unknown = number("5550000000");
-    assert!(
-        !fx.broker
-            .store
-            .entity_exists(unknown.as_str())
-            .await
-            .unwrap()
-    );
+    assert!(!fx.broker.store.entity_exists(&unknown).await.unwrap());
 
     let mut caller = fx.login(&a).await;
     let mut blocking = fx.login(&blocker).await;
@@ -547,7 +531,7 @@ async fn initiate_answers_alike_and_only_an_online_willing_target_is_asked() {
     assert!(
         fx.broker
             .store
-            .is_blocked(rejecter.number.as_str(), a.number.as_str())
+            .is_blocked(&rejecter.number, &a.number)
             .await
             .unwrap(),
         "a decline blocks the caller"
@@ -606,7 +590,7 @@ async fn initiate_answers_alike_and_only_an_online_willing_target_is_asked() {
         let pending = fx
             .broker
             .contacts
-            .peek(request.as_bytes(), number.as_str(), fx.now.instant);
+            .peek(request.as_bytes(), number, fx.now.instant);
         assert_eq!(pending.is_some(), *name == "willing", "{name}");
     }
     let mut offline = fx.login(&offline).await;
@@ -634,16 +618,11 @@ async fn initiate_answers_alike_and_only_an_online_willing_target_is_asked() {
     );
     // The probe of the unknown number is remembered (10.4), and nothing else was stored.
     let store = &fx.broker.store;
-    assert!(
-        store
-            .is_poisoned(a.number.as_str(), unknown.as_str())
-            .await
-            .unwrap()
-    );
-    assert!(!store.entity_exists(unknown.as_str()).await.unwrap());
+    assert!(store.is_poisoned(&a.number, &unknown).await.unwrap());
+    assert!(!store.entity_exists(&unknown).await.unwrap());
     assert_eq!(
-        store.blocked_by(blocker.number.as_str()).await.unwrap(),
-        vec![a.number.as_str().to_owned()]
+        store.blocked_by(&blocker.number).await.unwrap(),
+        vec![a.number.clone()]
     );
 }
 
@@ -669,10 +648,9 @@ async fn a_number_probed_before_it_existed_stays_unreachable_for_the_prober() {
     };
     let store = &fx.broker.store;
     let id = store
-        .create_entity(late.as_str(), &new_device, fx.now.unix_i64())
+        .create_entity(&late, &new_device, fx.now.unix_i64())
         .await
         .unwrap();
-    let id = device_id(id);
     let mut newcomer = fx
         .login(&Device {
             number: late.clone(),
@@ -698,7 +676,7 @@ async fn a_number_probed_before_it_existed_stays_unreachable_for_the_prober() {
         "{events:?}"
     );
     // The record is internal: not on the newcomer's block list.
-    assert!(store.blocked_by(late.as_str()).await.unwrap().is_empty());
+    assert!(store.blocked_by(&late).await.unwrap().is_empty());
 }
 
 // ------------------------------------------------------------------------------------------
@@ -879,7 +857,11 @@ async fn registration_with_the_token_policy_needs_a_configured_token() {
     for d in [&x, &y] {
         let digits = d.number.as_str();
         assert!(digits.starts_with("555") && digits.len() == 10, "{digits}");
-        let record = store.device(digits, 1).await.unwrap().unwrap();
+        let record = store
+            .device(&d.number, DeviceId::FIRST)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(record.client_secret, d.client_secret);
         assert_eq!(record.server_secret, d.server_secret);
     }
@@ -962,7 +944,7 @@ async fn add_device_counts_pending_secrets_toward_the_device_cap() {
     let record = fx
         .broker
         .store
-        .device(x.number.as_str(), 2)
+        .device(&x.number, device_id(2))
         .await
         .unwrap()
         .unwrap();
@@ -1014,10 +996,7 @@ async fn device_join_past_the_cap_is_refused_and_the_secret_stays_usable() {
     let body = refused(fx.try_join(&conn, &x.number, s2).await);
     assert_eq!(body.code, ErrorCode::DeviceLimit);
     let store = &fx.broker.store;
-    assert_eq!(
-        store.active_device_count(x.number.as_str()).await.unwrap(),
-        2
-    );
+    assert_eq!(store.active_device_count(&x.number).await.unwrap(), 2);
 
     // Once a device is revoked the refused secret still works; ids are never reused.
     let first = fx.login(&x).await;
@@ -1028,10 +1007,7 @@ async fn device_join_past_the_cap_is_refused_and_the_secret_stays_usable() {
     assert_eq!(revoked.unwrap(), ResponseData::DeviceRevoke);
     let third = fx.try_join(&conn, &x.number, s2).await.unwrap();
     assert_eq!(third.device.get(), 3);
-    assert_eq!(
-        store.active_device_count(x.number.as_str()).await.unwrap(),
-        2
-    );
+    assert_eq!(store.active_device_count(&x.number).await.unwrap(), 2);
 }
 
 // ------------------------------------------------------------------------------------------
