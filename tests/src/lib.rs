@@ -1,6 +1,7 @@
 //! Support for MicroMsg's integration tests: brokers started in process on `127.0.0.1:0` with
 //! either store backend, each test with its own data directory and (for Postgres) its own
-//! fresh database. The tests themselves live in `tests/it/`.
+//! fresh database. The tests themselves live in `tests/it/`; those that run the broker binary
+//! get it from this package's `micromsg-test-broker` (`src/bin/`), which cargo builds for them.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -464,30 +465,4 @@ pub async fn fetch_whole_inbox(
             return all;
         }
     }
-}
-
-/// `target/debug/micromsg-broker` (beside the running test binary), built (or found up to
-/// date) with the test's cargo. It builds every binary of the workspace, as `scripts/test`'s
-/// demo step does next: the same package selection resolves the same features, so that step
-/// finds them built (`-p micromsg-broker` alone would build the dependencies a third time).
-pub fn broker_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/it-HASH -> target/debug
-    let dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .unwrap()
-        .to_owned();
-    let bin = dir.join("micromsg-broker");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = std::process::Command::new(cargo)
-        .args(["build", "-q", "--workspace", "--bins", "--locked"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status();
-    assert!(
-        bin.exists(),
-        "{} missing (cargo build: {built:?})",
-        bin.display()
-    );
-    bin
 }

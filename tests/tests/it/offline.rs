@@ -481,7 +481,7 @@ mod durability {
     const PER_SENDER: usize = 1250; // 10,000 in all
     const KILL_AFTER: usize = 3000;
 
-    use micromsg_tests::broker_binary;
+    use crate::broker_binary;
 
     struct Broker {
         bin: PathBuf,
