@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cli;
 pub mod clock;
 pub mod config;
 mod connection;

@@ -2,10 +2,11 @@
 //! and run against both backends, each run in its own fresh database:
 //!
 //! * `sqlite::case_xxx`: a new SQLite file in a temporary directory;
-//! * `postgres::case_xxx`: a new database `mm_test_<random>` created on the server named by
-//!   `DATABASE_URL`, dropped afterwards. Without `DATABASE_URL` these tests FAIL (they never
-//!   skip): run `scripts/test`, which provides Postgres, or start one with
-//!   `scripts/postgres start` and export the `DATABASE_URL` it prints.
+//! * `postgres::case_xxx`: a new database `mm_test_<random>` on the server named by
+//!   `DATABASE_URL`, cloned from the migrated template (`micromsg-testdb`), dropped afterwards.
+//!   Without `DATABASE_URL` these tests FAIL (they never skip): run `scripts/test`, which
+//!   provides Postgres, or start one with `scripts/postgres start` and export the
+//!   `DATABASE_URL` it prints.
 
 #![allow(clippy::unwrap_used)]
 
@@ -17,7 +18,6 @@ use micromsg_store::{
     BatcherConfig, DepositBatcher, DepositOutcome, DeviceId, MessageId, NewDevice, NewInboxItem,
     Number, Store, StoreError,
 };
-use rand_core::{OsRng, RngCore};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
@@ -45,18 +45,6 @@ where
     }
 }
 
-fn database_url() -> String {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "DATABASE_URL is not set: the Postgres half of the store conformance suite needs a \
-             real server. Run `scripts/test` (it starts one), or `scripts/postgres start` and \
-             export the DATABASE_URL it prints (postgres://postgres@127.0.0.1:54329/postgres). \
-             These tests fail rather than skip so that Postgres is never silently untested."
-        ),
-    }
-}
-
 async fn run_postgres<F, Fut>(case: F)
 where
     F: FnOnce(Store) -> Fut,
@@ -72,34 +60,18 @@ where
     F: FnOnce(Store, PgConnectOptions) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let base = PgConnectOptions::from_str(&database_url())
-        .unwrap_or_else(|e| panic!("DATABASE_URL is not a valid Postgres URL: {e}"));
-    let mut admin = PgConnection::connect_with(&base).await.unwrap_or_else(|e| {
-        panic!(
-            "cannot connect to Postgres at DATABASE_URL ({e}); is it running? \
-             `scripts/postgres start` starts a local one"
-        )
-    });
-    let mut random = [0u8; 8];
-    OsRng.fill_bytes(&mut random);
-    let name: String = std::iter::once("mm_test_".to_owned())
-        .chain(random.iter().map(|b| format!("{b:02x}")))
-        .collect();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let store = Store::connect_postgres_with(base.clone().database(&name), 16)
+    // A database of its own, cloned from the migrated template (micromsg-testdb), so a
+    // case costs one CREATE DATABASE … TEMPLATE and not a migration.
+    let url = micromsg_testdb::fresh_database("mm_test").await;
+    let options = PgConnectOptions::from_str(&url)
+        .unwrap_or_else(|e| panic!("micromsg-testdb gave an invalid URL: {e}"));
+    let store = Store::connect_postgres_with(options.clone(), 16)
         .await
         .unwrap();
     assert_eq!(store.backend_name(), "postgres");
-    let outcome = tokio::spawn(case(store.clone(), base.clone().database(&name))).await;
+    let outcome = tokio::spawn(case(store.clone(), options)).await;
     store.close().await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    admin.close().await.ok();
+    micromsg_testdb::drop_database(&url).await.unwrap();
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }

@@ -1,6 +1,8 @@
 //! Support for MicroMsg's integration tests: brokers started in process on `127.0.0.1:0` with
 //! either store backend, each test with its own data directory and (for Postgres) its own
-//! fresh database. The tests themselves live in `tests/it/`.
+//! fresh database, a copy of a migrated template (`micromsg-testdb`). The tests themselves live
+//! in `tests/it/`; those that run the broker binary get it from this package's
+//! `micromsg-test-broker` (`src/bin/`), which cargo builds for them.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -47,7 +49,8 @@ pub struct TestBroker {
     pub ca: PathBuf,
     /// Data directory (removed when the test ends).
     pub dir: tempfile::TempDir,
-    database: Option<(String, String)>,
+    /// The URL of the test's own Postgres database, dropped by [`TestBroker::stop`].
+    database: Option<String>,
 }
 
 impl TestBroker {
@@ -65,9 +68,9 @@ impl TestBroker {
         let database = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => {
-                let (admin_url, name, url) = fresh_postgres_database().await;
-                config.database.url = Some(url);
-                Some((admin_url, name))
+                let url = fresh_postgres_database().await;
+                config.database.url = Some(url.clone());
+                Some(url)
             }
         };
         tweak(&mut config);
@@ -86,8 +89,8 @@ impl TestBroker {
     /// Stops the broker and drops its database.
     pub async fn stop(self) {
         self.running.stop().await;
-        if let Some((admin_url, name)) = self.database {
-            drop_postgres_database(&admin_url, &name).await;
+        if let Some(url) = self.database {
+            drop_postgres_database(&url).await;
         }
     }
 
@@ -97,48 +100,20 @@ impl TestBroker {
     }
 }
 
-/// The server URL from `DATABASE_URL`; panics with instructions when it is not set, so a
-/// Postgres test can never pass without Postgres.
-pub fn postgres_admin_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "DATABASE_URL is not set: this test needs a PostgreSQL server. Run the whole suite \
-             with scripts/test (it starts one), or run `scripts/postgres start` and export the \
-             DATABASE_URL it prints."
-        )
-    })
+/// A fresh database `mm_it_<random>` on the server of `DATABASE_URL`, a copy of the template
+/// with every migration applied ([`micromsg_testdb::fresh_database`]); returns its URL. Panics
+/// with instructions when `DATABASE_URL` is not set, so a Postgres test can never pass without
+/// Postgres.
+pub async fn fresh_postgres_database() -> String {
+    micromsg_testdb::fresh_database("mm_it").await
 }
 
-/// Creates a uniquely named database; returns (admin url, name, url of the new database).
-pub async fn fresh_postgres_database() -> (String, String, String) {
-    use rand_core::RngCore;
-    let admin_url = postgres_admin_url();
-    let name = format!("mm_it_{:016x}", rand_core::OsRng.next_u64());
-    let mut conn = connect_admin(&admin_url).await;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let url = match admin_url.rsplit_once('/') {
-        Some((base, _db)) => format!("{base}/{name}"),
-        None => panic!("DATABASE_URL must end in /DBNAME"),
-    };
-    (admin_url, name, url)
-}
-
-async fn connect_admin(url: &str) -> sqlx::PgConnection {
-    use sqlx::Connection;
-    sqlx::PgConnection::connect(url).await.unwrap_or_else(|e| {
-        panic!("cannot connect to PostgreSQL at DATABASE_URL ({url}): {e}. Is it running?")
-    })
-}
-
-/// Drops a database made by [`fresh_postgres_database`].
-pub async fn drop_postgres_database(admin_url: &str, name: &str) {
-    let mut conn = connect_admin(admin_url).await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut conn)
-        .await;
+/// Drops a database made by [`fresh_postgres_database`]. A failed `DROP` is reported but does
+/// not fail the test: its verdict is in by then, and the leftover is only on a test server.
+pub async fn drop_postgres_database(url: &str) {
+    if let Err(e) = micromsg_testdb::drop_database(url).await {
+        eprintln!("warning: could not drop the test database {url}: {e}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -164,7 +139,7 @@ pub struct TestNetwork {
     pub endpoints: Vec<String>,
     brokers: Vec<Option<TestBroker>>,
     configs: Vec<Config>,
-    databases: Vec<Option<(String, String)>>,
+    databases: Vec<Option<String>>,
     data_dirs: Vec<Option<tempfile::TempDir>>,
 }
 
@@ -277,9 +252,9 @@ impl TestNetwork {
             let database = match backend {
                 Backend::Sqlite => None,
                 Backend::Postgres => {
-                    let (admin_url, name, url) = fresh_postgres_database().await;
-                    config.database.url = Some(url);
-                    Some((admin_url, name))
+                    let url = fresh_postgres_database().await;
+                    config.database.url = Some(url.clone());
+                    Some(url)
                 }
             };
             tweak(i, &mut config);
@@ -376,8 +351,8 @@ impl TestNetwork {
                 self.stop_broker(i).await;
             }
         }
-        for (admin_url, name) in self.databases.iter().flatten() {
-            drop_postgres_database(admin_url, name).await;
+        for url in self.databases.iter().flatten() {
+            drop_postgres_database(url).await;
         }
     }
 
@@ -464,30 +439,4 @@ pub async fn fetch_whole_inbox(
             return all;
         }
     }
-}
-
-/// `target/debug/micromsg-broker` (beside the running test binary), built (or found up to
-/// date) with the test's cargo. It builds every binary of the workspace, as `scripts/test`'s
-/// demo step does next: the same package selection resolves the same features, so that step
-/// finds them built (`-p micromsg-broker` alone would build the dependencies a third time).
-pub fn broker_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/it-HASH -> target/debug
-    let dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .unwrap()
-        .to_owned();
-    let bin = dir.join("micromsg-broker");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = std::process::Command::new(cargo)
-        .args(["build", "-q", "--workspace", "--bins", "--locked"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status();
-    assert!(
-        bin.exists(),
-        "{} missing (cargo build: {built:?})",
-        bin.display()
-    );
-    bin
 }

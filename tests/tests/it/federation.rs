@@ -869,7 +869,7 @@ async fn mtls_refuses_unknown_ca_expired_and_wrong_id() {
 // ---------------------------------------------------------------------------------------------
 // The real binary: `network init`, two `serve` processes, `status` (text and JSON).
 
-use micromsg_tests::broker_binary;
+use crate::broker_binary;
 
 /// Kills the child when the test ends, however it ends.
 struct Child(std::process::Child);

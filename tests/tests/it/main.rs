@@ -10,3 +10,10 @@ mod inbox;
 mod networked_sessions;
 mod offline;
 mod sessions;
+
+/// The broker's command line as a binary: this package's `micromsg-test-broker`
+/// (`src/bin/micromsg-test-broker.rs`, which runs `micromsg_broker::cli::main`), which cargo
+/// builds for this test run. For the tests that run the real binary in a child process.
+fn broker_binary() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_micromsg-test-broker").into()
+}

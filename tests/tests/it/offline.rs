@@ -481,7 +481,7 @@ mod durability {
     const PER_SENDER: usize = 1250; // 10,000 in all
     const KILL_AFTER: usize = 3000;
 
-    use micromsg_tests::broker_binary;
+    use crate::broker_binary;
 
     struct Broker {
         bin: PathBuf,
@@ -740,8 +740,8 @@ mod durability {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sigkill_during_a_burst_of_deposits_postgres() {
-        let (admin, name, url) = micromsg_tests::fresh_postgres_database().await;
-        sigkill_during_a_burst(Some(url)).await;
-        micromsg_tests::drop_postgres_database(&admin, &name).await;
+        let url = micromsg_tests::fresh_postgres_database().await;
+        sigkill_during_a_burst(Some(url.clone())).await;
+        micromsg_tests::drop_postgres_database(&url).await;
     }
 }
