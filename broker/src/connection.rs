@@ -16,7 +16,7 @@ use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
 use micromsg_wire::message::event::Shutdown;
 use micromsg_wire::message::request::RequestKind;
 use micromsg_wire::{ErrorBody, ErrorCode, Event, Response, decode_request};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
@@ -46,7 +46,7 @@ pub(crate) async fn run(
     broker: Arc<Broker>,
     tls: Stream,
     peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let mut binding = [0u8; 32];
     if let Err(e) =
@@ -57,8 +57,24 @@ pub(crate) async fn run(
         warn!(error = %e, "TLS exporter unavailable; closing");
         return;
     }
+    serve(broker, tls, peer, binding, shutdown).await;
+}
+
+/// The frame loop on an established stream whose TLS `binding` is known. Generic over the
+/// stream (production runs it on TLS only) so that its timers, the idle timeout first, are
+/// tested over an in-memory pipe on paused tokio time: a real socket and a paused clock do
+/// not mix (the clock jumps ahead whenever the runtime waits for the network).
+async fn serve<S>(
+    broker: Arc<Broker>,
+    stream: S,
+    peer: SocketAddr,
+    binding: [u8; 32],
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite,
+{
     let limits = broker.config.limits.clone();
-    let (read, mut write): (ReadHalf<Stream>, WriteHalf<Stream>) = tokio::io::split(tls);
+    let (read, mut write): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
     // Most connections are idle most of the time: keep a small read buffer between frames.
     let mut reader = FrameReader::new(read, limits.max_frame_len).idle_capacity(256);
     let (queue, mut events) = mpsc::channel(limits.event_queue.max(1));
@@ -139,8 +155,8 @@ pub(crate) async fn run(
     debug!(conn = conn_id, "connection closed");
 }
 
-async fn send(
-    write: &mut WriteHalf<Stream>,
+async fn send<W: AsyncWrite>(
+    write: &mut WriteHalf<W>,
     _broker: &Broker,
     body: &[u8],
     timeout: Duration,
@@ -225,5 +241,104 @@ impl Conn {
                 handlers::authenticated(broker, &self.session, login, request, now).await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use micromsg_crypto::{IdentityKey, Secret32};
+    use micromsg_store::Store;
+    use micromsg_wire::{Limits, Message};
+    use tokio::io::DuplexStream;
+    use tokio::task::JoinHandle;
+    use tokio::time::{Instant, sleep, timeout_at};
+
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(30);
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A broker whose connections idle out after [`IDLE`], on a temporary SQLite store.
+    ///
+    /// Opened before the clock is paused: the store's pool waits on its own threads, and a
+    /// paused clock would jump to the pool's timeouts while it does. The tests below never
+    /// touch the store.
+    async fn broker() -> (Arc<Broker>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Config::default();
+        config.limits.idle_timeout_secs = IDLE.as_secs();
+        let store = Store::open_sqlite(dir.path().join("micromsg.db"))
+            .await
+            .unwrap();
+        let identity = IdentityKey::from_seed(&Secret32::from_bytes([7; 32]));
+        (Arc::new(Broker::new(config, store, identity)), dir)
+    }
+
+    /// A connection served over an in-memory pipe: the client's reader and writer, the
+    /// shutdown switch and the connection task.
+    #[allow(clippy::type_complexity)]
+    fn connect(
+        broker: &Arc<Broker>,
+    ) -> (
+        FrameReader<ReadHalf<DuplexStream>>,
+        WriteHalf<DuplexStream>,
+        watch::Sender<bool>,
+        JoinHandle<()>,
+    ) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (stop, shutdown) = watch::channel(false);
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let task = tokio::spawn(serve(Arc::clone(broker), server, peer, [0; 32], shutdown));
+        let (read, write) = tokio::io::split(client);
+        (FrameReader::new(read, 1 << 20), write, stop, task)
+    }
+
+    /// Asserts that the broker closes the connection `IDLE` after `since`, and not before.
+    ///
+    /// The clock was paused in the middle of a millisecond of the timer wheel, whose deadlines
+    /// round up to the next tick: "at" is within two ticks.
+    async fn closes_idle(reader: &mut FrameReader<ReadHalf<DuplexStream>>, since: Instant) {
+        let early = timeout_at(since + IDLE - MS, reader.next_frame()).await;
+        assert!(early.is_err(), "closed before the idle timeout: {early:?}");
+        assert!(
+            reader.next_frame().await.unwrap().is_none(),
+            "a frame instead of the close"
+        );
+        let took = since.elapsed();
+        assert!(
+            took >= IDLE && took < IDLE + 2 * MS,
+            "closed after {took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_at_the_idle_timeout() {
+        let (broker, _dir) = broker().await;
+        tokio::time::pause();
+        let opened = Instant::now();
+        let (mut reader, _write, _stop, task) = connect(&broker);
+        closes_idle(&mut reader, opened).await;
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_request_restarts_the_idle_timer() {
+        let (broker, _dir) = broker().await;
+        tokio::time::pause();
+        let (mut reader, mut write, _stop, task) = connect(&broker);
+        // A PING shortly before each timeout keeps the connection open well past it.
+        for id in 1..=3 {
+            sleep(IDLE - 5 * MS).await;
+            let ping = format!("Request: PING\nId: {id}\n");
+            write_frame(&mut write, ping.as_bytes()).await.unwrap();
+            let answer = reader.next_frame().await.unwrap().unwrap();
+            let answer = Message::decode(&answer, &Limits::default()).unwrap();
+            assert!(matches!(answer, Message::Response(_)), "{answer:?}");
+        }
+        // Then silence: closed one idle period after the last request.
+        closes_idle(&mut reader, Instant::now()).await;
+        task.await.unwrap();
     }
 }

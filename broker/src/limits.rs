@@ -316,6 +316,81 @@ mod tests {
         assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
     }
 
+    /// The wait a refusal names is exact: one nanosecond short of it is still refused, and
+    /// at it the token is there. (Separate buckets: a refused take still moves the bucket on.)
+    #[test]
+    fn bucket_refusal_names_the_wait_until_the_next_token() {
+        let t0 = Instant::now();
+        let drained = || {
+            let mut b = TokenBucket::new(4, 2, t0);
+            assert!(b.take(t0).is_ok());
+            assert!(b.take(t0).is_ok());
+            b
+        };
+        let wait = drained().take(t0).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(250), "a token every 250 ms");
+        let early = drained().take(t0 + wait - Duration::from_millis(1));
+        assert!(early.is_err(), "{early:?}");
+        assert!(drained().take(t0 + wait).is_ok());
+        // It refills up to the burst, not past it.
+        let mut b = drained();
+        let later = t0 + Duration::from_secs(60);
+        assert!(b.take(later).is_ok());
+        assert!(b.take(later).is_ok());
+        assert!(b.take(later).is_err());
+        // A zero rate never refills; it says to come back in an hour.
+        let mut none = TokenBucket::new(0, 1, t0);
+        assert!(none.take(t0).is_ok());
+        assert_eq!(
+            none.take(t0 + Duration::from_secs(3600)),
+            Err(Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn window_ends_exactly_one_window_after_its_first_hit() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        let l = WindowLimiter::new(2, window);
+        assert!(l.hit(&1, t0).is_ok());
+        assert!(l.hit(&1, t0 + Duration::from_secs(10)).is_ok());
+        // Refused for what is left of the window, counted from the first hit.
+        assert_eq!(
+            l.hit(&1, t0 + Duration::from_secs(10)),
+            Err(Duration::from_secs(50))
+        );
+        let just_before = t0 + window - Duration::from_nanos(1);
+        assert_eq!(l.hit(&1, just_before), Err(Duration::from_nanos(1)));
+        // At its end a new window starts, with a full count.
+        assert!(l.hit(&1, t0 + window).is_ok());
+        assert!(l.hit(&1, t0 + window).is_ok());
+        assert!(l.hit(&1, t0 + window).is_err());
+    }
+
+    #[test]
+    fn a_lock_lasts_exactly_lock_for_and_then_starts_over() {
+        let t0 = Instant::now();
+        let lock_for = Duration::from_secs(10);
+        let l = FailureLock::new(2, lock_for);
+        assert!(!l.fail("a", t0));
+        assert!(l.check("a", t0 + Duration::from_secs(1)).is_ok(), "not yet");
+        assert!(
+            l.fail("a", t0 + Duration::from_secs(1)),
+            "the second failure locks"
+        );
+        let locked_at = t0 + Duration::from_secs(1);
+        assert_eq!(
+            l.check("a", locked_at + Duration::from_secs(4)),
+            Err(Duration::from_secs(6))
+        );
+        let just_before = locked_at + lock_for - Duration::from_nanos(1);
+        assert_eq!(l.check("a", just_before), Err(Duration::from_nanos(1)));
+        assert!(l.check("a", locked_at + lock_for).is_ok());
+        // Once the lock is over the count starts again: one failure does not lock.
+        assert!(!l.fail("a", locked_at + lock_for));
+        assert!(l.check("a", locked_at + lock_for).is_ok());
+    }
+
     #[test]
     fn window_limits_per_key_and_resets() {
         let t0 = Instant::now();

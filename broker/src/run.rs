@@ -226,23 +226,43 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
 /// How often expired inbox items, spent registration secrets and expired pubkeys are removed.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-async fn sweep_forever(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+async fn sweep_forever(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {
+    after_each(SWEEP_EVERY, shutdown, || sweep_once(&broker)).await;
+}
+
+/// One sweep. Each call of the store removes a bounded batch; keep going while it says there
+/// is more.
+async fn sweep_once(broker: &Broker) {
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(SWEEP_EVERY) => {}
-            () = crate::shutdown::stopped(&mut shutdown) => return,
-        }
-        // Each call removes a bounded batch; keep going while it says there is more.
-        loop {
-            match broker.store.sweep(crate::clock::unix_now() as i64).await {
-                Ok(report) if report.more => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "sweep failed; will retry");
-                    break;
-                }
+        match broker.store.sweep(crate::clock::unix_now() as i64).await {
+            Ok(report) if report.more => continue,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "sweep failed; will retry");
+                break;
             }
         }
+    }
+}
+
+/// Runs `round` each time `period` has passed since the last round ended (the first one
+/// `period` after the start), until shutdown. Generic over the round so that the schedule is
+/// tested on paused time with a counter: the store's pool waits on its own threads, and a
+/// paused clock jumps ahead (to the pool's timeouts) whenever the runtime waits on them.
+async fn after_each<F, R>(
+    period: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+    mut round: R,
+) where
+    R: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = crate::shutdown::stopped(&mut shutdown) => return,
+        }
+        round().await;
     }
 }
 
@@ -254,4 +274,46 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     running.stop().await;
     info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+    use tokio::time::sleep;
+
+    use super::{SWEEP_EVERY, after_each};
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_runs_once_a_minute_not_at_start() {
+        assert_eq!(SWEEP_EVERY, Duration::from_secs(60));
+        let ms = Duration::from_millis(1);
+        let sweeps = Arc::new(AtomicU32::new(0));
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn({
+            let sweeps = Arc::clone(&sweeps);
+            after_each(SWEEP_EVERY, shutdown, move || {
+                sweeps.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(())
+            })
+        });
+        let count = || sweeps.load(Ordering::SeqCst);
+        sleep(SWEEP_EVERY - ms).await;
+        assert_eq!(count(), 0, "not before the first minute is over");
+        sleep(2 * ms).await;
+        assert_eq!(count(), 1);
+        sleep(SWEEP_EVERY - 2 * ms).await;
+        assert_eq!(count(), 1);
+        sleep(2 * ms).await;
+        assert_eq!(count(), 2);
+        // Shutdown ends the wait at once; no sweep on the way out.
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        assert_eq!(count(), 2);
+    }
 }

@@ -83,6 +83,22 @@ impl LinkError {
     }
 }
 
+/// How long [`BrokerLink::call`] waits before sending a request again after `result`, the
+/// answer to its attempt after `retries` retries; `None` when the answer is final. Its own
+/// function (sans-IO) so that the rule is tested without a broker.
+fn rate_limit_wait<T>(result: &Result<T, LinkError>, retries: u32) -> Option<Duration> {
+    match result {
+        Err(LinkError::Refused {
+            code: ErrorCode::RateLimited,
+            retry_after: Some(secs),
+            ..
+        }) if *secs <= RATE_LIMIT_WAIT_MAX && retries < RATE_LIMIT_RETRIES => {
+            Some(Duration::from_secs(u64::from((*secs).max(1))))
+        }
+        _ => None,
+    }
+}
+
 /// A connection to the home broker.
 pub struct BrokerLink {
     reader: FrameReader<ReadHalf<Stream>>,
@@ -182,17 +198,12 @@ impl BrokerLink {
         let mut retries = 0;
         loop {
             let id = self.send(&request).await?;
-            match self.answer(id).await {
-                Err(LinkError::Refused {
-                    code: ErrorCode::RateLimited,
-                    retry_after: Some(secs),
-                    ..
-                }) if secs <= RATE_LIMIT_WAIT_MAX && retries < RATE_LIMIT_RETRIES => {
-                    retries += 1;
-                    tokio::time::sleep(Duration::from_secs(u64::from(secs.max(1)))).await;
-                }
-                result => return result,
-            }
+            let result = self.answer(id).await;
+            let Some(wait) = rate_limit_wait(&result, retries) else {
+                return result;
+            };
+            retries += 1;
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -322,5 +333,69 @@ impl BrokerLink {
             return Err(LinkError::BrokerNotVerified);
         }
         Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use micromsg_wire::ErrorCode;
+
+    use super::{LinkError, RATE_LIMIT_RETRIES, RATE_LIMIT_WAIT_MAX, rate_limit_wait};
+
+    fn refused(code: ErrorCode, retry_after: Option<u32>) -> Result<(), LinkError> {
+        Err(LinkError::Refused {
+            code,
+            message: "no".into(),
+            retry_after,
+        })
+    }
+
+    fn limited(secs: u32) -> Result<(), LinkError> {
+        refused(ErrorCode::RateLimited, Some(secs))
+    }
+
+    #[test]
+    fn a_short_rate_limit_is_waited_out_for_as_long_as_it_says() {
+        assert_eq!(RATE_LIMIT_WAIT_MAX, 2);
+        assert_eq!(
+            rate_limit_wait(&limited(1), 0),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            rate_limit_wait(&limited(2), 0),
+            Some(Duration::from_secs(2))
+        );
+        // "Retry after 0 s" still waits a second.
+        assert_eq!(
+            rate_limit_wait(&limited(0), 0),
+            Some(Duration::from_secs(1))
+        );
+        // Longer than the most it waits by itself: the caller decides.
+        assert_eq!(rate_limit_wait(&limited(3), 0), None);
+    }
+
+    #[test]
+    fn only_a_rate_limit_with_a_wait_is_retried_and_only_three_times() {
+        assert_eq!(RATE_LIMIT_RETRIES, 3);
+        for retries in 0..RATE_LIMIT_RETRIES {
+            assert_eq!(
+                rate_limit_wait(&limited(1), retries),
+                Some(Duration::from_secs(1))
+            );
+        }
+        assert_eq!(rate_limit_wait(&limited(1), RATE_LIMIT_RETRIES), None);
+        assert_eq!(
+            rate_limit_wait(&refused(ErrorCode::RateLimited, None), 0),
+            None
+        );
+        assert_eq!(
+            rate_limit_wait(&refused(ErrorCode::BadSecret, Some(1)), 0),
+            None
+        );
+        assert_eq!(rate_limit_wait(&Ok(()), 0), None);
+        let lost: Result<(), LinkError> = Err(LinkError::Closed);
+        assert_eq!(rate_limit_wait(&lost, 0), None);
     }
 }

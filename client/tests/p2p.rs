@@ -109,6 +109,15 @@ async fn raw_pair(
     (reader, writer, keys, responder.start(None))
 }
 
+/// Polls `done` until it holds (another task gets there); panics naming `what` after [`WAIT`].
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn event(handle: &mut SessionHandle) -> PeerEvent {
     timeout(WAIT, handle.next_event())
         .await
@@ -289,9 +298,9 @@ async fn a_silent_responder_times_out_the_handshake() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let _hold = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        tokio::time::sleep(WAIT).await;
-        drop(stream);
+        // Accepts, then says nothing and holds the connection open until the test ends.
+        let (_stream, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await;
     });
     let cfg = SessionConfig {
         handshake_timeout: Duration::from_millis(100),
@@ -308,8 +317,9 @@ async fn heartbeats_keep_an_idle_session_alive() {
     let (i, r) = pair(fast(40), fast(40)).await;
     let mut a = i.start(None);
     let mut b = r.start(None);
-    // Ten intervals with no traffic but heartbeats.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Ten intervals with no traffic but heartbeats (exactly, on paused time:
+    // p2p::session::timing_tests).
+    eventually("ten heartbeats from a", || a.next_send_counter() >= 10).await;
     assert!(a.next_send_counter() >= 5, "heartbeats use counters");
     a.send_text("still here").await.unwrap();
     let (counter, body) = text(&mut b).await;
@@ -366,8 +376,13 @@ async fn a_slow_reader_does_not_time_out_or_lose_messages() {
     for n in 0..50 {
         a.send_text(format!("m{n}")).await.unwrap();
     }
-    // b does not read for many liveness periods.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // b does not read for many liveness periods: a sends twelve heartbeats after its texts
+    // (four of b's liveness periods) while b's application reads nothing. (Exactly, on paused
+    // time: p2p::session::timing_tests.)
+    eventually("twelve heartbeats from a after its texts", || {
+        a.next_send_counter() >= 50 + 12
+    })
+    .await;
     for n in 0..50 {
         assert_eq!(text(&mut b).await, (n, format!("m{n}")));
     }

@@ -11,6 +11,7 @@ use micromsg_broker::config::Config;
 use micromsg_broker::run::{RunningBroker, start};
 
 pub mod agents;
+pub mod wait;
 
 /// Declares `mod sqlite` and `mod postgres`, each with one `#[tokio::test]` per listed
 /// scenario `async fn name(backend: Backend)` of the calling module, so every scenario runs on

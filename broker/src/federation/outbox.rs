@@ -29,7 +29,7 @@ use micromsg_wire::{DeviceId, Event, Number};
 use prost::Message as _;
 use rand_core::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -112,9 +112,16 @@ pub async fn enqueue_deposit(broker: &Broker, deposit: PeerDeposit) -> Result<()
 
 /// The delay before attempt `attempts + 1`: initial · 2^attempts, capped, plus jitter.
 pub fn backoff(initial: u64, max: u64, attempts: i64) -> u64 {
+    backoff_with(initial, max, attempts, rand_core::OsRng.next_u64())
+}
+
+/// [`backoff`] with the random draw for the jitter given, so that the delay sequence, its cap
+/// and the jitter's bounds can be tested without the randomness: the base delay plus
+/// `draw % (base / 4 + 1)`, i.e. up to a quarter more.
+fn backoff_with(initial: u64, max: u64, attempts: i64, draw: u64) -> u64 {
     let exp = u32::try_from(attempts.clamp(0, 32)).unwrap_or(32);
     let base = initial.saturating_mul(1u64 << exp.min(40)).min(max).max(1);
-    let jitter = rand_core::OsRng.next_u64() % (base / 4 + 1);
+    let jitter = draw % (base / 4 + 1);
     base + jitter
 }
 
@@ -144,10 +151,8 @@ pub async fn run_outbox(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>
         }
         // Reap finished deliveries so the set stays small.
         while tasks.try_join_next().is_some() {}
-        tokio::select! {
-            () = federation.outbox_wake.notified() => {}
-            () = tokio::time::sleep(poll) => {}
-            () = crate::shutdown::stopped(&mut shutdown) => break,
+        if !next_round(&federation.outbox_wake, poll, &mut shutdown).await {
+            break;
         }
     }
     // Calls in flight finish (or time out) so their outcome is recorded; anything unsettled is
@@ -158,6 +163,17 @@ pub async fn run_outbox(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>
         .is_err()
     {
         tasks.shutdown().await;
+    }
+}
+
+/// Waits for the worker's next look at the outbox: a wake-up (an item was queued, a delivery
+/// finished), or `poll` after this wait began, whichever comes first; false at shutdown. Its
+/// own function so that this schedule is tested on paused time, without a store or peers.
+async fn next_round(wake: &Notify, poll: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = wake.notified() => true,
+        () = tokio::time::sleep(poll) => true,
+        () = crate::shutdown::stopped(shutdown) => false,
     }
 }
 
@@ -514,4 +530,100 @@ pub async fn receive(
         });
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use tokio::sync::{Notify, watch};
+    use tokio::time::{Instant, sleep, timeout};
+
+    use super::{backoff, backoff_with, next_round};
+
+    #[test]
+    fn backoff_doubles_from_the_initial_delay_up_to_the_cap() {
+        // Without jitter (a draw of 0): initial · 2^attempts, capped at the maximum.
+        let delays: Vec<u64> = (0..9).map(|a| backoff_with(5, 300, a, 0)).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        // The test networks' timings (1 s doubling to 2 s): too short for any jitter.
+        let delays: Vec<u64> = (0..4).map(|a| backoff_with(1, 2, a, u64::MAX)).collect();
+        assert_eq!(delays, [1, 2, 2, 2]);
+        // Far past the cap, a negative count and a zero initial delay stay in bounds.
+        assert_eq!(backoff_with(5, 300, 10_000, 0), 300);
+        assert_eq!(backoff_with(5, 300, -3, 0), 5);
+        assert_eq!(backoff_with(0, 300, 4, 0), 1, "never zero");
+    }
+
+    #[test]
+    fn backoff_jitter_adds_up_to_a_quarter() {
+        for attempts in 0..8 {
+            let base = backoff_with(8, 600, attempts, 0);
+            let quarter = base / 4;
+            assert_eq!(backoff_with(8, 600, attempts, quarter), base + quarter);
+            assert_eq!(backoff_with(8, 600, attempts, quarter + 1), base);
+            for draw in [1, 7, 1 << 40, u64::MAX] {
+                let d = backoff_with(8, 600, attempts, draw);
+                assert!((base..=base + quarter).contains(&d), "{d} for {base}");
+            }
+        }
+        // The jitter is added to the cap too.
+        assert_eq!(backoff_with(8, 600, 20, 150), 750);
+        // And the random draw stays inside the same bounds.
+        for _ in 0..1_000 {
+            let d = backoff(8, 600, 2);
+            assert!((32..=40).contains(&d), "{d}");
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn the_worker_looks_again_after_the_poll_period() {
+        let wake = Notify::new();
+        let (_stop, mut shutdown) = watch::channel(false);
+        let poll = Duration::from_millis(200);
+        let early = timeout(poll - MS, next_round(&wake, poll, &mut shutdown)).await;
+        assert!(early.is_err(), "a round before the poll period");
+        let started = Instant::now();
+        assert!(next_round(&wake, poll, &mut shutdown).await);
+        assert_eq!(started.elapsed(), poll);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_up_starts_the_next_round_at_once() {
+        let wake = Notify::new();
+        let (_stop, mut shutdown) = watch::channel(false);
+        let poll = Duration::from_secs(5);
+        // One that came while the worker was busy is kept for its next wait.
+        wake.notify_one();
+        let started = Instant::now();
+        assert!(next_round(&wake, poll, &mut shutdown).await);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // One during the wait ends it.
+        let (woke, ()) = tokio::join!(next_round(&wake, poll, &mut shutdown), async {
+            sleep(Duration::from_millis(30)).await;
+            wake.notify_one();
+        });
+        assert!(woke);
+        assert_eq!(started.elapsed(), Duration::from_millis(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_the_wait() {
+        let wake = Notify::new();
+        let (stop, mut shutdown) = watch::channel(false);
+        let started = Instant::now();
+        let (more, ()) = tokio::join!(
+            next_round(&wake, Duration::from_secs(5), &mut shutdown),
+            async {
+                sleep(Duration::from_millis(30)).await;
+                stop.send(true).unwrap();
+            }
+        );
+        assert!(!more);
+        assert_eq!(started.elapsed(), Duration::from_millis(30));
+    }
 }

@@ -27,8 +27,8 @@ use micromsg_crypto::message::{
     Body, DirectionKeys, Kind, MessageError, ReplayGuard, Sender, TYPE_DATA,
 };
 use micromsg_wire::io::{FrameReadError, FrameReader};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
@@ -379,6 +379,39 @@ pub(super) fn spawn(
         cfg,
         ..
     } = transport;
+    spawn_on(reader, writer, cfg, keys, persist)
+}
+
+/// The write half a session runs on: async writes, and a write that never waits (the hot
+/// path tries it first).
+///
+/// Sessions run on TCP; the trait exists so that the session's timers (heartbeats, the
+/// liveness deadline) are tested over an in-memory pipe on paused tokio time. A real socket
+/// and a paused clock do not mix: the clock jumps ahead whenever the runtime waits for the
+/// network, which fires those very timers.
+pub(super) trait SessionWrite: AsyncWrite + Unpin + Send + 'static {
+    /// Writes what fits now without waiting; `WouldBlock` when nothing does.
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
+}
+
+impl SessionWrite for OwnedWriteHalf {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        OwnedWriteHalf::try_write(self, buf)
+    }
+}
+
+/// [`spawn`] on any stream halves.
+pub(super) fn spawn_on<R, W>(
+    reader: FrameReader<R>,
+    writer: W,
+    cfg: SessionConfig,
+    keys: SessionKeys,
+    persist: Option<Arc<dyn CounterPersist>>,
+) -> SessionHandle
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: SessionWrite,
+{
     let (out_tx, out_rx) = mpsc::channel(cfg.outgoing_queue);
     let (ev_tx, ev_rx) = mpsc::channel(cfg.event_queue);
     let shared = Arc::new(Shared {
@@ -425,9 +458,9 @@ pub(super) fn spawn(
     }
 }
 
-struct Task {
-    reader: FrameReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+struct Task<R, W> {
+    reader: FrameReader<R>,
+    writer: W,
     cfg: SessionConfig,
     session_id: [u8; SESSION_ID_LEN],
     /// Our send keys and next counter.
@@ -463,7 +496,11 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-impl Task {
+impl<R, W> Task<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: SessionWrite,
+{
     async fn run(mut self) {
         let reason = self.pump().await;
         let end = SessionEnd {
@@ -834,6 +871,9 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     }
     &s[..end]
 }
+
+#[cfg(test)]
+mod timing_tests;
 
 #[cfg(test)]
 mod tests {

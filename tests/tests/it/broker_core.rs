@@ -401,10 +401,20 @@ mod hygiene {
             second.call(Request::Ping).await.unwrap(),
             ResponseData::Ping(_)
         ));
-        // A slot frees up when one leaves.
+        // A slot frees up when one leaves, once the broker has seen it go (until then a new
+        // connection is closed before TLS, as the third was).
         drop(first);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut again = raw_link(&broker).await;
+        let mut again = micromsg_tests::wait::eventually_some(
+            "a connection in the place the first one left",
+            Duration::from_secs(10),
+            async || {
+                let tls = client_config(&broker.ca).unwrap();
+                BrokerLink::connect(&broker.addr, "127.0.0.1", tls)
+                    .await
+                    .ok()
+            },
+        )
+        .await;
         assert!(matches!(
             again.call(Request::Ping).await.unwrap(),
             ResponseData::Ping(_)

@@ -263,8 +263,19 @@ async fn a_probed_number_stays_unreachable_for_the_prober_once_given_out(backend
         }
     };
     initiate(&mut prober, &Number::new(future.clone()).unwrap()).await;
-    // Let the routing task record the probe.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The routing task records the probe after the acknowledgement.
+    micromsg_tests::wait::eventually(
+        "the INITIATE to the unknown number recorded",
+        Duration::from_secs(10),
+        async || {
+            let store = broker.running.broker.store();
+            store
+                .is_poisoned(&prober.info.number, &future)
+                .await
+                .unwrap()
+        },
+    )
+    .await;
 
     // The number is given out later (as the allocator would, had it drawn it).
     let device = NewDevice {

@@ -72,6 +72,9 @@ fn state(m: &Member, group: &str) -> Option<GroupState> {
         .map(|g| g.state)
 }
 
+/// How long group changes and messages get to reach every member.
+const WAIT: Duration = Duration::from_secs(20);
+
 /// Waits until `m`'s state of the group satisfies `ok`.
 async fn wait_state(m: &Member, group: &str, ok: impl Fn(&GroupState) -> bool) -> GroupState {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -246,17 +249,29 @@ async fn five_members_one_offline_removal_and_leave() {
     send(&oe, &group, "last from e").await;
     assert_eq!(group_message(&mut oa, &e.number).await, "last from e");
     assert_eq!(group_message(&mut ob, &e.number).await, "last from e");
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut rest = first.clone();
     rest.extend(["after d left".to_owned(), "last from e".to_owned()]);
     rest.sort();
-    for m in [&a, &b, &e] {
-        assert_eq!(sorted_texts(m, &group), rest, "{}", m.number);
-    }
     let mut c_sees = first.clone();
     c_sees.push("after d left".to_owned());
     c_sees.sort();
+    // Wait until every history and state is as the assertions below want it. C and D would
+    // get a stray message in the same fan-out as the members (the sender answers after it),
+    // so by the time the members' copies are in, a stray one would be too.
+    micromsg_tests::wait::eventually("the histories and states settled", WAIT, async || {
+        [&a, &b, &e].iter().all(|m| sorted_texts(m, &group) == rest)
+            && sorted_texts(&c, &group) == c_sees
+            && sorted_texts(&d, &group) == first
+            && state(&a, &group).is_some_and(|s| s.version == 3)
+            && [&b, &e]
+                .iter()
+                .all(|m| state(m, &group) == state(&a, &group))
+    })
+    .await;
+    for m in [&a, &b, &e] {
+        assert_eq!(sorted_texts(m, &group), rest, "{}", m.number);
+    }
     assert_eq!(
         sorted_texts(&c, &group),
         c_sees,
@@ -328,12 +343,34 @@ async fn concurrent_changes_converge() {
     assert!(r3.ok || r3.message.contains("not a member"), "{r3:?}");
     // Everyone still in the group ends with the same state, D included (it learns of B's
     // change through the members that relay it).
-    let target = wait_state(&a, &group, |s| {
-        !s.is_member(&c.number) && s.is_member(&d.number)
-    })
+    // The ops each member knows (empty before it knows the group).
+    let log = |m: &Member| -> BTreeSet<String> {
+        Store::new(&m.profile)
+            .load_group(&group)
+            .unwrap()
+            .map(|g| g.log.into_iter().map(|o| o.id).collect())
+            .unwrap_or_default()
+    };
+    // Settled: A, B and D hold the same state and the same ops, and those include every op C
+    // made or saw (its rename, when it got one in, went to A and B before C learned of its
+    // removal).
+    let target = micromsg_tests::wait::eventually_some(
+        "A, B and D agree on the group, C's ops included",
+        WAIT,
+        async || {
+            let target = state(&a, &group)?;
+            let settled = !target.is_member(&c.number)
+                && target.is_member(&d.number)
+                && [&b, &d]
+                    .iter()
+                    .all(|m| state(m, &group).as_ref() == Some(&target))
+                && log(&b) == log(&a)
+                && log(&d) == log(&a)
+                && log(&c).is_subset(&log(&a));
+            settled.then_some(target)
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let target = state(&a, &group).unwrap_or(target);
     for m in [&b, &d] {
         let s = wait_state(m, &group, |s| *s == target).await;
         assert_eq!(s, target);

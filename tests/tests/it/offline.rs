@@ -338,9 +338,10 @@ async fn expired_items_are_swept_not_delivered() {
     assert!(reply.message.contains("deposited"), "{reply:?}");
     let store = &broker.running.broker.store();
     assert_eq!(store.inbox_depth().await.unwrap(), 1);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let now = micromsg_broker::clock::unix_now() as i64;
-    let report = store.sweep(now).await.unwrap();
+    // The sweep takes the time: it runs here as it will once the lifetime is over, instead of
+    // the test waiting for that.
+    let past_expiry = micromsg_broker::clock::unix_now() as i64 + 2;
+    let report = store.sweep(past_expiry).await.unwrap();
     assert_eq!(report.inbox_items, 1);
     assert_eq!(store.inbox_depth().await.unwrap(), 0);
     let (b_agent, mut b_rx) = online(&b).await;
@@ -635,11 +636,16 @@ mod durability {
         // Each sender deposits its messages one after another, retrying the same id and body
         // after a failure (DEPOSIT is idempotent by id), and records what was acknowledged.
         let acked_total = Arc::new(AtomicUsize::new(0));
+        let failed_total = Arc::new(AtomicUsize::new(0));
         let acked: Arc<Mutex<Vec<(usize, usize, Hex16)>>> = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for (i, (profile, mut session)) in senders.into_iter().enumerate() {
-            let (target, acked, acked_total) =
-                (target.clone(), Arc::clone(&acked), Arc::clone(&acked_total));
+            let (target, acked, acked_total, failed_total) = (
+                target.clone(),
+                Arc::clone(&acked),
+                Arc::clone(&acked_total),
+                Arc::clone(&failed_total),
+            );
             tasks.push(tokio::spawn(async move {
                 let mut failures = 0;
                 for seq in 0..PER_SENDER {
@@ -656,6 +662,7 @@ mod durability {
                             Ok(other) => panic!("{other:?}"),
                             Err(_) => {
                                 failures += 1;
+                                failed_total.fetch_add(1, Ordering::SeqCst);
                                 session = connect_retrying(&profile).await;
                             }
                         }
@@ -678,7 +685,13 @@ mod durability {
             at_kill < SENDERS * PER_SENDER,
             "killed before the end of the burst"
         );
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Start it again once the kill has reached the senders.
+        micromsg_tests::wait::eventually(
+            "a sender saw the broker go",
+            Duration::from_secs(30),
+            async || failed_total.load(Ordering::SeqCst) > 0,
+        )
+        .await;
         broker.start();
         wait_until_up(&addr, &ca, &broker.log).await;
         let mut failures = 0;

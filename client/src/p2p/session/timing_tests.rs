@@ -1,0 +1,264 @@
+//! The session's timers on paused tokio time, over an in-memory pipe: a heartbeat after an
+//! interval without sending, the end after the liveness timeout without a valid frame, and a
+//! slow reader not taken for a silent peer. Deterministic and instant: the paused clock moves
+//! only when every task waits, and then straight to the next timer.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use micromsg_crypto::handshake::{Initiator, Responder};
+use micromsg_crypto::message::Kind;
+use micromsg_crypto::{IdentityKey, Secret32, SessionKeys};
+use micromsg_wire::io::{FrameReader, write_frame};
+use rand_core::OsRng;
+use tokio::io::{AsyncWrite, DuplexStream, ReadHalf, WriteHalf};
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+
+use super::{EndReason, PeerEvent, SessionEnd, SessionHandle, SessionWrite, spawn_on};
+use crate::p2p::SessionConfig;
+
+const INTERVAL: Duration = Duration::from_secs(10);
+const MS: Duration = Duration::from_millis(1);
+/// Longer than any test here runs on the paused clock: a wait that reaches it is a failure,
+/// not an endless run of heartbeats.
+const NEVER: Duration = Duration::from_secs(3600);
+
+impl SessionWrite for WriteHalf<DuplexStream> {
+    /// One poll with a no-op waker; pending is `WouldBlock`. The session then waits in its
+    /// write branch, which polls again with the task's waker.
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(self).poll_write(&mut cx, buf) {
+            Poll::Ready(written) => written,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+fn config() -> SessionConfig {
+    SessionConfig {
+        heartbeat_interval: INTERVAL,
+        missed_heartbeats: 3,
+        ..SessionConfig::default()
+    }
+}
+
+/// Both ends' session keys, from a handshake run in memory.
+fn keys() -> (SessionKeys, SessionKeys) {
+    let token = Secret32::from_bytes([9; 32]);
+    let initiator_id = IdentityKey::from_seed(&Secret32::from_bytes([1; 32]));
+    let responder_id = IdentityKey::from_seed(&Secret32::from_bytes([2; 32]));
+    let (initiator, init) = Initiator::new(&mut OsRng, &initiator_id, &token);
+    let (responder, accept) =
+        Responder::handle_init(&mut OsRng, &responder_id, &init, |_| Some(token.clone())).unwrap();
+    let outcome = initiator.handle_accept(&accept).unwrap();
+    let responder_keys = responder.handle_finish(&outcome.finish).unwrap();
+    (outcome.keys, responder_keys)
+}
+
+type End = (FrameReader<ReadHalf<DuplexStream>>, WriteHalf<DuplexStream>);
+
+/// The two ends of an in-memory connection.
+fn pipe(max_frame_len: u32) -> (End, End) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let end = |stream| {
+        let (read, write) = tokio::io::split(stream);
+        (FrameReader::new(read, max_frame_len), write)
+    };
+    (end(a), end(b))
+}
+
+/// Two sessions talking to each other.
+fn two_sessions(a: SessionConfig, b: SessionConfig) -> (SessionHandle, SessionHandle) {
+    let (ka, kb) = keys();
+    let ((ra, wa), (rb, wb)) = pipe(a.max_frame_len.max(b.max_frame_len));
+    (spawn_on(ra, wa, a, ka, None), spawn_on(rb, wb, b, kb, None))
+}
+
+/// The other end of a session, played by the test with the crypto crate.
+struct RawPeer {
+    reader: FrameReader<ReadHalf<DuplexStream>>,
+    writer: WriteHalf<DuplexStream>,
+    keys: SessionKeys,
+    next_counter: u64,
+}
+
+/// A session against a raw peer.
+fn session_and_peer(cfg: SessionConfig) -> (SessionHandle, RawPeer) {
+    let (ka, kb) = keys();
+    let ((ra, wa), (reader, writer)) = pipe(cfg.max_frame_len);
+    let session = spawn_on(ra, wa, cfg, ka, None);
+    let peer = RawPeer {
+        reader,
+        writer,
+        keys: kb,
+        next_counter: 0,
+    };
+    (session, peer)
+}
+
+impl RawPeer {
+    /// The next frame the session sent, opened: its counter and kind; `None` once the session
+    /// closed the connection.
+    async fn next(&mut self) -> Option<(u64, Kind)> {
+        let frame = timeout(NEVER, self.reader.next_frame())
+            .await
+            .expect("the session neither sent nor closed")
+            .unwrap()?;
+        let opened = self.keys.recv.open(&frame).unwrap();
+        Some((opened.counter, opened.kind))
+    }
+
+    /// Asserts that the session sends nothing before `deadline`.
+    async fn nothing_before(&mut self, deadline: Instant) {
+        let early = timeout_at(deadline, self.reader.next_frame()).await;
+        assert!(
+            early.is_err(),
+            "the session sent or closed early: {early:?}"
+        );
+    }
+
+    /// Sends a valid frame of `kind`.
+    async fn send(&mut self, kind: Kind, payload: &[u8]) {
+        let frame = self
+            .keys
+            .send
+            .seal(self.next_counter, 1_700_000_000, kind, payload)
+            .unwrap();
+        self.next_counter += 1;
+        write_frame(&mut self.writer, &frame).await.unwrap();
+    }
+}
+
+async fn next_event(session: &mut SessionHandle) -> PeerEvent {
+    timeout(NEVER, session.next_event())
+        .await
+        .expect("no event")
+        .expect("the event queue closed before Ended")
+}
+
+async fn ended(session: &mut SessionHandle) -> SessionEnd {
+    loop {
+        if let PeerEvent::Ended(end) = next_event(session).await {
+            return end;
+        }
+    }
+}
+
+async fn text(session: &mut SessionHandle) -> (u64, String) {
+    match next_event(session).await {
+        PeerEvent::Text { counter, text, .. } => (counter, text),
+        other => panic!("expected a text, got {other:?}"),
+    }
+}
+
+/// Asserts that the session reports nothing (in particular not its end) before `deadline`.
+async fn no_event_before(session: &mut SessionHandle, deadline: Instant) {
+    let early = timeout_at(deadline, session.next_event()).await;
+    assert!(early.is_err(), "an event early: {early:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_goes_out_after_an_interval_without_sending() {
+    let (session, mut peer) = session_and_peer(config());
+    let started = Instant::now();
+    peer.nothing_before(started + INTERVAL - MS).await;
+    assert_eq!(peer.next().await, Some((0, Kind::Heartbeat)));
+    assert_eq!(started.elapsed(), INTERVAL);
+
+    // A message restarts the interval: the next heartbeat is one interval after it.
+    sleep(Duration::from_secs(4)).await;
+    session.send_text("between heartbeats").await.unwrap();
+    let sent = Instant::now();
+    assert_eq!(peer.next().await, Some((1, Kind::Text)));
+    peer.nothing_before(sent + INTERVAL - MS).await;
+    assert_eq!(peer.next().await, Some((2, Kind::Heartbeat)));
+    assert_eq!(sent.elapsed(), INTERVAL);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_ends_the_session_after_the_liveness_timeout() {
+    let cfg = config();
+    let dead_after = cfg.liveness_timeout();
+    assert_eq!(dead_after, 3 * INTERVAL);
+    let (mut session, mut peer) = session_and_peer(cfg);
+    let started = Instant::now();
+    no_event_before(&mut session, started + dead_after - MS).await;
+    let end = ended(&mut session).await;
+    assert_eq!(end.reason, EndReason::HeartbeatTimeout);
+    assert_eq!(started.elapsed(), dead_after);
+    // Meanwhile the session sent its heartbeats (the last one may race the deadline), then
+    // closed the connection.
+    let mut kinds = Vec::new();
+    while let Some((counter, kind)) = peer.next().await {
+        assert_eq!(counter, kinds.len() as u64);
+        kinds.push(kind);
+    }
+    assert!((2..=3).contains(&kinds.len()), "{kinds:?}");
+    assert!(kinds.iter().all(|k| *k == Kind::Heartbeat), "{kinds:?}");
+    assert_eq!(end.next_send_counter, kinds.len() as u64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frame_from_the_peer_restarts_the_liveness_timeout() {
+    let cfg = config();
+    let dead_after = cfg.liveness_timeout();
+    let (mut session, mut peer) = session_and_peer(cfg);
+    sleep(dead_after - Duration::from_secs(5)).await;
+    peer.send(Kind::Heartbeat, b"").await;
+    let heard = Instant::now();
+    no_event_before(&mut session, heard + dead_after - MS).await;
+    let end = ended(&mut session).await;
+    assert_eq!(end.reason, EndReason::HeartbeatTimeout);
+    assert_eq!(heard.elapsed(), dead_after);
+    assert_eq!(end.last_recv_counter, Some(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_keep_an_idle_session_alive() {
+    let (mut a, mut b) = two_sessions(config(), config());
+    // Ten and a half intervals with no traffic but heartbeats: ten from each side.
+    sleep(INTERVAL * 21 / 2).await;
+    assert_eq!(a.next_send_counter(), 10, "heartbeats use counters");
+    assert_eq!(b.next_send_counter(), 10);
+    a.send_text("still here").await.unwrap();
+    assert_eq!(text(&mut b).await, (10, "still here".to_owned()));
+    b.close("done").await.unwrap();
+    assert_eq!(
+        ended(&mut a).await.reason,
+        EndReason::PeerDisconnected("done".into())
+    );
+    assert_eq!(ended(&mut b).await.reason, EndReason::LocalClose);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_reader_does_not_time_out_or_lose_messages() {
+    let cfg = SessionConfig {
+        event_queue: 2,
+        outgoing_queue: 4,
+        ..config()
+    };
+    let (a, mut b) = two_sessions(cfg.clone(), cfg.clone());
+    for n in 0..50 {
+        a.send_text(format!("m{n}")).await.unwrap();
+    }
+    // b's application does not read for ten and a half liveness periods: b stops reading its
+    // end of the connection, and does not blame a for the silence. (Not a whole number of
+    // periods: were the application to catch up at the very instant b's liveness timer
+    // fires, the session could end with HeartbeatTimeout, as it refreshes its last-heard
+    // time when that timer fires while it is not reading, not when it resumes reading. A
+    // coincidence in real time, a certainty on the paused clock.)
+    sleep(cfg.liveness_timeout() * 21 / 2).await;
+    for n in 0..50 {
+        assert_eq!(text(&mut b).await, (n, format!("m{n}")));
+    }
+    a.close("").await.unwrap();
+    assert_eq!(
+        ended(&mut b).await.reason,
+        EndReason::PeerDisconnected(String::new())
+    );
+}
