@@ -270,7 +270,10 @@ async fn a_probed_number_stays_unreachable_for_the_prober_once_given_out(backend
         async || {
             let store = broker.running.broker.store();
             store
-                .is_poisoned(&prober.info.number, &future)
+                .is_poisoned(
+                    &Number::new(prober.info.number.clone()).unwrap(),
+                    &Number::new(future.clone()).unwrap(),
+                )
                 .await
                 .unwrap()
         },
