@@ -1,19 +1,22 @@
 //! The MicroMsg broker.
 //!
-//! Layout:
-//! - [`run`]: start and stop a whole broker (what the binary and the tests call).
-//! - [`config`]: the typed configuration (TOML file, `MICROMSG_*` overrides, flags).
-//! - [`server`]: accept loop, connection limits, graceful shutdown.
-//! - `connection`: one client connection: frame loop and request handlers.
-//! - [`broker`]: the state shared by all connections.
-//! - [`online`]: logged-in devices and their bounded event queues.
-//! - storage is the `micromsg-store` crate: entities, devices, inboxes on SQLite or Postgres.
-//! - [`tls`], [`identity`]: certificates (a private CA on first start) and the signing key.
-//! - [`limits`], [`numbers`]: rate limiters, number allocation.
-//! - [`federation`]: the broker network: network file, mutual TLS, the gRPC federation
-//!   service, networked contact setup, the cross-broker outbox.
-//! - [`admin`]: the operator's gRPC service (status, health, reflection).
-//! - [`telemetry`]: logs, OpenTelemetry export, trace context across brokers.
+//! Built in floors (`broker/floors.txt`, checked by `scripts/check-floors`): a module imports
+//! its own floor or lower ones, never a higher one, and there is no import cycle.
+//!
+//! 4. Assembly: [`run`] starts and stops a whole broker (what the binary and the tests call);
+//!    [`cli`] is the `micromsg-broker` command line.
+//! 3. Transport: [`server`] (the client listener), `connection` (one client connection's frame
+//!    loop), [`federation::service`] (the gRPC listener of the network), [`admin`].
+//! 2. Services: [`handlers`] (every client request, by area), [`contacts::routing`] (the
+//!    silent-drop rules), [`federation::contact`] and [`federation::outbox`], [`metrics`].
+//! 1. State: [`broker`] (the shared [`broker::Broker`]), [`online`] (logged-in devices and
+//!    their event queues), [`contacts::pending`], [`federation`] (membership, peer links).
+//! 0. Leaves: [`clock`], [`shutdown`], [`signals`], [`config`], [`limits`], [`numbers`],
+//!    [`tls`], [`identity`], [`telemetry`], [`listener`] (the accept loop),
+//!    [`federation::network`], [`federation::mtls`].
+//!
+//! Storage is the `micromsg-store` crate: entities, devices, contacts, inboxes and the outbox
+//! on SQLite or Postgres. `docs/architecture.md` follows one request from listener to store.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -1,5 +1,5 @@
 //! The client listener: TLS 1.3 connections from clients, each served by
-//! [`crate::connection`], through the shared accept loop ([`crate::listener`]).
+//! `connection`, through the shared accept loop ([`crate::listener`]).
 //!
 //! On shutdown the loop stops accepting, every connection finishes the request it is in, says
 //! `SHUTDOWN` and closes, and the server waits for them up to a grace period.

@@ -6,7 +6,7 @@
 //!   must then survive a SIGKILL *and* a power loss; in WAL mode `NORMAL` only survives the
 //!   former. Every write transaction starts with `BEGIN IMMEDIATE`, so it takes the single
 //!   writer lock up front instead of failing when a deferred reader upgrades. Writers also queue
-//!   in the store first (the write gate, [`Store::writing`]), one at a time: SQLite's own
+//!   in the store first (the write gate, `Store::writing`), one at a time: SQLite's own
 //!   busy handler waits for the lock by sleeping in steps of up to 100 ms, so concurrent writers
 //!   left to it lose time and get tails of hundreds of milliseconds; the gate hands the lock on
 //!   the moment the writer before commits. Reads do not queue (WAL readers run beside the

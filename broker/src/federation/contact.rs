@@ -12,7 +12,7 @@
 //!    holds pk_A with an expiry.
 //! 3. B answers with `PUBKEY: pk_B` and `SEALED-ADDRESS: s` (its address sealed to pk_A). Y
 //!    records the pair {B, A}, makes the connect token t, sends B CONTACT-CONNECTING and calls
-//!    `Accepted(r, A, B, pk_B, s, t)` on X ([`send_accepted`]).
+//!    `Accepted(r, A, B, pk_B, s, t)` on X (`send_accepted`).
 //! 4. X checks that the call comes from the broker it forwarded r to and names the same
 //!    numbers ([`receive_accepted`]), records the pair {A, B}, holds pk_B with an expiry, and
 //!    sends A CONTACT-ACCEPTED `{REQUEST: r, TARGET: B, SEALED-ADDRESS: s, TOKEN: t,
@@ -193,7 +193,7 @@ pub fn receive_initiate(
     Ok(())
 }
 
-/// What the target's accepting CONTACT-ANSWER carried, for [`send_accepted`].
+/// What the target's accepting CONTACT-ANSWER carried, for `send_accepted`.
 #[derive(Debug, Clone)]
 pub struct Acceptance {
     /// The local request id (r').
