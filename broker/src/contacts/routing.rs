@@ -9,7 +9,7 @@
 //! frame at the same time, then nothing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use micromsg_crypto::Secret32;
 use micromsg_wire::message::event::{
@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use super::pending::{Initiate, InitiateKind, Origin, Pending};
 use crate::broker::Broker;
-use crate::clock::unix_now;
+use crate::clock::Now;
 use crate::online::{Delivery, Push};
 
 /// Routes an INITIATE after its ack: drops it silently, answers it (AUTO-EXISTING) or asks the
@@ -31,13 +31,19 @@ use crate::online::{Delivery, Push};
 /// INITIATE-EXISTING-NETWORKED from a number that is not a contact pair is dropped, and
 /// AUTO-EXISTING does not answer for the target (only the target's client can seal its
 /// address), so the target is always asked (protocol.md 11.3).
-pub async fn route_initiate(broker: Arc<Broker>, req: Initiate) {
-    if let Err(e) = try_route(&broker, &req).await {
+///
+/// `now` is when the request was acknowledged (the routing reads no clock of its own).
+pub async fn route_initiate(broker: Arc<Broker>, req: Initiate, now: Now) {
+    if let Err(e) = try_route(&broker, &req, now).await {
         warn!(error = %e, "routing a contact request failed; dropped");
     }
 }
 
-async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store::StoreError> {
+async fn try_route(
+    broker: &Broker,
+    req: &Initiate,
+    now: Now,
+) -> Result<(), micromsg_store::StoreError> {
     let store = &broker.store;
     if req.caller == req.target {
         return Ok(());
@@ -47,7 +53,7 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store
             && broker.numbers.owns(req.target.as_str())
         {
             store
-                .remember_unknown_target(&req.caller, &req.target, unix_now() as i64)
+                .remember_unknown_target(&req.caller, &req.target, now.unix_i64())
                 .await?;
         }
         debug!("contact request dropped");
@@ -84,7 +90,6 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store
         debug!("contact request dropped");
         return Ok(());
     };
-    let now = Instant::now();
     let ttl = Duration::from_secs(broker.config.contacts.request_ttl_secs);
     broker.contacts.insert(
         req.request,
@@ -92,15 +97,15 @@ async fn try_route(broker: &Broker, req: &Initiate) -> Result<(), micromsg_store
             caller: req.caller.clone(),
             origin: req.origin.clone(),
             target: req.target.clone(),
-            expires: now + ttl,
+            expires: now.instant + ttl,
         },
-        now,
+        now.instant,
     );
     let pubkey = match &req.origin {
         Origin::Local { .. } => None,
         Origin::Networked(origin) => {
             // The seed: brokers hold the pubkeys of contacted clients, with an expiry.
-            let expires = unix_now()
+            let expires = now.unix
                 + broker
                     .federation
                     .as_ref()

@@ -22,7 +22,7 @@
 //! timeout or any drop at Y produces no call at all, so X (and A) learn nothing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use micromsg_wire::message::event::{ContactAccepted, ContactConnecting};
 use micromsg_wire::{Blob, Event, Hex16, Hex32, Number};
@@ -32,7 +32,7 @@ use super::outgoing::OutgoingRequest;
 use super::proto::{AcceptedRequest, InitiateKind as WireKind, InitiateRequest};
 use super::{Counters, Home};
 use crate::broker::Broker;
-use crate::clock::unix_now;
+use crate::clock::Now;
 use crate::contacts::pending::{Initiate, InitiateKind, NetworkOrigin, Origin, new_request_id};
 use crate::online::Push;
 
@@ -63,6 +63,7 @@ pub fn forward_initiate(
     target: &Number,
     kind: InitiateKind,
     caller_pubkey: [u8; 32],
+    now: Now,
 ) -> Result<[u8; 16], ForwardRefusal> {
     let Some(federation) = broker.federation.as_ref() else {
         return Err(ForwardRefusal::NotNetworked);
@@ -79,7 +80,6 @@ pub fn forward_initiate(
         ));
     }
     let request = new_request_id();
-    let now = Instant::now();
     let ttl = Duration::from_secs(broker.config.contacts.request_ttl_secs);
     federation.outgoing.insert(
         request,
@@ -88,9 +88,9 @@ pub fn forward_initiate(
             caller_conn,
             target: target.clone(),
             peer: peer.id.clone(),
-            expires: now + ttl,
+            expires: now.instant + ttl,
         },
-        now,
+        now.instant,
     );
     // Bounded: beyond max_forwards_in_flight the request is dropped, which the caller cannot
     // tell from any other silent outcome.
@@ -152,6 +152,7 @@ pub fn receive_initiate(
     broker: &Arc<Broker>,
     peer: &str,
     call: InitiateRequest,
+    now: Now,
 ) -> Result<(), tonic::Status> {
     let Some(federation) = broker.federation.as_ref() else {
         return Err(tonic::Status::failed_precondition("not networked"));
@@ -188,7 +189,8 @@ pub fn receive_initiate(
         kind,
     };
     tokio::spawn(
-        crate::contacts::routing::route_initiate(Arc::clone(broker), initiate).in_current_span(),
+        crate::contacts::routing::route_initiate(Arc::clone(broker), initiate, now)
+            .in_current_span(),
     );
     Ok(())
 }
@@ -216,8 +218,9 @@ pub async fn accept_networked(
     broker: &Arc<Broker>,
     origin: &NetworkOrigin,
     acceptance: Acceptance,
+    now: Now,
 ) -> Result<(), micromsg_store::StoreError> {
-    let now = unix_now() as i64;
+    let now = now.unix_i64();
     broker
         .store
         .add_contact(&acceptance.target, &acceptance.caller, now)
@@ -283,6 +286,7 @@ pub async fn receive_accepted(
     broker: &Arc<Broker>,
     peer: &str,
     call: AcceptedRequest,
+    now: Now,
 ) -> Result<(), tonic::Status> {
     let Some(federation) = broker.federation.as_ref() else {
         return Err(tonic::Status::failed_precondition("not networked"));
@@ -302,13 +306,13 @@ pub async fn receive_accepted(
     let Some(waiting) =
         federation
             .outgoing
-            .take_matching(&request, peer, &caller, &target, Instant::now())
+            .take_matching(&request, peer, &caller, &target, now.instant)
     else {
         // Unknown, expired, or not this peer's to answer: ignored, like a late answer.
         debug!("acceptance for no waiting request ignored");
         return Ok(());
     };
-    let now = unix_now();
+    let now = now.unix;
     let store = &broker.store;
     store
         .add_contact(&waiting.caller, &waiting.target, now as i64)

@@ -27,7 +27,7 @@ use super::proto::{
 };
 use super::{Home, contact, outbox};
 use crate::broker::Broker;
-use crate::clock::unix_now;
+use crate::clock::{Now, unix_now};
 use crate::telemetry;
 
 /// Authenticated connections waiting for tonic to pick them up.
@@ -85,7 +85,7 @@ impl FederationApi for FederationService {
         let span = info_span!("federation.initiate.receive", peer = %peer);
         telemetry::set_parent(&span, request.metadata());
         let _entered = span.enter();
-        contact::receive_initiate(&self.broker, &peer, request.into_inner())?;
+        contact::receive_initiate(&self.broker, &peer, request.into_inner(), Now::read())?;
         Ok(Response::new(InitiateAck {}))
     }
 
@@ -96,7 +96,7 @@ impl FederationApi for FederationService {
         let peer = peer_of(&request)?;
         let span = info_span!("federation.accepted.receive", peer = %peer);
         telemetry::set_parent(&span, request.metadata());
-        contact::receive_accepted(&self.broker, &peer, request.into_inner())
+        contact::receive_accepted(&self.broker, &peer, request.into_inner(), Now::read())
             .instrument(span)
             .await?;
         Ok(Response::new(AcceptedAck {}))

@@ -103,6 +103,7 @@ pub fn initiate(
             target,
             kind,
         },
+        now,
     ));
     let data = InitiateData {
         request: Hex16::from_bytes(request),
@@ -132,6 +133,7 @@ pub fn initiate_networked(
         &args.target,
         kind,
         *args.pubkey.as_bytes(),
+        now,
     )
     .map_err(|refusal| match refusal {
         ForwardRefusal::NotNetworked => Refusal::new(
@@ -256,6 +258,7 @@ pub async fn answer(
                     target_pubkey: *pubkey.as_bytes(),
                     sealed_address: sealed_address.into_vec(),
                 },
+                now,
             )
             .instrument(span)
             .await?;

@@ -348,6 +348,7 @@ impl Fixture {
                 target: target.clone(),
                 kind: InitiateKind::New,
             },
+            self.now,
         )
         .await;
     }
