@@ -478,13 +478,14 @@ mod durability {
     use micromsg_wire::{Address, Blob, Event, Hex16, Number, Request, ResponseData};
     use tokio::sync::Mutex;
 
-    // 4,000 deposits from 8 senders, the broker killed after 1,200 acknowledgements: enough
-    // for every sender to have acknowledged and unacknowledged deposits in flight at the kill,
-    // and for the recipient's inbox to span many pages; small enough to stay well under the
-    // 30 s a test may take (10,000 took 30-60 s on 2 busy cores, for no further coverage).
+    // 2,400 deposits from 8 senders, the broker killed after 720 acknowledgements: enough for
+    // every sender to have acknowledged and unacknowledged deposits in flight at the kill, and
+    // for the recipient's inbox to span ten pages; small enough to stay under the 30 s a test
+    // may take with the second core busy (10,000 took 30-60 s on 2 busy cores, 4,000 up to
+    // 34 s under `stress -c 1`, for no further coverage).
     const SENDERS: usize = 8;
-    const PER_SENDER: usize = 500;
-    const KILL_AFTER: usize = 1200;
+    const PER_SENDER: usize = 300;
+    const KILL_AFTER: usize = 720;
 
     use crate::broker_binary;
 
