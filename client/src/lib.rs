@@ -18,6 +18,7 @@
 pub mod account;
 pub mod agent;
 pub mod devices;
+pub mod error_text;
 pub mod groups;
 pub mod inbox;
 pub mod keys;

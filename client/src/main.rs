@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use micromsg_client::account::{self, AccountError};
 use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, Command as AgentCommand, Notice};
 use micromsg_client::devices;
+use micromsg_client::error_text;
 use micromsg_client::groups;
 use micromsg_client::link::LinkError;
 use micromsg_client::p2p::SessionConfig;
@@ -321,10 +322,10 @@ fn main() -> ExitCode {
                     .or_else(|| e.downcast_ref::<LinkError>().and_then(LinkError::code));
                 outln!(
                     "{}",
-                    json!({"error": format!("{e:#}"), "code": code.map(|c| c.as_str())})
+                    json!({"error": error_text::anyhow_text(&e), "code": code.map(|c| c.as_str())})
                 );
             } else {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", error_text::anyhow_text(&e));
             }
             ExitCode::FAILURE
         }
