@@ -68,8 +68,6 @@ pub use types::{
 
 /// Default pool size for a SQLite store (SQLite has one writer at a time; the rest read).
 pub const DEFAULT_SQLITE_CONNECTIONS: u32 = 8;
-/// Default pool size for a Postgres store.
-pub const DEFAULT_POSTGRES_CONNECTIONS: u32 = 16;
 /// How long a SQLite statement waits for the writer lock before failing with `SQLITE_BUSY`.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -94,7 +94,9 @@ impl Store {
         }
         for (ord, contact, blocked, device) in rows {
             let Some(route) = usize::try_from(ord).ok().and_then(|i| routes.get_mut(i)) else {
-                return Err(StoreError::InvalidArgument("route row out of range"));
+                return Err(StoreError::Invariant(
+                    "a route row for a pair that was not asked",
+                ));
             };
             route.contact = contact;
             route.blocked = blocked;
