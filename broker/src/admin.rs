@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -34,7 +35,7 @@ pub mod proto {
 }
 
 use proto::admin_server::{Admin, AdminServer};
-use proto::{PeerStatus, StatusRequest, StatusResponse};
+use proto::{FederationCounters, PeerStatus, StatusRequest, StatusResponse};
 
 /// Why the admin service or the status command failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +86,8 @@ pub async fn status(broker: &Broker) -> StatusResponse {
     let inbox_depth = store.inbox_depth().await.map(nonneg).unwrap_or(0);
     let outbox_depth = store.outbox_depth().await.map(nonneg).unwrap_or(0);
     let per_peer = store.outbox_depth_by_peer().await.unwrap_or_default();
-    let (network, peers) = match broker.federation.as_ref() {
-        None => (String::new(), Vec::new()),
+    let (network, peers, counters) = match broker.federation.as_ref() {
+        None => (String::new(), Vec::new(), None),
         Some(f) => {
             let mut peers: Vec<PeerStatus> = f
                 .links
@@ -108,7 +109,20 @@ pub async fn status(broker: &Broker) -> StatusResponse {
                 })
                 .collect();
             peers.sort_by(|a, b| a.broker_id.cmp(&b.broker_id));
-            (f.network.name.clone(), peers)
+            let c = &f.counters;
+            let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+            let counters = FederationCounters {
+                delivered: load(&c.delivered),
+                delivery_retries: load(&c.delivery_retries),
+                delivery_expired: load(&c.delivery_expired),
+                received: load(&c.received),
+                initiates_forwarded: load(&c.initiates_forwarded),
+                initiates_failed: load(&c.initiates_failed),
+                initiates_overflow: load(&c.initiates_overflow),
+                initiates_received: load(&c.initiates_received),
+                accepted_relayed: load(&c.accepted_relayed),
+            };
+            (f.network.name.clone(), peers, Some(counters))
         }
     };
     StatusResponse {
@@ -126,6 +140,7 @@ pub async fn status(broker: &Broker) -> StatusResponse {
         network,
         prefixes: broker.config.numbers.prefixes.clone(),
         peers,
+        federation: counters,
     }
 }
 
@@ -315,6 +330,17 @@ pub fn render_json(s: &StatusResponse) -> serde_json::Value {
             "last_error": p.last_error,
             "outbox_depth": p.outbox_depth,
         })).collect::<Vec<_>>(),
+        "federation": s.federation.as_ref().map(|c| serde_json::json!({
+            "delivered": c.delivered,
+            "delivery_retries": c.delivery_retries,
+            "delivery_expired": c.delivery_expired,
+            "received": c.received,
+            "initiates_forwarded": c.initiates_forwarded,
+            "initiates_failed": c.initiates_failed,
+            "initiates_overflow": c.initiates_overflow,
+            "initiates_received": c.initiates_received,
+            "accepted_relayed": c.accepted_relayed,
+        })),
     })
 }
 
@@ -348,6 +374,19 @@ pub fn render_text(s: &StatusResponse) -> String {
     }
     let _ = writeln!(out, "network   {}", s.network);
     let _ = writeln!(out, "outbox    {} deliveries waiting", s.outbox_depth);
+    if let Some(c) = &s.federation {
+        let _ = writeln!(
+            out,
+            "since up  {} delivered, {} received, {} retried, {} expired; contact requests {} forwarded, {} received, {} accepted",
+            c.delivered,
+            c.received,
+            c.delivery_retries,
+            c.delivery_expired,
+            c.initiates_forwarded,
+            c.initiates_received,
+            c.accepted_relayed
+        );
+    }
     let _ = writeln!(out, "peers");
     let now = unix_now();
     for p in &s.peers {

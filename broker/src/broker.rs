@@ -12,7 +12,7 @@ use micromsg_wire::message::response::{
 use micromsg_wire::{Hex32, Hex64, Limits, NumberPrefix, encode_info_canonical};
 
 use crate::config::{Config, InboxMode, RegistrationPolicy};
-use crate::contacts::pending::PendingRequests;
+use crate::contacts::Router;
 use crate::federation::Federation;
 use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
 use crate::numbers::NumberAllocator;
@@ -23,8 +23,8 @@ use micromsg_store::{BatcherConfig, DepositBatcher, OutboxBatcher, RouteBatcher,
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The state every connection, handler and background task of one broker shares. Its parts
-/// are crate-private: a handler reaches what it needs through the fields, the outside world
-/// through the few accessors below.
+/// are crate-private and grouped by who uses them; a handler gets only its area's part (see
+/// `handlers`), the outside world the few accessors below.
 #[derive(Debug)]
 pub struct Broker {
     /// The effective configuration.
@@ -34,25 +34,15 @@ pub struct Broker {
     /// Signs BROKER-INFO.
     pub(crate) identity: IdentityKey,
     /// Draws new numbers.
-    pub(crate) numbers: NumberAllocator,
+    pub(crate) numbers: Arc<NumberAllocator>,
     /// Logged-in devices and their event queues.
     pub(crate) online: Arc<Online>,
-    /// Registrations (and device joins) per client IP per hour.
-    pub(crate) registrations: WindowLimiter<IpAddr>,
-    /// INITIATE requests per entity per minute.
-    pub(crate) initiates: WindowLimiter<String>,
-    /// Contact requests waiting for the target's answer.
-    pub(crate) contacts: PendingRequests,
-    /// Login failures per entity.
-    pub(crate) login_failures: FailureLock,
-    /// Accepted login nonces, refused a second time.
-    pub(crate) replay: ReplayCache,
-    /// Group commit of offline deposits.
-    pub(crate) deposits: DepositBatcher,
-    /// Group commit of cross-broker deposits into the federation outbox.
-    pub(crate) outbox: OutboxBatcher,
-    /// Batched route checks of DEPOSITs (contact pair, block, devices).
-    pub(crate) routes: RouteBatcher,
+    /// Rate limits, lockouts and the login replay cache.
+    pub(crate) limiters: Limiters,
+    /// Routes contact requests (and holds the ones waiting for an answer).
+    pub(crate) router: Router,
+    /// The group commits and batched reads of the inbox paths.
+    pub(crate) batchers: Batchers,
     /// Decoder limits derived from the configuration.
     pub(crate) wire_limits: Limits,
     /// When the broker started.
@@ -61,41 +51,55 @@ pub struct Broker {
     pub(crate) federation: Option<Arc<Federation>>,
 }
 
-impl Broker {
-    /// Assembles the shared state of a standalone broker.
-    pub fn new(config: Config, store: Store, identity: IdentityKey) -> Self {
-        Self::with_federation(config, store, identity, None)
-    }
+/// Counters that refuse work beyond a configured rate, and the login replay cache.
+#[derive(Debug)]
+pub(crate) struct Limiters {
+    /// Registrations (and device joins) per client IP per hour.
+    pub(crate) registrations: WindowLimiter<IpAddr>,
+    /// INITIATE requests per entity per minute.
+    pub(crate) initiates: WindowLimiter<String>,
+    /// Login failures per entity.
+    pub(crate) login_failures: FailureLock,
+    /// Accepted login nonces, refused a second time.
+    pub(crate) replay: ReplayCache,
+}
 
-    /// Assembles the shared state; `federation` makes it a member of a network (its prefixes
-    /// must already be in `config.numbers.prefixes`).
-    pub fn with_federation(
-        config: Config,
-        store: Store,
-        identity: IdentityKey,
-        federation: Option<Federation>,
-    ) -> Self {
-        let numbers = NumberAllocator::new(config.numbers.prefixes.clone(), config.numbers.length);
-        let registrations = WindowLimiter::new(
-            config.registration.per_ip_per_hour,
-            Duration::from_secs(3600),
-        );
-        let initiates = WindowLimiter::new(
-            config.contacts.initiates_per_minute,
-            Duration::from_secs(60),
-        );
-        let login_failures = FailureLock::new(
-            config.auth.max_login_failures,
-            Duration::from_secs(config.auth.lock_secs),
-        );
+impl Limiters {
+    fn new(config: &Config) -> Self {
         // A nonce verifies for (2 * skew + 1) steps; remember it a little longer than that.
         let window = u64::from(config.auth.nonce_step_secs)
             * (2 * u64::from(config.auth.nonce_skew_steps) + 2);
-        let replay = ReplayCache::new(Duration::from_secs(window));
-        let wire_limits = Limits {
-            max_frame_len: config.limits.max_frame_len,
-            ..Limits::default()
-        };
+        Self {
+            registrations: WindowLimiter::new(
+                config.registration.per_ip_per_hour,
+                Duration::from_secs(3600),
+            ),
+            initiates: WindowLimiter::new(
+                config.contacts.initiates_per_minute,
+                Duration::from_secs(60),
+            ),
+            login_failures: FailureLock::new(
+                config.auth.max_login_failures,
+                Duration::from_secs(config.auth.lock_secs),
+            ),
+            replay: ReplayCache::new(Duration::from_secs(window)),
+        }
+    }
+}
+
+/// The batching front ends of the store that the inbox paths use.
+#[derive(Debug)]
+pub(crate) struct Batchers {
+    /// Group commit of offline deposits.
+    pub(crate) deposits: DepositBatcher,
+    /// Group commit of cross-broker deposits into the federation outbox.
+    pub(crate) outbox: OutboxBatcher,
+    /// Batched route checks of DEPOSITs (contact pair, block, devices).
+    pub(crate) routes: RouteBatcher,
+}
+
+impl Batchers {
+    fn spawn(config: &Config, store: &Store) -> Self {
         let deposits = DepositBatcher::spawn(
             store.clone(),
             BatcherConfig {
@@ -130,19 +134,55 @@ impl Broker {
             deposits,
             outbox,
             routes,
+        }
+    }
+}
+
+impl Broker {
+    /// Assembles the shared state of a standalone broker.
+    pub fn new(config: Config, store: Store, identity: IdentityKey) -> Self {
+        Self::with_federation(config, store, identity, None)
+    }
+
+    /// Assembles the shared state; `federation` makes it a member of a network (its prefixes
+    /// must already be in `config.numbers.prefixes`).
+    pub fn with_federation(
+        config: Config,
+        store: Store,
+        identity: IdentityKey,
+        federation: Option<Federation>,
+    ) -> Self {
+        let numbers = Arc::new(NumberAllocator::new(
+            config.numbers.prefixes.clone(),
+            config.numbers.length,
+        ));
+        let online = Arc::<Online>::default();
+        let federation = federation.map(Arc::new);
+        let router = Router {
+            store: store.clone(),
+            online: Arc::clone(&online),
+            pending: Arc::default(),
+            numbers: Arc::clone(&numbers),
+            remember_unknown_targets: config.contacts.remember_unknown_targets,
+            request_ttl: Duration::from_secs(config.contacts.request_ttl_secs),
+            pubkey_ttl_secs: federation.as_ref().map_or(0, |f| f.config.pubkey_ttl_secs),
+        };
+        let wire_limits = Limits {
+            max_frame_len: config.limits.max_frame_len,
+            ..Limits::default()
+        };
+        Self {
+            limiters: Limiters::new(&config),
+            batchers: Batchers::spawn(&config, &store),
+            router,
+            numbers,
+            online,
             config,
             store,
             identity,
-            numbers,
-            online: Arc::default(),
-            registrations,
-            initiates,
-            contacts: PendingRequests::default(),
-            login_failures,
-            replay,
             wire_limits,
             started: Instant::now(),
-            federation: federation.map(Arc::new),
+            federation,
         }
     }
 

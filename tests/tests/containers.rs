@@ -357,12 +357,20 @@ async fn a_delivery_resent_after_a_lost_answer_is_not_stored_twice() {
     for round in 0..2u8 {
         let depositing = Depositor::start(a_session, to_b.clone(), 0x10 + round);
         depositing.wait_acked(25).await;
+        let received = docker.federation_counter(&y, "received").await;
         pause(&pg_y.container).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // x's outbox backs up once its delivery call hangs in y's frozen commit (deposits keep
+        // coming every DEPOSIT_PACE); well inside federation.request_timeout_ms (5 s).
+        docker
+            .wait_outbox(&x, "y", "backing up behind y's frozen store", |n| n >= 3)
+            .await;
         pause(&x.container).await;
         pg_y.container.unpause().await.unwrap();
         eprintln!("round {round}: x paused while y commits");
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // y commits the delivery that x, frozen, will never see acknowledged.
+        docker
+            .wait_federation_counter(&y, "received", |n| n > received)
+            .await;
         {
             let mut bs = account::connect(&b.profile).await.unwrap();
             let m = fetch_all(&mut bs).await;
@@ -375,7 +383,8 @@ async fn a_delivery_resent_after_a_lost_answer_is_not_stored_twice() {
             ack(&mut bs, &m).await;
         }
         x.container.unpause().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // x takes deposits again after the freeze before it stops.
+        depositing.wait_acked(depositing.acked() + 5).await;
         let (session, acked) = depositing.finish().await;
         a_session = session;
         docker.wait_outbox(&x, "y", "drained", |n| n == 0).await;
@@ -968,6 +977,42 @@ impl Docker {
                 "peer {peer} without reachable/outbox_depth: {text}"
             )),
         }
+    }
+
+    /// One of `broker`'s federation counters (`micromsg-broker status --json`, `federation`).
+    async fn try_federation_counter(&self, broker: &Broker, name: &str) -> Result<u64, String> {
+        let cmd = [
+            "micromsg-broker",
+            "status",
+            "--admin",
+            ADMIN_IN_CONTAINER,
+            "--json",
+        ];
+        let text = self.try_exec(&broker.container, &cmd).await?;
+        let status: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("status --json: {e}: {text}"))?;
+        status["federation"][name]
+            .as_u64()
+            .ok_or_else(|| format!("no federation counter {name} in {text}"))
+    }
+
+    /// [`Self::try_federation_counter`], which must answer.
+    async fn federation_counter(&self, broker: &Broker, name: &str) -> u64 {
+        self.try_federation_counter(broker, name)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", broker.name))
+    }
+
+    /// Waits until `broker`'s federation counter `name` satisfies `ok`.
+    async fn wait_federation_counter(&self, broker: &Broker, name: &str, ok: impl Fn(u64) -> bool) {
+        let what = format!("{}'s federation counter {name}", broker.name);
+        wait_until(&what, Duration::from_secs(60), async || {
+            match self.try_federation_counter(broker, name).await? {
+                n if ok(n) => Ok(()),
+                n => Err(format!("{name} = {n}")),
+            }
+        })
+        .await;
     }
 
     /// Waits until `broker`'s status shows `peer` reachable (or not).

@@ -8,9 +8,6 @@
 //! task), so unknown, offline, blocking and rejecting targets all look the same: the same
 //! frame at the same time, then nothing.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use micromsg_crypto::Secret32;
 use micromsg_wire::message::event::{
     ContactAccepted, ContactConnecting, ContactKind, ContactRequest,
@@ -19,10 +16,10 @@ use micromsg_wire::{Address, Event, Hex16, Hex32, Number};
 use rand_core::OsRng;
 use tracing::{debug, warn};
 
+use super::Router;
 use super::pending::{Initiate, InitiateKind, Origin, Pending};
-use crate::broker::Broker;
 use crate::clock::Now;
-use crate::online::{Delivery, Push};
+use crate::online::{Delivery, Online, Push};
 
 /// Routes an INITIATE after its ack: drops it silently, answers it (AUTO-EXISTING) or asks the
 /// target's most recently active device.
@@ -33,25 +30,23 @@ use crate::online::{Delivery, Push};
 /// address), so the target is always asked (protocol.md 11.3).
 ///
 /// `now` is when the request was acknowledged (the routing reads no clock of its own).
-pub async fn route_initiate(broker: Arc<Broker>, req: Initiate, now: Now) {
-    if let Err(e) = try_route(&broker, &req, now).await {
+pub async fn route_initiate(router: Router, req: Initiate, now: Now) {
+    if let Err(e) = try_route(&router, &req, now).await {
         warn!(error = %e, "routing a contact request failed; dropped");
     }
 }
 
 async fn try_route(
-    broker: &Broker,
+    router: &Router,
     req: &Initiate,
     now: Now,
 ) -> Result<(), micromsg_store::StoreError> {
-    let store = &broker.store;
+    let store = &router.store;
     if req.caller == req.target {
         return Ok(());
     }
     if !store.entity_exists(&req.target).await? {
-        if broker.config.contacts.remember_unknown_targets
-            && broker.numbers.owns(req.target.as_str())
-        {
+        if router.remember_unknown_targets && router.numbers.owns(req.target.as_str()) {
             store
                 .remember_unknown_target(&req.caller, &req.target, now.unix_i64())
                 .await?;
@@ -73,10 +68,10 @@ async fn try_route(
     if let Origin::Local { caller_conn } = &req.origin
         && req.kind == InitiateKind::Existing
         && store.auto_existing(&req.target).await?
-        && let Some((_device, conn, address)) = broker.online.top_announced(req.target.as_str())
+        && let Some((_device, conn, address)) = router.online.top_announced(req.target.as_str())
     {
         hand_out(
-            broker,
+            &router.online,
             &req.request,
             &req.caller,
             *caller_conn,
@@ -86,18 +81,17 @@ async fn try_route(
         );
         return Ok(());
     }
-    let Some((_device, target_conn)) = broker.online.top_device(req.target.as_str()) else {
+    let Some((_device, target_conn)) = router.online.top_device(req.target.as_str()) else {
         debug!("contact request dropped");
         return Ok(());
     };
-    let ttl = Duration::from_secs(broker.config.contacts.request_ttl_secs);
-    broker.contacts.insert(
+    router.pending.insert(
         req.request,
         Pending {
             caller: req.caller.clone(),
             origin: req.origin.clone(),
             target: req.target.clone(),
-            expires: now.instant + ttl,
+            expires: now.instant + router.request_ttl,
         },
         now.instant,
     );
@@ -105,11 +99,7 @@ async fn try_route(
         Origin::Local { .. } => None,
         Origin::Networked(origin) => {
             // The seed: brokers hold the pubkeys of contacted clients, with an expiry.
-            let expires = now.unix
-                + broker
-                    .federation
-                    .as_ref()
-                    .map_or(0, |f| f.config.pubkey_ttl_secs);
+            let expires = now.unix + router.pubkey_ttl_secs;
             store
                 .put_peer_pubkey(&req.caller, &origin.caller_pubkey, expires as i64)
                 .await?;
@@ -126,7 +116,7 @@ async fn try_route(
         networked: pubkey.is_some(),
         pubkey,
     });
-    if broker
+    if router
         .online
         .push_conn(req.target.as_str(), target_conn, Push::event(event))
         != Delivery::Queued
@@ -139,7 +129,7 @@ async fn try_route(
 /// Accepts: records the contact pair and gives both sides the token (and the caller the
 /// target's address).
 pub fn hand_out(
-    broker: &Broker,
+    online: &Online,
     request: &[u8; 16],
     caller: &Number,
     caller_conn: u64,
@@ -166,10 +156,6 @@ pub fn hand_out(
         token: Hex32::from_bytes(*token.expose()),
     });
     // The target hears first, so it knows the token before the caller can connect.
-    broker
-        .online
-        .push_conn(target.as_str(), target_conn, Push::event(connecting));
-    broker
-        .online
-        .push_conn(caller.as_str(), caller_conn, Push::event(accepted));
+    online.push_conn(target.as_str(), target_conn, Push::event(connecting));
+    online.push_conn(caller.as_str(), caller_conn, Push::event(accepted));
 }

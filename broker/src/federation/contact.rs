@@ -30,9 +30,9 @@ use tracing::{Instrument, Span, debug, info_span, warn};
 
 use super::outgoing::OutgoingRequest;
 use super::proto::{AcceptedRequest, InitiateKind as WireKind, InitiateRequest};
-use super::{Counters, Home};
-use crate::broker::Broker;
+use super::{Counters, Federation, Home};
 use crate::clock::Now;
+use crate::contacts::Router;
 use crate::contacts::pending::{Initiate, InitiateKind, NetworkOrigin, Origin, new_request_id};
 use crate::online::Push;
 
@@ -54,20 +54,36 @@ pub enum ForwardRefusal {
     PeerUnavailable(u64),
 }
 
+/// A client's INITIATE-*-NETWORKED, as [`forward_initiate`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward<'a> {
+    /// The calling entity (a client of this broker).
+    pub caller: &'a Number,
+    /// The caller's connection, which hears CONTACT-ACCEPTED.
+    pub caller_conn: u64,
+    /// The target, in a peer's share.
+    pub target: &'a Number,
+    /// NEW or EXISTING.
+    pub kind: InitiateKind,
+    /// The caller's broker-keypair public key (pk_A).
+    pub caller_pubkey: [u8; 32],
+}
+
 /// Step 1: checks what may be checked before the ack, then forwards in the background and
-/// returns the request id to acknowledge.
+/// returns the request id to acknowledge. The request waits `request_ttl` for `Accepted`.
 pub fn forward_initiate(
-    broker: &Arc<Broker>,
-    caller: &Number,
-    caller_conn: u64,
-    target: &Number,
-    kind: InitiateKind,
-    caller_pubkey: [u8; 32],
+    federation: &Arc<Federation>,
+    forward: Forward<'_>,
+    request_ttl: Duration,
     now: Now,
 ) -> Result<[u8; 16], ForwardRefusal> {
-    let Some(federation) = broker.federation.as_ref() else {
-        return Err(ForwardRefusal::NotNetworked);
-    };
+    let Forward {
+        caller,
+        caller_conn,
+        target,
+        kind,
+        caller_pubkey,
+    } = forward;
     let Home::Peer(peer) = federation.home_of(target.as_str()) else {
         return Err(ForwardRefusal::NotNetworked);
     };
@@ -80,7 +96,6 @@ pub fn forward_initiate(
         ));
     }
     let request = new_request_id();
-    let ttl = Duration::from_secs(broker.config.contacts.request_ttl_secs);
     federation.outgoing.insert(
         request,
         OutgoingRequest {
@@ -88,7 +103,7 @@ pub fn forward_initiate(
             caller_conn,
             target: target.clone(),
             peer: peer.id.clone(),
-            expires: now.instant + ttl,
+            expires: now.instant + request_ttl,
         },
         now.instant,
     );
@@ -111,7 +126,7 @@ pub fn forward_initiate(
     };
     let link = Arc::clone(link);
     let timeout = federation.request_timeout();
-    let broker = Arc::clone(broker);
+    let federation = Arc::clone(federation);
     let span = info_span!("federation.initiate", peer = %peer.id);
     tokio::spawn(
         async move {
@@ -120,11 +135,9 @@ pub fn forward_initiate(
                 Ok(r) => r.map(|_| ()),
                 Err(_) => Err(tonic::Status::deadline_exceeded("initiate timed out")),
             };
-            if let Some(f) = broker.federation.as_ref() {
-                match link.record(result) {
-                    Ok(()) => Counters::bump(&f.counters.initiates_forwarded),
-                    Err(_) => Counters::bump(&f.counters.initiates_failed),
-                }
+            match link.record(result) {
+                Ok(()) => Counters::bump(&federation.counters.initiates_forwarded),
+                Err(_) => Counters::bump(&federation.counters.initiates_failed),
             }
             drop(permit);
         }
@@ -149,14 +162,12 @@ fn invalid(what: &str) -> tonic::Status {
 /// Step 2: a peer forwards a networked INITIATE. Validates what does not depend on the
 /// target, then routes in the background; the acknowledgement is the same in every case.
 pub fn receive_initiate(
-    broker: &Arc<Broker>,
+    router: &Router,
+    federation: &Federation,
     peer: &str,
     call: InitiateRequest,
     now: Now,
 ) -> Result<(), tonic::Status> {
-    let Some(federation) = broker.federation.as_ref() else {
-        return Err(tonic::Status::failed_precondition("not networked"));
-    };
     let request: [u8; 16] = fixed(&call.request, "request")?;
     let caller_pubkey: [u8; 32] = fixed(&call.caller_pubkey, "caller_pubkey")?;
     let caller = Number::new(call.caller).map_err(|_| invalid("caller is not a number"))?;
@@ -189,8 +200,7 @@ pub fn receive_initiate(
         kind,
     };
     tokio::spawn(
-        crate::contacts::routing::route_initiate(Arc::clone(broker), initiate, now)
-            .in_current_span(),
+        crate::contacts::routing::route_initiate(router.clone(), initiate, now).in_current_span(),
     );
     Ok(())
 }
@@ -215,13 +225,14 @@ pub struct Acceptance {
 /// Step 3 (at the target's broker): the target accepted. Records the pair, makes the token,
 /// tells the target, and hands pk_B, the sealed address and the token to the caller's broker.
 pub async fn accept_networked(
-    broker: &Arc<Broker>,
+    router: &Router,
+    federation: &Federation,
     origin: &NetworkOrigin,
     acceptance: Acceptance,
     now: Now,
 ) -> Result<(), micromsg_store::StoreError> {
     let now = now.unix_i64();
-    broker
+    router
         .store
         .add_contact(&acceptance.target, &acceptance.caller, now)
         .await?;
@@ -231,7 +242,7 @@ pub async fn accept_networked(
         from: acceptance.caller.clone(),
         token: Hex32::from_bytes(*token.expose()),
     });
-    broker.online.push_conn(
+    router.online.push_conn(
         acceptance.target.as_str(),
         acceptance.target_conn,
         Push::event(connecting),
@@ -244,15 +255,12 @@ pub async fn accept_networked(
         sealed_address: acceptance.sealed_address,
         token: token.expose().to_vec(),
     };
-    send_accepted(broker, &origin.broker, call);
+    send_accepted(federation, &origin.broker, call);
     Ok(())
 }
 
 /// Calls `Accepted` on the caller's broker in the background, a few times if the link fails.
-fn send_accepted(broker: &Arc<Broker>, peer: &str, call: AcceptedRequest) {
-    let Some(federation) = broker.federation.as_ref() else {
-        return;
-    };
+fn send_accepted(federation: &Federation, peer: &str, call: AcceptedRequest) {
     let Some(link) = federation.link(peer).cloned() else {
         return;
     };
@@ -283,14 +291,12 @@ fn send_accepted(broker: &Arc<Broker>, peer: &str, call: AcceptedRequest) {
 
 /// Step 4 (at the caller's broker): the peer says the target accepted.
 pub async fn receive_accepted(
-    broker: &Arc<Broker>,
+    router: &Router,
+    federation: &Federation,
     peer: &str,
     call: AcceptedRequest,
     now: Now,
 ) -> Result<(), tonic::Status> {
-    let Some(federation) = broker.federation.as_ref() else {
-        return Err(tonic::Status::failed_precondition("not networked"));
-    };
     let request: [u8; 16] = fixed(&call.request, "request")?;
     let target_pubkey: [u8; 32] = fixed(&call.target_pubkey, "target_pubkey")?;
     let token: [u8; 32] = fixed(&call.token, "token")?;
@@ -313,7 +319,7 @@ pub async fn receive_accepted(
         return Ok(());
     };
     let now = now.unix;
-    let store = &broker.store;
+    let store = &router.store;
     store
         .add_contact(&waiting.caller, &waiting.target, now as i64)
         .await
@@ -334,7 +340,7 @@ pub async fn receive_accepted(
         token: Hex32::from_bytes(token),
         pubkey: Some(Hex32::from_bytes(target_pubkey)),
     });
-    broker.online.push_conn(
+    router.online.push_conn(
         waiting.caller.as_str(),
         waiting.caller_conn,
         Push::event(accepted),

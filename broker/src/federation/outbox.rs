@@ -34,12 +34,14 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::proto::{DeliverRequest, Delivery, DeliveryResult, DeliveryStatus};
-use super::{Counters, Home};
+use super::{Counters, Federation, Home};
 use crate::broker::Broker;
 use crate::clock::unix_now;
 use crate::config::InboxMode;
 use crate::online::Push;
-use micromsg_store::{DepositOutcome, NewInboxItem, OutboxEntry, OutboxItem, StoreError};
+use micromsg_store::{
+    DepositOutcome, NewInboxItem, OutboxBatcher, OutboxEntry, OutboxItem, StoreError,
+};
 
 /// Rough protobuf overhead of one item besides its body, for batch sizing.
 const ITEM_OVERHEAD: usize = 128;
@@ -82,7 +84,11 @@ pub struct PeerDeposit {
 
 /// Writes a deposit for a peer into the outbox (committed when this returns) and wakes the
 /// worker. A repeat of the same message is a no-op.
-pub async fn enqueue_deposit(broker: &Broker, deposit: PeerDeposit) -> Result<(), StoreError> {
+pub async fn enqueue_deposit(
+    outbox: &OutboxBatcher,
+    federation: &Federation,
+    deposit: PeerDeposit,
+) -> Result<(), StoreError> {
     let key = idempotency_key(&deposit.sender, &deposit.recipient, &deposit.message_id);
     let payload = Delivery {
         idempotency_key: key.to_vec(),
@@ -95,8 +101,7 @@ pub async fn enqueue_deposit(broker: &Broker, deposit: PeerDeposit) -> Result<()
         body: deposit.body,
     }
     .encode_to_vec();
-    let fresh = broker
-        .outbox
+    let fresh = outbox
         .enqueue(OutboxEntry {
             idempotency_key: key,
             peer_broker: deposit.peer,
@@ -104,8 +109,8 @@ pub async fn enqueue_deposit(broker: &Broker, deposit: PeerDeposit) -> Result<()
             now: deposit.created_at as i64,
         })
         .await?;
-    if fresh && let Some(f) = broker.federation.as_ref() {
-        f.outbox_wake.notify_one();
+    if fresh {
+        federation.outbox_wake.notify_one();
     }
     Ok(())
 }

@@ -85,7 +85,16 @@ impl FederationApi for FederationService {
         let span = info_span!("federation.initiate.receive", peer = %peer);
         telemetry::set_parent(&span, request.metadata());
         let _entered = span.enter();
-        contact::receive_initiate(&self.broker, &peer, request.into_inner(), Now::read())?;
+        let Some(f) = self.broker.federation.as_ref() else {
+            return Err(Status::failed_precondition("not networked"));
+        };
+        contact::receive_initiate(
+            &self.broker.router,
+            f,
+            &peer,
+            request.into_inner(),
+            Now::read(),
+        )?;
         Ok(Response::new(InitiateAck {}))
     }
 
@@ -96,9 +105,18 @@ impl FederationApi for FederationService {
         let peer = peer_of(&request)?;
         let span = info_span!("federation.accepted.receive", peer = %peer);
         telemetry::set_parent(&span, request.metadata());
-        contact::receive_accepted(&self.broker, &peer, request.into_inner(), Now::read())
-            .instrument(span)
-            .await?;
+        let Some(f) = self.broker.federation.as_ref() else {
+            return Err(Status::failed_precondition("not networked"));
+        };
+        contact::receive_accepted(
+            &self.broker.router,
+            f,
+            &peer,
+            request.into_inner(),
+            Now::read(),
+        )
+        .instrument(span)
+        .await?;
         Ok(Response::new(AcceptedAck {}))
     }
 

@@ -1,11 +1,11 @@
 //! Accounts: REGISTER (a new entity and its first device), DEVICE-JOIN (a further device with
 //! a registration secret) and LOGIN (the mutually verified rotating nonce, protocol.md 9).
 
-use std::sync::Arc;
-
 use micromsg_crypto::nonce::{self, Direction, NonceContext, NoncePolicy};
 use micromsg_crypto::{Secret32, kdf};
-use micromsg_store::{NewDevice, StoreError};
+use std::net::IpAddr;
+
+use micromsg_store::{NewDevice, Store, StoreError};
 use micromsg_wire::message::request::{DeviceJoinArgs, LoginArgs, RegisterArgs};
 use micromsg_wire::message::response::{
     DeviceJoinData, LoginData, NonceAlgorithm, RegisterData, SessionCounts,
@@ -18,13 +18,50 @@ use tracing::{debug, info, warn};
 use super::{Handled, Login, Refusal, Session, wire_number};
 use crate::broker::Broker;
 use crate::clock::Now;
-use crate::config::RegistrationPolicy;
+use crate::config::{Config, RegistrationPolicy};
+use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
+use crate::numbers::NumberAllocator;
+use crate::online::Online;
+
+/// What the account handlers use.
+#[derive(Debug, Clone, Copy)]
+pub struct Cx<'a> {
+    /// Registration policy and tokens, nonce settings, the device cap.
+    pub config: &'a Config,
+    /// Entities and devices.
+    pub store: &'a Store,
+    /// Where a logged-in device's events go.
+    pub online: &'a Online,
+    /// Draws the numbers of new entities.
+    pub numbers: &'a NumberAllocator,
+    /// Registrations and device joins per client IP.
+    pub registrations: &'a WindowLimiter<IpAddr>,
+    /// Login failures per entity.
+    pub login_failures: &'a FailureLock,
+    /// Login nonces already accepted.
+    pub replay: &'a ReplayCache,
+}
+
+impl<'a> Cx<'a> {
+    /// The account handlers' part of the broker.
+    pub fn of(broker: &'a Broker) -> Self {
+        Self {
+            config: &broker.config,
+            store: &broker.store,
+            online: &broker.online,
+            numbers: &broker.numbers,
+            registrations: &broker.limiters.registrations,
+            login_failures: &broker.limiters.login_failures,
+            replay: &broker.limiters.replay,
+        }
+    }
+}
 
 /// How stale a device's `last_seen` may get before a login writes it again.
 const LAST_SEEN_GRANULARITY_SECS: i64 = 60;
 
 /// Registrations and device joins per client IP (`registration.per_ip_per_hour`).
-fn check_registration_rate(cx: &Broker, session: &Session, now: Now) -> Result<(), Refusal> {
+fn check_registration_rate(cx: Cx<'_>, session: &Session, now: Now) -> Result<(), Refusal> {
     cx.registrations
         .hit(&session.peer.ip(), now.instant)
         .map_err(|wait| {
@@ -37,12 +74,7 @@ fn check_registration_rate(cx: &Broker, session: &Session, now: Now) -> Result<(
 }
 
 /// REGISTER: a new entity with a random number of this broker's prefixes.
-pub async fn register(
-    cx: &Arc<Broker>,
-    session: &Session,
-    args: RegisterArgs,
-    now: Now,
-) -> Handled {
+pub async fn register(cx: Cx<'_>, session: &Session, args: RegisterArgs, now: Now) -> Handled {
     let config = &cx.config;
     match config.registration.policy {
         RegistrationPolicy::Closed => {
@@ -105,12 +137,7 @@ pub async fn register(
 }
 
 /// DEVICE-JOIN: a new device of an entity, with a registration secret from ADD-DEVICE.
-pub async fn device_join(
-    cx: &Arc<Broker>,
-    session: &Session,
-    args: DeviceJoinArgs,
-    now: Now,
-) -> Handled {
+pub async fn device_join(cx: Cx<'_>, session: &Session, args: DeviceJoinArgs, now: Now) -> Handled {
     check_registration_rate(cx, session, now)?;
     let hash = kdf::sha256(&[args.secret.as_bytes()]);
     let client_secret = Secret32::generate(&mut OsRng);
@@ -158,7 +185,7 @@ pub async fn device_join(
 /// LOGIN: verifies the client's nonce, proves the broker's, and registers the device online
 /// (its events go to `session.queue`). The caller refuses LOGIN on a logged-in connection.
 pub async fn login(
-    cx: &Arc<Broker>,
+    cx: Cx<'_>,
     session: &Session,
     args: LoginArgs,
     now: Now,

@@ -1,6 +1,6 @@
 //! The entity's encrypted key backup: BACKUP-PUT (versioned, one writer wins) and BACKUP-GET.
 
-use micromsg_store::StoreError;
+use micromsg_store::{Store, StoreError};
 use micromsg_wire::message::request::BackupPutArgs;
 use micromsg_wire::message::response::BackupGetData;
 use micromsg_wire::{Blob, ErrorCode, ResponseData};
@@ -9,9 +9,28 @@ use super::{Handled, Login, Refusal, check_size};
 use crate::broker::Broker;
 use crate::clock::Now;
 
+/// What the backup handlers use.
+#[derive(Debug, Clone, Copy)]
+pub struct Cx<'a> {
+    /// The backups.
+    pub store: &'a Store,
+    /// `inbox.max_message_bytes`, which bounds a backup too.
+    pub max_bytes: u32,
+}
+
+impl<'a> Cx<'a> {
+    /// The backup handlers' part of the broker.
+    pub fn of(broker: &'a Broker) -> Self {
+        Self {
+            store: &broker.store,
+            max_bytes: broker.config.inbox.max_message_bytes,
+        }
+    }
+}
+
 /// BACKUP-PUT: replaces the backup if VERSION is the stored version + 1.
-pub async fn put(cx: &Broker, login: &Login, args: BackupPutArgs, now: Now) -> Handled {
-    check_size(cx, "BLOB", args.blob.len())?;
+pub async fn put(cx: Cx<'_>, login: &Login, args: BackupPutArgs, now: Now) -> Handled {
+    check_size(cx.max_bytes, "BLOB", args.blob.len())?;
     let version = i64::try_from(args.version)
         .map_err(|_| Refusal::new(ErrorCode::BadArgs, "VERSION too large"))?;
     match cx
@@ -35,7 +54,7 @@ pub async fn put(cx: &Broker, login: &Login, args: BackupPutArgs, now: Now) -> H
 }
 
 /// BACKUP-GET: the backup and its version (0 and no blob when there is none).
-pub async fn get(cx: &Broker, login: &Login) -> Handled {
+pub async fn get(cx: Cx<'_>, login: &Login) -> Handled {
     let backup = cx.store.get_backup(login.number()).await?;
     Ok(ResponseData::BackupGet(match backup {
         Some(b) => BackupGetData {

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use micromsg_store::Store;
 use micromsg_wire::message::request::{
     Answer, ContactAnswerArgs, ContactPolicyArgs, InitiateNetworkedArgs, SEALED_ADDRESS_MAX,
     SEALED_ADDRESS_MIN,
@@ -19,30 +20,71 @@ use tracing::Instrument;
 use super::{Handled, Login, Refusal, Session};
 use crate::broker::Broker;
 use crate::clock::Now;
+use crate::contacts::Router;
 use crate::contacts::pending::{
     Initiate, InitiateKind, NetworkOrigin, Origin, new_request_id, resolve_address,
 };
 use crate::contacts::routing::{hand_out, route_initiate};
-use crate::federation::contact::{Acceptance, ForwardRefusal, SEALED_MAX, SEALED_MIN};
+use crate::federation::Federation;
+use crate::federation::contact::{
+    Acceptance, Forward, ForwardRefusal, SEALED_MAX, SEALED_MIN, forward_initiate,
+};
+use crate::limits::WindowLimiter;
+use crate::numbers::NumberAllocator;
+use crate::online::Online;
+
+/// What the contact handlers use.
+#[derive(Debug, Clone, Copy)]
+pub struct Cx<'a> {
+    /// Contact pairs, block lists, the AUTO-EXISTING policy.
+    pub store: &'a Store,
+    /// Announced addresses and event queues.
+    pub online: &'a Online,
+    /// This broker's share of the number space (IS-NETWORKED when standalone).
+    pub numbers: &'a NumberAllocator,
+    /// `server.broker_id`.
+    pub broker_id: &'a str,
+    /// INITIATE requests per entity.
+    pub initiates: &'a WindowLimiter<String>,
+    /// Routes a request after its acknowledgement, and holds the ones waiting for an answer.
+    pub router: &'a Router,
+    /// Peers, for the -NETWORKED requests; `None` for a standalone broker.
+    pub federation: Option<&'a Arc<Federation>>,
+}
+
+impl<'a> Cx<'a> {
+    /// The contact handlers' part of the broker.
+    pub fn of(broker: &'a Broker) -> Self {
+        Self {
+            store: &broker.store,
+            online: &broker.online,
+            numbers: &broker.numbers,
+            broker_id: &broker.config.server.broker_id,
+            initiates: &broker.limiters.initiates,
+            router: &broker.router,
+            federation: broker.federation.as_ref(),
+        }
+    }
+}
 
 /// Records the address the device listens on (ADDRESS of INITIATE-NEW, CONTACT-ANSWER,
 /// CONTACT-POLICY), resolved against the connection's IP.
-pub fn announce(cx: &Broker, session: &Session, login: &Login, address: &Address) {
+pub fn announce(cx: Cx<'_>, session: &Session, login: &Login, address: &Address) {
     let resolved = resolve_address(address, session.peer.ip());
     cx.online
         .set_address(login.number().as_str(), session.conn_id, resolved);
 }
 
 /// IS-NETWORKED: from configuration only, never a lookup (protocol.md 6.10).
-pub fn is_networked(cx: &Broker, target: &Number) -> ResponseData {
-    let data = match cx.federation.as_ref() {
+pub fn is_networked(cx: Cx<'_>, target: &Number) -> ResponseData {
+    let data = match cx.federation {
         // A standalone broker: its own prefixes are OWN, everything else NONE.
         None => {
             let own = cx.numbers.owns(target.as_str());
             IsNetworkedData {
                 networked: false,
                 home: if own { Home::Own } else { Home::None },
-                broker: own.then(|| cx.config.server.broker_id.clone()),
+                broker: own.then(|| cx.broker_id.to_owned()),
             }
         }
         Some(f) => match f.home_of(target.as_str()) {
@@ -67,7 +109,7 @@ pub fn is_networked(cx: &Broker, target: &Number) -> ResponseData {
 }
 
 /// INITIATE requests per entity (`contacts.initiates_per_minute`).
-fn check_initiate_rate(cx: &Broker, login: &Login, now: Now) -> Result<(), Refusal> {
+fn check_initiate_rate(cx: Cx<'_>, login: &Login, now: Now) -> Result<(), Refusal> {
     cx.initiates
         .hit(&login.number().as_str().to_owned(), now.instant)
         .map_err(|wait| {
@@ -81,7 +123,7 @@ fn check_initiate_rate(cx: &Broker, login: &Login, now: Now) -> Result<(), Refus
 
 /// INITIATE-NEW / INITIATE-EXISTING: the ack now, the routing in the background.
 pub fn initiate(
-    cx: &Arc<Broker>,
+    cx: Cx<'_>,
     session: &Session,
     login: &Login,
     target: Number,
@@ -93,7 +135,7 @@ pub fn initiate(
     // The ack is decided here, before anything about the target is looked up; the lookup
     // runs as its own task so its cost cannot show in the ack's timing.
     tokio::spawn(route_initiate(
-        Arc::clone(cx),
+        cx.router.clone(),
         Initiate {
             request,
             caller: login.number().clone(),
@@ -118,7 +160,7 @@ pub fn initiate(
 /// local link state; otherwise the ack goes out and the request is forwarded in the
 /// background (silent from then on, as INITIATE-NEW).
 pub fn initiate_networked(
-    cx: &Arc<Broker>,
+    cx: Cx<'_>,
     session: &Session,
     login: &Login,
     args: InitiateNetworkedArgs,
@@ -126,26 +168,31 @@ pub fn initiate_networked(
     now: Now,
 ) -> Handled {
     check_initiate_rate(cx, login, now)?;
-    let request = crate::federation::contact::forward_initiate(
-        cx,
-        login.number(),
-        session.conn_id,
-        &args.target,
-        kind,
-        *args.pubkey.as_bytes(),
-        now,
-    )
-    .map_err(|refusal| match refusal {
-        ForwardRefusal::NotNetworked => Refusal::new(
+    let not_networked = || {
+        Refusal::new(
             ErrorCode::NotNetworked,
             "number is not in a peer broker's share",
-        ),
-        ForwardRefusal::PeerUnavailable(secs) => Refusal::retry(
-            ErrorCode::PeerUnavailable,
-            "the broker serving this number cannot be reached now",
-            Duration::from_secs(secs),
-        ),
-    })?;
+        )
+    };
+    let federation = cx.federation.ok_or_else(not_networked)?;
+    let forward = Forward {
+        caller: login.number(),
+        caller_conn: session.conn_id,
+        target: &args.target,
+        kind,
+        caller_pubkey: *args.pubkey.as_bytes(),
+    };
+    let request =
+        forward_initiate(federation, forward, cx.router.request_ttl, now).map_err(|refusal| {
+            match refusal {
+                ForwardRefusal::NotNetworked => not_networked(),
+                ForwardRefusal::PeerUnavailable(secs) => Refusal::retry(
+                    ErrorCode::PeerUnavailable,
+                    "the broker serving this number cannot be reached now",
+                    Duration::from_secs(secs),
+                ),
+            }
+        })?;
     let data = InitiateData {
         request: Hex16::from_bytes(request),
     };
@@ -215,7 +262,7 @@ fn check_answer_shape(answer: Answer, origin: Origin) -> Result<Outcome, Refusal
 /// CONTACT-ANSWER: accept (the pair is recorded, both sides get the token) or decline (the
 /// caller goes on the target's block list, as the seed says).
 pub async fn answer(
-    cx: &Arc<Broker>,
+    cx: Cx<'_>,
     session: &Session,
     login: &Login,
     args: ContactAnswerArgs,
@@ -224,13 +271,18 @@ pub async fn answer(
     let request = *args.request.as_bytes();
     // Check the answer against the request before consuming it: an error has no effects.
     let peeked = cx
-        .contacts
+        .router
+        .pending
         .peek(&request, login.number(), now.instant)
         .ok_or_else(not_found)?;
     // `take` removes the entry `peek` copied (request ids are random and never reused), so
     // the origin checked here is the one consumed.
     let outcome = check_answer_shape(args.answer, peeked.origin)?;
-    let Some(pending) = cx.contacts.take(&request, login.number(), now.instant) else {
+    let Some(pending) = cx
+        .router
+        .pending
+        .take(&request, login.number(), now.instant)
+    else {
         // Another device of the entity answered in the meantime.
         return Err(not_found());
     };
@@ -247,8 +299,11 @@ pub async fn answer(
             sealed_address,
         } => {
             let span = tracing::info_span!(parent: &origin.span, "contact.answer.networked");
+            // A networked request came from a peer, so this broker is in a network.
+            let federation = cx.federation.ok_or_else(Refusal::internal)?;
             crate::federation::contact::accept_networked(
-                cx,
+                cx.router,
+                federation,
                 &origin,
                 Acceptance {
                     local_request: request,
@@ -276,7 +331,7 @@ pub async fn answer(
                 .add_contact(&pending.caller, login.number(), now.unix_i64())
                 .await?;
             hand_out(
-                cx,
+                cx.online,
                 &request,
                 &pending.caller,
                 caller_conn,
@@ -291,7 +346,7 @@ pub async fn answer(
 
 /// CONTACT-POLICY: AUTO-EXISTING (and optionally the address to hand out with it).
 pub async fn policy(
-    cx: &Broker,
+    cx: Cx<'_>,
     session: &Session,
     login: &Login,
     args: ContactPolicyArgs,
@@ -306,7 +361,7 @@ pub async fn policy(
 }
 
 /// BLOCK: `target` can no longer reach the entity (silently).
-pub async fn block(cx: &Broker, login: &Login, target: &Number, now: Now) -> Handled {
+pub async fn block(cx: Cx<'_>, login: &Login, target: &Number, now: Now) -> Handled {
     cx.store
         .block(login.number(), target, now.unix_i64())
         .await?;
@@ -314,13 +369,13 @@ pub async fn block(cx: &Broker, login: &Login, target: &Number, now: Now) -> Han
 }
 
 /// UNBLOCK.
-pub async fn unblock(cx: &Broker, login: &Login, target: &Number) -> Handled {
+pub async fn unblock(cx: Cx<'_>, login: &Login, target: &Number) -> Handled {
     cx.store.unblock(login.number(), target).await?;
     Ok(ResponseData::Unblock)
 }
 
 /// BLOCK-LIST: the numbers the entity blocked.
-pub async fn block_list(cx: &Broker, login: &Login) -> Handled {
+pub async fn block_list(cx: Cx<'_>, login: &Login) -> Handled {
     let numbers = cx.store.blocked_by(login.number()).await?;
     Ok(ResponseData::BlockList(BlockListData { numbers }))
 }

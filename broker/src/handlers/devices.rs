@@ -2,7 +2,7 @@
 //! DEVICE-LIST and DEVICE-REVOKE.
 
 use micromsg_crypto::{Secret32, kdf};
-use micromsg_store::StoreError;
+use micromsg_store::{Store, StoreError};
 use micromsg_wire::message::event::DeviceRevoked;
 use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs};
 use micromsg_wire::message::response::{AddDeviceData, DeviceInfo, DeviceListData};
@@ -13,14 +13,37 @@ use tracing::info;
 use super::{Handled, Login, Refusal, Session};
 use crate::broker::Broker;
 use crate::clock::Now;
-use crate::online::Push;
+use crate::config::LimitsConfig;
+use crate::online::{Online, Push};
+
+/// What the device handlers use.
+#[derive(Debug, Clone, Copy)]
+pub struct Cx<'a> {
+    /// The device cap and how long a registration secret lives.
+    pub limits: &'a LimitsConfig,
+    /// Devices and registration secrets.
+    pub store: &'a Store,
+    /// Where a revoked device's connections are.
+    pub online: &'a Online,
+}
+
+impl<'a> Cx<'a> {
+    /// The device handlers' part of the broker.
+    pub fn of(broker: &'a Broker) -> Self {
+        Self {
+            limits: &broker.config.limits,
+            store: &broker.store,
+            online: &broker.online,
+        }
+    }
+}
 
 /// ADD-DEVICE: a registration secret for a new device, valid for
 /// `limits.device_secret_ttl_secs`; only its hash is stored.
-pub async fn add(cx: &Broker, login: &Login, args: AddDeviceArgs, now: Now) -> Handled {
+pub async fn add(cx: Cx<'_>, login: &Login, args: AddDeviceArgs, now: Now) -> Handled {
     let secret = Secret32::generate(&mut OsRng);
     let hash = kdf::sha256(&[secret.expose()]);
-    let expires = now.unix + cx.config.limits.device_secret_ttl_secs;
+    let expires = now.unix + cx.limits.device_secret_ttl_secs;
     let name = args.name.as_ref().map(DeviceName::as_str);
     match cx
         .store
@@ -30,7 +53,7 @@ pub async fn add(cx: &Broker, login: &Login, args: AddDeviceArgs, now: Now) -> H
             name,
             now.unix_i64(),
             expires as i64,
-            cx.config.limits.max_devices,
+            cx.limits.max_devices,
         )
         .await
     {
@@ -47,7 +70,7 @@ pub async fn add(cx: &Broker, login: &Login, args: AddDeviceArgs, now: Now) -> H
 }
 
 /// DEVICE-LIST: the entity's active devices.
-pub async fn list(cx: &Broker, login: &Login) -> Handled {
+pub async fn list(cx: Cx<'_>, login: &Login) -> Handled {
     let devices = cx.store.list_devices(login.number()).await?;
     let devices = devices
         .into_iter()
@@ -66,7 +89,7 @@ pub async fn list(cx: &Broker, login: &Login) -> Handled {
 /// DEVICE-REVOKE: another device of the entity can no longer log in; its connections get
 /// DEVICE-REVOKED and close.
 pub async fn revoke(
-    cx: &Broker,
+    cx: Cx<'_>,
     session: &Session,
     login: &Login,
     args: DeviceRevokeArgs,

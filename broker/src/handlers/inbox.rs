@@ -4,7 +4,9 @@
 //! A deposit is answered only once every copy is committed (through the group commit,
 //! [`micromsg_store::DepositBatcher`]): the acknowledgement means durably stored.
 
-use micromsg_store::{NewInboxItem, StoreError};
+use micromsg_store::{
+    DepositBatcher, NewInboxItem, OutboxBatcher, RouteBatcher, Store, StoreError,
+};
 use micromsg_wire::message::event::InboxNotice;
 use micromsg_wire::message::request::{DepositArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs};
 use micromsg_wire::message::response::{
@@ -15,9 +17,47 @@ use micromsg_wire::{Blob, DeviceId, ErrorCode, Event, Hex16, Number, ResponseDat
 use super::{Handled, Login, Refusal, check_size};
 use crate::broker::Broker;
 use crate::clock::Now;
-use crate::config::InboxMode;
+use crate::config::{InboxConfig, InboxMode};
+use crate::federation::Federation;
 use crate::federation::outbox::PeerDeposit;
-use crate::online::Push;
+use crate::online::{Online, Push};
+
+/// What the inbox handlers use.
+#[derive(Debug, Clone, Copy)]
+pub struct Cx<'a> {
+    /// Inbox mode, message size, lifetime and quota.
+    pub inbox: &'a InboxConfig,
+    /// `limits.max_frame_len`: an INBOX-FETCH page fits in one frame.
+    pub max_frame_len: u32,
+    /// Inboxes and devices.
+    pub store: &'a Store,
+    /// Who hears of a new message.
+    pub online: &'a Online,
+    /// Group commit of deposits.
+    pub deposits: &'a DepositBatcher,
+    /// Group commit into the federation outbox.
+    pub outbox: &'a OutboxBatcher,
+    /// Batched route checks of deposits.
+    pub routes: &'a RouteBatcher,
+    /// Where a number outside this broker's share lives; `None` for a standalone broker.
+    pub federation: Option<&'a Federation>,
+}
+
+impl<'a> Cx<'a> {
+    /// The inbox handlers' part of the broker.
+    pub fn of(broker: &'a Broker) -> Self {
+        Self {
+            inbox: &broker.config.inbox,
+            max_frame_len: broker.config.limits.max_frame_len,
+            store: &broker.store,
+            online: &broker.online,
+            deposits: &broker.batchers.deposits,
+            outbox: &broker.batchers.outbox,
+            routes: &broker.batchers.routes,
+            federation: broker.federation.as_deref(),
+        }
+    }
+}
 
 /// Room left in a response frame for YAML around the inbox messages.
 const FETCH_FRAME_SLACK: usize = 2048;
@@ -27,11 +67,11 @@ const FETCH_MAX_MESSAGES: usize = 250;
 /// The devices a message to `number` is stored for: every active device in entity mode,
 /// one shared inbox (`None`) in number mode.
 async fn recipients(
-    cx: &Broker,
+    cx: Cx<'_>,
     number: &Number,
     except: Option<DeviceId>,
 ) -> Result<Vec<Option<DeviceId>>, Refusal> {
-    Ok(match cx.config.inbox.mode {
+    Ok(match cx.inbox.mode {
         InboxMode::Number => vec![None],
         InboxMode::Entity => cx
             .store
@@ -47,7 +87,7 @@ async fn recipients(
 /// Stores one message for each recipient device through the group commit; answers only
 /// once every copy is committed, with the expiry.
 async fn store_copies(
-    cx: &Broker,
+    cx: Cx<'_>,
     login: &Login,
     recipient: &Number,
     devices: Vec<Option<DeviceId>>,
@@ -55,7 +95,7 @@ async fn store_copies(
     body: Vec<u8>,
     now: Now,
 ) -> Result<u64, Refusal> {
-    let expires = now.unix + cx.config.inbox.ttl_secs;
+    let expires = now.unix + cx.inbox.ttl_secs;
     let mut pending = Vec::with_capacity(devices.len());
     for device in devices {
         let item = NewInboxItem {
@@ -94,8 +134,8 @@ async fn store_copies(
 }
 
 /// DEPOSIT: a message for a contact that is offline (or for its other devices).
-pub async fn deposit(cx: &Broker, login: &Login, args: DepositArgs, now: Now) -> Handled {
-    check_size(cx, "BODY", args.body.len())?;
+pub async fn deposit(cx: Cx<'_>, login: &Login, args: DepositArgs, now: Now) -> Handled {
+    check_size(cx.inbox.max_message_bytes, "BODY", args.body.len())?;
     let target = &args.target;
     let route = cx.routes.route(login.number(), target).await?;
     if !route.contact {
@@ -104,14 +144,15 @@ pub async fn deposit(cx: &Broker, login: &Login, args: DepositArgs, now: Now) ->
             "no contact pair with TARGET; set one up with INITIATE-NEW first",
         ));
     }
-    if let Some(f) = cx.federation.as_ref()
+    if let Some(f) = cx.federation
         && let crate::federation::Home::Peer(peer) = f.home_of(target.as_str())
     {
         // The target's home broker applies its block list; here the message goes into the
         // durable outbox, and the ack means "durably accepted by the home broker".
-        let expires = now.unix + cx.config.inbox.ttl_secs;
+        let expires = now.unix + cx.inbox.ttl_secs;
         crate::federation::outbox::enqueue_deposit(
-            cx,
+            cx.outbox,
+            f,
             PeerDeposit {
                 sender: login.number().as_str().to_owned(),
                 sender_device: login.device.get(),
@@ -133,10 +174,10 @@ pub async fn deposit(cx: &Broker, login: &Login, args: DepositArgs, now: Now) ->
         // Acknowledged and discarded: the blocked sender cannot tell.
         return Ok(ResponseData::Deposit(DepositData {
             id: args.id,
-            expires: now.unix + cx.config.inbox.ttl_secs,
+            expires: now.unix + cx.inbox.ttl_secs,
         }));
     }
-    let devices = match cx.config.inbox.mode {
+    let devices = match cx.inbox.mode {
         InboxMode::Number => vec![None],
         InboxMode::Entity => route.devices.into_iter().map(Some).collect(),
     };
@@ -157,8 +198,8 @@ pub async fn deposit(cx: &Broker, login: &Login, args: DepositArgs, now: Now) ->
 }
 
 /// SYNC-COPY: a copy of what this device sent or received, for the entity's other devices.
-pub async fn sync_copy(cx: &Broker, login: &Login, args: SyncCopyArgs, now: Now) -> Handled {
-    check_size(cx, "BODY", args.body.len())?;
+pub async fn sync_copy(cx: Cx<'_>, login: &Login, args: SyncCopyArgs, now: Now) -> Handled {
+    check_size(cx.inbox.max_message_bytes, "BODY", args.body.len())?;
     let devices = recipients(cx, login.number(), Some(login.device)).await?;
     if !devices.is_empty() {
         store_copies(
@@ -176,14 +217,14 @@ pub async fn sync_copy(cx: &Broker, login: &Login, args: SyncCopyArgs, now: Now)
 }
 
 /// INBOX-FETCH: a page of the device's inbox, within the frame limit.
-pub async fn fetch(cx: &Broker, login: &Login, args: InboxFetchArgs, now: Now) -> Handled {
+pub async fn fetch(cx: Cx<'_>, login: &Login, args: InboxFetchArgs, now: Now) -> Handled {
     let limit = args.limit_or_default().min(FETCH_MAX_MESSAGES as u32);
     let after = args.after.map(|a| *a.as_bytes());
     let (items, mut more) = cx
         .store
         .fetch_inbox(login.number(), login.device, after, limit, now.unix_i64())
         .await?;
-    let budget = (cx.config.limits.max_frame_len as usize).saturating_sub(FETCH_FRAME_SLACK);
+    let budget = (cx.max_frame_len as usize).saturating_sub(FETCH_FRAME_SLACK);
     let mut used = 0;
     let mut messages = Vec::with_capacity(items.len());
     for item in items {
@@ -207,7 +248,7 @@ pub async fn fetch(cx: &Broker, login: &Login, args: InboxFetchArgs, now: Now) -
 }
 
 /// INBOX-ACK: the device has stored these items; they leave its inbox.
-pub async fn ack(cx: &Broker, login: &Login, args: InboxAckArgs, now: Now) -> Handled {
+pub async fn ack(cx: Cx<'_>, login: &Login, args: InboxAckArgs, now: Now) -> Handled {
     let ids: Vec<[u8; 16]> = args.ids.iter().map(|i| *i.as_bytes()).collect();
     let removed = cx
         .store

@@ -1,7 +1,9 @@
 //! Request handling as a dispatch table (after mini-redis `cmd/`): every request is a function
-//! of the shared state ([`Broker`]), who is asking ([`Session`], and [`Login`] once logged in),
-//! the request's arguments and the time ([`Now`]). Handlers do no I/O of their own beyond the
-//! store and the online registry, and never read the clock.
+//! of its area's narrow context (each area's `Cx`: the store, the online registry, the
+//! limiters, the settings and the federation handle that area uses, borrowed from [`Broker`]),
+//! who is asking ([`Session`], and [`Login`] once logged in), the request's arguments and the
+//! time ([`Now`]). Handlers do no I/O of their own beyond the store and the online registry,
+//! and never read the clock.
 //!
 //! Being logged in is a type. [`Routed::from`] splits the wire's requests into the
 //! [`Public`] ones (no login needed) and the [`Authenticated`] ones; the connection dispatches
@@ -26,7 +28,6 @@ pub mod inbox;
 mod tests;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use micromsg_store::StoreError;
@@ -222,18 +223,23 @@ pub enum PublicOutcome {
 /// Handles a request that needs no login. LOGIN on a logged-in connection is refused by the
 /// caller (the connection knows its state), never here.
 pub async fn public(
-    cx: &Arc<Broker>,
+    broker: &Broker,
     session: &Session,
     request: Public,
     now: Now,
 ) -> Result<PublicOutcome, Refusal> {
     let answer = match request {
-        Public::BrokerInfo => ResponseData::BrokerInfo(cx.info(now.unix)),
+        Public::BrokerInfo => ResponseData::BrokerInfo(broker.info(now.unix)),
         Public::Ping => ResponseData::Ping(PingData { time: now.unix }),
-        Public::Register(args) => account::register(cx, session, args, now).await?,
-        Public::DeviceJoin(args) => account::device_join(cx, session, args, now).await?,
+        Public::Register(args) => {
+            account::register(account::Cx::of(broker), session, args, now).await?
+        }
+        Public::DeviceJoin(args) => {
+            account::device_join(account::Cx::of(broker), session, args, now).await?
+        }
         Public::Login(args) => {
-            let (answer, login) = account::login(cx, session, args, now).await?;
+            let (answer, login) =
+                account::login(account::Cx::of(broker), session, args, now).await?;
             return Ok(PublicOutcome::LoggedIn(answer, login));
         }
     };
@@ -242,48 +248,64 @@ pub async fn public(
 
 /// Handles a request of the logged-in device `login`.
 pub async fn authenticated(
-    cx: &Arc<Broker>,
+    broker: &Broker,
     session: &Session,
     login: &Login,
     request: Authenticated,
     now: Now,
 ) -> Handled {
     use Authenticated as A;
+    let devices = || devices::Cx::of(broker);
+    let contacts = || contacts::Cx::of(broker);
+    let inbox = || inbox::Cx::of(broker);
+    let backup = || backup::Cx::of(broker);
     match request {
         A::Logout => Ok(ResponseData::Logout),
-        A::AddDevice(args) => devices::add(cx, login, args, now).await,
-        A::DeviceList => devices::list(cx, login).await,
-        A::DeviceRevoke(args) => devices::revoke(cx, session, login, args, now).await,
-        A::IsNetworked(args) => Ok(contacts::is_networked(cx, &args.target)),
+        A::AddDevice(args) => devices::add(devices(), login, args, now).await,
+        A::DeviceList => devices::list(devices(), login).await,
+        A::DeviceRevoke(args) => devices::revoke(devices(), session, login, args, now).await,
+        A::IsNetworked(args) => Ok(contacts::is_networked(contacts(), &args.target)),
         A::InitiateNew(args) => {
             if let Some(address) = &args.address {
-                contacts::announce(cx, session, login, address);
+                contacts::announce(contacts(), session, login, address);
             }
-            contacts::initiate(cx, session, login, args.target, InitiateKind::New, now)
+            contacts::initiate(
+                contacts(),
+                session,
+                login,
+                args.target,
+                InitiateKind::New,
+                now,
+            )
         }
-        A::InitiateExisting(args) => {
-            contacts::initiate(cx, session, login, args.target, InitiateKind::Existing, now)
-        }
+        A::InitiateExisting(args) => contacts::initiate(
+            contacts(),
+            session,
+            login,
+            args.target,
+            InitiateKind::Existing,
+            now,
+        ),
         A::InitiateNetworked(args, kind) => {
-            contacts::initiate_networked(cx, session, login, args, kind, now)
+            contacts::initiate_networked(contacts(), session, login, args, kind, now)
         }
-        A::ContactAnswer(args) => contacts::answer(cx, session, login, args, now).await,
-        A::ContactPolicy(args) => contacts::policy(cx, session, login, args).await,
-        A::Block(args) => contacts::block(cx, login, &args.target, now).await,
-        A::Unblock(args) => contacts::unblock(cx, login, &args.target).await,
-        A::BlockList => contacts::block_list(cx, login).await,
-        A::Deposit(args) => inbox::deposit(cx, login, args, now).await,
-        A::SyncCopy(args) => inbox::sync_copy(cx, login, args, now).await,
-        A::InboxFetch(args) => inbox::fetch(cx, login, args, now).await,
-        A::InboxAck(args) => inbox::ack(cx, login, args, now).await,
-        A::BackupPut(args) => backup::put(cx, login, args, now).await,
-        A::BackupGet => backup::get(cx, login).await,
+        A::ContactAnswer(args) => contacts::answer(contacts(), session, login, args, now).await,
+        A::ContactPolicy(args) => contacts::policy(contacts(), session, login, args).await,
+        A::Block(args) => contacts::block(contacts(), login, &args.target, now).await,
+        A::Unblock(args) => contacts::unblock(contacts(), login, &args.target).await,
+        A::BlockList => contacts::block_list(contacts(), login).await,
+        A::Deposit(args) => inbox::deposit(inbox(), login, args, now).await,
+        A::SyncCopy(args) => inbox::sync_copy(inbox(), login, args, now).await,
+        A::InboxFetch(args) => inbox::fetch(inbox(), login, args, now).await,
+        A::InboxAck(args) => inbox::ack(inbox(), login, args, now).await,
+        A::BackupPut(args) => backup::put(backup(), login, args, now).await,
+        A::BackupGet => backup::get(backup(), login).await,
     }
 }
 
 /// Refuses a ciphertext or backup larger than the broker holds (`inbox.max_message_bytes`).
-fn check_size(cx: &Broker, field: &str, len: usize) -> Result<(), Refusal> {
-    let max = cx.config.inbox.max_message_bytes as usize;
+fn check_size(max: u32, field: &str, len: usize) -> Result<(), Refusal> {
+    let max = max as usize;
     if len > max {
         return Err(Refusal::new(
             ErrorCode::BadArgs,

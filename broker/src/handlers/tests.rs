@@ -338,7 +338,7 @@ impl Fixture {
             panic!("not an INITIATE-NEW ack: {ack:?}");
         };
         route_initiate(
-            Arc::clone(&self.broker),
+            self.broker.router.clone(),
             Initiate {
                 request: *request.as_bytes(),
                 caller: caller.login.number().to_owned(),
@@ -590,7 +590,8 @@ async fn initiate_answers_alike_and_only_an_online_willing_target_is_asked() {
         };
         let pending = fx
             .broker
-            .contacts
+            .router
+            .pending
             .peek(request.as_bytes(), number, fx.now.instant);
         assert_eq!(pending.is_some(), *name == "willing", "{name}");
     }

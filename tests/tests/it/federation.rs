@@ -657,8 +657,15 @@ async fn status_shows_the_peers(backend: Backend) {
     let text = micromsg_broker::admin::render_text(&status);
     assert!(text.contains("network   test-net"), "{text}");
     assert!(text.contains("reachable"), "{text}");
+    assert!(text.contains("since up  "), "{text}");
     let json = micromsg_broker::admin::render_json(&status);
     assert_eq!(json["peers"][1]["broker_id"], "z");
+    let counters = status
+        .federation
+        .as_ref()
+        .expect("a networked broker reports its federation counters");
+    assert_eq!(json["federation"]["received"], counters.received);
+    assert_eq!(json["federation"]["delivered"], counters.delivered);
 
     // Standard health checking and reflection, for any gRPC tool.
     assert!(
