@@ -1,0 +1,317 @@
+//! The control socket: one-shot CLI commands ([`Command`]) reach a running agent as JSON lines,
+//! and its [`Reply`] goes back the same way; [`Agent::on_command`] dispatches them.
+
+use std::path::PathBuf;
+
+use micromsg_wire::Hex16;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::account::AccountError;
+use crate::groups::Change;
+use crate::inbox::Arrived;
+use crate::profile::Profile;
+
+use super::{Agent, AgentError};
+
+/// A command for a running agent (one JSON object per line on the control socket).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Command {
+    /// Ask `number` to become a contact; answers once the session is up.
+    ContactAdd {
+        /// The number.
+        number: String,
+    },
+    /// Send `text` to `number` (setting up a session first if needed).
+    Send {
+        /// The contact.
+        number: String,
+        /// The message.
+        text: String,
+    },
+    /// Block `number` at the broker and locally.
+    Block {
+        /// The number.
+        number: String,
+    },
+    /// Unblock `number`.
+    Unblock {
+        /// The number.
+        number: String,
+    },
+    /// Answer a pending contact request (ask mode).
+    Answer {
+        /// The request id from the notice.
+        request: String,
+        /// Accept or reject.
+        accept: bool,
+    },
+    /// Fetch the inbox now; the reply's `data.messages` lists what arrived.
+    Inbox,
+    /// Create a group with these members (contacts of this entity).
+    GroupCreate {
+        /// The group's name.
+        name: String,
+        /// The other members' numbers.
+        members: Vec<String>,
+    },
+    /// Add a member to a group.
+    GroupAdd {
+        /// The group id or an unambiguous prefix.
+        group: String,
+        /// The new member (a contact).
+        number: String,
+    },
+    /// Remove a member from a group.
+    GroupRemove {
+        /// The group id or an unambiguous prefix.
+        group: String,
+        /// The member.
+        number: String,
+    },
+    /// Leave a group.
+    GroupLeave {
+        /// The group id or an unambiguous prefix.
+        group: String,
+    },
+    /// Rename a group.
+    GroupRename {
+        /// The group id or an unambiguous prefix.
+        group: String,
+        /// The new name.
+        name: String,
+    },
+    /// Send a message to a group.
+    GroupSend {
+        /// The group id or an unambiguous prefix.
+        group: String,
+        /// The message.
+        text: String,
+    },
+}
+
+/// The agent's answer to a [`Command`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reply {
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// What happened, for people.
+    pub message: String,
+    /// Details for programs (`send`: how it was delivered; `inbox`: the messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Reply {
+    pub(super) fn ok(message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            message: message.into(),
+            data: None,
+        }
+    }
+
+    pub(super) fn err(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            message: message.into(),
+            data: None,
+        }
+    }
+
+    pub(super) fn with(mut self, data: serde_json::Value) -> Self {
+        self.data = Some(data);
+        self
+    }
+}
+
+/// The control socket of a profile.
+pub fn control_path(profile: &Profile) -> PathBuf {
+    profile.path("control.sock")
+}
+
+/// Sends `command` to the agent running for `profile`; `None` when no agent runs.
+pub async fn send_to_running(profile: &Profile, command: &Command) -> Option<Reply> {
+    let stream = UnixStream::connect(control_path(profile)).await.ok()?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(command).ok()?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.ok()?;
+    let mut lines = BufReader::new(read).lines();
+    match lines.next_line().await {
+        Ok(Some(line)) => serde_json::from_str(&line).ok(),
+        _ => Some(Reply::err(
+            "the running agent closed the control connection",
+        )),
+    }
+}
+
+/// A command with its reply channel.
+#[derive(Debug)]
+pub struct ControlRequest {
+    pub(super) command: Command,
+    pub(super) reply: oneshot::Sender<Reply>,
+}
+
+pub(super) async fn bind_control(profile: &Profile) -> Result<UnixListener, AgentError> {
+    let path = control_path(profile);
+    if UnixStream::connect(&path).await.is_ok() {
+        return Err(AgentError::AlreadyRunning(path));
+    }
+    // A socket file with nobody behind it is left over from an agent that died.
+    let _ = std::fs::remove_file(&path);
+    if !profile.exists() {
+        return Err(AccountError::Profile(crate::profile::ProfileError::Missing(
+            profile.dir().to_owned(),
+        ))
+        .into());
+    }
+    UnixListener::bind(&path).map_err(|source| AgentError::Io {
+        what: format!("opening the control socket {}", path.display()),
+        source,
+    })
+}
+
+pub(super) async fn serve_control(listener: UnixListener, control: mpsc::Sender<ControlRequest>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let control = control.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = match serde_json::from_str::<Command>(&line) {
+                    Ok(command) => {
+                        let (tx, rx) = oneshot::channel();
+                        if control
+                            .send(ControlRequest { command, reply: tx })
+                            .await
+                            .is_err()
+                        {
+                            Reply::err("the agent is stopping")
+                        } else {
+                            rx.await.unwrap_or_else(|_| {
+                                Reply::err("the agent stopped before answering")
+                            })
+                        }
+                    }
+                    Err(e) => Reply::err(format!("bad command: {e}")),
+                };
+                let mut out = serde_json::to_string(&reply).unwrap_or_default();
+                out.push('\n');
+                if write.write_all(out.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+impl Agent {
+    pub(super) async fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
+        match command {
+            Command::ContactAdd { number } => self.initiate(number, None, reply, false).await,
+            Command::Send { number, text } => {
+                if let Some((sender, id)) = self.sessions.get(&number).cloned() {
+                    let r = self.send_on(&number, &sender, id, text).await;
+                    let _ = reply.send(r);
+                } else if self.config.offline_after.is_zero() {
+                    let r = self.send_offline(&number, &text).await;
+                    let _ = reply.send(r);
+                } else {
+                    self.initiate(number, Some(text), reply, true).await;
+                }
+            }
+            Command::Inbox => {
+                let arrived = self.fetch_inbox().await;
+                let messages: Vec<serde_json::Value> = arrived
+                    .iter()
+                    .filter_map(|a| match a {
+                        Arrived::Message {
+                            peer,
+                            direction,
+                            from_device,
+                            text,
+                            time,
+                        } => Some(serde_json::json!({
+                            "peer": peer,
+                            "direction": direction,
+                            "device": from_device,
+                            "text": text,
+                            "time": time,
+                        })),
+                        _ => None,
+                    })
+                    .collect();
+                let message = match messages.len() {
+                    0 => "no new messages".to_owned(),
+                    1 => "1 new message".to_owned(),
+                    n => format!("{n} new messages"),
+                };
+                let pending = self.delivery.pending();
+                let message = if pending > 0 {
+                    format!("{message} ({pending} waiting for session keys from another device)")
+                } else {
+                    message
+                };
+                let _ = reply.send(
+                    Reply::ok(message)
+                        .with(serde_json::json!({"messages": messages, "pending": pending})),
+                );
+            }
+            Command::GroupCreate { name, members } => {
+                let r = self.group_create(name, members).await;
+                let _ = reply.send(r);
+            }
+            Command::GroupAdd { group, number } => {
+                let r = self.group_change(&group, Change::Add(number)).await;
+                let _ = reply.send(r);
+            }
+            Command::GroupRemove { group, number } => {
+                let r = self.group_change(&group, Change::Remove(number)).await;
+                let _ = reply.send(r);
+            }
+            Command::GroupLeave { group } => {
+                let r = self.group_change(&group, Change::Leave).await;
+                let _ = reply.send(r);
+            }
+            Command::GroupRename { group, name } => {
+                let r = self.group_change(&group, Change::Rename(name)).await;
+                let _ = reply.send(r);
+            }
+            Command::GroupSend { group, text } => {
+                let r = self.group_send(&group, text).await;
+                let _ = reply.send(r);
+            }
+            Command::Block { number } => {
+                let r = self.block(&number, true).await;
+                let _ = reply.send(r);
+            }
+            Command::Unblock { number } => {
+                let r = self.block(&number, false).await;
+                let _ = reply.send(r);
+            }
+            Command::Answer { request, accept } => {
+                let asked = micromsg_crypto::hex::decode_array::<16>(&request)
+                    .ok()
+                    .and_then(|id| Some((id, self.asked.remove(&id)?)));
+                let r = match asked {
+                    Some((id, asked)) => {
+                        let request = Hex16::from_bytes(id);
+                        match self.answer(request, accept, asked.caller_key).await {
+                            Ok(()) if accept => {
+                                Reply::ok("accepted; the session starts when they connect")
+                            }
+                            Ok(()) => Reply::ok("rejected (and blocked)"),
+                            Err(e) => Reply::err(e.to_string()),
+                        }
+                    }
+                    None => Reply::err("no such pending contact request"),
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+}

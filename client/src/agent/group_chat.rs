@@ -1,0 +1,454 @@
+//! Groups (docs/groups.md): create, change, send, and the frames and ops that arrive.
+
+use micromsg_crypto::message::{Kind, OfflineEnvelope};
+use micromsg_wire::message::request::DepositArgs;
+use micromsg_wire::{Blob, Number, Request};
+
+use crate::account::unix_now;
+use crate::groups::{self, Change, Early, Frame, Group, GroupEntry, Payload};
+use crate::inbox::new_message_id;
+use crate::store::Direction;
+
+use super::outbound::deposit_error;
+use super::{Agent, Notice, Reply};
+
+/// The first 8 digits of a group id, for messages.
+pub(super) fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+/// Why a group frame cannot go to `number`, for people.
+pub(super) fn not_a_contact(number: &str) -> String {
+    format!(
+        "{number} is not a contact of yours yet (no session with {number} on this device); \
+         add them with `micromsg contact add {number}` first"
+    )
+}
+
+impl Agent {
+    // ---- groups (docs/groups.md) ----
+
+    /// True when this device can reach `number` end to end: a live session or a stored one.
+    pub(super) fn reachable(&self, number: &str) -> bool {
+        self.sessions.contains_key(number) || matches!(self.store.load_session(number), Ok(Some(_)))
+    }
+
+    /// The short-lived agent of a one-shot command does not watch the inbox: bring the group
+    /// state up to date first.
+    pub(super) async fn refresh_groups(&mut self) {
+        if !self.config.inbox {
+            self.fetch_inbox().await;
+        }
+    }
+
+    /// Finds a group by id or prefix.
+    pub(super) fn find_group(&self, query: &str) -> Result<Group, String> {
+        let ids = self.store.group_ids().map_err(|e| e.to_string())?;
+        let id = groups::resolve(&ids, query)?;
+        match self.store.load_group(id) {
+            Ok(Some(g)) => Ok(g),
+            Ok(None) => Err(format!("no group {query:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Sends one group frame to `member`: over the live session when there is one (with the
+    /// copies of 13.3), else sealed with this device's latest session and deposited.
+    pub(super) async fn group_deliver(
+        &mut self,
+        member: &str,
+        frame: &Frame,
+    ) -> Result<&'static str, String> {
+        let bytes = frame.encode();
+        if let Some((sender, session_id)) = self.sessions.get(member).cloned() {
+            let sealed = match sender.send_group(bytes).await {
+                Ok(rx) => rx
+                    .await
+                    .map_err(|_| format!("the session with {member} ended before sending"))?,
+                Err(e) => return Err(format!("sending to {member}: {e}")),
+            };
+            if self.config.copies {
+                let envelope = OfflineEnvelope {
+                    session_id,
+                    frame: &sealed.frame,
+                }
+                .encode();
+                self.deposit_copy(member, envelope.clone()).await;
+                self.sync_copy(member, envelope).await;
+            }
+            return Ok("live");
+        }
+        let target =
+            Number::new(member.to_owned()).map_err(|_| format!("{member:?} is not a number"))?;
+        let mut stored = match self.store.load_session(member) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(not_a_contact(member)),
+            Err(e) => return Err(format!("reading the session with {member}: {e}")),
+        };
+        let envelope = stored
+            .seal_offline(unix_now(), Kind::Group, &bytes)
+            .map_err(|e| format!("sealing for {member}: {e}"))?;
+        // The counter is on disk before the envelope leaves the device (12.7).
+        self.store
+            .save_session(member, &stored)
+            .map_err(|e| format!("saving the send counter: {e}"))?;
+        let deposit = Request::Deposit(DepositArgs {
+            target,
+            id: new_message_id(),
+            body: Blob::new(envelope.clone()),
+        });
+        self.call(deposit)
+            .await
+            .map_err(|e| deposit_error(member, &e))?;
+        self.sync_copy(member, envelope).await;
+        Ok("deposited")
+    }
+
+    /// Sends planned frames; returns how each member was reached (or why not).
+    pub(super) async fn group_send_all(&mut self, plan: Vec<(String, Frame)>) -> serde_json::Value {
+        let mut delivered = serde_json::Map::new();
+        for (member, frame) in plan {
+            let how = match self.group_deliver(&member, &frame).await {
+                Ok(how) => how.to_owned(),
+                Err(e) => {
+                    self.warn(format!("group {}: {e}", short(&frame.group)))
+                        .await;
+                    format!("failed: {e}")
+                }
+            };
+            delivered.insert(member, serde_json::Value::String(how));
+        }
+        serde_json::Value::Object(delivered)
+    }
+
+    pub(super) fn group_reply(
+        &self,
+        message: String,
+        group: &Group,
+        delivered: serde_json::Value,
+    ) -> Reply {
+        Reply::ok(message).with(serde_json::json!({
+            "group": group.id,
+            "name": group.state.name,
+            "members": group.state.members,
+            "version": group.state.version,
+            "delivered": delivered,
+        }))
+    }
+
+    pub(super) async fn group_create(&mut self, name: String, members: Vec<String>) -> Reply {
+        if name.len() > groups::MAX_NAME_LEN {
+            return Reply::err(format!(
+                "the name is longer than {} bytes",
+                groups::MAX_NAME_LEN
+            ));
+        }
+        let me = self.info.number.clone();
+        let mut list = vec![me.clone()];
+        for m in members {
+            if Number::new(m.clone()).is_err() {
+                return Reply::err(format!("{m:?} is not a number"));
+            }
+            if m != me && !list.contains(&m) {
+                list.push(m);
+            }
+        }
+        let strangers: Vec<&String> = list.iter().skip(1).filter(|m| !self.reachable(m)).collect();
+        if !strangers.is_empty() {
+            let names: Vec<&str> = strangers.iter().map(|s| s.as_str()).collect();
+            return Reply::err(format!(
+                "not contacts of yours yet (no session on this device): {}; add them with \
+                 `micromsg contact add NUMBER` first",
+                names.join(", ")
+            ));
+        }
+        let mut group = Group::new(&groups::new_id());
+        let before = group.state.clone();
+        let op = group.new_op(
+            &me,
+            Change::Create {
+                name: name.clone(),
+                members: list,
+            },
+        );
+        let new = group.merge([op]);
+        if let Err(e) = self.store.save_group(&group) {
+            return Reply::err(format!("saving the group: {e}"));
+        }
+        let plan = groups::plan_control(&before, &group, &new, &me, &[]);
+        let delivered = self.group_send_all(plan).await;
+        self.group_reply(
+            format!("created group {name:?} ({})", group.id),
+            &group,
+            delivered,
+        )
+    }
+
+    pub(super) async fn group_change(&mut self, query: &str, change: Change) -> Reply {
+        self.refresh_groups().await;
+        let me = self.info.number.clone();
+        let mut group = match self.find_group(query) {
+            Ok(g) => g,
+            Err(e) => return Reply::err(e),
+        };
+        if !group.state.is_member(&me) {
+            return Reply::err(format!(
+                "you are not a member of group {:?} ({})",
+                group.state.name, group.id
+            ));
+        }
+        let what = match &change {
+            Change::Add(m) => {
+                if Number::new(m.clone()).is_err() {
+                    return Reply::err(format!("{m:?} is not a number"));
+                }
+                if group.state.is_member(m) {
+                    return Reply::err(format!("{m} is already a member"));
+                }
+                if !self.reachable(m) {
+                    return Reply::err(not_a_contact(m));
+                }
+                format!("added {m} to")
+            }
+            Change::Remove(m) => {
+                if *m == me {
+                    return Reply::err("to remove yourself, use `group leave`");
+                }
+                if !group.state.is_member(m) {
+                    return Reply::err(format!("{m} is not a member"));
+                }
+                format!("removed {m} from")
+            }
+            Change::Leave => "left".to_owned(),
+            Change::Rename(name) => {
+                if name.len() > groups::MAX_NAME_LEN {
+                    return Reply::err(format!(
+                        "the name is longer than {} bytes",
+                        groups::MAX_NAME_LEN
+                    ));
+                }
+                "renamed".to_owned()
+            }
+            Change::Create { .. } => return Reply::err("a group is created only once"),
+        };
+        let before = group.state.clone();
+        let op = group.new_op(&me, change);
+        let new = group.merge([op]);
+        if let Err(e) = self.store.save_group(&group) {
+            return Reply::err(format!("saving the group: {e}"));
+        }
+        let plan = groups::plan_control(&before, &group, &new, &me, &[]);
+        let delivered = self.group_send_all(plan).await;
+        self.group_reply(
+            format!("{what} group {:?} ({})", group.state.name, group.id),
+            &group,
+            delivered,
+        )
+    }
+
+    pub(super) async fn group_send(&mut self, query: &str, text: String) -> Reply {
+        self.refresh_groups().await;
+        let me = self.info.number.clone();
+        let group = match self.find_group(query) {
+            Ok(g) => g,
+            Err(e) => return Reply::err(e),
+        };
+        if !group.state.is_member(&me) {
+            return Reply::err(format!(
+                "you are not a member of group {:?} ({})",
+                group.state.name, group.id
+            ));
+        }
+        let now = unix_now();
+        let entry = GroupEntry {
+            id: groups::new_id(),
+            from: me.clone(),
+            text: text.clone(),
+            sent: now,
+            received: now,
+        };
+        if let Err(e) = self.store.append_group_message(&group.id, &entry) {
+            return Reply::err(format!("saving the group history: {e}"));
+        }
+        let frame = Frame {
+            group: group.id.clone(),
+            payload: Payload::Message {
+                id: entry.id.clone(),
+                text,
+                sent: now,
+            },
+        };
+        let plan = groups::message_recipients(&group.state, &me)
+            .into_iter()
+            .map(|m| (m, frame.clone()))
+            .collect();
+        let delivered = self.group_send_all(plan).await;
+        self.group_reply(
+            format!("sent to group {:?} ({})", group.state.name, group.id),
+            &group,
+            delivered,
+        )
+    }
+
+    /// A GROUP frame from `peer` (`In`), or a copy of one another device of this entity sent
+    /// to `peer` (`Out`). Bad or unwelcome frames are dropped (docs/groups.md section 3).
+    pub(super) async fn on_group_frame(
+        &mut self,
+        peer: &str,
+        direction: Direction,
+        payload: &[u8],
+        time: u64,
+        offline: bool,
+    ) {
+        let frame = match Frame::decode(payload) {
+            Ok(f) => f,
+            Err(e) => {
+                self.warn(format!("dropped a group frame from {peer}: {e}"))
+                    .await;
+                return;
+            }
+        };
+        let me = self.info.number.clone();
+        let mut group = match self.store.load_group(&frame.group) {
+            Ok(Some(g)) => g,
+            Ok(None) => Group::new(&frame.group),
+            Err(e) => {
+                self.warn(format!("reading group {}: {e}", short(&frame.group)))
+                    .await;
+                return;
+            }
+        };
+        match frame.payload {
+            Payload::Message { id, text, sent } => {
+                let from = match direction {
+                    Direction::In => peer.to_owned(),
+                    Direction::Out => me.clone(),
+                };
+                let entry = GroupEntry {
+                    id,
+                    from: from.clone(),
+                    text,
+                    sent: if sent == 0 { time } else { sent },
+                    received: unix_now(),
+                };
+                if direction == Direction::In && !groups::accepts_message(&group.state, peer, &me) {
+                    if group.may_be_early(peer, &me) {
+                        let early = Early {
+                            group: group.id.clone(),
+                            from,
+                            entry,
+                            held_at: unix_now(),
+                            offline,
+                        };
+                        self.hold_early(early).await;
+                    }
+                    return;
+                }
+                self.show_group_message(&group, entry, offline).await;
+            }
+            Payload::Op(op) => {
+                self.on_group_ops(peer, direction, &mut group, vec![op])
+                    .await
+            }
+            Payload::State(ops) => self.on_group_ops(peer, direction, &mut group, ops).await,
+        }
+    }
+
+    /// Stores a group message in the history and shows it (once: duplicates are skipped).
+    pub(super) async fn show_group_message(
+        &mut self,
+        group: &Group,
+        entry: GroupEntry,
+        offline: bool,
+    ) {
+        match self.store.append_group_message(&group.id, &entry) {
+            Ok(true) => {
+                self.notify(Notice::GroupMessage {
+                    group: group.id.clone(),
+                    name: group.state.name.clone(),
+                    from: entry.from,
+                    text: entry.text,
+                    time: entry.sent,
+                    offline,
+                })
+                .await;
+            }
+            Ok(false) => {}
+            Err(e) => self.warn(format!("saving the group history: {e}")).await,
+        }
+    }
+
+    pub(super) async fn hold_early(&mut self, early: Early) {
+        for gone in self.early.hold(early, unix_now()) {
+            self.warn(format!(
+                "dropped a message from {} for group {}: it came before the change that \
+                 made it acceptable, and that change did not come in time",
+                gone.from,
+                short(&gone.group)
+            ))
+            .await;
+        }
+    }
+
+    pub(super) async fn on_group_ops(
+        &mut self,
+        peer: &str,
+        direction: Direction,
+        group: &mut Group,
+        ops: Vec<groups::Op>,
+    ) {
+        if direction == Direction::In && !group.accepts_from(peer, &ops) {
+            return;
+        }
+        let me = self.info.number.clone();
+        let known = !group.log.is_empty();
+        let before = group.state.clone();
+        let new = group.merge(ops);
+        if new.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.save_group(group) {
+            self.warn(format!("saving group {}: {e}", short(&group.id)))
+                .await;
+            return;
+        }
+        for op in &new {
+            let change = match &op.change {
+                Change::Create { .. } => "created".to_owned(),
+                Change::Add(m) => format!("added {m}"),
+                Change::Remove(m) => format!("removed {m}"),
+                Change::Leave => "left".to_owned(),
+                Change::Rename(_) => "renamed".to_owned(),
+            };
+            self.notify(Notice::GroupChanged {
+                group: group.id.clone(),
+                name: group.state.name.clone(),
+                by: op.author.clone(),
+                change,
+                members: group.state.members.clone(),
+                version: group.state.version,
+            })
+            .await;
+        }
+        // Messages that overtook these ops may be acceptable now.
+        for early in self.early.take(&group.id, unix_now()) {
+            if groups::accepts_message(&group.state, &early.from, &me) {
+                self.show_group_message(group, early.entry, early.offline)
+                    .await;
+            } else if group.may_be_early(&early.from, &me) {
+                self.hold_early(early).await;
+            }
+        }
+        // Relay what was new to the members this device knows (docs/groups.md section 3):
+        // a member the author did not know of yet still hears of it. A device that just
+        // learned of the group relays nothing (its sender knew all it knows); copies from
+        // another device of this entity were relayed by that device.
+        if direction == Direction::In && known && before.is_member(&me) {
+            let plan = groups::plan_control(&before, group, &new, &me, &[peer])
+                .into_iter()
+                .filter(|(m, _)| self.reachable(m))
+                .collect();
+            self.group_send_all(plan).await;
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The agent: one device online. It keeps the broker link logged in, listens for peers, sets up
+//! contacts, runs end-to-end sessions, and takes commands from the CLI over a local socket.
+//!
+//! ```text
+//!  broker link (events, requests) ─┐
+//!  peer listener (TCP accept)      ├─► one loop (select!) ─► notices (printed by the CLI)
+//!  handshakes (spawned tasks)      │      owns: sessions, pending tokens, pending requests
+//!  session events (per session)    │
+//!  control socket (CLI commands)  ─┘
+//! ```
+//!
+//! Everything that touches the link or the tables runs in the one loop, so there are no locks
+//! except the token table, which the handshake tasks read.
+//!
+//! Offline and multi-device (protocol 12.11, 13): the agent fetches its inbox at start and on
+//! every INBOX event ([`crate::inbox`]). `send` to a contact with no live session first asks
+//! for one (INITIATE-EXISTING) and, when none is up within [`AgentConfig::offline_after`],
+//! seals the message with this device's latest session with the contact (never one that is
+//! live) and DEPOSITs it. Every message this device sends is also copied to the entity's
+//! other devices (SYNC-COPY), every live message is also deposited for the contact's other
+//! devices, and every new session's keys go to the entity's other devices (`MMK1`), so each
+//! device can read the whole conversation.
+//! `micromsg listen` runs an agent until stopped; a one-shot command with no agent running
+//! starts a short-lived one, runs the command through it, and stops it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use micromsg_crypto::Secret32;
+use micromsg_crypto::agreement::EphemeralSecret;
+use micromsg_crypto::identity::IdentityKey;
+use micromsg_wire::message::request::ContactPolicyArgs;
+use micromsg_wire::{Address, Event, Message, Request, ResponseData};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::account::{self, AccountError, Session};
+use crate::groups::EarlyMessages;
+use crate::inbox::{Delivery, LiveTable};
+use crate::link::{BrokerLink, LinkError};
+use crate::p2p::{Established, P2pError, PeerEvent, SessionSender};
+use crate::profile::{Profile, ProfileInfo};
+use crate::store::Store;
+
+mod arrivals;
+mod config;
+mod contacts;
+mod control;
+mod group_chat;
+mod notice;
+mod outbound;
+mod sessions;
+
+pub use config::{AcceptPolicy, AgentConfig};
+pub use control::{Command, ControlRequest, Reply, control_path, send_to_running};
+pub use notice::Notice;
+
+use control::{bind_control, serve_control};
+
+/// Why the agent stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Logging in or the profile failed.
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    /// The broker link failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// A socket could not be opened.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another agent already serves this profile.
+    #[error("an agent (`micromsg listen`) is already running for this profile ({0})")]
+    AlreadyRunning(PathBuf),
+}
+
+/// A handle to a running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    commands: mpsc::Sender<ControlRequest>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+}
+
+impl AgentHandle {
+    /// Runs a command in the agent and waits for its answer.
+    pub async fn command(&self, command: Command) -> Reply {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(ControlRequest { command, reply })
+            .await
+            .is_err()
+        {
+            return Reply::err("the agent has stopped");
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Reply::err("the agent stopped before answering"))
+    }
+
+    /// Stops the agent: sessions get a DISCONNECT notice, then the link closes.
+    pub async fn stop(mut self) -> Result<(), AgentError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Waits until the agent ends by itself (broker gone, fatal error).
+    pub async fn wait(mut self) -> Result<(), AgentError> {
+        let _keep = self.stop.take();
+        self.task.await.unwrap_or(Ok(()))
+    }
+}
+
+/// Logs in, opens the listeners and starts the agent in the background. Notices go to
+/// `notices`.
+pub async fn start(
+    profile: Profile,
+    config: AgentConfig,
+    notices: mpsc::Sender<Notice>,
+) -> Result<AgentHandle, AgentError> {
+    let control = if config.control {
+        Some(bind_control(&profile).await?)
+    } else {
+        None
+    };
+    let session = account::connect(&profile).await?;
+    let secrets = profile.secrets().map_err(AccountError::from)?;
+    let identity = IdentityKey::from_seed(&secrets.identity_seed);
+    let peers = TcpListener::bind(config.peer_listen)
+        .await
+        .map_err(|source| AgentError::Io {
+            what: format!("listening for peers on {}", config.peer_listen),
+            source,
+        })?;
+    let port = peers
+        .local_addr()
+        .map_err(|source| AgentError::Io {
+            what: "reading the peer listener address".into(),
+            source,
+        })?
+        .port();
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("0.0.0.0:{port}"));
+    let (commands_tx, commands_rx) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let mut agent = Agent::new(profile, session, identity, config, advertise, notices)?;
+    if agent.config.announce {
+        agent.announce().await?;
+        agent
+            .notify(Notice::Listening {
+                number: agent.info.number.clone(),
+                device: agent.info.device,
+                peer_address: agent.advertise.clone(),
+            })
+            .await;
+    }
+    if let Some(listener) = control {
+        tokio::spawn(serve_control(listener, commands_tx.clone()));
+    }
+    let task = tokio::spawn(agent.run(peers, commands_rx, stop_rx));
+    Ok(AgentHandle {
+        commands: commands_tx,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+/// A contact request or reconnect we started and are waiting on.
+struct Outgoing {
+    target: String,
+    deadline: Instant,
+    /// Who to tell once the session is up (or the wait fails).
+    waiters: Vec<oneshot::Sender<Reply>>,
+    /// Messages to send once the session is up.
+    queued: Vec<(String, oneshot::Sender<Reply>)>,
+    /// Deposit the queued messages at the broker if no session is up by the deadline.
+    deposit_on_timeout: bool,
+    /// Networked request: the broker-keypair secret that opens the target's sealed address
+    /// (protocol 11.2); dropped, and so erased, once used or when the wait ends.
+    broker_key: Option<EphemeralSecret>,
+}
+
+/// A contact request waiting for the user's answer (ask policy).
+struct Asked {
+    /// Networked request: the caller's broker-keypair public key to seal our address to.
+    caller_key: Option<[u8; 32]>,
+}
+
+/// How long an incoming handshake waits for its connect token to be announced by the broker.
+const TOKEN_GRACE: Duration = Duration::from_secs(2);
+
+/// Connect tokens we were given as the target, by token id.
+type TokenTable = Arc<Mutex<HashMap<[u8; 16], (Secret32, String, Instant)>>>;
+
+/// What a handshake task reports.
+struct HandshakeDone {
+    peer: Option<String>,
+    request: Option<[u8; 16]>,
+    result: Result<Established, P2pError>,
+}
+
+/// What a session-forwarding task reports.
+struct SessionEvent {
+    peer: String,
+    session_id: [u8; 16],
+    event: PeerEvent,
+}
+
+struct Agent {
+    profile: Profile,
+    store: Store,
+    info: ProfileInfo,
+    identity: Arc<IdentityKey>,
+    link: BrokerLink,
+    config: AgentConfig,
+    advertise: String,
+    notices: mpsc::Sender<Notice>,
+    tokens: TokenTable,
+    outgoing: HashMap<[u8; 16], Outgoing>,
+    sessions: HashMap<String, (SessionSender, [u8; 16])>,
+    asked: HashMap<[u8; 16], Asked>,
+    /// IS-NETWORKED answers by number: computed from broker configuration, so stable for the
+    /// life of the link.
+    networked: HashMap<String, bool>,
+    handshakes_tx: mpsc::Sender<HandshakeDone>,
+    handshakes_rx: mpsc::Receiver<HandshakeDone>,
+    events_tx: mpsc::Sender<SessionEvent>,
+    events_rx: mpsc::Receiver<SessionEvent>,
+    /// Offline delivery state (ids taken, envelopes waiting for keys).
+    delivery: Delivery,
+    /// What live sessions received, so the inbox copy of a live message is not shown twice.
+    live: LiveTable,
+    /// An INBOX event came: fetch once the current step is done.
+    inbox_due: bool,
+    /// Group messages that came before the ops that make them acceptable.
+    early: EarlyMessages,
+}
+
+impl Agent {
+    fn new(
+        profile: Profile,
+        session: Session,
+        identity: IdentityKey,
+        config: AgentConfig,
+        advertise: String,
+        notices: mpsc::Sender<Notice>,
+    ) -> Result<Self, AgentError> {
+        let (handshakes_tx, handshakes_rx) = mpsc::channel(64);
+        let (events_tx, events_rx) = mpsc::channel(1024);
+        let store = Store::new(&profile);
+        let delivery = Delivery::new(
+            store.clone(),
+            &session.info.number,
+            session.info.device,
+            identity.seed(),
+        )
+        .map_err(|e| AgentError::Io {
+            what: "reading the inbox state".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let inbox_due = config.inbox;
+        let early = EarlyMessages::new(
+            config.early_group_messages,
+            config.early_group_ttl.as_secs(),
+        );
+        Ok(Self {
+            store,
+            profile,
+            info: session.info,
+            identity: Arc::new(identity),
+            link: session.link,
+            config,
+            advertise,
+            notices,
+            tokens: Arc::new(Mutex::new(HashMap::new())),
+            outgoing: HashMap::new(),
+            sessions: HashMap::new(),
+            asked: HashMap::new(),
+            networked: HashMap::new(),
+            handshakes_tx,
+            handshakes_rx,
+            events_tx,
+            events_rx,
+            delivery,
+            live: LiveTable::new(),
+            inbox_due,
+            early,
+        })
+    }
+
+    async fn notify(&self, notice: Notice) {
+        let _ = self.notices.send(notice).await;
+    }
+
+    async fn warn(&self, message: impl Into<String>) {
+        self.notify(Notice::Warning {
+            message: message.into(),
+        })
+        .await;
+    }
+
+    fn address(&self) -> Result<Address, LinkError> {
+        Address::new(self.advertise.clone())
+            .map_err(|e| LinkError::Protocol(format!("advertised address {}: {e}", self.advertise)))
+    }
+
+    /// Tells the broker where this device listens, and whether contacts may reconnect
+    /// without asking.
+    async fn announce(&mut self) -> Result<(), LinkError> {
+        let address = self.address()?;
+        self.link
+            .call(Request::ContactPolicy(ContactPolicyArgs {
+                auto_existing: self.config.auto_existing,
+                address: Some(address),
+            }))
+            .await?;
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        peers: TcpListener,
+        mut control_rx: mpsc::Receiver<ControlRequest>,
+        mut stop: oneshot::Receiver<()>,
+    ) -> Result<(), AgentError> {
+        let mut keepalive = tokio::time::interval(Duration::from_secs(30));
+        keepalive.tick().await;
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let result = loop {
+            if self.inbox_due {
+                self.inbox_due = false;
+                self.fetch_inbox().await;
+            }
+            // Events that came while a request waited for its answer (`next_message` below
+            // only reads new frames).
+            self.drain_queued_events().await;
+            tokio::select! {
+                _ = &mut stop => break Ok(()),
+                message = self.link.next_message() => match message {
+                    Ok(Message::Event(event)) => self.on_broker_event(event).await,
+                    Ok(other) => self.warn(format!("unexpected frame from the broker: {other:?}")).await,
+                    Err(e) => break Err(AgentError::Link(e)),
+                },
+                accepted = peers.accept() => match accepted {
+                    Ok((stream, _addr)) => self.spawn_respond(stream),
+                    Err(e) => self.warn(format!("accepting a peer failed: {e}")).await,
+                },
+                Some(done) = self.handshakes_rx.recv() => self.on_handshake(done).await,
+                Some(event) = self.events_rx.recv() => self.on_session_event(event).await,
+                Some(request) = control_rx.recv() => self.on_command(request.command, request.reply).await,
+                _ = keepalive.tick() => {
+                    if let Err(e) = self.link.call(Request::Ping).await {
+                        break Err(AgentError::Link(e));
+                    }
+                    self.drain_queued_events().await;
+                }
+                _ = sweep.tick() => self.expire().await,
+            }
+        };
+        // Say goodbye to every peer, then give the sessions a moment to flush.
+        for (sender, _) in self.sessions.values() {
+            let _ = sender.close("going offline").await;
+        }
+        let deadline = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(deadline);
+        while !self.sessions.is_empty() {
+            tokio::select! {
+                () = &mut deadline => break,
+                Some(event) = self.events_rx.recv() => self.on_session_event(event).await,
+            }
+        }
+        let _ = std::fs::remove_file(control_path(&self.profile));
+        result
+    }
+
+    /// Events that arrived while a request waited for its answer.
+    async fn drain_queued_events(&mut self) {
+        for event in self.link.take_queued_events() {
+            Box::pin(self.on_broker_event(event)).await;
+        }
+    }
+
+    async fn call(&mut self, request: Request) -> Result<ResponseData, LinkError> {
+        let result = self.link.call(request).await;
+        self.drain_queued_events().await;
+        result
+    }
+
+    async fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<[u8; 16]> = self
+            .outgoing
+            .iter()
+            .filter(|(_, o)| o.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(o) = self.outgoing.remove(&id) {
+                if o.deposit_on_timeout {
+                    for (text, waiter) in o.queued {
+                        let reply = self.send_offline(&o.target, &text).await;
+                        let _ = waiter.send(reply);
+                    }
+                    continue;
+                }
+                let message = format!(
+                    "no answer from {} (it may not exist, be offline, or have declined)",
+                    o.target
+                );
+                for waiter in o.waiters {
+                    let _ = waiter.send(Reply::err(message.clone()));
+                }
+                for (_, waiter) in o.queued {
+                    let _ = waiter.send(Reply::err(message.clone()));
+                }
+            }
+        }
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        tokens.retain(|_, (_, _, expires)| *expires > now);
+    }
+
+    async fn on_broker_event(&mut self, event: Event) {
+        match event {
+            Event::ContactRequest(r) => self.on_contact_request(r).await,
+            Event::ContactAccepted(a) => self.on_contact_accepted(a).await,
+            Event::ContactConnecting(c) => self.on_contact_connecting(c),
+            Event::Shutdown(_) => self.warn("the broker is shutting down").await,
+            Event::DeviceRevoked(_) => self.warn("this device was revoked").await,
+            Event::Inbox(_) => {
+                if self.config.inbox {
+                    self.inbox_due = true;
+                }
+            }
+            Event::PubkeyRequest(_) => {}
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! What the agent tells the user: one [`Notice`] per event, printed as a line of text or one
+//! JSON object by the CLI.
+
+use serde::Serialize;
+
+/// Something the user should see; printed as a line of text or one JSON object.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Notice {
+    /// The agent is up.
+    Listening {
+        /// This entity's number.
+        number: String,
+        /// This device.
+        device: u32,
+        /// Where peers connect.
+        peer_address: String,
+    },
+    /// Someone asks to become a contact (ask mode).
+    ContactRequest {
+        /// The caller's number.
+        from: String,
+        /// Answer with `micromsg contact accept|reject <request>`.
+        request: String,
+        /// `NEW` or `EXISTING`.
+        kind: String,
+    },
+    /// A contact request was refused by the accept policy.
+    ContactRefused {
+        /// The caller's number.
+        from: String,
+    },
+    /// An end-to-end session is up.
+    SessionStarted {
+        /// The other side.
+        peer: String,
+        /// True the first time this contact's identity key was seen (it is now pinned).
+        first_contact: bool,
+        /// The safety number to compare out of band.
+        safety_number: String,
+    },
+    /// The peer's identity key differs from the pinned one: the session was refused.
+    IdentityChanged {
+        /// The other side.
+        peer: String,
+        /// The pinned key.
+        pinned: String,
+        /// The key it presented.
+        presented: String,
+    },
+    /// A message arrived.
+    Message {
+        /// The sender.
+        from: String,
+        /// The text.
+        text: String,
+        /// The sender's clock (Unix seconds).
+        time: u64,
+        /// True when it came through the broker's inbox (deposited while this device was
+        /// offline, or a copy), false when it came over a live session.
+        offline: bool,
+    },
+    /// A copy of a message another device of this entity sent.
+    SentElsewhere {
+        /// The contact it went to.
+        to: String,
+        /// The device of this entity that sent it.
+        device: u32,
+        /// The text.
+        text: String,
+        /// The sending device's clock (Unix seconds).
+        time: u64,
+    },
+    /// Another device of this entity shared the keys of a session with `peer`, so this device
+    /// can read that conversation.
+    KeysSynced {
+        /// The contact.
+        peer: String,
+        /// The device that set the session up.
+        device: u32,
+    },
+    /// A group message arrived (or a copy of one another device of this entity sent).
+    GroupMessage {
+        /// The group id.
+        group: String,
+        /// The group's name.
+        name: String,
+        /// The sender (this entity's own number for a copy).
+        from: String,
+        /// The text.
+        text: String,
+        /// The sender's clock (Unix seconds).
+        time: u64,
+        /// True when it came through the broker's inbox.
+        offline: bool,
+    },
+    /// A group's membership or name changed.
+    GroupChanged {
+        /// The group id.
+        group: String,
+        /// The group's name (after the change).
+        name: String,
+        /// Who made the change.
+        by: String,
+        /// What changed, for people (`created`, `added 1234`, `removed 1234`, `left`,
+        /// `renamed`).
+        change: String,
+        /// The members after it, in order.
+        members: Vec<String>,
+        /// The membership version after it.
+        version: u64,
+    },
+    /// A session is over.
+    SessionEnded {
+        /// The other side.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// Something failed (the agent goes on).
+    Warning {
+        /// What.
+        message: String,
+    },
+}

@@ -1,0 +1,237 @@
+//! The session table: handshakes (outgoing and incoming) and what live sessions report.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::account::unix_now;
+use crate::inbox::LiveRecv;
+use crate::p2p::{self, PeerEvent};
+use crate::store::{Direction, Entry, PinResult};
+
+use super::{Agent, HandshakeDone, Notice, Outgoing, Reply, SessionEvent, TOKEN_GRACE};
+
+impl Agent {
+    pub(super) fn spawn_respond(&self, stream: tokio::net::TcpStream) {
+        let tokens = Arc::clone(&self.tokens);
+        let identity = Arc::clone(&self.identity);
+        let cfg = self.config.session.clone();
+        let done = self.handshakes_tx.clone();
+        tokio::spawn(async move {
+            let peer_slot: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+            let slot = Arc::clone(&peer_slot);
+            let lookup = async move |id: [u8; 16]| {
+                // The broker's CONTACT-CONNECTING may still be on its way (or waiting while
+                // this agent finishes a request): give it a moment before refusing.
+                let deadline = Instant::now() + TOKEN_GRACE;
+                loop {
+                    // A connect token is good for one connection.
+                    let taken = tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    if let Some((token, peer, _)) = taken {
+                        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+                        return Some(token);
+                    }
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            let result = p2p::accept(stream, lookup, &identity, cfg).await;
+            let peer = peer_slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let _ = done
+                .send(HandshakeDone {
+                    peer,
+                    request: None,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    pub(super) async fn on_handshake(&mut self, done: HandshakeDone) {
+        let waiting = done.request.and_then(|r| self.outgoing.remove(&r));
+        let fail = |waiting: Option<Outgoing>, message: String| {
+            if let Some(o) = waiting {
+                for w in o.waiters {
+                    let _ = w.send(Reply::err(message.clone()));
+                }
+                for (_, w) in o.queued {
+                    let _ = w.send(Reply::err(message.clone()));
+                }
+            }
+        };
+        let (peer, established) = match (done.peer, done.result) {
+            (Some(peer), Ok(established)) => (peer, established),
+            (peer, Err(e)) => {
+                let who = peer.unwrap_or_else(|| "an unknown peer".into());
+                let message = format!("session setup with {who} failed: {e}");
+                self.warn(message.clone()).await;
+                fail(waiting, message);
+                return;
+            }
+            (None, Ok(_)) => return,
+        };
+        let now = unix_now();
+        let pinned = match self
+            .store
+            .pin_identity(&peer, &established.peer_identity, now)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let message = format!("pinning {peer}'s identity failed: {e}");
+                self.warn(message.clone()).await;
+                fail(waiting, message);
+                return;
+            }
+        };
+        if let PinResult::Changed { old } = pinned {
+            let message = format!(
+                "{peer}'s identity key CHANGED: refusing the session. Compare safety numbers \
+                 out of band before trusting the new key."
+            );
+            self.notify(Notice::IdentityChanged {
+                peer: peer.clone(),
+                pinned: old.to_hex(),
+                presented: established.peer_identity.to_hex(),
+            })
+            .await;
+            fail(waiting, message);
+            return;
+        }
+        let safety_number = crate::store::safety_number(
+            &self.info.number,
+            &self.identity.public_key(),
+            &peer,
+            &established.peer_identity,
+        )
+        .unwrap_or_default();
+        let stored = established.stored_session(now);
+        if let Err(e) = self.store.save_session(&peer, &stored) {
+            let message = format!("saving the session keys for {peer} failed: {e}");
+            self.warn(message.clone()).await;
+            fail(waiting, message);
+            return;
+        }
+        let persist = self.store.counter_persister(&peer).ok();
+        let session_id = established.session_id();
+        self.live.insert(session_id, LiveRecv::default());
+        let handle = established.start(persist);
+        let (sender, mut events) = handle.into_parts();
+        // A newer session with the same peer replaces the old one.
+        if let Some((old, _)) = self
+            .sessions
+            .insert(peer.clone(), (sender.clone(), session_id))
+        {
+            let _ = old.close("replaced by a new session").await;
+        }
+        let forward = self.events_tx.clone();
+        let tag = peer.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if forward
+                    .send(SessionEvent {
+                        peer: tag.clone(),
+                        session_id,
+                        event,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        self.notify(Notice::SessionStarted {
+            peer: peer.clone(),
+            first_contact: pinned == PinResult::FirstUse,
+            safety_number,
+        })
+        .await;
+        self.share_session(&peer, &stored).await;
+        if let Some(o) = waiting {
+            for w in o.waiters {
+                let _ = w.send(Reply::ok(format!("session with {peer} is up")));
+            }
+            for (text, w) in o.queued {
+                let reply = self.send_on(&peer, &sender, session_id, text).await;
+                let _ = w.send(reply);
+            }
+        }
+    }
+
+    pub(super) async fn on_session_event(&mut self, event: SessionEvent) {
+        let SessionEvent {
+            peer,
+            session_id,
+            event,
+        } = event;
+        match event {
+            PeerEvent::Text {
+                counter,
+                unix,
+                text,
+            } => {
+                let live = self.live.entry(session_id).or_default();
+                live.last = Some(counter);
+                if live.offline.remove(&counter) {
+                    // Its broker copy arrived first and is already stored and shown.
+                    return;
+                }
+                let entry = Entry {
+                    direction: Direction::In,
+                    time: unix,
+                    text: text.clone(),
+                    session: session_id,
+                    counter,
+                    offline: false,
+                };
+                if let Err(e) = self.store.append_history(&peer, &entry) {
+                    self.warn(format!("saving history failed: {e}")).await;
+                }
+                self.notify(Notice::Message {
+                    from: peer,
+                    text,
+                    time: unix,
+                    offline: false,
+                })
+                .await;
+            }
+            PeerEvent::Group {
+                counter,
+                unix,
+                payload,
+            } => {
+                let live = self.live.entry(session_id).or_default();
+                live.last = Some(counter);
+                if live.offline.remove(&counter) {
+                    return;
+                }
+                self.on_group_frame(&peer, Direction::In, &payload, unix, false)
+                    .await;
+            }
+            PeerEvent::Ended(end) => {
+                if self
+                    .sessions
+                    .get(&peer)
+                    .is_some_and(|(_, id)| *id == session_id)
+                {
+                    self.sessions.remove(&peer);
+                }
+                if let Ok(Some(mut stored)) = self.store.load_session(&peer)
+                    && stored.session_id == session_id
+                {
+                    stored.record_end(&end, unix_now());
+                    if let Err(e) = self.store.save_session(&peer, &stored) {
+                        self.warn(format!("saving the session end failed: {e}"))
+                            .await;
+                    }
+                }
+                self.notify(Notice::SessionEnded {
+                    peer,
+                    reason: end.reason.to_string(),
+                })
+                .await;
+            }
+        }
+    }
+}
