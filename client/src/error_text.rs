@@ -29,6 +29,11 @@ pub fn anyhow_text(error: &anyhow::Error) -> String {
     chain_text(error.chain().map(ToString::to_string))
 }
 
+/// The chain of any error (it and its sources) as one line (see [`chain_text`]).
+pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    chain_text(std::iter::successors(Some(error), |e| e.source()).map(ToString::to_string))
+}
+
 /// `message` without its `: https://…` (or `http://`) segments.
 fn without_urls(message: &str) -> String {
     message
@@ -70,5 +75,19 @@ mod tests {
         assert_eq!(anyhow_text(&e), "reading the reply: connection reset");
         let e = anyhow::anyhow!("disk full").context("saving the profile");
         assert_eq!(anyhow_text(&e), "saving the profile: disk full");
+    }
+
+    #[test]
+    fn a_link_error_is_one_line_without_the_manual_link() {
+        let url = "https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof";
+        let io = std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("peer closed connection without sending TLS close_notify: {url}"),
+        );
+        let e = crate::link::LinkError::Io(io);
+        assert_eq!(
+            error_text(&e),
+            "connection to the broker lost: peer closed connection without sending TLS close_notify"
+        );
     }
 }

@@ -71,6 +71,9 @@ pub enum LinkError {
     /// No answer in time.
     #[error("the broker did not answer within {0:?}")]
     Timeout(Duration),
+    /// The agent's link is down and being re-established; nothing was sent.
+    #[error("not connected to the broker (reconnecting); nothing was sent")]
+    Offline,
 }
 
 impl LinkError {

@@ -67,7 +67,9 @@ enum Command {
     #[command(subcommand)]
     Device(DeviceCommand),
     /// Stay online: keep the broker link, accept peers, print requests and messages as they
-    /// arrive (one JSON object per line with --json). Stop with Ctrl-C.
+    /// arrive (one JSON object per line with --json). Stop with Ctrl-C. When the broker goes
+    /// away (or is not up yet), live sessions go on and it logs in again by itself, with a
+    /// backoff up to --reconnect-max.
     Listen {
         /// Who may set up a session: any (not blocked), contacts (only known numbers), ask
         /// (print the request; answer with `contact accept|reject`).
@@ -92,6 +94,11 @@ enum Command {
         /// at the broker (0: deposit at once when no session is live).
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         offline_after: u64,
+        /// The longest wait, in seconds, between two attempts to reach the broker again (the
+        /// wait starts at 1 s and doubles, with jitter).
+        #[arg(long, default_value_t = 30, value_name = "SECS",
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        reconnect_max: u64,
     },
     /// Contacts: add, list, block, unblock, answer requests.
     #[command(subcommand)]
@@ -596,6 +603,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ask_existing,
             heartbeat,
             offline_after,
+            reconnect_max,
         } => {
             let config = AgentConfig {
                 accept: match accept {
@@ -611,6 +619,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     heartbeat_interval: std::time::Duration::from_secs(heartbeat.max(1)),
                     ..SessionConfig::default()
                 },
+                wait_for_broker: true,
+                reconnect_max: std::time::Duration::from_secs(reconnect_max),
                 ..AgentConfig::default()
             };
             listen(profile, json, config).await?;
@@ -933,6 +943,15 @@ fn print_notice(notice: &Notice, json: bool) {
                 members.join(", ")
             ),
             Notice::Warning { message } => format!("warning: {message}"),
+            Notice::BrokerLost {
+                reason,
+                retry_in_secs,
+            } => format!(
+                "broker unreachable ({reason}); live sessions go on; trying again in {retry_in_secs} s, then with a growing wait"
+            ),
+            Notice::BrokerBack { offline_secs } => {
+                format!("broker back after {offline_secs} s offline; logged in again")
+            }
             other => format!("{other:?}"),
         }
     };

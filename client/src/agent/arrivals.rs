@@ -9,9 +9,14 @@ use super::{Agent, Notice};
 impl Agent {
     /// Fetches the inbox and reports what arrived (errors become warnings).
     pub(super) async fn fetch_inbox(&mut self) -> Vec<Arrived> {
+        let Some(link) = self.link.as_mut() else {
+            // Fetched again once the link is back.
+            self.inbox_due = self.config.inbox;
+            return Vec::new();
+        };
         let result = self
             .delivery
-            .fetch_all(&mut self.link, &mut self.live, unix_now())
+            .fetch_all(link, &mut self.live, unix_now())
             .await;
         match result {
             Ok(arrived) => {
@@ -31,6 +36,12 @@ impl Agent {
                     }
                 }
                 arrived
+            }
+            Err(InboxError::Link(e)) if super::reconnect::is_connection_loss(&e) => {
+                // Nothing was acknowledged that is not stored; the rest comes after the
+                // reconnect.
+                self.link_lost(crate::error_text::error_text(&e)).await;
+                Vec::new()
             }
             Err(InboxError::Link(e)) => {
                 self.warn(format!("fetching the inbox failed: {e}")).await;

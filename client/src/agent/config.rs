@@ -56,6 +56,14 @@ pub struct AgentConfig {
     pub early_group_messages: usize,
     /// How long such a message is held. Default 1 hour.
     pub early_group_ttl: Duration,
+    /// Start even when the broker cannot be reached, and log in once it can (`listen`).
+    /// Default false: a one-shot command says at once that the broker is out of reach.
+    pub wait_for_broker: bool,
+    /// The first delay before logging in again after the link is lost. Default 1 s.
+    pub reconnect_initial: Duration,
+    /// The longest delay between two attempts (the delay doubles up to it, with jitter).
+    /// Default 30 s.
+    pub reconnect_max: Duration,
 }
 
 impl Default for AgentConfig {
@@ -74,6 +82,9 @@ impl Default for AgentConfig {
             copies: true,
             early_group_messages: 256,
             early_group_ttl: Duration::from_secs(3600),
+            wait_for_broker: false,
+            reconnect_initial: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(30),
         }
     }
 }

@@ -118,7 +118,8 @@ impl Agent {
         if !matches!(address.host(), "0.0.0.0" | "[::]") {
             return Ok(address);
         }
-        let ip = self.link.local_ip().ok_or_else(|| {
+        let link = self.link.as_ref().ok_or(LinkError::Offline)?;
+        let ip = link.local_ip().ok_or_else(|| {
             LinkError::Protocol("the broker connection has no local address".into())
         })?;
         let text = match ip {

@@ -14,6 +14,8 @@ use crate::groups::Change;
 use crate::inbox::Arrived;
 use crate::profile::Profile;
 
+use crate::link::LinkError;
+
 use super::{Agent, AgentError};
 
 /// A command for a running agent (one JSON object per line on the control socket).
@@ -223,6 +225,9 @@ impl Agent {
                 } else {
                     self.initiate(number, Some(text), reply, true).await;
                 }
+            }
+            Command::Inbox if self.link.is_none() => {
+                let _ = reply.send(Reply::err(LinkError::Offline.to_string()));
             }
             Command::Inbox => {
                 let arrived = self.fetch_inbox().await;

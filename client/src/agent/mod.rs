@@ -36,7 +36,8 @@ use micromsg_wire::{Address, Event, Message, Request, ResponseData};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::account::{self, AccountError, Session};
+use crate::account::{self, AccountError};
+use crate::error_text::error_text;
 use crate::groups::EarlyMessages;
 use crate::inbox::{Delivery, LiveTable};
 use crate::link::{BrokerLink, LinkError};
@@ -51,6 +52,7 @@ mod control;
 mod group_chat;
 mod notice;
 mod outbound;
+mod reconnect;
 mod sessions;
 
 pub use config::{AcceptPolicy, AgentConfig};
@@ -81,6 +83,10 @@ pub enum AgentError {
     /// Another agent already serves this profile.
     #[error("an agent (`micromsg listen`) is already running for this profile ({0})")]
     AlreadyRunning(PathBuf),
+    /// Something that logging in again cannot fix (the device revoked, the profile
+    /// unreadable, a broker that is not the one the profile registered with).
+    #[error("{0}")]
+    Fatal(String),
 }
 
 /// A handle to a running agent.
@@ -116,7 +122,7 @@ impl AgentHandle {
         self.task.await.unwrap_or(Ok(()))
     }
 
-    /// Waits until the agent ends by itself (broker gone, fatal error).
+    /// Waits until the agent ends by itself (an error that reconnecting cannot fix).
     pub async fn wait(mut self) -> Result<(), AgentError> {
         let _keep = self.stop.take();
         self.task.await.unwrap_or(Ok(()))
@@ -124,7 +130,8 @@ impl AgentHandle {
 }
 
 /// Logs in, opens the listeners and starts the agent in the background. Notices go to
-/// `notices`.
+/// `notices`. With [`AgentConfig::wait_for_broker`], a broker that cannot be reached now is
+/// not an error: the agent starts offline ([`Notice::BrokerLost`]) and logs in once it can.
 pub async fn start(
     profile: Profile,
     config: AgentConfig,
@@ -135,7 +142,12 @@ pub async fn start(
     } else {
         None
     };
-    let session = account::connect(&profile).await?;
+    let link = match account::connect(&profile).await {
+        Ok(session) => Ok(session.link),
+        Err(e) if config.wait_for_broker && reconnect::fatal_reason(&e).is_none() => Err(e),
+        Err(e) => return Err(e.into()),
+    };
+    let info = profile.info().map_err(AccountError::from)?;
     let secrets = profile.secrets().map_err(AccountError::from)?;
     let identity = IdentityKey::from_seed(&secrets.identity_seed);
     let peers = TcpListener::bind(config.peer_listen)
@@ -157,9 +169,21 @@ pub async fn start(
         .unwrap_or_else(|| format!("0.0.0.0:{port}"));
     let (commands_tx, commands_rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = oneshot::channel();
-    let mut agent = Agent::new(profile, session, identity, config, advertise, notices)?;
+    let online = link.is_ok();
+    let unreachable = link.as_ref().err().map(|e| error_text(e));
+    let mut agent = Agent::new(
+        profile,
+        info,
+        link.ok(),
+        identity,
+        config,
+        advertise,
+        notices,
+    )?;
     if agent.config.announce {
-        agent.announce().await?;
+        if online {
+            agent.announce().await?;
+        }
         agent
             .notify(Notice::Listening {
                 number: agent.info.number.clone(),
@@ -167,6 +191,9 @@ pub async fn start(
                 peer_address: agent.advertise.clone(),
             })
             .await;
+    }
+    if let Some(reason) = unreachable {
+        agent.start_offline(reason).await;
     }
     if let Some(listener) = control {
         tokio::spawn(serve_control(listener, commands_tx.clone()));
@@ -225,7 +252,16 @@ struct Agent {
     store: Store,
     info: ProfileInfo,
     identity: Arc<IdentityKey>,
-    link: BrokerLink,
+    /// The logged-in broker link; `None` while it is down (see [`reconnect`]).
+    link: Option<BrokerLink>,
+    /// Delays between reconnect attempts.
+    backoff: reconnect::Backoff,
+    /// When to try the broker again while the link is down.
+    reconnect_at: Instant,
+    /// Since when the link is down.
+    down_since: Option<Instant>,
+    /// Set when something happened that ends the agent (a revoked device).
+    fatal: Option<String>,
     config: AgentConfig,
     advertise: String,
     notices: mpsc::Sender<Notice>,
@@ -253,7 +289,8 @@ struct Agent {
 impl Agent {
     fn new(
         profile: Profile,
-        session: Session,
+        info: ProfileInfo,
+        link: Option<BrokerLink>,
         identity: IdentityKey,
         config: AgentConfig,
         advertise: String,
@@ -262,16 +299,11 @@ impl Agent {
         let (handshakes_tx, handshakes_rx) = mpsc::channel(64);
         let (events_tx, events_rx) = mpsc::channel(1024);
         let store = Store::new(&profile);
-        let delivery = Delivery::new(
-            store.clone(),
-            &session.info.number,
-            session.info.device,
-            identity.seed(),
-        )
-        .map_err(|e| AgentError::Io {
-            what: "reading the inbox state".into(),
-            source: std::io::Error::other(e),
-        })?;
+        let delivery = Delivery::new(store.clone(), &info.number, info.device, identity.seed())
+            .map_err(|e| AgentError::Io {
+                what: "reading the inbox state".into(),
+                source: std::io::Error::other(e),
+            })?;
         let inbox_due = config.inbox;
         let early = EarlyMessages::new(
             config.early_group_messages,
@@ -280,9 +312,13 @@ impl Agent {
         Ok(Self {
             store,
             profile,
-            info: session.info,
+            info,
             identity: Arc::new(identity),
-            link: session.link,
+            link,
+            backoff: reconnect::Backoff::new(config.reconnect_initial, config.reconnect_max),
+            reconnect_at: Instant::now(),
+            down_since: None,
+            fatal: None,
             config,
             advertise,
             notices,
@@ -322,12 +358,11 @@ impl Agent {
     /// without asking.
     async fn announce(&mut self) -> Result<(), LinkError> {
         let address = self.address()?;
-        self.link
-            .call(Request::ContactPolicy(ContactPolicyArgs {
-                auto_existing: self.config.auto_existing,
-                address: Some(address),
-            }))
-            .await?;
+        self.call(Request::ContactPolicy(ContactPolicyArgs {
+            auto_existing: self.config.auto_existing,
+            address: Some(address),
+        }))
+        .await?;
         Ok(())
     }
 
@@ -341,20 +376,29 @@ impl Agent {
         keepalive.tick().await;
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
-            if self.inbox_due {
+            if let Some(reason) = self.fatal.take() {
+                break Err(AgentError::Fatal(reason));
+            }
+            if self.inbox_due && self.link.is_some() {
                 self.inbox_due = false;
                 self.fetch_inbox().await;
             }
             // Events that came while a request waited for its answer (`next_message` below
             // only reads new frames).
             self.drain_queued_events().await;
+            let offline = self.link.is_none();
             tokio::select! {
                 _ = &mut stop => break Ok(()),
-                message = self.link.next_message() => match message {
+                message = next_message(&mut self.link) => match message {
                     Ok(Message::Event(event)) => self.on_broker_event(event).await,
                     Ok(other) => self.warn(format!("unexpected frame from the broker: {other:?}")).await,
-                    Err(e) => break Err(AgentError::Link(e)),
+                    Err(e) => self.link_lost(error_text(&e)).await,
                 },
+                () = tokio::time::sleep_until(self.reconnect_at.into()), if offline => {
+                    if let Err(e) = self.reconnect().await {
+                        break Err(e);
+                    }
+                }
                 accepted = peers.accept() => match accepted {
                     Ok((stream, _addr)) => self.spawn_respond(stream),
                     Err(e) => self.warn(format!("accepting a peer failed: {e}")).await,
@@ -362,11 +406,9 @@ impl Agent {
                 Some(done) = self.handshakes_rx.recv() => self.on_handshake(done).await,
                 Some(event) = self.events_rx.recv() => self.on_session_event(event).await,
                 Some(request) = control_rx.recv() => self.on_command(request.command, request.reply).await,
-                _ = keepalive.tick() => {
-                    if let Err(e) = self.link.call(Request::Ping).await {
-                        break Err(AgentError::Link(e));
-                    }
-                    self.drain_queued_events().await;
+                _ = keepalive.tick(), if !offline => {
+                    // A lost link is handled in `call`.
+                    let _ = self.call(Request::Ping).await;
                 }
                 _ = sweep.tick() => self.expire().await,
             }
@@ -389,13 +431,28 @@ impl Agent {
 
     /// Events that arrived while a request waited for its answer.
     async fn drain_queued_events(&mut self) {
-        for event in self.link.take_queued_events() {
+        let events = self
+            .link
+            .as_mut()
+            .map(BrokerLink::take_queued_events)
+            .unwrap_or_default();
+        for event in events {
             Box::pin(self.on_broker_event(event)).await;
         }
     }
 
+    /// A request to the broker. While the link is down it fails at once with
+    /// [`LinkError::Offline`]; a request that finds the link gone takes it down.
     async fn call(&mut self, request: Request) -> Result<ResponseData, LinkError> {
-        let result = self.link.call(request).await;
+        let Some(link) = self.link.as_mut() else {
+            return Err(LinkError::Offline);
+        };
+        let result = link.call(request).await;
+        if let Err(e) = &result
+            && reconnect::is_connection_loss(e)
+        {
+            self.link_lost(error_text(e)).await;
+        }
         self.drain_queued_events().await;
         result
     }
@@ -438,8 +495,14 @@ impl Agent {
             Event::ContactRequest(r) => self.on_contact_request(r).await,
             Event::ContactAccepted(a) => self.on_contact_accepted(a).await,
             Event::ContactConnecting(c) => self.on_contact_connecting(c),
-            Event::Shutdown(_) => self.warn("the broker is shutting down").await,
-            Event::DeviceRevoked(_) => self.warn("this device was revoked").await,
+            Event::Shutdown(_) => self.link_lost("the broker is shutting down".into()).await,
+            Event::DeviceRevoked(_) => {
+                self.fatal = Some(
+                    "this device was revoked (by another device of this entity); it can no \
+                     longer log in"
+                        .into(),
+                );
+            }
             Event::Inbox(_) => {
                 if self.config.inbox {
                     self.inbox_due = true;
@@ -447,5 +510,13 @@ impl Agent {
             }
             Event::PubkeyRequest(_) => {}
         }
+    }
+}
+
+/// The next frame from the broker; never ready while the link is down.
+async fn next_message(link: &mut Option<BrokerLink>) -> Result<Message, LinkError> {
+    match link {
+        Some(link) => link.next_message().await,
+        None => std::future::pending().await,
     }
 }

@@ -118,6 +118,18 @@ pub enum Notice {
         /// Why.
         reason: String,
     },
+    /// The broker link is down; the agent logs in again by itself. Live sessions go on.
+    BrokerLost {
+        /// What happened, for people.
+        reason: String,
+        /// Seconds until the first attempt (later ones back off up to the configured cap).
+        retry_in_secs: u64,
+    },
+    /// The broker link is back (logged in again); the inbox is fetched next.
+    BrokerBack {
+        /// How long the link was down, in whole seconds (rounded up).
+        offline_secs: u64,
+    },
     /// Something failed (the agent goes on).
     Warning {
         /// What.

@@ -9,6 +9,8 @@ mod groups;
 mod inbox;
 mod networked_sessions;
 mod offline;
+mod process;
+mod reconnect;
 mod sessions;
 
 /// The broker's command line as a binary: this package's `micromsg-test-broker`

@@ -463,8 +463,6 @@ async fn restored_device_reads_new_messages_and_continues_the_contact() {
 
 mod durability {
     use std::collections::{HashMap, HashSet};
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Stdio};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
@@ -487,61 +485,7 @@ mod durability {
     const PER_SENDER: usize = 300;
     const KILL_AFTER: usize = 720;
 
-    use crate::broker_binary;
-
-    struct Broker {
-        bin: PathBuf,
-        config: PathBuf,
-        log: PathBuf,
-        child: Option<Child>,
-    }
-
-    impl Broker {
-        fn start(&mut self) {
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log)
-                .unwrap();
-            let child = std::process::Command::new(&self.bin)
-                .args(["serve", "--config"])
-                .arg(&self.config)
-                .env("MICROMSG_LOG", "warn")
-                // Brokers that have an admin listener get a free port (others ignore this).
-                .env("MICROMSG_ADMIN_LISTEN", "127.0.0.1:0")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            self.child = Some(child);
-        }
-
-        /// SIGKILL: no shutdown, no flush, no goodbye.
-        fn kill(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                child.kill().unwrap();
-                child.wait().unwrap();
-            }
-        }
-    }
-
-    impl Drop for Broker {
-        fn drop(&mut self) {
-            self.kill();
-        }
-    }
-
-    async fn wait_until_up(addr: &str, ca: &Path, log: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if ca.exists() && tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let log = std::fs::read_to_string(log).unwrap_or_default();
-        panic!("the broker did not come up at {addr}; its log:\n{log}");
-    }
+    use crate::process::BrokerProcess;
 
     async fn connect_retrying(profile: &Profile) -> Session {
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -591,34 +535,15 @@ mod durability {
     /// after de-duplication by id, in order per sender.
     async fn sigkill_during_a_burst(database_url: Option<String>) {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let data = dir.path().join("data");
-        let mut config = format!(
-            "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\
-             [registration]\nper_ip_per_hour = 100000\n\
+        let mut extra = "[registration]\nper_ip_per_hour = 100000\n\
              [limits]\nrequests_per_sec = 1000000\nrequests_burst = 1000000\n\
-             [inbox]\nquota_per_device = 1000000\n",
-            data.display()
-        );
+             [inbox]\nquota_per_device = 1000000\n"
+            .to_owned();
         if let Some(url) = &database_url {
-            config.push_str(&format!("[database]\nurl = \"{url}\"\n"));
+            extra.push_str(&format!("[database]\nurl = \"{url}\"\n"));
         }
-        let config_path = dir.path().join("broker.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let mut broker = Broker {
-            bin: broker_binary(),
-            config: config_path,
-            log: dir.path().join("broker.log"),
-            child: None,
-        };
-        broker.start();
-        let ca = data.join("tls").join("ca.pem");
-        wait_until_up(&addr, &ca, &broker.log).await;
+        let mut broker = BrokerProcess::start(dir.path(), &extra).await;
+        let (addr, ca) = (broker.addr.clone(), broker.ca.clone());
 
         let recipient = Profile::new(dir.path().join("r"));
         let mut r = account::register(&recipient, &addr, &ca, None)
@@ -693,8 +618,7 @@ mod durability {
             async || failed_total.load(Ordering::SeqCst) > 0,
         )
         .await;
-        broker.start();
-        wait_until_up(&addr, &ca, &broker.log).await;
+        broker.restart().await;
         let mut failures = 0;
         for t in tasks {
             failures += t.await.unwrap();

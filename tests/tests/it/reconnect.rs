@@ -1,0 +1,172 @@
+//! Agents that stay up: the broker killed (SIGKILL) and restarted under running agents, and an
+//! agent started before its broker (issue 18: reconnect). The broker is the real binary in a
+//! child process; the agents are what `micromsg listen` runs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use micromsg_client::account;
+use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
+use micromsg_client::profile::Profile;
+use micromsg_tests::agents::{
+    self, Device, contact_add, expect, message_from, send, session_started,
+};
+use tokio::sync::mpsc;
+
+use crate::process::BrokerProcess;
+
+/// The reconnect cap of these agents: each must be back within it (plus a login) once the
+/// broker listens again.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+fn config() -> AgentConfig {
+    AgentConfig {
+        wait_for_broker: true,
+        reconnect_initial: Duration::from_millis(200),
+        reconnect_max: RECONNECT_MAX,
+        ..agents::config(AcceptPolicy::Any)
+    }
+}
+
+async fn register(broker: &BrokerProcess, dir: &Path, name: &str) -> Device {
+    let profile = Profile::new(dir.join(name));
+    let session = account::register(&profile, &broker.addr, &broker.ca, None)
+        .await
+        .unwrap();
+    Device {
+        profile,
+        number: session.info.number,
+    }
+}
+
+async fn start(device: &Device) -> (AgentHandle, mpsc::Receiver<Notice>) {
+    let (tx, rx) = mpsc::channel(1024);
+    let handle = agent::start(device.profile.clone(), config(), tx)
+        .await
+        .unwrap();
+    (handle, rx)
+}
+
+async fn broker_lost(rx: &mut mpsc::Receiver<Notice>) -> u64 {
+    expect(rx, |n| match n {
+        Notice::BrokerLost { retry_in_secs, .. } => Some(*retry_in_secs),
+        _ => None,
+    })
+    .await
+}
+
+async fn broker_back(rx: &mut mpsc::Receiver<Notice>) -> u64 {
+    expect(rx, |n| match n {
+        Notice::BrokerBack { offline_secs } => Some(*offline_secs),
+        _ => None,
+    })
+    .await
+}
+
+/// Three agents; the broker is SIGKILLed and restarted. Each agent says the broker is gone,
+/// keeps running, and is logged in again within the backoff cap once the broker is up. The
+/// live session between two of them carries messages both ways through the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_ride_out_a_broker_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), "").await;
+    let (a, b, c) = (
+        register(&broker, dir.path(), "a").await,
+        register(&broker, dir.path(), "b").await,
+        register(&broker, dir.path(), "c").await,
+    );
+    let (a_agent, mut a_rx) = start(&a).await;
+    let (b_agent, mut b_rx) = start(&b).await;
+    let (c_agent, mut c_rx) = start(&c).await;
+    assert!(contact_add(&a_agent, &b.number).await.ok);
+    session_started(&mut a_rx, &b.number).await;
+    session_started(&mut b_rx, &a.number).await;
+
+    broker.kill();
+    for rx in [&mut a_rx, &mut b_rx, &mut c_rx] {
+        let retry = broker_lost(rx).await;
+        assert!(retry <= RECONNECT_MAX.as_secs(), "first retry in {retry} s");
+    }
+
+    // Peer to peer needs no broker: the session goes on through the outage.
+    let reply = send(&a_agent, &b.number, "during the outage").await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        message_from(&mut b_rx, &a.number).await,
+        ("during the outage".to_owned(), false)
+    );
+    let reply = send(&b_agent, &a.number, "still here").await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        message_from(&mut a_rx, &b.number).await,
+        ("still here".to_owned(), false)
+    );
+    // What needs the broker says so at once, and the agent stays up.
+    let reply = contact_add(&c_agent, &a.number).await;
+    assert!(!reply.ok);
+    assert!(
+        reply.message.contains("not connected to the broker"),
+        "{reply:?}"
+    );
+
+    broker.restart().await;
+    let up = tokio::time::Instant::now();
+    for rx in [&mut a_rx, &mut b_rx, &mut c_rx] {
+        broker_back(rx).await;
+    }
+    // Within the cap (plus a login; generous for a loaded machine).
+    assert!(
+        up.elapsed() < RECONNECT_MAX + Duration::from_secs(8),
+        "back after {:?}",
+        up.elapsed()
+    );
+
+    // Logged in for real: a new contact request goes through the broker.
+    let reply = contact_add(&c_agent, &a.number).await;
+    assert!(reply.ok, "{reply:?}");
+    session_started(&mut c_rx, &a.number).await;
+    // And the session that rode out the outage still carries messages.
+    assert!(send(&a_agent, &b.number, "after").await.ok);
+    assert_eq!(
+        message_from(&mut b_rx, &a.number).await,
+        ("after".to_owned(), false)
+    );
+    for agent in [a_agent, b_agent, c_agent] {
+        agent.stop().await.unwrap();
+    }
+}
+
+/// `listen` started while its broker is down waits for it, then logs in; a one-shot agent
+/// (which does not wait) says at once that the broker is out of reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_before_its_broker_waits_then_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), "").await;
+    let a = register(&broker, dir.path(), "a").await;
+    broker.kill();
+
+    let (tx, _rx) = mpsc::channel(16);
+    let one_shot = AgentConfig {
+        wait_for_broker: false,
+        ..config()
+    };
+    let err = agent::start(a.profile.clone(), one_shot, tx)
+        .await
+        .expect_err("a one-shot agent does not wait for the broker");
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+
+    let (a_agent, mut a_rx) = start(&a).await;
+    expect(&mut a_rx, |n| {
+        matches!(n, Notice::Listening { .. }).then_some(())
+    })
+    .await;
+    broker_lost(&mut a_rx).await;
+    let reply = a_agent.command(Command::Inbox).await;
+    assert!(!reply.ok, "{reply:?}");
+
+    broker.restart().await;
+    broker_back(&mut a_rx).await;
+    let reply = a_agent.command(Command::Inbox).await;
+    assert!(reply.ok, "{reply:?}");
+    a_agent.stop().await.unwrap();
+}
