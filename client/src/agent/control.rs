@@ -213,6 +213,19 @@ pub(super) async fn serve_control(listener: UnixListener, control: mpsc::Sender<
 
 impl Agent {
     pub(super) async fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
+        let too_long = match &command {
+            Command::Send { text, .. } => {
+                self.broker_limits.check(text, false, &self.config.session)
+            }
+            Command::GroupSend { text, .. } => {
+                self.broker_limits.check(text, true, &self.config.session)
+            }
+            _ => Ok(()),
+        };
+        if let Err(message) = too_long {
+            let _ = reply.send(Reply::err(message));
+            return;
+        }
         match command {
             Command::ContactAdd { number } => self.initiate(number, None, reply, false).await,
             Command::Send { number, text } => {

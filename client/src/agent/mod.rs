@@ -50,6 +50,7 @@ mod config;
 mod contacts;
 mod control;
 mod group_chat;
+mod limits;
 mod notice;
 mod outbound;
 mod reconnect;
@@ -180,6 +181,9 @@ pub async fn start(
         advertise,
         notices,
     )?;
+    if online {
+        agent.read_broker_limits().await;
+    }
     if agent.config.announce {
         if online {
             agent.announce().await?;
@@ -262,6 +266,8 @@ struct Agent {
     down_since: Option<Instant>,
     /// Set when something happened that ends the agent (a revoked device).
     fatal: Option<String>,
+    /// The broker's limits on a message (BROKER-INFO, read at each login).
+    broker_limits: limits::BrokerLimits,
     config: AgentConfig,
     advertise: String,
     notices: mpsc::Sender<Notice>,
@@ -319,6 +325,7 @@ impl Agent {
             reconnect_at: Instant::now(),
             down_since: None,
             fatal: None,
+            broker_limits: limits::BrokerLimits::default(),
             config,
             advertise,
             notices,
@@ -427,6 +434,13 @@ impl Agent {
         }
         let _ = std::fs::remove_file(control_path(&self.profile));
         result
+    }
+
+    /// Reads the broker's message limits (BROKER-INFO); on failure the last known ones stay.
+    async fn read_broker_limits(&mut self) {
+        if let Ok(ResponseData::BrokerInfo(info)) = self.call(Request::BrokerInfo).await {
+            self.broker_limits = limits::BrokerLimits::from(&info.info.limits);
+        }
     }
 
     /// Events that arrived while a request waited for its answer.

@@ -131,6 +131,7 @@ impl Agent {
                 self.link = Some(session.link);
                 self.backoff.reset();
                 let offline_secs = self.down_since.take().map_or(0, |t| secs(t.elapsed()));
+                self.read_broker_limits().await;
                 if self.config.announce
                     && let Err(e) = self.announce().await
                 {

@@ -215,3 +215,59 @@ async fn a_changed_identity_key_is_detected_and_refused() {
     a_agent.stop().await.unwrap();
     broker.stop().await;
 }
+
+/// Too long a text is refused before it leaves the device, with the limit, and the agent stays
+/// up; the longest text the broker carries goes out live (with its copy for the contact's other
+/// devices) and does not cost the broker link (it used to: the copy went past the frame limit
+/// and the broker closed the link, which ended the agent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_too_long_is_refused_before_sending_and_the_longest_one_goes_out() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (_b_agent, mut b_rx) = online(&b, AcceptPolicy::Any).await;
+    let (a_agent, mut a_rx) = online(&a, AcceptPolicy::Any).await;
+    assert!(agents::contact_add(&a_agent, &b.number).await.ok);
+    agents::session_started(&mut a_rx, &b.number).await;
+
+    let megabyte = "x".repeat(1 << 20);
+    let reply = agents::send(&a_agent, &b.number, &megabyte).await;
+    assert!(!reply.ok, "{reply:?}");
+    assert!(
+        reply.message.starts_with("message too long: 1048576 bytes"),
+        "{}",
+        reply.message
+    );
+    assert!(
+        reply.message.contains("nothing was sent"),
+        "{}",
+        reply.message
+    );
+    let limit: usize = reply
+        .message
+        .split("at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no limit in {:?}", reply.message));
+    let reply = agents::send(&a_agent, &b.number, &"y".repeat(limit + 1)).await;
+    assert!(!reply.ok, "one byte over the limit: {reply:?}");
+
+    let longest = "z".repeat(limit);
+    let reply = agents::send(&a_agent, &b.number, &longest).await;
+    assert!(reply.ok, "{reply:?}");
+    let (got, offline) = agents::message_from(&mut b_rx, &a.number).await;
+    assert_eq!((got.len(), offline), (limit, false));
+    // The broker link survived the copies: a request through it still works.
+    let reply = a_agent.command(Command::Inbox).await;
+    assert!(reply.ok, "{reply:?}");
+    assert!(agents::send(&a_agent, &b.number, "still up").await.ok);
+    assert_eq!(
+        agents::message_from(&mut b_rx, &a.number).await,
+        ("still up".to_owned(), false)
+    );
+    agents::expect_none(&mut a_rx, Duration::from_millis(300), |n| {
+        matches!(n, Notice::Warning { .. } | Notice::BrokerLost { .. })
+    })
+    .await;
+}
