@@ -23,6 +23,7 @@ pub mod groups;
 pub mod inbox;
 pub mod keys;
 pub mod link;
+pub mod outbox;
 pub mod p2p;
 pub mod profile;
 pub mod store;

@@ -103,19 +103,25 @@ enum Command {
     /// Contacts: add, list, block, unblock, answer requests.
     #[command(subcommand)]
     Contact(ContactCommand),
-    /// Send a message to a contact (through the running `listen`, or on its own). With no
-    /// live session it asks the contact to connect; if it does not within --wait seconds, the
-    /// message is sealed with the last session's keys and deposited at the broker, and this
-    /// says so.
+    /// Send a message to a contact (through the running `listen`, or on its own). It says
+    /// which of three things happened: delivered live (a session is up), deposited at the
+    /// broker (sealed with this device's last session with the contact), or queued on this
+    /// device (the broker cannot take it now; it goes out by itself later, in order, once).
     Send {
         /// The contact's number.
         number: String,
-        /// The message.
+        /// The message; `-` reads it from standard input.
         text: String,
-        /// Seconds to wait for the contact before depositing (when no `listen` runs; a running
-        /// `listen` uses its own --offline-after). 0: deposit at once.
+        /// For a contact this device has never had a session with: seconds to wait for it to
+        /// connect (when no `listen` runs; a running `listen` uses its own --offline-after).
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         wait: u64,
+    },
+    /// Messages queued on this device because the broker could not take them yet: list them,
+    /// or cancel one (`outbox cancel ID`).
+    Outbox {
+        #[command(subcommand)]
+        action: Option<OutboxCommand>,
     },
     /// Fetch offline messages now (through the running `listen`, or on its own) and print
     /// what arrived; they are stored in the history, then removed from the broker.
@@ -196,6 +202,16 @@ enum AcceptArg {
     Any,
     Contacts,
     Ask,
+}
+
+/// `micromsg outbox …`
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// Take a queued message out of the outbox before it goes (it is never sent).
+    Cancel {
+        /// Its id, as `outbox` lists it (the first 8 digits are enough).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -674,13 +690,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Send { number, text, wait } => {
+            let text = if text == "-" {
+                read_stdin_text()?
+            } else {
+                text
+            };
             let config = AgentConfig {
                 offline_after: std::time::Duration::from_secs(wait),
+                // A broker that is down now does not lose the message: it is queued.
+                wait_for_broker: true,
                 ..one_shot_config()
             };
             via_agent(&profile, AgentCommand::Send { number, text }, json, config).await?;
         }
         Command::Group(command) => group_command(&profile, command, json).await?,
+        Command::Outbox { action } => outbox_command(&profile, action, json).await?,
         Command::Inbox => {
             let reply = run_in_agent(&profile, AgentCommand::Inbox, one_shot_config()).await?;
             let messages = reply
@@ -949,6 +973,10 @@ fn print_notice(notice: &Notice, json: bool) {
             } => format!(
                 "broker unreachable ({reason}); live sessions go on; trying again in {retry_in_secs} s, then with a growing wait"
             ),
+            Notice::QueuedSent { to, id, .. } => format!(
+                "a queued message to {to} went out: the broker has it now (id {})",
+                &id[..id.len().min(8)]
+            ),
             Notice::BrokerBack { offline_secs } => {
                 format!("broker back after {offline_secs} s offline; logged in again")
             }
@@ -1113,4 +1141,85 @@ async fn run_in_agent(
         }
     };
     Ok(reply)
+}
+
+/// A message typed or piped into `send NUMBER -`: standard input up to its end, without the
+/// final line break.
+fn read_stdin_text() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| anyhow::anyhow!("reading the message from standard input: {e}"))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.is_empty() {
+        anyhow::bail!("the message from standard input is empty; nothing was sent");
+    }
+    Ok(text)
+}
+
+/// `outbox` and `outbox cancel ID`. A running agent cancels (it holds the outbox); otherwise
+/// the file is changed here.
+async fn outbox_command(
+    profile: &Profile,
+    action: Option<OutboxCommand>,
+    json: bool,
+) -> anyhow::Result<()> {
+    profile.info()?;
+    match action {
+        None => {
+            let items = micromsg_client::outbox::Outbox::new(profile).load()?;
+            if json {
+                let list: Vec<_> = items
+                    .iter()
+                    .map(|q| {
+                        json!({"id": q.id, "to": q.to, "text": q.text, "queued_at": q.queued_at,
+                               "attempts": q.attempts, "last_error": q.last_error,
+                               "failed": q.failed})
+                    })
+                    .collect();
+                outln!("{}", json!({ "outbox": list }));
+            } else if items.is_empty() {
+                outln!("the outbox is empty: nothing waits to go out");
+            } else {
+                for q in &items {
+                    let state = match (&q.failed, &q.last_error) {
+                        (Some(why), _) => format!("FAILED, will not be retried: {why}"),
+                        (None, Some(why)) => format!("waiting ({} tries; last: {why})", q.attempts),
+                        (None, None) => "waiting".to_owned(),
+                    };
+                    outln!(
+                        "{}  to {}  queued {}  {state}\n    {}",
+                        &q.id[..q.id.len().min(8)],
+                        q.to,
+                        q.queued_at,
+                        q.text
+                    );
+                }
+            }
+            Ok(())
+        }
+        Some(OutboxCommand::Cancel { id }) => {
+            let command = AgentCommand::OutboxCancel { id: id.clone() };
+            let reply = match agent::send_to_running(profile, &command).await {
+                Some(reply) => reply,
+                None => micromsg_client::agent::cancel_queued(profile, &id),
+            };
+            if json {
+                outln!("{}", serde_json::to_string(&reply)?);
+            } else {
+                outln!("{}", reply.message);
+            }
+            if reply.ok {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("{}", reply.message))
+            }
+        }
+    }
 }

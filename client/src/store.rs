@@ -10,6 +10,8 @@
 //!                                 sessions, synced or restored, and its own older ones)   (0600)
 //! DIR/inbox.json                  InboxState: inbox ids already stored (until they expire)
 //!                                 and envelopes waiting for their session keys            (0600)
+//! DIR/outbox.json                 messages queued until the broker takes them
+//!                                 ([`crate::outbox`])                                      (0600)
 //! ```
 //!
 //! Whole files are replaced atomically ([`Profile::write_atomic`]); history lines are appended
@@ -93,6 +95,14 @@ pub struct Contact {
     /// The last address the contact was reached at (`HOST:PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// A different identity key than the pinned one that the contact presented: nothing is
+    /// sent to it until the user has verified the safety number and re-pinned.
+    #[serde(
+        default,
+        with = "opt_identity_hex",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub presented: Option<IdentityPublicKey>,
 }
 
 impl Contact {
@@ -102,6 +112,7 @@ impl Contact {
             added_at: now_unix,
             blocked: false,
             address: None,
+            presented: None,
         }
     }
 }
@@ -295,7 +306,13 @@ impl Store {
             .or_insert_with(|| Contact::new(now_unix));
         match contact.identity {
             Some(old) if old == *key => Ok(PinResult::Same),
-            Some(old) => Ok(PinResult::Changed { old }),
+            Some(old) => {
+                if contact.presented != Some(*key) {
+                    contact.presented = Some(*key);
+                    self.write_contacts(&contacts)?;
+                }
+                Ok(PinResult::Changed { old })
+            }
             None => {
                 contact.identity = Some(*key);
                 self.write_contacts(&contacts)?;
@@ -312,8 +329,11 @@ impl Store {
         key: &IdentityPublicKey,
         now_unix: u64,
     ) -> Result<(), StoreError> {
-        self.update_contact(number, now_unix, |c| c.identity = Some(*key))
-            .map(drop)
+        self.update_contact(number, now_unix, |c| {
+            c.identity = Some(*key);
+            c.presented = None;
+        })
+        .map(drop)
     }
 
     /// Blocks or unblocks a contact.

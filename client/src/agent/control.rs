@@ -15,6 +15,7 @@ use crate::inbox::Arrived;
 use crate::profile::Profile;
 
 use crate::link::LinkError;
+use crate::outbox::Outbox;
 
 use super::{Agent, AgentError};
 
@@ -92,6 +93,11 @@ pub enum Command {
         group: String,
         /// The message.
         text: String,
+    },
+    /// Take a queued message out of the outbox (it is never sent).
+    OutboxCancel {
+        /// Its id or an unambiguous prefix of at least 4 digits.
+        id: String,
     },
 }
 
@@ -228,16 +234,19 @@ impl Agent {
         }
         match command {
             Command::ContactAdd { number } => self.initiate(number, None, reply, false).await,
-            Command::Send { number, text } => {
-                if let Some((sender, id)) = self.sessions.get(&number).cloned() {
-                    let r = self.send_on(&number, &sender, id, text).await;
-                    let _ = reply.send(r);
-                } else if self.config.offline_after.is_zero() {
-                    let r = self.send_offline(&number, &text).await;
-                    let _ = reply.send(r);
-                } else {
-                    self.initiate(number, Some(text), reply, true).await;
-                }
+            Command::Send { number, text } => self.deliver(number, text, reply).await,
+            Command::OutboxCancel { id } => {
+                let r = match super::queue::cancel(&mut self.outbox, &id) {
+                    Ok(item) => match self.persist_outbox().await {
+                        Ok(()) => cancelled(&item),
+                        Err(e) => {
+                            self.outbox = self.outbox_file.load().unwrap_or_default();
+                            Reply::err(e)
+                        }
+                    },
+                    Err(message) => Reply::err(message),
+                };
+                let _ = reply.send(r);
             }
             Command::Inbox if self.link.is_none() => {
                 let _ = reply.send(Reply::err(LinkError::Offline.to_string()));
@@ -331,5 +340,29 @@ impl Agent {
                 let _ = reply.send(r);
             }
         }
+    }
+}
+
+fn cancelled(item: &crate::outbox::Queued) -> Reply {
+    Reply::ok(format!(
+        "cancelled: the message to {} queued at {} will not be sent",
+        item.to, item.queued_at
+    ))
+    .with(serde_json::json!({"cancelled": item.id, "to": item.to}))
+}
+
+/// `outbox cancel ID` with no agent running: the outbox file is changed directly.
+pub fn cancel_queued(profile: &Profile, id: &str) -> Reply {
+    let file = Outbox::new(profile);
+    let mut items = match file.load() {
+        Ok(items) => items,
+        Err(e) => return Reply::err(format!("reading the outbox: {e}")),
+    };
+    match super::queue::cancel(&mut items, id) {
+        Ok(item) => match file.save(&items) {
+            Ok(()) => cancelled(&item),
+            Err(e) => Reply::err(format!("writing the outbox: {e}")),
+        },
+        Err(message) => Reply::err(message),
     }
 }

@@ -17,14 +17,6 @@ pub(super) fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
-/// Why a group frame cannot go to `number`, for people.
-pub(super) fn not_a_contact(number: &str) -> String {
-    format!(
-        "{number} is not a contact of yours yet (no session with {number} on this device); \
-         add them with `micromsg contact add {number}` first"
-    )
-}
-
 impl Agent {
     // ---- groups (docs/groups.md) ----
 
@@ -82,7 +74,7 @@ impl Agent {
             Number::new(member.to_owned()).map_err(|_| format!("{member:?} is not a number"))?;
         let mut stored = match self.store.load_session(member) {
             Ok(Some(s)) => s,
-            Ok(None) => return Err(not_a_contact(member)),
+            Ok(None) => return Err(self.not_a_contact(member)),
             Err(e) => return Err(format!("reading the session with {member}: {e}")),
         };
         let envelope = stored
@@ -206,7 +198,7 @@ impl Agent {
                     return Reply::err(format!("{m} is already a member"));
                 }
                 if !self.reachable(m) {
-                    return Reply::err(not_a_contact(m));
+                    return Reply::err(self.not_a_contact(m));
                 }
                 format!("added {m} to")
             }

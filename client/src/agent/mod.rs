@@ -36,11 +36,12 @@ use micromsg_wire::{Address, Event, Message, Request, ResponseData};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::account::{self, AccountError};
+use crate::account::{self, AccountError, unix_now};
 use crate::error_text::error_text;
 use crate::groups::EarlyMessages;
 use crate::inbox::{Delivery, LiveTable};
 use crate::link::{BrokerLink, LinkError};
+use crate::outbox::{Outbox, Queued};
 use crate::p2p::{Established, P2pError, PeerEvent, SessionSender};
 use crate::profile::{Profile, ProfileInfo};
 use crate::store::Store;
@@ -53,11 +54,12 @@ mod group_chat;
 mod limits;
 mod notice;
 mod outbound;
+mod queue;
 mod reconnect;
 mod sessions;
 
 pub use config::{AcceptPolicy, AgentConfig};
-pub use control::{Command, ControlRequest, Reply, control_path, send_to_running};
+pub use control::{Command, ControlRequest, Reply, cancel_queued, control_path, send_to_running};
 pub use notice::Notice;
 
 use control::{bind_control, serve_control};
@@ -183,6 +185,8 @@ pub async fn start(
     )?;
     if online {
         agent.read_broker_limits().await;
+        // What an earlier run left queued goes first.
+        agent.flush_outbox(None).await;
     }
     if agent.config.announce {
         if online {
@@ -268,6 +272,10 @@ struct Agent {
     fatal: Option<String>,
     /// The broker's limits on a message (BROKER-INFO, read at each login).
     broker_limits: limits::BrokerLimits,
+    /// Messages waiting to be deposited, as in the outbox file.
+    outbox: Vec<Queued>,
+    /// The outbox file.
+    outbox_file: Outbox,
     config: AgentConfig,
     advertise: String,
     notices: mpsc::Sender<Notice>,
@@ -310,6 +318,11 @@ impl Agent {
                 what: "reading the inbox state".into(),
                 source: std::io::Error::other(e),
             })?;
+        let outbox_file = Outbox::new(&profile);
+        let outbox = outbox_file.load().map_err(|e| AgentError::Io {
+            what: "reading the outbox".into(),
+            source: std::io::Error::other(e),
+        })?;
         let inbox_due = config.inbox;
         let early = EarlyMessages::new(
             config.early_group_messages,
@@ -326,6 +339,8 @@ impl Agent {
             down_since: None,
             fatal: None,
             broker_limits: limits::BrokerLimits::default(),
+            outbox,
+            outbox_file,
             config,
             advertise,
             notices,
@@ -483,6 +498,10 @@ impl Agent {
             if let Some(o) = self.outgoing.remove(&id) {
                 if o.deposit_on_timeout {
                     for (text, waiter) in o.queued {
+                        // The `send` was cancelled (Ctrl-C): nothing goes out.
+                        if waiter.is_closed() {
+                            continue;
+                        }
                         let reply = self.send_offline(&o.target, &text).await;
                         let _ = waiter.send(reply);
                     }
@@ -500,8 +519,19 @@ impl Agent {
                 }
             }
         }
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        tokens.retain(|_, (_, _, expires)| *expires > now);
+        {
+            let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+            tokens.retain(|_, (_, _, expires)| *expires > now);
+        }
+        let unix = unix_now();
+        if self.link.is_some()
+            && self
+                .outbox
+                .iter()
+                .any(|q| q.pending() && q.next_attempt <= unix)
+        {
+            self.flush_outbox(None).await;
+        }
     }
 
     async fn on_broker_event(&mut self, event: Event) {

@@ -130,6 +130,16 @@ pub enum Notice {
         /// How long the link was down, in whole seconds (rounded up).
         offline_secs: u64,
     },
+    /// A message that an earlier `send` left queued on this device went out: the broker has
+    /// it now.
+    QueuedSent {
+        /// The contact.
+        to: String,
+        /// Its deposit id.
+        id: String,
+        /// When it was queued (Unix seconds).
+        queued_at: u64,
+    },
     /// Something failed (the agent goes on).
     Warning {
         /// What.

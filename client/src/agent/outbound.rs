@@ -3,14 +3,14 @@
 
 use micromsg_crypto::message::OfflineEnvelope;
 use micromsg_wire::message::request::{DepositArgs, SyncCopyArgs};
-use micromsg_wire::{Blob, ErrorCode, Number, Request, ResponseData};
+use micromsg_wire::{Blob, ErrorCode, Number, Request};
 
-use crate::account::unix_now;
 use crate::inbox::new_message_id;
 use crate::keys::{self, SharedSession};
 use crate::link::LinkError;
 use crate::p2p::SessionSender;
 use crate::store::{Direction, Entry};
+use tokio::sync::oneshot;
 
 use super::{Agent, Reply};
 
@@ -42,72 +42,88 @@ pub(super) fn describe_expiry(expires: u64, now: u64) -> String {
 }
 
 impl Agent {
-    /// Seals `text` with this device's latest session with `peer` (never a live one) and
-    /// deposits it; the history gets it once the broker has committed it.
-    pub(super) async fn send_offline(&mut self, peer: &str, text: &str) -> Reply {
-        let Ok(target) = Number::new(peer.to_owned()) else {
-            return Reply::err(format!("{peer:?} is not a number"));
-        };
-        if self.sessions.contains_key(peer) {
-            return Reply::err(format!(
-                "{peer} has a live session; refusing to seal an offline message with live keys"
-            ));
+    /// Why nothing can go to `number` yet, for people, with the command that fixes it (for
+    /// this profile).
+    pub(super) fn not_a_contact(&self, number: &str) -> String {
+        format!(
+            "{number} is not a contact of yours yet (no session with {number} on this device); \
+             add them first: micromsg --profile {} contact add {number}",
+            self.profile.dir().display()
+        )
+    }
+
+    /// `send`: the one way a message to a contact goes out.
+    /// - Live on the session with the contact when one is up (and copied to the contact's
+    ///   other devices and this entity's).
+    /// - Else sealed with this device's stored session, queued durably and deposited at once
+    ///   (or later, when the broker cannot take it now); a long-lived agent also asks the
+    ///   contact for a session in the background, so the next message can go live.
+    /// - Else, for a known contact this device has no session with, a session is asked for
+    ///   and the message waits for it (up to `offline_after`).
+    /// - A number that is not a contact is told so at once.
+    pub(super) async fn deliver(
+        &mut self,
+        to: String,
+        text: String,
+        reply: oneshot::Sender<Reply>,
+    ) {
+        if Number::new(to.clone()).is_err() {
+            let _ = reply.send(Reply::err(format!("{to:?} is not a number")));
+            return;
         }
-        let mut stored = match self.store.load_session(peer) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return Reply::err(format!(
-                    "{peer} did not come online, and this device has no earlier session with {peer} \
-                     to seal an offline message with (a device sends offline only with sessions \
-                     it set up itself); try again when {peer} is online"
-                ));
+        if to == self.info.number {
+            let _ = reply.send(Reply::err("that is your own number"));
+            return;
+        }
+        if let Some((sender, id)) = self.sessions.get(&to).cloned() {
+            let r = self.send_on(&to, &sender, id, text).await;
+            let _ = reply.send(r);
+            return;
+        }
+        if let Ok(Some(contact)) = self.store.contact(&to)
+            && contact.presented.is_some()
+        {
+            let _ = reply.send(Reply::err(format!(
+                "{to}'s identity key CHANGED since it was pinned: nothing was sent. Compare \
+                 safety numbers with {to} out of band before trusting the new key."
+            )));
+            return;
+        }
+        match self.store.load_session(&to) {
+            Ok(Some(_)) => {
+                let r = self.send_offline(&to, &text).await;
+                let _ = reply.send(r);
+                self.ask_for_session(&to).await;
+                return;
             }
-            Err(e) => return Reply::err(format!("reading the session with {peer}: {e}")),
-        };
-        let now = unix_now();
-        let envelope = match stored.seal_offline_text(now, text) {
-            Ok(e) => e,
-            Err(e) => return Reply::err(format!("sealing for {peer}: {e}")),
-        };
-        let counter = stored.next_send_counter.saturating_sub(1);
-        // The counter is on disk before the envelope leaves the device (12.7).
-        if let Err(e) = self.store.save_session(peer, &stored) {
-            return Reply::err(format!("saving the send counter: {e}"));
-        }
-        let id = new_message_id();
-        let deposit = Request::Deposit(DepositArgs {
-            target,
-            id,
-            body: Blob::new(envelope.clone()),
-        });
-        let expires = match self.call(deposit).await {
-            Ok(ResponseData::Deposit(d)) => d.expires,
-            Ok(other) => {
-                return Reply::err(format!("unexpected answer {}", other.kind().as_str()));
+            Ok(None) => {}
+            Err(e) => {
+                let _ = reply.send(Reply::err(format!("reading the session with {to}: {e}")));
+                return;
             }
-            Err(e) => return Reply::err(deposit_error(peer, &e)),
-        };
-        let entry = Entry {
-            direction: Direction::Out,
-            time: now,
-            text: text.to_owned(),
-            session: stored.session_id,
-            counter,
-            offline: true,
-        };
-        if let Err(e) = self.store.append_history(peer, &entry) {
-            self.warn(format!("saving history failed: {e}")).await;
         }
-        self.sync_copy(peer, envelope).await;
-        Reply::ok(format!(
-            "{peer} is offline; message deposited at the broker (expires {})",
-            describe_expiry(expires, now)
-        ))
-        .with(serde_json::json!({
-            "delivered": "deposited",
-            "id": id.to_hex(),
-            "expires": expires,
-        }))
+        if !matches!(self.store.contact(&to), Ok(Some(_))) {
+            let _ = reply.send(Reply::err(self.not_a_contact(&to)));
+            return;
+        }
+        if self.config.offline_after.is_zero() {
+            let r = self.send_offline(&to, &text).await;
+            let _ = reply.send(r);
+        } else {
+            self.initiate(to, Some(text), reply, true).await;
+        }
+    }
+
+    /// Asks `peer` for a session (INITIATE-EXISTING) without waiting for it, unless one is
+    /// already asked for or this is the short-lived agent of a one-shot command.
+    async fn ask_for_session(&mut self, peer: &str) {
+        let asked = self.outgoing.values().any(|o| o.target == peer);
+        if asked || !self.config.announce || self.link.is_none() {
+            return;
+        }
+        // Nobody waits for the answer: the session, if it comes, carries the next message.
+        let (reply, _ignored) = oneshot::channel();
+        self.initiate(peer.to_owned(), None, reply, true).await;
     }
 
     /// Copies what this device sent to the entity's other devices (13.3). Failures are only

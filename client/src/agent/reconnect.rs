@@ -143,6 +143,7 @@ impl Agent {
                     if self.config.inbox {
                         self.inbox_due = true;
                     }
+                    self.flush_outbox(None).await;
                 }
                 Ok(())
             }

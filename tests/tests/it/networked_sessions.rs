@@ -11,7 +11,10 @@ use micromsg_tests::agents::{
 };
 use micromsg_tests::{Backend, TestNetwork};
 
-micromsg_tests::both_backends!(users_on_two_brokers_chat_deposit_and_reconnect);
+micromsg_tests::both_backends!(
+    users_on_two_brokers_chat_deposit_and_reconnect,
+    sends_while_the_contacts_broker_is_down_arrive_once_after,
+);
 
 fn assert_live(reply: micromsg_client::agent::Reply) {
     assert!(reply.ok, "{reply:?}");
@@ -82,13 +85,59 @@ async fn users_on_two_brokers_chat_deposit_and_reconnect(backend: Backend) {
         ("while you were away".to_owned(), true)
     );
 
-    // Now existing contacts: A's next message sets up a new session with
-    // INITIATE-EXISTING-NETWORKED, which B's agent answers without asking (AUTO-EXISTING).
+    // Now existing contacts: B's first message is deposited at once (B cannot know whether A
+    // is online), and B asks for a new session in the background with
+    // INITIATE-EXISTING-NETWORKED, which A's agent answers without asking (AUTO-EXISTING).
+    let reply = send(&b_agent, &a.number, "I am back").await;
+    assert_eq!(reply.data.unwrap()["delivered"], "deposited");
+    assert_eq!(message_from(&mut a_rx, &b.number).await.0, "I am back");
+    session_started(&mut a_rx, &b.number).await;
     assert_live(send(&a_agent, &b.number, "live again").await);
     // Live, as the sender was told; the copy deposited for other devices may get here
     // first, so the receiver's `offline` flag is not asserted.
     assert_eq!(message_from(&mut b_rx, &a.number).await.0, "live again");
 
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+    net.stop().await;
+}
+
+/// The broker that serves a contact is down: five sends are accepted (deposited into the home
+/// broker's durable outbox, not refused with PEER-UNAVAILABLE), and the contact gets all five,
+/// once each, in order, after its broker is back.
+async fn sends_while_the_contacts_broker_is_down_arrive_once_after(backend: Backend) {
+    let mut net = TestNetwork::start(backend, &[("x", &["555"]), ("y", &["556"])], |_, _| {}).await;
+    net.wait_linked().await;
+    let a = register(net.broker(X), "a").await;
+    let b = register(net.broker(Y), "b").await;
+    let (b_agent, mut b_rx) = online(&b, config(AcceptPolicy::Any)).await;
+    let (a_agent, mut a_rx) = online(&a, config(AcceptPolicy::Any)).await;
+    assert!(contact_add(&a_agent, &b.number).await.ok);
+    session_started(&mut a_rx, &b.number).await;
+    session_started(&mut b_rx, &a.number).await;
+    b_agent.stop().await.unwrap();
+    session_ended(&mut a_rx, &b.number).await;
+
+    net.stop_broker(Y).await;
+    let texts = ["one", "two", "three", "four", "five"];
+    for text in texts {
+        let reply = send(&a_agent, &b.number, text).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(reply.data.unwrap()["delivered"], "deposited");
+    }
+    net.start_broker(Y).await;
+    net.wait_linked().await;
+    let (b_agent, mut b_rx) = online(&b, config(AcceptPolicy::Any)).await;
+    for text in texts {
+        assert_eq!(
+            message_from(&mut b_rx, &a.number).await,
+            (text.to_owned(), true)
+        );
+    }
+    micromsg_tests::agents::expect_none(&mut b_rx, std::time::Duration::from_millis(500), |n| {
+        matches!(n, Notice::Message { .. })
+    })
+    .await;
     a_agent.stop().await.unwrap();
     b_agent.stop().await.unwrap();
     net.stop().await;

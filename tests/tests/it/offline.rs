@@ -74,7 +74,7 @@ async fn offline_deposit_and_later_delivery(backend: Backend) {
     assert!(
         reply
             .message
-            .starts_with(&format!("{} is offline; message deposited", b.number)),
+            .starts_with(&format!("{} is not online; message deposited", b.number)),
         "{reply:?}"
     );
     let data = reply.data.unwrap();
@@ -354,7 +354,8 @@ async fn expired_items_are_swept_not_delivered() {
     broker.stop().await;
 }
 
-/// A full inbox refuses the next deposit with a clear error and keeps what it holds.
+/// A full inbox refuses the next deposit with a clear reason and keeps what it holds; the
+/// message waits in the sender's outbox and goes out, once, when the inbox has room again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_exceeded_is_clear_and_loses_nothing() {
     let broker = TestBroker::start(Backend::Sqlite, |c: &mut Config| {
@@ -363,29 +364,38 @@ async fn quota_exceeded_is_clear_and_loses_nothing() {
     .await;
     let a = register(&broker, "a").await;
     let b = register(&broker, "b").await;
-    let (a_agent, _a_rx) = contacts_then_offline(&a, &b).await;
+    let (a_agent, mut a_rx) = contacts_then_offline(&a, &b).await;
     for text in ["one", "two"] {
         let reply = send(&a_agent, &b.number, text).await;
         assert!(reply.ok, "{reply:?}");
     }
     let reply = send(&a_agent, &b.number, "three").await;
-    assert!(!reply.ok, "{reply:?}");
+    assert!(reply.ok, "{reply:?}");
     assert!(reply.message.contains("QUOTA-EXCEEDED"), "{reply:?}");
-    assert!(reply.message.contains("not deposited"), "{reply:?}");
+    assert!(reply.message.contains("queued on this device"), "{reply:?}");
+    assert_eq!(reply.data.unwrap()["delivered"], "queued");
     let (b_agent, mut b_rx) = online(&b).await;
-    for want in ["one", "two"] {
+    for want in ["one", "two", "three"] {
         assert_eq!(
             message_from(&mut b_rx, &a.number).await,
             (want.into(), true)
         );
     }
+    expect(&mut a_rx, |n| {
+        matches!(n, Notice::QueuedSent { to, .. } if *to == b.number).then_some(())
+    })
+    .await;
+    expect_none(&mut b_rx, Duration::from_millis(500), |n| {
+        matches!(n, Notice::Message { .. })
+    })
+    .await;
     let texts: Vec<String> = Store::new(&b.profile)
         .read_history(&a.number)
         .unwrap()
         .into_iter()
         .map(|e| e.text)
         .collect();
-    assert_eq!(texts, ["one", "two"]);
+    assert_eq!(texts, ["one", "two", "three"]);
     b_agent.stop().await.unwrap();
     a_agent.stop().await.unwrap();
     broker.stop().await;

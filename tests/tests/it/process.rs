@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use crate::broker_binary;
 
 /// A broker process on a fixed loopback port, with its data under a directory of the test.
-pub struct BrokerProcess {
+pub(crate) struct BrokerProcess {
     /// `127.0.0.1:PORT`, the same across restarts.
-    pub addr: String,
+    pub(crate) addr: String,
     /// The CA that clients trust (written by the broker at first start).
-    pub ca: PathBuf,
+    pub(crate) ca: PathBuf,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -21,7 +21,7 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Writes a configuration under `dir` (on a free port; `extra` is appended as TOML, e.g. a
     /// `[database]` table) and starts the broker; returns once it accepts connections.
-    pub async fn start(dir: &Path, extra: &str) -> Self {
+    pub(crate) async fn start(dir: &Path, extra: &str) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -47,13 +47,13 @@ impl BrokerProcess {
     }
 
     /// Starts the process again (after [`Self::kill`]); returns once it accepts connections.
-    pub async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         self.spawn();
         self.wait_until_up().await;
     }
 
     /// Starts the process and returns at once (the broker may not listen yet).
-    pub fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         assert!(self.child.is_none(), "the broker is already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -74,7 +74,7 @@ impl BrokerProcess {
     }
 
     /// Polls until the broker accepts TCP connections (and its CA exists), for up to 60 s.
-    pub async fn wait_until_up(&self) {
+    pub(crate) async fn wait_until_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if self.ca.exists() && tokio::net::TcpStream::connect(&self.addr).await.is_ok() {
@@ -90,7 +90,7 @@ impl BrokerProcess {
     }
 
     /// SIGKILL, and reaps the process.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();

@@ -170,3 +170,72 @@ async fn an_agent_started_before_its_broker_waits_then_connects() {
     assert!(reply.ok, "{reply:?}");
     a_agent.stop().await.unwrap();
 }
+
+/// Messages sent while the broker is down are queued on the device, survive a restart of the
+/// agent, and go out by themselves once the broker is back: each exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_queued_in_an_outage_survive_an_agent_restart_and_arrive_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), "").await;
+    let a = register(&broker, dir.path(), "a").await;
+    let b = register(&broker, dir.path(), "b").await;
+    let (a_agent, mut a_rx) = start(&a).await;
+    let (b_agent, _b_rx) = start(&b).await;
+    assert!(contact_add(&a_agent, &b.number).await.ok);
+    session_started(&mut a_rx, &b.number).await;
+    b_agent.stop().await.unwrap();
+    agents::session_ended(&mut a_rx, &b.number).await;
+
+    broker.kill();
+    broker_lost(&mut a_rx).await;
+    let texts = ["first", "second", "third"];
+    for text in texts {
+        let reply = send(&a_agent, &b.number, text).await;
+        assert!(reply.ok, "{reply:?}");
+        let data = reply.data.clone().unwrap();
+        assert_eq!(data["delivered"], "queued", "{reply:?}");
+    }
+    // The agent stops and starts again while the broker is still down: the outbox is on disk.
+    a_agent.stop().await.unwrap();
+    let queued = micromsg_client::outbox::Outbox::new(&a.profile)
+        .load()
+        .unwrap();
+    let queued_texts: Vec<&str> = queued.iter().map(|q| q.text.as_str()).collect();
+    assert_eq!(queued_texts, texts);
+    let (a_agent, mut a_rx) = start(&a).await;
+    broker_lost(&mut a_rx).await;
+
+    broker.restart().await;
+    broker_back(&mut a_rx).await;
+    for _ in texts {
+        expect(&mut a_rx, |n| {
+            matches!(n, Notice::QueuedSent { to, .. } if *to == b.number).then_some(())
+        })
+        .await;
+    }
+    // The file is rewritten once the round of deposits is over.
+    micromsg_tests::wait::eventually(
+        "the outbox file empty once everything went out",
+        Duration::from_secs(10),
+        async || {
+            micromsg_client::outbox::Outbox::new(&a.profile)
+                .load()
+                .unwrap()
+                .is_empty()
+        },
+    )
+    .await;
+    let (b_agent, mut b_rx) = start(&b).await;
+    for text in texts {
+        assert_eq!(
+            message_from(&mut b_rx, &a.number).await,
+            (text.to_owned(), true)
+        );
+    }
+    agents::expect_none(&mut b_rx, Duration::from_millis(500), |n| {
+        matches!(n, Notice::Message { .. })
+    })
+    .await;
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+}

@@ -1,0 +1,371 @@
+//! The agent's side of the local outbox ([`crate::outbox`]): a message for a contact without a
+//! live session is sealed with the stored session, written to the outbox (durably, before the
+//! command answers), and deposited from there, now if the broker takes it, later if it does
+//! not: the link is down, the broker is rate limiting, the inbox is full, or it failed
+//! internally. Items go out in order per contact, each with the deposit id it was given when it
+//! was queued, so a retry is never a second message.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use micromsg_crypto::hex;
+use micromsg_wire::message::request::DepositArgs;
+use micromsg_wire::{Blob, ErrorCode, Hex16, Number, Request, ResponseData};
+
+use crate::account::unix_now;
+use crate::inbox::new_message_id;
+use crate::link::LinkError;
+use crate::outbox::Queued;
+use crate::store::{Direction, Entry};
+
+use super::outbound::{deposit_error, describe_expiry};
+use super::reconnect::is_connection_loss;
+use super::{Agent, Notice, Reply};
+
+/// The longest wait before a queued item is tried again (the link coming back tries at once).
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// What one attempt at a queued item did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Attempt {
+    /// The broker committed it; it expires then.
+    Deposited { expires: u64 },
+    /// Still queued: why, for people.
+    Waiting { reason: String },
+    /// Refused for good (kept in the outbox, marked failed).
+    Failed { reason: String },
+}
+
+/// True when the broker may take the item later.
+fn retryable(e: &LinkError) -> bool {
+    is_connection_loss(e)
+        || matches!(
+            e.code(),
+            Some(
+                ErrorCode::RateLimited
+                    | ErrorCode::QuotaExceeded
+                    | ErrorCode::PeerUnavailable
+                    | ErrorCode::Internal
+                    | ErrorCode::ShuttingDown
+            )
+        )
+}
+
+/// When to try an item again after its `attempts`-th failure: the broker's Retry-After, or
+/// 2^attempts seconds up to [`RETRY_MAX`]; a lost link is retried when it comes back.
+fn next_attempt(e: &LinkError, attempts: u32, now: u64) -> u64 {
+    if is_connection_loss(e) {
+        return now;
+    }
+    let backoff = 1u64 << attempts.min(16);
+    let wait = match e {
+        LinkError::Refused {
+            retry_after: Some(secs),
+            ..
+        } => u64::from(*secs).max(1),
+        _ => backoff,
+    };
+    now + wait.min(RETRY_MAX.as_secs())
+}
+
+/// Removes the item whose id is `id` or starts with it (at least 4 digits, one match).
+pub(super) fn cancel(items: &mut Vec<Queued>, id: &str) -> Result<Queued, String> {
+    let id = id.trim().to_ascii_lowercase();
+    if id.len() < 4 {
+        return Err(
+            "give at least the first 4 digits of the id (`micromsg outbox` lists them)".into(),
+        );
+    }
+    let matches: Vec<usize> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, q)| q.id.starts_with(&id))
+        .map(|(i, _)| i)
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(items.remove(*one)),
+        [] => Err(format!(
+            "no queued message with id {id} (it may have gone out already; `micromsg outbox` \
+             lists what waits)"
+        )),
+        _ => Err(format!(
+            "{id} matches {} queued messages; give more digits",
+            matches.len()
+        )),
+    }
+}
+
+impl Agent {
+    /// Writes the outbox file as it is in memory, off the agent's task; returns once it is on
+    /// disk.
+    pub(super) async fn persist_outbox(&self) -> Result<(), String> {
+        let file = self.outbox_file.clone();
+        let items = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || file.save(&items)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("writing the outbox: {e}")),
+            Err(e) => Err(format!("writing the outbox: {e}")),
+        }
+    }
+
+    /// Seals `text` with this device's stored session with `peer` (never a live one) and
+    /// queues it durably; the deposit id. `Err` with a message for people when it cannot be
+    /// sealed or written (then nothing was queued).
+    pub(super) async fn queue(&mut self, peer: &str, text: &str) -> Result<String, String> {
+        let mut stored = match self.store.load_session(peer) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return Err(format!(
+                    "{peer} is not online, and this device has no earlier session with {peer} \
+                     to seal an offline message with (a device sends offline only with sessions \
+                     it set up itself); try again when {peer} is online"
+                ));
+            }
+            Err(e) => return Err(format!("reading the session with {peer}: {e}")),
+        };
+        let now = unix_now();
+        let envelope = stored
+            .seal_offline_text(now, text)
+            .map_err(|e| format!("sealing for {peer}: {e}"))?;
+        let counter = stored.next_send_counter.saturating_sub(1);
+        // The counter is on disk before the envelope can leave the device (12.7).
+        self.store
+            .save_session(peer, &stored)
+            .map_err(|e| format!("saving the send counter: {e}"))?;
+        let id = new_message_id().to_hex();
+        self.outbox.push(Queued {
+            id: id.clone(),
+            to: peer.to_owned(),
+            text: text.to_owned(),
+            queued_at: now,
+            session: hex::encode(&stored.session_id),
+            counter,
+            envelope: hex::encode(&envelope),
+            attempts: 0,
+            next_attempt: 0,
+            last_error: None,
+            failed: None,
+        });
+        if let Err(e) = self.persist_outbox().await {
+            self.outbox.retain(|q| q.id != id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// `send` to a contact with no live session: queued, then deposited at once if the broker
+    /// takes it. The reply says which of the two happened.
+    pub(super) async fn send_offline(&mut self, peer: &str, text: &str) -> Reply {
+        let id = match self.queue(peer, text).await {
+            Ok(id) => id,
+            Err(message) => return Reply::err(message),
+        };
+        let outcome = self.flush_outbox(Some((peer, &id))).await.remove(&id);
+        match outcome {
+            Some(Attempt::Deposited { expires }) => Reply::ok(format!(
+                "{peer} is not online; message deposited at the broker (expires {})",
+                describe_expiry(expires, unix_now())
+            ))
+            .with(serde_json::json!({"delivered": "deposited", "id": id, "expires": expires})),
+            Some(Attempt::Failed { reason }) => Reply::err(reason),
+            waiting => {
+                let reason = match waiting {
+                    Some(Attempt::Waiting { reason }) => reason,
+                    _ if self.link.is_none() => "the broker cannot be reached now".to_owned(),
+                    _ => "messages queued before it go first".to_owned(),
+                };
+                // A running `listen` sends it by itself; the short-lived agent of a one-shot
+                // command stops with the command.
+                let when = if self.config.announce {
+                    "it goes out by itself, once, in order, when the broker takes it"
+                } else {
+                    "it goes out with the next command that reaches the broker, or with \
+                     `micromsg listen`"
+                };
+                Reply::ok(format!(
+                    "queued on this device ({reason}); {when} (`micromsg --profile {} outbox` \
+                     lists what waits)",
+                    self.profile.dir().display()
+                ))
+                .with(serde_json::json!({"delivered": "queued", "id": id, "reason": reason}))
+            }
+        }
+    }
+
+    /// Tries the items that are due, in order per contact; a contact's later items wait while
+    /// an earlier one does. With `only = (peer, id)`, only `peer`'s items, and item `id` is
+    /// the one the current command reports itself. What happened to each item tried, by id;
+    /// the others that go out are reported as notices.
+    pub(super) async fn flush_outbox(
+        &mut self,
+        only: Option<(&str, &str)>,
+    ) -> std::collections::HashMap<String, Attempt> {
+        let peer = only.map(|(peer, _)| peer);
+        let reported = only.map(|(_, id)| id);
+        let mut outcomes = std::collections::HashMap::new();
+        if self.link.is_none() {
+            return outcomes;
+        }
+        let now = unix_now();
+        let mut held: HashSet<String> = HashSet::new();
+        let mut changed = false;
+        let mut index = 0;
+        while index < self.outbox.len() {
+            let item = self.outbox[index].clone();
+            let skip = !item.pending()
+                || peer.is_some_and(|p| p != item.to)
+                || held.contains(&item.to)
+                || self.link.is_none();
+            if skip {
+                index += 1;
+                continue;
+            }
+            if item.next_attempt > now {
+                held.insert(item.to.clone());
+                index += 1;
+                continue;
+            }
+            changed = true;
+            let attempt = self.deposit_queued(&item).await;
+            match &attempt {
+                Attempt::Deposited { .. } => {
+                    self.outbox.remove(index);
+                    self.after_deposit(&item, reported != Some(item.id.as_str()))
+                        .await;
+                }
+                Attempt::Waiting { reason } => {
+                    let q = &mut self.outbox[index];
+                    q.attempts = q.attempts.saturating_add(1);
+                    q.last_error = Some(reason.clone());
+                    held.insert(item.to.clone());
+                    index += 1;
+                }
+                Attempt::Failed { reason } => {
+                    self.outbox[index].failed = Some(reason.clone());
+                    index += 1;
+                    self.warn(format!(
+                        "a queued message to {} cannot go out and stays in the outbox, marked \
+                         failed: {reason}",
+                        item.to
+                    ))
+                    .await;
+                }
+            }
+            outcomes.insert(item.id.clone(), attempt);
+        }
+        if changed && let Err(e) = self.persist_outbox().await {
+            self.warn(e).await;
+        }
+        outcomes
+    }
+
+    /// One DEPOSIT of a queued item, with its fixed id and envelope.
+    async fn deposit_queued(&mut self, item: &Queued) -> Attempt {
+        let failed = |reason: String| Attempt::Failed { reason };
+        let Ok(target) = Number::new(item.to.clone()) else {
+            return failed(format!("{:?} is not a number", item.to));
+        };
+        let id = match hex::decode_array::<16>(&item.id) {
+            Ok(id) => Hex16::from_bytes(id),
+            Err(e) => return failed(format!("outbox item id {:?}: {e}", item.id)),
+        };
+        let envelope = match item.envelope_bytes() {
+            Ok(e) => e,
+            Err(reason) => return failed(reason),
+        };
+        let request = Request::Deposit(DepositArgs {
+            target,
+            id,
+            body: Blob::new(envelope),
+        });
+        match self.call(request).await {
+            Ok(ResponseData::Deposit(d)) => Attempt::Deposited { expires: d.expires },
+            Ok(other) => failed(format!("unexpected answer {}", other.kind().as_str())),
+            Err(e) if retryable(&e) => {
+                let now = unix_now();
+                if let Some(q) = self.outbox.iter_mut().find(|q| q.id == item.id) {
+                    q.next_attempt = next_attempt(&e, q.attempts, now);
+                }
+                Attempt::Waiting {
+                    reason: deposit_error(&item.to, &e),
+                }
+            }
+            Err(e) => failed(deposit_error(&item.to, &e)),
+        }
+    }
+
+    /// A queued item went out: into the history, a copy to this entity's other devices, and a
+    /// notice when an earlier command queued it.
+    async fn after_deposit(&mut self, item: &Queued, notify: bool) {
+        let session = hex::decode_array::<16>(&item.session).unwrap_or_default();
+        let entry = Entry {
+            direction: Direction::Out,
+            time: item.queued_at,
+            text: item.text.clone(),
+            session,
+            counter: item.counter,
+            offline: true,
+        };
+        if let Err(e) = self.store.append_history(&item.to, &entry) {
+            self.warn(format!("saving history failed: {e}")).await;
+        }
+        if let Ok(envelope) = item.envelope_bytes() {
+            self.sync_copy(&item.to, envelope).await;
+        }
+        if notify {
+            self.notify(Notice::QueuedSent {
+                to: item.to.clone(),
+                id: item.id.clone(),
+                queued_at: item.queued_at,
+            })
+            .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: ErrorCode, retry_after: Option<u32>) -> LinkError {
+        LinkError::Refused {
+            code,
+            message: String::new(),
+            retry_after,
+        }
+    }
+
+    #[test]
+    fn outages_and_pressure_are_retried_and_refusals_are_final() {
+        for e in [
+            LinkError::Offline,
+            LinkError::Closed,
+            refused(ErrorCode::RateLimited, Some(3)),
+            refused(ErrorCode::QuotaExceeded, None),
+            refused(ErrorCode::PeerUnavailable, Some(30)),
+            refused(ErrorCode::Internal, None),
+        ] {
+            assert!(retryable(&e), "{e}");
+        }
+        for e in [
+            refused(ErrorCode::NotFound, None),
+            refused(ErrorCode::BadArgs, None),
+            refused(ErrorCode::Conflict, None),
+        ] {
+            assert!(!retryable(&e), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_next_attempt_follows_retry_after_or_doubles_up_to_the_cap() {
+        assert_eq!(next_attempt(&LinkError::Offline, 5, 100), 100);
+        assert_eq!(
+            next_attempt(&refused(ErrorCode::RateLimited, Some(7)), 0, 100),
+            107
+        );
+        let quota = refused(ErrorCode::QuotaExceeded, None);
+        assert_eq!(next_attempt(&quota, 0, 100), 101);
+        assert_eq!(next_attempt(&quota, 3, 100), 108);
+        assert_eq!(next_attempt(&quota, 40, 100), 400);
+    }
+}
