@@ -34,7 +34,9 @@ use micromsg_wire::{ErrorCode, Hex16, Request, ResponseData};
 
 use crate::keys::{self, KeyBundle, LINK_MAGIC, SYNC_MAGIC};
 use crate::link::{BrokerLink, LinkError};
-use crate::store::{Direction, Entry, FoundSession, InboxState, PendingItem, Store, StoreError};
+use crate::store::{
+    Direction, Entry, FoundSession, GroupFrame, InboxState, PendingItem, Store, StoreError,
+};
 
 /// Messages asked for per INBOX-FETCH (the broker may return fewer).
 pub const FETCH_LIMIT: u32 = 250;
@@ -83,6 +85,8 @@ pub enum Arrived {
     },
     /// A GROUP frame (docs/groups.md), not stored here: the agent hands it to the group layer.
     Group {
+        /// The inbox item's id (hex), for [`Delivery::group_frames_done`].
+        id: String,
         /// The contact whose session carried it.
         peer: String,
         /// `In` from the contact; `Out` a copy of what another device of this entity sent.
@@ -152,6 +156,33 @@ impl Delivery {
     /// Envelopes still waiting for their keys.
     pub fn pending(&self) -> usize {
         self.state.pending.len()
+    }
+
+    /// Group frames taken from the inbox that the group layer has not finished with (left
+    /// by an agent that stopped or crashed in between), oldest first, to process again.
+    pub fn unfinished_group_frames(&self) -> Vec<Arrived> {
+        self.state
+            .groups
+            .iter()
+            .filter_map(|g| {
+                Some(Arrived::Group {
+                    id: g.id.clone(),
+                    peer: g.peer.clone(),
+                    direction: g.direction,
+                    time: g.time,
+                    payload: BASE64.decode(&g.payload).ok()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The group layer has stored (or for good dropped) these frames: they leave the state.
+    pub fn group_frames_done(&mut self, ids: &[String], now_unix: u64) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.state.groups.retain(|g| !ids.contains(&g.id));
+        self.store.save_inbox_state(&mut self.state, now_unix)
     }
 
     /// Fetches and stores everything in the inbox, acknowledging page by page.
@@ -387,7 +418,7 @@ impl Delivery {
                 return drop(batch, format!("a copy for {peer} that does not open"));
             };
             if opened.kind == Kind::Group {
-                batch.push_group(&peer, Direction::Out, opened);
+                batch.push_group(item, &peer, Direction::Out, opened);
                 return Ok(false);
             }
             if opened.kind != Kind::Text {
@@ -426,7 +457,7 @@ impl Delivery {
             l.offline.insert(opened.counter);
         }
         if opened.kind == Kind::Group {
-            batch.push_group(&peer, Direction::In, opened);
+            batch.push_group(item, &peer, Direction::In, opened);
             return Ok(false);
         }
         let text = String::from_utf8_lossy(&opened.payload).into_owned();
@@ -457,6 +488,8 @@ impl Delivery {
                 self.store.save_found(found)?;
             }
         }
+        // Group frames go into the same durable state as the ids they are acknowledged by.
+        self.state.groups.extend(batch.groups);
         self.store.save_inbox_state(&mut self.state, now_unix)?;
         Ok(batch.arrived)
     }
@@ -467,6 +500,8 @@ impl Delivery {
 struct Batch {
     arrived: Vec<Arrived>,
     history: Vec<(String, Vec<Entry>)>,
+    /// Group frames, kept in the inbox state until the group layer has them.
+    groups: Vec<GroupFrame>,
     sessions: HashMap<[u8; SESSION_ID_LEN], FoundSession>,
     dirty: BTreeSet<[u8; SESSION_ID_LEN]>,
 }
@@ -474,11 +509,21 @@ struct Batch {
 impl Batch {
     fn push_group(
         &mut self,
+        item: &PendingItem,
         peer: &str,
         direction: Direction,
         opened: micromsg_crypto::message::Opened,
     ) {
+        self.groups.push(GroupFrame {
+            id: item.id.clone(),
+            peer: peer.to_owned(),
+            direction,
+            time: opened.unix_secs,
+            expires: item.expires,
+            payload: BASE64.encode(&opened.payload),
+        });
         self.arrived.push(Arrived::Group {
+            id: item.id.clone(),
             peer: peer.to_owned(),
             direction,
             time: opened.unix_secs,

@@ -232,6 +232,28 @@ pub struct InboxState {
     /// Envelopes that could not be opened yet.
     #[serde(default)]
     pub pending: Vec<PendingItem>,
+    /// Group frames taken from the inbox (so acknowledged to the broker) that the group
+    /// layer has not finished with yet; replayed when the agent starts (docs/groups.md 4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupFrame>,
+}
+
+/// A group frame opened from the inbox, kept until the group layer has stored (or dropped) it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupFrame {
+    /// The inbox item's id, hex.
+    pub id: String,
+    /// The contact whose session carried it.
+    pub peer: String,
+    /// `in` from the contact, `out` a copy of what another device of this entity sent.
+    pub direction: Direction,
+    /// The sender's clock when sealing.
+    pub time: u64,
+    /// When the broker would have dropped it; it is dropped here then too.
+    pub expires: u64,
+    /// The frame's JSON payload, base64.
+    pub payload: String,
 }
 
 /// The local store of one profile.
@@ -747,6 +769,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         state.seen.retain(|_, expires| *expires >= now_unix);
         state.pending.retain(|p| p.expires >= now_unix);
+        state.groups.retain(|g| g.expires >= now_unix);
         let path = self.dir().join(INBOX_STATE);
         let json = serde_json::to_vec(state).map_err(|e| corrupt(&path, e))?;
         let _guard = self.lock();

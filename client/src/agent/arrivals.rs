@@ -23,18 +23,7 @@ impl Agent {
                 for a in &arrived {
                     self.report(a).await;
                 }
-                for a in &arrived {
-                    if let Arrived::Group {
-                        peer,
-                        direction,
-                        payload,
-                        time,
-                    } = a
-                    {
-                        self.on_group_frame(peer, *direction, payload, *time, true)
-                            .await;
-                    }
-                }
+                self.apply_group_frames(&arrived).await;
                 arrived
             }
             Err(InboxError::Link(e)) if super::reconnect::is_connection_loss(&e) => {
@@ -54,6 +43,39 @@ impl Agent {
                 .await;
                 Vec::new()
             }
+        }
+    }
+
+    /// Hands the group frames among `arrived` to the group layer; those it is done with
+    /// leave the inbox state, where the others wait to be processed again at the next start.
+    pub(super) async fn apply_group_frames(&mut self, arrived: &[Arrived]) {
+        let mut done = Vec::new();
+        for a in arrived {
+            if let Arrived::Group {
+                id,
+                peer,
+                direction,
+                payload,
+                time,
+            } = a
+                && self
+                    .on_group_frame(peer, *direction, payload, *time, true)
+                    .await
+            {
+                done.push(id.clone());
+            }
+        }
+        if let Err(e) = self.delivery.group_frames_done(&done, unix_now()) {
+            self.warn(format!("saving the inbox state: {e}")).await;
+        }
+    }
+
+    /// Group frames an earlier run took from the inbox but did not finish with (it stopped or
+    /// crashed in between): processed now, before anything new.
+    pub(super) async fn resume_group_frames(&mut self) {
+        let unfinished = self.delivery.unfinished_group_frames();
+        if !unfinished.is_empty() {
+            self.apply_group_frames(&unfinished).await;
         }
     }
 

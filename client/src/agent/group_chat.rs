@@ -284,6 +284,9 @@ impl Agent {
 
     /// A GROUP frame from `peer` (`In`), or a copy of one another device of this entity sent
     /// to `peer` (`Out`). Bad or unwelcome frames are dropped (docs/groups.md section 3).
+    /// Applies a group frame. True when the group layer is done with it (stored, a repeat,
+    /// or dropped for good), false when it must be processed again: a write failed, or it
+    /// is held until the change that makes it acceptable arrives.
     pub(super) async fn on_group_frame(
         &mut self,
         peer: &str,
@@ -291,13 +294,13 @@ impl Agent {
         payload: &[u8],
         time: u64,
         offline: bool,
-    ) {
+    ) -> bool {
         let frame = match Frame::decode(payload) {
             Ok(f) => f,
             Err(e) => {
                 self.warn(format!("dropped a group frame from {peer}: {e}"))
                     .await;
-                return;
+                return true;
             }
         };
         let me = self.info.number.clone();
@@ -307,7 +310,7 @@ impl Agent {
             Err(e) => {
                 self.warn(format!("reading group {}: {e}", short(&frame.group)))
                     .await;
-                return;
+                return false;
             }
         };
         match frame.payload {
@@ -333,10 +336,11 @@ impl Agent {
                             offline,
                         };
                         self.hold_early(early).await;
+                        return false;
                     }
-                    return;
+                    return true;
                 }
-                self.show_group_message(&group, entry, offline).await;
+                self.show_group_message(&group, entry, offline).await
             }
             Payload::Op(op) => {
                 self.on_group_ops(peer, direction, &mut group, vec![op])
@@ -347,12 +351,13 @@ impl Agent {
     }
 
     /// Stores a group message in the history and shows it (once: duplicates are skipped).
+    /// False when the history could not be written.
     pub(super) async fn show_group_message(
         &mut self,
         group: &Group,
         entry: GroupEntry,
         offline: bool,
-    ) {
+    ) -> bool {
         match self.store.append_group_message(&group.id, &entry) {
             Ok(true) => {
                 self.notify(Notice::GroupMessage {
@@ -366,8 +371,12 @@ impl Agent {
                 .await;
             }
             Ok(false) => {}
-            Err(e) => self.warn(format!("saving the group history: {e}")).await,
+            Err(e) => {
+                self.warn(format!("saving the group history: {e}")).await;
+                return false;
+            }
         }
+        true
     }
 
     pub(super) async fn hold_early(&mut self, early: Early) {
@@ -382,27 +391,28 @@ impl Agent {
         }
     }
 
+    /// Merges ops into the group and stores it. False when it could not be stored.
     pub(super) async fn on_group_ops(
         &mut self,
         peer: &str,
         direction: Direction,
         group: &mut Group,
         ops: Vec<groups::Op>,
-    ) {
+    ) -> bool {
         if direction == Direction::In && !group.accepts_from(peer, &ops) {
-            return;
+            return true;
         }
         let me = self.info.number.clone();
         let known = !group.log.is_empty();
         let before = group.state.clone();
         let new = group.merge(ops);
         if new.is_empty() {
-            return;
+            return true;
         }
         if let Err(e) = self.store.save_group(group) {
             self.warn(format!("saving group {}: {e}", short(&group.id)))
                 .await;
-            return;
+            return false;
         }
         for op in &new {
             let change = match &op.change {
@@ -442,5 +452,6 @@ impl Agent {
                 .collect();
             self.group_send_all(plan).await;
         }
+        true
     }
 }

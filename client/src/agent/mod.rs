@@ -397,6 +397,7 @@ impl Agent {
         let mut keepalive = tokio::time::interval(Duration::from_secs(30));
         keepalive.tick().await;
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        self.resume_group_frames().await;
         let result = loop {
             if let Some(reason) = self.fatal.take() {
                 break Err(AgentError::Fatal(reason));

@@ -541,3 +541,81 @@ async fn a_group_across_two_brokers(backend: Backend) {
     }
     net.stop().await;
 }
+
+/// A group frame taken from the inbox is acknowledged to the broker together with the inbox
+/// state that holds it, and the group layer gets it even when the agent stopped (or was
+/// killed) between the two: the next agent of the device finishes it. Here the inbox is taken
+/// as the agent's fetch does, and nothing after it runs, which is what a SIGKILL right after
+/// the store leaves behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_frame_stored_but_not_applied_is_applied_by_the_next_agent() {
+    use micromsg_client::account;
+    use micromsg_client::inbox::{Arrived, Delivery, LiveTable};
+    use micromsg_crypto::identity::IdentityKey;
+
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let oa = online(&a).await;
+    let mut ob = online(&b).await;
+    contact(&oa, &b).await;
+    agents::session_started(&mut ob.rx, &a.number).await;
+    ob.agent.stop().await.unwrap();
+
+    // B is offline: the create goes into B's inbox.
+    let data = run(
+        &oa,
+        Command::GroupCreate {
+            name: "kept".into(),
+            members: vec![b.number.clone()],
+        },
+    )
+    .await
+    .data
+    .unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    assert_eq!(data["delivered"][&b.number], "deposited");
+
+    // B's device takes its inbox (stored, then acknowledged) and stops before the group layer.
+    let mut session = account::connect(&b.profile).await.unwrap();
+    let secrets = b.profile.secrets().unwrap();
+    let seed = IdentityKey::from_seed(&secrets.identity_seed).seed();
+    let mut delivery = Delivery::new(
+        Store::new(&b.profile),
+        &session.info.number,
+        session.info.device,
+        seed,
+    )
+    .unwrap();
+    let arrived = delivery
+        .fetch_all(
+            &mut session.link,
+            &mut LiveTable::new(),
+            micromsg_client::account::unix_now(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        arrived.iter().any(|a| matches!(a, Arrived::Group { .. })),
+        "the create came through the inbox: {arrived:?}"
+    );
+    drop((delivery, session));
+    assert!(
+        Store::new(&b.profile).load_group(&group).unwrap().is_none(),
+        "the group layer has not run"
+    );
+
+    // The next agent of B's device applies it (the broker no longer has it).
+    let mut ob = online(&b).await;
+    expect(&mut ob.rx, |n| match n {
+        Notice::GroupChanged {
+            group: g, change, ..
+        } if *g == group => (change == "created").then_some(()),
+        _ => None,
+    })
+    .await;
+    let state = Store::new(&b.profile).load_group(&group).unwrap().unwrap();
+    assert_eq!(state.state.name, "kept");
+    ob.agent.stop().await.unwrap();
+    oa.agent.stop().await.unwrap();
+}
