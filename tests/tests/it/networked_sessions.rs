@@ -118,7 +118,7 @@ async fn users_on_two_brokers_chat_deposit_and_reconnect(backend: Backend) {
 
 /// The broker that serves a contact is down: five sends are accepted (deposited into the home
 /// broker's durable outbox, not refused with PEER-UNAVAILABLE), and the contact gets all five,
-/// once each, in order, after its broker is back.
+/// once each, after its broker is back.
 async fn sends_while_the_contacts_broker_is_down_arrive_once_after(backend: Backend) {
     let mut net = TestNetwork::start(backend, &[("x", &["555"]), ("y", &["556"])], |_, _| {}).await;
     net.wait_linked().await;
@@ -142,12 +142,18 @@ async fn sends_while_the_contacts_broker_is_down_arrive_once_after(backend: Back
     net.start_broker(Y).await;
     net.wait_linked().await;
     let (b_agent, mut b_rx) = online(&b, config(AcceptPolicy::Any)).await;
-    for text in texts {
-        assert_eq!(
-            message_from(&mut b_rx, &a.number).await,
-            (text.to_owned(), true)
-        );
+    // Once each. (In order only per delivery batch: x's outbox forwards batches side by side,
+    // so messages to a peer broker's user are not ordered; docs/federation.md.)
+    let mut got = Vec::new();
+    for _ in texts {
+        let (text, offline) = message_from(&mut b_rx, &a.number).await;
+        assert!(offline, "{text}");
+        got.push(text);
     }
+    got.sort();
+    let mut want = texts.map(str::to_owned).to_vec();
+    want.sort();
+    assert_eq!(got, want);
     micromsg_tests::agents::expect_none(&mut b_rx, std::time::Duration::from_millis(500), |n| {
         matches!(n, Notice::Message { .. })
     })
