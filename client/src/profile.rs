@@ -101,6 +101,21 @@ impl Profile {
         &self.dir
     }
 
+    /// `micromsg --profile DIR ARGS`: a command line for this profile, for hints that the
+    /// user copies and pastes (the directory quoted when it needs to be).
+    pub fn command(&self, args: &str) -> String {
+        let dir = self.dir.display().to_string();
+        let plain = !dir.is_empty()
+            && dir
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/._-+,:@%".contains(c));
+        if plain {
+            format!("micromsg --profile {dir} {args}")
+        } else {
+            format!("micromsg --profile '{}' {args}", dir.replace('\'', "'\\''"))
+        }
+    }
+
     /// Path of a file inside the profile.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
@@ -237,4 +252,29 @@ fn create_dir(dir: &Path) -> Result<(), ProfileError> {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_name_the_profile_quoted_only_when_a_shell_needs_it() {
+        assert_eq!(
+            Profile::new("alice").command("outbox"),
+            "micromsg --profile alice outbox"
+        );
+        assert_eq!(
+            Profile::new("/home/a/.micromsg/work-1").command("contact add 5550001"),
+            "micromsg --profile /home/a/.micromsg/work-1 contact add 5550001"
+        );
+        assert_eq!(
+            Profile::new("my profile").command("listen"),
+            "micromsg --profile 'my profile' listen"
+        );
+        assert_eq!(
+            Profile::new("it's").command("listen"),
+            "micromsg --profile 'it'\\''s' listen"
+        );
+    }
 }

@@ -236,7 +236,8 @@ impl Agent {
             Command::ContactAdd { number } => self.initiate(number, None, reply, false).await,
             Command::Send { number, text } => self.deliver(number, text, reply).await,
             Command::OutboxCancel { id } => {
-                let r = match super::queue::cancel(&mut self.outbox, &id) {
+                let list = self.profile.command("outbox");
+                let r = match super::queue::cancel(&mut self.outbox, &id, &list) {
                     Ok(item) => match self.persist_outbox().await {
                         Ok(()) => cancelled(&item),
                         Err(e) => {
@@ -358,7 +359,7 @@ pub fn cancel_queued(profile: &Profile, id: &str) -> Reply {
         Ok(items) => items,
         Err(e) => return Reply::err(format!("reading the outbox: {e}")),
     };
-    match super::queue::cancel(&mut items, id) {
+    match super::queue::cancel(&mut items, id, &profile.command("outbox")) {
         Ok(item) => match file.save(&items) {
             Ok(()) => cancelled(&item),
             Err(e) => Reply::err(format!("writing the outbox: {e}")),

@@ -149,9 +149,9 @@ impl Agent {
         if !strangers.is_empty() {
             let names: Vec<&str> = strangers.iter().map(|s| s.as_str()).collect();
             return Reply::err(format!(
-                "not contacts of yours yet (no session on this device): {}; add them with \
-                 `micromsg contact add NUMBER` first",
-                names.join(", ")
+                "not contacts of yours yet (no session on this device): {}; add each first: {}",
+                names.join(", "),
+                self.profile.command("contact add NUMBER")
             ));
         }
         let mut group = Group::new(&groups::new_id());

@@ -47,8 +47,8 @@ impl Agent {
     pub(super) fn not_a_contact(&self, number: &str) -> String {
         format!(
             "{number} is not a contact of yours yet (no session with {number} on this device); \
-             add them first: micromsg --profile {} contact add {number}",
-            self.profile.dir().display()
+             add them first: {}",
+            self.profile.command(&format!("contact add {number}"))
         )
     }
 

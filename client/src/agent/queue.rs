@@ -68,13 +68,14 @@ fn next_attempt(e: &LinkError, attempts: u32, now: u64) -> u64 {
     now + wait.min(RETRY_MAX.as_secs())
 }
 
-/// Removes the item whose id is `id` or starts with it (at least 4 digits, one match).
-pub(super) fn cancel(items: &mut Vec<Queued>, id: &str) -> Result<Queued, String> {
+/// Removes the item whose id is `id` or starts with it (at least 4 digits, one match);
+/// `list` is the command that lists the outbox, for the hints.
+pub(super) fn cancel(items: &mut Vec<Queued>, id: &str, list: &str) -> Result<Queued, String> {
     let id = id.trim().to_ascii_lowercase();
     if id.len() < 4 {
-        return Err(
-            "give at least the first 4 digits of the id (`micromsg outbox` lists them)".into(),
-        );
+        return Err(format!(
+            "give at least the first 4 digits of the id (`{list}` lists them)"
+        ));
     }
     let matches: Vec<usize> = items
         .iter()
@@ -85,8 +86,8 @@ pub(super) fn cancel(items: &mut Vec<Queued>, id: &str) -> Result<Queued, String
     match matches.as_slice() {
         [one] => Ok(items.remove(*one)),
         [] => Err(format!(
-            "no queued message with id {id} (it may have gone out already; `micromsg outbox` \
-             lists what waits)"
+            "no queued message with id {id} (it may have gone out already; `{list}` lists what \
+             waits)"
         )),
         _ => Err(format!(
             "{id} matches {} queued messages; give more digits",
@@ -177,15 +178,16 @@ impl Agent {
                 // A running `listen` sends it by itself; the short-lived agent of a one-shot
                 // command stops with the command.
                 let when = if self.config.announce {
-                    "it goes out by itself, once, in order, when the broker takes it"
+                    "it goes out by itself, once, in order, when the broker takes it".to_owned()
                 } else {
-                    "it goes out with the next command that reaches the broker, or with \
-                     `micromsg listen`"
+                    format!(
+                        "it goes out with the next command that reaches the broker, or with `{}`",
+                        self.profile.command("listen")
+                    )
                 };
                 Reply::ok(format!(
-                    "queued on this device ({reason}); {when} (`micromsg --profile {} outbox` \
-                     lists what waits)",
-                    self.profile.dir().display()
+                    "queued on this device ({reason}); {when} (`{}` lists what waits)",
+                    self.profile.command("outbox")
                 ))
                 .with(serde_json::json!({"delivered": "queued", "id": id, "reason": reason}))
             }

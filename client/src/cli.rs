@@ -1,0 +1,1226 @@
+//! `micromsg`: the MicroMsg command line. Thin: parse arguments, call the library, print the
+//! result (for people, or one JSON object with `--json`). The `micromsg` binary is
+//! [`main`]; the integration tests run it as a child process through a shim of their own.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::account::{self, AccountError};
+use crate::agent::{self, AcceptPolicy, AgentConfig, Command as AgentCommand, Notice};
+use crate::devices;
+use crate::error_text;
+use crate::groups;
+use crate::link::LinkError;
+use crate::p2p::SessionConfig;
+use crate::profile::Profile;
+use crate::store::{Direction, Store, safety_number};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use micromsg_crypto::identity::IdentityKey;
+use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs};
+use micromsg_wire::{DeviceId, DeviceName, Request, ResponseData};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+/// The MicroMsg client: register with a broker, add devices, find contacts by number and
+/// talk end to end.
+///
+/// Each device keeps its keys, secrets and history in a profile directory (--profile).
+/// Every command that needs the broker logs in first and refuses a broker that cannot prove
+/// it knows this device's server secret.
+#[derive(Debug, Parser)]
+#[command(name = "micromsg", version, about, long_about)]
+struct Cli {
+    /// Profile directory of this device (keys, secrets, local store).
+    #[arg(
+        long,
+        global = true,
+        default_value = "./micromsg-profile",
+        env = "MICROMSG_PROFILE"
+    )]
+    profile: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Register a new entity (number) with a broker and create this profile.
+    Register {
+        /// The broker's HOST:PORT.
+        #[arg(long)]
+        broker: String,
+        /// CA certificate to trust for the broker (the broker's DATA_DIR/tls/ca.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Registration token, if the broker requires one.
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// Show this profile's number, device and broker.
+    Whoami,
+    /// Show what the broker does (inbox mode, registration policy, limits), signature checked.
+    BrokerInfo,
+    /// Manage this entity's devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Stay online: keep the broker link, accept peers, print requests and messages as they
+    /// arrive (one JSON object per line with --json). Stop with Ctrl-C. When the broker goes
+    /// away (or is not up yet), live sessions go on and it logs in again by itself, with a
+    /// backoff up to --reconnect-max.
+    Listen {
+        /// Who may set up a session: any (not blocked), contacts (only known numbers), ask
+        /// (print the request; answer with `contact accept|reject`).
+        #[arg(long, value_enum, default_value = "ask")]
+        accept: AcceptArg,
+        /// Where to listen for peers.
+        #[arg(long, default_value = "0.0.0.0:0", value_name = "ADDR")]
+        peer_listen: std::net::SocketAddr,
+        /// The HOST:PORT peers are told to connect to (default: the listening port at the
+        /// address the broker sees for this device; for a contact on another broker, which
+        /// gets the address sealed, the local address of the broker connection).
+        #[arg(long, value_name = "HOST:PORT")]
+        advertise: Option<String>,
+        /// Ask every time, also for existing contacts (default: the broker reconnects existing
+        /// contacts without asking).
+        #[arg(long)]
+        ask_existing: bool,
+        /// Seconds between heartbeats on a session (it ends after 3 missed).
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        heartbeat: u64,
+        /// Seconds `send` waits for a contact to come online before depositing the message
+        /// at the broker (0: deposit at once when no session is live).
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        offline_after: u64,
+        /// The longest wait, in seconds, between two attempts to reach the broker again (the
+        /// wait starts at 1 s and doubles, with jitter).
+        #[arg(long, default_value_t = 30, value_name = "SECS",
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        reconnect_max: u64,
+    },
+    /// Contacts: add, list, block, unblock, answer requests.
+    #[command(subcommand)]
+    Contact(ContactCommand),
+    /// Send a message to a contact (through the running `listen`, or on its own). It says
+    /// which of three things happened: delivered live (a session is up), deposited at the
+    /// broker (sealed with this device's last session with the contact), or queued on this
+    /// device (the broker cannot take it now; it goes out by itself later, in order, once).
+    Send {
+        /// The contact's number.
+        number: String,
+        /// The message; `-` reads it from standard input.
+        text: String,
+        /// For a contact this device has never had a session with: seconds to wait for it to
+        /// connect (when no `listen` runs; a running `listen` uses its own --offline-after).
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        wait: u64,
+    },
+    /// Messages queued on this device because the broker could not take them yet: list them,
+    /// or cancel one (`outbox cancel ID`).
+    Outbox {
+        #[command(subcommand)]
+        action: Option<OutboxCommand>,
+    },
+    /// Fetch offline messages now (through the running `listen`, or on its own) and print
+    /// what arrived; they are stored in the history, then removed from the broker.
+    Inbox,
+    /// Key backup at the broker, encrypted with a recovery secret only you hold.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Show the conversation with a contact from the local history.
+    History {
+        /// The contact's number.
+        number: String,
+    },
+    /// Show the safety number for a contact, to compare out of band (in person, by phone).
+    SafetyNumber {
+        /// The contact's number.
+        number: String,
+    },
+    /// Group chats, kept by the members' clients (the broker knows nothing of them). GROUP
+    /// is a group id or an unambiguous prefix of one (see `group list`).
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a group with these members (they must be contacts already).
+    Create {
+        /// The group's name.
+        name: String,
+        /// The other members' numbers.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Add a member (a contact).
+    Add {
+        /// The group.
+        group: String,
+        /// The new member's number.
+        number: String,
+    },
+    /// Remove a member.
+    Remove {
+        /// The group.
+        group: String,
+        /// The member's number.
+        number: String,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        group: String,
+    },
+    /// Rename a group.
+    Rename {
+        /// The group.
+        group: String,
+        /// The new name.
+        name: String,
+    },
+    /// Send a message to every member.
+    Send {
+        /// The group.
+        group: String,
+        /// The message.
+        text: String,
+    },
+    /// List the groups this device knows.
+    List,
+    /// Show a group's messages from the local history.
+    History {
+        /// The group.
+        group: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AcceptArg {
+    Any,
+    Contacts,
+    Ask,
+}
+
+/// `micromsg outbox …`
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// Take a queued message out of the outbox before it goes (it is never sent).
+    Cancel {
+        /// Its id, as `outbox` lists it (the first 8 digits are enough).
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ContactCommand {
+    /// Ask a number to become a contact; returns once the end-to-end session is up.
+    Add {
+        /// The number.
+        number: String,
+    },
+    /// List contacts with their pinned identity keys.
+    List,
+    /// Block a number (its requests are dropped silently).
+    Block {
+        /// The number.
+        number: String,
+    },
+    /// Unblock a number.
+    Unblock {
+        /// The number.
+        number: String,
+    },
+    /// Accept a pending contact request (listen --accept ask).
+    Accept {
+        /// The request id from the notice.
+        request: String,
+    },
+    /// Reject a pending contact request; the caller is blocked.
+    Reject {
+        /// The request id from the notice.
+        request: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Encrypt this device's keys (identity, contacts with pins, session keys) with the
+    /// recovery secret and store them at the broker. The first backup creates the recovery
+    /// secret and prints it once: write it down.
+    Backup {
+        /// Use this recovery secret (and keep it for later backups) instead of the saved or a
+        /// new one.
+        #[arg(long, value_name = "SECRET")]
+        recovery: Option<String>,
+    },
+    /// On a newly joined device: read the backup from the broker and install its keys, so
+    /// this device reads the entity's messages and keeps its contacts.
+    Restore {
+        /// The recovery secret printed by `keys backup`.
+        #[arg(long, value_name = "SECRET")]
+        recovery: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Create a one-time registration secret (valid 10 minutes) for a new device, then wait
+    /// for it to join and send it this device's keys (sealed with a transfer key that is
+    /// printed here and never sent to the broker).
+    Add {
+        /// A label for the new device.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only print the secret; send no keys (use `keys backup` / `keys restore`).
+        #[arg(long)]
+        no_transfer: bool,
+        /// Seconds to wait for the new device to join.
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
+        wait: u64,
+    },
+    /// Join an existing entity as a new device, using a secret from `device add`.
+    Join {
+        /// The broker's HOST:PORT.
+        #[arg(long)]
+        broker: String,
+        /// CA certificate to trust for the broker.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The entity's number.
+        #[arg(long)]
+        number: String,
+        /// The registration secret printed by `device add`.
+        #[arg(long)]
+        secret: String,
+        /// The transfer key printed by `device add`: receive the old device's keys.
+        #[arg(long, value_name = "KEY")]
+        transfer_key: Option<String>,
+        /// Seconds to wait for the old device's keys.
+        #[arg(long, default_value_t = 120, value_name = "SECS")]
+        wait: u64,
+    },
+    /// List the entity's active devices.
+    List,
+    /// Revoke another device of this entity.
+    Revoke {
+        /// The device id (see `device list`).
+        id: u32,
+    },
+}
+
+/// Like `println!`, but a closed stdout (a reader such as `head` went away) is not a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// Runs the `micromsg` command line with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                let code = e
+                    .downcast_ref::<AccountError>()
+                    .and_then(|a| match a {
+                        AccountError::Link(l) => l.code(),
+                        _ => None,
+                    })
+                    .or_else(|| e.downcast_ref::<LinkError>().and_then(LinkError::code));
+                outln!(
+                    "{}",
+                    json!({"error": error_text::anyhow_text(&e), "code": code.map(|c| c.as_str())})
+                );
+            } else {
+                eprintln!("error: {}", error_text::anyhow_text(&e));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let profile = Profile::new(&cli.profile);
+    let json = cli.json;
+    match cli.command {
+        Command::Register { broker, ca, token } => {
+            let session = account::register(&profile, &broker, &ca, token).await?;
+            let i = &session.info;
+            if json {
+                outln!(
+                    "{}",
+                    json!({"number": i.number, "device": i.device, "broker": i.broker})
+                );
+            } else {
+                outln!("{}", i.number);
+                eprintln!(
+                    "registered: number {} (device {}) at {}; profile in {}",
+                    i.number,
+                    i.device,
+                    i.broker,
+                    profile.dir().display()
+                );
+            }
+        }
+        Command::Whoami => {
+            let i = profile.info()?;
+            if json {
+                outln!(
+                    "{}",
+                    json!({"number": i.number, "device": i.device, "broker": i.broker,
+                           "broker_identity": i.broker_identity})
+                );
+            } else {
+                outln!("number:  {}", i.number);
+                outln!("device:  {}", i.device);
+                outln!("broker:  {}", i.broker);
+                if let Some(id) = &i.broker_identity {
+                    outln!("broker identity key: {id}");
+                }
+            }
+        }
+        Command::BrokerInfo => {
+            let data = account::broker_info(&profile).await?;
+            let i = &data.info;
+            let prefixes: Vec<&str> = i.prefixes.iter().map(|p| p.as_str()).collect();
+            if json {
+                outln!(
+                    "{}",
+                    json!({
+                        "protocol": i.protocol,
+                        "broker_id": i.broker_id,
+                        "inbox_mode": i.inbox_mode.as_str(),
+                        "registration": i.registration.as_str(),
+                        "nonce_step": i.nonce_step,
+                        "nonce_skew": i.nonce_skew,
+                        "nonce_algorithm": i.nonce_algorithm.as_str(),
+                        "key_storage": i.key_storage.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+                        "network": i.network.name,
+                        "peers": i.network.peers.iter().map(|p| p.id.clone()).collect::<Vec<_>>(),
+                        "prefixes": prefixes,
+                        "limits": {
+                            "max_frame": i.limits.max_frame,
+                            "max_devices": i.limits.max_devices,
+                            "inbox_quota": i.limits.inbox_quota,
+                            "message_max": i.limits.message_max,
+                            "message_ttl": i.limits.message_ttl,
+                        },
+                        "time": i.time,
+                        "identity_key": data.identity_key.to_hex(),
+                        "signature_verified": true,
+                    })
+                );
+            } else {
+                outln!("broker:         {} (protocol {})", i.broker_id, i.protocol);
+                outln!("inbox mode:     {}", i.inbox_mode.as_str());
+                outln!("registration:   {}", i.registration.as_str());
+                outln!(
+                    "login nonce:    {} every {} s, ±{} step(s)",
+                    i.nonce_algorithm.as_str(),
+                    i.nonce_step,
+                    i.nonce_skew
+                );
+                let storage: Vec<&str> = i.key_storage.iter().map(|k| k.as_str()).collect();
+                outln!("key storage:    {}", storage.join(", "));
+                outln!("number prefixes: {}", prefixes.join(", "));
+                match &i.network.name {
+                    Some(name) => outln!(
+                        "network:        {name} (peers: {})",
+                        i.network
+                            .peers
+                            .iter()
+                            .map(|p| p.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    None => outln!("network:        none (standalone broker)"),
+                }
+                outln!(
+                    "limits:         frame {} B, {} devices, inbox {} messages of ≤ {} B kept {} s",
+                    i.limits.max_frame,
+                    i.limits.max_devices,
+                    i.limits.inbox_quota,
+                    i.limits.message_max,
+                    i.limits.message_ttl
+                );
+                outln!(
+                    "identity key:   {} (signature verified)",
+                    data.identity_key.to_hex()
+                );
+            }
+        }
+        Command::Device(DeviceCommand::Join {
+            broker,
+            ca,
+            number,
+            secret,
+            transfer_key,
+            wait,
+        }) => {
+            let transfer_key = transfer_key
+                .map(|k| micromsg_crypto::Secret32::from_hex(k.trim()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--transfer-key: {e}"))?;
+            let mut session = account::join(&profile, &broker, &ca, &number, &secret).await?;
+            let (number, device) = (session.info.number.clone(), session.info.device);
+            if !json {
+                outln!("joined {number} as device {device}");
+            }
+            let installed = match &transfer_key {
+                Some(key) => {
+                    if !json {
+                        eprintln!("waiting for the old device's keys…");
+                    }
+                    Some(
+                        devices::receive_link_transfer(
+                            &mut session,
+                            &profile,
+                            key,
+                            std::time::Duration::from_secs(wait),
+                        )
+                        .await
+                        .context("receiving the keys from the old device")?,
+                    )
+                }
+                None => None,
+            };
+            if json {
+                outln!(
+                    "{}",
+                    json!({"number": number, "device": device,
+                           "keys": installed.as_ref().map(|i| json!({
+                               "contacts": i.contacts, "sessions": i.sessions}))})
+                );
+            } else if let Some(i) = installed {
+                outln!(
+                    "received the keys from the old device: identity, {} contact(s), {} session(s)",
+                    i.contacts,
+                    i.sessions
+                );
+            } else {
+                eprintln!(
+                    "this device has its own identity key until it gets the entity's: run \
+                     `{}`, or join with --transfer-key",
+                    profile.command("keys restore --recovery SECRET")
+                );
+            }
+        }
+        Command::Device(DeviceCommand::Add {
+            name,
+            no_transfer,
+            wait,
+        }) => {
+            let name = name
+                .map(DeviceName::new)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+            let mut session = account::connect(&profile).await?;
+            let known_highest = devices::highest_device(&mut session).await?;
+            let data = match session
+                .link
+                .call(Request::AddDevice(AddDeviceArgs { name }))
+                .await?
+            {
+                ResponseData::AddDevice(d) => d,
+                other => anyhow::bail!("unexpected answer {}", other.kind().as_str()),
+            };
+            let transfer = (!no_transfer).then(devices::new_transfer_key);
+            let transfer_hex = transfer.as_ref().map(|t| t.to_hex().to_string());
+            if json {
+                outln!(
+                    "{}",
+                    json!({"secret": data.secret.to_hex(), "expires": data.expires,
+                           "number": session.info.number, "transfer_key": transfer_hex})
+                );
+            } else {
+                outln!("{}", data.secret.to_hex());
+                if let Some(t) = &transfer_hex {
+                    outln!("{t}");
+                }
+                eprintln!(
+                    "on the new device, within 10 minutes, run:\n  micromsg --profile NEW_DIR device join --broker {} --ca CA_FILE --number {} --secret {}{}",
+                    session.info.broker,
+                    session.info.number,
+                    data.secret.to_hex(),
+                    transfer_hex
+                        .as_ref()
+                        .map(|t| format!(" --transfer-key {t}"))
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(transfer) = transfer {
+                if !json {
+                    eprintln!("waiting for the new device to join, to send it this device's keys…");
+                }
+                let device = devices::send_link_transfer(
+                    &mut session,
+                    &profile,
+                    &transfer,
+                    known_highest,
+                    std::time::Duration::from_secs(wait),
+                )
+                .await
+                .context("sending the keys to the new device")?;
+                if json {
+                    outln!("{}", json!({"keys_sent_to": device}));
+                } else {
+                    eprintln!("sent the keys to device {device}");
+                }
+            }
+        }
+        Command::Device(DeviceCommand::List) => {
+            let mut session = account::connect(&profile).await?;
+            let data = match session.link.call(Request::DeviceList).await? {
+                ResponseData::DeviceList(d) => d,
+                other => anyhow::bail!("unexpected answer {}", other.kind().as_str()),
+            };
+            if json {
+                let devices: Vec<_> = data
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        json!({"id": d.id.get(), "name": d.name.as_ref().map(|n| n.as_str()),
+                               "created": d.created, "last_seen": d.last_seen, "current": d.current})
+                    })
+                    .collect();
+                outln!("{}", json!({ "devices": devices }));
+            } else {
+                for d in &data.devices {
+                    outln!(
+                        "{:>3}  {:<20} created {}  last seen {}{}",
+                        d.id.get(),
+                        d.name.as_ref().map_or("-", |n| n.as_str()),
+                        d.created,
+                        d.last_seen.map_or("-".to_owned(), |t| t.to_string()),
+                        if d.current { "  (this device)" } else { "" }
+                    );
+                }
+            }
+        }
+        Command::Listen {
+            accept,
+            peer_listen,
+            advertise,
+            ask_existing,
+            heartbeat,
+            offline_after,
+            reconnect_max,
+        } => {
+            let config = AgentConfig {
+                accept: match accept {
+                    AcceptArg::Any => AcceptPolicy::Any,
+                    AcceptArg::Contacts => AcceptPolicy::Contacts,
+                    AcceptArg::Ask => AcceptPolicy::Ask,
+                },
+                peer_listen,
+                advertise,
+                auto_existing: !ask_existing,
+                offline_after: std::time::Duration::from_secs(offline_after),
+                session: SessionConfig {
+                    heartbeat_interval: std::time::Duration::from_secs(heartbeat.max(1)),
+                    ..SessionConfig::default()
+                },
+                wait_for_broker: true,
+                reconnect_max: std::time::Duration::from_secs(reconnect_max),
+                ..AgentConfig::default()
+            };
+            listen(profile, json, config).await?;
+        }
+        Command::Contact(ContactCommand::Add { number }) => {
+            let command = AgentCommand::ContactAdd { number };
+            via_agent(&profile, command, json, one_shot_config()).await?;
+        }
+        Command::Contact(ContactCommand::Block { number }) => {
+            via_agent(
+                &profile,
+                AgentCommand::Block { number },
+                json,
+                one_shot_config(),
+            )
+            .await?;
+        }
+        Command::Contact(ContactCommand::Unblock { number }) => {
+            let command = AgentCommand::Unblock { number };
+            via_agent(&profile, command, json, one_shot_config()).await?;
+        }
+        Command::Contact(ContactCommand::Accept { request }) => {
+            answer(&profile, request, true, json).await?;
+        }
+        Command::Contact(ContactCommand::Reject { request }) => {
+            answer(&profile, request, false, json).await?;
+        }
+        Command::Contact(ContactCommand::List) => {
+            profile.info()?;
+            let contacts = Store::new(&profile).contacts()?;
+            if json {
+                let list: Vec<_> = contacts
+                    .iter()
+                    .map(|(n, c)| {
+                        json!({"number": n, "identity": c.identity.map(|k| k.to_hex()),
+                                         "blocked": c.blocked, "added": c.added_at})
+                    })
+                    .collect();
+                outln!("{}", json!({ "contacts": list }));
+            } else if contacts.is_empty() {
+                outln!(
+                    "no contacts yet (add one with `{}`)",
+                    profile.command("contact add NUMBER")
+                );
+            } else {
+                for (n, c) in &contacts {
+                    outln!(
+                        "{n}  {}{}",
+                        c.identity
+                            .map_or("(identity not yet seen)".to_owned(), |k| k.to_hex()),
+                        if c.blocked { "  BLOCKED" } else { "" }
+                    );
+                }
+            }
+        }
+        Command::Send { number, text, wait } => {
+            let text = if text == "-" {
+                read_stdin_text()?
+            } else {
+                text
+            };
+            let config = AgentConfig {
+                offline_after: std::time::Duration::from_secs(wait),
+                // A broker that is down now does not lose the message: it is queued.
+                wait_for_broker: true,
+                ..one_shot_config()
+            };
+            via_agent(&profile, AgentCommand::Send { number, text }, json, config).await?;
+        }
+        Command::Group(command) => group_command(&profile, command, json).await?,
+        Command::Outbox { action } => outbox_command(&profile, action, json).await?,
+        Command::Inbox => {
+            let reply = run_in_agent(&profile, AgentCommand::Inbox, one_shot_config()).await?;
+            if !reply.ok {
+                return Err(Refused(reply.message).into());
+            }
+            let messages = reply
+                .data
+                .as_ref()
+                .and_then(|d| d.get("messages"))
+                .and_then(|m| m.as_array())
+                .cloned()
+                .unwrap_or_default();
+            if json {
+                outln!("{}", serde_json::to_string(&reply)?);
+            } else {
+                for m in &messages {
+                    let peer = m.get("peer").and_then(|v| v.as_str()).unwrap_or("?");
+                    let text = m.get("text").and_then(|v| v.as_str()).unwrap_or("");
+                    if m.get("direction").and_then(|v| v.as_str()) == Some("out") {
+                        let device = m.get("device").and_then(serde_json::Value::as_u64);
+                        outln!(
+                            "[me → {peer}, from device {}] {text}",
+                            device.unwrap_or_default()
+                        );
+                    } else {
+                        outln!("[{peer}] {text} (offline)");
+                    }
+                }
+                outln!("{}", reply.message);
+            }
+        }
+        Command::Keys(KeysCommand::Backup { recovery }) => {
+            let mut session = account::connect(&profile).await?;
+            let done = devices::backup(&mut session, &profile, recovery.as_deref())
+                .await
+                .context("key backup")?;
+            if json {
+                outln!(
+                    "{}",
+                    json!({"version": done.version, "contacts": done.contacts,
+                           "sessions": done.sessions, "left_out": done.left_out,
+                           "recovery_secret": done.new_recovery.as_ref().map(|r| r.as_str())})
+                );
+            } else {
+                if let Some(secret) = &done.new_recovery {
+                    outln!("{}", secret.as_str());
+                    eprintln!(
+                        "this is your NEW RECOVERY SECRET: write it down and keep it safe. It is \
+                         the only way to open the backup; the broker never sees it."
+                    );
+                }
+                eprintln!(
+                    "key backup version {} stored at the broker ({} contact(s), {} session(s){})",
+                    done.version,
+                    done.contacts,
+                    done.sessions,
+                    if done.left_out > 0 {
+                        format!(", {} older session(s) left out for size", done.left_out)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        Command::Keys(KeysCommand::Restore { recovery }) => {
+            let mut session = account::connect(&profile).await?;
+            let installed = devices::restore(&mut session, &profile, &recovery)
+                .await
+                .context("restoring the key backup")?;
+            if json {
+                outln!(
+                    "{}",
+                    json!({"contacts": installed.contacts, "sessions": installed.sessions,
+                           "pin_conflicts": installed.conflicts})
+                );
+            } else {
+                outln!(
+                    "restored: the entity's identity key, {} contact(s), {} session(s)",
+                    installed.contacts,
+                    installed.sessions
+                );
+                for c in &installed.conflicts {
+                    eprintln!(
+                        "warning: {c}'s key in the backup differs from the one pinned here; kept this one"
+                    );
+                }
+            }
+        }
+        Command::History { number } => {
+            profile.info()?;
+            let entries = Store::new(&profile).read_history(&number)?;
+            if json {
+                for e in &entries {
+                    outln!("{}", serde_json::to_string(e)?);
+                }
+            } else if entries.is_empty() {
+                outln!("no messages with {number}");
+            } else {
+                for e in &entries {
+                    let who = match e.direction {
+                        Direction::In => number.as_str(),
+                        Direction::Out => "me",
+                    };
+                    let how = if e.offline { "  (offline)" } else { "" };
+                    outln!("{}  [{who}] {}{how}", e.time, e.text);
+                }
+            }
+        }
+        Command::SafetyNumber { number } => {
+            let info = profile.info()?;
+            let secrets = profile.secrets()?;
+            let own = IdentityKey::from_seed(&secrets.identity_seed).public_key();
+            let contact = Store::new(&profile).contact(&number)?;
+            let Some(peer) = contact.and_then(|c| c.identity) else {
+                anyhow::bail!("no identity key pinned for {number} yet: set up a session first");
+            };
+            let value = safety_number(&info.number, &own, &number, &peer)?;
+            if json {
+                outln!("{}", json!({"number": number, "safety_number": value}));
+            } else {
+                outln!("{value}");
+                eprintln!(
+                    "compare these digits with {number} in person or by phone; they match only if no one is in the middle"
+                );
+            }
+        }
+        Command::Device(DeviceCommand::Revoke { id }) => {
+            let device = DeviceId::new(id).map_err(|e| anyhow::anyhow!("device id: {e}"))?;
+            let mut session = account::connect(&profile).await?;
+            session
+                .link
+                .call(Request::DeviceRevoke(DeviceRevokeArgs { device }))
+                .await
+                .context("revoking the device")?;
+            if json {
+                outln!("{}", json!({"revoked": id}));
+            } else {
+                outln!("device {id} revoked");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn listen(profile: Profile, json: bool, config: AgentConfig) -> anyhow::Result<()> {
+    let (tx, mut rx) = mpsc::channel(256);
+    let printer_profile = profile.clone();
+    let agent = agent::start(profile, config, tx).await?;
+    let printer = tokio::spawn(async move {
+        while let Some(notice) = rx.recv().await {
+            print_notice(&notice, json, &printer_profile);
+        }
+    });
+    tokio::select! {
+        () = wait_for_signal() => {}
+        _ = printer_done(&printer) => {}
+    }
+    let result = agent.stop().await;
+    let _ = printer.await;
+    result.map_err(Into::into)
+}
+
+async fn printer_done(printer: &tokio::task::JoinHandle<()>) {
+    while !printer.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn print_notice(notice: &Notice, json: bool, profile: &Profile) {
+    use std::io::Write;
+    let line = if json {
+        serde_json::to_string(notice).unwrap_or_default()
+    } else {
+        match notice {
+            Notice::Listening {
+                number,
+                device,
+                peer_address,
+            } => {
+                format!("listening as {number} (device {device}); peers connect to {peer_address}")
+            }
+            Notice::ContactRequest {
+                from,
+                request,
+                kind,
+            } => format!(
+                "contact request ({kind}) from {from}: answer with `{}` or `{}`",
+                profile.command(&format!("contact accept {request}")),
+                profile.command(&format!("contact reject {request}"))
+            ),
+            Notice::ContactRefused { from } => format!("refused a contact request from {from}"),
+            Notice::SessionStarted {
+                peer,
+                first_contact,
+                safety_number,
+            } => {
+                if *first_contact {
+                    format!(
+                        "session with {peer} started (new contact; identity key pinned; safety number {safety_number})"
+                    )
+                } else {
+                    format!("session with {peer} started")
+                }
+            }
+            Notice::IdentityChanged {
+                peer,
+                pinned,
+                presented,
+            } => format!(
+                "WARNING: the identity key of {peer} CHANGED (pinned {pinned}, presented {presented}). \
+                 The session was refused. Verify the safety number with {peer} out of band."
+            ),
+            Notice::Message {
+                from,
+                text,
+                offline: true,
+                ..
+            } => format!("[{from}] {text} (offline)"),
+            Notice::Message { from, text, .. } => format!("[{from}] {text}"),
+            Notice::SentElsewhere {
+                to, device, text, ..
+            } => format!("[me → {to}, from device {device}] {text}"),
+            Notice::KeysSynced { peer, device } => {
+                format!("device {device} shared its session keys with {peer}")
+            }
+            Notice::SessionEnded { peer, reason } => format!("session with {peer} ended: {reason}"),
+            Notice::GroupMessage {
+                group,
+                name,
+                from,
+                text,
+                offline,
+                ..
+            } => {
+                let how = if *offline { " (offline)" } else { "" };
+                format!("[group {name} {}] [{from}] {text}{how}", short_id(group))
+            }
+            Notice::GroupChanged {
+                group,
+                name,
+                by,
+                change,
+                members,
+                version,
+            } => format!(
+                "[group {name} {}] {by} {change}; members {} (version {version})",
+                short_id(group),
+                members.join(", ")
+            ),
+            Notice::Warning { message } => format!("warning: {message}"),
+            Notice::BrokerLost {
+                reason,
+                retry_in_secs,
+            } => format!(
+                "broker unreachable ({reason}); live sessions go on; trying again in {retry_in_secs} s, then with a growing wait"
+            ),
+            Notice::QueuedSent { to, id, .. } => format!(
+                "a queued message to {to} went out: the broker has it now (id {})",
+                &id[..id.len().min(8)]
+            ),
+            Notice::BrokerBack { offline_secs } => {
+                format!("broker back after {offline_secs} s offline; logged in again")
+            }
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// The first 8 digits of a group id.
+fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> anyhow::Result<()> {
+    let agent_command = match command {
+        GroupCommand::Create { name, members } => AgentCommand::GroupCreate { name, members },
+        GroupCommand::Add { group, number } => AgentCommand::GroupAdd { group, number },
+        GroupCommand::Remove { group, number } => AgentCommand::GroupRemove { group, number },
+        GroupCommand::Leave { group } => AgentCommand::GroupLeave { group },
+        GroupCommand::Rename { group, name } => AgentCommand::GroupRename { group, name },
+        GroupCommand::Send { group, text } => AgentCommand::GroupSend { group, text },
+        GroupCommand::List => {
+            profile.info()?;
+            let store = Store::new(profile);
+            for id in store.group_ids()? {
+                let Some(g) = store.load_group(&id)? else {
+                    continue;
+                };
+                if json {
+                    outln!(
+                        "{}",
+                        json!({"group": g.id, "name": g.state.name, "members": g.state.members,
+                               "version": g.state.version})
+                    );
+                } else {
+                    outln!(
+                        "{}  {}  members {} (version {})",
+                        g.id,
+                        g.state.name,
+                        g.state.members.join(", "),
+                        g.state.version
+                    );
+                }
+            }
+            return Ok(());
+        }
+        GroupCommand::History { group } => {
+            profile.info()?;
+            let store = Store::new(profile);
+            let ids = store.group_ids()?;
+            let id = groups::resolve(&ids, &group).map_err(|e| anyhow::anyhow!(e))?;
+            let entries = store.read_group_history(id)?;
+            if json {
+                for e in &entries {
+                    outln!("{}", serde_json::to_string(e)?);
+                }
+            } else if entries.is_empty() {
+                outln!("no messages in group {id}");
+            } else {
+                for e in &entries {
+                    outln!("{}  [{}] {}", e.sent, e.from, e.text);
+                }
+            }
+            return Ok(());
+        }
+    };
+    let config = AgentConfig {
+        offline_after: std::time::Duration::ZERO,
+        ..one_shot_config()
+    };
+    via_agent(profile, agent_command, json, config).await
+}
+
+async fn answer(
+    profile: &Profile,
+    request: String,
+    accept: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let command = AgentCommand::Answer { request, accept };
+    let Some(reply) = agent::send_to_running(profile, &command).await else {
+        anyhow::bail!(
+            "no `micromsg listen` is running for this profile; requests are answered by it"
+        );
+    };
+    print_reply(reply, json)
+}
+
+/// An agent's refusal: its message is already written for people. `main` prints it once
+/// (on stderr, or as the one JSON error object).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+/// Prints an agent's reply: on success its message (or the reply as JSON); a refusal becomes
+/// the command's error, printed once by `main`.
+fn print_reply(reply: agent::Reply, json: bool) -> anyhow::Result<()> {
+    if !reply.ok {
+        return Err(Refused(reply.message).into());
+    }
+    if json {
+        outln!("{}", serde_json::to_string(&reply)?);
+    } else {
+        outln!("{}", reply.message);
+    }
+    Ok(())
+}
+
+/// The short-lived agent of a one-shot command: nobody connects to it, and it leaves the
+/// inbox to `listen` and `inbox`.
+fn one_shot_config() -> AgentConfig {
+    AgentConfig {
+        accept: AcceptPolicy::Contacts,
+        control: false,
+        announce: false,
+        inbox: false,
+        ..AgentConfig::default()
+    }
+}
+
+/// Runs `command` in the agent of this profile and prints the reply.
+async fn via_agent(
+    profile: &Profile,
+    command: AgentCommand,
+    json: bool,
+    config: AgentConfig,
+) -> anyhow::Result<()> {
+    let reply = run_in_agent(profile, command, config).await?;
+    print_reply(reply, json)
+}
+
+/// Runs `command` in the agent of this profile: the running `listen` when there is one,
+/// otherwise a short-lived agent with `config`.
+async fn run_in_agent(
+    profile: &Profile,
+    command: AgentCommand,
+    config: AgentConfig,
+) -> anyhow::Result<agent::Reply> {
+    let reply = match agent::send_to_running(profile, &command).await {
+        Some(reply) => reply,
+        None => {
+            let (tx, mut rx) = mpsc::channel(64);
+            let agent = agent::start(profile.clone(), config, tx).await?;
+            let printer = tokio::spawn(async move {
+                // Only what needs attention, on stderr: stdout carries the reply.
+                while let Some(notice) = rx.recv().await {
+                    match &notice {
+                        Notice::Warning { message } => eprintln!("warning: {message}"),
+                        Notice::IdentityChanged { peer, .. } => eprintln!(
+                            "WARNING: the identity key of {peer} CHANGED; the session was \
+                             refused. Verify the safety number with {peer} out of band."
+                        ),
+                        _ => {}
+                    }
+                }
+            });
+            let reply = agent.command(command).await;
+            agent.stop().await?;
+            let _ = printer.await;
+            reply
+        }
+    };
+    Ok(reply)
+}
+
+/// A message typed or piped into `send NUMBER -`: standard input up to its end, without the
+/// final line break.
+fn read_stdin_text() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| anyhow::anyhow!("reading the message from standard input: {e}"))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.is_empty() {
+        anyhow::bail!("the message from standard input is empty; nothing was sent");
+    }
+    Ok(text)
+}
+
+/// `outbox` and `outbox cancel ID`. A running agent cancels (it holds the outbox); otherwise
+/// the file is changed here.
+async fn outbox_command(
+    profile: &Profile,
+    action: Option<OutboxCommand>,
+    json: bool,
+) -> anyhow::Result<()> {
+    profile.info()?;
+    match action {
+        None => {
+            let items = crate::outbox::Outbox::new(profile).load()?;
+            if json {
+                let list: Vec<_> = items
+                    .iter()
+                    .map(|q| {
+                        json!({"id": q.id, "to": q.to, "text": q.text, "queued_at": q.queued_at,
+                               "attempts": q.attempts, "last_error": q.last_error,
+                               "failed": q.failed})
+                    })
+                    .collect();
+                outln!("{}", json!({ "outbox": list }));
+            } else if items.is_empty() {
+                outln!("the outbox is empty: nothing waits to go out");
+            } else {
+                for q in &items {
+                    let state = match (&q.failed, &q.last_error) {
+                        (Some(why), _) => format!("FAILED, will not be retried: {why}"),
+                        (None, Some(why)) => format!("waiting ({} tries; last: {why})", q.attempts),
+                        (None, None) => "waiting".to_owned(),
+                    };
+                    outln!(
+                        "{}  to {}  queued {}  {state}\n    {}",
+                        &q.id[..q.id.len().min(8)],
+                        q.to,
+                        q.queued_at,
+                        q.text
+                    );
+                }
+            }
+            Ok(())
+        }
+        Some(OutboxCommand::Cancel { id }) => {
+            let command = AgentCommand::OutboxCancel { id: id.clone() };
+            let reply = match agent::send_to_running(profile, &command).await {
+                Some(reply) => reply,
+                None => crate::agent::cancel_queued(profile, &id),
+            };
+            print_reply(reply, json)
+        }
+    }
+}
