@@ -29,3 +29,4 @@ pub mod p2p;
 pub mod profile;
 pub mod store;
 pub mod tls;
+pub mod when;

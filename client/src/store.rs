@@ -52,6 +52,9 @@ pub enum StoreError {
     /// Not a valid number (4 to 15 ASCII digits).
     #[error("invalid number {0:?}")]
     InvalidNumber(String),
+    /// Not a usable contact name.
+    #[error("a contact name is 1 to 64 characters without control characters, not {0:?}")]
+    InvalidName(String),
     /// Not a group id (32 lowercase hex digits).
     #[error("invalid group id {0:?}")]
     InvalidGroup(String),
@@ -95,6 +98,9 @@ pub struct Contact {
     /// The last address the contact was reached at (`HOST:PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// A name the user gave the contact, shown instead of (or beside) the number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// A different identity key than the pinned one that the contact presented: nothing is
     /// sent to it until the user has verified the safety number and re-pinned.
     #[serde(
@@ -112,6 +118,7 @@ impl Contact {
             added_at: now_unix,
             blocked: false,
             address: None,
+            name: None,
             presented: None,
         }
     }
@@ -356,6 +363,50 @@ impl Store {
             c.presented = None;
         })
         .map(drop)
+    }
+
+    /// Names a contact (`None` clears the name). The name is 1 to 64 characters, none of
+    /// them a control character.
+    pub fn set_name(
+        &self,
+        number: &str,
+        name: Option<&str>,
+        now_unix: u64,
+    ) -> Result<Contact, StoreError> {
+        let name = match name.map(str::trim) {
+            None => None,
+            Some(n)
+                if n.is_empty() || n.chars().count() > 64 || n.chars().any(char::is_control) =>
+            {
+                return Err(StoreError::InvalidName(n.to_owned()));
+            }
+            Some(n) => Some(n.to_owned()),
+        };
+        self.update_contact(number, now_unix, |c| c.name = name)
+    }
+
+    /// Removes a contact from this device: its entry (name, pinned key, block) and the session
+    /// keys this device sends with. The history stays. False when there was no such contact.
+    pub fn remove_contact(&self, number: &str) -> Result<bool, StoreError> {
+        let number = valid(number)?;
+        let _guard = self.lock();
+        let mut contacts = self.read_contacts()?;
+        let known = contacts.remove(number).is_some();
+        if known {
+            self.write_contacts(&contacts)?;
+        }
+        let session = self.session_path(number);
+        let had_session = match fs::remove_file(&session) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: session,
+                    source,
+                });
+            }
+        };
+        Ok(known || had_session)
     }
 
     /// Blocks or unblocks a contact.
@@ -1013,6 +1064,38 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn contacts_are_named_renamed_cleared_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&Profile::new(dir.path()));
+        store.add_contact("5550001", 1).unwrap();
+        assert_eq!(
+            store
+                .set_name("5550001", Some(" Bob "), 2)
+                .unwrap()
+                .name
+                .as_deref(),
+            Some("Bob")
+        );
+        for bad in ["", "   ", "a\u{7}b", &"x".repeat(65)] {
+            assert!(
+                matches!(
+                    store.set_name("5550001", Some(bad), 2),
+                    Err(StoreError::InvalidName(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            store.contact("5550001").unwrap().unwrap().name.as_deref(),
+            Some("Bob")
+        );
+        assert_eq!(store.set_name("5550001", None, 3).unwrap().name, None);
+        assert!(store.remove_contact("5550001").unwrap());
+        assert!(store.contact("5550001").unwrap().is_none());
+        assert!(!store.remove_contact("5550001").unwrap(), "already gone");
     }
 
     #[test]

@@ -23,6 +23,13 @@ use crate::p2p::{self};
 use super::{AcceptPolicy, Agent, Asked, HandshakeDone, Notice, Outgoing, Reply};
 
 impl Agent {
+    /// A rejected caller is blocked at the broker (the seed's rule): the contact list says so.
+    pub(super) async fn record_rejected(&mut self, from: &str) {
+        if let Err(e) = self.store.set_blocked(from, true, unix_now()) {
+            self.warn(format!("recording {from} as blocked: {e}")).await;
+        }
+    }
+
     pub(super) async fn on_contact_request(&mut self, r: ContactRequest) {
         let from = r.from.as_str().to_owned();
         let known = matches!(self.store.contact(&from), Ok(Some(c)) if !c.blocked);
@@ -60,12 +67,18 @@ impl Agent {
                 if let Err(e) = self.answer(r.request, accept, caller_key).await {
                     self.warn(format!("answering {from}: {e}")).await;
                 } else if !accept {
+                    self.record_rejected(&from).await;
                     self.notify(Notice::ContactRefused { from }).await;
                 }
             }
             None => {
-                self.asked
-                    .insert(*r.request.as_bytes(), Asked { caller_key });
+                self.asked.insert(
+                    *r.request.as_bytes(),
+                    Asked {
+                        from: from.clone(),
+                        caller_key,
+                    },
+                );
                 self.notify(Notice::ContactRequest {
                     from,
                     request: r.request.to_hex(),

@@ -16,6 +16,7 @@ use crate::profile::Profile;
 
 use crate::link::LinkError;
 use crate::outbox::Outbox;
+use crate::store::Store;
 
 use super::{Agent, AgentError};
 
@@ -93,6 +94,18 @@ pub enum Command {
         group: String,
         /// The message.
         text: String,
+    },
+    /// Name a contact (`name: None` clears the name).
+    ContactName {
+        /// The contact's number.
+        number: String,
+        /// The name.
+        name: Option<String>,
+    },
+    /// Remove a contact from this device (its session ends; the history stays).
+    ContactRemove {
+        /// The contact's number.
+        number: String,
     },
     /// Take a queued message out of the outbox (it is never sent).
     OutboxCancel {
@@ -235,6 +248,20 @@ impl Agent {
         match command {
             Command::ContactAdd { number } => self.initiate(number, None, reply, false).await,
             Command::Send { number, text } => self.deliver(number, text, reply).await,
+            Command::ContactName { number, name } => {
+                let _ = reply.send(name_contact(&self.store, &number, name.as_deref()));
+            }
+            Command::ContactRemove { number } => {
+                if let Some((sender, _)) = self.sessions.remove(&number) {
+                    let _ = sender.close("removed as a contact").await;
+                }
+                self.outbox.retain(|q| q.to != number);
+                let r = match self.persist_outbox().await {
+                    Ok(()) => remove_contact(&self.profile, &self.store, &number),
+                    Err(e) => Reply::err(e),
+                };
+                let _ = reply.send(r);
+            }
             Command::OutboxCancel { id } => {
                 let list = self.profile.command("outbox");
                 let r = match super::queue::cancel(&mut self.outbox, &id, &list) {
@@ -332,7 +359,16 @@ impl Agent {
                             Ok(()) if accept => {
                                 Reply::ok("accepted; the session starts when they connect")
                             }
-                            Ok(()) => Reply::ok("rejected (and blocked)"),
+                            Ok(()) => {
+                                self.record_rejected(&asked.from).await;
+                                Reply::ok(format!(
+                                    "rejected {} (and blocked: `{}` lists it; `{}` undoes it)",
+                                    asked.from,
+                                    self.profile.command("contact list"),
+                                    self.profile
+                                        .command(&format!("contact unblock {}", asked.from))
+                                ))
+                            }
                             Err(e) => Reply::err(e.to_string()),
                         }
                     }
@@ -365,5 +401,34 @@ pub fn cancel_queued(profile: &Profile, id: &str) -> Reply {
             Err(e) => Reply::err(format!("writing the outbox: {e}")),
         },
         Err(message) => Reply::err(message),
+    }
+}
+
+/// `contact name NUMBER NAME` (in the agent, or here when none runs).
+pub fn name_contact(store: &Store, number: &str, name: Option<&str>) -> Reply {
+    if !matches!(store.contact(number), Ok(Some(_))) {
+        return Reply::err(format!("{number} is not in your contacts"));
+    }
+    match store.set_name(number, name, crate::account::unix_now()) {
+        Ok(c) => match &c.name {
+            Some(n) => Reply::ok(format!("{number} is now shown as {n}")),
+            None => Reply::ok(format!("{number} has no name now")),
+        }
+        .with(serde_json::json!({"number": number, "name": c.name})),
+        Err(e) => Reply::err(e.to_string()),
+    }
+}
+
+/// `contact remove NUMBER` when no agent runs (the agent also ends a live session and drops
+/// queued messages to it first).
+pub fn remove_contact(profile: &Profile, store: &Store, number: &str) -> Reply {
+    match store.remove_contact(number) {
+        Ok(true) => Reply::ok(format!(
+            "removed {number} from this device (the history stays; `{}` asks them again)",
+            profile.command(&format!("contact add {number}"))
+        ))
+        .with(serde_json::json!({"removed": number})),
+        Ok(false) => Reply::err(format!("{number} is not in your contacts")),
+        Err(e) => Reply::err(e.to_string()),
     }
 }

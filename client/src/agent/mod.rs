@@ -59,7 +59,10 @@ mod reconnect;
 mod sessions;
 
 pub use config::{AcceptPolicy, AgentConfig};
-pub use control::{Command, ControlRequest, Reply, cancel_queued, control_path, send_to_running};
+pub use control::{
+    Command, ControlRequest, Reply, cancel_queued, control_path, name_contact, remove_contact,
+    send_to_running,
+};
 pub use notice::Notice;
 
 use control::{bind_control, serve_control};
@@ -231,6 +234,8 @@ struct Outgoing {
 
 /// A contact request waiting for the user's answer (ask policy).
 struct Asked {
+    /// The caller.
+    from: String,
     /// Networked request: the caller's broker-keypair public key to seal our address to.
     caller_key: Option<[u8; 32]>,
 }

@@ -29,18 +29,6 @@ pub(super) fn deposit_error(peer: &str, e: &LinkError) -> String {
     }
 }
 
-/// "in 30 days", "in 5 hours", … for an expiry time.
-pub(super) fn describe_expiry(expires: u64, now: u64) -> String {
-    let secs = expires.saturating_sub(now);
-    let (n, unit) = match secs {
-        s if s >= 2 * 86_400 => (s / 86_400, "days"),
-        s if s >= 2 * 3_600 => (s / 3_600, "hours"),
-        s if s >= 120 => (s / 60, "minutes"),
-        s => (s, "seconds"),
-    };
-    format!("in {n} {unit}, at unix time {expires}")
-}
-
 impl Agent {
     /// Why nothing can go to `number` yet, for people, with the command that fixes it (for
     /// this profile).

@@ -18,9 +18,10 @@ use crate::link::LinkError;
 use crate::outbox::Queued;
 use crate::store::{Direction, Entry};
 
-use super::outbound::{deposit_error, describe_expiry};
+use super::outbound::deposit_error;
 use super::reconnect::is_connection_loss;
 use super::{Agent, Notice, Reply};
+use crate::when::describe_expiry;
 
 /// The longest wait before a queued item is tried again (the link coming back tries at once).
 const RETRY_MAX: Duration = Duration::from_secs(300);

@@ -2,6 +2,8 @@
 //! result (for people, or one JSON object with `--json`). The `micromsg` binary is
 //! [`main`]; the integration tests run it as a child process through a shim of their own.
 
+mod print;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,6 +16,7 @@ use crate::link::LinkError;
 use crate::p2p::SessionConfig;
 use crate::profile::Profile;
 use crate::store::{Direction, Store, safety_number};
+use crate::when::local_time;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use micromsg_crypto::identity::IdentityKey;
@@ -222,8 +225,26 @@ enum ContactCommand {
         /// The number.
         number: String,
     },
-    /// List contacts with their pinned identity keys.
+    /// List contacts: name, number, state (blocked, rejected, identity changed) and the
+    /// pinned identity key.
     List,
+    /// Give a contact a name, shown with its number wherever the number is shown.
+    Name {
+        /// The contact's number.
+        number: String,
+        /// The name (1 to 64 characters); leave it out with --clear.
+        #[arg(required_unless_present = "clear")]
+        name: Option<String>,
+        /// Remove the name.
+        #[arg(long, conflicts_with = "name")]
+        clear: bool,
+    },
+    /// Remove a contact from this device: its name, pinned key and session keys go, a live
+    /// session ends, queued messages to it are dropped; the history stays.
+    Remove {
+        /// The contact's number.
+        number: String,
+    },
     /// Block a number (its requests are dropped silently).
     Block {
         /// The number.
@@ -608,8 +629,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "{:>3}  {:<20} created {}  last seen {}{}",
                         d.id.get(),
                         d.name.as_ref().map_or("-", |n| n.as_str()),
-                        d.created,
-                        d.last_seen.map_or("-".to_owned(), |t| t.to_string()),
+                        local_time(d.created),
+                        d.last_seen.map_or("-".to_owned(), local_time),
                         if d.current { "  (this device)" } else { "" }
                     );
                 }
@@ -674,8 +695,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let list: Vec<_> = contacts
                     .iter()
                     .map(|(n, c)| {
-                        json!({"number": n, "identity": c.identity.map(|k| k.to_hex()),
-                                         "blocked": c.blocked, "added": c.added_at})
+                        json!({"number": n, "name": c.name,
+                               "identity": c.identity.map(|k| k.to_hex()),
+                               "blocked": c.blocked, "added": c.added_at,
+                               "identity_changed": c.presented.is_some()})
                     })
                     .collect();
                 outln!("{}", json!({ "contacts": list }));
@@ -686,14 +709,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 for (n, c) in &contacts {
+                    let state = match (c.blocked, c.presented.is_some()) {
+                        (true, _) => "BLOCKED (or rejected)",
+                        (false, true) => "IDENTITY CHANGED: verify before sending",
+                        (false, false) if c.identity.is_none() => "not met yet",
+                        (false, false) => "contact",
+                    };
                     outln!(
-                        "{n}  {}{}",
-                        c.identity
-                            .map_or("(identity not yet seen)".to_owned(), |k| k.to_hex()),
-                        if c.blocked { "  BLOCKED" } else { "" }
+                        "{:<24} {n:<16} {state:<24} added {}  key {}",
+                        c.name.as_deref().unwrap_or("-"),
+                        local_time(c.added_at),
+                        c.identity.map_or("-".to_owned(), |k| k.to_hex())
                     );
                 }
             }
+        }
+        Command::Contact(ContactCommand::Name {
+            number,
+            name,
+            clear,
+        }) => {
+            profile.info()?;
+            let name = if clear { None } else { name };
+            let command = AgentCommand::ContactName {
+                number: number.clone(),
+                name: name.clone(),
+            };
+            let reply = match agent::send_to_running(&profile, &command).await {
+                Some(reply) => reply,
+                None => agent::name_contact(&Store::new(&profile), &number, name.as_deref()),
+            };
+            print_reply(reply, json)?;
+        }
+        Command::Contact(ContactCommand::Remove { number }) => {
+            profile.info()?;
+            let command = AgentCommand::ContactRemove {
+                number: number.clone(),
+            };
+            let reply = match agent::send_to_running(&profile, &command).await {
+                Some(reply) => reply,
+                None => {
+                    let outbox = crate::outbox::Outbox::new(&profile);
+                    let mut items = outbox.load()?;
+                    items.retain(|q| q.to != number);
+                    outbox.save(&items)?;
+                    agent::remove_contact(&profile, &Store::new(&profile), &number)
+                }
+            };
+            print_reply(reply, json)?;
         }
         Command::Send { number, text, wait } => {
             let text = if text == "-" {
@@ -807,15 +870,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     outln!("{}", serde_json::to_string(e)?);
                 }
             } else if entries.is_empty() {
-                outln!("no messages with {number}");
+                outln!(
+                    "no messages with {}",
+                    print::Names::of(&profile).show(&number)
+                );
             } else {
+                let them = print::Names::of(&profile).show(&number);
                 for e in &entries {
                     let who = match e.direction {
-                        Direction::In => number.as_str(),
+                        Direction::In => them.as_str(),
                         Direction::Out => "me",
                     };
                     let how = if e.offline { "  (offline)" } else { "" };
-                    outln!("{}  [{who}] {}{how}", e.time, e.text);
+                    outln!("{}  [{who}] {}{how}", local_time(e.time), e.text);
                 }
             }
         }
@@ -861,7 +928,7 @@ async fn listen(profile: Profile, json: bool, config: AgentConfig) -> anyhow::Re
     let agent = agent::start(profile, config, tx).await?;
     let printer = tokio::spawn(async move {
         while let Some(notice) = rx.recv().await {
-            print_notice(&notice, json, &printer_profile);
+            print::notice(&notice, json, &printer_profile);
         }
     });
     tokio::select! {
@@ -892,113 +959,6 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-}
-
-fn print_notice(notice: &Notice, json: bool, profile: &Profile) {
-    use std::io::Write;
-    let line = if json {
-        serde_json::to_string(notice).unwrap_or_default()
-    } else {
-        match notice {
-            Notice::Listening {
-                number,
-                device,
-                peer_address,
-            } => {
-                format!("listening as {number} (device {device}); peers connect to {peer_address}")
-            }
-            Notice::ContactRequest {
-                from,
-                request,
-                kind,
-            } => format!(
-                "contact request ({kind}) from {from}: answer with `{}` or `{}`",
-                profile.command(&format!("contact accept {request}")),
-                profile.command(&format!("contact reject {request}"))
-            ),
-            Notice::ContactRefused { from } => format!("refused a contact request from {from}"),
-            Notice::SessionStarted {
-                peer,
-                first_contact,
-                safety_number,
-            } => {
-                if *first_contact {
-                    format!(
-                        "session with {peer} started (new contact; identity key pinned; safety number {safety_number})"
-                    )
-                } else {
-                    format!("session with {peer} started")
-                }
-            }
-            Notice::IdentityChanged {
-                peer,
-                pinned,
-                presented,
-            } => format!(
-                "WARNING: the identity key of {peer} CHANGED (pinned {pinned}, presented {presented}). \
-                 The session was refused. Verify the safety number with {peer} out of band."
-            ),
-            Notice::Message {
-                from,
-                text,
-                offline: true,
-                ..
-            } => format!("[{from}] {text} (offline)"),
-            Notice::Message { from, text, .. } => format!("[{from}] {text}"),
-            Notice::SentElsewhere {
-                to, device, text, ..
-            } => format!("[me → {to}, from device {device}] {text}"),
-            Notice::KeysSynced { peer, device } => {
-                format!("device {device} shared its session keys with {peer}")
-            }
-            Notice::SessionEnded { peer, reason } => format!("session with {peer} ended: {reason}"),
-            Notice::GroupMessage {
-                group,
-                name,
-                from,
-                text,
-                offline,
-                ..
-            } => {
-                let how = if *offline { " (offline)" } else { "" };
-                format!("[group {name} {}] [{from}] {text}{how}", short_id(group))
-            }
-            Notice::GroupChanged {
-                group,
-                name,
-                by,
-                change,
-                members,
-                version,
-            } => format!(
-                "[group {name} {}] {by} {change}; members {} (version {version})",
-                short_id(group),
-                members.join(", ")
-            ),
-            Notice::Warning { message } => format!("warning: {message}"),
-            Notice::BrokerLost {
-                reason,
-                retry_in_secs,
-            } => format!(
-                "broker unreachable ({reason}); live sessions go on; trying again in {retry_in_secs} s, then with a growing wait"
-            ),
-            Notice::QueuedSent { to, id, .. } => format!(
-                "a queued message to {to} went out: the broker has it now (id {})",
-                &id[..id.len().min(8)]
-            ),
-            Notice::BrokerBack { offline_secs } => {
-                format!("broker back after {offline_secs} s offline; logged in again")
-            }
-        }
-    };
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-/// The first 8 digits of a group id.
-fn short_id(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
 }
 
 async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> anyhow::Result<()> {
@@ -1197,6 +1157,7 @@ async fn outbox_command(
             } else if items.is_empty() {
                 outln!("the outbox is empty: nothing waits to go out");
             } else {
+                let names = print::Names::of(profile);
                 for q in &items {
                     let state = match (&q.failed, &q.last_error) {
                         (Some(why), _) => format!("FAILED, will not be retried: {why}"),
@@ -1206,8 +1167,8 @@ async fn outbox_command(
                     outln!(
                         "{}  to {}  queued {}  {state}\n    {}",
                         &q.id[..q.id.len().min(8)],
-                        q.to,
-                        q.queued_at,
+                        names.show(&q.to),
+                        local_time(q.queued_at),
                         q.text
                     );
                 }
