@@ -185,20 +185,53 @@ impl KeyBundle {
     }
 }
 
-/// A new recovery secret: 200 random bits as 8 groups of 5 characters from a 32-character
-/// alphabet without the look-alikes `i l o u 0 1`.
+/// Crockford's base32 alphabet: digits and upper-case letters without `I L O U`.
+const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+/// Characters of a generated recovery secret (200 bits), without separators.
+const RECOVERY_CHARS: usize = 40;
+
+/// A new recovery secret: 200 random bits as 40 characters of Crockford's base32, in 8 groups
+/// of 5 (`7KQ2M-…`). It is read without ambiguity: case does not matter, `I` and `L` read as
+/// `1`, `O` as `0`, and the hyphens and spaces may be left out ([`recovery_password`]).
 pub fn new_recovery_secret() -> Zeroizing<String> {
-    const ALPHABET: &[u8; 32] = b"abcdefghjkmnpqrstvwxyz23456789AB";
-    let mut bytes = Zeroizing::new([0u8; 40]);
+    let mut bytes = Zeroizing::new([0u8; RECOVERY_CHARS]);
     OsRng.fill_bytes(&mut bytes[..]);
-    let mut out = Zeroizing::new(String::with_capacity(47));
+    let mut out = Zeroizing::new(String::with_capacity(RECOVERY_CHARS + 7));
     for (i, b) in bytes.iter().enumerate() {
         if i > 0 && i % 5 == 0 {
             out.push('-');
         }
-        out.push(char::from(ALPHABET[usize::from(b & 31)]));
+        out.push(char::from(CROCKFORD[usize::from(b & 31)]));
     }
     out
+}
+
+/// The password a recovery secret gives Argon2id (protocol.md 13.4): when the secret, with
+/// hyphens and white space left out, is 40 characters of Crockford's base32 (either case;
+/// `i`/`l` read as `1`, `o` as `0`), those 40 characters in upper case with the look-alikes
+/// replaced; any other secret (a passphrase the user chose) exactly as typed.
+pub fn recovery_password(secret: &str) -> Zeroizing<String> {
+    let mut canonical = Zeroizing::new(String::with_capacity(RECOVERY_CHARS));
+    for c in secret.chars() {
+        if c == '-' || c.is_whitespace() {
+            continue;
+        }
+        let c = match c.to_ascii_uppercase() {
+            'I' | 'L' => '1',
+            'O' => '0',
+            c => c,
+        };
+        if !c.is_ascii() || !CROCKFORD.contains(&(c as u8)) {
+            return Zeroizing::new(secret.to_owned());
+        }
+        canonical.push(c);
+    }
+    if canonical.len() == RECOVERY_CHARS {
+        canonical
+    } else {
+        Zeroizing::new(secret.to_owned())
+    }
 }
 
 /// The backup key: Argon2id(recovery secret, salt), m = 64 MiB, t = 3, p = 1, 32 bytes.
@@ -229,7 +262,7 @@ pub fn seal_backup_with(
     nonce: &[u8; XNONCE_LEN],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, KeysError> {
-    let key = backup_key(recovery, salt)?;
+    let key = backup_key(&recovery_password(recovery), salt)?;
     let mut aad = Vec::with_capacity(4 + SALT_LEN);
     aad.extend_from_slice(BACKUP_MAGIC);
     aad.extend_from_slice(salt);
@@ -261,11 +294,21 @@ pub fn open_backup(recovery: &str, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, Ke
     let (nonce, ct) = rest.split_at(XNONCE_LEN);
     let salt: [u8; SALT_LEN] = core::array::from_fn(|i| salt[i]);
     let nonce: [u8; XNONCE_LEN] = core::array::from_fn(|i| nonce[i]);
-    let key = backup_key(recovery, &salt)?;
     let aad = &blob[..4 + SALT_LEN];
-    aead::xopen(key.expose(), &nonce, aad, ct)
-        .map(Zeroizing::new)
-        .map_err(|_| KeysError::WrongKey("key backup"))
+    let password = recovery_password(recovery);
+    let key = backup_key(&password, &salt)?;
+    if let Ok(plain) = aead::xopen(key.expose(), &nonce, aad, ct) {
+        return Ok(Zeroizing::new(plain));
+    }
+    // Secrets made before they were Crockford's base32 (lower case and `A`, `B`) were used as
+    // typed: such a backup opens with the secret exactly as it was shown.
+    if *password != recovery {
+        let key = backup_key(recovery, &salt)?;
+        if let Ok(plain) = aead::xopen(key.expose(), &nonce, aad, ct) {
+            return Ok(Zeroizing::new(plain));
+        }
+    }
+    Err(KeysError::WrongKey("key backup"))
 }
 
 /// The entity sync key: HKDF-SHA256(salt = empty, IKM = identity seed,
@@ -432,7 +475,57 @@ mod tests {
         let b = new_recovery_secret();
         assert_eq!(a.len(), 47);
         assert_eq!(a.matches('-').count(), 7);
+        assert!(
+            a.chars()
+                .all(|c| c == '-' || CROCKFORD.contains(&(c as u8))),
+            "{}",
+            *a
+        );
         assert_ne!(*a, *b);
+    }
+
+    #[test]
+    fn a_recovery_secret_reads_the_same_however_it_is_typed() {
+        let secret = "7KQ2M-0A1BC-DEFGH-JKMNP-QRSTV-WXYZ3-45678-9ABCD";
+        let want = "7KQ2M0A1BCDEFGHJKMNPQRSTVWXYZ3456789ABCD";
+        for typed in [
+            secret,
+            &secret.to_lowercase(),
+            &secret.replace('-', ""),
+            &secret.replace('-', " ").to_lowercase(),
+            // The look-alikes: o for 0, i and l for 1.
+            "7kq2m-oaibc-defgh-jkmnp-qrstv-wxyz3-45678-9abcd",
+            "7KQ2M-OALBC-DEFGH-JKMNP-QRSTV-WXYZ3-45678-9ABCD",
+        ] {
+            assert_eq!(*recovery_password(typed), want, "{typed}");
+        }
+        // A passphrase the user chose is used as typed (the vectors in protocol.md).
+        for own in ["correct horse battery staple", "short", "7KQ2M-0A1BC"] {
+            assert_eq!(*recovery_password(own), own);
+        }
+    }
+
+    #[test]
+    fn a_backup_opens_with_the_secret_in_any_case_and_with_a_legacy_secret_as_typed() {
+        let secret = new_recovery_secret();
+        let blob = seal_backup(&secret, b"keys").unwrap();
+        let lower = secret.to_lowercase().replace('-', "");
+        assert_eq!(&open_backup(&lower, &blob).unwrap()[..], b"keys");
+        // Before Crockford: lower case plus A and B, used as typed.
+        let legacy = "abcde-fghjk-mnpqr-stvwx-yz234-56789-ABaaa-bbbbb";
+        let salt = [1u8; SALT_LEN];
+        let nonce = [2u8; XNONCE_LEN];
+        let key = backup_key(legacy, &salt).unwrap();
+        let mut aad = BACKUP_MAGIC.to_vec();
+        aad.extend_from_slice(&salt);
+        let mut old = aad.clone();
+        old.extend_from_slice(&nonce);
+        aead::xseal_into(key.expose(), &nonce, &aad, b"old keys", &mut old).unwrap();
+        assert_eq!(&open_backup(legacy, &old).unwrap()[..], b"old keys");
+        assert!(matches!(
+            open_backup(&lower, &old),
+            Err(KeysError::WrongKey(_))
+        ));
     }
 
     #[test]
