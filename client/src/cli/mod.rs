@@ -866,9 +866,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             profile.info()?;
             let entries = Store::new(&profile).read_history(&number)?;
             if json {
-                for e in &entries {
-                    outln!("{}", serde_json::to_string(e)?);
-                }
+                outln!("{}", json!({"number": number, "messages": entries}));
             } else if entries.is_empty() {
                 outln!(
                     "no messages with {}",
@@ -972,16 +970,14 @@ async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> 
         GroupCommand::List => {
             profile.info()?;
             let store = Store::new(profile);
+            let mut list = Vec::new();
             for id in store.group_ids()? {
                 let Some(g) = store.load_group(&id)? else {
                     continue;
                 };
                 if json {
-                    outln!(
-                        "{}",
-                        json!({"group": g.id, "name": g.state.name, "members": g.state.members,
-                               "version": g.state.version})
-                    );
+                    list.push(json!({"group": g.id, "name": g.state.name,
+                                     "members": g.state.members, "version": g.state.version}));
                 } else {
                     outln!(
                         "{}  {}  members {} (version {})",
@@ -992,6 +988,9 @@ async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> 
                     );
                 }
             }
+            if json {
+                outln!("{}", json!({ "groups": list }));
+            }
             return Ok(());
         }
         GroupCommand::History { group } => {
@@ -1001,9 +1000,7 @@ async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> 
             let id = groups::resolve(&ids, &group).map_err(|e| anyhow::anyhow!(e))?;
             let entries = store.read_group_history(id)?;
             if json {
-                for e in &entries {
-                    outln!("{}", serde_json::to_string(e)?);
-                }
+                outln!("{}", json!({"group": id, "messages": entries}));
             } else if entries.is_empty() {
                 outln!("no messages in group {id}");
             } else {

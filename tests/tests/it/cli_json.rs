@@ -1,0 +1,233 @@
+//! Every `--json` shape of the `micromsg` command line (docs/cli.md), parsed from the real
+//! client binary run as a user runs it, against the real broker binary: one object per
+//! command on stdout, the one error shape, and nothing on stderr for an error under --json.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::process::BrokerProcess;
+
+fn client_binary() -> PathBuf {
+    env!("CARGO_BIN_EXE_micromsg-test-client").into()
+}
+
+/// `micromsg --json --profile DIR ARGS…`: its exit status, stdout and stderr.
+fn run(profile: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(client_binary())
+        .arg("--json")
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .env_remove("MICROMSG_PROFILE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Runs a command that must succeed and print exactly one JSON object; returns it.
+fn object(profile: &Path, args: &[&str]) -> Value {
+    let (ok, stdout, stderr) = run(profile, args);
+    assert!(ok, "{args:?} failed: {stdout} {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one JSON object, got {stdout:?}");
+    let value: Value = serde_json::from_str(lines[0])
+        .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stdout}"));
+    assert!(value.is_object(), "{args:?}: {value}");
+    value
+}
+
+/// The keys of `value`, which must be exactly `keys`.
+fn has_keys(value: &Value, keys: &[&str], what: &str) {
+    let mut got: Vec<&str> = value
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: not an object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    got.sort_unstable();
+    let mut want = keys.to_vec();
+    want.sort_unstable();
+    assert_eq!(got, want, "{what}: {value}");
+}
+
+/// An agent command's reply: `ok`, `message`, and `data` when there is some.
+fn reply(value: &Value, what: &str) -> Option<Value> {
+    assert_eq!(value["ok"], true, "{what}: {value}");
+    assert!(value["message"].is_string(), "{what}: {value}");
+    let data = value.get("data").cloned();
+    let mut keys = vec!["ok", "message"];
+    if data.is_some() {
+        keys.push("data");
+    }
+    has_keys(value, &keys, what);
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_json_shape_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), "").await;
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let ca = broker.ca.to_str().unwrap().to_owned();
+
+    let reg = |p: &Path| {
+        let v = object(p, &["register", "--broker", &broker.addr, "--ca", &ca]);
+        has_keys(&v, &["number", "device", "broker"], "register");
+        assert!(v["device"].is_u64());
+        v["number"].as_str().unwrap().to_owned()
+    };
+    let a_number = reg(&a);
+    let b_number = reg(&b);
+
+    let v = object(&a, &["whoami"]);
+    has_keys(
+        &v,
+        &["number", "device", "broker", "broker_identity"],
+        "whoami",
+    );
+    let v = object(&a, &["broker-info"]);
+    assert!(
+        v["protocol"].is_u64() && v["limits"]["max_frame"].is_u64(),
+        "{v}"
+    );
+
+    // B stays online with --json: one event object per line.
+    let mut listen = tokio::process::Command::new(client_binary())
+        .args(["--json", "--profile"])
+        .arg(&b)
+        .args(["listen", "--accept", "any"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut events = BufReader::new(listen.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), events.next_line())
+        .await
+        .expect("listen printed nothing")
+        .unwrap()
+        .unwrap();
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["event"], "listening", "{first}");
+
+    let v = object(&a, &["contact", "add", &b_number]);
+    reply(&v, "contact add");
+    let v = object(&a, &["send", &b_number, "hello"]);
+    let data = reply(&v, "send").expect("send says how it was delivered");
+    assert!(
+        ["live", "deposited", "queued"].contains(&data["delivered"].as_str().unwrap()),
+        "{data}"
+    );
+    let v = object(&a, &["contact", "name", &b_number, "Bee"]);
+    reply(&v, "contact name");
+    let v = object(&a, &["contact", "list"]);
+    has_keys(&v, &["contacts"], "contact list");
+    let entry = &v["contacts"][0];
+    has_keys(
+        entry,
+        &[
+            "number",
+            "name",
+            "identity",
+            "blocked",
+            "added",
+            "identity_changed",
+        ],
+        "contact list entry",
+    );
+    assert_eq!(entry["name"], "Bee");
+    let v = object(&a, &["history", &b_number]);
+    has_keys(&v, &["number", "messages"], "history");
+    assert_eq!(v["messages"][0]["text"], "hello", "{v}");
+    let v = object(&a, &["safety-number", &b_number]);
+    has_keys(&v, &["number", "safety_number"], "safety-number");
+    let v = object(&a, &["outbox"]);
+    has_keys(&v, &["outbox"], "outbox");
+    let v = object(&a, &["inbox"]);
+    let data = reply(&v, "inbox").expect("inbox lists what arrived");
+    assert!(data["messages"].is_array(), "{data}");
+    let v = object(&a, &["device", "add", "--no-transfer"]);
+    has_keys(
+        &v,
+        &["secret", "expires", "number", "transfer_key"],
+        "device add",
+    );
+    let v = object(&a, &["device", "list"]);
+    has_keys(&v, &["devices"], "device list");
+    has_keys(
+        &v["devices"][0],
+        &["id", "name", "created", "last_seen", "current"],
+        "device list entry",
+    );
+    let v = object(&a, &["keys", "backup"]);
+    has_keys(
+        &v,
+        &[
+            "version",
+            "contacts",
+            "sessions",
+            "left_out",
+            "recovery_secret",
+        ],
+        "keys backup",
+    );
+    let v = object(&a, &["group", "create", "pair", &b_number]);
+    let data = reply(&v, "group create").expect("the group id");
+    let group = data["group"].as_str().unwrap().to_owned();
+    let v = object(&a, &["group", "list"]);
+    has_keys(&v, &["groups"], "group list");
+    has_keys(
+        &v["groups"][0],
+        &["group", "name", "members", "version"],
+        "group list entry",
+    );
+    let v = object(&a, &["group", "history", &group]);
+    has_keys(&v, &["group", "messages"], "group history");
+
+    // The one error shape: one object on stdout, nothing on stderr, exit status 1.
+    let (ok, stdout, stderr) = run(&a, &["send", "5550000", "to nobody"]);
+    assert!(!ok);
+    assert_eq!(stderr, "", "an error under --json prints nothing on stderr");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one error object: {stdout:?}");
+    let v: Value = serde_json::from_str(lines[0]).unwrap();
+    has_keys(&v, &["error", "code"], "error");
+    assert!(
+        v["error"].as_str().unwrap().contains("not a contact"),
+        "{v}"
+    );
+    // Without --json the error is one line on stderr, and stdout stays empty.
+    let out = Command::new(client_binary())
+        .arg("--profile")
+        .arg(&a)
+        .args(["send", "5550000", "to nobody"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+
+    // B's events so far are JSON objects with an `event` name, one per line.
+    drop(listen);
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(2), events.next_line()).await
+    {
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["event"].is_string(), "{v}");
+    }
+    let _ = a_number;
+}
