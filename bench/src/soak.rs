@@ -835,6 +835,7 @@ impl Worker {
             let reply = a_agent
                 .command(Command::ContactAdd {
                     number: b_number.clone(),
+                    wait_secs: None,
                 })
                 .await;
             if !reply.ok {

@@ -49,6 +49,10 @@ pub struct Queued {
     /// see and cancel, never tried again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// For a group frame, the group's id (the text is then what it says, for people; the
+    /// group history already has the message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Queued {
@@ -142,6 +146,7 @@ mod tests {
             next_attempt: 0,
             last_error: None,
             failed: None,
+            group: None,
         }
     }
 

@@ -132,6 +132,7 @@ pub async fn contact_add(agent: &AgentHandle, number: &str) -> Reply {
     agent
         .command(Command::ContactAdd {
             number: number.to_owned(),
+            wait_secs: None,
         })
         .await
 }

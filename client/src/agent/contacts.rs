@@ -2,7 +2,7 @@
 //! policy, the connect token, block and unblock.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use micromsg_crypto::Secret32;
 use micromsg_crypto::agreement::EphemeralSecret;
@@ -14,13 +14,12 @@ use micromsg_wire::message::request::{
 use micromsg_wire::message::response::Home;
 use micromsg_wire::{Address, Blob, Hex16, Hex32, Number, Request, ResponseData};
 use rand_core::OsRng;
-use tokio::sync::oneshot;
 
 use crate::account::unix_now;
 use crate::link::LinkError;
 use crate::p2p::{self};
 
-use super::{AcceptPolicy, Agent, Asked, HandshakeDone, Notice, Outgoing, Reply};
+use super::{AcceptPolicy, Agent, Asked, HandshakeDone, Notice, Outgoing, Reply, Waiter};
 
 impl Agent {
     /// A rejected caller is blocked at the broker (the seed's rule): the contact list says so.
@@ -268,8 +267,9 @@ impl Agent {
         &mut self,
         number: String,
         text: Option<String>,
-        reply: oneshot::Sender<Reply>,
+        reply: Waiter,
         existing: bool,
+        wait: Option<Duration>,
     ) {
         let Ok(target) = Number::new(number.clone()) else {
             let _ = reply.send(Reply::err(format!("{number:?} is not a number")));
@@ -326,11 +326,11 @@ impl Agent {
             }
         };
         let deposit_on_timeout = text.is_some();
-        let wait = if deposit_on_timeout {
+        let wait = wait.unwrap_or(if deposit_on_timeout {
             self.config.offline_after
         } else {
             self.config.answer_timeout
-        };
+        });
         let mut waiting = Outgoing {
             target: number,
             deadline: Instant::now() + wait,

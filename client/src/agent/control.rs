@@ -2,6 +2,8 @@
 //! and its [`Reply`] goes back the same way; [`Agent::on_command`] dispatches them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use micromsg_wire::Hex16;
 use serde::{Deserialize, Serialize};
@@ -28,6 +30,9 @@ pub enum Command {
     ContactAdd {
         /// The number.
         number: String,
+        /// Seconds to wait for the answer (default: the agent's `answer_timeout`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_secs: Option<u64>,
     },
     /// Send `text` to `number` (setting up a session first if needed).
     Send {
@@ -156,17 +161,37 @@ pub fn control_path(profile: &Profile) -> PathBuf {
 
 /// Sends `command` to the agent running for `profile`; `None` when no agent runs.
 pub async fn send_to_running(profile: &Profile, command: &Command) -> Option<Reply> {
+    send_to_running_cancellable(profile, command, std::future::pending()).await
+}
+
+/// The line a client sends on the control connection, after its command, to cancel it.
+const CANCEL_LINE: &str = "{\"cmd\":\"cancel\"}\n";
+
+/// [`send_to_running`], cancelled when `cancel` completes (Ctrl-C): the agent is told, and
+/// its reply (which says whether anything had already left) is still awaited.
+pub async fn send_to_running_cancellable(
+    profile: &Profile,
+    command: &Command,
+    cancel: impl std::future::Future<Output = ()>,
+) -> Option<Reply> {
     let stream = UnixStream::connect(control_path(profile)).await.ok()?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(command).ok()?;
     line.push('\n');
     write.write_all(line.as_bytes()).await.ok()?;
     let mut lines = BufReader::new(read).lines();
-    match lines.next_line().await {
-        Ok(Some(line)) => serde_json::from_str(&line).ok(),
-        _ => Some(Reply::err(
-            "the running agent closed the control connection",
-        )),
+    let closed = || Reply::err("the running agent closed the control connection");
+    tokio::pin!(cancel);
+    let answer = tokio::select! {
+        answer = lines.next_line() => answer,
+        () = &mut cancel => {
+            let _ = write.write_all(CANCEL_LINE.as_bytes()).await;
+            lines.next_line().await
+        }
+    };
+    match answer {
+        Ok(Some(line)) => Some(serde_json::from_str(&line).unwrap_or_else(|_| closed())),
+        _ => Some(closed()),
     }
 }
 
@@ -174,7 +199,45 @@ pub async fn send_to_running(profile: &Profile, command: &Command) -> Option<Rep
 #[derive(Debug)]
 pub struct ControlRequest {
     pub(super) command: Command,
-    pub(super) reply: oneshot::Sender<Reply>,
+    pub(super) reply: Waiter,
+}
+
+/// Set when the user cancelled a command (Ctrl-C) while it waited.
+pub type Cancel = Arc<AtomicBool>;
+
+/// Who waits for a command's reply, and whether they gave up: a message that has not left
+/// when its `send` is cancelled never leaves.
+#[derive(Debug)]
+pub(super) struct Waiter {
+    reply: oneshot::Sender<Reply>,
+    cancel: Cancel,
+}
+
+impl Waiter {
+    /// A waiter for `reply`, cancelled through `cancel`.
+    pub(super) fn new(reply: oneshot::Sender<Reply>, cancel: Cancel) -> Self {
+        Self { reply, cancel }
+    }
+
+    /// A waiter nobody can cancel, whose reply nobody reads (work the agent starts itself).
+    pub(super) fn detached() -> Self {
+        Self::new(oneshot::channel().0, Cancel::default())
+    }
+
+    /// True when the user cancelled, or nobody waits any more.
+    pub(super) fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.reply.is_closed()
+    }
+
+    /// Answers.
+    pub(super) fn send(self, reply: Reply) -> Result<(), Reply> {
+        self.reply.send(reply)
+    }
+}
+
+/// The reply to a cancelled command that had not done anything yet.
+pub(super) fn cancelled_reply(what: &str) -> Reply {
+    Reply::err(format!("cancelled: {what}")).with(serde_json::json!({"cancelled": true}))
 }
 
 pub(super) async fn bind_control(profile: &Profile) -> Result<UnixListener, AgentError> {
@@ -205,15 +268,26 @@ pub(super) async fn serve_control(listener: UnixListener, control: mpsc::Sender<
             while let Ok(Some(line)) = lines.next_line().await {
                 let reply = match serde_json::from_str::<Command>(&line) {
                     Ok(command) => {
-                        let (tx, rx) = oneshot::channel();
-                        if control
-                            .send(ControlRequest { command, reply: tx })
-                            .await
-                            .is_err()
-                        {
+                        let (tx, mut rx) = oneshot::channel();
+                        let cancel = Cancel::default();
+                        let request = ControlRequest {
+                            command,
+                            reply: Waiter::new(tx, Arc::clone(&cancel)),
+                        };
+                        if control.send(request).await.is_err() {
                             Reply::err("the agent is stopping")
                         } else {
-                            rx.await.unwrap_or_else(|_| {
+                            // While the command runs, the client may cancel it (a cancel line)
+                            // or go away (end of stream): either way it is cancelled, and the
+                            // reply says whether anything had already left.
+                            let answer = tokio::select! {
+                                answer = &mut rx => answer,
+                                _ = lines.next_line() => {
+                                    cancel.store(true, Ordering::Relaxed);
+                                    rx.await
+                                }
+                            };
+                            answer.unwrap_or_else(|_| {
                                 Reply::err("the agent stopped before answering")
                             })
                         }
@@ -231,7 +305,7 @@ pub(super) async fn serve_control(listener: UnixListener, control: mpsc::Sender<
 }
 
 impl Agent {
-    pub(super) async fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
+    pub(super) async fn on_command(&mut self, command: Command, reply: Waiter) {
         let too_long = match &command {
             Command::Send { text, .. } => {
                 self.broker_limits.check(text, false, &self.config.session)
@@ -246,7 +320,10 @@ impl Agent {
             return;
         }
         match command {
-            Command::ContactAdd { number } => self.initiate(number, None, reply, false).await,
+            Command::ContactAdd { number, wait_secs } => {
+                let wait = wait_secs.map(std::time::Duration::from_secs);
+                self.initiate(number, None, reply, false, wait).await;
+            }
             Command::Send { number, text } => self.deliver(number, text, reply).await,
             Command::ContactName { number, name } => {
                 let _ = reply.send(name_contact(&self.store, &number, name.as_deref()));

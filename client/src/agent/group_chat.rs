@@ -1,20 +1,29 @@
 //! Groups (docs/groups.md): create, change, send, and the frames and ops that arrive.
 
 use micromsg_crypto::message::{Kind, OfflineEnvelope};
-use micromsg_wire::message::request::DepositArgs;
-use micromsg_wire::{Blob, Number, Request};
+use micromsg_wire::Number;
 
 use crate::account::unix_now;
 use crate::groups::{self, Change, Early, Frame, Group, GroupEntry, Payload};
-use crate::inbox::new_message_id;
 use crate::store::Direction;
 
-use super::outbound::deposit_error;
+use super::queue::Attempt;
 use super::{Agent, Notice, Reply};
 
 /// The first 8 digits of a group id, for messages.
 pub(super) fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
+}
+
+/// How a group frame went to one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum GroupDelivery {
+    /// Over the live session.
+    Live,
+    /// Deposited at the broker.
+    Deposited,
+    /// In the outbox, waiting for the broker: why.
+    Queued(String),
 }
 
 impl Agent {
@@ -45,63 +54,70 @@ impl Agent {
     }
 
     /// Sends one group frame to `member`: over the live session when there is one (with the
-    /// copies of 13.3), else sealed with this device's latest session and deposited.
+    /// copies of 13.3), else sealed with this device's latest session through the outbox
+    /// (deposited now, or queued until the broker takes it). `Ok` with how it went, `Err` with
+    /// why it did not go at all.
     pub(super) async fn group_deliver(
         &mut self,
         member: &str,
         frame: &Frame,
-    ) -> Result<&'static str, String> {
+    ) -> Result<GroupDelivery, String> {
         let bytes = frame.encode();
         if let Some((sender, session_id)) = self.sessions.get(member).cloned() {
-            let sealed = match sender.send_group(bytes).await {
-                Ok(rx) => rx
-                    .await
-                    .map_err(|_| format!("the session with {member} ended before sending"))?,
+            // A session that ended just now falls through to the outbox; any other failure
+            // is final (the stored keys are the live session's while it runs, and must not
+            // seal offline).
+            let sealed = match sender.send_group(bytes.clone()).await {
+                Ok(rx) => rx.await.ok(),
+                Err(crate::p2p::SendError::Closed) => None,
                 Err(e) => return Err(format!("sending to {member}: {e}")),
             };
-            if self.config.copies {
-                let envelope = OfflineEnvelope {
-                    session_id,
-                    frame: &sealed.frame,
+            if let Some(sealed) = sealed {
+                if self.config.copies {
+                    let envelope = OfflineEnvelope {
+                        session_id,
+                        frame: &sealed.frame,
+                    }
+                    .encode();
+                    self.deposit_copy(member, envelope.clone()).await;
+                    self.sync_copy(member, envelope).await;
                 }
-                .encode();
-                self.deposit_copy(member, envelope.clone()).await;
-                self.sync_copy(member, envelope).await;
+                return Ok(GroupDelivery::Live);
             }
-            return Ok("live");
         }
-        let target =
-            Number::new(member.to_owned()).map_err(|_| format!("{member:?} is not a number"))?;
-        let mut stored = match self.store.load_session(member) {
-            Ok(Some(s)) => s,
-            Ok(None) => return Err(self.not_a_contact(member)),
-            Err(e) => return Err(format!("reading the session with {member}: {e}")),
+        // No live session (or it ended just now): through the outbox.
+        if !matches!(self.store.load_session(member), Ok(Some(_))) {
+            return Err(self.not_a_contact(member));
+        }
+        let what = match &frame.payload {
+            Payload::Message { text, .. } => text.clone(),
+            Payload::Op(_) | Payload::State(_) => "(a change to the group)".to_owned(),
         };
-        let envelope = stored
-            .seal_offline(unix_now(), Kind::Group, &bytes)
-            .map_err(|e| format!("sealing for {member}: {e}"))?;
-        // The counter is on disk before the envelope leaves the device (12.7).
-        self.store
-            .save_session(member, &stored)
-            .map_err(|e| format!("saving the send counter: {e}"))?;
-        let deposit = Request::Deposit(DepositArgs {
-            target,
-            id: new_message_id(),
-            body: Blob::new(envelope.clone()),
-        });
-        self.call(deposit)
-            .await
-            .map_err(|e| deposit_error(member, &e))?;
-        self.sync_copy(member, envelope).await;
-        Ok("deposited")
+        let id = self
+            .queue_sealed(member, Kind::Group, &bytes, &what, Some(&frame.group))
+            .await?;
+        match self.flush_outbox(Some((member, &id))).await.remove(&id) {
+            Some(Attempt::Deposited { .. }) => Ok(GroupDelivery::Deposited),
+            Some(Attempt::Failed { reason }) => Err(reason),
+            Some(Attempt::Waiting { reason }) => Ok(GroupDelivery::Queued(reason)),
+            None if self.link.is_none() => Ok(GroupDelivery::Queued(
+                "the broker cannot be reached now".into(),
+            )),
+            None => Ok(GroupDelivery::Queued(
+                "messages queued before it go first".into(),
+            )),
+        }
     }
 
-    /// Sends planned frames; returns how each member was reached (or why not).
+    /// Sends planned frames; returns how each member was reached (`live`, `deposited`,
+    /// `queued: why` or `failed: why`).
     pub(super) async fn group_send_all(&mut self, plan: Vec<(String, Frame)>) -> serde_json::Value {
         let mut delivered = serde_json::Map::new();
         for (member, frame) in plan {
             let how = match self.group_deliver(&member, &frame).await {
-                Ok(how) => how.to_owned(),
+                Ok(GroupDelivery::Live) => "live".to_owned(),
+                Ok(GroupDelivery::Deposited) => "deposited".to_owned(),
+                Ok(GroupDelivery::Queued(why)) => format!("queued: {why}"),
                 Err(e) => {
                     self.warn(format!("group {}: {e}", short(&frame.group)))
                         .await;
@@ -275,6 +291,28 @@ impl Agent {
             .map(|m| (m, frame.clone()))
             .collect();
         let delivered = self.group_send_all(plan).await;
+        // Members the message has not reached (queued on this device, or not sent at all):
+        // the command says who, and fails, so a script knows; queued copies still go out.
+        let unreached: Vec<String> = delivered
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(member, how)| {
+                let how = how.as_str().unwrap_or_default();
+                (how != "live" && how != "deposited").then(|| format!("{member} ({how})"))
+            })
+            .collect();
+        if !unreached.is_empty() {
+            return Reply::err(format!(
+                "sent to group {:?} ({}), but not yet to: {}; queued copies go out by \
+                 themselves (`{}` lists them)",
+                group.state.name,
+                group.id,
+                unreached.join(", "),
+                self.profile.command("outbox")
+            ))
+            .with(serde_json::json!({"group": group.id, "delivered": delivered}));
+        }
         self.group_reply(
             format!("sent to group {:?} ({})", group.state.name, group.id),
             &group,

@@ -60,9 +60,10 @@ mod sessions;
 
 pub use config::{AcceptPolicy, AgentConfig};
 pub use control::{
-    Command, ControlRequest, Reply, cancel_queued, control_path, name_contact, remove_contact,
-    send_to_running,
+    Cancel, Command, ControlRequest, Reply, cancel_queued, control_path, name_contact,
+    remove_contact, send_to_running, send_to_running_cancellable,
 };
+use control::{Waiter, cancelled_reply};
 pub use notice::Notice;
 
 use control::{bind_control, serve_control};
@@ -106,13 +107,18 @@ pub struct AgentHandle {
 impl AgentHandle {
     /// Runs a command in the agent and waits for its answer.
     pub async fn command(&self, command: Command) -> Reply {
+        self.command_cancellable(command, Cancel::default()).await
+    }
+
+    /// [`Self::command`], cancelled when `cancel` is set: a message that has not left by then
+    /// never leaves, and the reply says so (or that it had already gone).
+    pub async fn command_cancellable(&self, command: Command, cancel: Cancel) -> Reply {
         let (reply, answer) = oneshot::channel();
-        if self
-            .commands
-            .send(ControlRequest { command, reply })
-            .await
-            .is_err()
-        {
+        let request = ControlRequest {
+            command,
+            reply: Waiter::new(reply, cancel),
+        };
+        if self.commands.send(request).await.is_err() {
             return Reply::err("the agent has stopped");
         }
         answer
@@ -222,9 +228,9 @@ struct Outgoing {
     target: String,
     deadline: Instant,
     /// Who to tell once the session is up (or the wait fails).
-    waiters: Vec<oneshot::Sender<Reply>>,
-    /// Messages to send once the session is up.
-    queued: Vec<(String, oneshot::Sender<Reply>)>,
+    waiters: Vec<Waiter>,
+    /// Messages to send once the session is up (unless their `send` was cancelled).
+    queued: Vec<(String, Waiter)>,
     /// Deposit the queued messages at the broker if no session is up by the deadline.
     deposit_on_timeout: bool,
     /// Networked request: the broker-keypair secret that opens the target's sealed address
@@ -500,14 +506,23 @@ impl Agent {
             .filter(|(_, o)| o.deadline <= now)
             .map(|(id, _)| *id)
             .collect();
+        // A cancelled `send` that is still waiting for its session: nothing goes out.
+        for o in self.outgoing.values_mut() {
+            for (_, waiter) in o.queued.extract_if(.., |(_, w)| w.cancelled()) {
+                let _ = waiter.send(cancelled_reply(
+                    "nothing was sent (it was waiting for a session with the contact)",
+                ));
+            }
+            for waiter in o.waiters.extract_if(.., |w| w.cancelled()) {
+                let _ = waiter.send(cancelled_reply(
+                    "stopped waiting for an answer (the request itself had gone to the broker)",
+                ));
+            }
+        }
         for id in expired {
             if let Some(o) = self.outgoing.remove(&id) {
                 if o.deposit_on_timeout {
                     for (text, waiter) in o.queued {
-                        // The `send` was cancelled (Ctrl-C): nothing goes out.
-                        if waiter.is_closed() {
-                            continue;
-                        }
                         let reply = self.send_offline(&o.target, &text).await;
                         let _ = waiter.send(reply);
                     }

@@ -10,9 +10,8 @@ use crate::keys::{self, SharedSession};
 use crate::link::LinkError;
 use crate::p2p::SessionSender;
 use crate::store::{Direction, Entry};
-use tokio::sync::oneshot;
 
-use super::{Agent, Reply};
+use super::{Agent, Reply, Waiter};
 
 /// A DEPOSIT refusal, for people.
 pub(super) fn deposit_error(peer: &str, e: &LinkError) -> String {
@@ -49,12 +48,7 @@ impl Agent {
     /// - Else, for a known contact this device has no session with, a session is asked for
     ///   and the message waits for it (up to `offline_after`).
     /// - A number that is not a contact is told so at once.
-    pub(super) async fn deliver(
-        &mut self,
-        to: String,
-        text: String,
-        reply: oneshot::Sender<Reply>,
-    ) {
+    pub(super) async fn deliver(&mut self, to: String, text: String, reply: Waiter) {
         if Number::new(to.clone()).is_err() {
             let _ = reply.send(Reply::err(format!("{to:?} is not a number")));
             return;
@@ -98,7 +92,7 @@ impl Agent {
             let r = self.send_offline(&to, &text).await;
             let _ = reply.send(r);
         } else {
-            self.initiate(to, Some(text), reply, true).await;
+            self.initiate(to, Some(text), reply, true, None).await;
         }
     }
 
@@ -110,8 +104,8 @@ impl Agent {
             return;
         }
         // Nobody waits for the answer: the session, if it comes, carries the next message.
-        let (reply, _ignored) = oneshot::channel();
-        self.initiate(peer.to_owned(), None, reply, true).await;
+        self.initiate(peer.to_owned(), None, Waiter::detached(), true, None)
+            .await;
     }
 
     /// Copies what this device sent to the entity's other devices (13.3). Failures are only

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use micromsg_crypto::hex;
+use micromsg_crypto::message::Kind;
 use micromsg_wire::message::request::DepositArgs;
 use micromsg_wire::{Blob, ErrorCode, Hex16, Number, Request, ResponseData};
 
@@ -114,6 +115,20 @@ impl Agent {
     /// queues it durably; the deposit id. `Err` with a message for people when it cannot be
     /// sealed or written (then nothing was queued).
     pub(super) async fn queue(&mut self, peer: &str, text: &str) -> Result<String, String> {
+        self.queue_sealed(peer, Kind::Text, text.as_bytes(), text, None)
+            .await
+    }
+
+    /// Seals `payload` (of `kind`) for `peer` with the stored session and queues it durably;
+    /// `text` is what the outbox shows, `group` the group of a group frame.
+    pub(super) async fn queue_sealed(
+        &mut self,
+        peer: &str,
+        kind: Kind,
+        payload: &[u8],
+        text: &str,
+        group: Option<&str>,
+    ) -> Result<String, String> {
         let mut stored = match self.store.load_session(peer) {
             Ok(Some(s)) => s,
             Ok(None) => {
@@ -127,7 +142,7 @@ impl Agent {
         };
         let now = unix_now();
         let envelope = stored
-            .seal_offline_text(now, text)
+            .seal_offline(now, kind, payload)
             .map_err(|e| format!("sealing for {peer}: {e}"))?;
         let counter = stored.next_send_counter.saturating_sub(1);
         // The counter is on disk before the envelope can leave the device (12.7).
@@ -147,6 +162,7 @@ impl Agent {
             next_attempt: 0,
             last_error: None,
             failed: None,
+            group: group.map(str::to_owned),
         });
         if let Err(e) = self.persist_outbox().await {
             self.outbox.retain(|q| q.id != id);
@@ -300,6 +316,13 @@ impl Agent {
     /// A queued item went out: into the history, a copy to this entity's other devices, and a
     /// notice when an earlier command queued it.
     async fn after_deposit(&mut self, item: &Queued, notify: bool) {
+        if item.group.is_some() {
+            // The group history has it already; its copy goes to this entity's other devices.
+            if let Ok(envelope) = item.envelope_bytes() {
+                self.sync_copy(&item.to, envelope).await;
+            }
+            return;
+        }
         let session = hex::decode_array::<16>(&item.session).unwrap_or_default();
         let entry = Entry {
             direction: Direction::Out,

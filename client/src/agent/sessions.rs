@@ -153,6 +153,12 @@ impl Agent {
                 let _ = w.send(Reply::ok(format!("session with {peer} is up")));
             }
             for (text, w) in o.queued {
+                if w.cancelled() {
+                    let _ = w.send(super::cancelled_reply(
+                        "nothing was sent (the session came up after the cancel)",
+                    ));
+                    continue;
+                }
                 let reply = self.send_on(&peer, &sender, session_id, text).await;
                 let _ = w.send(reply);
             }

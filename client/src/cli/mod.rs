@@ -220,10 +220,16 @@ enum OutboxCommand {
 
 #[derive(Debug, Subcommand)]
 enum ContactCommand {
-    /// Ask a number to become a contact; returns once the end-to-end session is up.
+    /// Ask a number to become a contact; returns once the end-to-end session is up. A
+    /// number that does not answer may not exist, may be offline, or may have declined: the
+    /// broker never says which. Ctrl-C stops waiting.
     Add {
         /// The number.
         number: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 60, value_name = "SECS",
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        wait: u64,
     },
     /// List contacts: name, number, state (blocked, rejected, identity changed) and the
     /// pinned identity key.
@@ -665,8 +671,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             listen(profile, json, config).await?;
         }
-        Command::Contact(ContactCommand::Add { number }) => {
-            let command = AgentCommand::ContactAdd { number };
+        Command::Contact(ContactCommand::Add { number, wait }) => {
+            if !json {
+                eprintln!(
+                    "asking {number}; waiting up to {wait} s for the answer (Ctrl-C stops \
+                     waiting)…"
+                );
+            }
+            let command = AgentCommand::ContactAdd {
+                number,
+                wait_secs: Some(wait),
+            };
             via_agent(&profile, command, json, one_shot_config()).await?;
         }
         Command::Contact(ContactCommand::Block { number }) => {
@@ -1083,7 +1098,17 @@ async fn run_in_agent(
     command: AgentCommand,
     config: AgentConfig,
 ) -> anyhow::Result<agent::Reply> {
-    let reply = match agent::send_to_running(profile, &command).await {
+    // Ctrl-C while the command waits cancels it: the agent is told, and its reply says
+    // whether anything had already left.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ctrl_c = {
+        let interrupted = std::sync::Arc::clone(&interrupted);
+        async move {
+            let _ = tokio::signal::ctrl_c().await;
+            interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    let reply = match agent::send_to_running_cancellable(profile, &command, ctrl_c).await {
         Some(reply) => reply,
         None => {
             let (tx, mut rx) = mpsc::channel(64);
@@ -1101,12 +1126,27 @@ async fn run_in_agent(
                     }
                 }
             });
-            let reply = agent.command(command).await;
+            let cancel = agent::Cancel::default();
+            let reply = {
+                let answer = agent.command_cancellable(command, std::sync::Arc::clone(&cancel));
+                tokio::pin!(answer);
+                tokio::select! {
+                    reply = &mut answer => reply,
+                    _ = tokio::signal::ctrl_c() => {
+                        interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
+                        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                        answer.await
+                    }
+                }
+            };
             agent.stop().await?;
             let _ = printer.await;
             reply
         }
     };
+    if reply.ok && interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("(Ctrl-C came too late to cancel: this had already happened)");
+    }
     Ok(reply)
 }
 

@@ -43,6 +43,7 @@ async fn contact(a: &Online, b: &Member) {
         .agent
         .command(Command::ContactAdd {
             number: b.number.clone(),
+            wait_secs: None,
         })
         .await;
     assert!(reply.ok, "{reply:?}");

@@ -48,6 +48,7 @@ async fn contacts_then_offline(a: &Device, b: &Device) -> (AgentHandle, mpsc::Re
     let reply = a_agent
         .command(Command::ContactAdd {
             number: b.number.clone(),
+            wait_secs: None,
         })
         .await;
     assert!(reply.ok, "{reply:?}");
@@ -207,6 +208,7 @@ async fn two_devices(mode: InboxMode) {
     let reply = a_agent
         .command(Command::ContactAdd {
             number: b1.number.clone(),
+            wait_secs: None,
         })
         .await;
     assert!(reply.ok, "{reply:?}");

@@ -31,6 +31,7 @@ async fn contact_setup_messages_both_ways_and_disconnect_notice() {
     let reply = a_agent
         .command(Command::ContactAdd {
             number: b.number.clone(),
+            wait_secs: None,
         })
         .await;
     assert!(reply.ok, "{reply:?}");
@@ -120,6 +121,7 @@ async fn ask_policy_waits_for_an_answer_and_contacts_policy_refuses_strangers() 
         let reply = a_agent
             .command(Command::ContactAdd {
                 number: b.number.clone(),
+                wait_secs: None,
             })
             .await;
         (a_agent, reply)
@@ -151,6 +153,7 @@ async fn ask_policy_waits_for_an_answer_and_contacts_policy_refuses_strangers() 
     let reply = a_agent
         .command(Command::ContactAdd {
             number: c.number.clone(),
+            wait_secs: None,
         })
         .await;
     assert!(!reply.ok, "{reply:?}");
@@ -175,6 +178,7 @@ async fn a_changed_identity_key_is_detected_and_refused() {
     let reply = a_agent
         .command(Command::ContactAdd {
             number: b.number.clone(),
+            wait_secs: None,
         })
         .await;
     assert!(reply.ok, "{reply:?}");
