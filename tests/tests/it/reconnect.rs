@@ -239,3 +239,61 @@ async fn messages_queued_in_an_outage_survive_an_agent_restart_and_arrive_once_i
     a_agent.stop().await.unwrap();
     b_agent.stop().await.unwrap();
 }
+
+/// `group send` while the broker is down: the member without a live session is named as not
+/// reached yet and the command fails, the copy waits in the outbox, and the member gets it once
+/// the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_send_names_the_members_it_could_not_reach_and_their_copies_go_out_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), "").await;
+    let a = register(&broker, dir.path(), "a").await;
+    let b = register(&broker, dir.path(), "b").await;
+    let (a_agent, mut a_rx) = start(&a).await;
+    let (b_agent, mut b_rx) = start(&b).await;
+    assert!(contact_add(&a_agent, &b.number).await.ok);
+    session_started(&mut a_rx, &b.number).await;
+    let reply = a_agent
+        .command(Command::GroupCreate {
+            name: "two".into(),
+            members: vec![b.number.clone()],
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let group = reply.data.unwrap()["group"].as_str().unwrap().to_owned();
+    expect(&mut b_rx, |n| {
+        matches!(n, Notice::GroupChanged { group: g, .. } if *g == group).then_some(())
+    })
+    .await;
+    b_agent.stop().await.unwrap();
+    agents::session_ended(&mut a_rx, &b.number).await;
+
+    broker.kill();
+    broker_lost(&mut a_rx).await;
+    let reply = a_agent
+        .command(Command::GroupSend {
+            group: group.clone(),
+            text: "while it was down".into(),
+        })
+        .await;
+    assert!(!reply.ok, "{reply:?}");
+    assert!(reply.message.contains("not yet to"), "{}", reply.message);
+    assert!(reply.message.contains(&b.number), "{}", reply.message);
+    let queued = micromsg_client::outbox::Outbox::new(&a.profile)
+        .load()
+        .unwrap();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(queued[0].group.as_deref(), Some(group.as_str()));
+
+    broker.restart().await;
+    broker_back(&mut a_rx).await;
+    let (b_agent, mut b_rx) = start(&b).await;
+    let text = expect(&mut b_rx, |n| match n {
+        Notice::GroupMessage { group: g, text, .. } if *g == group => Some(text.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(text, "while it was down");
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+}
