@@ -180,7 +180,12 @@ impl Federation {
         self.links.get(id)
     }
 
-    /// The per-call deadline.
+    /// How long connecting to a peer may take (`connect_timeout_ms`).
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.connect_timeout_ms.max(1))
+    }
+
+    /// The per-call deadline (`request_timeout_ms`).
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.config.request_timeout_ms.max(1))
     }

@@ -2,8 +2,10 @@
 //! after a failure) and its reachability ([`super::probe`] keeps it fresh).
 //!
 //! Reachability is local link state: the outcome of the last call or probe. A `-NETWORKED`
-//! request to a peer known to be unreachable gets PEER-UNAVAILABLE before anything is sent
-//! (protocol.md 6.13); a peer never tried yet counts as reachable, so a broker that just
+//! request to a peer marked unreachable first tries it once more on demand
+//! ([`super::probe::recheck`], within `connect_timeout_ms`), so a peer that came back since
+//! the last probe is used at once; it gets PEER-UNAVAILABLE only if that fails too
+//! (protocol.md 6.13). A peer never tried yet counts as reachable, so a broker that just
 //! started does not refuse requests while its first probes are in flight.
 
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,9 @@ pub struct PeerLink {
     pub entry: BrokerEntry,
     client: PeerClient,
     state: Mutex<LinkState>,
+    /// One on-demand recheck at a time: the requests that find the link down meanwhile wait
+    /// for its outcome instead of each trying the peer.
+    pub(super) rechecking: tokio::sync::Mutex<()>,
 }
 
 impl PeerLink {
@@ -71,6 +76,7 @@ impl PeerLink {
             entry,
             client,
             state: Mutex::new(LinkState::default()),
+            rechecking: tokio::sync::Mutex::new(()),
         }
     }
 

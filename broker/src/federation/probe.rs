@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use super::Federation;
-use super::peers::describe;
+use super::peers::{PeerLink, describe};
 use super::proto::PingRequest;
 
 /// Pings every peer now and then, so reachability is known before a client needs it.
@@ -30,6 +30,28 @@ async fn probe_all(federation: &Federation, timeout: Duration) {
         };
         if let Err(status) = link.record(result) {
             debug!(peer = %link.entry.id, error = %describe(&status), "probe failed");
+        }
+    }
+}
+
+/// Tries a link that is marked unreachable once more, now (one ping within `timeout`), and
+/// records the outcome; true when the peer answered. Concurrent callers share one attempt.
+pub async fn recheck(link: &PeerLink, timeout: Duration) -> bool {
+    let _one_at_a_time = link.rechecking.lock().await;
+    if link.is_available() {
+        // Another request's recheck (or a probe, or a call) found it up meanwhile.
+        return true;
+    }
+    let mut client = link.client();
+    let result = match tokio::time::timeout(timeout, client.ping(PingRequest {})).await {
+        Ok(r) => r.map(|_| ()),
+        Err(_) => Err(tonic::Status::deadline_exceeded("ping timed out")),
+    };
+    match link.record(result) {
+        Ok(()) => true,
+        Err(status) => {
+            debug!(peer = %link.entry.id, error = %describe(&status), "recheck failed");
+            false
         }
     }
 }

@@ -159,7 +159,7 @@ pub fn initiate(
 /// INITIATE-*-NETWORKED: NOT-NETWORKED and PEER-UNAVAILABLE come from configuration and
 /// local link state; otherwise the ack goes out and the request is forwarded in the
 /// background (silent from then on, as INITIATE-NEW).
-pub fn initiate_networked(
+pub async fn initiate_networked(
     cx: Cx<'_>,
     session: &Session,
     login: &Login,
@@ -175,6 +175,14 @@ pub fn initiate_networked(
         )
     };
     let federation = cx.federation.ok_or_else(not_networked)?;
+    // A peer marked down gets one more try now: it may have come back since the last probe.
+    // (This depends only on the link, never on the target: the silent-drop rule holds.)
+    if let crate::federation::Home::Peer(peer) = federation.home_of(args.target.as_str())
+        && let Some(link) = federation.link(&peer.id)
+        && !link.is_available()
+    {
+        crate::federation::probe::recheck(link, federation.connect_timeout()).await;
+    }
     let forward = Forward {
         caller: login.number(),
         caller_conn: session.conn_id,

@@ -287,7 +287,7 @@ pub async fn authenticated(
             now,
         ),
         A::InitiateNetworked(args, kind) => {
-            contacts::initiate_networked(contacts(), session, login, args, kind, now)
+            contacts::initiate_networked(contacts(), session, login, args, kind, now).await
         }
         A::ContactAnswer(args) => contacts::answer(contacts(), session, login, args, now).await,
         A::ContactPolicy(args) => contacts::policy(contacts(), session, login, args).await,

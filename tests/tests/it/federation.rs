@@ -46,6 +46,7 @@ federation_backends!(
     offline_deposits_cross_brokers_once,
     outbox_loses_nothing_when_brokers_restart,
     status_shows_the_peers,
+    a_peer_back_before_the_next_probe_is_used_at_once,
 );
 
 /// The three-broker network of these tests: x serves 555, y 556, z 557 and 558.
@@ -630,6 +631,49 @@ async fn outbox_loses_nothing_when_brokers_restart(backend: Backend) {
         let i = u32::from_be_bytes(m.id.as_bytes()[12..].try_into().unwrap());
         assert_eq!(m.body.as_bytes(), body(i).as_slice());
     }
+    net.stop().await;
+}
+
+/// A peer marked unreachable is tried once more when a `-NETWORKED` request needs it: while
+/// it is down the request gets PEER-UNAVAILABLE, and as soon as it is back the request goes
+/// through, long before the next probe (an hour away here).
+async fn a_peer_back_before_the_next_probe_is_used_at_once(backend: Backend) {
+    let mut net = TestNetwork::start(backend, BROKERS, |_, c| {
+        c.federation.probe_interval_secs = 3600;
+    })
+    .await;
+    // No waiting for the links: a broker that probed its peer before the peer listened has it
+    // marked down for the hour until its next probe, and a request must still go through.
+    let mut a = user(&net, X, "a").await;
+    let b = user(&net, Y, "b").await;
+    let to_b = number(&b);
+    drop(b);
+    let (_sk, pk) = keypair();
+    initiate_networked(&mut a, &to_b, pk, false)
+        .await
+        .expect("a peer probed too early at start-up is tried again");
+    net.stop_broker(Y).await;
+    // The forward behind this acknowledgement fails, and marks y down at x.
+    initiate_networked(&mut a, &to_b, pk, false).await.unwrap();
+    let admin = net.broker(X).running.admin_addr.unwrap().to_string();
+    micromsg_tests::wait::eventually("x to mark y down", Duration::from_secs(15), async || {
+        let status = micromsg_broker::admin::fetch_status(&admin).await.unwrap();
+        !status
+            .peers
+            .iter()
+            .any(|p| p.broker_id == "y" && p.reachable)
+    })
+    .await;
+    // Down, and still down when tried again: refused up front.
+    let err = initiate_networked(&mut a, &to_b, pk, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PeerUnavailable));
+    // Back: the next request tries it, finds it, and goes through.
+    net.start_broker(Y).await;
+    initiate_networked(&mut a, &to_b, pk, false)
+        .await
+        .expect("y is back: the request is not refused until the next probe");
     net.stop().await;
 }
 
