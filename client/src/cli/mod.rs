@@ -2,13 +2,10 @@
 //! result (for people, or one JSON object with `--json`). The `micromsg` binary is
 //! [`main`]; the integration tests run it as a child process through a shim of their own.
 
-mod print;
-
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::account::{self, AccountError};
-use crate::agent::{self, AcceptPolicy, AgentConfig, Command as AgentCommand, Notice};
+use crate::agent::{self, AcceptPolicy, AgentConfig, Command as AgentCommand};
 use crate::devices;
 use crate::error_text;
 use crate::groups;
@@ -18,326 +15,11 @@ use crate::profile::Profile;
 use crate::store::{Direction, Store, safety_number};
 use crate::when::local_time;
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use micromsg_crypto::identity::IdentityKey;
 use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs};
 use micromsg_wire::{DeviceId, DeviceName, Request, ResponseData};
 use serde_json::json;
-use tokio::sync::mpsc;
-
-/// The MicroMsg client: register with a broker, add devices, find contacts by number and
-/// talk end to end.
-///
-/// Each device keeps its keys, secrets and history in a profile directory (--profile).
-/// Every command that needs the broker logs in first and refuses a broker that cannot prove
-/// it knows this device's server secret.
-#[derive(Debug, Parser)]
-#[command(name = "micromsg", version, about, long_about)]
-struct Cli {
-    /// Profile directory of this device (keys, secrets, local store).
-    #[arg(
-        long,
-        global = true,
-        default_value = "./micromsg-profile",
-        env = "MICROMSG_PROFILE"
-    )]
-    profile: PathBuf,
-    /// Print machine-readable JSON instead of text.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Register a new entity (number) with a broker and create this profile.
-    Register {
-        /// The broker's HOST:PORT.
-        #[arg(long)]
-        broker: String,
-        /// CA certificate to trust for the broker (the broker's DATA_DIR/tls/ca.pem).
-        #[arg(long)]
-        ca: PathBuf,
-        /// Registration token, if the broker requires one.
-        #[arg(long)]
-        token: Option<String>,
-    },
-    /// Show this profile's number, device and broker.
-    Whoami,
-    /// Show what the broker does (inbox mode, registration policy, limits), signature checked.
-    BrokerInfo,
-    /// Manage this entity's devices.
-    #[command(subcommand)]
-    Device(DeviceCommand),
-    /// Stay online: keep the broker link, accept peers, print requests and messages as they
-    /// arrive (one JSON object per line with --json). Stop with Ctrl-C. When the broker goes
-    /// away (or is not up yet), live sessions go on and it logs in again by itself, with a
-    /// backoff up to --reconnect-max.
-    Listen {
-        /// Who may set up a session: any (not blocked), contacts (only known numbers), ask
-        /// (print the request; answer with `contact accept|reject`).
-        #[arg(long, value_enum, default_value = "ask")]
-        accept: AcceptArg,
-        /// Where to listen for peers.
-        #[arg(long, default_value = "0.0.0.0:0", value_name = "ADDR")]
-        peer_listen: std::net::SocketAddr,
-        /// The HOST:PORT peers are told to connect to (default: the listening port at the
-        /// address the broker sees for this device; for a contact on another broker, which
-        /// gets the address sealed, the local address of the broker connection).
-        #[arg(long, value_name = "HOST:PORT")]
-        advertise: Option<String>,
-        /// Ask every time, also for existing contacts (default: the broker reconnects existing
-        /// contacts without asking).
-        #[arg(long)]
-        ask_existing: bool,
-        /// Seconds between heartbeats on a session (it ends after 3 missed).
-        #[arg(long, default_value_t = 10, value_name = "SECS")]
-        heartbeat: u64,
-        /// Seconds `send` waits for a contact to come online before depositing the message
-        /// at the broker (0: deposit at once when no session is live).
-        #[arg(long, default_value_t = 10, value_name = "SECS")]
-        offline_after: u64,
-        /// The longest wait, in seconds, between two attempts to reach the broker again (the
-        /// wait starts at 1 s and doubles, with jitter).
-        #[arg(long, default_value_t = 30, value_name = "SECS",
-              value_parser = clap::value_parser!(u64).range(1..=3600))]
-        reconnect_max: u64,
-    },
-    /// Contacts: add, list, block, unblock, answer requests.
-    #[command(subcommand)]
-    Contact(ContactCommand),
-    /// Send a message to a contact (through the running `listen`, or on its own). It says
-    /// which of three things happened: delivered live (a session is up), deposited at the
-    /// broker (sealed with this device's last session with the contact), or queued on this
-    /// device (the broker cannot take it now; it goes out by itself later, in order, once).
-    Send {
-        /// The contact's number.
-        number: String,
-        /// The message; `-` reads it from standard input.
-        text: String,
-        /// For a contact this device has never had a session with: seconds to wait for it to
-        /// connect (when no `listen` runs; a running `listen` uses its own --offline-after).
-        #[arg(long, default_value_t = 10, value_name = "SECS")]
-        wait: u64,
-    },
-    /// Messages queued on this device because the broker could not take them yet: list them,
-    /// or cancel one (`outbox cancel ID`).
-    Outbox {
-        #[command(subcommand)]
-        action: Option<OutboxCommand>,
-    },
-    /// Fetch offline messages now (through the running `listen`, or on its own) and print
-    /// what arrived; they are stored in the history, then removed from the broker.
-    Inbox,
-    /// Key backup at the broker, encrypted with a recovery secret only you hold.
-    #[command(subcommand)]
-    Keys(KeysCommand),
-    /// Show the conversation with a contact from the local history.
-    History {
-        /// The contact's number.
-        number: String,
-    },
-    /// Show the safety number for a contact, to compare out of band (in person, by phone).
-    SafetyNumber {
-        /// The contact's number.
-        number: String,
-    },
-    /// Group chats, kept by the members' clients (the broker knows nothing of them). GROUP
-    /// is a group id or an unambiguous prefix of one (see `group list`).
-    #[command(subcommand)]
-    Group(GroupCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum GroupCommand {
-    /// Create a group with these members (they must be contacts already).
-    Create {
-        /// The group's name.
-        name: String,
-        /// The other members' numbers.
-        #[arg(required = true)]
-        members: Vec<String>,
-    },
-    /// Add a member (a contact).
-    Add {
-        /// The group.
-        group: String,
-        /// The new member's number.
-        number: String,
-    },
-    /// Remove a member.
-    Remove {
-        /// The group.
-        group: String,
-        /// The member's number.
-        number: String,
-    },
-    /// Leave a group.
-    Leave {
-        /// The group.
-        group: String,
-    },
-    /// Rename a group.
-    Rename {
-        /// The group.
-        group: String,
-        /// The new name.
-        name: String,
-    },
-    /// Send a message to every member.
-    Send {
-        /// The group.
-        group: String,
-        /// The message.
-        text: String,
-    },
-    /// List the groups this device knows.
-    List,
-    /// Show a group's messages from the local history.
-    History {
-        /// The group.
-        group: String,
-    },
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum AcceptArg {
-    Any,
-    Contacts,
-    Ask,
-}
-
-/// `micromsg outbox …`
-#[derive(Debug, Subcommand)]
-enum OutboxCommand {
-    /// Take a queued message out of the outbox before it goes (it is never sent).
-    Cancel {
-        /// Its id, as `outbox` lists it (the first 8 digits are enough).
-        id: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum ContactCommand {
-    /// Ask a number to become a contact; returns once the end-to-end session is up. A
-    /// number that does not answer may not exist, may be offline, or may have declined: the
-    /// broker never says which. Ctrl-C stops waiting.
-    Add {
-        /// The number.
-        number: String,
-        /// Seconds to wait for the answer.
-        #[arg(long, default_value_t = 60, value_name = "SECS",
-              value_parser = clap::value_parser!(u64).range(1..=3600))]
-        wait: u64,
-    },
-    /// List contacts: name, number, state (blocked, rejected, identity changed) and the
-    /// pinned identity key.
-    List,
-    /// Give a contact a name, shown with its number wherever the number is shown.
-    Name {
-        /// The contact's number.
-        number: String,
-        /// The name (1 to 64 characters); leave it out with --clear.
-        #[arg(required_unless_present = "clear")]
-        name: Option<String>,
-        /// Remove the name.
-        #[arg(long, conflicts_with = "name")]
-        clear: bool,
-    },
-    /// Remove a contact from this device: its name, pinned key and session keys go, a live
-    /// session ends, queued messages to it are dropped; the history stays.
-    Remove {
-        /// The contact's number.
-        number: String,
-    },
-    /// Block a number (its requests are dropped silently).
-    Block {
-        /// The number.
-        number: String,
-    },
-    /// Unblock a number.
-    Unblock {
-        /// The number.
-        number: String,
-    },
-    /// Accept a pending contact request (listen --accept ask).
-    Accept {
-        /// The request id from the notice.
-        request: String,
-    },
-    /// Reject a pending contact request; the caller is blocked.
-    Reject {
-        /// The request id from the notice.
-        request: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum KeysCommand {
-    /// Encrypt this device's keys (identity, contacts with pins, session keys) with the
-    /// recovery secret and store them at the broker. The first backup creates the recovery
-    /// secret and prints it once: write it down.
-    Backup {
-        /// Use this recovery secret (and keep it for later backups) instead of the saved or a
-        /// new one.
-        #[arg(long, value_name = "SECRET")]
-        recovery: Option<String>,
-    },
-    /// On a newly joined device: read the backup from the broker and install its keys, so
-    /// this device reads the entity's messages and keeps its contacts.
-    Restore {
-        /// The recovery secret printed by `keys backup`.
-        #[arg(long, value_name = "SECRET")]
-        recovery: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum DeviceCommand {
-    /// Create a one-time registration secret (valid 10 minutes) for a new device, then wait
-    /// for it to join and send it this device's keys (sealed with a transfer key that is
-    /// printed here and never sent to the broker).
-    Add {
-        /// A label for the new device.
-        #[arg(long)]
-        name: Option<String>,
-        /// Only print the secret; send no keys (use `keys backup` / `keys restore`).
-        #[arg(long)]
-        no_transfer: bool,
-        /// Seconds to wait for the new device to join.
-        #[arg(long, default_value_t = 600, value_name = "SECS")]
-        wait: u64,
-    },
-    /// Join an existing entity as a new device, using a secret from `device add`.
-    Join {
-        /// The broker's HOST:PORT.
-        #[arg(long)]
-        broker: String,
-        /// CA certificate to trust for the broker.
-        #[arg(long)]
-        ca: PathBuf,
-        /// The entity's number.
-        #[arg(long)]
-        number: String,
-        /// The registration secret printed by `device add`.
-        #[arg(long)]
-        secret: String,
-        /// The transfer key printed by `device add`: receive the old device's keys.
-        #[arg(long, value_name = "KEY")]
-        transfer_key: Option<String>,
-        /// Seconds to wait for the old device's keys.
-        #[arg(long, default_value_t = 120, value_name = "SECS")]
-        wait: u64,
-    },
-    /// List the entity's active devices.
-    List,
-    /// Revoke another device of this entity.
-    Revoke {
-        /// The device id (see `device list`).
-        id: u32,
-    },
-}
 
 /// Like `println!`, but a closed stdout (a reader such as `head` went away) is not a panic.
 macro_rules! outln {
@@ -346,6 +28,18 @@ macro_rules! outln {
         let _ = writeln!(std::io::stdout().lock(), $($arg)*);
     }};
 }
+
+mod args;
+mod print;
+mod via_agent;
+
+use args::{
+    AcceptArg, Cli, Command, ContactCommand, DeviceCommand, GroupCommand, KeysCommand,
+    OutboxCommand,
+};
+use via_agent::{
+    Refused, answer, listen, one_shot_config, print_reply, read_stdin_text, run_in_agent, via_agent,
+};
 
 /// Runs the `micromsg` command line with the process's arguments.
 pub fn main() -> ExitCode {
@@ -935,45 +629,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn listen(profile: Profile, json: bool, config: AgentConfig) -> anyhow::Result<()> {
-    let (tx, mut rx) = mpsc::channel(256);
-    let printer_profile = profile.clone();
-    let agent = agent::start(profile, config, tx).await?;
-    let printer = tokio::spawn(async move {
-        while let Some(notice) = rx.recv().await {
-            print::notice(&notice, json, &printer_profile);
-        }
-    });
-    tokio::select! {
-        () = wait_for_signal() => {}
-        _ = printer_done(&printer) => {}
-    }
-    let result = agent.stop().await;
-    let _ = printer.await;
-    result.map_err(Into::into)
-}
-
-async fn printer_done(printer: &tokio::task::JoinHandle<()>) {
-    while !printer.is_finished() {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> anyhow::Result<()> {
     let agent_command = match command {
         GroupCommand::Create { name, members } => AgentCommand::GroupCreate { name, members },
@@ -1031,143 +686,6 @@ async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> 
         ..one_shot_config()
     };
     via_agent(profile, agent_command, json, config).await
-}
-
-async fn answer(
-    profile: &Profile,
-    request: String,
-    accept: bool,
-    json: bool,
-) -> anyhow::Result<()> {
-    let command = AgentCommand::Answer { request, accept };
-    let Some(reply) = agent::send_to_running(profile, &command).await else {
-        anyhow::bail!(
-            "no `micromsg listen` is running for this profile; requests are answered by it"
-        );
-    };
-    print_reply(reply, json)
-}
-
-/// An agent's refusal: its message is already written for people. `main` prints it once
-/// (on stderr, or as the one JSON error object).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Refused(String);
-
-/// Prints an agent's reply: on success its message (or the reply as JSON); a refusal becomes
-/// the command's error, printed once by `main`.
-fn print_reply(reply: agent::Reply, json: bool) -> anyhow::Result<()> {
-    if !reply.ok {
-        return Err(Refused(reply.message).into());
-    }
-    if json {
-        outln!("{}", serde_json::to_string(&reply)?);
-    } else {
-        outln!("{}", reply.message);
-    }
-    Ok(())
-}
-
-/// The short-lived agent of a one-shot command: nobody connects to it, and it leaves the
-/// inbox to `listen` and `inbox`.
-fn one_shot_config() -> AgentConfig {
-    AgentConfig {
-        accept: AcceptPolicy::Contacts,
-        control: false,
-        announce: false,
-        inbox: false,
-        ..AgentConfig::default()
-    }
-}
-
-/// Runs `command` in the agent of this profile and prints the reply.
-async fn via_agent(
-    profile: &Profile,
-    command: AgentCommand,
-    json: bool,
-    config: AgentConfig,
-) -> anyhow::Result<()> {
-    let reply = run_in_agent(profile, command, config).await?;
-    print_reply(reply, json)
-}
-
-/// Runs `command` in the agent of this profile: the running `listen` when there is one,
-/// otherwise a short-lived agent with `config`.
-async fn run_in_agent(
-    profile: &Profile,
-    command: AgentCommand,
-    config: AgentConfig,
-) -> anyhow::Result<agent::Reply> {
-    // Ctrl-C while the command waits cancels it: the agent is told, and its reply says
-    // whether anything had already left.
-    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ctrl_c = {
-        let interrupted = std::sync::Arc::clone(&interrupted);
-        async move {
-            let _ = tokio::signal::ctrl_c().await;
-            interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    };
-    let reply = match agent::send_to_running_cancellable(profile, &command, ctrl_c).await {
-        Some(reply) => reply,
-        None => {
-            let (tx, mut rx) = mpsc::channel(64);
-            let agent = agent::start(profile.clone(), config, tx).await?;
-            let printer = tokio::spawn(async move {
-                // Only what needs attention, on stderr: stdout carries the reply.
-                while let Some(notice) = rx.recv().await {
-                    match &notice {
-                        Notice::Warning { message } => eprintln!("warning: {message}"),
-                        Notice::IdentityChanged { peer, .. } => eprintln!(
-                            "WARNING: the identity key of {peer} CHANGED; the session was \
-                             refused. Verify the safety number with {peer} out of band."
-                        ),
-                        _ => {}
-                    }
-                }
-            });
-            let cancel = agent::Cancel::default();
-            let reply = {
-                let answer = agent.command_cancellable(command, std::sync::Arc::clone(&cancel));
-                tokio::pin!(answer);
-                tokio::select! {
-                    reply = &mut answer => reply,
-                    _ = tokio::signal::ctrl_c() => {
-                        interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
-                        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-                        answer.await
-                    }
-                }
-            };
-            agent.stop().await?;
-            let _ = printer.await;
-            reply
-        }
-    };
-    if reply.ok && interrupted.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("(Ctrl-C came too late to cancel: this had already happened)");
-    }
-    Ok(reply)
-}
-
-/// A message typed or piped into `send NUMBER -`: standard input up to its end, without the
-/// final line break.
-fn read_stdin_text() -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::io::stdin()
-        .read_to_string(&mut text)
-        .map_err(|e| anyhow::anyhow!("reading the message from standard input: {e}"))?;
-    if text.ends_with('\n') {
-        text.pop();
-        if text.ends_with('\r') {
-            text.pop();
-        }
-    }
-    if text.is_empty() {
-        anyhow::bail!("the message from standard input is empty; nothing was sent");
-    }
-    Ok(text)
 }
 
 /// `outbox` and `outbox cancel ID`. A running agent cancels (it holds the outbox); otherwise
