@@ -24,7 +24,12 @@ use super::{AcceptPolicy, Agent, Asked, HandshakeDone, Notice, Outgoing, Reply, 
 impl Agent {
     /// A rejected caller is blocked at the broker (the seed's rule): the contact list says so.
     pub(super) async fn record_rejected(&mut self, from: &str) {
-        if let Err(e) = self.store.set_blocked(from, true, unix_now()) {
+        let number = from.to_owned();
+        let now = unix_now();
+        if let Err(e) = self
+            .on_disk(move |s| s.set_blocked(&number, true, now))
+            .await
+        {
             self.warn(format!("recording {from} as blocked: {e}")).await;
         }
     }
@@ -228,7 +233,11 @@ impl Agent {
         if let Err(e) = self.call(request).await {
             return Reply::err(e.to_string());
         }
-        if let Err(e) = self.store.set_blocked(number, block, unix_now()) {
+        let (owned, now) = (number.to_owned(), unix_now());
+        if let Err(e) = self
+            .on_disk(move |s| s.set_blocked(&owned, block, now))
+            .await
+        {
             return Reply::err(e.to_string());
         }
         if block && let Some((sender, _)) = self.sessions.get(number) {

@@ -326,7 +326,10 @@ impl Agent {
             }
             Command::Send { number, text } => self.deliver(number, text, reply).await,
             Command::ContactName { number, name } => {
-                let _ = reply.send(name_contact(&self.store, &number, name.as_deref()));
+                let r = self
+                    .on_disk(move |s| name_contact(s, &number, name.as_deref()))
+                    .await;
+                let _ = reply.send(r);
             }
             Command::ContactRemove { number } => {
                 if let Some((sender, _)) = self.sessions.remove(&number) {
@@ -334,7 +337,11 @@ impl Agent {
                 }
                 self.outbox.retain(|q| q.to != number);
                 let r = match self.persist_outbox().await {
-                    Ok(()) => remove_contact(&self.profile, &self.store, &number),
+                    Ok(()) => {
+                        let profile = self.profile.clone();
+                        self.on_disk(move |s| remove_contact(&profile, s, &number))
+                            .await
+                    }
                     Err(e) => Reply::err(e),
                 };
                 let _ = reply.send(r);

@@ -180,7 +180,8 @@ impl Agent {
             },
         );
         let new = group.merge([op]);
-        if let Err(e) = self.store.save_group(&group) {
+        let saved = group.clone();
+        if let Err(e) = self.on_disk(move |s| s.save_group(&saved)).await {
             return Reply::err(format!("saving the group: {e}"));
         }
         let plan = groups::plan_control(&before, &group, &new, &me, &[]);
@@ -242,7 +243,8 @@ impl Agent {
         let before = group.state.clone();
         let op = group.new_op(&me, change);
         let new = group.merge([op]);
-        if let Err(e) = self.store.save_group(&group) {
+        let saved = group.clone();
+        if let Err(e) = self.on_disk(move |s| s.save_group(&saved)).await {
             return Reply::err(format!("saving the group: {e}"));
         }
         let plan = groups::plan_control(&before, &group, &new, &me, &[]);
@@ -275,7 +277,11 @@ impl Agent {
             sent: now,
             received: now,
         };
-        if let Err(e) = self.store.append_group_message(&group.id, &entry) {
+        let (id, saved) = (group.id.clone(), entry.clone());
+        if let Err(e) = self
+            .on_disk(move |s| s.append_group_message(&id, &saved))
+            .await
+        {
             return Reply::err(format!("saving the group history: {e}"));
         }
         let frame = Frame {
@@ -396,7 +402,11 @@ impl Agent {
         entry: GroupEntry,
         offline: bool,
     ) -> bool {
-        match self.store.append_group_message(&group.id, &entry) {
+        let (id, saved) = (group.id.clone(), entry.clone());
+        match self
+            .on_disk(move |s| s.append_group_message(&id, &saved))
+            .await
+        {
             Ok(true) => {
                 self.notify(Notice::GroupMessage {
                     group: group.id.clone(),
@@ -447,7 +457,8 @@ impl Agent {
         if new.is_empty() {
             return true;
         }
-        if let Err(e) = self.store.save_group(group) {
+        let saved = group.clone();
+        if let Err(e) = self.on_disk(move |s| s.save_group(&saved)).await {
             self.warn(format!("saving group {}: {e}", short(&group.id)))
                 .await;
             return false;

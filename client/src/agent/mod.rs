@@ -463,6 +463,20 @@ impl Agent {
         result
     }
 
+    /// Runs a write to the profile store (each one syncs to disk) on the blocking pool, so the
+    /// agent's task (and, under `listen`'s one-thread runtime, every session) never waits for
+    /// the disk.
+    async fn on_disk<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&Store) -> T + Send + 'static,
+    ) -> T {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || write(&store)).await {
+            Ok(done) => done,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
     /// Reads the broker's message limits (BROKER-INFO); on failure the last known ones stay.
     async fn read_broker_limits(&mut self) {
         if let Ok(ResponseData::BrokerInfo(info)) = self.call(Request::BrokerInfo).await {

@@ -190,7 +190,11 @@ impl Agent {
                         counter: sealed.counter,
                         offline: false,
                     };
-                    if let Err(e) = self.store.append_history(peer, &entry) {
+                    let owned = peer.to_owned();
+                    if let Err(e) = self
+                        .on_disk(move |s| s.append_history(&owned, &entry))
+                        .await
+                    {
                         self.warn(format!("saving history failed: {e}")).await;
                     }
                     if self.config.copies {

@@ -146,8 +146,9 @@ impl Agent {
             .map_err(|e| format!("sealing for {peer}: {e}"))?;
         let counter = stored.next_send_counter.saturating_sub(1);
         // The counter is on disk before the envelope can leave the device (12.7).
-        self.store
-            .save_session(peer, &stored)
+        let (owned, saved) = (peer.to_owned(), stored.clone());
+        self.on_disk(move |s| s.save_session(&owned, &saved))
+            .await
             .map_err(|e| format!("saving the send counter: {e}"))?;
         let id = new_message_id().to_hex();
         self.outbox.push(Queued {
@@ -332,7 +333,8 @@ impl Agent {
             counter: item.counter,
             offline: true,
         };
-        if let Err(e) = self.store.append_history(&item.to, &entry) {
+        let to = item.to.clone();
+        if let Err(e) = self.on_disk(move |s| s.append_history(&to, &entry)).await {
             self.warn(format!("saving history failed: {e}")).await;
         }
         if let Ok(envelope) = item.envelope_bytes() {

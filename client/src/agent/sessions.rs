@@ -72,9 +72,10 @@ impl Agent {
             (None, Ok(_)) => return,
         };
         let now = unix_now();
+        let (owned, key) = (peer.clone(), established.peer_identity);
         let pinned = match self
-            .store
-            .pin_identity(&peer, &established.peer_identity, now)
+            .on_disk(move |s| s.pin_identity(&owned, &key, now))
+            .await
         {
             Ok(p) => p,
             Err(e) => {
@@ -106,7 +107,8 @@ impl Agent {
         )
         .unwrap_or_default();
         let stored = established.stored_session(now);
-        if let Err(e) = self.store.save_session(&peer, &stored) {
+        let (owned, saved) = (peer.clone(), stored.clone());
+        if let Err(e) = self.on_disk(move |s| s.save_session(&owned, &saved)).await {
             let message = format!("saving the session keys for {peer} failed: {e}");
             self.warn(message.clone()).await;
             fail(waiting, message);
@@ -191,7 +193,11 @@ impl Agent {
                     counter,
                     offline: false,
                 };
-                if let Err(e) = self.store.append_history(&peer, &entry) {
+                let owned = peer.clone();
+                if let Err(e) = self
+                    .on_disk(move |s| s.append_history(&owned, &entry))
+                    .await
+                {
                     self.warn(format!("saving history failed: {e}")).await;
                 }
                 self.notify(Notice::Message {
@@ -227,7 +233,8 @@ impl Agent {
                     && stored.session_id == session_id
                 {
                     stored.record_end(&end, unix_now());
-                    if let Err(e) = self.store.save_session(&peer, &stored) {
+                    let owned = peer.clone();
+                    if let Err(e) = self.on_disk(move |s| s.save_session(&owned, &stored)).await {
                         self.warn(format!("saving the session end failed: {e}"))
                             .await;
                     }

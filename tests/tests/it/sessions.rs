@@ -272,15 +272,17 @@ async fn a_text_too_long_is_refused_before_sending_and_the_longest_one_goes_out(
     let longest = "z".repeat(limit);
     let reply = agents::send(&a_agent, &b.number, &longest).await;
     assert!(reply.ok, "{reply:?}");
-    let (got, offline) = agents::message_from(&mut b_rx, &a.number).await;
-    assert_eq!((got.len(), offline), (limit, false));
+    // (Sent live; the copy deposited for the contact's other devices may get here first, so
+    // the receiver's `offline` flag is not asserted.)
+    let (got, _) = agents::message_from(&mut b_rx, &a.number).await;
+    assert_eq!(got.len(), limit);
     // The broker link survived the copies: a request through it still works.
     let reply = a_agent.command(Command::Inbox).await;
     assert!(reply.ok, "{reply:?}");
     assert!(agents::send(&a_agent, &b.number, "still up").await.ok);
     assert_eq!(
-        agents::message_from(&mut b_rx, &a.number).await,
-        ("still up".to_owned(), false)
+        agents::message_from(&mut b_rx, &a.number).await.0,
+        "still up"
     );
     agents::expect_none(&mut a_rx, Duration::from_millis(300), |n| {
         matches!(n, Notice::Warning { .. } | Notice::BrokerLost { .. })
