@@ -127,10 +127,9 @@ async fn three_agents_ride_out_a_broker_sigkill() {
     session_started(&mut c_rx, &a.number).await;
     // And the session that rode out the outage still carries messages.
     assert!(send(&a_agent, &b.number, "after").await.ok);
-    assert_eq!(
-        message_from(&mut b_rx, &a.number).await,
-        ("after".to_owned(), false)
-    );
+    // (With the broker back, the copy deposited for b's other devices may beat the live frame,
+    // so the offline flag is not asserted here.)
+    assert_eq!(message_from(&mut b_rx, &a.number).await.0, "after");
     for agent in [a_agent, b_agent, c_agent] {
         agent.stop().await.unwrap();
     }
