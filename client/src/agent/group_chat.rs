@@ -72,20 +72,39 @@ impl Agent {
                 Err(crate::p2p::SendError::Closed) => None,
                 Err(e) => return Err(format!("sending to {member}: {e}")),
             };
-            if let Some(sealed) = sealed {
-                if self.config.copies {
-                    let envelope = OfflineEnvelope {
-                        session_id,
-                        frame: &sealed.frame,
-                    }
-                    .encode();
-                    self.deposit_copy(member, envelope.clone()).await;
-                    self.sync_copy(member, envelope).await;
+            let Some(sealed) = sealed else {
+                // The session ended: its keys are free for sealing offline now.
+                if self
+                    .sessions
+                    .get(member)
+                    .is_some_and(|(_, id)| *id == session_id)
+                {
+                    self.sessions.remove(member);
                 }
-                return Ok(GroupDelivery::Live);
+                return self.group_deliver_offline(member, frame, &bytes).await;
+            };
+            if self.config.copies {
+                let envelope = OfflineEnvelope {
+                    session_id,
+                    frame: &sealed.frame,
+                }
+                .encode();
+                self.deposit_copy(member, envelope.clone()).await;
+                self.sync_copy(member, envelope).await;
             }
+            return Ok(GroupDelivery::Live);
         }
-        // No live session (or it ended just now): through the outbox.
+        self.group_deliver_offline(member, frame, &bytes).await
+    }
+
+    /// A group frame for `member` without a live session: sealed with the stored session
+    /// through the outbox.
+    async fn group_deliver_offline(
+        &mut self,
+        member: &str,
+        frame: &Frame,
+        bytes: &[u8],
+    ) -> Result<GroupDelivery, String> {
         if !matches!(self.store.load_session(member), Ok(Some(_))) {
             return Err(self.not_a_contact(member));
         }
@@ -94,7 +113,7 @@ impl Agent {
             Payload::Op(_) | Payload::State(_) => "(a change to the group)".to_owned(),
         };
         let id = self
-            .queue_sealed(member, Kind::Group, &bytes, &what, Some(&frame.group))
+            .queue_sealed(member, Kind::Group, bytes, &what, Some(&frame.group))
             .await?;
         match self.flush_outbox(Some((member, &id))).await.remove(&id) {
             Some(Attempt::Deposited { .. }) => Ok(GroupDelivery::Deposited),

@@ -537,7 +537,12 @@ impl Agent {
             if let Some(o) = self.outgoing.remove(&id) {
                 if o.deposit_on_timeout {
                     for (text, waiter) in o.queued {
-                        let reply = self.send_offline(&o.target, &text).await;
+                        // A session may have come up another way (the contact asked): then
+                        // live, never sealed offline with the live session's keys.
+                        let reply = match self.sessions.get(&o.target).cloned() {
+                            Some((sender, id)) => self.send_on(&o.target, &sender, id, text).await,
+                            None => self.send_offline(&o.target, &text).await,
+                        };
                         let _ = waiter.send(reply);
                     }
                     continue;

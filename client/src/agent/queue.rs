@@ -129,6 +129,13 @@ impl Agent {
         text: &str,
         group: Option<&str>,
     ) -> Result<String, String> {
+        // The stored keys of a peer with a live session are that session's: sealing with them
+        // here could reuse a counter the session uses (12.7).
+        if self.sessions.contains_key(peer) {
+            return Err(format!(
+                "{peer} has a live session; refusing to seal an offline message with its keys"
+            ));
+        }
         let mut stored = match self.store.load_session(peer) {
             Ok(Some(s)) => s,
             Ok(None) => {
