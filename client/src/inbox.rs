@@ -2,8 +2,9 @@
 //! and only then acknowledge it.
 //!
 //! ```text
-//! INBOX-FETCH {AFTER}  ->  items  ->  Delivery::take (open, de-duplicate)
-//!                                        -> history (synced), session seen-sets, inbox.json
+//! INBOX-FETCH {AFTER}  ->  items  ->  Delivery::open (open, de-duplicate)
+//!                      ->  Delivery::commit (on the blocking pool): history (synced),
+//!                          session seen-sets, inbox.json
 //!                      ->  INBOX-ACK (only what is now stored)  -> repeat while MORE
 //! ```
 //!
@@ -176,13 +177,18 @@ impl Delivery {
             .collect()
     }
 
-    /// The group layer has stored (or for good dropped) these frames: they leave the state.
-    pub fn group_frames_done(&mut self, ids: &[String], now_unix: u64) -> Result<(), StoreError> {
+    /// The group layer has stored (or for good dropped) these frames: they leave the state
+    /// (written on the blocking pool).
+    pub async fn group_frames_done(
+        &mut self,
+        ids: &[String],
+        now_unix: u64,
+    ) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
         self.state.groups.retain(|g| !ids.contains(&g.id));
-        self.store.save_inbox_state(&mut self.state, now_unix)
+        self.commit(Batch::default(), now_unix).await.map(drop)
     }
 
     /// Fetches and stores everything in the inbox, acknowledging page by page.
@@ -197,7 +203,7 @@ impl Delivery {
             // Keys may have come another way since (a restore, a link transfer).
             let mut batch = Batch::default();
             self.retry_pending(&mut batch, live)?;
-            arrived.append(&mut self.commit(batch, now_unix)?);
+            arrived.append(&mut self.commit(batch, now_unix).await?);
         }
         // Pipelined: the FETCH of page n+1 goes out before page n is opened and stored, and
         // the ACK of page n after that; the ACK's answer is read after page n+1's. The broker
@@ -246,7 +252,13 @@ impl Delivery {
                 after = last;
                 next = link.send(&fetch(after)).await?;
             }
-            let taken = self.take(page.messages, live, now_unix);
+            let taken = match self.open(page.messages, live) {
+                Ok((batch, acks)) => self
+                    .commit(batch, now_unix)
+                    .await
+                    .map(|arrived| (arrived, acks)),
+                Err(e) => Err(e),
+            };
             let (mut got, acks) = match taken {
                 Ok(taken) => taken,
                 Err(e) => {
@@ -284,15 +296,14 @@ impl Delivery {
         Ok(arrived)
     }
 
-    /// Opens and stores one page of items; returns what arrived and the ids that may now be
-    /// acknowledged (everything taken: stored, recognised as a repeat, kept pending, or
-    /// dropped as unreadable). On error nothing may be acknowledged.
-    pub fn take(
+    /// Opens one page of items into a batch to store ([`Self::commit`]), with the ids that may
+    /// be acknowledged once it is stored (everything taken: stored, recognised as a repeat,
+    /// kept pending, or dropped as unreadable). On error nothing may be acknowledged.
+    fn open(
         &mut self,
         items: Vec<InboxMessage>,
         live: &mut LiveTable,
-        now_unix: u64,
-    ) -> Result<(Vec<Arrived>, Vec<Hex16>), StoreError> {
+    ) -> Result<(Batch, Vec<Hex16>), StoreError> {
         let mut batch = Batch::default();
         let mut acks = Vec::with_capacity(items.len());
         let mut keys_arrived = false;
@@ -324,7 +335,7 @@ impl Delivery {
         if keys_arrived {
             self.retry_pending(&mut batch, live)?;
         }
-        self.commit(batch, now_unix).map(|arrived| (arrived, acks))
+        Ok((batch, acks))
     }
 
     /// Takes one item; true when it brought session keys (pending items may now open).
@@ -479,20 +490,45 @@ impl Delivery {
     }
 
     /// Stores what the batch opened: history first, then session state, then the inbox state.
-    fn commit(&mut self, batch: Batch, now_unix: u64) -> Result<Vec<Arrived>, StoreError> {
-        for (peer, entries) in &batch.history {
-            self.store.append_history_all(peer, entries)?;
-        }
-        for sid in &batch.dirty {
-            if let Some(found) = batch.sessions.get(sid) {
-                self.store.save_found(found)?;
+    /// Each write syncs to disk, so they run on the blocking pool, not on the caller's task.
+    async fn commit(&mut self, batch: Batch, now_unix: u64) -> Result<Vec<Arrived>, StoreError> {
+        let store = self.store.clone();
+        let mut state = self.state.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let result = commit_batch(&store, &mut state, batch, now_unix);
+            (state, result)
+        })
+        .await;
+        match written {
+            Ok((state, Ok(arrived))) => {
+                self.state = state;
+                Ok(arrived)
             }
+            Ok((_, Err(e))) => Err(e),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
-        // Group frames go into the same durable state as the ids they are acknowledged by.
-        self.state.groups.extend(batch.groups);
-        self.store.save_inbox_state(&mut self.state, now_unix)?;
-        Ok(batch.arrived)
     }
+}
+
+/// [`Delivery::commit`]'s writes, in order.
+fn commit_batch(
+    store: &Store,
+    state: &mut InboxState,
+    batch: Batch,
+    now_unix: u64,
+) -> Result<Vec<Arrived>, StoreError> {
+    for (peer, entries) in &batch.history {
+        store.append_history_all(peer, entries)?;
+    }
+    for sid in &batch.dirty {
+        if let Some(found) = batch.sessions.get(sid) {
+            store.save_found(found)?;
+        }
+    }
+    // Group frames go into the same durable state as the ids they are acknowledged by.
+    state.groups.extend(batch.groups);
+    store.save_inbox_state(state, now_unix)?;
+    Ok(batch.arrived)
 }
 
 /// What one page produced, stored together at the end.

@@ -65,7 +65,7 @@ impl Agent {
                 done.push(id.clone());
             }
         }
-        if let Err(e) = self.delivery.group_frames_done(&done, unix_now()) {
+        if let Err(e) = self.delivery.group_frames_done(&done, unix_now()).await {
             self.warn(format!("saving the inbox state: {e}")).await;
         }
     }
