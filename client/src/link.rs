@@ -122,6 +122,9 @@ impl std::fmt::Debug for BrokerLink {
     }
 }
 
+/// How long connecting to the broker (TCP and TLS) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a request waits for its answer by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -132,8 +135,23 @@ pub const RATE_LIMIT_WAIT_MAX: u32 = 2;
 pub const RATE_LIMIT_RETRIES: u32 = 3;
 
 impl BrokerLink {
-    /// Connects to `addr` (`HOST:PORT`) and checks its certificate for `tls_name`.
+    /// Connects to `addr` (`HOST:PORT`) and checks its certificate for `tls_name`; the TCP
+    /// connect and the TLS handshake together take at most [`CONNECT_TIMEOUT`] (a host that
+    /// drops packets would otherwise hold the caller for minutes).
     pub async fn connect(
+        addr: &str,
+        tls_name: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, LinkError> {
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Self::connect_unbounded(addr, tls_name, tls),
+        )
+        .await
+        .unwrap_or(Err(LinkError::Timeout(CONNECT_TIMEOUT)))
+    }
+
+    async fn connect_unbounded(
         addr: &str,
         tls_name: &str,
         tls: Arc<rustls::ClientConfig>,

@@ -281,6 +281,8 @@ struct Agent {
     down_since: Option<Instant>,
     /// Set when something happened that ends the agent (a revoked device).
     fatal: Option<String>,
+    /// A login attempt running while the link is down.
+    attempt: Option<tokio::task::JoinHandle<Result<account::Session, AccountError>>>,
     /// The broker's limits on a message (BROKER-INFO, read at each login).
     broker_limits: limits::BrokerLimits,
     /// Messages waiting to be deposited, as in the outbox file.
@@ -349,6 +351,7 @@ impl Agent {
             reconnect_at: Instant::now(),
             down_since: None,
             fatal: None,
+            attempt: None,
             broker_limits: limits::BrokerLimits::default(),
             outbox,
             outbox_file,
@@ -428,8 +431,10 @@ impl Agent {
                     Ok(other) => self.warn(format!("unexpected frame from the broker: {other:?}")).await,
                     Err(e) => self.link_lost(error_text(&e)).await,
                 },
-                () = tokio::time::sleep_until(self.reconnect_at.into()), if offline => {
-                    if let Err(e) = self.reconnect().await {
+                () = tokio::time::sleep_until(self.reconnect_at.into()),
+                    if offline && self.attempt.is_none() => self.start_attempt(),
+                result = attempt_result(&mut self.attempt) => {
+                    if let Err(e) = self.attempt_done(result).await {
                         break Err(e);
                     }
                 }
@@ -447,6 +452,9 @@ impl Agent {
                 _ = sweep.tick() => self.expire().await,
             }
         };
+        if let Some(attempt) = self.attempt.take() {
+            attempt.abort();
+        }
         // Say goodbye to every peer, then give the sessions a moment to flush.
         for (sender, _) in self.sessions.values() {
             let _ = sender.close("going offline").await;
@@ -603,4 +611,22 @@ async fn next_message(link: &mut Option<BrokerLink>) -> Result<Message, LinkErro
         Some(link) => link.next_message().await,
         None => std::future::pending().await,
     }
+}
+
+/// The outcome of the running login attempt; never ready while none runs. Takes the attempt
+/// once it is done.
+async fn attempt_result(
+    attempt: &mut Option<tokio::task::JoinHandle<Result<account::Session, AccountError>>>,
+) -> Result<account::Session, AccountError> {
+    let Some(task) = attempt.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = match task.await {
+        Ok(result) => result,
+        Err(e) => Err(AccountError::Link(LinkError::Protocol(format!(
+            "the login attempt failed: {e}"
+        )))),
+    };
+    *attempt = None;
+    result
 }

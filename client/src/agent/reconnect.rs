@@ -124,9 +124,21 @@ impl Agent {
         .await;
     }
 
-    /// One attempt to log in again. `Err` only for what trying again cannot fix.
-    pub(super) async fn reconnect(&mut self) -> Result<(), AgentError> {
-        match account::connect(&self.profile).await {
+    /// Starts one attempt to log in again, as its own task: the loop goes on serving the
+    /// sessions, the peer listener and the CLI while it connects.
+    pub(super) fn start_attempt(&mut self) {
+        let profile = self.profile.clone();
+        self.attempt = Some(tokio::spawn(
+            async move { account::connect(&profile).await },
+        ));
+    }
+
+    /// What an attempt came to. `Err` only for what trying again cannot fix.
+    pub(super) async fn attempt_done(
+        &mut self,
+        result: Result<account::Session, AccountError>,
+    ) -> Result<(), AgentError> {
+        match result {
             Ok(session) => {
                 self.link = Some(session.link);
                 self.backoff.reset();
