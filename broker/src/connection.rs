@@ -214,9 +214,20 @@ impl Conn {
     ) -> handlers::Handled {
         let broker = &self.broker;
         match (request, &self.login) {
-            (Routed::Public(handlers::Public::Login(_)), Some(_)) => Err(Refusal::new(
+            // A logged-in connection cannot log in again, register or join (protocol.md 6.0).
+            (
+                Routed::Public(
+                    handlers::Public::Login(_)
+                    | handlers::Public::Register(_)
+                    | handlers::Public::DeviceJoin(_),
+                ),
+                Some(_),
+            ) => Err(Refusal::new(
                 ErrorCode::AlreadyLoggedIn,
-                "this connection is already logged in",
+                format!(
+                    "this connection is already logged in; {} needs a new connection",
+                    kind.as_str()
+                ),
             )),
             (Routed::Public(request), _) => {
                 match handlers::public(broker, &self.session, request, now).await? {

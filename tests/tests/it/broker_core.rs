@@ -155,6 +155,20 @@ async fn replayed_login_is_refused(backend: Backend) {
     // … and the same frame a second time on A is refused too.
     let err = a.call(login).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn));
+    // A logged-in connection cannot register or join either (protocol.md 6.0, 6.2, 6.3).
+    let register = Request::Register(RegisterArgs {
+        token: None,
+        server_secret: Hex32::from_bytes([7; 32]),
+    });
+    let err = a.call(register).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "REGISTER");
+    let join = Request::DeviceJoin(micromsg_wire::message::request::DeviceJoinArgs {
+        entity: micromsg_wire::Number::new(info.number.clone()).unwrap(),
+        secret: Hex32::from_bytes([8; 32]),
+        server_secret: Hex32::from_bytes([9; 32]),
+    });
+    let err = a.call(join).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn), "DEVICE-JOIN");
     broker.stop().await;
 }
 
