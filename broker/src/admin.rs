@@ -35,6 +35,14 @@ pub mod proto {
 }
 
 use proto::admin_server::{Admin, AdminServer};
+
+/// The gRPC services the admin port serves, and so the ones its reflection lists.
+pub const SERVED: &[&str] = &[
+    "micromsg.admin.v1.Admin",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 use proto::{FederationCounters, PeerStatus, StatusRequest, StatusResponse};
 
 /// Why the admin service or the status command failed.
@@ -182,14 +190,21 @@ impl AdminListener {
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // The descriptor set also holds the federation service, which this port does not
+        // serve: reflection lists only what is served here.
+        let reflection = || {
+            SERVED
+                .iter()
+                .fold(tonic_reflection::server::Builder::configure(), |b, name| {
+                    b.with_service_name(*name)
+                })
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
             .build_v1()
             .map_err(|e| AdminError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| AdminError::Reflection(e.to_string()))?;
         let service = AdminServer::new(AdminService::new(Arc::clone(&self.broker)));

@@ -728,6 +728,11 @@ async fn status_shows_the_peers(backend: Backend) {
     for s in ["micromsg.admin.v1.Admin", "grpc.health.v1.Health"] {
         assert!(services.iter().any(|x| x == s), "{s} in {services:?}");
     }
+    // Only what this port serves: the federation service is on the federation port.
+    assert!(
+        !services.iter().any(|x| x.contains("federation")),
+        "{services:?}"
+    );
     net.stop().await;
 }
 

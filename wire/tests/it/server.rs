@@ -143,3 +143,17 @@ fn secrets_are_redacted_in_debug_output() {
     assert!(debug.contains("Hex32(<redacted>)"), "{debug}");
     assert!(!debug.contains("5a5a"), "{debug}");
 }
+
+#[test]
+fn a_frame_the_yaml_reader_refuses_is_answered_at_id_zero_even_with_a_plain_id() {
+    // protocol.md 4.4: nothing of such a frame is read, so its Id is not echoed.
+    for text in [
+        "Request: PING\nId: 5\nX: &a 1\n",
+        "Request: PING\nId: 5\nId: 6\n",
+    ] {
+        let (error, reply) = answer(text);
+        assert_eq!(error.id, 0, "{text:?}");
+        assert_eq!(error.error.error_code(), ErrorCode::BadYaml, "{text:?}");
+        assert!(reply.starts_with("Response: ERROR\nId: 0\n"), "{reply}");
+    }
+}
