@@ -5,7 +5,7 @@
 //! [`micromsg_store::DepositBatcher`]): the acknowledgement means durably stored.
 
 use micromsg_store::{
-    DepositBatcher, NewInboxItem, OutboxBatcher, RouteBatcher, Store, StoreError,
+    DepositBatcher, DepositOutcome, NewInboxItem, OutboxBatcher, RouteBatcher, Store, StoreError,
 };
 use micromsg_wire::message::event::InboxNotice;
 use micromsg_wire::message::request::{DepositArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs};
@@ -111,11 +111,20 @@ async fn store_copies(
         let batcher = cx.deposits.clone();
         pending.push(tokio::spawn(async move { batcher.deposit(item).await }));
     }
-    let mut quota = false;
+    let (mut quota, mut added) = (false, false);
     for task in pending {
         match task.await {
-            Ok(Ok(_stored_or_already)) => {}
+            Ok(Ok(DepositOutcome::Stored)) => added = true,
+            Ok(Ok(DepositOutcome::AlreadyStored)) => {}
             Ok(Err(StoreError::QuotaExceeded)) => quota = true,
+            // Final: a retry with this ID can never succeed (protocol.md 6.20).
+            Ok(Err(StoreError::DuplicateId)) => {
+                return Err(Refusal::new(
+                    ErrorCode::Conflict,
+                    "this ID is already used in the recipient's inbox by another sender; \
+                     send the message again with a new random ID",
+                ));
+            }
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => return Err(Refusal::internal()),
         }
@@ -126,10 +135,13 @@ async fn store_copies(
             "the recipient's inbox is full; nothing already stored was touched, try later",
         ));
     }
-    // One new message (protocol 7.5: COUNT is an increment).
-    cx.online.push_all(recipient.as_str(), None, || {
-        Push::event(Event::Inbox(InboxNotice { count: 1 }))
-    });
+    // One new message (protocol 7.5: COUNT is an increment); a repeat added nothing, so it
+    // tells nobody (7.5, 6.20).
+    if added {
+        cx.online.push_all(recipient.as_str(), None, || {
+            Push::event(Event::Inbox(InboxNotice { count: 1 }))
+        });
+    }
     Ok(expires)
 }
 
