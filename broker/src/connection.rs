@@ -103,8 +103,10 @@ async fn serve<S>(
         tokio::select! {
             biased;
             () = crate::shutdown::stopped(&mut shutdown) => {
-                let event = Event::Shutdown(Shutdown { reconnect_after: 5 });
-                let _ = send(&mut write, &broker, &event.encode(), write_timeout).await;
+                let event = Event::Shutdown(Shutdown { reconnect_after: RECONNECT_AFTER_SECS });
+                if send(&mut write, &broker, &event.encode(), write_timeout).await.is_ok() {
+                    drain_after_shutdown(&mut reader, &mut write, &broker, write_timeout).await;
+                }
                 break;
             }
             push = events.recv() => {
@@ -153,6 +155,49 @@ async fn serve<S>(
         broker.online.remove(login.number().as_str(), conn_id);
     }
     debug!(conn = conn_id, "connection closed");
+}
+
+/// RECONNECT-AFTER of the SHUTDOWN event, and RetryAfter of a SHUTTING-DOWN answer.
+const RECONNECT_AFTER_SECS: u32 = 5;
+/// How long a connection still reads after SHUTDOWN, answering SHUTTING-DOWN (protocol.md 7.7):
+/// requests already on their way when the broker began to stop get an answer, not a silent
+/// close.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
+/// At most this many requests are answered while draining.
+const SHUTDOWN_DRAIN_FRAMES: usize = 64;
+
+/// After SHUTDOWN: answers what arrives within [`SHUTDOWN_DRAIN`] with SHUTTING-DOWN (its own
+/// `Id`, a RetryAfter), then returns so the connection closes.
+async fn drain_after_shutdown<R: AsyncRead, W: AsyncWrite>(
+    reader: &mut FrameReader<ReadHalf<R>>,
+    write: &mut WriteHalf<W>,
+    broker: &Broker,
+    write_timeout: Duration,
+) {
+    let until = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+    for _ in 0..SHUTDOWN_DRAIN_FRAMES {
+        let Ok(Ok(Some(body))) = tokio::time::timeout_at(until, reader.next_frame()).await else {
+            return;
+        };
+        let reply = match decode_request(&body, &broker.wire_limits) {
+            Ok((id, request)) => Response::error(
+                id,
+                Some(request.kind()),
+                ErrorBody::new(
+                    ErrorCode::ShuttingDown,
+                    "the broker is shutting down; try again after RetryAfter",
+                )
+                .retry_after(RECONNECT_AFTER_SECS),
+            ),
+            Err(bad) => bad.to_response(),
+        };
+        if send(write, broker, &reply.encode(), write_timeout)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 async fn send<W: AsyncWrite>(
@@ -350,6 +395,38 @@ mod tests {
         }
         // Then silence: closed one idle period after the last request.
         closes_idle(&mut reader, Instant::now()).await;
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_racing_the_shutdown_is_answered_shutting_down_then_the_connection_closes() {
+        let (broker, _dir) = broker().await;
+        tokio::time::pause();
+        let (mut reader, mut write, stop, task) = connect(&broker);
+        stop.send(true).unwrap();
+        let event = reader.next_frame().await.unwrap().unwrap();
+        let event = Message::decode(&event, &Limits::default()).unwrap();
+        assert!(
+            matches!(event, Message::Event(Event::Shutdown(_))),
+            "{event:?}"
+        );
+        // A request that was on its way: answered, with its Id and a RetryAfter.
+        write_frame(&mut write, b"Request: PING\nId: 9\n")
+            .await
+            .unwrap();
+        let answer = reader.next_frame().await.unwrap().unwrap();
+        let text = String::from_utf8(answer.to_vec()).unwrap();
+        assert!(text.contains("Id: 9"), "{text}");
+        assert!(text.contains("SHUTTING-DOWN"), "{text}");
+        assert!(text.contains("RetryAfter: 5"), "{text}");
+        // Then the drain window ends and the connection closes.
+        let since = Instant::now();
+        assert!(reader.next_frame().await.unwrap().is_none());
+        assert!(
+            since.elapsed() <= SHUTDOWN_DRAIN + 2 * MS,
+            "{:?}",
+            since.elapsed()
+        );
         task.await.unwrap();
     }
 }
