@@ -954,9 +954,9 @@ impl Docker {
         Ok(String::from_utf8(stdout).unwrap())
     }
 
-    /// `micromsg-broker status --json` run inside `broker`'s container: `peer`'s
-    /// (reachable, outbox depth).
-    async fn peer_state(&self, broker: &Broker, peer: &str) -> Result<(bool, u64), String> {
+    /// `micromsg-broker status --json` run inside `broker`'s container: the parsed status and
+    /// its text (for messages).
+    async fn status(&self, broker: &Broker) -> Result<(serde_json::Value, String), String> {
         let cmd = [
             "micromsg-broker",
             "status",
@@ -965,8 +965,14 @@ impl Docker {
             "--json",
         ];
         let text = self.try_exec(&broker.container, &cmd).await?;
-        let status: serde_json::Value =
+        let status =
             serde_json::from_str(&text).map_err(|e| format!("status --json: {e}: {text}"))?;
+        Ok((status, text))
+    }
+
+    /// `peer`'s (reachable, outbox depth) in `broker`'s status.
+    async fn peer_state(&self, broker: &Broker, peer: &str) -> Result<(bool, u64), String> {
+        let (status, text) = self.status(broker).await?;
         let entry = status["peers"]
             .as_array()
             .and_then(|peers| peers.iter().find(|p| p["broker_id"] == peer))
@@ -981,16 +987,7 @@ impl Docker {
 
     /// One of `broker`'s federation counters (`micromsg-broker status --json`, `federation`).
     async fn try_federation_counter(&self, broker: &Broker, name: &str) -> Result<u64, String> {
-        let cmd = [
-            "micromsg-broker",
-            "status",
-            "--admin",
-            ADMIN_IN_CONTAINER,
-            "--json",
-        ];
-        let text = self.try_exec(&broker.container, &cmd).await?;
-        let status: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| format!("status --json: {e}: {text}"))?;
+        let (status, text) = self.status(broker).await?;
         status["federation"][name]
             .as_u64()
             .ok_or_else(|| format!("no federation counter {name} in {text}"))

@@ -189,7 +189,7 @@ impl Agent {
                 self.profile.command("contact add NUMBER")
             ));
         }
-        let mut group = Group::new(&groups::new_id());
+        let group = Group::new(&groups::new_id());
         let before = group.state.clone();
         let op = group.new_op(
             &me,
@@ -198,24 +198,14 @@ impl Agent {
                 members: list,
             },
         );
-        let new = group.merge([op]);
-        let saved = group.clone();
-        if let Err(e) = self.on_disk(move |s| s.save_group(&saved)).await {
-            return Reply::err(format!("saving the group: {e}"));
-        }
-        let plan = groups::plan_control(&before, &group, &new, &me, &[]);
-        let delivered = self.group_send_all(plan).await;
-        self.group_reply(
-            format!("created group {name:?} ({})", group.id),
-            &group,
-            delivered,
-        )
+        let message = format!("created group {name:?} ({})", group.id);
+        self.apply_own_op(group, before, op, message).await
     }
 
     pub(super) async fn group_change(&mut self, query: &str, change: Change) -> Reply {
         self.refresh_groups().await;
         let me = self.info.number.clone();
-        let mut group = match self.find_group(query) {
+        let group = match self.find_group(query) {
             Ok(g) => g,
             Err(e) => return Reply::err(e),
         };
@@ -261,6 +251,20 @@ impl Agent {
         };
         let before = group.state.clone();
         let op = group.new_op(&me, change);
+        let message = format!("{what} group {:?} ({})", group.state.name, group.id);
+        self.apply_own_op(group, before, op, message).await
+    }
+
+    /// Merges an op this device made, stores the group, and sends the op (or the state) to
+    /// the members who need it; the reply names how each was reached.
+    async fn apply_own_op(
+        &mut self,
+        mut group: Group,
+        before: groups::GroupState,
+        op: groups::Op,
+        message: String,
+    ) -> Reply {
+        let me = self.info.number.clone();
         let new = group.merge([op]);
         let saved = group.clone();
         if let Err(e) = self.on_disk(move |s| s.save_group(&saved)).await {
@@ -268,11 +272,7 @@ impl Agent {
         }
         let plan = groups::plan_control(&before, &group, &new, &me, &[]);
         let delivered = self.group_send_all(plan).await;
-        self.group_reply(
-            format!("{what} group {:?} ({})", group.state.name, group.id),
-            &group,
-            delivered,
-        )
+        self.group_reply(message, &group, delivered)
     }
 
     pub(super) async fn group_send(&mut self, query: &str, text: String) -> Reply {
