@@ -26,10 +26,14 @@ pub struct Device {
 
 /// Registers a new entity at `broker`, with its profile under the broker's directory.
 pub async fn register(broker: &TestBroker, name: &str) -> Device {
-    let profile = Profile::new(broker.profile_dir(name));
-    let session = account::register(&profile, &broker.addr, &broker.ca, None)
-        .await
-        .unwrap();
+    register_at(&broker.addr, &broker.ca, broker.profile_dir(name)).await
+}
+
+/// Registers a new entity at the broker listening on `addr` (trusting `ca`), with its
+/// profile in `dir`.
+pub async fn register_at(addr: &str, ca: &std::path::Path, dir: std::path::PathBuf) -> Device {
+    let profile = Profile::new(dir);
+    let session = account::register(&profile, addr, ca, None).await.unwrap();
     Device {
         profile,
         number: session.info.number,

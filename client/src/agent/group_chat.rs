@@ -42,6 +42,19 @@ impl Agent {
         }
     }
 
+    /// A group this entity is a member of, by id or prefix, with its state brought up to date.
+    async fn my_group(&mut self, query: &str) -> Result<Group, Reply> {
+        self.refresh_groups().await;
+        let group = self.find_group(query).map_err(Reply::err)?;
+        if !group.state.is_member(&self.info.number) {
+            return Err(Reply::err(format!(
+                "you are not a member of group {:?} ({})",
+                group.state.name, group.id
+            )));
+        }
+        Ok(group)
+    }
+
     /// Finds a group by id or prefix.
     pub(super) fn find_group(&self, query: &str) -> Result<Group, String> {
         let ids = self.store.group_ids().map_err(|e| e.to_string())?;
@@ -203,18 +216,11 @@ impl Agent {
     }
 
     pub(super) async fn group_change(&mut self, query: &str, change: Change) -> Reply {
-        self.refresh_groups().await;
         let me = self.info.number.clone();
-        let group = match self.find_group(query) {
+        let group = match self.my_group(query).await {
             Ok(g) => g,
-            Err(e) => return Reply::err(e),
+            Err(reply) => return reply,
         };
-        if !group.state.is_member(&me) {
-            return Reply::err(format!(
-                "you are not a member of group {:?} ({})",
-                group.state.name, group.id
-            ));
-        }
         let what = match &change {
             Change::Add(m) => {
                 if Number::new(m.clone()).is_err() {
@@ -276,18 +282,11 @@ impl Agent {
     }
 
     pub(super) async fn group_send(&mut self, query: &str, text: String) -> Reply {
-        self.refresh_groups().await;
         let me = self.info.number.clone();
-        let group = match self.find_group(query) {
+        let group = match self.my_group(query).await {
             Ok(g) => g,
-            Err(e) => return Reply::err(e),
+            Err(reply) => return reply,
         };
-        if !group.state.is_member(&me) {
-            return Reply::err(format!(
-                "you are not a member of group {:?} ({})",
-                group.state.name, group.id
-            ));
-        }
         let now = unix_now();
         let entry = GroupEntry {
             id: groups::new_id(),

@@ -6,11 +6,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use micromsg_client::account;
 use micromsg_client::agent::{AcceptPolicy, AgentConfig, Command, Notice};
-use micromsg_client::profile::Profile;
 use micromsg_client::store::Store;
-use micromsg_tests::agents::{self, Device, contact_add, expect, expect_none, session_started};
+use micromsg_tests::agents::{self, contact_add, expect, expect_none, session_started};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::process::BrokerProcess;
@@ -24,14 +22,7 @@ async fn ctrl_c_during_send_with_an_agent_running_sends_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), "").await;
     let register = async |name: &str| {
-        let profile = Profile::new(dir.path().join(name));
-        let s = account::register(&profile, &broker.addr, &broker.ca, None)
-            .await
-            .unwrap();
-        Device {
-            profile,
-            number: s.info.number,
-        }
+        agents::register_at(&broker.addr, &broker.ca, dir.path().join(name)).await
     };
     let a = register("a").await;
     let b = register("b").await;

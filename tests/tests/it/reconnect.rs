@@ -5,9 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use micromsg_client::account;
 use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
-use micromsg_client::profile::Profile;
 use micromsg_tests::agents::{
     self, Device, contact_add, expect, message_from, send, session_started,
 };
@@ -29,14 +27,7 @@ fn config() -> AgentConfig {
 }
 
 async fn register(broker: &BrokerProcess, dir: &Path, name: &str) -> Device {
-    let profile = Profile::new(dir.join(name));
-    let session = account::register(&profile, &broker.addr, &broker.ca, None)
-        .await
-        .unwrap();
-    Device {
-        profile,
-        number: session.info.number,
-    }
+    agents::register_at(&broker.addr, &broker.ca, dir.join(name)).await
 }
 
 async fn start(device: &Device) -> (AgentHandle, mpsc::Receiver<Notice>) {
