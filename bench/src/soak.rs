@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use micromsg_client::account;
-use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, Command, Notice};
+use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, Command, Delivered, Detail, Notice};
 use micromsg_client::link::BrokerLink;
 use micromsg_client::profile::Profile;
 use micromsg_wire::message::request::{DepositArgs, InboxAckArgs, InboxFetchArgs};
@@ -832,35 +832,27 @@ impl Worker {
             let a_agent = agent::start(a, config, a_tx)
                 .await
                 .context("starting A's agent")?;
-            let reply = a_agent
+            if let Err(e) = a_agent
                 .command(Command::ContactAdd {
                     number: b_number.clone(),
                     wait_secs: None,
                 })
-                .await;
-            if !reply.ok {
-                bail!("contact add: {}", reply.message);
+                .await
+            {
+                bail!("contact add: {e}");
             }
             for m in 0..messages {
                 let text = format!("soak {tag} message {m}");
                 let sent = Instant::now();
-                let reply = a_agent
+                let output = a_agent
                     .command(Command::Send {
                         number: b_number.clone(),
                         text: text.clone(),
                     })
-                    .await;
-                if !reply.ok {
-                    bail!("send: {}", reply.message);
-                }
-                let how = reply
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get("delivered"))
-                    .and_then(|d| d.as_str())
-                    .unwrap_or("?")
-                    .to_owned();
-                if how != "live" {
+                    .await
+                    .map_err(|e| anyhow::anyhow!("send: {e}"))?;
+                let how = output.detail;
+                if how != Some(Detail::Sent(Delivered::Live)) {
                     bail!("message {m} was delivered {how:?}, not over the live session");
                 }
                 loop {

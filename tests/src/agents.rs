@@ -121,10 +121,23 @@ pub async fn session_ended(rx: &mut mpsc::Receiver<Notice>, peer: &str) {
     .await;
 }
 
+/// Runs a command in an agent and answers as a program sees it: the JSON line of the control
+/// socket ([`Reply`]: `ok`, `message`, `data`), so the tests check the documented shapes.
+pub trait Ask {
+    /// Runs `command`.
+    fn ask(&self, command: Command) -> impl std::future::Future<Output = Reply> + Send;
+}
+
+impl Ask for AgentHandle {
+    async fn ask(&self, command: Command) -> Reply {
+        Reply::from(self.command(command).await)
+    }
+}
+
 /// `send TEXT` to `to`.
 pub async fn send(agent: &AgentHandle, to: &str, text: &str) -> Reply {
     agent
-        .command(Command::Send {
+        .ask(Command::Send {
             number: to.to_owned(),
             text: text.to_owned(),
         })
@@ -134,7 +147,7 @@ pub async fn send(agent: &AgentHandle, to: &str, text: &str) -> Reply {
 /// `contact add NUMBER`.
 pub async fn contact_add(agent: &AgentHandle, number: &str) -> Reply {
     agent
-        .command(Command::ContactAdd {
+        .ask(Command::ContactAdd {
             number: number.to_owned(),
             wait_secs: None,
         })

@@ -19,7 +19,7 @@ use crate::account::unix_now;
 use crate::link::LinkError;
 use crate::p2p::{self};
 
-use super::{AcceptPolicy, Agent, Asked, HandshakeDone, Notice, Outgoing, Reply, Waiter};
+use super::{AcceptPolicy, Agent, Asked, HandshakeDone, Notice, Outgoing, Output, Waiter, refused};
 
 impl Agent {
     /// A rejected caller is blocked at the broker (the seed's rule): the contact list says so.
@@ -186,10 +186,10 @@ impl Agent {
                         self.warn(message.clone()).await;
                         if let Some(o) = self.outgoing.remove(&request) {
                             for w in o.waiters {
-                                let _ = w.send(Reply::err(message.clone()));
+                                let _ = w.send(Err(refused(message.clone())));
                             }
                             for (_, w) in o.queued {
-                                let _ = w.send(Reply::err(message.clone()));
+                                let _ = w.send(Err(refused(message.clone())));
                             }
                         }
                         return;
@@ -221,9 +221,9 @@ impl Agent {
         });
     }
 
-    pub(super) async fn block(&mut self, number: &str, block: bool) -> Reply {
+    pub(super) async fn block(&mut self, number: &str, block: bool) -> super::Answer {
         let Ok(target) = Number::new(number.to_owned()) else {
-            return Reply::err(format!("{number:?} is not a number"));
+            return Err(refused(format!("{number:?} is not a number")));
         };
         let request = if block {
             Request::Block(TargetArgs { target })
@@ -231,19 +231,19 @@ impl Agent {
             Request::Unblock(TargetArgs { target })
         };
         if let Err(e) = self.call(request).await {
-            return Reply::err(e.to_string());
+            return Err(refused(e.to_string()));
         }
         let (owned, now) = (number.to_owned(), unix_now());
         if let Err(e) = self
             .on_disk(move |s| s.set_blocked(&owned, block, now))
             .await
         {
-            return Reply::err(e.to_string());
+            return Err(refused(e.to_string()));
         }
         if block && let Some((sender, _)) = self.sessions.get(number) {
             let _ = sender.close("blocked").await;
         }
-        Reply::ok(if block { "blocked" } else { "unblocked" })
+        Ok(Output::said(if block { "blocked" } else { "unblocked" }))
     }
 
     /// Whether `target` lives on a peer broker (IS-NETWORKED, protocol 11.1); an error when no
@@ -281,17 +281,17 @@ impl Agent {
         wait: Option<Duration>,
     ) {
         let Ok(target) = Number::new(number.clone()) else {
-            let _ = reply.send(Reply::err(format!("{number:?} is not a number")));
+            let _ = reply.send(Err(refused(format!("{number:?} is not a number"))));
             return;
         };
         if number == self.info.number {
-            let _ = reply.send(Reply::err("that is your own number"));
+            let _ = reply.send(Err(refused("that is your own number")));
             return;
         }
         let networked = match self.is_networked(&target).await {
             Ok(networked) => networked,
             Err(message) => {
-                let _ = reply.send(Reply::err(message));
+                let _ = reply.send(Err(refused(message)));
                 return;
             }
         };
@@ -323,14 +323,14 @@ impl Agent {
                 | ResponseData::InitiateExistingNetworked(d),
             ) => *d.request.as_bytes(),
             Ok(other) => {
-                let _ = reply.send(Reply::err(format!(
+                let _ = reply.send(Err(refused(format!(
                     "unexpected answer {}",
                     other.kind().as_str()
-                )));
+                ))));
                 return;
             }
             Err(e) => {
-                let _ = reply.send(Reply::err(e.to_string()));
+                let _ = reply.send(Err(refused(e.to_string())));
                 return;
             }
         };

@@ -1,5 +1,6 @@
 //! The control socket: one-shot CLI commands ([`Command`]) reach a running agent as JSON lines,
-//! and its [`Reply`] goes back the same way; [`Agent::on_command`] dispatches them.
+//! and its answer goes back the same way, as a [`Reply`] line made from the typed [`Answer`];
+//! [`Agent::on_command`] dispatches them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ use crate::link::LinkError;
 use crate::outbox::Outbox;
 use crate::store::Store;
 
+use super::reply::{
+    Answer, CommandError, Detail, InboxBatch, InboxMessage, Output, Reply, refused,
+};
 use super::{Agent, AgentError};
 
 /// A command for a running agent (one JSON object per line on the control socket).
@@ -119,48 +123,13 @@ pub enum Command {
     },
 }
 
-/// The agent's answer to a [`Command`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Reply {
-    /// Whether the command succeeded.
-    pub ok: bool,
-    /// What happened, for people.
-    pub message: String,
-    /// Details for programs (`send`: how it was delivered; `inbox`: the messages).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
-}
-
-impl Reply {
-    pub(super) fn ok(message: impl Into<String>) -> Self {
-        Self {
-            ok: true,
-            message: message.into(),
-            data: None,
-        }
-    }
-
-    pub(super) fn err(message: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            message: message.into(),
-            data: None,
-        }
-    }
-
-    pub(super) fn with(mut self, data: serde_json::Value) -> Self {
-        self.data = Some(data);
-        self
-    }
-}
-
 /// The control socket of a profile.
 pub fn control_path(profile: &Profile) -> PathBuf {
     profile.path("control.sock")
 }
 
 /// Sends `command` to the agent running for `profile`; `None` when no agent runs.
-pub async fn send_to_running(profile: &Profile, command: &Command) -> Option<Reply> {
+pub async fn send_to_running(profile: &Profile, command: &Command) -> Option<Answer> {
     send_to_running_cancellable(profile, command, std::future::pending()).await
 }
 
@@ -173,14 +142,14 @@ pub async fn send_to_running_cancellable(
     profile: &Profile,
     command: &Command,
     cancel: impl std::future::Future<Output = ()>,
-) -> Option<Reply> {
+) -> Option<Answer> {
     let stream = UnixStream::connect(control_path(profile)).await.ok()?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(command).ok()?;
     line.push('\n');
     write.write_all(line.as_bytes()).await.ok()?;
     let mut lines = BufReader::new(read).lines();
-    let closed = || Reply::err("the running agent closed the control connection");
+    let closed = || Err(refused("the running agent closed the control connection"));
     tokio::pin!(cancel);
     let answer = tokio::select! {
         answer = lines.next_line() => answer,
@@ -190,7 +159,9 @@ pub async fn send_to_running_cancellable(
         }
     };
     match answer {
-        Ok(Some(line)) => Some(serde_json::from_str(&line).unwrap_or_else(|_| closed())),
+        Ok(Some(line)) => {
+            Some(serde_json::from_str::<Reply>(&line).map_or_else(|_| closed(), Answer::from))
+        }
         _ => Some(closed()),
     }
 }
@@ -209,13 +180,13 @@ pub type Cancel = Arc<AtomicBool>;
 /// when its `send` is cancelled never leaves.
 #[derive(Debug)]
 pub(super) struct Waiter {
-    reply: oneshot::Sender<Reply>,
+    reply: oneshot::Sender<Answer>,
     cancel: Cancel,
 }
 
 impl Waiter {
     /// A waiter for `reply`, cancelled through `cancel`.
-    pub(super) fn new(reply: oneshot::Sender<Reply>, cancel: Cancel) -> Self {
+    pub(super) fn new(reply: oneshot::Sender<Answer>, cancel: Cancel) -> Self {
         Self { reply, cancel }
     }
 
@@ -229,15 +200,15 @@ impl Waiter {
         self.cancel.load(Ordering::Relaxed) || self.reply.is_closed()
     }
 
-    /// Answers.
-    pub(super) fn send(self, reply: Reply) -> Result<(), Reply> {
-        self.reply.send(reply)
+    /// Answers; false when nobody waits for the answer any more.
+    pub(super) fn send(self, reply: Answer) -> bool {
+        self.reply.send(reply).is_ok()
     }
 }
 
 /// The reply to a cancelled command that had not done anything yet.
-pub(super) fn cancelled_reply(what: &str) -> Reply {
-    Reply::err(format!("cancelled: {what}")).with(serde_json::json!({"cancelled": true}))
+pub(super) fn cancelled_reply(what: &str) -> Answer {
+    Err(CommandError::Cancelled(what.to_owned()))
 }
 
 pub(super) async fn bind_control(profile: &Profile) -> Result<UnixListener, AgentError> {
@@ -275,7 +246,7 @@ pub(super) async fn serve_control(listener: UnixListener, control: mpsc::Sender<
                             reply: Waiter::new(tx, Arc::clone(&cancel)),
                         };
                         if control.send(request).await.is_err() {
-                            Reply::err("the agent is stopping")
+                            Err(refused("the agent is stopping"))
                         } else {
                             // While the command runs, the client may cancel it (a cancel line)
                             // or go away (end of stream): either way it is cancelled, and the
@@ -288,13 +259,14 @@ pub(super) async fn serve_control(listener: UnixListener, control: mpsc::Sender<
                                 }
                             };
                             answer.unwrap_or_else(|_| {
-                                Reply::err("the agent stopped before answering")
+                                Err(refused("the agent stopped before answering"))
                             })
                         }
                     }
-                    Err(e) => Reply::err(format!("bad command: {e}")),
+                    Err(e) => Err(refused(format!("bad command: {e}"))),
                 };
-                let mut out = serde_json::to_string(&reply).unwrap_or_default();
+                // The edge: the typed answer becomes its JSON line here.
+                let mut out = serde_json::to_string(&Reply::from(reply)).unwrap_or_default();
                 out.push('\n');
                 if write.write_all(out.as_bytes()).await.is_err() {
                     break;
@@ -316,7 +288,7 @@ impl Agent {
             _ => Ok(()),
         };
         if let Err(message) = too_long {
-            let _ = reply.send(Reply::err(message));
+            let _ = reply.send(Err(refused(message)));
             return;
         }
         match command {
@@ -342,7 +314,7 @@ impl Agent {
                         self.on_disk(move |s| remove_contact(&profile, s, &number))
                             .await
                     }
-                    Err(e) => Reply::err(e),
+                    Err(e) => Err(refused(e)),
                 };
                 let _ = reply.send(r);
             }
@@ -353,20 +325,20 @@ impl Agent {
                         Ok(()) => cancelled(&item),
                         Err(e) => {
                             self.outbox = self.outbox_file.load().unwrap_or_default();
-                            Reply::err(e)
+                            Err(refused(e))
                         }
                     },
-                    Err(message) => Reply::err(message),
+                    Err(message) => Err(refused(message)),
                 };
                 let _ = reply.send(r);
             }
             Command::Inbox if self.link.is_none() => {
-                let _ = reply.send(Reply::err(LinkError::Offline.to_string()));
+                let _ = reply.send(Err(refused(LinkError::Offline.to_string())));
             }
             Command::Inbox => {
                 let arrived = self.fetch_inbox().await;
-                let messages: Vec<serde_json::Value> = arrived
-                    .iter()
+                let messages: Vec<InboxMessage> = arrived
+                    .into_iter()
                     .filter_map(|a| match a {
                         Arrived::Message {
                             peer,
@@ -374,13 +346,13 @@ impl Agent {
                             from_device,
                             text,
                             time,
-                        } => Some(serde_json::json!({
-                            "peer": peer,
-                            "direction": direction,
-                            "device": from_device,
-                            "text": text,
-                            "time": time,
-                        })),
+                        } => Some(InboxMessage {
+                            peer,
+                            direction,
+                            device: from_device,
+                            text,
+                            time,
+                        }),
                         _ => None,
                     })
                     .collect();
@@ -395,10 +367,9 @@ impl Agent {
                 } else {
                     message
                 };
-                let _ = reply.send(
-                    Reply::ok(message)
-                        .with(serde_json::json!({"messages": messages, "pending": pending})),
-                );
+                let _ = reply.send(Ok(
+                    Output::said(message).with(InboxBatch { messages, pending })
+                ));
             }
             Command::GroupCreate { name, members } => {
                 let r = self.group_create(name, members).await;
@@ -440,23 +411,23 @@ impl Agent {
                     Some((id, asked)) => {
                         let request = Hex16::from_bytes(id);
                         match self.answer(request, accept, asked.caller_key).await {
-                            Ok(()) if accept => {
-                                Reply::ok("accepted; the session starts when they connect")
-                            }
+                            Ok(()) if accept => Ok(Output::said(
+                                "accepted; the session starts when they connect",
+                            )),
                             Ok(()) => {
                                 self.record_rejected(&asked.from).await;
-                                Reply::ok(format!(
+                                Ok(Output::said(format!(
                                     "rejected {} (and blocked: `{}` lists it; `{}` undoes it)",
                                     asked.from,
                                     self.profile.command("contact list"),
                                     self.profile
                                         .command(&format!("contact unblock {}", asked.from))
-                                ))
+                                )))
                             }
-                            Err(e) => Reply::err(e.to_string()),
+                            Err(e) => Err(refused(e.to_string())),
                         }
                     }
-                    None => Reply::err("no such pending contact request"),
+                    None => Err(refused("no such pending contact request")),
                 };
                 let _ = reply.send(r);
             }
@@ -464,55 +435,65 @@ impl Agent {
     }
 }
 
-fn cancelled(item: &crate::outbox::Queued) -> Reply {
-    Reply::ok(format!(
+fn cancelled(item: &crate::outbox::Queued) -> Answer {
+    Ok(Output::said(format!(
         "cancelled: the message to {} queued at {} will not be sent",
         item.to, item.queued_at
     ))
-    .with(serde_json::json!({"cancelled": item.id, "to": item.to}))
+    .with(Detail::Unqueued {
+        cancelled: item.id.clone(),
+        to: item.to.clone(),
+    }))
 }
 
 /// `outbox cancel ID` with no agent running: the outbox file is changed directly.
-pub fn cancel_queued(profile: &Profile, id: &str) -> Reply {
+pub fn cancel_queued(profile: &Profile, id: &str) -> Answer {
     let file = Outbox::new(profile);
     let mut items = match file.load() {
         Ok(items) => items,
-        Err(e) => return Reply::err(format!("reading the outbox: {e}")),
+        Err(e) => return Err(refused(format!("reading the outbox: {e}"))),
     };
     match super::queue::cancel(&mut items, id, &profile.command("outbox")) {
         Ok(item) => match file.save(&items) {
             Ok(()) => cancelled(&item),
-            Err(e) => Reply::err(format!("writing the outbox: {e}")),
+            Err(e) => Err(refused(format!("writing the outbox: {e}"))),
         },
-        Err(message) => Reply::err(message),
+        Err(message) => Err(refused(message)),
     }
 }
 
 /// `contact name NUMBER NAME` (in the agent, or here when none runs).
-pub fn name_contact(store: &Store, number: &str, name: Option<&str>) -> Reply {
+pub fn name_contact(store: &Store, number: &str, name: Option<&str>) -> Answer {
     if !matches!(store.contact(number), Ok(Some(_))) {
-        return Reply::err(format!("{number} is not in your contacts"));
+        return Err(refused(format!("{number} is not in your contacts")));
     }
     match store.set_name(number, name, crate::account::unix_now()) {
-        Ok(c) => match &c.name {
-            Some(n) => Reply::ok(format!("{number} is now shown as {n}")),
-            None => Reply::ok(format!("{number} has no name now")),
+        Ok(c) => {
+            let said = match &c.name {
+                Some(n) => format!("{number} is now shown as {n}"),
+                None => format!("{number} has no name now"),
+            };
+            Ok(Output::said(said).with(Detail::Named {
+                number: number.to_owned(),
+                name: c.name,
+            }))
         }
-        .with(serde_json::json!({"number": number, "name": c.name})),
-        Err(e) => Reply::err(e.to_string()),
+        Err(e) => Err(refused(e.to_string())),
     }
 }
 
 /// `contact remove NUMBER` when no agent runs (the agent also ends a live session and drops
 /// queued messages to it first).
-pub fn remove_contact(profile: &Profile, store: &Store, number: &str) -> Reply {
+pub fn remove_contact(profile: &Profile, store: &Store, number: &str) -> Answer {
     match store.remove_contact(number) {
-        Ok(true) => Reply::ok(format!(
+        Ok(true) => Ok(Output::said(format!(
             "removed {number} from this device (the history stays; `{}` asks them again)",
             profile.command(&format!("contact add {number}"))
         ))
-        .with(serde_json::json!({"removed": number})),
-        Ok(false) => Reply::err(format!("{number} is not in your contacts")),
-        Err(e) => Reply::err(e.to_string()),
+        .with(Detail::Removed {
+            removed: number.to_owned(),
+        })),
+        Ok(false) => Err(refused(format!("{number} is not in your contacts"))),
+        Err(e) => Err(refused(e.to_string())),
     }
 }

@@ -1,29 +1,19 @@
 //! Groups (docs/groups.md): create, change, send, and the frames and ops that arrive.
 
-use micromsg_crypto::message::{Kind, OfflineEnvelope};
+use std::collections::BTreeMap;
+
 use micromsg_wire::Number;
 
 use crate::account::unix_now;
 use crate::groups::{self, Change, Early, Frame, Group, GroupEntry, Payload};
 use crate::store::Direction;
 
-use super::queue::Attempt;
-use super::{Agent, Notice, Reply};
+use super::outbound::Outbound;
+use super::{Agent, Answer, CommandError, GroupReport, MemberDelivery, Notice, Output, refused};
 
 /// The first 8 digits of a group id, for messages.
 pub(super) fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
-}
-
-/// How a group frame went to one member.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum GroupDelivery {
-    /// Over the live session.
-    Live,
-    /// Deposited at the broker.
-    Deposited,
-    /// In the outbox, waiting for the broker: why.
-    Queued(String),
 }
 
 impl Agent {
@@ -43,11 +33,11 @@ impl Agent {
     }
 
     /// A group this entity is a member of, by id or prefix, with its state brought up to date.
-    async fn my_group(&mut self, query: &str) -> Result<Group, Reply> {
+    async fn my_group(&mut self, query: &str) -> Result<Group, CommandError> {
         self.refresh_groups().await;
-        let group = self.find_group(query).map_err(Reply::err)?;
+        let group = self.find_group(query).map_err(refused)?;
         if !group.state.is_member(&self.info.number) {
-            return Err(Reply::err(format!(
+            return Err(refused(format!(
                 "you are not a member of group {:?} ({})",
                 group.state.name, group.id
             )));
@@ -66,128 +56,51 @@ impl Agent {
         }
     }
 
-    /// Sends one group frame to `member`: over the live session when there is one (with the
-    /// copies of 13.3), else sealed with this device's latest session through the outbox
-    /// (deposited now, or queued until the broker takes it). `Ok` with how it went, `Err` with
-    /// why it did not go at all.
-    pub(super) async fn group_deliver(
+    /// Sends planned frames, each through the one outbound path; how each member was
+    /// reached.
+    pub(super) async fn group_send_all(
         &mut self,
-        member: &str,
-        frame: &Frame,
-    ) -> Result<GroupDelivery, String> {
-        let bytes = frame.encode();
-        if let Some((sender, session_id)) = self.sessions.get(member).cloned() {
-            // A session that ended just now falls through to the outbox; any other failure
-            // is final (the stored keys are the live session's while it runs, and must not
-            // seal offline).
-            let sealed = match sender.send_group(bytes.clone()).await {
-                Ok(rx) => rx.await.ok(),
-                Err(crate::p2p::SendError::Closed) => None,
-                Err(e) => return Err(format!("sending to {member}: {e}")),
-            };
-            let Some(sealed) = sealed else {
-                // The session ended: its keys are free for sealing offline now.
-                if self
-                    .sessions
-                    .get(member)
-                    .is_some_and(|(_, id)| *id == session_id)
-                {
-                    self.sessions.remove(member);
-                }
-                return self.group_deliver_offline(member, frame, &bytes).await;
-            };
-            if self.config.copies {
-                let envelope = OfflineEnvelope {
-                    session_id,
-                    frame: &sealed.frame,
-                }
-                .encode();
-                self.deposit_copy(member, envelope.clone()).await;
-                self.sync_copy(member, envelope).await;
-            }
-            return Ok(GroupDelivery::Live);
-        }
-        self.group_deliver_offline(member, frame, &bytes).await
-    }
-
-    /// A group frame for `member` without a live session: sealed with the stored session
-    /// through the outbox.
-    async fn group_deliver_offline(
-        &mut self,
-        member: &str,
-        frame: &Frame,
-        bytes: &[u8],
-    ) -> Result<GroupDelivery, String> {
-        if !matches!(self.store.load_session(member), Ok(Some(_))) {
-            return Err(self.not_a_contact(member));
-        }
-        let what = match &frame.payload {
-            Payload::Message { text, .. } => text.clone(),
-            Payload::Op(_) | Payload::State(_) => "(a change to the group)".to_owned(),
-        };
-        let id = self
-            .queue_sealed(member, Kind::Group, bytes, &what, Some(&frame.group))
-            .await?;
-        match self.flush_outbox(Some((member, &id))).await.remove(&id) {
-            Some(Attempt::Deposited { .. }) => Ok(GroupDelivery::Deposited),
-            Some(Attempt::Failed { reason }) => Err(reason),
-            Some(Attempt::Waiting { reason }) => Ok(GroupDelivery::Queued(reason)),
-            None if self.link.is_none() => Ok(GroupDelivery::Queued(
-                "the broker cannot be reached now".into(),
-            )),
-            None => Ok(GroupDelivery::Queued(
-                "messages queued before it go first".into(),
-            )),
-        }
-    }
-
-    /// Sends planned frames; returns how each member was reached (`live`, `deposited`,
-    /// `queued: why` or `failed: why`).
-    pub(super) async fn group_send_all(&mut self, plan: Vec<(String, Frame)>) -> serde_json::Value {
-        let mut delivered = serde_json::Map::new();
+        plan: Vec<(String, Frame)>,
+    ) -> BTreeMap<String, MemberDelivery> {
+        let mut delivered = BTreeMap::new();
         for (member, frame) in plan {
-            let how = match self.group_deliver(&member, &frame).await {
-                Ok(GroupDelivery::Live) => "live".to_owned(),
-                Ok(GroupDelivery::Deposited) => "deposited".to_owned(),
-                Ok(GroupDelivery::Queued(why)) => format!("queued: {why}"),
-                Err(e) => {
-                    self.warn(format!("group {}: {e}", short(&frame.group)))
-                        .await;
-                    format!("failed: {e}")
-                }
-            };
-            delivered.insert(member, serde_json::Value::String(how));
+            let how = self.deliver_to(&member, Outbound::Group(&frame)).await;
+            if let Err(e) = &how {
+                self.warn(format!("group {}: {e}", short(&frame.group)))
+                    .await;
+            }
+            delivered.insert(member, MemberDelivery::from(how));
         }
-        serde_json::Value::Object(delivered)
+        delivered
     }
 
     pub(super) fn group_reply(
         &self,
         message: String,
         group: &Group,
-        delivered: serde_json::Value,
-    ) -> Reply {
-        Reply::ok(message).with(serde_json::json!({
-            "group": group.id,
-            "name": group.state.name,
-            "members": group.state.members,
-            "version": group.state.version,
-            "delivered": delivered,
+        delivered: BTreeMap<String, MemberDelivery>,
+    ) -> Answer {
+        Ok(Output::said(message).with(GroupReport {
+            group: group.id.clone(),
+            name: group.state.name.clone(),
+            members: group.state.members.clone(),
+            version: group.state.version,
+            delivered,
         }))
     }
 
-    pub(super) async fn group_create(&mut self, name: String, members: Vec<String>) -> Reply {
+    pub(super) async fn group_create(&mut self, name: String, members: Vec<String>) -> Answer {
         if name.len() > groups::MAX_NAME_LEN {
-            return Reply::err(format!(
+            return Err(refused(format!(
                 "the name is longer than {} bytes",
                 groups::MAX_NAME_LEN
-            ));
+            )));
         }
         let me = self.info.number.clone();
         let mut list = vec![me.clone()];
         for m in members {
             if Number::new(m.clone()).is_err() {
-                return Reply::err(format!("{m:?} is not a number"));
+                return Err(refused(format!("{m:?} is not a number")));
             }
             if m != me && !list.contains(&m) {
                 list.push(m);
@@ -196,11 +109,11 @@ impl Agent {
         let strangers: Vec<&String> = list.iter().skip(1).filter(|m| !self.reachable(m)).collect();
         if !strangers.is_empty() {
             let names: Vec<&str> = strangers.iter().map(|s| s.as_str()).collect();
-            return Reply::err(format!(
+            return Err(refused(format!(
                 "not contacts of yours yet (no session on this device): {}; add each first: {}",
                 names.join(", "),
                 self.profile.command("contact add NUMBER")
-            ));
+            )));
         }
         let group = Group::new(&groups::new_id());
         let before = group.state.clone();
@@ -215,45 +128,45 @@ impl Agent {
         self.apply_own_op(group, before, op, message).await
     }
 
-    pub(super) async fn group_change(&mut self, query: &str, change: Change) -> Reply {
+    pub(super) async fn group_change(&mut self, query: &str, change: Change) -> Answer {
         let me = self.info.number.clone();
         let group = match self.my_group(query).await {
             Ok(g) => g,
-            Err(reply) => return reply,
+            Err(e) => return Err(e),
         };
         let what = match &change {
             Change::Add(m) => {
                 if Number::new(m.clone()).is_err() {
-                    return Reply::err(format!("{m:?} is not a number"));
+                    return Err(refused(format!("{m:?} is not a number")));
                 }
                 if group.state.is_member(m) {
-                    return Reply::err(format!("{m} is already a member"));
+                    return Err(refused(format!("{m} is already a member")));
                 }
                 if !self.reachable(m) {
-                    return Reply::err(self.not_a_contact(m));
+                    return Err(refused(self.not_a_contact(m)));
                 }
                 format!("added {m} to")
             }
             Change::Remove(m) => {
                 if *m == me {
-                    return Reply::err("to remove yourself, use `group leave`");
+                    return Err(refused("to remove yourself, use `group leave`"));
                 }
                 if !group.state.is_member(m) {
-                    return Reply::err(format!("{m} is not a member"));
+                    return Err(refused(format!("{m} is not a member")));
                 }
                 format!("removed {m} from")
             }
             Change::Leave => "left".to_owned(),
             Change::Rename(name) => {
                 if name.len() > groups::MAX_NAME_LEN {
-                    return Reply::err(format!(
+                    return Err(refused(format!(
                         "the name is longer than {} bytes",
                         groups::MAX_NAME_LEN
-                    ));
+                    )));
                 }
                 "renamed".to_owned()
             }
-            Change::Create { .. } => return Reply::err("a group is created only once"),
+            Change::Create { .. } => return Err(refused("a group is created only once")),
         };
         let before = group.state.clone();
         let op = group.new_op(&me, change);
@@ -269,23 +182,23 @@ impl Agent {
         before: groups::GroupState,
         op: groups::Op,
         message: String,
-    ) -> Reply {
+    ) -> Answer {
         let me = self.info.number.clone();
         let new = group.merge([op]);
         let saved = group.clone();
         if let Err(e) = self.on_disk(move |s| s.save_group(&saved)).await {
-            return Reply::err(format!("saving the group: {e}"));
+            return Err(refused(format!("saving the group: {e}")));
         }
         let plan = groups::plan_control(&before, &group, &new, &me, &[]);
         let delivered = self.group_send_all(plan).await;
         self.group_reply(message, &group, delivered)
     }
 
-    pub(super) async fn group_send(&mut self, query: &str, text: String) -> Reply {
+    pub(super) async fn group_send(&mut self, query: &str, text: String) -> Answer {
         let me = self.info.number.clone();
         let group = match self.my_group(query).await {
             Ok(g) => g,
-            Err(reply) => return reply,
+            Err(e) => return Err(e),
         };
         let now = unix_now();
         let entry = GroupEntry {
@@ -300,7 +213,7 @@ impl Agent {
             .on_disk(move |s| s.append_group_message(&id, &saved))
             .await
         {
-            return Reply::err(format!("saving the group history: {e}"));
+            return Err(refused(format!("saving the group history: {e}")));
         }
         let frame = Frame {
             group: group.id.clone(),
@@ -318,24 +231,23 @@ impl Agent {
         // Members the message has not reached (queued on this device, or not sent at all):
         // the command says who, and fails, so a script knows; queued copies still go out.
         let unreached: Vec<String> = delivered
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(member, how)| {
-                let how = how.as_str().unwrap_or_default();
-                (how != "live" && how != "deposited").then(|| format!("{member} ({how})"))
-            })
+            .iter()
+            .filter(|(_, how)| !how.reached())
+            .map(|(member, how)| format!("{member} ({how})"))
             .collect();
         if !unreached.is_empty() {
-            return Reply::err(format!(
-                "sent to group {:?} ({}), but not yet to: {}; queued copies go out by \
-                 themselves (`{}` lists them)",
-                group.state.name,
-                group.id,
-                unreached.join(", "),
-                self.profile.command("outbox")
-            ))
-            .with(serde_json::json!({"group": group.id, "delivered": delivered}));
+            return Err(CommandError::GroupIncomplete {
+                message: format!(
+                    "sent to group {:?} ({}), but not yet to: {}; queued copies go out by \
+                     themselves (`{}` lists them)",
+                    group.state.name,
+                    group.id,
+                    unreached.join(", "),
+                    self.profile.command("outbox")
+                ),
+                group: group.id.clone(),
+                delivered,
+            });
         }
         self.group_reply(
             format!("sent to group {:?} ({})", group.state.name, group.id),

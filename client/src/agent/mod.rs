@@ -56,15 +56,21 @@ mod notice;
 mod outbound;
 mod queue;
 mod reconnect;
+mod reply;
 mod sessions;
 
 pub use config::{AcceptPolicy, AgentConfig};
 pub use control::{
-    Cancel, Command, ControlRequest, Reply, cancel_queued, control_path, name_contact,
-    remove_contact, send_to_running, send_to_running_cancellable,
+    Cancel, Command, ControlRequest, cancel_queued, control_path, name_contact, remove_contact,
+    send_to_running, send_to_running_cancellable,
 };
 use control::{Waiter, cancelled_reply};
 pub use notice::Notice;
+use reply::refused;
+pub use reply::{
+    Answer, CommandError, Delivered, Detail, GroupReport, InboxBatch, InboxMessage, MemberDelivery,
+    Output, Reply,
+};
 
 use control::{bind_control, serve_control};
 
@@ -106,24 +112,24 @@ pub struct AgentHandle {
 
 impl AgentHandle {
     /// Runs a command in the agent and waits for its answer.
-    pub async fn command(&self, command: Command) -> Reply {
+    pub async fn command(&self, command: Command) -> Answer {
         self.command_cancellable(command, Cancel::default()).await
     }
 
     /// [`Self::command`], cancelled when `cancel` is set: a message that has not left by then
     /// never leaves, and the reply says so (or that it had already gone).
-    pub async fn command_cancellable(&self, command: Command, cancel: Cancel) -> Reply {
+    pub async fn command_cancellable(&self, command: Command, cancel: Cancel) -> Answer {
         let (reply, answer) = oneshot::channel();
         let request = ControlRequest {
             command,
             reply: Waiter::new(reply, cancel),
         };
         if self.commands.send(request).await.is_err() {
-            return Reply::err("the agent has stopped");
+            return Err(refused("the agent has stopped"));
         }
         answer
             .await
-            .unwrap_or_else(|_| Reply::err("the agent stopped before answering"))
+            .unwrap_or_else(|_| Err(refused("the agent stopped before answering")))
     }
 
     /// Stops the agent: sessions get a DISCONNECT notice, then the link closes.
@@ -546,11 +552,9 @@ impl Agent {
                 if o.deposit_on_timeout {
                     for (text, waiter) in o.queued {
                         // A session may have come up another way (the contact asked): then
-                        // live, never sealed offline with the live session's keys.
-                        let reply = match self.sessions.get(&o.target).cloned() {
-                            Some((sender, id)) => self.send_on(&o.target, &sender, id, text).await,
-                            None => self.send_offline(&o.target, &text).await,
-                        };
+                        // it goes live (the one outbound path never seals offline with the
+                        // live session's keys).
+                        let reply = self.send_text(&o.target, &text).await;
                         let _ = waiter.send(reply);
                     }
                     continue;
@@ -560,10 +564,10 @@ impl Agent {
                     o.target
                 );
                 for waiter in o.waiters {
-                    let _ = waiter.send(Reply::err(message.clone()));
+                    let _ = waiter.send(Err(refused(message.clone())));
                 }
                 for (_, waiter) in o.queued {
-                    let _ = waiter.send(Reply::err(message.clone()));
+                    let _ = waiter.send(Err(refused(message.clone())));
                 }
             }
         }

@@ -1,17 +1,33 @@
-//! Messages out: on a live session, or sealed with a stored session and deposited at the
-//! broker, and the copies for the entity's other devices (protocol 12.11, 13).
+//! Messages out. [`Agent::deliver_to`] is the one path every message to one peer takes, a
+//! text or a group frame alike: on the live session when one is up (with the copies for the
+//! contact's other devices and for this entity's, protocol 13.3), else sealed with this
+//! device's stored session through the durable outbox (deposited now, or queued until the
+//! broker takes it, protocol 12.11). The `send` command ([`Agent::deliver`]) and group sends
+//! are built on it.
 
-use micromsg_crypto::message::OfflineEnvelope;
+use micromsg_crypto::message::{Kind, OfflineEnvelope};
 use micromsg_wire::message::request::{DepositArgs, SyncCopyArgs};
 use micromsg_wire::{Blob, ErrorCode, Number, Request};
 
+use crate::groups::{Frame, Payload};
 use crate::inbox::new_message_id;
 use crate::keys::{self, SharedSession};
 use crate::link::LinkError;
-use crate::p2p::SessionSender;
+use crate::p2p::{Sealed, SendError};
 use crate::store::{Direction, Entry};
+use crate::when::describe_expiry;
 
-use super::{Agent, Reply, Waiter};
+use super::queue::Attempt;
+use super::{Agent, Answer, Delivered, Output, Waiter, refused};
+
+/// One message for one peer.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Outbound<'a> {
+    /// A text to a contact (kept in the history with them).
+    Text(&'a str),
+    /// A group frame to a member (the group layer keeps its own history).
+    Group(&'a Frame),
+}
 
 /// A DEPOSIT refusal, for people.
 pub(super) fn deposit_error(peer: &str, e: &LinkError) -> String {
@@ -50,46 +66,46 @@ impl Agent {
     /// - A number that is not a contact is told so at once.
     pub(super) async fn deliver(&mut self, to: String, text: String, reply: Waiter) {
         if Number::new(to.clone()).is_err() {
-            let _ = reply.send(Reply::err(format!("{to:?} is not a number")));
+            let _ = reply.send(Err(refused(format!("{to:?} is not a number"))));
             return;
         }
         if to == self.info.number {
-            let _ = reply.send(Reply::err("that is your own number"));
+            let _ = reply.send(Err(refused("that is your own number")));
             return;
         }
-        if let Some((sender, id)) = self.sessions.get(&to).cloned() {
-            let r = self.send_on(&to, &sender, id, text).await;
+        if self.sessions.contains_key(&to) {
+            let r = self.send_text(&to, &text).await;
             let _ = reply.send(r);
             return;
         }
         if let Ok(Some(contact)) = self.store.contact(&to)
             && contact.presented.is_some()
         {
-            let _ = reply.send(Reply::err(format!(
+            let _ = reply.send(Err(refused(format!(
                 "{to}'s identity key CHANGED since it was pinned: nothing was sent. Compare \
                  safety numbers with {to} out of band before trusting the new key."
-            )));
+            ))));
             return;
         }
         match self.store.load_session(&to) {
             Ok(Some(_)) => {
-                let r = self.send_offline(&to, &text).await;
+                let r = self.send_text(&to, &text).await;
                 let _ = reply.send(r);
                 self.ask_for_session(&to).await;
                 return;
             }
             Ok(None) => {}
             Err(e) => {
-                let _ = reply.send(Reply::err(format!("reading the session with {to}: {e}")));
+                let _ = reply.send(Err(refused(format!("reading the session with {to}: {e}"))));
                 return;
             }
         }
         if !matches!(self.store.contact(&to), Ok(Some(_))) {
-            let _ = reply.send(Reply::err(self.not_a_contact(&to)));
+            let _ = reply.send(Err(refused(self.not_a_contact(&to))));
             return;
         }
         if self.config.offline_after.is_zero() {
-            let r = self.send_offline(&to, &text).await;
+            let r = self.send_text(&to, &text).await;
             let _ = reply.send(r);
         } else {
             self.initiate(to, Some(text), reply, true, None).await;
@@ -167,46 +183,157 @@ impl Agent {
         }
     }
 
-    pub(super) async fn send_on(
+    /// A text to `peer` through [`Self::deliver_to`], answered for the `send` command.
+    pub(super) async fn send_text(&mut self, peer: &str, text: &str) -> Answer {
+        let delivered = self
+            .deliver_to(peer, Outbound::Text(text))
+            .await
+            .map_err(refused)?;
+        let message = match &delivered {
+            Delivered::Live => format!("sent to {peer}"),
+            Delivered::Deposited { expires, .. } => format!(
+                "{peer} is not online; message deposited at the broker (expires {})",
+                describe_expiry(*expires, crate::account::unix_now())
+            ),
+            Delivered::Queued { reason, .. } => {
+                // A running `listen` sends it by itself; the short-lived agent of a one-shot
+                // command stops with the command.
+                let when = if self.config.announce {
+                    "it goes out by itself, once, in order, when the broker takes it".to_owned()
+                } else {
+                    format!(
+                        "it goes out with the next command that reaches the broker, or with `{}`",
+                        self.profile.command("listen")
+                    )
+                };
+                format!(
+                    "queued on this device ({reason}); {when} (`{}` lists what waits)",
+                    self.profile.command("outbox")
+                )
+            }
+        };
+        Ok(Output::said(message).with(delivered))
+    }
+
+    /// The one outbound path: sends `outbound` to `peer` on the live session when there is
+    /// one, else seals it with this device's stored session and puts it through the outbox.
+    /// `Ok` with how it left, `Err` with why it did not (for people; then nothing left).
+    pub(super) async fn deliver_to(
         &mut self,
         peer: &str,
-        sender: &SessionSender,
+        outbound: Outbound<'_>,
+    ) -> Result<Delivered, String> {
+        if let Some((sender, session_id)) = self.sessions.get(peer).cloned() {
+            let sent = match outbound {
+                Outbound::Text(text) => sender.send_text_tracked(text.to_owned()).await,
+                Outbound::Group(frame) => sender.send_group(frame.encode()).await,
+            };
+            // A session that ended just now falls through to the outbox; any other failure
+            // is final (the stored keys are the live session's while it runs, and must not
+            // seal offline).
+            let sealed = match sent {
+                Ok(rx) => rx.await.ok(),
+                Err(SendError::Closed) => None,
+                Err(e) => return Err(format!("sending to {peer}: {e}")),
+            };
+            if let Some(sealed) = sealed {
+                self.sent_live(peer, session_id, outbound, sealed).await;
+                return Ok(Delivered::Live);
+            }
+            // The session ended: its keys are free for sealing offline now.
+            if self
+                .sessions
+                .get(peer)
+                .is_some_and(|(_, id)| *id == session_id)
+            {
+                self.sessions.remove(peer);
+            }
+        }
+        self.deposit_or_queue(peer, outbound).await
+    }
+
+    /// After a message went out live: the history line for a text, and the copies for the
+    /// contact's other devices (DEPOSIT) and this entity's (SYNC-COPY).
+    async fn sent_live(
+        &mut self,
+        peer: &str,
         session_id: [u8; 16],
-        text: String,
-    ) -> Reply {
-        match sender.send_text_tracked(text.clone()).await {
-            Ok(sealed) => match sealed.await {
-                Ok(sealed) => {
-                    let envelope = OfflineEnvelope {
-                        session_id,
-                        frame: &sealed.frame,
-                    }
-                    .encode();
-                    let entry = Entry {
-                        direction: Direction::Out,
-                        time: sealed.unix,
-                        text,
-                        session: session_id,
-                        counter: sealed.counter,
-                        offline: false,
-                    };
-                    let owned = peer.to_owned();
-                    if let Err(e) = self
-                        .on_disk(move |s| s.append_history(&owned, &entry))
-                        .await
-                    {
-                        self.warn(format!("saving history failed: {e}")).await;
-                    }
-                    if self.config.copies {
-                        self.deposit_copy(peer, envelope.clone()).await;
-                        self.sync_copy(peer, envelope).await;
-                    }
-                    Reply::ok(format!("sent to {peer}"))
-                        .with(serde_json::json!({"delivered": "live"}))
+        outbound: Outbound<'_>,
+        sealed: Sealed,
+    ) {
+        if let Outbound::Text(text) = outbound {
+            let entry = Entry {
+                direction: Direction::Out,
+                time: sealed.unix,
+                text: text.to_owned(),
+                session: session_id,
+                counter: sealed.counter,
+                offline: false,
+            };
+            let owned = peer.to_owned();
+            if let Err(e) = self
+                .on_disk(move |s| s.append_history(&owned, &entry))
+                .await
+            {
+                self.warn(format!("saving history failed: {e}")).await;
+            }
+        }
+        if self.config.copies {
+            let envelope = OfflineEnvelope {
+                session_id,
+                frame: &sealed.frame,
+            }
+            .encode();
+            self.deposit_copy(peer, envelope.clone()).await;
+            self.sync_copy(peer, envelope).await;
+        }
+    }
+
+    /// Seals `outbound` with the stored session, queues it durably, and tries to deposit it
+    /// now (after what is queued before it for `peer`).
+    async fn deposit_or_queue(
+        &mut self,
+        peer: &str,
+        outbound: Outbound<'_>,
+    ) -> Result<Delivered, String> {
+        let id = match outbound {
+            Outbound::Text(text) => {
+                self.queue_sealed(peer, Kind::Text, text.as_bytes(), text, None)
+                    .await?
+            }
+            Outbound::Group(frame) => {
+                if !matches!(self.store.load_session(peer), Ok(Some(_))) {
+                    return Err(self.not_a_contact(peer));
                 }
-                Err(_) => Reply::err(format!("the session with {peer} ended before sending")),
-            },
-            Err(e) => Reply::err(format!("sending to {peer}: {e}")),
+                let shown = match &frame.payload {
+                    Payload::Message { text, .. } => text.as_str(),
+                    Payload::Op(_) | Payload::State(_) => "(a change to the group)",
+                };
+                self.queue_sealed(
+                    peer,
+                    Kind::Group,
+                    &frame.encode(),
+                    shown,
+                    Some(&frame.group),
+                )
+                .await?
+            }
+        };
+        match self.flush_outbox(Some((peer, &id))).await.remove(&id) {
+            Some(Attempt::Deposited { expires }) => Ok(Delivered::Deposited { id, expires }),
+            Some(Attempt::Failed { reason }) => Err(reason),
+            Some(Attempt::Waiting { reason }) => Ok(Delivered::Queued { id, reason }),
+            None => {
+                let reason = if self.link.is_none() {
+                    "the broker cannot be reached now"
+                } else {
+                    "messages queued before it go first"
+                };
+                Ok(Delivered::Queued {
+                    id,
+                    reason: reason.to_owned(),
+                })
+            }
         }
     }
 }

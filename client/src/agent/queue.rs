@@ -21,8 +21,7 @@ use crate::store::{Direction, Entry};
 
 use super::outbound::deposit_error;
 use super::reconnect::is_connection_loss;
-use super::{Agent, Notice, Reply};
-use crate::when::describe_expiry;
+use super::{Agent, Notice};
 
 /// The longest wait before a queued item is tried again (the link coming back tries at once).
 const RETRY_MAX: Duration = Duration::from_secs(300);
@@ -111,14 +110,6 @@ impl Agent {
         }
     }
 
-    /// Seals `text` with this device's stored session with `peer` (never a live one) and
-    /// queues it durably; the deposit id. `Err` with a message for people when it cannot be
-    /// sealed or written (then nothing was queued).
-    pub(super) async fn queue(&mut self, peer: &str, text: &str) -> Result<String, String> {
-        self.queue_sealed(peer, Kind::Text, text.as_bytes(), text, None)
-            .await
-    }
-
     /// Seals `payload` (of `kind`) for `peer` with the stored session and queues it durably;
     /// `text` is what the outbox shows, `group` the group of a group frame.
     pub(super) async fn queue_sealed(
@@ -177,46 +168,6 @@ impl Agent {
             return Err(e);
         }
         Ok(id)
-    }
-
-    /// `send` to a contact with no live session: queued, then deposited at once if the broker
-    /// takes it. The reply says which of the two happened.
-    pub(super) async fn send_offline(&mut self, peer: &str, text: &str) -> Reply {
-        let id = match self.queue(peer, text).await {
-            Ok(id) => id,
-            Err(message) => return Reply::err(message),
-        };
-        let outcome = self.flush_outbox(Some((peer, &id))).await.remove(&id);
-        match outcome {
-            Some(Attempt::Deposited { expires }) => Reply::ok(format!(
-                "{peer} is not online; message deposited at the broker (expires {})",
-                describe_expiry(expires, unix_now())
-            ))
-            .with(serde_json::json!({"delivered": "deposited", "id": id, "expires": expires})),
-            Some(Attempt::Failed { reason }) => Reply::err(reason),
-            waiting => {
-                let reason = match waiting {
-                    Some(Attempt::Waiting { reason }) => reason,
-                    _ if self.link.is_none() => "the broker cannot be reached now".to_owned(),
-                    _ => "messages queued before it go first".to_owned(),
-                };
-                // A running `listen` sends it by itself; the short-lived agent of a one-shot
-                // command stops with the command.
-                let when = if self.config.announce {
-                    "it goes out by itself, once, in order, when the broker takes it".to_owned()
-                } else {
-                    format!(
-                        "it goes out with the next command that reaches the broker, or with `{}`",
-                        self.profile.command("listen")
-                    )
-                };
-                Reply::ok(format!(
-                    "queued on this device ({reason}); {when} (`{}` lists what waits)",
-                    self.profile.command("outbox")
-                ))
-                .with(serde_json::json!({"delivered": "queued", "id": id, "reason": reason}))
-            }
-        }
     }
 
     /// Tries the items that are due, in order per contact; a contact's later items wait while

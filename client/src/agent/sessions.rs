@@ -8,7 +8,7 @@ use crate::inbox::LiveRecv;
 use crate::p2p::{self, PeerEvent};
 use crate::store::{Direction, Entry, PinResult};
 
-use super::{Agent, HandshakeDone, Notice, Outgoing, Reply, SessionEvent, TOKEN_GRACE};
+use super::{Agent, HandshakeDone, Notice, Outgoing, Output, SessionEvent, TOKEN_GRACE, refused};
 
 impl Agent {
     pub(super) fn spawn_respond(&self, stream: tokio::net::TcpStream) {
@@ -53,10 +53,10 @@ impl Agent {
         let fail = |waiting: Option<Outgoing>, message: String| {
             if let Some(o) = waiting {
                 for w in o.waiters {
-                    let _ = w.send(Reply::err(message.clone()));
+                    let _ = w.send(Err(refused(message.clone())));
                 }
                 for (_, w) in o.queued {
-                    let _ = w.send(Reply::err(message.clone()));
+                    let _ = w.send(Err(refused(message.clone())));
                 }
             }
         };
@@ -152,7 +152,7 @@ impl Agent {
         self.share_session(&peer, &stored).await;
         if let Some(o) = waiting {
             for w in o.waiters {
-                let _ = w.send(Reply::ok(format!("session with {peer} is up")));
+                let _ = w.send(Ok(Output::said(format!("session with {peer} is up"))));
             }
             for (text, w) in o.queued {
                 if w.cancelled() {
@@ -161,7 +161,7 @@ impl Agent {
                     ));
                     continue;
                 }
-                let reply = self.send_on(&peer, &sender, session_id, text).await;
+                let reply = self.send_text(&peer, &text).await;
                 let _ = w.send(reply);
             }
         }

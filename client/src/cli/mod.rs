@@ -484,34 +484,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Group(command) => group_command(&profile, command, json).await?,
         Command::Outbox { action } => outbox_command(&profile, action, json).await?,
         Command::Inbox => {
-            let reply = run_in_agent(&profile, AgentCommand::Inbox, one_shot_config()).await?;
-            if !reply.ok {
-                return Err(Refused(reply.message).into());
-            }
-            let messages = reply
-                .data
-                .as_ref()
-                .and_then(|d| d.get("messages"))
-                .and_then(|m| m.as_array())
-                .cloned()
-                .unwrap_or_default();
+            let answer = run_in_agent(&profile, AgentCommand::Inbox, one_shot_config()).await?;
+            let output = answer.map_err(|e| Refused(e.to_string()))?;
             if json {
-                outln!("{}", serde_json::to_string(&reply)?);
+                outln!(
+                    "{}",
+                    serde_json::to_string(&agent::Reply::from(Ok(output)))?
+                );
             } else {
-                for m in &messages {
-                    let peer = m.get("peer").and_then(|v| v.as_str()).unwrap_or("?");
-                    let text = m.get("text").and_then(|v| v.as_str()).unwrap_or("");
-                    if m.get("direction").and_then(|v| v.as_str()) == Some("out") {
-                        let device = m.get("device").and_then(serde_json::Value::as_u64);
-                        outln!(
-                            "[me → {peer}, from device {}] {text}",
-                            device.unwrap_or_default()
-                        );
-                    } else {
-                        outln!("[{peer}] {text} (offline)");
+                if let Some(agent::Detail::Inbox(batch)) = &output.detail {
+                    for m in &batch.messages {
+                        let (peer, text) = (&m.peer, &m.text);
+                        match m.direction {
+                            Direction::Out => {
+                                outln!("[me → {peer}, from device {}] {text}", m.device);
+                            }
+                            Direction::In => outln!("[{peer}] {text} (offline)"),
+                        }
                     }
                 }
-                outln!("{}", reply.message);
+                outln!("{}", output.message);
             }
         }
         Command::Keys(KeysCommand::Backup { recovery }) => {

@@ -73,14 +73,15 @@ pub(super) struct Refused(pub(super) String);
 
 /// Prints an agent's reply: on success its message (or the reply as JSON); a refusal becomes
 /// the command's error, printed once by `main`.
-pub(super) fn print_reply(reply: agent::Reply, json: bool) -> anyhow::Result<()> {
-    if !reply.ok {
-        return Err(Refused(reply.message).into());
-    }
+pub(super) fn print_reply(answer: agent::Answer, json: bool) -> anyhow::Result<()> {
+    let output = answer.map_err(|e| Refused(e.to_string()))?;
     if json {
-        outln!("{}", serde_json::to_string(&reply)?);
+        outln!(
+            "{}",
+            serde_json::to_string(&agent::Reply::from(Ok(output)))?
+        );
     } else {
-        outln!("{}", reply.message);
+        outln!("{}", output.message);
     }
     Ok(())
 }
@@ -114,7 +115,7 @@ pub(super) async fn run_in_agent(
     profile: &Profile,
     command: AgentCommand,
     config: AgentConfig,
-) -> anyhow::Result<agent::Reply> {
+) -> anyhow::Result<agent::Answer> {
     // Ctrl-C while the command waits cancels it: the agent is told, and its reply says
     // whether anything had already left.
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -161,7 +162,7 @@ pub(super) async fn run_in_agent(
             reply
         }
     };
-    if reply.ok && interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+    if reply.is_ok() && interrupted.load(std::sync::atomic::Ordering::Relaxed) {
         eprintln!("(Ctrl-C came too late to cancel: this had already happened)");
     }
     Ok(reply)

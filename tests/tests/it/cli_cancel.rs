@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use micromsg_client::agent::{AcceptPolicy, AgentConfig, Command, Notice};
 use micromsg_client::store::Store;
+use micromsg_tests::agents::Ask as _;
 use micromsg_tests::agents::{self, contact_add, expect, expect_none, session_started};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -99,7 +100,7 @@ async fn ctrl_c_during_send_with_an_agent_running_sends_nothing() {
 
     // B accepts now: the session comes up, and the cancelled message does not go over it.
     let reply = b_agent
-        .command(Command::Answer {
+        .ask(Command::Answer {
             request,
             accept: true,
         })

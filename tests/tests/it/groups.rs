@@ -8,6 +8,7 @@ use std::time::Duration;
 use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
 use micromsg_client::groups::GroupState;
 use micromsg_client::store::Store;
+use micromsg_tests::agents::Ask as _;
 use micromsg_tests::agents::{self, Device as Member, expect, register};
 use micromsg_tests::{Backend, TestBroker};
 use tokio::sync::mpsc;
@@ -41,7 +42,7 @@ async fn group_message(o: &mut Online, from: &str) -> String {
 async fn contact(a: &Online, b: &Member) {
     let reply = a
         .agent
-        .command(Command::ContactAdd {
+        .ask(Command::ContactAdd {
             number: b.number.clone(),
             wait_secs: None,
         })
@@ -50,7 +51,7 @@ async fn contact(a: &Online, b: &Member) {
 }
 
 async fn run(o: &Online, command: Command) -> agent::Reply {
-    let reply = o.agent.command(command).await;
+    let reply = o.agent.ask(command).await;
     assert!(reply.ok, "{reply:?}");
     reply
 }
@@ -146,7 +147,7 @@ async fn five_members_one_offline_removal_and_leave() {
     // A stranger cannot be a member.
     let reply = oa
         .agent
-        .command(Command::GroupCreate {
+        .ask(Command::GroupCreate {
             name: "friends".into(),
             members: vec![b.number.clone(), "5550000".into()],
         })
@@ -241,7 +242,7 @@ async fn five_members_one_offline_removal_and_leave() {
     }
     let reply = oc
         .agent
-        .command(Command::GroupSend {
+        .ask(Command::GroupSend {
             group: group.clone(),
             text: "not a member".into(),
         })
@@ -335,9 +336,9 @@ async fn concurrent_changes_converge() {
         name: "renamed".into(),
     };
     let (r1, r2, r3) = tokio::join!(
-        oa.agent.command(add),
-        ob.agent.command(remove),
-        oc.agent.command(rename)
+        oa.agent.ask(add),
+        ob.agent.ask(remove),
+        oc.agent.ask(rename)
     );
     // C's rename may come after B's removal reached C: then C is told it is not a member.
     assert!(r1.ok && r2.ok, "{r1:?} {r2:?}");

@@ -5,6 +5,7 @@
 //! offline, and reconnect as existing contacts.
 
 use micromsg_client::agent::{AcceptPolicy, Command, Notice};
+use micromsg_tests::agents::Ask as _;
 use micromsg_tests::agents::{
     config, contact_add, expect, message_from, online, register, send, session_ended,
     session_started,
@@ -52,7 +53,7 @@ async fn users_on_two_brokers_chat_deposit_and_reconnect(backend: Backend) {
     .await;
     assert_eq!(request.1, "NEW");
     let reply = b_agent
-        .command(Command::Answer {
+        .ask(Command::Answer {
             request: request.0,
             accept: true,
         })

@@ -12,6 +12,7 @@ use micromsg_client::agent::{AcceptPolicy, AgentConfig, AgentHandle, Command, No
 use micromsg_client::devices;
 use micromsg_client::profile::Profile;
 use micromsg_client::store::{Direction, Store};
+use micromsg_tests::agents::Ask as _;
 use micromsg_tests::agents::{self, Device, expect, expect_none, message_from, register, send};
 use micromsg_tests::{Backend, TestBroker};
 use micromsg_wire::message::request::AddDeviceArgs;
@@ -46,7 +47,7 @@ async fn contacts_then_offline(a: &Device, b: &Device) -> (AgentHandle, mpsc::Re
     let (b_agent, mut b_rx) = online(b).await;
     let (a_agent, mut a_rx) = online(a).await;
     let reply = a_agent
-        .command(Command::ContactAdd {
+        .ask(Command::ContactAdd {
             number: b.number.clone(),
             wait_secs: None,
         })
@@ -206,7 +207,7 @@ async fn two_devices(mode: InboxMode) {
     let (b1_agent, mut b1_rx) = online(&b1).await;
     let (a_agent, mut a_rx) = online(&a).await;
     let reply = a_agent
-        .command(Command::ContactAdd {
+        .ask(Command::ContactAdd {
             number: b1.number.clone(),
             wait_secs: None,
         })

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use micromsg_client::agent::{self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
+use micromsg_tests::agents::Ask as _;
 use micromsg_tests::agents::{
     self, Device, contact_add, expect, message_from, send, session_started,
 };
@@ -151,12 +152,12 @@ async fn an_agent_started_before_its_broker_waits_then_connects() {
     })
     .await;
     broker_lost(&mut a_rx).await;
-    let reply = a_agent.command(Command::Inbox).await;
+    let reply = a_agent.ask(Command::Inbox).await;
     assert!(!reply.ok, "{reply:?}");
 
     broker.restart().await;
     broker_back(&mut a_rx).await;
-    let reply = a_agent.command(Command::Inbox).await;
+    let reply = a_agent.ask(Command::Inbox).await;
     assert!(reply.ok, "{reply:?}");
     a_agent.stop().await.unwrap();
 }
@@ -244,7 +245,7 @@ async fn group_send_names_the_members_it_could_not_reach_and_their_copies_go_out
     assert!(contact_add(&a_agent, &b.number).await.ok);
     session_started(&mut a_rx, &b.number).await;
     let reply = a_agent
-        .command(Command::GroupCreate {
+        .ask(Command::GroupCreate {
             name: "two".into(),
             members: vec![b.number.clone()],
         })
@@ -261,7 +262,7 @@ async fn group_send_names_the_members_it_could_not_reach_and_their_copies_go_out
     broker.kill();
     broker_lost(&mut a_rx).await;
     let reply = a_agent
-        .command(Command::GroupSend {
+        .ask(Command::GroupSend {
             group: group.clone(),
             text: "while it was down".into(),
         })

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use micromsg_client::agent::{AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
 use micromsg_crypto::Secret32;
+use micromsg_tests::agents::Ask as _;
 use micromsg_tests::agents::{self, Device, expect, register};
 use micromsg_tests::{Backend, TestBroker};
 use tokio::sync::mpsc;
@@ -29,7 +30,7 @@ async fn contact_setup_messages_both_ways_and_disconnect_notice() {
     let (a_agent, mut a_rx) = online(&a, AcceptPolicy::Any).await;
 
     let reply = a_agent
-        .command(Command::ContactAdd {
+        .ask(Command::ContactAdd {
             number: b.number.clone(),
             wait_secs: None,
         })
@@ -60,7 +61,7 @@ async fn contact_setup_messages_both_ways_and_disconnect_notice() {
 
     for text in ["hello", "second", "third"] {
         let reply = a_agent
-            .command(Command::Send {
+            .ask(Command::Send {
                 number: b.number.clone(),
                 text: text.into(),
             })
@@ -76,7 +77,7 @@ async fn contact_setup_messages_both_ways_and_disconnect_notice() {
         assert_eq!(got, want, "messages arrive in order");
     }
     let reply = b_agent
-        .command(Command::Send {
+        .ask(Command::Send {
             number: a.number.clone(),
             text: "hi back".into(),
         })
@@ -119,7 +120,7 @@ async fn ask_policy_waits_for_an_answer_and_contacts_policy_refuses_strangers() 
 
     let adding = tokio::spawn(async move {
         let reply = a_agent
-            .command(Command::ContactAdd {
+            .ask(Command::ContactAdd {
                 number: b.number.clone(),
                 wait_secs: None,
             })
@@ -132,7 +133,7 @@ async fn ask_policy_waits_for_an_answer_and_contacts_policy_refuses_strangers() 
     })
     .await;
     let reply = b_agent
-        .command(Command::Answer {
+        .ask(Command::Answer {
             request,
             accept: true,
         })
@@ -151,7 +152,7 @@ async fn ask_policy_waits_for_an_answer_and_contacts_policy_refuses_strangers() 
     let (c_agent, mut c_rx) = online(&c, AcceptPolicy::Contacts).await;
     let (a_agent, _a_rx) = online(&a, AcceptPolicy::Any).await;
     let reply = a_agent
-        .command(Command::ContactAdd {
+        .ask(Command::ContactAdd {
             number: c.number.clone(),
             wait_secs: None,
         })
@@ -176,7 +177,7 @@ async fn a_changed_identity_key_is_detected_and_refused() {
     let (b_agent, _b_rx) = online(&b, AcceptPolicy::Any).await;
     let (a_agent, mut a_rx) = online(&a, AcceptPolicy::Any).await;
     let reply = a_agent
-        .command(Command::ContactAdd {
+        .ask(Command::ContactAdd {
             number: b.number.clone(),
             wait_secs: None,
         })
@@ -201,7 +202,7 @@ async fn a_changed_identity_key_is_detected_and_refused() {
     // (only a holder of that session's keys can open it, not the new key by itself);
     // meanwhile A asks for a new session, and the handshake shows the changed key.
     let reply = a_agent
-        .command(Command::Send {
+        .ask(Command::Send {
             number: b.number.clone(),
             text: "are you still you?".into(),
         })
@@ -220,7 +221,7 @@ async fn a_changed_identity_key_is_detected_and_refused() {
     assert_ne!(pinned, presented);
     // Now that A knows, nothing goes to the changed key.
     let reply = a_agent
-        .command(Command::Send {
+        .ask(Command::Send {
             number: b.number.clone(),
             text: "hello?".into(),
         })
@@ -277,7 +278,7 @@ async fn a_text_too_long_is_refused_before_sending_and_the_longest_one_goes_out(
     let (got, _) = agents::message_from(&mut b_rx, &a.number).await;
     assert_eq!(got.len(), limit);
     // The broker link survived the copies: a request through it still works.
-    let reply = a_agent.command(Command::Inbox).await;
+    let reply = a_agent.ask(Command::Inbox).await;
     assert!(reply.ok, "{reply:?}");
     assert!(agents::send(&a_agent, &b.number, "still up").await.ok);
     assert_eq!(
