@@ -144,9 +144,16 @@ async fn run<T, O, F, Fut>(
     }
 }
 
+/// One deposit for a [`DepositBatcher`]: kept, or acknowledged and discarded.
+#[derive(Debug, Clone)]
+struct DepositJob {
+    item: NewInboxItem,
+    discard: bool,
+}
+
 /// Group commit of offline deposits into the inbox.
 #[derive(Debug, Clone)]
-pub struct DepositBatcher(GroupCommit<NewInboxItem, DepositOutcome>);
+pub struct DepositBatcher(GroupCommit<DepositJob, DepositOutcome>);
 
 impl DepositBatcher {
     /// Starts the batching task on the current tokio runtime.
@@ -154,16 +161,55 @@ impl DepositBatcher {
         let quota = config.quota_per_device;
         Self(GroupCommit::spawn(
             config,
-            move |items: Arc<Vec<NewInboxItem>>| {
+            move |jobs: Arc<Vec<DepositJob>>| {
                 let store = store.clone();
-                async move { store.deposit_batch(&items, quota).await }
+                async move {
+                    let (discarded, kept): (Vec<&DepositJob>, Vec<&DepositJob>) =
+                        jobs.iter().partition(|j| j.discard);
+                    let kept: Vec<NewInboxItem> =
+                        kept.into_iter().map(|j| j.item.clone()).collect();
+                    let discarded: Vec<NewInboxItem> =
+                        discarded.into_iter().map(|j| j.item.clone()).collect();
+                    let mut stored = store
+                        .deposit_batch_discarding(&kept, &discarded, quota)
+                        .await?
+                        .into_iter();
+                    Ok(jobs
+                        .iter()
+                        .map(|j| match j.discard {
+                            true => Ok(DepositOutcome::Discarded),
+                            false => stored.next().unwrap_or(Err(StoreError::Invariant(
+                                "an outcome per kept deposit",
+                            ))),
+                        })
+                        .collect())
+                }
             },
         ))
     }
 
     /// Deposits one item; resolves once its batch has committed (or failed).
     pub async fn deposit(&self, item: NewInboxItem) -> Result<DepositOutcome, StoreError> {
-        self.0.submit(item).await
+        self.0
+            .submit(DepositJob {
+                item,
+                discard: false,
+            })
+            .await
+    }
+
+    /// Takes one item that is not to be kept (its sender is blocked by the recipient) the way
+    /// [`Self::deposit`] takes one that is: it waits for a batch and its durable commit, in
+    /// which it does the writes a kept deposit does and undoes them, storing nothing
+    /// ([`Store::deposit_batch_discarding`]). So the answer costs what a stored deposit's
+    /// costs, and its timing does not tell the sender it is blocked.
+    pub async fn discard(&self, item: NewInboxItem) -> Result<DepositOutcome, StoreError> {
+        self.0
+            .submit(DepositJob {
+                item,
+                discard: true,
+            })
+            .await
     }
 }
 

@@ -23,6 +23,13 @@ type Inbox = (String, i64);
 /// Per-item result of a deposit.
 type Outcome = Result<DepositOutcome, StoreError>;
 
+/// What is stored under a key, enough to tell a repeat from a clash: the sender (number,
+/// device), the body, and the expiry.
+type StoredItem = (String, i64, Vec<u8>, i64);
+
+/// A row of a key lookup: the key's three columns, then a [`StoredItem`].
+type LookupRow = (String, i64, Vec<u8>, String, i64, Vec<u8>, i64);
+
 /// Items per statement on SQLite (8 parameters each; well under SQLite's 32766).
 const SQLITE_CHUNK: usize = 256;
 
@@ -118,9 +125,17 @@ fn stored_device(d: Option<DeviceId>) -> Result<i64, StoreError> {
     Ok(d.map_or(0, |d| i64::from(d.get())))
 }
 
-fn same_sender(item: &NewInboxItem, number: &str, device: i64) -> Outcome {
-    if item.sender_number.as_str() == number && i64::from(item.sender_device.get()) == device {
-        Ok(DepositOutcome::AlreadyStored)
+/// A deposit whose key is taken: a repeat of the stored message (same sender, same body),
+/// which changes nothing and reports the stored expiry, or a clash (protocol 6.20: CONFLICT).
+/// The bodies are compared in constant time: what a stored message holds must not leak.
+fn repeat_or_clash(item: &NewInboxItem, stored: (&str, i64, &[u8], i64)) -> Outcome {
+    let (number, device, body, expires_at) = stored;
+    let same_sender =
+        item.sender_number.as_str() == number && i64::from(item.sender_device.get()) == device;
+    let same_body = item.body.len() == body.len()
+        && bool::from(subtle::ConstantTimeEq::ct_eq(item.body.as_slice(), body));
+    if same_sender && same_body {
+        Ok(DepositOutcome::AlreadyStored { expires_at })
     } else {
         Err(StoreError::DuplicateId)
     }
@@ -128,11 +143,11 @@ fn same_sender(item: &NewInboxItem, number: &str, device: i64) -> Outcome {
 
 /// The backend-specific statements of a batched deposit, run inside one transaction.
 trait DepositIo {
-    /// Stored rows among `keys`: key -> (sender number, sender device).
+    /// Stored rows among `keys`: key -> what is stored.
     fn lookup(
         &mut self,
         keys: &[Key],
-    ) -> impl Future<Output = Result<HashMap<Key, (String, i64)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<HashMap<Key, StoredItem>, StoreError>> + Send;
     /// Stored item counts of `inboxes` (absent = 0).
     fn counts(
         &mut self,
@@ -146,6 +161,8 @@ trait DepositIo {
         op: Counter,
         inboxes: &[(Inbox, i64)],
     ) -> impl Future<Output = Result<HashMap<Inbox, i64>, StoreError>> + Send;
+    /// Deletes the items with `keys`.
+    fn delete(&mut self, keys: &[Key]) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Inserts `rows` (item, stored device) in order, skipping keys that exist; returns the
     /// keys actually inserted.
     fn insert(
@@ -155,22 +172,22 @@ trait DepositIo {
 }
 
 impl DepositIo for SqliteConnection {
-    async fn lookup(&mut self, keys: &[Key]) -> Result<HashMap<Key, (String, i64)>, StoreError> {
+    async fn lookup(&mut self, keys: &[Key]) -> Result<HashMap<Key, StoredItem>, StoreError> {
         let mut out = HashMap::new();
         for chunk in keys.chunks(SQLITE_CHUNK) {
             let values = sqlite_rows(chunk.len(), 3);
             let sql = format!(
-                "SELECT recipient_number, recipient_device, id, sender_number, sender_device \
+                "SELECT recipient_number, recipient_device, id, sender_number, sender_device, \
+                 body, expires_at \
                  FROM inbox_items WHERE (recipient_number, recipient_device, id) IN \
                  (VALUES {values})"
             );
-            let mut q =
-                sqlx::query_as::<_, (String, i64, Vec<u8>, String, i64)>(&sql).persistent(false);
+            let mut q = sqlx::query_as::<_, LookupRow>(&sql).persistent(false);
             for k in chunk {
                 q = q.bind(k.0.as_str()).bind(k.1).bind(&k.2[..]);
             }
-            for (n, d, id, sn, sd) in q.fetch_all(&mut *self).await? {
-                out.insert((n, d, array(&id, "message id length")?), (sn, sd));
+            for (n, d, id, sn, sd, body, ea) in q.fetch_all(&mut *self).await? {
+                out.insert((n, d, array(&id, "message id length")?), (sn, sd, body, ea));
             }
         }
         Ok(out)
@@ -222,6 +239,22 @@ impl DepositIo for SqliteConnection {
         Ok(out)
     }
 
+    async fn delete(&mut self, keys: &[Key]) -> Result<(), StoreError> {
+        for chunk in keys.chunks(SQLITE_CHUNK) {
+            let values = sqlite_rows(chunk.len(), 3);
+            let sql = format!(
+                "DELETE FROM inbox_items WHERE (recipient_number, recipient_device, id) IN \
+                 (VALUES {values})"
+            );
+            let mut q = sqlx::query(&sql).persistent(false);
+            for k in chunk {
+                q = q.bind(k.0.as_str()).bind(k.1).bind(&k.2[..]);
+            }
+            q.execute(&mut *self).await?;
+        }
+        Ok(())
+    }
+
     async fn insert(&mut self, rows: &[(&NewInboxItem, i64)]) -> Result<HashSet<Key>, StoreError> {
         let mut out = HashSet::new();
         for chunk in rows.chunks(SQLITE_CHUNK) {
@@ -259,10 +292,10 @@ impl DepositIo for SqliteConnection {
 /// The LIMIT keeps the subquery from being flattened into such a join, and per key the unique
 /// `inbox_items_key` is the cheapest path whatever the statistics say.
 const PG_LOOKUP: &str = "SELECT i.recipient_number, i.recipient_device, i.id, \
-     i.sender_number, i.sender_device \
+     i.sender_number, i.sender_device, i.body, i.expires_at \
      FROM UNNEST($1::text[], $2::bigint[], $3::bytea[]) AS k (n, d, id) \
      CROSS JOIN LATERAL (SELECT recipient_number, recipient_device, id, sender_number, \
-         sender_device FROM inbox_items \
+         sender_device, body, expires_at FROM inbox_items \
          WHERE recipient_number = k.n AND recipient_device = k.d AND id = k.id LIMIT 1) AS i";
 
 /// The seqs of the items with ids `$3` in the inbox of `$1` and stored device `device` (a
@@ -295,18 +328,20 @@ const PG_INSERT: &str = "INSERT INTO inbox_items (id, recipient_number, recipien
      RETURNING recipient_number, recipient_device, id";
 
 impl DepositIo for PgConnection {
-    async fn lookup(&mut self, keys: &[Key]) -> Result<HashMap<Key, (String, i64)>, StoreError> {
+    async fn lookup(&mut self, keys: &[Key]) -> Result<HashMap<Key, StoredItem>, StoreError> {
         let numbers: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let devices: Vec<i64> = keys.iter().map(|k| k.1).collect();
         let ids: Vec<&[u8]> = keys.iter().map(|k| &k.2[..]).collect();
-        let rows: Vec<(String, i64, Vec<u8>, String, i64)> = sqlx::query_as(PG_LOOKUP)
+        let rows: Vec<LookupRow> = sqlx::query_as(PG_LOOKUP)
             .bind(numbers)
             .bind(devices)
             .bind(ids)
             .fetch_all(&mut *self)
             .await?;
         rows.into_iter()
-            .map(|(n, d, id, sn, sd)| Ok(((n, d, array(&id, "message id length")?), (sn, sd))))
+            .map(|(n, d, id, sn, sd, body, ea)| {
+                Ok(((n, d, array(&id, "message id length")?), (sn, sd, body, ea)))
+            })
             .collect()
     }
 
@@ -345,6 +380,23 @@ impl DepositIo for PgConnection {
             .fetch_all(&mut *self)
             .await?;
         Ok(out.into_iter().map(|(n, d, c)| ((n, d), c)).collect())
+    }
+
+    async fn delete(&mut self, keys: &[Key]) -> Result<(), StoreError> {
+        let numbers: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let devices: Vec<i64> = keys.iter().map(|k| k.1).collect();
+        let ids: Vec<&[u8]> = keys.iter().map(|k| &k.2[..]).collect();
+        sqlx::query(
+            "DELETE FROM inbox_items AS i \
+             USING UNNEST($1::text[], $2::bigint[], $3::bytea[]) AS k (n, d, id) \
+             WHERE i.recipient_number = k.n AND i.recipient_device = k.d AND i.id = k.id",
+        )
+        .bind(numbers)
+        .bind(devices)
+        .bind(ids)
+        .execute(&mut *self)
+        .await?;
+        Ok(())
     }
 
     async fn insert(&mut self, rows: &[(&NewInboxItem, i64)]) -> Result<HashSet<Key>, StoreError> {
@@ -386,9 +438,16 @@ impl DepositIo for PgConnection {
 /// (an upper bound on what each holds, see `migrations/*/0004_inbox_counters.sql`), then
 /// insert with `ON CONFLICT DO NOTHING`. Only keys the insert skipped are looked up (to tell a
 /// repeat from a clash), and only inboxes whose bound passes the quota are counted exactly.
+///
+/// `discarded` are deposits that are acknowledged but not kept (a sender the recipient
+/// blocked). Each does the writes a kept one does: its inbox's counter row (adding nothing),
+/// and its row inserted and deleted again, so that the transaction dirties the same pages
+/// and its durable commit costs the same: the answer's timing does not tell the sender it
+/// is blocked (protocol.md 14).
 async fn deposit_in<C: DepositIo + Send>(
     conn: &mut C,
     items: &[NewInboxItem],
+    discarded: &[(&NewInboxItem, i64)],
     quota_per_device: u32,
 ) -> Result<Vec<Outcome>, StoreError> {
     let quota = i64::from(quota_per_device);
@@ -421,7 +480,11 @@ async fn deposit_in<C: DepositIo + Send>(
             *need.entry((key.0.clone(), key.1)).or_insert(0) += 1;
         }
     }
-    if first.is_empty() {
+    for (item, device) in discarded {
+        need.entry((item.recipient_number.as_str().to_owned(), *device))
+            .or_insert(0);
+    }
+    if need.is_empty() {
         return Ok(outcomes
             .into_iter()
             .map(|o| o.unwrap_or(Err(StoreError::Invariant("an outcome per deposit"))))
@@ -459,13 +522,18 @@ async fn deposit_in<C: DepositIo + Send>(
     for (i, key) in keys.iter().enumerate() {
         let Some(key) = key else { continue };
         let item = &items[i];
-        let outcome = if let Some((sn, sd)) = existing.get(key) {
-            same_sender(item, sn, *sd)
+        let outcome = if let Some((sn, sd, body, ea)) = existing.get(key) {
+            repeat_or_clash(item, (sn, *sd, body, *ea))
         } else if let Some(&j) = pending.get(key) {
-            same_sender(
+            let earlier = &items[j];
+            repeat_or_clash(
                 item,
-                items[j].sender_number.as_str(),
-                i64::from(items[j].sender_device.get()),
+                (
+                    earlier.sender_number.as_str(),
+                    i64::from(earlier.sender_device.get()),
+                    &earlier.body,
+                    earlier.expires_at,
+                ),
             )
         } else if let Some(count) = match exact.is_empty() {
             true => None, // the common case: no key to build
@@ -507,7 +575,9 @@ async fn deposit_in<C: DepositIo + Send>(
                 let Some(key) = key else { continue };
                 if lost.contains(key) {
                     outcomes[i] = Some(match now_stored.get(key) {
-                        Some((sn, sd)) => same_sender(&items[i], sn, *sd),
+                        Some((sn, sd, body, ea)) => {
+                            repeat_or_clash(&items[i], (sn, *sd, body, *ea))
+                        }
                         None => Err(StoreError::Invariant(
                             "the item that blocked a deposit's insert was gone",
                         )),
@@ -515,6 +585,12 @@ async fn deposit_in<C: DepositIo + Send>(
                 }
             }
         }
+    }
+    if !discarded.is_empty() {
+        // Only rows this insert made are deleted: a key already stored stays as it was.
+        let made = conn.insert(discarded).await?;
+        let made: Vec<Key> = made.into_iter().collect();
+        conn.delete(&made).await?;
     }
     if !exact.is_empty() {
         // The exact figure (stored + inserted here) replaces the bound of each tight inbox.
@@ -578,8 +654,9 @@ impl Store {
     ///
     /// Returns one outcome per item, in order. Per item: a new id is
     /// [`DepositOutcome::Stored`]; an id already stored in that inbox from the same sender
-    /// (number and device) is [`DepositOutcome::AlreadyStored`] and changes nothing; from
-    /// another sender it is [`StoreError::DuplicateId`]; an inbox already holding
+    /// (number and device) with the same body is [`DepositOutcome::AlreadyStored`] (with the
+    /// stored expiry) and changes nothing; from another sender or with another body it is
+    /// [`StoreError::DuplicateId`]; an inbox already holding
     /// `quota_per_device` items (stored ones, expired-but-unswept included, plus this batch's)
     /// gives [`StoreError::QuotaExceeded`] for that item only. The outer `Err` means the
     /// transaction failed and nothing was stored (retry if [`StoreError::is_retryable`]).
@@ -592,13 +669,33 @@ impl Store {
         items: &[NewInboxItem],
         quota_per_device: u32,
     ) -> Result<Vec<Outcome>, StoreError> {
+        self.deposit_batch_discarding(items, &[], quota_per_device)
+            .await
+    }
+
+    /// [`Store::deposit_batch`], in a transaction that also does for each of `discarded`
+    /// (deposits acknowledged without being kept: the recipient blocked the sender) the
+    /// writes a kept deposit does, and undoes them, so that each costs what a stored deposit
+    /// costs (the silent-drop rule, protocol.md 14). Nothing of `discarded` is stored.
+    /// Outcomes are for `items` only.
+    pub async fn deposit_batch_discarding(
+        &self,
+        items: &[NewInboxItem],
+        discarded: &[NewInboxItem],
+        quota_per_device: u32,
+    ) -> Result<Vec<Outcome>, StoreError> {
         let _writing = self.writing().await;
-        if items.is_empty() {
+        if items.is_empty() && discarded.is_empty() {
             return Ok(Vec::new());
         }
+        let discarded = discarded
+            .iter()
+            .map(|d| Ok((d, stored_device(d.recipient_device)?)))
+            .collect::<Result<Vec<(&NewInboxItem, i64)>, StoreError>>()?;
+        let discarded = &discarded[..];
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let outcomes = deposit_in(&mut *tx, items, quota_per_device).await?;
+            let outcomes = deposit_in(&mut *tx, items, discarded, quota_per_device).await?;
             tx.commit().await?;
             Ok(outcomes)
         })
@@ -646,18 +743,21 @@ impl Store {
                 .filter(|&(_, &d)| is_fresh(d))
                 .map(|(item, _)| item.clone())
                 .collect();
-            let mut stored = deposit_in(&mut *tx, &store, quota_per_device)
+            let mut stored = deposit_in(&mut *tx, &store, &[], quota_per_device)
                 .await?
                 .into_iter();
             let outcomes: Vec<Outcome> = owner
                 .iter()
-                .map(|&d| {
+                .enumerate()
+                .map(|(i, &d)| {
                     if is_fresh(d) {
                         stored.next().unwrap_or(Err(StoreError::Invariant(
                             "an outcome per fresh delivery",
                         )))
                     } else {
-                        Ok(DepositOutcome::AlreadyStored)
+                        Ok(DepositOutcome::AlreadyStored {
+                            expires_at: items.get(i).map_or(0, |item| item.expires_at),
+                        })
                     }
                 })
                 .collect();

@@ -173,8 +173,15 @@ impl fmt::Debug for NewInboxItem {
 pub enum DepositOutcome {
     /// Newly stored.
     Stored,
-    /// The same id from the same sender was already stored: nothing changed (idempotent retry).
-    AlreadyStored,
+    /// The same message (id, sender and body) was already stored: nothing changed (an
+    /// idempotent retry). It expires when the stored one does.
+    AlreadyStored {
+        /// The stored item's expiry (Unix seconds).
+        expires_at: i64,
+    },
+    /// Acknowledged and not kept (the recipient blocked the sender), after a durable commit
+    /// like any other deposit's ([`crate::DepositBatcher::discard`]).
+    Discarded,
 }
 
 /// A stored offline message, as fetched.

@@ -954,17 +954,26 @@ async fn case_deposit_idempotent(store: Store) {
         deposit_one(&store, &a, 100).await.unwrap(),
         DepositOutcome::Stored
     );
+    // A repeat changes nothing and keeps the stored expiry, though the retry came later.
+    let mut retry = a.clone();
+    retry.expires_at += 100;
+    retry.created_at += 100;
     assert_eq!(
-        deposit_one(&store, &a, 100).await.unwrap(),
-        DepositOutcome::AlreadyStored
+        deposit_one(&store, &retry, 100).await.unwrap(),
+        DepositOutcome::AlreadyStored {
+            expires_at: a.expires_at
+        }
     );
-    // A different body under the same id and sender is still the same message.
-    let mut a2 = a.clone();
-    a2.body = b"other".to_vec();
-    assert_eq!(
-        deposit_one(&store, &a2, 100).await.unwrap(),
-        DepositOutcome::AlreadyStored
-    );
+    // A different body under the same id and sender is another message: refused (6.20),
+    // whether it is longer, shorter or the same length.
+    for body in [&b"other"[..], &b""[..], &vec![0xAA; a.body.len()][..]] {
+        let mut a2 = a.clone();
+        a2.body = body.to_vec();
+        assert!(matches!(
+            deposit_one(&store, &a2, 100).await,
+            Err(StoreError::DuplicateId)
+        ));
+    }
     // Same id, another sender (or sender device): refused.
     let mut other = a.clone();
     other.sender_number = num("5550003");
@@ -1000,19 +1009,46 @@ async fn case_deposit_idempotent(store: Store) {
     let mut bad = a.clone();
     bad.sender_number = num("5550009");
     let c = item(4, &num("5550001"), Some(1), &num("5550002"));
+    let mut b_body = b.clone();
+    b_body.body = b"another body".to_vec();
     let out = store
-        .deposit_batch(&[b.clone(), b.clone(), b_other, bad, a.clone(), c], 100)
+        .deposit_batch(
+            &[b.clone(), b.clone(), b_other, bad, a.clone(), c, b_body],
+            100,
+        )
         .await
         .unwrap();
-    assert_eq!(out.len(), 6);
+    assert_eq!(out.len(), 7);
     assert!(matches!(out[0], Ok(DepositOutcome::Stored)));
-    assert!(matches!(out[1], Ok(DepositOutcome::AlreadyStored)));
+    assert_eq!(
+        out[1].as_ref().ok(),
+        Some(&DepositOutcome::AlreadyStored {
+            expires_at: b.expires_at
+        })
+    );
     assert!(matches!(out[2], Err(StoreError::DuplicateId)));
     assert!(matches!(out[3], Err(StoreError::DuplicateId)));
-    assert!(matches!(out[4], Ok(DepositOutcome::AlreadyStored)));
+    assert!(matches!(out[4], Ok(DepositOutcome::AlreadyStored { .. })));
     assert!(matches!(out[5], Ok(DepositOutcome::Stored)));
+    assert!(matches!(out[6], Err(StoreError::DuplicateId)));
     assert_eq!(store.inbox_depth().await.unwrap(), 5);
     assert!(store.deposit_batch(&[], 100).await.unwrap().is_empty());
+
+    // A discarded deposit (blocked sender) commits and stores nothing, alone or beside kept
+    // ones, and its inbox's quota counter still holds.
+    let blocked = item(9, &num("5550001"), Some(1), &num("5550002"));
+    let alone = store
+        .deposit_batch_discarding(&[], std::slice::from_ref(&blocked), 100)
+        .await
+        .unwrap();
+    assert!(alone.is_empty());
+    let kept = item(10, &num("5550001"), Some(2), &num("5550002"));
+    let beside = store
+        .deposit_batch_discarding(std::slice::from_ref(&kept), &[blocked], 100)
+        .await
+        .unwrap();
+    assert!(matches!(beside[..], [Ok(DepositOutcome::Stored)]));
+    assert_eq!(store.inbox_depth().await.unwrap(), 6);
 
     // The stored copy is the first one.
     let (items, _) = store
@@ -1060,7 +1096,7 @@ async fn case_quota_exceeded_keeps_stored(store: Store) {
         .await
         .unwrap();
     assert!(matches!(out[0], Err(StoreError::QuotaExceeded)));
-    assert!(matches!(out[1], Ok(DepositOutcome::AlreadyStored)));
+    assert!(matches!(out[1], Ok(DepositOutcome::AlreadyStored { .. })));
     assert!(matches!(out[2], Ok(DepositOutcome::Stored)));
     assert!(matches!(out[3], Ok(DepositOutcome::Stored)));
     assert!(matches!(
@@ -1697,7 +1733,10 @@ async fn case_concurrent_batch_deposit(store: Store) {
         i64::from(TASKS * PER_TASK)
     );
     // Everything again, concurrently: all idempotent, nothing added.
-    run(DepositOutcome::AlreadyStored).await;
+    run(DepositOutcome::AlreadyStored {
+        expires_at: make(0, 0).expires_at,
+    })
+    .await;
     assert_eq!(
         store.inbox_depth().await.unwrap(),
         i64::from(TASKS * PER_TASK)
@@ -1800,12 +1839,14 @@ async fn case_batcher_group_commit(store: Store) {
             assert!(prev < k, "sender {t}: {prev} then {k}");
         }
     }
-    // Idempotent through the batcher too.
-    let again = batcher
-        .deposit(item(0, &num("5550001"), Some(1), &num("6000000")))
-        .await
-        .unwrap();
-    assert_eq!(again, DepositOutcome::AlreadyStored);
+    // Idempotent through the batcher too (the same message: same id, sender and body).
+    let mut repeat = item(0, &num("5550001"), Some(1), &num("6000000"));
+    repeat.body = b"0:0".to_vec();
+    let again = batcher.deposit(repeat).await.unwrap();
+    assert!(
+        matches!(again, DepositOutcome::AlreadyStored { .. }),
+        "{again:?}"
+    );
     // Per-item errors stay per item.
     let bad = batcher
         .deposit(item(0, &num("5550001"), Some(1), &num("6000099")))
@@ -1938,7 +1979,7 @@ async fn case_received_deliveries_once(store: Store) {
     assert!(
         again
             .iter()
-            .all(|o| matches!(o, Ok(DepositOutcome::AlreadyStored))),
+            .all(|o| matches!(o, Ok(DepositOutcome::AlreadyStored { .. }))),
         "{again:?}"
     );
     assert!(fetch_all(&store, &num("5550001"), 1, NOW).await.is_empty());
@@ -2144,7 +2185,7 @@ async fn case_quota_counter_bound(store: Store) {
             quota
         )
         .await,
-        Ok(DepositOutcome::AlreadyStored)
+        Ok(DepositOutcome::AlreadyStored { .. })
     ));
 
     // Room freed by the sweep is found too.

@@ -516,7 +516,8 @@ pub async fn receive(
                     .or_default()
                     .insert(item.id);
             }
-            Ok(DepositOutcome::AlreadyStored) | Err(StoreError::DuplicateId) => {}
+            Ok(DepositOutcome::AlreadyStored { .. } | DepositOutcome::Discarded)
+            | Err(StoreError::DuplicateId) => {}
             Err(_) => results[index].status = DeliveryStatus::Retry as i32,
         }
     }

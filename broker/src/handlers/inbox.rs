@@ -84,8 +84,19 @@ async fn recipients(
     })
 }
 
+/// Whether the copies of a deposit are kept, or only look kept (the recipient blocked the
+/// sender: the silent-drop rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Yes,
+    Discard,
+}
+
 /// Stores one message for each recipient device through the group commit; answers only
-/// once every copy is committed, with the expiry.
+/// once every copy is committed, with the expiry: the stored message's when this is a repeat
+/// of it (6.20). With [`Keep::Discard`] each copy goes through the same group commit and
+/// its durable commit, storing nothing, so that the answer costs what a kept one costs.
+#[allow(clippy::too_many_arguments)]
 async fn store_copies(
     cx: Cx<'_>,
     login: &Login,
@@ -94,8 +105,9 @@ async fn store_copies(
     id: [u8; 16],
     body: Vec<u8>,
     now: Now,
+    keep: Keep,
 ) -> Result<u64, Refusal> {
-    let expires = now.unix + cx.inbox.ttl_secs;
+    let mut expires = now.unix + cx.inbox.ttl_secs;
     let mut pending = Vec::with_capacity(devices.len());
     for device in devices {
         let item = NewInboxItem {
@@ -109,19 +121,29 @@ async fn store_copies(
             body: body.clone(),
         };
         let batcher = cx.deposits.clone();
-        pending.push(tokio::spawn(async move { batcher.deposit(item).await }));
+        pending.push(tokio::spawn(async move {
+            match keep {
+                Keep::Yes => batcher.deposit(item).await,
+                Keep::Discard => batcher.discard(item).await,
+            }
+        }));
     }
-    let (mut quota, mut added) = (false, false);
+    let (mut quota, mut added, mut repeated) = (false, false, None::<u64>);
     for task in pending {
         match task.await {
             Ok(Ok(DepositOutcome::Stored)) => added = true,
-            Ok(Ok(DepositOutcome::AlreadyStored)) => {}
+            Ok(Ok(DepositOutcome::AlreadyStored { expires_at })) => {
+                let stored = expires_at.max(0) as u64;
+                repeated = Some(repeated.map_or(stored, |e| e.min(stored)));
+            }
+            Ok(Ok(DepositOutcome::Discarded)) => {}
             Ok(Err(StoreError::QuotaExceeded)) => quota = true,
             // Final: a retry with this ID can never succeed (protocol.md 6.20).
             Ok(Err(StoreError::DuplicateId)) => {
                 return Err(Refusal::new(
                     ErrorCode::Conflict,
-                    "this ID is already used in the recipient's inbox by another sender; \
+                    "this ID is already used in the recipient's inbox by another message (another sender \
+                     or another BODY); \
                      send the message again with a new random ID",
                 ));
             }
@@ -141,6 +163,11 @@ async fn store_copies(
         cx.online.push_all(recipient.as_str(), None, || {
             Push::event(Event::Inbox(InboxNotice { count: 1 }))
         });
+    }
+    if let Some(stored) = repeated {
+        // A retry answers what the first attempt answered: the message expires when the
+        // stored copy does (the earliest, should copies differ).
+        expires = stored;
     }
     Ok(expires)
 }
@@ -182,13 +209,13 @@ pub async fn deposit(cx: Cx<'_>, login: &Login, args: DepositArgs, now: Now) -> 
             expires,
         }));
     }
-    if route.blocked {
-        // Acknowledged and discarded: the blocked sender cannot tell.
-        return Ok(ResponseData::Deposit(DepositData {
-            id: args.id,
-            expires: now.unix + cx.inbox.ttl_secs,
-        }));
-    }
+    // Blocked: acknowledged and discarded, through the same group commit as a kept deposit,
+    // so that neither the answer nor its timing tells the sender (protocol.md 14).
+    let keep = if route.blocked {
+        Keep::Discard
+    } else {
+        Keep::Yes
+    };
     let devices = match cx.inbox.mode {
         InboxMode::Number => vec![None],
         InboxMode::Entity => route.devices.into_iter().map(Some).collect(),
@@ -201,6 +228,7 @@ pub async fn deposit(cx: Cx<'_>, login: &Login, args: DepositArgs, now: Now) -> 
         *args.id.as_bytes(),
         args.body.into_vec(),
         now,
+        keep,
     )
     .await?;
     Ok(ResponseData::Deposit(DepositData {
@@ -222,6 +250,7 @@ pub async fn sync_copy(cx: Cx<'_>, login: &Login, args: SyncCopyArgs, now: Now) 
             *args.id.as_bytes(),
             args.body.into_vec(),
             now,
+            Keep::Yes,
         )
         .await?;
     }

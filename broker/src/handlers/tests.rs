@@ -24,7 +24,7 @@ use micromsg_store::{NewDevice, Store};
 use micromsg_wire::message::event::{ContactKind, ContactRequest, DeviceRevoked, InboxNotice};
 use micromsg_wire::message::request::{
     AddDeviceArgs, DepositArgs, DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs,
-    InitiateNewArgs, LoginArgs, RegisterArgs, TargetArgs,
+    InitiateNewArgs, LoginArgs, RegisterArgs, SyncCopyArgs, TargetArgs,
 };
 use micromsg_wire::message::response::{
     AddDeviceData, DepositData, DeviceJoinData, InboxAckData, InboxFetchData, InboxMessage,
@@ -1153,7 +1153,6 @@ async fn a_deposit_id_another_sender_used_in_that_inbox_is_a_final_conflict() {
 }
 
 #[tokio::test]
-#[ignore = "handler bug: a retried DEPOSIT answers EXPIRES from the retry's time, not the stored message's"]
 async fn a_deposit_retried_later_answers_with_the_stored_expiry() {
     let mut fx = Fixture::new(|_| {}).await;
     let s = fx.register().await;
@@ -1179,8 +1178,51 @@ async fn a_deposit_retried_later_answers_with_the_stored_expiry() {
             expires: stored,
         })
     );
-    // Currently answers EXPIRES = T0 + 10 + TTL: a message that does not exist.
+    // Not EXPIRES = T0 + 10 + TTL: a message that does not exist.
     assert_eq!(again.unwrap(), first);
+}
+
+#[tokio::test]
+async fn a_deposit_or_sync_copy_reusing_an_id_with_another_body_is_a_conflict() {
+    let fx = Fixture::new(|_| {}).await;
+    let s = fx.register().await;
+    let r = fx.register().await;
+    fx.pair(&s.number, &r.number).await;
+    let sender = fx.login(&s).await;
+    fx.deposit(&sender, &r.number, 0x71, b"the first body")
+        .await
+        .unwrap();
+    let refusal = fx
+        .deposit(&sender, &r.number, 0x71, b"a second body")
+        .await
+        .expect_err("another body under a used ID");
+    assert_eq!(refusal.0.code, ErrorCode::Conflict, "{refusal:?}");
+    let recipient = fx.login(&r).await;
+    let page = fx.fetch(&recipient).await;
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].body.as_bytes(), b"the first body");
+
+    // SYNC-COPY: the same rule for the copies to the entity's other devices (6.25).
+    let secret = add_device_secret(fx.add_device(&sender, None).await).secret;
+    let second_device = fx.try_join(&fx.conn(), &s.number, secret).await.unwrap();
+    let copy = |body: &'static [u8]| {
+        Authenticated::SyncCopy(SyncCopyArgs {
+            id: Hex16::from_bytes([0x72; 16]),
+            body: Blob::new(body.to_vec()),
+            peer: r.number.clone(),
+        })
+    };
+    fx.call(&sender, copy(b"copy one")).await.unwrap();
+    fx.call(&sender, copy(b"copy one")).await.unwrap();
+    let refusal = fx
+        .call(&sender, copy(b"copy two"))
+        .await
+        .expect_err("another body under a used ID");
+    assert_eq!(refusal.0.code, ErrorCode::Conflict, "{refusal:?}");
+    let other = fx.login(&second_device).await;
+    let page = fx.fetch(&other).await;
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].body.as_bytes(), b"copy one");
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! ack, both multi-device modes, quota, and copies of sent messages to the sender's devices.
 //! Bodies here are opaque bytes; end-to-end sealing is the client's (see the client tests).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use micromsg_broker::config::InboxMode;
 use micromsg_client::account::{self, Session};
@@ -10,7 +10,7 @@ use micromsg_client::profile::Profile;
 use micromsg_tests::{Backend, TestBroker};
 use micromsg_wire::message::request::{
     AddDeviceArgs, Answer, ContactAnswerArgs, DepositArgs, InboxAckArgs, InboxFetchArgs,
-    InitiateNewArgs, SyncCopyArgs,
+    InitiateNewArgs, SyncCopyArgs, TargetArgs,
 };
 use micromsg_wire::message::response::InboxMessage;
 use micromsg_wire::{Address, Blob, ErrorCode, Event, Hex16, Number, Request, ResponseData};
@@ -225,4 +225,59 @@ async fn deposits_need_a_contact_pair(backend: Backend) {
     let err = deposit(&mut a, &number(&b), 1, &big).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::BadArgs));
     broker.stop().await;
+}
+
+/// The silent drop of a blocked sender's DEPOSIT, including its timing (protocol.md 6.20, 14):
+/// the answers to a deposit the target keeps and to one it discards (it blocked the sender)
+/// are the same frame, and their latency distributions must not tell them apart. Before the
+/// discarded deposit went through the group commit it answered in about half the time, from
+/// one deposit. SQLite with `synchronous=FULL` on a real disk, so a commit costs an fsync.
+#[tokio::test]
+async fn a_blocked_senders_deposits_answer_like_kept_ones() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let mut sender = user(&broker, "sender").await;
+    let mut friend = user(&broker, "friend").await;
+    let mut blocker = user(&broker, "blocker").await;
+    pair(&mut sender, &mut friend).await;
+    pair(&mut sender, &mut blocker).await;
+    blocker
+        .link
+        .call(Request::Block(TargetArgs {
+            target: number(&sender),
+        }))
+        .await
+        .unwrap();
+    let targets = [number(&friend), number(&blocker)];
+    const ROUNDS: u8 = 100;
+    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        // Alternate which goes first, so that neither always follows the other's commit.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let id = round + 120 * i as u8;
+            let started = Instant::now();
+            let answer = deposit(&mut sender, &targets[i], id, b"sealed envelope")
+                .await
+                .unwrap();
+            times[i].push(started.elapsed());
+            let ResponseData::Deposit(d) = answer else {
+                panic!("{answer:?}")
+            };
+            assert_eq!(d.id, Hex16::from_bytes([id; 16]));
+        }
+    }
+    // What was kept and what was not.
+    assert_eq!(fetch(&mut friend).await.len(), usize::from(ROUNDS));
+    assert!(fetch(&mut blocker).await.is_empty());
+    let [kept, discarded] = times.map(|mut t| {
+        t.sort();
+        t[t.len() / 2]
+    });
+    eprintln!("DEPOSIT medians: {kept:?} kept, {discarded:?} discarded");
+    let (low, high) = (kept.min(discarded), kept.max(discarded));
+    assert!(
+        high - low <= Duration::from_micros(300) || low.as_secs_f64() >= 0.75 * high.as_secs_f64(),
+        "DEPOSIT timing tells a blocked sender apart: median {kept:?} kept, {discarded:?} \
+         discarded"
+    );
 }
