@@ -104,6 +104,7 @@ impl Batchers {
             store.clone(),
             BatcherConfig {
                 quota_per_device: config.inbox.quota_per_device,
+                timeout: config.database.timeout(),
                 ..BatcherConfig::default()
             },
         );
@@ -119,6 +120,7 @@ impl Batchers {
                 } else {
                     4
                 },
+                timeout: config.database.timeout(),
                 ..BatcherConfig::default()
             },
         );
@@ -127,6 +129,7 @@ impl Batchers {
             store.clone(),
             BatcherConfig {
                 max_in_flight: 4,
+                timeout: config.database.timeout(),
                 ..BatcherConfig::default()
             },
         );

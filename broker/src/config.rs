@@ -115,6 +115,16 @@ pub struct DatabaseConfig {
     pub url: Option<String>,
     /// Connection pool size. Default 16.
     pub max_connections: u32,
+    /// How long a request waits for the database (a pooled connection, a Postgres statement,
+    /// a group commit) before it is answered UNAVAILABLE, milliseconds. Default 5000.
+    pub timeout_ms: u64,
+}
+
+impl DatabaseConfig {
+    /// [`Self::timeout_ms`] as a duration.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms)
+    }
 }
 
 impl Default for DatabaseConfig {
@@ -122,6 +132,7 @@ impl Default for DatabaseConfig {
         Self {
             url: None,
             max_connections: 16,
+            timeout_ms: micromsg_store::DEFAULT_STORE_TIMEOUT.as_millis() as u64,
         }
     }
 }
@@ -511,6 +522,9 @@ impl Config {
         }
         if self.auth.nonce_step_secs == 0 {
             return invalid("auth.nonce_step_secs must be at least 1".into());
+        }
+        if self.database.timeout_ms < 100 {
+            return invalid("database.timeout_ms must be at least 100".into());
         }
         if self.limits.max_frame_len < 1024 {
             return invalid("limits.max_frame_len must be at least 1024".into());

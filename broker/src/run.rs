@@ -106,7 +106,14 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
     let server_tls = tls::server_config(&files)?;
     let identity = crate::identity::load_or_create(&data_dir.join("identity.key"))?;
     let store = match &config.database.url {
-        Some(url) => Store::connect_postgres(url, config.database.max_connections).await?,
+        Some(url) => {
+            Store::connect_postgres(
+                url,
+                config.database.max_connections,
+                config.database.timeout(),
+            )
+            .await?
+        }
         None => {
             Store::open_sqlite_with(
                 data_dir.join("micromsg.db"),

@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -33,6 +34,11 @@ pub struct BatcherConfig {
     pub quota_per_device: u32,
     /// Retries of a whole batch that failed with a retryable error (deadlock, busy).
     pub retries: u32,
+    /// How long one batch's transaction may take before its items fail with
+    /// [`StoreError::TimedOut`] (the database is down or stuck); see
+    /// [`crate::DEFAULT_STORE_TIMEOUT`]. An item that timed out may have been stored: its
+    /// retry with the same id is idempotent.
+    pub timeout: Duration,
 }
 
 impl Default for BatcherConfig {
@@ -43,6 +49,7 @@ impl Default for BatcherConfig {
             queue: 8192,
             quota_per_device: 10_000,
             retries: 3,
+            timeout: crate::DEFAULT_STORE_TIMEOUT,
         }
     }
 }
@@ -116,12 +123,16 @@ async fn run<T, O, F, Fut>(
         }
         let commit = Arc::clone(&commit);
         let retries = config.retries;
+        let timeout = config.timeout;
         tokio::spawn(async move {
             let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let items = Arc::new(items);
             let mut attempt = 0;
             let result = loop {
-                match commit(Arc::clone(&items)).await {
+                let attempt_result = tokio::time::timeout(timeout, commit(Arc::clone(&items)))
+                    .await
+                    .unwrap_or(Err(StoreError::TimedOut));
+                match attempt_result {
                     Err(e) if e.is_retryable() && attempt < retries => attempt += 1,
                     other => break other,
                 }

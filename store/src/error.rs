@@ -13,7 +13,8 @@ pub enum StoreError {
     /// The entity number is already registered (the caller retries with a new random number).
     #[error("entity number is already taken")]
     NumberTaken,
-    /// The message id is already stored for this recipient, from a different sender.
+    /// The message id is already stored for this recipient as another message (a different
+    /// sender, or a different body).
     #[error("message id is already in use")]
     DuplicateId,
     /// The entity, device or record does not exist.
@@ -52,18 +53,23 @@ pub enum StoreError {
     /// The database failed. Log it; never show it to a peer.
     #[error("database error")]
     Database(#[source] sqlx::Error),
+    /// The database did not answer within the store's timeout (see
+    /// [`crate::DEFAULT_STORE_TIMEOUT`]); the operation may or may not have taken effect, so
+    /// only idempotent operations are retried by callers.
+    #[error("the database did not answer in time")]
+    TimedOut,
     /// Applying the schema migrations failed.
     #[error("database migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
 
 impl StoreError {
-    /// Whether retrying the whole operation may succeed: a serialisation failure or deadlock
-    /// (Postgres), a busy or locked database (SQLite), or a pool timeout. A group-commit loop
-    /// retries its batch on these.
+    /// Whether retrying the whole operation at once may succeed: a serialisation failure or
+    /// deadlock (Postgres), a busy or locked database (SQLite). A group-commit loop retries its
+    /// batch on these. Not a database that is down or a disk that is full
+    /// ([`StoreError::is_unavailable`]): retrying at once would only make the client wait.
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::Database(sqlx::Error::PoolTimedOut) => true,
             StoreError::BatchFailed(inner) => inner.is_retryable(),
             StoreError::Database(sqlx::Error::Database(e)) => matches!(
                 e.code().as_deref(),
@@ -72,6 +78,38 @@ impl StoreError {
                 // SQLite: BUSY, LOCKED, BUSY_RECOVERY, LOCKED_SHAREDCACHE, BUSY_SNAPSHOT.
                 | Some("5" | "6" | "261" | "262" | "517")
             ),
+            _ => false,
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether the storage cannot take the request now but may later: the disk is full or
+    /// failing (SQLite `FULL`, `IOERR`), the database cannot be reached or is shutting down
+    /// (a pool timeout, an I/O or TLS error, Postgres classes 08 and 53, `57P01`–`57P03`, a
+    /// statement timeout `57014`), or [`StoreError::TimedOut`]. The broker answers these with a
+    /// typed, retryable UNAVAILABLE, never INTERNAL.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::TimedOut => true,
+            StoreError::BatchFailed(inner) => inner.is_unavailable(),
+            StoreError::Database(e) => match e {
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+                sqlx::Error::Database(db) => {
+                    let code = db.code().unwrap_or_default();
+                    match code.parse::<i32>() {
+                        // SQLite: the primary code is the low byte of the extended one.
+                        Ok(n) => matches!(n & 0xff, 10 | 13),
+                        // Postgres SQLSTATE.
+                        Err(_) => {
+                            code.starts_with("08")
+                                || code.starts_with("53")
+                                || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "57014")
+                        }
+                    }
+                }
+                _ => false,
+            },
             _ => false,
         }
     }

@@ -54,7 +54,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{Connection, Postgres, Sqlite, Transaction};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 pub use batcher::{
@@ -68,6 +68,12 @@ pub use types::{
 
 /// Default pool size for a SQLite store (SQLite has one writer at a time; the rest read).
 pub const DEFAULT_SQLITE_CONNECTIONS: u32 = 8;
+/// How long a store operation may wait for the database by default: for a pooled connection,
+/// for a Postgres statement (`statement_timeout`), and for a group-commit batch. Past it the
+/// operation fails with [`StoreError::TimedOut`] or a pool timeout, both
+/// [`StoreError::is_unavailable`], instead of hanging while the database is down.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a SQLite statement waits for the writer lock before failing with `SQLITE_BUSY`.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -159,6 +165,21 @@ impl Store {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
+            // A write transaction whose COMMIT failed (disk full, I/O error) can leave its
+            // connection out of step: SQLite may already have rolled the transaction back, so
+            // the ROLLBACK queued when it is dropped fails and sqlx still counts a transaction
+            // open, and every later BEGIN on that connection fails. Such a connection is
+            // closed on release instead of going back to the pool, so the store recovers by
+            // itself once the disk has room again.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    if conn.is_in_transaction() {
+                        // A dropped transaction's ROLLBACK may still be queued: let it run.
+                        conn.ping().await?;
+                    }
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .connect_with(options)
             .await?;
         sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
@@ -169,19 +190,32 @@ impl Store {
     }
 
     /// Connects to Postgres at `url` with a pool of `max_connections`, and applies the
-    /// migrations (sqlx serialises concurrent migrators with an advisory lock).
-    pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+    /// migrations (sqlx serialises concurrent migrators with an advisory lock). `timeout`
+    /// bounds the wait for a pooled connection and every statement (see
+    /// [`DEFAULT_STORE_TIMEOUT`]).
+    pub async fn connect_postgres(
+        url: &str,
+        max_connections: u32,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)?;
-        Self::connect_postgres_with(options, max_connections).await
+        Self::connect_postgres_with(options, max_connections, timeout).await
     }
 
     /// Like [`Store::connect_postgres`] with parsed options (e.g. to pick another database).
     pub async fn connect_postgres_with(
         options: PgConnectOptions,
         max_connections: u32,
+        timeout: Duration,
     ) -> Result<Self, StoreError> {
+        let timeout = timeout.max(Duration::from_millis(100));
+        // The server cancels a statement that runs longer (57014, unavailable), so a stuck
+        // database does not hold a connection, and a request, for ever.
+        let options =
+            options.options([("statement_timeout", format!("{}ms", timeout.as_millis()))]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
+            .acquire_timeout(timeout)
             .connect_with(options)
             .await?;
         sqlx::migrate!("../migrations/postgres").run(&pool).await?;

@@ -65,9 +65,10 @@ where
     let url = micromsg_testdb::fresh_database("mm_test").await;
     let options = PgConnectOptions::from_str(&url)
         .unwrap_or_else(|e| panic!("micromsg-testdb gave an invalid URL: {e}"));
-    let store = Store::connect_postgres_with(options.clone(), 16)
-        .await
-        .unwrap();
+    let store =
+        Store::connect_postgres_with(options.clone(), 16, micromsg_store::DEFAULT_STORE_TIMEOUT)
+            .await
+            .unwrap();
     assert_eq!(store.backend_name(), "postgres");
     let outcome = tokio::spawn(case(store.clone(), options)).await;
     store.close().await;

@@ -11,6 +11,8 @@ use micromsg_broker::config::Config;
 use micromsg_broker::run::{RunningBroker, start};
 
 pub mod agents;
+pub mod fault_proxy;
+pub mod raw;
 pub mod wait;
 
 /// Declares `mod sqlite` and `mod postgres`, each with one `#[tokio::test]` per listed

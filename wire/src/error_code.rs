@@ -92,6 +92,9 @@ error_codes! {
     Internal = "INTERNAL", close = false;
     /// The broker is shutting down.
     ShuttingDown = "SHUTTING-DOWN", close = false;
+    /// The broker's storage cannot take the request now (disk full, database down or too
+    /// slow); see `RetryAfter`.
+    Unavailable = "UNAVAILABLE", close = false;
 }
 
 impl fmt::Display for ErrorCode {
@@ -111,7 +114,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip_through_text() {
-        assert_eq!(ErrorCode::ALL.len(), 21);
+        assert_eq!(ErrorCode::ALL.len(), 22);
         for &code in ErrorCode::ALL {
             assert_eq!(code.as_str().parse::<ErrorCode>(), Ok(code));
         }

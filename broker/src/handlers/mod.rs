@@ -68,10 +68,22 @@ impl Refusal {
     }
 }
 
+/// How long a client is told to wait after UNAVAILABLE.
+const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
-        // The database error stays in the log; the peer learns only that it failed.
+        // The database error stays in the log; the peer learns only that it failed, and
+        // whether waiting may help.
         warn!(error = %e, "store error while handling a request");
+        if e.is_unavailable() {
+            return Refusal::retry(
+                ErrorCode::Unavailable,
+                "the broker's storage cannot take this now (full or unreachable); try again \
+                 after RetryAfter",
+                UNAVAILABLE_RETRY_AFTER,
+            );
+        }
         Refusal::new(ErrorCode::Internal, "internal error; try again")
     }
 }

@@ -48,6 +48,7 @@ fn retryable(e: &LinkError) -> bool {
                     | ErrorCode::PeerUnavailable
                     | ErrorCode::Internal
                     | ErrorCode::ShuttingDown
+                    | ErrorCode::Unavailable
             )
         )
 }

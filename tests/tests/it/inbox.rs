@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use micromsg_broker::config::InboxMode;
 use micromsg_client::account::{self, Session};
 use micromsg_client::profile::Profile;
+use micromsg_tests::raw::{number, pair, user};
 use micromsg_tests::{Backend, TestBroker};
 use micromsg_wire::message::request::{
-    AddDeviceArgs, Answer, ContactAnswerArgs, DepositArgs, InboxAckArgs, InboxFetchArgs,
-    InitiateNewArgs, SyncCopyArgs, TargetArgs,
+    AddDeviceArgs, DepositArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs, TargetArgs,
 };
 use micromsg_wire::message::response::InboxMessage;
-use micromsg_wire::{Address, Blob, ErrorCode, Event, Hex16, Number, Request, ResponseData};
+use micromsg_wire::{Blob, ErrorCode, Event, Hex16, Number, Request, ResponseData};
 
 micromsg_tests::both_backends!(
     entity_mode_copies_to_every_device,
@@ -21,43 +21,6 @@ micromsg_tests::both_backends!(
     quota_exceeded_keeps_what_is_stored,
     deposits_need_a_contact_pair,
 );
-
-async fn user(broker: &TestBroker, name: &str) -> Session {
-    let p = Profile::new(broker.profile_dir(name));
-    account::register(&p, &broker.addr, &broker.ca, None)
-        .await
-        .unwrap()
-}
-
-fn number(s: &Session) -> Number {
-    Number::new(s.info.number.clone()).unwrap()
-}
-
-/// Makes `a` and `b` a contact pair through INITIATE-NEW and an accepting answer.
-async fn pair(a: &mut Session, b: &mut Session) {
-    a.link
-        .call(Request::InitiateNew(InitiateNewArgs {
-            target: number(b),
-            address: None,
-        }))
-        .await
-        .unwrap();
-    let Event::ContactRequest(r) = b.link.next_event().await.unwrap() else {
-        panic!("expected a contact request")
-    };
-    b.link
-        .call(Request::ContactAnswer(ContactAnswerArgs {
-            request: r.request,
-            answer: Answer::Accept {
-                address: Address::new("127.0.0.1:9").unwrap(),
-            },
-        }))
-        .await
-        .unwrap();
-    // Drain the CONTACT-CONNECTING / CONTACT-ACCEPTED events.
-    let _ = b.link.next_event().await.unwrap();
-    let _ = a.link.next_event().await.unwrap();
-}
 
 /// A second device for `s`, logged in.
 async fn second_device(broker: &TestBroker, s: &mut Session, name: &str) -> Session {

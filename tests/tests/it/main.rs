@@ -14,6 +14,7 @@ mod offline;
 mod process;
 mod reconnect;
 mod sessions;
+mod storage_faults;
 
 /// The broker's command line as a binary: this package's `micromsg-test-broker`
 /// (`src/bin/micromsg-test-broker.rs`, which runs `micromsg_broker::cli::main`), which cargo
