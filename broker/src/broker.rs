@@ -1,6 +1,5 @@
 //! [`Broker`]: the state every connection shares.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use micromsg_wire::{Hex32, Hex64, Limits, NumberPrefix, encode_info_canonical};
 use crate::config::{Config, InboxMode, RegistrationPolicy};
 use crate::contacts::Router;
 use crate::federation::Federation;
-use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
+use crate::limits::{FailureLock, ReplayCache, Source, WindowLimiter};
 use crate::numbers::NumberAllocator;
 use crate::online::Online;
 use micromsg_store::{BatcherConfig, DepositBatcher, OutboxBatcher, RouteBatcher, Store};
@@ -55,11 +54,13 @@ pub struct Broker {
 #[derive(Debug)]
 pub(crate) struct Limiters {
     /// Registrations (and device joins) per client IP per hour.
-    pub(crate) registrations: WindowLimiter<IpAddr>,
+    pub(crate) registrations: WindowLimiter<Source>,
     /// INITIATE requests per entity per minute.
     pub(crate) initiates: WindowLimiter<String>,
-    /// Login failures per entity.
+    /// Login failures per entity, with the sources that failed.
     pub(crate) login_failures: FailureLock,
+    /// Login failures per source, for any entities.
+    pub(crate) login_sources: WindowLimiter<Source>,
     /// Accepted login nonces, refused a second time.
     pub(crate) replay: ReplayCache,
 }
@@ -69,18 +70,27 @@ impl Limiters {
         // A nonce verifies for (2 * skew + 1) steps; remember it a little longer than that.
         let window = u64::from(config.auth.nonce_step_secs)
             * (2 * u64::from(config.auth.nonce_skew_steps) + 2);
+        let entries = config.limits.max_table_entries;
         Self {
             registrations: WindowLimiter::new(
                 config.registration.per_ip_per_hour,
                 Duration::from_secs(3600),
+                entries,
             ),
             initiates: WindowLimiter::new(
                 config.contacts.initiates_per_minute,
                 Duration::from_secs(60),
+                entries,
             ),
             login_failures: FailureLock::new(
                 config.auth.max_login_failures,
                 Duration::from_secs(config.auth.lock_secs),
+                entries,
+            ),
+            login_sources: WindowLimiter::new(
+                config.auth.max_failures_per_source,
+                Duration::from_secs(60),
+                entries,
             ),
             replay: ReplayCache::new(Duration::from_secs(window)),
         }

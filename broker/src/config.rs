@@ -198,8 +198,12 @@ pub struct AuthConfig {
     pub nonce_step_secs: u32,
     /// Steps of clock skew accepted either side. Default 1.
     pub nonce_skew_steps: u32,
-    /// Failed logins per entity before it is locked. Default 10.
+    /// Failed logins per entity before it is locked against the sources that failed.
+    /// Default 10.
     pub max_login_failures: u32,
+    /// Failed logins per source (an IPv4 address, or an IPv6 /64) per minute, for any
+    /// entities, before that source's LOGINs are refused RATE-LIMITED. Default 30.
+    pub max_failures_per_source: u32,
     /// Seconds an entity stays locked after too many failures. Default 300.
     pub lock_secs: u64,
 }
@@ -210,6 +214,7 @@ impl Default for AuthConfig {
             nonce_step_secs: 6,
             nonce_skew_steps: 1,
             max_login_failures: 10,
+            max_failures_per_source: 30,
             lock_secs: 300,
         }
     }
@@ -298,6 +303,9 @@ pub struct LimitsConfig {
     pub device_secret_ttl_secs: u64,
     /// Events queued for one connection before it is dropped as too slow. Default 256.
     pub event_queue: usize,
+    /// Most keys each in-memory limiter table holds (registrations per IP, INITIATEs per
+    /// entity, login failures per entity and per source). Default 100,000.
+    pub max_table_entries: usize,
 }
 
 impl Default for LimitsConfig {
@@ -313,6 +321,7 @@ impl Default for LimitsConfig {
             max_devices: 8,
             device_secret_ttl_secs: 600,
             event_queue: 256,
+            max_table_entries: 100_000,
         }
     }
 }
@@ -522,6 +531,12 @@ impl Config {
         }
         if self.auth.nonce_step_secs == 0 {
             return invalid("auth.nonce_step_secs must be at least 1".into());
+        }
+        if self.limits.max_table_entries < 100 {
+            return invalid("limits.max_table_entries must be at least 100".into());
+        }
+        if self.auth.max_failures_per_source == 0 {
+            return invalid("auth.max_failures_per_source must be at least 1".into());
         }
         if self.database.timeout_ms < 100 {
             return invalid("database.timeout_ms must be at least 100".into());

@@ -1,10 +1,13 @@
 //! In-memory rate limiters: token buckets per connection, sliding counts per IP and per entity.
 //!
 //! They take `now` as an argument (sans-clock), so tests drive them deterministically. Tables
-//! keyed by IP or entity are bounded by pruning entries that no longer limit anything.
+//! keyed by IP or entity are bounded twice: by pruning entries that no longer limit anything,
+//! and by a hard cap on entries (`limits.max_table_entries`), so that a flood of distinct keys
+//! costs bounded memory (docs/operations.md gives the bytes per entry).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -61,6 +64,28 @@ impl<K: Eq + Hash, V> Pruned<K, V> {
     }
 }
 
+/// Where a client connects from, as far as limits count it: an IPv4 address, or the /64 of an
+/// IPv6 address (one subscriber usually holds a whole /64, so counting single IPv6 addresses
+/// would let one host use 2^64 of them). An IPv4-mapped IPv6 address counts as its IPv4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source(IpAddr);
+
+impl Source {
+    /// The source `ip` belongs to.
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !(u128::from(u64::MAX));
+                    Self(IpAddr::V6(prefix.into()))
+                }
+            },
+        }
+    }
+}
+
 /// A token bucket: `rate` tokens per second up to `burst`.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -98,31 +123,55 @@ impl TokenBucket {
     }
 }
 
-/// At most `max` events per `window` for each key (a fixed window per key, reset when it ends).
+/// At most `max` events per `window` for each key (a fixed window per key, reset when it ends),
+/// for at most `max_entries` keys at once: a new key beyond them is refused as over the limit
+/// (fail closed), until pruning makes room.
 #[derive(Debug)]
 pub struct WindowLimiter<K> {
     max: u32,
     window: Duration,
+    max_entries: usize,
     table: Mutex<Pruned<K, (Instant, u32)>>,
 }
 
 impl<K: Eq + Hash + Clone> WindowLimiter<K> {
-    /// `max` events per `window`.
-    pub fn new(max: u32, window: Duration) -> Self {
+    /// `max` events per `window`, for at most `max_entries` keys.
+    pub fn new(max: u32, window: Duration, max_entries: usize) -> Self {
         Self {
             max,
             window,
+            max_entries: max_entries.max(1),
             table: Mutex::new(Pruned::default()),
         }
     }
 
-    /// Counts one event for `key`; `Err(retry_after)` when over the limit (not counted).
+    /// `Err(retry_after)` when `key` is over the limit now; counts nothing.
+    pub fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        match table.map.get(key) {
+            Some((start, count))
+                if *count >= self.max && now.saturating_duration_since(*start) < self.window =>
+            {
+                Err(self
+                    .window
+                    .saturating_sub(now.saturating_duration_since(*start)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts one event for `key`; `Err(retry_after)` when over the limit (not counted), or
+    /// when `key` is new and the table is full.
     pub fn hit(&self, key: &K, now: Instant) -> Result<(), Duration> {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let window = self.window;
-        table.prune(now, window, 100_000, |_, (start, _)| {
+        table.prune(now, window, self.max_entries / 2, |_, (start, _)| {
             now.saturating_duration_since(*start) < window
         });
+        if table.map.len() >= self.max_entries && !table.map.contains_key(key) {
+            // The oldest entry ends within a window; a quarter window is when pruning next runs.
+            return Err(window / PRUNES_PER_PERIOD);
+        }
         let entry = table.map.entry(key.clone()).or_insert((now, 0));
         if now.saturating_duration_since(entry.0) >= self.window {
             *entry = (now, 0);
@@ -137,62 +186,84 @@ impl<K: Eq + Hash + Clone> WindowLimiter<K> {
     }
 }
 
-/// Counts login failures per entity and locks an entity after too many.
+/// Most sources one entity's failure record remembers; failures from further sources still
+/// count toward the entity's total, but those sources are not locked (the per-source failure
+/// limit still throttles each of them).
+pub const MAX_SOURCES_PER_ENTITY: usize = 16;
+
+/// Counts login failures per entity and per source, and locks an entity after too many, but
+/// only against the sources that failed (protocol.md 9.5): whoever floods wrong logins for a
+/// number locks themselves out, not the number's owner, who logs in from elsewhere.
 #[derive(Debug)]
 pub struct FailureLock {
     max_failures: u32,
     lock_for: Duration,
+    max_entries: usize,
     table: Mutex<Pruned<String, Failures>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Failures {
+    /// Failures from every source since the record started.
     count: u32,
     locked_until: Option<Instant>,
     last: Instant,
+    /// The sources that failed, with their failures.
+    sources: HashMap<Source, u32>,
 }
 
 impl FailureLock {
-    /// Locks for `lock_for` after `max_failures` failures in a row.
-    pub fn new(max_failures: u32, lock_for: Duration) -> Self {
+    /// Locks for `lock_for` after `max_failures` failures in a row, keeping at most
+    /// `max_entries` entities.
+    pub fn new(max_failures: u32, lock_for: Duration, max_entries: usize) -> Self {
         Self {
             max_failures: max_failures.max(1),
             lock_for,
+            max_entries: max_entries.max(1),
             table: Mutex::new(Pruned::default()),
         }
     }
 
-    /// `Err(retry_after)` while `entity` is locked.
-    pub fn check(&self, entity: &str, now: Instant) -> Result<(), Duration> {
+    /// `Err(retry_after)` while `entity` is locked against `source`: the entity has failed
+    /// too often, and `source` is one of those that failed.
+    pub fn check(&self, entity: &str, source: Source, now: Instant) -> Result<(), Duration> {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        match table.map.get(entity).and_then(|f| f.locked_until) {
-            Some(until) if until > now => Err(until - now),
+        match table.map.get(entity) {
+            Some(f) if f.sources.contains_key(&source) => match f.locked_until {
+                Some(until) if until > now => Err(until - now),
+                _ => Ok(()),
+            },
             _ => Ok(()),
         }
     }
 
-    /// Records a failure; returns true when this failure locked the entity.
-    pub fn fail(&self, entity: &str, now: Instant) -> bool {
+    /// Records a failure from `source`; returns true when this failure locked the entity.
+    /// With the table full, a failure for an entity not in it is not recorded.
+    pub fn fail(&self, entity: &str, source: Source, now: Instant) -> bool {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let lock_for = self.lock_for;
-        table.prune(now, lock_for, 100_000, |_, f| {
+        table.prune(now, lock_for, self.max_entries / 2, |_, f| {
             now.saturating_duration_since(f.last) < lock_for
                 || f.locked_until.is_some_and(|until| until > now)
         });
-        let f = table.map.entry(entity.to_owned()).or_insert(Failures {
+        if table.map.len() >= self.max_entries && !table.map.contains_key(entity) {
+            return false;
+        }
+        let fresh = || Failures {
             count: 0,
             locked_until: None,
             last: now,
-        });
+            sources: HashMap::new(),
+        };
+        let f = table.map.entry(entity.to_owned()).or_insert_with(fresh);
         if f.locked_until.is_some_and(|until| until <= now) {
-            *f = Failures {
-                count: 0,
-                locked_until: None,
-                last: now,
-            };
+            *f = fresh();
         }
-        f.count += 1;
+        f.count = f.count.saturating_add(1);
         f.last = now;
+        if f.sources.len() < MAX_SOURCES_PER_ENTITY || f.sources.contains_key(&source) {
+            *f.sources.entry(source).or_insert(0) += 1;
+        }
         if f.count >= self.max_failures && f.locked_until.is_none() {
             f.locked_until = Some(now + self.lock_for);
             return true;
@@ -200,10 +271,26 @@ impl FailureLock {
         false
     }
 
-    /// Clears the failures of `entity` after a successful login.
-    pub fn succeed(&self, entity: &str) {
+    /// A successful login of `entity` from `source`: that source's failures are forgotten.
+    /// Other sources stay as they are (a lock against them holds), and the record goes once
+    /// no source is left in it.
+    pub fn succeed(&self, entity: &str, source: Source) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.map.remove(entity);
+        if let Some(f) = table.map.get_mut(entity) {
+            f.sources.remove(&source);
+            if f.sources.is_empty() {
+                table.map.remove(entity);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .len()
     }
 }
 
@@ -273,11 +360,96 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// A source (a client address).
+    const A: Source = Source(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)));
+    const B: Source = Source(IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7)));
+
+    #[test]
+    fn an_entity_is_locked_only_against_the_sources_that_failed() {
+        let t0 = Instant::now();
+        let l = FailureLock::new(3, Duration::from_secs(300), 1_000);
+        for _ in 0..10 {
+            l.fail("owner", A, t0);
+        }
+        assert!(
+            l.check("owner", A, t0).is_err(),
+            "the attacker is locked out"
+        );
+        assert!(
+            l.check("owner", B, t0).is_ok(),
+            "the owner elsewhere is not"
+        );
+        // Failures from many sources lock every one of them, and still not the owner's.
+        let many: Vec<Source> = (0..5u8)
+            .map(|i| Source::of(IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, i))))
+            .collect();
+        for s in &many {
+            l.fail("spread", *s, t0);
+        }
+        assert!(many.iter().all(|s| l.check("spread", *s, t0).is_err()));
+        assert!(l.check("spread", B, t0).is_ok());
+        // The owner logging in forgets only the owner's own failures.
+        l.fail("owner", B, t0);
+        assert!(
+            l.check("owner", B, t0).is_err(),
+            "B failed too, so B is locked now"
+        );
+        l.succeed("owner", A);
+        assert!(l.check("owner", B, t0).is_err());
+    }
+
+    #[test]
+    fn ipv6_sources_are_counted_per_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(Source::of(a), Source::of(b));
+        assert_ne!(Source::of(a), Source::of(c));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(Source::of(mapped), A);
+    }
+
+    #[test]
+    fn the_tables_hold_at_most_their_entries() {
+        let t0 = Instant::now();
+        let failures = FailureLock::new(10, Duration::from_secs(300), 100);
+        for i in 0..10_000u32 {
+            failures.fail(&format!("555{i:07}"), A, t0);
+        }
+        assert_eq!(failures.len(), 100, "a flood of numbers is capped");
+        // An entity already in the table still counts.
+        for _ in 0..10 {
+            failures.fail("5550000000", A, t0);
+        }
+        assert!(failures.check("5550000000", A, t0).is_err());
+        // Window limiters refuse a new key while full (fail closed), and keep counting old ones.
+        let l = WindowLimiter::new(2, Duration::from_secs(60), 3);
+        for k in 0..3u32 {
+            assert!(l.hit(&k, t0).is_ok());
+        }
+        assert!(l.hit(&99, t0).is_err());
+        assert!(l.hit(&0, t0).is_ok());
+        // Once the window has passed, pruning makes room.
+        assert!(l.hit(&99, t0 + Duration::from_secs(60)).is_ok());
+        // Sources per entity are capped too.
+        let wide = FailureLock::new(u32::MAX, Duration::from_secs(300), 10);
+        for i in 0..1_000u32 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            wide.fail("5550000001", Source::of(ip), t0);
+        }
+        let table = wide.table.lock().unwrap();
+        assert_eq!(
+            table.map["5550000001"].sources.len(),
+            MAX_SOURCES_PER_ENTITY
+        );
+        assert_eq!(table.map["5550000001"].count, 1_000);
+    }
+
     #[test]
     fn pruned_table_forgets_expired_keys_once_a_period() {
         let t0 = Instant::now();
         let every = Duration::from_secs(60);
-        let limiter = WindowLimiter::new(5, every);
+        let limiter = WindowLimiter::new(5, every, 1_000_000);
         for k in 0..5_000u32 {
             assert!(limiter.hit(&k, t0).is_ok());
         }
@@ -351,7 +523,7 @@ mod tests {
     fn window_ends_exactly_one_window_after_its_first_hit() {
         let t0 = Instant::now();
         let window = Duration::from_secs(60);
-        let l = WindowLimiter::new(2, window);
+        let l = WindowLimiter::new(2, window, 1_000_000);
         assert!(l.hit(&1, t0).is_ok());
         assert!(l.hit(&1, t0 + Duration::from_secs(10)).is_ok());
         // Refused for what is left of the window, counted from the first hit.
@@ -371,30 +543,33 @@ mod tests {
     fn a_lock_lasts_exactly_lock_for_and_then_starts_over() {
         let t0 = Instant::now();
         let lock_for = Duration::from_secs(10);
-        let l = FailureLock::new(2, lock_for);
-        assert!(!l.fail("a", t0));
-        assert!(l.check("a", t0 + Duration::from_secs(1)).is_ok(), "not yet");
+        let l = FailureLock::new(2, lock_for, 1_000);
+        assert!(!l.fail("a", A, t0));
         assert!(
-            l.fail("a", t0 + Duration::from_secs(1)),
+            l.check("a", A, t0 + Duration::from_secs(1)).is_ok(),
+            "not yet"
+        );
+        assert!(
+            l.fail("a", A, t0 + Duration::from_secs(1)),
             "the second failure locks"
         );
         let locked_at = t0 + Duration::from_secs(1);
         assert_eq!(
-            l.check("a", locked_at + Duration::from_secs(4)),
+            l.check("a", A, locked_at + Duration::from_secs(4)),
             Err(Duration::from_secs(6))
         );
         let just_before = locked_at + lock_for - Duration::from_nanos(1);
-        assert_eq!(l.check("a", just_before), Err(Duration::from_nanos(1)));
-        assert!(l.check("a", locked_at + lock_for).is_ok());
+        assert_eq!(l.check("a", A, just_before), Err(Duration::from_nanos(1)));
+        assert!(l.check("a", A, locked_at + lock_for).is_ok());
         // Once the lock is over the count starts again: one failure does not lock.
-        assert!(!l.fail("a", locked_at + lock_for));
-        assert!(l.check("a", locked_at + lock_for).is_ok());
+        assert!(!l.fail("a", A, locked_at + lock_for));
+        assert!(l.check("a", A, locked_at + lock_for).is_ok());
     }
 
     #[test]
     fn window_limits_per_key_and_resets() {
         let t0 = Instant::now();
-        let l = WindowLimiter::new(2, Duration::from_secs(60));
+        let l = WindowLimiter::new(2, Duration::from_secs(60), 1_000_000);
         assert!(l.hit(&1, t0).is_ok());
         assert!(l.hit(&1, t0).is_ok());
         assert!(l.hit(&1, t0).is_err());
@@ -405,15 +580,15 @@ mod tests {
     #[test]
     fn failures_lock_and_expire() {
         let t0 = Instant::now();
-        let l = FailureLock::new(3, Duration::from_secs(10));
-        assert!(!l.fail("a", t0));
-        assert!(!l.fail("a", t0));
-        assert!(l.fail("a", t0));
-        assert!(l.check("a", t0).is_err());
-        assert!(l.check("b", t0).is_ok());
-        assert!(l.check("a", t0 + Duration::from_secs(10)).is_ok());
-        l.succeed("a");
-        assert!(l.check("a", t0).is_ok());
+        let l = FailureLock::new(3, Duration::from_secs(10), 1_000);
+        assert!(!l.fail("a", A, t0));
+        assert!(!l.fail("a", A, t0));
+        assert!(l.fail("a", A, t0));
+        assert!(l.check("a", A, t0).is_err());
+        assert!(l.check("b", A, t0).is_ok());
+        assert!(l.check("a", A, t0 + Duration::from_secs(10)).is_ok());
+        l.succeed("a", A);
+        assert!(l.check("a", A, t0).is_ok());
     }
 
     #[test]

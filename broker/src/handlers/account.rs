@@ -3,7 +3,6 @@
 
 use micromsg_crypto::nonce::{self, Direction, NonceContext, NoncePolicy};
 use micromsg_crypto::{Secret32, kdf};
-use std::net::IpAddr;
 
 use micromsg_store::{NewDevice, Store, StoreError};
 use micromsg_wire::message::request::{DeviceJoinArgs, LoginArgs, RegisterArgs};
@@ -19,7 +18,7 @@ use super::{Handled, Login, Refusal, Session, wire_number};
 use crate::broker::Broker;
 use crate::clock::Now;
 use crate::config::{Config, RegistrationPolicy};
-use crate::limits::{FailureLock, ReplayCache, WindowLimiter};
+use crate::limits::{FailureLock, ReplayCache, Source, WindowLimiter};
 use crate::numbers::NumberAllocator;
 use crate::online::Online;
 
@@ -34,10 +33,12 @@ pub struct Cx<'a> {
     pub online: &'a Online,
     /// Draws the numbers of new entities.
     pub numbers: &'a NumberAllocator,
-    /// Registrations and device joins per client IP.
-    pub registrations: &'a WindowLimiter<IpAddr>,
-    /// Login failures per entity.
+    /// Registrations and device joins per client source (IPv4 address, IPv6 /64).
+    pub registrations: &'a WindowLimiter<Source>,
+    /// Login failures per entity, with the sources that failed.
     pub login_failures: &'a FailureLock,
+    /// Login failures per source.
+    pub login_sources: &'a WindowLimiter<Source>,
     /// Login nonces already accepted.
     pub replay: &'a ReplayCache,
 }
@@ -52,6 +53,7 @@ impl<'a> Cx<'a> {
             numbers: &broker.numbers,
             registrations: &broker.limiters.registrations,
             login_failures: &broker.limiters.login_failures,
+            login_sources: &broker.limiters.login_sources,
             replay: &broker.limiters.replay,
         }
     }
@@ -60,10 +62,10 @@ impl<'a> Cx<'a> {
 /// How stale a device's `last_seen` may get before a login writes it again.
 const LAST_SEEN_GRANULARITY_SECS: i64 = 60;
 
-/// Registrations and device joins per client IP (`registration.per_ip_per_hour`).
+/// Registrations and device joins per client source (`registration.per_ip_per_hour`).
 fn check_registration_rate(cx: Cx<'_>, session: &Session, now: Now) -> Result<(), Refusal> {
     cx.registrations
-        .hit(&session.peer.ip(), now.instant)
+        .hit(&Source::of(session.peer.ip()), now.instant)
         .map_err(|wait| {
             Refusal::retry(
                 ErrorCode::RateLimited,
@@ -192,10 +194,22 @@ pub async fn login(
 ) -> Result<(ResponseData, Login), Refusal> {
     let number = args.entity.as_str().to_owned();
     let device_id = args.device.get();
-    if let Err(wait) = cx.login_failures.check(&number, now.instant) {
+    let source = Source::of(session.peer.ip());
+    // The source first: one that fails too often is throttled whatever entity it tries.
+    if let Err(wait) = cx.login_sources.check(&source, now.instant) {
+        return Err(Refusal::retry(
+            ErrorCode::RateLimited,
+            "too many failed logins from this address; wait",
+            wait,
+        ));
+    }
+    // Then the entity, locked only against the sources that failed for it (9.5): a device
+    // logging in from elsewhere is not locked out by someone else's failures.
+    if let Err(wait) = cx.login_failures.check(&number, source, now.instant) {
         return Err(Refusal::retry(
             ErrorCode::Locked,
-            "too many failed logins; the entity is locked for a while",
+            "too many failed logins for this entity from this address; the entity is locked \
+             against it for a while",
             wait,
         ));
     }
@@ -235,7 +249,8 @@ pub async fn login(
     let step = match verified {
         Ok(step) if usable && cx.replay.first_use(*args.secret.as_bytes(), now.instant) => step,
         _ => {
-            if cx.login_failures.fail(&number, now.instant) {
+            let _ = cx.login_sources.hit(&source, now.instant);
+            if cx.login_failures.fail(&number, source, now.instant) {
                 warn!(
                     conn = session.conn_id,
                     "entity locked after repeated login failures"
@@ -250,7 +265,7 @@ pub async fn login(
     };
     let proof = nonce::compute(&server_secret, Direction::BrokerToClient, &ctx, step)
         .map_err(|_| Refusal::internal())?;
-    cx.login_failures.succeed(&number);
+    cx.login_failures.succeed(&number, source);
     // `last_seen` is for people (DEVICE-LIST), so minute precision will do: a device that
     // logs in again and again (one-shot commands, reconnects) costs no write each time.
     let last_seen = record.as_ref().and_then(|r| r.last_seen).unwrap_or(0);

@@ -728,6 +728,62 @@ async fn login_locks_after_max_failures_until_the_lock_time_has_passed() {
 }
 
 #[tokio::test]
+async fn wrong_logins_from_one_address_do_not_lock_the_owner_out_from_another() {
+    let fx = Fixture::new(|c| {
+        c.auth.max_login_failures = 10;
+        c.auth.lock_secs = 300;
+    })
+    .await;
+    let victim = fx.register().await;
+    let attacker = fx.conn_from(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 66)));
+    let wrong = Hex32::from_bytes([7; 32]);
+    for _ in 0..10 {
+        let body = refused(fx.try_login_with(&attacker, &victim, wrong).await);
+        assert_eq!(body.code, ErrorCode::AuthFailed);
+    }
+    // The attacker's address is locked out of this entity...
+    let body = refused(fx.try_login_with(&attacker, &victim, wrong).await);
+    assert_eq!(body.code, ErrorCode::Locked);
+    // ...and the owner, from its own address, logs in at once (before: LOCKED for 300 s).
+    let owner = fx.conn();
+    fx.try_login(&owner, &victim).await.unwrap();
+    // Its success does not lift the lock on the attacker's address.
+    let body = refused(fx.try_login_with(&attacker, &victim, wrong).await);
+    assert_eq!(body.code, ErrorCode::Locked);
+}
+
+#[tokio::test]
+async fn an_address_that_fails_logins_for_many_entities_is_throttled() {
+    let fx = Fixture::new(|c| {
+        c.auth.max_login_failures = 10;
+        c.auth.max_failures_per_source = 5;
+    })
+    .await;
+    // IPv6: the whole /64 is one source.
+    let prefix =
+        |host: u16| IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, 7, 0, 0, 0, host));
+    let wrong = Hex32::from_bytes([7; 32]);
+    for i in 0..5u16 {
+        let ghost = Device {
+            number: number(&format!("55500001{i:02}")),
+            device: device_id(1),
+            client_secret: [1; 32],
+            server_secret: [2; 32],
+        };
+        let conn = fx.conn_from(prefix(i + 1));
+        let body = refused(fx.try_login_with(&conn, &ghost, wrong).await);
+        assert_eq!(body.code, ErrorCode::AuthFailed);
+    }
+    let someone = fx.register().await;
+    let body = refused(fx.try_login(&fx.conn_from(prefix(99)), &someone).await);
+    assert_eq!(body.code, ErrorCode::RateLimited, "{body:?}");
+    assert!(body.retry_after.is_some());
+    // Another /64 is not affected.
+    let other = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, 8, 0, 0, 0, 1));
+    fx.try_login(&fx.conn_from(other), &someone).await.unwrap();
+}
+
+#[tokio::test]
 async fn login_failures_lock_a_number_that_does_not_exist_too() {
     let fx = Fixture::new(|c| {
         c.auth.max_login_failures = 2;
