@@ -45,6 +45,9 @@ pub(crate) fn load_config(dir: &Path) -> anyhow::Result<Config> {
     config.limits.requests_per_sec = 1_000_000;
     config.limits.requests_burst = 1_000_000;
     config.limits.max_connections_per_ip = 20_000;
+    // Every simulated client connects from loopback, thousands at once.
+    config.limits.max_handshakes = 20_000;
+    config.limits.max_handshakes_per_source = 20_000;
     config.inbox.quota_per_device = 10_000_000;
     config.admin.enabled = false;
     Ok(config)

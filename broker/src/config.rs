@@ -287,10 +287,18 @@ pub struct LimitsConfig {
     pub max_frame_len: u32,
     /// Open client connections in total. Default 20,000.
     pub max_connections: u32,
-    /// Open client connections per IP address. Default 256.
+    /// Open client connections per source (IPv4 address, IPv6 /64). Default 256.
     pub max_connections_per_ip: u32,
     /// Seconds a client has to finish the TLS handshake. Default 10.
     pub handshake_timeout_secs: u64,
+    /// Client connections in their TLS handshake at once; more are closed at once. Default
+    /// 1,024.
+    pub max_handshakes: u32,
+    /// Client connections in their TLS handshake at once from one source. Default 64 (a NAT puts many clients behind one address).
+    pub max_handshakes_per_source: u32,
+    /// Milliseconds a client has to finish the TLS handshake while more than half of
+    /// `max_handshakes` are taken (a flood of idle connections). Default 1,000.
+    pub pressured_handshake_timeout_ms: u64,
     /// Seconds without a frame before a connection is closed. Default 120 (send PING to stay).
     pub idle_timeout_secs: u64,
     /// Requests per second per connection (token bucket rate). Default 200.
@@ -315,6 +323,9 @@ impl Default for LimitsConfig {
             max_connections: 20_000,
             max_connections_per_ip: 256,
             handshake_timeout_secs: 10,
+            max_handshakes: 1_024,
+            max_handshakes_per_source: 64,
+            pressured_handshake_timeout_ms: 1_000,
             idle_timeout_secs: 120,
             requests_per_sec: 200,
             requests_burst: 400,
@@ -359,6 +370,15 @@ pub struct FederationConfig {
     pub handshake_timeout_secs: u64,
     /// Peer connections the federation listener keeps open at once. Default 256.
     pub max_connections: u32,
+    /// Connections in their mutual-TLS handshake at once on the federation listener; more
+    /// are closed at once, so unauthenticated connections never take the slots of peers.
+    /// Default 32.
+    pub max_handshakes: u32,
+    /// The same from one source (IPv4 address, IPv6 /64). Default 8.
+    pub max_handshakes_per_source: u32,
+    /// Milliseconds a peer has to finish the handshake while more than half of
+    /// `max_handshakes` are taken. Default 1,000.
+    pub pressured_handshake_timeout_ms: u64,
     /// Largest gRPC message accepted or sent, bytes. Default 4,194,304 (4 MiB).
     pub max_message_bytes: usize,
     /// Networked contact requests forwarded at once (calls in flight to peers); more are
@@ -395,6 +415,9 @@ impl Default for FederationConfig {
             probe_interval_secs: 5,
             handshake_timeout_secs: 10,
             max_connections: 256,
+            max_handshakes: 32,
+            max_handshakes_per_source: 8,
+            pressured_handshake_timeout_ms: 1_000,
             max_message_bytes: 4 * 1024 * 1024,
             max_forwards_in_flight: 1_024,
             outbox_batch: 256,
@@ -532,6 +555,21 @@ impl Config {
         if self.auth.nonce_step_secs == 0 {
             return invalid("auth.nonce_step_secs must be at least 1".into());
         }
+        if self.limits.max_handshakes == 0 || self.limits.max_handshakes_per_source == 0 {
+            return invalid(
+                "limits.max_handshakes and limits.max_handshakes_per_source must be at least 1"
+                    .into(),
+            );
+        }
+        if self.limits.pressured_handshake_timeout_ms < 100
+            || self.federation.pressured_handshake_timeout_ms < 100
+        {
+            return invalid(
+                "limits.pressured_handshake_timeout_ms and \
+                 federation.pressured_handshake_timeout_ms must be at least 100"
+                    .into(),
+            );
+        }
         if self.limits.max_table_entries < 100 {
             return invalid("limits.max_table_entries must be at least 100".into());
         }
@@ -577,10 +615,12 @@ impl Config {
             || f.outbox_batches_in_flight == 0
             || f.max_forwards_in_flight == 0
             || f.max_connections == 0
+            || f.max_handshakes == 0
+            || f.max_handshakes_per_source == 0
         {
             return invalid(
-                "federation.outbox_batch, outbox_batches_in_flight, max_forwards_in_flight and \
-                 max_connections must be at least 1"
+                "federation.outbox_batch, outbox_batches_in_flight, max_forwards_in_flight, \
+                 max_connections, max_handshakes and max_handshakes_per_source must be at least 1"
                     .into(),
             );
         }

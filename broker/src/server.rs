@@ -77,8 +77,13 @@ impl Server {
         let limits = &self.broker.config.limits;
         let accept = AcceptLimits {
             max_connections: limits.max_connections as usize,
-            max_per_ip: Some(limits.max_connections_per_ip),
+            max_per_source: Some(limits.max_connections_per_ip),
+            max_handshakes: limits.max_handshakes as usize,
+            max_handshakes_per_source: limits.max_handshakes_per_source,
             handshake_timeout: Duration::from_secs(limits.handshake_timeout_secs),
+            pressured_handshake_timeout: Duration::from_millis(
+                limits.pressured_handshake_timeout_ms,
+            ),
         };
         let broker = Arc::clone(&self.broker);
         let stop = shutdown.clone();

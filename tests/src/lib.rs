@@ -64,8 +64,10 @@ impl TestBroker {
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         config.server.data_dir = dir.path().join("data");
         config.server.shutdown_grace_secs = 5;
-        // Tests register many entities from one address.
+        // Tests register many entities from one address, many at once.
         config.registration.per_ip_per_hour = 100_000;
+        config.limits.max_handshakes = 4_096;
+        config.limits.max_handshakes_per_source = 4_096;
         // Many brokers run at once: no fixed admin port.
         config.admin.listen = "127.0.0.1:0".parse().unwrap();
         let database = match backend {
@@ -243,6 +245,8 @@ impl TestNetwork {
             config.server.broker_id = net.ids[i].clone();
             config.server.shutdown_grace_secs = 5;
             config.registration.per_ip_per_hour = 100_000;
+            config.limits.max_handshakes = 4_096;
+            config.limits.max_handshakes_per_source = 4_096;
             config.admin.listen = "127.0.0.1:0".parse().unwrap();
             config.federation.network_file = Some(report.network_file.clone());
             config.federation.listen = Some(net.endpoints[i].parse().unwrap());

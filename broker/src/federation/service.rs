@@ -197,8 +197,13 @@ impl FederationServerHandle {
         let mut server = tokio::spawn(server);
         let limits = AcceptLimits {
             max_connections: f.config.max_connections as usize,
-            max_per_ip: None,
+            max_per_source: None,
+            max_handshakes: f.config.max_handshakes as usize,
+            max_handshakes_per_source: f.config.max_handshakes_per_source,
             handshake_timeout: Duration::from_secs(f.config.handshake_timeout_secs.max(1)),
+            pressured_handshake_timeout: Duration::from_millis(
+                f.config.pressured_handshake_timeout_ms.max(1),
+            ),
         };
         // Authenticated connections go to tonic through the channel, each holding its slot.
         let serve = move |peer: PeerHandshake, _addr, slot: Slot| {
