@@ -4,9 +4,14 @@
 //!
 //! ```text
 //! frame (JSON, content kind GROUP) ─► Frame::decode ─► Payload::{Op, State, Message}
-//!   ops ─► Log::merge (dedup by id) ─► fold (sorted by lamport, author, id) ─► GroupState
+//!   ops ─► Group::merge (dedup by id, carried keys vs pins)
+//!       ─► fold (sorted by lamport, author, id; each op's signature checked under its
+//!          author's key in the state at that point) ─► GroupState (members, keys, name)
+//!   refused ops (bad signature, not this group's create, key ≠ pin) ─► reported, not stored
 //!   plan_control: new ops to the members who knew the group, the whole log to new ones
 //! ```
+//!
+//! The signed bytes and the group id derivation are in [`signing`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
