@@ -4,18 +4,28 @@
 //!
 //! ```text
 //! frame (JSON, content kind GROUP) ─► Frame::decode ─► Payload::{Op, State, Message}
-//!   ops ─► Log::merge (dedup by id) ─► fold (sorted by lamport, author, id) ─► GroupState
+//!   ops ─► Group::merge (dedup by id, carried keys vs pins)
+//!       ─► fold (sorted by lamport, author, id; each op's signature checked under its
+//!          author's key in the state at that point) ─► GroupState (members, keys, name)
+//!   refused ops (bad signature, not this group's create, key ≠ pin) ─► reported, not stored
 //!   plan_control: new ops to the members who knew the group, the whole log to new ones
 //! ```
+//!
+//! The signed bytes and the group id derivation are in [`signing`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use micromsg_crypto::hex;
+use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey, SIGNATURE_LEN, Signature};
 use micromsg_wire::Number;
 use serde::{Deserialize, Serialize};
 
-/// The frame format version (`v`).
-pub const FORMAT: u64 = 1;
+pub mod signing;
+
+/// The frame format version (`v`): 2 since control ops are signed (docs/groups.md 2.1).
+pub const FORMAT: u64 = 2;
+/// The last format without signatures; its frames and groups are refused.
+pub const UNSIGNED_FORMAT: u64 = 1;
 /// Longest group name, in bytes.
 pub const MAX_NAME_LEN: usize = 100;
 /// Most members a `create` may list (a bound on work per frame).
@@ -25,14 +35,24 @@ pub const MAX_OPS: usize = 10_000;
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad group frame: {0}")]
-pub struct FrameError(pub String);
-
-fn bad<T>(what: impl Into<String>) -> Result<T, FrameError> {
-    Err(FrameError(what.into()))
+pub enum FrameError {
+    /// A frame of the unsigned format 1, made before control ops were signed.
+    #[error(
+        "an unsigned group frame (format 1, from a MicroMsg before signed groups): refused; \
+         its group must be created again"
+    )]
+    Unsigned,
+    /// Malformed, or a field missing or out of range.
+    #[error("bad group frame: {0}")]
+    Bad(String),
 }
 
-/// A new random 16-byte id, lowercase hex (group ids, op and message ids).
+fn bad<T>(what: impl Into<String>) -> Result<T, FrameError> {
+    Err(FrameError::Bad(what.into()))
+}
+
+/// A new random 16-byte id, lowercase hex (op and message ids; a group id is derived,
+/// [`signing::group_id`]).
 pub fn new_id() -> String {
     use rand_core::RngCore;
     let mut id = [0u8; 16];
@@ -51,6 +71,16 @@ fn valid_number(n: &str) -> bool {
     Number::new(n.to_owned()).is_ok()
 }
 
+/// A member as a `create` or an `add` names it: its number and the identity key its author
+/// holds for it (pinned at the author's first session with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The number.
+    pub number: String,
+    /// Its identity key, which verifies the ops it signs.
+    pub key: IdentityPublicKey,
+}
+
 /// What a control op changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -58,11 +88,11 @@ pub enum Change {
     Create {
         /// Its name.
         name: String,
-        /// The initial members, in order.
-        members: Vec<String>,
+        /// The initial members, in order, the author among them.
+        members: Vec<Member>,
     },
     /// Adds a member.
-    Add(String),
+    Add(Member),
     /// Removes a member.
     Remove(String),
     /// The author leaves.
@@ -71,7 +101,19 @@ pub enum Change {
     Rename(String),
 }
 
-/// One control op: self-contained, stored verbatim in every member's log.
+impl Change {
+    /// The keys this change brings into the state.
+    pub fn carried_keys(&self) -> &[Member] {
+        match self {
+            Change::Create { members, .. } => members,
+            Change::Add(m) => std::slice::from_ref(m),
+            _ => &[],
+        }
+    }
+}
+
+/// One control op: self-contained, signed by its author, stored verbatim in every member's
+/// log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "Raw", into = "Raw")]
 pub struct Op {
@@ -83,12 +125,19 @@ pub struct Op {
     pub author: String,
     /// The change.
     pub change: Change,
+    /// The author's Ed25519 signature over [`signing::signed_bytes`].
+    pub sig: Signature,
 }
 
 impl Op {
     /// The total order of docs/groups.md section 2: (lamport, author bytewise, id).
     fn key(&self) -> (u64, &[u8], &[u8]) {
         (self.lamport, self.author.as_bytes(), self.id.as_bytes())
+    }
+
+    /// The op's name (`create`, `add`, ...).
+    pub fn name(&self) -> &'static str {
+        signing::op_name(&self.change)
     }
 }
 
@@ -109,15 +158,26 @@ struct Raw {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    members: Option<Vec<String>>,
+    members: Option<Vec<RawMember>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sig: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sent: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ops: Option<Vec<Raw>>,
+}
+
+/// A member in a `create`: `{"number": ..., "key": 64 hex}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RawMember {
+    number: String,
+    key: String,
 }
 
 fn check_name(name: Option<String>) -> Result<String, FrameError> {
@@ -128,11 +188,26 @@ fn check_name(name: Option<String>) -> Result<String, FrameError> {
     }
 }
 
-fn check_member(member: Option<String>) -> Result<String, FrameError> {
+fn check_number(member: Option<String>) -> Result<String, FrameError> {
     match member {
         Some(m) if valid_number(&m) => Ok(m),
         _ => bad("missing or invalid member"),
     }
+}
+
+fn check_key(key: Option<&str>) -> Result<IdentityPublicKey, FrameError> {
+    match key.map(IdentityPublicKey::from_hex) {
+        Some(Ok(k)) => Ok(k),
+        Some(Err(e)) => bad(format!("invalid member key: {e}")),
+        None => bad("missing member key"),
+    }
+}
+
+fn check_member(number: Option<String>, key: Option<&str>) -> Result<Member, FrameError> {
+    Ok(Member {
+        number: check_number(number)?,
+        key: check_key(key)?,
+    })
 }
 
 impl TryFrom<Raw> for Op {
@@ -151,19 +226,31 @@ impl TryFrom<Raw> for Op {
             Some(a) if valid_number(&a) => a,
             _ => return bad("missing or invalid author"),
         };
+        let sig = match raw.sig.as_deref().map(hex::decode_array::<SIGNATURE_LEN>) {
+            Some(Ok(sig)) => sig,
+            Some(Err(_)) => return bad("invalid sig"),
+            None => return bad("missing sig (unsigned control ops are refused)"),
+        };
         let change = match raw.op.as_str() {
             "create" => {
-                let members = raw.members.unwrap_or_default();
-                if members.len() > MAX_MEMBERS || !members.iter().all(|m| valid_number(m)) {
-                    return bad("invalid members");
+                let raw_members = raw.members.unwrap_or_default();
+                if raw_members.len() > MAX_MEMBERS {
+                    return bad("too many members");
+                }
+                let members = raw_members
+                    .into_iter()
+                    .map(|m| check_member(Some(m.number), Some(&m.key)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if !members.iter().any(|m| m.number == author) {
+                    return bad("a create must list its author, with its key");
                 }
                 Change::Create {
                     name: check_name(raw.name)?,
                     members,
                 }
             }
-            "add" => Change::Add(check_member(raw.member)?),
-            "remove" => Change::Remove(check_member(raw.member)?),
+            "add" => Change::Add(check_member(raw.member, raw.key.as_deref())?),
+            "remove" => Change::Remove(check_number(raw.member)?),
             "leave" => Change::Leave,
             "rename" => Change::Rename(check_name(raw.name)?),
             other => return bad(format!("unknown control op {other:?}")),
@@ -173,6 +260,7 @@ impl TryFrom<Raw> for Op {
             lamport,
             author,
             change,
+            sig,
         })
     }
 }
@@ -180,30 +268,33 @@ impl TryFrom<Raw> for Op {
 impl From<Op> for Raw {
     fn from(op: Op) -> Self {
         let mut raw = Raw {
+            op: op.name().into(),
             id: Some(op.id),
             lamport: Some(op.lamport),
             author: Some(op.author),
+            sig: Some(hex::encode(&op.sig)),
             ..Raw::default()
         };
         match op.change {
             Change::Create { name, members } => {
-                raw.op = "create".into();
                 raw.name = Some(name);
-                raw.members = Some(members);
+                raw.members = Some(
+                    members
+                        .into_iter()
+                        .map(|m| RawMember {
+                            number: m.number,
+                            key: m.key.to_hex(),
+                        })
+                        .collect(),
+                );
             }
             Change::Add(m) => {
-                raw.op = "add".into();
-                raw.member = Some(m);
+                raw.member = Some(m.number);
+                raw.key = Some(m.key.to_hex());
             }
-            Change::Remove(m) => {
-                raw.op = "remove".into();
-                raw.member = Some(m);
-            }
-            Change::Leave => raw.op = "leave".into(),
-            Change::Rename(name) => {
-                raw.op = "rename".into();
-                raw.name = Some(name);
-            }
+            Change::Remove(m) => raw.member = Some(m),
+            Change::Leave => {}
+            Change::Rename(name) => raw.name = Some(name),
         }
         raw
     }
@@ -212,8 +303,8 @@ impl From<Op> for Raw {
 /// What a frame carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
-    /// One control op.
-    Op(Op),
+    /// One control op (boxed: an op with its keys is much larger than a message).
+    Op(Box<Op>),
     /// The whole control log (to a new member, or after a change it may have missed).
     State(Vec<Op>),
     /// A group message.
@@ -236,11 +327,18 @@ pub struct Frame {
     pub payload: Payload,
 }
 
+/// Only the version, read first: the rest of a frame of another format may not parse.
+#[derive(Deserialize)]
+struct Version {
+    #[serde(default)]
+    v: Option<u64>,
+}
+
 impl Frame {
     /// The JSON bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut raw = match &self.payload {
-            Payload::Op(op) => Raw::from(op.clone()),
+            Payload::Op(op) => Raw::from((**op).clone()),
             Payload::State(ops) => Raw {
                 op: "state".into(),
                 ops: Some(ops.iter().cloned().map(Raw::from).collect()),
@@ -259,12 +357,17 @@ impl Frame {
         serde_json::to_vec(&raw).unwrap_or_default()
     }
 
-    /// Parses and checks a frame; unknown fields are ignored.
+    /// Parses and checks a frame; unknown fields are ignored. Signatures are checked by the
+    /// fold, which knows the authors' keys.
     pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
-        let raw: Raw = serde_json::from_slice(bytes).map_err(|e| FrameError(e.to_string()))?;
-        if raw.v != Some(FORMAT) {
-            return bad("unsupported version");
+        let version: Version =
+            serde_json::from_slice(bytes).map_err(|e| FrameError::Bad(e.to_string()))?;
+        match version.v {
+            Some(FORMAT) => {}
+            Some(UNSIGNED_FORMAT) => return Err(FrameError::Unsigned),
+            _ => return bad("unsupported version"),
         }
+        let raw: Raw = serde_json::from_slice(bytes).map_err(|e| FrameError::Bad(e.to_string()))?;
         let group = match raw.group.clone() {
             Some(g) if valid_id(&g) => g,
             _ => return bad("missing or invalid group"),
@@ -289,7 +392,7 @@ impl Frame {
                         .collect::<Result<_, _>>()?,
                 )
             }
-            _ => Payload::Op(Op::try_from(raw)?),
+            _ => Payload::Op(Box::new(Op::try_from(raw)?)),
         };
         Ok(Self { group, payload })
     }
@@ -304,6 +407,10 @@ pub struct GroupState {
     pub members: Vec<String>,
     /// The membership version: 1 at create, +1 per effective change.
     pub version: u64,
+    /// Each member's identity key, as the op that made it a member carried it: it verifies
+    /// that member's ops.
+    #[serde(default, with = "key_map")]
+    pub keys: BTreeMap<String, IdentityPublicKey>,
 }
 
 impl GroupState {
@@ -311,48 +418,175 @@ impl GroupState {
     pub fn is_member(&self, number: &str) -> bool {
         self.members.iter().any(|m| m == number)
     }
+
+    /// The identity key the state holds for member `number`.
+    pub fn key_of(&self, number: &str) -> Option<&IdentityPublicKey> {
+        self.keys.get(number)
+    }
 }
 
-/// Folds ops (in any order) into the state: sorts them, then applies the rules of
-/// docs/groups.md section 2. Also returns everyone who was a member at some point.
-pub fn fold(ops: &[Op]) -> (GroupState, BTreeSet<String>) {
+/// `number -> 64 hex` in the group file.
+mod key_map {
+    use std::collections::BTreeMap;
+
+    use micromsg_crypto::identity::IdentityPublicKey;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
+
+    pub(super) fn serialize<S: Serializer>(
+        keys: &BTreeMap<String, IdentityPublicKey>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let hex: BTreeMap<&str, String> =
+            keys.iter().map(|(n, k)| (n.as_str(), k.to_hex())).collect();
+        hex.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, IdentityPublicKey>, D::Error> {
+        let hex = BTreeMap::<String, String>::deserialize(d)?;
+        hex.into_iter()
+            .map(|(n, k)| {
+                IdentityPublicKey::from_hex(&k)
+                    .map(|k| (n, k))
+                    .map_err(D::Error::custom)
+            })
+            .collect()
+    }
+}
+
+/// Why a control op was refused (never applied, not stored, not relayed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The signature does not verify under the author's key as the state holds it where the op
+    /// sorts: forged, or altered on the way.
+    #[error("its signature does not verify under {author}'s key in the group state")]
+    BadSignature {
+        /// The claimed author.
+        author: String,
+    },
+    /// A `create` whose group id is not the one derived from its creator's key and id, or
+    /// whose signature does not verify under the key it gives its author.
+    #[error("it is not the create of this group (id or signature does not match)")]
+    NotThisCreate,
+    /// The op carries a key for `number` other than the one this device pinned for it (or,
+    /// for this device's own number, other than its own key).
+    #[error(
+        "it carries an identity key for {number} that differs from the one you pinned; \
+         compare safety numbers with {number}"
+    )]
+    KeyDiffersFromPin {
+        /// Whose key.
+        number: String,
+    },
+}
+
+/// One op the fold or the merge refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The op's id.
+    pub id: String,
+    /// Its claimed author.
+    pub author: String,
+    /// Its name (`add`, `remove`, ...).
+    pub op: &'static str,
+    /// Why.
+    pub reason: Refused,
+}
+
+impl Refusal {
+    fn of(op: &Op, reason: Refused) -> Self {
+        Self {
+            id: op.id.clone(),
+            author: op.author.clone(),
+            op: op.name(),
+            reason,
+        }
+    }
+}
+
+/// What a fold gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Folded {
+    /// The state.
+    pub state: GroupState,
+    /// Everyone who was a member at some point.
+    pub ever: BTreeSet<String>,
+    /// The ops that were refused (bad signature, not this group's create).
+    pub refused: Vec<Refusal>,
+}
+
+/// Folds ops (in any order) of group `group` into the state: sorts them, then applies the
+/// rules of docs/groups.md section 2, checking each op's signature under its author's key as
+/// the state holds it at that point.
+pub fn fold(group: &str, ops: &[Op]) -> Folded {
     let mut sorted: Vec<&Op> = ops.iter().collect();
     sorted.sort_by(|a, b| a.key().cmp(&b.key()));
     let mut s = GroupState::default();
     let mut ever = BTreeSet::new();
+    let mut refused = Vec::new();
     for op in sorted {
-        let author_in = s.is_member(&op.author);
+        if let Change::Create { name, members } = &op.change {
+            // The create is self-certifying: its author's key comes with it, and the group id
+            // is derived from that key, so only the creator can make it (and any other create
+            // is refused wherever it sorts).
+            let author_key = members
+                .iter()
+                .find(|m| m.number == op.author)
+                .map(|m| m.key);
+            let genuine = author_key.is_some_and(|k| {
+                signing::group_id(&op.author, &k, &op.id) == group
+                    && signing::verifies(&k, group, op)
+            });
+            if !genuine {
+                refused.push(Refusal::of(op, Refused::NotThisCreate));
+                continue;
+            }
+            if s.version != 0 {
+                continue;
+            }
+            for m in members {
+                if !s.is_member(&m.number) {
+                    s.members.push(m.number.clone());
+                    s.keys.insert(m.number.clone(), m.key);
+                }
+            }
+            s.name = name.clone();
+            s.version = 1;
+            ever.extend(s.members.iter().cloned());
+            continue;
+        }
+        // Only a member's op can change anything; a non-member's is void at its place in
+        // the order (it may be concurrent with its removal), not a forgery.
+        let Some(author_key) = s.key_of(&op.author).copied() else {
+            continue;
+        };
+        if !signing::verifies(&author_key, group, op) {
+            refused.push(Refusal::of(
+                op,
+                Refused::BadSignature {
+                    author: op.author.clone(),
+                },
+            ));
+            continue;
+        }
         match &op.change {
-            Change::Create { name, members } => {
-                if s.version != 0 {
-                    continue;
-                }
-                let mut list = Vec::with_capacity(members.len() + 1);
-                if !members.contains(&op.author) {
-                    list.push(op.author.clone());
-                }
-                for m in members {
-                    if !list.contains(m) {
-                        list.push(m.clone());
-                    }
-                }
-                s.members = list;
-                s.name = name.clone();
-                s.version = 1;
-            }
-            Change::Add(m) if author_in && !s.is_member(m) => {
-                s.members.push(m.clone());
+            Change::Add(m) if !s.is_member(&m.number) => {
+                s.members.push(m.number.clone());
+                s.keys.insert(m.number.clone(), m.key);
                 s.version += 1;
             }
-            Change::Remove(m) if author_in && s.is_member(m) && *m != op.author => {
+            Change::Remove(m) if s.is_member(m) && *m != op.author => {
                 s.members.retain(|x| x != m);
+                s.keys.remove(m);
                 s.version += 1;
             }
-            Change::Leave if author_in => {
+            Change::Leave => {
                 s.members.retain(|x| *x != op.author);
+                s.keys.remove(&op.author);
                 s.version += 1;
             }
-            Change::Rename(name) if author_in => {
+            Change::Rename(name) => {
                 s.name = name.clone();
                 s.version += 1;
             }
@@ -360,12 +594,28 @@ pub fn fold(ops: &[Op]) -> (GroupState, BTreeSet<String>) {
         }
         ever.extend(s.members.iter().cloned());
     }
-    (s, ever)
+    Folded {
+        state: s,
+        ever,
+        refused,
+    }
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// The ops that were new and taken, in log order.
+    pub new: Vec<Op>,
+    /// The new ops that were refused (not stored): report them.
+    pub refused: Vec<Refusal>,
 }
 
 /// One group as a member keeps it: the log and the state derived from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
+    /// The file format: [`FORMAT`]. A file without it holds unsigned ops of format 1, and is
+    /// refused (docs/groups.md section 4).
+    pub format: u64,
     /// The group id.
     pub id: String,
     /// The control log, in the order of docs/groups.md section 2.
@@ -378,10 +628,46 @@ impl Group {
     /// An empty group (nothing known yet).
     pub fn new(id: &str) -> Self {
         Self {
+            format: FORMAT,
             id: id.to_owned(),
             log: Vec::new(),
             state: GroupState::default(),
         }
+    }
+
+    /// A new group created by `creator` (whose key is `key`) with `members` (the creator's
+    /// own entry is put first, with its own key): the empty group, its id derived from the
+    /// create, and the signed create, not yet merged.
+    pub fn create(
+        key: &IdentityKey,
+        creator: &str,
+        name: String,
+        members: Vec<Member>,
+    ) -> (Self, Op) {
+        let me = Member {
+            number: creator.to_owned(),
+            key: key.public_key(),
+        };
+        let mut list = vec![me];
+        for m in members {
+            if !list.iter().any(|x| x.number == m.number) {
+                list.push(m);
+            }
+        }
+        let op_id = new_id();
+        let group = Self::new(&signing::group_id(creator, &key.public_key(), &op_id));
+        let mut op = Op {
+            id: op_id,
+            lamport: 1,
+            author: creator.to_owned(),
+            change: Change::Create {
+                name,
+                members: list,
+            },
+            sig: [0; SIGNATURE_LEN],
+        };
+        op.sig = signing::sign(key, &group.id, &op);
+        (group, op)
     }
 
     /// The Lamport clock for a new op: 1 + the largest in the log.
@@ -389,33 +675,73 @@ impl Group {
         self.log.iter().map(|o| o.lamport).max().unwrap_or(0) + 1
     }
 
-    /// A new op by `author`, not yet merged.
-    pub fn new_op(&self, author: &str, change: Change) -> Op {
-        Op {
+    /// A new op by `author`, signed with its `key`, not yet merged.
+    pub fn new_op(&self, key: &IdentityKey, author: &str, change: Change) -> Op {
+        let mut op = Op {
             id: new_id(),
             lamport: self.next_lamport(),
             author: author.to_owned(),
             change,
-        }
+            sig: [0; SIGNATURE_LEN],
+        };
+        op.sig = signing::sign(key, &self.id, &op);
+        op
     }
 
-    /// Merges ops; returns the ones that were new (in log order) and refreshes the state.
-    pub fn merge(&mut self, ops: impl IntoIterator<Item = Op>) -> Vec<Op> {
-        let mut new = Vec::new();
+    /// Merges ops and refreshes the state. `pinned` gives the identity key this device holds
+    /// for a number (its pin, or its own key for its own number): an op carrying another key
+    /// for that number is refused, as is one the fold refuses (a bad signature). Refused ops
+    /// are not stored, so they are never relayed.
+    pub fn merge(
+        &mut self,
+        ops: impl IntoIterator<Item = Op>,
+        pinned: impl Fn(&str) -> Option<IdentityPublicKey>,
+    ) -> Merged {
+        let mut new: Vec<Op> = Vec::new();
+        let mut refused = Vec::new();
         for op in ops {
-            if self.log.iter().any(|o| o.id == op.id) || new.iter().any(|o: &Op| o.id == op.id) {
+            if self.log.iter().any(|o| o.id == op.id) || new.iter().any(|o| o.id == op.id) {
+                continue;
+            }
+            let conflict = op
+                .change
+                .carried_keys()
+                .iter()
+                .find(|m| pinned(&m.number).is_some_and(|p| p != m.key));
+            if let Some(m) = conflict {
+                let number = m.number.clone();
+                refused.push(Refusal::of(&op, Refused::KeyDiffersFromPin { number }));
                 continue;
             }
             new.push(op);
         }
         if new.is_empty() {
-            return new;
+            return Merged { new, refused };
         }
-        self.log.extend(new.iter().cloned());
-        self.log.sort_by(|a, b| a.key().cmp(&b.key()));
-        self.state = fold(&self.log).0;
+        let mut all = self.log.clone();
+        all.extend(new.iter().cloned());
+        let folded = fold(&self.id, &all);
+        let bad: BTreeSet<&str> = folded
+            .refused
+            .iter()
+            .filter(|r| new.iter().any(|o| o.id == r.id))
+            .map(|r| r.id.as_str())
+            .collect();
+        refused.extend(
+            folded
+                .refused
+                .iter()
+                .filter(|r| bad.contains(r.id.as_str()))
+                .cloned(),
+        );
+        new.retain(|o| !bad.contains(o.id.as_str()));
+        // A refused op changed nothing in the fold, so the state is the same without it.
+        all.retain(|o| !bad.contains(o.id.as_str()));
+        all.sort_by(|a, b| a.key().cmp(&b.key()));
+        self.log = all;
+        self.state = folded.state;
         new.sort_by(|a, b| a.key().cmp(&b.key()));
-        new
+        Merged { new, refused }
     }
 
     /// Whether ops from `peer` are taken (docs/groups.md section 3): `peer` must be a member
@@ -423,7 +749,7 @@ impl Group {
     pub fn accepts_from(&self, peer: &str, ops: &[Op]) -> bool {
         let mut all = self.log.clone();
         all.extend(ops.iter().cloned());
-        fold(&all).1.contains(peer)
+        fold(&self.id, &all).ever.contains(peer)
     }
 
     /// Whether a `message` from `from` that [`accepts_message`] refuses may only be early: this
@@ -431,7 +757,8 @@ impl Group {
     /// `from` one. (Across brokers a message can overtake the create or add before it.) A
     /// message from a removed member is not early: it is refused.
     pub fn may_be_early(&self, from: &str, me: &str) -> bool {
-        self.log.is_empty() || (self.state.is_member(me) && !fold(&self.log).1.contains(from))
+        self.log.is_empty()
+            || (self.state.is_member(me) && !fold(&self.id, &self.log).ever.contains(from))
     }
 }
 
@@ -542,7 +869,7 @@ pub fn plan_control(
                         m.clone(),
                         Frame {
                             group: group.id.clone(),
-                            payload: Payload::Op(op.clone()),
+                            payload: Payload::Op(Box::new(op.clone())),
                         },
                     ));
                 }
@@ -612,24 +939,59 @@ mod tests {
     const D: &str = "1004";
     const E: &str = "1005";
 
+    const CREATE_ID: &str = "c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0";
+
+    /// Each number's identity key (seeded from its digits).
+    fn k(number: &str) -> IdentityKey {
+        let mut seed = [7u8; 32];
+        seed[..number.len()].copy_from_slice(number.as_bytes());
+        IdentityKey::from_seed(&micromsg_crypto::Secret32::from_bytes(seed))
+    }
+
+    fn m(number: &str) -> Member {
+        Member {
+            number: number.into(),
+            key: k(number).public_key(),
+        }
+    }
+
+    /// The id of the group [`create`] makes.
+    fn gid() -> String {
+        signing::group_id(A, &k(A).public_key(), CREATE_ID)
+    }
+
+    /// No pins.
+    fn none(_: &str) -> Option<IdentityPublicKey> {
+        None
+    }
+
+    fn signed(mut op: Op) -> Op {
+        op.sig = signing::sign(&k(&op.author), &gid(), &op);
+        op
+    }
+
+    /// An op of `author`, signed with its key.
     fn op(lamport: u64, author: &str, change: Change) -> Op {
-        Op {
+        signed(Op {
             id: new_id(),
             lamport,
             author: author.into(),
             change,
-        }
+            sig: [0; 64],
+        })
     }
 
     fn create() -> Op {
-        op(
-            1,
-            A,
-            Change::Create {
+        signed(Op {
+            id: CREATE_ID.into(),
+            lamport: 1,
+            author: A.into(),
+            change: Change::Create {
                 name: "g".into(),
-                members: vec![A.into(), B.into(), C.into()],
+                members: vec![m(A), m(B), m(C)],
             },
-        )
+            sig: [0; 64],
+        })
     }
 
     fn early(group: &str, from: &str, text: &str, held_at: u64) -> Early {
@@ -650,19 +1012,19 @@ mod tests {
 
     #[test]
     fn early_messages_are_only_those_that_can_become_acceptable() {
-        let mut g = Group::new("g1");
+        let mut g = Group::new(&gid());
         // Nothing known of the group: anything may be early.
         assert!(g.may_be_early(B, C));
-        g.merge(vec![create()]);
+        g.merge(vec![create()], none);
         // D was never added (as far as C knows): early. A member's message is not refused.
         assert!(g.may_be_early(D, C));
         assert!(accepts_message(&g.state, B, C));
         // B is removed: its later messages are refused, not held.
-        g.merge(vec![op(2, A, Change::Remove(B.into()))]);
+        g.merge(vec![op(2, A, Change::Remove(B.into()))], none);
         assert!(!accepts_message(&g.state, B, C));
         assert!(!g.may_be_early(B, C));
         // C itself removed: nothing is early any more.
-        g.merge(vec![op(3, A, Change::Remove(C.into()))]);
+        g.merge(vec![op(3, A, Change::Remove(C.into()))], none);
         assert!(!g.may_be_early(D, C));
     }
 
@@ -692,12 +1054,13 @@ mod tests {
     fn create_add_remove_leave_rename() {
         let ops = vec![
             create(),
-            op(2, A, Change::Add(D.into())),
+            op(2, A, Change::Add(m(D))),
             op(3, B, Change::Remove(C.into())),
             op(4, D, Change::Rename("h".into())),
             op(5, B, Change::Leave),
         ];
-        let (s, ever) = fold(&ops);
+        let folded = fold(&gid(), &ops);
+        let (s, ever) = (folded.state, folded.ever);
         assert_eq!(s.members, vec![A, D]);
         assert_eq!(s.name, "h");
         assert_eq!(s.version, 5);
@@ -708,7 +1071,7 @@ mod tests {
     fn non_members_and_second_create_change_nothing() {
         let ops = vec![
             create(),
-            op(2, E, Change::Add(D.into())),
+            op(2, E, Change::Add(m(D))),
             op(2, A, Change::Remove(A.into())),
             op(3, E, Change::Rename("x".into())),
             op(
@@ -716,11 +1079,11 @@ mod tests {
                 B,
                 Change::Create {
                     name: "y".into(),
-                    members: vec![B.into()],
+                    members: vec![m(B)],
                 },
             ),
         ];
-        let (s, _) = fold(&ops);
+        let s = fold(&gid(), &ops).state;
         assert_eq!(s.members, vec![A, B, C]);
         assert_eq!((s.name.as_str(), s.version), ("g", 1));
     }
@@ -734,7 +1097,7 @@ mod tests {
             op(2, C, Change::Remove(B.into())),
             op(2, B, Change::Remove(C.into())),
         ];
-        assert_eq!(fold(&ops).0.members, vec![A, B]);
+        assert_eq!(fold(&gid(), &ops).state.members, vec![A, B]);
     }
 
     /// Heap's algorithm: every permutation.
@@ -754,14 +1117,14 @@ mod tests {
         vec![
             vec![
                 create(),
-                op(2, A, Change::Add(D.into())),
+                op(2, A, Change::Add(m(D))),
                 op(2, B, Change::Remove(C.into())),
                 op(2, C, Change::Leave),
                 op(3, D, Change::Rename("x".into())),
-                op(3, C, Change::Add(E.into())),
+                op(3, C, Change::Add(m(E))),
             ],
             vec![
-                op(2, B, Change::Add(E.into())),
+                op(2, B, Change::Add(m(E))),
                 create(),
                 op(2, A, Change::Remove(B.into())),
                 op(3, E, Change::Remove(A.into())),
@@ -771,7 +1134,7 @@ mod tests {
                     B,
                     Change::Create {
                         name: "other".into(),
-                        members: vec![B.into(), D.into()],
+                        members: vec![m(B), m(D)],
                     },
                 ),
             ],
@@ -781,20 +1144,23 @@ mod tests {
     #[test]
     fn every_permutation_folds_and_merges_to_the_same_state() {
         for ops in sample_logs() {
-            let expected = fold(&ops).0;
+            let folded = fold(&gid(), &ops);
+            let expected = folded.state;
+            // B's create is not this group's: refused in every order, never stored.
+            let kept = ops.len() - folded.refused.len();
             let mut items = ops.clone();
             let n = items.len();
             let mut count = 0;
             permutations(&mut items, n, &mut |perm| {
                 count += 1;
-                assert_eq!(fold(perm).0, expected);
+                assert_eq!(fold(&gid(), perm).state, expected);
                 // Merging one op at a time, in this order, reaches the same group too.
-                let mut g = Group::new(&"0".repeat(32));
+                let mut g = Group::new(&gid());
                 for o in perm {
-                    g.merge([o.clone()]);
+                    g.merge([o.clone()], none);
                 }
                 assert_eq!(g.state, expected);
-                assert_eq!(g.log.len(), n);
+                assert_eq!(g.log.len(), kept);
             });
             assert_eq!(count, (1..=n).product::<usize>());
         }
@@ -803,9 +1169,9 @@ mod tests {
     #[test]
     fn merge_drops_duplicates() {
         let c = create();
-        let mut g = Group::new(&"0".repeat(32));
-        assert_eq!(g.merge([c.clone(), c.clone()]).len(), 1);
-        assert!(g.merge([c]).is_empty());
+        let mut g = Group::new(&gid());
+        assert_eq!(g.merge([c.clone(), c.clone()], none).new.len(), 1);
+        assert!(g.merge([c], none).new.is_empty());
         assert_eq!(g.next_lamport(), 2);
     }
 
@@ -813,9 +1179,9 @@ mod tests {
     fn frames_round_trip_and_bad_ones_are_refused() {
         let group = new_id();
         for payload in [
-            Payload::Op(create()),
-            Payload::Op(op(7, B, Change::Leave)),
-            Payload::State(vec![create(), op(2, A, Change::Add(D.into()))]),
+            Payload::Op(Box::new(create())),
+            Payload::Op(Box::new(op(7, B, Change::Leave))),
+            Payload::State(vec![create(), op(2, A, Change::Add(m(D)))]),
             Payload::Message {
                 id: new_id(),
                 text: "hi".into(),
@@ -829,13 +1195,14 @@ mod tests {
             assert_eq!(Frame::decode(&f.encode()), Ok(f));
         }
         assert!(Frame::decode(b"not json").is_err());
-        assert!(Frame::decode(br#"{"v":1,"group":"zz","op":"leave"}"#).is_err());
+        assert!(Frame::decode(br#"{"v":2,"group":"zz","op":"leave"}"#).is_err());
         let unknown = format!(
-            r#"{{"v":1,"group":"{group}","op":"message","id":"{group}","text":"t","x":1}}"#
+            r#"{{"v":2,"group":"{group}","op":"message","id":"{group}","text":"t","x":1}}"#
         );
         assert!(Frame::decode(unknown.as_bytes()).is_ok());
         let long = format!(
-            r#"{{"v":1,"group":"{group}","op":"rename","id":"{group}","lamport":1,"author":"1001","name":"{}"}}"#,
+            r#"{{"v":2,"group":"{group}","op":"rename","id":"{group}","lamport":1,"author":"1001","sig":"{}","name":"{}"}}"#,
+            "0".repeat(128),
             "n".repeat(101)
         );
         assert!(Frame::decode(long.as_bytes()).is_err());
@@ -843,11 +1210,11 @@ mod tests {
 
     #[test]
     fn plans_send_ops_to_old_members_and_the_log_to_new_ones() {
-        let mut g = Group::new(&new_id());
-        g.merge([create()]);
+        let mut g = Group::new(&gid());
+        g.merge([create()], none);
         let before = g.state.clone();
-        let add = g.new_op(A, Change::Add(D.into()));
-        let new = g.merge([add.clone()]);
+        let add = g.new_op(&k(A), A, Change::Add(m(D)));
+        let new = g.merge([add.clone()], none).new;
         let plan = plan_control(&before, &g, &new, A, &[]);
         let to: Vec<(&str, bool)> = plan
             .iter()
@@ -856,8 +1223,8 @@ mod tests {
         assert_eq!(to, vec![(B, false), (C, false), (D, true)]);
         // A removed member hears of its removal; nobody gets its own op back.
         let before = g.state.clone();
-        let rm = g.new_op(B, Change::Remove(C.into()));
-        let new = g.merge([rm]);
+        let rm = g.new_op(&k(B), B, Change::Remove(C.into()));
+        let new = g.merge([rm], none).new;
         let plan = plan_control(&before, &g, &new, A, &[]);
         let to: Vec<&str> = plan.iter().map(|(m, _)| m.as_str()).collect();
         assert_eq!(to, vec![D, C]);
@@ -868,12 +1235,154 @@ mod tests {
 
     #[test]
     fn strangers_are_refused() {
-        let mut g = Group::new(&new_id());
-        g.merge([create()]);
+        let mut g = Group::new(&gid());
+        g.merge([create()], none);
         assert!(g.accepts_from(B, &[]));
         assert!(!g.accepts_from(E, &[op(2, A, Change::Rename("x".into()))]));
-        let add = op(2, A, Change::Add(E.into()));
+        let add = op(2, A, Change::Add(m(E)));
         assert!(g.accepts_from(E, std::slice::from_ref(&add)));
+    }
+
+    /// A member forging another member's `remove` or `rename` (author set to the victim,
+    /// signed with the forger's own key, or not re-signed after an edit) is refused and
+    /// reported, never applied nor stored. Before signatures both were applied.
+    #[test]
+    fn a_forged_remove_or_rename_is_refused_and_reported() {
+        let mut g = Group::new(&gid());
+        g.merge([create()], none);
+        // B makes an op that claims A as its author.
+        let mut forged = Op {
+            id: new_id(),
+            lamport: 2,
+            author: A.into(),
+            change: Change::Remove(C.into()),
+            sig: [0; 64],
+        };
+        forged.sig = signing::sign(&k(B), &gid(), &forged);
+        let merged = g.merge([forged.clone()], none);
+        assert!(merged.new.is_empty());
+        assert_eq!(
+            merged.refused,
+            vec![Refusal {
+                id: forged.id.clone(),
+                author: A.into(),
+                op: "remove",
+                reason: Refused::BadSignature { author: A.into() },
+            }]
+        );
+        assert_eq!(g.state.members, vec![A, B, C]);
+        assert!(g.log.iter().all(|o| o.id != forged.id));
+        // A's genuine rename, altered on the way.
+        let mut renamed = op(2, A, Change::Rename("mine".into()));
+        renamed.change = Change::Rename("theirs".into());
+        let merged = g.merge([renamed], none);
+        assert_eq!(merged.refused.len(), 1);
+        assert_eq!((g.state.name.as_str(), g.state.version), ("g", 1));
+        // In a `state`, the forged op is refused and the genuine ones are taken.
+        let mut fresh = Group::new(&gid());
+        let ok = op(2, B, Change::Rename("h".into()));
+        let merged = fresh.merge([create(), forged, ok], none);
+        assert_eq!(merged.new.len(), 2);
+        assert_eq!(merged.refused.len(), 1);
+        assert_eq!(fresh.state.members, vec![A, B, C]);
+        assert_eq!(fresh.state.name, "h");
+    }
+
+    /// D is added by A with D's key; C has no pin for D (not its contact) and still verifies
+    /// D's ops with the key the state carries; an op signed by another key as D is refused.
+    #[test]
+    fn ops_of_a_member_who_is_not_a_contact_verify_with_the_key_in_the_state() {
+        let mut g = Group::new(&gid());
+        let pins_of_c = |n: &str| (n == A || n == C).then(|| k(n).public_key());
+        g.merge([create(), op(2, A, Change::Add(m(D)))], pins_of_c);
+        assert_eq!(g.state.key_of(D), Some(&k(D).public_key()));
+        let merged = g.merge([op(3, D, Change::Rename("by d".into()))], pins_of_c);
+        assert_eq!(merged.new.len(), 1);
+        assert_eq!(g.state.name, "by d");
+        let mut wrong = Op {
+            id: new_id(),
+            lamport: 4,
+            author: D.into(),
+            change: Change::Remove(B.into()),
+            sig: [0; 64],
+        };
+        wrong.sig = signing::sign(&k(E), &gid(), &wrong);
+        assert_eq!(g.merge([wrong], pins_of_c).refused.len(), 1);
+        assert!(g.state.is_member(B));
+        // After D's removal its key leaves the state.
+        g.merge([op(5, A, Change::Remove(D.into()))], pins_of_c);
+        assert_eq!(g.state.key_of(D), None);
+    }
+
+    /// Nobody but the creator can make a group's create: the id is derived from its key.
+    #[test]
+    fn a_create_not_made_by_the_groups_creator_is_refused() {
+        // B claims to be the creator with its own key: the id does not match.
+        let mut by_b = Op {
+            id: CREATE_ID.into(),
+            lamport: 1,
+            author: B.into(),
+            change: Change::Create {
+                name: "evil".into(),
+                members: vec![m(A), m(B)],
+            },
+            sig: [0; 64],
+        };
+        by_b.sig = signing::sign(&k(B), &gid(), &by_b);
+        // B claims A's key but cannot sign with it.
+        let mut as_a = create();
+        as_a.change = Change::Create {
+            name: "evil".into(),
+            members: vec![m(A), m(B)],
+        };
+        for forged in [by_b, as_a] {
+            let mut g = Group::new(&gid());
+            let merged = g.merge([forged], none);
+            assert_eq!(merged.refused[0].reason, Refused::NotThisCreate);
+            assert!(g.log.is_empty() && g.state.version == 0);
+        }
+        let (group, op) = Group::create(&k(A), A, "real".into(), vec![m(B)]);
+        let mut g = group;
+        assert_eq!(g.merge([op], none).new.len(), 1);
+        assert_eq!(g.state.members, vec![A, B]);
+    }
+
+    /// A create or add carrying a key that differs from the receiver's pin (or from the
+    /// receiver's own key) is refused and reported.
+    #[test]
+    fn a_carried_key_that_differs_from_a_pin_is_refused() {
+        let mut g = Group::new(&gid());
+        let pins = |n: &str| (n == D).then(|| k(E).public_key());
+        g.merge([create()], pins);
+        let merged = g.merge([op(2, A, Change::Add(m(D)))], pins);
+        assert!(merged.new.is_empty());
+        assert_eq!(
+            merged.refused[0].reason,
+            Refused::KeyDiffersFromPin { number: D.into() }
+        );
+        assert!(!g.state.is_member(D));
+        // The create itself, when it carries a wrong key for the receiver.
+        let mut g = Group::new(&gid());
+        let me_c = |n: &str| (n == C).then(|| k(E).public_key());
+        assert_eq!(g.merge([create()], me_c).refused.len(), 1);
+        assert!(g.log.is_empty());
+    }
+
+    #[test]
+    fn unsigned_frames_of_format_1_are_refused() {
+        let group = new_id();
+        let v1 = format!(
+            r#"{{"v":1,"group":"{group}","op":"create","id":"{group}","lamport":1,"author":"1001","name":"g","members":["1001","1002"]}}"#
+        );
+        assert_eq!(Frame::decode(v1.as_bytes()), Err(FrameError::Unsigned));
+        // Format 2 without a signature.
+        let unsigned = format!(
+            r#"{{"v":2,"group":"{group}","op":"leave","id":"{group}","lamport":2,"author":"1001"}}"#
+        );
+        assert!(matches!(
+            Frame::decode(unsigned.as_bytes()),
+            Err(FrameError::Bad(_))
+        ));
     }
 
     #[test]

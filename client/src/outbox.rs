@@ -53,6 +53,12 @@ pub struct Queued {
     /// group history already has the message).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// A group frame for a member this device has no session with yet (docs/groups.md 3,
+    /// "Sessions between members"): its JSON, not sealed (there are no keys to seal it with
+    /// yet; `session`, `counter` and `envelope` are empty). It goes out over the session once
+    /// one is up, and is never deposited as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsealed: Option<String>,
 }
 
 impl Queued {
@@ -64,6 +70,11 @@ impl Queued {
     /// True when it waits to be tried (not failed for good).
     pub fn pending(&self) -> bool {
         self.failed.is_none()
+    }
+
+    /// True when it waits for a first session with the member, not for the broker.
+    pub fn awaits_session(&self) -> bool {
+        self.unsealed.is_some()
     }
 }
 
@@ -147,6 +158,7 @@ mod tests {
             last_error: None,
             failed: None,
             group: None,
+            unsealed: None,
         }
     }
 

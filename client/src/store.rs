@@ -33,7 +33,7 @@ use micromsg_wire::Number;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::groups::{Group, GroupEntry};
+use crate::groups::{self, Group, GroupEntry};
 use crate::keys::SharedSession;
 use crate::p2p::{CounterPersist, StoredSession};
 use crate::profile::{Profile, ProfileError};
@@ -67,6 +67,13 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// A group file of format 1 (unsigned control ops, before docs/groups.md 2.1): refused, as
+    /// its ops cannot be verified.
+    #[error(
+        "group {0} was made by a MicroMsg before signed groups (unsigned control ops): it is no \
+         longer used; create it again (its history stays readable)"
+    )]
+    UnsignedGroup(String),
     /// A file is not in the expected format.
     #[error("{path}: {reason}")]
     Corrupt {
@@ -552,7 +559,13 @@ impl Store {
         let Some(text) = read_optional(&path)? else {
             return Ok(None);
         };
-        serde_json::from_str(&text)
+        // The format first: a file of format 1 holds unsigned ops that do not parse as ops.
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(&path, e))?;
+        if value.get("format").and_then(serde_json::Value::as_u64) != Some(groups::FORMAT) {
+            return Err(StoreError::UnsignedGroup(id.to_owned()));
+        }
+        serde_json::from_value(value)
             .map(Some)
             .map_err(|e| corrupt(&path, e))
     }

@@ -36,6 +36,11 @@ pub struct AgentConfig {
     pub control: bool,
     /// Let existing contacts reconnect without asking (CONTACT-POLICY AUTO-EXISTING).
     pub auto_existing: bool,
+    /// Accept a contact request from a number that is a member of a group this device is a
+    /// member of, whatever `accept` says, so members who are not contacts reach each other
+    /// (docs/groups.md section 3); the handshake must present the identity key the group
+    /// carries for that number. Default true (`listen --ask-group-members` turns it off).
+    pub accept_group_members: bool,
     /// How long a contact request or a reconnect waits for the other side.
     pub answer_timeout: Duration,
     /// Announce the listening address and contact policy to the broker (off for the short-lived
@@ -75,6 +80,7 @@ impl Default for AgentConfig {
             session: SessionConfig::default(),
             control: true,
             auto_existing: true,
+            accept_group_members: true,
             answer_timeout: Duration::from_secs(60),
             announce: true,
             offline_after: Duration::from_secs(10),

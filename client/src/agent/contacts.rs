@@ -51,7 +51,14 @@ impl Agent {
         } else {
             None
         };
+        // A fellow member of a group (docs/groups.md 3, "Sessions between members"): its
+        // handshake must then present the key the group carries for it (checked before the
+        // pin, in `on_handshake`).
+        // Never for a number the user blocked.
+        let blocked = matches!(self.store.contact(&from), Ok(Some(c)) if c.blocked);
+        let member = !known && !blocked && self.accepts_as_member(&from);
         let decision = match self.config.accept {
+            _ if member => Some(true),
             AcceptPolicy::Any => Some(true),
             AcceptPolicy::Contacts => Some(known),
             // On one broker the broker answers for us (AUTO-EXISTING); for a peer broker's

@@ -13,7 +13,6 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::account::AccountError;
-use crate::groups::Change;
 use crate::inbox::Arrived;
 use crate::profile::Profile;
 
@@ -21,6 +20,7 @@ use crate::link::LinkError;
 use crate::outbox::Outbox;
 use crate::store::Store;
 
+use super::group_chat::Edit;
 use super::reply::{
     Answer, CommandError, Detail, InboxBatch, InboxMessage, Output, Reply, refused,
 };
@@ -376,19 +376,19 @@ impl Agent {
                 let _ = reply.send(r);
             }
             Command::GroupAdd { group, number } => {
-                let r = self.group_change(&group, Change::Add(number)).await;
+                let r = self.group_change(&group, Edit::Add(number)).await;
                 let _ = reply.send(r);
             }
             Command::GroupRemove { group, number } => {
-                let r = self.group_change(&group, Change::Remove(number)).await;
+                let r = self.group_change(&group, Edit::Remove(number)).await;
                 let _ = reply.send(r);
             }
             Command::GroupLeave { group } => {
-                let r = self.group_change(&group, Change::Leave).await;
+                let r = self.group_change(&group, Edit::Leave).await;
                 let _ = reply.send(r);
             }
             Command::GroupRename { group, name } => {
-                let r = self.group_change(&group, Change::Rename(name)).await;
+                let r = self.group_change(&group, Edit::Rename(name)).await;
                 let _ = reply.send(r);
             }
             Command::GroupSend { group, text } => {

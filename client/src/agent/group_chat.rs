@@ -1,12 +1,15 @@
-//! Groups (docs/groups.md): create, change, send, and the frames and ops that arrive.
+//! Groups (docs/groups.md): create, change, send, and the frames and ops that arrive. Every
+//! control op this device makes is signed with its identity key; every op that arrives is
+//! checked against the keys the group state carries and this device's pins.
 
 use std::collections::BTreeMap;
 
+use micromsg_crypto::identity::IdentityPublicKey;
 use micromsg_wire::Number;
 
 use crate::account::unix_now;
-use crate::groups::{self, Change, Early, Frame, Group, GroupEntry, Payload};
-use crate::store::Direction;
+use crate::groups::{self, Change, Early, Frame, FrameError, Group, GroupEntry, Member, Payload};
+use crate::store::{Direction, StoreError};
 
 use super::outbound::Outbound;
 use super::{Agent, Answer, CommandError, GroupReport, MemberDelivery, Notice, Output, refused};
@@ -16,8 +19,60 @@ pub(super) fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
+/// A change a member asks for (the `group add|remove|leave|rename` commands); the agent makes
+/// the signed op, adding the identity key it pinned for an added member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Edit {
+    /// Add this number.
+    Add(String),
+    /// Remove this number.
+    Remove(String),
+    /// Leave.
+    Leave,
+    /// Rename.
+    Rename(String),
+}
+
 impl Agent {
     // ---- groups (docs/groups.md) ----
+
+    /// The identity key this device pinned for `number`, which a `create` or an `add` by this
+    /// device carries into the group state; refused when none is pinned yet or the contact
+    /// presented another one since.
+    fn pinned_member(&self, number: &str) -> Result<Member, String> {
+        let contact = match self.store.contact(number) {
+            Ok(c) => c,
+            Err(e) => return Err(format!("reading contact {number}: {e}")),
+        };
+        match contact {
+            Some(c) if c.presented.is_some() => Err(format!(
+                "{number}'s identity key CHANGED since it was pinned; compare safety numbers \
+                 out of band and re-pin before adding {number} to a group"
+            )),
+            Some(c) => match c.identity {
+                Some(key) => Ok(Member {
+                    number: number.to_owned(),
+                    key,
+                }),
+                None => Err(self.not_a_contact(number)),
+            },
+            None => Err(self.not_a_contact(number)),
+        }
+    }
+
+    /// The keys this device holds for numbers: each contact's pin, and its own key. Ops that
+    /// carry another key for one of them are refused (docs/groups.md section 2.2).
+    pub(super) fn pins(&self) -> BTreeMap<String, IdentityPublicKey> {
+        let mut pins: BTreeMap<String, IdentityPublicKey> = self
+            .store
+            .contacts()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(number, c)| c.identity.map(|k| (number, k)))
+            .collect();
+        pins.insert(self.info.number.clone(), self.identity.public_key());
+        pins
+    }
 
     /// True when this device can reach `number` end to end: a live session or a stored one.
     pub(super) fn reachable(&self, number: &str) -> bool {
@@ -115,61 +170,61 @@ impl Agent {
                 self.profile.command("contact add NUMBER")
             )));
         }
-        let group = Group::new(&groups::new_id());
+        let mut keyed = Vec::with_capacity(list.len());
+        for m in list.iter().skip(1) {
+            keyed.push(self.pinned_member(m).map_err(refused)?);
+        }
+        let (group, op) = Group::create(&self.identity, &me, name.clone(), keyed);
         let before = group.state.clone();
-        let op = group.new_op(
-            &me,
-            Change::Create {
-                name: name.clone(),
-                members: list,
-            },
-        );
         let message = format!("created group {name:?} ({})", group.id);
         self.apply_own_op(group, before, op, message).await
     }
 
-    pub(super) async fn group_change(&mut self, query: &str, change: Change) -> Answer {
+    pub(super) async fn group_change(&mut self, query: &str, edit: Edit) -> Answer {
         let me = self.info.number.clone();
         let group = match self.my_group(query).await {
             Ok(g) => g,
             Err(e) => return Err(e),
         };
-        let what = match &change {
-            Change::Add(m) => {
+        let (what, change) = match edit {
+            Edit::Add(m) => {
                 if Number::new(m.clone()).is_err() {
                     return Err(refused(format!("{m:?} is not a number")));
                 }
-                if group.state.is_member(m) {
+                if group.state.is_member(&m) {
                     return Err(refused(format!("{m} is already a member")));
                 }
-                if !self.reachable(m) {
-                    return Err(refused(self.not_a_contact(m)));
+                if group.state.is_member(&m) {
+                    return Err(refused(format!("{m} is already a member")));
                 }
-                format!("added {m} to")
+                if !self.reachable(&m) {
+                    return Err(refused(self.not_a_contact(&m)));
+                }
+                let member = self.pinned_member(&m).map_err(refused)?;
+                (format!("added {m} to"), Change::Add(member))
             }
-            Change::Remove(m) => {
-                if *m == me {
+            Edit::Remove(m) => {
+                if m == me {
                     return Err(refused("to remove yourself, use `group leave`"));
                 }
-                if !group.state.is_member(m) {
+                if !group.state.is_member(&m) {
                     return Err(refused(format!("{m} is not a member")));
                 }
-                format!("removed {m} from")
+                (format!("removed {m} from"), Change::Remove(m))
             }
-            Change::Leave => "left".to_owned(),
-            Change::Rename(name) => {
+            Edit::Leave => ("left".to_owned(), Change::Leave),
+            Edit::Rename(name) => {
                 if name.len() > groups::MAX_NAME_LEN {
                     return Err(refused(format!(
                         "the name is longer than {} bytes",
                         groups::MAX_NAME_LEN
                     )));
                 }
-                "renamed".to_owned()
+                ("renamed".to_owned(), Change::Rename(name))
             }
-            Change::Create { .. } => return Err(refused("a group is created only once")),
         };
         let before = group.state.clone();
-        let op = group.new_op(&me, change);
+        let op = group.new_op(&self.identity, &me, change);
         let message = format!("{what} group {:?} ({})", group.state.name, group.id);
         self.apply_own_op(group, before, op, message).await
     }
@@ -184,7 +239,13 @@ impl Agent {
         message: String,
     ) -> Answer {
         let me = self.info.number.clone();
-        let new = group.merge([op]);
+        let pins = self.pins();
+        let merged = group.merge([op], |n| pins.get(n).copied());
+        if let Some(r) = merged.refused.first() {
+            // Only a pin that changed under us can make our own op fail: say so, send nothing.
+            return Err(refused(format!("this change cannot be made: {}", r.reason)));
+        }
+        let new = merged.new;
         let saved = group.clone();
         if let Err(e) = self.on_disk(move |s| s.save_group(&saved)).await {
             return Err(refused(format!("saving the group: {e}")));
@@ -271,6 +332,13 @@ impl Agent {
     ) -> bool {
         let frame = match Frame::decode(payload) {
             Ok(f) => f,
+            Err(e @ FrameError::Unsigned) => {
+                self.warn(format!(
+                    "dropped a group frame from {peer}: {e} ({peer} runs an older MicroMsg)"
+                ))
+                .await;
+                return true;
+            }
             Err(e) => {
                 self.warn(format!("dropped a group frame from {peer}: {e}"))
                     .await;
@@ -281,6 +349,13 @@ impl Agent {
         let mut group = match self.store.load_group(&frame.group) {
             Ok(Some(g)) => g,
             Ok(None) => Group::new(&frame.group),
+            // A group id of format 1 is never derived from a create of format 2: nothing that
+            // names it can be applied.
+            Err(e @ StoreError::UnsignedGroup(_)) => {
+                self.warn(format!("dropped a group frame from {peer}: {e}"))
+                    .await;
+                return true;
+            }
             Err(e) => {
                 self.warn(format!("reading group {}: {e}", short(&frame.group)))
                     .await;
@@ -317,7 +392,7 @@ impl Agent {
                 self.show_group_message(&group, entry, offline).await
             }
             Payload::Op(op) => {
-                self.on_group_ops(peer, direction, &mut group, vec![op])
+                self.on_group_ops(peer, direction, &mut group, vec![*op])
                     .await
             }
             Payload::State(ops) => self.on_group_ops(peer, direction, &mut group, ops).await,
@@ -383,7 +458,20 @@ impl Agent {
         let me = self.info.number.clone();
         let known = !group.log.is_empty();
         let before = group.state.clone();
-        let new = group.merge(ops);
+        let pins = self.pins();
+        let merged = group.merge(ops, |n| pins.get(n).copied());
+        for r in merged.refused {
+            self.notify(Notice::GroupOpRefused {
+                group: group.id.clone(),
+                name: group.state.name.clone(),
+                relayed_by: peer.to_owned(),
+                author: r.author,
+                op: r.op.to_owned(),
+                reason: r.reason.to_string(),
+            })
+            .await;
+        }
+        let new = merged.new;
         if new.is_empty() {
             return true;
         }
@@ -396,7 +484,7 @@ impl Agent {
         for op in &new {
             let change = match &op.change {
                 Change::Create { .. } => "created".to_owned(),
-                Change::Add(m) => format!("added {m}"),
+                Change::Add(m) => format!("added {}", m.number),
                 Change::Remove(m) => format!("removed {m}"),
                 Change::Leave => "left".to_owned(),
                 Change::Rename(_) => "renamed".to_owned(),

@@ -52,6 +52,7 @@ mod contacts;
 mod control;
 mod group_chat;
 mod limits;
+mod member_sessions;
 mod notice;
 mod outbound;
 mod queue;
@@ -202,6 +203,10 @@ pub async fn start(
         agent.read_broker_limits().await;
         // What an earlier run left queued goes first.
         agent.flush_outbox(None).await;
+        if agent.config.announce {
+            // Group frames waiting for a first session with a member: ask for it again.
+            agent.ask_awaited_members().await;
+        }
     }
     if agent.config.announce {
         if online {

@@ -111,6 +111,23 @@ pub enum Notice {
         /// The membership version after it.
         version: u64,
     },
+    /// A group control op was refused and not applied (docs/groups.md 2.2): its signature does
+    /// not verify under the claimed author's key in the group state (a forgery, or altered on
+    /// the way), it is not the group's create, or it carries a key that differs from a pin.
+    GroupOpRefused {
+        /// The group id.
+        group: String,
+        /// The group's name.
+        name: String,
+        /// The member whose frame carried it (the forger, or a relay that passed it on).
+        relayed_by: String,
+        /// Who it claims made it.
+        author: String,
+        /// `create`, `add`, `remove`, `leave` or `rename`.
+        op: String,
+        /// Why, for people.
+        reason: String,
+    },
     /// A session is over.
     SessionEnded {
         /// The other side.

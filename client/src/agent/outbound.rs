@@ -112,15 +112,17 @@ impl Agent {
         }
     }
 
-    /// Asks `peer` for a session (INITIATE-EXISTING) without waiting for it, unless one is
-    /// already asked for or this is the short-lived agent of a one-shot command.
-    async fn ask_for_session(&mut self, peer: &str) {
+    /// Asks `peer` for a session without waiting for it (INITIATE-EXISTING for a contact,
+    /// INITIATE-NEW for a fellow group member who is not one yet), unless one is already asked
+    /// for or this is the short-lived agent of a one-shot command.
+    pub(super) async fn ask_for_session(&mut self, peer: &str) {
         let asked = self.outgoing.values().any(|o| o.target == peer);
         if asked || !self.config.announce || self.link.is_none() {
             return;
         }
+        let existing = matches!(self.store.contact(peer), Ok(Some(_)));
         // Nobody waits for the answer: the session, if it comes, carries the next message.
-        self.initiate(peer.to_owned(), None, Waiter::detached(), true, None)
+        self.initiate(peer.to_owned(), None, Waiter::detached(), existing, None)
             .await;
     }
 
@@ -302,13 +304,14 @@ impl Agent {
                     .await?
             }
             Outbound::Group(frame) => {
-                if !matches!(self.store.load_session(peer), Ok(Some(_))) {
-                    return Err(self.not_a_contact(peer));
-                }
                 let shown = match &frame.payload {
                     Payload::Message { text, .. } => text.as_str(),
                     Payload::Op(_) | Payload::State(_) => "(a change to the group)",
                 };
+                // A member who is not a contact: the frame waits for a first session.
+                if !matches!(self.store.load_session(peer), Ok(Some(_))) {
+                    return self.queue_for_session(peer, frame, shown).await;
+                }
                 self.queue_sealed(
                     peer,
                     Kind::Group,

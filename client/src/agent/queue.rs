@@ -163,6 +163,7 @@ impl Agent {
             last_error: None,
             failed: None,
             group: group.map(str::to_owned),
+            unsealed: None,
         });
         if let Err(e) = self.persist_outbox().await {
             self.outbox.retain(|q| q.id != id);
@@ -191,6 +192,13 @@ impl Agent {
         let mut index = 0;
         while index < self.outbox.len() {
             let item = self.outbox[index].clone();
+            // A frame waiting for a first session holds the member's later items back (they
+            // go out in order), and goes out over that session, not here.
+            if item.awaits_session() {
+                held.insert(item.to.clone());
+                index += 1;
+                continue;
+            }
             let skip = !item.pending()
                 || peer.is_some_and(|p| p != item.to)
                 || held.contains(&item.to)

@@ -72,6 +72,11 @@ impl Agent {
             (None, Ok(_)) => return,
         };
         let now = unix_now();
+        if let Err(message) = self.check_member_key(&peer, &established.peer_identity) {
+            self.warn(message.clone()).await;
+            fail(waiting, message);
+            return;
+        }
         let (owned, key) = (peer.clone(), established.peer_identity);
         let pinned = match self
             .on_disk(move |s| s.pin_identity(&owned, &key, now))
@@ -150,6 +155,8 @@ impl Agent {
         })
         .await;
         self.share_session(&peer, &stored).await;
+        // Group frames that waited for a first session with this member.
+        self.send_awaiting(&peer).await;
         if let Some(o) = waiting {
             for w in o.waiters {
                 let _ = w.send(Ok(Output::said(format!("session with {peer} is up"))));

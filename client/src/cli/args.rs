@@ -70,6 +70,11 @@ pub(super) enum Command {
         /// contacts without asking).
         #[arg(long)]
         ask_existing: bool,
+        /// Treat contact requests from members of your groups like any other (--accept
+        /// decides); by default they are accepted when the group carries the requester's
+        /// identity key and its handshake presents that key (docs/groups.md 3).
+        #[arg(long)]
+        ask_group_members: bool,
         /// Seconds between heartbeats on a session (it ends after 3 missed).
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         heartbeat: u64,

@@ -341,6 +341,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             peer_listen,
             advertise,
             ask_existing,
+            ask_group_members,
             heartbeat,
             offline_after,
             reconnect_max,
@@ -354,6 +355,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 peer_listen,
                 advertise,
                 auto_existing: !ask_existing,
+                accept_group_members: !ask_group_members,
                 offline_after: std::time::Duration::from_secs(offline_after),
                 session: SessionConfig {
                     heartbeat_interval: std::time::Duration::from_secs(heartbeat.max(1)),
@@ -634,8 +636,15 @@ async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> 
             let store = Store::new(profile);
             let mut list = Vec::new();
             for id in store.group_ids()? {
-                let Some(g) = store.load_group(&id)? else {
-                    continue;
+                let g = match store.load_group(&id) {
+                    Ok(Some(g)) => g,
+                    Ok(None) => continue,
+                    // An unsigned group of an earlier version: say so, list the others.
+                    Err(e @ crate::store::StoreError::UnsignedGroup(_)) => {
+                        eprintln!("warning: {e}");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
                 };
                 if json {
                     list.push(json!({"group": g.id, "name": g.state.name,

@@ -150,6 +150,20 @@ fn notice_text(notice: &Notice, profile: &Profile) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+        Notice::GroupOpRefused {
+            group,
+            name,
+            relayed_by,
+            author,
+            op,
+            reason,
+        } => format!(
+            "warning: [group {name} {}] refused a `{op}` said to be by {}, relayed by {}: \
+             {reason}; it was not applied",
+            short_id(group),
+            who(author),
+            who(relayed_by)
+        ),
         Notice::Warning { message } => format!("warning: {message}"),
         Notice::BrokerLost {
             reason,

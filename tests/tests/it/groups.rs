@@ -1,6 +1,7 @@
 //! Group chat through the client agents (docs/groups.md): five members, one offline during the
 //! first messages; removal and leave; concurrent changes converge; two devices of one member
-//! show the same history (one broker, SQLite); and a group across two brokers (both stores).
+//! show the same history (one broker, SQLite); a group across two brokers (both stores); a
+//! forged op refused and reported; members who are not contacts reach each other.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -620,4 +621,187 @@ async fn a_group_frame_stored_but_not_applied_is_applied_by_the_next_agent() {
     assert_eq!(state.state.name, "kept");
     ob.agent.stop().await.unwrap();
     oa.agent.stop().await.unwrap();
+}
+
+/// Finding 13 (issue 19): B forges A's removal of C and A's rename (signed with B's own key,
+/// as B has no other) and sends them to C through the real path (sealed with B's session with
+/// C, deposited at the broker, fetched and opened by C's agent). C refuses both, names B as
+/// the relay and A as the claimed author, and its state is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_remove_or_rename_is_refused_and_reported_sqlite() {
+    use micromsg_client::account;
+    use micromsg_client::groups::{Change, Frame, Op, Payload, new_id, signing};
+    use micromsg_client::inbox::new_message_id;
+    use micromsg_crypto::identity::IdentityKey;
+    use micromsg_crypto::message::Kind;
+    use micromsg_wire::message::request::DepositArgs;
+    use micromsg_wire::{Blob, Number, Request};
+
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let c = register(&broker, "c").await;
+    let oa = online(&a).await;
+    let ob = online(&b).await;
+    let mut oc = online(&c).await;
+    all_contacts(&[&oa, &ob, &oc], &[&a, &b, &c]).await;
+    let data = run(
+        &oa,
+        Command::GroupCreate {
+            name: "honest".into(),
+            members: vec![b.number.clone(), c.number.clone()],
+        },
+    )
+    .await
+    .data
+    .unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    wait_state(&c, &group, |s| s.version == 1).await;
+    wait_state(&b, &group, |s| s.version == 1).await;
+    // B's agent stops, so B's stored session with C is free to seal with.
+    ob.agent.stop().await.unwrap();
+
+    let b_key = IdentityKey::from_seed(&b.profile.secrets().unwrap().identity_seed);
+    let forge = |lamport: u64, change: Change| {
+        let mut op = Op {
+            id: new_id(),
+            lamport,
+            author: a.number.clone(),
+            change,
+            sig: [0; 64],
+        };
+        op.sig = signing::sign(&b_key, &group, &op);
+        Frame {
+            group: group.clone(),
+            payload: Payload::Op(Box::new(op)),
+        }
+    };
+    let store_b = Store::new(&b.profile);
+    let mut session = account::connect(&b.profile).await.unwrap();
+    for frame in [
+        forge(2, Change::Remove(c.number.clone())),
+        forge(3, Change::Rename("forged".into())),
+    ] {
+        let mut stored = store_b.load_session(&c.number).unwrap().unwrap();
+        let envelope = stored
+            .seal_offline(account::unix_now(), Kind::Group, &frame.encode())
+            .unwrap();
+        store_b.save_session(&c.number, &stored).unwrap();
+        session
+            .link
+            .call(Request::Deposit(DepositArgs {
+                target: Number::new(c.number.clone()).unwrap(),
+                id: new_message_id(),
+                body: Blob::new(envelope),
+            }))
+            .await
+            .unwrap();
+    }
+    for op in ["remove", "rename"] {
+        let (relayed_by, author) = expect(&mut oc.rx, |n| match n {
+            Notice::GroupOpRefused {
+                group: g,
+                relayed_by,
+                author,
+                op: o,
+                ..
+            } if *g == group && o == op => Some((relayed_by.clone(), author.clone())),
+            _ => None,
+        })
+        .await;
+        assert_eq!((relayed_by, author), (b.number.clone(), a.number.clone()));
+    }
+    let s = state(&c, &group).unwrap();
+    assert_eq!(s.members, [&a, &b, &c].map(|m| m.number.clone()));
+    assert_eq!((s.name.as_str(), s.version), ("honest", 1));
+    let log = Store::new(&c.profile)
+        .load_group(&group)
+        .unwrap()
+        .unwrap()
+        .log;
+    assert_eq!(log.len(), 1, "refused ops are not stored: {log:?}");
+    oc.agent.stop().await.unwrap();
+    oa.agent.stop().await.unwrap();
+}
+
+/// Finding 14 (issue 19): A is a contact of B and of C; B and C are not contacts (and accept
+/// only contacts). A makes a group of the three. B's rename reaches C and verifies there with
+/// the key the group carries for B; B's message waits for a session with C, which the agents
+/// set up by themselves (C accepts B as a fellow member, the handshake presents the key the
+/// group carries); C gets the message, and C's reply reaches B. Before, B's frames to C
+/// failed with "not a contact" and were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_who_are_not_contacts_set_up_a_session_and_talk_sqlite() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let c = register(&broker, "c").await;
+    let oa = online(&a).await;
+    let ob = online(&b).await;
+    let oc = online(&c).await;
+    contact(&oa, &b).await;
+    contact(&oa, &c).await;
+    // B and C now take only contacts (a stranger's request is refused, and blocked).
+    ob.agent.stop().await.unwrap();
+    oc.agent.stop().await.unwrap();
+    let strict = |m: Member| async move {
+        let config = AgentConfig {
+            offline_after: Duration::from_secs(1),
+            ..agents::config(AcceptPolicy::Contacts)
+        };
+        let (agent, rx) = agents::online(&m, config).await;
+        Online { agent, rx }
+    };
+    let mut ob = strict(b.clone()).await;
+    let mut oc = strict(c.clone()).await;
+    assert!(Store::new(&b.profile).contact(&c.number).unwrap().is_none());
+
+    let data = run(
+        &oa,
+        Command::GroupCreate {
+            name: "three".into(),
+            members: vec![b.number.clone(), c.number.clone()],
+        },
+    )
+    .await
+    .data
+    .unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    wait_state(&b, &group, |s| s.version == 1).await;
+    wait_state(&c, &group, |s| s.version == 1).await;
+
+    // An honest op of B, who is not C's contact: C verifies it with the key in the state.
+    let _ = ob
+        .agent
+        .ask(Command::GroupRename {
+            group: group.clone(),
+            name: "renamed by b".into(),
+        })
+        .await;
+    wait_state(&c, &group, |s| s.name == "renamed by b").await;
+
+    // B's message: to A live, to C once the B-C session is up.
+    let reply = ob
+        .agent
+        .ask(Command::GroupSend {
+            group: group.clone(),
+            text: "hello from b".into(),
+        })
+        .await;
+    assert!(reply.ok || reply.message.contains("queued"), "{reply:?}");
+    assert_eq!(group_message(&mut oc, &b.number).await, "hello from b");
+    // C pinned the key the group carries for B.
+    let pinned = Store::new(&c.profile)
+        .contact(&b.number)
+        .unwrap()
+        .unwrap()
+        .identity
+        .unwrap();
+    assert_eq!(state(&c, &group).unwrap().keys[&b.number], pinned);
+
+    send(&oc, &group, "hello from c").await;
+    assert_eq!(group_message(&mut ob, &c.number).await, "hello from c");
+    for o in [oa, ob, oc] {
+        o.agent.stop().await.unwrap();
+    }
 }
