@@ -177,6 +177,9 @@ impl Broker {
             pending: Arc::default(),
             numbers: Arc::clone(&numbers),
             remember_unknown_targets: config.contacts.remember_unknown_targets,
+            probes: Arc::new(crate::contacts::probes::ProbeLog::new(
+                config.limits.max_table_entries,
+            )),
             request_ttl: Duration::from_secs(config.contacts.request_ttl_secs),
             pubkey_ttl_secs: federation.as_ref().map_or(0, |f| f.config.pubkey_ttl_secs),
         };

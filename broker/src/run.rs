@@ -216,6 +216,11 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
     }
     crate::metrics::register(&broker.online, broker.federation.as_ref());
     background.spawn(sweep_forever(Arc::clone(&broker), rx.clone()));
+    background.spawn(crate::contacts::probes::flush_forever(
+        Arc::clone(&broker.router.probes),
+        broker.store.clone(),
+        rx.clone(),
+    ));
     let task = tokio::spawn(server.run(rx));
     Ok(RunningBroker {
         addr,

@@ -1,7 +1,7 @@
 //! Blocks, poisoned INITIATEs, contacts and the per-entity contact policy.
 
 use super::{
-    Backend, ContactRecord, DepositRoute, Number, Store, StoreError, device_id,
+    Backend, ContactRecord, DepositRoute, Number, PoolExt, Store, StoreError, device_id,
     number as to_number, on_pool,
 };
 
@@ -143,19 +143,34 @@ impl Store {
         target: &Number,
         now: i64,
     ) -> Result<(), StoreError> {
-        let target = target.as_str();
-        let caller = caller.as_str();
+        self.remember_unknown_targets(&[(caller.clone(), target.clone())], now)
+            .await
+    }
+
+    /// [`Store::remember_unknown_target`] for many (caller, target) pairs, in one transaction.
+    pub async fn remember_unknown_targets(
+        &self,
+        probes: &[(Number, Number)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if probes.is_empty() {
+            return Ok(());
+        }
         let _writing = self.writing().await;
         on_pool!(self, pool => {
-            sqlx::query(
-                "INSERT INTO poisoned_initiates (caller, target, created_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (caller, target) DO NOTHING",
-            )
-            .bind(caller)
-            .bind(target)
-            .bind(now)
-            .execute(pool)
-            .await?;
+            let mut tx = pool.begin_write().await?;
+            for (caller, target) in probes {
+                sqlx::query(
+                    "INSERT INTO poisoned_initiates (caller, target, created_at) \
+                     VALUES ($1, $2, $3) ON CONFLICT (caller, target) DO NOTHING",
+                )
+                .bind(caller.as_str())
+                .bind(target.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
         });
         Ok(())
     }

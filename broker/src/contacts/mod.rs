@@ -2,6 +2,7 @@
 //! (the silent-drop rules, asking the target, handing out the connect token).
 
 pub mod pending;
+pub mod probes;
 pub mod routing;
 
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct Router {
     pub numbers: Arc<NumberAllocator>,
     /// `contacts.remember_unknown_targets`.
     pub remember_unknown_targets: bool,
+    /// Probes of unallocated numbers, noted until they are written.
+    pub probes: Arc<probes::ProbeLog>,
     /// `contacts.request_ttl_secs`: how long a request waits for its answer.
     pub request_ttl: Duration,
     /// `federation.pubkey_ttl_secs`: how long a networked caller's pubkey is kept (0 when the

@@ -47,14 +47,15 @@ async fn try_route(
     }
     if !store.entity_exists(&req.target).await? {
         if router.remember_unknown_targets && router.numbers.owns(req.target.as_str()) {
-            store
-                .remember_unknown_target(&req.caller, &req.target, now.unix_i64())
-                .await?;
+            // Noted in memory now, written later with others (see `probes`): no write on
+            // this path, so its timing is the other silent drops' timing.
+            router.probes.note(&req.caller, &req.target);
         }
         debug!("contact request dropped");
         return Ok(());
     }
-    if store.is_poisoned(&req.caller, &req.target).await?
+    if router.probes.contains(&req.caller, &req.target)
+        || store.is_poisoned(&req.caller, &req.target).await?
         || store.is_blocked(&req.target, &req.caller).await?
     {
         debug!("contact request dropped");
