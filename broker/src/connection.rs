@@ -16,7 +16,7 @@ use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
 use micromsg_wire::message::event::Shutdown;
 use micromsg_wire::message::request::RequestKind;
 use micromsg_wire::{ErrorBody, ErrorCode, Event, Response, decode_request};
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
@@ -132,7 +132,13 @@ async fn serve<S>(
                             if len == 0 { ErrorCode::BadFrame } else { ErrorCode::FrameTooLarge },
                             format!("frame length {len} outside 1..={max}; closing"),
                         ));
-                        let _ = send(&mut write, &broker, &reply.encode(), write_timeout).await;
+                        if send(&mut write, &broker, &reply.encode(), write_timeout).await.is_ok() {
+                            // The frame's body, as declared, minus what was already read.
+                            let rest = u64::from(len).saturating_sub(
+                                reader.buffered().saturating_sub(4) as u64,
+                            );
+                            drain_before_close(&mut reader, &mut write, rest).await;
+                        }
                         break;
                     }
                     Ok(Err(e)) => {
@@ -155,6 +161,31 @@ async fn serve<S>(
         broker.online.remove(login.number().as_str(), conn_id);
     }
     debug!(conn = conn_id, "connection closed");
+}
+
+/// After a closing error, at most this much of what the client still sends is read and
+/// dropped, for at most this long, before the connection closes.
+const CLOSE_DRAIN_BYTES: u64 = 16 << 20;
+const CLOSE_DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// After a closing error frame (FRAME-TOO-LARGE, BAD-FRAME): ends the write side (TLS
+/// `close_notify`, then FIN), then reads and drops the `rest` of the refused frame that the
+/// client is still sending, bounded by [`CLOSE_DRAIN_BYTES`] and [`CLOSE_DRAIN_TIME`].
+/// Closing with it unread made the kernel reset the connection, so a client that writes the
+/// whole frame before reading saw its write fail and never read the error frame.
+async fn drain_before_close<R, W>(reader: &mut FrameReader<R>, write: &mut W, rest: u64)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(CLOSE_DRAIN_TIME, write.shutdown()).await;
+    let mut rest = reader.get_mut().take(rest.min(CLOSE_DRAIN_BYTES));
+    let _ = tokio::time::timeout(
+        CLOSE_DRAIN_TIME,
+        tokio::io::copy(&mut rest, &mut tokio::io::sink()),
+    )
+    .await;
 }
 
 /// RECONNECT-AFTER of the SHUTDOWN event, and RetryAfter of a SHUTTING-DOWN answer.

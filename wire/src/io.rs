@@ -87,6 +87,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
+    /// The underlying reader, to read past the frames (for example to drain what a peer
+    /// still sends after a closing error). Bytes already buffered here ([`Self::buffered`])
+    /// are not in it.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Bytes read from the underlying reader and not yet handed out as frames (a refused
+    /// frame's length prefix included).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
     /// The next frame body, or `None` on a clean end of stream between frames.
     /// Cancel-safe.
     pub async fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameReadError> {

@@ -381,6 +381,33 @@ mod hygiene {
     use super::*;
     use std::time::{Duration, Instant};
 
+    /// A client that writes a whole oversize frame, and only then reads, gets FRAME-TOO-LARGE,
+    /// not a connection reset: the broker drains the frame's declared length (up to a bound)
+    /// before it closes. Closing with it unread made the kernel reset the connection, so the
+    /// client's write failed and it never read the error frame.
+    #[tokio::test]
+    async fn a_whole_oversize_frame_is_answered_frame_too_large_not_reset() {
+        let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+        for len in [70_000usize, 1_000_000, 8_000_000] {
+            let mut tls = raw_tls(&broker).await;
+            let mut frame = (len as u32).to_be_bytes().to_vec();
+            frame.resize(4 + len, b'x');
+            let wrote = tls.write_all(&frame).await;
+            assert!(
+                wrote.is_ok(),
+                "{len} bytes: writing the frame failed: {wrote:?}"
+            );
+            tls.flush().await.unwrap();
+            match read_raw(&mut tls).await {
+                Message::Response(r) => {
+                    assert_eq!(r.result.unwrap_err().error.code, ErrorCode::FrameTooLarge)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        broker.stop().await;
+    }
+
     /// Reads until the peer closes; returns how long that took.
     async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
         stream: &mut S,
