@@ -19,14 +19,20 @@ impl Agent {
         tokio::spawn(async move {
             let peer_slot: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
             let slot = Arc::clone(&peer_slot);
+            let table = Arc::clone(&tokens);
             let lookup = async move |id: [u8; 16]| {
                 // The broker's CONTACT-CONNECTING may still be on its way (or waiting while
                 // this agent finishes a request): give it a moment before refusing.
                 let deadline = Instant::now() + TOKEN_GRACE;
                 loop {
-                    // A connect token is good for one connection.
-                    let taken = tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-                    if let Some((token, peer, _)) = taken {
+                    // Looked at, not taken: an INIT that does not verify must not spend the
+                    // token, or anyone who reaches this port first could block the session.
+                    let found = table
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&id)
+                        .map(|(token, peer, _)| (token.clone(), peer.clone()));
+                    if let Some((token, peer)) = found {
                         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
                         return Some(token);
                     }
@@ -36,7 +42,16 @@ impl Agent {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             };
-            let result = p2p::accept(stream, lookup, &identity, cfg).await;
+            // The INIT verified (protocol 12.3, step 4): it spends the token, once. A second
+            // INIT that verified at the same moment finds it spent and is refused.
+            let spend = |id: &[u8; 16], _: &_| {
+                tokens
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(id)
+                    .is_some()
+            };
+            let result = p2p::respond(stream, lookup, &identity, cfg, spend).await;
             let peer = peer_slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let _ = done
                 .send(HandshakeDone {

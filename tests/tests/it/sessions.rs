@@ -290,3 +290,71 @@ async fn a_text_too_long_is_refused_before_sending_and_the_longest_one_goes_out(
     })
     .await;
 }
+
+/// Protocol 12.3, step 4: only a verified INIT spends the connect token. An INIT that names
+/// the token but does not prove it (anyone who reaches the responder's port first can send
+/// one) is refused with ABORT 1 and leaves the token for the real initiator, whose handshake
+/// then succeeds. Before, the responder spent the token on any INIT that named it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unverified_init_does_not_spend_the_connect_token() {
+    use micromsg_client::p2p::{self, SessionConfig};
+    use micromsg_crypto::identity::IdentityKey;
+    use micromsg_wire::message::request::InitiateNewArgs;
+    use micromsg_wire::{Event, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let b = register(&broker, "b").await;
+    let (_b_agent, _b_rx) = online(&b, AcceptPolicy::Any).await;
+    let mut a = micromsg_tests::raw::user(&broker, "a").await;
+    a.link
+        .call(Request::InitiateNew(InitiateNewArgs {
+            target: micromsg_wire::Number::new(b.number.clone()).unwrap(),
+            address: None,
+        }))
+        .await
+        .unwrap();
+    let accepted = loop {
+        match tokio::time::timeout(Duration::from_secs(10), a.link.next_event())
+            .await
+            .expect("no CONTACT-ACCEPTED")
+            .unwrap()
+        {
+            Event::ContactAccepted(accepted) => break accepted,
+            _ => continue,
+        }
+    };
+    let address = accepted.address.unwrap().as_str().to_owned();
+    let token = Secret32::from_bytes(*accepted.token.as_bytes());
+
+    // Someone who knows the token id but not the token: a 146-byte INIT with a wrong proof.
+    let mut init = vec![0x01, 0x01];
+    init.extend_from_slice(&micromsg_crypto::handshake::token_id(&token));
+    init.extend_from_slice(&[0x42; 32 * 4]);
+    let mut forged = tokio::net::TcpStream::connect(&address).await.unwrap();
+    forged
+        .write_all(&(init.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    forged.write_all(&init).await.unwrap();
+    let mut len = [0u8; 4];
+    forged.read_exact(&mut len).await.unwrap();
+    let mut abort = vec![0u8; u32::from_be_bytes(len) as usize];
+    forged.read_exact(&mut abort).await.unwrap();
+    assert_eq!(abort.first(), Some(&0x7f), "an ABORT: {abort:?}");
+    assert_eq!(
+        abort.get(1),
+        Some(&1),
+        "ABORT 1 (bad token proof): {abort:?}"
+    );
+
+    // The real initiator, with the token, still gets its session.
+    let identity = IdentityKey::from_seed(&Secret32::from_bytes([9; 32]));
+    let established = p2p::connect(&address, &token, &identity, SessionConfig::default()).await;
+    assert!(
+        established.is_ok(),
+        "the forged INIT spent the token: {:?}",
+        established.err()
+    );
+    broker.stop().await;
+}
