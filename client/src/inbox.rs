@@ -364,21 +364,39 @@ impl Delivery {
             if shared.device == self.device {
                 return Ok(false);
             }
-            let now = shared.session.last_used;
-            let pin = self
-                .store
-                .pin_identity(&shared.peer, &shared.session.peer_identity, now)?;
-            if let crate::store::PinResult::Changed { .. } = pin {
-                return drop(
-                    batch,
-                    format!(
-                        "another device shared keys for {} with an identity key that differs \
-                         from the pinned one; ignored",
-                        shared.peer
-                    ),
-                );
+            // Checked here (reads only); the pin and the keys are written with the rest of the
+            // page, off the agent's task ([`Delivery::commit`]). The keys go into the page's
+            // session cache at once, so later items of the page open with them.
+            let key = shared.session.peer_identity;
+            let pinned = match batch.pins.iter().find(|(peer, _)| *peer == shared.peer) {
+                Some((_, k)) => Some(*k),
+                None => self.store.contact(&shared.peer)?.and_then(|c| c.identity),
+            };
+            match pinned {
+                Some(old) if old != key => {
+                    return drop(
+                        batch,
+                        format!(
+                            "another device shared keys for {} with an identity key that \
+                             differs from the pinned one; ignored",
+                            shared.peer
+                        ),
+                    );
+                }
+                Some(_) => {}
+                None => batch.pins.push((shared.peer.clone(), key)),
             }
-            self.store.save_shared(&shared)?;
+            let sid = shared.session.session_id;
+            let cached = match batch.sessions.remove(&sid) {
+                Some(FoundSession::Shared(old)) => {
+                    FoundSession::Shared(crate::store::merge_shared(old, &shared))
+                }
+                // A session of this device's own under that id is not replaced by a copy.
+                Some(own) => own,
+                None => FoundSession::Shared(shared.clone()),
+            };
+            batch.sessions.insert(sid, cached);
+            batch.dirty.insert(sid);
             batch.arrived.push(Arrived::KeysSynced {
                 peer: shared.peer.clone(),
                 device: shared.device,
@@ -517,6 +535,10 @@ fn commit_batch(
     batch: Batch,
     now_unix: u64,
 ) -> Result<Vec<Arrived>, StoreError> {
+    // Pins before the keys that rely on them (13.4: a first sync of a contact pins it).
+    for (peer, key) in &batch.pins {
+        store.pin_identity(peer, key, now_unix)?;
+    }
     for (peer, entries) in &batch.history {
         store.append_history_all(peer, entries)?;
     }
@@ -540,6 +562,8 @@ struct Batch {
     groups: Vec<GroupFrame>,
     sessions: HashMap<[u8; SESSION_ID_LEN], FoundSession>,
     dirty: BTreeSet<[u8; SESSION_ID_LEN]>,
+    /// Identity keys to pin (contacts first met through another device's session keys).
+    pins: Vec<(String, micromsg_crypto::identity::IdentityPublicKey)>,
 }
 
 impl Batch {

@@ -997,7 +997,7 @@ fn list_dir(dir: &Path) -> Result<Vec<String>, StoreError> {
 }
 
 /// Combines two records of the same shared session: counters and seen sets only grow.
-fn merge_shared(old: SharedSession, new: &SharedSession) -> SharedSession {
+pub(crate) fn merge_shared(old: SharedSession, new: &SharedSession) -> SharedSession {
     let mut merged = new.clone();
     let s = &mut merged.session;
     s.next_send_counter = s.next_send_counter.max(old.session.next_send_counter);
