@@ -1,7 +1,8 @@
 //! Group chat through the client agents (docs/groups.md): five members, one offline during the
 //! first messages; removal and leave; concurrent changes converge; two devices of one member
 //! show the same history (one broker, SQLite); a group across two brokers (both stores); a
-//! forged op refused and reported; members who are not contacts reach each other.
+//! forged op refused and reported; members who are not contacts reach each other; a `listen`
+//! SIGKILLed around its inbox fetch loses no group frame.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -543,6 +544,66 @@ async fn a_group_across_two_brokers(backend: Backend) {
         wait_state(m, &group, |s| !s.is_member(&b.number)).await;
     }
     net.stop().await;
+}
+
+/// The real `micromsg listen` SIGKILLed at points around its first inbox fetch (from its
+/// start to well past the fetch), one group create waiting for it each time: whatever the point
+/// (before the fetch, between storing a frame and the group layer, after), the next agent of
+/// the device has every group. Nothing fetched is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_sigkilled_around_an_inbox_fetch_loses_no_group_frame() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let oa = online(&a).await;
+    let mut ob = online(&b).await;
+    contact(&oa, &b).await;
+    agents::session_started(&mut ob.rx, &a.number).await;
+    ob.agent.stop().await.unwrap();
+
+    let mut groups = Vec::new();
+    for (round, delay_ms) in [0u64, 40, 80, 120, 160, 240, 320, 480]
+        .into_iter()
+        .enumerate()
+    {
+        let data = run(
+            &oa,
+            Command::GroupCreate {
+                name: format!("kill {round}"),
+                members: vec![b.number.clone()],
+            },
+        )
+        .await
+        .data
+        .unwrap();
+        groups.push(data["group"].as_str().unwrap().to_owned());
+        let mut listen = tokio::process::Command::new(env!("CARGO_BIN_EXE_micromsg-test-client"))
+            .arg("--profile")
+            .arg(b.profile.dir())
+            .args(["listen", "--accept", "any"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        listen.start_kill().unwrap(); // SIGKILL
+        let _ = listen.wait().await;
+    }
+
+    // The next agent of B's device has every group.
+    let _ob = online(&b).await;
+    let store = Store::new(&b.profile);
+    micromsg_tests::wait::eventually(
+        "every group created while B's listen was being killed is on B's device",
+        Duration::from_secs(30),
+        async || {
+            groups
+                .iter()
+                .all(|g| matches!(store.load_group(g), Ok(Some(group)) if group.state.is_member(&b.number)))
+        },
+    )
+    .await;
 }
 
 /// A group frame taken from the inbox is acknowledged to the broker together with the inbox
