@@ -610,6 +610,9 @@ pub struct Merged {
     pub refused: Vec<Refusal>,
 }
 
+/// Most refused ops a group keeps aside ([`Group::held`]).
+pub const MAX_HELD: usize = 1_000;
+
 /// One group as a member keeps it: the log and the state derived from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
@@ -618,8 +621,15 @@ pub struct Group {
     pub format: u64,
     /// The group id.
     pub id: String,
-    /// The control log, in the order of docs/groups.md section 2.
+    /// The control log, in the order of docs/groups.md section 2: every op received that the
+    /// fold does not refuse.
     pub log: Vec<Op>,
+    /// Ops received that the fold refuses (forged or altered), kept aside and folded again
+    /// with every merge, so that which ops are refused depends on the set received, never on
+    /// the order it arrived in (an op can be refused under a key that a later op turns out to
+    /// have brought in falsely). Never applied, never relayed. At most [`MAX_HELD`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<Op>,
     /// The state (derived; kept in the file for people reading it).
     pub state: GroupState,
 }
@@ -631,6 +641,7 @@ impl Group {
             format: FORMAT,
             id: id.to_owned(),
             log: Vec::new(),
+            held: Vec::new(),
             state: GroupState::default(),
         }
     }
@@ -700,7 +711,10 @@ impl Group {
         let mut new: Vec<Op> = Vec::new();
         let mut refused = Vec::new();
         for op in ops {
-            if self.log.iter().any(|o| o.id == op.id) || new.iter().any(|o| o.id == op.id) {
+            if self.log.iter().any(|o| o.id == op.id)
+                || self.held.iter().any(|o| o.id == op.id)
+                || new.iter().any(|o| o.id == op.id)
+            {
                 continue;
             }
             let conflict = op
@@ -719,26 +733,29 @@ impl Group {
             return Merged { new, refused };
         }
         let mut all = self.log.clone();
+        all.extend(self.held.iter().cloned());
         all.extend(new.iter().cloned());
         let folded = fold(&self.id, &all);
-        let bad: BTreeSet<&str> = folded
-            .refused
-            .iter()
-            .filter(|r| new.iter().any(|o| o.id == r.id))
-            .map(|r| r.id.as_str())
-            .collect();
+        // Which ops the fold refuses is decided over everything received (log, held and new),
+        // so every member that received the same ops holds the same log, whatever the order
+        // (found by fuzzing: group_ops). A refused op changes nothing in the fold, so the state
+        // is the same without the held ones.
+        let bad: BTreeSet<&str> = folded.refused.iter().map(|r| r.id.as_str()).collect();
         refused.extend(
             folded
                 .refused
                 .iter()
-                .filter(|r| bad.contains(r.id.as_str()))
+                .filter(|r| new.iter().any(|o| o.id == r.id))
                 .cloned(),
         );
         new.retain(|o| !bad.contains(o.id.as_str()));
-        // A refused op changed nothing in the fold, so the state is the same without it.
-        all.retain(|o| !bad.contains(o.id.as_str()));
-        all.sort_by(|a, b| a.key().cmp(&b.key()));
-        self.log = all;
+        let (mut held, mut log): (Vec<Op>, Vec<Op>) =
+            all.into_iter().partition(|o| bad.contains(o.id.as_str()));
+        log.sort_by(|a, b| a.key().cmp(&b.key()));
+        held.sort_by(|a, b| a.key().cmp(&b.key()));
+        held.truncate(MAX_HELD);
+        self.log = log;
+        self.held = held;
         self.state = folded.state;
         new.sort_by(|a, b| a.key().cmp(&b.key()));
         Merged { new, refused }
