@@ -13,7 +13,7 @@ use micromsg_wire::{Hex32, Hex64, Limits, NumberPrefix, encode_info_canonical};
 use crate::config::{Config, InboxMode, RegistrationPolicy};
 use crate::contacts::Router;
 use crate::federation::Federation;
-use crate::limits::{FailureLock, ReplayCache, Source, WindowLimiter};
+use crate::limits::{DiscardedDeposits, FailureLock, ReplayCache, Source, WindowLimiter};
 use crate::numbers::NumberAllocator;
 use crate::online::Online;
 use micromsg_store::{BatcherConfig, DepositBatcher, OutboxBatcher, RouteBatcher, Store};
@@ -63,6 +63,8 @@ pub(crate) struct Limiters {
     pub(crate) login_sources: WindowLimiter<Source>,
     /// Accepted login nonces, refused a second time.
     pub(crate) replay: ReplayCache,
+    /// The answers given to discarded deposits (blocked senders), for their repeats.
+    pub(crate) discarded: DiscardedDeposits,
 }
 
 impl Limiters {
@@ -93,6 +95,7 @@ impl Limiters {
                 entries,
             ),
             replay: ReplayCache::new(Duration::from_secs(window)),
+            discarded: DiscardedDeposits::new(entries),
         }
     }
 }
@@ -215,6 +218,12 @@ impl Broker {
     /// Network membership, peers and counters; `None` for a standalone broker.
     pub fn federation(&self) -> Option<&Federation> {
         self.federation.as_deref()
+    }
+
+    /// The contact-request router (for driving the federation's receiving side directly, as
+    /// the fuzz targets do).
+    pub fn router(&self) -> &crate::contacts::Router {
+        &self.router
     }
 
     /// BROKER-INFO: what this broker does, signed with its identity key.

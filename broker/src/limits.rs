@@ -294,6 +294,68 @@ impl FailureLock {
     }
 }
 
+/// The answers given to deposits that were discarded (the recipient blocked the sender), so
+/// that a repeat is answered as a kept deposit's repeat is (protocol.md 6.20): the same EXPIRES
+/// for the same body, CONFLICT for another body. Without it a blocked sender could tell by
+/// retrying later: a kept deposit answers its stored expiry, a discarded one a new one.
+/// Entries go once their message would have expired; at most `max_entries` (then a repeat of
+/// an unremembered one gets a fresh answer, as after a broker restart).
+#[derive(Debug)]
+pub struct DiscardedDeposits {
+    max_entries: usize,
+    /// (sender, target, id) → (the EXPIRES answered, SHA-256 of the body).
+    table: Mutex<HashMap<DiscardKey, (u64, [u8; 32])>>,
+}
+
+type DiscardKey = (String, String, [u8; 16]);
+
+/// Another body under an ID a discarded deposit already used: answered CONFLICT, as a kept
+/// deposit's would be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdConflict;
+
+impl DiscardedDeposits {
+    /// A log of at most `max_entries` discarded deposits.
+    pub fn new(max_entries: usize) -> Self {
+        Self {
+            max_entries: max_entries.max(1),
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The EXPIRES to answer a discarded deposit of `id` from `sender` to `target` with:
+    /// the first answer's for the same body, `fresh` for a new one; `Err` for another body
+    /// under an id already answered (a kept deposit's CONFLICT).
+    pub fn answer(
+        &self,
+        sender: &str,
+        target: &str,
+        id: [u8; 16],
+        body: &[u8],
+        fresh: u64,
+        now_unix: u64,
+    ) -> Result<u64, IdConflict> {
+        use subtle::ConstantTimeEq;
+        let digest = micromsg_crypto::kdf::sha256(&[body]);
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (sender.to_owned(), target.to_owned(), id);
+        if let Some((expires, stored)) = table.get(&key) {
+            return if bool::from(stored.ct_eq(&digest)) {
+                Ok(*expires)
+            } else {
+                Err(IdConflict)
+            };
+        }
+        if table.len() >= self.max_entries {
+            table.retain(|_, (expires, _)| *expires > now_unix);
+        }
+        if table.len() < self.max_entries {
+            table.insert(key, (fresh, digest));
+        }
+        Ok(fresh)
+    }
+}
+
 /// Remembers accepted login nonces for as long as they could verify, so that each nonce is
 /// accepted once. The TLS channel binding already makes a nonce useless on any other
 /// connection; this closes the remaining gap (the same connection, or a broken binding).

@@ -12,7 +12,9 @@
 //! | [`offline_envelope`] | MMO1 envelopes, genuine and forged, into a stored session |
 //! | [`group_ops`] | signed group control ops, merged in two arrival orders |
 //! | [`login`] | REGISTER, LOGIN, ADD-DEVICE, DEVICE-JOIN, REVOKE and LOGOUT sequences against the broker's handlers on a real store |
+//! | [`federation`] | a peer broker's Deliver, Initiate and Accepted calls into a networked broker on a real store |
 
+pub mod federation;
 pub mod group_ops;
 pub mod input;
 pub mod login;
@@ -28,4 +30,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("offline_envelope", offline_envelope::run),
     ("group_ops", group_ops::run),
     ("login", login::run),
+    ("federation", federation::run),
 ];

@@ -44,7 +44,8 @@ struct Conn {
     login: Option<Login>,
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
+/// One current-thread runtime per process, for the targets that drive async code.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_current_thread()
@@ -54,6 +55,17 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// A fresh directory for one input's store: on the RAM disk where there is one.
+pub fn scratch_dir() -> tempfile::TempDir {
+    let ram = std::path::Path::new("/dev/shm");
+    if ram.is_dir() {
+        tempfile::tempdir_in(ram)
+    } else {
+        tempfile::tempdir()
+    }
+    .expect("a temporary directory")
+}
+
 /// The target.
 pub fn run(data: &[u8]) {
     runtime().block_on(drive(data));
@@ -61,13 +73,7 @@ pub fn run(data: &[u8]) {
 
 async fn drive(data: &[u8]) {
     let mut input = Input::new(data);
-    let ram = std::path::Path::new("/dev/shm");
-    let dir = if ram.is_dir() {
-        tempfile::tempdir_in(ram)
-    } else {
-        tempfile::tempdir()
-    }
-    .expect("a temporary directory");
+    let dir = scratch_dir();
     let store = Store::open_sqlite_with(dir.path().join("fuzz.db"), 1)
         .await
         .expect("a store");

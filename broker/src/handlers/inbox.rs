@@ -20,6 +20,7 @@ use crate::clock::Now;
 use crate::config::{InboxConfig, InboxMode};
 use crate::federation::Federation;
 use crate::federation::outbox::PeerDeposit;
+use crate::limits::DiscardedDeposits;
 use crate::online::{Online, Push};
 
 /// What the inbox handlers use.
@@ -41,6 +42,8 @@ pub struct Cx<'a> {
     pub routes: &'a RouteBatcher,
     /// Where a number outside this broker's share lives; `None` for a standalone broker.
     pub federation: Option<&'a Federation>,
+    /// The answers given to discarded deposits, for their repeats.
+    pub discarded: &'a DiscardedDeposits,
 }
 
 impl<'a> Cx<'a> {
@@ -55,6 +58,7 @@ impl<'a> Cx<'a> {
             outbox: &broker.batchers.outbox,
             routes: &broker.batchers.routes,
             federation: broker.federation.as_deref(),
+            discarded: &broker.limiters.discarded,
         }
     }
 }
@@ -82,6 +86,16 @@ async fn recipients(
             .map(|d| Some(d.device_id))
             .collect(),
     })
+}
+
+/// CONFLICT for an ID already used in the recipient's inbox by another message: final, a retry
+/// with this ID never succeeds (protocol.md 6.20).
+fn id_conflict() -> Refusal {
+    Refusal::new(
+        ErrorCode::Conflict,
+        "this ID is already used in the recipient's inbox by another message (another sender \
+         or another BODY); send the message again with a new random ID",
+    )
 }
 
 /// Whether the copies of a deposit are kept, or only look kept (the recipient blocked the
@@ -139,14 +153,7 @@ async fn store_copies(
             Ok(Ok(DepositOutcome::Discarded)) => {}
             Ok(Err(StoreError::QuotaExceeded)) => quota = true,
             // Final: a retry with this ID can never succeed (protocol.md 6.20).
-            Ok(Err(StoreError::DuplicateId)) => {
-                return Err(Refusal::new(
-                    ErrorCode::Conflict,
-                    "this ID is already used in the recipient's inbox by another message (another sender \
-                     or another BODY); \
-                     send the message again with a new random ID",
-                ));
-            }
+            Ok(Err(StoreError::DuplicateId)) => return Err(id_conflict()),
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => return Err(Refusal::internal()),
         }
@@ -220,17 +227,33 @@ pub async fn deposit(cx: Cx<'_>, login: &Login, args: DepositArgs, now: Now) -> 
         InboxMode::Number => vec![None],
         InboxMode::Entity => route.devices.into_iter().map(Some).collect(),
     };
-    let expires = store_copies(
+    let body = args.body.into_vec();
+    let mut expires = store_copies(
         cx,
         login,
         target,
         devices,
         *args.id.as_bytes(),
-        args.body.into_vec(),
+        body.clone(),
         now,
         keep,
     )
     .await?;
+    if keep == Keep::Discard {
+        // A repeat answers as a kept deposit's repeat would: the first EXPIRES, or CONFLICT
+        // for another body under the same ID.
+        expires = cx
+            .discarded
+            .answer(
+                login.number().as_str(),
+                target.as_str(),
+                *args.id.as_bytes(),
+                &body,
+                expires,
+                now.unix,
+            )
+            .map_err(|_| id_conflict())?;
+    }
     Ok(ResponseData::Deposit(DepositData {
         id: args.id,
         expires,

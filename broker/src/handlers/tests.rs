@@ -1289,6 +1289,47 @@ async fn a_deposit_or_sync_copy_reusing_an_id_with_another_body_is_a_conflict() 
     assert_eq!(page.messages[0].body.as_bytes(), b"copy one");
 }
 
+/// A blocked sender that retries a deposit later, or reuses its ID with another body, gets the
+/// answers a kept deposit's sender gets (6.20): the first EXPIRES, and CONFLICT. Before, the
+/// retry of a discarded deposit answered a new EXPIRES, which told the sender it was blocked.
+#[tokio::test]
+async fn a_blocked_senders_retries_are_answered_like_a_kept_deposits() {
+    let mut fx = Fixture::new(|_| {}).await;
+    let s = fx.register().await;
+    let kept = fx.register().await;
+    let blocker = fx.register().await;
+    fx.pair(&s.number, &kept.number).await;
+    fx.pair(&s.number, &blocker.number).await;
+    let sender = fx.login(&s).await;
+    let blocking = fx.login(&blocker).await;
+    fx.call(
+        &blocking,
+        Authenticated::Block(TargetArgs {
+            target: s.number.clone(),
+        }),
+    )
+    .await
+    .unwrap();
+    let first = [
+        fx.deposit(&sender, &kept.number, 0x31, b"body")
+            .await
+            .unwrap(),
+        fx.deposit(&sender, &blocker.number, 0x31, b"body")
+            .await
+            .unwrap(),
+    ];
+    fx.advance(Duration::from_secs(10));
+    for (i, target) in [&kept.number, &blocker.number].into_iter().enumerate() {
+        let again = fx.deposit(&sender, target, 0x31, b"body").await.unwrap();
+        assert_eq!(again, first[i], "a retry's answer, target {i}");
+        let other = fx
+            .deposit(&sender, target, 0x31, b"another body")
+            .await
+            .expect_err("another body under a used ID");
+        assert_eq!(other.0.code, ErrorCode::Conflict, "target {i}");
+    }
+}
+
 #[tokio::test]
 async fn a_deposit_needs_a_contact_pair_and_a_blocking_target_drops_it_silently() {
     let fx = Fixture::new(|_| {}).await;
