@@ -2,9 +2,10 @@
 //! tests that drive the broker's requests one by one.
 
 use micromsg_client::account::{self, Session};
+use micromsg_client::link::LinkError;
 use micromsg_client::profile::Profile;
-use micromsg_wire::message::request::{Answer, ContactAnswerArgs, InitiateNewArgs};
-use micromsg_wire::{Address, Event, Number, Request};
+use micromsg_wire::message::request::{Answer, ContactAnswerArgs, DepositArgs, InitiateNewArgs};
+use micromsg_wire::{Address, Blob, Event, Hex16, Number, Request, ResponseData};
 
 use crate::TestBroker;
 
@@ -45,4 +46,20 @@ pub async fn pair(a: &mut Session, b: &mut Session) {
     // Drain the CONTACT-CONNECTING / CONTACT-ACCEPTED events.
     let _ = b.link.next_event().await;
     let _ = a.link.next_event().await;
+}
+
+/// DEPOSIT of `body` for `to`, with the message id of 16 bytes `id`.
+pub async fn deposit(
+    s: &mut Session,
+    to: &Number,
+    id: u8,
+    body: &[u8],
+) -> Result<ResponseData, LinkError> {
+    s.link
+        .call(Request::Deposit(DepositArgs {
+            target: to.clone(),
+            id: Hex16::from_bytes([id; 16]),
+            body: Blob::new(body.to_vec()),
+        }))
+        .await
 }

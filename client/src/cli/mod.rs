@@ -489,10 +489,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let answer = run_in_agent(&profile, AgentCommand::Inbox, one_shot_config()).await?;
             let output = answer.map_err(|e| Refused(e.to_string()))?;
             if json {
-                outln!(
-                    "{}",
-                    serde_json::to_string(&agent::Reply::from(Ok(output)))?
-                );
+                print_reply(Ok(output), json)?;
             } else {
                 if let Some(agent::Detail::Inbox(batch)) = &output.detail {
                     for m in &batch.messages {

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use micromsg_broker::config::InboxMode;
 use micromsg_client::account::{self, Session};
 use micromsg_client::profile::Profile;
-use micromsg_tests::raw::{number, pair, user};
+use micromsg_tests::raw::{deposit, number, pair, user};
 use micromsg_tests::{Backend, TestBroker};
 use micromsg_wire::message::request::{
-    AddDeviceArgs, DepositArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs, TargetArgs,
+    AddDeviceArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs, TargetArgs,
 };
 use micromsg_wire::message::response::InboxMessage;
-use micromsg_wire::{Blob, ErrorCode, Event, Hex16, Number, Request, ResponseData};
+use micromsg_wire::{Blob, ErrorCode, Event, Hex16, Request, ResponseData};
 
 micromsg_tests::both_backends!(
     entity_mode_copies_to_every_device,
@@ -37,21 +37,6 @@ async fn second_device(broker: &TestBroker, s: &mut Session, name: &str) -> Sess
     account::join(&p, &broker.addr, &broker.ca, &s.info.number, &secret)
         .await
         .unwrap()
-}
-
-async fn deposit(
-    s: &mut Session,
-    to: &Number,
-    id: u8,
-    body: &[u8],
-) -> Result<ResponseData, micromsg_client::link::LinkError> {
-    s.link
-        .call(Request::Deposit(DepositArgs {
-            target: to.clone(),
-            id: Hex16::from_bytes([id; 16]),
-            body: Blob::new(body.to_vec()),
-        }))
-        .await
 }
 
 async fn fetch(s: &mut Session) -> Vec<InboxMessage> {

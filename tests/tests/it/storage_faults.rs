@@ -8,13 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use micromsg_client::account::Session;
 use micromsg_client::link::LinkError;
 use micromsg_tests::fault_proxy::{FaultProxy, Mode};
-use micromsg_tests::raw::{number, pair, user};
+use micromsg_tests::raw::{deposit, number, pair, user};
 use micromsg_tests::{Backend, TestBroker, drop_postgres_database, fetch_whole_inbox};
-use micromsg_wire::message::request::{AddDeviceArgs, DepositArgs};
-use micromsg_wire::{Blob, ErrorCode, Hex16, Number, Request, ResponseData};
+use micromsg_wire::message::request::AddDeviceArgs;
+use micromsg_wire::{ErrorCode, Request, ResponseData};
 
 /// A tmpfs of a fixed size, mounted for the test and unmounted when dropped.
 struct Tmpfs {
@@ -62,21 +61,6 @@ fn fill(dir: &Path) -> PathBuf {
     }
     let _ = file.sync_all();
     path
-}
-
-async fn deposit(
-    s: &mut Session,
-    to: &Number,
-    id: u8,
-    body: &[u8],
-) -> Result<ResponseData, LinkError> {
-    s.link
-        .call(Request::Deposit(DepositArgs {
-            target: to.clone(),
-            id: Hex16::from_bytes([id; 16]),
-            body: Blob::new(body.to_vec()),
-        }))
-        .await
 }
 
 /// A refusal that must be the typed, retryable UNAVAILABLE.
