@@ -314,6 +314,10 @@ pub struct LimitsConfig {
     /// Most keys each in-memory limiter table holds (registrations per IP, INITIATEs per
     /// entity, login failures per entity and per source). Default 100,000.
     pub max_table_entries: usize,
+    /// Milliseconds any one request may take before it is answered UNAVAILABLE. Default
+    /// 15,000: past `database.timeout_ms` and a federation call, so it only cuts what nothing
+    /// else bounds (a store call on a Postgres connection the network black-holed).
+    pub request_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -333,6 +337,7 @@ impl Default for LimitsConfig {
             device_secret_ttl_secs: 600,
             event_queue: 256,
             max_table_entries: 100_000,
+            request_timeout_ms: 15_000,
         }
     }
 }
@@ -575,6 +580,9 @@ impl Config {
         }
         if self.auth.max_failures_per_source == 0 {
             return invalid("auth.max_failures_per_source must be at least 1".into());
+        }
+        if self.limits.request_timeout_ms < 100 {
+            return invalid("limits.request_timeout_ms must be at least 100".into());
         }
         if self.database.timeout_ms < 100 {
             return invalid("database.timeout_ms must be at least 100".into());

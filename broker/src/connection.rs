@@ -273,7 +273,26 @@ impl Conn {
                 .online
                 .touch(login.number().as_str(), self.session.conn_id, now.instant);
         }
-        match self.dispatch(Routed::from(request), kind, now).await {
+        // The outer bound on any request: a store call on a pooled Postgres connection that
+        // the network black-holed waits for no server-side timeout (`statement_timeout` needs
+        // the server to answer), so it is cut here (`limits.request_timeout_ms`).
+        let deadline = Duration::from_millis(self.broker.config.limits.request_timeout_ms);
+        let handled = tokio::time::timeout(deadline, self.dispatch(Routed::from(request), kind, now))
+            .await
+            .unwrap_or_else(|_| {
+                warn!(
+                    conn = self.session.conn_id,
+                    request = kind.as_str(),
+                    "request cut at limits.request_timeout_ms (the store or a peer broker did not answer)"
+                );
+                Err(Refusal::retry(
+                    ErrorCode::Unavailable,
+                    "the broker could not finish this request in time (its storage or a peer \
+                     broker did not answer); try again after RetryAfter",
+                    handlers::UNAVAILABLE_RETRY_AFTER,
+                ))
+            });
+        match handled {
             Ok(data) => Response::ok(id, data),
             Err(Refusal(error)) => Response::error(id, Some(kind), error),
         }

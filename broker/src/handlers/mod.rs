@@ -69,7 +69,7 @@ impl Refusal {
 }
 
 /// How long a client is told to wait after UNAVAILABLE.
-const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
+pub(crate) const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {

@@ -204,3 +204,52 @@ async fn deposits_fail_fast_while_postgres_is_down_or_hangs_and_work_again_after
     broker.stop().await;
     drop_postgres_database(&url).await;
 }
+
+#[tokio::test]
+async fn a_request_the_store_never_answers_is_cut_at_the_request_timeout() {
+    let url = micromsg_tests::fresh_postgres_database().await;
+    let proxy = FaultProxy::start(server_of(&url)).await;
+    let proxied = through(&url, proxy.addr);
+    // The store's own timeout is long on purpose: what ends the request below is the broker's
+    // outer bound on every request, which holds whatever the store does (a black-holed
+    // connection never lets `statement_timeout` act: the server never hears the statement).
+    let broker = TestBroker::start(Backend::Sqlite, |c| {
+        c.database.url = Some(proxied);
+        c.database.timeout_ms = 60_000;
+        c.limits.request_timeout_ms = 1_500;
+    })
+    .await;
+    let mut owner = user(&broker, "owner").await;
+    owner.link.call(Request::DeviceList).await.unwrap();
+
+    proxy.set(Mode::Blackhole).await;
+    let started = Instant::now();
+    let refused = owner.link.call(Request::DeviceList).await.unwrap_err();
+    let took = started.elapsed();
+    assert_unavailable(&refused);
+    assert!(
+        took < Duration::from_secs(6),
+        "DEVICE-LIST on a black-holed store was answered after {took:?}, not at the 1.5 s \
+         request timeout"
+    );
+    // The connection is still usable: PING needs no store.
+    owner.link.call(Request::Ping).await.unwrap();
+
+    proxy.set(Mode::Forward).await;
+    let started = Instant::now();
+    loop {
+        match owner.link.call(Request::DeviceList).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_unavailable(&e);
+                assert!(
+                    started.elapsed() < Duration::from_secs(90),
+                    "the broker did not recover after the store came back: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    broker.stop().await;
+    drop_postgres_database(&url).await;
+}
