@@ -69,6 +69,9 @@ pub struct AgentConfig {
     /// The longest delay between two attempts (the delay doubles up to it, with jitter).
     /// Default 30 s.
     pub reconnect_max: Duration,
+    /// How often group frames waiting for a first session with a member (docs/groups.md
+    /// section 3) ask that member again, in case it was offline the last time. Default 60 s.
+    pub member_retry: Duration,
 }
 
 impl Default for AgentConfig {
@@ -91,6 +94,7 @@ impl Default for AgentConfig {
             wait_for_broker: false,
             reconnect_initial: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(30),
+            member_retry: Duration::from_secs(60),
         }
     }
 }

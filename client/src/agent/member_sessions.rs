@@ -170,7 +170,8 @@ impl Agent {
         }
     }
 
-    /// At start: ask every member that group frames wait for for a session.
+    /// At start, after a reconnect and every `member_retry`: ask every member that group
+    /// frames wait for for a session (one that was offline the last time may be back).
     pub(super) async fn ask_awaited_members(&mut self) {
         let mut peers: Vec<String> = self
             .outbox
@@ -178,6 +179,7 @@ impl Agent {
             .filter(|q| q.awaits_session())
             .map(|q| q.to.clone())
             .collect();
+        peers.sort();
         peers.dedup();
         for peer in peers {
             self.ask_for_session(&peer).await;

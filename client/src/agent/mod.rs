@@ -422,6 +422,9 @@ impl Agent {
         let mut keepalive = tokio::time::interval(Duration::from_secs(30));
         keepalive.tick().await;
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let mut member_retry =
+            tokio::time::interval(self.config.member_retry.max(Duration::from_secs(1)));
+        member_retry.tick().await;
         self.resume_group_frames().await;
         let result = loop {
             if let Some(reason) = self.fatal.take() {
@@ -461,6 +464,10 @@ impl Agent {
                     let _ = self.call(Request::Ping).await;
                 }
                 _ = sweep.tick() => self.expire().await,
+                // A member that was offline when its group frames first asked for a session.
+                _ = member_retry.tick(), if !offline && self.config.announce => {
+                    self.ask_awaited_members().await;
+                }
             }
         };
         if let Some(attempt) = self.attempt.take() {

@@ -156,6 +156,9 @@ impl Agent {
                         self.inbox_due = true;
                     }
                     self.flush_outbox(None).await;
+                    if self.config.announce {
+                        self.ask_awaited_members().await;
+                    }
                 }
                 Ok(())
             }

@@ -866,3 +866,66 @@ async fn members_who_are_not_contacts_set_up_a_session_and_talk_sqlite() {
         o.agent.stop().await.unwrap();
     }
 }
+
+/// Finding 14, the member that is offline: B's group message for C (not B's contact) waits
+/// while C is offline; once C is back, B's agent asks again by itself (`member_retry`) and the
+/// message arrives. Before, B asked once, when the message was queued, and never again while
+/// it ran, so the message waited until B's agent restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_message_for_an_offline_member_goes_out_once_it_is_back_sqlite() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let c = register(&broker, "c").await;
+    let oa = online(&a).await;
+    let ob = online(&b).await;
+    let oc = online(&c).await;
+    contact(&oa, &b).await;
+    contact(&oa, &c).await;
+    ob.agent.stop().await.unwrap();
+    oc.agent.stop().await.unwrap();
+    let retrying = |m: Member| async move {
+        let config = AgentConfig {
+            offline_after: Duration::from_secs(1),
+            answer_timeout: Duration::from_secs(2),
+            member_retry: Duration::from_secs(1),
+            ..agents::config(AcceptPolicy::Contacts)
+        };
+        let (agent, rx) = agents::online(&m, config).await;
+        Online { agent, rx }
+    };
+    let ob = retrying(b.clone()).await;
+
+    // C is offline: the create reaches its inbox; B's message waits for a session with C.
+    let data = run(
+        &oa,
+        Command::GroupCreate {
+            name: "three".into(),
+            members: vec![b.number.clone(), c.number.clone()],
+        },
+    )
+    .await
+    .data
+    .unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    wait_state(&b, &group, |s| s.version == 1).await;
+    let reply = ob
+        .agent
+        .ask(Command::GroupSend {
+            group: group.clone(),
+            text: "while you were away".into(),
+        })
+        .await;
+    assert!(reply.ok || reply.message.contains("queued"), "{reply:?}");
+    // Long enough for B's first request to C to have failed or timed out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mut oc = retrying(c.clone()).await;
+    assert_eq!(
+        group_message(&mut oc, &b.number).await,
+        "while you were away"
+    );
+    for o in [oa, ob, oc] {
+        o.agent.stop().await.unwrap();
+    }
+}
