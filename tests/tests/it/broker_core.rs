@@ -381,6 +381,94 @@ mod hygiene {
     use super::*;
     use std::time::{Duration, Instant};
 
+    /// The whole malformed-input corpus of micromsg-wire (`wire/tests/corpus/`, checked there
+    /// against the decoder alone), sent to a real broker over TLS: each input is answered with
+    /// the typed error its manifest line names, the connection stays usable after every error
+    /// that does not close it, and a logged-in client beside it is never disturbed.
+    #[tokio::test]
+    async fn every_malformed_corpus_input_gets_its_typed_error_from_a_real_broker() {
+        let broker = TestBroker::start(Backend::Sqlite, |c| {
+            c.limits.requests_per_sec = 100_000;
+            c.limits.requests_burst = 100_000;
+        })
+        .await;
+        let alice = Profile::new(broker.profile_dir("alice"));
+        let mut good = account::register(&alice, &broker.addr, &broker.ca, None)
+            .await
+            .unwrap();
+        let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../wire/tests/corpus");
+        let manifest = std::fs::read_to_string(corpus.join("expected.txt")).unwrap();
+        let mut conn = raw_tls(&broker).await;
+        let (mut answered, mut closed_unanswered) = (0, 0);
+        for line in manifest
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let [file, kind, code] = line.split('\t').collect::<Vec<_>>()[..] else {
+                panic!("bad manifest line {line:?}");
+            };
+            let bytes = std::fs::read(corpus.join("malformed").join(file)).unwrap();
+            match kind {
+                // A stream has no end of frame: what follows a frame is the next frame's
+                // length, so "trailing bytes" is an error of one-frame decoding only.
+                "TrailingBytes" => continue,
+                // The stream ends inside the frame: nothing can be answered; the broker closes.
+                "Truncated" => {
+                    let mut c = raw_tls(&broker).await;
+                    c.write_all(&bytes).await.unwrap();
+                    c.shutdown().await.unwrap();
+                    let mut rest = Vec::new();
+                    let read =
+                        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+                            .await
+                            .unwrap_or_else(|_| {
+                                panic!("{file}: the broker kept a truncated stream open")
+                            });
+                    assert!(
+                        read.is_err() || rest.is_empty(),
+                        "{file}: answered {rest:?}"
+                    );
+                    closed_unanswered += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            conn.write_all(&bytes).await.unwrap();
+            conn.flush().await.unwrap();
+            let reply = tokio::time::timeout(Duration::from_secs(5), read_raw(&mut conn))
+                .await
+                .unwrap_or_else(|_| panic!("{file}: no answer"));
+            let Message::Response(r) = reply else {
+                panic!("{file}: answered with {reply:?}");
+            };
+            let error = r.result.expect_err(file).error;
+            // The manifest names what decoding the frame yields; a frame of another kind than a
+            // request sent to the broker is refused as such, BAD-YAML (protocol.md 8), before
+            // its `Response` name is looked at.
+            let body = &bytes[4.min(bytes.len())..];
+            let code = if body.starts_with(b"Response:") {
+                "BAD-YAML"
+            } else {
+                code
+            };
+            assert_eq!(error.code.as_str(), code, "{file} ({kind}): {error:?}");
+            answered += 1;
+            if matches!(error.code, ErrorCode::FrameTooLarge | ErrorCode::BadFrame) {
+                // A framing error closes the connection (section 4.2): start a new one.
+                conn = raw_tls(&broker).await;
+            }
+        }
+        assert!(
+            answered + closed_unanswered >= 500,
+            "{answered} + {closed_unanswered}"
+        );
+        assert!(matches!(
+            good.link.call(Request::DeviceList).await.unwrap(),
+            ResponseData::DeviceList(_)
+        ));
+        broker.stop().await;
+    }
+
     /// A client that writes a whole oversize frame, and only then reads, gets FRAME-TOO-LARGE,
     /// not a connection reset: the broker drains the frame's declared length (up to a bound)
     /// before it closes. Closing with it unread made the kernel reset the connection, so the
