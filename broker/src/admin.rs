@@ -43,7 +43,7 @@ pub const SERVED: &[&str] = &[
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
 ];
-use proto::{FederationCounters, PeerStatus, StatusRequest, StatusResponse};
+use proto::{FederationCounters, PeerStatus, RelayCounters, StatusRequest, StatusResponse};
 
 /// Why the admin service or the status command failed.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +148,12 @@ pub async fn status(broker: &Broker) -> StatusResponse {
         network,
         prefixes: broker.config.numbers.prefixes.clone(),
         peers,
+        relays: Some(RelayCounters {
+            open: u64::from(broker.relays.open()),
+            spliced: broker.relays.stats.spliced.load(Ordering::Relaxed),
+            bytes: broker.relays.stats.bytes.load(Ordering::Relaxed),
+            refused_by_limit: broker.relays.stats.refused_by_limit.load(Ordering::Relaxed),
+        }),
         federation: counters,
     }
 }
@@ -345,6 +351,12 @@ pub fn render_json(s: &StatusResponse) -> serde_json::Value {
             "last_error": p.last_error,
             "outbox_depth": p.outbox_depth,
         })).collect::<Vec<_>>(),
+        "relays": s.relays.as_ref().map(|r| serde_json::json!({
+            "open": r.open,
+            "spliced": r.spliced,
+            "bytes": r.bytes,
+            "refused_by_limit": r.refused_by_limit,
+        })),
         "federation": s.federation.as_ref().map(|c| serde_json::json!({
             "delivered": c.delivered,
             "delivery_retries": c.delivery_retries,
@@ -383,6 +395,13 @@ pub fn render_text(s: &StatusResponse) -> String {
     let _ = writeln!(out, "entities  {} ({} devices)", s.entities, s.devices);
     let _ = writeln!(out, "inbox     {} messages held", s.inbox_depth);
     let _ = writeln!(out, "prefixes  {}", s.prefixes.join(", "));
+    if let Some(r) = &s.relays {
+        let _ = writeln!(
+            out,
+            "relays    {} open; since up {} joined, {} bytes relayed, {} refused by a limit",
+            r.open, r.spliced, r.bytes, r.refused_by_limit
+        );
+    }
     if s.network.is_empty() {
         let _ = writeln!(out, "network   none (standalone)");
         return out;

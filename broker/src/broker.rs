@@ -48,6 +48,8 @@ pub struct Broker {
     pub(crate) started: Instant,
     /// Network membership, peers and the outbox; `None` for a standalone broker.
     pub(crate) federation: Option<Arc<Federation>>,
+    /// Relays between clients that cannot reach each other directly.
+    pub(crate) relays: Arc<crate::relay::Relays>,
 }
 
 /// Counters that refuse work beyond a configured rate, and the login replay cache.
@@ -174,7 +176,14 @@ impl Broker {
         ));
         let online = Arc::<Online>::default();
         let federation = federation.map(Arc::new);
+        let relays = Arc::new(crate::relay::Relays::new(
+            config.relay.clone(),
+            Arc::clone(&online),
+            Duration::from_secs(config.contacts.request_ttl_secs),
+            config.limits.max_table_entries,
+        ));
         let router = Router {
+            relays: Arc::clone(&relays),
             store: store.clone(),
             online: Arc::clone(&online),
             pending: Arc::default(),
@@ -202,6 +211,7 @@ impl Broker {
             wire_limits,
             started: Instant::now(),
             federation,
+            relays,
         }
     }
 
@@ -218,6 +228,11 @@ impl Broker {
     /// Network membership, peers and counters; `None` for a standalone broker.
     pub fn federation(&self) -> Option<&Federation> {
         self.federation.as_deref()
+    }
+
+    /// The relays (counters for status and metrics).
+    pub fn relays(&self) -> &crate::relay::Relays {
+        &self.relays
     }
 
     /// The contact-request router (for driving the federation's receiving side directly, as

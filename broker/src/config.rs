@@ -47,6 +47,8 @@ pub struct Config {
     pub inbox: InboxConfig,
     /// Contact setup.
     pub contacts: ContactsConfig,
+    /// Relays between clients that cannot reach each other directly.
+    pub relay: RelayConfig,
     /// Resource limits.
     pub limits: LimitsConfig,
     /// Membership of a broker network (gRPC over mutual TLS with peer brokers).
@@ -275,6 +277,44 @@ impl Default for ContactsConfig {
             remember_unknown_targets: true,
             initiates_per_minute: 30,
             request_ttl_secs: 120,
+        }
+    }
+}
+
+/// `[relay]`: relays between clients that cannot reach each other directly (protocol.md
+/// 6.26).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Offer relays (a `RELAY` id in CONTACT-ACCEPTED and CONTACT-CONNECTING). Default true.
+    pub enabled: bool,
+    /// Relays one device may have open (joined or waiting) at once. Default 8.
+    pub max_per_device: u32,
+    /// Relays open on this broker at once. Default 1,000.
+    pub max_total: u32,
+    /// Bytes per second each direction of a relay may carry; faster senders are throttled
+    /// (their bytes wait, then TCP pushes back). 0 means no limit. Default 1,048,576.
+    pub bytes_per_sec: u64,
+    /// Seconds a relay may carry nothing either way before it is closed. Default 120 (the
+    /// sessions inside send heartbeats every 10 s).
+    pub idle_timeout_secs: u64,
+    /// Bytes the broker holds for one direction of a relay at once (its read buffer); a
+    /// sender past it waits. At least 4,096. Default 65,536.
+    pub buffer_bytes: u32,
+    /// Seconds the first half of a relay waits for the second. Default 30.
+    pub join_timeout_secs: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_per_device: 8,
+            max_total: 1_000,
+            bytes_per_sec: 1 << 20,
+            idle_timeout_secs: 120,
+            buffer_bytes: 65_536,
+            join_timeout_secs: 30,
         }
     }
 }
@@ -580,6 +620,14 @@ impl Config {
         }
         if self.auth.max_failures_per_source == 0 {
             return invalid("auth.max_failures_per_source must be at least 1".into());
+        }
+        if self.relay.buffer_bytes < 4096 {
+            return invalid("relay.buffer_bytes must be at least 4096".into());
+        }
+        if self.relay.idle_timeout_secs == 0 || self.relay.join_timeout_secs == 0 {
+            return invalid(
+                "relay.idle_timeout_secs and relay.join_timeout_secs must be at least 1".into(),
+            );
         }
         if self.limits.request_timeout_ms < 100 {
             return invalid("limits.request_timeout_ms must be at least 100".into());

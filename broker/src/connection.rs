@@ -39,6 +39,8 @@ struct Conn {
     login: Option<Login>,
     requests: TokenBucket,
     close_after_reply: bool,
+    /// Set by an accepted RELAY: after its answer the connection becomes that relay's half.
+    relay: Option<crate::relay::Reservation>,
 }
 
 /// Runs the connection until the client leaves, misbehaves, idles out or the broker stops.
@@ -71,7 +73,7 @@ async fn serve<S>(
     binding: [u8; 32],
     mut shutdown: watch::Receiver<bool>,
 ) where
-    S: AsyncRead + AsyncWrite,
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let limits = broker.config.limits.clone();
     let (read, mut write): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
@@ -94,6 +96,7 @@ async fn serve<S>(
         },
         login: None,
         close_after_reply: false,
+        relay: None,
     };
     let idle = Duration::from_secs(limits.idle_timeout_secs.max(1));
     let write_timeout = idle;
@@ -149,6 +152,23 @@ async fn serve<S>(
                 let reply = conn.handle_frame(&body).await;
                 if send(&mut write, &broker, &reply.encode(), write_timeout).await.is_err() {
                     break;
+                }
+                if let Some(reservation) = conn.relay.take() {
+                    // From here on this connection carries the relay's bytes, not frames:
+                    // it leaves the online registry (no events may land in the relayed
+                    // stream) and its halves go to the relay.
+                    if let Some(login) = &conn.login {
+                        broker.online.remove(login.number().as_str(), conn_id);
+                    }
+                    let (read, early) = reader.into_parts();
+                    let half = crate::relay::Half {
+                        read: Box::new(read),
+                        write: Box::new(write),
+                        early,
+                    };
+                    broker.relays.attach(reservation, half);
+                    debug!(conn = conn_id, "connection is now a relay half");
+                    return;
                 }
                 if conn.close_after_reply {
                     break;
@@ -340,6 +360,27 @@ impl Conn {
                     kind.as_str()
                 ),
             )),
+            (Routed::Authenticated(handlers::Authenticated::Relay(args)), Some(login)) => {
+                let who = crate::relay::Party {
+                    number: login.number().as_str().to_owned(),
+                    device: login.device.get(),
+                };
+                match broker.relays.reserve(&args.relay, who) {
+                    Ok(reservation) => {
+                        self.relay = Some(reservation);
+                        Ok(micromsg_wire::ResponseData::Relay)
+                    }
+                    Err(refused @ crate::relay::Refused::Unknown) => Err(Refusal::new(
+                        ErrorCode::NotFound,
+                        broker.relays.describe(refused),
+                    )),
+                    Err(refused) => Err(Refusal::retry(
+                        ErrorCode::QuotaExceeded,
+                        broker.relays.describe(refused),
+                        Duration::from_secs(5),
+                    )),
+                }
+            }
             (Routed::Authenticated(request), Some(login)) => {
                 if matches!(request, handlers::Authenticated::Logout) {
                     self.close_after_reply = true;

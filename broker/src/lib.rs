@@ -34,6 +34,7 @@ pub mod listener;
 pub mod metrics;
 pub mod numbers;
 pub mod online;
+pub mod relay;
 pub mod run;
 pub mod server;
 pub mod shutdown;

@@ -63,3 +63,43 @@ pub fn register(online: &Arc<Online>, federation: Option<&Arc<Federation>>) {
         })
         .build();
 }
+
+/// Registers the relay metrics (when OTLP export is on): relays open, bytes relayed, relays
+/// refused by a limit.
+pub fn register_relays(relays: &Arc<crate::relay::Relays>) {
+    if !otel_enabled() {
+        return;
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    let meter = opentelemetry::global::meter("micromsg-broker");
+    let w = Arc::downgrade(relays);
+    let _ = meter
+        .u64_observable_gauge("micromsg.relays.open")
+        .with_description("relays with a joined half")
+        .with_callback(move |o| {
+            if let Some(r) = w.upgrade() {
+                o.observe(u64::from(r.open()), &[]);
+            }
+        })
+        .build();
+    let w = Arc::downgrade(relays);
+    let _ = meter
+        .u64_observable_counter("micromsg.relay.bytes")
+        .with_description("bytes relayed between clients, both directions")
+        .with_callback(move |o| {
+            if let Some(r) = w.upgrade() {
+                o.observe(r.stats.bytes.load(Relaxed), &[]);
+            }
+        })
+        .build();
+    let w = Arc::downgrade(relays);
+    let _ = meter
+        .u64_observable_counter("micromsg.relays.refused")
+        .with_description("RELAY requests refused by relay.max_per_device or relay.max_total")
+        .with_callback(move |o| {
+            if let Some(r) = w.upgrade() {
+                o.observe(r.stats.refused_by_limit.load(Relaxed), &[]);
+            }
+        })
+        .build();
+}

@@ -135,6 +135,15 @@ impl Online {
             .and_then(|e| e.address.clone().map(|a| (e.device, e.conn, a)))
     }
 
+    /// The device logged in on connection `conn` of `number`.
+    pub fn device_of(&self, number: &str, conn: u64) -> Option<u32> {
+        self.lock()
+            .get(number)?
+            .iter()
+            .find(|e| e.conn == conn)
+            .map(|e| e.device)
+    }
+
     /// True when any device of `number` is online.
     pub fn is_online(&self, number: &str) -> bool {
         self.lock().contains_key(number)

@@ -215,6 +215,7 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
         }
     }
     crate::metrics::register(&broker.online, broker.federation.as_ref());
+    crate::metrics::register_relays(&broker.relays);
     background.spawn(sweep_forever(Arc::clone(&broker), rx.clone()));
     background.spawn(crate::contacts::probes::flush_forever(
         Arc::clone(&broker.router.probes),

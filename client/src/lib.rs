@@ -27,6 +27,7 @@ pub mod link;
 pub mod outbox;
 pub mod p2p;
 pub mod profile;
+pub mod relay;
 pub mod store;
 pub mod tls;
 pub mod when;

@@ -19,7 +19,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-type Stream = TlsStream<TcpStream>;
+/// The TLS stream to the broker.
+pub type Stream = TlsStream<TcpStream>;
 
 /// Why a broker request failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,8 @@ pub struct BrokerLink {
     events: VecDeque<Event>,
     timeout: Duration,
     local_ip: Option<std::net::IpAddr>,
+    /// This end's IP address as the broker saw it at LOGIN (`CLIENT-IP`), if it said.
+    client_ip: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for BrokerLink {
@@ -194,12 +197,34 @@ impl BrokerLink {
             events: VecDeque::new(),
             timeout: DEFAULT_TIMEOUT,
             local_ip,
+            client_ip: None,
         })
     }
 
     /// This end's IP address on the connection: the interface that reaches the broker.
     pub fn local_ip(&self) -> Option<std::net::IpAddr> {
         self.local_ip
+    }
+
+    /// This end's IP address as the broker saw it at LOGIN (after any NAT on the way), when the
+    /// broker said (`CLIENT-IP`, protocol.md 6.4).
+    pub fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.client_ip
+    }
+
+    /// Whether the broker sees this end at the address it has itself: no NAT between them
+    /// (`None` when the broker did not say).
+    pub fn seen_unchanged(&self) -> Option<bool> {
+        let seen = self.client_ip?;
+        let local = self.local_ip?;
+        Some(seen.to_canonical() == local.to_canonical())
+    }
+
+    /// Ends the framed protocol after an accepted RELAY (protocol.md 6.26): the TLS stream, and
+    /// the relayed bytes already read past the RELAY answer.
+    pub fn into_pipe(self) -> (Stream, Vec<u8>) {
+        let (read, early) = self.reader.into_parts();
+        (read.unsplit(self.writer), early)
     }
 
     /// The TLS exporter value of this connection (what login nonces are bound to).
@@ -353,6 +378,7 @@ impl BrokerLink {
         if data.step != step || !bool::from(proof_ok) {
             return Err(LinkError::BrokerNotVerified);
         }
+        self.client_ip = data.client_ip.as_deref().and_then(|ip| ip.parse().ok());
         Ok(data)
     }
 }

@@ -22,8 +22,9 @@ pub fn number(s: &Session) -> Number {
     Number::new(s.info.number.clone()).expect("a registered number")
 }
 
-/// Makes `a` and `b` a contact pair through INITIATE-NEW and an accepting answer.
-pub async fn pair(a: &mut Session, b: &mut Session) {
+/// Makes `a` and `b` a contact pair through INITIATE-NEW and an accepting answer; returns the
+/// relay id the broker offered with it (CONTACT-ACCEPTED), if any.
+pub async fn pair(a: &mut Session, b: &mut Session) -> Option<Hex16> {
     a.link
         .call(Request::InitiateNew(InitiateNewArgs {
             target: number(b),
@@ -43,9 +44,12 @@ pub async fn pair(a: &mut Session, b: &mut Session) {
         }))
         .await
         .expect("CONTACT-ANSWER");
-    // Drain the CONTACT-CONNECTING / CONTACT-ACCEPTED events.
+    // The CONTACT-CONNECTING / CONTACT-ACCEPTED events.
     let _ = b.link.next_event().await;
-    let _ = a.link.next_event().await;
+    match a.link.next_event().await {
+        Ok(Event::ContactAccepted(accepted)) => accepted.relay,
+        _ => None,
+    }
 }
 
 /// DEPOSIT of `body` for `to`, with the message id of 16 bytes `id`.

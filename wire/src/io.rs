@@ -94,6 +94,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         &mut self.inner
     }
 
+    /// The underlying reader and the bytes already read from it but not handed out as frames,
+    /// for a stream that stops carrying frames (a broker relay after its `RELAY` answer).
+    pub fn into_parts(self) -> (R, Vec<u8>) {
+        let rest = self.buf[self.start..].to_vec();
+        (self.inner, rest)
+    }
+
     /// Bytes read from the underlying reader and not yet handed out as frames (a refused
     /// frame's length prefix included).
     pub fn buffered(&self) -> usize {

@@ -35,4 +35,6 @@ pub struct Router {
     /// `federation.pubkey_ttl_secs`: how long a networked caller's pubkey is kept (0 when the
     /// broker is in no network).
     pub pubkey_ttl_secs: u64,
+    /// Relays offered with accepted requests.
+    pub relays: Arc<crate::relay::Relays>,
 }

@@ -73,11 +73,16 @@ async fn try_route(
     {
         hand_out(
             &router.online,
+            &router.relays,
             &req.request,
-            &req.caller,
-            *caller_conn,
-            &req.target,
-            conn,
+            Side {
+                number: &req.caller,
+                conn: *caller_conn,
+            },
+            Side {
+                number: &req.target,
+                conn,
+            },
             &address,
         );
         return Ok(());
@@ -127,15 +132,22 @@ async fn try_route(
     Ok(())
 }
 
-/// Accepts: records the contact pair and gives both sides the token (and the caller the
-/// target's address).
+/// One side of an accepted request: the entity and the connection it is on.
+#[derive(Debug, Clone, Copy)]
+pub struct Side<'a> {
+    /// The entity.
+    pub number: &'a Number,
+    /// Its connection that asked or answered.
+    pub conn: u64,
+}
+
+/// Accepts: gives both sides the token and the relay id (and the caller the target's address).
 pub fn hand_out(
     online: &Online,
+    relays: &crate::relay::Relays,
     request: &[u8; 16],
-    caller: &Number,
-    caller_conn: u64,
-    target: &Number,
-    target_conn: u64,
+    caller: Side<'_>,
+    target: Side<'_>,
     address: &str,
 ) {
     let token = Secret32::generate(&mut OsRng);
@@ -143,20 +155,31 @@ pub fn hand_out(
         return;
     };
     let request = Hex16::from_bytes(*request);
+    let party = |side: Side<'_>| {
+        online
+            .device_of(side.number.as_str(), side.conn)
+            .map(|device| crate::relay::Party {
+                number: side.number.as_str().to_owned(),
+                device,
+            })
+    };
+    let relay = relays.offer(party(caller), party(target));
     let accepted = Event::ContactAccepted(ContactAccepted {
         request,
-        target: target.clone(),
+        target: target.number.clone(),
         address: Some(address),
         sealed_address: None,
         token: Hex32::from_bytes(*token.expose()),
         pubkey: None,
+        relay,
     });
     let connecting = Event::ContactConnecting(ContactConnecting {
         request,
-        from: caller.clone(),
+        from: caller.number.clone(),
         token: Hex32::from_bytes(*token.expose()),
+        relay,
     });
     // The target hears first, so it knows the token before the caller can connect.
-    online.push_conn(target.as_str(), target_conn, Push::event(connecting));
-    online.push_conn(caller.as_str(), caller_conn, Push::event(accepted));
+    online.push_conn(target.number.as_str(), target.conn, Push::event(connecting));
+    online.push_conn(caller.number.as_str(), caller.conn, Push::event(accepted));
 }

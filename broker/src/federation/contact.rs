@@ -241,6 +241,8 @@ pub async fn accept_networked(
         request: Hex16::from_bytes(acceptance.local_request),
         from: acceptance.caller.clone(),
         token: Hex32::from_bytes(*token.expose()),
+        // Relays across brokers are not offered yet (docs/architecture.md, "Relays").
+        relay: None,
     });
     router.online.push_conn(
         acceptance.target.as_str(),
@@ -339,6 +341,7 @@ pub async fn receive_accepted(
         sealed_address: Some(Blob::new(call.sealed_address)),
         token: Hex32::from_bytes(token),
         pubkey: Some(Hex32::from_bytes(target_pubkey)),
+        relay: None,
     });
     router.online.push_conn(
         waiting.caller.as_str(),

@@ -293,6 +293,7 @@ pub async fn login(
         session: SessionCounts {
             inbox: u32::try_from(inbox).unwrap_or(u32::MAX),
         },
+        client_ip: Some(session.peer.ip().to_canonical().to_string()),
     });
     Ok((
         answer,

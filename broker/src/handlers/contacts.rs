@@ -24,7 +24,7 @@ use crate::contacts::Router;
 use crate::contacts::pending::{
     Initiate, InitiateKind, NetworkOrigin, Origin, new_request_id, resolve_address,
 };
-use crate::contacts::routing::{hand_out, route_initiate};
+use crate::contacts::routing::{Side, hand_out, route_initiate};
 use crate::federation::Federation;
 use crate::federation::contact::{
     Acceptance, Forward, ForwardRefusal, SEALED_MAX, SEALED_MIN, forward_initiate,
@@ -340,11 +340,16 @@ pub async fn answer(
                 .await?;
             hand_out(
                 cx.online,
+                &cx.router.relays,
                 &request,
-                &pending.caller,
-                caller_conn,
-                login.number(),
-                session.conn_id,
+                Side {
+                    number: &pending.caller,
+                    conn: caller_conn,
+                },
+                Side {
+                    number: login.number(),
+                    conn: session.conn_id,
+                },
                 &address,
             );
         }

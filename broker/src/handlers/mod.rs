@@ -34,7 +34,7 @@ use micromsg_store::StoreError;
 use micromsg_wire::message::request::{
     AddDeviceArgs, BackupPutArgs, ContactAnswerArgs, ContactPolicyArgs, DepositArgs,
     DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs, InitiateNetworkedArgs,
-    InitiateNewArgs, LoginArgs, RegisterArgs, SyncCopyArgs, TargetArgs,
+    InitiateNewArgs, LoginArgs, RegisterArgs, RelayArgs, SyncCopyArgs, TargetArgs,
 };
 use micromsg_wire::message::response::PingData;
 use micromsg_wire::{DeviceId, ErrorBody, ErrorCode, Number, Request, ResponseData};
@@ -176,6 +176,8 @@ pub enum Authenticated {
     BackupPut(BackupPutArgs),
     /// BACKUP-GET.
     BackupGet,
+    /// RELAY (the connection handles it: it stops carrying frames).
+    Relay(RelayArgs),
 }
 
 /// A decoded request, split by whether it needs a login (protocol.md 6.0).
@@ -218,6 +220,7 @@ impl From<Request> for Routed {
             Request::InboxAck(a) => A::InboxAck(a),
             Request::BackupPut(a) => A::BackupPut(a),
             Request::BackupGet => A::BackupGet,
+            Request::Relay(a) => A::Relay(a),
         };
         Routed::Authenticated(authenticated)
     }
@@ -312,6 +315,8 @@ pub async fn authenticated(
         A::InboxAck(args) => inbox::ack(inbox(), login, args, now).await,
         A::BackupPut(args) => backup::put(backup(), login, args, now).await,
         A::BackupGet => backup::get(backup(), login).await,
+        // Only a connection can turn itself into a relay half (`connection.rs`).
+        A::Relay(_) => Err(Refusal::internal()),
     }
 }
 

@@ -72,6 +72,11 @@ pub struct AgentConfig {
     /// How often group frames waiting for a first session with a member (docs/groups.md
     /// section 3) ask that member again, in case it was offline the last time. Default 60 s.
     pub member_retry: Duration,
+    /// Whether peers can reach this device directly (`listen --reach`). Default `auto`.
+    pub reach: crate::relay::Reach,
+    /// How long a direct connection to a peer may take before the relay is used instead
+    /// (when the broker offers one). Default 3 s.
+    pub direct_timeout: Duration,
 }
 
 impl Default for AgentConfig {
@@ -95,6 +100,8 @@ impl Default for AgentConfig {
             reconnect_initial: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(30),
             member_retry: Duration::from_secs(60),
+            reach: crate::relay::Reach::Auto,
+            direct_timeout: Duration::from_secs(3),
         }
     }
 }

@@ -18,6 +18,7 @@ use rand_core::OsRng;
 use crate::account::unix_now;
 use crate::link::LinkError;
 use crate::p2p::{self};
+use crate::relay::Path;
 
 use super::{AcceptPolicy, Agent, Asked, HandshakeDone, Notice, Outgoing, Output, Waiter, refused};
 
@@ -157,8 +158,13 @@ impl Agent {
         let token = Secret32::from_bytes(*c.token.as_bytes());
         let id = micromsg_crypto::handshake::token_id(&token);
         let expires = Instant::now() + self.config.answer_timeout;
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        tokens.insert(id, (token, c.from.as_str().to_owned(), expires));
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (token, c.from.as_str().to_owned(), expires));
+        if let Some(relay) = &c.relay {
+            self.note_target_relay(relay, c.from.as_str());
+        }
     }
 
     pub(super) async fn on_contact_accepted(&mut self, a: ContactAccepted) {
@@ -216,13 +222,50 @@ impl Agent {
         let _ = self
             .store
             .set_address(&peer, Some(address.as_str().to_owned()), unix_now());
+        let relay = a
+            .relay
+            .map(|relay| (relay, self.relays.caller(&relay, &peer)));
+        let (profile, direct_timeout) = (self.profile.clone(), self.config.direct_timeout);
         tokio::spawn(async move {
-            let result = p2p::connect(address.as_str(), &token, &identity, cfg).await;
+            let (result, path) = match relay {
+                // Direct first (protocol.md 6.26); the relay when that fails within the
+                // direct timeout, or as soon as the target says it waits there.
+                Some((relay, switch)) => {
+                    let direct = tokio::time::timeout(
+                        direct_timeout,
+                        p2p::connect(address.as_str(), &token, &identity, cfg.clone()),
+                    );
+                    let direct = tokio::select! {
+                        result = direct => match result {
+                            Ok(Ok(established)) => Some(established),
+                            _ => None,
+                        },
+                        () = switch.notified() => None,
+                    };
+                    match direct {
+                        Some(established) => (Ok(established), Path::Direct),
+                        None => {
+                            let result = match crate::relay::open(&profile, &relay).await {
+                                Ok(stream) => {
+                                    p2p::initiate(stream, &token, &identity, cfg, |_| true).await
+                                }
+                                Err(e) => Err(p2p::P2pError::Relay(e.to_string())),
+                            };
+                            (result, Path::Relay)
+                        }
+                    }
+                }
+                None => (
+                    p2p::connect(address.as_str(), &token, &identity, cfg).await,
+                    Path::Direct,
+                ),
+            };
             let _ = done
                 .send(HandshakeDone {
                     peer: Some(peer),
                     request: Some(request),
                     result,
+                    path,
                 })
                 .await;
         });

@@ -64,6 +64,8 @@ pub enum Command {
     },
     /// Fetch the inbox now; the reply's `data.messages` lists what arrived.
     Inbox,
+    /// The broker link and the live sessions, each with its path (`direct` or `relay`).
+    Status,
     /// Create a group with these members (contacts of this entity).
     GroupCreate {
         /// The group's name.
@@ -304,6 +306,7 @@ impl Agent {
                 let _ = reply.send(r);
             }
             Command::ContactRemove { number } => {
+                self.paths.remove(&number);
                 if let Some((sender, _)) = self.sessions.remove(&number) {
                     let _ = sender.close("removed as a contact").await;
                 }
@@ -331,6 +334,25 @@ impl Agent {
                     Err(message) => Err(refused(message)),
                 };
                 let _ = reply.send(r);
+            }
+            Command::Status => {
+                let status = self.status();
+                let lines: Vec<String> = status
+                    .sessions
+                    .iter()
+                    .map(|s| format!("  {} ({})", s.peer, s.path.as_str()))
+                    .collect();
+                let message = format!(
+                    "number {}, device {}; broker {}; {} in the outbox; {} live session(s){}{}",
+                    status.number,
+                    status.device,
+                    status.broker,
+                    status.outbox,
+                    status.sessions.len(),
+                    if lines.is_empty() { "" } else { ":\n" },
+                    lines.join("\n")
+                );
+                let _ = reply.send(Ok(Output::said(message).with(Detail::Status(status))));
             }
             Command::Inbox if self.link.is_none() => {
                 let _ = reply.send(Err(refused(LinkError::Offline.to_string())));

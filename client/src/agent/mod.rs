@@ -57,6 +57,7 @@ mod notice;
 mod outbound;
 mod queue;
 mod reconnect;
+mod relays;
 mod reply;
 mod sessions;
 
@@ -268,6 +269,8 @@ struct HandshakeDone {
     peer: Option<String>,
     request: Option<[u8; 16]>,
     result: Result<Established, P2pError>,
+    /// How the connection reached the peer.
+    path: crate::relay::Path,
 }
 
 /// What a session-forwarding task reports.
@@ -306,6 +309,10 @@ struct Agent {
     tokens: TokenTable,
     outgoing: HashMap<[u8; 16], Outgoing>,
     sessions: HashMap<String, (SessionSender, [u8; 16])>,
+    /// How each live session reaches its peer, by peer.
+    paths: HashMap<String, crate::relay::Path>,
+    /// Relays offered with this device's contact requests (protocol.md 6.26).
+    relays: relays::RelayTable,
     asked: HashMap<[u8; 16], Asked>,
     /// IS-NETWORKED answers by number: computed from broker configuration, so stable for the
     /// life of the link.
@@ -372,6 +379,8 @@ impl Agent {
             tokens: Arc::new(Mutex::new(HashMap::new())),
             outgoing: HashMap::new(),
             sessions: HashMap::new(),
+            paths: HashMap::new(),
+            relays: relays::RelayTable::default(),
             asked: HashMap::new(),
             networked: HashMap::new(),
             handshakes_tx,
@@ -617,6 +626,8 @@ impl Agent {
                 }
             }
             Event::PubkeyRequest(_) => {}
+            Event::RelayWaiting(w) => self.on_relay_waiting(w).await,
+            Event::RelayClosed(c) => self.on_relay_closed(c).await,
         }
     }
 }

@@ -39,6 +39,8 @@ pub enum Notice {
         first_contact: bool,
         /// The safety number to compare out of band.
         safety_number: String,
+        /// How the session reaches the peer: `direct` or `relay`.
+        path: crate::relay::Path,
     },
     /// The peer's identity key differs from the pinned one: the session was refused.
     IdentityChanged {

@@ -249,6 +249,7 @@ impl Agent {
                 .is_some_and(|(_, id)| *id == session_id)
             {
                 self.sessions.remove(peer);
+                self.paths.remove(peer);
             }
         }
         self.deposit_or_queue(peer, outbound).await

@@ -74,6 +74,15 @@ pub enum Detail {
     Group(GroupReport),
     /// `inbox`: what was fetched.
     Inbox(InboxBatch),
+    /// `contact add` (and a `send` that set up a session): the session and its path.
+    Session {
+        /// The contact.
+        peer: String,
+        /// `direct` or `relay`.
+        path: crate::relay::Path,
+    },
+    /// `status`: the broker link and the live sessions.
+    Status(super::relays::Status),
     /// `contact name`.
     Named {
         /// The contact's number.

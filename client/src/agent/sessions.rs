@@ -12,55 +12,23 @@ use super::{Agent, HandshakeDone, Notice, Outgoing, Output, SessionEvent, TOKEN_
 
 impl Agent {
     pub(super) fn spawn_respond(&self, stream: tokio::net::TcpStream) {
-        let tokens = Arc::clone(&self.tokens);
-        let identity = Arc::clone(&self.identity);
-        let cfg = self.config.session.clone();
-        let done = self.handshakes_tx.clone();
-        tokio::spawn(async move {
-            let peer_slot: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-            let slot = Arc::clone(&peer_slot);
-            let table = Arc::clone(&tokens);
-            let lookup = async move |id: [u8; 16]| {
-                // The broker's CONTACT-CONNECTING may still be on its way (or waiting while
-                // this agent finishes a request): give it a moment before refusing.
-                let deadline = Instant::now() + TOKEN_GRACE;
-                loop {
-                    // Looked at, not taken: an INIT that does not verify must not spend the
-                    // token, or anyone who reaches this port first could block the session.
-                    let found = table
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&id)
-                        .map(|(token, peer, _)| (token.clone(), peer.clone()));
-                    if let Some((token, peer)) = found {
-                        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
-                        return Some(token);
-                    }
-                    if Instant::now() >= deadline {
-                        return None;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            };
-            // The INIT verified (protocol 12.3, step 4): it spends the token, once. A second
-            // INIT that verified at the same moment finds it spent and is refused.
-            let spend = |id: &[u8; 16], _: &_| {
-                tokens
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(id)
-                    .is_some()
-            };
-            let result = p2p::respond(stream, lookup, &identity, cfg, spend).await;
-            let peer = peer_slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let _ = done
-                .send(HandshakeDone {
-                    peer,
-                    request: None,
-                    result,
-                })
-                .await;
-        });
+        self.spawn_respond_on(stream, crate::relay::Path::Direct);
+    }
+
+    /// The responder's handshake on `stream`, a direct connection or this device's half of a
+    /// relay (the same section-12 handshake either way).
+    pub(super) fn spawn_respond_on(&self, stream: tokio::net::TcpStream, path: crate::relay::Path) {
+        tokio::spawn(self.responder().run(stream, path));
+    }
+
+    /// What a responder's handshake needs from the agent, to run on its own task.
+    pub(super) fn responder(&self) -> Responder {
+        Responder {
+            tokens: Arc::clone(&self.tokens),
+            identity: Arc::clone(&self.identity),
+            cfg: self.config.session.clone(),
+            done: self.handshakes_tx.clone(),
+        }
     }
 
     pub(super) async fn on_handshake(&mut self, done: HandshakeDone) {
@@ -75,8 +43,18 @@ impl Agent {
                 }
             }
         };
+        let path = done.path;
         let (peer, established) = match (done.peer, done.result) {
             (Some(peer), Ok(established)) => (peer, established),
+            // A relay half whose other side never came (it reached us directly instead):
+            // nothing to report.
+            (_, Err(crate::p2p::P2pError::Closed)) if path == crate::relay::Path::Relay => {
+                fail(
+                    waiting,
+                    "the relayed connection closed before the handshake".into(),
+                );
+                return;
+            }
             (peer, Err(e)) => {
                 let who = peer.unwrap_or_else(|| "an unknown peer".into());
                 let message = format!("session setup with {who} failed: {e}");
@@ -146,6 +124,7 @@ impl Agent {
         {
             let _ = old.close("replaced by a new session").await;
         }
+        self.paths.insert(peer.clone(), path);
         let forward = self.events_tx.clone();
         let tag = peer.clone();
         tokio::spawn(async move {
@@ -167,6 +146,7 @@ impl Agent {
             peer: peer.clone(),
             first_contact: pinned == PinResult::FirstUse,
             safety_number,
+            path,
         })
         .await;
         self.share_session(&peer, &stored).await;
@@ -174,7 +154,14 @@ impl Agent {
         self.send_awaiting(&peer).await;
         if let Some(o) = waiting {
             for w in o.waiters {
-                let _ = w.send(Ok(Output::said(format!("session with {peer} is up"))));
+                let _ = w.send(Ok(Output::said(format!(
+                    "session with {peer} is up ({})",
+                    path.as_str()
+                ))
+                .with(super::Detail::Session {
+                    peer: peer.clone(),
+                    path,
+                })));
             }
             for (text, w) in o.queued {
                 if w.cancelled() {
@@ -250,6 +237,7 @@ impl Agent {
                     .is_some_and(|(_, id)| *id == session_id)
                 {
                     self.sessions.remove(&peer);
+                    self.paths.remove(&peer);
                 }
                 if let Ok(Some(mut stored)) = self.store.load_session(&peer)
                     && stored.session_id == session_id
@@ -268,5 +256,69 @@ impl Agent {
                 .await;
             }
         }
+    }
+}
+
+/// A responder's handshake, detached from the agent (see [`Agent::responder`]).
+pub(super) struct Responder {
+    tokens: super::TokenTable,
+    identity: Arc<micromsg_crypto::identity::IdentityKey>,
+    cfg: p2p::SessionConfig,
+    done: tokio::sync::mpsc::Sender<HandshakeDone>,
+}
+
+impl Responder {
+    /// Answers the handshake on `stream` and reports it to the agent.
+    pub(super) async fn run(self, stream: tokio::net::TcpStream, path: crate::relay::Path) {
+        let Responder {
+            tokens,
+            identity,
+            cfg,
+            done,
+        } = self;
+        let peer_slot: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let slot = Arc::clone(&peer_slot);
+        let table = Arc::clone(&tokens);
+        let lookup = async move |id: [u8; 16]| {
+            // The broker's CONTACT-CONNECTING may still be on its way (or waiting while
+            // this agent finishes a request): give it a moment before refusing.
+            let deadline = Instant::now() + TOKEN_GRACE;
+            loop {
+                // Looked at, not taken: an INIT that does not verify must not spend the
+                // token, or anyone who reaches this port first could block the session.
+                let found = table
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&id)
+                    .map(|(token, peer, _)| (token.clone(), peer.clone()));
+                if let Some((token, peer)) = found {
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+                    return Some(token);
+                }
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        // The INIT verified (protocol 12.3, step 4): it spends the token, once. A second
+        // INIT that verified at the same moment finds it spent and is refused.
+        let spend = |id: &[u8; 16], _: &_| {
+            tokens
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id)
+                .is_some()
+        };
+        let result = p2p::respond(stream, lookup, &identity, cfg, spend).await;
+        let peer = peer_slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = done
+            .send(HandshakeDone {
+                peer,
+                request: None,
+                result,
+                path,
+            })
+            .await;
     }
 }

@@ -87,6 +87,16 @@ pub(super) enum Command {
         #[arg(long, default_value_t = 30, value_name = "SECS",
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         reconnect_max: u64,
+        /// Whether peers can connect to this device directly: auto (ask for the broker relay
+        /// from the start when the broker sees this device behind a NAT), direct, or relay
+        /// (never reachable; always the relay). A failed direct connection falls back to the
+        /// relay whatever this says.
+        #[arg(long, default_value = "auto", value_name = "auto|direct|relay")]
+        reach: crate::relay::Reach,
+        /// Milliseconds a direct connection to a contact may take before the relay is used.
+        #[arg(long, default_value_t = 3000, value_name = "MS",
+              value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        direct_timeout_ms: u64,
     },
     /// Contacts: add, list, block, unblock, answer requests.
     #[command(subcommand)]
@@ -114,6 +124,9 @@ pub(super) enum Command {
     /// Fetch offline messages now (through the running `listen`, or on its own) and print
     /// what arrived; they are stored in the history, then removed from the broker.
     Inbox,
+    /// Show the running `listen`: the broker link, the outbox and each live session with its
+    /// path (`direct`, or `relay` through the brokers).
+    Status,
     /// Key backup at the broker, encrypted with a recovery secret only you hold.
     #[command(subcommand)]
     Keys(KeysCommand),

@@ -345,6 +345,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             heartbeat,
             offline_after,
             reconnect_max,
+            reach,
+            direct_timeout_ms,
         } => {
             let config = AgentConfig {
                 accept: match accept {
@@ -363,6 +365,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 wait_for_broker: true,
                 reconnect_max: std::time::Duration::from_secs(reconnect_max),
+                reach,
+                direct_timeout: std::time::Duration::from_millis(direct_timeout_ms),
                 ..AgentConfig::default()
             };
             listen(profile, json, config).await?;
@@ -485,6 +489,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Group(command) => group_command(&profile, command, json).await?,
         Command::Outbox { action } => outbox_command(&profile, action, json).await?,
+        Command::Status => match agent::send_to_running(&profile, &AgentCommand::Status).await {
+            Some(reply) => print_reply(reply, json)?,
+            None => {
+                let i = profile.info()?;
+                if json {
+                    outln!(
+                        "{}",
+                        json!({"ok": true, "message": "no agent is running for this profile",
+                               "data": {"number": i.number, "device": i.device,
+                                        "broker": "not running", "sessions": []}})
+                    );
+                } else {
+                    outln!(
+                        "number {}, device {}; no agent is running for this profile (start \
+                         `micromsg listen`); no live sessions",
+                        i.number,
+                        i.device
+                    );
+                }
+            }
+        },
         Command::Inbox => {
             let answer = run_in_agent(&profile, AgentCommand::Inbox, one_shot_config()).await?;
             let output = answer.map_err(|e| Refused(e.to_string()))?;

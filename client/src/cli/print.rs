@@ -72,12 +72,16 @@ fn notice_text(notice: &Notice, profile: &Profile) -> String {
             peer,
             first_contact: true,
             safety_number,
+            path,
         } => format!(
-            "session with {} started (new contact; identity key pinned; safety number \
+            "session with {} started, {} (new contact; identity key pinned; safety number \
              {safety_number})",
-            who(peer)
+            who(peer),
+            path_text(*path)
         ),
-        Notice::SessionStarted { peer, .. } => format!("session with {} started", who(peer)),
+        Notice::SessionStarted { peer, path, .. } => {
+            format!("session with {} started, {}", who(peer), path_text(*path))
+        }
         Notice::IdentityChanged {
             peer,
             pinned,
@@ -187,4 +191,12 @@ fn notice_text(notice: &Notice, profile: &Profile) -> String {
 /// The first 8 digits of a group id.
 pub(super) fn short_id(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
+}
+
+/// How a session reaches its peer, for people.
+fn path_text(path: crate::relay::Path) -> &'static str {
+    match path {
+        crate::relay::Path::Direct => "direct",
+        crate::relay::Path::Relay => "relayed through the brokers",
+    }
 }

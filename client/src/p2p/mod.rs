@@ -178,6 +178,9 @@ pub enum P2pError {
     /// Our own check refused the peer's identity key (we sent ABORT 2).
     #[error("the peer's identity key was refused")]
     PeerRefused,
+    /// The broker relay could not be opened (protocol.md 6.26).
+    #[error("no direct connection, and {0}")]
+    Relay(String),
 }
 
 impl P2pError {

@@ -13,6 +13,7 @@ mod networked_sessions;
 mod offline;
 mod process;
 mod reconnect;
+mod relay;
 mod sessions;
 mod storage_faults;
 

@@ -22,6 +22,10 @@ wire_enum! {
         DeviceRevoked = "DEVICE-REVOKED",
         /// The broker is shutting down.
         Shutdown = "SHUTDOWN",
+        /// The other side of a relay is waiting for this device to join it.
+        RelayWaiting = "RELAY-WAITING",
+        /// A relay this device is a party to was closed.
+        RelayClosed = "RELAY-CLOSED",
     }
 }
 
@@ -42,6 +46,10 @@ pub enum Event {
     DeviceRevoked(DeviceRevoked),
     /// `SHUTDOWN`.
     Shutdown(Shutdown),
+    /// `RELAY-WAITING`.
+    RelayWaiting(RelayWaiting),
+    /// `RELAY-CLOSED`.
+    RelayClosed(RelayClosed),
 }
 
 impl Event {
@@ -55,6 +63,8 @@ impl Event {
             Event::Inbox(_) => EventKind::Inbox,
             Event::DeviceRevoked(_) => EventKind::DeviceRevoked,
             Event::Shutdown(_) => EventKind::Shutdown,
+            Event::RelayWaiting(_) => EventKind::RelayWaiting,
+            Event::RelayClosed(_) => EventKind::RelayClosed,
         }
     }
 
@@ -73,6 +83,8 @@ impl Event {
             EventKind::Inbox => Event::Inbox(WireValue::decode(data, path)?),
             EventKind::DeviceRevoked => Event::DeviceRevoked(WireValue::decode(data, path)?),
             EventKind::Shutdown => Event::Shutdown(WireValue::decode(data, path)?),
+            EventKind::RelayWaiting => Event::RelayWaiting(WireValue::decode(data, path)?),
+            EventKind::RelayClosed => Event::RelayClosed(WireValue::decode(data, path)?),
         })
     }
 
@@ -85,6 +97,8 @@ impl Event {
             Event::Inbox(data) => data.encode(),
             Event::DeviceRevoked(data) => data.encode(),
             Event::Shutdown(data) => data.encode(),
+            Event::RelayWaiting(data) => data.encode(),
+            Event::RelayClosed(data) => data.encode(),
         }
     }
 }
@@ -130,6 +144,8 @@ wire_struct! {
         req "TOKEN" token: Hex32,
         /// Networked: the target's public key.
         opt "PUBKEY" pubkey: Option<Hex32>,
+        /// The relay id for this request, when the broker offers a relay (section 6.26).
+        opt "RELAY" relay: Option<Hex16>,
     }
 }
 
@@ -142,6 +158,28 @@ wire_struct! {
         req "FROM" from: Number,
         /// The token the connecting peer will prove.
         req "TOKEN" token: Hex32,
+        /// The relay id for this request, when the broker offers a relay (section 6.26).
+        opt "RELAY" relay: Option<Hex16>,
+    }
+}
+
+wire_struct! {
+    /// `Data` of `RELAY-WAITING`.
+    pub struct RelayWaiting {
+        /// The relay id.
+        req "RELAY" relay: Hex16,
+        /// The number on the other side, which has joined.
+        req "FROM" from: Number,
+    }
+}
+
+wire_struct! {
+    /// `Data` of `RELAY-CLOSED`.
+    pub struct RelayClosed {
+        /// The relay id.
+        req "RELAY" relay: Hex16,
+        /// Why, for people.
+        req "REASON" reason: String,
     }
 }
 

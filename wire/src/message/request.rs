@@ -60,6 +60,8 @@ wire_enum! {
         BackupGet = "BACKUP-GET",
         /// Authenticated.
         SyncCopy = "SYNC-COPY",
+        /// Authenticated: turns the connection into one half of a relay (section 6.26).
+        Relay = "RELAY",
     }
 }
 
@@ -131,6 +133,8 @@ pub enum Request {
     BackupGet,
     /// `SYNC-COPY`.
     SyncCopy(SyncCopyArgs),
+    /// `RELAY`.
+    Relay(RelayArgs),
 }
 
 impl Request {
@@ -162,6 +166,7 @@ impl Request {
             Request::BackupPut(_) => RequestKind::BackupPut,
             Request::BackupGet => RequestKind::BackupGet,
             Request::SyncCopy(_) => RequestKind::SyncCopy,
+            Request::Relay(_) => RequestKind::Relay,
         }
     }
 
@@ -211,6 +216,7 @@ impl Request {
             K::BackupPut => Request::BackupPut(WireValue::decode(args, path)?),
             K::BackupGet => none(args).map(|()| Request::BackupGet)?,
             K::SyncCopy => Request::SyncCopy(WireValue::decode(args, path)?),
+            K::Relay => Request::Relay(WireValue::decode(args, path)?),
         })
     }
 
@@ -243,6 +249,7 @@ impl Request {
             Request::InboxAck(args) => args.encode(),
             Request::BackupPut(args) => args.encode(),
             Request::SyncCopy(args) => args.encode(),
+            Request::Relay(args) => args.encode(),
         }
     }
 }
@@ -568,6 +575,14 @@ wire_struct! {
         req "BLOB" blob: Blob,
         /// Must be the stored version + 1 (else `CONFLICT`).
         req "VERSION" version: u64,
+    }
+}
+
+wire_struct! {
+    /// Args of `RELAY`.
+    pub struct RelayArgs {
+        /// The relay id of the contact request (CONTACT-ACCEPTED or CONTACT-CONNECTING).
+        req "RELAY" relay: Hex16,
     }
 }
 

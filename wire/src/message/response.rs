@@ -171,6 +171,8 @@ pub enum ResponseData {
     BackupGet(BackupGetData),
     /// `SYNC-COPY`.
     SyncCopy(SyncCopyData),
+    /// `RELAY`: `{}`; the relayed bytes follow the response's frame.
+    Relay,
 }
 
 impl ResponseData {
@@ -203,6 +205,7 @@ impl ResponseData {
             ResponseData::BackupPut => K::BackupPut,
             ResponseData::BackupGet(_) => K::BackupGet,
             ResponseData::SyncCopy(_) => K::SyncCopy,
+            ResponseData::Relay => K::Relay,
         }
     }
 
@@ -245,6 +248,7 @@ impl ResponseData {
             K::BackupPut => empty(data).map(|()| ResponseData::BackupPut)?,
             K::BackupGet => ResponseData::BackupGet(WireValue::decode(data, path)?),
             K::SyncCopy => ResponseData::SyncCopy(WireValue::decode(data, path)?),
+            K::Relay => empty(data).map(|()| ResponseData::Relay)?,
         })
     }
 
@@ -256,7 +260,8 @@ impl ResponseData {
             | ResponseData::ContactPolicy
             | ResponseData::Block
             | ResponseData::Unblock
-            | ResponseData::BackupPut => Node::Map(Vec::new()),
+            | ResponseData::BackupPut
+            | ResponseData::Relay => Node::Map(Vec::new()),
             ResponseData::BrokerInfo(data) => data.encode(),
             ResponseData::Register(data) => data.encode(),
             ResponseData::DeviceJoin(data) => data.encode(),
@@ -446,6 +451,9 @@ wire_struct! {
         req "STEP" step: u64,
         /// Pending counts.
         req "SESSION" session: SessionCounts,
+        /// The client's IP address as the broker sees it on this connection (after any NAT),
+        /// so a client can tell whether it is behind one (section 6.26).
+        opt "CLIENT-IP" client_ip: Option<String>,
     }
 }
 

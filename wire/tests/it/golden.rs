@@ -122,6 +122,7 @@ fn login_ok_response() {
                 proof: Hex32::from_bytes(counting(0xa0)),
                 step: 56_666_666,
                 session: SessionCounts { inbox: 3 },
+                client_ip: Some("203.0.113.50".into()),
             }),
         )),
         "Response: LOGIN
@@ -132,6 +133,7 @@ Data:
   STEP: 56666666
   SESSION:
     INBOX: 3
+  CLIENT-IP: \"203.0.113.50\"
 ",
     );
 }
@@ -332,4 +334,51 @@ fn hand_written_yaml_in_other_styles_decodes() {
             "{text}"
         );
     }
+}
+
+#[test]
+fn relay_request_and_its_events() {
+    assert_encodes(
+        Message::request(
+            21,
+            Request::Relay(RelayArgs {
+                relay: Hex16::from_bytes(counting::<16>(0x30)),
+            }),
+        ),
+        "Request: RELAY
+Id: 21
+Args:
+  RELAY: \"303132333435363738393a3b3c3d3e3f\"
+",
+    );
+    assert_encodes(
+        Message::Response(Response::ok(21, ResponseData::Relay)),
+        "Response: RELAY
+Id: 21
+Status: OK
+Data: {}
+",
+    );
+    assert_encodes(
+        Message::Event(Event::RelayWaiting(RelayWaiting {
+            relay: Hex16::from_bytes(counting::<16>(0x30)),
+            from: Number::new("5550001234").unwrap(),
+        })),
+        "Event: RELAY-WAITING
+Data:
+  RELAY: \"303132333435363738393a3b3c3d3e3f\"
+  FROM: \"5550001234\"
+",
+    );
+    assert_encodes(
+        Message::Event(Event::RelayClosed(RelayClosed {
+            relay: Hex16::from_bytes(counting::<16>(0x30)),
+            reason: "nothing was relayed for 120 s (relay.idle_timeout_secs)".into(),
+        })),
+        "Event: RELAY-CLOSED
+Data:
+  RELAY: \"303132333435363738393a3b3c3d3e3f\"
+  REASON: \"nothing was relayed for 120 s (relay.idle_timeout_secs)\"
+",
+    );
 }

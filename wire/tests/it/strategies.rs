@@ -246,6 +246,12 @@ pub(crate) fn requests() -> Vec<(RequestKind, BoxedStrategy<Request>)> {
                 .prop_map(|(id, body, peer)| Request::SyncCopy(SyncCopyArgs { id, body, peer }))
                 .boxed(),
         ),
+        (
+            K::Relay,
+            hex16()
+                .prop_map(|relay| Request::Relay(RelayArgs { relay }))
+                .boxed(),
+        ),
     ]
 }
 
@@ -355,12 +361,13 @@ pub(crate) fn response_data() -> Vec<(RequestKind, BoxedStrategy<ResponseData>)>
         ),
         (
             K::Login,
-            (hex32(), u64_any(), u32_any())
-                .prop_map(|(proof, step, inbox)| {
+            (hex32(), u64_any(), u32_any(), option::of("[0-9.]{7,15}"))
+                .prop_map(|(proof, step, inbox, client_ip)| {
                     ResponseData::Login(LoginData {
                         proof,
                         step,
                         session: SessionCounts { inbox },
+                        client_ip,
                     })
                 })
                 .boxed(),
@@ -503,6 +510,7 @@ pub(crate) fn response_data() -> Vec<(RequestKind, BoxedStrategy<ResponseData>)>
                 .prop_map(|id| ResponseData::SyncCopy(SyncCopyData { id }))
                 .boxed(),
         ),
+        (K::Relay, Just(ResponseData::Relay).boxed()),
     ]
 }
 
@@ -565,9 +573,10 @@ pub(crate) fn events() -> Vec<(EventKind, BoxedStrategy<Event>)> {
                 option::of(blob()),
                 hex32(),
                 option::of(hex32()),
+                option::of(hex16()),
             )
                 .prop_map(
-                    |(request, target, address, sealed_address, token, pubkey)| {
+                    |(request, target, address, sealed_address, token, pubkey, relay)| {
                         Event::ContactAccepted(ContactAccepted {
                             request,
                             target,
@@ -575,6 +584,7 @@ pub(crate) fn events() -> Vec<(EventKind, BoxedStrategy<Event>)> {
                             sealed_address,
                             token,
                             pubkey,
+                            relay,
                         })
                     },
                 )
@@ -582,12 +592,13 @@ pub(crate) fn events() -> Vec<(EventKind, BoxedStrategy<Event>)> {
         ),
         (
             K::ContactConnecting,
-            (hex16(), number(), hex32())
-                .prop_map(|(request, from, token)| {
+            (hex16(), number(), hex32(), option::of(hex16()))
+                .prop_map(|(request, from, token, relay)| {
                     Event::ContactConnecting(ContactConnecting {
                         request,
                         from,
                         token,
+                        relay,
                     })
                 })
                 .boxed(),
@@ -614,6 +625,18 @@ pub(crate) fn events() -> Vec<(EventKind, BoxedStrategy<Event>)> {
             K::Shutdown,
             u32_any()
                 .prop_map(|reconnect_after| Event::Shutdown(Shutdown { reconnect_after }))
+                .boxed(),
+        ),
+        (
+            K::RelayWaiting,
+            (hex16(), number())
+                .prop_map(|(relay, from)| Event::RelayWaiting(RelayWaiting { relay, from }))
+                .boxed(),
+        ),
+        (
+            K::RelayClosed,
+            (hex16(), "[ -~]{0,60}")
+                .prop_map(|(relay, reason)| Event::RelayClosed(RelayClosed { relay, reason }))
                 .boxed(),
         ),
     ]

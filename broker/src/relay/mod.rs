@@ -1,0 +1,225 @@
+//! Relays between two clients that cannot reach each other directly (protocol.md 6.26,
+//! docs/architecture.md "Relays").
+//!
+//! With each accepted contact request the broker offers a relay: a random id sent to both
+//! parties with CONTACT-ACCEPTED and CONTACT-CONNECTING. A party that needs it opens a new TLS
+//! connection to the client port, logs in as its device, and sends `RELAY` with the id; after
+//! the OK the connection is a byte pipe. The first half waits (the other device is told with
+//! RELAY-WAITING); the second is spliced to it ([`splice`]). The bytes are the section-12
+//! session, end-to-end encrypted: the broker copies and counts them and learns nothing else.
+//!
+//! [`registry`] keeps the rules (who may join what, the limits) without I/O; this module
+//! holds it under a lock, runs the splices and tells the clients when a relay closes.
+
+pub mod registry;
+pub mod splice;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use micromsg_wire::message::event::{RelayClosed, RelayWaiting};
+use micromsg_wire::{Event, Hex16, Number};
+use rand_core::{OsRng, RngCore};
+use tracing::debug;
+
+use crate::config::RelayConfig;
+use crate::online::{Online, Push};
+pub use registry::Refused;
+use registry::{Attached, Registry, RegistryLimits};
+pub use registry::{Party, RelayId, Reservation};
+pub use splice::Half;
+use splice::SpliceLimits;
+
+/// The relay counters (`micromsg-broker status`, metrics).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Bytes copied, both directions, since start.
+    pub bytes: Arc<AtomicU64>,
+    /// Relays spliced since start.
+    pub spliced: AtomicU64,
+    /// Joins refused by `max_per_device` or `max_total`, since start.
+    pub refused_by_limit: AtomicU64,
+}
+
+/// The broker's relays. See the module docs.
+#[derive(Debug)]
+pub struct Relays {
+    config: RelayConfig,
+    registry: Mutex<Registry<Half>>,
+    online: Arc<Online>,
+    /// The counters.
+    pub stats: RelayStats,
+}
+
+impl Relays {
+    /// Relays under `config`; offers live `offer_ttl` (the contact request's lifetime) and at
+    /// most `max_offers` are kept.
+    pub fn new(
+        config: RelayConfig,
+        online: Arc<Online>,
+        offer_ttl: Duration,
+        max_offers: usize,
+    ) -> Self {
+        let limits = RegistryLimits {
+            max_per_device: config.max_per_device,
+            max_total: config.max_total,
+            max_offers,
+            offer_ttl,
+        };
+        Self {
+            config,
+            registry: Mutex::new(Registry::new(limits)),
+            online,
+            stats: RelayStats::default(),
+        }
+    }
+
+    /// Relays with a joined half right now.
+    pub fn open(&self) -> u32 {
+        self.lock().open()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry<Half>> {
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A relay id for the accepted contact request between `caller` and `target` (devices on
+    /// this broker), or `None` when relays are off or a device is unknown.
+    pub fn offer(&self, caller: Option<Party>, target: Option<Party>) -> Option<Hex16> {
+        if !self.config.enabled {
+            return None;
+        }
+        let (caller, target) = (caller?, target?);
+        let mut id = [0u8; 16];
+        OsRng.fill_bytes(&mut id);
+        self.lock().offer(id, caller, target, Instant::now());
+        Some(Hex16::from_bytes(id))
+    }
+
+    /// RELAY from `who`: may it join relay `id`? The connection answers a refusal with its
+    /// typed error (protocol.md 6.26); [`Self::describe`] says it for people.
+    pub fn reserve(&self, id: &Hex16, who: Party) -> Result<Reservation, Refused> {
+        let reserved = self.lock().reserve(id.as_bytes(), &who, Instant::now());
+        if matches!(reserved, Err(Refused::DeviceLimit | Refused::BrokerLimit)) {
+            self.stats.refused_by_limit.fetch_add(1, Ordering::Relaxed);
+        }
+        reserved
+    }
+
+    /// A refusal, for people.
+    pub fn describe(&self, refused: Refused) -> String {
+        match refused {
+            Refused::Unknown => {
+                "no such relay for this device (unknown, expired, already joined or not yours)"
+                    .into()
+            }
+            Refused::DeviceLimit => format!(
+                "this device has {} relays open (relay.max_per_device); close one or try again \
+                 later",
+                self.config.max_per_device
+            ),
+            Refused::BrokerLimit => format!(
+                "this broker has {} relays open (relay.max_total); try again later",
+                self.config.max_total
+            ),
+        }
+    }
+
+    /// The reserved half's connection is now a pipe: it waits for the other, or is spliced to
+    /// it.
+    pub fn attach(self: &Arc<Self>, reservation: Reservation, half: Half) {
+        let attached = self.lock().attach(&reservation, half, Instant::now());
+        match attached {
+            Attached::Waiting => {
+                let me = self.party_of(&reservation);
+                debug!(side = reservation.side, "relay half waiting");
+                if let Some(me) = me {
+                    self.push(
+                        &reservation.other,
+                        Event::RelayWaiting(RelayWaiting {
+                            relay: Hex16::from_bytes(reservation.id),
+                            from: me,
+                        }),
+                    );
+                }
+                let relays = Arc::clone(self);
+                let id = reservation.id;
+                let wait = Duration::from_secs(self.config.join_timeout_secs);
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    relays.give_up_waiting(&id, wait);
+                });
+            }
+            Attached::Pair([a, b]) => {
+                debug!("relay spliced");
+                self.stats.spliced.fetch_add(1, Ordering::Relaxed);
+                let relays = Arc::clone(self);
+                let limits = SpliceLimits {
+                    bytes_per_sec: self.config.bytes_per_sec,
+                    idle: Duration::from_secs(self.config.idle_timeout_secs),
+                    buffer: self.config.buffer_bytes as usize,
+                };
+                let bytes = Arc::clone(&self.stats.bytes);
+                let id = reservation.id;
+                tokio::spawn(async move {
+                    let ended = splice::splice(a, b, limits, bytes).await;
+                    debug!(?ended, "relay ended");
+                    relays.closed(&id, &ended.reason(limits.idle));
+                });
+            }
+            Attached::Gone(_half) => {
+                // Dropping the half closes its connection; the counts were released with
+                // the offer.
+            }
+        }
+    }
+
+    /// The number of the reserving side (the one that is not `other`).
+    fn party_of(&self, reservation: &Reservation) -> Option<Number> {
+        // The reserving party is not stored in the reservation; the registry knows both, but
+        // the RELAY-WAITING event only needs the number, which the caller gave to reserve.
+        // Kept here so the event names who joined without another lock.
+        self.lock()
+            .parties(&reservation.id)
+            .and_then(|p| Number::new(p[reservation.side].number.clone()).ok())
+    }
+
+    fn give_up_waiting(&self, id: &RelayId, waited: Duration) {
+        let stale = self.lock().stale_waiting(waited, Instant::now());
+        if stale.contains(id) {
+            self.closed(
+                id,
+                &format!(
+                    "the other side did not join within {} s (relay.join_timeout_secs)",
+                    waited.as_secs()
+                ),
+            );
+        }
+    }
+
+    /// Forgets relay `id` (dropping a waiting half closes it) and tells both parties why.
+    fn closed(&self, id: &RelayId, reason: &str) {
+        let Some((parties, _waiting)) = self.lock().close(id) else {
+            return;
+        };
+        for party in &parties {
+            self.push(
+                party,
+                Event::RelayClosed(RelayClosed {
+                    relay: Hex16::from_bytes(*id),
+                    reason: reason.to_owned(),
+                }),
+            );
+        }
+    }
+
+    fn push(&self, party: &Party, event: Event) {
+        let event = &event;
+        self.online.push_all(&party.number, Some(party.device), || {
+            Push::event(event.clone())
+        });
+    }
+}

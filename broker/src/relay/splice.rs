@@ -1,0 +1,279 @@
+//! Splicing the two halves of a relay: bytes one way and the other, through a bounded buffer
+//! per direction, throttled to a byte rate, ended when either side goes or nothing moves for
+//! the idle timeout. The bytes are the clients' section-12 session, sealed end to end: the
+//! broker copies them and counts them, and never looks at or logs them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// One side's connection after its RELAY answer.
+pub struct Half {
+    /// Its read side.
+    pub read: Box<dyn AsyncRead + Send + Unpin>,
+    /// Its write side.
+    pub write: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Bytes the client sent after its RELAY request that were already read (they go first).
+    pub early: Vec<u8>,
+}
+
+impl std::fmt::Debug for Half {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Half")
+            .field("early", &self.early.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What bounds a spliced relay.
+#[derive(Debug, Clone, Copy)]
+pub struct SpliceLimits {
+    /// Bytes per second each way; 0 for no limit.
+    pub bytes_per_sec: u64,
+    /// Nothing either way for this long ends the relay.
+    pub idle: Duration,
+    /// The read buffer of each direction.
+    pub buffer: usize,
+}
+
+/// Why a spliced relay ended (RELAY-CLOSED's `REASON`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both sides closed their end (the session inside ended).
+    Closed,
+    /// One side's connection failed or was reset.
+    Lost,
+    /// Nothing moved for the idle timeout.
+    Idle,
+}
+
+impl Ended {
+    /// For people (RELAY-CLOSED `REASON`).
+    pub fn reason(self, idle: Duration) -> String {
+        match self {
+            Ended::Closed => "the session ended".into(),
+            Ended::Lost => "the other side's connection to its broker was lost".into(),
+            Ended::Idle => format!(
+                "nothing was relayed for {} s (relay.idle_timeout_secs)",
+                idle.as_secs()
+            ),
+        }
+    }
+}
+
+/// Runs the relay between `a` and `b` until it ends; adds every byte copied to `bytes`.
+pub async fn splice(a: Half, b: Half, limits: SpliceLimits, bytes: Arc<AtomicU64>) -> Ended {
+    let started = Instant::now();
+    // Milliseconds since `started` of the last byte either way.
+    let last = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(Notify::new());
+    let ab = pump(
+        a.read,
+        a.early,
+        b.write,
+        limits,
+        started,
+        Arc::clone(&last),
+        Arc::clone(&stop),
+        Arc::clone(&bytes),
+    );
+    let ba = pump(b.read, b.early, a.write, limits, started, last, stop, bytes);
+    let (x, y) = tokio::join!(ab, ba);
+    // The worse of the two directions names the end.
+    for ended in [Ended::Idle, Ended::Lost] {
+        if x == ended || y == ended {
+            return ended;
+        }
+    }
+    Ended::Closed
+}
+
+/// One direction. A clean end of stream is passed on as a half-close (the other direction
+/// goes on until it ends too); a failure or the idle timeout stops both.
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    mut from: Box<dyn AsyncRead + Send + Unpin>,
+    early: Vec<u8>,
+    mut to: Box<dyn AsyncWrite + Send + Unpin>,
+    limits: SpliceLimits,
+    started: Instant,
+    last: Arc<AtomicU64>,
+    stop: Arc<Notify>,
+    bytes: Arc<AtomicU64>,
+) -> Ended {
+    let mut rate = Rate::new(limits.bytes_per_sec, limits.buffer);
+    let mut buf = vec![0u8; limits.buffer];
+    if !early.is_empty() && to.write_all(&early).await.and(to.flush().await).is_err() {
+        stop.notify_waiters();
+        return Ended::Lost;
+    }
+    let ended = loop {
+        let read = tokio::select! {
+            () = stop.notified() => break Ended::Lost,
+            read = tokio::time::timeout(limits.idle, from.read(&mut buf)) => read,
+        };
+        let n = match read {
+            Err(_) => {
+                let quiet = started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= limits.idle {
+                    break Ended::Idle;
+                }
+                continue;
+            }
+            Ok(Ok(0)) => {
+                // The sender closed its end: pass the half-close on.
+                let _ = to.shutdown().await;
+                return Ended::Closed;
+            }
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => break Ended::Lost,
+        };
+        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let wrote = tokio::select! {
+            () = stop.notified() => break Ended::Lost,
+            wrote = async {
+                to.write_all(&buf[..n]).await?;
+                to.flush().await
+            } => wrote,
+        };
+        if wrote.is_err() {
+            break Ended::Lost;
+        }
+        if let Some(wait) = rate.spend(n as u64, Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+    };
+    stop.notify_waiters();
+    let _ = to.shutdown().await;
+    ended
+}
+
+/// A byte budget refilled at `per_sec` up to `burst` (0 `per_sec`: unlimited).
+struct Rate {
+    per_sec: u64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Rate {
+    fn new(per_sec: u64, burst: usize) -> Self {
+        Self {
+            per_sec,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes `n` bytes; how long to wait before reading more, if the budget is overdrawn.
+    fn spend(&mut self, n: u64, now: Instant) -> Option<Duration> {
+        if self.per_sec == 0 {
+            return None;
+        }
+        let rate = self.per_sec as f64;
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * rate).min(self.burst) - n as f64;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / rate))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::io::duplex;
+
+    fn half(stream: tokio::io::DuplexStream) -> Half {
+        let (read, write) = tokio::io::split(stream);
+        Half {
+            read: Box::new(read),
+            write: Box::new(write),
+            early: Vec::new(),
+        }
+    }
+
+    const LIMITS: SpliceLimits = SpliceLimits {
+        bytes_per_sec: 0,
+        idle: Duration::from_secs(5),
+        buffer: 4096,
+    };
+
+    #[tokio::test]
+    async fn bytes_go_both_ways_early_bytes_first_and_half_closes_pass_on() {
+        let (mut client_a, broker_a) = duplex(1 << 16);
+        let (mut client_b, broker_b) = duplex(1 << 16);
+        let mut a = half(broker_a);
+        a.early = b"early ".to_vec();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let relay = tokio::spawn(splice(a, half(broker_b), LIMITS, Arc::clone(&bytes)));
+        client_a.write_all(b"hello b").await.unwrap();
+        client_a.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client_b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"early hello b");
+        // b still talks after a closed its sending side.
+        client_b.write_all(b"hello a").await.unwrap();
+        client_b.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client_a.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello a");
+        assert_eq!(relay.await.unwrap(), Ended::Closed);
+        assert_eq!(bytes.load(Ordering::Relaxed), 7 + 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_relay_is_closed_at_the_idle_timeout() {
+        let (_client_a, broker_a) = duplex(1 << 16);
+        let (mut client_b, broker_b) = duplex(1 << 16);
+        let relay = tokio::spawn(splice(
+            half(broker_a),
+            half(broker_b),
+            LIMITS,
+            Arc::default(),
+        ));
+        let started = Instant::now();
+        assert_eq!(relay.await.unwrap(), Ended::Idle);
+        assert!(started.elapsed() >= LIMITS.idle);
+        // b's connection was closed.
+        let mut rest = Vec::new();
+        assert_eq!(client_b.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_over_the_byte_rate_is_throttled() {
+        let (mut client_a, broker_a) = duplex(1 << 20);
+        let (mut client_b, broker_b) = duplex(1 << 20);
+        let limits = SpliceLimits {
+            bytes_per_sec: 64 * 1024,
+            ..LIMITS
+        };
+        tokio::spawn(splice(
+            half(broker_a),
+            half(broker_b),
+            limits,
+            Arc::default(),
+        ));
+        let started = Instant::now();
+        let payload = vec![7u8; 256 * 1024];
+        let writer = tokio::spawn(async move {
+            client_a.write_all(&payload).await.unwrap();
+            client_a
+        });
+        let mut got = vec![0u8; 256 * 1024];
+        client_b.read_exact(&mut got).await.unwrap();
+        let took = started.elapsed();
+        // 256 KiB at 64 KiB/s with a 4 KiB burst: about 4 s.
+        assert!(took >= Duration::from_millis(3_800), "{took:?}");
+        drop(writer);
+    }
+}

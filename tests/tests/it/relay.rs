@@ -1,0 +1,268 @@
+//! The broker relay (protocol.md 6.26) on one broker, with real agents, TLS and sockets on
+//! loopback: a target that cannot be reached directly is reached through the relay after the
+//! direct attempt fails; a target that asks for the relay gets it at once; the session inside
+//! is the ordinary section-12 session (messages both ways, the disconnect notice); the relay's
+//! refusals are typed; an idle relay is closed with a reason both sides see. NAT and firewalls
+//! on real network namespaces are in `tests/netns`.
+
+use std::time::{Duration, Instant};
+
+use micromsg_client::account;
+use micromsg_client::agent::{AcceptPolicy, AgentConfig, AgentHandle, Command, Detail, Notice};
+use micromsg_client::relay::{Path, Reach};
+use micromsg_tests::agents::{self, Device, expect, register};
+use micromsg_tests::raw::{pair, user};
+use micromsg_tests::{Backend, TestBroker};
+use micromsg_wire::message::request::RelayArgs;
+use micromsg_wire::{ErrorCode, Hex16, Request};
+use tokio::sync::mpsc;
+
+async fn online(device: &Device, config: AgentConfig) -> (AgentHandle, mpsc::Receiver<Notice>) {
+    agents::online(device, config).await
+}
+
+/// A target whose advertised address refuses connections (as behind a NAT without a port
+/// mapping), and that does not ask for the relay itself.
+fn unreachable_target() -> AgentConfig {
+    AgentConfig {
+        advertise: Some("127.0.0.1:1".into()),
+        reach: Reach::Direct,
+        ..agents::config(AcceptPolicy::Any)
+    }
+}
+
+async fn started(rx: &mut mpsc::Receiver<Notice>, from: &str) -> Path {
+    expect(rx, |n| match n {
+        Notice::SessionStarted { peer, path, .. } if peer == from => Some(*path),
+        _ => None,
+    })
+    .await
+}
+
+async fn message(rx: &mut mpsc::Receiver<Notice>, from: &str) -> String {
+    expect(rx, |n| match n {
+        Notice::Message { from: f, text, .. } if f == from => Some(text.clone()),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_target_is_reached_through_the_relay_after_the_direct_attempt_fails() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (b_agent, mut b_rx) = online(&b, unreachable_target()).await;
+    let (a_agent, mut a_rx) = online(&a, agents::config(AcceptPolicy::Any)).await;
+
+    let reply = a_agent
+        .command(Command::ContactAdd {
+            number: b.number.clone(),
+            wait_secs: None,
+        })
+        .await
+        .expect("contact add");
+    assert!(
+        matches!(
+            &reply.detail,
+            Some(Detail::Session {
+                path: Path::Relay,
+                ..
+            })
+        ),
+        "{reply:?}"
+    );
+    assert_eq!(started(&mut a_rx, &b.number).await, Path::Relay);
+    assert_eq!(started(&mut b_rx, &a.number).await, Path::Relay);
+
+    // The ordinary session runs inside: messages both ways.
+    a_agent
+        .command(Command::Send {
+            number: b.number.clone(),
+            text: "through the relay".into(),
+        })
+        .await
+        .expect("send");
+    assert_eq!(message(&mut b_rx, &a.number).await, "through the relay");
+    b_agent
+        .command(Command::Send {
+            number: a.number.clone(),
+            text: "and back".into(),
+        })
+        .await
+        .expect("send back");
+    assert_eq!(message(&mut a_rx, &b.number).await, "and back");
+
+    // `status` shows the path of each live session.
+    let status = a_agent.command(Command::Status).await.expect("status");
+    match status.detail {
+        Some(Detail::Status(s)) => {
+            assert_eq!(s.sessions.len(), 1, "{s:?}");
+            assert_eq!(s.sessions[0].peer, b.number);
+            assert_eq!(s.sessions[0].path, Path::Relay);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(broker.running.broker.relays().open(), 1);
+
+    // B goes offline: its disconnect notice crosses the relay.
+    b_agent.stop().await.unwrap();
+    expect(&mut a_rx, |n| match n {
+        Notice::SessionEnded { peer, .. } if *peer == b.number => Some(()),
+        _ => None,
+    })
+    .await;
+    micromsg_tests::wait::eventually("the relay is released", Duration::from_secs(10), || async {
+        broker.running.broker.relays().open() == 0
+    })
+    .await;
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_cannot_be_reached_asks_for_the_relay_from_the_start() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    // B advertises a port that takes the TCP connection and then never answers the handshake
+    // (like a firewall that drops packets: the attempt hangs rather than fails at once).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (b_agent, mut b_rx) = online(
+        &b,
+        AgentConfig {
+            reach: Reach::Relay,
+            advertise: Some(silent.local_addr().unwrap().to_string()),
+            ..agents::config(AcceptPolicy::Any)
+        },
+    )
+    .await;
+    // The caller would wait 20 s for its direct attempt (10 s for the handshake timeout);
+    // the target's RELAY-WAITING ends the wait.
+    let (a_agent, mut a_rx) = online(
+        &a,
+        AgentConfig {
+            direct_timeout: Duration::from_secs(20),
+            ..agents::config(AcceptPolicy::Any)
+        },
+    )
+    .await;
+    let started_at = Instant::now();
+    a_agent
+        .command(Command::ContactAdd {
+            number: b.number.clone(),
+            wait_secs: None,
+        })
+        .await
+        .expect("contact add");
+    assert_eq!(started(&mut a_rx, &b.number).await, Path::Relay);
+    assert_eq!(started(&mut b_rx, &a.number).await, Path::Relay);
+    let took = started_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the caller waited {took:?} for the direct path"
+    );
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn relay_requests_for_an_unknown_foreign_or_spent_relay_are_refused() {
+    let broker = TestBroker::start(Backend::Sqlite, |c| c.relay.max_per_device = 1).await;
+    let mut a = user(&broker, "a").await;
+    let mut b = user(&broker, "b").await;
+    let mut stranger = user(&broker, "stranger").await;
+    let relay = pair(&mut a, &mut b)
+        .await
+        .expect("the broker offers a relay");
+    let ask = |relay: Hex16| Request::Relay(RelayArgs { relay });
+
+    let unknown = stranger
+        .link
+        .call(ask(Hex16::from_bytes([9; 16])))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Some(ErrorCode::NotFound), "{unknown}");
+    let foreign = stranger.link.call(ask(relay)).await.unwrap_err();
+    assert_eq!(foreign.code(), Some(ErrorCode::NotFound), "{foreign}");
+    // A RELAY needs a login.
+    let mut anonymous = micromsg_client::link::BrokerLink::connect(
+        &broker.addr,
+        "127.0.0.1",
+        micromsg_client::tls::client_config(&broker.ca).unwrap(),
+    )
+    .await
+    .unwrap();
+    let err = anonymous.call(ask(relay)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotLoggedIn), "{err}");
+
+    // A joins on a connection of its own; the same side cannot join twice.
+    let a_profile = micromsg_client::profile::Profile::new(broker.profile_dir("a"));
+    let mut half = account::connect(&a_profile).await.unwrap();
+    half.link.call(ask(relay)).await.unwrap();
+    let mut again = account::connect(&a_profile).await.unwrap();
+    let spent = again.link.call(ask(relay)).await.unwrap_err();
+    assert_eq!(spent.code(), Some(ErrorCode::NotFound), "{spent}");
+
+    // The device limit (1 here): a second relay for A is refused, typed and retryable.
+    let mut c = user(&broker, "c").await;
+    let second = pair(&mut a, &mut c).await.unwrap();
+    let mut third = account::connect(&a_profile).await.unwrap();
+    let limited = third.link.call(ask(second)).await.unwrap_err();
+    assert_eq!(limited.code(), Some(ErrorCode::QuotaExceeded), "{limited}");
+    assert_eq!(
+        broker
+            .running
+            .broker
+            .relays()
+            .stats
+            .refused_by_limit
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // B was told that A waits.
+    match b.link.next_event().await.unwrap() {
+        micromsg_wire::Event::RelayWaiting(w) => {
+            assert_eq!(w.relay, relay);
+            assert_eq!(w.from.as_str(), a.info.number);
+        }
+        other => panic!("{other:?}"),
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_is_closed_and_both_sides_are_told_why() {
+    let broker = TestBroker::start(Backend::Sqlite, |c| c.relay.idle_timeout_secs = 2).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    // Heartbeats every 30 s: the relay's 2 s idle timeout comes first.
+    let quiet = |config: AgentConfig| AgentConfig {
+        session: micromsg_client::p2p::SessionConfig {
+            heartbeat_interval: Duration::from_secs(30),
+            ..Default::default()
+        },
+        ..config
+    };
+    let (b_agent, mut b_rx) = online(&b, quiet(unreachable_target())).await;
+    let (a_agent, mut a_rx) = online(&a, quiet(agents::config(AcceptPolicy::Any))).await;
+    a_agent
+        .command(Command::ContactAdd {
+            number: b.number.clone(),
+            wait_secs: None,
+        })
+        .await
+        .expect("contact add");
+    for rx in [&mut a_rx, &mut b_rx] {
+        let warning = expect(rx, |n| match n {
+            Notice::Warning { message } if message.contains("relay") => Some(message.clone()),
+            _ => None,
+        })
+        .await;
+        assert!(warning.contains("nothing was relayed for 2 s"), "{warning}");
+    }
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+    broker.stop().await;
+}
