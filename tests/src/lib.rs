@@ -12,6 +12,7 @@ use micromsg_broker::run::{RunningBroker, start};
 
 pub mod agents;
 pub mod fault_proxy;
+pub mod netns;
 pub mod raw;
 pub mod wait;
 

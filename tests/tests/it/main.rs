@@ -9,6 +9,7 @@ mod contacts;
 mod federation;
 mod groups;
 mod inbox;
+mod netns_relay;
 mod networked_sessions;
 mod offline;
 mod process;
