@@ -179,6 +179,7 @@ impl Broker {
         let relays = Arc::new(crate::relay::Relays::new(
             config.relay.clone(),
             Arc::clone(&online),
+            federation.clone(),
             Duration::from_secs(config.contacts.request_ttl_secs),
             config.limits.max_table_entries,
         ));

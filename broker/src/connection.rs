@@ -361,10 +361,7 @@ impl Conn {
                 ),
             )),
             (Routed::Authenticated(handlers::Authenticated::Relay(args)), Some(login)) => {
-                let who = crate::relay::Party {
-                    number: login.number().as_str().to_owned(),
-                    device: login.device.get(),
-                };
+                let who = crate::relay::Party::local(login.number().as_str(), login.device.get());
                 match broker.relays.reserve(&args.relay, who) {
                     Ok(reservation) => {
                         self.relay = Some(reservation);

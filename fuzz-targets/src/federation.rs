@@ -156,6 +156,7 @@ async fn drive(data: &[u8]) {
                     target_pubkey: input.bytes(40),
                     sealed_address: input.bytes(80),
                     token: input.bytes(40),
+                    relay: input.bytes(20),
                 };
                 let _ = contact::receive_accepted(broker.router(), f, peer, call, now).await;
             }

@@ -158,10 +158,7 @@ pub fn hand_out(
     let party = |side: Side<'_>| {
         online
             .device_of(side.number.as_str(), side.conn)
-            .map(|device| crate::relay::Party {
-                number: side.number.as_str().to_owned(),
-                device,
-            })
+            .map(|device| crate::relay::Party::local(side.number.as_str(), device))
     };
     let relay = relays.offer(party(caller), party(target));
     let accepted = Event::ContactAccepted(ContactAccepted {

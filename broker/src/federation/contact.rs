@@ -237,12 +237,23 @@ pub async fn accept_networked(
         .add_contact(&acceptance.target, &acceptance.caller, now)
         .await?;
     let token = micromsg_crypto::Secret32::generate(&mut rand_core::OsRng);
+    // The relay, should the two clients not reach each other: the caller's broker will open
+    // the stream (federation.proto, `Relay`).
+    let target_device = router
+        .online
+        .device_of(acceptance.target.as_str(), acceptance.target_conn);
+    let relay = router.relays.offer(
+        Some(crate::relay::Party::remote(
+            acceptance.caller.as_str(),
+            origin.broker.as_str(),
+        )),
+        target_device.map(|d| crate::relay::Party::local(acceptance.target.as_str(), d)),
+    );
     let connecting = Event::ContactConnecting(ContactConnecting {
         request: Hex16::from_bytes(acceptance.local_request),
         from: acceptance.caller.clone(),
         token: Hex32::from_bytes(*token.expose()),
-        // Relays across brokers are not offered yet (docs/architecture.md, "Relays").
-        relay: None,
+        relay,
     });
     router.online.push_conn(
         acceptance.target.as_str(),
@@ -256,6 +267,7 @@ pub async fn accept_networked(
         target_pubkey: acceptance.target_pubkey.to_vec(),
         sealed_address: acceptance.sealed_address,
         token: token.expose().to_vec(),
+        relay: relay.map(|r| r.as_bytes().to_vec()).unwrap_or_default(),
     };
     send_accepted(federation, &origin.broker, call);
     Ok(())
@@ -334,6 +346,19 @@ pub async fn receive_accepted(
         )
         .await
         .map_err(internal)?;
+    // The relay the target's broker offered (none from a broker that offers none).
+    let relay = <[u8; 16]>::try_from(call.relay.as_slice())
+        .ok()
+        .and_then(|id| {
+            let caller_device = router
+                .online
+                .device_of(waiting.caller.as_str(), waiting.caller_conn);
+            router.relays.offer_with_id(
+                id,
+                caller_device.map(|d| crate::relay::Party::local(waiting.caller.as_str(), d)),
+                Some(crate::relay::Party::remote(target.as_str(), peer)),
+            )
+        });
     let accepted = Event::ContactAccepted(ContactAccepted {
         request: Hex16::from_bytes(request),
         target,
@@ -341,13 +366,17 @@ pub async fn receive_accepted(
         sealed_address: Some(Blob::new(call.sealed_address)),
         token: Hex32::from_bytes(token),
         pubkey: Some(Hex32::from_bytes(target_pubkey)),
-        relay: None,
+        relay,
     });
     router.online.push_conn(
         waiting.caller.as_str(),
         waiting.caller_conn,
         Push::event(accepted),
     );
+    if let Some(relay) = relay {
+        // The target may have joined already, its broker's word overtaking this call.
+        router.relays.deliver_early_waiting(*relay.as_bytes(), peer);
+    }
     Counters::bump(&federation.counters.accepted_relayed);
     Ok(())
 }

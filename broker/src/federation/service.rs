@@ -23,7 +23,8 @@ use super::mtls::{Acceptor, MtlsCounters, PeerHandshake, PeerInfo, PeerStream};
 use super::proto::federation_server::{Federation as FederationApi, FederationServer};
 use super::proto::{
     AcceptedAck, AcceptedRequest, DeliverRequest, DeliverResponse, InitiateAck, InitiateRequest,
-    IsNetworkedRequest, IsNetworkedResponse, PingRequest, PingResponse,
+    IsNetworkedRequest, IsNetworkedResponse, PingRequest, PingResponse, RelayFrame,
+    RelayWaitingAck, RelayWaitingRequest,
 };
 use super::{Home, contact, outbox};
 use crate::broker::Broker;
@@ -47,8 +48,48 @@ fn peer_of<T>(request: &Request<T>) -> Result<String, Status> {
         .ok_or_else(|| Status::unauthenticated("no peer certificate"))
 }
 
+/// Frames queued towards the caller's broker on a relay stream.
+const RELAY_QUEUE: usize = 16;
+
 #[tonic::async_trait]
 impl FederationApi for FederationService {
+    type RelayStream = ReceiverStream<Result<RelayFrame, Status>>;
+
+    async fn relay(
+        &self,
+        request: Request<tonic::Streaming<RelayFrame>>,
+    ) -> Result<Response<Self::RelayStream>, Status> {
+        let peer = peer_of(&request)?;
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the relay stream ended before naming a relay")
+        })?;
+        let id: [u8; 16] = first
+            .relay
+            .as_slice()
+            .try_into()
+            .map_err(|_| Status::invalid_argument("relay must be 16 bytes"))?;
+        let (tx, rx) = mpsc::channel(RELAY_QUEUE);
+        let half = crate::relay::remote::stream_half(inbound, tx, Ok);
+        self.broker
+            .relays
+            .attach_remote(id, &peer, half)
+            .map_err(|_| Status::not_found("no such relay for this peer"))?;
+        debug!(peer = %peer, "relay stream from a peer broker");
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn relay_waiting(
+        &self,
+        request: Request<RelayWaitingRequest>,
+    ) -> Result<Response<RelayWaitingAck>, Status> {
+        let peer = peer_of(&request)?;
+        if let Ok(id) = <[u8; 16]>::try_from(request.get_ref().relay.as_slice()) {
+            self.broker.relays.remote_waiting(id, &peer);
+        }
+        Ok(Response::new(RelayWaitingAck {}))
+    }
+
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         peer_of(&request)?;
         let Some(f) = self.broker.federation.as_ref() else {

@@ -12,6 +12,7 @@
 //! holds it under a lock, runs the splices and tells the clients when a relay closes.
 
 pub mod registry;
+pub mod remote;
 pub mod splice;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +49,12 @@ pub struct Relays {
     config: RelayConfig,
     registry: Mutex<Registry<Half>>,
     online: Arc<Online>,
+    /// The network's links, for relays whose other client is on a peer broker.
+    federation: Option<Arc<crate::federation::Federation>>,
+    /// `RelayWaiting` calls that came before the `Accepted` call that makes their offer (two
+    /// calls from a peer are not ordered): by id, the peer and when; bounded like the offers.
+    early_waiting: Mutex<std::collections::HashMap<RelayId, (String, Instant)>>,
+    max_offers: usize,
     /// The counters.
     pub stats: RelayStats,
 }
@@ -58,6 +65,7 @@ impl Relays {
     pub fn new(
         config: RelayConfig,
         online: Arc<Online>,
+        federation: Option<Arc<crate::federation::Federation>>,
         offer_ttl: Duration,
         max_offers: usize,
     ) -> Self {
@@ -71,6 +79,9 @@ impl Relays {
             config,
             registry: Mutex::new(Registry::new(limits)),
             online,
+            federation,
+            early_waiting: Mutex::default(),
+            max_offers,
             stats: RelayStats::default(),
         }
     }
@@ -86,17 +97,86 @@ impl Relays {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A relay id for the accepted contact request between `caller` and `target` (devices on
-    /// this broker), or `None` when relays are off or a device is unknown.
+    /// A relay id for the accepted contact request between `caller` and `target` (a device
+    /// on this broker each, or the caller on a peer broker), or `None` when relays are off or a
+    /// device is unknown.
     pub fn offer(&self, caller: Option<Party>, target: Option<Party>) -> Option<Hex16> {
+        let mut id = [0u8; 16];
+        OsRng.fill_bytes(&mut id);
+        self.offer_with_id(id, caller, target)
+    }
+
+    /// Records the relay a peer broker offered (`AcceptedRequest.relay`) for this broker's
+    /// `caller` and the `target` on that peer; `None` when relays are off here.
+    pub fn offer_with_id(
+        &self,
+        id: RelayId,
+        caller: Option<Party>,
+        target: Option<Party>,
+    ) -> Option<Hex16> {
         if !self.config.enabled {
             return None;
         }
         let (caller, target) = (caller?, target?);
-        let mut id = [0u8; 16];
-        OsRng.fill_bytes(&mut id);
         self.lock().offer(id, caller, target, Instant::now());
         Some(Hex16::from_bytes(id))
+    }
+
+    /// After the offer of a peer's relay was recorded and the caller told (CONTACT-ACCEPTED): a
+    /// `RelayWaiting` that came before it is delivered now.
+    pub fn deliver_early_waiting(&self, id: RelayId, peer: &str) {
+        let early = self
+            .early_waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+        if matches!(early, Some((from, _)) if from == peer) {
+            self.remote_waiting(id, peer);
+        }
+    }
+
+    /// The half of the client on peer broker `peer` arrived over the federation link (`Relay`).
+    pub fn attach_remote(
+        self: &Arc<Self>,
+        id: RelayId,
+        peer: &str,
+        half: Half,
+    ) -> Result<(), Refused> {
+        let reservation = self.lock().reserve_remote(&id, peer, Instant::now())?;
+        self.attach(reservation, half);
+        Ok(())
+    }
+
+    /// The peer broker `peer` says its client (the target) joined relay `id` first: tell the
+    /// caller here.
+    pub fn remote_waiting(&self, id: RelayId, peer: &str) {
+        let parties = self.lock().parties(&id).cloned();
+        let Some([caller, target]) = parties else {
+            // Its offer may be on its way (`Accepted`): keep the call for a moment.
+            let mut early = self
+                .early_waiting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = Instant::now();
+            early.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(30));
+            if early.len() < self.max_offers {
+                early.insert(id, (peer.to_owned(), now));
+            }
+            return;
+        };
+        if target.broker.as_deref() != Some(peer) || caller.broker.is_some() {
+            return;
+        }
+        let Ok(from) = Number::new(target.number.clone()) else {
+            return;
+        };
+        self.push(
+            &caller,
+            Event::RelayWaiting(RelayWaiting {
+                relay: Hex16::from_bytes(id),
+                from,
+            }),
+        );
     }
 
     /// RELAY from `who`: may it join relay `id`? The connection answers a refusal with its
@@ -134,16 +214,29 @@ impl Relays {
         let attached = self.lock().attach(&reservation, half, Instant::now());
         match attached {
             Attached::Waiting => {
-                let me = self.party_of(&reservation);
                 debug!(side = reservation.side, "relay half waiting");
-                if let Some(me) = me {
-                    self.push(
-                        &reservation.other,
-                        Event::RelayWaiting(RelayWaiting {
-                            relay: Hex16::from_bytes(reservation.id),
-                            from: me,
-                        }),
-                    );
+                match reservation.other.broker.clone() {
+                    // The other client is here: tell its device.
+                    None => {
+                        if let Some(me) = self.party_of(&reservation) {
+                            self.push(
+                                &reservation.other,
+                                Event::RelayWaiting(RelayWaiting {
+                                    relay: Hex16::from_bytes(reservation.id),
+                                    from: me,
+                                }),
+                            );
+                        }
+                    }
+                    // Our client is the caller: this broker opens the stream to the target's,
+                    // which stands for the target's half here.
+                    Some(peer) if reservation.side == 0 => self.dial(peer, reservation.id),
+                    // Our client is the target: the caller's broker tells its client.
+                    Some(peer) => {
+                        if let Some(federation) = &self.federation {
+                            remote::notify_waiting(federation, &peer, reservation.id);
+                        }
+                    }
                 }
                 let relays = Arc::clone(self);
                 let id = reservation.id;
@@ -175,6 +268,26 @@ impl Relays {
                 // the offer.
             }
         }
+    }
+
+    /// Opens the federation stream of relay `id` to `peer` and attaches it as the target's
+    /// half; a failure closes the relay with the reason.
+    fn dial(self: &Arc<Self>, peer: String, id: RelayId) {
+        let relays = Arc::clone(self);
+        tokio::spawn(async move {
+            let Some(federation) = relays.federation.clone() else {
+                relays.closed(&id, "this broker is in no network");
+                return;
+            };
+            match remote::dial(&federation, &peer, id).await {
+                Ok(half) => {
+                    if relays.attach_remote(id, &peer, half).is_err() {
+                        relays.closed(&id, "the relay went away while the peer broker answered");
+                    }
+                }
+                Err(why) => relays.closed(&id, &why),
+            }
+        });
     }
 
     /// The number of the reserving side (the one that is not `other`).
@@ -216,7 +329,11 @@ impl Relays {
         }
     }
 
+    /// Sends `event` to `party`'s device, when it is on this broker.
     fn push(&self, party: &Party, event: Event) {
+        if party.broker.is_some() {
+            return;
+        }
         let event = &event;
         self.online.push_all(&party.number, Some(party.device), || {
             Push::event(event.clone())

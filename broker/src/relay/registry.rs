@@ -10,13 +10,36 @@ use std::time::{Duration, Instant};
 /// contact request.
 pub type RelayId = [u8; 16];
 
-/// A party to a relay: one device of one entity.
+/// A party to a relay: one device of one entity on this broker, or an entity on a peer
+/// broker (whose half arrives over the federation link).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Party {
     /// The entity's number.
     pub number: String,
-    /// Its device.
+    /// Its device (0 for a party on a peer broker: that broker knows which).
     pub device: u32,
+    /// The peer broker the party is on; `None` for this broker.
+    pub broker: Option<String>,
+}
+
+impl Party {
+    /// A device on this broker.
+    pub fn local(number: impl Into<String>, device: u32) -> Self {
+        Self {
+            number: number.into(),
+            device,
+            broker: None,
+        }
+    }
+
+    /// An entity on peer broker `broker`.
+    pub fn remote(number: impl Into<String>, broker: impl Into<String>) -> Self {
+        Self {
+            number: number.into(),
+            device: 0,
+            broker: Some(broker.into()),
+        }
+    }
 }
 
 /// What the registry is bounded by.
@@ -144,6 +167,23 @@ impl<H> Registry<H> {
         );
     }
 
+    /// The half of the party on peer broker `peer` asks to join relay `id` (it arrived over
+    /// the federation link; only the broker the offer names may bring it).
+    pub fn reserve_remote(
+        &mut self,
+        id: &RelayId,
+        peer: &str,
+        now: Instant,
+    ) -> Result<Reservation, Refused> {
+        let who = self
+            .offers
+            .get(id)
+            .and_then(|o| o.parties.iter().find(|p| p.broker.as_deref() == Some(peer)))
+            .cloned()
+            .ok_or(Refused::Unknown)?;
+        self.reserve(id, &who, now)
+    }
+
     /// `who` asks to join relay `id`.
     pub fn reserve(
         &mut self,
@@ -162,7 +202,10 @@ impl<H> Registry<H> {
         if offer.joined[side] || (!offer.counted && offer.expires <= now) {
             return Err(Refused::Unknown);
         }
-        if self.per_device.get(who).copied().unwrap_or(0) >= limits.max_per_device {
+        // A remote party's device limit is its own broker's to keep.
+        if who.broker.is_none()
+            && self.per_device.get(who).copied().unwrap_or(0) >= limits.max_per_device
+        {
             return Err(Refused::DeviceLimit);
         }
         if !offer.counted && open >= limits.max_total {
@@ -173,7 +216,9 @@ impl<H> Registry<H> {
             offer.counted = true;
             self.open += 1;
         }
-        *self.per_device.entry(who.clone()).or_default() += 1;
+        if who.broker.is_none() {
+            *self.per_device.entry(who.clone()).or_default() += 1;
+        }
         Ok(Reservation {
             id: *id,
             side,
@@ -251,10 +296,7 @@ mod tests {
     use super::*;
 
     fn party(n: &str, d: u32) -> Party {
-        Party {
-            number: n.into(),
-            device: d,
-        }
+        Party::local(n, d)
     }
 
     fn registry(max_per_device: u32, max_total: u32) -> Registry<&'static str> {
@@ -342,6 +384,24 @@ mod tests {
         r.close(&[0; 16]).unwrap();
         r.reserve(&[2; 16], &party("5550012", 1), now).unwrap();
         assert_eq!(r.open(), 2);
+    }
+
+    #[test]
+    fn a_remote_half_comes_only_from_the_broker_the_offer_names() {
+        let now = Instant::now();
+        let mut r = registry(8, 100);
+        let (caller, target) = (Party::remote("5560001", "y"), party("5550002", 1));
+        r.offer([1; 16], caller.clone(), target, now);
+        assert_eq!(r.reserve_remote(&[1; 16], "z", now), Err(Refused::Unknown));
+        let remote = r.reserve_remote(&[1; 16], "y", now).unwrap();
+        assert_eq!(remote.side, 0);
+        assert!(matches!(
+            r.attach(&remote, "from y", now),
+            Attached::Waiting
+        ));
+        assert_eq!(r.reserve_remote(&[1; 16], "y", now), Err(Refused::Unknown));
+        let (parties, _) = r.close(&[1; 16]).unwrap();
+        assert_eq!(parties[0], caller);
     }
 
     #[test]

@@ -266,3 +266,122 @@ async fn an_idle_relay_is_closed_and_both_sides_are_told_why() {
     b_agent.stop().await.unwrap();
     broker.stop().await;
 }
+
+/// Across two brokers of a network: A on x, B on y, B unreachable directly. A's broker opens
+/// the federation stream to B's (`Relay`), each broker splices its client's half to it, and the
+/// session runs end to end through both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_two_brokers_the_home_brokers_join_the_halves() {
+    let net = micromsg_tests::TestNetwork::start(
+        Backend::Sqlite,
+        &[("x", &["555"]), ("y", &["556"])],
+        |_, _| {},
+    )
+    .await;
+    net.wait_linked().await;
+    let a = register(net.broker(0), "a").await;
+    let b = register(net.broker(1), "b").await;
+    let (b_agent, mut b_rx) = online(&b, unreachable_target()).await;
+    let (a_agent, mut a_rx) = online(&a, agents::config(AcceptPolicy::Any)).await;
+    let reply = a_agent
+        .command(Command::ContactAdd {
+            number: b.number.clone(),
+            wait_secs: None,
+        })
+        .await
+        .expect("contact add across brokers");
+    assert!(
+        matches!(
+            &reply.detail,
+            Some(Detail::Session {
+                path: Path::Relay,
+                ..
+            })
+        ),
+        "{reply:?}"
+    );
+    assert_eq!(started(&mut b_rx, &a.number).await, Path::Relay);
+    a_agent
+        .command(Command::Send {
+            number: b.number.clone(),
+            text: "from x through two brokers".into(),
+        })
+        .await
+        .expect("send");
+    assert_eq!(
+        message(&mut b_rx, &a.number).await,
+        "from x through two brokers"
+    );
+    b_agent
+        .command(Command::Send {
+            number: a.number.clone(),
+            text: "and back from y".into(),
+        })
+        .await
+        .expect("send back");
+    assert_eq!(message(&mut a_rx, &b.number).await, "and back from y");
+    for i in 0..2 {
+        assert_eq!(
+            net.broker(i).running.broker.relays().open(),
+            1,
+            "broker {i}"
+        );
+    }
+    b_agent.stop().await.unwrap();
+    expect(&mut a_rx, |n| match n {
+        Notice::SessionEnded { peer, .. } if *peer == b.number => Some(()),
+        _ => None,
+    })
+    .await;
+    a_agent.stop().await.unwrap();
+}
+
+/// The target (behind a NAT, say) asks for the relay at once across brokers: its broker tells
+/// the caller's (`RelayWaiting`), whose client stops waiting for the direct path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_two_brokers_a_target_that_asks_first_gets_the_relay_at_once() {
+    let net = micromsg_tests::TestNetwork::start(
+        Backend::Sqlite,
+        &[("x", &["555"]), ("y", &["556"])],
+        |_, _| {},
+    )
+    .await;
+    net.wait_linked().await;
+    let a = register(net.broker(0), "a").await;
+    let b = register(net.broker(1), "b").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (b_agent, mut b_rx) = online(
+        &b,
+        AgentConfig {
+            reach: Reach::Relay,
+            advertise: Some(silent.local_addr().unwrap().to_string()),
+            ..agents::config(AcceptPolicy::Any)
+        },
+    )
+    .await;
+    let (a_agent, mut a_rx) = online(
+        &a,
+        AgentConfig {
+            direct_timeout: Duration::from_secs(20),
+            ..agents::config(AcceptPolicy::Any)
+        },
+    )
+    .await;
+    let started_at = Instant::now();
+    a_agent
+        .command(Command::ContactAdd {
+            number: b.number.clone(),
+            wait_secs: None,
+        })
+        .await
+        .expect("contact add");
+    assert_eq!(started(&mut a_rx, &b.number).await, Path::Relay);
+    assert_eq!(started(&mut b_rx, &a.number).await, Path::Relay);
+    let took = started_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the caller waited {took:?} for the direct path"
+    );
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+}
