@@ -141,16 +141,19 @@ struct Broker {
     config: std::path::PathBuf,
     log: std::path::PathBuf,
     host: String,
+    port: u16,
 }
 
 impl Broker {
-    async fn start(host: &str, dir: &Path) -> Self {
-        let config = dir.join("broker.toml");
+    /// A broker on the public host at `BROKER_IP:port`, its data in `dir/name`; `extra` is
+    /// appended to its configuration (TOML).
+    async fn start(host: &str, dir: &Path, name: &str, port: u16, extra: &str) -> Self {
+        let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"0.0.0.0:7400\"\ndata_dir = \"{}\"\n\n[tls]\nnames = [\"{}\"]\n",
-                dir.join("data").display(),
+                "[server]\nlisten = \"0.0.0.0:{port}\"\ndata_dir = \"{}\"\n{extra}\n[tls]\nnames = [\"{}\"]\n",
+                dir.join(name).display(),
                 netns::BROKER_IP
             ),
         )
@@ -158,8 +161,9 @@ impl Broker {
         let mut broker = Self {
             child: None,
             config,
-            log: dir.join("broker.log"),
+            log: dir.join(format!("{name}.log")),
             host: host.to_owned(),
+            port,
         };
         broker.spawn().await;
         broker
@@ -184,7 +188,7 @@ impl Broker {
             .unwrap();
         self.child = Some(child);
         for _ in 0..600 {
-            if Hosts::can_connect(&self.host, "127.0.0.1:7400", 1) {
+            if Hosts::can_connect(&self.host, &format!("127.0.0.1:{}", self.port), 1) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -223,7 +227,7 @@ fn found_under(dir: &Path, needle: &[u8]) -> Option<std::path::PathBuf> {
 async fn clients_behind_a_nat_and_a_firewall_talk_through_the_relay() {
     let hosts = Hosts::build();
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(&hosts.public, dir.path()).await;
+    let mut broker = Broker::start(&hosts.public, dir.path(), "data", 7400, "").await;
     let ca = dir.path().join("data/tls/ca.pem");
     let broker_addr = format!("{}:7400", netns::BROKER_IP);
     let (a_host, b_host) = (hosts.nat_client.clone(), hosts.firewalled_client.clone());
@@ -368,7 +372,7 @@ async fn clients_behind_a_nat_and_a_firewall_talk_through_the_relay() {
     broker.kill().await;
 
     // What the broker relayed never reached its log or its data directory.
-    let log = std::fs::read_to_string(dir.path().join("broker.log")).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("data.log")).unwrap();
     assert!(
         log.contains("relay"),
         "the debug log shows no relay at all:\n{log}"
@@ -378,4 +382,138 @@ async fn clients_behind_a_nat_and_a_firewall_talk_through_the_relay() {
         found_under(&dir.path().join("data"), marker.as_bytes()),
         None
     );
+}
+
+/// The same hosts, with the two clients on two brokers of a network (both on the public host):
+/// the brokers join the relay over their federation link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_behind_a_nat_and_a_firewall_on_two_brokers_talk_through_the_relay() {
+    let hosts = Hosts::build();
+    let dir = tempfile::tempdir().unwrap();
+    let init = std::process::Command::new(broker_binary())
+        .current_dir(dir.path())
+        .args([
+            "network", "init", "--out", "net", "--broker", "x=555", "--broker", "y=556",
+        ])
+        .args([
+            "--endpoint",
+            "x=127.0.0.1:7500",
+            "--endpoint",
+            "y=127.0.0.1:7510",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let network = dir.path().join("net/network.toml");
+    let member = |id: &str| {
+        format!(
+            "broker_id = \"{id}\"\n[federation]\nnetwork_file = \"{}\"\n",
+            network.display()
+        )
+    };
+    let mut x = Broker::start(&hosts.public, dir.path(), "x", 7400, &member("x")).await;
+    let mut y = Broker::start(&hosts.public, dir.path(), "y", 7410, &member("y")).await;
+    let (a_host, b_host) = (hosts.nat_client.clone(), hosts.firewalled_client.clone());
+    let (a_dir, b_dir) = (dir.path().join("alice"), dir.path().join("bob"));
+    let register = |port: u16, name: &str| {
+        let ca = dir.path().join(name).join("tls/ca.pem");
+        (format!("{}:{port}", netns::BROKER_IP), ca)
+    };
+    let (x_addr, x_ca) = register(7400, "x");
+    let (y_addr, y_ca) = register(7410, "y");
+    let alice = micromsg(
+        &a_host,
+        &a_dir,
+        &[
+            "register",
+            "--broker",
+            &x_addr,
+            "--ca",
+            x_ca.to_str().unwrap(),
+        ],
+    )
+    .await["number"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bob = micromsg(
+        &b_host,
+        &b_dir,
+        &[
+            "register",
+            "--broker",
+            &y_addr,
+            "--ca",
+            y_ca.to_str().unwrap(),
+        ],
+    )
+    .await["number"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        alice.starts_with("555") && bob.starts_with("556"),
+        "{alice} {bob}"
+    );
+    let mut a_listen = Listen::start(&a_host, &a_dir);
+    let mut b_listen = Listen::start(&b_host, &b_dir);
+    a_listen.expect("alice listening", event("listening")).await;
+    b_listen.expect("bob listening", event("listening")).await;
+
+    let added = micromsg(&a_host, &a_dir, &["contact", "add", &bob]).await;
+    assert_eq!(added["data"]["path"], "relay", "{added}");
+    let up = b_listen
+        .expect("bob's session", event("session-started"))
+        .await;
+    assert_eq!(up["path"], "relay", "{up}");
+    let marker = format!("two-broker-marker-{}", std::process::id());
+    let sent = micromsg(&a_host, &a_dir, &["send", &bob, &format!("{marker} to y")]).await;
+    assert_eq!(sent["data"]["delivered"], "live", "{sent}");
+    let got = b_listen
+        .expect("alice's message", |e| {
+            e["event"] == "message" && e["from"] == alice
+        })
+        .await;
+    assert_eq!(got["text"], format!("{marker} to y"));
+    micromsg(
+        &b_host,
+        &b_dir,
+        &["send", &alice, &format!("{marker} to x")],
+    )
+    .await;
+    let got = a_listen
+        .expect("bob's message", |e| {
+            e["event"] == "message" && e["from"] == bob
+        })
+        .await;
+    assert_eq!(got["text"], format!("{marker} to x"));
+
+    b_listen.interrupt().await;
+    let ended = a_listen
+        .expect("bob's disconnect", |e| {
+            e["event"] == "session-ended" && e["peer"] == bob
+        })
+        .await;
+    assert!(
+        ended["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("disconnect"),
+        "{ended}"
+    );
+    a_listen.interrupt().await;
+    x.kill().await;
+    y.kill().await;
+    for name in ["x", "y"] {
+        let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
+        assert!(
+            !log.contains(&marker),
+            "relayed text in broker {name}'s log"
+        );
+        assert_eq!(found_under(&dir.path().join(name), marker.as_bytes()), None);
+    }
 }
