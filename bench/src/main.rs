@@ -13,7 +13,7 @@
 //!   memory from `/proc`.
 //! - `common`: load-friendly broker config, users and contact pairs, work tickets, progress,
 //!   Postgres databases.
-//! - `logins`, `deposits`, `p2p`, `federation`, `idle`, `soak`: the scenarios.
+//! - `logins`, `deposits`, `p2p`, `relay`, `federation`, `idle`, `soak`: the scenarios.
 //! - `peers` (feature `peers`): deposits beside RabbitMQ and NATS JetStream servers started as
 //!   child processes.
 //!
@@ -28,6 +28,7 @@ mod logins;
 mod p2p;
 #[cfg(feature = "peers")]
 mod peers;
+mod relay;
 mod report;
 mod soak;
 
@@ -75,6 +76,14 @@ enum Command {
     /// no I/O). Targets: ≥ 200,000 msg/s, ≥ 1 GB/s. Runs in this process (memory is the
     /// process's).
     P2p(p2p::Args),
+    /// One end-to-end session through the broker's relay (protocol.md 6.26), beside the same
+    /// session directly on loopback in the same run: msg/s at 256 bytes, MB/s at 64 KiB,
+    /// round-trip latency; then the broker's memory per idle relay beside its memory per idle
+    /// logged-in connection.
+    ///
+    /// Targets: relayed ≥ 50% of direct at 64 KiB, ≥ 50,000 msg/s at 256 B, ≤ 1 ms added at p99,
+    /// ≤ 2 × a logged-in connection's memory per idle relay.
+    Relay(relay::Args),
     /// Two brokers in a network (child processes, mutual-TLS gRPC between them): networked
     /// INITIATE latency beside local INITIATE, and deposits across brokers.
     ///
@@ -143,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             Command::Logins(args) => logins::run(args).await,
             Command::Deposits(args) => deposits::run(args).await,
             Command::P2p(args) => p2p::run(args).await,
+            Command::Relay(args) => relay::run(args).await,
             Command::Federation(args) => federation::run(args).await,
             Command::Idle(args) => idle::run(args).await,
             Command::Soak(args) => soak::run(args).await,

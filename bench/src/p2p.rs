@@ -55,7 +55,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         eprintln!("p2p: ceiling, seal+open of {count} × {size} bytes on one core");
         let (c_done, c_time) = aead_ceiling(size, count, limit)?;
         eprintln!("p2p: session, {count} × {size} bytes one way");
-        let (done, errors, time) = one_way(size, count, limit).await?;
+        let (done, errors, time) = one_way(session_pair().await?, size, count, limit).await?;
         let to_unit = |n: u64, t: Duration| {
             let per_sec = n as f64 / t.as_secs_f64().max(1e-9);
             if unit == "MB/s" {
@@ -98,7 +98,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         "p2p: {} round trips of {} bytes",
         args.round_trips, args.small
     );
-    let (done, time, mut lat) = round_trips(args.small, args.round_trips, limit).await?;
+    let (done, time, mut lat) =
+        round_trips(session_pair().await?, args.small, args.round_trips, limit).await?;
     let memory = child::memory_of("self");
     report.push(
         Row::new(
@@ -122,12 +123,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-fn identity() -> IdentityKey {
+pub(crate) fn identity() -> IdentityKey {
     IdentityKey::generate(&mut rand_core::OsRng)
 }
 
-/// A connected pair of running sessions (initiator, responder).
-async fn session_pair() -> anyhow::Result<(SessionHandle, SessionHandle)> {
+/// A connected pair of running sessions (initiator, responder), directly on loopback.
+pub(crate) async fn session_pair() -> anyhow::Result<(SessionHandle, SessionHandle)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let token = Secret32::generate(&mut rand_core::OsRng);
@@ -155,10 +156,15 @@ async fn session_pair() -> anyhow::Result<(SessionHandle, SessionHandle)> {
     Ok((initiator.start(None), responder.start(None)))
 }
 
-/// Sends `count` messages of `size` bytes from one end; the other counts them. Returns
-/// (received, errors, elapsed until the last arrived).
-async fn one_way(size: usize, count: u64, limit: Duration) -> anyhow::Result<(u64, u64, Duration)> {
-    let (a, mut b) = session_pair().await?;
+/// Sends `count` messages of `size` bytes from one end of `pair`; the other counts them.
+/// Returns (received, errors, elapsed until the last arrived).
+pub(crate) async fn one_way(
+    pair: (SessionHandle, SessionHandle),
+    size: usize,
+    count: u64,
+    limit: Duration,
+) -> anyhow::Result<(u64, u64, Duration)> {
+    let (a, mut b) = pair;
     let text = "m".repeat(size);
     let sender = a.sender();
     let deadline = Instant::now() + limit;
@@ -207,13 +213,14 @@ async fn one_way(size: usize, count: u64, limit: Duration) -> anyhow::Result<(u6
     Ok((received, bad + sent.saturating_sub(received), elapsed))
 }
 
-/// `count` sequential round trips: A sends, B echoes, A waits for the echo.
-async fn round_trips(
+/// `count` sequential round trips on `pair`: A sends, B echoes, A waits for the echo.
+pub(crate) async fn round_trips(
+    pair: (SessionHandle, SessionHandle),
     size: usize,
     count: u64,
     limit: Duration,
 ) -> anyhow::Result<(u64, Duration, Samples)> {
-    let (mut a, b) = session_pair().await?;
+    let (mut a, b) = pair;
     let (b_sender, mut b_events) = b.into_parts();
     let echo = tokio::spawn(async move {
         while let Some(event) = b_events.recv().await {

@@ -106,7 +106,10 @@ async fn pump(
     bytes: Arc<AtomicU64>,
 ) -> Ended {
     let mut rate = Rate::new(limits.bytes_per_sec, limits.buffer);
-    let mut buf = vec![0u8; limits.buffer];
+    // Small while the relay is quiet (most are: chat), doubled whenever a read fills it, up to
+    // `buffer`; back to small after an idle spell. An idle relay then holds little memory.
+    let small = limits.buffer.min(SMALL_BUFFER);
+    let mut buf = vec![0u8; small];
     if !early.is_empty() && to.write_all(&early).await.and(to.flush().await).is_err() {
         stop.notify_waiters();
         return Ended::Lost;
@@ -118,6 +121,9 @@ async fn pump(
         };
         let n = match read {
             Err(_) => {
+                if buf.len() > small {
+                    buf = vec![0u8; small];
+                }
                 let quiet = started
                     .elapsed()
                     .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
@@ -136,6 +142,7 @@ async fn pump(
         };
         last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let grow = n == buf.len() && buf.len() < limits.buffer;
         let wrote = tokio::select! {
             () = stop.notified() => break Ended::Lost,
             wrote = async {
@@ -146,6 +153,9 @@ async fn pump(
         if wrote.is_err() {
             break Ended::Lost;
         }
+        if grow {
+            buf.resize((buf.len() * 2).min(limits.buffer), 0);
+        }
         if let Some(wait) = rate.spend(n as u64, Instant::now()) {
             tokio::time::sleep(wait).await;
         }
@@ -154,6 +164,9 @@ async fn pump(
     let _ = to.shutdown().await;
     ended
 }
+
+/// The read buffer of a quiet direction.
+const SMALL_BUFFER: usize = 2048;
 
 /// A byte budget refilled at `per_sec` up to `burst` (0 `per_sec`: unlimited).
 struct Rate {
