@@ -74,8 +74,12 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-async fn run_with(args: &Args, dbs: &[PgDatabase]) -> anyhow::Result<Report> {
-    let dir = tempfile::tempdir().context("temporary directory")?;
+/// Brokers x (prefix 555) and y (556) of one network, in child processes with their data under
+/// `dir` (Postgres when `dbs` names a database for each); their CA files.
+pub(crate) fn start_network(
+    dir: &std::path::Path,
+    dbs: &[PgDatabase],
+) -> anyhow::Result<(Vec<ChildServer>, Vec<std::path::PathBuf>)> {
     let ids = ["x", "y"];
     let prefixes = ["555", "556"];
     let endpoints = [
@@ -89,26 +93,34 @@ async fn run_with(args: &Args, dbs: &[PgDatabase]) -> anyhow::Result<Report> {
             endpoint: endpoints[i].clone(),
         })
         .collect();
-    let net = init(&dir.path().join("network"), "bench-net", &specs)
+    let net = init(&dir.join("network"), "bench-net", &specs)
         .context("making the network's CA and certificates")?;
     let mut brokers = Vec::new();
     let mut cas = Vec::new();
-    eprintln!(
-        "federation: starting brokers x and y ({})",
-        args.store.name()
-    );
     for i in 0..2 {
-        let mut config = common::load_config(&dir.path().join(ids[i]))?;
+        let mut config = common::load_config(&dir.join(ids[i]))?;
         config.server.broker_id = ids[i].to_owned();
         config.federation.network_file = Some(net.network_file.clone());
         config.federation.listen = Some(endpoints[i].parse()?);
         config.federation.probe_interval_secs = 1;
         config.federation.retry_initial_secs = 1;
         config.federation.retry_max_secs = 2;
+        config.relay.bytes_per_sec = 0;
+        config.relay.max_per_device = u32::MAX;
         config.database.url = dbs.get(i).map(|d| d.url.clone());
-        brokers.push(ChildServer::broker(&config, dir.path(), ids[i])?);
+        brokers.push(ChildServer::broker(&config, dir, ids[i])?);
         cas.push(common::ca_of(&config));
     }
+    Ok((brokers, cas))
+}
+
+async fn run_with(args: &Args, dbs: &[PgDatabase]) -> anyhow::Result<Report> {
+    let dir = tempfile::tempdir().context("temporary directory")?;
+    eprintln!(
+        "federation: starting brokers x and y ({})",
+        args.store.name()
+    );
+    let (brokers, cas) = start_network(dir.path(), dbs)?;
     let addr = |i: usize| format!("127.0.0.1:{}", brokers[i].addr.port());
     let profiles = dir.path().join("profiles");
     let on_x = common::register_users(&addr(0), &cas[0], &profiles, "x", 2).await?;
@@ -234,13 +246,14 @@ async fn run_with(args: &Args, dbs: &[PgDatabase]) -> anyhow::Result<Report> {
 }
 
 /// `caller` (one broker) and `target` (the other) become a contact pair through the networked
-/// flow; retried while the peer broker is not reachable yet.
-async fn pair_networked(
+/// flow; retried while the peer broker is not reachable yet. Returns the caller's
+/// CONTACT-ACCEPTED.
+pub(crate) async fn pair_networked(
     caller: &mut BrokerLink,
     caller_number: &Number,
     target: &mut BrokerLink,
     target_number: &Number,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<micromsg_wire::message::event::ContactAccepted> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let request = loop {
         let pubkey = Hex32::from_bytes(common::random_bytes());
@@ -285,15 +298,15 @@ async fn pair_networked(
         }))
         .await
         .context("CONTACT-ANSWER (networked)")?;
-    loop {
-        if let Event::ContactAccepted(_) =
+    let accepted = loop {
+        if let Event::ContactAccepted(a) =
             common::next_event(caller, Duration::from_secs(10)).await?
         {
-            break;
+            break a;
         }
-    }
+    };
     let _ = target.take_queued_events();
-    Ok(())
+    Ok(accepted)
 }
 
 /// Time from sending INITIATE-EXISTING to the target's CONTACT-REQUEST; the target then

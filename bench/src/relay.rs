@@ -158,6 +158,35 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     report.push(direct);
     report.push(row);
 
+    eprintln!(
+        "relay: {} round trips across two brokers of a network",
+        args.round_trips
+    );
+    let (net_brokers, cas) = crate::federation::start_network(&dir.path().join("net"), &[])?;
+    let net_pair = across_brokers(&net_brokers, &cas, &dir.path().join("net-profiles")).await?;
+    let (done, time, mut lat) = round_trips(net_pair, args.small, args.round_trips, limit).await?;
+    let across_p99 = lat.percentiles().map(|p| p.p99_ms);
+    let mut row = Row::new(
+        SCENARIO,
+        &format!("relayed round trip {} B, two brokers", args.small),
+        done,
+        0,
+        time,
+    )
+    .unit("round trips/s")
+    .latency(&mut lat);
+    if let (Some(d), Some(r)) = (direct_p99, across_p99) {
+        let added = r - d;
+        row = row.target(
+            &format!("≤ 2 ms added at p99 (added {added:.2} ms)"),
+            added <= 2.0,
+        );
+    }
+    report.push(row);
+    for b in net_brokers {
+        b.stop();
+    }
+
     // Memory: idle logged-in connections, then idle relays (two connections each, joined, no
     // traffic), each as the broker's RSS growth over the count.
     let n = args.idle_relays;
@@ -291,24 +320,69 @@ impl Pairs {
     /// A session through a fresh relay (initiator, responder).
     async fn relayed(&mut self) -> anyhow::Result<(SessionHandle, SessionHandle)> {
         let (a, b, token) = self.joined().await?;
-        let known = token.clone();
-        let known_id = micromsg_crypto::handshake::token_id(&known);
-        let responder = tokio::spawn(async move {
-            p2p::accept(
-                b,
-                async |tid| (tid == known_id).then(|| known.clone()),
-                &identity(),
-                SessionConfig::default(),
-            )
-            .await
-        });
-        let initiator = p2p::initiate(a, &token, &identity(), SessionConfig::default(), |_| true)
-            .await
-            .context("relayed handshake (initiator)")?;
-        let responder = responder
-            .await
-            .context("responder task")?
-            .context("relayed handshake (responder)")?;
-        Ok((initiator.start(None), responder.start(None)))
+        handshake(a, b, token).await
     }
+}
+
+/// A session through a relay whose two clients are on brokers x and y of one network.
+async fn across_brokers(
+    brokers: &[ChildServer],
+    cas: &[std::path::PathBuf],
+    profiles: &std::path::Path,
+) -> anyhow::Result<(SessionHandle, SessionHandle)> {
+    let addr = |i: usize| format!("127.0.0.1:{}", brokers[i].addr.port());
+    let a = common::register_users(&addr(0), &cas[0], profiles, "x", 1)
+        .await?
+        .remove(0);
+    let b = common::register_users(&addr(1), &cas[1], profiles, "y", 1)
+        .await?
+        .remove(0);
+    let mut a_link = a
+        .login(micromsg_client::tls::client_config(&cas[0])?)
+        .await?;
+    let mut b_link = b
+        .login(micromsg_client::tls::client_config(&cas[1])?)
+        .await?;
+    let accepted =
+        crate::federation::pair_networked(&mut a_link, &a.number()?, &mut b_link, &b.number()?)
+            .await?;
+    let relay = accepted.relay.context("the brokers offered no relay")?;
+    let token = Secret32::from_bytes(*accepted.token.as_bytes());
+    let (a_half, b_half) = tokio::join!(
+        micromsg_client::relay::open(&a.profile, &relay),
+        micromsg_client::relay::open(&b.profile, &relay)
+    );
+    handshake(
+        a_half.context("caller's half")?,
+        b_half.context("target's half")?,
+        token,
+    )
+    .await
+}
+
+/// The section-12 handshake on two connected sockets (initiator, responder); the sessions.
+async fn handshake(
+    a: tokio::net::TcpStream,
+    b: tokio::net::TcpStream,
+    token: Secret32,
+) -> anyhow::Result<(SessionHandle, SessionHandle)> {
+    let known = token.clone();
+    let known_id = micromsg_crypto::handshake::token_id(&known);
+    let responder = tokio::spawn(async move {
+        p2p::accept(
+            b,
+            async |tid| (tid == known_id).then(|| known.clone()),
+            &identity(),
+            SessionConfig::default(),
+        )
+        .await
+    });
+    let initiator = p2p::initiate(a, &token, &identity(), SessionConfig::default(), |_| true)
+        .await
+        .context("relayed handshake (initiator)")?;
+    let responder = responder
+        .await
+        .context("responder task")?
+        .context("relayed handshake (responder)")?;
+    Ok((initiator.start(None), responder.start(None)))
 }

@@ -176,13 +176,17 @@ fn relay() {
         "5",
     ]);
     let rows = rows(&report, "relay");
-    assert_eq!(rows.len(), 8);
+    assert_eq!(rows.len(), 9);
     assert_eq!(count(row(&rows, "relayed, 256 B")), 300);
     assert_eq!(count(row(&rows, "relayed, 65536 B")), 10);
     assert_eq!(count(row(&rows, "direct, 256 B")), 300);
     let rt = row(&rows, "relayed round trip");
     assert_eq!(count(rt), 20);
     assert!(rt["latency"].is_object());
+    assert_eq!(
+        count(row(&rows, "relayed round trip 256 B, two brokers")),
+        20
+    );
     assert_eq!(count(row(&rows, "idle relay")), 5);
     assert!(rows.iter().all(|r| errors(r) == 0), "{rows:?}");
 }
