@@ -105,13 +105,20 @@ async fn an_unreachable_target_is_reached_through_the_relay_after_the_direct_att
     }
     assert_eq!(broker.running.broker.relays().open(), 1);
     // The operator sees it: `micromsg-broker status` (the admin service).
-    let admin = broker.running.admin_addr.expect("an admin listener").to_string();
+    let admin = broker
+        .running
+        .admin_addr
+        .expect("an admin listener")
+        .to_string();
     let status = micromsg_broker::admin::fetch_status(&admin).await.unwrap();
     let relays = status.relays.clone().expect("relay counters");
     assert_eq!((relays.open, relays.spliced), (1, 1), "{relays:?}");
     assert!(relays.bytes > 0, "{relays:?}");
     let text = micromsg_broker::admin::render_text(&status);
-    assert!(text.contains("relays    1 open; since up 1 joined"), "{text}");
+    assert!(
+        text.contains("relays    1 open; since up 1 joined"),
+        "{text}"
+    );
 
     // B goes offline: its disconnect notice crosses the relay.
     b_agent.stop().await.unwrap();
