@@ -17,6 +17,7 @@
 
 pub mod account;
 pub mod agent;
+pub mod chat;
 pub mod cli;
 pub mod devices;
 pub mod error_text;

@@ -541,6 +541,73 @@ impl Store {
             .collect())
     }
 
+    /// Up to `max` messages of the history with `number` that end before byte `before` of its
+    /// file (`None`: the end), oldest first, and where the page begins (`None` when it reaches
+    /// the start: nothing older). Reads backwards from the end in blocks, so the newest page of
+    /// a long conversation costs what the page costs, not the conversation (`micromsg chat`
+    /// opens a 100,000-message conversation at once).
+    pub fn read_history_page(
+        &self,
+        number: &str,
+        before: Option<u64>,
+        max: usize,
+    ) -> Result<(Vec<Entry>, Option<u64>), StoreError> {
+        const BLOCK: u64 = 64 * 1024;
+        let number = valid(number)?;
+        let path = self.dir().join(HISTORY_DIR).join(format!("{number}.jsonl"));
+        let io_err = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = match fs::File::open(&path) {
+            Ok(file) => file,
+            Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Vec::new(), None));
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        let len = file.metadata().map_err(io_err)?.len();
+        let end = before.unwrap_or(len).min(len);
+        // `tail` holds the file's bytes [start, end).
+        let mut start = end;
+        let mut tail: Vec<u8> = Vec::new();
+        loop {
+            // Complete lines in `tail`: after its first newline (or all of it at the start).
+            let lines = tail.iter().filter(|&&b| b == b'\n').count();
+            if start == 0 || lines > max {
+                break;
+            }
+            let from = start.saturating_sub(BLOCK);
+            let mut block = vec![0u8; (start - from) as usize];
+            file.seek(SeekFrom::Start(from)).map_err(io_err)?;
+            file.read_exact(&mut block).map_err(io_err)?;
+            block.extend_from_slice(&tail);
+            tail = block;
+            start = from;
+        }
+        // Lines that start inside the window: at `start` itself only when it is the file's start.
+        let mut offsets = Vec::new();
+        if start == 0 {
+            offsets.push(0usize);
+        }
+        offsets.extend(
+            tail.iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .map(|(i, _)| i + 1)
+                .filter(|&i| i < tail.len()),
+        );
+        let first = offsets.len().saturating_sub(max);
+        let page_start = offsets.get(first).copied().unwrap_or(tail.len());
+        let entries = tail[page_start..]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect();
+        let begins = start + page_start as u64;
+        Ok((entries, (begins > 0).then_some(begins)))
+    }
+
     // ---- groups (docs/groups.md section 4) ----
 
     /// The ids of the groups this device knows, sorted.
@@ -1109,6 +1176,46 @@ mod tests {
         assert!(store.remove_contact("5550001").unwrap());
         assert!(store.contact("5550001").unwrap().is_none());
         assert!(!store.remove_contact("5550001").unwrap(), "already gone");
+    }
+
+    #[test]
+    fn history_pages_from_the_end_cover_the_whole_history_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&Profile::new(dir.path()));
+        assert_eq!(
+            store.read_history_page("5550001", None, 10).unwrap(),
+            (vec![], None)
+        );
+        // Lines of different lengths, so pages end inside the read blocks.
+        let entries: Vec<Entry> = (0..3000u64)
+            .map(|i| Entry {
+                direction: if i % 3 == 0 {
+                    Direction::Out
+                } else {
+                    Direction::In
+                },
+                time: i,
+                text: "x".repeat((i % 97) as usize + 1),
+                session: [1; 16],
+                counter: i,
+                offline: false,
+            })
+            .collect();
+        store.append_history_all("5550001", &entries).unwrap();
+        let mut got: Vec<Entry> = Vec::new();
+        let mut before = None;
+        loop {
+            let (page, next) = store.read_history_page("5550001", before, 250).unwrap();
+            assert!(page.len() <= 250);
+            got.splice(0..0, page);
+            match next {
+                Some(at) => before = Some(at),
+                None => break,
+            }
+        }
+        assert_eq!(got, entries);
+        let (newest, _) = store.read_history_page("5550001", None, 1).unwrap();
+        assert_eq!(newest, vec![entries[2999].clone()]);
     }
 
     #[test]

@@ -112,7 +112,38 @@ pub struct AgentHandle {
     task: tokio::task::JoinHandle<Result<(), AgentError>>,
 }
 
+/// A cheap handle that sends commands to a running agent (for a UI that keeps several
+/// commands in flight while it goes on drawing).
+#[derive(Debug, Clone)]
+pub struct Commander {
+    commands: mpsc::Sender<ControlRequest>,
+}
+
+impl Commander {
+    /// Runs a command in the agent and waits for its answer.
+    pub async fn command(&self, command: Command) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        let request = ControlRequest {
+            command,
+            reply: Waiter::new(reply, Cancel::default()),
+        };
+        if self.commands.send(request).await.is_err() {
+            return Err(refused("the agent has stopped"));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(refused("the agent stopped before answering")))
+    }
+}
+
 impl AgentHandle {
+    /// A handle for sending commands from other tasks.
+    pub fn commander(&self) -> Commander {
+        Commander {
+            commands: self.commands.clone(),
+        }
+    }
+
     /// Runs a command in the agent and waits for its answer.
     pub async fn command(&self, command: Command) -> Answer {
         self.command_cancellable(command, Cancel::default()).await

@@ -98,6 +98,23 @@ pub(super) enum Command {
               value_parser = clap::value_parser!(u64).range(100..=60_000))]
         direct_timeout_ms: u64,
     },
+    /// A full-screen chat: contacts and groups on the left, the conversation on the right, an
+    /// input line below, the broker's state at the bottom. It runs the device's agent, like
+    /// `listen` (stop a running `listen` first). Press ? inside for the keys; Ctrl-C or /quit
+    /// leaves (queued messages stay in the outbox). Colours follow NO_COLOR.
+    Chat {
+        /// Who may set up a session (as for `listen`); contact requests are shown as a prompt
+        /// with ask.
+        #[arg(long, value_enum, default_value = "ask")]
+        accept: AcceptArg,
+        /// A command run (by sh -c) for a message in a conversation that is not in view, with
+        /// MICROMSG_FROM set to the sender's number; for example a desktop notification.
+        #[arg(long, value_name = "COMMAND")]
+        notify: Option<String>,
+        /// Whether peers can connect to this device directly (as for `listen`).
+        #[arg(long, default_value = "auto", value_name = "auto|direct|relay")]
+        reach: crate::relay::Reach,
+    },
     /// Contacts: add, list, block, unblock, answer requests.
     #[command(subcommand)]
     Contact(ContactCommand),

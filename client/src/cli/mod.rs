@@ -371,6 +371,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             listen(profile, json, config).await?;
         }
+        Command::Chat {
+            accept,
+            notify,
+            reach,
+        } => {
+            let options = crate::chat::ChatOptions {
+                agent: AgentConfig {
+                    accept: match accept {
+                        AcceptArg::Any => AcceptPolicy::Any,
+                        AcceptArg::Contacts => AcceptPolicy::Contacts,
+                        AcceptArg::Ask => AcceptPolicy::Ask,
+                    },
+                    reach,
+                    ..AgentConfig::default()
+                },
+                notify_command: notify,
+                colour: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            };
+            crate::chat::run(profile, options).await?;
+        }
         Command::Contact(ContactCommand::Add { number, wait }) => {
             if !json {
                 eprintln!(

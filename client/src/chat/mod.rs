@@ -1,0 +1,244 @@
+//! `micromsg chat`: a full-screen chat client in the terminal (ratatui + crossterm).
+//!
+//! It is the device's online agent with a screen, not a second client: it starts the same
+//! agent `listen` runs (broker link with reconnects, peer listener, relay, outbox) and shows
+//! what it reports. [`model`] is the screen's state and its rules (keys, notices, answers in;
+//! effects out; no I/O), [`view`] draws it, [`input`] is the input line; this module runs the
+//! terminal, the agent and the effects.
+
+pub mod input;
+pub mod model;
+pub mod view;
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use crossterm::event::{Event, EventStream, KeyEventKind, MouseEventKind};
+use crossterm::{execute, terminal};
+use futures_util::StreamExt as _;
+use jiff::tz::TimeZone;
+use ratatui::Terminal;
+use ratatui::backend::CrosstermBackend;
+use tokio::sync::mpsc;
+
+use crate::account::unix_now;
+use crate::agent::{self, AgentConfig, Answer, Commander, Notice};
+use crate::profile::Profile;
+use crate::store::{Entry, Store};
+use model::{Chat, Effect, PAGE, Tag};
+use view::Theme;
+
+/// How `chat` runs.
+#[derive(Debug, Clone)]
+pub struct ChatOptions {
+    /// The agent's settings (as `listen`'s).
+    pub agent: AgentConfig,
+    /// A command run for a message in a conversation that is not in view, with
+    /// `MICROMSG_FROM` set to the sender (a desktop notification, say). Default none.
+    pub notify_command: Option<String>,
+    /// Colours (off when `NO_COLOR` is set).
+    pub colour: bool,
+}
+
+/// Puts the terminal back however `run` ends (an error or a panic included).
+struct TerminalGuard;
+
+impl TerminalGuard {
+    fn enter() -> anyhow::Result<Self> {
+        terminal::enable_raw_mode().context("switching the terminal to raw mode")?;
+        let guard = Self;
+        execute!(
+            std::io::stdout(),
+            terminal::EnterAlternateScreen,
+            crossterm::event::EnableMouseCapture
+        )
+        .context("opening the full screen")?;
+        Ok(guard)
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        let _ = execute!(
+            std::io::stdout(),
+            crossterm::event::DisableMouseCapture,
+            terminal::LeaveAlternateScreen,
+            crossterm::cursor::Show
+        );
+        let _ = terminal::disable_raw_mode();
+    }
+}
+
+/// What a background task hands back to the loop.
+enum Done {
+    Answer(Tag, Answer),
+    History(String, Vec<Entry>, Option<u64>),
+}
+
+/// Runs the chat until the user leaves.
+pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
+    if agent::send_to_running(&profile, &agent::Command::Status)
+        .await
+        .is_some()
+    {
+        bail!(
+            "a `micromsg listen` is running for this profile; stop it first: `chat` runs the \
+             device's agent itself"
+        );
+    }
+    let info = profile.info()?;
+    let store = Store::new(&profile);
+    let mut chat = Chat::new(info.number.clone(), info.device);
+    for (number, contact) in store.contacts()? {
+        chat.add_contact(&number, contact.name, contact.blocked);
+    }
+    let (notice_tx, mut notices) = mpsc::channel::<Notice>(1024);
+    let config = AgentConfig {
+        wait_for_broker: true,
+        ..options.agent.clone()
+    };
+    let handle = agent::start(profile.clone(), config, notice_tx).await?;
+    let commander = handle.commander();
+    let theme = if options.colour {
+        Theme::colour()
+    } else {
+        Theme::plain()
+    };
+    let tz = TimeZone::system();
+
+    let guard = TerminalGuard::enter()?;
+    let mut terminal = Terminal::new(CrosstermBackend::new(std::io::stdout()))?;
+    let mut events = EventStream::new();
+    let (done_tx, mut done) = mpsc::channel::<Done>(256);
+    let runner = Runner {
+        commander,
+        store: store.clone(),
+        profile: profile.clone(),
+        done: done_tx,
+        notify_command: options.notify_command.clone(),
+    };
+    let mut pending = chat.start();
+    let mut outcome = Ok(());
+    'run: loop {
+        for effect in std::mem::take(&mut pending) {
+            if runner.run(effect, &mut chat) {
+                break 'run;
+            }
+        }
+        if let Err(e) = terminal.draw(|f| view::draw(f, &chat, theme, &tz)) {
+            outcome = Err(e.into());
+            break;
+        }
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(Event::Key(key))) if key.kind == KeyEventKind::Press => {
+                    pending = chat.on_key(key);
+                }
+                Some(Ok(Event::Mouse(m))) => match m.kind {
+                    MouseEventKind::ScrollUp => pending = chat.on_wheel(true),
+                    MouseEventKind::ScrollDown => pending = chat.on_wheel(false),
+                    _ => {}
+                },
+                // A resize just redraws (the loop draws every turn).
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    outcome = Err(anyhow::anyhow!("reading the terminal: {e}"));
+                    break;
+                }
+                None => break,
+            },
+            Some(notice) = notices.recv() => pending = chat.on_notice(&notice, unix_now()),
+            Some(finished) = done.recv() => match finished {
+                Done::Answer(tag, answer) => chat.on_answer(tag, answer),
+                Done::History(peer, entries, older) => chat.on_history(&peer, entries, older),
+            },
+            // Count the reconnect wait down.
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                if let model::Broker::Reconnecting(secs) = &mut chat.broker {
+                    *secs = secs.saturating_sub(1);
+                }
+            }
+        }
+    }
+    drop(terminal);
+    drop(guard);
+    // Say goodbye to the peers; what waits in the outbox stays there.
+    handle.stop().await?;
+    outcome
+}
+
+/// Carries out effects.
+struct Runner {
+    commander: Commander,
+    store: Store,
+    profile: Profile,
+    done: mpsc::Sender<Done>,
+    notify_command: Option<String>,
+}
+
+impl Runner {
+    /// Starts `effect`; true when the user leaves.
+    fn run(&self, effect: Effect, chat: &mut Chat) -> bool {
+        match effect {
+            Effect::Quit => return true,
+            Effect::Agent { command, tag } => {
+                let (commander, done) = (self.commander.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let answer = commander.command(command).await;
+                    let _ = done.send(Done::Answer(tag, answer)).await;
+                });
+            }
+            Effect::LoadOlder { peer, before } => {
+                let (store, done) = (self.store.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let owned = peer.clone();
+                    let page = tokio::task::spawn_blocking(move || {
+                        store.read_history_page(&owned, before, PAGE)
+                    })
+                    .await;
+                    if let Ok(Ok((entries, older))) = page {
+                        let _ = done.send(Done::History(peer, entries, older)).await;
+                    }
+                });
+            }
+            Effect::Notify { from } => {
+                let _ = std::io::stdout().write_all(b"\x07");
+                let _ = std::io::stdout().flush();
+                if let Some(command) = &self.notify_command {
+                    let _ = std::process::Command::new("sh")
+                        .args(["-c", command])
+                        .env("MICROMSG_FROM", from)
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn();
+                }
+            }
+            Effect::ShowSafety { peer } => {
+                chat.status = Some(self.safety(&peer));
+            }
+        }
+        false
+    }
+
+    fn safety(&self, peer: &str) -> String {
+        let Ok(Some(contact)) = self.store.contact(peer) else {
+            return format!("{peer} is not a contact");
+        };
+        let Some(theirs) = contact.identity else {
+            return format!("no identity key of {peer} yet: it is pinned at the first session");
+        };
+        let Ok(secrets) = self.profile.secrets() else {
+            return "this profile's keys cannot be read".into();
+        };
+        let Ok(info) = self.profile.info() else {
+            return "this profile cannot be read".into();
+        };
+        let mine = micromsg_crypto::IdentityKey::from_seed(&secrets.identity_seed).public_key();
+        match crate::store::safety_number(&info.number, &mine, peer, &theirs) {
+            Ok(number) => format!("safety number with {peer}: {number}"),
+            Err(e) => format!("safety number: {e}"),
+        }
+    }
+}

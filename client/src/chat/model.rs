@@ -1,0 +1,817 @@
+//! What the chat screen shows and how keys and the agent's notices change it. No I/O and no
+//! clock: keys, notices and answers come in, [`Effect`]s go out (the runner in `chat/mod.rs`
+//! carries them out), and the time is passed in.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use super::input::Input;
+use crate::agent::{Answer, Command, Delivered, Detail, Notice};
+use crate::relay::Path;
+use crate::store::{Direction, Entry};
+
+/// Messages loaded per page of history.
+pub const PAGE: usize = 200;
+
+/// The commands, for help and completion.
+pub const COMMANDS: &[(&str, &str)] = &[
+    ("/add NUMBER", "ask NUMBER to become a contact"),
+    ("/name NAME", "name the contact in view"),
+    ("/block", "block the contact in view"),
+    ("/unblock", "unblock the contact in view"),
+    ("/remove", "remove the contact in view from this device"),
+    ("/safety", "show the safety number of the contact in view"),
+    ("/outbox", "how many messages wait in the outbox"),
+    ("/help", "this help (also ?)"),
+    (
+        "/quit",
+        "leave (also Ctrl-C); queued messages stay in the outbox",
+    ),
+];
+
+/// How a message is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// It came to this device.
+    Received,
+    /// Handed to the agent, no answer yet.
+    Sending,
+    /// Over the live session.
+    Live,
+    /// Deposited at the broker.
+    Deposited,
+    /// In this device's outbox: why it waits.
+    Queued(String),
+    /// Not sent: why.
+    Failed(String),
+}
+
+/// One message in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// Unix seconds (the sender's clock for received ones).
+    pub time: u64,
+    /// Sent by this entity.
+    pub from_me: bool,
+    /// The text.
+    pub text: String,
+    /// How it is doing.
+    pub delivery: Delivery,
+    /// The outbox id while it is queued.
+    pub queued_id: Option<String>,
+}
+
+impl Line {
+    fn from_entry(e: Entry) -> Self {
+        let from_me = e.direction == Direction::Out;
+        Self {
+            time: e.time,
+            from_me,
+            text: e.text,
+            delivery: if from_me {
+                if e.offline {
+                    Delivery::Deposited
+                } else {
+                    Delivery::Live
+                }
+            } else {
+                Delivery::Received
+            },
+            queued_id: None,
+        }
+    }
+}
+
+/// A conversation with one contact.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation {
+    /// The contact's number.
+    pub peer: String,
+    /// Its name, if set.
+    pub name: Option<String>,
+    /// Messages not seen yet.
+    pub unread: usize,
+    /// The live session's path, when one is up.
+    pub live: Option<Path>,
+    /// Loaded messages, oldest first.
+    pub lines: Vec<Line>,
+    /// Where older history starts in the file (`None`: all loaded), once loading began.
+    pub older: Option<u64>,
+    /// Whether any history was loaded yet.
+    pub loaded: bool,
+    /// Lines scrolled up from the bottom.
+    pub scroll: usize,
+    /// The contact's identity key changed: sending needs `/send!` once.
+    pub key_changed: bool,
+    /// Blocked.
+    pub blocked: bool,
+}
+
+impl Conversation {
+    /// The name, or the number.
+    pub fn title(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.peer)
+    }
+}
+
+/// The broker link, as the status bar shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broker {
+    /// Logged in.
+    Connected,
+    /// Lost; the agent tries again in about this many seconds.
+    Reconnecting(u64),
+}
+
+/// A contact request waiting for the user's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Who asks.
+    pub from: String,
+    /// The request id to answer.
+    pub request: String,
+}
+
+/// What the runner should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Run `command` in the agent; its answer comes back through [`Chat::on_answer`] with
+    /// `tag`.
+    Agent {
+        /// The command.
+        command: Command,
+        /// What the answer is for.
+        tag: Tag,
+    },
+    /// Load the page of history before `before` for `peer`.
+    LoadOlder {
+        /// The contact.
+        peer: String,
+        /// Where the loaded history starts (`None`: from the end).
+        before: Option<u64>,
+    },
+    /// Ring the terminal bell (and run the notification command, if one is set).
+    Notify {
+        /// The contact.
+        from: String,
+    },
+    /// Show the safety number of `peer` (read from the profile).
+    ShowSafety {
+        /// The contact.
+        peer: String,
+    },
+    /// Leave.
+    Quit,
+}
+
+/// What an agent answer belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tag {
+    /// A message sent to `peer`, at `index` in its conversation.
+    Sent {
+        /// The contact.
+        peer: String,
+        /// The line.
+        index: usize,
+    },
+    /// Any other command: its answer goes to the status line.
+    Status,
+}
+
+/// The whole screen's state.
+#[derive(Debug, Clone)]
+pub struct Chat {
+    /// This entity's number.
+    pub number: String,
+    /// This device.
+    pub device: u32,
+    /// Conversations, in list order.
+    pub conversations: Vec<Conversation>,
+    /// The one in view.
+    pub selected: usize,
+    /// The input line.
+    pub input: Input,
+    /// The broker link.
+    pub broker: Broker,
+    /// Messages waiting in the outbox.
+    pub outbox: usize,
+    /// Contact requests waiting for an answer, oldest first.
+    pub requests: Vec<Request>,
+    /// The key help is open.
+    pub help: bool,
+    /// The last thing to tell the user (answers, warnings).
+    pub status: Option<String>,
+}
+
+impl Chat {
+    /// An empty screen for this device.
+    pub fn new(number: String, device: u32) -> Self {
+        Self {
+            number,
+            device,
+            conversations: Vec::new(),
+            selected: 0,
+            input: Input::default(),
+            broker: Broker::Connected,
+            outbox: 0,
+            requests: Vec::new(),
+            help: false,
+            status: None,
+        }
+    }
+
+    /// Adds (or updates the name of) the conversation with `peer`.
+    pub fn add_contact(&mut self, peer: &str, name: Option<String>, blocked: bool) {
+        let i = self.conversation(peer);
+        self.conversations[i].name = name;
+        self.conversations[i].blocked = blocked;
+    }
+
+    /// The conversation with `peer`, made if new; its index.
+    fn conversation(&mut self, peer: &str) -> usize {
+        if let Some(i) = self.conversations.iter().position(|c| c.peer == peer) {
+            return i;
+        }
+        self.conversations.push(Conversation {
+            peer: peer.to_owned(),
+            ..Conversation::default()
+        });
+        self.conversations.len() - 1
+    }
+
+    /// The conversation in view.
+    pub fn current(&self) -> Option<&Conversation> {
+        self.conversations.get(self.selected)
+    }
+
+    fn current_mut(&mut self) -> Option<&mut Conversation> {
+        self.conversations.get_mut(self.selected)
+    }
+
+    /// Effects to run right after start: the history of the conversation in view.
+    pub fn start(&mut self) -> Vec<Effect> {
+        self.select(self.selected)
+    }
+
+    /// Shows conversation `i`: its unread count is cleared and its history loaded if needed.
+    fn select(&mut self, i: usize) -> Vec<Effect> {
+        if self.conversations.is_empty() {
+            return Vec::new();
+        }
+        self.selected = i.min(self.conversations.len() - 1);
+        let c = &mut self.conversations[self.selected];
+        c.unread = 0;
+        if c.loaded {
+            return Vec::new();
+        }
+        c.loaded = true;
+        vec![Effect::LoadOlder {
+            peer: c.peer.clone(),
+            before: None,
+        }]
+    }
+
+    /// A page of history arrived: older than what is loaded.
+    pub fn on_history(&mut self, peer: &str, entries: Vec<Entry>, older: Option<u64>) {
+        let i = self.conversation(peer);
+        let c = &mut self.conversations[i];
+        let lines: Vec<Line> = entries.into_iter().map(Line::from_entry).collect();
+        c.lines.splice(0..0, lines);
+        c.older = older;
+    }
+
+    /// A key.
+    pub fn on_key(&mut self, key: KeyEvent) -> Vec<Effect> {
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        let alt = key.modifiers.contains(KeyModifiers::ALT);
+        if ctrl && key.code == KeyCode::Char('c') {
+            return vec![Effect::Quit];
+        }
+        if self.help {
+            if matches!(key.code, KeyCode::Esc | KeyCode::Char('?' | 'q')) {
+                self.help = false;
+            }
+            return Vec::new();
+        }
+        if let Some(request) = self.requests.first().cloned() {
+            return self.answer_request(&request, key.code);
+        }
+        match key.code {
+            KeyCode::Char('?') if self.input.is_empty() => {
+                self.help = true;
+                Vec::new()
+            }
+            KeyCode::Enter if alt => {
+                self.input.insert('\n');
+                Vec::new()
+            }
+            KeyCode::Enter => self.submit(),
+            KeyCode::Up | KeyCode::BackTab => self.select(self.selected.saturating_sub(1)),
+            KeyCode::Down => self.select(self.selected + 1),
+            KeyCode::Char('p') if ctrl => self.select(self.selected.saturating_sub(1)),
+            KeyCode::Char('n') if ctrl => self.select(self.selected + 1),
+            KeyCode::Char('k') if alt => self.select(self.selected.saturating_sub(1)),
+            KeyCode::Char('j') if alt => self.select(self.selected + 1),
+            KeyCode::PageUp => self.scroll_up(10),
+            KeyCode::Char('u') if ctrl => self.scroll_up(10),
+            KeyCode::PageDown => self.scroll_down(10),
+            KeyCode::Char('d') if ctrl => self.scroll_down(10),
+            KeyCode::Char('w') if ctrl => {
+                self.input.delete_word();
+                Vec::new()
+            }
+            KeyCode::Tab => {
+                self.complete();
+                Vec::new()
+            }
+            KeyCode::Left => {
+                self.input.left();
+                Vec::new()
+            }
+            KeyCode::Right => {
+                self.input.right();
+                Vec::new()
+            }
+            KeyCode::Home => {
+                self.input.home();
+                Vec::new()
+            }
+            KeyCode::End => {
+                self.input.end();
+                Vec::new()
+            }
+            KeyCode::Backspace => {
+                self.input.backspace();
+                Vec::new()
+            }
+            KeyCode::Delete => {
+                self.input.delete();
+                Vec::new()
+            }
+            KeyCode::Esc => {
+                self.status = None;
+                Vec::new()
+            }
+            KeyCode::Char(c) if !ctrl => {
+                self.input.insert(c);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The mouse wheel: up (`true`) or down.
+    pub fn on_wheel(&mut self, up: bool) -> Vec<Effect> {
+        if up {
+            self.scroll_up(3)
+        } else {
+            self.scroll_down(3)
+        }
+    }
+
+    fn scroll_up(&mut self, by: usize) -> Vec<Effect> {
+        let Some(c) = self.current_mut() else {
+            return Vec::new();
+        };
+        c.scroll = (c.scroll + by).min(c.lines.len());
+        // Near the top of what is loaded: the next page, in good time.
+        if c.lines.len().saturating_sub(c.scroll) < PAGE / 2
+            && let Some(before) = c.older.take()
+        {
+            return vec![Effect::LoadOlder {
+                peer: c.peer.clone(),
+                before: Some(before),
+            }];
+        }
+        Vec::new()
+    }
+
+    fn scroll_down(&mut self, by: usize) -> Vec<Effect> {
+        if let Some(c) = self.current_mut() {
+            c.scroll = c.scroll.saturating_sub(by);
+        }
+        Vec::new()
+    }
+
+    fn complete(&mut self) {
+        let text = self.input.text();
+        if !text.starts_with('/') || text.contains(' ') {
+            return;
+        }
+        let matches: Vec<&str> = COMMANDS
+            .iter()
+            .map(|(c, _)| c.split(' ').next().unwrap_or(c))
+            .filter(|c| c.starts_with(&text))
+            .collect();
+        match matches.as_slice() {
+            [one] => self.input.set(&format!("{one} ")),
+            [] => self.status = Some(format!("no command starts with {text}")),
+            many => self.status = Some(many.join("  ")),
+        }
+    }
+
+    fn answer_request(&mut self, request: &Request, key: KeyCode) -> Vec<Effect> {
+        let accept = match key {
+            KeyCode::Char('a') => true,
+            KeyCode::Char('r' | 'b') => false,
+            _ => return Vec::new(),
+        };
+        self.requests.remove(0);
+        let mut effects = vec![Effect::Agent {
+            command: Command::Answer {
+                request: request.request.clone(),
+                accept,
+            },
+            tag: Tag::Status,
+        }];
+        if key == KeyCode::Char('b') {
+            effects.push(Effect::Agent {
+                command: Command::Block {
+                    number: request.from.clone(),
+                },
+                tag: Tag::Status,
+            });
+        }
+        if accept {
+            let i = self.conversation(&request.from);
+            effects.extend(self.select(i));
+        }
+        effects
+    }
+
+    /// Enter: a command, or a message to the contact in view.
+    fn submit(&mut self) -> Vec<Effect> {
+        let text = self.input.text();
+        if text.trim().is_empty() {
+            return Vec::new();
+        }
+        if let Some(command) = text.strip_prefix('/') {
+            self.input.take();
+            return self.command(command.trim());
+        }
+        let Some(c) = self.current() else {
+            self.status = Some("no conversation yet: /add NUMBER asks someone".into());
+            return Vec::new();
+        };
+        if c.key_changed {
+            self.status = Some(format!(
+                "{}'s identity key CHANGED: compare safety numbers (/safety) before you send; \
+                 /send! sends this once anyway",
+                c.title()
+            ));
+            return Vec::new();
+        }
+        self.input.take();
+        self.send(text, false)
+    }
+
+    fn send(&mut self, text: String, confirmed: bool) -> Vec<Effect> {
+        let Some(c) = self.current_mut() else {
+            return Vec::new();
+        };
+        if confirmed {
+            c.key_changed = false;
+        }
+        c.scroll = 0;
+        c.lines.push(Line {
+            time: 0,
+            from_me: true,
+            text: text.clone(),
+            delivery: Delivery::Sending,
+            queued_id: None,
+        });
+        let (peer, index) = (c.peer.clone(), c.lines.len() - 1);
+        vec![Effect::Agent {
+            command: Command::Send {
+                number: peer.clone(),
+                text,
+            },
+            tag: Tag::Sent { peer, index },
+        }]
+    }
+
+    fn command(&mut self, line: &str) -> Vec<Effect> {
+        let (name, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let rest = rest.trim();
+        let peer = self.current().map(|c| c.peer.clone());
+        let on_peer = |make: fn(String) -> Command| match &peer {
+            Some(p) => vec![Effect::Agent {
+                command: make(p.clone()),
+                tag: Tag::Status,
+            }],
+            None => Vec::new(),
+        };
+        match name {
+            "quit" | "q" => vec![Effect::Quit],
+            "help" => {
+                self.help = true;
+                Vec::new()
+            }
+            "add" if !rest.is_empty() => {
+                let i = self.conversation(rest);
+                let mut effects = self.select(i);
+                effects.push(Effect::Agent {
+                    command: Command::ContactAdd {
+                        number: rest.to_owned(),
+                        wait_secs: None,
+                    },
+                    tag: Tag::Status,
+                });
+                self.status = Some(format!("asking {rest}…"));
+                effects
+            }
+            "name" if !rest.is_empty() => {
+                let name = rest.to_owned();
+                if let Some(c) = self.current_mut() {
+                    c.name = Some(name.clone());
+                }
+                match peer {
+                    Some(number) => vec![Effect::Agent {
+                        command: Command::ContactName {
+                            number,
+                            name: Some(name),
+                        },
+                        tag: Tag::Status,
+                    }],
+                    None => Vec::new(),
+                }
+            }
+            "block" => on_peer(|number| Command::Block { number }),
+            "unblock" => on_peer(|number| Command::Unblock { number }),
+            "remove" => on_peer(|number| Command::ContactRemove { number }),
+            "outbox" => {
+                self.status = Some(format!("{} message(s) wait in the outbox", self.outbox));
+                Vec::new()
+            }
+            "safety" => peer
+                .map(|peer| vec![Effect::ShowSafety { peer }])
+                .unwrap_or_default(),
+            "send!" if !rest.is_empty() => self.send(rest.to_owned(), true),
+            _ => {
+                self.status = Some(format!("unknown command /{line}; /help lists them"));
+                Vec::new()
+            }
+        }
+    }
+
+    /// The agent answered a command.
+    pub fn on_answer(&mut self, tag: Tag, answer: Answer) {
+        match tag {
+            Tag::Sent { peer, index } => {
+                let Some(c) = self.conversations.iter_mut().find(|c| c.peer == peer) else {
+                    return;
+                };
+                let Some(line) = c.lines.get_mut(index) else {
+                    return;
+                };
+                line.delivery = match answer {
+                    Ok(out) => match out.detail {
+                        Some(Detail::Sent(Delivered::Live)) => Delivery::Live,
+                        Some(Detail::Sent(Delivered::Deposited { .. })) => Delivery::Deposited,
+                        Some(Detail::Sent(Delivered::Queued { id, reason })) => {
+                            line.queued_id = Some(id);
+                            self.outbox += 1;
+                            Delivery::Queued(reason)
+                        }
+                        _ => Delivery::Live,
+                    },
+                    Err(e) => Delivery::Failed(e.to_string()),
+                };
+            }
+            Tag::Status => {
+                self.status = Some(match answer {
+                    Ok(out) => out.message,
+                    Err(e) => e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Something the agent reports; `now` is the current Unix time.
+    pub fn on_notice(&mut self, notice: &Notice, now: u64) -> Vec<Effect> {
+        match notice {
+            Notice::Message {
+                from, text, time, ..
+            } => {
+                let i = self.conversation(from);
+                let in_view = i == self.selected && !self.conversations.is_empty();
+                let c = &mut self.conversations[i];
+                c.lines.push(Line {
+                    time: if *time == 0 { now } else { *time },
+                    from_me: false,
+                    text: text.clone(),
+                    delivery: Delivery::Received,
+                    queued_id: None,
+                });
+                if in_view && c.scroll == 0 {
+                    return Vec::new();
+                }
+                c.unread += 1;
+                return vec![Effect::Notify { from: from.clone() }];
+            }
+            Notice::SentElsewhere { to, text, time, .. } => {
+                let i = self.conversation(to);
+                self.conversations[i].lines.push(Line {
+                    time: *time,
+                    from_me: true,
+                    text: text.clone(),
+                    delivery: Delivery::Live,
+                    queued_id: None,
+                });
+            }
+            Notice::SessionStarted { peer, path, .. } => {
+                let i = self.conversation(peer);
+                self.conversations[i].live = Some(*path);
+            }
+            Notice::SessionEnded { peer, .. } => {
+                let i = self.conversation(peer);
+                self.conversations[i].live = None;
+            }
+            Notice::IdentityChanged { peer, .. } => {
+                let i = self.conversation(peer);
+                self.conversations[i].key_changed = true;
+            }
+            Notice::ContactRequest { from, request, .. } => {
+                self.requests.push(Request {
+                    from: from.clone(),
+                    request: request.clone(),
+                });
+                return vec![Effect::Notify { from: from.clone() }];
+            }
+            Notice::BrokerLost { retry_in_secs, .. } => {
+                self.broker = Broker::Reconnecting(*retry_in_secs);
+            }
+            Notice::BrokerBack { .. } => self.broker = Broker::Connected,
+            Notice::QueuedSent { id, .. } => {
+                for c in &mut self.conversations {
+                    for line in &mut c.lines {
+                        if line.queued_id.as_deref() == Some(id.as_str()) {
+                            line.delivery = Delivery::Deposited;
+                            line.queued_id = None;
+                            self.outbox = self.outbox.saturating_sub(1);
+                        }
+                    }
+                }
+            }
+            Notice::Warning { message } => self.status = Some(message.clone()),
+            _ => {}
+        }
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn key(code: KeyCode) -> KeyEvent {
+        KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    fn typed(chat: &mut Chat, text: &str) -> Vec<Effect> {
+        for c in text.chars() {
+            chat.on_key(key(KeyCode::Char(c)));
+        }
+        chat.on_key(key(KeyCode::Enter))
+    }
+
+    fn chat_with(peers: &[&str]) -> Chat {
+        let mut chat = Chat::new("5550001".into(), 1);
+        for p in peers {
+            chat.add_contact(p, None, false);
+        }
+        chat
+    }
+
+    #[test]
+    fn a_typed_line_is_sent_to_the_contact_in_view_and_its_answer_sets_its_state() {
+        let mut chat = chat_with(&["5550002", "5550003"]);
+        chat.on_key(key(KeyCode::Down));
+        let effects = typed(&mut chat, "hello");
+        assert_eq!(
+            effects,
+            vec![Effect::Agent {
+                command: Command::Send {
+                    number: "5550003".into(),
+                    text: "hello".into()
+                },
+                tag: Tag::Sent {
+                    peer: "5550003".into(),
+                    index: 0
+                }
+            }]
+        );
+        assert_eq!(chat.conversations[1].lines[0].delivery, Delivery::Sending);
+        chat.on_answer(
+            Tag::Sent {
+                peer: "5550003".into(),
+                index: 0,
+            },
+            Err(crate::agent::CommandError::Refused("broker gone".into())),
+        );
+        assert_eq!(
+            chat.conversations[1].lines[0].delivery,
+            Delivery::Failed("broker gone".into())
+        );
+        assert!(chat.input.is_empty());
+    }
+
+    #[test]
+    fn a_message_for_another_conversation_counts_as_unread_until_it_is_viewed() {
+        let mut chat = chat_with(&["5550002", "5550003"]);
+        let notice = Notice::Message {
+            from: "5550003".into(),
+            text: "psst".into(),
+            time: 7,
+            offline: false,
+        };
+        assert_eq!(
+            chat.on_notice(&notice, 9),
+            vec![Effect::Notify {
+                from: "5550003".into()
+            }]
+        );
+        assert_eq!(chat.conversations[1].unread, 1);
+        chat.on_key(key(KeyCode::Down));
+        assert_eq!(chat.conversations[1].unread, 0);
+        // In view: no unread, no notification.
+        assert!(chat.on_notice(&notice, 10).is_empty());
+    }
+
+    #[test]
+    fn commands_complete_and_run_on_the_contact_in_view() {
+        let mut chat = chat_with(&["5550002"]);
+        for c in "/bl".chars() {
+            chat.on_key(key(KeyCode::Char(c)));
+        }
+        chat.on_key(key(KeyCode::Tab));
+        assert_eq!(chat.input.text(), "/block ");
+        let effects = chat.on_key(key(KeyCode::Enter));
+        assert!(matches!(
+            &effects[..],
+            [Effect::Agent { command: Command::Block { number }, .. }] if number == "5550002"
+        ));
+        assert_eq!(typed(&mut chat, "/quit"), vec![Effect::Quit]);
+        typed(&mut chat, "/frobnicate");
+        assert!(chat.status.as_deref().unwrap().contains("unknown command"));
+    }
+
+    #[test]
+    fn a_changed_key_holds_sending_until_confirmed() {
+        let mut chat = chat_with(&["5550002"]);
+        chat.on_notice(
+            &Notice::IdentityChanged {
+                peer: "5550002".into(),
+                pinned: "aa".into(),
+                presented: "bb".into(),
+            },
+            0,
+        );
+        assert!(typed(&mut chat, "hi").is_empty());
+        assert!(chat.status.as_deref().unwrap().contains("CHANGED"));
+        chat.input.take();
+        let effects = typed(&mut chat, "/send! hi anyway");
+        assert!(matches!(
+            &effects[..],
+            [Effect::Agent {
+                command: Command::Send { .. },
+                ..
+            }]
+        ));
+        assert!(!chat.conversations[0].key_changed);
+    }
+
+    #[test]
+    fn a_contact_request_is_answered_with_one_key() {
+        let mut chat = chat_with(&[]);
+        chat.on_notice(
+            &Notice::ContactRequest {
+                from: "5550009".into(),
+                request: "ab".into(),
+                kind: "NEW".into(),
+            },
+            0,
+        );
+        assert!(chat.on_key(key(KeyCode::Char('x'))).is_empty());
+        let effects = chat.on_key(key(KeyCode::Char('b')));
+        assert_eq!(effects.len(), 2, "{effects:?}");
+        assert!(chat.requests.is_empty());
+    }
+
+    #[test]
+    fn scrolling_up_asks_for_the_older_page_once() {
+        let mut chat = chat_with(&["5550002"]);
+        assert_eq!(chat.start().len(), 1);
+        chat.on_history("5550002", vec![], Some(4096));
+        let effects = chat.on_key(key(KeyCode::PageUp));
+        assert_eq!(
+            effects,
+            vec![Effect::LoadOlder {
+                peer: "5550002".into(),
+                before: Some(4096)
+            }]
+        );
+        assert!(chat.on_key(key(KeyCode::PageUp)).is_empty());
+    }
+}
