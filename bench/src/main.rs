@@ -19,6 +19,7 @@
 //!
 //! `docs/performance.md` has the results and the exact commands.
 
+mod chat;
 mod child;
 mod common;
 mod deposits;
@@ -84,6 +85,10 @@ enum Command {
     /// Targets: relayed ≥ 50% of direct at 64 KiB, ≥ 50,000 msg/s at 256 B, ≤ 1 ms added at p99,
     /// ≤ 2 × a logged-in connection's memory per idle relay.
     Relay(relay::Args),
+    /// `micromsg chat` opening a long conversation: from nothing to the first frame (the newest
+    /// page of history read from the end of its file, the screen built and drawn at 80×24),
+    /// beside reading the whole history. Target: ≤ 200 ms at 100,000 messages.
+    Chat(chat::Args),
     /// Two brokers in a network (child processes, mutual-TLS gRPC between them): networked
     /// INITIATE latency beside local INITIATE, and deposits across brokers.
     ///
@@ -153,6 +158,7 @@ fn main() -> anyhow::Result<()> {
             Command::Deposits(args) => deposits::run(args).await,
             Command::P2p(args) => p2p::run(args).await,
             Command::Relay(args) => relay::run(args).await,
+            Command::Chat(args) => chat::run(args).await,
             Command::Federation(args) => federation::run(args).await,
             Command::Idle(args) => idle::run(args).await,
             Command::Soak(args) => soak::run(args).await,

@@ -192,6 +192,16 @@ fn relay() {
 }
 
 #[test]
+fn chat() {
+    let report = bench(&["chat", "--messages", "3000", "--opens", "3"]);
+    let rows = rows(&report, "chat");
+    assert_eq!(rows.len(), 2);
+    let open = row(&rows, "open a 3000-message conversation");
+    assert_eq!((count(open), errors(open)), (3, 0), "{open}");
+    assert!(open["latency"].is_object());
+}
+
+#[test]
 fn federation() {
     let report = bench(&[
         "federation",

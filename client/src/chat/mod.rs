@@ -73,7 +73,7 @@ impl Drop for TerminalGuard {
 /// What a background task hands back to the loop.
 enum Done {
     Answer(Tag, Answer),
-    History(String, Vec<Entry>, Option<u64>),
+    History(String, Vec<Entry>, Option<u64>, bool),
 }
 
 /// Runs the chat until the user leaves.
@@ -130,6 +130,7 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
             outcome = Err(e.into());
             break;
         }
+        chat.now = unix_now();
         tokio::select! {
             event = events.next() => match event {
                 Some(Ok(Event::Key(key))) if key.kind == KeyEventKind::Press => {
@@ -151,7 +152,9 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
             Some(notice) = notices.recv() => pending = chat.on_notice(&notice, unix_now()),
             Some(finished) = done.recv() => match finished {
                 Done::Answer(tag, answer) => chat.on_answer(tag, answer),
-                Done::History(peer, entries, older) => chat.on_history(&peer, entries, older),
+                Done::History(peer, entries, older, first) => {
+                    chat.on_history(&peer, entries, older, first);
+                }
             },
             // Count the reconnect wait down.
             () = tokio::time::sleep(Duration::from_secs(1)) => {
@@ -198,7 +201,8 @@ impl Runner {
                     })
                     .await;
                     if let Ok(Ok((entries, older))) = page {
-                        let _ = done.send(Done::History(peer, entries, older)).await;
+                        let first = before.is_none();
+                        let _ = done.send(Done::History(peer, entries, older, first)).await;
                     }
                 });
             }

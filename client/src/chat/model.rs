@@ -200,6 +200,8 @@ pub struct Chat {
     pub help: bool,
     /// The last thing to tell the user (answers, warnings).
     pub status: Option<String>,
+    /// The current Unix time, set by the runner before it passes keys in.
+    pub now: u64,
 }
 
 impl Chat {
@@ -216,6 +218,7 @@ impl Chat {
             requests: Vec::new(),
             help: false,
             status: None,
+            now: 0,
         }
     }
 
@@ -270,12 +273,26 @@ impl Chat {
         }]
     }
 
-    /// A page of history arrived: older than what is loaded.
-    pub fn on_history(&mut self, peer: &str, entries: Vec<Entry>, older: Option<u64>) {
+    /// A page of history arrived: the newest (`first`) or one older than what is loaded.
+    pub fn on_history(&mut self, peer: &str, entries: Vec<Entry>, older: Option<u64>, first: bool) {
         let i = self.conversation(peer);
         let c = &mut self.conversations[i];
-        let lines: Vec<Line> = entries.into_iter().map(Line::from_entry).collect();
-        c.lines.splice(0..0, lines);
+        let page: Vec<Line> = entries.into_iter().map(Line::from_entry).collect();
+        if first {
+            // Messages that arrived while the page was read are in it too (the agent stores a
+            // message before it reports it): keep only those the page does not have.
+            let arrived = std::mem::replace(&mut c.lines, page);
+            for line in arrived {
+                let stored = c.lines.iter().rev().take(PAGE).any(|h| {
+                    h.text == line.text && h.from_me == line.from_me && h.time == line.time
+                });
+                if !stored {
+                    c.lines.push(line);
+                }
+            }
+        } else {
+            c.lines.splice(0..0, page);
+        }
         c.older = older;
     }
 
@@ -465,6 +482,7 @@ impl Chat {
     }
 
     fn send(&mut self, text: String, confirmed: bool) -> Vec<Effect> {
+        let now = self.now;
         let Some(c) = self.current_mut() else {
             return Vec::new();
         };
@@ -473,7 +491,7 @@ impl Chat {
         }
         c.scroll = 0;
         c.lines.push(Line {
-            time: 0,
+            time: now,
             from_me: true,
             text: text.clone(),
             delivery: Delivery::Sending,
@@ -803,7 +821,7 @@ mod tests {
     fn scrolling_up_asks_for_the_older_page_once() {
         let mut chat = chat_with(&["5550002"]);
         assert_eq!(chat.start().len(), 1);
-        chat.on_history("5550002", vec![], Some(4096));
+        chat.on_history("5550002", vec![], Some(4096), true);
         let effects = chat.on_key(key(KeyCode::PageUp));
         assert_eq!(
             effects,

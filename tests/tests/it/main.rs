@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod broker_core;
+mod chat_tui;
 mod cli_cancel;
 mod cli_json;
 mod contacts;

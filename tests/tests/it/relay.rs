@@ -111,7 +111,7 @@ async fn an_unreachable_target_is_reached_through_the_relay_after_the_direct_att
         .expect("an admin listener")
         .to_string();
     let status = micromsg_broker::admin::fetch_status(&admin).await.unwrap();
-    let relays = status.relays.clone().expect("relay counters");
+    let relays = status.relays.expect("relay counters");
     assert_eq!((relays.open, relays.spliced), (1, 1), "{relays:?}");
     assert!(relays.bytes > 0, "{relays:?}");
     let text = micromsg_broker::admin::render_text(&status);
