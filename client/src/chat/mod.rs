@@ -74,6 +74,7 @@ impl Drop for TerminalGuard {
 enum Done {
     Answer(Tag, Answer),
     History(String, Vec<Entry>, Option<u64>, bool),
+    GroupHistory(String, Vec<crate::groups::GroupEntry>),
 }
 
 /// Runs the chat until the user leaves.
@@ -92,6 +93,13 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
     let mut chat = Chat::new(info.number.clone(), info.device);
     for (number, contact) in store.contacts()? {
         chat.add_contact(&number, contact.name, contact.blocked);
+    }
+    for id in store.group_ids()? {
+        if let Ok(Some(group)) = store.load_group(&id)
+            && group.state.is_member(&info.number)
+        {
+            chat.add_group(&id, &group.state.name);
+        }
     }
     let (notice_tx, mut notices) = mpsc::channel::<Notice>(1024);
     let config = AgentConfig {
@@ -155,6 +163,7 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
                 Done::History(peer, entries, older, first) => {
                     chat.on_history(&peer, entries, older, first);
                 }
+                Done::GroupHistory(group, entries) => chat.on_group_history(&group, entries),
             },
             // Count the reconnect wait down.
             () = tokio::time::sleep(Duration::from_secs(1)) => {
@@ -192,7 +201,20 @@ impl Runner {
                     let _ = done.send(Done::Answer(tag, answer)).await;
                 });
             }
-            Effect::LoadOlder { peer, before } => {
+            Effect::LoadOlder {
+                peer, group: true, ..
+            } => {
+                let (store, done) = (self.store.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let owned = peer.clone();
+                    let history =
+                        tokio::task::spawn_blocking(move || store.read_group_history(&owned)).await;
+                    if let Ok(Ok(entries)) = history {
+                        let _ = done.send(Done::GroupHistory(peer, entries)).await;
+                    }
+                });
+            }
+            Effect::LoadOlder { peer, before, .. } => {
                 let (store, done) = (self.store.clone(), self.done.clone());
                 tokio::spawn(async move {
                     let owned = peer.clone();

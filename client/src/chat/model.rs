@@ -20,6 +20,17 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("/unblock", "unblock the contact in view"),
     ("/remove", "remove the contact in view from this device"),
     ("/safety", "show the safety number of the contact in view"),
+    (
+        "/group create NAME NUMBER…",
+        "make a group (NAME one word; /group rename for more)",
+    ),
+    ("/group add NUMBER", "add a contact to the group in view"),
+    (
+        "/group remove NUMBER",
+        "remove a member from the group in view",
+    ),
+    ("/group rename NAME", "rename the group in view"),
+    ("/group leave", "leave the group in view"),
     ("/outbox", "how many messages wait in the outbox"),
     ("/help", "this help (also ?)"),
     (
@@ -58,6 +69,8 @@ pub struct Line {
     pub delivery: Delivery,
     /// The outbox id while it is queued.
     pub queued_id: Option<String>,
+    /// In a group: the member who sent it (not this entity).
+    pub sender: Option<String>,
 }
 
 impl Line {
@@ -77,6 +90,23 @@ impl Line {
                 Delivery::Received
             },
             queued_id: None,
+            sender: None,
+        }
+    }
+
+    fn from_group_entry(e: crate::groups::GroupEntry, me: &str) -> Self {
+        let from_me = e.from == me;
+        Self {
+            time: e.sent,
+            from_me,
+            text: e.text,
+            delivery: if from_me {
+                Delivery::Live
+            } else {
+                Delivery::Received
+            },
+            queued_id: None,
+            sender: (!from_me).then_some(e.from),
         }
     }
 }
@@ -104,6 +134,8 @@ pub struct Conversation {
     pub key_changed: bool,
     /// Blocked.
     pub blocked: bool,
+    /// A group (`peer` is then its id).
+    pub group: bool,
 }
 
 impl Conversation {
@@ -142,12 +174,14 @@ pub enum Effect {
         /// What the answer is for.
         tag: Tag,
     },
-    /// Load the page of history before `before` for `peer`.
+    /// Load the page of history before `before` for `peer` (for a group, all of it).
     LoadOlder {
-        /// The contact.
+        /// The contact, or the group's id.
         peer: String,
         /// Where the loaded history starts (`None`: from the end).
         before: Option<u64>,
+        /// `peer` is a group.
+        group: bool,
     },
     /// Ring the terminal bell (and run the notification command, if one is set).
     Notify {
@@ -202,6 +236,8 @@ pub struct Chat {
     pub status: Option<String>,
     /// The current Unix time, set by the runner before it passes keys in.
     pub now: u64,
+    /// Contacts' names, by number (for the senders in groups).
+    pub names: std::collections::HashMap<String, String>,
 }
 
 impl Chat {
@@ -219,14 +255,55 @@ impl Chat {
             help: false,
             status: None,
             now: 0,
+            names: std::collections::HashMap::new(),
         }
     }
 
     /// Adds (or updates the name of) the conversation with `peer`.
     pub fn add_contact(&mut self, peer: &str, name: Option<String>, blocked: bool) {
+        if let Some(name) = &name {
+            self.names.insert(peer.to_owned(), name.clone());
+        }
         let i = self.conversation(peer);
         self.conversations[i].name = name;
         self.conversations[i].blocked = blocked;
+    }
+
+    /// Adds (or renames) the group `id`.
+    pub fn add_group(&mut self, id: &str, name: &str) {
+        let i = self.conversation(id);
+        let c = &mut self.conversations[i];
+        c.group = true;
+        c.name = Some(name.to_owned());
+    }
+
+    /// A sender's name, or its number.
+    pub fn name_of<'a>(&'a self, number: &'a str) -> &'a str {
+        self.names.get(number).map_or(number, String::as_str)
+    }
+
+    /// The whole history of group `id` arrived (groups are not paged).
+    pub fn on_group_history(&mut self, id: &str, entries: Vec<crate::groups::GroupEntry>) {
+        let me = self.number.clone();
+        let i = self.conversation(id);
+        let c = &mut self.conversations[i];
+        let page: Vec<Line> = entries
+            .into_iter()
+            .map(|e| Line::from_group_entry(e, &me))
+            .collect();
+        let arrived = std::mem::replace(&mut c.lines, page);
+        for line in arrived {
+            if !c
+                .lines
+                .iter()
+                .rev()
+                .take(PAGE)
+                .any(|h| h.text == line.text && h.time == line.time)
+            {
+                c.lines.push(line);
+            }
+        }
+        c.older = None;
     }
 
     /// The conversation with `peer`, made if new; its index.
@@ -270,6 +347,7 @@ impl Chat {
         vec![Effect::LoadOlder {
             peer: c.peer.clone(),
             before: None,
+            group: c.group,
         }]
     }
 
@@ -397,6 +475,7 @@ impl Chat {
             return vec![Effect::LoadOlder {
                 peer: c.peer.clone(),
                 before: Some(before),
+                group: c.group,
             }];
         }
         Vec::new()
@@ -496,13 +575,22 @@ impl Chat {
             text: text.clone(),
             delivery: Delivery::Sending,
             queued_id: None,
+            sender: None,
         });
         let (peer, index) = (c.peer.clone(), c.lines.len() - 1);
-        vec![Effect::Agent {
-            command: Command::Send {
+        let command = if c.group {
+            Command::GroupSend {
+                group: peer.clone(),
+                text,
+            }
+        } else {
+            Command::Send {
                 number: peer.clone(),
                 text,
-            },
+            }
+        };
+        vec![Effect::Agent {
+            command,
             tag: Tag::Sent { peer, index },
         }]
     }
@@ -564,11 +652,67 @@ impl Chat {
                 .map(|peer| vec![Effect::ShowSafety { peer }])
                 .unwrap_or_default(),
             "send!" if !rest.is_empty() => self.send(rest.to_owned(), true),
+            "group" => self.group_command(rest),
             _ => {
                 self.status = Some(format!("unknown command /{line}; /help lists them"));
                 Vec::new()
             }
         }
+    }
+
+    fn group_command(&mut self, line: &str) -> Vec<Effect> {
+        let mut words = line.split_whitespace();
+        let verb = words.next().unwrap_or_default();
+        let in_view = self.current().filter(|c| c.group).map(|c| c.peer.clone());
+        let command = match (verb, in_view) {
+            ("create", _) => {
+                let Some(name) = words.next() else {
+                    return self.usage("/group create NAME NUMBER…");
+                };
+                Command::GroupCreate {
+                    name: name.to_owned(),
+                    members: words.map(str::to_owned).collect(),
+                }
+            }
+            ("add" | "remove" | "rename" | "leave", None) => {
+                self.status = Some(format!(
+                    "/group {verb} works on the group in view; select one"
+                ));
+                return Vec::new();
+            }
+            ("add", Some(group)) => match words.next() {
+                Some(number) => Command::GroupAdd {
+                    group,
+                    number: number.to_owned(),
+                },
+                None => return self.usage("/group add NUMBER"),
+            },
+            ("remove", Some(group)) => match words.next() {
+                Some(number) => Command::GroupRemove {
+                    group,
+                    number: number.to_owned(),
+                },
+                None => return self.usage("/group remove NUMBER"),
+            },
+            ("rename", Some(group)) => {
+                let name = words.collect::<Vec<_>>().join(" ");
+                if name.is_empty() {
+                    return self.usage("/group rename NAME");
+                }
+                Command::GroupRename { group, name }
+            }
+            ("leave", Some(group)) => Command::GroupLeave { group },
+            _ => return self.usage("/group create|add|remove|rename|leave …"),
+        };
+        vec![Effect::Agent {
+            command,
+            tag: Tag::Status,
+        }]
+    }
+
+    fn usage(&mut self, usage: &str) -> Vec<Effect> {
+        self.status = Some(format!("usage: {usage}"));
+        Vec::new()
     }
 
     /// The agent answered a command.
@@ -619,12 +763,55 @@ impl Chat {
                     text: text.clone(),
                     delivery: Delivery::Received,
                     queued_id: None,
+                    sender: None,
                 });
                 if in_view && c.scroll == 0 {
                     return Vec::new();
                 }
                 c.unread += 1;
                 return vec![Effect::Notify { from: from.clone() }];
+            }
+            Notice::GroupMessage {
+                group,
+                name,
+                from,
+                text,
+                time,
+                ..
+            } => {
+                let i = self.conversation(group);
+                let in_view = i == self.selected;
+                let from_me = *from == self.number;
+                let c = &mut self.conversations[i];
+                c.group = true;
+                c.name = Some(name.clone());
+                c.lines.push(Line {
+                    time: if *time == 0 { now } else { *time },
+                    from_me,
+                    text: text.clone(),
+                    delivery: if from_me {
+                        Delivery::Live
+                    } else {
+                        Delivery::Received
+                    },
+                    queued_id: None,
+                    sender: (!from_me).then(|| from.clone()),
+                });
+                if from_me || (in_view && c.scroll == 0) {
+                    return Vec::new();
+                }
+                c.unread += 1;
+                return vec![Effect::Notify { from: from.clone() }];
+            }
+            Notice::GroupChanged {
+                group,
+                name,
+                by,
+                change,
+                ..
+            } => {
+                self.add_group(group, name);
+                self.status = Some(format!("{name}: {change} (by {})", self.name_of(by)));
             }
             Notice::SentElsewhere { to, text, time, .. } => {
                 let i = self.conversation(to);
@@ -634,6 +821,7 @@ impl Chat {
                     text: text.clone(),
                     delivery: Delivery::Live,
                     queued_id: None,
+                    sender: None,
                 });
             }
             Notice::SessionStarted { peer, path, .. } => {
@@ -818,6 +1006,34 @@ mod tests {
     }
 
     #[test]
+    fn in_a_group_a_line_goes_to_the_group_and_group_commands_name_it() {
+        let mut chat = chat_with(&["5550002"]);
+        chat.add_group("ab12", "friends");
+        chat.on_key(key(KeyCode::Down));
+        let effects = typed(&mut chat, "hi all");
+        assert!(matches!(
+            &effects[..],
+            [Effect::Agent { command: Command::GroupSend { group, text }, .. }]
+                if group == "ab12" && text == "hi all"
+        ));
+        let effects = typed(&mut chat, "/group add 5550002");
+        assert!(matches!(
+            &effects[..],
+            [Effect::Agent { command: Command::GroupAdd { group, number }, .. }]
+                if group == "ab12" && number == "5550002"
+        ));
+        let effects = typed(&mut chat, "/group create book club 5550002");
+        assert!(matches!(
+            &effects[..],
+            [Effect::Agent { command: Command::GroupCreate { name, members }, .. }]
+                if name == "book" && members == &["club", "5550002"]
+        ));
+        chat.on_key(key(KeyCode::Up));
+        assert!(typed(&mut chat, "/group leave").is_empty());
+        assert!(chat.status.as_deref().unwrap().contains("group in view"));
+    }
+
+    #[test]
     fn scrolling_up_asks_for_the_older_page_once() {
         let mut chat = chat_with(&["5550002"]);
         assert_eq!(chat.start().len(), 1);
@@ -827,7 +1043,8 @@ mod tests {
             effects,
             vec![Effect::LoadOlder {
                 peer: "5550002".into(),
-                before: Some(4096)
+                before: Some(4096),
+                group: false,
             }]
         );
         assert!(chat.on_key(key(KeyCode::PageUp)).is_empty());

@@ -114,6 +114,7 @@ fn draw_list(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, area: Rect) {
         .iter()
         .map(|c| {
             let mark = match c.live {
+                _ if c.group => Span::styled("# ", theme.fg(Color::Cyan)),
                 Some(Path::Direct) => Span::styled("● ", theme.fg(Color::Green)),
                 Some(Path::Relay) => Span::styled("◐ ", theme.fg(Color::Yellow)),
                 None => Span::raw("○ "),
@@ -172,7 +173,11 @@ fn message_line<'a>(
     theme: Theme,
     tz: &TimeZone,
 ) -> TextLine<'a> {
-    let who = if line.from_me { "me" } else { title };
+    let who = match &line.sender {
+        _ if line.from_me => "me",
+        Some(number) => chat.name_of(number),
+        None => title,
+    };
     let when = if line.time == 0 {
         "--:--".to_owned()
     } else {
@@ -188,7 +193,6 @@ fn message_line<'a>(
         Delivery::Queued(_) => theme.fg(Color::Yellow),
         _ => theme.fg(Color::DarkGray),
     };
-    let _ = chat;
     TextLine::from(vec![
         Span::styled(format!("{when} "), theme.fg(Color::DarkGray)),
         Span::styled(format!("{who}: "), who_style.add_modifier(Modifier::BOLD)),
@@ -207,11 +211,14 @@ fn draw_conversation(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, tz: &Time
         return;
     };
     let path = match c.live {
+        _ if c.group => "group",
         Some(Path::Direct) => "online, direct",
         Some(Path::Relay) => "online, relayed",
         None => "offline",
     };
-    let title = if c.name.is_some() {
+    let title = if c.group {
+        format!("# {} · group", c.title())
+    } else if c.name.is_some() {
         format!("{} ({}) · {path}", c.title(), c.peer)
     } else {
         format!("{} · {path}", c.peer)
@@ -349,6 +356,7 @@ mod tests {
             text: text.into(),
             delivery,
             queued_id: None,
+            sender: None,
         }
     }
 
@@ -432,6 +440,29 @@ mod tests {
         let text = screen(&chat, 80, 24, Theme::plain());
         assert!(text.contains("identity key CHANGED"), "{text}");
         assert!(text.contains("Bob !"), "{text}");
+    }
+
+    #[test]
+    fn a_group_shows_its_mark_and_each_sender_by_name() {
+        let mut chat = sample();
+        chat.names.insert("5550002".into(), "Bob".into());
+        chat.add_group("ab12", "friends");
+        chat.on_notice(
+            &Notice::GroupMessage {
+                group: "ab12".into(),
+                name: "friends".into(),
+                from: "5550002".into(),
+                text: "hello group".into(),
+                time: 3_600,
+                offline: false,
+            },
+            0,
+        );
+        chat.selected = 2;
+        let text = screen(&chat, 80, 24, Theme::colour());
+        assert!(text.contains("# friends"), "{text}");
+        assert!(text.contains("# friends · group"), "{text}");
+        assert!(text.contains("01:00 Bob: hello group"), "{text}");
     }
 
     #[test]
