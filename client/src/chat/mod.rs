@@ -8,6 +8,7 @@
 
 pub mod input;
 pub mod model;
+pub mod settings;
 pub mod view;
 
 use std::io::Write as _;
@@ -37,7 +38,7 @@ pub struct ChatOptions {
     /// A command run for a message in a conversation that is not in view, with
     /// `MICROMSG_FROM` set to the sender (a desktop notification, say). Default none.
     pub notify_command: Option<String>,
-    /// Colours (off when `NO_COLOR` is set).
+    /// Colours (off when `NO_COLOR` is set, whatever `chat.toml` says).
     pub colour: bool,
 }
 
@@ -91,6 +92,16 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
     let info = profile.info()?;
     let store = Store::new(&profile);
     let mut chat = Chat::new(info.number.clone(), info.device);
+    let (settings, warning) = match std::fs::read_to_string(profile.path(settings::FILE)) {
+        Ok(text) => settings::parse(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (settings::Settings::default(), None),
+        Err(e) => (
+            settings::Settings::default(),
+            Some(format!("{}: {e}; using the defaults", settings::FILE)),
+        ),
+    };
+    chat.status = warning;
+    chat.keys = settings.keys.clone();
     for (number, contact) in store.contacts()? {
         chat.add_contact(&number, contact.name, contact.blocked);
     }
@@ -108,7 +119,7 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
     };
     let handle = agent::start(profile.clone(), config, notice_tx).await?;
     let commander = handle.commander();
-    let theme = if options.colour {
+    let theme = if options.colour && settings.colour {
         Theme::colour()
     } else {
         Theme::plain()
@@ -124,7 +135,8 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
         store: store.clone(),
         profile: profile.clone(),
         done: done_tx,
-        notify_command: options.notify_command.clone(),
+        notify_command: options.notify_command.clone().or(settings.notify.clone()),
+        bell: settings.bell,
     };
     let mut pending = chat.start();
     let mut outcome = Ok(());
@@ -187,6 +199,7 @@ struct Runner {
     profile: Profile,
     done: mpsc::Sender<Done>,
     notify_command: Option<String>,
+    bell: bool,
 }
 
 impl Runner {
@@ -229,8 +242,10 @@ impl Runner {
                 });
             }
             Effect::Notify { from } => {
-                let _ = std::io::stdout().write_all(b"\x07");
-                let _ = std::io::stdout().flush();
+                if self.bell {
+                    let _ = std::io::stdout().write_all(b"\x07");
+                    let _ = std::io::stdout().flush();
+                }
                 if let Some(command) = &self.notify_command {
                     let _ = std::process::Command::new("sh")
                         .args(["-c", command])

@@ -238,6 +238,8 @@ pub struct Chat {
     pub now: u64,
     /// Contacts' names, by number (for the senders in groups).
     pub names: std::collections::HashMap<String, String>,
+    /// The key bindings (`chat.toml`).
+    pub keys: super::settings::Keys,
 }
 
 impl Chat {
@@ -256,6 +258,7 @@ impl Chat {
             status: None,
             now: 0,
             names: std::collections::HashMap::new(),
+            keys: super::settings::Keys::default(),
         }
     }
 
@@ -389,6 +392,23 @@ impl Chat {
         }
         if let Some(request) = self.requests.first().cloned() {
             return self.answer_request(&request, key.code);
+        }
+        let keys = self.keys.clone();
+        if keys.next.matches(&key) {
+            return self.select(self.selected + 1);
+        }
+        if keys.previous.matches(&key) {
+            return self.select(self.selected.saturating_sub(1));
+        }
+        if keys.scroll_up.matches(&key) {
+            return self.scroll_up(10);
+        }
+        if keys.scroll_down.matches(&key) {
+            return self.scroll_down(10);
+        }
+        if keys.help.matches(&key) {
+            self.help = true;
+            return Vec::new();
         }
         match key.code {
             KeyCode::Char('?') if self.input.is_empty() => {
