@@ -116,9 +116,18 @@ pub struct Contact {
         skip_serializing_if = "Option::is_none"
     )]
     pub presented: Option<IdentityPublicKey>,
+    /// The identity key (64 hex) whose safety number the user compared and marked verified;
+    /// the contact is verified while it is the pinned key (a changed key is not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<String>,
 }
 
 impl Contact {
+    /// Whether the user verified the safety number of the key pinned now.
+    pub fn is_verified(&self) -> bool {
+        matches!((&self.verified, &self.identity), (Some(v), Some(k)) if *v == k.to_hex())
+    }
+
     fn new(now_unix: u64) -> Self {
         Self {
             identity: None,
@@ -127,6 +136,7 @@ impl Contact {
             address: None,
             name: None,
             presented: None,
+            verified: None,
         }
     }
 }
@@ -414,6 +424,13 @@ impl Store {
             }
         };
         Ok(known || had_session)
+    }
+
+    /// Marks the contact's pinned identity key verified (the user compared the safety number).
+    pub fn set_verified(&self, number: &str, now_unix: u64) -> Result<Contact, StoreError> {
+        self.update_contact(number, now_unix, |c| {
+            c.verified = c.identity.as_ref().map(IdentityPublicKey::to_hex);
+        })
     }
 
     /// Blocks or unblocks a contact.

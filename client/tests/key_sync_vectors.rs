@@ -167,6 +167,7 @@ fn bundle() -> KeyBundle {
             address: Some("203.0.113.7:7001".into()),
             name: Some("Bob".into()),
             presented: None,
+            verified: None,
         },
     );
     contacts.insert(
@@ -178,6 +179,7 @@ fn bundle() -> KeyBundle {
             address: None,
             name: None,
             presented: None,
+            verified: None,
         },
     );
     KeyBundle::new(

@@ -103,7 +103,8 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
     chat.status = warning;
     chat.keys = settings.keys.clone();
     for (number, contact) in store.contacts()? {
-        chat.add_contact(&number, contact.name, contact.blocked);
+        let verified = contact.is_verified();
+        chat.add_contact_verified(&number, contact.name, contact.blocked, verified);
     }
     for id in store.group_ids()? {
         if let Ok(Some(group)) = store.load_group(&id)
@@ -256,30 +257,55 @@ impl Runner {
                         .spawn();
                 }
             }
-            Effect::ShowSafety { peer } => {
-                chat.status = Some(self.safety(&peer));
-            }
+            Effect::ShowSafety { peer } => match self.safety(&peer) {
+                Ok(digits) => {
+                    let qr = qr_rows(&digits);
+                    chat.safety = Some(model::SafetyView { peer, digits, qr });
+                }
+                Err(why) => chat.status = Some(why),
+            },
+            Effect::MarkVerified { peer } => match self.store.set_verified(&peer, unix_now()) {
+                Ok(_) => chat.on_verified(&peer),
+                Err(e) => chat.status = Some(format!("marking {peer} verified failed: {e}")),
+            },
         }
         false
     }
 
-    fn safety(&self, peer: &str) -> String {
+    /// The safety number with `peer`, or why there is none.
+    fn safety(&self, peer: &str) -> Result<String, String> {
         let Ok(Some(contact)) = self.store.contact(peer) else {
-            return format!("{peer} is not a contact");
+            return Err(format!("{peer} is not a contact"));
         };
         let Some(theirs) = contact.identity else {
-            return format!("no identity key of {peer} yet: it is pinned at the first session");
+            return Err(format!(
+                "no identity key of {peer} yet: it is pinned at the first session"
+            ));
         };
-        let Ok(secrets) = self.profile.secrets() else {
-            return "this profile's keys cannot be read".into();
-        };
-        let Ok(info) = self.profile.info() else {
-            return "this profile cannot be read".into();
-        };
+        let secrets = self
+            .profile
+            .secrets()
+            .map_err(|e| format!("this profile's keys cannot be read: {e}"))?;
+        let info = self
+            .profile
+            .info()
+            .map_err(|e| format!("this profile cannot be read: {e}"))?;
         let mine = micromsg_crypto::IdentityKey::from_seed(&secrets.identity_seed).public_key();
-        match crate::store::safety_number(&info.number, &mine, peer, &theirs) {
-            Ok(number) => format!("safety number with {peer}: {number}"),
-            Err(e) => format!("safety number: {e}"),
-        }
+        crate::store::safety_number(&info.number, &mine, peer, &theirs)
+            .map_err(|e| format!("safety number: {e}"))
+    }
+}
+
+/// `text` as a QR code in text rows (two rows of modules per row: ▀ ▄ █ and space).
+pub fn qr_rows(text: &str) -> Vec<String> {
+    match qrcode::QrCode::new(text.as_bytes()) {
+        Ok(code) => code
+            .render::<qrcode::render::unicode::Dense1x2>()
+            .quiet_zone(true)
+            .build()
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => Vec::new(),
     }
 }

@@ -136,6 +136,19 @@ pub struct Conversation {
     pub blocked: bool,
     /// A group (`peer` is then its id).
     pub group: bool,
+    /// The user compared the safety number of the pinned key and marked it verified.
+    pub verified: bool,
+}
+
+/// The safety-number view of one contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SafetyView {
+    /// The contact.
+    pub peer: String,
+    /// The safety number, in groups of digits.
+    pub digits: String,
+    /// The same as a QR code, one text row per two rows of modules.
+    pub qr: Vec<String>,
 }
 
 impl Conversation {
@@ -193,6 +206,11 @@ pub enum Effect {
         /// The contact.
         peer: String,
     },
+    /// Mark the contact's pinned key verified.
+    MarkVerified {
+        /// The contact.
+        peer: String,
+    },
     /// Leave.
     Quit,
 }
@@ -240,6 +258,8 @@ pub struct Chat {
     pub names: std::collections::HashMap<String, String>,
     /// The key bindings (`chat.toml`).
     pub keys: super::settings::Keys,
+    /// The safety-number view, when open.
+    pub safety: Option<SafetyView>,
 }
 
 impl Chat {
@@ -259,17 +279,30 @@ impl Chat {
             now: 0,
             names: std::collections::HashMap::new(),
             keys: super::settings::Keys::default(),
+            safety: None,
         }
     }
 
     /// Adds (or updates the name of) the conversation with `peer`.
     pub fn add_contact(&mut self, peer: &str, name: Option<String>, blocked: bool) {
+        self.add_contact_verified(peer, name, blocked, false);
+    }
+
+    /// [`Self::add_contact`], with whether its safety number was verified.
+    pub fn add_contact_verified(
+        &mut self,
+        peer: &str,
+        name: Option<String>,
+        blocked: bool,
+        verified: bool,
+    ) {
         if let Some(name) = &name {
             self.names.insert(peer.to_owned(), name.clone());
         }
         let i = self.conversation(peer);
         self.conversations[i].name = name;
         self.conversations[i].blocked = blocked;
+        self.conversations[i].verified = verified;
     }
 
     /// Adds (or renames) the group `id`.
@@ -389,6 +422,20 @@ impl Chat {
                 self.help = false;
             }
             return Vec::new();
+        }
+        if let Some(view) = &self.safety {
+            return match key.code {
+                KeyCode::Char('v') => {
+                    let peer = view.peer.clone();
+                    self.safety = None;
+                    vec![Effect::MarkVerified { peer }]
+                }
+                KeyCode::Esc | KeyCode::Char('q') => {
+                    self.safety = None;
+                    Vec::new()
+                }
+                _ => Vec::new(),
+            };
         }
         if let Some(request) = self.requests.first().cloned() {
             return self.answer_request(&request, key.code);
@@ -735,6 +782,16 @@ impl Chat {
         Vec::new()
     }
 
+    /// The contact's key was marked verified.
+    pub fn on_verified(&mut self, peer: &str) {
+        let i = self.conversation(peer);
+        self.conversations[i].verified = true;
+        self.status = Some(format!(
+            "{} is marked verified",
+            self.conversations[i].title()
+        ));
+    }
+
     /// The agent answered a command.
     pub fn on_answer(&mut self, tag: Tag, answer: Answer) {
         match tag {
@@ -855,6 +912,7 @@ impl Chat {
             Notice::IdentityChanged { peer, .. } => {
                 let i = self.conversation(peer);
                 self.conversations[i].key_changed = true;
+                self.conversations[i].verified = false;
             }
             Notice::ContactRequest { from, request, .. } => {
                 self.requests.push(Request {
@@ -1051,6 +1109,29 @@ mod tests {
         chat.on_key(key(KeyCode::Up));
         assert!(typed(&mut chat, "/group leave").is_empty());
         assert!(chat.status.as_deref().unwrap().contains("group in view"));
+    }
+
+    #[test]
+    fn the_safety_view_marks_the_contact_verified_with_v() {
+        let mut chat = chat_with(&["5550002"]);
+        assert_eq!(
+            typed(&mut chat, "/safety"),
+            vec![Effect::ShowSafety {
+                peer: "5550002".into()
+            }]
+        );
+        chat.safety = Some(SafetyView {
+            peer: "5550002".into(),
+            digits: "1".into(),
+            qr: vec![],
+        });
+        assert_eq!(
+            chat.on_key(key(KeyCode::Char('v'))),
+            vec![Effect::MarkVerified {
+                peer: "5550002".into()
+            }]
+        );
+        assert!(chat.safety.is_none());
     }
 
     #[test]

@@ -92,6 +92,26 @@ pub fn draw(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, tz: &TimeZone) {
         ];
         popup(frame, "Contact request", text, theme, 50, 5);
     }
+    if let Some(view) = &chat.safety {
+        // The keys first: on a small terminal the code is what gets cut.
+        let mut text = vec![
+            TextLine::from(format!("Safety number with {}:", chat.name_of(&view.peer))),
+            TextLine::from(view.digits.clone()),
+            TextLine::from("Compare in person or by phone. [v] mark verified   [Esc] close"),
+        ];
+        text.extend(view.qr.iter().map(|row| TextLine::from(row.clone())));
+        let width = view
+            .qr
+            .iter()
+            .map(|r| r.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(view.digits.chars().count())
+            .max(62) as u16
+            + 4;
+        let height = text.len() as u16 + 2;
+        popup(frame, "Safety number", text, theme, width, height);
+    }
     if chat.help {
         let mut text: Vec<TextLine<'_>> = KEYS
             .iter()
@@ -131,6 +151,8 @@ fn draw_list(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, area: Rect) {
             }
             if c.key_changed {
                 spans.push(Span::styled(" !", theme.fg(Color::Red)));
+            } else if c.verified {
+                spans.push(Span::styled(" ✓", theme.fg(Color::Green)));
             }
             ListItem::new(TextLine::from(spans))
         })
@@ -463,6 +485,29 @@ mod tests {
         assert!(text.contains("# friends"), "{text}");
         assert!(text.contains("# friends · group"), "{text}");
         assert!(text.contains("01:00 Bob: hello group"), "{text}");
+    }
+
+    #[test]
+    fn the_safety_view_shows_the_digits_the_qr_code_and_the_verified_mark() {
+        let mut chat = sample();
+        let digits = "12345 67890 12345 67890 12345 67890 12345 67890 12345 67890 12345 67890";
+        chat.safety = Some(crate::chat::model::SafetyView {
+            peer: "5550002".into(),
+            digits: digits.into(),
+            qr: crate::chat::qr_rows(digits),
+        });
+        assert!(chat.safety.as_ref().unwrap().qr.len() > 10);
+        let text = screen(&chat, 100, 40, Theme::colour());
+        assert!(text.contains(digits), "{text}");
+        assert!(
+            text.contains("▀") || text.contains("▄"),
+            "no QR code:\n{text}"
+        );
+        assert!(text.contains("[v] mark verified"), "{text}");
+        chat.safety = None;
+        chat.on_verified("5550002");
+        let text = screen(&chat, 80, 24, Theme::colour());
+        assert!(text.contains("◐ Bob ✓"), "{text}");
     }
 
     #[test]
