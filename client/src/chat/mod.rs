@@ -76,6 +76,10 @@ enum Done {
     Answer(Tag, Answer),
     History(String, Vec<Entry>, Option<u64>, bool),
     GroupHistory(String, Vec<crate::groups::GroupEntry>),
+    /// A window of text to show.
+    Info(String, Vec<String>),
+    /// A line for the status bar.
+    Status(String),
 }
 
 /// Runs the chat until the user leaves.
@@ -177,6 +181,8 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
                     chat.on_history(&peer, entries, older, first);
                 }
                 Done::GroupHistory(group, entries) => chat.on_group_history(&group, entries),
+                Done::Info(title, lines) => chat.info = Some((title, lines)),
+                Done::Status(line) => chat.status = Some(line),
             },
             // Count the reconnect wait down.
             () = tokio::time::sleep(Duration::from_secs(1)) => {
@@ -264,6 +270,14 @@ impl Runner {
                 }
                 Err(why) => chat.status = Some(why),
             },
+            Effect::Devices(action) => {
+                let (profile, done) = (self.profile.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = devices(&profile, action, &done).await {
+                        let _ = done.send(Done::Status(format!("devices: {e}"))).await;
+                    }
+                });
+            }
             Effect::MarkVerified { peer } => match self.store.set_verified(&peer, unix_now()) {
                 Ok(_) => chat.on_verified(&peer),
                 Err(e) => chat.status = Some(format!("marking {peer} verified failed: {e}")),
@@ -294,6 +308,108 @@ impl Runner {
         crate::store::safety_number(&info.number, &mine, peer, &theirs)
             .map_err(|e| format!("safety number: {e}"))
     }
+}
+
+/// `/devices`: on a connection of its own, like the `device` commands.
+async fn devices(
+    profile: &Profile,
+    action: model::DevicesAction,
+    done: &mpsc::Sender<Done>,
+) -> anyhow::Result<()> {
+    use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs};
+    use micromsg_wire::{DeviceId, Request, ResponseData};
+    let mut session = crate::account::connect(profile).await?;
+    match action {
+        model::DevicesAction::List => {
+            let ResponseData::DeviceList(list) = session.link.call(Request::DeviceList).await?
+            else {
+                bail!("the broker answered DEVICE-LIST with something else");
+            };
+            let tz = TimeZone::system();
+            let when = |t: u64| {
+                i64::try_from(t)
+                    .ok()
+                    .and_then(|t| jiff::Timestamp::from_second(t).ok())
+                    .map_or_else(
+                        || "-".into(),
+                        |t| {
+                            t.to_zoned(tz.clone())
+                                .strftime("%Y-%m-%d %H:%M")
+                                .to_string()
+                        },
+                    )
+            };
+            let lines = list
+                .devices
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{:>3}  {:<16} created {}  last seen {}{}",
+                        d.id.get(),
+                        d.name.as_ref().map_or("-", |n| n.as_str()),
+                        when(d.created),
+                        d.last_seen.map_or("-".to_owned(), when),
+                        if d.current { "  (this device)" } else { "" }
+                    )
+                })
+                .collect();
+            let _ = done
+                .send(Done::Info("Devices (Esc closes)".into(), lines))
+                .await;
+        }
+        model::DevicesAction::Revoke(id) => {
+            let device = DeviceId::new(id).map_err(|e| anyhow::anyhow!("device id: {e}"))?;
+            session
+                .link
+                .call(Request::DeviceRevoke(DeviceRevokeArgs { device }))
+                .await?;
+            let _ = done
+                .send(Done::Status(format!("device {id} revoked")))
+                .await;
+        }
+        model::DevicesAction::Add => {
+            let known_highest = crate::devices::highest_device(&mut session).await?;
+            let ResponseData::AddDevice(data) = session
+                .link
+                .call(Request::AddDevice(AddDeviceArgs { name: None }))
+                .await?
+            else {
+                bail!("the broker answered ADD-DEVICE with something else");
+            };
+            let transfer = crate::devices::new_transfer_key();
+            let lines = vec![
+                "On the new device, within 10 minutes, run:".to_owned(),
+                String::new(),
+                format!(
+                    "micromsg --profile NEW_DIR device join --broker {} --ca CA_FILE \\",
+                    session.info.broker
+                ),
+                format!(
+                    "  --number {} --secret {} \\",
+                    session.info.number,
+                    data.secret.to_hex()
+                ),
+                format!("  --transfer-key {}", transfer.to_hex().as_str()),
+                String::new(),
+                "This device sends it its keys once it has joined (Esc closes this).".to_owned(),
+            ];
+            let _ = done.send(Done::Info("New device".into(), lines)).await;
+            let sent = crate::devices::send_link_transfer(
+                &mut session,
+                profile,
+                &transfer,
+                known_highest,
+                Duration::from_secs(600),
+            )
+            .await?;
+            let _ = done
+                .send(Done::Status(format!(
+                    "sent this device's keys to device {sent}"
+                )))
+                .await;
+        }
+    }
+    Ok(())
 }
 
 /// `text` as a QR code in text rows (two rows of modules per row: ▀ ▄ █ and space).

@@ -20,6 +20,12 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("/unblock", "unblock the contact in view"),
     ("/remove", "remove the contact in view from this device"),
     ("/safety", "show the safety number of the contact in view"),
+    ("/devices", "this entity's devices"),
+    (
+        "/devices add",
+        "a secret and transfer key for a new device; its keys follow",
+    ),
+    ("/devices revoke ID", "remove a device of this entity"),
     (
         "/group create NAME NUMBER…",
         "make a group (NAME one word; /group rename for more)",
@@ -206,6 +212,8 @@ pub enum Effect {
         /// The contact.
         peer: String,
     },
+    /// Devices of this entity: list, add, revoke.
+    Devices(DevicesAction),
     /// Mark the contact's pinned key verified.
     MarkVerified {
         /// The contact.
@@ -213,6 +221,17 @@ pub enum Effect {
     },
     /// Leave.
     Quit,
+}
+
+/// What `/devices` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevicesAction {
+    /// List them.
+    List,
+    /// Make a registration secret and transfer key, then send the keys to the new device.
+    Add,
+    /// Revoke this device id.
+    Revoke(u32),
 }
 
 /// What an agent answer belongs to.
@@ -260,6 +279,9 @@ pub struct Chat {
     pub keys: super::settings::Keys,
     /// The safety-number view, when open.
     pub safety: Option<SafetyView>,
+    /// A window of text (a title and lines) to read, when open (the device list, a new
+    /// device's secret); Esc closes it.
+    pub info: Option<(String, Vec<String>)>,
 }
 
 impl Chat {
@@ -280,6 +302,7 @@ impl Chat {
             names: std::collections::HashMap::new(),
             keys: super::settings::Keys::default(),
             safety: None,
+            info: None,
         }
     }
 
@@ -423,6 +446,12 @@ impl Chat {
             }
             return Vec::new();
         }
+        if self.info.is_some() {
+            if matches!(key.code, KeyCode::Esc | KeyCode::Char('q') | KeyCode::Enter) {
+                self.info = None;
+            }
+            return Vec::new();
+        }
         if let Some(view) = &self.safety {
             return match key.code {
                 KeyCode::Char('v') => {
@@ -560,11 +589,12 @@ impl Chat {
         if !text.starts_with('/') || text.contains(' ') {
             return;
         }
-        let matches: Vec<&str> = COMMANDS
+        let mut matches: Vec<&str> = COMMANDS
             .iter()
             .map(|(c, _)| c.split(' ').next().unwrap_or(c))
             .filter(|c| c.starts_with(&text))
             .collect();
+        matches.dedup();
         match matches.as_slice() {
             [one] => self.input.set(&format!("{one} ")),
             [] => self.status = Some(format!("no command starts with {text}")),
@@ -720,6 +750,15 @@ impl Chat {
                 .unwrap_or_default(),
             "send!" if !rest.is_empty() => self.send(rest.to_owned(), true),
             "group" => self.group_command(rest),
+            "devices" => match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [] | ["list"] => vec![Effect::Devices(DevicesAction::List)],
+                ["add"] => vec![Effect::Devices(DevicesAction::Add)],
+                ["revoke", id] => match id.parse() {
+                    Ok(id) => vec![Effect::Devices(DevicesAction::Revoke(id))],
+                    Err(_) => self.usage("/devices revoke ID (a number from /devices)"),
+                },
+                _ => self.usage("/devices [add | revoke ID]"),
+            },
             _ => {
                 self.status = Some(format!("unknown command /{line}; /help lists them"));
                 Vec::new()
@@ -1132,6 +1171,25 @@ mod tests {
             }]
         );
         assert!(chat.safety.is_none());
+    }
+
+    #[test]
+    fn devices_commands_and_the_info_window() {
+        let mut chat = chat_with(&[]);
+        assert_eq!(
+            typed(&mut chat, "/devices"),
+            vec![Effect::Devices(DevicesAction::List)]
+        );
+        assert_eq!(
+            typed(&mut chat, "/devices revoke 3"),
+            vec![Effect::Devices(DevicesAction::Revoke(3))]
+        );
+        assert!(typed(&mut chat, "/devices revoke three").is_empty());
+        chat.info = Some(("Devices".into(), vec!["1 phone".into()]));
+        assert!(chat.on_key(key(KeyCode::Char('x'))).is_empty());
+        assert!(chat.info.is_some(), "typing does not close it");
+        chat.on_key(key(KeyCode::Esc));
+        assert!(chat.info.is_none());
     }
 
     #[test]

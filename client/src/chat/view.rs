@@ -112,6 +112,18 @@ pub fn draw(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, tz: &TimeZone) {
         let height = text.len() as u16 + 2;
         popup(frame, "Safety number", text, theme, width, height);
     }
+    if let Some((title, lines)) = &chat.info {
+        let text: Vec<TextLine<'_>> = lines.iter().map(|l| TextLine::from(l.clone())).collect();
+        let width = lines
+            .iter()
+            .map(|l| l.chars().count())
+            .max()
+            .unwrap_or(20)
+            .max(title.chars().count()) as u16
+            + 4;
+        let height = text.len() as u16 + 2;
+        popup(frame, title, text, theme, width, height);
+    }
     if chat.help {
         let mut text: Vec<TextLine<'_>> = KEYS
             .iter()

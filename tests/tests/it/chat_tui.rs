@@ -206,6 +206,17 @@ async fn two_people_chat_in_their_terminals_through_a_broker_restart() {
         "a message without its time:\n{bob_screen}"
     );
 
+    // The device list, from inside the chat.
+    tmux.type_text("alice", "/devices");
+    tmux.keys("alice", &["Enter"]);
+    tmux.wait_for("alice", "the device list", |s| {
+        s.contains("Devices (Esc closes)") && s.contains("(this device)")
+    });
+    tmux.keys("alice", &["Escape"]);
+    tmux.wait_for("alice", "the list closed", |s| {
+        !s.contains("Devices (Esc closes)")
+    });
+
     // The broker goes away and comes back while both screens are open.
     broker.kill();
     tmux.wait_for("alice", "reconnecting", |s| s.contains("reconnecting in"));
