@@ -66,6 +66,10 @@ pub enum Command {
     Inbox,
     /// The broker link and the live sessions, each with its path (`direct` or `relay`).
     Status,
+    /// Control socket only: from now on, every notice the agent reports is written on this
+    /// connection as a JSON line (`listen --json`'s events), until the client closes it. How
+    /// `micromsg chat` attaches to a running `listen`.
+    Subscribe,
     /// Create a group with these members (contacts of this entity).
     GroupCreate {
         /// The group's name.
@@ -232,13 +236,25 @@ pub(super) async fn bind_control(profile: &Profile) -> Result<UnixListener, Agen
     })
 }
 
-pub(super) async fn serve_control(listener: UnixListener, control: mpsc::Sender<ControlRequest>) {
+pub(super) async fn serve_control(
+    listener: UnixListener,
+    control: mpsc::Sender<ControlRequest>,
+    subscribers: tokio::sync::broadcast::Sender<super::Notice>,
+) {
     while let Ok((stream, _)) = listener.accept().await {
         let control = control.clone();
+        let subscribers = subscribers.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                if matches!(
+                    serde_json::from_str::<Command>(&line),
+                    Ok(Command::Subscribe)
+                ) {
+                    stream_notices(subscribers.subscribe(), lines, write).await;
+                    return;
+                }
                 let reply = match serde_json::from_str::<Command>(&line) {
                     Ok(command) => {
                         let (tx, mut rx) = oneshot::channel();
@@ -320,6 +336,11 @@ impl Agent {
                     Err(e) => Err(refused(e)),
                 };
                 let _ = reply.send(r);
+            }
+            Command::Subscribe => {
+                let _ = reply.send(Err(refused(
+                    "subscribe is served by the control socket, not by a command",
+                )));
             }
             Command::OutboxCancel { id } => {
                 let list = self.profile.command("outbox");
@@ -518,4 +539,66 @@ pub fn remove_contact(profile: &Profile, store: &Store, number: &str) -> Answer 
         Ok(false) => Err(refused(format!("{number} is not in your contacts"))),
         Err(e) => Err(refused(e.to_string())),
     }
+}
+
+/// A subscriber: every notice as a JSON line until the client closes the connection (or
+/// stops reading: a write that fails ends it).
+async fn stream_notices(
+    mut notices: tokio::sync::broadcast::Receiver<super::Notice>,
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let notice = tokio::select! {
+            notice = notices.recv() => notice,
+            // Anything from the client, or its end, ends the subscription.
+            _ = lines.next_line() => return,
+        };
+        let notice = match notice {
+            Ok(notice) => notice,
+            Err(RecvError::Lagged(missed)) => super::Notice::Warning {
+                message: format!("{missed} notices were skipped (this screen read too slowly)"),
+            },
+            Err(RecvError::Closed) => return,
+        };
+        let mut out = serde_json::to_string(&notice).unwrap_or_default();
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The notices of a running agent, read from its control socket.
+#[derive(Debug)]
+pub struct Subscription {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    /// Kept open: closing it ends the subscription.
+    _write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Subscription {
+    /// The next notice; `None` when the agent stopped.
+    pub async fn next(&mut self) -> Option<super::Notice> {
+        loop {
+            let line = self.lines.next_line().await.ok()??;
+            if let Ok(notice) = serde_json::from_str(&line) {
+                return Some(notice);
+            }
+        }
+    }
+}
+
+/// Subscribes to the notices of the agent running for `profile` (`None` when none runs).
+pub async fn subscribe_to_running(profile: &Profile) -> Option<Subscription> {
+    let stream = UnixStream::connect(control_path(profile)).await.ok()?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(&Command::Subscribe).ok()?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.ok()?;
+    Some(Subscription {
+        lines: BufReader::new(read).lines(),
+        _write: write,
+    })
 }

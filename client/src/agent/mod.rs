@@ -63,8 +63,8 @@ mod sessions;
 
 pub use config::{AcceptPolicy, AgentConfig};
 pub use control::{
-    Cancel, Command, ControlRequest, cancel_queued, control_path, name_contact, remove_contact,
-    send_to_running, send_to_running_cancellable,
+    Cancel, Command, ControlRequest, Subscription, cancel_queued, control_path, name_contact,
+    remove_contact, send_to_running, send_to_running_cancellable, subscribe_to_running,
 };
 use control::{Waiter, cancelled_reply};
 pub use notice::Notice;
@@ -256,7 +256,11 @@ pub async fn start(
         agent.start_offline(reason).await;
     }
     if let Some(listener) = control {
-        tokio::spawn(serve_control(listener, commands_tx.clone()));
+        tokio::spawn(serve_control(
+            listener,
+            commands_tx.clone(),
+            agent.subscribers.clone(),
+        ));
     }
     let task = tokio::spawn(agent.run(peers, commands_rx, stop_rx));
     Ok(AgentHandle {
@@ -294,6 +298,10 @@ const TOKEN_GRACE: Duration = Duration::from_secs(2);
 
 /// Connect tokens we were given as the target, by token id.
 type TokenTable = Arc<Mutex<HashMap<[u8; 16], (Secret32, String, Instant)>>>;
+
+/// Notices held for a control-socket subscriber that reads slowly; past it the oldest are
+/// skipped (the subscriber is told how many).
+const SUBSCRIBER_QUEUE: usize = 1024;
 
 /// What a handshake task reports.
 struct HandshakeDone {
@@ -360,6 +368,8 @@ struct Agent {
     inbox_due: bool,
     /// Group messages that came before the ops that make them acceptable.
     early: EarlyMessages,
+    /// Every notice, for the control socket's subscribers.
+    subscribers: tokio::sync::broadcast::Sender<Notice>,
 }
 
 impl Agent {
@@ -422,10 +432,14 @@ impl Agent {
             live: LiveTable::new(),
             inbox_due,
             early,
+            subscribers: tokio::sync::broadcast::channel(SUBSCRIBER_QUEUE).0,
         })
     }
 
     async fn notify(&self, notice: Notice) {
+        // Subscribers on the control socket (`micromsg chat` attached to this agent); none is
+        // fine.
+        let _ = self.subscribers.send(notice.clone());
         let _ = self.notices.send(notice).await;
     }
 

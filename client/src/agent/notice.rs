@@ -1,10 +1,10 @@
 //! What the agent tells the user: one [`Notice`] per event, printed as a line of text or one
 //! JSON object by the CLI.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Something the user should see; printed as a line of text or one JSON object.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Notice {

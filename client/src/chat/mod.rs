@@ -2,7 +2,9 @@
 //!
 //! It is the device's online agent with a screen, not a second client: it starts the same
 //! agent `listen` runs (broker link with reconnects, peer listener, relay, outbox) and shows
-//! what it reports. [`model`] is the screen's state and its rules (keys, notices, answers in;
+//! what it reports; when a `listen` already runs for the profile, it attaches to that one over
+//! its control socket instead (commands as one-shot commands do, notices by subscription),
+//! and leaving the screen leaves that `listen` running. [`model`] is the screen's state and its rules (keys, notices, answers in;
 //! effects out; no I/O), [`view`] draws it, [`input`] is the input line; this module runs the
 //! terminal, the agent and the effects.
 
@@ -84,15 +86,7 @@ enum Done {
 
 /// Runs the chat until the user leaves.
 pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
-    if agent::send_to_running(&profile, &agent::Command::Status)
-        .await
-        .is_some()
-    {
-        bail!(
-            "a `micromsg listen` is running for this profile; stop it first: `chat` runs the \
-             device's agent itself"
-        );
-    }
+    let running = agent::send_to_running(&profile, &agent::Command::Status).await;
     let info = profile.info()?;
     let store = Store::new(&profile);
     let mut chat = Chat::new(info.number.clone(), info.device);
@@ -118,12 +112,21 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
         }
     }
     let (notice_tx, mut notices) = mpsc::channel::<Notice>(1024);
-    let config = AgentConfig {
-        wait_for_broker: true,
-        ..options.agent.clone()
+    let (handle, commander) = match running {
+        None => {
+            let config = AgentConfig {
+                wait_for_broker: true,
+                ..options.agent.clone()
+            };
+            let handle = agent::start(profile.clone(), config, notice_tx).await?;
+            let commander = Agent::Own(handle.commander());
+            (Some(handle), commander)
+        }
+        Some(status) => {
+            attach(&profile, &mut chat, status, notice_tx).await?;
+            (None, Agent::Attached(profile.clone()))
+        }
     };
-    let handle = agent::start(profile.clone(), config, notice_tx).await?;
-    let commander = handle.commander();
     let theme = if options.colour && settings.colour {
         Theme::colour()
     } else {
@@ -194,14 +197,90 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
     }
     drop(terminal);
     drop(guard);
-    // Say goodbye to the peers; what waits in the outbox stays there.
-    handle.stop().await?;
+    // Say goodbye to the peers; what waits in the outbox stays there. An attached screen
+    // leaves its `listen` running.
+    if let Some(handle) = handle {
+        handle.stop().await?;
+    }
     outcome
+}
+
+/// The agent the screen talks to: its own, or a running `listen`'s.
+#[derive(Debug, Clone)]
+enum Agent {
+    Own(Commander),
+    Attached(Profile),
+}
+
+impl Agent {
+    async fn command(&self, command: agent::Command) -> Answer {
+        match self {
+            Agent::Own(commander) => commander.command(command).await,
+            Agent::Attached(profile) => agent::send_to_running(profile, &command)
+                .await
+                .unwrap_or_else(|| {
+                    Err(agent::CommandError::Refused(
+                        "the `listen` this screen is attached to has stopped".into(),
+                    ))
+                }),
+        }
+    }
+}
+
+/// Attaches the screen to the `listen` running for `profile`: its state now (`status`), then
+/// every notice it reports.
+async fn attach(
+    profile: &Profile,
+    chat: &mut Chat,
+    status: Answer,
+    notices: mpsc::Sender<Notice>,
+) -> anyhow::Result<()> {
+    let Some(mut subscription) = agent::subscribe_to_running(profile).await else {
+        bail!("the `listen` running for this profile did not take a subscription");
+    };
+    if let Ok(agent::Output {
+        detail: Some(agent::Detail::Status(status)),
+        ..
+    }) = status
+    {
+        if status.broker != "connected" {
+            chat.broker = model::Broker::Reconnecting(0);
+        }
+        chat.outbox = status.outbox;
+        for live in status.sessions {
+            chat.on_notice(
+                &Notice::SessionStarted {
+                    peer: live.peer,
+                    first_contact: false,
+                    safety_number: String::new(),
+                    path: live.path,
+                },
+                0,
+            );
+        }
+    }
+    chat.status =
+        Some("attached to the running `listen` (leaving this screen keeps it running)".into());
+    tokio::spawn(async move {
+        while let Some(notice) = subscription.next().await {
+            if notices.send(notice).await.is_err() {
+                return;
+            }
+        }
+        let _ = notices
+            .send(Notice::Warning {
+                message: "the `listen` this screen was attached to has stopped; start chat \
+                          again"
+                    .into(),
+            })
+            .await;
+    });
+    Ok(())
 }
 
 /// Carries out effects.
 struct Runner {
-    commander: Commander,
+    commander: Agent,
     store: Store,
     profile: Profile,
     done: mpsc::Sender<Done>,

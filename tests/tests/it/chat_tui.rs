@@ -252,3 +252,56 @@ async fn two_people_chat_in_their_terminals_through_a_broker_restart() {
         "chat did not exit on Ctrl-C"
     );
 }
+
+/// A `listen` already runs for the profile: `chat` attaches to it (commands and notices over
+/// its control socket) instead of starting a second agent, and leaving the screen leaves the
+/// `listen` running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_attaches_to_a_running_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), "").await;
+    let alice = register_at(&broker.addr, &broker.ca, dir.path().join("alice")).await;
+    let bob = register_at(&broker.addr, &broker.ca, dir.path().join("bob")).await;
+    let (a, mut a_rx) = agents::online(&alice, agents::config(AcceptPolicy::Any)).await;
+    // Bob's `listen`, with its control socket.
+    let (b, _b_rx) = agents::online(
+        &bob,
+        micromsg_client::agent::AgentConfig {
+            control: true,
+            ..agents::config(AcceptPolicy::Any)
+        },
+    )
+    .await;
+    assert!(agents::contact_add(&a, &bob.number).await.ok);
+
+    let tmux = Tmux::new();
+    tmux.open("bob", &chat_command(bob.profile.dir()));
+    tmux.wait_for("bob", "the attached screen", |s| {
+        s.contains("attached to the running `listen`") && s.contains("online, direct")
+    });
+    let reply = a
+        .ask(AgentCommand::Send {
+            number: bob.number.clone(),
+            text: "to the attached screen".into(),
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    tmux.wait_for("bob", "alice's message", |s| {
+        s.contains("to the attached screen")
+    });
+    tmux.type_text("bob", "from the attached screen");
+    tmux.keys("bob", &["Enter"]);
+    let got = micromsg_tests::agents::message_from(&mut a_rx, &bob.number).await;
+    assert_eq!(got.0, "from the attached screen");
+
+    // Leaving the screen leaves the listen running: it still answers.
+    tmux.keys("bob", &["C-c"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while tmux.tmux(&["has-session", "-t", "bob"]).status.success() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = b.ask(AgentCommand::Status).await;
+    assert!(status.ok, "{status:?}");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
