@@ -100,6 +100,11 @@ pub async fn run(profile: Profile, options: ChatOptions) -> anyhow::Result<()> {
     };
     chat.status = warning;
     chat.keys = settings.keys.clone();
+    // What an earlier run left in the outbox (the agent sends it; the bar counts it down).
+    chat.outbox = crate::outbox::Outbox::new(&profile)
+        .load()
+        .map(|q| q.iter().filter(|q| q.pending()).count())
+        .unwrap_or(0);
     for (number, contact) in store.contacts()? {
         let verified = contact.is_verified();
         chat.add_contact_verified(&number, contact.name, contact.blocked, verified);
