@@ -965,12 +965,13 @@ impl Chat {
             }
             Notice::BrokerBack { .. } => self.broker = Broker::Connected,
             Notice::QueuedSent { id, .. } => {
+                // One item left the outbox, shown here or queued by an earlier run.
+                self.outbox = self.outbox.saturating_sub(1);
                 for c in &mut self.conversations {
                     for line in &mut c.lines {
                         if line.queued_id.as_deref() == Some(id.as_str()) {
                             line.delivery = Delivery::Deposited;
                             line.queued_id = None;
-                            self.outbox = self.outbox.saturating_sub(1);
                         }
                     }
                 }
