@@ -231,19 +231,36 @@ impl Agent {
                 // Direct first (protocol.md 6.26); the relay when that fails within the
                 // direct timeout, or as soon as the target says it waits there.
                 Some((relay, switch)) => {
-                    let direct = tokio::time::timeout(
+                    // Only the TCP connection races the switch: once it is made, the handshake
+                    // runs to its end on it (an INIT that reached the target has spent the
+                    // token, so a relayed INIT after it would be refused).
+                    let connect = tokio::time::timeout(
                         direct_timeout,
-                        p2p::connect(address.as_str(), &token, &identity, cfg.clone()),
+                        tokio::net::TcpStream::connect(address.as_str()),
                     );
-                    let direct = tokio::select! {
-                        result = direct => match result {
-                            Ok(Ok(established)) => Some(established),
-                            _ => None,
-                        },
+                    let stream = tokio::select! {
+                        result = connect => result.ok().and_then(Result::ok),
                         () = switch.notified() => None,
                     };
+                    let direct = match stream {
+                        Some(stream) => {
+                            match p2p::initiate(stream, &token, &identity, cfg.clone(), |_| true)
+                                .await
+                            {
+                                Ok(established) => Some(Ok(established)),
+                                // The target refused or failed the handshake itself: the relay
+                                // would carry the same refusal.
+                                Err(
+                                    e @ p2p::P2pError::Handshake(_)
+                                    | e @ p2p::P2pError::PeerRefused,
+                                ) => Some(Err(e)),
+                                Err(_) => None,
+                            }
+                        }
+                        None => None,
+                    };
                     match direct {
-                        Some(established) => (Ok(established), Path::Direct),
+                        Some(result) => (result, Path::Direct),
                         None => {
                             let result = match crate::relay::open(&profile, &relay).await {
                                 Ok(stream) => {

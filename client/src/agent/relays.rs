@@ -169,7 +169,9 @@ impl Agent {
         let Some(note) = self.relays.notes.remove(c.relay.as_bytes()) else {
             return;
         };
-        if c.reason != "the session ended" {
+        // A relay the other side gave up on while this session went direct is no news.
+        let direct = self.paths.get(&note.peer) == Some(&Path::Direct);
+        if c.reason != "the session ended" && !direct {
             self.warn(format!(
                 "the relay with {} was closed by the broker: {}",
                 note.peer, c.reason

@@ -17,6 +17,41 @@ use micromsg_wire::message::request::RelayArgs;
 use micromsg_wire::{ErrorCode, Hex16, Request};
 use tokio::sync::mpsc;
 
+/// A loopback port where a new TCP connection hangs: its listener's accept queue is full, so
+/// the kernel drops further SYNs (as a firewall that drops packets does).
+struct Hanging {
+    addr: std::net::SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _queued: Vec<tokio::net::TcpStream>,
+}
+
+impl Hanging {
+    async fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        // Fill the accept queue (backlog + 1 on Linux); stop at the first that hangs.
+        while queued.len() < 8 {
+            match tokio::time::timeout(
+                Duration::from_millis(300),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => queued.push(stream),
+                _ => break,
+            }
+        }
+        Self {
+            addr,
+            _listener: listener,
+            _queued: queued,
+        }
+    }
+}
+
 async fn online(device: &Device, config: AgentConfig) -> (AgentHandle, mpsc::Receiver<Notice>) {
     agents::online(device, config).await
 }
@@ -140,14 +175,14 @@ async fn a_target_that_cannot_be_reached_asks_for_the_relay_from_the_start() {
     let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
     let a = register(&broker, "a").await;
     let b = register(&broker, "b").await;
-    // B advertises a port that takes the TCP connection and then never answers the handshake
-    // (like a firewall that drops packets: the attempt hangs rather than fails at once).
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // B advertises a port where a TCP connection hangs (like a firewall that drops packets:
+    // the attempt neither succeeds nor fails at once).
+    let silent = Hanging::new().await;
     let (b_agent, mut b_rx) = online(
         &b,
         AgentConfig {
             reach: Reach::Relay,
-            advertise: Some(silent.local_addr().unwrap().to_string()),
+            advertise: Some(silent.addr.to_string()),
             ..agents::config(AcceptPolicy::Any)
         },
     )
@@ -364,12 +399,12 @@ async fn across_two_brokers_a_target_that_asks_first_gets_the_relay_at_once() {
     net.wait_linked().await;
     let a = register(net.broker(0), "a").await;
     let b = register(net.broker(1), "b").await;
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = Hanging::new().await;
     let (b_agent, mut b_rx) = online(
         &b,
         AgentConfig {
             reach: Reach::Relay,
-            advertise: Some(silent.local_addr().unwrap().to_string()),
+            advertise: Some(silent.addr.to_string()),
             ..agents::config(AcceptPolicy::Any)
         },
     )
@@ -399,4 +434,55 @@ async fn across_two_brokers_a_target_that_asks_first_gets_the_relay_at_once() {
     );
     a_agent.stop().await.unwrap();
     b_agent.stop().await.unwrap();
+}
+
+/// The target asks for the relay (it believes it is behind a NAT) but can in fact be reached:
+/// the caller's direct connection may win. Either way exactly one session comes up and
+/// messages flow; an INIT that reached the target directly is never followed by a second one
+/// through the relay (the token is spent once). Before, the caller abandoned a direct
+/// handshake already under way when RELAY-WAITING came, and the relayed INIT was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_asks_for_the_relay_but_is_reachable_gets_one_session() {
+    let net = micromsg_tests::TestNetwork::start(
+        Backend::Sqlite,
+        &[("x", &["555"]), ("y", &["556"])],
+        |_, _| {},
+    )
+    .await;
+    net.wait_linked().await;
+    for round in 0..3 {
+        let a = register(net.broker(0), &format!("a{round}")).await;
+        let b = register(net.broker(1), &format!("b{round}")).await;
+        let (b_agent, mut b_rx) = online(
+            &b,
+            AgentConfig {
+                reach: Reach::Relay,
+                ..agents::config(AcceptPolicy::Any)
+            },
+        )
+        .await;
+        let (a_agent, mut a_rx) = online(&a, agents::config(AcceptPolicy::Any)).await;
+        a_agent
+            .command(Command::ContactAdd {
+                number: b.number.clone(),
+                wait_secs: None,
+            })
+            .await
+            .expect("contact add");
+        started(&mut a_rx, &b.number).await;
+        started(&mut b_rx, &a.number).await;
+        a_agent
+            .command(Command::Send {
+                number: b.number.clone(),
+                text: format!("round {round}"),
+            })
+            .await
+            .expect("send");
+        assert_eq!(
+            message(&mut b_rx, &a.number).await,
+            format!("round {round}")
+        );
+        a_agent.stop().await.unwrap();
+        b_agent.stop().await.unwrap();
+    }
 }
