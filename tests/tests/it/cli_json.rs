@@ -119,7 +119,22 @@ async fn every_json_shape_parses() {
     assert_eq!(first["event"], "listening", "{first}");
 
     let v = object(&a, &["contact", "add", &b_number]);
-    reply(&v, "contact add");
+    let data = reply(&v, "contact add").expect("contact add says the session's path");
+    assert_eq!(data["path"], "direct", "{data}");
+    assert_eq!(data["peer"], b_number.as_str(), "{data}");
+    // `status`: through B's running listen, and for A, whose agent ran only for the command.
+    let v = object(&b, &["status"]);
+    let data = reply(&v, "status").expect("the running agent's state");
+    has_keys(
+        &data,
+        &["number", "device", "broker", "outbox", "sessions"],
+        "status",
+    );
+    assert_eq!(data["broker"], "connected", "{data}");
+    // A's agent ran only for `contact add` and said goodbye: no live session is left.
+    assert_eq!(data["sessions"], serde_json::json!([]), "{data}");
+    let v = object(&a, &["status"]);
+    assert_eq!(v["data"]["broker"], "not running", "{v}");
     let v = object(&a, &["send", &b_number, "hello"]);
     let data = reply(&v, "send").expect("send says how it was delivered");
     assert!(
