@@ -439,7 +439,9 @@ impl Agent {
     async fn notify(&self, notice: Notice) {
         // Subscribers on the control socket (`micromsg chat` attached to this agent); none is
         // fine.
-        let _ = self.subscribers.send(notice.clone());
+        if self.subscribers.receiver_count() > 0 {
+            let _ = self.subscribers.send(notice.clone());
+        }
         let _ = self.notices.send(notice).await;
     }
 

@@ -206,6 +206,31 @@ impl Broker {
     }
 }
 
+/// `micromsg register` on `host` with its profile in `profile`; the new number.
+async fn register(host: &str, profile: &Path, broker: &str, ca: &Path) -> String {
+    let ca = ca.to_str().unwrap();
+    let answer = micromsg(host, profile, &["register", "--broker", broker, "--ca", ca]).await;
+    answer["number"].as_str().unwrap().to_owned()
+}
+
+/// Bob stops (Ctrl-C): his disconnect notice crosses the relay to Alice, who stops too.
+async fn bob_leaves(mut a_listen: Listen, b_listen: Listen, bob: &str) {
+    b_listen.interrupt().await;
+    let ended = a_listen
+        .expect("bob's disconnect", |e| {
+            e["event"] == "session-ended" && e["peer"] == bob
+        })
+        .await;
+    assert!(
+        ended["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("disconnect"),
+        "{ended}"
+    );
+    a_listen.interrupt().await;
+}
+
 /// Whether `needle` occurs in any file under `dir`.
 fn found_under(dir: &Path, needle: &[u8]) -> Option<std::path::PathBuf> {
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
@@ -232,16 +257,8 @@ async fn clients_behind_a_nat_and_a_firewall_talk_through_the_relay() {
     let broker_addr = format!("{}:7400", netns::BROKER_IP);
     let (a_host, b_host) = (hosts.nat_client.clone(), hosts.firewalled_client.clone());
     let (a_dir, b_dir) = (dir.path().join("alice"), dir.path().join("bob"));
-    let ca_arg = ca.to_str().unwrap();
-    let register = ["register", "--broker", &broker_addr, "--ca", ca_arg];
-    let alice = micromsg(&a_host, &a_dir, &register).await["number"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let bob = micromsg(&b_host, &b_dir, &register).await["number"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let alice = register(&a_host, &a_dir, &broker_addr, &ca).await;
+    let bob = register(&b_host, &b_dir, &broker_addr, &ca).await;
 
     let mut a_listen = Listen::start(&a_host, &a_dir);
     let mut b_listen = Listen::start(&b_host, &b_dir);
@@ -355,20 +372,7 @@ async fn clients_behind_a_nat_and_a_firewall_talk_through_the_relay() {
     assert_eq!(got["text"], format!("{marker} live again"));
 
     // Bob stops (Ctrl-C): his disconnect notice crosses the relay.
-    b_listen.interrupt().await;
-    let ended = a_listen
-        .expect("bob's disconnect", |e| {
-            e["event"] == "session-ended" && e["peer"] == bob
-        })
-        .await;
-    assert!(
-        ended["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("disconnect"),
-        "{ended}"
-    );
-    a_listen.interrupt().await;
+    bob_leaves(a_listen, b_listen, &bob).await;
     broker.kill().await;
 
     // What the broker relayed never reached its log or its data directory.
@@ -419,42 +423,14 @@ async fn clients_behind_a_nat_and_a_firewall_on_two_brokers_talk_through_the_rel
     let mut y = Broker::start(&hosts.public, dir.path(), "y", 7410, &member("y")).await;
     let (a_host, b_host) = (hosts.nat_client.clone(), hosts.firewalled_client.clone());
     let (a_dir, b_dir) = (dir.path().join("alice"), dir.path().join("bob"));
-    let register = |port: u16, name: &str| {
+    let at = |port: u16, name: &str| {
         let ca = dir.path().join(name).join("tls/ca.pem");
         (format!("{}:{port}", netns::BROKER_IP), ca)
     };
-    let (x_addr, x_ca) = register(7400, "x");
-    let (y_addr, y_ca) = register(7410, "y");
-    let alice = micromsg(
-        &a_host,
-        &a_dir,
-        &[
-            "register",
-            "--broker",
-            &x_addr,
-            "--ca",
-            x_ca.to_str().unwrap(),
-        ],
-    )
-    .await["number"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let bob = micromsg(
-        &b_host,
-        &b_dir,
-        &[
-            "register",
-            "--broker",
-            &y_addr,
-            "--ca",
-            y_ca.to_str().unwrap(),
-        ],
-    )
-    .await["number"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (x_addr, x_ca) = at(7400, "x");
+    let (y_addr, y_ca) = at(7410, "y");
+    let alice = register(&a_host, &a_dir, &x_addr, &x_ca).await;
+    let bob = register(&b_host, &b_dir, &y_addr, &y_ca).await;
     assert!(
         alice.starts_with("555") && bob.starts_with("556"),
         "{alice} {bob}"
@@ -492,20 +468,7 @@ async fn clients_behind_a_nat_and_a_firewall_on_two_brokers_talk_through_the_rel
         .await;
     assert_eq!(got["text"], format!("{marker} to x"));
 
-    b_listen.interrupt().await;
-    let ended = a_listen
-        .expect("bob's disconnect", |e| {
-            e["event"] == "session-ended" && e["peer"] == bob
-        })
-        .await;
-    assert!(
-        ended["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("disconnect"),
-        "{ended}"
-    );
-    a_listen.interrupt().await;
+    bob_leaves(a_listen, b_listen, &bob).await;
     x.kill().await;
     y.kill().await;
     for name in ["x", "y"] {

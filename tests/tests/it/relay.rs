@@ -66,6 +66,65 @@ fn unreachable_target() -> AgentConfig {
     }
 }
 
+/// `contact add` of `to` in `agent`; its output (`what` names it in a failure).
+async fn add(agent: &AgentHandle, to: &Device, what: &str) -> micromsg_client::agent::Output {
+    agent
+        .command(Command::ContactAdd {
+            number: to.number.clone(),
+            wait_secs: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+}
+
+/// Brokers x (555) and y (556) of one network, linked.
+async fn two_brokers() -> micromsg_tests::TestNetwork {
+    let net = micromsg_tests::TestNetwork::start(
+        Backend::Sqlite,
+        &[("x", &["555"]), ("y", &["556"])],
+        |_, _| {},
+    )
+    .await;
+    net.wait_linked().await;
+    net
+}
+
+/// B asks for the relay from the start and advertises a port where a TCP connection hangs
+/// (like a firewall that drops packets: the attempt neither succeeds nor fails at once). A
+/// would wait 20 s for its direct attempt; B's RELAY-WAITING ends the wait, and the session
+/// comes up through the relay in well under that.
+async fn target_first_gets_the_relay_at_once(a: &Device, b: &Device) {
+    let silent = Hanging::new().await;
+    let (b_agent, mut b_rx) = online(
+        b,
+        AgentConfig {
+            reach: Reach::Relay,
+            advertise: Some(silent.addr.to_string()),
+            ..agents::config(AcceptPolicy::Any)
+        },
+    )
+    .await;
+    let (a_agent, mut a_rx) = online(
+        a,
+        AgentConfig {
+            direct_timeout: Duration::from_secs(20),
+            ..agents::config(AcceptPolicy::Any)
+        },
+    )
+    .await;
+    let started_at = Instant::now();
+    add(&a_agent, b, "contact add").await;
+    assert_eq!(started(&mut a_rx, &b.number).await, Path::Relay);
+    assert_eq!(started(&mut b_rx, &a.number).await, Path::Relay);
+    let took = started_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the caller waited {took:?} for the direct path"
+    );
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+}
+
 async fn started(rx: &mut mpsc::Receiver<Notice>, from: &str) -> Path {
     expect(rx, |n| match n {
         Notice::SessionStarted { peer, path, .. } if peer == from => Some(*path),
@@ -90,13 +149,7 @@ async fn an_unreachable_target_is_reached_through_the_relay_after_the_direct_att
     let (b_agent, mut b_rx) = online(&b, unreachable_target()).await;
     let (a_agent, mut a_rx) = online(&a, agents::config(AcceptPolicy::Any)).await;
 
-    let reply = a_agent
-        .command(Command::ContactAdd {
-            number: b.number.clone(),
-            wait_secs: None,
-        })
-        .await
-        .expect("contact add");
+    let reply = add(&a_agent, &b, "contact add").await;
     assert!(
         matches!(
             &reply.detail,
@@ -175,45 +228,7 @@ async fn a_target_that_cannot_be_reached_asks_for_the_relay_from_the_start() {
     let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
     let a = register(&broker, "a").await;
     let b = register(&broker, "b").await;
-    // B advertises a port where a TCP connection hangs (like a firewall that drops packets:
-    // the attempt neither succeeds nor fails at once).
-    let silent = Hanging::new().await;
-    let (b_agent, mut b_rx) = online(
-        &b,
-        AgentConfig {
-            reach: Reach::Relay,
-            advertise: Some(silent.addr.to_string()),
-            ..agents::config(AcceptPolicy::Any)
-        },
-    )
-    .await;
-    // The caller would wait 20 s for its direct attempt (10 s for the handshake timeout);
-    // the target's RELAY-WAITING ends the wait.
-    let (a_agent, mut a_rx) = online(
-        &a,
-        AgentConfig {
-            direct_timeout: Duration::from_secs(20),
-            ..agents::config(AcceptPolicy::Any)
-        },
-    )
-    .await;
-    let started_at = Instant::now();
-    a_agent
-        .command(Command::ContactAdd {
-            number: b.number.clone(),
-            wait_secs: None,
-        })
-        .await
-        .expect("contact add");
-    assert_eq!(started(&mut a_rx, &b.number).await, Path::Relay);
-    assert_eq!(started(&mut b_rx, &a.number).await, Path::Relay);
-    let took = started_at.elapsed();
-    assert!(
-        took < Duration::from_secs(5),
-        "the caller waited {took:?} for the direct path"
-    );
-    a_agent.stop().await.unwrap();
-    b_agent.stop().await.unwrap();
+    target_first_gets_the_relay_at_once(&a, &b).await;
     broker.stop().await;
 }
 
@@ -297,13 +312,7 @@ async fn an_idle_relay_is_closed_and_both_sides_are_told_why() {
     };
     let (b_agent, mut b_rx) = online(&b, quiet(unreachable_target())).await;
     let (a_agent, mut a_rx) = online(&a, quiet(agents::config(AcceptPolicy::Any))).await;
-    a_agent
-        .command(Command::ContactAdd {
-            number: b.number.clone(),
-            wait_secs: None,
-        })
-        .await
-        .expect("contact add");
+    add(&a_agent, &b, "contact add").await;
     for rx in [&mut a_rx, &mut b_rx] {
         let warning = expect(rx, |n| match n {
             Notice::Warning { message } if message.contains("relay") => Some(message.clone()),
@@ -322,24 +331,12 @@ async fn an_idle_relay_is_closed_and_both_sides_are_told_why() {
 /// session runs end to end through both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_two_brokers_the_home_brokers_join_the_halves() {
-    let net = micromsg_tests::TestNetwork::start(
-        Backend::Sqlite,
-        &[("x", &["555"]), ("y", &["556"])],
-        |_, _| {},
-    )
-    .await;
-    net.wait_linked().await;
+    let net = two_brokers().await;
     let a = register(net.broker(0), "a").await;
     let b = register(net.broker(1), "b").await;
     let (b_agent, mut b_rx) = online(&b, unreachable_target()).await;
     let (a_agent, mut a_rx) = online(&a, agents::config(AcceptPolicy::Any)).await;
-    let reply = a_agent
-        .command(Command::ContactAdd {
-            number: b.number.clone(),
-            wait_secs: None,
-        })
-        .await
-        .expect("contact add across brokers");
+    let reply = add(&a_agent, &b, "contact add across brokers").await;
     assert!(
         matches!(
             &reply.detail,
@@ -390,50 +387,10 @@ async fn across_two_brokers_the_home_brokers_join_the_halves() {
 /// the caller's (`RelayWaiting`), whose client stops waiting for the direct path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_two_brokers_a_target_that_asks_first_gets_the_relay_at_once() {
-    let net = micromsg_tests::TestNetwork::start(
-        Backend::Sqlite,
-        &[("x", &["555"]), ("y", &["556"])],
-        |_, _| {},
-    )
-    .await;
-    net.wait_linked().await;
+    let net = two_brokers().await;
     let a = register(net.broker(0), "a").await;
     let b = register(net.broker(1), "b").await;
-    let silent = Hanging::new().await;
-    let (b_agent, mut b_rx) = online(
-        &b,
-        AgentConfig {
-            reach: Reach::Relay,
-            advertise: Some(silent.addr.to_string()),
-            ..agents::config(AcceptPolicy::Any)
-        },
-    )
-    .await;
-    let (a_agent, mut a_rx) = online(
-        &a,
-        AgentConfig {
-            direct_timeout: Duration::from_secs(20),
-            ..agents::config(AcceptPolicy::Any)
-        },
-    )
-    .await;
-    let started_at = Instant::now();
-    a_agent
-        .command(Command::ContactAdd {
-            number: b.number.clone(),
-            wait_secs: None,
-        })
-        .await
-        .expect("contact add");
-    assert_eq!(started(&mut a_rx, &b.number).await, Path::Relay);
-    assert_eq!(started(&mut b_rx, &a.number).await, Path::Relay);
-    let took = started_at.elapsed();
-    assert!(
-        took < Duration::from_secs(5),
-        "the caller waited {took:?} for the direct path"
-    );
-    a_agent.stop().await.unwrap();
-    b_agent.stop().await.unwrap();
+    target_first_gets_the_relay_at_once(&a, &b).await;
 }
 
 /// The target asks for the relay (it believes it is behind a NAT) but can in fact be reached:
@@ -443,13 +400,7 @@ async fn across_two_brokers_a_target_that_asks_first_gets_the_relay_at_once() {
 /// handshake already under way when RELAY-WAITING came, and the relayed INIT was refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_asks_for_the_relay_but_is_reachable_gets_one_session() {
-    let net = micromsg_tests::TestNetwork::start(
-        Backend::Sqlite,
-        &[("x", &["555"]), ("y", &["556"])],
-        |_, _| {},
-    )
-    .await;
-    net.wait_linked().await;
+    let net = two_brokers().await;
     for round in 0..3 {
         let a = register(net.broker(0), &format!("a{round}")).await;
         let b = register(net.broker(1), &format!("b{round}")).await;
@@ -462,13 +413,7 @@ async fn a_target_that_asks_for_the_relay_but_is_reachable_gets_one_session() {
         )
         .await;
         let (a_agent, mut a_rx) = online(&a, agents::config(AcceptPolicy::Any)).await;
-        a_agent
-            .command(Command::ContactAdd {
-                number: b.number.clone(),
-                wait_secs: None,
-            })
-            .await
-            .expect("contact add");
+        add(&a_agent, &b, "contact add").await;
         started(&mut a_rx, &b.number).await;
         started(&mut b_rx, &a.number).await;
         a_agent
