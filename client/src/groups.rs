@@ -99,6 +99,9 @@ pub enum Change {
     Leave,
     /// Renames the group.
     Rename(String),
+    /// The author moved to this new number (protocol.md 12.13): same place in the member
+    /// list, same key.
+    Move(String),
 }
 
 impl Change {
@@ -253,6 +256,7 @@ impl TryFrom<Raw> for Op {
             "remove" => Change::Remove(check_number(raw.member)?),
             "leave" => Change::Leave,
             "rename" => Change::Rename(check_name(raw.name)?),
+            "move" => Change::Move(check_number(raw.member)?),
             other => return bad(format!("unknown control op {other:?}")),
         };
         Ok(Self {
@@ -295,6 +299,7 @@ impl From<Op> for Raw {
             Change::Remove(m) => raw.member = Some(m),
             Change::Leave => {}
             Change::Rename(name) => raw.name = Some(name),
+            Change::Move(new) => raw.member = Some(new),
         }
         raw
     }
@@ -588,6 +593,16 @@ pub fn fold(group: &str, ops: &[Op]) -> Folded {
             }
             Change::Rename(name) => {
                 s.name = name.clone();
+                s.version += 1;
+            }
+            Change::Move(new) if !s.is_member(new) => {
+                for m in &mut s.members {
+                    if *m == op.author {
+                        m.clone_from(new);
+                    }
+                }
+                s.keys.remove(&op.author);
+                s.keys.insert(new.clone(), author_key);
                 s.version += 1;
             }
             _ => {}

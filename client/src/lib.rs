@@ -25,6 +25,8 @@ pub mod groups;
 pub mod inbox;
 pub mod keys;
 pub mod link;
+pub mod move_account;
+pub mod moving;
 pub mod outbox;
 pub mod p2p;
 pub mod profile;

@@ -161,6 +161,25 @@ pub(super) enum Command {
     /// is a group id or an unambiguous prefix of one (see `group list`).
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Move this entity to another broker, with a new number there, keeping the identity key
+    /// (so contacts keep the same pinned key and safety number). In order: fetches what waits
+    /// in the old inbox; registers at the new broker; tells every contact (live, or through
+    /// its inbox at the old broker) with a notice signed by the identity key, and every group
+    /// with a signed op; then switches this profile to the new broker. Contacts follow by
+    /// themselves; the broker-level contact pair is set up again automatically the next time
+    /// both are online. Stop a running `listen` or `chat` first. Interrupted after the
+    /// registration, run it again: it picks up the account it registered.
+    Move {
+        /// The new broker's HOST:PORT.
+        #[arg(long)]
+        broker: String,
+        /// CA certificate to trust for the new broker (its DATA_DIR/tls/ca.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Registration token, if the new broker requires one.
+        #[arg(long)]
+        token: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
