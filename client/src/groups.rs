@@ -1061,6 +1061,44 @@ mod tests {
     }
 
     #[test]
+    fn a_move_op_puts_the_new_number_in_the_authors_place_with_its_key() {
+        let mut g = Group::new(&gid());
+        g.merge(vec![create()], none);
+        let moved = op(2, B, Change::Move("2002".into()));
+        // It goes over the wire and back unchanged (and still verifies).
+        let frame = Frame {
+            group: gid(),
+            payload: Payload::Op(Box::new(moved.clone())),
+        };
+        assert_eq!(Frame::decode(&frame.encode()).unwrap(), frame);
+        let merged = g.merge(vec![moved], none);
+        assert!(merged.refused.is_empty(), "{merged:?}");
+        assert_eq!(g.state.members, [A, "2002", C]);
+        assert_eq!(g.state.key_of("2002"), Some(&k(B).public_key()));
+        assert_eq!(g.state.key_of(B), None);
+        assert_eq!(g.state.version, 2);
+        // The member goes on under the new number, with the same key.
+        let mut rename = Op {
+            id: new_id(),
+            lamport: 3,
+            author: "2002".into(),
+            change: Change::Rename("h".into()),
+            sig: [0; 64],
+        };
+        rename.sig = signing::sign(&k(B), &gid(), &rename);
+        let merged = g.merge(vec![rename], none);
+        assert!(merged.refused.is_empty(), "{merged:?}");
+        assert_eq!((g.state.name.as_str(), g.state.version), ("h", 3));
+        // Nobody moves another member: C's op naming B's place is signed by C, not by B, and
+        // moves C itself, never B.
+        let mut forged = op(4, C, Change::Move("3003".into()));
+        forged.author = "2002".into();
+        let merged = g.merge(vec![forged], none);
+        assert_eq!(merged.refused.len(), 1);
+        assert_eq!(g.state.members, [A, "2002", C]);
+    }
+
+    #[test]
     fn early_messages_are_bounded_in_count_and_age() {
         let mut held = EarlyMessages::new(2, 60);
         assert!(held.hold(early("g1", A, "one", 100), 100).is_empty());
