@@ -1070,7 +1070,10 @@ mod tests {
             group: gid(),
             payload: Payload::Op(Box::new(moved.clone())),
         };
-        assert_eq!(Frame::decode(&frame.encode()).unwrap(), frame);
+        assert_eq!(
+            Frame::decode(&frame.encode()).expect("a move op decodes"),
+            frame
+        );
         let merged = g.merge(vec![moved], none);
         assert!(merged.refused.is_empty(), "{merged:?}");
         assert_eq!(g.state.members, [A, "2002", C]);
