@@ -89,6 +89,14 @@ impl Agent {
             ))));
             return;
         }
+        // One side moved (protocol 12.13): the brokers hold no contact pair for these numbers
+        // yet, so a deposit would be refused; ask for a session (INITIATE-NEW) first.
+        if matches!(self.store.contact(&to), Ok(Some(c)) if c.repair)
+            && !self.config.offline_after.is_zero()
+        {
+            self.initiate(to, Some(text), reply, false, None).await;
+            return;
+        }
         match self.store.load_session(&to) {
             Ok(Some(_)) => {
                 let r = self.send_text(&to, &text).await;
