@@ -3,7 +3,8 @@
 //! C's clients follow the signed notice (same name, pinned key, safety number and history),
 //! the brokers' contact pair is set up again with no request for anyone to accept, and
 //! messages flow both ways again, live and offline; the group keeps working. A notice signed
-//! with another key is refused and shown, and changes nothing.
+//! with another key is refused and shown, and changes nothing. The `move` command line, run as
+//! a child process, prints its documented object and switches the profile.
 
 use std::time::Duration;
 
@@ -402,4 +403,84 @@ async fn a_forged_notice_is_refused_and_changes_nothing() {
     assert_eq!(store_b.contact(&moved.new).unwrap().unwrap(), after);
     ob.stop().await.unwrap();
     broker.stop().await;
+}
+
+/// The `move` command line, run as a user runs it (the real client binary, `--json`): it
+/// prints its documented object, switches the profile, and the contact follows; a second
+/// `move` to the same broker is refused with the one error shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_move_command_line_switches_the_profile_and_the_contact_follows() {
+    let x = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let z = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&x, "a").await;
+    let b = register(&x, "b").await;
+    let (oa, _a_rx) = online(&a, AcceptPolicy::Any).await;
+    let (ob, _b_rx) = online(&b, AcceptPolicy::Any).await;
+    let reply = contact_add(&oa, &b.number).await;
+    assert!(reply.ok, "{reply:?}");
+    oa.stop().await.unwrap();
+    ob.stop().await.unwrap();
+
+    let client = env!("CARGO_BIN_EXE_micromsg-test-client");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(client)
+            .arg("--json")
+            .arg("--profile")
+            .arg(a.profile.dir())
+            .args(args)
+            .env_remove("MICROMSG_PROFILE")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let value: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: not one JSON object ({e}): {stdout}"));
+        (out.status.success(), value)
+    };
+    let ca = z.ca.to_str().unwrap();
+    let (ok, moved) =
+        tokio::task::block_in_place(|| run(&["move", "--broker", z.addr.as_str(), "--ca", ca]));
+    assert!(ok, "{moved}");
+    let mut keys: Vec<&str> = moved
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "broker",
+            "fetched",
+            "groups",
+            "notified",
+            "number",
+            "old_number",
+            "warnings"
+        ]
+    );
+    let new = moved["number"].as_str().unwrap().to_owned();
+    assert_eq!(moved["old_number"], a.number.as_str());
+    assert_ne!(new, a.number);
+    assert_eq!(moved["broker"], z.addr.as_str());
+    assert_eq!(moved["notified"][&b.number], "deposited");
+    let (ok, whoami) = tokio::task::block_in_place(|| run(&["whoami"]));
+    assert!(ok, "{whoami}");
+    assert_eq!(
+        (&whoami["number"], &whoami["broker"]),
+        (&serde_json::json!(new), &serde_json::json!(z.addr))
+    );
+    let (ok, again) =
+        tokio::task::block_in_place(|| run(&["move", "--broker", z.addr.as_str(), "--ca", ca]));
+    assert!(!ok);
+    assert!(
+        again["error"].as_str().unwrap().contains("already uses"),
+        "{again}"
+    );
+
+    let (ob, mut b_rx) = online(&b, AcceptPolicy::Ask).await;
+    assert_eq!(followed(&mut b_rx, &a.number).await, new);
+    ob.stop().await.unwrap();
+    x.stop().await;
+    z.stop().await;
 }
