@@ -489,13 +489,14 @@ impl Store {
         let number = valid(number)?;
         let _guard = self.lock();
         let mut contacts = self.read_contacts()?;
+        let new = !contacts.contains_key(number);
         let contact = contacts
             .entry(number.to_owned())
             .or_insert_with(|| Contact::new(now_unix));
         let before = contact.clone();
         change(contact);
         let after = contact.clone();
-        if after != before || !self.dir().join(CONTACTS).exists() {
+        if new || after != before || !self.dir().join(CONTACTS).exists() {
             self.write_contacts(&contacts)?;
         }
         Ok(after)

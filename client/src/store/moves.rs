@@ -200,3 +200,142 @@ pub fn safety_number_with(
         None => safety_number(own_number, own_identity, peer_number, peer_identity),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use micromsg_crypto::Secret32;
+    use micromsg_crypto::identity::IdentityKey;
+
+    use super::*;
+    use crate::profile::{Profile, ProfileInfo};
+    use crate::store::{Direction, Entry};
+
+    fn key(byte: u8) -> IdentityPublicKey {
+        IdentityKey::from_seed(&Secret32::from_bytes([byte; 32])).public_key()
+    }
+
+    fn entry(text: &str, counter: u64) -> Entry {
+        Entry {
+            direction: Direction::In,
+            time: 1,
+            text: text.into(),
+            session: [1; 16],
+            counter,
+            offline: false,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::new(dir.path());
+        profile
+            .write_info(&ProfileInfo {
+                broker: "x:7400".into(),
+                tls_name: "x".into(),
+                number: "5550009".into(),
+                device: 1,
+                nonce_step: 6,
+                broker_identity: None,
+            })
+            .unwrap();
+        (dir, Store::new(&profile))
+    }
+
+    #[test]
+    fn a_followed_move_keeps_name_pin_history_and_safety_number() {
+        let (_dir, store) = store();
+        store.pin_identity("5550001", &key(1), 10).unwrap();
+        store.set_name("5550001", Some("Bob"), 10).unwrap();
+        store.append_history("5550001", &entry("one", 0)).unwrap();
+        let own = key(9);
+        let before = safety_number_with(
+            "5550009",
+            &own,
+            "5550001",
+            &key(1),
+            store.contact("5550001").unwrap().as_ref(),
+        )
+        .unwrap();
+
+        let moved = store.follow_move("5550001", "5560002", 100).unwrap();
+        assert_eq!(moved.name.as_deref(), Some("Bob"));
+        assert_eq!(moved.identity, Some(key(1)));
+        assert_eq!((moved.moved_at, moved.repair), (Some(100), true));
+        assert_eq!(moved.former, ["5550001"]);
+        assert!(store.contact("5550001").unwrap().is_none());
+        assert_eq!(store.read_history("5560002").unwrap(), [entry("one", 0)]);
+        assert!(store.read_history("5550001").unwrap().is_empty());
+        let after = safety_number_with(
+            "5550009",
+            &own,
+            "5560002",
+            &key(1),
+            store.contact("5560002").unwrap().as_ref(),
+        )
+        .unwrap();
+        assert_eq!(after, before);
+        store.repaired("5560002", 101).unwrap();
+        assert!(!store.contact("5560002").unwrap().unwrap().repair);
+    }
+
+    #[test]
+    fn history_already_under_the_new_number_is_kept_after_the_old() {
+        let (_dir, store) = store();
+        store.pin_identity("5550001", &key(1), 10).unwrap();
+        store.append_history("5550001", &entry("old", 0)).unwrap();
+        store.append_history("5560002", &entry("new", 1)).unwrap();
+        store.follow_move("5550001", "5560002", 100).unwrap();
+        let texts: Vec<String> = store
+            .read_history("5560002")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(texts, ["old", "new"]);
+    }
+
+    #[test]
+    fn a_move_onto_a_contact_with_another_key_or_from_an_unpinned_one_changes_nothing() {
+        let (_dir, store) = store();
+        store.pin_identity("5550001", &key(1), 10).unwrap();
+        store.pin_identity("5560002", &key(2), 10).unwrap();
+        store.append_history("5550001", &entry("kept", 0)).unwrap();
+        let contacts = store.contacts().unwrap();
+        assert!(matches!(
+            store.follow_move("5550001", "5560002", 100),
+            Err(FollowError::KeyConflict { .. })
+        ));
+        store.add_contact("5550003", 10).unwrap();
+        assert!(matches!(
+            store.follow_move("5550003", "5560004", 100),
+            Err(FollowError::NotAContact(_))
+        ));
+        assert_eq!(store.contacts().unwrap(), contacts_with(&contacts, &store));
+        assert_eq!(store.read_history("5550001").unwrap(), [entry("kept", 0)]);
+    }
+
+    /// `before` plus the contact added in between (the refusals change nothing else).
+    fn contacts_with(
+        before: &std::collections::BTreeMap<String, Contact>,
+        store: &Store,
+    ) -> std::collections::BTreeMap<String, Contact> {
+        let mut all = before.clone();
+        all.insert("5550003".into(), store.contact("5550003").unwrap().unwrap());
+        all
+    }
+
+    #[test]
+    fn the_mover_keeps_its_old_number_for_the_safety_numbers_and_re_pairs_every_contact() {
+        let (_dir, store) = store();
+        store.pin_identity("5550001", &key(1), 10).unwrap();
+        store.add_contact("5550003", 10).unwrap();
+        assert_eq!(store.moved_self("5550009").unwrap(), 1);
+        let c = store.contact("5550001").unwrap().unwrap();
+        assert_eq!(
+            (c.safety_as, c.repair),
+            (Some(("5550009".into(), "5550001".into())), true)
+        );
+        assert!(!store.contact("5550003").unwrap().unwrap().repair);
+    }
+}
