@@ -11,9 +11,10 @@
 //!    while still logged in at the OLD broker, which can reach them) and a `move` op to every
 //!    group;
 //! 4. mark every contact for a new broker-level contact pair and keep the safety numbers;
-//! 5. put the staged profile in place (`ca.pem`, `secrets.toml`, then `profile.toml`, each
+//! 5. put the staged profile in place (`secrets.toml`, `ca.pem`, then `profile.toml`, each
 //!    replaced atomically; `profile.toml` last, so the profile names the new broker only once
-//!    everything it needs is there), then remove the stage.
+//!    everything it needs is there), then remove the stage. A crash in the middle of this step
+//!    is finished by the next `move`: it finds the staged secrets already in place.
 
 use std::path::Path;
 
@@ -106,6 +107,11 @@ pub async fn move_to(
     mut progress: impl FnMut(Step),
 ) -> Result<MoveDone, MoveError> {
     let old = profile.info().map_err(AccountError::from)?;
+    let stage = Profile::new(profile.path(STAGE));
+    if let Some(done) = finish_interrupted_switch(profile, &stage, &old)? {
+        progress(Step::Switching);
+        return Ok(done);
+    }
     if old.broker == broker {
         return Err(MoveError::SameBroker(broker.to_owned()));
     }
@@ -117,7 +123,6 @@ pub async fn move_to(
     }
     let secrets = profile.secrets().map_err(AccountError::from)?;
     let identity = IdentityKey::from_seed(&secrets.identity_seed);
-    let stage = Profile::new(profile.path(STAGE));
 
     let (notices_tx, notices_rx) = mpsc::channel(64);
     let collector = tokio::spawn(collect_warnings(notices_rx));
@@ -216,6 +221,44 @@ pub async fn move_to(
     })
 }
 
+/// A move interrupted while the profile was being switched (the staged secrets are in place,
+/// `profile.toml` may or may not be): the contacts were told then, so only the switch is
+/// finished. `None` when there is no such move.
+fn finish_interrupted_switch(
+    profile: &Profile,
+    stage: &Profile,
+    current: &ProfileInfo,
+) -> Result<Option<MoveDone>, MoveError> {
+    let staged = match stage.info() {
+        Ok(info) => info,
+        Err(ProfileError::Missing(_)) => return Ok(None),
+        Err(e) => return Err(AccountError::from(e).into()),
+    };
+    let staged_secrets = stage.secrets().map_err(AccountError::from)?;
+    let secrets = profile.secrets().map_err(AccountError::from)?;
+    // Secret32's equality is constant-time.
+    if secrets.client_secret != staged_secrets.client_secret {
+        return Ok(None);
+    }
+    switch(profile, stage)?;
+    Ok(Some(MoveDone {
+        old_number: current.number.clone(),
+        new_number: staged.number.clone(),
+        broker: staged.broker.clone(),
+        fetched: 0,
+        report: MoveReport {
+            new_number: staged.number,
+            notified: std::collections::BTreeMap::new(),
+            groups: Vec::new(),
+        },
+        warnings: vec![
+            "finished a move that was interrupted while switching this profile; the contacts \
+             and groups were told before"
+                .into(),
+        ],
+    }))
+}
+
 /// The notice for a move from `old` to `new`, signed at `now`.
 fn notice_for(old: &ProfileInfo, new: &ProfileInfo, now: u64) -> Result<Moved, MoveError> {
     let key_hex = new.broker_identity.as_deref().unwrap_or_default();
@@ -234,20 +277,22 @@ fn notice_for(old: &ProfileInfo, new: &ProfileInfo, now: u64) -> Result<Moved, M
     })
 }
 
-/// Puts the staged profile in place: the CA and the secrets first, `profile.toml` last (it
-/// names the broker the rest belongs to), then removes the stage.
+/// Puts the staged profile in place: the secrets, the CA, then `profile.toml` (it names the
+/// broker the rest belongs to), then removes the stage.
 fn switch(profile: &Profile, stage: &Profile) -> Result<(), MoveError> {
     let read = |name: &str| {
         let path = stage.path(name);
         std::fs::read(&path).map_err(|source| ProfileError::Io { path, source })
     };
-    let ca = read("ca.pem").map_err(AccountError::from)?;
-    profile
-        .write_atomic("ca.pem", &ca, false)
-        .map_err(AccountError::from)?;
+    // The secrets first: once they are in place, a later `move` knows the switch began (and
+    // the old broker's CA is still there for everything before).
     let secrets = stage.secrets().map_err(AccountError::from)?;
     profile
         .write_secrets(&secrets)
+        .map_err(AccountError::from)?;
+    let ca = read("ca.pem").map_err(AccountError::from)?;
+    profile
+        .write_atomic("ca.pem", &ca, false)
         .map_err(AccountError::from)?;
     let info = stage.info().map_err(AccountError::from)?;
     profile.write_info(&info).map_err(AccountError::from)?;

@@ -484,3 +484,35 @@ async fn the_move_command_line_switches_the_profile_and_the_contact_follows() {
     x.stop().await;
     z.stop().await;
 }
+
+/// A move interrupted while it switched the profile (the new secrets in place, `profile.toml`
+/// still naming the old broker): the next `move` finishes the switch, and the profile logs in
+/// at the new broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_interrupted_while_switching_is_finished_by_the_next() {
+    let x = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let z = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&x, "a").await;
+    // What step 2 staged: an account at Z; then the crash after the secrets were written.
+    let stage = micromsg_client::profile::Profile::new(a.profile.path(STAGE));
+    let staged = account::register(&stage, &z.addr, &z.ca, None)
+        .await
+        .unwrap()
+        .info;
+    a.profile.write_secrets(&stage.secrets().unwrap()).unwrap();
+    assert_eq!(a.profile.info().unwrap().number, a.number);
+
+    let done = move_to(&a.profile, &z.addr, &z.ca, None, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.old_number.as_str(), done.new_number.as_str()),
+        (a.number.as_str(), staged.number.as_str())
+    );
+    assert_eq!(a.profile.info().unwrap(), staged);
+    assert!(!a.profile.path(STAGE).exists());
+    let session = account::connect(&a.profile).await.unwrap();
+    assert_eq!(session.info.number, staged.number);
+    x.stop().await;
+    z.stop().await;
+}
