@@ -83,8 +83,10 @@ impl Agent {
                 return;
             }
         };
-        // The broker's copy of a notice already followed arrives under the new number.
-        if moved.new == peer && last.is_some_and(|t| moved.time <= t) {
+        // A move already followed: the broker's copy of its notice, or the notice sent again by
+        // a `move` that was interrupted and run again; it arrives under the new number.
+        let former = contact.as_ref().is_some_and(|c| c.former.contains(&moved.old));
+        if moved.new == peer && former {
             return;
         }
         if let Err(e) = moved.check_for(peer, last) {
