@@ -27,6 +27,7 @@ pub mod keys;
 pub mod link;
 pub mod outbox;
 pub mod p2p;
+pub mod portable;
 pub mod profile;
 pub mod relay;
 pub mod store;
