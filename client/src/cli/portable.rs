@@ -87,12 +87,13 @@ pub(super) fn import(
         Zeroizing::new(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?);
     // A file that is not an export, is damaged or is of a newer version is told before the
     // passphrase is asked.
-    format::read_header(&bytes)?;
+    format::read_header(&bytes).map_err(nothing_written)?;
     let passphrase = passphrase(false)?;
     if !json {
         eprintln!("decrypting {}…", file.display());
     }
-    let summary = portable::import(&bytes, &passphrase, limits, profile)?;
+    let summary =
+        portable::import(&bytes, &passphrase, limits, profile).map_err(nothing_written)?;
     let info = profile.info()?;
     if json {
         outln!(
@@ -120,6 +121,11 @@ pub(super) fn import(
         );
     }
     Ok(())
+}
+
+/// A refused import's error, saying that the target was left as it was.
+fn nothing_written(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{e}; nothing was written")
 }
 
 /// The passphrase: `MICROMSG_PASSPHRASE` when set, else asked on the terminal without echo

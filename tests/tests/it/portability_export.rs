@@ -212,6 +212,7 @@ async fn an_imported_device_keeps_talking_to_its_contact_live_and_offline() {
         Some("not the passphrase at all"),
     );
     assert!(why.contains("wrong passphrase"), "{why}");
+    assert!(why.ends_with("nothing was written"), "{why}");
     let mut damaged = bytes.clone();
     let middle = damaged.len() / 2;
     damaged[middle] ^= 0x04;
