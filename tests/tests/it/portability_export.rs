@@ -61,6 +61,29 @@ fn error(profile: &Path, args: &[&str], passphrase: Option<&str>) -> String {
     value["error"].as_str().unwrap().to_owned()
 }
 
+/// The keys of a JSON object, which must be exactly `keys` (docs/cli.md).
+fn has_keys(value: &Value, keys: &[&str]) {
+    let mut got: Vec<&str> = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    got.sort_unstable();
+    let mut want = keys.to_vec();
+    want.sort_unstable();
+    assert_eq!(got, want, "{value}");
+}
+
+const COUNTS: [&str; 6] = [
+    "files",
+    "bytes",
+    "contacts",
+    "conversations",
+    "groups",
+    "outbox",
+];
+
 /// The names in `dir`, sorted.
 fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -173,6 +196,10 @@ async fn an_imported_device_keeps_talking_to_its_contact_live_and_offline() {
     // A (no agent running) exports.
     let file = dir.path().join("a.mmdx");
     let exported = object(&a, &["export", "--out", file.to_str().unwrap()]);
+    has_keys(
+        &exported,
+        &[&["file", "number", "device"][..], &COUNTS].concat(),
+    );
     assert_eq!(exported["number"], a_number.as_str(), "{exported}");
     assert_eq!(exported["contacts"], 1, "{exported}");
     assert_eq!(exported["conversations"], 1, "{exported}");
@@ -246,7 +273,13 @@ async fn an_imported_device_keeps_talking_to_its_contact_live_and_offline() {
 
     // The import.
     let imported = object(&a2, &["import", file_arg]);
+    has_keys(
+        &imported,
+        &[&["profile", "number", "device"][..], &COUNTS].concat(),
+    );
     assert_eq!(imported["number"], a_number.as_str(), "{imported}");
+    assert_eq!(imported["files"], exported["files"], "{imported}");
+    assert_eq!(imported["bytes"], exported["bytes"], "{imported}");
     assert_eq!(imported["contacts"], 1, "{imported}");
     assert_eq!(imported["groups"], 1, "{imported}");
     {
