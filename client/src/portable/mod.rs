@@ -3,8 +3,9 @@
 //! keys, groups, history, the inbox state, the outbox, settings) into one passphrase-encrypted
 //! file; `micromsg import` restores it into a new profile directory (protocol.md 13.5).
 //!
-//! - [`format`]: the file, sans-IO (Argon2id, ChaCha20-Poly1305, the container).
-//! - [`files`]: the profile directory at the edge: snapshot, atomic restore, the export file.
+//! - [`format`](mod@format): the file, sans-IO (Argon2id, ChaCha20-Poly1305, the container).
+//! - [`files`](mod@files): the profile directory at the edge: snapshot, atomic restore, the
+//!   export file.
 //!
 //! The imported profile IS the exported device (the same client and server secrets, the same
 //! session counters): the old copy must not run again, or the two would log in as one device
