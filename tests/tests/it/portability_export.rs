@@ -339,3 +339,117 @@ async fn an_imported_device_keeps_talking_to_its_contact_live_and_offline() {
         "{b_contacts}"
     );
 }
+
+/// A profile directory made with the client library: `export` needs no broker.
+fn offline_profile(dir: &Path) {
+    use micromsg_client::profile::{Profile, ProfileInfo, Secrets};
+    let profile = Profile::new(dir);
+    profile
+        .write_info(&ProfileInfo {
+            broker: "127.0.0.1:7400".into(),
+            tls_name: "127.0.0.1".into(),
+            number: "5550001".into(),
+            device: 1,
+            nonce_step: 6,
+            broker_identity: None,
+        })
+        .unwrap();
+    let secret = |b| micromsg_crypto::Secret32::from_bytes([b; 32]);
+    profile
+        .write_secrets(&Secrets {
+            client_secret: secret(1),
+            server_secret: secret(2),
+            identity_seed: secret(3),
+        })
+        .unwrap();
+}
+
+/// Runs `export` on a terminal of its own (`script` gives it a pseudo-terminal) and types
+/// `answers` at its prompts, each once the prompt is shown: its success and what the
+/// terminal showed.
+async fn export_on_a_terminal(profile: &Path, out: &Path, answers: [&str; 2]) -> (bool, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+    let command = format!(
+        "{} --profile {} export --out {}",
+        quote(&client_binary()),
+        quote(profile),
+        quote(out)
+    );
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("MICROMSG_PASSPHRASE")
+        .env_remove("MICROMSG_PROFILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("`script` (util-linux) runs the command on a pseudo-terminal");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut shown = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for (prompt, answer) in [
+        "passphrase for the export file:",
+        "the same passphrase again:",
+    ]
+    .into_iter()
+    .zip(answers)
+    {
+        while !String::from_utf8_lossy(&shown).contains(prompt) {
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout_at(deadline, stdout.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| panic!("no prompt {prompt:?} within 30 s: {shown:?}"))
+                .unwrap();
+            assert!(n > 0, "the terminal closed before {prompt:?}");
+            shown.extend_from_slice(&chunk[..n]);
+        }
+        stdin
+            .write_all(format!("{answer}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout_at(deadline, stdout.read_to_end(&mut shown))
+        .await
+        .expect("export did not end within 30 s")
+        .unwrap();
+    let status = child.wait().await.unwrap();
+    (
+        status.success(),
+        String::from_utf8_lossy(&shown).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_the_passphrase_is_asked_twice_and_must_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("p");
+    offline_profile(&profile);
+    let out = dir.path().join("p.mmdx");
+
+    let (ok, shown) = export_on_a_terminal(
+        &profile,
+        &out,
+        ["first passphrase typed", "second passphrase typed"],
+    )
+    .await;
+    assert!(!ok, "{shown}");
+    assert!(shown.contains("the two passphrases differ"), "{shown}");
+    assert!(!out.exists(), "a refused export writes no file");
+
+    let typed = "the passphrase typed twice";
+    let (ok, shown) = export_on_a_terminal(&profile, &out, [typed, typed]).await;
+    assert!(ok, "{shown}");
+    assert!(shown.contains("exported number 5550001"), "{shown}");
+    // What was typed opens the file.
+    let (ok, stdout, stderr) = run_with(
+        &dir.path().join("q"),
+        &["import", out.to_str().unwrap()],
+        Some(typed),
+    );
+    assert!(ok, "{stdout} {stderr}");
+    let imported: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(imported["number"], "5550001", "{imported}");
+}
