@@ -291,6 +291,11 @@ fn the_export_file_matches_the_protocol_vector() {
         open(&file, b"correct horse battery staple", KdfLimits::default()).unwrap(),
         snapshot
     );
+    // protocol.md 13.5 shows these very lines.
+    let doc = include_str!("../../../docs/protocol.md");
+    for line in VECTOR.lines() {
+        assert!(doc.contains(line.trim()), "protocol.md lacks {line}");
+    }
 }
 
 /// The file of the protocol vector: header (80 bytes), ciphertext and tag, digest; 64 hex
