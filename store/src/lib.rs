@@ -40,8 +40,11 @@ mod entities;
 mod error;
 mod federation;
 mod inbox;
+pub mod migrate;
+pub mod portable;
 mod social;
 mod sweep;
+pub mod tables;
 mod types;
 
 use std::fmt;
