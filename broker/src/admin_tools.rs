@@ -402,11 +402,10 @@ pub async fn migrate_store(config: &Config, to: &str, batch_rows: usize) -> anyh
         .context("connecting to the Postgres database given by --to")?;
     eprintln!("migrate-store: copying {} into Postgres", path.display());
     let mut meter = Meter::new(Instant::now(), PROGRESS_EVERY);
-    let mut current = "";
     let outcome = migrate(&source, &target, batch_rows, |p: &MigrateProgress| {
         let now = Instant::now();
-        if meter.due(now) || (p.table != current && p.done == p.total) {
-            current = p.table;
+        // About once a second, and at the end of every table.
+        if meter.due(now) || p.done == p.total {
             eprintln!(
                 "migrate-store: {:<20} {:>9} of {:>9} rows ({} rows/s overall)",
                 p.table,

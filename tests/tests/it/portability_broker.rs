@@ -201,6 +201,37 @@ async fn import_refuses_a_damaged_file_and_a_newer_format_before_writing() {
         path(&file),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // An entity that is not there: an error, and no file.
+    let missing = dir.path().join("missing.export");
+    let out = broker_command(&[
+        "export",
+        "--config",
+        path(&config),
+        "--entity",
+        "123456789",
+        "--out",
+        path(&missing),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no entity 123456789 at this broker"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!missing.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("partial"))
+            .count(),
+        0,
+        "no partial file left behind"
+    );
     drop(a);
     let lines: Vec<String> = std::fs::read_to_string(&file)
         .unwrap()
@@ -343,6 +374,14 @@ async fn migrate_store_moves_10k_entities_and_100k_items_to_postgres_and_refuses
         text(&refused.stderr).contains("locked by a running process"),
         "{}",
         text(&refused.stderr)
+    );
+    // A second `serve` on the same data directory is refused by the same lock.
+    let second = broker_command(&["serve", "--config", path(&config)]);
+    assert!(!second.status.success());
+    assert!(
+        text(&second.stderr).contains("locked by a running process"),
+        "{}",
+        text(&second.stderr)
     );
     a.kill();
 
