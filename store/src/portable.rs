@@ -265,7 +265,7 @@ impl Store {
                         let per = super::tables::max_params(&self.backend) / columns.len();
                         let mut n = 0;
                         let mut filled: HashMap<(String, i64), i64> = HashMap::new();
-                        for chunk in rows.chunks(per.max(1)) {
+                        for chunk in super::tables::statements(&rows, per) {
                             let mut sql = super::tables::insert_sql(&self.backend, table, &columns, chunk.len());
                             let counts_inbox = table.name == "inbox_items";
                             if counts_inbox {

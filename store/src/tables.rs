@@ -325,6 +325,43 @@ impl Value {
 /// A row: one value per column of its table, in the table's column order.
 pub type Row = Vec<Value>;
 
+/// The most bytes of text and blobs one multi-row statement carries: inbox bodies may be up to
+/// a frame (64 KiB) each, and thousands of them in one statement would make statements of
+/// hundreds of megabytes.
+pub const MAX_STATEMENT_BYTES: usize = 16 << 20;
+
+/// The bytes of text and blobs in `row`.
+pub fn row_bytes<R: AsRef<[Value]>>(row: &R) -> usize {
+    row.as_ref()
+        .iter()
+        .map(|v| match v {
+            Value::Text(s) => s.len(),
+            Value::Blob(b) => b.len(),
+            _ => 8,
+        })
+        .sum()
+}
+
+/// `rows` cut into consecutive statements of at most `max_rows` rows and (past the first row
+/// of each) [`MAX_STATEMENT_BYTES`] bytes.
+pub(crate) fn statements<R: AsRef<[Value]>>(rows: &[R], max_rows: usize) -> Vec<&[R]> {
+    let max_rows = max_rows.max(1);
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let size = row_bytes(row);
+        if i > start && (i - start >= max_rows || bytes + size > MAX_STATEMENT_BYTES) {
+            out.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
 /// The most parameters one statement binds: SQLite's default `SQLITE_MAX_VARIABLE_NUMBER`
 /// (32,766), and Postgres' wire limit (65,535).
 pub(crate) fn max_params(backend: &Backend) -> usize {
@@ -486,7 +523,7 @@ impl Store {
             use super::PoolExt as _;
             let mut tx = pool.begin_write().await?;
             let mut inserted = 0;
-            for chunk in rows.chunks(per_statement) {
+            for chunk in statements(rows, per_statement) {
                 let sql = insert_sql(&self.backend, table, &columns, chunk.len());
                 let mut q = sqlx::query(&sql);
                 for row in chunk {
@@ -575,5 +612,41 @@ impl Store {
             }
         }
         Ok(drift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_cut_by_rows_and_by_bytes() {
+        let small: Vec<Row> = (0..10).map(|i| vec![Value::Int(i)]).collect();
+        let cuts: Vec<usize> = statements(&small, 4).iter().map(|s| s.len()).collect();
+        assert_eq!(cuts, [4, 4, 2]);
+        let big: Vec<Row> = (0..5)
+            .map(|_| vec![Value::Blob(vec![0; MAX_STATEMENT_BYTES / 2])])
+            .collect();
+        let cuts: Vec<usize> = statements(&big, 1000).iter().map(|s| s.len()).collect();
+        assert_eq!(cuts, [2, 2, 1], "16 MiB a statement");
+        let huge = vec![vec![Value::Blob(vec![0; MAX_STATEMENT_BYTES + 1])]];
+        assert_eq!(
+            statements(&huge, 10).len(),
+            1,
+            "a row larger than the cap goes alone"
+        );
+        assert!(statements::<Row>(&[], 10).is_empty());
+    }
+
+    #[test]
+    fn every_table_has_its_key_and_scope_columns() {
+        for t in TABLES {
+            for k in t.key {
+                assert!(t.column(k).is_some(), "{}.{k}", t.name);
+            }
+            if let Scope::Entity(owner) = t.scope {
+                assert!(t.column(owner).is_some(), "{}.{owner}", t.name);
+            }
+        }
     }
 }
