@@ -180,6 +180,46 @@ async fn export_then_import_on_a_postgres_broker_keeps_counts_logins_and_inboxes
     assert_eq!(bodies, ["first", "second", "third"]);
     login_at(&bob_profile, &b).await;
 
+    // A third store where alice's number is another entity: alice is reported and left
+    // alone (exit status 3), bob is imported.
+    let c_data = dir.path().join("c").join("data");
+    std::fs::create_dir_all(&c_data).unwrap();
+    let c_store = Store::open_sqlite(c_data.join("micromsg.db"))
+        .await
+        .unwrap();
+    let other = micromsg_store::NewDevice {
+        client_secret: [0xee; 32],
+        server_secret: [0xdd; 32],
+        name: None,
+    };
+    c_store
+        .create_entity(&to_alice, &other, 1_700_000_000)
+        .await
+        .unwrap();
+    let out = broker_command(&["import", "--data-dir", path(&c_data), path(&file)]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "NOT imported: 1 entities exist here with other data (left as they are): {}",
+            to_alice.as_str()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("imported 1 new entities"));
+    let kept = c_store
+        .device(&to_alice, DeviceId::new(1).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.client_secret, [0xee; 32], "not overwritten");
+    assert_eq!(
+        c_store.inbox_depth().await.unwrap(),
+        0,
+        "alice's inbox stayed out"
+    );
+    c_store.close().await;
+
     drop(alice);
     drop(b);
     drop_postgres_database(&url).await;
