@@ -307,6 +307,25 @@ async fn migrate_resumes(target: &Store) {
     source.close().await;
 }
 
+/// The other way: `source` (each backend) exported, imported into a new SQLite store, with the
+/// same counts of everything that moves, acknowledgements included.
+async fn export_from_either_backend(source: &Store) {
+    fill(source, 9).await;
+    let (target, _dir) = sqlite().await;
+    let report = target
+        .import_bundles(&export_all(source).await)
+        .await
+        .unwrap();
+    assert_eq!(report.entities_new, 9);
+    let (src, dst) = (counts(source).await, counts(&target).await);
+    for t in exported_tables() {
+        let of = |c: &[(&str, i64)]| c.iter().find(|(n, _)| *n == t.name).unwrap().1;
+        assert_eq!(of(&src), of(&dst), "{}", t.name);
+        assert!(of(&src) > 0, "{} has rows to move", t.name);
+    }
+    target.close().await;
+}
+
 async fn schema_is_covered(store: &Store) {
     let drift = store.schema_drift().await.unwrap();
     assert!(
@@ -315,9 +334,11 @@ async fn schema_is_covered(store: &Store) {
     );
 }
 
+/// Each case on a store of each backend (the import target, or for
+/// `export_from_either_backend` the source).
 macro_rules! on_both {
     ($($case:ident),*) => {
-        mod sqlite_target { $(
+        mod sqlite { $(
             #[tokio::test]
             async fn $case() {
                 let (store, _dir) = super::sqlite().await;
@@ -325,7 +346,7 @@ macro_rules! on_both {
                 store.close().await;
             }
         )* }
-        mod postgres_target { $(
+        mod postgres { $(
             #[tokio::test]
             async fn $case() {
                 let (store, url) = super::postgres().await;
@@ -341,5 +362,6 @@ on_both!(
     export_then_import,
     conflict_is_reported,
     migrate_resumes,
+    export_from_either_backend,
     schema_is_covered
 );
