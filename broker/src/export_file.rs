@@ -6,12 +6,12 @@
 //! ```text
 //! {"format":"micromsg-broker-export","version":1,"created_at":1764972000,"broker_id":"x"}
 //! {"table":"entities","row":{"created_at":1764900000,"next_device":3,"number":"5550001234"}}
-//! {"table":"devices","row":{"client_secret":"q83v…","device_id":1,"name":null,…}}
+//! {"table":"devices","row":{"client_secret":"q83v…","created_at":1764900000,"device_id":1,…}}
 //! …
 //! {"end":{"entities":1,"rows":9}}
 //! ```
 //!
-//! A `entities` row starts an entity; the rows after it, up to the next one, are that
+//! An `entities` row starts an entity; the rows after it, up to the next one, are that
 //! entity's (each names the entity in its owner column, which is checked). Bytes are base64
 //! (standard alphabet, padded). The `end` line counts entities and row lines: a file cut
 //! short has none, or the wrong counts. docs/operations.md ("Moving entities") specifies it.
@@ -83,8 +83,13 @@ pub enum Problem {
 
 /// The header line.
 pub fn encode_header(created_at: i64, broker_id: &str) -> String {
-    json!({"format": FORMAT, "version": VERSION, "created_at": created_at, "broker_id": broker_id})
-        .to_string()
+    // Written key by key so that `format` and `version` come first, as documented (a JSON
+    // object's order means nothing to a reader, but it does to a person with `head -1`).
+    format!(
+        r#"{{"format":{},"version":{VERSION},"created_at":{created_at},"broker_id":{}}}"#,
+        json!(FORMAT),
+        json!(broker_id)
+    )
 }
 
 /// A row line of `table`.
@@ -100,7 +105,12 @@ pub fn encode_row(table: &Table, row: &Row) -> String {
         };
         object.insert(c.name.to_owned(), value);
     }
-    json!({"table": table.name, "row": object}).to_string()
+    // `table` first, as documented (see `encode_header`).
+    format!(
+        r#"{{"table":{},"row":{}}}"#,
+        json!(table.name),
+        Json::Object(object)
+    )
 }
 
 /// The end line.
@@ -343,6 +353,27 @@ mod tests {
         assert_eq!(back[0].number, b.number);
         assert_eq!(back[0].rows_of("devices"), b.rows_of("devices"));
         assert_eq!(back[0].rows_of("entities"), b.rows_of("entities"));
+    }
+
+    #[test]
+    fn the_lines_are_as_documented() {
+        assert_eq!(
+            encode_header(1_764_972_000, "x"),
+            r#"{"format":"micromsg-broker-export","version":1,"created_at":1764972000,"broker_id":"x"}"#
+        );
+        let lines = encode_bundle(&bundle());
+        assert_eq!(
+            lines[0],
+            r#"{"table":"entities","row":{"created_at":1700000000,"next_device":2,"number":"5550001234"}}"#
+        );
+        assert!(
+            lines[1].starts_with(
+                r#"{"table":"devices","row":{"client_secret":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=","#
+            ),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(encode_end(3, 40), r#"{"end":{"entities":3,"rows":40}}"#);
     }
 
     #[test]
