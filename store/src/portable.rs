@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use subtle::ConstantTimeEq;
 
 use super::tables::{Column, Row, Scope, TABLES, Table, Value, bind_row, decode_row, names};
-use super::{PoolExt, Store, StoreError, bulk_rows, on_pool};
+use super::{Backend, PoolExt, Store, StoreError, bulk_rows, on_pool};
 
 /// One entity's rows: its `entities` row first, then its rows of each moved table, in
 /// [`TABLES`] order (inbox items before their acknowledgements).
@@ -238,14 +238,7 @@ impl Store {
                         let refs: Vec<&[Value]> = acks.iter().map(Vec::as_slice).collect();
                         let mut n = 0;
                         for chunk in refs.chunks(super::tables::max_params(&self.backend) / 4) {
-                            let sql = format!(
-                                "INSERT INTO inbox_acks (item_seq, device_id) \
-                                 SELECT i.seq, v.column4 FROM (VALUES {}) AS v \
-                                 JOIN inbox_items i ON i.recipient_number = v.column1 \
-                                 AND i.recipient_device = v.column2 AND i.id = v.column3 \
-                                 WHERE true ON CONFLICT DO NOTHING",
-                                bulk_rows(&self.backend, chunk.len(), 4)
-                            );
+                            let sql = insert_acks_sql(&self.backend, chunk.len());
                             let mut q = sqlx::query(&sql);
                             for k in chunk {
                                 q = bind_row!(q, ACK_KEY, k);
@@ -291,12 +284,7 @@ impl Store {
                         // Raise the quota counters by the items stored (they stay upper bounds).
                         let filled: Vec<_> = filled.into_iter().collect();
                         for chunk in filled.chunks(super::tables::max_params(&self.backend) / 3) {
-                            let sql = format!(
-                                "INSERT INTO inbox_counters (recipient_number, recipient_device, items) \
-                                 VALUES {} ON CONFLICT (recipient_number, recipient_device) \
-                                 DO UPDATE SET items = inbox_counters.items + excluded.items",
-                                bulk_rows(&self.backend, chunk.len(), 3)
-                            );
+                            let sql = raise_counters_sql(&self.backend, chunk.len());
                             let mut q = sqlx::query(&sql);
                             for ((number, device), items) in chunk {
                                 q = q.bind(number.as_str()).bind(*device).bind(*items);
@@ -314,6 +302,30 @@ impl Store {
         })?;
         Ok(report)
     }
+}
+
+/// Inserts `rows` acknowledgements given as [`ACK_KEY`]s: each finds its item's seq at the
+/// target by the item's key (`column1`… are the names both dialects give a `VALUES` list's
+/// columns; SQLite needs the `WHERE` to parse an upsert after a join).
+fn insert_acks_sql(backend: &Backend, rows: usize) -> String {
+    format!(
+        "INSERT INTO inbox_acks (item_seq, device_id) \
+         SELECT i.seq, v.column4 FROM (VALUES {}) AS v \
+         JOIN inbox_items i ON i.recipient_number = v.column1 \
+         AND i.recipient_device = v.column2 AND i.id = v.column3 \
+         WHERE true ON CONFLICT DO NOTHING",
+        bulk_rows(backend, rows, 4)
+    )
+}
+
+/// Adds to `rows` inboxes' quota counters `(number, device, items)` the items just stored.
+fn raise_counters_sql(backend: &Backend, rows: usize) -> String {
+    format!(
+        "INSERT INTO inbox_counters (recipient_number, recipient_device, items) \
+         VALUES {} ON CONFLICT (recipient_number, recipient_device) \
+         DO UPDATE SET items = inbox_counters.items + excluded.items",
+        bulk_rows(backend, rows, 3)
+    )
 }
 
 /// The columns of an acknowledgement's key as bound: the item's recipient number, recipient
