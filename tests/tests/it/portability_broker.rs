@@ -415,6 +415,11 @@ async fn migrate_store_moves_10k_entities_and_100k_items_to_postgres_and_refuses
         "{}",
         text(&refused.stderr)
     );
+    let untouched = Store::connect_postgres(&url, 1, micromsg_store::DEFAULT_STORE_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(untouched.entity_count().await.unwrap(), 0, "nothing copied");
+    untouched.close().await;
     // A second `serve` on the same data directory is refused by the same lock.
     let second = broker_command(&["serve", "--config", path(&config)]);
     assert!(!second.status.success());
