@@ -85,7 +85,9 @@ impl Agent {
         };
         // A move already followed: the broker's copy of its notice, or the notice sent again by
         // a `move` that was interrupted and run again; it arrives under the new number.
-        let former = contact.as_ref().is_some_and(|c| c.former.contains(&moved.old));
+        let former = contact
+            .as_ref()
+            .is_some_and(|c| c.former.contains(&moved.old));
         if moved.new == peer && former {
             return;
         }

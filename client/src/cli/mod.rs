@@ -30,6 +30,7 @@ macro_rules! outln {
 }
 
 mod args;
+mod portable;
 mod print;
 mod via_agent;
 
@@ -663,6 +664,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 outln!("device {id} revoked");
             }
+        }
+        Command::Export {
+            out,
+            kdf_memory_mib,
+            kdf_iterations,
+        } => {
+            let params = crate::portable::KdfParams {
+                memory_kib: kdf_memory_mib * 1024,
+                iterations: kdf_iterations,
+                parallelism: 1,
+            };
+            portable::export(&profile, &out, params, json)?;
+        }
+        Command::Import {
+            file,
+            max_kdf_memory_mib,
+            max_kdf_iterations,
+        } => {
+            let limits = crate::portable::KdfLimits {
+                max_memory_kib: max_kdf_memory_mib.saturating_mul(1024),
+                max_iterations: max_kdf_iterations,
+            };
+            portable::import(&profile, &file, limits, json)?;
         }
     }
     Ok(())

@@ -13,6 +13,8 @@ mod inbox;
 mod netns_relay;
 mod networked_sessions;
 mod offline;
+mod portability_broker;
+mod portability_export;
 mod portability_move;
 mod process;
 mod reconnect;
