@@ -40,6 +40,7 @@ mod entities;
 mod error;
 mod federation;
 mod inbox;
+mod ported;
 mod social;
 mod sweep;
 mod types;
@@ -61,6 +62,7 @@ pub use batcher::{
     BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry, RouteBatcher,
 };
 pub use error::StoreError;
+pub use ported::{PortIn, PortOut, PortedAway, PortedEntry, PortedOutcome, ToOutbox, WaitingItem};
 pub use types::{
     Backup, ContactRecord, DepositOutcome, DepositRoute, DeviceId, DeviceInfo, DeviceRecord,
     InboxItem, MessageId, NewDevice, NewInboxItem, Number, OutboxItem, SweepReport,
