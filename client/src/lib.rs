@@ -13,6 +13,7 @@
 //!   (`MML1`), session sync (`MMK1`).
 //! - [`devices`]: key backup and restore, and the key transfer when a device is linked.
 //! - [`inbox`]: offline delivery: fetch, open, store, then acknowledge.
+//! - [`porting`]: moving to another broker of the network, keeping the number.
 #![forbid(unsafe_code)]
 
 pub mod account;
@@ -27,6 +28,7 @@ pub mod keys;
 pub mod link;
 pub mod outbox;
 pub mod p2p;
+pub mod porting;
 pub mod profile;
 pub mod relay;
 pub mod store;

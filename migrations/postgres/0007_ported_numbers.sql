@@ -23,6 +23,8 @@ CREATE TABLE port_tokens (
     number      TEXT    NOT NULL,
     token_hash  BYTEA   NOT NULL CHECK (length(token_hash) = 32),
     to_broker   TEXT    NOT NULL,
+    -- The identity key the user named at PORT-OUT: only a statement signed by it ports.
+    identity_key BYTEA   NOT NULL CHECK (length(identity_key) = 32),
     expires_at  BIGINT  NOT NULL,
     used_at     BIGINT,
     PRIMARY KEY (number, token_hash)

@@ -23,6 +23,8 @@ CREATE TABLE port_tokens (
     number      TEXT    NOT NULL,
     token_hash  BLOB    NOT NULL CHECK (length(token_hash) = 32),
     to_broker   TEXT    NOT NULL,
+    -- The identity key the user named at PORT-OUT: only a statement signed by it ports.
+    identity_key BLOB   NOT NULL CHECK (length(identity_key) = 32),
     expires_at  INTEGER NOT NULL,
     used_at     INTEGER,
     PRIMARY KEY (number, token_hash)

@@ -146,6 +146,9 @@ pub struct PortIn {
 /// Turns a waiting message into its outbox row: (idempotency key, payload).
 pub type ToOutbox = dyn Fn(&WaitingItem) -> ([u8; 16], Vec<u8>) + Send + Sync;
 
+/// A stored token: hash, to broker, identity key, expiry, when used.
+type TokenRow = (Vec<u8>, String, Vec<u8>, i64, Option<i64>);
+
 type EntryRow = (
     String,
     i64,
@@ -196,6 +199,7 @@ impl Store {
         number: &Number,
         token_hash: &[u8; 32],
         to_broker: &str,
+        identity_key: &[u8; 32],
         expires_at: i64,
     ) -> Result<(), StoreError> {
         let number = number.as_str();
@@ -207,12 +211,13 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(
-                "INSERT INTO port_tokens (number, token_hash, to_broker, expires_at) \
-                 VALUES ($1, $2, $3, $4)",
+                "INSERT INTO port_tokens (number, token_hash, to_broker, identity_key, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(number)
             .bind(&token_hash[..])
             .bind(to_broker)
+            .bind(&identity_key[..])
             .bind(expires_at)
             .execute(&mut *tx)
             .await?;
@@ -226,8 +231,9 @@ impl Store {
     /// `entry.to_broker`, and is spent; the entry is recorded with the next seq of the number;
     /// every unexpired message waiting for the number is turned into an outbox row by
     /// `to_outbox` (its idempotency key and payload) and leaves the inbox. Returns the seq,
-    /// the entity's contacts and blocks. A refused token is [`StoreError::BadPortToken`] and
-    /// changes nothing.
+    /// the entity's contacts and blocks. A refused token is [`StoreError::BadPortToken`], a
+    /// statement key other than the one named at PORT-OUT is
+    /// [`StoreError::InvalidArgument`]; either changes nothing.
     pub async fn port_out(
         &self,
         port: &PortOut,
@@ -238,26 +244,30 @@ impl Store {
         let _writing = self.writing().await;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let tokens: Vec<(Vec<u8>, String, i64, Option<i64>)> = sqlx::query_as(
-                "SELECT token_hash, to_broker, expires_at, used_at FROM port_tokens \
-                 WHERE number = $1",
+            let tokens: Vec<TokenRow> = sqlx::query_as(
+                "SELECT token_hash, to_broker, identity_key, expires_at, used_at \
+                 FROM port_tokens WHERE number = $1",
             )
             .bind(number)
             .fetch_all(&mut *tx)
             .await?;
             // Every held token is compared, whatever matched, so the time taken does not
             // depend on where (or whether) the presented one is.
-            let mut found: Option<(Vec<u8>, String, i64, Option<i64>)> = None;
+            let mut found: Option<TokenRow> = None;
             for row in tokens {
                 if bool::from(row.0.as_slice().ct_eq(&port.token_hash[..])) {
                     found = Some(row);
                 }
             }
-            let Some((hash, to_broker, expires_at, used_at)) = found else {
+            let Some((hash, to_broker, identity_key, expires_at, used_at)) = found else {
                 return Err(StoreError::BadPortToken);
             };
             if used_at.is_some() || expires_at <= now || to_broker != port.entry.to_broker {
                 return Err(StoreError::BadPortToken);
+            }
+            // The statement must be signed by the key the user named when asking for the token.
+            if identity_key.as_slice() != port.entry.identity_key.as_slice() {
+                return Err(StoreError::InvalidArgument("identity key"));
             }
             let spent = sqlx::query(
                 "UPDATE port_tokens SET used_at = $3 \

@@ -425,6 +425,12 @@ pub async fn receive(
             || federation
                 .route(sender.as_str())
                 .is_some_and(|r| r.from == peer);
+        if d.moved && !moved_here && d.expires_at > now {
+            // The losing broker sends what waited there as soon as it agreed, possibly before
+            // this broker has recorded the port: keep it coming until it has.
+            results[index].status = DeliveryStatus::Retry as i32;
+            continue;
+        }
         if !sender_ok || d.body.len() > max_body || d.expires_at <= now {
             debug!("delivery outside the rules discarded");
             continue;

@@ -285,6 +285,12 @@ pub async fn receive_port_out(
                 "port token unknown, expired, used or not issued for the calling broker",
             ));
         }
+        Err(StoreError::InvalidArgument(_)) => {
+            debug!(peer, "port refused: not the identity key named at PORT-OUT");
+            return Err(invalid(
+                "the statement is not signed by the identity key named at PORT-OUT",
+            ));
+        }
         Err(e) => {
             warn!(error = %e, "store error porting a number out");
             return Err(tonic::Status::unavailable("store error; nothing changed"));

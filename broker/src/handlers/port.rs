@@ -81,6 +81,7 @@ pub async fn port_out(cx: Cx<'_>, login: &Login, args: PortOutArgs, now: Now) ->
             login.number(),
             &kdf::sha256(&[token.expose()]),
             &args.to,
+            args.identity_key.as_bytes(),
             expires as i64,
         )
         .await?;

@@ -13,6 +13,7 @@ mod inbox;
 mod netns_relay;
 mod networked_sessions;
 mod offline;
+mod portability_number;
 mod process;
 mod reconnect;
 mod relay;

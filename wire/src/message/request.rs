@@ -618,6 +618,9 @@ wire_struct! {
     pub struct PortOutArgs {
         /// The id of the broker of the network the number is to move to.
         req "TO" to: String,
+        /// The identity public key that will sign the PORT-IN statement: the token is good
+        /// only with a statement signed by this key.
+        req "IDENTITY-KEY" identity_key: Hex32,
     }
 }
 

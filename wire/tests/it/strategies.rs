@@ -254,8 +254,8 @@ pub(crate) fn requests() -> Vec<(RequestKind, BoxedStrategy<Request>)> {
         ),
         (
             K::PortOut,
-            text()
-                .prop_map(|to| Request::PortOut(PortOutArgs { to }))
+            (text(), hex32())
+                .prop_map(|(to, identity_key)| Request::PortOut(PortOutArgs { to, identity_key }))
                 .boxed(),
         ),
         (

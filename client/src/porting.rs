@@ -1,0 +1,209 @@
+//! Moving to another broker of the same network and keeping the number (protocol.md 6.27,
+//! 6.28; docs/federation.md 12).
+//!
+//! [`port`] does the whole move, in this order, so nothing waiting is lost and the profile
+//! never points at a broker that does not serve it:
+//!
+//! 1. log in at the old broker and fetch everything waiting in the inbox into the local store
+//!    (what arrives after this moves to the new broker with the number);
+//! 2. read the new broker's BROKER-INFO (signature checked) for its id, and check that both
+//!    brokers are of the same network;
+//! 3. PORT-OUT {TO: new broker} at the old broker: a single-use token;
+//! 4. PORT-IN at the new broker with the token, the statement signed by this entity's identity
+//!    key and a fresh server secret;
+//! 5. write the profile: the new CA, the new secrets (same identity key), then the new broker
+//!    and its pinned identity (each file replaced atomically; `profile.toml` last, as at
+//!    registration, so until it is written the profile still names the old broker).
+
+use std::path::Path;
+
+use micromsg_crypto::Secret32;
+use micromsg_crypto::identity::IdentityKey;
+use micromsg_wire::message::request::{PortInArgs, PortOutArgs};
+use micromsg_wire::{Hex32, Hex64, Request, ResponseData, port_statement};
+use rand_core::OsRng;
+
+use crate::account::{self, AccountError, Session, fetch_broker_info, unix_now};
+use crate::inbox::{Delivery, InboxError, LiveTable};
+use crate::link::{BrokerLink, LinkError};
+use crate::profile::{Profile, ProfileError, ProfileInfo, Secrets};
+use crate::store::Store;
+use crate::tls::client_config;
+
+/// Why a port failed. Until [`PortError::Link`] from PORT-IN succeeded nothing changed at
+/// either broker; the profile is written only after it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PortError {
+    /// Logging in, reading BROKER-INFO or the profile failed.
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    /// The profile could not be written.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    /// A broker refused or the link failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// Fetching the old inbox failed (nothing was ported).
+    #[error("fetching the old inbox failed, nothing was ported: {0}")]
+    Inbox(#[from] InboxError),
+    /// The two brokers cannot port between them.
+    #[error("{0}")]
+    NotPossible(String),
+}
+
+/// Where the port went through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortReport {
+    /// The number, kept.
+    pub number: String,
+    /// The broker it left (id).
+    pub from: String,
+    /// The broker that serves it now (id).
+    pub to: String,
+    /// Its address (`HOST:PORT`).
+    pub broker: String,
+    /// The device id at the new broker.
+    pub device: u32,
+    /// The ported-number entry's sequence.
+    pub seq: u64,
+    /// Messages fetched from the old inbox before the move.
+    pub fetched: usize,
+}
+
+/// Moves this profile's number to the broker at `broker` (trusting `ca`), keeping the number
+/// (see the module docs). `progress` is told each step, for people.
+pub async fn port(
+    profile: &Profile,
+    broker: &str,
+    ca: &Path,
+    mut progress: impl FnMut(&str),
+) -> Result<PortReport, PortError> {
+    let info = profile.info()?;
+    let secrets = profile.secrets()?;
+    let identity = IdentityKey::from_seed(&secrets.identity_seed);
+
+    progress("logging in at the old broker");
+    let mut old = account::connect(profile).await?;
+    let old_info = fetch_broker_info(&mut old.link).await?;
+    progress("fetching everything waiting in the old inbox");
+    let fetched = fetch_everything(profile, &info, &secrets, &mut old).await?;
+
+    progress("checking the new broker");
+    let tls_name = account::tls_name_of(broker)?;
+    let mut new_link = BrokerLink::connect(
+        broker,
+        &tls_name,
+        client_config(ca).map_err(AccountError::from)?,
+    )
+    .await?;
+    let new_info = fetch_broker_info(&mut new_link).await?;
+    let from = old_info.info.broker_id.clone();
+    let to = new_info.info.broker_id.clone();
+    if from == to {
+        return Err(PortError::NotPossible(format!(
+            "{broker} is broker {to}, which serves this number already"
+        )));
+    }
+    let network = old_info.info.network.name.clone();
+    if network.is_none() || network != new_info.info.network.name {
+        return Err(PortError::NotPossible(
+            "a number can only be ported between brokers of the same network; use a move to \
+             another broker with a new number instead"
+                .into(),
+        ));
+    }
+
+    progress("asking the old broker to let the number go (PORT-OUT)");
+    let token = match old
+        .link
+        .call(Request::PortOut(PortOutArgs {
+            to: to.clone(),
+            identity_key: Hex32::from_bytes(*identity.public_key().as_bytes()),
+        }))
+        .await?
+    {
+        ResponseData::PortOut(data) => data.token,
+        other => return Err(unexpected("PORT-OUT", &other)),
+    };
+    drop(old);
+
+    progress("taking the number over at the new broker (PORT-IN)");
+    let time = unix_now();
+    let statement = port_statement(&info.number, &from, &to, time);
+    let server_secret = Secret32::generate(&mut OsRng);
+    let request = Request::PortIn(PortInArgs {
+        number: micromsg_wire::Number::new(info.number.clone())
+            .map_err(|e| PortError::NotPossible(format!("profile number: {e}")))?,
+        from: from.clone(),
+        token,
+        identity_key: Hex32::from_bytes(*identity.public_key().as_bytes()),
+        time,
+        signature: Hex64::from_bytes(identity.sign(&statement)),
+        server_secret: Hex32::from_bytes(*server_secret.expose()),
+    });
+    let data = match new_link.call(request).await? {
+        ResponseData::PortIn(data) => data,
+        other => return Err(unexpected("PORT-IN", &other)),
+    };
+
+    progress("updating the profile");
+    let new_secrets = Secrets {
+        client_secret: Secret32::from_bytes(*data.client_secret.as_bytes()),
+        server_secret,
+        identity_seed: secrets.identity_seed,
+    };
+    let new_profile = ProfileInfo {
+        broker: broker.to_owned(),
+        tls_name,
+        number: info.number.clone(),
+        device: data.device.get(),
+        nonce_step: data.nonce_step,
+        broker_identity: Some(new_info.identity_key.to_hex()),
+    };
+    let ca_pem = std::fs::read(ca).map_err(|source| ProfileError::Io {
+        path: ca.to_owned(),
+        source,
+    })?;
+    profile.write_atomic("ca.pem", &ca_pem, false)?;
+    profile.write_secrets(&new_secrets)?;
+    profile.write_info(&new_profile)?;
+    Ok(PortReport {
+        number: info.number,
+        from,
+        to,
+        broker: broker.to_owned(),
+        device: data.device.get(),
+        seq: data.seq,
+        fetched,
+    })
+}
+
+/// Fetches, stores and acknowledges the whole inbox of the old broker; the count of items.
+async fn fetch_everything(
+    profile: &Profile,
+    info: &ProfileInfo,
+    secrets: &Secrets,
+    session: &mut Session,
+) -> Result<usize, PortError> {
+    let store = Store::new(profile);
+    let mut delivery = Delivery::new(
+        store,
+        &info.number,
+        info.device,
+        Secret32::from_bytes(*secrets.identity_seed.expose()),
+    )
+    .map_err(InboxError::from)?;
+    let mut live = LiveTable::new();
+    let arrived = delivery
+        .fetch_all(&mut session.link, &mut live, unix_now())
+        .await?;
+    Ok(arrived.len())
+}
+
+fn unexpected(request: &str, answer: &ResponseData) -> PortError {
+    PortError::Link(LinkError::Protocol(format!(
+        "{request} answered with {}",
+        answer.kind().as_str()
+    )))
+}
