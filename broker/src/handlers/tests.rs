@@ -1382,3 +1382,46 @@ async fn a_deposit_needs_a_contact_pair_and_a_blocking_target_drops_it_silently(
         vec![Event::Inbox(InboxNotice { count: 1 })]
     );
 }
+
+#[tokio::test]
+async fn a_standalone_broker_neither_ports_out_nor_in() {
+    use micromsg_wire::message::request::{PortInArgs, PortOutArgs};
+    let fx = Fixture::new(|_| {}).await;
+    let a = fx.register().await;
+    let online = fx.login(&a).await;
+    let refused = fx
+        .call(
+            &online,
+            Authenticated::PortOut(PortOutArgs {
+                to: "y".into(),
+                identity_key: Hex32::from_bytes([1; 32]),
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.0.code, ErrorCode::NotNetworked);
+    let conn = fx.conn();
+    let refused = fx
+        .public(
+            &conn,
+            Public::PortIn(PortInArgs {
+                number: number("5561234567"),
+                from: "y".into(),
+                token: Hex32::from_bytes([2; 32]),
+                identity_key: Hex32::from_bytes([3; 32]),
+                time: 0,
+                signature: micromsg_wire::Hex64::from_bytes([4; 64]),
+                server_secret: Hex32::from_bytes([5; 32]),
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.0.code, ErrorCode::NotNetworked);
+    assert!(
+        !fx.broker
+            .store
+            .entity_exists(&number("5561234567"))
+            .await
+            .unwrap()
+    );
+}
