@@ -497,8 +497,7 @@ pub fn render_text(s: &StatusResponse) -> String {
             if p.unannounced > 0 {
                 notes.push(format!("{} peers still to tell", p.unannounced));
             }
-            let _ = writeln!(
-                out,
+            let line = format!(
                 "  {:<15} {} -> {:<12} seq {:<4} {}",
                 p.number,
                 p.from_broker,
@@ -506,6 +505,7 @@ pub fn render_text(s: &StatusResponse) -> String {
                 p.seq,
                 notes.join(", ")
             );
+            let _ = writeln!(out, "{}", line.trim_end());
         }
     }
     out

@@ -72,7 +72,10 @@ mod tests {
     fn the_documented_statement() {
         let s = port_statement("5550001234", "broker-x", "broker-y", 1_767_225_000);
         assert_eq!(s.len(), 54);
-        assert_eq!(&s[..46], b"micromsg/port/v1\x005550001234\x00broker-x\x00broker-y\x00");
+        assert_eq!(
+            &s[..46],
+            b"micromsg/port/v1\x005550001234\x00broker-x\x00broker-y\x00"
+        );
         assert_eq!(&s[46..], &[0, 0, 0, 0, 0x69, 0x55, 0xb6, 0xa8]);
     }
 
