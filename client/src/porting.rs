@@ -142,10 +142,8 @@ pub async fn port(
         signature: Hex64::from_bytes(identity.sign(&statement)),
         server_secret: Hex32::from_bytes(*server_secret.expose()),
     });
-    let data = match new_link.call(request).await? {
-        ResponseData::PortIn(data) => data,
-        other => return Err(unexpected("PORT-IN", &other)),
-    };
+    let data =
+        port_in_with_retries(new_link, broker, &tls_name, ca, request, &mut progress).await?;
 
     progress("updating the profile");
     let new_secrets = Secrets {
@@ -177,6 +175,42 @@ pub async fn port(
         seq: data.seq,
         fetched,
     })
+}
+
+/// How often PORT-IN is sent again after a lost connection or PEER-UNAVAILABLE.
+const PORT_IN_ATTEMPTS: u32 = 3;
+
+/// Sends PORT-IN, and the very same request again (same statement, same token) when the
+/// answer was lost or the old broker could not be reached: the old broker answers a repeat of
+/// the port it agreed to again (docs/federation.md 12.2), so a port cut short completes.
+async fn port_in_with_retries(
+    mut link: BrokerLink,
+    broker: &str,
+    tls_name: &str,
+    ca: &Path,
+    request: Request,
+    progress: &mut impl FnMut(&str),
+) -> Result<micromsg_wire::message::response::PortInData, PortError> {
+    let mut attempt = 1;
+    loop {
+        let error = match link.call(request.clone()).await {
+            Ok(ResponseData::PortIn(data)) => return Ok(data),
+            Ok(other) => return Err(unexpected("PORT-IN", &other)),
+            Err(e) => e,
+        };
+        let again = matches!(
+            error,
+            LinkError::Io(_) | LinkError::Closed | LinkError::Timeout(_)
+        ) || error.code() == Some(micromsg_wire::ErrorCode::PeerUnavailable);
+        if !again || attempt >= PORT_IN_ATTEMPTS {
+            return Err(error.into());
+        }
+        progress("the answer did not come through; sending the same PORT-IN again");
+        tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt))).await;
+        attempt += 1;
+        let config = client_config(ca).map_err(AccountError::from)?;
+        link = BrokerLink::connect(broker, tls_name, config).await?;
+    }
 }
 
 /// Fetches, stores and acknowledges the whole inbox of the old broker; the count of items.

@@ -389,6 +389,37 @@ impl Store {
         })
     }
 
+    /// What the losing broker hands over for `number` (its contacts and blocks), read again
+    /// for a repeated `PortOut` whose first answer was lost.
+    pub async fn handover_of(
+        &self,
+        number: &Number,
+    ) -> Result<(Vec<ContactRecord>, Vec<Number>), StoreError> {
+        let owner = number.as_str();
+        let contacts: Vec<(String, bool, bool, i64)> = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT peer, auto_existing, brokered, created_at FROM contacts \
+                 WHERE owner = $1 ORDER BY peer",
+            )
+            .bind(owner)
+            .fetch_all(pool)
+            .await?
+        });
+        let contacts = contacts
+            .into_iter()
+            .map(|(peer, auto_existing, brokered, created_at)| {
+                Ok(ContactRecord {
+                    owner: number.clone(),
+                    peer: Number::new(peer).map_err(|_| StoreError::Corrupt("contact"))?,
+                    auto_existing,
+                    brokered,
+                    created_at,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((contacts, self.blocked_by(number).await?))
+    }
+
     /// The gaining broker's side of a port, in one transaction: the entity with the ported
     /// number and its first device (id 1), its contacts and blocks, the entry, and one
     /// announcement per peer, due at once. [`StoreError::NumberTaken`] when the number is

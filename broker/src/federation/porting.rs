@@ -242,6 +242,12 @@ pub async fn receive_port_out(
         .as_slice()
         .try_into()
         .map_err(|_| invalid("token must be 32 bytes"))?;
+    if let Some(route) = f.route(number.as_str())
+        && route.from == f.me.id
+        && route.to == peer
+    {
+        return repeat_port_out(broker, &number, request.time, &identity_key, &signature).await;
+    }
     if f.home_of(number.as_str()) != Home::Own {
         return Err(tonic::Status::not_found("the number is not served here"));
     }
@@ -318,10 +324,54 @@ pub async fn receive_port_out(
         moved = away.moved,
         "number ported out"
     );
-    Ok(PortOutResponse {
-        seq: away.seq,
-        contacts: away
-            .contacts
+    Ok(response(away.seq, away.contacts, away.blocks))
+}
+
+/// A `PortOut` for a port this broker agreed to already, from the broker it went to: the
+/// answer to the first was lost (the gaining broker then has no entity yet). The very same
+/// statement (time, key and signature) gets the same answer again, so the port completes; the
+/// token is spent, so anything else is refused.
+async fn repeat_port_out(
+    broker: &Broker,
+    number: &Number,
+    time: u64,
+    identity_key: &[u8; 32],
+    signature: &[u8; 64],
+) -> Result<PortOutResponse, tonic::Status> {
+    let unavailable = |e: StoreError| {
+        warn!(error = %e, "store error answering a repeated port");
+        tonic::Status::unavailable("store error; try again")
+    };
+    let held = broker
+        .store
+        .ported_entry(number)
+        .await
+        .map_err(unavailable)?;
+    let same = held.as_ref().is_some_and(|e| {
+        e.time == time && e.identity_key == *identity_key && e.user_signature == *signature
+    });
+    let Some(held) = held.filter(|_| same) else {
+        return Err(tonic::Status::permission_denied(
+            "port token unknown, expired, used or not issued for the calling broker",
+        ));
+    };
+    let (contacts, blocks) = broker
+        .store
+        .handover_of(number)
+        .await
+        .map_err(unavailable)?;
+    debug!(seq = held.seq, "repeated port answered again");
+    Ok(response(held.seq, contacts, blocks))
+}
+
+fn response(
+    seq: u64,
+    contacts: Vec<micromsg_store::ContactRecord>,
+    blocks: Vec<Number>,
+) -> PortOutResponse {
+    PortOutResponse {
+        seq,
+        contacts: contacts
             .into_iter()
             .map(|c| PortedContact {
                 peer: c.peer.as_str().to_owned(),
@@ -330,12 +380,8 @@ pub async fn receive_port_out(
                 created_at: u64::try_from(c.created_at).unwrap_or(0),
             })
             .collect(),
-        blocks: away
-            .blocks
-            .into_iter()
-            .map(|b| b.as_str().to_owned())
-            .collect(),
-    })
+        blocks: blocks.into_iter().map(|b| b.as_str().to_owned()).collect(),
+    }
 }
 
 /// A receiver's side of `Ported` (step 5 of the module docs), called by `peer`.

@@ -99,6 +99,7 @@ pub async fn port_in(cx: Cx<'_>, session: &Session, args: PortInArgs, now: Now) 
     let number = args.number.as_str();
     match f.home_of(number) {
         Home::Peer(home) if home.id == args.from => {}
+        Home::Own if f.route(number).is_some() => return repeated_port_in(cx, &args).await,
         Home::Own => {
             return Err(Refusal::new(
                 ErrorCode::Conflict,
@@ -222,6 +223,39 @@ pub async fn port_in(cx: Cx<'_>, session: &Session, args: PortInArgs, now: Now) 
         nonce_step: cx.config.auth.nonce_step_secs,
         nonce_algorithm: NonceAlgorithm::MmNonce1,
         seq: port.entry.seq,
+    }))
+}
+
+/// A PORT-IN this broker completed already, sent again because its answer was lost: the very
+/// same statement with the same SERVER-SECRET gets the same answer (device 1 and its
+/// CLIENT-SECRET); anything else is CONFLICT.
+async fn repeated_port_in(cx: Cx<'_>, args: &PortInArgs) -> Handled {
+    use subtle::ConstantTimeEq;
+    let conflict = || Refusal::new(ErrorCode::Conflict, "this broker serves NUMBER already");
+    let Some(entry) = cx.store.ported_entry(&args.number).await? else {
+        return Err(conflict());
+    };
+    let same_statement = entry.from_broker == args.from
+        && entry.time == args.time
+        && entry.identity_key == *args.identity_key.as_bytes()
+        && entry.user_signature == *args.signature.as_bytes();
+    let device = cx
+        .store
+        .device(&args.number, micromsg_wire::DeviceId::FIRST)
+        .await?;
+    let Some(device) = device.filter(|d| !d.is_revoked() && same_statement) else {
+        return Err(conflict());
+    };
+    if !bool::from(device.server_secret.ct_eq(args.server_secret.as_bytes())) {
+        return Err(conflict());
+    }
+    Ok(ResponseData::PortIn(PortInData {
+        entity: args.number.clone(),
+        device: micromsg_wire::DeviceId::FIRST,
+        client_secret: Hex32::from_bytes(device.client_secret),
+        nonce_step: cx.config.auth.nonce_step_secs,
+        nonce_algorithm: NonceAlgorithm::MmNonce1,
+        seq: entry.seq,
     }))
 }
 

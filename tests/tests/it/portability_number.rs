@@ -179,7 +179,7 @@ async fn port_out(
     }
 }
 
-/// PORT-IN at broker `at` for `number` from broker `from`, signed by `signer`.
+/// PORT-IN at broker `at` for `number` from broker `from`, signed by `signer` now.
 async fn port_in(
     net: &TestNetwork,
     at: usize,
@@ -189,12 +189,27 @@ async fn port_in(
     signer: &IdentityKey,
     server_secret: &Secret32,
 ) -> Result<PortInData, micromsg_client::link::LinkError> {
+    let time = micromsg_client::account::unix_now();
+    port_in_at(net, at, number, from, token, signer, server_secret, time).await
+}
+
+/// [`port_in`] with the statement's TIME given.
+#[allow(clippy::too_many_arguments)]
+async fn port_in_at(
+    net: &TestNetwork,
+    at: usize,
+    number: &Number,
+    from: &str,
+    token: [u8; 32],
+    signer: &IdentityKey,
+    server_secret: &Secret32,
+    time: u64,
+) -> Result<PortInData, micromsg_client::link::LinkError> {
     let b = net.broker(at);
     let tls_name = account::tls_name_of(&b.addr).unwrap();
     let mut link = BrokerLink::connect(&b.addr, &tls_name, client_config(&b.ca).unwrap())
         .await
         .unwrap();
-    let time = micromsg_client::account::unix_now();
     let to = &net.ids[at];
     let signature = signer.sign(&port_statement(number.as_str(), from, to, time));
     match link
@@ -320,11 +335,35 @@ async fn a_ported_number_keeps_its_messages_and_is_reached_at_its_new_home(backe
     let identity = identity_of(&a_profile);
     let token = port_out(&mut a, "y", &identity).await.unwrap();
     let server_secret = Secret32::generate(&mut rand_core::OsRng);
-    let data = port_in(&net, Y, &a_number, "x", token, &identity, &server_secret)
-        .await
-        .unwrap();
+    let time = micromsg_client::account::unix_now();
+    let data = port_in_at(
+        &net,
+        Y,
+        &a_number,
+        "x",
+        token,
+        &identity,
+        &server_secret,
+        time,
+    )
+    .await
+    .unwrap();
     assert_eq!(data.entity, a_number, "the number is kept");
     assert_eq!(data.seq, 1);
+    // The very same request again (its answer lost, say) gets the same answer.
+    let repeat = port_in_at(
+        &net,
+        Y,
+        &a_number,
+        "x",
+        token,
+        &identity,
+        &server_secret,
+        time,
+    )
+    .await
+    .unwrap();
+    assert_eq!(repeat, data);
 
     // x closed A's connection and refuses its logins from now on, saying where it went.
     assert!(matches!(next_event(&mut a).await, Event::DeviceRevoked(_)));
@@ -335,10 +374,34 @@ async fn a_ported_number_keeps_its_messages_and_is_reached_at_its_new_home(backe
     assert_eq!(err.code(), Some(ErrorCode::Ported), "{err}");
     assert!(err.to_string().contains("broker y"), "{err}");
 
-    // The same token again is refused (at y: the number is there already; at x: spent).
-    let again = port_in(&net, Y, &a_number, "x", token, &identity, &server_secret)
-        .await
-        .unwrap_err();
+    // The same token with another statement, or another device's secret, is refused (at y:
+    // the number is there already; at x: spent).
+    let again = port_in_at(
+        &net,
+        Y,
+        &a_number,
+        "x",
+        token,
+        &identity,
+        &server_secret,
+        time + 1,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(again.code(), Some(ErrorCode::Conflict), "{again}");
+    let other_secret = Secret32::generate(&mut rand_core::OsRng);
+    let again = port_in_at(
+        &net,
+        Y,
+        &a_number,
+        "x",
+        token,
+        &identity,
+        &other_secret,
+        time,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(again.code(), Some(ErrorCode::Conflict), "{again}");
 
     // A logs in at y, same number; what waited at x arrives there (nothing lost).
@@ -468,14 +531,12 @@ async fn ports_without_the_users_authorisation_are_refused(backend: Backend) {
     drop(a);
     let mut a = account::connect(&a_profile).await.unwrap();
 
-    // The genuine port goes through with the token that survived; the same token a second
-    // time is refused by x (spent), even when presented by y directly.
+    // The genuine port, with x's first answer lost: x agreed (y called it, as y would), but y
+    // never created the entity. y's PORT-IN with the very same statement completes it: x
+    // answers the repeat again; any other statement with the spent token is refused.
     let token = port_out(&mut a, "y", &identity).await.unwrap();
-    port_in(&net, Y, &a_number, "x", token, &identity, &secret)
-        .await
-        .unwrap();
     let time = micromsg_client::account::unix_now();
-    let replay = PortOutRequest {
+    let statement = |time: u64| PortOutRequest {
         number: a_number.as_str().into(),
         token: token.to_vec(),
         identity_key: identity.public_key().as_bytes().to_vec(),
@@ -484,9 +545,28 @@ async fn ports_without_the_users_authorisation_are_refused(backend: Backend) {
             .sign(&port_statement(a_number.as_str(), "x", "y", time))
             .to_vec(),
     };
-    let status = link.client().port_out(replay).await.unwrap_err();
-    // x no longer serves the number, so it cannot be ported from x again.
-    assert_eq!(status.code(), tonic::Code::NotFound);
+    let first = link.client().port_out(statement(time)).await.unwrap();
+    assert_eq!(first.get_ref().seq, 1);
+    assert_eq!(route_at(&net, X, &a_number).as_deref(), Some("y"));
+    assert!(
+        !net.broker(Y)
+            .running
+            .broker
+            .store()
+            .entity_exists(&a_number)
+            .await
+            .unwrap()
+    );
+    let data = port_in_at(&net, Y, &a_number, "x", token, &identity, &secret, time)
+        .await
+        .unwrap();
+    assert_eq!((data.entity.clone(), data.seq), (a_number.clone(), 1));
+    let status = link
+        .client()
+        .port_out(statement(time + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
 
     // Announcements: only the gaining broker may announce, and only with its signature.
     wait_route(&net, Z, &a_number, "y").await;
