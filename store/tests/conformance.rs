@@ -2328,6 +2328,15 @@ async fn case_port_out_spends_the_token_once(store: Store) {
         .await
         .unwrap();
     assert_eq!(away.seq, 2);
+    // Expired tokens, used or not, are swept; the entry stays.
+    store
+        .create_port_token(&a, &hash(4), "y", &[0x11; 32], NOW + 600)
+        .await
+        .unwrap();
+    assert_eq!(store.sweep(NOW + 599).await.unwrap().port_tokens, 0);
+    // Tokens 1 and 3 (used) and 4 (unused); 2 was replaced by 3 before it was used.
+    assert_eq!(store.sweep(NOW + 600).await.unwrap().port_tokens, 3);
+    assert_eq!(store.ported_entry(&a).await.unwrap().unwrap().seq, 2);
 }
 
 async fn case_port_out_moves_waiting_items_and_hands_over_contacts(store: Store) {
