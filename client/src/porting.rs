@@ -4,6 +4,7 @@
 //! [`port`] does the whole move, in this order, so nothing waiting is lost and the profile
 //! never points at a broker that does not serve it:
 //!
+//! 0. refuse while an agent (`listen`, `chat`) runs for the profile;
 //! 1. log in at the old broker and fetch everything waiting in the inbox into the local store
 //!    (what arrives after this moves to the new broker with the number);
 //! 2. read the new broker's BROKER-INFO (signature checked) for its id, and check that both
@@ -82,6 +83,16 @@ pub async fn port(
     let info = profile.info()?;
     let secrets = profile.secrets()?;
     let identity = IdentityKey::from_seed(&secrets.identity_seed);
+    // A running agent holds the old broker link and writes the same store: the move must not
+    // happen under it.
+    if tokio::net::UnixStream::connect(crate::agent::control_path(profile))
+        .await
+        .is_ok()
+    {
+        return Err(PortError::NotPossible(
+            "a `listen` or `chat` runs for this profile; stop it first, then port".into(),
+        ));
+    }
 
     progress("logging in at the old broker");
     let mut old = account::connect(profile).await?;
