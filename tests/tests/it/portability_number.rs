@@ -464,6 +464,31 @@ async fn a_ported_number_keeps_its_messages_and_is_reached_at_its_new_home(backe
         let text = micromsg_broker::admin::render_text(&status);
         assert!(text.contains("ported numbers"), "{text}");
     }
+
+    // The entries are durable: x, restarted, still routes A to y and refuses its logins.
+    net.stop_broker(X).await;
+    net.start_broker(X).await;
+    assert_eq!(route_at(&net, X, &a_number).as_deref(), Some("y"));
+    let x = net.broker(X);
+    let mut link = BrokerLink::connect(
+        &x.addr,
+        &account::tls_name_of(&x.addr).unwrap(),
+        client_config(&x.ca).unwrap(),
+    )
+    .await
+    .unwrap();
+    let refused = link
+        .login(
+            a_number.as_str(),
+            1,
+            &Secret32::generate(&mut rand_core::OsRng),
+            &Secret32::generate(&mut rand_core::OsRng),
+            6,
+            micromsg_client::account::unix_now(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Ported), "{refused}");
     net.stop().await;
 }
 
