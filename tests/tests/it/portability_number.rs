@@ -465,10 +465,21 @@ async fn a_ported_number_keeps_its_messages_and_is_reached_at_its_new_home(backe
         assert!(text.contains("ported numbers"), "{text}");
     }
 
-    // The entries are durable: x, restarted, still routes A to y and refuses its logins.
+    // A moves on from y to z: the number's second port (seq 2); every broker follows the
+    // newer entry.
+    let token = port_out(&mut a, "z", &identity).await.unwrap();
+    let secret = Secret32::generate(&mut rand_core::OsRng);
+    let second = port_in(&net, Z, &a_number, "y", token, &identity, &secret)
+        .await
+        .unwrap();
+    assert_eq!(second.seq, 2);
+    assert_eq!(route_at(&net, Y, &a_number).as_deref(), Some("z"));
+    wait_route(&net, X, &a_number, "z").await;
+
+    // The entries are durable: x, restarted, still routes A to z and refuses its logins.
     net.stop_broker(X).await;
     net.start_broker(X).await;
-    assert_eq!(route_at(&net, X, &a_number).as_deref(), Some("y"));
+    assert_eq!(route_at(&net, X, &a_number).as_deref(), Some("z"));
     let x = net.broker(X);
     let mut link = BrokerLink::connect(
         &x.addr,
