@@ -40,6 +40,121 @@ enum Command {
     Network(NetworkCommand),
     /// Print a running broker's status from its admin service.
     Status(StatusArgs),
+    /// Write entities with everything the broker holds for them to a file, for `import` at
+    /// another broker of the same operator.
+    ///
+    /// Moves each entity with its devices (WITH THEIR LOGIN SECRETS), contacts, blocks,
+    /// settings, key backup and offline inbox (items still waiting and their
+    /// acknowledgements). The file is JSON lines, written with mode 0600 and renamed into
+    /// place only when complete: keep it like a password file and delete it after the import.
+    /// Safe while the broker serves (each batch of entities is read consistently); for a move,
+    /// stop the broker or the entities' devices first so nothing arrives after the export.
+    ///
+    /// Example: micromsg-broker export --data-dir micromsg-data --all --out broker.export
+    Export(ExportArgs),
+    /// Store the entities of an export file in this broker's store.
+    ///
+    /// The whole file is checked first (a damaged file, or one of a newer format version, is
+    /// refused before anything is written). Safe to run again on the same file: rows already
+    /// here are skipped. An entity that exists here with other data (other devices or
+    /// secrets) is reported and left as it is; the exit status is then 3. Into the embedded
+    /// SQLite store it refuses while this broker serves (stop it first); into Postgres it
+    /// runs beside the broker.
+    ///
+    /// Example: micromsg-broker import --data-dir new-data broker.export
+    Import(ImportArgs),
+    /// Copy this broker's embedded SQLite store into a Postgres database.
+    ///
+    /// Every table, in batches; progress on stderr; row counts of every table compared at the
+    /// end. Resumable: after an interruption run the same command again and it continues
+    /// without duplicating anything. Refuses while this broker serves (stop it first). Then
+    /// start the broker with --database-url and the same --data-dir.
+    ///
+    /// Example: micromsg-broker migrate-store --data-dir micromsg-data --to
+    /// postgres://micromsg@db/micromsg
+    MigrateStore(MigrateArgs),
+}
+
+/// Where the store is: as `serve` finds it.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// TOML configuration file (the broker's).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (its SQLite store). Default ./micromsg-data.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Postgres URL of the broker's store. Default: embedded SQLite in the data directory.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+}
+
+impl StoreArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref(), std::env::vars())
+            .context("loading the configuration")?;
+        if let Some(dir) = &self.data_dir {
+            config.server.data_dir.clone_from(dir);
+        }
+        if let Some(url) = &self.database_url {
+            config.database.url = Some(url.clone());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// An entity to export, by number; repeat for more.
+    #[arg(
+        long = "entity",
+        value_name = "NUMBER",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    entities: Vec<String>,
+    /// Export every entity of the broker.
+    #[arg(long)]
+    all: bool,
+    /// The file to write (mode 0600; replaced atomically when complete). It holds the
+    /// devices' login secrets.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Entities read per batch.
+    #[arg(long, value_name = "N", default_value_t = crate::admin_tools::DEFAULT_EXPORT_BATCH_ENTITIES)]
+    batch_entities: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The export file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Rows stored per transaction (whole entities).
+    #[arg(long, value_name = "N", default_value_t = crate::admin_tools::DEFAULT_IMPORT_BATCH_ROWS)]
+    batch_rows: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// TOML configuration file (the broker's).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory of the broker whose SQLite store is copied. Default ./micromsg-data.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The Postgres database to copy into (postgres://user:password@host/db). Use an empty
+    /// database, or the one an interrupted run was copying into. Never printed.
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// Rows per batch (one read and one transaction at the target).
+    #[arg(long, value_name = "N", default_value_t = micromsg_store::migrate::DEFAULT_MIGRATE_BATCH_ROWS)]
+    batch_rows: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +268,15 @@ impl ServeArgs {
     }
 }
 
+/// An import that left entities out because they exist here with other data: exit status 3.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "NOT imported: {} entities exist here with other data (left as they are): {}",
+    .0.len(),
+    .0.join(", ")
+)]
+struct NotImported(Vec<String>);
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -210,6 +334,10 @@ fn network_init(args: &NetworkInitArgs) -> anyhow::Result<()> {
 pub fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<NotImported>() => {
+            eprintln!("{e}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("Error: {e:?}");
             ExitCode::FAILURE
@@ -236,6 +364,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Network(NetworkCommand::Init(args)) => network_init(&args),
+        Command::Export(args) => {
+            let config = args.store.load()?;
+            let selection = if args.all {
+                crate::admin_tools::Selection::All
+            } else {
+                crate::admin_tools::Selection::Numbers(args.entities.clone())
+            };
+            let summary = runtime()?.block_on(crate::admin_tools::export(
+                &config,
+                selection,
+                &args.out,
+                args.batch_entities,
+                crate::clock::unix_now() as i64,
+            ))?;
+            println!(
+                "exported {} entities ({} rows) to {} (mode 0600: it holds login secrets)",
+                summary.entities,
+                summary.rows,
+                args.out.display()
+            );
+            Ok(())
+        }
+        Command::Import(args) => {
+            let config = args.store.load()?;
+            let report = runtime()?.block_on(crate::admin_tools::import(
+                &config,
+                &args.file,
+                args.batch_rows,
+            ))?;
+            println!(
+                "imported {} new entities; {} were already here (their missing rows added); \
+                 {} rows stored, {} rows already here",
+                report.entities_new,
+                report.entities_present,
+                report.rows_inserted,
+                report.rows_skipped
+            );
+            if report.conflicts.is_empty() {
+                Ok(())
+            } else {
+                Err(NotImported(report.conflicts).into())
+            }
+        }
+        Command::MigrateStore(args) => {
+            let store = StoreArgs {
+                config: args.config.clone(),
+                data_dir: args.data_dir.clone(),
+                database_url: None,
+            };
+            let config = store.load()?;
+            runtime()?.block_on(crate::admin_tools::migrate_store(
+                &config,
+                &args.to,
+                args.batch_rows,
+            ))
+        }
         Command::Status(args) => {
             let runtime = runtime()?;
             let status = runtime.block_on(crate::admin::fetch_status(&args.admin))?;

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::admin::AdminListener;
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
+use crate::datadir_lock::{DataDirLock, LockError};
 use crate::federation::mtls::MtlsCounters;
 use crate::federation::service::FederationServerHandle;
 use crate::federation::{Federation, FederationError};
@@ -48,6 +49,9 @@ pub enum StartError {
     /// The configuration does not fit the network file.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Another process serves from (or migrates) the same data directory.
+    #[error(transparent)]
+    Locked(#[from] LockError),
 }
 
 /// A broker running in this process.
@@ -94,6 +98,33 @@ impl RunningBroker {
     }
 }
 
+/// Opens the store the configuration names: Postgres at `database.url`, else the embedded
+/// SQLite file `DATA_DIR/micromsg.db` (made when missing).
+pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
+    match &config.database.url {
+        Some(url) => {
+            Store::connect_postgres(
+                url,
+                config.database.max_connections,
+                config.database.timeout(),
+            )
+            .await
+        }
+        None => {
+            Store::open_sqlite_with(
+                sqlite_path(&config.server.data_dir),
+                config.database.max_connections,
+            )
+            .await
+        }
+    }
+}
+
+/// The embedded SQLite store's file in `data_dir`.
+pub fn sqlite_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("micromsg.db")
+}
+
 /// Sets everything up and starts serving in the background.
 pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
     let data_dir = config.server.data_dir.clone();
@@ -105,23 +136,7 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
     let files = tls::ensure_certificates(operator, &data_dir.join("tls"), &config.tls.names)?;
     let server_tls = tls::server_config(&files)?;
     let identity = crate::identity::load_or_create(&data_dir.join("identity.key"))?;
-    let store = match &config.database.url {
-        Some(url) => {
-            Store::connect_postgres(
-                url,
-                config.database.max_connections,
-                config.database.timeout(),
-            )
-            .await?
-        }
-        None => {
-            Store::open_sqlite_with(
-                data_dir.join("micromsg.db"),
-                config.database.max_connections,
-            )
-            .await?
-        }
-    };
+    let store = open_store(&config).await?;
     let mut config = config;
     let federation = Federation::load(&config.federation, &config.server.broker_id)?;
     if let Some(f) = &federation {
@@ -289,7 +304,16 @@ async fn after_each<F, R>(
 }
 
 /// Runs a broker until SIGINT or SIGTERM, then shuts down gracefully.
+///
+/// Holds the data directory's lock ([`DataDirLock`]) while it runs, so that `migrate-store`
+/// and `import` refuse to write the store under it.
 pub async fn serve(config: Config) -> Result<(), StartError> {
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| StartError::Io {
+        what: format!("creating data directory {}", data_dir.display()),
+        source,
+    })?;
+    let _lock = DataDirLock::acquire(&data_dir)?;
     let running = start(config).await?;
     crate::signals::wait_for_stop().await;
     info!("shutting down: finishing in-flight requests");

@@ -100,36 +100,8 @@ pub async fn register(
     token: Option<String>,
 ) -> Result<Session, AccountError> {
     profile.ensure_unregistered()?;
-    let (mut link, tls_name) = open_link(broker, ca).await?;
-    let info = fetch_broker_info(&mut link).await?;
-    let server_secret = Secret32::generate(&mut OsRng);
-    let request = Request::Register(RegisterArgs {
-        token,
-        server_secret: Hex32::from_bytes(*server_secret.expose()),
-    });
-    let data = match link.call(request).await? {
-        ResponseData::Register(data) => data,
-        other => {
-            return Err(LinkError::Protocol(format!(
-                "REGISTER answered with {}",
-                other.kind().as_str()
-            ))
-            .into());
-        }
-    };
-    let secrets = Secrets {
-        client_secret: Secret32::from_bytes(*data.client_secret.as_bytes()),
-        server_secret,
-        identity_seed: IdentityKey::generate(&mut OsRng).seed(),
-    };
-    let profile_info = ProfileInfo {
-        broker: broker.to_owned(),
-        tls_name,
-        number: data.entity.as_str().to_owned(),
-        device: data.device.get(),
-        nonce_step: data.nonce_step,
-        broker_identity: Some(info.identity_key.to_hex()),
-    };
+    let identity_seed = IdentityKey::generate(&mut OsRng).seed();
+    let (link, profile_info, secrets) = register_entity(broker, ca, token, identity_seed).await?;
     save(profile, ca, &secrets, &profile_info)?;
     login_on(link, profile_info, &secrets).await
 }
@@ -182,7 +154,50 @@ pub async fn join(
     login_on(link, profile_info, &secrets).await
 }
 
-fn save(
+/// REGISTERs a new entity at `broker` without writing any profile: the link (not logged in
+/// yet), the profile info for it, and its secrets with `identity_seed` as the identity key
+/// (a new one for `register`, the entity's own for `move`).
+pub async fn register_entity(
+    broker: &str,
+    ca: &Path,
+    token: Option<String>,
+    identity_seed: Secret32,
+) -> Result<(BrokerLink, ProfileInfo, Secrets), AccountError> {
+    let (mut link, tls_name) = open_link(broker, ca).await?;
+    let info = fetch_broker_info(&mut link).await?;
+    let server_secret = Secret32::generate(&mut OsRng);
+    let request = Request::Register(RegisterArgs {
+        token,
+        server_secret: Hex32::from_bytes(*server_secret.expose()),
+    });
+    let data = match link.call(request).await? {
+        ResponseData::Register(data) => data,
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "REGISTER answered with {}",
+                other.kind().as_str()
+            ))
+            .into());
+        }
+    };
+    let secrets = Secrets {
+        client_secret: Secret32::from_bytes(*data.client_secret.as_bytes()),
+        server_secret,
+        identity_seed,
+    };
+    let profile_info = ProfileInfo {
+        broker: broker.to_owned(),
+        tls_name,
+        number: data.entity.as_str().to_owned(),
+        device: data.device.get(),
+        nonce_step: data.nonce_step,
+        broker_identity: Some(info.identity_key.to_hex()),
+    };
+    Ok((link, profile_info, secrets))
+}
+
+/// Writes a whole profile: the CA, the secrets, then `profile.toml`, each atomically.
+pub fn save(
     profile: &Profile,
     ca: &Path,
     secrets: &Secrets,

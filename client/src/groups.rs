@@ -99,6 +99,9 @@ pub enum Change {
     Leave,
     /// Renames the group.
     Rename(String),
+    /// The author moved to this new number (protocol.md 12.13): same place in the member
+    /// list, same key.
+    Move(String),
 }
 
 impl Change {
@@ -253,6 +256,7 @@ impl TryFrom<Raw> for Op {
             "remove" => Change::Remove(check_number(raw.member)?),
             "leave" => Change::Leave,
             "rename" => Change::Rename(check_name(raw.name)?),
+            "move" => Change::Move(check_number(raw.member)?),
             other => return bad(format!("unknown control op {other:?}")),
         };
         Ok(Self {
@@ -295,6 +299,7 @@ impl From<Op> for Raw {
             Change::Remove(m) => raw.member = Some(m),
             Change::Leave => {}
             Change::Rename(name) => raw.name = Some(name),
+            Change::Move(new) => raw.member = Some(new),
         }
         raw
     }
@@ -588,6 +593,16 @@ pub fn fold(group: &str, ops: &[Op]) -> Folded {
             }
             Change::Rename(name) => {
                 s.name = name.clone();
+                s.version += 1;
+            }
+            Change::Move(new) if !s.is_member(new) => {
+                for m in &mut s.members {
+                    if *m == op.author {
+                        m.clone_from(new);
+                    }
+                }
+                s.keys.remove(&op.author);
+                s.keys.insert(new.clone(), author_key);
                 s.version += 1;
             }
             _ => {}
@@ -1043,6 +1058,47 @@ mod tests {
         // C itself removed: nothing is early any more.
         g.merge(vec![op(3, A, Change::Remove(C.into()))], none);
         assert!(!g.may_be_early(D, C));
+    }
+
+    #[test]
+    fn a_move_op_puts_the_new_number_in_the_authors_place_with_its_key() {
+        let mut g = Group::new(&gid());
+        g.merge(vec![create()], none);
+        let moved = op(2, B, Change::Move("2002".into()));
+        // It goes over the wire and back unchanged (and still verifies).
+        let frame = Frame {
+            group: gid(),
+            payload: Payload::Op(Box::new(moved.clone())),
+        };
+        assert_eq!(
+            Frame::decode(&frame.encode()).expect("a move op decodes"),
+            frame
+        );
+        let merged = g.merge(vec![moved], none);
+        assert!(merged.refused.is_empty(), "{merged:?}");
+        assert_eq!(g.state.members, [A, "2002", C]);
+        assert_eq!(g.state.key_of("2002"), Some(&k(B).public_key()));
+        assert_eq!(g.state.key_of(B), None);
+        assert_eq!(g.state.version, 2);
+        // The member goes on under the new number, with the same key.
+        let mut rename = Op {
+            id: new_id(),
+            lamport: 3,
+            author: "2002".into(),
+            change: Change::Rename("h".into()),
+            sig: [0; 64],
+        };
+        rename.sig = signing::sign(&k(B), &gid(), &rename);
+        let merged = g.merge(vec![rename], none);
+        assert!(merged.refused.is_empty(), "{merged:?}");
+        assert_eq!((g.state.name.as_str(), g.state.version), ("h", 3));
+        // Nobody moves another member: C's op naming B's place is signed by C, not by B, and
+        // moves C itself, never B.
+        let mut forged = op(4, C, Change::Move("3003".into()));
+        forged.author = "2002".into();
+        let merged = g.merge(vec![forged], none);
+        assert_eq!(merged.refused.len(), 1);
+        assert_eq!(g.state.members, [A, "2002", C]);
     }
 
     #[test]

@@ -97,6 +97,14 @@ pub enum Arrived {
         /// The sender's clock when sealing.
         time: u64,
     },
+    /// A MOVED notice (protocol.md 12.13) from the contact `peer`, not checked yet: the
+    /// agent checks it against the pinned key before following it.
+    Moved {
+        /// The contact whose session carried it.
+        peer: String,
+        /// The notice.
+        payload: Vec<u8>,
+    },
     /// Another device of this entity shared a session's keys.
     KeysSynced {
         /// The contact of that session.
@@ -457,7 +465,10 @@ impl Delivery {
             batch.push_message(&peer, Direction::Out, item.from_device, sid, opened, text);
             return Ok(false);
         }
-        if item.from != peer {
+        // A deposit the contact left from its number before a move it announced (12.13).
+        let former = item.from != peer
+            && matches!(self.store.contact(&peer), Ok(Some(c)) if c.former.contains(&item.from));
+        if item.from != peer && !former {
             return drop(
                 batch,
                 format!("an item from {} sealed with a session of {peer}", item.from),
@@ -479,6 +490,14 @@ impl Delivery {
             Err(_) => return drop(batch, format!("a message from {peer} that does not open")),
         };
         batch.dirty.insert(sid);
+        if opened.kind == Kind::Moved {
+            // Checked and followed by the agent (against the pin, protocol 12.13).
+            batch.arrived.push(Arrived::Moved {
+                peer,
+                payload: opened.payload,
+            });
+            return Ok(false);
+        }
         if opened.kind != Kind::Text && opened.kind != Kind::Group {
             return Ok(false);
         }

@@ -13,6 +13,8 @@
 //!   (`MML1`), session sync (`MMK1`).
 //! - [`devices`]: key backup and restore, and the key transfer when a device is linked.
 //! - [`inbox`]: offline delivery: fetch, open, store, then acknowledge.
+//! - [`portable`]: `export` and `import`: the whole profile in one passphrase-encrypted file
+//!   (`MMDX`), to take the device to another machine.
 //! - [`porting`]: moving to another broker of the network, keeping the number.
 #![forbid(unsafe_code)]
 
@@ -26,8 +28,11 @@ pub mod groups;
 pub mod inbox;
 pub mod keys;
 pub mod link;
+pub mod move_account;
+pub mod moving;
 pub mod outbox;
 pub mod p2p;
+pub mod portable;
 pub mod porting;
 pub mod profile;
 pub mod relay;

@@ -59,6 +59,9 @@ pub struct Queued {
     /// one is up, and is never deposited as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsealed: Option<String>,
+    /// A *moved* notice (protocol.md 12.13), not a message: no history line when it goes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub moved: bool,
 }
 
 impl Queued {
@@ -159,6 +162,7 @@ mod tests {
             failed: None,
             group: None,
             unsealed: None,
+            moved: false,
         }
     }
 

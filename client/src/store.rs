@@ -38,6 +38,9 @@ use crate::keys::SharedSession;
 use crate::p2p::{CounterPersist, StoredSession};
 use crate::profile::{Profile, ProfileError};
 
+mod moves;
+pub use moves::{FollowError, MAX_FORMER, safety_number_with};
+
 const CONTACTS: &str = "contacts.json";
 const HISTORY_DIR: &str = "history";
 const SESSIONS_DIR: &str = "sessions";
@@ -120,6 +123,24 @@ pub struct Contact {
     /// the contact is verified while it is the pinned key (a changed key is not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<String>,
+    /// The time of the last *moved* notice this device followed for the contact (protocol
+    /// 12.13): a notice not later than it is refused, so an old one cannot move it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_at: Option<u64>,
+    /// The numbers the safety number with this contact is computed over, (own, contact), when
+    /// either side moved to a new number since the key was pinned: the safety number stays
+    /// the one the two compared (protocol 12.13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety_as: Option<(String, String)>,
+    /// The broker-level contact pair must be set up again for the current numbers (one side
+    /// moved): this device asks with INITIATE-NEW, and accepts the contact's request without
+    /// asking when its handshake presents the pinned key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repair: bool,
+    /// The numbers the contact had before it moved, latest last (at most
+    /// [`MAX_FORMER`]): deposits it left from there before moving still open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub former: Vec<String>,
 }
 
 impl Contact {
@@ -137,6 +158,10 @@ impl Contact {
             name: None,
             presented: None,
             verified: None,
+            moved_at: None,
+            safety_as: None,
+            repair: false,
+            former: Vec::new(),
         }
     }
 }
@@ -455,7 +480,7 @@ impl Store {
             .map(drop)
     }
 
-    fn update_contact(
+    pub(crate) fn update_contact(
         &self,
         number: &str,
         now_unix: u64,
@@ -464,13 +489,14 @@ impl Store {
         let number = valid(number)?;
         let _guard = self.lock();
         let mut contacts = self.read_contacts()?;
+        let new = !contacts.contains_key(number);
         let contact = contacts
             .entry(number.to_owned())
             .or_insert_with(|| Contact::new(now_unix));
         let before = contact.clone();
         change(contact);
         let after = contact.clone();
-        if after != before || !self.dir().join(CONTACTS).exists() {
+        if new || after != before || !self.dir().join(CONTACTS).exists() {
             self.write_contacts(&contacts)?;
         }
         Ok(after)

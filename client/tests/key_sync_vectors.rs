@@ -168,6 +168,10 @@ fn bundle() -> KeyBundle {
             name: Some("Bob".into()),
             presented: None,
             verified: None,
+            moved_at: None,
+            safety_as: None,
+            repair: false,
+            former: Vec::new(),
         },
     );
     contacts.insert(
@@ -180,6 +184,10 @@ fn bundle() -> KeyBundle {
             name: None,
             presented: None,
             verified: None,
+            moved_at: None,
+            safety_as: None,
+            repair: false,
+            former: Vec::new(),
         },
     );
     KeyBundle::new(

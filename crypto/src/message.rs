@@ -56,6 +56,8 @@ pub enum Kind {
     Group = 0x03,
     /// Reserved for device sync; the payload is opaque here.
     Sync = 0x04,
+    /// A signed *moved* notice (protocol.md 12.13); the payload is checked by the client.
+    Moved = 0x05,
 }
 
 impl Kind {
@@ -67,6 +69,7 @@ impl Kind {
             0x02 => Some(Self::Disconnect),
             0x03 => Some(Self::Group),
             0x04 => Some(Self::Sync),
+            0x05 => Some(Self::Moved),
             _ => None,
         }
     }
@@ -75,7 +78,7 @@ impl Kind {
         let ok = match self {
             Self::Heartbeat => payload.is_empty(),
             Self::Text | Self::Disconnect => core::str::from_utf8(payload).is_ok(),
-            Self::Group | Self::Sync => true,
+            Self::Group | Self::Sync | Self::Moved => true,
         };
         if ok {
             Ok(())

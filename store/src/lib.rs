@@ -33,6 +33,11 @@
 //! of many connections and stores them in one transaction with a handful of statements, with a
 //! separate outcome per item; [`DepositBatcher`] is a ready-made task that gathers single
 //! deposits into such batches.
+//!
+//! Moving data: [`tables`] lists every table once (columns, keys, what moves with an entity)
+//! and reads and writes rows generically; [`migrate`] copies a whole store into another
+//! (`micromsg-broker migrate-store`); [`portable`] reads and writes entities with all their
+//! rows (`micromsg-broker export` / `import`).
 
 mod backup;
 mod batcher;
@@ -40,9 +45,12 @@ mod entities;
 mod error;
 mod federation;
 mod inbox;
+pub mod migrate;
+pub mod portable;
 mod ported;
 mod social;
 mod sweep;
+pub mod tables;
 mod types;
 
 use std::fmt;

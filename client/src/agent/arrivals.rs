@@ -23,6 +23,12 @@ impl Agent {
                 for a in &arrived {
                     self.report(a).await;
                 }
+                // Moves first: a group op or message after a notice may name the new number.
+                for a in &arrived {
+                    if let Arrived::Moved { peer, payload } = a {
+                        self.on_moved(peer, payload).await;
+                    }
+                }
                 self.apply_group_frames(&arrived).await;
                 arrived
             }
@@ -119,7 +125,7 @@ impl Agent {
                 .await;
             }
             Arrived::Dropped { reason } => self.warn(format!("inbox: dropped {reason}")).await,
-            Arrived::Linked(_) | Arrived::Group { .. } => {}
+            Arrived::Linked(_) | Arrived::Group { .. } | Arrived::Moved { .. } => {}
         }
     }
 }

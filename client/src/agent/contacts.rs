@@ -58,8 +58,12 @@ impl Agent {
         // Never for a number the user blocked.
         let blocked = matches!(self.store.contact(&from), Ok(Some(c)) if c.blocked);
         let member = !known && !blocked && self.accepts_as_member(&from);
+        // One side moved (protocol 12.13): the pair for the current numbers is set up again
+        // without asking; the handshake must present the pinned key (checked in
+        // `on_handshake`), so only the contact itself gets through.
+        let repair = matches!(self.store.contact(&from), Ok(Some(c)) if c.repair && !c.blocked && c.identity.is_some());
         let decision = match self.config.accept {
-            _ if member => Some(true),
+            _ if member || repair => Some(true),
             AcceptPolicy::Any => Some(true),
             AcceptPolicy::Contacts => Some(known),
             // On one broker the broker answers for us (AUTO-EXISTING); for a peer broker's

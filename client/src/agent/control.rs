@@ -127,6 +127,12 @@ pub enum Command {
         /// Its id or an unambiguous prefix of at least 4 digits.
         id: String,
     },
+    /// Tell every contact and group that this entity moved (the `move` command): `notice` is
+    /// the signed *moved* notice (protocol.md 12.13), hex.
+    AnnounceMove {
+        /// The notice, hex.
+        notice: String,
+    },
 }
 
 /// The control socket of a profile.
@@ -354,6 +360,10 @@ impl Agent {
                     },
                     Err(message) => Err(refused(message)),
                 };
+                let _ = reply.send(r);
+            }
+            Command::AnnounceMove { notice } => {
+                let r = self.announce_move(&notice).await;
                 let _ = reply.send(r);
             }
             Command::Status => {

@@ -229,6 +229,47 @@ impl Agent {
         self.apply_own_op(group, before, op, message).await
     }
 
+    /// The `move` command's part in groups (protocol.md 12.13, docs/groups.md): in every group
+    /// this entity is a member of, a signed `move` op puts `moved.new` in its place, sent to
+    /// the other members like any change. Returns the groups changed.
+    pub(super) async fn announce_move_in_groups(
+        &mut self,
+        moved: &crate::moving::Moved,
+    ) -> Vec<String> {
+        let me = self.info.number.clone();
+        self.refresh_groups().await;
+        let ids = self.store.group_ids().unwrap_or_default();
+        let mut changed = Vec::new();
+        for id in ids {
+            let Ok(Some(mut group)) = self.store.load_group(&id) else {
+                continue;
+            };
+            if !group.state.is_member(&me) || group.state.is_member(&moved.new) {
+                continue;
+            }
+            let before = group.state.clone();
+            let op = group.new_op(&self.identity, &me, Change::Move(moved.new.clone()));
+            let pins = self.pins();
+            let merged = group.merge([op], |n| pins.get(n).copied());
+            if let Some(r) = merged.refused.first() {
+                self.warn(format!("group {}: the move op: {}", short(&id), r.reason))
+                    .await;
+                continue;
+            }
+            let saved = group.clone();
+            if let Err(e) = self.on_disk(move |s| s.save_group(&saved)).await {
+                self.warn(format!("saving group {}: {e}", short(&id))).await;
+                continue;
+            }
+            // The new number is this entity itself: nothing goes there.
+            let plan =
+                groups::plan_control(&before, &group, &merged.new, &me, &[moved.new.as_str()]);
+            self.group_send_all(plan).await;
+            changed.push(id);
+        }
+        changed
+    }
+
     /// Merges an op this device made, stores the group, and sends the op (or the state) to
     /// the members who need it; the reply names how each was reached.
     async fn apply_own_op(
@@ -488,6 +529,7 @@ impl Agent {
                 Change::Remove(m) => format!("removed {m}"),
                 Change::Leave => "left".to_owned(),
                 Change::Rename(_) => "renamed".to_owned(),
+                Change::Move(new) => format!("moved to the number {new}"),
             };
             self.notify(Notice::GroupChanged {
                 group: group.id.clone(),

@@ -118,6 +118,7 @@ impl Agent {
             failed: None,
             group: Some(frame.group.clone()),
             unsealed: Some(payload),
+            moved: false,
         });
         if let Err(e) = self.persist_outbox().await {
             self.outbox.retain(|q| q.id != id);

@@ -53,6 +53,7 @@ mod control;
 mod group_chat;
 mod limits;
 mod member_sessions;
+mod moves;
 mod notice;
 mod outbound;
 mod queue;
@@ -71,7 +72,7 @@ pub use notice::Notice;
 use reply::refused;
 pub use reply::{
     Answer, CommandError, Delivered, Detail, GroupReport, InboxBatch, InboxMessage, MemberDelivery,
-    Output, Reply,
+    MoveReport, Output, Reply,
 };
 
 use control::{bind_control, serve_control};
@@ -238,6 +239,8 @@ pub async fn start(
         if agent.config.announce {
             // Group frames waiting for a first session with a member: ask for it again.
             agent.ask_awaited_members().await;
+            // Contacts whose broker-level pair a move undid (protocol 12.13).
+            agent.ask_repairs().await;
         }
     }
     if agent.config.announce {

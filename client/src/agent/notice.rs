@@ -159,6 +159,27 @@ pub enum Notice {
         /// When it was queued (Unix seconds).
         queued_at: u64,
     },
+    /// A contact moved to a new number (a *moved* notice signed with its pinned key,
+    /// protocol 12.13): the contact is filed under the new number, with its name, pinned key,
+    /// safety number and history.
+    ContactMoved {
+        /// The number it had.
+        old: String,
+        /// The number it has now.
+        new: String,
+        /// Its name, if the user gave it one.
+        name: Option<String>,
+        /// Its new broker's `HOST:PORT`.
+        broker: String,
+    },
+    /// A *moved* notice was refused (not signed with the pinned key, not from the contact it
+    /// names, or not newer than the last one followed): nothing changed.
+    MoveRefused {
+        /// The contact whose session carried it.
+        from: String,
+        /// Why, for people.
+        reason: String,
+    },
     /// Something failed (the agent goes on).
     Warning {
         /// What.

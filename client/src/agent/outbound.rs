@@ -27,6 +27,8 @@ pub(super) enum Outbound<'a> {
     Text(&'a str),
     /// A group frame to a member (the group layer keeps its own history).
     Group(&'a Frame),
+    /// A signed *moved* notice (protocol.md 12.13) to a contact; no history line.
+    Moved(&'a [u8]),
 }
 
 /// A DEPOSIT refusal, for people.
@@ -87,6 +89,14 @@ impl Agent {
             ))));
             return;
         }
+        // One side moved (protocol 12.13): the brokers hold no contact pair for these numbers
+        // yet, so a deposit would be refused; ask for a session (INITIATE-NEW) first.
+        if matches!(self.store.contact(&to), Ok(Some(c)) if c.repair)
+            && !self.config.offline_after.is_zero()
+        {
+            self.initiate(to, Some(text), reply, false, None).await;
+            return;
+        }
         match self.store.load_session(&to) {
             Ok(Some(_)) => {
                 let r = self.send_text(&to, &text).await;
@@ -108,7 +118,8 @@ impl Agent {
             let r = self.send_text(&to, &text).await;
             let _ = reply.send(r);
         } else {
-            self.initiate(to, Some(text), reply, true, None).await;
+            let existing = !matches!(self.store.contact(&to), Ok(Some(c)) if c.repair);
+            self.initiate(to, Some(text), reply, existing, None).await;
         }
     }
 
@@ -120,7 +131,8 @@ impl Agent {
         if asked || !self.config.announce || self.link.is_none() {
             return;
         }
-        let existing = matches!(self.store.contact(peer), Ok(Some(_)));
+        // A contact whose pair a move undid asks anew (INITIATE-NEW, protocol 12.13).
+        let existing = matches!(self.store.contact(peer), Ok(Some(c)) if !c.repair);
         // Nobody waits for the answer: the session, if it comes, carries the next message.
         self.initiate(peer.to_owned(), None, Waiter::detached(), existing, None)
             .await;
@@ -229,6 +241,7 @@ impl Agent {
             let sent = match outbound {
                 Outbound::Text(text) => sender.send_text_tracked(text.to_owned()).await,
                 Outbound::Group(frame) => sender.send_group(frame.encode()).await,
+                Outbound::Moved(notice) => sender.send_moved(notice.to_vec()).await,
             };
             // A session that ended just now falls through to the outbox; any other failure
             // is final (the stored keys are the live session's while it runs, and must not
@@ -321,6 +334,10 @@ impl Agent {
                     Some(&frame.group),
                 )
                 .await?
+            }
+            Outbound::Moved(notice) => {
+                self.queue_sealed(peer, Kind::Moved, notice, "(moved notice)", None)
+                    .await?
             }
         };
         match self.flush_outbox(Some((peer, &id))).await.remove(&id) {

@@ -163,6 +163,7 @@ impl Agent {
             last_error: None,
             failed: None,
             group: group.map(str::to_owned),
+            moved: kind == Kind::Moved,
             unsealed: None,
         });
         if let Err(e) = self.persist_outbox().await {
@@ -284,8 +285,9 @@ impl Agent {
     /// A queued item went out: into the history, a copy to this entity's other devices, and a
     /// notice when an earlier command queued it.
     async fn after_deposit(&mut self, item: &Queued, notify: bool) {
-        if item.group.is_some() {
-            // The group history has it already; its copy goes to this entity's other devices.
+        if item.group.is_some() || item.moved {
+            // The group history has it already (a notice has none); its copy goes to this
+            // entity's other devices.
             if let Ok(envelope) = item.envelope_bytes() {
                 self.sync_copy(&item.to, envelope).await;
             }

@@ -95,6 +95,8 @@ pub enum Detail {
         /// The number removed.
         removed: String,
     },
+    /// `announce-move` (the `move` command): how each contact and group was told.
+    Moved(MoveReport),
     /// `outbox cancel`.
     Unqueued {
         /// The id of the queued message taken out.
@@ -409,5 +411,22 @@ mod tests {
             partial.data.unwrap()["delivered"]["101"],
             "queued: broker down"
         );
+    }
+}
+
+/// How a move was announced (the `move` command, protocol.md 12.13).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveReport {
+    /// The new number.
+    pub new_number: String,
+    /// Each contact told, by number: `live`, `deposited`, `queued: WHY` or `failed: WHY`.
+    pub notified: BTreeMap<String, String>,
+    /// The groups whose members were told (group ids).
+    pub groups: Vec<String>,
+}
+
+impl From<MoveReport> for Detail {
+    fn from(m: MoveReport) -> Self {
+        Detail::Moved(m)
     }
 }

@@ -97,11 +97,14 @@ impl Agent {
             fail(waiting, message);
             return;
         }
-        let safety_number = crate::store::safety_number(
+        self.mark_repaired(&peer).await;
+        let contact = self.store.contact(&peer).ok().flatten();
+        let safety_number = crate::store::safety_number_with(
             &self.info.number,
             &self.identity.public_key(),
             &peer,
             &established.peer_identity,
+            contact.as_ref(),
         )
         .unwrap_or_default();
         let stored = established.stored_session(now);
@@ -229,6 +232,16 @@ impl Agent {
                 }
                 self.on_group_frame(&peer, Direction::In, &payload, unix, false)
                     .await;
+            }
+            PeerEvent::Moved {
+                counter, payload, ..
+            } => {
+                let live = self.live.entry(session_id).or_default();
+                live.last = Some(counter);
+                if live.offline.remove(&counter) {
+                    return;
+                }
+                self.on_moved(&peer, &payload).await;
             }
             PeerEvent::Ended(end) => {
                 if self

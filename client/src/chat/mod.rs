@@ -389,7 +389,7 @@ impl Runner {
             .info()
             .map_err(|e| format!("this profile cannot be read: {e}"))?;
         let mine = micromsg_crypto::IdentityKey::from_seed(&secrets.identity_seed).public_key();
-        crate::store::safety_number(&info.number, &mine, peer, &theirs)
+        crate::store::safety_number_with(&info.number, &mine, peer, &theirs, Some(&contact))
             .map_err(|e| format!("safety number: {e}"))
     }
 }

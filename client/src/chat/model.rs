@@ -976,6 +976,25 @@ impl Chat {
                     }
                 }
             }
+            Notice::ContactMoved { old, new, .. } => {
+                // The same conversation under the new number (protocol 12.13); its history
+                // moved with it, and the session with the old number is over.
+                let shown = self.name_of(old).to_owned();
+                if let Some(name) = self.names.remove(old) {
+                    self.names.insert(new.clone(), name);
+                }
+                if let Some(c) = self.conversations.iter_mut().find(|c| c.peer == *old) {
+                    c.peer.clone_from(new);
+                    c.live = None;
+                }
+                self.status = Some(format!("{shown} moved to the number {new}"));
+            }
+            Notice::MoveRefused { from, reason } => {
+                self.status = Some(format!(
+                    "a moved notice from {} was REFUSED: {reason}",
+                    self.name_of(from)
+                ));
+            }
             Notice::Warning { message } => self.status = Some(message.clone()),
             _ => {}
         }
@@ -1006,6 +1025,46 @@ mod tests {
             chat.add_contact(p, None, false);
         }
         chat
+    }
+
+    #[test]
+    fn a_contact_that_moved_keeps_its_conversation_and_name_under_the_new_number() {
+        let mut chat = Chat::new("5550001".into(), 1);
+        chat.add_contact("5550002", Some("Bob".into()), false);
+        chat.on_notice(
+            &Notice::SessionStarted {
+                peer: "5550002".into(),
+                first_contact: false,
+                safety_number: String::new(),
+                path: Path::Direct,
+            },
+            0,
+        );
+        chat.on_notice(
+            &Notice::ContactMoved {
+                old: "5550002".into(),
+                new: "5560009".into(),
+                name: Some("Bob".into()),
+                broker: "y:7400".into(),
+            },
+            0,
+        );
+        let c = chat
+            .conversations
+            .iter()
+            .find(|c| c.peer == "5560009")
+            .unwrap();
+        assert_eq!((c.live, chat.name_of("5560009")), (None, "Bob"));
+        assert!(!chat.conversations.iter().any(|c| c.peer == "5550002"));
+        assert!(chat.status.as_deref().unwrap().contains("Bob moved"));
+        chat.on_notice(
+            &Notice::MoveRefused {
+                from: "5560009".into(),
+                reason: "bad signature".into(),
+            },
+            0,
+        );
+        assert!(chat.status.as_deref().unwrap().contains("REFUSED"));
     }
 
     #[test]

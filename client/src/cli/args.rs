@@ -161,6 +161,61 @@ pub(super) enum Command {
     /// is a group id or an unambiguous prefix of one (see `group list`).
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Write everything this device holds into one file, to take it to another machine:
+    /// identity and device secrets, contacts with their names and pinned keys, session keys,
+    /// groups, history, the inbox state, the outbox and settings. The file is encrypted under a
+    /// passphrase (Argon2id, ChaCha20-Poly1305), asked twice without echo, or read from
+    /// MICROMSG_PASSPHRASE. Stop a running `listen` or `chat` first. The file IS this device:
+    /// once it is imported elsewhere, do not use this profile again.
+    Export {
+        /// The file to write (an existing file is never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Argon2id memory in MiB: what each guess of the passphrase costs an attacker.
+        #[arg(long, default_value_t = 64, value_name = "MIB",
+              value_parser = clap::value_parser!(u32).range(8..=4096))]
+        kdf_memory_mib: u32,
+        /// Argon2id passes.
+        #[arg(long, default_value_t = 3, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=100))]
+        kdf_iterations: u32,
+    },
+    /// Restore a file made by `export` into --profile, a new or empty directory: the same
+    /// device, with all it held. The passphrase is asked without echo, or read from
+    /// MICROMSG_PASSPHRASE. A wrong passphrase, a damaged file or a newer format each get their
+    /// own error, and nothing is written. Afterwards, do not use the old copy any more.
+    Import {
+        /// The export file.
+        file: PathBuf,
+        /// The most Argon2id memory, in MiB, a file may ask for (a hostile file could ask for
+        /// more than the machine has).
+        #[arg(long, default_value_t = 1024, value_name = "MIB",
+              value_parser = clap::value_parser!(u32).range(1..=4_194_303))]
+        max_kdf_memory_mib: u32,
+        /// The most Argon2id passes a file may ask for.
+        #[arg(long, default_value_t = 10, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..))]
+        max_kdf_iterations: u32,
+    },
+    /// Move this entity to another broker, with a new number there, keeping the identity key
+    /// (so contacts keep the same pinned key and safety number). In order: fetches what waits
+    /// in the old inbox; registers at the new broker; tells every contact (live, or through
+    /// its inbox at the old broker) with a notice signed by the identity key, and every group
+    /// with a signed op; then switches this profile to the new broker. Contacts follow by
+    /// themselves; the broker-level contact pair is set up again automatically the next time
+    /// both are online. Stop a running `listen` or `chat` first. Interrupted, run it again:
+    /// it picks up the account it registered, or finishes switching the profile.
+    Move {
+        /// The new broker's HOST:PORT.
+        #[arg(long)]
+        broker: String,
+        /// CA certificate to trust for the new broker (its DATA_DIR/tls/ca.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Registration token, if the new broker requires one.
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Move to another broker of the same network and keep your number. Fetches everything
     /// waiting at the current broker first, then the current broker lets the number go
     /// (PORT-OUT) and the new one takes it over (PORT-IN) with your identity key's

@@ -12,7 +12,7 @@ use crate::groups;
 use crate::link::LinkError;
 use crate::p2p::SessionConfig;
 use crate::profile::Profile;
-use crate::store::{Direction, Store, safety_number};
+use crate::store::{Direction, Store, safety_number_with};
 use crate::when::local_time;
 use anyhow::Context;
 use clap::Parser;
@@ -30,6 +30,7 @@ macro_rules! outln {
 }
 
 mod args;
+mod portable;
 mod print;
 mod via_agent;
 
@@ -662,10 +663,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let secrets = profile.secrets()?;
             let own = IdentityKey::from_seed(&secrets.identity_seed).public_key();
             let contact = Store::new(&profile).contact(&number)?;
-            let Some(peer) = contact.and_then(|c| c.identity) else {
+            let Some(peer) = contact.as_ref().and_then(|c| c.identity) else {
                 anyhow::bail!("no identity key pinned for {number} yet: set up a session first");
             };
-            let value = safety_number(&info.number, &own, &number, &peer)?;
+            let value = safety_number_with(&info.number, &own, &number, &peer, contact.as_ref())?;
             if json {
                 outln!("{}", json!({"number": number, "safety_number": value}));
             } else {
@@ -674,6 +675,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "compare these digits with {number} in person or by phone; they match only if no one is in the middle"
                 );
             }
+        }
+        Command::Move { broker, ca, token } => {
+            move_command(&profile, &broker, &ca, token, json).await?
         }
         Command::Device(DeviceCommand::Revoke { id }) => {
             let device = DeviceId::new(id).map_err(|e| anyhow::anyhow!("device id: {e}"))?;
@@ -688,6 +692,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 outln!("device {id} revoked");
             }
+        }
+        Command::Export {
+            out,
+            kdf_memory_mib,
+            kdf_iterations,
+        } => {
+            let params = crate::portable::KdfParams {
+                memory_kib: kdf_memory_mib * 1024,
+                iterations: kdf_iterations,
+                parallelism: 1,
+            };
+            portable::export(&profile, &out, params, json)?;
+        }
+        Command::Import {
+            file,
+            max_kdf_memory_mib,
+            max_kdf_iterations,
+        } => {
+            let limits = crate::portable::KdfLimits {
+                max_memory_kib: max_kdf_memory_mib.saturating_mul(1024),
+                max_iterations: max_kdf_iterations,
+            };
+            portable::import(&profile, &file, limits, json)?;
         }
     }
     Ok(())
@@ -810,4 +837,60 @@ async fn outbox_command(
             print_reply(reply, json)
         }
     }
+}
+
+/// `move --broker HOST:PORT --ca FILE [--token T]` (protocol.md 12.13).
+async fn move_command(
+    profile: &Profile,
+    broker: &str,
+    ca: &std::path::Path,
+    token: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::move_account::{Step, move_to};
+    let done = move_to(profile, broker, ca, token, |step| {
+        if json {
+            return;
+        }
+        match step {
+            Step::FetchingInbox => eprintln!("1/4 fetching what waits in the old inbox…"),
+            Step::Registering => eprintln!("2/4 registering at {broker}…"),
+            Step::Resuming { number } => {
+                eprintln!("2/4 using the account {number} an interrupted move registered");
+            }
+            Step::Announcing { number } => {
+                eprintln!("3/4 telling contacts and groups about the new number {number}…");
+            }
+            Step::Switching => eprintln!("4/4 switching this profile to {broker}…"),
+        }
+    })
+    .await?;
+    if json {
+        outln!(
+            "{}",
+            json!({"old_number": done.old_number, "number": done.new_number,
+                   "broker": done.broker, "fetched": done.fetched,
+                   "notified": done.report.notified, "groups": done.report.groups,
+                   "warnings": done.warnings})
+        );
+        return Ok(());
+    }
+    for w in &done.warnings {
+        eprintln!("warning: {w}");
+    }
+    outln!("{}", done.new_number);
+    let names = print::Names::of(profile);
+    for (number, how) in &done.report.notified {
+        eprintln!("  told {}: {how}", names.show(number));
+    }
+    eprintln!(
+        "moved: {} is now {} at {} ({} message(s) fetched from the old inbox first, {} \
+         group(s) told); contacts follow the signed notice and keep your safety number",
+        done.old_number,
+        done.new_number,
+        done.broker,
+        done.fetched,
+        done.report.groups.len()
+    );
+    Ok(())
 }

@@ -82,6 +82,21 @@ fn notice_text(notice: &Notice, profile: &Profile) -> String {
         Notice::SessionStarted { peer, path, .. } => {
             format!("session with {} started, {}", who(peer), path_text(*path))
         }
+        Notice::ContactMoved {
+            old,
+            new,
+            name,
+            broker,
+        } => format!(
+            "{} moved to the number {new} at {broker} (notice signed with the pinned key): \
+             same contact, same safety number, history kept",
+            name.as_deref()
+                .map_or_else(|| old.clone(), |n| format!("{n} ({old})"))
+        ),
+        Notice::MoveRefused { from, reason } => format!(
+            "WARNING: a moved notice from {} was REFUSED, nothing changed: {reason}",
+            who(from)
+        ),
         Notice::IdentityChanged {
             peer,
             pinned,

@@ -136,6 +136,13 @@ pub(super) async fn run_in_agent(
                 while let Some(notice) = rx.recv().await {
                     match &notice {
                         Notice::Warning { message } => eprintln!("warning: {message}"),
+                        Notice::MoveRefused { from, reason } => eprintln!(
+                            "WARNING: a moved notice from {from} was REFUSED, nothing \
+                             changed: {reason}"
+                        ),
+                        Notice::ContactMoved { old, new, .. } => {
+                            eprintln!("{old} moved to the number {new} (notice verified)");
+                        }
                         Notice::IdentityChanged { peer, .. } => eprintln!(
                             "WARNING: the identity key of {peer} CHANGED; the session was \
                              refused. Verify the safety number with {peer} out of band."

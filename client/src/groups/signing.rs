@@ -10,6 +10,7 @@
 //! body      create: field(name) || u32 BE count || count × (field(number) || field(key))
 //!           add:    field(member) || field(key)      remove: field(member)
 //!           leave:  (nothing)                         rename: field(name)
+//!           move:   field(new number)
 //! group id  = hex(SHA-256(field("micromsg group id v2") || field(creator) || field(key)
 //!             || field(create id))[..16])
 //! ```
@@ -43,6 +44,7 @@ pub(super) fn op_name(change: &Change) -> &'static str {
         Change::Remove(_) => "remove",
         Change::Leave => "leave",
         Change::Rename(_) => "rename",
+        Change::Move(_) => "move",
     }
 }
 
@@ -72,6 +74,7 @@ pub fn signed_bytes(group: &str, op: &Op) -> Vec<u8> {
         Change::Remove(number) => field(&mut out, number.as_bytes()),
         Change::Leave => {}
         Change::Rename(name) => field(&mut out, name.as_bytes()),
+        Change::Move(new) => field(&mut out, new.as_bytes()),
     }
     out
 }

@@ -82,6 +82,15 @@ pub enum PeerEvent {
         /// The payload (a JSON object for [`crate::groups`]).
         payload: Vec<u8>,
     },
+    /// A MOVED notice (protocol.md 12.13), unchecked: [`crate::moving`] checks it.
+    Moved {
+        /// The peer's counter for it.
+        counter: u64,
+        /// The peer's clock when it sealed it (Unix seconds; informational).
+        unix: u64,
+        /// The notice.
+        payload: Vec<u8>,
+    },
     /// The session is over; always the last event.
     Ended(SessionEnd),
 }
@@ -193,6 +202,8 @@ enum Outgoing {
     Group {
         payload: Vec<u8>,
         sealed: oneshot::Sender<Sealed>,
+        /// GROUP, or MOVED: both opaque bytes tracked the same way.
+        kind: Kind,
     },
     Close(String),
 }
@@ -281,6 +292,22 @@ impl SessionSender {
         &self,
         payload: Vec<u8>,
     ) -> Result<oneshot::Receiver<Sealed>, SendError> {
+        self.send_bytes(Kind::Group, payload).await
+    }
+
+    /// Queues a MOVED notice (protocol.md 12.13), tracked like [`SessionSender::send_group`].
+    pub async fn send_moved(
+        &self,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Sealed>, SendError> {
+        self.send_bytes(Kind::Moved, payload).await
+    }
+
+    async fn send_bytes(
+        &self,
+        kind: Kind,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Sealed>, SendError> {
         if payload.len() > self.max_text_len {
             return Err(SendError::TooLong {
                 len: payload.len(),
@@ -292,6 +319,7 @@ impl SessionSender {
             .send(Outgoing::Group {
                 payload,
                 sealed: tx,
+                kind,
             })
             .await
             .map_err(|_| SendError::Closed)?;
@@ -684,6 +712,13 @@ where
                     payload,
                 });
             }
+            (Kind::Moved, Body::Bytes(payload)) => {
+                self.deliver(PeerEvent::Moved {
+                    counter: header.counter,
+                    unix: header.unix_secs,
+                    payload,
+                });
+            }
             (Kind::Disconnect, Body::Text(reason)) => {
                 return Err(EndReason::PeerDisconnected(reason));
             }
@@ -729,9 +764,13 @@ where
                         });
                     }
                 }
-                Outgoing::Group { payload, sealed } => {
+                Outgoing::Group {
+                    payload,
+                    sealed,
+                    kind,
+                } => {
                     let start = self.wbuf.len();
-                    let counter = self.seal(unix, Kind::Group, &payload)?;
+                    let counter = self.seal(unix, kind, &payload)?;
                     let frame = self.wbuf.get(start + 4..).unwrap_or_default().to_vec();
                     let _ = sealed.send(Sealed {
                         counter,

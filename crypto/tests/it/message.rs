@@ -42,6 +42,7 @@ fn kind_and_payload() -> impl Strategy<Value = (Kind, Vec<u8>)> {
         ".{0,40}".prop_map(|s| (Kind::Disconnect, s.into_bytes())),
         proptest::collection::vec(any::<u8>(), 0..300).prop_map(|p| (Kind::Group, p)),
         proptest::collection::vec(any::<u8>(), 0..300).prop_map(|p| (Kind::Sync, p)),
+        proptest::collection::vec(any::<u8>(), 0..300).prop_map(|p| (Kind::Moved, p)),
     ]
 }
 
@@ -224,9 +225,9 @@ fn authentic_but_inconsistent_frames() {
         handmade_frame(&k, 5, "5-100", Kind::Text as u8, b"x"),
         k.seal(5, 100, Kind::Text, b"x").unwrap()
     );
-    // Unknown kind.
-    let f = handmade_frame(&k, 5, "5-100", 0x05, b"x");
-    assert_eq!(open(&k, &f), Err(MessageError::UnknownKind(0x05)));
+    // Unknown kind (0x05 is MOVED, protocol 12.13; 0x06 on are unknown).
+    let f = handmade_frame(&k, 5, "5-100", 0x06, b"x");
+    assert_eq!(open(&k, &f), Err(MessageError::UnknownKind(0x06)));
     // Header counter differs from the prefix counter.
     let f = handmade_frame(&k, 5, "6-100", Kind::Text as u8, b"x");
     assert_eq!(open(&k, &f), Err(MessageError::Tampered));
@@ -241,7 +242,8 @@ fn authentic_but_inconsistent_frames() {
     );
     let f = handmade_frame(&k, 5, "5-100", Kind::Text as u8, &[0xc3]);
     assert_eq!(open(&k, &f), Err(MessageError::InvalidPayload(Kind::Text)));
-    assert_eq!(Kind::from_byte(0x05), None);
+    assert_eq!(Kind::from_byte(0x05), Some(Kind::Moved));
+    assert_eq!(Kind::from_byte(0x06), None);
 }
 
 #[test]

@@ -1,0 +1,170 @@
+//! Moves to another broker (protocol.md 12.13) from the agent's side: announcing this
+//! entity's move to every contact (and group), following a contact's signed *moved* notice,
+//! and setting up the broker-level contact pair again for the new numbers.
+
+use std::collections::BTreeMap;
+
+use crate::account::unix_now;
+use crate::moving::{Moved, MovedError};
+use crate::store::FollowError;
+
+use super::outbound::Outbound;
+use super::reply::MoveReport;
+use super::{Agent, Answer, Delivered, Notice, Output, refused};
+
+impl Agent {
+    /// `announce-move`: sends the signed notice (made by [`crate::move_account`]) to every
+    /// contact with a pinned key, live when a session is up, else deposited through the
+    /// contact's inbox, and announces the new number in every group (docs/groups.md).
+    pub(super) async fn announce_move(&mut self, notice_hex: &str) -> Answer {
+        let bytes = micromsg_crypto::hex::decode(notice_hex)
+            .map_err(|e| refused(format!("the notice is not hex: {e}")))?;
+        let moved = Moved::open(&bytes, &self.identity.public_key())
+            .map_err(|e| refused(format!("the notice is not ours: {e}")))?;
+        if moved.old != self.info.number {
+            return Err(refused(format!(
+                "the notice moves {}, but this device is {}",
+                moved.old, self.info.number
+            )));
+        }
+        let contacts = self.store.contacts().map_err(|e| refused(e.to_string()))?;
+        let mut notified = BTreeMap::new();
+        for (number, contact) in contacts {
+            if contact.identity.is_none() || contact.blocked || number == moved.new {
+                continue;
+            }
+            let how = match self.deliver_to(&number, Outbound::Moved(&bytes)).await {
+                Ok(Delivered::Live) => "live".to_owned(),
+                Ok(Delivered::Deposited { .. }) => "deposited".to_owned(),
+                Ok(Delivered::Queued { reason, .. }) => format!("queued: {reason}"),
+                Err(reason) => format!("failed: {reason}"),
+            };
+            notified.insert(number, how);
+        }
+        let groups = self.announce_move_in_groups(&moved).await;
+        let reached = notified
+            .values()
+            .filter(|h| *h == "live" || *h == "deposited")
+            .count();
+        Ok(Output::said(format!(
+            "told {reached} of {} contact(s) and {} group(s) about the new number {}",
+            notified.len(),
+            groups.len(),
+            moved.new
+        ))
+        .with(MoveReport {
+            new_number: moved.new.clone(),
+            notified,
+            groups,
+        }))
+    }
+
+    /// A MOVED notice from `peer` (live or from the inbox): followed only if it verifies under
+    /// the key pinned for `peer`, names `peer` and is newer than the last one followed;
+    /// otherwise a warning, and nothing changes.
+    pub(super) async fn on_moved(&mut self, peer: &str, payload: &[u8]) {
+        let contact = match self.store.contact(peer) {
+            Ok(c) => c,
+            Err(e) => {
+                self.warn(format!("reading the contact {peer}: {e}")).await;
+                return;
+            }
+        };
+        let Some(pinned) = contact.as_ref().and_then(|c| c.identity) else {
+            self.refuse_move(peer, "no identity key is pinned for it".into())
+                .await;
+            return;
+        };
+        let last = contact.as_ref().and_then(|c| c.moved_at);
+        let moved = match Moved::open(payload, &pinned) {
+            Ok(m) => m,
+            Err(e) => {
+                self.refuse_move(peer, e.to_string()).await;
+                return;
+            }
+        };
+        // A move already followed: the broker's copy of its notice, or the notice sent again by
+        // a `move` that was interrupted and run again; it arrives under the new number.
+        let former = contact
+            .as_ref()
+            .is_some_and(|c| c.former.contains(&moved.old));
+        if moved.new == peer && former {
+            return;
+        }
+        if let Err(e) = moved.check_for(peer, last) {
+            let reason = match e {
+                MovedError::Stale => format!("{e} (signed at {})", moved.time),
+                other => other.to_string(),
+            };
+            self.refuse_move(peer, reason).await;
+            return;
+        }
+        // The live session belongs to the old number; messages go to the new one from now on.
+        if let Some((sender, _)) = self.sessions.remove(peer) {
+            let _ = sender.close("moved to another number").await;
+            self.paths.remove(peer);
+        }
+        let (old, new, time) = (moved.old.clone(), moved.new.clone(), moved.time);
+        let followed = self.on_disk(move |s| s.follow_move(&old, &new, time)).await;
+        let contact = match followed {
+            Ok(c) => c,
+            Err(e @ (FollowError::KeyConflict { .. } | FollowError::NotAContact(_))) => {
+                self.refuse_move(peer, e.to_string()).await;
+                return;
+            }
+            Err(e) => {
+                self.warn(format!("following {peer}'s move: {e}")).await;
+                return;
+            }
+        };
+        let mut renamed = false;
+        for q in &mut self.outbox {
+            if q.to == moved.old {
+                q.to.clone_from(&moved.new);
+                renamed = true;
+            }
+        }
+        if renamed && let Err(e) = self.persist_outbox().await {
+            self.warn(format!("saving the outbox: {e}")).await;
+        }
+        self.networked.remove(&moved.new);
+        self.notify(Notice::ContactMoved {
+            old: moved.old.clone(),
+            new: moved.new.clone(),
+            name: contact.name,
+            broker: moved.broker.clone(),
+        })
+        .await;
+        self.ask_for_session(&moved.new).await;
+    }
+
+    async fn refuse_move(&self, from: &str, reason: String) {
+        self.notify(Notice::MoveRefused {
+            from: from.to_owned(),
+            reason,
+        })
+        .await;
+    }
+
+    /// Contacts whose broker-level pair must be set up again (one side moved): asked for a
+    /// session with INITIATE-NEW now, by a long-lived agent.
+    pub(super) async fn ask_repairs(&mut self) {
+        let Ok(contacts) = self.store.contacts() else {
+            return;
+        };
+        for (number, c) in contacts {
+            if c.repair && !c.blocked && c.identity.is_some() {
+                self.ask_for_session(&number).await;
+            }
+        }
+    }
+
+    /// A session with the pinned key is up: the pair exists again for these numbers.
+    pub(super) async fn mark_repaired(&self, peer: &str) {
+        let owned = peer.to_owned();
+        if let Err(e) = self.on_disk(move |s| s.repaired(&owned, unix_now())).await {
+            self.warn(format!("recording the contact pair with {peer}: {e}"))
+                .await;
+        }
+    }
+}
