@@ -12,9 +12,14 @@
 //! 3. PORT-OUT {TO: new broker} at the old broker: a single-use token;
 //! 4. PORT-IN at the new broker with the token, the statement signed by this entity's identity
 //!    key and a fresh server secret;
-//! 5. write the profile: the new CA, the new secrets (same identity key), then the new broker
+//! 5. write the profile: the new secrets (same identity key), the new CA, then the new broker
 //!    and its pinned identity (each file replaced atomically; `profile.toml` last, as at
 //!    registration, so until it is written the profile still names the old broker).
+//!
+//! **Interrupted ports.** The PORT-IN request is staged in `DIR/porting/` (0600) before it is
+//! sent, and its answer before the profile is switched. The next `port` finds the stage and
+//! sends the very same request again — the brokers answer a repeat alike (docs/federation.md
+//! 12.2) — or only finishes the switch. A request refused for good removes the stage.
 
 use std::path::Path;
 
@@ -94,6 +99,11 @@ pub async fn port(
         ));
     }
 
+    let stage = stage_of(profile);
+    if stage.path(STAGE_REQUEST).exists() {
+        return resume(profile, &stage, broker, &mut progress).await;
+    }
+
     progress("logging in at the old broker");
     let mut old = account::connect(profile).await?;
     let old_info = fetch_broker_info(&mut old.link).await?;
@@ -153,39 +163,213 @@ pub async fn port(
         signature: Hex64::from_bytes(identity.sign(&statement)),
         server_secret: Hex32::from_bytes(*server_secret.expose()),
     });
-    let data =
-        port_in_with_retries(new_link, broker, &tls_name, ca, request, &mut progress).await?;
-
-    progress("updating the profile");
-    let new_secrets = Secrets {
-        client_secret: Secret32::from_bytes(*data.client_secret.as_bytes()),
-        server_secret,
-        identity_seed: secrets.identity_seed,
-    };
-    let new_profile = ProfileInfo {
+    // Staged before it is sent: from here on the old broker may let the number go, and a
+    // crash must not lose the one request that completes the port.
+    let target = Target {
         broker: broker.to_owned(),
         tls_name,
-        number: info.number.clone(),
-        device: data.device.get(),
-        nonce_step: data.nonce_step,
-        broker_identity: Some(new_info.identity_key.to_hex()),
+        broker_identity: new_info.identity_key.to_hex(),
+        from,
+        to,
     };
+    let stage = stage_of(profile);
     let ca_pem = std::fs::read(ca).map_err(|source| ProfileError::Io {
         path: ca.to_owned(),
         source,
     })?;
-    profile.write_atomic("ca.pem", &ca_pem, false)?;
-    profile.write_secrets(&new_secrets)?;
-    profile.write_info(&new_profile)?;
+    stage.write_atomic(STAGE_CA, &ca_pem, false)?;
+    stage.write_atomic(STAGE_TARGET, &target.to_json()?, false)?;
+    stage.write_atomic(STAGE_REQUEST, &request.encode(1), true)?;
+    complete(
+        profile,
+        &stage,
+        &info,
+        &secrets,
+        target,
+        request,
+        fetched,
+        &mut progress,
+    )
+    .await
+}
+
+/// Files of the stage (`DIR/porting/`): the new broker's CA, where the port goes, the PORT-IN
+/// request (secret: it holds the token and the new device's server secret) and, once answered,
+/// the new profile (`profile.toml`, `secrets.toml`) and the entry's sequence.
+const STAGE_DIR: &str = "porting";
+const STAGE_CA: &str = "ca.pem";
+const STAGE_TARGET: &str = "target.json";
+const STAGE_REQUEST: &str = "port-in.yaml";
+const STAGE_SEQ: &str = "seq";
+
+fn stage_of(profile: &Profile) -> Profile {
+    Profile::new(profile.path(STAGE_DIR))
+}
+
+/// Where a staged port goes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Target {
+    broker: String,
+    tls_name: String,
+    broker_identity: String,
+    from: String,
+    to: String,
+}
+
+impl Target {
+    fn to_json(&self) -> Result<Vec<u8>, PortError> {
+        serde_json::to_vec(self).map_err(|e| PortError::NotPossible(e.to_string()))
+    }
+
+    fn read(stage: &Profile) -> Result<Self, PortError> {
+        let path = stage.path(STAGE_TARGET);
+        let bytes = std::fs::read(&path).map_err(|source| ProfileError::Io { path, source })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| PortError::NotPossible(format!("the staged port is unreadable: {e}")))
+    }
+}
+
+/// Sends the staged PORT-IN (again, after a crash: the brokers answer a repeat of the same
+/// request alike), stages the answer, and switches the profile.
+#[allow(clippy::too_many_arguments)]
+async fn complete(
+    profile: &Profile,
+    stage: &Profile,
+    info: &ProfileInfo,
+    secrets: &Secrets,
+    target: Target,
+    request: Request,
+    fetched: usize,
+    progress: &mut impl FnMut(&str),
+) -> Result<PortReport, PortError> {
+    let Request::PortIn(args) = &request else {
+        return Err(PortError::NotPossible(
+            "the staged request is not PORT-IN".into(),
+        ));
+    };
+    let server_secret = Secret32::from_bytes(*args.server_secret.as_bytes());
+    let ca = stage.path(STAGE_CA);
+    let link = BrokerLink::connect(
+        &target.broker,
+        &target.tls_name,
+        client_config(&ca).map_err(AccountError::from)?,
+    )
+    .await?;
+    let data = match port_in_with_retries(
+        link,
+        &target.broker,
+        &target.tls_name,
+        &ca,
+        request.clone(),
+        progress,
+    )
+    .await
+    {
+        Ok(data) => data,
+        Err(PortError::Link(e)) if is_final(&e) => {
+            // Refused for good: nothing to resume; the profile still names the old broker.
+            let _ = std::fs::remove_dir_all(stage.dir());
+            return Err(e.into());
+        }
+        Err(e) => return Err(e),
+    };
+    progress("updating the profile");
+    stage.write_secrets(&Secrets {
+        client_secret: Secret32::from_bytes(*data.client_secret.as_bytes()),
+        server_secret,
+        identity_seed: Secret32::from_bytes(*secrets.identity_seed.expose()),
+    })?;
+    stage.write_info(&ProfileInfo {
+        broker: target.broker.clone(),
+        tls_name: target.tls_name.clone(),
+        number: info.number.clone(),
+        device: data.device.get(),
+        nonce_step: data.nonce_step,
+        broker_identity: Some(target.broker_identity.clone()),
+    })?;
+    stage.write_atomic(STAGE_SEQ, data.seq.to_string().as_bytes(), false)?;
+    switch(profile, stage)?;
     Ok(PortReport {
-        number: info.number,
-        from,
-        to,
-        broker: broker.to_owned(),
+        number: info.number.clone(),
+        from: target.from,
+        to: target.to,
+        broker: target.broker,
         device: data.device.get(),
         seq: data.seq,
         fetched,
     })
+}
+
+/// Whether a PORT-IN error will not change by sending the same request again.
+fn is_final(e: &LinkError) -> bool {
+    use micromsg_wire::ErrorCode as E;
+    matches!(
+        e.code(),
+        Some(code) if !matches!(code, E::PeerUnavailable | E::RateLimited | E::Unavailable
+            | E::Internal | E::ShuttingDown)
+    )
+}
+
+/// Puts the staged profile in place: the secrets, the CA, then `profile.toml` (it names the
+/// broker the rest belongs to; until it is written the profile names the old one), then
+/// removes the stage.
+fn switch(profile: &Profile, stage: &Profile) -> Result<(), PortError> {
+    profile.write_secrets(&stage.secrets()?)?;
+    let path = stage.path(STAGE_CA);
+    let ca = std::fs::read(&path).map_err(|source| ProfileError::Io { path, source })?;
+    profile.write_atomic("ca.pem", &ca, false)?;
+    profile.write_info(&stage.info()?)?;
+    std::fs::remove_dir_all(stage.dir()).map_err(|source| ProfileError::Io {
+        path: stage.dir().to_owned(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// A port left unfinished by a crash or a lost connection: sends its staged PORT-IN again, or,
+/// when the answer was staged already, only switches the profile.
+async fn resume(
+    profile: &Profile,
+    stage: &Profile,
+    broker: &str,
+    progress: &mut impl FnMut(&str),
+) -> Result<PortReport, PortError> {
+    let target = Target::read(stage)?;
+    if target.broker != broker {
+        return Err(PortError::NotPossible(format!(
+            "a port to {} is unfinished; run `port --broker {} --ca …` again to finish it",
+            target.broker, target.broker
+        )));
+    }
+    let info = profile.info()?;
+    let secrets = profile.secrets()?;
+    if let Ok(staged) = stage.info() {
+        progress("finishing the profile switch of an interrupted port");
+        let seq_path = stage.path(STAGE_SEQ);
+        let seq = std::fs::read_to_string(&seq_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        switch(profile, stage)?;
+        return Ok(PortReport {
+            number: info.number,
+            from: target.from,
+            to: target.to,
+            broker: target.broker,
+            device: staged.device,
+            seq,
+            fetched: 0,
+        });
+    }
+    progress("sending the unfinished port's PORT-IN again");
+    let path = stage.path(STAGE_REQUEST);
+    let bytes = std::fs::read(&path).map_err(|source| ProfileError::Io { path, source })?;
+    let (_, request) = micromsg_wire::decode_request(&bytes, &micromsg_wire::Limits::default())
+        .map_err(|e| PortError::NotPossible(format!("the staged PORT-IN is unreadable: {e:?}")))?;
+    complete(
+        profile, stage, &info, &secrets, target, request, 0, progress,
+    )
+    .await
 }
 
 /// How often PORT-IN is sent again after a lost connection or PEER-UNAVAILABLE.

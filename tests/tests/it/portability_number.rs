@@ -737,3 +737,94 @@ async fn micromsg_port_moves_the_profile_and_keeps_the_number() {
     assert_eq!(p.info().unwrap().broker, y.addr);
     net.stop().await;
 }
+
+/// A port whose process died after it sent PORT-IN (the request staged in `DIR/porting/`, as
+/// `micromsg port` stages it before sending): the next `micromsg port` sends the very same
+/// request again and switches the profile; the number is kept and nothing else is asked of x.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_port_is_finished_by_the_next_run() {
+    let net = network(Backend::Sqlite).await;
+    let dir = net.broker(X).profile_dir("a");
+    let mut a = user(&net, X, "a").await;
+    let a_number = number(&a);
+    let profile = Profile::new(&dir);
+    let identity = identity_of(&profile);
+    let y = net.broker(Y);
+
+    // What the first run did before it died: PORT-OUT at x, the request staged and sent (y
+    // completed the port; the answer never reached the client).
+    let token = port_out(&mut a, "y", &identity).await.unwrap();
+    drop(a);
+    let time = micromsg_client::account::unix_now();
+    let server_secret = Secret32::generate(&mut rand_core::OsRng);
+    let request = Request::PortIn(PortInArgs {
+        number: a_number.clone(),
+        from: "x".into(),
+        token: Hex32::from_bytes(token),
+        identity_key: Hex32::from_bytes(*identity.public_key().as_bytes()),
+        time,
+        signature: Hex64::from_bytes(identity.sign(&port_statement(
+            a_number.as_str(),
+            "x",
+            "y",
+            time,
+        ))),
+        server_secret: Hex32::from_bytes(*server_secret.expose()),
+    });
+    let stage = dir.join("porting");
+    std::fs::create_dir_all(&stage).unwrap();
+    std::fs::copy(&y.ca, stage.join("ca.pem")).unwrap();
+    std::fs::write(stage.join("port-in.yaml"), request.encode(1)).unwrap();
+    let target = serde_json::json!({
+        "broker": y.addr, "tls_name": account::tls_name_of(&y.addr).unwrap(),
+        "broker_identity": "00".repeat(32), "from": "x", "to": "y",
+    });
+    std::fs::write(stage.join("target.json"), target.to_string()).unwrap();
+    port_in_at(
+        &net,
+        Y,
+        &a_number,
+        "x",
+        token,
+        &identity,
+        &server_secret,
+        time,
+    )
+    .await
+    .unwrap();
+    // The profile still names x, which refuses it now.
+    assert_eq!(profile.info().unwrap().broker, net.broker(X).addr);
+
+    // The next run finishes it.
+    let (addr, ca) = (y.addr.clone(), y.ca.clone());
+    let run_dir = dir.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            &run_dir,
+            &[
+                "--json",
+                "port",
+                "--broker",
+                &addr,
+                "--ca",
+                ca.to_str().unwrap(),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["number"], a_number.as_str());
+    assert_eq!(report["seq"], 1);
+    assert!(!stage.exists(), "the stage is removed");
+    assert_eq!(profile.info().unwrap().broker, y.addr);
+    let session = account::connect(&profile).await.unwrap();
+    assert_eq!(number(&session), a_number);
+    net.stop().await;
+}
