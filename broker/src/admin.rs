@@ -43,7 +43,9 @@ pub const SERVED: &[&str] = &[
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
 ];
-use proto::{FederationCounters, PeerStatus, RelayCounters, StatusRequest, StatusResponse};
+use proto::{
+    FederationCounters, PeerStatus, PortedNumber, RelayCounters, StatusRequest, StatusResponse,
+};
 
 /// Why the admin service or the status command failed.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,11 @@ pub async fn status(broker: &Broker) -> StatusResponse {
     let inbox_depth = store.inbox_depth().await.map(nonneg).unwrap_or(0);
     let outbox_depth = store.outbox_depth().await.map(nonneg).unwrap_or(0);
     let per_peer = store.outbox_depth_by_peer().await.unwrap_or_default();
+    let ported = if broker.federation.is_some() {
+        ported_status(store).await
+    } else {
+        Vec::new()
+    };
     let (network, peers, counters) = match broker.federation.as_ref() {
         None => (String::new(), Vec::new(), None),
         Some(f) => {
@@ -155,7 +162,31 @@ pub async fn status(broker: &Broker) -> StatusResponse {
             refused_by_limit: broker.relays.stats.refused_by_limit.load(Ordering::Relaxed),
         }),
         federation: counters,
+        ported,
     }
+}
+
+/// The ported-number entries held, with the peers each still has to be announced to.
+async fn ported_status(store: &micromsg_store::Store) -> Vec<PortedNumber> {
+    let waiting = store.unannounced_by_number().await.unwrap_or_default();
+    store
+        .ported_entries()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| PortedNumber {
+            unannounced: waiting
+                .iter()
+                .find(|(n, _)| n == e.number.as_str())
+                .map_or(0, |(_, c)| u64::try_from(*c).unwrap_or(0)),
+            number: e.number.as_str().to_owned(),
+            seq: e.seq,
+            from_broker: e.from_broker,
+            to_broker: e.to_broker,
+            time: e.time,
+            signed_by_broker: !e.broker_signature.is_empty(),
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -368,6 +399,15 @@ pub fn render_json(s: &StatusResponse) -> serde_json::Value {
             "initiates_received": c.initiates_received,
             "accepted_relayed": c.accepted_relayed,
         })),
+        "ported": s.ported.iter().map(|p| serde_json::json!({
+            "number": p.number,
+            "seq": p.seq,
+            "from_broker": p.from_broker,
+            "to_broker": p.to_broker,
+            "time": p.time,
+            "signed_by_broker": p.signed_by_broker,
+            "unannounced": p.unannounced,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -446,6 +486,27 @@ pub fn render_text(s: &StatusResponse) -> String {
             last,
             state
         );
+    }
+    if !s.ported.is_empty() {
+        let _ = writeln!(out, "ported numbers");
+        for p in &s.ported {
+            let mut notes = Vec::new();
+            if !p.signed_by_broker {
+                notes.push("awaiting the announcement".to_owned());
+            }
+            if p.unannounced > 0 {
+                notes.push(format!("{} peers still to tell", p.unannounced));
+            }
+            let line = format!(
+                "  {:<15} {} -> {:<12} seq {:<4} {}",
+                p.number,
+                p.from_broker,
+                p.to_broker,
+                p.seq,
+                notes.join(", ")
+            );
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
     }
     out
 }

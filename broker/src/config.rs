@@ -445,6 +445,12 @@ pub struct FederationConfig {
     /// Seconds a broker holds the pubkey of a peer broker's client (swept after). Default
     /// 86,400 (one day).
     pub pubkey_ttl_secs: u64,
+    /// Seconds a PORT-OUT token stays valid (number portability, docs/federation.md 12).
+    /// Default 600.
+    pub port_token_ttl_secs: u64,
+    /// Largest difference, in seconds, between a PORT-IN statement's TIME and this broker's
+    /// clock. Default 300.
+    pub port_max_skew_secs: u64,
 }
 
 impl Default for FederationConfig {
@@ -472,6 +478,8 @@ impl Default for FederationConfig {
             retry_initial_secs: 1,
             retry_max_secs: 300,
             pubkey_ttl_secs: 86_400,
+            port_token_ttl_secs: 600,
+            port_max_skew_secs: 300,
         }
     }
 }

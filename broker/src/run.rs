@@ -145,6 +145,11 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
         config.validate()?;
     }
     let broker = Arc::new(Broker::with_federation(config, store, identity, federation));
+    // Ported numbers route before the first request is served.
+    let ported = crate::federation::porting::load_routes(&broker).await?;
+    if ported > 0 {
+        info!(ported, "ported-number entries loaded");
+    }
     let server = Server::bind(Arc::clone(&broker), broker.config.server.listen, server_tls)
         .await
         .map_err(|source| StartError::Io {
@@ -195,6 +200,10 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
             background.spawn(listener.run(rx.clone()));
         }
         background.spawn(crate::federation::outbox::run_outbox(
+            Arc::clone(&broker),
+            rx.clone(),
+        ));
+        background.spawn(crate::federation::porting::run_announcer(
             Arc::clone(&broker),
             rx.clone(),
         ));

@@ -15,6 +15,7 @@
 //! - [`inbox`]: offline delivery: fetch, open, store, then acknowledge.
 //! - [`portable`]: `export` and `import`: the whole profile in one passphrase-encrypted file
 //!   (`MMDX`), to take the device to another machine.
+//! - [`porting`]: moving to another broker of the network, keeping the number.
 #![forbid(unsafe_code)]
 
 pub mod account;
@@ -32,6 +33,7 @@ pub mod moving;
 pub mod outbox;
 pub mod p2p;
 pub mod portable;
+pub mod porting;
 pub mod profile;
 pub mod relay;
 pub mod store;

@@ -127,6 +127,7 @@ async fn drive(data: &[u8]) {
                         created_at: now.unix,
                         expires_at: now.unix + u64::from(input.u16()),
                         body: input.bytes(100),
+                        moved: input.byte().is_multiple_of(4),
                     })
                     .collect();
                 let keys: Vec<Vec<u8>> = items.iter().map(|i| i.idempotency_key.clone()).collect();

@@ -33,7 +33,7 @@ fn device_record(row: DeviceRow) -> Result<DeviceRecord, StoreError> {
     })
 }
 
-const INSERT_DEVICE: &str = "INSERT INTO devices \
+pub(crate) const INSERT_DEVICE: &str = "INSERT INTO devices \
      (number, device_id, name, client_secret, server_secret, created_at) \
      VALUES ($1, $2, $3, $4, $5, $6)";
 

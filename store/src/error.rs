@@ -13,6 +13,9 @@ pub enum StoreError {
     /// The entity number is already registered (the caller retries with a new random number).
     #[error("entity number is already taken")]
     NumberTaken,
+    /// A port token is unknown, expired, used, or was issued for another broker.
+    #[error("port token is unknown, expired, used or not for this broker")]
+    BadPortToken,
     /// The message id is already stored for this recipient as another message (a different
     /// sender, or a different body).
     #[error("message id is already in use")]

@@ -47,6 +47,7 @@ mod federation;
 mod inbox;
 pub mod migrate;
 pub mod portable;
+mod ported;
 mod social;
 mod sweep;
 pub mod tables;
@@ -69,6 +70,7 @@ pub use batcher::{
     BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry, RouteBatcher,
 };
 pub use error::StoreError;
+pub use ported::{PortIn, PortOut, PortedAway, PortedEntry, PortedOutcome, ToOutbox, WaitingItem};
 pub use types::{
     Backup, ContactRecord, DepositOutcome, DepositRoute, DeviceId, DeviceInfo, DeviceRecord,
     InboxItem, MessageId, NewDevice, NewInboxItem, Number, OutboxItem, SweepReport,

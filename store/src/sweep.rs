@@ -22,19 +22,25 @@ const SWEEP_PUBKEYS: &str = "DELETE FROM broker_pubkeys WHERE peer_number IN \
 const SWEEP_RECEIVED: &str = "DELETE FROM received_deliveries WHERE idempotency_key IN \
      (SELECT idempotency_key FROM received_deliveries WHERE expires_at <= $1 LIMIT $2)";
 
+const SWEEP_PORT_TOKENS: &str = "DELETE FROM port_tokens \
+     WHERE (number, token_hash) IN (SELECT number, token_hash FROM port_tokens \
+       WHERE expires_at <= $1 LIMIT $2)";
+
 impl Store {
     /// Deletes expired inbox items (with their acknowledgements), registration secrets used or
-    /// expired more than a day before `now`, expired broker-held pubkeys and the kept keys of
-    /// expired deliveries from peer brokers. Works in batches
+    /// expired more than a day before `now`, expired broker-held pubkeys, the kept keys of
+    /// expired deliveries from peer brokers and expired PORT-OUT tokens (used or not: a repeat
+    /// of a port is answered from its entry, not its token). Works in batches
     /// of short transactions; if a bound is hit the report says `more` and the caller calls
     /// again (soon).
     pub async fn sweep(&self, now: i64) -> Result<SweepReport, StoreError> {
         let mut report = SweepReport::default();
-        let jobs: [(&str, i64); 4] = [
+        let jobs: [(&str, i64); 5] = [
             (SWEEP_INBOX, now),
             (SWEEP_SECRETS, now.saturating_sub(SECRET_RETENTION)),
             (SWEEP_PUBKEYS, now),
             (SWEEP_RECEIVED, now),
+            (SWEEP_PORT_TOKENS, now),
         ];
         for (job, (sql, cutoff)) in jobs.into_iter().enumerate() {
             let mut total = 0u64;
@@ -65,7 +71,8 @@ impl Store {
                 0 => report.inbox_items = total,
                 1 => report.registration_secrets = total,
                 2 => report.peer_pubkeys = total,
-                _ => report.received_deliveries = total,
+                3 => report.received_deliveries = total,
+                _ => report.port_tokens = total,
             }
         }
         Ok(report)

@@ -249,6 +249,54 @@ pub const TABLES: &[Table] = &[
         serial: None,
         scope: Scope::Derived,
     },
+    // Number portability (docs/federation.md 12): the network's routing state and this
+    // broker's pending announcements and PORT-OUT tokens. A ported number's entry is the
+    // network's, not the entity's, so it stays with the broker.
+    Table {
+        name: "ported_numbers",
+        columns: &[
+            col("number", Text),
+            col("seq", Int),
+            col("from_broker", Text),
+            col("to_broker", Text),
+            col("time", Int),
+            col("identity_key", Blob),
+            col("user_signature", Blob),
+            col("broker_key", Blob),
+            col("broker_signature", Blob),
+            col("recorded_at", Int),
+        ],
+        key: &["number"],
+        serial: None,
+        scope: Scope::Stays,
+    },
+    Table {
+        name: "port_tokens",
+        columns: &[
+            col("number", Text),
+            col("token_hash", Blob),
+            col("to_broker", Text),
+            col("identity_key", Blob),
+            col("expires_at", Int),
+            col("used_at", Int),
+        ],
+        key: &["number", "token_hash"],
+        serial: None,
+        scope: Scope::Stays,
+    },
+    Table {
+        name: "port_announcements",
+        columns: &[
+            col("number", Text),
+            col("peer_broker", Text),
+            col("seq", Int),
+            col("attempts", Int),
+            col("next_attempt_at", Int),
+        ],
+        key: &["number", "peer_broker"],
+        serial: None,
+        scope: Scope::Stays,
+    },
 ];
 
 /// The table named `name` in [`TABLES`].

@@ -181,6 +181,10 @@ conformance!(
     case_deposit_route,
     case_outbox_group_commit,
     case_quota_counter_bound,
+    case_port_out_spends_the_token_once,
+    case_port_out_moves_waiting_items_and_hands_over_contacts,
+    case_port_in_and_announcements,
+    case_ported_entries_by_seq,
 );
 
 /// Postgres only (migration 0005): number-mode acknowledgements leave with their item, through
@@ -2223,4 +2227,248 @@ async fn case_quota_counter_bound(store: Store) {
         .await,
         Err(StoreError::QuotaExceeded)
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Number portability (migration 0007)
+
+fn ported_entry(number: &Number, seq: u64, from: &str, to: &str) -> micromsg_store::PortedEntry {
+    micromsg_store::PortedEntry {
+        number: number.clone(),
+        seq,
+        from_broker: from.into(),
+        to_broker: to.into(),
+        time: NOW as u64,
+        identity_key: [0x11; 32],
+        user_signature: [0x22; 64],
+        broker_key: Vec::new(),
+        broker_signature: Vec::new(),
+    }
+}
+
+fn port_request(number: &Number, token: u8, to: &str, now: i64) -> micromsg_store::PortOut {
+    micromsg_store::PortOut {
+        entry: ported_entry(number, 0, "x", to),
+        token_hash: hash(token),
+        now,
+    }
+}
+
+/// The outbox row of a moved item, as the broker would build it (here: key = id, payload =
+/// body, enough to check what went where).
+fn to_outbox(item: &micromsg_store::WaitingItem) -> ([u8; 16], Vec<u8>) {
+    (item.id, item.body.clone())
+}
+
+async fn case_port_out_spends_the_token_once(store: Store) {
+    let a = num("5550001");
+    entity(&store, &a).await;
+    store
+        .create_port_token(&a, &hash(1), "y", &[0x11; 32], NOW + 600)
+        .await
+        .unwrap();
+    // Unknown token, a token for another broker, another identity key, an expired token:
+    // refused, and nothing changes.
+    let refused = |r: Result<micromsg_store::PortedAway, StoreError>| match r {
+        Err(StoreError::BadPortToken) => {}
+        other => panic!("expected BadPortToken, got {other:?}"),
+    };
+    refused(
+        store
+            .port_out(&port_request(&a, 9, "y", NOW), &to_outbox)
+            .await,
+    );
+    refused(
+        store
+            .port_out(&port_request(&a, 1, "z", NOW), &to_outbox)
+            .await,
+    );
+    refused(
+        store
+            .port_out(&port_request(&a, 1, "y", NOW + 600), &to_outbox)
+            .await,
+    );
+    let mut other_key = port_request(&a, 1, "y", NOW);
+    other_key.entry.identity_key = [0x33; 32];
+    assert!(matches!(
+        store.port_out(&other_key, &to_outbox).await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert_eq!(store.ported_entry(&a).await.unwrap(), None);
+    // The right one, once.
+    let away = store
+        .port_out(&port_request(&a, 1, "y", NOW), &to_outbox)
+        .await
+        .unwrap();
+    assert_eq!(away.seq, 1);
+    refused(
+        store
+            .port_out(&port_request(&a, 1, "y", NOW), &to_outbox)
+            .await,
+    );
+    let held = store.ported_entry(&a).await.unwrap().unwrap();
+    assert_eq!((held.seq, held.to_broker.as_str()), (1, "y"));
+    // A new token replaces an unused one.
+    store
+        .create_port_token(&a, &hash(2), "y", &[0x11; 32], NOW + 600)
+        .await
+        .unwrap();
+    store
+        .create_port_token(&a, &hash(3), "y", &[0x11; 32], NOW + 600)
+        .await
+        .unwrap();
+    refused(
+        store
+            .port_out(&port_request(&a, 2, "y", NOW), &to_outbox)
+            .await,
+    );
+    // A later port of the number gets the next seq.
+    let away = store
+        .port_out(&port_request(&a, 3, "y", NOW), &to_outbox)
+        .await
+        .unwrap();
+    assert_eq!(away.seq, 2);
+    // Expired tokens, used or not, are swept; the entry stays.
+    store
+        .create_port_token(&a, &hash(4), "y", &[0x11; 32], NOW + 600)
+        .await
+        .unwrap();
+    assert_eq!(store.sweep(NOW + 599).await.unwrap().port_tokens, 0);
+    // Tokens 1 and 3 (used) and 4 (unused); 2 was replaced by 3 before it was used.
+    assert_eq!(store.sweep(NOW + 600).await.unwrap().port_tokens, 3);
+    assert_eq!(store.ported_entry(&a).await.unwrap().unwrap().seq, 2);
+}
+
+async fn case_port_out_moves_waiting_items_and_hands_over_contacts(store: Store) {
+    let (a, b, c) = (num("5550001"), num("5550002"), num("5570003"));
+    entity(&store, &a).await;
+    entity(&store, &b).await;
+    add_devices(&store, &a, 2).await;
+    store.add_contact(&a, &b, NOW).await.unwrap();
+    store.add_contact(&a, &c, NOW).await.unwrap();
+    store.block(&a, &num("5580009"), NOW).await.unwrap();
+    // Entity mode: a copy per device of the same message, plus one for b (stays).
+    for d in [1, 2] {
+        deposit_one(&store, &item(1, &a, Some(d), &b), 100)
+            .await
+            .unwrap();
+    }
+    deposit_one(&store, &item(2, &a, Some(1), &c), 100)
+        .await
+        .unwrap();
+    deposit_one(&store, &item(3, &b, Some(1), &a), 100)
+        .await
+        .unwrap();
+    store
+        .create_port_token(&a, &hash(1), "y", &[0x11; 32], NOW + 600)
+        .await
+        .unwrap();
+    let away = store
+        .port_out(&port_request(&a, 1, "y", NOW), &to_outbox)
+        .await
+        .unwrap();
+    assert_eq!(
+        away.moved, 2,
+        "one delivery per message, not per device copy"
+    );
+    let peers: Vec<&str> = away.contacts.iter().map(|c| c.peer.as_str()).collect();
+    assert_eq!(peers, ["5550002", "5570003"]);
+    assert_eq!(away.blocks, [num("5580009")]);
+    // The moved messages are outbox rows for y; a's inbox is empty, b's untouched.
+    assert_eq!(
+        store.outbox_depth_by_peer().await.unwrap(),
+        [("y".to_owned(), 2)]
+    );
+    let due = store.due_outbox(NOW, 10).await.unwrap();
+    let mut bodies: Vec<Vec<u8>> = due.iter().map(|i| i.payload.clone()).collect();
+    bodies.sort();
+    assert_eq!(bodies, [b"body 1".to_vec(), b"body 2".to_vec()]);
+    assert_eq!(store.inbox_count(&a, dev(1), NOW).await.unwrap(), 0);
+    assert_eq!(store.inbox_count(&b, dev(1), NOW).await.unwrap(), 1);
+}
+
+async fn case_port_in_and_announcements(store: Store) {
+    let a = num("5550001");
+    let mut entry = ported_entry(&a, 1, "x", "y");
+    entry.broker_key = vec![0x44; 32];
+    entry.broker_signature = vec![0x55; 64];
+    let port = micromsg_store::PortIn {
+        entry: entry.clone(),
+        device: device(7, None),
+        contacts: vec![micromsg_store::ContactRecord {
+            owner: a.clone(),
+            peer: num("5570003"),
+            auto_existing: false,
+            brokered: true,
+            created_at: NOW - 10,
+        }],
+        blocks: vec![num("5580009")],
+        announce_to: vec!["x".into(), "z".into()],
+        now: NOW,
+    };
+    assert_eq!(store.port_in(&port).await.unwrap(), DeviceId::FIRST);
+    assert!(store.entity_exists(&a).await.unwrap());
+    let record = store.device(&a, DeviceId::FIRST).await.unwrap().unwrap();
+    assert_eq!(record.client_secret, [7; 32]);
+    assert!(store.is_contact(&a, &num("5570003")).await.unwrap());
+    assert!(store.is_blocked(&a, &num("5580009")).await.unwrap());
+    assert_eq!(store.ported_entry(&a).await.unwrap().unwrap(), entry);
+    // A second port of the same number here writes nothing.
+    assert!(matches!(
+        store.port_in(&port).await,
+        Err(StoreError::NumberTaken)
+    ));
+    // One announcement per peer, due now; a failure reschedules, a confirmation removes.
+    let due = store.due_port_announcements(NOW, 10).await.unwrap();
+    let peers: Vec<&str> = due.iter().map(|(_, p, _)| p.as_str()).collect();
+    assert_eq!(peers.len(), 2);
+    assert!(peers.contains(&"x") && peers.contains(&"z"));
+    store
+        .retry_port_announcement(&a, "z", NOW + 30)
+        .await
+        .unwrap();
+    let due = store.due_port_announcements(NOW, 10).await.unwrap();
+    assert_eq!(due, [(a.clone(), "x".to_owned(), 0)]);
+    let later = store.due_port_announcements(NOW + 30, 10).await.unwrap();
+    assert!(later.contains(&(a.clone(), "z".to_owned(), 1)));
+    // A confirmation of an older seq does not remove the announcement of a newer one.
+    store.complete_port_announcement(&a, "x", 0).await.unwrap();
+    store.complete_port_announcement(&a, "x", 1).await.unwrap();
+    assert_eq!(
+        store.unannounced_by_number().await.unwrap(),
+        [("5550001".to_owned(), 1)]
+    );
+}
+
+async fn case_ported_entries_by_seq(store: Store) {
+    use micromsg_store::PortedOutcome as O;
+    let a = num("5550001");
+    let first = ported_entry(&a, 1, "x", "y");
+    assert_eq!(store.record_ported(&first, NOW).await.unwrap(), O::Recorded);
+    // The same port again, now with the gaining broker's signature: kept, signature added.
+    let mut signed = first.clone();
+    signed.broker_key = vec![1; 32];
+    signed.broker_signature = vec![2; 64];
+    assert_eq!(
+        store.record_ported(&signed, NOW).await.unwrap(),
+        O::Unchanged
+    );
+    assert_eq!(store.ported_entry(&a).await.unwrap().unwrap(), signed);
+    assert_eq!(
+        store.record_ported(&signed, NOW).await.unwrap(),
+        O::Unchanged
+    );
+    // Another port with the same seq: a conflict, nothing changes.
+    let rival = ported_entry(&a, 1, "x", "z");
+    assert_eq!(store.record_ported(&rival, NOW).await.unwrap(), O::Conflict);
+    assert_eq!(store.ported_entry(&a).await.unwrap().unwrap(), signed);
+    // A later port wins; an older one arriving late is stale.
+    let second = ported_entry(&a, 2, "y", "z");
+    assert_eq!(
+        store.record_ported(&second, NOW).await.unwrap(),
+        O::Recorded
+    );
+    assert_eq!(store.record_ported(&signed, NOW).await.unwrap(), O::Stale);
+    let all = store.ported_entries().await.unwrap();
+    assert_eq!(all, [second]);
 }

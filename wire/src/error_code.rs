@@ -95,6 +95,8 @@ error_codes! {
     /// The broker's storage cannot take the request now (disk full, database down or too
     /// slow); see `RetryAfter`.
     Unavailable = "UNAVAILABLE", close = false;
+    /// The number was ported to another broker of the network; the message names it.
+    Ported = "PORTED", close = false;
 }
 
 impl fmt::Display for ErrorCode {
@@ -114,7 +116,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip_through_text() {
-        assert_eq!(ErrorCode::ALL.len(), 22);
+        assert_eq!(ErrorCode::ALL.len(), 23);
         for &code in ErrorCode::ALL {
             assert_eq!(code.as_str().parse::<ErrorCode>(), Ok(code));
         }

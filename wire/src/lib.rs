@@ -84,6 +84,7 @@ pub mod frame;
 pub mod io;
 mod limits;
 pub mod message;
+pub mod port;
 pub mod value;
 mod yaml;
 
@@ -97,6 +98,7 @@ pub use message::event::{Event, EventKind};
 pub use message::request::{Request, RequestKind};
 pub use message::response::{ErrorBody, ErrorResponse, Info, Response, ResponseData};
 pub use message::{Message, RequestError, decode_framed, decode_request, encode_info_canonical};
+pub use port::{port_statement, ported_entry_bytes};
 pub use value::{
     Address, Blob, DeviceId, DeviceName, Hex16, Hex32, Hex64, Number, NumberPrefix, RequestId,
     ValueError,

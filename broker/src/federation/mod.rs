@@ -12,6 +12,8 @@
 //!   handoff).
 //! - [`outbox`]: cross-broker offline delivery through the durable outbox, and its receiving
 //!   end.
+//! - [`porting`]: number portability: the losing broker's `PortOut`, the ported-number
+//!   entries (signed, verified, announced durably to every peer) and the routing they change.
 //! - [`service`]: the gRPC server (listener, accept loop, the `Federation` service).
 //!
 //! [`Federation`] is the state a networked broker shares between its connections, the gRPC
@@ -23,13 +25,14 @@ pub mod network;
 pub mod outbox;
 pub mod outgoing;
 pub mod peers;
+pub mod porting;
 pub mod probe;
 pub mod proto;
 pub mod service;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
@@ -65,6 +68,17 @@ pub enum Home<'a> {
     Peer(&'a BrokerEntry),
     /// No broker of the network serves it.
     None,
+}
+
+/// Where a ported number lives now, from its latest ported-number entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The entry's sequence.
+    pub seq: u64,
+    /// The broker the number left.
+    pub from: String,
+    /// The broker that serves it now.
+    pub to: String,
 }
 
 /// Counters of what federation did (logged, and exported as metrics).
@@ -118,6 +132,12 @@ pub struct Federation {
     pub outbox_wake: Notify,
     /// What happened so far.
     pub counters: Counters,
+    /// Ported numbers: number → where it lives now (docs/federation.md 12). Consulted before
+    /// the network file's prefixes; loaded from the store at start
+    /// ([`porting::load_routes`]) and updated as entries are recorded.
+    pub ported: RwLock<HashMap<String, Route>>,
+    /// Wakes the announcer when an entry was queued for the peers.
+    pub announce_wake: Notify,
 }
 
 impl Federation {
@@ -163,16 +183,34 @@ impl Federation {
             forwards: Arc::new(Semaphore::new(config.max_forwards_in_flight)),
             outbox_wake: Notify::new(),
             counters: Counters::default(),
+            ported: RwLock::default(),
+            announce_wake: Notify::new(),
         })
     }
 
-    /// Where `number` lives.
+    /// Where `number` lives: a ported-number entry first, else the prefixes of the network
+    /// file.
     pub fn home_of(&self, number: &str) -> Home<'_> {
-        match self.network.home_of(number) {
+        let ported = self.route(number).map(|r| r.to);
+        let entry = match ported {
+            // An entry naming a broker no longer in the network file routes nowhere.
+            Some(to) => self.network.broker(&to),
+            None => self.network.home_of(number),
+        };
+        match entry {
             Some(b) if b.id == self.me.id => Home::Own,
             Some(b) => Home::Peer(b),
             None => Home::None,
         }
+    }
+
+    /// The ported-number route held for `number`.
+    pub fn route(&self, number: &str) -> Option<Route> {
+        self.ported
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(number)
+            .cloned()
     }
 
     /// The link to peer `id`.

@@ -99,6 +99,7 @@ pub async fn enqueue_deposit(
         created_at: deposit.created_at,
         expires_at: deposit.expires_at,
         body: deposit.body,
+        moved: false,
     }
     .encode_to_vec();
     let fresh = outbox
@@ -393,6 +394,8 @@ pub async fn receive(
     let mut owner: Vec<usize> = Vec::new();
     let mut devices_of: HashMap<Number, Vec<Option<DeviceId>>> = HashMap::new();
     let mut allowed: HashMap<(Number, Number), bool> = HashMap::new();
+    // Deliveries for numbers ported away from here, to pass on: (index in `results`, row).
+    let mut forward: Vec<(usize, OutboxEntry)> = Vec::new();
     for d in request.items {
         let index = results.len();
         results.push(DeliveryResult {
@@ -409,14 +412,51 @@ pub async fn receive(
             debug!("malformed delivery discarded");
             continue;
         };
-        // A peer may only deliver for its own numbers, to this broker's numbers.
-        if !matches!(federation.home_of(sender.as_str()), Home::Peer(p) if p.id == peer)
-            || federation.home_of(recipient.as_str()) != Home::Own
-            || d.body.len() > max_body
-            || d.expires_at <= now
-        {
+        // A peer may only deliver for its own numbers (or numbers ported away from it, whose
+        // deposits it still holds), to this broker's numbers; a message that was waiting at
+        // the peer for a number ported from it to here may come from anyone.
+        let recipient_route = federation.route(recipient.as_str());
+        let moved_here = d.moved
+            && recipient_route
+                .as_ref()
+                .is_some_and(|r| r.from == peer && r.to == federation.me.id);
+        let sender_ok = moved_here
+            || matches!(federation.home_of(sender.as_str()), Home::Peer(p) if p.id == peer)
+            || federation
+                .route(sender.as_str())
+                .is_some_and(|r| r.from == peer);
+        if d.moved && !moved_here && d.expires_at > now {
+            // The losing broker sends what waited there as soon as it agreed, possibly before
+            // this broker has recorded the port: keep it coming until it has.
+            results[index].status = DeliveryStatus::Retry as i32;
+            continue;
+        }
+        if !sender_ok || d.body.len() > max_body || d.expires_at <= now {
             debug!("delivery outside the rules discarded");
             continue;
+        }
+        match federation.home_of(recipient.as_str()) {
+            Home::Own => {}
+            // Ported away from here (the sender's broker has not learnt it yet): the message
+            // goes on to the number's new home through this broker's outbox.
+            Home::Peer(home) if recipient_route.is_some() && home.id != peer => {
+                let mut onward = d.clone();
+                onward.moved = true;
+                forward.push((
+                    index,
+                    OutboxEntry {
+                        idempotency_key: key,
+                        peer_broker: home.id.clone(),
+                        payload: onward.encode_to_vec(),
+                        now: now as i64,
+                    },
+                ));
+                continue;
+            }
+            _ => {
+                debug!("delivery outside the rules discarded");
+                continue;
+            }
         }
         // A batch usually holds many messages of few conversations: check each pair once.
         let pair = (recipient.clone(), sender.clone());
@@ -485,6 +525,25 @@ pub async fn receive(
                 body: d.body.clone(),
             });
             owner.push(claim);
+        }
+    }
+    if !forward.is_empty() {
+        let rows: Vec<OutboxEntry> = forward.iter().map(|(_, e)| e.clone()).collect();
+        match store.enqueue_outbox_batch(&rows).await {
+            Ok(outcomes) => {
+                for ((index, _), outcome) in forward.iter().zip(outcomes) {
+                    if outcome.is_err() {
+                        results[*index].status = DeliveryStatus::Retry as i32;
+                    }
+                }
+                federation.outbox_wake.notify_one();
+            }
+            Err(e) => {
+                warn!(error = %e, "queueing deliveries for a ported number failed; retry");
+                for (index, _) in &forward {
+                    results[*index].status = DeliveryStatus::Retry as i32;
+                }
+            }
         }
     }
     if items.is_empty() {

@@ -23,10 +23,10 @@ use super::mtls::{Acceptor, MtlsCounters, PeerHandshake, PeerInfo, PeerStream};
 use super::proto::federation_server::{Federation as FederationApi, FederationServer};
 use super::proto::{
     AcceptedAck, AcceptedRequest, DeliverRequest, DeliverResponse, InitiateAck, InitiateRequest,
-    IsNetworkedRequest, IsNetworkedResponse, PingRequest, PingResponse, RelayFrame,
-    RelayWaitingAck, RelayWaitingRequest,
+    IsNetworkedRequest, IsNetworkedResponse, PingRequest, PingResponse, PortOutRequest,
+    PortOutResponse, PortedAck, PortedEntry, RelayFrame, RelayWaitingAck, RelayWaitingRequest,
 };
-use super::{Home, contact, outbox};
+use super::{Home, contact, outbox, porting};
 use crate::broker::Broker;
 use crate::clock::{Now, unix_now};
 use crate::telemetry;
@@ -159,6 +159,30 @@ impl FederationApi for FederationService {
         .instrument(span)
         .await?;
         Ok(Response::new(AcceptedAck {}))
+    }
+
+    async fn port_out(
+        &self,
+        request: Request<PortOutRequest>,
+    ) -> Result<Response<PortOutResponse>, Status> {
+        let peer = peer_of(&request)?;
+        let span = info_span!("federation.port_out.receive", peer = %peer);
+        telemetry::set_parent(&span, request.metadata());
+        let answer =
+            porting::receive_port_out(&self.broker, &peer, request.into_inner(), unix_now())
+                .instrument(span)
+                .await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn ported(&self, request: Request<PortedEntry>) -> Result<Response<PortedAck>, Status> {
+        let peer = peer_of(&request)?;
+        let span = info_span!("federation.ported.receive", peer = %peer);
+        telemetry::set_parent(&span, request.metadata());
+        porting::receive_ported(&self.broker, &peer, request.into_inner(), unix_now())
+            .instrument(span)
+            .await?;
+        Ok(Response::new(PortedAck {}))
     }
 
     async fn deliver(

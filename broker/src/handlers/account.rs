@@ -41,6 +41,8 @@ pub struct Cx<'a> {
     pub login_sources: &'a WindowLimiter<Source>,
     /// Login nonces already accepted.
     pub replay: &'a ReplayCache,
+    /// The network, for numbers ported away from here; `None` on a standalone broker.
+    pub federation: Option<&'a crate::federation::Federation>,
 }
 
 impl<'a> Cx<'a> {
@@ -55,6 +57,7 @@ impl<'a> Cx<'a> {
             login_failures: &broker.limiters.login_failures,
             login_sources: &broker.limiters.login_sources,
             replay: &broker.limiters.replay,
+            federation: broker.federation.as_deref(),
         }
     }
 }
@@ -211,6 +214,21 @@ pub async fn login(
             "too many failed logins for this entity from this address; the entity is locked \
              against it for a while",
             wait,
+        ));
+    }
+    // A number ported to another broker is served there now (docs/federation.md 12): say
+    // where. That a number moved is public (IS-NETWORKED shows its home), so this tells
+    // nothing the network does not.
+    if let Some(f) = cx.federation
+        && let Some(route) = f.route(&number)
+        && route.to != f.me.id
+    {
+        return Err(Refusal::new(
+            ErrorCode::Ported,
+            format!(
+                "this number was ported to broker {}; log in there (micromsg port)",
+                route.to
+            ),
         ));
     }
     let record = cx.store.device(&args.entity, args.device).await?;

@@ -17,12 +17,14 @@
 //!   BLOCK-LIST.
 //! - [`inbox`]: DEPOSIT, SYNC-COPY, INBOX-FETCH, INBOX-ACK.
 //! - [`backup`]: BACKUP-PUT, BACKUP-GET.
+//! - [`port`]: PORT-OUT, PORT-IN (number portability inside a network).
 
 pub mod account;
 pub mod backup;
 pub mod contacts;
 pub mod devices;
 pub mod inbox;
+pub mod port;
 
 #[cfg(test)]
 mod tests;
@@ -34,7 +36,8 @@ use micromsg_store::StoreError;
 use micromsg_wire::message::request::{
     AddDeviceArgs, BackupPutArgs, ContactAnswerArgs, ContactPolicyArgs, DepositArgs,
     DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs, InitiateNetworkedArgs,
-    InitiateNewArgs, LoginArgs, RegisterArgs, RelayArgs, SyncCopyArgs, TargetArgs,
+    InitiateNewArgs, LoginArgs, PortInArgs, PortOutArgs, RegisterArgs, RelayArgs, SyncCopyArgs,
+    TargetArgs,
 };
 use micromsg_wire::message::response::PingData;
 use micromsg_wire::{DeviceId, ErrorBody, ErrorCode, Number, Request, ResponseData};
@@ -133,6 +136,8 @@ pub enum Public {
     DeviceJoin(DeviceJoinArgs),
     /// LOGIN.
     Login(LoginArgs),
+    /// PORT-IN.
+    PortIn(PortInArgs),
 }
 
 /// A request that only a logged-in connection may make.
@@ -178,6 +183,8 @@ pub enum Authenticated {
     BackupGet,
     /// RELAY (the connection handles it: it stops carrying frames).
     Relay(RelayArgs),
+    /// PORT-OUT.
+    PortOut(PortOutArgs),
 }
 
 /// A decoded request, split by whether it needs a login (protocol.md 6.0).
@@ -198,6 +205,7 @@ impl From<Request> for Routed {
             Request::Register(a) => return Routed::Public(Public::Register(a)),
             Request::DeviceJoin(a) => return Routed::Public(Public::DeviceJoin(a)),
             Request::Login(a) => return Routed::Public(Public::Login(a)),
+            Request::PortIn(a) => return Routed::Public(Public::PortIn(a)),
             Request::Logout => A::Logout,
             Request::AddDevice(a) => A::AddDevice(a),
             Request::DeviceList => A::DeviceList,
@@ -221,6 +229,7 @@ impl From<Request> for Routed {
             Request::BackupPut(a) => A::BackupPut(a),
             Request::BackupGet => A::BackupGet,
             Request::Relay(a) => A::Relay(a),
+            Request::PortOut(a) => A::PortOut(a),
         };
         Routed::Authenticated(authenticated)
     }
@@ -257,6 +266,7 @@ pub async fn public(
                 account::login(account::Cx::of(broker), session, args, now).await?;
             return Ok(PublicOutcome::LoggedIn(answer, login));
         }
+        Public::PortIn(args) => port::port_in(port::Cx::of(broker), session, args, now).await?,
     };
     Ok(PublicOutcome::Answer(answer))
 }
@@ -315,6 +325,7 @@ pub async fn authenticated(
         A::InboxAck(args) => inbox::ack(inbox(), login, args, now).await,
         A::BackupPut(args) => backup::put(backup(), login, args, now).await,
         A::BackupGet => backup::get(backup(), login).await,
+        A::PortOut(args) => port::port_out(port::Cx::of(broker), login, args, now).await,
         // Only a connection can turn itself into a relay half (`connection.rs`).
         A::Relay(_) => Err(Refusal::internal()),
     }

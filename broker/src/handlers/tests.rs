@@ -1382,3 +1382,317 @@ async fn a_deposit_needs_a_contact_pair_and_a_blocking_target_drops_it_silently(
         vec![Event::Inbox(InboxNotice { count: 1 })]
     );
 }
+
+#[tokio::test]
+async fn a_standalone_broker_neither_ports_out_nor_in() {
+    use micromsg_wire::message::request::{PortInArgs, PortOutArgs};
+    let fx = Fixture::new(|_| {}).await;
+    let a = fx.register().await;
+    let online = fx.login(&a).await;
+    let refused = fx
+        .call(
+            &online,
+            Authenticated::PortOut(PortOutArgs {
+                to: "y".into(),
+                identity_key: Hex32::from_bytes([1; 32]),
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.0.code, ErrorCode::NotNetworked);
+    let conn = fx.conn();
+    let refused = fx
+        .public(
+            &conn,
+            Public::PortIn(PortInArgs {
+                number: number("5561234567"),
+                from: "y".into(),
+                token: Hex32::from_bytes([2; 32]),
+                identity_key: Hex32::from_bytes([3; 32]),
+                time: 0,
+                signature: micromsg_wire::Hex64::from_bytes([4; 64]),
+                server_secret: Hex32::from_bytes([5; 32]),
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.0.code, ErrorCode::NotNetworked);
+    assert!(
+        !fx.broker
+            .store
+            .entity_exists(&number("5561234567"))
+            .await
+            .unwrap()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Number portability on a networked broker (protocol.md 6.27, 6.28; docs/federation.md 12)
+// ------------------------------------------------------------------------------------------
+
+/// A fixture whose broker is `x` (prefix 555) of a network with `y` (556), which listens
+/// nowhere: every rule up to the call to the peer is checked here, and the losing broker's
+/// side (`PortOut`) is called directly as `y` would.
+async fn networked_fixture() -> (Fixture, tempfile::TempDir) {
+    use crate::federation::Federation;
+    use crate::federation::network::{InitBroker, init};
+    let net = temp_dir();
+    let specs =
+        [("x", "555", "127.0.0.1:1"), ("y", "556", "127.0.0.1:2")].map(|(id, prefix, endpoint)| {
+            InitBroker {
+                id: id.to_owned(),
+                prefixes: vec![prefix.to_owned()],
+                endpoint: endpoint.to_owned(),
+            }
+        });
+    let report = init(&net.path().join("network"), "test-net", &specs).unwrap();
+    let mut fx = Fixture::new(|_| {}).await;
+    let mut config = Config::default();
+    config.server.broker_id = "x".into();
+    config.numbers.prefixes = vec!["555".into()];
+    config.federation.network_file = Some(report.network_file);
+    config.federation.connect_timeout_ms = 100;
+    config.federation.request_timeout_ms = 300;
+    config.validate().unwrap();
+    let federation = Federation::load(&config.federation, "x").unwrap().unwrap();
+    fx.broker = Arc::new(Broker::with_federation(
+        config,
+        fx.broker.store.clone(),
+        IdentityKey::generate(&mut OsRng),
+        Some(federation),
+    ));
+    (fx, net)
+}
+
+fn port_out_args(to: &str, key: &IdentityKey) -> Authenticated {
+    Authenticated::PortOut(micromsg_wire::message::request::PortOutArgs {
+        to: to.into(),
+        identity_key: Hex32::from_bytes(*key.public_key().as_bytes()),
+    })
+}
+
+/// `y`'s `PortOut` for `number`, signed by `key` at `time`.
+fn port_out_call(
+    number: &Number,
+    token: &[u8; 32],
+    key: &IdentityKey,
+    time: u64,
+) -> crate::federation::proto::PortOutRequest {
+    crate::federation::proto::PortOutRequest {
+        number: number.as_str().into(),
+        token: token.to_vec(),
+        identity_key: key.public_key().as_bytes().to_vec(),
+        time,
+        signature: key
+            .sign(&micromsg_wire::port_statement(
+                number.as_str(),
+                "x",
+                "y",
+                time,
+            ))
+            .to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn port_out_issues_a_token_only_for_another_broker_of_the_network() {
+    let (fx, _net) = networked_fixture().await;
+    let a = fx.register().await;
+    let online = fx.login(&a).await;
+    let key = IdentityKey::generate(&mut OsRng);
+    for to in ["x", "q"] {
+        let refused = fx.call(&online, port_out_args(to, &key)).await.unwrap_err();
+        assert_eq!(refused.0.code, ErrorCode::BadArgs, "{to}");
+    }
+    let ResponseData::PortOut(data) = fx.call(&online, port_out_args("y", &key)).await.unwrap()
+    else {
+        panic!("PORT-OUT answered otherwise")
+    };
+    assert_eq!(data.expires, T0 + 600, "federation.port_token_ttl_secs");
+}
+
+#[tokio::test]
+async fn port_in_checks_home_clock_and_signature_before_asking_the_losing_broker() {
+    use micromsg_wire::message::request::PortInArgs;
+    let (fx, _net) = networked_fixture().await;
+    let key = IdentityKey::generate(&mut OsRng);
+    let port_in = |digits: &str, from: &str, time: u64, signer: &IdentityKey| {
+        let to = "x";
+        Public::PortIn(PortInArgs {
+            number: number(digits),
+            from: from.into(),
+            token: Hex32::from_bytes([9; 32]),
+            identity_key: Hex32::from_bytes(*key.public_key().as_bytes()),
+            time,
+            signature: micromsg_wire::Hex64::from_bytes(
+                signer.sign(&micromsg_wire::port_statement(digits, from, to, time)),
+            ),
+            server_secret: Hex32::from_bytes([5; 32]),
+        })
+    };
+    let code = |r: Result<PublicOutcome, Refusal>| r.map(|_| ()).unwrap_err().0.code;
+    let conn = fx.conn();
+    // x serves 555… itself; 556… is y's, not "z"'s.
+    assert_eq!(
+        code(fx.public(&conn, port_in("5551234567", "y", T0, &key)).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        code(fx.public(&conn, port_in("5561234567", "z", T0, &key)).await),
+        ErrorCode::NotNetworked
+    );
+    // The statement's time: 300 s away is accepted, 301 s is not.
+    assert_eq!(
+        code(
+            fx.public(&conn, port_in("5561234567", "y", T0 - 301, &key))
+                .await
+        ),
+        ErrorCode::BadArgs
+    );
+    assert_eq!(
+        code(
+            fx.public(&conn, port_in("5561234567", "y", T0 + 301, &key))
+                .await
+        ),
+        ErrorCode::BadArgs
+    );
+    // Signed by another key than IDENTITY-KEY.
+    let other = IdentityKey::generate(&mut OsRng);
+    assert_eq!(
+        code(
+            fx.public(&conn, port_in("5561234567", "y", T0 - 300, &other))
+                .await
+        ),
+        ErrorCode::AuthFailed
+    );
+    // All well: y is asked, cannot be reached, and nothing was created.
+    assert_eq!(
+        code(
+            fx.public(&conn, port_in("5561234567", "y", T0 + 300, &key))
+                .await
+        ),
+        ErrorCode::PeerUnavailable
+    );
+    assert!(
+        !fx.broker
+            .store
+            .entity_exists(&number("5561234567"))
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn the_losing_broker_agrees_once_moves_the_inbox_and_stops_serving_the_number() {
+    use crate::federation::porting::receive_port_out;
+    use micromsg_store::NewInboxItem;
+    let (fx, _net) = networked_fixture().await;
+    let a = fx.register().await;
+    let b = fx.register().await;
+    let mut online = fx.login(&a).await;
+    // One message waits for A.
+    fx.broker
+        .store
+        .deposit_batch(
+            &[NewInboxItem {
+                id: [7; 16],
+                recipient_number: a.number.clone(),
+                recipient_device: Some(a.device),
+                sender_number: b.number.clone(),
+                sender_device: DeviceId::FIRST,
+                created_at: T0 as i64,
+                expires_at: T0 as i64 + 3600,
+                body: b"waiting".to_vec(),
+            }],
+            100,
+        )
+        .await
+        .unwrap();
+    let key = IdentityKey::generate(&mut OsRng);
+    let ResponseData::PortOut(data) = fx.call(&online, port_out_args("y", &key)).await.unwrap()
+    else {
+        panic!("PORT-OUT answered otherwise")
+    };
+    let token = *data.token.as_bytes();
+    let broker = &fx.broker;
+
+    // Refusals change nothing: another token, another key than the one named, another caller.
+    let status = receive_port_out(
+        broker,
+        "y",
+        port_out_call(&a.number, &[1; 32], &key, T0),
+        T0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let mallory = IdentityKey::generate(&mut OsRng);
+    let status = receive_port_out(
+        broker,
+        "y",
+        port_out_call(&a.number, &token, &mallory, T0),
+        T0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // (Signed for y, presented by z: the statement names y.)
+    let status = receive_port_out(broker, "z", port_out_call(&a.number, &token, &key, T0), T0)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(broker.store.outbox_depth().await.unwrap(), 0);
+
+    // The port: agreed once.
+    let answer = receive_port_out(broker, "y", port_out_call(&a.number, &token, &key, T0), T0)
+        .await
+        .unwrap();
+    assert_eq!(answer.seq, 1);
+    // A's connection is told and closed; its logins are refused with PORTED.
+    match online.conn.events.try_recv() {
+        Ok(Push::Close(event)) => assert!(matches!(*event, Event::DeviceRevoked(_))),
+        other => panic!("expected DEVICE-REVOKED and close, got {other:?}"),
+    }
+    let refused = fx.try_login(&fx.conn(), &a).await.unwrap_err();
+    assert_eq!(refused.0.code, ErrorCode::Ported);
+    assert!(
+        refused.0.message.contains("broker y"),
+        "{}",
+        refused.0.message
+    );
+    // The waiting message left the inbox for the outbox, towards y.
+    assert_eq!(
+        broker.store.outbox_depth_by_peer().await.unwrap(),
+        [("y".to_owned(), 1)]
+    );
+    assert_eq!(broker.store.inbox_depth().await.unwrap(), 0);
+    // Routing: A lives at y now, for B's IS-NETWORKED too.
+    let b_online = fx.login(&b).await;
+    let ResponseData::IsNetworked(home) = fx
+        .call(
+            &b_online,
+            Authenticated::IsNetworked(TargetArgs {
+                target: a.number.clone(),
+            }),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("IS-NETWORKED answered otherwise")
+    };
+    assert_eq!(home.broker.as_deref(), Some("y"));
+    // The same statement again (y lost the answer): the same answer; any other: refused.
+    let again = receive_port_out(broker, "y", port_out_call(&a.number, &token, &key, T0), T0)
+        .await
+        .unwrap();
+    assert_eq!(again.seq, 1);
+    let status = receive_port_out(
+        broker,
+        "y",
+        port_out_call(&a.number, &token, &key, T0 + 1),
+        T0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+}

@@ -216,6 +216,19 @@ pub(super) enum Command {
         #[arg(long)]
         token: Option<String>,
     },
+    /// Move to another broker of the same network and keep your number. Fetches everything
+    /// waiting at the current broker first, then the current broker lets the number go
+    /// (PORT-OUT) and the new one takes it over (PORT-IN) with your identity key's
+    /// signature; contacts reach you at the same number. Devices other than this one stay
+    /// behind (their logins are refused): add them again with `device add` at the new broker.
+    Port {
+        /// The new broker's HOST:PORT (a broker of the same network).
+        #[arg(long)]
+        broker: String,
+        /// CA certificate to trust for the new broker (its DATA_DIR/tls/ca.pem).
+        #[arg(long)]
+        ca: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

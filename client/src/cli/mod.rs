@@ -102,6 +102,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Port { broker, ca } => {
+            let report = crate::porting::port(&profile, &broker, &ca, |step| {
+                if !json {
+                    eprintln!("{step}…");
+                }
+            })
+            .await?;
+            if json {
+                outln!(
+                    "{}",
+                    json!({"number": report.number, "from": report.from, "to": report.to,
+                           "broker": report.broker, "device": report.device,
+                           "seq": report.seq, "fetched": report.fetched})
+                );
+            } else {
+                outln!("{}", report.number);
+                eprintln!(
+                    "ported: number {} moved from broker {} to broker {} ({}), device {}; \
+                     {} waiting messages fetched first",
+                    report.number,
+                    report.from,
+                    report.to,
+                    report.broker,
+                    report.device,
+                    report.fetched
+                );
+            }
+        }
         Command::Whoami => {
             let i = profile.info()?;
             if json {

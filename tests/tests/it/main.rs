@@ -16,6 +16,7 @@ mod offline;
 mod portability_broker;
 mod portability_export;
 mod portability_move;
+mod portability_number;
 mod process;
 mod reconnect;
 mod relay;

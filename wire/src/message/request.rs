@@ -3,7 +3,7 @@
 
 use crate::codec::{Fields, MapBuilder, Path, WireValue, bad_value, wire_enum, wire_struct};
 use crate::error::DecodeError;
-use crate::value::{Address, Blob, DeviceId, DeviceName, Hex16, Hex32, Number};
+use crate::value::{Address, Blob, DeviceId, DeviceName, Hex16, Hex32, Hex64, Number};
 use crate::yaml::Node;
 
 wire_enum! {
@@ -62,6 +62,10 @@ wire_enum! {
         SyncCopy = "SYNC-COPY",
         /// Authenticated: turns the connection into one half of a relay (section 6.26).
         Relay = "RELAY",
+        /// Authenticated: the losing broker's agreement to port the number (section 6.27).
+        PortOut = "PORT-OUT",
+        /// Public: the gaining broker takes a ported number (section 6.28).
+        PortIn = "PORT-IN",
     }
 }
 
@@ -76,6 +80,7 @@ impl RequestKind {
                 | RequestKind::DeviceJoin
                 | RequestKind::Login
                 | RequestKind::Ping
+                | RequestKind::PortIn
         )
     }
 }
@@ -135,6 +140,10 @@ pub enum Request {
     SyncCopy(SyncCopyArgs),
     /// `RELAY`.
     Relay(RelayArgs),
+    /// `PORT-OUT`.
+    PortOut(PortOutArgs),
+    /// `PORT-IN`.
+    PortIn(PortInArgs),
 }
 
 impl Request {
@@ -167,6 +176,8 @@ impl Request {
             Request::BackupGet => RequestKind::BackupGet,
             Request::SyncCopy(_) => RequestKind::SyncCopy,
             Request::Relay(_) => RequestKind::Relay,
+            Request::PortOut(_) => RequestKind::PortOut,
+            Request::PortIn(_) => RequestKind::PortIn,
         }
     }
 
@@ -217,6 +228,8 @@ impl Request {
             K::BackupGet => none(args).map(|()| Request::BackupGet)?,
             K::SyncCopy => Request::SyncCopy(WireValue::decode(args, path)?),
             K::Relay => Request::Relay(WireValue::decode(args, path)?),
+            K::PortOut => Request::PortOut(WireValue::decode(args, path)?),
+            K::PortIn => Request::PortIn(WireValue::decode(args, path)?),
         })
     }
 
@@ -250,6 +263,8 @@ impl Request {
             Request::BackupPut(args) => args.encode(),
             Request::SyncCopy(args) => args.encode(),
             Request::Relay(args) => args.encode(),
+            Request::PortOut(args) => args.encode(),
+            Request::PortIn(args) => args.encode(),
         }
     }
 }
@@ -595,5 +610,37 @@ wire_struct! {
         req "BODY" body: Blob,
         /// The entity the message was sent to.
         req "PEER" peer: Number,
+    }
+}
+
+wire_struct! {
+    /// Args of `PORT-OUT`.
+    pub struct PortOutArgs {
+        /// The id of the broker of the network the number is to move to.
+        req "TO" to: String,
+        /// The identity public key that will sign the PORT-IN statement: the token is good
+        /// only with a statement signed by this key.
+        req "IDENTITY-KEY" identity_key: Hex32,
+    }
+}
+
+wire_struct! {
+    /// Args of `PORT-IN`: the number, the losing broker's token, and the user's signed
+    /// statement (see [`crate::port_statement`]).
+    pub struct PortInArgs {
+        /// The number to take over.
+        req "NUMBER" number: Number,
+        /// The id of the broker that serves it now.
+        req "FROM" from: String,
+        /// The token PORT-OUT returned at `FROM`.
+        req "TOKEN" token: Hex32,
+        /// The user's Ed25519 identity public key.
+        req "IDENTITY-KEY" identity_key: Hex32,
+        /// When the statement was made, unix seconds.
+        req "TIME" time: u64,
+        /// Ed25519 signature by `IDENTITY-KEY` over the port statement.
+        req "SIGNATURE" signature: Hex64,
+        /// The new device's server secret (as REGISTER).
+        req "SERVER-SECRET" server_secret: Hex32,
     }
 }

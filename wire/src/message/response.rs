@@ -173,6 +173,10 @@ pub enum ResponseData {
     SyncCopy(SyncCopyData),
     /// `RELAY`: `{}`; the relayed bytes follow the response's frame.
     Relay,
+    /// `PORT-OUT`.
+    PortOut(PortOutData),
+    /// `PORT-IN`.
+    PortIn(PortInData),
 }
 
 impl ResponseData {
@@ -206,6 +210,8 @@ impl ResponseData {
             ResponseData::BackupGet(_) => K::BackupGet,
             ResponseData::SyncCopy(_) => K::SyncCopy,
             ResponseData::Relay => K::Relay,
+            ResponseData::PortOut(_) => K::PortOut,
+            ResponseData::PortIn(_) => K::PortIn,
         }
     }
 
@@ -249,6 +255,8 @@ impl ResponseData {
             K::BackupGet => ResponseData::BackupGet(WireValue::decode(data, path)?),
             K::SyncCopy => ResponseData::SyncCopy(WireValue::decode(data, path)?),
             K::Relay => empty(data).map(|()| ResponseData::Relay)?,
+            K::PortOut => ResponseData::PortOut(WireValue::decode(data, path)?),
+            K::PortIn => ResponseData::PortIn(WireValue::decode(data, path)?),
         })
     }
 
@@ -280,6 +288,8 @@ impl ResponseData {
             ResponseData::InboxAck(data) => data.encode(),
             ResponseData::BackupGet(data) => data.encode(),
             ResponseData::SyncCopy(data) => data.encode(),
+            ResponseData::PortOut(data) => data.encode(),
+            ResponseData::PortIn(data) => data.encode(),
         }
     }
 }
@@ -613,5 +623,33 @@ wire_struct! {
     pub struct SyncCopyData {
         /// The copied message's id.
         req "ID" id: Hex16,
+    }
+}
+
+wire_struct! {
+    /// `Data` of `PORT-OUT`.
+    pub struct PortOutData {
+        /// The single-use port token, for PORT-IN at the broker named in `TO`.
+        req "TOKEN" token: Hex32,
+        /// Until when it can be used, unix seconds.
+        req "EXPIRES" expires: u64,
+    }
+}
+
+wire_struct! {
+    /// `Data` of `PORT-IN`: the entity as REGISTER answers it, and the entry's sequence.
+    pub struct PortInData {
+        /// The ported number, now served here.
+        req "ENTITY" entity: Number,
+        /// The new device's id (1).
+        req "DEVICE" device: DeviceId,
+        /// The secret the device proves at LOGIN.
+        req "CLIENT-SECRET" client_secret: Hex32,
+        /// Login nonce time step, seconds.
+        req "NONCE-STEP" nonce_step: u32,
+        /// Login nonce algorithm.
+        req "NONCE-ALGORITHM" nonce_algorithm: NonceAlgorithm,
+        /// The ported-number entry's sequence (1 for the number's first port).
+        req "SEQ" seq: u64,
     }
 }

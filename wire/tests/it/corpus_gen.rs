@@ -28,6 +28,8 @@ use ErrorCode::{BadArgs, BadFrame, BadYaml, FrameTooLarge, UnknownRequest};
 
 const HEX16: &str = "00112233445566778899aabbccddeeff";
 const HEX32: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+const HEX64: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\
+                     00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
@@ -77,6 +79,7 @@ enum Ty {
     Number,
     Hex16,
     Hex32,
+    Hex64,
     Device,
     Bool,
     U64,
@@ -94,6 +97,7 @@ impl Ty {
             Ty::Number => "\"5550001234\"".into(),
             Ty::Hex16 => format!("\"{HEX16}\""),
             Ty::Hex32 => format!("\"{HEX32}\""),
+            Ty::Hex64 => format!("\"{HEX64}\""),
             Ty::Device => "1".into(),
             Ty::Bool => "true".into(),
             Ty::U64 => "5".into(),
@@ -111,7 +115,7 @@ impl Ty {
         let v = |l: &'static str, y: &str| (l, y.to_owned());
         match self {
             Ty::Number => vec![v("int", "5550001234"), v("seq", "[\"5550001234\"]")],
-            Ty::Hex16 | Ty::Hex32 => vec![v("int", "12"), v("map", "{}")],
+            Ty::Hex16 | Ty::Hex32 | Ty::Hex64 => vec![v("int", "12"), v("map", "{}")],
             Ty::Device => vec![v("string", "\"1\""), v("float", "1.5"), v("bool", "true")],
             Ty::Bool => vec![v("string", "\"true\""), v("yes", "yes"), v("int", "1")],
             Ty::U64 | Ty::Limit => vec![v("string", "\"5\""), v("float", "5.5"), v("seq", "[5]")],
@@ -135,11 +139,11 @@ impl Ty {
                 v("space", "\" 5550001234\"".into()),
                 v("fullwidth", "\"５５５０００１２３４\"".into()),
             ],
-            Ty::Hex16 | Ty::Hex32 => {
-                let good = if matches!(self, Ty::Hex16) {
-                    HEX16
-                } else {
-                    HEX32
+            Ty::Hex16 | Ty::Hex32 | Ty::Hex64 => {
+                let good = match self {
+                    Ty::Hex16 => HEX16,
+                    Ty::Hex32 => HEX32,
+                    _ => HEX64,
                 };
                 vec![
                     v("short", format!("\"{}\"", &good[1..])),
@@ -291,6 +295,22 @@ fn request_table() -> Vec<(&'static str, Vec<Field>)> {
                 req("ID", Ty::Hex16),
                 req("BODY", Ty::Blob),
                 req("PEER", Ty::Number),
+            ],
+        ),
+        (
+            "PORT-OUT",
+            vec![req("TO", Ty::Text), req("IDENTITY-KEY", Ty::Hex32)],
+        ),
+        (
+            "PORT-IN",
+            vec![
+                req("NUMBER", Ty::Number),
+                req("FROM", Ty::Text),
+                req("TOKEN", Ty::Hex32),
+                req("IDENTITY-KEY", Ty::Hex32),
+                req("TIME", Ty::U64),
+                req("SIGNATURE", Ty::Hex64),
+                req("SERVER-SECRET", Ty::Hex32),
             ],
         ),
     ]

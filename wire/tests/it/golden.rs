@@ -382,3 +382,107 @@ Data:
 ",
     );
 }
+
+/// PORT-OUT and PORT-IN as protocol.md 6.27 and 6.28 spell them.
+#[test]
+fn port_requests_and_answers() {
+    let identity_key = Hex32::from_bytes(counting(0x40));
+    let token = Hex32::from_bytes(counting(0x80));
+    assert_encodes(
+        Message::request(
+            31,
+            Request::PortOut(PortOutArgs {
+                to: "broker-y".into(),
+                identity_key,
+            }),
+        ),
+        "Request: PORT-OUT
+Id: 31
+Args:
+  TO: \"broker-y\"
+  IDENTITY-KEY: \"404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f\"
+",
+    );
+    assert_encodes(
+        Message::Response(Response::ok(
+            31,
+            ResponseData::PortOut(PortOutData {
+                token,
+                expires: 1_767_225_600,
+            }),
+        )),
+        "Response: PORT-OUT
+Id: 31
+Status: OK
+Data:
+  TOKEN: \"808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f\"
+  EXPIRES: 1767225600
+",
+    );
+    assert_encodes(
+        Message::request(
+            32,
+            Request::PortIn(PortInArgs {
+                number: Number::new("5550001234").unwrap(),
+                from: "broker-x".into(),
+                token,
+                identity_key,
+                time: 1_767_225_000,
+                signature: Hex64::from_bytes(counting(0xa0)),
+                server_secret: Hex32::from_bytes(counting(0x20)),
+            }),
+        ),
+        "Request: PORT-IN
+Id: 32
+Args:
+  NUMBER: \"5550001234\"
+  FROM: \"broker-x\"
+  TOKEN: \"808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f\"
+  IDENTITY-KEY: \"404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f\"
+  TIME: 1767225000
+  SIGNATURE: \"a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf\"
+  SERVER-SECRET: \"202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f\"
+",
+    );
+    assert_encodes(
+        Message::Response(Response::ok(
+            32,
+            ResponseData::PortIn(PortInData {
+                entity: Number::new("5550001234").unwrap(),
+                device: DeviceId::FIRST,
+                client_secret: Hex32::from_bytes(counting(0x00)),
+                nonce_step: 6,
+                nonce_algorithm: NonceAlgorithm::MmNonce1,
+                seq: 1,
+            }),
+        )),
+        "Response: PORT-IN
+Id: 32
+Status: OK
+Data:
+  ENTITY: \"5550001234\"
+  DEVICE: 1
+  CLIENT-SECRET: \"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\"
+  NONCE-STEP: 6
+  NONCE-ALGORITHM: MM-NONCE-1
+  SEQ: 1
+",
+    );
+    assert_encodes(
+        Message::Response(Response::error(
+            33,
+            Some(RequestKind::Login),
+            ErrorBody::new(
+                ErrorCode::Ported,
+                "this number was ported to broker broker-y; log in there (micromsg port)",
+            ),
+        )),
+        "Response: LOGIN
+Id: 33
+Status: ERROR
+Error:
+  Code: PORTED
+  Message: \"this number was ported to broker broker-y; log in there (micromsg port)\"
+",
+    );
+}

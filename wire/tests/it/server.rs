@@ -127,7 +127,14 @@ fn login_requirement_is_known_per_request() {
         .collect();
     assert_eq!(
         public,
-        ["BROKER-INFO", "REGISTER", "DEVICE-JOIN", "LOGIN", "PING"]
+        [
+            "BROKER-INFO",
+            "REGISTER",
+            "DEVICE-JOIN",
+            "LOGIN",
+            "PING",
+            "PORT-IN"
+        ]
     );
 }
 

@@ -252,6 +252,38 @@ pub(crate) fn requests() -> Vec<(RequestKind, BoxedStrategy<Request>)> {
                 .prop_map(|relay| Request::Relay(RelayArgs { relay }))
                 .boxed(),
         ),
+        (
+            K::PortOut,
+            (text(), hex32())
+                .prop_map(|(to, identity_key)| Request::PortOut(PortOutArgs { to, identity_key }))
+                .boxed(),
+        ),
+        (
+            K::PortIn,
+            (
+                number(),
+                text(),
+                hex32(),
+                hex32(),
+                u64_any(),
+                hex64(),
+                hex32(),
+            )
+                .prop_map(
+                    |(number, from, token, identity_key, time, signature, server_secret)| {
+                        Request::PortIn(PortInArgs {
+                            number,
+                            from,
+                            token,
+                            identity_key,
+                            time,
+                            signature,
+                            server_secret,
+                        })
+                    },
+                )
+                .boxed(),
+        ),
     ]
 }
 
@@ -511,6 +543,27 @@ pub(crate) fn response_data() -> Vec<(RequestKind, BoxedStrategy<ResponseData>)>
                 .boxed(),
         ),
         (K::Relay, Just(ResponseData::Relay).boxed()),
+        (
+            K::PortOut,
+            (hex32(), u64_any())
+                .prop_map(|(token, expires)| ResponseData::PortOut(PortOutData { token, expires }))
+                .boxed(),
+        ),
+        (
+            K::PortIn,
+            (number(), device(), hex32(), u32_any(), u64_any())
+                .prop_map(|(entity, device, client_secret, nonce_step, seq)| {
+                    ResponseData::PortIn(PortInData {
+                        entity,
+                        device,
+                        client_secret,
+                        nonce_step,
+                        nonce_algorithm: NonceAlgorithm::MmNonce1,
+                        seq,
+                    })
+                })
+                .boxed(),
+        ),
     ]
 }
 
