@@ -47,6 +47,7 @@ mod federation;
 mod inbox;
 pub mod migrate;
 pub mod portable;
+mod retire;
 mod social;
 mod sweep;
 pub mod tables;

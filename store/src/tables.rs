@@ -249,6 +249,14 @@ pub const TABLES: &[Table] = &[
         serial: None,
         scope: Scope::Derived,
     },
+    Table {
+        name: "retired_numbers",
+        columns: &[col("number", Text), col("retired_at", Int)],
+        key: &["number"],
+        serial: None,
+        // The broker's own record that a number of its pool is spent; the entity is gone.
+        scope: Scope::Stays,
+    },
 ];
 
 /// The table named `name` in [`TABLES`].

@@ -181,6 +181,7 @@ conformance!(
     case_deposit_route,
     case_outbox_group_commit,
     case_quota_counter_bound,
+    case_delete_entity,
 );
 
 /// Postgres only (migration 0005): number-mode acknowledgements leave with their item, through
@@ -2222,5 +2223,98 @@ async fn case_quota_counter_bound(store: Store) {
         )
         .await,
         Err(StoreError::QuotaExceeded)
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deleting an entity
+
+/// The rows of `table` in the whole store.
+async fn rows(store: &Store, table: &str) -> i64 {
+    store
+        .count_rows(micromsg_store::tables::table(table).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn case_delete_entity(store: Store) {
+    let (a, b) = (num("5550001"), num("5550002"));
+    entity(&store, &a).await;
+    entity(&store, &b).await;
+    add_devices(&store, &a, 2).await;
+    // A pending ADD-DEVICE secret, a backup, a block, a contact, a setting, a poisoned
+    // INITIATE, inbox items in both modes with an acknowledgement: all of A's.
+    store
+        .create_registration_secret(&a, &hash(9), None, NOW, NOW + 600, 100)
+        .await
+        .unwrap();
+    store.put_backup(&a, 0, 1, b"backup", NOW).await.unwrap();
+    store.block(&a, &num("5550009"), NOW).await.unwrap();
+    store.add_contact(&a, &b, NOW).await.unwrap();
+    store.set_auto_existing(&a, true).await.unwrap();
+    store
+        .remember_unknown_targets(&[(a.clone(), num("5550008"))], NOW)
+        .await
+        .unwrap();
+    deposit_one(&store, &item(1, &a, None, &b), 100)
+        .await
+        .unwrap();
+    deposit_one(&store, &item(2, &a, Some(1), &b), 100)
+        .await
+        .unwrap();
+    store.ack_inbox(&a, dev(1), &[id(1)], NOW).await.unwrap();
+    assert_eq!(
+        rows(&store, "inbox_acks").await,
+        1,
+        "acknowledged by one of two"
+    );
+    // B's own rows, which name A, stay: B's contact of A and an item from A.
+    store.add_contact(&b, &a, NOW).await.unwrap();
+    deposit_one(&store, &item(3, &b, None, &a), 100)
+        .await
+        .unwrap();
+
+    let ended = store.delete_entity(&a, NOW + 5).await.unwrap();
+    assert_eq!(
+        ended,
+        devs(&[1, 2]),
+        "the active devices, whose sessions end"
+    );
+
+    assert!(!store.entity_exists(&a).await.unwrap());
+    assert!(store.device(&a, dev(1)).await.unwrap().is_none());
+    assert!(store.get_backup(&a).await.unwrap().is_none());
+    assert!(store.number_retired(&a).await.unwrap());
+    assert!(!store.number_retired(&b).await.unwrap());
+    for (table, left) in [
+        ("entities", 1),
+        ("devices", 1),
+        ("registration_secrets", 0),
+        ("key_backups", 0),
+        ("blocks", 0),
+        ("entity_settings", 0),
+        ("poisoned_initiates", 0),
+        ("contacts", 1),
+        ("inbox_items", 1),
+        ("inbox_acks", 0),
+        ("retired_numbers", 1),
+    ] {
+        assert_eq!(rows(&store, table).await, left, "{table} after the delete");
+    }
+    assert_eq!(
+        fetch_all(&store, &b, 1, NOW).await,
+        vec![id(3)],
+        "B's inbox kept"
+    );
+
+    // The number is never handed out again; a second delete finds nothing.
+    assert!(matches!(
+        store.create_entity(&a, &device(5, None), NOW + 6).await,
+        Err(StoreError::NumberTaken)
+    ));
+    assert!(!store.entity_exists(&a).await.unwrap());
+    assert!(matches!(
+        store.delete_entity(&a, NOW + 7).await,
+        Err(StoreError::NotFound)
     ));
 }

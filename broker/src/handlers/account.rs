@@ -1,15 +1,17 @@
 //! Accounts: REGISTER (a new entity and its first device), DEVICE-JOIN (a further device with
-//! a registration secret) and LOGIN (the mutually verified rotating nonce, protocol.md 9).
+//! a registration secret), LOGIN (the mutually verified rotating nonce, protocol.md 9) and
+//! ACCOUNT-DELETE (the entity and all it holds here, its number retired).
 
 use micromsg_crypto::nonce::{self, Direction, NonceContext, NoncePolicy};
 use micromsg_crypto::{Secret32, kdf};
 
 use micromsg_store::{NewDevice, Store, StoreError};
-use micromsg_wire::message::request::{DeviceJoinArgs, LoginArgs, RegisterArgs};
+use micromsg_wire::message::event::DeviceRevoked;
+use micromsg_wire::message::request::{AccountDeleteArgs, DeviceJoinArgs, LoginArgs, RegisterArgs};
 use micromsg_wire::message::response::{
     DeviceJoinData, LoginData, NonceAlgorithm, RegisterData, SessionCounts,
 };
-use micromsg_wire::{ErrorCode, Hex32, ResponseData};
+use micromsg_wire::{ErrorCode, Event, Hex32, ResponseData};
 use rand_core::OsRng;
 use subtle::ConstantTimeEq;
 use tracing::{debug, info, warn};
@@ -20,7 +22,7 @@ use crate::clock::Now;
 use crate::config::{Config, RegistrationPolicy};
 use crate::limits::{FailureLock, ReplayCache, Source, WindowLimiter};
 use crate::numbers::NumberAllocator;
-use crate::online::Online;
+use crate::online::{Online, Push};
 
 /// What the account handlers use.
 #[derive(Debug, Clone, Copy)]
@@ -302,4 +304,40 @@ pub async fn login(
             device: args.device,
         },
     ))
+}
+
+/// ACCOUNT-DELETE: removes the logged-in entity and everything it holds at this broker, in one
+/// transaction, and retires its number (never handed out again). `CONFIRM` must repeat the
+/// entity's own number, so a stray or replayed-by-mistake request deletes nothing. Every
+/// connection of its devices gets DEVICE-REVOKED and closes; this one closes after the answer.
+/// A later LOGIN fails as for an unknown device.
+pub async fn delete(
+    cx: Cx<'_>,
+    session: &Session,
+    login: &Login,
+    args: AccountDeleteArgs,
+    now: Now,
+) -> Handled {
+    if args.confirm != *login.number() {
+        return Err(Refusal::new(
+            ErrorCode::BadArgs,
+            "CONFIRM must be this entity's own number; nothing was deleted",
+        ));
+    }
+    let devices = match cx.store.delete_entity(login.number(), now.unix_i64()).await {
+        Ok(devices) => devices,
+        // Deleted meanwhile by another of its devices.
+        Err(StoreError::NotFound) => {
+            return Err(Refusal::new(ErrorCode::NotFound, "no such entity"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for device in devices {
+        cx.online
+            .push_all(login.number().as_str(), Some(device.get()), || {
+                Push::close(Event::DeviceRevoked(DeviceRevoked { device }))
+            });
+    }
+    info!(conn = session.conn_id, "entity deleted");
+    Ok(ResponseData::AccountDelete)
 }

@@ -11,7 +11,7 @@
 //! for it at run time.
 //!
 //! By area:
-//! - [`account`]: REGISTER, DEVICE-JOIN, LOGIN.
+//! - [`account`]: REGISTER, DEVICE-JOIN, LOGIN, ACCOUNT-DELETE.
 //! - [`devices`]: ADD-DEVICE, DEVICE-LIST, DEVICE-REVOKE.
 //! - [`contacts`]: IS-NETWORKED, INITIATE-*, CONTACT-ANSWER, CONTACT-POLICY, BLOCK, UNBLOCK,
 //!   BLOCK-LIST.
@@ -32,9 +32,10 @@ use std::time::Duration;
 
 use micromsg_store::StoreError;
 use micromsg_wire::message::request::{
-    AddDeviceArgs, BackupPutArgs, ContactAnswerArgs, ContactPolicyArgs, DepositArgs,
-    DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs, InitiateNetworkedArgs,
-    InitiateNewArgs, LoginArgs, RegisterArgs, RelayArgs, SyncCopyArgs, TargetArgs,
+    AccountDeleteArgs, AddDeviceArgs, BackupPutArgs, ContactAnswerArgs, ContactPolicyArgs,
+    DepositArgs, DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs,
+    InitiateNetworkedArgs, InitiateNewArgs, LoginArgs, RegisterArgs, RelayArgs, SyncCopyArgs,
+    TargetArgs,
 };
 use micromsg_wire::message::response::PingData;
 use micromsg_wire::{DeviceId, ErrorBody, ErrorCode, Number, Request, ResponseData};
@@ -178,6 +179,8 @@ pub enum Authenticated {
     BackupGet,
     /// RELAY (the connection handles it: it stops carrying frames).
     Relay(RelayArgs),
+    /// ACCOUNT-DELETE (the connection closes after its answer).
+    AccountDelete(AccountDeleteArgs),
 }
 
 /// A decoded request, split by whether it needs a login (protocol.md 6.0).
@@ -221,6 +224,7 @@ impl From<Request> for Routed {
             Request::BackupPut(a) => A::BackupPut(a),
             Request::BackupGet => A::BackupGet,
             Request::Relay(a) => A::Relay(a),
+            Request::AccountDelete(a) => A::AccountDelete(a),
         };
         Routed::Authenticated(authenticated)
     }
@@ -317,6 +321,9 @@ pub async fn authenticated(
         A::BackupGet => backup::get(backup(), login).await,
         // Only a connection can turn itself into a relay half (`connection.rs`).
         A::Relay(_) => Err(Refusal::internal()),
+        A::AccountDelete(args) => {
+            account::delete(account::Cx::of(broker), session, login, args, now).await
+        }
     }
 }
 

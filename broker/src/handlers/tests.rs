@@ -23,8 +23,8 @@ use micromsg_crypto::nonce::{self, Direction, NonceContext};
 use micromsg_store::{NewDevice, Store};
 use micromsg_wire::message::event::{ContactKind, ContactRequest, DeviceRevoked, InboxNotice};
 use micromsg_wire::message::request::{
-    AddDeviceArgs, DepositArgs, DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs,
-    InitiateNewArgs, LoginArgs, RegisterArgs, SyncCopyArgs, TargetArgs,
+    AccountDeleteArgs, AddDeviceArgs, DepositArgs, DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs,
+    InboxFetchArgs, InitiateNewArgs, LoginArgs, RegisterArgs, SyncCopyArgs, TargetArgs,
 };
 use micromsg_wire::message::response::{
     AddDeviceData, DepositData, DeviceJoinData, InboxAckData, InboxFetchData, InboxMessage,
@@ -1381,4 +1381,85 @@ async fn a_deposit_needs_a_contact_pair_and_a_blocking_target_drops_it_silently(
         recipient.events(),
         vec![Event::Inbox(InboxNotice { count: 1 })]
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// ACCOUNT-DELETE (protocol.md 6.27)
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn account_delete_needs_the_own_number_as_confirmation() {
+    let fx = Fixture::new(|_| {}).await;
+    let x = fx.register().await;
+    let y = fx.register().await;
+    let first = fx.login(&x).await;
+    for confirm in [y.number.clone(), number("5550000003")] {
+        let body = refused(
+            fx.call(
+                &first,
+                Authenticated::AccountDelete(AccountDeleteArgs { confirm }),
+            )
+            .await,
+        );
+        assert_eq!(body.code, ErrorCode::BadArgs);
+    }
+    // Nothing was deleted: neither X nor Y.
+    assert!(fx.broker.store.entity_exists(&x.number).await.unwrap());
+    assert!(fx.broker.store.entity_exists(&y.number).await.unwrap());
+    fx.login(&x).await;
+}
+
+#[tokio::test]
+async fn account_delete_ends_every_session_and_logins_fail_like_an_unknown_device() {
+    let fx = Fixture::new(|_| {}).await;
+    let x = fx.register().await;
+    let mut first = fx.login(&x).await;
+    let secret = add_device_secret(fx.add_device(&first, Some("tablet")).await).secret;
+    let second = fx.try_join(&fx.conn(), &x.number, secret).await.unwrap();
+    let mut second_online = fx.login(&second).await;
+
+    let conn = fx.conn();
+    let wrong_nonce = refused(
+        fx.try_login_with(&conn, &x, Hex32::from_bytes([9; 32]))
+            .await,
+    );
+
+    let deleted = fx
+        .call(
+            &first,
+            Authenticated::AccountDelete(AccountDeleteArgs {
+                confirm: x.number.clone(),
+            }),
+        )
+        .await;
+    assert_eq!(deleted.unwrap(), ResponseData::AccountDelete);
+    for (online, device) in [(&mut first, x.device), (&mut second_online, second.device)] {
+        let pushes = online.conn.pushes();
+        assert!(
+            matches!(
+                pushes.as_slice(),
+                [Push::Close(e)] if **e == Event::DeviceRevoked(DeviceRevoked { device })
+            ),
+            "{pushes:?}"
+        );
+    }
+    for device in [&x, &second] {
+        let conn = fx.conn();
+        let nonce = fx.nonce(device, &conn.session.binding);
+        let body = refused(fx.try_login_with(&conn, device, nonce).await);
+        assert_eq!(body, wrong_nonce, "a deleted entity's device");
+    }
+    assert!(!fx.broker.store.entity_exists(&x.number).await.unwrap());
+    assert!(fx.broker.store.number_retired(&x.number).await.unwrap());
+    // A second delete (another connection still in flight) finds nothing to delete.
+    let again = refused(
+        fx.call(
+            &second_online,
+            Authenticated::AccountDelete(AccountDeleteArgs {
+                confirm: x.number.clone(),
+            }),
+        )
+        .await,
+    );
+    assert_eq!(again.code, ErrorCode::NotFound);
 }

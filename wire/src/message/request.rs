@@ -62,6 +62,8 @@ wire_enum! {
         SyncCopy = "SYNC-COPY",
         /// Authenticated: turns the connection into one half of a relay (section 6.26).
         Relay = "RELAY",
+        /// Authenticated: deletes the entity at this broker (section 6.27).
+        AccountDelete = "ACCOUNT-DELETE",
     }
 }
 
@@ -135,6 +137,8 @@ pub enum Request {
     SyncCopy(SyncCopyArgs),
     /// `RELAY`.
     Relay(RelayArgs),
+    /// `ACCOUNT-DELETE`.
+    AccountDelete(AccountDeleteArgs),
 }
 
 impl Request {
@@ -167,6 +171,7 @@ impl Request {
             Request::BackupGet => RequestKind::BackupGet,
             Request::SyncCopy(_) => RequestKind::SyncCopy,
             Request::Relay(_) => RequestKind::Relay,
+            Request::AccountDelete(_) => RequestKind::AccountDelete,
         }
     }
 
@@ -217,6 +222,7 @@ impl Request {
             K::BackupGet => none(args).map(|()| Request::BackupGet)?,
             K::SyncCopy => Request::SyncCopy(WireValue::decode(args, path)?),
             K::Relay => Request::Relay(WireValue::decode(args, path)?),
+            K::AccountDelete => Request::AccountDelete(WireValue::decode(args, path)?),
         })
     }
 
@@ -250,6 +256,7 @@ impl Request {
             Request::BackupPut(args) => args.encode(),
             Request::SyncCopy(args) => args.encode(),
             Request::Relay(args) => args.encode(),
+            Request::AccountDelete(args) => args.encode(),
         }
     }
 }
@@ -302,6 +309,15 @@ wire_struct! {
     pub struct DeviceRevokeArgs {
         /// The device to revoke (not the current one).
         req "DEVICE" device: DeviceId,
+    }
+}
+
+wire_struct! {
+    /// Args of `ACCOUNT-DELETE`.
+    pub struct AccountDeleteArgs {
+        /// The logged-in entity's own number, repeated: a request without it (or with
+        /// another number) deletes nothing.
+        req "CONFIRM" confirm: Number,
     }
 }
 

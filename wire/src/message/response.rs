@@ -173,6 +173,8 @@ pub enum ResponseData {
     SyncCopy(SyncCopyData),
     /// `RELAY`: `{}`; the relayed bytes follow the response's frame.
     Relay,
+    /// `ACCOUNT-DELETE`: `{}`; the broker closes the entity's connections after it.
+    AccountDelete,
 }
 
 impl ResponseData {
@@ -206,6 +208,7 @@ impl ResponseData {
             ResponseData::BackupGet(_) => K::BackupGet,
             ResponseData::SyncCopy(_) => K::SyncCopy,
             ResponseData::Relay => K::Relay,
+            ResponseData::AccountDelete => K::AccountDelete,
         }
     }
 
@@ -249,6 +252,7 @@ impl ResponseData {
             K::BackupGet => ResponseData::BackupGet(WireValue::decode(data, path)?),
             K::SyncCopy => ResponseData::SyncCopy(WireValue::decode(data, path)?),
             K::Relay => empty(data).map(|()| ResponseData::Relay)?,
+            K::AccountDelete => empty(data).map(|()| ResponseData::AccountDelete)?,
         })
     }
 
@@ -261,7 +265,8 @@ impl ResponseData {
             | ResponseData::Block
             | ResponseData::Unblock
             | ResponseData::BackupPut
-            | ResponseData::Relay => Node::Map(Vec::new()),
+            | ResponseData::Relay
+            | ResponseData::AccountDelete => Node::Map(Vec::new()),
             ResponseData::BrokerInfo(data) => data.encode(),
             ResponseData::Register(data) => data.encode(),
             ResponseData::DeviceJoin(data) => data.encode(),

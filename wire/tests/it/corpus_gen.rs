@@ -293,6 +293,7 @@ fn request_table() -> Vec<(&'static str, Vec<Field>)> {
                 req("PEER", Ty::Number),
             ],
         ),
+        ("ACCOUNT-DELETE", vec![req("CONFIRM", Ty::Number)]),
     ]
 }
 

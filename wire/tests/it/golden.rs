@@ -382,3 +382,28 @@ Data:
 ",
     );
 }
+
+#[test]
+fn account_delete_request_and_answer() {
+    assert_encodes(
+        Message::request(
+            22,
+            Request::AccountDelete(AccountDeleteArgs {
+                confirm: Number::new("5550001234").unwrap(),
+            }),
+        ),
+        "Request: ACCOUNT-DELETE
+Id: 22
+Args:
+  CONFIRM: \"5550001234\"
+",
+    );
+    assert_encodes(
+        Message::Response(Response::ok(22, ResponseData::AccountDelete)),
+        "Response: ACCOUNT-DELETE
+Id: 22
+Status: OK
+Data: {}
+",
+    );
+}

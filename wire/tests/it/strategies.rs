@@ -252,6 +252,12 @@ pub(crate) fn requests() -> Vec<(RequestKind, BoxedStrategy<Request>)> {
                 .prop_map(|relay| Request::Relay(RelayArgs { relay }))
                 .boxed(),
         ),
+        (
+            K::AccountDelete,
+            number()
+                .prop_map(|confirm| Request::AccountDelete(AccountDeleteArgs { confirm }))
+                .boxed(),
+        ),
     ]
 }
 
@@ -511,6 +517,7 @@ pub(crate) fn response_data() -> Vec<(RequestKind, BoxedStrategy<ResponseData>)>
                 .boxed(),
         ),
         (K::Relay, Just(ResponseData::Relay).boxed()),
+        (K::AccountDelete, Just(ResponseData::AccountDelete).boxed()),
     ]
 }
 
