@@ -15,6 +15,9 @@
 //!    replaced atomically; `profile.toml` last, so the profile names the new broker only once
 //!    everything it needs is there), then remove the stage. A crash in the middle of this step
 //!    is finished by the next `move`: it finds the staged secrets already in place.
+//! 6. with `--delete-old`, ACCOUNT-DELETE at the old broker, on a link logged in before the
+//!    switch (so a crash before it leaves an old account behind, never a profile that cannot
+//!    log in anywhere).
 
 use std::path::Path;
 
@@ -74,6 +77,8 @@ pub struct MoveDone {
     pub report: MoveReport,
     /// What the old broker's agent warned about meanwhile, for people.
     pub warnings: Vec<String>,
+    /// Whether the old account was deleted at the old broker (`--delete-old`).
+    pub old_deleted: bool,
 }
 
 /// One step, for progress output.
@@ -96,14 +101,21 @@ pub enum Step {
     },
     /// Putting the new profile in place.
     Switching,
+    /// Deleting the account at the old broker.
+    DeletingOld {
+        /// The old number.
+        number: String,
+    },
 }
 
-/// Moves `profile` to `broker` (trusting `ca`), with `token` if the new broker needs one.
+/// Moves `profile` to `broker` (trusting `ca`), with `token` if the new broker needs one; with
+/// `delete_old`, the account at the old broker is deleted once the profile is switched.
 pub async fn move_to(
     profile: &Profile,
     broker: &str,
     ca: &Path,
     token: Option<String>,
+    delete_old: bool,
     mut progress: impl FnMut(Step),
 ) -> Result<MoveDone, MoveError> {
     let old = profile.info().map_err(AccountError::from)?;
@@ -208,9 +220,22 @@ pub async fn move_to(
     let warnings = collector.await.unwrap_or_default();
     let (fetched, new, report) = result?;
 
+    // Logged in at the old broker before the switch: afterwards the profile no longer holds
+    // the old account's secrets.
+    let mut old_session = if delete_old {
+        Some(account::connect(profile).await?)
+    } else {
+        None
+    };
     progress(Step::Switching);
     Store::new(profile).moved_self(&old.number)?;
     switch(profile, &stage)?;
+    if let Some(session) = &mut old_session {
+        progress(Step::DeletingOld {
+            number: old.number.clone(),
+        });
+        account::delete(session).await?;
+    }
     Ok(MoveDone {
         old_number: old.number,
         new_number: new.number,
@@ -218,6 +243,7 @@ pub async fn move_to(
         fetched,
         report,
         warnings,
+        old_deleted: old_session.is_some(),
     })
 }
 
@@ -256,6 +282,7 @@ fn finish_interrupted_switch(
              and groups were told before"
                 .into(),
         ],
+        old_deleted: false,
     }))
 }
 

@@ -215,6 +215,29 @@ pub(super) enum Command {
         /// Registration token, if the new broker requires one.
         #[arg(long)]
         token: Option<String>,
+        /// Once the profile is switched, delete the account at the OLD broker (as `account
+        /// delete` would): its devices, inbox and contacts there go, and its number is never
+        /// given out again. Contacts that were offline and have not yet fetched the notice
+        /// from their own inboxes still get it.
+        #[arg(long)]
+        delete_old: bool,
+    },
+    /// This entity's account at its broker.
+    #[command(subcommand)]
+    Account(AccountCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum AccountCommand {
+    /// Delete this entity at its broker, for good: every device, the inbox, the contacts,
+    /// blocks, settings and key backup there. The number is never given out again; every
+    /// device of the entity is logged out and can no longer log in. This profile keeps its
+    /// local history, but cannot talk through that broker any more. Asks you to type the
+    /// number to confirm (on a terminal), or pass --yes in scripts.
+    Delete {
+        /// Do not ask; delete at once.
+        #[arg(long)]
+        yes: bool,
     },
 }
 

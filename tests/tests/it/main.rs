@@ -14,6 +14,7 @@ mod netns_relay;
 mod networked_sessions;
 mod offline;
 mod portability_broker;
+mod portability_delete;
 mod portability_export;
 mod portability_move;
 mod process;
