@@ -269,6 +269,9 @@ pub struct ContactsConfig {
     pub initiates_per_minute: u32,
     /// Seconds a target has to answer a contact request, and a connect token lives. Default 120.
     pub request_ttl_secs: u64,
+    /// The most days a FORWARD (a moved entity's signed notice for callers of its old number)
+    /// is kept; 0 refuses FORWARD. Default 30.
+    pub forward_max_days: u64,
 }
 
 impl Default for ContactsConfig {
@@ -277,6 +280,7 @@ impl Default for ContactsConfig {
             remember_unknown_targets: true,
             initiates_per_minute: 30,
             request_ttl_secs: 120,
+            forward_max_days: 30,
         }
     }
 }

@@ -5,9 +5,11 @@ use std::path::Path;
 
 use micromsg_crypto::Secret32;
 use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
-use micromsg_wire::message::request::{AccountDeleteArgs, DeviceJoinArgs, RegisterArgs};
+use micromsg_wire::message::request::{
+    AccountDeleteArgs, DeviceJoinArgs, ForwardArgs, RegisterArgs,
+};
 use micromsg_wire::message::response::BrokerInfoData;
-use micromsg_wire::{Hex32, Number, Request, ResponseData, encode_info_canonical};
+use micromsg_wire::{Blob, Hex32, Number, Request, ResponseData, encode_info_canonical};
 use rand_core::OsRng;
 
 use crate::link::{BrokerLink, LinkError};
@@ -278,6 +280,24 @@ pub async fn delete(session: &mut Session) -> Result<(), AccountError> {
         ResponseData::AccountDelete => Ok(()),
         other => Err(LinkError::Protocol(format!(
             "ACCOUNT-DELETE answered with {}",
+            other.kind().as_str()
+        ))
+        .into()),
+    }
+}
+
+/// FORWARD on a logged-in session: the broker keeps `notice` (a signed moved notice,
+/// protocol.md 12.13) for `days` days and hands it to whoever INITIATEs this number meanwhile
+/// (a caller this entity blocked excepted). Returns when it expires (Unix seconds).
+pub async fn forward(session: &mut Session, notice: &[u8], days: u64) -> Result<u64, AccountError> {
+    let request = Request::Forward(ForwardArgs {
+        notice: Blob::from(notice.to_vec()),
+        days,
+    });
+    match session.link.call(request).await? {
+        ResponseData::Forward(data) => Ok(data.expires),
+        other => Err(LinkError::Protocol(format!(
+            "FORWARD answered with {}",
             other.kind().as_str()
         ))
         .into()),

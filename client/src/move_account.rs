@@ -18,6 +18,10 @@
 //! 6. with `--delete-old`, ACCOUNT-DELETE at the old broker, on a link logged in before the
 //!    switch (so a crash before it leaves an old account behind, never a profile that cannot
 //!    log in anywhere).
+//!
+//! With `--forward DAYS`, the same signed notice is left at the old broker (FORWARD) just
+//! before step 5, so that whoever asks for the old number during the grace period learns the
+//! new one; it stays there after `--delete-old` until it expires.
 
 use std::path::Path;
 
@@ -79,6 +83,8 @@ pub struct MoveDone {
     pub warnings: Vec<String>,
     /// Whether the old account was deleted at the old broker (`--delete-old`).
     pub old_deleted: bool,
+    /// When the forward left at the old broker expires (Unix seconds; `--forward`).
+    pub forward_expires: Option<u64>,
 }
 
 /// One step, for progress output.
@@ -101,6 +107,11 @@ pub enum Step {
     },
     /// Putting the new profile in place.
     Switching,
+    /// Leaving the notice at the old broker for callers of the old number.
+    Forwarding {
+        /// For how many days.
+        days: u64,
+    },
     /// Deleting the account at the old broker.
     DeletingOld {
         /// The old number.
@@ -108,14 +119,23 @@ pub enum Step {
     },
 }
 
-/// Moves `profile` to `broker` (trusting `ca`), with `token` if the new broker needs one; with
-/// `delete_old`, the account at the old broker is deleted once the profile is switched.
+/// What a move does besides moving.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MoveOptions {
+    /// Leave the signed notice at the old broker for this many days (FORWARD).
+    pub forward_days: Option<u64>,
+    /// Delete the account at the old broker once the profile is switched (ACCOUNT-DELETE).
+    pub delete_old: bool,
+}
+
+/// Moves `profile` to `broker` (trusting `ca`), with `token` if the new broker needs one, and
+/// with what `options` add.
 pub async fn move_to(
     profile: &Profile,
     broker: &str,
     ca: &Path,
     token: Option<String>,
-    delete_old: bool,
+    options: MoveOptions,
     mut progress: impl FnMut(Step),
 ) -> Result<MoveDone, MoveError> {
     let old = profile.info().map_err(AccountError::from)?;
@@ -213,24 +233,29 @@ pub async fn move_to(
                 });
             }
         };
-        Ok((fetched, new, report))
+        Ok((fetched, new, report, notice))
     }
     .await;
     let _ = handle.stop().await;
     let warnings = collector.await.unwrap_or_default();
-    let (fetched, new, report) = result?;
+    let (fetched, new, report, notice) = result?;
 
     // Logged in at the old broker before the switch: afterwards the profile no longer holds
     // the old account's secrets.
-    let mut old_session = if delete_old {
+    let mut old_session = if options.delete_old || options.forward_days.is_some() {
         Some(account::connect(profile).await?)
     } else {
         None
     };
+    let mut forward_expires = None;
+    if let (Some(days), Some(session)) = (options.forward_days, &mut old_session) {
+        progress(Step::Forwarding { days });
+        forward_expires = Some(account::forward(session, &notice, days).await?);
+    }
     progress(Step::Switching);
     Store::new(profile).moved_self(&old.number)?;
     switch(profile, &stage)?;
-    if let Some(session) = &mut old_session {
+    if let Some(session) = old_session.as_mut().filter(|_| options.delete_old) {
         progress(Step::DeletingOld {
             number: old.number.clone(),
         });
@@ -243,7 +268,8 @@ pub async fn move_to(
         fetched,
         report,
         warnings,
-        old_deleted: old_session.is_some(),
+        old_deleted: options.delete_old,
+        forward_expires,
     })
 }
 
@@ -283,6 +309,7 @@ fn finish_interrupted_switch(
                 .into(),
         ],
         old_deleted: false,
+        forward_expires: None,
     }))
 }
 

@@ -44,6 +44,7 @@ mod batcher;
 mod entities;
 mod error;
 mod federation;
+mod forwards;
 mod inbox;
 pub mod migrate;
 pub mod portable;

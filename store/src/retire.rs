@@ -30,7 +30,8 @@ const DELETE_ROWS: &[&str] = &[
 impl Store {
     /// Deletes the entity `number` with its devices, inbox items and their acknowledgements,
     /// inbox counters, contacts, blocks, settings, key backup and registration secrets, and
-    /// retires the number, all in one transaction. Returns the devices that were active (their
+    /// retires the number, all in one transaction. A live forward stays until its expiry, with
+    /// the block list kept beside it. Returns the devices that were active (their
     /// sessions are to be ended), or [`StoreError::NotFound`] for an unknown entity.
     pub async fn delete_entity(
         &self,
@@ -59,6 +60,18 @@ impl Store {
             )
             .bind(number)
             .fetch_all(&mut *tx)
+            .await?;
+            // A live forward keeps answering after the delete; so that a blocked caller
+            // still learns nothing, the block list stays with it (removed with it).
+            sqlx::query(
+                "INSERT INTO forward_blocks (number, target) \
+                 SELECT owner, target FROM blocks WHERE owner = $1 \
+                 AND EXISTS (SELECT 1 FROM forwards WHERE number = $1 AND expires_at > $2) \
+                 ON CONFLICT (number, target) DO NOTHING",
+            )
+            .bind(number)
+            .bind(now)
+            .execute(&mut *tx)
             .await?;
             for sql in DELETE_ROWS {
                 sqlx::query(sql).bind(number).execute(&mut *tx).await?;

@@ -19,6 +19,15 @@ const SWEEP_SECRETS: &str = "DELETE FROM registration_secrets \
 const SWEEP_PUBKEYS: &str = "DELETE FROM broker_pubkeys WHERE peer_number IN \
      (SELECT peer_number FROM broker_pubkeys WHERE expires_at <= $1 LIMIT $2)";
 
+const SWEEP_FORWARDS: &str = "DELETE FROM forwards WHERE number IN \
+     (SELECT number FROM forwards WHERE expires_at <= $1 LIMIT $2)";
+
+/// The kept block lists of forwards that are gone (expired and swept, or never set).
+const SWEEP_FORWARD_BLOCKS: &str = "DELETE FROM forward_blocks WHERE (number, target) IN \
+     (SELECT number, target FROM forward_blocks b \
+      WHERE NOT EXISTS (SELECT 1 FROM forwards f WHERE f.number = b.number AND f.expires_at > $1) \
+      LIMIT $2)";
+
 const SWEEP_RECEIVED: &str = "DELETE FROM received_deliveries WHERE idempotency_key IN \
      (SELECT idempotency_key FROM received_deliveries WHERE expires_at <= $1 LIMIT $2)";
 
@@ -30,11 +39,13 @@ impl Store {
     /// again (soon).
     pub async fn sweep(&self, now: i64) -> Result<SweepReport, StoreError> {
         let mut report = SweepReport::default();
-        let jobs: [(&str, i64); 4] = [
+        let jobs: [(&str, i64); 6] = [
             (SWEEP_INBOX, now),
             (SWEEP_SECRETS, now.saturating_sub(SECRET_RETENTION)),
             (SWEEP_PUBKEYS, now),
             (SWEEP_RECEIVED, now),
+            (SWEEP_FORWARDS, now),
+            (SWEEP_FORWARD_BLOCKS, now),
         ];
         for (job, (sql, cutoff)) in jobs.into_iter().enumerate() {
             let mut total = 0u64;
@@ -65,7 +76,9 @@ impl Store {
                 0 => report.inbox_items = total,
                 1 => report.registration_secrets = total,
                 2 => report.peer_pubkeys = total,
-                _ => report.received_deliveries = total,
+                3 => report.received_deliveries = total,
+                4 => report.forwards = total,
+                _ => {}
             }
         }
         Ok(report)

@@ -282,6 +282,8 @@ pub struct SweepReport {
     pub peer_pubkeys: u64,
     /// Kept idempotency keys of expired deliveries from peer brokers.
     pub received_deliveries: u64,
+    /// Expired forwards (FORWARD), with the block lists kept for them.
+    pub forwards: u64,
     /// `true` when a bound was hit and more may be left: call again.
     pub more: bool,
 }

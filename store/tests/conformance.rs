@@ -182,6 +182,7 @@ conformance!(
     case_outbox_group_commit,
     case_quota_counter_bound,
     case_delete_entity,
+    case_forwards,
 );
 
 /// Postgres only (migration 0005): number-mode acknowledgements leave with their item, through
@@ -2317,4 +2318,46 @@ async fn case_delete_entity(store: Store) {
         store.delete_entity(&a, NOW + 7).await,
         Err(StoreError::NotFound)
     ));
+}
+
+async fn case_forwards(store: Store) {
+    let (a, caller, blocked) = (num("5550001"), num("5550002"), num("5550003"));
+    assert!(matches!(
+        store.set_forward(&a, b"notice", NOW, NOW + DAY).await,
+        Err(StoreError::NotFound)
+    ));
+    entity(&store, &a).await;
+    assert_eq!(store.forward_for(&a, &caller, NOW).await.unwrap(), None);
+    store
+        .set_forward(&a, b"first", NOW, NOW + DAY)
+        .await
+        .unwrap();
+    store
+        .set_forward(&a, b"notice", NOW, NOW + 2 * DAY)
+        .await
+        .unwrap(); // replaces
+    store.block(&a, &blocked, NOW).await.unwrap();
+    let live = Some((b"notice".to_vec(), NOW + 2 * DAY));
+    assert_eq!(store.forward_for(&a, &caller, NOW).await.unwrap(), live);
+    assert_eq!(store.forward_for(&a, &blocked, NOW).await.unwrap(), None);
+
+    // The delete keeps the forward, and the block list beside it.
+    store.delete_entity(&a, NOW + 1).await.unwrap();
+    assert_eq!(store.forward_for(&a, &caller, NOW + 1).await.unwrap(), live);
+    assert_eq!(
+        store.forward_for(&a, &blocked, NOW + 1).await.unwrap(),
+        None
+    );
+    assert_eq!(rows(&store, "blocks").await, 0);
+    assert_eq!(rows(&store, "forward_blocks").await, 1);
+
+    // Expired: not answered, then swept with its block list.
+    let expiry = NOW + 2 * DAY;
+    assert_eq!(store.forward_for(&a, &caller, expiry).await.unwrap(), None);
+    let report = store.sweep(expiry - 1).await.unwrap();
+    assert_eq!(report.forwards, 0, "not yet expired");
+    let report = store.sweep(expiry).await.unwrap();
+    assert_eq!(report.forwards, 1);
+    assert_eq!(rows(&store, "forwards").await, 0);
+    assert_eq!(rows(&store, "forward_blocks").await, 0);
 }

@@ -1,15 +1,18 @@
 //! Accounts: REGISTER (a new entity and its first device), DEVICE-JOIN (a further device with
 //! a registration secret), LOGIN (the mutually verified rotating nonce, protocol.md 9) and
-//! ACCOUNT-DELETE (the entity and all it holds here, its number retired).
+//! ACCOUNT-DELETE (the entity and all it holds here, its number retired) and FORWARD (a moved
+//! entity's signed notice for callers of its number, for a grace period).
 
 use micromsg_crypto::nonce::{self, Direction, NonceContext, NoncePolicy};
 use micromsg_crypto::{Secret32, kdf};
 
 use micromsg_store::{NewDevice, Store, StoreError};
 use micromsg_wire::message::event::DeviceRevoked;
-use micromsg_wire::message::request::{AccountDeleteArgs, DeviceJoinArgs, LoginArgs, RegisterArgs};
+use micromsg_wire::message::request::{
+    AccountDeleteArgs, DeviceJoinArgs, ForwardArgs, LoginArgs, RegisterArgs,
+};
 use micromsg_wire::message::response::{
-    DeviceJoinData, LoginData, NonceAlgorithm, RegisterData, SessionCounts,
+    DeviceJoinData, ForwardData, LoginData, NonceAlgorithm, RegisterData, SessionCounts,
 };
 use micromsg_wire::{ErrorCode, Event, Hex32, ResponseData};
 use rand_core::OsRng;
@@ -340,4 +343,47 @@ pub async fn delete(
     }
     info!(conn = session.conn_id, "entity deleted");
     Ok(ResponseData::AccountDelete)
+}
+
+/// The most bytes a FORWARD notice may have (a moved notice, protocol.md 12.13, is far
+/// smaller; the bound keeps the table small).
+pub const MAX_FORWARD_NOTICE: usize = 1024;
+
+const DAY_SECS: u64 = 86_400;
+
+/// FORWARD: keeps `NOTICE` (opaque to the broker: callers' clients verify it against the key
+/// they pinned) for `DAYS` days, at most `contacts.forward_max_days`; replaces an earlier one.
+/// While it lives, an INITIATE to this number from a caller it has not blocked gets FORWARDED
+/// (protocol.md 10.2). It outlives ACCOUNT-DELETE until its expiry.
+pub async fn forward(cx: Cx<'_>, login: &Login, args: ForwardArgs, now: Now) -> Handled {
+    let max_days = cx.config.contacts.forward_max_days;
+    if max_days == 0 {
+        return Err(Refusal::new(
+            ErrorCode::BadArgs,
+            "this broker keeps no forwards (contacts.forward_max_days is 0)",
+        ));
+    }
+    if args.days == 0 || args.days > max_days {
+        return Err(Refusal::new(
+            ErrorCode::BadArgs,
+            format!("DAYS must be 1 to {max_days} on this broker"),
+        ));
+    }
+    let len = args.notice.as_bytes().len();
+    if len == 0 || len > MAX_FORWARD_NOTICE {
+        return Err(Refusal::new(
+            ErrorCode::BadArgs,
+            format!("NOTICE is {len} bytes; 1 to {MAX_FORWARD_NOTICE} are kept"),
+        ));
+    }
+    let expires = now.unix + args.days * DAY_SECS;
+    cx.store
+        .set_forward(
+            login.number(),
+            args.notice.as_bytes(),
+            now.unix_i64(),
+            expires as i64,
+        )
+        .await?;
+    Ok(ResponseData::Forward(ForwardData { expires }))
 }

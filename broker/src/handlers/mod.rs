@@ -11,7 +11,7 @@
 //! for it at run time.
 //!
 //! By area:
-//! - [`account`]: REGISTER, DEVICE-JOIN, LOGIN, ACCOUNT-DELETE.
+//! - [`account`]: REGISTER, DEVICE-JOIN, LOGIN, ACCOUNT-DELETE, FORWARD.
 //! - [`devices`]: ADD-DEVICE, DEVICE-LIST, DEVICE-REVOKE.
 //! - [`contacts`]: IS-NETWORKED, INITIATE-*, CONTACT-ANSWER, CONTACT-POLICY, BLOCK, UNBLOCK,
 //!   BLOCK-LIST.
@@ -33,7 +33,7 @@ use std::time::Duration;
 use micromsg_store::StoreError;
 use micromsg_wire::message::request::{
     AccountDeleteArgs, AddDeviceArgs, BackupPutArgs, ContactAnswerArgs, ContactPolicyArgs,
-    DepositArgs, DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs,
+    DepositArgs, DeviceJoinArgs, DeviceRevokeArgs, ForwardArgs, InboxAckArgs, InboxFetchArgs,
     InitiateNetworkedArgs, InitiateNewArgs, LoginArgs, RegisterArgs, RelayArgs, SyncCopyArgs,
     TargetArgs,
 };
@@ -181,6 +181,8 @@ pub enum Authenticated {
     Relay(RelayArgs),
     /// ACCOUNT-DELETE (the connection closes after its answer).
     AccountDelete(AccountDeleteArgs),
+    /// FORWARD.
+    Forward(ForwardArgs),
 }
 
 /// A decoded request, split by whether it needs a login (protocol.md 6.0).
@@ -225,6 +227,7 @@ impl From<Request> for Routed {
             Request::BackupGet => A::BackupGet,
             Request::Relay(a) => A::Relay(a),
             Request::AccountDelete(a) => A::AccountDelete(a),
+            Request::Forward(a) => A::Forward(a),
         };
         Routed::Authenticated(authenticated)
     }
@@ -324,6 +327,7 @@ pub async fn authenticated(
         A::AccountDelete(args) => {
             account::delete(account::Cx::of(broker), session, login, args, now).await
         }
+        A::Forward(args) => account::forward(account::Cx::of(broker), login, args, now).await,
     }
 }
 

@@ -221,6 +221,13 @@ pub(super) enum Command {
         /// from their own inboxes still get it.
         #[arg(long)]
         delete_old: bool,
+        /// Leave the signed notice at the OLD broker for DAYS days (default 30; the old broker
+        /// may allow fewer, its `contacts.forward_max_days`): whoever asks for the old number
+        /// meanwhile learns the new one, verified by contacts against the key they pinned.
+        /// Numbers you blocked learn nothing. It stays after --delete-old until it expires.
+        #[arg(long, value_name = "DAYS", num_args = 0..=1, default_missing_value = "30",
+              value_parser = clap::value_parser!(u64).range(1..=3650))]
+        forward: Option<u64>,
     },
     /// This entity's account at its broker.
     #[command(subcommand)]

@@ -653,7 +653,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ca,
             token,
             delete_old,
-        } => move_command(&profile, &broker, &ca, token, delete_old, json).await?,
+            forward,
+        } => {
+            let options = crate::move_account::MoveOptions {
+                forward_days: forward,
+                delete_old,
+            };
+            move_command(&profile, &broker, &ca, token, options, json).await?
+        }
         Command::Account(AccountCommand::Delete { yes }) => {
             let info = profile.info()?;
             if !yes {
@@ -865,11 +872,11 @@ async fn move_command(
     broker: &str,
     ca: &std::path::Path,
     token: Option<String>,
-    delete_old: bool,
+    options: crate::move_account::MoveOptions,
     json: bool,
 ) -> anyhow::Result<()> {
     use crate::move_account::{Step, move_to};
-    let done = move_to(profile, broker, ca, token, delete_old, |step| {
+    let done = move_to(profile, broker, ca, token, options, |step| {
         if json {
             return;
         }
@@ -883,6 +890,9 @@ async fn move_command(
                 eprintln!("3/4 telling contacts and groups about the new number {number}…");
             }
             Step::Switching => eprintln!("4/4 switching this profile to {broker}…"),
+            Step::Forwarding { days } => {
+                eprintln!("leaving the notice at the old broker for {days} day(s)…");
+            }
             Step::DeletingOld { number } => {
                 eprintln!("deleting the old account {number} at the old broker…");
             }
@@ -895,7 +905,8 @@ async fn move_command(
             json!({"old_number": done.old_number, "number": done.new_number,
                    "broker": done.broker, "fetched": done.fetched,
                    "notified": done.report.notified, "groups": done.report.groups,
-                   "old_deleted": done.old_deleted, "warnings": done.warnings})
+                   "old_deleted": done.old_deleted, "forward_expires": done.forward_expires,
+                   "warnings": done.warnings})
         );
         return Ok(());
     }
@@ -916,6 +927,14 @@ async fn move_command(
         done.fetched,
         done.report.groups.len()
     );
+    if let Some(expires) = done.forward_expires {
+        eprintln!(
+            "whoever asks for {} at the old broker learns {} until {}",
+            done.old_number,
+            done.new_number,
+            local_time(expires)
+        );
+    }
     if done.old_deleted {
         eprintln!(
             "the old account {} is deleted at the old broker",

@@ -16,6 +16,7 @@ mod offline;
 mod portability_broker;
 mod portability_delete;
 mod portability_export;
+mod portability_forward;
 mod portability_move;
 mod process;
 mod reconnect;

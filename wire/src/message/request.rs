@@ -64,6 +64,8 @@ wire_enum! {
         Relay = "RELAY",
         /// Authenticated: deletes the entity at this broker (section 6.27).
         AccountDelete = "ACCOUNT-DELETE",
+        /// Authenticated: publishes a signed moved notice for callers of this number (6.28).
+        Forward = "FORWARD",
     }
 }
 
@@ -139,6 +141,8 @@ pub enum Request {
     Relay(RelayArgs),
     /// `ACCOUNT-DELETE`.
     AccountDelete(AccountDeleteArgs),
+    /// `FORWARD`.
+    Forward(ForwardArgs),
 }
 
 impl Request {
@@ -172,6 +176,7 @@ impl Request {
             Request::SyncCopy(_) => RequestKind::SyncCopy,
             Request::Relay(_) => RequestKind::Relay,
             Request::AccountDelete(_) => RequestKind::AccountDelete,
+            Request::Forward(_) => RequestKind::Forward,
         }
     }
 
@@ -223,6 +228,7 @@ impl Request {
             K::SyncCopy => Request::SyncCopy(WireValue::decode(args, path)?),
             K::Relay => Request::Relay(WireValue::decode(args, path)?),
             K::AccountDelete => Request::AccountDelete(WireValue::decode(args, path)?),
+            K::Forward => Request::Forward(WireValue::decode(args, path)?),
         })
     }
 
@@ -257,6 +263,7 @@ impl Request {
             Request::SyncCopy(args) => args.encode(),
             Request::Relay(args) => args.encode(),
             Request::AccountDelete(args) => args.encode(),
+            Request::Forward(args) => args.encode(),
         }
     }
 }
@@ -318,6 +325,17 @@ wire_struct! {
         /// The logged-in entity's own number, repeated: a request without it (or with
         /// another number) deletes nothing.
         req "CONFIRM" confirm: Number,
+    }
+}
+
+wire_struct! {
+    /// Args of `FORWARD`.
+    pub struct ForwardArgs {
+        /// The signed moved notice (protocol.md 12.13), as the mover's client made it; the
+        /// broker keeps it opaque and hands it to callers of this number.
+        req "NOTICE" notice: Blob,
+        /// How many days to keep it (at most the broker's `contacts.forward_max_days`).
+        req "DAYS" days: u64,
     }
 }
 

@@ -175,6 +175,8 @@ pub enum ResponseData {
     Relay,
     /// `ACCOUNT-DELETE`: `{}`; the broker closes the entity's connections after it.
     AccountDelete,
+    /// `FORWARD`.
+    Forward(ForwardData),
 }
 
 impl ResponseData {
@@ -209,6 +211,7 @@ impl ResponseData {
             ResponseData::SyncCopy(_) => K::SyncCopy,
             ResponseData::Relay => K::Relay,
             ResponseData::AccountDelete => K::AccountDelete,
+            ResponseData::Forward(_) => K::Forward,
         }
     }
 
@@ -253,6 +256,7 @@ impl ResponseData {
             K::SyncCopy => ResponseData::SyncCopy(WireValue::decode(data, path)?),
             K::Relay => empty(data).map(|()| ResponseData::Relay)?,
             K::AccountDelete => empty(data).map(|()| ResponseData::AccountDelete)?,
+            K::Forward => ResponseData::Forward(WireValue::decode(data, path)?),
         })
     }
 
@@ -285,6 +289,7 @@ impl ResponseData {
             ResponseData::InboxAck(data) => data.encode(),
             ResponseData::BackupGet(data) => data.encode(),
             ResponseData::SyncCopy(data) => data.encode(),
+            ResponseData::Forward(data) => data.encode(),
         }
     }
 }
@@ -618,5 +623,13 @@ wire_struct! {
     pub struct SyncCopyData {
         /// The copied message's id.
         req "ID" id: Hex16,
+    }
+}
+
+wire_struct! {
+    /// `Data` of `FORWARD`.
+    pub struct ForwardData {
+        /// Unix seconds when the broker drops the forward.
+        req "EXPIRES" expires: u64,
     }
 }

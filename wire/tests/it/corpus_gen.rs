@@ -294,6 +294,10 @@ fn request_table() -> Vec<(&'static str, Vec<Field>)> {
             ],
         ),
         ("ACCOUNT-DELETE", vec![req("CONFIRM", Ty::Number)]),
+        (
+            "FORWARD",
+            vec![req("NOTICE", Ty::Blob), req("DAYS", Ty::U64)],
+        ),
     ]
 }
 
