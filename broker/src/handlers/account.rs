@@ -376,13 +376,14 @@ pub async fn forward(cx: Cx<'_>, login: &Login, args: ForwardArgs, now: Now) -> 
             format!("NOTICE is {len} bytes; 1 to {MAX_FORWARD_NOTICE} are kept"),
         ));
     }
-    let expires = now.unix + args.days * DAY_SECS;
+    // `days` is at most `MAX_FORWARD_DAYS` (config validation), so this stays far from overflow.
+    let expires = now.unix.saturating_add(args.days.saturating_mul(DAY_SECS));
     cx.store
         .set_forward(
             login.number(),
             args.notice.as_bytes(),
             now.unix_i64(),
-            expires as i64,
+            i64::try_from(expires).unwrap_or(i64::MAX),
         )
         .await?;
     Ok(ResponseData::Forward(ForwardData { expires }))
