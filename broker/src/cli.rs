@@ -268,10 +268,12 @@ impl ServeArgs {
     }
 }
 
-/// An import that left entities out because they exist here with other data: exit status 3.
+/// An import that left entities out because they exist here with other data, or their numbers
+/// were retired here: exit status 3.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "NOT imported: {} entities exist here with other data (left as they are): {}",
+    "NOT imported: {} entities exist here with other data or under a number deleted here (left \
+     as they are): {}",
     .0.len(),
     .0.join(", ")
 )]

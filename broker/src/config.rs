@@ -258,6 +258,9 @@ pub enum InboxMode {
     Number,
 }
 
+/// The most `contacts.forward_max_days` may be (ten years).
+pub const MAX_FORWARD_DAYS: u64 = 3650;
+
 /// `[contacts]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -269,6 +272,9 @@ pub struct ContactsConfig {
     pub initiates_per_minute: u32,
     /// Seconds a target has to answer a contact request, and a connect token lives. Default 120.
     pub request_ttl_secs: u64,
+    /// The most days a FORWARD (a moved entity's signed notice for callers of its old number)
+    /// is kept; 0 refuses FORWARD, at most 3,650. Default 30.
+    pub forward_max_days: u64,
 }
 
 impl Default for ContactsConfig {
@@ -277,6 +283,7 @@ impl Default for ContactsConfig {
             remember_unknown_targets: true,
             initiates_per_minute: 30,
             request_ttl_secs: 120,
+            forward_max_days: 30,
         }
     }
 }
@@ -597,6 +604,12 @@ impl Config {
         if n.prefixes.is_empty() {
             return invalid("numbers.prefixes must not be empty".into());
         }
+        if self.contacts.forward_max_days > MAX_FORWARD_DAYS {
+            return invalid(format!(
+                "contacts.forward_max_days must be 0..={MAX_FORWARD_DAYS}, got {}",
+                self.contacts.forward_max_days
+            ));
+        }
         for p in &n.prefixes {
             if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.len() + 3 > n.length {
                 return invalid(format!(
@@ -771,6 +784,30 @@ mod tests {
         assert!(matches!(
             Config::load(None, env),
             Err(ConfigError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn the_forward_grace_period_is_read_and_bounded() {
+        assert_eq!(Config::default().contacts.forward_max_days, 30);
+        let env = |days: &str| {
+            vec![(
+                "MICROMSG_CONTACTS_FORWARD_MAX_DAYS".to_owned(),
+                days.to_owned(),
+            )]
+        };
+        let c = Config::load(None, env("7")).unwrap();
+        assert_eq!(c.contacts.forward_max_days, 7);
+        assert_eq!(
+            Config::load(None, env("0"))
+                .unwrap()
+                .contacts
+                .forward_max_days,
+            0
+        );
+        assert!(matches!(
+            Config::load(None, env("3651")),
+            Err(ConfigError::Invalid(m)) if m.contains("forward_max_days")
         ));
     }
 }

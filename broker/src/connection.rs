@@ -382,7 +382,14 @@ impl Conn {
                 if matches!(request, handlers::Authenticated::Logout) {
                     self.close_after_reply = true;
                 }
-                handlers::authenticated(broker, &self.session, login, request, now).await
+                let deleting = matches!(request, handlers::Authenticated::AccountDelete(_));
+                let answer =
+                    handlers::authenticated(broker, &self.session, login, request, now).await;
+                // The entity is gone: nothing more can be done on this connection.
+                if deleting && answer.is_ok() {
+                    self.close_after_reply = true;
+                }
+                answer
             }
         }
     }

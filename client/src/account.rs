@@ -1,13 +1,15 @@
 //! Account operations that combine the profile and the broker link: register, join as a new
-//! device, log in, read and verify BROKER-INFO.
+//! device, log in, read and verify BROKER-INFO, delete the entity at its broker.
 
 use std::path::Path;
 
 use micromsg_crypto::Secret32;
 use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
-use micromsg_wire::message::request::{DeviceJoinArgs, RegisterArgs};
+use micromsg_wire::message::request::{
+    AccountDeleteArgs, DeviceJoinArgs, ForwardArgs, RegisterArgs,
+};
 use micromsg_wire::message::response::BrokerInfoData;
-use micromsg_wire::{Hex32, Number, Request, ResponseData, encode_info_canonical};
+use micromsg_wire::{Blob, Hex32, Number, Request, ResponseData, encode_info_canonical};
 use rand_core::OsRng;
 
 use crate::link::{BrokerLink, LinkError};
@@ -262,4 +264,42 @@ pub async fn broker_info(profile: &Profile) -> Result<BrokerInfoData, AccountErr
         )));
     }
     Ok(data)
+}
+
+/// ACCOUNT-DELETE on a logged-in session: the broker removes the entity with its devices,
+/// inboxes, contacts, blocks and key backup, and never gives its number out again. The broker
+/// closes the link after answering. Irreversible: the caller asks the user first.
+pub async fn delete(session: &mut Session) -> Result<(), AccountError> {
+    let confirm = Number::new(&session.info.number)
+        .map_err(|e| AccountError::BadInput(format!("the profile's number: {e}")))?;
+    match session
+        .link
+        .call(Request::AccountDelete(AccountDeleteArgs { confirm }))
+        .await?
+    {
+        ResponseData::AccountDelete => Ok(()),
+        other => Err(LinkError::Protocol(format!(
+            "ACCOUNT-DELETE answered with {}",
+            other.kind().as_str()
+        ))
+        .into()),
+    }
+}
+
+/// FORWARD on a logged-in session: the broker keeps `notice` (a signed moved notice,
+/// protocol.md 12.13) for `days` days and hands it to whoever INITIATEs this number meanwhile
+/// (a caller this entity blocked excepted). Returns when it expires (Unix seconds).
+pub async fn forward(session: &mut Session, notice: &[u8], days: u64) -> Result<u64, AccountError> {
+    let request = Request::Forward(ForwardArgs {
+        notice: Blob::from(notice.to_vec()),
+        days,
+    });
+    match session.link.call(request).await? {
+        ResponseData::Forward(data) => Ok(data.expires),
+        other => Err(LinkError::Protocol(format!(
+            "FORWARD answered with {}",
+            other.kind().as_str()
+        ))
+        .into()),
+    }
 }

@@ -15,6 +15,13 @@
 //!    replaced atomically; `profile.toml` last, so the profile names the new broker only once
 //!    everything it needs is there), then remove the stage. A crash in the middle of this step
 //!    is finished by the next `move`: it finds the staged secrets already in place.
+//! 6. with `--delete-old`, ACCOUNT-DELETE at the old broker, on a link logged in before the
+//!    switch (so a crash before it leaves an old account behind, never a profile that cannot
+//!    log in anywhere).
+//!
+//! With `--forward DAYS`, the same signed notice is left at the old broker (FORWARD) just
+//! before step 5, so that whoever asks for the old number during the grace period learns the
+//! new one; it stays there after `--delete-old` until it expires.
 
 use std::path::Path;
 
@@ -74,6 +81,10 @@ pub struct MoveDone {
     pub report: MoveReport,
     /// What the old broker's agent warned about meanwhile, for people.
     pub warnings: Vec<String>,
+    /// Whether the old account was deleted at the old broker (`--delete-old`).
+    pub old_deleted: bool,
+    /// When the forward left at the old broker expires (Unix seconds; `--forward`).
+    pub forward_expires: Option<u64>,
 }
 
 /// One step, for progress output.
@@ -96,14 +107,35 @@ pub enum Step {
     },
     /// Putting the new profile in place.
     Switching,
+    /// Leaving the notice at the old broker for callers of the old number.
+    Forwarding {
+        /// For how many days.
+        days: u64,
+    },
+    /// Deleting the account at the old broker.
+    DeletingOld {
+        /// The old number.
+        number: String,
+    },
 }
 
-/// Moves `profile` to `broker` (trusting `ca`), with `token` if the new broker needs one.
+/// What a move does besides moving.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MoveOptions {
+    /// Leave the signed notice at the old broker for this many days (FORWARD).
+    pub forward_days: Option<u64>,
+    /// Delete the account at the old broker once the profile is switched (ACCOUNT-DELETE).
+    pub delete_old: bool,
+}
+
+/// Moves `profile` to `broker` (trusting `ca`), with `token` if the new broker needs one, and
+/// with what `options` add.
 pub async fn move_to(
     profile: &Profile,
     broker: &str,
     ca: &Path,
     token: Option<String>,
+    options: MoveOptions,
     mut progress: impl FnMut(Step),
 ) -> Result<MoveDone, MoveError> {
     let old = profile.info().map_err(AccountError::from)?;
@@ -201,16 +233,34 @@ pub async fn move_to(
                 });
             }
         };
-        Ok((fetched, new, report))
+        Ok((fetched, new, report, notice))
     }
     .await;
     let _ = handle.stop().await;
     let warnings = collector.await.unwrap_or_default();
-    let (fetched, new, report) = result?;
+    let (fetched, new, report, notice) = result?;
 
+    // Logged in at the old broker before the switch: afterwards the profile no longer holds
+    // the old account's secrets.
+    let mut old_session = if options.delete_old || options.forward_days.is_some() {
+        Some(account::connect(profile).await?)
+    } else {
+        None
+    };
+    let mut forward_expires = None;
+    if let (Some(days), Some(session)) = (options.forward_days, &mut old_session) {
+        progress(Step::Forwarding { days });
+        forward_expires = Some(account::forward(session, &notice, days).await?);
+    }
     progress(Step::Switching);
     Store::new(profile).moved_self(&old.number)?;
     switch(profile, &stage)?;
+    if let Some(session) = old_session.as_mut().filter(|_| options.delete_old) {
+        progress(Step::DeletingOld {
+            number: old.number.clone(),
+        });
+        account::delete(session).await?;
+    }
     Ok(MoveDone {
         old_number: old.number,
         new_number: new.number,
@@ -218,6 +268,8 @@ pub async fn move_to(
         fetched,
         report,
         warnings,
+        old_deleted: options.delete_old,
+        forward_expires,
     })
 }
 
@@ -256,6 +308,8 @@ fn finish_interrupted_switch(
              and groups were told before"
                 .into(),
         ],
+        old_deleted: false,
+        forward_expires: None,
     }))
 }
 

@@ -143,6 +143,17 @@ impl Moved {
         Ok(())
     }
 
+    /// Parses a notice WITHOUT checking its signature: for a FORWARD answer about a number
+    /// nobody pinned a key for (protocol.md 6.28), shown to the user as what the broker says,
+    /// never acted on by itself. A notice about a pinned contact goes through [`Moved::open`].
+    pub fn read_unverified(bytes: &[u8]) -> Result<Self, MovedError> {
+        let body_len = bytes
+            .len()
+            .checked_sub(SIGNATURE_LEN)
+            .ok_or(MovedError::Malformed("too short"))?;
+        Self::parse_body(&bytes[..body_len])
+    }
+
     fn parse_body(body: &[u8]) -> Result<Self, MovedError> {
         let mut rest = body;
         let mut take = |n: usize, what: &'static str| -> Result<&[u8], MovedError> {

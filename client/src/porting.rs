@@ -17,7 +17,7 @@
 //!    registration, so until it is written the profile still names the old broker).
 //!
 //! **Interrupted ports.** The PORT-IN request is staged in `DIR/porting/` (0600) before it is
-//! sent, and its answer before the profile is switched. The next `port` finds the stage and
+//! sent, and its answer before the profile is switched. The next `move --keep-number` finds the stage and
 //! sends the very same request again — the brokers answer a repeat alike (docs/federation.md
 //! 12.2) — or only finishes the switch. A request refused for good removes the stage.
 
@@ -337,7 +337,7 @@ async fn resume(
     let target = Target::read(stage)?;
     if target.broker != broker {
         return Err(PortError::NotPossible(format!(
-            "a port to {} is unfinished; run `port --broker {} --ca …` again to finish it",
+            "a port to {} is unfinished; run `move --keep-number --broker {} --ca …` again to finish it",
             target.broker, target.broker
         )));
     }

@@ -42,8 +42,8 @@ const COUNT_ACTIVE: &str = "SELECT COUNT(*) FROM devices WHERE number = $1 AND r
 impl Store {
     /// Registers a new entity with its first device (id 1), atomically.
     ///
-    /// Fails with [`StoreError::NumberTaken`] when `number` exists; the caller draws another
-    /// random number and retries.
+    /// Fails with [`StoreError::NumberTaken`] when `number` exists or was retired by a
+    /// deletion; the caller draws another random number and retries.
     pub async fn create_entity(
         &self,
         number: &Number,
@@ -54,8 +54,11 @@ impl Store {
         let _writing = self.writing().await;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
+            // A retired number (ACCOUNT-DELETE) is as taken as a live one.
             let inserted = sqlx::query(
-                "INSERT INTO entities (number, created_at, next_device) VALUES ($1, $2, 2) \
+                "INSERT INTO entities (number, created_at, next_device) \
+                 SELECT $1, $2, 2 WHERE NOT EXISTS \
+                 (SELECT 1 FROM retired_numbers WHERE number = $1) \
                  ON CONFLICT (number) DO NOTHING",
             )
             .bind(number)

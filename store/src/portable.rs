@@ -10,7 +10,9 @@
 //!   secrets) is the same entity, imported before: its rows are inserted with
 //!   `ON CONFLICT DO NOTHING`, so identical rows are skipped and rows missing (an interrupted
 //!   import) are added;
-//! * an entity that is there with different data is reported as a conflict and left alone.
+//! * an entity that is there with different data is reported as a conflict and left alone;
+//! * so is a number the target retired (an entity deleted there, ACCOUNT-DELETE): it is never
+//!   given to an entity again.
 //!
 //! Inbox items get new `seq`s at the target (a seq is local to a store); their quota counters
 //! are raised by the items inserted (the counters are upper bounds, see migration 0004), and
@@ -62,7 +64,8 @@ pub struct ImportReport {
     pub entities_new: u64,
     /// Entities already at the target as the same entity (their missing rows were added).
     pub entities_present: u64,
-    /// Numbers that exist at the target with different data: left alone.
+    /// Numbers that exist at the target with different data, or that the target retired:
+    /// left alone.
     pub conflicts: Vec<String>,
     /// Rows inserted, over all tables.
     pub rows_inserted: u64,
@@ -213,8 +216,21 @@ impl Store {
                     if slot == 0 { entry.0.push(row) } else { entry.1.push(row) }
                 }
             }
+            let retired_sql = format!(
+                "SELECT number FROM retired_numbers WHERE number IN ({})",
+                super::tables::params(&self.backend, 1, numbers.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&retired_sql);
+            for n in &numbers {
+                q = q.bind(*n);
+            }
+            let retired: Vec<String> = q.fetch_all(&mut *tx).await?;
             let mut accepted: Vec<&Bundle> = Vec::with_capacity(bundles.len());
             for b in bundles {
+                if retired.contains(&b.number) {
+                    report.conflicts.push(b.number.clone());
+                    continue;
+                }
                 match present.get(&b.number) {
                     None => {
                         report.entities_new += 1;

@@ -19,6 +19,15 @@ const SWEEP_SECRETS: &str = "DELETE FROM registration_secrets \
 const SWEEP_PUBKEYS: &str = "DELETE FROM broker_pubkeys WHERE peer_number IN \
      (SELECT peer_number FROM broker_pubkeys WHERE expires_at <= $1 LIMIT $2)";
 
+const SWEEP_FORWARDS: &str = "DELETE FROM forwards WHERE number IN \
+     (SELECT number FROM forwards WHERE expires_at <= $1 LIMIT $2)";
+
+/// The kept block lists of forwards that are gone (expired and swept, or never set).
+const SWEEP_FORWARD_BLOCKS: &str = "DELETE FROM forward_blocks WHERE (number, target) IN \
+     (SELECT number, target FROM forward_blocks b \
+      WHERE NOT EXISTS (SELECT 1 FROM forwards f WHERE f.number = b.number AND f.expires_at > $1) \
+      LIMIT $2)";
+
 const SWEEP_RECEIVED: &str = "DELETE FROM received_deliveries WHERE idempotency_key IN \
      (SELECT idempotency_key FROM received_deliveries WHERE expires_at <= $1 LIMIT $2)";
 
@@ -29,18 +38,21 @@ const SWEEP_PORT_TOKENS: &str = "DELETE FROM port_tokens \
 impl Store {
     /// Deletes expired inbox items (with their acknowledgements), registration secrets used or
     /// expired more than a day before `now`, expired broker-held pubkeys, the kept keys of
-    /// expired deliveries from peer brokers and expired PORT-OUT tokens (used or not: a repeat
-    /// of a port is answered from its entry, not its token). Works in batches
+    /// expired deliveries from peer brokers, expired PORT-OUT tokens (used or not: a repeat
+    /// of a port is answered from its entry, not its token) and expired forwards with their
+    /// kept block lists. Works in batches
     /// of short transactions; if a bound is hit the report says `more` and the caller calls
     /// again (soon).
     pub async fn sweep(&self, now: i64) -> Result<SweepReport, StoreError> {
         let mut report = SweepReport::default();
-        let jobs: [(&str, i64); 5] = [
+        let jobs: [(&str, i64); 7] = [
             (SWEEP_INBOX, now),
             (SWEEP_SECRETS, now.saturating_sub(SECRET_RETENTION)),
             (SWEEP_PUBKEYS, now),
             (SWEEP_RECEIVED, now),
             (SWEEP_PORT_TOKENS, now),
+            (SWEEP_FORWARDS, now),
+            (SWEEP_FORWARD_BLOCKS, now),
         ];
         for (job, (sql, cutoff)) in jobs.into_iter().enumerate() {
             let mut total = 0u64;
@@ -72,7 +84,10 @@ impl Store {
                 1 => report.registration_secrets = total,
                 2 => report.peer_pubkeys = total,
                 3 => report.received_deliveries = total,
-                _ => report.port_tokens = total,
+                4 => report.port_tokens = total,
+                5 => report.forwards = total,
+                // The block lists of expired forwards: counted with them.
+                _ => {}
             }
         }
         Ok(report)

@@ -297,6 +297,35 @@ pub const TABLES: &[Table] = &[
         serial: None,
         scope: Scope::Stays,
     },
+    Table {
+        name: "retired_numbers",
+        columns: &[col("number", Text), col("retired_at", Int)],
+        key: &["number"],
+        serial: None,
+        // The broker's own record that a number of its pool is spent; the entity is gone.
+        scope: Scope::Stays,
+    },
+    Table {
+        name: "forwards",
+        columns: &[
+            col("number", Text),
+            col("notice", Blob),
+            col("created_at", Int),
+            col("expires_at", Int),
+        ],
+        key: &["number"],
+        serial: None,
+        // A forward answers for a number of THIS broker; at another broker it would answer
+        // for nothing (the entity has left).
+        scope: Scope::Stays,
+    },
+    Table {
+        name: "forward_blocks",
+        columns: &[col("number", Text), col("target", Text)],
+        key: &["number", "target"],
+        serial: None,
+        scope: Scope::Stays,
+    },
 ];
 
 /// The table named `name` in [`TABLES`].

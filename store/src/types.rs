@@ -284,6 +284,8 @@ pub struct SweepReport {
     pub received_deliveries: u64,
     /// Expired PORT-OUT tokens.
     pub port_tokens: u64,
+    /// Expired forwards (FORWARD), with the block lists kept for them.
+    pub forwards: u64,
     /// `true` when a bound was hit and more may be left: call again.
     pub more: bool,
 }

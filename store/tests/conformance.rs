@@ -185,6 +185,8 @@ conformance!(
     case_port_out_moves_waiting_items_and_hands_over_contacts,
     case_port_in_and_announcements,
     case_ported_entries_by_seq,
+    case_delete_entity,
+    case_forwards,
 );
 
 /// Postgres only (migration 0005): number-mode acknowledgements leave with their item, through
@@ -2471,4 +2473,138 @@ async fn case_ported_entries_by_seq(store: Store) {
     assert_eq!(store.record_ported(&signed, NOW).await.unwrap(), O::Stale);
     let all = store.ported_entries().await.unwrap();
     assert_eq!(all, [second]);
+}
+
+// Deleting an entity
+
+/// The rows of `table` in the whole store.
+async fn rows(store: &Store, table: &str) -> i64 {
+    store
+        .count_rows(micromsg_store::tables::table(table).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn case_delete_entity(store: Store) {
+    let (a, b) = (num("5550001"), num("5550002"));
+    entity(&store, &a).await;
+    entity(&store, &b).await;
+    add_devices(&store, &a, 2).await;
+    // A pending ADD-DEVICE secret, a backup, a block, a contact, a setting, a poisoned
+    // INITIATE, inbox items in both modes with an acknowledgement: all of A's.
+    store
+        .create_registration_secret(&a, &hash(9), None, NOW, NOW + 600, 100)
+        .await
+        .unwrap();
+    store.put_backup(&a, 0, 1, b"backup", NOW).await.unwrap();
+    store.block(&a, &num("5550009"), NOW).await.unwrap();
+    store.add_contact(&a, &b, NOW).await.unwrap();
+    store.set_auto_existing(&a, true).await.unwrap();
+    store
+        .remember_unknown_targets(&[(a.clone(), num("5550008"))], NOW)
+        .await
+        .unwrap();
+    deposit_one(&store, &item(1, &a, None, &b), 100)
+        .await
+        .unwrap();
+    deposit_one(&store, &item(2, &a, Some(1), &b), 100)
+        .await
+        .unwrap();
+    store.ack_inbox(&a, dev(1), &[id(1)], NOW).await.unwrap();
+    assert_eq!(
+        rows(&store, "inbox_acks").await,
+        1,
+        "acknowledged by one of two"
+    );
+    // B's own rows, which name A, stay: B's contact of A and an item from A.
+    store.add_contact(&b, &a, NOW).await.unwrap();
+    deposit_one(&store, &item(3, &b, None, &a), 100)
+        .await
+        .unwrap();
+
+    let ended = store.delete_entity(&a, NOW + 5).await.unwrap();
+    assert_eq!(
+        ended,
+        devs(&[1, 2]),
+        "the active devices, whose sessions end"
+    );
+
+    assert!(!store.entity_exists(&a).await.unwrap());
+    assert!(store.device(&a, dev(1)).await.unwrap().is_none());
+    assert!(store.get_backup(&a).await.unwrap().is_none());
+    assert!(store.number_retired(&a).await.unwrap());
+    assert!(!store.number_retired(&b).await.unwrap());
+    for (table, left) in [
+        ("entities", 1),
+        ("devices", 1),
+        ("registration_secrets", 0),
+        ("key_backups", 0),
+        ("blocks", 0),
+        ("entity_settings", 0),
+        ("poisoned_initiates", 0),
+        ("contacts", 1),
+        ("inbox_items", 1),
+        ("inbox_acks", 0),
+        ("retired_numbers", 1),
+    ] {
+        assert_eq!(rows(&store, table).await, left, "{table} after the delete");
+    }
+    assert_eq!(
+        fetch_all(&store, &b, 1, NOW).await,
+        vec![id(3)],
+        "B's inbox kept"
+    );
+
+    // The number is never handed out again; a second delete finds nothing.
+    assert!(matches!(
+        store.create_entity(&a, &device(5, None), NOW + 6).await,
+        Err(StoreError::NumberTaken)
+    ));
+    assert!(!store.entity_exists(&a).await.unwrap());
+    assert!(matches!(
+        store.delete_entity(&a, NOW + 7).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn case_forwards(store: Store) {
+    let (a, caller, blocked) = (num("5550001"), num("5550002"), num("5550003"));
+    assert!(matches!(
+        store.set_forward(&a, b"notice", NOW, NOW + DAY).await,
+        Err(StoreError::NotFound)
+    ));
+    entity(&store, &a).await;
+    assert_eq!(store.forward_for(&a, &caller, NOW).await.unwrap(), None);
+    store
+        .set_forward(&a, b"first", NOW, NOW + DAY)
+        .await
+        .unwrap();
+    store
+        .set_forward(&a, b"notice", NOW, NOW + 2 * DAY)
+        .await
+        .unwrap(); // replaces
+    store.block(&a, &blocked, NOW).await.unwrap();
+    let live = Some((b"notice".to_vec(), NOW + 2 * DAY));
+    assert_eq!(store.forward_for(&a, &caller, NOW).await.unwrap(), live);
+    assert_eq!(store.forward_for(&a, &blocked, NOW).await.unwrap(), None);
+
+    // The delete keeps the forward, and the block list beside it.
+    store.delete_entity(&a, NOW + 1).await.unwrap();
+    assert_eq!(store.forward_for(&a, &caller, NOW + 1).await.unwrap(), live);
+    assert_eq!(
+        store.forward_for(&a, &blocked, NOW + 1).await.unwrap(),
+        None
+    );
+    assert_eq!(rows(&store, "blocks").await, 0);
+    assert_eq!(rows(&store, "forward_blocks").await, 1);
+
+    // Expired: not answered, then swept with its block list.
+    let expiry = NOW + 2 * DAY;
+    assert_eq!(store.forward_for(&a, &caller, expiry).await.unwrap(), None);
+    let report = store.sweep(expiry - 1).await.unwrap();
+    assert_eq!(report.forwards, 0, "not yet expired");
+    let report = store.sweep(expiry).await.unwrap();
+    assert_eq!(report.forwards, 1);
+    assert_eq!(rows(&store, "forwards").await, 0);
+    assert_eq!(rows(&store, "forward_blocks").await, 0);
 }

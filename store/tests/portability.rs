@@ -236,6 +236,32 @@ async fn conflict_is_reported(target: &Store) {
     source.close().await;
 }
 
+/// A number the target retired (an entity deleted there) is not given to an imported entity:
+/// reported as a conflict, nothing of it inserted.
+async fn retired_number_is_not_imported(target: &Store) {
+    let (source, _dir) = sqlite().await;
+    fill(&source, 3).await;
+    let other = NewDevice {
+        client_secret: [0xee; 32],
+        server_secret: [0xdd; 32],
+        name: None,
+    };
+    target
+        .create_entity(&num(2), &other, NOW + 1)
+        .await
+        .unwrap();
+    target.delete_entity(&num(2), NOW + 2).await.unwrap();
+    let report = target
+        .import_bundles(&export_all(&source).await)
+        .await
+        .unwrap();
+    assert_eq!(report.conflicts, vec![num(2).as_str().to_owned()]);
+    assert_eq!(report.entities_new, 2);
+    assert!(!target.entity_exists(&num(2)).await.unwrap());
+    assert!(target.device(&num(2), dev(1)).await.unwrap().is_none());
+    source.close().await;
+}
+
 /// A copy stopped after a few pages and run again completes without a duplicate, the counts
 /// agree, and the next deposit at the target gets a seq after the copied ones.
 async fn migrate_resumes(target: &Store) {
@@ -361,6 +387,7 @@ macro_rules! on_both {
 on_both!(
     export_then_import,
     conflict_is_reported,
+    retired_number_is_not_imported,
     migrate_resumes,
     export_from_either_backend,
     schema_is_covered

@@ -6,13 +6,15 @@
 //! The silent-drop rule: the caller's acknowledgement is produced before any lookup that
 //! depends on the target (the handler writes it while [`route_initiate`] runs as its own
 //! task), so unknown, offline, blocking and rejecting targets all look the same: the same
-//! frame at the same time, then nothing.
+//! frame at the same time, then nothing. The one exception is a number whose holder published a
+//! forward (FORWARD): a caller it has not blocked gets the forward as a FORWARDED event after
+//! the same acknowledgement; a blocked one gets the silence.
 
 use micromsg_crypto::Secret32;
 use micromsg_wire::message::event::{
-    ContactAccepted, ContactConnecting, ContactKind, ContactRequest,
+    ContactAccepted, ContactConnecting, ContactKind, ContactRequest, Forwarded,
 };
-use micromsg_wire::{Address, Event, Hex16, Hex32, Number};
+use micromsg_wire::{Address, Blob, Event, Hex16, Hex32, Number};
 use rand_core::OsRng;
 use tracing::{debug, warn};
 
@@ -43,6 +45,26 @@ async fn try_route(
 ) -> Result<(), micromsg_store::StoreError> {
     let store = &router.store;
     if req.caller == req.target {
+        return Ok(());
+    }
+    // A forward the target's holder published (FORWARD) answers a local caller it has not
+    // blocked, instead of the request (protocol.md 10.2): after the same acknowledgement, as
+    // an event. A blocked caller gets the silence an unknown number gets.
+    if let Origin::Local { caller_conn } = &req.origin
+        && let Some((notice, expires)) = store
+            .forward_for(&req.target, &req.caller, now.unix_i64())
+            .await?
+    {
+        let event = Event::Forwarded(Forwarded {
+            request: Hex16::from_bytes(req.request),
+            target: req.target.clone(),
+            notice: Blob::from(notice),
+            expires: expires.max(0) as u64,
+        });
+        router
+            .online
+            .push_conn(req.caller.as_str(), *caller_conn, Push::event(event));
+        debug!("contact request answered with a forward");
         return Ok(());
     }
     if !store.entity_exists(&req.target).await? {

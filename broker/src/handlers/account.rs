@@ -1,15 +1,20 @@
 //! Accounts: REGISTER (a new entity and its first device), DEVICE-JOIN (a further device with
-//! a registration secret) and LOGIN (the mutually verified rotating nonce, protocol.md 9).
+//! a registration secret), LOGIN (the mutually verified rotating nonce, protocol.md 9) and
+//! ACCOUNT-DELETE (the entity and all it holds here, its number retired) and FORWARD (a moved
+//! entity's signed notice for callers of its number, for a grace period).
 
 use micromsg_crypto::nonce::{self, Direction, NonceContext, NoncePolicy};
 use micromsg_crypto::{Secret32, kdf};
 
 use micromsg_store::{NewDevice, Store, StoreError};
-use micromsg_wire::message::request::{DeviceJoinArgs, LoginArgs, RegisterArgs};
-use micromsg_wire::message::response::{
-    DeviceJoinData, LoginData, NonceAlgorithm, RegisterData, SessionCounts,
+use micromsg_wire::message::event::DeviceRevoked;
+use micromsg_wire::message::request::{
+    AccountDeleteArgs, DeviceJoinArgs, ForwardArgs, LoginArgs, RegisterArgs,
 };
-use micromsg_wire::{ErrorCode, Hex32, ResponseData};
+use micromsg_wire::message::response::{
+    DeviceJoinData, ForwardData, LoginData, NonceAlgorithm, RegisterData, SessionCounts,
+};
+use micromsg_wire::{ErrorCode, Event, Hex32, ResponseData};
 use rand_core::OsRng;
 use subtle::ConstantTimeEq;
 use tracing::{debug, info, warn};
@@ -20,7 +25,7 @@ use crate::clock::Now;
 use crate::config::{Config, RegistrationPolicy};
 use crate::limits::{FailureLock, ReplayCache, Source, WindowLimiter};
 use crate::numbers::NumberAllocator;
-use crate::online::Online;
+use crate::online::{Online, Push};
 
 /// What the account handlers use.
 #[derive(Debug, Clone, Copy)]
@@ -226,7 +231,7 @@ pub async fn login(
         return Err(Refusal::new(
             ErrorCode::Ported,
             format!(
-                "this number was ported to broker {}; log in there (micromsg port)",
+                "this number was ported to broker {}; log in there (micromsg move --keep-number)",
                 route.to
             ),
         ));
@@ -320,4 +325,84 @@ pub async fn login(
             device: args.device,
         },
     ))
+}
+
+/// ACCOUNT-DELETE: removes the logged-in entity and everything it holds at this broker, in one
+/// transaction, and retires its number (never handed out again). `CONFIRM` must repeat the
+/// entity's own number, so a stray or replayed-by-mistake request deletes nothing. Every
+/// connection of its devices gets DEVICE-REVOKED and closes; this one closes after the answer.
+/// A later LOGIN fails as for an unknown device.
+pub async fn delete(
+    cx: Cx<'_>,
+    session: &Session,
+    login: &Login,
+    args: AccountDeleteArgs,
+    now: Now,
+) -> Handled {
+    if args.confirm != *login.number() {
+        return Err(Refusal::new(
+            ErrorCode::BadArgs,
+            "CONFIRM must be this entity's own number; nothing was deleted",
+        ));
+    }
+    let devices = match cx.store.delete_entity(login.number(), now.unix_i64()).await {
+        Ok(devices) => devices,
+        // Deleted meanwhile by another of its devices.
+        Err(StoreError::NotFound) => {
+            return Err(Refusal::new(ErrorCode::NotFound, "no such entity"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for device in devices {
+        cx.online
+            .push_all(login.number().as_str(), Some(device.get()), || {
+                Push::close(Event::DeviceRevoked(DeviceRevoked { device }))
+            });
+    }
+    info!(conn = session.conn_id, "entity deleted");
+    Ok(ResponseData::AccountDelete)
+}
+
+/// The most bytes a FORWARD notice may have (a moved notice, protocol.md 12.13, is far
+/// smaller; the bound keeps the table small).
+pub const MAX_FORWARD_NOTICE: usize = 1024;
+
+const DAY_SECS: u64 = 86_400;
+
+/// FORWARD: keeps `NOTICE` (opaque to the broker: callers' clients verify it against the key
+/// they pinned) for `DAYS` days, at most `contacts.forward_max_days`; replaces an earlier one.
+/// While it lives, an INITIATE to this number from a caller it has not blocked gets FORWARDED
+/// (protocol.md 10.2). It outlives ACCOUNT-DELETE until its expiry.
+pub async fn forward(cx: Cx<'_>, login: &Login, args: ForwardArgs, now: Now) -> Handled {
+    let max_days = cx.config.contacts.forward_max_days;
+    if max_days == 0 {
+        return Err(Refusal::new(
+            ErrorCode::BadArgs,
+            "this broker keeps no forwards (contacts.forward_max_days is 0)",
+        ));
+    }
+    if args.days == 0 || args.days > max_days {
+        return Err(Refusal::new(
+            ErrorCode::BadArgs,
+            format!("DAYS must be 1 to {max_days} on this broker"),
+        ));
+    }
+    let len = args.notice.as_bytes().len();
+    if len == 0 || len > MAX_FORWARD_NOTICE {
+        return Err(Refusal::new(
+            ErrorCode::BadArgs,
+            format!("NOTICE is {len} bytes; 1 to {MAX_FORWARD_NOTICE} are kept"),
+        ));
+    }
+    // `days` is at most `MAX_FORWARD_DAYS` (config validation), so this stays far from overflow.
+    let expires = now.unix.saturating_add(args.days.saturating_mul(DAY_SECS));
+    cx.store
+        .set_forward(
+            login.number(),
+            args.notice.as_bytes(),
+            now.unix_i64(),
+            i64::try_from(expires).unwrap_or(i64::MAX),
+        )
+        .await?;
+    Ok(ResponseData::Forward(ForwardData { expires }))
 }

@@ -11,7 +11,7 @@
 //! for it at run time.
 //!
 //! By area:
-//! - [`account`]: REGISTER, DEVICE-JOIN, LOGIN.
+//! - [`account`]: REGISTER, DEVICE-JOIN, LOGIN, ACCOUNT-DELETE, FORWARD.
 //! - [`devices`]: ADD-DEVICE, DEVICE-LIST, DEVICE-REVOKE.
 //! - [`contacts`]: IS-NETWORKED, INITIATE-*, CONTACT-ANSWER, CONTACT-POLICY, BLOCK, UNBLOCK,
 //!   BLOCK-LIST.
@@ -34,10 +34,10 @@ use std::time::Duration;
 
 use micromsg_store::StoreError;
 use micromsg_wire::message::request::{
-    AddDeviceArgs, BackupPutArgs, ContactAnswerArgs, ContactPolicyArgs, DepositArgs,
-    DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs, InitiateNetworkedArgs,
-    InitiateNewArgs, LoginArgs, PortInArgs, PortOutArgs, RegisterArgs, RelayArgs, SyncCopyArgs,
-    TargetArgs,
+    AccountDeleteArgs, AddDeviceArgs, BackupPutArgs, ContactAnswerArgs, ContactPolicyArgs,
+    DepositArgs, DeviceJoinArgs, DeviceRevokeArgs, ForwardArgs, InboxAckArgs, InboxFetchArgs,
+    InitiateNetworkedArgs, InitiateNewArgs, LoginArgs, PortInArgs, PortOutArgs, RegisterArgs,
+    RelayArgs, SyncCopyArgs, TargetArgs,
 };
 use micromsg_wire::message::response::PingData;
 use micromsg_wire::{DeviceId, ErrorBody, ErrorCode, Number, Request, ResponseData};
@@ -185,6 +185,10 @@ pub enum Authenticated {
     Relay(RelayArgs),
     /// PORT-OUT.
     PortOut(PortOutArgs),
+    /// ACCOUNT-DELETE (the connection closes after its answer).
+    AccountDelete(AccountDeleteArgs),
+    /// FORWARD.
+    Forward(ForwardArgs),
 }
 
 /// A decoded request, split by whether it needs a login (protocol.md 6.0).
@@ -230,6 +234,8 @@ impl From<Request> for Routed {
             Request::BackupGet => A::BackupGet,
             Request::Relay(a) => A::Relay(a),
             Request::PortOut(a) => A::PortOut(a),
+            Request::AccountDelete(a) => A::AccountDelete(a),
+            Request::Forward(a) => A::Forward(a),
         };
         Routed::Authenticated(authenticated)
     }
@@ -328,6 +334,10 @@ pub async fn authenticated(
         A::PortOut(args) => port::port_out(port::Cx::of(broker), login, args, now).await,
         // Only a connection can turn itself into a relay half (`connection.rs`).
         A::Relay(_) => Err(Refusal::internal()),
+        A::AccountDelete(args) => {
+            account::delete(account::Cx::of(broker), session, login, args, now).await
+        }
+        A::Forward(args) => account::forward(account::Cx::of(broker), login, args, now).await,
     }
 }
 

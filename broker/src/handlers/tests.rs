@@ -21,14 +21,17 @@ use micromsg_crypto::Secret32;
 use micromsg_crypto::identity::IdentityKey;
 use micromsg_crypto::nonce::{self, Direction, NonceContext};
 use micromsg_store::{NewDevice, Store};
-use micromsg_wire::message::event::{ContactKind, ContactRequest, DeviceRevoked, InboxNotice};
+use micromsg_wire::message::event::{
+    ContactKind, ContactRequest, DeviceRevoked, Forwarded, InboxNotice,
+};
 use micromsg_wire::message::request::{
-    AddDeviceArgs, DepositArgs, DeviceJoinArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs,
-    InitiateNewArgs, LoginArgs, RegisterArgs, SyncCopyArgs, TargetArgs,
+    AccountDeleteArgs, AddDeviceArgs, DepositArgs, DeviceJoinArgs, DeviceRevokeArgs, ForwardArgs,
+    InboxAckArgs, InboxFetchArgs, InitiateNewArgs, LoginArgs, RegisterArgs, SyncCopyArgs,
+    TargetArgs,
 };
 use micromsg_wire::message::response::{
-    AddDeviceData, DepositData, DeviceJoinData, InboxAckData, InboxFetchData, InboxMessage,
-    InitiateData, LoginData, NonceAlgorithm, RegisterData,
+    AddDeviceData, DepositData, DeviceJoinData, ForwardData, InboxAckData, InboxFetchData,
+    InboxMessage, InitiateData, LoginData, NonceAlgorithm, RegisterData,
 };
 use micromsg_wire::{
     Blob, DeviceId, DeviceName, ErrorBody, ErrorCode, Event, Hex16, Hex32, Limits, Number,
@@ -1695,4 +1698,193 @@ async fn the_losing_broker_agrees_once_moves_the_inbox_and_stops_serving_the_num
     .await
     .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
+}
+
+// ------------------------------------------------------------------------------------------
+// ACCOUNT-DELETE (protocol.md 6.27)
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn account_delete_needs_the_own_number_as_confirmation() {
+    let fx = Fixture::new(|_| {}).await;
+    let x = fx.register().await;
+    let y = fx.register().await;
+    let first = fx.login(&x).await;
+    for confirm in [y.number.clone(), number("5550000003")] {
+        let body = refused(
+            fx.call(
+                &first,
+                Authenticated::AccountDelete(AccountDeleteArgs { confirm }),
+            )
+            .await,
+        );
+        assert_eq!(body.code, ErrorCode::BadArgs);
+    }
+    // Nothing was deleted: neither X nor Y.
+    assert!(fx.broker.store.entity_exists(&x.number).await.unwrap());
+    assert!(fx.broker.store.entity_exists(&y.number).await.unwrap());
+    fx.login(&x).await;
+}
+
+#[tokio::test]
+async fn account_delete_ends_every_session_and_logins_fail_like_an_unknown_device() {
+    let fx = Fixture::new(|_| {}).await;
+    let x = fx.register().await;
+    let mut first = fx.login(&x).await;
+    let secret = add_device_secret(fx.add_device(&first, Some("tablet")).await).secret;
+    let second = fx.try_join(&fx.conn(), &x.number, secret).await.unwrap();
+    let mut second_online = fx.login(&second).await;
+
+    let conn = fx.conn();
+    let wrong_nonce = refused(
+        fx.try_login_with(&conn, &x, Hex32::from_bytes([9; 32]))
+            .await,
+    );
+
+    let deleted = fx
+        .call(
+            &first,
+            Authenticated::AccountDelete(AccountDeleteArgs {
+                confirm: x.number.clone(),
+            }),
+        )
+        .await;
+    assert_eq!(deleted.unwrap(), ResponseData::AccountDelete);
+    for (online, device) in [(&mut first, x.device), (&mut second_online, second.device)] {
+        let pushes = online.conn.pushes();
+        assert!(
+            matches!(
+                pushes.as_slice(),
+                [Push::Close(e)] if **e == Event::DeviceRevoked(DeviceRevoked { device })
+            ),
+            "{pushes:?}"
+        );
+    }
+    for device in [&x, &second] {
+        let conn = fx.conn();
+        let nonce = fx.nonce(device, &conn.session.binding);
+        let body = refused(fx.try_login_with(&conn, device, nonce).await);
+        assert_eq!(body, wrong_nonce, "a deleted entity's device");
+    }
+    assert!(!fx.broker.store.entity_exists(&x.number).await.unwrap());
+    assert!(fx.broker.store.number_retired(&x.number).await.unwrap());
+    // A second delete (another connection still in flight) finds nothing to delete.
+    let again = refused(
+        fx.call(
+            &second_online,
+            Authenticated::AccountDelete(AccountDeleteArgs {
+                confirm: x.number.clone(),
+            }),
+        )
+        .await,
+    );
+    assert_eq!(again.code, ErrorCode::NotFound);
+}
+
+// ------------------------------------------------------------------------------------------
+// FORWARD (protocol.md 6.28, 10.2)
+// ------------------------------------------------------------------------------------------
+
+fn forward(notice: &[u8], days: u64) -> Authenticated {
+    Authenticated::Forward(ForwardArgs {
+        notice: Blob::from(notice.to_vec()),
+        days,
+    })
+}
+
+#[tokio::test]
+async fn forward_days_and_notice_size_are_bounded_by_the_broker() {
+    let fx = Fixture::new(|c| c.contacts.forward_max_days = 10).await;
+    let x = fx.register().await;
+    let x = fx.login(&x).await;
+    let too_big = vec![7; super::account::MAX_FORWARD_NOTICE + 1];
+    for (notice, days) in [
+        (&b"n"[..], 0),
+        (&b"n"[..], 11),
+        (&b""[..], 5),
+        (&too_big[..], 5),
+    ] {
+        let body = refused(fx.call(&x, forward(notice, days)).await);
+        assert_eq!(
+            body.code,
+            ErrorCode::BadArgs,
+            "{} bytes, {days} days",
+            notice.len()
+        );
+    }
+    let answer = fx.call(&x, forward(b"notice", 10)).await.unwrap();
+    assert_eq!(
+        answer,
+        ResponseData::Forward(ForwardData {
+            expires: T0 + 10 * 86_400
+        })
+    );
+
+    let fx = Fixture::new(|c| c.contacts.forward_max_days = 0).await;
+    let y = fx.register().await;
+    let y = fx.login(&y).await;
+    let body = refused(fx.call(&y, forward(b"notice", 1)).await);
+    assert_eq!(body.code, ErrorCode::BadArgs);
+}
+
+#[tokio::test]
+async fn an_initiate_to_a_forwarded_number_gets_the_notice_unless_the_caller_is_blocked() {
+    let mut fx = Fixture::new(|_| {}).await;
+    let mover = fx.register().await;
+    let caller = fx.register().await;
+    let blocked = fx.register().await;
+    let mover = fx.login(&mover).await;
+    let mut caller = fx.login(&caller).await;
+    let mut blocked = fx.login(&blocked).await;
+    let old = mover.login.number.clone();
+    let block = Authenticated::Block(TargetArgs {
+        target: blocked.login.number.clone(),
+    });
+    fx.call(&mover, block).await.unwrap();
+    fx.call(&mover, forward(b"signed notice", 2)).await.unwrap();
+    let expires = T0 + 2 * 86_400;
+    let expected = |ack: &ResponseData| {
+        let ResponseData::InitiateNew(InitiateData { request }) = ack else {
+            panic!("{ack:?}");
+        };
+        Event::Forwarded(Forwarded {
+            request: *request,
+            target: old.clone(),
+            notice: Blob::from(b"signed notice".to_vec()),
+            expires,
+        })
+    };
+
+    // Still there, and after the old account is deleted: the same acknowledgement, then the
+    // forward for the caller, and for the blocked caller what an unknown number gives.
+    let unknown = number("5550000009");
+    for deleted in [false, true] {
+        if deleted {
+            let confirm = AccountDeleteArgs {
+                confirm: old.clone(),
+            };
+            fx.call(&mover, Authenticated::AccountDelete(confirm))
+                .await
+                .unwrap();
+        }
+        let ack = fx.initiate_new(&caller, &old).unwrap();
+        fx.route_new(&caller, &old, &ack).await;
+        assert_eq!(caller.events(), [expected(&ack)], "deleted: {deleted}");
+
+        let ack_blocked = fx.initiate_new(&blocked, &old).unwrap();
+        let ack_unknown = fx.initiate_new(&blocked, &unknown).unwrap();
+        assert_eq!(
+            std::mem::discriminant(&ack_blocked),
+            std::mem::discriminant(&ack_unknown)
+        );
+        fx.route_new(&blocked, &old, &ack_blocked).await;
+        fx.route_new(&blocked, &unknown, &ack_unknown).await;
+        assert!(blocked.events().is_empty(), "deleted: {deleted}");
+    }
+
+    // Expired: silence for everyone.
+    fx.advance(Duration::from_secs(2 * 86_400));
+    let ack = fx.initiate_new(&caller, &old).unwrap();
+    fx.route_new(&caller, &old, &ack).await;
+    assert!(caller.events().is_empty());
 }

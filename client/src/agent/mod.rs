@@ -678,6 +678,7 @@ impl Agent {
             Event::PubkeyRequest(_) => {}
             Event::RelayWaiting(w) => self.on_relay_waiting(w).await,
             Event::RelayClosed(c) => self.on_relay_closed(c).await,
+            Event::Forwarded(f) => self.on_forwarded(f).await,
         }
     }
 }

@@ -1,8 +1,11 @@
 //! Moves to another broker (protocol.md 12.13) from the agent's side: announcing this
 //! entity's move to every contact (and group), following a contact's signed *moved* notice,
-//! and setting up the broker-level contact pair again for the new numbers.
+//! setting up the broker-level contact pair again for the new numbers, and the old broker's
+//! FORWARDED answer to a request for a number whose holder moved.
 
 use std::collections::BTreeMap;
+
+use micromsg_wire::message::event::Forwarded;
 
 use crate::account::unix_now;
 use crate::moving::{Moved, MovedError};
@@ -57,6 +60,73 @@ impl Agent {
             notified,
             groups,
         }))
+    }
+
+    /// FORWARDED: the broker answered a request of ours for a number whose holder moved with
+    /// the holder's signed notice (protocol.md 6.28). For a contact with a pinned key it is
+    /// followed exactly as a notice from the contact (verified under that key, or refused); for
+    /// any other number it is only shown (nothing to verify it against). The waiting request
+    /// ends either way: the old number will not answer.
+    pub(super) async fn on_forwarded(&mut self, forwarded: Forwarded) {
+        let old = forwarded.target.as_str().to_owned();
+        let waiting = self.outgoing.remove(forwarded.request.as_bytes());
+        let pinned = match self.store.contact(&old) {
+            Ok(c) => c.and_then(|c| c.identity).is_some(),
+            Err(e) => {
+                self.warn(format!("reading the contact {old}: {e}")).await;
+                false
+            }
+        };
+        let outcome = if pinned {
+            self.on_moved(&old, forwarded.notice.as_bytes()).await;
+            match self.store.contact(&old) {
+                // Still filed under the old number: the notice was refused (and shown).
+                Ok(Some(_)) => Err(format!(
+                    "{old}'s old broker answered with a moved notice that was refused; see the                      warning"
+                )),
+                _ => Ok(format!(
+                    "{old} has moved (notice verified with the pinned key); the contact now                      has its new number"
+                )),
+            }
+        } else {
+            match Moved::read_unverified(forwarded.notice.as_bytes()) {
+                Ok(moved) if moved.old == old => {
+                    let text = format!(
+                        "{old} moved to {} at {}, says its old broker (not verified: no key is                          pinned for {old}); to reach it: micromsg contact add {}",
+                        moved.new, moved.broker, moved.new
+                    );
+                    self.notify(Notice::NumberForwarded {
+                        old: old.clone(),
+                        new: moved.new,
+                        broker: moved.broker,
+                    })
+                    .await;
+                    Err(text)
+                }
+                Ok(moved) => Err(format!(
+                    "{old}'s old broker answered with a notice about {}; ignored",
+                    moved.old
+                )),
+                Err(e) => Err(format!(
+                    "{old}'s old broker answered with an unreadable moved notice: {e}"
+                )),
+            }
+        };
+        let Some(waiting) = waiting else { return };
+        let reply = |w: super::Waiter| {
+            let _ = w.send(match &outcome {
+                Ok(text) => Ok(Output::said(text.clone())),
+                Err(text) => Err(refused(text.clone())),
+            });
+        };
+        waiting.waiters.into_iter().for_each(reply);
+        // A message waiting for the session is not sent to a number that has moved.
+        let why = match &outcome {
+            Ok(text) | Err(text) => format!("nothing was sent: {text}"),
+        };
+        for (_, w) in waiting.queued {
+            let _ = w.send(Err(refused(why.clone())));
+        }
     }
 
     /// A MOVED notice from `peer` (live or from the inbox): followed only if it verifies under

@@ -172,6 +172,17 @@ pub enum Notice {
         /// Its new broker's `HOST:PORT`.
         broker: String,
     },
+    /// A number this device tried to reach has moved, says its old broker (FORWARDED,
+    /// protocol.md 6.28), and no key is pinned for it here, so the holder's signature could
+    /// not be checked: nothing changed; to reach it, add the new number.
+    NumberForwarded {
+        /// The number asked for.
+        old: String,
+        /// The number its holder announced.
+        new: String,
+        /// The new broker's `HOST:PORT`.
+        broker: String,
+    },
     /// A *moved* notice was refused (not signed with the pinned key, not from the contact it
     /// names, or not newer than the last one followed): nothing changed.
     MoveRefused {

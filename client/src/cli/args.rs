@@ -205,6 +205,9 @@ pub(super) enum Command {
     /// themselves; the broker-level contact pair is set up again automatically the next time
     /// both are online. Stop a running `listen` or `chat` first. Interrupted, run it again:
     /// it picks up the account it registered, or finishes switching the profile.
+    ///
+    /// With --keep-number (inside one network), the number itself moves instead: see that
+    /// flag.
     Move {
         /// The new broker's HOST:PORT.
         #[arg(long)]
@@ -215,19 +218,45 @@ pub(super) enum Command {
         /// Registration token, if the new broker requires one.
         #[arg(long)]
         token: Option<String>,
+        /// Once the profile is switched, delete the account at the OLD broker (as `account
+        /// delete` would): its devices, inbox and contacts there go, and its number is never
+        /// given out again. Contacts that were offline and have not yet fetched the notice
+        /// from their own inboxes still get it.
+        #[arg(long)]
+        delete_old: bool,
+        /// Leave the signed notice at the OLD broker for DAYS days (default 30; the old broker
+        /// may allow fewer, its `contacts.forward_max_days`): whoever asks for the old number
+        /// meanwhile learns the new one, verified by contacts against the key they pinned.
+        /// Numbers you blocked learn nothing. It stays after --delete-old until it expires.
+        #[arg(long, value_name = "DAYS", num_args = 0..=1, default_missing_value = "30",
+              value_parser = clap::value_parser!(u64).range(1..=3650))]
+        forward: Option<u64>,
+        /// Keep your number instead (brokers of one network only): the current broker lets
+        /// the number go (PORT-OUT) and the new one takes it over (PORT-IN) with your identity
+        /// key's signature; every broker of the network routes the number there, and what
+        /// waited at the current broker follows. Contacts need no notice. Devices other than
+        /// this one stay behind (their logins are refused with PORTED): add them again with
+        /// `device add` at the new broker. Not with --token, --forward or --delete-old (the
+        /// number, not an account, moves).
+        #[arg(long, conflicts_with_all = ["token", "forward", "delete_old"])]
+        keep_number: bool,
     },
-    /// Move to another broker of the same network and keep your number. Fetches everything
-    /// waiting at the current broker first, then the current broker lets the number go
-    /// (PORT-OUT) and the new one takes it over (PORT-IN) with your identity key's
-    /// signature; contacts reach you at the same number. Devices other than this one stay
-    /// behind (their logins are refused): add them again with `device add` at the new broker.
-    Port {
-        /// The new broker's HOST:PORT (a broker of the same network).
+    /// This entity's account at its broker.
+    #[command(subcommand)]
+    Account(AccountCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum AccountCommand {
+    /// Delete this entity at its broker, for good: every device, the inbox, the contacts,
+    /// blocks, settings and key backup there. The number is never given out again; every
+    /// device of the entity is logged out and can no longer log in. This profile keeps its
+    /// local history, but cannot talk through that broker any more. Asks you to type the
+    /// number to confirm (on a terminal), or pass --yes in scripts.
+    Delete {
+        /// Do not ask; delete at once.
         #[arg(long)]
-        broker: String,
-        /// CA certificate to trust for the new broker (its DATA_DIR/tls/ca.pem).
-        #[arg(long)]
-        ca: PathBuf,
+        yes: bool,
     },
 }
 

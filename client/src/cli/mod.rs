@@ -35,8 +35,8 @@ mod print;
 mod via_agent;
 
 use args::{
-    AcceptArg, Cli, Command, ContactCommand, DeviceCommand, GroupCommand, KeysCommand,
-    OutboxCommand,
+    AcceptArg, AccountCommand, Cli, Command, ContactCommand, DeviceCommand, GroupCommand,
+    KeysCommand, OutboxCommand,
 };
 use via_agent::{
     Refused, answer, listen, one_shot_config, print_reply, read_stdin_text, run_in_agent, via_agent,
@@ -99,34 +99,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     i.device,
                     i.broker,
                     profile.dir().display()
-                );
-            }
-        }
-        Command::Port { broker, ca } => {
-            let report = crate::porting::port(&profile, &broker, &ca, |step| {
-                if !json {
-                    eprintln!("{step}…");
-                }
-            })
-            .await?;
-            if json {
-                outln!(
-                    "{}",
-                    json!({"number": report.number, "from": report.from, "to": report.to,
-                           "broker": report.broker, "device": report.device,
-                           "seq": report.seq, "fetched": report.fetched})
-                );
-            } else {
-                outln!("{}", report.number);
-                eprintln!(
-                    "ported: number {} moved from broker {} to broker {} ({}), device {}; \
-                     {} waiting messages fetched first",
-                    report.number,
-                    report.from,
-                    report.to,
-                    report.broker,
-                    report.device,
-                    report.fetched
                 );
             }
         }
@@ -676,8 +648,71 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Move { broker, ca, token } => {
-            move_command(&profile, &broker, &ca, token, json).await?
+        Command::Move {
+            broker,
+            ca,
+            keep_number: true,
+            ..
+        } => {
+            let report = crate::porting::port(&profile, &broker, &ca, |step| {
+                if !json {
+                    eprintln!("{step}…");
+                }
+            })
+            .await?;
+            if json {
+                outln!(
+                    "{}",
+                    json!({"number": report.number, "from": report.from, "to": report.to,
+                           "broker": report.broker, "device": report.device,
+                           "seq": report.seq, "fetched": report.fetched})
+                );
+            } else {
+                outln!("{}", report.number);
+                eprintln!(
+                    "ported: number {} moved from broker {} to broker {} ({}), device {}; \
+                     {} waiting messages fetched first",
+                    report.number,
+                    report.from,
+                    report.to,
+                    report.broker,
+                    report.device,
+                    report.fetched
+                );
+            }
+        }
+        Command::Move {
+            broker,
+            ca,
+            token,
+            delete_old,
+            forward,
+            keep_number: false,
+        } => {
+            let options = crate::move_account::MoveOptions {
+                forward_days: forward,
+                delete_old,
+            };
+            move_command(&profile, &broker, &ca, token, options, json).await?
+        }
+        Command::Account(AccountCommand::Delete { yes }) => {
+            let info = profile.info()?;
+            if !yes {
+                confirm_delete(&info.number, &info.broker)?;
+            }
+            let mut session = account::connect(&profile).await?;
+            account::delete(&mut session)
+                .await
+                .context("deleting the account")?;
+            if json {
+                outln!("{}", json!({"deleted": info.number, "broker": info.broker}));
+            } else {
+                outln!(
+                    "deleted: {} at {} (its devices, inbox, contacts and backup there are                      gone; the number is never given out again)",
+                    info.number,
+                    info.broker
+                );
+            }
         }
         Command::Device(DeviceCommand::Revoke { id }) => {
             let device = DeviceId::new(id).map_err(|e| anyhow::anyhow!("device id: {e}"))?;
@@ -840,15 +875,42 @@ async fn outbox_command(
 }
 
 /// `move --broker HOST:PORT --ca FILE [--token T]` (protocol.md 12.13).
+/// Asks the user to type `number` before an account is deleted; refuses without a terminal
+/// (scripts pass `--yes`).
+fn confirm_delete(number: &str, broker: &str) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "deleting an account cannot be undone: run it on a terminal to confirm, or pass \
+             --yes"
+        );
+    }
+    eprint!(
+        "This deletes {number} at {broker} for good: every device, the inbox, the contacts and \
+         the key backup there. Type the number to confirm: "
+    );
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the confirmation")?;
+    if line.trim() != number {
+        anyhow::bail!("not confirmed (the number typed differs): nothing was deleted");
+    }
+    Ok(())
+}
+
 async fn move_command(
     profile: &Profile,
     broker: &str,
     ca: &std::path::Path,
     token: Option<String>,
+    options: crate::move_account::MoveOptions,
     json: bool,
 ) -> anyhow::Result<()> {
     use crate::move_account::{Step, move_to};
-    let done = move_to(profile, broker, ca, token, |step| {
+    let done = move_to(profile, broker, ca, token, options, |step| {
         if json {
             return;
         }
@@ -862,6 +924,12 @@ async fn move_command(
                 eprintln!("3/4 telling contacts and groups about the new number {number}…");
             }
             Step::Switching => eprintln!("4/4 switching this profile to {broker}…"),
+            Step::Forwarding { days } => {
+                eprintln!("leaving the notice at the old broker for {days} day(s)…");
+            }
+            Step::DeletingOld { number } => {
+                eprintln!("deleting the old account {number} at the old broker…");
+            }
         }
     })
     .await?;
@@ -871,6 +939,7 @@ async fn move_command(
             json!({"old_number": done.old_number, "number": done.new_number,
                    "broker": done.broker, "fetched": done.fetched,
                    "notified": done.report.notified, "groups": done.report.groups,
+                   "old_deleted": done.old_deleted, "forward_expires": done.forward_expires,
                    "warnings": done.warnings})
         );
         return Ok(());
@@ -892,5 +961,19 @@ async fn move_command(
         done.fetched,
         done.report.groups.len()
     );
+    if let Some(expires) = done.forward_expires {
+        eprintln!(
+            "whoever asks for {} at the old broker learns {} until {}",
+            done.old_number,
+            done.new_number,
+            local_time(expires)
+        );
+    }
+    if done.old_deleted {
+        eprintln!(
+            "the old account {} is deleted at the old broker",
+            done.old_number
+        );
+    }
     Ok(())
 }

@@ -93,6 +93,10 @@ fn notice_text(notice: &Notice, profile: &Profile) -> String {
             name.as_deref()
                 .map_or_else(|| old.clone(), |n| format!("{n} ({old})"))
         ),
+        Notice::NumberForwarded { old, new, broker } => format!(
+            "{old} moved to {new} at {broker}, says its old broker (not verified: no key is \
+             pinned for {old}); to reach it: micromsg contact add {new}"
+        ),
         Notice::MoveRefused { from, reason } => format!(
             "WARNING: a moved notice from {} was REFUSED, nothing changed: {reason}",
             who(from)

@@ -200,7 +200,7 @@ async fn export_then_import_on_a_postgres_broker_keeps_counts_logins_and_inboxes
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains(&format!(
-            "NOT imported: 1 entities exist here with other data (left as they are): {}",
+            "NOT imported: 1 entities exist here with other data or under a number deleted here (left as they are): {}",
             to_alice.as_str()
         )),
         "{}",

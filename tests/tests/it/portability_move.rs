@@ -169,7 +169,7 @@ async fn a_contact_moves_to_another_broker_and_everything_follows(backend: Backe
 
     // A moves to Y.
     let y = net.broker(Y);
-    let done = move_to(&a.profile, &y.addr, &y.ca, None, |_| {})
+    let done = move_to(&a.profile, &y.addr, &y.ca, None, Default::default(), |_| {})
         .await
         .unwrap();
     assert_eq!(done.old_number, a.number);
@@ -452,9 +452,11 @@ async fn the_move_command_line_switches_the_profile_and_the_contact_follows() {
         [
             "broker",
             "fetched",
+            "forward_expires",
             "groups",
             "notified",
             "number",
+            "old_deleted",
             "old_number",
             "warnings"
         ]
@@ -464,6 +466,8 @@ async fn the_move_command_line_switches_the_profile_and_the_contact_follows() {
     assert_ne!(new, a.number);
     assert_eq!(moved["broker"], z.addr.as_str());
     assert_eq!(moved["notified"][&b.number], "deposited");
+    assert_eq!(moved["old_deleted"], false);
+    assert_eq!(moved["forward_expires"], serde_json::Value::Null);
     let (ok, whoami) = tokio::task::block_in_place(|| run(&["whoami"]));
     assert!(ok, "{whoami}");
     assert_eq!(
@@ -502,7 +506,7 @@ async fn a_move_interrupted_while_switching_is_finished_by_the_next() {
     a.profile.write_secrets(&stage.secrets().unwrap()).unwrap();
     assert_eq!(a.profile.info().unwrap().number, a.number);
 
-    let done = move_to(&a.profile, &z.addr, &z.ca, None, |_| {})
+    let done = move_to(&a.profile, &z.addr, &z.ca, None, Default::default(), |_| {})
         .await
         .unwrap();
     assert_eq!(

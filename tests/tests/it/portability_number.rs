@@ -4,7 +4,7 @@
 //! y, C on z still reaches A at the same number (offline and live), z — down while the entry
 //! was announced — learns it when it is back, x refuses A's logins with PORTED, and the
 //! refusals (no or a spent token, a statement not signed by the user, a forged or misdirected
-//! announcement) change nothing. The last test runs the real `micromsg port` binary.
+//! announcement) change nothing. The last tests run the real `micromsg move --keep-number`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -654,7 +654,7 @@ async fn ports_without_the_users_authorisation_are_refused(backend: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The real client binary: `micromsg port`.
+// The real client binary: `micromsg move --keep-number`.
 
 fn client_binary() -> PathBuf {
     env!("CARGO_BIN_EXE_micromsg-test-client").into()
@@ -685,7 +685,8 @@ async fn micromsg_port_moves_the_profile_and_keeps_the_number() {
             &profile,
             &[
                 "--json",
-                "port",
+                "move",
+                "--keep-number",
                 "--broker",
                 &addr,
                 "--ca",
@@ -723,7 +724,8 @@ async fn micromsg_port_moves_the_profile_and_keeps_the_number() {
             &profile,
             &[
                 "--json",
-                "port",
+                "move",
+                "--keep-number",
                 "--broker",
                 &addr,
                 "--ca",
@@ -739,7 +741,7 @@ async fn micromsg_port_moves_the_profile_and_keeps_the_number() {
 }
 
 /// A port whose process died after it sent PORT-IN (the request staged in `DIR/porting/`, as
-/// `micromsg port` stages it before sending): the next `micromsg port` sends the very same
+/// `micromsg move --keep-number` stages it before sending): the next run sends the very same
 /// request again and switches the profile; the number is kept and nothing else is asked of x.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_port_is_finished_by_the_next_run() {
@@ -803,7 +805,8 @@ async fn an_interrupted_port_is_finished_by_the_next_run() {
             &run_dir,
             &[
                 "--json",
-                "port",
+                "move",
+                "--keep-number",
                 "--broker",
                 &addr,
                 "--ca",

@@ -26,6 +26,8 @@ wire_enum! {
         RelayWaiting = "RELAY-WAITING",
         /// A relay this device is a party to was closed.
         RelayClosed = "RELAY-CLOSED",
+        /// The number an INITIATE named has moved; its holder left a signed notice.
+        Forwarded = "FORWARDED",
     }
 }
 
@@ -50,6 +52,8 @@ pub enum Event {
     RelayWaiting(RelayWaiting),
     /// `RELAY-CLOSED`.
     RelayClosed(RelayClosed),
+    /// `FORWARDED`.
+    Forwarded(Forwarded),
 }
 
 impl Event {
@@ -65,6 +69,7 @@ impl Event {
             Event::Shutdown(_) => EventKind::Shutdown,
             Event::RelayWaiting(_) => EventKind::RelayWaiting,
             Event::RelayClosed(_) => EventKind::RelayClosed,
+            Event::Forwarded(_) => EventKind::Forwarded,
         }
     }
 
@@ -85,6 +90,7 @@ impl Event {
             EventKind::Shutdown => Event::Shutdown(WireValue::decode(data, path)?),
             EventKind::RelayWaiting => Event::RelayWaiting(WireValue::decode(data, path)?),
             EventKind::RelayClosed => Event::RelayClosed(WireValue::decode(data, path)?),
+            EventKind::Forwarded => Event::Forwarded(WireValue::decode(data, path)?),
         })
     }
 
@@ -99,6 +105,7 @@ impl Event {
             Event::Shutdown(data) => data.encode(),
             Event::RelayWaiting(data) => data.encode(),
             Event::RelayClosed(data) => data.encode(),
+            Event::Forwarded(data) => data.encode(),
         }
     }
 }
@@ -214,5 +221,19 @@ wire_struct! {
     pub struct Shutdown {
         /// Seconds to wait before reconnecting.
         req "RECONNECT-AFTER" reconnect_after: u32,
+    }
+}
+
+wire_struct! {
+    /// `Data` of `FORWARDED`.
+    pub struct Forwarded {
+        /// The INITIATE's `REQUEST` id (from its acknowledgement).
+        req "REQUEST" request: Hex16,
+        /// The number the INITIATE named (the old number).
+        req "TARGET" target: Number,
+        /// The signed moved notice its holder left (protocol.md 12.13), to verify.
+        req "NOTICE" notice: Blob,
+        /// Unix seconds when the broker drops the forward.
+        req "EXPIRES" expires: u64,
     }
 }

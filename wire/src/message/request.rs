@@ -66,6 +66,10 @@ wire_enum! {
         PortOut = "PORT-OUT",
         /// Public: the gaining broker takes a ported number (section 6.28).
         PortIn = "PORT-IN",
+        /// Authenticated: deletes the entity at this broker (section 6.27).
+        AccountDelete = "ACCOUNT-DELETE",
+        /// Authenticated: publishes a signed moved notice for callers of this number (6.28).
+        Forward = "FORWARD",
     }
 }
 
@@ -144,6 +148,10 @@ pub enum Request {
     PortOut(PortOutArgs),
     /// `PORT-IN`.
     PortIn(PortInArgs),
+    /// `ACCOUNT-DELETE`.
+    AccountDelete(AccountDeleteArgs),
+    /// `FORWARD`.
+    Forward(ForwardArgs),
 }
 
 impl Request {
@@ -178,6 +186,8 @@ impl Request {
             Request::Relay(_) => RequestKind::Relay,
             Request::PortOut(_) => RequestKind::PortOut,
             Request::PortIn(_) => RequestKind::PortIn,
+            Request::AccountDelete(_) => RequestKind::AccountDelete,
+            Request::Forward(_) => RequestKind::Forward,
         }
     }
 
@@ -230,6 +240,8 @@ impl Request {
             K::Relay => Request::Relay(WireValue::decode(args, path)?),
             K::PortOut => Request::PortOut(WireValue::decode(args, path)?),
             K::PortIn => Request::PortIn(WireValue::decode(args, path)?),
+            K::AccountDelete => Request::AccountDelete(WireValue::decode(args, path)?),
+            K::Forward => Request::Forward(WireValue::decode(args, path)?),
         })
     }
 
@@ -265,6 +277,8 @@ impl Request {
             Request::Relay(args) => args.encode(),
             Request::PortOut(args) => args.encode(),
             Request::PortIn(args) => args.encode(),
+            Request::AccountDelete(args) => args.encode(),
+            Request::Forward(args) => args.encode(),
         }
     }
 }
@@ -317,6 +331,26 @@ wire_struct! {
     pub struct DeviceRevokeArgs {
         /// The device to revoke (not the current one).
         req "DEVICE" device: DeviceId,
+    }
+}
+
+wire_struct! {
+    /// Args of `ACCOUNT-DELETE`.
+    pub struct AccountDeleteArgs {
+        /// The logged-in entity's own number, repeated: a request without it (or with
+        /// another number) deletes nothing.
+        req "CONFIRM" confirm: Number,
+    }
+}
+
+wire_struct! {
+    /// Args of `FORWARD`.
+    pub struct ForwardArgs {
+        /// The signed moved notice (protocol.md 12.13), as the mover's client made it; the
+        /// broker keeps it opaque and hands it to callers of this number.
+        req "NOTICE" notice: Blob,
+        /// How many days to keep it (at most the broker's `contacts.forward_max_days`).
+        req "DAYS" days: u64,
     }
 }
 

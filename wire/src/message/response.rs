@@ -177,6 +177,10 @@ pub enum ResponseData {
     PortOut(PortOutData),
     /// `PORT-IN`.
     PortIn(PortInData),
+    /// `ACCOUNT-DELETE`: `{}`; the broker closes the entity's connections after it.
+    AccountDelete,
+    /// `FORWARD`.
+    Forward(ForwardData),
 }
 
 impl ResponseData {
@@ -212,6 +216,8 @@ impl ResponseData {
             ResponseData::Relay => K::Relay,
             ResponseData::PortOut(_) => K::PortOut,
             ResponseData::PortIn(_) => K::PortIn,
+            ResponseData::AccountDelete => K::AccountDelete,
+            ResponseData::Forward(_) => K::Forward,
         }
     }
 
@@ -257,6 +263,8 @@ impl ResponseData {
             K::Relay => empty(data).map(|()| ResponseData::Relay)?,
             K::PortOut => ResponseData::PortOut(WireValue::decode(data, path)?),
             K::PortIn => ResponseData::PortIn(WireValue::decode(data, path)?),
+            K::AccountDelete => empty(data).map(|()| ResponseData::AccountDelete)?,
+            K::Forward => ResponseData::Forward(WireValue::decode(data, path)?),
         })
     }
 
@@ -269,7 +277,8 @@ impl ResponseData {
             | ResponseData::Block
             | ResponseData::Unblock
             | ResponseData::BackupPut
-            | ResponseData::Relay => Node::Map(Vec::new()),
+            | ResponseData::Relay
+            | ResponseData::AccountDelete => Node::Map(Vec::new()),
             ResponseData::BrokerInfo(data) => data.encode(),
             ResponseData::Register(data) => data.encode(),
             ResponseData::DeviceJoin(data) => data.encode(),
@@ -290,6 +299,7 @@ impl ResponseData {
             ResponseData::SyncCopy(data) => data.encode(),
             ResponseData::PortOut(data) => data.encode(),
             ResponseData::PortIn(data) => data.encode(),
+            ResponseData::Forward(data) => data.encode(),
         }
     }
 }
@@ -651,5 +661,13 @@ wire_struct! {
         req "NONCE-ALGORITHM" nonce_algorithm: NonceAlgorithm,
         /// The ported-number entry's sequence (1 for the number's first port).
         req "SEQ" seq: u64,
+    }
+}
+
+wire_struct! {
+    /// `Data` of `FORWARD`.
+    pub struct ForwardData {
+        /// Unix seconds when the broker drops the forward.
+        req "EXPIRES" expires: u64,
     }
 }

@@ -313,6 +313,11 @@ fn request_table() -> Vec<(&'static str, Vec<Field>)> {
                 req("SERVER-SECRET", Ty::Hex32),
             ],
         ),
+        ("ACCOUNT-DELETE", vec![req("CONFIRM", Ty::Number)]),
+        (
+            "FORWARD",
+            vec![req("NOTICE", Ty::Blob), req("DAYS", Ty::U64)],
+        ),
     ]
 }
 

@@ -474,7 +474,7 @@ Data:
             Some(RequestKind::Login),
             ErrorBody::new(
                 ErrorCode::Ported,
-                "this number was ported to broker broker-y; log in there (micromsg port)",
+                "this number was ported to broker broker-y; log in there (micromsg move --keep-number)",
             ),
         )),
         "Response: LOGIN
@@ -482,7 +482,81 @@ Id: 33
 Status: ERROR
 Error:
   Code: PORTED
-  Message: \"this number was ported to broker broker-y; log in there (micromsg port)\"
+  Message: \"this number was ported to broker broker-y; log in there (micromsg move --keep-number)\"
+",
+    );
+}
+
+#[test]
+fn account_delete_request_and_answer() {
+    assert_encodes(
+        Message::request(
+            22,
+            Request::AccountDelete(AccountDeleteArgs {
+                confirm: Number::new("5550001234").unwrap(),
+            }),
+        ),
+        "Request: ACCOUNT-DELETE
+Id: 22
+Args:
+  CONFIRM: \"5550001234\"
+",
+    );
+    assert_encodes(
+        Message::Response(Response::ok(22, ResponseData::AccountDelete)),
+        "Response: ACCOUNT-DELETE
+Id: 22
+Status: OK
+Data: {}
+",
+    );
+}
+
+#[test]
+fn forward_request_answer_and_event() {
+    let notice = Blob::from(b"notice".to_vec());
+    assert_encodes(
+        Message::request(
+            23,
+            Request::Forward(ForwardArgs {
+                notice: notice.clone(),
+                days: 30,
+            }),
+        ),
+        "Request: FORWARD
+Id: 23
+Args:
+  NOTICE: \"bm90aWNl\"
+  DAYS: 30
+",
+    );
+    assert_encodes(
+        Message::Response(Response::ok(
+            23,
+            ResponseData::Forward(ForwardData {
+                expires: 1_702_592_000,
+            }),
+        )),
+        "Response: FORWARD
+Id: 23
+Status: OK
+Data:
+  EXPIRES: 1702592000
+",
+    );
+    assert_encodes(
+        Message::Event(Event::Forwarded(Forwarded {
+            request: Hex16::from_bytes(counting::<16>(0x40)),
+            target: Number::new("5550001234").unwrap(),
+            notice,
+            expires: 1_702_592_000,
+        })),
+        "Event: FORWARDED
+Data:
+  REQUEST: \"404142434445464748494a4b4c4d4e4f\"
+  TARGET: \"5550001234\"
+  NOTICE: \"bm90aWNl\"
+  EXPIRES: 1702592000
 ",
     );
 }

@@ -284,6 +284,18 @@ pub(crate) fn requests() -> Vec<(RequestKind, BoxedStrategy<Request>)> {
                 )
                 .boxed(),
         ),
+        (
+            K::AccountDelete,
+            number()
+                .prop_map(|confirm| Request::AccountDelete(AccountDeleteArgs { confirm }))
+                .boxed(),
+        ),
+        (
+            K::Forward,
+            (blob(), u64_any())
+                .prop_map(|(notice, days)| Request::Forward(ForwardArgs { notice, days }))
+                .boxed(),
+        ),
     ]
 }
 
@@ -564,6 +576,13 @@ pub(crate) fn response_data() -> Vec<(RequestKind, BoxedStrategy<ResponseData>)>
                 })
                 .boxed(),
         ),
+        (K::AccountDelete, Just(ResponseData::AccountDelete).boxed()),
+        (
+            K::Forward,
+            u64_any()
+                .prop_map(|expires| ResponseData::Forward(ForwardData { expires }))
+                .boxed(),
+        ),
     ]
 }
 
@@ -690,6 +709,19 @@ pub(crate) fn events() -> Vec<(EventKind, BoxedStrategy<Event>)> {
             K::RelayClosed,
             (hex16(), "[ -~]{0,60}")
                 .prop_map(|(relay, reason)| Event::RelayClosed(RelayClosed { relay, reason }))
+                .boxed(),
+        ),
+        (
+            K::Forwarded,
+            (hex16(), number(), blob(), u64_any())
+                .prop_map(|(request, target, notice, expires)| {
+                    Event::Forwarded(Forwarded {
+                        request,
+                        target,
+                        notice,
+                        expires,
+                    })
+                })
                 .boxed(),
         ),
     ]
