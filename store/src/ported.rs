@@ -141,6 +141,10 @@ pub struct PortIn {
     pub announce_to: Vec<String>,
     /// Now (unix seconds).
     pub now: i64,
+    /// The number comes back to a broker that let it go before: the entity this broker kept
+    /// from then (its logins answered PORTED) is replaced, its rows removed first, in the
+    /// same transaction. Without it, an existing entity is [`StoreError::NumberTaken`].
+    pub replaces_leftover: bool,
 }
 
 /// Turns a waiting message into its outbox row: (idempotency key, payload).
@@ -431,6 +435,11 @@ impl Store {
         let _writing = self.writing().await;
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
+            if port.replaces_leftover {
+                for sql in crate::retire::DELETE_ROWS {
+                    sqlx::query(sql).bind(number).execute(&mut *tx).await?;
+                }
+            }
             let inserted = sqlx::query(
                 "INSERT INTO entities (number, created_at, next_device) VALUES ($1, $2, 2) \
                  ON CONFLICT (number) DO NOTHING",

@@ -9,8 +9,9 @@ use super::{DeviceId, Number, PoolExt, Store, StoreError};
 use super::{device_id, on_pool};
 
 /// The statements that remove an entity's rows, children before parents (the foreign keys
-/// hold at every step). Each takes the number as `$1`.
-const DELETE_ROWS: &[&str] = &[
+/// hold at every step). Each takes the number as `$1`. Also used to replace the entity a
+/// broker kept for a number it ported away, when the number comes back (`Store::port_in`).
+pub(crate) const DELETE_ROWS: &[&str] = &[
     // Acknowledgements go with their number-mode items (explicitly: Postgres clears them by a
     // trigger, SQLite by its cascade; saying it here keeps both obviously right).
     "DELETE FROM inbox_acks WHERE item_seq IN \

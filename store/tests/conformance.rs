@@ -2407,6 +2407,7 @@ async fn case_port_in_and_announcements(store: Store) {
         blocks: vec![num("5580009")],
         announce_to: vec!["x".into(), "z".into()],
         now: NOW,
+        replaces_leftover: false,
     };
     assert_eq!(store.port_in(&port).await.unwrap(), DeviceId::FIRST);
     assert!(store.entity_exists(&a).await.unwrap());
@@ -2440,6 +2441,23 @@ async fn case_port_in_and_announcements(store: Store) {
         store.unannounced_by_number().await.unwrap(),
         [("5550001".to_owned(), 1)]
     );
+    // The number comes back later (seq 3, after it went on elsewhere): the entity kept from
+    // before is replaced, with nothing of it left (device secret, contacts, blocks).
+    let back = micromsg_store::PortIn {
+        entry: ported_entry(&a, 3, "z", "y"),
+        device: device(9, None),
+        contacts: Vec::new(),
+        blocks: Vec::new(),
+        announce_to: vec!["x".into(), "z".into()],
+        now: NOW,
+        replaces_leftover: true,
+    };
+    assert_eq!(store.port_in(&back).await.unwrap(), DeviceId::FIRST);
+    let record = store.device(&a, DeviceId::FIRST).await.unwrap().unwrap();
+    assert_eq!(record.client_secret, [9; 32]);
+    assert!(!store.is_contact(&a, &num("5570003")).await.unwrap());
+    assert!(!store.is_blocked(&a, &num("5580009")).await.unwrap());
+    assert_eq!(store.ported_entry(&a).await.unwrap().unwrap().seq, 3);
 }
 
 async fn case_ported_entries_by_seq(store: Store) {

@@ -144,7 +144,10 @@ pub async fn port_in(cx: Cx<'_>, session: &Session, args: PortInArgs, now: Now) 
                 wait,
             )
         })?;
-    if cx.store.entity_exists(&args.number).await? {
+    // A number this broker ported away before comes back: the entity it kept from then
+    // (whose logins answer PORTED) is a leftover, replaced by the new one.
+    let replaces_leftover = f.route(number).is_some_and(|r| r.to != f.me.id);
+    if !replaces_leftover && cx.store.entity_exists(&args.number).await? {
         return Err(Refusal::new(
             ErrorCode::Conflict,
             "NUMBER is an entity of this broker already",
@@ -193,6 +196,7 @@ pub async fn port_in(cx: Cx<'_>, session: &Session, args: PortInArgs, now: Now) 
         blocks,
         announce_to: f.network.peers(&f.me.id).map(|p| p.id.clone()).collect(),
         now: now.unix_i64(),
+        replaces_leftover,
     };
     let device = match cx.store.port_in(&port).await {
         Ok(device) => device,

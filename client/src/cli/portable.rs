@@ -32,6 +32,9 @@ pub(super) fn export(
     if out.exists() {
         return Err(PortableError::OutExists(out.to_owned()).into());
     }
+    if files::inside_profile(profile, out) {
+        return Err(PortableError::OutInsideProfile(out.to_owned()).into());
+    }
     let passphrase = passphrase(true)?;
     if passphrase.chars().count() < MIN_PASSPHRASE_CHARS {
         anyhow::bail!(

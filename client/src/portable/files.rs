@@ -39,6 +39,20 @@ pub fn agent_running(profile: &Profile) -> bool {
     std::os::unix::net::UnixStream::connect(control_path(profile)).is_ok()
 }
 
+/// True when `out` would land inside the profile directory: a later export would then carry
+/// this one (and an import would restore a copy of the device inside itself). Compares the
+/// canonical directories, so `./DIR/x` and `DIR/../DIR/x` are caught alike.
+pub fn inside_profile(profile: &Profile, out: &Path) -> bool {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (fs::canonicalize(profile.dir()), fs::canonicalize(parent)) {
+        (Ok(dir), Ok(parent)) => parent.starts_with(dir),
+        _ => false,
+    }
+}
+
 /// Reads every file of the profile directory, recursively, in path order. Left out: names
 /// starting with `.` (a write's temporary file) and sockets (the control socket of an agent);
 /// any other kind of entry (a symbolic link, a device) is refused rather than left out.
@@ -291,6 +305,19 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn an_export_inside_the_profile_is_caught() {
+        let root = tempfile::tempdir().unwrap();
+        let profile = profile_dir(root.path());
+        assert!(inside_profile(&profile, &profile.dir().join("x.mmdx")));
+        assert!(inside_profile(
+            &profile,
+            &profile.dir().join("history").join("..").join("x.mmdx")
+        ));
+        assert!(!inside_profile(&profile, &root.path().join("x.mmdx")));
+        assert!(!inside_profile(&profile, Path::new("no-such-dir/x.mmdx")));
+    }
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777

@@ -71,6 +71,12 @@ pub enum PortableError {
     /// The export target exists.
     #[error("{0} exists already; choose another --out (an export never overwrites a file)")]
     OutExists(PathBuf),
+    /// The export file would land inside the profile directory it is made from.
+    #[error(
+        "{0} is inside the profile directory: a later export would carry this one; choose an \
+         --out outside it"
+    )]
+    OutInsideProfile(PathBuf),
     /// An agent runs for the profile being exported.
     #[error(
         "a `listen` or `chat` is running for this profile and may write to it at any moment: \

@@ -500,6 +500,25 @@ async fn a_ported_number_keeps_its_messages_and_is_reached_at_its_new_home(backe
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Some(ErrorCode::Ported), "{refused}");
+
+    // And back to x, which still holds the entity it let go at the first port: that
+    // leftover is replaced (seq 3), A logs in at x again and C's broker routes A there.
+    let mut a_at_z = login_after_port(&net, Z, &a_profile, &second, secret).await;
+    let token = port_out(&mut a_at_z, "x", &identity).await.unwrap();
+    let back_secret = Secret32::generate(&mut rand_core::OsRng);
+    let back = port_in(&net, X, &a_number, "z", token, &identity, &back_secret)
+        .await
+        .unwrap();
+    assert_eq!(back.seq, 3);
+    assert_eq!(back.device.get(), 1);
+    wait_route(&net, Y, &a_number, "x").await;
+    assert_eq!(route_at(&net, Z, &a_number).as_deref(), Some("x"));
+    let mut a_at_x = login_after_port(&net, X, &a_profile, &back, back_secret).await;
+    assert_eq!(number(&a_at_x), a_number);
+    assert_eq!(
+        is_networked(&mut a_at_x, &c_number).await.as_deref(),
+        Some("z")
+    );
     net.stop().await;
 }
 
@@ -671,7 +690,7 @@ fn run(profile: &Path, args: &[&str]) -> std::process::Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn micromsg_port_moves_the_profile_and_keeps_the_number() {
+async fn move_keep_number_moves_the_profile_and_keeps_the_number() {
     let net = network(Backend::Sqlite).await;
     let dir = net.broker(X).profile_dir("a");
     let a = user(&net, X, "a").await;
