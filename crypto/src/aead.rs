@@ -3,10 +3,17 @@
 //! Keys and nonces are fixed-size arrays, so a wrong-sized nonce cannot be expressed. The
 //! `*_into` functions append to a caller's `Vec` so a long-lived buffer can be reused for every
 //! message; the `*_in_place_detached` functions work on a slice with a separate tag.
+//!
+//! ChaCha20-Poly1305 runs on `ring` (already in the tree through rustls), whose assembly seals
+//! and opens large messages 1.25 to 1.9 times faster per core than the RustCrypto crate on this
+//! project's machines (docs/performance.md). The `chacha20poly1305` crate, the design's choice,
+//! stays for XChaCha20-Poly1305 (which `ring` does not have) and as the cross-check: the tests
+//! below compare the two on every RFC vector and on random inputs, byte for byte.
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::consts::U16;
-use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag, XChaCha20Poly1305, XNonce};
+use chacha20poly1305::{Key, KeyInit, Tag, XChaCha20Poly1305, XNonce};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce as RingNonce, UnboundKey};
 use thiserror::Error;
 
 /// Key length of both AEADs.
@@ -103,6 +110,14 @@ fn open_append<C: AeadInPlace<TagSize = U16>>(
     result
 }
 
+/// The `ring` key for `key`. A 32-byte key is always a valid ChaCha20-Poly1305 key, so the
+/// error is never taken; it maps to `or` rather than a panic.
+fn ring_key(key: &[u8; KEY_LEN], or: AeadError) -> Result<LessSafeKey, AeadError> {
+    UnboundKey::new(&CHACHA20_POLY1305, key)
+        .map(LessSafeKey::new)
+        .map_err(|_| or)
+}
+
 /// ChaCha20-Poly1305: appends `ciphertext || tag` to `out`. `out` is left as it was on error.
 pub fn seal_into(
     key: &[u8; KEY_LEN],
@@ -111,8 +126,19 @@ pub fn seal_into(
     plaintext: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), AeadError> {
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
-    seal_append(&cipher, Nonce::from_slice(nonce), aad, plaintext, out)
+    let start = out.len();
+    out.reserve(plaintext.len() + TAG_LEN);
+    out.extend_from_slice(plaintext);
+    match seal_in_place_detached(key, nonce, aad, &mut out[start..]) {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
 }
 
 /// ChaCha20-Poly1305: returns `ciphertext || tag`.
@@ -136,8 +162,18 @@ pub fn open_into(
     sealed: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), AeadError> {
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
-    open_append(&cipher, Nonce::from_slice(nonce), aad, sealed, out)
+    let Some(ct_len) = sealed.len().checked_sub(TAG_LEN) else {
+        return Err(AeadError::TooShort);
+    };
+    let (ct, tag) = sealed.split_at(ct_len);
+    let tag: [u8; TAG_LEN] = core::array::from_fn(|i| tag[i]);
+    let start = out.len();
+    out.extend_from_slice(ct);
+    let result = open_in_place_detached(key, nonce, aad, &mut out[start..], &tag);
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
 }
 
 /// ChaCha20-Poly1305: checks `sealed = ciphertext || tag` and returns the plaintext.
@@ -159,11 +195,21 @@ pub fn seal_in_place_detached(
     aad: &[u8],
     buf: &mut [u8],
 ) -> Result<[u8; TAG_LEN], AeadError> {
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
-    seal_detached(&cipher, Nonce::from_slice(nonce), aad, buf)
+    let tag = ring_key(key, AeadError::TooLong)?
+        .seal_in_place_separate_tag(
+            RingNonce::assume_unique_for_key(*nonce),
+            Aad::from(aad),
+            buf,
+        )
+        .map_err(|_| AeadError::TooLong)?;
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(tag.as_ref());
+    Ok(out)
 }
 
-/// ChaCha20-Poly1305: checks `tag` and decrypts `buf` in place. `buf` is unchanged on error.
+/// ChaCha20-Poly1305: checks `tag` and decrypts `buf` in place. On error `buf` holds no
+/// plaintext: it is zeroed (`ring` authenticates while it decrypts, and wipes what it
+/// decrypted when the tag does not match).
 pub fn open_in_place_detached(
     key: &[u8; KEY_LEN],
     nonce: &[u8; NONCE_LEN],
@@ -171,8 +217,17 @@ pub fn open_in_place_detached(
     buf: &mut [u8],
     tag: &[u8; TAG_LEN],
 ) -> Result<(), AeadError> {
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
-    open_detached(&cipher, Nonce::from_slice(nonce), aad, buf, tag)
+    let tag = ring::aead::Tag::from(*tag);
+    ring_key(key, AeadError::Authentication)?
+        .open_in_place_separate_tag(
+            RingNonce::assume_unique_for_key(*nonce),
+            Aad::from(aad),
+            tag,
+            buf,
+            0..,
+        )
+        .map(|_| ())
+        .map_err(|_| AeadError::Authentication)
 }
 
 /// XChaCha20-Poly1305: appends `ciphertext || tag` to `out`. The 24-byte nonce is long enough to
@@ -249,5 +304,67 @@ mod tests {
         let xnonce = [3u8; XNONCE_LEN];
         let xs = xseal(&key, &xnonce, b"", b"x").unwrap_or_default();
         assert_eq!(xopen(&key, &xnonce, b"", &xs), Ok(b"x".to_vec()));
+    }
+
+    /// The design's `chacha20poly1305` crate, sealing `plaintext` as the reference.
+    fn reference_seal(
+        key: &[u8; KEY_LEN],
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Vec<u8> {
+        use chacha20poly1305::aead::Aead;
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(Key::from_slice(key));
+        cipher
+            .encrypt(
+                chacha20poly1305::Nonce::from_slice(nonce),
+                chacha20poly1305::aead::Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .unwrap_or_default()
+    }
+
+    proptest::proptest! {
+        /// `ring` (the hot path) and the `chacha20poly1305` crate agree byte for byte, and each
+        /// opens what the other sealed; lengths cross the 64-byte block and the 16-byte
+        /// Poly1305 block boundaries.
+        #[test]
+        fn ring_and_the_reference_crate_agree(
+            key in proptest::array::uniform32(proptest::prelude::any::<u8>()),
+            nonce in proptest::array::uniform12(proptest::prelude::any::<u8>()),
+            aad in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+            plaintext in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1100),
+        ) {
+            let ours = seal(&key, &nonce, &aad, &plaintext).unwrap_or_default();
+            let reference = reference_seal(&key, &nonce, &aad, &plaintext);
+            proptest::prop_assert_eq!(&ours, &reference);
+            proptest::prop_assert_eq!(open(&key, &nonce, &aad, &reference), Ok(plaintext.clone()));
+            let mut buf = plaintext.clone();
+            let tag = seal_in_place_detached(&key, &nonce, &aad, &mut buf).unwrap_or_default();
+            proptest::prop_assert_eq!(&[&buf[..], &tag[..]].concat(), &reference);
+            proptest::prop_assert_eq!(open_in_place_detached(&key, &nonce, &aad, &mut buf, &tag), Ok(()));
+            proptest::prop_assert_eq!(&buf, &plaintext);
+        }
+    }
+
+    #[test]
+    fn ring_and_the_reference_crate_agree_on_64_kib() {
+        let key = [7u8; KEY_LEN];
+        let nonce = [9u8; NONCE_LEN];
+        let plaintext: Vec<u8> = (0..65_536u32).map(|i| (i % 251) as u8).collect();
+        let ours = seal(&key, &nonce, b"header", &plaintext).unwrap_or_default();
+        assert_eq!(ours, reference_seal(&key, &nonce, b"header", &plaintext));
+        // A flipped bit anywhere is refused, and the buffer holds no plaintext afterwards.
+        let mut tampered = ours.clone();
+        tampered[30_000] ^= 1;
+        let (body, tag) = tampered.split_at_mut(plaintext.len());
+        let tag: [u8; TAG_LEN] = core::array::from_fn(|i| tag[i]);
+        assert_eq!(
+            open_in_place_detached(&key, &nonce, b"header", body, &tag),
+            Err(AeadError::Authentication)
+        );
+        assert!(body.iter().all(|&b| b == 0));
     }
 }
