@@ -253,16 +253,7 @@ impl Store {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             // Lock the entity row (Postgres) so racing ADD-DEVICEs count each other.
-            let found = sqlx::query(
-                "UPDATE entities SET next_device = next_device WHERE number = $1",
-            )
-            .bind(number)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if found == 0 {
-                return Err(StoreError::NotFound);
-            }
+            crate::lock_entity!(tx, number);
             let used: i64 = sqlx::query_scalar(
                 "SELECT (SELECT COUNT(*) FROM devices WHERE number = $1 AND revoked_at IS NULL) \
                  + (SELECT COUNT(*) FROM registration_secrets \

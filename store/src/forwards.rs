@@ -27,16 +27,7 @@ impl Store {
             use super::PoolExt as _;
             let mut tx = pool.begin_write().await?;
             // Only a live entity sets a forward (the row lock orders it with a racing delete).
-            let found = sqlx::query(
-                "UPDATE entities SET next_device = next_device WHERE number = $1",
-            )
-            .bind(number)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if found == 0 {
-                return Err(StoreError::NotFound);
-            }
+            crate::lock_entity!(tx, number);
             sqlx::query(
                 "INSERT INTO forwards (number, notice, created_at, expires_at) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (number) DO UPDATE SET \

@@ -101,6 +101,24 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// Inside an [`on_pool!`] body: locks the row of entity `$number` in `$tx` (Postgres; SQLite's
+/// write transaction holds the database already), so a racing write to the same entity waits
+/// for this transaction and then sees its result; returns [`StoreError::NotFound`] from the
+/// enclosing function for an unknown entity.
+macro_rules! lock_entity {
+    ($tx:expr, $number:expr) => {{
+        let found = sqlx::query("UPDATE entities SET next_device = next_device WHERE number = $1")
+            .bind($number)
+            .execute(&mut *$tx)
+            .await?
+            .rows_affected();
+        if found == 0 {
+            return Err($crate::StoreError::NotFound);
+        }
+    }};
+}
+pub(crate) use lock_entity;
+
 /// The broker's persistent state. Cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct Store {

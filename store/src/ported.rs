@@ -195,6 +195,26 @@ const UPSERT_ENTRY: &str = "INSERT INTO ported_numbers \
      user_signature = excluded.user_signature, broker_key = excluded.broker_key, \
      broker_signature = excluded.broker_signature, recorded_at = excluded.recorded_at";
 
+/// Inside an [`on_pool!`] body: stores `$entry` as the number's entry ([`UPSERT_ENTRY`]),
+/// recorded at `$now`.
+macro_rules! upsert_entry {
+    ($tx:expr, $entry:expr, $now:expr) => {
+        sqlx::query(UPSERT_ENTRY)
+            .bind($entry.number.as_str())
+            .bind(i64_of($entry.seq)?)
+            .bind(&$entry.from_broker)
+            .bind(&$entry.to_broker)
+            .bind(i64_of($entry.time)?)
+            .bind(&$entry.identity_key[..])
+            .bind(&$entry.user_signature[..])
+            .bind(&$entry.broker_key)
+            .bind(&$entry.broker_signature)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await?
+    };
+}
+
 impl Store {
     /// Issues a PORT-OUT token for `number` towards `to_broker`: only its SHA-256 is kept.
     /// Earlier unused tokens of the number are dropped (one outstanding token at a time).
@@ -485,19 +505,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            sqlx::query(UPSERT_ENTRY)
-                .bind(number)
-                .bind(i64_of(e.seq)?)
-                .bind(&e.from_broker)
-                .bind(&e.to_broker)
-                .bind(i64_of(e.time)?)
-                .bind(&e.identity_key[..])
-                .bind(&e.user_signature[..])
-                .bind(&e.broker_key)
-                .bind(&e.broker_signature)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            upsert_entry!(tx, e, now);
             for peer in &port.announce_to {
                 sqlx::query(
                     "INSERT INTO port_announcements (number, peer_broker, seq, next_attempt_at) \
@@ -555,19 +563,7 @@ impl Store {
                     PortedOutcome::Unchanged
                 }
                 _ => {
-                    sqlx::query(UPSERT_ENTRY)
-                        .bind(number)
-                        .bind(i64_of(entry.seq)?)
-                        .bind(&entry.from_broker)
-                        .bind(&entry.to_broker)
-                        .bind(i64_of(entry.time)?)
-                        .bind(&entry.identity_key[..])
-                        .bind(&entry.user_signature[..])
-                        .bind(&entry.broker_key)
-                        .bind(&entry.broker_signature)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+                    upsert_entry!(tx, entry, now);
                     PortedOutcome::Recorded
                 }
             };

@@ -45,16 +45,7 @@ impl Store {
             let mut tx = pool.begin_write().await?;
             // Lock the entity row first (Postgres), so a racing DEVICE-JOIN or ADD-DEVICE
             // waits and then finds nothing.
-            let found = sqlx::query(
-                "UPDATE entities SET next_device = next_device WHERE number = $1",
-            )
-            .bind(number)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if found == 0 {
-                return Err(StoreError::NotFound);
-            }
+            crate::lock_entity!(tx, number);
             let ids: Vec<i64> = sqlx::query_scalar(
                 "SELECT device_id FROM devices \
                  WHERE number = $1 AND revoked_at IS NULL ORDER BY device_id",

@@ -689,17 +689,11 @@ fn run(profile: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn move_keep_number_moves_the_profile_and_keeps_the_number() {
-    let net = network(Backend::Sqlite).await;
-    let dir = net.broker(X).profile_dir("a");
-    let a = user(&net, X, "a").await;
-    let a_number = number(&a);
-    drop(a);
-    let y = net.broker(Y);
-    let profile = dir.clone();
-    let (addr, ca) = (y.addr.clone(), y.ca.clone());
-    let out = tokio::task::spawn_blocking(move || {
+/// Runs `micromsg --json move --keep-number` for the profile in `dir`, to `broker`.
+async fn move_keep_number(dir: &Path, broker: &micromsg_tests::TestBroker) -> std::process::Output {
+    let profile = dir.to_owned();
+    let (addr, ca) = (broker.addr.clone(), broker.ca.clone());
+    tokio::task::spawn_blocking(move || {
         run(
             &profile,
             &[
@@ -714,7 +708,18 @@ async fn move_keep_number_moves_the_profile_and_keeps_the_number() {
         )
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_keep_number_moves_the_profile_and_keeps_the_number() {
+    let net = network(Backend::Sqlite).await;
+    let dir = net.broker(X).profile_dir("a");
+    let a = user(&net, X, "a").await;
+    let a_number = number(&a);
+    drop(a);
+    let y = net.broker(Y);
+    let out = move_keep_number(&dir, y).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -736,24 +741,7 @@ async fn move_keep_number_moves_the_profile_and_keeps_the_number() {
     assert_eq!(number(&session), a_number);
 
     // Running it again is refused by y (it serves the number already), and the profile stays.
-    let profile = dir.clone();
-    let (addr, ca) = (y.addr.clone(), y.ca.clone());
-    let again = tokio::task::spawn_blocking(move || {
-        run(
-            &profile,
-            &[
-                "--json",
-                "move",
-                "--keep-number",
-                "--broker",
-                &addr,
-                "--ca",
-                ca.to_str().unwrap(),
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let again = move_keep_number(&dir, y).await;
     assert!(!again.status.success());
     assert_eq!(p.info().unwrap().broker, y.addr);
     net.stop().await;
