@@ -283,3 +283,30 @@ pub(crate) fn run_tls_ceiling(cert: &Path, key: &Path, hold: bool) -> anyhow::Re
         Ok(())
     })
 }
+
+/// CPU time of `pid` (`"self"` for this process) so far: the sum over its live threads of
+/// `/proc/PID/task/TID/schedstat`'s time on CPU (nanoseconds, so no clock-tick rounding);
+/// `None` if the process is gone. Threads that ended are not counted (the servers measured
+/// here keep theirs).
+pub(crate) fn cpu_of(pid: &str) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut nanos: u64 = 0;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue; // the thread ended meanwhile
+        };
+        nanos += stat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(Duration::from_nanos(nanos))
+}
+
+impl ChildServer {
+    /// The child's CPU time so far.
+    pub(crate) fn cpu(&self) -> Option<Duration> {
+        cpu_of(&self.child.id().to_string())
+    }
+}

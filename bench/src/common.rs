@@ -306,6 +306,25 @@ impl PgDatabase {
         })
     }
 
+    /// The CPU time so far of the server processes connected to this database (the broker's
+    /// pooled backends; this machine's Postgres runs here, so `/proc` shows them). Background
+    /// processes (WAL writer, checkpointer) are not counted.
+    pub(crate) async fn backends_cpu(&self) -> anyhow::Result<Duration> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.admin_url).await?;
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_all(&mut conn)
+        .await
+        .context("listing the benchmark database's backends")?;
+        Ok(pids
+            .iter()
+            .filter_map(|pid| crate::child::cpu_of(&pid.to_string()))
+            .sum())
+    }
+
     /// Drops the database (forcing out any connection left).
     pub(crate) async fn drop_now(self) -> anyhow::Result<()> {
         use sqlx::Connection;

@@ -51,6 +51,54 @@ pub(crate) struct Args {
 
 const SCENARIO: &str = "deposits";
 
+/// CPU time of the three parties of a run: the broker child, its Postgres backends (zero on
+/// SQLite, whose work runs in the broker's threads) and this load generator. CPU per
+/// operation holds on a busy machine, where rates do not: it is what two builds are compared
+/// by when other work shares the cores.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSplit {
+    broker: Duration,
+    postgres: Duration,
+    generator: Duration,
+}
+
+impl CpuSplit {
+    /// Now; `None` when a figure cannot be read (not Linux, the child gone).
+    pub(crate) async fn read(broker: &ChildServer, db: Option<&PgDatabase>) -> Option<Self> {
+        let postgres = match db {
+            Some(db) => db.backends_cpu().await.ok()?,
+            None => Duration::ZERO,
+        };
+        Some(Self {
+            broker: broker.cpu()?,
+            postgres,
+            generator: crate::child::cpu_of("self")?,
+        })
+    }
+
+    /// The CPU spent between `before` and `self`.
+    pub(crate) fn since(&self, before: &Self) -> Self {
+        Self {
+            broker: self.broker.saturating_sub(before.broker),
+            postgres: self.postgres.saturating_sub(before.postgres),
+            generator: self.generator.saturating_sub(before.generator),
+        }
+    }
+
+    /// One line: CPU microseconds per operation, by party.
+    pub(crate) fn per_op(&self, what: &str, ops: u64) -> String {
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / ops.max(1) as f64;
+        format!(
+            "CPU per {what}: broker {:.1} µs, Postgres backends {:.1} µs, load generator {:.1} µs \
+             (total {:.1} µs; from /proc, over the {what} phase)",
+            us(self.broker),
+            us(self.postgres),
+            us(self.generator),
+            us(self.broker + self.postgres + self.generator),
+        )
+    }
+}
+
 pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     if args.count == 0
         || args.senders == 0
@@ -120,7 +168,11 @@ async fn run_with(args: &Args, db: Option<&PgDatabase>) -> anyhow::Result<Report
         "deposits: {} deposits of {} bytes from {} senders",
         args.count, args.body, args.senders
     );
+    let cpu_before = CpuSplit::read(&broker, db).await;
     let (count, errors, elapsed, mut lat) = deposit_load(args, limit, links).await?;
+    if let (Some(before), Some(after)) = (cpu_before, CpuSplit::read(&broker, db).await) {
+        report.note(after.since(&before).per_op("deposit", count));
+    }
     let mut row = Row::new(
         SCENARIO,
         &format!(
