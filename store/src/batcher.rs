@@ -1,8 +1,10 @@
 //! Group commit: [`GroupCommit`] gathers single writes from many connections and stores them
 //! one transaction per batch. [`DepositBatcher`] does it for offline deposits
 //! ([`Store::deposit_batch`]), [`OutboxBatcher`] for cross-broker deposits entering the
-//! federation outbox ([`Store::enqueue_outbox_batch`]), and [`RouteBatcher`] for the read each
-//! DEPOSIT starts with ([`Store::deposit_routes`]).
+//! federation outbox ([`Store::enqueue_outbox_batch`]), and [`RouteBatcher`] for the read a
+//! DEPOSIT to a peer broker's number starts with ([`Store::deposit_routes`]; a DEPOSIT stored
+//! here reads its route in the deposit batch's own transaction,
+//! [`DepositBatcher::deposit_routed`]).
 //!
 //! There is no timer: the first write starts a batch at once, and whatever arrives while
 //! batches are committing (up to `max_in_flight` at a time) forms the next one. Idle load gives
@@ -16,6 +18,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use std::collections::HashMap;
 
+use super::routed::{DepositJob, RoutedDeposit, RoutedOutcome};
 use super::{DepositOutcome, DepositRoute, NewInboxItem, Number, Store, StoreError};
 
 /// Tuning of a [`DepositBatcher`] (and, but for the quota, of an [`OutboxBatcher`]).
@@ -155,16 +158,9 @@ async fn run<T, O, F, Fut>(
     }
 }
 
-/// One deposit for a [`DepositBatcher`]: kept, or acknowledged and discarded.
-#[derive(Debug, Clone)]
-struct DepositJob {
-    item: NewInboxItem,
-    discard: bool,
-}
-
 /// Group commit of offline deposits into the inbox.
 #[derive(Debug, Clone)]
-pub struct DepositBatcher(GroupCommit<DepositJob, DepositOutcome>);
+pub struct DepositBatcher(GroupCommit<DepositJob, RoutedOutcome>);
 
 impl DepositBatcher {
     /// Starts the batching task on the current tokio runtime.
@@ -175,38 +171,46 @@ impl DepositBatcher {
             move |jobs: Arc<Vec<DepositJob>>| {
                 let store = store.clone();
                 async move {
-                    let (discarded, kept): (Vec<&DepositJob>, Vec<&DepositJob>) =
-                        jobs.iter().partition(|j| j.discard);
-                    let kept: Vec<NewInboxItem> =
-                        kept.into_iter().map(|j| j.item.clone()).collect();
-                    let discarded: Vec<NewInboxItem> =
-                        discarded.into_iter().map(|j| j.item.clone()).collect();
-                    let mut stored = store
-                        .deposit_batch_discarding(&kept, &discarded, quota)
+                    Ok(store
+                        .deposit_jobs(&jobs, quota)
                         .await?
-                        .into_iter();
-                    Ok(jobs
-                        .iter()
-                        .map(|j| match j.discard {
-                            true => Ok(DepositOutcome::Discarded),
-                            false => stored.next().unwrap_or(Err(StoreError::Invariant(
-                                "an outcome per kept deposit",
-                            ))),
-                        })
+                        .into_iter()
+                        .map(Ok)
                         .collect())
                 }
             },
         ))
     }
 
+    /// Stores a DEPOSIT whose route (contact pair, block, the target's devices) is read in
+    /// its batch's transaction ([`Store::deposit_routed_batch`]); resolves once the batch has
+    /// committed (or failed).
+    pub async fn deposit_routed(
+        &self,
+        deposit: RoutedDeposit,
+    ) -> Result<RoutedOutcome, StoreError> {
+        self.0.submit(DepositJob::Routed(deposit)).await
+    }
+
+    /// One copy's outcome from the batch's answer to a [`DepositJob::Copy`].
+    fn copy_outcome(outcome: RoutedOutcome) -> Result<DepositOutcome, StoreError> {
+        match outcome {
+            RoutedOutcome::Discarded => Ok(DepositOutcome::Discarded),
+            RoutedOutcome::Kept(mut one) if one.len() == 1 => one.remove(0),
+            _ => Err(StoreError::Invariant("one outcome per deposited copy")),
+        }
+    }
+
     /// Deposits one item; resolves once its batch has committed (or failed).
     pub async fn deposit(&self, item: NewInboxItem) -> Result<DepositOutcome, StoreError> {
-        self.0
-            .submit(DepositJob {
-                item,
-                discard: false,
-            })
-            .await
+        Self::copy_outcome(
+            self.0
+                .submit(DepositJob::Copy {
+                    item,
+                    discard: false,
+                })
+                .await?,
+        )
     }
 
     /// Takes one item that is not to be kept (its sender is blocked by the recipient) the way
@@ -215,12 +219,14 @@ impl DepositBatcher {
     /// ([`Store::deposit_batch_discarding`]). So the answer costs what a stored deposit's
     /// costs, and its timing does not tell the sender it is blocked.
     pub async fn discard(&self, item: NewInboxItem) -> Result<DepositOutcome, StoreError> {
-        self.0
-            .submit(DepositJob {
-                item,
-                discard: true,
-            })
-            .await
+        Self::copy_outcome(
+            self.0
+                .submit(DepositJob::Copy {
+                    item,
+                    discard: true,
+                })
+                .await?,
+        )
     }
 }
 
@@ -263,6 +269,8 @@ impl OutboxBatcher {
 
 /// Batched [`Store::deposit_routes`]: the route checks of DEPOSITs from many connections are read
 /// in one statement per batch instead of one each (a read, so several batches run at once).
+/// Used for DEPOSITs whose target lives at a peer broker, which need the pair before they
+/// enter the outbox; local ones read their route in [`DepositBatcher::deposit_routed`].
 #[derive(Debug, Clone)]
 pub struct RouteBatcher(GroupCommit<(Number, Number), DepositRoute>);
 

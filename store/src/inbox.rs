@@ -17,15 +17,15 @@ use super::{
 use super::{array, bulk_rows, device_id, number as to_number, on_pool, sqlite_list, sqlite_rows};
 
 /// (recipient number, stored recipient device (0 = number mode), message id).
-type Key = (String, i64, MessageId);
+pub(crate) type Key = (String, i64, MessageId);
 /// A recipient inbox: (recipient number, stored recipient device).
-type Inbox = (String, i64);
+pub(crate) type Inbox = (String, i64);
 /// Per-item result of a deposit.
-type Outcome = Result<DepositOutcome, StoreError>;
+pub(crate) type Outcome = Result<DepositOutcome, StoreError>;
 
 /// What is stored under a key, enough to tell a repeat from a clash: the sender (number,
 /// device), the body, and the expiry.
-type StoredItem = (String, i64, Vec<u8>, i64);
+pub(crate) type StoredItem = (String, i64, Vec<u8>, i64);
 
 /// A row of a key lookup: the key's three columns, then a [`StoredItem`].
 type LookupRow = (String, i64, Vec<u8>, String, i64, Vec<u8>, i64);
@@ -35,7 +35,7 @@ const SQLITE_CHUNK: usize = 256;
 
 /// How [`DepositIo::counters`] changes a quota counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Counter {
+pub(crate) enum Counter {
     /// `items = items + n`.
     Add,
     /// `items = n`.
@@ -121,7 +121,7 @@ async fn ack_number_mode(
 
 /// The stored form of a recipient device: its id, or 0 for a number-mode item (ids start at
 /// 1, so 0 is never a device).
-fn stored_device(d: Option<DeviceId>) -> Result<i64, StoreError> {
+pub(crate) fn stored_device(d: Option<DeviceId>) -> Result<i64, StoreError> {
     Ok(d.map_or(0, |d| i64::from(d.get())))
 }
 
@@ -142,7 +142,7 @@ fn repeat_or_clash(item: &NewInboxItem, stored: (&str, i64, &[u8], i64)) -> Outc
 }
 
 /// The backend-specific statements of a batched deposit, run inside one transaction.
-trait DepositIo {
+pub(crate) trait DepositIo {
     /// Stored rows among `keys`: key -> what is stored.
     fn lookup(
         &mut self,
@@ -444,7 +444,7 @@ impl DepositIo for PgConnection {
 /// and its row inserted and deleted again, so that the transaction dirties the same pages
 /// and its durable commit costs the same: the answer's timing does not tell the sender it
 /// is blocked (protocol.md 14).
-async fn deposit_in<C: DepositIo + Send>(
+pub(crate) async fn deposit_in<C: DepositIo + Send>(
     conn: &mut C,
     items: &[NewInboxItem],
     discarded: &[(&NewInboxItem, i64)],
@@ -601,6 +601,52 @@ async fn deposit_in<C: DepositIo + Send>(
         .into_iter()
         .map(|o| o.unwrap_or(Err(StoreError::Invariant("an outcome per deposit"))))
         .collect())
+}
+
+/// A pooled SQLite connection with `synchronous = NORMAL` (commits without an fsync), for
+/// writes whose loss in a power failure only repeats work (acknowledgements). It goes back to
+/// the pool with `synchronous = FULL` through [`RelaxedSqlite::restore`]; dropped without
+/// that (an error, a cancelled future) it is closed instead, so no durable write can ever
+/// run on it.
+struct RelaxedSqlite {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+}
+
+impl RelaxedSqlite {
+    async fn acquire(pool: &sqlx::SqlitePool) -> Result<Self, StoreError> {
+        // Held by the guard before the setting changes, so that from then on a drop closes it.
+        let mut relaxed = Self {
+            conn: Some(pool.acquire().await?),
+        };
+        sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(relaxed.conn()?)
+            .await?;
+        Ok(relaxed)
+    }
+
+    fn conn(&mut self) -> Result<&mut SqliteConnection, StoreError> {
+        self.conn.as_deref_mut().ok_or(StoreError::Invariant(
+            "a relaxed connection used after restore",
+        ))
+    }
+
+    /// Sets `synchronous = FULL` again and returns the connection to the pool.
+    async fn restore(mut self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(self.conn()?)
+            .await?;
+        // Durable again: back to the pool (dropped as an ordinary pooled connection).
+        drop(self.conn.take());
+        Ok(())
+    }
+}
+
+impl Drop for RelaxedSqlite {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.close_on_drop();
+        }
+    }
 }
 
 /// Columns of a fetched item, in [`inbox_item`] order.
@@ -857,7 +903,15 @@ impl Store {
         let mut done: u64 = 0;
         match &self.backend {
             Backend::Sqlite(pool) => {
-                let mut tx = pool.begin_write().await?;
+                // As on Postgres (below), an acknowledgement need not wait for the disk: in WAL
+                // mode `synchronous = NORMAL` commits without an fsync, and a power failure can
+                // lose only the last commits, which for an ACK is a redelivery that clients
+                // drop by id (protocol.md 13.2). The setting is the connection's, not the
+                // transaction's, so the connection goes back to FULL before the pool gets it
+                // again, or is closed if that cannot be made sure (an error, a cancelled
+                // request): a later deposit must never commit on a weakened connection.
+                let mut conn = RelaxedSqlite::acquire(pool).await?;
+                let mut tx = sqlx::Connection::begin_with(conn.conn()?, "BEGIN IMMEDIATE").await?;
                 for chunk in ids.chunks(SQLITE_CHUNK) {
                     let del_sql = format!(
                         "DELETE FROM inbox_items WHERE recipient_number = ? \
@@ -907,6 +961,7 @@ impl Store {
                     cleanup.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
+                conn.restore().await?;
             }
             Backend::Postgres(pool) => {
                 let list: Vec<&[u8]> = ids.iter().map(|id| &id[..]).collect();
@@ -977,5 +1032,72 @@ impl Store {
                 .await?
         });
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// `synchronous` of the connection the pool hands out next (2 = FULL, 1 = NORMAL).
+    async fn next_synchronous(pool: &sqlx::SqlitePool) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_relaxed_sqlite_connection_never_returns_to_the_pool_relaxed() {
+        let dir = tempfile::tempdir().unwrap();
+        // One connection, so the next statement runs on the one the ACK used.
+        let store = Store::open_sqlite_with(dir.path().join("s.db"), 1)
+            .await
+            .unwrap();
+        let Backend::Sqlite(pool) = &store.backend else {
+            panic!("a SQLite store");
+        };
+        assert_eq!(next_synchronous(pool).await, 2);
+        // Restored: FULL again, and the same connection is reused (the pool's one).
+        let mut relaxed = RelaxedSqlite::acquire(pool).await.unwrap();
+        let during: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(relaxed.conn().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(during, 1, "NORMAL while acknowledging");
+        relaxed.restore().await.unwrap();
+        assert_eq!(next_synchronous(pool).await, 2);
+        // Dropped without restoring (an error or a cancelled request): closed, and the pool
+        // opens a fresh connection with the configured FULL.
+        let relaxed = RelaxedSqlite::acquire(pool).await.unwrap();
+        drop(relaxed);
+        assert_eq!(next_synchronous(pool).await, 2);
+        // Through the real acknowledgement.
+        let from = Number::new("5550002").unwrap();
+        let to = Number::new("5550001").unwrap();
+        store
+            .deposit_batch(
+                &[NewInboxItem {
+                    id: [7; 16],
+                    recipient_number: to.clone(),
+                    recipient_device: Some(DeviceId::FIRST),
+                    sender_number: from,
+                    sender_device: DeviceId::FIRST,
+                    created_at: 1,
+                    expires_at: i64::MAX,
+                    body: b"x".to_vec(),
+                }],
+                10,
+            )
+            .await
+            .unwrap();
+        let acked = store
+            .ack_inbox(&to, DeviceId::FIRST, &[[7; 16]], 1)
+            .await
+            .unwrap();
+        assert_eq!(acked, 1);
+        assert_eq!(next_synchronous(pool).await, 2);
+        store.close().await;
     }
 }

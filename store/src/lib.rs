@@ -50,6 +50,7 @@ pub mod migrate;
 pub mod portable;
 mod ported;
 mod retire;
+mod routed;
 mod social;
 mod sweep;
 pub mod tables;
@@ -73,6 +74,7 @@ pub use batcher::{
 };
 pub use error::StoreError;
 pub use ported::{PortIn, PortOut, PortedAway, PortedEntry, PortedOutcome, ToOutbox, WaitingItem};
+pub use routed::{RoutedDeposit, RoutedOutcome};
 pub use types::{
     Backup, ContactRecord, DepositOutcome, DepositRoute, DeviceId, DeviceInfo, DeviceRecord,
     InboxItem, MessageId, NewDevice, NewInboxItem, Number, OutboxItem, SweepReport,

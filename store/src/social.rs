@@ -1,7 +1,11 @@
 //! Blocks, poisoned INITIATEs, contacts and the per-entity contact policy.
 
+use std::future::Future;
+
+use sqlx::{PgConnection, SqliteConnection};
+
 use super::{
-    Backend, ContactRecord, DepositRoute, Number, PoolExt, Store, StoreError, device_id,
+    ContactRecord, DepositRoute, Number, PoolExt, Store, StoreError, device_id,
     number as to_number, on_pool,
 };
 
@@ -48,63 +52,10 @@ impl Store {
         &self,
         pairs: &[(Number, Number)],
     ) -> Result<Vec<DepositRoute>, StoreError> {
-        let mut routes = vec![DepositRoute::default(); pairs.len()];
-        // (index into `pairs`, contact, blocked, device). Keyed probes only: contacts and blocks
-        // by primary key, devices by number.
-        let mut rows: Vec<(i64, bool, bool, Option<i64>)> = Vec::new();
-        const SELECT: &str = "SELECT k.ord, \
-             EXISTS (SELECT 1 FROM contacts AS c WHERE c.owner = k.s AND c.peer = k.t), \
-             EXISTS (SELECT 1 FROM blocks AS b WHERE b.owner = k.t AND b.target = k.s), \
-             d.device_id \
-             FROM k LEFT JOIN devices AS d ON d.number = k.t AND d.revoked_at IS NULL \
-             ORDER BY k.ord, d.device_id";
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                // One statement text whatever the batch size, so it stays prepared.
-                let senders: Vec<&str> = pairs.iter().map(|(s, _)| s.as_str()).collect();
-                let targets: Vec<&str> = pairs.iter().map(|(_, t)| t.as_str()).collect();
-                let sql = format!(
-                    "WITH k (s, t, ord) AS (SELECT s, t, ord - 1 FROM \
-                     UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u (s, t, ord)) {SELECT}"
-                );
-                rows = sqlx::query_as(&sql)
-                    .bind(senders)
-                    .bind(targets)
-                    .fetch_all(pool)
-                    .await?;
-            }
-            Backend::Sqlite(pool) => {
-                // Placeholders per pair (well under SQLite's 32766 parameters per statement).
-                const CHUNK: usize = 256;
-                for (chunk_no, chunk) in pairs.chunks(CHUNK).enumerate() {
-                    // Anonymous parameters (see `sqlite_rows`), the row number inline.
-                    let values = (0..chunk.len())
-                        .map(|i| format!("({}, ?, ?)", chunk_no * CHUNK + i))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let sql = format!("WITH k (ord, s, t) AS (VALUES {values}) {SELECT}");
-                    let mut q =
-                        sqlx::query_as::<_, (i64, bool, bool, Option<i64>)>(&sql).persistent(false);
-                    for (sender, target) in chunk {
-                        q = q.bind(sender.as_str()).bind(target.as_str());
-                    }
-                    rows.extend(q.fetch_all(pool).await?);
-                }
-            }
-        }
-        for (ord, contact, blocked, device) in rows {
-            let Some(route) = usize::try_from(ord).ok().and_then(|i| routes.get_mut(i)) else {
-                return Err(StoreError::Invariant(
-                    "a route row for a pair that was not asked",
-                ));
-            };
-            route.contact = contact;
-            route.blocked = blocked;
-            if let Some(d) = device {
-                route.devices.push(device_id(d)?);
-            }
-        }
-        Ok(routes)
+        on_pool!(self, pool => {
+            let mut conn = pool.acquire().await?;
+            routes_on(&mut *conn, pairs).await
+        })
     }
 
     /// Whether `owner` has blocked `target`.
@@ -325,4 +276,92 @@ impl Store {
         });
         Ok(v.unwrap_or(false))
     }
+}
+
+/// The route read of [`Store::deposit_routes`]: keyed probes only (contacts and blocks by
+/// primary key, devices by number), one row per pair and active device of its target.
+const ROUTE_SELECT: &str = "SELECT k.ord, \
+     EXISTS (SELECT 1 FROM contacts AS c WHERE c.owner = k.s AND c.peer = k.t), \
+     EXISTS (SELECT 1 FROM blocks AS b WHERE b.owner = k.t AND b.target = k.s), \
+     d.device_id \
+     FROM k LEFT JOIN devices AS d ON d.number = k.t AND d.revoked_at IS NULL \
+     ORDER BY k.ord, d.device_id";
+
+/// (index into the pairs, contact, blocked, device).
+type RouteRow = (i64, bool, bool, Option<i64>);
+
+/// The backend-specific statement of a route read, on a connection (pooled, or a transaction
+/// that goes on to store the deposits).
+pub(crate) trait RouteIo {
+    /// The [`ROUTE_SELECT`] rows of `pairs`.
+    fn route_rows(
+        &mut self,
+        pairs: &[(Number, Number)],
+    ) -> impl Future<Output = Result<Vec<RouteRow>, StoreError>> + Send;
+}
+
+impl RouteIo for PgConnection {
+    async fn route_rows(
+        &mut self,
+        pairs: &[(Number, Number)],
+    ) -> Result<Vec<RouteRow>, StoreError> {
+        // One statement text whatever the batch size, so it stays prepared.
+        let senders: Vec<&str> = pairs.iter().map(|(s, _)| s.as_str()).collect();
+        let targets: Vec<&str> = pairs.iter().map(|(_, t)| t.as_str()).collect();
+        let sql = format!(
+            "WITH k (s, t, ord) AS (SELECT s, t, ord - 1 FROM \
+             UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u (s, t, ord)) {ROUTE_SELECT}"
+        );
+        Ok(sqlx::query_as(&sql)
+            .bind(senders)
+            .bind(targets)
+            .fetch_all(&mut *self)
+            .await?)
+    }
+}
+
+impl RouteIo for SqliteConnection {
+    async fn route_rows(
+        &mut self,
+        pairs: &[(Number, Number)],
+    ) -> Result<Vec<RouteRow>, StoreError> {
+        // Placeholders per pair (well under SQLite's 32766 parameters per statement).
+        const CHUNK: usize = 256;
+        let mut rows = Vec::new();
+        for (chunk_no, chunk) in pairs.chunks(CHUNK).enumerate() {
+            // Anonymous parameters (see `sqlite_rows`), the row number inline.
+            let values = (0..chunk.len())
+                .map(|i| format!("({}, ?, ?)", chunk_no * CHUNK + i))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!("WITH k (ord, s, t) AS (VALUES {values}) {ROUTE_SELECT}");
+            let mut q = sqlx::query_as::<_, RouteRow>(&sql).persistent(false);
+            for (sender, target) in chunk {
+                q = q.bind(sender.as_str()).bind(target.as_str());
+            }
+            rows.extend(q.fetch_all(&mut *self).await?);
+        }
+        Ok(rows)
+    }
+}
+
+/// The routes of `pairs`, one per pair, in order, read on `conn`.
+pub(crate) async fn routes_on<C: RouteIo + Send>(
+    conn: &mut C,
+    pairs: &[(Number, Number)],
+) -> Result<Vec<DepositRoute>, StoreError> {
+    let mut routes = vec![DepositRoute::default(); pairs.len()];
+    for (ord, contact, blocked, device) in conn.route_rows(pairs).await? {
+        let Some(route) = usize::try_from(ord).ok().and_then(|i| routes.get_mut(i)) else {
+            return Err(StoreError::Invariant(
+                "a route row for a pair that was not asked",
+            ));
+        };
+        route.contact = contact;
+        route.blocked = blocked;
+        if let Some(d) = device {
+            route.devices.push(device_id(d)?);
+        }
+    }
+    Ok(routes)
 }

@@ -179,6 +179,7 @@ conformance!(
     case_federation_tables,
     case_received_deliveries_once,
     case_deposit_route,
+    case_deposit_routed,
     case_outbox_group_commit,
     case_quota_counter_bound,
     case_port_out_spends_the_token_once,
@@ -2068,6 +2069,93 @@ async fn case_deposit_route(store: Store) {
     assert!(!routes[298].contact && !routes[298].blocked && routes[298].devices == devs(&[1]));
     assert_eq!(routes[299], micromsg_store::DepositRoute::default());
     assert!(store.deposit_routes(&[]).await.unwrap().is_empty());
+}
+
+/// DEPOSITs whose route is read in the transaction that stores them
+/// ([`Store::deposit_routed_batch`]): no pair stores nothing, a block discards (and stores
+/// nothing), a pair stores a copy per active device (or one in the shared inbox), repeats and
+/// clashes answer per copy, and the batch's outcomes stay in order.
+async fn case_deposit_routed(store: Store) {
+    use micromsg_store::{RoutedDeposit, RoutedOutcome};
+    let (a, b, c) = (num("5550001"), num("5550002"), num("5550003"));
+    entity(&store, &a).await;
+    entity(&store, &b).await;
+    entity(&store, &c).await;
+    add_devices(&store, &b, 3).await;
+    assert!(store.revoke_device(&b, dev(2), NOW).await.unwrap());
+    store.add_contact(&a, &b, NOW).await.unwrap();
+    store.add_contact(&c, &b, NOW).await.unwrap();
+    store.block(&b, &c, NOW).await.unwrap();
+    let routed = |n: u32, from: &Number, shared: bool| RoutedDeposit {
+        item: item(n, &b, None, from),
+        shared_inbox: shared,
+    };
+    let kinds = |outcomes: &[RoutedOutcome]| -> Vec<String> {
+        outcomes
+            .iter()
+            .map(|o| match o {
+                RoutedOutcome::NoContact => "none".to_owned(),
+                RoutedOutcome::Discarded => "discarded".to_owned(),
+                RoutedOutcome::Kept(copies) => copies
+                    .iter()
+                    .map(|c| match c {
+                        Ok(DepositOutcome::Stored) => "stored",
+                        Ok(DepositOutcome::AlreadyStored { .. }) => "repeat",
+                        Err(StoreError::DuplicateId) => "clash",
+                        other => panic!("unexpected {other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("+"),
+            })
+            .collect()
+    };
+    let batch = vec![
+        routed(1, &a, false), // a pair: a copy for devices 1 and 3
+        routed(2, &b, false), // b has no pair with itself
+        routed(3, &c, false), // c is blocked by b
+        routed(1, &a, false), // the same message again in the batch: a repeat per copy
+        routed(4, &a, true),  // number mode: the shared inbox
+    ];
+    let outcomes = store.deposit_routed_batch(&batch, 100).await.unwrap();
+    assert_eq!(
+        kinds(&outcomes),
+        [
+            "stored+stored",
+            "none",
+            "discarded",
+            "repeat+repeat",
+            "stored"
+        ]
+    );
+    // Stored: message 1 for devices 1 and 3, message 4 once (shared); nothing of c's.
+    assert_eq!(store.inbox_depth().await.unwrap(), 3);
+    for d in [1, 3] {
+        let (items, _) = store.fetch_inbox(&b, dev(d), None, 10, NOW).await.unwrap();
+        let ids: Vec<MessageId> = items.iter().map(|i| i.id).collect();
+        assert_eq!(ids, vec![id(1), id(4)], "device {d}");
+    }
+    // Across batches: a repeat, and a clash (another body under a stored id).
+    let mut clash = routed(1, &a, false);
+    clash.item.body = b"another body".to_vec();
+    let outcomes = store
+        .deposit_routed_batch(&[routed(1, &a, false), clash], 100)
+        .await
+        .unwrap();
+    assert_eq!(kinds(&outcomes), ["repeat+repeat", "clash+clash"]);
+    assert!(
+        store
+            .deposit_routed_batch(&[], 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The batcher gives the same answers, a job at a time.
+    let batcher = DepositBatcher::spawn(store.clone(), BatcherConfig::default());
+    let one = batcher.deposit_routed(routed(5, &c, false)).await.unwrap();
+    assert!(matches!(one, RoutedOutcome::Discarded), "{one:?}");
+    let one = batcher.deposit_routed(routed(5, &a, false)).await.unwrap();
+    assert_eq!(kinds(&[one]), ["stored+stored"]);
+    assert_eq!(store.inbox_depth().await.unwrap(), 5);
 }
 
 /// Cross-broker deposits enter the outbox through group commit: one transaction per batch,

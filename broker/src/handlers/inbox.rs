@@ -5,7 +5,8 @@
 //! [`micromsg_store::DepositBatcher`]): the acknowledgement means durably stored.
 
 use micromsg_store::{
-    DepositBatcher, DepositOutcome, NewInboxItem, OutboxBatcher, RouteBatcher, Store, StoreError,
+    DepositBatcher, DepositOutcome, NewInboxItem, OutboxBatcher, RouteBatcher, RoutedDeposit,
+    RoutedOutcome, Store, StoreError,
 };
 use micromsg_wire::message::event::InboxNotice;
 use micromsg_wire::message::request::{DepositArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs};
@@ -98,64 +99,36 @@ fn id_conflict() -> Refusal {
     )
 }
 
-/// Whether the copies of a deposit are kept, or only look kept (the recipient blocked the
-/// sender: the silent-drop rule).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Keep {
-    Yes,
-    Discard,
+/// NOT-FOUND for a DEPOSIT without a contact pair.
+fn no_contact() -> Refusal {
+    Refusal::new(
+        ErrorCode::NotFound,
+        "no contact pair with TARGET; set one up with INITIATE-NEW first",
+    )
 }
 
-/// Stores one message for each recipient device through the group commit; answers only
-/// once every copy is committed, with the expiry: the stored message's when this is a repeat
-/// of it (6.20). With [`Keep::Discard`] each copy goes through the same group commit and
-/// its durable commit, storing nothing, so that the answer costs what a kept one costs.
-#[allow(clippy::too_many_arguments)]
-async fn store_copies(
+/// The copies' outcomes of one message, folded into its answer: the expiry to answer with
+/// (`fresh` for a new message; a repeat's stored expiry, the earliest should copies differ:
+/// 6.20), after telling the recipient's connections of a new message.
+fn answer_copies(
     cx: Cx<'_>,
-    login: &Login,
     recipient: &Number,
-    devices: Vec<Option<DeviceId>>,
-    id: [u8; 16],
-    body: Vec<u8>,
-    now: Now,
-    keep: Keep,
+    outcomes: impl IntoIterator<Item = Result<DepositOutcome, StoreError>>,
+    fresh: u64,
 ) -> Result<u64, Refusal> {
-    let mut expires = now.unix + cx.inbox.ttl_secs;
-    let mut pending = Vec::with_capacity(devices.len());
-    for device in devices {
-        let item = NewInboxItem {
-            id,
-            recipient_number: recipient.clone(),
-            recipient_device: device,
-            sender_number: login.number().clone(),
-            sender_device: login.device,
-            created_at: now.unix_i64(),
-            expires_at: expires as i64,
-            body: body.clone(),
-        };
-        let batcher = cx.deposits.clone();
-        pending.push(tokio::spawn(async move {
-            match keep {
-                Keep::Yes => batcher.deposit(item).await,
-                Keep::Discard => batcher.discard(item).await,
-            }
-        }));
-    }
     let (mut quota, mut added, mut repeated) = (false, false, None::<u64>);
-    for task in pending {
-        match task.await {
-            Ok(Ok(DepositOutcome::Stored)) => added = true,
-            Ok(Ok(DepositOutcome::AlreadyStored { expires_at })) => {
+    for outcome in outcomes {
+        match outcome {
+            Ok(DepositOutcome::Stored) => added = true,
+            Ok(DepositOutcome::AlreadyStored { expires_at }) => {
                 let stored = expires_at.max(0) as u64;
                 repeated = Some(repeated.map_or(stored, |e| e.min(stored)));
             }
-            Ok(Ok(DepositOutcome::Discarded)) => {}
-            Ok(Err(StoreError::QuotaExceeded)) => quota = true,
+            Ok(DepositOutcome::Discarded) => {}
+            Err(StoreError::QuotaExceeded) => quota = true,
             // Final: a retry with this ID can never succeed (protocol.md 6.20).
-            Ok(Err(StoreError::DuplicateId)) => return Err(id_conflict()),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Err(Refusal::internal()),
+            Err(StoreError::DuplicateId) => return Err(id_conflict()),
+            Err(e) => return Err(e.into()),
         }
     }
     if quota {
@@ -171,31 +144,58 @@ async fn store_copies(
             Push::event(Event::Inbox(InboxNotice { count: 1 }))
         });
     }
-    if let Some(stored) = repeated {
-        // A retry answers what the first attempt answered: the message expires when the
-        // stored copy does (the earliest, should copies differ).
-        expires = stored;
+    // A retry answers what the first attempt answered: the message expires when the stored
+    // copy does.
+    Ok(repeated.unwrap_or(fresh))
+}
+
+/// Stores one message for each of `devices` through the group commit (for SYNC-COPY, whose
+/// devices are the sender's own); answers once every copy is committed (see
+/// [`answer_copies`]).
+async fn store_copies(
+    cx: Cx<'_>,
+    login: &Login,
+    devices: Vec<Option<DeviceId>>,
+    id: [u8; 16],
+    body: Vec<u8>,
+    now: Now,
+) -> Result<u64, Refusal> {
+    let expires = now.unix + cx.inbox.ttl_secs;
+    let mut pending = Vec::with_capacity(devices.len());
+    for device in devices {
+        let item = NewInboxItem {
+            id,
+            recipient_number: login.number().clone(),
+            recipient_device: device,
+            sender_number: login.number().clone(),
+            sender_device: login.device,
+            created_at: now.unix_i64(),
+            expires_at: expires as i64,
+            body: body.clone(),
+        };
+        let batcher = cx.deposits.clone();
+        pending.push(tokio::spawn(async move { batcher.deposit(item).await }));
     }
-    Ok(expires)
+    let mut outcomes = Vec::with_capacity(pending.len());
+    for task in pending {
+        outcomes.push(task.await.map_err(|_| Refusal::internal())?);
+    }
+    answer_copies(cx, login.number(), outcomes, expires)
 }
 
 /// DEPOSIT: a message for a contact that is offline (or for its other devices).
 pub async fn deposit(cx: Cx<'_>, login: &Login, args: DepositArgs, now: Now) -> Handled {
     check_size(cx.inbox.max_message_bytes, "BODY", args.body.len())?;
     let target = &args.target;
-    let route = cx.routes.route(login.number(), target).await?;
-    if !route.contact {
-        return Err(Refusal::new(
-            ErrorCode::NotFound,
-            "no contact pair with TARGET; set one up with INITIATE-NEW first",
-        ));
-    }
+    let expires = now.unix + cx.inbox.ttl_secs;
     if let Some(f) = cx.federation
         && let crate::federation::Home::Peer(peer) = f.home_of(target.as_str())
     {
+        if !cx.routes.route(login.number(), target).await?.contact {
+            return Err(no_contact());
+        }
         // The target's home broker applies its block list; here the message goes into the
         // durable outbox, and the ack means "durably accepted by the home broker".
-        let expires = now.unix + cx.inbox.ttl_secs;
         crate::federation::outbox::enqueue_deposit(
             cx.outbox,
             f,
@@ -216,33 +216,33 @@ pub async fn deposit(cx: Cx<'_>, login: &Login, args: DepositArgs, now: Now) -> 
             expires,
         }));
     }
-    // Blocked: acknowledged and discarded, through the same group commit as a kept deposit,
-    // so that neither the answer nor its timing tells the sender (protocol.md 14).
-    let keep = if route.blocked {
-        Keep::Discard
-    } else {
-        Keep::Yes
-    };
-    let devices = match cx.inbox.mode {
-        InboxMode::Number => vec![None],
-        InboxMode::Entity => route.devices.into_iter().map(Some).collect(),
-    };
+    // The route (contact pair, block, the target's devices) is read in the transaction that
+    // stores the copies: one statement more in the batch, none of its own.
     let body = args.body.into_vec();
-    let mut expires = store_copies(
-        cx,
-        login,
-        target,
-        devices,
-        *args.id.as_bytes(),
-        body.clone(),
-        now,
-        keep,
-    )
-    .await?;
-    if keep == Keep::Discard {
-        // A repeat answers as a kept deposit's repeat would: the first EXPIRES, or CONFLICT
-        // for another body under the same ID.
-        expires = cx
+    let outcome = cx
+        .deposits
+        .deposit_routed(RoutedDeposit {
+            item: NewInboxItem {
+                id: *args.id.as_bytes(),
+                recipient_number: target.clone(),
+                recipient_device: None,
+                sender_number: login.number().clone(),
+                sender_device: login.device,
+                created_at: now.unix_i64(),
+                expires_at: expires as i64,
+                body: body.clone(),
+            },
+            shared_inbox: cx.inbox.mode == InboxMode::Number,
+        })
+        .await?;
+    let expires = match outcome {
+        RoutedOutcome::NoContact => return Err(no_contact()),
+        RoutedOutcome::Kept(copies) => answer_copies(cx, target, copies, expires)?,
+        // Blocked: acknowledged and discarded, through the same group commit and the same
+        // writes as a kept deposit, so that neither the answer nor its timing tells the
+        // sender (protocol.md 14). A repeat answers as a kept deposit's repeat would: the
+        // first EXPIRES, or CONFLICT for another body under the same ID.
+        RoutedOutcome::Discarded => cx
             .discarded
             .answer(
                 login.number().as_str(),
@@ -252,8 +252,8 @@ pub async fn deposit(cx: Cx<'_>, login: &Login, args: DepositArgs, now: Now) -> 
                 expires,
                 now.unix,
             )
-            .map_err(|_| id_conflict())?;
-    }
+            .map_err(|_| id_conflict())?,
+    };
     Ok(ResponseData::Deposit(DepositData {
         id: args.id,
         expires,
@@ -268,12 +268,10 @@ pub async fn sync_copy(cx: Cx<'_>, login: &Login, args: SyncCopyArgs, now: Now) 
         store_copies(
             cx,
             login,
-            login.number(),
             devices,
             *args.id.as_bytes(),
             args.body.into_vec(),
             now,
-            Keep::Yes,
         )
         .await?;
     }
