@@ -114,8 +114,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         .ceiling(ceiling_row.rate);
         if kind == "full" {
             full_micromsg_rate = row.rate;
-            let met = row.ratio.is_some_and(|r| r >= 0.7);
-            row = row.target("≥ 70% of ceiling", met);
+            let met = row.ratio.is_some_and(|r| r >= 0.9);
+            row = row.target("≥ 90% of ceiling", met);
         } else if full_micromsg_rate > 0.0 {
             let times = row.rate / full_micromsg_rate;
             row = row.target(&format!("≥ 3× full ({times:.1}×)"), times >= 3.0);

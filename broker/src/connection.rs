@@ -7,7 +7,9 @@
 //! malformed request gets a typed error frame and the connection goes on; a framing violation
 //! gets an error frame and closes this connection only.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,12 +20,13 @@ use micromsg_wire::message::request::RequestKind;
 use micromsg_wire::{ErrorBody, ErrorCode, Event, Response, decode_request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, warn};
 
 use crate::broker::Broker;
 use crate::clock::Now;
+use crate::event_queue;
 use crate::handlers::{self, Login, PublicOutcome, Refusal, Routed, Session};
 use crate::limits::TokenBucket;
 use crate::online::Push;
@@ -43,13 +46,20 @@ struct Conn {
     relay: Option<crate::relay::Reservation>,
 }
 
-/// Runs the connection until the client leaves, misbehaves, idles out or the broker stops.
-pub(crate) async fn run(
+/// The connection's task, once its TLS handshake is done: runs until the client leaves,
+/// misbehaves, idles out or the broker stops (at once when the TLS exporter is unavailable).
+///
+/// Not an `async fn`, and boxed: the future lives as long as the connection, so its size is
+/// memory per idle connection (docs/performance.md, "idle"). The stream is split here, before
+/// the future exists, so the future holds two pointers to it and not the TLS state itself (an
+/// `async fn` keeps its arguments inside its state); and boxed once here, the callers' futures
+/// hold a pointer, not another copy of this one each time it is moved into them.
+pub(crate) fn run(
     broker: Arc<Broker>,
     tls: Stream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
-) {
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     let mut binding = [0u8; 32];
     if let Err(e) =
         tls.get_ref()
@@ -57,29 +67,38 @@ pub(crate) async fn run(
             .export_keying_material(&mut binding, nonce::TLS_EXPORTER_LABEL, None)
     {
         warn!(error = %e, "TLS exporter unavailable; closing");
-        return;
+        return Box::pin(std::future::ready(()));
     }
-    serve(broker, tls, peer, binding, shutdown).await;
+    Box::pin(serve(
+        broker,
+        tokio::io::split(tls),
+        peer,
+        binding,
+        shutdown,
+    ))
 }
 
-/// The frame loop on an established stream whose TLS `binding` is known. Generic over the
-/// stream (production runs it on TLS only) so that its timers, the idle timeout first, are
-/// tested over an in-memory pipe on paused tokio time: a real socket and a paused clock do
-/// not mix (the clock jumps ahead whenever the runtime waits for the network).
+/// The frame loop on an established stream, already split, whose TLS `binding` is known.
+/// Generic over the stream (production runs it on TLS only) so that its timers, the idle
+/// timeout first, are tested over an in-memory pipe on paused tokio time: a real socket and a
+/// paused clock do not mix (the clock jumps ahead whenever the runtime waits for the network).
+///
+/// What happens only now and then (handling a request, the drains before a close) is boxed:
+/// those futures are large (a request's handler holds store calls) and would otherwise be
+/// part of this one, which every idle connection holds.
 async fn serve<S>(
     broker: Arc<Broker>,
-    stream: S,
+    (read, mut write): (ReadHalf<S>, WriteHalf<S>),
     peer: SocketAddr,
     binding: [u8; 32],
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let limits = broker.config.limits.clone();
-    let (read, mut write): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
+    let limits = &broker.config.limits;
     // Most connections are idle most of the time: keep a small read buffer between frames.
     let mut reader = FrameReader::new(read, limits.max_frame_len).idle_capacity(256);
-    let (queue, mut events) = mpsc::channel(limits.event_queue.max(1));
+    let (queue, mut events) = event_queue::channel(limits.event_queue.max(1));
     let conn_id = broker.online.next_conn_id();
     let mut conn = Conn {
         requests: TokenBucket::new(
@@ -106,19 +125,22 @@ async fn serve<S>(
         tokio::select! {
             biased;
             () = crate::shutdown::stopped(&mut shutdown) => {
-                let event = Event::Shutdown(Shutdown { reconnect_after: RECONNECT_AFTER_SECS });
-                if send(&mut write, &broker, &event.encode(), write_timeout).await.is_ok() {
-                    drain_after_shutdown(&mut reader, &mut write, &broker, write_timeout).await;
+                let event = Event::Shutdown(Shutdown { reconnect_after: RECONNECT_AFTER_SECS })
+                    .encode();
+                if send(&mut write, &broker, &event, write_timeout).await.is_ok() {
+                    Box::pin(drain_after_shutdown(&mut reader, &mut write, &broker, write_timeout))
+                        .await;
                 }
                 break;
             }
             push = events.recv() => {
-                let Some(push) = push else { break };
+                // Encoded before the write: only the bytes wait in this future, not the
+                // event (nor the reply below), which keeps the future small.
                 let (event, close) = match push {
-                    Push::Event(e) => (*e, false),
-                    Push::Close(e) => (*e, true),
+                    Push::Event(e) => (e.encode(), false),
+                    Push::Close(e) => (e.encode(), true),
                 };
-                if send(&mut write, &broker, &event.encode(), write_timeout).await.is_err() || close {
+                if send(&mut write, &broker, &event, write_timeout).await.is_err() || close {
                     break;
                 }
             }
@@ -134,13 +156,13 @@ async fn serve<S>(
                         let reply = Response::error(0, None, ErrorBody::new(
                             if len == 0 { ErrorCode::BadFrame } else { ErrorCode::FrameTooLarge },
                             format!("frame length {len} outside 1..={max}; closing"),
-                        ));
-                        if send(&mut write, &broker, &reply.encode(), write_timeout).await.is_ok() {
+                        )).encode();
+                        if send(&mut write, &broker, &reply, write_timeout).await.is_ok() {
                             // The frame's body, as declared, minus what was already read.
                             let rest = u64::from(len).saturating_sub(
                                 reader.buffered().saturating_sub(4) as u64,
                             );
-                            drain_before_close(&mut reader, &mut write, rest).await;
+                            Box::pin(drain_before_close(&mut reader, &mut write, rest)).await;
                         }
                         break;
                     }
@@ -149,8 +171,9 @@ async fn serve<S>(
                         break;
                     }
                 };
-                let reply = conn.handle_frame(&body).await;
-                if send(&mut write, &broker, &reply.encode(), write_timeout).await.is_err() {
+                let reply = Box::pin(conn.handle_frame(&body)).await.encode();
+                drop(body);
+                if send(&mut write, &broker, &reply, write_timeout).await.is_err() {
                     break;
                 }
                 if let Some(reservation) = conn.relay.take() {
@@ -441,7 +464,13 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (stop, shutdown) = watch::channel(false);
         let peer = "127.0.0.1:9".parse().unwrap();
-        let task = tokio::spawn(serve(Arc::clone(broker), server, peer, [0; 32], shutdown));
+        let task = tokio::spawn(serve(
+            Arc::clone(broker),
+            tokio::io::split(server),
+            peer,
+            [0; 32],
+            shutdown,
+        ));
         let (read, write) = tokio::io::split(client);
         (FrameReader::new(read, 1 << 20), write, stop, task)
     }
@@ -461,6 +490,47 @@ mod tests {
         assert!(
             took >= IDLE && took < IDLE + 2 * MS,
             "closed after {took:?}"
+        );
+    }
+
+    /// The size of the future `f` returns, without making one.
+    fn future_size<F, Fut>(_: &F) -> usize
+    where
+        F: Fn(
+            Arc<Broker>,
+            (ReadHalf<Stream>, WriteHalf<Stream>),
+            SocketAddr,
+            [u8; 32],
+            watch::Receiver<bool>,
+        ) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every idle connection holds its task's future: it must not grow back to the ~12 KiB it
+    /// was when request handlers, drains and the TLS stream itself were inline in it
+    /// (docs/performance.md, "idle"). The bound leaves room for unoptimised test builds.
+    #[tokio::test]
+    async fn an_idle_connection_future_stays_small() {
+        const BOUND: usize = 1536;
+        let production = future_size(&serve::<Stream>);
+        assert!(
+            production <= BOUND,
+            "connection future on TLS: {production} bytes"
+        );
+        let (broker, _dir) = broker().await;
+        let (_client, server) = tokio::io::duplex(64);
+        let (_stop, shutdown) = watch::channel(false);
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let piped = serve(broker, tokio::io::split(server), peer, [0; 32], shutdown);
+        let size = std::mem::size_of_val(&piped);
+        assert!(size <= BOUND, "connection future on a pipe: {size} bytes");
+        eprintln!(
+            "connection future: {production} bytes on TLS, {size} on a pipe; Conn {}, reader {}, \
+             Sleep {}",
+            std::mem::size_of::<Conn>(),
+            std::mem::size_of::<FrameReader<ReadHalf<Stream>>>(),
+            std::mem::size_of::<tokio::time::Sleep>(),
         );
     }
 

@@ -30,6 +30,7 @@ pub mod config;
 mod connection;
 pub mod contacts;
 pub mod datadir_lock;
+pub mod event_queue;
 pub mod export_file;
 pub mod federation;
 pub mod handlers;

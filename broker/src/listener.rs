@@ -178,19 +178,30 @@ pub async fn accept_loop<H, S, F>(
             async move {
                 // Client addresses are personal data: they appear in logs only at debug level.
                 debug!(%peer, "accepted");
-                let done = tokio::select! {
-                    done = handshake.handshake(tcp, peer) => Some(done),
-                    () = deadline.passed() => None,
-                };
+                // Boxed: the handshake's state is large and needed only until it ends, while
+                // this task lives as long as the connection (memory per idle connection).
+                let done = Box::pin(async {
+                    tokio::select! {
+                        done = handshake.handshake(tcp, peer) => Some(done),
+                        () = deadline.passed() => None,
+                    }
+                })
+                .await;
                 drop(place);
-                match done {
-                    Some(Ok(stream)) => serve(stream, peer, slot).await,
-                    Some(Err(e)) => debug!(%peer, error = %e, "handshake failed"),
+                let stream = match done {
+                    Some(Ok(stream)) => stream,
+                    Some(Err(e)) => {
+                        debug!(%peer, error = %e, "handshake failed");
+                        return;
+                    }
                     None => {
                         handshake.timed_out();
                         debug!(%peer, "handshake timed out");
+                        return;
                     }
-                }
+                };
+                let serving = serve(stream, peer, slot);
+                serving.await;
             }
             .instrument(span()),
         );

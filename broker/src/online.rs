@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use micromsg_wire::Event;
-use tokio::sync::mpsc;
+
+use crate::event_queue::{self, TrySendError};
 
 /// What a connection task receives besides frames.
 ///
@@ -41,7 +42,7 @@ impl Push {
 struct Entry {
     conn: u64,
     device: u32,
-    queue: mpsc::Sender<Push>,
+    queue: event_queue::Sender<Push>,
     last_active: Instant,
     /// Where this device listens for peers, if it announced it on this connection.
     address: Option<String>,
@@ -77,7 +78,7 @@ impl Online {
         number: &str,
         device: u32,
         conn: u64,
-        queue: mpsc::Sender<Push>,
+        queue: event_queue::Sender<Push>,
         now: Instant,
     ) {
         let mut table = self.lock();
@@ -202,13 +203,13 @@ impl Online {
         self.lock().len()
     }
 
-    fn send(queue: Option<mpsc::Sender<Push>>, push: Push) -> Delivery {
+    fn send(queue: Option<event_queue::Sender<Push>>, push: Push) -> Delivery {
         match queue {
             None => Delivery::Offline,
             Some(q) => match q.try_send(push) {
                 Ok(()) => Delivery::Queued,
-                Err(mpsc::error::TrySendError::Full(_)) => Delivery::Overflow,
-                Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Offline,
+                Err(TrySendError::Full(_)) => Delivery::Overflow,
+                Err(TrySendError::Closed(_)) => Delivery::Offline,
             },
         }
     }

@@ -87,11 +87,12 @@ impl Server {
         };
         let broker = Arc::clone(&self.broker);
         let stop = shutdown.clone();
+        // Not an `async move` around `connection::run`: that would keep the TLS stream in
+        // this future as well for the connection's whole life (see `connection::run`).
         let serve = move |tls, peer, slot: Slot| {
-            let broker = Arc::clone(&broker);
-            let shutdown = stop.clone();
+            let conn = connection::run(Arc::clone(&broker), tls, peer, stop.clone());
             async move {
-                connection::run(broker, tls, peer, shutdown).await;
+                conn.await;
                 drop(slot);
             }
         };

@@ -25,7 +25,6 @@ use micromsg_wire::message::request::{
     AddDeviceArgs, DeviceJoinArgs, DeviceRevokeArgs, LoginArgs, RegisterArgs,
 };
 use micromsg_wire::{DeviceId, ErrorCode, Hex32, Number, ResponseData};
-use tokio::sync::mpsc;
 
 use crate::input::Input;
 
@@ -87,7 +86,7 @@ async fn drive(data: &[u8]) {
         IdentityKey::from_seed(&Secret32::from_bytes([9; 32])),
     ));
     let mut now = Now::read();
-    let (queue, _events) = mpsc::channel(1024);
+    let (queue, _events) = micromsg_broker::event_queue::channel(1024);
     let mut conns: Vec<Conn> = (0..4u8)
         .map(|i| Conn {
             session: Session {

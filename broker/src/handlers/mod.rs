@@ -41,7 +41,6 @@ use micromsg_wire::message::request::{
 };
 use micromsg_wire::message::response::PingData;
 use micromsg_wire::{DeviceId, ErrorBody, ErrorCode, Number, Request, ResponseData};
-use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::broker::Broker;
@@ -104,7 +103,7 @@ pub struct Session {
     /// TLS exporter value binding login nonces to this connection.
     pub binding: [u8; 32],
     /// The connection's event queue (events for the logged-in device go here).
-    pub queue: mpsc::Sender<Push>,
+    pub queue: crate::event_queue::Sender<Push>,
 }
 
 /// The device a connection is logged in as: the proof that LOGIN succeeded.

@@ -38,7 +38,6 @@ use micromsg_wire::{
     Response, ResponseData, decode_request,
 };
 use rand_core::OsRng;
-use tokio::sync::mpsc;
 
 use super::{Authenticated, Handled, Login, Public, PublicOutcome, Refusal, Routed, Session};
 use crate::broker::Broker;
@@ -81,7 +80,7 @@ impl Drop for Parked {
 /// One client connection: its session and the receiving end of its event queue.
 struct Conn {
     session: Session,
-    events: mpsc::Receiver<Push>,
+    events: crate::event_queue::Receiver<Push>,
 }
 
 /// What a client keeps about one of its devices after REGISTER or DEVICE-JOIN.
@@ -159,7 +158,7 @@ impl Fixture {
     /// A new connection from `ip` whose binding `binding` makes from the connection id.
     fn conn_with(&self, ip: IpAddr, binding: impl FnOnce(u64) -> [u8; 32]) -> Conn {
         let conn_id = self.broker.online.next_conn_id();
-        let (queue, events) = mpsc::channel(self.broker.config.limits.event_queue);
+        let (queue, events) = crate::event_queue::channel(self.broker.config.limits.event_queue);
         Conn {
             session: Session {
                 conn_id,
@@ -445,7 +444,7 @@ impl Conn {
     /// Everything queued for this connection so far.
     fn pushes(&mut self) -> Vec<Push> {
         let mut out = Vec::new();
-        while let Ok(push) = self.events.try_recv() {
+        while let Some(push) = self.events.try_recv() {
             out.push(push);
         }
         out
@@ -1653,7 +1652,7 @@ async fn the_losing_broker_agrees_once_moves_the_inbox_and_stops_serving_the_num
     assert_eq!(answer.seq, 1);
     // A's connection is told and closed; its logins are refused with PORTED.
     match online.conn.events.try_recv() {
-        Ok(Push::Close(event)) => assert!(matches!(*event, Event::DeviceRevoked(_))),
+        Some(Push::Close(event)) => assert!(matches!(*event, Event::DeviceRevoked(_))),
         other => panic!("expected DEVICE-REVOKED and close, got {other:?}"),
     }
     let refused = fx.try_login(&fx.conn(), &a).await.unwrap_err();
