@@ -72,6 +72,7 @@ pub use batcher::{
     BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry, RouteBatcher,
 };
 pub use error::StoreError;
+pub use federation::DeliveryRoute;
 pub use ported::{PortIn, PortOut, PortedAway, PortedEntry, PortedOutcome, ToOutbox, WaitingItem};
 pub use types::{
     Backup, ContactRecord, DepositOutcome, DepositRoute, DeviceId, DeviceInfo, DeviceRecord,

@@ -372,6 +372,19 @@ async fn deliver_batch(broker: &Broker, peer: &str, batch: Vec<OutboxItem>) {
     }
 }
 
+/// A delivery of a `Deliver` batch that passed the peer's rules, waiting for the store's
+/// answer about its (recipient, sender) pair.
+struct Accepted {
+    /// Its index in the answer.
+    index: usize,
+    /// Its pair's index in the batch's lookup.
+    route: usize,
+    key: [u8; 16],
+    id: [u8; 16],
+    sender_device: DeviceId,
+    delivery: Delivery,
+}
+
 /// The receiving end of `Deliver`: stores the batch in one transaction and answers per item.
 pub async fn receive(
     broker: &Broker,
@@ -392,8 +405,11 @@ pub async fn receive(
     let mut claim_result: Vec<usize> = Vec::new();
     // For each stored row: the index of its delivery in `claims`.
     let mut owner: Vec<usize> = Vec::new();
-    let mut devices_of: HashMap<Number, Vec<Option<DeviceId>>> = HashMap::new();
-    let mut allowed: HashMap<(Number, Number), bool> = HashMap::new();
+    // The distinct (recipient, sender) pairs of the batch, and the deliveries that passed the
+    // rules and wait for their pair's lookup.
+    let mut pairs: Vec<(Number, Number)> = Vec::new();
+    let mut pair_index: HashMap<(Number, Number), usize> = HashMap::new();
+    let mut accepted: Vec<Accepted> = Vec::new();
     // Deliveries for numbers ported away from here, to pass on: (index in `results`, row).
     let mut forward: Vec<(usize, OutboxEntry)> = Vec::new();
     for d in request.items {
@@ -458,68 +474,63 @@ pub async fn receive(
                 continue;
             }
         }
-        // A batch usually holds many messages of few conversations: check each pair once.
-        let pair = (recipient.clone(), sender.clone());
-        let accepted = match allowed.get(&pair) {
-            Some(known) => Ok(*known),
-            None => {
-                let checked = async {
-                    Ok::<bool, StoreError>(
-                        store.entity_exists(&recipient).await?
-                            && store.is_contact(&recipient, &sender).await?
-                            && !store.is_blocked(&recipient, &sender).await?,
-                    )
-                }
-                .await;
-                if let Ok(known) = checked {
-                    allowed.insert(pair, known);
-                }
-                checked
-            }
-        };
-        match accepted {
-            Ok(true) => {}
-            Ok(false) => continue,
+        // Checked below, all pairs of the batch in one statement.
+        let pair = (recipient, sender);
+        let next = pairs.len();
+        let route = *pair_index.entry(pair.clone()).or_insert_with(|| {
+            pairs.push(pair);
+            next
+        });
+        accepted.push(Accepted {
+            index,
+            route,
+            key,
+            id,
+            sender_device,
+            delivery: d,
+        });
+    }
+    // A batch usually holds many messages of few conversations: each pair is looked up once.
+    let routes = match pairs.is_empty() {
+        true => Vec::new(),
+        false => match store.delivery_routes(&pairs).await {
+            Ok(routes) => routes,
             Err(e) => {
-                warn!(error = %e, "store error checking a delivery");
-                results[index].status = DeliveryStatus::Retry as i32;
-                continue;
+                warn!(error = %e, "store error checking a delivery batch");
+                for a in &accepted {
+                    results[a.index].status = DeliveryStatus::Retry as i32;
+                }
+                accepted.clear();
+                Vec::new()
             }
-        }
-        let devices = match devices_of.get(&recipient) {
-            Some(list) => list.clone(),
-            None => {
-                let list = match broker.config.inbox.mode {
-                    InboxMode::Number => vec![None],
-                    InboxMode::Entity => match store.list_devices(&recipient).await {
-                        Ok(list) => list
-                            .into_iter()
-                            .filter(|dev| dev.revoked_at.is_none())
-                            .map(|dev| Some(dev.device_id))
-                            .collect(),
-                        Err(e) => {
-                            warn!(error = %e, "store error listing devices");
-                            results[index].status = DeliveryStatus::Retry as i32;
-                            continue;
-                        }
-                    },
-                };
-                devices_of.insert(recipient.clone(), list.clone());
-                list
-            }
+        },
+    };
+    for a in accepted {
+        let (Some(route), Some((recipient, sender))) = (routes.get(a.route), pairs.get(a.route))
+        else {
+            results[a.index].status = DeliveryStatus::Retry as i32;
+            continue;
         };
+        if !route.exists || !route.contact || route.blocked {
+            continue;
+        }
+        let devices: Vec<Option<DeviceId>> = match broker.config.inbox.mode {
+            InboxMode::Number => vec![None],
+            InboxMode::Entity => route.devices.iter().copied().map(Some).collect(),
+        };
+        let d = a.delivery;
         let expires = d.expires_at.min(now + ttl);
         let claim = claims.len();
         // Kept as long as the sender may still re-send it (its own expiry).
-        claims.push((key, d.expires_at as i64));
-        claim_result.push(index);
+        claims.push((a.key, d.expires_at as i64));
+        claim_result.push(a.index);
         for device in devices {
             items.push(NewInboxItem {
-                id,
+                id: a.id,
                 recipient_number: recipient.clone(),
                 recipient_device: device,
                 sender_number: sender.clone(),
-                sender_device,
+                sender_device: a.sender_device,
                 created_at: d.created_at.min(now) as i64,
                 expires_at: expires as i64,
                 body: d.body.clone(),
