@@ -2,8 +2,8 @@
 //! cross-broker deliveries.
 
 use super::{
-    Backend, DeviceId, Number, OutboxItem, PoolExt, Store, StoreError, array, bulk_rows,
-    device_id, on_pool, sqlite_list,
+    Backend, DeviceId, Number, OutboxItem, PoolExt, Store, StoreError, array, bulk_rows, device_id,
+    on_pool, sqlite_list,
 };
 
 /// What [`Store::delivery_routes`] answers for one `(recipient, sender)` pair.
@@ -135,6 +135,18 @@ impl Store {
                 },
             )
             .collect()
+    }
+
+    /// When the next delivery that is not due at `now` falls due (the earliest
+    /// `next_attempt_at` after `now`), if any.
+    pub async fn next_outbox_attempt(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        let at: Option<i64> = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM outbox WHERE next_attempt_at > $1")
+                .bind(now)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(at)
     }
 
     /// Records a failed attempt and schedules the next one. Returns whether the item exists.
