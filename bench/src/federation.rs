@@ -175,8 +175,8 @@ async fn run_with(args: &Args, dbs: &[PgDatabase]) -> anyhow::Result<Report> {
     if let (Some(l), Some(n)) = (local_row.latency, net_row.latency) {
         let added = n.p99_ms - l.p99_ms;
         net_row = net_row.target(
-            &format!("≤ 2 ms added at p99 ({added:.2} ms)"),
-            added <= 2.0,
+            &format!("≤ 1 ms added at p99 ({added:.2} ms)"),
+            added <= 1.0,
         );
     }
     report.push(local_row);
@@ -227,8 +227,8 @@ async fn run_with(args: &Args, dbs: &[PgDatabase]) -> anyhow::Result<Report> {
         delivered_time,
     )
     .unit("deposits/s");
-    let met = delivered.rate >= 5_000.0 && received == acked;
-    delivered = delivered.target("≥ 5,000/s", met);
+    let met = delivered.rate >= 10_000.0 && received == acked;
+    delivered = delivered.target("≥ 10,000/s", met);
     let mems: Vec<_> = brokers.into_iter().map(ChildServer::stop).collect();
     let peak = mems.iter().flatten().map(|m| m.peak_kib).max();
     delivered = delivered.memory(peak, "larger VmHWM of the two broker child processes");

@@ -93,7 +93,7 @@ enum Command {
     /// INITIATE latency beside local INITIATE, and deposits across brokers.
     ///
     /// Latency is from sending INITIATE-EXISTING(-NETWORKED) to the target's CONTACT-REQUEST.
-    /// Targets: ≤ 2 ms added at p99; ≥ 5,000 cross-broker deposits/s.
+    /// Targets (issue 23): ≤ 1 ms added at p99; ≥ 10,000 cross-broker deposits/s.
     Federation(federation::Args),
     /// Many logged-in connections held open with keep-alive PINGs; broker memory per
     /// connection at each count.

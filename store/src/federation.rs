@@ -1,7 +1,23 @@
 //! Federation state: broker-held pubkeys of peer brokers' clients, and the durable outbox of
 //! cross-broker deliveries.
 
-use super::{Number, OutboxItem, PoolExt, Store, StoreError, array, bulk_rows, on_pool};
+use super::{
+    Backend, DeviceId, Number, OutboxItem, PoolExt, Store, StoreError, array, bulk_rows, device_id,
+    on_pool, sqlite_list,
+};
+
+/// What [`Store::delivery_routes`] answers for one `(recipient, sender)` pair.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryRoute {
+    /// The recipient is registered here.
+    pub exists: bool,
+    /// The recipient holds a contact pair with the sender.
+    pub contact: bool,
+    /// The recipient has blocked the sender.
+    pub blocked: bool,
+    /// The recipient's active devices, ascending.
+    pub devices: Vec<DeviceId>,
+}
 
 /// Outbox rows per INSERT statement (5 parameters each; SQLite allows 32,766).
 const OUTBOX_CHUNK: usize = 256;
@@ -121,6 +137,18 @@ impl Store {
             .collect()
     }
 
+    /// When the next delivery that is not due at `now` falls due (the earliest
+    /// `next_attempt_at` after `now`), if any.
+    pub async fn next_outbox_attempt(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        let at: Option<i64> = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM outbox WHERE next_attempt_at > $1")
+                .bind(now)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(at)
+    }
+
     /// Records a failed attempt and schedules the next one. Returns whether the item exists.
     pub async fn retry_outbox(
         &self,
@@ -163,25 +191,108 @@ impl Store {
         Ok(n)
     }
 
-    /// Removes many delivered items in one transaction. Returns how many were there.
+    /// Removes many delivered items: one statement (one per chunk of keys on SQLite), one
+    /// transaction. Returns how many were there.
     pub async fn complete_outbox_many(&self, keys: &[[u8; 16]]) -> Result<u64, StoreError> {
-        let _writing = self.writing().await;
         if keys.is_empty() {
             return Ok(0);
         }
-        on_pool!(self, pool => {
-            let mut tx = pool.begin_write().await?;
-            let mut n = 0;
-            for key in keys {
-                n += sqlx::query("DELETE FROM outbox WHERE idempotency_key = $1")
-                    .bind(&key[..])
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+        let _writing = self.writing().await;
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                let list: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+                Ok(
+                    sqlx::query("DELETE FROM outbox WHERE idempotency_key = ANY($1)")
+                        .bind(list)
+                        .execute(pool)
+                        .await?
+                        .rows_affected(),
+                )
             }
-            tx.commit().await?;
-            Ok(n)
-        })
+            Backend::Sqlite(pool) => {
+                let mut tx = pool.begin_write().await?;
+                let mut n = 0;
+                for chunk in keys.chunks(OUTBOX_CHUNK) {
+                    let sql = format!(
+                        "DELETE FROM outbox WHERE idempotency_key IN ({})",
+                        sqlite_list(chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql).persistent(false);
+                    for key in chunk {
+                        q = q.bind(&key[..]);
+                    }
+                    n += q.execute(&mut *tx).await?.rows_affected();
+                }
+                tx.commit().await?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// What a batch of deliveries from a peer needs to know, for many `(recipient, sender)`
+    /// pairs in one statement, one answer per pair, in order: whether the recipient is
+    /// registered here, holds a contact pair with the sender, has blocked it, and its active
+    /// devices. (A `Deliver` batch used to cost three lookups per distinct pair and one per
+    /// recipient; each is a round trip to the database, on SQLite to its worker thread.)
+    pub async fn delivery_routes(
+        &self,
+        pairs: &[(Number, Number)],
+    ) -> Result<Vec<DeliveryRoute>, StoreError> {
+        let mut routes = vec![DeliveryRoute::default(); pairs.len()];
+        // (index into `pairs`, exists, contact, blocked, device). Keyed probes only.
+        let mut rows: Vec<(i64, bool, bool, bool, Option<i64>)> = Vec::new();
+        const SELECT: &str = "SELECT k.ord, \
+             EXISTS (SELECT 1 FROM entities AS e WHERE e.number = k.r), \
+             EXISTS (SELECT 1 FROM contacts AS c WHERE c.owner = k.r AND c.peer = k.s), \
+             EXISTS (SELECT 1 FROM blocks AS b WHERE b.owner = k.r AND b.target = k.s), \
+             d.device_id \
+             FROM k LEFT JOIN devices AS d ON d.number = k.r AND d.revoked_at IS NULL \
+             ORDER BY k.ord, d.device_id";
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                let recipients: Vec<&str> = pairs.iter().map(|(r, _)| r.as_str()).collect();
+                let senders: Vec<&str> = pairs.iter().map(|(_, s)| s.as_str()).collect();
+                let sql = format!(
+                    "WITH k (r, s, ord) AS (SELECT r, s, ord - 1 FROM \
+                     UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u (r, s, ord)) {SELECT}"
+                );
+                rows = sqlx::query_as(&sql)
+                    .bind(recipients)
+                    .bind(senders)
+                    .fetch_all(pool)
+                    .await?;
+            }
+            Backend::Sqlite(pool) => {
+                for (chunk_no, chunk) in pairs.chunks(OUTBOX_CHUNK).enumerate() {
+                    // Anonymous parameters (see `sqlite_rows`), the row number inline.
+                    let values = (0..chunk.len())
+                        .map(|i| format!("({}, ?, ?)", chunk_no * OUTBOX_CHUNK + i))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!("WITH k (ord, r, s) AS (VALUES {values}) {SELECT}");
+                    let mut q = sqlx::query_as::<_, (i64, bool, bool, bool, Option<i64>)>(&sql)
+                        .persistent(false);
+                    for (recipient, sender) in chunk {
+                        q = q.bind(recipient.as_str()).bind(sender.as_str());
+                    }
+                    rows.extend(q.fetch_all(pool).await?);
+                }
+            }
+        }
+        for (ord, exists, contact, blocked, device) in rows {
+            let Some(route) = usize::try_from(ord).ok().and_then(|i| routes.get_mut(i)) else {
+                return Err(StoreError::Invariant(
+                    "a route row for a pair that was not asked",
+                ));
+            };
+            route.exists = exists;
+            route.contact = contact;
+            route.blocked = blocked;
+            if let Some(d) = device {
+                route.devices.push(device_id(d)?);
+            }
+        }
+        Ok(routes)
     }
 
     /// Queued deliveries per peer broker.

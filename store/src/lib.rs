@@ -73,6 +73,7 @@ pub use batcher::{
     BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry, RouteBatcher,
 };
 pub use error::StoreError;
+pub use federation::DeliveryRoute;
 pub use ported::{PortIn, PortOut, PortedAway, PortedEntry, PortedOutcome, ToOutbox, WaitingItem};
 pub use routed::{RoutedDeposit, RoutedOutcome};
 pub use types::{

@@ -180,6 +180,7 @@ conformance!(
     case_received_deliveries_once,
     case_deposit_route,
     case_deposit_routed,
+    case_delivery_routes_and_completing_many,
     case_outbox_group_commit,
     case_quota_counter_bound,
     case_port_out_spends_the_token_once,
@@ -1923,6 +1924,84 @@ async fn case_federation_tables(store: Store) {
     assert!(!store.complete_outbox(&[1; 16]).await.unwrap());
     assert!(!store.retry_outbox(&[1; 16], NOW).await.unwrap());
     assert_eq!(store.outbox_depth().await.unwrap(), 1);
+}
+
+/// What a `Deliver` batch reads at the recipient's broker (one statement for every pair), and
+/// the removal of many delivered outbox rows at once.
+async fn case_delivery_routes_and_completing_many(store: Store) {
+    use micromsg_store::DeliveryRoute;
+    let (r, s, other) = (num("5560001"), num("5550001"), num("5550002"));
+    entity(&store, &r).await;
+    add_devices(&store, &r, 3).await;
+    assert!(store.revoke_device(&r, dev(2), NOW).await.unwrap());
+    store.add_contact(&r, &s, NOW).await.unwrap();
+    store.add_contact(&r, &other, NOW).await.unwrap();
+    store.block(&r, &other, NOW).await.unwrap();
+    let mut pairs = Vec::new();
+    for k in 0..600 {
+        pairs.push(match k % 4 {
+            0 => (r.clone(), s.clone()),
+            1 => (r.clone(), other.clone()),
+            2 => (r.clone(), num("5550003")),
+            _ => (num("5569999"), s.clone()),
+        });
+    }
+    let routes = store.delivery_routes(&pairs).await.unwrap();
+    assert_eq!(routes.len(), 600);
+    for (k, route) in routes.iter().enumerate() {
+        let want = match k % 4 {
+            0 => DeliveryRoute {
+                exists: true,
+                contact: true,
+                blocked: false,
+                devices: devs(&[1, 3]),
+            },
+            1 => DeliveryRoute {
+                exists: true,
+                contact: true,
+                blocked: true,
+                devices: devs(&[1, 3]),
+            },
+            2 => DeliveryRoute {
+                exists: true,
+                contact: false,
+                blocked: false,
+                devices: devs(&[1, 3]),
+            },
+            _ => DeliveryRoute::default(),
+        };
+        assert_eq!(route, &want, "pair {k}");
+    }
+    assert!(store.delivery_routes(&[]).await.unwrap().is_empty());
+
+    // 300 rows (more than one SQLite statement's chunk), 299 of them removed at once.
+    for k in 0..300u32 {
+        let mut key = [7u8; 16];
+        key[..4].copy_from_slice(&k.to_be_bytes());
+        assert!(enqueue_one(&store, &key, "y", b"p", NOW).await);
+    }
+    let keys: Vec<[u8; 16]> = (1..300u32)
+        .map(|k| {
+            let mut key = [7u8; 16];
+            key[..4].copy_from_slice(&k.to_be_bytes());
+            key
+        })
+        .chain([[9u8; 16]])
+        .collect();
+    assert_eq!(store.complete_outbox_many(&keys).await.unwrap(), 299);
+    assert_eq!(store.complete_outbox_many(&keys).await.unwrap(), 0);
+    assert_eq!(store.complete_outbox_many(&[]).await.unwrap(), 0);
+    assert_eq!(store.outbox_depth().await.unwrap(), 1);
+    // The one left is due now; rescheduled, it is the next one due.
+    assert_eq!(store.next_outbox_attempt(NOW).await.unwrap(), None);
+    let mut first = [7u8; 16];
+    first[..4].copy_from_slice(&0u32.to_be_bytes());
+    assert!(store.retry_outbox(&first, NOW + 50).await.unwrap());
+    assert_eq!(
+        store.next_outbox_attempt(NOW).await.unwrap(),
+        Some(NOW + 50)
+    );
+    assert_eq!(store.next_outbox_attempt(NOW + 50).await.unwrap(), None);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@
 //! service and its background tasks; a standalone broker has none.
 
 pub mod contact;
+pub mod handoff;
 pub mod mtls;
 pub mod network;
 pub mod outbox;
@@ -128,8 +129,11 @@ pub struct Federation {
     pub outgoing: Outgoing,
     /// Bounds the forwards in flight.
     pub forwards: Arc<Semaphore>,
-    /// Wakes the outbox worker when something was queued.
+    /// Wakes the outbox worker to read the outbox table: a row was queued that it was not
+    /// handed in memory.
     pub outbox_wake: Notify,
+    /// Committed outbox rows on their way to the outbox worker ([`handoff`]).
+    pub outbox_handoff: handoff::Handoff,
     /// What happened so far.
     pub counters: Counters,
     /// Ported numbers: number → where it lives now (docs/federation.md 12). Consulted before
@@ -138,6 +142,16 @@ pub struct Federation {
     pub ported: RwLock<HashMap<String, Route>>,
     /// Wakes the announcer when an entry was queued for the peers.
     pub announce_wake: Notify,
+}
+
+/// Rows the outbox worker keeps waiting per peer (beyond them rows wait in the table): a few
+/// batches beyond those in flight, so a busy peer's next batch is ready in memory.
+pub fn handoff_waiting(config: &FederationConfig) -> usize {
+    config
+        .outbox_batch
+        .max(1)
+        .saturating_mul(config.outbox_batches_in_flight.max(1))
+        .saturating_mul(2)
 }
 
 impl Federation {
@@ -173,6 +187,9 @@ impl Federation {
                 (peer.id.clone(), Arc::new(link))
             })
             .collect();
+        let outbox_handoff = handoff::Handoff::new(
+            handoff_waiting(config).saturating_mul(network.peers(me).count().max(1)),
+        );
         Ok(Self {
             network,
             me: entry,
@@ -182,6 +199,7 @@ impl Federation {
             outgoing: Outgoing::default(),
             forwards: Arc::new(Semaphore::new(config.max_forwards_in_flight)),
             outbox_wake: Notify::new(),
+            outbox_handoff,
             counters: Counters::default(),
             ported: RwLock::default(),
             announce_wake: Notify::new(),

@@ -2,8 +2,9 @@
 //!
 //! **Sending** ([`enqueue_deposit`], [`run_outbox`]). A DEPOSIT whose target is homed at a peer
 //! is written to the durable `outbox` table (with the encoded [`Delivery`] as payload) and
-//! acknowledged to the client once that write committed. The outbox worker takes due items,
-//! groups them per peer into `Deliver` batches (bounded in count and bytes, a bounded number in
+//! acknowledged to the client once that write committed, and handed to the outbox worker in
+//! memory ([`super::handoff`]; the worker reads the table only for what it was not handed,
+//! for retries and after a restart). The worker groups items per peer into `Deliver` batches (bounded in count and bytes, a bounded number in
 //! flight per peer), and removes what
 //! the peer confirmed; a failed call or a RETRY answer reschedules the item with exponential
 //! backoff (`retry_initial_secs` doubling up to `retry_max_secs`, plus up to a quarter of
@@ -21,7 +22,7 @@
 //! learn them (as a blocked DEPOSIT on one broker is acknowledged and discarded).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use micromsg_wire::message::event::InboxNotice;
@@ -29,10 +30,11 @@ use micromsg_wire::{DeviceId, Event, Number};
 use prost::Message as _;
 use rand_core::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span, warn};
 
+use super::handoff::{Limits, Offered, Queue};
 use super::proto::{DeliverRequest, Delivery, DeliveryResult, DeliveryStatus};
 use super::{Counters, Federation, Home};
 use crate::broker::Broker;
@@ -42,9 +44,6 @@ use crate::online::Push;
 use micromsg_store::{
     DepositOutcome, NewInboxItem, OutboxBatcher, OutboxEntry, OutboxItem, StoreError,
 };
-
-/// Rough protobuf overhead of one item besides its body, for batch sizing.
-const ITEM_OVERHEAD: usize = 128;
 
 /// The outbox key of a message (see the module docs).
 pub fn idempotency_key(sender: &str, recipient: &str, message_id: &[u8; 16]) -> [u8; 16] {
@@ -102,18 +101,34 @@ pub async fn enqueue_deposit(
         moved: false,
     }
     .encode_to_vec();
+    let now = deposit.created_at as i64;
+    let item = OutboxItem {
+        idempotency_key: key,
+        peer_broker: deposit.peer.clone(),
+        payload: payload.clone(),
+        attempts: 0,
+        next_attempt_at: now,
+        created_at: now,
+    };
     let fresh = outbox
         .enqueue(OutboxEntry {
             idempotency_key: key,
             peer_broker: deposit.peer,
             payload,
-            now: deposit.created_at as i64,
+            now,
         })
-        .await?;
-    if fresh {
-        federation.outbox_wake.notify_one();
+        .await;
+    match fresh {
+        // Committed: the worker gets the row in memory (or, its channel full, from the table).
+        Ok(true) => federation
+            .outbox_handoff
+            .give(item, &federation.outbox_wake),
+        // Queued before (a client's retry): the first one was handed over.
+        Ok(false) => {}
+        // The batch may have committed all the same (a timeout): let the worker look.
+        Err(_) => federation.outbox_wake.notify_one(),
     }
-    Ok(())
+    fresh.map(|_| ())
 }
 
 /// The delay before attempt `attempts + 1`: initial · 2^attempts, capped, plus jitter.
@@ -131,34 +146,118 @@ fn backoff_with(initial: u64, max: u64, attempts: i64, draw: u64) -> u64 {
     base + jitter
 }
 
-/// Keys handed to a delivery task and not yet settled, so a poll does not send them twice.
-type InFlight = Arc<Mutex<HashSet<[u8; 16]>>>;
-
 /// The outbox worker: runs until shutdown (items in flight then are simply retried after the
 /// next start: the peer stores idempotently).
+///
+/// Rows come in memory from [`enqueue_deposit`] ([`super::handoff`]) and from the table: at
+/// start-up, when woken (a row it was not handed), when a retry falls due, and every
+/// `outbox_poll_ms`. A read looks past the rows it already holds, so nothing waiting or in
+/// flight is sent twice.
 pub async fn run_outbox(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     let Some(federation) = broker.federation.as_ref() else {
         return;
     };
-    let poll = Duration::from_millis(federation.config.outbox_poll_ms.max(10));
-    let batch = federation.config.outbox_batch.max(1);
-    // Enough to see past the in-flight items of every peer and still find work for the others.
-    let per_peer = federation.config.outbox_batches_in_flight.max(1);
-    let fetch =
-        u32::try_from(batch * (per_peer * federation.links.len().max(1) + 1)).unwrap_or(u32::MAX);
-    let in_flight: InFlight = Arc::default();
-    let busy: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let mut tasks = JoinSet::new();
+    let Some(mut handed) = federation.outbox_handoff.take_receiver() else {
+        warn!("a second outbox worker; not started");
+        return;
+    };
+    let cfg = &federation.config;
+    let poll = Duration::from_millis(cfg.outbox_poll_ms.max(10));
+    let limits = Limits {
+        batch: cfg.outbox_batch.max(1),
+        batch_bytes: cfg.outbox_batch_bytes,
+        in_flight: cfg.outbox_batches_in_flight.max(1),
+        waiting: super::handoff_waiting(cfg),
+    };
+    // Room for a read beyond the rows held: a full queue for every peer.
+    let room = limits.waiting * federation.links.len().max(1);
+    let mut queue = Queue::new(limits);
+    let mut tasks: JoinSet<Settled> = JoinSet::new();
+    // Start with a read: rows of before a restart, and rows nobody handed over.
+    let mut read_table = true;
+    // Rows were left in the table for lack of room: read again once a batch settles.
+    let mut behind = false;
+    let mut next_poll = tokio::time::Instant::now() + poll;
+    // When the next rescheduled row falls due (Unix seconds): from the batches that failed, and
+    // from the table after each read (rows rescheduled before a restart).
+    let mut next_due: Option<i64> = None;
     loop {
         let now = unix_now() as i64;
-        match broker.store.due_outbox(now, fetch).await {
-            Ok(items) => dispatch(&broker, items, &in_flight, &busy, &mut tasks),
-            Err(e) => warn!(error = %e, "reading the outbox failed; will retry"),
+        if next_due.is_some_and(|at| at <= now) {
+            // The read below looks up the next one.
+            next_due = None;
+            read_table = true;
         }
-        // Reap finished deliveries so the set stays small.
-        while tasks.try_join_next().is_some() {}
-        if !next_round(&federation.outbox_wake, poll, &mut shutdown).await {
-            break;
+        // A read waits while the queue is more than half full (say the channel overflowed and
+        // every DEPOSIT since woke the worker): it would find nothing to take.
+        if read_table && queue.waiting() <= room / 2 {
+            read_table = false;
+            next_poll = tokio::time::Instant::now() + poll;
+            let limit = u32::try_from(queue.known() + room).unwrap_or(u32::MAX);
+            match broker.store.due_outbox(now, limit).await {
+                Ok(items) => {
+                    let full_page = items.len() as u64 >= u64::from(limit);
+                    let mut left = false;
+                    for item in items {
+                        left |= queue.offer(item) == Offered::Full;
+                    }
+                    behind = left || full_page;
+                }
+                Err(e) => warn!(error = %e, "reading the outbox failed; will retry"),
+            }
+            match broker.store.next_outbox_attempt(now).await {
+                Ok(Some(at)) => next_due = Some(next_due.map_or(at, |n| n.min(at))),
+                Ok(None) => {}
+                // Looked up again at the next read (the poll at the latest).
+                Err(e) => warn!(error = %e, "reading the outbox failed; will retry"),
+            }
+        }
+        while let Some((peer, batch)) = queue.next_batch() {
+            let broker = Arc::clone(&broker);
+            let span = info_span!("federation.deliver", peer = %peer, items = batch.len());
+            tasks.spawn(
+                async move {
+                    let keys: Vec<[u8; 16]> = batch.iter().map(|i| i.idempotency_key).collect();
+                    let retry_at = deliver_batch(&broker, &peer, batch).await;
+                    Settled {
+                        peer,
+                        keys,
+                        retry_at,
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        let retry_sleep = next_due.map(|next| {
+            tokio::time::Instant::now()
+                + Duration::from_secs(u64::try_from(next - unix_now() as i64).unwrap_or(0))
+        });
+        // Take handed rows only while there is room; beyond it they wait in the channel (and,
+        // the channel full, in the table).
+        let open = queue.waiting() < room;
+        tokio::select! {
+            item = handed.recv(), if open => {
+                let Some(item) = item else { break };
+                behind |= queue.offer(item) == Offered::Full;
+                // Whatever else is in the channel joins the same round.
+                while queue.waiting() < room {
+                    let Ok(item) = handed.try_recv() else { break };
+                    behind |= queue.offer(item) == Offered::Full;
+                }
+            }
+            Some(done) = tasks.join_next() => {
+                if let Ok(settled) = done {
+                    queue.settle(&settled.peer, &settled.keys);
+                    if let Some(at) = settled.retry_at {
+                        next_due = Some(next_due.map_or(at, |n| n.min(at)));
+                    }
+                }
+                read_table |= behind;
+            }
+            () = federation.outbox_wake.notified() => read_table = true,
+            () = tokio::time::sleep_until(next_poll) => read_table = true,
+            () = sleep_until_opt(retry_sleep) => {}
+            () = crate::shutdown::stopped(&mut shutdown) => break,
         }
     }
     // Calls in flight finish (or time out) so their outcome is recorded; anything unsettled is
@@ -172,118 +271,26 @@ pub async fn run_outbox(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>
     }
 }
 
-/// Waits for the worker's next look at the outbox: a wake-up (an item was queued, a delivery
-/// finished), or `poll` after this wait began, whichever comes first; false at shutdown. Its
-/// own function so that this schedule is tested on paused time, without a store or peers.
-async fn next_round(wake: &Notify, poll: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        () = wake.notified() => true,
-        () = tokio::time::sleep(poll) => true,
-        () = crate::shutdown::stopped(shutdown) => false,
-    }
+/// What a delivery task reports back to the worker.
+struct Settled {
+    peer: String,
+    keys: Vec<[u8; 16]>,
+    /// The earliest time a row of the batch was rescheduled to.
+    retry_at: Option<i64>,
 }
 
-/// Groups due items per peer and starts a delivery task for each batch a peer can take.
-fn dispatch(
-    broker: &Arc<Broker>,
-    items: Vec<OutboxItem>,
-    in_flight: &InFlight,
-    busy: &Arc<Mutex<HashMap<String, usize>>>,
-    tasks: &mut JoinSet<()>,
-) {
-    let Some(federation) = broker.federation.as_ref() else {
-        return;
-    };
-    let cfg = &federation.config;
-    let mut per_peer: HashMap<String, Vec<OutboxItem>> = HashMap::new();
-    {
-        let mut flying = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        for item in items {
-            if flying.insert(item.idempotency_key) {
-                per_peer
-                    .entry(item.peer_broker.clone())
-                    .or_default()
-                    .push(item);
-            }
-        }
-    }
-    for (peer, items) in per_peer {
-        let mut batches: Vec<Vec<OutboxItem>> = Vec::new();
-        let mut bytes = 0;
-        for item in items {
-            let size = item.payload.len() + ITEM_OVERHEAD;
-            let start_new = match batches.last() {
-                None => true,
-                Some(b) => b.len() >= cfg.outbox_batch || bytes + size > cfg.outbox_batch_bytes,
-            };
-            if start_new {
-                batches.push(Vec::new());
-                bytes = 0;
-            }
-            bytes += size;
-            if let Some(b) = batches.last_mut() {
-                b.push(item);
-            }
-        }
-        for batch in batches {
-            let admitted = {
-                let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
-                let n = busy.entry(peer.clone()).or_insert(0);
-                if *n >= cfg.outbox_batches_in_flight.max(1) {
-                    false
-                } else {
-                    *n += 1;
-                    true
-                }
-            };
-            if !admitted {
-                // The peer has as many batches in flight as allowed; these wait for the next
-                // poll.
-                let mut flying = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                for item in &batch {
-                    flying.remove(&item.idempotency_key);
-                }
-                continue;
-            }
-            let broker = Arc::clone(broker);
-            let in_flight = Arc::clone(in_flight);
-            let busy = Arc::clone(busy);
-            let peer = peer.clone();
-            let span = info_span!("federation.deliver", peer = %peer, items = batch.len());
-            tasks.spawn(
-                async move {
-                    let keys: Vec<[u8; 16]> = batch.iter().map(|i| i.idempotency_key).collect();
-                    deliver_batch(&broker, &peer, batch).await;
-                    {
-                        let mut flying = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                        for key in &keys {
-                            flying.remove(key);
-                        }
-                    }
-                    if let Some(n) = busy
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_mut(&peer)
-                    {
-                        *n = n.saturating_sub(1);
-                    }
-                    if let Some(f) = broker.federation.as_ref() {
-                        // More may be due (this batch was capped); look again at once.
-                        f.outbox_wake.notify_one();
-                    }
-                }
-                .instrument(span),
-            );
-        }
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
 /// Sends one batch and settles every item: removed when the peer is done with it,
-/// rescheduled otherwise.
-async fn deliver_batch(broker: &Broker, peer: &str, batch: Vec<OutboxItem>) {
-    let Some(federation) = broker.federation.as_ref() else {
-        return;
-    };
+/// rescheduled otherwise. Returns the earliest time a row was rescheduled to.
+async fn deliver_batch(broker: &Broker, peer: &str, batch: Vec<OutboxItem>) -> Option<i64> {
+    let federation = broker.federation.as_ref()?;
     let cfg = &federation.config;
     let now = unix_now();
     let mut done: Vec<[u8; 16]> = Vec::new();
@@ -359,17 +366,31 @@ async fn deliver_batch(broker: &Broker, peer: &str, batch: Vec<OutboxItem>) {
         // They stay due and go again; the peer de-duplicates.
         warn!(error = %e, "removing delivered outbox items failed");
     }
+    let mut due: Option<i64> = None;
     for item in retry {
         Counters::bump(&federation.counters.delivery_retries);
         let delay = backoff(cfg.retry_initial_secs, cfg.retry_max_secs, item.attempts);
-        if let Err(e) = broker
-            .store
-            .retry_outbox(&item.idempotency_key, now as i64 + delay as i64)
-            .await
-        {
+        let at = now as i64 + delay as i64;
+        // Due again at `at` either way (not rescheduled: due at once).
+        due = Some(due.map_or(at, |d| d.min(at)));
+        if let Err(e) = broker.store.retry_outbox(&item.idempotency_key, at).await {
             warn!(error = %e, "rescheduling an outbox item failed");
         }
     }
+    due
+}
+
+/// A delivery of a `Deliver` batch that passed the peer's rules, waiting for the store's
+/// answer about its (recipient, sender) pair.
+struct Accepted {
+    /// Its index in the answer.
+    index: usize,
+    /// Its pair's index in the batch's lookup.
+    route: usize,
+    key: [u8; 16],
+    id: [u8; 16],
+    sender_device: DeviceId,
+    delivery: Delivery,
 }
 
 /// The receiving end of `Deliver`: stores the batch in one transaction and answers per item.
@@ -392,8 +413,11 @@ pub async fn receive(
     let mut claim_result: Vec<usize> = Vec::new();
     // For each stored row: the index of its delivery in `claims`.
     let mut owner: Vec<usize> = Vec::new();
-    let mut devices_of: HashMap<Number, Vec<Option<DeviceId>>> = HashMap::new();
-    let mut allowed: HashMap<(Number, Number), bool> = HashMap::new();
+    // The distinct (recipient, sender) pairs of the batch, and the deliveries that passed the
+    // rules and wait for their pair's lookup.
+    let mut pairs: Vec<(Number, Number)> = Vec::new();
+    let mut pair_index: HashMap<(Number, Number), usize> = HashMap::new();
+    let mut accepted: Vec<Accepted> = Vec::new();
     // Deliveries for numbers ported away from here, to pass on: (index in `results`, row).
     let mut forward: Vec<(usize, OutboxEntry)> = Vec::new();
     for d in request.items {
@@ -458,68 +482,63 @@ pub async fn receive(
                 continue;
             }
         }
-        // A batch usually holds many messages of few conversations: check each pair once.
-        let pair = (recipient.clone(), sender.clone());
-        let accepted = match allowed.get(&pair) {
-            Some(known) => Ok(*known),
-            None => {
-                let checked = async {
-                    Ok::<bool, StoreError>(
-                        store.entity_exists(&recipient).await?
-                            && store.is_contact(&recipient, &sender).await?
-                            && !store.is_blocked(&recipient, &sender).await?,
-                    )
-                }
-                .await;
-                if let Ok(known) = checked {
-                    allowed.insert(pair, known);
-                }
-                checked
-            }
-        };
-        match accepted {
-            Ok(true) => {}
-            Ok(false) => continue,
+        // Checked below, all pairs of the batch in one statement.
+        let pair = (recipient, sender);
+        let next = pairs.len();
+        let route = *pair_index.entry(pair.clone()).or_insert_with(|| {
+            pairs.push(pair);
+            next
+        });
+        accepted.push(Accepted {
+            index,
+            route,
+            key,
+            id,
+            sender_device,
+            delivery: d,
+        });
+    }
+    // A batch usually holds many messages of few conversations: each pair is looked up once.
+    let routes = match pairs.is_empty() {
+        true => Vec::new(),
+        false => match store.delivery_routes(&pairs).await {
+            Ok(routes) => routes,
             Err(e) => {
-                warn!(error = %e, "store error checking a delivery");
-                results[index].status = DeliveryStatus::Retry as i32;
-                continue;
+                warn!(error = %e, "store error checking a delivery batch");
+                for a in &accepted {
+                    results[a.index].status = DeliveryStatus::Retry as i32;
+                }
+                accepted.clear();
+                Vec::new()
             }
-        }
-        let devices = match devices_of.get(&recipient) {
-            Some(list) => list.clone(),
-            None => {
-                let list = match broker.config.inbox.mode {
-                    InboxMode::Number => vec![None],
-                    InboxMode::Entity => match store.list_devices(&recipient).await {
-                        Ok(list) => list
-                            .into_iter()
-                            .filter(|dev| dev.revoked_at.is_none())
-                            .map(|dev| Some(dev.device_id))
-                            .collect(),
-                        Err(e) => {
-                            warn!(error = %e, "store error listing devices");
-                            results[index].status = DeliveryStatus::Retry as i32;
-                            continue;
-                        }
-                    },
-                };
-                devices_of.insert(recipient.clone(), list.clone());
-                list
-            }
+        },
+    };
+    for a in accepted {
+        let (Some(route), Some((recipient, sender))) = (routes.get(a.route), pairs.get(a.route))
+        else {
+            results[a.index].status = DeliveryStatus::Retry as i32;
+            continue;
         };
+        if !route.exists || !route.contact || route.blocked {
+            continue;
+        }
+        let devices: Vec<Option<DeviceId>> = match broker.config.inbox.mode {
+            InboxMode::Number => vec![None],
+            InboxMode::Entity => route.devices.iter().copied().map(Some).collect(),
+        };
+        let d = a.delivery;
         let expires = d.expires_at.min(now + ttl);
         let claim = claims.len();
         // Kept as long as the sender may still re-send it (its own expiry).
-        claims.push((key, d.expires_at as i64));
-        claim_result.push(index);
+        claims.push((a.key, d.expires_at as i64));
+        claim_result.push(a.index);
         for device in devices {
             items.push(NewInboxItem {
-                id,
+                id: a.id,
                 recipient_number: recipient.clone(),
                 recipient_device: device,
                 sender_number: sender.clone(),
-                sender_device,
+                sender_device: a.sender_device,
                 created_at: d.created_at.min(now) as i64,
                 expires_at: expires as i64,
                 body: d.body.clone(),
@@ -601,12 +620,7 @@ pub async fn receive(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::time::Duration;
-
-    use tokio::sync::{Notify, watch};
-    use tokio::time::{Instant, sleep, timeout};
-
-    use super::{backoff, backoff_with, next_round};
+    use super::{backoff, backoff_with};
 
     #[test]
     fn backoff_doubles_from_the_initial_delay_up_to_the_cap() {
@@ -641,54 +655,5 @@ mod tests {
             let d = backoff(8, 600, 2);
             assert!((32..=40).contains(&d), "{d}");
         }
-    }
-
-    const MS: Duration = Duration::from_millis(1);
-
-    #[tokio::test(start_paused = true)]
-    async fn the_worker_looks_again_after_the_poll_period() {
-        let wake = Notify::new();
-        let (_stop, mut shutdown) = watch::channel(false);
-        let poll = Duration::from_millis(200);
-        let early = timeout(poll - MS, next_round(&wake, poll, &mut shutdown)).await;
-        assert!(early.is_err(), "a round before the poll period");
-        let started = Instant::now();
-        assert!(next_round(&wake, poll, &mut shutdown).await);
-        assert_eq!(started.elapsed(), poll);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_wake_up_starts_the_next_round_at_once() {
-        let wake = Notify::new();
-        let (_stop, mut shutdown) = watch::channel(false);
-        let poll = Duration::from_secs(5);
-        // One that came while the worker was busy is kept for its next wait.
-        wake.notify_one();
-        let started = Instant::now();
-        assert!(next_round(&wake, poll, &mut shutdown).await);
-        assert_eq!(started.elapsed(), Duration::ZERO);
-        // One during the wait ends it.
-        let (woke, ()) = tokio::join!(next_round(&wake, poll, &mut shutdown), async {
-            sleep(Duration::from_millis(30)).await;
-            wake.notify_one();
-        });
-        assert!(woke);
-        assert_eq!(started.elapsed(), Duration::from_millis(30));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn shutdown_ends_the_wait() {
-        let wake = Notify::new();
-        let (stop, mut shutdown) = watch::channel(false);
-        let started = Instant::now();
-        let (more, ()) = tokio::join!(
-            next_round(&wake, Duration::from_secs(5), &mut shutdown),
-            async {
-                sleep(Duration::from_millis(30)).await;
-                stop.send(true).unwrap();
-            }
-        );
-        assert!(!more);
-        assert_eq!(started.elapsed(), Duration::from_millis(30));
     }
 }
