@@ -289,8 +289,11 @@ impl DepositIo for SqliteConnection {
 /// a join or `= ANY`: after an inbox grows fast (statistics from when it was small say it holds
 /// a row or two) the planner otherwise prefers reading the whole inbox through
 /// `inbox_items_order` and hashing it, which costs milliseconds per statement at 50,000 items.
-/// The LIMIT keeps the subquery from being flattened into such a join, and per key the unique
-/// `inbox_items_key` is the cheapest path whatever the statistics say.
+/// The LIMIT keeps the subquery from being flattened into such a join. With statistics that put
+/// a row or two in the inbox, `inbox_items_order` (number, device, seq) with `id` as a filter
+/// and the unique `inbox_items_key` cost the planner the same, and it took the first, reading
+/// the whole inbox per probe; that index is partial (`seq > 0`, migration 0008 on Postgres),
+/// so a probe, which does not say `seq > 0`, can only use the key. Only [`FETCH`] says it.
 const PG_LOOKUP: &str = "SELECT i.recipient_number, i.recipient_device, i.id, \
      i.sender_number, i.sender_device, i.body, i.expires_at \
      FROM UNNEST($1::text[], $2::bigint[], $3::bytea[]) AS k (n, d, id) \
@@ -673,13 +676,14 @@ const FETCH: &str = "SELECT seq, id, recipient_device, sender_number, sender_dev
      created_at, expires_at, body FROM ( \
        SELECT * FROM (SELECT seq, id, recipient_device, sender_number, sender_device, \
               created_at, expires_at, body FROM inbox_items \
-         WHERE recipient_number = $1 AND recipient_device = $2 AND seq > $3 AND expires_at > $4 \
+         WHERE recipient_number = $1 AND recipient_device = $2 AND seq > $3 AND seq > 0 \
+           AND expires_at > $4 \
          ORDER BY seq LIMIT $5) AS d \
        UNION ALL \
        SELECT * FROM (SELECT i.seq, i.id, i.recipient_device, i.sender_number, \
               i.sender_device, i.created_at, i.expires_at, i.body FROM inbox_items AS i \
          WHERE i.recipient_number = $1 AND i.recipient_device = 0 AND i.seq > $3 \
-           AND i.expires_at > $4 \
+           AND i.seq > 0 AND i.expires_at > $4 \
            AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
                            WHERE a.item_seq = i.seq AND a.device_id = $2) \
          ORDER BY i.seq LIMIT $5) AS n \
@@ -849,8 +853,8 @@ impl Store {
         let rows: Vec<ItemRow> = on_pool!(self, pool => {
             let after_seq: Option<i64> = match after {
                 None => None,
-                // Two keyed probes, no ORDER BY: ordering by seq would invite a scan of the
-                // inbox in seq order (see PG_LOOKUP).
+                // Two keyed probes on the key index (see PG_LOOKUP), no ORDER BY: ordering by
+                // seq would invite a scan of the inbox in seq order.
                 Some(id) => sqlx::query_scalar::<_, i64>(
                     "SELECT seq FROM inbox_items \
                      WHERE recipient_number = $1 AND recipient_device = $2 AND id = $3 \
