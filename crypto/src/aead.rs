@@ -66,17 +66,17 @@ fn open_detached<C: AeadInPlace<TagSize = U16>>(
         .map_err(|_| AeadError::Authentication)
 }
 
-fn seal_append<C: AeadInPlace<TagSize = U16>>(
-    cipher: &C,
-    nonce: &chacha20poly1305::aead::Nonce<C>,
-    aad: &[u8],
+/// Appends `plaintext` to `out`, seals it there with `seal_in_place` and appends the tag;
+/// `out` is left as it was on error. Shared by both ciphers.
+fn append_sealed(
     plaintext: &[u8],
     out: &mut Vec<u8>,
+    seal_in_place: impl FnOnce(&mut [u8]) -> Result<[u8; TAG_LEN], AeadError>,
 ) -> Result<(), AeadError> {
     let start = out.len();
     out.reserve(plaintext.len() + TAG_LEN);
     out.extend_from_slice(plaintext);
-    match seal_detached(cipher, nonce, aad, &mut out[start..]) {
+    match seal_in_place(&mut out[start..]) {
         Ok(tag) => {
             out.extend_from_slice(&tag);
             Ok(())
@@ -88,22 +88,21 @@ fn seal_append<C: AeadInPlace<TagSize = U16>>(
     }
 }
 
-fn open_append<C: AeadInPlace<TagSize = U16>>(
-    cipher: &C,
-    nonce: &chacha20poly1305::aead::Nonce<C>,
-    aad: &[u8],
+/// Splits `sealed = ciphertext || tag`, appends the ciphertext to `out` and opens it there
+/// with `open_in_place`; nothing is appended on error. Shared by both ciphers.
+fn append_opened(
     sealed: &[u8],
     out: &mut Vec<u8>,
+    open_in_place: impl FnOnce(&mut [u8], &[u8; TAG_LEN]) -> Result<(), AeadError>,
 ) -> Result<(), AeadError> {
     let Some(ct_len) = sealed.len().checked_sub(TAG_LEN) else {
         return Err(AeadError::TooShort);
     };
     let (ct, tag) = sealed.split_at(ct_len);
-    let mut tag_arr = [0u8; TAG_LEN];
-    tag_arr.copy_from_slice(tag);
+    let tag: [u8; TAG_LEN] = core::array::from_fn(|i| tag[i]);
     let start = out.len();
     out.extend_from_slice(ct);
-    let result = open_detached(cipher, nonce, aad, &mut out[start..], &tag_arr);
+    let result = open_in_place(&mut out[start..], &tag);
     if result.is_err() {
         out.truncate(start);
     }
@@ -126,19 +125,9 @@ pub fn seal_into(
     plaintext: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), AeadError> {
-    let start = out.len();
-    out.reserve(plaintext.len() + TAG_LEN);
-    out.extend_from_slice(plaintext);
-    match seal_in_place_detached(key, nonce, aad, &mut out[start..]) {
-        Ok(tag) => {
-            out.extend_from_slice(&tag);
-            Ok(())
-        }
-        Err(e) => {
-            out.truncate(start);
-            Err(e)
-        }
-    }
+    append_sealed(plaintext, out, |buf| {
+        seal_in_place_detached(key, nonce, aad, buf)
+    })
 }
 
 /// ChaCha20-Poly1305: returns `ciphertext || tag`.
@@ -162,18 +151,9 @@ pub fn open_into(
     sealed: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), AeadError> {
-    let Some(ct_len) = sealed.len().checked_sub(TAG_LEN) else {
-        return Err(AeadError::TooShort);
-    };
-    let (ct, tag) = sealed.split_at(ct_len);
-    let tag: [u8; TAG_LEN] = core::array::from_fn(|i| tag[i]);
-    let start = out.len();
-    out.extend_from_slice(ct);
-    let result = open_in_place_detached(key, nonce, aad, &mut out[start..], &tag);
-    if result.is_err() {
-        out.truncate(start);
-    }
-    result
+    append_opened(sealed, out, |buf, tag| {
+        open_in_place_detached(key, nonce, aad, buf, tag)
+    })
 }
 
 /// ChaCha20-Poly1305: checks `sealed = ciphertext || tag` and returns the plaintext.
@@ -240,7 +220,9 @@ pub fn xseal_into(
     out: &mut Vec<u8>,
 ) -> Result<(), AeadError> {
     let cipher = XChaCha20Poly1305::new(Key::from_slice(key));
-    seal_append(&cipher, XNonce::from_slice(nonce), aad, plaintext, out)
+    append_sealed(plaintext, out, |buf| {
+        seal_detached(&cipher, XNonce::from_slice(nonce), aad, buf)
+    })
 }
 
 /// XChaCha20-Poly1305: returns `ciphertext || tag`.
@@ -264,7 +246,9 @@ pub fn xopen_into(
     out: &mut Vec<u8>,
 ) -> Result<(), AeadError> {
     let cipher = XChaCha20Poly1305::new(Key::from_slice(key));
-    open_append(&cipher, XNonce::from_slice(nonce), aad, sealed, out)
+    append_opened(sealed, out, |buf, tag| {
+        open_detached(&cipher, XNonce::from_slice(nonce), aad, buf, tag)
+    })
 }
 
 /// XChaCha20-Poly1305: checks `sealed` and returns the plaintext.

@@ -3,7 +3,7 @@
 
 use super::{
     Backend, DeviceId, Number, OutboxItem, PoolExt, Store, StoreError, array, bulk_rows, device_id,
-    on_pool, sqlite_list,
+    on_pool, sqlite_list, sqlite_pair_values,
 };
 
 /// What [`Store::delivery_routes`] answers for one `(recipient, sender)` pair.
@@ -265,10 +265,7 @@ impl Store {
             Backend::Sqlite(pool) => {
                 for (chunk_no, chunk) in pairs.chunks(OUTBOX_CHUNK).enumerate() {
                     // Anonymous parameters (see `sqlite_rows`), the row number inline.
-                    let values = (0..chunk.len())
-                        .map(|i| format!("({}, ?, ?)", chunk_no * OUTBOX_CHUNK + i))
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let values = sqlite_pair_values(chunk_no * OUTBOX_CHUNK, chunk.len());
                     let sql = format!("WITH k (ord, r, s) AS (VALUES {values}) {SELECT}");
                     let mut q = sqlx::query_as::<_, (i64, bool, bool, bool, Option<i64>)>(&sql)
                         .persistent(false);

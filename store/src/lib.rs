@@ -341,3 +341,13 @@ fn bulk_rows(backend: &Backend, rows: usize, cols: usize) -> String {
 fn sqlite_list(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
+
+/// `n` rows `(ord, ?, ?)` for a SQLite `VALUES` list of pairs, numbered from `first` (the
+/// pair's index in the whole batch, inline), the two parameters anonymous (see
+/// [`sqlite_rows`]).
+fn sqlite_pair_values(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|ord| format!("({ord}, ?, ?)"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

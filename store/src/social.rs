@@ -6,7 +6,7 @@ use sqlx::{PgConnection, SqliteConnection};
 
 use super::{
     ContactRecord, DepositRoute, Number, PoolExt, Store, StoreError, device_id,
-    number as to_number, on_pool,
+    number as to_number, on_pool, sqlite_pair_values,
 };
 
 impl Store {
@@ -330,10 +330,7 @@ impl RouteIo for SqliteConnection {
         let mut rows = Vec::new();
         for (chunk_no, chunk) in pairs.chunks(CHUNK).enumerate() {
             // Anonymous parameters (see `sqlite_rows`), the row number inline.
-            let values = (0..chunk.len())
-                .map(|i| format!("({}, ?, ?)", chunk_no * CHUNK + i))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let values = sqlite_pair_values(chunk_no * CHUNK, chunk.len());
             let sql = format!("WITH k (ord, s, t) AS (VALUES {values}) {ROUTE_SELECT}");
             let mut q = sqlx::query_as::<_, RouteRow>(&sql).persistent(false);
             for (sender, target) in chunk {
