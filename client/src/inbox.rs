@@ -484,7 +484,13 @@ impl Delivery {
             // Already received live: this is the broker's copy of the same message.
             return Ok(false);
         }
-        let opened = match found.session_mut().open_offline(envelope.frame) {
+        let opened = found.session_mut().open_offline(envelope.frame);
+        if opened.is_ok() {
+            // Authentic under the contact's keys: it holds the session (12.3), so this
+            // device may seal offline messages with it if it is its own.
+            batch.confirmed.insert(sid);
+        }
+        let opened = match opened {
             Ok(Some(opened)) => opened,
             Ok(None) => return Ok(false),
             Err(_) => return drop(batch, format!("a message from {peer} that does not open")),
@@ -566,6 +572,9 @@ fn commit_batch(
             store.save_found(found)?;
         }
     }
+    for sid in &batch.confirmed {
+        store.confirm_session(sid)?;
+    }
     // Group frames go into the same durable state as the ids they are acknowledged by.
     state.groups.extend(batch.groups);
     store.save_inbox_state(state, now_unix)?;
@@ -581,6 +590,8 @@ struct Batch {
     groups: Vec<GroupFrame>,
     sessions: HashMap<[u8; SESSION_ID_LEN], FoundSession>,
     dirty: BTreeSet<[u8; SESSION_ID_LEN]>,
+    /// Sessions the contact proved it holds (an item under its keys opened).
+    confirmed: BTreeSet<[u8; SESSION_ID_LEN]>,
     /// Identity keys to pin (contacts first met through another device's session keys).
     pins: Vec<(String, micromsg_crypto::identity::IdentityPublicKey)>,
 }

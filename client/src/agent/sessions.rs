@@ -109,7 +109,12 @@ impl Agent {
         .unwrap_or_default();
         let stored = established.stored_session(now);
         let (owned, saved) = (peer.clone(), stored.clone());
-        if let Err(e) = self.on_disk(move |s| s.save_session(&owned, &saved)).await {
+        // Unconfirmed until the peer's first DATA frame shows it holds the keys too (12.3):
+        // until then offline messages are sealed with the last session it confirmed.
+        if let Err(e) = self
+            .on_disk(move |s| s.save_new_session(&owned, &saved))
+            .await
+        {
             let message = format!("saving the session keys for {peer} failed: {e}");
             self.warn(message.clone()).await;
             fail(waiting, message);
@@ -232,6 +237,15 @@ impl Agent {
                 }
                 self.on_group_frame(&peer, Direction::In, &payload, unix, false)
                     .await;
+            }
+            PeerEvent::Confirmed => {
+                // Offline messages may be sealed with this session from now on (12.11).
+                if let Err(e) = self.on_disk(move |s| s.confirm_session(&session_id)).await {
+                    self.warn(format!(
+                        "recording that {peer} confirmed the session failed: {e}"
+                    ))
+                    .await;
+                }
             }
             PeerEvent::Moved {
                 counter, payload, ..
