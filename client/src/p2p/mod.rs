@@ -91,7 +91,9 @@ pub struct SessionConfig {
     /// [`DEFAULT_MAX_FRAME_LEN`]. One frame buffer of this size may be held per session.
     pub max_frame_len: u32,
     /// The whole handshake (including the TCP connect for [`connect`]) must finish within
-    /// this. Default 10 s (12.1).
+    /// this. Default 10 s (12.1). The peer's first DATA frame (key confirmation, 12.3) must
+    /// then arrive within as long again, or the session ends with
+    /// [`EndReason::Unconfirmed`].
     pub handshake_timeout: Duration,
     /// How long a local close may take to flush DISCONNECT and wait for the peer to close
     /// the connection. Default 2 s.
