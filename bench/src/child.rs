@@ -25,6 +25,12 @@ pub(crate) struct Memory {
     pub(crate) rss_kib: u64,
     /// Peak resident set (VmHWM).
     pub(crate) peak_kib: u64,
+    /// The anonymous part of the resident set (RssAnon): the heap, stacks and other memory
+    /// the process allocated, as opposed to pages of its executable and libraries.
+    pub(crate) anon_kib: u64,
+    /// The file-backed part (RssFile): code and read-only data paged in from the executable
+    /// and libraries; shared with other processes running them and reclaimable.
+    pub(crate) file_kib: u64,
 }
 
 /// Reads VmRSS and VmHWM of `pid` (`"self"` for this process).
@@ -45,6 +51,8 @@ pub(crate) fn memory_of(pid: &str) -> Option<Memory> {
     Some(Memory {
         rss_kib: field("VmRSS:")?,
         peak_kib: field("VmHWM:")?,
+        anon_kib: field("RssAnon:").unwrap_or(0),
+        file_kib: field("RssFile:").unwrap_or(0),
     })
 }
 

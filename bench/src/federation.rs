@@ -202,12 +202,16 @@ async fn run_with(args: &Args, dbs: &[PgDatabase]) -> anyhow::Result<Report> {
         args.deposits, args.senders
     );
     let drain_link = r_user.login(Arc::clone(&tls_y)).await?;
+    let cpu_before = FederationCpu::read(&brokers, dbs).await;
     let start = Instant::now();
     let drain_limit = limit + Duration::from_secs(30);
     let drainer = tokio::spawn(drain_until(drain_link, args.deposits, drain_limit));
     let (acked, errors, ack_time, mut lat) = deposit_load(args, limit, links, &r_num).await?;
     let (received, delivered_at) = drainer.await.context("drain task")??;
     let delivered_time = delivered_at.map_or_else(|| start.elapsed(), |t| t - start);
+    if let (Some(before), Some(after)) = (cpu_before, FederationCpu::read(&brokers, dbs).await) {
+        report.note(after.since(&before).per_message(received));
+    }
     report.push(
         Row::new(
             SCENARIO,
@@ -243,6 +247,58 @@ async fn run_with(args: &Args, dbs: &[PgDatabase]) -> anyhow::Result<Report> {
         args.store.name()
     ));
     Ok(report)
+}
+
+/// CPU time of the parties of the cross-broker phase: brokers x and y (child processes), the
+/// Postgres backends of their two databases (zero on SQLite, whose work runs in the brokers'
+/// threads) and this load generator, which also drains y. Compared per delivered message, it
+/// separates two builds on a busy machine where the rates do not.
+#[derive(Debug, Clone, Copy)]
+struct FederationCpu {
+    x: Duration,
+    y: Duration,
+    postgres: Duration,
+    generator: Duration,
+}
+
+impl FederationCpu {
+    /// Now; `None` when a figure cannot be read (not Linux, a child gone).
+    async fn read(brokers: &[ChildServer], dbs: &[PgDatabase]) -> Option<Self> {
+        let mut postgres = Duration::ZERO;
+        for db in dbs {
+            postgres += db.backends_cpu().await.ok()?;
+        }
+        Some(Self {
+            x: brokers.first()?.cpu()?,
+            y: brokers.get(1)?.cpu()?,
+            postgres,
+            generator: crate::child::cpu_of("self")?,
+        })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            x: self.x.saturating_sub(before.x),
+            y: self.y.saturating_sub(before.y),
+            postgres: self.postgres.saturating_sub(before.postgres),
+            generator: self.generator.saturating_sub(before.generator),
+        }
+    }
+
+    /// One line: CPU microseconds per delivered message, by party.
+    fn per_message(&self, delivered: u64) -> String {
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / delivered.max(1) as f64;
+        format!(
+            "federation: CPU per delivered message: broker x {:.1} µs, broker y {:.1} µs, \
+             Postgres backends {:.1} µs, load generator and drain {:.1} µs (total {:.1} µs; \
+             from /proc, over the cross-broker phase)",
+            us(self.x),
+            us(self.y),
+            us(self.postgres),
+            us(self.generator),
+            us(self.x + self.y + self.postgres + self.generator),
+        )
+    }
 }
 
 /// `caller` (one broker) and `target` (the other) become a contact pair through the networked

@@ -22,8 +22,10 @@ use crate::report::{Report, Row};
 /// Options of `idle`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// Connection counts to measure at, ascending, comma-separated. Each connection is a file
-    /// descriptor in this process and in the broker: stay below the open-file limit.
+    /// Connection counts to measure at, ascending, comma-separated. Each count's figure is
+    /// the memory each connection added since the previous count (half the first count is
+    /// measured first for that). Each connection is a file descriptor in this process and in
+    /// the broker: stay below the open-file limit.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,19000")]
     pub(crate) counts: Vec<u64>,
     /// Registered users the connections log in as (round robin; one device each).
@@ -151,7 +153,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
          slots only while events wait, so an idle connection's queue is one small Arc",
     );
     report.note(format!(
-        "idle: KiB/conn = (server VmRSS with N connections − VmRSS before) / N; {} users, \
+        "idle: KiB/conn = growth of the server's VmRSS since the previous count ÷ the \
+         connections added (the first count's previous point is half of it); the average \
+         since before any connection is under each row's memory note; {} users, \
          source addresses 127.0.0.1-{}, PING every ~{} s; the ratio column is broker ÷ bare \
          TLS server (memory: lower is better)",
         args.users, args.source_addrs, args.ping_secs
@@ -184,7 +188,17 @@ where
     let mut rows = Vec::new();
     let mut opened = 0u64;
     let mut holders = tokio::task::JoinSet::new();
-    for &count in &args.counts {
+    // Each count's figure is the memory each connection adds: the growth since the previous
+    // count over the connections opened since. The first count's previous point is half of it,
+    // measured first and not reported. The average over the memory before any connection is
+    // printed too; it also holds what the server grows once, on its first burst of logins
+    // (the store's pool opening connections, each with a thread and a malloc arena).
+    let reference = (args.counts[0] / 2).max(1);
+    let points = std::iter::once(reference)
+        .filter(|&r| r < args.counts[0])
+        .chain(args.counts.iter().copied());
+    let mut previous: Option<(u64, crate::child::Memory)> = None;
+    for count in points {
         eprintln!("idle: opening {what} up to {count}");
         let start = Instant::now();
         let deadline = start + Duration::from_secs(args.max_secs);
@@ -194,12 +208,7 @@ where
             while opening.len() < args.concurrency && opened < count {
                 let i = opened;
                 opened += 1;
-                let src = IpAddr::V4(Ipv4Addr::new(
-                    127,
-                    0,
-                    0,
-                    1 + (i % u64::from(args.source_addrs)) as u8,
-                ));
+                let src = source_addr(i, args.source_addrs);
                 let user = target
                     .users
                     .as_ref()
@@ -255,10 +264,21 @@ where
         tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
         let now = memory().context("reading the server's memory")?;
         let held = alive.load(Ordering::Relaxed);
-        let per_conn = now.rss_kib.saturating_sub(base.rss_kib) as f64 / held.max(1) as f64;
+        let average = now.rss_kib.saturating_sub(base.rss_kib) as f64 / held.max(1) as f64;
+        let Some((before_held, before)) = previous.replace((held, now)) else {
+            eprintln!(
+                "  {what}: {held} held (reference point), server RSS {} KiB (before any: {} KiB)",
+                now.rss_kib, base.rss_kib
+            );
+            continue;
+        };
+        let added = held.saturating_sub(before_held);
+        let per_conn = now.rss_kib.saturating_sub(before.rss_kib) as f64 / added.max(1) as f64;
         eprintln!(
-            "  {what}: {held} held, server RSS {} KiB (base {} KiB): {per_conn:.1} KiB/conn",
-            now.rss_kib, base.rss_kib
+            "  {what}: {held} held, server RSS {} KiB: {per_conn:.2} KiB per connection added \
+             since {before_held} ({} KiB then); average since before any ({} KiB): \
+             {average:.2} KiB/conn; anonymous {} KiB, file-backed {} KiB",
+            now.rss_kib, before.rss_kib, base.rss_kib, now.anon_kib, now.file_kib
         );
         let mut row = Row::new(
             SCENARIO,
@@ -271,8 +291,10 @@ where
         .rate(per_conn);
         row.peak_memory_kib = Some(now.rss_kib);
         row.memory_source = Some(format!(
-            "server VmRSS with {held} connections (before any: {} KiB)",
-            base.rss_kib
+            "server VmRSS with {held} connections: {per_conn:.2} KiB per connection added since \
+             {before_held} ({} KiB then); {average:.2} KiB/conn averaged over all {held} since \
+             before any ({} KiB)",
+            before.rss_kib, base.rss_kib
         ));
         rows.push(row);
     }
@@ -287,6 +309,16 @@ where
     }
     holders.abort_all();
     Ok(rows)
+}
+
+/// The client source address of the `i`th connection: 127.0.0.1 .. 127.0.0.`spread`.
+fn source_addr(i: u64, spread: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        1 + (i % u64::from(spread.max(1))) as u8,
+    ))
 }
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;

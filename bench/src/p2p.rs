@@ -55,7 +55,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         eprintln!("p2p: ceiling, seal+open of {count} × {size} bytes on one core");
         let (c_done, c_time) = aead_ceiling(size, count, limit)?;
         eprintln!("p2p: session, {count} × {size} bytes one way");
+        let cpu_before = child::cpu_of("self");
         let (done, errors, time) = one_way(session_pair().await?, size, count, limit).await?;
+        if let (Some(before), Some(after)) = (cpu_before, child::cpu_of("self")) {
+            // Both ends run in this process: this is the whole session's CPU, both tasks and
+            // their I/O, which compares two builds on a busy machine where the rate does not.
+            let us = after.saturating_sub(before).as_secs_f64() * 1e6 / done.max(1) as f64;
+            report.note(format!(
+                "p2p: CPU per {size} B message, both ends: {us:.2} µs (this process, from /proc)"
+            ));
+        }
         let to_unit = |n: u64, t: Duration| {
             let per_sec = n as f64 / t.as_secs_f64().max(1e-9);
             if unit == "MB/s" {

@@ -16,7 +16,7 @@ use crate::federation::Federation;
 use crate::limits::{DiscardedDeposits, FailureLock, ReplayCache, Source, WindowLimiter};
 use crate::numbers::NumberAllocator;
 use crate::online::Online;
-use micromsg_store::{BatcherConfig, DepositBatcher, OutboxBatcher, RouteBatcher, Store};
+use micromsg_store::{BatcherConfig, DepositBatcher, OutboxBatcher, Store};
 
 /// Version of the client↔broker protocol this broker speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -107,10 +107,9 @@ impl Limiters {
 pub(crate) struct Batchers {
     /// Group commit of offline deposits.
     pub(crate) deposits: DepositBatcher,
-    /// Group commit of cross-broker deposits into the federation outbox.
+    /// Group commit of cross-broker deposits into the federation outbox, with their contact
+    /// check.
     pub(crate) outbox: OutboxBatcher,
-    /// Batched route checks of DEPOSITs (contact pair, block, devices).
-    pub(crate) routes: RouteBatcher,
 }
 
 impl Batchers {
@@ -139,20 +138,7 @@ impl Batchers {
                 ..BatcherConfig::default()
             },
         );
-        // Reads: nothing to order, so batches run side by side (each holds a pooled connection).
-        let routes = RouteBatcher::spawn(
-            store.clone(),
-            BatcherConfig {
-                max_in_flight: 4,
-                timeout: config.database.timeout(),
-                ..BatcherConfig::default()
-            },
-        );
-        Self {
-            deposits,
-            outbox,
-            routes,
-        }
+        Self { deposits, outbox }
     }
 }
 

@@ -1,10 +1,10 @@
 //! Group commit: [`GroupCommit`] gathers single writes from many connections and stores them
 //! one transaction per batch. [`DepositBatcher`] does it for offline deposits
 //! ([`Store::deposit_batch`]), [`OutboxBatcher`] for cross-broker deposits entering the
-//! federation outbox ([`Store::enqueue_outbox_batch`]), and [`RouteBatcher`] for the read a
-//! DEPOSIT to a peer broker's number starts with ([`Store::deposit_routes`]; a DEPOSIT stored
-//! here reads its route in the deposit batch's own transaction,
-//! [`DepositBatcher::deposit_routed`]).
+//! federation outbox ([`Store::enqueue_outbox_batch`]). A DEPOSIT reads its route in its
+//! batch's own transaction: a DEPOSIT stored here its contact pair, block and devices
+//! ([`DepositBatcher::deposit_routed`]), one for a peer broker's number its contact pair
+//! ([`OutboxEntry::contact`]).
 //!
 //! There is no timer: the first write starts a batch at once, and whatever arrives while
 //! batches are committing (up to `max_in_flight` at a time) forms the next one. Idle load gives
@@ -16,10 +16,8 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use std::collections::HashMap;
-
 use super::routed::{DepositJob, RoutedDeposit, RoutedOutcome};
-use super::{DepositOutcome, DepositRoute, NewInboxItem, Number, Store, StoreError};
+use super::{DepositOutcome, NewInboxItem, Number, Store, StoreError};
 
 /// Tuning of a [`DepositBatcher`] (and, but for the quota, of an [`OutboxBatcher`]).
 #[derive(Debug, Clone, Copy)]
@@ -241,6 +239,10 @@ pub struct OutboxEntry {
     pub payload: Vec<u8>,
     /// When it was queued (Unix seconds); it is due at once.
     pub now: i64,
+    /// `(sender, target)`: queue the entry only if they are a contact pair, read in the
+    /// transaction that inserts it (a DEPOSIT to a peer broker's client); `None` for a delivery
+    /// passed on as it is (a ported number's).
+    pub contact: Option<(Number, Number)>,
 }
 
 /// Group commit of cross-broker deposits into the outbox. The outbox has no order to keep
@@ -264,55 +266,5 @@ impl OutboxBatcher {
     /// (`false`: the key was already queued).
     pub async fn enqueue(&self, entry: OutboxEntry) -> Result<bool, StoreError> {
         self.0.submit(entry).await
-    }
-}
-
-/// Batched [`Store::deposit_routes`]: the route checks of DEPOSITs from many connections are read
-/// in one statement per batch instead of one each (a read, so several batches run at once).
-/// Used for DEPOSITs whose target lives at a peer broker, which need the pair before they
-/// enter the outbox; local ones read their route in [`DepositBatcher::deposit_routed`].
-#[derive(Debug, Clone)]
-pub struct RouteBatcher(GroupCommit<(Number, Number), DepositRoute>);
-
-impl RouteBatcher {
-    /// Starts the batching task on the current tokio runtime.
-    pub fn spawn(store: Store, config: BatcherConfig) -> Self {
-        Self(GroupCommit::spawn(
-            config,
-            move |pairs: Arc<Vec<(Number, Number)>>| {
-                let store = store.clone();
-                async move {
-                    // One lookup per distinct pair (a sender's deposits often repeat it).
-                    let mut index: HashMap<&(Number, Number), usize> = HashMap::new();
-                    let mut unique: Vec<(Number, Number)> = Vec::new();
-                    for pair in pairs.iter() {
-                        index.entry(pair).or_insert_with(|| {
-                            unique.push(pair.clone());
-                            unique.len() - 1
-                        });
-                    }
-                    let routes = store.deposit_routes(&unique).await?;
-                    Ok(pairs
-                        .iter()
-                        .map(|pair| {
-                            index
-                                .get(pair)
-                                .and_then(|&i| routes.get(i))
-                                .cloned()
-                                .ok_or(StoreError::Invariant("a route per deposit pair"))
-                        })
-                        .collect())
-                }
-            },
-        ))
-    }
-
-    /// The route of a DEPOSIT from `sender` to `target`, read in the next batch.
-    pub async fn route(
-        &self,
-        sender: &Number,
-        target: &Number,
-    ) -> Result<DepositRoute, StoreError> {
-        self.0.submit((sender.clone(), target.clone())).await
     }
 }

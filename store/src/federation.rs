@@ -1,9 +1,11 @@
 //! Federation state: broker-held pubkeys of peer brokers' clients, and the durable outbox of
 //! cross-broker deliveries.
 
+use std::collections::{HashMap, HashSet};
+
 use super::{
-    Backend, DeviceId, Number, OutboxItem, PoolExt, Store, StoreError, array, bulk_rows, device_id,
-    on_pool, sqlite_list, sqlite_pair_values,
+    Backend, DeviceId, Number, OutboxItem, PoolExt, Store, StoreError, array, device_id, on_pool,
+    sqlite_list, sqlite_pair_values,
 };
 
 /// What [`Store::delivery_routes`] answers for one `(recipient, sender)` pair.
@@ -21,6 +23,67 @@ pub struct DeliveryRoute {
 
 /// Outbox rows per INSERT statement (5 parameters each; SQLite allows 32,766).
 const OUTBOX_CHUNK: usize = 256;
+
+/// Inserts outbox rows on either backend, skipping keys already queued; returns the keys
+/// inserted. Postgres gets the rows as arrays, so that the statement's text is the same for
+/// any number of rows and is prepared once per connection (a VALUES list was parsed and planned
+/// again for every batch); SQLite, which has no arrays, gets a VALUES list.
+trait OutboxIo {
+    fn insert_outbox(
+        &mut self,
+        rows: &[&super::OutboxEntry],
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, StoreError>> + Send;
+}
+
+impl OutboxIo for sqlx::SqliteConnection {
+    async fn insert_outbox(
+        &mut self,
+        rows: &[&super::OutboxEntry],
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let values = super::sqlite_rows(rows.len(), 5);
+        let sql = format!(
+            "INSERT INTO outbox \
+             (idempotency_key, peer_broker, payload, next_attempt_at, created_at) \
+             VALUES {values} \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key"
+        );
+        let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql).persistent(false);
+        for e in rows {
+            q = q
+                .bind(&e.idempotency_key[..])
+                .bind(e.peer_broker.as_str())
+                .bind(e.payload.as_slice())
+                .bind(e.now)
+                .bind(e.now);
+        }
+        Ok(q.fetch_all(&mut *self).await?)
+    }
+}
+
+impl OutboxIo for sqlx::PgConnection {
+    async fn insert_outbox(
+        &mut self,
+        rows: &[&super::OutboxEntry],
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let keys: Vec<&[u8]> = rows.iter().map(|e| &e.idempotency_key[..]).collect();
+        let peers: Vec<&str> = rows.iter().map(|e| e.peer_broker.as_str()).collect();
+        let payloads: Vec<&[u8]> = rows.iter().map(|e| e.payload.as_slice()).collect();
+        let nows: Vec<i64> = rows.iter().map(|e| e.now).collect();
+        Ok(sqlx::query_scalar::<_, Vec<u8>>(
+            "INSERT INTO outbox \
+             (idempotency_key, peer_broker, payload, next_attempt_at, created_at) \
+             SELECT k, p, b, n, n FROM UNNEST($1::bytea[], $2::text[], $3::bytea[], $4::int8[]) \
+             AS u (k, p, b, n) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key",
+        )
+        .bind(keys)
+        .bind(peers)
+        .bind(payloads)
+        .bind(nows)
+        .fetch_all(&mut *self)
+        .await?)
+    }
+}
 
 impl Store {
     /// Holds the pubkey of `peer_number` (a client at a peer broker) until `expires_at`,
@@ -69,41 +132,61 @@ impl Store {
 
     /// Enqueues many deliveries to peer brokers in ONE transaction, each due at once; one
     /// result per entry, in order: `true` when it was new, `false` when its idempotency key
-    /// was already queued.
+    /// was already queued, [`StoreError::NotFound`] when the entry names a contact pair
+    /// ([`super::OutboxEntry::contact`]) that does not exist when the batch commits (then it is
+    /// not queued). The pairs are read in the same transaction: one statement for the batch.
     pub async fn enqueue_outbox_batch(
         &self,
         entries: &[super::OutboxEntry],
     ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
         let _writing = self.writing().await;
-        let mut fresh: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
-        on_pool!(self, pool => {
+        // One route per distinct pair (a sender's deposits often repeat it).
+        let mut index: HashMap<(&Number, &Number), usize> = HashMap::new();
+        let mut pairs: Vec<(Number, Number)> = Vec::new();
+        let which: Vec<Option<usize>> = entries
+            .iter()
+            .map(|e| {
+                e.contact.as_ref().map(|(sender, target)| {
+                    *index.entry((sender, target)).or_insert_with(|| {
+                        pairs.push((sender.clone(), target.clone()));
+                        pairs.len() - 1
+                    })
+                })
+            })
+            .collect();
+        let mut fresh: HashSet<Vec<u8>> = HashSet::new();
+        let allowed: Vec<bool> = on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            for chunk in entries.chunks(OUTBOX_CHUNK) {
-                let values = bulk_rows(&self.backend, chunk.len(), 5);
-                let sql = format!(
-                    "INSERT INTO outbox \
-                     (idempotency_key, peer_broker, payload, next_attempt_at, created_at) \
-                     VALUES {values} \
-                     ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key"
-                );
-                let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql).persistent(false);
-                for e in chunk {
-                    q = q
-                        .bind(&e.idempotency_key[..])
-                        .bind(e.peer_broker.as_str())
-                        .bind(e.payload.as_slice())
-                        .bind(e.now)
-                        .bind(e.now);
-                }
-                fresh.extend(q.fetch_all(&mut *tx).await?);
+            let routes = match pairs.is_empty() {
+                true => Vec::new(),
+                false => super::social::routes_on(&mut *tx, &pairs).await?,
+            };
+            let allowed: Vec<bool> = which
+                .iter()
+                .map(|w| w.is_none_or(|i| routes.get(i).is_some_and(|r| r.contact)))
+                .collect();
+            let queued: Vec<&super::OutboxEntry> = entries
+                .iter()
+                .zip(&allowed)
+                .filter_map(|(e, &ok)| ok.then_some(e))
+                .collect();
+            for chunk in queued.chunks(OUTBOX_CHUNK) {
+                fresh.extend(OutboxIo::insert_outbox(&mut *tx, chunk).await?);
             }
             tx.commit().await?;
+            allowed
         });
         // A key twice in one batch: the first is new, the second is not.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         Ok(entries
             .iter()
-            .map(|e| Ok(fresh.contains(&e.idempotency_key[..]) && seen.insert(e.idempotency_key)))
+            .zip(allowed)
+            .map(|(e, allowed)| match allowed {
+                false => Err(StoreError::NotFound),
+                true => {
+                    Ok(fresh.contains(&e.idempotency_key[..]) && seen.insert(e.idempotency_key))
+                }
+            })
             .collect())
     }
 

@@ -14,7 +14,7 @@ use super::{
     Backend, DepositOutcome, DeviceId, InboxItem, MessageId, NewInboxItem, Number, PoolExt, Store,
     StoreError,
 };
-use super::{array, bulk_rows, device_id, number as to_number, on_pool, sqlite_list, sqlite_rows};
+use super::{array, device_id, number as to_number, on_pool, sqlite_list, sqlite_rows};
 
 /// (recipient number, stored recipient device (0 = number mode), message id).
 pub(crate) type Key = (String, i64, MessageId);
@@ -698,6 +698,48 @@ const COUNT_PENDING: &str = "SELECT \
            AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
                            WHERE a.item_seq = i.seq AND a.device_id = $2))";
 
+/// Keeps the idempotency keys of received deliveries, skipping those kept before; returns the
+/// keys that are new. Postgres gets them as arrays, so that the statement's text is the same for
+/// any number of keys and is prepared once per connection; SQLite gets a VALUES list.
+trait ReceiveIo {
+    fn claim_keys(
+        &mut self,
+        keys: &[([u8; 16], i64)],
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, StoreError>> + Send;
+}
+
+impl ReceiveIo for SqliteConnection {
+    async fn claim_keys(&mut self, keys: &[([u8; 16], i64)]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let values = sqlite_rows(keys.len(), 2);
+        let sql = format!(
+            "INSERT INTO received_deliveries (idempotency_key, expires_at) \
+             VALUES {values} ON CONFLICT (idempotency_key) DO NOTHING \
+             RETURNING idempotency_key"
+        );
+        let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql).persistent(false);
+        for (key, expires) in keys {
+            q = q.bind(&key[..]).bind(*expires);
+        }
+        Ok(q.fetch_all(&mut *self).await?)
+    }
+}
+
+impl ReceiveIo for PgConnection {
+    async fn claim_keys(&mut self, keys: &[([u8; 16], i64)]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let ids: Vec<&[u8]> = keys.iter().map(|(k, _)| &k[..]).collect();
+        let expiries: Vec<i64> = keys.iter().map(|(_, e)| *e).collect();
+        Ok(sqlx::query_scalar::<_, Vec<u8>>(
+            "INSERT INTO received_deliveries (idempotency_key, expires_at) \
+             SELECT k, e FROM UNNEST($1::bytea[], $2::int8[]) AS u (k, e) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key",
+        )
+        .bind(ids)
+        .bind(expiries)
+        .fetch_all(&mut *self)
+        .await?)
+    }
+}
+
 impl Store {
     /// Stores a batch of offline messages in ONE transaction (group commit: the caller
     /// gathers deposits from many connections and acknowledges each after this returns).
@@ -771,17 +813,10 @@ impl Store {
             let mut tx = pool.begin_write().await?;
             let mut fresh = vec![false; deliveries.len()];
             for (chunk_no, chunk) in deliveries.chunks(SQLITE_CHUNK).enumerate() {
-                let values = bulk_rows(&self.backend, chunk.len(), 2);
-                let sql = format!(
-                    "INSERT INTO received_deliveries (idempotency_key, expires_at) \
-                     VALUES {values} ON CONFLICT (idempotency_key) DO NOTHING \
-                     RETURNING idempotency_key"
-                );
-                let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql).persistent(false);
-                for (key, expires) in chunk {
-                    q = q.bind(&key[..]).bind(*expires);
-                }
-                let new: HashSet<Vec<u8>> = q.fetch_all(&mut *tx).await?.into_iter().collect();
+                let new: HashSet<Vec<u8>> = ReceiveIo::claim_keys(&mut *tx, chunk)
+                    .await?
+                    .into_iter()
+                    .collect();
                 for (i, (key, _)) in chunk.iter().enumerate() {
                     fresh[chunk_no * SQLITE_CHUNK + i] = new.contains(&key[..]);
                 }

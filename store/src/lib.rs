@@ -69,9 +69,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Postgres, Sqlite, Transaction};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-pub use batcher::{
-    BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry, RouteBatcher,
-};
+pub use batcher::{BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry};
 pub use error::StoreError;
 pub use federation::DeliveryRoute;
 pub use ported::{PortIn, PortOut, PortedAway, PortedEntry, PortedOutcome, ToOutbox, WaitingItem};

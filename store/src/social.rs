@@ -46,8 +46,9 @@ impl Store {
     }
 
     /// What DEPOSITs need to know ([`DepositRoute`]) for many `(sender, target)` pairs, in one
-    /// statement, one route per pair, in order (for [`super::RouteBatcher`], which gathers the DEPOSITs of many
-    /// connections so that a deposit costs no statement of its own).
+    /// statement, one route per pair, in order. The broker reads routes inside its batches'
+    /// transactions instead ([`super::DepositBatcher::deposit_routed`],
+    /// [`super::OutboxEntry::contact`]); this is the same read on its own.
     pub async fn deposit_routes(
         &self,
         pairs: &[(Number, Number)],

@@ -125,6 +125,7 @@ async fn enqueue_one(store: &Store, key: &[u8; 16], peer: &str, payload: &[u8], 
             peer_broker: peer.to_owned(),
             payload: payload.to_vec(),
             now,
+            contact: None,
         }])
         .await
         .unwrap();
@@ -180,6 +181,7 @@ conformance!(
     case_received_deliveries_once,
     case_deposit_route,
     case_deposit_routed,
+    case_outbox_contact_checked,
     case_delivery_routes_and_completing_many,
     case_outbox_group_commit,
     case_quota_counter_bound,
@@ -2154,6 +2156,56 @@ async fn case_deposit_route(store: Store) {
 /// ([`Store::deposit_routed_batch`]): no pair stores nothing, a block discards (and stores
 /// nothing), a pair stores a copy per active device (or one in the shared inbox), repeats and
 /// clashes answer per copy, and the batch's outcomes stay in order.
+/// An outbox entry that names a contact pair is queued only if the pair exists when its batch
+/// commits; the others in the same batch are not affected, and a pair that comes to exist
+/// later lets the same entry in.
+async fn case_outbox_contact_checked(store: Store) {
+    use micromsg_store::OutboxEntry;
+    let (a, b, c) = (num("5550001"), num("5550002"), num("5550003"));
+    entity(&store, &a).await;
+    entity(&store, &b).await;
+    entity(&store, &c).await;
+    store.add_contact(&a, &b, NOW).await.unwrap();
+    let entry = |k: u8, pair: Option<(&Number, &Number)>| OutboxEntry {
+        idempotency_key: [k; 16],
+        peer_broker: "y".into(),
+        payload: vec![k; 8],
+        now: NOW,
+        contact: pair.map(|(s, t)| (s.clone(), t.clone())),
+    };
+    let results = store
+        .enqueue_outbox_batch(&[
+            entry(1, Some((&a, &b))),
+            entry(2, Some((&c, &b))), // no pair
+            entry(3, None),           // passed on unchecked
+            entry(4, Some((&a, &b))), // the same pair again
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            results[..],
+            [Ok(true), Err(StoreError::NotFound), Ok(true), Ok(true)]
+        ),
+        "{results:?}"
+    );
+    let mut keys: Vec<u8> = store
+        .due_outbox(NOW, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|i| i.idempotency_key[0])
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, vec![1, 3, 4], "the refused entry is not queued");
+    store.add_contact(&c, &b, NOW).await.unwrap();
+    let again = store
+        .enqueue_outbox_batch(&[entry(2, Some((&c, &b)))])
+        .await
+        .unwrap();
+    assert!(matches!(again[..], [Ok(true)]), "{again:?}");
+}
+
 async fn case_deposit_routed(store: Store) {
     use micromsg_store::{RoutedDeposit, RoutedOutcome};
     let (a, b, c) = (num("5550001"), num("5550002"), num("5550003"));
@@ -2246,6 +2298,7 @@ async fn case_outbox_group_commit(store: Store) {
         peer_broker: "y".into(),
         payload: vec![k; 8],
         now: NOW,
+        contact: None,
     };
     let fresh = store
         .enqueue_outbox_batch(&[entry(1), entry(2), entry(1)])

@@ -12,6 +12,11 @@
 //! cancel-safe: a `select!` that drops a pending read loses no bytes. The length prefix is
 //! checked against the configured maximum before the body is waited for, so an oversize frame
 //! costs four bytes of reading, not a megabyte of memory.
+//!
+//! A frame whose body is larger than the buffer keeps (4 KiB) is read straight into
+//! a vector of its own, which is then handed out as it is: its bytes are copied once (from the
+//! socket), not twice (into the buffer, then out of it), and the shared buffer never grows to
+//! the size of the largest frame.
 
 use std::io;
 
@@ -61,6 +66,9 @@ pub struct FrameReader<R> {
     max_len: u32,
     /// Capacity kept while no frame is pending.
     idle_capacity: usize,
+    /// The body of a large frame being read straight into its own vector, and the body's
+    /// length (the prefix is already consumed from `buf`).
+    large: Option<(Vec<u8>, usize)>,
 }
 
 /// Buffers above this size are released after use, so one large frame does not pin memory
@@ -76,6 +84,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             start: 0,
             max_len,
             idle_capacity: KEEP_CAPACITY,
+            large: None,
         }
     }
 
@@ -97,14 +106,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The underlying reader and the bytes already read from it but not handed out as frames,
     /// for a stream that stops carrying frames (a broker relay after its `RELAY` answer).
     pub fn into_parts(self) -> (R, Vec<u8>) {
-        let rest = self.buf[self.start..].to_vec();
+        let mut rest = Vec::new();
+        if let Some((body, len)) = &self.large {
+            // A large frame's prefix was consumed when its body got a vector of its own; put it
+            // back in front. `take_frame` checked `len` against `max_len`, a `u32`.
+            rest.extend_from_slice(&u32::try_from(*len).unwrap_or(u32::MAX).to_be_bytes());
+            rest.extend_from_slice(body);
+        }
+        rest.extend_from_slice(&self.buf[self.start..]);
         (self.inner, rest)
     }
 
     /// Bytes read from the underlying reader and not yet handed out as frames (a refused
     /// frame's length prefix included).
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        let large = self
+            .large
+            .as_ref()
+            .map_or(0, |(body, _)| frame::PREFIX_LEN + body.len());
+        large + self.buf.len() - self.start
     }
 
     /// The next frame body, or `None` on a clean end of stream between frames.
@@ -114,10 +134,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(frame) = self.take_frame()? {
                 return Ok(Some(frame));
             }
-            self.make_room();
-            let n = self.inner.read_buf(&mut self.buf).await?;
+            let n = if let Some((body, len)) = &mut self.large {
+                // At most the rest of this frame: what follows it belongs in `buf`. `body` has
+                // room for all of it, so the read does not reallocate.
+                let missing = (*len - body.len()) as u64;
+                (&mut self.inner).take(missing).read_buf(body).await?
+            } else {
+                self.make_room();
+                self.inner.read_buf(&mut self.buf).await?
+            };
             if n == 0 {
-                return if self.buf.len() == self.start {
+                return if self.buffered() == 0 {
                     Ok(None)
                 } else {
                     Err(FrameReadError::Truncated)
@@ -126,14 +153,32 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Hands out the frame at the front of the buffer if it is complete. If only its prefix
-    /// is in, reserves room for the rest of it.
+    /// Hands out the frame at the front of the buffer, or the large frame read into its own
+    /// vector, if it is complete. If only a prefix is in, reserves room for the rest of the
+    /// frame: in the buffer for a small one, in a vector of its own for a large one.
     fn take_frame(&mut self) -> Result<Option<Vec<u8>>, FrameReadError> {
+        if let Some((body, len)) = &self.large {
+            if body.len() < *len {
+                return Ok(None);
+            }
+            return Ok(self.large.take().map(|(body, _)| body));
+        }
         let pending = &self.buf[self.start..];
         let peeked = frame::peek(pending, self.max_len)
             .map_err(|error| FrameReadError::bad_length(error, self.max_len))?;
         match peeked {
             Peek::NeedPrefix => Ok(None),
+            Peek::NeedBody { total } if total - frame::PREFIX_LEN > KEEP_CAPACITY => {
+                let len = total - frame::PREFIX_LEN;
+                let mut body = Vec::with_capacity(len);
+                body.extend_from_slice(&pending[frame::PREFIX_LEN..]);
+                // Everything buffered was this frame's (it is not complete), so the buffer
+                // is empty now.
+                self.buf.clear();
+                self.start = 0;
+                self.large = Some((body, len));
+                Ok(None)
+            }
             Peek::NeedBody { total } => {
                 // Reserve once for the whole frame instead of growing in steps.
                 let missing = total - pending.len();
@@ -272,6 +317,55 @@ mod tests {
                 "read {i}: room {room} for {rest} bytes to come"
             );
         }
+    }
+
+    /// A large frame goes into a vector of its own, exactly its size, while the shared buffer
+    /// stays small; the small frames around it, split across the same reads, are intact.
+    #[tokio::test]
+    async fn a_large_frame_is_read_into_its_own_vector() {
+        let big: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let mut data = Vec::new();
+        for body in [&b"before"[..], &big, b"after", &big[..4097]] {
+            frame::encode_frame(body, &mut data).unwrap();
+        }
+        let chunked = Chunked {
+            data,
+            at: 0,
+            chunk: 3000,
+            offered: Vec::new(),
+        };
+        let mut reader = FrameReader::new(chunked, 1 << 16);
+        assert_eq!(reader.next_frame().await.unwrap().unwrap(), b"before");
+        let frame = reader.next_frame().await.unwrap().unwrap();
+        assert_eq!(frame, big);
+        assert_eq!(frame.capacity(), big.len());
+        assert!(
+            reader.buf.capacity() <= 2 * KEEP_CAPACITY,
+            "{}",
+            reader.buf.capacity()
+        );
+        assert_eq!(reader.next_frame().await.unwrap().unwrap(), b"after");
+        assert_eq!(reader.next_frame().await.unwrap().unwrap(), &big[..4097]);
+        assert!(reader.next_frame().await.unwrap().is_none());
+        // No read was offered more room than the rest of the large frame it was filling.
+        assert!(reader.inner.offered.iter().all(|&room| room <= big.len()));
+    }
+
+    /// Part of a large frame read into its own vector still counts as buffered, and
+    /// `into_parts` gives it back with its prefix, followed by nothing else.
+    #[tokio::test]
+    async fn into_parts_returns_a_partial_large_frame_with_its_prefix() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(b, 1 << 16);
+        let mut data = Vec::new();
+        frame::encode_frame(&[9u8; 10_000], &mut data).unwrap();
+        a.write_all(&data[..6_000]).await.unwrap();
+        let pending =
+            tokio::time::timeout(std::time::Duration::from_millis(50), reader.next_frame()).await;
+        assert!(pending.is_err(), "the frame is not complete yet");
+        assert_eq!(reader.buffered(), 6_000);
+        let (_, rest) = reader.into_parts();
+        assert_eq!(rest, &data[..6_000]);
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! Cross-broker offline delivery.
 //!
 //! **Sending** ([`enqueue_deposit`], [`run_outbox`]). A DEPOSIT whose target is homed at a peer
-//! is written to the durable `outbox` table (with the encoded [`Delivery`] as payload) and
-//! acknowledged to the client once that write committed, and handed to the outbox worker in
+//! is written to the durable `outbox` table (with the encoded [`Delivery`] as payload) if the
+//! sender and the target are a contact pair, read in the same transaction, and acknowledged to
+//! the client once that write committed, and handed to the outbox worker in
 //! memory ([`super::handoff`]; the worker reads the table only for what it was not handed,
 //! for retries and after a restart). The worker groups items per peer into `Deliver` batches (bounded in count and bytes, a bounded number in
 //! flight per peer), and removes what
@@ -64,11 +65,11 @@ pub fn idempotency_key(sender: &str, recipient: &str, message_id: &[u8; 16]) -> 
 #[derive(Debug, Clone)]
 pub struct PeerDeposit {
     /// The depositing entity.
-    pub sender: String,
+    pub sender: Number,
     /// Its device.
     pub sender_device: u32,
-    /// The recipient (homed at `peer`).
-    pub recipient: String,
+    /// The recipient (homed at `peer`); it must be a contact of `sender`.
+    pub recipient: Number,
     /// The peer broker's id.
     pub peer: String,
     /// The client's message id.
@@ -82,19 +83,24 @@ pub struct PeerDeposit {
 }
 
 /// Writes a deposit for a peer into the outbox (committed when this returns) and wakes the
-/// worker. A repeat of the same message is a no-op.
+/// worker. A repeat of the same message is a no-op. [`StoreError::NotFound`] when the sender
+/// and the recipient are not a contact pair at commit (nothing is queued).
 pub async fn enqueue_deposit(
     outbox: &OutboxBatcher,
     federation: &Federation,
     deposit: PeerDeposit,
 ) -> Result<(), StoreError> {
-    let key = idempotency_key(&deposit.sender, &deposit.recipient, &deposit.message_id);
+    let key = idempotency_key(
+        deposit.sender.as_str(),
+        deposit.recipient.as_str(),
+        &deposit.message_id,
+    );
     let payload = Delivery {
         idempotency_key: key.to_vec(),
         message_id: deposit.message_id.to_vec(),
-        sender: deposit.sender,
+        sender: deposit.sender.as_str().to_owned(),
         sender_device: deposit.sender_device,
-        recipient: deposit.recipient,
+        recipient: deposit.recipient.as_str().to_owned(),
         created_at: deposit.created_at,
         expires_at: deposit.expires_at,
         body: deposit.body,
@@ -116,6 +122,7 @@ pub async fn enqueue_deposit(
             peer_broker: deposit.peer,
             payload,
             now,
+            contact: Some((deposit.sender, deposit.recipient)),
         })
         .await;
     match fresh {
@@ -125,6 +132,8 @@ pub async fn enqueue_deposit(
             .give(item, &federation.outbox_wake),
         // Queued before (a client's retry): the first one was handed over.
         Ok(false) => {}
+        // Not a contact pair: nothing was queued.
+        Err(StoreError::NotFound) => {}
         // The batch may have committed all the same (a timeout): let the worker look.
         Err(_) => federation.outbox_wake.notify_one(),
     }
@@ -473,6 +482,7 @@ pub async fn receive(
                         peer_broker: home.id.clone(),
                         payload: onward.encode_to_vec(),
                         now: now as i64,
+                        contact: None,
                     },
                 ));
                 continue;

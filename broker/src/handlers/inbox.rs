@@ -5,8 +5,8 @@
 //! [`micromsg_store::DepositBatcher`]): the acknowledgement means durably stored.
 
 use micromsg_store::{
-    DepositBatcher, DepositOutcome, NewInboxItem, OutboxBatcher, RouteBatcher, RoutedDeposit,
-    RoutedOutcome, Store, StoreError,
+    DepositBatcher, DepositOutcome, NewInboxItem, OutboxBatcher, RoutedDeposit, RoutedOutcome,
+    Store, StoreError,
 };
 use micromsg_wire::message::event::InboxNotice;
 use micromsg_wire::message::request::{DepositArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs};
@@ -39,8 +39,6 @@ pub struct Cx<'a> {
     pub deposits: &'a DepositBatcher,
     /// Group commit into the federation outbox.
     pub outbox: &'a OutboxBatcher,
-    /// Batched route checks of deposits.
-    pub routes: &'a RouteBatcher,
     /// Where a number outside this broker's share lives; `None` for a standalone broker.
     pub federation: Option<&'a Federation>,
     /// The answers given to discarded deposits, for their repeats.
@@ -57,7 +55,6 @@ impl<'a> Cx<'a> {
             online: &broker.online,
             deposits: &broker.batchers.deposits,
             outbox: &broker.batchers.outbox,
-            routes: &broker.batchers.routes,
             federation: broker.federation.as_deref(),
             discarded: &broker.limiters.discarded,
         }
@@ -191,18 +188,16 @@ pub async fn deposit(cx: Cx<'_>, login: &Login, args: DepositArgs, now: Now) -> 
     if let Some(f) = cx.federation
         && let crate::federation::Home::Peer(peer) = f.home_of(target.as_str())
     {
-        if !cx.routes.route(login.number(), target).await?.contact {
-            return Err(no_contact());
-        }
         // The target's home broker applies its block list; here the message goes into the
-        // durable outbox, and the ack means "durably accepted by the home broker".
-        crate::federation::outbox::enqueue_deposit(
+        // durable outbox if the two are a contact pair (read in the outbox batch's own
+        // transaction), and the ack means "durably accepted by the home broker".
+        let queued = crate::federation::outbox::enqueue_deposit(
             cx.outbox,
             f,
             PeerDeposit {
-                sender: login.number().as_str().to_owned(),
+                sender: login.number().clone(),
                 sender_device: login.device.get(),
-                recipient: target.as_str().to_owned(),
+                recipient: target.clone(),
                 peer: peer.id.clone(),
                 message_id: *args.id.as_bytes(),
                 created_at: now.unix,
@@ -210,7 +205,11 @@ pub async fn deposit(cx: Cx<'_>, login: &Login, args: DepositArgs, now: Now) -> 
                 body: args.body.into_vec(),
             },
         )
-        .await?;
+        .await;
+        match queued {
+            Err(StoreError::NotFound) => return Err(no_contact()),
+            other => other?,
+        }
         return Ok(ResponseData::Deposit(DepositData {
             id: args.id,
             expires,

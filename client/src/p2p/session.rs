@@ -38,10 +38,11 @@ use super::{SessionConfig, Transport};
 const SEND_BATCH: usize = 64;
 /// Frames opened per wake-up without going back through `select!`.
 const READ_BATCH: usize = 64;
-/// Above this many unwritten bytes the outgoing queue is not read (backpressure).
+/// Above this many unwritten bytes nothing more is sealed and the outgoing queue is not read
+/// (backpressure). It also bounds what is sealed ahead of the socket, so a batch of large
+/// messages is written while its bytes are still in the cache, not sealed whole (64 × 64 KiB)
+/// first.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
-/// Written bytes at the front of the write buffer are dropped once there are this many.
-const WRITE_COMPACT: usize = 64 * 1024;
 
 /// Durable storage of a session's next send counter (protocol 12.7: the next counter is
 /// persisted before a frame with the current one leaves the device).
@@ -509,7 +510,9 @@ struct Task<R, W> {
     /// Live rule: every frame's counter is exactly the last plus one.
     guard: ReplayGuard,
     out_rx: mpsc::Receiver<Outgoing>,
-    /// Reused buffer for messages taken from `out_rx`.
+    /// Messages taken from `out_rx` and not sealed yet, the next one last (reversed, so
+    /// they are taken with `pop`). Sealing stops at [`WRITE_HIGH_WATER`]; the rest waits here
+    /// for the socket, and `out_rx` is read again once this is empty.
     batch: Vec<Outgoing>,
     events: mpsc::Sender<PeerEvent>,
     /// An event the full queue could not take yet; reading pauses until it is delivered.
@@ -615,15 +618,16 @@ where
                     self.handle_read(frame)
                 }
                 n = self.out_rx.recv_many(&mut self.batch, SEND_BATCH),
-                    if self.confirmed && unwritten < WRITE_HIGH_WATER =>
+                    if self.confirmed && unwritten < WRITE_HIGH_WATER && self.batch.is_empty() =>
                 {
                     if n == 0 {
                         // Every sender is gone: end the session in order.
                         return self.close_locally(String::new()).await;
                     }
+                    self.batch.reverse();
                     match self.handle_outgoing().await {
                         Ok(Some(reason)) => return self.close_locally(reason).await,
-                        Ok(None) => self.flush_now(),
+                        Ok(None) => Ok(()),
                         Err(reason) => Err(reason),
                     }
                 }
@@ -631,7 +635,12 @@ where
                     match written {
                         Ok(n) if n > 0 => {
                             self.advance(n);
-                            Ok(())
+                            // Room again: seal what waits in the batch.
+                            match self.handle_outgoing().await {
+                                Ok(Some(reason)) => return self.close_locally(reason).await,
+                                Ok(None) => Ok(()),
+                                Err(reason) => Err(reason),
+                            }
                         }
                         _ => Err(EndReason::ConnectionLost),
                     }
@@ -787,20 +796,32 @@ where
         }
     }
 
-    /// Seals the batch taken from the queue. Returns the close reason if it holds a close
-    /// (messages after it are dropped).
+    /// Seals waiting messages and writes what the socket takes, until the batch is empty or
+    /// [`WRITE_HIGH_WATER`] bytes wait for the socket. Returns the close reason if the batch
+    /// holds a close (messages after it are dropped).
     async fn handle_outgoing(&mut self) -> Result<Option<String>, EndReason> {
-        let mut batch = std::mem::take(&mut self.batch);
-        let result = self.seal_batch(&mut batch).await;
-        batch.clear();
-        self.batch = batch;
-        result
+        loop {
+            if self.wbuf.len() - self.wpos >= WRITE_HIGH_WATER || self.batch.is_empty() {
+                return Ok(None);
+            }
+            if let Some(reason) = self.seal_batch().await? {
+                self.batch.clear();
+                return Ok(Some(reason));
+            }
+            self.flush_now()?;
+        }
     }
 
-    async fn seal_batch(&mut self, batch: &mut Vec<Outgoing>) -> Result<Option<String>, EndReason> {
-        self.reserve(batch.len() as u64).await?;
+    /// Seals messages from the batch until it is empty or [`WRITE_HIGH_WATER`] bytes are
+    /// unwritten.
+    async fn seal_batch(&mut self) -> Result<Option<String>, EndReason> {
+        self.reserve(self.batch.len() as u64).await?;
         let unix = unix_now();
-        for item in batch.drain(..) {
+        self.compact();
+        while self.wbuf.len() - self.wpos < WRITE_HIGH_WATER {
+            let Some(item) = self.batch.pop() else {
+                break;
+            };
             match item {
                 Outgoing::Text { text, sealed } => {
                     let start = self.wbuf.len();
@@ -837,6 +858,7 @@ where
 
     async fn send_heartbeat(&mut self) -> Result<(), EndReason> {
         self.reserve(1).await?;
+        self.compact();
         self.seal(unix_now(), Kind::Heartbeat, b"")?;
         self.flush_now()
     }
@@ -908,13 +930,21 @@ where
         Ok(())
     }
 
+    /// Drops the written front of the write buffer before frames are appended, but only when
+    /// it is at least as long as the unwritten rest that moves: each byte is then moved at most
+    /// once on average (dropping it after every partial write moved the unwritten rest again
+    /// each time).
+    fn compact(&mut self) {
+        if self.wpos > 0 && self.wpos >= self.wbuf.len() - self.wpos {
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
+    }
+
     fn advance(&mut self, n: usize) {
         self.wpos += n;
         if self.wpos == self.wbuf.len() {
             self.wbuf.clear();
-            self.wpos = 0;
-        } else if self.wpos >= WRITE_COMPACT {
-            self.wbuf.drain(..self.wpos);
             self.wpos = 0;
         }
     }
