@@ -484,8 +484,28 @@ impl Delivery {
             // Already received live: this is the broker's copy of the same message.
             return Ok(false);
         }
-        let opened = match found.session_mut().open_offline(envelope.frame) {
+        let seen_offline = found.session().recv_offline_seen.contains(&counter);
+        let opened = found.session_mut().open_offline(envelope.frame);
+        if opened.is_ok() {
+            // Authentic under the contact's keys: it holds the session (12.3), so this
+            // device may seal offline messages with it if it is its own.
+            batch.confirmed.insert(sid);
+        }
+        let opened = match opened {
             Ok(Some(opened)) => opened,
+            Ok(None) if seen_offline => {
+                // Its counter was taken from the inbox before, but not its message id: the
+                // store's steps (`commit_batch`) were cut after the seen-set, before the
+                // inbox state that keeps a group frame (a crash, a SIGKILL). A text is in
+                // the history by then, a group frame nowhere: hand it to the group layer
+                // again, which drops what it already has.
+                if let Ok(again) = found.session().recv.open(envelope.frame)
+                    && again.kind == Kind::Group
+                {
+                    batch.push_group(item, &peer, Direction::In, again);
+                }
+                return Ok(false);
+            }
             Ok(None) => return Ok(false),
             Err(_) => return drop(batch, format!("a message from {peer} that does not open")),
         };
@@ -566,7 +586,12 @@ fn commit_batch(
             store.save_found(found)?;
         }
     }
-    // Group frames go into the same durable state as the ids they are acknowledged by.
+    for sid in &batch.confirmed {
+        store.confirm_session(sid)?;
+    }
+    // Group frames go into the same durable state as the ids they are acknowledged by. A
+    // history line is written before the seen-sets; a group frame only here, after them: a
+    // crash in between is made good when the item comes again (`take_one`).
     state.groups.extend(batch.groups);
     store.save_inbox_state(state, now_unix)?;
     Ok(batch.arrived)
@@ -581,6 +606,8 @@ struct Batch {
     groups: Vec<GroupFrame>,
     sessions: HashMap<[u8; SESSION_ID_LEN], FoundSession>,
     dirty: BTreeSet<[u8; SESSION_ID_LEN]>,
+    /// Sessions the contact proved it holds (an item under its keys opened).
+    confirmed: BTreeSet<[u8; SESSION_ID_LEN]>,
     /// Identity keys to pin (contacts first met through another device's session keys).
     pins: Vec<(String, micromsg_crypto::identity::IdentityPublicKey)>,
 }

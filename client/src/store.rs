@@ -7,7 +7,11 @@
 //! DIR/sessions/<number>.json      the latest session THIS device set up with that contact:
 //!                                 the only keys it may send with                          (0600)
 //! DIR/keys/<session id>.json      SharedSession: keys it may only open with (another device's
-//!                                 sessions, synced or restored, and its own older ones)   (0600)
+//!                                 sessions, synced or restored), and its own older ones
+//!                                 (it seals with one of those only while the latest is
+//!                                 unconfirmed, [`Store::send_session`])                    (0600)
+//! DIR/unconfirmed.json            own sessions the peer has not proved it holds yet
+//!                                 (protocol 12.3; `confirm`)                               (0600)
 //! DIR/inbox.json                  InboxState: inbox ids already stored (until they expire)
 //!                                 and envelopes waiting for their session keys            (0600)
 //! DIR/outbox.json                 messages queued until the broker takes them
@@ -38,6 +42,7 @@ use crate::keys::SharedSession;
 use crate::p2p::{CounterPersist, StoredSession};
 use crate::profile::{Profile, ProfileError};
 
+mod confirm;
 mod moves;
 pub use moves::{FollowError, MAX_FORMER, safety_number_with};
 
@@ -1027,9 +1032,28 @@ impl CounterPersist for SessionCounterPersister {
                 }
                 Ok(())
             }
-            // No record of these keys on disk (never saved, or replaced by a newer session):
-            // nothing could reuse their counters after a crash.
-            _ => Ok(()),
+            // Replaced by a newer session: its record is kept in `keys/`, and may seal offline
+            // messages again while the newer one is unconfirmed, so it is raised there.
+            Some(_) => {
+                let own = self.store.own_device();
+                match self
+                    .store
+                    .read_shared(session_id)
+                    .map_err(io::Error::other)?
+                {
+                    Some(mut kept)
+                        if kept.device == own
+                            && kept.session.next_send_counter < next_send_counter =>
+                    {
+                        kept.session.next_send_counter = next_send_counter;
+                        self.store.write_shared(&kept).map_err(io::Error::other)
+                    }
+                    _ => Ok(()),
+                }
+            }
+            // No record of these keys on disk (never saved): nothing could reuse their
+            // counters after a crash.
+            None => Ok(()),
         }
     }
 }

@@ -133,10 +133,14 @@ async fn ended(handle: &mut SessionHandle) -> SessionEnd {
     }
 }
 
+/// The next text, past the key confirmation (the first event of a session).
 async fn text(handle: &mut SessionHandle) -> (u64, String) {
-    match event(handle).await {
-        PeerEvent::Text { counter, text, .. } => (counter, text),
-        other => panic!("expected a text, got {other:?}"),
+    loop {
+        match event(handle).await {
+            PeerEvent::Confirmed => {}
+            PeerEvent::Text { counter, text, .. } => return (counter, text),
+            other => panic!("expected a text, got {other:?}"),
+        }
     }
 }
 
@@ -166,18 +170,19 @@ async fn handshake_then_messages_both_ways_in_order() {
             sb.send_text(format!("b→a {n}")).await.unwrap();
         }
     });
+    // Counter 0 of each side is the HEARTBEAT that confirms the keys (12.3).
     for n in 0..N {
-        assert_eq!(text(&mut b).await, (n, format!("a→b {n} é")));
-        assert_eq!(text(&mut a).await, (n, format!("b→a {n}")));
+        assert_eq!(text(&mut b).await, (n + 1, format!("a→b {n} é")));
+        assert_eq!(text(&mut a).await, (n + 1, format!("b→a {n}")));
     }
     send_a.await.unwrap();
     send_b.await.unwrap();
 
     let sealed = a.sender().send_text_tracked("tracked").await.unwrap();
     let sealed = timeout(WAIT, sealed).await.unwrap().unwrap();
-    assert_eq!(sealed.counter, N);
+    assert_eq!(sealed.counter, N + 1);
     assert!(sealed.unix >= now() - 5);
-    assert_eq!(text(&mut b).await, (N, "tracked".to_owned()));
+    assert_eq!(text(&mut b).await, (N + 1, "tracked".to_owned()));
 
     // Orderly end: DISCONNECT with its reason; both report the counters to persist.
     a.close("see you").await.unwrap();
@@ -185,14 +190,14 @@ async fn handshake_then_messages_both_ways_in_order() {
     assert_eq!(end_b.reason, EndReason::PeerDisconnected("see you".into()));
     assert_eq!(
         end_b.last_recv_counter,
-        Some(N + 1),
-        "texts, then DISCONNECT"
+        Some(N + 2),
+        "the confirming HEARTBEAT, texts, then DISCONNECT"
     );
-    assert_eq!(end_b.next_send_counter, N);
+    assert_eq!(end_b.next_send_counter, N + 1);
     let end_a = ended(&mut a).await;
     assert_eq!(end_a.reason, EndReason::LocalClose);
-    assert_eq!(end_a.next_send_counter, N + 2);
-    assert_eq!(a.next_send_counter(), N + 2);
+    assert_eq!(end_a.next_send_counter, N + 3);
+    assert_eq!(a.next_send_counter(), N + 3);
     assert!(a.next_event().await.is_none(), "Ended is the last event");
     assert!(a.send_text("late").await.is_err());
 }
@@ -204,7 +209,7 @@ async fn dropping_the_handle_disconnects_with_an_empty_reason() {
     let mut b = r.start(None);
     a.send_text("last words").await.unwrap();
     drop(a);
-    assert_eq!(text(&mut b).await, (0, "last words".to_owned()));
+    assert_eq!(text(&mut b).await, (1, "last words".to_owned()));
     let end = ended(&mut b).await;
     assert_eq!(end.reason, EndReason::PeerDisconnected(String::new()));
 }
@@ -380,11 +385,11 @@ async fn a_slow_reader_does_not_time_out_or_lose_messages() {
     // (four of b's liveness periods) while b's application reads nothing. (Exactly, on paused
     // time: p2p::session::timing_tests.)
     eventually("twelve heartbeats from a after its texts", || {
-        a.next_send_counter() >= 50 + 12
+        a.next_send_counter() >= 1 + 50 + 12
     })
     .await;
     for n in 0..50 {
-        assert_eq!(text(&mut b).await, (n, format!("m{n}")));
+        assert_eq!(text(&mut b).await, (n + 1, format!("m{n}")));
     }
     a.close("").await.unwrap();
     assert_eq!(
@@ -608,19 +613,19 @@ async fn stored_session_round_trips_and_opens_later_frames() {
         a.send_text(format!("live {n}")).await.unwrap();
     }
     for n in 0..10u64 {
-        assert_eq!(text(&mut b).await, (n, format!("live {n}")));
+        assert_eq!(text(&mut b).await, (n + 1, format!("live {n}")));
     }
     let reserved = store_a
         .load_session(num_b)
         .unwrap()
         .unwrap()
         .next_send_counter;
-    assert!(reserved >= 10, "counters reserved before use: {reserved}");
+    assert!(reserved >= 11, "counters reserved before use: {reserved}");
 
     a.close("").await.unwrap();
     let end_b = ended(&mut b).await;
     let end_a = ended(&mut a).await;
-    assert_eq!(end_a.next_send_counter, 11);
+    assert_eq!(end_a.next_send_counter, 12);
     // A records the end; the reservation on disk is never lowered.
     let mut sa = store_a.load_session(num_b).unwrap().unwrap();
     sa.record_end(&end_a, now());
@@ -631,16 +636,20 @@ async fn stored_session_round_trips_and_opens_later_frames() {
             .unwrap()
             .unwrap()
             .next_send_counter
-            >= 11
+            >= 12
     );
 
     // B's record: file round trip, 0600, redacted Debug.
     let mut sb = store_b.load_session(num_a).unwrap().unwrap();
-    assert_eq!(sb, stored_b);
+    // B reserved counters for its confirming HEARTBEAT (12.3).
+    assert!(sb.next_send_counter >= 1, "{sb:?}");
+    let mut expected = stored_b.clone();
+    expected.next_send_counter = sb.next_send_counter;
+    assert_eq!(sb, expected);
     assert_eq!(sb.role, Role::Responder);
     assert_eq!(sb.peer_identity, identity(1).public_key());
     sb.record_end(&end_b, now());
-    assert_eq!(sb.recv_last_live, Some(10));
+    assert_eq!(sb.recv_last_live, Some(11));
     store_b.save_session(num_a, &sb).unwrap();
     let json = std::fs::read_to_string(dir_b.path().join("sessions/5550001.json")).unwrap();
     let parsed: StoredSession = serde_json::from_str(&json).unwrap();
@@ -699,10 +708,12 @@ async fn many_messages_flow_both_ways_under_backpressure() {
                 }
                 sender
             });
+            let first = timeout(WAIT, events.recv()).await.unwrap().unwrap();
+            assert_eq!(first, PeerEvent::Confirmed, "{tag}");
             for n in 0..N {
                 match timeout(WAIT, events.recv()).await.unwrap().unwrap() {
                     PeerEvent::Text { counter, text, .. } => {
-                        assert_eq!(counter, n, "{tag}");
+                        assert_eq!(counter, n + 1, "{tag}");
                         assert_eq!(text.len(), 256);
                     }
                     other => panic!("{tag}: {other:?}"),
@@ -752,9 +763,10 @@ async fn large_messages_beyond_the_write_high_water_arrive_in_order() {
     // still unsealed.
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(a);
+    // Counter 0 is the HEARTBEAT that confirms the keys (12.3).
     for n in 0..N {
         let (counter, text) = text(&mut b).await;
-        assert_eq!(counter, n as u64);
+        assert_eq!(counter, n as u64 + 1);
         assert!(text == body(n), "message {n} differs");
     }
     assert_eq!(
@@ -763,7 +775,7 @@ async fn large_messages_beyond_the_write_high_water_arrive_in_order() {
     );
     for (n, sealed) in tracked {
         let sealed = timeout(WAIT, sealed).await.unwrap().unwrap();
-        assert_eq!(sealed.counter, n as u64);
+        assert_eq!(sealed.counter, n as u64 + 1);
         assert_eq!(sealed.frame.first(), Some(&0x10), "a DATA frame");
         let overhead = sealed.frame.len() - LEN;
         assert!(
@@ -789,5 +801,5 @@ async fn texts_over_the_frame_limit_are_refused_locally() {
         Err(p2p::SendError::TooLong { .. })
     ));
     a.send_text("y".repeat(max)).await.unwrap();
-    assert_eq!(text(&mut b).await, (0, "y".repeat(max)));
+    assert_eq!(text(&mut b).await, (1, "y".repeat(max)));
 }

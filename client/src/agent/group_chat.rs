@@ -74,9 +74,10 @@ impl Agent {
         pins
     }
 
-    /// True when this device can reach `number` end to end: a live session or a stored one.
+    /// True when this device can reach `number` end to end: a live session or a stored one
+    /// the peer confirmed (12.3).
     pub(super) fn reachable(&self, number: &str) -> bool {
-        self.sessions.contains_key(number) || matches!(self.store.load_session(number), Ok(Some(_)))
+        self.sessions.contains_key(number) || matches!(self.store.send_session(number), Ok(Some(_)))
     }
 
     /// The short-lived agent of a one-shot command does not watch the inbox: bring the group

@@ -351,6 +351,11 @@ struct Agent {
     tokens: TokenTable,
     outgoing: HashMap<[u8; 16], Outgoing>,
     sessions: HashMap<String, (SessionSender, [u8; 16])>,
+    /// Live sessions the peer has not confirmed yet (protocol.md 12.3), by session id: the
+    /// peer, and the request whose queued messages go out once it does. Sending on such a
+    /// session waits for the confirmation, so nothing waits for it on the agent's loop but
+    /// what the user sends meanwhile.
+    confirming: HashMap<[u8; 16], (String, Option<Outgoing>)>,
     /// How each live session reaches its peer, by peer.
     paths: HashMap<String, crate::relay::Path>,
     /// Relays offered with this device's contact requests (protocol.md 6.26).
@@ -423,6 +428,7 @@ impl Agent {
             tokens: Arc::new(Mutex::new(HashMap::new())),
             outgoing: HashMap::new(),
             sessions: HashMap::new(),
+            confirming: HashMap::new(),
             paths: HashMap::new(),
             relays: relays::RelayTable::default(),
             asked: HashMap::new(),

@@ -97,7 +97,7 @@ impl Agent {
             self.initiate(to, Some(text), reply, false, None).await;
             return;
         }
-        match self.store.load_session(&to) {
+        match self.store.send_session(&to) {
             Ok(Some(_)) => {
                 let r = self.send_text(&to, &text).await;
                 let _ = reply.send(r);
@@ -322,8 +322,9 @@ impl Agent {
                     Payload::Message { text, .. } => text.as_str(),
                     Payload::Op(_) | Payload::State(_) => "(a change to the group)",
                 };
-                // A member who is not a contact: the frame waits for a first session.
-                if !matches!(self.store.load_session(peer), Ok(Some(_))) {
+                // A member who is not a contact (or whose only session is unconfirmed): the
+                // frame waits for a session.
+                if !matches!(self.store.send_session(peer), Ok(Some(_))) {
                     return self.queue_for_session(peer, frame, shown).await;
                 }
                 self.queue_sealed(

@@ -128,25 +128,29 @@ impl Agent {
                 "{peer} has a live session; refusing to seal an offline message with its keys"
             ));
         }
-        let mut stored = match self.store.load_session(peer) {
+        // The newest session the peer is known to hold (12.11): a session whose handshake was
+        // cut off half-way may exist on this side only.
+        let mut found = match self.store.send_session(peer) {
             Ok(Some(s)) => s,
             Ok(None) => {
                 return Err(format!(
                     "{peer} is not online, and this device has no earlier session with {peer} \
-                     to seal an offline message with (a device sends offline only with sessions \
-                     it set up itself); try again when {peer} is online"
+                     that {peer} is known to hold, to seal an offline message with (a device \
+                     sends offline only with sessions it set up itself, once the contact has \
+                     confirmed them); try again when {peer} is online"
                 ));
             }
             Err(e) => return Err(format!("reading the session with {peer}: {e}")),
         };
         let now = unix_now();
-        let envelope = stored
+        let envelope = found
+            .session_mut()
             .seal_offline(now, kind, payload)
             .map_err(|e| format!("sealing for {peer}: {e}"))?;
+        let stored = found.session().clone();
         let counter = stored.next_send_counter.saturating_sub(1);
         // The counter is on disk before the envelope can leave the device (12.7).
-        let (owned, saved) = (peer.to_owned(), stored.clone());
-        self.on_disk(move |s| s.save_session(&owned, &saved))
+        self.on_disk(move |s| s.save_found(&found))
             .await
             .map_err(|e| format!("saving the send counter: {e}"))?;
         let id = new_message_id().to_hex();

@@ -32,7 +32,7 @@ impl Agent {
     }
 
     pub(super) async fn on_handshake(&mut self, done: HandshakeDone) {
-        let waiting = done.request.and_then(|r| self.outgoing.remove(&r));
+        let mut waiting = done.request.and_then(|r| self.outgoing.remove(&r));
         let fail = |waiting: Option<Outgoing>, message: String| {
             if let Some(o) = waiting {
                 for w in o.waiters {
@@ -109,7 +109,12 @@ impl Agent {
         .unwrap_or_default();
         let stored = established.stored_session(now);
         let (owned, saved) = (peer.clone(), stored.clone());
-        if let Err(e) = self.on_disk(move |s| s.save_session(&owned, &saved)).await {
+        // Unconfirmed until the peer's first DATA frame shows it holds the keys too (12.3):
+        // until then offline messages are sealed with the last session it confirmed.
+        if let Err(e) = self
+            .on_disk(move |s| s.save_new_session(&owned, &saved))
+            .await
+        {
             let message = format!("saving the session keys for {peer} failed: {e}");
             self.warn(message.clone()).await;
             fail(waiting, message);
@@ -153,10 +158,8 @@ impl Agent {
         })
         .await;
         self.share_session(&peer, &stored).await;
-        // Group frames that waited for a first session with this member.
-        self.send_awaiting(&peer).await;
-        if let Some(o) = waiting {
-            for w in o.waiters {
+        if let Some(o) = waiting.as_mut() {
+            for w in std::mem::take(&mut o.waiters) {
                 let _ = w.send(Ok(Output::said(format!(
                     "session with {peer} is up ({})",
                     path.as_str()
@@ -166,16 +169,36 @@ impl Agent {
                     path,
                 })));
             }
-            for (text, w) in o.queued {
-                if w.cancelled() {
-                    let _ = w.send(super::cancelled_reply(
-                        "nothing was sent (the session came up after the cancel)",
-                    ));
-                    continue;
-                }
-                let reply = self.send_text(&peer, &text).await;
-                let _ = w.send(reply);
+        }
+        // What waited for this session (group frames for a first session with this member,
+        // the request's messages) goes out once the peer confirms the keys (12.3): sent now,
+        // it would hold this loop until then, and a peer doing the same towards us would
+        // wait for this loop in turn.
+        self.confirming.insert(session_id, (peer, waiting));
+    }
+
+    /// The peer confirmed session `session_id` (`confirmed`), or the session ended before it
+    /// did: what waited for it goes out, live or through the outbox. Group frames waiting for
+    /// a first session stay queued for the next session when this one never came up.
+    async fn release_waiting(&mut self, session_id: [u8; 16], confirmed: bool) {
+        let Some((peer, waiting)) = self.confirming.remove(&session_id) else {
+            return;
+        };
+        if confirmed {
+            self.send_awaiting(&peer).await;
+        }
+        let Some(o) = waiting else {
+            return;
+        };
+        for (text, w) in o.queued {
+            if w.cancelled() {
+                let _ = w.send(super::cancelled_reply(
+                    "nothing was sent (the session came up after the cancel)",
+                ));
+                continue;
             }
+            let reply = self.send_text(&peer, &text).await;
+            let _ = w.send(reply);
         }
     }
 
@@ -233,6 +256,16 @@ impl Agent {
                 self.on_group_frame(&peer, Direction::In, &payload, unix, false)
                     .await;
             }
+            PeerEvent::Confirmed => {
+                // Offline messages may be sealed with this session from now on (12.11).
+                if let Err(e) = self.on_disk(move |s| s.confirm_session(&session_id)).await {
+                    self.warn(format!(
+                        "recording that {peer} confirmed the session failed: {e}"
+                    ))
+                    .await;
+                }
+                self.release_waiting(session_id, true).await;
+            }
             PeerEvent::Moved {
                 counter, payload, ..
             } => {
@@ -267,6 +300,7 @@ impl Agent {
                     reason: end.reason.to_string(),
                 })
                 .await;
+                self.release_waiting(session_id, false).await;
             }
         }
     }

@@ -19,6 +19,13 @@
 //! shows or sends anything. `initiate` and `respond` also take a check that runs *before* the
 //! last handshake frame is sent, for callers that want to refuse a peer with ABORT 2.
 //!
+//! Key confirmation (protocol 12.3): a handshake cut off around FINISH can leave the keys on
+//! one side only, so a started session sends a HEARTBEAT at once (the application saved the
+//! session first), holds what the application queues until the peer's first authentic DATA
+//! frame shows it holds the keys too ([`PeerEvent::Confirmed`]), and ends with
+//! [`EndReason::Unconfirmed`], nothing queued sent, when none comes within
+//! [`SessionConfig::handshake_timeout`].
+//!
 //! Nothing here logs keys, tokens or message bodies.
 //!
 //! A responder's listen loop, in outline (`pending` maps token ids to the tokens and peer
@@ -32,10 +39,11 @@
 //!     PinResult::Changed { old } => { /* warn loudly; show and send nothing until repin */ }
 //!     _ => {}
 //! }
-//! store.save_session(&peer, &est.stored_session(now))?;          // before any counter is used
+//! store.save_new_session(&peer, &est.stored_session(now))?;      // before any counter is used
 //! let mut session = est.start(Some(store.counter_persister(&peer)?));
 //! while let Some(event) = session.next_event().await {
 //!     match event {
+//!         PeerEvent::Confirmed => { store.confirm_session(&session.session_id())?; }
 //!         PeerEvent::Text { counter, unix, text } => { /* store.append_history(...) */ }
 //!         PeerEvent::Ended(end) => { /* load, record_end(&end), save_session */ }
 //!         _ => {}
@@ -83,7 +91,9 @@ pub struct SessionConfig {
     /// [`DEFAULT_MAX_FRAME_LEN`]. One frame buffer of this size may be held per session.
     pub max_frame_len: u32,
     /// The whole handshake (including the TCP connect for [`connect`]) must finish within
-    /// this. Default 10 s (12.1).
+    /// this. Default 10 s (12.1). The peer's first DATA frame (key confirmation, 12.3) must
+    /// then arrive within as long again, or the session ends with
+    /// [`EndReason::Unconfirmed`].
     pub handshake_timeout: Duration,
     /// How long a local close may take to flush DISCONNECT and wait for the peer to close
     /// the connection. Default 2 s.

@@ -83,6 +83,11 @@ pub enum PeerEvent {
         /// The payload (a JSON object for [`crate::groups`]).
         payload: Vec<u8>,
     },
+    /// The peer proved it holds the session keys: its first authentic DATA frame arrived
+    /// (protocol 12.3, key confirmation). Always the first event but [`PeerEvent::Ended`];
+    /// content queued before it was held and goes out now. Only a confirmed session may seal
+    /// offline messages (12.11).
+    Confirmed,
     /// A MOVED notice (protocol.md 12.13), unchecked: [`crate::moving`] checks it.
     Moved {
         /// The peer's counter for it.
@@ -150,6 +155,11 @@ pub enum EndReason {
     /// The send counter reached its end; these keys must not be used again.
     #[error("send counter exhausted")]
     CounterExhausted,
+    /// No authentic DATA frame from the peer within [`SessionConfig::handshake_timeout`] of
+    /// the start: the peer may never have completed the handshake or kept the keys (12.3), so
+    /// nothing queued was sent on it.
+    #[error("the peer never confirmed the session keys")]
+    Unconfirmed,
 }
 
 /// The counter and time a queued TEXT was sealed with, and the DATA frame itself (see
@@ -468,6 +478,8 @@ where
         wpos: 0,
         last_sent: now,
         last_recv: now,
+        started: now,
+        confirmed: false,
         reserved: if persist.is_some() { 0 } else { u64::MAX },
         persist,
         shared: Arc::clone(&shared),
@@ -514,6 +526,12 @@ struct Task<R, W> {
     last_sent: Instant,
     /// When the last valid frame arrived (liveness deadline).
     last_recv: Instant,
+    /// When the session started (the key confirmation deadline).
+    started: Instant,
+    /// An authentic DATA frame from the peer arrived: it holds the keys (12.3). Until then
+    /// the outgoing queue is not read, so nothing the application sends is sealed with keys
+    /// the peer may not have.
+    confirmed: bool,
     /// Counters below this are durably reserved.
     reserved: u64,
     persist: Option<Arc<dyn CounterPersist>>,
@@ -559,11 +577,27 @@ where
         self.sender.next_counter().unwrap_or(u64::MAX)
     }
 
+    /// When the session ends for want of a frame from the peer: the liveness deadline, and
+    /// before the peer confirmed the keys, at the latest the confirmation deadline.
+    fn liveness_due(&self) -> Instant {
+        let due = self.last_recv + self.cfg.liveness_timeout();
+        if self.confirmed {
+            due
+        } else {
+            due.min(self.started + self.cfg.handshake_timeout)
+        }
+    }
+
     async fn pump(&mut self) -> EndReason {
         let interval = self.cfg.heartbeat_interval;
-        let dead_after = self.cfg.liveness_timeout();
+        // Key confirmation (12.3): our first DATA frame goes out at once, so the peer learns
+        // without waiting a heartbeat interval that we hold the keys (and have stored them:
+        // the application saved the session before starting it).
+        if let Err(reason) = self.send_heartbeat().await {
+            return reason;
+        }
         let mut heartbeat = pin!(sleep_until(self.last_sent + interval));
-        let mut liveness = pin!(sleep_until(self.last_recv + dead_after));
+        let mut liveness = pin!(sleep_until(self.liveness_due()));
         loop {
             let unwritten = self.wbuf.len() - self.wpos;
             let step = tokio::select! {
@@ -584,7 +618,7 @@ where
                     self.handle_read(frame)
                 }
                 n = self.out_rx.recv_many(&mut self.batch, SEND_BATCH),
-                    if unwritten < WRITE_HIGH_WATER && self.batch.is_empty() =>
+                    if self.confirmed && unwritten < WRITE_HIGH_WATER && self.batch.is_empty() =>
                 {
                     if n == 0 {
                         // Every sender is gone: end the session in order.
@@ -627,9 +661,15 @@ where
                         // peer's fault.
                         self.last_recv = Instant::now();
                     }
-                    let due = self.last_recv + dead_after;
+                    let due = self.liveness_due();
                     if Instant::now() >= due {
-                        return EndReason::HeartbeatTimeout;
+                        return if self.confirmed
+                            || Instant::now() < self.started + self.cfg.handshake_timeout
+                        {
+                            EndReason::HeartbeatTimeout
+                        } else {
+                            EndReason::Unconfirmed
+                        };
                     }
                     liveness.as_mut().reset(due);
                     Ok(())
@@ -706,6 +746,17 @@ where
                 other => EndReason::ProtocolViolation(other.to_string()),
             })?;
         self.last_recv = Instant::now();
+        if !self.confirmed {
+            self.confirmed = true;
+            // The first event of the session, so the queue has room. An application that no
+            // longer reads events is not a reason to drop what it queued before: only content
+            // that cannot be delivered ends the session (`app_gone`).
+            if let Err(mpsc::error::TrySendError::Full(event)) =
+                self.events.try_send(PeerEvent::Confirmed)
+            {
+                self.pending = Some(event);
+            }
+        }
         match (header.kind, body) {
             (Kind::Text, Body::Text(text)) => {
                 self.deliver(PeerEvent::Text {

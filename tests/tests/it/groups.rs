@@ -684,6 +684,93 @@ async fn a_group_frame_stored_but_not_applied_is_applied_by_the_next_agent() {
     oa.agent.stop().await.unwrap();
 }
 
+/// The inbox is stored in steps (history, session receive state, inbox state), each synced;
+/// a SIGKILL can fall between two. Here B's device opened A's group create and stored the
+/// session's receive state (its offline seen-set now holds the frame's counter), then died
+/// before the inbox state that keeps the frame for the group layer: the item is still at the
+/// broker, and the next agent must not take it for a repeat and drop it. (The cause of the
+/// rare loss in `listen_sigkilled_around_an_inbox_fetch_loses_no_group_frame`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_frame_whose_counter_was_stored_before_the_frame_is_not_lost() {
+    use micromsg_client::account;
+    use micromsg_crypto::message::OfflineEnvelope;
+    use micromsg_wire::message::request::InboxFetchArgs;
+    use micromsg_wire::{Request, ResponseData};
+
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let oa = online(&a).await;
+    let mut ob = online(&b).await;
+    contact(&oa, &b).await;
+    agents::session_started(&mut ob.rx, &a.number).await;
+    ob.agent.stop().await.unwrap();
+
+    let data = run(
+        &oa,
+        Command::GroupCreate {
+            name: "half stored".into(),
+            members: vec![b.number.clone()],
+        },
+    )
+    .await
+    .data
+    .unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    assert_eq!(data["delivered"][&b.number], "deposited");
+
+    // B's device fetches, opens the create and stores the session's receive state, as the
+    // agent's fetch does first; killed there: no inbox state, no acknowledgement.
+    let mut session = account::connect(&b.profile).await.unwrap();
+    let page = match session
+        .link
+        .call(Request::InboxFetch(InboxFetchArgs {
+            limit: None,
+            after: None,
+        }))
+        .await
+        .unwrap()
+    {
+        ResponseData::InboxFetch(page) => page,
+        other => panic!("{other:?}"),
+    };
+    let store = Store::new(&b.profile);
+    let mut opened = 0;
+    for item in page.messages {
+        let body = item.body.into_vec();
+        let Ok(envelope) = OfflineEnvelope::decode(&body) else {
+            continue;
+        };
+        let Some(mut found) = store.find_session(&envelope.session_id).unwrap() else {
+            continue;
+        };
+        if found
+            .session_mut()
+            .open_offline(envelope.frame)
+            .unwrap()
+            .is_some()
+        {
+            store.save_found(&found).unwrap();
+            opened += 1;
+        }
+    }
+    assert_eq!(opened, 1, "the create, from A's session");
+    drop(session);
+
+    // The next agent of B's device has the group.
+    let mut ob = online(&b).await;
+    expect(&mut ob.rx, |n| match n {
+        Notice::GroupChanged {
+            group: g, change, ..
+        } if *g == group => (change == "created").then_some(()),
+        _ => None,
+    })
+    .await;
+    assert!(store.load_group(&group).unwrap().is_some());
+    ob.agent.stop().await.unwrap();
+    oa.agent.stop().await.unwrap();
+}
+
 /// Finding 13 (issue 19): B forges A's removal of C and A's rename (signed with B's own key,
 /// as B has no other) and sends them to C through the real path (sealed with B's session with
 /// C, deposited at the broker, fetched and opened by C's agent). C refuses both, names B as

@@ -9,6 +9,7 @@ mod cli_json;
 mod contacts;
 mod federation;
 mod groups;
+mod half_handshake;
 mod inbox;
 mod netns_relay;
 mod networked_sessions;

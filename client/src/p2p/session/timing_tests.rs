@@ -1,7 +1,9 @@
-//! The session's timers on paused tokio time, over an in-memory pipe: a heartbeat after an
-//! interval without sending, the end after the liveness timeout without a valid frame, and a
-//! slow reader not taken for a silent peer. Deterministic and instant: the paused clock moves
-//! only when every task waits, and then straight to the next timer.
+//! The session's timers on paused tokio time, over an in-memory pipe: the confirming heartbeat
+//! at the start and content held until the peer confirms the keys (protocol 12.3), the end of
+//! a session the peer never confirms, a heartbeat after an interval without sending, the end
+//! after the liveness timeout without a valid frame, and a slow reader not taken for a silent
+//! peer. Deterministic and instant: the paused clock moves only when every task waits, and then
+//! straight to the next timer.
 
 #![allow(clippy::unwrap_used)]
 
@@ -149,10 +151,14 @@ async fn ended(session: &mut SessionHandle) -> SessionEnd {
     }
 }
 
+/// The next text, past the key confirmation (the first event of a session).
 async fn text(session: &mut SessionHandle) -> (u64, String) {
-    match next_event(session).await {
-        PeerEvent::Text { counter, text, .. } => (counter, text),
-        other => panic!("expected a text, got {other:?}"),
+    loop {
+        match next_event(session).await {
+            PeerEvent::Confirmed => {}
+            PeerEvent::Text { counter, text, .. } => return (counter, text),
+            other => panic!("expected a text, got {other:?}"),
+        }
     }
 }
 
@@ -163,20 +169,71 @@ async fn no_event_before(session: &mut SessionHandle, deadline: Instant) {
 }
 
 #[tokio::test(start_paused = true)]
+async fn content_waits_until_the_peer_confirms_the_keys() {
+    let (mut session, mut peer) = session_and_peer(config());
+    let started = Instant::now();
+    let sealed = session.sender().send_text_tracked("held").await.unwrap();
+    // At once: the confirming HEARTBEAT, and nothing else while the peer has not answered.
+    assert_eq!(peer.next().await, Some((0, Kind::Heartbeat)));
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    sleep(Duration::from_secs(5)).await;
+    no_event_before(&mut session, Instant::now() + MS).await;
+    // The peer's first DATA frame proves it holds the keys: the text goes out now.
+    peer.send(Kind::Heartbeat, b"").await;
+    assert_eq!(next_event(&mut session).await, PeerEvent::Confirmed);
+    assert_eq!(peer.next().await, Some((1, Kind::Text)));
+    assert_eq!(sealed.await.unwrap().counter, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_confirms_ends_the_session_with_nothing_sent() {
+    let cfg = config();
+    let limit = cfg.handshake_timeout;
+    assert!(limit < cfg.liveness_timeout());
+    let (mut session, mut peer) = session_and_peer(cfg);
+    let started = Instant::now();
+    let sealed = session
+        .sender()
+        .send_text_tracked("never sealed")
+        .await
+        .unwrap();
+    no_event_before(&mut session, started + limit - MS).await;
+    let end = ended(&mut session).await;
+    assert_eq!(end.reason, EndReason::Unconfirmed);
+    assert_eq!(started.elapsed(), limit);
+    assert!(sealed.await.is_err(), "the text was not sealed");
+    // Only HEARTBEATs went out (the one at the start, and one at the interval when it does
+    // not race the deadline), then the connection closed.
+    let mut kinds = Vec::new();
+    while let Some((counter, kind)) = peer.next().await {
+        assert_eq!(counter, kinds.len() as u64);
+        kinds.push(kind);
+    }
+    assert!((1..=2).contains(&kinds.len()), "{kinds:?}");
+    assert!(kinds.iter().all(|k| *k == Kind::Heartbeat), "{kinds:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_heartbeat_goes_out_after_an_interval_without_sending() {
     let (session, mut peer) = session_and_peer(config());
     let started = Instant::now();
+    assert_eq!(
+        peer.next().await,
+        Some((0, Kind::Heartbeat)),
+        "at the start"
+    );
+    peer.send(Kind::Heartbeat, b"").await;
     peer.nothing_before(started + INTERVAL - MS).await;
-    assert_eq!(peer.next().await, Some((0, Kind::Heartbeat)));
+    assert_eq!(peer.next().await, Some((1, Kind::Heartbeat)));
     assert_eq!(started.elapsed(), INTERVAL);
 
     // A message restarts the interval: the next heartbeat is one interval after it.
     sleep(Duration::from_secs(4)).await;
     session.send_text("between heartbeats").await.unwrap();
     let sent = Instant::now();
-    assert_eq!(peer.next().await, Some((1, Kind::Text)));
+    assert_eq!(peer.next().await, Some((2, Kind::Text)));
     peer.nothing_before(sent + INTERVAL - MS).await;
-    assert_eq!(peer.next().await, Some((2, Kind::Heartbeat)));
+    assert_eq!(peer.next().await, Some((3, Kind::Heartbeat)));
     assert_eq!(sent.elapsed(), INTERVAL);
 }
 
@@ -186,19 +243,22 @@ async fn a_silent_peer_ends_the_session_after_the_liveness_timeout() {
     let dead_after = cfg.liveness_timeout();
     assert_eq!(dead_after, 3 * INTERVAL);
     let (mut session, mut peer) = session_and_peer(cfg);
+    // The peer confirms the keys at the start, then falls silent.
+    peer.send(Kind::Heartbeat, b"").await;
     let started = Instant::now();
+    assert_eq!(next_event(&mut session).await, PeerEvent::Confirmed);
     no_event_before(&mut session, started + dead_after - MS).await;
     let end = ended(&mut session).await;
     assert_eq!(end.reason, EndReason::HeartbeatTimeout);
     assert_eq!(started.elapsed(), dead_after);
-    // Meanwhile the session sent its heartbeats (the last one may race the deadline), then
-    // closed the connection.
+    // Meanwhile the session sent its heartbeats (the one at the start, one per interval; the
+    // last one may race the deadline), then closed the connection.
     let mut kinds = Vec::new();
     while let Some((counter, kind)) = peer.next().await {
         assert_eq!(counter, kinds.len() as u64);
         kinds.push(kind);
     }
-    assert!((2..=3).contains(&kinds.len()), "{kinds:?}");
+    assert!((3..=4).contains(&kinds.len()), "{kinds:?}");
     assert!(kinds.iter().all(|k| *k == Kind::Heartbeat), "{kinds:?}");
     assert_eq!(end.next_send_counter, kinds.len() as u64);
 }
@@ -208,25 +268,28 @@ async fn a_frame_from_the_peer_restarts_the_liveness_timeout() {
     let cfg = config();
     let dead_after = cfg.liveness_timeout();
     let (mut session, mut peer) = session_and_peer(cfg);
+    peer.send(Kind::Heartbeat, b"").await;
     sleep(dead_after - Duration::from_secs(5)).await;
     peer.send(Kind::Heartbeat, b"").await;
     let heard = Instant::now();
+    assert_eq!(next_event(&mut session).await, PeerEvent::Confirmed);
     no_event_before(&mut session, heard + dead_after - MS).await;
     let end = ended(&mut session).await;
     assert_eq!(end.reason, EndReason::HeartbeatTimeout);
     assert_eq!(heard.elapsed(), dead_after);
-    assert_eq!(end.last_recv_counter, Some(0));
+    assert_eq!(end.last_recv_counter, Some(1));
 }
 
 #[tokio::test(start_paused = true)]
 async fn heartbeats_keep_an_idle_session_alive() {
     let (mut a, mut b) = two_sessions(config(), config());
-    // Ten and a half intervals with no traffic but heartbeats: ten from each side.
+    // Ten and a half intervals with no traffic but heartbeats: the confirming one at the
+    // start and ten more from each side.
     sleep(INTERVAL * 21 / 2).await;
-    assert_eq!(a.next_send_counter(), 10, "heartbeats use counters");
-    assert_eq!(b.next_send_counter(), 10);
+    assert_eq!(a.next_send_counter(), 11, "heartbeats use counters");
+    assert_eq!(b.next_send_counter(), 11);
     a.send_text("still here").await.unwrap();
-    assert_eq!(text(&mut b).await, (10, "still here".to_owned()));
+    assert_eq!(text(&mut b).await, (11, "still here".to_owned()));
     b.close("done").await.unwrap();
     assert_eq!(
         ended(&mut a).await.reason,
@@ -254,7 +317,7 @@ async fn a_slow_reader_does_not_time_out_or_lose_messages() {
     // coincidence in real time, a certainty on the paused clock.)
     sleep(cfg.liveness_timeout() * 21 / 2).await;
     for n in 0..50 {
-        assert_eq!(text(&mut b).await, (n, format!("m{n}")));
+        assert_eq!(text(&mut b).await, (n + 1, format!("m{n}")));
     }
     a.close("").await.unwrap();
     assert_eq!(
