@@ -617,28 +617,7 @@ async fn a_group_frame_stored_but_not_applied_is_applied_by_the_next_agent() {
     use micromsg_client::inbox::{Arrived, Delivery, LiveTable};
     use micromsg_crypto::identity::IdentityKey;
 
-    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
-    let a = register(&broker, "a").await;
-    let b = register(&broker, "b").await;
-    let oa = online(&a).await;
-    let mut ob = online(&b).await;
-    contact(&oa, &b).await;
-    agents::session_started(&mut ob.rx, &a.number).await;
-    ob.agent.stop().await.unwrap();
-
-    // B is offline: the create goes into B's inbox.
-    let data = run(
-        &oa,
-        Command::GroupCreate {
-            name: "kept".into(),
-            members: vec![b.number.clone()],
-        },
-    )
-    .await
-    .data
-    .unwrap();
-    let group = data["group"].as_str().unwrap().to_owned();
-    assert_eq!(data["delivered"][&b.number], "deposited");
+    let (_broker, a_agent, b, group) = create_for_offline_member("kept").await;
 
     // B's device takes its inbox (stored, then acknowledged) and stops before the group layer.
     let mut session = account::connect(&b.profile).await.unwrap();
@@ -670,18 +649,10 @@ async fn a_group_frame_stored_but_not_applied_is_applied_by_the_next_agent() {
     );
 
     // The next agent of B's device applies it (the broker no longer has it).
-    let mut ob = online(&b).await;
-    expect(&mut ob.rx, |n| match n {
-        Notice::GroupChanged {
-            group: g, change, ..
-        } if *g == group => (change == "created").then_some(()),
-        _ => None,
-    })
-    .await;
+    next_agent_has_the_group(&b, &group).await;
     let state = Store::new(&b.profile).load_group(&group).unwrap().unwrap();
     assert_eq!(state.state.name, "kept");
-    ob.agent.stop().await.unwrap();
-    oa.agent.stop().await.unwrap();
+    a_agent.agent.stop().await.unwrap();
 }
 
 /// The inbox is stored in steps (history, session receive state, inbox state), each synced;
@@ -697,27 +668,7 @@ async fn a_group_frame_whose_counter_was_stored_before_the_frame_is_not_lost() {
     use micromsg_wire::message::request::InboxFetchArgs;
     use micromsg_wire::{Request, ResponseData};
 
-    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
-    let a = register(&broker, "a").await;
-    let b = register(&broker, "b").await;
-    let oa = online(&a).await;
-    let mut ob = online(&b).await;
-    contact(&oa, &b).await;
-    agents::session_started(&mut ob.rx, &a.number).await;
-    ob.agent.stop().await.unwrap();
-
-    let data = run(
-        &oa,
-        Command::GroupCreate {
-            name: "half stored".into(),
-            members: vec![b.number.clone()],
-        },
-    )
-    .await
-    .data
-    .unwrap();
-    let group = data["group"].as_str().unwrap().to_owned();
-    assert_eq!(data["delivered"][&b.number], "deposited");
+    let (_broker, a_agent, b, group) = create_for_offline_member("half stored").await;
 
     // B's device fetches, opens the create and stores the session's receive state, as the
     // agent's fetch does first; killed there: no inbox state, no acknowledgement.
@@ -758,17 +709,49 @@ async fn a_group_frame_whose_counter_was_stored_before_the_frame_is_not_lost() {
     drop(session);
 
     // The next agent of B's device has the group.
+    next_agent_has_the_group(&b, &group).await;
+    assert!(store.load_group(&group).unwrap().is_some());
+    a_agent.agent.stop().await.unwrap();
+}
+
+/// A and B on one broker, contacts with a session, B's agent stopped; A creates a group `name`
+/// with B, whose create goes into B's inbox. Returns the broker, A's running agent, B and the
+/// group's id.
+async fn create_for_offline_member(name: &str) -> (TestBroker, Online, Member, String) {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let oa = online(&a).await;
     let mut ob = online(&b).await;
+    contact(&oa, &b).await;
+    agents::session_started(&mut ob.rx, &a.number).await;
+    ob.agent.stop().await.unwrap();
+    let data = run(
+        &oa,
+        Command::GroupCreate {
+            name: name.into(),
+            members: vec![b.number.clone()],
+        },
+    )
+    .await
+    .data
+    .unwrap();
+    let group = data["group"].as_str().unwrap().to_owned();
+    assert_eq!(data["delivered"][&b.number], "deposited");
+    (broker, oa, b, group)
+}
+
+/// Starts B's agent again and waits for it to report `group` created; stops it.
+async fn next_agent_has_the_group(b: &Member, group: &str) {
+    let mut ob = online(b).await;
     expect(&mut ob.rx, |n| match n {
         Notice::GroupChanged {
             group: g, change, ..
-        } if *g == group => (change == "created").then_some(()),
+        } if g == group => (change == "created").then_some(()),
         _ => None,
     })
     .await;
-    assert!(store.load_group(&group).unwrap().is_some());
     ob.agent.stop().await.unwrap();
-    oa.agent.stop().await.unwrap();
 }
 
 /// Finding 13 (issue 19): B forges A's removal of C and A's rename (signed with B's own key,
