@@ -201,14 +201,7 @@ impl DepositBatcher {
 
     /// Deposits one item; resolves once its batch has committed (or failed).
     pub async fn deposit(&self, item: NewInboxItem) -> Result<DepositOutcome, StoreError> {
-        Self::copy_outcome(
-            self.0
-                .submit(DepositJob::Copy {
-                    item,
-                    discard: false,
-                })
-                .await?,
-        )
+        self.copy(item, false).await
     }
 
     /// Takes one item that is not to be kept (its sender is blocked by the recipient) the way
@@ -217,14 +210,12 @@ impl DepositBatcher {
     /// ([`Store::deposit_batch_discarding`]). So the answer costs what a stored deposit's
     /// costs, and its timing does not tell the sender it is blocked.
     pub async fn discard(&self, item: NewInboxItem) -> Result<DepositOutcome, StoreError> {
-        Self::copy_outcome(
-            self.0
-                .submit(DepositJob::Copy {
-                    item,
-                    discard: true,
-                })
-                .await?,
-        )
+        self.copy(item, true).await
+    }
+
+    /// One copy through the next batch, kept or (`discard`) written and undone.
+    async fn copy(&self, item: NewInboxItem, discard: bool) -> Result<DepositOutcome, StoreError> {
+        Self::copy_outcome(self.0.submit(DepositJob::Copy { item, discard }).await?)
     }
 }
 

@@ -665,29 +665,16 @@ async fn a_group_frame_stored_but_not_applied_is_applied_by_the_next_agent() {
 async fn a_group_frame_whose_counter_was_stored_before_the_frame_is_not_lost() {
     use micromsg_client::account;
     use micromsg_crypto::message::OfflineEnvelope;
-    use micromsg_wire::message::request::InboxFetchArgs;
-    use micromsg_wire::{Request, ResponseData};
 
     let (_broker, a_agent, b, group) = create_for_offline_member("half stored").await;
 
     // B's device fetches, opens the create and stores the session's receive state, as the
     // agent's fetch does first; killed there: no inbox state, no acknowledgement.
     let mut session = account::connect(&b.profile).await.unwrap();
-    let page = match session
-        .link
-        .call(Request::InboxFetch(InboxFetchArgs {
-            limit: None,
-            after: None,
-        }))
-        .await
-        .unwrap()
-    {
-        ResponseData::InboxFetch(page) => page,
-        other => panic!("{other:?}"),
-    };
+    let messages = crate::inbox::fetch(&mut session).await;
     let store = Store::new(&b.profile);
     let mut opened = 0;
-    for item in page.messages {
+    for item in messages {
         let body = item.body.into_vec();
         let Ok(envelope) = OfflineEnvelope::decode(&body) else {
             continue;

@@ -39,7 +39,8 @@ async fn second_device(broker: &TestBroker, s: &mut Session, name: &str) -> Sess
         .unwrap()
 }
 
-async fn fetch(s: &mut Session) -> Vec<InboxMessage> {
+/// One INBOX-FETCH page of `s`'s device from the start (also used by `groups`).
+pub(crate) async fn fetch(s: &mut Session) -> Vec<InboxMessage> {
     match s
         .link
         .call(Request::InboxFetch(InboxFetchArgs {
