@@ -353,50 +353,69 @@ impl DirectionKeys {
         out: &mut Vec<u8>,
     ) -> Result<(), MessageError> {
         kind.check_payload(payload)?;
-        let start = out.len();
-        let result = self.seal_unchecked(counter, unix_secs, kind, payload, out, start);
-        if result.is_err() {
-            out.truncate(start);
-        }
-        result
+        self.seal_checked(counter, unix_secs, kind, payload, out)
     }
 
-    fn seal_unchecked(
+    /// [`DirectionKeys::seal_into`] for a payload that is text by its type: a `str` is UTF-8
+    /// already, so a TEXT or DISCONNECT payload is not read a second time to check it (at
+    /// 64 KiB that check cost as much as a tenth of the seal).
+    pub fn seal_str_into(
+        &self,
+        counter: u64,
+        unix_secs: u64,
+        kind: Kind,
+        text: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), MessageError> {
+        if !matches!(kind, Kind::Text | Kind::Disconnect) {
+            kind.check_payload(text.as_bytes())?;
+        }
+        self.seal_checked(counter, unix_secs, kind, text.as_bytes(), out)
+    }
+
+    /// Seals a payload already checked against its kind; `out` is left as it was on error.
+    fn seal_checked(
         &self,
         counter: u64,
         unix_secs: u64,
         kind: Kind,
         payload: &[u8],
         out: &mut Vec<u8>,
-        start: usize,
     ) -> Result<(), MessageError> {
-        let hs = HeaderString::new(counter, unix_secs);
-        let hlen = hs.as_bytes().len() + TAG_LEN;
-        out.reserve(PREFIX_LEN + hlen + 1 + payload.len() + TAG_LEN);
-        out.push(TYPE_DATA);
-        out.extend_from_slice(&counter.to_be_bytes());
-        out.push(hlen as u8); // at most 41 + 16
-        let header_start = out.len();
-        out.extend_from_slice(hs.as_bytes());
-        let (before, header) = out.split_at_mut(header_start);
-        let tag = aead::seal_in_place_detached(
-            self.ts_key.expose(),
-            &header_nonce(counter),
-            &before[start..],
-            header,
-        )
-        .map_err(map_aead)?;
-        out.extend_from_slice(&tag);
-
-        let body_start = out.len();
-        out.push(kind as u8);
-        out.extend_from_slice(payload);
-        let mk = message_key_material(&self.seed, hs.as_bytes());
-        let (before, body) = out.split_at_mut(body_start);
-        let tag = aead::seal_in_place_detached(mk.key(), mk.nonce(), &before[start..], body)
+        let start = out.len();
+        let result = (|| {
+            let hs = HeaderString::new(counter, unix_secs);
+            let hlen = hs.as_bytes().len() + TAG_LEN;
+            out.reserve(PREFIX_LEN + hlen + 1 + payload.len() + TAG_LEN);
+            out.push(TYPE_DATA);
+            out.extend_from_slice(&counter.to_be_bytes());
+            out.push(hlen as u8); // at most 41 + 16
+            let header_start = out.len();
+            out.extend_from_slice(hs.as_bytes());
+            let (before, header) = out.split_at_mut(header_start);
+            let tag = aead::seal_in_place_detached(
+                self.ts_key.expose(),
+                &header_nonce(counter),
+                &before[start..],
+                header,
+            )
             .map_err(map_aead)?;
-        out.extend_from_slice(&tag);
-        Ok(())
+            out.extend_from_slice(&tag);
+
+            let body_start = out.len();
+            out.push(kind as u8);
+            out.extend_from_slice(payload);
+            let mk = message_key_material(&self.seed, hs.as_bytes());
+            let (before, body) = out.split_at_mut(body_start);
+            let tag = aead::seal_in_place_detached(mk.key(), mk.nonce(), &before[start..], body)
+                .map_err(map_aead)?;
+            out.extend_from_slice(&tag);
+            Ok(())
+        })();
+        if result.is_err() {
+            out.truncate(start);
+        }
+        result
     }
 
     /// [`DirectionKeys::seal_into`] into a new buffer.
@@ -577,6 +596,21 @@ impl Sender {
         let counter = self.next_counter.ok_or(MessageError::CounterExhausted)?;
         self.keys
             .seal_into(counter, unix_secs, kind, payload, out)?;
+        self.next_counter = counter.checked_add(1);
+        Ok(counter)
+    }
+
+    /// [`Sender::seal_into`] for text ([`DirectionKeys::seal_str_into`]).
+    pub fn seal_str_into(
+        &mut self,
+        unix_secs: u64,
+        kind: Kind,
+        text: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, MessageError> {
+        let counter = self.next_counter.ok_or(MessageError::CounterExhausted)?;
+        self.keys
+            .seal_str_into(counter, unix_secs, kind, text, out)?;
         self.next_counter = counter.checked_add(1);
         Ok(counter)
     }

@@ -499,6 +499,13 @@ where
     }
 }
 
+/// A payload to seal: text, which is UTF-8 by its type and is not checked again, or bytes,
+/// which are checked against their kind.
+enum Plain<'a> {
+    Text(&'a str),
+    Bytes(&'a [u8]),
+}
+
 struct Task<R, W> {
     reader: FrameReader<R>,
     writer: W,
@@ -825,7 +832,7 @@ where
             match item {
                 Outgoing::Text { text, sealed } => {
                     let start = self.wbuf.len();
-                    let counter = self.seal(unix, Kind::Text, text.as_bytes())?;
+                    let counter = self.seal(unix, Kind::Text, Plain::Text(&text))?;
                     if let Some(sealed) = sealed {
                         // Only tracked sends pay for the copy of the frame.
                         let frame = self.wbuf.get(start + 4..).unwrap_or_default().to_vec();
@@ -842,7 +849,7 @@ where
                     kind,
                 } => {
                     let start = self.wbuf.len();
-                    let counter = self.seal(unix, kind, &payload)?;
+                    let counter = self.seal(unix, kind, Plain::Bytes(&payload))?;
                     let frame = self.wbuf.get(start + 4..).unwrap_or_default().to_vec();
                     let _ = sealed.send(Sealed {
                         counter,
@@ -859,7 +866,7 @@ where
     async fn send_heartbeat(&mut self) -> Result<(), EndReason> {
         self.reserve(1).await?;
         self.compact();
-        self.seal(unix_now(), Kind::Heartbeat, b"")?;
+        self.seal(unix_now(), Kind::Heartbeat, Plain::Bytes(b""))?;
         self.flush_now()
     }
 
@@ -894,10 +901,14 @@ where
 
     /// Seals one frame, with its length prefix, onto the write buffer. The counter must have
     /// been reserved.
-    fn seal(&mut self, unix: u64, kind: Kind, payload: &[u8]) -> Result<u64, EndReason> {
+    fn seal(&mut self, unix: u64, kind: Kind, payload: Plain<'_>) -> Result<u64, EndReason> {
         let start = self.wbuf.len();
         self.wbuf.extend_from_slice(&[0; 4]);
-        match self.sender.seal_into(unix, kind, payload, &mut self.wbuf) {
+        let sealed = match payload {
+            Plain::Text(text) => self.sender.seal_str_into(unix, kind, text, &mut self.wbuf),
+            Plain::Bytes(bytes) => self.sender.seal_into(unix, kind, bytes, &mut self.wbuf),
+        };
+        match sealed {
             Ok(counter) => {
                 let len = (self.wbuf.len() - start - 4) as u32; // <= max_frame_len (checked)
                 self.wbuf[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -956,7 +967,7 @@ where
             return end;
         }
         let reason = truncate_utf8(&reason, self.max_text_len);
-        if let Err(end) = self.seal(unix_now(), Kind::Disconnect, reason.as_bytes()) {
+        if let Err(end) = self.seal(unix_now(), Kind::Disconnect, Plain::Text(reason)) {
             return end;
         }
         let limit = self.cfg.close_timeout;

@@ -324,3 +324,39 @@ fn offline_envelope() {
         Err(MessageError::Malformed)
     );
 }
+
+#[test]
+fn sealing_a_str_gives_the_same_frame_as_sealing_its_bytes() {
+    let k = keys(21, 22);
+    for (kind, text) in [
+        (Kind::Text, "héllo, wörld ✓"),
+        (Kind::Text, ""),
+        (Kind::Disconnect, "bye"),
+        (Kind::Group, "any bytes"),
+        (Kind::Heartbeat, ""),
+    ] {
+        let mut by_bytes = vec![0xaa];
+        k.seal_into(7, 1_700_000_000, kind, text.as_bytes(), &mut by_bytes)
+            .unwrap();
+        let mut by_str = vec![0xaa];
+        k.seal_str_into(7, 1_700_000_000, kind, text, &mut by_str)
+            .unwrap();
+        assert_eq!(by_str, by_bytes, "{kind:?}");
+    }
+    // The kind's other rules still hold: a heartbeat carries nothing, and `out` is untouched.
+    let mut out = vec![1, 2, 3];
+    assert_eq!(
+        k.seal_str_into(7, 1_700_000_000, Kind::Heartbeat, "x", &mut out),
+        Err(MessageError::InvalidPayload(Kind::Heartbeat))
+    );
+    assert_eq!(out, [1, 2, 3]);
+    // The sender counts str seals like byte seals.
+    let mut sender = Sender::new(k.clone(), 3);
+    let mut f = Vec::new();
+    assert_eq!(
+        sender.seal_str_into(1_700_000_000, Kind::Text, "m", &mut f),
+        Ok(3)
+    );
+    assert_eq!(sender.next_counter(), Some(4));
+    assert_eq!(open(&k, &f).unwrap().counter, 3);
+}
