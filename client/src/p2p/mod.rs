@@ -24,7 +24,7 @@
 //! session first), holds what the application queues until the peer's first authentic DATA
 //! frame shows it holds the keys too ([`PeerEvent::Confirmed`]), and ends with
 //! [`EndReason::Unconfirmed`], nothing queued sent, when none comes within
-//! [`SessionConfig::handshake_timeout`].
+//! [`SessionConfig::confirmation_timeout`].
 //!
 //! Nothing here logs keys, tokens or message bodies.
 //!
@@ -92,7 +92,8 @@ pub struct SessionConfig {
     pub max_frame_len: u32,
     /// The whole handshake (including the TCP connect for [`connect`]) must finish within
     /// this. Default 10 s (12.1). The peer's first DATA frame (key confirmation, 12.3) must
-    /// then arrive within as long again, or the session ends with
+    /// then arrive within as long again plus one heartbeat interval
+    /// ([`SessionConfig::confirmation_timeout`]), or the session ends with
     /// [`EndReason::Unconfirmed`].
     pub handshake_timeout: Duration,
     /// How long a local close may take to flush DISCONNECT and wait for the peer to close
@@ -151,6 +152,16 @@ impl SessionConfig {
         // prefix, the longest header string and its tag, the kind byte, the body tag.
         (self.max_frame_len as usize)
             .saturating_sub(PREFIX_LEN + MAX_HEADER_STRING_LEN + TAG_LEN + 1 + TAG_LEN)
+    }
+
+    /// How long a started session waits for the peer's first DATA frame (key confirmation,
+    /// 12.3) before it ends with [`EndReason::Unconfirmed`]: the handshake timeout plus one
+    /// heartbeat interval (20 s by default). The interval is there for a peer that sends its
+    /// first HEARTBEAT only after an interval of silence, as 12.9 had it before 12.3 asked for
+    /// one at once: a deadline of one interval would race that HEARTBEAT.
+    pub fn confirmation_timeout(&self) -> Duration {
+        self.handshake_timeout
+            .saturating_add(self.heartbeat_interval)
     }
 
     /// No valid DATA frame for this long ends the session.

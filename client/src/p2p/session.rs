@@ -155,8 +155,8 @@ pub enum EndReason {
     /// The send counter reached its end; these keys must not be used again.
     #[error("send counter exhausted")]
     CounterExhausted,
-    /// No authentic DATA frame from the peer within [`SessionConfig::handshake_timeout`] of
-    /// the start: the peer may never have completed the handshake or kept the keys (12.3), so
+    /// No authentic DATA frame from the peer within [`SessionConfig::confirmation_timeout`]
+    /// of the start: the peer may never have completed the handshake or kept the keys (12.3), so
     /// nothing queued was sent on it.
     #[error("the peer never confirmed the session keys")]
     Unconfirmed,
@@ -591,7 +591,7 @@ where
         if self.confirmed {
             due
         } else {
-            due.min(self.started + self.cfg.handshake_timeout)
+            due.min(self.started + self.cfg.confirmation_timeout())
         }
     }
 
@@ -671,7 +671,7 @@ where
                     let due = self.liveness_due();
                     if Instant::now() >= due {
                         return if self.confirmed
-                            || Instant::now() < self.started + self.cfg.handshake_timeout
+                            || Instant::now() < self.started + self.cfg.confirmation_timeout()
                         {
                             EndReason::HeartbeatTimeout
                         } else {

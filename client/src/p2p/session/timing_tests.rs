@@ -18,7 +18,7 @@ use micromsg_crypto::{IdentityKey, Secret32, SessionKeys};
 use micromsg_wire::io::{FrameReader, write_frame};
 use rand_core::OsRng;
 use tokio::io::{AsyncWrite, DuplexStream, ReadHalf, WriteHalf};
-use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
 use super::{EndReason, PeerEvent, SessionEnd, SessionHandle, SessionWrite, spawn_on};
 use crate::p2p::SessionConfig;
@@ -187,9 +187,15 @@ async fn content_waits_until_the_peer_confirms_the_keys() {
 
 #[tokio::test(start_paused = true)]
 async fn a_peer_that_never_confirms_ends_the_session_with_nothing_sent() {
-    let cfg = config();
-    let limit = cfg.handshake_timeout;
+    let cfg = SessionConfig {
+        // A liveness deadline beyond the confirmation deadline, so this one is what ends it.
+        missed_heartbeats: 30,
+        ..config()
+    };
+    let limit = cfg.confirmation_timeout();
+    assert_eq!(limit, cfg.handshake_timeout + cfg.heartbeat_interval);
     assert!(limit < cfg.liveness_timeout());
+    let interval = cfg.heartbeat_interval.as_secs_f64();
     let (mut session, mut peer) = session_and_peer(cfg);
     let started = Instant::now();
     let sealed = session
@@ -209,7 +215,8 @@ async fn a_peer_that_never_confirms_ends_the_session_with_nothing_sent() {
         assert_eq!(counter, kinds.len() as u64);
         kinds.push(kind);
     }
-    assert!((1..=2).contains(&kinds.len()), "{kinds:?}");
+    let most = 1 + (limit.as_secs_f64() / interval) as usize;
+    assert!((1..=most).contains(&kinds.len()), "{kinds:?}");
     assert!(kinds.iter().all(|k| *k == Kind::Heartbeat), "{kinds:?}");
 }
 
@@ -324,4 +331,31 @@ async fn a_slow_reader_does_not_time_out_or_lose_messages() {
         ended(&mut b).await.reason,
         EndReason::PeerDisconnected(String::new())
     );
+}
+
+/// A peer that follows 12.9 as it was before 12.3 asked for a HEARTBEAT at once sends its
+/// first frame only after a heartbeat interval of silence: the session waits for it.
+#[tokio::test(start_paused = true)]
+async fn a_peer_whose_first_heartbeat_comes_after_an_interval_confirms_in_time() {
+    let cfg = SessionConfig {
+        handshake_timeout: INTERVAL,
+        ..config()
+    };
+    let (mut session, mut peer) = session_and_peer(cfg.clone());
+    let started = Instant::now();
+    let sealed = session.sender().send_text_tracked("late").await.unwrap();
+    assert_eq!(peer.next().await, Some((0, Kind::Heartbeat)));
+    // The old peer's first HEARTBEAT: one interval after the start plus the handshake's
+    // time, at the latest just before the deadline.
+    sleep_until(started + cfg.confirmation_timeout() - MS).await;
+    peer.send(Kind::Heartbeat, b"").await;
+    assert_eq!(next_event(&mut session).await, PeerEvent::Confirmed);
+    let mut counter = None;
+    while let Some((c, kind)) = peer.next().await {
+        if kind == Kind::Text {
+            counter = Some(c);
+            break;
+        }
+    }
+    assert_eq!(sealed.await.unwrap().counter, counter.unwrap());
 }
