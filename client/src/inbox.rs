@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! INBOX-FETCH {AFTER}  ->  items  ->  Delivery::open (open, de-duplicate)
-//!                      ->  Delivery::commit (on the blocking pool): history (synced),
-//!                          session seen-sets, inbox.json
+//!                      ->  Delivery::commit (on the blocking pool): session seen-sets,
+//!                          history, inbox.json (each synced)
 //!                      ->  INBOX-ACK (only what is now stored)  -> repeat while MORE
 //! ```
 //!
@@ -490,13 +490,34 @@ impl Delivery {
             Ok(None) if seen_offline => {
                 // Its counter was taken from the inbox before, but not its message id: the
                 // store's steps (`commit_batch`) were cut after the seen-set, before the
-                // inbox state that keeps a group frame or a MOVED notice (a crash, a
-                // SIGKILL). A text is in the history by then, the others nowhere: hand them
-                // to the agent again, which drops what it already has.
-                if let Ok(again) = found.session().recv.open(envelope.frame)
-                    && matches!(again.kind, Kind::Group | Kind::Moved)
+                // inbox state (a crash, a SIGKILL). A group frame or a MOVED notice is
+                // nowhere then: hand it to the agent again, which drops what it already has.
+                // A text may or may not have reached the history, written in between: it is
+                // added unless it is there. Only such an item reads the history.
+                let Ok(again) = found.session().recv.open(envelope.frame) else {
+                    return Ok(false);
+                };
+                if let Some(l) = live.get_mut(&sid)
+                    && matches!(again.kind, Kind::Text | Kind::Group)
                 {
-                    batch.push_kept(item, &peer, Direction::In, again);
+                    l.offline.insert(again.counter);
+                }
+                match again.kind {
+                    Kind::Group | Kind::Moved => {
+                        batch.push_kept(item, &peer, Direction::In, again);
+                    }
+                    Kind::Text if !self.in_history(batch, &peer, sid, again.counter)? => {
+                        let text = String::from_utf8_lossy(&again.payload).into_owned();
+                        batch.push_message(
+                            &peer,
+                            Direction::In,
+                            item.from_device,
+                            sid,
+                            again,
+                            text,
+                        );
+                    }
+                    _ => {}
                 }
                 return Ok(false);
             }
@@ -525,6 +546,32 @@ impl Delivery {
         Ok(false)
     }
 
+    /// Whether the history with `peer` holds message `counter` of session `sid` from the
+    /// contact: in its file (read once per page, and only for an item that comes again, see
+    /// `take_one`), or earlier in this page.
+    fn in_history(
+        &self,
+        batch: &mut Batch,
+        peer: &str,
+        sid: [u8; SESSION_ID_LEN],
+        counter: u64,
+    ) -> Result<bool, StoreError> {
+        let is_it =
+            |e: &Entry| e.direction == Direction::In && e.session == sid && e.counter == counter;
+        if batch
+            .history
+            .iter()
+            .any(|(p, entries)| p == peer && entries.iter().any(is_it))
+        {
+            return Ok(true);
+        }
+        if !batch.stored_history.contains_key(peer) {
+            let history = self.store.read_history(peer)?;
+            batch.stored_history.insert(peer.to_owned(), history);
+        }
+        Ok(batch.stored_history[peer].iter().any(is_it))
+    }
+
     /// Tries the pending envelopes again (keys arrived).
     fn retry_pending(&mut self, batch: &mut Batch, live: &mut LiveTable) -> Result<(), StoreError> {
         let pending = std::mem::take(&mut self.state.pending);
@@ -538,8 +585,9 @@ impl Delivery {
         Ok(())
     }
 
-    /// Stores what the batch opened: history first, then session state, then the inbox state.
-    /// Each write syncs to disk, so they run on the blocking pool, not on the caller's task.
+    /// Stores what the batch opened: session state first, then the history, then the inbox
+    /// state ([`commit_batch`]). Each write syncs to disk, so they run on the blocking pool,
+    /// not on the caller's task.
     async fn commit(&mut self, batch: Batch, now_unix: u64) -> Result<Vec<Arrived>, StoreError> {
         let store = self.store.clone();
         let mut state = self.state.clone();
@@ -559,32 +607,71 @@ impl Delivery {
     }
 }
 
-/// [`Delivery::commit`]'s writes, in order.
+/// [`Delivery::commit`]'s writes, in order: pins, session seen-sets, confirmations, history,
+/// inbox state.
 fn commit_batch(
     store: &Store,
     state: &mut InboxState,
     batch: Batch,
     now_unix: u64,
 ) -> Result<Vec<Arrived>, StoreError> {
+    commit_batch_until(store, state, batch, now_unix, |_| true)
+}
+
+/// The steps of [`commit_batch`], each synced; a kill can fall after any of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Pins,
+    SeenSets,
+    Confirmed,
+    History,
+}
+
+/// [`commit_batch`], going on after each step only while `go_on` says so (the tests stop it
+/// there, as a kill would; what is not written then is not acknowledged either).
+fn commit_batch_until(
+    store: &Store,
+    state: &mut InboxState,
+    batch: Batch,
+    now_unix: u64,
+    mut go_on: impl FnMut(Step) -> bool,
+) -> Result<Vec<Arrived>, StoreError> {
     // Pins before the keys that rely on them (13.4: a first sync of a contact pins it).
     for (peer, key) in &batch.pins {
         store.pin_identity(peer, key, now_unix)?;
     }
-    for (peer, entries) in &batch.history {
-        store.append_history_all(peer, entries)?;
+    if !go_on(Step::Pins) {
+        return Ok(Vec::new());
     }
+    // The seen-sets before the history: a history line without its counter in the seen-set
+    // would be written a second time when its item comes again (its id is stored last). This
+    // way a message that may be in the history always has its counter seen, and an item that
+    // comes again with a seen counter but an unknown id is exactly one cut off in between;
+    // only that one is looked up in the history (`take_one`), never a page in the steady
+    // state, where a counter and its item's id are stored by the same commit.
     for sid in &batch.dirty {
         if let Some(found) = batch.sessions.get(sid) {
             store.save_found(found)?;
         }
     }
+    if !go_on(Step::SeenSets) {
+        return Ok(Vec::new());
+    }
     for sid in &batch.confirmed {
         store.confirm_session(sid)?;
     }
+    if !go_on(Step::Confirmed) {
+        return Ok(Vec::new());
+    }
+    for (peer, entries) in &batch.history {
+        store.append_history_all(peer, entries)?;
+    }
+    if !go_on(Step::History) {
+        return Ok(Vec::new());
+    }
     // Group frames and MOVED notices go into the same durable state as the ids they are
-    // acknowledged by. A history line is written before the seen-sets; a kept frame only
-    // here, after them: a crash in between is made good when the item comes again
-    // (`take_one`).
+    // acknowledged by, after the seen-sets: a crash in between is made good when the item
+    // comes again (`take_one`).
     state.frames.extend(batch.kept);
     store.save_inbox_state(state, now_unix)?;
     Ok(batch.arrived)
@@ -602,6 +689,9 @@ struct Batch {
     dirty: BTreeSet<[u8; SESSION_ID_LEN]>,
     /// Sessions the contact proved it holds (an item under its keys opened).
     confirmed: BTreeSet<[u8; SESSION_ID_LEN]>,
+    /// The history with a contact, read when one of its items came again with a counter
+    /// already seen ([`Delivery::in_history`]).
+    stored_history: HashMap<String, Vec<Entry>>,
     /// Identity keys to pin (contacts first met through another device's session keys).
     pins: Vec<(String, micromsg_crypto::identity::IdentityPublicKey)>,
 }
@@ -793,6 +883,63 @@ mod tests {
             let (batch, _acks) = delivery.open(items, &mut LiveTable::new()).unwrap();
             delivery.commit(batch, NOW).await.unwrap()
         }
+    }
+
+    /// The texts in the history with PEER.
+    fn texts(store: &Store) -> Vec<String> {
+        store
+            .read_history(PEER)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.text)
+            .collect()
+    }
+
+    /// A kill can fall between any two of the commit's steps; the page was not acknowledged,
+    /// so its items come again to the next agent. Whatever the point, the text is in the
+    /// history once: before the fix, a cut after the history (then written first) and before
+    /// the seen-set let it in a second time. And a page in the steady state reads no history.
+    #[tokio::test]
+    async fn a_text_whose_commit_was_cut_anywhere_is_in_the_history_once() {
+        for cut in [Step::Pins, Step::SeenSets, Step::Confirmed, Step::History] {
+            let mut fx = fixture();
+            let item = fx.item(1, Kind::Text, b"hello");
+            let mut delivery = fx.delivery();
+            let (batch, _) = delivery
+                .open(vec![item.clone()], &mut LiveTable::new())
+                .unwrap();
+            assert!(batch.stored_history.is_empty(), "no history read");
+            let mut state = delivery.state.clone();
+            commit_batch_until(&fx.store, &mut state, batch, NOW, |step| step != cut).unwrap();
+            drop(delivery); // killed there
+
+            let mut next = fx.delivery();
+            let arrived = fx.take(&mut next, vec![item.clone()]).await;
+            assert_eq!(texts(&fx.store), ["hello"], "cut after {cut:?}");
+            let shown = arrived
+                .iter()
+                .filter(|a| matches!(a, Arrived::Message { .. }))
+                .count();
+            // Shown again when it was not in the history yet (the user may have missed it).
+            let written = matches!(cut, Step::History);
+            assert_eq!(shown, usize::from(!written), "cut after {cut:?}");
+            // And once the page is stored, the item is a repeat by its id.
+            fx.take(&mut fx.delivery(), vec![item]).await;
+            assert_eq!(texts(&fx.store), ["hello"], "cut after {cut:?}");
+        }
+    }
+
+    /// The same envelope under two inbox ids in one page (a deposit made twice): one line.
+    #[tokio::test]
+    async fn one_envelope_under_two_ids_in_a_page_is_in_the_history_once() {
+        let mut fx = fixture();
+        let first = fx.item(1, Kind::Text, b"hello");
+        let second = InboxMessage {
+            id: Hex16::from_bytes([2; 16]),
+            ..first.clone()
+        };
+        fx.take(&mut fx.delivery(), vec![first, second]).await;
+        assert_eq!(texts(&fx.store), ["hello"]);
     }
 
     fn moved_ids(arrived: &[Arrived]) -> Vec<(String, Vec<u8>)> {

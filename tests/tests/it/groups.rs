@@ -635,7 +635,7 @@ async fn a_group_frame_stored_but_not_applied_is_applied_by_the_next_agent() {
     a_agent.agent.stop().await.unwrap();
 }
 
-/// The inbox is stored in steps (history, session receive state, inbox state), each synced;
+/// The inbox is stored in steps (session receive state, history, inbox state), each synced;
 /// a SIGKILL can fall between two. Here B's device opened A's group create and stored the
 /// session's receive state (its offline seen-set now holds the frame's counter), then died
 /// before the inbox state that keeps the frame for the group layer: the item is still at the
