@@ -783,6 +783,11 @@ impl Store {
     pub fn save_session(&self, number: &str, session: &StoredSession) -> Result<(), StoreError> {
         let number = valid(number)?;
         let _guard = self.lock();
+        self.save_session_locked(number, session)
+    }
+
+    /// [`Store::save_session`] for a caller that holds the lock.
+    fn save_session_locked(&self, number: &str, session: &StoredSession) -> Result<(), StoreError> {
         match self.read_session(number)? {
             Some(mut stored) if stored.session_id == session.session_id => {
                 let next = stored.next_send_counter.max(session.next_send_counter);
@@ -814,6 +819,11 @@ impl Store {
     /// Every contact's latest own session (the ones this device may send with).
     pub fn own_sessions(&self) -> Result<Vec<(String, StoredSession)>, StoreError> {
         let _guard = self.lock();
+        self.own_sessions_locked()
+    }
+
+    /// [`Store::own_sessions`] for a caller that holds the lock.
+    fn own_sessions_locked(&self) -> Result<Vec<(String, StoredSession)>, StoreError> {
         let dir = self.dir().join(SESSIONS_DIR);
         let mut out = Vec::new();
         for name in list_dir(&dir)? {
