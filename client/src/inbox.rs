@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! INBOX-FETCH {AFTER}  ->  items  ->  Delivery::open (open, de-duplicate)
-//!                      ->  Delivery::commit (on the blocking pool): history (synced),
-//!                          session seen-sets, inbox.json
+//!                      ->  Delivery::commit (on the blocking pool): session seen-sets,
+//!                          history, inbox.json (each synced)
 //!                      ->  INBOX-ACK (only what is now stored)  -> repeat while MORE
 //! ```
 //!
@@ -20,7 +20,9 @@
 //!
 //! De-duplication: by message id (kept until the item's expiry), then by (session, counter)
 //! for messages from a contact (12.7), including counters already received live. An envelope
-//! whose session is unknown is kept in `inbox.json` and opened when the keys arrive.
+//! whose session is unknown is kept in `inbox.json` and opened when the keys arrive. A group
+//! frame or a MOVED notice is kept there too, until the agent has applied it
+//! ([`Delivery::frames_done`]): it is acknowledged before the agent sees it.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -36,7 +38,7 @@ use micromsg_wire::{ErrorCode, Hex16, Request, ResponseData};
 use crate::keys::{self, KeyBundle, LINK_MAGIC, SYNC_MAGIC};
 use crate::link::{BrokerLink, LinkError};
 use crate::store::{
-    Direction, Entry, FoundSession, GroupFrame, InboxState, PendingItem, Store, StoreError,
+    Direction, Entry, FoundSession, InboxState, KeptFrame, KeptKind, PendingItem, Store, StoreError,
 };
 
 /// Messages asked for per INBOX-FETCH (the broker may return fewer).
@@ -86,7 +88,7 @@ pub enum Arrived {
     },
     /// A GROUP frame (docs/groups.md), not stored here: the agent hands it to the group layer.
     Group {
-        /// The inbox item's id (hex), for [`Delivery::group_frames_done`].
+        /// The inbox item's id (hex), for [`Delivery::frames_done`].
         id: String,
         /// The contact whose session carried it.
         peer: String,
@@ -98,8 +100,11 @@ pub enum Arrived {
         time: u64,
     },
     /// A MOVED notice (protocol.md 12.13) from the contact `peer`, not checked yet: the
-    /// agent checks it against the pinned key before following it.
+    /// agent checks it against the pinned key before following it. Kept in the inbox state
+    /// like a group frame until [`Delivery::frames_done`].
     Moved {
+        /// The inbox item's id (hex), for [`Delivery::frames_done`].
+        id: String,
         /// The contact whose session carried it.
         peer: String,
         /// The notice.
@@ -167,35 +172,24 @@ impl Delivery {
         self.state.pending.len()
     }
 
-    /// Group frames taken from the inbox that the group layer has not finished with (left
-    /// by an agent that stopped or crashed in between), oldest first, to process again.
-    pub fn unfinished_group_frames(&self) -> Vec<Arrived> {
+    /// Group frames and MOVED notices taken from the inbox that the agent has not finished
+    /// with (left by an agent that stopped or crashed in between), oldest first, to process
+    /// again.
+    pub fn unfinished_frames(&self) -> Vec<Arrived> {
         self.state
-            .groups
+            .frames
             .iter()
-            .filter_map(|g| {
-                Some(Arrived::Group {
-                    id: g.id.clone(),
-                    peer: g.peer.clone(),
-                    direction: g.direction,
-                    time: g.time,
-                    payload: BASE64.decode(&g.payload).ok()?,
-                })
-            })
+            .filter_map(|g| Some(kept_arrived(g, BASE64.decode(&g.payload).ok()?)))
             .collect()
     }
 
-    /// The group layer has stored (or for good dropped) these frames: they leave the state
-    /// (written on the blocking pool).
-    pub async fn group_frames_done(
-        &mut self,
-        ids: &[String],
-        now_unix: u64,
-    ) -> Result<(), StoreError> {
+    /// The agent has applied (or for good dropped) these group frames and MOVED notices: they
+    /// leave the state (written on the blocking pool).
+    pub async fn frames_done(&mut self, ids: &[String], now_unix: u64) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        self.state.groups.retain(|g| !ids.contains(&g.id));
+        self.state.frames.retain(|g| !ids.contains(&g.id));
         self.commit(Batch::default(), now_unix).await.map(drop)
     }
 
@@ -455,7 +449,7 @@ impl Delivery {
                 return drop(batch, format!("a copy for {peer} that does not open"));
             };
             if opened.kind == Kind::Group {
-                batch.push_group(item, &peer, Direction::Out, opened);
+                batch.push_kept(item, &peer, Direction::Out, opened);
                 return Ok(false);
             }
             if opened.kind != Kind::Text {
@@ -496,13 +490,34 @@ impl Delivery {
             Ok(None) if seen_offline => {
                 // Its counter was taken from the inbox before, but not its message id: the
                 // store's steps (`commit_batch`) were cut after the seen-set, before the
-                // inbox state that keeps a group frame (a crash, a SIGKILL). A text is in
-                // the history by then, a group frame nowhere: hand it to the group layer
-                // again, which drops what it already has.
-                if let Ok(again) = found.session().recv.open(envelope.frame)
-                    && again.kind == Kind::Group
+                // inbox state (a crash, a SIGKILL). A group frame or a MOVED notice is
+                // nowhere then: hand it to the agent again, which drops what it already has.
+                // A text may or may not have reached the history, written in between: it is
+                // added unless it is there. Only such an item reads the history.
+                let Ok(again) = found.session().recv.open(envelope.frame) else {
+                    return Ok(false);
+                };
+                if let Some(l) = live.get_mut(&sid)
+                    && matches!(again.kind, Kind::Text | Kind::Group)
                 {
-                    batch.push_group(item, &peer, Direction::In, again);
+                    l.offline.insert(again.counter);
+                }
+                match again.kind {
+                    Kind::Group | Kind::Moved => {
+                        batch.push_kept(item, &peer, Direction::In, again);
+                    }
+                    Kind::Text if !self.in_history(batch, &peer, sid, again.counter)? => {
+                        let text = String::from_utf8_lossy(&again.payload).into_owned();
+                        batch.push_message(
+                            &peer,
+                            Direction::In,
+                            item.from_device,
+                            sid,
+                            again,
+                            text,
+                        );
+                    }
+                    _ => {}
                 }
                 return Ok(false);
             }
@@ -511,11 +526,9 @@ impl Delivery {
         };
         batch.dirty.insert(sid);
         if opened.kind == Kind::Moved {
-            // Checked and followed by the agent (against the pin, protocol 12.13).
-            batch.arrived.push(Arrived::Moved {
-                peer,
-                payload: opened.payload,
-            });
+            // Checked and followed by the agent (against the pin, protocol 12.13), kept until
+            // it has.
+            batch.push_kept(item, &peer, Direction::In, opened);
             return Ok(false);
         }
         if opened.kind != Kind::Text && opened.kind != Kind::Group {
@@ -525,12 +538,38 @@ impl Delivery {
             l.offline.insert(opened.counter);
         }
         if opened.kind == Kind::Group {
-            batch.push_group(item, &peer, Direction::In, opened);
+            batch.push_kept(item, &peer, Direction::In, opened);
             return Ok(false);
         }
         let text = String::from_utf8_lossy(&opened.payload).into_owned();
         batch.push_message(&peer, Direction::In, item.from_device, sid, opened, text);
         Ok(false)
+    }
+
+    /// Whether the history with `peer` holds message `counter` of session `sid` from the
+    /// contact: in its file (read once per page, and only for an item that comes again, see
+    /// `take_one`), or earlier in this page.
+    fn in_history(
+        &self,
+        batch: &mut Batch,
+        peer: &str,
+        sid: [u8; SESSION_ID_LEN],
+        counter: u64,
+    ) -> Result<bool, StoreError> {
+        let is_it =
+            |e: &Entry| e.direction == Direction::In && e.session == sid && e.counter == counter;
+        if batch
+            .history
+            .iter()
+            .any(|(p, entries)| p == peer && entries.iter().any(is_it))
+        {
+            return Ok(true);
+        }
+        if !batch.stored_history.contains_key(peer) {
+            let history = self.store.read_history(peer)?;
+            batch.stored_history.insert(peer.to_owned(), history);
+        }
+        Ok(batch.stored_history[peer].iter().any(is_it))
     }
 
     /// Tries the pending envelopes again (keys arrived).
@@ -546,8 +585,9 @@ impl Delivery {
         Ok(())
     }
 
-    /// Stores what the batch opened: history first, then session state, then the inbox state.
-    /// Each write syncs to disk, so they run on the blocking pool, not on the caller's task.
+    /// Stores what the batch opened: session state first, then the history, then the inbox
+    /// state ([`commit_batch`]). Each write syncs to disk, so they run on the blocking pool,
+    /// not on the caller's task.
     async fn commit(&mut self, batch: Batch, now_unix: u64) -> Result<Vec<Arrived>, StoreError> {
         let store = self.store.clone();
         let mut state = self.state.clone();
@@ -567,32 +607,72 @@ impl Delivery {
     }
 }
 
-/// [`Delivery::commit`]'s writes, in order.
+/// [`Delivery::commit`]'s writes, in order: pins, session seen-sets, confirmations, history,
+/// inbox state.
 fn commit_batch(
     store: &Store,
     state: &mut InboxState,
     batch: Batch,
     now_unix: u64,
 ) -> Result<Vec<Arrived>, StoreError> {
+    commit_batch_until(store, state, batch, now_unix, |_| true)
+}
+
+/// The steps of [`commit_batch`], each synced; a kill can fall after any of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Pins,
+    SeenSets,
+    Confirmed,
+    History,
+}
+
+/// [`commit_batch`], going on after each step only while `go_on` says so (the tests stop it
+/// there, as a kill would; what is not written then is not acknowledged either).
+fn commit_batch_until(
+    store: &Store,
+    state: &mut InboxState,
+    batch: Batch,
+    now_unix: u64,
+    mut go_on: impl FnMut(Step) -> bool,
+) -> Result<Vec<Arrived>, StoreError> {
     // Pins before the keys that rely on them (13.4: a first sync of a contact pins it).
     for (peer, key) in &batch.pins {
         store.pin_identity(peer, key, now_unix)?;
     }
-    for (peer, entries) in &batch.history {
-        store.append_history_all(peer, entries)?;
+    if !go_on(Step::Pins) {
+        return Ok(Vec::new());
     }
+    // The seen-sets before the history: a history line without its counter in the seen-set
+    // would be written a second time when its item comes again (its id is stored last). This
+    // way a message that may be in the history always has its counter seen, and an item that
+    // comes again with a seen counter but an unknown id is exactly one cut off in between;
+    // only that one is looked up in the history (`take_one`), never a page in the steady
+    // state, where a counter and its item's id are stored by the same commit.
     for sid in &batch.dirty {
         if let Some(found) = batch.sessions.get(sid) {
             store.save_found(found)?;
         }
     }
+    if !go_on(Step::SeenSets) {
+        return Ok(Vec::new());
+    }
     for sid in &batch.confirmed {
         store.confirm_session(sid)?;
     }
-    // Group frames go into the same durable state as the ids they are acknowledged by. A
-    // history line is written before the seen-sets; a group frame only here, after them: a
-    // crash in between is made good when the item comes again (`take_one`).
-    state.groups.extend(batch.groups);
+    if !go_on(Step::Confirmed) {
+        return Ok(Vec::new());
+    }
+    for (peer, entries) in &batch.history {
+        store.append_history_all(peer, entries)?;
+    }
+    if !go_on(Step::History) {
+        return Ok(Vec::new());
+    }
+    // Group frames and MOVED notices go into the same durable state as the ids they are
+    // acknowledged by, after the seen-sets: a crash in between is made good when the item
+    // comes again (`take_one`).
+    state.frames.extend(batch.kept);
     store.save_inbox_state(state, now_unix)?;
     Ok(batch.arrived)
 }
@@ -602,39 +682,45 @@ fn commit_batch(
 struct Batch {
     arrived: Vec<Arrived>,
     history: Vec<(String, Vec<Entry>)>,
-    /// Group frames, kept in the inbox state until the group layer has them.
-    groups: Vec<GroupFrame>,
+    /// Group frames and MOVED notices, kept in the inbox state until the agent has applied
+    /// them.
+    kept: Vec<KeptFrame>,
     sessions: HashMap<[u8; SESSION_ID_LEN], FoundSession>,
     dirty: BTreeSet<[u8; SESSION_ID_LEN]>,
     /// Sessions the contact proved it holds (an item under its keys opened).
     confirmed: BTreeSet<[u8; SESSION_ID_LEN]>,
+    /// The history with a contact, read when one of its items came again with a counter
+    /// already seen ([`Delivery::in_history`]).
+    stored_history: HashMap<String, Vec<Entry>>,
     /// Identity keys to pin (contacts first met through another device's session keys).
     pins: Vec<(String, micromsg_crypto::identity::IdentityPublicKey)>,
 }
 
 impl Batch {
-    fn push_group(
+    /// A GROUP frame or a MOVED notice (`opened.kind`): kept, and handed to the agent.
+    fn push_kept(
         &mut self,
         item: &PendingItem,
         peer: &str,
         direction: Direction,
         opened: micromsg_crypto::message::Opened,
     ) {
-        self.groups.push(GroupFrame {
+        let kind = if opened.kind == Kind::Moved {
+            KeptKind::Moved
+        } else {
+            KeptKind::Group
+        };
+        let frame = KeptFrame {
             id: item.id.clone(),
+            kind,
             peer: peer.to_owned(),
             direction,
             time: opened.unix_secs,
             expires: item.expires,
             payload: BASE64.encode(&opened.payload),
-        });
-        self.arrived.push(Arrived::Group {
-            id: item.id.clone(),
-            peer: peer.to_owned(),
-            direction,
-            time: opened.unix_secs,
-            payload: opened.payload,
-        });
+        };
+        self.arrived.push(kept_arrived(&frame, opened.payload));
+        self.kept.push(frame);
     }
 
     fn push_message(
@@ -668,6 +754,24 @@ impl Batch {
     }
 }
 
+/// What a kept frame is handed to the agent as; `payload` is its decoded payload.
+fn kept_arrived(frame: &KeptFrame, payload: Vec<u8>) -> Arrived {
+    match frame.kind {
+        KeptKind::Group => Arrived::Group {
+            id: frame.id.clone(),
+            peer: frame.peer.clone(),
+            direction: frame.direction,
+            time: frame.time,
+            payload,
+        },
+        KeptKind::Moved => Arrived::Moved {
+            id: frame.id.clone(),
+            peer: frame.peer.clone(),
+            payload,
+        },
+    }
+}
+
 /// Reads the answers to `ids`, sent in this order, and empties it. A refusal does not stop
 /// the reading (the link stays in step); the first one is returned at the end. A failed link
 /// stops it.
@@ -696,4 +800,227 @@ pub fn new_message_id() -> Hex16 {
 /// The session id of an offline envelope, hex (for messages to people).
 pub fn session_hex(id: &[u8; SESSION_ID_LEN]) -> String {
     hex::encode(id)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use micromsg_crypto::handshake::Role;
+    use micromsg_crypto::message::DirectionKeys;
+    use micromsg_crypto::{IdentityKey, SessionKeys};
+    use micromsg_wire::{Blob, DeviceId, Number};
+
+    use super::*;
+    use crate::p2p::StoredSession;
+    use crate::profile::Profile;
+
+    const ME: &str = "5550001";
+    const PEER: &str = "5550002";
+    const NOW: u64 = 1_700_000_000;
+
+    /// This device's profile with one session with PEER, and PEER's side of that session.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        peer: StoredSession,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&Profile::new(dir.path()));
+        let key = |b: u8| DirectionKeys {
+            ts_key: Secret32::from_bytes([b; 32]),
+            seed: Secret32::from_bytes([b ^ 0x55; 32]),
+        };
+        let ours = SessionKeys {
+            session_id: [9; SESSION_ID_LEN],
+            send: key(1),
+            recv: key(2),
+        };
+        let theirs = SessionKeys {
+            session_id: [9; SESSION_ID_LEN],
+            send: key(2),
+            recv: key(1),
+        };
+        let identity = |b: u8| IdentityKey::from_seed(&Secret32::from_bytes([b; 32])).public_key();
+        store.pin_identity(PEER, &identity(3), NOW).unwrap();
+        store
+            .save_session(
+                PEER,
+                &StoredSession::new(&ours, Role::Initiator, identity(3), NOW),
+            )
+            .unwrap();
+        let peer = StoredSession::new(&theirs, Role::Responder, identity(4), NOW);
+        Fixture {
+            _dir: dir,
+            store,
+            peer,
+        }
+    }
+
+    impl Fixture {
+        /// An inbox item from PEER: `payload` of `kind`, sealed with PEER's next counter.
+        fn item(&mut self, id: u8, kind: Kind, payload: &[u8]) -> InboxMessage {
+            InboxMessage {
+                id: Hex16::from_bytes([id; 16]),
+                from: Number::new(PEER).unwrap(),
+                from_device: DeviceId::FIRST,
+                time: NOW,
+                expires: NOW + 3600,
+                body: Blob::new(self.peer.seal_offline(NOW, kind, payload).unwrap()),
+            }
+        }
+
+        /// A new delivery (an agent starting), reading what the last one stored.
+        fn delivery(&self) -> Delivery {
+            Delivery::new(self.store.clone(), ME, 1, Secret32::from_bytes([5; 32])).unwrap()
+        }
+
+        /// Opens and stores `items` as a page of `fetch_all` does (the acknowledgement is
+        /// not sent here).
+        async fn take(&self, delivery: &mut Delivery, items: Vec<InboxMessage>) -> Vec<Arrived> {
+            let (batch, _acks) = delivery.open(items, &mut LiveTable::new()).unwrap();
+            delivery.commit(batch, NOW).await.unwrap()
+        }
+    }
+
+    /// The texts in the history with PEER.
+    fn texts(store: &Store) -> Vec<String> {
+        store
+            .read_history(PEER)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.text)
+            .collect()
+    }
+
+    /// A kill can fall between any two of the commit's steps; the page was not acknowledged,
+    /// so its items come again to the next agent. Whatever the point, the text is in the
+    /// history once: before the fix, a cut after the history (then written first) and before
+    /// the seen-set let it in a second time. And a page in the steady state reads no history.
+    #[tokio::test]
+    async fn a_text_whose_commit_was_cut_anywhere_is_in_the_history_once() {
+        for cut in [Step::Pins, Step::SeenSets, Step::Confirmed, Step::History] {
+            let mut fx = fixture();
+            let item = fx.item(1, Kind::Text, b"hello");
+            let mut delivery = fx.delivery();
+            let (batch, _) = delivery
+                .open(vec![item.clone()], &mut LiveTable::new())
+                .unwrap();
+            assert!(batch.stored_history.is_empty(), "no history read");
+            let mut state = delivery.state.clone();
+            commit_batch_until(&fx.store, &mut state, batch, NOW, |step| step != cut).unwrap();
+            drop(delivery); // killed there
+
+            let mut next = fx.delivery();
+            let arrived = fx.take(&mut next, vec![item.clone()]).await;
+            assert_eq!(texts(&fx.store), ["hello"], "cut after {cut:?}");
+            let shown = arrived
+                .iter()
+                .filter(|a| matches!(a, Arrived::Message { .. }))
+                .count();
+            // Shown again when it was not in the history yet (the user may have missed it).
+            let written = matches!(cut, Step::History);
+            assert_eq!(shown, usize::from(!written), "cut after {cut:?}");
+            // And once the page is stored, the item is a repeat by its id.
+            fx.take(&mut fx.delivery(), vec![item]).await;
+            assert_eq!(texts(&fx.store), ["hello"], "cut after {cut:?}");
+        }
+    }
+
+    /// The same envelope under two inbox ids in one page (a deposit made twice): one line.
+    #[tokio::test]
+    async fn one_envelope_under_two_ids_in_a_page_is_in_the_history_once() {
+        let mut fx = fixture();
+        let first = fx.item(1, Kind::Text, b"hello");
+        let second = InboxMessage {
+            id: Hex16::from_bytes([2; 16]),
+            ..first.clone()
+        };
+        fx.take(&mut fx.delivery(), vec![first, second]).await;
+        assert_eq!(texts(&fx.store), ["hello"]);
+    }
+
+    fn moved_ids(arrived: &[Arrived]) -> Vec<(String, Vec<u8>)> {
+        arrived
+            .iter()
+            .filter_map(|a| match a {
+                Arrived::Moved { id, peer, payload } if peer == PEER => {
+                    Some((id.clone(), payload.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A MOVED notice taken from the inbox is stored with the batch that lets its item be
+    /// acknowledged, and stays until the agent reports it done: an agent killed between the
+    /// two finds it again at its next start.
+    #[tokio::test]
+    async fn a_moved_notice_is_kept_until_the_agent_is_done_with_it() {
+        let mut fx = fixture();
+        let item = fx.item(1, Kind::Moved, b"notice");
+        let id = item.id.to_hex();
+        let mut delivery = fx.delivery();
+        let arrived = fx.take(&mut delivery, vec![item]).await;
+        let expected = vec![(id.clone(), b"notice".to_vec())];
+        assert_eq!(moved_ids(&arrived), expected);
+        drop(delivery); // killed before the agent followed it
+
+        let mut next = fx.delivery();
+        assert_eq!(moved_ids(&next.unfinished_frames()), expected);
+        next.frames_done(std::slice::from_ref(&id), NOW)
+            .await
+            .unwrap();
+        assert!(next.unfinished_frames().is_empty());
+        assert!(fx.delivery().unfinished_frames().is_empty(), "for good");
+    }
+
+    /// The store's steps were cut after the session's seen-set (the notice's counter) and
+    /// before the inbox state: the item comes again, and the notice is handed over again
+    /// rather than dropped as a repeat.
+    #[tokio::test]
+    async fn a_moved_notice_whose_counter_was_stored_before_it_is_not_lost() {
+        let mut fx = fixture();
+        let item = fx.item(1, Kind::Moved, b"notice");
+        let id = item.id.to_hex();
+        let body = item.body.clone().into_vec();
+        let envelope = OfflineEnvelope::decode(&body).unwrap();
+        let mut found = fx
+            .store
+            .find_session(&envelope.session_id)
+            .unwrap()
+            .unwrap();
+        assert!(
+            found
+                .session_mut()
+                .open_offline(envelope.frame)
+                .unwrap()
+                .is_some()
+        );
+        fx.store.save_found(&found).unwrap();
+
+        let mut delivery = fx.delivery();
+        let arrived = fx.take(&mut delivery, vec![item]).await;
+        let expected = vec![(id, b"notice".to_vec())];
+        assert_eq!(moved_ids(&arrived), expected);
+        assert_eq!(moved_ids(&fx.delivery().unfinished_frames()), expected);
+    }
+
+    /// An inbox state written before MOVED notices were kept (group frames without `kind`)
+    /// still loads, and what is kept now is written the same way for group frames.
+    #[test]
+    fn an_inbox_state_without_kinds_loads() {
+        let old = r#"{"seen":{},"pending":[],"groups":[{"id":"01","peer":"5550002","direction":"in","time":1,"expires":2,"payload":"e30="}]}"#;
+        let state: InboxState = serde_json::from_str(old).unwrap();
+        assert_eq!(state.frames.len(), 1);
+        assert_eq!(state.frames[0].kind, KeptKind::Group);
+        assert_eq!(serde_json::to_string(&state).unwrap(), old);
+        let mut moved = state.clone();
+        moved.frames[0].kind = KeptKind::Moved;
+        let json = serde_json::to_string(&moved).unwrap();
+        assert!(json.contains(r#""kind":"moved""#), "{json}");
+        assert_eq!(serde_json::from_str::<InboxState>(&json).unwrap(), moved);
+    }
 }

@@ -12,8 +12,9 @@
 //!                                 unconfirmed, [`Store::send_session`])                    (0600)
 //! DIR/unconfirmed.json            own sessions the peer has not proved it holds yet
 //!                                 (protocol 12.3; `confirm`)                               (0600)
-//! DIR/inbox.json                  InboxState: inbox ids already stored (until they expire)
-//!                                 and envelopes waiting for their session keys            (0600)
+//! DIR/inbox.json                  InboxState: inbox ids already stored (until they expire),
+//!                                 envelopes waiting for their session keys, and group
+//!                                 frames and MOVED notices not yet applied                (0600)
 //! DIR/outbox.json                 messages queued until the broker takes them
 //!                                 ([`crate::outbox`])                                      (0600)
 //! ```
@@ -286,18 +287,23 @@ pub struct InboxState {
     /// Envelopes that could not be opened yet.
     #[serde(default)]
     pub pending: Vec<PendingItem>,
-    /// Group frames taken from the inbox (so acknowledged to the broker) that the group
-    /// layer has not finished with yet; replayed when the agent starts (docs/groups.md 4).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub groups: Vec<GroupFrame>,
+    /// Group frames and MOVED notices taken from the inbox (so acknowledged to the broker)
+    /// that the agent has not finished with yet; replayed when the agent starts
+    /// (docs/groups.md 4). Named `groups` in the file, as when it held group frames only.
+    #[serde(rename = "groups", default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<KeptFrame>,
 }
 
-/// A group frame opened from the inbox, kept until the group layer has stored (or dropped) it.
+/// A frame opened from the inbox whose effect is not in the store yet when the inbox batch is:
+/// kept until the agent has applied it (or dropped it for good).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GroupFrame {
+pub struct KeptFrame {
     /// The inbox item's id, hex.
     pub id: String,
+    /// What it is (absent in files written before MOVED notices were kept: a group frame).
+    #[serde(default, skip_serializing_if = "KeptKind::is_group")]
+    pub kind: KeptKind,
     /// The contact whose session carried it.
     pub peer: String,
     /// `in` from the contact, `out` a copy of what another device of this entity sent.
@@ -306,8 +312,25 @@ pub struct GroupFrame {
     pub time: u64,
     /// When the broker would have dropped it; it is dropped here then too.
     pub expires: u64,
-    /// The frame's JSON payload, base64.
+    /// The frame's payload (a group frame's JSON, a signed notice), base64.
     pub payload: String,
+}
+
+/// What a [`KeptFrame`] holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeptKind {
+    /// A GROUP frame, for the group layer (docs/groups.md).
+    #[default]
+    Group,
+    /// A MOVED notice (protocol.md 12.13), to check and follow.
+    Moved,
+}
+
+impl KeptKind {
+    fn is_group(&self) -> bool {
+        *self == Self::Group
+    }
 }
 
 /// The local store of one profile.
@@ -760,6 +783,11 @@ impl Store {
     pub fn save_session(&self, number: &str, session: &StoredSession) -> Result<(), StoreError> {
         let number = valid(number)?;
         let _guard = self.lock();
+        self.save_session_locked(number, session)
+    }
+
+    /// [`Store::save_session`] for a caller that holds the lock.
+    fn save_session_locked(&self, number: &str, session: &StoredSession) -> Result<(), StoreError> {
         match self.read_session(number)? {
             Some(mut stored) if stored.session_id == session.session_id => {
                 let next = stored.next_send_counter.max(session.next_send_counter);
@@ -791,6 +819,11 @@ impl Store {
     /// Every contact's latest own session (the ones this device may send with).
     pub fn own_sessions(&self) -> Result<Vec<(String, StoredSession)>, StoreError> {
         let _guard = self.lock();
+        self.own_sessions_locked()
+    }
+
+    /// [`Store::own_sessions`] for a caller that holds the lock.
+    fn own_sessions_locked(&self) -> Result<Vec<(String, StoredSession)>, StoreError> {
         let dir = self.dir().join(SESSIONS_DIR);
         let mut out = Vec::new();
         for name in list_dir(&dir)? {
@@ -948,7 +981,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         state.seen.retain(|_, expires| *expires >= now_unix);
         state.pending.retain(|p| p.expires >= now_unix);
-        state.groups.retain(|g| g.expires >= now_unix);
+        state.frames.retain(|g| g.expires >= now_unix);
         let path = self.dir().join(INBOX_STATE);
         let json = serde_json::to_vec(state).map_err(|e| corrupt(&path, e))?;
         let _guard = self.lock();

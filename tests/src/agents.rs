@@ -7,7 +7,10 @@ use micromsg_client::account;
 use micromsg_client::agent::{
     self, AcceptPolicy, AgentConfig, AgentHandle, Command, Notice, Reply,
 };
+use micromsg_client::inbox::{Arrived, Delivery, LiveTable};
 use micromsg_client::profile::Profile;
+use micromsg_client::store::Store;
+use micromsg_crypto::identity::IdentityKey;
 use tokio::sync::mpsc;
 
 use crate::TestBroker;
@@ -22,6 +25,29 @@ pub struct Device {
     pub profile: Profile,
     /// The entity's number.
     pub number: String,
+}
+
+/// Takes the device's inbox as the agent's fetch does (opened, stored, then acknowledged) and
+/// runs nothing after it: what a SIGKILL right after the store leaves behind. Returns what
+/// arrived.
+pub async fn take_inbox(profile: &Profile) -> Vec<Arrived> {
+    let mut session = account::connect(profile).await.unwrap();
+    let seed = IdentityKey::from_seed(&profile.secrets().unwrap().identity_seed).seed();
+    let mut delivery = Delivery::new(
+        Store::new(profile),
+        &session.info.number,
+        session.info.device,
+        seed,
+    )
+    .unwrap();
+    delivery
+        .fetch_all(
+            &mut session.link,
+            &mut LiveTable::new(),
+            account::unix_now(),
+        )
+        .await
+        .unwrap()
 }
 
 /// Registers a new entity at `broker`, with its profile under the broker's directory.

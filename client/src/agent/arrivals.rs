@@ -23,13 +23,7 @@ impl Agent {
                 for a in &arrived {
                     self.report(a).await;
                 }
-                // Moves first: a group op or message after a notice may name the new number.
-                for a in &arrived {
-                    if let Arrived::Moved { peer, payload } = a {
-                        self.on_moved(peer, payload).await;
-                    }
-                }
-                self.apply_group_frames(&arrived).await;
+                self.apply_kept_frames(&arrived).await;
                 arrived
             }
             Err(InboxError::Link(e)) if super::reconnect::is_connection_loss(&e) => {
@@ -52,10 +46,19 @@ impl Agent {
         }
     }
 
-    /// Hands the group frames among `arrived` to the group layer; those it is done with
-    /// leave the inbox state, where the others wait to be processed again at the next start.
-    pub(super) async fn apply_group_frames(&mut self, arrived: &[Arrived]) {
+    /// Follows the MOVED notices among `arrived`, then hands the group frames to the group
+    /// layer; those it is done with leave the inbox state, where the others wait to be
+    /// processed again at the next start.
+    pub(super) async fn apply_kept_frames(&mut self, arrived: &[Arrived]) {
         let mut done = Vec::new();
+        // Moves first: a group op or message after a notice may name the new number.
+        for a in arrived {
+            if let Arrived::Moved { id, peer, payload } = a
+                && self.on_moved(peer, payload).await
+            {
+                done.push(id.clone());
+            }
+        }
         for a in arrived {
             if let Arrived::Group {
                 id,
@@ -71,17 +74,17 @@ impl Agent {
                 done.push(id.clone());
             }
         }
-        if let Err(e) = self.delivery.group_frames_done(&done, unix_now()).await {
+        if let Err(e) = self.delivery.frames_done(&done, unix_now()).await {
             self.warn(format!("saving the inbox state: {e}")).await;
         }
     }
 
-    /// Group frames an earlier run took from the inbox but did not finish with (it stopped or
-    /// crashed in between): processed now, before anything new.
-    pub(super) async fn resume_group_frames(&mut self) {
-        let unfinished = self.delivery.unfinished_group_frames();
+    /// Group frames and MOVED notices an earlier run took from the inbox but did not finish
+    /// with (it stopped or crashed in between): processed now, before anything new.
+    pub(super) async fn resume_kept_frames(&mut self) {
+        let unfinished = self.delivery.unfinished_frames();
         if !unfinished.is_empty() {
-            self.apply_group_frames(&unfinished).await;
+            self.apply_kept_frames(&unfinished).await;
         }
     }
 

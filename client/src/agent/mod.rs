@@ -490,7 +490,7 @@ impl Agent {
         let mut member_retry =
             tokio::time::interval(self.config.member_retry.max(Duration::from_secs(1)));
         member_retry.tick().await;
-        self.resume_group_frames().await;
+        self.resume_kept_frames().await;
         let result = loop {
             if let Some(reason) = self.fatal.take() {
                 break Err(AgentError::Fatal(reason));

@@ -9,7 +9,7 @@ use micromsg_wire::message::event::Forwarded;
 
 use crate::account::unix_now;
 use crate::moving::{Moved, MovedError};
-use crate::store::FollowError;
+use crate::store::{FollowError, StoreError};
 
 use super::outbound::Outbound;
 use super::reply::MoveReport;
@@ -131,26 +131,38 @@ impl Agent {
 
     /// A MOVED notice from `peer` (live or from the inbox): followed only if it verifies under
     /// the key pinned for `peer`, names `peer` and is newer than the last one followed;
-    /// otherwise a warning, and nothing changes.
-    pub(super) async fn on_moved(&mut self, peer: &str, payload: &[u8]) {
+    /// otherwise a warning, and nothing changes. False when the store failed before the
+    /// notice was followed or refused (an inbox notice is then kept to be tried again, at the
+    /// next start).
+    pub(super) async fn on_moved(&mut self, peer: &str, payload: &[u8]) -> bool {
         let contact = match self.store.contact(peer) {
             Ok(c) => c,
             Err(e) => {
                 self.warn(format!("reading the contact {peer}: {e}")).await;
-                return;
+                return false;
             }
         };
         let Some(pinned) = contact.as_ref().and_then(|c| c.identity) else {
-            self.refuse_move(peer, "no identity key is pinned for it".into())
-                .await;
-            return;
+            match self.followed_already(peer, payload) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.refuse_move(peer, "no identity key is pinned for it".into())
+                        .await;
+                }
+                Err(e) => {
+                    self.warn(format!("reading the contact {peer} moved to: {e}"))
+                        .await;
+                    return false;
+                }
+            }
+            return true;
         };
         let last = contact.as_ref().and_then(|c| c.moved_at);
         let moved = match Moved::open(payload, &pinned) {
             Ok(m) => m,
             Err(e) => {
                 self.refuse_move(peer, e.to_string()).await;
-                return;
+                return true;
             }
         };
         // A move already followed: the broker's copy of its notice, or the notice sent again by
@@ -159,7 +171,7 @@ impl Agent {
             .as_ref()
             .is_some_and(|c| c.former.contains(&moved.old));
         if moved.new == peer && former {
-            return;
+            return true;
         }
         if let Err(e) = moved.check_for(peer, last) {
             let reason = match e {
@@ -167,7 +179,7 @@ impl Agent {
                 other => other.to_string(),
             };
             self.refuse_move(peer, reason).await;
-            return;
+            return true;
         }
         // The live session belongs to the old number; messages go to the new one from now on.
         if let Some((sender, _)) = self.sessions.remove(peer) {
@@ -180,11 +192,11 @@ impl Agent {
             Ok(c) => c,
             Err(e @ (FollowError::KeyConflict { .. } | FollowError::NotAContact(_))) => {
                 self.refuse_move(peer, e.to_string()).await;
-                return;
+                return true;
             }
             Err(e) => {
                 self.warn(format!("following {peer}'s move: {e}")).await;
-                return;
+                return false;
             }
         };
         let mut renamed = false;
@@ -206,6 +218,22 @@ impl Agent {
         })
         .await;
         self.ask_for_session(&moved.new).await;
+        true
+    }
+
+    /// Whether `payload` is a notice this device followed already: `peer` moved, and the
+    /// contact it moved to lists it as a former number and holds the key that signed it. (A
+    /// notice kept in the inbox state is tried again at the next start when the agent stopped
+    /// between following it and recording that it did.)
+    fn followed_already(&self, peer: &str, payload: &[u8]) -> Result<bool, StoreError> {
+        let Ok(moved) = Moved::read_unverified(payload) else {
+            return Ok(false);
+        };
+        Ok(self.store.contact(&moved.new)?.is_some_and(|c| {
+            c.former.iter().any(|f| f == peer)
+                && c.identity
+                    .is_some_and(|key| Moved::open(payload, &key).is_ok_and(|m| m.old == peer))
+        }))
     }
 
     async fn refuse_move(&self, from: &str, reason: String) {

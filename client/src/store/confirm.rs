@@ -15,13 +15,21 @@
 //! kept for sending in `keys/` when a newer one replaces it. A session that is not listed is
 //! confirmed: this includes every session saved before the list existed. The list is local: it
 //! is not part of the session records shared with other devices (13.4).
+//!
+//! Each write of the list leaves out the ids whose session is gone: neither some contact's
+//! latest session (`sessions/`) nor kept in `keys/` (the contact was removed, or a crash fell
+//! between the listing and the session's file). A session replaced by a newer one is kept in
+//! `keys/` and stays listed until confirmed, or it would be taken for confirmed and seal
+//! deposits. The id being listed is never left out, though its file is not written yet; and
+//! the listing and that file are written under one hold of the store's lock, so that no other
+//! write of the list (a confirmation) falls in between and prunes it.
 
 use std::collections::BTreeSet;
 
 use micromsg_crypto::handshake::SESSION_ID_LEN;
 use micromsg_crypto::hex;
 
-use super::{FoundSession, Store, StoreError, corrupt, read_optional, valid};
+use super::{FoundSession, KEYS_DIR, Store, StoreError, corrupt, read_optional, valid};
 use crate::p2p::StoredSession;
 
 const UNCONFIRMED: &str = "unconfirmed.json";
@@ -35,15 +43,16 @@ impl Store {
         number: &str,
         session: &StoredSession,
     ) -> Result<(), StoreError> {
-        valid(number)?;
-        {
-            let _guard = self.lock();
-            let mut ids = self.read_unconfirmed()?;
-            if ids.insert(hex::encode(&session.session_id)) {
-                self.write_unconfirmed(&ids)?;
-            }
+        let number = valid(number)?;
+        // One hold of the lock for both writes: a list written meanwhile (a confirmation) must
+        // not prune this id as one whose session is gone.
+        let _guard = self.lock();
+        let mut ids = self.read_unconfirmed()?;
+        let id = hex::encode(&session.session_id);
+        if ids.insert(id.clone()) {
+            self.write_unconfirmed(&mut ids, Some(&id))?;
         }
-        self.save_session(number, session)
+        self.save_session_locked(number, session)
     }
 
     /// Records that the peer proved it holds session `id` (an authentic DATA frame sealed
@@ -54,7 +63,7 @@ impl Store {
         if !ids.remove(&hex::encode(id)) {
             return Ok(false);
         }
-        self.write_unconfirmed(&ids)?;
+        self.write_unconfirmed(&mut ids, None)?;
         Ok(true)
     }
 
@@ -112,7 +121,34 @@ impl Store {
         }
     }
 
-    fn write_unconfirmed(&self, ids: &BTreeSet<String>) -> Result<(), StoreError> {
+    /// Writes the list, without the ids whose session is gone (see the module's doc) but
+    /// `listing`, the one whose file is written next. Call with the lock held.
+    fn write_unconfirmed(
+        &self,
+        ids: &mut BTreeSet<String>,
+        listing: Option<&str>,
+    ) -> Result<(), StoreError> {
+        // Kept in `keys/` (replaced by a newer session, or saved there): listed still. A
+        // file that cannot be looked at counts as there.
+        let keys = self.dir().join(KEYS_DIR);
+        let mut gone: Vec<String> = ids
+            .iter()
+            .filter(|id| Some(id.as_str()) != listing)
+            .filter(|id| matches!(keys.join(format!("{id}.json")).try_exists(), Ok(false)))
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            // Some contact's latest session (read only when an id is not in `keys/`).
+            let latest: BTreeSet<String> = self
+                .own_sessions_locked()?
+                .iter()
+                .map(|(_, s)| hex::encode(&s.session_id))
+                .collect();
+            gone.retain(|id| !latest.contains(id));
+            for id in &gone {
+                ids.remove(id);
+            }
+        }
         let path = self.dir().join(UNCONFIRMED);
         let json = serde_json::to_vec(ids).map_err(|e| corrupt(&path, e))?;
         self.inner.profile.write_atomic(UNCONFIRMED, &json, true)?;
@@ -193,6 +229,45 @@ mod tests {
         assert!(store.confirm_session(&[2; 16]).unwrap());
         assert!(!store.confirm_session(&[2; 16]).unwrap(), "once");
         assert_eq!(sending(&store), Some([2; 16]));
+    }
+
+    fn listed(store: &Store) -> Vec<String> {
+        store.read_unconfirmed().unwrap().into_iter().collect()
+    }
+
+    /// The list used to keep the ids of sessions that are gone for good. Now each write of it
+    /// leaves them out: a removed contact's session, and one listed by a handshake that died
+    /// before its file was written. A replaced one, kept in `keys/`, stays listed (else it
+    /// would be taken for confirmed), and so does the one being listed.
+    #[test]
+    fn ids_of_sessions_that_are_gone_leave_the_list_when_it_is_written() {
+        const OTHER: &str = "5550003";
+        let (_dir, store) = store();
+        store.save_new_session(PEER, &session(1, 100)).unwrap();
+        store.save_new_session(PEER, &session(2, 200)).unwrap(); // 1 replaced, in keys/
+        assert!(store.remove_contact(PEER).unwrap()); // 2 gone
+        // A handshake that died between the listing and the session's file (and the list as
+        // a client that did not prune left it).
+        let mut ids = listed(&store);
+        ids.push(hex::encode(&[3; 16]));
+        let json = serde_json::to_vec(&ids).unwrap();
+        std::fs::write(store.dir().join(UNCONFIRMED), json).unwrap();
+        assert_eq!(listed(&store).len(), 3);
+
+        store.save_new_session(OTHER, &session(4, 300)).unwrap();
+        assert_eq!(
+            listed(&store),
+            [hex::encode(&[1; 16]), hex::encode(&[4; 16])],
+            "the replaced one stays, the removed and the never written go"
+        );
+        assert!(!store.is_confirmed(&[1; 16]).unwrap());
+        assert!(!store.is_confirmed(&[4; 16]).unwrap());
+
+        // A confirmation writes the list too.
+        store.save_new_session(PEER, &session(5, 400)).unwrap();
+        assert!(store.remove_contact(PEER).unwrap());
+        assert!(store.confirm_session(&[4; 16]).unwrap());
+        assert_eq!(listed(&store), [hex::encode(&[1; 16])]);
     }
 
     #[test]

@@ -613,36 +613,16 @@ async fn listen_sigkilled_around_an_inbox_fetch_loses_no_group_frame() {
 /// the store leaves behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_frame_stored_but_not_applied_is_applied_by_the_next_agent() {
-    use micromsg_client::account;
-    use micromsg_client::inbox::{Arrived, Delivery, LiveTable};
-    use micromsg_crypto::identity::IdentityKey;
+    use micromsg_client::inbox::Arrived;
 
     let (_broker, a_agent, b, group) = create_for_offline_member("kept").await;
 
     // B's device takes its inbox (stored, then acknowledged) and stops before the group layer.
-    let mut session = account::connect(&b.profile).await.unwrap();
-    let secrets = b.profile.secrets().unwrap();
-    let seed = IdentityKey::from_seed(&secrets.identity_seed).seed();
-    let mut delivery = Delivery::new(
-        Store::new(&b.profile),
-        &session.info.number,
-        session.info.device,
-        seed,
-    )
-    .unwrap();
-    let arrived = delivery
-        .fetch_all(
-            &mut session.link,
-            &mut LiveTable::new(),
-            micromsg_client::account::unix_now(),
-        )
-        .await
-        .unwrap();
+    let arrived = agents::take_inbox(&b.profile).await;
     assert!(
         arrived.iter().any(|a| matches!(a, Arrived::Group { .. })),
         "the create came through the inbox: {arrived:?}"
     );
-    drop((delivery, session));
     assert!(
         Store::new(&b.profile).load_group(&group).unwrap().is_none(),
         "the group layer has not run"
@@ -655,7 +635,7 @@ async fn a_group_frame_stored_but_not_applied_is_applied_by_the_next_agent() {
     a_agent.agent.stop().await.unwrap();
 }
 
-/// The inbox is stored in steps (history, session receive state, inbox state), each synced;
+/// The inbox is stored in steps (session receive state, history, inbox state), each synced;
 /// a SIGKILL can fall between two. Here B's device opened A's group create and stored the
 /// session's receive state (its offline seen-set now holds the frame's counter), then died
 /// before the inbox state that keeps the frame for the group layer: the item is still at the

@@ -11,7 +11,7 @@ use std::time::Duration;
 use micromsg_client::account;
 use micromsg_client::agent::{AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
 use micromsg_client::groups::GroupState;
-use micromsg_client::inbox::new_message_id;
+use micromsg_client::inbox::{Arrived, new_message_id};
 use micromsg_client::move_account::{STAGE, move_to};
 use micromsg_client::moving::Moved;
 use micromsg_client::store::{Direction, Store, safety_number_with};
@@ -316,51 +316,14 @@ async fn a_contact_moves_to_another_broker_and_everything_follows(backend: Backe
 /// (the same time) is ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_notice_is_refused_and_changes_nothing() {
-    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
-    let a = register(&broker, "a").await;
-    let b = register(&broker, "b").await;
-    let (oa, _a_rx) = online(&a, AcceptPolicy::Any).await;
-    let (ob, _b_rx) = online(&b, AcceptPolicy::Any).await;
-    let reply = contact_add(&oa, &b.number).await;
-    assert!(reply.ok, "{reply:?}");
-    assert!(send(&oa, &b.number, "hi").await.ok);
-    oa.stop().await.unwrap();
-    ob.stop().await.unwrap();
+    let (broker, a, b) = contacts_both_stopped().await;
     let store_b = Store::new(&b.profile);
     let before = store_b.contact(&a.number).unwrap().unwrap();
 
-    let moved = Moved {
-        old: a.number.clone(),
-        new: "5559999999".into(),
-        broker: "elsewhere.example:7400".into(),
-        tls_name: "elsewhere.example".into(),
-        broker_key: [7; 32],
-        time: account::unix_now(),
-    };
+    let moved = moved_elsewhere(&a);
     let forger = IdentityKey::from_seed(&Secret32::from_bytes([0x42; 32]));
     let genuine = IdentityKey::from_seed(&a.profile.secrets().unwrap().identity_seed);
-    let deposit = |notice: Vec<u8>| {
-        let a = a.clone();
-        let b_number = b.number.clone();
-        async move {
-            let store_a = Store::new(&a.profile);
-            let mut stored = store_a.load_session(&b_number).unwrap().unwrap();
-            let envelope = stored
-                .seal_offline(account::unix_now(), Kind::Moved, &notice)
-                .unwrap();
-            store_a.save_session(&b_number, &stored).unwrap();
-            let mut session = account::connect(&a.profile).await.unwrap();
-            session
-                .link
-                .call(Request::Deposit(DepositArgs {
-                    target: Number::new(b_number).unwrap(),
-                    id: new_message_id(),
-                    body: Blob::new(envelope),
-                }))
-                .await
-                .unwrap();
-        }
-    };
+    let deposit = |notice: Vec<u8>| deposit_notice(&a, &b, notice);
 
     deposit(moved.sign(&forger).unwrap()).await;
     let (ob, mut b_rx) = online(&b, AcceptPolicy::Ask).await;
@@ -519,4 +482,115 @@ async fn a_move_interrupted_while_switching_is_finished_by_the_next() {
     assert_eq!(session.info.number, staged.number);
     x.stop().await;
     z.stop().await;
+}
+
+/// A MOVED notice taken from the inbox is acknowledged together with the inbox state that
+/// keeps it, and followed even when the agent stopped (or was killed) between the two: the
+/// next agent of the device follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_notice_taken_from_the_inbox_but_not_followed_is_followed_by_the_next_agent() {
+    let (broker, a, b, moved, store_b) = notice_taken_not_followed().await;
+    let (ob, mut b_rx) = online(&b, AcceptPolicy::Ask).await;
+    assert_eq!(followed(&mut b_rx, &a.number).await, moved.new);
+    let contact = store_b.contact(&moved.new).unwrap().unwrap();
+    assert_eq!(contact.former, vec![a.number.clone()]);
+    ob.stop().await.unwrap();
+    broker.stop().await;
+}
+
+/// Killed after following the notice and before recording that it did: the next agent meets
+/// the notice again under the old number, recognises the move it followed, and reports
+/// nothing (no refusal, no second move); the notice then leaves the inbox state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_notice_followed_but_not_recorded_is_not_refused_by_the_next_agent() {
+    let (broker, a, b, moved, store_b) = notice_taken_not_followed().await;
+    store_b
+        .follow_move(&a.number, &moved.new, moved.time)
+        .unwrap();
+    let after = store_b.contact(&moved.new).unwrap().unwrap();
+
+    let (ob, mut b_rx) = online(&b, AcceptPolicy::Ask).await;
+    let reply = ob.ask(Command::Inbox).await;
+    assert!(reply.ok, "{reply:?}");
+    agents::expect_none(&mut b_rx, Duration::from_secs(1), |n| {
+        matches!(n, Notice::ContactMoved { .. } | Notice::MoveRefused { .. })
+    })
+    .await;
+    ob.stop().await.unwrap();
+    assert_eq!(store_b.contact(&moved.new).unwrap().unwrap(), after);
+    assert!(
+        store_b.inbox_state().unwrap().frames.is_empty(),
+        "the notice is done with"
+    );
+    broker.stop().await;
+}
+
+/// A and B contacts on one broker with a session, both agents stopped; A's genuine moved
+/// notice (to a number elsewhere) deposited for B, whose device takes its inbox as the agent's
+/// fetch does and runs nothing after it (what a SIGKILL right after the store leaves behind).
+/// Returns B's store too.
+async fn notice_taken_not_followed() -> (TestBroker, Device, Device, Moved, Store) {
+    let (broker, a, b) = contacts_both_stopped().await;
+    let moved = moved_elsewhere(&a);
+    let genuine = IdentityKey::from_seed(&a.profile.secrets().unwrap().identity_seed);
+    deposit_notice(&a, &b, moved.sign(&genuine).unwrap()).await;
+
+    let arrived = agents::take_inbox(&b.profile).await;
+    assert!(
+        arrived.iter().any(|a| matches!(a, Arrived::Moved { .. })),
+        "the notice came through the inbox: {arrived:?}"
+    );
+    let store_b = Store::new(&b.profile);
+    assert!(
+        store_b.contact(&moved.new).unwrap().is_none(),
+        "nothing followed it yet"
+    );
+    (broker, a, b, moved, store_b)
+}
+
+/// A and B, contacts on one broker with a session, both agents stopped.
+async fn contacts_both_stopped() -> (TestBroker, Device, Device) {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (oa, _a_rx) = online(&a, AcceptPolicy::Any).await;
+    let (ob, _b_rx) = online(&b, AcceptPolicy::Any).await;
+    let reply = contact_add(&oa, &b.number).await;
+    assert!(reply.ok, "{reply:?}");
+    assert!(send(&oa, &b.number, "hi").await.ok);
+    oa.stop().await.unwrap();
+    ob.stop().await.unwrap();
+    (broker, a, b)
+}
+
+/// A move of `a` to a number at a broker elsewhere, unsigned.
+fn moved_elsewhere(a: &Device) -> Moved {
+    Moved {
+        old: a.number.clone(),
+        new: "5559999999".into(),
+        broker: "elsewhere.example:7400".into(),
+        tls_name: "elsewhere.example".into(),
+        broker_key: [7; 32],
+        time: account::unix_now(),
+    }
+}
+
+/// `a` deposits `notice` for `b` in a MOVED frame of its session with `b`.
+async fn deposit_notice(a: &Device, b: &Device, notice: Vec<u8>) {
+    let store_a = Store::new(&a.profile);
+    let mut stored = store_a.load_session(&b.number).unwrap().unwrap();
+    let envelope = stored
+        .seal_offline(account::unix_now(), Kind::Moved, &notice)
+        .unwrap();
+    store_a.save_session(&b.number, &stored).unwrap();
+    let mut session = account::connect(&a.profile).await.unwrap();
+    session
+        .link
+        .call(Request::Deposit(DepositArgs {
+            target: Number::new(b.number.clone()).unwrap(),
+            id: new_message_id(),
+            body: Blob::new(envelope),
+        }))
+        .await
+        .unwrap();
 }
