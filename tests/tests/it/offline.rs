@@ -293,9 +293,37 @@ async fn two_devices(mode: InboxMode) {
     );
     b1_agent.stop().await.unwrap();
     b2_agent.stop().await.unwrap();
-    assert_eq!(store.inbox_depth().await.unwrap(), 0, "all acknowledged");
+    assert_eq!(
+        store.inbox_depth().await.unwrap(),
+        0,
+        "all acknowledged; left: {}",
+        left_in_inbox(store, &[(&a.number, 1), (&b1.number, 1), (&b1.number, 2)]).await
+    );
     a_agent.stop().await.unwrap();
     broker.stop().await;
+}
+
+/// What is still in the inbox of each `(number, device)`, for a failure message: the
+/// recipient, the sender and the body's first four bytes (its kind: `MMO1`, `MMK1`, …).
+async fn left_in_inbox(store: &micromsg_store::Store, devices: &[(&String, u32)]) -> String {
+    let mut left = Vec::new();
+    for (number, device) in devices {
+        let number = micromsg_store::Number::new((*number).clone()).unwrap();
+        let device = micromsg_store::DeviceId::new(*device).unwrap();
+        let now = micromsg_broker::clock::unix_now() as i64;
+        let (items, _) = store
+            .fetch_inbox(&number, device, None, 100, now)
+            .await
+            .unwrap();
+        for item in items {
+            let kind = String::from_utf8_lossy(item.body.get(..4).unwrap_or_default()).into_owned();
+            left.push(format!(
+                "to {number}/{device:?} ({:?}) from {}/{:?}: {kind}",
+                item.recipient_device, item.sender_number, item.sender_device
+            ));
+        }
+    }
+    left.join("; ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
