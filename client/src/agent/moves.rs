@@ -144,8 +144,14 @@ impl Agent {
         };
         let Some(pinned) = contact.as_ref().and_then(|c| c.identity) else {
             match self.followed_already(peer, payload) {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(Some(moved)) => {
+                    // Followed by a run that stopped before it finished: redo what is safe
+                    // to do twice and tells no one (the notice was shown then, or the user
+                    // sees the new number in the contact list now).
+                    self.retarget_outbox(&moved.old, &moved.new).await;
+                    self.ask_for_session(&moved.new).await;
+                }
+                Ok(None) => {
                     self.refuse_move(peer, "no identity key is pinned for it".into())
                         .await;
                 }
@@ -199,16 +205,7 @@ impl Agent {
                 return false;
             }
         };
-        let mut renamed = false;
-        for q in &mut self.outbox {
-            if q.to == moved.old {
-                q.to.clone_from(&moved.new);
-                renamed = true;
-            }
-        }
-        if renamed && let Err(e) = self.persist_outbox().await {
-            self.warn(format!("saving the outbox: {e}")).await;
-        }
+        self.retarget_outbox(&moved.old, &moved.new).await;
         self.networked.remove(&moved.new);
         self.notify(Notice::ContactMoved {
             old: moved.old.clone(),
@@ -221,19 +218,36 @@ impl Agent {
         true
     }
 
-    /// Whether `payload` is a notice this device followed already: `peer` moved, and the
-    /// contact it moved to lists it as a former number and holds the key that signed it. (A
-    /// notice kept in the inbox state is tried again at the next start when the agent stopped
-    /// between following it and recording that it did.)
-    fn followed_already(&self, peer: &str, payload: &[u8]) -> Result<bool, StoreError> {
+    /// Messages queued for `old` go to `new` (saved when any did).
+    async fn retarget_outbox(&mut self, old: &str, new: &str) {
+        let mut renamed = false;
+        for q in &mut self.outbox {
+            if q.to == old {
+                new.clone_into(&mut q.to);
+                renamed = true;
+            }
+        }
+        if renamed && let Err(e) = self.persist_outbox().await {
+            self.warn(format!("saving the outbox: {e}")).await;
+        }
+    }
+
+    /// The notice in `payload`, when it is one this device followed already: `peer` moved,
+    /// and the contact it moved to lists it as a former number and holds the key that signed
+    /// it. (A notice kept in the inbox state is tried again at the next start when the agent
+    /// stopped between following it and recording that it did.)
+    fn followed_already(&self, peer: &str, payload: &[u8]) -> Result<Option<Moved>, StoreError> {
         let Ok(moved) = Moved::read_unverified(payload) else {
-            return Ok(false);
+            return Ok(None);
         };
-        Ok(self.store.contact(&moved.new)?.is_some_and(|c| {
-            c.former.iter().any(|f| f == peer)
-                && c.identity
-                    .is_some_and(|key| Moved::open(payload, &key).is_ok_and(|m| m.old == peer))
-        }))
+        let Some(contact) = self.store.contact(&moved.new)? else {
+            return Ok(None);
+        };
+        let verified = contact
+            .identity
+            .and_then(|key| Moved::open(payload, &key).ok())
+            .filter(|m| m.old == peer && contact.former.iter().any(|f| f == peer));
+        Ok(verified)
     }
 
     async fn refuse_move(&self, from: &str, reason: String) {

@@ -500,7 +500,9 @@ async fn a_moved_notice_taken_from_the_inbox_but_not_followed_is_followed_by_the
 
 /// Killed after following the notice and before recording that it did: the next agent meets
 /// the notice again under the old number, recognises the move it followed, and reports
-/// nothing (no refusal, no second move); the notice then leaves the inbox state.
+/// nothing (no refusal, no second move); it finishes what the killed run may not have done
+/// (the outbox for the old number now goes to the new one), and the notice leaves the inbox
+/// state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_notice_followed_but_not_recorded_is_not_refused_by_the_next_agent() {
     let (broker, a, b, moved, store_b) = notice_taken_not_followed().await;
@@ -508,6 +510,20 @@ async fn a_moved_notice_followed_but_not_recorded_is_not_refused_by_the_next_age
         .follow_move(&a.number, &moved.new, moved.time)
         .unwrap();
     let after = store_b.contact(&moved.new).unwrap().unwrap();
+    // Queued for the old number before the kill; marked failed, so no attempt sends it.
+    let outbox = micromsg_client::outbox::Outbox::new(&b.profile);
+    let queued: micromsg_client::outbox::Queued = serde_json::from_value(serde_json::json!({
+        "id": "00112233445566778899aabbccddeeff",
+        "to": a.number,
+        "text": "queued before the kill",
+        "queued_at": 1,
+        "session": "",
+        "counter": 0,
+        "envelope": "",
+        "failed": "kept here by the test",
+    }))
+    .unwrap();
+    outbox.save(&[queued]).unwrap();
 
     let (ob, mut b_rx) = online(&b, AcceptPolicy::Ask).await;
     let reply = ob.ask(Command::Inbox).await;
@@ -522,6 +538,8 @@ async fn a_moved_notice_followed_but_not_recorded_is_not_refused_by_the_next_age
         store_b.inbox_state().unwrap().frames.is_empty(),
         "the notice is done with"
     );
+    let to: Vec<String> = outbox.load().unwrap().into_iter().map(|q| q.to).collect();
+    assert_eq!(to, vec![moved.new], "the outbox follows the move");
     broker.stop().await;
 }
 
