@@ -77,6 +77,14 @@ pub use reply::{
 
 use control::{bind_control, serve_control};
 
+/// Events from all live sessions waiting for the agent's loop. Small, because each may hold
+/// a message of up to a frame (1 MiB): when the loop is behind, each session's forwarder
+/// waits, its session's own queue fills up to its byte budget
+/// ([`crate::p2p::SessionConfig::event_queue_bytes`]) and it stops reading, so a contact
+/// sending large messages faster than they are stored pushes back on its own connection
+/// instead of growing this process's memory.
+const SESSION_EVENTS: usize = 64;
+
 /// Why the agent stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -391,7 +399,7 @@ impl Agent {
         notices: mpsc::Sender<Notice>,
     ) -> Result<Self, AgentError> {
         let (handshakes_tx, handshakes_rx) = mpsc::channel(64);
-        let (events_tx, events_rx) = mpsc::channel(1024);
+        let (events_tx, events_rx) = mpsc::channel(SESSION_EVENTS);
         let store = Store::new(&profile);
         let delivery = Delivery::new(store.clone(), &info.number, info.device, identity.seed())
             .map_err(|e| AgentError::Io {

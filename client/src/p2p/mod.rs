@@ -105,6 +105,12 @@ pub struct SessionConfig {
     /// Capacity of the event queue, in events. When full, the session stops reading from the
     /// socket (TCP flow control pushes back on the peer) but keeps sending. Default 1024.
     pub event_queue: usize,
+    /// Most payload bytes (texts, group frames, notices) the event queue holds: once the
+    /// events waiting for the application carry this much, the session stops reading as when
+    /// the queue is full, so a peer sending large messages to a slow application cannot make
+    /// it hold `event_queue` × the largest frame (about 1 GiB). One event may pass it (a frame
+    /// is never split). Default 16 MiB.
+    pub event_queue_bytes: usize,
     /// With a [`CounterPersist`], send counters are reserved on disk this many at a time, so
     /// a crash can never reuse one and the disk is touched once per block. Default 65 536.
     pub counter_reservation: u64,
@@ -120,6 +126,7 @@ impl Default for SessionConfig {
             close_timeout: Duration::from_secs(2),
             outgoing_queue: 1024,
             event_queue: 1024,
+            event_queue_bytes: 16 << 20,
             counter_reservation: 65_536,
         }
     }
@@ -138,7 +145,7 @@ impl SessionConfig {
         if (self.max_frame_len as usize) < ACCEPT_LEN {
             return bad("max_frame_len must be at least 193 (an ACCEPT frame)");
         }
-        if self.outgoing_queue == 0 || self.event_queue == 0 {
+        if self.outgoing_queue == 0 || self.event_queue == 0 || self.event_queue_bytes == 0 {
             return bad("queue capacities must be at least 1");
         }
         if self.counter_reservation == 0 {

@@ -12,6 +12,7 @@
 //! lazily (checked when they fire) instead of per message; the send counter is published with
 //! a relaxed atomic store. No locks.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -472,6 +473,8 @@ where
         out_rx,
         batch: Vec::with_capacity(SEND_BATCH),
         events: ev_tx,
+        queued: VecDeque::new(),
+        queued_bytes: 0,
         pending: None,
         app_gone: false,
         wbuf: Vec::new(),
@@ -522,6 +525,11 @@ struct Task<R, W> {
     /// for the socket, and `out_rx` is read again once this is empty.
     batch: Vec<Outgoing>,
     events: mpsc::Sender<PeerEvent>,
+    /// The payload length of each event in `events`, oldest first, and their sum: reading
+    /// pauses while the sum is at [`SessionConfig::event_queue_bytes`]. Only this task sends
+    /// into `events`, so the queue's length tells how many the application has taken.
+    queued: VecDeque<usize>,
+    queued_bytes: usize,
     /// An event the full queue could not take yet; reading pauses until it is delivered.
     pending: Option<PeerEvent>,
     /// The event receiver was dropped: nobody would see what arrives.
@@ -544,6 +552,15 @@ struct Task<R, W> {
     persist: Option<Arc<dyn CounterPersist>>,
     shared: Arc<Shared>,
     max_text_len: usize,
+}
+
+/// The bytes an event holds that count against [`SessionConfig::event_queue_bytes`].
+fn payload_len(event: &PeerEvent) -> usize {
+    match event {
+        PeerEvent::Text { text, .. } => text.len(),
+        PeerEvent::Group { payload, .. } | PeerEvent::Moved { payload, .. } => payload.len(),
+        _ => 0,
+    }
 }
 
 fn unix_now() -> u64 {
@@ -607,13 +624,23 @@ where
         let mut liveness = pin!(sleep_until(self.liveness_due()));
         loop {
             let unwritten = self.wbuf.len() - self.wpos;
+            let full = self.queue_full_of_bytes();
+            // While the queue holds its byte budget: wait until the application takes an
+            // event (one more free slot than now), instead of reading.
+            let room = full.then(|| {
+                let events = self.events.clone();
+                let wanted = events.capacity() + 1;
+                async move { drop(events.reserve_many(wanted).await) }
+            });
             let step = tokio::select! {
+                () = async { if let Some(room) = room { room.await } }, if full => Ok(()),
                 // Owned, so the permit does not borrow `self` into the other handlers; this
                 // branch runs only when the application is behind.
                 permit = self.events.clone().reserve_owned(), if self.pending.is_some() => {
                     match permit {
                         Ok(permit) => {
                             if let Some(event) = self.pending.take() {
+                                self.note_queued(&event);
                                 permit.send(event);
                             }
                         }
@@ -621,7 +648,7 @@ where
                     }
                     Ok(())
                 }
-                frame = self.reader.next_frame(), if self.pending.is_none() => {
+                frame = self.reader.next_frame(), if self.pending.is_none() && !full => {
                     self.handle_read(frame)
                 }
                 n = self.out_rx.recv_many(&mut self.batch, SEND_BATCH),
@@ -663,7 +690,7 @@ where
                     step
                 }
                 () = &mut liveness => {
-                    if self.pending.is_some() {
+                    if self.pending.is_some() || full {
                         // We stopped reading ourselves (the application is slow): not the
                         // peer's fault.
                         self.last_recv = Instant::now();
@@ -702,7 +729,7 @@ where
         // `select!` polls it again with the task's waker, so no wake-up is lost.
         let mut cx = Context::from_waker(Waker::noop());
         for _ in 0..READ_BATCH {
-            if self.pending.is_some() || self.app_gone {
+            if self.pending.is_some() || self.app_gone || self.queue_full_of_bytes() {
                 break;
             }
             let next = pin!(self.reader.next_frame()).poll(&mut cx);
@@ -758,10 +785,10 @@ where
             // The first event of the session, so the queue has room. An application that no
             // longer reads events is not a reason to drop what it queued before: only content
             // that cannot be delivered ends the session (`app_gone`).
-            if let Err(mpsc::error::TrySendError::Full(event)) =
-                self.events.try_send(PeerEvent::Confirmed)
-            {
-                self.pending = Some(event);
+            match self.events.try_send(PeerEvent::Confirmed) {
+                Ok(()) => self.queued.push_back(0),
+                Err(mpsc::error::TrySendError::Full(event)) => self.pending = Some(event),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         match (header.kind, body) {
@@ -796,11 +823,35 @@ where
     }
 
     fn deliver(&mut self, event: PeerEvent) {
+        let len = payload_len(&event);
         match self.events.try_send(event) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.queued.push_back(len);
+                self.queued_bytes += len;
+            }
             Err(mpsc::error::TrySendError::Full(event)) => self.pending = Some(event),
             Err(mpsc::error::TrySendError::Closed(_)) => self.app_gone = true,
         }
+    }
+
+    /// Counts `event`, about to go into the queue, in the queue's bytes.
+    fn note_queued(&mut self, event: &PeerEvent) {
+        let len = payload_len(event);
+        self.queued.push_back(len);
+        self.queued_bytes += len;
+    }
+
+    /// Whether the events the application has not taken yet carry the byte budget. Drops
+    /// the ones it took from the count first: the queue's length says how many are left, and
+    /// it takes them oldest first.
+    fn queue_full_of_bytes(&mut self) -> bool {
+        let left = self.events.max_capacity() - self.events.capacity();
+        while self.queued.len() > left {
+            if let Some(len) = self.queued.pop_front() {
+                self.queued_bytes -= len;
+            }
+        }
+        self.queued_bytes >= self.cfg.event_queue_bytes
     }
 
     /// Seals waiting messages and writes what the socket takes, until the batch is empty or

@@ -359,3 +359,35 @@ async fn a_peer_whose_first_heartbeat_comes_after_an_interval_confirms_in_time()
     }
     assert_eq!(sealed.await.unwrap().counter, counter.unwrap());
 }
+
+/// A peer sending more than the event queue's byte budget to an application that does not
+/// read: the session holds about the budget and stops reading (the rest waits in the
+/// connection), without blaming the peer for the silence; everything arrives once the
+/// application reads.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reader_holds_at_most_the_byte_budget() {
+    let cfg = SessionConfig {
+        event_queue_bytes: 3_000,
+        ..config()
+    };
+    assert!(cfg.event_queue >= 20, "the count is not what limits here");
+    let (mut session, mut peer) = session_and_peer(cfg.clone());
+    assert_eq!(peer.next().await, Some((0, Kind::Heartbeat)));
+    let texts: Vec<String> = (0..20)
+        .map(|n| format!("{n:04}{}", "x".repeat(996)))
+        .collect();
+    for text in &texts {
+        peer.send(Kind::Text, text.as_bytes()).await;
+    }
+    sleep(cfg.liveness_timeout() * 3 / 2).await;
+    // The confirmation, then texts up to the budget: 3 × 1,000 bytes.
+    assert_eq!(session.events.len(), 4);
+    let mut got = Vec::new();
+    while got.len() < texts.len() {
+        got.push(text(&mut session).await.1);
+        // Each text taken makes room for about one more, never more than the budget.
+        assert!(session.events.len() <= 3, "{}", session.events.len());
+    }
+    assert_eq!(got, texts);
+    assert!(!session.sender().is_closed(), "the session is still up");
+}
