@@ -633,7 +633,11 @@ where
                 async move { drop(events.reserve_many(wanted).await) }
             });
             let step = tokio::select! {
-                () = async { if let Some(room) = room { room.await } }, if full => Ok(()),
+                () = async { if let Some(room) = room { room.await } }, if full => {
+                    // Also done when the application dropped its receiver: then nobody reads.
+                    self.app_gone |= self.events.is_closed();
+                    Ok(())
+                }
                 // Owned, so the permit does not borrow `self` into the other handlers; this
                 // branch runs only when the application is behind.
                 permit = self.events.clone().reserve_owned(), if self.pending.is_some() => {
