@@ -4,7 +4,7 @@
 //! ```text
 //! INBOX-FETCH {AFTER}  ->  items  ->  Delivery::open (open, de-duplicate)
 //!                      ->  Delivery::commit (on the blocking pool): session seen-sets,
-//!                          history, inbox.json (each synced)
+//!                          inbox-copies.json, history, inbox.json (each synced)
 //!                      ->  INBOX-ACK (only what is now stored)  -> repeat while MORE
 //! ```
 //!
@@ -19,7 +19,9 @@
 //! | own number, this device | any | its own SYNC-COPY in NUMBER mode: nothing to do |
 //!
 //! De-duplication: by message id (kept until the item's expiry), then by (session, counter)
-//! for messages from a contact (12.7), including counters already received live. An envelope
+//! for messages from a contact (12.7), including counters already received live. A copy from
+//! another device has no counter set here; its id is written before its history line, and
+//! only an item with such an id that comes again is looked up in the history. An envelope
 //! whose session is unknown is kept in `inbox.json` and opened when the keys arrive. A group
 //! frame or a MOVED notice is kept there too, until the agent has applied it
 //! ([`Delivery::frames_done`]): it is acknowledged before the agent sees it.
@@ -135,6 +137,8 @@ pub struct Delivery {
     identity_seed: Secret32,
     link_key: Option<Secret32>,
     state: InboxState,
+    /// What `inbox-copies.json` holds ([`Store::copies_in_flight`]).
+    copies_in_flight: BTreeSet<String>,
 }
 
 impl Delivery {
@@ -146,6 +150,7 @@ impl Delivery {
         identity_seed: Secret32,
     ) -> Result<Self, StoreError> {
         let state = store.inbox_state()?;
+        let copies_in_flight = store.copies_in_flight()?;
         Ok(Self {
             store,
             number: number.to_owned(),
@@ -153,6 +158,7 @@ impl Delivery {
             identity_seed,
             link_key: None,
             state,
+            copies_in_flight,
         })
     }
 
@@ -455,6 +461,17 @@ impl Delivery {
             if opened.kind != Kind::Text {
                 return Ok(false);
             }
+            // Its id is unknown here (else it was skipped as a repeat); it may still be in the
+            // history if a crash cut the batch that wrote it before its id was stored.
+            // (Or it is the same envelope under a second id, earlier in this page.)
+            let counter = opened.counter;
+            if batch.in_page(&peer, Direction::Out, sid, counter)
+                || (self.copies_in_flight.contains(&item.id)
+                    && self.in_history(batch, &peer, Direction::Out, sid, counter)?)
+            {
+                return Ok(false);
+            }
+            batch.copies.insert(item.id.clone());
             let text = String::from_utf8_lossy(&opened.payload).into_owned();
             batch.push_message(&peer, Direction::Out, item.from_device, sid, opened, text);
             return Ok(false);
@@ -498,7 +515,7 @@ impl Delivery {
                     return Ok(false);
                 };
                 if let Some(l) = live.get_mut(&sid)
-                    && matches!(again.kind, Kind::Text | Kind::Group)
+                    && matches!(again.kind, Kind::Text | Kind::Group | Kind::Moved)
                 {
                     l.offline.insert(again.counter);
                 }
@@ -506,7 +523,9 @@ impl Delivery {
                     Kind::Group | Kind::Moved => {
                         batch.push_kept(item, &peer, Direction::In, again);
                     }
-                    Kind::Text if !self.in_history(batch, &peer, sid, again.counter)? => {
+                    Kind::Text
+                        if !self.in_history(batch, &peer, Direction::In, sid, again.counter)? =>
+                    {
                         let text = String::from_utf8_lossy(&again.payload).into_owned();
                         batch.push_message(
                             &peer,
@@ -525,17 +544,18 @@ impl Delivery {
             Err(_) => return drop(batch, format!("a message from {peer} that does not open")),
         };
         batch.dirty.insert(sid);
+        if !matches!(opened.kind, Kind::Text | Kind::Group | Kind::Moved) {
+            return Ok(false);
+        }
+        // The live session skips it if it comes that way too.
+        if let Some(l) = live.get_mut(&sid) {
+            l.offline.insert(opened.counter);
+        }
         if opened.kind == Kind::Moved {
             // Checked and followed by the agent (against the pin, protocol 12.13), kept until
             // it has.
             batch.push_kept(item, &peer, Direction::In, opened);
             return Ok(false);
-        }
-        if opened.kind != Kind::Text && opened.kind != Kind::Group {
-            return Ok(false);
-        }
-        if let Some(l) = live.get_mut(&sid) {
-            l.offline.insert(opened.counter);
         }
         if opened.kind == Kind::Group {
             batch.push_kept(item, &peer, Direction::In, opened);
@@ -546,25 +566,23 @@ impl Delivery {
         Ok(false)
     }
 
-    /// Whether the history with `peer` holds message `counter` of session `sid` from the
-    /// contact: in its file (read once per page, and only for an item that comes again, see
+    /// Whether the history with `peer` holds message `counter` of session `sid` that went
+    /// `direction` (`In` from the contact, `Out` a copy from another device of ours): in its
+    /// file (read once per page, and only for an item that may have come again, see
     /// `take_one`), or earlier in this page.
     fn in_history(
         &self,
         batch: &mut Batch,
         peer: &str,
+        direction: Direction,
         sid: [u8; SESSION_ID_LEN],
         counter: u64,
     ) -> Result<bool, StoreError> {
-        let is_it =
-            |e: &Entry| e.direction == Direction::In && e.session == sid && e.counter == counter;
-        if batch
-            .history
-            .iter()
-            .any(|(p, entries)| p == peer && entries.iter().any(is_it))
-        {
+        if batch.in_page(peer, direction, sid, counter) {
             return Ok(true);
         }
+        let is_it =
+            |e: &Entry| e.direction == direction && e.session == sid && e.counter == counter;
         if !batch.stored_history.contains_key(peer) {
             let history = self.store.read_history(peer)?;
             batch.stored_history.insert(peer.to_owned(), history);
@@ -591,11 +609,21 @@ impl Delivery {
     async fn commit(&mut self, batch: Batch, now_unix: u64) -> Result<Vec<Arrived>, StoreError> {
         let store = self.store.clone();
         let mut state = self.state.clone();
+        let copies = batch.copies.clone();
         let written = tokio::task::spawn_blocking(move || {
             let result = commit_batch(&store, &mut state, batch, now_unix);
             (state, result)
         })
         .await;
+        if !copies.is_empty() {
+            // What `inbox-copies.json` may hold now. After a failed commit the page comes
+            // again in this process, so the earlier ids stay too.
+            if !matches!(written, Ok((_, Ok(_)))) {
+                self.copies_in_flight.extend(copies);
+            } else {
+                self.copies_in_flight = copies;
+            }
+        }
         match written {
             Ok((state, Ok(arrived))) => {
                 self.state = state;
@@ -607,8 +635,8 @@ impl Delivery {
     }
 }
 
-/// [`Delivery::commit`]'s writes, in order: pins, session seen-sets, confirmations, history,
-/// inbox state.
+/// [`Delivery::commit`]'s writes, in order: pins, session seen-sets, confirmations, the ids
+/// of copies from other devices, history, inbox state.
 fn commit_batch(
     store: &Store,
     state: &mut InboxState,
@@ -624,6 +652,7 @@ enum Step {
     Pins,
     SeenSets,
     Confirmed,
+    Copies,
     History,
 }
 
@@ -663,6 +692,15 @@ fn commit_batch_until(
     if !go_on(Step::Confirmed) {
         return Ok(Vec::new());
     }
+    // A copy from another device of ours has no seen-set to mark it before its history line
+    // (its counter is that device's): its id is, in a file of its own, so that an item that
+    // comes again after a cut below is looked up in the history rather than written twice.
+    if !batch.copies.is_empty() {
+        store.save_copies_in_flight(&batch.copies)?;
+    }
+    if !go_on(Step::Copies) {
+        return Ok(Vec::new());
+    }
     for (peer, entries) in &batch.history {
         store.append_history_all(peer, entries)?;
     }
@@ -689,6 +727,8 @@ struct Batch {
     dirty: BTreeSet<[u8; SESSION_ID_LEN]>,
     /// Sessions the contact proved it holds (an item under its keys opened).
     confirmed: BTreeSet<[u8; SESSION_ID_LEN]>,
+    /// The ids of the texts in `history` that are copies from other devices of ours.
+    copies: BTreeSet<String>,
     /// The history with a contact, read when one of its items came again with a counter
     /// already seen ([`Delivery::in_history`]).
     stored_history: HashMap<String, Vec<Entry>>,
@@ -697,6 +737,23 @@ struct Batch {
 }
 
 impl Batch {
+    /// Whether this page already adds message `counter` of session `sid` that went
+    /// `direction` to the history with `peer`.
+    fn in_page(
+        &self,
+        peer: &str,
+        direction: Direction,
+        sid: [u8; SESSION_ID_LEN],
+        counter: u64,
+    ) -> bool {
+        self.history.iter().any(|(p, entries)| {
+            p == peer
+                && entries
+                    .iter()
+                    .any(|e| e.direction == direction && e.session == sid && e.counter == counter)
+        })
+    }
+
     /// A GROUP frame or a MOVED notice (`opened.kind`): kept, and handed to the agent.
     fn push_kept(
         &mut self,
@@ -824,6 +881,8 @@ mod tests {
         _dir: tempfile::TempDir,
         store: Store,
         peer: StoredSession,
+        /// This device's session as another device of ME seals with it (13.3 copies).
+        other_device: StoredSession,
     }
 
     fn fixture() -> Fixture {
@@ -852,10 +911,12 @@ mod tests {
             )
             .unwrap();
         let peer = StoredSession::new(&theirs, Role::Responder, identity(4), NOW);
+        let other_device = StoredSession::new(&ours, Role::Initiator, identity(3), NOW);
         Fixture {
             _dir: dir,
             store,
             peer,
+            other_device,
         }
     }
 
@@ -869,6 +930,22 @@ mod tests {
                 time: NOW,
                 expires: NOW + 3600,
                 body: Blob::new(self.peer.seal_offline(NOW, kind, payload).unwrap()),
+            }
+        }
+
+        /// An inbox item from device 2 of ME: the copy of a text it sent PEER (13.3).
+        fn copy(&mut self, id: u8, text: &[u8]) -> InboxMessage {
+            InboxMessage {
+                id: Hex16::from_bytes([id; 16]),
+                from: Number::new(ME).unwrap(),
+                from_device: DeviceId::new(2).unwrap(),
+                time: NOW,
+                expires: NOW + 3600,
+                body: Blob::new(
+                    self.other_device
+                        .seal_offline(NOW, Kind::Text, text)
+                        .unwrap(),
+                ),
             }
         }
 
@@ -895,6 +972,33 @@ mod tests {
             .collect()
     }
 
+    /// Makes an item with `make` in a fresh fixture, opens it and stores it with the commit
+    /// cut after `cut` (a kill there: the page was not acknowledged), then takes it again with
+    /// a new delivery, as the next agent would. Returns the fixture, the item, and how many
+    /// messages the second take showed.
+    async fn cut_then_take_again(
+        make: fn(&mut Fixture) -> InboxMessage,
+        cut: Step,
+    ) -> (Fixture, InboxMessage, usize) {
+        let mut fx = fixture();
+        let item = make(&mut fx);
+        let mut delivery = fx.delivery();
+        let (batch, _) = delivery
+            .open(vec![item.clone()], &mut LiveTable::new())
+            .unwrap();
+        assert!(batch.stored_history.is_empty(), "no history read");
+        let mut state = delivery.state.clone();
+        commit_batch_until(&fx.store, &mut state, batch, NOW, |step| step != cut).unwrap();
+        drop(delivery); // killed there
+
+        let arrived = fx.take(&mut fx.delivery(), vec![item.clone()]).await;
+        let shown = arrived
+            .iter()
+            .filter(|a| matches!(a, Arrived::Message { .. }))
+            .count();
+        (fx, item, shown)
+    }
+
     /// A kill can fall between any two of the commit's steps; the page was not acknowledged,
     /// so its items come again to the next agent. Whatever the point, the text is in the
     /// history once: before the fix, a cut after the history (then written first) and before
@@ -902,24 +1006,9 @@ mod tests {
     #[tokio::test]
     async fn a_text_whose_commit_was_cut_anywhere_is_in_the_history_once() {
         for cut in [Step::Pins, Step::SeenSets, Step::Confirmed, Step::History] {
-            let mut fx = fixture();
-            let item = fx.item(1, Kind::Text, b"hello");
-            let mut delivery = fx.delivery();
-            let (batch, _) = delivery
-                .open(vec![item.clone()], &mut LiveTable::new())
-                .unwrap();
-            assert!(batch.stored_history.is_empty(), "no history read");
-            let mut state = delivery.state.clone();
-            commit_batch_until(&fx.store, &mut state, batch, NOW, |step| step != cut).unwrap();
-            drop(delivery); // killed there
-
-            let mut next = fx.delivery();
-            let arrived = fx.take(&mut next, vec![item.clone()]).await;
+            let (fx, item, shown) =
+                cut_then_take_again(|fx| fx.item(1, Kind::Text, b"hello"), cut).await;
             assert_eq!(texts(&fx.store), ["hello"], "cut after {cut:?}");
-            let shown = arrived
-                .iter()
-                .filter(|a| matches!(a, Arrived::Message { .. }))
-                .count();
             // Shown again when it was not in the history yet (the user may have missed it).
             let written = matches!(cut, Step::History);
             assert_eq!(shown, usize::from(!written), "cut after {cut:?}");
@@ -927,6 +1016,50 @@ mod tests {
             fx.take(&mut fx.delivery(), vec![item]).await;
             assert_eq!(texts(&fx.store), ["hello"], "cut after {cut:?}");
         }
+    }
+
+    /// The same for a copy of what another device of ours sent, which has no seen-set: before
+    /// `inbox-copies.json`, a cut after the history and before `inbox.json` wrote it twice.
+    /// A page in the steady state reads no history for copies either.
+    #[tokio::test]
+    async fn a_copy_whose_commit_was_cut_anywhere_is_in_the_history_once() {
+        let all = [
+            Step::Pins,
+            Step::SeenSets,
+            Step::Confirmed,
+            Step::Copies,
+            Step::History,
+        ];
+        for cut in all {
+            let (mut fx, copy, shown) =
+                cut_then_take_again(|fx| fx.copy(1, b"sent elsewhere"), cut).await;
+            assert_eq!(texts(&fx.store), ["sent elsewhere"], "cut after {cut:?}");
+            let written = matches!(cut, Step::History);
+            assert_eq!(shown, usize::from(!written), "cut after {cut:?}");
+            fx.take(&mut fx.delivery(), vec![copy]).await;
+            assert_eq!(texts(&fx.store), ["sent elsewhere"], "cut after {cut:?}");
+
+            // The next copy, in the steady state, is added without reading the history.
+            let later = fx.copy(2, b"later");
+            let mut delivery = fx.delivery();
+            let (batch, _) = delivery.open(vec![later], &mut LiveTable::new()).unwrap();
+            assert!(batch.stored_history.is_empty(), "cut after {cut:?}");
+            delivery.commit(batch, NOW).await.unwrap();
+            assert_eq!(texts(&fx.store), ["sent elsewhere", "later"]);
+        }
+    }
+
+    /// A copy deposited twice (one envelope under two inbox ids) in one page: one line.
+    #[tokio::test]
+    async fn one_copy_under_two_ids_in_a_page_is_in_the_history_once() {
+        let mut fx = fixture();
+        let first = fx.copy(1, b"sent elsewhere");
+        let second = InboxMessage {
+            id: Hex16::from_bytes([2; 16]),
+            ..first.clone()
+        };
+        fx.take(&mut fx.delivery(), vec![first, second]).await;
+        assert_eq!(texts(&fx.store), ["sent elsewhere"]);
     }
 
     /// The same envelope under two inbox ids in one page (a deposit made twice): one line.
@@ -975,6 +1108,33 @@ mod tests {
             .unwrap();
         assert!(next.unfinished_frames().is_empty());
         assert!(fx.delivery().unfinished_frames().is_empty(), "for good");
+    }
+
+    /// A MOVED notice taken from the inbox first is marked for the live session, as a text
+    /// or a group frame is: the same notice coming live after it is not followed twice.
+    #[tokio::test]
+    async fn a_moved_notice_from_the_inbox_is_marked_for_the_live_session() {
+        let mut fx = fixture();
+        let live_text = fx.item(1, Kind::Text, b"live");
+        let notice = fx.item(2, Kind::Moved, b"notice");
+        let counter = |item: &InboxMessage| {
+            let body = item.body.clone().into_vec();
+            let envelope = OfflineEnvelope::decode(&body).unwrap();
+            micromsg_crypto::message::frame_counter(envelope.frame).unwrap()
+        };
+        let sid = [9; SESSION_ID_LEN];
+        let mut live = LiveTable::new();
+        live.insert(
+            sid,
+            LiveRecv {
+                last: Some(counter(&live_text)),
+                offline: BTreeSet::new(),
+            },
+        );
+        let mut delivery = fx.delivery();
+        let (batch, _) = delivery.open(vec![notice.clone()], &mut live).unwrap();
+        delivery.commit(batch, NOW).await.unwrap();
+        assert_eq!(live[&sid].offline, BTreeSet::from([counter(&notice)]));
     }
 
     /// The store's steps were cut after the session's seen-set (the notice's counter) and

@@ -15,6 +15,9 @@
 //! DIR/inbox.json                  InboxState: inbox ids already stored (until they expire),
 //!                                 envelopes waiting for their session keys, and group
 //!                                 frames and MOVED notices not yet applied                (0600)
+//! DIR/inbox-copies.json           ids of the last inbox page's copies from this entity's other
+//!                                 devices, written before their history lines
+//!                                 ([`Store::save_copies_in_flight`])                      (0600)
 //! DIR/outbox.json                 messages queued until the broker takes them
 //!                                 ([`crate::outbox`])                                      (0600)
 //! ```
@@ -25,7 +28,7 @@
 //! matters. One [`Store`] (clone it freely) serialises its own read-modify-write cycles;
 //! two processes writing the same profile at once are not coordinated.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -52,6 +55,7 @@ const HISTORY_DIR: &str = "history";
 const SESSIONS_DIR: &str = "sessions";
 const KEYS_DIR: &str = "keys";
 const INBOX_STATE: &str = "inbox.json";
+const COPIES_IN_FLIGHT: &str = "inbox-copies.json";
 const GROUPS_DIR: &str = "groups";
 
 /// Why the store could not be read or written.
@@ -986,6 +990,33 @@ impl Store {
         let json = serde_json::to_vec(state).map_err(|e| corrupt(&path, e))?;
         let _guard = self.lock();
         self.inner.profile.write_atomic(INBOX_STATE, &json, true)?;
+        Ok(())
+    }
+
+    /// The inbox ids of copies from this entity's other devices (protocol 13.3) whose
+    /// history lines the last inbox batch with copies wrote (empty when none was saved). Such
+    /// a copy has no seen-set of its own, unlike a contact's message (its counter is the
+    /// other device's): when a crash cut that batch after the history and before
+    /// `inbox.json`, its items come again with unknown ids, and only these are looked up in
+    /// the history before they are added.
+    pub fn copies_in_flight(&self) -> Result<BTreeSet<String>, StoreError> {
+        let path = self.dir().join(COPIES_IN_FLIGHT);
+        let _guard = self.lock();
+        match read_optional(&path)? {
+            None => Ok(BTreeSet::new()),
+            Some(text) => serde_json::from_str(&text).map_err(|e| corrupt(&path, e)),
+        }
+    }
+
+    /// Replaces [`Self::copies_in_flight`] (atomically, synced), before the history lines of
+    /// those copies are written.
+    pub fn save_copies_in_flight(&self, ids: &BTreeSet<String>) -> Result<(), StoreError> {
+        let path = self.dir().join(COPIES_IN_FLIGHT);
+        let json = serde_json::to_vec(ids).map_err(|e| corrupt(&path, e))?;
+        let _guard = self.lock();
+        self.inner
+            .profile
+            .write_atomic(COPIES_IN_FLIGHT, &json, true)?;
         Ok(())
     }
 

@@ -160,6 +160,34 @@ impl Ask for AgentHandle {
     }
 }
 
+/// Seals `payload` as a frame of `kind` with `from`'s latest session with `to` (advancing
+/// its stored counter) and DEPOSITs it for `to` over `link`, as an agent's offline send does,
+/// but with whatever payload a test forges.
+pub async fn deposit_sealed(
+    link: &mut micromsg_client::link::BrokerLink,
+    from: &Device,
+    to: &str,
+    kind: micromsg_crypto::message::Kind,
+    payload: &[u8],
+) {
+    use micromsg_wire::message::request::DepositArgs;
+    use micromsg_wire::{Blob, Number, Request};
+
+    let store = Store::new(&from.profile);
+    let mut stored = store.load_session(to).unwrap().unwrap();
+    let envelope = stored
+        .seal_offline(account::unix_now(), kind, payload)
+        .unwrap();
+    store.save_session(to, &stored).unwrap();
+    link.call(Request::Deposit(DepositArgs {
+        target: Number::new(to).unwrap(),
+        id: micromsg_client::inbox::new_message_id(),
+        body: Blob::new(envelope),
+    }))
+    .await
+    .unwrap();
+}
+
 /// `send TEXT` to `to`.
 pub async fn send(agent: &AgentHandle, to: &str, text: &str) -> Reply {
     agent

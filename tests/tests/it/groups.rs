@@ -729,11 +729,9 @@ async fn next_agent_has_the_group(b: &Member, group: &str) {
 async fn a_forged_remove_or_rename_is_refused_and_reported_sqlite() {
     use micromsg_client::account;
     use micromsg_client::groups::{Change, Frame, Op, Payload, new_id, signing};
-    use micromsg_client::inbox::new_message_id;
     use micromsg_crypto::identity::IdentityKey;
     use micromsg_crypto::message::Kind;
-    use micromsg_wire::message::request::DepositArgs;
-    use micromsg_wire::{Blob, Number, Request};
+    use micromsg_tests::agents::deposit_sealed;
 
     let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
     let a = register(&broker, "a").await;
@@ -774,26 +772,19 @@ async fn a_forged_remove_or_rename_is_refused_and_reported_sqlite() {
             payload: Payload::Op(Box::new(op)),
         }
     };
-    let store_b = Store::new(&b.profile);
     let mut session = account::connect(&b.profile).await.unwrap();
     for frame in [
         forge(2, Change::Remove(c.number.clone())),
         forge(3, Change::Rename("forged".into())),
     ] {
-        let mut stored = store_b.load_session(&c.number).unwrap().unwrap();
-        let envelope = stored
-            .seal_offline(account::unix_now(), Kind::Group, &frame.encode())
-            .unwrap();
-        store_b.save_session(&c.number, &stored).unwrap();
-        session
-            .link
-            .call(Request::Deposit(DepositArgs {
-                target: Number::new(c.number.clone()).unwrap(),
-                id: new_message_id(),
-                body: Blob::new(envelope),
-            }))
-            .await
-            .unwrap();
+        deposit_sealed(
+            &mut session.link,
+            &b,
+            &c.number,
+            Kind::Group,
+            &frame.encode(),
+        )
+        .await;
     }
     for op in ["remove", "rename"] {
         let (relayed_by, author) = expect(&mut oc.rx, |n| match n {

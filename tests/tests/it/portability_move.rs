@@ -11,7 +11,7 @@ use std::time::Duration;
 use micromsg_client::account;
 use micromsg_client::agent::{AcceptPolicy, AgentConfig, AgentHandle, Command, Notice};
 use micromsg_client::groups::GroupState;
-use micromsg_client::inbox::{Arrived, new_message_id};
+use micromsg_client::inbox::Arrived;
 use micromsg_client::move_account::{STAGE, move_to};
 use micromsg_client::moving::Moved;
 use micromsg_client::store::{Direction, Store, safety_number_with};
@@ -20,11 +20,10 @@ use micromsg_crypto::identity::IdentityKey;
 use micromsg_crypto::message::Kind;
 use micromsg_tests::agents::Ask as _;
 use micromsg_tests::agents::{
-    self, Device, contact_add, expect, message_from, register, send, session_ended, session_started,
+    self, Device, contact_add, deposit_sealed, expect, message_from, register, send, session_ended,
+    session_started,
 };
 use micromsg_tests::{Backend, TestBroker, TestNetwork};
-use micromsg_wire::message::request::DepositArgs;
-use micromsg_wire::{Blob, Number, Request};
 use tokio::sync::mpsc;
 
 micromsg_tests::both_backends!(a_contact_moves_to_another_broker_and_everything_follows);
@@ -595,20 +594,6 @@ fn moved_elsewhere(a: &Device) -> Moved {
 
 /// `a` deposits `notice` for `b` in a MOVED frame of its session with `b`.
 async fn deposit_notice(a: &Device, b: &Device, notice: Vec<u8>) {
-    let store_a = Store::new(&a.profile);
-    let mut stored = store_a.load_session(&b.number).unwrap().unwrap();
-    let envelope = stored
-        .seal_offline(account::unix_now(), Kind::Moved, &notice)
-        .unwrap();
-    store_a.save_session(&b.number, &stored).unwrap();
     let mut session = account::connect(&a.profile).await.unwrap();
-    session
-        .link
-        .call(Request::Deposit(DepositArgs {
-            target: Number::new(b.number.clone()).unwrap(),
-            id: new_message_id(),
-            body: Blob::new(envelope),
-        }))
-        .await
-        .unwrap();
+    deposit_sealed(&mut session.link, a, &b.number, Kind::Moved, &notice).await;
 }
