@@ -34,9 +34,12 @@ impl StoreKind {
 }
 
 /// A broker configuration for load from one machine: no per-IP or per-connection rate limits
-/// in the way, large inbox quotas, ephemeral ports, data in `dir`.
+/// in the way, large inbox quotas, ephemeral ports, data in `dir`. Other settings come from
+/// `MICROMSG_<SECTION>_<KEY>` in the environment as for `micromsg-broker` (say
+/// `MICROMSG_DATABASE_DEPOSIT_BATCHES_IN_FLIGHT=1` to compare a setting's two values), else
+/// their defaults.
 pub(crate) fn load_config(dir: &Path) -> anyhow::Result<Config> {
-    let mut config = Config::default();
+    let mut config = Config::load(None, std::env::vars())?;
     config.server.listen = "127.0.0.1:0".parse()?;
     config.server.data_dir = dir.join("data");
     config.server.shutdown_grace_secs = 2;

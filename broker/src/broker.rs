@@ -114,9 +114,17 @@ pub(crate) struct Batchers {
 
 impl Batchers {
     fn spawn(config: &Config, store: &Store) -> Self {
+        // Several deposit batches commit side by side on Postgres, each in a quota counter slot
+        // of its own (store::inbox::Lane), so a deposit waits for one WAL flush, not also for
+        // the batch before it. SQLite has one writer at a time.
         let deposits = DepositBatcher::spawn(
             store.clone(),
             BatcherConfig {
+                max_in_flight: if store.backend_name() == "sqlite" {
+                    1
+                } else {
+                    config.database.deposit_batches_in_flight
+                },
                 quota_per_device: config.inbox.quota_per_device,
                 timeout: config.database.timeout(),
                 ..BatcherConfig::default()

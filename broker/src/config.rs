@@ -120,7 +120,13 @@ pub struct DatabaseConfig {
     /// How long a request waits for the database (a pooled connection, a Postgres statement,
     /// a group commit) before it is answered UNAVAILABLE, milliseconds. Default 5000.
     pub timeout_ms: u64,
+    /// Deposit batches committing at once on Postgres (1..=64), each waiting for its own WAL
+    /// flush; SQLite always takes one. Default 2.
+    pub deposit_batches_in_flight: usize,
 }
+
+/// The most `database.deposit_batches_in_flight` may be.
+pub const MAX_DEPOSIT_BATCHES_IN_FLIGHT: usize = 64;
 
 impl DatabaseConfig {
     /// [`Self::timeout_ms`] as a duration.
@@ -135,6 +141,7 @@ impl Default for DatabaseConfig {
             url: None,
             max_connections: 16,
             timeout_ms: micromsg_store::DEFAULT_STORE_TIMEOUT.as_millis() as u64,
+            deposit_batches_in_flight: 2,
         }
     }
 }
@@ -653,6 +660,11 @@ impl Config {
         if self.limits.request_timeout_ms < 100 {
             return invalid("limits.request_timeout_ms must be at least 100".into());
         }
+        if !(1..=MAX_DEPOSIT_BATCHES_IN_FLIGHT).contains(&self.database.deposit_batches_in_flight) {
+            return invalid(format!(
+                "database.deposit_batches_in_flight must be 1..={MAX_DEPOSIT_BATCHES_IN_FLIGHT}"
+            ));
+        }
         if self.database.timeout_ms < 100 {
             return invalid("database.timeout_ms must be at least 100".into());
         }
@@ -785,6 +797,29 @@ mod tests {
             Config::load(None, env),
             Err(ConfigError::Invalid(_))
         ));
+        for bad in ["0", "65"] {
+            let env = vec![(
+                "MICROMSG_DATABASE_DEPOSIT_BATCHES_IN_FLIGHT".to_owned(),
+                bad.to_owned(),
+            )];
+            match Config::load(None, env) {
+                Err(ConfigError::Invalid(why)) => {
+                    assert!(why.contains("deposit_batches_in_flight"), "{why}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let env = vec![(
+            "MICROMSG_DATABASE_DEPOSIT_BATCHES_IN_FLIGHT".to_owned(),
+            "64".to_owned(),
+        )];
+        assert_eq!(
+            Config::load(None, env)
+                .unwrap()
+                .database
+                .deposit_batches_in_flight,
+            64
+        );
     }
 
     #[test]

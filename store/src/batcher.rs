@@ -14,8 +14,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
+use super::inbox::Lane;
 use super::routed::{DepositJob, RoutedDeposit, RoutedOutcome};
 use super::{DepositOutcome, NewInboxItem, Number, Store, StoreError};
 
@@ -25,9 +26,12 @@ pub struct BatcherConfig {
     /// Most items in one transaction.
     pub max_batch: usize,
     /// Most transactions committing at once (each holds one pooled connection). With 1 (the
-    /// default) deposits are stored in the order they reached the batcher, so a connection
-    /// that pipelines several deposits keeps their order; with more, deposits pending at the
-    /// same time may land in either order (more throughput on Postgres, less ordering).
+    /// default) deposits are stored in the order they reached the batcher; with more, deposits
+    /// pending at the same time may land in either order (a connection answers a DEPOSIT
+    /// before it reads the next, so one sender's deposits keep theirs). On Postgres, several
+    /// deposit batches in flight each wait for one WAL flush instead of also waiting for the
+    /// batch before them: what a slow disk needs (docs/performance.md). SQLite has one writer
+    /// at a time; the broker keeps 1 there.
     pub max_in_flight: usize,
     /// Deposits waiting beyond this make [`DepositBatcher::deposit`] wait (back-pressure).
     pub queue: usize,
@@ -74,11 +78,12 @@ impl<T, O> Clone for GroupCommit<T, O> {
 
 impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
     /// Starts the batching task on the current tokio runtime. `commit` stores one batch in one
-    /// transaction and returns one outcome per item, in order; a whole-batch error that is
-    /// retryable is retried `config.retries` times.
+    /// transaction and returns one outcome per item, in order; it is also given the batch's
+    /// slot, `0..max_in_flight`, which no other batch in flight has. A whole-batch error that
+    /// is retryable is retried `config.retries` times.
     pub fn spawn<F, Fut>(config: BatcherConfig, commit: F) -> Self
     where
-        F: Fn(Arc<Vec<T>>) -> Fut + Send + Sync + 'static,
+        F: Fn(Arc<Vec<T>>, usize) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
@@ -104,14 +109,19 @@ async fn run<T, O, F, Fut>(
 ) where
     T: Send + Sync + 'static,
     O: Send + 'static,
-    F: Fn(Arc<Vec<T>>) -> Fut + Send + Sync + 'static,
+    F: Fn(Arc<Vec<T>>, usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
 {
     let max_batch = config.max_batch.max(1);
-    let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+    // The free slots: a batch takes one to commit and gives it back when done.
+    let slots = config.max_in_flight.max(1);
+    let (free_tx, mut free_rx) = mpsc::channel::<usize>(slots);
+    for slot in 0..slots {
+        let _ = free_tx.try_send(slot);
+    }
     while let Some(first) = rx.recv().await {
         // Wait for a commit slot first: items arriving meanwhile join this batch.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        let Some(slot) = free_rx.recv().await else {
             return;
         };
         let mut batch = Vec::with_capacity(max_batch.min(64));
@@ -125,14 +135,19 @@ async fn run<T, O, F, Fut>(
         let commit = Arc::clone(&commit);
         let retries = config.retries;
         let timeout = config.timeout;
+        let slot = FreedOnDrop {
+            slot,
+            free: free_tx.clone(),
+        };
         tokio::spawn(async move {
             let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let items = Arc::new(items);
             let mut attempt = 0;
             let result = loop {
-                let attempt_result = tokio::time::timeout(timeout, commit(Arc::clone(&items)))
-                    .await
-                    .unwrap_or(Err(StoreError::TimedOut));
+                let attempt_result =
+                    tokio::time::timeout(timeout, commit(Arc::clone(&items), slot.slot))
+                        .await
+                        .unwrap_or(Err(StoreError::TimedOut));
                 match attempt_result {
                     Err(e) if e.is_retryable() && attempt < retries => attempt += 1,
                     other => break other,
@@ -151,9 +166,40 @@ async fn run<T, O, F, Fut>(
                     }
                 }
             }
-            drop(permit);
+            drop(slot);
         });
     }
+}
+
+/// A batch's commit slot, given back when the batch is done (or its task unwinds).
+struct FreedOnDrop {
+    slot: usize,
+    free: mpsc::Sender<usize>,
+}
+
+impl Drop for FreedOnDrop {
+    fn drop(&mut self) {
+        // Never full: the channel has a place for every slot.
+        let _ = self.free.try_send(self.slot);
+    }
+}
+
+/// The quota counter lane of each deposit batch slot. One batch in flight runs alone, as every
+/// batch did before slots; with more, each runs beside the others in a counter slot of its own
+/// (1 and up), allowing for what the others may add unseen: a whole batch each.
+fn lanes(config: &BatcherConfig) -> Vec<Lane> {
+    let slots = config.max_in_flight.max(1);
+    if slots == 1 {
+        return vec![Lane::Alone];
+    }
+    let others = i64::try_from(slots - 1).unwrap_or(i64::MAX);
+    let slack = others.saturating_mul(i64::try_from(config.max_batch).unwrap_or(i64::MAX));
+    (1..=slots)
+        .map(|slot| Lane::Beside {
+            slot: i16::try_from(slot).unwrap_or(i16::MAX),
+            slack,
+        })
+        .collect()
 }
 
 /// Group commit of offline deposits into the inbox.
@@ -164,13 +210,15 @@ impl DepositBatcher {
     /// Starts the batching task on the current tokio runtime.
     pub fn spawn(store: Store, config: BatcherConfig) -> Self {
         let quota = config.quota_per_device;
+        let lanes = lanes(&config);
         Self(GroupCommit::spawn(
             config,
-            move |jobs: Arc<Vec<DepositJob>>| {
+            move |jobs: Arc<Vec<DepositJob>>, slot: usize| {
                 let store = store.clone();
+                let lane = lanes.get(slot).copied().unwrap_or(Lane::Alone);
                 async move {
                     Ok(store
-                        .deposit_jobs(&jobs, quota)
+                        .deposit_jobs(&jobs, quota, lane)
                         .await?
                         .into_iter()
                         .map(Ok)
@@ -246,7 +294,7 @@ impl OutboxBatcher {
     pub fn spawn(store: Store, config: BatcherConfig) -> Self {
         Self(GroupCommit::spawn(
             config,
-            move |items: Arc<Vec<OutboxEntry>>| {
+            move |items: Arc<Vec<OutboxEntry>>, _slot: usize| {
                 let store = store.clone();
                 async move { store.enqueue_outbox_batch(&items).await }
             },

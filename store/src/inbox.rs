@@ -51,6 +51,39 @@ impl Counter {
     }
 }
 
+/// How a deposit transaction takes its inboxes' quota counters (`inbox_counters`, split into
+/// slots since `migrations/*/0009_inbox_counter_slots.sql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// Alone: each inbox locked exclusively, so every other deposit writer of those inboxes
+    /// waits and the counters it reads are exact upper bounds; it adds to slot 0. A delivery
+    /// from a peer broker, a batch near the quota, the only batch in flight.
+    Alone,
+    /// Beside other deposit batches in flight: each inbox locked shared with them, its own
+    /// `slot` for what it adds. What the others add is not visible until they commit: at most
+    /// `slack` per inbox (the other slots × the largest batch). A batch whose bound plus
+    /// `slack` passes the quota must run [`Lane::Alone`] instead ([`deposit_in_lane`] says so).
+    Beside {
+        /// This batch's slot (1 and up; 0 is the slot of the writers that run alone).
+        slot: i16,
+        /// The most the batches beside it can add to one inbox unseen.
+        slack: i64,
+    },
+}
+
+impl Lane {
+    fn slot(self) -> i16 {
+        match self {
+            Self::Alone => 0,
+            Self::Beside { slot, .. } => slot,
+        }
+    }
+}
+
+/// The first key of the advisory locks on inboxes ([`DepositIo::lock_inboxes`]), "MM": its own
+/// key space, apart from other advisory locks (sqlx's migration lock uses the one-key form).
+const INBOX_LOCK_CLASS: i32 = 0x4d4d;
+
 /// Sorted, so that every transaction locks counter rows in the same order.
 fn sorted(inboxes: &[(Inbox, i64)]) -> Vec<&(Inbox, i64)> {
     let mut rows: Vec<&(Inbox, i64)> = inboxes.iter().collect();
@@ -153,12 +186,23 @@ pub(crate) trait DepositIo {
         &mut self,
         inboxes: &[Inbox],
     ) -> impl Future<Output = Result<HashMap<Inbox, i64>, StoreError>> + Send;
-    /// Adds (`Counter::Add`) or writes (`Counter::Set`) the quota counters of `inboxes`
-    /// (`inbox_counters`, a row made where missing) and returns their new values. Rows are
-    /// locked in a fixed order, so concurrent batches cannot deadlock on them.
+    /// Locks `inboxes` for this transaction, in a fixed order so that writers cannot deadlock:
+    /// exclusively when `alone`, else shared with the other batches in flight (see [`Lane`]).
+    /// Nothing to do on SQLite, whose writers run one at a time.
+    fn lock_inboxes(
+        &mut self,
+        inboxes: &[Inbox],
+        alone: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Adds (`Counter::Add`) or writes (`Counter::Set`) `slot` of the quota counters of
+    /// `inboxes` (a row made where missing) and returns each inbox's bound: that slot's new
+    /// value plus the other slots as committed. `Counter::Set` also zeroes the other slots,
+    /// so it is for a writer that runs alone. Rows are locked in a fixed order, so concurrent
+    /// batches cannot deadlock on them.
     fn counters(
         &mut self,
         op: Counter,
+        slot: i16,
         inboxes: &[(Inbox, i64)],
     ) -> impl Future<Output = Result<HashMap<Inbox, i64>, StoreError>> + Send;
     /// Deletes the items with `keys`.
@@ -213,18 +257,25 @@ impl DepositIo for SqliteConnection {
         Ok(out)
     }
 
+    async fn lock_inboxes(&mut self, _inboxes: &[Inbox], _alone: bool) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn counters(
         &mut self,
         op: Counter,
+        _slot: i16,
         inboxes: &[(Inbox, i64)],
     ) -> Result<HashMap<Inbox, i64>, StoreError> {
+        // One writer at a time (`Store::writing`, BEGIN IMMEDIATE): every batch runs alone and
+        // only slot 0 is ever used.
         let rows = sorted(inboxes);
         let mut out = HashMap::with_capacity(rows.len());
         for chunk in rows.chunks(SQLITE_CHUNK) {
             let values = sqlite_rows(chunk.len(), 3);
             let sql = format!(
                 "INSERT INTO inbox_counters (recipient_number, recipient_device, items) \
-                 VALUES {values} ON CONFLICT (recipient_number, recipient_device) \
+                 VALUES {values} ON CONFLICT (recipient_number, recipient_device, slot) \
                  DO UPDATE SET {} RETURNING recipient_number, recipient_device, items",
                 op.assignment()
             );
@@ -359,27 +410,78 @@ impl DepositIo for PgConnection {
         Ok(rows.into_iter().map(|(n, d, c)| ((n, d), c)).collect())
     }
 
+    async fn lock_inboxes(&mut self, inboxes: &[Inbox], alone: bool) -> Result<(), StoreError> {
+        let numbers: Vec<&str> = inboxes.iter().map(|(n, _)| n.as_str()).collect();
+        let devices: Vec<i64> = inboxes.iter().map(|(_, d)| *d).collect();
+        // Transaction-level advisory locks, one per inbox (hashed: a collision only makes two
+        // inboxes wait for each other), taken in the order of their keys so that writers
+        // cannot deadlock. Shared among batches in flight; exclusive for a writer alone. Not
+        // `FOR SHARE` on a counter row: several transactions sharing a row lock make Postgres
+        // write a multixact for each new set of holders, which doubled its CPU per deposit.
+        let sql = format!(
+            "SELECT {}({INBOX_LOCK_CLASS}, k) FROM \
+             (SELECT DISTINCT hashtext(n || '/' || d::text) AS k \
+              FROM UNNEST($1::text[], $2::bigint[]) AS u (n, d) ORDER BY k) AS s",
+            if alone {
+                "pg_advisory_xact_lock"
+            } else {
+                "pg_advisory_xact_lock_shared"
+            }
+        );
+        sqlx::query(&sql)
+            .bind(&numbers)
+            .bind(&devices)
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+
     async fn counters(
         &mut self,
         op: Counter,
+        slot: i16,
         inboxes: &[(Inbox, i64)],
     ) -> Result<HashMap<Inbox, i64>, StoreError> {
         let rows = sorted(inboxes);
         let numbers: Vec<&str> = rows.iter().map(|((n, _), _)| n.as_str()).collect();
         let devices: Vec<i64> = rows.iter().map(|((_, d), _)| *d).collect();
         let values: Vec<i64> = rows.iter().map(|(_, c)| *c).collect();
+        if op == Counter::Set {
+            // The exact figure replaces the whole bound: the other slots go to 0 (this writer
+            // runs alone, so none of them is in use).
+            sqlx::query(
+                "UPDATE inbox_counters AS c SET items = 0 \
+                 FROM UNNEST($1::text[], $2::bigint[]) AS u (n, d) \
+                 WHERE c.recipient_number = u.n AND c.recipient_device = u.d \
+                 AND c.slot <> $3 AND c.items <> 0",
+            )
+            .bind(&numbers)
+            .bind(&devices)
+            .bind(slot)
+            .execute(&mut *self)
+            .await?;
+        }
+        // The other slots as of this statement's snapshot: what the batches beside this one
+        // added is not there until they commit (`Lane::Beside`'s slack).
         let sql = format!(
-            "INSERT INTO inbox_counters (recipient_number, recipient_device, items) \
-             SELECT n, d, c FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) \
-                  WITH ORDINALITY AS u (n, d, c, ord) ORDER BY ord \
-             ON CONFLICT (recipient_number, recipient_device) DO UPDATE SET {} \
-             RETURNING recipient_number, recipient_device, items",
+            "WITH bumped AS ( \
+                INSERT INTO inbox_counters (recipient_number, recipient_device, slot, items) \
+                SELECT n, d, $4, c FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) \
+                     WITH ORDINALITY AS u (n, d, c, ord) ORDER BY ord \
+                ON CONFLICT (recipient_number, recipient_device, slot) DO UPDATE SET {} \
+                RETURNING recipient_number, recipient_device, items) \
+             SELECT b.recipient_number, b.recipient_device, (b.items + COALESCE( \
+                (SELECT SUM(o.items) FROM inbox_counters AS o \
+                 WHERE o.recipient_number = b.recipient_number \
+                 AND o.recipient_device = b.recipient_device AND o.slot <> $4), 0))::bigint \
+             FROM bumped AS b",
             op.assignment()
         );
         let out: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
             .bind(numbers)
             .bind(devices)
             .bind(values)
+            .bind(slot)
             .fetch_all(&mut *self)
             .await?;
         Ok(out.into_iter().map(|(n, d, c)| ((n, d), c)).collect())
@@ -437,10 +539,12 @@ impl DepositIo for PgConnection {
 
 /// The deposit logic shared by both backends (the caller owns the transaction).
 ///
-/// The common case costs two statements: add the batch to the quota counters of its inboxes
-/// (an upper bound on what each holds, see `migrations/*/0004_inbox_counters.sql`), then
-/// insert with `ON CONFLICT DO NOTHING`. Only keys the insert skipped are looked up (to tell a
-/// repeat from a clash), and only inboxes whose bound passes the quota are counted exactly.
+/// The common case costs three statements on Postgres (two on SQLite): lock its inboxes
+/// ([`Lane`]), add the batch to its slot of their quota counters (an upper bound on what each holds, see `migrations/*/0004_inbox_counters.sql`
+/// and `0009_inbox_counter_slots.sql`), then insert with `ON CONFLICT DO NOTHING`. Only keys
+/// the insert skipped are looked up (to tell a repeat from a clash), and only inboxes whose
+/// bound passes the quota are counted exactly. This runs [`Lane::Alone`]: every other writer
+/// of its inboxes waits.
 ///
 /// `discarded` are deposits that are acknowledged but not kept (a sender the recipient
 /// blocked). Each does the writes a kept one does: its inbox's counter row (adding nothing),
@@ -453,6 +557,21 @@ pub(crate) async fn deposit_in<C: DepositIo + Send>(
     discarded: &[(&NewInboxItem, i64)],
     quota_per_device: u32,
 ) -> Result<Vec<Outcome>, StoreError> {
+    deposit_in_lane(conn, items, discarded, quota_per_device, Lane::Alone)
+        .await?
+        .ok_or(StoreError::Invariant("a deposit alone needs no other lane"))
+}
+
+/// [`deposit_in`] in `lane`. `None` when a [`Lane::Beside`] batch found an inbox near the
+/// quota: it has written nothing the caller may keep (roll the transaction back) and must run
+/// again [`Lane::Alone`], where that inbox is counted exactly.
+pub(crate) async fn deposit_in_lane<C: DepositIo + Send>(
+    conn: &mut C,
+    items: &[NewInboxItem],
+    discarded: &[(&NewInboxItem, i64)],
+    quota_per_device: u32,
+    lane: Lane,
+) -> Result<Option<Vec<Outcome>>, StoreError> {
     let quota = i64::from(quota_per_device);
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(items.len());
     let mut keys: Vec<Option<Key>> = Vec::with_capacity(items.len());
@@ -488,15 +607,26 @@ pub(crate) async fn deposit_in<C: DepositIo + Send>(
             .or_insert(0);
     }
     if need.is_empty() {
-        return Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(Err(StoreError::Invariant("an outcome per deposit"))))
-            .collect());
+        return Ok(Some(
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(Err(StoreError::Invariant("an outcome per deposit"))))
+                .collect(),
+        ));
     }
     let need: Vec<(Inbox, i64)> = need.into_iter().collect();
-    let bounds = conn.counters(Counter::Add, &need).await?;
-    // Inboxes that might pass the quota with this batch: count them exactly (their counter rows
-    // are locked by the update above, so no other batch changes them until this one commits).
+    let inboxes: Vec<Inbox> = need.iter().map(|(inbox, _)| inbox.clone()).collect();
+    conn.lock_inboxes(&inboxes, lane == Lane::Alone).await?;
+    let bounds = conn.counters(Counter::Add, lane.slot(), &need).await?;
+    if let Lane::Beside { slack, .. } = lane
+        && bounds
+            .values()
+            .any(|bound| bound.saturating_add(slack) > quota)
+    {
+        return Ok(None);
+    }
+    // Inboxes that might pass the quota with this batch: count them exactly (running alone,
+    // each is locked, so no other writer changes them until this one commits).
     let tight: Vec<Inbox> = bounds
         .iter()
         .filter(|(_, bound)| **bound > quota)
@@ -565,7 +695,7 @@ pub(crate) async fn deposit_in<C: DepositIo + Send>(
         // A key we meant to insert but did not: stored before (a repeat or a clash), or by a
         // concurrent transaction (Postgres waits for it on the unique index). Classify against
         // what is stored now. (Not in a tight inbox, whose stored keys were looked up above
-        // and whose counter lock keeps other batches out, so `exact` stays exact.)
+        // and whose lock keeps other writers out, so `exact` stays exact.)
         let lost: HashSet<Key> = pending
             .keys()
             .filter(|k| !inserted.contains(**k))
@@ -598,12 +728,14 @@ pub(crate) async fn deposit_in<C: DepositIo + Send>(
     if !exact.is_empty() {
         // The exact figure (stored + inserted here) replaces the bound of each tight inbox.
         let exact: Vec<(Inbox, i64)> = exact.into_iter().collect();
-        conn.counters(Counter::Set, &exact).await?;
+        conn.counters(Counter::Set, lane.slot(), &exact).await?;
     }
-    Ok(outcomes
-        .into_iter()
-        .map(|o| o.unwrap_or(Err(StoreError::Invariant("an outcome per deposit"))))
-        .collect())
+    Ok(Some(
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Err(StoreError::Invariant("an outcome per deposit"))))
+            .collect(),
+    ))
 }
 
 /// A pooled SQLite connection with `synchronous = NORMAL` (commits without an fsync), for

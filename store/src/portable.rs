@@ -338,7 +338,7 @@ fn insert_acks_sql(backend: &Backend, rows: usize) -> String {
 fn raise_counters_sql(backend: &Backend, rows: usize) -> String {
     format!(
         "INSERT INTO inbox_counters (recipient_number, recipient_device, items) \
-         VALUES {} ON CONFLICT (recipient_number, recipient_device) \
+         VALUES {} ON CONFLICT (recipient_number, recipient_device, slot) \
          DO UPDATE SET items = inbox_counters.items + excluded.items",
         bulk_rows(backend, rows, 3)
     )

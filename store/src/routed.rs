@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::inbox::{Outcome, deposit_in, stored_device};
+use super::inbox::{Lane, Outcome, deposit_in_lane, stored_device};
 use super::social::routes_on;
 use super::{DeviceId, NewInboxItem, Number, PoolExt, Store, StoreError, on_pool};
 
@@ -65,14 +65,18 @@ impl Store {
         quota_per_device: u32,
     ) -> Result<Vec<RoutedOutcome>, StoreError> {
         let jobs: Vec<DepositJob> = deposits.iter().cloned().map(DepositJob::Routed).collect();
-        self.deposit_jobs(&jobs, quota_per_device).await
+        self.deposit_jobs(&jobs, quota_per_device, Lane::Alone)
+            .await
     }
 
-    /// Stores a batch of [`DepositJob`]s in one transaction, one outcome per job, in order.
+    /// Stores a batch of [`DepositJob`]s in one transaction, one outcome per job, in order,
+    /// taking the quota counters in `lane`; a batch that finds an inbox near the quota beside
+    /// others is rolled back and stored again alone ([`Lane`]).
     pub(crate) async fn deposit_jobs(
         &self,
         jobs: &[DepositJob],
         quota_per_device: u32,
+        lane: Lane,
     ) -> Result<Vec<RoutedOutcome>, StoreError> {
         let _writing = self.writing().await;
         if jobs.is_empty() {
@@ -95,6 +99,8 @@ impl Store {
             })
             .collect();
         on_pool!(self, pool => {
+            let mut lane = lane;
+            loop {
             let mut tx = pool.begin_write().await?;
             let routes = match pairs.is_empty() {
                 true => Vec::new(),
@@ -147,14 +153,16 @@ impl Store {
                 .iter()
                 .map(|d| Ok((d, stored_device(d.recipient_device)?)))
                 .collect::<Result<Vec<(&NewInboxItem, i64)>, StoreError>>()?;
-            let mut outcomes: Vec<Option<Outcome>> =
-                deposit_in(&mut *tx, &kept, &discarded, quota_per_device)
-                    .await?
-                    .into_iter()
-                    .map(Some)
-                    .collect();
+            let Some(outcomes) =
+                deposit_in_lane(&mut *tx, &kept, &discarded, quota_per_device, lane).await?
+            else {
+                tx.rollback().await?;
+                lane = Lane::Alone;
+                continue;
+            };
+            let mut outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();
             tx.commit().await?;
-            plans
+            return plans
                 .into_iter()
                 .map(|plan| {
                     Ok(match plan {
@@ -172,7 +180,8 @@ impl Store {
                         ),
                     })
                 })
-                .collect()
+                .collect();
+            }
         })
     }
 }

@@ -185,6 +185,7 @@ conformance!(
     case_delivery_routes_and_completing_many,
     case_outbox_group_commit,
     case_quota_counter_bound,
+    case_quota_with_batches_side_by_side,
     case_port_out_spends_the_token_once,
     case_port_out_moves_waiting_items_and_hands_over_contacts,
     case_port_in_and_announcements,
@@ -2333,6 +2334,16 @@ async fn case_outbox_group_commit(store: Store) {
     assert_eq!(store.due_outbox(NOW, 100).await.unwrap().len(), 53);
 }
 
+/// Fetches and acknowledges the `n` oldest items of device 1 of `number` (they are deleted).
+async fn take_oldest(store: &Store, number: &Number, n: u32) {
+    let (items, _) = store
+        .fetch_inbox(number, dev(1), None, n, NOW)
+        .await
+        .unwrap();
+    let ids: Vec<_> = items.iter().map(|i| i.id).collect();
+    assert_eq!(store.ack_inbox(number, dev(1), &ids, NOW).await.unwrap(), n);
+}
+
 /// The quota is checked against a per-inbox upper bound (`inbox_counters`) that deletions leave
 /// alone: room freed by an acknowledgement or a sweep must still be found (by an exact recount
 /// once the bound reaches the quota), and concurrent batches at the limit must never store more
@@ -2366,18 +2377,7 @@ async fn case_quota_counter_bound(store: Store) {
     assert_eq!(store.inbox_depth().await.unwrap(), 40);
 
     // Drain 30 of them: the bound still says 40, yet 30 new items fit and the 31st does not.
-    let (items, _) = store
-        .fetch_inbox(&num("5550001"), dev(1), None, 30, NOW)
-        .await
-        .unwrap();
-    let ids: Vec<_> = items.iter().map(|i| i.id).collect();
-    assert_eq!(
-        store
-            .ack_inbox(&num("5550001"), dev(1), &ids, NOW)
-            .await
-            .unwrap(),
-        30
-    );
+    take_oldest(&store, &num("5550001"), 30).await;
     for round in 0..3u32 {
         let batch: Vec<_> = (0..10)
             .map(|k| {
@@ -2449,6 +2449,119 @@ async fn case_quota_counter_bound(store: Store) {
         .await,
         Err(StoreError::QuotaExceeded)
     ));
+}
+
+/// Several deposit batches in flight (migration 0009: each adds to a quota counter slot of its
+/// own) beside writers that run alone (a delivery from a peer broker): at the limit exactly
+/// the quota is stored, whatever interleaving the batches and the lone writer take, and room
+/// freed later is found again. On SQLite the batches still commit one at a time.
+async fn case_quota_with_batches_side_by_side(store: Store) {
+    entity(&store, &num("5550001")).await;
+    let quota = 60;
+    let config = BatcherConfig {
+        quota_per_device: quota,
+        max_in_flight: 4,
+        max_batch: 8,
+        ..BatcherConfig::default()
+    };
+    let batcher = DepositBatcher::spawn(store.clone(), config);
+    // 40 senders of 3 deposits each through the batcher, and 4 lone batches of 10: 160 items
+    // for 60 places.
+    let senders: Vec<_> = (0..40u32)
+        .map(|t| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for k in 0..3 {
+                    let it = item(t * 10 + k, &num("5550001"), Some(1), &num("5550002"));
+                    outcomes.push(batcher.deposit(it).await);
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let alone: Vec<_> = (0..4u32)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let batch: Vec<_> = (0..10)
+                    .map(|k| item(5000 + t * 10 + k, &num("5550001"), Some(1), &num("5550003")))
+                    .collect();
+                store.deposit_batch(&batch, quota).await.unwrap()
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in senders {
+        outcomes.extend(t.await.unwrap());
+    }
+    for t in alone {
+        outcomes.extend(t.await.unwrap());
+    }
+    let stored = outcomes
+        .iter()
+        .filter(|r| matches!(r, Ok(DepositOutcome::Stored)))
+        .count();
+    let refused = outcomes
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::QuotaExceeded)))
+        .count();
+    assert_eq!((stored, refused), (60, 100), "{outcomes:?}");
+    assert_eq!(store.inbox_depth().await.unwrap(), 60);
+
+    // Drain 25: as many fit again through the batches in flight, and not one more.
+    take_oldest(&store, &num("5550001"), 25).await;
+    let again: Vec<_> = (0..30u32)
+        .map(|t| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                batcher
+                    .deposit(item(9000 + t, &num("5550001"), Some(1), &num("5550004")))
+                    .await
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in again {
+        match t.await.unwrap() {
+            Ok(DepositOutcome::Stored) => stored += 1,
+            Err(StoreError::QuotaExceeded) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(stored, 25);
+    assert_eq!(store.inbox_depth().await.unwrap(), 60);
+
+    // Far from the quota, batches side by side lose nothing: 30 senders × 10 into another
+    // inbox, all stored.
+    entity(&store, &num("5550005")).await;
+    let big = DepositBatcher::spawn(
+        store.clone(),
+        BatcherConfig {
+            quota_per_device: 10_000,
+            ..config
+        },
+    );
+    let senders: Vec<_> = (0..30u32)
+        .map(|t| {
+            let big = big.clone();
+            tokio::spawn(async move {
+                for k in 0..10 {
+                    let it = item(
+                        20_000 + t * 100 + k,
+                        &num("5550005"),
+                        Some(1),
+                        &num("5550002"),
+                    );
+                    assert!(matches!(big.deposit(it).await, Ok(DepositOutcome::Stored)));
+                }
+            })
+        })
+        .collect();
+    for t in senders {
+        t.await.unwrap();
+    }
+    assert_eq!(store.inbox_depth().await.unwrap(), 360);
 }
 
 // ---------------------------------------------------------------------------------------------
