@@ -121,7 +121,7 @@ pub struct DatabaseConfig {
     /// a group commit) before it is answered UNAVAILABLE, milliseconds. Default 5000.
     pub timeout_ms: u64,
     /// Deposit batches committing at once on Postgres (1..=64), each waiting for its own WAL
-    /// flush; SQLite always takes one. Default 2.
+    /// flush; SQLite always takes one. Default 1 (2 pays on a disk with slow flushes).
     pub deposit_batches_in_flight: usize,
 }
 
@@ -141,7 +141,7 @@ impl Default for DatabaseConfig {
             url: None,
             max_connections: 16,
             timeout_ms: micromsg_store::DEFAULT_STORE_TIMEOUT.as_millis() as u64,
-            deposit_batches_in_flight: 2,
+            deposit_batches_in_flight: 1,
         }
     }
 }

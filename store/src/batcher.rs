@@ -30,8 +30,9 @@ pub struct BatcherConfig {
     /// pending at the same time may land in either order (a connection answers a DEPOSIT
     /// before it reads the next, so one sender's deposits keep theirs). On Postgres, several
     /// deposit batches in flight each wait for one WAL flush instead of also waiting for the
-    /// batch before them: what a slow disk needs (docs/performance.md). SQLite has one writer
-    /// at a time; the broker keeps 1 there.
+    /// batch before them: what a disk with slow flushes needs; on a fast one it costs more
+    /// CPU than it saves (docs/performance.md). SQLite has one writer at a time; the broker
+    /// keeps 1 there.
     pub max_in_flight: usize,
     /// Deposits waiting beyond this make [`DepositBatcher::deposit`] wait (back-pressure).
     pub queue: usize,
