@@ -8,7 +8,8 @@ use subtle::ConstantTimeEq;
 
 use super::entities::INSERT_DEVICE;
 use super::{
-    ContactRecord, DeviceId, NewDevice, Number, PoolExt, Store, StoreError, array, on_pool,
+    ContactRecord, DeviceId, NewDevice, Number, PoolExt, Store, StoreError, array, bulk_rows,
+    on_pool,
 };
 
 /// A ported-number entry: `number` now lives at `to_broker` (docs/federation.md 12.3).
@@ -164,6 +165,10 @@ type EntryRow = (
     Vec<u8>,
     Vec<u8>,
 );
+
+/// Contacts or blocks per statement in [`Store::port_in`] (5 parameters each at most: well under
+/// either backend's limit).
+const PORT_IN_CHUNK: usize = 1000;
 
 const ENTRY_COLUMNS: &str = "number, seq, from_broker, to_broker, time, identity_key, \
                              user_signature, broker_key, broker_signature";
@@ -481,29 +486,36 @@ impl Store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-            for c in &port.contacts {
-                sqlx::query(
+            // Many rows per statement: a user with thousands of contacts is one round trip per
+            // chunk, not per contact.
+            for chunk in port.contacts.chunks(PORT_IN_CHUNK) {
+                let sql = format!(
                     "INSERT INTO contacts (owner, peer, auto_existing, brokered, created_at) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (owner, peer) DO NOTHING",
-                )
-                .bind(number)
-                .bind(c.peer.as_str())
-                .bind(c.auto_existing)
-                .bind(c.brokered)
-                .bind(c.created_at)
-                .execute(&mut *tx)
-                .await?;
+                     VALUES {} ON CONFLICT (owner, peer) DO NOTHING",
+                    bulk_rows(&self.backend, chunk.len(), 5)
+                );
+                let mut q = sqlx::query(&sql);
+                for c in chunk {
+                    q = q
+                        .bind(number)
+                        .bind(c.peer.as_str())
+                        .bind(c.auto_existing)
+                        .bind(c.brokered)
+                        .bind(c.created_at);
+                }
+                q.execute(&mut *tx).await?;
             }
-            for b in &port.blocks {
-                sqlx::query(
-                    "INSERT INTO blocks (owner, target, created_at) VALUES ($1, $2, $3) \
+            for chunk in port.blocks.chunks(PORT_IN_CHUNK) {
+                let sql = format!(
+                    "INSERT INTO blocks (owner, target, created_at) VALUES {} \
                      ON CONFLICT (owner, target) DO NOTHING",
-                )
-                .bind(number)
-                .bind(b.as_str())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                    bulk_rows(&self.backend, chunk.len(), 3)
+                );
+                let mut q = sqlx::query(&sql);
+                for b in chunk {
+                    q = q.bind(number).bind(b.as_str()).bind(now);
+                }
+                q.execute(&mut *tx).await?;
             }
             upsert_entry!(tx, e, now);
             for peer in &port.announce_to {

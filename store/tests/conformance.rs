@@ -2791,6 +2791,39 @@ async fn case_port_in_and_announcements(store: Store) {
     assert!(!store.is_contact(&a, &num("5570003")).await.unwrap());
     assert!(!store.is_blocked(&a, &num("5580009")).await.unwrap());
     assert_eq!(store.ported_entry(&a).await.unwrap().unwrap().seq, 3);
+
+    // Thousands of contacts and blocks (several statements of many rows each) all arrive.
+    let big = num("5550004");
+    let peer = |i: u32| num(&format!("56{i:05}"));
+    let contacts: Vec<_> = (0..2500)
+        .map(|i| micromsg_store::ContactRecord {
+            owner: big.clone(),
+            peer: peer(i),
+            auto_existing: i % 2 == 0,
+            brokered: i % 3 == 0,
+            created_at: NOW - i64::from(i),
+        })
+        .collect();
+    let blocks: Vec<_> = (0..1001).map(|i| num(&format!("57{i:05}"))).collect();
+    let many = micromsg_store::PortIn {
+        entry: ported_entry(&big, 1, "x", "y"),
+        device: device(5, None),
+        contacts: contacts.clone(),
+        blocks: blocks.clone(),
+        announce_to: Vec::new(),
+        now: NOW,
+        replaces_leftover: false,
+    };
+    assert_eq!(store.port_in(&many).await.unwrap(), DeviceId::FIRST);
+    let (handed, blocked) = store.handover_of(&big).await.unwrap();
+    let mut expected = contacts;
+    expected.sort_by(|x, y| x.peer.as_str().cmp(y.peer.as_str()));
+    let mut handed = handed;
+    handed.sort_by(|x, y| x.peer.as_str().cmp(y.peer.as_str()));
+    assert_eq!(handed, expected);
+    let mut blocked = blocked;
+    blocked.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    assert_eq!(blocked, blocks);
 }
 
 async fn case_ported_entries_by_seq(store: Store) {
