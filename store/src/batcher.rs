@@ -101,6 +101,27 @@ impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
+
+    /// Submits several items, all before waiting for any, so they can share a batch; resolves
+    /// once each has its outcome, in order.
+    pub async fn submit_all(&self, items: Vec<T>) -> Vec<Result<O, StoreError>> {
+        let mut answers = Vec::with_capacity(items.len());
+        for item in items {
+            let (reply, answer) = oneshot::channel();
+            answers.push(match self.tx.send((item, reply)).await {
+                Ok(()) => Some(answer),
+                Err(_) => None,
+            });
+        }
+        let mut outcomes = Vec::with_capacity(answers.len());
+        for answer in answers {
+            outcomes.push(match answer {
+                Some(answer) => answer.await.unwrap_or(Err(StoreError::Closed)),
+                None => Err(StoreError::Closed),
+            });
+        }
+        outcomes
+    }
 }
 
 async fn run<T, O, F, Fut>(
@@ -251,6 +272,27 @@ impl DepositBatcher {
     /// Deposits one item; resolves once its batch has committed (or failed).
     pub async fn deposit(&self, item: NewInboxItem) -> Result<DepositOutcome, StoreError> {
         self.copy(item, false).await
+    }
+
+    /// Deposits several items (a message's copies for several devices), all submitted before
+    /// any is waited for, so they can share a batch; one outcome per item, in order.
+    pub async fn deposit_all(
+        &self,
+        items: Vec<NewInboxItem>,
+    ) -> Vec<Result<DepositOutcome, StoreError>> {
+        let jobs = items
+            .into_iter()
+            .map(|item| DepositJob::Copy {
+                item,
+                discard: false,
+            })
+            .collect();
+        self.0
+            .submit_all(jobs)
+            .await
+            .into_iter()
+            .map(|outcome| outcome.and_then(Self::copy_outcome))
+            .collect()
     }
 
     /// Takes one item that is not to be kept (its sender is blocked by the recipient) the way

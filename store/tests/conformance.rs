@@ -1865,6 +1865,41 @@ async fn case_batcher_group_commit(store: Store) {
         .await
         .unwrap_err();
     assert!(matches!(bad, StoreError::DuplicateId), "{bad:?}");
+
+    // A message's copies for several devices at once (another inbox: this one is full): one
+    // outcome each, in order, and a repeat among them is told apart from the new ones.
+    let copies: Vec<_> = [1, 2, 3]
+        .into_iter()
+        .map(|d| item(7000, &num("5550009"), Some(d), &num("6000001")))
+        .collect();
+    let mut with_repeat = copies.clone();
+    with_repeat[1] = item(0, &num("5550001"), Some(1), &num("6000000"));
+    with_repeat[1].body = b"0:0".to_vec();
+    let outcomes = batcher.deposit_all(with_repeat).await;
+    assert!(
+        matches!(outcomes[0], Ok(DepositOutcome::Stored)),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[1], Ok(DepositOutcome::AlreadyStored { .. })),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[2], Ok(DepositOutcome::Stored)),
+        "{outcomes:?}"
+    );
+    for d in [1, 3] {
+        assert!(
+            store
+                .fetch_inbox(&num("5550009"), dev(d), None, 10, NOW)
+                .await
+                .unwrap()
+                .0
+                .iter()
+                .any(|i| i.body == copies[0].body && i.sender_number == num("6000001")),
+            "device {d}"
+        );
+    }
 }
 
 async fn case_federation_tables(store: Store) {

@@ -158,9 +158,9 @@ async fn store_copies(
     now: Now,
 ) -> Result<u64, Refusal> {
     let expires = now.unix + cx.inbox.ttl_secs;
-    let mut pending = Vec::with_capacity(devices.len());
-    for device in devices {
-        let item = NewInboxItem {
+    let items = devices
+        .into_iter()
+        .map(|device| NewInboxItem {
             id,
             recipient_number: login.number().clone(),
             recipient_device: device,
@@ -169,14 +169,10 @@ async fn store_copies(
             created_at: now.unix_i64(),
             expires_at: expires as i64,
             body: body.clone(),
-        };
-        let batcher = cx.deposits.clone();
-        pending.push(tokio::spawn(async move { batcher.deposit(item).await }));
-    }
-    let mut outcomes = Vec::with_capacity(pending.len());
-    for task in pending {
-        outcomes.push(task.await.map_err(|_| Refusal::internal())?);
-    }
+        })
+        .collect();
+    // All submitted before any is waited for, so the copies share a batch (no task each).
+    let outcomes = cx.deposits.deposit_all(items).await;
     answer_copies(cx, login.number(), outcomes, expires)
 }
 
