@@ -268,15 +268,31 @@ impl DepositIo for SqliteConnection {
         inboxes: &[(Inbox, i64)],
     ) -> Result<HashMap<Inbox, i64>, StoreError> {
         // One writer at a time (`Store::writing`, BEGIN IMMEDIATE): every batch runs alone and
-        // only slot 0 is ever used.
+        // adds to slot 0. Other slots hold counts only in a database moved here from Postgres
+        // (`migrate-store`): they are still part of the bound, and an exact figure clears them.
         let rows = sorted(inboxes);
         let mut out = HashMap::with_capacity(rows.len());
         for chunk in rows.chunks(SQLITE_CHUNK) {
+            if op == Counter::Set {
+                let sql = format!(
+                    "UPDATE inbox_counters SET items = 0 WHERE slot <> 0 AND \
+                     (recipient_number, recipient_device) IN (VALUES {})",
+                    sqlite_rows(chunk.len(), 2)
+                );
+                let mut q = sqlx::query(&sql).persistent(false);
+                for ((n, d), _) in chunk {
+                    q = q.bind(n.as_str()).bind(*d);
+                }
+                q.execute(&mut *self).await?;
+            }
             let values = sqlite_rows(chunk.len(), 3);
             let sql = format!(
                 "INSERT INTO inbox_counters (recipient_number, recipient_device, items) \
                  VALUES {values} ON CONFLICT (recipient_number, recipient_device, slot) \
-                 DO UPDATE SET {} RETURNING recipient_number, recipient_device, items",
+                 DO UPDATE SET {} RETURNING recipient_number, recipient_device, items + \
+                 COALESCE((SELECT SUM(o.items) FROM inbox_counters AS o \
+                   WHERE o.recipient_number = inbox_counters.recipient_number \
+                   AND o.recipient_device = inbox_counters.recipient_device AND o.slot <> 0), 0)",
                 op.assignment()
             );
             let mut q = sqlx::query_as::<_, (String, i64, i64)>(&sql).persistent(false);

@@ -2062,6 +2062,47 @@ async fn reopening_a_sqlite_store_keeps_its_data() {
     store.close().await;
 }
 
+/// A SQLite database moved from Postgres (`migrate-store`) may hold quota counts in slots other
+/// than 0, written by deposit batches that were in flight side by side there: SQLite, which adds
+/// to slot 0 only, still counts them in the bound, so the quota holds.
+#[tokio::test]
+async fn a_sqlite_store_counts_quota_slots_moved_from_postgres() {
+    use sqlx::sqlite::SqliteConnection;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sqlite3");
+    let store = Store::open_sqlite(&path).await.unwrap();
+    entity(&store, &num("5550001")).await;
+    let first: Vec<_> = (0..8)
+        .map(|k| item(k, &num("5550001"), Some(1), &num("5550002")))
+        .collect();
+    let out = store.deposit_batch(&first, 10).await.unwrap();
+    assert!(out.iter().all(|r| matches!(r, Ok(DepositOutcome::Stored))));
+    store.close().await;
+    // As Postgres batches in slot 1 would have left it.
+    let mut raw = SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE inbox_counters SET slot = 1")
+        .execute(&mut raw)
+        .await
+        .unwrap();
+    raw.close().await.unwrap();
+
+    let store = Store::open_sqlite(&path).await.unwrap();
+    let more: Vec<_> = (100..105)
+        .map(|k| item(k, &num("5550001"), Some(1), &num("5550002")))
+        .collect();
+    let out = store.deposit_batch(&more, 10).await.unwrap();
+    let stored = out
+        .iter()
+        .filter(|r| matches!(r, Ok(DepositOutcome::Stored)))
+        .count();
+    assert_eq!(stored, 2, "{out:?}");
+    assert_eq!(store.inbox_depth().await.unwrap(), 10);
+    store.close().await;
+}
+
 /// Deliveries from a peer broker are stored once over their lifetime: re-sent after the
 /// recipient acknowledged (deleted) them, they store nothing; a delivery refused for the quota
 /// is not remembered (it may come again); expired keys are swept.
