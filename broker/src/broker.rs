@@ -114,9 +114,10 @@ pub(crate) struct Batchers {
 
 impl Batchers {
     fn spawn(config: &Config, store: &Store) -> Self {
-        // Several deposit batches commit side by side on Postgres, each in a quota counter slot
-        // of its own (store::inbox::Lane), so a deposit waits for one WAL flush, not also for
-        // the batch before it. SQLite has one writer at a time.
+        // On Postgres up to `database.deposit_batches_in_flight` deposit batches commit side by
+        // side, each in a quota counter slot of its own (store::inbox::Lane), so a deposit waits
+        // for one WAL flush, not also for the batch before it (default 1: on a fast disk that
+        // costs more CPU than it saves). SQLite has one writer at a time.
         let deposits = DepositBatcher::spawn(
             store.clone(),
             BatcherConfig {
