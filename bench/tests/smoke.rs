@@ -114,11 +114,15 @@ fn deposits_postgres() {
         );
         return;
     }
+    // The defaults: two batches side by side (each in its own quota counter slot), gathering.
     deposits("postgres", &[]);
-    // Deposit batches side by side (their own quota counter slots) lose nothing either.
+    // One batch at a time, which runs alone, without gathering: it loses nothing either.
     deposits(
         "postgres",
-        &[("MICROMSG_DATABASE_DEPOSIT_BATCHES_IN_FLIGHT", "2")],
+        &[
+            ("MICROMSG_DATABASE_DEPOSIT_BATCHES_IN_FLIGHT", "1"),
+            ("MICROMSG_DATABASE_DEPOSIT_GATHER_US", "0"),
+        ],
     );
 }
 

@@ -115,9 +115,10 @@ pub(crate) struct Batchers {
 impl Batchers {
     fn spawn(config: &Config, store: &Store) -> Self {
         // On Postgres up to `database.deposit_batches_in_flight` deposit batches commit side by
-        // side, each in a quota counter slot of its own (store::inbox::Lane), so a deposit waits
-        // for one WAL flush, not also for the batch before it (default 1: on a fast disk that
-        // costs more CPU than it saves). SQLite has one writer at a time.
+        // side, each in a quota counter slot of its own (store::inbox::Lane), so one batch's
+        // statements run while the other waits for its WAL flush. Gathering keeps senders who
+        // deposit again at once in one batch instead of two taking turns (BatcherConfig::gather;
+        // docs/performance.md). SQLite has one writer at a time.
         let deposits = DepositBatcher::spawn(
             store.clone(),
             BatcherConfig {
@@ -128,6 +129,7 @@ impl Batchers {
                 },
                 quota_per_device: config.inbox.quota_per_device,
                 timeout: config.database.timeout(),
+                gather: std::time::Duration::from_micros(config.database.deposit_gather_us),
                 ..BatcherConfig::default()
             },
         );

@@ -120,13 +120,21 @@ pub struct DatabaseConfig {
     /// How long a request waits for the database (a pooled connection, a Postgres statement,
     /// a group commit) before it is answered UNAVAILABLE, milliseconds. Default 5000.
     pub timeout_ms: u64,
-    /// Deposit batches committing at once on Postgres (1..=64), each waiting for its own WAL
-    /// flush; SQLite always takes one. Default 1 (2 pays on a disk with slow flushes).
+    /// Deposit batches committing at once on Postgres (1..=64), each in a quota counter slot
+    /// of its own; SQLite always takes one. Default 2.
     pub deposit_batches_in_flight: usize,
+    /// The longest a deposit batch waits, after a batch was answered, for the senders it
+    /// answered to deposit again, so that they share one commit instead of taking turns
+    /// (never longer than half that batch's commit took), microseconds (0..=100000; 0 never
+    /// waits). Default 2000.
+    pub deposit_gather_us: u64,
 }
 
 /// The most `database.deposit_batches_in_flight` may be.
 pub const MAX_DEPOSIT_BATCHES_IN_FLIGHT: usize = 64;
+
+/// The most `database.deposit_gather_us` may be (0.1 s).
+pub const MAX_DEPOSIT_GATHER_US: u64 = 100_000;
 
 impl DatabaseConfig {
     /// [`Self::timeout_ms`] as a duration.
@@ -141,7 +149,8 @@ impl Default for DatabaseConfig {
             url: None,
             max_connections: 16,
             timeout_ms: micromsg_store::DEFAULT_STORE_TIMEOUT.as_millis() as u64,
-            deposit_batches_in_flight: 1,
+            deposit_batches_in_flight: 2,
+            deposit_gather_us: 2_000,
         }
     }
 }
@@ -665,6 +674,11 @@ impl Config {
                 "database.deposit_batches_in_flight must be 1..={MAX_DEPOSIT_BATCHES_IN_FLIGHT}"
             ));
         }
+        if self.database.deposit_gather_us > MAX_DEPOSIT_GATHER_US {
+            return invalid(format!(
+                "database.deposit_gather_us must be 0..={MAX_DEPOSIT_GATHER_US}"
+            ));
+        }
         if self.database.timeout_ms < 100 {
             return invalid("database.timeout_ms must be at least 100".into());
         }
@@ -820,6 +834,25 @@ mod tests {
                 .deposit_batches_in_flight,
             64
         );
+        let gather = |us: &str| {
+            Config::load(
+                None,
+                vec![(
+                    "MICROMSG_DATABASE_DEPOSIT_GATHER_US".to_owned(),
+                    us.to_owned(),
+                )],
+            )
+        };
+        assert_eq!(Config::default().database.deposit_gather_us, 2_000);
+        assert_eq!(gather("0").unwrap().database.deposit_gather_us, 0);
+        assert_eq!(
+            gather("100000").unwrap().database.deposit_gather_us,
+            100_000
+        );
+        match gather("100001") {
+            Err(ConfigError::Invalid(why)) => assert!(why.contains("deposit_gather_us"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

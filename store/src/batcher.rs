@@ -6,15 +6,20 @@
 //! ([`DepositBatcher::deposit_routed`]), one for a peer broker's number its contact pair
 //! ([`OutboxEntry::contact`]).
 //!
-//! There is no timer: the first write starts a batch at once, and whatever arrives while
-//! batches are committing (up to `max_in_flight` at a time) forms the next one. Idle load gives
-//! one-item batches with no added latency; heavy load gives large batches and few commits.
+//! The first write starts a batch at once, and whatever arrives while batches are committing
+//! (up to `max_in_flight` at a time) forms the next one. Idle load gives one-item batches with
+//! no added latency; heavy load gives large batches and few commits. The one wait is
+//! [`BatcherConfig::gather`]: shortly after a batch was answered, the next one waits for the
+//! writers it answered, so that writers who write again at once share a commit instead of
+//! splitting into groups that take turns.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::inbox::Lane;
 use super::routed::{DepositJob, RoutedDeposit, RoutedOutcome};
@@ -45,6 +50,13 @@ pub struct BatcherConfig {
     /// [`crate::DEFAULT_STORE_TIMEOUT`]. An item that timed out may have been stored: its
     /// retry with the same id is idempotent.
     pub timeout: Duration,
+    /// The longest a batch waits, after the last batch was answered, for the writers it
+    /// answered to write again (and never longer than half that batch's commit took). Writers
+    /// that each wait for their answer before writing again otherwise split into groups that
+    /// take turns, each waiting for the other's commit as well as its own: on a disk whose
+    /// flushes take milliseconds that doubles their wait. The wait ends as soon as as many
+    /// items are pending as were answered; zero never waits.
+    pub gather: Duration,
 }
 
 impl Default for BatcherConfig {
@@ -56,6 +68,7 @@ impl Default for BatcherConfig {
             quota_per_device: 10_000,
             retries: 3,
             timeout: crate::DEFAULT_STORE_TIMEOUT,
+            gather: Duration::ZERO,
         }
     }
 }
@@ -67,12 +80,15 @@ type Reply<O> = oneshot::Sender<Result<O, StoreError>>;
 #[derive(Debug)]
 pub struct GroupCommit<T, O> {
     tx: mpsc::Sender<(T, Reply<O>)>,
+    /// Items submitted so far (for [`BatcherConfig::gather`]: which came after an answer).
+    submitted: Arc<AtomicUsize>,
 }
 
 impl<T, O> Clone for GroupCommit<T, O> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            submitted: Arc::clone(&self.submitted),
         }
     }
 }
@@ -88,13 +104,15 @@ impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
         Fut: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        tokio::spawn(run(config, Arc::new(commit), rx));
-        Self { tx }
+        let submitted = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run(config, Arc::new(commit), rx, Arc::clone(&submitted)));
+        Self { tx, submitted }
     }
 
     /// Submits one item; resolves once its batch has committed (or failed).
     pub async fn submit(&self, item: T) -> Result<O, StoreError> {
         let (reply, answer) = oneshot::channel();
+        self.submitted.fetch_add(1, Ordering::Relaxed);
         self.tx
             .send((item, reply))
             .await
@@ -108,6 +126,7 @@ impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
         let mut answers = Vec::with_capacity(items.len());
         for item in items {
             let (reply, answer) = oneshot::channel();
+            self.submitted.fetch_add(1, Ordering::Relaxed);
             answers.push(match self.tx.send((item, reply)).await {
                 Ok(()) => Some(answer),
                 Err(_) => None,
@@ -128,6 +147,7 @@ async fn run<T, O, F, Fut>(
     config: BatcherConfig,
     commit: Arc<F>,
     mut rx: mpsc::Receiver<(T, Reply<O>)>,
+    submitted: Arc<AtomicUsize>,
 ) where
     T: Send + Sync + 'static,
     O: Send + 'static,
@@ -141,6 +161,7 @@ async fn run<T, O, F, Fut>(
     for slot in 0..slots {
         let _ = free_tx.try_send(slot);
     }
+    let answered = Arc::new(std::sync::Mutex::new(Answered::default()));
     while let Some(first) = rx.recv().await {
         // Wait for a commit slot first: items arriving meanwhile join this batch.
         let Some(slot) = free_rx.recv().await else {
@@ -154,6 +175,19 @@ async fn run<T, O, F, Fut>(
                 Err(_) => break,
             }
         }
+        if !config.gather.is_zero() {
+            let returning = answered.lock().map(|mut a| a.take()).unwrap_or_default();
+            let now_submitted = submitted.load(Ordering::Relaxed);
+            if let Some((count, deadline)) = returning.deadline(config.gather, now_submitted) {
+                let expected = batch.len().saturating_add(count).min(max_batch);
+                while batch.len() < expected {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(job)) => batch.push(job),
+                        _ => break,
+                    }
+                }
+            }
+        }
         let commit = Arc::clone(&commit);
         let retries = config.retries;
         let timeout = config.timeout;
@@ -161,8 +195,12 @@ async fn run<T, O, F, Fut>(
             slot,
             free: free_tx.clone(),
         };
+        let answered = Arc::clone(&answered);
+        let submitted = Arc::clone(&submitted);
         tokio::spawn(async move {
             let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let count = replies.len();
+            let started = Instant::now();
             let items = Arc::new(items);
             let mut attempt = 0;
             let result = loop {
@@ -188,8 +226,51 @@ async fn run<T, O, F, Fut>(
                     }
                 }
             }
+            if let Ok(mut a) = answered.lock() {
+                a.add(
+                    count,
+                    submitted.load(Ordering::Relaxed),
+                    started,
+                    Instant::now(),
+                );
+            }
             drop(slot);
         });
+    }
+}
+
+/// The writers answered since the last batch started, who may be about to write again.
+#[derive(Debug, Default)]
+struct Answered {
+    count: usize,
+    /// Items submitted before the first of them was answered: any submitted since may be
+    /// theirs.
+    submitted_before: usize,
+    /// When the latest of them was answered, and how long its batch's commit took.
+    latest: Option<(Instant, Duration)>,
+}
+
+impl Answered {
+    fn add(&mut self, count: usize, submitted: usize, started: Instant, answered: Instant) {
+        if self.count == 0 {
+            self.submitted_before = submitted;
+        }
+        self.count += count;
+        self.latest = Some((answered, answered.saturating_duration_since(started)));
+    }
+
+    fn take(&mut self) -> Self {
+        std::mem::take(self)
+    }
+
+    /// How many more writers to wait for (those answered, less the items submitted since),
+    /// and until when: `gather` after the latest answer, or half its commit's time if shorter
+    /// (a wait must not cost more than it can save).
+    fn deadline(&self, gather: Duration, submitted: usize) -> Option<(usize, Instant)> {
+        let (at, took) = self.latest?;
+        let back = submitted.wrapping_sub(self.submitted_before);
+        let missing = self.count.saturating_sub(back);
+        (missing > 0).then(|| (missing, at + gather.min(took / 2)))
     }
 }
 
@@ -348,5 +429,119 @@ impl OutboxBatcher {
     /// (`false`: the key was already queued).
     pub async fn enqueue(&self, entry: OutboxEntry) -> Result<bool, StoreError> {
         self.0.submit(entry).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A group commit whose every commit takes `flush`, recording the size of each batch.
+    fn recording(
+        gather: Duration,
+        flush: Duration,
+    ) -> (GroupCommit<u32, ()>, Arc<Mutex<Vec<usize>>>) {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&sizes);
+        let commit = GroupCommit::spawn(
+            BatcherConfig {
+                gather,
+                ..BatcherConfig::default()
+            },
+            move |items: Arc<Vec<u32>>, _slot| {
+                seen.lock().unwrap().push(items.len());
+                async move {
+                    tokio::time::sleep(flush).await;
+                    Ok(items.iter().map(|_| Ok(())).collect())
+                }
+            },
+        );
+        (commit, sizes)
+    }
+
+    /// Ten writers that each write again 5 ms (a round trip) after their answer, four times;
+    /// the first starts alone, the other nine while its batch commits.
+    async fn ten_writers(commit: &GroupCommit<u32, ()>) {
+        let writers: Vec<_> = (0..10u32)
+            .map(|w| {
+                let commit = commit.clone();
+                tokio::spawn(async move {
+                    if w > 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    for _ in 0..4 {
+                        commit.submit(w).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn writers_that_write_again_share_one_commit_when_the_batcher_gathers() {
+        let flush = Duration::from_millis(100);
+        // Without gathering, the first writer's batch and the other nine's take turns.
+        let (commit, sizes) = recording(Duration::ZERO, flush);
+        ten_writers(&commit).await;
+        assert_eq!(*sizes.lock().unwrap(), [1, 9, 1, 9, 1, 9, 1, 9]);
+
+        // Gathering (up to half of the commit before) waits for the answered writer's next
+        // write, so from the second batch on they all share one; the last batch waits in vain
+        // for the first writer, who is done.
+        let (commit, sizes) = recording(Duration::from_secs(1), flush);
+        ten_writers(&commit).await;
+        assert_eq!(*sizes.lock().unwrap(), [1, 10, 10, 10, 9]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_waits_for_returning_writers_at_most_half_the_last_commit() {
+        // Writer 1 is answered and never writes again; writer 2's item, submitted while writer
+        // 1's batch committed, waits for it, but not for the whole `gather` (10 s): for at most
+        // half the 40 ms commit before.
+        let (commit, sizes) = recording(Duration::from_secs(10), Duration::from_millis(40));
+        let first = tokio::spawn({
+            let commit = commit.clone();
+            async move { commit.submit(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = std::time::Instant::now();
+        commit.submit(2).await.unwrap();
+        let took = started.elapsed();
+        first.await.unwrap().unwrap();
+        assert!(took < Duration::from_secs(5), "waited {took:?}");
+        assert_eq!(*sizes.lock().unwrap(), vec![1, 1]);
+    }
+
+    #[test]
+    fn the_wait_counts_the_answered_writers_not_yet_back() {
+        let t0 = Instant::now();
+        let gather = Duration::from_millis(2);
+        assert_eq!(Answered::default().deadline(gather, 5), None);
+
+        // Ten answered at t0 + 10 ms by a commit of 10 ms, with 100 items submitted before.
+        let mut answered = Answered::default();
+        answered.add(10, 100, t0, t0 + Duration::from_millis(10));
+        let at = t0 + Duration::from_millis(10);
+        assert_eq!(answered.deadline(gather, 100), Some((10, at + gather)));
+        // Four submitted since: six to wait for; all ten back: none.
+        assert_eq!(answered.deadline(gather, 104), Some((6, at + gather)));
+        assert_eq!(answered.deadline(gather, 110), None);
+        // A later answer adds its writers and moves the deadline; a short commit shortens it.
+        answered.add(5, 104, at, at + Duration::from_millis(1));
+        let later = at + Duration::from_millis(1);
+        assert_eq!(
+            answered.deadline(gather, 104),
+            Some((11, later + Duration::from_micros(500)))
+        );
+        assert_eq!(answered.take().count, 15);
+        assert_eq!(answered.deadline(gather, 104), None);
     }
 }
