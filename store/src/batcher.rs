@@ -30,14 +30,13 @@ use super::{DepositOutcome, NewInboxItem, Number, Store, StoreError};
 pub struct BatcherConfig {
     /// Most items in one transaction.
     pub max_batch: usize,
-    /// Most transactions committing at once (each holds one pooled connection). With 1 (the
-    /// default) deposits are stored in the order they reached the batcher; with more, deposits
-    /// pending at the same time may land in either order (a connection answers a DEPOSIT
-    /// before it reads the next, so one sender's deposits keep theirs). On Postgres, several
-    /// deposit batches in flight each wait for one WAL flush instead of also waiting for the
-    /// batch before them: what a disk with slow flushes needs; on a fast one it costs more
-    /// CPU than it saves (docs/performance.md). SQLite has one writer at a time; the broker
-    /// keeps 1 there.
+    /// Most transactions committing at once (each holds one pooled connection). With 1 (this
+    /// struct's default) items are stored in the order they reached the batcher; with more,
+    /// items pending at the same time may land in either order (a connection answers a
+    /// DEPOSIT before it reads the next, so one sender's deposits keep theirs). On Postgres
+    /// the broker keeps two deposit batches in flight (`database.deposit_batches_in_flight`):
+    /// one batch's statements run while the other waits for its WAL flush. SQLite has one
+    /// writer at a time; the broker keeps 1 there.
     pub max_in_flight: usize,
     /// Deposits waiting beyond this make [`DepositBatcher::deposit`] wait (back-pressure).
     pub queue: usize,
@@ -54,8 +53,9 @@ pub struct BatcherConfig {
     /// answered to write again (and never longer than half that batch's commit took). Writers
     /// that each wait for their answer before writing again otherwise split into groups that
     /// take turns, each waiting for the other's commit as well as its own: on a disk whose
-    /// flushes take milliseconds that doubles their wait. The wait ends as soon as as many
-    /// items are pending as were answered; zero never waits.
+    /// flushes take milliseconds that doubles their wait. Writers count by call (a
+    /// [`GroupCommit::submit_all`] is one), and those who submitted again since their answer
+    /// are back already: the wait ends once the rest are; zero never waits.
     pub gather: Duration,
 }
 
@@ -75,12 +75,17 @@ impl Default for BatcherConfig {
 
 type Reply<O> = oneshot::Sender<Result<O, StoreError>>;
 
+/// An item, where its outcome goes, and whether it is the first of its writer's call (a
+/// [`GroupCommit::submit_all`] is one writer however many items it has).
+type Job<T, O> = (T, Reply<O>, bool);
+
 /// A handle to a group-commit task for items `T` with per-item outcomes `O`. Cheap to clone;
 /// the task ends when every handle is dropped (after finishing what it has).
 #[derive(Debug)]
 pub struct GroupCommit<T, O> {
-    tx: mpsc::Sender<(T, Reply<O>)>,
-    /// Items submitted so far (for [`BatcherConfig::gather`]: which came after an answer).
+    tx: mpsc::Sender<Job<T, O>>,
+    /// Calls to submit so far (for [`BatcherConfig::gather`]: which writers came after an
+    /// answer).
     submitted: Arc<AtomicUsize>,
 }
 
@@ -114,7 +119,7 @@ impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
         let (reply, answer) = oneshot::channel();
         self.submitted.fetch_add(1, Ordering::Relaxed);
         self.tx
-            .send((item, reply))
+            .send((item, reply, true))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -124,10 +129,12 @@ impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
     /// once each has its outcome, in order.
     pub async fn submit_all(&self, items: Vec<T>) -> Vec<Result<O, StoreError>> {
         let mut answers = Vec::with_capacity(items.len());
-        for item in items {
-            let (reply, answer) = oneshot::channel();
+        if !items.is_empty() {
             self.submitted.fetch_add(1, Ordering::Relaxed);
-            answers.push(match self.tx.send((item, reply)).await {
+        }
+        for (n, item) in items.into_iter().enumerate() {
+            let (reply, answer) = oneshot::channel();
+            answers.push(match self.tx.send((item, reply, n == 0)).await {
                 Ok(()) => Some(answer),
                 Err(_) => None,
             });
@@ -146,7 +153,7 @@ impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
 async fn run<T, O, F, Fut>(
     config: BatcherConfig,
     commit: Arc<F>,
-    mut rx: mpsc::Receiver<(T, Reply<O>)>,
+    mut rx: mpsc::Receiver<Job<T, O>>,
     submitted: Arc<AtomicUsize>,
 ) where
     T: Send + Sync + 'static,
@@ -186,6 +193,13 @@ async fn run<T, O, F, Fut>(
                         _ => break,
                     }
                 }
+                // And whatever else is waiting by now.
+                while batch.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
             }
         }
         let commit = Arc::clone(&commit);
@@ -197,9 +211,13 @@ async fn run<T, O, F, Fut>(
         };
         let answered = Arc::clone(&answered);
         let submitted = Arc::clone(&submitted);
+        let gather = !config.gather.is_zero();
         tokio::spawn(async move {
-            let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let count = replies.len();
+            let writers = batch.iter().filter(|(_, _, first)| *first).count();
+            let (items, replies): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|(item, reply, _)| (item, reply))
+                .unzip();
             let started = Instant::now();
             let items = Arc::new(items);
             let mut attempt = 0;
@@ -215,6 +233,14 @@ async fn run<T, O, F, Fut>(
             };
             match result {
                 Ok(outcomes) => {
+                    if gather {
+                        // Before the answers: a writer answered may submit again at once, and
+                        // must then count as back.
+                        let before = submitted.load(Ordering::Relaxed);
+                        if let Ok(mut a) = answered.lock() {
+                            a.add(writers, before, started, Instant::now());
+                        }
+                    }
                     for (reply, outcome) in replies.into_iter().zip(outcomes) {
                         let _ = reply.send(outcome);
                     }
@@ -226,25 +252,17 @@ async fn run<T, O, F, Fut>(
                     }
                 }
             }
-            if let Ok(mut a) = answered.lock() {
-                a.add(
-                    count,
-                    submitted.load(Ordering::Relaxed),
-                    started,
-                    Instant::now(),
-                );
-            }
             drop(slot);
         });
     }
 }
 
-/// The writers answered since the last batch started, who may be about to write again.
+/// The writers answered since the last batch started, who may be about to write again (a
+/// failed batch's are not: they were told to retry later).
 #[derive(Debug, Default)]
 struct Answered {
     count: usize,
-    /// Items submitted before the first of them was answered: any submitted since may be
-    /// theirs.
+    /// Calls to submit before the first of them was answered: any since may be theirs.
     submitted_before: usize,
     /// When the latest of them was answered, and how long its batch's commit took.
     latest: Option<(Instant, Duration)>,
@@ -263,7 +281,7 @@ impl Answered {
         std::mem::take(self)
     }
 
-    /// How many more writers to wait for (those answered, less the items submitted since),
+    /// How many more writers to wait for (those answered, less the calls to submit since),
     /// and until when: `gather` after the latest answer, or half its commit's time if shorter
     /// (a wait must not cost more than it can save).
     fn deadline(&self, gather: Duration, submitted: usize) -> Option<(usize, Instant)> {
@@ -504,20 +522,36 @@ mod tests {
     #[tokio::test]
     async fn a_batch_waits_for_returning_writers_at_most_half_the_last_commit() {
         // Writer 1 is answered and never writes again; writer 2's item, submitted while writer
-        // 1's batch committed, waits for it, but not for the whole `gather` (10 s): for at most
-        // half the 40 ms commit before.
-        let (commit, sizes) = recording(Duration::from_secs(10), Duration::from_millis(40));
+        // 1's batch committed, waits for it: at least until half the 40 ms commit before has
+        // passed after the answer, but not for the whole `gather` (10 s).
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&starts);
+        let commit = GroupCommit::spawn(
+            BatcherConfig {
+                gather: Duration::from_secs(10),
+                ..BatcherConfig::default()
+            },
+            move |items: Arc<Vec<u32>>, _slot| {
+                seen.lock().unwrap().push(std::time::Instant::now());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    Ok(items.iter().map(|_| Ok(())).collect())
+                }
+            },
+        );
         let first = tokio::spawn({
             let commit = commit.clone();
             async move { commit.submit(1).await }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let started = std::time::Instant::now();
         commit.submit(2).await.unwrap();
-        let took = started.elapsed();
         first.await.unwrap().unwrap();
-        assert!(took < Duration::from_secs(5), "waited {took:?}");
-        assert_eq!(*sizes.lock().unwrap(), vec![1, 1]);
+        let starts = starts.lock().unwrap().clone();
+        assert_eq!(starts.len(), 2);
+        // Without gathering the second batch starts when the first is answered (40 ms).
+        let gap = starts[1] - starts[0];
+        assert!(gap >= Duration::from_millis(58), "no wait: {gap:?}");
+        assert!(gap < Duration::from_secs(5), "waited {gap:?}");
     }
 
     #[test]

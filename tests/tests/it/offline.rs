@@ -291,6 +291,13 @@ async fn two_devices(mode: InboxMode) {
         message_from(&mut b1_rx, &a.number).await,
         ("for all of B".into(), true)
     );
+    // A new session with A on either device leaves its keys for the other (MMK1, a SYNC-COPY)
+    // at its own pace; both are online, so each fetches what the other left. Stopping them
+    // before that would leave it in the inbox, which is not what this test is about.
+    let settled = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.inbox_depth().await.unwrap() > 0 && tokio::time::Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     b1_agent.stop().await.unwrap();
     b2_agent.stop().await.unwrap();
     assert_eq!(
