@@ -136,7 +136,8 @@ impl Batchers {
         // Deliveries across brokers are not ordered, so outbox batches may commit side by side
         // on Postgres. SQLite has one writer at a time: a second batch would only wait for the
         // write lock in SQLite's busy handler, which sleeps in steps of up to 100 ms, where
-        // waiting here for the batch before it wakes at once.
+        // waiting here for the batch before it wakes at once. A DEPOSIT to a peer broker's
+        // client waits for its answer like one to a local client, so this gathers too.
         let outbox = OutboxBatcher::spawn(
             store.clone(),
             BatcherConfig {
@@ -146,6 +147,7 @@ impl Batchers {
                     4
                 },
                 timeout: config.database.timeout(),
+                gather: std::time::Duration::from_micros(config.database.deposit_gather_us),
                 ..BatcherConfig::default()
             },
         );

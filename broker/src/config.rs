@@ -123,10 +123,10 @@ pub struct DatabaseConfig {
     /// Deposit batches committing at once on Postgres (1..=64), each in a quota counter slot
     /// of its own; SQLite always takes one. Default 2.
     pub deposit_batches_in_flight: usize,
-    /// The longest a deposit batch waits, after a batch was answered, for the senders it
-    /// answered to deposit again, so that they share one commit instead of taking turns
-    /// (never longer than half that batch's commit took), microseconds (0..=100000; 0 never
-    /// waits). Default 2000.
+    /// The longest a deposit batch (for local inboxes, or the federation outbox) waits, after
+    /// a batch was answered, for the senders it answered to deposit again, so that they share
+    /// one commit instead of taking turns (never longer than half that batch's commit took),
+    /// microseconds (0..=100000; 0 never waits). Default 2000.
     pub deposit_gather_us: u64,
 }
 
