@@ -55,7 +55,8 @@ pub struct BatcherConfig {
     /// take turns, each waiting for the other's commit as well as its own: on a disk whose
     /// flushes take milliseconds that doubles their wait. Writers count by call (a
     /// [`GroupCommit::submit_all`] is one), and those who submitted again since their answer
-    /// are back already: the wait ends once the rest are; zero never waits.
+    /// are back already: the wait ends once the rest are; zero never waits. (tokio's timers
+    /// step in milliseconds, so a shorter wait may last up to one.)
     pub gather: Duration,
 }
 
