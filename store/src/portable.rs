@@ -243,6 +243,14 @@ impl Store {
                     Some(_) => report.conflicts.push(b.number.clone()),
                 }
             }
+            // The inboxes that get items, locked as a deposit batch running alone locks them
+            // (exclusive on Postgres; SQLite has one writer): a batch beside others counts only
+            // what is committed, so it must not decide on these inboxes while the moved items
+            // are stored and not yet counted.
+            let inboxes = moved_inboxes(&accepted)?;
+            if !inboxes.is_empty() {
+                super::inbox::DepositIo::lock_inboxes(&mut *tx, &inboxes, true).await?;
+            }
             for table in exported_tables() {
                 let rows: Vec<&Row> = accepted.iter().flat_map(|b| b.rows_of(table.name)).collect();
                 if rows.is_empty() {
@@ -332,6 +340,26 @@ fn insert_acks_sql(backend: &Backend, rows: usize) -> String {
          WHERE true ON CONFLICT DO NOTHING",
         bulk_rows(backend, rows, 4)
     )
+}
+
+/// The inboxes (recipient number, stored device) `bundles` hold items for, sorted, once each.
+fn moved_inboxes(bundles: &[&Bundle]) -> Result<Vec<super::inbox::Inbox>, StoreError> {
+    let table = super::tables::table("inbox_items").ok_or(StoreError::Invariant("inbox_items"))?;
+    let at = |name: &str| table.columns.iter().position(|c| c.name == name);
+    let (Some(number), Some(device)) = (at("recipient_number"), at("recipient_device")) else {
+        return Err(StoreError::Invariant("inbox_items recipient columns"));
+    };
+    let mut inboxes: Vec<_> = bundles
+        .iter()
+        .flat_map(|b| b.rows_of("inbox_items"))
+        .filter_map(|row| {
+            let n = row.get(number)?.as_text()?;
+            Some((n.to_owned(), row.get(device)?.as_int()?))
+        })
+        .collect();
+    inboxes.sort();
+    inboxes.dedup();
+    Ok(inboxes)
 }
 
 /// Adds to `rows` inboxes' quota counters `(number, device, items)` the items just stored.

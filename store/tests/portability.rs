@@ -392,3 +392,60 @@ on_both!(
     export_from_either_backend,
     schema_is_covered
 );
+
+/// A port-in locks the inboxes it moves items into as a deposit batch running alone does
+/// (exclusively), so it waits for a batch in flight beside others on them (a shared lock,
+/// its own counter slot, which counts only what is committed) and none starts until it is
+/// done: the quota's bound then always includes the moved items.
+#[tokio::test]
+async fn a_port_in_waits_for_deposit_batches_beside_it() {
+    use sqlx::Connection as _;
+
+    let (source, _dir) = sqlite().await;
+    fill(&source, 1).await;
+    let bundles = export_all(&source).await;
+    let items = table("inbox_items").unwrap();
+    let at = |name: &str| items.columns.iter().position(|c| c.name == name).unwrap();
+    let (number, device) = (at("recipient_number"), at("recipient_device"));
+    let inboxes: Vec<(String, i64)> = bundles[0]
+        .rows_of("inbox_items")
+        .iter()
+        .map(|r| {
+            let n = r[number].as_text().unwrap().to_owned();
+            (n, r[device].as_int().unwrap())
+        })
+        .collect();
+    assert!(!inboxes.is_empty());
+
+    let (target, url) = postgres().await;
+    // A deposit batch beside others, in flight on those inboxes: the broker's shared lock.
+    let mut beside = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut beside).await.unwrap();
+    for (n, d) in &inboxes {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared(19789, hashtext($1 || '/' || $2::text))")
+            .bind(n)
+            .bind(d)
+            .execute(&mut beside)
+            .await
+            .unwrap();
+    }
+    let port_in = tokio::spawn({
+        let target = target.clone();
+        async move { target.import_bundles(&bundles).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !port_in.is_finished(),
+        "the port-in did not wait for the batch in flight"
+    );
+    sqlx::query("COMMIT").execute(&mut beside).await.unwrap();
+    let report = tokio::time::timeout(std::time::Duration::from_secs(10), port_in)
+        .await
+        .expect("the port-in goes on once the batch commits")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.entities_new, 1);
+    beside.close().await.unwrap();
+    target.close().await;
+    micromsg_testdb::drop_database(&url).await.unwrap();
+}
