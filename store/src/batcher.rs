@@ -177,14 +177,12 @@ async fn run<T, O, F, Fut>(
         };
         let mut batch = Vec::with_capacity(max_batch.min(64));
         batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        take_waiting(&mut rx, &mut batch, max_batch);
         if !config.gather.is_zero() {
-            let returning = answered.lock().map(|mut a| a.take()).unwrap_or_default();
+            let returning = answered
+                .lock()
+                .map(|mut a| std::mem::take(&mut *a))
+                .unwrap_or_default();
             let now_submitted = submitted.load(Ordering::Relaxed);
             if let Some((count, deadline)) = returning.deadline(config.gather, now_submitted) {
                 let expected = batch.len().saturating_add(count).min(max_batch);
@@ -195,12 +193,7 @@ async fn run<T, O, F, Fut>(
                     }
                 }
                 // And whatever else is waiting by now.
-                while batch.len() < max_batch {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
+                take_waiting(&mut rx, &mut batch, max_batch);
             }
         }
         let commit = Arc::clone(&commit);
@@ -258,6 +251,16 @@ async fn run<T, O, F, Fut>(
     }
 }
 
+/// Moves into `batch` what is already queued, up to `max_batch` items.
+fn take_waiting<J>(rx: &mut mpsc::Receiver<J>, batch: &mut Vec<J>, max_batch: usize) {
+    while batch.len() < max_batch {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
 /// The writers answered since the last batch started, who may be about to write again (a
 /// failed batch's are not: they were told to retry later).
 #[derive(Debug, Default)]
@@ -276,10 +279,6 @@ impl Answered {
         }
         self.count += count;
         self.latest = Some((answered, answered.saturating_duration_since(started)));
-    }
-
-    fn take(&mut self) -> Self {
-        std::mem::take(self)
     }
 
     /// How many more writers to wait for (those answered, less the calls to submit since),
@@ -576,7 +575,7 @@ mod tests {
             answered.deadline(gather, 104),
             Some((11, later + Duration::from_micros(500)))
         );
-        assert_eq!(answered.take().count, 15);
+        assert_eq!(std::mem::take(&mut answered).count, 15);
         assert_eq!(answered.deadline(gather, 104), None);
     }
 }
