@@ -113,6 +113,25 @@ pub(super) const DELETE_FULLY_ACKED_ALL: &str = concat!(
     fully_acked!("$1")
 );
 
+/// A condition, always true, that makes the transaction of the statement holding it commit
+/// without waiting for its WAL flush. An acknowledgement need not wait for the disk: a crash
+/// can only lose the last few hundred milliseconds of them, and a lost acknowledgement is a
+/// redelivery, which clients drop by message id (protocol.md 13.2); a deposit, whose loss
+/// would lose a message, always waits for its flush. `set_config(…, true)` is local to the
+/// transaction, which for a statement sent on its own is that statement's, so nothing carries
+/// over to the next user of the pooled connection. The uncorrelated subquery runs once.
+const COMMIT_WITHOUT_FLUSH: &str = "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'";
+
+/// Deletes the items with ids `$3` of `$1`'s stored device `$2`, committing without waiting
+/// for the flush when sent on its own ([`COMMIT_WITHOUT_FLUSH`]); returns their ids.
+fn pg_delete_own() -> String {
+    format!(
+        "DELETE FROM inbox_items WHERE seq = ANY(ARRAY({})) \
+         AND {COMMIT_WITHOUT_FLUSH} RETURNING id",
+        pg_seqs_of("$2", "")
+    )
+}
+
 /// Postgres: acknowledges number-mode items `ids` of `number` for `device`, then deletes (by
 /// primary key) those now acknowledged by every active device. Returns how many were newly
 /// acknowledged. FOR KEY SHARE holds each item until commit and skips one deleted meanwhile, so
@@ -818,20 +837,32 @@ fn inbox_item(row: ItemRow) -> Result<InboxItem, StoreError> {
 }
 
 /// Items for device `$2` of `$1`: its own plus number-mode items it has not acknowledged;
-/// unexpired at `$4`, after `seq` `$3`, at most `$5`. Each arm is ordered and limited on its
-/// own index range, then merged.
-const FETCH: &str = "SELECT seq, id, recipient_device, sender_number, sender_device, \
+/// unexpired at `$4`, after the item with id `$3` (from the start when `$3` is null or no
+/// longer there), at most `$5`. Each arm is ordered and limited on its own index range, then
+/// merged.
+///
+/// The cursor's `seq` is found by two keyed probes on the key index (see [`PG_LOOKUP`]), no
+/// ORDER BY (ordering by seq would invite a scan of the inbox in seq order), inside the same
+/// statement: a page is one round trip to the database, which a drain waits for page after
+/// page.
+const FETCH: &str = "WITH after_item (s) AS ( \
+       SELECT COALESCE(MIN(seq), 0) FROM ( \
+         SELECT seq FROM inbox_items \
+           WHERE recipient_number = $1 AND recipient_device = $2 AND id = $3 \
+         UNION ALL SELECT seq FROM inbox_items \
+           WHERE recipient_number = $1 AND recipient_device = 0 AND id = $3) AS c) \
+     SELECT seq, id, recipient_device, sender_number, sender_device, \
      created_at, expires_at, body FROM ( \
        SELECT * FROM (SELECT seq, id, recipient_device, sender_number, sender_device, \
               created_at, expires_at, body FROM inbox_items \
-         WHERE recipient_number = $1 AND recipient_device = $2 AND seq > $3 AND seq > 0 \
-           AND expires_at > $4 \
+         WHERE recipient_number = $1 AND recipient_device = $2 \
+           AND seq > (SELECT s FROM after_item) AND seq > 0 AND expires_at > $4 \
          ORDER BY seq LIMIT $5) AS d \
        UNION ALL \
        SELECT * FROM (SELECT i.seq, i.id, i.recipient_device, i.sender_number, \
               i.sender_device, i.created_at, i.expires_at, i.body FROM inbox_items AS i \
-         WHERE i.recipient_number = $1 AND i.recipient_device = 0 AND i.seq > $3 \
-           AND i.seq > 0 AND i.expires_at > $4 \
+         WHERE i.recipient_number = $1 AND i.recipient_device = 0 \
+           AND i.seq > (SELECT s FROM after_item) AND i.seq > 0 AND i.expires_at > $4 \
            AND NOT EXISTS (SELECT 1 FROM inbox_acks AS a \
                            WHERE a.item_seq = i.seq AND a.device_id = $2) \
          ORDER BY i.seq LIMIT $5) AS n \
@@ -1034,28 +1065,10 @@ impl Store {
         let device = stored_device(Some(device_id))?;
         let limit = i64::from(limit.max(1));
         let rows: Vec<ItemRow> = on_pool!(self, pool => {
-            let after_seq: Option<i64> = match after {
-                None => None,
-                // Two keyed probes on the key index (see PG_LOOKUP), no ORDER BY: ordering by
-                // seq would invite a scan of the inbox in seq order.
-                Some(id) => sqlx::query_scalar::<_, i64>(
-                    "SELECT seq FROM inbox_items \
-                     WHERE recipient_number = $1 AND recipient_device = $2 AND id = $3 \
-                     UNION ALL SELECT seq FROM inbox_items \
-                     WHERE recipient_number = $1 AND recipient_device = 0 AND id = $3",
-                )
-                .bind(number)
-                .bind(device)
-                .bind(&id[..])
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .min(),
-            };
             sqlx::query_as(FETCH)
                 .bind(number)
                 .bind(device)
-                .bind(after_seq.unwrap_or(0))
+                .bind(after.as_ref().map(|id| &id[..]))
                 .bind(now)
                 .bind(limit + 1)
                 .fetch_all(pool)
@@ -1152,41 +1165,36 @@ impl Store {
             }
             Backend::Postgres(pool) => {
                 let list: Vec<&[u8]> = ids.iter().map(|id| &id[..]).collect();
-                let mut tx = pool.begin_write().await?;
-                // An acknowledgement commits without waiting for its WAL flush: a crash can
-                // only lose the last few hundred milliseconds of ACKs, and a lost ACK is a
-                // redelivery, which clients drop by message id (protocol.md 13.2). The
-                // deposit, whose loss would lose a message, still waits for its flush. Only
-                // this transaction is affected (`SET LOCAL`).
-                sqlx::query("SET LOCAL synchronous_commit = off")
-                    .execute(&mut *tx)
+                // The device's own items go in one statement, its own transaction: a drain
+                // waits for this answer page after page, so it is one round trip, not four
+                // (BEGIN, SET, DELETE, COMMIT). Keys to seqs one by one (see PG_LOOKUP), then
+                // deleted by primary key; no recipient test outside the subquery, which a
+                // stale planner could use to scan the inbox.
+                let deleted: Vec<Vec<u8>> = sqlx::query_scalar(&pg_delete_own())
+                    .bind(number)
+                    .bind(device)
+                    .bind(&list)
+                    .fetch_all(pool)
                     .await?;
-                // Keys to seqs one by one (see PG_LOOKUP), then deleted by primary key; no
-                // recipient test outside the subquery, which a stale planner could use to scan
-                // the inbox.
-                let deleted: Vec<Vec<u8>> = sqlx::query_scalar(&format!(
-                    "DELETE FROM inbox_items WHERE seq = ANY(ARRAY({})) RETURNING id",
-                    pg_seqs_of("$2", "")
-                ))
-                .bind(number)
-                .bind(device)
-                .bind(&list)
-                .fetch_all(&mut *tx)
-                .await?;
                 done += deleted.len() as u64;
                 // Only the rest can be number-mode items. On an entity-mode broker the whole
                 // page was the device's own, so the number-mode probe is skipped. (An id held
                 // both ways, possible only across a mode change, comes back once more from the
-                // number-mode inbox, and its next acknowledgement takes it.)
+                // number-mode inbox, and its next acknowledgement takes it.) A crash between
+                // the two transactions leaves these unacknowledged: a redelivery.
                 let deleted: HashSet<&[u8]> = deleted.iter().map(Vec::as_slice).collect();
                 let rest: Vec<&[u8]> = list
                     .into_iter()
                     .filter(|id| !deleted.contains(id))
                     .collect();
                 if !rest.is_empty() {
+                    let mut tx = pool.begin_write().await?;
+                    sqlx::query("SET LOCAL synchronous_commit = off")
+                        .execute(&mut *tx)
+                        .await?;
                     done += ack_number_mode(&mut tx, number, device, &rest).await?;
+                    tx.commit().await?;
                 }
-                tx.commit().await?;
             }
         }
         Ok(u32::try_from(done).unwrap_or(u32::MAX))
@@ -1286,5 +1294,85 @@ mod tests {
         assert_eq!(acked, 1);
         assert_eq!(next_synchronous(pool).await, 2);
         store.close().await;
+    }
+
+    /// `synchronous_commit` of the connection the pool hands out next.
+    async fn next_synchronous_commit(pool: &sqlx::PgPool) -> String {
+        sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    /// The acknowledgement's single statement turns the flush wait off for its own
+    /// transaction, and nothing of it reaches the next user of the connection (a deposit
+    /// must always wait for its flush).
+    #[tokio::test]
+    async fn a_postgres_acknowledgement_relaxes_only_its_own_commit() {
+        let url = micromsg_testdb::fresh_database("mm_store_unit").await;
+        let options =
+            <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url).unwrap();
+        // One connection, so each next statement runs on the one the ACK used.
+        let store = Store::connect_postgres_with(options, 1, crate::DEFAULT_STORE_TIMEOUT)
+            .await
+            .unwrap();
+        let Backend::Postgres(pool) = &store.backend else {
+            panic!("a Postgres store");
+        };
+        assert_eq!(next_synchronous_commit(pool).await, "on");
+        // The condition is evaluated, and in effect inside the statement that holds it...
+        let inside: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT current_setting('synchronous_commit') WHERE {COMMIT_WITHOUT_FLUSH}"
+        ))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        assert_eq!(inside, ["off"]);
+        // ...and gone with that statement's transaction.
+        assert_eq!(next_synchronous_commit(pool).await, "on");
+        // The real statement, deleting an item, leaves its transaction committing without
+        // the flush (seen from inside an explicit one, which the ACK does not use).
+        let from = Number::new("5550002").unwrap();
+        let to = Number::new("5550001").unwrap();
+        let deposit = |id: u8| NewInboxItem {
+            id: [id; 16],
+            recipient_number: to.clone(),
+            recipient_device: Some(DeviceId::FIRST),
+            sender_number: from.clone(),
+            sender_device: DeviceId::FIRST,
+            created_at: 1,
+            expires_at: i64::MAX,
+            body: b"x".to_vec(),
+        };
+        store
+            .deposit_batch(&[deposit(7), deposit(8)], 10)
+            .await
+            .unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        let gone: Vec<Vec<u8>> = sqlx::query_scalar(&pg_delete_own())
+            .bind(to.as_str())
+            .bind(1_i64)
+            .bind(vec![&[8_u8; 16][..]])
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(gone, [vec![8_u8; 16]]);
+        let during: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(during, "off");
+        tx.commit().await.unwrap();
+        assert_eq!(next_synchronous_commit(pool).await, "on");
+        // Through the real acknowledgement.
+        let acked = store
+            .ack_inbox(&to, DeviceId::FIRST, &[[7; 16]], 1)
+            .await
+            .unwrap();
+        assert_eq!(acked, 1);
+        assert_eq!(next_synchronous_commit(pool).await, "on");
+        assert_eq!(store.inbox_depth().await.unwrap(), 0);
+        store.close().await;
+        micromsg_testdb::drop_database(&url).await.unwrap();
     }
 }
