@@ -18,6 +18,8 @@
 //!   parses under hard [`Limits`] (depth, no anchors or aliases, scalar length,
 //!   events, one document) into a small owned tree, and emits the canonical
 //!   YAML subset this crate writes.
+//! - `canonical` (private): reads a frame in exactly that subset in one pass, in front of the
+//!   YAML library; anything else, every error included, goes to the library.
 //! - `codec` (private): the strict mapping between that tree and the
 //!   protocol structs (unknown fields refused, precise field paths in errors).
 //! - [`value`]: validated value types ([`Number`], [`DeviceId`], [`Hex16`],
@@ -76,6 +78,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod canonical;
 mod codec;
 mod error;
 mod error_code;

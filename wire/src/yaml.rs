@@ -57,6 +57,16 @@ pub(crate) fn parse(body: &[u8], limits: &Limits) -> Result<Node, DecodeError> {
     let text = std::str::from_utf8(body).map_err(|e| DecodeError::NotUtf8 {
         valid_up_to: e.valid_up_to(),
     })?;
+    // Frames in the shape this crate writes are read directly; everything else, including
+    // every error, is the general parser's (see `canonical`).
+    match crate::canonical::parse(text, limits) {
+        Some(node) => Ok(node),
+        None => parse_general(text, limits),
+    }
+}
+
+/// Parse `text` with the general YAML parser under `limits`.
+pub(crate) fn parse_general(text: &str, limits: &Limits) -> Result<Node, DecodeError> {
     let hit = Cell::new(None);
     let seed = NodeSeed {
         limits,
@@ -418,7 +428,7 @@ fn emit_key(key: &str, out: &mut String) {
 /// ASCII letters, digits and `-`, starting with a letter, and not a word
 /// YAML 1.1 or 1.2 reads as a boolean, null or float: such a plain scalar
 /// always reads back as the same string.
-fn is_plain_word(s: &str) -> bool {
+pub(crate) fn is_plain_word(s: &str) -> bool {
     s.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         && !matches!(
@@ -483,6 +493,15 @@ fn emit_inline(node: &Node, out: &mut String) {
 /// YAML's printable set (plus every line-break character) are escaped.
 fn emit_quoted(s: &str, out: &mut String) {
     out.push('"');
+    // Most strings (ids, numbers, base64 bodies) are printable ASCII with nothing to escape:
+    // copied whole rather than character by character.
+    if s.bytes()
+        .all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
