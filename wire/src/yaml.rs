@@ -431,10 +431,11 @@ fn emit_key(key: &str, out: &mut String) {
 pub(crate) fn is_plain_word(s: &str) -> bool {
     s.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && !matches!(
-            s.to_ascii_lowercase().as_str(),
-            "y" | "n" | "yes" | "no" | "on" | "off" | "true" | "false" | "null" | "nan" | "inf"
-        )
+        && ![
+            "y", "n", "yes", "no", "on", "off", "true", "false", "null", "nan", "inf",
+        ]
+        .iter()
+        .any(|word| s.eq_ignore_ascii_case(word))
 }
 
 /// Upper-case protocol words (`LOGIN`, `OK`, `AUTH-FAILED`) are written
