@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 
 use crate::limits::Limits;
-use crate::yaml::{Node, is_plain_word};
+use crate::yaml::{MAX_TOTAL_SCALAR_BYTES, Node, is_plain_word};
 
 /// The longest key this reader takes.
 const MAX_KEY_LEN: usize = 64;
@@ -28,6 +28,11 @@ const MAX_KEY_LEN: usize = 64;
 /// Reads `text` if it is a canonical document within `limits`; `None` means "ask the general
 /// parser".
 pub(crate) fn parse(text: &str, limits: &Limits) -> Option<Node> {
+    // The general parser also bounds the scalar bytes of a whole document; a frame that long
+    // (possible only with `max_frame_len` raised that far) is left to it.
+    if text.len() > MAX_TOTAL_SCALAR_BYTES {
+        return None;
+    }
     let mut reader = Reader {
         s: text.as_bytes(),
         pos: 0,
@@ -239,7 +244,10 @@ impl<'a> Reader<'a> {
                     "true" => Some(Node::Bool(true)),
                     "false" => Some(Node::Bool(false)),
                     "null" => Some(Node::Null),
-                    w if is_plain_word(w) && !w.bytes().any(|b| b.is_ascii_lowercase()) => {
+                    w if w.len() <= self.limits.max_scalar_len
+                        && is_plain_word(w)
+                        && !w.bytes().any(|b| b.is_ascii_lowercase()) =>
+                    {
                         Some(Node::Str(w.to_owned()))
                     }
                     _ => None,
@@ -385,9 +393,26 @@ mod tests {
             max_scalar_len: 2,
             ..Limits::default()
         };
-        assert_eq!(parse("A: \"abc\"\n", &short), None);
-        assert_eq!(parse("ABC: 1\n", &short), None);
+        for text in [
+            "A: \"abc\"\n",
+            "ABC: 1\n",
+            "A: ABC\n",
+            "A:\n  - ABC\n",
+            "A:\n  - \"abc\"\n",
+        ] {
+            assert_eq!(parse(text, &short), None, "{text:?}");
+            assert!(parse_general(text, &short).is_err(), "{text:?}");
+        }
         assert!(parse("AB: \"ab\"\n", &short).is_some());
+        assert!(parse("AB: AB\n", &short).is_some());
+        // A document past the general parser's total of scalar bytes (only possible with a
+        // frame limit raised that far) is left to it, whatever its shape.
+        let huge = format!("A: \"{}\"\n", "x".repeat(MAX_TOTAL_SCALAR_BYTES));
+        let no_scalar_limit = Limits {
+            max_scalar_len: usize::MAX,
+            ..Limits::default()
+        };
+        assert_eq!(parse(&huge, &no_scalar_limit), None);
     }
 
     /// A tree of the protocol's shape: string keys, the scalars the protocol uses, nesting.
@@ -465,6 +490,7 @@ mod tests {
                 prop::sample::select(TRICKY)), 1..4),
             max_depth in 1usize..6,
             max_events in 4usize..60,
+            max_scalar_len in 0usize..8,
         ) {
             let mut bytes = emit(&node);
             for (at, op, byte) in edits {
@@ -477,7 +503,8 @@ mod tests {
                 }
             }
             let Ok(text) = String::from_utf8(bytes) else { return Ok(()); };
-            for limits in [Limits::default(), Limits { max_depth, max_events, ..Limits::default() }] {
+            let tight = Limits { max_depth, max_events, max_scalar_len, ..Limits::default() };
+            for limits in [Limits::default(), tight] {
                 if let Some(fast) = parse(&text, &limits) {
                     prop_assert_eq!(Some(fast), general(&text, &limits), "{:?}", text);
                 }

@@ -52,6 +52,10 @@ pub(crate) enum Node {
     Map(Vec<(String, Node)>),
 }
 
+/// The most scalar bytes one document may hold in all (the general parser's budget; a frame
+/// is far smaller unless `max_frame_len` is raised past it).
+pub(crate) const MAX_TOTAL_SCALAR_BYTES: usize = 64 * 1024 * 1024;
+
 /// Parse one frame body into a [`Node`] under `limits`.
 pub(crate) fn parse(body: &[u8], limits: &Limits) -> Result<Node, DecodeError> {
     let text = std::str::from_utf8(body).map_err(|e| DecodeError::NotUtf8 {
@@ -101,6 +105,9 @@ fn options(limits: &Limits) -> serde_saphyr::Options {
     budget.max_nodes = limits.max_events;
     budget.max_merge_keys = 0;
     budget.max_reader_input_bytes = None;
+    // Set here rather than left to the library's default, because the canonical reader gives
+    // up at the same figure.
+    budget.max_total_scalar_bytes = MAX_TOTAL_SCALAR_BYTES;
 
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
