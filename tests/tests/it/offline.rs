@@ -492,11 +492,19 @@ async fn restored_device_reads_new_messages_and_continues_the_contact() {
         message_from(&mut b2_rx, &a.number).await,
         ("after the restore".into(), true)
     );
+    // The reply goes live when the new device asks `a` for a session, or is sealed with a
+    // session the device already holds and deposited (which of the two depends on whether
+    // the session keys reached it before this send); either way `a` reads it, with the
+    // same identity key and no warning.
     let reply = send(&b2_agent, &a.number, "hello from the new device").await;
     assert!(reply.ok, "{reply:?}");
-    assert_eq!(reply.data.unwrap()["delivered"], "live");
-    // Live, as the sender was told; the copy deposited for other devices may get here
-    // first, so the receiver's `offline` flag is not asserted.
+    let delivered = reply.data.unwrap()["delivered"].clone();
+    assert!(
+        delivered == "live" || delivered == "deposited",
+        "{delivered:?}"
+    );
+    // The receiver's `offline` flag is not asserted: a live message's copy deposited for
+    // other devices may get here first.
     assert_eq!(
         message_from(&mut a_rx, &b1.number).await.0,
         "hello from the new device"
