@@ -68,6 +68,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     let mut full_micromsg_rate = 0.0;
     for (kind, tls) in runs {
         eprintln!("logins: ceiling, bare TLS 1.3 handshakes ({kind})");
+        let c_cpu = CpuSpent::start(&ceiling);
         let (c_count, c_err, c_time, mut c_lat) = measure(&args, limit, "ceiling", {
             let tls = Arc::clone(&tls);
             let addr = ceiling.addr;
@@ -77,7 +78,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
             }
         })
         .await;
+        let c_cpu = c_cpu.per_op(&ceiling, c_count);
         eprintln!("logins: micromsg, TLS 1.3 + LOGIN ({kind})");
+        let m_cpu = CpuSpent::start(&broker);
         let (m_count, m_err, m_time, mut m_lat) = measure(&args, limit, "micromsg", {
             let tls = Arc::clone(&tls);
             let users = Arc::clone(&users);
@@ -93,6 +96,17 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
             }
         })
         .await;
+        let m_cpu = m_cpu.per_op(&broker, m_count);
+        if let (Some((c_server, c_gen)), Some((m_server, m_gen))) = (c_cpu, m_cpu) {
+            // The rates' ratio moves with whatever else runs; the CPU each operation costs
+            // does much less, and its ratio is the rate ratio on an otherwise idle machine.
+            report.note(format!(
+                "logins ({kind}): CPU per bare handshake: server {c_server:.0} µs, load generator \
+                 {c_gen:.0} µs; per login: broker {m_server:.0} µs, load generator {m_gen:.0} µs; \
+                 by CPU the logins run at {:.0}% of the handshakes (from /proc)",
+                100.0 * (c_server + c_gen) / (m_server + m_gen)
+            ));
+        }
         let ceiling_row = Row::new(
             SCENARIO,
             &format!("ceiling: bare TLS 1.3 handshake ({kind})"),
@@ -139,6 +153,33 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         args.count, args.concurrency, args.users
     ));
     Ok(report)
+}
+
+/// The CPU time of this process and of a server child process from a point on.
+struct CpuSpent {
+    generator: Option<Duration>,
+    server: Option<Duration>,
+}
+
+impl CpuSpent {
+    fn start(server: &ChildServer) -> Self {
+        Self {
+            generator: crate::child::cpu_of("self"),
+            server: server.cpu(),
+        }
+    }
+
+    /// (server, load generator) microseconds per operation since [`CpuSpent::start`].
+    fn per_op(self, server: &ChildServer, ops: u64) -> Option<(f64, f64)> {
+        let us = |before: Option<Duration>, after: Option<Duration>| {
+            let spent = after?.checked_sub(before?)?;
+            Some(spent.as_secs_f64() * 1e6 / ops.max(1) as f64)
+        };
+        Some((
+            us(self.server, server.cpu())?,
+            us(self.generator, crate::child::cpu_of("self"))?,
+        ))
+    }
 }
 
 /// Runs `op(i)` for `args.count` items with `args.concurrency` workers; returns (ok, errors,

@@ -98,6 +98,14 @@ fn logins() {
     }
     let micromsg = row(&rows, "TLS 1.3 + mutual LOGIN");
     assert!(micromsg["ratio"].is_f64() && micromsg["target"].is_object());
+    // The CPU each side spent per operation, read from /proc.
+    let notes = report["notes"].as_array().expect("notes");
+    assert!(
+        notes.iter().any(|n| n.as_str().is_some_and(
+            |n| n.contains("CPU per bare handshake") && n.contains("per login: broker")
+        )),
+        "{notes:?}"
+    );
 }
 
 #[test]

@@ -131,6 +131,46 @@ impl Store {
         row.map(device_record).transpose()
     }
 
+    /// A LOGIN's reads on one pooled connection: the device `(number, device_id)` (as
+    /// [`Store::device`]), handed to `admit`, the caller's check of the login (pure CPU: the
+    /// nonce); only if that admits it, how many unexpired items [`Store::fetch_inbox`] would
+    /// return for the device at `now` (LOGIN's pending count). Returns the record and, when
+    /// admitted, the count.
+    ///
+    /// One connection instead of one per read: sqlx tests every connection it takes back
+    /// (a ping: a hop to SQLite's worker thread, a round trip to Postgres). A refused login
+    /// reads the device row and nothing else, whether the device exists or not, so its
+    /// timing still tells nothing about which numbers exist (the count grows with the inbox).
+    pub async fn device_for_login(
+        &self,
+        number: &Number,
+        device_id: DeviceId,
+        now: i64,
+        admit: impl FnOnce(Option<&DeviceRecord>) -> bool,
+    ) -> Result<(Option<DeviceRecord>, Option<i64>), StoreError> {
+        let number = number.as_str();
+        let device = i64::from(device_id.get());
+        on_pool!(self, pool => {
+            let mut conn = pool.acquire().await?;
+            let row: Option<DeviceRow> = sqlx::query_as(SELECT_DEVICE)
+                .bind(number)
+                .bind(device)
+                .fetch_optional(&mut *conn)
+                .await?;
+            let record = row.map(device_record).transpose()?;
+            if !admit(record.as_ref()) {
+                return Ok((record, None));
+            }
+            let pending: i64 = sqlx::query_scalar(crate::inbox::COUNT_PENDING)
+                .bind(number)
+                .bind(device)
+                .bind(now)
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok((record, Some(pending)))
+        })
+    }
+
     /// Records activity of an active device. Returns `false` if it is unknown or revoked.
     pub async fn touch_device(
         &self,

@@ -869,7 +869,7 @@ const FETCH: &str = "WITH after_item (s) AS ( \
      ) AS u ORDER BY seq LIMIT $5";
 
 /// The number of items [`FETCH`] would return with no cursor and no limit.
-const COUNT_PENDING: &str = "SELECT \
+pub(crate) const COUNT_PENDING: &str = "SELECT \
        (SELECT COUNT(*) FROM inbox_items \
          WHERE recipient_number = $1 AND recipient_device = $2 AND expires_at > $3) \
      + (SELECT COUNT(*) FROM inbox_items AS i \
@@ -1200,16 +1200,8 @@ impl Store {
         Ok(u32::try_from(done).unwrap_or(u32::MAX))
     }
 
-    /// Total stored inbox items (all recipients, expired-but-unswept included).
-    pub async fn inbox_depth(&self) -> Result<i64, StoreError> {
-        let n: i64 = on_pool!(self, pool => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM inbox_items").fetch_one(pool).await?
-        });
-        Ok(n)
-    }
-
     /// How many unexpired items [`Store::fetch_inbox`] would return for `(number, device_id)`
-    /// (for LOGIN's pending count and INBOX events).
+    /// (a LOGIN reads it through [`Store::device_for_login`]).
     pub async fn inbox_count(
         &self,
         number: &Number,
@@ -1225,6 +1217,14 @@ impl Store {
                 .bind(now)
                 .fetch_one(pool)
                 .await?
+        });
+        Ok(n)
+    }
+
+    /// Total stored inbox items (all recipients, expired-but-unswept included).
+    pub async fn inbox_depth(&self) -> Result<i64, StoreError> {
+        let n: i64 = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM inbox_items").fetch_one(pool).await?
         });
         Ok(n)
     }

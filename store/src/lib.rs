@@ -90,6 +90,14 @@ pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a SQLite statement waits for the writer lock before failing with `SQLITE_BUSY`.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A pooled Postgres connection that sat idle at least this long is pinged before it is handed
+/// out, so one the server dropped meanwhile (a restart, an idle timeout) is replaced instead of
+/// failing a request. One used more recently is handed out as it is: sqlx's default pings on
+/// every acquire, a round trip to the server before each statement or transaction, which on a
+/// busy broker only ever finds connections that answered a moment ago. (A connection that dies
+/// while busy fails its request either way; sqlx pings it on release and closes it then.)
+pub const POSTGRES_IDLE_TEST_AFTER: Duration = Duration::from_secs(1);
+
 /// Runs `$body` with `$pool` bound to the concrete pool of the store's backend. The body is
 /// compiled once per backend, so it may use any sqlx API that both backends support.
 macro_rules! on_pool {
@@ -196,6 +204,10 @@ impl Store {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
+            // A connection to a file in this process cannot go stale, so sqlx's test before
+            // each acquire (a ping: a hop to the connection's worker thread and back) is never
+            // needed.
+            .test_before_acquire(false)
             // A write transaction whose COMMIT failed (disk full, I/O error) can leave its
             // connection out of step: SQLite may already have rolled the transaction back, so
             // the ROLLBACK queued when it is dropped fails and sqlx still counts a transaction
@@ -247,6 +259,15 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(timeout)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= POSTGRES_IDLE_TEST_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         sqlx::migrate!("../migrations/postgres").run(&pool).await?;
@@ -348,4 +369,49 @@ fn sqlite_pair_values(first: usize, n: usize) -> String {
         .map(|ord| format!("({ord}, ?, ?)"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The backend process id of the pool's next connection.
+    async fn backend_pid(pool: &PgPool) -> i32 {
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_postgres_connection_the_server_dropped_is_replaced_once_it_sat_idle() {
+        let url = micromsg_testdb::fresh_database("mm_store_unit").await;
+        let options = PgConnectOptions::from_str(&url).unwrap();
+        // One connection, so every statement runs on the one the server will drop.
+        let store = Store::connect_postgres_with(options, 1, DEFAULT_STORE_TIMEOUT)
+            .await
+            .unwrap();
+        let Backend::Postgres(pool) = &store.backend else {
+            panic!("a Postgres store");
+        };
+        let first = backend_pid(pool).await;
+        // Another session ends it, as a server restart or an idle timeout would.
+        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+        let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(first)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        assert!(ended, "the pool's connection was not terminated");
+        tokio::time::sleep(POSTGRES_IDLE_TEST_AFTER + Duration::from_millis(200)).await;
+        // It sat idle past the threshold, so it is tested before use, found dead and replaced:
+        // the request does not fail. (Handed out untested, this statement would fail.)
+        store.ping().await.unwrap();
+        let second = backend_pid(pool).await;
+        assert_ne!(first, second, "still the terminated backend");
+        admin.close().await.unwrap();
+        store.close().await;
+        micromsg_testdb::drop_database(&url).await.unwrap();
+    }
 }

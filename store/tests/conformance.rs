@@ -156,6 +156,7 @@ macro_rules! conformance {
 
 conformance!(
     case_create_entity,
+    case_device_for_login,
     case_duplicate_number,
     case_registration_secret_single_use,
     case_registration_secret_expired,
@@ -330,6 +331,67 @@ async fn fetch_all(store: &Store, number: &Number, device: u32, now: i64) -> Vec
 
 // ---------------------------------------------------------------------------------------------
 // Entities and devices
+
+/// A LOGIN's reads: the device goes to the check; the pending count (unexpired items for the
+/// device, and number-mode items it has not acknowledged) is read only when the check admits.
+async fn case_device_for_login(store: Store) {
+    let (a, b) = (num("5550001"), num("5550002"));
+    entity(&store, &a).await;
+    entity(&store, &b).await;
+    deposit_one(&store, &item(1, &a, Some(1), &b), 100)
+        .await
+        .unwrap();
+    deposit_one(&store, &item(2, &a, None, &b), 100)
+        .await
+        .unwrap();
+    let mut expired = item(3, &a, Some(1), &b);
+    expired.expires_at = NOW + 10;
+    deposit_one(&store, &expired, 100).await.unwrap();
+    // For another device of the same number, not counted.
+    deposit_one(&store, &item(4, &a, Some(2), &b), 100)
+        .await
+        .unwrap();
+
+    let mut seen = None;
+    let (record, pending) = store
+        .device_for_login(&a, dev(1), NOW + 20, |r| {
+            seen = r.map(|r| r.device_id);
+            true
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, Some(dev(1)), "the check sees the device");
+    assert_eq!(
+        record.unwrap().client_secret,
+        device(1, Some("first")).client_secret
+    );
+    assert_eq!(
+        pending,
+        Some(2),
+        "one for the device and one number-mode item"
+    );
+
+    // Refused: the device is returned, the count not read.
+    let (record, pending) = store
+        .device_for_login(&a, dev(1), NOW + 20, |_| false)
+        .await
+        .unwrap();
+    assert!(record.is_some());
+    assert_eq!(pending, None);
+
+    // An unknown device: the check sees none.
+    let mut called = false;
+    let (record, pending) = store
+        .device_for_login(&a, dev(9), NOW, |r| {
+            called = true;
+            r.is_some()
+        })
+        .await
+        .unwrap();
+    assert!(called, "the check runs for an unknown device too");
+    assert!(record.is_none());
+    assert_eq!(pending, None);
+}
 
 async fn case_create_entity(store: Store) {
     assert!(!store.entity_exists(&num("5550001")).await.unwrap());

@@ -236,7 +236,6 @@ pub async fn login(
             ),
         ));
     }
-    let record = cx.store.device(&args.entity, args.device).await?;
     let auth = &cx.config.auth;
     let policy = NoncePolicy {
         step_secs: u64::from(auth.nonce_step_secs),
@@ -247,61 +246,63 @@ pub async fn login(
         device: device_id,
         binding: &session.binding,
     };
-    // Unknown and revoked devices run the same verification against a throwaway secret,
-    // so the answer and its timing do not tell which numbers and devices exist.
-    let (client_secret, server_secret, usable) = match &record {
-        Some(r) if !r.is_revoked() => (
-            Secret32::from_bytes(r.client_secret),
-            Secret32::from_bytes(r.server_secret),
-            true,
-        ),
-        _ => (
-            Secret32::generate(&mut OsRng),
-            Secret32::generate(&mut OsRng),
-            false,
-        ),
-    };
-    let verified = nonce::verify(
-        &client_secret,
-        Direction::ClientToBroker,
-        &ctx,
-        &policy,
-        now.unix,
-        args.secret.as_bytes(),
-    );
-    let step = match verified {
-        Ok(step) if usable && cx.replay.first_use(*args.secret.as_bytes(), now.instant) => step,
-        _ => {
-            let _ = cx.login_sources.hit(&source, now.instant);
-            if cx.login_failures.fail(&number, source, now.instant) {
-                warn!(
-                    conn = session.conn_id,
-                    "entity locked after repeated login failures"
-                );
-            }
-            debug!(conn = session.conn_id, "login refused");
-            return Err(Refusal::new(
-                ErrorCode::AuthFailed,
-                "login failed: unknown entity or device, or the nonce did not verify",
-            ));
+    // The nonce is checked between the store's two reads, on the connection that read the
+    // device: the inbox count is read only for a login that verified.
+    let mut step = None;
+    let (record, inbox) = cx
+        .store
+        .device_for_login(&args.entity, args.device, now.unix_i64(), |record| {
+            // Unknown and revoked devices run the same verification against a throwaway
+            // secret, so the answer and its timing do not tell which numbers and devices
+            // exist.
+            let (client_secret, usable) = match record {
+                Some(r) if !r.is_revoked() => (Secret32::from_bytes(r.client_secret), true),
+                _ => (Secret32::generate(&mut OsRng), false),
+            };
+            let verified = nonce::verify(
+                &client_secret,
+                Direction::ClientToBroker,
+                &ctx,
+                &policy,
+                now.unix,
+                args.secret.as_bytes(),
+            );
+            step = match verified {
+                Ok(t) if usable && cx.replay.first_use(*args.secret.as_bytes(), now.instant) => {
+                    Some(t)
+                }
+                _ => None,
+            };
+            step.is_some()
+        })
+        .await?;
+    // Admitted only with a usable record, so both are there together.
+    let (Some(step), Some(record), Some(inbox)) = (step, record, inbox) else {
+        let _ = cx.login_sources.hit(&source, now.instant);
+        if cx.login_failures.fail(&number, source, now.instant) {
+            warn!(
+                conn = session.conn_id,
+                "entity locked after repeated login failures"
+            );
         }
+        debug!(conn = session.conn_id, "login refused");
+        return Err(Refusal::new(
+            ErrorCode::AuthFailed,
+            "login failed: unknown entity or device, or the nonce did not verify",
+        ));
     };
+    let server_secret = Secret32::from_bytes(record.server_secret);
     let proof = nonce::compute(&server_secret, Direction::BrokerToClient, &ctx, step)
         .map_err(|_| Refusal::internal())?;
     cx.login_failures.succeed(&number, source);
     // `last_seen` is for people (DEVICE-LIST), so minute precision will do: a device that
     // logs in again and again (one-shot commands, reconnects) costs no write each time.
-    let last_seen = record.as_ref().and_then(|r| r.last_seen).unwrap_or(0);
+    let last_seen = record.last_seen.unwrap_or(0);
     if now.unix_i64().saturating_sub(last_seen) >= LAST_SEEN_GRANULARITY_SECS {
         cx.store
             .touch_device(&args.entity, args.device, now.unix_i64())
             .await?;
     }
-    let inbox = cx
-        .store
-        .inbox_count(&args.entity, args.device, now.unix_i64())
-        .await
-        .unwrap_or(0);
     cx.online.insert(
         &number,
         device_id,
