@@ -135,7 +135,7 @@ impl Store {
     /// [`Store::device`]), handed to `admit`, the caller's check of the login (pure CPU: the
     /// nonce); only if that admits it, how many unexpired items [`Store::fetch_inbox`] would
     /// return for the device at `now` (LOGIN's pending count). Returns the record and, when
-    /// admitted, the count.
+    /// admitted, the count, whose own failure comes back apart: the login stands without it.
     ///
     /// One connection instead of one per read: sqlx tests every connection it takes back
     /// (a ping: a hop to SQLite's worker thread, a round trip to Postgres). A refused login
@@ -147,7 +147,7 @@ impl Store {
         device_id: DeviceId,
         now: i64,
         admit: impl FnOnce(Option<&DeviceRecord>) -> bool,
-    ) -> Result<(Option<DeviceRecord>, Option<i64>), StoreError> {
+    ) -> Result<(Option<DeviceRecord>, Option<Result<i64, StoreError>>), StoreError> {
         let number = number.as_str();
         let device = i64::from(device_id.get());
         on_pool!(self, pool => {
@@ -161,12 +161,13 @@ impl Store {
             if !admit(record.as_ref()) {
                 return Ok((record, None));
             }
-            let pending: i64 = sqlx::query_scalar(crate::inbox::COUNT_PENDING)
+            let pending = sqlx::query_scalar::<_, i64>(crate::inbox::COUNT_PENDING)
                 .bind(number)
                 .bind(device)
                 .bind(now)
                 .fetch_one(&mut *conn)
-                .await?;
+                .await
+                .map_err(StoreError::from);
             Ok((record, Some(pending)))
         })
     }

@@ -291,6 +291,12 @@ pub async fn login(
             "login failed: unknown entity or device, or the nonce did not verify",
         ));
     };
+    // The count is for the user's information: a login stands without it, as before the
+    // reads shared a connection.
+    let inbox = inbox.unwrap_or_else(|e| {
+        warn!(conn = session.conn_id, error = %e, "pending count unavailable; LOGIN says 0");
+        0
+    });
     let server_secret = Secret32::from_bytes(record.server_secret);
     let proof = nonce::compute(&server_secret, Direction::BrokerToClient, &ctx, step)
         .map_err(|_| Refusal::internal())?;
