@@ -123,13 +123,17 @@ pub(super) const DELETE_FULLY_ACKED_ALL: &str = concat!(
 const COMMIT_WITHOUT_FLUSH: &str = "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'";
 
 /// Deletes the items with ids `$3` of `$1`'s stored device `$2`, committing without waiting
-/// for the flush when sent on its own ([`COMMIT_WITHOUT_FLUSH`]); returns their ids.
-fn pg_delete_own() -> String {
-    format!(
-        "DELETE FROM inbox_items WHERE seq = ANY(ARRAY({})) \
-         AND {COMMIT_WITHOUT_FLUSH} RETURNING id",
-        pg_seqs_of("$2", "")
-    )
+/// for the flush when sent on its own ([`COMMIT_WITHOUT_FLUSH`]); returns their ids. Built
+/// once: every drain page's acknowledgement sends it.
+fn pg_delete_own() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "DELETE FROM inbox_items WHERE seq = ANY(ARRAY({})) \
+             AND {COMMIT_WITHOUT_FLUSH} RETURNING id",
+            pg_seqs_of("$2", "")
+        )
+    });
+    &SQL
 }
 
 /// Postgres: acknowledges number-mode items `ids` of `number` for `device`, then deletes (by
@@ -1170,7 +1174,7 @@ impl Store {
                 // (BEGIN, SET, DELETE, COMMIT). Keys to seqs one by one (see PG_LOOKUP), then
                 // deleted by primary key; no recipient test outside the subquery, which a
                 // stale planner could use to scan the inbox.
-                let deleted: Vec<Vec<u8>> = sqlx::query_scalar(&pg_delete_own())
+                let deleted: Vec<Vec<u8>> = sqlx::query_scalar(pg_delete_own())
                     .bind(number)
                     .bind(device)
                     .bind(&list)
@@ -1349,7 +1353,7 @@ mod tests {
             .await
             .unwrap();
         let mut tx = pool.begin().await.unwrap();
-        let gone: Vec<Vec<u8>> = sqlx::query_scalar(&pg_delete_own())
+        let gone: Vec<Vec<u8>> = sqlx::query_scalar(pg_delete_own())
             .bind(to.as_str())
             .bind(1_i64)
             .bind(vec![&[8_u8; 16][..]])
