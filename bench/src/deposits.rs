@@ -85,6 +85,12 @@ impl CpuSplit {
         }
     }
 
+    /// (broker or other server child, load generator) microseconds per operation.
+    pub(crate) fn server_and_generator_per_op(&self, ops: u64) -> (f64, f64) {
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / ops.max(1) as f64;
+        (us(self.broker), us(self.generator))
+    }
+
     /// One line: CPU microseconds per operation, by party.
     pub(crate) fn per_op(&self, what: &str, ops: u64) -> String {
         let us = |d: Duration| d.as_secs_f64() * 1e6 / ops.max(1) as f64;

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::child::ChildServer;
 use crate::common::{self, Progress, Tickets, User};
+use crate::deposits::CpuSplit;
 use crate::report::{Report, Row, Samples};
 
 /// Options of `logins`.
@@ -68,7 +69,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     let mut full_micromsg_rate = 0.0;
     for (kind, tls) in runs {
         eprintln!("logins: ceiling, bare TLS 1.3 handshakes ({kind})");
-        let c_cpu = CpuSpent::start(&ceiling);
+        let c_cpu = CpuSplit::read(&ceiling, None).await;
         let (c_count, c_err, c_time, mut c_lat) = measure(&args, limit, "ceiling", {
             let tls = Arc::clone(&tls);
             let addr = ceiling.addr;
@@ -78,9 +79,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
             }
         })
         .await;
-        let c_cpu = c_cpu.per_op(&ceiling, c_count);
+        let c_cpu = cpu_per_op(c_cpu, &ceiling, c_count).await;
         eprintln!("logins: micromsg, TLS 1.3 + LOGIN ({kind})");
-        let m_cpu = CpuSpent::start(&broker);
+        let m_cpu = CpuSplit::read(&broker, None).await;
         let (m_count, m_err, m_time, mut m_lat) = measure(&args, limit, "micromsg", {
             let tls = Arc::clone(&tls);
             let users = Arc::clone(&users);
@@ -96,7 +97,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
             }
         })
         .await;
-        let m_cpu = m_cpu.per_op(&broker, m_count);
+        let m_cpu = cpu_per_op(m_cpu, &broker, m_count).await;
         if let (Some((c_server, c_gen)), Some((m_server, m_gen))) = (c_cpu, m_cpu) {
             // The rates' ratio moves with whatever else runs; the CPU each operation costs
             // does much less, and its ratio is the rate ratio on an otherwise idle machine.
@@ -155,31 +156,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// The CPU time of this process and of a server child process from a point on.
-struct CpuSpent {
-    generator: Option<Duration>,
-    server: Option<Duration>,
-}
-
-impl CpuSpent {
-    fn start(server: &ChildServer) -> Self {
-        Self {
-            generator: crate::child::cpu_of("self"),
-            server: server.cpu(),
-        }
-    }
-
-    /// (server, load generator) microseconds per operation since [`CpuSpent::start`].
-    fn per_op(self, server: &ChildServer, ops: u64) -> Option<(f64, f64)> {
-        let us = |before: Option<Duration>, after: Option<Duration>| {
-            let spent = after?.checked_sub(before?)?;
-            Some(spent.as_secs_f64() * 1e6 / ops.max(1) as f64)
-        };
-        Some((
-            us(self.server, server.cpu())?,
-            us(self.generator, crate::child::cpu_of("self"))?,
-        ))
-    }
+/// (server child, load generator) CPU microseconds per operation since `before`.
+async fn cpu_per_op(
+    before: Option<CpuSplit>,
+    server: &ChildServer,
+    ops: u64,
+) -> Option<(f64, f64)> {
+    let after = CpuSplit::read(server, None).await?;
+    Some(after.since(&before?).server_and_generator_per_op(ops))
 }
 
 /// Runs `op(i)` for `args.count` items with `args.concurrency` workers; returns (ok, errors,
