@@ -104,6 +104,8 @@ pub async fn register(
     profile.ensure_unregistered()?;
     let identity_seed = IdentityKey::generate(&mut OsRng).seed();
     let (link, profile_info, secrets) = register_entity(broker, ca, token, identity_seed).await?;
+    // A new entity's keys are its own (a marker left by a failed join does not count).
+    profile.set_awaiting_keys(false)?;
     save(profile, ca, &secrets, &profile_info)?;
     login_on(link, profile_info, &secrets).await
 }
@@ -152,6 +154,9 @@ pub async fn join(
         nonce_step: data.nonce_step,
         broker_identity: Some(info.identity_key.to_hex()),
     };
+    // Before the profile is complete: a joined device waits for the entity's keys from the
+    // start, so nothing run on it drops the link transfer before it is received.
+    profile.set_awaiting_keys(true)?;
     save(profile, ca, &secrets, &profile_info)?;
     login_on(link, profile_info, &secrets).await
 }

@@ -171,6 +171,8 @@ pub fn install(profile: &Profile, bundle: &KeyBundle) -> Result<Installed, SyncE
         store.save_shared(s)?;
         sessions += 1;
     }
+    // The entity's keys are here: a link transfer that does not open is another device's.
+    profile.set_awaiting_keys(false)?;
     Ok(Installed {
         contacts: store.contacts()?.len(),
         sessions,
@@ -382,11 +384,11 @@ pub async fn receive_link_transfer(
             }
         }
         if Instant::now() >= deadline {
-            return Err(SyncError::Timeout(
+            return Err(SyncError::Timeout(format!(
                 "the old device's key transfer did not arrive in time (is `device add` still \
-                 running there?); you can also use `keys restore`"
-                    .into(),
-            ));
+                 running there?); wait again with `{}`, or use `keys restore`",
+                profile.command("device receive-keys --transfer-key KEY")
+            )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

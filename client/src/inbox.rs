@@ -136,6 +136,9 @@ pub struct Delivery {
     device: u32,
     identity_seed: Secret32,
     link_key: Option<Secret32>,
+    /// Leave this entity's link transfers that do not open in the inbox, unacknowledged
+    /// ([`Delivery::keeping_link_transfers`]).
+    keep_link_transfers: bool,
     state: InboxState,
     /// What `inbox-copies.json` holds ([`Store::copies_in_flight`]).
     copies_in_flight: BTreeSet<String>,
@@ -157,6 +160,7 @@ impl Delivery {
             device,
             identity_seed,
             link_key: None,
+            keep_link_transfers: false,
             state,
             copies_in_flight,
         })
@@ -165,6 +169,15 @@ impl Delivery {
     /// Also open a link transfer (`MML1`) sealed with this transfer key.
     pub fn with_link_key(mut self, transfer_key: Secret32) -> Self {
         self.link_key = Some(transfer_key);
+        self
+    }
+
+    /// Leaves this entity's link transfers (`MML1`) that do not open in the inbox,
+    /// unacknowledged, instead of dropping them: for a device that joined and is waiting for
+    /// the entity's keys ([`crate::profile::Profile::awaiting_keys`]), whose own transfer
+    /// `device receive-keys` opens with the transfer key.
+    pub fn keeping_link_transfers(mut self, keep: bool) -> Self {
+        self.keep_link_transfers = keep;
         self
     }
 
@@ -316,6 +329,14 @@ impl Delivery {
         let mut acks = Vec::with_capacity(items.len());
         let mut keys_arrived = false;
         for item in items {
+            if self.keep_link_transfers
+                && item.from.as_str() == self.number
+                && item.body.as_bytes().starts_with(LINK_MAGIC)
+                && !self.opens_as_link_transfer(item.body.as_bytes())
+            {
+                // Possibly this device's own keys: left for `device receive-keys` (13.4).
+                continue;
+            }
             acks.push(item.id);
             let id = item.id.to_hex();
             if self.state.seen.contains_key(&id) {
@@ -344,6 +365,14 @@ impl Delivery {
             self.retry_pending(&mut batch, live)?;
         }
         Ok((batch, acks))
+    }
+
+    /// Whether `body` opens as a link transfer for this device with the transfer key given
+    /// ([`Delivery::with_link_key`]).
+    fn opens_as_link_transfer(&self, body: &[u8]) -> bool {
+        self.link_key
+            .as_ref()
+            .is_some_and(|k| keys::open_link(k, self.device, body).is_ok())
     }
 
     /// Takes one item; true when it brought session keys (pending items may now open).
@@ -1166,6 +1195,51 @@ mod tests {
         let expected = vec![(id, b"notice".to_vec())];
         assert_eq!(moved_ids(&arrived), expected);
         assert_eq!(moved_ids(&fx.delivery().unfinished_frames()), expected);
+    }
+
+    /// A device waiting for the entity's keys (it joined, `Profile::awaiting_keys`) leaves
+    /// this entity's link transfers it cannot open in the inbox, unacknowledged: one may be its
+    /// own, for `device receive-keys`. Any other device acknowledges them as before (13.4), and
+    /// one that opens with the transfer key given is taken.
+    #[test]
+    fn a_device_waiting_for_keys_leaves_link_transfers_it_cannot_open() {
+        let fx = fixture();
+        let bundle = KeyBundle {
+            version: 1,
+            number: ME.into(),
+            identity_seed: hex::encode(&[7u8; 32]),
+            contacts: Default::default(),
+            sessions: Vec::new(),
+            created: NOW,
+        };
+        let key = Secret32::from_bytes([9; 32]);
+        let transfer = InboxMessage {
+            id: Hex16::from_bytes([40; 16]),
+            from: Number::new(ME).unwrap(),
+            from_device: DeviceId::new(2).unwrap(),
+            time: NOW,
+            expires: NOW + 3600,
+            body: Blob::new(keys::seal_link(&key, 1, &bundle).unwrap()),
+        };
+        let open = |delivery: Delivery| {
+            let mut delivery = delivery;
+            delivery
+                .open(vec![transfer.clone()], &mut LiveTable::new())
+                .unwrap()
+        };
+        let (batch, acks) = open(fx.delivery());
+        assert_eq!(acks, vec![transfer.id], "not waiting: acknowledged");
+        assert!(batch.arrived.is_empty());
+        let (batch, acks) = open(fx.delivery().keeping_link_transfers(true));
+        assert!(acks.is_empty(), "waiting: acknowledged {acks:?}");
+        assert!(batch.arrived.is_empty());
+        let (batch, acks) = open(
+            fx.delivery()
+                .keeping_link_transfers(true)
+                .with_link_key(key.clone()),
+        );
+        assert_eq!(acks, vec![transfer.id], "opened: not acknowledged");
+        assert!(matches!(batch.arrived[..], [Arrived::Linked(_)]));
     }
 
     /// An inbox state written before MOVED notices were kept (group frames without `kind`)

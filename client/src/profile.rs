@@ -84,6 +84,9 @@ struct SecretsFile {
     identity_seed: String,
 }
 
+/// The marker file of [`Profile::awaiting_keys`] (empty).
+const AWAITING_KEYS: &str = "awaiting-keys";
+
 /// A profile directory.
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -193,6 +196,29 @@ impl Profile {
             reason: e.to_string(),
         })?;
         self.write_atomic("profile.toml", text.as_bytes(), false)
+    }
+
+    /// Whether this device joined its entity (`device join`) and has not installed the
+    /// entity's keys yet (from the old device's link transfer, or `keys restore`). While it
+    /// has not, a link transfer it cannot open may be its own, waiting for the transfer key:
+    /// `listen` leaves such items in the inbox for `device receive-keys` instead of dropping
+    /// them.
+    pub fn awaiting_keys(&self) -> bool {
+        self.path(AWAITING_KEYS).exists()
+    }
+
+    /// Sets or clears [`Profile::awaiting_keys`].
+    pub fn set_awaiting_keys(&self, awaiting: bool) -> Result<(), ProfileError> {
+        if awaiting {
+            return self.write_atomic(AWAITING_KEYS, b"", false);
+        }
+        match fs::remove_file(self.path(AWAITING_KEYS)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProfileError::Io {
+                path: self.path(AWAITING_KEYS),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Writes any file of the profile atomically.

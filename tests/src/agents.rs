@@ -221,15 +221,12 @@ pub struct Linked {
     pub installed: micromsg_client::devices::Installed,
 }
 
-/// Links a new device `name` to `old`'s entity as `device add` / `device join --transfer-key`
-/// do: a one-time secret, the join, and the key transfer from the old device.
-pub async fn link_device(broker: &TestBroker, old: &Device, name: &str) -> Linked {
-    use micromsg_client::devices;
+/// `device add`'s ADD-DEVICE on `session`: the one-time registration secret for a new device,
+/// hex.
+pub async fn add_device_secret(session: &mut account::Session) -> String {
     use micromsg_wire::message::request::AddDeviceArgs;
     use micromsg_wire::{Request, ResponseData};
-    let mut session = account::connect(&old.profile).await.unwrap();
-    let known = devices::highest_device(&mut session).await.unwrap();
-    let secret = match session
+    match session
         .link
         .call(Request::AddDevice(AddDeviceArgs { name: None }))
         .await
@@ -237,7 +234,16 @@ pub async fn link_device(broker: &TestBroker, old: &Device, name: &str) -> Linke
     {
         ResponseData::AddDevice(d) => d.secret.to_hex(),
         other => panic!("{other:?}"),
-    };
+    }
+}
+
+/// Links a new device `name` to `old`'s entity as `device add` / `device join --transfer-key`
+/// do: a one-time secret, the join, and the key transfer from the old device.
+pub async fn link_device(broker: &TestBroker, old: &Device, name: &str) -> Linked {
+    use micromsg_client::devices;
+    let mut session = account::connect(&old.profile).await.unwrap();
+    let known = devices::highest_device(&mut session).await.unwrap();
+    let secret = add_device_secret(&mut session).await;
     let transfer = devices::new_transfer_key();
     let key = transfer.clone();
     let old_profile = old.profile.clone();

@@ -405,7 +405,8 @@ impl Agent {
             .map_err(|e| AgentError::Io {
                 what: "reading the inbox state".into(),
                 source: std::io::Error::other(e),
-            })?;
+            })?
+            .keeping_link_transfers(profile.awaiting_keys());
         let outbox_file = Outbox::new(&profile);
         let outbox = outbox_file.load().map_err(|e| AgentError::Io {
             what: "reading the outbox".into(),

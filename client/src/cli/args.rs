@@ -441,6 +441,18 @@ pub(super) enum DeviceCommand {
         #[arg(long, default_value_t = 120, value_name = "SECS")]
         wait: u64,
     },
+    /// Receive the entity's keys from the old device on a device that joined without
+    /// them: after `device join` without --transfer-key, or when its wait ran out. The
+    /// old device's `device add` sends them once this device has joined; until they are
+    /// installed, `listen` leaves them in the inbox for this command.
+    ReceiveKeys {
+        /// The transfer key printed by `device add`.
+        #[arg(long, value_name = "KEY")]
+        transfer_key: String,
+        /// Seconds to wait for the old device's keys.
+        #[arg(long, default_value_t = 120, value_name = "SECS")]
+        wait: u64,
+    },
     /// List the entity's active devices.
     List,
     /// Revoke another device of this entity.

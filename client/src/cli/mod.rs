@@ -232,17 +232,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                "contacts": i.contacts, "sessions": i.sessions}))})
                 );
             } else if let Some(i) = installed {
-                outln!(
-                    "received the keys from the old device: identity, {} contact(s), {} session(s)",
-                    i.contacts,
-                    i.sessions
-                );
+                print_installed(&i);
             } else {
                 eprintln!(
                     "this device has its own identity key until it gets the entity's: run \
-                     `{}`, or join with --transfer-key",
+                     `{}` with the transfer key `device add` printed, or `{}`",
+                    profile.command("device receive-keys --transfer-key KEY"),
                     profile.command("keys restore --recovery SECRET")
                 );
+            }
+        }
+        Command::Device(DeviceCommand::ReceiveKeys { transfer_key, wait }) => {
+            let transfer_key = micromsg_crypto::Secret32::from_hex(transfer_key.trim())
+                .map_err(|e| anyhow::anyhow!("--transfer-key: {e}"))?;
+            let mut session = account::connect(&profile).await?;
+            if !json {
+                eprintln!("waiting for the old device's keys…");
+            }
+            let installed = devices::receive_link_transfer(
+                &mut session,
+                &profile,
+                &transfer_key,
+                std::time::Duration::from_secs(wait),
+            )
+            .await
+            .context("receiving the keys from the old device")?;
+            if json {
+                outln!(
+                    "{}",
+                    json!({"keys": {"contacts": installed.contacts,
+                                    "sessions": installed.sessions}})
+                );
+            } else {
+                print_installed(&installed);
             }
         }
         Command::Device(DeviceCommand::Add {
@@ -874,7 +896,15 @@ async fn outbox_command(
     }
 }
 
-/// `move --broker HOST:PORT --ca FILE [--token T]` (protocol.md 12.13).
+/// What a link transfer installed, for people.
+fn print_installed(installed: &devices::Installed) {
+    outln!(
+        "received the keys from the old device: identity, {} contact(s), {} session(s)",
+        installed.contacts,
+        installed.sessions
+    );
+}
+
 /// Asks the user to type `number` before an account is deleted; refuses without a terminal
 /// (scripts pass `--yes`).
 fn confirm_delete(number: &str, broker: &str) -> anyhow::Result<()> {
@@ -901,6 +931,7 @@ fn confirm_delete(number: &str, broker: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `move --broker HOST:PORT --ca FILE [--token T]` (protocol.md 12.13).
 async fn move_command(
     profile: &Profile,
     broker: &str,

@@ -11,7 +11,7 @@ use micromsg_client::profile::Profile;
 use micromsg_client::tls::client_config;
 use micromsg_crypto::Secret32;
 use micromsg_tests::{Backend, TestBroker};
-use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs, RegisterArgs};
+use micromsg_wire::message::request::{DeviceRevokeArgs, RegisterArgs};
 use micromsg_wire::{DeviceId, ErrorCode, Event, Hex32, Message, Request, ResponseData};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -47,15 +47,7 @@ async fn register_login_add_join_list_revoke(backend: Backend) {
     }
 
     // A second device joins with a one-time secret.
-    let secret = match session
-        .link
-        .call(Request::AddDevice(AddDeviceArgs { name: None }))
-        .await
-        .unwrap()
-    {
-        ResponseData::AddDevice(d) => d.secret.to_hex(),
-        other => panic!("{other:?}"),
-    };
+    let secret = micromsg_tests::agents::add_device_secret(&mut session).await;
     let phone = Profile::new(broker.profile_dir("alice-phone"));
     let phone_session = account::join(&phone, &broker.addr, &broker.ca, &number, &secret)
         .await

@@ -246,3 +246,75 @@ async fn every_json_shape_parses() {
     }
     let _ = a_number;
 }
+
+/// `device join` without a transfer key, then `device receive-keys --transfer-key`: the keys
+/// the old device sent (its side through the library, as `device add` does) are installed,
+/// and the answers have their documented shapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_receive_keys_installs_the_old_devices_transfer() {
+    use micromsg_client::profile::Profile;
+    use micromsg_client::{account, devices};
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), "").await;
+    let (a1, a2) = (dir.path().join("a1"), dir.path().join("a2"));
+    let ca = broker.ca.to_str().unwrap().to_owned();
+    let v = object(&a1, &["register", "--broker", &broker.addr, "--ca", &ca]);
+    let number = v["number"].as_str().unwrap().to_owned();
+
+    let old_profile = Profile::new(&a1);
+    let mut old = account::connect(&old_profile).await.unwrap();
+    let known = devices::highest_device(&mut old).await.unwrap();
+    let secret = micromsg_tests::agents::add_device_secret(&mut old).await;
+    let transfer = devices::new_transfer_key();
+    let key = transfer.clone();
+    let sender = tokio::spawn(async move {
+        devices::send_link_transfer(&mut old, &old_profile, &key, known, Duration::from_secs(30))
+            .await
+            .unwrap()
+    });
+
+    let join = [
+        "device",
+        "join",
+        "--broker",
+        &broker.addr,
+        "--ca",
+        &ca,
+        "--number",
+        &number,
+        "--secret",
+        &secret,
+    ];
+    let v = tokio::task::block_in_place(|| object(&a2, &join));
+    has_keys(&v, &["number", "device", "keys"], "device join");
+    assert!(v["keys"].is_null(), "{v}");
+    let joined_as = v["device"].as_u64().unwrap();
+    let hex = transfer.to_hex();
+    let args = [
+        "device",
+        "receive-keys",
+        "--transfer-key",
+        hex.as_str(),
+        "--wait",
+        "30",
+    ];
+    let v = tokio::task::block_in_place(|| object(&a2, &args));
+    has_keys(&v, &["keys"], "device receive-keys");
+    has_keys(
+        &v["keys"],
+        &["contacts", "sessions"],
+        "device receive-keys keys",
+    );
+    assert_eq!(u64::from(sender.await.unwrap()), joined_as);
+    assert_eq!(
+        Profile::new(&a2).secrets().unwrap().identity_seed,
+        Profile::new(&a1).secrets().unwrap().identity_seed,
+        "the new device has the entity's identity key"
+    );
+    // A transfer key that is not 64 hex digits is refused before anything is done.
+    let (ok, stdout, _) = run(&a2, &["device", "receive-keys", "--transfer-key", "xyz"]);
+    assert!(!ok);
+    assert!(stdout.contains("--transfer-key"), "{stdout}");
+    drop(broker);
+}

@@ -9,9 +9,7 @@ use micromsg_client::account::{self, Session};
 use micromsg_client::profile::Profile;
 use micromsg_tests::raw::{deposit, number, pair, user};
 use micromsg_tests::{Backend, TestBroker};
-use micromsg_wire::message::request::{
-    AddDeviceArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs, TargetArgs,
-};
+use micromsg_wire::message::request::{InboxAckArgs, InboxFetchArgs, SyncCopyArgs, TargetArgs};
 use micromsg_wire::message::response::InboxMessage;
 use micromsg_wire::{Blob, ErrorCode, Event, Hex16, Request, ResponseData};
 
@@ -24,15 +22,7 @@ micromsg_tests::both_backends!(
 
 /// A second device for `s`, logged in.
 async fn second_device(broker: &TestBroker, s: &mut Session, name: &str) -> Session {
-    let secret = match s
-        .link
-        .call(Request::AddDevice(AddDeviceArgs { name: None }))
-        .await
-        .unwrap()
-    {
-        ResponseData::AddDevice(d) => d.secret.to_hex(),
-        other => panic!("{other:?}"),
-    };
+    let secret = micromsg_tests::agents::add_device_secret(s).await;
     let p = Profile::new(broker.profile_dir(name));
     account::join(&p, &broker.addr, &broker.ca, &s.info.number, &secret)
         .await

@@ -15,8 +15,6 @@ use micromsg_client::store::{Direction, Store};
 use micromsg_tests::agents::Ask as _;
 use micromsg_tests::agents::{self, Device, expect, expect_none, message_from, register, send};
 use micromsg_tests::{Backend, TestBroker};
-use micromsg_wire::message::request::AddDeviceArgs;
-use micromsg_wire::{Request, ResponseData};
 use tokio::sync::mpsc;
 
 /// Links a new device `name` to `old`'s entity, with the key transfer of `device add`.
@@ -458,15 +456,7 @@ async fn restored_device_reads_new_messages_and_continues_the_contact() {
     let again = devices::backup(&mut s, &b1.profile, None).await.unwrap();
     assert_eq!(again.version, 2, "the next backup reuses the secret");
     assert!(again.new_recovery.is_none());
-    let secret = match s
-        .link
-        .call(Request::AddDevice(AddDeviceArgs { name: None }))
-        .await
-        .unwrap()
-    {
-        ResponseData::AddDevice(d) => d.secret.to_hex(),
-        other => panic!("{other:?}"),
-    };
+    let secret = agents::add_device_secret(&mut s).await;
     let p2 = Profile::new(broker.profile_dir("b2"));
     let mut s2 = account::join(&p2, &broker.addr, &broker.ca, &b1.number, &secret)
         .await
@@ -477,7 +467,12 @@ async fn restored_device_reads_new_messages_and_continues_the_contact() {
             .is_err(),
         "a wrong recovery secret is refused"
     );
+    assert!(
+        p2.awaiting_keys(),
+        "a joined device waits for the entity's keys"
+    );
     let installed = devices::restore(&mut s2, &p2, &recovery).await.unwrap();
+    assert!(!p2.awaiting_keys(), "still waiting after the restore");
     assert_eq!(installed.contacts, 1);
     assert!(installed.sessions >= 1);
     let b2 = Device {
@@ -511,6 +506,61 @@ async fn restored_device_reads_new_messages_and_continues_the_contact() {
     );
     b2_agent.stop().await.unwrap();
     a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+/// A new device that joined without receiving the entity's keys (`device join` gave up
+/// waiting, or had no transfer key) and runs `listen` when the old device's transfer arrives
+/// does not lose it: the agent leaves it in the inbox, and `device receive-keys` (its library
+/// call here) installs it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_transfer_that_arrives_while_the_new_device_listens_is_received_later() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a1 = register(&broker, "a1").await;
+    let mut old = account::connect(&a1.profile).await.unwrap();
+    let known = devices::highest_device(&mut old).await.unwrap();
+    let secret = agents::add_device_secret(&mut old).await;
+    let transfer = devices::new_transfer_key();
+    let p2 = Profile::new(broker.profile_dir("a2"));
+    let joined = account::join(&p2, &broker.addr, &broker.ca, &a1.number, &secret)
+        .await
+        .unwrap();
+    let joined_as = joined.info.device;
+    drop(joined);
+    assert!(p2.awaiting_keys());
+    let a2 = Device {
+        profile: p2.clone(),
+        number: a1.number.clone(),
+    };
+    let (a2_agent, _a2_rx) = online(&a2).await;
+    // `device add` on the old device sends the keys once the new device has joined.
+    let sent_to = devices::send_link_transfer(
+        &mut old,
+        &a1.profile,
+        &transfer,
+        known,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent_to, joined_as);
+    // The running agent takes its inbox with the transfer in it.
+    let reply = a2_agent.ask(Command::Inbox).await;
+    assert!(reply.ok, "{reply:?}");
+    a2_agent.stop().await.unwrap();
+    assert!(p2.awaiting_keys());
+    // `device receive-keys --transfer-key`.
+    let mut s2 = account::connect(&p2).await.unwrap();
+    let installed = devices::receive_link_transfer(&mut s2, &p2, &transfer, Duration::from_secs(5))
+        .await
+        .expect("the transfer was dropped by the agent");
+    assert_eq!(installed.contacts, 0);
+    assert!(!p2.awaiting_keys());
+    assert_eq!(
+        p2.secrets().unwrap().identity_seed,
+        a1.profile.secrets().unwrap().identity_seed,
+        "the new device has the entity's identity key"
+    );
     broker.stop().await;
 }
 
