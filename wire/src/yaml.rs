@@ -659,6 +659,10 @@ mod tests {
         assert!(parse(b"A: \"12345678\"\n", &limits).is_ok());
         assert_eq!(parse(b"A: \"123456789\"\n", &limits), scalar_len);
         assert_eq!(parse(b"ABCDEFGHI: 1\n", &limits), scalar_len);
+        // A scalar that is not a string is bounded by the frame alone (protocol.md 3.2): its
+        // value is read, whatever the length of its text.
+        let long_float = parse(b"A: 1.0000000000\n", &limits).unwrap();
+        assert_eq!(long_float, Node::Map(vec![("A".into(), Node::Float(1.0))]));
     }
 
     #[test]
