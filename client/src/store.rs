@@ -20,6 +20,8 @@
 //!                                 ([`Store::save_copies_in_flight`])                      (0600)
 //! DIR/outbox.json                 messages queued until the broker takes them
 //!                                 ([`crate::outbox`])                                      (0600)
+//! DIR/awaiting-keys               empty: this device joined and waits for the entity's keys
+//!                                 ([`Profile::awaiting_keys`])
 //! ```
 //!
 //! Whole files are replaced atomically ([`Profile::write_atomic`]); history lines are appended
