@@ -39,6 +39,7 @@ use micromsg_wire::{ErrorCode, Hex16, Request, ResponseData};
 
 use crate::keys::{self, KeyBundle, LINK_MAGIC, SYNC_MAGIC};
 use crate::link::{BrokerLink, LinkError};
+use crate::profile::Profile;
 use crate::store::{
     Direction, Entry, FoundSession, InboxState, KeptFrame, KeptKind, PendingItem, Store, StoreError,
 };
@@ -136,9 +137,9 @@ pub struct Delivery {
     device: u32,
     identity_seed: Secret32,
     link_key: Option<Secret32>,
-    /// Leave this entity's link transfers that do not open in the inbox, unacknowledged
-    /// ([`Delivery::keeping_link_transfers`]).
-    keep_link_transfers: bool,
+    /// While this profile is marked awaiting keys, leave this entity's link transfers that do
+    /// not open in the inbox, unacknowledged ([`Delivery::leaving_link_transfers_while_awaiting`]).
+    awaiting: Option<Profile>,
     state: InboxState,
     /// What `inbox-copies.json` holds ([`Store::copies_in_flight`]).
     copies_in_flight: BTreeSet<String>,
@@ -160,7 +161,7 @@ impl Delivery {
             device,
             identity_seed,
             link_key: None,
-            keep_link_transfers: false,
+            awaiting: None,
             state,
             copies_in_flight,
         })
@@ -172,12 +173,13 @@ impl Delivery {
         self
     }
 
-    /// Leaves this entity's link transfers (`MML1`) that do not open in the inbox,
-    /// unacknowledged, instead of dropping them: for a device that joined and is waiting for
-    /// the entity's keys ([`crate::profile::Profile::awaiting_keys`]), whose own transfer
-    /// `device receive-keys` opens with the transfer key.
-    pub fn keeping_link_transfers(mut self, keep: bool) -> Self {
-        self.keep_link_transfers = keep;
+    /// While `profile` is marked awaiting keys ([`Profile::awaiting_keys`]: the device joined
+    /// and has not installed the entity's keys), leaves this entity's link transfers (`MML1`)
+    /// that do not open in the inbox, unacknowledged, instead of dropping them: one may be the
+    /// device's own, which `device receive-keys` opens with the transfer key. The mark is read
+    /// for each page, so keys installed meanwhile by another process count at once.
+    pub fn leaving_link_transfers_while_awaiting(mut self, profile: Profile) -> Self {
+        self.awaiting = Some(profile);
         self
     }
 
@@ -328,8 +330,9 @@ impl Delivery {
         let mut batch = Batch::default();
         let mut acks = Vec::with_capacity(items.len());
         let mut keys_arrived = false;
+        let leave_link_transfers = self.awaiting.as_ref().is_some_and(Profile::awaiting_keys);
         for item in items {
-            if self.keep_link_transfers
+            if leave_link_transfers
                 && item.from.as_str() == self.number
                 && item.body.as_bytes().starts_with(LINK_MAGIC)
                 && !self.opens_as_link_transfer(item.body.as_bytes())
@@ -1227,19 +1230,30 @@ mod tests {
                 .open(vec![transfer.clone()], &mut LiveTable::new())
                 .unwrap()
         };
-        let (batch, acks) = open(fx.delivery());
-        assert_eq!(acks, vec![transfer.id], "not waiting: acknowledged");
-        assert!(batch.arrived.is_empty());
-        let (batch, acks) = open(fx.delivery().keeping_link_transfers(true));
-        assert!(acks.is_empty(), "waiting: acknowledged {acks:?}");
-        assert!(batch.arrived.is_empty());
-        let (batch, acks) = open(
+        let profile = Profile::new(fx._dir.path());
+        let watching = || {
             fx.delivery()
-                .keeping_link_transfers(true)
-                .with_link_key(key.clone()),
-        );
+                .leaving_link_transfers_while_awaiting(profile.clone())
+        };
+        let (batch, acks) = open(fx.delivery());
+        assert_eq!(acks, vec![transfer.id], "not watching: acknowledged");
+        assert!(batch.arrived.is_empty());
+        let (_, acks) = open(watching());
+        assert_eq!(acks, vec![transfer.id], "not marked: acknowledged");
+        profile.set_awaiting_keys(true).unwrap();
+        let (batch, acks) = open(watching());
+        assert!(acks.is_empty(), "marked: acknowledged {acks:?}");
+        assert!(batch.arrived.is_empty());
+        let (batch, acks) = open(watching().with_link_key(key.clone()));
         assert_eq!(acks, vec![transfer.id], "opened: not acknowledged");
         assert!(matches!(batch.arrived[..], [Arrived::Linked(_)]));
+        // The keys installed meanwhile (the mark cleared): the same delivery acknowledges.
+        let mut delivery = watching();
+        profile.set_awaiting_keys(false).unwrap();
+        let (_, acks) = delivery
+            .open(vec![transfer.clone()], &mut LiveTable::new())
+            .unwrap();
+        assert_eq!(acks, vec![transfer.id], "mark cleared: not acknowledged");
     }
 
     /// An inbox state written before MOVED notices were kept (group frames without `kind`)

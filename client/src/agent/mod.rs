@@ -406,7 +406,7 @@ impl Agent {
                 what: "reading the inbox state".into(),
                 source: std::io::Error::other(e),
             })?
-            .keeping_link_transfers(profile.awaiting_keys());
+            .leaving_link_transfers_while_awaiting(profile.clone());
         let outbox_file = Outbox::new(&profile);
         let outbox = outbox_file.load().map_err(|e| AgentError::Io {
             what: "reading the outbox".into(),
