@@ -198,30 +198,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
         }) => {
             let transfer_key = transfer_key
-                .map(|k| micromsg_crypto::Secret32::from_hex(k.trim()))
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("--transfer-key: {e}"))?;
+                .as_deref()
+                .map(parse_transfer_key)
+                .transpose()?;
             let mut session = account::join(&profile, &broker, &ca, &number, &secret).await?;
             let (number, device) = (session.info.number.clone(), session.info.device);
             if !json {
                 outln!("joined {number} as device {device}");
             }
             let installed = match &transfer_key {
-                Some(key) => {
-                    if !json {
-                        eprintln!("waiting for the old device's keys…");
-                    }
-                    Some(
-                        devices::receive_link_transfer(
-                            &mut session,
-                            &profile,
-                            key,
-                            std::time::Duration::from_secs(wait),
-                        )
-                        .await
-                        .context("receiving the keys from the old device")?,
-                    )
-                }
+                Some(key) => Some(receive_keys(&mut session, &profile, key, wait, json).await?),
                 None => None,
             };
             if json {
@@ -243,20 +229,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Device(DeviceCommand::ReceiveKeys { transfer_key, wait }) => {
-            let transfer_key = micromsg_crypto::Secret32::from_hex(transfer_key.trim())
-                .map_err(|e| anyhow::anyhow!("--transfer-key: {e}"))?;
+            let transfer_key = parse_transfer_key(&transfer_key)?;
             let mut session = account::connect(&profile).await?;
-            if !json {
-                eprintln!("waiting for the old device's keys…");
-            }
-            let installed = devices::receive_link_transfer(
-                &mut session,
-                &profile,
-                &transfer_key,
-                std::time::Duration::from_secs(wait),
-            )
-            .await
-            .context("receiving the keys from the old device")?;
+            let installed = receive_keys(&mut session, &profile, &transfer_key, wait, json).await?;
             if json {
                 outln!(
                     "{}",
@@ -894,6 +869,34 @@ async fn outbox_command(
             print_reply(reply, json)
         }
     }
+}
+
+/// `--transfer-key`: the 64 hex digits `device add` printed.
+fn parse_transfer_key(hex: &str) -> anyhow::Result<micromsg_crypto::Secret32> {
+    micromsg_crypto::Secret32::from_hex(hex.trim())
+        .map_err(|e| anyhow::anyhow!("--transfer-key: {e}"))
+}
+
+/// Waits up to `wait_secs` for the old device's link transfer and installs it (`device join
+/// --transfer-key`, `device receive-keys`).
+async fn receive_keys(
+    session: &mut account::Session,
+    profile: &Profile,
+    transfer_key: &micromsg_crypto::Secret32,
+    wait_secs: u64,
+    json: bool,
+) -> anyhow::Result<devices::Installed> {
+    if !json {
+        eprintln!("waiting for the old device's keys…");
+    }
+    devices::receive_link_transfer(
+        session,
+        profile,
+        transfer_key,
+        std::time::Duration::from_secs(wait_secs),
+    )
+    .await
+    .context("receiving the keys from the old device")
 }
 
 /// What a link transfer installed, for people.
