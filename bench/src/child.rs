@@ -300,16 +300,26 @@ pub(crate) fn cpu_of(pid: &str) -> Option<Duration> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let mut nanos: u64 = 0;
     for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
-            continue; // the thread ended meanwhile
-        };
-        nanos += stat
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
+        // A thread that ended meanwhile counts nothing.
+        nanos += schedstat_nanos(&task.path().join("schedstat")).unwrap_or(0);
     }
     Some(Duration::from_nanos(nanos))
+}
+
+/// The calling thread's CPU time since it started (a thread that ends before [`cpu_of`] reads
+/// the process is missing from it, so such a thread reports its own).
+pub(crate) fn cpu_of_this_thread() -> Option<Duration> {
+    schedstat_nanos(std::path::Path::new("/proc/thread-self/schedstat")).map(Duration::from_nanos)
+}
+
+/// The time on CPU in a `schedstat` file, in nanoseconds.
+fn schedstat_nanos(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl ChildServer {

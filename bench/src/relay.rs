@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use micromsg_client::link::BrokerLink;
-use micromsg_client::p2p::{self, SessionConfig, SessionHandle};
+use micromsg_client::p2p::SessionConfig;
+use micromsg_client::profile::Profile;
 use micromsg_crypto::Secret32;
 use micromsg_wire::message::request::{Answer, ContactAnswerArgs, InitiateNewArgs};
 use micromsg_wire::{Address, Event, Hex16, Request};
 
 use crate::child::ChildServer;
 use crate::common::{self, User};
-use crate::p2p::{identity, one_way, round_trips, session_pair};
+use crate::p2p::{Ends, one_way, round_trips};
 use crate::report::{Report, Row};
 
 /// Options of `relay`.
@@ -87,9 +88,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
             }
         };
         eprintln!("relay: direct session, {count} × {size} bytes one way");
-        let (d_done, _, d_time) = one_way(session_pair().await?, size, count, limit).await?;
+        let direct = one_way(Ends::direct()?, size, count, limit).await?;
+        let (d_done, d_time) = (direct.received, direct.elapsed);
         eprintln!("relay: relayed session, {count} × {size} bytes one way");
-        let (done, errors, time) = one_way(pairs.relayed().await?, size, count, limit).await?;
+        let relayed = one_way(pairs.relayed().await?, size, count, limit).await?;
+        let (done, errors, time) = (relayed.received, relayed.errors, relayed.elapsed);
         let direct = Row::new(
             SCENARIO,
             &format!("direct, {size} B one way"),
@@ -125,7 +128,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         args.round_trips, args.small
     );
     let (d_done, d_time, mut d_lat) =
-        round_trips(session_pair().await?, args.small, args.round_trips, limit).await?;
+        round_trips(Ends::direct()?, args.small, args.round_trips, limit).await?;
     let (done, time, mut lat) =
         round_trips(pairs.relayed().await?, args.small, args.round_trips, limit).await?;
     let direct_p99 = d_lat.percentiles().map(|p| p.p99_ms);
@@ -163,8 +166,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         args.round_trips
     );
     let (net_brokers, cas) = crate::federation::start_network(&dir.path().join("net"), &[])?;
-    let net_pair = across_brokers(&net_brokers, &cas, &dir.path().join("net-profiles")).await?;
+    let (net_pair, net_links) =
+        across_brokers(&net_brokers, &cas, &dir.path().join("net-profiles")).await?;
     let (done, time, mut lat) = round_trips(net_pair, args.small, args.round_trips, limit).await?;
+    drop(net_links);
     let across_p99 = lat.percentiles().map(|p| p.p99_ms);
     let mut row = Row::new(
         SCENARIO,
@@ -317,19 +322,39 @@ impl Pairs {
         Ok((a, b))
     }
 
-    /// A session through a fresh relay (initiator, responder).
-    async fn relayed(&mut self) -> anyhow::Result<(SessionHandle, SessionHandle)> {
-        let (a, b, token) = self.joined().await?;
-        handshake(a, b, token).await
+    /// The ends of a session through a fresh relay (initiator, responder): each opens its
+    /// half of the relay on its own thread.
+    async fn relayed(&mut self) -> anyhow::Result<Ends> {
+        let (relay, token) = self.offer().await?;
+        let (pa, pb) = (self.users[0].profile.clone(), self.users[1].profile.clone());
+        Ok(through_relay(pa, pb, relay, token))
     }
 }
 
-/// A session through a relay whose two clients are on brokers x and y of one network.
+/// Ends that each open their half of `relay`, as the profile's user.
+fn through_relay(a: Profile, b: Profile, relay: Hex16, token: Secret32) -> Ends {
+    let half = |profile: Profile, whose: &'static str| -> crate::p2p::Dial {
+        Box::new(move || {
+            Box::pin(async move {
+                micromsg_client::relay::open(&profile, &relay)
+                    .await
+                    .context(whose)
+            })
+        })
+    };
+    Ends {
+        initiator: half(a, "caller's half"),
+        responder: half(b, "target's half"),
+        token,
+    }
+}
+
+/// The ends of a session through a relay whose two clients are on brokers x and y of one network.
 async fn across_brokers(
     brokers: &[ChildServer],
     cas: &[std::path::PathBuf],
     profiles: &std::path::Path,
-) -> anyhow::Result<(SessionHandle, SessionHandle)> {
+) -> anyhow::Result<(Ends, [BrokerLink; 2])> {
     let addr = |i: usize| format!("127.0.0.1:{}", brokers[i].addr.port());
     let a = common::register_users(&addr(0), &cas[0], profiles, "x", 1)
         .await?
@@ -348,41 +373,9 @@ async fn across_brokers(
             .await?;
     let relay = accepted.relay.context("the brokers offered no relay")?;
     let token = Secret32::from_bytes(*accepted.token.as_bytes());
-    let (a_half, b_half) = tokio::join!(
-        micromsg_client::relay::open(&a.profile, &relay),
-        micromsg_client::relay::open(&b.profile, &relay)
-    );
-    handshake(
-        a_half.context("caller's half")?,
-        b_half.context("target's half")?,
-        token,
-    )
-    .await
-}
-
-/// The section-12 handshake on two connected sockets (initiator, responder); the sessions.
-async fn handshake(
-    a: tokio::net::TcpStream,
-    b: tokio::net::TcpStream,
-    token: Secret32,
-) -> anyhow::Result<(SessionHandle, SessionHandle)> {
-    let known = token.clone();
-    let known_id = micromsg_crypto::handshake::token_id(&known);
-    let responder = tokio::spawn(async move {
-        p2p::accept(
-            b,
-            async |tid| (tid == known_id).then(|| known.clone()),
-            &identity(),
-            SessionConfig::default(),
-        )
-        .await
-    });
-    let initiator = p2p::initiate(a, &token, &identity(), SessionConfig::default(), |_| true)
-        .await
-        .context("relayed handshake (initiator)")?;
-    let responder = responder
-        .await
-        .context("responder task")?
-        .context("relayed handshake (responder)")?;
-    Ok((initiator.start(None), responder.start(None)))
+    // The links stay logged in while the relay is opened, as the offer's devices.
+    Ok((
+        through_relay(a.profile.clone(), b.profile.clone(), relay, token),
+        [a_link, b_link],
+    ))
 }

@@ -186,6 +186,17 @@ fn p2p() {
     assert_eq!(count(rt), 20);
     assert!(rt["latency"].is_object());
     assert!(rows.iter().all(|r| errors(r) == 0), "{rows:?}");
+    // Each end reports its own thread's CPU: a figure of zero would mean it was lost.
+    let notes = report["notes"].as_array().expect("notes");
+    for size in [256, 65536] {
+        let prefix = format!("p2p: CPU per {size} B message, both ends: ");
+        let us: f64 = notes
+            .iter()
+            .filter_map(|n| n.as_str()?.strip_prefix(prefix.as_str()))
+            .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no CPU note for {size} B: {notes:?}"));
+        assert!(us > 0.0, "CPU per {size} B message: {us}");
+    }
 }
 
 #[test]
