@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use micromsg_client::p2p::{self, PeerEvent, SessionConfig, SessionHandle};
+use micromsg_client::p2p::{self, PeerEvent, PeerStream, SessionConfig, SessionHandle};
 use micromsg_crypto::message::{DirectionKeys, Kind, Sender};
 use micromsg_crypto::{IdentityKey, Secret32};
 use tokio::net::TcpStream;
@@ -144,10 +144,10 @@ pub(crate) fn identity() -> IdentityKey {
     IdentityKey::generate(&mut rand_core::OsRng)
 }
 
-/// How one end of a benchmark session gets its connected socket. It runs on that end's own
-/// thread and runtime, so whatever it spawns (a relay's loopback bridge) runs there too.
+/// How one end of a benchmark session gets its connected stream (a socket, or its half of a
+/// relay). It runs on that end's own thread and runtime, as in a client.
 pub(crate) type Dial =
-    Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = anyhow::Result<TcpStream>>>> + Send>;
+    Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = anyhow::Result<PeerStream>>>> + Send>;
 
 /// The two ends of a session to be: each dials its socket and runs its side of the section-12
 /// handshake with the connect token.
@@ -165,12 +165,12 @@ impl Ends {
         listener.set_nonblocking(true)?;
         Ok(Self {
             initiator: Box::new(move || {
-                Box::pin(async move { Ok(TcpStream::connect(addr).await?) })
+                Box::pin(async move { Ok(TcpStream::connect(addr).await?.into()) })
             }),
             responder: Box::new(move || {
                 Box::pin(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    Ok(listener.accept().await?.0)
+                    Ok(listener.accept().await?.0.into())
                 })
             }),
             token: Secret32::generate(&mut rand_core::OsRng),
@@ -259,8 +259,7 @@ where
 {
     let result = runtime.block_on(async move {
         let established = establish.await;
-        // Waited for on the runtime: what the end spawned (a relay's bridge) must go on
-        // running meanwhile, or the peer's handshake would never see our last frame.
+        // Waited for on the runtime, so that whatever the end spawned goes on running.
         ready.wait().await;
         work(established?.start(None)).await
     })?;

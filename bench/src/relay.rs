@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use micromsg_client::link::BrokerLink;
 use micromsg_client::p2p::SessionConfig;
 use micromsg_client::profile::Profile;
+use micromsg_client::relay::Relayed;
 use micromsg_crypto::Secret32;
 use micromsg_wire::message::request::{Answer, ContactAnswerArgs, InitiateNewArgs};
 use micromsg_wire::{Address, Event, Hex16, Request};
@@ -235,8 +236,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     );
     report.note(
         "relay: the relayed session runs the same p2p code as the direct one, through the \
-         broker (TLS to the broker on each side, the broker's splice, a loopback bridge in each \
-         client); ceiling of a relayed row = the direct row of the same run",
+         broker (inside each client's TLS connection to the broker, and the broker's splice); \
+         ceiling of a relayed row = the direct row of the same run",
     );
     drop(held);
     drop(links);
@@ -297,29 +298,15 @@ impl Pairs {
         Ok((relay, Secret32::from_bytes(*accepted.token.as_bytes())))
     }
 
-    /// Both halves of a fresh relay, joined (the loopback sockets the sessions run on).
-    async fn joined(
-        &mut self,
-    ) -> anyhow::Result<(tokio::net::TcpStream, tokio::net::TcpStream, Secret32)> {
-        let (relay, token) = self.offer().await?;
+    /// Both halves of a fresh relay, joined, carrying nothing (for the memory figure).
+    async fn joined_idle(&mut self) -> anyhow::Result<(Relayed, Relayed)> {
+        let (relay, _) = self.offer().await?;
         let (pa, pb) = (self.users[0].profile.clone(), self.users[1].profile.clone());
         let (a, b) = tokio::join!(
             micromsg_client::relay::open(&pa, &relay),
             micromsg_client::relay::open(&pb, &relay)
         );
-        Ok((
-            a.context("caller's half")?,
-            b.context("target's half")?,
-            token,
-        ))
-    }
-
-    /// A joined relay that carries nothing (for the memory figure).
-    async fn joined_idle(
-        &mut self,
-    ) -> anyhow::Result<(tokio::net::TcpStream, tokio::net::TcpStream)> {
-        let (a, b, _) = self.joined().await?;
-        Ok((a, b))
+        Ok((a.context("caller's half")?, b.context("target's half")?))
     }
 
     /// The ends of a session through a fresh relay (initiator, responder): each opens its
@@ -336,9 +323,10 @@ fn through_relay(a: Profile, b: Profile, relay: Hex16, token: Secret32) -> Ends 
     let half = |profile: Profile, whose: &'static str| -> crate::p2p::Dial {
         Box::new(move || {
             Box::pin(async move {
-                micromsg_client::relay::open(&profile, &relay)
+                let relayed = micromsg_client::relay::open(&profile, &relay)
                     .await
-                    .context(whose)
+                    .context(whose)?;
+                Ok(relayed.into())
             })
         })
     };

@@ -2,20 +2,18 @@
 //! each other directly (NAT, a firewall).
 //!
 //! [`open`] logs in on a new connection to the home broker, sends `RELAY` with the relay id of
-//! the contact request, and turns what is left of the TLS stream into a loopback TCP socket: the
-//! section-12 session then runs on it exactly as on a direct connection (same code, same
-//! handshake, same encryption), while a task copies bytes between the socket and the broker.
-//! The broker sees only the session's ciphertext.
+//! the contact request, and hands what is left of the TLS stream to the section-12 handshake
+//! ([`crate::p2p::initiate`] and [`crate::p2p::respond`] take it as they take a TCP
+//! connection): the session runs inside that TLS connection with the same code, handshake and
+//! encryption as on a direct one. The broker sees only the session's ciphertext.
 
-use std::net::{IpAddr, SocketAddr};
+use std::fmt;
 
 use micromsg_wire::message::request::RelayArgs;
 use micromsg_wire::{Hex16, Request, ResponseData};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::account::{self, AccountError};
-use crate::link::LinkError;
+use crate::link::{LinkError, Stream};
 use crate::profile::Profile;
 
 /// How a session reaches its peer.
@@ -85,13 +83,33 @@ pub enum RelayError {
     /// The broker refused the RELAY request (unknown or spent relay, a limit).
     #[error("the broker refused the relay: {0}")]
     Refused(LinkError),
-    /// The loopback socket for the session could not be made.
-    #[error("making the local socket for the relayed session: {0}")]
-    Local(std::io::Error),
 }
 
-/// Opens this device's half of relay `relay` and returns the socket the session runs on.
-pub async fn open(profile: &Profile, relay: &Hex16) -> Result<TcpStream, RelayError> {
+/// This device's half of an open relay, for [`crate::p2p::initiate`] or
+/// [`crate::p2p::respond`]: the TLS connection to the home broker after its RELAY answer, and
+/// the relayed bytes already read past that answer.
+pub struct Relayed {
+    tls: Stream,
+    early: Vec<u8>,
+}
+
+impl Relayed {
+    /// The TLS stream, and the bytes to read before what it still holds.
+    pub(crate) fn into_parts(self) -> (Stream, Vec<u8>) {
+        (self.tls, self.early)
+    }
+}
+
+impl fmt::Debug for Relayed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Relayed")
+            .field("early_len", &self.early.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens this device's half of relay `relay`, for the session's handshake.
+pub async fn open(profile: &Profile, relay: &Hex16) -> Result<Relayed, RelayError> {
     let mut session = account::connect(profile).await?;
     match session
         .link
@@ -108,49 +126,7 @@ pub async fn open(profile: &Profile, relay: &Hex16) -> Result<TcpStream, RelayEr
         Err(e) => return Err(RelayError::Refused(e)),
     }
     let (tls, early) = session.link.into_pipe();
-    bridge(tls, early).await.map_err(RelayError::Local)
-}
-
-/// The copy buffer of each direction of the loopback bridge.
-const BRIDGE_BUFFER: usize = 64 * 1024;
-
-/// A loopback TCP socket whose other end is spliced to `remote` (after writing `early`, the
-/// bytes already read from it, to the socket).
-async fn bridge<S>(remote: S, early: Vec<u8>) -> std::io::Result<TcpStream>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let listener = TcpListener::bind(SocketAddr::from((IpAddr::from([127, 0, 0, 1]), 0))).await?;
-    let ours = TcpStream::connect(listener.local_addr()?).await?;
-    let expected = ours.local_addr()?;
-    // Only our own connection is taken: another local process that raced to the port is
-    // turned away.
-    let mut inner = loop {
-        let (stream, from) = listener.accept().await?;
-        if from == expected {
-            break stream;
-        }
-    };
-    drop(listener);
-    let _ = ours.set_nodelay(true);
-    let _ = inner.set_nodelay(true);
-    tokio::spawn(async move {
-        let mut remote = remote;
-        if !early.is_empty() && inner.write_all(&early).await.is_err() {
-            return;
-        }
-        // Ends when either side closes; the session notices through its heartbeats and EOF.
-        // Buffers of a 64 KiB message each way (the default 8 KiB cut the large-message rate
-        // through the relay by a fifth: docs/performance.md).
-        let _ = tokio::io::copy_bidirectional_with_sizes(
-            &mut inner,
-            &mut remote,
-            BRIDGE_BUFFER,
-            BRIDGE_BUFFER,
-        )
-        .await;
-    });
-    Ok(ours)
+    Ok(Relayed { tls, early })
 }
 
 #[cfg(test)]
@@ -158,21 +134,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use tokio::io::{AsyncReadExt, duplex};
-
-    #[tokio::test]
-    async fn the_bridge_carries_early_bytes_first_then_both_ways() {
-        let (mut far, near) = duplex(4096);
-        let mut socket = bridge(near, b"early".to_vec()).await.unwrap();
-        far.write_all(b" later").await.unwrap();
-        let mut got = [0u8; 11];
-        socket.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"early later");
-        socket.write_all(b"back").await.unwrap();
-        let mut back = [0u8; 4];
-        far.read_exact(&mut back).await.unwrap();
-        assert_eq!(&back, b"back");
-    }
 
     #[test]
     fn auto_asks_for_the_relay_only_behind_a_nat() {

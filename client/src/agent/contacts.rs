@@ -267,8 +267,8 @@ impl Agent {
                         Some(result) => (result, Path::Direct),
                         None => {
                             let result = match crate::relay::open(&profile, &relay).await {
-                                Ok(stream) => {
-                                    p2p::initiate(stream, &token, &identity, cfg, |_| true).await
+                                Ok(relayed) => {
+                                    p2p::initiate(relayed, &token, &identity, cfg, |_| true).await
                                 }
                                 Err(e) => Err(p2p::P2pError::Relay(e.to_string())),
                             };

@@ -133,7 +133,7 @@ impl Agent {
         let responder = self.responder();
         tokio::spawn(async move {
             match relay::open(&profile, &relay).await {
-                Ok(stream) => responder.run(stream, Path::Relay).await,
+                Ok(relayed) => responder.run(relayed.into(), Path::Relay).await,
                 Err(e) => {
                     let _ = done
                         .send(HandshakeDone {

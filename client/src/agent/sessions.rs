@@ -12,12 +12,12 @@ use super::{Agent, HandshakeDone, Notice, Outgoing, Output, SessionEvent, TOKEN_
 
 impl Agent {
     pub(super) fn spawn_respond(&self, stream: tokio::net::TcpStream) {
-        self.spawn_respond_on(stream, crate::relay::Path::Direct);
+        self.spawn_respond_on(stream.into(), crate::relay::Path::Direct);
     }
 
     /// The responder's handshake on `stream`, a direct connection or this device's half of a
     /// relay (the same section-12 handshake either way).
-    pub(super) fn spawn_respond_on(&self, stream: tokio::net::TcpStream, path: crate::relay::Path) {
+    pub(super) fn spawn_respond_on(&self, stream: p2p::PeerStream, path: crate::relay::Path) {
         tokio::spawn(self.responder().run(stream, path));
     }
 
@@ -316,7 +316,7 @@ pub(super) struct Responder {
 
 impl Responder {
     /// Answers the handshake on `stream` and reports it to the agent.
-    pub(super) async fn run(self, stream: tokio::net::TcpStream, path: crate::relay::Path) {
+    pub(super) async fn run(self, stream: p2p::PeerStream, path: crate::relay::Path) {
         let Responder {
             tokens,
             identity,

@@ -6,11 +6,12 @@ use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
 use micromsg_crypto::{Secret32, handshake::TOKEN_ID_LEN};
 use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
 use rand_core::OsRng;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::time::timeout;
 
-use super::{Established, P2pError, SessionConfig, Transport};
+use super::session::TlsWriteHalf;
+use super::{Established, P2pError, PeerStream, ReadSide, SessionConfig, Transport, WriteSide};
 
 /// Connects to `addr` and runs the handshake as initiator with the connect `token`, accepting
 /// whatever identity the peer proves (check [`Established::peer_identity`] against the pin).
@@ -32,7 +33,7 @@ pub async fn connect(
 /// Runs the handshake as responder on an accepted connection. `lookup` maps the INIT's token
 /// id to the pending connect token, if any (see [`respond`] for when to forget the token).
 pub async fn accept<L>(
-    stream: TcpStream,
+    stream: impl Into<PeerStream>,
     lookup: L,
     identity: &IdentityKey,
     cfg: SessionConfig,
@@ -43,11 +44,12 @@ where
     respond(stream, lookup, identity, cfg, |_, _| true).await
 }
 
-/// The initiator's handshake on a connected stream. `check` sees the responder's
+/// The initiator's handshake on a connected stream (a [`TcpStream`] or a relay's
+/// [`crate::relay::Relayed`]). `check` sees the responder's
 /// (authenticated) identity key before FINISH is sent; `false` sends ABORT 2 and fails with
 /// [`P2pError::PeerRefused`].
 pub async fn initiate<C>(
-    stream: TcpStream,
+    stream: impl Into<PeerStream>,
     token: &Secret32,
     identity: &IdentityKey,
     cfg: SessionConfig,
@@ -57,7 +59,7 @@ where
     C: FnOnce(&IdentityPublicKey) -> bool,
 {
     cfg.validate()?;
-    let (mut reader, mut writer, peer_addr) = split(stream, &cfg);
+    let (mut reader, mut writer, peer_addr) = split(stream.into(), &cfg);
     let limit = cfg.handshake_timeout;
     let outcome = timeout(limit, async {
         let (state, init) = Initiator::new(&mut OsRng, identity, token);
@@ -102,7 +104,7 @@ where
 /// `check` sees the token id and the initiator's identity key before ACCEPT is sent; `false`
 /// sends ABORT 2 and fails with [`P2pError::PeerRefused`].
 pub async fn respond<L, C>(
-    stream: TcpStream,
+    stream: impl Into<PeerStream>,
     lookup: L,
     identity: &IdentityKey,
     cfg: SessionConfig,
@@ -113,7 +115,7 @@ where
     C: FnOnce(&[u8; TOKEN_ID_LEN], &IdentityPublicKey) -> bool,
 {
     cfg.validate()?;
-    let (mut reader, mut writer, peer_addr) = split(stream, &cfg);
+    let (mut reader, mut writer, peer_addr) = split(stream.into(), &cfg);
     let limit = cfg.handshake_timeout;
     let (keys, peer_identity, token_id) = timeout(limit, async {
         let init = read_frame(&mut reader, &mut writer).await?;
@@ -160,24 +162,41 @@ where
 }
 
 fn split(
-    stream: TcpStream,
+    stream: PeerStream,
     cfg: &SessionConfig,
 ) -> (
-    FrameReader<OwnedReadHalf>,
-    OwnedWriteHalf,
+    FrameReader<ReadSide>,
+    WriteSide,
     Option<std::net::SocketAddr>,
 ) {
-    let peer_addr = stream.peer_addr().ok();
-    // Messages are small and interactive; the session batches writes itself.
-    let _ = stream.set_nodelay(true);
-    let (read, write) = stream.into_split();
-    (FrameReader::new(read, cfg.max_frame_len), write, peer_addr)
+    match stream {
+        PeerStream::Direct(stream) => {
+            let peer_addr = stream.peer_addr().ok();
+            // Messages are small and interactive; the session batches writes itself.
+            let _ = stream.set_nodelay(true);
+            let (read, write) = stream.into_split();
+            let read: ReadSide = Box::new(read);
+            (
+                FrameReader::new(read, cfg.max_frame_len),
+                Box::new(write),
+                peer_addr,
+            )
+        }
+        PeerStream::Relayed(relayed) => {
+            let (tls, early) = relayed.into_parts();
+            let (read, write) = tokio::io::split(tls);
+            // The peer's first bytes may have come in with the RELAY answer.
+            let read: ReadSide = Box::new(std::io::Cursor::new(early).chain(read));
+            let write: WriteSide = Box::new(TlsWriteHalf(write));
+            (FrameReader::new(read, cfg.max_frame_len), write, None)
+        }
+    }
 }
 
 /// The next handshake frame; a bad length is answered with ABORT 4.
 async fn read_frame(
-    reader: &mut FrameReader<OwnedReadHalf>,
-    writer: &mut OwnedWriteHalf,
+    reader: &mut FrameReader<ReadSide>,
+    writer: &mut WriteSide,
 ) -> Result<Vec<u8>, P2pError> {
     match reader.next_frame().await {
         Ok(Some(frame)) => Ok(frame),
@@ -192,7 +211,7 @@ async fn read_frame(
 }
 
 /// Sends the ABORT the error calls for (none when the peer aborted) and returns the error.
-async fn refuse(writer: &mut OwnedWriteHalf, e: HandshakeError) -> P2pError {
+async fn refuse(writer: &mut WriteSide, e: HandshakeError) -> P2pError {
     if let Some(reason) = e.abort_reason() {
         send_abort(writer, reason).await;
     }
@@ -200,6 +219,6 @@ async fn refuse(writer: &mut OwnedWriteHalf, e: HandshakeError) -> P2pError {
 }
 
 /// Best effort: the connection is closed right after, whether or not the ABORT got out.
-async fn send_abort(writer: &mut OwnedWriteHalf, reason: AbortReason) {
+async fn send_abort(writer: &mut WriteSide, reason: AbortReason) {
     let _ = write_frame(writer, &reason.encode()).await;
 }

@@ -67,7 +67,8 @@ use micromsg_crypto::identity::IdentityPublicKey;
 use micromsg_crypto::message::{MAX_HEADER_STRING_LEN, PREFIX_LEN};
 use micromsg_crypto::{SessionKeys, aead::TAG_LEN};
 use micromsg_wire::io::{FrameReadError, FrameReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncRead;
+use tokio::net::TcpStream;
 
 pub use handshake::{accept, connect, initiate, respond};
 pub use session::{
@@ -218,11 +219,39 @@ impl P2pError {
     }
 }
 
-/// The socket halves and settings, carried from the handshake to the session task.
+/// What a handshake, and then its session, runs on.
+#[derive(Debug)]
+pub enum PeerStream {
+    /// A TCP connection between the two clients.
+    Direct(TcpStream),
+    /// This device's half of a broker relay (protocol.md 6.26), from [`crate::relay::open`]:
+    /// the session runs inside the TLS connection to the home broker. (Boxed: a TLS
+    /// connection's state is a kilobyte, a socket's a few words.)
+    Relayed(Box<crate::relay::Relayed>),
+}
+
+impl From<TcpStream> for PeerStream {
+    fn from(stream: TcpStream) -> Self {
+        Self::Direct(stream)
+    }
+}
+
+impl From<crate::relay::Relayed> for PeerStream {
+    fn from(relayed: crate::relay::Relayed) -> Self {
+        Self::Relayed(Box::new(relayed))
+    }
+}
+
+/// The read side of a [`PeerStream`].
+type ReadSide = Box<dyn AsyncRead + Send + Unpin>;
+/// The write side of a [`PeerStream`].
+type WriteSide = Box<dyn session::SessionWrite>;
+
+/// The stream's halves and settings, carried from the handshake to the session task.
 struct Transport {
     /// Still holds any DATA the initiator sent right after FINISH.
-    reader: FrameReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: FrameReader<ReadSide>,
+    writer: WriteSide,
     peer_addr: Option<SocketAddr>,
     cfg: SessionConfig,
 }

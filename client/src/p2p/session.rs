@@ -2,7 +2,8 @@
 //! what the peer sends, keeps the session alive with heartbeats and ends it cleanly.
 //!
 //! The task `select!`s over: delivering a waiting event, the next frame, the outgoing queue,
-//! writing buffered bytes, the heartbeat timer and the liveness deadline. Reading and writing
+//! writing buffered bytes (or flushing what a TLS writer holds back, for a session inside a
+//! relay's connection), the heartbeat timer and the liveness deadline. Reading and writing
 //! are independent branches, so two peers that both send faster than they read cannot
 //! deadlock: a full event queue pauses only reading, a slow socket pauses only sending.
 //!
@@ -28,7 +29,7 @@ use micromsg_crypto::message::{
     Body, DirectionKeys, Kind, MessageError, ReplayGuard, Sender, TYPE_DATA,
 };
 use micromsg_wire::io::{FrameReadError, FrameReader};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
@@ -432,11 +433,71 @@ pub(super) fn spawn(
 pub(super) trait SessionWrite: AsyncWrite + Unpin + Send + 'static {
     /// Writes what fits now without waiting; `WouldBlock` when nothing does.
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
+
+    /// Whether a write may leave bytes buffered that only a flush sends: true of TLS, whose
+    /// records wait in rustls until the socket takes them. The session then flushes once it
+    /// has nothing more to write.
+    fn holds_writes(&self) -> bool {
+        false
+    }
 }
 
 impl SessionWrite for OwnedWriteHalf {
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         OwnedWriteHalf::try_write(self, buf)
+    }
+}
+
+impl SessionWrite for Box<dyn SessionWrite> {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (**self).try_write(buf)
+    }
+
+    fn holds_writes(&self) -> bool {
+        (**self).holds_writes()
+    }
+}
+
+/// The write half of a relay's TLS stream (a session inside the connection to the broker).
+pub(super) struct TlsWriteHalf(pub(super) WriteHalf<crate::link::Stream>);
+
+impl AsyncWrite for TlsWriteHalf {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl SessionWrite for TlsWriteHalf {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // A poll that must not wait: with a no-op waker nobody is woken, and the session's
+        // `select!` polls the write (or the flush) again with its own waker before it sleeps.
+        let mut cx = Context::from_waker(Waker::noop());
+        match std::pin::Pin::new(&mut self.0).poll_write(&mut cx, buf) {
+            Poll::Ready(result) => result,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn holds_writes(&self) -> bool {
+        true
     }
 }
 
@@ -479,6 +540,7 @@ where
         app_gone: false,
         wbuf: Vec::new(),
         wpos: 0,
+        unflushed: false,
         last_sent: now,
         last_recv: now,
         started: now,
@@ -537,6 +599,9 @@ struct Task<R, W> {
     /// Sealed frames with their length prefixes; `wbuf[..wpos]` is already written.
     wbuf: Vec<u8>,
     wpos: usize,
+    /// A write went to a writer that may hold it back ([`SessionWrite::holds_writes`]): flush
+    /// once everything is written.
+    unflushed: bool,
     /// When the last frame was sealed (heartbeat timer).
     last_sent: Instant,
     /// When the last valid frame arrived (liveness deadline).
@@ -669,9 +734,15 @@ where
                         Err(reason) => Err(reason),
                     }
                 }
-                written = self.writer.write(&self.wbuf[self.wpos..]), if unwritten > 0 => {
+                written = write_or_flush(&mut self.writer, &self.wbuf[self.wpos..]),
+                    if unwritten > 0 || self.unflushed =>
+                {
                     match written {
-                        Ok(n) if n > 0 => {
+                        Ok(None) => {
+                            self.unflushed = false;
+                            Ok(())
+                        }
+                        Ok(Some(n)) if n > 0 => {
                             self.advance(n);
                             // Room again: seal what waits in the batch.
                             match self.handle_outgoing().await {
@@ -1008,6 +1079,7 @@ where
     }
 
     fn advance(&mut self, n: usize) {
+        self.unflushed |= self.writer.holds_writes();
         self.wpos += n;
         if self.wpos == self.wbuf.len() {
             self.wbuf.clear();
@@ -1045,6 +1117,26 @@ where
         .await;
         EndReason::LocalClose
     }
+}
+
+/// Writes `pending`, or when it is empty, flushes what the writer holds back
+/// ([`SessionWrite::holds_writes`]): `Some(bytes written)`, or `None` once flushed. One future
+/// for both, as the `select!` branch that owns the writer.
+fn write_or_flush<'a, W: AsyncWrite + Unpin>(
+    writer: &'a mut W,
+    pending: &'a [u8],
+) -> impl Future<Output = io::Result<Option<usize>>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if pending.is_empty() {
+            std::pin::Pin::new(&mut *writer)
+                .poll_flush(cx)
+                .map_ok(|()| None)
+        } else {
+            std::pin::Pin::new(&mut *writer)
+                .poll_write(cx, pending)
+                .map_ok(Some)
+        }
+    })
 }
 
 fn truncate_utf8(s: &str, max: usize) -> &str {

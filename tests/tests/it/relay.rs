@@ -2,7 +2,8 @@
 //! loopback: a target that cannot be reached directly is reached through the relay after the
 //! direct attempt fails; a target that asks for the relay gets it at once; the session inside
 //! is the ordinary section-12 session (messages both ways, the disconnect notice); the relay's
-//! refusals are typed; an idle relay is closed with a reason both sides see. NAT and firewalls
+//! refusals are typed; an idle relay is closed with a reason both sides see; a burst larger than
+//! the pipe holds arrives whole through the TLS connections. NAT and firewalls
 //! on real network namespaces are in `tests/netns`.
 
 use std::time::{Duration, Instant};
@@ -430,4 +431,90 @@ async fn a_target_that_asks_for_the_relay_but_is_reachable_gets_one_session() {
         a_agent.stop().await.unwrap();
         b_agent.stop().await.unwrap();
     }
+}
+
+/// The session runs inside each side's TLS connection to the broker (no loopback bridge),
+/// where a write may stay buffered in rustls while the socket is full. A burst of 38 MB,
+/// more than the sockets and the broker's splice hold, sent while the receiving application
+/// takes nothing, arrives whole and in order once it reads again; the heartbeats are two
+/// minutes apart, so no later frame pushes a stuck tail out within the 30 s each message has.
+/// (That the session flushes what such a writer holds back is pinned deterministically by
+/// `p2p::session::timing_tests`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_through_the_relay_arrives_whole_while_the_receiver_lags() {
+    use micromsg_client::p2p::{self, PeerEvent, SessionConfig};
+    use micromsg_crypto::{IdentityKey, Secret32};
+
+    let broker = TestBroker::start(Backend::Sqlite, |c| c.relay.bytes_per_sec = 0).await;
+    let mut a = user(&broker, "a").await;
+    let mut b = user(&broker, "b").await;
+    let relay = pair(&mut a, &mut b)
+        .await
+        .expect("the broker offers a relay");
+    let open = |name: &str| {
+        let profile = micromsg_client::profile::Profile::new(broker.profile_dir(name));
+        async move {
+            micromsg_client::relay::open(&profile, &relay)
+                .await
+                .unwrap()
+        }
+    };
+    let (a_half, b_half) = tokio::join!(open("a"), open("b"));
+    let cfg = SessionConfig {
+        heartbeat_interval: Duration::from_secs(120),
+        // The receiving session stops reading at this much, so the burst backs up through
+        // the broker into the sender's socket.
+        event_queue_bytes: 128 * 1024,
+        ..SessionConfig::default()
+    };
+    let token = Secret32::from_bytes([7; 32]);
+    let token_id = micromsg_crypto::handshake::token_id(&token);
+    let known = token.clone();
+    let b_cfg = cfg.clone();
+    let responder = tokio::spawn(async move {
+        let identity = IdentityKey::generate(&mut rand_core::OsRng);
+        p2p::accept(
+            b_half,
+            async |id| (id == token_id).then(|| known.clone()),
+            &identity,
+            b_cfg,
+        )
+        .await
+    });
+    let identity = IdentityKey::generate(&mut rand_core::OsRng);
+    let initiator = p2p::initiate(a_half, &token, &identity, cfg, |_| true)
+        .await
+        .expect("the initiator's handshake through the relay");
+    let responder = responder.await.unwrap().expect("the responder's handshake");
+    let sender = initiator.start(None);
+    let mut receiver = responder.start(None);
+
+    let count: u64 = 640;
+    let text = "r".repeat(60_000);
+    for _ in 0..count {
+        sender.send_text(text.clone()).await.expect("queued");
+    }
+    // Let the burst back up while nothing is taken.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let mut received = 0;
+    while received < count {
+        match tokio::time::timeout(Duration::from_secs(30), receiver.next_event()).await {
+            Ok(Some(PeerEvent::Text {
+                text: got, counter, ..
+            })) => {
+                assert_eq!(got.len(), text.len());
+                // Counter 0 was the confirming heartbeat.
+                assert_eq!(counter, received + 1, "in order");
+                received += 1;
+            }
+            Ok(Some(PeerEvent::Confirmed)) => {}
+            other => panic!(
+                "{received} of {count} arrived in {:?}, then {other:?}",
+                started.elapsed()
+            ),
+        }
+    }
+    let _ = sender.close("done").await;
+    broker.stop().await;
 }

@@ -2,7 +2,7 @@
 //! at the start and content held until the peer confirms the keys (protocol 12.3), the end of
 //! a session the peer never confirms, a heartbeat after an interval without sending, the end
 //! after the liveness timeout without a valid frame, and a slow reader not taken for a silent
-//! peer. Deterministic and instant: the paused clock moves only when every task waits, and then
+//! peer, and a writer that holds writes back (TLS) flushed without a later write. Deterministic and instant: the paused clock moves only when every task waits, and then
 //! straight to the next timer.
 
 #![allow(clippy::unwrap_used)]
@@ -38,6 +38,49 @@ impl SessionWrite for WriteHalf<DuplexStream> {
             Poll::Ready(written) => written,
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
+    }
+}
+
+/// A writer that keeps what it is given until it is flushed, as a TLS stream keeps records in
+/// rustls while its socket is full (`SessionWrite::holds_writes`).
+struct Holding {
+    inner: WriteHalf<DuplexStream>,
+    held: Vec<u8>,
+}
+
+impl AsyncWrite for Holding {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().held.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while !this.held.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &this.held))?;
+            this.held.drain(..n);
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl SessionWrite for Holding {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.held.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn holds_writes(&self) -> bool {
+        true
     }
 }
 
@@ -390,4 +433,30 @@ async fn a_slow_reader_holds_at_most_the_byte_budget() {
     }
     assert_eq!(got, texts);
     assert!(!session.sender().is_closed(), "the session is still up");
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_the_writer_holds_back_goes_out_without_a_later_write() {
+    let (ka, kb) = keys();
+    let ((ra, wa), (reader, writer)) = pipe(config().max_frame_len);
+    let holding = Holding {
+        inner: wa,
+        held: Vec::new(),
+    };
+    let mut session = spawn_on(ra, holding, config(), ka, None);
+    let mut peer = RawPeer {
+        reader,
+        writer,
+        keys: kb,
+        next_counter: 0,
+    };
+    let started = Instant::now();
+    // Each frame comes out at once, not when the next one is written: the confirming
+    // heartbeat, then the text that waited for the peer's confirmation.
+    assert_eq!(peer.next().await, Some((0, Kind::Heartbeat)));
+    session.send_text("held back").await.unwrap();
+    peer.send(Kind::Heartbeat, b"").await;
+    assert_eq!(peer.next().await, Some((1, Kind::Text)));
+    assert_eq!(next_event(&mut session).await, PeerEvent::Confirmed);
+    assert_eq!(started.elapsed(), Duration::ZERO);
 }
