@@ -648,13 +648,20 @@ where
         };
         let Self {
             reader,
-            writer,
+            mut writer,
             events,
             pending,
+            cfg,
             ..
         } = self;
         // Close the connection before telling the application.
         drop(reader);
+        if writer.holds_writes() {
+            // A TLS stream (a relay's): end it with close_notify, or the broker takes the end
+            // for a lost connection and tells both devices so. Bounded: the peer may be gone.
+            // (After a local close this only repeats the flush.)
+            let _ = timeout(cfg.close_timeout, writer.shutdown()).await;
+        }
         drop(writer);
         if let Some(event) = pending {
             let _ = events.send(event).await;
