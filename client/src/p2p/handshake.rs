@@ -6,11 +6,11 @@ use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
 use micromsg_crypto::{Secret32, handshake::TOKEN_ID_LEN};
 use micromsg_wire::io::{FrameReadError, FrameReader, write_frame};
 use rand_core::OsRng;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::time::timeout;
 
-use super::session::TlsWriteHalf;
+use super::session::{SessionWrite, TlsWriteHalf};
 use super::{Established, P2pError, PeerStream, ReadSide, SessionConfig, Transport, WriteSide};
 
 /// Connects to `addr` and runs the handshake as initiator with the connect `token`, accepting
@@ -77,7 +77,9 @@ where
         Ok(outcome)
     })
     .await
-    .map_err(|_| P2pError::Timeout(limit))??;
+    .map_err(|_| P2pError::Timeout(limit))
+    .flatten();
+    let outcome = ended_in_order(&mut writer, outcome, &cfg).await?;
     Ok(Established {
         peer_identity: outcome.peer_identity,
         token_id: micromsg_crypto::handshake::token_id(token),
@@ -117,7 +119,7 @@ where
     cfg.validate()?;
     let (mut reader, mut writer, peer_addr) = split(stream.into(), &cfg);
     let limit = cfg.handshake_timeout;
-    let (keys, peer_identity, token_id) = timeout(limit, async {
+    let answered = timeout(limit, async {
         let init = read_frame(&mut reader, &mut writer).await?;
         // A malformed INIT is refused by `handle_init` itself, without a lookup.
         let token = match Init::decode(&init) {
@@ -146,7 +148,9 @@ where
         }
     })
     .await
-    .map_err(|_| P2pError::Timeout(limit))??;
+    .map_err(|_| P2pError::Timeout(limit))
+    .flatten();
+    let (keys, peer_identity, token_id) = ended_in_order(&mut writer, answered, &cfg).await?;
     Ok(Established {
         peer_identity,
         keys,
@@ -191,6 +195,20 @@ fn split(
             (FrameReader::new(read, cfg.max_frame_len), write, None)
         }
     }
+}
+
+/// Passes a handshake's result on; when it failed, first closes a stream that holds writes
+/// back (a relay's TLS) in order, bounded by `close_timeout`, so the broker sees the half end
+/// and not a lost connection (protocol.md 6.26). A direct socket is just dropped.
+async fn ended_in_order<T>(
+    writer: &mut WriteSide,
+    result: Result<T, P2pError>,
+    cfg: &SessionConfig,
+) -> Result<T, P2pError> {
+    if result.is_err() && writer.holds_writes() {
+        let _ = timeout(cfg.close_timeout, writer.shutdown()).await;
+    }
+    result
 }
 
 /// The next handshake frame; a bad length is answered with ABORT 4.

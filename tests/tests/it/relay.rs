@@ -524,3 +524,79 @@ async fn a_burst_through_the_relay_arrives_whole_while_the_receiver_lags() {
     let _ = sender.close("done").await;
     broker.stop().await;
 }
+
+/// The broker's RELAY-CLOSED reason for `relay`, as `link`'s device is told it.
+async fn relay_closed_reason(link: &mut micromsg_client::link::BrokerLink, relay: Hex16) -> String {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let micromsg_wire::Event::RelayClosed(c) = link.next_event().await.unwrap()
+                && c.relay == relay
+            {
+                return c.reason;
+            }
+        }
+    })
+    .await
+    .expect("RELAY-CLOSED within 10 s")
+}
+
+/// A handshake refused inside the relay (the responder's check says no: ABORT) ends both halves
+/// with `close_notify`, so the broker tells both devices the session ended, not that a
+/// connection was lost (protocol.md 6.26).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_refused_through_the_relay_ends_both_halves_in_order() {
+    use micromsg_client::p2p::{self, P2pError, SessionConfig};
+    use micromsg_crypto::{IdentityKey, Secret32};
+
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let mut a = user(&broker, "a").await;
+    let mut b = user(&broker, "b").await;
+    let relay = pair(&mut a, &mut b)
+        .await
+        .expect("the broker offers a relay");
+    let open = |name: &str| {
+        let profile = micromsg_client::profile::Profile::new(broker.profile_dir(name));
+        async move {
+            micromsg_client::relay::open(&profile, &relay)
+                .await
+                .unwrap()
+        }
+    };
+    let (a_half, b_half) = tokio::join!(open("a"), open("b"));
+    let token = Secret32::from_bytes([5; 32]);
+    let known = token.clone();
+    let responder = tokio::spawn(async move {
+        let identity = IdentityKey::generate(&mut rand_core::OsRng);
+        p2p::respond(
+            b_half,
+            async |_| Some(known),
+            &identity,
+            SessionConfig::default(),
+            |_, _| false,
+        )
+        .await
+    });
+    let identity = IdentityKey::generate(&mut rand_core::OsRng);
+    let initiated = p2p::initiate(a_half, &token, &identity, SessionConfig::default(), |_| {
+        true
+    })
+    .await;
+    assert!(
+        initiated.as_ref().is_err_and(P2pError::peer_aborted),
+        "{initiated:?}"
+    );
+    let responded = responder.await.unwrap();
+    assert!(
+        matches!(responded, Err(P2pError::PeerRefused)),
+        "{responded:?}"
+    );
+    assert_eq!(
+        relay_closed_reason(&mut a.link, relay).await,
+        "the session ended"
+    );
+    assert_eq!(
+        relay_closed_reason(&mut b.link, relay).await,
+        "the session ended"
+    );
+    broker.stop().await;
+}
