@@ -439,6 +439,34 @@ async fn a_target_that_asks_for_the_relay_but_is_reachable_gets_one_session() {
     }
 }
 
+/// Users a and b with an offered relay between them, and both halves of it opened as each
+/// user (their main links, the relay id, a's half, b's half).
+async fn joined_relay(
+    broker: &TestBroker,
+) -> (
+    account::Session,
+    account::Session,
+    Hex16,
+    micromsg_client::relay::Relayed,
+    micromsg_client::relay::Relayed,
+) {
+    let mut a = user(broker, "a").await;
+    let mut b = user(broker, "b").await;
+    let relay = pair(&mut a, &mut b)
+        .await
+        .expect("the broker offers a relay");
+    let open = |name: &str| {
+        let profile = micromsg_client::profile::Profile::new(broker.profile_dir(name));
+        async move {
+            micromsg_client::relay::open(&profile, &relay)
+                .await
+                .unwrap()
+        }
+    };
+    let (a_half, b_half) = tokio::join!(open("a"), open("b"));
+    (a, b, relay, a_half, b_half)
+}
+
 /// The session runs inside each side's TLS connection to the broker (no loopback bridge),
 /// where a write may stay buffered in rustls while the socket is full. A burst of 38 MB,
 /// more than the sockets and the broker's splice hold, sent while the receiving application
@@ -452,20 +480,8 @@ async fn a_burst_through_the_relay_arrives_whole_while_the_receiver_lags() {
     use micromsg_crypto::{IdentityKey, Secret32};
 
     let broker = TestBroker::start(Backend::Sqlite, |c| c.relay.bytes_per_sec = 0).await;
-    let mut a = user(&broker, "a").await;
-    let mut b = user(&broker, "b").await;
-    let relay = pair(&mut a, &mut b)
-        .await
-        .expect("the broker offers a relay");
-    let open = |name: &str| {
-        let profile = micromsg_client::profile::Profile::new(broker.profile_dir(name));
-        async move {
-            micromsg_client::relay::open(&profile, &relay)
-                .await
-                .unwrap()
-        }
-    };
-    let (a_half, b_half) = tokio::join!(open("a"), open("b"));
+    // The main links stay logged in, as the offer's devices.
+    let (_a, _b, _, a_half, b_half) = joined_relay(&broker).await;
     let cfg = SessionConfig {
         heartbeat_interval: Duration::from_secs(120),
         // The receiving session stops reading at this much, so the burst backs up through
@@ -549,20 +565,7 @@ async fn a_handshake_refused_through_the_relay_ends_both_halves_in_order() {
     use micromsg_crypto::{IdentityKey, Secret32};
 
     let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
-    let mut a = user(&broker, "a").await;
-    let mut b = user(&broker, "b").await;
-    let relay = pair(&mut a, &mut b)
-        .await
-        .expect("the broker offers a relay");
-    let open = |name: &str| {
-        let profile = micromsg_client::profile::Profile::new(broker.profile_dir(name));
-        async move {
-            micromsg_client::relay::open(&profile, &relay)
-                .await
-                .unwrap()
-        }
-    };
-    let (a_half, b_half) = tokio::join!(open("a"), open("b"));
+    let (mut a, mut b, relay, a_half, b_half) = joined_relay(&broker).await;
     let token = Secret32::from_bytes([5; 32]);
     let known = token.clone();
     let responder = tokio::spawn(async move {
