@@ -79,6 +79,8 @@ impl RunningBroker {
     /// federation and admin listeners and the background tasks to end.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
+        // Relays are not requests in flight: they end now, each side closed in order.
+        self.broker.relays().stop_all();
         let _ = self.task.await;
         let grace = std::time::Duration::from_secs(
             self.broker
@@ -89,6 +91,10 @@ impl RunningBroker {
         );
         let drained = tokio::time::timeout(grace, async {
             while self.background.join_next().await.is_some() {}
+            // The splices close their sides, then leave the registry.
+            while self.broker.relays().open() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
         })
         .await;
         if drained.is_err() {

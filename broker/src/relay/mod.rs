@@ -55,6 +55,8 @@ pub struct Relays {
     /// calls from a peer are not ordered): by id, the peer and when; bounded like the offers.
     early_waiting: Mutex<std::collections::HashMap<RelayId, (String, Instant)>>,
     max_offers: usize,
+    /// Turns true at the broker's shutdown ([`Relays::stop_all`]): every splice ends.
+    stopping: tokio::sync::watch::Sender<bool>,
     /// The counters.
     pub stats: RelayStats,
 }
@@ -82,7 +84,20 @@ impl Relays {
             federation,
             early_waiting: Mutex::default(),
             max_offers,
+            stopping: tokio::sync::watch::Sender::new(false),
             stats: RelayStats::default(),
+        }
+    }
+
+    /// For a graceful shutdown: ends every relay. A spliced one closes both sides in order
+    /// (TLS `close_notify`), a waiting half is dropped, and both parties' devices that are
+    /// still connected are told why (RELAY-CLOSED). A relay that joins later ends at once.
+    pub fn stop_all(&self) {
+        self.stopping.send_replace(true);
+        let waiting = self.lock().stale_waiting(Duration::ZERO, Instant::now());
+        let reason = splice::Ended::Shutdown.reason(Duration::ZERO);
+        for id in waiting {
+            self.closed(&id, &reason);
         }
     }
 
@@ -257,8 +272,9 @@ impl Relays {
                 };
                 let bytes = Arc::clone(&self.stats.bytes);
                 let id = reservation.id;
+                let stopping = self.stopping.subscribe();
                 tokio::spawn(async move {
-                    let ended = splice::splice(a, b, limits, bytes).await;
+                    let ended = splice::splice(a, b, limits, bytes, stopping).await;
                     debug!(?ended, "relay ended");
                     relays.closed(&id, &ended.reason(limits.idle));
                 });

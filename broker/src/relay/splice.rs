@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 /// One side's connection after its RELAY answer.
@@ -49,6 +49,8 @@ pub enum Ended {
     Lost,
     /// Nothing moved for the idle timeout.
     Idle,
+    /// The broker is shutting down.
+    Shutdown,
 }
 
 impl Ended {
@@ -61,12 +63,20 @@ impl Ended {
                 "nothing was relayed for {} s (relay.idle_timeout_secs)",
                 idle.as_secs()
             ),
+            Ended::Shutdown => "the broker is shutting down".into(),
         }
     }
 }
 
-/// Runs the relay between `a` and `b` until it ends; adds every byte copied to `bytes`.
-pub async fn splice(a: Half, b: Half, limits: SpliceLimits, bytes: Arc<AtomicU64>) -> Ended {
+/// Runs the relay between `a` and `b` until it ends, or until `stopping` turns true (each side
+/// is then closed in order); adds every byte copied to `bytes`.
+pub async fn splice(
+    a: Half,
+    b: Half,
+    limits: SpliceLimits,
+    bytes: Arc<AtomicU64>,
+    stopping: watch::Receiver<bool>,
+) -> Ended {
     let started = Instant::now();
     // Milliseconds since `started` of the last byte either way.
     let last = Arc::new(AtomicU64::new(0));
@@ -76,15 +86,31 @@ pub async fn splice(a: Half, b: Half, limits: SpliceLimits, bytes: Arc<AtomicU64
         a.early,
         b.write,
         limits,
-        started,
-        Arc::clone(&last),
-        Arc::clone(&stop),
+        Clock {
+            started,
+            last: Arc::clone(&last),
+        },
+        Stops {
+            relay: Arc::clone(&stop),
+            broker: stopping.clone(),
+        },
         Arc::clone(&bytes),
     );
-    let ba = pump(b.read, b.early, a.write, limits, started, last, stop, bytes);
+    let ba = pump(
+        b.read,
+        b.early,
+        a.write,
+        limits,
+        Clock { started, last },
+        Stops {
+            relay: stop,
+            broker: stopping,
+        },
+        bytes,
+    );
     let (x, y) = tokio::join!(ab, ba);
     // The worse of the two directions names the end.
-    for ended in [Ended::Idle, Ended::Lost] {
+    for ended in [Ended::Shutdown, Ended::Idle, Ended::Lost] {
         if x == ended || y == ended {
             return ended;
         }
@@ -92,31 +118,60 @@ pub async fn splice(a: Half, b: Half, limits: SpliceLimits, bytes: Arc<AtomicU64
     Ended::Closed
 }
 
+/// When a relay started, and the milliseconds since then of its last byte either way.
+struct Clock {
+    started: Instant,
+    last: Arc<AtomicU64>,
+}
+
+/// What stops a direction early: the other direction's failure (`relay`), or the broker's
+/// shutdown (`broker` turning true).
+struct Stops {
+    relay: Arc<Notify>,
+    broker: watch::Receiver<bool>,
+}
+
+impl Stops {
+    /// Ready with the reason once either stop comes.
+    async fn stopped(&mut self) -> Ended {
+        let shutdown = async {
+            if self.broker.wait_for(|stopping| *stopping).await.is_err() {
+                // The sender is gone without a shutdown: nothing will stop us this way.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = self.relay.notified() => Ended::Lost,
+            () = shutdown => Ended::Shutdown,
+        }
+    }
+}
+
 /// One direction. A clean end of stream is passed on as a half-close (the other direction
-/// goes on until it ends too); a failure or the idle timeout stops both.
-#[allow(clippy::too_many_arguments)]
+/// goes on until it ends too); a failure or the idle timeout stops both; the broker's shutdown
+/// stops both, each closing the side it writes to in order.
 async fn pump(
     mut from: Box<dyn AsyncRead + Send + Unpin>,
     early: Vec<u8>,
     mut to: Box<dyn AsyncWrite + Send + Unpin>,
     limits: SpliceLimits,
-    started: Instant,
-    last: Arc<AtomicU64>,
-    stop: Arc<Notify>,
+    clock: Clock,
+    mut stops: Stops,
     bytes: Arc<AtomicU64>,
 ) -> Ended {
+    let Clock { started, last } = clock;
     let mut rate = Rate::new(limits.bytes_per_sec, limits.buffer);
     // Small while the relay is quiet (most are: chat), doubled whenever a read fills it, up to
     // `buffer`; back to small after an idle spell. An idle relay then holds little memory.
     let small = limits.buffer.min(SMALL_BUFFER);
     let mut buf = vec![0u8; small];
     if !early.is_empty() && to.write_all(&early).await.and(to.flush().await).is_err() {
-        stop.notify_waiters();
+        stops.relay.notify_waiters();
         return Ended::Lost;
     }
     let ended = loop {
         let read = tokio::select! {
-            () = stop.notified() => break Ended::Lost,
+            ended = stops.stopped() => break ended,
             read = tokio::time::timeout(limits.idle, from.read(&mut buf)) => read,
         };
         let n = match read {
@@ -144,7 +199,7 @@ async fn pump(
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         let grow = n == buf.len() && buf.len() < limits.buffer;
         let wrote = tokio::select! {
-            () = stop.notified() => break Ended::Lost,
+            ended = stops.stopped() => break ended,
             wrote = async {
                 to.write_all(&buf[..n]).await?;
                 to.flush().await
@@ -157,10 +212,13 @@ async fn pump(
             buf.resize((buf.len() * 2).min(limits.buffer), 0);
         }
         if let Some(wait) = rate.spend(n as u64, Instant::now()) {
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                ended = stops.stopped() => break ended,
+                () = tokio::time::sleep(wait) => {}
+            }
         }
     };
-    stop.notify_waiters();
+    stops.relay.notify_waiters();
     let _ = to.shutdown().await;
     ended
 }
@@ -215,6 +273,11 @@ mod tests {
         }
     }
 
+    /// A broker that never shuts down (its sender gone).
+    fn running() -> watch::Receiver<bool> {
+        watch::channel(false).1
+    }
+
     const LIMITS: SpliceLimits = SpliceLimits {
         bytes_per_sec: 0,
         idle: Duration::from_secs(5),
@@ -228,7 +291,13 @@ mod tests {
         let mut a = half(broker_a);
         a.early = b"early ".to_vec();
         let bytes = Arc::new(AtomicU64::new(0));
-        let relay = tokio::spawn(splice(a, half(broker_b), LIMITS, Arc::clone(&bytes)));
+        let relay = tokio::spawn(splice(
+            a,
+            half(broker_b),
+            LIMITS,
+            Arc::clone(&bytes),
+            running(),
+        ));
         client_a.write_all(b"hello b").await.unwrap();
         client_a.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -253,6 +322,7 @@ mod tests {
             half(broker_b),
             LIMITS,
             Arc::default(),
+            running(),
         ));
         let started = Instant::now();
         assert_eq!(relay.await.unwrap(), Ended::Idle);
@@ -275,6 +345,7 @@ mod tests {
             half(broker_b),
             limits,
             Arc::default(),
+            running(),
         ));
         let started = Instant::now();
         let payload = vec![7u8; 256 * 1024];
@@ -288,5 +359,41 @@ mod tests {
         // 256 KiB at 64 KiB/s with a 4 KiB burst: about 4 s.
         assert!(took >= Duration::from_millis(3_800), "{took:?}");
         drop(writer);
+    }
+
+    #[tokio::test]
+    async fn the_brokers_shutdown_ends_a_busy_relay_closing_both_sides_in_order() {
+        let (mut client_a, broker_a) = duplex(1 << 16);
+        let (mut client_b, broker_b) = duplex(1 << 16);
+        let (stop, stopping) = watch::channel(false);
+        let relay = tokio::spawn(splice(
+            half(broker_a),
+            half(broker_b),
+            LIMITS,
+            Arc::default(),
+            stopping,
+        ));
+        client_a.write_all(b"before").await.unwrap();
+        let mut got = [0u8; 6];
+        client_b.read_exact(&mut got).await.unwrap();
+        stop.send_replace(true);
+        assert_eq!(relay.await.unwrap(), Ended::Shutdown);
+        // Each side's connection was shut down (an end of stream, not a reset), and nothing
+        // else came.
+        for client in [&mut client_a, &mut client_b] {
+            let mut rest = Vec::new();
+            assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
+        }
+        // A relay spliced after the shutdown ends at once.
+        let (_a, broker_a) = duplex(1 << 16);
+        let (_b, broker_b) = duplex(1 << 16);
+        let late = splice(
+            half(broker_a),
+            half(broker_b),
+            LIMITS,
+            Arc::default(),
+            stop.subscribe(),
+        );
+        assert_eq!(late.await, Ended::Shutdown);
     }
 }

@@ -603,3 +603,43 @@ async fn a_handshake_refused_through_the_relay_ends_both_halves_in_order() {
     );
     broker.stop().await;
 }
+
+/// A broker that stops ends the relays it splices, closing each side in order: both ends of a
+/// relayed session learn at once that it ended, instead of talking on through a broker that
+/// has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_ends_its_relays() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let (b_agent, mut b_rx) = online(&b, unreachable_target()).await;
+    let (a_agent, mut a_rx) = online(&a, agents::config(AcceptPolicy::Any)).await;
+    add(&a_agent, &b, "contact add").await;
+    assert_eq!(started(&mut a_rx, &b.number).await, Path::Relay);
+    assert_eq!(started(&mut b_rx, &a.number).await, Path::Relay);
+    assert_eq!(broker.running.broker.relays().open(), 1);
+
+    let relays = std::sync::Arc::clone(&broker.running.broker);
+    let stopping = Instant::now();
+    broker.stop().await;
+    assert_eq!(
+        relays.relays().open(),
+        0,
+        "stop waits for the relays to end"
+    );
+    for (rx, peer) in [(&mut a_rx, &b.number), (&mut b_rx, &a.number)] {
+        expect(rx, |n| match n {
+            Notice::SessionEnded { peer: p, .. } if p == peer => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    // Well before the sessions' liveness timeout (three heartbeat intervals of 10 s).
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stopping.elapsed()
+    );
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+}
