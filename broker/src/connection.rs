@@ -58,6 +58,7 @@ pub(crate) fn run(
     broker: Arc<Broker>,
     tls: Stream,
     peer: SocketAddr,
+    slot: Slot,
     shutdown: watch::Receiver<bool>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     let mut binding = [0u8; 32];
@@ -74,9 +75,14 @@ pub(crate) fn run(
         tokio::io::split(tls),
         peer,
         binding,
+        slot,
         shutdown,
     ))
 }
+
+/// What holds a connection's place in its listener (the connection and per-IP slots) while it
+/// is open; a relay half keeps it, so a relayed connection counts toward the limits too.
+pub(crate) type Slot = Box<dyn std::any::Any + Send + Sync>;
 
 /// The frame loop on an established stream, already split, whose TLS `binding` is known.
 /// Generic over the stream (production runs it on TLS only) so that its timers, the idle
@@ -91,6 +97,7 @@ async fn serve<S>(
     (read, mut write): (ReadHalf<S>, WriteHalf<S>),
     peer: SocketAddr,
     binding: [u8; 32],
+    slot: Slot,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -188,6 +195,7 @@ async fn serve<S>(
                         read: Box::new(read),
                         write: Box::new(write),
                         early,
+                        slot: Some(slot),
                     };
                     broker.relays.attach(reservation, half);
                     debug!(conn = conn_id, "connection is now a relay half");
@@ -469,6 +477,7 @@ mod tests {
             tokio::io::split(server),
             peer,
             [0; 32],
+            Box::new(()),
             shutdown,
         ));
         let (read, write) = tokio::io::split(client);
@@ -501,6 +510,7 @@ mod tests {
             (ReadHalf<Stream>, WriteHalf<Stream>),
             SocketAddr,
             [u8; 32],
+            Slot,
             watch::Receiver<bool>,
         ) -> Fut,
     {
@@ -522,7 +532,14 @@ mod tests {
         let (_client, server) = tokio::io::duplex(64);
         let (_stop, shutdown) = watch::channel(false);
         let peer = "127.0.0.1:9".parse().unwrap();
-        let piped = serve(broker, tokio::io::split(server), peer, [0; 32], shutdown);
+        let piped = serve(
+            broker,
+            tokio::io::split(server),
+            peer,
+            [0; 32],
+            Box::new(()),
+            shutdown,
+        );
         let size = std::mem::size_of_val(&piped);
         assert!(size <= BOUND, "connection future on a pipe: {size} bytes");
         eprintln!(

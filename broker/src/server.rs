@@ -89,12 +89,10 @@ impl Server {
         let stop = shutdown.clone();
         // Not an `async move` around `connection::run`: that would keep the TLS stream in
         // this future as well for the connection's whole life (see `connection::run`).
+        // The connection holds its slot, and hands it on with the stream when it becomes a
+        // relay half.
         let serve = move |tls, peer, slot: Slot| {
-            let conn = connection::run(Arc::clone(&broker), tls, peer, stop.clone());
-            async move {
-                conn.await;
-                drop(slot);
-            }
+            connection::run(Arc::clone(&broker), tls, peer, Box::new(slot), stop.clone())
         };
         let mut tasks = JoinSet::new();
         accept_loop(

@@ -62,6 +62,7 @@ where
         read: Box::new(read),
         write: Box::new(write),
         early: Vec::new(),
+        slot: None,
     }
 }
 

@@ -19,6 +19,9 @@ pub struct Half {
     pub write: Box<dyn AsyncWrite + Send + Unpin>,
     /// Bytes the client sent after its RELAY request that were already read (they go first).
     pub early: Vec<u8>,
+    /// The client connection's place in its listener (`limits.max_connections` and the per-IP
+    /// limit), held until the half is dropped; none for a peer broker's stream.
+    pub slot: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Half {
@@ -270,6 +273,7 @@ mod tests {
             read: Box::new(read),
             write: Box::new(write),
             early: Vec::new(),
+            slot: None,
         }
     }
 

@@ -643,3 +643,36 @@ async fn a_broker_that_stops_ends_its_relays() {
     a_agent.stop().await.unwrap();
     b_agent.stop().await.unwrap();
 }
+
+/// A relay half is still a client connection: it keeps its place under the broker's
+/// connection limits (`limits.max_connections` and the per-IP limit) until the relay ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_halves_count_toward_the_connection_limits() {
+    use tokio::io::AsyncReadExt;
+
+    // The two users' main links and the two halves: four connections from 127.0.0.1.
+    let broker = TestBroker::start(Backend::Sqlite, |c| c.limits.max_connections_per_ip = 4).await;
+    let (_a, _b, _, a_half, b_half) = joined_relay(&broker).await;
+    // A fifth is closed before TLS.
+    let mut fifth = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), fifth.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the fifth connection was not closed: {read:?}"
+    );
+    // Once the relay ends, its places are free again.
+    drop((a_half, b_half));
+    micromsg_tests::wait::eventually("the relay is released", Duration::from_secs(10), || async {
+        broker.running.broker.relays().open() == 0
+    })
+    .await;
+    let profile = micromsg_client::profile::Profile::new(broker.profile_dir("a"));
+    micromsg_tests::wait::eventually_some(
+        "a connection in a place a half left",
+        Duration::from_secs(10),
+        async || account::connect(&profile).await.ok(),
+    )
+    .await;
+    broker.stop().await;
+}
