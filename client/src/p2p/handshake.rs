@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::time::timeout;
 
-use super::session::{SessionWrite, TlsWriteHalf};
+use super::session::SessionWrite;
 use super::{Established, P2pError, PeerStream, ReadSide, SessionConfig, Transport, WriteSide};
 
 /// Connects to `addr` and runs the handshake as initiator with the connect `token`, accepting
@@ -191,7 +191,7 @@ fn split(
             let (read, write) = tokio::io::split(tls);
             // The peer's first bytes may have come in with the RELAY answer.
             let read: ReadSide = Box::new(std::io::Cursor::new(early).chain(read));
-            let write: WriteSide = Box::new(TlsWriteHalf(write));
+            let write: WriteSide = Box::new(write);
             (FrameReader::new(read, cfg.max_frame_len), write, None)
         }
     }

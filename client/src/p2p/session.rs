@@ -459,45 +459,27 @@ impl SessionWrite for Box<dyn SessionWrite> {
 }
 
 /// The write half of a relay's TLS stream (a session inside the connection to the broker).
-pub(super) struct TlsWriteHalf(pub(super) WriteHalf<crate::link::Stream>);
-
-impl AsyncWrite for TlsWriteHalf {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl SessionWrite for TlsWriteHalf {
+impl SessionWrite for WriteHalf<crate::link::Stream> {
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // A poll that must not wait: with a no-op waker nobody is woken, and the session's
-        // `select!` polls the write (or the flush) again with its own waker before it sleeps.
-        let mut cx = Context::from_waker(Waker::noop());
-        match std::pin::Pin::new(&mut self.0).poll_write(&mut cx, buf) {
-            Poll::Ready(result) => result,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        write_without_waiting(self, buf)
     }
 
     fn holds_writes(&self) -> bool {
         true
+    }
+}
+
+/// [`SessionWrite::try_write`] for a writer that has no write of its own that never waits:
+/// one poll with a no-op waker, pending being `WouldBlock`. Nobody is woken by it; the
+/// session's `select!` polls the write (or the flush) again with its own waker before it sleeps.
+pub(super) fn write_without_waiting<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    buf: &[u8],
+) -> io::Result<usize> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match std::pin::Pin::new(writer).poll_write(&mut cx, buf) {
+        Poll::Ready(result) => result,
+        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use micromsg_crypto::handshake::{Initiator, Responder};
@@ -30,14 +30,8 @@ const MS: Duration = Duration::from_millis(1);
 const NEVER: Duration = Duration::from_secs(3600);
 
 impl SessionWrite for WriteHalf<DuplexStream> {
-    /// One poll with a no-op waker; pending is `WouldBlock`. The session then waits in its
-    /// write branch, which polls again with the task's waker.
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut cx = Context::from_waker(Waker::noop());
-        match Pin::new(self).poll_write(&mut cx, buf) {
-            Poll::Ready(written) => written,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        super::write_without_waiting(self, buf)
     }
 }
 
