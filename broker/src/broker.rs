@@ -134,17 +134,20 @@ impl Batchers {
             },
         );
         // Deliveries across brokers are not ordered, so outbox batches may commit side by side
-        // on Postgres. SQLite has one writer at a time: a second batch would only wait for the
-        // write lock in SQLite's busy handler, which sleeps in steps of up to 100 ms, where
-        // waiting here for the batch before it wakes at once. A DEPOSIT to a peer broker's
-        // client waits for its answer like one to a local client, so this gathers too.
+        // on Postgres: as many as deposit batches (`database.deposit_batches_in_flight`). More
+        // than two were measured to cost more CPU per message for no more throughput, since
+        // smaller batches pay a transaction each (docs/performance.md). SQLite has one writer
+        // at a time: a second batch would only wait for the write lock in SQLite's busy
+        // handler, which sleeps in steps of up to 100 ms, where waiting here for the batch
+        // before it wakes at once. A DEPOSIT to a peer broker's client waits for its answer
+        // like one to a local client, so this gathers too.
         let outbox = OutboxBatcher::spawn(
             store.clone(),
             BatcherConfig {
                 max_in_flight: if store.backend_name() == "sqlite" {
                     1
                 } else {
-                    4
+                    config.database.deposit_batches_in_flight
                 },
                 timeout: config.database.timeout(),
                 gather: std::time::Duration::from_micros(config.database.deposit_gather_us),

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::inbox::Lane;
-use super::routed::{DepositJob, RoutedDeposit, RoutedOutcome};
+use super::routed::{DepositJob, ReceivedDelivery, RoutedDeposit, RoutedOutcome};
 use super::{DepositOutcome, NewInboxItem, Number, Store, StoreError};
 
 /// Tuning of a [`DepositBatcher`] (and, but for the quota, of an [`OutboxBatcher`]).
@@ -357,6 +357,30 @@ impl DepositBatcher {
         deposit: RoutedDeposit,
     ) -> Result<RoutedOutcome, StoreError> {
         self.0.submit(DepositJob::Routed(deposit)).await
+    }
+
+    /// Stores deliveries received from a peer broker, exactly once each by its key, in the
+    /// batches of this broker's own deposits (as [`Store::receive_deliveries`] does, but beside
+    /// other batches in flight, where one `Deliver` call no longer waits for another's commit
+    /// in the same inboxes). All are submitted before any is waited for; one answer per
+    /// delivery, in order: its copies' outcomes, or the error of the batch that held it
+    /// (nothing of it was stored).
+    pub async fn receive(
+        &self,
+        deliveries: Vec<ReceivedDelivery>,
+    ) -> Vec<Result<Vec<Result<DepositOutcome, StoreError>>, StoreError>> {
+        let jobs = deliveries.into_iter().map(DepositJob::Received).collect();
+        self.0
+            .submit_all(jobs)
+            .await
+            .into_iter()
+            .map(|outcome| match outcome? {
+                RoutedOutcome::Kept(copies) => Ok(copies),
+                _ => Err(StoreError::Invariant(
+                    "a received delivery is kept or a repeat",
+                )),
+            })
+            .collect()
     }
 
     /// One copy's outcome from the batch's answer to a [`DepositJob::Copy`].

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::{PgConnection, SqliteConnection};
 
+use super::routed::{DepositJob, ReceivedDelivery, RoutedOutcome};
 use super::{
     Backend, DepositOutcome, DeviceId, InboxItem, MessageId, NewInboxItem, Number, PoolExt, Store,
     StoreError,
@@ -884,11 +885,15 @@ pub(crate) const COUNT_PENDING: &str = "SELECT \
 /// Keeps the idempotency keys of received deliveries, skipping those kept before; returns the
 /// keys that are new. Postgres gets them as arrays, so that the statement's text is the same for
 /// any number of keys and is prepared once per connection; SQLite gets a VALUES list.
-trait ReceiveIo {
+pub(crate) trait ReceiveIo {
     fn claim_keys(
         &mut self,
         keys: &[([u8; 16], i64)],
     ) -> impl Future<Output = Result<Vec<Vec<u8>>, StoreError>> + Send;
+
+    /// Deletes one kept key.
+    fn forget_key(&mut self, key: &[u8; 16])
+    -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 impl ReceiveIo for SqliteConnection {
@@ -905,15 +910,26 @@ impl ReceiveIo for SqliteConnection {
         }
         Ok(q.fetch_all(&mut *self).await?)
     }
+
+    async fn forget_key(&mut self, key: &[u8; 16]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM received_deliveries WHERE idempotency_key = ?")
+            .bind(&key[..])
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
 }
 
 impl ReceiveIo for PgConnection {
     async fn claim_keys(&mut self, keys: &[([u8; 16], i64)]) -> Result<Vec<Vec<u8>>, StoreError> {
         let ids: Vec<&[u8]> = keys.iter().map(|(k, _)| &k[..]).collect();
         let expiries: Vec<i64> = keys.iter().map(|(_, e)| *e).collect();
+        // In key order: two batches in flight that hold the same keys (a `Deliver` re-sent while
+        // the first is still being stored) wait for each other's keys in one order, never in a
+        // cycle.
         Ok(sqlx::query_scalar::<_, Vec<u8>>(
             "INSERT INTO received_deliveries (idempotency_key, expires_at) \
-             SELECT k, e FROM UNNEST($1::bytea[], $2::int8[]) AS u (k, e) \
+             SELECT k, e FROM UNNEST($1::bytea[], $2::int8[]) AS u (k, e) ORDER BY k \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key",
         )
         .bind(ids)
@@ -921,6 +937,28 @@ impl ReceiveIo for PgConnection {
         .fetch_all(&mut *self)
         .await?)
     }
+
+    async fn forget_key(&mut self, key: &[u8; 16]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM received_deliveries WHERE idempotency_key = $1")
+            .bind(&key[..])
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Keeps the idempotency keys `claims` (key, kept until) of received deliveries on `conn`;
+/// one answer per claim, in order: whether its key is new (false: received before).
+pub(crate) async fn claim_fresh<C: ReceiveIo + Send>(
+    conn: &mut C,
+    claims: &[([u8; 16], i64)],
+) -> Result<Vec<bool>, StoreError> {
+    let mut fresh = Vec::with_capacity(claims.len());
+    for chunk in claims.chunks(SQLITE_CHUNK) {
+        let new: HashSet<Vec<u8>> = conn.claim_keys(chunk).await?.into_iter().collect();
+        fresh.extend(chunk.iter().map(|(key, _)| new.contains(&key[..])));
+    }
+    Ok(fresh)
 }
 
 impl Store {
@@ -977,76 +1015,34 @@ impl Store {
     }
 
     /// Stores deliveries received from a peer broker, exactly once over their lifetime, in ONE
-    /// transaction. `deliveries` are (idempotency key, expiry); each item of `items` belongs to
-    /// the delivery at the index `owner` gives. A delivery whose key was kept before (a batch
+    /// transaction, alone in their inboxes (the broker's path batches them with its deposits:
+    /// [`crate::DepositBatcher::receive`]). A delivery whose key was kept before (a batch
     /// re-sent after a lost answer, even once the recipient has acknowledged and deleted the
-    /// message) stores nothing and its items get `Ok(AlreadyStored)`. The others are stored as
-    /// by [`Store::deposit_batch`], one outcome per item, and their keys are kept until the
-    /// expiry — except for a delivery with an item refused (quota, duplicate id), which the
-    /// sender may send again.
+    /// message) stores nothing and its copies get `Ok(AlreadyStored)`. The others are stored as
+    /// by [`Store::deposit_batch`], one outcome per copy, and their keys are kept until
+    /// [`ReceivedDelivery::keep_until`] — except for a delivery with a copy refused (quota,
+    /// duplicate id), which the sender may send again. One list of outcomes per delivery, in
+    /// order.
     pub async fn receive_deliveries(
         &self,
-        deliveries: &[([u8; 16], i64)],
-        items: &[NewInboxItem],
-        owner: &[usize],
+        deliveries: &[ReceivedDelivery],
         quota_per_device: u32,
-    ) -> Result<Vec<Outcome>, StoreError> {
-        let _writing = self.writing().await;
-        on_pool!(self, pool => {
-            let mut tx = pool.begin_write().await?;
-            let mut fresh = vec![false; deliveries.len()];
-            for (chunk_no, chunk) in deliveries.chunks(SQLITE_CHUNK).enumerate() {
-                let new: HashSet<Vec<u8>> = ReceiveIo::claim_keys(&mut *tx, chunk)
-                    .await?
-                    .into_iter()
-                    .collect();
-                for (i, (key, _)) in chunk.iter().enumerate() {
-                    fresh[chunk_no * SQLITE_CHUNK + i] = new.contains(&key[..]);
-                }
-            }
-            let is_fresh = |d: usize| fresh.get(d).copied().unwrap_or(false);
-            let store: Vec<NewInboxItem> = items
-                .iter()
-                .zip(owner)
-                .filter(|&(_, &d)| is_fresh(d))
-                .map(|(item, _)| item.clone())
-                .collect();
-            let mut stored = deposit_in(&mut *tx, &store, &[], quota_per_device)
-                .await?
-                .into_iter();
-            let outcomes: Vec<Outcome> = owner
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| {
-                    if is_fresh(d) {
-                        stored.next().unwrap_or(Err(StoreError::Invariant(
-                            "an outcome per fresh delivery",
-                        )))
-                    } else {
-                        Ok(DepositOutcome::AlreadyStored {
-                            expires_at: items.get(i).map_or(0, |item| item.expires_at),
-                        })
-                    }
-                })
-                .collect();
-            // A refused item is not received: its delivery may come again.
-            let refused: HashSet<usize> = owner
-                .iter()
-                .zip(&outcomes)
-                .filter(|(_, o)| o.is_err())
-                .map(|(&d, _)| d)
-                .collect();
-            for d in refused {
-                if let Some((key, _)) = deliveries.get(d) {
-                    sqlx::query("DELETE FROM received_deliveries WHERE idempotency_key = $1")
-                        .bind(&key[..])
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
-            tx.commit().await?;
-            Ok(outcomes)
-        })
+    ) -> Result<Vec<Vec<Outcome>>, StoreError> {
+        let jobs: Vec<DepositJob> = deliveries
+            .iter()
+            .cloned()
+            .map(DepositJob::Received)
+            .collect();
+        self.deposit_jobs(&jobs, quota_per_device, Lane::Alone)
+            .await?
+            .into_iter()
+            .map(|outcome| match outcome {
+                RoutedOutcome::Kept(copies) => Ok(copies),
+                _ => Err(StoreError::Invariant(
+                    "a received delivery is kept or a repeat",
+                )),
+            })
+            .collect()
     }
 
     /// Up to `limit` unexpired items for `(number, device_id)`: the device's own items and

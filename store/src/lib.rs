@@ -73,7 +73,7 @@ pub use batcher::{BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, Out
 pub use error::StoreError;
 pub use federation::DeliveryRoute;
 pub use ported::{PortIn, PortOut, PortedAway, PortedEntry, PortedOutcome, ToOutbox, WaitingItem};
-pub use routed::{RoutedDeposit, RoutedOutcome};
+pub use routed::{ReceivedDelivery, RoutedDeposit, RoutedOutcome};
 pub use types::{
     Backup, ContactRecord, DepositOutcome, DepositRoute, DeviceId, DeviceInfo, DeviceRecord,
     InboxItem, MessageId, NewDevice, NewInboxItem, Number, OutboxItem, SweepReport,

@@ -8,9 +8,9 @@
 
 use std::collections::HashMap;
 
-use super::inbox::{Lane, Outcome, deposit_in_lane, stored_device};
+use super::inbox::{Lane, Outcome, ReceiveIo, claim_fresh, deposit_in_lane, stored_device};
 use super::social::routes_on;
-use super::{DeviceId, NewInboxItem, Number, PoolExt, Store, StoreError, on_pool};
+use super::{DepositOutcome, DeviceId, NewInboxItem, Number, PoolExt, Store, StoreError, on_pool};
 
 /// A DEPOSIT for [`Store::deposit_routed_batch`].
 #[derive(Debug, Clone)]
@@ -19,6 +19,21 @@ pub struct RoutedDeposit {
     pub item: NewInboxItem,
     /// Number mode: one copy in the target's shared inbox instead of one per active device.
     pub shared_inbox: bool,
+}
+
+/// A delivery received from a peer broker, its route already checked, for
+/// [`crate::DepositBatcher::receive`] and [`Store::receive_deliveries`]: stored exactly once
+/// over its lifetime, by its idempotency key.
+#[derive(Debug, Clone)]
+pub struct ReceivedDelivery {
+    /// The delivery's idempotency key.
+    pub key: [u8; 16],
+    /// How long the key is kept: as long as the sender may send the delivery again (its own
+    /// expiry).
+    pub keep_until: i64,
+    /// Its copies: the recipient's shared inbox, or one per active device (each to another
+    /// inbox).
+    pub copies: Vec<NewInboxItem>,
 }
 
 /// What became of a [`RoutedDeposit`].
@@ -42,12 +57,18 @@ pub(crate) enum DepositJob {
     Copy { item: NewInboxItem, discard: bool },
     /// A DEPOSIT whose route is read in the batch's transaction.
     Routed(RoutedDeposit),
+    /// A delivery from a peer broker: its key is claimed in the batch's transaction, and its
+    /// copies are stored only if the key is new. Its outcome is `Kept`, one entry per copy
+    /// (all `AlreadyStored` for a delivery received before).
+    Received(ReceivedDelivery),
 }
 
 /// What a deposit turned into, before the outcomes are known.
 enum Plan {
     NoContact,
     Discarded,
+    /// A delivery received before: its copies' expiries.
+    Repeat(Vec<i64>),
     /// Its copies' indexes in the kept items.
     Kept(std::ops::Range<usize>),
 }
@@ -88,7 +109,7 @@ impl Store {
         let which: Vec<Option<usize>> = jobs
             .iter()
             .map(|job| match job {
-                DepositJob::Copy { .. } => None,
+                DepositJob::Copy { .. } | DepositJob::Received(_) => None,
                 DepositJob::Routed(d) => {
                     let pair = (&d.item.sender_number, &d.item.recipient_number);
                     Some(*index.entry(pair).or_insert_with(|| {
@@ -96,6 +117,13 @@ impl Store {
                         pairs.len() - 1
                     }))
                 }
+            })
+            .collect();
+        let claims: Vec<([u8; 16], i64)> = jobs
+            .iter()
+            .filter_map(|job| match job {
+                DepositJob::Received(d) => Some((d.key, d.keep_until)),
+                _ => None,
             })
             .collect();
         on_pool!(self, pool => {
@@ -106,11 +134,26 @@ impl Store {
                 true => Vec::new(),
                 false => routes_on(&mut *tx, &pairs).await?,
             };
+            // The received deliveries' keys, all in one statement (per chunk on SQLite): which
+            // are new.
+            let mut fresh = claim_fresh(&mut *tx, &claims).await?.into_iter();
             let mut kept: Vec<NewInboxItem> = Vec::new();
             let mut discarded: Vec<NewInboxItem> = Vec::new();
             let mut plans = Vec::with_capacity(jobs.len());
             for (job, r) in jobs.iter().zip(&which) {
                 let deposit = match (job, r) {
+                    (DepositJob::Received(d), _) => {
+                        if fresh.next().ok_or(StoreError::Invariant("a claim per delivery"))? {
+                            let start = kept.len();
+                            kept.extend(d.copies.iter().cloned());
+                            plans.push(Plan::Kept(start..kept.len()));
+                        } else {
+                            plans.push(Plan::Repeat(
+                                d.copies.iter().map(|c| c.expires_at).collect(),
+                            ));
+                        }
+                        continue;
+                    }
                     (DepositJob::Copy { item, discard: true }, _) => {
                         discarded.push(item.clone());
                         plans.push(Plan::Discarded);
@@ -160,6 +203,15 @@ impl Store {
                 lane = Lane::Alone;
                 continue;
             };
+            // A delivery with a copy refused (quota, a clashing id) is not received: its sender
+            // may send it again.
+            for (job, plan) in jobs.iter().zip(&plans) {
+                if let (DepositJob::Received(d), Plan::Kept(range)) = (job, plan)
+                    && outcomes.get(range.clone()).is_some_and(|o| o.iter().any(Result::is_err))
+                {
+                    ReceiveIo::forget_key(&mut *tx, &d.key).await?;
+                }
+            }
             let mut outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();
             tx.commit().await?;
             return plans
@@ -168,6 +220,12 @@ impl Store {
                     Ok(match plan {
                         Plan::NoContact => RoutedOutcome::NoContact,
                         Plan::Discarded => RoutedOutcome::Discarded,
+                        Plan::Repeat(expiries) => RoutedOutcome::Kept(
+                            expiries
+                                .into_iter()
+                                .map(|expires_at| Ok(DepositOutcome::AlreadyStored { expires_at }))
+                                .collect(),
+                        ),
                         Plan::Kept(range) => RoutedOutcome::Kept(
                             outcomes[range]
                                 .iter_mut()

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use micromsg_store::{
     BatcherConfig, DepositBatcher, DepositOutcome, DeviceId, MessageId, NewDevice, NewInboxItem,
-    Number, Store, StoreError,
+    Number, ReceivedDelivery, Store, StoreError,
 };
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -180,6 +180,7 @@ conformance!(
     case_batcher_group_commit,
     case_federation_tables,
     case_received_deliveries_once,
+    case_received_deliveries_once_through_the_batcher,
     case_deposit_route,
     case_deposit_routed,
     case_outbox_contact_checked,
@@ -2165,31 +2166,66 @@ async fn a_sqlite_store_counts_quota_slots_moved_from_postgres() {
     store.close().await;
 }
 
+/// Received deliveries handed to the store alone ([`Store::receive_deliveries`]) or through a
+/// deposit batcher with two batches in flight (the broker's path: each batch beside the other,
+/// in a quota counter slot of its own on Postgres).
+async fn receive(
+    store: &Store,
+    batched: bool,
+    deliveries: &[ReceivedDelivery],
+    quota: u32,
+) -> Vec<Vec<Result<DepositOutcome, StoreError>>> {
+    if !batched {
+        return store.receive_deliveries(deliveries, quota).await.unwrap();
+    }
+    let config = BatcherConfig {
+        quota_per_device: quota,
+        max_in_flight: 2,
+        ..BatcherConfig::default()
+    };
+    DepositBatcher::spawn(store.clone(), config)
+        .receive(deliveries.to_vec())
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A received delivery of item `n` with key `[key; 16]`, one copy per device in `devices`.
+fn delivery(key: u8, n: u32, devices: &[u32]) -> ReceivedDelivery {
+    ReceivedDelivery {
+        key: [key; 16],
+        keep_until: NOW + 100,
+        copies: devices
+            .iter()
+            .map(|&d| item(n, &num("5550001"), Some(d), &num("6660002")))
+            .collect(),
+    }
+}
+
 /// Deliveries from a peer broker are stored once over their lifetime: re-sent after the
 /// recipient acknowledged (deleted) them, they store nothing; a delivery refused for the quota
 /// is not remembered (it may come again); expired keys are swept.
-async fn case_received_deliveries_once(store: Store) {
+async fn received_deliveries_once(store: Store, batched: bool) {
     entity(&store, &num("5550001")).await;
-    add_devices(&store, &num("5550001"), 1).await;
-    let key = |n: u8| [n; 16];
-    let items = vec![
-        item(1, &num("5550001"), Some(1), &num("6660002")),
-        item(2, &num("5550001"), Some(1), &num("6660002")),
-    ];
-    let deliveries = [(key(1), NOW + 100), (key(2), NOW + 100)];
-    let outcomes = store
-        .receive_deliveries(&deliveries, &items, &[0, 1], 100)
-        .await
-        .unwrap();
+    add_devices(&store, &num("5550001"), 2).await;
+    let deliveries = [delivery(1, 1, &[1, 2]), delivery(2, 2, &[1])];
+    let outcomes = receive(&store, batched, &deliveries, 100).await;
     assert!(
-        outcomes
-            .iter()
-            .all(|o| matches!(o, Ok(DepositOutcome::Stored))),
+        outcomes.iter().flatten().count() == 3
+            && outcomes
+                .iter()
+                .flatten()
+                .all(|o| matches!(o, Ok(DepositOutcome::Stored))),
         "{outcomes:?}"
     );
     assert_eq!(
         fetch_all(&store, &num("5550001"), 1, NOW).await,
         vec![id(1), id(2)]
+    );
+    assert_eq!(
+        fetch_all(&store, &num("5550001"), 2, NOW).await,
+        vec![id(1)]
     );
     assert_eq!(
         store
@@ -2199,40 +2235,65 @@ async fn case_received_deliveries_once(store: Store) {
         2
     );
 
-    // The same batch again (a lost answer): nothing is stored twice.
-    let again = store
-        .receive_deliveries(&deliveries, &items, &[0, 1], 100)
-        .await
-        .unwrap();
+    // The same batch again (a lost answer): nothing is stored twice, on any device.
+    let again = receive(&store, batched, &deliveries, 100).await;
     assert!(
-        again
-            .iter()
-            .all(|o| matches!(o, Ok(DepositOutcome::AlreadyStored { .. }))),
+        again.iter().map(Vec::len).eq([2, 1])
+            && again
+                .iter()
+                .flatten()
+                .all(|o| matches!(o, Ok(DepositOutcome::AlreadyStored { .. }))),
         "{again:?}"
     );
     assert!(fetch_all(&store, &num("5550001"), 1, NOW).await.is_empty());
+    assert_eq!(
+        fetch_all(&store, &num("5550001"), 2, NOW).await,
+        vec![id(1)]
+    );
 
     // Refused for the quota: not remembered, so the retry is stored once there is room.
-    let third = vec![item(3, &num("5550001"), Some(1), &num("6660002"))];
-    let full = store
-        .receive_deliveries(&[(key(3), NOW + 100)], &third, &[0], 0)
-        .await
-        .unwrap();
+    let third = [delivery(3, 3, &[1])];
+    let full = receive(&store, batched, &third, 0).await;
     assert!(
-        matches!(full[0], Err(StoreError::QuotaExceeded)),
+        matches!(full[..], [ref one] if matches!(one[..], [Err(StoreError::QuotaExceeded)])),
         "{full:?}"
     );
-    let retried = store
-        .receive_deliveries(&[(key(3), NOW + 100)], &third, &[0], 100)
-        .await
-        .unwrap();
+    let retried = receive(&store, batched, &third, 100).await;
     assert!(
-        matches!(retried[..], [Ok(DepositOutcome::Stored)]),
+        matches!(retried[..], [ref one] if matches!(one[..], [Ok(DepositOutcome::Stored)])),
         "{retried:?}"
     );
 
+    // Many deliveries in flight at once, the same key twice among them (a call re-sent while
+    // the first is still being stored): each is stored once.
+    let many: Vec<ReceivedDelivery> = (10..60u8)
+        .chain([10, 11])
+        .map(|k| delivery(k, u32::from(k), &[1]))
+        .collect();
+    let outcomes = receive(&store, batched, &many, 100).await;
+    let stored = outcomes
+        .iter()
+        .flatten()
+        .filter(|o| matches!(o, Ok(DepositOutcome::Stored)))
+        .count();
+    let repeats = outcomes
+        .iter()
+        .flatten()
+        .filter(|o| matches!(o, Ok(DepositOutcome::AlreadyStored { .. })))
+        .count();
+    assert_eq!((stored, repeats), (50, 2), "{outcomes:?}");
+    assert_eq!(fetch_all(&store, &num("5550001"), 1, NOW).await.len(), 51);
+
     let swept = store.sweep(NOW + 101).await.unwrap();
-    assert_eq!(swept.received_deliveries, 3);
+    assert_eq!(swept.received_deliveries, 53);
+}
+
+async fn case_received_deliveries_once(store: Store) {
+    received_deliveries_once(store, false).await;
+}
+
+async fn case_received_deliveries_once_through_the_batcher(store: Store) {
+    received_deliveries_once(store, true).await;
 }
 
 /// One query tells a DEPOSIT the contact pair, the block and the active devices.

@@ -43,7 +43,8 @@ use crate::clock::unix_now;
 use crate::config::InboxMode;
 use crate::online::Push;
 use micromsg_store::{
-    DepositOutcome, NewInboxItem, OutboxBatcher, OutboxEntry, OutboxItem, StoreError,
+    DepositOutcome, NewInboxItem, OutboxBatcher, OutboxEntry, OutboxItem, ReceivedDelivery,
+    StoreError,
 };
 
 /// The outbox key of a message (see the module docs).
@@ -402,7 +403,9 @@ struct Accepted {
     delivery: Delivery,
 }
 
-/// The receiving end of `Deliver`: stores the batch in one transaction and answers per item.
+/// The receiving end of `Deliver`: checks the batch's routes in one statement, stores it
+/// through the deposit batcher (each delivery whole, exactly once by its key) and answers per
+/// item.
 pub async fn receive(
     broker: &Broker,
     peer: &str,
@@ -416,12 +419,9 @@ pub async fn receive(
     let max_body = broker.config.inbox.max_message_bytes as usize;
     let store = &broker.store;
     let mut results: Vec<DeliveryResult> = Vec::with_capacity(request.items.len());
-    let mut items: Vec<NewInboxItem> = Vec::new();
-    // Deliveries with rows to store: (idempotency key, expiry), and their index in `results`.
-    let mut claims: Vec<([u8; 16], i64)> = Vec::new();
-    let mut claim_result: Vec<usize> = Vec::new();
-    // For each stored row: the index of its delivery in `claims`.
-    let mut owner: Vec<usize> = Vec::new();
+    // Deliveries with copies to store, and the index of each in `results`.
+    let mut received: Vec<ReceivedDelivery> = Vec::new();
+    let mut received_result: Vec<usize> = Vec::new();
     // The distinct (recipient, sender) pairs of the batch, and the deliveries that passed the
     // rules and wait for their pair's lookup.
     let mut pairs: Vec<(Number, Number)> = Vec::new();
@@ -536,25 +536,31 @@ pub async fn receive(
             InboxMode::Number => vec![None],
             InboxMode::Entity => route.devices.iter().copied().map(Some).collect(),
         };
+        if devices.is_empty() {
+            // No active device to hold it: nothing to store (and nothing to deliver later).
+            continue;
+        }
         let d = a.delivery;
         let expires = d.expires_at.min(now + ttl);
-        let claim = claims.len();
-        // Kept as long as the sender may still re-send it (its own expiry).
-        claims.push((a.key, d.expires_at as i64));
-        claim_result.push(a.index);
-        for device in devices {
-            items.push(NewInboxItem {
-                id: a.id,
-                recipient_number: recipient.clone(),
-                recipient_device: device,
-                sender_number: sender.clone(),
-                sender_device: a.sender_device,
-                created_at: d.created_at.min(now) as i64,
-                expires_at: expires as i64,
-                body: d.body.clone(),
-            });
-            owner.push(claim);
-        }
+        received_result.push(a.index);
+        received.push(ReceivedDelivery {
+            key: a.key,
+            // Kept as long as the sender may still re-send it (its own expiry).
+            keep_until: d.expires_at as i64,
+            copies: devices
+                .into_iter()
+                .map(|device| NewInboxItem {
+                    id: a.id,
+                    recipient_number: recipient.clone(),
+                    recipient_device: device,
+                    sender_number: sender.clone(),
+                    sender_device: a.sender_device,
+                    created_at: d.created_at.min(now) as i64,
+                    expires_at: expires as i64,
+                    body: d.body.clone(),
+                })
+                .collect(),
+        });
     }
     if !forward.is_empty() {
         let rows: Vec<OutboxEntry> = forward.iter().map(|(_, e)| e.clone()).collect();
@@ -575,38 +581,40 @@ pub async fn receive(
             }
         }
     }
-    if items.is_empty() {
+    if received.is_empty() {
         return Ok(results);
     }
-    let quota = broker.config.inbox.quota_per_device;
-    let mut attempt = 0;
-    let outcomes = loop {
-        match store
-            .receive_deliveries(&claims, &items, &owner, quota)
-            .await
-        {
-            Err(e) if e.is_retryable() && attempt < 3 => attempt += 1,
-            Err(e) => {
-                warn!(error = %e, "storing a delivery batch failed; the peer will retry");
-                return Err(tonic::Status::unavailable("store unavailable; retry"));
-            }
-            Ok(outcomes) => break outcomes,
-        }
-    };
+    // Through the deposit batcher: the deliveries share commits (and, on Postgres, the
+    // batches in flight) with this broker's own deposits and with other Deliver calls, instead
+    // of a transaction of their own that locks their inboxes against every other writer.
+    let notices: Vec<(Number, [u8; 16])> = received
+        .iter()
+        .filter_map(|d| d.copies.first())
+        .map(|c| (c.recipient_number.clone(), c.id))
+        .collect();
+    let outcomes = broker.batchers.deposits.receive(received).await;
+    if let Some(e) = outcomes.iter().find_map(|o| o.as_ref().err()) {
+        // A batch failed as a whole (the batcher has retried what can be): nothing of its
+        // deliveries was stored. The peer sends the call again; what was stored is a repeat
+        // then.
+        warn!(error = %e, "storing a delivery batch failed; the peer will retry");
+        return Err(tonic::Status::unavailable("store unavailable; retry"));
+    }
     // New messages per recipient (an item per device in ENTITY mode counts once).
     let mut notify: HashMap<Number, HashSet<[u8; 16]>> = HashMap::new();
-    for ((outcome, claim), item) in outcomes.into_iter().zip(owner).zip(&items) {
-        let index = claim_result[claim];
-        match outcome {
-            Ok(DepositOutcome::Stored) => {
-                notify
-                    .entry(item.recipient_number.clone())
-                    .or_default()
-                    .insert(item.id);
+    for ((copies, index), (number, id)) in outcomes.into_iter().zip(received_result).zip(notices) {
+        let Ok(copies) = copies else { continue };
+        let mut stored = false;
+        for outcome in copies {
+            match outcome {
+                Ok(DepositOutcome::Stored) => stored = true,
+                Ok(DepositOutcome::AlreadyStored { .. } | DepositOutcome::Discarded)
+                | Err(StoreError::DuplicateId) => {}
+                Err(_) => results[index].status = DeliveryStatus::Retry as i32,
             }
-            Ok(DepositOutcome::AlreadyStored { .. } | DepositOutcome::Discarded)
-            | Err(StoreError::DuplicateId) => {}
-            Err(_) => results[index].status = DeliveryStatus::Retry as i32,
+        }
+        if stored {
+            notify.entry(number).or_default().insert(id);
         }
     }
     let done = results
