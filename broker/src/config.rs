@@ -122,7 +122,8 @@ pub struct DatabaseConfig {
     pub timeout_ms: u64,
     /// Deposit batches committing at once on Postgres (1..=64), each in a quota counter slot
     /// of its own, and as many batches of the federation outbox (DEPOSITs to a peer broker's
-    /// clients); SQLite always takes one. Default 2.
+    /// clients); SQLite always takes one. A second batch starts beside one in flight only while
+    /// flushes are slow beside the statements (the store measures both). Default 2.
     pub deposit_batches_in_flight: usize,
     /// The longest a deposit batch (for local inboxes, or the federation outbox) waits, after
     /// a batch was answered, for the senders it answered to deposit again, so that they share

@@ -15,15 +15,56 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::inbox::Lane;
 use super::routed::{DepositJob, ReceivedDelivery, RoutedDeposit, RoutedOutcome};
 use super::{DepositOutcome, NewInboxItem, Number, Store, StoreError};
+
+/// How long a group-commit batch's statements take and how long its commit, the wait for the
+/// WAL flush, takes (moving averages over recent batches, microseconds). A second batch in
+/// flight pays only while the first waits for its flush: its statements run meanwhile. Where
+/// flushes are short beside the statements (a fast disk, and a busy CPU), two batches side by
+/// side only halve each other's size, and each batch costs a transaction of its own
+/// (docs/performance.md: about 15% more CPU per deposit with two than with one there).
+#[derive(Debug, Default)]
+pub(crate) struct CommitClock {
+    statements_us: AtomicU64,
+    flush_us: AtomicU64,
+}
+
+impl CommitClock {
+    /// Adds one committed batch: `statements` from its transaction's start to its commit,
+    /// `flush` the commit itself. Each average moves an eighth of the way to the new figure.
+    pub(crate) fn record(&self, statements: Duration, flush: Duration) {
+        fn blend(avg: &AtomicU64, new: Duration) {
+            let new = u64::try_from(new.as_micros()).unwrap_or(u64::MAX);
+            let old = avg.load(Ordering::Relaxed);
+            let next = if old == 0 {
+                new
+            } else {
+                old - old / 8 + new / 8
+            };
+            avg.store(next, Ordering::Relaxed);
+        }
+        blend(&self.statements_us, statements);
+        blend(&self.flush_us, flush);
+    }
+
+    /// Whether a batch should start beside one in flight: while nothing is known yet, and
+    /// while the flush takes at least half as long as the statements (the other batch's
+    /// statements then fit in its wait; a flush of 5 ms beside statements of 2 ms, say, where
+    /// a fast disk flushes in a fraction of a millisecond).
+    pub(crate) fn overlap_pays(&self) -> bool {
+        let statements = self.statements_us.load(Ordering::Relaxed);
+        let flush = self.flush_us.load(Ordering::Relaxed);
+        statements == 0 || flush.saturating_mul(2) >= statements
+    }
+}
 
 /// Tuning of a [`DepositBatcher`] (and, but for the quota, of an [`OutboxBatcher`]).
 #[derive(Debug, Clone, Copy)]
@@ -109,9 +150,30 @@ impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
         F: Fn(Arc<Vec<T>>, usize) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
     {
+        Self::spawn_clocked(config, commit, None)
+    }
+
+    /// [`Self::spawn`], where `clock` (which `commit` feeds) decides whether a batch starts
+    /// beside one in flight ([`CommitClock::overlap_pays`]); while it does not, the next batch
+    /// waits for the batches in flight to end, and grows meanwhile.
+    pub(crate) fn spawn_clocked<F, Fut>(
+        config: BatcherConfig,
+        commit: F,
+        clock: Option<Arc<CommitClock>>,
+    ) -> Self
+    where
+        F: Fn(Arc<Vec<T>>, usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let submitted = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(config, Arc::new(commit), rx, Arc::clone(&submitted)));
+        tokio::spawn(run(
+            config,
+            Arc::new(commit),
+            rx,
+            Arc::clone(&submitted),
+            clock,
+        ));
         Self { tx, submitted }
     }
 
@@ -156,6 +218,7 @@ async fn run<T, O, F, Fut>(
     commit: Arc<F>,
     mut rx: mpsc::Receiver<Job<T, O>>,
     submitted: Arc<AtomicUsize>,
+    clock: Option<Arc<CommitClock>>,
 ) where
     T: Send + Sync + 'static,
     O: Send + 'static,
@@ -170,11 +233,22 @@ async fn run<T, O, F, Fut>(
         let _ = free_tx.try_send(slot);
     }
     let answered = Arc::new(std::sync::Mutex::new(Answered::default()));
+    // Batches committing now, and a wake-up when one ends.
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(Notify::new());
     while let Some(first) = rx.recv().await {
+        // Beside a batch in flight only where that pays (see `CommitClock`); otherwise after
+        // it, like a batch that waits for a slot. Items arriving meanwhile join this batch.
+        if let Some(clock) = &clock {
+            while in_flight.load(Ordering::Acquire) > 0 && !clock.overlap_pays() {
+                ended.notified().await;
+            }
+        }
         // Wait for a commit slot first: items arriving meanwhile join this batch.
         let Some(slot) = free_rx.recv().await else {
             return;
         };
+        in_flight.fetch_add(1, Ordering::AcqRel);
         let mut batch = Vec::with_capacity(max_batch.min(64));
         batch.push(first);
         take_waiting(&mut rx, &mut batch, max_batch);
@@ -202,6 +276,8 @@ async fn run<T, O, F, Fut>(
         let slot = FreedOnDrop {
             slot,
             free: free_tx.clone(),
+            in_flight: Arc::clone(&in_flight),
+            ended: Arc::clone(&ended),
         };
         let answered = Arc::clone(&answered);
         let submitted = Arc::clone(&submitted);
@@ -296,12 +372,17 @@ impl Answered {
 struct FreedOnDrop {
     slot: usize,
     free: mpsc::Sender<usize>,
+    in_flight: Arc<AtomicUsize>,
+    ended: Arc<Notify>,
 }
 
 impl Drop for FreedOnDrop {
     fn drop(&mut self) {
         // Never full: the channel has a place for every slot.
         let _ = self.free.try_send(self.slot);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // A permit is kept if the batching loop is not waiting yet: it cannot miss this.
+        self.ended.notify_one();
     }
 }
 
@@ -332,20 +413,24 @@ impl DepositBatcher {
     pub fn spawn(store: Store, config: BatcherConfig) -> Self {
         let quota = config.quota_per_device;
         let lanes = lanes(&config);
-        Self(GroupCommit::spawn(
+        let clock = Arc::new(CommitClock::default());
+        let timed = Arc::clone(&clock);
+        Self(GroupCommit::spawn_clocked(
             config,
             move |jobs: Arc<Vec<DepositJob>>, slot: usize| {
                 let store = store.clone();
                 let lane = lanes.get(slot).copied().unwrap_or(Lane::Alone);
+                let clock = Arc::clone(&timed);
                 async move {
                     Ok(store
-                        .deposit_jobs(&jobs, quota, lane)
+                        .deposit_jobs(&jobs, quota, lane, Some(&clock))
                         .await?
                         .into_iter()
                         .map(Ok)
                         .collect())
                 }
             },
+            Some(clock),
         ))
     }
 
@@ -458,12 +543,16 @@ pub struct OutboxBatcher(GroupCommit<OutboxEntry, bool>);
 impl OutboxBatcher {
     /// Starts the batching task on the current tokio runtime.
     pub fn spawn(store: Store, config: BatcherConfig) -> Self {
-        Self(GroupCommit::spawn(
+        let clock = Arc::new(CommitClock::default());
+        let timed = Arc::clone(&clock);
+        Self(GroupCommit::spawn_clocked(
             config,
             move |items: Arc<Vec<OutboxEntry>>, _slot: usize| {
                 let store = store.clone();
-                async move { store.enqueue_outbox_batch(&items).await }
+                let clock = Arc::clone(&timed);
+                async move { store.enqueue_outbox_clocked(&items, Some(&clock)).await }
             },
+            Some(clock),
         ))
     }
 
@@ -525,6 +614,81 @@ mod tests {
         for writer in writers {
             writer.await.unwrap();
         }
+    }
+
+    /// The most batches committing at once when 20 writers write 5 times each, without pause,
+    /// through a batcher with two slots whose every commit takes 5 ms and tells its clock that
+    /// `statements` and `flush` of it were statements and flush.
+    async fn most_in_flight(statements: Duration, flush: Duration) -> usize {
+        let clock = Arc::new(CommitClock::default());
+        // Known from before: the first batches decide as the later ones do.
+        clock.record(statements, flush);
+        let now = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (timed, counting, seen) = (Arc::clone(&clock), Arc::clone(&now), Arc::clone(&most));
+        let commit = GroupCommit::spawn_clocked(
+            BatcherConfig {
+                max_in_flight: 2,
+                ..BatcherConfig::default()
+            },
+            move |items: Arc<Vec<u32>>, _slot| {
+                let (clock, now, most) =
+                    (Arc::clone(&timed), Arc::clone(&counting), Arc::clone(&seen));
+                async move {
+                    let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(at_once, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    clock.record(statements, flush);
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    Ok(items.iter().map(|_| Ok(())).collect())
+                }
+            },
+            Some(clock),
+        );
+        let writers: Vec<_> = (0..20u32)
+            .map(|w| {
+                let commit = commit.clone();
+                tokio::spawn(async move {
+                    for _ in 0..5 {
+                        commit.submit(w).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        most.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_batch_commits_beside_the_first_only_while_flushes_are_slow() {
+        let ms = Duration::from_millis;
+        // A fast disk: the flush is short beside the statements, so a second batch would only
+        // split the first; it waits and grows instead.
+        assert_eq!(most_in_flight(ms(4), ms(1)).await, 1);
+        // A slow disk: one batch's statements fit in the other's flush.
+        assert_eq!(most_in_flight(ms(2), ms(5)).await, 2);
+    }
+
+    #[test]
+    fn the_commit_clock_lets_batches_overlap_until_it_knows_better() {
+        let clock = CommitClock::default();
+        assert!(clock.overlap_pays(), "nothing known yet");
+        clock.record(Duration::from_millis(4), Duration::from_millis(2));
+        assert!(
+            clock.overlap_pays(),
+            "a flush half as long as the statements"
+        );
+        // Fast flushes from now on: the average moves an eighth of the way each time.
+        for _ in 0..20 {
+            clock.record(Duration::from_millis(4), Duration::from_micros(200));
+        }
+        assert!(!clock.overlap_pays());
+        for _ in 0..20 {
+            clock.record(Duration::from_millis(4), Duration::from_millis(6));
+        }
+        assert!(clock.overlap_pays(), "the disk slowed down");
     }
 
     #[tokio::test]

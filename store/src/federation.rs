@@ -2,7 +2,9 @@
 //! cross-broker deliveries.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
+use super::batcher::CommitClock;
 use super::{
     Backend, DeviceId, Number, OutboxItem, PoolExt, Store, StoreError, array, device_id, on_pool,
     sqlite_list, sqlite_pair_values,
@@ -139,6 +141,15 @@ impl Store {
         &self,
         entries: &[super::OutboxEntry],
     ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+        self.enqueue_outbox_clocked(entries, None).await
+    }
+
+    /// [`Store::enqueue_outbox_batch`], timing its statements and its commit into `clock`.
+    pub(crate) async fn enqueue_outbox_clocked(
+        &self,
+        entries: &[super::OutboxEntry],
+        clock: Option<&CommitClock>,
+    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
         let _writing = self.writing().await;
         // One route per distinct pair (a sender's deposits often repeat it).
         let mut index: HashMap<(&Number, &Number), usize> = HashMap::new();
@@ -156,6 +167,7 @@ impl Store {
             .collect();
         let mut fresh: HashSet<Vec<u8>> = HashSet::new();
         let allowed: Vec<bool> = on_pool!(self, pool => {
+            let started = Instant::now();
             let mut tx = pool.begin_write().await?;
             let routes = match pairs.is_empty() {
                 true => Vec::new(),
@@ -173,7 +185,11 @@ impl Store {
             for chunk in queued.chunks(OUTBOX_CHUNK) {
                 fresh.extend(OutboxIo::insert_outbox(&mut *tx, chunk).await?);
             }
+            let flushing = Instant::now();
             tx.commit().await?;
+            if let Some(clock) = clock {
+                clock.record(flushing - started, flushing.elapsed());
+            }
             allowed
         });
         // A key twice in one batch: the first is new, the second is not.

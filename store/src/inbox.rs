@@ -1033,7 +1033,7 @@ impl Store {
             .cloned()
             .map(DepositJob::Received)
             .collect();
-        self.deposit_jobs(&jobs, quota_per_device, Lane::Alone)
+        self.deposit_jobs(&jobs, quota_per_device, Lane::Alone, None)
             .await?
             .into_iter()
             .map(|outcome| match outcome {

@@ -7,7 +7,9 @@
 //! route is what the deposit is stored against (nothing can change between the two).
 
 use std::collections::HashMap;
+use std::time::Instant;
 
+use super::batcher::CommitClock;
 use super::inbox::{Lane, Outcome, ReceiveIo, claim_fresh, deposit_in_lane, stored_device};
 use super::social::routes_on;
 use super::{DepositOutcome, DeviceId, NewInboxItem, Number, PoolExt, Store, StoreError, on_pool};
@@ -86,7 +88,7 @@ impl Store {
         quota_per_device: u32,
     ) -> Result<Vec<RoutedOutcome>, StoreError> {
         let jobs: Vec<DepositJob> = deposits.iter().cloned().map(DepositJob::Routed).collect();
-        self.deposit_jobs(&jobs, quota_per_device, Lane::Alone)
+        self.deposit_jobs(&jobs, quota_per_device, Lane::Alone, None)
             .await
     }
 
@@ -98,6 +100,7 @@ impl Store {
         jobs: &[DepositJob],
         quota_per_device: u32,
         lane: Lane,
+        clock: Option<&CommitClock>,
     ) -> Result<Vec<RoutedOutcome>, StoreError> {
         let _writing = self.writing().await;
         if jobs.is_empty() {
@@ -129,6 +132,7 @@ impl Store {
         on_pool!(self, pool => {
             let mut lane = lane;
             loop {
+            let started = Instant::now();
             let mut tx = pool.begin_write().await?;
             let routes = match pairs.is_empty() {
                 true => Vec::new(),
@@ -213,7 +217,11 @@ impl Store {
                 }
             }
             let mut outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();
+            let flushing = Instant::now();
             tx.commit().await?;
+            if let Some(clock) = clock {
+                clock.record(flushing - started, flushing.elapsed());
+            }
             return plans
                 .into_iter()
                 .map(|plan| {
