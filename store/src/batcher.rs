@@ -64,6 +64,17 @@ impl CommitClock {
         let flush = self.flush_us.load(Ordering::Relaxed);
         statements == 0 || flush.saturating_mul(2) >= statements
     }
+
+    /// How long a batch waits for the ones in flight before it starts beside them anyway:
+    /// twice an average batch's time, at least a millisecond. A batch that stalls (waiting for
+    /// a lock a port-in holds, say) must not hold back the deposits of every other inbox.
+    pub(crate) fn patience(&self) -> Duration {
+        let batch = self
+            .statements_us
+            .load(Ordering::Relaxed)
+            .saturating_add(self.flush_us.load(Ordering::Relaxed));
+        Duration::from_micros(batch.saturating_mul(2).max(1_000))
+    }
 }
 
 /// Tuning of a [`DepositBatcher`] (and, but for the quota, of an [`OutboxBatcher`]).
@@ -155,7 +166,8 @@ impl<T: Send + Sync + 'static, O: Send + 'static> GroupCommit<T, O> {
 
     /// [`Self::spawn`], where `clock` (which `commit` feeds) decides whether a batch starts
     /// beside one in flight ([`CommitClock::overlap_pays`]); while it does not, the next batch
-    /// waits for the batches in flight to end, and grows meanwhile.
+    /// waits for the batches in flight to end, and grows meanwhile (for at most
+    /// [`CommitClock::patience`]).
     pub(crate) fn spawn_clocked<F, Fut>(
         config: BatcherConfig,
         commit: F,
@@ -240,8 +252,14 @@ async fn run<T, O, F, Fut>(
         // Beside a batch in flight only where that pays (see `CommitClock`); otherwise after
         // it, like a batch that waits for a slot. Items arriving meanwhile join this batch.
         if let Some(clock) = &clock {
+            let enough = Instant::now() + clock.patience();
             while in_flight.load(Ordering::Acquire) > 0 && !clock.overlap_pays() {
-                ended.notified().await;
+                if tokio::time::timeout_at(enough, ended.notified())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
             }
         }
         // Wait for a commit slot first: items arriving meanwhile join this batch.
@@ -665,10 +683,52 @@ mod tests {
     async fn a_second_batch_commits_beside_the_first_only_while_flushes_are_slow() {
         let ms = Duration::from_millis;
         // A fast disk: the flush is short beside the statements, so a second batch would only
-        // split the first; it waits and grows instead.
-        assert_eq!(most_in_flight(ms(4), ms(1)).await, 1);
+        // split the first; it waits and grows instead. (The clock's batches are longer than
+        // the 5 ms these take, so that the wait's patience, 100 ms, outlasts any scheduling
+        // delay on a busy machine.)
+        assert_eq!(most_in_flight(ms(40), ms(10)).await, 1);
         // A slow disk: one batch's statements fit in the other's flush.
         assert_eq!(most_in_flight(ms(2), ms(5)).await, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_batch_does_not_hold_the_next_one_back() {
+        // Flushes are fast (no overlap), batches take about 5 ms; the first one stalls for 2 s.
+        let clock = Arc::new(CommitClock::default());
+        clock.record(Duration::from_millis(4), Duration::from_millis(1));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let commit = GroupCommit::spawn_clocked(
+            BatcherConfig {
+                max_in_flight: 2,
+                ..BatcherConfig::default()
+            },
+            move |items: Arc<Vec<u32>>, _slot| {
+                let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    let took = if first { 2_000 } else { 5 };
+                    tokio::time::sleep(Duration::from_millis(took)).await;
+                    Ok(items.iter().map(|_| Ok(())).collect())
+                }
+            },
+            Some(clock),
+        );
+        let stalled = {
+            let commit = commit.clone();
+            tokio::spawn(async move { commit.submit(1).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The next writer is answered long before the stalled batch ends: its batch waited
+        // about 10 ms for the first, then started beside it.
+        let started = Instant::now();
+        commit.submit(2).await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(1_000),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!stalled.is_finished());
+        stalled.await.unwrap().unwrap();
     }
 
     #[test]
