@@ -62,10 +62,14 @@ impl Agent {
                 fail(waiting, message);
                 return;
             }
-            (None, Ok(_)) => return,
+            (None, Ok(established)) => {
+                established.close();
+                return;
+            }
         };
         let now = unix_now();
         if let Err(message) = self.check_member_key(&peer, &established.peer_identity) {
+            established.close();
             self.warn(message.clone()).await;
             fail(waiting, message);
             return;
@@ -77,6 +81,7 @@ impl Agent {
         {
             Ok(p) => p,
             Err(e) => {
+                established.close();
                 let message = format!("pinning {peer}'s identity failed: {e}");
                 self.warn(message.clone()).await;
                 fail(waiting, message);
@@ -94,6 +99,7 @@ impl Agent {
                 presented: established.peer_identity.to_hex(),
             })
             .await;
+            established.close();
             fail(waiting, message);
             return;
         }
@@ -115,6 +121,7 @@ impl Agent {
             .on_disk(move |s| s.save_new_session(&owned, &saved))
             .await
         {
+            established.close();
             let message = format!("saving the session keys for {peer} failed: {e}");
             self.warn(message.clone()).await;
             fail(waiting, message);

@@ -258,8 +258,8 @@ struct Transport {
 
 /// A completed handshake. Nothing has been sent on the session yet; call
 /// [`Established::start`] (after checking [`Established::peer_identity`] against the pins and
-/// saving [`Established::stored_session`]) to run it. Dropping it closes the connection
-/// without DISCONNECT.
+/// saving [`Established::stored_session`]) to run it, or [`Established::close`] to refuse it.
+/// Dropping it closes the connection abruptly, without DISCONNECT.
 pub struct Established {
     /// The peer's long-term identity key, authenticated by its transcript signature.
     pub peer_identity: IdentityPublicKey,
@@ -309,5 +309,23 @@ impl Established {
     /// reuse counters if the keys are used again.
     pub fn start(self, persist: Option<Arc<dyn CounterPersist>>) -> SessionHandle {
         session::spawn(self.transport, self.keys, persist)
+    }
+
+    /// Ends the connection without starting the session (the peer's identity was refused,
+    /// say), in order, as a session's end does: a relayed one with TLS `close_notify`, so the
+    /// broker tells both devices that the session ended rather than that a connection was lost
+    /// (protocol.md 6.26). Runs on a task of its own (on the current tokio runtime), bounded by
+    /// [`SessionConfig::close_timeout`].
+    pub fn close(self) {
+        let Transport {
+            mut writer, cfg, ..
+        } = self.transport;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                cfg.close_timeout,
+                tokio::io::AsyncWriteExt::shutdown(&mut writer),
+            )
+            .await;
+        });
     }
 }

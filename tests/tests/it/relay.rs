@@ -567,18 +567,7 @@ async fn a_handshake_refused_through_the_relay_ends_both_halves_in_order() {
     let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
     let (mut a, mut b, relay, a_half, b_half) = joined_relay(&broker).await;
     let token = Secret32::from_bytes([5; 32]);
-    let known = token.clone();
-    let responder = tokio::spawn(async move {
-        let identity = IdentityKey::generate(&mut rand_core::OsRng);
-        p2p::respond(
-            b_half,
-            async |_| Some(known),
-            &identity,
-            SessionConfig::default(),
-            |_, _| false,
-        )
-        .await
-    });
+    let responder = respond_through(b_half, &token, false);
     let identity = IdentityKey::generate(&mut rand_core::OsRng);
     let initiated = p2p::initiate(a_half, &token, &identity, SessionConfig::default(), |_| {
         true
@@ -593,14 +582,83 @@ async fn a_handshake_refused_through_the_relay_ends_both_halves_in_order() {
         matches!(responded, Err(P2pError::PeerRefused)),
         "{responded:?}"
     );
-    assert_eq!(
+    assert_eq!(told_both(&mut a, &mut b, relay).await, ENDED);
+    broker.stop().await;
+}
+
+/// RELAY-CLOSED's reason for a session that ended in order, to both devices.
+const ENDED: [&str; 2] = ["the session ended", "the session ended"];
+
+/// B's side of a handshake through the relay with a fresh identity: it knows `token`, and
+/// `accept` is its answer to the initiator's identity.
+fn respond_through(
+    b_half: micromsg_client::relay::Relayed,
+    token: &micromsg_crypto::Secret32,
+    accept: bool,
+) -> tokio::task::JoinHandle<
+    Result<micromsg_client::p2p::Established, micromsg_client::p2p::P2pError>,
+> {
+    let known = token.clone();
+    tokio::spawn(async move {
+        let identity = micromsg_crypto::IdentityKey::generate(&mut rand_core::OsRng);
+        micromsg_client::p2p::respond(
+            b_half,
+            async |_| Some(known),
+            &identity,
+            micromsg_client::p2p::SessionConfig::default(),
+            |_, _| accept,
+        )
+        .await
+    })
+}
+
+/// What RELAY-CLOSED told each device about `relay`, A's then B's.
+async fn told_both(
+    a: &mut account::Session,
+    b: &mut account::Session,
+    relay: Hex16,
+) -> [String; 2] {
+    [
         relay_closed_reason(&mut a.link, relay).await,
-        "the session ended"
-    );
-    assert_eq!(
         relay_closed_reason(&mut b.link, relay).await,
-        "the session ended"
-    );
+    ]
+}
+
+/// A session refused after its handshake (the agent does so when the peer's identity key
+/// changed, say) through the relay is closed in order too (`Established::close`): the other
+/// side's session ends, and the broker tells both devices that the session ended, not that a
+/// connection was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_refused_after_its_handshake_through_the_relay_ends_in_order() {
+    use micromsg_client::p2p::{self, PeerEvent, SessionConfig};
+    use micromsg_crypto::{IdentityKey, Secret32};
+
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let (mut a, mut b, relay, a_half, b_half) = joined_relay(&broker).await;
+    let token = Secret32::from_bytes([6; 32]);
+    let responding = respond_through(b_half, &token, true);
+    let responder = tokio::spawn(async move {
+        // B accepts and runs the session: it ends when A's side closes.
+        let established = responding.await.unwrap().unwrap();
+        let (_sender, mut events) = established.start(None).into_parts();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
+                Ok(Some(PeerEvent::Ended(_)) | None) => break,
+                Ok(Some(_)) => {}
+                Err(_) => panic!("B's session did not end"),
+            }
+        }
+    });
+    let identity = IdentityKey::generate(&mut rand_core::OsRng);
+    let established = p2p::initiate(a_half, &token, &identity, SessionConfig::default(), |_| {
+        true
+    })
+    .await
+    .unwrap();
+    // A refuses the session it has just set up.
+    established.close();
+    responder.await.unwrap();
+    assert_eq!(told_both(&mut a, &mut b, relay).await, ENDED);
     broker.stop().await;
 }
 
