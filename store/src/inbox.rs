@@ -890,10 +890,6 @@ pub(crate) trait ReceiveIo {
         &mut self,
         keys: &[([u8; 16], i64)],
     ) -> impl Future<Output = Result<Vec<Vec<u8>>, StoreError>> + Send;
-
-    /// Deletes one kept key.
-    fn forget_key(&mut self, key: &[u8; 16])
-    -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 impl ReceiveIo for SqliteConnection {
@@ -909,14 +905,6 @@ impl ReceiveIo for SqliteConnection {
             q = q.bind(&key[..]).bind(*expires);
         }
         Ok(q.fetch_all(&mut *self).await?)
-    }
-
-    async fn forget_key(&mut self, key: &[u8; 16]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM received_deliveries WHERE idempotency_key = ?")
-            .bind(&key[..])
-            .execute(&mut *self)
-            .await?;
-        Ok(())
     }
 }
 
@@ -936,14 +924,6 @@ impl ReceiveIo for PgConnection {
         .bind(expiries)
         .fetch_all(&mut *self)
         .await?)
-    }
-
-    async fn forget_key(&mut self, key: &[u8; 16]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM received_deliveries WHERE idempotency_key = $1")
-            .bind(&key[..])
-            .execute(&mut *self)
-            .await?;
-        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::batcher::CommitClock;
-use super::inbox::{Lane, Outcome, ReceiveIo, claim_fresh, deposit_in_lane, stored_device};
+use super::inbox::{Lane, Outcome, claim_fresh, deposit_in_lane, stored_device};
 use super::social::routes_on;
 use super::{DepositOutcome, DeviceId, NewInboxItem, Number, PoolExt, Store, StoreError, on_pool};
 
@@ -213,7 +213,10 @@ impl Store {
                 if let (DepositJob::Received(d), Plan::Kept(range)) = (job, plan)
                     && outcomes.get(range.clone()).is_some_and(|o| o.iter().any(Result::is_err))
                 {
-                    ReceiveIo::forget_key(&mut *tx, &d.key).await?;
+                    sqlx::query("DELETE FROM received_deliveries WHERE idempotency_key = $1")
+                        .bind(&d.key[..])
+                        .execute(&mut *tx)
+                        .await?;
                 }
             }
             let mut outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();

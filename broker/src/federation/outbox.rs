@@ -419,9 +419,10 @@ pub async fn receive(
     let max_body = broker.config.inbox.max_message_bytes as usize;
     let store = &broker.store;
     let mut results: Vec<DeliveryResult> = Vec::with_capacity(request.items.len());
-    // Deliveries with copies to store, and the index of each in `results`.
+    // Deliveries with copies to store, and for each its index in `results`, its recipient and
+    // its message id (for the INBOX notice).
     let mut received: Vec<ReceivedDelivery> = Vec::new();
-    let mut received_result: Vec<usize> = Vec::new();
+    let mut answering: Vec<(usize, Number, [u8; 16])> = Vec::new();
     // The distinct (recipient, sender) pairs of the batch, and the deliveries that passed the
     // rules and wait for their pair's lookup.
     let mut pairs: Vec<(Number, Number)> = Vec::new();
@@ -542,7 +543,7 @@ pub async fn receive(
         }
         let d = a.delivery;
         let expires = d.expires_at.min(now + ttl);
-        received_result.push(a.index);
+        answering.push((a.index, recipient.clone(), a.id));
         received.push(ReceivedDelivery {
             key: a.key,
             // Kept as long as the sender may still re-send it (its own expiry).
@@ -587,23 +588,26 @@ pub async fn receive(
     // Through the deposit batcher: the deliveries share commits (and, on Postgres, the
     // batches in flight) with this broker's own deposits and with other Deliver calls, instead
     // of a transaction of their own that locks their inboxes against every other writer.
-    let notices: Vec<(Number, [u8; 16])> = received
-        .iter()
-        .filter_map(|d| d.copies.first())
-        .map(|c| (c.recipient_number.clone(), c.id))
-        .collect();
-    let outcomes = broker.batchers.deposits.receive(received).await;
-    if let Some(e) = outcomes.iter().find_map(|o| o.as_ref().err()) {
-        // A batch failed as a whole (the batcher has retried what can be): nothing of its
-        // deliveries was stored. The peer sends the call again; what was stored is a repeat
-        // then.
-        warn!(error = %e, "storing a delivery batch failed; the peer will retry");
-        return Err(tonic::Status::unavailable("store unavailable; retry"));
-    }
+    let outcomes = match broker
+        .batchers
+        .deposits
+        .receive(received)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, StoreError>>()
+    {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            // A batch failed as a whole (the batcher has retried what can be): nothing of its
+            // deliveries was stored. The peer sends the call again; what was stored is a
+            // repeat then.
+            warn!(error = %e, "storing a delivery batch failed; the peer will retry");
+            return Err(tonic::Status::unavailable("store unavailable; retry"));
+        }
+    };
     // New messages per recipient (an item per device in ENTITY mode counts once).
     let mut notify: HashMap<Number, HashSet<[u8; 16]>> = HashMap::new();
-    for ((copies, index), (number, id)) in outcomes.into_iter().zip(received_result).zip(notices) {
-        let Ok(copies) = copies else { continue };
+    for (copies, (index, number, id)) in outcomes.into_iter().zip(answering) {
         let mut stored = false;
         for outcome in copies {
             match outcome {
