@@ -64,7 +64,8 @@ pub(crate) struct Limiters {
     /// Login failures per source, for any entities.
     pub(crate) login_sources: WindowLimiter<Source>,
     /// Accepted login nonces, refused a second time.
-    pub(crate) replay: ReplayCache,
+    /// Shared with the store's login readers, which check a LOGIN's nonce between its reads.
+    pub(crate) replay: Arc<ReplayCache>,
     /// The answers given to discarded deposits (blocked senders), for their repeats.
     pub(crate) discarded: DiscardedDeposits,
 }
@@ -96,7 +97,7 @@ impl Limiters {
                 Duration::from_secs(60),
                 entries,
             ),
-            replay: ReplayCache::new(Duration::from_secs(window)),
+            replay: Arc::new(ReplayCache::new(Duration::from_secs(window))),
             discarded: DiscardedDeposits::new(entries),
         }
     }

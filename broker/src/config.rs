@@ -130,7 +130,14 @@ pub struct DatabaseConfig {
     /// one commit instead of taking turns (never longer than half that batch's commit took),
     /// microseconds (0..=100000; 0 never waits). Default 2000.
     pub deposit_gather_us: u64,
+    /// SQLite: threads that run LOGIN's two reads, each with a read-only connection of its
+    /// own, so that a LOGIN's store work is one hop to another thread instead of three through
+    /// the pool (0..=64; 0 reads on the pool). Postgres ignores it. Default 1.
+    pub login_readers: usize,
 }
+
+/// The most `database.login_readers` may be.
+pub const MAX_LOGIN_READERS: usize = 64;
 
 /// The most `database.deposit_batches_in_flight` may be.
 pub const MAX_DEPOSIT_BATCHES_IN_FLIGHT: usize = 64;
@@ -153,6 +160,7 @@ impl Default for DatabaseConfig {
             timeout_ms: micromsg_store::DEFAULT_STORE_TIMEOUT.as_millis() as u64,
             deposit_batches_in_flight: 2,
             deposit_gather_us: 2_000,
+            login_readers: 1,
         }
     }
 }
@@ -674,6 +682,11 @@ impl Config {
         if !(1..=MAX_DEPOSIT_BATCHES_IN_FLIGHT).contains(&self.database.deposit_batches_in_flight) {
             return invalid(format!(
                 "database.deposit_batches_in_flight must be 1..={MAX_DEPOSIT_BATCHES_IN_FLIGHT}"
+            ));
+        }
+        if self.database.login_readers > MAX_LOGIN_READERS {
+            return invalid(format!(
+                "database.login_readers must be 0..={MAX_LOGIN_READERS}"
             ));
         }
         if self.database.deposit_gather_us > MAX_DEPOSIT_GATHER_US {

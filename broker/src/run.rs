@@ -117,11 +117,15 @@ pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
             .await
         }
         None => {
-            Store::open_sqlite_with(
+            let mut store = Store::open_sqlite_with(
                 sqlite_path(&config.server.data_dir),
                 config.database.max_connections,
             )
-            .await
+            .await?;
+            store
+                .start_login_readers(config.database.login_readers)
+                .await?;
+            Ok(store)
         }
     }
 }

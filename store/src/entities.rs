@@ -19,6 +19,69 @@ const SELECT_DEVICE: &str = "SELECT number, device_id, name, client_secret, serv
      created_at, last_seen, revoked_at \
      FROM devices WHERE number = $1 AND device_id = $2";
 
+/// A LOGIN that the caller's check admitted ([`Store::device_for_login`]).
+#[derive(Debug)]
+pub struct AdmittedLogin<T> {
+    /// The device, with its secrets.
+    pub record: DeviceRecord,
+    /// What the check said.
+    pub verdict: T,
+    /// The device's pending items, or why they could not be counted.
+    pub pending: Result<i64, StoreError>,
+}
+
+/// Runs the caller's check on what the device read found (always, so that a missing device
+/// costs the same check); the login is admitted only with a device and a verdict.
+fn admitted<T>(
+    record: Option<DeviceRecord>,
+    admit: impl FnOnce(Option<&DeviceRecord>) -> Option<T>,
+) -> Option<(DeviceRecord, T)> {
+    let verdict = admit(record.as_ref());
+    Some((record?, verdict?))
+}
+
+/// [`Store::device_for_login`] on a login reader's connection: the same two statements.
+fn read_login<T>(
+    conn: &rusqlite::Connection,
+    number: &str,
+    device: i64,
+    now: i64,
+    admit: impl FnOnce(Option<&DeviceRecord>) -> Option<T>,
+) -> Result<Option<AdmittedLogin<T>>, StoreError> {
+    use rusqlite::OptionalExtension as _;
+    let row: Option<DeviceRow> = conn
+        .prepare_cached(SELECT_DEVICE)
+        .and_then(|mut select| {
+            select
+                .query_row(rusqlite::params![number, device], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
+                })
+                .optional()
+        })
+        .map_err(StoreError::Reader)?;
+    let Some((record, verdict)) = admitted(row.map(device_record).transpose()?, admit) else {
+        return Ok(None);
+    };
+    let pending = conn
+        .prepare_cached(crate::inbox::COUNT_PENDING)
+        .and_then(|mut count| count.query_row(rusqlite::params![number, device, now], |r| r.get(0)))
+        .map_err(StoreError::Reader);
+    Ok(Some(AdmittedLogin {
+        record,
+        verdict,
+        pending,
+    }))
+}
+
 fn device_record(row: DeviceRow) -> Result<DeviceRecord, StoreError> {
     let (number, id, name, client, server, created_at, last_seen, revoked_at) = row;
     Ok(DeviceRecord {
@@ -131,25 +194,34 @@ impl Store {
         row.map(device_record).transpose()
     }
 
-    /// A LOGIN's reads on one pooled connection: the device `(number, device_id)` (as
-    /// [`Store::device`]), handed to `admit`, the caller's check of the login (pure CPU: the
-    /// nonce); only if that admits it, how many unexpired items [`Store::fetch_inbox`] would
-    /// return for the device at `now` (LOGIN's pending count). Returns the record and, when
-    /// admitted, the count, whose own failure comes back apart: the login stands without it.
+    /// A LOGIN's reads: the device `(number, device_id)` (as [`Store::device`]), handed to
+    /// `admit`, the caller's check of the login (pure CPU: the nonce), which says why it admits
+    /// it (`Some`) or refuses (`None`); only if it admits an existing device, how many
+    /// unexpired items [`Store::fetch_inbox`] would return for the device at `now` (LOGIN's
+    /// pending count), whose own failure comes back apart: the login stands without it.
+    /// `None` when the check refused, or admitted a device that does not exist.
     ///
-    /// One connection instead of one per read: sqlx tests every connection it takes back
-    /// (a ping: a hop to SQLite's worker thread, a round trip to Postgres). A refused login
-    /// reads the device row and nothing else, whether the device exists or not, so its
-    /// timing still tells nothing about which numbers exist (the count grows with the inbox).
-    pub async fn device_for_login(
+    /// A refused login reads the device row and nothing else, whether the device exists or
+    /// not, so its timing still tells nothing about which numbers exist (the count grows with
+    /// the inbox). Both reads share one connection: on a SQLite store with login readers
+    /// ([`Store::start_login_readers`]), a reader's, with `admit` run on its thread; otherwise
+    /// a pooled one (sqlx tests every connection it takes back: a ping, a hop to SQLite's
+    /// worker thread or a round trip to Postgres, so one per LOGIN rather than one per read).
+    pub async fn device_for_login<T: Send + 'static>(
         &self,
         number: &Number,
         device_id: DeviceId,
         now: i64,
-        admit: impl FnOnce(Option<&DeviceRecord>) -> bool,
-    ) -> Result<(Option<DeviceRecord>, Option<Result<i64, StoreError>>), StoreError> {
-        let number = number.as_str();
+        admit: impl FnOnce(Option<&DeviceRecord>) -> Option<T> + Send + 'static,
+    ) -> Result<Option<AdmittedLogin<T>>, StoreError> {
         let device = i64::from(device_id.get());
+        if let Some(readers) = &self.login_readers {
+            let number = number.as_str().to_owned();
+            return readers
+                .run(move |conn| read_login(conn, &number, device, now, admit))
+                .await?;
+        }
+        let number = number.as_str();
         on_pool!(self, pool => {
             let mut conn = pool.acquire().await?;
             let row: Option<DeviceRow> = sqlx::query_as(SELECT_DEVICE)
@@ -157,10 +229,10 @@ impl Store {
                 .bind(device)
                 .fetch_optional(&mut *conn)
                 .await?;
-            let record = row.map(device_record).transpose()?;
-            if !admit(record.as_ref()) {
-                return Ok((record, None));
-            }
+            let Some((record, verdict)) = admitted(row.map(device_record).transpose()?, admit)
+            else {
+                return Ok(None);
+            };
             let pending = sqlx::query_scalar::<_, i64>(crate::inbox::COUNT_PENDING)
                 .bind(number)
                 .bind(device)
@@ -168,7 +240,7 @@ impl Store {
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(StoreError::from);
-            Ok((record, Some(pending)))
+            Ok(Some(AdmittedLogin { record, verdict, pending }))
         })
     }
 

@@ -47,7 +47,8 @@ pub enum StoreError {
     /// A stored value does not have the expected shape.
     #[error("stored data is corrupt: {0}")]
     Corrupt(&'static str),
-    /// The deposit batcher has stopped (the runtime is shutting down).
+    /// A task or thread of the store has stopped (the runtime is shutting down, the store was
+    /// closed, or a login reader's job panicked).
     #[error("store task closed")]
     Closed,
     /// The whole deposit batch this item was part of failed (shared by all its items).
@@ -56,6 +57,10 @@ pub enum StoreError {
     /// The database failed. Log it; never show it to a peer.
     #[error("database error")]
     Database(#[source] sqlx::Error),
+    /// The database failed under a login reader (SQLite read-only connections of their own,
+    /// `login_reader.rs`). Log it; never show it to a peer.
+    #[error("database error in a login reader")]
+    Reader(#[source] rusqlite::Error),
     /// The database did not answer within the store's timeout (see
     /// [`crate::DEFAULT_STORE_TIMEOUT`]); the operation may or may not have taken effect, so
     /// only idempotent operations are retried by callers.
@@ -81,6 +86,9 @@ impl StoreError {
                 // SQLite: BUSY, LOCKED, BUSY_RECOVERY, LOCKED_SHAREDCACHE, BUSY_SNAPSHOT.
                 | Some("5" | "6" | "261" | "262" | "517")
             ),
+            StoreError::Reader(e) => {
+                sqlite_code(e).is_some_and(|code| matches!(code, 5 | 6 | 261 | 262 | 517))
+            }
             _ => false,
         }
     }
@@ -113,8 +121,19 @@ impl StoreError {
                 }
                 _ => false,
             },
+            StoreError::Reader(e) => {
+                sqlite_code(e).is_some_and(|code| matches!(code & 0xff, 10 | 13))
+            }
             _ => false,
         }
+    }
+}
+
+/// The extended result code of a SQLite failure under a login reader.
+fn sqlite_code(e: &rusqlite::Error) -> Option<i32> {
+    match e {
+        rusqlite::Error::SqliteFailure(failure, _) => Some(failure.extended_code),
+        _ => None,
     }
 }
 

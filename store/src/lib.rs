@@ -46,6 +46,7 @@ mod error;
 mod federation;
 mod forwards;
 mod inbox;
+mod login_reader;
 pub mod migrate;
 pub mod portable;
 mod ported;
@@ -70,6 +71,7 @@ use sqlx::{Connection, Postgres, Sqlite, Transaction};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 pub use batcher::{BatcherConfig, DepositBatcher, GroupCommit, OutboxBatcher, OutboxEntry};
+pub use entities::AdmittedLogin;
 pub use error::StoreError;
 pub use federation::DeliveryRoute;
 pub use ported::{PortIn, PortOut, PortedAway, PortedEntry, PortedOutcome, ToOutbox, WaitingItem};
@@ -135,6 +137,9 @@ pub struct Store {
     /// SQLite: one writer at a time, queued here rather than in SQLite's busy handler (see the
     /// module docs). `None` on Postgres, whose row locks order writers.
     write_gate: Option<Arc<Semaphore>>,
+    /// SQLite, once [`Store::start_login_readers`] ran: LOGIN's reads run there, not on the
+    /// pool (`login_reader.rs`).
+    login_readers: Option<Arc<login_reader::LoginReaders>>,
 }
 
 #[derive(Clone)]
@@ -229,6 +234,7 @@ impl Store {
         Ok(Self {
             backend: Backend::Sqlite(pool),
             write_gate: Some(Arc::new(Semaphore::new(1))),
+            login_readers: None,
         })
     }
 
@@ -274,7 +280,25 @@ impl Store {
         Ok(Self {
             backend: Backend::Postgres(pool),
             write_gate: None,
+            login_readers: None,
         })
+    }
+
+    /// SQLite: runs LOGIN's reads ([`Store::device_for_login`]) on `count` threads of their
+    /// own, each with a read-only connection to the store's file, instead of on the pool: one
+    /// hop to another thread per LOGIN instead of three (`login_reader.rs`). `0`, or a Postgres
+    /// store, keeps them on the pool. The threads end when the last clone of this store drops.
+    pub async fn start_login_readers(&mut self, count: usize) -> Result<(), StoreError> {
+        let Backend::Sqlite(pool) = &self.backend else {
+            return Ok(());
+        };
+        if count == 0 {
+            return Ok(());
+        }
+        let path = pool.connect_options().get_filename().to_owned();
+        let readers = login_reader::LoginReaders::start(&path, count, SQLITE_BUSY_TIMEOUT).await?;
+        self.login_readers = Some(Arc::new(readers));
+        Ok(())
     }
 
     /// `"sqlite"` or `"postgres"`.

@@ -12,11 +12,12 @@
 
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use micromsg_store::{
-    BatcherConfig, DepositBatcher, DepositOutcome, DeviceId, MessageId, NewDevice, NewInboxItem,
-    Number, ReceivedDelivery, Store, StoreError,
+    AdmittedLogin, BatcherConfig, DepositBatcher, DepositOutcome, DeviceId, MessageId, NewDevice,
+    NewInboxItem, Number, ReceivedDelivery, Store, StoreError,
 };
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -335,10 +336,14 @@ async fn fetch_all(store: &Store, number: &Number, device: u32, now: i64) -> Vec
 
 /// A LOGIN's reads: the device goes to the check; the pending count (unexpired items for the
 /// device, and number-mode items it has not acknowledged) is read only when the check admits.
+/// On SQLite, both on the pool and on a login reader (`Store::start_login_readers`), which
+/// must see what the pool committed just before.
 async fn case_device_for_login(store: Store) {
     let (a, b) = (num("5550001"), num("5550002"));
     entity(&store, &a).await;
     entity(&store, &b).await;
+    let mut with_readers = store.clone();
+    with_readers.start_login_readers(2).await.unwrap();
     deposit_one(&store, &item(1, &a, Some(1), &b), 100)
         .await
         .unwrap();
@@ -352,46 +357,67 @@ async fn case_device_for_login(store: Store) {
     deposit_one(&store, &item(4, &a, Some(2), &b), 100)
         .await
         .unwrap();
+    for store in [&store, &with_readers] {
+        logins_read_what_they_may(store, &a).await;
+    }
+    // A device revoked through the pool is revoked for the readers at once.
+    assert!(store.revoke_device(&a, dev(1), NOW + 30).await.unwrap());
+    for store in [&store, &with_readers] {
+        let seen = store
+            .device_for_login(&a, dev(1), NOW + 30, |r| r.map(|r| r.is_revoked()))
+            .await
+            .unwrap();
+        let Some(AdmittedLogin { verdict, .. }) = seen else {
+            panic!("the check admitted the device");
+        };
+        assert!(verdict, "the revocation is seen");
+    }
+}
 
-    let mut seen = None;
-    let (record, pending) = store
-        .device_for_login(&a, dev(1), NOW + 20, |r| {
-            seen = r.map(|r| r.device_id);
-            true
-        })
+async fn logins_read_what_they_may(store: &Store, a: &Number) {
+    let admitted = store
+        .device_for_login(a, dev(1), NOW + 20, |r| r.map(|r| r.device_id))
         .await
         .unwrap();
-    assert_eq!(seen, Some(dev(1)), "the check sees the device");
+    let Some(AdmittedLogin {
+        record,
+        verdict,
+        pending,
+    }) = admitted
+    else {
+        panic!("the check admitted the device");
+    };
+    assert_eq!(verdict, dev(1), "the check sees the device");
+    assert_eq!(record.client_secret, device(1, Some("first")).client_secret);
     assert_eq!(
-        record.unwrap().client_secret,
-        device(1, Some("first")).client_secret
-    );
-    assert_eq!(
-        pending.map(Result::unwrap),
-        Some(2),
+        pending.unwrap(),
+        2,
         "one for the device and one number-mode item"
     );
 
-    // Refused: the device is returned, the count not read.
-    let (record, pending) = store
-        .device_for_login(&a, dev(1), NOW + 20, |_| false)
+    // Refused: nothing more is read.
+    let refused = store
+        .device_for_login(a, dev(1), NOW + 20, |_| None::<()>)
         .await
         .unwrap();
-    assert!(record.is_some());
-    assert!(pending.is_none());
+    assert!(refused.is_none());
 
-    // An unknown device: the check sees none.
-    let mut called = false;
-    let (record, pending) = store
-        .device_for_login(&a, dev(9), NOW, |r| {
-            called = true;
-            r.is_some()
+    // An unknown device: the check runs and sees none; even a check that would admit it
+    // cannot, without a device.
+    let called = Arc::new(AtomicBool::new(false));
+    let saw = Arc::clone(&called);
+    let unknown = store
+        .device_for_login(a, dev(9), NOW, move |r| {
+            saw.store(r.is_none(), Ordering::SeqCst);
+            Some(())
         })
         .await
         .unwrap();
-    assert!(called, "the check runs for an unknown device too");
-    assert!(record.is_none());
-    assert!(pending.is_none());
+    assert!(
+        called.load(Ordering::SeqCst),
+        "the check runs for an unknown device too"
+    );
+    assert!(unknown.is_none());
 }
 
 async fn case_create_entity(store: Store) {

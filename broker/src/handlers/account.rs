@@ -3,10 +3,12 @@
 //! ACCOUNT-DELETE (the entity and all it holds here, its number retired) and FORWARD (a moved
 //! entity's signed notice for callers of its number, for a grace period).
 
+use std::sync::Arc;
+
 use micromsg_crypto::nonce::{self, Direction, NonceContext, NoncePolicy};
 use micromsg_crypto::{Secret32, kdf};
 
-use micromsg_store::{NewDevice, Store, StoreError};
+use micromsg_store::{AdmittedLogin, NewDevice, Store, StoreError};
 use micromsg_wire::message::event::DeviceRevoked;
 use micromsg_wire::message::request::{
     AccountDeleteArgs, DeviceJoinArgs, ForwardArgs, LoginArgs, RegisterArgs,
@@ -45,7 +47,7 @@ pub struct Cx<'a> {
     /// Login failures per source.
     pub login_sources: &'a WindowLimiter<Source>,
     /// Login nonces already accepted.
-    pub replay: &'a ReplayCache,
+    pub replay: &'a Arc<ReplayCache>,
     /// The network, for numbers ported away from here; `None` on a standalone broker.
     pub federation: Option<&'a crate::federation::Federation>,
 }
@@ -241,17 +243,16 @@ pub async fn login(
         step_secs: u64::from(auth.nonce_step_secs),
         skew_steps: u64::from(auth.nonce_skew_steps),
     };
-    let ctx = NonceContext {
-        entity: &number,
-        device: device_id,
-        binding: &session.binding,
-    };
     // The nonce is checked between the store's two reads, on the connection that read the
-    // device: the inbox count is read only for a login that verified.
-    let mut step = None;
-    let (record, inbox) = cx
+    // device (on SQLite, on a login reader's thread: hence the owned copies): the inbox count
+    // is read only for a login that verified.
+    let replay = Arc::clone(cx.replay);
+    let binding = session.binding;
+    let secret = *args.secret.as_bytes();
+    let checked_number = number.clone();
+    let looked_up = cx
         .store
-        .device_for_login(&args.entity, args.device, now.unix_i64(), |record| {
+        .device_for_login(&args.entity, args.device, now.unix_i64(), move |record| {
             // Unknown and revoked devices run the same verification against a throwaway
             // secret, so the answer and its timing do not tell which numbers and devices
             // exist.
@@ -259,25 +260,31 @@ pub async fn login(
                 Some(r) if !r.is_revoked() => (Secret32::from_bytes(r.client_secret), true),
                 _ => (Secret32::generate(&mut OsRng), false),
             };
+            let ctx = NonceContext {
+                entity: &checked_number,
+                device: device_id,
+                binding: &binding,
+            };
             let verified = nonce::verify(
                 &client_secret,
                 Direction::ClientToBroker,
                 &ctx,
                 &policy,
                 now.unix,
-                args.secret.as_bytes(),
+                &secret,
             );
-            step = match verified {
-                Ok(t) if usable && cx.replay.first_use(*args.secret.as_bytes(), now.instant) => {
-                    Some(t)
-                }
+            match verified {
+                Ok(step) if usable && replay.first_use(secret, now.instant) => Some(step),
                 _ => None,
-            };
-            step.is_some()
+            }
         })
         .await?;
-    // Admitted only with a usable record, so both are there together.
-    let (Some(step), Some(record), Some(inbox)) = (step, record, inbox) else {
+    let Some(AdmittedLogin {
+        record,
+        verdict: step,
+        pending,
+    }) = looked_up
+    else {
         let _ = cx.login_sources.hit(&source, now.instant);
         if cx.login_failures.fail(&number, source, now.instant) {
             warn!(
@@ -293,10 +300,15 @@ pub async fn login(
     };
     // The count is for the user's information: a login stands without it, as before the
     // reads shared a connection.
-    let inbox = inbox.unwrap_or_else(|e| {
+    let inbox = pending.unwrap_or_else(|e| {
         warn!(conn = session.conn_id, error = %e, "pending count unavailable; LOGIN says 0");
         0
     });
+    let ctx = NonceContext {
+        entity: &number,
+        device: device_id,
+        binding: &session.binding,
+    };
     let server_secret = Secret32::from_bytes(record.server_secret);
     let proof = nonce::compute(&server_secret, Direction::BrokerToClient, &ctx, step)
         .map_err(|_| Refusal::internal())?;

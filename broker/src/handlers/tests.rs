@@ -111,7 +111,12 @@ impl Fixture {
     /// A broker with the default configuration changed by `adjust`.
     async fn new(adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = temp_dir();
-        let store = Store::open_sqlite(dir.path().join("broker.db"))
+        let mut store = Store::open_sqlite(dir.path().join("broker.db"))
+            .await
+            .unwrap();
+        // LOGIN's reads as a broker runs them by default: on a login reader.
+        store
+            .start_login_readers(Config::default().database.login_readers)
             .await
             .unwrap();
         let parked = tokio::runtime::Builder::new_current_thread()
