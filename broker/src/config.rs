@@ -826,6 +826,20 @@ mod tests {
             Config::load(None, env),
             Err(ConfigError::Invalid(_))
         ));
+        let env = vec![(
+            "MICROMSG_DATABASE_LOGIN_READERS".to_owned(),
+            "65".to_owned(),
+        )];
+        match Config::load(None, env) {
+            Err(ConfigError::Invalid(why)) => assert!(why.contains("login_readers"), "{why}"),
+            other => panic!("65 login readers: {other:?}"),
+        }
+        let env = vec![("MICROMSG_DATABASE_LOGIN_READERS".to_owned(), "0".to_owned())];
+        assert_eq!(
+            Config::load(None, env).unwrap().database.login_readers,
+            0,
+            "0 keeps LOGIN's reads on the pool"
+        );
         for bad in ["0", "65"] {
             let env = vec![(
                 "MICROMSG_DATABASE_DEPOSIT_BATCHES_IN_FLIGHT".to_owned(),
