@@ -170,15 +170,6 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
         what: "reading the bound address".into(),
         source,
     })?;
-    info!(
-        %addr,
-        store = broker.store.backend_name(),
-        broker_id = %broker.config.server.broker_id,
-        "listening for clients (TLS 1.3)"
-    );
-    if let Some(ca) = &files.ca {
-        info!(ca = %ca.display(), "clients trust this CA file");
-    }
     let (shutdown, rx) = watch::channel(false);
     let mut background = JoinSet::new();
     let mut federation_addr = None;
@@ -221,6 +212,17 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
             Arc::clone(f),
             rx.clone(),
         ));
+    }
+    // Said only once every listener the broker cannot run without is bound: a broker that
+    // then fails to bind its federation port never claimed to be serving.
+    info!(
+        %addr,
+        store = broker.store.backend_name(),
+        broker_id = %broker.config.server.broker_id,
+        "listening for clients (TLS 1.3)"
+    );
+    if let Some(ca) = &files.ca {
+        info!(ca = %ca.display(), "clients trust this CA file");
     }
     let mut admin_addr = None;
     if broker.config.admin.enabled {

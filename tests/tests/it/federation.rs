@@ -998,6 +998,48 @@ impl Drop for Child {
     }
 }
 
+/// A broker whose federation port is taken stops with an error naming the port, and never says
+/// it listens for clients first (scripts wait for that line before using the broker).
+#[test]
+fn serve_with_its_federation_port_taken_stops_before_claiming_to_listen() {
+    use std::process::Command;
+    let bin = broker_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net");
+    let taken = micromsg_tests::free_port();
+    // The broker binds its federation port on every address.
+    let _holder = std::net::TcpListener::bind(("0.0.0.0", taken)).unwrap();
+    let init = Command::new(&bin)
+        .args(["network", "init", "--out"])
+        .arg(&net)
+        .args(["--broker", "x=555", "--broker", "y=556"])
+        .args(["--endpoint", &format!("x=127.0.0.1:{taken}")])
+        .args([
+            "--endpoint",
+            &format!("y=127.0.0.1:{}", micromsg_tests::free_port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let served = Command::new(&bin)
+        .args(["serve", "--broker-id", "x", "--network"])
+        .arg(net.join("network.toml"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data-x"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("MICROMSG_LOG", "info")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&served.stderr);
+    assert!(!served.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("binding the federation listener 0.0.0.0:{taken}")),
+        "{said}"
+    );
+    assert!(!said.contains("listening for clients"), "{said}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_network_init_serve_and_status() {
     use std::process::{Command, Stdio};
