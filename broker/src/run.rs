@@ -123,7 +123,7 @@ pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
             )
             .await?;
             store
-                .start_login_readers(config.database.login_readers)
+                .start_login_readers(config.database.login_readers, config.database.timeout())
                 .await?;
             Ok(store)
         }

@@ -53,7 +53,7 @@ fn read_login<T>(
         .prepare_cached(SELECT_DEVICE)
         .and_then(|mut select| {
             select
-                .query_row(rusqlite::params![number, device], |r| {
+                .query_row(rusqlite::named_params! {"$1": number, "$2": device}, |r| {
                     Ok((
                         r.get(0)?,
                         r.get(1)?,
@@ -73,7 +73,12 @@ fn read_login<T>(
     };
     let pending = conn
         .prepare_cached(crate::inbox::COUNT_PENDING)
-        .and_then(|mut count| count.query_row(rusqlite::params![number, device, now], |r| r.get(0)))
+        .and_then(|mut count| {
+            count.query_row(
+                rusqlite::named_params! {"$1": number, "$2": device, "$3": now},
+                |r| r.get(0),
+            )
+        })
         .map_err(StoreError::Reader);
     Ok(Some(AdmittedLogin {
         record,

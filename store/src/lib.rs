@@ -10,7 +10,9 @@
 //!   busy handler waits for the lock by sleeping in steps of up to 100 ms, so concurrent writers
 //!   left to it lose time and get tails of hundreds of milliseconds; the gate hands the lock on
 //!   the moment the writer before commits. Reads do not queue (WAL readers run beside the
-//!   writer).
+//!   writer). A LOGIN's reads run on login readers, threads with read-only rusqlite connections
+//!   of their own (`login_reader.rs`, [`Store::start_login_readers`]), whose errors are
+//!   [`StoreError::Reader`].
 //! * **Postgres** (production): [`Store::connect_postgres`]. Write transactions run at READ
 //!   COMMITTED; single-use and counter updates are conditional `UPDATE`s whose row locks
 //!   serialise racing transactions.
@@ -287,8 +289,15 @@ impl Store {
     /// SQLite: runs LOGIN's reads ([`Store::device_for_login`]) on `count` threads of their
     /// own, each with a read-only connection to the store's file, instead of on the pool: one
     /// hop to another thread per LOGIN instead of three (`login_reader.rs`). `0`, or a Postgres
-    /// store, keeps them on the pool. The threads end when the last clone of this store drops.
-    pub async fn start_login_readers(&mut self, count: usize) -> Result<(), StoreError> {
+    /// store, keeps them on the pool. The threads end at [`Store::close`], or when the last clone
+    /// of this store drops.
+    /// A LOGIN waits at most `timeout` for its reader (queued and run), then fails with
+    /// [`StoreError::TimedOut`].
+    pub async fn start_login_readers(
+        &mut self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<(), StoreError> {
         let Backend::Sqlite(pool) = &self.backend else {
             return Ok(());
         };
@@ -296,7 +305,8 @@ impl Store {
             return Ok(());
         }
         let path = pool.connect_options().get_filename().to_owned();
-        let readers = login_reader::LoginReaders::start(&path, count, SQLITE_BUSY_TIMEOUT).await?;
+        let readers =
+            login_reader::LoginReaders::start(&path, count, SQLITE_BUSY_TIMEOUT, timeout).await?;
         self.login_readers = Some(Arc::new(readers));
         Ok(())
     }
@@ -328,8 +338,12 @@ impl Store {
         Ok(())
     }
 
-    /// Closes the pool, waiting for connections in use to be returned.
+    /// Closes the pool, waiting for connections in use to be returned; on SQLite the login
+    /// readers first, so that the pool's last connection checkpoints the WAL and removes it.
     pub async fn close(&self) {
+        if let Some(readers) = &self.login_readers {
+            readers.close().await;
+        }
         on_pool!(self, pool => pool.close().await);
     }
 }

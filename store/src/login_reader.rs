@@ -20,6 +20,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
@@ -36,27 +38,36 @@ const PREPARED_STATEMENTS: usize = 8;
 
 type Job = Box<dyn FnOnce(&Connection) + Send>;
 
-/// The login readers of one SQLite store. Dropping the last handle (every clone of its store)
-/// ends them once their queued jobs are done.
+/// The login readers of one SQLite store: their queue and their threads. [`LoginReaders::close`]
+/// ends them; so does dropping the last handle (every clone of its store), once their queued
+/// jobs are done.
 #[derive(Debug)]
 pub(crate) struct LoginReaders {
-    jobs: flume::Sender<Job>,
+    /// `None` once closed.
+    jobs: Mutex<Option<flume::Sender<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// How long a LOGIN waits for a reader's answer (queued and run) before it is answered
+    /// UNAVAILABLE: a reader stuck on the disk must not hold every LOGIN for ever.
+    timeout: Duration,
 }
 
 impl LoginReaders {
-    /// Opens `count` (at least 1) read-only connections to the SQLite file at `path`, each on a
-    /// thread of its own, with the pool's busy timeout. Fails if a connection cannot be opened.
+    /// Opens `count` read-only connections to the SQLite file at `path`, each on a thread of
+    /// its own, with the pool's busy timeout; a job's caller waits at most `timeout`. Fails if a
+    /// connection cannot be opened.
     pub(crate) async fn start(
         path: &Path,
         count: usize,
         busy_timeout: Duration,
+        timeout: Duration,
     ) -> Result<Self, StoreError> {
         let (jobs, queue) = flume::bounded::<Job>(QUEUED_JOBS);
-        for index in 0..count.max(1) {
+        let mut threads = Vec::with_capacity(count);
+        for index in 0..count {
             let (opened, open_result) = oneshot::channel();
             let path = path.to_owned();
             let queue = queue.clone();
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("login-reader-{index}"))
                 .spawn(move || {
                     let conn = match open(&path, busy_timeout) {
@@ -70,25 +81,53 @@ impl LoginReaders {
                     serve(&conn, &queue);
                 })
                 .map_err(|_| StoreError::Closed)?;
+            threads.push(thread);
             open_result.await.map_err(|_| StoreError::Closed)??;
         }
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs: Mutex::new(Some(jobs)),
+            threads: Mutex::new(threads),
+            timeout,
+        })
     }
 
-    /// Runs `job` on a reader's connection and returns what it returned.
+    /// Runs `job` on a reader's connection and returns what it returned; [`StoreError::TimedOut`]
+    /// past the readers' timeout (the job may still run later: its answer is then dropped).
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce(&Connection) -> T + Send + 'static,
     ) -> Result<T, StoreError> {
+        let jobs = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(StoreError::Closed)?;
         let (answer, answered) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let _ = answer.send(job(conn));
         });
-        self.jobs
-            .send_async(job)
+        let asked = async {
+            jobs.send_async(job).await.map_err(|_| StoreError::Closed)?;
+            answered.await.map_err(|_| StoreError::Closed)
+        };
+        tokio::time::timeout(self.timeout, asked)
             .await
-            .map_err(|_| StoreError::Closed)?;
-        answered.await.map_err(|_| StoreError::Closed)
+            .unwrap_or(Err(StoreError::TimedOut))
+    }
+
+    /// Ends the readers: jobs already queued still run, later ones fail with
+    /// [`StoreError::Closed`]; returns once every reader's connection is closed, so that the
+    /// pool's last connection, closed after, can checkpoint the WAL and remove it.
+    pub(crate) async fn close(&self) {
+        drop(self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
 }
 
@@ -116,12 +155,14 @@ mod tests {
 
     use super::*;
 
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
     async fn readers(count: usize) -> (tempfile::TempDir, LoginReaders) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         // The store makes the file and its WAL; the readers only read it.
         crate::Store::open_sqlite(&path).await.unwrap();
-        let readers = LoginReaders::start(&path, count, Duration::from_secs(1))
+        let readers = LoginReaders::start(&path, count, Duration::from_secs(1), TIMEOUT)
             .await
             .unwrap();
         (dir, readers)
@@ -170,8 +211,67 @@ mod tests {
     #[tokio::test]
     async fn readers_that_cannot_open_their_file_fail_to_start() {
         let dir = tempfile::tempdir().unwrap();
-        let missing =
-            LoginReaders::start(&dir.path().join("none.db"), 2, Duration::from_secs(1)).await;
+        let missing = LoginReaders::start(
+            &dir.path().join("none.db"),
+            2,
+            Duration::from_secs(1),
+            TIMEOUT,
+        )
+        .await;
         assert!(matches!(missing, Err(StoreError::Reader(_))), "{missing:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_does_not_answer_in_time_is_a_timeout_and_the_next_job_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        crate::Store::open_sqlite(&path).await.unwrap();
+        let readers =
+            LoginReaders::start(&path, 1, Duration::from_secs(1), Duration::from_millis(100))
+                .await
+                .unwrap();
+        let (finished, done) = oneshot::channel();
+        let stuck = readers
+            .run(move |_| {
+                std::thread::sleep(Duration::from_millis(300));
+                let _ = finished.send(());
+            })
+            .await;
+        assert!(matches!(stuck, Err(StoreError::TimedOut)), "{stuck:?}");
+        assert!(
+            StoreError::TimedOut.is_unavailable(),
+            "answered UNAVAILABLE, not INTERNAL"
+        );
+        // The reader was not lost: once the slow job is over, it answers the next.
+        done.await.unwrap();
+        assert_eq!(readers.run(|_| 7).await.unwrap(), 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closing_the_store_closes_its_readers_and_the_wal_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut store = crate::Store::open_sqlite(&path).await.unwrap();
+        store.start_login_readers(2, TIMEOUT).await.unwrap();
+        let number = crate::Number::new("5550001".to_owned()).unwrap();
+        let device = crate::DeviceId::new(1).unwrap();
+        // A read, so that the readers hold the database open as they do on a live broker.
+        let seen = store
+            .device_for_login(&number, device, 0, |_| Some(()))
+            .await
+            .unwrap();
+        assert!(seen.is_none());
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
+        assert!(Path::new(&wal).exists(), "a live WAL store has its WAL");
+        store.close().await;
+        assert!(
+            !Path::new(&wal).exists(),
+            "the last connection to close checkpointed and removed the WAL"
+        );
+        let after = store
+            .device_for_login(&number, device, 0, |_| Some(()))
+            .await;
+        assert!(matches!(after, Err(StoreError::Closed)), "{after:?}");
     }
 }

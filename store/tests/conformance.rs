@@ -343,7 +343,10 @@ async fn case_device_for_login(store: Store) {
     entity(&store, &a).await;
     entity(&store, &b).await;
     let mut with_readers = store.clone();
-    with_readers.start_login_readers(2).await.unwrap();
+    with_readers
+        .start_login_readers(2, micromsg_store::DEFAULT_STORE_TIMEOUT)
+        .await
+        .unwrap();
     deposit_one(&store, &item(1, &a, Some(1), &b), 100)
         .await
         .unwrap();

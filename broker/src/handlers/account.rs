@@ -248,7 +248,7 @@ pub async fn login(
     // is read only for a login that verified.
     let replay = Arc::clone(cx.replay);
     let binding = session.binding;
-    let secret = *args.secret.as_bytes();
+    let login_nonce = *args.secret.as_bytes();
     let checked_number = number.clone();
     let looked_up = cx
         .store
@@ -271,10 +271,10 @@ pub async fn login(
                 &ctx,
                 &policy,
                 now.unix,
-                &secret,
+                &login_nonce,
             );
             match verified {
-                Ok(step) if usable && replay.first_use(secret, now.instant) => Some(step),
+                Ok(step) if usable && replay.first_use(login_nonce, now.instant) => Some(step),
                 _ => None,
             }
         })

@@ -116,7 +116,10 @@ impl Fixture {
             .unwrap();
         // LOGIN's reads as a broker runs them by default: on a login reader.
         store
-            .start_login_readers(Config::default().database.login_readers)
+            .start_login_readers(
+                Config::default().database.login_readers,
+                Config::default().database.timeout(),
+            )
             .await
             .unwrap();
         let parked = tokio::runtime::Builder::new_current_thread()
