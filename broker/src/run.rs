@@ -117,15 +117,11 @@ pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
             .await
         }
         None => {
-            let mut store = Store::open_sqlite_with(
+            Store::open_sqlite_with(
                 sqlite_path(&config.server.data_dir),
                 config.database.max_connections,
             )
-            .await?;
-            store
-                .start_login_readers(config.database.login_readers, config.database.timeout())
-                .await?;
-            Ok(store)
+            .await
         }
     }
 }
@@ -146,7 +142,12 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
     let files = tls::ensure_certificates(operator, &data_dir.join("tls"), &config.tls.names)?;
     let server_tls = tls::server_config(&files)?;
     let identity = crate::identity::load_or_create(&data_dir.join("identity.key"))?;
-    let store = open_store(&config).await?;
+    let mut store = open_store(&config).await?;
+    // Only a serving broker takes LOGINs: the admin tools, which open the store too, need no
+    // login readers (Postgres ignores the setting).
+    store
+        .start_login_readers(config.database.login_readers, config.database.timeout())
+        .await?;
     let mut config = config;
     let federation = Federation::load(&config.federation, &config.server.broker_id)?;
     if let Some(f) = &federation {
