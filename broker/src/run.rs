@@ -330,10 +330,24 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let running = start(config).await?;
     crate::signals::wait_for_stop().await;
     info!("shutting down: finishing in-flight requests");
+    let broker = Arc::clone(&running.broker);
     running.stop().await;
+    // Closing the store returns its connections; on SQLite the last one checkpoints the WAL
+    // into `micromsg.db` and removes `-wal`, so a stopped broker's store is one file to copy.
+    // The lock is held until then, so no tool writes the store while it closes.
+    if tokio::time::timeout(STORE_CLOSE_GRACE, broker.store().close())
+        .await
+        .is_err()
+    {
+        warn!("the store did not close within {STORE_CLOSE_GRACE:?}; stopping without it");
+    }
     info!("stopped");
     Ok(())
 }
+
+/// How long a stopping broker waits for its store to close (connections returned, and on
+/// SQLite the WAL checkpointed) before it exits anyway. Nothing committed is lost either way.
+const STORE_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

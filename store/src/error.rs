@@ -51,6 +51,10 @@ pub enum StoreError {
     /// closed, or a login reader's job panicked).
     #[error("store task closed")]
     Closed,
+    /// A thread of the store could not be started (a login reader, at start): the system's
+    /// limit on threads or memory.
+    #[error("starting a store thread")]
+    Spawn(#[source] std::io::Error),
     /// The whole deposit batch this item was part of failed (shared by all its items).
     #[error("deposit batch failed")]
     BatchFailed(#[source] Arc<StoreError>),

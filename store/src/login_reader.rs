@@ -80,7 +80,7 @@ impl LoginReaders {
                     let _ = opened.send(Ok(()));
                     serve(&conn, &queue);
                 })
-                .map_err(|_| StoreError::Closed)?;
+                .map_err(StoreError::Spawn)?;
             threads.push(thread);
             open_result.await.map_err(|_| StoreError::Closed)??;
         }

@@ -781,6 +781,37 @@ mod durability {
         broker.kill();
     }
 
+    /// SIGTERM stops the broker cleanly: it exits with success, its SQLite store is one file
+    /// again (the WAL checkpointed and removed, so an operator's copy of `micromsg.db` alone
+    /// is whole), and what it held is there after a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_leaves_the_sqlite_store_in_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = BrokerProcess::start(dir.path(), "").await;
+        let profile = Profile::new(dir.path().join("a"));
+        let registered = account::register(&profile, &broker.addr, &broker.ca, None)
+            .await
+            .unwrap()
+            .info
+            .number;
+        let db = broker.data_dir().join("micromsg.db");
+        let wal = broker.data_dir().join("micromsg.db-wal");
+        assert!(wal.exists(), "a serving broker's store has a WAL");
+
+        let status = broker.terminate().await;
+        assert!(status.success(), "{status:?}");
+        assert!(db.exists());
+        assert!(!wal.exists(), "the WAL was left behind after a clean stop");
+
+        broker.restart().await;
+        let again = connect_retrying(&profile).await;
+        assert_eq!(
+            again.info.number, registered,
+            "the account survived the stop"
+        );
+        broker.kill();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sigkill_during_a_burst_of_deposits_sqlite() {
         sigkill_during_a_burst(None).await;

@@ -89,6 +89,39 @@ impl BrokerProcess {
         );
     }
 
+    /// SIGTERM, as `systemctl stop` or `docker stop` sends: waits up to 30 s for the broker to
+    /// shut down on its own and returns how it exited.
+    pub(crate) async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the broker is not running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("the broker did not stop within 30 s of SIGTERM; its log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The broker's data directory.
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.ca
+            .parent()
+            .and_then(Path::parent)
+            .expect("the CA is under DATA/tls")
+            .to_path_buf()
+    }
+
     /// SIGKILL, and reaps the process.
     pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
