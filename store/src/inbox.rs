@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::{PgConnection, SqliteConnection};
 
+use super::relaxed::{COMMIT_WITHOUT_FLUSH, RelaxedSqlite};
 use super::routed::{DepositJob, ReceivedDelivery, RoutedOutcome};
 use super::{
     Backend, DepositOutcome, DeviceId, InboxItem, MessageId, NewInboxItem, Number, PoolExt, Store,
@@ -113,15 +114,6 @@ pub(super) const DELETE_FULLY_ACKED_ALL: &str = concat!(
      WHERE i.recipient_number = $1 AND i.recipient_device = 0 AND ",
     fully_acked!("$1")
 );
-
-/// A condition, always true, that makes the transaction of the statement holding it commit
-/// without waiting for its WAL flush. An acknowledgement need not wait for the disk: a crash
-/// can only lose the last few hundred milliseconds of them, and a lost acknowledgement is a
-/// redelivery, which clients drop by message id (protocol.md 13.2); a deposit, whose loss
-/// would lose a message, always waits for its flush. `set_config(…, true)` is local to the
-/// transaction, which for a statement sent on its own is that statement's, so nothing carries
-/// over to the next user of the pooled connection. The uncorrelated subquery runs once.
-const COMMIT_WITHOUT_FLUSH: &str = "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'";
 
 /// Deletes the items with ids `$3` of `$1`'s stored device `$2`, committing without waiting
 /// for the flush when sent on its own ([`COMMIT_WITHOUT_FLUSH`]); returns their ids. Built
@@ -776,52 +768,6 @@ pub(crate) async fn deposit_in_lane<C: DepositIo + Send>(
             .map(|o| o.unwrap_or(Err(StoreError::Invariant("an outcome per deposit"))))
             .collect(),
     ))
-}
-
-/// A pooled SQLite connection with `synchronous = NORMAL` (commits without an fsync), for
-/// writes whose loss in a power failure only repeats work (acknowledgements). It goes back to
-/// the pool with `synchronous = FULL` through [`RelaxedSqlite::restore`]; dropped without
-/// that (an error, a cancelled future) it is closed instead, so no durable write can ever
-/// run on it.
-struct RelaxedSqlite {
-    conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
-}
-
-impl RelaxedSqlite {
-    async fn acquire(pool: &sqlx::SqlitePool) -> Result<Self, StoreError> {
-        // Held by the guard before the setting changes, so that from then on a drop closes it.
-        let mut relaxed = Self {
-            conn: Some(pool.acquire().await?),
-        };
-        sqlx::query("PRAGMA synchronous = NORMAL")
-            .execute(relaxed.conn()?)
-            .await?;
-        Ok(relaxed)
-    }
-
-    fn conn(&mut self) -> Result<&mut SqliteConnection, StoreError> {
-        self.conn.as_deref_mut().ok_or(StoreError::Invariant(
-            "a relaxed connection used after restore",
-        ))
-    }
-
-    /// Sets `synchronous = FULL` again and returns the connection to the pool.
-    async fn restore(mut self) -> Result<(), StoreError> {
-        sqlx::query("PRAGMA synchronous = FULL")
-            .execute(self.conn()?)
-            .await?;
-        // Durable again: back to the pool (dropped as an ordinary pooled connection).
-        drop(self.conn.take());
-        Ok(())
-    }
-}
-
-impl Drop for RelaxedSqlite {
-    fn drop(&mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            conn.close_on_drop();
-        }
-    }
 }
 
 /// Columns of a fetched item, in [`inbox_item`] order.

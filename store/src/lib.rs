@@ -52,6 +52,7 @@ mod login_reader;
 pub mod migrate;
 pub mod portable;
 mod ported;
+mod relaxed;
 mod retire;
 mod routed;
 mod social;
