@@ -420,6 +420,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::OutboxEntry;
+    use crate::relaxed::testing::{next_synchronous, one_connection_sqlite};
 
     async fn enqueue(store: &Store, keys: &[[u8; 16]]) {
         let entries: Vec<OutboxEntry> = keys
@@ -442,19 +443,8 @@ mod tests {
     #[tokio::test]
     async fn a_sqlite_outbox_removal_leaves_the_pool_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite_with(dir.path().join("s.db"), 1)
-            .await
-            .unwrap();
-        let Backend::Sqlite(pool) = &store.backend else {
-            panic!("a SQLite store");
-        };
-        let synchronous = async || -> i64 {
-            sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(pool)
-                .await
-                .unwrap()
-        };
-        assert_eq!(synchronous().await, 2, "FULL");
+        let store = one_connection_sqlite(dir.path()).await;
+        assert_eq!(next_synchronous(&store).await, 2, "FULL");
         enqueue(&store, &[[1; 16], [2; 16], [3; 16]]).await;
         assert_eq!(
             store
@@ -463,7 +453,11 @@ mod tests {
                 .unwrap(),
             2
         );
-        assert_eq!(synchronous().await, 2, "FULL again after the removal");
+        assert_eq!(
+            next_synchronous(&store).await,
+            2,
+            "FULL again after the removal"
+        );
         assert_eq!(store.outbox_depth().await.unwrap(), 1);
         store.close().await;
     }

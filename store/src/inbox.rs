@@ -1161,25 +1161,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// `synchronous` of the connection the pool hands out next (2 = FULL, 1 = NORMAL).
-    async fn next_synchronous(pool: &sqlx::SqlitePool) -> i64 {
-        sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(pool)
-            .await
-            .unwrap()
-    }
+    use crate::relaxed::testing::{next_synchronous, one_connection_sqlite};
 
     #[tokio::test]
     async fn a_relaxed_sqlite_connection_never_returns_to_the_pool_relaxed() {
         let dir = tempfile::tempdir().unwrap();
         // One connection, so the next statement runs on the one the ACK used.
-        let store = Store::open_sqlite_with(dir.path().join("s.db"), 1)
-            .await
-            .unwrap();
+        let store = one_connection_sqlite(dir.path()).await;
         let Backend::Sqlite(pool) = &store.backend else {
             panic!("a SQLite store");
         };
-        assert_eq!(next_synchronous(pool).await, 2);
+        assert_eq!(next_synchronous(&store).await, 2);
         // Restored: FULL again, and the same connection is reused (the pool's one).
         let mut relaxed = RelaxedSqlite::acquire(pool).await.unwrap();
         let during: i64 = sqlx::query_scalar("PRAGMA synchronous")
@@ -1188,12 +1180,12 @@ mod tests {
             .unwrap();
         assert_eq!(during, 1, "NORMAL while acknowledging");
         relaxed.restore().await.unwrap();
-        assert_eq!(next_synchronous(pool).await, 2);
+        assert_eq!(next_synchronous(&store).await, 2);
         // Dropped without restoring (an error or a cancelled request): closed, and the pool
         // opens a fresh connection with the configured FULL.
         let relaxed = RelaxedSqlite::acquire(pool).await.unwrap();
         drop(relaxed);
-        assert_eq!(next_synchronous(pool).await, 2);
+        assert_eq!(next_synchronous(&store).await, 2);
         // Through the real acknowledgement.
         let from = Number::new("5550002").unwrap();
         let to = Number::new("5550001").unwrap();
@@ -1218,7 +1210,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(acked, 1);
-        assert_eq!(next_synchronous(pool).await, 2);
+        assert_eq!(next_synchronous(&store).await, 2);
         store.close().await;
     }
 

@@ -65,3 +65,28 @@ impl Drop for RelaxedSqlite {
         }
     }
 }
+
+/// What the tests of the relaxed writes share.
+#[cfg(test)]
+pub(crate) mod testing {
+    #![allow(clippy::unwrap_used)]
+
+    use crate::{Backend, Store};
+
+    /// A SQLite store in `dir` with one pooled connection, so that each next statement runs on
+    /// the connection the last write used.
+    pub(crate) async fn one_connection_sqlite(dir: &std::path::Path) -> Store {
+        Store::open_sqlite_with(dir.join("s.db"), 1).await.unwrap()
+    }
+
+    /// `synchronous` of the connection `store`'s pool hands out next (2 = FULL, 1 = NORMAL).
+    pub(crate) async fn next_synchronous(store: &Store) -> i64 {
+        let Backend::Sqlite(pool) = &store.backend else {
+            panic!("a SQLite store");
+        };
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+}
