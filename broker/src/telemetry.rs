@@ -79,12 +79,44 @@ impl Telemetry {
 pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     use std::io::IsTerminal;
     let filter = std::env::var("MICROMSG_LOG").unwrap_or_else(|_| "info".to_owned());
-    init_with_writer(
+    let telemetry = init_with_writer(
         format,
         &filter,
         std::io::stderr().is_terminal(),
         std::io::stderr,
-    )
+    )?;
+    std::panic::set_hook(Box::new(log_panic));
+    Ok(telemetry)
+}
+
+/// The broker's panic hook: a panic (a task's bug, a login reader's job) becomes an ERROR
+/// record of the broker's log, in its format (a JSON line when logs are JSON, where the
+/// default hook's plain text would break the stream) and exported over OTLP when that is on.
+/// Tokio ends only the panicking task, not the process, so the record is often all an operator
+/// sees. The backtrace is added when `RUST_BACKTRACE` asks for one, as the default
+/// hook does.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let thread = std::thread::current();
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+        .unwrap_or_default();
+    let message = info.payload_as_str().unwrap_or("(a panic with no message)");
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            %location,
+            %backtrace,
+            "panicked: {message}"
+        );
+    } else {
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            %location,
+            "panicked: {message}"
+        );
+    }
 }
 
 /// [`init`] with an explicit filter (`EnvFilter` syntax) and log destination: `make_writer` is
@@ -230,6 +262,52 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use opentelemetry::trace::TraceContextExt as _;
+
+    /// A panic is one ERROR record in the log's own format, with its message and where it
+    /// happened.
+    #[test]
+    fn a_panic_is_logged_as_a_record() {
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let writer = {
+            let logs = std::sync::Arc::clone(&logs);
+            move || SharedWriter(std::sync::Arc::clone(&logs))
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(writer)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(log_panic));
+            let caught = std::panic::catch_unwind(|| panic!("a bug, number {}", 42));
+            std::panic::set_hook(previous);
+            assert!(caught.is_err());
+        });
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(records.len(), 1, "{text}");
+        let record = &records[0];
+        assert_eq!(record["level"], "ERROR");
+        assert_eq!(record["fields"]["message"], "panicked: a bug, number 42");
+        let location = record["fields"]["location"].as_str().unwrap();
+        assert!(location.contains("telemetry.rs:"), "{location}");
+    }
+
+    /// An `io::Write` into a shared buffer.
+    struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     /// A span on one "broker" and its child on the other share the trace id, carried only by
     /// the gRPC metadata.
