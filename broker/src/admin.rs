@@ -293,7 +293,7 @@ async fn connect(addr: &str) -> Result<tonic::transport::Channel, AdminError> {
         .timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| err(describe(&e)))
+        .map_err(|e| err(crate::telemetry::error_chain(&e)))
 }
 
 /// Asks the standard health service at `addr` about `service` (`""` for the whole server);
@@ -344,17 +344,6 @@ pub async fn reflected_services(addr: &str) -> Result<Vec<String>, AdminError> {
         }
         _ => Err(fail("unexpected reflection answer".into())),
     }
-}
-
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The status as JSON (field names as in the proto, snake case).

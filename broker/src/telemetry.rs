@@ -89,6 +89,24 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     Ok(telemetry)
 }
 
+/// An error and each cause under it, `error: cause: cause`, for a log record. A store error's
+/// own text is often only "database error"; what an operator needs (SQLite's "database or disk
+/// is full", a refused Postgres connection) is in its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        // Some errors print their source in their own text too (sqlx's `Io`): once is enough.
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// The broker's panic hook: a panic (a task's bug, a login reader's job) becomes an ERROR
 /// record of the broker's log, in its format (a JSON line when logs are JSON, where the
 /// default hook's plain text would break the stream) and exported over OTLP when that is on.
@@ -294,6 +312,21 @@ mod tests {
         assert_eq!(record["fields"]["message"], "panicked: a bug, number 42");
         let location = record["fields"]["location"].as_str().unwrap();
         assert!(location.contains("telemetry.rs:"), "{location}");
+    }
+
+    #[test]
+    fn an_error_chain_names_every_cause() {
+        let e = micromsg_store::StoreError::Database(sqlx_io_error("the disk is on fire"));
+        assert_eq!(
+            error_chain(&e),
+            "database error: error communicating with database: the disk is on fire"
+        );
+        let plain = std::io::Error::other("alone");
+        assert_eq!(error_chain(&plain), "alone");
+    }
+
+    fn sqlx_io_error(text: &str) -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::other(text.to_owned()))
     }
 
     /// An `io::Write` into a shared buffer.

@@ -135,11 +135,9 @@ impl PeerLink {
 pub fn describe(status: &tonic::Status) -> String {
     use std::error::Error as _;
     let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut source = status.source();
-    while let Some(e) = source {
+    if let Some(cause) = status.source() {
         text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
+        text.push_str(&crate::telemetry::error_chain(cause));
     }
     text
 }

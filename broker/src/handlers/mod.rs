@@ -77,7 +77,10 @@ impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         // The database error stays in the log; the peer learns only that it failed, and
         // whether waiting may help.
-        warn!(error = %e, "store error while handling a request");
+        warn!(
+            error = %crate::telemetry::error_chain(&e),
+            "store error while handling a request"
+        );
         if e.is_unavailable() {
             return Refusal::retry(
                 ErrorCode::Unavailable,
