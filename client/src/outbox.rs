@@ -62,6 +62,21 @@ pub struct Queued {
     /// A *moved* notice (protocol.md 12.13), not a message: no history line when it goes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub moved: bool,
+    /// A copy of a message that already went out live (protocol.md 13.3), queued because the
+    /// broker could not take it then: no history line and no notice when it goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyFor>,
+}
+
+/// Whose other devices a queued copy is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyFor {
+    /// The contact's other devices: a DEPOSIT for the contact's number (the device that had
+    /// the live session drops it as a repeat).
+    Contact,
+    /// This entity's other devices: a SYNC-COPY (also how a new session's keys are shared).
+    OwnDevices,
 }
 
 impl Queued {
@@ -163,6 +178,7 @@ mod tests {
             group: None,
             unsealed: None,
             moved: false,
+            copy: None,
         }
     }
 
@@ -174,7 +190,11 @@ mod tests {
             outbox.load().unwrap().is_empty(),
             "no file is an empty outbox"
         );
-        let items = vec![item("01", "5550001"), item("02", "5550002")];
+        let copy = Queued {
+            copy: Some(CopyFor::OwnDevices),
+            ..item("03", "5550002")
+        };
+        let items = vec![item("01", "5550001"), item("02", "5550002"), copy];
         outbox.save(&items).unwrap();
         assert_eq!(
             Outbox::new(&Profile::new(dir.path())).load().unwrap(),

@@ -240,6 +240,16 @@ pub async fn add_device_secret(session: &mut account::Session) -> String {
 /// Links a new device `name` to `old`'s entity as `device add` / `device join --transfer-key`
 /// do: a one-time secret, the join, and the key transfer from the old device.
 pub async fn link_device(broker: &TestBroker, old: &Device, name: &str) -> Linked {
+    link_device_at(&broker.addr, &broker.ca, broker.profile_dir(name), old).await
+}
+
+/// [`link_device`] for a broker at `addr` whose CA is `ca`, the new profile in `dir`.
+pub async fn link_device_at(
+    addr: &str,
+    ca: &std::path::Path,
+    dir: std::path::PathBuf,
+    old: &Device,
+) -> Linked {
     use micromsg_client::devices;
     let mut session = account::connect(&old.profile).await.unwrap();
     let known = devices::highest_device(&mut session).await.unwrap();
@@ -258,8 +268,8 @@ pub async fn link_device(broker: &TestBroker, old: &Device, name: &str) -> Linke
         .await
         .unwrap()
     });
-    let profile = Profile::new(broker.profile_dir(name));
-    let mut new = account::join(&profile, &broker.addr, &broker.ca, &old.number, &secret)
+    let profile = Profile::new(dir);
+    let mut new = account::join(&profile, addr, ca, &old.number, &secret)
         .await
         .unwrap();
     let installed =

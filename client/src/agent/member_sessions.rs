@@ -119,6 +119,7 @@ impl Agent {
             group: Some(frame.group.clone()),
             unsealed: Some(payload),
             moved: false,
+            copy: None,
         });
         if let Err(e) = self.persist_outbox().await {
             self.outbox.retain(|q| q.id != id);

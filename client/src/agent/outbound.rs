@@ -13,6 +13,7 @@ use crate::groups::{Frame, Payload};
 use crate::inbox::new_message_id;
 use crate::keys::{self, SharedSession};
 use crate::link::LinkError;
+use crate::outbox::CopyFor;
 use crate::p2p::{Sealed, SendError};
 use crate::store::{Direction, Entry};
 use crate::when::describe_expiry;
@@ -138,8 +139,9 @@ impl Agent {
             .await;
     }
 
-    /// Copies what this device sent to the entity's other devices (13.3). Failures are only
-    /// warnings: the message itself went out.
+    /// Copies what this device sent to the entity's other devices (13.3). The message itself
+    /// went out: a copy the broker cannot take now waits in the outbox (under the same id) and
+    /// goes when it can; one it refuses for good is a warning.
     pub(super) async fn sync_copy(&mut self, peer: &str, body: Vec<u8>) {
         if !self.config.copies {
             return;
@@ -147,37 +149,35 @@ impl Agent {
         let Ok(peer_number) = Number::new(peer.to_owned()) else {
             return;
         };
+        let id = new_message_id();
         let request = Request::SyncCopy(SyncCopyArgs {
-            id: new_message_id(),
-            body: Blob::new(body),
+            id,
+            body: Blob::new(body.clone()),
             peer: peer_number,
         });
         if let Err(e) = self.call(request).await {
-            self.warn(format!(
-                "copying to this entity's other devices failed: {e}"
-            ))
-            .await;
+            self.copy_failed(peer, CopyFor::OwnDevices, id, &body, &e)
+                .await;
         }
     }
 
     /// Deposits the envelope of a message sent live for the contact's other devices (13: the
     /// device with the live session gets it live; the broker's copy reaches the others, and
-    /// the live device drops it as a repeat). Failures are only warnings.
+    /// the live device drops it as a repeat). As for [`Self::sync_copy`], a copy the broker
+    /// cannot take now waits in the outbox.
     pub(super) async fn deposit_copy(&mut self, peer: &str, body: Vec<u8>) {
         let Ok(target) = Number::new(peer.to_owned()) else {
             return;
         };
+        let id = new_message_id();
         let request = Request::Deposit(DepositArgs {
             target,
-            id: new_message_id(),
-            body: Blob::new(body),
+            id,
+            body: Blob::new(body.clone()),
         });
         if let Err(e) = self.call(request).await {
-            self.warn(format!(
-                "leaving a copy for {peer}'s other devices failed: {}",
-                deposit_error(peer, &e)
-            ))
-            .await;
+            self.copy_failed(peer, CopyFor::Contact, id, &body, &e)
+                .await;
         }
     }
 

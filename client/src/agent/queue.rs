@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use micromsg_crypto::hex;
 use micromsg_crypto::message::Kind;
-use micromsg_wire::message::request::DepositArgs;
+use micromsg_wire::message::request::{DepositArgs, SyncCopyArgs};
 use micromsg_wire::{Blob, ErrorCode, Hex16, Number, Request, ResponseData};
 
 use crate::account::unix_now;
 use crate::inbox::new_message_id;
 use crate::link::LinkError;
-use crate::outbox::Queued;
+use crate::outbox::{CopyFor, Queued};
 use crate::store::{Direction, Entry};
 
 use super::outbound::deposit_error;
@@ -169,12 +169,75 @@ impl Agent {
             group: group.map(str::to_owned),
             moved: kind == Kind::Moved,
             unsealed: None,
+            copy: None,
         });
         if let Err(e) = self.persist_outbox().await {
             self.outbox.retain(|q| q.id != id);
             return Err(e);
         }
         Ok(id)
+    }
+
+    /// A copy of a message that went out live (`copy`, with its `id` and `body`) was not taken
+    /// by the broker (`error`). If the broker may take it later, it is queued in the outbox
+    /// under the same id, so that it goes exactly once when the broker is back; a refusal for
+    /// good is only a warning (the message itself went out).
+    pub(super) async fn copy_failed(
+        &mut self,
+        peer: &str,
+        copy: CopyFor,
+        id: Hex16,
+        body: &[u8],
+        error: &LinkError,
+    ) {
+        let whose = match copy {
+            CopyFor::Contact => format!("{peer}'s other devices"),
+            CopyFor::OwnDevices => "this entity's other devices".to_owned(),
+        };
+        let reason = match copy {
+            CopyFor::Contact => deposit_error(peer, error),
+            CopyFor::OwnDevices => error.to_string(),
+        };
+        if !retryable(error) {
+            self.warn(format!("leaving a copy for {whose} failed: {reason}"))
+                .await;
+            return;
+        }
+        let now = unix_now();
+        let id = id.to_hex();
+        self.outbox.push(Queued {
+            id: id.clone(),
+            to: peer.to_owned(),
+            text: format!("(a copy for {whose} of a message sent live)"),
+            queued_at: now,
+            session: String::new(),
+            counter: 0,
+            envelope: hex::encode(body),
+            attempts: 1,
+            next_attempt: next_attempt(error, 0, now),
+            last_error: Some(reason.clone()),
+            failed: None,
+            group: None,
+            unsealed: None,
+            moved: false,
+            copy: Some(copy),
+        });
+        match self.persist_outbox().await {
+            Ok(()) => {
+                self.warn(format!(
+                    "the copy for {whose} could not be left now ({reason}); it is queued on this \
+                     device and goes out by itself when the broker takes it"
+                ))
+                .await;
+            }
+            Err(e) => {
+                self.outbox.retain(|q| q.id != id);
+                self.warn(format!(
+                    "leaving a copy for {whose} failed ({reason}), and queueing it failed too: {e}"
+                ))
+                .await;
+            }
+        }
     }
 
     /// Tries the items that are due, in order per contact; a contact's later items wait while
@@ -265,13 +328,23 @@ impl Agent {
             Ok(e) => e,
             Err(reason) => return failed(reason),
         };
-        let request = Request::Deposit(DepositArgs {
-            target,
-            id,
-            body: Blob::new(envelope),
-        });
+        let request = if item.copy == Some(CopyFor::OwnDevices) {
+            Request::SyncCopy(SyncCopyArgs {
+                id,
+                body: Blob::new(envelope),
+                peer: target,
+            })
+        } else {
+            Request::Deposit(DepositArgs {
+                target,
+                id,
+                body: Blob::new(envelope),
+            })
+        };
         match self.call(request).await {
             Ok(ResponseData::Deposit(d)) => Attempt::Deposited { expires: d.expires },
+            // A copy for this entity's devices has no expiry in its answer; it is not shown.
+            Ok(ResponseData::SyncCopy(_)) => Attempt::Deposited { expires: 0 },
             Ok(other) => failed(format!("unexpected answer {}", other.kind().as_str())),
             Err(e) if retryable(&e) => {
                 let now = unix_now();
@@ -289,6 +362,10 @@ impl Agent {
     /// A queued item went out: into the history, a copy to this entity's other devices, and a
     /// notice when an earlier command queued it.
     async fn after_deposit(&mut self, item: &Queued, notify: bool) {
+        if item.copy.is_some() {
+            // A copy of what went out live: its history line was written then.
+            return;
+        }
         if item.group.is_some() || item.moved {
             // The group history has it already (a notice has none); its copy goes to this
             // entity's other devices.

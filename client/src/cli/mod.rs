@@ -835,7 +835,7 @@ async fn outbox_command(
                     .map(|q| {
                         json!({"id": q.id, "to": q.to, "text": q.text, "queued_at": q.queued_at,
                                "attempts": q.attempts, "last_error": q.last_error,
-                               "failed": q.failed})
+                               "failed": q.failed, "copy": q.copy})
                     })
                     .collect();
                 outln!("{}", json!({ "outbox": list }));

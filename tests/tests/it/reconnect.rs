@@ -288,3 +288,62 @@ async fn group_send_names_the_members_it_could_not_reach_and_their_copies_go_out
     a_agent.stop().await.unwrap();
     b_agent.stop().await.unwrap();
 }
+
+/// A message sent live during an outage still reaches the sender's other devices: its copies
+/// (SYNC-COPY for this entity's devices, DEPOSIT for the contact's) wait in the outbox under
+/// their ids and go out once the broker is back, where before they were only warned about and
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_a_message_sent_live_in_an_outage_go_out_when_the_broker_is_back() {
+    use micromsg_client::outbox::{CopyFor, Outbox};
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), "").await;
+    let a1 = register(&broker, dir.path(), "a1").await;
+    let b = register(&broker, dir.path(), "b").await;
+    let a2 = agents::link_device_at(&broker.addr, &broker.ca, dir.path().join("a2"), &a1)
+        .await
+        .device;
+    let (a1_agent, mut a1_rx) = start(&a1).await;
+    let (b_agent, mut b_rx) = start(&b).await;
+    assert!(contact_add(&a1_agent, &b.number).await.ok);
+    session_started(&mut a1_rx, &b.number).await;
+
+    broker.kill();
+    broker_lost(&mut a1_rx).await;
+    let reply = send(&a1_agent, &b.number, "sent live in the outage").await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        message_from(&mut b_rx, &a1.number).await.0,
+        "sent live in the outage"
+    );
+    let mut copies: Vec<Option<CopyFor>> = Outbox::new(&a1.profile)
+        .load()
+        .unwrap()
+        .iter()
+        .map(|q| q.copy)
+        .collect();
+    copies.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(
+        copies,
+        [Some(CopyFor::Contact), Some(CopyFor::OwnDevices)],
+        "both copies wait on the device"
+    );
+
+    broker.restart().await;
+    broker_back(&mut a1_rx).await;
+    micromsg_tests::wait::eventually("the copies went out", Duration::from_secs(30), async || {
+        Outbox::new(&a1.profile).load().unwrap().is_empty()
+    })
+    .await;
+    // The other device reads what was sent from the first, as sent by this entity.
+    let (a2_agent, mut a2_rx) = start(&a2).await;
+    let copy = expect(&mut a2_rx, |n| match n {
+        Notice::SentElsewhere { to, text, .. } if *to == b.number => Some(text.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(copy, "sent live in the outage");
+    for agent in [a1_agent, a2_agent, b_agent] {
+        agent.stop().await.unwrap();
+    }
+}
