@@ -195,6 +195,7 @@ impl Agent {
             CopyFor::OwnDevices => "this entity's other devices".to_owned(),
         };
         let reason = match copy {
+            _ if is_connection_loss(error) => "the broker cannot be reached now".to_owned(),
             CopyFor::Contact => deposit_error(peer, error),
             CopyFor::OwnDevices => error.to_string(),
         };
