@@ -209,7 +209,8 @@ impl Agent {
         self.outbox.push(Queued {
             id: id.clone(),
             to: peer.to_owned(),
-            text: format!("(a copy for {whose} of a message sent live)"),
+            // Not only a sent message's envelope: a new session's keys (MMK1) go this way too.
+            text: format!("(a copy for {whose})"),
             queued_at: now,
             session: String::new(),
             counter: 0,
