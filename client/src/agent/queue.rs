@@ -178,8 +178,8 @@ impl Agent {
         Ok(id)
     }
 
-    /// A copy of a message that went out live (`copy`, with its `id` and `body`) was not taken
-    /// by the broker (`error`). If the broker may take it later, it is queued in the outbox
+    /// A copy for other devices (`copy`, with its `id` and `body`: a message that went out live,
+    /// or a new session's keys) was not taken by the broker (`error`). If the broker may take it later, it is queued in the outbox
     /// under the same id, so that it goes exactly once when the broker is back; a refusal for
     /// good is only a warning (the message itself went out).
     pub(super) async fn copy_failed(
