@@ -121,20 +121,15 @@ fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
         .unwrap_or_default();
     let message = info.payload_as_str().unwrap_or("(a panic with no message)");
     let backtrace = std::backtrace::Backtrace::capture();
-    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-        tracing::error!(
-            thread = thread.name().unwrap_or("unnamed"),
-            %location,
-            %backtrace,
-            "panicked: {message}"
-        );
-    } else {
-        tracing::error!(
-            thread = thread.name().unwrap_or("unnamed"),
-            %location,
-            "panicked: {message}"
-        );
-    }
+    // `None` records no field at all.
+    let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+        .then(|| tracing::field::display(backtrace));
+    tracing::error!(
+        thread = thread.name().unwrap_or("unnamed"),
+        %location,
+        backtrace,
+        "panicked: {message}"
+    );
 }
 
 /// [`init`] with an explicit filter (`EnvFilter` syntax) and log destination: `make_writer` is
