@@ -179,9 +179,10 @@ impl Agent {
     }
 
     /// A copy for other devices (`copy`, with its `id` and `body`: a message that went out live,
-    /// or a new session's keys) was not taken by the broker (`error`). If the broker may take it later, it is queued in the outbox
-    /// under the same id, so that it goes exactly once when the broker is back; a refusal for
-    /// good is only a warning (the message itself went out).
+    /// or a new session's keys) was not taken by the broker (`error`). If the broker may take it
+    /// later, it is queued in the outbox under the same id, so that it goes exactly once when
+    /// the broker is back, with a warning only when no other copy was waiting already; a
+    /// refusal for good is only a warning (the message itself went out).
     pub(super) async fn copy_failed(
         &mut self,
         peer: &str,
@@ -204,6 +205,10 @@ impl Agent {
                 .await;
             return;
         }
+        // One notice while copies wait, not one per copy: during an outage every live message
+        // queues two (this entity's other devices, the contact's), which said twice per
+        // message drowned the conversation in warnings.
+        let others_waiting = self.outbox.iter().any(|q| q.copy.is_some());
         let now = unix_now();
         let id = id.to_hex();
         self.outbox.push(Queued {
@@ -225,10 +230,12 @@ impl Agent {
             copy: Some(copy),
         });
         match self.persist_outbox().await {
+            Ok(()) if others_waiting => {}
             Ok(()) => {
                 self.warn(format!(
                     "the copy for {whose} could not be left now ({reason}); it is queued on this \
-                     device and goes out by itself when the broker takes it"
+                     device and goes out by itself when the broker takes it (copies queued \
+                     while it waits are not announced again: `micromsg outbox` lists them)"
                 ))
                 .await;
             }

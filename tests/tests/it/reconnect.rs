@@ -292,7 +292,7 @@ async fn group_send_names_the_members_it_could_not_reach_and_their_copies_go_out
 /// A message sent live during an outage still reaches the sender's other devices: its copies
 /// (SYNC-COPY for this entity's devices, DEPOSIT for the contact's) wait in the outbox under
 /// their ids and go out once the broker is back, where before they were only warned about and
-/// lost.
+/// lost. The user is warned once while copies wait, not for each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_of_a_message_sent_live_in_an_outage_go_out_when_the_broker_is_back() {
     use micromsg_client::outbox::{CopyFor, Outbox};
@@ -310,12 +310,12 @@ async fn copies_of_a_message_sent_live_in_an_outage_go_out_when_the_broker_is_ba
 
     broker.kill();
     broker_lost(&mut a1_rx).await;
-    let reply = send(&a1_agent, &b.number, "sent live in the outage").await;
-    assert!(reply.ok, "{reply:?}");
-    assert_eq!(
-        message_from(&mut b_rx, &a1.number).await.0,
-        "sent live in the outage"
-    );
+    let texts = ["sent live in the outage", "and another one"];
+    for text in texts {
+        let reply = send(&a1_agent, &b.number, text).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(message_from(&mut b_rx, &a1.number).await.0, text);
+    }
     let mut copies: Vec<Option<CopyFor>> = Outbox::new(&a1.profile)
         .load()
         .unwrap()
@@ -325,9 +325,26 @@ async fn copies_of_a_message_sent_live_in_an_outage_go_out_when_the_broker_is_ba
     copies.sort_by_key(|c| format!("{c:?}"));
     assert_eq!(
         copies,
-        [Some(CopyFor::Contact), Some(CopyFor::OwnDevices)],
-        "both copies wait on the device"
+        [
+            Some(CopyFor::Contact),
+            Some(CopyFor::Contact),
+            Some(CopyFor::OwnDevices),
+            Some(CopyFor::OwnDevices)
+        ],
+        "both copies of each message wait on the device"
     );
+    // The agent answers commands in order, so once STATUS is answered every notice of the
+    // sends is in the channel: the user was told once that copies wait, not once per copy.
+    let _ = a1_agent.command(Command::Status).await;
+    let mut told = Vec::new();
+    while let Ok(notice) = a1_rx.try_recv() {
+        if let Notice::Warning { message } = notice
+            && message.contains("queued on this device")
+        {
+            told.push(message);
+        }
+    }
+    assert_eq!(told.len(), 1, "one warning while copies wait: {told:?}");
 
     broker.restart().await;
     broker_back(&mut a1_rx).await;
@@ -337,12 +354,20 @@ async fn copies_of_a_message_sent_live_in_an_outage_go_out_when_the_broker_is_ba
     .await;
     // The other device reads what was sent from the first, as sent by this entity.
     let (a2_agent, mut a2_rx) = start(&a2).await;
-    let copy = expect(&mut a2_rx, |n| match n {
-        Notice::SentElsewhere { to, text, .. } if *to == b.number => Some(text.clone()),
-        _ => None,
-    })
-    .await;
-    assert_eq!(copy, "sent live in the outage");
+    let mut copies = Vec::new();
+    for _ in texts {
+        copies.push(
+            expect(&mut a2_rx, |n| match n {
+                Notice::SentElsewhere { to, text, .. } if *to == b.number => Some(text.clone()),
+                _ => None,
+            })
+            .await,
+        );
+    }
+    copies.sort();
+    let mut sent = texts.map(str::to_owned).to_vec();
+    sent.sort();
+    assert_eq!(copies, sent);
     for agent in [a1_agent, a2_agent, b_agent] {
         agent.stop().await.unwrap();
     }
