@@ -94,17 +94,22 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
 /// is full", a refused Postgres connection) is in its sources.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
-    let mut source = e.source();
+    append_causes(&mut text, e.source());
+    text
+}
+
+/// Adds `source` and each cause under it to `text`, `: cause`, leaving out a cause whose text
+/// is already there: some errors print their source in their own text too (sqlx's `Io`, a
+/// gRPC status's message and its transport error's cause), and once is enough.
+pub fn append_causes(text: &mut String, mut source: Option<&dyn std::error::Error>) {
     while let Some(cause) = source {
         let said = cause.to_string();
-        // Some errors print their source in their own text too (sqlx's `Io`): once is enough.
-        if !text.ends_with(&said) {
+        if !text.contains(&said) {
             text.push_str(": ");
             text.push_str(&said);
         }
         source = cause.source();
     }
-    text
 }
 
 /// The broker's panic hook: a panic (a task's bug, a login reader's job) becomes an ERROR
@@ -318,6 +323,27 @@ mod tests {
         );
         let plain = std::io::Error::other("alone");
         assert_eq!(error_chain(&plain), "alone");
+        // A cause said earlier in the chain, not only by the error just above it, is left out.
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let mut text = "Unavailable: refused".to_owned();
+        append_causes(&mut text, Some(&Wrapped("transport error", refused())));
+        assert_eq!(text, "Unavailable: refused: transport error");
+    }
+
+    /// An error with a text of its own and a source.
+    #[derive(Debug)]
+    struct Wrapped(&'static str, std::io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.1)
+        }
     }
 
     fn sqlx_io_error(text: &str) -> sqlx::Error {

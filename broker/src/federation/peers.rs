@@ -135,9 +135,6 @@ impl PeerLink {
 pub fn describe(status: &tonic::Status) -> String {
     use std::error::Error as _;
     let mut text = format!("{:?}: {}", status.code(), status.message());
-    if let Some(cause) = status.source() {
-        text.push_str(": ");
-        text.push_str(&crate::telemetry::error_chain(cause));
-    }
+    crate::telemetry::append_causes(&mut text, status.source());
     text
 }

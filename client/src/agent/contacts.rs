@@ -401,6 +401,9 @@ impl Agent {
                 return;
             }
             Err(e) => {
+                // NOT-NETWORKED for a number ported here from a peer broker, among others:
+                // the next request asks IS-NETWORKED again.
+                self.networked.remove(&number);
                 let _ = reply.send(Err(refused(e.to_string())));
                 return;
             }

@@ -369,8 +369,11 @@ struct Agent {
     /// Relays offered with this device's contact requests (protocol.md 6.26).
     relays: relays::RelayTable,
     asked: HashMap<[u8; 16], Asked>,
-    /// IS-NETWORKED answers by number: computed from broker configuration, so stable for the
-    /// life of the link.
+    /// IS-NETWORKED answers by number. They change only when a number is ported to another
+    /// broker (docs/federation.md 12): then the broker it left drops a local INITIATE for it
+    /// without an answer, and a networked INITIATE for a number ported to this broker is
+    /// refused (NOT-NETWORKED). So an INITIATE that is refused or gets no answer drops its
+    /// target's entry here, and the next one asks again.
     networked: HashMap<String, bool>,
     handshakes_tx: mpsc::Sender<HandshakeDone>,
     handshakes_rx: mpsc::Receiver<HandshakeDone>,
@@ -635,6 +638,7 @@ impl Agent {
         }
         for id in expired {
             if let Some(o) = self.outgoing.remove(&id) {
+                self.networked.remove(&o.target);
                 if o.deposit_on_timeout {
                     for (text, waiter) in o.queued {
                         // A session may have come up another way (the contact asked): then

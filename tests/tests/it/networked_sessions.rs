@@ -4,7 +4,7 @@
 //! and opens the address), chat directly both ways, deposit across brokers while the other is
 //! offline, and reconnect as existing contacts.
 
-use micromsg_client::agent::{AcceptPolicy, Command, Notice};
+use micromsg_client::agent::{AcceptPolicy, AgentConfig, Command, Notice};
 use micromsg_tests::agents::Ask as _;
 use micromsg_tests::agents::{
     config, contact_add, expect, message_from, online, register, send, session_ended,
@@ -16,6 +16,85 @@ micromsg_tests::both_backends!(
     users_on_two_brokers_chat_deposit_and_reconnect,
     sends_while_the_contacts_broker_is_down_arrive_once_after,
 );
+
+/// A contact who kept their number while moving to another broker (`move --keep-number`,
+/// docs/federation.md 12) is reached live again by an agent that ran through the port, though
+/// the agent had learnt where the number lived (IS-NETWORKED): the broker the number left drops
+/// a local INITIATE for it, the broker it came to refuses a networked one, and the agent asks
+/// IS-NETWORKED again after either. Before, it deposited every message until it restarted.
+/// Here the contact leaves the agent's broker for a peer broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_reaches_a_contact_who_ported_away_live_again() {
+    reach_a_ported_contact_live(Y).await;
+}
+
+/// As above, the contact coming from a peer broker to the agent's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_reaches_a_contact_who_ported_to_its_broker_live_again() {
+    reach_a_ported_contact_live(X).await;
+}
+
+/// `a` on broker y; `b` on `b_from` ports to the other broker, with `a`'s agent running.
+async fn reach_a_ported_contact_live(b_from: usize) {
+    let net = TestNetwork::start(
+        Backend::Sqlite,
+        &[("x", &["555"]), ("y", &["556"])],
+        |_, _| {},
+    )
+    .await;
+    net.wait_linked().await;
+    let a = register(net.broker(Y), "a").await;
+    let b = register(net.broker(b_from), "b").await;
+    let quick = || AgentConfig {
+        answer_timeout: std::time::Duration::from_secs(1),
+        ..config(AcceptPolicy::Any)
+    };
+    let (a_agent, mut a_rx) = online(&a, quick()).await;
+    let (b_agent, mut b_rx) = online(&b, quick()).await;
+    assert!(contact_add(&a_agent, &b.number).await.ok);
+    session_started(&mut a_rx, &b.number).await;
+    session_started(&mut b_rx, &a.number).await;
+    b_agent.stop().await.unwrap();
+    session_ended(&mut a_rx, &b.number).await;
+
+    let (to, to_id) = if b_from == X { (Y, "y") } else { (X, "x") };
+    let dest = net.broker(to);
+    let ported = micromsg_client::porting::port(&b.profile, &dest.addr, &dest.ca, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (ported.number.as_str(), ported.to.as_str()),
+        (b.number.as_str(), to_id)
+    );
+    let (b_agent, mut b_rx) = online(&b, quick()).await;
+
+    // The first message goes into b's inbox at its new broker, and a asks for a session in the
+    // background in the form it learnt before the port, which fails; a later send asks in the
+    // right form, b's agent accepts, and the next message goes live.
+    let mut live = None;
+    for i in 0..10 {
+        let text = format!("after the port, {i}");
+        let reply = send(&a_agent, &b.number, &text).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(message_from(&mut b_rx, &a.number).await.0, text);
+        if reply
+            .data
+            .as_ref()
+            .is_some_and(|d| d["delivered"] == "live")
+        {
+            live = Some(i);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    assert!(
+        live.is_some_and(|i| i > 0),
+        "a's agent never reached b live after b's port: {live:?}"
+    );
+    a_agent.stop().await.unwrap();
+    b_agent.stop().await.unwrap();
+    net.stop().await;
+}
 
 fn assert_live(reply: micromsg_client::agent::Reply) {
     assert!(reply.ok, "{reply:?}");
