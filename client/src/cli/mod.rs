@@ -794,7 +794,7 @@ async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> 
             return Ok(());
         }
         GroupCommand::History { group } => {
-            profile.info()?;
+            let me = profile.info()?.number;
             let store = Store::new(profile);
             let ids = store.group_ids()?;
             let id = groups::resolve(&ids, &group).map_err(|e| anyhow::anyhow!(e))?;
@@ -804,8 +804,16 @@ async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> 
             } else if entries.is_empty() {
                 outln!("no messages in group {id}");
             } else {
+                // As `history` shows a contact's: the local time (of the sender's clock) and
+                // who, by name.
+                let names = print::Names::of(profile);
                 for e in &entries {
-                    outln!("{}  [{}] {}", e.sent, e.from, e.text);
+                    let who = if e.from == me {
+                        "me".to_owned()
+                    } else {
+                        names.show(&e.from)
+                    };
+                    outln!("{}  [{who}] {}", local_time(e.sent), e.text);
                 }
             }
             return Ok(());

@@ -17,8 +17,17 @@ fn client_binary() -> PathBuf {
 
 /// `micromsg --json --profile DIR ARGS…`: its exit status, stdout and stderr.
 fn run(profile: &Path, args: &[&str]) -> (bool, String, String) {
+    run_with(&["--json"], profile, args)
+}
+
+/// `micromsg --profile DIR ARGS…` without `--json`: its exit status, stdout and stderr.
+fn run_for_people(profile: &Path, args: &[&str]) -> (bool, String, String) {
+    run_with(&[], profile, args)
+}
+
+fn run_with(flags: &[&str], profile: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(client_binary())
-        .arg("--json")
+        .args(flags)
         .arg("--profile")
         .arg(profile)
         .args(args)
@@ -206,6 +215,18 @@ async fn every_json_shape_parses() {
     );
     let v = object(&a, &["group", "history", &group]);
     has_keys(&v, &["group", "messages"], "group history");
+    // For people, a group's history reads as a contact's: local time, then who.
+    let _ = object(&a, &["group", "send", &group, "to the pair"]);
+    let (ok, stdout, stderr) = run_for_people(&a, &["group", "history", &group]);
+    assert!(ok, "{stdout} {stderr}");
+    let (time, line) = stdout.trim_end().split_once("  ").unwrap();
+    assert_eq!(line, "[me] to the pair", "{stdout:?}");
+    // `HH:MM`, or `YYYY-MM-DD HH:MM` when the day turned meanwhile.
+    let clock = &time.as_bytes()[time.len().saturating_sub(5)..];
+    assert!(
+        clock.len() == 5 && clock[2] == b':' && time.bytes().all(|b| b"0123456789:- ".contains(&b)),
+        "a local time, not Unix seconds: {stdout:?}"
+    );
 
     // The one error shape: one object on stdout, nothing on stderr, exit status 1.
     let (ok, stdout, stderr) = run(&a, &["send", "5550000", "to nobody"]);
