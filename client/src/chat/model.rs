@@ -728,13 +728,18 @@ impl Chat {
                     c.name = Some(name.clone());
                 }
                 match peer {
-                    Some(number) => vec![Effect::Agent {
-                        command: Command::ContactName {
-                            number,
-                            name: Some(name),
-                        },
-                        tag: Tag::Status,
-                    }],
+                    Some(number) => {
+                        // Everywhere the contact is named (its group messages, the safety
+                        // view), not only in the list.
+                        self.names.insert(number.clone(), name.clone());
+                        vec![Effect::Agent {
+                            command: Command::ContactName {
+                                number,
+                                name: Some(name),
+                            },
+                            tag: Tag::Status,
+                        }]
+                    }
                     None => Vec::new(),
                 }
             }
@@ -1025,6 +1030,19 @@ mod tests {
             chat.add_contact(p, None, false);
         }
         chat
+    }
+
+    #[test]
+    fn a_name_given_in_the_chat_is_used_everywhere_at_once() {
+        let mut chat = chat_with(&["5550002"]);
+        let effects = typed(&mut chat, "/name Bob");
+        assert!(matches!(
+            &effects[..],
+            [Effect::Agent { command: Command::ContactName { number, name: Some(name) }, .. }]
+                if number == "5550002" && name == "Bob"
+        ));
+        assert_eq!(chat.conversations[0].title(), "Bob");
+        assert_eq!(chat.name_of("5550002"), "Bob");
     }
 
     #[test]
