@@ -100,7 +100,8 @@ pub(super) enum Command {
     },
     /// A full-screen chat: contacts and groups on the left, the conversation on the right, an
     /// input line below, the broker's state at the bottom. It runs the device's agent, like
-    /// `listen` (stop a running `listen` first). Press ? inside for the keys; Ctrl-C or /quit
+    /// `listen`, or attaches to the `listen` already running for the profile (leaving the
+    /// screen then keeps that `listen` running). Press ? inside for the keys; Ctrl-C or /quit
     /// leaves (queued messages stay in the outbox). Colours follow NO_COLOR.
     Chat {
         /// Who may set up a session (as for `listen`); contact requests are shown as a prompt
