@@ -390,6 +390,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::chat::run(profile, options).await?;
         }
         Command::Contact(ContactCommand::Add { number, wait }) => {
+            // Before "asking …": a typo is told at once, not after a login.
+            if micromsg_wire::Number::new(number.clone()).is_err() {
+                anyhow::bail!("{number:?} is not a number");
+            }
             if !json {
                 eprintln!(
                     "asking {number}; waiting up to {wait} s for the answer (Ctrl-C stops \
