@@ -24,12 +24,14 @@ use crate::server::Server;
 use crate::tls::{self, TlsError};
 use micromsg_store::{Store, StoreError};
 
-/// Why a broker could not start.
+/// Why a broker could not start. A variant with a cause names only what was being done: the
+/// cause is its `source`, which the error chain prints once (`Caused by:`), where putting it
+/// in the text too printed it twice.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
     /// The data directory or listener could not be set up.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -41,10 +43,10 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The store could not be opened or migrated.
-    #[error("opening the store: {0}")]
+    #[error("opening the store")]
     Store(#[from] StoreError),
     /// The network file or the federation certificates are unusable.
-    #[error("federation: {0}")]
+    #[error("setting up federation")]
     Federation(#[from] FederationError),
     /// The configuration does not fit the network file.
     #[error(transparent)]

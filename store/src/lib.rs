@@ -277,8 +277,24 @@ impl Store {
                     Ok(true)
                 })
             })
-            .connect_with(options)
-            .await?;
+            .connect_with(options.clone())
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            // The pool retries until `timeout` and then says only that it timed out: one
+            // direct attempt tells the operator why (refused, unknown host, authentication).
+            Err(sqlx::Error::PoolTimedOut) => {
+                use sqlx::Connection as _;
+                let attempt =
+                    tokio::time::timeout(timeout, sqlx::PgConnection::connect_with(&options))
+                        .await;
+                return Err(match attempt {
+                    Ok(Err(why)) => why.into(),
+                    _ => sqlx::Error::PoolTimedOut.into(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         sqlx::migrate!("../migrations/postgres").run(&pool).await?;
         Ok(Self {
             backend: Backend::Postgres(pool),
@@ -421,6 +437,28 @@ mod tests {
             .fetch_one(pool)
             .await
             .unwrap()
+    }
+
+    /// An operator whose database cannot be reached is told why, not only that a pool timed
+    /// out. (No server listens on the port: a closed one, refused at once.)
+    #[tokio::test]
+    async fn a_postgres_store_that_cannot_connect_says_why() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let url = format!("postgres://nobody@127.0.0.1:{port}/nothing");
+        let Err(e) = Store::connect_postgres(&url, 1, Duration::from_millis(300)).await else {
+            panic!("connected to a closed port");
+        };
+        let mut said = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            said.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        assert!(said.to_lowercase().contains("refused"), "{said}");
+        assert!(!said.contains("timed out"), "{said}");
     }
 
     #[tokio::test]

@@ -1037,6 +1037,8 @@ fn serve_with_its_federation_port_taken_stops_before_claiming_to_listen() {
         said.contains(&format!("binding the federation listener 0.0.0.0:{taken}")),
         "{said}"
     );
+    // The cause once, under the context, not repeated in it.
+    assert_eq!(said.matches("Address already in use").count(), 1, "{said}");
     assert!(!said.contains("listening for clients"), "{said}");
 }
 
