@@ -286,8 +286,7 @@ impl Store {
             Err(sqlx::Error::PoolTimedOut) => {
                 use sqlx::Connection as _;
                 let attempt =
-                    tokio::time::timeout(timeout, sqlx::PgConnection::connect_with(&options))
-                        .await;
+                    tokio::time::timeout(timeout, sqlx::PgConnection::connect_with(&options)).await;
                 return Err(match attempt {
                     Ok(Err(why)) => why.into(),
                     _ => sqlx::Error::PoolTimedOut.into(),
