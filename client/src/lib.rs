@@ -16,6 +16,7 @@
 //! - [`portable`]: `export` and `import`: the whole profile in one passphrase-encrypted file
 //!   (`MMDX`), to take the device to another machine.
 //! - [`porting`]: moving to another broker of the network, keeping the number.
+//! - [`terminal`]: text from others, made safe to write to a terminal.
 #![forbid(unsafe_code)]
 
 pub mod account;
@@ -37,5 +38,6 @@ pub mod porting;
 pub mod profile;
 pub mod relay;
 pub mod store;
+pub mod terminal;
 pub mod tls;
 pub mod when;

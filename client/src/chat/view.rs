@@ -86,7 +86,7 @@ pub fn draw(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, tz: &TimeZone) {
     draw_input(frame, chat, input);
     if let Some(request) = chat.requests.first() {
         let text = vec![
-            TextLine::from(format!("{} asks to become a contact.", request.from)),
+            TextLine::from(safe(&format!("{} asks to become a contact.", request.from))),
             TextLine::from(""),
             TextLine::from("[a] accept   [r] reject   [b] reject and block"),
         ];
@@ -95,7 +95,10 @@ pub fn draw(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, tz: &TimeZone) {
     if let Some(view) = &chat.safety {
         // The keys first: on a small terminal the code is what gets cut.
         let mut text = vec![
-            TextLine::from(format!("Safety number with {}:", chat.name_of(&view.peer))),
+            TextLine::from(safe(&format!(
+                "Safety number with {}:",
+                chat.name_of(&view.peer)
+            ))),
             TextLine::from(view.digits.clone()),
             TextLine::from("Compare in person or by phone. [v] mark verified   [Esc] close"),
         ];
@@ -113,7 +116,7 @@ pub fn draw(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, tz: &TimeZone) {
         popup(frame, "Safety number", text, theme, width, height);
     }
     if let Some((title, lines)) = &chat.info {
-        let text: Vec<TextLine<'_>> = lines.iter().map(|l| TextLine::from(l.clone())).collect();
+        let text: Vec<TextLine<'_>> = lines.iter().map(|l| TextLine::from(safe(l))).collect();
         let width = lines
             .iter()
             .map(|l| l.chars().count())
@@ -151,7 +154,7 @@ fn draw_list(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, area: Rect) {
                 Some(Path::Relay) => Span::styled("◐ ", theme.fg(Color::Yellow)),
                 None => Span::raw("○ "),
             };
-            let mut spans = vec![mark, Span::raw(c.title().to_owned())];
+            let mut spans = vec![mark, Span::raw(safe(c.title()))];
             if c.unread > 0 {
                 spans.push(Span::styled(
                     format!(" ({})", c.unread),
@@ -179,14 +182,21 @@ fn draw_list(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, area: Rect) {
     frame.render_stateful_widget(list, area, &mut state);
 }
 
+/// Text from others as the screen may draw it: what a terminal would act on is escaped
+/// ([`crate::terminal::terminal_safe`]); a message's escape sequence must not clear or
+/// repaint the screen.
+fn safe(text: &str) -> String {
+    crate::terminal::terminal_safe(text).into_owned()
+}
+
 fn delivery_text(d: &Delivery) -> String {
     match d {
         Delivery::Received => String::new(),
         Delivery::Sending => " …".into(),
         Delivery::Live => " ✓".into(),
         Delivery::Deposited => " ✓ deposited".into(),
-        Delivery::Queued(why) => format!(" ⧗ queued: {why}"),
-        Delivery::Failed(why) => format!(" ✗ failed: {why}"),
+        Delivery::Queued(why) => format!(" ⧗ queued: {}", safe(why)),
+        Delivery::Failed(why) => format!(" ✗ failed: {}", safe(why)),
     }
 }
 
@@ -229,8 +239,11 @@ fn message_line<'a>(
     };
     TextLine::from(vec![
         Span::styled(format!("{when} "), theme.fg(Color::DarkGray)),
-        Span::styled(format!("{who}: "), who_style.add_modifier(Modifier::BOLD)),
-        Span::raw(line.text.replace('\n', " ⏎ ")),
+        Span::styled(
+            format!("{}: ", safe(who)),
+            who_style.add_modifier(Modifier::BOLD),
+        ),
+        Span::raw(safe(&line.text.replace('\n', " ⏎ "))),
         Span::styled(delivery_text(&line.delivery), state_style),
     ])
 }
@@ -250,13 +263,13 @@ fn draw_conversation(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, tz: &Time
         Some(Path::Relay) => "online, relayed",
         None => "offline",
     };
-    let title = if c.group {
+    let title = safe(&if c.group {
         format!("# {} · group", c.title())
     } else if c.name.is_some() {
         format!("{} ({}) · {path}", c.title(), c.peer)
     } else {
         format!("{} · {path}", c.peer)
-    };
+    });
     let block = Block::default().borders(Borders::ALL).title(title);
     let inner = block.inner(area);
     frame.render_widget(block, area);
@@ -305,7 +318,7 @@ fn draw_status(frame: &mut Frame<'_>, chat: &Chat, theme: Theme, area: Rect) {
     ];
     if let Some(status) = &chat.status {
         spans.push(Span::raw(" │ "));
-        spans.push(Span::styled(status.clone(), theme.fg(Color::Cyan)));
+        spans.push(Span::styled(safe(status), theme.fg(Color::Cyan)));
     }
     frame.render_widget(
         Paragraph::new(TextLine::from(spans)).style(theme.selected()),
@@ -497,6 +510,32 @@ mod tests {
         assert!(text.contains("# friends"), "{text}");
         assert!(text.contains("# friends · group"), "{text}");
         assert!(text.contains("01:00 Bob: hello group"), "{text}");
+    }
+
+    #[test]
+    fn escape_sequences_from_others_are_shown_not_obeyed() {
+        let mut chat = sample();
+        let name = "\u{1b}]0;pwned\u{7}friends";
+        chat.add_group("ab12", name);
+        chat.on_notice(
+            &Notice::GroupMessage {
+                group: "ab12".into(),
+                name: name.into(),
+                from: "5550002".into(),
+                text: "wipe\u{1b}[2J\u{202e}txet".into(),
+                time: 3_600,
+                offline: false,
+            },
+            0,
+        );
+        chat.selected = 2;
+        let text = screen(&chat, 100, 24, Theme::colour());
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{text:?}"
+        );
+        assert!(text.contains("wipe\\u001b[2J\\u202etxet"), "{text}");
+        assert!(text.contains("\\u001b]0;pwned\\u0007friends"), "{text}");
     }
 
     #[test]

@@ -22,10 +22,25 @@ use micromsg_wire::{DeviceId, DeviceName, Request, ResponseData};
 use serde_json::json;
 
 /// Like `println!`, but a closed stdout (a reader such as `head` went away) is not a panic.
+/// A line on stdout, text or JSON, with what a terminal would act on escaped
+/// ([`crate::terminal::terminal_safe`]: a JSON line stays valid and means the same).
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+        let line = format!($($arg)*);
+        let _ = writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            $crate::terminal::terminal_safe(&line)
+        );
+    }};
+}
+
+/// A line on stderr (progress, warnings, errors for people), escaped as [`outln!`]'s.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        let line = format!($($arg)*);
+        eprintln!("{}", $crate::terminal::terminal_safe(&line));
     }};
 }
 
@@ -52,7 +67,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
+            errln!("error: starting the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -72,7 +87,7 @@ pub fn main() -> ExitCode {
                     json!({"error": error_text::anyhow_text(&e), "code": code.map(|c| c.as_str())})
                 );
             } else {
-                eprintln!("error: {}", error_text::anyhow_text(&e));
+                errln!("error: {}", error_text::anyhow_text(&e));
             }
             ExitCode::FAILURE
         }
@@ -93,7 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 outln!("{}", i.number);
-                eprintln!(
+                errln!(
                     "registered: number {} (device {}) at {}; profile in {}",
                     i.number,
                     i.device,
@@ -220,7 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else if let Some(i) = installed {
                 print_installed(&i);
             } else {
-                eprintln!(
+                errln!(
                     "this device has its own identity key until it gets the entity's: run \
                      `{}` with the transfer key `device add` printed, or `{}`",
                     profile.command("device receive-keys --transfer-key KEY"),
@@ -274,7 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(t) = &transfer_hex {
                     outln!("{t}");
                 }
-                eprintln!(
+                errln!(
                     "on the new device, within 10 minutes, run:\n  micromsg --profile NEW_DIR device join --broker {} --ca CA_FILE --number {} --secret {}{}",
                     session.info.broker,
                     session.info.number,
@@ -287,7 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(transfer) = transfer {
                 if !json {
-                    eprintln!("waiting for the new device to join, to send it this device's keys…");
+                    errln!("waiting for the new device to join, to send it this device's keys…");
                 }
                 let device = devices::send_link_transfer(
                     &mut session,
@@ -301,7 +316,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if json {
                     outln!("{}", json!({"keys_sent_to": device}));
                 } else {
-                    eprintln!("sent the keys to device {device}");
+                    errln!("sent the keys to device {device}");
                 }
             }
         }
@@ -395,7 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{number:?} is not a number");
             }
             if !json {
-                eprintln!(
+                errln!(
                     "asking {number}; waiting up to {wait} s for the answer (Ctrl-C stops \
                      waiting)…"
                 );
@@ -567,12 +582,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 if let Some(secret) = &done.new_recovery {
                     outln!("{}", secret.as_str());
-                    eprintln!(
+                    errln!(
                         "this is your NEW RECOVERY SECRET: write it down and keep it safe. It is \
                          the only way to open the backup; the broker never sees it."
                     );
                 }
-                eprintln!(
+                errln!(
                     "key backup version {} stored at the broker ({} contact(s), {} session(s){})",
                     done.version,
                     done.contacts,
@@ -603,7 +618,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     installed.sessions
                 );
                 for c in &installed.conflicts {
-                    eprintln!(
+                    errln!(
                         "warning: {c}'s key in the backup differs from the one pinned here; kept this one"
                     );
                 }
@@ -644,7 +659,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 outln!("{}", json!({"number": number, "safety_number": value}));
             } else {
                 outln!("{value}");
-                eprintln!(
+                errln!(
                     "compare these digits with {number} in person or by phone; they match only if no one is in the middle"
                 );
             }
@@ -657,7 +672,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let report = crate::porting::port(&profile, &broker, &ca, |step| {
                 if !json {
-                    eprintln!("{step}…");
+                    errln!("{step}…");
                 }
             })
             .await?;
@@ -670,7 +685,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 outln!("{}", report.number);
-                eprintln!(
+                errln!(
                     "ported: number {} moved from broker {} to broker {} ({}), device {}; \
                      {} waiting messages fetched first",
                     report.number,
@@ -774,7 +789,7 @@ async fn group_command(profile: &Profile, command: GroupCommand, json: bool) -> 
                     Ok(None) => continue,
                     // An unsigned group of an earlier version: say so, list the others.
                     Err(e @ crate::store::StoreError::UnsignedGroup(_)) => {
-                        eprintln!("warning: {e}");
+                        errln!("warning: {e}");
                         continue;
                     }
                     Err(e) => return Err(e.into()),
@@ -899,7 +914,7 @@ async fn receive_keys(
     json: bool,
 ) -> anyhow::Result<devices::Installed> {
     if !json {
-        eprintln!("waiting for the old device's keys…");
+        errln!("waiting for the old device's keys…");
     }
     devices::receive_link_transfer(
         session,
@@ -961,20 +976,20 @@ async fn move_command(
             return;
         }
         match step {
-            Step::FetchingInbox => eprintln!("1/4 fetching what waits in the old inbox…"),
-            Step::Registering => eprintln!("2/4 registering at {broker}…"),
+            Step::FetchingInbox => errln!("1/4 fetching what waits in the old inbox…"),
+            Step::Registering => errln!("2/4 registering at {broker}…"),
             Step::Resuming { number } => {
-                eprintln!("2/4 using the account {number} an interrupted move registered");
+                errln!("2/4 using the account {number} an interrupted move registered");
             }
             Step::Announcing { number } => {
-                eprintln!("3/4 telling contacts and groups about the new number {number}…");
+                errln!("3/4 telling contacts and groups about the new number {number}…");
             }
-            Step::Switching => eprintln!("4/4 switching this profile to {broker}…"),
+            Step::Switching => errln!("4/4 switching this profile to {broker}…"),
             Step::Forwarding { days } => {
-                eprintln!("leaving the notice at the old broker for {days} day(s)…");
+                errln!("leaving the notice at the old broker for {days} day(s)…");
             }
             Step::DeletingOld { number } => {
-                eprintln!("deleting the old account {number} at the old broker…");
+                errln!("deleting the old account {number} at the old broker…");
             }
         }
     })
@@ -991,14 +1006,14 @@ async fn move_command(
         return Ok(());
     }
     for w in &done.warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
     outln!("{}", done.new_number);
     let names = print::Names::of(profile);
     for (number, how) in &done.report.notified {
-        eprintln!("  told {}: {how}", names.show(number));
+        errln!("  told {}: {how}", names.show(number));
     }
-    eprintln!(
+    errln!(
         "moved: {} is now {} at {} ({} message(s) fetched from the old inbox first, {} \
          group(s) told); contacts follow the signed notice and keep your safety number",
         done.old_number,
@@ -1008,7 +1023,7 @@ async fn move_command(
         done.report.groups.len()
     );
     if let Some(expires) = done.forward_expires {
-        eprintln!(
+        errln!(
             "whoever asks for {} at the old broker learns {} until {}",
             done.old_number,
             done.new_number,
@@ -1016,7 +1031,7 @@ async fn move_command(
         );
     }
     if done.old_deleted {
-        eprintln!(
+        errln!(
             "the old account {} is deleted at the old broker",
             done.old_number
         );

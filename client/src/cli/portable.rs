@@ -43,7 +43,7 @@ pub(super) fn export(
         );
     }
     if !json {
-        eprintln!(
+        errln!(
             "encrypting the profile (Argon2id, {} MiB, {} passes)…",
             params.memory_kib / 1024,
             params.iterations
@@ -68,7 +68,7 @@ pub(super) fn export(
             out.display(),
             describe(&summary)
         );
-        eprintln!(
+        errln!(
             "the file IS this device, with its secrets: keep it and its passphrase apart. Once \
              it is imported elsewhere (`micromsg --profile NEW_DIR import {}`), do not use this \
              profile again: both copies would log in as the same device.",
@@ -93,7 +93,7 @@ pub(super) fn import(
     format::read_header(&bytes).map_err(nothing_written)?;
     let passphrase = passphrase(false)?;
     if !json {
-        eprintln!("decrypting {}…", file.display());
+        errln!("decrypting {}…", file.display());
     }
     let summary =
         portable::import(&bytes, &passphrase, limits, profile).map_err(nothing_written)?;
@@ -115,7 +115,7 @@ pub(super) fn import(
             profile.dir().display(),
             describe(&summary)
         );
-        eprintln!(
+        errln!(
             "this profile is the same device as the exported one: do not use the old copy any \
              more (both would log in as device {} of {}). Start this one with `{}`.",
             info.device,

@@ -38,10 +38,11 @@ pub(super) fn notice(notice: &Notice, json: bool, profile: &Profile) {
     let line = if json {
         serde_json::to_string(notice).unwrap_or_default()
     } else {
-        format!("{} {}", clock_now(), notice_text(notice, profile))
+        // A message's further lines start under its first one's text, past the time.
+        format!("{} {}", clock_now(), notice_text(notice, profile)).replace('\n', "\n         ")
     };
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
+    let _ = writeln!(out, "{}", crate::terminal::terminal_safe(&line));
     let _ = out.flush();
 }
 

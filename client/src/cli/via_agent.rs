@@ -135,15 +135,15 @@ pub(super) async fn run_in_agent(
                 // Only what needs attention, on stderr: stdout carries the reply.
                 while let Some(notice) = rx.recv().await {
                     match &notice {
-                        Notice::Warning { message } => eprintln!("warning: {message}"),
-                        Notice::MoveRefused { from, reason } => eprintln!(
+                        Notice::Warning { message } => errln!("warning: {message}"),
+                        Notice::MoveRefused { from, reason } => errln!(
                             "WARNING: a moved notice from {from} was REFUSED, nothing \
                              changed: {reason}"
                         ),
                         Notice::ContactMoved { old, new, .. } => {
-                            eprintln!("{old} moved to the number {new} (notice verified)");
+                            errln!("{old} moved to the number {new} (notice verified)");
                         }
-                        Notice::IdentityChanged { peer, .. } => eprintln!(
+                        Notice::IdentityChanged { peer, .. } => errln!(
                             "WARNING: the identity key of {peer} CHANGED; the session was \
                              refused. Verify the safety number with {peer} out of band."
                         ),
@@ -170,7 +170,7 @@ pub(super) async fn run_in_agent(
         }
     };
     if reply.is_ok() && interrupted.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("(Ctrl-C came too late to cancel: this had already happened)");
+        errln!("(Ctrl-C came too late to cancel: this had already happened)");
     }
     Ok(reply)
 }

@@ -150,6 +150,36 @@ async fn every_json_shape_parses() {
         ["live", "deposited", "queued"].contains(&data["delivered"].as_str().unwrap()),
         "{data}"
     );
+    // A message with what a terminal would act on (clear the screen, retitle the window,
+    // reverse the text): B's listen gets it intact in JSON, and A's history for people shows
+    // it escaped, so the terminal prints it instead of obeying it.
+    let evil = "clear\u{1b}[2J title\u{1b}]0;pwned\u{7} \u{202e}txet";
+    let _ = object(&a, &["send", &b_number, evil]);
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let line = events.next_line().await.unwrap().expect("listen ended");
+            let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                panic!("listen printed a line that is not JSON ({e}): {line:?}")
+            });
+            // (The "hello" above may come first.)
+            if event["event"] == "message" && event["text"] != "hello" {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("B's listen printed no message");
+    assert_eq!(got["text"], evil, "{got}");
+    let (ok, stdout, _) = run_for_people(&a, &["history", &b_number]);
+    assert!(ok);
+    assert!(
+        !stdout.contains('\u{1b}') && !stdout.contains('\u{7}') && !stdout.contains('\u{202e}'),
+        "{stdout:?}"
+    );
+    assert!(
+        stdout.contains("[me] clear\\u001b[2J title\\u001b]0;pwned\\u0007 \\u202etxet"),
+        "{stdout}"
+    );
     let v = object(&a, &["contact", "name", &b_number, "Bee"]);
     reply(&v, "contact name");
     let v = object(&a, &["contact", "list"]);
