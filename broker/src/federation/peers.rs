@@ -131,10 +131,24 @@ impl PeerLink {
 }
 
 /// A short description of a failed call for logs and status (the transport error's cause,
-/// which names TLS failures such as an unknown issuer or an expired certificate).
+/// which names TLS failures such as an unknown issuer or an expired certificate). The
+/// message may be the peer broker's own text: its control characters are escaped, so a peer
+/// cannot write escape sequences into an operator's terminal through `status` or a log.
 pub fn describe(status: &tonic::Status) -> String {
     use std::error::Error as _;
-    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut text = format!("{:?}: {}", status.code(), status.message().escape_debug());
     crate::telemetry::append_causes(&mut text, status.source());
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_message_cannot_drive_the_operators_terminal() {
+        let said = describe(&tonic::Status::unavailable("down\u{1b}[2J\u{1b}]0;x\u{7}"));
+        assert!(!said.chars().any(char::is_control), "{said:?}");
+        assert_eq!(said, "Unavailable: down\\u{1b}[2J\\u{1b}]0;x\\u{7}");
+    }
 }
