@@ -291,9 +291,22 @@ async fn two_devices(mode: InboxMode) {
     );
     // A new session with A on either device leaves its keys for the other (MMK1, a SYNC-COPY)
     // at its own pace; both are online, so each fetches what the other left. Stopping them
-    // before that would leave it in the inbox, which is not what this test is about.
-    let settled = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.inbox_depth().await.unwrap() > 0 && tokio::time::Instant::now() < settled {
+    // before that would leave it in the inbox, which is not what this test is about. A's
+    // request for a session (made with its deposit) may reach B only now, so an empty inbox
+    // must stay empty for a while: a CI run once stopped B in the moment between an empty
+    // inbox and a late session's keys.
+    let settled = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut empty_since = None;
+    while tokio::time::Instant::now() < settled {
+        if store.inbox_depth().await.unwrap() > 0 {
+            empty_since = None;
+        } else if empty_since
+            .get_or_insert_with(tokio::time::Instant::now)
+            .elapsed()
+            >= Duration::from_secs(1)
+        {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     b1_agent.stop().await.unwrap();
