@@ -21,9 +21,9 @@ use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs};
 use micromsg_wire::{DeviceId, DeviceName, Request, ResponseData};
 use serde_json::json;
 
-/// Like `println!`, but a closed stdout (a reader such as `head` went away) is not a panic.
-/// A line on stdout, text or JSON, with what a terminal would act on escaped
-/// ([`crate::terminal::terminal_safe`]: a JSON line stays valid and means the same).
+/// Like `println!`, but a closed stdout (a reader such as `head` went away) is not a panic,
+/// and what a terminal would act on is escaped ([`crate::terminal::terminal_safe`]; a JSON
+/// line stays valid and means the same).
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
