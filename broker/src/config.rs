@@ -582,17 +582,23 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = file
+            .map(|path| {
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_owned(),
                     source,
-                })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
-            }
+                })
+            })
+            .transpose()?;
+        let file = file.zip(text.as_deref());
+        let file_table = match file {
+            Some((path, text)) => text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?,
             None => toml::Table::new(),
         };
+        let mut table = file_table.clone();
+        let mut overrides = Vec::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -605,17 +611,13 @@ impl Config {
                 continue;
             }
             let value = parse_override(&value);
-            let entry = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let toml::Value::Table(section_table) = entry else {
-                return Err(ConfigError::Invalid(format!("[{section}] is not a table")));
-            };
-            section_table.insert(key.to_ascii_lowercase(), value);
+            let key = key.to_ascii_lowercase();
+            set(&mut table, &section, &key, value.clone())?;
+            overrides.push((name.clone(), section, key, value));
         }
         let config: Config = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+            .map_err(|merged| locate_schema_error(file, &file_table, &overrides, merged))?;
         config.validate()?;
         Ok(config)
     }
@@ -768,6 +770,57 @@ const SECTIONS: &[&str] = &[
     "admin",
 ];
 
+/// Sets `[section] key` in `table`.
+fn set(
+    table: &mut toml::Table,
+    section: &str,
+    key: &str,
+    value: toml::Value,
+) -> Result<(), ConfigError> {
+    let entry = table
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(section_table) = entry else {
+        return Err(ConfigError::Invalid(format!("[{section}] is not a table")));
+    };
+    section_table.insert(key.to_owned(), value);
+    Ok(())
+}
+
+/// An override: its variable's name, its section and key, and its value.
+type Override = (String, String, String, toml::Value);
+
+/// Says where a value that does not fit the schema came from. The merged table carries no
+/// positions, so the file is read again alone: when it is at fault, the error gives its line
+/// and column. Otherwise an override is, and the error names the variables that fail on their
+/// own over the file.
+fn locate_schema_error(
+    file: Option<(&Path, &str)>,
+    file_table: &toml::Table,
+    overrides: &[Override],
+    merged: toml::de::Error,
+) -> ConfigError {
+    if let Some((path, text)) = file
+        && let Err(e) = toml::from_str::<Config>(text)
+    {
+        return ConfigError::Invalid(format!("{}: {}", path.display(), e.to_string().trim_end()));
+    }
+    let failing: Vec<&str> = overrides
+        .iter()
+        .filter(|(_, section, key, value)| {
+            let mut table = file_table.clone();
+            set(&mut table, section, key, value.clone()).is_err()
+                || toml::Value::Table(table).try_into::<Config>().is_err()
+        })
+        .map(|(name, ..)| name.as_str())
+        .collect();
+    let message = merged.message().trim_end();
+    match failing.as_slice() {
+        [] => ConfigError::Invalid(message.to_owned()),
+        names => ConfigError::Invalid(format!("{message} (set by {})", names.join(", "))),
+    }
+}
+
 fn parse_override(raw: &str) -> toml::Value {
     // Parse as the right-hand side of a TOML assignment; fall back to a plain string.
     format!("v = {raw}")
@@ -812,6 +865,42 @@ mod tests {
         assert_eq!(c.inbox.mode, InboxMode::Number);
         assert_eq!(c.limits.max_devices, 3);
         assert_eq!(c.numbers.prefixes, vec!["777", "778"]);
+    }
+
+    #[test]
+    fn a_schema_error_says_where_it_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("broker.toml");
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:1\"\n\n[limits]\nmax_devices = 3\nmax_devics = 4\n",
+        )
+        .unwrap();
+        let why = match Config::load(Some(&file), Vec::new()) {
+            Err(ConfigError::Invalid(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(why.contains("broker.toml"), "{why}");
+        assert!(why.contains("line 6"), "the misspelt key's line: {why}");
+        assert!(why.contains("max_devics"), "{why}");
+
+        std::fs::write(&file, "[limits]\nmax_devices = 3\n").unwrap();
+        let env = vec![
+            (
+                "MICROMSG_SERVER_LISTEN".to_owned(),
+                "127.0.0.1:9".to_owned(),
+            ),
+            ("MICROMSG_LIMITS_MAX_DEVICES".to_owned(), "many".to_owned()),
+        ];
+        let why = match Config::load(Some(&file), env) {
+            Err(ConfigError::Invalid(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(why.contains("MICROMSG_LIMITS_MAX_DEVICES"), "{why}");
+        assert!(
+            !why.contains("MICROMSG_SERVER_LISTEN") && !why.contains("line"),
+            "only the override at fault: {why}"
+        );
     }
 
     #[test]
