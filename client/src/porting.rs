@@ -77,13 +77,72 @@ pub struct PortReport {
     pub fetched: usize,
 }
 
+/// A step of a port, told to `progress` as it begins (for people: `move --keep-number` prints
+/// them numbered, `n/STEPS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Logging in at the old broker.
+    LoggingIn,
+    /// Fetching everything waiting in the old inbox.
+    Fetching,
+    /// Connecting to the new broker and checking it is of the same network.
+    CheckingNewBroker,
+    /// PORT-OUT at the old broker.
+    PortOut,
+    /// PORT-IN at the new broker.
+    PortIn,
+    /// The same PORT-IN again, its answer lost.
+    RetryingPortIn,
+    /// A staged PORT-IN of an interrupted port, sent again.
+    ResumingPortIn,
+    /// Writing the new broker's account into the profile.
+    UpdatingProfile,
+    /// Writing the profile of an interrupted port whose PORT-IN was answered.
+    ResumingSwitch,
+}
+
+/// How many numbered steps a port has ([`Step::number`]).
+pub const STEPS: u8 = 6;
+
+impl Step {
+    /// Its place among the [`STEPS`]: a retry or a resumed step has the place of what it does.
+    pub fn number(self) -> u8 {
+        match self {
+            Step::LoggingIn => 1,
+            Step::Fetching => 2,
+            Step::CheckingNewBroker => 3,
+            Step::PortOut => 4,
+            Step::PortIn | Step::RetryingPortIn | Step::ResumingPortIn => 5,
+            Step::UpdatingProfile | Step::ResumingSwitch => 6,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::LoggingIn => "logging in at the old broker",
+            Step::Fetching => "fetching everything waiting in the old inbox",
+            Step::CheckingNewBroker => "checking the new broker",
+            Step::PortOut => "asking the old broker to let the number go (PORT-OUT)",
+            Step::PortIn => "taking the number over at the new broker (PORT-IN)",
+            Step::RetryingPortIn => {
+                "the answer did not come through; sending the same PORT-IN again"
+            }
+            Step::ResumingPortIn => "sending the unfinished port's PORT-IN again",
+            Step::UpdatingProfile => "updating the profile",
+            Step::ResumingSwitch => "finishing the profile switch of an interrupted port",
+        })
+    }
+}
+
 /// Moves this profile's number to the broker at `broker` (trusting `ca`), keeping the number
 /// (see the module docs). `progress` is told each step, for people.
 pub async fn port(
     profile: &Profile,
     broker: &str,
     ca: &Path,
-    mut progress: impl FnMut(&str),
+    mut progress: impl FnMut(Step),
 ) -> Result<PortReport, PortError> {
     let info = profile.info()?;
     let secrets = profile.secrets()?;
@@ -104,13 +163,13 @@ pub async fn port(
         return resume(profile, &stage, broker, &mut progress).await;
     }
 
-    progress("logging in at the old broker");
+    progress(Step::LoggingIn);
     let mut old = account::connect(profile).await?;
     let old_info = fetch_broker_info(&mut old.link).await?;
-    progress("fetching everything waiting in the old inbox");
+    progress(Step::Fetching);
     let fetched = fetch_everything(profile, &info, &secrets, &mut old).await?;
 
-    progress("checking the new broker");
+    progress(Step::CheckingNewBroker);
     let tls_name = account::tls_name_of(broker)?;
     let mut new_link = BrokerLink::connect(
         broker,
@@ -135,7 +194,7 @@ pub async fn port(
         ));
     }
 
-    progress("asking the old broker to let the number go (PORT-OUT)");
+    progress(Step::PortOut);
     let token = match old
         .link
         .call(Request::PortOut(PortOutArgs {
@@ -149,7 +208,7 @@ pub async fn port(
     };
     drop(old);
 
-    progress("taking the number over at the new broker (PORT-IN)");
+    progress(Step::PortIn);
     let time = unix_now();
     let statement = port_statement(&info.number, &from, &to, time);
     let server_secret = Secret32::generate(&mut OsRng);
@@ -240,7 +299,7 @@ async fn complete(
     target: Target,
     request: Request,
     fetched: usize,
-    progress: &mut impl FnMut(&str),
+    progress: &mut impl FnMut(Step),
 ) -> Result<PortReport, PortError> {
     let Request::PortIn(args) = &request else {
         return Err(PortError::NotPossible(
@@ -273,7 +332,7 @@ async fn complete(
         }
         Err(e) => return Err(e),
     };
-    progress("updating the profile");
+    progress(Step::UpdatingProfile);
     stage.write_secrets(&Secrets {
         client_secret: Secret32::from_bytes(*data.client_secret.as_bytes()),
         server_secret,
@@ -332,7 +391,7 @@ async fn resume(
     profile: &Profile,
     stage: &Profile,
     broker: &str,
-    progress: &mut impl FnMut(&str),
+    progress: &mut impl FnMut(Step),
 ) -> Result<PortReport, PortError> {
     let target = Target::read(stage)?;
     if target.broker != broker {
@@ -344,7 +403,7 @@ async fn resume(
     let info = profile.info()?;
     let secrets = profile.secrets()?;
     if let Ok(staged) = stage.info() {
-        progress("finishing the profile switch of an interrupted port");
+        progress(Step::ResumingSwitch);
         let seq_path = stage.path(STAGE_SEQ);
         let seq = std::fs::read_to_string(&seq_path)
             .ok()
@@ -361,7 +420,7 @@ async fn resume(
             fetched: 0,
         });
     }
-    progress("sending the unfinished port's PORT-IN again");
+    progress(Step::ResumingPortIn);
     let path = stage.path(STAGE_REQUEST);
     let bytes = std::fs::read(&path).map_err(|source| ProfileError::Io { path, source })?;
     let (_, request) = micromsg_wire::decode_request(&bytes, &micromsg_wire::Limits::default())
@@ -384,7 +443,7 @@ async fn port_in_with_retries(
     tls_name: &str,
     ca: &Path,
     request: Request,
-    progress: &mut impl FnMut(&str),
+    progress: &mut impl FnMut(Step),
 ) -> Result<micromsg_wire::message::response::PortInData, PortError> {
     let mut attempt = 1;
     loop {
@@ -400,7 +459,7 @@ async fn port_in_with_retries(
         if !again || attempt >= PORT_IN_ATTEMPTS {
             return Err(error.into());
         }
-        progress("the answer did not come through; sending the same PORT-IN again");
+        progress(Step::RetryingPortIn);
         tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt))).await;
         attempt += 1;
         let config = client_config(ca).map_err(AccountError::from)?;

@@ -672,7 +672,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let report = crate::porting::port(&profile, &broker, &ca, |step| {
                 if !json {
-                    errln!("{step}…");
+                    errln!("{}/{} {step}…", step.number(), crate::porting::STEPS);
                 }
             })
             .await?;

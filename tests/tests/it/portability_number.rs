@@ -691,21 +691,28 @@ fn run(profile: &Path, args: &[&str]) -> std::process::Output {
 
 /// Runs `micromsg --json move --keep-number` for the profile in `dir`, to `broker`.
 async fn move_keep_number(dir: &Path, broker: &micromsg_tests::TestBroker) -> std::process::Output {
+    move_keep_number_as(dir, broker, true).await
+}
+
+/// Runs `micromsg move --keep-number`, with `--json` or for people.
+async fn move_keep_number_as(
+    dir: &Path,
+    broker: &micromsg_tests::TestBroker,
+    json: bool,
+) -> std::process::Output {
     let profile = dir.to_owned();
     let (addr, ca) = (broker.addr.clone(), broker.ca.clone());
     tokio::task::spawn_blocking(move || {
-        run(
-            &profile,
-            &[
-                "--json",
-                "move",
-                "--keep-number",
-                "--broker",
-                &addr,
-                "--ca",
-                ca.to_str().unwrap(),
-            ],
-        )
+        let format: &[&str] = if json { &["--json"] } else { &[] };
+        let args = [
+            "move",
+            "--keep-number",
+            "--broker",
+            &addr,
+            "--ca",
+            ca.to_str().unwrap(),
+        ];
+        run(&profile, &[format, &args].concat())
     })
     .await
     .unwrap()
@@ -740,9 +747,22 @@ async fn move_keep_number_moves_the_profile_and_keeps_the_number() {
     let session = account::connect(&p).await.unwrap();
     assert_eq!(number(&session), a_number);
 
-    // Running it again is refused by y (it serves the number already), and the profile stays.
-    let again = move_keep_number(&dir, y).await;
+    // Running it again is refused (y serves the number already) at its third step, which the
+    // human output numbers, and the profile stays.
+    let again = move_keep_number_as(&dir, y, false).await;
     assert!(!again.status.success());
+    let said = String::from_utf8_lossy(&again.stderr);
+    let steps: Vec<&str> = said.lines().filter(|l| l.ends_with('…')).collect();
+    assert_eq!(
+        steps,
+        [
+            "1/6 logging in at the old broker…",
+            "2/6 fetching everything waiting in the old inbox…",
+            "3/6 checking the new broker…",
+        ],
+        "{said}"
+    );
+    assert!(said.contains("which serves this number already"), "{said}");
     assert_eq!(p.info().unwrap().broker, y.addr);
     net.stop().await;
 }
