@@ -825,24 +825,7 @@ async fn an_interrupted_port_is_finished_by_the_next_run() {
     assert_eq!(profile.info().unwrap().broker, net.broker(X).addr);
 
     // The next run finishes it.
-    let (addr, ca) = (y.addr.clone(), y.ca.clone());
-    let run_dir = dir.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        run(
-            &run_dir,
-            &[
-                "--json",
-                "move",
-                "--keep-number",
-                "--broker",
-                &addr,
-                "--ca",
-                ca.to_str().unwrap(),
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let out = move_keep_number(&dir, y).await;
     assert!(
         out.status.success(),
         "{} {}",
