@@ -3,9 +3,14 @@
 //! splice copies, so a relay across brokers is spliced exactly like one on a broker: at each of
 //! the two brokers, the local client's connection on one side and the stream on the other.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::Status;
@@ -21,7 +26,10 @@ const CHUNK: usize = 16 * 1024;
 const QUEUE: usize = 16;
 
 /// A [`Half`] whose bytes are `inbound`'s frames and whose writes become frames on
-/// `outbound` (chunked); `outbound` ends when the half is shut down or dropped.
+/// `outbound` (chunked); `outbound` ends when the half is shut down or dropped. A stream that
+/// ends reads as the end of the half's bytes; one that fails (the peer broker went away, the
+/// connection between the brokers broke) reads as an error, so the splice ends the relay as
+/// lost and the local client is told so, not that the session ended.
 pub fn stream_half<S, T>(inbound: S, outbound: mpsc::Sender<T>, wrap: fn(RelayFrame) -> T) -> Half
 where
     S: tokio_stream::Stream<Item = Result<RelayFrame, Status>> + Send + Unpin + 'static,
@@ -29,12 +37,25 @@ where
 {
     let (near, far) = tokio::io::duplex(CHUNK * 4);
     let (mut far_read, mut far_write) = tokio::io::split(far);
+    let failed = Arc::new(AtomicBool::new(false));
     // Peer → splice.
+    let failing = Arc::clone(&failed);
     tokio::spawn(async move {
         let mut inbound = inbound;
-        while let Some(Ok(frame)) = inbound.next().await {
-            if !frame.data.is_empty() && far_write.write_all(&frame.data).await.is_err() {
-                return;
+        loop {
+            match inbound.next().await {
+                Some(Ok(frame)) => {
+                    if !frame.data.is_empty() && far_write.write_all(&frame.data).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(status)) => {
+                    tracing::debug!(code = ?status.code(), "a relay stream from a peer broker failed");
+                    // Set before the end of the bytes below, which the reader checks it at.
+                    failing.store(true, Ordering::Release);
+                    break;
+                }
+                None => break,
             }
         }
         let _ = far_write.shutdown().await;
@@ -59,10 +80,40 @@ where
     });
     let (read, write) = tokio::io::split(near);
     Half {
-        read: Box::new(read),
+        read: Box::new(StreamRead {
+            inner: read,
+            failed,
+        }),
         write: Box::new(write),
         early: Vec::new(),
         slot: None,
+    }
+}
+
+/// The splice's read side of a stream half: its end of bytes is an error when the stream
+/// failed rather than ended.
+struct StreamRead {
+    inner: ReadHalf<DuplexStream>,
+    failed: Arc<AtomicBool>,
+}
+
+impl AsyncRead for StreamRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let at_end = buf.filled().len() == before && buf.remaining() > 0;
+        if at_end && this.failed.load(Ordering::Acquire) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer broker's relay stream failed",
+            )));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -109,4 +160,52 @@ pub fn notify_waiting(federation: &Federation, peer: &str, id: [u8; 16]) {
             .unwrap_or_else(|_| Err(Status::deadline_exceeded("relay waiting timed out")));
         let _ = link.record(result);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn frame(data: &[u8]) -> Result<RelayFrame, Status> {
+        Ok(RelayFrame {
+            relay: Vec::new(),
+            data: data.to_vec(),
+        })
+    }
+
+    /// Everything the half yields until it ends: the bytes, then how it ended.
+    async fn read_all(frames: Vec<Result<RelayFrame, Status>>) -> (Vec<u8>, io::Result<()>) {
+        let (tx, _rx) = mpsc::channel::<RelayFrame>(1);
+        let mut half = stream_half(tokio_stream::iter(frames), tx, |f| f);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            match half.read.read(&mut buf).await {
+                Ok(0) => return (got, Ok(())),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Err(e)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_is_the_end_of_the_bytes() {
+        let (got, end) = read_all(vec![frame(b"hello "), frame(b""), frame(b"there")]).await;
+        assert_eq!(got, b"hello there");
+        assert!(end.is_ok(), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_fails_reads_as_an_error_after_its_bytes() {
+        let (got, end) = read_all(vec![
+            frame(b"hello"),
+            Err(Status::unavailable("connection reset")),
+            frame(b"never read"),
+        ])
+        .await;
+        assert_eq!(got, b"hello");
+        let e = end.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted, "{e}");
+    }
 }
