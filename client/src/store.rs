@@ -9,7 +9,8 @@
 //! DIR/keys/<session id>.json      SharedSession: keys it may only open with (another device's
 //!                                 sessions, synced or restored), and its own older ones
 //!                                 (it seals with one of those only while the latest is
-//!                                 unconfirmed, [`Store::send_session`])                    (0600)
+//!                                 unconfirmed, [`Store::send_session`]); deleted once
+//!                                 nothing can use them ([`Store::forget_old_keys`])        (0600)
 //! DIR/unconfirmed.json            own sessions the peer has not proved it holds yet
 //!                                 (protocol 12.3; `confirm`)                               (0600)
 //! DIR/inbox.json                  InboxState: inbox ids already stored (until they expire),
@@ -50,6 +51,9 @@ use crate::profile::{Profile, ProfileError};
 
 mod confirm;
 mod moves;
+mod prune;
+#[cfg(test)]
+mod test_sessions;
 pub use moves::{FollowError, MAX_FORMER, safety_number_with};
 
 const CONTACTS: &str = "contacts.json";
@@ -861,6 +865,11 @@ impl Store {
     /// Every stored [`SharedSession`].
     pub fn shared_sessions(&self) -> Result<Vec<SharedSession>, StoreError> {
         let _guard = self.lock();
+        self.shared_sessions_locked()
+    }
+
+    /// [`Store::shared_sessions`] for a caller that holds the lock.
+    fn shared_sessions_locked(&self) -> Result<Vec<SharedSession>, StoreError> {
         let dir = self.dir().join(KEYS_DIR);
         let mut out = Vec::new();
         for name in list_dir(&dir)? {

@@ -74,6 +74,11 @@ pub struct AgentConfig {
     pub member_retry: Duration,
     /// Whether peers can reach this device directly (`listen --reach`). Default `auto`.
     pub reach: crate::relay::Reach,
+    /// How long this device keeps the keys of a session replaced by a newer one after it was
+    /// last used or replaced, to open deposits sealed with them still on their way
+    /// (`store/prune.rs`); never less than the broker's MESSAGE-TTL. Default 90 days
+    /// (`listen --keep-replaced-keys-days`).
+    pub keep_replaced_keys: Duration,
     /// How long a direct connection to a peer may take before the relay is used instead
     /// (when the broker offers one). Default 3 s.
     pub direct_timeout: Duration,
@@ -101,6 +106,7 @@ impl Default for AgentConfig {
             reconnect_max: Duration::from_secs(30),
             member_retry: Duration::from_secs(60),
             reach: crate::relay::Reach::Auto,
+            keep_replaced_keys: Duration::from_secs(90 * 24 * 3600),
             direct_timeout: Duration::from_secs(3),
         }
     }

@@ -32,6 +32,8 @@ pub(super) struct BrokerLimits {
     pub(super) max_frame: u32,
     /// MESSAGE-MAX: the largest DEPOSIT / SYNC-COPY body.
     pub(super) message_max: u32,
+    /// MESSAGE-TTL: how long an inbox item lives, seconds.
+    pub(super) message_ttl: u64,
 }
 
 impl Default for BrokerLimits {
@@ -40,6 +42,7 @@ impl Default for BrokerLimits {
         Self {
             max_frame: DEFAULT_MAX_FRAME_LEN,
             message_max: 48_000,
+            message_ttl: 30 * 24 * 3600,
         }
     }
 }
@@ -49,6 +52,7 @@ impl From<&InfoLimits> for BrokerLimits {
         Self {
             max_frame: l.max_frame,
             message_max: l.message_max,
+            message_ttl: l.message_ttl,
         }
     }
 }
@@ -104,6 +108,7 @@ mod tests {
         let limits = BrokerLimits {
             max_frame: 4096,
             message_max: 1_000_000,
+            ..BrokerLimits::default()
         };
         let max = limits.max_text_len(&SessionConfig::default());
         assert_eq!(max, (4096 - REQUEST_YAML_SLACK) / 4 * 3 - ENVELOPE_OVERHEAD);

@@ -77,6 +77,9 @@ pub use reply::{
 
 use control::{bind_control, serve_control};
 
+/// How often a running agent forgets the kept session keys nothing can use any more.
+const FORGET_KEYS_EVERY: Duration = Duration::from_secs(6 * 3600);
+
 /// Events from all live sessions waiting for the agent's loop. Small, because each may hold
 /// a message of up to a frame (1 MiB): when the loop is behind, each session's forwarder
 /// waits, its session's own queue fills up to its byte budget
@@ -502,6 +505,8 @@ impl Agent {
         let mut member_retry =
             tokio::time::interval(self.config.member_retry.max(Duration::from_secs(1)));
         member_retry.tick().await;
+        // Its first tick is at once: at start, then every few hours.
+        let mut forget_keys = tokio::time::interval(FORGET_KEYS_EVERY);
         self.resume_kept_frames().await;
         let result = loop {
             if let Some(reason) = self.fatal.take() {
@@ -541,6 +546,8 @@ impl Agent {
                     let _ = self.call(Request::Ping).await;
                 }
                 _ = sweep.tick() => self.expire().await,
+                // The agent that reads the inbox (not a one-shot command's) keeps `keys/` short.
+                _ = forget_keys.tick(), if self.config.inbox => self.forget_old_keys().await,
                 // A member that was offline when its group frames first asked for a session.
                 _ = member_retry.tick(), if !offline && self.config.announce => {
                     self.ask_awaited_members().await;
@@ -566,6 +573,21 @@ impl Agent {
         result
     }
 
+    /// Forgets the kept session keys nothing can use any more (`store/prune.rs`), keeping
+    /// each for at least the broker's MESSAGE-TTL.
+    async fn forget_old_keys(&mut self) {
+        let ttl = Duration::from_secs(self.broker_limits.message_ttl);
+        let keep = self.config.keep_replaced_keys.max(ttl);
+        let now = unix_now();
+        if let Err(e) = self
+            .on_disk(move |store| store.forget_old_keys(now, keep))
+            .await
+        {
+            self.warn(format!("forgetting the keys of old sessions failed: {e}"))
+                .await;
+        }
+    }
+
     /// Runs a write to the profile store (each one syncs to disk) on the blocking pool, so the
     /// agent's task (and, under `listen`'s one-thread runtime, every session) never waits for
     /// the disk.
@@ -576,7 +598,9 @@ impl Agent {
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || write(&store)).await {
             Ok(done) => done,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down, and this task goes with it.
+            Err(_) => std::future::pending().await,
         }
     }
 

@@ -97,6 +97,13 @@ pub(super) enum Command {
         #[arg(long, default_value_t = 3000, value_name = "MS",
               value_parser = clap::value_parser!(u64).range(100..=60_000))]
         direct_timeout_ms: u64,
+        /// Days to keep the keys of a session replaced by a newer one, after it was last used
+        /// or replaced, for messages sealed with them still on their way (never less than the
+        /// broker's message lifetime); then they are deleted, so a stolen device cannot open
+        /// old messages recorded on the way.
+        #[arg(long, default_value_t = 90, value_name = "DAYS",
+              value_parser = clap::value_parser!(u64).range(1..=36_500))]
+        keep_replaced_keys_days: u64,
     },
     /// A full-screen chat: contacts and groups on the left, the conversation on the right, an
     /// input line below, the broker's state at the bottom. It runs the device's agent, like

@@ -360,6 +360,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             reconnect_max,
             reach,
             direct_timeout_ms,
+            keep_replaced_keys_days,
         } => {
             let config = AgentConfig {
                 accept: match accept {
@@ -380,6 +381,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 reconnect_max: std::time::Duration::from_secs(reconnect_max),
                 reach,
                 direct_timeout: std::time::Duration::from_millis(direct_timeout_ms),
+                keep_replaced_keys: std::time::Duration::from_secs(
+                    keep_replaced_keys_days * 24 * 3600,
+                ),
                 ..AgentConfig::default()
             };
             listen(profile, json, config).await?;

@@ -113,7 +113,7 @@ impl Store {
         Ok(older.map(FoundSession::Shared))
     }
 
-    fn read_unconfirmed(&self) -> Result<BTreeSet<String>, StoreError> {
+    pub(super) fn read_unconfirmed(&self) -> Result<BTreeSet<String>, StoreError> {
         let path = self.dir().join(UNCONFIRMED);
         match read_optional(&path)? {
             None => Ok(BTreeSet::new()),
@@ -160,30 +160,13 @@ impl Store {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use micromsg_crypto::handshake::Role;
-    use micromsg_crypto::message::DirectionKeys;
-    use micromsg_crypto::{IdentityKey, Secret32, SessionKeys};
+    use micromsg_crypto::{IdentityKey, Secret32};
 
     use super::*;
     use crate::profile::Profile;
+    use crate::store::test_sessions::session;
 
     const PEER: &str = "5550002";
-
-    fn session(id: u8, established_at: u64) -> StoredSession {
-        let keys = SessionKeys {
-            session_id: [id; 16],
-            send: DirectionKeys {
-                ts_key: Secret32::from_bytes([id; 32]),
-                seed: Secret32::from_bytes([id ^ 0x55; 32]),
-            },
-            recv: DirectionKeys {
-                ts_key: Secret32::from_bytes([id ^ 0xaa; 32]),
-                seed: Secret32::from_bytes([id ^ 0xff; 32]),
-            },
-        };
-        let peer = IdentityKey::from_seed(&Secret32::from_bytes([3; 32])).public_key();
-        StoredSession::new(&keys, Role::Initiator, peer, established_at)
-    }
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();

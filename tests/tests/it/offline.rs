@@ -376,6 +376,131 @@ async fn offline_message_sent_shows_on_the_senders_other_device() {
     broker.stop().await;
 }
 
+/// The keys of a session replaced by a newer one are forgotten once the keep period has passed
+/// since it was last used or replaced (client `store/prune.rs`), when the agent starts: a
+/// stolen device then cannot open old deposits recorded on the way. The keep period never goes
+/// below the broker's MESSAGE-TTL (5 s here), and the latest session keeps working: a deposit
+/// sealed with it after the clean-up opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_forgets_the_keys_of_sessions_replaced_long_enough_ago() {
+    let broker = TestBroker::start(Backend::Sqlite, |c| c.inbox.ttl_secs = 5).await;
+    let a = register(&broker, "a").await;
+    let b = register(&broker, "b").await;
+    let online = async |device: &Device| {
+        let config = AgentConfig {
+            answer_timeout: Duration::from_secs(5),
+            offline_after: Duration::from_secs(5),
+            keep_replaced_keys: Duration::from_secs(1),
+            ..agents::config(AcceptPolicy::Any)
+        };
+        agents::online(device, config).await
+    };
+    let latest = |d: &Device, peer: &str| {
+        Store::new(&d.profile)
+            .load_session(peer)
+            .unwrap()
+            .unwrap()
+            .session_id
+    };
+    let kept = |d: &Device| -> Vec<[u8; 16]> {
+        Store::new(&d.profile)
+            .shared_sessions()
+            .unwrap()
+            .iter()
+            .map(|s| s.session.session_id)
+            .collect()
+    };
+    // A talks both ways over a first session, then over a second one after a restart.
+    let (b_agent, mut b_rx) = online(&b).await;
+    let (a_agent, mut a_rx) = online(&a).await;
+    let reply = agents::contact_add(&a_agent, &b.number).await;
+    assert!(reply.ok, "{reply:?}");
+    let talk = async |a_agent: &AgentHandle,
+                      a_rx: &mut mpsc::Receiver<Notice>,
+                      b_rx: &mut mpsc::Receiver<Notice>,
+                      round| {
+        let sent = send(a_agent, &b.number, &format!("a{round}")).await;
+        assert_eq!(sent.data.unwrap()["delivered"], "live");
+        let got = message_from(b_rx, &a.number).await;
+        assert_eq!(got, (format!("a{round}"), false));
+        assert!(send(&b_agent, &a.number, &format!("b{round}")).await.ok);
+        assert_eq!(
+            message_from(a_rx, &b.number).await,
+            (format!("b{round}"), false)
+        );
+    };
+    talk(&a_agent, &mut a_rx, &mut b_rx, 1).await;
+    let first = latest(&a, &b.number);
+    a_agent.stop().await.unwrap();
+    let (a_agent, mut a_rx) = online(&a).await;
+    // The first message after the restart is deposited, sealed with the first session, and
+    // asks for a new one.
+    let sent = send(&a_agent, &b.number, "a2").await;
+    assert!(sent.message.contains("deposited"), "{sent:?}");
+    expect(&mut a_rx, |n| {
+        matches!(n, Notice::SessionStarted { peer, .. } if *peer == b.number).then_some(())
+    })
+    .await;
+    assert_eq!(
+        message_from(&mut b_rx, &a.number).await,
+        ("a2".into(), true)
+    );
+    talk(&a_agent, &mut a_rx, &mut b_rx, 3).await;
+    let second = latest(&a, &b.number);
+    assert_ne!(first, second, "a new session after the restart");
+    assert_eq!(
+        kept(&a),
+        [first],
+        "the replaced session is kept for a while"
+    );
+    assert_eq!(kept(&b), [first]);
+    a_agent.stop().await.unwrap();
+
+    // Past the agent's keep period (1 s) but within the broker's MESSAGE-TTL (5 s): kept.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (a_agent, _a_rx) = online(&a).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(kept(&a), [first], "kept for the broker's MESSAGE-TTL");
+    a_agent.stop().await.unwrap();
+
+    // Past the broker's MESSAGE-TTL since the replacement, the next start forgets it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let forgotten = async |d: &Device, id: [u8; 16]| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while kept(d).contains(&id) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replaced session's keys are still kept at {}: {:?} (latest {:?})",
+                account::unix_now(),
+                Store::new(&d.profile).shared_sessions().unwrap(),
+                Store::new(&d.profile).own_sessions().unwrap(),
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (a_agent, _a_rx) = online(&a).await;
+    forgotten(&a, first).await;
+    assert!(kept(&a).is_empty());
+    assert_eq!(latest(&a, &b.number), second);
+    // B was running all along (its clean-up runs at start, then hours apart): it still has
+    // them. Offline, then back, it forgets them too and opens a deposit sealed with the
+    // latest session.
+    assert_eq!(kept(&b), [first]);
+    b_agent.stop().await.unwrap();
+    let reply = send(&a_agent, &b.number, "after the clean-up").await;
+    assert!(reply.message.contains("deposited"), "{reply:?}");
+    let (b_agent, mut b_rx) = online(&b).await;
+    assert_eq!(
+        message_from(&mut b_rx, &a.number).await,
+        ("after the clean-up".into(), true)
+    );
+    // (B's return may bring a new session with A, which keeps the second one for a while.)
+    forgotten(&b, first).await;
+    b_agent.stop().await.unwrap();
+    a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
 /// Items past their lifetime are never delivered and the sweep removes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_items_are_swept_not_delivered() {
