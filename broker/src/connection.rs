@@ -196,6 +196,7 @@ async fn serve<S>(
                         write: Box::new(write),
                         early,
                         slot: Some(slot),
+                        ends: None,
                     };
                     broker.relays.attach(reservation, half);
                     debug!(conn = conn_id, "connection is now a relay half");

@@ -15,9 +15,9 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::Status;
 
-use super::splice::Half;
+use super::splice::{Ended, Ends, Half};
 use crate::federation::Federation;
-use crate::federation::proto::{RelayFrame, RelayWaitingRequest};
+use crate::federation::proto::{RelayEnd, RelayFrame, RelayWaitingRequest};
 
 /// Largest relayed chunk in one frame.
 const CHUNK: usize = 16 * 1024;
@@ -26,10 +26,12 @@ const CHUNK: usize = 16 * 1024;
 const QUEUE: usize = 16;
 
 /// A [`Half`] whose bytes are `inbound`'s frames and whose writes become frames on
-/// `outbound` (chunked); `outbound` ends when the half is shut down or dropped. A stream that
-/// ends reads as the end of the half's bytes; one that fails (the peer broker went away, the
-/// connection between the brokers broke) reads as an error, so the splice ends the relay as
-/// lost and the local client is told so, not that the session ended.
+/// `outbound` (chunked); `outbound` ends when the half is shut down or dropped, after a last
+/// frame that says why when the splice ended for a reason of its own ([`Ends`]). A stream that
+/// ends reads as the end of the half's bytes; one whose last frame says why, or that fails
+/// (the peer broker went away, the connection between the brokers broke), reads as an error,
+/// so the splice ends the relay with the peer's reason, or as lost, and the local client is
+/// told so, not that the session ended.
 pub fn stream_half<S, T>(inbound: S, outbound: mpsc::Sender<T>, wrap: fn(RelayFrame) -> T) -> Half
 where
     S: tokio_stream::Stream<Item = Result<RelayFrame, Status>> + Send + Unpin + 'static,
@@ -38,8 +40,10 @@ where
     let (near, far) = tokio::io::duplex(CHUNK * 4);
     let (mut far_read, mut far_write) = tokio::io::split(far);
     let failed = Arc::new(AtomicBool::new(false));
+    let ends = Arc::new(Ends::default());
     // Peer → splice.
     let failing = Arc::clone(&failed);
+    let told = Arc::clone(&ends);
     tokio::spawn(async move {
         let mut inbound = inbound;
         loop {
@@ -47,6 +51,11 @@ where
                 Some(Ok(frame)) => {
                     if !frame.data.is_empty() && far_write.write_all(&frame.data).await.is_err() {
                         return;
+                    }
+                    if let Some(theirs) = ended_of(frame.end()) {
+                        let _ = told.theirs.set(theirs);
+                        failing.store(true, Ordering::Release);
+                        break;
                     }
                 }
                 Some(Err(status)) => {
@@ -61,21 +70,37 @@ where
         let _ = far_write.shutdown().await;
     });
     // Splice → peer.
+    let ours = Arc::clone(&ends);
     tokio::spawn(async move {
         let mut buf = vec![0u8; CHUNK];
         loop {
             match far_read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => break,
                 Ok(n) => {
                     let frame = RelayFrame {
                         relay: Vec::new(),
                         data: buf[..n].to_vec(),
+                        end: RelayEnd::Unspecified.into(),
                     };
                     if outbound.send(wrap(frame)).await.is_err() {
                         return;
                     }
                 }
             }
+        }
+        // The splice set its reason before it shut this half down (none yet: a half-close).
+        let end = ours
+            .ours
+            .get()
+            .copied()
+            .map_or(RelayEnd::Unspecified, end_of);
+        if end != RelayEnd::Unspecified {
+            let frame = RelayFrame {
+                relay: Vec::new(),
+                data: Vec::new(),
+                end: end.into(),
+            };
+            let _ = outbound.send(wrap(frame)).await;
         }
     });
     let (read, write) = tokio::io::split(near);
@@ -87,6 +112,29 @@ where
         write: Box::new(write),
         early: Vec::new(),
         slot: None,
+        ends: Some(ends),
+    }
+}
+
+/// What a stream's last frame says of how this broker's splice ended.
+fn end_of(ended: Ended) -> RelayEnd {
+    match ended {
+        Ended::Closed => RelayEnd::Unspecified,
+        Ended::Lost => RelayEnd::Lost,
+        Ended::Idle => RelayEnd::Idle,
+        Ended::Shutdown => RelayEnd::Shutdown,
+        // Said by the peer itself: nothing to tell it.
+        Ended::PeerShutdown => RelayEnd::Unspecified,
+    }
+}
+
+/// How the peer broker's splice ended, from its stream's last frame (`None`: not the end).
+fn ended_of(end: RelayEnd) -> Option<Ended> {
+    match end {
+        RelayEnd::Unspecified => None,
+        RelayEnd::Lost => Some(Ended::Lost),
+        RelayEnd::Idle => Some(Ended::Idle),
+        RelayEnd::Shutdown => Some(Ended::Shutdown),
     }
 }
 
@@ -128,6 +176,7 @@ pub async fn dial(federation: &Federation, peer: &str, id: [u8; 16]) -> Result<H
     tx.send(RelayFrame {
         relay: id.to_vec(),
         data: Vec::new(),
+        end: RelayEnd::Unspecified.into(),
     })
     .await
     .map_err(|_| "the relay stream closed at once".to_owned())?;
@@ -171,6 +220,7 @@ mod tests {
         Ok(RelayFrame {
             relay: Vec::new(),
             data: data.to_vec(),
+            end: RelayEnd::Unspecified.into(),
         })
     }
 
@@ -187,6 +237,113 @@ mod tests {
                 Err(e) => return (got, Err(e)),
             }
         }
+    }
+
+    fn last(end: RelayEnd) -> Result<RelayFrame, Status> {
+        Ok(RelayFrame {
+            relay: Vec::new(),
+            data: Vec::new(),
+            end: end.into(),
+        })
+    }
+
+    const LIMITS: super::super::splice::SpliceLimits = super::super::splice::SpliceLimits {
+        bytes_per_sec: 0,
+        idle: Duration::from_secs(5),
+        buffer: 4096,
+    };
+
+    /// A broker that never shuts down.
+    fn running() -> tokio::sync::watch::Receiver<bool> {
+        tokio::sync::watch::channel(false).1
+    }
+
+    /// The half of a local client, and the client's end of it.
+    fn local() -> (Half, tokio::io::DuplexStream) {
+        let (client, broker) = tokio::io::duplex(1 << 16);
+        let (read, write) = tokio::io::split(broker);
+        let half = Half {
+            read: Box::new(read),
+            write: Box::new(write),
+            early: Vec::new(),
+            slot: None,
+            ends: None,
+        };
+        (half, client)
+    }
+
+    /// `remote` spliced to a local client: the splice, and the client's end.
+    fn spliced(remote: Half) -> (tokio::task::JoinHandle<Ended>, tokio::io::DuplexStream) {
+        let (near, client) = local();
+        let relay = tokio::spawn(super::super::splice::splice(
+            near,
+            remote,
+            LIMITS,
+            Arc::default(),
+            running(),
+        ));
+        (relay, client)
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_says_it_is_shutting_down_ends_the_relay_with_that_reason() {
+        let (tx, _rx) = mpsc::channel::<RelayFrame>(4);
+        let frames = vec![frame(b"bye"), last(RelayEnd::Shutdown), frame(b"never")];
+        let (relay, mut client) = spliced(stream_half(tokio_stream::iter(frames), tx, |f| f));
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            got, b"bye",
+            "what came before, then the end of the client's stream"
+        );
+        assert_eq!(relay.await.unwrap(), Ended::PeerShutdown);
+        assert_eq!(
+            Ended::PeerShutdown.reason(LIMITS.idle),
+            "the other side's broker is shutting down"
+        );
+    }
+
+    /// A relay spliced between a local client and a peer broker that sends nothing: the
+    /// splice, the client's end, what the half sends the peer, and the peer's sending side
+    /// (to keep the stream open).
+    #[allow(clippy::type_complexity)]
+    fn spliced_to_a_quiet_peer() -> (
+        tokio::task::JoinHandle<Ended>,
+        tokio::io::DuplexStream,
+        mpsc::Receiver<RelayFrame>,
+        mpsc::Sender<Result<RelayFrame, Status>>,
+    ) {
+        let (peer, inbound) = mpsc::channel::<Result<RelayFrame, Status>>(4);
+        let (tx, outbound) = mpsc::channel::<RelayFrame>(4);
+        let remote = stream_half(
+            tokio_stream::wrappers::ReceiverStream::new(inbound),
+            tx,
+            |f| f,
+        );
+        let (relay, client) = spliced(remote);
+        (relay, client, outbound, peer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_splice_that_ends_for_a_reason_of_its_own_says_it_to_the_peer_last() {
+        let (relay, mut client, mut outbound, _peer) = spliced_to_a_quiet_peer();
+        client.write_all(b"hello").await.unwrap();
+        assert_eq!(relay.await.unwrap(), Ended::Idle);
+        let first = outbound.recv().await.unwrap();
+        assert_eq!(first.data, b"hello");
+        let end = outbound.recv().await.unwrap();
+        assert_eq!((end.end(), end.data.len()), (RelayEnd::Idle, 0));
+        assert!(outbound.recv().await.is_none(), "the stream ends after it");
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_ends_in_order_sends_no_reason() {
+        let (_relay, mut client, mut outbound, _peer) = spliced_to_a_quiet_peer();
+        client.write_all(b"done").await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(outbound.recv().await.unwrap().data, b"done");
+        // The client's half-close ends the stream at once, with no reason in it.
+        assert!(outbound.recv().await.is_none());
     }
 
     #[tokio::test]

@@ -22,6 +22,21 @@ pub struct Half {
     /// The client connection's place in its listener (`limits.max_connections` and the per-IP
     /// limit), held until the half is dropped; none for a peer broker's stream.
     pub slot: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// For a peer broker's stream: how each broker's splice ended, told across.
+    pub ends: Option<Arc<Ends>>,
+}
+
+/// How the two brokers' splices of a relay across brokers ended: this one's is set before
+/// the stream's half is shut down, so the stream can say it to the peer broker; the peer's
+/// comes in the stream's last frame. A relay one broker ends for a reason of its own (its
+/// shutdown, its client's lost connection, its idle timeout) is then told to both clients
+/// with that reason, not as a session that ended in order.
+#[derive(Debug, Default)]
+pub struct Ends {
+    /// This broker's.
+    pub ours: std::sync::OnceLock<Ended>,
+    /// The peer broker's.
+    pub theirs: std::sync::OnceLock<Ended>,
 }
 
 impl std::fmt::Debug for Half {
@@ -54,6 +69,8 @@ pub enum Ended {
     Idle,
     /// The broker is shutting down.
     Shutdown,
+    /// The other side's broker is shutting down (a relay across brokers).
+    PeerShutdown,
 }
 
 impl Ended {
@@ -67,6 +84,7 @@ impl Ended {
                 idle.as_secs()
             ),
             Ended::Shutdown => "the broker is shutting down".into(),
+            Ended::PeerShutdown => "the other side's broker is shutting down".into(),
         }
     }
 }
@@ -111,14 +129,29 @@ pub async fn splice(
         },
         bytes,
     );
-    let (x, y) = tokio::join!(ab, ba);
-    // The worse of the two directions names the end.
-    for ended in [Ended::Shutdown, Ended::Idle, Ended::Lost] {
-        if x == ended || y == ended {
-            return ended;
-        }
+    let ends = [a.ends, b.ends];
+    let ((x, to_b), (y, to_a)) = tokio::join!(ab, ba);
+    // The worse of the two directions names the end; a peer broker that said why it ended
+    // names it, unless this broker is shutting down itself.
+    let ours = [Ended::Shutdown, Ended::Idle, Ended::Lost]
+        .into_iter()
+        .find(|&ended| x == ended || y == ended)
+        .unwrap_or(Ended::Closed);
+    let theirs = ends.iter().flatten().find_map(|e| e.theirs.get().copied());
+    let ended = match (ours, theirs) {
+        (Ended::Shutdown, _) | (_, None | Some(Ended::Closed)) => ours,
+        (_, Some(Ended::Shutdown | Ended::PeerShutdown)) => Ended::PeerShutdown,
+        (_, Some(theirs)) => theirs,
+    };
+    // Told before the halves close, so a stream half can pass it on.
+    for e in ends.iter().flatten() {
+        let _ = e.ours.set(ended);
     }
-    Ended::Closed
+    for to in [to_a, to_b].into_iter().flatten() {
+        let mut to = to;
+        let _ = to.shutdown().await;
+    }
+    ended
 }
 
 /// When a relay started, and the milliseconds since then of its last byte either way.
@@ -152,7 +185,8 @@ impl Stops {
 
 /// One direction. A clean end of stream is passed on as a half-close (the other direction
 /// goes on until it ends too); a failure or the idle timeout stops both; the broker's shutdown
-/// stops both, each closing the side it writes to in order.
+/// stops both. A direction that stopped hands back the side it writes to, which the splice
+/// closes in order once it knows why the relay ended.
 async fn pump(
     mut from: Box<dyn AsyncRead + Send + Unpin>,
     early: Vec<u8>,
@@ -161,7 +195,7 @@ async fn pump(
     clock: Clock,
     mut stops: Stops,
     bytes: Arc<AtomicU64>,
-) -> Ended {
+) -> (Ended, Option<Box<dyn AsyncWrite + Send + Unpin>>) {
     let Clock { started, last } = clock;
     let mut rate = Rate::new(limits.bytes_per_sec, limits.buffer);
     // Small while the relay is quiet (most are: chat), doubled whenever a read fills it, up to
@@ -170,7 +204,7 @@ async fn pump(
     let mut buf = vec![0u8; small];
     if !early.is_empty() && to.write_all(&early).await.and(to.flush().await).is_err() {
         stops.relay.notify_waiters();
-        return Ended::Lost;
+        return (Ended::Lost, Some(to));
     }
     let ended = loop {
         let read = tokio::select! {
@@ -193,7 +227,7 @@ async fn pump(
             Ok(Ok(0)) => {
                 // The sender closed its end: pass the half-close on.
                 let _ = to.shutdown().await;
-                return Ended::Closed;
+                return (Ended::Closed, None);
             }
             Ok(Ok(n)) => n,
             Ok(Err(_)) => break Ended::Lost,
@@ -222,8 +256,7 @@ async fn pump(
         }
     };
     stops.relay.notify_waiters();
-    let _ = to.shutdown().await;
-    ended
+    (ended, Some(to))
 }
 
 /// The read buffer of a quiet direction.
@@ -274,6 +307,7 @@ mod tests {
             write: Box::new(write),
             early: Vec::new(),
             slot: None,
+            ends: None,
         }
     }
 

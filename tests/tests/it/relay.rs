@@ -390,6 +390,32 @@ async fn across_two_brokers_the_home_brokers_join_the_halves() {
     a_agent.stop().await.unwrap();
 }
 
+/// A relay across brokers ended by the other broker's shutdown: that broker says why in the
+/// stream's last frame, so the client on the broker that stays up is told its contact's
+/// broker is shutting down, not that the session ended in order (docs/federation.md 4.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_two_brokers_the_other_brokers_shutdown_is_named() {
+    let mut net = two_brokers().await;
+    let a = register(net.broker(0), "a").await;
+    let b = register(net.broker(1), "b").await;
+    let (b_agent, _b_rx) = online(&b, unreachable_target()).await;
+    let (a_agent, mut a_rx) = online(&a, agents::config(AcceptPolicy::Any)).await;
+    add(&a_agent, &b, "contact add across brokers").await;
+    assert_eq!(started(&mut a_rx, &b.number).await, Path::Relay);
+    net.stop_broker(1).await;
+    let warning = expect(&mut a_rx, |n| match n {
+        Notice::Warning { message } if message.contains("relay") => Some(message.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(
+        warning.ends_with("the other side's broker is shutting down"),
+        "{warning}"
+    );
+    a_agent.stop().await.unwrap();
+    let _ = b_agent.stop().await;
+}
+
 /// The target (behind a NAT, say) asks for the relay at once across brokers: its broker tells
 /// the caller's (`RelayWaiting`), whose client stops waiting for the direct path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
