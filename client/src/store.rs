@@ -69,7 +69,7 @@ const GROUPS_DIR: &str = "groups";
 #[non_exhaustive]
 pub enum StoreError {
     /// Not a valid number (4 to 15 ASCII digits).
-    #[error("invalid number {0:?}")]
+    #[error("{}", not_a_number(.0))]
     InvalidNumber(String),
     /// Not a usable contact name.
     #[error("a contact name is 1 to 64 characters without control characters, not {0:?}")]
@@ -1159,6 +1159,15 @@ fn valid_group(id: &str) -> Result<&str, StoreError> {
     } else {
         Err(StoreError::InvalidGroup(id.to_owned()))
     }
+}
+
+/// Says, for people, that `text` is not a number, and what one is.
+pub fn not_a_number(text: &str) -> String {
+    format!(
+        "{text:?} is not a number (a number is {} to {} digits)",
+        Number::MIN_LEN,
+        Number::MAX_LEN
+    )
 }
 
 /// Checks that `number` is a valid number, hence a safe file name.

@@ -294,7 +294,7 @@ impl Agent {
 
     pub(super) async fn block(&mut self, number: &str, block: bool) -> super::Answer {
         let Ok(target) = Number::new(number.to_owned()) else {
-            return Err(refused(format!("{number:?} is not a number")));
+            return Err(refused(crate::store::not_a_number(number)));
         };
         let request = if block {
             Request::Block(TargetArgs { target })
@@ -352,7 +352,7 @@ impl Agent {
         wait: Option<Duration>,
     ) {
         let Ok(target) = Number::new(number.clone()) else {
-            let _ = reply.send(Err(refused(format!("{number:?} is not a number"))));
+            let _ = reply.send(Err(refused(crate::store::not_a_number(&number))));
             return;
         };
         if number == self.info.number {

@@ -156,7 +156,7 @@ impl Agent {
         let mut list = vec![me.clone()];
         for m in members {
             if Number::new(m.clone()).is_err() {
-                return Err(refused(format!("{m:?} is not a number")));
+                return Err(refused(crate::store::not_a_number(&m)));
             }
             if m != me && !list.contains(&m) {
                 list.push(m);
@@ -190,7 +190,7 @@ impl Agent {
         let (what, change) = match edit {
             Edit::Add(m) => {
                 if Number::new(m.clone()).is_err() {
-                    return Err(refused(format!("{m:?} is not a number")));
+                    return Err(refused(crate::store::not_a_number(&m)));
                 }
                 if group.state.is_member(&m) {
                     return Err(refused(format!("{m} is already a member")));

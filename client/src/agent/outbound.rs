@@ -69,7 +69,7 @@ impl Agent {
     /// - A number that is not a contact is told so at once.
     pub(super) async fn deliver(&mut self, to: String, text: String, reply: Waiter) {
         if Number::new(to.clone()).is_err() {
-            let _ = reply.send(Err(refused(format!("{to:?} is not a number"))));
+            let _ = reply.send(Err(refused(crate::store::not_a_number(&to))));
             return;
         }
         if to == self.info.number {

@@ -327,7 +327,7 @@ impl Agent {
     async fn deposit_queued(&mut self, item: &Queued) -> Attempt {
         let failed = |reason: String| Attempt::Failed { reason };
         let Ok(target) = Number::new(item.to.clone()) else {
-            return failed(format!("{:?} is not a number", item.to));
+            return failed(crate::store::not_a_number(&item.to));
         };
         let id = match hex::decode_array::<16>(&item.id) {
             Ok(id) => Hex16::from_bytes(id),

@@ -411,7 +411,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Contact(ContactCommand::Add { number, wait }) => {
             // Before "asking …": a typo is told at once, not after a login.
             if micromsg_wire::Number::new(number.clone()).is_err() {
-                anyhow::bail!("{number:?} is not a number");
+                anyhow::bail!(crate::store::not_a_number(&number));
             }
             if !json {
                 errln!(

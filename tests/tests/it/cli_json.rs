@@ -261,7 +261,10 @@ async fn every_json_shape_parses() {
     // A number that is not one is told at once, before any "asking … waiting" line.
     let (ok, stdout, stderr) = run_for_people(&a, &["contact", "add", "abc"]);
     assert!(!ok && stdout.is_empty(), "{stdout}");
-    assert_eq!(stderr, "error: \"abc\" is not a number\n");
+    assert_eq!(
+        stderr,
+        "error: \"abc\" is not a number (a number is 4 to 15 digits)\n"
+    );
 
     // The one error shape: one object on stdout, nothing on stderr, exit status 1.
     let (ok, stdout, stderr) = run(&a, &["send", "5550000", "to nobody"]);
