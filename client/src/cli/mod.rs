@@ -413,6 +413,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if micromsg_wire::Number::new(number.clone()).is_err() {
                 anyhow::bail!(crate::store::not_a_number(&number));
             }
+            if profile.info().is_ok_and(|info| info.number == number) {
+                anyhow::bail!("that is your own number");
+            }
             if !json {
                 errln!(
                     "asking {number}; waiting up to {wait} s for the answer (Ctrl-C stops \

@@ -265,6 +265,10 @@ async fn every_json_shape_parses() {
         stderr,
         "error: \"abc\" is not a number (a number is 4 to 15 digits)\n"
     );
+    // So is one's own number.
+    let (ok, stdout, stderr) = run_for_people(&a, &["contact", "add", &a_number]);
+    assert!(!ok && stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr, "error: that is your own number\n");
 
     // The one error shape: one object on stdout, nothing on stderr, exit status 1.
     let (ok, stdout, stderr) = run(&a, &["send", "5550000", "to nobody"]);
