@@ -206,7 +206,9 @@ impl Agent {
         let message = match &delivered {
             Delivered::Live => format!("sent to {peer}"),
             Delivered::Deposited { expires, .. } => format!(
-                "{peer} is not online; message deposited at the broker (expires {})",
+                // Not "not online": a stored session seals at once, without asking whether
+                // the contact is there (it may be, and fetch it within the second).
+                "no live session with {peer}; message deposited at the broker (expires {})",
                 describe_expiry(*expires, crate::account::unix_now())
             ),
             Delivered::Queued { reason, .. } => {

@@ -72,9 +72,10 @@ async fn offline_deposit_and_later_delivery(backend: Backend) {
     let reply = send(&a_agent, &b.number, "while you were away").await;
     assert!(reply.ok, "{reply:?}");
     assert!(
-        reply
-            .message
-            .starts_with(&format!("{} is not online; message deposited", b.number)),
+        reply.message.starts_with(&format!(
+            "no live session with {}; message deposited",
+            b.number
+        )),
         "{reply:?}"
     );
     let data = reply.data.unwrap();
