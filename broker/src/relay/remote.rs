@@ -89,11 +89,11 @@ where
             }
         }
         // The splice set its reason before it shut this half down (none yet: a half-close).
-        let end = ours
-            .ours
-            .get()
-            .copied()
-            .map_or(RelayEnd::Unspecified, end_of);
+        // A reason the peer gave is not said back to it.
+        let end = match (ours.ours.get(), ours.theirs.get()) {
+            (Some(&ended), None) => end_of(ended),
+            _ => RelayEnd::Unspecified,
+        };
         if end != RelayEnd::Unspecified {
             let frame = RelayFrame {
                 relay: Vec::new(),
@@ -287,7 +287,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_that_says_it_is_shutting_down_ends_the_relay_with_that_reason() {
-        let (tx, _rx) = mpsc::channel::<RelayFrame>(4);
+        let (tx, mut outbound) = mpsc::channel::<RelayFrame>(4);
         let frames = vec![frame(b"bye"), last(RelayEnd::Shutdown), frame(b"never")];
         let (relay, mut client) = spliced(stream_half(tokio_stream::iter(frames), tx, |f| f));
         let mut got = Vec::new();
@@ -301,6 +301,21 @@ mod tests {
             Ended::PeerShutdown.reason(LIMITS.idle),
             "the other side's broker is shutting down"
         );
+        // Its reason is not said back to it.
+        while let Some(sent) = outbound.recv().await {
+            assert_eq!(sent.end(), RelayEnd::Unspecified);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reason_the_peer_gave_is_not_said_back_to_it() {
+        let (tx, mut outbound) = mpsc::channel::<RelayFrame>(4);
+        let frames = vec![last(RelayEnd::Lost)];
+        let (relay, _client) = spliced(stream_half(tokio_stream::iter(frames), tx, |f| f));
+        assert_eq!(relay.await.unwrap(), Ended::Lost);
+        while let Some(sent) = outbound.recv().await {
+            assert_eq!(sent.end(), RelayEnd::Unspecified);
+        }
     }
 
     /// A relay spliced between a local client and a peer broker that sends nothing: the

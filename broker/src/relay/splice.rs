@@ -147,8 +147,7 @@ pub async fn splice(
     for e in ends.iter().flatten() {
         let _ = e.ours.set(ended);
     }
-    for to in [to_a, to_b].into_iter().flatten() {
-        let mut to = to;
+    for mut to in [to_a, to_b].into_iter().flatten() {
         let _ = to.shutdown().await;
     }
     ended
