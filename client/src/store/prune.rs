@@ -80,7 +80,10 @@ fn forgettable(
             .or_default()
             .push((&s.session_id, s.established_at));
     }
-    let with_latest: BTreeSet<&str> = latest.iter().map(|(peer, _)| peer.as_str()).collect();
+    let latest_at: BTreeMap<&str, u64> = latest
+        .iter()
+        .map(|(peer, s)| (peer.as_str(), s.established_at))
+        .collect();
     let listed = |s: &StoredSession| unconfirmed.contains(&hex::encode(&s.session_id));
     // Contacts this device may still seal for with an older session.
     let sealing_older: BTreeSet<&str> = latest
@@ -94,19 +97,21 @@ fn forgettable(
             if listed(&s.session) || (own_session && sealing_older.contains(s.peer.as_str())) {
                 return false;
             }
-            // Replaced when the first later session of its pair was set up. This device's own
-            // kept sessions were all replaced by the latest one (`sessions/`), even one set up
-            // in the same second; of another device's, only a later second tells which came
-            // after.
-            let replaces_ours = own_session && with_latest.contains(s.peer.as_str());
+            // Replaced when the first later session of its pair was set up: only a later
+            // second tells which came after, except that this device's own kept sessions were
+            // all replaced by its latest one (`sessions/`), even one set up in the same second.
             let (id, at) = (&s.session.session_id, s.session.established_at);
-            let replaced = set_up
+            let later = set_up
                 .get(&(s.peer.as_str(), s.device))
                 .into_iter()
                 .flatten()
-                .filter(|&&(other, t)| other != id && (t > at || (replaces_ours && t == at)))
-                .map(|&(_, t)| t)
-                .min();
+                .filter(|&&(other, t)| other != id && t > at)
+                .map(|&(_, t)| t);
+            let by_latest = latest_at
+                .get(s.peer.as_str())
+                .copied()
+                .filter(|&t| own_session && t >= at);
+            let replaced = later.chain(by_latest).min();
             let Some(replaced) = replaced else {
                 return false;
             };
@@ -268,6 +273,24 @@ mod tests {
         assert_eq!(store.forget_old_keys(t0 + 89 * DAY, KEEP).unwrap(), 0);
         assert_eq!(store.forget_old_keys(t0 + 90 * DAY, KEEP).unwrap(), 1);
         assert!(ids(&store).is_empty());
+    }
+
+    #[test]
+    fn own_sessions_kept_from_the_same_second_wait_for_the_latest_ones_replacement() {
+        let (_dir, store) = store();
+        let t0 = 1_000 * DAY;
+        // Two kept from one second (which came first is not known), the latest 80 days on.
+        store
+            .save_shared(&kept(PEER, 1, session(1, t0, t0)))
+            .unwrap();
+        store
+            .save_shared(&kept(PEER, 1, session(2, t0, t0)))
+            .unwrap();
+        store
+            .save_session(PEER, &session(3, t0 + 80 * DAY, t0 + 80 * DAY))
+            .unwrap();
+        assert_eq!(store.forget_old_keys(t0 + 169 * DAY, KEEP).unwrap(), 0);
+        assert_eq!(store.forget_old_keys(t0 + 170 * DAY, KEEP).unwrap(), 2);
     }
 
     #[test]
