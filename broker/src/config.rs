@@ -594,7 +594,7 @@ impl Config {
         let file_table = match file {
             Some((path, text)) => text
                 .parse::<toml::Table>()
-                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?,
+                .map_err(|e| ConfigError::Invalid(located(path, text, &e)))?,
             None => toml::Table::new(),
         };
         let mut table = file_table.clone();
@@ -787,6 +787,21 @@ fn set(
     Ok(())
 }
 
+/// `e` in the file at `path` (whose text is `text`), by line and column. The line itself is
+/// not quoted: it may hold a secret (a database URL with its password, a token).
+fn located(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let at = e
+        .span()
+        .and_then(|span| text.get(..span.start))
+        .map(|before| {
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: ")
+        })
+        .unwrap_or_default();
+    format!("{}: {at}{}", path.display(), e.message().trim_end())
+}
+
 /// An override: its variable's name, its section and key, and its value.
 type Override = (String, String, String, toml::Value);
 
@@ -803,7 +818,7 @@ fn locate_schema_error(
     if let Some((path, text)) = file
         && let Err(e) = toml::from_str::<Config>(text)
     {
-        return ConfigError::Invalid(format!("{}: {}", path.display(), e.to_string().trim_end()));
+        return ConfigError::Invalid(located(path, text, &e));
     }
     let failing: Vec<&str> = overrides
         .iter()
@@ -867,6 +882,14 @@ mod tests {
         assert_eq!(c.numbers.prefixes, vec!["777", "778"]);
     }
 
+    /// The reason of an `Invalid` refusal.
+    fn refusal(loaded: Result<Config, ConfigError>) -> String {
+        match loaded {
+            Err(ConfigError::Invalid(why)) => why,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_schema_error_says_where_it_came_from() {
         let dir = tempfile::tempdir().unwrap();
@@ -876,13 +899,29 @@ mod tests {
             "[server]\nlisten = \"127.0.0.1:1\"\n\n[limits]\nmax_devices = 3\nmax_devics = 4\n",
         )
         .unwrap();
-        let why = match Config::load(Some(&file), Vec::new()) {
-            Err(ConfigError::Invalid(why)) => why,
-            other => panic!("{other:?}"),
-        };
+        let why = refusal(Config::load(Some(&file), Vec::new()));
         assert!(why.contains("broker.toml"), "{why}");
-        assert!(why.contains("line 6"), "the misspelt key's line: {why}");
+        assert!(
+            why.contains("line 6, column 1"),
+            "the misspelt key's line: {why}"
+        );
         assert!(why.contains("max_devics"), "{why}");
+
+        // The line is not quoted: it may hold a secret.
+        std::fs::write(
+            &file,
+            "[database]\nurl_typo = \"postgres://u:hunter2@db/x\"\n",
+        )
+        .unwrap();
+        let why = refusal(Config::load(Some(&file), Vec::new()));
+        assert!(
+            why.contains("line 2, column 1") && why.contains("url_typo"),
+            "{why}"
+        );
+        assert!(!why.contains("hunter2"), "{why}");
+        std::fs::write(&file, "[database]\nurl = \"postgres://u:hunter2@db/x\n").unwrap();
+        let why = refusal(Config::load(Some(&file), Vec::new()));
+        assert!(why.contains("line 2") && !why.contains("hunter2"), "{why}");
 
         std::fs::write(&file, "[limits]\nmax_devices = 3\n").unwrap();
         let env = vec![
@@ -892,10 +931,7 @@ mod tests {
             ),
             ("MICROMSG_LIMITS_MAX_DEVICES".to_owned(), "many".to_owned()),
         ];
-        let why = match Config::load(Some(&file), env) {
-            Err(ConfigError::Invalid(why)) => why,
-            other => panic!("{other:?}"),
-        };
+        let why = refusal(Config::load(Some(&file), env));
         assert!(why.contains("MICROMSG_LIMITS_MAX_DEVICES"), "{why}");
         assert!(
             !why.contains("MICROMSG_SERVER_LISTEN") && !why.contains("line"),

@@ -693,7 +693,7 @@ enum Step {
 fn commit_batch_until(
     store: &Store,
     state: &mut InboxState,
-    batch: Batch,
+    mut batch: Batch,
     now_unix: u64,
     mut go_on: impl FnMut(Step) -> bool,
 ) -> Result<Vec<Arrived>, StoreError> {
@@ -711,7 +711,11 @@ fn commit_batch_until(
     // only that one is looked up in the history (`take_one`), never a page in the steady
     // state, where a counter and its item's id are stored by the same commit.
     for sid in &batch.dirty {
-        if let Some(found) = batch.sessions.get(sid) {
+        if let Some(found) = batch.sessions.get_mut(sid) {
+            // Opened with just now: a use, which keeps a replaced session's keys
+            // (`Store::forget_old_keys`).
+            let session = found.session_mut();
+            session.last_used = session.last_used.max(now_unix);
             store.save_found(found)?;
         }
     }

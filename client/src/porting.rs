@@ -16,6 +16,9 @@
 //!    and its pinned identity (each file replaced atomically; `profile.toml` last, as at
 //!    registration, so until it is written the profile still names the old broker).
 //!
+//! [`Step`] tells these to `move --keep-number`, which prints them numbered `1/6` to `6/6`
+//! (logging in and fetching are two steps there).
+//!
 //! **Interrupted ports.** The PORT-IN request is staged in `DIR/porting/` (0600) before it is
 //! sent, and its answer before the profile is switched. The next `move --keep-number` finds the stage and
 //! sends the very same request again — the brokers answer a repeat alike (docs/federation.md

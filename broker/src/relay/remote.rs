@@ -52,7 +52,7 @@ where
                     if !frame.data.is_empty() && far_write.write_all(&frame.data).await.is_err() {
                         return;
                     }
-                    if let Some(theirs) = ended_of(frame.end()) {
+                    if let Some(theirs) = ended_of(frame.end) {
                         let _ = told.theirs.set(theirs);
                         failing.store(true, Ordering::Release);
                         break;
@@ -128,13 +128,14 @@ fn end_of(ended: Ended) -> RelayEnd {
     }
 }
 
-/// How the peer broker's splice ended, from its stream's last frame (`None`: not the end).
-fn ended_of(end: RelayEnd) -> Option<Ended> {
-    match end {
-        RelayEnd::Unspecified => None,
-        RelayEnd::Lost => Some(Ended::Lost),
-        RelayEnd::Idle => Some(Ended::Idle),
-        RelayEnd::Shutdown => Some(Ended::Shutdown),
+/// How the peer broker's splice ended, from its stream's last frame (`None`: not the end). A
+/// value this broker does not know (a newer peer's) is an end all the same: a lost half.
+fn ended_of(end: i32) -> Option<Ended> {
+    match RelayEnd::try_from(end) {
+        Ok(RelayEnd::Unspecified) => None,
+        Ok(RelayEnd::Lost) | Err(_) => Some(Ended::Lost),
+        Ok(RelayEnd::Idle) => Some(Ended::Idle),
+        Ok(RelayEnd::Shutdown) => Some(Ended::Shutdown),
     }
 }
 
@@ -305,6 +306,13 @@ mod tests {
         while let Some(sent) = outbound.recv().await {
             assert_eq!(sent.end(), RelayEnd::Unspecified);
         }
+    }
+
+    #[test]
+    fn an_end_this_broker_does_not_know_is_a_lost_half() {
+        assert_eq!(ended_of(0), None);
+        assert_eq!(ended_of(RelayEnd::Shutdown.into()), Some(Ended::Shutdown));
+        assert_eq!(ended_of(99), Some(Ended::Lost));
     }
 
     #[tokio::test]

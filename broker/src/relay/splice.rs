@@ -147,11 +147,20 @@ pub async fn splice(
     for e in ends.iter().flatten() {
         let _ = e.ours.set(ended);
     }
-    for mut to in [to_a, to_b].into_iter().flatten() {
-        let _ = to.shutdown().await;
-    }
+    // Side by side and bounded: a client that stops reading must not hold back the other
+    // half's close (and a stream half's last frame) or the relay's end.
+    let close = async |to: Option<Box<dyn AsyncWrite + Send + Unpin>>| {
+        if let Some(mut to) = to {
+            let _ = to.shutdown().await;
+        }
+    };
+    let _ =
+        tokio::time::timeout(CLOSE_WAIT, async { tokio::join!(close(to_a), close(to_b)) }).await;
     ended
 }
+
+/// How long the splice waits for both halves to close in order once the relay ended.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// When a relay started, and the milliseconds since then of its last byte either way.
 struct Clock {

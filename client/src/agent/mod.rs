@@ -352,6 +352,8 @@ struct Agent {
     attempt: Option<tokio::task::JoinHandle<Result<account::Session, AccountError>>>,
     /// The broker's limits on a message (BROKER-INFO, read at each login).
     broker_limits: limits::BrokerLimits,
+    /// Whether `broker_limits` came from this run's BROKER-INFO (not the defaults).
+    broker_limits_read: bool,
     /// Messages waiting to be deposited, as in the outbox file.
     outbox: Vec<Queued>,
     /// The outbox file.
@@ -435,6 +437,7 @@ impl Agent {
             fatal: None,
             attempt: None,
             broker_limits: limits::BrokerLimits::default(),
+            broker_limits_read: false,
             outbox,
             outbox_file,
             config,
@@ -574,8 +577,12 @@ impl Agent {
     }
 
     /// Forgets the kept session keys nothing can use any more (`store/prune.rs`), keeping
-    /// each for at least the broker's MESSAGE-TTL.
+    /// each for at least the broker's MESSAGE-TTL: not before this run has read it (an agent
+    /// that started offline waits for the next tick after it logged in).
     async fn forget_old_keys(&mut self) {
+        if !self.broker_limits_read {
+            return;
+        }
         let ttl = Duration::from_secs(self.broker_limits.message_ttl);
         let keep = self.config.keep_replaced_keys.max(ttl);
         let now = unix_now();
@@ -608,6 +615,7 @@ impl Agent {
     async fn read_broker_limits(&mut self) {
         if let Ok(ResponseData::BrokerInfo(info)) = self.call(Request::BrokerInfo).await {
             self.broker_limits = limits::BrokerLimits::from(&info.info.limits);
+            self.broker_limits_read = true;
         }
     }
 

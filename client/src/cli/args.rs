@@ -99,8 +99,8 @@ pub(super) enum Command {
         direct_timeout_ms: u64,
         /// Days to keep the keys of a session replaced by a newer one, after it was last used
         /// or replaced, for messages sealed with them still on their way (never less than the
-        /// broker's message lifetime); then they are deleted, so a stolen device cannot open
-        /// old messages recorded on the way.
+        /// broker's message lifetime); then they are deleted from the profile, so it no longer
+        /// opens old messages recorded on the way.
         #[arg(long, default_value_t = 90, value_name = "DAYS",
               value_parser = clap::value_parser!(u64).range(1..=36_500))]
         keep_replaced_keys_days: u64,
@@ -122,6 +122,10 @@ pub(super) enum Command {
         /// Whether peers can connect to this device directly (as for `listen`).
         #[arg(long, default_value = "auto", value_name = "auto|direct|relay")]
         reach: crate::relay::Reach,
+        /// Days to keep the keys of a replaced session (as for `listen`).
+        #[arg(long, default_value_t = 90, value_name = "DAYS",
+              value_parser = clap::value_parser!(u64).range(1..=36_500))]
+        keep_replaced_keys_days: u64,
     },
     /// Contacts: add, list, block, unblock, answer requests.
     #[command(subcommand)]

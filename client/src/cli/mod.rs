@@ -392,6 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             accept,
             notify,
             reach,
+            keep_replaced_keys_days,
         } => {
             let options = crate::chat::ChatOptions {
                 agent: AgentConfig {
@@ -401,6 +402,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         AcceptArg::Ask => AcceptPolicy::Ask,
                     },
                     reach,
+                    keep_replaced_keys: std::time::Duration::from_secs(
+                        keep_replaced_keys_days * 24 * 3600,
+                    ),
                     ..AgentConfig::default()
                 },
                 notify_command: notify,

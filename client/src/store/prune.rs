@@ -9,14 +9,19 @@
 //!
 //! - a newer session of the same contact and device is known: the newest is never forgotten,
 //!   as the contact may still seal with it;
-//! - it is not listed as unconfirmed, and when it is this device's own, the contact's latest
-//!   own session is confirmed (until then an older one may be the one that seals);
+//! - when it is this device's own, the contact's latest own session is confirmed (until then
+//!   an older one may be the one that seals);
 //! - it was neither used (sealed or opened with) nor replaced within the keep period
 //!   (`AgentConfig::keep_replaced_keys`, 90 days by default: three times the broker's default
-//!   `MESSAGE-TTL`, so a deposit sealed before the replacement has expired at the broker).
+//!   `MESSAGE-TTL`, and never less than this broker's, so a deposit made before the
+//!   replacement has expired at the broker).
 //!
-//! A deposit sealed with forgotten keys that comes later still waits as any envelope whose
-//! keys are unknown, and goes when its inbox item expires; nothing else is lost.
+//! A message sealed before the replacement but deposited much later (it waited in the
+//! sender's outbox, or a broker's, for longer than the keep period less the `MESSAGE-TTL`)
+//! may come after its keys are gone: it then waits as any envelope whose keys are unknown, and
+//! goes when its inbox item expires; nothing else is lost. Deleting a file does not wipe the
+//! disk blocks that held it: the keys are out of the profile, and of a copy or export made
+//! afterwards, not out of a raw image of the disk.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -48,6 +53,11 @@ impl Store {
                     return Err(crate::profile::ProfileError::Io { path, source }.into());
                 }
             }
+        }
+        if !doomed.is_empty() {
+            // The removals made durable, so a crash does not bring the files back.
+            let synced = std::fs::File::open(&dir).and_then(|d| d.sync_all());
+            synced.map_err(|source| crate::profile::ProfileError::Io { path: dir, source })?;
         }
         Ok(doomed.len())
     }
@@ -84,17 +94,16 @@ fn forgettable(
         .iter()
         .map(|(peer, s)| (peer.as_str(), s.established_at))
         .collect();
-    let listed = |s: &StoredSession| unconfirmed.contains(&hex::encode(&s.session_id));
     // Contacts this device may still seal for with an older session.
     let sealing_older: BTreeSet<&str> = latest
         .iter()
-        .filter(|(_, s)| listed(s))
+        .filter(|(_, s)| unconfirmed.contains(&hex::encode(&s.session_id)))
         .map(|(peer, _)| peer.as_str())
         .collect();
     kept.iter()
         .filter(|s| {
             let own_session = s.device == own;
-            if listed(&s.session) || (own_session && sealing_older.contains(s.peer.as_str())) {
+            if own_session && sealing_older.contains(s.peer.as_str()) {
                 return false;
             }
             // Replaced when the first later session of its pair was set up: only a later
@@ -249,17 +258,24 @@ mod tests {
     }
 
     #[test]
-    fn a_listed_unconfirmed_session_is_never_forgotten() {
+    fn a_replaced_session_never_confirmed_goes_like_any_other_and_leaves_the_list() {
         let (_dir, store) = store();
         let t0 = 1_000 * DAY;
-        // 1 set up by a handshake and never confirmed, then replaced by 2 (confirmed at once).
+        // 1 set up by a handshake and never confirmed (nothing seals with it), then replaced
+        // by 2, confirmed at once.
         store.save_new_session(PEER, &session(1, t0, t0)).unwrap();
         store
             .save_new_session(PEER, &session(2, t0 + DAY, t0 + DAY))
             .unwrap();
         assert!(store.confirm_session(&[2; 16]).unwrap());
-        assert_eq!(store.forget_old_keys(t0 + 1000 * DAY, KEEP).unwrap(), 0);
-        assert_eq!(ids(&store), BTreeSet::from([1]));
+        assert_eq!(store.forget_old_keys(t0 + 90 * DAY, KEEP).unwrap(), 0);
+        assert_eq!(store.forget_old_keys(t0 + 91 * DAY, KEEP).unwrap(), 1);
+        assert!(ids(&store).is_empty());
+        // The next write of the unconfirmed list leaves its id out.
+        store
+            .save_new_session(PEER, &session(3, t0 + 92 * DAY, t0 + 92 * DAY))
+            .unwrap();
+        assert!(store.is_confirmed(&[1; 16]).unwrap());
     }
 
     #[test]

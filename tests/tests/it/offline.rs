@@ -380,11 +380,11 @@ async fn offline_message_sent_shows_on_the_senders_other_device() {
 /// The keys of a session replaced by a newer one are forgotten once the keep period has passed
 /// since it was last used or replaced (client `store/prune.rs`), when the agent starts: a
 /// stolen device then cannot open old deposits recorded on the way. The keep period never goes
-/// below the broker's MESSAGE-TTL (5 s here), and the latest session keeps working: a deposit
+/// below the broker's MESSAGE-TTL (10 s here), and the latest session keeps working: a deposit
 /// sealed with it after the clean-up opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_forgets_the_keys_of_sessions_replaced_long_enough_ago() {
-    let broker = TestBroker::start(Backend::Sqlite, |c| c.inbox.ttl_secs = 5).await;
+    let broker = TestBroker::start(Backend::Sqlite, |c| c.inbox.ttl_secs = 10).await;
     let a = register(&broker, "a").await;
     let b = register(&broker, "b").await;
     let online = async |device: &Device| {
@@ -449,6 +449,12 @@ async fn an_agent_forgets_the_keys_of_sessions_replaced_long_enough_ago() {
     talk(&a_agent, &mut a_rx, &mut b_rx, 3).await;
     let second = latest(&a, &b.number);
     assert_ne!(first, second, "a new session after the restart");
+    // When the first session was replaced, at the latest (whole seconds).
+    let replaced = Store::new(&a.profile)
+        .load_session(&b.number)
+        .unwrap()
+        .unwrap()
+        .established_at;
     assert_eq!(
         kept(&a),
         [first],
@@ -457,15 +463,22 @@ async fn an_agent_forgets_the_keys_of_sessions_replaced_long_enough_ago() {
     assert_eq!(kept(&b), [first]);
     a_agent.stop().await.unwrap();
 
-    // Past the agent's keep period (1 s) but within the broker's MESSAGE-TTL (5 s): kept.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Past the agent's keep period (1 s) but within the broker's MESSAGE-TTL (10 s): kept.
+    let until = |unix: u64| {
+        Duration::from_secs(unix.saturating_sub(account::unix_now())) + Duration::from_millis(100)
+    };
+    tokio::time::sleep(until(replaced + 2)).await;
     let (a_agent, _a_rx) = online(&a).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        account::unix_now() < replaced + 9,
+        "the check ran late; the TTL may have passed"
+    );
     assert_eq!(kept(&a), [first], "kept for the broker's MESSAGE-TTL");
     a_agent.stop().await.unwrap();
 
     // Past the broker's MESSAGE-TTL since the replacement, the next start forgets it.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(until(replaced + 11)).await;
     let forgotten = async |d: &Device, id: [u8; 16]| {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while kept(d).contains(&id) {
