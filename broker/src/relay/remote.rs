@@ -124,7 +124,7 @@ fn end_of(ended: Ended) -> RelayEnd {
         Ended::Idle => RelayEnd::Idle,
         Ended::Shutdown => RelayEnd::Shutdown,
         // Said by the peer itself: nothing to tell it.
-        Ended::PeerShutdown => RelayEnd::Unspecified,
+        Ended::PeerShutdown | Ended::PeerIdle => RelayEnd::Unspecified,
     }
 }
 
@@ -306,6 +306,19 @@ mod tests {
         while let Some(sent) = outbound.recv().await {
             assert_eq!(sent.end(), RelayEnd::Unspecified);
         }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_ended_on_its_idle_timeout_is_named_with_its_own() {
+        let (tx, _outbound) = mpsc::channel::<RelayFrame>(4);
+        let frames = vec![last(RelayEnd::Idle)];
+        let (relay, _client) = spliced(stream_half(tokio_stream::iter(frames), tx, |f| f));
+        let ended = relay.await.unwrap();
+        assert_eq!(ended, Ended::PeerIdle);
+        assert_eq!(
+            ended.reason(LIMITS.idle),
+            "nothing was relayed for the other side's broker's idle timeout"
+        );
     }
 
     #[test]

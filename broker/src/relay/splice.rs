@@ -71,6 +71,8 @@ pub enum Ended {
     Shutdown,
     /// The other side's broker is shutting down (a relay across brokers).
     PeerShutdown,
+    /// Nothing moved for the other side's broker's idle timeout (a relay across brokers).
+    PeerIdle,
 }
 
 impl Ended {
@@ -85,6 +87,9 @@ impl Ended {
             ),
             Ended::Shutdown => "the broker is shutting down".into(),
             Ended::PeerShutdown => "the other side's broker is shutting down".into(),
+            Ended::PeerIdle => {
+                "nothing was relayed for the other side's broker's idle timeout".into()
+            }
         }
     }
 }
@@ -141,6 +146,8 @@ pub async fn splice(
     let ended = match (ours, theirs) {
         (Ended::Shutdown, _) | (_, None | Some(Ended::Closed)) => ours,
         (_, Some(Ended::Shutdown | Ended::PeerShutdown)) => Ended::PeerShutdown,
+        // Its own timeout, not this broker's.
+        (_, Some(Ended::Idle | Ended::PeerIdle)) => Ended::PeerIdle,
         (_, Some(theirs)) => theirs,
     };
     // Told before the halves close, so a stream half can pass it on.
