@@ -381,9 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 reconnect_max: std::time::Duration::from_secs(reconnect_max),
                 reach,
                 direct_timeout: std::time::Duration::from_millis(direct_timeout_ms),
-                keep_replaced_keys: std::time::Duration::from_secs(
-                    keep_replaced_keys_days * 24 * 3600,
-                ),
+                keep_replaced_keys: days(keep_replaced_keys_days),
                 ..AgentConfig::default()
             };
             listen(profile, json, config).await?;
@@ -402,9 +400,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         AcceptArg::Ask => AcceptPolicy::Ask,
                     },
                     reach,
-                    keep_replaced_keys: std::time::Duration::from_secs(
-                        keep_replaced_keys_days * 24 * 3600,
-                    ),
+                    keep_replaced_keys: days(keep_replaced_keys_days),
                     ..AgentConfig::default()
                 },
                 notify_command: notify,
@@ -970,6 +966,11 @@ fn confirm_delete(number: &str, broker: &str) -> anyhow::Result<()> {
         anyhow::bail!("not confirmed (the number typed differs): nothing was deleted");
     }
     Ok(())
+}
+
+/// `n` days (`--keep-replaced-keys-days`).
+fn days(n: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(n * 24 * 3600)
 }
 
 /// `move --broker HOST:PORT --ca FILE [--token T]` (protocol.md 12.13).
