@@ -465,8 +465,10 @@ impl Store {
         self.update_contact(number, now_unix, |c| c.name = name)
     }
 
-    /// Removes a contact from this device: its entry (name, pinned key, block) and the session
-    /// keys this device sends with. The history stays. False when there was no such contact.
+    /// Removes a contact from this device: its entry (name, pinned key, block), the session
+    /// keys this device sends with, and every session kept for opening their messages
+    /// (`keys/`; a message from them still on its way is not opened here). The history stays.
+    /// False when there was no such contact.
     pub fn remove_contact(&self, number: &str) -> Result<bool, StoreError> {
         let number = valid(number)?;
         let _guard = self.lock();
@@ -486,7 +488,8 @@ impl Store {
                 });
             }
         };
-        Ok(known || had_session)
+        let had_kept = self.forget_peer_keys_locked(number)? > 0;
+        Ok(known || had_session || had_kept)
     }
 
     /// Marks the contact's pinned identity key verified (the user compared the safety number).

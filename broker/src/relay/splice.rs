@@ -217,56 +217,68 @@ async fn pump(
     // `buffer`; back to small after an idle spell. An idle relay then holds little memory.
     let small = limits.buffer.min(SMALL_BUFFER);
     let mut buf = vec![0u8; small];
-    if !early.is_empty() && to.write_all(&early).await.and(to.flush().await).is_err() {
-        stops.relay.notify_waiters();
-        return (Ended::Lost, Some(to));
-    }
-    let ended = loop {
-        let read = tokio::select! {
-            ended = stops.stopped() => break ended,
-            read = tokio::time::timeout(limits.idle, from.read(&mut buf)) => read,
-        };
-        let n = match read {
-            Err(_) => {
-                if buf.len() > small {
-                    buf = vec![0u8; small];
-                }
-                let quiet = started
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                if quiet >= limits.idle {
-                    break Ended::Idle;
-                }
-                continue;
+    let ended = 'relay: {
+        // Bytes the first side sent before the second came: a receiver that does not read
+        // them holds this write as it would any other, until a stop comes.
+        if !early.is_empty() {
+            let wrote = tokio::select! {
+                ended = stops.stopped() => break 'relay ended,
+                wrote = async {
+                    to.write_all(&early).await?;
+                    to.flush().await
+                } => wrote,
+            };
+            if wrote.is_err() {
+                break 'relay Ended::Lost;
             }
-            Ok(Ok(0)) => {
-                // The sender closed its end: pass the half-close on.
-                let _ = to.shutdown().await;
-                return (Ended::Closed, None);
-            }
-            Ok(Ok(n)) => n,
-            Ok(Err(_)) => break Ended::Lost,
-        };
-        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
-        let grow = n == buf.len() && buf.len() < limits.buffer;
-        let wrote = tokio::select! {
-            ended = stops.stopped() => break ended,
-            wrote = async {
-                to.write_all(&buf[..n]).await?;
-                to.flush().await
-            } => wrote,
-        };
-        if wrote.is_err() {
-            break Ended::Lost;
         }
-        if grow {
-            buf.resize((buf.len() * 2).min(limits.buffer), 0);
-        }
-        if let Some(wait) = rate.spend(n as u64, Instant::now()) {
-            tokio::select! {
+        loop {
+            let read = tokio::select! {
                 ended = stops.stopped() => break ended,
-                () = tokio::time::sleep(wait) => {}
+                read = tokio::time::timeout(limits.idle, from.read(&mut buf)) => read,
+            };
+            let n = match read {
+                Err(_) => {
+                    if buf.len() > small {
+                        buf = vec![0u8; small];
+                    }
+                    let quiet = started
+                        .elapsed()
+                        .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                    if quiet >= limits.idle {
+                        break Ended::Idle;
+                    }
+                    continue;
+                }
+                Ok(Ok(0)) => {
+                    // The sender closed its end: pass the half-close on.
+                    let _ = to.shutdown().await;
+                    return (Ended::Closed, None);
+                }
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => break Ended::Lost,
+            };
+            last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            bytes.fetch_add(n as u64, Ordering::Relaxed);
+            let grow = n == buf.len() && buf.len() < limits.buffer;
+            let wrote = tokio::select! {
+                ended = stops.stopped() => break ended,
+                wrote = async {
+                    to.write_all(&buf[..n]).await?;
+                    to.flush().await
+                } => wrote,
+            };
+            if wrote.is_err() {
+                break Ended::Lost;
+            }
+            if grow {
+                buf.resize((buf.len() * 2).min(limits.buffer), 0);
+            }
+            if let Some(wait) = rate.spend(n as u64, Instant::now()) {
+                tokio::select! {
+                    ended = stops.stopped() => break ended,
+                    () = tokio::time::sleep(wait) => {}
+                }
             }
         }
     };
@@ -412,6 +424,25 @@ mod tests {
         // 256 KiB at 64 KiB/s with a 4 KiB burst: about 4 s.
         assert!(took >= Duration::from_millis(3_800), "{took:?}");
         drop(writer);
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_ends_a_relay_whose_receiver_does_not_read_the_early_bytes() {
+        // b's connection holds 1 KiB and b never reads: the early bytes cannot all be written.
+        let (_client_a, broker_a) = duplex(1 << 16);
+        let (_client_b, broker_b) = duplex(1024);
+        let mut a = half(broker_a);
+        a.early = vec![7; 64 * 1024];
+        let (stop, stopping) = watch::channel(false);
+        let relay = tokio::spawn(splice(a, half(broker_b), LIMITS, Arc::default(), stopping));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!relay.is_finished());
+        stop.send_replace(true);
+        let ended = tokio::time::timeout(Duration::from_secs(2), relay).await;
+        assert_eq!(
+            ended.expect("the shutdown ends the relay").unwrap(),
+            Ended::Shutdown
+        );
     }
 
     #[tokio::test]

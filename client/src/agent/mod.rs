@@ -354,6 +354,8 @@ struct Agent {
     broker_limits: limits::BrokerLimits,
     /// Whether `broker_limits` came from this run's BROKER-INFO (not the defaults).
     broker_limits_read: bool,
+    /// Whether this run has checked `keys/` (`forget_old_keys`) with the broker's limits.
+    keys_checked: bool,
     /// Messages waiting to be deposited, as in the outbox file.
     outbox: Vec<Queued>,
     /// The outbox file.
@@ -438,6 +440,7 @@ impl Agent {
             attempt: None,
             broker_limits: limits::BrokerLimits::default(),
             broker_limits_read: false,
+            keys_checked: false,
             outbox,
             outbox_file,
             config,
@@ -578,11 +581,13 @@ impl Agent {
 
     /// Forgets the kept session keys nothing can use any more (`store/prune.rs`), keeping
     /// each for at least the broker's MESSAGE-TTL: not before this run has read it (an agent
-    /// that started offline waits for the next tick after it logged in).
+    /// that started offline does it when it first logs in); and those of devices of this
+    /// entity revoked since.
     async fn forget_old_keys(&mut self) {
         if !self.broker_limits_read {
             return;
         }
+        self.keys_checked = true;
         let ttl = Duration::from_secs(self.broker_limits.message_ttl);
         let keep = self.config.keep_replaced_keys.max(ttl);
         let now = unix_now();
@@ -592,6 +597,21 @@ impl Agent {
         {
             self.warn(format!("forgetting the keys of old sessions failed: {e}"))
                 .await;
+        }
+        // The devices of this entity now: those revoked since (from any device) take the keys
+        // kept for them. Offline, or on a failed call, the next check does it.
+        let Ok(ResponseData::DeviceList(list)) = self.call(Request::DeviceList).await else {
+            return;
+        };
+        let listed: Vec<u32> = list.devices.iter().map(|d| d.id.get()).collect();
+        if let Err(e) = self
+            .on_disk(move |store| store.forget_revoked_devices_keys(&listed))
+            .await
+        {
+            self.warn(format!(
+                "forgetting the keys of revoked devices failed: {e}"
+            ))
+            .await;
         }
     }
 

@@ -154,6 +154,10 @@ impl Agent {
                     self.notify(Notice::BrokerBack { offline_secs }).await;
                     if self.config.inbox {
                         self.inbox_due = true;
+                        // Started offline: the check at start waited for the broker's limits.
+                        if !self.keys_checked {
+                            self.forget_old_keys().await;
+                        }
                     }
                     self.flush_outbox(None).await;
                     if self.config.announce {

@@ -368,8 +368,9 @@ pub(super) enum ContactCommand {
         #[arg(long, conflicts_with = "name")]
         clear: bool,
     },
-    /// Remove a contact from this device: its name, pinned key and session keys go, a live
-    /// session ends, queued messages to it are dropped; the history stays.
+    /// Remove a contact from this device: its name, pinned key and every session key held
+    /// for it go (a message from it still on its way is not opened here), a live session
+    /// ends, queued messages to it are dropped; the history stays.
     Remove {
         /// The contact's number.
         number: String,
@@ -467,7 +468,8 @@ pub(super) enum DeviceCommand {
     },
     /// List the entity's active devices.
     List,
-    /// Revoke another device of this entity.
+    /// Revoke another device of this entity: it can no longer log in, and the session keys
+    /// this device kept for it (to open the copies it sent) are deleted.
     Revoke {
         /// The device id (see `device list`).
         id: u32,

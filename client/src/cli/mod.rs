@@ -17,7 +17,7 @@ use crate::when::local_time;
 use anyhow::Context;
 use clap::Parser;
 use micromsg_crypto::identity::IdentityKey;
-use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs};
+use micromsg_wire::message::request::AddDeviceArgs;
 use micromsg_wire::{DeviceId, DeviceName, Request, ResponseData};
 use serde_json::json;
 
@@ -75,13 +75,7 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json {
-                let code = e
-                    .downcast_ref::<AccountError>()
-                    .and_then(|a| match a {
-                        AccountError::Link(l) => l.code(),
-                        _ => None,
-                    })
-                    .or_else(|| e.downcast_ref::<LinkError>().and_then(LinkError::code));
+                let code = broker_code(&e);
                 outln!(
                     "{}",
                     json!({"error": error_text::anyhow_text(&e), "code": code.map(|c| c.as_str())})
@@ -92,6 +86,25 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The broker's error code behind `e`, when the broker refused.
+fn broker_code(e: &anyhow::Error) -> Option<micromsg_wire::ErrorCode> {
+    let account = |a: &AccountError| match a {
+        AccountError::Link(l) => l.code(),
+        _ => None,
+    };
+    e.downcast_ref::<AccountError>()
+        .and_then(account)
+        .or_else(|| e.downcast_ref::<LinkError>().and_then(LinkError::code))
+        .or_else(|| {
+            e.downcast_ref::<crate::devices::SyncError>()
+                .and_then(|s| match s {
+                    crate::devices::SyncError::Link(l) => l.code(),
+                    crate::devices::SyncError::Account(a) => account(a),
+                    _ => None,
+                })
+        })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -740,15 +753,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Revoke { id }) => {
             let device = DeviceId::new(id).map_err(|e| anyhow::anyhow!("device id: {e}"))?;
             let mut session = account::connect(&profile).await?;
-            session
-                .link
-                .call(Request::DeviceRevoke(DeviceRevokeArgs { device }))
+            let revoked = crate::devices::revoke(&mut session, &Store::new(&profile), device)
                 .await
                 .context("revoking the device")?;
+            let forgotten = revoked.keys_forgotten;
             if json {
-                outln!("{}", json!({"revoked": id}));
+                outln!("{}", json!({"revoked": id, "keys_forgotten": forgotten}));
+            } else if forgotten > 0 {
+                let sessions = if forgotten == 1 {
+                    "session"
+                } else {
+                    "sessions"
+                };
+                outln!(
+                    "device {id} revoked; the keys of its {forgotten} {sessions} kept here are forgotten"
+                );
             } else {
                 outln!("device {id} revoked");
+            }
+            if let Some(e) = revoked.forget_failed {
+                errln!(
+                    "warning: the keys kept here for device {id} could not be deleted ({e}); \
+                     `listen` deletes them at its next check"
+                );
             }
         }
         Command::Export {

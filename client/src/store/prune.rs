@@ -16,6 +16,14 @@
 //!   `MESSAGE-TTL`, and never less than this broker's, so a deposit made before the
 //!   replacement has expired at the broker).
 //!
+//! Two events end a pair's keys whatever their age, as nothing should open with them again:
+//!
+//! - `contact remove` forgets every session kept with that contact, along with the latest one
+//!   this device sends with ([`Store::remove_contact`]);
+//! - a device of this entity revoked (from any device: the agent reads the broker's
+//!   DEVICE-LIST at each check) takes the sessions kept for it, which only opened the copies it
+//!   sent.
+//!
 //! A message sealed before the replacement but deposited much later (it waited in the
 //! sender's outbox, or a broker's, for longer than the keep period less the `MESSAGE-TTL`)
 //! may come after its keys are gone: it then waits as any envelope whose keys are unknown, and
@@ -43,8 +51,58 @@ impl Store {
         let unconfirmed = self.read_unconfirmed()?;
         let own = self.own_device();
         let doomed = forgettable(&kept, &latest, own, &unconfirmed, now_unix, keep.as_secs());
+        self.remove_kept_locked(&doomed)?;
+        Ok(doomed.len())
+    }
+
+    /// Removes from `keys/` every session kept for another device of this entity that the
+    /// broker's DEVICE-LIST (`listed`, the ids of the devices there now) shows was revoked;
+    /// how many it removed. Ids are given in increasing order and never reused, so a device
+    /// missing from the list below its highest id is revoked; one above it may have been
+    /// added since the list was read, and stays.
+    pub fn forget_revoked_devices_keys(&self, listed: &[u32]) -> Result<usize, StoreError> {
+        let _guard = self.lock();
+        let own = self.own_device();
+        self.forget_kept_where_locked(|s| s.device != own && revoked(s.device, listed))
+    }
+
+    /// Removes from `keys/` every session kept for device `device` of this entity, which this
+    /// device has just revoked; how many it removed.
+    pub fn forget_device_keys(&self, device: u32) -> Result<usize, StoreError> {
+        let _guard = self.lock();
+        let own = self.own_device();
+        self.forget_kept_where_locked(|s| s.device != own && s.device == device)
+    }
+
+    /// Removes from `keys/` every session kept with `peer` (whichever device of this entity's
+    /// it is); how many it removed. Call with the lock held.
+    pub(super) fn forget_peer_keys_locked(&self, peer: &str) -> Result<usize, StoreError> {
+        self.forget_kept_where_locked(|s| s.peer == peer)
+    }
+
+    /// Removes from `keys/` every kept session `doomed` picks; how many. Call with the lock held.
+    fn forget_kept_where_locked(
+        &self,
+        doomed: impl Fn(&SharedSession) -> bool,
+    ) -> Result<usize, StoreError> {
+        let ids: Vec<[u8; SESSION_ID_LEN]> = self
+            .shared_sessions_locked()?
+            .iter()
+            .filter(|s| doomed(s))
+            .map(|s| s.session.session_id)
+            .collect();
+        self.remove_kept_locked(&ids)?;
+        Ok(ids.len())
+    }
+
+    /// Deletes the kept sessions `ids` from `keys/` and makes the deletions durable, so a
+    /// crash does not bring the files back. Call with the lock held.
+    fn remove_kept_locked(&self, ids: &[[u8; SESSION_ID_LEN]]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         let dir = self.dir().join(KEYS_DIR);
-        for id in &doomed {
+        for id in ids {
             let path = dir.join(format!("{}.json", hex::encode(id)));
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -54,13 +112,16 @@ impl Store {
                 }
             }
         }
-        if !doomed.is_empty() {
-            // The removals made durable, so a crash does not bring the files back.
-            let synced = std::fs::File::open(&dir).and_then(|d| d.sync_all());
-            synced.map_err(|source| crate::profile::ProfileError::Io { path: dir, source })?;
-        }
-        Ok(doomed.len())
+        let synced = std::fs::File::open(&dir).and_then(|d| d.sync_all());
+        synced.map_err(|source| crate::profile::ProfileError::Io { path: dir, source })?;
+        Ok(())
     }
+}
+
+/// Whether device `device` of this entity is revoked, by the ids `listed` on the broker now
+/// (see [`Store::forget_revoked_devices_keys`]).
+fn revoked(device: u32, listed: &[u32]) -> bool {
+    !listed.contains(&device) && listed.iter().any(|&id| id > device)
 }
 
 /// A session's id and when it was set up.
@@ -307,6 +368,65 @@ mod tests {
             .unwrap();
         assert_eq!(store.forget_old_keys(t0 + 169 * DAY, KEEP).unwrap(), 0);
         assert_eq!(store.forget_old_keys(t0 + 170 * DAY, KEEP).unwrap(), 2);
+    }
+
+    #[test]
+    fn removing_a_contact_forgets_every_key_kept_with_them_and_no_other() {
+        let (_dir, store) = store();
+        let t0 = 1_000 * DAY;
+        store.save_session(PEER, &session(1, t0, t0)).unwrap();
+        store.save_session(PEER, &session(2, t0, t0)).unwrap();
+        store
+            .save_shared(&kept(PEER, 2, session(4, t0, t0)))
+            .unwrap();
+        store
+            .save_shared(&kept(OTHER, 2, session(6, t0, t0)))
+            .unwrap();
+        store.save_session(OTHER, &session(7, t0, t0)).unwrap();
+        assert_eq!(ids(&store), BTreeSet::from([1, 4, 6]));
+        assert!(store.remove_contact(PEER).unwrap());
+        assert_eq!(ids(&store), BTreeSet::from([6]));
+        assert!(store.load_session(PEER).unwrap().is_none());
+        assert!(store.load_session(OTHER).unwrap().is_some());
+        // Nothing left of them: a second removal finds no such contact.
+        assert!(!store.remove_contact(PEER).unwrap());
+    }
+
+    #[test]
+    fn a_device_missing_below_the_highest_listed_id_is_revoked() {
+        let listed = [1, 2, 4];
+        assert!(revoked(3, &listed));
+        assert!(!revoked(2, &listed));
+        // Above the highest: perhaps added after the list was read.
+        assert!(!revoked(5, &listed));
+        assert!(!revoked(3, &[]));
+    }
+
+    #[test]
+    fn the_keys_of_revoked_devices_are_forgotten_and_this_devices_never() {
+        let (_dir, store) = store();
+        let t0 = 1_000 * DAY;
+        store
+            .save_shared(&kept(PEER, 2, session(2, t0, t0)))
+            .unwrap();
+        store
+            .save_shared(&kept(PEER, 3, session(3, t0, t0)))
+            .unwrap();
+        store
+            .save_shared(&kept(OTHER, 3, session(4, t0, t0)))
+            .unwrap();
+        store
+            .save_shared(&kept(PEER, 5, session(5, t0, t0)))
+            .unwrap();
+        // This device's own kept session, though the list (wrongly) leaves it out.
+        store
+            .save_shared(&kept(PEER, 1, session(1, t0, t0)))
+            .unwrap();
+        assert_eq!(store.forget_revoked_devices_keys(&[2, 4]).unwrap(), 2);
+        assert_eq!(ids(&store), BTreeSet::from([1, 2, 5]));
+        assert_eq!(store.forget_device_keys(5).unwrap(), 1);
+        assert_eq!(store.forget_device_keys(1).unwrap(), 0);
+        assert_eq!(ids(&store), BTreeSet::from([1, 2]));
     }
 
     #[test]

@@ -221,6 +221,11 @@ async fn every_json_shape_parses() {
         &["id", "name", "created", "last_seen", "current"],
         "device list entry",
     );
+    // The broker's refusal carries its code, here through the device commands' errors.
+    let (ok, stdout, _) = run(&a, &["device", "revoke", "99"]);
+    assert!(!ok);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["code"], "NOT-FOUND", "{v}");
     let v = object(&a, &["keys", "backup"]);
     has_keys(
         &v,

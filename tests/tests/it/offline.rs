@@ -433,6 +433,9 @@ async fn an_agent_forgets_the_keys_of_sessions_replaced_long_enough_ago() {
     talk(&a_agent, &mut a_rx, &mut b_rx, 1).await;
     let first = latest(&a, &b.number);
     a_agent.stop().await.unwrap();
+    // Whole seconds apart from the first session's last live use.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let deposited_at = account::unix_now();
     let (a_agent, mut a_rx) = online(&a).await;
     // The first message after the restart is deposited, sealed with the first session, and
     // asks for a new one.
@@ -445,6 +448,17 @@ async fn an_agent_forgets_the_keys_of_sessions_replaced_long_enough_ago() {
     assert_eq!(
         message_from(&mut b_rx, &a.number).await,
         ("a2".into(), true)
+    );
+    // Opening it was a use of the first session at B, stored with it: a replaced session's
+    // keys are kept for the keep period after their last use.
+    let opened_with = Store::new(&b.profile)
+        .find_session(&first)
+        .unwrap()
+        .unwrap();
+    assert!(
+        opened_with.session().last_used >= deposited_at,
+        "last used {} before the deposit at {deposited_at}",
+        opened_with.session().last_used
     );
     talk(&a_agent, &mut a_rx, &mut b_rx, 3).await;
     let second = latest(&a, &b.number);
@@ -512,6 +526,76 @@ async fn an_agent_forgets_the_keys_of_sessions_replaced_long_enough_ago() {
     forgotten(&b, first).await;
     b_agent.stop().await.unwrap();
     a_agent.stop().await.unwrap();
+    broker.stop().await;
+}
+
+/// Keys that must not open anything again are forgotten at once, whatever their age: those of
+/// a device of this entity that was revoked (on the device that revokes it, and on every other
+/// device at its agent's next check, from the broker's DEVICE-LIST), and every key kept with a
+/// contact that is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_of_a_revoked_device_and_of_a_removed_contact_are_forgotten() {
+    let broker = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a1 = register(&broker, "a1").await;
+    let b = register(&broker, "b").await;
+    // A1 has a session with B; the devices linked after it get its keys, kept for device 1.
+    let (a1_agent, _a1_rx) = contacts_then_offline(&a1, &b).await;
+    a1_agent.stop().await.unwrap();
+    let a2 = link_device(&broker, &a1, "a2").await;
+    let a3 = link_device(&broker, &a1, "a3").await;
+    let a4 = link_device(&broker, &a1, "a4").await;
+    let kept = |d: &Device| -> Vec<(String, u32)> {
+        Store::new(&d.profile)
+            .shared_sessions()
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.peer, s.device))
+            .collect()
+    };
+    for device in [&a2, &a3, &a4] {
+        assert_eq!(kept(device), [(b.number.clone(), 1)]);
+    }
+
+    // On A4, removing B takes every key kept with B (no device is revoked yet).
+    let (a4_agent, _a4_rx) = agents::online(&a4, agents::config(AcceptPolicy::Any)).await;
+    let reply = a4_agent
+        .ask(Command::ContactRemove {
+            number: b.number.clone(),
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    assert!(kept(&a4).is_empty());
+    assert!(
+        Store::new(&a4.profile)
+            .contact(&b.number)
+            .unwrap()
+            .is_none()
+    );
+    a4_agent.stop().await.unwrap();
+
+    // A3 revokes device 1: its kept keys for it go at once.
+    let mut session = account::connect(&a3.profile).await.unwrap();
+    let device = micromsg_wire::DeviceId::new(1).unwrap();
+    let revoked = devices::revoke(&mut session, &Store::new(&a3.profile), device)
+        .await
+        .unwrap();
+    assert_eq!(revoked.keys_forgotten, 1);
+    assert!(revoked.forget_failed.is_none());
+    assert!(kept(&a3).is_empty());
+
+    // A2 learns of it from the broker when its agent checks, at start.
+    let (a2_agent, _a2_rx) = online(&a2).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !kept(&a2).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the revoked device's keys are still kept: {:?}",
+            kept(&a2)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a2_agent.stop().await.unwrap();
+
     broker.stop().await;
 }
 

@@ -824,17 +824,30 @@ async fn an_interrupted_port_is_finished_by_the_next_run() {
     // The profile still names x, which refuses it now.
     assert_eq!(profile.info().unwrap().broker, net.broker(X).addr);
 
-    // The next run finishes it.
-    let out = move_keep_number(&dir, y).await;
-    assert!(
-        out.status.success(),
-        "{} {}",
+    // The next run finishes it, numbering its steps by what they do (5/6 and 6/6).
+    let out = move_keep_number_as(&dir, y, false).await;
+    let (stdout, said) = (
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["number"], a_number.as_str());
-    assert_eq!(report["seq"], 1);
+    assert!(out.status.success(), "{stdout} {said}");
+    assert_eq!(stdout.trim(), a_number.as_str());
+    let steps: Vec<&str> = said.lines().filter(|l| l.ends_with('…')).collect();
+    assert_eq!(
+        steps,
+        [
+            "5/6 sending the unfinished port's PORT-IN again…",
+            "6/6 updating the profile…",
+        ],
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "ported: number {} moved from broker x to broker y",
+            a_number.as_str()
+        )),
+        "{said}"
+    );
     assert!(!stage.exists(), "the stage is removed");
     assert_eq!(profile.info().unwrap().broker, y.addr);
     let session = account::connect(&profile).await.unwrap();

@@ -162,6 +162,93 @@ async fn an_agent_started_before_its_broker_waits_then_connects() {
     a_agent.stop().await.unwrap();
 }
 
+/// Keys of a session that another device replaced long ago (`keys/`), kept for device 2.
+fn plant_kept_sessions(device: &Device) -> ([u8; 16], [u8; 16]) {
+    use micromsg_client::keys::SharedSession;
+    use micromsg_client::p2p::StoredSession;
+    use micromsg_crypto::handshake::Role;
+    use micromsg_crypto::message::DirectionKeys;
+    use micromsg_crypto::{IdentityKey, Secret32, SessionKeys};
+    let now = micromsg_client::account::unix_now();
+    let peer = IdentityKey::from_seed(&Secret32::from_bytes([3; 32])).public_key();
+    let store = micromsg_client::store::Store::new(&device.profile);
+    let mut ids = [[0u8; 16]; 2];
+    for (i, days_ago) in [1000u64, 999].into_iter().enumerate() {
+        let id = [i as u8 + 1; 16];
+        let keys = SessionKeys {
+            session_id: id,
+            send: DirectionKeys {
+                ts_key: Secret32::from_bytes([i as u8; 32]),
+                seed: Secret32::from_bytes([i as u8 + 10; 32]),
+            },
+            recv: DirectionKeys {
+                ts_key: Secret32::from_bytes([i as u8 + 20; 32]),
+                seed: Secret32::from_bytes([i as u8 + 30; 32]),
+            },
+        };
+        let session = StoredSession::new(&keys, Role::Initiator, peer, now - days_ago * 86_400);
+        let kept = SharedSession {
+            peer: "5550002".into(),
+            device: 2,
+            session,
+        };
+        store.save_shared(&kept).unwrap();
+        ids[i] = id;
+    }
+    (ids[0], ids[1])
+}
+
+/// An agent that starts while its broker is down does not clean up `keys/` with the built-in
+/// message lifetime: it waits for the broker's, and cleans up when it first logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_offline_cleans_up_old_keys_only_once_it_has_logged_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), "").await;
+    let a = register(&broker, dir.path(), "a").await;
+    let (replaced, newest) = plant_kept_sessions(&a);
+    let kept = || -> Vec<[u8; 16]> {
+        let store = micromsg_client::store::Store::new(&a.profile);
+        let mut ids: Vec<[u8; 16]> = store
+            .shared_sessions()
+            .unwrap()
+            .iter()
+            .map(|s| s.session.session_id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert_eq!(kept(), [replaced, newest]);
+    broker.kill();
+
+    let (tx, mut a_rx) = mpsc::channel(1024);
+    let config = AgentConfig {
+        keep_replaced_keys: Duration::from_secs(1),
+        ..config()
+    };
+    let a_agent = agent::start(a.profile.clone(), config, tx).await.unwrap();
+    broker_lost(&mut a_rx).await;
+    // The check at start has run (offline, it does nothing) and the next is hours away.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        kept(),
+        [replaced, newest],
+        "cleaned up before the broker's limits were read"
+    );
+
+    broker.restart().await;
+    broker_back(&mut a_rx).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while kept() != [newest] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not cleaned up after the login: {:?}",
+            kept()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a_agent.stop().await.unwrap();
+}
+
 /// Messages sent while the broker is down are queued on the device, survive a restart of the
 /// agent, and go out by themselves once the broker is back: each exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
