@@ -2,6 +2,7 @@
 //! device, log in, read and verify BROKER-INFO, delete the entity at its broker.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use micromsg_crypto::Secret32;
 use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
@@ -9,7 +10,7 @@ use micromsg_wire::message::request::{
     AccountDeleteArgs, DeviceJoinArgs, ForwardArgs, RegisterArgs,
 };
 use micromsg_wire::message::response::BrokerInfoData;
-use micromsg_wire::{Blob, Hex32, Number, Request, ResponseData, encode_info_canonical};
+use micromsg_wire::{Blob, ErrorCode, Hex32, Number, Request, ResponseData, encode_info_canonical};
 use rand_core::OsRng;
 
 use crate::link::{BrokerLink, LinkError};
@@ -46,6 +47,9 @@ pub struct Session {
     pub info: ProfileInfo,
     /// The inbox count the broker reported at login.
     pub inbox: u32,
+    /// The broker's clock less this device's, in seconds, when the login had to be made at
+    /// the broker's time (this device's clock off by a nonce step or more); else 0.
+    pub clock_offset: i64,
 }
 
 /// The host part of `HOST:PORT` (or `[V6]:PORT`), which the certificate must name.
@@ -226,20 +230,132 @@ async fn login_on(
     info: ProfileInfo,
     secrets: &Secrets,
 ) -> Result<Session, AccountError> {
-    let data = link
-        .login(
-            &info.number,
-            info.device,
-            &secrets.client_secret,
-            &secrets.server_secret,
-            info.nonce_step,
-            unix_now(),
-        )
-        .await?;
+    let offset = CLOCK_OFFSET.load(Ordering::Relaxed);
+    let first = login_at(&mut link, &info, secrets, offset).await;
+    let (data, clock_offset) = match first {
+        Ok(data) => (data, offset),
+        // The broker says the same for a device it does not know and for a nonce of another
+        // moment (9.3): its clock tells which, and a login at its time may then go through.
+        Err(LinkError::Refused {
+            code: ErrorCode::AuthFailed,
+            retry_after,
+            ..
+        }) => {
+            let broker_now = match link.call(Request::Ping).await {
+                Ok(ResponseData::Ping(ping)) => ping.time,
+                _ => return Err(auth_failed(AuthCause::NotTheClock, retry_after).into()),
+            };
+            let correction = clock_correction(broker_now, unix_now(), info.nonce_step, offset);
+            let Some(offset) = correction else {
+                return Err(auth_failed(AuthCause::NotTheClock, retry_after).into());
+            };
+            match login_at(&mut link, &info, secrets, offset).await {
+                Ok(data) => {
+                    CLOCK_OFFSET.store(offset, Ordering::Relaxed);
+                    (data, offset)
+                }
+                Err(LinkError::Refused {
+                    code: ErrorCode::AuthFailed,
+                    retry_after,
+                    ..
+                }) => {
+                    let cause = if offset == 0 {
+                        AuthCause::NotTheClock
+                    } else {
+                        AuthCause::NotEvenAtItsTime(offset)
+                    };
+                    return Err(auth_failed(cause, retry_after).into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(Session {
         link,
         info,
         inbox: data.session.inbox,
+        clock_offset,
+    })
+}
+
+/// The broker's clock less this device's, in seconds, learned at a login this device's clock
+/// made fail: the later logins of this process are made at the broker's time.
+static CLOCK_OFFSET: AtomicI64 = AtomicI64::new(0);
+
+/// LOGIN at this device's time moved by `offset` seconds.
+async fn login_at(
+    link: &mut BrokerLink,
+    info: &ProfileInfo,
+    secrets: &Secrets,
+    offset: i64,
+) -> Result<micromsg_wire::message::response::LoginData, LinkError> {
+    link.login(
+        &info.number,
+        info.device,
+        &secrets.client_secret,
+        &secrets.server_secret,
+        info.nonce_step,
+        unix_now().saturating_add_signed(offset),
+    )
+    .await
+}
+
+/// The offset to log in with again after a refused LOGIN made at this device's time moved by
+/// `used` seconds, from the broker's clock (`broker_now`) and this device's (`local_now`):
+/// the clocks' difference when it is a nonce step (`step_secs`) or more, the least that can
+/// make a LOGIN fail (9.3), else none (0, for a clock set right since). `None` when that is
+/// what the refused LOGIN used already: the clock is not the cause.
+fn clock_correction(broker_now: u64, local_now: u64, step_secs: u32, used: i64) -> Option<i64> {
+    let step = i64::from(step_secs.max(1));
+    let offset = i64::try_from(broker_now).ok()? - i64::try_from(local_now).ok()?;
+    let wanted = if offset.abs() >= step { offset } else { 0 };
+    ((wanted - used).abs() >= step).then_some(wanted)
+}
+
+/// What a refused LOGIN is put down to, once the broker's clock has been read.
+enum AuthCause {
+    /// The clocks agree (or the broker's could not be read).
+    NotTheClock,
+    /// Refused again at the broker's time, this many seconds from this device's.
+    NotEvenAtItsTime(i64),
+}
+
+/// The AUTH-FAILED refusal of a LOGIN, saying what it means for this device.
+fn auth_failed(cause: AuthCause, retry_after: Option<u32>) -> LinkError {
+    let why = match cause {
+        AuthCause::NotTheClock => String::new(),
+        AuthCause::NotEvenAtItsTime(offset) => format!(
+            " (refused at the broker's time too, {} this device's)",
+            clock_difference(offset)
+        ),
+    };
+    LinkError::Refused {
+        code: ErrorCode::AuthFailed,
+        message: format!(
+            "login failed: this device was revoked (`device list` on another device of this \
+             entity shows the active ones), or the broker does not know it{why}"
+        ),
+        retry_after,
+    }
+}
+
+/// `offset` (the broker's clock less this device's) for people: `95 s ahead of`, `120 s
+/// behind`, to be followed by what it is compared with.
+fn clock_difference(offset: i64) -> String {
+    let side = if offset > 0 { "ahead of" } else { "behind" };
+    format!("{} s {side}", offset.unsigned_abs())
+}
+
+/// What to tell the user of a login made at the broker's time (`Session::clock_offset`), if
+/// anything: this device's clock is off by more than a nonce step.
+pub fn clock_warning(offset: i64) -> Option<String> {
+    (offset != 0).then(|| {
+        format!(
+            "this device's clock is off: the broker's is {} it; logging in at the broker's \
+             time (set this device's clock right: the time on each message sent comes from it)",
+            clock_difference(offset)
+        )
     })
 }
 
@@ -306,5 +422,50 @@ pub async fn forward(session: &mut Session, notice: &[u8], days: u64) -> Result<
             other.kind().as_str()
         ))
         .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_clock_a_nonce_step_or_more_off_the_brokers_is_corrected_and_no_other() {
+        let now = 1_700_000_000;
+        // Within a step: not the cause.
+        assert_eq!(clock_correction(now + 29, now, 30, 0), None);
+        assert_eq!(clock_correction(now - 29, now, 30, 0), None);
+        // A step or more, either way: log in at the broker's time.
+        assert_eq!(clock_correction(now + 95, now, 30, 0), Some(95));
+        assert_eq!(clock_correction(now - 30, now, 30, 0), Some(-30));
+        // Refused at that very correction: the clock is not the cause.
+        assert_eq!(clock_correction(now + 95, now, 30, 95), None);
+        assert_eq!(clock_correction(now + 100, now, 30, 95), None);
+        // The clock set right since an earlier correction: log in at this device's time.
+        assert_eq!(clock_correction(now + 3, now, 30, 95), Some(0));
+        // A broker clock before 1970 or past i64 cannot be used.
+        assert_eq!(clock_correction(u64::MAX, now, 30, 0), None);
+    }
+
+    #[test]
+    fn a_refused_login_says_what_it_means_and_keeps_its_code() {
+        let refused = auth_failed(AuthCause::NotTheClock, Some(5));
+        let text = refused.to_string();
+        assert!(text.contains("AUTH-FAILED"), "{text}");
+        assert!(text.contains("this device was revoked"), "{text}");
+        assert_eq!(refused.code(), Some(ErrorCode::AuthFailed));
+        let again = auth_failed(AuthCause::NotEvenAtItsTime(-120), None).to_string();
+        assert!(
+            again.contains("refused at the broker's time too, 120 s behind this device's)"),
+            "{again}"
+        );
+        assert_eq!(clock_warning(0), None);
+        let warning = clock_warning(95).unwrap();
+        assert!(
+            warning.contains("the broker's is 95 s ahead of it;"),
+            "{warning}"
+        );
     }
 }

@@ -205,8 +205,12 @@ pub async fn start(
     } else {
         None
     };
+    let mut clock_offset = 0;
     let link = match account::connect(&profile).await {
-        Ok(session) => Ok(session.link),
+        Ok(session) => {
+            clock_offset = session.clock_offset;
+            Ok(session.link)
+        }
         Err(e) if config.wait_for_broker && reconnect::fatal_reason(&e).is_none() => Err(e),
         Err(e) => return Err(e.into()),
     };
@@ -265,6 +269,9 @@ pub async fn start(
                 peer_address: agent.advertise.clone(),
             })
             .await;
+    }
+    if let Some(warning) = account::clock_warning(clock_offset) {
+        agent.warn(warning).await;
     }
     if let Some(reason) = unreachable {
         agent.start_offline(reason).await;

@@ -140,6 +140,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         match result {
             Ok(session) => {
+                let clock = account::clock_warning(session.clock_offset);
                 self.link = Some(session.link);
                 self.backoff.reset();
                 let offline_secs = self.down_since.take().map_or(0, |t| secs(t.elapsed()));
@@ -152,6 +153,9 @@ impl Agent {
                 }
                 if self.link.is_some() {
                     self.notify(Notice::BrokerBack { offline_secs }).await;
+                    if let Some(warning) = clock {
+                        self.warn(warning).await;
+                    }
                     if self.config.inbox {
                         self.inbox_due = true;
                         // Started offline: the check at start waited for the broker's limits.

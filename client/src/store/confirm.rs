@@ -219,38 +219,44 @@ mod tests {
     }
 
     /// The list used to keep the ids of sessions that are gone for good. Now each write of it
-    /// leaves them out: a removed contact's session, and one listed by a handshake that died
-    /// before its file was written. A replaced one, kept in `keys/`, stays listed (else it
-    /// would be taken for confirmed), and so does the one being listed.
+    /// leaves them out: a removed contact's sessions (its latest and those kept in `keys/`),
+    /// and one listed by a handshake that died before its file was written. A replaced one,
+    /// kept in `keys/`, stays listed (else it would be taken for confirmed), and so does the
+    /// one being listed.
     #[test]
     fn ids_of_sessions_that_are_gone_leave_the_list_when_it_is_written() {
         const OTHER: &str = "5550003";
+        const THIRD: &str = "5550004";
         let (_dir, store) = store();
         store.save_new_session(PEER, &session(1, 100)).unwrap();
         store.save_new_session(PEER, &session(2, 200)).unwrap(); // 1 replaced, in keys/
-        assert!(store.remove_contact(PEER).unwrap()); // 2 gone
+        store.save_new_session(THIRD, &session(6, 100)).unwrap();
+        store.save_new_session(THIRD, &session(7, 200)).unwrap(); // 6 replaced, in keys/
+        assert!(store.remove_contact(PEER).unwrap()); // 1 and 2 gone
         // A handshake that died between the listing and the session's file (and the list as
         // a client that did not prune left it).
         let mut ids = listed(&store);
         ids.push(hex::encode(&[3; 16]));
         let json = serde_json::to_vec(&ids).unwrap();
         std::fs::write(store.dir().join(UNCONFIRMED), json).unwrap();
-        assert_eq!(listed(&store).len(), 3);
+        assert_eq!(listed(&store).len(), 5);
 
         store.save_new_session(OTHER, &session(4, 300)).unwrap();
+        let hexes =
+            |ids: &[u8]| -> Vec<String> { ids.iter().map(|&i| hex::encode(&[i; 16])).collect() };
         assert_eq!(
             listed(&store),
-            [hex::encode(&[1; 16]), hex::encode(&[4; 16])],
-            "the replaced one stays, the removed and the never written go"
+            hexes(&[4, 6, 7]),
+            "the replaced one and the latest stay, the removed and the never written go"
         );
-        assert!(!store.is_confirmed(&[1; 16]).unwrap());
+        assert!(!store.is_confirmed(&[6; 16]).unwrap());
         assert!(!store.is_confirmed(&[4; 16]).unwrap());
 
         // A confirmation writes the list too.
         store.save_new_session(PEER, &session(5, 400)).unwrap();
         assert!(store.remove_contact(PEER).unwrap());
         assert!(store.confirm_session(&[4; 16]).unwrap());
-        assert_eq!(listed(&store), [hex::encode(&[1; 16])]);
+        assert_eq!(listed(&store), hexes(&[6, 7]));
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod broker_core;
 mod chat_tui;
 mod cli_cancel;
 mod cli_json;
+mod clock;
 mod contacts;
 mod federation;
 mod groups;

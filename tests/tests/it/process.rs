@@ -15,6 +15,8 @@ pub(crate) struct BrokerProcess {
     pub(crate) ca: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    /// Environment variables the process gets besides the usual ones.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -22,6 +24,11 @@ impl BrokerProcess {
     /// Writes a configuration under `dir` (on a free port; `extra` is appended as TOML, e.g. a
     /// `[database]` table) and starts the broker; returns once it accepts connections.
     pub(crate) async fn start(dir: &Path, extra: &str) -> Self {
+        Self::start_with_env(dir, extra, &[]).await
+    }
+
+    /// [`Self::start`] with environment variables `env` set for the process.
+    pub(crate) async fn start_with_env(dir: &Path, extra: &str, env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -40,6 +47,10 @@ impl BrokerProcess {
             ca: data.join("tls").join("ca.pem"),
             config: config_path,
             log: dir.join("broker.log"),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             child: None,
         };
         broker.restart().await;
@@ -66,6 +77,7 @@ impl BrokerProcess {
             .env("MICROMSG_LOG", "warn")
             // Brokers that have an admin listener get a free port (others ignore this).
             .env("MICROMSG_ADMIN_LISTEN", "127.0.0.1:0")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -1,0 +1,116 @@
+//! A device whose clock is off the broker's by more than the login window (protocol 9.3):
+//! the real broker binary runs with its wall clock moved back two minutes by an `LD_PRELOAD`
+//! shim (built here with the C compiler), as a broker on another host with another clock
+//! would be. The client reads the broker's clock after the refused LOGIN, logs in at the
+//! broker's time and says so; a device refused at the broker's time is told what that means.
+
+use std::path::{Path, PathBuf};
+
+use micromsg_client::account;
+use micromsg_client::agent::{AcceptPolicy, Notice};
+use micromsg_tests::agents::{self, expect};
+use micromsg_wire::message::request::DeviceRevokeArgs;
+use micromsg_wire::{DeviceId, Request};
+
+use crate::process::BrokerProcess;
+
+/// How far the broker's clock is moved: back, so that the certificates it makes at its first
+/// start are already valid by the test's clock.
+const SHIFT_SECS: i64 = -120;
+
+/// A shared object that moves `CLOCK_REALTIME` (what `SystemTime::now` reads) by the
+/// `MICROMSG_TEST_SHIFT_SECS` seconds of the process's environment.
+const SHIM: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <time.h>
+
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    static int (*real)(clockid_t, struct timespec *);
+    if (!real) real = (int (*)(clockid_t, struct timespec *))dlsym(RTLD_NEXT, "clock_gettime");
+    int result = real(id, ts);
+    const char *shift = getenv("MICROMSG_TEST_SHIFT_SECS");
+    if (result == 0 && shift && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE))
+        ts->tv_sec += atol(shift);
+    return result;
+}
+"#;
+
+/// Builds [`SHIM`] into `dir`; panics (loudly: the test cannot run without it) when the C
+/// compiler is missing or fails.
+fn build_shim(dir: &Path) -> PathBuf {
+    let source = dir.join("shift.c");
+    let object = dir.join("shift.so");
+    std::fs::write(&source, SHIM).unwrap();
+    let out = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&object)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .expect("this test needs a C compiler (`cc`) to move the broker's clock");
+    assert!(
+        out.status.success(),
+        "building the clock shim failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    object
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_clock_is_off_logs_in_at_the_brokers_time_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let shim = build_shim(dir.path());
+    let shift = SHIFT_SECS.to_string();
+    let broker = BrokerProcess::start_with_env(
+        dir.path(),
+        "",
+        &[
+            ("LD_PRELOAD", shim.to_str().unwrap()),
+            ("MICROMSG_TEST_SHIFT_SECS", &shift),
+        ],
+    )
+    .await;
+    // The broker answers PING with a clock two minutes behind the test's.
+    let a = agents::register_at(&broker.addr, &broker.ca, dir.path().join("a")).await;
+    let mut session = account::connect(&a.profile).await.unwrap();
+    let offset = session.clock_offset;
+    assert!(
+        (SHIFT_SECS - 2..=SHIFT_SECS + 2).contains(&offset),
+        "logged in at an offset of {offset} s"
+    );
+    assert!(session.link.call(Request::Ping).await.is_ok());
+
+    // The agent says so, with the difference.
+    let (agent, mut rx) = agents::online(&a, agents::config(AcceptPolicy::Any)).await;
+    let warning = expect(&mut rx, |n| match n {
+        Notice::Warning { message } if message.contains("clock") => Some(message.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(warning.contains("this device's clock is off"), "{warning}");
+    assert!(
+        warning.contains("s behind this device's clock"),
+        "{warning}"
+    );
+    agent.stop().await.unwrap();
+
+    // A revoked device is refused at the broker's time too, and told what that means.
+    let linked = agents::link_device_at(&broker.addr, &broker.ca, dir.path().join("a2"), &a).await;
+    let revoked = DeviceId::new(linked.joined_as).unwrap();
+    let mut session = account::connect(&a.profile).await.unwrap();
+    session
+        .link
+        .call(Request::DeviceRevoke(DeviceRevokeArgs { device: revoked }))
+        .await
+        .unwrap();
+    let refused = account::connect(&linked.device.profile).await.unwrap_err();
+    let text = refused.to_string();
+    assert!(text.contains("AUTH-FAILED"), "{text}");
+    assert!(text.contains("this device was revoked"), "{text}");
+    assert!(
+        !text.contains("nonce"),
+        "the clock is ruled out, so the nonce is not named: {text}"
+    );
+}
