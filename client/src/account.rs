@@ -1,8 +1,9 @@
 //! Account operations that combine the profile and the broker link: register, join as a new
 //! device, log in, read and verify BROKER-INFO, delete the entity at its broker.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
 
 use micromsg_crypto::Secret32;
 use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
@@ -230,7 +231,7 @@ async fn login_on(
     info: ProfileInfo,
     secrets: &Secrets,
 ) -> Result<Session, AccountError> {
-    let offset = CLOCK_OFFSET.load(Ordering::Relaxed);
+    let offset = clock_offset(&info.broker);
     let first = login_at(&mut link, &info, secrets, offset).await;
     let (data, clock_offset) = match first {
         Ok(data) => (data, offset),
@@ -251,7 +252,7 @@ async fn login_on(
             };
             match login_at(&mut link, &info, secrets, offset).await {
                 Ok(data) => {
-                    CLOCK_OFFSET.store(offset, Ordering::Relaxed);
+                    learn_clock_offset(&info.broker, offset);
                     (data, offset)
                 }
                 Err(LinkError::Refused {
@@ -279,9 +280,32 @@ async fn login_on(
     })
 }
 
-/// The broker's clock less this device's, in seconds, learned at a login this device's clock
-/// made fail: the later logins of this process are made at the broker's time.
-static CLOCK_OFFSET: AtomicI64 = AtomicI64::new(0);
+/// Per broker address, its clock less this device's, in seconds, learned at a login this
+/// device's clock made fail: the later logins of this process there are made at the broker's
+/// time. Per broker, as brokers may disagree (a `move` logs in at two).
+static CLOCK_OFFSETS: Mutex<Option<HashMap<String, i64>>> = Mutex::new(None);
+
+/// The offset learned for `broker` (0 when none was).
+fn clock_offset(broker: &str) -> i64 {
+    let offsets = CLOCK_OFFSETS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    offsets
+        .as_ref()
+        .and_then(|o| o.get(broker))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Keeps `offset` for the later logins at `broker`.
+fn learn_clock_offset(broker: &str, offset: i64) {
+    let mut offsets = CLOCK_OFFSETS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    offsets
+        .get_or_insert_with(HashMap::new)
+        .insert(broker.to_owned(), offset);
+}
 
 /// LOGIN at this device's time moved by `offset` seconds.
 async fn login_at(
