@@ -1,9 +1,7 @@
 //! Account operations that combine the profile and the broker link: register, join as a new
 //! device, log in, read and verify BROKER-INFO, delete the entity at its broker.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use micromsg_crypto::Secret32;
 use micromsg_crypto::identity::{IdentityKey, IdentityPublicKey};
@@ -112,7 +110,7 @@ pub async fn register(
     // A new entity's keys are its own (a marker left by a failed join does not count).
     profile.set_awaiting_keys(false)?;
     save(profile, ca, &secrets, &profile_info)?;
-    login_on(link, profile_info, &secrets).await
+    login_on(profile, link, profile_info, &secrets).await
 }
 
 /// Joins an existing entity as a new device with a registration secret from `device add`.
@@ -163,7 +161,7 @@ pub async fn join(
     // start, so nothing run on it drops the link transfer before it is received.
     profile.set_awaiting_keys(true)?;
     save(profile, ca, &secrets, &profile_info)?;
-    login_on(link, profile_info, &secrets).await
+    login_on(profile, link, profile_info, &secrets).await
 }
 
 /// REGISTERs a new entity at `broker` without writing any profile: the link (not logged in
@@ -227,11 +225,12 @@ pub fn save(
 }
 
 async fn login_on(
+    profile: &Profile,
     mut link: BrokerLink,
     info: ProfileInfo,
     secrets: &Secrets,
 ) -> Result<Session, AccountError> {
-    let offset = clock_offset(&info.broker);
+    let offset = stored_clock_offset(profile, &info.broker);
     let first = login_at(&mut link, &info, secrets, offset).await;
     let (data, clock_offset) = match first {
         Ok(data) => (data, offset),
@@ -244,7 +243,7 @@ async fn login_on(
         }) => {
             let broker_now = match link.call(Request::Ping).await {
                 Ok(ResponseData::Ping(ping)) => ping.time,
-                _ => return Err(auth_failed(AuthCause::NotTheClock, retry_after).into()),
+                _ => return Err(auth_failed(AuthCause::ClockUnknown, retry_after).into()),
             };
             let correction = clock_correction(broker_now, unix_now(), info.nonce_step, offset);
             let Some(offset) = correction else {
@@ -252,7 +251,7 @@ async fn login_on(
             };
             match login_at(&mut link, &info, secrets, offset).await {
                 Ok(data) => {
-                    learn_clock_offset(&info.broker, offset);
+                    store_clock_offset(profile, &info.broker, offset);
                     (data, offset)
                 }
                 Err(LinkError::Refused {
@@ -260,10 +259,10 @@ async fn login_on(
                     retry_after,
                     ..
                 }) => {
-                    let cause = if offset == 0 {
-                        AuthCause::NotTheClock
-                    } else {
+                    let cause = if clock_is_off(offset, info.nonce_step) {
                         AuthCause::NotEvenAtItsTime(offset)
+                    } else {
+                        AuthCause::NotTheClock
                     };
                     return Err(auth_failed(cause, retry_after).into());
                 }
@@ -280,31 +279,43 @@ async fn login_on(
     })
 }
 
-/// Per broker address, its clock less this device's, in seconds, learned at a login this
-/// device's clock made fail: the later logins of this process there are made at the broker's
-/// time. Per broker, as brokers may disagree (a `move` logs in at two).
-static CLOCK_OFFSETS: Mutex<Option<HashMap<String, i64>>> = Mutex::new(None);
+/// The profile's file that keeps, for its broker, the broker's clock less this device's (in
+/// seconds), learned at a login this device's clock made fail: later logins, of any command,
+/// are made at the broker's time and do not fail first (each refused LOGIN counts towards the
+/// broker's limits on failed logins).
+const CLOCK_FILE: &str = "clock-offset.json";
 
-/// The offset learned for `broker` (0 when none was).
-fn clock_offset(broker: &str) -> i64 {
-    let offsets = CLOCK_OFFSETS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    offsets
-        .as_ref()
-        .and_then(|o| o.get(broker))
-        .copied()
-        .unwrap_or(0)
+/// What [`CLOCK_FILE`] holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ClockOffset {
+    broker: String,
+    offset: i64,
 }
 
-/// Keeps `offset` for the later logins at `broker`.
-fn learn_clock_offset(broker: &str, offset: i64) {
-    let mut offsets = CLOCK_OFFSETS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    offsets
-        .get_or_insert_with(HashMap::new)
-        .insert(broker.to_owned(), offset);
+/// The offset the profile keeps for `broker`; 0 when none (or an unreadable file: the next
+/// refused login learns it again).
+fn stored_clock_offset(profile: &Profile, broker: &str) -> i64 {
+    std::fs::read(profile.path(CLOCK_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<ClockOffset>(&bytes).ok())
+        .filter(|kept| kept.broker == broker)
+        .map_or(0, |kept| kept.offset)
+}
+
+/// Keeps `offset` for `broker` in the profile (no file for 0). A failure only costs the next
+/// login a refusal, so it is not an error.
+fn store_clock_offset(profile: &Profile, broker: &str, offset: i64) {
+    if offset == 0 {
+        let _ = std::fs::remove_file(profile.path(CLOCK_FILE));
+        return;
+    }
+    let kept = ClockOffset {
+        broker: broker.to_owned(),
+        offset,
+    };
+    if let Ok(json) = serde_json::to_vec(&kept) {
+        let _ = profile.write_atomic(CLOCK_FILE, &json, false);
+    }
 }
 
 /// LOGIN at this device's time moved by `offset` seconds.
@@ -327,20 +338,27 @@ async fn login_at(
 
 /// The offset to log in with again after a refused LOGIN made at this device's time moved by
 /// `used` seconds, from the broker's clock (`broker_now`) and this device's (`local_now`):
-/// the clocks' difference when it is a nonce step (`step_secs`) or more, the least that can
-/// make a LOGIN fail (9.3), else none (0, for a clock set right since). `None` when that is
-/// what the refused LOGIN used already: the clock is not the cause.
+/// their difference, when the refused LOGIN proved another nonce step (`step_secs` long) than
+/// the one the broker's clock is in (9.3; with `NONCE-SKEW` 0 a difference of a second can be
+/// enough); `None` when it proved the broker's step: the clock is not the cause.
 fn clock_correction(broker_now: u64, local_now: u64, step_secs: u32, used: i64) -> Option<i64> {
-    let step = i64::from(step_secs.max(1));
+    let step = u64::from(step_secs.max(1));
     let offset = i64::try_from(broker_now).ok()? - i64::try_from(local_now).ok()?;
-    let wanted = if offset.abs() >= step { offset } else { 0 };
-    ((wanted - used).abs() >= step).then_some(wanted)
+    let proved_at = local_now.checked_add_signed(used)?;
+    (proved_at / step != broker_now / step).then_some(offset)
 }
 
-/// What a refused LOGIN is put down to, once the broker's clock has been read.
+/// Whether `offset` (seconds) is a clock that is off: a nonce step (`step_secs`) or more.
+fn clock_is_off(offset: i64, step_secs: u32) -> bool {
+    offset.unsigned_abs() >= u64::from(step_secs.max(1))
+}
+
+/// What a refused LOGIN is put down to.
 enum AuthCause {
-    /// The clocks agree (or the broker's could not be read).
+    /// The LOGIN proved the step the broker's clock is in.
     NotTheClock,
+    /// The broker's clock could not be read (PING failed).
+    ClockUnknown,
     /// Refused again at the broker's time, this many seconds from this device's.
     NotEvenAtItsTime(i64),
 }
@@ -349,6 +367,9 @@ enum AuthCause {
 fn auth_failed(cause: AuthCause, retry_after: Option<u32>) -> LinkError {
     let why = match cause {
         AuthCause::NotTheClock => String::new(),
+        AuthCause::ClockUnknown => {
+            " (or this device's clock is off: the broker's could not be read to tell)".to_owned()
+        }
         AuthCause::NotEvenAtItsTime(offset) => format!(
             " (refused at the broker's time too, {} this device's)",
             clock_difference(offset)
@@ -372,9 +393,9 @@ fn clock_difference(offset: i64) -> String {
 }
 
 /// What to tell the user of a login made at the broker's time (`Session::clock_offset`), if
-/// anything: this device's clock is off by more than a nonce step.
-pub fn clock_warning(offset: i64) -> Option<String> {
-    (offset != 0).then(|| {
+/// anything: this device's clock is off by a nonce step (`step_secs`) or more.
+pub fn clock_warning(offset: i64, step_secs: u32) -> Option<String> {
+    clock_is_off(offset, step_secs).then(|| {
         format!(
             "this device's clock is off: the broker's is {} it; logging in at the broker's \
              time (set this device's clock right: the time on each message sent comes from it)",
@@ -389,7 +410,7 @@ pub async fn connect(profile: &Profile) -> Result<Session, AccountError> {
     let secrets = profile.secrets()?;
     let config = client_config(&profile.path("ca.pem"))?;
     let link = BrokerLink::connect(&info.broker, &info.tls_name, config).await?;
-    login_on(link, info, &secrets).await
+    login_on(profile, link, info, &secrets).await
 }
 
 /// Reads BROKER-INFO for a registered profile and checks the broker's identity key against the
@@ -456,21 +477,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_clock_a_nonce_step_or_more_off_the_brokers_is_corrected_and_no_other() {
-        let now = 1_700_000_000;
-        // Within a step: not the cause.
+    fn a_login_is_made_again_at_the_brokers_time_only_when_it_proved_another_step() {
+        // At the start of a 30 s step (a multiple of 30).
+        let now: u64 = 1_700_000_010;
+        assert_eq!(now % 30, 0);
+        // The broker's clock in the same step: not the cause.
         assert_eq!(clock_correction(now + 29, now, 30, 0), None);
-        assert_eq!(clock_correction(now - 29, now, 30, 0), None);
-        // A step or more, either way: log in at the broker's time.
+        // Another step, either way: log in at the broker's time.
         assert_eq!(clock_correction(now + 95, now, 30, 0), Some(95));
-        assert_eq!(clock_correction(now - 30, now, 30, 0), Some(-30));
+        assert_eq!(clock_correction(now - 1, now, 30, 0), Some(-1));
         // Refused at that very correction: the clock is not the cause.
         assert_eq!(clock_correction(now + 95, now, 30, 95), None);
         assert_eq!(clock_correction(now + 100, now, 30, 95), None);
-        // The clock set right since an earlier correction: log in at this device's time.
-        assert_eq!(clock_correction(now + 3, now, 30, 95), Some(0));
-        // A broker clock before 1970 or past i64 cannot be used.
+        // The clock set right since an earlier correction: log in at about this device's time.
+        assert_eq!(clock_correction(now + 3, now, 30, 95), Some(3));
+        // A broker clock past i64, or a correction before 1970, cannot be used.
         assert_eq!(clock_correction(u64::MAX, now, 30, 0), None);
+        assert_eq!(clock_correction(now, now, 30, -(now as i64) - 1), None);
+        // Only a step or more is a clock to tell the user about.
+        assert!(!clock_is_off(29, 30));
+        assert!(clock_is_off(-30, 30));
+    }
+
+    #[test]
+    fn the_offset_learned_is_kept_in_the_profile_for_its_broker() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::new(dir.path());
+        assert_eq!(stored_clock_offset(&profile, "b:1"), 0);
+        store_clock_offset(&profile, "b:1", -120);
+        assert_eq!(stored_clock_offset(&profile, "b:1"), -120);
+        // Another broker (the profile moved): its own clock, not yet known.
+        assert_eq!(stored_clock_offset(&profile, "c:1"), 0);
+        // A clock set right: the file goes.
+        store_clock_offset(&profile, "b:1", 0);
+        assert_eq!(stored_clock_offset(&profile, "b:1"), 0);
+        assert!(!profile.path(CLOCK_FILE).exists());
+        // An unreadable file counts as none.
+        std::fs::write(profile.path(CLOCK_FILE), b"{").unwrap();
+        assert_eq!(stored_clock_offset(&profile, "b:1"), 0);
     }
 
     #[test]
@@ -485,8 +529,11 @@ mod tests {
             again.contains("refused at the broker's time too, 120 s behind this device's)"),
             "{again}"
         );
-        assert_eq!(clock_warning(0), None);
-        let warning = clock_warning(95).unwrap();
+        let unknown = auth_failed(AuthCause::ClockUnknown, None).to_string();
+        assert!(unknown.contains("could not be read"), "{unknown}");
+        assert_eq!(clock_warning(0, 30), None);
+        assert_eq!(clock_warning(29, 30), None);
+        let warning = clock_warning(95, 30).unwrap();
         assert!(
             warning.contains("the broker's is 95 s ahead of it;"),
             "{warning}"

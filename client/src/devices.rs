@@ -21,10 +21,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use micromsg_crypto::Secret32;
-use micromsg_wire::message::request::{
-    BackupPutArgs, DeviceRevokeArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs,
-};
-use micromsg_wire::{Blob, DeviceId, ErrorCode, Number, Request, ResponseData};
+use micromsg_wire::message::request::{BackupPutArgs, InboxAckArgs, InboxFetchArgs, SyncCopyArgs};
+use micromsg_wire::{Blob, ErrorCode, Number, Request, ResponseData};
 use rand_core::OsRng;
 use zeroize::Zeroizing;
 
@@ -331,45 +329,6 @@ pub async fn send_link_transfer(
         }))
         .await?;
     Ok(device)
-}
-
-/// What [`revoke`] did besides the revocation.
-#[derive(Debug)]
-pub struct Revoked {
-    /// Sessions this device kept for the revoked one, now deleted.
-    pub keys_forgotten: usize,
-    /// Why they could not be deleted: the revocation stands, and the agent's next check of
-    /// `keys/` deletes them.
-    pub forget_failed: Option<String>,
-}
-
-/// `device revoke ID`: has the broker revoke device `device` of this entity, then forgets the
-/// session keys this device kept for it (they opened only the copies it sent, and a revoked
-/// device may be a lost or stolen one).
-pub async fn revoke(
-    session: &mut Session,
-    store: &Store,
-    device: DeviceId,
-) -> Result<Revoked, SyncError> {
-    session
-        .link
-        .call(Request::DeviceRevoke(DeviceRevokeArgs { device }))
-        .await?;
-    let (store, id) = (store.clone(), device.get());
-    let forgot = tokio::task::spawn_blocking(move || store.forget_device_keys(id))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|forgot| forgot.map_err(|e| e.to_string()));
-    Ok(match forgot {
-        Ok(n) => Revoked {
-            keys_forgotten: n,
-            forget_failed: None,
-        },
-        Err(e) => Revoked {
-            keys_forgotten: 0,
-            forget_failed: Some(e),
-        },
-    })
 }
 
 async fn device_ids(session: &mut Session) -> Result<BTreeSet<u32>, SyncError> {

@@ -270,7 +270,7 @@ pub async fn start(
             })
             .await;
     }
-    if let Some(warning) = account::clock_warning(clock_offset) {
+    if let Some(warning) = account::clock_warning(clock_offset, agent.info.nonce_step) {
         agent.warn(warning).await;
     }
     if let Some(reason) = unreachable {
@@ -588,8 +588,9 @@ impl Agent {
 
     /// Forgets the kept session keys nothing can use any more (`store/prune.rs`), keeping
     /// each for at least the broker's MESSAGE-TTL: not before this run has read it (an agent
-    /// that started offline does it when it first logs in); and those of devices of this
-    /// entity revoked since.
+    /// that started offline does it when it first logs in). The broker's DEVICE-LIST tells
+    /// which devices of this entity were revoked; without it (a failed call), their sessions
+    /// wait for the next check.
     async fn forget_old_keys(&mut self) {
         if !self.broker_limits_read {
             return;
@@ -597,28 +598,19 @@ impl Agent {
         self.keys_checked = true;
         let ttl = Duration::from_secs(self.broker_limits.message_ttl);
         let keep = self.config.keep_replaced_keys.max(ttl);
+        let devices: Option<Vec<u32>> = match self.call(Request::DeviceList).await {
+            Ok(ResponseData::DeviceList(list)) => {
+                Some(list.devices.iter().map(|d| d.id.get()).collect())
+            }
+            _ => None,
+        };
         let now = unix_now();
         if let Err(e) = self
-            .on_disk(move |store| store.forget_old_keys(now, keep))
+            .on_disk(move |store| store.forget_old_keys(now, keep, devices.as_deref()))
             .await
         {
             self.warn(format!("forgetting the keys of old sessions failed: {e}"))
                 .await;
-        }
-        // The devices of this entity now: those revoked since (from any device) take the keys
-        // kept for them. Offline, or on a failed call, the next check does it.
-        let Ok(ResponseData::DeviceList(list)) = self.call(Request::DeviceList).await else {
-            return;
-        };
-        let listed: Vec<u32> = list.devices.iter().map(|d| d.id.get()).collect();
-        if let Err(e) = self
-            .on_disk(move |store| store.forget_revoked_devices_keys(&listed))
-            .await
-        {
-            self.warn(format!(
-                "forgetting the keys of revoked devices failed: {e}"
-            ))
-            .await;
         }
     }
 

@@ -73,15 +73,15 @@ pub(super) fn is_connection_loss(e: &LinkError) -> bool {
 /// Why logging in again cannot succeed by trying later, or `None` when it may.
 pub(super) fn fatal_reason(e: &AccountError) -> Option<String> {
     match e {
-        AccountError::Link(LinkError::BrokerNotVerified) => Some(e.to_string()),
-        AccountError::Link(LinkError::Refused {
-            code: ErrorCode::AuthFailed,
-            ..
-        }) => Some(
-            "the broker refused this device's login (AUTH-FAILED): the device was revoked, or \
-             the broker no longer knows it"
-                .into(),
-        ),
+        // The refusal says what it means for this device (`account::login_on`): revoked, or
+        // unknown to the broker, the clock ruled out or not.
+        AccountError::Link(
+            LinkError::BrokerNotVerified
+            | LinkError::Refused {
+                code: ErrorCode::AuthFailed,
+                ..
+            },
+        ) => Some(e.to_string()),
         // A certificate the profile's CA does not vouch for: a different broker, not an outage.
         AccountError::Link(LinkError::Tls { source, .. })
             if source.kind() == ErrorKind::InvalidData =>
@@ -140,7 +140,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         match result {
             Ok(session) => {
-                let clock = account::clock_warning(session.clock_offset);
+                let clock = account::clock_warning(session.clock_offset, session.info.nonce_step);
                 self.link = Some(session.link);
                 self.backoff.reset();
                 let offline_secs = self.down_since.take().map_or(0, |t| secs(t.elapsed()));

@@ -400,7 +400,7 @@ async fn devices(
     action: model::DevicesAction,
     done: &mpsc::Sender<Done>,
 ) -> anyhow::Result<()> {
-    use micromsg_wire::message::request::AddDeviceArgs;
+    use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs};
     use micromsg_wire::{DeviceId, Request, ResponseData};
     let mut session = crate::account::connect(profile).await?;
     match action {
@@ -443,15 +443,13 @@ async fn devices(
         }
         model::DevicesAction::Revoke(id) => {
             let device = DeviceId::new(id).map_err(|e| anyhow::anyhow!("device id: {e}"))?;
-            let revoked =
-                crate::devices::revoke(&mut session, &Store::new(profile), device).await?;
-            let status = match revoked.forget_failed {
-                None => format!("device {id} revoked"),
-                Some(e) => format!(
-                    "device {id} revoked; the keys kept here for it could not be deleted ({e})"
-                ),
-            };
-            let _ = done.send(Done::Status(status)).await;
+            session
+                .link
+                .call(Request::DeviceRevoke(DeviceRevokeArgs { device }))
+                .await?;
+            let _ = done
+                .send(Done::Status(format!("device {id} revoked")))
+                .await;
         }
         model::DevicesAction::Add => {
             let known_highest = crate::devices::highest_device(&mut session).await?;

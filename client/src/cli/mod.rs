@@ -17,7 +17,7 @@ use crate::when::local_time;
 use anyhow::Context;
 use clap::Parser;
 use micromsg_crypto::identity::IdentityKey;
-use micromsg_wire::message::request::AddDeviceArgs;
+use micromsg_wire::message::request::{AddDeviceArgs, DeviceRevokeArgs};
 use micromsg_wire::{DeviceId, DeviceName, Request, ResponseData};
 use serde_json::json;
 
@@ -753,29 +753,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Revoke { id }) => {
             let device = DeviceId::new(id).map_err(|e| anyhow::anyhow!("device id: {e}"))?;
             let mut session = account::connect(&profile).await?;
-            let revoked = crate::devices::revoke(&mut session, &Store::new(&profile), device)
+            session
+                .link
+                .call(Request::DeviceRevoke(DeviceRevokeArgs { device }))
                 .await
                 .context("revoking the device")?;
-            let forgotten = revoked.keys_forgotten;
             if json {
-                outln!("{}", json!({"revoked": id, "keys_forgotten": forgotten}));
-            } else if forgotten > 0 {
-                let sessions = if forgotten == 1 {
-                    "session"
-                } else {
-                    "sessions"
-                };
-                outln!(
-                    "device {id} revoked; the keys of its {forgotten} {sessions} kept here are forgotten"
-                );
+                outln!("{}", json!({"revoked": id}));
             } else {
                 outln!("device {id} revoked");
-            }
-            if let Some(e) = revoked.forget_failed {
-                errln!(
-                    "warning: the keys kept here for device {id} could not be deleted ({e}); \
-                     `listen` deletes them at its next check"
-                );
             }
         }
         Command::Export {

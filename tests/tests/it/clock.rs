@@ -72,8 +72,12 @@ async fn a_device_whose_clock_is_off_logs_in_at_the_brokers_time_and_says_so() {
         ],
     )
     .await;
-    // The broker answers PING with a clock two minutes behind the test's.
+    // The broker answers PING with a clock two minutes behind the test's; the profile keeps
+    // the difference, and a later login starts from it.
     let a = agents::register_at(&broker.addr, &broker.ca, dir.path().join("a")).await;
+    let kept = std::fs::read_to_string(a.profile.path("clock-offset.json"))
+        .expect("the learned difference is kept in the profile");
+    assert!(kept.contains(&broker.addr), "{kept}");
     let mut session = account::connect(&a.profile).await.unwrap();
     let offset = session.clock_offset;
     assert!(
@@ -93,7 +97,8 @@ async fn a_device_whose_clock_is_off_logs_in_at_the_brokers_time_and_says_so() {
     assert!(warning.contains("s behind it;"), "{warning}");
     agent.stop().await.unwrap();
 
-    // A revoked device is refused at the broker's time too, and told what that means.
+    // A revoked device is told what the refusal means: at the broker's time it learned, the
+    // clock is ruled out; without it, it is refused at the broker's time too, and says so.
     let linked = agents::link_device_at(&broker.addr, &broker.ca, dir.path().join("a2"), &a).await;
     let revoked = DeviceId::new(linked.joined_as).unwrap();
     let mut session = account::connect(&a.profile).await.unwrap();
@@ -106,8 +111,16 @@ async fn a_device_whose_clock_is_off_logs_in_at_the_brokers_time_and_says_so() {
     let text = refused.to_string();
     assert!(text.contains("AUTH-FAILED"), "{text}");
     assert!(text.contains("this device was revoked"), "{text}");
+    assert!(!text.contains("broker's time too"), "{text}");
+    std::fs::remove_file(linked.device.profile.path("clock-offset.json")).unwrap();
+    let text = account::connect(&linked.device.profile)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("this device was revoked"), "{text}");
     assert!(
-        !text.contains("nonce"),
-        "the clock is ruled out, so the nonce is not named: {text}"
+        text.contains("refused at the broker's time too, 12"),
+        "{text}"
     );
+    assert!(text.contains("s behind this device's)"), "{text}");
 }
