@@ -231,7 +231,8 @@ async fn login_on(
     secrets: &Secrets,
 ) -> Result<Session, AccountError> {
     let offset = stored_clock_offset(profile, &info.broker);
-    let first = login_at(&mut link, &info, secrets, offset).await;
+    let proved_at = unix_now().saturating_add_signed(offset);
+    let first = login_at(&mut link, &info, secrets, proved_at).await;
     let (data, clock_offset) = match first {
         Ok(data) => (data, offset),
         // The broker says the same for a device it does not know and for a nonce of another
@@ -243,16 +244,29 @@ async fn login_on(
         }) => {
             let broker_now = match link.call(Request::Ping).await {
                 Ok(ResponseData::Ping(ping)) => ping.time,
-                _ => return Err(auth_failed(AuthCause::ClockUnknown, retry_after).into()),
+                // A refused PING (no broker does that): the clock cannot be told.
+                Err(LinkError::Refused { .. }) | Ok(_) => {
+                    return Err(auth_failed(AuthCause::ClockUnknown, retry_after).into());
+                }
+                // A lost connection: the caller tries again as after any outage.
+                Err(e) => return Err(e.into()),
             };
-            let correction = clock_correction(broker_now, unix_now(), info.nonce_step, offset);
+            let local_now = unix_now();
+            let correction = clock_correction(broker_now, proved_at, local_now, info.nonce_step);
             let Some(offset) = correction else {
                 return Err(auth_failed(AuthCause::NotTheClock, retry_after).into());
             };
-            match login_at(&mut link, &info, secrets, offset).await {
+            let at = local_now.saturating_add_signed(offset);
+            match login_at(&mut link, &info, secrets, at).await {
                 Ok(data) => {
-                    store_clock_offset(profile, &info.broker, offset);
-                    (data, offset)
+                    // A difference under a step is this device's clock set right since.
+                    let kept = if clock_is_off(offset, info.nonce_step) {
+                        offset
+                    } else {
+                        0
+                    };
+                    store_clock_offset(profile, &info.broker, kept).await;
+                    (data, kept)
                 }
                 Err(LinkError::Refused {
                     code: ErrorCode::AuthFailed,
@@ -298,32 +312,38 @@ fn stored_clock_offset(profile: &Profile, broker: &str) -> i64 {
     std::fs::read(profile.path(CLOCK_FILE))
         .ok()
         .and_then(|bytes| serde_json::from_slice::<ClockOffset>(&bytes).ok())
-        .filter(|kept| kept.broker == broker)
+        .filter(|kept| kept.broker == broker && kept.offset.unsigned_abs() <= MAX_CLOCK_OFFSET)
         .map_or(0, |kept| kept.offset)
 }
 
-/// Keeps `offset` for `broker` in the profile (no file for 0). A failure only costs the next
-/// login a refusal, so it is not an error.
-fn store_clock_offset(profile: &Profile, broker: &str, offset: i64) {
+/// The largest difference kept (ten years): a file with more is taken as damaged.
+const MAX_CLOCK_OFFSET: u64 = 10 * 365 * 86_400;
+
+/// Keeps `offset` for `broker` in the profile (no file for 0), on the blocking pool. A failure
+/// only costs the next login a refusal, so it is not an error.
+async fn store_clock_offset(profile: &Profile, broker: &str, offset: i64) {
+    let (profile, broker) = (profile.clone(), broker.to_owned());
+    let _ = tokio::task::spawn_blocking(move || write_clock_offset(&profile, broker, offset)).await;
+}
+
+/// [`store_clock_offset`]'s write.
+fn write_clock_offset(profile: &Profile, broker: String, offset: i64) {
     if offset == 0 {
         let _ = std::fs::remove_file(profile.path(CLOCK_FILE));
         return;
     }
-    let kept = ClockOffset {
-        broker: broker.to_owned(),
-        offset,
-    };
+    let kept = ClockOffset { broker, offset };
     if let Ok(json) = serde_json::to_vec(&kept) {
         let _ = profile.write_atomic(CLOCK_FILE, &json, false);
     }
 }
 
-/// LOGIN at this device's time moved by `offset` seconds.
+/// LOGIN proving the nonce step of `at` (Unix seconds).
 async fn login_at(
     link: &mut BrokerLink,
     info: &ProfileInfo,
     secrets: &Secrets,
-    offset: i64,
+    at: u64,
 ) -> Result<micromsg_wire::message::response::LoginData, LinkError> {
     link.login(
         &info.number,
@@ -331,21 +351,25 @@ async fn login_at(
         &secrets.client_secret,
         &secrets.server_secret,
         info.nonce_step,
-        unix_now().saturating_add_signed(offset),
+        at,
     )
     .await
 }
 
-/// The offset to log in with again after a refused LOGIN made at this device's time moved by
-/// `used` seconds, from the broker's clock (`broker_now`) and this device's (`local_now`):
-/// their difference, when the refused LOGIN proved another nonce step (`step_secs` long) than
-/// the one the broker's clock is in (9.3; with `NONCE-SKEW` 0 a difference of a second can be
-/// enough); `None` when it proved the broker's step: the clock is not the cause.
-fn clock_correction(broker_now: u64, local_now: u64, step_secs: u32, used: i64) -> Option<i64> {
-    let step = u64::from(step_secs.max(1));
+/// The offset to log in with again after a LOGIN refused for the time `proved_at` (Unix
+/// seconds), from the broker's clock (`broker_now`) and this device's (`local_now`): their
+/// difference, when the time proved and the broker's are a nonce step (`step_secs`) or more
+/// apart, the least that can make a LOGIN fail under the default `NONCE-SKEW` of 1 (9.3);
+/// `None` when they are closer: the clock is not the cause.
+fn clock_correction(
+    broker_now: u64,
+    proved_at: u64,
+    local_now: u64,
+    step_secs: u32,
+) -> Option<i64> {
+    let apart = broker_now.abs_diff(proved_at);
     let offset = i64::try_from(broker_now).ok()? - i64::try_from(local_now).ok()?;
-    let proved_at = local_now.checked_add_signed(used)?;
-    (proved_at / step != broker_now / step).then_some(offset)
+    (apart >= u64::from(step_secs.max(1))).then_some(offset)
 }
 
 /// Whether `offset` (seconds) is a clock that is off: a nonce step (`step_secs`) or more.
@@ -477,24 +501,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_login_is_made_again_at_the_brokers_time_only_when_it_proved_another_step() {
-        // At the start of a 30 s step (a multiple of 30).
-        let now: u64 = 1_700_000_010;
-        assert_eq!(now % 30, 0);
-        // The broker's clock in the same step: not the cause.
-        assert_eq!(clock_correction(now + 29, now, 30, 0), None);
-        // Another step, either way: log in at the broker's time.
-        assert_eq!(clock_correction(now + 95, now, 30, 0), Some(95));
-        assert_eq!(clock_correction(now - 1, now, 30, 0), Some(-1));
-        // Refused at that very correction: the clock is not the cause.
-        assert_eq!(clock_correction(now + 95, now, 30, 95), None);
-        assert_eq!(clock_correction(now + 100, now, 30, 95), None);
+    fn a_login_is_made_again_at_the_brokers_time_only_when_the_time_proved_was_a_step_off() {
+        let now = 1_700_000_000;
+        // Proved at this device's time, the broker's within a step: not the cause.
+        assert_eq!(clock_correction(now + 29, now, now, 30), None);
+        assert_eq!(clock_correction(now - 29, now, now, 30), None);
+        // A step or more, either way: log in at the broker's time.
+        assert_eq!(clock_correction(now + 95, now, now, 30), Some(95));
+        assert_eq!(clock_correction(now - 30, now, now, 30), Some(-30));
+        // Refused at the broker's time already (an offset learned before): not the cause,
+        // whatever second the PING's answer falls in.
+        assert_eq!(clock_correction(now + 95, now + 94, now, 30), None);
+        assert_eq!(clock_correction(now + 96, now + 95, now + 1, 30), None);
         // The clock set right since an earlier correction: log in at about this device's time.
-        assert_eq!(clock_correction(now + 3, now, 30, 95), Some(3));
-        // A broker clock past i64, or a correction before 1970, cannot be used.
-        assert_eq!(clock_correction(u64::MAX, now, 30, 0), None);
-        assert_eq!(clock_correction(now, now, 30, -(now as i64) - 1), None);
-        // Only a step or more is a clock to tell the user about.
+        assert_eq!(clock_correction(now + 1, now + 95, now, 30), Some(1));
+        // A broker clock past i64 cannot be used.
+        assert_eq!(clock_correction(u64::MAX, now, now, 30), None);
+        // Only a step or more is a clock to tell the user about, or to keep.
         assert!(!clock_is_off(29, 30));
         assert!(clock_is_off(-30, 30));
     }
@@ -504,16 +527,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::new(dir.path());
         assert_eq!(stored_clock_offset(&profile, "b:1"), 0);
-        store_clock_offset(&profile, "b:1", -120);
+        write_clock_offset(&profile, "b:1".into(), -120);
         assert_eq!(stored_clock_offset(&profile, "b:1"), -120);
         // Another broker (the profile moved): its own clock, not yet known.
         assert_eq!(stored_clock_offset(&profile, "c:1"), 0);
         // A clock set right: the file goes.
-        store_clock_offset(&profile, "b:1", 0);
+        write_clock_offset(&profile, "b:1".into(), 0);
         assert_eq!(stored_clock_offset(&profile, "b:1"), 0);
         assert!(!profile.path(CLOCK_FILE).exists());
-        // An unreadable file counts as none.
+        // An unreadable file, or one with an offset beyond ten years, counts as none.
         std::fs::write(profile.path(CLOCK_FILE), b"{").unwrap();
+        assert_eq!(stored_clock_offset(&profile, "b:1"), 0);
+        write_clock_offset(&profile, "b:1".into(), i64::MIN);
         assert_eq!(stored_clock_offset(&profile, "b:1"), 0);
     }
 

@@ -588,9 +588,7 @@ impl Agent {
 
     /// Forgets the kept session keys nothing can use any more (`store/prune.rs`), keeping
     /// each for at least the broker's MESSAGE-TTL: not before this run has read it (an agent
-    /// that started offline does it when it first logs in). The broker's DEVICE-LIST tells
-    /// which devices of this entity were revoked; without it (a failed call), their sessions
-    /// wait for the next check.
+    /// that started offline does it when it first logs in).
     async fn forget_old_keys(&mut self) {
         if !self.broker_limits_read {
             return;
@@ -598,15 +596,9 @@ impl Agent {
         self.keys_checked = true;
         let ttl = Duration::from_secs(self.broker_limits.message_ttl);
         let keep = self.config.keep_replaced_keys.max(ttl);
-        let devices: Option<Vec<u32>> = match self.call(Request::DeviceList).await {
-            Ok(ResponseData::DeviceList(list)) => {
-                Some(list.devices.iter().map(|d| d.id.get()).collect())
-            }
-            _ => None,
-        };
         let now = unix_now();
         if let Err(e) = self
-            .on_disk(move |store| store.forget_old_keys(now, keep, devices.as_deref()))
+            .on_disk(move |store| store.forget_old_keys(now, keep))
             .await
         {
             self.warn(format!("forgetting the keys of old sessions failed: {e}"))

@@ -468,8 +468,7 @@ pub(super) enum DeviceCommand {
     },
     /// List the entity's active devices.
     List,
-    /// Revoke another device of this entity: it can no longer log in (the session keys kept
-    /// for it go once its contacts have newer sessions: `listen --keep-replaced-keys-days`).
+    /// Revoke another device of this entity.
     Revoke {
         /// The device id (see `device list`).
         id: u32,

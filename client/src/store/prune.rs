@@ -8,9 +8,7 @@
 //! hold:
 //!
 //! - a newer session of the same contact and device is known: the newest is never forgotten,
-//!   as the contact may still seal with it (for a device of this entity that was revoked, a
-//!   newer session of the same contact with any device will do: the contact seals with its
-//!   newest session with this entity, and the revoked device sends nothing more);
+//!   as the contact may still seal with it;
 //! - when it is this device's own, the contact's latest own session is confirmed (until then
 //!   an older one may be the one that seals);
 //! - it was neither used (sealed or opened with) nor replaced within the keep period
@@ -18,11 +16,8 @@
 //!   `MESSAGE-TTL`, and never less than this broker's, so a deposit made before the
 //!   replacement has expired at the broker).
 //!
-//! Which devices were revoked, the agent reads from the broker's DEVICE-LIST at each check:
-//! device ids are given in increasing order and never reused, so a device missing from the
-//! list below its highest id is revoked (one above it may have been added since the list was
-//! read). `contact remove` forgets every session kept with that contact at once, along with
-//! the latest one this device sends with ([`Store::remove_contact`]).
+//! `contact remove` forgets every session kept with that contact at once, along with the
+//! latest one this device sends with ([`Store::remove_contact`]).
 //!
 //! A message sealed before the replacement but deposited much later (it waited in the
 //! sender's outbox, or a broker's, for longer than the keep period less the `MESSAGE-TTL`)
@@ -43,35 +38,14 @@ use crate::p2p::StoredSession;
 
 impl Store {
     /// Removes from `keys/` the sessions the module's rules let go at `now_unix`, with `keep`
-    /// as the keep period and `devices` the ids the broker's DEVICE-LIST gave, when it was
-    /// read; how many it removed.
-    pub fn forget_old_keys(
-        &self,
-        now_unix: u64,
-        keep: Duration,
-        devices: Option<&[u32]>,
-    ) -> Result<usize, StoreError> {
+    /// as the keep period; how many it removed.
+    pub fn forget_old_keys(&self, now_unix: u64, keep: Duration) -> Result<usize, StoreError> {
         let _guard = self.lock();
         let kept = self.shared_sessions_locked()?;
         let latest = self.own_sessions_locked()?;
         let unconfirmed = self.read_unconfirmed()?;
         let own = self.own_device();
-        let revoked: BTreeSet<u32> = match devices {
-            Some(listed) => kept
-                .iter()
-                .map(|s| s.device)
-                .filter(|&d| d != own && revoked(d, listed))
-                .collect(),
-            None => BTreeSet::new(),
-        };
-        let known = Known {
-            kept: &kept,
-            latest: &latest,
-            own,
-            unconfirmed: &unconfirmed,
-            revoked: &revoked,
-        };
-        let doomed = forgettable(&known, now_unix, keep.as_secs());
+        let doomed = forgettable(&kept, &latest, own, &unconfirmed, now_unix, keep.as_secs());
         self.remove_kept_locked(&doomed)?;
         Ok(doomed.len())
     }
@@ -112,35 +86,19 @@ impl Store {
     }
 }
 
-/// Whether device `device` of this entity is revoked, by the ids `listed` on the broker now
-/// (see the module's doc).
-fn revoked(device: u32, listed: &[u32]) -> bool {
-    !listed.contains(&device) && listed.iter().any(|&id| id > device)
-}
-
-/// What the rules look at: the `kept` sessions; `latest`, this device's (`own`) latest session
-/// per contact; `unconfirmed`, the ids (hex) listed as such; `revoked`, the devices of this
-/// entity known to be revoked.
-struct Known<'a> {
-    kept: &'a [SharedSession],
-    latest: &'a [(String, StoredSession)],
-    own: u32,
-    unconfirmed: &'a BTreeSet<String>,
-    revoked: &'a BTreeSet<u32>,
-}
-
 /// A session's id and when it was set up.
 type SetUp<'a> = (&'a [u8; SESSION_ID_LEN], u64);
 
-/// The ids of the kept sessions the module's rules let go at `now`.
-fn forgettable(known: &Known<'_>, now: u64, keep_secs: u64) -> Vec<[u8; SESSION_ID_LEN]> {
-    let Known {
-        kept,
-        latest,
-        own,
-        unconfirmed,
-        revoked,
-    } = *known;
+/// The ids of the `kept` sessions the module's rules let go at `now`: `latest` are this
+/// device's (`own`) latest sessions per contact, `unconfirmed` the ids (hex) listed as such.
+fn forgettable(
+    kept: &[SharedSession],
+    latest: &[(String, StoredSession)],
+    own: u32,
+    unconfirmed: &BTreeSet<String>,
+    now: u64,
+    keep_secs: u64,
+) -> Vec<[u8; SESSION_ID_LEN]> {
     // Each (contact, device) pair's known sessions, with when they were set up.
     let mut set_up: BTreeMap<(&str, u32), Vec<SetUp<'_>>> = BTreeMap::new();
     for s in kept {
@@ -171,18 +129,14 @@ fn forgettable(known: &Known<'_>, now: u64, keep_secs: u64) -> Vec<[u8; SESSION_
             if own_session && sealing_older.contains(s.peer.as_str()) {
                 return false;
             }
-            // Replaced when the first later session of its pair was set up (of its contact
-            // with any device, for a revoked device's): only a later second tells which came
-            // after, except that this device's own kept sessions were all replaced by its
-            // latest one (`sessions/`), even one set up in the same second.
+            // Replaced when the first later session of its pair was set up: only a later
+            // second tells which came after, except that this device's own kept sessions were
+            // all replaced by its latest one (`sessions/`), even one set up in the same second.
             let (id, at) = (&s.session.session_id, s.session.established_at);
-            let of_revoked = !own_session && revoked.contains(&s.device);
             let later = set_up
-                .iter()
-                .filter(|((peer, device), _)| {
-                    *peer == s.peer.as_str() && (of_revoked || *device == s.device)
-                })
-                .flat_map(|(_, sessions)| sessions)
+                .get(&(s.peer.as_str(), s.device))
+                .into_iter()
+                .flatten()
                 .filter(|&&(other, t)| other != id && t > at)
                 .map(|&(_, t)| t);
             let by_latest = latest_at
@@ -278,21 +232,15 @@ mod tests {
         assert_eq!(ids(&store), BTreeSet::from([1, 2, 4, 5, 6]));
 
         // Within 90 days of each replacement: nothing goes.
-        assert_eq!(store.forget_old_keys(t0 + 94 * DAY, KEEP, None).unwrap(), 0);
+        assert_eq!(store.forget_old_keys(t0 + 94 * DAY, KEEP).unwrap(), 0);
         // 1 was replaced at +10 days, 4 at +5: 95 days on, 4 goes; 1 at 100.
-        assert_eq!(store.forget_old_keys(t0 + 95 * DAY, KEEP, None).unwrap(), 1);
+        assert_eq!(store.forget_old_keys(t0 + 95 * DAY, KEEP).unwrap(), 1);
         assert_eq!(ids(&store), BTreeSet::from([1, 2, 5, 6]));
-        assert_eq!(
-            store.forget_old_keys(t0 + 100 * DAY, KEEP, None).unwrap(),
-            1
-        );
+        assert_eq!(store.forget_old_keys(t0 + 100 * DAY, KEEP).unwrap(), 1);
         assert_eq!(ids(&store), BTreeSet::from([2, 5, 6]));
         // Years later: 2 (replaced by the latest) goes; 5 and 6, the newest of their pairs,
         // stay, and the latest own session is not in keys/ at all.
-        assert_eq!(
-            store.forget_old_keys(t0 + 1000 * DAY, KEEP, None).unwrap(),
-            1
-        );
+        assert_eq!(store.forget_old_keys(t0 + 1000 * DAY, KEEP).unwrap(), 1);
         assert_eq!(ids(&store), BTreeSet::from([5, 6]));
         assert_eq!(
             store.load_session(PEER).unwrap().unwrap().session_id,
@@ -310,14 +258,8 @@ mod tests {
         store
             .save_shared(&kept(PEER, 2, session(5, t0 + DAY, t0 + DAY)))
             .unwrap();
-        assert_eq!(
-            store.forget_old_keys(t0 + 250 * DAY, KEEP, None).unwrap(),
-            0
-        );
-        assert_eq!(
-            store.forget_old_keys(t0 + 290 * DAY, KEEP, None).unwrap(),
-            1
-        );
+        assert_eq!(store.forget_old_keys(t0 + 250 * DAY, KEEP).unwrap(), 0);
+        assert_eq!(store.forget_old_keys(t0 + 290 * DAY, KEEP).unwrap(), 1);
         assert_eq!(ids(&store), BTreeSet::from([5]));
     }
 
@@ -330,17 +272,11 @@ mod tests {
         store
             .save_new_session(PEER, &session(2, t0 + DAY, t0 + DAY))
             .unwrap();
-        assert_eq!(
-            store.forget_old_keys(t0 + 1000 * DAY, KEEP, None).unwrap(),
-            0
-        );
+        assert_eq!(store.forget_old_keys(t0 + 1000 * DAY, KEEP).unwrap(), 0);
         assert_eq!(ids(&store), BTreeSet::from([1]));
         // Confirmed: 1 can go.
         assert!(store.confirm_session(&[2; 16]).unwrap());
-        assert_eq!(
-            store.forget_old_keys(t0 + 1000 * DAY, KEEP, None).unwrap(),
-            1
-        );
+        assert_eq!(store.forget_old_keys(t0 + 1000 * DAY, KEEP).unwrap(), 1);
         assert!(ids(&store).is_empty());
     }
 
@@ -355,8 +291,8 @@ mod tests {
             .save_new_session(PEER, &session(2, t0 + DAY, t0 + DAY))
             .unwrap();
         assert!(store.confirm_session(&[2; 16]).unwrap());
-        assert_eq!(store.forget_old_keys(t0 + 90 * DAY, KEEP, None).unwrap(), 0);
-        assert_eq!(store.forget_old_keys(t0 + 91 * DAY, KEEP, None).unwrap(), 1);
+        assert_eq!(store.forget_old_keys(t0 + 90 * DAY, KEEP).unwrap(), 0);
+        assert_eq!(store.forget_old_keys(t0 + 91 * DAY, KEEP).unwrap(), 1);
         assert!(ids(&store).is_empty());
         // The next write of the unconfirmed list leaves its id out.
         store
@@ -373,8 +309,8 @@ mod tests {
         store.save_session(PEER, &session(1, t0, t0)).unwrap();
         store.save_session(PEER, &session(2, t0, t0)).unwrap();
         assert_eq!(ids(&store), BTreeSet::from([1]));
-        assert_eq!(store.forget_old_keys(t0 + 89 * DAY, KEEP, None).unwrap(), 0);
-        assert_eq!(store.forget_old_keys(t0 + 90 * DAY, KEEP, None).unwrap(), 1);
+        assert_eq!(store.forget_old_keys(t0 + 89 * DAY, KEEP).unwrap(), 0);
+        assert_eq!(store.forget_old_keys(t0 + 90 * DAY, KEEP).unwrap(), 1);
         assert!(ids(&store).is_empty());
     }
 
@@ -392,14 +328,8 @@ mod tests {
         store
             .save_session(PEER, &session(3, t0 + 80 * DAY, t0 + 80 * DAY))
             .unwrap();
-        assert_eq!(
-            store.forget_old_keys(t0 + 169 * DAY, KEEP, None).unwrap(),
-            0
-        );
-        assert_eq!(
-            store.forget_old_keys(t0 + 170 * DAY, KEEP, None).unwrap(),
-            2
-        );
+        assert_eq!(store.forget_old_keys(t0 + 169 * DAY, KEEP).unwrap(), 0);
+        assert_eq!(store.forget_old_keys(t0 + 170 * DAY, KEEP).unwrap(), 2);
     }
 
     #[test]
@@ -425,83 +355,13 @@ mod tests {
     }
 
     #[test]
-    fn a_device_missing_below_the_highest_listed_id_is_revoked() {
-        let listed = [1, 2, 4];
-        assert!(revoked(3, &listed));
-        assert!(!revoked(2, &listed));
-        // Above the highest: perhaps added after the list was read.
-        assert!(!revoked(5, &listed));
-        assert!(!revoked(3, &[]));
-    }
-
-    #[test]
-    fn a_revoked_devices_newest_session_goes_once_another_device_has_a_newer_one() {
-        let (_dir, store) = store();
-        let t0 = 1_000 * DAY;
-        // Device 3's sessions with PEER and OTHER, the newest of their pairs; device 2's with
-        // PEER, newer; device 5's (above the highest listed) with PEER, as old as 3's.
-        store
-            .save_shared(&kept(PEER, 3, session(3, t0, t0)))
-            .unwrap();
-        store
-            .save_shared(&kept(OTHER, 3, session(4, t0, t0)))
-            .unwrap();
-        store
-            .save_shared(&kept(PEER, 2, session(2, t0 + DAY, t0 + DAY)))
-            .unwrap();
-        store
-            .save_shared(&kept(PEER, 5, session(5, t0, t0)))
-            .unwrap();
-        let listed: &[u32] = &[1, 2, 4];
-        // Without the list, or within the keep period of the newer session: all stay.
-        assert_eq!(
-            store.forget_old_keys(t0 + 1000 * DAY, KEEP, None).unwrap(),
-            0
-        );
-        assert_eq!(
-            store
-                .forget_old_keys(t0 + 90 * DAY, KEEP, Some(listed))
-                .unwrap(),
-            0
-        );
-        // 3 is revoked: its session with PEER was replaced by 2's a day later, and goes 90
-        // days on; with OTHER nothing newer is known (OTHER may still seal with it), and 5
-        // may have been added after the list was read.
-        assert_eq!(
-            store
-                .forget_old_keys(t0 + 91 * DAY, KEEP, Some(listed))
-                .unwrap(),
-            1
-        );
-        assert_eq!(ids(&store), BTreeSet::from([2, 4, 5]));
-        // This device's own latest session with OTHER replaces 4 as well.
-        store
-            .save_session(OTHER, &session(6, t0 + 200 * DAY, t0 + 200 * DAY))
-            .unwrap();
-        assert_eq!(
-            store
-                .forget_old_keys(t0 + 290 * DAY, KEEP, Some(listed))
-                .unwrap(),
-            1
-        );
-        assert_eq!(ids(&store), BTreeSet::from([2, 5]));
-    }
-
-    #[test]
     fn another_devices_sessions_set_up_in_the_same_second_do_not_replace_each_other() {
         let t0 = 1_000 * DAY;
         let both = [
             kept(PEER, 2, session(4, t0, t0)),
             kept(PEER, 2, session(5, t0, t0)),
         ];
-        let known = Known {
-            kept: &both,
-            latest: &[],
-            own: 1,
-            unconfirmed: &BTreeSet::new(),
-            revoked: &BTreeSet::new(),
-        };
-        let none = forgettable(&known, t0 + 1000 * DAY, 90 * DAY);
+        let none = forgettable(&both, &[], 1, &BTreeSet::new(), t0 + 1000 * DAY, 90 * DAY);
         assert!(none.is_empty(), "{none:?}");
     }
 }
