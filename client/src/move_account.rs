@@ -338,6 +338,8 @@ fn switch(profile: &Profile, stage: &Profile) -> Result<(), MoveError> {
         let path = stage.path(name);
         std::fs::read(&path).map_err(|source| ProfileError::Io { path, source })
     };
+    // Before anything names the new device id (`store/relabel.rs`).
+    crate::store::relabel_for_switch(profile, stage)?;
     // The secrets first: once they are in place, a later `move` knows the switch began (and
     // the old broker's CA is still there for everything before).
     let secrets = stage.secrets().map_err(AccountError::from)?;

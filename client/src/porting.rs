@@ -376,6 +376,9 @@ fn is_final(e: &LinkError) -> bool {
 /// broker the rest belongs to; until it is written the profile names the old one), then
 /// removes the stage.
 fn switch(profile: &Profile, stage: &Profile) -> Result<(), PortError> {
+    // Before anything names the new device id (`store/relabel.rs`).
+    crate::store::relabel_for_switch(profile, stage)
+        .map_err(|e| PortError::NotPossible(format!("relabelling the kept session keys: {e}")))?;
     profile.write_secrets(&stage.secrets()?)?;
     let path = stage.path(STAGE_CA);
     let ca = std::fs::read(&path).map_err(|source| ProfileError::Io { path, source })?;

@@ -52,9 +52,11 @@ use crate::profile::{Profile, ProfileError};
 mod confirm;
 mod moves;
 mod prune;
+mod relabel;
 #[cfg(test)]
 mod test_sessions;
 pub use moves::{FollowError, MAX_FORMER, safety_number_with};
+pub use relabel::relabel_for_switch;
 
 const CONTACTS: &str = "contacts.json";
 const HISTORY_DIR: &str = "history";

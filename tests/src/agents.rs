@@ -286,3 +286,40 @@ pub async fn link_device_at(
         },
     }
 }
+
+/// A kept session (`keys/`) whose id and keys are all made of `id`, set up `days_ago` days
+/// ago by device `device` of the entity, with `peer`.
+pub fn kept_session(
+    id: u8,
+    device: u32,
+    peer: &str,
+    days_ago: u64,
+) -> micromsg_client::keys::SharedSession {
+    use micromsg_crypto::handshake::Role;
+    use micromsg_crypto::message::DirectionKeys;
+    use micromsg_crypto::{Secret32, SessionKeys};
+    let keys = SessionKeys {
+        session_id: [id; 16],
+        send: DirectionKeys {
+            ts_key: Secret32::from_bytes([id; 32]),
+            seed: Secret32::from_bytes([id ^ 0x55; 32]),
+        },
+        recv: DirectionKeys {
+            ts_key: Secret32::from_bytes([id ^ 0xaa; 32]),
+            seed: Secret32::from_bytes([id ^ 0xff; 32]),
+        },
+    };
+    let peer_identity =
+        IdentityKey::from_seed(&micromsg_crypto::Secret32::from_bytes([3; 32])).public_key();
+    let set_up = account::unix_now() - days_ago * 86_400;
+    micromsg_client::keys::SharedSession {
+        peer: peer.to_owned(),
+        device,
+        session: micromsg_client::p2p::StoredSession::new(
+            &keys,
+            Role::Initiator,
+            peer_identity,
+            set_up,
+        ),
+    }
+}

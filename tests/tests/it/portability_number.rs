@@ -767,6 +767,60 @@ async fn move_keep_number_moves_the_profile_and_keeps_the_number() {
     net.stop().await;
 }
 
+/// A second device of the entity ports the number: at the new broker it is device 1, the id
+/// the old account's first device had. The sessions kept in `keys/` swap labels before the
+/// profile names the new id (`store/relabel.rs`), so this device never takes the other
+/// device's keys for its own (sealing with them would reuse that device's nonces).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ported_second_device_relabels_the_keys_it_keeps() {
+    let net = network(Backend::Sqlite).await;
+    let x = net.broker(X);
+    let a = user(&net, X, "a").await;
+    let first = micromsg_tests::agents::Device {
+        profile: Profile::new(x.profile_dir("a")),
+        number: number(&a).as_str().to_owned(),
+    };
+    drop(a);
+    let dir = x.profile_dir("a2");
+    let linked = micromsg_tests::agents::link_device_at(&x.addr, &x.ca, dir.clone(), &first).await;
+    assert_eq!(linked.joined_as, 2);
+    let store = micromsg_client::store::Store::new(&linked.device.profile);
+    let peer = "5550002";
+    store
+        .save_shared(&micromsg_tests::agents::kept_session(1, 1, peer, 1))
+        .unwrap();
+    store
+        .save_shared(&micromsg_tests::agents::kept_session(2, 2, peer, 1))
+        .unwrap();
+    let labels = || -> Vec<(u8, u32)> {
+        let mut out: Vec<(u8, u32)> = store
+            .shared_sessions()
+            .unwrap()
+            .iter()
+            .filter(|s| s.peer == peer)
+            .map(|s| (s.session.session_id[0], s.device))
+            .collect();
+        out.sort_unstable();
+        out
+    };
+    assert_eq!(labels(), [(1, 1), (2, 2)]);
+
+    let out = move_keep_number(&dir, net.broker(Y)).await;
+    assert!(
+        out.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(Profile::new(&dir).info().unwrap().device, 1);
+    assert_eq!(
+        labels(),
+        [(1, 2), (2, 1)],
+        "this device's session is labelled 1 now"
+    );
+    net.stop().await;
+}
+
 /// A port whose process died after it sent PORT-IN (the request staged in `DIR/porting/`, as
 /// `micromsg move --keep-number` stages it before sending): the next run sends the very same
 /// request again and switches the profile; the number is kept and nothing else is asked of x.

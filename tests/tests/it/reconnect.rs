@@ -164,38 +164,14 @@ async fn an_agent_started_before_its_broker_waits_then_connects() {
 
 /// Keys of a session that another device replaced long ago (`keys/`), kept for device 2.
 fn plant_kept_sessions(device: &Device) -> ([u8; 16], [u8; 16]) {
-    use micromsg_client::keys::SharedSession;
-    use micromsg_client::p2p::StoredSession;
-    use micromsg_crypto::handshake::Role;
-    use micromsg_crypto::message::DirectionKeys;
-    use micromsg_crypto::{IdentityKey, Secret32, SessionKeys};
-    let now = micromsg_client::account::unix_now();
-    let peer = IdentityKey::from_seed(&Secret32::from_bytes([3; 32])).public_key();
     let store = micromsg_client::store::Store::new(&device.profile);
-    let mut ids = [[0u8; 16]; 2];
-    for (i, days_ago) in [1000u64, 999].into_iter().enumerate() {
-        let id = [i as u8 + 1; 16];
-        let keys = SessionKeys {
-            session_id: id,
-            send: DirectionKeys {
-                ts_key: Secret32::from_bytes([i as u8; 32]),
-                seed: Secret32::from_bytes([i as u8 + 10; 32]),
-            },
-            recv: DirectionKeys {
-                ts_key: Secret32::from_bytes([i as u8 + 20; 32]),
-                seed: Secret32::from_bytes([i as u8 + 30; 32]),
-            },
-        };
-        let session = StoredSession::new(&keys, Role::Initiator, peer, now - days_ago * 86_400);
-        let kept = SharedSession {
-            peer: "5550002".into(),
-            device: 2,
-            session,
-        };
-        store.save_shared(&kept).unwrap();
-        ids[i] = id;
-    }
-    (ids[0], ids[1])
+    store
+        .save_shared(&agents::kept_session(1, 2, "5550002", 1000))
+        .unwrap();
+    store
+        .save_shared(&agents::kept_session(2, 2, "5550002", 999))
+        .unwrap();
+    ([1; 16], [2; 16])
 }
 
 /// An agent that starts while its broker is down does not clean up `keys/` with the built-in
