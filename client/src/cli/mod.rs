@@ -105,6 +105,15 @@ fn broker_code(e: &anyhow::Error) -> Option<micromsg_wire::ErrorCode> {
                     _ => None,
                 })
         })
+        .or_else(|| {
+            // The commands that start an agent of their own.
+            e.downcast_ref::<crate::agent::AgentError>()
+                .and_then(|a| match a {
+                    crate::agent::AgentError::Account(a) => account(a),
+                    crate::agent::AgentError::Link(l) => l.code(),
+                    _ => None,
+                })
+        })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

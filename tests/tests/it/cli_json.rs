@@ -384,5 +384,21 @@ async fn device_receive_keys_installs_the_old_devices_transfer() {
     let (ok, stdout, _) = run(&a2, &["device", "receive-keys", "--transfer-key", "xyz"]);
     assert!(!ok);
     assert!(stdout.contains("--transfer-key"), "{stdout}");
+    // Revoked, the device's commands are refused with the broker's code, also those that run
+    // an agent of their own (`inbox`), and the text says what it means.
+    let id = joined_as.to_string();
+    let v = tokio::task::block_in_place(|| object(&a1, &["device", "revoke", &id]));
+    assert_eq!(v["revoked"], joined_as);
+    let (ok, stdout, _) = tokio::task::block_in_place(|| run(&a2, &["inbox"]));
+    assert!(!ok);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["code"], "AUTH-FAILED", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("this device was revoked"),
+        "{v}"
+    );
     drop(broker);
 }
