@@ -205,12 +205,10 @@ pub async fn start(
     } else {
         None
     };
-    let mut clock_offset = 0;
-    let link = match account::connect(&profile).await {
-        Ok(session) => {
-            clock_offset = session.clock_offset;
-            Ok(session.link)
-        }
+    let connected = account::connect(&profile).await;
+    let clock_offset = connected.as_ref().map_or(0, |session| session.clock_offset);
+    let link = match connected {
+        Ok(session) => Ok(session.link),
         Err(e) if config.wait_for_broker && reconnect::fatal_reason(&e).is_none() => Err(e),
         Err(e) => return Err(e.into()),
     };

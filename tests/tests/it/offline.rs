@@ -549,13 +549,18 @@ async fn removing_a_contact_forgets_every_key_kept_with_it() {
             .collect()
     };
     assert_eq!(kept(&a2), [(b.number.clone(), 1)]);
-    let (a2_agent, _a2_rx) = agents::online(&a2, agents::config(AcceptPolicy::Any)).await;
-    let reply = a2_agent
-        .ask(Command::ContactRemove {
-            number: b.number.clone(),
-        })
-        .await;
-    assert!(reply.ok, "{reply:?}");
+    // `contact remove B` through a running agent, as the command runs it.
+    let remove_b = async |d: &Device| {
+        let (agent, _rx) = agents::online(d, agents::config(AcceptPolicy::Any)).await;
+        let reply = agent
+            .ask(Command::ContactRemove {
+                number: b.number.clone(),
+            })
+            .await;
+        assert!(reply.ok, "{reply:?}");
+        agent.stop().await.unwrap();
+    };
+    remove_b(&a2).await;
     assert!(kept(&a2).is_empty());
     assert!(
         Store::new(&a2.profile)
@@ -563,7 +568,6 @@ async fn removing_a_contact_forgets_every_key_kept_with_it() {
             .unwrap()
             .is_none()
     );
-    a2_agent.stop().await.unwrap();
     // A1 removes B too: its own latest session with B goes as well.
     assert!(
         Store::new(&a1.profile)
@@ -571,13 +575,7 @@ async fn removing_a_contact_forgets_every_key_kept_with_it() {
             .unwrap()
             .is_some()
     );
-    let (a1_agent, _a1_rx) = agents::online(&a1, agents::config(AcceptPolicy::Any)).await;
-    let reply = a1_agent
-        .ask(Command::ContactRemove {
-            number: b.number.clone(),
-        })
-        .await;
-    assert!(reply.ok, "{reply:?}");
+    remove_b(&a1).await;
     assert!(
         Store::new(&a1.profile)
             .load_session(&b.number)
@@ -585,7 +583,6 @@ async fn removing_a_contact_forgets_every_key_kept_with_it() {
             .is_none()
     );
     assert!(kept(&a1).is_empty());
-    a1_agent.stop().await.unwrap();
     broker.stop().await;
 }
 
