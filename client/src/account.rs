@@ -88,12 +88,31 @@ pub async fn fetch_broker_info(link: &mut BrokerLink) -> Result<BrokerInfoData, 
             )));
         }
     };
+    verify_broker_info(&data)?;
+    Ok(data)
+}
+
+/// Checks BROKER-INFO's signature by the identity key it carries (6.1).
+fn verify_broker_info(data: &BrokerInfoData) -> Result<(), AccountError> {
     let key = IdentityPublicKey::from_bytes(data.identity_key.as_bytes())
         .map_err(|e| AccountError::BrokerInfo(format!("identity key: {e}")))?;
     let signature = data.signature.as_bytes();
     key.verify(&encode_info_canonical(&data.info), signature)
-        .map_err(|_| AccountError::BrokerInfo("signature does not verify".into()))?;
-    Ok(data)
+        .map_err(|_| AccountError::BrokerInfo("signature does not verify".into()))
+}
+
+/// Checks BROKER-INFO's identity key against the one the profile pinned at registration.
+fn check_pinned(info: &ProfileInfo, data: &BrokerInfoData) -> Result<(), AccountError> {
+    match &info.broker_identity {
+        Some(pinned) if *pinned != data.identity_key.to_hex() => {
+            Err(AccountError::BrokerInfo(format!(
+                "the broker's identity key changed since registration (pinned {pinned}, now {}); \
+                 this may be a different broker",
+                data.identity_key.to_hex()
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Registers a new entity with `broker` and writes the profile. The CA file is copied into
@@ -227,7 +246,7 @@ pub fn save(
 async fn login_on(
     profile: &Profile,
     mut link: BrokerLink,
-    info: ProfileInfo,
+    mut info: ProfileInfo,
     secrets: &Secrets,
 ) -> Result<Session, AccountError> {
     let offset = stored_clock_offset(profile, &info.broker);
@@ -236,36 +255,37 @@ async fn login_on(
     let (data, clock_offset) = match first {
         Ok(data) => (data, offset),
         // The broker says the same for a device it does not know and for a nonce of another
-        // moment (9.3): its clock tells which, and a login at its time may then go through.
+        // moment (9.3): its signed BROKER-INFO tells which (its clock, and the nonce step and
+        // skew it verifies with), and a second LOGIN may then go through.
         Err(LinkError::Refused {
             code: ErrorCode::AuthFailed,
             retry_after,
             ..
         }) => {
-            let broker_now = match link.call(Request::Ping).await {
-                Ok(ResponseData::Ping(ping)) => ping.time,
-                // A refused PING (no broker does that): the clock cannot be told.
-                Err(LinkError::Refused { .. }) | Ok(_) => {
-                    return Err(auth_failed(AuthCause::ClockUnknown, retry_after).into());
-                }
-                // A lost connection: the caller tries again as after any outage.
-                Err(e) => return Err(e.into()),
+            let broker = match broker_clock(&mut link, &info).await {
+                Ok(Some(broker)) => broker,
+                Ok(None) => return Err(auth_failed(AuthCause::ClockUnknown, retry_after).into()),
+                // A lost connection: the caller tries again as after any outage; an identity
+                // that is not the pinned one is said as such.
+                Err(e) => return Err(e),
             };
             let local_now = unix_now();
-            let correction = clock_correction(broker_now, proved_at, local_now, info.nonce_step);
-            let Some(offset) = correction else {
+            let Some(second) = second_login(&broker, proved_at, local_now, info.nonce_step) else {
                 return Err(auth_failed(AuthCause::NotTheClock, retry_after).into());
             };
-            let at = local_now.saturating_add_signed(offset);
+            if let Some(step) = second.step {
+                info.nonce_step = step;
+            }
+            let at = local_now.saturating_add_signed(second.offset.unwrap_or(offset));
             match login_at(&mut link, &info, secrets, at).await {
                 Ok(data) => {
-                    // A difference under a step is this device's clock set right since.
-                    let kept = if clock_is_off(offset, info.nonce_step) {
-                        offset
-                    } else {
-                        0
-                    };
-                    store_clock_offset(profile, &info.broker, kept).await;
+                    let kept = second.offset.unwrap_or(offset);
+                    if second.offset.is_some() {
+                        store_clock_offset(profile, &info.broker, kept).await;
+                    }
+                    if second.step.is_some() {
+                        store_info(profile, &info).await;
+                    }
                     (data, kept)
                 }
                 Err(LinkError::Refused {
@@ -273,10 +293,11 @@ async fn login_on(
                     retry_after,
                     ..
                 }) => {
-                    let cause = if clock_is_off(offset, info.nonce_step) {
-                        AuthCause::NotEvenAtItsTime(offset)
-                    } else {
-                        AuthCause::NotTheClock
+                    let cause = match second.offset {
+                        Some(offset) if clock_is_off(offset, info.nonce_step) => {
+                            AuthCause::NotEvenAtItsTime(offset)
+                        }
+                        _ => AuthCause::NotTheClock,
                     };
                     return Err(auth_failed(cause, retry_after).into());
                 }
@@ -356,20 +377,80 @@ async fn login_at(
     .await
 }
 
-/// The offset to log in with again after a LOGIN refused for the time `proved_at` (Unix
-/// seconds), from the broker's clock (`broker_now`) and this device's (`local_now`): their
-/// difference, when the time proved and the broker's are a nonce step (`step_secs`) or more
-/// apart, the least that can make a LOGIN fail under the default `NONCE-SKEW` of 1 (9.3);
-/// `None` when they are closer: the clock is not the cause.
-fn clock_correction(
-    broker_now: u64,
+/// What BROKER-INFO tells of the broker's LOGIN check.
+#[derive(Debug, Clone, Copy)]
+struct BrokerClock {
+    /// Its clock (`TIME`), Unix seconds.
+    now: u64,
+    /// `NONCE-STEP`, seconds.
+    step: u32,
+    /// `NONCE-SKEW`, steps accepted on either side.
+    skew: u32,
+}
+
+/// Reads BROKER-INFO on the link of a refused LOGIN (it needs no login) and checks it as
+/// [`broker_info`] does: its signature, and its identity against the pinned one. `None` when
+/// the broker refused it or answered something else (no broker does that): its clock cannot
+/// be told.
+async fn broker_clock(
+    link: &mut BrokerLink,
+    info: &ProfileInfo,
+) -> Result<Option<BrokerClock>, AccountError> {
+    let data = match link.call(Request::BrokerInfo).await {
+        Ok(ResponseData::BrokerInfo(data)) => data,
+        Err(LinkError::Refused { .. }) | Ok(_) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    verify_broker_info(&data)?;
+    check_pinned(info, &data)?;
+    Ok(Some(BrokerClock {
+        now: data.info.time,
+        step: data.info.nonce_step,
+        skew: data.info.nonce_skew,
+    }))
+}
+
+/// The second LOGIN after a refused one: at which offset from this device's clock, and with
+/// which nonce step.
+#[derive(Debug, PartialEq, Eq)]
+struct SecondLogin {
+    /// The broker's clock less this device's, when the time the first LOGIN proved is outside
+    /// the steps the broker accepts at its own time (its step ± skew, 9.2): log in at the
+    /// broker's time, and keep the offset for later logins. `None`: the clock is not the cause
+    /// (the offset kept, if any, stays).
+    offset: Option<i64>,
+    /// The broker's `NONCE-STEP`, when it is not the profile's (the operator changed it since
+    /// this device registered): log in with it, and keep it in the profile.
+    step: Option<u32>,
+}
+
+/// The second LOGIN after a LOGIN refused for the time `proved_at` (Unix seconds) with the
+/// profile's nonce step `profile_step`, from the broker's clock and check and this device's
+/// clock (`local_now`); `None` when neither the time nor the step can be the cause, and the
+/// refusal stands.
+fn second_login(
+    broker: &BrokerClock,
     proved_at: u64,
     local_now: u64,
-    step_secs: u32,
-) -> Option<i64> {
-    let apart = broker_now.abs_diff(proved_at);
-    let offset = i64::try_from(broker_now).ok()? - i64::try_from(local_now).ok()?;
-    (apart >= u64::from(step_secs.max(1))).then_some(offset)
+    profile_step: u32,
+) -> Option<SecondLogin> {
+    let broker_step = u64::from(broker.step.max(1));
+    let steps_apart = (broker.now / broker_step).abs_diff(proved_at / broker_step);
+    let offset = if steps_apart > u64::from(broker.skew) {
+        // A broker clock past i64 cannot be used.
+        Some(i64::try_from(broker.now).ok()? - i64::try_from(local_now).ok()?)
+    } else {
+        None
+    };
+    let step = (broker.step != profile_step && broker.step > 0).then_some(broker.step);
+    (offset.is_some() || step.is_some()).then_some(SecondLogin { offset, step })
+}
+
+/// Keeps the profile's public part (a nonce step learned at a login), on the blocking pool. As
+/// with [`store_clock_offset`], a failure only costs the next login a refusal.
+async fn store_info(profile: &Profile, info: &ProfileInfo) {
+    let (profile, info) = (profile.clone(), info.clone());
+    let _ = tokio::task::spawn_blocking(move || profile.write_info(&info)).await;
 }
 
 /// Whether `offset` (seconds) is a clock that is off: a nonce step (`step_secs`) or more.
@@ -381,7 +462,7 @@ fn clock_is_off(offset: i64, step_secs: u32) -> bool {
 enum AuthCause {
     /// The LOGIN proved the step the broker's clock is in.
     NotTheClock,
-    /// The broker's clock could not be read (PING failed).
+    /// The broker's clock could not be read (BROKER-INFO refused or not answered as such).
     ClockUnknown,
     /// Refused again at the broker's time, this many seconds from this device's.
     NotEvenAtItsTime(i64),
@@ -444,15 +525,7 @@ pub async fn broker_info(profile: &Profile) -> Result<BrokerInfoData, AccountErr
     let config = client_config(&profile.path("ca.pem"))?;
     let mut link = BrokerLink::connect(&info.broker, &info.tls_name, config).await?;
     let data = fetch_broker_info(&mut link).await?;
-    if let Some(pinned) = &info.broker_identity
-        && *pinned != data.identity_key.to_hex()
-    {
-        return Err(AccountError::BrokerInfo(format!(
-            "the broker's identity key changed since registration (pinned {pinned}, now {}); \
-             this may be a different broker",
-            data.identity_key.to_hex()
-        )));
-    }
+    check_pinned(&info, &data)?;
     Ok(data)
 }
 
@@ -501,23 +574,61 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_login_is_made_again_at_the_brokers_time_only_when_the_time_proved_was_a_step_off() {
-        let now = 1_700_000_000;
-        // Proved at this device's time, the broker's within a step: not the cause.
-        assert_eq!(clock_correction(now + 29, now, now, 30), None);
-        assert_eq!(clock_correction(now - 29, now, now, 30), None);
-        // A step or more, either way: log in at the broker's time.
-        assert_eq!(clock_correction(now + 95, now, now, 30), Some(95));
-        assert_eq!(clock_correction(now - 30, now, now, 30), Some(-30));
-        // Refused at the broker's time already (an offset learned before): not the cause,
-        // whatever second the PING's answer falls in.
-        assert_eq!(clock_correction(now + 95, now + 94, now, 30), None);
-        assert_eq!(clock_correction(now + 96, now + 95, now + 1, 30), None);
+    fn a_login_is_made_again_only_when_the_time_proved_or_the_step_can_be_the_cause() {
+        let now = 1_800_000_000; // a multiple of 30: each case below is in a known step
+        let broker = |at: u64, skew| BrokerClock {
+            now: at,
+            step: 30,
+            skew,
+        };
+        let again = |offset, step| Some(SecondLogin { offset, step });
+        // Proved within the broker's step ± skew: not the cause, whatever the seconds.
+        assert_eq!(second_login(&broker(now + 59, 1), now, now, 30), None);
+        assert_eq!(second_login(&broker(now - 1, 1), now, now, 30), None);
+        // Outside it, either way: log in at the broker's time.
+        assert_eq!(
+            second_login(&broker(now + 95, 1), now, now, 30),
+            again(Some(95), None)
+        );
+        assert_eq!(
+            second_login(&broker(now - 31, 1), now, now, 30),
+            again(Some(-31), None)
+        );
+        // With a skew of 0, a step apart is outside, under a step's seconds.
+        assert_eq!(
+            second_login(&broker(now + 30, 0), now + 29, now + 29, 30),
+            again(Some(1), None)
+        );
+        assert_eq!(second_login(&broker(now + 29, 0), now, now, 30), None);
+        // Refused at the broker's time already (an offset learned before): not the cause.
+        assert_eq!(
+            second_login(&broker(now + 96, 1), now + 95, now + 1, 30),
+            None
+        );
         // The clock set right since an earlier correction: log in at about this device's time.
-        assert_eq!(clock_correction(now + 1, now + 95, now, 30), Some(1));
-        // A broker clock past i64 cannot be used.
-        assert_eq!(clock_correction(u64::MAX, now, now, 30), None);
-        // Only a step or more is a clock to tell the user about, or to keep.
+        assert_eq!(
+            second_login(&broker(now + 1, 1), now + 95, now, 30),
+            again(Some(1), None)
+        );
+        // The operator changed the step since this device registered: log in with the new
+        // one, at this device's time when that is within it.
+        assert_eq!(
+            second_login(&broker(now + 2, 1), now, now, 6),
+            again(None, Some(30))
+        );
+        assert_eq!(
+            second_login(&broker(now + 300, 1), now, now, 6),
+            again(Some(300), Some(30))
+        );
+        // A step of 0 (no broker sends one) is not taken; a clock past i64 cannot be used.
+        let zero = BrokerClock {
+            now,
+            step: 0,
+            skew: 1,
+        };
+        assert_eq!(second_login(&zero, now, now, 30), None);
+        assert_eq!(second_login(&broker(u64::MAX, 1), now, now, 30), None);
+        // Only a step or more is a clock to tell the user about.
         assert!(!clock_is_off(29, 30));
         assert!(clock_is_off(-30, 30));
     }

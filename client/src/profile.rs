@@ -221,7 +221,13 @@ impl Profile {
         }
     }
 
-    /// Writes any file of the profile atomically.
+    /// Writes any file of the profile atomically: readers see the old contents or the new,
+    /// never a mix, and so does a crash.
+    ///
+    /// Each write goes through a temporary file of its own (`.NAME.RANDOM.tmp`, created new):
+    /// two processes of one profile (a `listen` and a one-shot command) may write the same
+    /// file at once, and with one shared temporary name each truncated and renamed the
+    /// other's half-written file.
     pub fn write_atomic(
         &self,
         name: &str,
@@ -230,22 +236,32 @@ impl Profile {
     ) -> Result<(), ProfileError> {
         create_dir(&self.dir)?;
         let path = self.path(name);
-        let tmp = self.path(&format!(".{name}.tmp"));
+        let tmp = self.path(&temporary_name(name));
         let io = |source| ProfileError::Io {
             path: path.clone(),
             source,
         };
         let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
+        options.write(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
             options.mode(if secret { 0o600 } else { 0o644 });
         }
-        let mut file = options.open(&tmp).map_err(io)?;
-        file.write_all(contents).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        fs::rename(&tmp, &path).map_err(io)?;
+        let written = options.open(&tmp).and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()?;
+            fs::rename(&tmp, &path)
+        });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        // The rename is durable once the directory is: without this a crash could bring the
+        // old file back after the caller went on as if the new one were kept.
+        if let Some(dir) = path.parent() {
+            let _ = fs::File::open(dir).and_then(|dir| dir.sync_all());
+        }
         Ok(())
     }
 }
@@ -257,6 +273,14 @@ impl Drop for SecretsFile {
         self.server_secret.zeroize();
         self.identity_seed.zeroize();
     }
+}
+
+/// `.NAME.RANDOM.tmp`: hidden (exports and listings skip it) and never another writer's.
+fn temporary_name(name: &str) -> String {
+    use rand_core::{OsRng, RngCore};
+    let mut random = [0u8; 6];
+    OsRng.fill_bytes(&mut random);
+    format!(".{name}.{}.tmp", micromsg_crypto::hex::encode(&random))
 }
 
 fn read(path: &Path) -> Result<String, ProfileError> {
@@ -302,5 +326,36 @@ mod tests {
             Profile::new("it's").command("listen"),
             "micromsg --profile 'it'\\''s' listen"
         );
+    }
+
+    /// Two writers of one file at once (a `listen` and a one-shot command): every write
+    /// succeeds, the file is always one writer's whole contents, and no temporary is left.
+    #[test]
+    fn writers_of_one_file_at_once_never_mix_or_fail() {
+        #![allow(clippy::unwrap_used)]
+        let root = tempfile::tempdir().unwrap();
+        let profile = Profile::new(root.path().join("p"));
+        let contents = [vec![b'a'; 64 << 10], vec![b'b'; 96 << 10]];
+        std::thread::scope(|scope| {
+            let (profile, contents) = (&profile, &contents);
+            for body in contents {
+                scope.spawn(move || {
+                    for _ in 0..100 {
+                        profile.write_atomic("shared.json", body, false).unwrap();
+                        let read = fs::read(profile.path("shared.json")).unwrap();
+                        assert!(
+                            contents.contains(&read),
+                            "a reader saw a mix of {} bytes",
+                            read.len()
+                        );
+                    }
+                });
+            }
+        });
+        let left: Vec<_> = fs::read_dir(profile.path(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["shared.json"]);
     }
 }

@@ -3,6 +3,7 @@
 //! shim (built here with the C compiler), as a broker on another host with another clock
 //! would be. The client reads the broker's clock after the refused LOGIN, logs in at the
 //! broker's time and says so; a device refused at the broker's time is told what that means.
+//! The same check follows an operator who changes the broker's nonce step.
 
 use std::path::{Path, PathBuf};
 
@@ -72,7 +73,7 @@ async fn a_device_whose_clock_is_off_logs_in_at_the_brokers_time_and_says_so() {
         ],
     )
     .await;
-    // The broker answers PING with a clock two minutes behind the test's; the profile keeps
+    // The broker's BROKER-INFO says a clock two minutes behind the test's; the profile keeps
     // the difference, and a later login starts from it.
     let a = agents::register_at(&broker.addr, &broker.ca, dir.path().join("a")).await;
     let kept = std::fs::read_to_string(a.profile.path("clock-offset.json"))
@@ -123,4 +124,35 @@ async fn a_device_whose_clock_is_off_logs_in_at_the_brokers_time_and_says_so() {
         "{text}"
     );
     assert!(text.contains("s behind this device's)"), "{text}");
+}
+
+/// An operator changes `auth.nonce_step_secs` after devices registered: each device's next
+/// LOGIN, proved with the step its profile kept, is refused; the client reads the new step
+/// from BROKER-INFO, logs in with it and keeps it, so the logins after it go through at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_nonce_step_is_learned_at_the_next_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), "").await;
+    let a = agents::register_at(&broker.addr, &broker.ca, dir.path().join("a")).await;
+    assert_eq!(a.profile.info().unwrap().nonce_step, 6);
+
+    broker.terminate().await;
+    broker.set_env("MICROMSG_AUTH_NONCE_STEP_SECS", "30");
+    broker.restart().await;
+
+    let mut session = account::connect(&a.profile).await.unwrap();
+    assert_eq!(session.info.nonce_step, 30);
+    assert_eq!(session.clock_offset, 0, "the clocks agree");
+    assert!(session.link.call(Request::Ping).await.is_ok());
+    assert_eq!(
+        a.profile.info().unwrap().nonce_step,
+        30,
+        "kept in the profile"
+    );
+    assert!(
+        !a.profile.path("clock-offset.json").exists(),
+        "the step, not the clock, was the cause"
+    );
+    let again = account::connect(&a.profile).await.unwrap();
+    assert_eq!(again.info.nonce_step, 30);
 }

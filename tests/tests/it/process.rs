@@ -57,6 +57,13 @@ impl BrokerProcess {
         broker
     }
 
+    /// Sets an environment variable for the next start (as an operator edits the service's
+    /// environment between restarts).
+    pub(crate) fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Starts the process again (after [`Self::kill`]); returns once it accepts connections.
     pub(crate) async fn restart(&mut self) {
         self.spawn();
