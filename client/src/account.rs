@@ -46,8 +46,8 @@ pub struct Session {
     pub info: ProfileInfo,
     /// The inbox count the broker reported at login.
     pub inbox: u32,
-    /// The broker's clock less this device's, in seconds, when the login had to be made at
-    /// the broker's time (this device's clock off by a nonce step or more); else 0.
+    /// The broker's clock less this device's, in seconds, when the login was made at the
+    /// broker's time (learned at a login this device's clock made fail); else 0.
     pub clock_offset: i64,
 }
 
@@ -92,13 +92,21 @@ pub async fn fetch_broker_info(link: &mut BrokerLink) -> Result<BrokerInfoData, 
     Ok(data)
 }
 
-/// Checks BROKER-INFO's signature by the identity key it carries (6.1).
+/// Checks BROKER-INFO's signature by the identity key it carries, and its protocol version
+/// (6.1; an unknown `NONCE-ALGORITHM` does not decode).
 fn verify_broker_info(data: &BrokerInfoData) -> Result<(), AccountError> {
     let key = IdentityPublicKey::from_bytes(data.identity_key.as_bytes())
         .map_err(|e| AccountError::BrokerInfo(format!("identity key: {e}")))?;
     let signature = data.signature.as_bytes();
     key.verify(&encode_info_canonical(&data.info), signature)
-        .map_err(|_| AccountError::BrokerInfo("signature does not verify".into()))
+        .map_err(|_| AccountError::BrokerInfo("signature does not verify".into()))?;
+    if data.info.protocol != 1 {
+        return Err(AccountError::BrokerInfo(format!(
+            "protocol {} (this client speaks 1)",
+            data.info.protocol
+        )));
+    }
+    Ok(())
 }
 
 /// Checks BROKER-INFO's identity key against the one the profile pinned at registration.
@@ -251,6 +259,7 @@ async fn login_on(
 ) -> Result<Session, AccountError> {
     let offset = stored_clock_offset(profile, &info.broker);
     let proved_at = unix_now().saturating_add_signed(offset);
+    let sent = std::time::Instant::now();
     let first = login_at(&mut link, &info, secrets, proved_at).await;
     let (data, clock_offset) = match first {
         Ok(data) => (data, offset),
@@ -270,7 +279,10 @@ async fn login_on(
                 Err(e) => return Err(e),
             };
             let local_now = unix_now();
-            let Some(second) = second_login(&broker, proved_at, local_now, info.nonce_step) else {
+            // The broker checked the LOGIN at some moment of this wait, before its TIME.
+            let waited = sent.elapsed().as_secs() + 1;
+            let Some(second) = second_login(&broker, waited, proved_at, local_now, info.nonce_step)
+            else {
                 return Err(auth_failed(AuthCause::NotTheClock, retry_after).into());
             };
             if let Some(step) = second.step {
@@ -279,12 +291,17 @@ async fn login_on(
             let at = local_now.saturating_add_signed(second.offset.unwrap_or(offset));
             match login_at(&mut link, &info, secrets, at).await {
                 Ok(data) => {
-                    let kept = second.offset.unwrap_or(offset);
+                    let kept = match second.offset {
+                        // Within TIME's resolution: the clocks agree.
+                        Some(offset) if offset.unsigned_abs() <= 1 => 0,
+                        Some(offset) => offset,
+                        None => offset,
+                    };
                     if second.offset.is_some() {
                         store_clock_offset(profile, &info.broker, kept).await;
                     }
-                    if second.step.is_some() {
-                        store_info(profile, &info).await;
+                    if let Some(step) = second.step {
+                        store_step(profile, &info, step).await;
                     }
                     (data, kept)
                 }
@@ -425,32 +442,54 @@ struct SecondLogin {
 }
 
 /// The second LOGIN after a LOGIN refused for the time `proved_at` (Unix seconds) with the
-/// profile's nonce step `profile_step`, from the broker's clock and check and this device's
-/// clock (`local_now`); `None` when neither the time nor the step can be the cause, and the
-/// refusal stands.
+/// profile's nonce step `profile_step`, from the broker's clock and check, this device's clock
+/// (`local_now`) and the whole seconds `waited` from sending the LOGIN to BROKER-INFO's answer
+/// (the broker checked the LOGIN at some moment of it, up to `waited` seconds before its
+/// `TIME`); `None` when neither the time nor the step can be the cause, and the refusal stands.
+///
+/// The step the LOGIN proved is taken with the broker's step. The clock can be the cause when,
+/// at some moment the broker may have checked it, that step was more than the skew from the
+/// broker's: a step boundary passing during the wait must not hide it.
 fn second_login(
     broker: &BrokerClock,
+    waited: u64,
     proved_at: u64,
     local_now: u64,
     profile_step: u32,
 ) -> Option<SecondLogin> {
     let broker_step = u64::from(broker.step.max(1));
-    let steps_apart = (broker.now / broker_step).abs_diff(proved_at / broker_step);
-    let offset = if steps_apart > u64::from(broker.skew) {
-        // A broker clock past i64 cannot be used.
-        Some(i64::try_from(broker.now).ok()? - i64::try_from(local_now).ok()?)
-    } else {
-        None
-    };
+    let skew = u64::from(broker.skew);
+    let proved = proved_at / broker_step;
+    let earliest = broker.now.saturating_sub(waited) / broker_step;
+    let latest = broker.now / broker_step;
+    let outside = proved > earliest.saturating_add(skew) || proved.saturating_add(skew) < latest;
     let step = (broker.step != profile_step && broker.step > 0).then_some(broker.step);
+    let offset = match outside {
+        // A broker clock past i64 cannot be used.
+        true => i64::try_from(broker.now)
+            .ok()
+            .zip(i64::try_from(local_now).ok())
+            .map(|(broker, local)| broker - local),
+        false => None,
+    };
     (offset.is_some() || step.is_some()).then_some(SecondLogin { offset, step })
 }
 
-/// Keeps the profile's public part (a nonce step learned at a login), on the blocking pool. As
-/// with [`store_clock_offset`], a failure only costs the next login a refusal.
-async fn store_info(profile: &Profile, info: &ProfileInfo) {
+/// Keeps a nonce step learned at a login in the profile, on the blocking pool. The profile is
+/// read again first and changed only if it is still the one `info` was read from (a `move`
+/// or a port in another process may have rewritten it). As with [`store_clock_offset`], a
+/// failure only costs the next login a refusal.
+async fn store_step(profile: &Profile, info: &ProfileInfo, step: u32) {
     let (profile, info) = (profile.clone(), info.clone());
-    let _ = tokio::task::spawn_blocking(move || profile.write_info(&info)).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut now = profile.info()?;
+        if (&now.broker, &now.number, now.device) != (&info.broker, &info.number, info.device) {
+            return Ok(());
+        }
+        now.nonce_step = step;
+        profile.write_info(&now)
+    })
+    .await;
 }
 
 /// Whether `offset` (seconds) is a clock that is off: a nonce step (`step_secs`) or more.
@@ -512,6 +551,11 @@ pub fn clock_warning(offset: i64, step_secs: u32) -> Option<String> {
 /// Connects with the profile's broker, CA and secrets, and logs in (mutually).
 pub async fn connect(profile: &Profile) -> Result<Session, AccountError> {
     let info = profile.info()?;
+    // Every command and agent connects first: what a crash left half-written goes here.
+    let sweeping = profile.clone();
+    drop(tokio::task::spawn_blocking(move || {
+        sweeping.sweep_temporaries();
+    }));
     let secrets = profile.secrets()?;
     let config = client_config(&profile.path("ca.pem"))?;
     let link = BrokerLink::connect(&info.broker, &info.tls_name, config).await?;
@@ -583,41 +627,41 @@ mod tests {
         };
         let again = |offset, step| Some(SecondLogin { offset, step });
         // Proved within the broker's step ± skew: not the cause, whatever the seconds.
-        assert_eq!(second_login(&broker(now + 59, 1), now, now, 30), None);
-        assert_eq!(second_login(&broker(now - 1, 1), now, now, 30), None);
+        assert_eq!(second_login(&broker(now + 59, 1), 1, now, now, 30), None);
+        assert_eq!(second_login(&broker(now - 1, 1), 1, now, now, 30), None);
         // Outside it, either way: log in at the broker's time.
         assert_eq!(
-            second_login(&broker(now + 95, 1), now, now, 30),
+            second_login(&broker(now + 95, 1), 1, now, now, 30),
             again(Some(95), None)
         );
         assert_eq!(
-            second_login(&broker(now - 31, 1), now, now, 30),
+            second_login(&broker(now - 31, 1), 1, now, now, 30),
             again(Some(-31), None)
         );
         // With a skew of 0, a step apart is outside, under a step's seconds.
         assert_eq!(
-            second_login(&broker(now + 30, 0), now + 29, now + 29, 30),
+            second_login(&broker(now + 30, 0), 1, now + 29, now + 29, 30),
             again(Some(1), None)
         );
-        assert_eq!(second_login(&broker(now + 29, 0), now, now, 30), None);
+        assert_eq!(second_login(&broker(now + 29, 0), 1, now, now, 30), None);
         // Refused at the broker's time already (an offset learned before): not the cause.
         assert_eq!(
-            second_login(&broker(now + 96, 1), now + 95, now + 1, 30),
+            second_login(&broker(now + 96, 1), 1, now + 95, now + 1, 30),
             None
         );
         // The clock set right since an earlier correction: log in at about this device's time.
         assert_eq!(
-            second_login(&broker(now + 1, 1), now + 95, now, 30),
+            second_login(&broker(now + 1, 1), 1, now + 95, now, 30),
             again(Some(1), None)
         );
         // The operator changed the step since this device registered: log in with the new
         // one, at this device's time when that is within it.
         assert_eq!(
-            second_login(&broker(now + 2, 1), now, now, 6),
+            second_login(&broker(now + 2, 1), 1, now, now, 6),
             again(None, Some(30))
         );
         assert_eq!(
-            second_login(&broker(now + 300, 1), now, now, 6),
+            second_login(&broker(now + 300, 1), 1, now, now, 6),
             again(Some(300), Some(30))
         );
         // A step of 0 (no broker sends one) is not taken; a clock past i64 cannot be used.
@@ -626,8 +670,25 @@ mod tests {
             step: 0,
             skew: 1,
         };
-        assert_eq!(second_login(&zero, now, now, 30), None);
-        assert_eq!(second_login(&broker(u64::MAX, 1), now, now, 30), None);
+        assert_eq!(second_login(&zero, 1, now, now, 30), None);
+        assert_eq!(second_login(&broker(u64::MAX, 1), 1, now, now, 30), None);
+        // The broker checked the LOGIN before its TIME, and a step boundary may have passed
+        // in between: proved at 18 s (step 3 of 6 s), checked at 11 s (step 1: refused), TIME
+        // 12 s (step 2, within the skew of 3). The wait keeps the clock as the cause.
+        let six = |now| BrokerClock {
+            now,
+            step: 6,
+            skew: 1,
+        };
+        assert_eq!(second_login(&six(12), 1, 18, 18, 6), again(Some(-6), None));
+        assert_eq!(second_login(&six(12), 0, 18, 18, 6), None);
+        // The step changed, with a clock past i64: the step is still learned.
+        let huge = BrokerClock {
+            now: u64::MAX,
+            step: 6,
+            skew: 1,
+        };
+        assert_eq!(second_login(&huge, 1, now, now, 30), again(None, Some(6)));
         // Only a step or more is a clock to tell the user about.
         assert!(!clock_is_off(29, 30));
         assert!(clock_is_off(-30, 30));

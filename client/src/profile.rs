@@ -248,11 +248,12 @@ impl Profile {
             use std::os::unix::fs::OpenOptionsExt;
             options.mode(if secret { 0o600 } else { 0o644 });
         }
-        let written = options.open(&tmp).and_then(|mut file| {
-            file.write_all(contents)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &path)
-        });
+        // Removed on failure only once it is this call's own (`create_new` succeeded).
+        let mut file = options.open(&tmp).map_err(io)?;
+        let written = file
+            .write_all(contents)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| fs::rename(&tmp, &path));
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(io(e));
@@ -272,6 +273,49 @@ impl Drop for SecretsFile {
         self.client_secret.zeroize();
         self.server_secret.zeroize();
         self.identity_seed.zeroize();
+    }
+}
+
+/// Temporaries of [`Profile::write_atomic`] older than this are left from a crash: no write
+/// takes that long.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl Profile {
+    /// Removes what [`Profile::write_atomic`] leaves behind when the process dies between
+    /// creating its temporary and renaming it (`.NAME.RANDOM.tmp`, in the profile directory
+    /// and the directories in it): a temporary of a secret file holds key material that must
+    /// not outlive the file. Only those older than a write can take; best effort.
+    pub fn sweep_temporaries(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Ok(inner) = fs::read_dir(&path) {
+                    inner.flatten().for_each(|e| remove_if_stale(&e));
+                }
+            } else {
+                remove_if_stale(&entry);
+            }
+        }
+    }
+}
+
+/// Removes `entry` if it is a temporary of [`Profile::write_atomic`] older than
+/// [`STALE_TEMPORARY`].
+fn remove_if_stale(entry: &fs::DirEntry) {
+    let name = entry.file_name();
+    let name = name.to_string_lossy();
+    if !(name.starts_with('.') && name.ends_with(".tmp")) {
+        return;
+    }
+    let stale = entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > STALE_TEMPORARY));
+    if stale {
+        let _ = fs::remove_file(entry.path());
     }
 }
 
@@ -357,5 +401,44 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, ["shared.json"]);
+    }
+
+    /// A crash between a temporary's creation and its rename leaves it: the sweep removes
+    /// those older than any write, in the profile and the directories in it, and nothing else.
+    #[test]
+    fn the_sweep_removes_only_stale_temporaries() {
+        #![allow(clippy::unwrap_used)]
+        let root = tempfile::tempdir().unwrap();
+        let profile = Profile::new(root.path().join("p"));
+        profile.write_atomic("contacts.json", b"{}", true).unwrap();
+        fs::create_dir_all(profile.path("keys")).unwrap();
+        let old = std::time::SystemTime::now() - STALE_TEMPORARY * 2;
+        let files = [
+            (".contacts.json.0a1b2c.tmp", true),
+            ("keys/.ab.json.3d4e5f.tmp", true),
+            ("keys/.cd.json.6a7b8c.tmp", false),
+            (".outbox.json.9d0e1f.tmp", false),
+            ("keys/ab.json", true),
+            ("keys/old.tmp", true),
+        ];
+        for (name, aged) in files {
+            let file = fs::File::create(profile.path(name)).unwrap();
+            if aged {
+                file.set_modified(old).unwrap();
+            }
+        }
+        profile.sweep_temporaries();
+        let exists = |name: &str| profile.path(name).exists();
+        assert!(!exists(".contacts.json.0a1b2c.tmp"));
+        assert!(!exists("keys/.ab.json.3d4e5f.tmp"));
+        assert!(
+            exists("keys/.cd.json.6a7b8c.tmp"),
+            "a write in progress stays"
+        );
+        assert!(
+            exists(".outbox.json.9d0e1f.tmp"),
+            "a write in progress stays"
+        );
+        assert!(exists("keys/ab.json") && exists("keys/old.tmp") && exists("contacts.json"));
     }
 }

@@ -140,6 +140,22 @@ async fn a_changed_nonce_step_is_learned_at_the_next_login() {
     broker.set_env("MICROMSG_AUTH_NONCE_STEP_SECS", "30");
     broker.restart().await;
 
+    // BROKER-INFO is taken only from the broker the profile pinned: with another key pinned,
+    // the refusal says so and nothing is learned.
+    let info = a.profile.info().unwrap();
+    let pinned = info
+        .broker_identity
+        .clone()
+        .expect("pinned at registration");
+    let mut other = info.clone();
+    other.broker_identity = Some("ab".repeat(32));
+    a.profile.write_info(&other).unwrap();
+    let text = account::connect(&a.profile).await.unwrap_err().to_string();
+    assert!(text.contains("identity key changed"), "{text}");
+    assert_eq!(a.profile.info().unwrap().nonce_step, 6);
+    a.profile.write_info(&info).unwrap();
+    assert_eq!(a.profile.info().unwrap().broker_identity, Some(pinned));
+
     let mut session = account::connect(&a.profile).await.unwrap();
     assert_eq!(session.info.nonce_step, 30);
     assert_eq!(session.clock_offset, 0, "the clocks agree");
