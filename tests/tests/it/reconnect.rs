@@ -435,3 +435,34 @@ async fn copies_of_a_message_sent_live_in_an_outage_go_out_when_the_broker_is_ba
         agent.stop().await.unwrap();
     }
 }
+
+/// The operator restarts the broker with another nonce step (`auth.nonce_step_secs`) under a
+/// running agent: the agent's next LOGIN, proved with the step its profile kept, is refused;
+/// it reads the new step from BROKER-INFO, logs in with it and keeps it, and stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_learns_a_nonce_step_changed_while_its_broker_was_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), "").await;
+    let (a, b) = (
+        register(&broker, dir.path(), "a").await,
+        register(&broker, dir.path(), "b").await,
+    );
+    let (a_agent, mut a_rx) = start(&a).await;
+    let (b_agent, mut b_rx) = start(&b).await;
+
+    broker.terminate().await;
+    broker.set_env("MICROMSG_AUTH_NONCE_STEP_SECS", "30");
+    broker.restart().await;
+    for (device, rx) in [(&a, &mut a_rx), (&b, &mut b_rx)] {
+        broker_back(rx).await;
+        assert_eq!(device.profile.info().unwrap().nonce_step, 30);
+    }
+
+    // Logged in for real: a contact request goes through the broker to the other agent.
+    let reply = contact_add(&a_agent, &b.number).await;
+    assert!(reply.ok, "{reply:?}");
+    session_started(&mut a_rx, &b.number).await;
+    for agent in [a_agent, b_agent] {
+        agent.stop().await.unwrap();
+    }
+}
