@@ -366,7 +366,8 @@ async fn store_clock_offset(profile: &Profile, broker: &str, offset: i64) {
 
 /// [`store_clock_offset`]'s write.
 fn write_clock_offset(profile: &Profile, broker: String, offset: i64) {
-    if offset == 0 {
+    // Beyond ten years it would be ignored when read: keep none.
+    if offset == 0 || offset.unsigned_abs() > MAX_CLOCK_OFFSET {
         let _ = std::fs::remove_file(profile.path(CLOCK_FILE));
         return;
     }
@@ -415,7 +416,17 @@ async fn broker_clock(
 ) -> Result<Option<BrokerClock>, AccountError> {
     let data = match link.call(Request::BrokerInfo).await {
         Ok(ResponseData::BrokerInfo(data)) => data,
+        // Refused for now (too many requests, shutting down): the caller waits as told.
+        Err(
+            e @ LinkError::Refused {
+                code: ErrorCode::RateLimited | ErrorCode::ShuttingDown,
+                ..
+            },
+        ) => return Err(e.into()),
         Err(LinkError::Refused { .. }) | Ok(_) => return Ok(None),
+        // An answer that does not decode (an unknown `NONCE-ALGORITHM`, 6.1) is refused, as
+        // a BROKER-INFO that does not verify: retrying would only add refused LOGINs.
+        Err(LinkError::Protocol(why)) => return Err(AccountError::BrokerInfo(why)),
         Err(e) => return Err(e.into()),
     };
     verify_broker_info(&data)?;
@@ -712,6 +723,11 @@ mod tests {
         assert_eq!(stored_clock_offset(&profile, "b:1"), 0);
         write_clock_offset(&profile, "b:1".into(), i64::MIN);
         assert_eq!(stored_clock_offset(&profile, "b:1"), 0);
+        // One beyond ten years is not kept (it would be ignored when read), and replaces
+        // what was.
+        write_clock_offset(&profile, "b:1".into(), -120);
+        write_clock_offset(&profile, "b:1".into(), 11 * 365 * 86_400);
+        assert!(!profile.path(CLOCK_FILE).exists());
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl Profile {
     /// Writes any file of the profile atomically: readers see the old contents or the new,
     /// never a mix, and so does a crash.
     ///
-    /// Each write goes through a temporary file of its own (`.NAME.RANDOM.tmp`, created new):
+    /// Each write goes through a temporary file of its own (`.mm-RANDOM.tmp`, created new):
     /// two processes of one profile (a `listen` and a one-shot command) may write the same
     /// file at once, and with one shared temporary name each truncated and renamed the
     /// other's half-written file.
@@ -236,7 +236,7 @@ impl Profile {
     ) -> Result<(), ProfileError> {
         create_dir(&self.dir)?;
         let path = self.path(name);
-        let tmp = self.path(&temporary_name(name));
+        let tmp = path.with_file_name(temporary_name());
         let io = |source| ProfileError::Io {
             path: path.clone(),
             source,
@@ -282,9 +282,10 @@ const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600)
 
 impl Profile {
     /// Removes what [`Profile::write_atomic`] leaves behind when the process dies between
-    /// creating its temporary and renaming it (`.NAME.RANDOM.tmp`, in the profile directory
-    /// and the directories in it): a temporary of a secret file holds key material that must
-    /// not outlive the file. Only those older than a write can take; best effort.
+    /// creating its temporary and renaming it (`.mm-RANDOM.tmp`, and `.NAME.tmp` of earlier
+    /// versions, in the profile directory and the directories in it): a temporary of a secret
+    /// file holds key material that must not outlive the file. Only those older than a write
+    /// can take (or dated that far ahead: a clock set back); best effort.
     pub fn sweep_temporaries(&self) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
@@ -310,21 +311,29 @@ fn remove_if_stale(entry: &fs::DirEntry) {
     if !(name.starts_with('.') && name.ends_with(".tmp")) {
         return;
     }
-    let stale = entry
-        .metadata()
-        .and_then(|m| m.modified())
-        .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > STALE_TEMPORARY));
+    let Ok(meta) = entry.metadata() else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    let stale = meta.is_file()
+        && meta
+            .modified()
+            .is_ok_and(|at| match now.duration_since(at) {
+                Ok(age) => age > STALE_TEMPORARY,
+                Err(ahead) => ahead.duration() > STALE_TEMPORARY,
+            });
     if stale {
         let _ = fs::remove_file(entry.path());
     }
 }
 
-/// `.NAME.RANDOM.tmp`: hidden (exports and listings skip it) and never another writer's.
-fn temporary_name(name: &str) -> String {
+/// `.mm-RANDOM.tmp`: hidden (exports and listings skip it), never another writer's, and short
+/// (a file name near the file system's limit still has a temporary).
+fn temporary_name() -> String {
     use rand_core::{OsRng, RngCore};
     let mut random = [0u8; 6];
     OsRng.fill_bytes(&mut random);
-    format!(".{name}.{}.tmp", micromsg_crypto::hex::encode(&random))
+    format!(".mm-{}.tmp", micromsg_crypto::hex::encode(&random))
 }
 
 fn read(path: &Path) -> Result<String, ProfileError> {
@@ -413,32 +422,36 @@ mod tests {
         profile.write_atomic("contacts.json", b"{}", true).unwrap();
         fs::create_dir_all(profile.path("keys")).unwrap();
         let old = std::time::SystemTime::now() - STALE_TEMPORARY * 2;
+        let ahead = std::time::SystemTime::now() + STALE_TEMPORARY * 2;
         let files = [
-            (".contacts.json.0a1b2c.tmp", true),
-            ("keys/.ab.json.3d4e5f.tmp", true),
-            ("keys/.cd.json.6a7b8c.tmp", false),
-            (".outbox.json.9d0e1f.tmp", false),
-            ("keys/ab.json", true),
-            ("keys/old.tmp", true),
+            (".mm-0a1b2c3d4e5f.tmp", Some(old)),
+            ("keys/.mm-3d4e5f6a7b8c.tmp", Some(old)),
+            ("keys/.mm-6a7b8c9d0e1f.tmp", None),
+            (".mm-9d0e1f2a3b4c.tmp", None),
+            (".contacts.json.tmp", Some(old)),
+            (".outbox.json.tmp", Some(ahead)),
+            ("keys/ab.json", Some(old)),
+            ("keys/old.tmp", Some(old)),
         ];
-        for (name, aged) in files {
+        for (name, modified) in files {
             let file = fs::File::create(profile.path(name)).unwrap();
-            if aged {
-                file.set_modified(old).unwrap();
+            if let Some(at) = modified {
+                file.set_modified(at).unwrap();
             }
         }
+        fs::create_dir(profile.path(".mm-dir.tmp")).unwrap();
         profile.sweep_temporaries();
         let exists = |name: &str| profile.path(name).exists();
-        assert!(!exists(".contacts.json.0a1b2c.tmp"));
-        assert!(!exists("keys/.ab.json.3d4e5f.tmp"));
+        assert!(!exists(".mm-0a1b2c3d4e5f.tmp"));
+        assert!(!exists("keys/.mm-3d4e5f6a7b8c.tmp"));
+        assert!(!exists(".contacts.json.tmp"), "an earlier version's");
+        assert!(!exists(".outbox.json.tmp"), "dated ahead: a clock set back");
         assert!(
-            exists("keys/.cd.json.6a7b8c.tmp"),
+            exists("keys/.mm-6a7b8c9d0e1f.tmp"),
             "a write in progress stays"
         );
-        assert!(
-            exists(".outbox.json.9d0e1f.tmp"),
-            "a write in progress stays"
-        );
+        assert!(exists(".mm-9d0e1f2a3b4c.tmp"), "a write in progress stays");
+        assert!(exists(".mm-dir.tmp"), "only files go");
         assert!(exists("keys/ab.json") && exists("keys/old.tmp") && exists("contacts.json"));
     }
 }
