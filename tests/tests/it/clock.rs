@@ -172,3 +172,113 @@ async fn a_changed_nonce_step_is_learned_at_the_next_login() {
     let again = account::connect(&a.profile).await.unwrap();
     assert_eq!(again.info.nonce_step, 30);
 }
+
+/// What the fake broker of [`after_a_refused_login`] does with the BROKER-INFO that follows the
+/// LOGIN it refuses.
+#[derive(Clone, Copy)]
+enum BrokerInfoAnswer {
+    /// A response that does not decode (as one with an unknown `NONCE-ALGORITHM` would not).
+    Undecodable,
+    /// The connection closes before the answer.
+    Close,
+    /// Refused with RATE-LIMITED, retry after 5 s.
+    RateLimited,
+}
+
+/// `account::connect` against a broker that refuses every LOGIN and answers the BROKER-INFO
+/// after it with `answer`: a real TLS server with the real broker's certificate (the profile
+/// was registered there), speaking the protocol's frames, so that each way the clock check can
+/// go wrong can be made to happen.
+async fn after_a_refused_login(answer: BrokerInfoAnswer) -> account::AccountError {
+    use micromsg_wire::io::{FrameReader, write_frame};
+    use micromsg_wire::{ErrorBody, ErrorCode, Limits, RequestKind, Response, decode_request};
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), "").await;
+    let a = agents::register_at(&broker.addr, &broker.ca, dir.path().join("a")).await;
+    let tls = broker.data_dir().join("tls");
+    let config = micromsg_broker::tls::server_config(&micromsg_broker::tls::TlsFiles {
+        cert: tls.join("server.pem"),
+        key: tls.join("server.key"),
+        ca: None,
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let stream = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let (read, mut write) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(read, 1 << 16);
+        while let Ok(Some(body)) = reader.next_frame().await {
+            let (id, request) = decode_request(&body, &Limits::default()).unwrap();
+            let reply = match (request.kind(), answer) {
+                (RequestKind::Login, _) => Response::error(
+                    id,
+                    Some(RequestKind::Login),
+                    ErrorBody::new(ErrorCode::AuthFailed, "refused"),
+                )
+                .encode(),
+                (RequestKind::BrokerInfo, BrokerInfoAnswer::Undecodable) => {
+                    format!("Response: BROKER-INFO\nId: {id}\nStatus: OK\nData:\n  Bogus: 1\n")
+                        .into_bytes()
+                }
+                (RequestKind::BrokerInfo, BrokerInfoAnswer::Close) => return,
+                (RequestKind::BrokerInfo, BrokerInfoAnswer::RateLimited) => Response::error(
+                    id,
+                    Some(RequestKind::BrokerInfo),
+                    ErrorBody::new(ErrorCode::RateLimited, "slow down").retry_after(5),
+                )
+                .encode(),
+                (other, _) => panic!("the client sent {other:?}"),
+            };
+            write_frame(&mut write, &reply).await.unwrap();
+        }
+    });
+    let mut info = a.profile.info().unwrap();
+    info.broker = fake.to_string();
+    a.profile.write_info(&info).unwrap();
+    let refused = account::connect(&a.profile).await.unwrap_err();
+    server.abort();
+    assert_eq!(a.profile.info().unwrap().nonce_step, 6, "nothing learned");
+    refused
+}
+
+/// After a refused LOGIN, a BROKER-INFO that does not decode is refused as one that does not
+/// verify (an agent stops: retrying would only add refused LOGINs towards a lockout); a lost
+/// connection is an outage (an agent tries again); RATE-LIMITED is that refusal, with its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_goes_wrong_after_a_refused_login_is_said_as_it_is() {
+    use micromsg_client::account::AccountError;
+    use micromsg_client::link::LinkError;
+    use micromsg_wire::ErrorCode;
+
+    let undecodable = after_a_refused_login(BrokerInfoAnswer::Undecodable).await;
+    assert!(
+        matches!(undecodable, AccountError::BrokerInfo(_)),
+        "{undecodable:?}"
+    );
+    let closed = after_a_refused_login(BrokerInfoAnswer::Close).await;
+    assert!(
+        matches!(
+            closed,
+            AccountError::Link(LinkError::Closed | LinkError::Io(_))
+        ),
+        "{closed:?}"
+    );
+    let limited = after_a_refused_login(BrokerInfoAnswer::RateLimited).await;
+    assert!(
+        matches!(
+            limited,
+            AccountError::Link(LinkError::Refused {
+                code: ErrorCode::RateLimited,
+                retry_after: Some(5),
+                ..
+            })
+        ),
+        "{limited:?}"
+    );
+}
