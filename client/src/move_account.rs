@@ -334,6 +334,8 @@ fn notice_for(old: &ProfileInfo, new: &ProfileInfo, now: u64) -> Result<Moved, M
 /// Puts the staged profile in place: the secrets, the CA, then `profile.toml` (it names the
 /// broker the rest belongs to), then removes the stage.
 fn switch(profile: &Profile, stage: &Profile) -> Result<(), MoveError> {
+    // No read-decide-write of profile.toml (a learned nonce step) may straddle the switch.
+    let _lock = profile.lock().map_err(AccountError::from)?;
     let read = |name: &str| {
         let path = stage.path(name);
         std::fs::read(&path).map_err(|source| ProfileError::Io { path, source })

@@ -376,6 +376,8 @@ fn is_final(e: &LinkError) -> bool {
 /// broker the rest belongs to; until it is written the profile names the old one), then
 /// removes the stage.
 fn switch(profile: &Profile, stage: &Profile) -> Result<(), PortError> {
+    // No read-decide-write of profile.toml (a learned nonce step) may straddle the switch.
+    let _lock = profile.lock()?;
     // Before anything names the new device id (`store/relabel.rs`).
     crate::store::relabel_for_switch(profile, stage)
         .map_err(|e| PortError::NotPossible(format!("relabelling the kept session keys: {e}")))?;

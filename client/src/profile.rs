@@ -87,6 +87,17 @@ struct SecretsFile {
 /// The marker file of [`Profile::awaiting_keys`] (empty).
 const AWAITING_KEYS: &str = "awaiting-keys";
 
+/// The file [`Profile::lock`] locks (empty; hidden, so an export leaves it out).
+const LOCK: &str = ".profile.lock";
+
+/// The profile's exclusive lock, from [`Profile::lock`]; released when dropped (or when the
+/// process ends, however it ends).
+#[derive(Debug)]
+#[must_use = "the lock is released when this is dropped"]
+pub struct ProfileLock {
+    _file: fs::File,
+}
+
 /// A profile directory.
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -187,6 +198,30 @@ impl Profile {
             reason: e.to_string(),
         })?);
         self.write_atomic("secrets.toml", text.as_bytes(), true)
+    }
+
+    /// Waits for, then takes, the profile's exclusive lock (an advisory `flock` on
+    /// `.profile.lock`, shared by every process of the profile).
+    ///
+    /// Held by whatever reads `profile.toml`, decides on what it read and writes it back, and
+    /// by whatever switches the profile to another broker or device (`move`, `port`): without
+    /// it, a write decided on a profile read before a switch would put the old account back
+    /// over the new one. Held for a few file writes at most. Blocking: call it off async tasks.
+    pub fn lock(&self) -> Result<ProfileLock, ProfileError> {
+        create_dir(&self.dir)?;
+        let path = self.path(LOCK);
+        let io = |source| ProfileError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        file.lock().map_err(io)?;
+        Ok(ProfileLock { _file: file })
     }
 
     /// Writes `profile.toml`.

@@ -121,6 +121,9 @@ pub(super) fn second_login(
 pub(super) async fn store_step(profile: &Profile, info: &ProfileInfo, step: u32) {
     let (profile, info) = (profile.clone(), info.clone());
     let _ = tokio::task::spawn_blocking(move || {
+        // Read, checked and written under the lock, so a `move` or `port` in another process
+        // is either wholly before (the check sees it) or wholly after (it writes over this).
+        let _lock = profile.lock()?;
         let mut now = profile.info()?;
         if (&now.broker, &now.number, now.device) != (&info.broker, &info.number, info.device) {
             return Ok(());
@@ -293,6 +296,46 @@ mod tests {
         write_clock_offset(&profile, "b:1".into(), -120);
         write_clock_offset(&profile, "b:1".into(), 11 * 365 * 86_400);
         assert!(!profile.path(CLOCK_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_step_learned_while_the_profile_switches_is_not_written_over_the_switch() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::new(dir.path());
+        let old = ProfileInfo {
+            broker: "old.example:7000".into(),
+            tls_name: "old.example".into(),
+            number: "5550001".into(),
+            device: 1,
+            nonce_step: 30,
+            broker_identity: None,
+        };
+        profile.write_info(&old).unwrap();
+        // A `move` or `port` holds the lock while it switches the profile to another broker.
+        let switching = profile.lock().unwrap();
+        let storing = tokio::spawn({
+            let (profile, old) = (profile.clone(), old.clone());
+            async move { store_step(&profile, &old, 60).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !storing.is_finished(),
+            "the step was stored while the profile was locked"
+        );
+        let new = ProfileInfo {
+            broker: "new.example:7000".into(),
+            tls_name: "new.example".into(),
+            ..old.clone()
+        };
+        profile.write_info(&new).unwrap();
+        drop(switching);
+        storing.await.unwrap();
+        // The step was learned for the old broker: it reads the profile again under the lock,
+        // sees the switch, and leaves the new account as it is.
+        assert_eq!(profile.info().unwrap(), new);
+        // Not switched: the step is kept.
+        store_step(&profile, &new, 60).await;
+        assert_eq!(profile.info().unwrap().nonce_step, 60);
     }
 
     #[test]
