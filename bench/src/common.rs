@@ -14,6 +14,8 @@ use micromsg_client::profile::{Profile, ProfileInfo, Secrets};
 use micromsg_wire::message::request::{Answer, ContactAnswerArgs, InitiateNewArgs};
 use micromsg_wire::{Address, Event, Number, Request, ResponseData};
 
+use crate::report::Report;
+
 /// Which store the broker uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum StoreKind {
@@ -356,4 +358,17 @@ pub(crate) fn message_id(run: &[u8; 8], i: u64) -> [u8; 16] {
     id[..8].copy_from_slice(run);
     id[8..].copy_from_slice(&i.to_be_bytes());
     id
+}
+
+/// Gives this process the heap policy of the `micromsg` binary (`micromsg_heap`), for the
+/// scenarios whose ends stand for client processes, and says so in the report. Broker children
+/// are processes of their own and keep glibc's defaults, as `micromsg-broker` does.
+pub(crate) fn client_heap_policy(report: &mut Report, scenario: &str) {
+    if micromsg_heap::keep_freed_heap() {
+        report.note(format!(
+            "{scenario}: the client ends run with the micromsg binary's heap policy \
+             (micromsg-heap: up to {} MiB of freed heap kept mapped per heap)",
+            micromsg_heap::TRIM_THRESHOLD >> 20
+        ));
+    }
 }

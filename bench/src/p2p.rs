@@ -14,8 +14,8 @@ use micromsg_crypto::{IdentityKey, Secret32};
 use tokio::net::TcpStream;
 use tokio::sync::Barrier;
 
-use crate::child;
 use crate::report::{Report, Row, Samples};
+use crate::{child, common};
 
 /// Options of `p2p`.
 #[derive(Debug, clap::Args)]
@@ -52,6 +52,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     }
     let limit = Duration::from_secs(args.max_secs);
     let mut report = Report::default();
+    common::client_heap_policy(&mut report, SCENARIO);
 
     for (size, count, unit) in [
         (args.small, args.small_count, "msg/s"),

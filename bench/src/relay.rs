@@ -75,6 +75,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     let tls = micromsg_client::tls::client_config(&ca)?;
     let mut pairs = Pairs::new(&users, Arc::clone(&tls)).await?;
     let mut report = Report::default();
+    common::client_heap_policy(&mut report, SCENARIO);
 
     for (size, count, unit) in [
         (args.small, args.small_count, "msg/s"),
