@@ -85,6 +85,15 @@ impl CpuSplit {
         }
     }
 
+    /// This and `other` together (the CPU of two windows, summed).
+    pub(crate) fn plus(&self, other: &Self) -> Self {
+        Self {
+            broker: self.broker + other.broker,
+            postgres: self.postgres + other.postgres,
+            generator: self.generator + other.generator,
+        }
+    }
+
     /// (broker or other server child, load generator) microseconds per operation.
     pub(crate) fn server_and_generator_per_op(&self, ops: u64) -> (f64, f64) {
         let us = |d: Duration| d.as_secs_f64() * 1e6 / ops.max(1) as f64;

@@ -27,16 +27,74 @@ pub(crate) struct Args {
     /// Also measure with TLS session resumption (target: ≥ 3× the full-handshake rate).
     #[arg(long)]
     pub(crate) resumption: bool,
+    /// Rounds the count is split into. Each round runs its share of bare handshakes, then its
+    /// share of logins, so both see the machine in the same state: on a shared machine its
+    /// speed drifts over seconds, and one long run of each would put that drift in the ratio.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) rounds: u64,
     /// Time limit of each measured run, in seconds.
     #[arg(long, default_value_t = 60)]
     pub(crate) max_secs: u64,
 }
 
+/// What the rounds of one side (the bare server or the broker) add up to.
+#[derive(Default)]
+struct Side {
+    count: u64,
+    errors: u64,
+    time: Duration,
+    latency: Samples,
+    /// The server child's and the load generator's CPU over this side's windows; `None` once
+    /// a reading failed.
+    cpu: Option<CpuSplit>,
+    cpu_readable: bool,
+}
+
+impl Side {
+    fn new() -> Self {
+        Self {
+            cpu_readable: true,
+            ..Self::default()
+        }
+    }
+
+    fn add(&mut self, (count, errors, time, latency): (u64, u64, Duration, Samples)) {
+        self.count += count;
+        self.errors += errors;
+        self.time += time;
+        self.latency.merge(latency);
+    }
+
+    fn add_cpu(&mut self, before: Option<CpuSplit>, after: Option<CpuSplit>) {
+        match (before, after) {
+            (Some(before), Some(after)) if self.cpu_readable => {
+                let window = after.since(&before);
+                self.cpu = Some(match &self.cpu {
+                    Some(sum) => sum.plus(&window),
+                    None => window,
+                });
+            }
+            _ => {
+                self.cpu_readable = false;
+                self.cpu = None;
+            }
+        }
+    }
+
+    /// (server, load generator) CPU microseconds per operation.
+    fn cpu_per_op(&self) -> Option<(f64, f64)> {
+        Some(self.cpu.as_ref()?.server_and_generator_per_op(self.count))
+    }
+}
+
 const SCENARIO: &str = "logins";
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
-    if args.count == 0 || args.concurrency == 0 || args.users == 0 {
-        bail!("--count, --concurrency and --users must be at least 1");
+    if args.count == 0 || args.concurrency == 0 || args.users == 0 || args.rounds == 0 {
+        bail!("--count, --concurrency, --users and --rounds must be at least 1");
+    }
+    if args.rounds > args.count {
+        bail!("--rounds must not exceed --count (each round runs at least one of each)");
     }
     let dir = tempfile::tempdir().context("temporary directory")?;
     let config = common::load_config(dir.path())?;
@@ -68,36 +126,60 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     }
     let mut full_micromsg_rate = 0.0;
     for (kind, tls) in runs {
-        eprintln!("logins: ceiling, bare TLS 1.3 handshakes ({kind})");
-        let c_cpu = CpuSplit::read(&ceiling, None).await;
-        let (c_count, c_err, c_time, mut c_lat) = measure(&args, limit, "ceiling", {
-            let tls = Arc::clone(&tls);
-            let addr = ceiling.addr;
-            move |_| {
-                let tls = Arc::clone(&tls);
-                async move { bare_handshake(addr, tls).await }
-            }
-        })
-        .await;
-        let c_cpu = cpu_per_op(c_cpu, &ceiling, c_count).await;
-        eprintln!("logins: micromsg, TLS 1.3 + LOGIN ({kind})");
-        let m_cpu = CpuSplit::read(&broker, None).await;
-        let (m_count, m_err, m_time, mut m_lat) = measure(&args, limit, "micromsg", {
-            let tls = Arc::clone(&tls);
-            let users = Arc::clone(&users);
-            move |i| {
-                let tls = Arc::clone(&tls);
-                let users = Arc::clone(&users);
-                async move {
-                    let user: &User = &users[(i as usize) % users.len()];
-                    let link = user.login(tls).await?;
-                    drop(link);
-                    Ok(())
-                }
-            }
-        })
-        .await;
-        let m_cpu = cpu_per_op(m_cpu, &broker, m_count).await;
+        let (mut ceiling_side, mut micromsg_side) = (Side::new(), Side::new());
+        for round in 0..args.rounds {
+            // The count spread over the rounds, the remainder in the first ones.
+            let share = args.count / args.rounds + u64::from(round < args.count % args.rounds);
+            let label =
+                |what: &str| format!("{what} ({kind}, round {}/{})", round + 1, args.rounds);
+            let before = CpuSplit::read(&ceiling, None).await;
+            ceiling_side.add(
+                measure(share, &args, limit, &label("ceiling: bare TLS 1.3"), {
+                    let tls = Arc::clone(&tls);
+                    let addr = ceiling.addr;
+                    move |_| {
+                        let tls = Arc::clone(&tls);
+                        async move { bare_handshake(addr, tls).await }
+                    }
+                })
+                .await,
+            );
+            ceiling_side.add_cpu(before, CpuSplit::read(&ceiling, None).await);
+            let before = CpuSplit::read(&broker, None).await;
+            micromsg_side.add(
+                measure(share, &args, limit, &label("micromsg: TLS 1.3 + LOGIN"), {
+                    let tls = Arc::clone(&tls);
+                    let users = Arc::clone(&users);
+                    move |i| {
+                        let tls = Arc::clone(&tls);
+                        let users = Arc::clone(&users);
+                        async move {
+                            let user: &User = &users[(i as usize) % users.len()];
+                            let link = user.login(tls).await?;
+                            drop(link);
+                            Ok(())
+                        }
+                    }
+                })
+                .await,
+            );
+            micromsg_side.add_cpu(before, CpuSplit::read(&broker, None).await);
+        }
+        let (c_cpu, m_cpu) = (ceiling_side.cpu_per_op(), micromsg_side.cpu_per_op());
+        let Side {
+            count: c_count,
+            errors: c_err,
+            time: c_time,
+            latency: mut c_lat,
+            ..
+        } = ceiling_side;
+        let Side {
+            count: m_count,
+            errors: m_err,
+            time: m_time,
+            latency: mut m_lat,
+            ..
+        } = micromsg_side;
         if let (Some((c_server, c_gen)), Some((m_server, m_gen))) = (c_cpu, m_cpu) {
             // The rates' ratio moves with whatever else runs; the CPU each operation costs
             // does much less, and its ratio is the rate ratio on an otherwise idle machine.
@@ -149,26 +231,18 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         *row = row.clone().memory(mem.map(|m| m.peak_kib), source);
     }
     report.note(format!(
-        "logins: {} connections per run, {} at a time, over {} users; broker on SQLite (LOGIN \
-         writes last_seen); client and servers share the machine's cores",
-        args.count, args.concurrency, args.users
+        "logins: {} connections per run, {} at a time, over {} users, in {} rounds of bare \
+         handshakes then logins (rates are counts over the summed time of each side's rounds); \
+         broker on SQLite (LOGIN writes last_seen); client and servers share the machine's cores",
+        args.count, args.concurrency, args.users, args.rounds
     ));
     Ok(report)
 }
 
-/// (server child, load generator) CPU microseconds per operation since `before`.
-async fn cpu_per_op(
-    before: Option<CpuSplit>,
-    server: &ChildServer,
-    ops: u64,
-) -> Option<(f64, f64)> {
-    let after = CpuSplit::read(server, None).await?;
-    Some(after.since(&before?).server_and_generator_per_op(ops))
-}
-
-/// Runs `op(i)` for `args.count` items with `args.concurrency` workers; returns (ok, errors,
+/// Runs `op(i)` for `count` items with `args.concurrency` workers; returns (ok, errors,
 /// elapsed, latencies).
 async fn measure<F, Fut>(
+    count: u64,
     args: &Args,
     limit: Duration,
     label: &str,
@@ -178,8 +252,8 @@ where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
-    let tickets = Tickets::new(args.count, limit);
-    let _progress = Progress::start(label, args.count, Arc::clone(&tickets));
+    let tickets = Tickets::new(count, limit);
+    let _progress = Progress::start(label, count, Arc::clone(&tickets));
     let start = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency {
@@ -203,7 +277,7 @@ where
             (lat, errors, first_error)
         });
     }
-    let mut all = Samples::with_capacity(args.count as usize);
+    let mut all = Samples::with_capacity(count as usize);
     let mut errors = 0;
     while let Some(done) = workers.join_next().await {
         if let Ok((lat, e, first)) = done {

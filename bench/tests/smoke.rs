@@ -88,6 +88,8 @@ fn logins() {
         "4",
         "--users",
         "2",
+        "--rounds",
+        "3",
     ]);
     let rows = rows(&report, "logins");
     assert_eq!(rows.len(), 2);
