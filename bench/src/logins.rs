@@ -8,7 +8,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::child::ChildServer;
-use crate::common::{self, Progress, Tickets, User};
+use crate::common::{self, Progress, Tickets};
 use crate::deposits::CpuSplit;
 use crate::report::{Report, Row, Samples};
 
@@ -27,12 +27,13 @@ pub(crate) struct Args {
     /// Also measure with TLS session resumption (target: ≥ 3× the full-handshake rate).
     #[arg(long)]
     pub(crate) resumption: bool,
-    /// Rounds the count is split into. Each round runs its share of bare handshakes, then its
-    /// share of logins, so both see the machine in the same state: on a shared machine its
+    /// Rounds the count is split into. Each round runs its share of bare handshakes and its
+    /// share of logins (which goes first alternates), so both see the machine in the same state: on a shared machine its
     /// speed drifts over seconds, and one long run of each would put that drift in the ratio.
     #[arg(long, default_value_t = 10)]
     pub(crate) rounds: u64,
-    /// Time limit of each measured run, in seconds.
+    /// Time limit of each side (the bare server's handshakes, the broker's logins) over all
+    /// its rounds, in seconds.
     #[arg(long, default_value_t = 60)]
     pub(crate) max_secs: u64,
 }
@@ -127,43 +128,70 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     let mut full_micromsg_rate = 0.0;
     for (kind, tls) in runs {
         let (mut ceiling_side, mut micromsg_side) = (Side::new(), Side::new());
+        let mut started = 0u64;
         for round in 0..args.rounds {
+            // Each side has `--max-secs` in all, over its rounds.
+            let (c_left, m_left) = (
+                limit.saturating_sub(ceiling_side.time),
+                limit.saturating_sub(micromsg_side.time),
+            );
+            if c_left.is_zero() || m_left.is_zero() {
+                eprintln!("logins: stopped at the time limit after {round} rounds");
+                break;
+            }
             // The count spread over the rounds, the remainder in the first ones.
             let share = args.count / args.rounds + u64::from(round < args.count % args.rounds);
             let label =
                 |what: &str| format!("{what} ({kind}, round {}/{})", round + 1, args.rounds);
-            let before = CpuSplit::read(&ceiling, None).await;
-            ceiling_side.add(
-                measure(share, &args, limit, &label("ceiling: bare TLS 1.3"), {
-                    let tls = Arc::clone(&tls);
-                    let addr = ceiling.addr;
-                    move |_| {
+            let bare = async {
+                let before = CpuSplit::read(&ceiling, None).await;
+                ceiling_side.add(
+                    measure(share, &args, c_left, &label("ceiling: bare TLS 1.3"), {
                         let tls = Arc::clone(&tls);
-                        async move { bare_handshake(addr, tls).await }
-                    }
-                })
-                .await,
-            );
-            ceiling_side.add_cpu(before, CpuSplit::read(&ceiling, None).await);
-            let before = CpuSplit::read(&broker, None).await;
-            micromsg_side.add(
-                measure(share, &args, limit, &label("micromsg: TLS 1.3 + LOGIN"), {
-                    let tls = Arc::clone(&tls);
-                    let users = Arc::clone(&users);
-                    move |i| {
+                        let addr = ceiling.addr;
+                        move |_| {
+                            let tls = Arc::clone(&tls);
+                            async move { bare_handshake(addr, tls).await }
+                        }
+                    })
+                    .await,
+                );
+                ceiling_side.add_cpu(before, CpuSplit::read(&ceiling, None).await);
+            };
+            // The users are taken in turn across the rounds, not from the first each round.
+            let first_user = started;
+            let logins = async {
+                let before = CpuSplit::read(&broker, None).await;
+                micromsg_side.add(
+                    measure(share, &args, m_left, &label("micromsg: TLS 1.3 + LOGIN"), {
                         let tls = Arc::clone(&tls);
                         let users = Arc::clone(&users);
-                        async move {
-                            let user: &User = &users[(i as usize) % users.len()];
-                            let link = user.login(tls).await?;
-                            drop(link);
-                            Ok(())
+                        move |i| {
+                            let tls = Arc::clone(&tls);
+                            let users = Arc::clone(&users);
+                            async move {
+                                let n = (first_user + i) as usize % users.len();
+                                let link = users[n].login(tls).await?;
+                                drop(link);
+                                Ok(())
+                            }
                         }
-                    }
-                })
-                .await,
-            );
-            micromsg_side.add_cpu(before, CpuSplit::read(&broker, None).await);
+                    })
+                    .await,
+                );
+                micromsg_side.add_cpu(before, CpuSplit::read(&broker, None).await);
+            };
+            // Each side goes first in every other round, so what one server does after its
+            // phase (closing connections, the broker's last_seen commit) falls as often into
+            // the other side's phase as the other's into its own.
+            if round % 2 == 0 {
+                bare.await;
+                logins.await;
+            } else {
+                logins.await;
+                bare.await;
+            }
+            started += share;
         }
         let (c_cpu, m_cpu) = (ceiling_side.cpu_per_op(), micromsg_side.cpu_per_op());
         let Side {
@@ -232,7 +260,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     }
     report.note(format!(
         "logins: {} connections per run, {} at a time, over {} users, in {} rounds of bare \
-         handshakes then logins (rates are counts over the summed time of each side's rounds); \
+         handshakes and logins, each side first in every other round (rates are counts over the \
+         summed time of each side's rounds); \
          broker on SQLite (LOGIN writes last_seen); client and servers share the machine's cores",
         args.count, args.concurrency, args.users, args.rounds
     ));

@@ -150,16 +150,22 @@ pub fn make_bundle(profile: &Profile) -> Result<(KeyBundle, usize), SyncError> {
 /// Installs a bundle on this device: the entity's identity key replaces the device's own,
 /// contacts and pins are merged, session keys are stored for reading only.
 pub fn install(profile: &Profile, bundle: &KeyBundle) -> Result<Installed, SyncError> {
-    let info = profile.info()?;
-    if bundle.number != info.number {
-        return Err(SyncError::WrongEntity {
-            expected: info.number,
-            found: bundle.number.clone(),
-        });
-    }
-    let mut secrets = profile.secrets()?;
-    secrets.identity_seed = bundle.identity_seed()?;
-    profile.write_secrets(&secrets)?;
+    let info = {
+        // Read and written back under the profile's lock: a `move` or `port` in another process
+        // that switched the secrets meanwhile would otherwise get the old account's back.
+        let _lock = profile.lock()?;
+        let info = profile.info()?;
+        if bundle.number != info.number {
+            return Err(SyncError::WrongEntity {
+                expected: info.number,
+                found: bundle.number.clone(),
+            });
+        }
+        let mut secrets = profile.secrets()?;
+        secrets.identity_seed = bundle.identity_seed()?;
+        profile.write_secrets(&secrets)?;
+        info
+    };
     let store = Store::new(profile);
     let conflicts = store.merge_contacts(&bundle.contacts)?;
     let mut sessions = 0;
@@ -391,5 +397,76 @@ pub async fn receive_link_transfer(
             )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::profile::{ProfileInfo, Secrets};
+    use micromsg_crypto::Secret32;
+
+    fn secrets(byte: char) -> Secrets {
+        let secret = || Secret32::from_hex(&byte.to_string().repeat(64)).unwrap();
+        Secrets {
+            client_secret: secret(),
+            server_secret: secret(),
+            identity_seed: secret(),
+        }
+    }
+
+    #[test]
+    fn keys_installed_while_the_profile_switches_do_not_bring_the_old_secrets_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::new(dir.path());
+        let old = ProfileInfo {
+            broker: "old.example:7000".into(),
+            tls_name: "old.example".into(),
+            number: "5550001".into(),
+            device: 1,
+            nonce_step: 30,
+            broker_identity: None,
+        };
+        profile.write_secrets(&secrets('a')).unwrap();
+        profile.write_info(&old).unwrap();
+        // A `move` to another number holds the lock while it switches secrets and profile.
+        let switching = profile.lock().unwrap();
+        let installing = std::thread::spawn({
+            let profile = profile.clone();
+            move || {
+                let bundle = KeyBundle {
+                    version: 1,
+                    number: "5550001".into(),
+                    identity_seed: "c".repeat(64),
+                    contacts: Default::default(),
+                    sessions: Vec::new(),
+                    created: 0,
+                };
+                install(&profile, &bundle).map(|_| ())
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !installing.is_finished(),
+            "the keys were installed while the profile was locked"
+        );
+        profile.write_secrets(&secrets('b')).unwrap();
+        let new = ProfileInfo {
+            number: "5550002".into(),
+            ..old
+        };
+        profile.write_info(&new).unwrap();
+        drop(switching);
+        // Read under the lock, the profile is the new entity's: the old one's keys do not go in,
+        // and the new secrets stay.
+        let result = installing.join().unwrap();
+        assert!(
+            matches!(result, Err(SyncError::WrongEntity { .. })),
+            "{result:?}"
+        );
+        assert!(profile.secrets().unwrap().client_secret == secrets('b').client_secret);
+        assert_eq!(profile.info().unwrap(), new);
     }
 }

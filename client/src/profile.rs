@@ -95,7 +95,8 @@ const LOCK: &str = ".profile.lock";
 #[derive(Debug)]
 #[must_use = "the lock is released when this is dropped"]
 pub struct ProfileLock {
-    _file: fs::File,
+    /// `None` where the file system has no locks (see [`Profile::lock`]).
+    _file: Option<fs::File>,
 }
 
 /// A profile directory.
@@ -206,22 +207,36 @@ impl Profile {
     /// Held by whatever reads `profile.toml`, decides on what it read and writes it back, and
     /// by whatever switches the profile to another broker or device (`move`, `port`): without
     /// it, a write decided on a profile read before a switch would put the old account back
-    /// over the new one. Held for a few file writes at most. Blocking: call it off async tasks.
+    /// over the new one. Held for a switch's file writes at most, so the wait is short.
+    ///
+    /// Fails with [`ProfileError::Missing`] when the directory is gone (it is not created
+    /// again). On a file system without locks the profile is used unlocked, as before there
+    /// was a lock. Blocking: called on the blocking pool, or where a command does its file work.
     pub fn lock(&self) -> Result<ProfileLock, ProfileError> {
-        create_dir(&self.dir)?;
         let path = self.path(LOCK);
         let io = |source| ProfileError::Io {
             path: path.clone(),
             source,
         };
-        let file = fs::OpenOptions::new()
+        let file = match fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(io)?;
-        file.lock().map_err(io)?;
-        Ok(ProfileLock { _file: file })
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ProfileError::Missing(self.dir.clone()));
+            }
+            Err(e) => return Err(io(e)),
+        };
+        match file.lock() {
+            Ok(()) => Ok(ProfileLock { _file: Some(file) }),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                Ok(ProfileLock { _file: None })
+            }
+            Err(e) => Err(io(e)),
+        }
     }
 
     /// Writes `profile.toml`.
@@ -395,6 +410,20 @@ fn create_dir(dir: &Path) -> Result<(), ProfileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_of_a_profile_that_is_gone_is_refused_and_makes_nothing() {
+        #![allow(clippy::unwrap_used)]
+        let root = tempfile::tempdir().unwrap();
+        let gone = Profile::new(root.path().join("gone"));
+        assert!(matches!(gone.lock(), Err(ProfileError::Missing(_))));
+        assert!(!gone.dir().exists(), "the lock made the directory again");
+        // A profile that is there: locked, and the lock file is hidden from exports.
+        let here = Profile::new(root.path());
+        let lock = here.lock().unwrap();
+        assert!(here.path(LOCK).exists() && LOCK.starts_with('.'));
+        drop(lock);
+    }
 
     #[test]
     fn hints_name_the_profile_quoted_only_when_a_shell_needs_it() {

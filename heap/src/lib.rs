@@ -8,16 +8,20 @@
 //! is a frame buffer and a text allocated from the heap and freed a moment later, so the
 //! threshold stays at 128 KiB, and whether the freed buffers are handed back depends on where
 //! they happen to lie. When they are, every message's buffers are faulted in and zeroed again:
-//! 16 page faults per 64 KiB message, and a session at 830–880 MB/s instead of 1.2–1.5 GB/s on
+//! 16 page faults per 64 KiB message, and a session at 850–880 MB/s instead of 1.2–1.5 GB/s on
 //! the same machine (docs/performance.md, "p2p at 64 KiB").
 //!
 //! [`keep_freed_heap`] sets both thresholds where glibc's own rule ends up, at its ceiling, from
-//! the start. A process then keeps at most 64 MiB of free memory mapped at the top of each
-//! heap, and only memory it has used: a process that never holds that much never keeps it.
-//! Blocks of more than 32 MiB still come from `mmap` and go back when freed.
+//! the start. The cost: free memory at the top of a heap is kept mapped up to 64 MiB, which is
+//! as large as a thread's malloc arena heap gets, so an arena other than the main one keeps
+//! the most it ever held (glibc makes up to 8 arenas per core; the `micromsg` process runs one
+//! runtime thread plus the blocking pool). Only memory the process has used is kept: one that
+//! never holds much never keeps much. Blocks of more than 32 MiB still come from `mmap` and go
+//! back when freed.
 //!
-//! Malloc settings of the user's own in `GLIBC_TUNABLES` (any `glibc.malloc.` tunable) win:
-//! with them, the policy leaves the allocator as they set it. Other C libraries have no such
+//! Malloc settings of the user's own win: with any `glibc.malloc.` tunable in
+//! `GLIBC_TUNABLES`, or any of glibc's older `MALLOC_*_` variables set, the policy leaves the
+//! allocator as they set it. Other C libraries have no such
 //! thresholds; there it does nothing.
 
 #![deny(unsafe_code)]
@@ -33,9 +37,26 @@ pub const TRIM_THRESHOLD: usize = 64 << 20;
 /// other threads start. Returns whether it was applied: `false` where the C library has no
 /// such setting, or where `GLIBC_TUNABLES` sets the allocator already.
 pub fn keep_freed_heap() -> bool {
-    let tuned = std::env::var_os("GLIBC_TUNABLES")
+    !tuned_by_user() && set_thresholds()
+}
+
+/// glibc's older names for the malloc tunables, which it still reads.
+const MALLOC_VARIABLES: [&str; 5] = [
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_ARENA_MAX",
+];
+
+/// Whether the environment sets the allocator already.
+fn tuned_by_user() -> bool {
+    let tunables = std::env::var_os("GLIBC_TUNABLES")
         .is_some_and(|t| t.to_string_lossy().contains("glibc.malloc."));
-    !tuned && set_thresholds()
+    tunables
+        || MALLOC_VARIABLES
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -98,18 +119,22 @@ mod tests {
     /// Page faults of [`churn`] in a fresh process of this test, with or without the policy:
     /// a process's heap cannot be put back as it was, so each case gets its own.
     fn churn_in_child(kept: bool) -> u64 {
-        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        let mut command = std::process::Command::new(std::env::current_exe().expect("binary"));
+        command
             .args([
                 "--exact",
                 "tests::freed_large_buffers_are_not_faulted_in_again",
             ])
             .args(["--nocapture", "--test-threads", "1"])
             .env(CHILD, if kept { "kept" } else { "default" })
-            .env_remove("GLIBC_TUNABLES")
-            .output()
-            .expect("child test process");
+            .env_remove("GLIBC_TUNABLES");
+        for variable in MALLOC_VARIABLES {
+            command.env_remove(variable);
+        }
+        let out = command.output().expect("child test process");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "child failed: {stdout}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed: {stdout}{stderr}");
         stdout
             .lines()
             .find_map(|line| line.split_once("faults ").map(|(_, n)| n))
