@@ -183,6 +183,8 @@ enum BrokerInfoAnswer {
     Close,
     /// Refused with RATE-LIMITED, retry after 5 s.
     RateLimited,
+    /// Refused with INTERNAL: the broker's clock cannot be read.
+    Internal,
 }
 
 /// `account::connect` against a broker that refuses every LOGIN and answers the BROKER-INFO
@@ -233,6 +235,12 @@ async fn after_a_refused_login(answer: BrokerInfoAnswer) -> account::AccountErro
                     ErrorBody::new(ErrorCode::RateLimited, "slow down").retry_after(5),
                 )
                 .encode(),
+                (RequestKind::BrokerInfo, BrokerInfoAnswer::Internal) => Response::error(
+                    id,
+                    Some(RequestKind::BrokerInfo),
+                    ErrorBody::new(ErrorCode::Internal, "store unavailable"),
+                )
+                .encode(),
                 (other, _) => panic!("the client sent {other:?}"),
             };
             write_frame(&mut write, &reply).await.unwrap();
@@ -249,7 +257,8 @@ async fn after_a_refused_login(answer: BrokerInfoAnswer) -> account::AccountErro
 
 /// After a refused LOGIN, a BROKER-INFO that does not decode is refused as one that does not
 /// verify (an agent stops: retrying would only add refused LOGINs towards a lockout); a lost
-/// connection is an outage (an agent tries again); RATE-LIMITED is that refusal, with its wait.
+/// connection is an outage (an agent tries again); RATE-LIMITED is that refusal, with its wait;
+/// any other refusal leaves the LOGIN's AUTH-FAILED, saying the clock could not be checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_goes_wrong_after_a_refused_login_is_said_as_it_is() {
     use micromsg_client::account::AccountError;
@@ -280,5 +289,21 @@ async fn what_goes_wrong_after_a_refused_login_is_said_as_it_is() {
             })
         ),
         "{limited:?}"
+    );
+    // Any other refusal: the LOGIN's own refusal, saying the clock could not be checked.
+    let unknown = after_a_refused_login(BrokerInfoAnswer::Internal).await;
+    assert!(
+        matches!(
+            &unknown,
+            AccountError::Link(LinkError::Refused {
+                code: ErrorCode::AuthFailed,
+                ..
+            })
+        ),
+        "{unknown:?}"
+    );
+    assert!(
+        unknown.to_string().contains("could not be read"),
+        "{unknown}"
     );
 }
