@@ -14,15 +14,15 @@
 //! [`keep_freed_heap`] sets both thresholds where glibc's own rule ends up, at its ceiling, from
 //! the start. The cost: free memory at the top of a heap is kept mapped up to 64 MiB, which is
 //! as large as a thread's malloc arena heap gets, so an arena other than the main one keeps
-//! the most it ever held (glibc makes up to 8 arenas per core; the `micromsg` process runs one
-//! runtime thread plus the blocking pool). Only memory the process has used is kept: one that
-//! never holds much never keeps much. Blocks of more than 32 MiB still come from `mmap` and go
-//! back when freed.
+//! the most it ever held, up to 64 MiB, and `malloc_trim` cannot shrink it (glibc makes up to
+//! 8 arenas per core; the `micromsg` process runs its sessions on its main thread, in the main
+//! arena, plus a blocking pool). Only memory the process has used is kept: one that never
+//! holds much never keeps much. Blocks of more than 32 MiB still come from `mmap` and go back
+//! when freed.
 //!
 //! Malloc settings of the user's own win: with any `glibc.malloc.` tunable in
 //! `GLIBC_TUNABLES`, or any of glibc's older `MALLOC_*_` variables set, the policy leaves the
-//! allocator as they set it. Other C libraries have no such
-//! thresholds; there it does nothing.
+//! allocator as they set it. Other C libraries have no such thresholds; there it does nothing.
 
 #![deny(unsafe_code)]
 
