@@ -86,6 +86,13 @@ impl Side {
     fn cpu_per_op(&self) -> Option<(f64, f64)> {
         Some(self.cpu.as_ref()?.server_and_generator_per_op(self.count))
     }
+
+    /// The report's row for this side's rounds together.
+    fn into_row(mut self, name: &str, unit: &str) -> Row {
+        Row::new(SCENARIO, name, self.count, self.errors, self.time)
+            .unit(unit)
+            .latency(&mut self.latency)
+    }
 }
 
 const SCENARIO: &str = "logins";
@@ -194,20 +201,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
             started += share;
         }
         let (c_cpu, m_cpu) = (ceiling_side.cpu_per_op(), micromsg_side.cpu_per_op());
-        let Side {
-            count: c_count,
-            errors: c_err,
-            time: c_time,
-            latency: mut c_lat,
-            ..
-        } = ceiling_side;
-        let Side {
-            count: m_count,
-            errors: m_err,
-            time: m_time,
-            latency: mut m_lat,
-            ..
-        } = micromsg_side;
         if let (Some((c_server, c_gen)), Some((m_server, m_gen))) = (c_cpu, m_cpu) {
             // The rates' ratio moves with whatever else runs; the CPU each operation costs
             // does much less, and its ratio is the rate ratio on an otherwise idle machine.
@@ -218,25 +211,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
                 100.0 * (c_server + c_gen) / (m_server + m_gen)
             ));
         }
-        let ceiling_row = Row::new(
-            SCENARIO,
+        let ceiling_row = ceiling_side.into_row(
             &format!("ceiling: bare TLS 1.3 handshake ({kind})"),
-            c_count,
-            c_err,
-            c_time,
-        )
-        .unit("handshakes/s")
-        .latency(&mut c_lat);
-        let mut row = Row::new(
-            SCENARIO,
-            &format!("TLS 1.3 + mutual LOGIN ({kind})"),
-            m_count,
-            m_err,
-            m_time,
-        )
-        .unit("logins/s")
-        .latency(&mut m_lat)
-        .ceiling(ceiling_row.rate);
+            "handshakes/s",
+        );
+        let mut row = micromsg_side
+            .into_row(&format!("TLS 1.3 + mutual LOGIN ({kind})"), "logins/s")
+            .ceiling(ceiling_row.rate);
         if kind == "full" {
             full_micromsg_rate = row.rate;
             let met = row.ratio.is_some_and(|r| r >= 0.9);

@@ -421,14 +421,7 @@ mod tests {
     fn keys_installed_while_the_profile_switches_do_not_bring_the_old_secrets_back() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::new(dir.path());
-        let old = ProfileInfo {
-            broker: "old.example:7000".into(),
-            tls_name: "old.example".into(),
-            number: "5550001".into(),
-            device: 1,
-            nonce_step: 30,
-            broker_identity: None,
-        };
+        let old = ProfileInfo::for_tests();
         profile.write_secrets(&secrets('a')).unwrap();
         profile.write_info(&old).unwrap();
         // A `move` to another number holds the lock while it switches secrets and profile.

@@ -65,6 +65,21 @@ pub struct ProfileInfo {
     pub broker_identity: Option<String>,
 }
 
+#[cfg(test)]
+impl ProfileInfo {
+    /// A device 1 of number 5550001 at `old.example:7000`, for tests.
+    pub(crate) fn for_tests() -> Self {
+        Self {
+            broker: "old.example:7000".into(),
+            tls_name: "old.example".into(),
+            number: "5550001".into(),
+            device: 1,
+            nonce_step: 30,
+            broker_identity: None,
+        }
+    }
+}
+
 /// The secrets of a device (`secrets.toml`). Zeroized on drop.
 #[derive(Debug, Clone)]
 pub struct Secrets {

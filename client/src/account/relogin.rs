@@ -302,14 +302,7 @@ mod tests {
     async fn a_step_learned_while_the_profile_switches_is_not_written_over_the_switch() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::new(dir.path());
-        let old = ProfileInfo {
-            broker: "old.example:7000".into(),
-            tls_name: "old.example".into(),
-            number: "5550001".into(),
-            device: 1,
-            nonce_step: 30,
-            broker_identity: None,
-        };
+        let old = ProfileInfo::for_tests();
         profile.write_info(&old).unwrap();
         // A `move` or `port` holds the lock while it switches the profile to another broker.
         let switching = profile.lock().unwrap();
