@@ -138,6 +138,9 @@ pub async fn move_to(
     options: MoveOptions,
     mut progress: impl FnMut(Step),
 ) -> Result<MoveDone, MoveError> {
+    // Held to the end: a second `move` of this profile now would register again, or stage
+    // into the same directory.
+    let _moving = profile.lock_for_move().map_err(AccountError::from)?;
     let old = profile.info().map_err(AccountError::from)?;
     let stage = Profile::new(profile.path(STAGE));
     if let Some(done) = finish_interrupted_switch(profile, &stage, &old)? {

@@ -147,6 +147,9 @@ pub async fn port(
     ca: &Path,
     mut progress: impl FnMut(Step),
 ) -> Result<PortReport, PortError> {
+    // Held to the end: a second port (or `move`) of this profile now would send its own
+    // PORT-OUT, or stage into the same directory.
+    let _moving = profile.lock_for_move()?;
     let info = profile.info()?;
     let secrets = profile.secrets()?;
     let identity = IdentityKey::from_seed(&secrets.identity_seed);

@@ -44,6 +44,12 @@ pub enum ProfileError {
         /// What is wrong.
         reason: String,
     },
+    /// Another `move` of this profile is under way (it holds the move lock, the path).
+    #[error(
+        "another `micromsg move` of this profile is under way (it holds {0}): let it finish, \
+         then try again"
+    )]
+    MoveUnderWay(PathBuf),
 }
 
 /// The public part of a profile (`profile.toml`).
@@ -105,8 +111,11 @@ const AWAITING_KEYS: &str = "awaiting-keys";
 /// The file [`Profile::lock`] locks (empty; hidden, so an export leaves it out).
 const LOCK: &str = ".profile.lock";
 
-/// The profile's exclusive lock, from [`Profile::lock`]; released when dropped (or when the
-/// process ends, however it ends).
+/// The file [`Profile::lock_for_move`] locks (empty; hidden, so an export leaves it out).
+const MOVE_LOCK: &str = ".move.lock";
+
+/// A lock of the profile's, from [`Profile::lock`] or [`Profile::lock_for_move`]; released
+/// when dropped (or when the process ends, however it ends).
 #[derive(Debug)]
 #[must_use = "the lock is released when this is dropped"]
 pub struct ProfileLock {
@@ -228,11 +237,24 @@ impl Profile {
     /// again). On a file system without locks the profile is used unlocked, as before there
     /// was a lock. Blocking: called on the blocking pool, or where a command does its file work.
     pub fn lock(&self) -> Result<ProfileLock, ProfileError> {
-        let path = self.path(LOCK);
-        let io = |source| ProfileError::Io {
-            path: path.clone(),
-            source,
-        };
+        self.flock(LOCK, true)
+    }
+
+    /// Takes the profile's move lock (`.move.lock`) without waiting, for the whole of a
+    /// `move` or a port: two at once would register twice, or stage into one directory
+    /// together. An agent (`listen`, `chat`) takes it for a moment as it starts, so that it
+    /// does not start under a move either.
+    ///
+    /// Fails with [`ProfileError::MoveUnderWay`] while another process holds it, and with
+    /// [`ProfileError::Missing`] when the directory is gone. Independent of [`Profile::lock`],
+    /// which a move takes for its switch while holding this one.
+    pub fn lock_for_move(&self) -> Result<ProfileLock, ProfileError> {
+        self.flock(MOVE_LOCK, false)
+    }
+
+    /// An exclusive `flock` on the (hidden, empty) file `name`, waited for or only tried.
+    fn flock(&self, name: &str, wait: bool) -> Result<ProfileLock, ProfileError> {
+        let path = self.path(name);
         let file = match fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -243,14 +265,23 @@ impl Profile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ProfileError::Missing(self.dir.clone()));
             }
-            Err(e) => return Err(io(e)),
+            Err(source) => return Err(ProfileError::Io { path, source }),
         };
-        match file.lock() {
+        let locked = if wait {
+            file.lock()
+        } else {
+            match file.try_lock() {
+                Ok(()) => Ok(()),
+                Err(fs::TryLockError::WouldBlock) => return Err(ProfileError::MoveUnderWay(path)),
+                Err(fs::TryLockError::Error(e)) => Err(e),
+            }
+        };
+        match locked {
             Ok(()) => Ok(ProfileLock { _file: Some(file) }),
             Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
                 Ok(ProfileLock { _file: None })
             }
-            Err(e) => Err(io(e)),
+            Err(source) => Err(ProfileError::Io { path, source }),
         }
     }
 
@@ -438,6 +469,32 @@ mod tests {
         let lock = here.lock().unwrap();
         assert!(here.path(LOCK).exists() && LOCK.starts_with('.'));
         drop(lock);
+    }
+
+    #[test]
+    fn a_second_move_lock_is_refused_at_once_until_the_first_is_dropped() {
+        #![allow(clippy::unwrap_used)]
+        let root = tempfile::tempdir().unwrap();
+        let profile = Profile::new(root.path());
+        let first = profile.lock_for_move().unwrap();
+        // flock conflicts between open files, in one process as between two.
+        match profile.lock_for_move() {
+            Err(ProfileError::MoveUnderWay(path)) => assert_eq!(path, profile.path(MOVE_LOCK)),
+            other => panic!("a second move lock was not refused: {other:?}"),
+        }
+        // The profile lock is another file: a move's switch takes it under the move lock.
+        drop(profile.lock().unwrap());
+        drop(first);
+        drop(profile.lock_for_move().unwrap());
+        assert!(
+            MOVE_LOCK.starts_with('.'),
+            "an export would carry the move lock"
+        );
+        let gone = Profile::new(root.path().join("gone"));
+        assert!(matches!(
+            gone.lock_for_move(),
+            Err(ProfileError::Missing(_))
+        ));
     }
 
     #[test]

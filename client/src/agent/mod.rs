@@ -201,7 +201,16 @@ pub async fn start(
     notices: mpsc::Sender<Notice>,
 ) -> Result<AgentHandle, AgentError> {
     let control = if config.control {
-        Some(bind_control(&profile).await?)
+        let control = bind_control(&profile).await?;
+        // Not under a move: its switch would change the account under this agent. Checked
+        // after the control socket is bound, as a move takes its lock before looking for that
+        // socket, so whichever starts second sees the other.
+        if let Err(e) = profile.lock_for_move() {
+            drop(control);
+            let _ = std::fs::remove_file(control_path(&profile));
+            return Err(AccountError::from(e).into());
+        }
+        Some(control)
     } else {
         None
     };

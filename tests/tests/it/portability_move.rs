@@ -38,6 +38,17 @@ fn config(accept: AcceptPolicy) -> AgentConfig {
     }
 }
 
+/// The client binary run as a user runs it, on `d`'s profile, to its end.
+fn run_client(d: &Device, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_micromsg-test-client"))
+        .arg("--profile")
+        .arg(d.profile.dir())
+        .args(args)
+        .env_remove("MICROMSG_PROFILE")
+        .output()
+        .unwrap()
+}
+
 async fn online(d: &Device, accept: AcceptPolicy) -> (AgentHandle, mpsc::Receiver<Notice>) {
     agents::online(d, config(accept)).await
 }
@@ -383,16 +394,8 @@ async fn the_move_command_line_switches_the_profile_and_the_contact_follows() {
     oa.stop().await.unwrap();
     ob.stop().await.unwrap();
 
-    let client = env!("CARGO_BIN_EXE_micromsg-test-client");
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(client)
-            .arg("--json")
-            .arg("--profile")
-            .arg(a.profile.dir())
-            .args(args)
-            .env_remove("MICROMSG_PROFILE")
-            .output()
-            .unwrap();
+        let out = run_client(&a, &[&["--json"][..], args].concat());
         let stdout = String::from_utf8(out.stdout).unwrap();
         let value: serde_json::Value = serde_json::from_str(stdout.trim())
             .unwrap_or_else(|e| panic!("{args:?}: not one JSON object ({e}): {stdout}"));
@@ -447,6 +450,60 @@ async fn the_move_command_line_switches_the_profile_and_the_contact_follows() {
     let (ob, mut b_rx) = online(&b, AcceptPolicy::Ask).await;
     assert_eq!(followed(&mut b_rx, &a.number).await, new);
     ob.stop().await.unwrap();
+    x.stop().await;
+    z.stop().await;
+}
+
+/// While a move of the profile is under way (its lock held, as the first `move` holds it to
+/// the end), a second `move` and a `move --keep-number`, run as a user runs them, are refused
+/// at once with a clear error, register nothing and stage nothing; an agent does not start
+/// either. Once the first lets go, the move goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_move_while_one_is_under_way_is_refused_and_changes_nothing() {
+    let x = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let z = TestBroker::start(Backend::Sqlite, |_| {}).await;
+    let a = register(&x, "a").await;
+    let before = a.profile.info().unwrap();
+    let run = |args: &[&str]| {
+        let out = run_client(&a, args);
+        (out.status.success(), String::from_utf8(out.stderr).unwrap())
+    };
+    let ca = z.ca.to_str().unwrap();
+
+    let first = a.profile.lock_for_move().unwrap();
+    for keep in [&[][..], &["--keep-number"][..]] {
+        let mut args = vec!["move", "--broker", z.addr.as_str(), "--ca", ca];
+        args.extend_from_slice(keep);
+        let (ok, stderr) = tokio::task::block_in_place(|| run(&args));
+        assert!(!ok, "{args:?} ran under another move");
+        assert!(stderr.contains("under way"), "{args:?}: {stderr}");
+    }
+    // With its control socket, as `listen` and `chat` run it.
+    let listen = AgentConfig {
+        control: true,
+        ..config(AcceptPolicy::Any)
+    };
+    let agent = micromsg_client::agent::start(a.profile.clone(), listen, mpsc::channel(8).0).await;
+    let refused = agent.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(refused.contains("under way"), "an agent started: {refused}");
+    assert!(
+        !micromsg_client::agent::control_path(&a.profile).exists(),
+        "the refused agent left its control socket"
+    );
+    assert_eq!(a.profile.info().unwrap(), before);
+    assert!(!a.profile.path(STAGE).exists(), "a refused move staged");
+    assert!(!a.profile.path("porting").exists(), "a refused port staged");
+    assert_eq!(
+        z.running.broker.store().entity_count().await.unwrap(),
+        0,
+        "a refused move registered"
+    );
+
+    drop(first);
+    let done = move_to(&a.profile, &z.addr, &z.ca, None, Default::default(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(a.profile.info().unwrap().number, done.new_number);
     x.stop().await;
     z.stop().await;
 }
