@@ -103,6 +103,12 @@ pub struct SessionConfig {
     /// Capacity of the outgoing queue, in messages. When full, [`SessionSender::send_text`]
     /// waits and [`SessionSender::try_send_text`] fails with [`SendError::Full`]. Default 1024.
     pub outgoing_queue: usize,
+    /// Most payload bytes (texts, group frames, notices) the outgoing queue holds before they
+    /// are sealed: past it, sending waits (or [`SessionSender::try_send_text`] fails with
+    /// [`SendError::Full`]) as when the queue is full, so an application sending large
+    /// messages faster than the peer takes them holds this much, not `outgoing_queue` × the
+    /// largest message. A message larger than this waits for an empty queue. Default 16 MiB.
+    pub outgoing_queue_bytes: usize,
     /// Capacity of the event queue, in events. When full, the session stops reading from the
     /// socket (TCP flow control pushes back on the peer) but keeps sending. Default 1024.
     pub event_queue: usize,
@@ -126,6 +132,7 @@ impl Default for SessionConfig {
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
             outgoing_queue: 1024,
+            outgoing_queue_bytes: 16 << 20,
             event_queue: 1024,
             event_queue_bytes: 16 << 20,
             counter_reservation: 65_536,
@@ -146,7 +153,11 @@ impl SessionConfig {
         if (self.max_frame_len as usize) < ACCEPT_LEN {
             return bad("max_frame_len must be at least 193 (an ACCEPT frame)");
         }
-        if self.outgoing_queue == 0 || self.event_queue == 0 || self.event_queue_bytes == 0 {
+        if self.outgoing_queue == 0
+            || self.outgoing_queue_bytes == 0
+            || self.event_queue == 0
+            || self.event_queue_bytes == 0
+        {
             return bad("queue capacities must be at least 1");
         }
         if self.counter_reservation == 0 {

@@ -31,7 +31,7 @@ use micromsg_crypto::message::{
 use micromsg_wire::io::{FrameReadError, FrameReader};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::{SessionConfig, Transport};
@@ -211,14 +211,61 @@ enum Outgoing {
     Text {
         text: String,
         sealed: Option<oneshot::Sender<Sealed>>,
+        /// The message's bytes of the queue's room, given back once it is sealed.
+        _room: OwnedSemaphorePermit,
     },
     Group {
         payload: Vec<u8>,
         sealed: oneshot::Sender<Sealed>,
         /// GROUP, or MOVED: both opaque bytes tracked the same way.
         kind: Kind,
+        _room: OwnedSemaphorePermit,
     },
     Close(String),
+}
+
+/// The outgoing queue's room in payload bytes ([`SessionConfig::outgoing_queue_bytes`]): a
+/// message takes its length (at most all of it) before it is queued and gives it back once
+/// sealed. When the session task ends it drops what it had not sealed, and the channel what
+/// was queued: the room comes back, and a sender that was waiting for it finds the channel
+/// closed. Cheap to clone: the senders share one.
+#[derive(Debug, Clone)]
+struct Room {
+    bytes: Arc<Semaphore>,
+    /// What one message may take: all of the room, so a larger one still goes, alone.
+    most: u32,
+}
+
+impl Room {
+    fn new(bytes: usize) -> Self {
+        let bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            bytes: Arc::new(Semaphore::new(bytes)),
+            most: u32::try_from(bytes).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn share(&self, len: usize) -> u32 {
+        u32::try_from(len).unwrap_or(u32::MAX).min(self.most)
+    }
+
+    /// Waits for `len` bytes of room.
+    async fn take(&self, len: usize) -> Result<OwnedSemaphorePermit, SendError> {
+        Arc::clone(&self.bytes)
+            .acquire_many_owned(self.share(len))
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+
+    /// `len` bytes of room if there are that many now.
+    fn try_take(&self, len: usize) -> Result<OwnedSemaphorePermit, SendError> {
+        Arc::clone(&self.bytes)
+            .try_acquire_many_owned(self.share(len))
+            .map_err(|e| match e {
+                TryAcquireError::NoPermits => SendError::Full,
+                TryAcquireError::Closed => SendError::Closed,
+            })
+    }
 }
 
 /// State shared between the task and its handles: one atomic, no lock.
@@ -232,6 +279,7 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct SessionSender {
     tx: mpsc::Sender<Outgoing>,
+    room: Room,
     max_text_len: usize,
     shared: Arc<Shared>,
 }
@@ -262,8 +310,13 @@ impl SessionSender {
     pub async fn send_text(&self, text: impl Into<String>) -> Result<(), SendError> {
         let text = text.into();
         self.check(&text)?;
+        let room = self.room.take(text.len()).await?;
         self.tx
-            .send(Outgoing::Text { text, sealed: None })
+            .send(Outgoing::Text {
+                text,
+                sealed: None,
+                _room: room,
+            })
             .await
             .map_err(|_| SendError::Closed)
     }
@@ -272,8 +325,13 @@ impl SessionSender {
     pub fn try_send_text(&self, text: impl Into<String>) -> Result<(), SendError> {
         let text = text.into();
         self.check(&text)?;
+        let room = self.room.try_take(text.len())?;
         self.tx
-            .try_send(Outgoing::Text { text, sealed: None })
+            .try_send(Outgoing::Text {
+                text,
+                sealed: None,
+                _room: room,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SendError::Full,
                 mpsc::error::TrySendError::Closed(_) => SendError::Closed,
@@ -288,11 +346,13 @@ impl SessionSender {
     ) -> Result<oneshot::Receiver<Sealed>, SendError> {
         let text = text.into();
         self.check(&text)?;
+        let room = self.room.take(text.len()).await?;
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Outgoing::Text {
                 text,
                 sealed: Some(tx),
+                _room: room,
             })
             .await
             .map_err(|_| SendError::Closed)?;
@@ -327,12 +387,14 @@ impl SessionSender {
                 max: self.max_text_len,
             });
         }
+        let room = self.room.take(payload.len()).await?;
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Outgoing::Group {
                 payload,
                 sealed: tx,
                 kind,
+                _room: room,
             })
             .await
             .map_err(|_| SendError::Closed)?;
@@ -496,6 +558,7 @@ where
     W: SessionWrite,
 {
     let (out_tx, out_rx) = mpsc::channel(cfg.outgoing_queue);
+    let room = Room::new(cfg.outgoing_queue_bytes);
     let (ev_tx, ev_rx) = mpsc::channel(cfg.event_queue);
     let shared = Arc::new(Shared {
         next_send_counter: AtomicU64::new(0),
@@ -535,6 +598,7 @@ where
     };
     let sender = SessionSender {
         tx: out_tx,
+        room,
         max_text_len: task.max_text_len,
         shared,
     };
@@ -945,9 +1009,15 @@ where
                 break;
             };
             match item {
-                Outgoing::Text { text, sealed } => {
+                Outgoing::Text {
+                    text,
+                    sealed,
+                    _room: room,
+                } => {
                     let start = self.wbuf.len();
                     let counter = self.seal(unix, Kind::Text, Plain::Text(&text))?;
+                    // Sealed: its bytes now count against the write buffer, not the queue.
+                    drop(room);
                     if let Some(sealed) = sealed {
                         // Only tracked sends pay for the copy of the frame.
                         let frame = self.wbuf.get(start + 4..).unwrap_or_default().to_vec();
@@ -962,9 +1032,11 @@ where
                     payload,
                     sealed,
                     kind,
+                    _room: room,
                 } => {
                     let start = self.wbuf.len();
                     let counter = self.seal(unix, kind, Plain::Bytes(&payload))?;
+                    drop(room);
                     let frame = self.wbuf.get(start + 4..).unwrap_or_default().to_vec();
                     let _ = sealed.send(Sealed {
                         counter,

@@ -495,8 +495,8 @@ async fn joined_relay(
 
 /// The session runs inside each side's TLS connection to the broker (no loopback bridge),
 /// where a write may stay buffered in rustls while the socket is full. A burst of 38 MB,
-/// more than the sockets and the broker's splice hold, sent while the receiving application
-/// takes nothing, arrives whole and in order once it reads again; the heartbeats are two
+/// more than the sockets, the broker's splice and the sender's outgoing queue hold, sent
+/// while the receiving application takes nothing, arrives whole and in order once it reads again; the heartbeats are two
 /// minutes apart, so no later frame pushes a stuck tail out within the 30 s each message has.
 /// (That the session flushes what such a writer holds back is pinned deterministically by
 /// `p2p::session::timing_tests`.)
@@ -539,9 +539,15 @@ async fn a_burst_through_the_relay_arrives_whole_while_the_receiver_lags() {
 
     let count: u64 = 640;
     let text = "r".repeat(60_000);
-    for _ in 0..count {
-        sender.send_text(text.clone()).await.expect("queued");
-    }
+    // Sent from a task of its own: past the outgoing queue's 16 MiB the sends wait for room.
+    let sending = tokio::spawn({
+        let (sender, text) = (sender.sender(), text.clone());
+        async move {
+            for _ in 0..count {
+                sender.send_text(text.clone()).await.expect("queued");
+            }
+        }
+    });
     // Let the burst back up while nothing is taken.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
@@ -563,6 +569,7 @@ async fn a_burst_through_the_relay_arrives_whole_while_the_receiver_lags() {
             ),
         }
     }
+    sending.await.unwrap();
     let _ = sender.close("done").await;
     broker.stop().await;
 }

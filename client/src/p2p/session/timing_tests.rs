@@ -20,7 +20,7 @@ use rand_core::OsRng;
 use tokio::io::{AsyncWrite, DuplexStream, ReadHalf, WriteHalf};
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
-use super::{EndReason, PeerEvent, SessionEnd, SessionHandle, SessionWrite, spawn_on};
+use super::{EndReason, PeerEvent, SendError, SessionEnd, SessionHandle, SessionWrite, spawn_on};
 use crate::p2p::SessionConfig;
 
 const INTERVAL: Duration = Duration::from_secs(10);
@@ -427,6 +427,60 @@ async fn a_slow_reader_holds_at_most_the_byte_budget() {
     }
     assert_eq!(got, texts);
     assert!(!session.sender().is_closed(), "the session is still up");
+}
+
+/// An application sending faster than the session seals: the outgoing queue holds at most its
+/// byte budget of unsealed payload (past it `try_send_text` says Full and a send waits), sealing
+/// gives the room back, a message larger than the whole budget still goes (alone), and a send
+/// waiting for room learns when the session ends instead of waiting for ever.
+#[tokio::test(start_paused = true)]
+async fn the_outgoing_queue_holds_at_most_its_byte_budget() {
+    let cfg = SessionConfig {
+        outgoing_queue_bytes: 3_000,
+        ..config()
+    };
+    assert!(
+        cfg.outgoing_queue >= 20,
+        "the count is not what limits here"
+    );
+    let (session, mut peer) = session_and_peer(cfg.clone());
+    assert_eq!(peer.next().await, Some((0, Kind::Heartbeat)));
+    let sender = session.sender();
+    // Until the peer confirms, the session seals nothing: the queue fills.
+    for n in 0..3 {
+        sender
+            .try_send_text(format!("{n:04}{}", "x".repeat(996)))
+            .unwrap();
+    }
+    assert_eq!(sender.try_send_text("y"), Err(SendError::Full));
+    let larger = tokio::spawn({
+        let sender = sender.clone();
+        async move { sender.send_text("z".repeat(5_000)).await }
+    });
+    sleep(MS).await;
+    assert!(!larger.is_finished(), "a send went past the budget");
+    peer.send(Kind::Heartbeat, b"").await;
+    for counter in 1..=4 {
+        assert_eq!(peer.next().await, Some((counter, Kind::Text)));
+    }
+    larger.await.unwrap().unwrap();
+    sender.try_send_text("room again").unwrap();
+    assert_eq!(peer.next().await, Some((5, Kind::Text)));
+
+    // A session that ends while a send waits for room: the send says so.
+    let (other, _peer) = session_and_peer(cfg.clone());
+    let sender = other.sender();
+    sender.try_send_text("w".repeat(3_000)).unwrap();
+    let waiting = tokio::spawn(async move { sender.send_text("v").await });
+    // Never confirmed: the session ends at the confirmation deadline.
+    assert_eq!(
+        timeout(cfg.confirmation_timeout() * 2, waiting)
+            .await
+            .expect("a send waiting for room outlived its session")
+            .unwrap(),
+        Err(SendError::Closed)
+    );
+    drop(other);
 }
 
 #[tokio::test(start_paused = true)]
