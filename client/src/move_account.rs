@@ -141,6 +141,14 @@ pub async fn move_to(
     // Held to the end: a second `move` of this profile now would register again, or stage
     // into the same directory.
     let _moving = profile.lock_for_move().map_err(AccountError::from)?;
+    // Before anything changes, finishing an interrupted switch included: an agent running
+    // for the profile holds the old account.
+    if agent::send_to_running(profile, &Command::Status)
+        .await
+        .is_some()
+    {
+        return Err(MoveError::AgentRunning);
+    }
     let old = profile.info().map_err(AccountError::from)?;
     let stage = Profile::new(profile.path(STAGE));
     if let Some(done) = finish_interrupted_switch(profile, &stage, &old)? {
@@ -149,12 +157,6 @@ pub async fn move_to(
     }
     if old.broker == broker {
         return Err(MoveError::SameBroker(broker.to_owned()));
-    }
-    if agent::send_to_running(profile, &Command::Status)
-        .await
-        .is_some()
-    {
-        return Err(MoveError::AgentRunning);
     }
     let secrets = profile.secrets().map_err(AccountError::from)?;
     let identity = IdentityKey::from_seed(&secrets.identity_seed);

@@ -44,10 +44,11 @@ pub enum ProfileError {
         /// What is wrong.
         reason: String,
     },
-    /// Another `move` of this profile is under way (it holds the move lock, the path).
+    /// A `move` or an `export` of this profile is under way (it holds the move lock, the
+    /// path).
     #[error(
-        "another `micromsg move` of this profile is under way (it holds {0}): let it finish, \
-         then try again"
+        "a `micromsg move` or `export` of this profile is under way (it holds {0}): let it \
+         finish, then try again"
     )]
     MoveUnderWay(PathBuf),
 }
@@ -242,13 +243,18 @@ impl Profile {
 
     /// Takes the profile's move lock (`.move.lock`) without waiting, for the whole of a
     /// `move` or a port: two at once would register twice, or stage into one directory
-    /// together. An agent (`listen`, `chat`) takes it for a moment as it starts, so that it
-    /// does not start under a move either.
+    /// together; an `export` holds it too, so that it never reads a profile half switched.
+    /// An agent (`listen`, `chat`, a one-shot command's) takes it for a moment as it starts,
+    /// so that it does not start under a move either.
     ///
     /// Fails with [`ProfileError::MoveUnderWay`] while another process holds it, and with
-    /// [`ProfileError::Missing`] when the directory is gone. Independent of [`Profile::lock`],
-    /// which a move takes for its switch while holding this one.
+    /// [`ProfileError::Missing`] when the directory holds no profile (then nothing is made
+    /// there: an empty directory stays empty, for an import). Independent of
+    /// [`Profile::lock`], which a move takes for its switch while holding this one.
     pub fn lock_for_move(&self) -> Result<ProfileLock, ProfileError> {
+        if !self.path("profile.toml").exists() {
+            return Err(ProfileError::Missing(self.dir.clone()));
+        }
         self.flock(MOVE_LOCK, false)
     }
 
@@ -476,6 +482,13 @@ mod tests {
         #![allow(clippy::unwrap_used)]
         let root = tempfile::tempdir().unwrap();
         let profile = Profile::new(root.path());
+        // No profile yet: refused, and the directory stays empty (an import wants it so).
+        assert!(matches!(
+            profile.lock_for_move(),
+            Err(ProfileError::Missing(_))
+        ));
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 0);
+        profile.write_info(&ProfileInfo::for_tests()).unwrap();
         let first = profile.lock_for_move().unwrap();
         // flock conflicts between open files, in one process as between two.
         match profile.lock_for_move() {

@@ -226,9 +226,9 @@ enum Outgoing {
 
 /// The outgoing queue's room in payload bytes ([`SessionConfig::outgoing_queue_bytes`]): a
 /// message takes its length (at most all of it) before it is queued and gives it back once
-/// sealed. When the session task ends it drops what it had not sealed, and the channel what
-/// was queued: the room comes back, and a sender that was waiting for it finds the channel
-/// closed. Cheap to clone: the senders share one.
+/// sealed. When the session ends, its task drops what it had not sealed and the channel
+/// what was queued, before it tells the application: the room comes back, and a sender that
+/// was waiting for it finds the channel closed. Cheap to clone: the senders share one.
 #[derive(Debug, Clone)]
 struct Room {
     bytes: Arc<Semaphore>,
@@ -698,8 +698,15 @@ where
             events,
             pending,
             cfg,
+            out_rx,
+            batch,
             ..
         } = self;
+        // Nothing more is sealed. What waited goes now, its room with it, and the channel
+        // closes: a sender waiting for room or for the queue, and a tracked send waiting for
+        // its seal, learn the session ended now, not once the application has read the
+        // events below (one that both sends and reads would otherwise wait for ever).
+        drop((out_rx, batch));
         // Close the connection before telling the application.
         drop(reader);
         if writer.holds_writes() {

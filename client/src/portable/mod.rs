@@ -96,6 +96,8 @@ pub fn export(
     if files::agent_running(profile) {
         return Err(PortableError::AgentRunning);
     }
+    // Not in the middle of a move, and no move starts while the files are read.
+    let _moving = profile.lock_for_move()?;
     let snapshot = files::collect(profile, now_unix)?;
     let summary = files::summarise(profile, &snapshot)?;
     let bytes = format::seal(&snapshot, passphrase.as_bytes(), params)?;

@@ -456,8 +456,8 @@ async fn the_move_command_line_switches_the_profile_and_the_contact_follows() {
 
 /// While a move of the profile is under way (its lock held, as the first `move` holds it to
 /// the end), a second `move` and a `move --keep-number`, run as a user runs them, are refused
-/// at once with a clear error, register nothing and stage nothing; an agent does not start
-/// either. Once the first lets go, the move goes through.
+/// at once with a clear error, register nothing and stage nothing; an agent, a one-shot
+/// command and an export do not start either. Once the first lets go, the move goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_move_while_one_is_under_way_is_refused_and_changes_nothing() {
     let x = TestBroker::start(Backend::Sqlite, |_| {}).await;
@@ -471,13 +471,26 @@ async fn a_second_move_while_one_is_under_way_is_refused_and_changes_nothing() {
     let ca = z.ca.to_str().unwrap();
 
     let first = a.profile.lock_for_move().unwrap();
-    for keep in [&[][..], &["--keep-number"][..]] {
-        let mut args = vec!["move", "--broker", z.addr.as_str(), "--ca", ca];
-        args.extend_from_slice(keep);
-        let (ok, stderr) = tokio::task::block_in_place(|| run(&args));
+    let export = a.profile.dir().with_extension("mmx");
+    let export = export.to_str().unwrap();
+    let move_to_z = ["move", "--broker", z.addr.as_str(), "--ca", ca];
+    let port_to_z = [&move_to_z[..], &["--keep-number"]].concat();
+    // Two moves, a one-shot command (its own agent would log in with the account being
+    // replaced) and an export (it would read a profile half switched).
+    for args in [
+        &move_to_z[..],
+        &port_to_z,
+        &["inbox"],
+        &["export", "--out", export],
+    ] {
+        let (ok, stderr) = tokio::task::block_in_place(|| run(args));
         assert!(!ok, "{args:?} ran under another move");
         assert!(stderr.contains("under way"), "{args:?}: {stderr}");
     }
+    assert!(
+        !std::path::Path::new(export).exists(),
+        "an export was written"
+    );
     // With its control socket, as `listen` and `chat` run it.
     let listen = AgentConfig {
         control: true,

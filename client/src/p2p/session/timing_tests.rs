@@ -483,6 +483,39 @@ async fn the_outgoing_queue_holds_at_most_its_byte_budget() {
     drop(other);
 }
 
+/// A session that ends while its application neither takes its events nor has room to send:
+/// the waiting send learns of the end at once, not once the events are read (an application
+/// that sends and reads from one task would otherwise wait for ever).
+#[tokio::test(start_paused = true)]
+async fn a_send_waiting_for_room_learns_of_the_end_while_the_events_wait() {
+    let cfg = SessionConfig {
+        event_queue: 1,
+        outgoing_queue_bytes: 64 * 1024,
+        ..config()
+    };
+    let (session, mut peer) = session_and_peer(cfg);
+    assert_eq!(peer.next().await, Some((0, Kind::Heartbeat)));
+    // Confirmed: that event fills the application's queue of one, and nobody takes it.
+    peer.send(Kind::Heartbeat, b"").await;
+    let sender = session.sender();
+    let sending = tokio::spawn(async move {
+        loop {
+            if let Err(e) = sender.send_text("s".repeat(1_000)).await {
+                return e;
+            }
+        }
+    });
+    // The peer reads nothing: the connection fills, then the queue's room, and sends wait.
+    sleep(MS).await;
+    assert!(!sending.is_finished(), "the sends never had to wait");
+    drop(peer);
+    let ended = timeout(INTERVAL, sending)
+        .await
+        .expect("the send still waited after the session ended");
+    assert_eq!(ended.unwrap(), SendError::Closed);
+    drop(session);
+}
+
 #[tokio::test(start_paused = true)]
 async fn what_the_writer_holds_back_goes_out_without_a_later_write() {
     let (ka, kb) = keys();
