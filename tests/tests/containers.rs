@@ -333,8 +333,17 @@ async fn a_delivery_resent_after_a_lost_answer_is_not_stored_twice() {
     let work = tempfile::tempdir().unwrap();
     let network = docker.make_network(&work.path().join("network"), &[("x", "100"), ("y", "200")]);
     let (pg_x, pg_y) = tokio::join!(docker.start_postgres("pg-x"), docker.start_postgres("pg-y"));
+    // x stays paused for as long as y takes to commit, which on a busy machine has passed the
+    // store's 5 s: a timer that runs out while a process is frozen fires as it resumes, and the
+    // deposit batch x had in flight was then refused UNAVAILABLE (retryable, and right for a
+    // broker that stalled; not what this test is about). Its store waits longer here, and so
+    // does a request; the delivery call's own 5 s still runs out, as the test needs.
+    let x_env = [
+        ("MICROMSG_DATABASE_TIMEOUT_MS", "60000"),
+        ("MICROMSG_LIMITS_REQUEST_TIMEOUT_MS", "90000"),
+    ];
     let (x, y) = tokio::join!(
-        docker.start_networked_broker("x", "100", &pg_x, &network),
+        docker.start_networked_broker_with("x", "100", &pg_x, &network, &x_env),
         docker.start_networked_broker("y", "200", &pg_y, &network),
     );
     docker.wait_peer(&x, "y", true).await;
@@ -804,7 +813,7 @@ impl Docker {
     /// Starts broker `id` with number prefix `prefix` on `pg`, its client port published on a
     /// fixed free host port, and waits until it listens and its health check passes.
     async fn start_broker(&self, id: &str, prefix: &str, pg: &Postgres) -> Broker {
-        self.start_broker_in(id, prefix, pg, None).await
+        self.start_broker_in(id, prefix, pg, None, &[]).await
     }
 
     /// The container name (and so the host name on the private network) of broker `id`.
@@ -839,7 +848,22 @@ impl Docker {
         pg: &Postgres,
         network: &Path,
     ) -> Broker {
-        self.start_broker_in(id, prefix, pg, Some(network)).await
+        self.start_broker_in(id, prefix, pg, Some(network), &[])
+            .await
+    }
+
+    /// [`Docker::start_networked_broker`] with configuration `env` (`MICROMSG_…` variables)
+    /// besides the usual.
+    async fn start_networked_broker_with(
+        &self,
+        id: &str,
+        prefix: &str,
+        pg: &Postgres,
+        network: &Path,
+        env: &[(&str, &str)],
+    ) -> Broker {
+        self.start_broker_in(id, prefix, pg, Some(network), env)
+            .await
     }
 
     async fn start_broker_in(
@@ -848,6 +872,7 @@ impl Docker {
         prefix: &str,
         pg: &Postgres,
         network: Option<&Path>,
+        env: &[(&str, &str)],
     ) -> Broker {
         let name = self.broker_name(id);
         let label = format!("broker-{id}");
@@ -880,6 +905,9 @@ impl Docker {
             )
             .with_log_consumer(log_printer(label.clone(), Arc::clone(&log_lines)))
             .with_startup_timeout(Duration::from_secs(120));
+        for (key, value) in env {
+            request = request.with_env_var(*key, *value);
+        }
         if let Some(dir) = network {
             // The copies are owned by root in the container (testcontainers writes tar entries
             // with uid 0), so they must be readable by all for the broker's user (7400); the
