@@ -221,7 +221,9 @@ enum Outgoing {
         kind: Kind,
         _room: OwnedSemaphorePermit,
     },
-    Close(String),
+    /// With a byte of room, taken after every send already waiting for room: a close
+    /// never overtakes a message sent before it.
+    Close(String, OwnedSemaphorePermit),
 }
 
 /// The outgoing queue's room in payload bytes ([`SessionConfig::outgoing_queue_bytes`]): a
@@ -290,7 +292,7 @@ impl fmt::Debug for Outgoing {
         match self {
             Self::Text { text, .. } => write!(f, "Text({} bytes)", text.len()),
             Self::Group { payload, .. } => write!(f, "Group({} bytes)", payload.len()),
-            Self::Close(_) => f.write_str("Close"),
+            Self::Close(..) => f.write_str("Close"),
         }
     }
 }
@@ -404,8 +406,11 @@ impl SessionSender {
     /// Ends the session after the messages queued before: sends DISCONNECT with `reason`
     /// (cut to fit one frame), flushes and closes. Watch for [`PeerEvent::Ended`].
     pub async fn close(&self, reason: impl Into<String>) -> Result<(), SendError> {
+        // The room is given out in the order asked for: one byte of it puts the close behind
+        // a send that is still waiting for room.
+        let room = self.room.take(1).await?;
         self.tx
-            .send(Outgoing::Close(reason.into()))
+            .send(Outgoing::Close(reason.into(), room))
             .await
             .map_err(|_| SendError::Closed)
     }
@@ -1051,7 +1056,7 @@ where
                         frame,
                     });
                 }
-                Outgoing::Close(reason) => return Ok(Some(reason)),
+                Outgoing::Close(reason, _room) => return Ok(Some(reason)),
             }
         }
         Ok(None)

@@ -483,6 +483,36 @@ async fn the_outgoing_queue_holds_at_most_its_byte_budget() {
     drop(other);
 }
 
+/// A close asked for while a message still waits for room goes out after that message: it
+/// does not overtake it (the message would then be refused as sent after the close).
+#[tokio::test(start_paused = true)]
+async fn a_close_waits_behind_a_send_waiting_for_room() {
+    let cfg = SessionConfig {
+        outgoing_queue_bytes: 1_000,
+        ..config()
+    };
+    let (session, mut peer) = session_and_peer(cfg);
+    assert_eq!(peer.next().await, Some((0, Kind::Heartbeat)));
+    let sender = session.sender();
+    // Unconfirmed, nothing is sealed: the first text takes all the room.
+    sender.try_send_text("a".repeat(1_000)).unwrap();
+    let waiting = tokio::spawn({
+        let sender = sender.clone();
+        async move { sender.send_text("b".repeat(1_000)).await }
+    });
+    sleep(MS).await;
+    let closing = tokio::spawn(async move { sender.close("bye").await });
+    sleep(MS).await;
+    assert!(!waiting.is_finished() && !closing.is_finished());
+    peer.send(Kind::Heartbeat, b"").await;
+    assert_eq!(peer.next().await, Some((1, Kind::Text)));
+    assert_eq!(peer.next().await, Some((2, Kind::Text)));
+    assert_eq!(peer.next().await, Some((3, Kind::Disconnect)));
+    assert_eq!(waiting.await.unwrap(), Ok(()));
+    assert_eq!(closing.await.unwrap(), Ok(()));
+    drop(session);
+}
+
 /// A session that ends while its application neither takes its events nor has room to send:
 /// the waiting send learns of the end at once, not once the events are read (an application
 /// that sends and reads from one task would otherwise wait for ever).
