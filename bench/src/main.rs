@@ -74,7 +74,7 @@ enum Command {
     /// messages/s at 256 bytes, MB/s at 64 KiB, and round-trip latency.
     ///
     /// Ceiling: sealing and opening the same frames in a loop on one core (the crypto crate,
-    /// no I/O). Targets: ≥ 200,000 msg/s, ≥ 1 GB/s. Runs in this process (memory is the
+    /// no I/O). Targets: ≥ 200,000 msg/s, ≥ 1.2 GB/s. Runs in this process (memory is the
     /// process's).
     P2p(p2p::Args),
     /// One end-to-end session through the broker's relay (protocol.md 6.26), beside the same
