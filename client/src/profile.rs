@@ -258,6 +258,12 @@ impl Profile {
         self.flock(MOVE_LOCK, false)
     }
 
+    /// Fails as [`Profile::lock_for_move`] does while a move (or an export) holds the move
+    /// lock, and holds nothing itself: for what must not start under a move.
+    pub fn check_no_move(&self) -> Result<(), ProfileError> {
+        self.lock_for_move().map(drop)
+    }
+
     /// An exclusive `flock` on the (hidden, empty) file `name`, waited for or only tried.
     fn flock(&self, name: &str, wait: bool) -> Result<ProfileLock, ProfileError> {
         let path = self.path(name);

@@ -205,7 +205,7 @@ pub async fn start(
         // Not under a move: its switch would change the account under this agent. Checked
         // after the control socket is bound, as a move takes its lock before looking for that
         // socket, so whichever starts second sees the other.
-        if let Err(e) = profile.lock_for_move() {
+        if let Err(e) = profile.check_no_move() {
             drop(control);
             let _ = std::fs::remove_file(control_path(&profile));
             return Err(AccountError::from(e).into());

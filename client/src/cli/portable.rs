@@ -29,7 +29,7 @@ pub(super) fn export(
     if files::agent_running(profile) {
         return Err(PortableError::AgentRunning.into());
     }
-    drop(profile.lock_for_move()?);
+    profile.check_no_move()?;
     if out.exists() {
         return Err(PortableError::OutExists(out.to_owned()).into());
     }

@@ -130,7 +130,7 @@ pub(super) async fn run_in_agent(
         Some(reply) => reply,
         None => {
             // Not under a move: it would log in with the account the move is replacing.
-            drop(profile.lock_for_move()?);
+            profile.check_no_move()?;
             let (tx, mut rx) = mpsc::channel(64);
             let agent = agent::start(profile.clone(), config, tx).await?;
             let printer = tokio::spawn(async move {
