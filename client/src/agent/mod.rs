@@ -206,8 +206,11 @@ pub async fn start(
         // after the control socket is bound, as a move takes its lock before looking for that
         // socket, so whichever starts second sees the other.
         if let Err(e) = profile.check_no_move() {
-            drop(control);
+            // The file goes while the socket still listens: another agent starting meanwhile
+            // finds it live (and stops) or finds no file (and binds its own, which this one
+            // must not remove), never a dead file it would clear and bind over.
             let _ = std::fs::remove_file(control_path(&profile));
+            drop(control);
             return Err(AccountError::from(e).into());
         }
         Some(control)
