@@ -94,15 +94,19 @@ impl ChildServer {
     pub(crate) fn tls_ceiling(
         cert: &Path,
         key: &Path,
-        hold: bool,
+        mode: CeilingMode,
         dir: &Path,
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(self_exe()?);
-        cmd.arg("__tls-ceiling").arg(cert).arg(key);
-        if hold {
-            cmd.arg("hold");
-        }
-        Self::spawn(cmd, &dir.join("tls-ceiling.log"))
+        cmd.arg("__tls-ceiling")
+            .arg(cert)
+            .arg(key)
+            .arg(mode.to_arg());
+        let log = match mode {
+            CeilingMode::Exchange { .. } => "tls-exchange.log",
+            CeilingMode::Greet | CeilingMode::Hold => "tls-ceiling.log",
+        };
+        Self::spawn(cmd, &dir.join(log))
     }
 
     fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
@@ -243,8 +247,51 @@ pub(crate) fn run_broker(config_file: &Path) -> anyhow::Result<()> {
     })
 }
 
+/// What the bare TLS server does with each connection once its handshake is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CeilingMode {
+    /// Writes one byte and closes: the client has seen the handshake through.
+    Greet,
+    /// Keeps the connection open until the client closes it (idle memory).
+    Hold,
+    /// Reads `request` bytes, answers `answer` bytes, then waits for the client to close: one
+    /// request and its answer, as LOGIN's, with no work between them.
+    Exchange { request: usize, answer: usize },
+}
+
+impl CeilingMode {
+    fn to_arg(self) -> String {
+        match self {
+            CeilingMode::Greet => "greet".into(),
+            CeilingMode::Hold => "hold".into(),
+            CeilingMode::Exchange { request, answer } => format!("exchange:{request}:{answer}"),
+        }
+    }
+
+    /// The mode named by [`CeilingMode::to_arg`].
+    pub(crate) fn parse(arg: &str) -> anyhow::Result<Self> {
+        let bytes = |n: &str| -> anyhow::Result<usize> {
+            let n: usize = n.parse().with_context(|| format!("bad byte count {n:?}"))?;
+            anyhow::ensure!(
+                (1..=1 << 20).contains(&n),
+                "byte count {n} outside 1..=1 MiB"
+            );
+            Ok(n)
+        };
+        match arg.split(':').collect::<Vec<_>>()[..] {
+            ["greet"] => Ok(CeilingMode::Greet),
+            ["hold"] => Ok(CeilingMode::Hold),
+            ["exchange", request, answer] => Ok(CeilingMode::Exchange {
+                request: bytes(request)?,
+                answer: bytes(answer)?,
+            }),
+            _ => anyhow::bail!("unknown ceiling mode {arg:?}"),
+        }
+    }
+}
+
 /// Child side of [`ChildServer::tls_ceiling`].
-pub(crate) fn run_tls_ceiling(cert: &Path, key: &Path, hold: bool) -> anyhow::Result<()> {
+pub(crate) fn run_tls_ceiling(cert: &Path, key: &Path, mode: CeilingMode) -> anyhow::Result<()> {
     let files = micromsg_broker::tls::TlsFiles {
         cert: cert.to_owned(),
         key: key.to_owned(),
@@ -270,16 +317,21 @@ pub(crate) fn run_tls_ceiling(cert: &Path, key: &Path, hold: bool) -> anyhow::Re
                     else {
                         return;
                     };
-                    if hold {
-                        let mut buf = [0u8; 64];
-                        while let Ok(n) = tls.read(&mut buf).await {
-                            if n == 0 {
-                                break;
+                    match mode {
+                        CeilingMode::Greet => {
+                            let _ = tls.write_all(b"k").await;
+                            let _ = tls.shutdown().await;
+                        }
+                        CeilingMode::Hold => read_until_closed(&mut tls).await,
+                        CeilingMode::Exchange { request, answer } => {
+                            let mut asked = vec![0u8; request];
+                            if tls.read_exact(&mut asked).await.is_ok()
+                                && tls.write_all(&vec![b'a'; answer]).await.is_ok()
+                                && tls.flush().await.is_ok()
+                            {
+                                read_until_closed(&mut tls).await;
                             }
                         }
-                    } else {
-                        let _ = tls.write_all(b"k").await;
-                        let _ = tls.shutdown().await;
                     }
                 });
             }
@@ -290,6 +342,16 @@ pub(crate) fn run_tls_ceiling(cert: &Path, key: &Path, hold: bool) -> anyhow::Re
         }
         Ok(())
     })
+}
+
+/// Reads and drops what the client sends until it closes.
+async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) {
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 /// CPU time of `pid` (`"self"` for this process) so far: the sum over its live threads of

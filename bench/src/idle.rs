@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
 
-use crate::child::ChildServer;
+use crate::child::{CeilingMode, ChildServer};
 use crate::common::{self, User};
 use crate::report::{Report, Row};
 
@@ -119,7 +119,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         let bare = ChildServer::tls_ceiling(
             &tls_dir.join("server.pem"),
             &tls_dir.join("server.key"),
-            true,
+            CeilingMode::Hold,
             dir.path(),
         )?;
         let target = LoginTarget {

@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::child::ChildServer;
+use crate::child::{CeilingMode, ChildServer};
 use crate::common::{self, Progress, Tickets};
 use crate::deposits::CpuSplit;
 use crate::report::{Report, Row, Samples};
@@ -97,6 +97,26 @@ impl Side {
 
 const SCENARIO: &str = "logins";
 
+/// The three things each round measures, in the order of its first round; later rounds
+/// rotate it, so each goes first, second and last equally often.
+#[derive(Clone, Copy)]
+enum Phase {
+    /// A bare TLS 1.3 handshake (the target's ceiling).
+    Bare,
+    /// The handshake plus one request and answer of a LOGIN's sizes, on a server that does
+    /// nothing else: what the LOGIN exchange costs as transport alone.
+    Exchange,
+    /// The handshake plus the mutual LOGIN, on the broker.
+    Login,
+}
+
+const PHASES: [Phase; 3] = [Phase::Bare, Phase::Exchange, Phase::Login];
+
+/// The bytes of the exchange's request and answer: a LOGIN request frame and its answer
+/// (protocol.md 4.1 and 4.2, with the length prefix) are about this long.
+const EXCHANGE_REQUEST_BYTES: usize = 140;
+const EXCHANGE_ANSWER_BYTES: usize = 200;
+
 pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     if args.count == 0 || args.concurrency == 0 || args.users == 0 || args.rounds == 0 {
         bail!("--count, --concurrency, --users and --rounds must be at least 1");
@@ -106,13 +126,18 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     }
     let dir = tempfile::tempdir().context("temporary directory")?;
     let config = common::load_config(dir.path())?;
-    eprintln!("logins: starting the broker (SQLite) and the bare TLS server");
+    eprintln!("logins: starting the broker (SQLite) and the bare TLS servers");
     let broker = ChildServer::broker(&config, dir.path(), "broker")?;
     let tls_dir = config.server.data_dir.join("tls");
-    let ceiling = ChildServer::tls_ceiling(
-        &tls_dir.join("server.pem"),
-        &tls_dir.join("server.key"),
-        false,
+    let (cert, key) = (tls_dir.join("server.pem"), tls_dir.join("server.key"));
+    let ceiling = ChildServer::tls_ceiling(&cert, &key, CeilingMode::Greet, dir.path())?;
+    let exchange = ChildServer::tls_ceiling(
+        &cert,
+        &key,
+        CeilingMode::Exchange {
+            request: EXCHANGE_REQUEST_BYTES,
+            answer: EXCHANGE_ANSWER_BYTES,
+        },
         dir.path(),
     )?;
     let ca = common::ca_of(&config);
@@ -134,88 +159,106 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     }
     let mut full_micromsg_rate = 0.0;
     for (kind, tls) in runs {
-        let (mut ceiling_side, mut micromsg_side) = (Side::new(), Side::new());
+        let mut sides = [Side::new(), Side::new(), Side::new()];
         let mut started = 0u64;
-        for round in 0..args.rounds {
-            // Each side has `--max-secs` in all, over its rounds.
-            let (c_left, m_left) = (
-                limit.saturating_sub(ceiling_side.time),
-                limit.saturating_sub(micromsg_side.time),
-            );
-            if c_left.is_zero() || m_left.is_zero() {
-                eprintln!("logins: stopped at the time limit after {round} rounds");
-                break;
-            }
+        'rounds: for round in 0..args.rounds {
             // The count spread over the rounds, the remainder in the first ones.
             let share = args.count / args.rounds + u64::from(round < args.count % args.rounds);
-            let label =
-                |what: &str| format!("{what} ({kind}, round {}/{})", round + 1, args.rounds);
-            let bare = async {
-                let before = CpuSplit::read(&ceiling, None).await;
-                ceiling_side.add(
-                    measure(share, &args, c_left, &label("ceiling: bare TLS 1.3"), {
-                        let tls = Arc::clone(&tls);
-                        let addr = ceiling.addr;
-                        move |_| {
-                            let tls = Arc::clone(&tls);
-                            async move { bare_handshake(addr, tls).await }
-                        }
-                    })
-                    .await,
-                );
-                ceiling_side.add_cpu(before, CpuSplit::read(&ceiling, None).await);
-            };
-            // The users are taken in turn across the rounds, not from the first each round.
-            let first_user = started;
-            let logins = async {
-                let before = CpuSplit::read(&broker, None).await;
-                micromsg_side.add(
-                    measure(share, &args, m_left, &label("micromsg: TLS 1.3 + LOGIN"), {
-                        let tls = Arc::clone(&tls);
-                        let users = Arc::clone(&users);
-                        move |i| {
-                            let tls = Arc::clone(&tls);
-                            let users = Arc::clone(&users);
-                            async move {
-                                let n = (first_user + i) as usize % users.len();
-                                let link = users[n].login(tls).await?;
-                                drop(link);
-                                Ok(())
-                            }
-                        }
-                    })
-                    .await,
-                );
-                micromsg_side.add_cpu(before, CpuSplit::read(&broker, None).await);
-            };
-            // Each side goes first in every other round, so what one server does after its
+            // Each phase goes first in every third round, so what one server does after its
             // phase (closing connections, the broker's last_seen commit) falls as often into
-            // the other side's phase as the other's into its own.
-            if round % 2 == 0 {
-                bare.await;
-                logins.await;
-            } else {
-                logins.await;
-                bare.await;
+            // each of the others' phases as theirs into its own.
+            for step in 0..PHASES.len() {
+                let index = (step + round as usize) % PHASES.len();
+                let side = &mut sides[index];
+                // Each side has `--max-secs` in all, over its rounds.
+                let left = limit.saturating_sub(side.time);
+                if left.is_zero() {
+                    eprintln!("logins: stopped at the time limit after {round} rounds");
+                    break 'rounds;
+                }
+                let label =
+                    |what: &str| format!("{what} ({kind}, round {}/{})", round + 1, args.rounds);
+                match PHASES[index] {
+                    phase @ (Phase::Bare | Phase::Exchange) => {
+                        let (server, what) = match phase {
+                            Phase::Bare => (&ceiling, "ceiling: bare TLS 1.3"),
+                            _ => (&exchange, "TLS 1.3 + one exchange"),
+                        };
+                        let (addr, exchanges) = (server.addr, matches!(phase, Phase::Exchange));
+                        let before = CpuSplit::read(server, None).await;
+                        side.add(
+                            measure(share, &args, left, &label(what), {
+                                let tls = Arc::clone(&tls);
+                                move |_| bare_handshake(addr, Arc::clone(&tls), exchanges)
+                            })
+                            .await,
+                        );
+                        side.add_cpu(before, CpuSplit::read(server, None).await);
+                    }
+                    Phase::Login => {
+                        // The users are taken in turn across the rounds, not from the first
+                        // each round.
+                        let first_user = started;
+                        let before = CpuSplit::read(&broker, None).await;
+                        side.add(
+                            measure(share, &args, left, &label("micromsg: TLS 1.3 + LOGIN"), {
+                                let tls = Arc::clone(&tls);
+                                let users = Arc::clone(&users);
+                                move |i| {
+                                    let tls = Arc::clone(&tls);
+                                    let users = Arc::clone(&users);
+                                    async move {
+                                        let n = (first_user + i) as usize % users.len();
+                                        let link = users[n].login(tls).await?;
+                                        drop(link);
+                                        Ok(())
+                                    }
+                                }
+                            })
+                            .await,
+                        );
+                        side.add_cpu(before, CpuSplit::read(&broker, None).await);
+                    }
+                }
             }
             started += share;
         }
-        let (c_cpu, m_cpu) = (ceiling_side.cpu_per_op(), micromsg_side.cpu_per_op());
-        if let (Some((c_server, c_gen)), Some((m_server, m_gen))) = (c_cpu, m_cpu) {
+        let [bare_side, exchange_side, login_side] = sides;
+        let cpu = (
+            bare_side.cpu_per_op(),
+            exchange_side.cpu_per_op(),
+            login_side.cpu_per_op(),
+        );
+        if let (Some((b_server, b_gen)), Some((e_server, e_gen)), Some((l_server, l_gen))) = cpu {
             // The rates' ratio moves with whatever else runs; the CPU each operation costs
             // does much less, and its ratio is the rate ratio on an otherwise idle machine.
+            let bare = b_server + b_gen;
             report.note(format!(
-                "logins ({kind}): CPU per bare handshake: server {c_server:.0} µs, load generator \
-                 {c_gen:.0} µs; per login: broker {m_server:.0} µs, load generator {m_gen:.0} µs; \
+                "logins ({kind}): CPU per bare handshake: server {b_server:.0} µs, load generator \
+                 {b_gen:.0} µs; per login: broker {l_server:.0} µs, load generator {l_gen:.0} µs; \
                  by CPU the logins run at {:.0}% of the handshakes (from /proc)",
-                100.0 * (c_server + c_gen) / (m_server + m_gen)
+                100.0 * bare / (l_server + l_gen)
+            ));
+            report.note(format!(
+                "logins ({kind}): CPU per handshake + one exchange of a LOGIN's sizes \
+                 ({EXCHANGE_REQUEST_BYTES} bytes, answered with {EXCHANGE_ANSWER_BYTES}): server \
+                 {e_server:.0} µs, load generator {e_gen:.0} µs; by CPU the exchange alone runs \
+                 at {:.0}% of the bare handshakes, and the logins at {:.0}% of the exchanges",
+                100.0 * bare / (e_server + e_gen),
+                100.0 * (e_server + e_gen) / (l_server + l_gen)
             ));
         }
-        let ceiling_row = ceiling_side.into_row(
+        let ceiling_row = bare_side.into_row(
             &format!("ceiling: bare TLS 1.3 handshake ({kind})"),
             "handshakes/s",
         );
-        let mut row = micromsg_side
+        let exchange_row = exchange_side
+            .into_row(
+                &format!("ceiling: TLS 1.3 + one exchange of LOGIN's sizes ({kind})"),
+                "exchanges/s",
+            )
+            .ceiling(ceiling_row.rate);
+        let mut row = login_side
             .into_row(&format!("TLS 1.3 + mutual LOGIN ({kind})"), "logins/s")
             .ceiling(ceiling_row.rate);
         if kind == "full" {
@@ -226,14 +269,24 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
             let times = row.rate / full_micromsg_rate;
             row = row.target(&format!("≥ 3× full ({times:.1}×)"), times >= 3.0);
         }
+        if exchange_row.rate > 0.0 {
+            report.note(format!(
+                "logins ({kind}): by rate the logins run at {:.0}% of the exchanges",
+                100.0 * row.rate / exchange_row.rate
+            ));
+        }
         report.push(ceiling_row);
+        report.push(exchange_row);
         report.push(row);
     }
     let broker_mem = broker.stop();
     let ceiling_mem = ceiling.stop();
+    let exchange_mem = exchange.stop();
     for row in &mut report.rows {
-        let (mem, source) = if row.name.starts_with("ceiling") {
+        let (mem, source) = if row.name.starts_with("ceiling: bare") {
             (ceiling_mem, "bare TLS child process VmHWM (whole run)")
+        } else if row.name.starts_with("ceiling") {
+            (exchange_mem, "exchange TLS child process VmHWM (whole run)")
         } else {
             (broker_mem, "broker child process VmHWM (whole run)")
         };
@@ -241,8 +294,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     }
     report.note(format!(
         "logins: {} connections per run, {} at a time, over {} users, in {} rounds of bare \
-         handshakes and logins, each side first in every other round (rates are counts over the \
-         summed time of each side's rounds); \
+         handshakes, handshakes with one exchange and logins, each first in every third round \
+         (rates are counts over the summed time of each side's rounds); \
          broker on SQLite (LOGIN writes last_seen); client and servers share the machine's cores",
         args.count, args.concurrency, args.users, args.rounds
     ));
@@ -302,17 +355,35 @@ where
     (all.len() as u64, errors, elapsed, all)
 }
 
+/// A bare TLS handshake, seen through by the server's first byte; with `exchange`, then a
+/// request of [`EXCHANGE_REQUEST_BYTES`] and its answer, as a LOGIN's client sends and reads.
+/// The connection is then dropped.
 async fn bare_handshake(
     addr: std::net::SocketAddr,
     tls: Arc<rustls::ClientConfig>,
+    exchange: bool,
 ) -> anyhow::Result<()> {
+    let mut stream = connect(addr, tls).await?;
+    if exchange {
+        stream.write_all(&[b'r'; EXCHANGE_REQUEST_BYTES]).await?;
+        stream.flush().await?;
+        let mut answer = [0u8; EXCHANGE_ANSWER_BYTES];
+        stream.read_exact(&mut answer).await?;
+    } else {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await?;
+    }
+    Ok(())
+}
+
+async fn connect(
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
-    let mut stream = tokio_rustls::TlsConnector::from(tls)
+    Ok(tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
-        .await?;
-    let mut byte = [0u8; 1];
-    stream.read_exact(&mut byte).await?;
-    Ok(())
+        .await?)
 }

@@ -134,8 +134,8 @@ enum Command {
         cert: PathBuf,
         /// Private key (PEM).
         key: PathBuf,
-        /// `hold` keeps connections open.
-        mode: Option<String>,
+        /// What to do after each handshake: `greet`, `hold` or `exchange:REQUEST:ANSWER`.
+        mode: String,
     },
 }
 
@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
     let scenario = match cli.command {
         Command::ChildBroker { config } => return child::run_broker(&config),
         Command::ChildTlsCeiling { cert, key, mode } => {
-            return child::run_tls_ceiling(&cert, &key, mode.as_deref() == Some("hold"));
+            return child::run_tls_ceiling(&cert, &key, child::CeilingMode::parse(&mode)?);
         }
         other => other,
     };

@@ -92,7 +92,7 @@ fn logins() {
         "3",
     ]);
     let rows = rows(&report, "logins");
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 3);
     for r in &rows {
         assert_eq!(count(r) + errors(r), 40, "{r}");
         assert_eq!(errors(r), 0, "{r}");
@@ -100,12 +100,23 @@ fn logins() {
     }
     let micromsg = row(&rows, "TLS 1.3 + mutual LOGIN");
     assert!(micromsg["ratio"].is_f64() && micromsg["target"].is_object());
+    // The handshake with one exchange of LOGIN's sizes, measured beside it against the bare one.
+    let exchange = row(&rows, "ceiling: TLS 1.3 + one exchange");
+    assert!(exchange["ratio"].is_f64() && exchange["target"].is_null());
     // The CPU each side spent per operation, read from /proc.
     let notes = report["notes"].as_array().expect("notes");
+    let noted = |what: &[&str]| {
+        notes.iter().any(|n| {
+            n.as_str()
+                .is_some_and(|n| what.iter().all(|w| n.contains(w)))
+        })
+    };
     assert!(
-        notes.iter().any(|n| n.as_str().is_some_and(
-            |n| n.contains("CPU per bare handshake") && n.contains("per login: broker")
-        )),
+        noted(&["CPU per bare handshake", "per login: broker"]),
+        "{notes:?}"
+    );
+    assert!(
+        noted(&["CPU per handshake + one exchange", "the logins at"]),
         "{notes:?}"
     );
 }
