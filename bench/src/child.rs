@@ -270,22 +270,27 @@ impl CeilingMode {
 
     /// The mode named by [`CeilingMode::to_arg`].
     pub(crate) fn parse(arg: &str) -> anyhow::Result<Self> {
-        let bytes = |n: &str| -> anyhow::Result<usize> {
-            let n: usize = n.parse().with_context(|| format!("bad byte count {n:?}"))?;
-            anyhow::ensure!(
-                (1..=1 << 20).contains(&n),
-                "byte count {n} outside 1..=1 MiB"
-            );
-            Ok(n)
+        let bytes = |what: &str, n: &str| -> anyhow::Result<usize> {
+            let count = n
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| n.parse::<usize>().ok())
+                .flatten()
+                .filter(|count| (1..=1 << 20).contains(count));
+            count.with_context(|| {
+                format!("ceiling mode {arg:?}: the {what} must be 1 to 1048576 bytes, not {n:?}")
+            })
         };
         match arg.split(':').collect::<Vec<_>>()[..] {
             ["greet"] => Ok(CeilingMode::Greet),
             ["hold"] => Ok(CeilingMode::Hold),
             ["exchange", request, answer] => Ok(CeilingMode::Exchange {
-                request: bytes(request)?,
-                answer: bytes(answer)?,
+                request: bytes("request", request)?,
+                answer: bytes("answer", answer)?,
             }),
-            _ => anyhow::bail!("unknown ceiling mode {arg:?}"),
+            _ => anyhow::bail!(
+                "unknown ceiling mode {arg:?} (greet, hold or exchange:REQUEST:ANSWER)"
+            ),
         }
     }
 }
@@ -388,5 +393,42 @@ impl ChildServer {
     /// The child's CPU time so far.
     pub(crate) fn cpu(&self) -> Option<Duration> {
         cpu_of(&self.child.id().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::CeilingMode;
+
+    #[test]
+    fn a_ceiling_mode_reads_back_what_it_writes() {
+        for mode in [
+            CeilingMode::Greet,
+            CeilingMode::Hold,
+            CeilingMode::Exchange {
+                request: 140,
+                answer: 200,
+            },
+        ] {
+            assert_eq!(CeilingMode::parse(&mode.to_arg()).unwrap(), mode);
+        }
+    }
+
+    #[test]
+    fn a_bad_ceiling_mode_is_refused_saying_what_is_wrong() {
+        for (arg, says) in [
+            ("bogus", "unknown ceiling mode"),
+            ("greet:1", "unknown ceiling mode"),
+            ("exchange:140", "unknown ceiling mode"),
+            ("exchange:0:200", "the request must be"),
+            ("exchange:+140:200", "the request must be"),
+            ("exchange:140:x", "the answer must be"),
+            ("exchange:140:1048577", "the answer must be"),
+        ] {
+            let error = CeilingMode::parse(arg).unwrap_err().to_string();
+            assert!(error.contains(says), "{arg}: {error}");
+        }
     }
 }

@@ -1,4 +1,6 @@
-//! `logins`: new connection, full TLS 1.3 handshake and mutual LOGIN, beside a bare TLS server.
+//! `logins`: new connection, full TLS 1.3 handshake and mutual LOGIN, beside two bare TLS
+//! servers: one that only completes the handshake (the target's ceiling), one that also answers
+//! one request of LOGIN's sizes (what the LOGIN exchange costs as transport alone).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,18 +29,20 @@ pub(crate) struct Args {
     /// Also measure with TLS session resumption (target: ≥ 3× the full-handshake rate).
     #[arg(long)]
     pub(crate) resumption: bool,
-    /// Rounds the count is split into. Each round runs its share of bare handshakes and its
-    /// share of logins (which goes first alternates), so both see the machine in the same state: on a shared machine its
-    /// speed drifts over seconds, and one long run of each would put that drift in the ratio.
-    #[arg(long, default_value_t = 10)]
+    /// Rounds the count is split into. Each round runs its share of each side (bare
+    /// handshakes, handshakes with one exchange, logins), so all see the machine in the same
+    /// state: on a shared machine its speed drifts over seconds, and one long run of each
+    /// would put that drift in the ratios. The order changes from round to round and evens
+    /// out over each six; a multiple of 6 balances it exactly.
+    #[arg(long, default_value_t = 12)]
     pub(crate) rounds: u64,
-    /// Time limit of each side (the bare server's handshakes, the broker's logins) over all
-    /// its rounds, in seconds.
+    /// Time limit of each side over all its rounds, in seconds (the run takes up to three
+    /// times this); once one side has used it, no further round starts.
     #[arg(long, default_value_t = 60)]
     pub(crate) max_secs: u64,
 }
 
-/// What the rounds of one side (the bare server or the broker) add up to.
+/// What the rounds of one side (one of the bare servers, or the broker) add up to.
 #[derive(Default)]
 struct Side {
     count: u64,
@@ -97,8 +101,7 @@ impl Side {
 
 const SCENARIO: &str = "logins";
 
-/// The three things each round measures, in the order of its first round; later rounds
-/// rotate it, so each goes first, second and last equally often.
+/// The three things each round measures.
 #[derive(Clone, Copy)]
 enum Phase {
     /// A bare TLS 1.3 handshake (the target's ceiling).
@@ -110,7 +113,21 @@ enum Phase {
     Login,
 }
 
-const PHASES: [Phase; 3] = [Phase::Bare, Phase::Exchange, Phase::Login];
+/// The order of the phases in each of six rounds, then again. Each round starts with the
+/// phase the one before ended with, and over the six each phase comes right after each other
+/// one exactly twice and goes first twice: so what one server does after its phase (closing
+/// connections, the broker's `last_seen` commits) falls as often into each other's phase.
+const ORDERS: [[Phase; 3]; 6] = {
+    use Phase::{Bare as B, Exchange as E, Login as L};
+    [
+        [B, E, L],
+        [L, B, E],
+        [E, B, L],
+        [L, E, B],
+        [B, L, E],
+        [E, L, B],
+    ]
+};
 
 /// The bytes of the exchange's request and answer: a LOGIN request frame and its answer
 /// (protocol.md 4.1 and 4.2, with the length prefix) are about this long.
@@ -146,39 +163,43 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     let users = Arc::new(
         common::register_users(&addr, &ca, &dir.path().join("profiles"), "u", args.users).await?,
     );
-    let resumable = micromsg_client::tls::client_config(&ca)?;
-    let mut full = (*resumable).clone();
+    let mut full = (*micromsg_client::tls::client_config(&ca)?).clone();
     full.resumption = rustls::client::Resumption::disabled();
     let full = Arc::new(full);
 
     let mut report = Report::default();
     let limit = Duration::from_secs(args.max_secs);
-    let mut runs = vec![("full", Arc::clone(&full))];
+    let mut runs = vec![("full", [(); 3].map(|()| Arc::clone(&full)))];
     if args.resumption {
-        runs.push(("resumed", Arc::clone(&resumable)));
+        // A session cache for each server: a ticket one server issued is no use at another,
+        // and would only turn a resumption there into a full handshake.
+        let resumable = [
+            micromsg_client::tls::client_config(&ca)?,
+            micromsg_client::tls::client_config(&ca)?,
+            micromsg_client::tls::client_config(&ca)?,
+        ];
+        runs.push(("resumed", resumable));
     }
     let mut full_micromsg_rate = 0.0;
-    for (kind, tls) in runs {
+    for (kind, configs) in runs {
         let mut sides = [Side::new(), Side::new(), Side::new()];
         let mut started = 0u64;
-        'rounds: for round in 0..args.rounds {
+        for round in 0..args.rounds {
+            // Each side has `--max-secs` in all, over its rounds; every side runs every round
+            // that starts, so all cover the same rounds.
+            if sides.iter().any(|side| side.time >= limit) {
+                eprintln!("logins: stopped at the time limit after {round} rounds");
+                break;
+            }
             // The count spread over the rounds, the remainder in the first ones.
             let share = args.count / args.rounds + u64::from(round < args.count % args.rounds);
-            // Each phase goes first in every third round, so what one server does after its
-            // phase (closing connections, the broker's last_seen commit) falls as often into
-            // each of the others' phases as theirs into its own.
-            for step in 0..PHASES.len() {
-                let index = (step + round as usize) % PHASES.len();
-                let side = &mut sides[index];
-                // Each side has `--max-secs` in all, over its rounds.
+            for phase in ORDERS[round as usize % ORDERS.len()] {
+                let side = &mut sides[phase as usize];
+                let tls = &configs[phase as usize];
                 let left = limit.saturating_sub(side.time);
-                if left.is_zero() {
-                    eprintln!("logins: stopped at the time limit after {round} rounds");
-                    break 'rounds;
-                }
                 let label =
                     |what: &str| format!("{what} ({kind}, round {}/{})", round + 1, args.rounds);
-                match PHASES[index] {
+                match phase {
                     phase @ (Phase::Bare | Phase::Exchange) => {
                         let (server, what) = match phase {
                             Phase::Bare => (&ceiling, "ceiling: bare TLS 1.3"),
@@ -188,7 +209,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
                         let before = CpuSplit::read(server, None).await;
                         side.add(
                             measure(share, &args, left, &label(what), {
-                                let tls = Arc::clone(&tls);
+                                let tls = Arc::clone(tls);
                                 move |_| bare_handshake(addr, Arc::clone(&tls), exchanges)
                             })
                             .await,
@@ -202,7 +223,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
                         let before = CpuSplit::read(&broker, None).await;
                         side.add(
                             measure(share, &args, left, &label("micromsg: TLS 1.3 + LOGIN"), {
-                                let tls = Arc::clone(&tls);
+                                let tls = Arc::clone(tls);
                                 let users = Arc::clone(&users);
                                 move |i| {
                                     let tls = Arc::clone(&tls);
@@ -294,8 +315,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     }
     report.note(format!(
         "logins: {} connections per run, {} at a time, over {} users, in {} rounds of bare \
-         handshakes, handshakes with one exchange and logins, each first in every third round \
-         (rates are counts over the summed time of each side's rounds); \
+         handshakes, handshakes with one exchange and logins, in an order that evens out over \
+         every six rounds (rates are counts over the summed time of each side's rounds); \
          broker on SQLite (LOGIN writes last_seen); client and servers share the machine's cores",
         args.count, args.concurrency, args.users, args.rounds
     ));

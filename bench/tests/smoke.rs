@@ -103,6 +103,12 @@ fn logins() {
     // The handshake with one exchange of LOGIN's sizes, measured beside it against the bare one.
     let exchange = row(&rows, "ceiling: TLS 1.3 + one exchange");
     assert!(exchange["ratio"].is_f64() && exchange["target"].is_null());
+    assert!(
+        exchange["memory_source"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("exchange")),
+        "{exchange}"
+    );
     // The CPU each side spent per operation, read from /proc.
     let notes = report["notes"].as_array().expect("notes");
     let noted = |what: &[&str]| {
