@@ -491,7 +491,8 @@ impl Agent {
 fn cancelled(item: &crate::outbox::Queued) -> Answer {
     Ok(Output::said(format!(
         "cancelled: the message to {} queued at {} will not be sent",
-        item.to, item.queued_at
+        item.to,
+        crate::when::local_time(item.queued_at)
     ))
     .with(Detail::Unqueued {
         cancelled: item.id.clone(),

@@ -753,7 +753,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 outln!("{}", json!({"deleted": info.number, "broker": info.broker}));
             } else {
                 outln!(
-                    "deleted: {} at {} (its devices, inbox, contacts and backup there are                      gone; the number is never given out again)",
+                    "deleted: {} at {} (its devices, inbox, contacts and backup there are \
+                     gone; the number is never given out again)",
                     info.number,
                     info.broker
                 );
