@@ -390,6 +390,14 @@ pub async fn receive_link_transfer(
             }
         }
         if Instant::now() >= deadline {
+            if !profile.awaiting_keys() {
+                return Err(SyncError::Timeout(
+                    "no key transfer arrived, and this device is not waiting for one: it \
+                     already has the entity's keys (it registered the entity, or installed them \
+                     from a transfer or `keys restore`)"
+                        .to_owned(),
+                ));
+            }
             return Err(SyncError::Timeout(format!(
                 "the old device's key transfer did not arrive in time (is `device add` still \
                  running there?); wait again with `{}`, or use `keys restore`",

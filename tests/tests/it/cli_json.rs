@@ -380,6 +380,19 @@ async fn device_receive_keys_installs_the_old_devices_transfer() {
         Profile::new(&a1).secrets().unwrap().identity_seed,
         "the new device has the entity's identity key"
     );
+    // Asked again, now that it has the keys: nothing comes, and the answer says why rather
+    // than blaming the old device.
+    let again = [
+        "device",
+        "receive-keys",
+        "--transfer-key",
+        hex.as_str(),
+        "--wait",
+        "1",
+    ];
+    let (ok, stdout, _) = tokio::task::block_in_place(|| run(&a2, &again));
+    assert!(!ok);
+    assert!(stdout.contains("already has the entity's keys"), "{stdout}");
     // A transfer key that is not 64 hex digits is refused before anything is done.
     let (ok, stdout, _) = run(&a2, &["device", "receive-keys", "--transfer-key", "xyz"]);
     assert!(!ok);
