@@ -102,7 +102,7 @@ impl Side {
 const SCENARIO: &str = "logins";
 
 /// The three things each round measures.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// A bare TLS 1.3 handshake (the target's ceiling).
     Bare,
@@ -407,4 +407,31 @@ async fn connect(
     Ok(tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ORDERS, Phase};
+
+    #[test]
+    fn over_six_rounds_each_phase_goes_first_twice_and_follows_each_other_twice() {
+        let all = [Phase::Bare, Phase::Exchange, Phase::Login];
+        let sequence: Vec<Phase> = ORDERS.iter().flatten().copied().collect();
+        for first in all {
+            let times = ORDERS.iter().filter(|order| order[0] == first).count();
+            assert_eq!(times, 2, "{first:?} goes first");
+            for then in all.into_iter().filter(|then| *then != first) {
+                let follows = sequence
+                    .windows(2)
+                    .filter(|pair| pair[0] == first && pair[1] == then)
+                    .count();
+                assert_eq!(follows, 2, "{then:?} right after {first:?}");
+            }
+        }
+        // Each round starts with the phase the one before ended with, the first after the
+        // last included, so no pair is added across rounds.
+        for (round, next) in ORDERS.iter().zip(ORDERS.iter().cycle().skip(1)) {
+            assert_eq!(round[2], next[0]);
+        }
+    }
 }
