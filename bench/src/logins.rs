@@ -201,11 +201,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
                     |what: &str| format!("{what} ({kind}, round {}/{})", round + 1, args.rounds);
                 match phase {
                     phase @ (Phase::Bare | Phase::Exchange) => {
-                        let (server, what) = match phase {
-                            Phase::Bare => (&ceiling, "ceiling: bare TLS 1.3"),
-                            _ => (&exchange, "TLS 1.3 + one exchange"),
+                        let (server, what, exchanges) = match phase {
+                            Phase::Bare => (&ceiling, "ceiling: bare TLS 1.3", false),
+                            _ => (&exchange, "TLS 1.3 + one exchange", true),
                         };
-                        let (addr, exchanges) = (server.addr, matches!(phase, Phase::Exchange));
+                        let addr = server.addr;
                         let before = CpuSplit::read(server, None).await;
                         side.add(
                             measure(share, &args, left, &label(what), {
